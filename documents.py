@@ -1,0 +1,156 @@
+"""Document I/O shared by every command: JSONL (.jsonl, .jsonl.gz), Parquet, folders of them, and hub datasets.
+
+Outside datatrove pipelines we read with orjson line by line (so a bad line is reported with its file and line
+number) and polars for Parquet. Every row comes back as a plain dict with at least `id` and `text`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import orjson
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+HUB_PREFIX = "hf://datasets/"
+
+
+class DocumentError(ValueError):
+    """A bad input document: the message names the file and line (or row)."""
+
+
+def is_hub_path(path: str | os.PathLike) -> bool:
+    return str(path).startswith(HUB_PREFIX)
+
+
+def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
+    return path.lower().endswith(suffixes)
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible)."""
+    files: list[str] = []
+    for p in paths:
+        p = str(p)
+        if is_hub_path(p):
+            files.append(p)
+            continue
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(
+                str(f)
+                for f in path.rglob("*")
+                if f.is_file() and _has_suffix(f.name, JSONL_SUFFIXES + PARQUET_SUFFIXES)
+            )
+            if not found:
+                raise DocumentError(f"{p}: folder contains no .jsonl, .jsonl.gz or .parquet files")
+            files.extend(found)
+        elif path.is_file():
+            if not _has_suffix(path.name, JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                raise DocumentError(f"{p}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+            files.append(str(path))
+        else:
+            raise DocumentError(f"{p}: no such file or folder")
+    return files
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise DocumentError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DocumentError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
+    import polars as pl
+
+    for i, row in enumerate(pl.read_parquet(path).iter_rows(named=True), start=1):
+        yield i, row
+
+
+def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """hf://datasets/ORG/NAME[/CONFIG] through the `datasets` library (streaming, so huge sets are fine)."""
+    import datasets
+
+    parts = path[len(HUB_PREFIX) :].strip("/").split("/")
+    name, config = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
+    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    for i, row in enumerate(ds, start=1):
+        yield i, dict(row)
+
+
+def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """(line or row number, row) pairs of one file, without any field checks."""
+    if is_hub_path(path):
+        return _iter_hub(path)
+    if _has_suffix(path, PARQUET_SUFFIXES):
+        return _iter_parquet(path)
+    return _iter_jsonl(path)
+
+
+def read_documents(
+    paths: Iterable[str | os.PathLike],
+    text_field: str = "text",
+    id_field: str = "id",
+    label_field: str | None = None,
+    require_label: bool = False,
+    limit: int | None = None,
+) -> list[dict]:
+    """Rows with `id`, `text` (and the label under `label` when label_field is given).
+
+    A missing `text`, or a missing label when `require_label`, raises DocumentError naming the file and line; a row
+    without an id gets `<file>:<line>` so it can still be traced.
+    """
+    rows: list[dict] = []
+    for path in expand_paths(paths):
+        for lineno, row in iter_raw_rows(path):
+            text = row.get(text_field)
+            if not isinstance(text, str):
+                what = "missing" if text is None else f"not a string ({type(text).__name__})"
+                raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
+            doc = dict(row)
+            doc["text"] = text
+            doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{Path(path).name}:{lineno}")
+            if label_field is not None:
+                label = row.get(label_field)
+                if label is None and require_label:
+                    raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing")
+                if label is not None:
+                    try:
+                        doc["label"] = float(label)
+                    except (TypeError, ValueError):
+                        raise DocumentError(
+                            f"{path}:{lineno}: label field '{label_field}' is not a number: {label!r}"
+                        ) from None
+            rows.append(doc)
+            if limit is not None and len(rows) >= limit:
+                return rows
+    return rows
+
+
+def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write rows to .jsonl, .jsonl.gz or .parquet, chosen by the file name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    if path.name.lower().endswith(".parquet"):
+        import polars as pl
+
+        pl.DataFrame(rows, infer_schema_length=None).write_parquet(path)
+    else:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "wb") as fh:
+            for row in rows:
+                fh.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    return path
