@@ -1,0 +1,72 @@
+"""Document I/O: every supported format reads the same rows, and bad input names its file and line."""
+
+import gzip
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from edu_filter.documents import DocumentError, expand_paths, read_documents, write_documents
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+
+
+def test_bundled_web_data_reads_with_labels():
+    rows = read_documents([WEB_TRAIN], label_field="score", require_label=True)
+    assert len(rows) == 1000
+    assert all(isinstance(r["text"], str) and r["text"] for r in rows)
+    assert {r["label"] for r in rows} <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+    assert len({r["id"] for r in rows}) == 1000
+
+
+def test_jsonl_gz_parquet_and_folder_agree(tmp_path):
+    rows = read_documents([WEB_TRAIN], label_field="score", limit=50)
+    write_documents(rows, tmp_path / "a.jsonl.gz")
+    write_documents(rows, tmp_path / "b.parquet")
+    gz_rows = read_documents([tmp_path / "a.jsonl.gz"], label_field="score")
+    pq_rows = read_documents([tmp_path / "b.parquet"], label_field="score")
+    folder_rows = read_documents([tmp_path], label_field="score")
+    for other in (gz_rows, pq_rows):
+        assert [(r["id"], r["text"], r["label"]) for r in other] == [(r["id"], r["text"], r["label"]) for r in rows]
+    assert len(folder_rows) == 100
+    assert pl.read_parquet(tmp_path / "b.parquet").height == 50
+
+
+def test_missing_text_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "content": "no text field"}\n')
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'text' is missing"):
+        read_documents([bad])
+
+
+def test_unreadable_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as fh:
+        fh.write('{"id": "a", "text": "fine"}\n\n{"id": "b", "text": \n')
+    with pytest.raises(DocumentError, match=r"bad\.jsonl\.gz:3: not valid JSON"):
+        read_documents([bad])
+
+
+def test_missing_label_is_an_error_when_required(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"id": "a", "text": "t", "score": 3}\n{"id": "b", "text": "u"}\n')
+    assert len(read_documents([f], label_field="score")) == 2
+    with pytest.raises(DocumentError, match=r"x\.jsonl:2: label field 'score' is missing"):
+        read_documents([f], label_field="score", require_label=True)
+
+
+def test_custom_label_field_and_non_numeric_label(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"id": "a", "text": "t", "human": 4}\n{"id": "b", "text": "u", "human": "high"}\n')
+    with pytest.raises(DocumentError, match=r"x\.jsonl:2: label field 'human' is not a number"):
+        read_documents([f], label_field="human")
+    assert read_documents([f], label_field="human", limit=1)[0]["label"] == 4.0
+
+
+def test_expand_paths_rejects_missing_and_empty(tmp_path):
+    with pytest.raises(DocumentError, match="no such file"):
+        expand_paths([tmp_path / "nope.jsonl"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DocumentError, match="contains no"):
+        expand_paths([tmp_path / "empty"])
