@@ -1,0 +1,151 @@
+"""`edu-filter agreement A B`: how well two annotations of the same documents agree (two LLMs, LLM vs human,
+LLM vs classifier).
+
+Rows are joined on their id. Kappa and the confusion matrix use scores rounded and clipped to 0-5 (so regression
+outputs can be compared too); Spearman and MAE use the values as given. The binary block treats A as the
+reference and asks whether both sides keep the same documents at `threshold` (FineWeb-Edu keeps score >= 3).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import orjson
+
+from edu_filter.annotate.parse import MAX_SCORE
+from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+
+LABELS = list(range(MAX_SCORE + 1))
+
+
+def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict[str, float], int]:
+    """{id: value} for rows whose `field` is set, and how many rows had it null. Bad rows raise DocumentError."""
+    scores: dict[str, float] = {}
+    where: dict[str, str] = {}
+    nulls = 0
+    for path in expand_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        for lineno, row in iter_raw_rows(path):
+            doc_id = row.get(id_field)
+            if doc_id is None:
+                raise DocumentError(f"{path}:{lineno}: field '{id_field}' is missing (needed to join A and B)")
+            doc_id = str(doc_id)
+            if doc_id in where:
+                raise DocumentError(f"{path}:{lineno}: duplicate id {doc_id!r} (first at {where[doc_id]})")
+            where[doc_id] = f"{path}:{lineno}"
+            value = row.get(field, None)
+            if value is None:
+                nulls += 1
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r}")
+            scores[doc_id] = float(value)
+    return scores, nulls
+
+
+def _finite(x) -> float | None:
+    """None where a statistic is undefined (e.g. kappa or Spearman when every score is the same)."""
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def agreement_metrics(a: list[float], b: list[float], threshold: float = 3) -> dict:
+    """Cohen's kappa, quadratic-weighted kappa, Spearman, MAE, exact match, confusion matrix and keep/drop
+    agreement at `threshold` for paired scores (A is the reference)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, precision_score, recall_score
+
+    if not a:
+        raise ValueError("no document has a score on both sides: check the ids and --field")
+    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    a_int = np.clip(np.rint(a_arr), 0, MAX_SCORE).astype(int)
+    b_int = np.clip(np.rint(b_arr), 0, MAX_SCORE).astype(int)
+    keep_a, keep_b = a_arr >= threshold, b_arr >= threshold
+    with warnings.catch_warnings():  # undefined statistics (constant scores) come back as None, not as warnings
+        warnings.simplefilter("ignore")
+        rho = spearmanr(a_arr, b_arr).statistic if len(a) > 1 else float("nan")
+        kappa = cohen_kappa_score(a_int, b_int, labels=LABELS)
+        qwk = cohen_kappa_score(a_int, b_int, labels=LABELS, weights="quadratic")
+    return {
+        "n": len(a),
+        "exact_agreement": float((a_int == b_int).mean()),
+        "cohen_kappa": _finite(kappa),
+        "quadratic_kappa": _finite(qwk),
+        "spearman": _finite(rho),
+        "mae": float(np.abs(a_arr - b_arr).mean()),
+        "mean_a": float(a_arr.mean()),
+        "mean_b": float(b_arr.mean()),
+        "confusion_matrix": confusion_matrix(a_int, b_int, labels=LABELS).tolist(),
+        "threshold": threshold,
+        "kept_a": int(keep_a.sum()),
+        "kept_b": int(keep_b.sum()),
+        "keep_agreement": float((keep_a == keep_b).mean()),
+        "keep_precision": float(precision_score(keep_a, keep_b, zero_division=0)),
+        "keep_recall": float(recall_score(keep_a, keep_b, zero_division=0)),
+        "keep_f1": float(f1_score(keep_a, keep_b, zero_division=0)),
+    }
+
+
+def agreement(
+    a: str | os.PathLike | list,
+    b: str | os.PathLike | list,
+    field: str = "score",
+    field_b: str | None = None,
+    id_field: str = "id",
+    threshold: float = 3,
+    report: str | os.PathLike | None = None,
+    show: bool = True,
+) -> dict:
+    """Compare annotation A with annotation B (joined on id); print tables, optionally write a JSON report."""
+    scores_a, nulls_a = read_scores(a, field, id_field)
+    scores_b, nulls_b = read_scores(b, field_b or field, id_field)
+    common = [doc_id for doc_id in scores_a if doc_id in scores_b]
+    result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
+    result.update(
+        a=str(a), b=str(b), field_a=field, field_b=field_b or field,
+        null_a=nulls_a, null_b=nulls_b,
+        only_in_a=len(scores_a.keys() - scores_b.keys()), only_in_b=len(scores_b.keys() - scores_a.keys()),
+    )
+    if report is not None:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    if show:
+        print_agreement(result)
+    return result
+
+
+def print_agreement(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    console = Console()
+    t = Table(title=f"agreement: A={r['a']} ({r['field_a']})  B={r['b']} ({r['field_b']})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("documents compared", f"{r['n']:,}")
+    t.add_row("skipped: null in A / null in B", f"{r['null_a']:,} / {r['null_b']:,}")
+    t.add_row("skipped: only in A / only in B", f"{r['only_in_a']:,} / {r['only_in_b']:,}")
+    t.add_row("exact agreement", fmt(r["exact_agreement"]))
+    t.add_row("Cohen's kappa", fmt(r["cohen_kappa"]))
+    t.add_row("quadratic-weighted kappa", fmt(r["quadratic_kappa"]))
+    t.add_row("Spearman", fmt(r["spearman"]))
+    t.add_row("MAE", fmt(r["mae"]))
+    t.add_row("mean A / mean B", f"{r['mean_a']:.2f} / {r['mean_b']:.2f}")
+    t.add_row(f"kept at >= {r['threshold']:g}: A / B", f"{r['kept_a']:,} / {r['kept_b']:,}")
+    t.add_row("keep/drop agreement", fmt(r["keep_agreement"]))
+    t.add_row("keep precision / recall / F1 (B vs A)",
+              f"{r['keep_precision']:.3f} / {r['keep_recall']:.3f} / {r['keep_f1']:.3f}")
+    console.print(t)
+
+    cm = Table(title="confusion matrix (rows: A, columns: B)")
+    cm.add_column("A \\ B", style="bold")
+    for label in LABELS:
+        cm.add_column(str(label), justify="right")
+    for label, row in zip(LABELS, r["confusion_matrix"]):
+        cm.add_row(str(label), *[f"[bold]{v}[/bold]" if i == label and v else str(v) for i, v in enumerate(row)])
+    console.print(cm)

@@ -1,0 +1,100 @@
+"""Append-only answer cache that makes `edu-filter score` resumable after a crash or SIGKILL.
+
+Every answer the model gives is committed to SQLite (WAL journal) the moment it arrives, keyed by
+(run key, document id, attempt). The run key hashes everything that changes an answer: prompt version, model and
+generation settings. Re-running the same command replays stored answers instead of asking again; changing the
+prompt or the settings gives a new run key, so answers are never mixed across settings.
+
+WAL with synchronous=NORMAL survives the process being killed at any point (the OS already holds every committed
+write); only a power cut can lose the last few answers, which are then simply asked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_key TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS answers (
+    run_key TEXT NOT NULL,
+    doc_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_key, doc_id, attempt)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One model answer as received (before parsing)."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def run_key(settings: dict) -> str:
+    """Stable id of everything that changes an answer (prompt version, model, generation settings)."""
+    return hashlib.sha256(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+class AnswerCache:
+    """SQLite-backed store of received answers; use as a context manager."""
+
+    def __init__(self, path: str | Path, settings: dict):
+        self.path = Path(path)
+        self.settings = settings
+        self.run_key = run_key(settings)
+        self._db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> AnswerCache:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each insert is its own transaction
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        db.execute(
+            "INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
+            (self.run_key, orjson.dumps(self.settings, option=orjson.OPT_SORT_KEYS).decode(), time.time()),
+        )
+        self._db = db
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def answers(self, doc_id: str) -> list[Answer]:
+        """Stored answers of one document for this run, in the order they were received."""
+        rows = self._db.execute(
+            "SELECT response, prompt_tokens, completion_tokens FROM answers "
+            "WHERE run_key = ? AND doc_id = ? ORDER BY attempt",
+            (self.run_key, doc_id),
+        ).fetchall()
+        return [Answer(*row) for row in rows]
+
+    def add(self, doc_id: str, attempt: int, answer: Answer) -> None:
+        """Commit one answer now (a later SIGKILL cannot lose it)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time()),
+        )
+
+    def count(self) -> int:
+        """Number of answers stored for this run."""
+        return self._db.execute("SELECT COUNT(*) FROM answers WHERE run_key = ?", (self.run_key,)).fetchone()[0]

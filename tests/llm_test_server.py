@@ -1,0 +1,153 @@
+"""A real OpenAI-compatible HTTP server for the annotation tests, misbehaving on request.
+
+Each test document carries a directive such as `[[doc=d7;score=4;fail500=2;format=bold]]` in its text; the server
+finds it in the prompt and answers accordingly:
+
+    score=N        the score the answer concludes with (default 2)
+    format=F       plain | bold | slash | trailing | two | garbage (never parseable)
+    garbage=N      the first N answers are unparseable, then a normal answer
+    fail500=N      the first N requests get HTTP 500
+    fail429=N      the first N requests get HTTP 429 with Retry-After: 0
+    drop=N         the first N requests have their connection closed without an answer
+    slow=S         the first request sleeps S seconds before answering (client timeouts)
+    http400=1      every request gets HTTP 400 (e.g. prompt longer than the context)
+    usage=0        leave `usage` out of the answer
+
+It counts requests and 200 answers per document (`GET /stats`), and an optional `delay` slows every answer.
+Run in a thread (`LLMTestServer`) or as a script (`python llm_test_server.py --port N`), which is how datatrove's
+CustomServer starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import threading
+from collections import Counter
+
+import orjson
+from aiohttp import web
+
+DIRECTIVE = re.compile(r"\[\[doc=([^;\]]+)((?:;[a-z0-9]+=[^;\]]*)*)\]\]")
+
+
+def directive(doc_id: str, **options) -> str:
+    """Text to put in a test document: `directive("d1", score=4, fail500=2)`."""
+    return "[[doc=" + doc_id + "".join(f";{k}={v}" for k, v in options.items()) + "]]"
+
+
+def answer_text(score: int, fmt: str) -> str:
+    reason = "The extract introduces a few concepts clearly but lacks exercises."
+    return {
+        "plain": f"{reason}\n\nEducational score: {score}",
+        "bold": f"{reason}\n\n**Educational score:** {score}",
+        "slash": f"{reason}\n\nEducational Score: {score}/5",
+        "trailing": f"{reason}\n\nEducational score: {score}\n\nI hope this evaluation helps! Let me know.",
+        "two": f"A first reading suggests Educational score: {(score + 1) % 6}. On reflection: {reason}\n\n"
+        f"Educational score: {score}",
+        "garbage": "I am unable to evaluate this extract.",
+    }[fmt]
+
+
+class LLMTestServer:
+    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0):
+        self.delay, self.host, self.port = delay, host, port
+        self.requests: Counter = Counter()  # doc id -> requests received
+        self.answered: Counter = Counter()  # doc id -> 200 answers sent
+        self.bodies: list[dict] = []  # request bodies, for payload checks
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- app ---------------------------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
+        return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": dict(self.requests), "answered": dict(self.answered)})
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.bodies.append(body)
+        chat = "messages" in body
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        match = DIRECTIVE.search(prompt)
+        doc_id = match.group(1) if match else "(none)"
+        opts = dict(kv.split("=", 1) for kv in match.group(2).split(";")[1:]) if match else {}
+        self.requests[doc_id] += 1
+        n = self.requests[doc_id]
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if n <= int(opts.get("drop", 0)):
+            request.transport.close()  # the client sees the connection die mid-request
+            return web.Response(status=500)
+        if n <= int(opts.get("fail500", 0)):
+            return web.json_response({"error": "internal error (planned)"}, status=500)
+        if n <= int(opts.get("fail429", 0)):
+            return web.json_response({"error": "rate limited (planned)"}, status=429, headers={"Retry-After": "0"})
+        if opts.get("http400"):
+            return web.json_response({"error": "prompt is longer than the context (planned)"}, status=400)
+        if n == 1 and "slow" in opts:
+            await asyncio.sleep(float(opts["slow"]))
+        fmt = "garbage" if n <= int(opts.get("garbage", 0)) else opts.get("format", "plain")
+        text = answer_text(int(opts.get("score", 2)), fmt)
+        choice = {"index": 0, "finish_reason": "stop"}
+        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        answer = {"id": f"cmpl-{doc_id}-{n}", "model": body.get("model"), "choices": [choice]}
+        if opts.get("usage", "1") != "0":
+            answer["usage"] = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
+                               "total_tokens": len(prompt) // 4 + len(text) // 4}
+        self.answered[doc_id] += 1
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    # --- running in a background thread ------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> LLMTestServer:
+        ready = threading.Event()
+
+        async def serve():
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port)
+    print(f"test LLM server listening on {args.host}:{args.port}", flush=True)
+    web.run_app(server.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
