@@ -147,5 +147,65 @@ def ablate(
     )
 
 
+# --- apply / sweep (filters) -------------------------------------------------------------------------------------------
+@app.command()
+def apply(
+    inputs: list[str] = typer.Argument(..., help="JSONL/Parquet files or folders, local or s3://, hf://datasets/..."),
+    output: str = typer.Option(..., "-o", "--output", help="Output folder: kept/, removed/<reason>/, failed/, stats.json."),
+    model: Optional[str] = typer.Option(None, help="Classifier folder from `train`, or a hub id (preset default)."),
+    preset: Optional[str] = typer.Option(None, help="fineweb-edu (>=3), fineweb-edu-score-2 (>=2) or python-edu (>=4)."),
+    threshold: Optional[int] = typer.Option(None, help="Keep int_score >= THRESHOLD (default 3, or the preset's)."),
+    keep_top: Optional[float] = typer.Option(None, help="Keep this fraction of documents instead (e.g. 0.1)."),
+    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="MinHash near-dedup (on by default)."),
+    exact_dedup: Optional[bool] = typer.Option(None, "--exact-dedup/--no-exact-dedup", help="Exact dedup (python-edu)."),
+    decontaminate: Optional[list[str]] = typer.Option(None, help="Eval set JSONL to decontaminate against, or 'humaneval'."),
+    long_docs: str = typer.Option("truncate", help="truncate, chunk-max or chunk-mean."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per document/chunk (the model's when unset)."),
+    batch_size: int = typer.Option(32),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for token_count (the classifier's when unset)."),
+    text_field: str = typer.Option("text"),
+    id_field: str = typer.Option("id"),
+    executor: str = typer.Option("local", help="local, slurm or ray."),
+    tasks: int = typer.Option(1, help="Number of shards."),
+    workers: int = typer.Option(1, help="Tasks run at once (local/ray)."),
+    slurm_partition: str = typer.Option("cpu"),
+    slurm_gpu_partition: Optional[str] = typer.Option(None, help="Partition for the scoring stage."),
+    slurm_gpus: int = typer.Option(0, help="GPUs per scoring task."),
+    slurm_time: str = typer.Option("24:00:00"),
+    slurm_cpus: int = typer.Option(4),
+    slurm_venv: Optional[str] = typer.Option(None, help="activate script sourced by every job."),
+    dry_run: bool = typer.Option(False, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
+):
+    """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
+    from edu_filter.filters.apply import SlurmOptions, run_apply
+
+    run_apply(
+        inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
+        exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
+        slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
+                           time=slurm_time, cpus_per_task=slurm_cpus, venv_path=slurm_venv, dry_run=dry_run),
+        long_docs=long_docs, max_length=max_length, batch_size=batch_size, tokenizer=tokenizer,
+        text_field=text_field, id_field=id_field,
+    )
+
+
+@app.command()
+def sweep(
+    scored: list[str] = typer.Argument(..., help="An apply output folder, or scored JSONL/Parquet files/folders."),
+    output: Path = typer.Option(Path("sweep"), "-o", "--output", help="Folder for the table and PNG plots."),
+    thresholds: list[int] = typer.Option([0, 1, 2, 3, 4, 5], help="int_score thresholds to compare."),
+    label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
+    positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
+):
+    """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
+    from edu_filter.filters.sweep import run_sweep
+
+    # `--thresholds 0 1 2` leaves 1 and 2 among the positional arguments: take back bare integers that are not paths
+    extra = [s for s in scored if s.isdigit() and not Path(s).exists()]
+    scored = [s for s in scored if s not in extra]
+    thresholds = sorted(set(thresholds) | {int(s) for s in extra})
+    run_sweep(scored, output, thresholds=thresholds, label_field=label_field, positive_threshold=positive_threshold)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,118 @@
+"""Deduplication and decontamination settings, on top of datatrove's MinHash, exact-dedup and n-gram decont steps.
+
+MinHash uses the FineWeb settings: 5-gram word shingles, 14 buckets x 8 hashes (pairs above ~0.75 Jaccard are very
+likely caught) with 64-bit xxhash. xxhash 4.x breaks datatrove's string hashing and a sha1 64-bit configuration
+found none of our planted duplicates, so both are refused here rather than left to fail silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.io import get_datafolder
+from datatrove.pipeline.decont.n_grams import NGramsDecontConfig
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.hashing import HashConfig, create_hash_func
+from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
+from datatrove.utils.typeshelper import Languages
+from datatrove.utils.word_tokenizers import load_word_tokenizer
+
+from edu_filter.documents import DocumentError, iter_raw_rows
+
+
+def check_hashing() -> None:
+    """Fail early, with the fix, when the installed xxhash would make datatrove's dedup hashing break."""
+    import xxhash
+
+    major = int(xxhash.VERSION.split(".")[0])
+    if major >= 4:
+        raise RuntimeError(
+            f"xxhash {xxhash.VERSION} is installed; datatrove 0.10's MinHash hashing needs xxhash<4 "
+            "(pip install 'xxhash<4')"
+        )
+
+
+def fineweb_minhash_config() -> MinhashConfig:
+    return MinhashConfig(
+        n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=64, hash_fc="xxhash")
+    )
+
+
+def document_text(doc: Document) -> str:
+    """Exact-dedup content: the text as is (byte-identical files collapse to one)."""
+    return doc.text
+
+
+def exact_dedup_config() -> ExactDedupConfig:
+    return ExactDedupConfig(content_getter=document_text, hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+def decont_config(n_grams: int = 12) -> NGramsDecontConfig:
+    """datatrove's 12-gram decontamination, adapted to code.
+
+    Prompts are matched too: a HumanEval prompt is a signature plus docstring that does not appear by chance. Numbers
+    are not normalised to 0 (datatrove's prose default), which made every file with a dozen numeric literals match
+    a HumanEval test list.
+    """
+    return NGramsDecontConfig(n_grams=n_grams, find_query_ngrams=True, find_overlap_ngrams=True,
+                              norm_config=TextNormConfig(norm_numbers=False))
+
+
+def _distinctive(gram) -> bool:
+    """n-grams of mostly numbers or single letters (digit grids, `0 1 0 0 1 ...`) match unrelated files."""
+    return sum(len(tok) > 1 and any(c.isalpha() for c in tok) for tok in gram) >= len(gram) // 3
+
+
+def _eval_pairs(path: str) -> list[tuple[str | None, str]]:
+    """(query, answer) pairs of an eval set: HumanEval-style (prompt, canonical_solution), (query, label) or text."""
+    pairs = []
+    for lineno, row in iter_raw_rows(path):
+        if "canonical_solution" in row:
+            pairs.append((row.get("prompt"), row["canonical_solution"]))
+        elif "label" in row and "query" in row:
+            pairs.append((row["query"], row["label"]))
+        elif isinstance(row.get("text"), str):
+            pairs.append((None, row["text"]))
+        else:
+            raise DocumentError(
+                f"{path}:{lineno}: eval rows need prompt+canonical_solution, query+label or text; got {sorted(row)}"
+            )
+    return pairs
+
+
+def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDecontConfig | None = None) -> dict:
+    """Writes one datatrove `<task>.index.hashes` file per eval set, in the format `NGramsDecontFilter` loads.
+
+    Mirrors datatrove's `NGramsDecontIndexer.compute_hashes` (answer n-grams, n-grams overlapping prompt and answer,
+    and here prompt n-grams too) without its lighteval dependency. Returns the number of hashes per task.
+    """
+    config = config or decont_config()
+    tokenizer = load_word_tokenizer(Languages.english)
+    hash_func = create_hash_func(config.hash_config)
+    folder = get_datafolder(index_folder)
+    n = config.n_grams
+    counts = {}
+    for path in eval_sets:
+        hashes: set[int] = set()
+        for query, answer in _eval_pairs(path):
+            answer_tokens = tokenizer.word_tokenize(simplify_text(answer, config.norm_config))
+            grams = list(ngrams(answer_tokens, n))
+            if query:
+                query_tokens = tokenizer.word_tokenize(simplify_text(query, config.norm_config))
+                if config.find_query_ngrams:
+                    grams.extend(ngrams(query_tokens, n))
+                if config.find_overlap_ngrams:
+                    grams.extend(
+                        query_tokens[-n + 1 + i :] + answer_tokens[: i + 1]
+                        for i in range(n - 1)
+                        if len(query_tokens) >= n - 1 - i and len(answer_tokens) >= i + 1
+                    )
+            hashes.update(hash_func(" ".join(g)) for g in grams if _distinctive(g))
+        task = Path(path).name.split(".")[0].replace(" ", "_")
+        with folder.open(f"{task}.index.hashes", "wb") as fh:
+            fh.write(np.array(sorted(hashes), dtype=config.hash_config.np_descr).tobytes())
+        counts[task] = len(hashes)
+    return counts

@@ -1,0 +1,258 @@
+"""Reading inputs and writing outputs of `apply` as datatrove steps.
+
+The reader never drops a row silently: a line that is not JSON, not UTF-8 or has no text becomes a document marked
+with a failure reason, and `InputErrorFilter` routes it to `OUT/failed/<reason>/` with the file and line it came from.
+Outputs are flat records (original fields at the top level, as in FineWeb-Edu), never datatrove's nested `metadata`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import posixpath
+from collections.abc import Iterator
+
+import orjson
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import get_datafolder
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseReader
+from datatrove.pipeline.readers.jsonl import JsonlReader
+from datatrove.pipeline.writers.jsonl import JsonlWriter
+from datatrove.pipeline.writers.parquet import ParquetWriter
+
+from edu_filter.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, DocumentError
+
+FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never written out
+# keys datatrove steps add to documents that do not belong in the kept dataset
+PIPELINE_KEYS = frozenset({"filter_reason", "duplicate_count", FAILURE_KEY})
+SCORE_KEYS = ("score", "int_score")
+RAW_PREVIEW_CHARS = 2000
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
+    """(folder, file name relative to it) for every JSONL/Parquet file in the inputs, in a stable order.
+
+    Works for local paths and any fsspec URL datatrove reads (s3://, hf://datasets/...). Listing happens once, before
+    the tasks start, so every task sees the same list.
+    """
+    from fsspec.core import url_to_fs
+
+    files: list[tuple[str, str]] = []
+    for inp in inputs:
+        inp = str(inp)
+        fs, path = url_to_fs(inp)
+        if fs.isdir(path):
+            folder = get_datafolder(inp)
+            found = sorted(f for f in folder.list_files(recursive=True) if f.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
+            if not found:
+                raise DocumentError(f"{inp}: folder contains no .jsonl, .jsonl.gz or .parquet files")
+            files.extend((inp, f) for f in found)
+        elif fs.isfile(path):
+            if not inp.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                raise DocumentError(f"{inp}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+            parent, name = posixpath.split(inp) if "://" in inp else os.path.split(os.path.abspath(inp))
+            files.append((parent, name))
+        else:
+            raise DocumentError(f"{inp}: no such file or folder")
+    return files
+
+
+class ApplyInputReader(BaseReader):
+    """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
+
+    With at least as many files as tasks, each task reads whole files; with fewer files (one big JSONL and
+    `--tasks 4`) every task reads all files and keeps the rows whose index falls in its shard, so the tasks still
+    split the scoring work.
+    """
+
+    name = "📖 edu-filter input"
+
+    def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id"):
+        super().__init__(text_key=text_key, id_key=id_key)
+        self.files = files
+
+    def _document(self, row: dict, source: str) -> Document:
+        text = row.pop(self.text_key, None)
+        doc_id = row.pop(self.id_key, None)
+        doc = Document(text=text if isinstance(text, str) else "", id=str(doc_id) if doc_id is not None else source,
+                       metadata=row)
+        if not isinstance(text, str) or not text.strip():
+            what = "missing" if text is None else ("empty" if isinstance(text, str) else f"a {type(text).__name__}")
+            doc.metadata[FAILURE_KEY] = "no_text"
+            doc.metadata["input_error"] = f"{source}: field '{self.text_key}' is {what}"
+            doc.metadata["input_source"] = source
+            if text is not None and not isinstance(text, str):
+                doc.metadata[self.text_key + "_original"] = repr(text)[:RAW_PREVIEW_CHARS]
+        return doc
+
+    def _failed(self, reason: str, source: str, error: str, raw: bytes) -> Document:
+        return Document(
+            text="",
+            id=source,
+            metadata={
+                FAILURE_KEY: reason,
+                "input_error": f"{source}: {error}",
+                "input_source": source,
+                "raw_preview": raw.decode("utf-8", "replace")[:RAW_PREVIEW_CHARS],
+                "raw_base64": base64.b64encode(raw).decode("ascii"),
+            },
+        )
+
+    def _read_jsonl(self, folder, name: str, keep) -> Iterator[Document]:
+        with folder.open(name, "rb", compression="infer") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip() or not keep(lineno):
+                    continue
+                source = f"{name}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield self._failed("invalid_utf8", source, f"not valid UTF-8 ({e})", raw)
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    yield self._failed("invalid_json", source, f"not valid JSON ({e})", raw)
+                    continue
+                if not isinstance(row, dict):
+                    yield self._failed("not_an_object", source, f"expected a JSON object, got {type(row).__name__}", raw)
+                    continue
+                yield self._document(row, source)
+
+    def _read_parquet(self, folder, name: str, keep) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        with folder.open(name, "rb") as fh:
+            rowno = 0
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    rowno += 1
+                    if keep(rowno):
+                        yield self._document(row, f"{name}:{rowno}")
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        by_file = len(self.files) >= world_size
+        shard = self.files[rank::world_size] if by_file else self.files
+        counter = 0
+
+        def keep(_index: int) -> bool:
+            nonlocal counter
+            counter += 1
+            return by_file or (counter - 1) % world_size == rank
+
+        for folder_path, name in shard:
+            folder = get_datafolder(folder_path)
+            read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
+            self.stat_update("input_files")
+            for doc in read(folder, name, keep):
+                self.stat_update("rows_read")
+                yield doc
+
+
+class InputErrorFilter(BaseFilter):
+    """Drops the rows the reader marked as unreadable, with the reason (invalid_json, invalid_utf8, no_text...)."""
+
+    name = "🚑 input errors"
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        reason = doc.metadata.pop(FAILURE_KEY, None)
+        return (False, reason) if reason else True
+
+
+class RankFileReader(JsonlReader):
+    """Reads back the intermediate file this task wrote in an earlier stage (`{rank:05d}.jsonl.gz`), in order.
+
+    MinHash and exact dedup address documents by their position in this stream, so the order must be the one the
+    signatures were computed on.
+    """
+
+    name = "📖 stage input"
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        filename = f"{rank:05d}.jsonl.gz"
+        if not self.data_folder.exists(filename):
+            return  # this task had no documents left in the earlier stage
+        for doc in self.read_files_shard([filename]):
+            yield doc
+
+
+def flat_record(document: Document, drop: frozenset[str] = frozenset()) -> dict:
+    """`text`, `id`, then the original fields, with `score`/`int_score` last (the FineWeb-Edu column order)."""
+    meta = {k: v for k, v in document.metadata.items() if k not in drop}
+    scores = {k: meta.pop(k) for k in SCORE_KEYS if k in meta}
+    return {"text": document.text, "id": document.id, **meta, **scores}
+
+
+def _record_adapter(self, document: Document) -> dict:
+    return flat_record(document)
+
+
+def _kept_adapter(self, document: Document) -> dict:
+    return flat_record(document, drop=PIPELINE_KEYS)
+
+
+def record_writer(folder: str, filename: str = "${rank}.jsonl.gz") -> JsonlWriter:
+    """Gzipped JSONL of flat records: removed and failed rows, and the intermediate files between stages."""
+    return JsonlWriter(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+
+
+def _json_safe(value):
+    """Values that pyarrow cannot type consistently across rows (nested mixed types) are kept as JSON strings."""
+    return value if isinstance(value, (str, int, float, bool, type(None))) else orjson.dumps(value).decode()
+
+
+class KeptParquetWriter(ParquetWriter):
+    """Parquet in the FineWeb-Edu schema: original fields plus top-level `score` and `int_score`.
+
+    datatrove's ParquetWriter takes the schema from the first document, so a column that is null there and a string
+    later breaks the file; this writer infers the schema from the whole first batch instead.
+    """
+
+    name = "📒 kept (FineWeb-Edu parquet)"
+
+    def __init__(self, output_folder: str, batch_size: int = 1000):
+        super().__init__(output_folder, output_filename="${rank}.parquet", adapter=_kept_adapter,
+                         batch_size=batch_size, use_content_defined_chunking=False)
+        self._files = {}
+
+    def _write(self, document: dict, file_handler, filename: str):
+        if self.max_file_size > 0:
+            filename = self._get_filename_with_file_id(filename)
+        self._files[filename] = file_handler
+        self._batches[filename].append(document)
+        if len(self._batches[filename]) == self.batch_size:
+            self._write_batch(filename)
+
+    def _write_batch(self, filename):
+        if not self._batches[filename]:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = self._batches.pop(filename)
+        if filename not in self._writers:
+            try:
+                schema = pa.Table.from_pylist(rows).schema
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                rows = [{k: _json_safe(v) for k, v in r.items()} for r in rows]
+                schema = pa.Table.from_pylist(rows).schema
+            self.schema = schema
+            self._writers[filename] = pq.ParquetWriter(self._files[filename], schema=schema,
+                                                       compression=self.compression)
+        new_fields = set().union(*rows) - set(self.schema.names)
+        if new_fields:
+            raise DocumentError(
+                f"field(s) {sorted(new_fields)} first appear after the first {self.batch_size} kept documents of "
+                f"{filename}; give every input row the same fields (null where absent)"
+            )
+        try:
+            batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            batch = pa.RecordBatch.from_pylist([{k: _json_safe(v) for k, v in r.items()} for r in rows],
+                                               schema=self.schema)
+        self._writers[filename].write_batch(batch)

@@ -1,0 +1,192 @@
+"""Scoring and thresholding steps: the classifier, the token counter and the score threshold (or keep-top)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.batching import batched
+
+LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
+
+
+class EduClassifierScorer(PipelineStep):
+    """Writes the classifier's `score` (float) and `int_score` (0-5, through the model's calibration) into each document.
+
+    Documents are scored a window at a time; `EduScorer` sorts each window by length so batches carry little padding,
+    runs bf16 + SDPA on GPU and sets the thread count on CPU. One model is loaded per task; with several GPUs on a
+    node, task `rank` uses GPU `rank % n_gpus`. A `score`/`int_score` already in the input (an LLM annotation, say)
+    is kept as `input_score`/`input_int_score` rather than overwritten.
+    """
+
+    type = "🎓 - SCORER"
+    name = "🎓 edu classifier"
+
+    def __init__(
+        self,
+        model: str,
+        batch_size: int = 32,
+        window_size: int = 2048,
+        max_length: int | None = None,
+        long_docs: str = "truncate",
+        device: str | None = None,
+        dtype: str | None = None,
+        num_threads: int | None = None,
+    ):
+        super().__init__()
+        if long_docs not in LONG_DOC_MODES:
+            raise ValueError(f"long_docs must be one of {', '.join(LONG_DOC_MODES)}, got {long_docs!r}")
+        self.model = model
+        self.batch_size = batch_size
+        self.window_size = window_size
+        self.max_length = max_length
+        self.long_docs = long_docs
+        self.device = device
+        self.dtype = dtype
+        self.num_threads = num_threads
+
+    def _device(self, rank: int) -> str | None:
+        if self.device is not None:
+            return self.device
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{rank % torch.cuda.device_count()}"
+        return "cpu"
+
+    def load_scorer(self, rank: int = 0):
+        from edu_filter.classifiers import EduScorer
+
+        return EduScorer.from_pretrained(
+            self.model, device=self._device(rank), dtype=self.dtype, max_length=self.max_length,
+            batch_size=self.batch_size, num_threads=self.num_threads,
+        )
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        scorer = None
+        for window in batched(data, self.window_size):
+            if scorer is None:
+                scorer = self.load_scorer(rank)
+            start = time.perf_counter()
+            with self.track_time(unit="window"):
+                scores, truncated = scorer.predict([doc.text for doc in window], long_docs=self.long_docs)
+                int_scores = scorer.to_int_score(scores)
+            elapsed = time.perf_counter() - start
+            self.stat_update("scored", value=len(window))
+            self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
+            self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
+            for doc, score, int_score in zip(window, scores, int_scores):
+                for key in ("score", "int_score"):
+                    if key in doc.metadata:
+                        doc.metadata.setdefault(f"input_{key}", doc.metadata.pop(key))
+                doc.metadata["score"] = float(score)
+                doc.metadata["int_score"] = int(int_score)
+                yield doc
+
+
+class CountTokens(PipelineStep):
+    """Sets `token_count` (the FineWeb-Edu column) on documents that do not carry one yet, for the token stats."""
+
+    type = "🔢 - TOKENIZER"
+    name = "📊 token count"
+
+    def __init__(self, tokenizer: str, batch_size: int = 1000):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from transformers import AutoTokenizer
+
+        tokenizer = None
+        for batch in batched(data, self.batch_size):
+            todo = [doc for doc in batch if doc.text and not isinstance(doc.metadata.get("token_count"), int)]
+            if todo:
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+                with self.track_time(unit="batch"):
+                    encoded = tokenizer([doc.text for doc in todo], add_special_tokens=False)["input_ids"]
+                for doc, ids in zip(todo, encoded):
+                    doc.metadata["token_count"] = len(ids)
+            for doc in batch:
+                self.stat_update("tokens", value=doc.metadata.get("token_count", 0) or 0)
+                yield doc
+
+
+class SaveScores(PipelineStep):
+    """Keeps a copy of this task's float scores (`{rank:05d}.npy`), so `--keep-top` can read the distribution."""
+
+    type = "🎓 - SCORER"
+    name = "💾 score log"
+
+    def __init__(self, output_folder: str):
+        super().__init__()
+        self.output_folder = get_datafolder(output_folder)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        scores = []
+        for doc in data:
+            scores.append(doc.metadata["score"])
+            yield doc
+        with self.output_folder.open(f"{rank:05d}.npy", "wb") as fh:
+            np.save(fh, np.asarray(scores, dtype=np.float32))
+
+
+def load_scores(folder: str) -> np.ndarray:
+    folder = get_datafolder(folder)
+    parts = []
+    for name in sorted(folder.list_files(glob_pattern="*.npy")):
+        with folder.open(name, "rb") as fh:
+            parts.append(np.load(fh))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def keep_top_cutoff(scores: np.ndarray, fraction: float) -> float:
+    """The float score cutoff that keeps the top `fraction` of documents (ties at the cutoff are all kept)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"keep-top fraction must be in (0, 1], got {fraction}")
+    if len(scores) == 0:
+        return math.inf
+    k = max(1, math.ceil(fraction * len(scores)))
+    return float(np.sort(scores)[::-1][k - 1])
+
+
+class ScoreThresholdFilter(BaseFilter):
+    """Keeps documents with `int_score >= threshold` (FineWeb-Edu keeps int_score >= 3).
+
+    With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents; every
+    task reads the same saved score distribution, so all tasks agree on it.
+    """
+
+    name = "🎓 score threshold"
+
+    def __init__(self, threshold: int | None = None, keep_top: float | None = None, scores_folder: str | None = None,
+                 exclusion_writer=None):
+        super().__init__(exclusion_writer=exclusion_writer)
+        if (threshold is None) == (keep_top is None):
+            raise ValueError("give exactly one of threshold and keep_top")
+        if keep_top is not None and scores_folder is None:
+            raise ValueError("keep_top needs the folder of saved scores")
+        self.threshold = threshold
+        self.keep_top = keep_top
+        self.scores_folder = scores_folder
+        self.cutoff: float | None = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.keep_top is not None:
+            if self.cutoff is None:
+                self.cutoff = keep_top_cutoff(load_scores(self.scores_folder), self.keep_top)
+            keep = doc.metadata["score"] >= self.cutoff
+        else:
+            keep = doc.metadata["int_score"] >= self.threshold
+        return True if keep else (False, "below_threshold")
+
+
+def cpu_threads_per_task(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
