@@ -1,0 +1,31 @@
+"""Both threshold-sweep notebooks execute top to bottom on the bundled data and save their plots."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["web", "code"])
+def test_threshold_sweep_notebook_runs(kind, tmp_path, monkeypatch):
+    path = REPO / "notebooks" / f"threshold_sweep_{kind}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks with outputs stripped"
+    monkeypatch.setenv("EDU_FILTER_ROOT", str(REPO))
+    monkeypatch.setenv("EDU_NOTEBOOK_WORK", str(tmp_path / "work"))
+    monkeypatch.setenv("EDU_ABLATION_REPORT", str(tmp_path / "no_report.json"))
+    monkeypatch.delenv(f"EDU_MODEL_{kind.upper()}", raising=False)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "labelled documents to sweep" in outputs
+    assert "--- int_score" in outputs
+    assert (tmp_path / "work" / "sweep.png").stat().st_size > 10_000
+    assert (tmp_path / "work" / "scored.jsonl").exists()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
