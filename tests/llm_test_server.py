@@ -56,6 +56,7 @@ class LLMTestServer:
         self.requests: Counter = Counter()  # doc id -> requests received
         self.answered: Counter = Counter()  # doc id -> 200 answers sent
         self.bodies: list[dict] = []  # request bodies, for payload checks
+        self.authorizations: list[str | None] = []  # Authorization headers received
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -78,6 +79,7 @@ class LLMTestServer:
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         self.bodies.append(body)
+        self.authorizations.append(request.headers.get("Authorization"))
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         match = DIRECTIVE.search(prompt)

@@ -1,0 +1,239 @@
+"""The OpenAI-compatible scoring client against a real, misbehaving HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_test_server import LLMTestServer, directive  # noqa: E402
+
+from edu_filter.annotate.backends import BackendError  # noqa: E402
+from edu_filter.annotate.score import score_documents  # noqa: E402
+from edu_filter.documents import DocumentError  # noqa: E402
+
+FAST = {"retry_backoff": 0.01, "timeout": 1.0, "max_retries": 3, "show_progress": False}
+
+
+@pytest.fixture
+def server():
+    srv = LLMTestServer().start()
+    yield srv
+    srv.stop()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def doc(doc_id: str, text: str = "A short lesson about fractions.", **behaviour) -> dict:
+    return {"id": doc_id, "text": f"{text} {directive(doc_id, **behaviour)}"}
+
+
+# (doc, expected score, expected error prefix, expected requests to the server, expected attempts)
+CASES = [
+    (doc("plain", score=3), 3, None, 1, 1),
+    (doc("bold", score=4, format="bold"), 4, None, 1, 1),
+    (doc("slash", score=5, format="slash"), 5, None, 1, 1),
+    (doc("trailing", score=1, format="trailing"), 1, None, 1, 1),
+    (doc("two", score=0, format="two"), 0, None, 1, 1),
+    (doc("e500", score=2, fail500=2), 2, None, 3, 1),
+    (doc("e429", score=3, fail429=3), 3, None, 4, 1),
+    (doc("dropped", score=4, drop=1), 4, None, 2, 1),
+    (doc("slow", score=5, slow=3), 5, None, 2, 1),
+    (doc("reask", score=2, garbage=1), 2, None, 2, 2),
+    (doc("garbage", format="garbage"), None, "unparseable", 3, 3),
+    (doc("toolong", http400=1), None, "http 400", 1, 0),
+    (doc("down", fail500=99), None, "http 500", 4, 0),
+    (doc("nousage", score=1, usage=0), 1, None, 1, 1),
+]
+
+
+def test_misbehaving_server_every_document_once_with_right_scores(server, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [c[0] for c in CASES])
+    out = tmp_path / "out.jsonl"
+    summary = score_documents(
+        [str(src)], out, base_url=server.base_url, model="test-model", concurrency=8, max_reasks=2, **FAST
+    )
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [c[0]["id"] for c in CASES]  # every document once, in input order
+    for (d, score, error, requests, attempts), row in zip(CASES, rows):
+        assert row["text"] == d["text"]
+        assert row["score"] == score, row
+        assert (row["error"] is None) if error is None else row["error"].startswith(error), row
+        assert server.requests[d["id"]] == requests, d["id"]
+        assert row["attempts"] == attempts, d["id"]
+        assert row["model"] == "test-model" and row["prompt"] == "fineweb-edu-v1"
+    by_id = {r["id"]: r for r in rows}
+    assert "gave up after 4 tries" in by_id["down"]["error"]
+    assert by_id["garbage"]["response"] == "I am unable to evaluate this extract."
+    assert by_id["nousage"]["prompt_tokens"] is None and by_id["nousage"]["completion_tokens"] is None
+    assert by_id["plain"]["prompt_tokens"] > 100 and by_id["plain"]["completion_tokens"] > 5
+    assert by_id["reask"]["completion_tokens"] > by_id["plain"]["completion_tokens"]  # summed over both answers
+
+    assert summary.documents == len(CASES) and summary.scored == 11
+    assert summary.failed == Counter({"unparseable": 1, "http 400": 1, "http 500": 1})
+    assert summary.requests == sum(c[3] for c in CASES)
+    assert summary.reasks == 1 + 2
+    assert summary.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in rows)
+
+
+def test_payload_follows_fineweb_edu_settings_chat_and_completion(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDU_TEST_KEY", "sk-test-123")
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("a", text="Photosynthesis turns light into sugar.", score=3)])
+    score_documents([str(src)], tmp_path / "chat.jsonl", base_url=server.base_url, model="m1",
+                    api_key_env="EDU_TEST_KEY", **FAST)
+    body = server.bodies[-1]
+    assert body["model"] == "m1"
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.6, 0.95, 256)
+    [message] = body["messages"]
+    assert message["role"] == "user"
+    assert message["content"].startswith("Below is an extract from a web page.")
+    assert "The extract:\nPhotosynthesis turns light into sugar." in message["content"]
+    assert server.authorizations[-1] == "Bearer sk-test-123"
+
+    row = read_jsonl(score_documents(
+        [str(src)], tmp_path / "completion.jsonl", base_url=server.base_url, model="m1", api="completion",
+        prompt="code", temperature=0.0, max_tokens=64, api_key_env="EDU_UNSET_KEY", **FAST,
+    ).output and tmp_path / "completion.jsonl")[0]
+    body = server.bodies[-1]
+    assert "messages" not in body and body["prompt"].startswith("Below is an extract from a Python program.")
+    assert (body["temperature"], body["max_tokens"]) == (0.0, 64)
+    assert server.authorizations[-1] is None
+    assert row["score"] == 3 and row["prompt"] == "python-edu-v1"
+
+
+def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp_path):
+    docs = [doc(f"d{i}", score=i % 6) for i in range(6)] + [doc("reask", garbage=1, score=4), doc("down", fail500=4)]
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    out = tmp_path / "out.jsonl"
+    first = score_documents([str(src)], out, base_url=server.base_url, model="m", max_retries=1,
+                            **{k: v for k, v in FAST.items() if k != "max_retries"})
+    assert first.requests == 6 + 2 + 2 and first.cached_answers == 0
+    assert read_jsonl(out)[-1]["error"].startswith("http 500")
+
+    second = score_documents([str(src)], out, base_url=server.base_url, model="m", **FAST)
+    # every received answer is replayed; only the document that never got one is asked again (and now succeeds:
+    # the server stops failing after 4 requests)
+    assert second.cached_answers == 6 + 2
+    assert server.requests["down"] == 2 + 3 and server.requests["reask"] == 2
+    assert all(server.requests[f"d{i}"] == 1 for i in range(6))
+    rows = read_jsonl(out)
+    assert [r["score"] for r in rows] == [0, 1, 2, 3, 4, 5, 4, 2]
+    assert rows[6]["attempts"] == 2 and rows[6]["response"].endswith("Educational score: 4")
+
+    before = sum(server.requests.values())
+    score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, **FAST)
+    assert sum(server.requests.values()) - before == len(docs)  # new settings -> every document asked again
+    assert sqlite3.connect(tmp_path / "out.jsonl.cache.sqlite").execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+
+
+def test_sample_truncation_and_parquet_output(server, tmp_path):
+    import polars as pl
+
+    docs = [doc(f"d{i:02d}", text="x" * (50 + 10 * i), score=i % 6) for i in range(30)]
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    s1 = score_documents([str(src)], tmp_path / "a.parquet", base_url=server.base_url, model="m", sample=8,
+                         seed=1, max_chars=200, **FAST)
+    s2 = score_documents([str(src)], tmp_path / "b.jsonl", base_url=server.base_url, model="m", sample=8,
+                         seed=1, max_chars=200, **FAST)
+    s3 = score_documents([str(src)], tmp_path / "c.jsonl", base_url=server.base_url, model="m", sample=8,
+                         seed=2, max_chars=200, **FAST)
+    a = pl.read_parquet(tmp_path / "a.parquet")
+    ids = a["id"].to_list()
+    assert len(ids) == 8 and ids == sorted(ids)  # sampled, kept in input order
+    assert ids == [r["id"] for r in read_jsonl(tmp_path / "b.jsonl")]
+    assert ids != [r["id"] for r in read_jsonl(tmp_path / "c.jsonl")]
+    assert a["truncated"].to_list() == [50 + 10 * int(i[1:]) + len(directive(i, score=0)) + 1 > 200 for i in ids]
+    assert s1.truncated == sum(a["truncated"].to_list()) and s1.documents == s2.documents == s3.documents == 8
+    # the truncated prompt carries only the first 200 characters of the document
+    sent = [b["messages"][0]["content"] for b in server.bodies]
+    assert not any("x" * 201 in p for p in sent)
+
+
+def test_bad_input_fails_before_any_request(server, tmp_path):
+    dup = write_jsonl(tmp_path / "dup.jsonl", [doc("a"), doc("b"), doc("a")])
+    with pytest.raises(DocumentError, match="duplicate document id 'a'"):
+        score_documents([str(dup)], tmp_path / "o.jsonl", base_url=server.base_url, model="m", **FAST)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(orjson.dumps(doc("a")) + b"\n{not json\n")
+    with pytest.raises(DocumentError, match="broken.jsonl:2"):
+        score_documents([str(broken)], tmp_path / "o.jsonl", base_url=server.base_url, model="m", **FAST)
+    notext = write_jsonl(tmp_path / "notext.jsonl", [doc("a"), {"id": "b", "body": "x"}])
+    with pytest.raises(DocumentError, match="notext.jsonl:2: field 'text' is missing"):
+        score_documents([str(notext)], tmp_path / "o.jsonl", base_url=server.base_url, model="m", **FAST)
+    with pytest.raises(DocumentError, match="output must end in"):
+        score_documents([str(dup)], tmp_path / "o.csv", base_url=server.base_url, model="m", **FAST)
+    assert server.requests == Counter()
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("a")])
+    with pytest.raises(BackendError, match="404.*--base-url"):
+        score_documents([str(src)], tmp_path / "o.jsonl", base_url=server.base_url[: -len("/v1")], model="m", **FAST)
+    with pytest.raises(BackendError, match="cannot reach"):
+        score_documents([str(src)], tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1", model="m", **FAST)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
+    """The issue's exact invocation, killed with SIGKILL part-way and started again."""
+    server = LLMTestServer(delay=0.03).start()
+    try:
+        docs = [doc(f"d{i:03d}", score=i % 6, **({"garbage": 1} if i % 10 == 0 else {})) for i in range(150)]
+        needed = {d["id"]: 2 if int(d["id"][1:]) % 10 == 0 else 1 for d in docs}
+        src = write_jsonl(tmp_path / "IN.jsonl", docs)
+        out = tmp_path / "OUT.jsonl"
+        cmd = [sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--prompt", "web",
+               "--backend", "openai", "--base-url", server.base_url, "--model", "NAME", "--concurrency", "16"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while sum(server.answered.values()) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        assert not out.exists()  # killed before the end: no half-written output
+
+        with sqlite3.connect(tmp_path / "OUT.jsonl.cache.sqlite") as db:
+            stored = Counter(doc_id for (doc_id,) in db.execute("SELECT doc_id FROM answers"))
+        assert 0 < sum(stored.values()) < sum(needed.values())  # it really died part-way
+        before = server.requests.copy()
+
+        server.delay = 0.0
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        asked_again = server.requests - before
+        for doc_id, n in needed.items():
+            # Stored answers are replayed; only answers never received are asked for. A request that was in flight
+            # at the kill already used up the server's planned unparseable answer, so it is not given again.
+            done = stored[doc_id] >= n
+            unparseable_left = max(0, 1 - before[doc_id]) if n == 2 else 0
+            assert asked_again[doc_id] == (0 if done else 1 + unparseable_left), doc_id
+        assert sum(asked_again.values()) < sum(needed.values())
+        rows = read_jsonl(out)
+        assert [r["id"] for r in rows] == [d["id"] for d in docs]  # each document exactly once
+        assert [r["score"] for r in rows] == [i % 6 for i in range(150)]
+        assert all(r["error"] is None and r["model"] == "NAME" for r in rows)
+
+        total = sum(server.requests.values())
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        assert sum(server.requests.values()) == total  # a finished run is answered entirely from the cache
+        assert read_jsonl(out) == rows
+    finally:
+        server.stop()

@@ -1,0 +1,131 @@
+"""Score parsing on real LLM answers and odd formats; the versioned prompts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edu_filter.annotate.parse import parse_score
+from edu_filter.annotate.prompts import PromptError, load_prompt
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "path, expected_rows",
+    [("web/fineweb_edu_llama33_responses.jsonl", 150), ("code/python_edu_labels.jsonl", 561)],
+)
+def test_parser_recovers_every_real_llama_score(path, expected_rows):
+    rows = _rows(DATA / path)
+    assert len(rows) == expected_rows
+    wrong = [(r["id"], r["score"], parse_score(r["response"])) for r in rows if parse_score(r["response"]) != (r["score"], None)]
+    assert wrong == []
+    # the real answers cover several scores, so a parser stuck on one value could not pass
+    assert len({r["score"] for r in rows}) >= 3
+
+
+@pytest.mark.parametrize(
+    "response, score",
+    [
+        ("The extract is a tutorial.\n\nEducational score: 3", 3),
+        ("Justification...\n\n**Educational score:** 4", 4),
+        ("**Educational score: 2**", 2),
+        ("Educational Score: 3/5", 3),
+        ("educational score: 5 / 5", 5),
+        ("Educational score: 1 out of 5", 1),
+        ("Educational score: **0**", 0),
+        ("Educational score: [2]", 2),
+        ("Educational score:\n\n4.", 4),
+        ("Educational score: 4.0", 4),
+        ("Educational score: 3\n\nI hope this helps! Let me know if you have questions.", 3),
+        ("Educational score: 3 points, mostly for the worked example.", 3),
+        ("At first I'd say Educational score: 2, but the exercises push it up.\n\nEducational score: 3", 3),
+        ("Educational score: 5 ... wait, too generous.\n**Educational score:** 1", 1),
+    ],
+)
+def test_parser_accepts_what_models_really_write(response, score):
+    assert parse_score(response) == (score, None)
+
+
+@pytest.mark.parametrize(
+    "response, reason",
+    [
+        (None, "empty"),
+        ("   ", "empty"),
+        ("I cannot evaluate this extract.", "no 'Educational score"),
+        ('Conclude with the score using the format: "Educational score: <total points>"', "no 'Educational score"),
+        ("Score: 3", "no 'Educational score"),
+        ("Educational score: 3.5", "not a whole number"),
+        ("Educational score: 7", "outside 0-5"),
+        ("Educational score: -1", "outside 0-5"),
+        ("Educational score: 8/10", "out of 10"),
+        ("Educational score: 3\n\nOn reflection, Educational score: 9", "outside 0-5"),
+    ],
+)
+def test_parser_never_guesses(response, reason):
+    score, error = parse_score(response)
+    assert score is None
+    assert error.startswith("unparseable: ") and reason in error
+
+
+def test_bundled_prompts_keep_the_original_rubrics():
+    web = load_prompt("web")
+    assert web.version == "fineweb-edu-v1" == load_prompt("fineweb-edu-v1").version
+    assert web.template.startswith(
+        "Below is an extract from a web page. Evaluate whether the page has a high educational value and could be "
+        "useful in an educational setting for teaching from primary school to grade school levels using the additive "
+        "5-point scoring system described below."
+    )
+    code = load_prompt("code")
+    assert code.version == "python-edu-v1"
+    assert code.template.startswith(
+        "Below is an extract from a Python program. Evaluate whether it has a high educational value and could help "
+        "teach coding."
+    )
+    for prompt in (web, code):
+        assert "\nThe extract:\n{extract}\n" in prompt.template
+        assert "- Briefly justify your total score, up to 100 words." in prompt.template
+        assert prompt.template.rstrip().endswith('- Conclude with the score using the format: "Educational score: <total points>"')
+        assert prompt.template.count("point") >= 5  # the five additive criteria
+
+
+def test_render_truncates_explicitly_and_keeps_braces():
+    prompt = load_prompt("web")
+    text = "def f(x): return {'a': x}  " * 10
+    full, truncated = prompt.render(text)
+    assert not truncated and text in full
+    cut, truncated = prompt.render(text, max_chars=20)
+    assert truncated and text[:20] in cut and text[:21] not in cut
+    assert prompt.render(text, max_chars=len(text)) == (full, False)
+
+
+def test_custom_prompt_file_gets_a_content_versioned_id(tmp_path):
+    path = tmp_path / "strict.txt"
+    path.write_text("Rate this for teaching:\n{extract}\nEducational score: ?")
+    first = load_prompt(str(path))
+    assert first.version.startswith("strict-") and first.render("abc")[0] == "Rate this for teaching:\nabc\nEducational score: ?"
+    path.write_text("Rate this for teaching, strictly:\n{extract}")
+    assert load_prompt(str(path)).version != first.version
+
+    (tmp_path / "bad.txt").write_text("no placeholder here")
+    with pytest.raises(PromptError, match="no \\{extract\\} placeholder"):
+        load_prompt(str(tmp_path / "bad.txt"))
+    with pytest.raises(PromptError, match="unknown prompt"):
+        load_prompt("fineweb-edu-v9")
+
+
+def test_show_prompt_from_the_command_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "edu_filter.cli", "score", "--show-prompt", "code"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "python-edu-v1" in out
+    assert "Below is an extract from a Python program." in out and "{extract}" in out
