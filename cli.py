@@ -207,5 +207,15 @@ def sweep(
     run_sweep(scored, output, thresholds=thresholds, label_field=label_field, positive_threshold=positive_threshold)
 
 
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for models, outputs and report.md."),
+):
+    """Run the whole loop on the bundled data (about 10 minutes on 2 CPU cores) and write OUTPUT/report.md."""
+    from edu_filter.demo import run_demo
+
+    run_demo(output)
+
+
 if __name__ == "__main__":
     app()
