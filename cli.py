@@ -74,6 +74,9 @@ def score(
     max_model_len: int = typer.Option(8192, help="vllm/sglang: context length of the started server."),
     tensor_parallel: int = typer.Option(1, help="vllm/sglang: GPUs per model."),
     server_script: Optional[str] = typer.Option(None, help="script backend: Python file serving /v1 on --port."),
+    server_arg: Optional[list[str]] = typer.Option(
+        None, help="vllm/sglang/script: extra server flag KEY=VALUE or KEY (repeatable), e.g. gpu-memory-utilization=0.9."
+    ),
     device: Optional[str] = typer.Option(None, help="transformers: cpu, cuda... (default: cuda when available)."),
 ):
     """Annotate documents 0-5 with an LLM and the FineWeb-Edu / Python-Edu rubric (resumable)."""
@@ -93,7 +96,7 @@ def score(
             retry_backoff=retry_backoff, max_reasks=max_reasks, temperature=temperature, top_p=top_p,
             max_tokens=max_tokens, max_chars=max_chars, sample=sample, seed=seed, cache=cache,
             text_field=text_field, id_field=id_field, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
-            server_script=server_script, device=device,
+            server_script=server_script, server_args=server_arg, device=device,
         )
     except ANNOTATION_ERRORS as e:
         typer.echo(f"error: {e}", err=True)

@@ -193,16 +193,21 @@ def server_config(
     max_model_len: int = 8192,
     tp: int = 1,
     server_script: str | None = None,
-    server_args: dict | None = None,
+    server_args: list[str] | None = None,
     ready_timeout: float = 1800.0,
 ):
     """datatrove InferenceConfig for `vllm serve MODEL`, SGLang, or `python SCRIPT --port N` (an OpenAI-compatible
-    server script of your own). `server_args` become `--key=value` flags of the server command."""
+    server script of your own). `server_args` ("key=value" or "flag") become `--key=value` / `--flag` flags."""
     from datatrove.pipeline.inference.run_inference import InferenceConfig
 
     if server_type not in SERVER_BACKENDS:
         raise ValueError(f"server backend must be one of {SERVER_BACKENDS}, got {server_type!r}")
-    kwargs = dict(server_args or {})
+    kwargs: dict = {}
+    for arg in server_args or []:
+        key, sep, value = arg.lstrip("-").partition("=")
+        if not key:
+            raise ValueError(f"bad server argument {arg!r}: expected KEY=VALUE or KEY")
+        kwargs[key] = value if sep else True
     if server_type == "script":
         if not server_script:
             raise ValueError("the script backend needs server_script (a Python file serving /v1 on --port)")

@@ -224,6 +224,7 @@ def score_documents(
     max_model_len: int = 8192,
     tensor_parallel: int = 1,
     server_script: str | None = None,
+    server_args: list[str] | None = None,
     device: str | None = None,
     show_progress: bool = True,
 ) -> ScoreSummary:
@@ -258,7 +259,7 @@ def score_documents(
         if backend == "openai":
             backend_kwargs["base_url"] = base_url
     server_kwargs = {"api": api, "max_model_len": max_model_len, "tp": tensor_parallel,
-                     "server_script": server_script}
+                     "server_script": server_script, "server_args": server_args}
     options = {"max_chars": max_chars, "max_reasks": max_reasks, "workers": concurrency,
                "show_progress": show_progress}
 

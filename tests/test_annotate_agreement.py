@@ -1,0 +1,93 @@
+"""`edu-filter agreement`: metrics checked against hand-computed values and real annotations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edu_filter.annotate.agreement import agreement, agreement_metrics
+from edu_filter.documents import DocumentError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def test_metrics_match_hand_computed_values():
+    a = [0, 1, 2, 3]
+    b = [0, 1, 3, 3]
+    m = agreement_metrics(a, b, threshold=3)
+    # observed agreement 3/4; chance agreement from the marginals: A=(1,1,1,1)/4, B=(1,1,0,2)/4 -> 4/16
+    assert m["exact_agreement"] == pytest.approx(0.75)
+    assert m["cohen_kappa"] == pytest.approx((0.75 - 0.25) / (1 - 0.25))
+    assert m["mae"] == pytest.approx(0.25)
+    assert m["spearman"] == pytest.approx(0.9486832980505138)
+    assert m["confusion_matrix"][2] == [0, 0, 0, 1, 0, 0] and m["confusion_matrix"][3][3] == 1
+    assert (m["kept_a"], m["kept_b"], m["keep_precision"], m["keep_recall"]) == (1, 2, 0.5, 1.0)
+    # quadratic weights punish a 0-vs-5 disagreement far more than 2-vs-3
+    near = agreement_metrics([0, 2, 5, 1], [0, 3, 5, 1])["quadratic_kappa"]
+    far = agreement_metrics([0, 2, 5, 1], [5, 2, 5, 1])["quadratic_kappa"]
+    assert near > 0.8 > far
+    # regression outputs are rounded for kappa but used as given for MAE
+    reg = agreement_metrics([1, 2, 3], [1.2, 2.4, 2.6])
+    assert reg["exact_agreement"] == 1.0
+    assert reg["mae"] == pytest.approx((0.2 + 0.4 + 0.4) / 3)
+
+
+def test_undefined_statistics_are_none_not_nan():
+    m = agreement_metrics([2, 2, 2], [2, 2, 2])
+    assert m["exact_agreement"] == 1.0 and m["cohen_kappa"] is None and m["spearman"] is None
+
+
+def test_agreement_joins_on_id_and_counts_what_it_skips(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [{"id": str(i), "score": i % 6} for i in range(10)] + [{"id": "n", "score": None}])
+    b = _write(tmp_path / "b.jsonl", [{"id": str(i), "pred": (i % 6) + (1 if i == 4 else 0)} for i in range(2, 12)])
+    report = tmp_path / "report.json"
+    r = agreement(str(a), str(b), field="score", field_b="pred", report=report, show=False)
+    assert r["n"] == 8 and r["only_in_a"] == 2 and r["only_in_b"] == 2 and r["null_a"] == 1
+    assert r["exact_agreement"] == pytest.approx(7 / 8)
+    assert orjson.loads(report.read_bytes())["n"] == 8
+
+
+def test_real_annotations_agree_with_themselves_and_not_with_noise(tmp_path):
+    labels = DATA / "code" / "python_edu_labels.jsonl"
+    rows = [orjson.loads(line) for line in labels.read_bytes().splitlines()]
+    same = agreement(str(labels), str(labels), show=False)
+    assert same["n"] == 561 and same["cohen_kappa"] == 1.0 and same["quadratic_kappa"] == 1.0
+    shifted = _write(tmp_path / "shifted.jsonl", [{"id": r["id"], "score": (r["score"] + 3) % 6} for r in rows])
+    other = agreement(str(labels), str(shifted), show=False)
+    assert other["cohen_kappa"] < 0.1 and other["exact_agreement"] == 0.0
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    good = _write(tmp_path / "good.jsonl", [{"id": "a", "score": 1}])
+    bad = _write(tmp_path / "bad.jsonl", [{"id": "a", "score": 1}, {"id": "b", "score": "high"}])
+    with pytest.raises(DocumentError, match="bad.jsonl:2: field 'score' is not a number"):
+        agreement(str(good), str(bad), show=False)
+    noid = _write(tmp_path / "noid.jsonl", [{"score": 1}])
+    with pytest.raises(DocumentError, match="noid.jsonl:1: field 'id' is missing"):
+        agreement(str(good), str(noid), show=False)
+    dup = _write(tmp_path / "dup.jsonl", [{"id": "a", "score": 1}, {"id": "a", "score": 2}])
+    with pytest.raises(DocumentError, match="dup.jsonl:2: duplicate id 'a'"):
+        agreement(str(good), str(dup), show=False)
+    other = _write(tmp_path / "other.jsonl", [{"id": "z", "score": 1}])
+    with pytest.raises(ValueError, match="no document has a score on both sides"):
+        agreement(str(good), str(other), show=False)
+
+
+def test_agreement_command_prints_tables(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [{"id": str(i), "score": i % 6} for i in range(12)])
+    b = _write(tmp_path / "b.jsonl", [{"id": str(i), "score": min(5, i % 6 + i % 2)} for i in range(12)])
+    out = subprocess.run([sys.executable, "-m", "edu_filter.cli", "agreement", str(a), str(b)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "quadratic-weighted kappa" in out and "confusion matrix" in out and "Spearman" in out
+    bad = subprocess.run([sys.executable, "-m", "edu_filter.cli", "agreement", str(a), str(tmp_path / "none.jsonl")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such file" in bad.stderr

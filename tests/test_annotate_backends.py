@@ -1,0 +1,147 @@
+"""Backends other than a plain URL: a real tiny transformers model, servers started through datatrove's inference
+server classes (our script; vLLM where it is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_test_server import directive  # noqa: E402
+
+from edu_filter.annotate.backends import server_config  # noqa: E402
+from edu_filter.annotate.score import score_documents  # noqa: E402
+
+TEST_SERVER = str(Path(__file__).parent / "llm_test_server.py")
+
+# A word-level "bigram" Llama: attention and MLP outputs are zeroed, so the next token depends only on the current
+# one, wired through the embeddings and lm_head. After "good" it writes "Educational score: 3" and stops; after
+# "bad" it repeats "bad" forever (unparseable). Every other word maps to itself.
+WORDS = ["<pad>", "<eos>", "<unk>", "Rate", "this", "extract:", "the", "lesson", "is", "good", "bad",
+         "Educational", "score:", "3"]
+NEXT = {"good": "Educational", "Educational": "score:", "score:": "3", "3": "<eos>"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    hidden = 16
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(len(WORDS), hidden))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for word, i in vocab.items():
+            model.lm_head.weight[vocab[NEXT.get(word, word)], i] = 10.0
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_transformers_backend_with_a_real_tiny_model(tiny_llama, tmp_path):
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [
+        {"id": "g1", "text": "the lesson is good"},
+        {"id": "b1", "text": "the lesson is bad"},
+        {"id": "g2", "text": "this is good"},
+    ])
+    out = tmp_path / "out.jsonl"
+    summary = score_documents([str(src)], out, backend="transformers", model=tiny_llama, prompt=str(prompt),
+                              max_tokens=6, max_reasks=2, concurrency=4, show_progress=False)
+    rows = {r["id"]: r for r in _read(out)}
+    for good in ("g1", "g2"):
+        assert rows[good]["score"] == 3 and rows[good]["error"] is None
+        assert rows[good]["response"] == "Educational score: 3"
+        assert rows[good]["attempts"] == 1 and rows[good]["completion_tokens"] == 4  # 3 words + end of sequence
+    bad = rows["b1"]
+    assert bad["score"] is None and bad["error"].startswith("unparseable")
+    assert bad["response"] == " ".join(["bad"] * 6)  # stopped at max_tokens
+    assert bad["attempts"] == 3 and bad["completion_tokens"] == 3 * 6  # the re-ask bound
+    assert rows["g1"]["prompt_tokens"] == len("Rate this extract: the lesson is good".split())
+    assert summary.requests == 1 + 1 + 3 and summary.failed == {"unparseable": 1}
+
+    again = score_documents([str(src)], out, backend="transformers", model=tiny_llama, prompt=str(prompt),
+                            max_tokens=6, max_reasks=2, show_progress=False)
+    assert again.requests == 0 and again.cached_answers == 5  # resumed from the cache, model not asked again
+
+
+def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
+    """datatrove's CustomServer starts `python llm_test_server.py --port N`, waits for /v1/models, we drive it."""
+    src = _write(tmp_path / "in.jsonl", [
+        {"id": "a", "text": "x " + directive("a", score=4, format="bold")},
+        {"id": "b", "text": "x " + directive("b", score=1, fail500=1)},
+        {"id": "c", "text": "x " + directive("c", format="garbage")},
+    ])
+    out = tmp_path / "out.jsonl"
+    summary = score_documents([str(src)], out, backend="script", server_script=TEST_SERVER, model="test-model",
+                              retry_backoff=0.01, max_reasks=1, show_progress=False)
+    rows = _read(out)
+    assert [(r["id"], r["score"]) for r in rows] == [("a", 4), ("b", 1), ("c", None)]
+    assert rows[2]["error"].startswith("unparseable") and rows[2]["attempts"] == 2
+    assert summary.requests == 1 + 2 + 2 and summary.retries == 1
+
+
+def test_server_config_builds_the_vllm_command_settings():
+    config = server_config("vllm", "meta-llama/Meta-Llama-3-70B-Instruct", api="chat", max_model_len=4096, tp=4,
+                           server_args=["gpu-memory-utilization=0.9", "--enforce-eager"])
+    assert config.server_type == "vllm" and config.model_name_or_path == "meta-llama/Meta-Llama-3-70B-Instruct"
+    assert (config.tp, config.model_max_context, config.use_chat) == (4, 4096, True)
+    assert config.model_kwargs == {"gpu-memory-utilization": "0.9", "enforce-eager": True}
+    script = server_config("script", "m", api="completion", server_script="serve.py")
+    assert script.server_type == "custom" and script.model_kwargs == {"server_script": "serve.py"}
+    assert not script.use_chat
+    with pytest.raises(ValueError, match="server_script"):
+        server_config("script", "m")
+    with pytest.raises(ValueError, match="bad server argument"):
+        server_config("vllm", "m", server_args=["=3"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_says_how_to_install(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"id": "a", "text": "some text"}])
+    with pytest.raises(ImportError, match="pip install vllm"):
+        score_documents([str(src)], tmp_path / "out.jsonl", backend="vllm", model="m", show_progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (needs a GPU machine)")
+def test_vllm_backend_serves_and_scores_a_local_model(tiny_llama, tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"id": "g", "text": "the lesson is good"}, {"id": "b", "text": "bad"}])
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", backend="vllm", model=tiny_llama,
+                              prompt=str(prompt), api="completion", temperature=0.0, max_tokens=6, max_reasks=1,
+                              max_model_len=128, show_progress=False)
+    rows = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
+    assert rows["g"]["score"] == 3 and rows["b"]["score"] is None
+    assert summary.requests == 1 + 2
