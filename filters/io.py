@@ -3,6 +3,7 @@
 The reader never drops a row silently: a line that is not JSON, not UTF-8 or has no text becomes a document marked
 with a failure reason, and `InputErrorFilter` routes it to `OUT/failed/<reason>/` with the file and line it came from.
 Outputs are flat records (original fields at the top level, as in FineWeb-Edu), never datatrove's nested `metadata`.
+An input that already has `score`/`int_score` (an LLM annotation) keeps them as `input_score`/`input_int_score`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class ApplyInputReader(BaseReader):
     def _document(self, row: dict, source: str) -> Document:
         text = row.pop(self.text_key, None)
         doc_id = row.pop(self.id_key, None)
+        for key in SCORE_KEYS:  # an input's own score (an LLM annotation, say) must survive the classifier's
+            if key in row:
+                row.setdefault(f"input_{key}", row.pop(key))
         doc = Document(text=text if isinstance(text, str) else "", id=str(doc_id) if doc_id is not None else source,
                        metadata=row)
         if not isinstance(text, str) or not text.strip():
@@ -171,6 +175,9 @@ class RankFileReader(JsonlReader):
 
     name = "📖 stage input"
 
+    def __init__(self, data_folder: str):
+        super().__init__(data_folder, add_file_path=False)
+
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
@@ -227,6 +234,11 @@ class KeptParquetWriter(ParquetWriter):
         self._batches[filename].append(document)
         if len(self._batches[filename]) == self.batch_size:
             self._write_batch(filename)
+
+    def close(self):
+        for filename in list(self._batches):  # writers are created on a first flush, which may not have happened
+            self._write_batch(filename)
+        super().close()
 
     def _write_batch(self, filename):
         if not self._batches[filename]:

@@ -21,8 +21,7 @@ class EduClassifierScorer(PipelineStep):
 
     Documents are scored a window at a time; `EduScorer` sorts each window by length so batches carry little padding,
     runs bf16 + SDPA on GPU and sets the thread count on CPU. One model is loaded per task; with several GPUs on a
-    node, task `rank` uses GPU `rank % n_gpus`. A `score`/`int_score` already in the input (an LLM annotation, say)
-    is kept as `input_score`/`input_int_score` rather than overwritten.
+    node, task `rank` uses GPU `rank % n_gpus`.
     """
 
     type = "🎓 - SCORER"
@@ -82,9 +81,6 @@ class EduClassifierScorer(PipelineStep):
             self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
             self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
             for doc, score, int_score in zip(window, scores, int_scores):
-                for key in ("score", "int_score"):
-                    if key in doc.metadata:
-                        doc.metadata.setdefault(f"input_{key}", doc.metadata.pop(key))
                 doc.metadata["score"] = float(score)
                 doc.metadata["int_score"] = int(int_score)
                 yield doc

@@ -1,0 +1,104 @@
+"""Pieces of `apply` that need no classifier: input reading and sharding, bad rows, decontamination, keep-top."""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import orjson
+import polars as pl
+import pytest
+from datatrove.data import Document
+from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
+
+from edu_filter.documents import DocumentError, read_documents
+from edu_filter.filters.dedup import build_decont_index, decont_config
+from edu_filter.filters.io import FAILURE_KEY, ApplyInputReader, expand_inputs
+from edu_filter.filters.scoring import keep_top_cutoff
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def read_all(files, world_size):
+    out = []
+    for rank in range(world_size):
+        out.append([d.id for d in ApplyInputReader(files).run(rank=rank, world_size=world_size)])
+    return out
+
+
+def test_row_sharding_splits_one_file_across_tasks_without_overlap(tmp_path):
+    rows = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(23)]
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    shards = read_all(expand_inputs([str(path)]), 4)
+    assert all(len(s) in (5, 6) for s in shards)  # every task gets a share of the single file
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == sorted(r["id"] for r in rows) and len(set(flat)) == len(flat)
+
+
+def test_folder_of_jsonl_and_parquet_is_read_by_whole_files(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a1", "text": "x y"}\n{"id": "a2", "text": "z"}\n'))
+    pl.DataFrame({"id": ["p1", "p2", "p3"], "text": ["one", "two", "three"], "url": ["u", "v", "w"]}).write_parquet(
+        folder / "b.parquet"
+    )
+    files = expand_inputs([str(folder)])
+    assert [name for _, name in files] == ["a.jsonl.gz", "b.parquet"]
+    assert read_all(files, 2) == [["a1", "a2"], ["p1", "p2", "p3"]]
+    doc = next(d for d in ApplyInputReader(files).run(rank=1, world_size=2) if d.id == "p2")
+    assert doc.text == "two" and doc.metadata == {"url": "v"}
+
+
+def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"id": "ok", "text": "fine", "score": 4}\n'
+        b"{broken\n"
+        b'{"id": "latin1", "text": "caf\xe9"}\n'
+        b'{"id": "empty", "text": "  "}\n'
+        b'{"id": "num", "text": 7}\n'
+        b"[1, 2]\n"
+    )
+    docs = list(ApplyInputReader(expand_inputs([str(path)])).run())
+    assert len(docs) == 6  # nothing dropped
+    reasons = [d.metadata.get(FAILURE_KEY) for d in docs]
+    assert reasons == [None, "invalid_json", "invalid_utf8", "no_text", "no_text", "not_an_object"]
+    assert docs[0].metadata == {"input_score": 4}  # the input's own score is kept aside, not overwritten later
+    assert docs[1].metadata["input_error"].startswith("mixed.jsonl:2: not valid JSON")
+    assert docs[2].metadata["input_source"] == "mixed.jsonl:3"
+    assert b"caf\xe9" in __import__("base64").b64decode(docs[2].metadata["raw_base64"])  # raw bytes kept
+    assert docs[4].metadata["text_original"] == "7"
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(DocumentError, match="no such file"):
+        expand_inputs([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DocumentError, match="unsupported file type"):
+        expand_inputs([str(tmp_path / "notes.txt")])
+
+
+def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
+    counts = build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
+    assert counts["HumanEval"] > 5000
+    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    problem = json.loads(gzip.open(DATA / "code" / "HumanEval.jsonl.gz").readline())
+    planted = Document(
+        text="# my utilities\nimport math\n\n" + problem["prompt"] + problem["canonical_solution"] + "\nprint('done')\n",
+        id="planted",
+    )
+    assert decont.filter(planted) == (False, "contaminated")
+    assert planted.metadata["contaminated_task"] == "HumanEval"
+    ordinary = read_documents([DATA / "code" / "thealgorithms_unlabelled.jsonl"], limit=200)
+    flagged = [d["id"] for d in ordinary if decont.filter(Document(text=d["text"], id=d["id"])) is not True]
+    assert len(flagged) <= 2, flagged
+
+
+def test_keep_top_cutoff_hits_the_fraction():
+    scores = np.linspace(0, 5, 1000, dtype=np.float32)
+    cutoff = keep_top_cutoff(scores, 0.1)
+    assert (scores >= cutoff).sum() == 100
+    assert keep_top_cutoff(np.array([2.0, 2.0, 2.0, 1.0], np.float32), 0.5) == 2.0  # ties at the cutoff are kept
+    with pytest.raises(ValueError):
+        keep_top_cutoff(scores, 0)
