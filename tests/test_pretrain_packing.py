@@ -1,0 +1,174 @@
+"""Token packing and the learning-rate schedule of the pretraining loop."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edu_filter.documents import DocumentError
+from edu_filter.train.packing import PackedTokens, iter_texts, write_tokens, write_train_val
+from edu_filter.train.pretrain import PretrainConfig, learning_rate, parse_overrides
+from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+CODE = REPO / "data/code/thealgorithms_unlabelled.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(mixed_sample([iter_texts(str(WEB)), iter_texts(str(CODE))], 300_000), 512, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from edu_filter.train.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def split_on_eos(stream: np.ndarray, eos: int) -> list[list[int]]:
+    docs, current = [], []
+    for t in stream.tolist():
+        if t == eos:
+            docs.append(current)
+            current = []
+        else:
+            current.append(t)
+    assert current == [], "the stream must end with EOS"
+    return docs
+
+
+def test_tokenizer_is_a_saved_byte_level_bpe_with_eos(tokenizer, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    assert len(tokenizer) == 512 and tokenizer.eos_token_id == 0
+    assert AutoTokenizer.from_pretrained(str(tokenizer_dir)).eos_token == "<|endoftext|>"
+    code = "def f(x):\n    return x ** 2  # squares ✓\n"
+    assert tokenizer.decode(tokenizer(code).input_ids) == code  # byte-level: lossless, even for rare characters
+    half = list(mixed_sample([iter(["a" * 10] * 5), iter(["b" * 10] * 5)], 40))
+    assert half == ["a" * 10, "b" * 10, "a" * 10, "b" * 10]  # round-robin, each source held to its share
+
+
+def test_documents_are_separated_by_eos_and_val_is_held_out(tokenizer, tmp_path):
+    texts = [t for t, _ in zip(iter_texts(str(WEB)), range(60))]
+    train, val = write_train_val(texts, tokenizer, tmp_path, train_tokens=10**9, val_fraction=0.1)
+    assert train.complete and val.complete
+    assert (train.documents, val.documents) == (54, 6)
+    eos = tokenizer.eos_token_id
+    train_docs = split_on_eos(np.fromfile(tmp_path / "train.bin", dtype=np.uint16), eos)
+    val_docs = split_on_eos(np.fromfile(tmp_path / "val.bin", dtype=np.uint16), eos)
+    decoded_train = [tokenizer.decode(d) for d in train_docs]
+    decoded_val = [tokenizer.decode(d) for d in val_docs]
+    assert decoded_val == texts[0::10]  # every 10th document, starting with the first
+    assert decoded_train == [t for i, t in enumerate(texts) if i % 10]
+    assert not set(decoded_val) & set(decoded_train)
+    assert train.tokens + val.tokens == sum(len(tokenizer(t).input_ids) + 1 for t in texts)
+
+
+def test_reading_stops_at_the_token_budget(tokenizer, tmp_path):
+    train, _ = write_train_val(iter_texts(str(WEB)), tokenizer, tmp_path, train_tokens=5000, val_fraction=0.05)
+    assert not train.complete
+    assert 5000 <= train.tokens < 5000 + 20_000
+    assert train.documents < 1000
+
+
+def test_windows_have_fixed_length_and_lose_no_token_at_boundaries(tokenizer, tmp_path):
+    info = write_tokens(iter_texts(str(WEB)), tokenizer, tmp_path / "s.bin", max_tokens=3000)
+    stream = np.fromfile(tmp_path / "s.bin", dtype=np.uint16).astype(np.int64)
+    data = PackedTokens(tmp_path / "s.bin", seq_len=64, seed=1)
+    assert data.num_windows == (info.tokens - 1) // 64
+    windows = [data.window(k) for k in range(data.num_windows)]
+    assert all(len(w) == 65 for w in windows)
+    for a, b in zip(windows, windows[1:]):
+        assert a[-1] == b[0]  # consecutive windows share their boundary token
+    targets = np.concatenate([w[1:] for w in windows])
+    np.testing.assert_array_equal(targets, stream[1 : 1 + 64 * data.num_windows])  # every token a target once
+
+
+def test_batches_cover_each_window_once_per_epoch_in_a_seeded_order(tokenizer, tmp_path):
+    write_tokens(iter_texts(str(WEB)), tokenizer, tmp_path / "s.bin", max_tokens=3000)
+    data = PackedTokens(tmp_path / "s.bin", seq_len=32, seed=7)
+    n = data.num_windows
+    x, y = data.batch(0, n)
+    assert x.shape == y.shape == (n, 32)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    all_windows = {tuple(data.window(k)) for k in range(n)}
+    epoch0 = [tuple(np.concatenate([a[:1], b]).tolist()) for a, b in zip(x.numpy(), y.numpy())]
+    assert set(epoch0) == all_windows and len(epoch0) == n
+    x1, _ = data.batch(n, n)  # the next epoch: the same windows, in another order
+    assert not (x1 == x).all()
+    again = PackedTokens(tmp_path / "s.bin", seq_len=32, seed=7)
+    assert (again.batch(5, 3)[0] == x[5:8]).all()  # sample g is a pure function of g (what resume relies on)
+
+
+def test_too_little_data_and_bad_rows_give_clear_errors(tokenizer, tmp_path):
+    write_tokens(["tiny"], tokenizer, tmp_path / "t.bin", max_tokens=100)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        PackedTokens(tmp_path / "t.bin", seq_len=64)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'text' is missing"):
+        list(iter_texts(str(bad)))
+
+
+def test_wsd_schedule_warms_up_holds_then_cools_down_over_the_last_20_percent():
+    cfg = PretrainConfig(lr=1e-3, warmup_fraction=0.1, cooldown_fraction=0.2, schedule="wsd")
+    total = 100
+    lrs = [learning_rate(s, total, cfg) for s in range(total)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(lr == 1e-3 for lr in lrs[10:81])  # constant up to the cooldown
+    cooldown = lrs[80:]
+    assert all(a > b for a, b in zip(cooldown, cooldown[1:]))
+    steps = np.diff(cooldown)
+    assert np.allclose(steps, steps[0])  # linear
+    assert lrs[-1] == pytest.approx(1e-3 / 20)  # heading to min_lr (0) at the end of the run
+    cfg.min_lr_ratio = 0.1
+    assert learning_rate(total, total, cfg) == pytest.approx(1e-4)
+
+
+def test_cosine_schedule_option():
+    cfg = PretrainConfig(lr=1e-3, warmup_fraction=0.1, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [learning_rate(s, 100, cfg) for s in range(101)]
+    after = lrs[10:]
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lrs[100] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate(50, 100, PretrainConfig(schedule="linear"))
+
+
+def test_presets_and_overrides():
+    cfg = PretrainConfig.from_preset("smollm-135m")
+    assert cfg.model["num_hidden_layers"] == 30 and cfg.model["hidden_size"] == 576
+    assert (cfg.model["num_attention_heads"], cfg.model["num_key_value_heads"]) == (9, 3)
+    assert cfg.model["intermediate_size"] == 1536 and cfg.model["tie_word_embeddings"] and cfg.context == 2048
+    assert cfg.vocab_size == 49152
+    assert PretrainConfig.from_preset("ablation-1.8b").model["num_attention_heads"] == 32
+    over = PretrainConfig.from_preset(
+        "tiny", parse_overrides(["hidden_size=64", "lr=1e-2", "schedule=cosine", "tie_word_embeddings=false"]))
+    assert over.model["hidden_size"] == 64 and over.lr == 1e-2 and over.schedule == "cosine"
+    assert over.model["tie_word_embeddings"] is False
+    with pytest.raises(ValueError, match="unknown override 'hidden'"):
+        PretrainConfig.from_preset("tiny", {"hidden": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        PretrainConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_overrides(["lr"])
+
+
+def test_smollm_135m_shape_has_135m_parameters():
+    """The preset builds the published architecture (the meta device allocates no memory)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = PretrainConfig.from_preset("smollm-135m")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, **cfg.model))
+    n = sum(p.numel() for p in model.parameters())
+    assert math.isclose(n, 134.5e6, rel_tol=0.01)

@@ -1,0 +1,74 @@
+"""Multiple-choice cloze scoring by log-likelihood, the way lm-evaluation-harness scores ARC, HellaSwag or MMLU.
+
+Benchmark files are JSONL, one question a line:
+
+    {"context": "The Sun is a", "choices": [" star", " planet", " moon"], "gold": 0}
+
+Each choice is scored by the summed log-probability of its tokens after the context. `acc` picks the choice with
+the highest sum; `acc_norm` divides each sum by the choice's length in characters first, so long answers are not
+penalised for having more tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+
+
+def load_cloze(path: str | Path) -> list[dict]:
+    """Questions with `context` (str), `choices` (list of str) and `gold` (index); bad rows name file and line."""
+    questions = []
+    for file in expand_paths([path]):
+        for lineno, row in iter_raw_rows(file):
+            context, choices, gold = row.get("context"), row.get("choices"), row.get("gold")
+            if not isinstance(context, str):
+                raise DocumentError(f"{file}:{lineno}: 'context' must be a string")
+            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
+                raise DocumentError(f"{file}:{lineno}: 'choices' must be a list of at least two non-empty strings")
+            if not (isinstance(gold, int) and 0 <= gold < len(choices)):
+                raise DocumentError(f"{file}:{lineno}: 'gold' must be an index into 'choices', got {gold!r}")
+            questions.append({"context": context, "choices": choices, "gold": gold})
+    if not questions:
+        raise DocumentError(f"{path}: no questions")
+    return questions
+
+
+@torch.no_grad()
+def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Summed log-probability of each choice's tokens given the context (left-truncated to the model's context)."""
+    max_len = model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    ctx = tokenizer(context, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
+    rows, n_choice = [], []
+    for choice in choices:
+        cont = tokenizer(choice, add_special_tokens=False).input_ids
+        seq = (ctx + cont)[-(max_len + 1):]
+        rows.append(seq)
+        n_choice.append(min(len(cont), len(seq) - 1))
+    width = max(len(s) for s in rows) - 1
+    inputs = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
+    for i, seq in enumerate(rows):
+        inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+    logprobs = F.log_softmax(model(input_ids=inputs.to(device)).logits.float(), dim=-1)
+    scores = []
+    for i, (seq, n) in enumerate(zip(rows, n_choice)):
+        targets = torch.tensor(seq[-n:], device=device)
+        positions = torch.arange(len(seq) - 1 - n, len(seq) - 1, device=device)
+        scores.append(logprobs[i, positions, targets].sum().item())
+    return scores
+
+
+def score_cloze(model, tokenizer, questions: list[dict]) -> dict:
+    """acc and acc_norm over the questions."""
+    model.eval()
+    correct = correct_norm = 0
+    for q in questions:
+        lls = choice_loglikelihoods(model, tokenizer, q["context"], q["choices"])
+        normed = [ll / len(c) for ll, c in zip(lls, q["choices"])]
+        correct += max(range(len(lls)), key=lls.__getitem__) == q["gold"]
+        correct_norm += max(range(len(normed)), key=normed.__getitem__) == q["gold"]
+    return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}

@@ -1,0 +1,143 @@
+"""HumanEval pass@1 for code ablations: greedy completions, each checked by running its tests in a subprocess.
+
+Generated code is never executed in this process: every program runs in a fresh `python -I` in a temporary
+directory, in its own session (so the whole process group is killed on timeout), with a memory limit on Linux.
+It is still untrusted code running as your user; run ablations on machines you are willing to expose to it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from edu_filter.documents import iter_raw_rows
+
+BUNDLED_PROBLEMS = Path(__file__).resolve().parents[1] / "data" / "code" / "HumanEval.jsonl.gz"
+# Where a function body ends (as in the Codex paper and bigcode-evaluation-harness).
+STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
+
+
+@dataclass
+class ExecutionResult:
+    status: str  # "passed", "failed" or "timeout"
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def load_problems(path: str | Path = BUNDLED_PROBLEMS, limit: int | None = None) -> list[dict]:
+    """HumanEval problems (task_id, prompt, canonical_solution, test, entry_point) from a JSONL(.gz) file."""
+    problems = []
+    for lineno, row in iter_raw_rows(str(path)):
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: HumanEval problem lacks {', '.join(missing)}")
+        problems.append(row)
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems
+
+
+def truncate_at_stop(completion: str, stop_sequences: list[str] = STOP_SEQUENCES) -> str:
+    """The completion up to the first stop sequence (the end of the function body)."""
+    cut = min((i for s in stop_sequences if (i := completion.find(s)) != -1), default=len(completion))
+    return completion[:cut]
+
+
+def check_program(problem: dict, completion: str) -> str:
+    """The program that passes iff the completion is correct: prompt + completion + tests + check(entry_point)."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def _limit_resources(memory_bytes: int):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply if sys.platform.startswith("linux") else None
+
+
+def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> ExecutionResult:
+    """Run a Python program in a subprocess; passed means it exited 0 within the timeout."""
+    with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
+        path = Path(tmp) / "program.py"
+        path.write_text(program)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", str(path)],
+            cwd=tmp,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_limit_resources(memory_mb * 2**20),
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+        )
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return ExecutionResult("timeout", f"no result after {timeout:g}s")
+    if proc.returncode == 0:
+        return ExecutionResult("passed")
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return ExecutionResult("failed", lines[-1] if lines else f"exit code {proc.returncode}")
+
+
+def execute_completions(
+    problems: list[dict], completions: list[str], timeout: float = 10.0, workers: int | None = None
+) -> list[ExecutionResult]:
+    """Check each completion against its problem's tests, several subprocesses at a time."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda pc: run_program(check_program(*pc), timeout), zip(problems, completions)))
+
+
+def generate_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = 256) -> tuple[list[str], int]:
+    """Greedy completions cut at the stop sequences, and how many prompts had to be cut (from the left) to fit the
+    model's context."""
+    import torch
+
+    context = model.config.max_position_embeddings
+    max_new_tokens = min(max_new_tokens, context // 2)
+    device = next(model.parameters()).device
+    completions, truncated = [], 0
+    model.eval()
+    for problem in problems:
+        ids = tokenizer(problem["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        if ids.shape[1] > context - max_new_tokens:
+            ids = ids[:, -(context - max_new_tokens):]
+            truncated += 1
+        ids = ids.to(device)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                stop_strings=STOP_SEQUENCES, tokenizer=tokenizer, pad_token_id=tokenizer.eos_token_id,
+            )
+        completions.append(truncate_at_stop(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    return completions, truncated
+
+
+def evaluate_humaneval(
+    model, tokenizer, problems: list[dict] | None = None, max_new_tokens: int = 256, timeout: float = 10.0
+) -> dict:
+    """pass@1 with greedy decoding (one sample per problem), with per-problem outcomes."""
+    problems = problems if problems is not None else load_problems()
+    completions, truncated = generate_completions(model, tokenizer, problems, max_new_tokens)
+    results = execute_completions(problems, completions, timeout)
+    return {
+        "pass@1": sum(r.passed for r in results) / len(results),
+        "problems": len(results),
+        "prompts_truncated": truncated,
+        "results": [{"task_id": p["task_id"], "status": r.status, "detail": r.detail, "completion": c}
+                    for p, r, c in zip(problems, results, completions)],
+    }

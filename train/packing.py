@@ -1,0 +1,177 @@
+"""Token streams for pretraining: tokenize documents once, EOS between them, pack into fixed-length windows.
+
+A dataset becomes a flat file of token ids (`NAME.bin`, uint16 or uint32) with a JSON sidecar (`NAME.json`) holding
+the dtype and counts, the nanoGPT layout: training memory-maps it, so the stream can be larger than RAM.
+
+Window `k` of length `seq_len` covers tokens `[k*seq_len, (k+1)*seq_len]` (seq_len + 1 ids): inputs are the first
+seq_len, targets the last seq_len. Consecutive windows share one boundary token, so every token after the first is a
+prediction target exactly once per epoch; only the tail shorter than one window is left out of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+
+
+def iter_texts(paths: str | Iterable[str], text_field: str = "text") -> Iterator[str]:
+    """Stream the text of every document; a row without text raises DocumentError naming its file and line."""
+    for path in expand_paths([paths] if isinstance(paths, str) else paths):
+        for lineno, row in iter_raw_rows(path):
+            text = row.get(text_field)
+            if not isinstance(text, str):
+                what = "missing" if text is None else f"not a string ({type(text).__name__})"
+                raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
+            yield text
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer, eos_id: int, batch_size: int = 256) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by EOS, encoded in batches by the fast (Rust) tokenizer."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield from _encode_batch(batch, tokenizer, eos_id)
+            batch = []
+    if batch:
+        yield from _encode_batch(batch, tokenizer, eos_id)
+
+
+def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[np.ndarray]:
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        yield np.asarray([*ids, eos_id], dtype=np.int64)
+
+
+@dataclass
+class TokenFileInfo:
+    """Sidecar of a token file: what it holds and whether the source was read to its end."""
+
+    dtype: str
+    tokens: int
+    documents: int
+    complete: bool
+
+
+class TokenFileWriter:
+    """Appends token ids to `path` (.bin) and writes the `.json` sidecar on close."""
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = token_dtype(vocab_size)
+        self.tokens = 0
+        self.documents = 0
+        self._fh = open(self.path, "wb")
+
+    def write(self, ids: np.ndarray) -> None:
+        self._fh.write(ids.astype(self.dtype).tobytes())
+        self.tokens += len(ids)
+        self.documents += 1
+
+    def close(self, complete: bool) -> TokenFileInfo:
+        self._fh.close()
+        info = TokenFileInfo(str(self.dtype), self.tokens, self.documents, complete)
+        self.path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
+        return info
+
+
+def write_train_val(
+    texts: Iterable[str],
+    tokenizer,
+    out_dir: str | Path,
+    train_tokens: int,
+    val_fraction: float = 0.05,
+    max_val_tokens: int = 1_000_000,
+) -> tuple[TokenFileInfo, TokenFileInfo]:
+    """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
+
+    Every k-th document (k = 1 / val_fraction, starting with the first) goes to validation until it holds
+    `max_val_tokens`; reading stops once `train_tokens` training tokens are written.
+    """
+    out_dir = Path(out_dir)
+    every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    vocab = len(tokenizer)
+    train, val = TokenFileWriter(out_dir / "train.bin", vocab), TokenFileWriter(out_dir / "val.bin", vocab)
+    complete = True
+    for i, ids in enumerate(tokenize_documents(texts, tokenizer, tokenizer.eos_token_id)):
+        if every and i % every == 0 and val.tokens < max_val_tokens:
+            val.write(ids)
+        else:
+            train.write(ids)
+        if train.tokens >= train_tokens:
+            complete = False
+            break
+    return train.close(complete), val.close(complete)
+
+
+def write_tokens(texts: Iterable[str], tokenizer, path: str | Path, max_tokens: int) -> TokenFileInfo:
+    """Tokenize documents into one token file (e.g. an evaluation set), stopping after `max_tokens`."""
+    writer = TokenFileWriter(path, len(tokenizer))
+    complete = True
+    for ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
+        writer.write(ids)
+        if writer.tokens >= max_tokens:
+            complete = False
+            break
+    return writer.close(complete)
+
+
+class PackedTokens:
+    """Fixed-length windows over a memory-mapped token file, in a seeded random order that changes every epoch.
+
+    Sample `g` of the whole run is a pure function of `g` (epoch `g // num_windows`, then a permutation of that
+    epoch), so a resumed run reads exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, path: str | Path, seq_len: int, seed: int = 0):
+        self.path = Path(path)
+        info = TokenFileInfo(**json.loads(self.path.with_suffix(".json").read_text()))
+        self.info = info
+        self.seq_len = seq_len
+        self.seed = seed
+        self.tokens = np.memmap(self.path, dtype=np.dtype(info.dtype), mode="r", shape=(info.tokens,))
+        self.num_windows = (info.tokens - 1) // seq_len if info.tokens else 0
+        if self.num_windows < 1:
+            raise ValueError(
+                f"{self.path}: {info.tokens} tokens, fewer than one window of {seq_len + 1}; give more data "
+                "or a shorter sequence length"
+            )
+        self._perm_epoch = -1
+        self._perm = np.arange(self.num_windows)
+
+    def window(self, k: int) -> np.ndarray:
+        """Window k: seq_len + 1 token ids (inputs are [:-1], targets [1:])."""
+        start = k * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def _window_of_sample(self, g: int) -> int:
+        epoch, pos = divmod(g, self.num_windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm_epoch = epoch
+        return int(self._perm[pos])
+
+    def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (batch_size x seq_len) for samples first_sample .. first_sample + batch_size - 1."""
+        windows = np.stack([self.window(self._window_of_sample(g)) for g in range(first_sample, first_sample + batch_size)])
+        w = torch.from_numpy(windows)
+        return w[:, :-1], w[:, 1:]
+
+    def eval_batches(self, max_tokens: int, batch_size: int, rank: int = 0, world: int = 1):
+        """The first windows in file order (at most max_tokens targets), sharded across ranks."""
+        count = min(self.num_windows, max(1, max_tokens // self.seq_len))
+        mine = list(range(rank, count, world))
+        for i in range(0, len(mine), batch_size):
+            w = torch.from_numpy(np.stack([self.window(k) for k in mine[i : i + batch_size]]))
+            yield w[:, :-1], w[:, 1:]

@@ -1,0 +1,374 @@
+"""The pretraining loop behind `edu-filter ablate`: a llama-style decoder trained on a fixed token budget.
+
+One file, read top to bottom (after nanoGPT / build-nanogpt): presets and the config dataclass, the schedule, then
+`pretrain()`: data, model, optimizer, resume, the step loop with gradient accumulation, evaluation, checkpoints.
+On a GPU it trains in bf16 autocast (optionally `torch.compile`d) and under `torchrun` with DDP; on a CPU the same
+code runs in fp32, which is how the tiny preset is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from edu_filter.train.packing import PackedTokens
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
+# on two CPU cores; the others are the SmolLM shapes and the FineWeb ablation model (GPT-2-sized vocab, untied).
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "model": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+        "train": dict(vocab_size=4096, micro_batch_size=16, batch_tokens=4096, lr=3e-3, eval_tokens=16_384),
+    },
+    "smollm-135m": {
+        "model": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+        "train": dict(vocab_size=49152, micro_batch_size=32, batch_tokens=2**19, lr=3e-3, eval_tokens=2**20),
+    },
+    "smollm-360m": {
+        "model": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                      num_key_value_heads=5, max_position_embeddings=2048, tie_word_embeddings=True),
+        "train": dict(vocab_size=49152, micro_batch_size=16, batch_tokens=2**19, lr=3e-3, eval_tokens=2**20),
+    },
+    "ablation-1.8b": {
+        "model": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                      num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False),
+        "train": dict(vocab_size=49152, micro_batch_size=4, batch_tokens=2**21, lr=3e-4, eval_tokens=2**20),
+    },
+}
+
+# LlamaConfig fields an override may set (everything else in PretrainConfig is a training field).
+MODEL_FIELDS = {
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+}
+
+# Dense bf16 tensor-core peaks, for MFU. Matched against torch.cuda.get_device_name(), most specific name first.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+@dataclass
+class PretrainConfig:
+    """Everything one run depends on. `from_preset` fills it from a preset plus `key=value` overrides."""
+
+    preset: str = "tiny"
+    tokens: int = 300_000  # training tokens per run (rounded down to whole optimizer steps)
+    model: dict = field(default_factory=dict)  # LlamaConfig fields
+    vocab_size: int = 4096  # of the BPE tokenizer trained for an ablation; the model takes the tokenizer's size
+    seq_len: int | None = None  # defaults to the model's max_position_embeddings
+    micro_batch_size: int = 16  # sequences per forward/backward on one device
+    batch_tokens: int = 4096  # tokens per optimizer step, all devices and accumulation steps together
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "wsd"  # "wsd": warmup, constant, linear cooldown; or "cosine"
+    warmup_fraction: float = 0.05
+    cooldown_fraction: float = 0.2  # wsd: the last 20% of steps decay linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int | None = None  # steps between evaluations (default: 4 evaluations per run); always at the end
+    eval_tokens: int = 16_384  # at most this many tokens from each evaluation set
+    checkpoint_every: int | None = None  # steps between checkpoints (default: only at the end)
+    time_limit_minutes: float | None = None  # checkpoint and stop once exceeded; rerun to resume (job time limits)
+    resume: bool = True  # continue from OUT/checkpoint when it exists
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: str, overrides: dict | None = None, **kwargs) -> "PretrainConfig":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        model = dict(PRESETS[preset]["model"])
+        train = {**PRESETS[preset]["train"], **kwargs}
+        train_fields = {f.name for f in fields(cls)} - {"preset", "model"}
+        for key, value in (overrides or {}).items():
+            if key in MODEL_FIELDS:
+                model[key] = value
+            elif key in train_fields:
+                train[key] = value
+            else:
+                raise ValueError(
+                    f"unknown override {key!r}; model fields: {', '.join(sorted(MODEL_FIELDS))}; "
+                    f"training fields: {', '.join(sorted(train_fields))}"
+                )
+        return cls(preset=preset, model=model, **train)
+
+    @property
+    def context(self) -> int:
+        return self.seq_len or self.model["max_position_embeddings"]
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`key=value` strings to a dict; values are read as JSON when they parse (numbers, true/false), else strings."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def learning_rate(step: int, total_steps: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then constant with a linear cooldown over the last `cooldown_fraction` (wsd), or cosine."""
+    warmup = int(cfg.warmup_fraction * total_steps)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule != "wsd":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use wsd or cosine")
+    cooldown_start = total_steps - max(1, round(cfg.cooldown_fraction * total_steps)) if cfg.cooldown_fraction else total_steps
+    if step < cooldown_start:
+        return cfg.lr
+    progress = (step - cooldown_start) / (total_steps - cooldown_start)
+    return cfg.lr - (cfg.lr - min_lr) * progress
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's estimate: 6N + 12 * layers * hidden * seq_len, where N counts the output
+    projection but not the input embedding lookup (which does no matmul)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if not c.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size); starts the process group when launched by torchrun."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+    return 0, 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def pretrain(
+    cfg: PretrainConfig,
+    train_path: str | Path,
+    eval_paths: dict[str, str | Path],
+    out_dir: str | Path,
+    tokenizer,
+    progress=None,
+) -> dict:
+    """Train one model on `train_path` (a packed token file) and evaluate it on `eval_paths`; returns the run record.
+
+    Writes OUT/checkpoint (model, optimizer, trainer state; resumable), OUT/model (final weights and tokenizer,
+    loadable with AutoModelForCausalLM) and OUT/run.json. `progress` is an optional rich Progress to report into.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    rank, local_rank, world = init_distributed()
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data: every run of an ablation sees the same number of tokens --------------------------------------------
+    T, B = cfg.context, cfg.micro_batch_size
+    if cfg.batch_tokens % (B * T * world):
+        raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
+                         f"world_size = {B} * {T} * {world}")
+    grad_accum = cfg.batch_tokens // (B * T * world)
+    total_steps = cfg.tokens // cfg.batch_tokens
+    if total_steps < 1:
+        raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of {cfg.batch_tokens} tokens")
+    train_data = PackedTokens(train_path, T, seed=cfg.seed)
+    eval_data = {name: PackedTokens(path, T) for name, path in eval_paths.items()}
+    eval_every = cfg.eval_every or max(1, total_steps // 4)
+
+    # --- model: same seed, same initial weights for every run ------------------------------------------------------
+    vocab = math.ceil(len(tokenizer) / 64) * 64  # a multiple of 64 keeps the output matmul tensor-core friendly
+    eos = tokenizer.eos_token_id
+    model_config = LlamaConfig(
+        vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa",
+        **{**cfg.model, "max_position_embeddings": max(T, cfg.model["max_position_embeddings"])},
+    )
+    checkpoint = out_dir / "checkpoint"
+    resuming = cfg.resume and (checkpoint / "trainer_state.json").exists()
+    torch.manual_seed(cfg.seed)
+    if resuming:
+        raw_model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    else:
+        raw_model = LlamaForCausalLM(model_config)
+    raw_model.to(device)
+    params = sum(p.numel() for p in raw_model.parameters())
+    flops = flops_per_token(raw_model, T)
+
+    # --- optimizer: AdamW, weight decay on matrices and embeddings only ---------------------------------------------
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda",
+    )
+
+    # --- resume ------------------------------------------------------------------------------------------------------
+    state = {"step": 0, "tokens_seen": 0, "train_loss": [], "lr": [], "eval_history": [], "train_seconds": 0.0,
+             "steady_tokens": 0, "steady_seconds": 0.0}
+    if resuming:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())
+        if _run_defining(saved["config"]) != _run_defining(asdict(cfg)):
+            raise ValueError(f"{checkpoint} was written with a different configuration; remove it or use resume=False")
+        state = saved["state"]
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+
+    model = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    def save_checkpoint():
+        if master:
+            tmp = out_dir / "checkpoint.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            raw_model.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            tmp.rename(checkpoint)
+        if world > 1:
+            dist.barrier()
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        losses = {}
+        for name, data in eval_data.items():
+            total = torch.zeros(2, device=device)
+            for x, y in data.eval_batches(cfg.eval_tokens, B, rank, world):
+                x, y = x.to(device), y.to(device)
+                with autocast:
+                    logits = raw_model(input_ids=x).logits
+                total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                total[1] += y.numel()
+            if world > 1:
+                dist.all_reduce(total)
+            losses[name] = (total[0] / total[1]).item()
+        model.train()
+        return losses
+
+    # --- the loop ----------------------------------------------------------------------------------------------------
+    task = progress.add_task(out_dir.name, total=total_steps, completed=state["step"], loss=float("nan")) if (
+        progress is not None and master) else None
+    started = time.time()
+    model.train()
+    while state["step"] < total_steps:
+        step = state["step"]
+        t0 = time.time()
+        lr = learning_rate(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            first_sample = ((step * grad_accum + micro) * world + rank) * B
+            x, y = (t.to(device, non_blocking=True) for t in train_data.batch(first_sample, B))
+            sync = world == 1 or micro == grad_accum - 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)  # a sum: gloo (CPU) has no AVG
+        step_loss = loss_sum.item() / world  # also waits for the GPU, so the timing below is real
+        dt = time.time() - t0
+
+        state["step"] = step + 1
+        state["tokens_seen"] += cfg.batch_tokens
+        state["train_loss"].append(step_loss)
+        state["lr"].append(lr)
+        state["train_seconds"] += dt
+        if step > 0:  # the first step pays for compilation and allocator warmup
+            state["steady_tokens"] += cfg.batch_tokens
+            state["steady_seconds"] += dt
+        if task is not None:
+            progress.update(task, advance=1, loss=step_loss)
+        if state["step"] % eval_every == 0 or state["step"] == total_steps:
+            state["eval_history"].append({"step": state["step"], "tokens": state["tokens_seen"], **evaluate()})
+        timed_out = cfg.time_limit_minutes is not None and (time.time() - started) / 60 > cfg.time_limit_minutes
+        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or timed_out or (
+                state["step"] == total_steps):
+            save_checkpoint()
+        if timed_out:
+            break
+
+    finished = state["step"] >= total_steps
+    tokens_per_second = (state["steady_tokens"] / state["steady_seconds"] if state["steady_seconds"]
+                         else state["tokens_seen"] / max(state["train_seconds"], 1e-9))
+    peak = peak_flops(device)
+    record = {
+        "finished": finished,
+        "steps": state["step"],
+        "total_steps": total_steps,
+        "tokens_seen": state["tokens_seen"],
+        "params": params,
+        "flops_per_token": flops,
+        "train_loss": state["train_loss"],
+        "lr": state["lr"],
+        "eval": {k: v for k, v in state["eval_history"][-1].items() if k not in ("step", "tokens")}
+        if state["eval_history"] else {},
+        "eval_history": state["eval_history"],
+        "train_seconds": state["train_seconds"],
+        "tokens_per_second": tokens_per_second,
+        "mfu": flops * tokens_per_second / (peak * world) if peak else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": world,
+        "precision": "bf16-autocast" if use_bf16 else "fp32",
+        "train_epochs": state["tokens_seen"] / max(1, train_data.num_windows * T),
+        "config": asdict(cfg),
+    }
+    if finished and master:
+        raw_model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _run_defining(config: dict) -> dict:
+    """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change)."""
+    return {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
+                                                         "eval_every", "compile")}
