@@ -89,6 +89,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.max_backoff = max_backoff
+        self._base_body = {"model": model, **settings.as_dict()}
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -114,7 +115,7 @@ class OpenAIBackend:
         await self._session.close()
 
     def _payload(self, prompt: str) -> bytes:
-        body = {"model": self.model, **self.settings.as_dict()}
+        body = dict(self._base_body)
         if self.api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:

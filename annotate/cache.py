@@ -5,12 +5,15 @@ Every answer the model gives is committed to SQLite (WAL journal) the moment it 
 generation settings. Re-running the same command replays stored answers instead of asking again; changing the
 prompt or the settings gives a new run key, so answers are never mixed across settings.
 
-WAL with synchronous=NORMAL survives the process being killed at any point (the OS already holds every committed
-write); only a power cut can lose the last few answers, which are then simply asked again.
+Answers that arrive together are committed together: `add` opens a transaction and the commit runs on the very
+next turn of the event loop, so at most the answers of one loop turn are in flight to disk. WAL with
+synchronous=NORMAL survives the process being killed at any point after a commit (the OS already holds the write);
+only a power cut can lose the last few answers, which are then simply asked again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import time
@@ -60,10 +63,12 @@ class AnswerCache:
         self.settings = settings
         self.run_key = run_key(settings)
         self._db: sqlite3.Connection | None = None
+        self._fresh = False  # nothing stored for this run yet: skip lookups
+        self._commit_scheduled = False
 
     def __enter__(self) -> AnswerCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each insert is its own transaction
+        db = sqlite3.connect(self.path, isolation_level=None)  # we open and commit transactions ourselves
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
@@ -72,15 +77,19 @@ class AnswerCache:
             (self.run_key, orjson.dumps(self.settings, option=orjson.OPT_SORT_KEYS).decode(), time.time()),
         )
         self._db = db
+        self._fresh = self.count() == 0
         return self
 
     def __exit__(self, *exc) -> None:
         if self._db is not None:
+            self.commit()
             self._db.close()
             self._db = None
 
     def answers(self, doc_id: str) -> list[Answer]:
         """Stored answers of one document for this run, in the order they were received."""
+        if self._fresh:
+            return []
         rows = self._db.execute(
             "SELECT response, prompt_tokens, completion_tokens FROM answers "
             "WHERE run_key = ? AND doc_id = ? ORDER BY attempt",
@@ -89,11 +98,26 @@ class AnswerCache:
         return [Answer(*row) for row in rows]
 
     def add(self, doc_id: str, attempt: int, answer: Answer) -> None:
-        """Commit one answer now (a later SIGKILL cannot lose it)."""
+        """Store one answer; committed on the next turn of the running event loop (or now, without a loop)."""
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
         self._db.execute(
             "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
             (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time()),
         )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.commit()
+            return
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            loop.call_soon(self.commit)
+
+    def commit(self) -> None:
+        self._commit_scheduled = False
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("COMMIT")
 
     def count(self) -> int:
         """Number of answers stored for this run."""

@@ -165,19 +165,29 @@ class _Scorer:
         )
         task = progress.add_task("scoring", total=len(docs), failed=0)
 
+        def report():
+            s = self.summary
+            progress.update(task, completed=s.documents, failed=s.documents - s.scored)
+
         async def worker():
             for i in next_index:
                 rows[i] = await self.score(docs[i])
-                progress.update(task, advance=1, failed=self.summary.documents - self.summary.scored)
+
+        async def reporter():  # the bar's numbers change a few times a second, not once per request
+            while True:
+                report()
+                await asyncio.sleep(0.2)
 
         with progress:
             tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(docs))))]
+            ticker = asyncio.create_task(reporter())
             try:
                 await asyncio.gather(*tasks)
             finally:
-                for t in tasks:
+                for t in (*tasks, ticker):
                     t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, ticker, return_exceptions=True)
+                report()
         return rows
 
 
