@@ -60,7 +60,7 @@ class OpenAIBackend:
 
     One aiohttp session and connection pool for the whole run, requests serialised with orjson, bounded in-flight
     requests (`concurrency`), a total timeout per request, and retries with exponential backoff and jitter on
-    429, 5xx, timeouts and connection errors (honouring `Retry-After`).
+    408, 429, 5xx, timeouts and connection errors (honouring `Retry-After`).
     """
 
     def __init__(
@@ -161,7 +161,7 @@ class OpenAIBackend:
                         return self._answer(raw)
                     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                         reason = f"bad response: {type(e).__name__} reading {raw[:200]!r}"
-                elif status == 429 or status >= 500:
+                elif status in (408, 429) or status >= 500:
                     reason = f"http {status}: {_snippet(raw)}"
                 elif status in _FATAL_STATUSES:
                     raise BackendError(

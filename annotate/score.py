@@ -98,7 +98,7 @@ class _Scorer:
 
     async def score(self, doc: dict) -> dict:
         s = self.summary
-        text, truncated = self.prompt.render(doc["text"], self.max_chars)
+        prompt_text, truncated = self.prompt.render(doc["text"], self.max_chars)
         stored = self.cache.answers(doc["id"])
         score = error = response = None
         prompt_tokens = completion_tokens = None
@@ -109,7 +109,7 @@ class _Scorer:
                 s.cached_answers += 1
             else:
                 try:
-                    answer = await self.backend.complete(text)
+                    answer = await self.backend.complete(prompt_text)
                 except RequestFailed as e:
                     error = e.reason
                     break

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import LLMTestServer, directive  # noqa: E402
 
-from edu_filter.annotate.backends import BackendError  # noqa: E402
+from edu_filter.annotate.backends import BackendError, OpenAIBackend  # noqa: E402
 from edu_filter.annotate.score import score_documents  # noqa: E402
 from edu_filter.documents import DocumentError  # noqa: E402
 
@@ -180,6 +180,16 @@ def test_bad_input_fails_before_any_request(server, tmp_path):
         score_documents([str(dup)], tmp_path / "o.csv", base_url=server.base_url, model="m", **FAST)
     assert server.requests == Counter()
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_backoff_doubles_with_jitter_and_honours_retry_after():
+    client = OpenAIBackend("http://127.0.0.1:1/v1", "m", retry_backoff=1.0, max_backoff=10.0)
+    for retry, upper in [(0, 1.0), (1, 2.0), (2, 4.0), (5, 10.0)]:
+        delays = [client._delay(retry, None) for _ in range(50)]
+        assert all(upper / 2 <= d <= upper for d in delays) and len(set(delays)) > 1
+    assert client._delay(0, "3") == 3.0
+    assert client._delay(0, "600") == 10.0  # capped
+    assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.0  # HTTP date: our own backoff
 
 
 def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
