@@ -20,29 +20,49 @@ def train(
     encoder: Optional[str] = typer.Option(None, help="Encoder path or hub name (overrides the --kind default)."),
     val: Optional[list[str]] = typer.Option(None, help="Validation data; split off from DATA when absent."),
     label_field: str = typer.Option("score", help="Field holding the 0-5 label."),
-    max_length: int = typer.Option(512, help="Tokens per document (saved with the model)."),
+    max_length: int = typer.Option(512, help="Tokens per sequence (saved with the model)."),
+    long_docs: Optional[str] = typer.Option(
+        None, help="truncate, chunk-mean or chunk-max (default: chunk-mean for head, truncate for finetune)."
+    ),
+    epochs: int = typer.Option(2, help="finetune: passes over the training data."),
+    learning_rate: float = typer.Option(3e-5, help="finetune: encoder learning rate."),
+    cache_dir: Optional[str] = typer.Option(None, help="Embedding cache (default ~/.cache/edu-filter)."),
+    limit: Optional[int] = typer.Option(None, help="Read at most this many documents (quick runs)."),
     seed: int = typer.Option(0),
 ):
-    """Train a classifier on LLM-annotated scores."""
+    """Train a classifier on LLM-annotated scores; writes the model, metrics.json and a confusion-matrix PNG."""
+    from edu_filter.documents import DocumentError
     from edu_filter.train.classifier import train_classifier
 
-    train_classifier(
-        data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
-        max_length=max_length, seed=seed,
-    )
+    try:
+        train_classifier(
+            data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
+            max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
+            learning_rate=learning_rate, cache_dir=cache_dir,
+        )
+    except (DocumentError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
 def evaluate(
     model: str = typer.Argument(..., help="Model folder (or hub id)."),
     data: list[str] = typer.Argument(..., help="Labelled JSONL/Parquet files or folders."),
-    report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here."),
+    report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (and a confusion-matrix PNG beside it)."),
     label_field: str = typer.Option("score"),
+    long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
+    batch_size: int = typer.Option(32),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
     from edu_filter.classifiers.evaluate import evaluate_model
+    from edu_filter.documents import DocumentError
 
-    evaluate_model(model, data, report=report, label_field=label_field)
+    try:
+        evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size)
+    except (DocumentError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 # --- score / agreement (LLM annotation) ------------------------------------------------------------------------------

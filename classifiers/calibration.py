@@ -1,0 +1,59 @@
+"""From raw regression scores to integer scores 0-5: the cut points saved with every model.
+
+`int_score = number of cut points c1..c5 that the raw score reaches`. Round-and-clip (FineWeb-Edu's rule) is the
+cut points 0.5, 1.5, ..., 4.5. Regression to the mean squeezes predictions towards the common scores (1-2 on web
+data), so rounding rarely reaches 3+; fitting each cut point to the threshold decision it governs fixes that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROUND_CUTS = (0.5, 1.5, 2.5, 3.5, 4.5)
+MAX_SCORE = 5
+
+
+def apply_cut_points(scores: np.ndarray, cut_points) -> np.ndarray:
+    """Integer scores 0-5 (np.int64) from raw scores; NaN scores map to 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    cuts = np.asarray(cut_points if cut_points is not None else ROUND_CUTS, dtype=np.float64)
+    return (scores[:, None] >= cuts[None, :]).sum(axis=1).astype(np.int64)
+
+
+def best_f1_cut(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """The cut c maximising F1 of `scores >= c` against `positive`, and that F1.
+
+    Candidates are midpoints between consecutive distinct scores; among equally good ones the middle of the best
+    run is taken, so the cut sits in the gap rather than on a training point.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], positive[order].astype(np.int64)
+    tp = np.cumsum(pos)
+    predicted = np.arange(1, len(s) + 1)
+    f1 = 2 * tp / (predicted + pos.sum())
+    # a cut can only fall between distinct scores: keep the last index of each run of equal scores
+    last_of_run = np.r_[s[1:] != s[:-1], True]
+    idx = np.flatnonzero(last_of_run)
+    best = f1[idx].max()
+    winners = idx[np.isclose(f1[idx], best)]
+    k = winners[len(winners) // 2]
+    cut = (s[k] + s[k + 1]) / 2 if k + 1 < len(s) else s[k] - 1e-6
+    return float(cut), float(best)
+
+
+def fit_cut_points(scores, labels, min_positives: int = 5) -> list[float]:
+    """Monotone cut points c1..c5, each chosen for the best F1 of `int_score >= t` against `label >= t`.
+
+    A threshold with fewer than `min_positives` positives (or no negatives) keeps the round-and-clip cut: a handful
+    of examples cannot place it reliably.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    cuts = []
+    for t, default in zip(range(1, MAX_SCORE + 1), ROUND_CUTS):
+        positive = labels >= t
+        if positive.sum() < min_positives or (~positive).sum() < min_positives:
+            cuts.append(default)
+        else:
+            cuts.append(best_f1_cut(scores, positive)[0])
+    return [float(c) for c in np.maximum.accumulate(cuts)]

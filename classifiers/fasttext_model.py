@@ -1,0 +1,105 @@
+"""fastText baseline: a linear bag-of-n-grams classifier over labels 0-5, read as a regressor.
+
+The raw score is the expected label under fastText's label probabilities, so it ranks and calibrates like the
+encoder models. Saved as `model.bin` (fastText's own format) plus `fasttext_config.json` (labels, calibration,
+training settings).
+
+fasttext-wheel 0.9.2's Python `predict` fails under NumPy 2 (`np.array(..., copy=False)`), so prediction goes
+through the C++ binding (`model.f.multilinePredict`) and builds the arrays here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MODEL_FILE = "model.bin"
+CONFIG_FILE = "fasttext_config.json"
+_WHITESPACE = re.compile(r"\s+")
+
+
+def fasttext_line(text: str) -> str:
+    """One lowercased line: fastText reads one example per line and splits on whitespace."""
+    return _WHITESPACE.sub(" ", text.lower()).strip()
+
+
+@dataclass
+class FastTextSettings:
+    """Training settings (saved with the model)."""
+
+    epoch: int = 25
+    lr: float = 0.3
+    word_ngrams: int = 2
+    dim: int = 64
+    min_count: int = 2
+    max_chars: int = 20_000  # only the start of a document is read, like the encoder models' truncation
+    seed: int = 0
+
+
+@dataclass
+class FastTextConfig:
+    kind: str = "web"
+    method: str = "fasttext"
+    labels: list[int] = field(default_factory=lambda: list(range(6)))
+    cut_points: list[float] | None = None
+    settings: FastTextSettings = field(default_factory=FastTextSettings)
+
+
+class FastTextRegressor:
+    def __init__(self, model, config: FastTextConfig):
+        self.model = model
+        self.config = config
+
+    @property
+    def cut_points(self):
+        return self.config.cut_points
+
+    @classmethod
+    def train(cls, texts: list[str], labels, settings: FastTextSettings, kind: str = "web") -> "FastTextRegressor":
+        import fasttext
+
+        int_labels = np.clip(np.rint(np.asarray(labels, dtype=np.float64)), 0, 5).astype(int)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "train.txt"
+            with open(path, "w", encoding="utf-8") as fh:
+                for text, label in zip(texts, int_labels):
+                    fh.write(f"__label__{label} {fasttext_line(text[: settings.max_chars])}\n")
+            model = fasttext.train_supervised(
+                input=str(path), epoch=settings.epoch, lr=settings.lr, wordNgrams=settings.word_ngrams,
+                dim=settings.dim, minCount=settings.min_count, seed=settings.seed, thread=1, verbose=0,
+            )
+        return cls(model, FastTextConfig(kind=kind, labels=sorted(set(int_labels.tolist())), settings=settings))
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Expected label under the predicted label distribution, per text."""
+        if not texts:
+            return np.zeros(0, dtype=np.float64)
+        lines = [fasttext_line(t[: self.config.settings.max_chars]) + "\n" for t in texts]
+        all_labels, all_probs = self.model.f.multilinePredict(lines, -1, 0.0, "replace")
+        values = np.empty(len(texts), dtype=np.float64)
+        for i, (labels, probs) in enumerate(zip(all_labels, all_probs)):
+            label_values = np.array([float(label.removeprefix("__label__")) for label in labels])
+            probs = np.asarray(list(probs), dtype=np.float64)
+            values[i] = float(label_values @ probs / probs.sum())
+        return values
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_model(str(folder / MODEL_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "FastTextRegressor":
+        import fasttext
+
+        folder = Path(folder)
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        raw["settings"] = FastTextSettings(**raw.get("settings", {}))
+        return cls(fasttext.load_model(str(folder / MODEL_FILE)), FastTextConfig(**raw))

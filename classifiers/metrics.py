@@ -1,0 +1,112 @@
+"""Metrics of a scorer against labels (scikit-learn / scipy), the terminal table and the confusion-matrix plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
+
+CLASSES = list(range(6))
+BINARY_THRESHOLDS = (2, 3, 4)
+
+
+def compute_metrics(labels, raw_scores, int_scores) -> dict:
+    """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`) metrics, JSON-ready.
+
+    `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
+    """
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = np.asarray(labels, dtype=np.float64)
+    raw = np.asarray(raw_scores, dtype=np.float64)
+    pred = np.asarray(int_scores, dtype=np.int64)
+    true = np.clip(np.rint(labels), 0, 5).astype(np.int64)
+    constant = np.ptp(raw) == 0 or np.ptp(labels) == 0
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=CLASSES, zero_division=0
+    )
+
+    def binary_f1(predicted_int, t):
+        return float(f1_score(labels >= t, predicted_int >= t, zero_division=0))
+
+    rounded = apply_cut_points(raw, ROUND_CUTS)
+    metrics = {
+        "n": int(len(labels)),
+        "mse": float(np.mean((raw - labels) ** 2)),
+        "spearman": float("nan") if constant else float(spearmanr(raw, labels).statistic),
+        "pearson": float("nan") if constant else float(pearsonr(raw, labels).statistic),
+        "accuracy": float(accuracy_score(true, pred)),
+        "macro_f1": float(f1_score(true, pred, labels=sorted(set(true.tolist())), average="macro", zero_division=0)),
+        **{f"binary_f1_at_{t}": binary_f1(pred, t) for t in BINARY_THRESHOLDS},
+        "confusion_matrix": confusion_matrix(true, pred, labels=CLASSES).tolist(),
+        "per_class": {
+            str(c): {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(CLASSES)
+        },
+        "uncalibrated": {
+            "accuracy": float(accuracy_score(true, rounded)),
+            **{f"binary_f1_at_{t}": binary_f1(rounded, t) for t in BINARY_THRESHOLDS},
+        },
+    }
+    return metrics
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("calibrated", justify="right")
+    table.add_column("round-and-clip", justify="right")
+    base = metrics.get("uncalibrated", {})
+    for key in ("n", "mse", "spearman", "pearson", "accuracy", "macro_f1", *(f"binary_f1_at_{t}" for t in BINARY_THRESHOLDS)):
+        value = metrics[key]
+        shown = str(value) if isinstance(value, int) else f"{value:.3f}"
+        table.add_row(key, shown, f"{base[key]:.3f}" if key in base else "")
+    cm = Table(title="confusion matrix (rows: label, columns: int_score)")
+    cm.add_column("label")
+    for c in CLASSES:
+        cm.add_column(str(c), justify="right")
+    for c, row in zip(CLASSES, metrics["confusion_matrix"]):
+        cm.add_row(str(c), *(str(v) for v in row))
+    console = Console()
+    console.print(table)
+    console.print(cm)
+
+
+def plot_confusion_matrix(metrics: dict, path: str | Path, title: str) -> Path:
+    """Row-normalised confusion matrix with counts, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(metrics["confusion_matrix"], dtype=np.float64)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in CLASSES:
+        for j in CLASSES:
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(CLASSES)
+    ax.set_yticks(CLASSES)
+    ax.set_xlabel("predicted int_score")
+    ax.set_ylabel("label")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of label row")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

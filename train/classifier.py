@@ -1,0 +1,287 @@
+"""`edu-filter train`: learn LLM-annotated 0-5 scores with a frozen-encoder head, a fine-tuned encoder or fastText.
+
+All three end the same way: cut points fitted on held-out predictions (calibration), the model saved as a
+self-describing folder `EduScorer.from_pretrained` reads, `metrics.json` (the evaluate report on the validation
+split) and `confusion_matrix.png` beside it.
+
+- head (the FineWeb-Edu recipe): pooled embeddings of a frozen encoder, cached on disk, and a ridge regression
+  whose regularisation is chosen by cross-validation on the training split. The ridge (with its feature scaling
+  folded in) becomes the model's linear head.
+- finetune: the same model, head initialised from that ridge (linear probe, then fine-tune), all weights trained
+  with MSE.
+- fasttext: fastText over labels 0-5, read as the expected label.
+
+Calibration uses the validation predictions plus, for head and fasttext, out-of-fold predictions on the training
+split: about ten times more examples to place the rare high-score cut points (3+ is ~7% of web documents).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from edu_filter.classifiers.calibration import fit_cut_points
+from edu_filter.classifiers.encoders import encoder_identity, resolve_encoder
+from edu_filter.classifiers.fasttext_model import FastTextSettings
+from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
+from edu_filter.documents import read_documents
+
+METHODS = ("head", "finetune", "fasttext")
+console = Console(stderr=True)
+
+
+@dataclass
+class ClassifierTrainConfig:
+    kind: str = "web"
+    method: str = "head"
+    encoder: str | None = None  # path or hub name; None: the kind's default (offline: MiniLM)
+    label_field: str = "score"
+    max_length: int = 512
+    seed: int = 0
+    val_fraction: float = 0.1  # split off (stratified) when no validation data is given
+    pooling: str = "mean"
+    long_docs: str | None = None  # None: chunk-mean for head, truncate for finetune
+    max_chunks: int = 8
+    batch_size: int = 32  # encoding batch
+    cache_dir: str | None = None  # embedding cache; None: ~/.cache/edu-filter
+    folds: int = 5  # cross-validation folds (ridge alpha, out-of-fold calibration predictions)
+    min_positives: int = 5  # fewer positives at a threshold: keep the round-and-clip cut
+    # finetune
+    epochs: int = 2
+    learning_rate: float = 3e-5
+    head_learning_rate: float = 1e-3
+    train_batch_size: int = 16
+    warmup_fraction: float = 0.1
+    # fasttext
+    fasttext: FastTextSettings = field(default_factory=FastTextSettings)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation indices with every integer score represented in proportion (rare scores merged down)."""
+    from sklearn.model_selection import train_test_split
+
+    strata = np.clip(np.rint(labels), 0, 5).astype(int)
+    for value in sorted(set(strata.tolist()), reverse=True):
+        if (strata == value).sum() < 2 and value > strata.min():
+            strata[strata == value] = value - 1
+    stratify = strata if all((strata == v).sum() >= 2 for v in set(strata.tolist())) else None
+    return train_test_split(np.arange(len(labels)), test_size=val_fraction, random_state=seed, stratify=stratify)
+
+
+def train_classifier(
+    data: list[str],
+    output: str | Path,
+    kind: str = "web",
+    method: str = "head",
+    encoder: str | None = None,
+    val: list[str] | None = None,
+    label_field: str = "score",
+    max_length: int = 512,
+    seed: int = 0,
+    limit: int | None = None,
+    **options,
+) -> dict:
+    """Train, calibrate and save a classifier to `output`; returns the validation metrics (also in metrics.json).
+
+    `options` are further `ClassifierTrainConfig` fields (e.g. epochs=1, cache_dir=...). `limit` caps the number of
+    training (and validation) documents read, for quick runs.
+    """
+    cfg = ClassifierTrainConfig(
+        kind=kind, method=method, encoder=encoder, label_field=label_field, max_length=max_length, seed=seed, **options
+    )
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    output = Path(output)
+    rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
+    if val:
+        val_rows = read_documents(val, label_field=label_field, require_label=True, limit=limit)
+        train_rows = rows
+    else:
+        labels = np.array([r["label"] for r in rows])
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+        train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+    if len(train_rows) < 2 * cfg.folds or not val_rows:
+        raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
+                         f"{len(train_rows)} and {len(val_rows)}")
+    train_texts, y_train = [r["text"] for r in train_rows], np.array([r["label"] for r in train_rows])
+    val_texts, y_val = [r["text"] for r in val_rows], np.array([r["label"] for r in val_rows])
+    console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on {len(val_rows)}")
+
+    if cfg.method == "fasttext":
+        model, val_pred, oof_pred, info = _train_fasttext(cfg, train_texts, y_train, val_texts)
+    else:
+        model, val_pred, oof_pred, info = _train_encoder_model(cfg, train_texts, y_train, val_texts)
+
+    calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
+    calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
+    cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives)
+    model.config.cut_points = cut_points
+    model.save_pretrained(output)
+    if info.get("tokenizer") is not None:
+        info.pop("tokenizer").save_pretrained(output)
+
+    from edu_filter.classifiers.calibration import apply_cut_points
+
+    metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points))
+    metrics["training"] = {
+        **info,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"},
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "cut_points": cut_points,
+        "calibration_examples": int(len(calib_scores)),
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
+    print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
+    return metrics
+
+
+# --- fastText ---------------------------------------------------------------------------------------------------
+def _train_fasttext(cfg: ClassifierTrainConfig, texts, y, val_texts):
+    from sklearn.model_selection import KFold
+
+    from edu_filter.classifiers.fasttext_model import FastTextRegressor
+
+    settings = FastTextSettings(**{**asdict(cfg.fasttext), "seed": cfg.seed})
+    oof = np.zeros(len(texts))
+    for fit_idx, held_idx in KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(texts):
+        fold = FastTextRegressor.train([texts[i] for i in fit_idx], y[fit_idx], settings, kind=cfg.kind)
+        oof[held_idx] = fold.predict([texts[i] for i in held_idx])
+    model = FastTextRegressor.train(texts, y, settings, kind=cfg.kind)
+    return model, model.predict(val_texts), oof, {"method": "fasttext"}
+
+
+# --- head and finetune ------------------------------------------------------------------------------------------
+def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings, setting_key
+    from edu_filter.classifiers.modeling_edu_classifier import (
+        EduClassifierConfig,
+        EduClassifierForSequenceClassification,
+    )
+    from edu_filter.classifiers.scorer import EduScorer
+
+    torch.manual_seed(cfg.seed)
+    encoder_name = resolve_encoder(cfg.kind, cfg.encoder)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_name)
+    encoder = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
+    max_positions = getattr(encoder.config, "max_position_embeddings", cfg.max_length)
+    max_length = min(cfg.max_length, max_positions)
+    if max_length < cfg.max_length:
+        console.print(f"max_length {cfg.max_length} exceeds the encoder's {max_positions} positions; using {max_length}")
+    long_docs = cfg.long_docs or ("chunk-mean" if cfg.method == "head" else "truncate")
+    config = EduClassifierConfig(
+        encoder_config=encoder.config.to_dict(),
+        encoder_name=cfg.encoder or encoder_name,
+        pooling=cfg.pooling,
+        max_seq_length=max_length,
+        long_docs=long_docs,
+        max_chunks=cfg.max_chunks,
+        kind=cfg.kind,
+        method=cfg.method,
+    )
+    model = EduClassifierForSequenceClassification(config, encoder=encoder)
+    scorer = EduScorer(
+        model, tokenizer, max_length=max_length, long_docs=long_docs, max_chunks=cfg.max_chunks,
+        batch_size=cfg.batch_size,
+    )
+    cache = EmbeddingCache(cfg.cache_dir)
+    key = setting_key(
+        encoder=encoder_identity(encoder_name), max_length=max_length, pooling=cfg.pooling, long_docs=long_docs,
+        max_chunks=cfg.max_chunks,
+    )
+    x_train = cached_embeddings(scorer, texts, key, cache)
+    head, oof, alpha = fit_ridge_head(x_train, y, cfg.folds, cfg.seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
+        model.classifier.bias.fill_(head[1])
+    info = {"method": cfg.method, "encoder": config.encoder_name, "ridge_alpha": alpha, "tokenizer": tokenizer}
+
+    if cfg.method == "head":
+        x_val = cached_embeddings(scorer, val_texts, key, cache)
+        return model, x_val.astype(np.float64) @ head[0] + head[1], oof, info
+
+    finetune(model, scorer, texts, y, cfg)
+    val_pred, _ = scorer.predict(val_texts, show_progress=True)
+    return model, val_pred.astype(np.float64), None, info
+
+
+def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int):
+    """Ridge on standardised embeddings, alpha by cross-validation; returns ((weight, bias) on raw embeddings,
+    out-of-fold predictions, alpha)."""
+    from sklearn.linear_model import Ridge, RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    cv = KFold(folds, shuffle=True, random_state=seed)
+    search = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 25), cv=cv))
+    search.fit(x, y)
+    alpha = float(search[-1].alpha_)
+    final = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x, y)
+    oof = cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=alpha)), x, y, cv=cv)
+    scaler, ridge = final
+    weight = ridge.coef_ / scaler.scale_
+    bias = float(ridge.intercept_ - weight @ scaler.mean_)
+    return (weight.astype(np.float32), bias), oof, alpha
+
+
+def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig) -> None:
+    """Train every weight with MSE on the first max_length tokens of each document (AdamW, warmup + linear decay)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    content_len = scorer.max_length - scorer.framer.num_special
+    sequences = [scorer.framer(ids[:content_len]) for ids in scorer.token_ids(texts, content_len)]
+    pad_id = scorer.tokenizer.pad_token_id
+    device = scorer.device
+    model.to(device).train()
+    head_params = list(model.classifier.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(model.encoder.parameters()), "lr": cfg.learning_rate},
+            {"params": head_params, "lr": cfg.head_learning_rate},
+        ],
+        weight_decay=0.01,
+    )
+    steps_per_epoch = (len(sequences) + cfg.train_batch_size - 1) // cfg.train_batch_size
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_fraction * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+    )
+    rng = np.random.default_rng(cfg.seed)
+    targets = torch.tensor(y, dtype=torch.float32)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("fine-tuning", total=total, loss=float("nan"))
+        for _ in range(cfg.epochs):
+            order = rng.permutation(len(sequences))
+            for start in range(0, len(order), cfg.train_batch_size):
+                batch = order[start : start + cfg.train_batch_size]
+                width = max(len(sequences[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                    attention_mask[row, : len(sequences[i])] = 1
+                out = model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    labels=targets[batch].to(device),
+                )
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(task, advance=1, loss=float(out.loss))
+    model.eval()
