@@ -1,0 +1,87 @@
+"""HumanEval: canonical solutions pass, broken ones fail, runaway ones time out, all outside this process."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from edu_filter.train.humaneval import (
+    BUNDLED_PROBLEMS,
+    check_program,
+    execute_completions,
+    generate_completions,
+    load_problems,
+    run_program,
+    truncate_at_stop,
+)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return load_problems(limit=4)
+
+
+def test_bundled_problems_load():
+    all_problems = load_problems()
+    assert len(all_problems) == 164 and BUNDLED_PROBLEMS.exists()
+    assert all_problems[0]["task_id"] == "HumanEval/0"
+
+
+def test_canonical_solutions_pass(problems):
+    results = execute_completions(problems, [p["canonical_solution"] for p in problems], timeout=20)
+    assert [r.status for r in results] == ["passed"] * len(problems)
+
+
+def test_wrong_and_crashing_solutions_fail(problems):
+    wrong = "    return None\n"
+    crashing = "    raise RuntimeError('boom')\n"
+    syntax = "    return (\n"
+    results = execute_completions(problems[:3], [wrong, crashing, syntax], timeout=20)
+    assert [r.status for r in results] == ["failed"] * 3
+    assert "RuntimeError: boom" in results[1].detail
+    assert "SyntaxError" in results[2].detail
+
+
+def test_an_infinite_loop_is_killed_at_the_timeout(problems):
+    t0 = time.time()
+    result = run_program(check_program(problems[2], "    while True:\n        pass\n"), timeout=2)
+    assert result.status == "timeout" and not result.passed
+    assert time.time() - t0 < 15
+
+
+def test_generated_code_cannot_touch_this_process(problems, tmp_path):
+    marker = tmp_path / "marker"
+    program = f"import os\nos.environ['EDU_FILTER_LEAK'] = '1'\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+    assert run_program(program, timeout=20).passed
+    assert "EDU_FILTER_LEAK" not in os.environ
+    assert int(marker.read_text()) != os.getpid()
+
+
+def test_completions_are_cut_at_stop_sequences():
+    body = "    return x + 1\n"
+    assert truncate_at_stop(body + "\ndef other():\n    pass\n") == body
+    assert truncate_at_stop(body + "\nif __name__ == '__main__':\n    main()\n") == body
+    assert truncate_at_stop(body + "\n# tests\n") == body
+    assert truncate_at_stop(body) == body
+
+
+def test_greedy_generation_with_a_small_llama(problems, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edu_filter.train.packing import iter_texts
+    from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+
+    code = os.path.join(os.path.dirname(__file__), "..", "data", "code", "thealgorithms_unlabelled.jsonl")
+    tok = train_tokenizer(mixed_sample([iter_texts(code)], 200_000), 320)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=96, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    completions, truncated = generate_completions(model, tok, problems[:2], max_new_tokens=32)
+    assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
+    assert truncated == 2  # these prompts are longer than 96 - 32 tokens: kept from the right
+    assert all(truncate_at_stop(c) == c for c in completions)
+    again, _ = generate_completions(model, tok, problems[:2], max_new_tokens=32)
+    assert again == completions  # greedy is deterministic
