@@ -1,0 +1,80 @@
+"""Calibration (cut points) and metrics: pure numpy/sklearn, fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points, best_f1_cut, fit_cut_points
+from edu_filter.classifiers.metrics import compute_metrics
+
+
+def squeezed_predictions(n: int = 3000, seed: int = 0):
+    """Labels mostly 1-2 like web data, and a regressor squeezed towards the mean (what ridge heads produce)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(6, size=n, p=[0.1, 0.45, 0.3, 0.1, 0.04, 0.01]).astype(float)
+    raw = 1.5 + 0.3 * (labels - 1.5) + rng.normal(0, 0.3, size=n)
+    return labels, raw
+
+
+def test_round_cuts_are_round_and_clip():
+    raw = np.array([-3.0, 0.49, 0.5, 1.2, 2.5, 3.49, 4.5, 7.0, np.nan])
+    assert apply_cut_points(raw, ROUND_CUTS).tolist() == [0, 0, 1, 1, 3, 3, 5, 5, 0]
+    assert apply_cut_points(raw, None).tolist() == apply_cut_points(raw, ROUND_CUTS).tolist()
+
+
+def test_best_f1_cut_finds_the_optimum():
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.35])
+    positive = np.array([0, 0, 0, 1, 1, 1], dtype=bool)
+    cut, f1 = best_f1_cut(scores, positive)
+    assert 0.3 < cut <= 0.35 and f1 == pytest.approx(1.0)
+    # exhaustive check on random data: no threshold does better
+    rng = np.random.default_rng(1)
+    scores, positive = rng.normal(size=200), rng.random(200) < 0.2
+    cut, f1 = best_f1_cut(scores, positive)
+    assert f1_score(positive, scores >= cut) == pytest.approx(f1)
+    predicted = scores[None, :] >= np.unique(scores)[:, None]  # every possible cut at once
+    tp = (predicted & positive).sum(1)
+    all_f1 = 2 * tp / (predicted.sum(1) + positive.sum())
+    assert all_f1.max() == pytest.approx(f1)
+
+
+def test_fitted_cut_points_beat_round_and_clip_on_held_out_data():
+    labels, raw = squeezed_predictions(seed=0)
+    cuts = fit_cut_points(raw, labels)
+    assert cuts == sorted(cuts) and len(cuts) == 5
+    test_labels, test_raw = squeezed_predictions(seed=1)
+    for t in (2, 3, 4):
+        calibrated = f1_score(test_labels >= t, apply_cut_points(test_raw, cuts) >= t)
+        rounded = f1_score(test_labels >= t, apply_cut_points(test_raw, ROUND_CUTS) >= t)
+        assert calibrated >= rounded - 0.02
+    assert f1_score(test_labels >= 3, apply_cut_points(test_raw, cuts) >= 3) > 0.5 > f1_score(
+        test_labels >= 3, apply_cut_points(test_raw, ROUND_CUTS) >= 3
+    )
+
+
+def test_thresholds_with_too_few_positives_keep_round_cuts():
+    labels = np.array([0, 1, 1, 2, 2, 2, 1, 0, 3, 1] * 5, dtype=float)  # no 4s or 5s, five 3s
+    raw = labels * 0.5 + 0.3
+    cuts = fit_cut_points(raw, labels, min_positives=6)
+    assert cuts[2:] == [2.5, 3.5, 4.5]
+    assert cuts[:2] == pytest.approx([0.55, 1.05])  # fitted where there is evidence: midway between classes
+    assert cuts == sorted(cuts)
+
+
+def test_compute_metrics_keys_and_values():
+    labels = np.array([0, 1, 2, 3, 4, 5, 3, 2], dtype=float)
+    raw = np.array([0.2, 1.1, 2.2, 2.9, 4.2, 4.8, 2.2, 1.6])
+    ints = apply_cut_points(raw, ROUND_CUTS)
+    m = compute_metrics(labels, raw, ints)
+    for key in ("n", "mse", "spearman", "pearson", "accuracy", "macro_f1", "binary_f1_at_2", "binary_f1_at_3",
+                "binary_f1_at_4", "confusion_matrix", "per_class"):
+        assert key in m
+    assert m["n"] == 8
+    assert m["mse"] == pytest.approx(np.mean((raw - labels) ** 2))
+    assert m["accuracy"] == pytest.approx(np.mean(ints == labels))
+    assert m["binary_f1_at_3"] == pytest.approx(f1_score(labels >= 3, ints >= 3))
+    assert np.asarray(m["confusion_matrix"]).sum() == 8 and np.trace(m["confusion_matrix"]) == int((ints == labels).sum())
+    assert m["per_class"]["3"]["support"] == 2
+    assert m["uncalibrated"]["binary_f1_at_3"] == m["binary_f1_at_3"]  # same cuts here

@@ -1,0 +1,79 @@
+"""The `train` and `evaluate` commands end to end through the real CLI (typer), on bundled data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edu_filter.cli import app
+from edu_filter.documents import read_documents, write_documents
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
+REPORT_KEYS = {
+    "n", "mse", "spearman", "pearson", "accuracy", "macro_f1", "binary_f1_at_2", "binary_f1_at_3", "binary_f1_at_4",
+    "confusion_matrix", "per_class",
+}
+runner = CliRunner()
+
+
+def test_train_then_evaluate_agree(tmp_path, minilm_path, embedding_cache_dir):
+    """metrics.json written by train is what evaluate reports for the same validation file: same model, same cuts."""
+    rows = read_documents([CODE_LABELS], label_field="score", limit=200)
+    train_file = write_documents(rows[:150], tmp_path / "train.jsonl")
+    val_file = write_documents(rows[150:], tmp_path / "val.parquet")
+    model_dir = tmp_path / "model"
+    result = runner.invoke(app, [
+        "train", str(train_file), "--val", str(val_file), "--kind", "code", "--encoder", minilm_path,
+        "-o", str(model_dir), "--max-length", "128", "--long-docs", "truncate", "--cache-dir", str(embedding_cache_dir),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "binary_f1_at_4" in result.output  # the rich table
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert REPORT_KEYS <= set(metrics) and metrics["n"] == 50
+    assert (model_dir / "confusion_matrix.png").stat().st_size > 1000
+    assert metrics["spearman"] > 0.3  # a real signal even from 150 files and 128 tokens
+
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["evaluate", str(model_dir), str(val_file), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(report.read_text())
+    assert REPORT_KEYS <= set(evaluated)
+    assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
+    for key in ("spearman", "binary_f1_at_2", "binary_f1_at_3", "binary_f1_at_4", "accuracy"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6)
+    assert evaluated["mse"] == pytest.approx(metrics["mse"], rel=1e-4)
+    assert report.with_suffix(".png").exists()
+
+
+def test_evaluate_refuses_unlabelled_rows(tmp_path, code_model):
+    rows = read_documents([CODE_LABELS], label_field="score", limit=5)
+    rows[3].pop("score")
+    data = write_documents(rows, tmp_path / "some_unlabelled.jsonl")
+    result = runner.invoke(app, ["evaluate", str(code_model), str(data)])
+    assert result.exit_code == 1
+    assert "some_unlabelled.jsonl:4" in result.output and "'score' is missing" in result.output
+
+
+def test_train_reports_bad_rows_by_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "score": 2}\n{"text": "no label here"}\n')
+    result = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "bad.jsonl:2" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_validation_split_is_stratified():
+    """Without --val a stratified share is held out: each score keeps its share of the data."""
+    from edu_filter.train.classifier import stratified_split
+
+    labels = np.array([r["label"] for r in read_documents([CODE_LABELS], label_field="score")])
+    train_idx, val_idx = stratified_split(labels, 0.1, seed=0)
+    assert len(set(train_idx) | set(val_idx)) == len(labels) and not set(train_idx) & set(val_idx)
+    for score in (1, 2, 3, 4):
+        share = np.mean(labels[val_idx] == score)
+        assert abs(share - np.mean(labels == score)) < 0.05
