@@ -183,6 +183,7 @@ def cli_tasks4(stock_classifier, tmp_path_factory):
     return tmp, args
 
 
+@pytest.mark.slow
 def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     tmp, _ = cli_tasks4
     stats = json.loads((tmp / "out" / "stats.json").read_text())
