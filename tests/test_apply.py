@@ -70,9 +70,14 @@ def planted_input(path: Path, n_unique: int, n_groups: int) -> dict:
     return {"ids": [r["id"] for r in out], "groups": groups, "unique": [r["id"] for r in rows[n_groups:]]}
 
 
+def read_kept(out: Path) -> pl.DataFrame:
+    """Kept Parquet files; inputs with different fields give files with different columns."""
+    return pl.concat([pl.read_parquet(f) for f in sorted((out / "kept").glob("*.parquet"))], how="diagonal")
+
+
 def read_outputs(out: Path) -> dict:
     """id lists per destination: kept, removed/<reason>, failed/<reason>."""
-    found = {"kept": pl.read_parquet(out / "kept" / "*.parquet")["id"].to_list() if list((out / "kept").glob("*")) else []}
+    found = {"kept": read_kept(out)["id"].to_list() if list((out / "kept").glob("*")) else []}
     for kind in ("removed", "failed"):
         for reason_dir in sorted((out / kind).glob("*")) if (out / kind).exists() else []:
             ids = []
@@ -119,7 +124,7 @@ def test_planted_duplicates_are_collapsed_and_unique_docs_survive(planted_run):
 
 def test_threshold_splits_on_int_score_and_kept_is_fineweb_edu_parquet(planted_run):
     _, stats, out = planted_run
-    kept = pl.read_parquet(out / "kept" / "*.parquet")
+    kept = read_kept(out)
     assert kept.height > 0 and kept["int_score"].min() >= 2
     below = [json.loads(line) for f in (out / "removed" / "below_threshold").glob("*.gz") for line in gzip.open(f)]
     assert below and max(r["int_score"] for r in below) < 2
@@ -149,7 +154,7 @@ def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     planted_input(tmp_path / "in.jsonl", n_unique=60, n_groups=0)
     stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, keep_top=0.25,
                       dedup=False, tasks=2, show=False)
-    kept = pl.read_parquet(tmp_path / "out" / "kept" / "*.parquet")
+    kept = read_kept(tmp_path / "out")
     below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
              for line in gzip.open(f)]
     assert kept.height == 15  # a quarter of the 60 readable documents
@@ -190,7 +195,7 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert stats["adds_up"] and stats["settings"]["tasks"] == 4
     assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
     assert len(list((tmp / "out" / "logs" / "score" / "completions").iterdir())) == 4
-    kept = pl.read_parquet(tmp / "out" / "kept" / "*.parquet")
+    kept = read_kept(tmp / "out")
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
 
@@ -259,5 +264,41 @@ def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
     finally:
         ray.shutdown()
     assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
-    kept = pl.read_parquet(tmp_path / "out" / "kept" / "*.parquet")
+    kept = read_kept(tmp_path / "out")
     assert kept.height and kept["int_score"].min() >= 2
+
+
+def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_path):
+    """Exact + near dedup, HumanEval decontamination and int_score >= 4 on the bundled Python files."""
+    algorithms = [json.loads(line) for line in open(DATA / "code" / "thealgorithms_unlabelled.jsonl")][:120]
+    labelled = [json.loads(line) for line in open(DATA / "code" / "python_edu_labels.jsonl")]
+    humaneval_docs = [r for r in labelled if r["id"].startswith("HumanEval/")][:6]
+    labelled = [r for r in labelled if not r["id"].startswith("HumanEval/")][:60] + humaneval_docs
+    problem = json.loads(gzip.open(DATA / "code" / "HumanEval.jsonl.gz").readlines()[12])
+    planted = [
+        {"id": "planted-contaminated", "text": "import os\n\n" + problem["prompt"] + problem["canonical_solution"]},
+        dict(algorithms[0], id="planted-exact-copy"),
+    ]
+    rows = algorithms + labelled + planted
+    (tmp_path / "code").mkdir()
+    write = lambda name, part: (tmp_path / "code" / name).write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in part))
+    write("algorithms.jsonl", algorithms)
+    write("labelled.jsonl", labelled + planted)
+
+    stats = run_apply([str(tmp_path / "code")], str(tmp_path / "out"), model=str(code_model), preset="python-edu",
+                      tasks=2, show=False)
+    found = read_outputs(tmp_path / "out")
+    assert stats["adds_up"] and stats["in"]["documents"] == len(rows)
+    assert stats["settings"]["threshold"] == 4 and stats["settings"]["exact_dedup"]
+    contaminated = set(found["removed/contaminated"])
+    assert "planted-contaminated" in contaminated
+    assert len(contaminated & {r["id"] for r in humaneval_docs}) >= 5  # HumanEval solutions in the labelled set
+    assert len(contaminated - {r["id"] for r in humaneval_docs} - {"planted-contaminated"}) <= 1
+    exact_dups = [json.loads(line)["id"] for f in (tmp_path / "out" / "removed" / "duplicate").glob("exact_*.gz")
+                  for line in gzip.open(f)]
+    assert len(set(exact_dups) & {algorithms[0]["id"], "planted-exact-copy"}) == 1
+    kept = read_kept(tmp_path / "out") if found["kept"] else None
+    assert kept is None or kept["int_score"].min() >= 4
+    below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
+             for line in gzip.open(f)]
+    assert max(r["int_score"] for r in below) < 4 and {"path", "repo", "license"} <= set(below[0])
