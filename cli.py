@@ -161,13 +161,18 @@ def ablate(
     seed: int = typer.Option(0),
 ):
     """Train the same small model on each dataset at equal tokens and compare their losses."""
+    from edu_filter.documents import DocumentError
     from edu_filter.train.ablate import ablate as run_ablation
 
-    run_ablation(
-        data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
-        vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
-        cloze=cloze, seed=seed,
-    )
+    try:
+        run_ablation(
+            data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
+            vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
+            cloze=cloze, seed=seed,
+        )
+    except (DocumentError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 # --- apply / sweep (filters) -------------------------------------------------------------------------------------------

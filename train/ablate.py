@@ -48,7 +48,9 @@ def ablate(
 ) -> dict:
     """Run the ablation and write OUT/report.json, the plots, and a table in the terminal. Returns the report."""
     import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # rich shows the progress that matters; no bar per saved checkpoint
     datasets, references, cloze_sets = parse_named(data, "--data"), parse_named(eval_sets, "--eval"), parse_named(
         cloze, "--cloze")
     if not datasets:
@@ -83,6 +85,8 @@ def ablate(
         for name in datasets:
             run_dir = out / "runs" / name
             runs[name] = pretrain(cfg, out / "tokens" / name / "train.bin", eval_paths, run_dir, tok, progress)
+    if world > 1:
+        dist.destroy_process_group()
     if rank != 0:
         return {}
 
@@ -113,7 +117,7 @@ def ablate(
     if all(r["finished"] for r in runs.values()):
         plot_losses(runs, out / "loss_curves.png")
         plot_eval_losses(runs, out / "eval_loss.png")
-    console.print(comparison_table(runs))
+    console.print(comparison_table(runs, preset))
     console.print(f"report: {out / 'report.json'}")
     return report
 
@@ -166,31 +170,31 @@ def _load_final_model(path: Path):
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def comparison_table(runs: dict):
+def comparison_table(runs: dict, preset: str):
+    """Runs as rows: training loss first -> last steps, final evaluation losses (best in green), speed."""
     from rich.table import Table
 
-    eval_names = list(next(iter(runs.values()))["eval"])
-    table = Table(title="Ablation: equal tokens per run")
-    for col in ["run", "tokens", "params", "train loss first→last", *[f"eval {n}" for n in eval_names], "tokens/s",
-                "MFU"]:
-        table.add_column(col, justify="left" if col == "run" else "right")
-    extra = sorted({k for r in runs.values() for k in r.get("cloze", {})})
-    for c in extra:
-        table.add_column(f"{c} acc / acc_norm", justify="right")
-    if any("humaneval" in r for r in runs.values()):
-        table.add_column("HumanEval pass@1", justify="right")
+    first = next(iter(runs.values()))
+    eval_names = list(first["eval"])
+    cloze_names = sorted({c for r in runs.values() for c in r.get("cloze", {})})
+    with_humaneval = any("humaneval" in r for r in runs.values())
+    table = Table(title=f"{preset} ({first['params'] / 1e6:.1f}M params), {first['tokens_seen']:,} tokens per run; "
+                        "eval = loss on held-out text, lower is better")
+    table.add_column("run")
+    for col in ["train loss", *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
+                *(["HumanEval"] if with_humaneval else [])]:
+        table.add_column(col, justify="right")
     best = {n: min(r["eval"].get(n, float("inf")) for r in runs.values()) for n in eval_names}
     for name, r in runs.items():
         losses = r["train_loss"]
-        cells = [name, f"{r['tokens_seen']:,}", f"{r['params'] / 1e6:.2f}M",
-                 f"{_mean(losses[:5]):.3f} → {_mean(losses[-5:]):.3f}" if losses else "-"]
+        cells = [name, f"{_mean(losses[:5]):.2f}→{_mean(losses[-5:]):.2f}" if losses else "-"]
         for n in eval_names:
             v = r["eval"].get(n)
             cells.append("-" if v is None else (f"[bold green]{v:.3f}" if v == best[n] else f"{v:.3f}"))
-        cells += [f"{r['tokens_per_second']:,.0f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (CPU)"]
-        cells += [f"{r['cloze'][c]['acc']:.3f} / {r['cloze'][c]['acc_norm']:.3f}" if c in r.get("cloze", {}) else "-"
-                  for c in extra]
-        if any("humaneval" in x for x in runs.values()):
+        cells += [f"{r['tokens_per_second']:,.0f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"]
+        cells += [f"{r['cloze'][c]['acc']:.2f}/{r['cloze'][c]['acc_norm']:.2f}" if c in r.get("cloze", {}) else "-"
+                  for c in cloze_names]
+        if with_humaneval:
             cells.append(f"{r['humaneval']['pass@1']:.3f}" if "humaneval" in r else "-")
         table.add_row(*cells)
     return table

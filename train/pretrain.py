@@ -212,7 +212,7 @@ def pretrain(
         raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of {cfg.batch_tokens} tokens")
     train_data = PackedTokens(train_path, T, seed=cfg.seed)
     eval_data = {name: PackedTokens(path, T) for name, path in eval_paths.items()}
-    eval_every = cfg.eval_every or max(1, total_steps // 4)
+    eval_every = cfg.eval_every or math.ceil(total_steps / 4)
 
     # --- model: same seed, same initial weights for every run ------------------------------------------------------
     vocab = math.ceil(len(tokenizer) / 64) * 64  # a multiple of 64 keeps the output matmul tensor-core friendly

@@ -1,0 +1,141 @@
+"""`edu-filter ablate` end to end on the bundled web data: equal tokens, falling loss, report, plots, table."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edu_filter.cli import app
+from edu_filter.documents import read_documents, write_documents
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    docs = read_documents([WEB_TRAIN], label_field="score")
+    write_documents([d for d in docs if d["label"] >= 3], root / "edu.jsonl")
+    (root / "cloze.jsonl").write_text("".join(json.dumps(q) + "\n" for q in [
+        {"context": "Photosynthesis is the process by which plants make", "choices": [" food", " noise"], "gold": 0},
+        {"context": "Water freezes at zero degrees", "choices": [" Celsius", " Fahrenheit"], "gold": 0},
+    ]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ablation(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    args = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"all={WEB_TRAIN}",
+            "--eval", f"reference={WEB_VAL}", "--preset", "tiny", "--tokens", "20480", "-o", str(out),
+            "--override", "batch_tokens=2048", "--override", "micro_batch_size=8", "--override", "eval_tokens=2048",
+            "--humaneval", "--humaneval-limit", "2", "--cloze", f"facts={inputs / 'cloze.jsonl'}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, result.output, args
+
+
+def test_both_runs_see_the_same_tokens_and_learn(ablation):
+    out, output, _ = ablation
+    report = json.loads((out / "report.json").read_text())
+    runs = report["runs"]
+    assert set(runs) == {"edu", "all"}
+    assert runs["edu"]["tokens_seen"] == runs["all"]["tokens_seen"] == 20480
+    assert runs["edu"]["params"] == runs["all"]["params"]
+    for r in runs.values():
+        assert r["finished"] and len(r["train_loss"]) == 10
+        assert r["train_loss"][-1] < r["train_loss"][0] - 0.5
+        assert set(r["eval"]) == {"edu/val", "all/val", "reference"}
+        assert all(3 < v < r["eval_history"][0]["reference"] + 1 for v in r["eval"].values())
+        assert r["humaneval"]["problems"] == 2 and 0 <= r["humaneval"]["pass@1"] <= 1
+        assert set(r["cloze"]["facts"]) == {"acc", "acc_norm", "questions"}
+    info = report["datasets"]
+    for name in ("edu", "all"):  # the budget, not the file, bounds reading
+        assert not info[name]["read_to_end"] and 20480 < info[name]["train_tokens"] < 20480 + 20_000
+    assert info["edu"]["val_documents"] > 0 and info["all"]["val_documents"] > 0
+
+
+def test_report_plots_and_table_are_written(ablation):
+    out, output, _ = ablation
+    for png in ("loss_curves.png", "eval_loss.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    rows = [line for line in output.splitlines() if line.startswith("│")]
+    assert any(line.startswith("│ edu ") for line in rows) and any(line.startswith("│ all ") for line in rows)
+    assert f"report: {out / 'report.json'}" in output.replace("\n", "")
+
+
+def test_every_run_uses_the_one_ablation_tokenizer(ablation):
+    from transformers import AutoTokenizer
+
+    out, _, _ = ablation
+    shared = AutoTokenizer.from_pretrained(out / "tokenizer")
+    text = "The mitochondria is the powerhouse of the cell."
+    for run in ("edu", "all"):
+        tok = AutoTokenizer.from_pretrained(out / "runs" / run / "model")
+        assert tok(text).input_ids == shared(text).input_ids
+    assert len(shared) == 4096
+
+
+def test_rerunning_a_finished_ablation_does_not_train_again(ablation):
+    out, _, args = ablation
+    before = json.loads((out / "report.json").read_text())
+    mtime = (out / "runs/edu/checkpoint/model.safetensors").stat().st_mtime
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    after = json.loads((out / "report.json").read_text())
+    assert after["runs"]["edu"]["train_loss"] == before["runs"]["edu"]["train_loss"]
+    assert (out / "runs/edu/checkpoint/model.safetensors").stat().st_mtime == mtime
+
+
+def test_bad_input_gives_a_clear_error(inputs, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["ablate", "--data", str(WEB_TRAIN), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "expected NAME=PATH" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    result = runner.invoke(app, ["ablate", "--data", f"bad={bad}", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "bad.jsonl:2: field 'text' is missing" in result.output
+    result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", "depth=3", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "unknown override 'depth'" in result.output
+
+
+@pytest.mark.slow
+def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
+    """torchrun with 2 CPU processes (gloo) splits each batch across ranks: same samples, same averaged gradient."""
+    micro = ["--override", "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_hidden_layers=1",
+             "--override", "num_attention_heads=2", "--override", "num_key_value_heads=1",
+             "--override", "max_position_embeddings=64", "--override", "micro_batch_size=4",
+             "--override", "batch_tokens=512", "--override", "eval_tokens=512"]
+    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--preset", "tiny", "--tokens", "3072",
+              "--vocab-size", "512", *micro]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "edu_filter.cli", *common, "-o", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    ddp = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "edu_filter.cli", *common,
+                          "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = json.loads((tmp_path / "one/report.json").read_text())["runs"]["edu"]
+    two = json.loads((tmp_path / "two/report.json").read_text())["runs"]["edu"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["tokens_seen"] == one["tokens_seen"] == 3072
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert two["eval"] == pytest.approx(one["eval"], rel=1e-4)
