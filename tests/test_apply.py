@@ -144,6 +144,18 @@ def test_bad_rows_are_kept_aside_with_file_and_line(planted_run):
     assert row["raw_preview"].startswith("{this is not json")
 
 
+def test_sweep_reads_an_apply_output_folder(planted_run, tmp_path):
+    from edu_filter.filters.sweep import run_sweep
+
+    _, stats, out = planted_run
+    result = run_sweep([str(out)], tmp_path / "sweep", show=False)
+    scored = stats["kept"]["documents"] + stats["removed"]["below_threshold"]["documents"]
+    assert result["documents"] == scored and result["labelled"] == scored  # the LLM labels, kept as input_score
+    row = next(r for r in result["rows"] if r["threshold"] == 2)
+    assert row["documents"] == stats["kept"]["documents"] and row["tokens"] == stats["kept"]["tokens"]
+    assert "f1" in row
+
+
 def test_restart_with_other_settings_is_refused(planted_run, stock_classifier):
     _, _, out = planted_run
     with pytest.raises(ValueError, match="different settings.*threshold"):

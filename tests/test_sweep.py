@@ -1,0 +1,83 @@
+"""`edu-filter sweep`: retention table, plots and precision/recall/F1 against labels, on scored documents."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from edu_filter.documents import DocumentError
+from edu_filter.filters.sweep import run_sweep
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def scored_rows(n=400, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 6, n)
+    score = np.clip(label + rng.normal(0, 0.8, n), 0, 5)
+    rows = []
+    for i in range(n):
+        row = {"id": f"d{i}", "text": "w " * int(rng.integers(5, 50)), "score": float(score[i]),
+               "int_score": int(np.clip(np.round(score[i]), 0, 5)), "token_count": int(rng.integers(10, 1000))}
+        if labels:
+            row["input_score"] = int(label[i])
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows):
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def test_retention_and_f1_match_an_independent_count(tmp_path):
+    rows = scored_rows()
+    result = run_sweep([str(write_jsonl(tmp_path / "scored.jsonl", rows))], tmp_path / "sweep", show=False)
+    ints = np.array([r["int_score"] for r in rows])
+    tokens = np.array([r["token_count"] for r in rows])
+    truth = np.array([r["input_score"] for r in rows]) >= 3
+    assert [r["threshold"] for r in result["rows"]] == [0, 1, 2, 3, 4, 5]
+    for r in result["rows"]:
+        keep = ints >= r["threshold"]
+        assert r["documents"] == keep.sum() and r["tokens"] == tokens[keep].sum()
+        tp = (keep & truth).sum()
+        assert r["precision"] == pytest.approx(tp / keep.sum() if keep.sum() else 0)
+        assert r["recall"] == pytest.approx(tp / truth.sum())
+    assert result["rows"][0]["documents_pct"] == 100 and result["labelled"] == len(rows)
+    best = max(result["rows"], key=lambda r: r["f1"])
+    assert best["threshold"] in (2, 3, 4)  # scores track the labels, so the best cut sits near the label cut
+    for png in ("score_histogram.png", "retention_curve.png"):
+        data = (tmp_path / "sweep" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "sweep" / "retention.csv").read_text().splitlines()[0].startswith("threshold,documents")
+
+
+def test_without_labels_or_token_counts(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "token_count"} for r in scored_rows(50, labels=False)]
+    result = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "out", thresholds=[3, 1], show=False)
+    assert [r["threshold"] for r in result["rows"]] == [1, 3]
+    assert "f1" not in result["rows"][0] and result["token_unit"] == "words"
+    assert result["rows"][0]["tokens"] == sum(len(r["text"].split()) for r in rows if r["int_score"] >= 1)
+
+
+def test_unscored_input_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "raw.jsonl", [{"id": "a", "text": "x"}])
+    with pytest.raises(DocumentError, match="raw.jsonl:1: no score/int_score"):
+        run_sweep([str(path)], tmp_path / "out", show=False)
+
+
+def test_cli_accepts_space_separated_thresholds(tmp_path):
+    path = write_jsonl(tmp_path / "scored.jsonl", scored_rows(100))
+    cli = str(Path(sys.executable).parent / "edu-filter")
+    res = subprocess.run([cli, "sweep", str(path), "-o", str(tmp_path / "sw"), "--thresholds", "2", "3", "4"],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
+    assert [r["threshold"] for r in rows] == [2, 3, 4]
+    assert "Retention by threshold" in res.stdout and "F1" in res.stdout
