@@ -4,8 +4,9 @@ The raw score is the expected label under fastText's label probabilities, so it 
 encoder models. Saved as `model.bin` (fastText's own format) plus `fasttext_config.json` (labels, calibration,
 training settings).
 
-fasttext-wheel 0.9.2's Python `predict` fails under NumPy 2 (`np.array(..., copy=False)`), so prediction goes
-through the C++ binding (`model.f.multilinePredict`) and builds the arrays here.
+fasttext-wheel 0.9.2's Python `predict` fails under NumPy 2 (`np.array(..., copy=False)`), and the binding's
+`multilinePredict` returns every label with the top probability; so prediction calls the binding's single-line
+`model.f.predict`, which returns (probability, label) pairs, and builds the arrays here.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import numpy as np
 MODEL_FILE = "model.bin"
 CONFIG_FILE = "fasttext_config.json"
 _WHITESPACE = re.compile(r"\s+")
+LABEL_PREFIX = "__label__"
 
 
 def fasttext_line(text: str) -> str:
-    """One lowercased line: fastText reads one example per line and splits on whitespace."""
-    return _WHITESPACE.sub(" ", text.lower()).strip()
+    """One lowercased line: fastText reads one example per line, splits on whitespace, and would take any word
+    starting with `__label__` (it occurs in real code) for a label."""
+    return _WHITESPACE.sub(" ", text.lower()).replace(LABEL_PREFIX, "_label_").strip()
 
 
 @dataclass
@@ -68,7 +71,7 @@ class FastTextRegressor:
             path = Path(tmp) / "train.txt"
             with open(path, "w", encoding="utf-8") as fh:
                 for text, label in zip(texts, int_labels):
-                    fh.write(f"__label__{label} {fasttext_line(text[: settings.max_chars])}\n")
+                    fh.write(f"{LABEL_PREFIX}{label} {fasttext_line(text[: settings.max_chars])}\n")
             model = fasttext.train_supervised(
                 input=str(path), epoch=settings.epoch, lr=settings.lr, wordNgrams=settings.word_ngrams,
                 dim=settings.dim, minCount=settings.min_count, seed=settings.seed, thread=1, verbose=0,
@@ -79,12 +82,11 @@ class FastTextRegressor:
         """Expected label under the predicted label distribution, per text."""
         if not texts:
             return np.zeros(0, dtype=np.float64)
-        lines = [fasttext_line(t[: self.config.settings.max_chars]) + "\n" for t in texts]
-        all_labels, all_probs = self.model.f.multilinePredict(lines, -1, 0.0, "replace")
         values = np.empty(len(texts), dtype=np.float64)
-        for i, (labels, probs) in enumerate(zip(all_labels, all_probs)):
-            label_values = np.array([float(label.removeprefix("__label__")) for label in labels])
-            probs = np.asarray(list(probs), dtype=np.float64)
+        for i, text in enumerate(texts):
+            pairs = self.model.f.predict(fasttext_line(text[: self.config.settings.max_chars]) + "\n", -1, 0.0, "replace")
+            probs = np.array([p for p, _ in pairs], dtype=np.float64)
+            label_values = np.array([float(label.removeprefix(LABEL_PREFIX)) for _, label in pairs])
             values[i] = float(label_values @ probs / probs.sum())
         return values
 

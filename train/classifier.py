@@ -283,5 +283,5 @@ def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrai
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress.update(task, advance=1, loss=float(out.loss))
+                progress.update(task, advance=1, loss=out.loss.item())
     model.eval()

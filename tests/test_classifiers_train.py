@@ -1,0 +1,143 @@
+"""Training methods (fasttext, finetune), the embedding cache, encoder defaults and sequence framing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edu_filter.classifiers import EduScorer
+from edu_filter.documents import read_documents
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+
+
+def test_fasttext_trains_saves_and_predicts(tmp_path):
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "ft"
+    settings = FastTextSettings(epoch=10, max_chars=4000)
+    metrics = train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", fasttext=settings)
+    assert (out / "model.bin").exists() and not (out / "config.json").exists()
+    config = json.loads((out / "fasttext_config.json").read_text())
+    assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
+
+    rows = read_documents([CODE_LABELS], label_field="score")
+    scorer = EduScorer.from_pretrained(out)  # through the binding: fasttext's own predict breaks under NumPy 2
+    scores, truncated = scorer.predict([r["text"] for r in rows[:100]])
+    assert scores.dtype == np.float32 and not truncated.any()
+    assert ((scores >= 0) & (scores <= 5)).all() and scores.std() > 0.05
+    labels = np.array([r["label"] for r in rows[:100]])
+    assert scores[labels >= 3].mean() > scores[labels <= 2].mean()  # mostly training documents: it must fit them
+    assert metrics["spearman"] > 0.2  # held out: weak but real
+
+
+def test_fasttext_predict_matches_label_probabilities(tmp_path):
+    """The expected value equals sum(p_k * k) from fastText's own probabilities."""
+    from edu_filter.classifiers.fasttext_model import FastTextRegressor, FastTextSettings, fasttext_line
+
+    rows = read_documents([CODE_LABELS], label_field="score", limit=120)
+    model = FastTextRegressor.train([r["text"] for r in rows], [r["label"] for r in rows], FastTextSettings(epoch=5))
+    text = rows[0]["text"] + "\nprint('__label__5 is text, not a label')"
+    pairs = model.model.f.predict(fasttext_line(text) + "\n", -1, 0.0, "strict")
+    expected = sum(p * float(label.removeprefix("__label__")) for p, label in pairs) / sum(p for p, _ in pairs)
+    assert model.predict([text])[0] == pytest.approx(expected, abs=1e-6)
+    model.config.cut_points = [0.5, 1.5, 2.5, 3.5, 4.5]
+    model.save_pretrained(tmp_path / "m")
+    again = FastTextRegressor.from_pretrained(tmp_path / "m")
+    assert again.predict([text])[0] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "ft"
+    metrics = train_classifier(
+        [str(CODE_LABELS)], out, kind="code", method="finetune", encoder=minilm_path, max_length=64, limit=80,
+        epochs=1, train_batch_size=8, val_fraction=0.2, cache_dir=str(embedding_cache_dir),
+    )
+    assert metrics["training"]["method"] == "finetune" and np.isfinite(metrics["mse"])
+    tuned = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+    assert tuned.config.method == "finetune" and tuned.config.long_docs == "truncate"
+    original = AutoModel.from_pretrained(minilm_path)
+    changed = [
+        name for name, p in original.state_dict().items()
+        if "pooler" not in name and not torch.equal(p, tuned.encoder.state_dict()[name])
+    ]
+    assert len(changed) > 50  # the encoder itself was trained, not only the head
+    scores, _ = EduScorer.from_pretrained(out).predict(["def add(a, b):\n    return a + b\n"])
+    assert np.isfinite(scores).all()
+
+
+def test_embedding_cache_is_reused(tmp_path, minilm_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings
+    from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
+
+    encoder = AutoModel.from_pretrained(minilm_path)
+    model = EduClassifierForSequenceClassification(EduClassifierConfig(encoder_config=encoder.config.to_dict()), encoder)
+    scorer = EduScorer(model, AutoTokenizer.from_pretrained(minilm_path), max_length=64)
+    texts = ["Fractions name parts of a whole.", "Cheap flights!", "Fractions name parts of a whole."]
+    cache = EmbeddingCache(tmp_path)
+    first = cached_embeddings(scorer, texts, "k1", cache)
+    np.testing.assert_allclose(first, scorer.embed(texts)[0], atol=1e-5)
+    assert np.array_equal(first[0], first[2])
+    # everything is cached now: no encoder is needed at all (None would fail if it were called)
+    np.testing.assert_array_equal(cached_embeddings(None, texts, "k1", EmbeddingCache(tmp_path)), first)
+    with pytest.raises(AttributeError):
+        cached_embeddings(None, texts, "another-setting", cache)
+
+
+def test_default_encoder_falls_back_offline_with_one_line_notice(capsys, monkeypatch, minilm_path):
+    from edu_filter.classifiers import encoders
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert encoders.resolve_encoder("code") == minilm_path
+    notice = capsys.readouterr().err.strip()
+    assert "bigcode/starencoder" in notice and "all-MiniLM-L6-v2" in notice and len(notice.splitlines()) == 1
+    assert encoders.resolve_encoder("web", "my/encoder") == "my/encoder"
+    with pytest.raises(ValueError, match="kind"):
+        encoders.resolve_encoder("images")
+
+
+def test_framing_for_a_tokenizer_without_special_tokens(tmp_path):
+    """starencoder-like: a GPT-2 style BPE that adds no special tokens and has no pad token, [CLS]/[SEP] in vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edu_filter.classifiers.encoders import SequenceFramer, prepare_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainer=trainer)
+    tokenizer = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>"))
+    vocab = tokenizer.get_vocab()
+    assert tokenizer.pad_token == "[PAD]"
+    framer = SequenceFramer(tokenizer)
+    ids = tokenizer("return x", add_special_tokens=False)["input_ids"]
+    assert framer(ids) == [vocab["[CLS]"], *ids, vocab["[SEP]"]] and framer.num_special == 2
+
+
+def test_framing_for_bert(minilm_path):
+    from transformers import AutoTokenizer
+
+    from edu_filter.classifiers.encoders import SequenceFramer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    framer = SequenceFramer(tokenizer)
+    ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert framer(ids) == tokenizer("hello world")["input_ids"] and framer.num_special == 2
