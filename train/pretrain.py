@@ -279,7 +279,7 @@ def pretrain(
             for x, y in data.eval_batches(cfg.eval_tokens, B, rank, world):
                 x, y = x.to(device), y.to(device)
                 with autocast:
-                    logits = raw_model(input_ids=x).logits
+                    logits = raw_model(input_ids=x, use_cache=False).logits
                 total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
                 total[1] += y.numel()
             if world > 1:
@@ -305,7 +305,7 @@ def pretrain(
             x, y = (t.to(device, non_blocking=True) for t in train_data.batch(first_sample, B))
             sync = world == 1 or micro == grad_accum - 1
             with (nullcontext() if sync else model.no_sync()), autocast:
-                logits = model(input_ids=x).logits
+                logits = model(input_ids=x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
             loss.backward()
             loss_sum += loss.detach()

@@ -1,0 +1,107 @@
+"""Pretraining throughput: the `ablate` loop against a bare forward/backward/AdamW loop on the same model and batch.
+
+    python benchmarks/bench_pretrain.py                      # tiny preset (CPU or GPU)
+    python benchmarks/bench_pretrain.py --preset smollm-135m --compile   # on a GPU: tokens/s and MFU
+
+The ratio (loop / bare) is the cost of everything the real loop adds: reading packed windows from the memory-mapped
+token file, the schedule, gradient clipping, loss bookkeeping, progress. MFU is printed on GPUs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+
+
+def bare_tokens_per_second(model, vocab: int, micro_batch: int, seq_len: int, grad_accum: int, steps: int,
+                           autocast) -> float:
+    """Optimizer steps on random tokens already on the device: the ceiling for this model and batch shape."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
+    elapsed = 0.0
+    for step in range(steps + 1):  # step 0 warms up (allocator, compilation)
+        t0 = time.time()
+        for _ in range(grad_accum):
+            with autocast:
+                logits = model(input_ids=x[:, :-1], use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / grad_accum
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        if step:
+            elapsed += time.time() - t0
+    return steps * grad_accum * micro_batch * seq_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per measurement")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--override", action="append", default=[], help="key=value, as in `ablate --override`")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from edu_filter.train.packing import iter_texts, write_train_val
+    from edu_filter.train.pretrain import PretrainConfig, parse_overrides, pretrain
+    from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+
+    hf_logging.disable_progress_bar()
+    cuda = torch.cuda.is_available()
+    steps = args.steps or (10 if cuda else 8)
+    overrides = {"eval_tokens": 4096, "compile": args.compile, **parse_overrides(args.override)}
+    cfg = PretrainConfig.from_preset(args.preset, overrides)
+    cfg.tokens = (steps + 1) * cfg.batch_tokens
+    work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    try:
+        tok = train_tokenizer(mixed_sample([iter_texts(str(WEB))], 1_000_000), cfg.vocab_size)
+        write_train_val(iter_texts(str(WEB)), tok, work / "tokens", train_tokens=10**9, val_fraction=0.05,
+                        max_val_tokens=cfg.eval_tokens + cfg.context + 1)
+        loop = pretrain(cfg, work / "tokens/train.bin", {"val": work / "tokens/val.bin"}, work / "run", tok)
+
+        torch.manual_seed(0)
+        device = torch.device("cuda" if cuda else "cpu")
+        vocab = -(-len(tok) // 64) * 64
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="sdpa", **cfg.model)).to(device)
+        if args.compile:
+            model = torch.compile(model)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(
+            device.type, enabled=False)
+        grad_accum = cfg.batch_tokens // (cfg.micro_batch_size * cfg.context)
+        bare = bare_tokens_per_second(model, vocab, cfg.micro_batch_size, cfg.context, grad_accum, steps, autocast)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    table = Table(title=f"pretraining throughput, {args.preset} ({loop['params'] / 1e6:.1f}M params) on "
+                        f"{loop['device']}, {loop['precision']}, {torch.get_num_threads()} CPU threads")
+    for col in ("measurement", "tokens/s", "MFU"):
+        table.add_column(col, justify="right" if col != "measurement" else "left")
+    peak_mfu = loop["mfu"] * bare / loop["tokens_per_second"] if loop["mfu"] is not None else None
+    table.add_row("ablate loop (pretrain)", f"{loop['tokens_per_second']:,.0f}",
+                  f"{loop['mfu']:.1%}" if loop["mfu"] is not None else "n/a (CPU)")
+    table.add_row("bare fwd/bwd/AdamW", f"{bare:,.0f}", f"{peak_mfu:.1%}" if peak_mfu is not None else "n/a (CPU)")
+    console = Console()
+    console.print(table)
+    console.print(f"loop / bare = {loop['tokens_per_second'] / bare:.2f}  "
+                  f"({steps} steps of {cfg.batch_tokens:,} tokens each, first step excluded)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
