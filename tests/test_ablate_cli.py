@@ -119,12 +119,8 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
 @pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     """torchrun with 2 CPU processes (gloo) splits each batch across ranks: same samples, same averaged gradient."""
-    micro = ["--override", "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_hidden_layers=1",
-             "--override", "num_attention_heads=2", "--override", "num_key_value_heads=1",
-             "--override", "max_position_embeddings=64", "--override", "micro_batch_size=4",
-             "--override", "batch_tokens=512", "--override", "eval_tokens=512"]
-    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--preset", "tiny", "--tokens", "3072",
-              "--vocab-size", "512", *micro]
+    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--preset", "tiny", "--tokens", "3072", *MICRO,
+              "--override", "batch_tokens=512"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "edu_filter.cli", *common, "-o", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -139,3 +135,31 @@ def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     assert two["tokens_seen"] == one["tokens_seen"] == 3072
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert two["eval"] == pytest.approx(one["eval"], rel=1e-4)
+
+
+MICRO = ["--override", "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_hidden_layers=1",
+         "--override", "num_attention_heads=2", "--override", "num_key_value_heads=1",
+         "--override", "max_position_embeddings=64", "--override", "micro_batch_size=4",
+         "--override", "batch_tokens=256", "--override", "eval_tokens=256", "--vocab-size", "512"]
+
+
+def test_an_ablation_stopped_by_its_time_limit_resumes_to_the_same_result(inputs, tmp_path):
+    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"all={WEB_TRAIN}", "--tokens", "1024",
+              *MICRO]
+    runner = CliRunner()
+    whole = runner.invoke(app, [*common, "-o", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    invocations = 0
+    while not (tmp_path / "split/eval_loss.png").exists():
+        result = runner.invoke(app, [*common, "-o", str(tmp_path / "split"), "--override", "time_limit_minutes=1e-9"])
+        assert result.exit_code == 0, result.output
+        invocations += 1
+        assert invocations <= 8
+    # One optimizer step per invocation (4 per run), except that the invocation finishing `edu` also starts `all`.
+    assert invocations == 7
+    a = json.loads((tmp_path / "whole/report.json").read_text())["runs"]
+    b = json.loads((tmp_path / "split/report.json").read_text())["runs"]
+    for name in ("edu", "all"):
+        assert b[name]["tokens_seen"] == a[name]["tokens_seen"] == 1024
+        assert b[name]["train_loss"] == pytest.approx(a[name]["train_loss"], rel=1e-5)
+        assert b[name]["eval"] == pytest.approx(a[name]["eval"], rel=1e-5)

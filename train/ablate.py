@@ -9,6 +9,8 @@ side by side). Every run is evaluated on every dataset's held-out slice and on e
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from edu_filter.train.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
@@ -81,10 +83,16 @@ def ablate(
     runs = {}
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    started = time.time()
     with Progress(*columns, console=console, disable=rank != 0) as progress:
         for name in datasets:
+            run_cfg = cfg
+            if cfg.time_limit_minutes is not None:  # the limit covers the whole invocation, not each run
+                run_cfg = replace(cfg, time_limit_minutes=cfg.time_limit_minutes - (time.time() - started) / 60)
             run_dir = out / "runs" / name
-            runs[name] = pretrain(cfg, out / "tokens" / name / "train.bin", eval_paths, run_dir, tok, progress)
+            runs[name] = pretrain(run_cfg, out / "tokens" / name / "train.bin", eval_paths, run_dir, tok, progress)
+            if not runs[name]["finished"]:  # the time limit: end the job, the same command resumes it
+                break
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
@@ -114,9 +122,12 @@ def ablate(
         "runs": runs,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    if all(r["finished"] for r in runs.values()):
-        plot_losses(runs, out / "loss_curves.png")
-        plot_eval_losses(runs, out / "eval_loss.png")
+    if len(runs) < len(datasets) or not all(r["finished"] for r in runs.values()):
+        console.print(f"[yellow]stopped at the time limit after {sum(r['steps'] for r in runs.values())} steps; "
+                      "run the same command again to resume")
+        return report
+    plot_losses(runs, out / "loss_curves.png")
+    plot_eval_losses(runs, out / "eval_loss.png")
     console.print(comparison_table(runs, preset))
     console.print(f"report: {out / 'report.json'}")
     return report
