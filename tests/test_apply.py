@@ -314,3 +314,28 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
     below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
              for line in gzip.open(f)]
     assert max(r["int_score"] for r in below) < 4 and {"path", "repo", "license"} <= set(below[0])
+
+
+def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
+    """chunk-max takes the max over all 128-token chunks, so it can only raise a long document's truncated score."""
+    from datatrove.data import Document
+
+    from edu_filter.filters.scoring import EduClassifierScorer
+
+    texts = [json.loads(line)["text"] for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:40]
+
+    def score(mode):
+        step = EduClassifierScorer(stock_classifier, long_docs=mode, window_size=16)
+        docs = list(step.run(iter(Document(text=t, id=str(i)) for i, t in enumerate(texts))))
+        return step, [d.metadata["score"] for d in docs], [d.metadata["int_score"] for d in docs]
+
+    step, truncated_scores, ints = score("truncate")
+    _, max_scores, _ = score("chunk-max")
+    stats = step.stats.to_dict()["stats"]
+    assert stats["scored"]["total"] == 40 and stats["truncated"]["total"] >= 10  # most docs exceed 128 tokens
+    assert stats["docs_per_second"]["unit"] == "window"
+    assert all(m >= t - 1e-4 for m, t in zip(max_scores, truncated_scores))
+    assert sum(m > t + 1e-3 for m, t in zip(max_scores, truncated_scores)) >= 5
+    assert all(isinstance(i, int) and 0 <= i <= 5 for i in ints)
+    with pytest.raises(ValueError, match="long_docs"):
+        EduClassifierScorer(stock_classifier, long_docs="sliding")
