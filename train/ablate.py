@@ -182,7 +182,8 @@ def _load_final_model(path: Path):
 
 
 def comparison_table(runs: dict, preset: str):
-    """Runs as rows: training loss first -> last steps, final evaluation losses (best in green), speed."""
+    """Runs as rows: passes over the training data (repeats weaken the comparison), training loss over the first and
+    last steps, final evaluation losses (best in green), speed."""
     from rich.table import Table
 
     first = next(iter(runs.values()))
@@ -192,13 +193,13 @@ def comparison_table(runs: dict, preset: str):
     table = Table(title=f"{preset} ({first['params'] / 1e6:.1f}M params), {first['tokens_seen']:,} tokens per run; "
                         "eval = loss on held-out text, lower is better")
     table.add_column("run")
-    for col in ["train loss", *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
+    for col in ["epochs", "train loss", *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
                 *(["HumanEval"] if with_humaneval else [])]:
         table.add_column(col, justify="right")
     best = {n: min(r["eval"].get(n, float("inf")) for r in runs.values()) for n in eval_names}
     for name, r in runs.items():
         losses = r["train_loss"]
-        cells = [name, f"{_mean(losses[:5]):.2f}→{_mean(losses[-5:]):.2f}" if losses else "-"]
+        cells = [name, f"{r['train_epochs']:.2f}", f"{_mean(losses[:5]):.2f}→{_mean(losses[-5:]):.2f}" if losses else "-"]
         for n in eval_names:
             v = r["eval"].get(n)
             cells.append("-" if v is None else (f"[bold green]{v:.3f}" if v == best[n] else f"{v:.3f}"))
