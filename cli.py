@@ -205,16 +205,21 @@ def apply(
     dry_run: bool = typer.Option(False, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
+    from edu_filter.documents import DocumentError
     from edu_filter.filters.apply import SlurmOptions, run_apply
 
-    run_apply(
-        inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
-        exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
-        slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
-                           time=slurm_time, cpus_per_task=slurm_cpus, venv_path=slurm_venv, dry_run=dry_run),
-        long_docs=long_docs, max_length=max_length, batch_size=batch_size, tokenizer=tokenizer,
-        text_field=text_field, id_field=id_field,
-    )
+    try:
+        run_apply(
+            inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
+            exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
+            slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
+                               time=slurm_time, cpus_per_task=slurm_cpus, venv_path=slurm_venv, dry_run=dry_run),
+            long_docs=long_docs, max_length=max_length, batch_size=batch_size, tokenizer=tokenizer,
+            text_field=text_field, id_field=id_field,
+        )
+    except (DocumentError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -226,13 +231,19 @@ def sweep(
     positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
 ):
     """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
+    from edu_filter.documents import DocumentError
     from edu_filter.filters.sweep import run_sweep
 
     # `--thresholds 0 1 2` leaves 1 and 2 among the positional arguments: take back bare integers that are not paths
     extra = [s for s in scored if s.isdigit() and not Path(s).exists()]
     scored = [s for s in scored if s not in extra]
     thresholds = sorted(set(thresholds) | {int(s) for s in extra})
-    run_sweep(scored, output, thresholds=thresholds, label_field=label_field, positive_threshold=positive_threshold)
+    try:
+        run_sweep(scored, output, thresholds=thresholds, label_field=label_field,
+                  positive_threshold=positive_threshold)
+    except (DocumentError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

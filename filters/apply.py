@@ -97,9 +97,9 @@ def resolve_config(
     model = model or base["model"]
     if model is None:
         raise ValueError("give --model (a folder written by `edu-filter train`, or a hub id) or a --preset")
-    if keep_top is not None:
-        threshold = None
-    elif threshold is None:
+    if keep_top is not None and threshold is not None:
+        raise ValueError("give a threshold or keep_top, not both")
+    if keep_top is None and threshold is None:
         threshold = base["threshold"]
     if threshold is not None and not 0 <= threshold <= 5:
         raise ValueError(f"threshold must be an int_score between 0 and 5, got {threshold}")
@@ -136,8 +136,8 @@ def check_resume(cfg: ApplyConfig) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
-def build_stages(cfg: ApplyConfig, workers: int) -> list[tuple[str, list, int]]:
-    """(stage name, pipeline, tasks) in run order."""
+def build_stages(cfg: ApplyConfig, workers: int, files: list[tuple[str, str]]) -> list[tuple[str, list, int]]:
+    """(stage name, pipeline, tasks) in run order, over the input `files` from `expand_inputs`."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import (
@@ -159,7 +159,6 @@ def build_stages(cfg: ApplyConfig, workers: int) -> list[tuple[str, list, int]]:
         InputErrorFilter,
         KeptParquetWriter,
         RankFileReader,
-        expand_inputs,
         record_writer,
     )
     from edu_filter.filters.report import WriteApplyStats
@@ -175,7 +174,6 @@ def build_stages(cfg: ApplyConfig, workers: int) -> list[tuple[str, list, int]]:
     work, logs = f"{out}/work", f"{out}/logs"
     if cfg.dedup or cfg.exact_dedup:
         check_hashing()
-    files = expand_inputs(cfg.inputs)
     minhash = fineweb_minhash_config()
     exact = exact_dedup_config()
     stages = []
@@ -329,6 +327,7 @@ def run_apply(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edu_filter.filters.io import expand_inputs
     from edu_filter.filters.report import stats_table
 
     if executor not in EXECUTORS:
@@ -337,8 +336,9 @@ def run_apply(
         raise ValueError("tasks and workers must be >= 1")
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, tasks=tasks, **options)
+    files = expand_inputs(cfg.inputs)  # bad inputs fail here, before anything is written
     check_resume(cfg)
-    stages = build_stages(cfg, workers)
+    stages = build_stages(cfg, workers, files)
     logs = f"{cfg.output.rstrip('/')}/logs"
     console = Console(stderr=True, quiet=not show)
 

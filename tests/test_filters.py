@@ -102,3 +102,20 @@ def test_keep_top_cutoff_hits_the_fraction():
     assert keep_top_cutoff(np.array([2.0, 2.0, 2.0, 1.0], np.float32), 0.5) == 2.0  # ties at the cutoff are kept
     with pytest.raises(ValueError):
         keep_top_cutoff(scores, 0)
+
+
+def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):
+    from edu_filter.filters.apply import run_apply
+
+    out = tmp_path / "out"
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"id": "a", "text": "x"}\n')
+    with pytest.raises(DocumentError, match="no such file"):
+        run_apply([str(tmp_path / "nope.jsonl")], str(out), model="m", show=False)
+    with pytest.raises(ValueError, match="not both"):
+        run_apply([str(good)], str(out), model="m", threshold=3, keep_top=0.1, show=False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_apply([str(good)], str(out), preset="fineweb", show=False)
+    with pytest.raises(ValueError, match="give --model"):
+        run_apply([str(good)], str(out), show=False)
+    assert not out.exists()
