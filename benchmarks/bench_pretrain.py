@@ -64,7 +64,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
-    steps = args.steps or (10 if cuda else 8)
+    steps = args.steps or (10 if cuda else 40)
     overrides = {"eval_tokens": 4096, "compile": args.compile, **parse_overrides(args.override)}
     cfg = PretrainConfig.from_preset(args.preset, overrides)
     cfg.tokens = (steps + 1) * cfg.batch_tokens

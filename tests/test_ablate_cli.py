@@ -44,7 +44,7 @@ def ablation(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     args = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"all={WEB_TRAIN}",
             "--eval", f"reference={WEB_VAL}", "--preset", "tiny", "--tokens", "20480", "-o", str(out),
-            "--override", "batch_tokens=2048", "--override", "micro_batch_size=8", "--override", "eval_tokens=2048",
+            "--override", "eval_tokens=2048",
             "--humaneval", "--humaneval-limit", "2", "--cloze", f"facts={inputs / 'cloze.jsonl'}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -59,7 +59,7 @@ def test_both_runs_see_the_same_tokens_and_learn(ablation):
     assert runs["edu"]["tokens_seen"] == runs["all"]["tokens_seen"] == 20480
     assert runs["edu"]["params"] == runs["all"]["params"]
     for r in runs.values():
-        assert r["finished"] and len(r["train_loss"]) == 10
+        assert r["finished"] and len(r["train_loss"]) == 20  # 1024 tokens per step
         assert r["train_loss"][-1] < r["train_loss"][0] - 0.5
         assert set(r["eval"]) == {"edu/val", "all/val", "reference"}
         assert all(3 < v < r["eval_history"][0]["reference"] + 1 for v in r["eval"].values())

@@ -30,7 +30,9 @@ PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
-        "train": dict(vocab_size=4096, micro_batch_size=16, batch_tokens=4096, lr=3e-3, eval_tokens=16_384),
+        # Small batches: at 300k tokens, more optimizer steps beat bigger ones (held-out loss 6.13 at 1k tokens per
+        # step vs 6.27 at 2k and 6.65 at 4k on the bundled web data).
+        "train": dict(vocab_size=4096, micro_batch_size=4, batch_tokens=1024, lr=3e-3, eval_tokens=16_384),
     },
     "smollm-135m": {
         "model": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -70,8 +72,8 @@ class PretrainConfig:
     model: dict = field(default_factory=dict)  # LlamaConfig fields
     vocab_size: int = 4096  # of the BPE tokenizer trained for an ablation; the model takes the tokenizer's size
     seq_len: int | None = None  # defaults to the model's max_position_embeddings
-    micro_batch_size: int = 16  # sequences per forward/backward on one device
-    batch_tokens: int = 4096  # tokens per optimizer step, all devices and accumulation steps together
+    micro_batch_size: int = 4  # sequences per forward/backward on one device
+    batch_tokens: int = 1024  # tokens per optimizer step, all devices and accumulation steps together
     lr: float = 3e-3
     min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
     schedule: str = "wsd"  # "wsd": warmup, constant, linear cooldown; or "cosine"
