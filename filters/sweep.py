@@ -76,13 +76,11 @@ def retention_table(data: dict, thresholds: list[int], positive_threshold: int =
 
 
 def plot_sweep(data: dict, rows: list[dict], output: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.hist(data["score"], bins=np.arange(-0.5, 5.75, 0.25), color="#4878a8", edgecolor="white")
     for t in range(1, 6):
         ax.axvline(t - 0.5, color="grey", lw=0.6, ls=":")
@@ -92,9 +90,9 @@ def plot_sweep(data: dict, rows: list[dict], output: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(output / "score_histogram.png")
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     order = np.sort(data["score"])[::-1]
     tok_order = data["tokens"][np.argsort(-data["score"], kind="stable")]
     ax.plot(order, 100 * np.arange(1, len(order) + 1) / len(order), label="documents (float score cutoff)")
@@ -113,7 +111,6 @@ def plot_sweep(data: dict, rows: list[dict], output: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(output / "retention_curve.png")
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
     return paths
 
 
