@@ -31,8 +31,10 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
         # Small batches: at 300k tokens, more optimizer steps beat bigger ones (held-out loss 6.13 at 1k tokens per
-        # step vs 6.27 at 2k and 6.65 at 4k on the bundled web data).
-        "train": dict(vocab_size=4096, micro_batch_size=4, batch_tokens=1024, lr=3e-3, eval_tokens=16_384),
+        # step vs 6.27 at 2k and 6.65 at 4k on the bundled web data). One CPU thread: matrices this small gain
+        # little from a second, and on busy cores OpenMP threads waiting for each other made training 6-18x slower.
+        "train": dict(vocab_size=4096, micro_batch_size=4, batch_tokens=1024, lr=3e-3, eval_tokens=16_384,
+                      cpu_threads=1),
     },
     "smollm-135m": {
         "model": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -90,6 +92,7 @@ class PretrainConfig:
     resume: bool = True  # continue from OUT/checkpoint when it exists
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False  # torch.compile the model
+    cpu_threads: int | None = None  # torch intra-op threads when training on CPU (default: torch's choice)
     seed: int = 0
 
     @classmethod
@@ -199,6 +202,8 @@ def pretrain(
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -373,4 +378,4 @@ def pretrain(
 def _run_defining(config: dict) -> dict:
     """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change)."""
     return {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
-                                                         "eval_every", "compile")}
+                                                         "eval_every", "compile", "cpu_threads")}
