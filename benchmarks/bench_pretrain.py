@@ -23,11 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 
 
-def bare_tokens_per_second(model, vocab: int, micro_batch: int, seq_len: int, grad_accum: int, steps: int,
-                           autocast) -> float:
+def bare_tokens_per_second(cfg, tokenizer_size: int, steps: int, compile: bool) -> float:
     """Optimizer steps on random tokens already on the device: the ceiling for this model and batch shape."""
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    vocab = -(-tokenizer_size // 64) * 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="sdpa", **cfg.model)).to(device)
+    if compile:
+        model = torch.compile(model)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    micro_batch, seq_len = cfg.micro_batch_size, cfg.context
+    grad_accum = cfg.batch_tokens // (micro_batch * seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
     elapsed = 0.0
     for step in range(steps + 1):  # step 0 warms up (allocator, compilation)
@@ -42,7 +53,7 @@ def bare_tokens_per_second(model, vocab: int, micro_batch: int, seq_len: int, gr
         loss.item()
         if step:
             elapsed += time.time() - t0
-    return steps * grad_accum * micro_batch * seq_len / elapsed
+    return steps * cfg.batch_tokens / elapsed
 
 
 def main() -> None:
@@ -55,11 +66,10 @@ def main() -> None:
 
     from rich.console import Console
     from rich.table import Table
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from edu_filter.train.packing import iter_texts, write_train_val
-    from edu_filter.train.pretrain import PretrainConfig, parse_overrides, pretrain
+    from edu_filter.train.pretrain import PretrainConfig, cpu_threads, parse_overrides, pretrain
     from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
 
     hf_logging.disable_progress_bar()
@@ -73,24 +83,15 @@ def main() -> None:
         tok = train_tokenizer(mixed_sample([iter_texts(str(WEB))], 1_000_000), cfg.vocab_size)
         write_train_val(iter_texts(str(WEB)), tok, work / "tokens", train_tokens=10**9, val_fraction=0.05,
                         max_val_tokens=cfg.eval_tokens + cfg.context + 1)
-        loop = pretrain(cfg, work / "tokens/train.bin", {"val": work / "tokens/val.bin"}, work / "run", tok)
-
-        torch.manual_seed(0)
-        device = torch.device("cuda" if cuda else "cpu")
-        vocab = -(-len(tok) // 64) * 64
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="sdpa", **cfg.model)).to(device)
-        if args.compile:
-            model = torch.compile(model)
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast(
-            device.type, enabled=False)
-        grad_accum = cfg.batch_tokens // (cfg.micro_batch_size * cfg.context)
-        bare = bare_tokens_per_second(model, vocab, cfg.micro_batch_size, cfg.context, grad_accum, steps, autocast)
+        with cpu_threads(cfg.cpu_threads):
+            threads = torch.get_num_threads()
+            loop = pretrain(cfg, work / "tokens/train.bin", {"val": work / "tokens/val.bin"}, work / "run", tok)
+            bare = bare_tokens_per_second(cfg, len(tok), steps, args.compile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     table = Table(title=f"pretraining throughput, {args.preset} ({loop['params'] / 1e6:.1f}M params) on "
-                        f"{loop['device']}, {loop['precision']}, {torch.get_num_threads()} CPU threads")
+                        f"{loop['device']}, {loop['precision']}, {threads} CPU threads")
     for col in ("measurement", "tokens/s", "MFU"):
         table.add_column(col, justify="right" if col != "measurement" else "left")
     peak_mfu = loop["mfu"] * bare / loop["tokens_per_second"] if loop["mfu"] is not None else None

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edu_filter.train.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
-from edu_filter.train.pretrain import PretrainConfig, init_distributed, parse_overrides, pretrain
+from edu_filter.train.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
 from edu_filter.train.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 
 
@@ -84,7 +84,7 @@ def ablate(
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     started = time.time()
-    with Progress(*columns, console=console, disable=rank != 0) as progress:
+    with cpu_threads(cfg.cpu_threads), Progress(*columns, console=console, disable=rank != 0) as progress:
         for name in datasets:
             run_cfg = cfg
             if cfg.time_limit_minutes is not None:  # the limit covers the whole invocation, not each run

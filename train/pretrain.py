@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -92,7 +92,7 @@ class PretrainConfig:
     resume: bool = True  # continue from OUT/checkpoint when it exists
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False  # torch.compile the model
-    cpu_threads: int | None = None  # torch intra-op threads when training on CPU (default: torch's choice)
+    cpu_threads: int | None = None  # torch intra-op threads for a CPU ablation (default: torch's choice)
     seed: int = 0
 
     @classmethod
@@ -169,6 +169,18 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+@contextmanager
+def cpu_threads(n: int | None):
+    """Use n torch threads inside the block when training on CPU, then restore the previous count."""
+    before = torch.get_num_threads()
+    if n and not torch.cuda.is_available():
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size); starts the process group when launched by torchrun."""
     if "RANK" in os.environ and not dist.is_initialized():
@@ -202,8 +214,6 @@ def pretrain(
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    if device.type == "cpu" and cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
