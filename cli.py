@@ -21,8 +21,9 @@ def train(
     val: Optional[list[str]] = typer.Option(None, help="Validation data; split off from DATA when absent."),
     label_field: str = typer.Option("score", help="Field holding the 0-5 label."),
     max_length: int = typer.Option(512, help="Tokens per sequence (saved with the model)."),
-    long_docs: Optional[str] = typer.Option(
-        None, help="truncate, chunk-mean or chunk-max (default: chunk-mean for head, truncate for finetune)."
+    long_docs: str = typer.Option("truncate", help="truncate, chunk-mean or chunk-max (saved as the model's default)."),
+    pool_layers: Optional[str] = typer.Option(
+        None, help="Comma-separated hidden layers to pool and concatenate (default: 1/3, 2/3 and top of the encoder)."
     ),
     epochs: int = typer.Option(2, help="finetune: passes over the training data."),
     learning_rate: float = typer.Option(3e-5, help="finetune: encoder learning rate."),
@@ -39,6 +40,7 @@ def train(
             data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
             max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
             learning_rate=learning_rate, cache_dir=cache_dir,
+            pool_layers=[int(x) for x in pool_layers.split(",")] if pool_layers else None,
         )
     except (DocumentError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

@@ -8,8 +8,14 @@ vs 0.63 pooler), so the saved folder carries this file and an `auto_map`, and lo
 official classifier's: `logits` of shape (batch, 1), the raw educational score.
 
 The file is self-contained (only torch and transformers) because `save_pretrained` copies it next to the weights.
-Everything needed to use the model is in the config: encoder config and name, pooling, max_seq_length (tokens per
-sequence; `max_length` is reserved for generation in transformers), calibration cut
+
+Intermediate layers: pooling the last layer alone is what sentence embeddings do, but a quality judgement also
+depends on form (structure, comments, style) that middle layers keep better. On the labelled Python files (5-fold,
+frozen MiniLM, ridge) mean-pooling layer 3 or 4 of 6 gave Spearman 0.84 vs 0.79 for the last layer, F1@4 0.58 vs
+0.51; `pool_layers` lists the hidden states (0 = embeddings) whose pooled vectors are concatenated.
+
+Everything needed to use the model is in the config: encoder config and name, pooling and pooled layers,
+max_seq_length (tokens per sequence; `max_length` is reserved for generation in transformers), calibration cut
 points, the long-document strategy, and the kind (web/code) and method (head/finetune) it was trained with.
 """
 
@@ -31,6 +37,7 @@ class EduClassifierConfig(PretrainedConfig):
         encoder_config: dict | None = None,
         encoder_name: str | None = None,
         pooling: str = "mean",
+        pool_layers: list[int] | None = None,
         max_seq_length: int = 512,
         long_docs: str = "truncate",
         max_chunks: int = 16,
@@ -46,6 +53,7 @@ class EduClassifierConfig(PretrainedConfig):
         self.encoder_config = encoder_config or {}
         self.encoder_name = encoder_name
         self.pooling = pooling
+        self.pool_layers = list(pool_layers) if pool_layers else [-1]
         self.max_seq_length = max_seq_length
         self.long_docs = long_docs
         self.max_chunks = max_chunks
@@ -74,7 +82,7 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
         self.encoder = encoder if encoder is not None else AutoModel.from_config(
             AutoConfig.for_model(**config.encoder_config)
         )
-        self.classifier = nn.Linear(self.encoder.config.hidden_size, 1)
+        self.classifier = nn.Linear(self.encoder.config.hidden_size * len(config.pool_layers), 1)
         self.post_init()
 
     def _init_weights(self, module):
@@ -83,11 +91,15 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled document vectors (batch, hidden): what the head reads."""
+        """Pooled vectors of the chosen layers, concatenated (batch, hidden * len(pool_layers)): what the head reads."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.config.pooling)
+        layers = self.config.pool_layers
+        if layers == [-1]:
+            return pool(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                        attention_mask, self.config.pooling)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        return torch.cat([pool(hidden[i], attention_mask, self.config.pooling) for i in layers], dim=-1)
 
     def forward(
         self,

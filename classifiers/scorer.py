@@ -124,7 +124,12 @@ class EduScorer:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
             saved_length = config.get("max_seq_length", 512)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder, dtype=dtype, attn_implementation="sdpa"
+                )
+            except ValueError:  # an architecture without SDPA support
+                model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder)
             saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length)
         if model.config.num_labels != 1:
