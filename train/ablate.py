@@ -129,6 +129,10 @@ def ablate(
     plot_losses(runs, out / "loss_curves.png")
     plot_eval_losses(runs, out / "eval_loss.png")
     console.print(comparison_table(runs, preset))
+    for name, r in runs.items():
+        if r["train_epochs"] > 1.05:
+            console.print(f"[yellow]note: '{name}' was repeated {r['train_epochs']:.1f} times to fill the budget; "
+                          "repeated data weakens the comparison (give more documents or fewer --tokens)")
     console.print(f"report: {out / 'report.json'}")
     return report
 
