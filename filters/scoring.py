@@ -105,7 +105,10 @@ class CountTokens(PipelineStep):
             todo = [doc for doc in batch if doc.text and not isinstance(doc.metadata.get("token_count"), int)]
             if todo:
                 if tokenizer is None:
-                    tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+                    # the classifier folder carries its own modeling file (the model `apply` already runs); trusting it
+                    # keeps AutoTokenizer from stopping to ask in a non-interactive pipeline
+                    tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, trust_remote_code=True)
+                    tokenizer.model_max_length = int(1e30)  # counting, not truncating: no over-length warning
                 with self.track_time(unit="batch"):
                     encoded = tokenizer([doc.text for doc in todo], add_special_tokens=False)["input_ids"]
                 for doc, ids in zip(todo, encoded):
