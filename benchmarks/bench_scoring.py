@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("data", nargs="*", default=DEFAULT_DATA, help="files or folders of documents to score")
     parser.add_argument("--model", help="model folder; default: train a small head model on bundled web data")
     parser.add_argument("--limit", type=int, default=384, help="documents to score")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per document, for both methods")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
     args = parser.parse_args()
@@ -75,10 +75,10 @@ def main() -> None:
             from edu_filter.train.classifier import train_classifier
 
             model_dir = str(Path(tmp) / "model")
-            console.print("training a small head model (MiniLM, 200 web documents) to benchmark with")
+            console.print("training a small head model (MiniLM, 100 web documents) to benchmark with")
             train_classifier(
-                [str(REPO / "data/web/fineweb_edu_llama3_train.jsonl")], model_dir, encoder=minilm_path(), limit=200,
-                max_length=args.max_length, long_docs="truncate", cache_dir=str(Path(tmp) / "cache"),
+                [str(REPO / "data/web/fineweb_edu_llama3_train.jsonl")], model_dir, encoder=minilm_path(), limit=100,
+                max_length=128, cache_dir=str(Path(tmp) / "cache"),
             )
 
         scorer = EduScorer.from_pretrained(model_dir, max_length=args.max_length, batch_size=args.batch_size)

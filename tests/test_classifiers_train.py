@@ -62,7 +62,7 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
 
     out = tmp_path / "ft"
     metrics = train_classifier(
-        [str(CODE_LABELS)], out, kind="code", method="finetune", encoder=minilm_path, max_length=64, limit=80,
+        [str(CODE_LABELS)], out, kind="code", method="finetune", encoder=minilm_path, max_length=48, limit=50,
         epochs=1, train_batch_size=8, val_fraction=0.2, cache_dir=str(embedding_cache_dir),
     )
     assert metrics["training"]["method"] == "finetune" and np.isfinite(metrics["mse"])
