@@ -222,12 +222,10 @@ def _mean(xs: list[float]) -> float:
 
 def plot_losses(runs: dict, path: Path) -> Path:
     """Training loss (left) and evaluation losses (right) against training tokens, one colour per run."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
     styles = ["-", "--", ":", "-."]
     for i, (name, r) in enumerate(runs.items()):
         color = f"C{i}"
@@ -245,22 +243,19 @@ def plot_losses(runs: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_eval_losses(runs: dict, path: Path) -> Path:
     """Final evaluation loss on each set, the runs' bars side by side (lower is better)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     eval_names = list(next(iter(runs.values()))["eval"])
     width = 0.8 / len(runs)
     x = np.arange(len(eval_names))
-    fig, ax = plt.subplots(figsize=(max(6, 2 * len(eval_names)), 4.5))
+    fig = Figure(figsize=(max(6, 2 * len(eval_names)), 4.5))
+    ax = fig.subplots()
     for i, (name, r) in enumerate(runs.items()):
         values = [r["eval"][n] for n in eval_names]
         bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=name, color=f"C{i}")
@@ -273,5 +268,4 @@ def plot_eval_losses(runs: dict, path: Path) -> Path:
     ax.legend(title="trained on")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
