@@ -4,8 +4,9 @@ All three end the same way: cut points fitted on held-out predictions (calibrati
 self-describing folder `EduScorer.from_pretrained` reads, `metrics.json` (the evaluate report on the validation
 split) and `confusion_matrix.png` beside it.
 
-- head (the FineWeb-Edu recipe): pooled embeddings of a frozen encoder, cached on disk, and a ridge regression
-  whose regularisation is chosen by cross-validation on the training split. The ridge (with its feature scaling
+- head (the FineWeb-Edu recipe): mean-pooled embeddings of a frozen encoder (layers at 1/3, 2/3 and the top,
+  concatenated), cached on disk, and a ridge regression whose regularisation is chosen by cross-validation on the
+  training split. The ridge (with its feature scaling
   folded in) becomes the model's linear head.
 - finetune: the same model, head initialised from that ridge (linear probe, then fine-tune), all weights trained
   with MSE.
@@ -18,6 +19,7 @@ split: about ten times more examples to place the rare high-score cut points (3+
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -237,6 +239,7 @@ def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int):
     BLAS runs single-threaded: these matrices are small, and multi-threaded OpenBLAS on a busy machine was measured
     ~80x slower (2.3 s vs 0.03 s per fit).
     """
+    from scipy.linalg import LinAlgWarning
     from sklearn.linear_model import Ridge, RidgeCV
     from threadpoolctl import threadpool_limits
     from sklearn.model_selection import KFold, cross_val_predict
@@ -244,7 +247,8 @@ def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int):
     from sklearn.preprocessing import StandardScaler
 
     cv = KFold(folds, shuffle=True, random_state=seed)
-    with threadpool_limits(1):
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", LinAlgWarning)  # the smallest alphas of the search are ill-conditioned
         search = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 25), cv=cv))
         search.fit(x, y)
         alpha = float(search[-1].alpha_)
