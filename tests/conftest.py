@@ -57,3 +57,14 @@ def code_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
     """A head model (MiniLM mean-pool + ridge, calibrated) trained on 200 bundled labelled Python files."""
     out = tmp_path_factory.mktemp("models") / "code"
     return _train_small(out, CODE_LABELS, "code", minilm_path, embedding_cache_dir, limit=200)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Micro models gain nothing from threads, and on a busy machine OpenMP threads slow them down many times."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from edu_filter.cli import app
@@ -19,12 +18,7 @@ WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ MICRO = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "nu
          "eval_tokens": 1024, "lr": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from threads, and on a busy machine OpenMP threads slow them down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
