@@ -85,14 +85,12 @@ def print_metrics(metrics: dict, title: str) -> None:
 
 def plot_confusion_matrix(metrics: dict, path: str | Path, title: str) -> Path:
     """Row-normalised confusion matrix with counts, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     cm = np.asarray(metrics["confusion_matrix"], dtype=np.float64)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in CLASSES:
         for j in CLASSES:
@@ -108,5 +106,4 @@ def plot_confusion_matrix(metrics: dict, path: str | Path, title: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
