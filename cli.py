@@ -23,7 +23,7 @@ def train(
     max_length: int = typer.Option(512, help="Tokens per sequence (saved with the model)."),
     long_docs: str = typer.Option("truncate", help="truncate, chunk-mean or chunk-max (saved as the model's default)."),
     pool_layers: Optional[str] = typer.Option(
-        None, help="Comma-separated hidden layers to pool and concatenate (default: 1/3, 2/3 and top of the encoder)."
+        None, help="Comma-separated hidden layers to pool and concatenate (default: six evenly spaced, up to the top)."
     ),
     epochs: int = typer.Option(2, help="finetune: passes over the training data."),
     learning_rate: float = typer.Option(3e-5, help="finetune: encoder learning rate."),
@@ -55,13 +55,16 @@ def evaluate(
     label_field: str = typer.Option("score"),
     long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     batch_size: int = typer.Option(32),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
     from edu_filter.classifiers.evaluate import evaluate_model
     from edu_filter.documents import DocumentError
 
     try:
-        evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size)
+        evaluate_model(
+            model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size, dtype=dtype
+        )
     except (DocumentError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
@@ -192,6 +195,7 @@ def apply(
     long_docs: str = typer.Option("truncate", help="truncate, chunk-max or chunk-mean."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per document/chunk (the model's when unset)."),
     batch_size: int = typer.Option(32),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for token_count (the classifier's when unset)."),
     text_field: str = typer.Option("text"),
     id_field: str = typer.Option("id"),
@@ -216,7 +220,7 @@ def apply(
             exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
             slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                                time=slurm_time, cpus_per_task=slurm_cpus, venv_path=slurm_venv, dry_run=dry_run),
-            long_docs=long_docs, max_length=max_length, batch_size=batch_size, tokenizer=tokenizer,
+            long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
             text_field=text_field, id_field=id_field,
         )
     except (DocumentError, ValueError) as e:

@@ -5,6 +5,7 @@ The naive loop is what a first script does: documents in file order, batches of 
 `apply` runs (length-sorted batches via `EduScorer`, inference mode; bf16 + SDPA on GPU).
 
     python benchmarks/bench_apply.py                         # CPU, offline MiniLM classifier, 256 FineWeb docs
+    python benchmarks/bench_apply.py --dtype int8            # the same with the int8 CPU fast path
     python benchmarks/bench_apply.py --device cuda --docs 20000 \
         --model Snowflake/snowflake-arctic-embed-m           # GPU: an arctic-embed-m-sized encoder at 512 tokens
 
@@ -67,12 +68,13 @@ def naive_loop(folder: str, texts: list[str], device: str, max_length: int) -> t
     return np.concatenate(out), time.perf_counter() - start
 
 
-def apply_step(folder: str, texts: list[str], device: str, max_length: int, batch_size: int) -> tuple[np.ndarray, float, dict]:
+def apply_step(folder: str, texts: list[str], device: str, max_length: int, batch_size: int,
+               dtype: str | None = None) -> tuple[np.ndarray, float, dict]:
     from datatrove.data import Document
 
     from edu_filter.filters.scoring import EduClassifierScorer
 
-    step = EduClassifierScorer(folder, batch_size=batch_size, max_length=max_length, device=device,
+    step = EduClassifierScorer(folder, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
                                num_threads=torch.get_num_threads(), window_size=len(texts))
     step.load_scorer().predict(texts[:8])  # load + warm up outside the timing, as the naive loop's load is
     docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
@@ -88,15 +90,17 @@ def main():
     parser.add_argument("--docs", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default=None, help="scoring precision (default fp32 on CPU, bf16 on GPU; int8 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     folder = classifier_folder(args.model, args.max_length)
     texts = load_texts(args.docs)
-    print(f"{len(texts)} FineWeb documents, max_length {args.max_length}, device {args.device}, "
+    print(f"{len(texts)} FineWeb documents, max_length {args.max_length}, device {args.device}, dtype {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, model {args.model or 'all-MiniLM-L6-v2 (offline)'}")
     naive_scores, naive_s = naive_loop(folder, texts, args.device, args.max_length)
-    ours_scores, ours_s, stats = apply_step(folder, texts, args.device, args.max_length, args.batch_size)
+    ours_scores, ours_s, stats = apply_step(folder, texts, args.device, args.max_length, args.batch_size,
+                                           args.dtype)
     naive_rate, ours_rate = len(texts) / naive_s, len(texts) / ours_s
     diff = float(np.max(np.abs(naive_scores - ours_scores)))
     print(f"naive transformers loop : {naive_rate:9.1f} docs/s  ({naive_s:.1f} s)")

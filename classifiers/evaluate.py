@@ -16,6 +16,7 @@ def evaluate_model(
     label_field: str = "score",
     long_docs: str | None = None,
     batch_size: int = 32,
+    dtype: str | None = None,
 ) -> dict:
     """Metrics of `model` on `data` (every row must carry a label); the JSON report gets a confusion-matrix PNG beside it."""
     from edu_filter.classifiers.scorer import EduScorer
@@ -23,7 +24,7 @@ def evaluate_model(
     rows = read_documents(data, label_field=label_field, require_label=True)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
-    scorer = EduScorer.from_pretrained(model, batch_size=batch_size)
+    scorer = EduScorer.from_pretrained(model, batch_size=batch_size, dtype=dtype)
     raw, _ = scorer.predict([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
     metrics = compute_metrics([r["label"] for r in rows], raw, scorer.to_int_score(raw))
     print_metrics(metrics, title=f"{model} on {len(rows)} documents")

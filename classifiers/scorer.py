@@ -5,6 +5,12 @@ HuggingFaceFW/fineweb-edu-classifier layout (stock `BertForSequenceClassificatio
 round-and-clip). The fast path: tokenize everything once, sort sequences by length, pad each batch only to its
 longest member, run under `torch.inference_mode()` with torch threads set (bf16 + SDPA on GPU), and put the
 results back in input order.
+
+Precision (`dtype`): exact fp32 on CPU and bf16 on GPU by default. `int8` is the CPU fast path for CPUs without bf16
+units: the encoder's linear layers are quantized dynamically with per-channel weight scales (the regression head stays
+fp32). On bundled FineWeb documents it scored 1.36x faster than fp32, moved scores by 0.04 on average and changed
+about 1% of keep/drop decisions at threshold 3; activations are quantized per batch, so a score can move slightly with
+the batch a document lands in. Opt-in for that reason: the default reproduces what `train` measured.
 """
 
 from __future__ import annotations
@@ -37,6 +43,30 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path_or_hub_id)))
+
+
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantization (per-channel weights) of every linear layer except the regression head.
+
+    torch.ao's dynamic quantization is deprecated upstream (torchao succeeds it) but works on the pinned torch; its
+    deprecation warning is silenced here so it does not repeat in every pipeline task's log.
+    """
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    head_names = ("classifier", "score")
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in head_names
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated", category=UserWarning)
+        return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
 def default_num_threads() -> int:
@@ -109,10 +139,16 @@ class EduScorer:
         if not config_file.exists():
             raise ValueError(f"{folder}: not a model folder (no config.json or {FASTTEXT_CONFIG})")
         config = json.loads(config_file.read_text())
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype not in (None, *DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype == "int8" and device.type != "cpu":
+            raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; use bfloat16 on GPU")
+        int8 = dtype == "int8"
+        if dtype is None or int8:
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = getattr(torch, dtype)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         ours = config.get("model_type") == "edu_classifier"
@@ -134,6 +170,8 @@ class EduScorer:
             saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length)
         if model.config.num_labels != 1:
             raise ValueError(f"{folder}: expected a regression model with one logit, got {model.config.num_labels}")
+        if int8:
+            model = quantize_int8(model.eval())
         return cls(
             model,
             tokenizer,

@@ -74,6 +74,7 @@ class ApplyConfig:
     long_docs: str = "truncate"
     max_length: int | None = None
     batch_size: int = 32
+    dtype: str | None = None  # scoring precision; None: fp32 on CPU, bf16 on GPU (int8: the CPU fast path)
     tokenizer: str | None = None  # for token_count; the classifier's tokenizer when unset
     text_field: str = "text"
     id_field: str = "id"
@@ -103,6 +104,10 @@ def resolve_config(
         threshold = base["threshold"]
     if threshold is not None and not 0 <= threshold <= 5:
         raise ValueError(f"threshold must be an int_score between 0 and 5, got {threshold}")
+    from edu_filter.classifiers.scorer import DTYPES
+
+    if kwargs.get("dtype") not in (None, *DTYPES):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {kwargs['dtype']!r}")
     decont = [
         str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else d
         for d in (decontaminate if decontaminate is not None else base["decontaminate"])
@@ -222,7 +227,7 @@ def build_stages(cfg: ApplyConfig, workers: int, files: list[tuple[str, str]]) -
         ))
     score += [
         EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length, long_docs=cfg.long_docs,
-                            num_threads=cpu_threads_per_task(workers)),
+                            dtype=cfg.dtype, num_threads=cpu_threads_per_task(workers)),
         SaveScores(f"{work}/scores"),
         record_writer(f"{work}/scored"),
     ]

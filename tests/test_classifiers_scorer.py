@@ -108,6 +108,24 @@ def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
     assert truncated.any()
 
 
+def test_int8_quantizes_the_encoder_and_keeps_scores_close(web_model, web_texts):
+    exact_scorer = EduScorer.from_pretrained(web_model)
+    int8_scorer = EduScorer.from_pretrained(web_model, dtype="int8")
+    quantized = [n for n, m in int8_scorer.model.named_modules() if type(m).__name__ == "Linear" and "quantized" in
+                 type(m).__module__]
+    assert quantized and not any(n.startswith("classifier") for n in quantized)
+    assert isinstance(int8_scorer.model.classifier, torch.nn.Linear)  # the head stays fp32
+    exact, _ = exact_scorer.predict(web_texts)
+    fast, _ = int8_scorer.predict(web_texts)
+    diff = np.abs(fast - exact)
+    assert 0 < diff.max() < 0.5 and diff.mean() < 0.1  # quantized (not a no-op), yet close
+    assert np.corrcoef(fast, exact)[0, 1] > 0.98
+    with pytest.raises(ValueError, match="CPU only"):
+        EduScorer.from_pretrained(web_model, device="meta", dtype="int8")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EduScorer.from_pretrained(web_model, dtype="int4")
+
+
 def test_empty_input_and_empty_text(web_model):
     scorer = EduScorer.from_pretrained(web_model)
     scores, truncated = scorer.predict([])

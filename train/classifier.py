@@ -4,7 +4,7 @@ All three end the same way: cut points fitted on held-out predictions (calibrati
 self-describing folder `EduScorer.from_pretrained` reads, `metrics.json` (the evaluate report on the validation
 split) and `confusion_matrix.png` beside it.
 
-- head (the FineWeb-Edu recipe): mean-pooled embeddings of a frozen encoder (layers at 1/3, 2/3 and the top,
+- head (the FineWeb-Edu recipe): mean-pooled embeddings of a frozen encoder (six evenly spaced layers up to the top,
   concatenated), cached on disk, and a ridge regression whose regularisation is chosen by cross-validation on the
   training split. The ridge (with its feature scaling
   folded in) becomes the model's linear head.
@@ -64,9 +64,15 @@ class ClassifierTrainConfig:
 
 
 def default_pool_layers(num_hidden_layers: int) -> list[int]:
-    """Layers at one third, two thirds and the top of the encoder (2, 4, 6 for MiniLM; 4, 8, 12 for BERT-base)."""
+    """Six evenly spaced layers up to the top: every layer of MiniLM (1-6), every other one of BERT-base (2, 4, .. 12).
+
+    Pooling costs nothing at inference (every layer runs anyway). Frozen MiniLM + ridge, repeated 5-fold CV with
+    cut points fitted inside each fold: web (2000 Llama-3 rows) Spearman 0.673 / F1@3 0.486 vs 0.670 / 0.474 for
+    layers 2, 4, 6 and 0.604 / 0.463 for the top layer alone; code (561 files) Spearman 0.844 / F1@4 0.574 vs
+    0.835 / 0.569 and 0.784 / 0.511. Dropping the top layer (2, 4) would save a third of the compute but cost web F1@3.
+    """
     n = num_hidden_layers
-    return sorted({max(1, round(n / 3)), max(1, round(2 * n / 3)), n})
+    return sorted({max(1, round(k * n / 6)) for k in range(1, 7)})
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
