@@ -75,7 +75,7 @@ def retention_table(data: dict, thresholds: list[int], positive_threshold: int =
     return rows
 
 
-def plot_sweep(data: dict, rows: list[dict], output: Path) -> list[Path]:
+def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: int = 3) -> list[Path]:
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     paths = []
@@ -101,7 +101,7 @@ def plot_sweep(data: dict, rows: list[dict], output: Path) -> list[Path]:
             label="documents at int_score >= t")
     if "f1" in rows[0]:
         ax.plot([r["threshold"] for r in rows], [100 * r["f1"] for r in rows], "s--", color="#c44e52",
-                label="F1 vs labels (x100)")
+                label=f"F1 of int_score >= t vs label >= {positive_threshold} (x100)")
     ax.set_xlabel("threshold")
     ax.set_ylabel("% kept")
     ax.set_ylim(0, 102)
@@ -125,7 +125,7 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
     output.mkdir(parents=True, exist_ok=True)
     data = load_scored(paths, label_field)
     rows = retention_table(data, thresholds, positive_threshold)
-    plots = plot_sweep(data, rows, output)
+    plots = plot_sweep(data, rows, output, positive_threshold)
 
     columns = list(rows[0])
     (output / "retention.csv").write_text(
