@@ -48,6 +48,21 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
+def check_long_docs(long_docs: str) -> str:
+    if long_docs not in LONG_DOC_MODES:
+        raise ValueError(f"long_docs must be one of {', '.join(LONG_DOC_MODES)}, got {long_docs!r}")
+    return long_docs
+
+
+def check_dtype(dtype: "torch.dtype | str | None") -> str | None:
+    """The dtype's name (None stays None: the device's default), or a ValueError naming the choices."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 quantization (per-channel weights) of every linear layer except the regression head.
 
@@ -96,9 +111,7 @@ class EduScorer:
         self.framer = SequenceFramer(self.tokenizer) if tokenizer is not None else None
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
-        if long_docs not in LONG_DOC_MODES:
-            raise ValueError(f"long_docs must be one of {LONG_DOC_MODES}, got {long_docs!r}")
-        self.long_docs = long_docs
+        self.long_docs = check_long_docs(long_docs)
         self.max_chunks = int(max_chunks)
         self.batch_size = int(batch_size)
         self.fasttext_model = fasttext_model
@@ -139,10 +152,7 @@ class EduScorer:
         if not config_file.exists():
             raise ValueError(f"{folder}: not a model folder (no config.json or {FASTTEXT_CONFIG})")
         config = json.loads(config_file.read_text())
-        if isinstance(dtype, torch.dtype):
-            dtype = str(dtype).removeprefix("torch.")
-        if dtype not in (None, *DTYPES):
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = check_dtype(dtype)
         if dtype == "int8" and device.type != "cpu":
             raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; use bfloat16 on GPU")
         int8 = dtype == "int8"
@@ -239,8 +249,7 @@ class EduScorer:
     def _run(
         self, texts: list[str], long_docs: str, fn: Callable, show_progress: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        if long_docs not in LONG_DOC_MODES:
-            raise ValueError(f"long_docs must be one of {LONG_DOC_MODES}, got {long_docs!r}")
+        check_long_docs(long_docs)
         if not texts:
             return np.zeros((0, 1)), np.zeros(0, dtype=bool)
         content_len = self.max_length - self.framer.num_special

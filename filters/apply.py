@@ -104,10 +104,11 @@ def resolve_config(
         threshold = base["threshold"]
     if threshold is not None and not 0 <= threshold <= 5:
         raise ValueError(f"threshold must be an int_score between 0 and 5, got {threshold}")
-    from edu_filter.classifiers.scorer import DTYPES
+    # scoring options are checked here, before check_resume records them in OUT/run_config.json
+    from edu_filter.classifiers.scorer import check_dtype, check_long_docs
 
-    if kwargs.get("dtype") not in (None, *DTYPES):
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {kwargs['dtype']!r}")
+    check_dtype(kwargs.get("dtype"))
+    check_long_docs(kwargs.get("long_docs", "truncate"))
     decont = [
         str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else d
         for d in (decontaminate if decontaminate is not None else base["decontaminate"])

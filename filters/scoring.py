@@ -13,8 +13,6 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.batching import batched
 
-LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
-
 
 class EduClassifierScorer(PipelineStep):
     """Writes the classifier's `score` (float) and `int_score` (0-5, through the model's calibration) into each document.
@@ -39,15 +37,15 @@ class EduClassifierScorer(PipelineStep):
         num_threads: int | None = None,
     ):
         super().__init__()
-        if long_docs not in LONG_DOC_MODES:
-            raise ValueError(f"long_docs must be one of {', '.join(LONG_DOC_MODES)}, got {long_docs!r}")
+        from edu_filter.classifiers.scorer import check_dtype, check_long_docs
+
         self.model = model
         self.batch_size = batch_size
         self.window_size = window_size
         self.max_length = max_length
-        self.long_docs = long_docs
+        self.long_docs = check_long_docs(long_docs)
         self.device = device
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
         self.num_threads = num_threads
 
     def _device(self, rank: int) -> str | None:

@@ -162,6 +162,15 @@ def test_restart_with_other_settings_is_refused(planted_run, stock_classifier):
         run_apply([str(out.parent / "in.jsonl")], str(out), model=stock_classifier, threshold=3, tasks=2, show=False)
 
 
+@pytest.mark.parametrize("option", [{"long_docs": "middle"}, {"dtype": "int4"}])
+def test_bad_scoring_option_fails_before_the_run_is_recorded(stock_classifier, tmp_path, option):
+    """Checked up front: a run_config.json written first would refuse the corrected rerun as 'different settings'."""
+    planted_input(tmp_path / "in.jsonl", n_unique=4, n_groups=0)
+    with pytest.raises(ValueError, match=f"{next(iter(option))} must be one of"):
+        run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, show=False, **option)
+    assert not (tmp_path / "out" / "run_config.json").exists()
+
+
 def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     planted_input(tmp_path / "in.jsonl", n_unique=60, n_groups=0)
     stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, keep_top=0.25,
