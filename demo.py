@@ -178,7 +178,7 @@ def write_report(out: Path, r: dict) -> Path:
         _stats_line("python-edu (threshold 4) on unlabelled Python files", r["apply_code"]),
         "",
         "Every input document is in exactly one of `apply/*/kept/`, `apply/*/removed/<reason>/` or `failed/`; the counts",
-        "in `stats.json` add up. Scoring ran with `--dtype int8`, the CPU fast path: its scores are within a few",
+        f"in `stats.json` add up. Scoring ran with `--dtype {APPLY_DTYPE}`, the CPU fast path: its scores are within a few",
         "hundredths of the exact fp32 scores that the metrics above come from (see `benchmarks/RESULTS.md`).",
         "",
         "## 4. sweep",
