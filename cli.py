@@ -21,7 +21,7 @@ def train(
     val: Optional[list[str]] = typer.Option(None, help="Validation data; split off from DATA when absent."),
     label_field: str = typer.Option("score", help="Field holding the 0-5 label."),
     max_length: int = typer.Option(512, help="Tokens per sequence (saved with the model)."),
-    long_docs: str = typer.Option("truncate", help="truncate, chunk-mean or chunk-max (saved as the model's default)."),
+    long_docs: str = typer.Option("truncate", help="truncate or chunk-mean (saved as the model's default)."),
     pool_layers: Optional[str] = typer.Option(
         None, help="Comma-separated hidden layers to pool and concatenate (default: six evenly spaced, up to the top)."
     ),
@@ -192,7 +192,7 @@ def apply(
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="MinHash near-dedup (on by default)."),
     exact_dedup: Optional[bool] = typer.Option(None, "--exact-dedup/--no-exact-dedup", help="Exact dedup (python-edu)."),
     decontaminate: Optional[list[str]] = typer.Option(None, help="Eval set JSONL to decontaminate against, or 'humaneval'."),
-    long_docs: str = typer.Option("truncate", help="truncate, chunk-max or chunk-mean."),
+    long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per document/chunk (the model's when unset)."),
     batch_size: int = typer.Option(32),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),

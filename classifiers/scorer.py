@@ -40,9 +40,15 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{path}: expected a model folder, got a file")
+    name = str(path_or_hub_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise ValueError(f"{name}: no such model folder")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id)))
+    try:
+        return Path(snapshot_download(name))
+    except Exception as e:  # noqa: BLE001 - bad id, offline, gated: one clear line
+        raise ValueError(f"{name}: not a local model folder, and the hub could not provide it ({type(e).__name__})") from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")

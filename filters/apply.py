@@ -44,6 +44,39 @@ PRESETS: dict[str, dict] = {
                    "decontaminate": ["humaneval"]},
 }
 EXECUTORS = ("local", "slurm", "ray")
+COUNT_TOKENIZER = "gpt2"  # what FineWeb's token_count column counts; used when the classifier has no tokenizer
+
+
+def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
+    """The tokenizer `token_count` uses: `tokenizer` if given, else the classifier's own.
+
+    A fastText classifier has none: GPT-2's (FineWeb's token_count), or offline the bundled MiniLM one, with a notice.
+    """
+    if tokenizer:
+        return tokenizer
+    from edu_filter.classifiers.fasttext_model import CONFIG_FILE
+
+    if not (Path(model) / CONFIG_FILE).exists():
+        return model
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(COUNT_TOKENIZER)
+        return COUNT_TOKENIZER
+    except Exception as e:  # noqa: BLE001 - offline or no such repo: fall back below
+        reason = type(e).__name__
+    try:
+        from edu_filter.classifiers.encoders import minilm_path
+
+        fallback = minilm_path()
+    except ImportError:
+        raise ValueError(f"{model} is a fastText model and {COUNT_TOKENIZER} is unavailable ({reason}): give "
+                         "--tokenizer for token_count") from None
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]token_count: {COUNT_TOKENIZER} tokenizer unavailable ({reason}), "
+                               "counting all-MiniLM-L6-v2 tokens[/]", soft_wrap=True)
+    return fallback
 
 
 @dataclass
@@ -71,7 +104,7 @@ class ApplyConfig:
     dedup: bool = True
     exact_dedup: bool = False
     decontaminate: list[str] = field(default_factory=list)
-    long_docs: str = "truncate"
+    long_docs: str | None = None  # None: the model's saved setting
     max_length: int | None = None
     batch_size: int = 32
     dtype: str | None = None  # scoring precision; None: fp32 on CPU, bf16 on GPU (int8: the CPU fast path)
@@ -108,7 +141,8 @@ def resolve_config(
     from edu_filter.classifiers.scorer import check_dtype, check_long_docs
 
     check_dtype(kwargs.get("dtype"))
-    check_long_docs(kwargs.get("long_docs", "truncate"))
+    if kwargs.get("long_docs") is not None:
+        check_long_docs(kwargs["long_docs"])
     decont = [
         str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else d
         for d in (decontaminate if decontaminate is not None else base["decontaminate"])
@@ -116,6 +150,7 @@ def resolve_config(
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")
+    kwargs["tokenizer"] = token_count_tokenizer(str(model), kwargs.get("tokenizer"))
     return ApplyConfig(
         inputs=[str(i) for i in inputs], output=str(output), model=str(model), threshold=threshold,
         keep_top=keep_top, dedup=base["dedup"] if dedup is None else dedup,

@@ -31,7 +31,7 @@ class EduClassifierScorer(PipelineStep):
         batch_size: int = 32,
         window_size: int = 2048,
         max_length: int | None = None,
-        long_docs: str = "truncate",
+        long_docs: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,
@@ -43,7 +43,7 @@ class EduClassifierScorer(PipelineStep):
         self.batch_size = batch_size
         self.window_size = window_size
         self.max_length = max_length
-        self.long_docs = check_long_docs(long_docs)
+        self.long_docs = check_long_docs(long_docs) if long_docs is not None else None  # None: the model's
         self.device = device
         self.dtype = check_dtype(dtype)
         self.num_threads = num_threads

@@ -348,3 +348,43 @@ def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
     assert all(isinstance(i, int) and 0 <= i <= 5 for i in ints)
     with pytest.raises(ValueError, match="long_docs"):
         EduClassifierScorer(stock_classifier, long_docs="sliding")
+
+
+def test_scorer_step_defaults_to_the_models_long_document_mode(web_model, tmp_path):
+    """A model trained with chunk-mean is scored with chunk-mean by `apply` unless told otherwise, like `evaluate`."""
+    import shutil
+
+    from datatrove.data import Document
+
+    from edu_filter.classifiers import EduScorer
+    from edu_filter.filters.scoring import EduClassifierScorer
+
+    model = tmp_path / "chunk-mean-model"
+    shutil.copytree(web_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "long_docs": "chunk-mean"}))
+    texts = [json.loads(line)["text"] for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:12]
+
+    def step_scores(**kwargs):
+        step = EduClassifierScorer(str(model), window_size=8, **kwargs)
+        return [d.metadata["score"] for d in step.run(iter(Document(text=t, id=str(i)) for i, t in enumerate(texts)))]
+
+    expected, truncated = EduScorer.from_pretrained(model).predict(texts)
+    assert truncated.sum() >= 4  # long documents, where the modes differ
+    assert step_scores() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert step_scores(long_docs="truncate") != pytest.approx(expected.tolist(), abs=1e-3)
+
+
+def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp_path):
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    model = tmp_path / "ft"
+    train_classifier([str(DATA / "code" / "python_edu_labels.jsonl")], model, kind="code", method="fasttext",
+                     fasttext=FastTextSettings(epoch=5))
+    docs = tmp_path / "in.jsonl"
+    docs.write_bytes(b"".join(open(DATA / "code" / "thealgorithms_unlabelled.jsonl", "rb").readlines()[:30]))
+    stats = run_apply([str(docs)], str(tmp_path / "out"), model=str(model), threshold=0, dedup=False, show=False)
+    assert stats["adds_up"] and stats["kept"]["documents"] == 30 and stats["kept"]["tokens"] > 0
+    kept = read_kept(tmp_path / "out")
+    assert kept["token_count"].min() > 0 and kept["int_score"].is_between(0, 5).all()

@@ -137,3 +137,13 @@ def test_empty_input_and_empty_text(web_model):
 def test_not_a_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a model folder"):
         EduScorer.from_pretrained(tmp_path)
+
+
+def test_a_misspelled_model_folder_is_named_not_sent_to_the_hub(tmp_path):
+    from edu_filter.classifiers.scorer import resolve_model_dir
+
+    for name in (str(tmp_path / "web-clasifier"), "./web-clasifier", "runs/2024/web"):
+        with pytest.raises(ValueError, match="no such model folder"):
+            resolve_model_dir(name)
+    with pytest.raises(ValueError, match="the hub could not provide it"):
+        resolve_model_dir("edu-filter-tests/no-such-model")  # offline in tests: a hub id fails cleanly

@@ -25,6 +25,7 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     settings = FastTextSettings(epoch=10, max_chars=4000)
     metrics = train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", fasttext=settings)
     assert (out / "model.bin").exists() and not (out / "config.json").exists()
+    assert (out / "model.bin").stat().st_size < 100e6  # bounded hashed n-gram table, not fastText's 2M rows
     config = json.loads((out / "fasttext_config.json").read_text())
     assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
 

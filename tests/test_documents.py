@@ -59,7 +59,7 @@ def test_missing_label_is_an_error_when_required(tmp_path):
 def test_custom_label_field_and_non_numeric_label(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text('{"id": "a", "text": "t", "human": 4}\n{"id": "b", "text": "u", "human": "high"}\n')
-    with pytest.raises(DocumentError, match=r"x\.jsonl:2: label field 'human' is not a number"):
+    with pytest.raises(DocumentError, match=r"x\.jsonl:2: label field 'human' is not a finite number: 'high'"):
         read_documents([f], label_field="human")
     assert read_documents([f], label_field="human", limit=1)[0]["label"] == 4.0
 
@@ -70,3 +70,49 @@ def test_expand_paths_rejects_missing_and_empty(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DocumentError, match="contains no"):
         expand_paths([tmp_path / "empty"])
+
+
+def test_corrupt_archives_and_parquet_name_the_file(tmp_path):
+    (tmp_path / "plain.jsonl.gz").write_bytes(b'{"id": "a", "text": "not gzipped"}\n')
+    whole = gzip.compress(b'{"id": "a", "text": "some text"}\n' * 2000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
+    for name, pattern in [("plain.jsonl.gz", r"plain\.jsonl\.gz:1: cannot read"),
+                          ("cut.jsonl.gz", r"cut\.jsonl\.gz:\d+: cannot read"),
+                          ("bad.parquet", r"bad\.parquet: cannot read as Parquet")]:
+        with pytest.raises(DocumentError, match=pattern):
+            read_documents([tmp_path / name])
+
+
+def test_non_finite_labels_are_refused(tmp_path):
+    f = tmp_path / "nan.parquet"
+    pl.DataFrame({"id": ["a", "b"], "text": ["t", "u"], "score": [2.0, float("nan")]}).write_parquet(f)
+    with pytest.raises(DocumentError, match=r"nan\.parquet:2: label field 'score' is not a finite number"):
+        read_documents([f], label_field="score")
+
+
+def test_folders_skip_plain_json_but_files_may_be_named(tmp_path):
+    write_documents([{"id": "a", "text": "t", "score": 1}], tmp_path / "docs.jsonl")
+    (tmp_path / "metrics.json").write_text('{"n": 3,\n "mse": 0.1}\n')  # what a model or report folder holds
+    assert [r["id"] for r in read_documents([tmp_path])] == ["a"]
+    (tmp_path / "one.json").write_text('{"id": "b", "text": "u"}\n')
+    assert [r["id"] for r in read_documents([tmp_path / "one.json"])] == ["b"]
+
+
+def test_hub_addresses_name_a_path_inside_the_repository():
+    from edu_filter.documents import hub_dataset_args
+
+    assert hub_dataset_args("hf://datasets/HuggingFaceFW/fineweb/sample/10BT") == {
+        "path": "HuggingFaceFW/fineweb", "data_dir": "sample/10BT"}
+    assert hub_dataset_args("hf://datasets/org/name/data/train-0.parquet") == {
+        "path": "org/name", "data_files": "data/train-0.parquet"}
+    assert hub_dataset_args("hf://datasets/org/name") == {"path": "org/name"}
+    with pytest.raises(DocumentError, match="expected hf://datasets/ORG/NAME"):
+        hub_dataset_args("hf://datasets/justone")
+
+
+def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):
+        read_documents(["hf://datasets/edu-filter-tests/no-such-dataset"])

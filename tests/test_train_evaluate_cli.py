@@ -77,3 +77,37 @@ def test_validation_split_is_stratified():
     for score in (1, 2, 3, 4):
         share = np.mean(labels[val_idx] == score)
         assert abs(share - np.mean(labels == score)) < 0.05
+
+
+def test_saved_tokenizer_truncates_where_the_model_reads(code_model):
+    """The plain transformers recipe (tokenizer with truncation=True, then the model) gives the scorer's scores."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edu_filter.classifiers import EduScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(code_model, trust_remote_code=True)
+    assert tokenizer.model_max_length == 128
+    model = AutoModelForSequenceClassification.from_pretrained(code_model, trust_remote_code=True).eval()
+    texts = [r["text"] for r in read_documents([REPO / "data/code/thealgorithms_unlabelled.jsonl"], limit=4)]
+    expected, truncated = EduScorer.from_pretrained(code_model).predict(texts)
+    assert truncated.all()
+    with torch.no_grad():
+        batch = tokenizer(texts, truncation=True, padding=True, return_tensors="pt")
+        logits = model(**batch).logits[:, 0].numpy()
+    assert logits == pytest.approx(expected, abs=1e-4)
+
+
+def test_bad_training_options_are_clear_errors(tmp_path):
+    from edu_filter.train.classifier import stratified_split, train_classifier
+
+    with pytest.raises(ValueError, match="kind must be one of"):  # before any data is read
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", kind="prose")
+    with pytest.raises(ValueError, match="chunk-max is a scoring-time option"):
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", long_docs="chunk-max")
+    with pytest.raises(ValueError, match="cannot load encoder"):
+        train_classifier([str(CODE_LABELS)], tmp_path / "m", kind="code", encoder=str(tmp_path / "no-encoder"),
+                         limit=30)
+    labels = np.array([0, 1, 2, 3, 4, 5, 1, 2, 3, 1, 2, 1, 2, 1], dtype=float)  # too few rows for one of each
+    train_idx, val_idx = stratified_split(labels, 0.1, seed=0)
+    assert len(val_idx) == 2 and sorted([*train_idx, *val_idx]) == list(range(len(labels)))

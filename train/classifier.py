@@ -27,12 +27,15 @@ import numpy as np
 from rich.console import Console
 
 from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points
-from edu_filter.classifiers.encoders import encoder_identity, resolve_encoder
+from edu_filter.classifiers.encoders import KINDS, encoder_identity, resolve_encoder
 from edu_filter.classifiers.fasttext_model import FastTextSettings
 from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
 from edu_filter.documents import read_documents
 
 METHODS = ("head", "finetune", "fasttext")
+# chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
+# stays a scoring-time option (EduScorer.predict(long_docs=...)), outside the calibration train fits.
+TRAIN_LONG_DOCS = ("truncate", "chunk-mean")
 console = Console(stderr=True)
 
 
@@ -47,7 +50,7 @@ class ClassifierTrainConfig:
     val_fraction: float = 0.1  # split off (stratified) when no validation data is given
     pooling: str = "mean"
     pool_layers: list[int] | None = None  # hidden states pooled and concatenated; None: default_pool_layers()
-    long_docs: str = "truncate"  # or chunk-mean / chunk-max: measured no better on web, and 2-4x the cost
+    long_docs: str = "truncate"  # or chunk-mean: measured no better on web, and 2-4x the cost
     max_chunks: int = 8
     batch_size: int = 32  # encoding batch
     cache_dir: str | None = None  # embedding cache; None: ~/.cache/edu-filter
@@ -84,7 +87,10 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         if (strata == value).sum() < 2 and value > strata.min():
             strata[strata == value] = value - 1
     stratify = strata if all((strata == v).sum() >= 2 for v in set(strata.tolist())) else None
-    return train_test_split(np.arange(len(labels)), test_size=val_fraction, random_state=seed, stratify=stratify)
+    n_val = max(1, int(np.ceil(val_fraction * len(labels))))
+    if stratify is not None and n_val < len(set(strata.tolist())):
+        stratify = None  # too few validation rows for one of each score: a plain random split
+    return train_test_split(np.arange(len(labels)), test_size=n_val, random_state=seed, stratify=stratify)
 
 
 def train_classifier(
@@ -110,6 +116,11 @@ def train_classifier(
     )
     if cfg.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {cfg.kind!r}")
+    if cfg.long_docs not in TRAIN_LONG_DOCS:
+        raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
+                         "(chunk-max is a scoring-time option)")
     output = Path(output)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
     if val:
@@ -192,8 +203,11 @@ def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output
 
     torch.manual_seed(cfg.seed)
     encoder_name = resolve_encoder(cfg.kind, cfg.encoder)
-    tokenizer = AutoTokenizer.from_pretrained(encoder_name)
-    encoder = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(encoder_name)
+        encoder = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
+    except OSError as e:  # no such folder or hub repo, or no weights in it
+        raise ValueError(f"cannot load encoder {encoder_name!r}: {e}") from None
     max_positions = getattr(encoder.config, "max_position_embeddings", cfg.max_length)
     max_length = min(cfg.max_length, max_positions)
     if max_length < cfg.max_length:
@@ -227,6 +241,8 @@ def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output
         model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
         model.classifier.bias.fill_(head[1])
     info = {"method": cfg.method, "encoder": config.encoder_name, "ridge_alpha": alpha}
+    # the saved tokenizer truncates where the model was trained to read, for users of the plain transformers recipe
+    tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(output)
 
     if cfg.method == "head":
