@@ -53,7 +53,9 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             files.extend(found)
         elif path.is_file():
             if not _has_suffix(path.name, JSONL_SUFFIXES + PARQUET_SUFFIXES):
-                raise DocumentError(f"{p}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)")
+                raise DocumentError(
+                    f"{p}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
+                )
             files.append(str(path))
         else:
             raise DocumentError(f"{p}: no such file or folder")

@@ -48,7 +48,9 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(name))
     except Exception as e:  # noqa: BLE001 - bad id, offline, gated: one clear line
-        raise ValueError(f"{name}: not a local model folder, and the hub could not provide it ({type(e).__name__})") from None
+        raise ValueError(
+            f"{name}: not a local model folder, and the hub could not provide it ({type(e).__name__})"
+        ) from None
 
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")

@@ -22,7 +22,7 @@ from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
-from edu_filter.documents import JSONL_SUFFIXES, PARQUET_SUFFIXES, DocumentError
+from edu_filter.documents import FOLDER_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, DocumentError
 
 FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never written out
 # keys datatrove steps add to documents that do not belong in the kept dataset
@@ -45,13 +45,15 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
         fs, path = url_to_fs(inp)
         if fs.isdir(path):
             folder = get_datafolder(inp)
-            found = sorted(f for f in folder.list_files(recursive=True) if f.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES))
+            found = sorted(f for f in folder.list_files(recursive=True) if f.lower().endswith(FOLDER_SUFFIXES))
             if not found:
-                raise DocumentError(f"{inp}: folder contains no .jsonl, .jsonl.gz or .parquet files")
+                raise DocumentError(f"{inp}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
             files.extend((inp, f) for f in found)
         elif fs.isfile(path):
             if not inp.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
-                raise DocumentError(f"{inp}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+                raise DocumentError(
+                    f"{inp}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
+                )
             parent, name = posixpath.split(inp) if "://" in inp else os.path.split(os.path.abspath(inp))
             files.append((parent, name))
         else:
