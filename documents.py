@@ -18,6 +18,7 @@ import orjson
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
 FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")  # not .json: folders hold metrics.json & co.
 PARQUET_SUFFIXES = (".parquet",)
+FILE_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 HUB_PREFIX = "hf://datasets/"
 
 
@@ -33,6 +34,24 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     return path.lower().endswith(suffixes)
 
 
+def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
+    """The data files among a folder's file names, sorted (so runs are reproducible); an error when there are none.
+
+    Shared by `read_documents` and `apply`'s datatrove reader, so a folder means the same to every command."""
+    found = sorted(n for n in names if _has_suffix(n, FOLDER_SUFFIXES))
+    if not found:
+        raise DocumentError(f"{folder}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
+    return found
+
+
+def check_data_file(path: str) -> None:
+    """A file named directly may also be plain .json; anything else is an error naming it."""
+    if not _has_suffix(path, FILE_SUFFIXES):
+        raise DocumentError(
+            f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
+        )
+
+
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible)."""
     files: list[str] = []
@@ -43,19 +62,9 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             continue
         path = Path(p)
         if path.is_dir():
-            found = sorted(
-                str(f)
-                for f in path.rglob("*")
-                if f.is_file() and _has_suffix(f.name, FOLDER_SUFFIXES)
-            )
-            if not found:
-                raise DocumentError(f"{p}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
-            files.extend(found)
+            files.extend(data_files_in(p, (str(f) for f in path.rglob("*") if f.is_file())))
         elif path.is_file():
-            if not _has_suffix(path.name, JSONL_SUFFIXES + PARQUET_SUFFIXES):
-                raise DocumentError(
-                    f"{p}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
-                )
+            check_data_file(p)
             files.append(str(path))
         else:
             raise DocumentError(f"{p}: no such file or folder")
@@ -109,8 +118,7 @@ def hub_dataset_args(path: str) -> dict:
     args: dict = {"path": "/".join(parts[:2])}
     inner = "/".join(parts[2:])
     if inner:
-        suffixes = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".csv", ".arrow")
-        args["data_files" if _has_suffix(inner, suffixes) else "data_dir"] = inner
+        args["data_files" if _has_suffix(inner, FILE_SUFFIXES + (".csv", ".arrow")) else "data_dir"] = inner
     return args
 
 
@@ -118,12 +126,10 @@ def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     """A hub dataset through the `datasets` library (streaming, so huge sets are fine)."""
     import datasets
 
+    args = hub_dataset_args(path)
     try:
-        ds = datasets.load_dataset(**hub_dataset_args(path), split=split, streaming=True)
-        rows = iter(ds)
+        rows = iter(datasets.load_dataset(**args, split=split, streaming=True))
         first = next(rows, None)
-    except DocumentError:
-        raise
     except Exception as e:  # offline, missing repo, no such path: one clear line instead of a traceback
         raise DocumentError(f"{path}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
     if first is None:

@@ -41,7 +41,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     if path.exists():
         raise ValueError(f"{path}: expected a model folder, got a file")
     name = str(path_or_hub_id)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:  # hub ids are NAME or ORG/NAME
         raise ValueError(f"{name}: no such model folder")
     from huggingface_hub import snapshot_download
 

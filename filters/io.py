@@ -22,7 +22,7 @@ from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
-from edu_filter.documents import FOLDER_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, DocumentError
+from edu_filter.documents import PARQUET_SUFFIXES, DocumentError, check_data_file, data_files_in
 
 FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never written out
 # keys datatrove steps add to documents that do not belong in the kept dataset
@@ -44,16 +44,10 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
         inp = str(inp)
         fs, path = url_to_fs(inp)
         if fs.isdir(path):
-            folder = get_datafolder(inp)
-            found = sorted(f for f in folder.list_files(recursive=True) if f.lower().endswith(FOLDER_SUFFIXES))
-            if not found:
-                raise DocumentError(f"{inp}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
+            found = data_files_in(inp, get_datafolder(inp).list_files(recursive=True))
             files.extend((inp, f) for f in found)
         elif fs.isfile(path):
-            if not inp.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
-                raise DocumentError(
-                    f"{inp}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
-                )
+            check_data_file(inp)
             parent, name = posixpath.split(inp) if "://" in inp else os.path.split(os.path.abspath(inp))
             files.append((parent, name))
         else:

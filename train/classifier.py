@@ -86,10 +86,11 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     for value in sorted(set(strata.tolist()), reverse=True):
         if (strata == value).sum() < 2 and value > strata.min():
             strata[strata == value] = value - 1
-    stratify = strata if all((strata == v).sum() >= 2 for v in set(strata.tolist())) else None
+    classes = set(strata.tolist())
     n_val = max(1, int(np.ceil(val_fraction * len(labels))))
-    if stratify is not None and n_val < len(set(strata.tolist())):
-        stratify = None  # too few validation rows for one of each score: a plain random split
+    # every class needs two rows, and the validation split room for one of each; otherwise a plain random split
+    enough = all((strata == v).sum() >= 2 for v in classes) and n_val >= len(classes)
+    stratify = strata if enough else None
     return train_test_split(np.arange(len(labels)), test_size=n_val, random_state=seed, stratify=stratify)
 
 
