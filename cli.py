@@ -201,25 +201,34 @@ def apply(
     id_field: str = typer.Option("id"),
     executor: str = typer.Option("local", help="local, slurm or ray."),
     tasks: int = typer.Option(1, help="Number of shards."),
-    workers: int = typer.Option(1, help="Tasks run at once (local/ray)."),
-    slurm_partition: str = typer.Option("cpu"),
+    workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm: no limit unless given)."),
+    order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU)."),
+    overwrite: bool = typer.Option(False, help="Start over when OUT holds a run made with other settings, model or inputs."),
+    keep_work: bool = typer.Option(False, help="Keep the scratch folder OUT/work (signatures, intermediates) after success."),
+    wait: bool = typer.Option(False, help="Slurm: follow the submitted chain until it ends (exit 1 if a stage fails)."),
+    verbose: bool = typer.Option(False, help="Show datatrove's logs in the terminal (always in OUT/logs)."),
+    slurm_partition: Optional[str] = typer.Option(None, help="Partition (default: the cluster's default)."),
     slurm_gpu_partition: Optional[str] = typer.Option(None, help="Partition for the scoring stage."),
     slurm_gpus: int = typer.Option(0, help="GPUs per scoring task."),
     slurm_time: str = typer.Option("24:00:00"),
-    slurm_cpus: int = typer.Option(4),
-    slurm_venv: Optional[str] = typer.Option(None, help="activate script sourced by every job."),
+    slurm_cpus: int = typer.Option(4, help="CPUs per task."),
+    slurm_mem_gb: Optional[int] = typer.Option(None, help="Memory per task in GB (default: 4 per CPU)."),
+    slurm_venv: Optional[str] = typer.Option(None, help="activate script sourced by every job (default: this Python environment)."),
     dry_run: bool = typer.Option(False, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
     from edu_filter.documents import DocumentError
     from edu_filter.filters.apply import SlurmOptions, run_apply
+    from edu_filter.filters.executors import StageFailed
 
     try:
         run_apply(
             inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
             exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
             slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
-                               time=slurm_time, cpus_per_task=slurm_cpus, venv_path=slurm_venv, dry_run=dry_run),
+                               time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
+                               dry_run=dry_run),
+            order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work,
             long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
             text_field=text_field, id_field=id_field,
         )
@@ -249,7 +258,27 @@ def sweep(
                   positive_threshold=positive_threshold)
     except (DocumentError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except StageFailed as e:
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    output: str = typer.Argument(..., help="An apply output folder (any executor, running or finished)."),
+):
+    """Per stage: tasks done, documents read, docs/s and Slurm job states; then the stats table when finished."""
+    from rich.console import Console
+
+    from edu_filter.documents import DocumentError
+    from edu_filter.filters.executors import show_status
+
+    try:
+        show_status(output, Console())
+    except DocumentError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
