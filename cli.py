@@ -30,8 +30,12 @@ def train(
     cache_dir: Optional[str] = typer.Option(None, help="Embedding cache (default ~/.cache/edu-filter)."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many documents (quick runs)."),
     seed: int = typer.Option(0),
+    push_to_hub: Optional[str] = typer.Option(
+        None, help="Upload the model folder to this hub repository (ORG/NAME; token from `hf auth login` or HF_TOKEN)."
+    ),
 ):
-    """Train a classifier on LLM-annotated scores; writes the model, metrics.json and a confusion-matrix PNG."""
+    """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a README.md
+    model card and provenance.json."""
     from edu_filter.documents import DocumentError
     from edu_filter.train.classifier import train_classifier
 
@@ -40,7 +44,7 @@ def train(
             data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
             max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
             learning_rate=learning_rate, cache_dir=cache_dir,
-            pool_layers=[int(x) for x in pool_layers.split(",")] if pool_layers else None,
+            pool_layers=[int(x) for x in pool_layers.split(",")] if pool_layers else None, push_to_hub=push_to_hub,
         )
     except (DocumentError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -79,19 +83,28 @@ def score(
     show_prompt: Optional[str] = typer.Option(None, help="Print the named prompt (web, code, file) and exit."),
     backend: str = typer.Option("openai", help="openai (any OpenAI-compatible URL), vllm, sglang, script, transformers."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
-    model: str = typer.Option("meta-llama/Meta-Llama-3-70B-Instruct", help="Model name (served name, hub id or path)."),
+    model: Optional[str] = typer.Option(
+        None, help="Served name, hub id, folder or .gguf file (openai: optional when the server serves one model)."
+    ),
     api: str = typer.Option("chat", help="chat (/v1/chat/completions) or completion (/v1/completions)."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
     concurrency: int = typer.Option(16, help="Requests in flight (batch size for transformers)."),
-    timeout: float = typer.Option(120.0, help="Seconds per request before it is retried."),
+    timeout: float = typer.Option(
+        120.0, help="Seconds without any answer from the server before a request is retried (queued requests back off "
+        "concurrency instead)."
+    ),
     max_retries: int = typer.Option(5, help="Retries on 429, 5xx, timeouts and connection errors."),
     retry_backoff: float = typer.Option(1.0, help="First retry delay in seconds (doubles each retry, jittered)."),
-    max_reasks: int = typer.Option(2, help="Extra questions when an answer has no parseable score."),
+    max_reasks: int = typer.Option(2, help="Extra questions when an answer is unparseable, ambiguous or cut off."),
     temperature: float = typer.Option(0.6),
     top_p: float = typer.Option(0.95),
     max_tokens: int = typer.Option(256, help="Maximum new tokens per answer."),
-    max_chars: Optional[int] = typer.Option(None, help="Cut documents to this many characters (counted in the summary)."),
-    sample: Optional[int] = typer.Option(None, help="Annotate a reproducible random sample of N documents."),
+    max_chars: Optional[int] = typer.Option(
+        None, help="Cut documents to this many characters, and further to fit the server's context (counted)."
+    ),
+    sample: Optional[int] = typer.Option(
+        None, help="Annotate a reproducible random sample of N documents (drawn while streaming; only N are held)."
+    ),
     seed: int = typer.Option(0, help="Seed for --sample (and transformers sampling)."),
     cache: Optional[Path] = typer.Option(None, help="Resume cache (default: OUTPUT.cache.sqlite)."),
     text_field: str = typer.Option("text"),
@@ -163,9 +176,15 @@ def ablate(
     humaneval: bool = typer.Option(False, help="Score HumanEval pass@1 after each run (for code data)."),
     humaneval_limit: Optional[int] = typer.Option(None, help="Only the first N HumanEval problems."),
     cloze: Optional[list[str]] = typer.Option(None, help="NAME=PATH of a multiple-choice JSONL benchmark."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the first training of each dataset (initial weights and data order)."),
+    seeds: int = typer.Option(
+        1, help="Train every dataset this many times (seeds SEED, SEED+1, ...) to measure seed noise."
+    ),
+    compare_on: Optional[str] = typer.Option(
+        None, help="Evaluation set of the verdict (default: the first --eval, else the last --data's held-out slice)."
+    ),
 ):
-    """Train the same small model on each dataset at equal tokens and compare their losses."""
+    """Train the same small model on each dataset at equal tokens and compare their losses (verdict in report.md)."""
     from edu_filter.documents import DocumentError
     from edu_filter.train.ablate import ablate as run_ablation
 
@@ -173,7 +192,7 @@ def ablate(
         run_ablation(
             data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
             vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
-            cloze=cloze, seed=seed,
+            cloze=cloze, seed=seed, seeds=seeds, compare_on=compare_on,
         )
     except (DocumentError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -207,6 +226,7 @@ def apply(
     keep_work: bool = typer.Option(False, help="Keep the scratch folder OUT/work (signatures, intermediates) after success."),
     wait: bool = typer.Option(False, help="Slurm: follow the submitted chain until it ends (exit 1 if a stage fails)."),
     verbose: bool = typer.Option(False, help="Show datatrove's logs in the terminal (always in OUT/logs)."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Upload kept/, stats.json, the card and provenance to this hub dataset repo (ORG/NAME)."),
     slurm_partition: Optional[str] = typer.Option(None, help="Partition (default: the cluster's default)."),
     slurm_gpu_partition: Optional[str] = typer.Option(None, help="Partition for the scoring stage."),
     slurm_gpus: int = typer.Option(0, help="GPUs per scoring task."),
@@ -228,34 +248,10 @@ def apply(
             slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                                time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
                                dry_run=dry_run),
-            order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work,
+            order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
             long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
             text_field=text_field, id_field=id_field,
         )
-    except (DocumentError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-
-
-@app.command()
-def sweep(
-    scored: list[str] = typer.Argument(..., help="An apply output folder, or scored JSONL/Parquet files/folders."),
-    output: Path = typer.Option(Path("sweep"), "-o", "--output", help="Folder for the table and PNG plots."),
-    thresholds: list[int] = typer.Option([0, 1, 2, 3, 4, 5], help="int_score thresholds to compare."),
-    label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
-    positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
-):
-    """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
-    from edu_filter.documents import DocumentError
-    from edu_filter.filters.sweep import run_sweep
-
-    # `--thresholds 0 1 2` leaves 1 and 2 among the positional arguments: take back bare integers that are not paths
-    extra = [s for s in scored if s.isdigit() and not Path(s).exists()]
-    scored = [s for s in scored if s not in extra]
-    thresholds = sorted(set(thresholds) | {int(s) for s in extra})
-    try:
-        run_sweep(scored, output, thresholds=thresholds, label_field=label_field,
-                  positive_threshold=positive_threshold)
     except (DocumentError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -279,6 +275,45 @@ def status(
     except DocumentError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def sweep(
+    scored: list[str] = typer.Argument(..., help="An apply output folder, or scored JSONL/Parquet files/folders."),
+    output: Path = typer.Option(Path("sweep"), "-o", "--output", help="Folder for the table and PNG plots."),
+    thresholds: list[int] = typer.Option([0, 1, 2, 3, 4, 5], help="int_score thresholds to compare."),
+    label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
+    positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
+):
+    """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
+    from edu_filter.documents import DocumentError
+    from edu_filter.filters.sweep import run_sweep
+
+    # `--thresholds 0 1 2` leaves 1 and 2 among the positional arguments: take back bare integers that are not paths
+    extra = [s for s in scored if s.isdigit() and not Path(s).exists()]
+    scored = [s for s in scored if s not in extra]
+    thresholds = sorted(set(thresholds) | {int(s) for s in extra})
+    try:
+        run_sweep(scored, output, thresholds=thresholds, label_field=label_field,
+                  positive_threshold=positive_threshold)
+    except (DocumentError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def lineage(
+    path: Path = typer.Argument(..., help="An artifact: annotation file, classifier folder, apply output or ablation."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tree as JSON (one node per artifact or input)."),
+):
+    """How PATH was made, back to the raw inputs: a tree of artifacts, marking inputs changed since they were used."""
+    from edu_filter.provenance import ProvenanceError, show_lineage
+
+    try:
+        show_lineage(path, as_json=as_json)
+    except ProvenanceError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -7,8 +7,10 @@ number) and polars for Parquet. Every row comes back as a plain dict with at lea
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
+import random
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -148,20 +150,14 @@ def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
     return _iter_jsonl(path)
 
 
-def read_documents(
+def iter_documents(
     paths: Iterable[str | os.PathLike],
     text_field: str = "text",
     id_field: str = "id",
     label_field: str | None = None,
     require_label: bool = False,
-    limit: int | None = None,
-) -> list[dict]:
-    """Rows with `id`, `text` (and the label under `label` when label_field is given).
-
-    A missing `text`, or a missing label when `require_label`, raises DocumentError naming the file and line; a row
-    without an id gets `<file>:<line>` so it can still be traced.
-    """
-    rows: list[dict] = []
+) -> Iterator[dict]:
+    """`read_documents`, one row at a time: only the current row (and the current Parquet file) is held."""
     for path in expand_paths(paths):
         for lineno, row in iter_raw_rows(path):
             text = row.get(text_field)
@@ -185,10 +181,50 @@ def read_documents(
                             f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}"
                         )
                     doc["label"] = value
-            rows.append(doc)
-            if limit is not None and len(rows) >= limit:
-                return rows
-    return rows
+            yield doc
+
+
+def read_documents(
+    paths: Iterable[str | os.PathLike],
+    text_field: str = "text",
+    id_field: str = "id",
+    label_field: str | None = None,
+    require_label: bool = False,
+    limit: int | None = None,
+) -> list[dict]:
+    """Rows with `id`, `text` (and the label under `label` when label_field is given).
+
+    A missing `text`, or a missing label when `require_label`, raises DocumentError naming the file and line; a row
+    without an id gets `<file>:<line>` so it can still be traced.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
+    return list(itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label), limit))
+
+
+def sample_documents(
+    paths: Iterable[str | os.PathLike],
+    n: int,
+    seed: int = 0,
+    text_field: str = "text",
+    id_field: str = "id",
+) -> list[tuple[int, dict]]:
+    """A uniform random sample of `n` documents as (position in the input, document), in input order.
+
+    Reservoir sampling over the stream of documents: every row is read and checked, but only the sample is held, so
+    a hub dataset or a folder larger than memory can be sampled. The same input and seed give the same sample."""
+    if n < 0:
+        raise ValueError(f"sample size must be >= 0, got {n}")
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, dict]] = []
+    for i, doc in enumerate(iter_documents(paths, text_field, id_field)):
+        if i < n:
+            reservoir.append((i, doc))
+        else:
+            j = rng.randrange(i + 1)
+            if j < n:
+                reservoir[j] = (i, doc)
+    return sorted(reservoir, key=lambda item: item[0])
 
 
 def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:

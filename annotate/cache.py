@@ -1,8 +1,9 @@
 """Append-only answer cache that makes `edu-filter score` resumable after a crash or SIGKILL.
 
 Every answer the model gives is committed to SQLite (WAL journal) the moment it arrives, keyed by
-(run key, document id, attempt). The run key hashes everything that changes an answer: prompt version, model and
-generation settings. Re-running the same command replays stored answers instead of asking again; changing the
+(run key, document id, attempt), with why it stopped, the model that wrote it and how many characters of the document
+its prompt held. The run key hashes everything that changes an answer: prompt version, model and generation
+settings. Re-running the same command replays stored answers instead of asking again; changing the
 prompt or the settings gives a new run key, so answers are never mixed across settings.
 
 Answers that arrive together are committed together: `add` opens a transaction and the commit runs on the very
@@ -36,9 +37,14 @@ CREATE TABLE IF NOT EXISTS answers (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     created REAL NOT NULL,
+    finish_reason TEXT,
+    model TEXT,
+    doc_chars INTEGER,
     PRIMARY KEY (run_key, doc_id, attempt)
 ) WITHOUT ROWID;
 """
+# Columns added after the first release; caches written before get them on open.
+_ADDED_COLUMNS = {"finish_reason": "TEXT", "model": "TEXT", "doc_chars": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Answer:
     text: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    finish_reason: str | None = None  # "stop", or "length" when cut off at max_tokens
+    model: str | None = None  # the model named in the response
 
 
 def run_key(settings: dict) -> str:
@@ -72,6 +80,10 @@ class AnswerCache:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        present = {row[1] for row in db.execute("PRAGMA table_info(answers)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE answers ADD COLUMN {column} {kind}")
         db.execute(
             "INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
             (self.run_key, orjson.dumps(self.settings, option=orjson.OPT_SORT_KEYS).decode(), time.time()),
@@ -86,24 +98,27 @@ class AnswerCache:
             self._db.close()
             self._db = None
 
-    def answers(self, doc_id: str) -> list[Answer]:
-        """Stored answers of one document for this run, in the order they were received."""
+    def answers(self, doc_id: str) -> list[tuple[Answer, int | None]]:
+        """Stored (answer, characters of the document in its prompt) of one document for this run, in the order
+        they were received."""
         if self._fresh:
             return []
         rows = self._db.execute(
-            "SELECT response, prompt_tokens, completion_tokens FROM answers "
+            "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
             "WHERE run_key = ? AND doc_id = ? ORDER BY attempt",
             (self.run_key, doc_id),
         ).fetchall()
-        return [Answer(*row) for row in rows]
+        return [(Answer(*row[:5]), row[5]) for row in rows]
 
-    def add(self, doc_id: str, attempt: int, answer: Answer) -> None:
+    def add(self, doc_id: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
         """Store one answer; committed on the next turn of the running event loop (or now, without a loop)."""
         if not self._db.in_transaction:
             self._db.execute("BEGIN")
         self._db.execute(
-            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time()),
+            "INSERT OR REPLACE INTO answers (run_key, doc_id, attempt, response, prompt_tokens, completion_tokens, "
+            "created, finish_reason, model, doc_chars) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time(),
+             answer.finish_reason, answer.model, doc_chars),
         )
         try:
             loop = asyncio.get_running_loop()

@@ -1,9 +1,12 @@
 """Read the 0-5 score out of an LLM answer, the way models really write it.
 
-Accepted: "Educational score: 3", "**Educational score:** 3", "Educational Score: **3**", "Educational score: 3/5",
-"... 3 out of 5", trailing text after the number, and several scores in one answer (the concluding one counts).
-Anything else gives score None and a reason: a wrong score is worse for the classifier than a missing one, so we
-never guess.
+A score counts only where it ends its statement: "Educational score: 3" at the end of a line or before punctuation,
+optionally bold (`**Educational score:** 3`, `Educational Score: **3**`), bracketed, "3/5", "3 out of 5" or
+"3 points". Text on later lines and the same score repeated are fine.
+
+Anything else gives score None and a reason, because a wrong score is worse for the classifier than a missing one:
+`unparseable` (no score, not a whole number, outside 0-5, out of 10) or `ambiguous` (arithmetic after the number,
+as in "Educational score: 20 - 15 = 3 points", other words right after it, or two different scores in one answer).
 """
 
 from __future__ import annotations
@@ -13,23 +16,37 @@ import re
 MAX_SCORE = 5
 
 # "Educational score", then any mix of markdown emphasis, colons and spaces, then the number (optionally emphasised,
-# bracketed, negative or fractional so that we can reject it explicitly) and an optional "/N" or "out of N".
-_SCORE_RE = re.compile(
-    r"educational[ \t]+score[\s*_:：=]*[\[(]?[\s*_]*(?P<num>-?\d+(?:\.\d+)?)"
-    r"[\s*_\])]*(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+))?",
+# bracketed, negative or fractional so that we can reject it explicitly).
+_STATEMENT = re.compile(r"educational[ \t]+score[\s*_:：=]*[\[(]?[\s*_]*(?P<num>-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_CLOSE = r"[ \t*_\])]*"  # closing emphasis and brackets after the number
+# What may follow the number for it to end the statement: "/5" or "out of 5", "points", then the end of the line or
+# punctuation that does not start a calculation.
+_ENDING = re.compile(
+    _CLOSE
+    + r"(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"
+    + r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
+    + r"(?:\r?\n|\Z|[.,;:!?\"'”’(—–-](?![ \t]*\d))",
     re.IGNORECASE,
 )
+_ARITHMETIC = re.compile(_CLOSE + r"(?:=|[-+*×÷][ \t]*\(?[ \t]*\d)")
 
 
-def parse_score(response: str | None) -> tuple[int | None, str | None]:
-    """(score, None) when the answer concludes with a valid score, else (None, reason)."""
-    if not response or not response.strip():
-        return None, "unparseable: empty answer"
-    matches = list(_SCORE_RE.finditer(response))
-    if not matches:
-        return None, "unparseable: no 'Educational score: N' in the answer"
-    last = matches[-1]
-    num, den = last.group("num"), last.group("den")
+def _statement_text(response: str, start: int) -> str:
+    line_end = response.find("\n", start)
+    line = response[start : line_end if line_end >= 0 else len(response)].strip()
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
+def _read_statement(response: str, match: re.Match) -> tuple[int | None, str | None]:
+    """(score, None) for a statement that ends at a valid score, else (None, reason)."""
+    rest = response[match.end() :]
+    num = match.group("num")
+    if _ARITHMETIC.match(rest):
+        return None, f"ambiguous: arithmetic after the score ({_statement_text(response, match.start())!r})"
+    ending = _ENDING.match(rest)
+    if ending is None:
+        return None, f"ambiguous: the score does not end its statement ({_statement_text(response, match.start())!r})"
+    den = ending.group("den")
     if den is not None and int(den) != MAX_SCORE:
         return None, f"unparseable: score given out of {den}, expected out of {MAX_SCORE}"
     if "." in num:
@@ -41,3 +58,22 @@ def parse_score(response: str | None) -> tuple[int | None, str | None]:
     if not 0 <= score <= MAX_SCORE:
         return None, f"unparseable: score {score} is outside 0-{MAX_SCORE}"
     return score, None
+
+
+def parse_score(response: str | None) -> tuple[int | None, str | None]:
+    """(score, None) when every score statement in the answer gives the same valid score, else (None, reason).
+
+    Reasons start with their kind (`unparseable: ...` or `ambiguous: ...`), which the run summary counts."""
+    if not response or not response.strip():
+        return None, "unparseable: empty answer"
+    statements = [_read_statement(response, m) for m in _STATEMENT.finditer(response)]
+    if not statements:
+        return None, "unparseable: no 'Educational score: N' in the answer"
+    errors = [error for _, error in statements if error is not None]
+    ambiguous = [error for error in errors if error.startswith("ambiguous")]
+    if ambiguous or errors:
+        return None, (ambiguous or errors)[0]
+    scores = sorted({score for score, _ in statements})
+    if len(scores) > 1:
+        return None, f"ambiguous: conflicting scores {', '.join(map(str, scores))} in one answer"
+    return scores[0], None

@@ -1,8 +1,8 @@
 """`edu-filter score`: annotate documents 0-5 with an LLM and the FineWeb-Edu / Python-Edu additive rubric.
 
-Flow: read (and optionally sample) documents -> render the versioned prompt (with explicit truncation) -> ask the
-backend with bounded concurrency -> parse the concluding "Educational score: N", re-asking a bounded number of
-times on unparseable answers -> write one row per input document, atomically, at the end.
+Flow: read (or sample while streaming) documents -> render the versioned prompt (with explicit truncation) -> ask
+the backend with bounded concurrency -> parse the concluding "Educational score: N", re-asking a bounded number of
+times on unparseable or ambiguous answers -> write one row per input document, atomically, at the end.
 
 Every received answer is committed to the answer cache first (see cache.py), so a killed run started again with
 the same command asks only for what it never received. Requests that failed for good (after retries) are not
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
+import sys
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -23,6 +23,7 @@ from pathlib import Path
 from edu_filter.annotate.backends import (
     SERVER_BACKENDS,
     BackendError,
+    ContextOverflow,
     GenerationSettings,
     OpenAIBackend,
     RequestFailed,
@@ -33,14 +34,20 @@ from edu_filter.annotate.backends import (
 from edu_filter.annotate.cache import AnswerCache
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
 from edu_filter.annotate.prompts import Prompt, PromptError, load_prompt
-from edu_filter.documents import DocumentError, read_documents, write_documents
+from edu_filter import provenance
+from edu_filter.documents import DocumentError, read_documents, sample_documents, write_documents
 
-# What FineWeb-Edu and Python-Edu were annotated with; servers usually serve a model under its hub id.
-DEFAULT_MODEL = "meta-llama/Meta-Llama-3-70B-Instruct"
 BACKENDS = ("openai", *SERVER_BACKENDS, "transformers")
 OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 # Errors the command line reports as one line (bad input, options or backend) instead of a traceback.
 ANNOTATION_ERRORS = (DocumentError, PromptError, BackendError, ImportError, ValueError)
+CUT_OFF = "cut off at max_tokens"
+# Output columns and their Parquet types: fixed, so a shard whose every score failed still combines with others.
+OUTPUT_SCHEMA = {
+    "id": "String", "text": "String", "score": "Int64", "response": "String", "error": "String", "model": "String",
+    "prompt": "String", "attempts": "Int64", "truncated": "Boolean", "finish_reason": "String",
+    "prompt_tokens": "Int64", "completion_tokens": "Int64",
+}
 
 
 @dataclass
@@ -49,16 +56,20 @@ class ScoreSummary:
 
     documents: int = 0
     scored: int = 0
-    failed: Counter = field(default_factory=Counter)  # reason kind ("unparseable", "http 500", ...) -> documents
+    failed: Counter = field(default_factory=Counter)  # reason kind ("unparseable", "http 400 ...", ...) -> documents
     score_counts: Counter = field(default_factory=Counter)
     truncated: int = 0
     cached_answers: int = 0  # answers replayed from the cache instead of asked again
     requests: int = 0  # requests actually sent this run, retries included
     retries: int = 0
-    reasks: int = 0  # extra questions after unparseable answers
+    reasks: int = 0  # extra questions after unparseable, ambiguous or cut-off answers
+    refits: int = 0  # documents asked again cut to fit the server's context
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    model: str = ""  # the model asked (as the server serves it)
+    concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
+    notes: list[str] = field(default_factory=list)
     output: str = ""
     cache: str = ""
 
@@ -67,92 +78,193 @@ class ScoreSummary:
         return self.documents / self.seconds if self.seconds else 0.0
 
 
+def failure_kind(reason: str) -> str:
+    """What the summary counts a failure as: the reason up to its first colon (`http 400 context_length_exceeded`)."""
+    return reason.split(":", 1)[0]
+
+
+def _rate(per_second: float) -> str:
+    """Enough digits for slow servers too: 1,234 / 12.3 / 0.042."""
+    if per_second >= 100:
+        return f"{per_second:,.0f}"
+    if per_second >= 1:
+        return f"{per_second:.1f}"
+    return f"{per_second:.2g}"
+
+
 def _check_output(output: Path) -> None:
     if not output.name.lower().endswith(OUTPUT_SUFFIXES):
         raise DocumentError(f"{output}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
 
 
-def _load(inputs, text_field: str, id_field: str, sample: int | None, seed: int) -> list[dict]:
-    docs = read_documents(inputs, text_field=text_field, id_field=id_field)
+def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int) -> list[dict]:
+    """The documents to score; with `sample`, a reproducible uniform sample drawn while streaming the input.
+
+    Ids key the resume cache and the output, so they must be unique among the documents scored."""
+    if sample is None:
+        numbered = list(enumerate(read_documents(inputs, text_field=text_field, id_field=id_field)))
+    else:
+        if sample < 1:
+            raise ValueError("--sample must be a positive number of documents")
+        numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field)
     seen: dict[str, int] = {}
-    for i, doc in enumerate(docs):
+    for position, doc in numbered:
         if doc["id"] in seen:
             raise DocumentError(
-                f"duplicate document id {doc['id']!r} (documents #{seen[doc['id']] + 1} and #{i + 1}): ids key the "
-                f"resume cache and the output, so they must be unique (use --id-field to pick another field)"
+                f"duplicate document id {doc['id']!r} (documents #{seen[doc['id']] + 1} and #{position + 1}): ids "
+                f"key the resume cache and the output, so they must be unique (use --id-field to pick another field)"
             )
-        seen[doc["id"]] = i
-    if sample is not None and sample < len(docs):
-        keep = sorted(random.Random(seed).sample(range(len(docs)), sample))  # input order, reproducible
-        docs = [docs[i] for i in keep]
-    return docs
+        seen[doc["id"]] = position
+    return [doc for _, doc in numbered]
+
+
+def chars_to_fit(doc_chars: int, prompt_chars: int, overflow: ContextOverflow, max_tokens: int) -> int:
+    """How many characters of the document to keep so that the prompt fits the context the server reported.
+
+    From the server's numbers when it gave them (the prompt may take the context less max_tokens, less a tenth to
+    spare, at this prompt's characters per token), else half the document. Zero or less: nothing would fit."""
+    if overflow.context_tokens and overflow.prompt_tokens:
+        budget_tokens = 0.9 * (overflow.context_tokens - max_tokens)
+        chars_per_token = prompt_chars / overflow.prompt_tokens
+        return doc_chars - (prompt_chars - int(budget_tokens * chars_per_token))
+    return doc_chars // 2
 
 
 class _Scorer:
     """Scores documents through one backend, replaying and filling the answer cache."""
 
-    def __init__(self, backend, cache: AnswerCache, prompt: Prompt, model: str, max_chars, max_reasks: int):
-        self.backend, self.cache, self.prompt, self.model = backend, cache, prompt, model
-        self.max_chars, self.max_reasks = max_chars, max_reasks
+    def __init__(self, backend, cache: AnswerCache, prompt: Prompt, max_chars, max_reasks: int, max_tokens: int):
+        self.backend, self.cache, self.prompt = backend, cache, prompt
+        self.max_chars, self.max_reasks, self.max_tokens = max_chars, max_reasks, max_tokens
         self.summary = ScoreSummary()
 
     async def score(self, doc: dict) -> dict:
         s = self.summary
-        prompt_text, truncated = self.prompt.render(doc["text"], self.max_chars)
+        text = doc["text"]
         stored = self.cache.answers(doc["id"])
-        score = error = response = None
+        # characters of the document in the prompt: --max-chars, or what an earlier run cut it to so that it fits
+        doc_chars = min(len(text), self.max_chars or len(text))
+        if stored and stored[-1][1] is not None:
+            doc_chars = stored[-1][1]
+        score = error = response = finish_reason = None
+        model = self.backend.model
         prompt_tokens = completion_tokens = None
-        attempts = 0
-        for attempt in range(self.max_reasks + 1):
-            if attempt < len(stored):
-                answer = stored[attempt]
+        attempts = cut_off = 0
+        refitted = False
+        while attempts <= self.max_reasks:
+            if attempts < len(stored):
+                answer = stored[attempts][0]
                 s.cached_answers += 1
             else:
+                prompt_text, _ = self.prompt.render(text, doc_chars)
                 try:
                     answer = await self.backend.complete(prompt_text)
                 except RequestFailed as e:
                     error = e.reason
+                    if e.overflow is not None and self.max_chars is not None and not refitted:
+                        # --max-chars allows cutting documents: ask once more, cut to fit the server's context
+                        refitted = True
+                        fit = chars_to_fit(doc_chars, len(prompt_text), e.overflow, self.max_tokens)
+                        if 0 < fit < doc_chars:
+                            doc_chars = fit
+                            s.refits += 1
+                            continue
                     break
-                self.cache.add(doc["id"], attempt, answer)
+                self.cache.add(doc["id"], attempts, answer, doc_chars)
             attempts += 1
-            s.reasks += attempt > 0
-            response = answer.text
+            s.reasks += attempts > 1
+            response, finish_reason = answer.text, answer.finish_reason
+            model = answer.model or model
             if answer.prompt_tokens is not None:
                 prompt_tokens = (prompt_tokens or 0) + answer.prompt_tokens
             if answer.completion_tokens is not None:
                 completion_tokens = (completion_tokens or 0) + answer.completion_tokens
+            if finish_reason == "length":  # a cut answer may have been about to give another score: never parsed
+                score, error = None, f"{CUT_OFF}: the answer reached --max-tokens {self.max_tokens} before its end"
+                cut_off += 1
+                if cut_off == 2:  # cut twice: asking again is unlikely to help
+                    break
+                continue
             score, error = parse_score(answer.text)
             if score is not None:
                 break
+        truncated = doc_chars < len(text)
         s.documents += 1
         s.truncated += truncated
         s.prompt_tokens += prompt_tokens or 0
         s.completion_tokens += completion_tokens or 0
         if score is None:
-            s.failed[error.split(":", 1)[0]] += 1
+            s.failed[failure_kind(error)] += 1
         else:
             s.scored += 1
             s.score_counts[score] += 1
         return {
             "id": doc["id"],
-            "text": doc["text"],
+            "text": text,
             "score": score,
             "response": response,
             "error": error,
-            "model": self.model,
+            "model": model,
             "prompt": self.prompt.version,
             "attempts": attempts,
             "truncated": truncated,
+            "finish_reason": finish_reason,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
         }
 
-    async def run(self, docs: list[dict], workers: int, show_progress: bool) -> list[dict]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+    async def run(self, docs: list[dict], workers: int, show_progress: bool, progress_every: float) -> list[dict]:
+        from rich.console import Console
 
         rows: list[dict | None] = [None] * len(docs)
         next_index = iter(range(len(docs)))
+        start = time.perf_counter()
+
+        async def worker():
+            for i in next_index:
+                rows[i] = await self.score(docs[i])
+
+        def progress_line() -> str:
+            s, seconds = self.summary, time.perf_counter() - start
+            rate = s.documents / seconds if seconds else 0.0
+            return (f"scoring: {s.documents:,}/{len(docs):,} documents, {s.documents - s.scored:,} failed, "
+                    f"{_rate(rate)} docs/s, {seconds:,.0f} s")
+
+        async def report(update, every: float):  # a few times a second or every few seconds, never per request
+            while True:
+                await asyncio.sleep(every)
+                update()
+
+        bar = None
+        if not show_progress:
+            update, every = (lambda: None), 3600.0
+        elif Console().is_terminal:
+            bar, update = self._progress_bar(len(docs))
+            every = 0.2
+            bar.start()
+        else:  # a log file or a pipe: a plain line every few seconds
+
+            def update():
+                print(progress_line(), flush=True)
+
+            every = progress_every
+        tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(docs))))]
+        ticker = asyncio.create_task(report(update, every))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in (*tasks, ticker):
+                t.cancel()
+            await asyncio.gather(*tasks, ticker, return_exceptions=True)
+            update()
+            if bar is not None:
+                bar.stop()
+        return rows
+
+    def _progress_bar(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
+
         progress = Progress(
             TextColumn("[bold]scoring"),
             BarColumn(),
@@ -161,37 +273,18 @@ class _Scorer:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             refresh_per_second=4,  # rendering runs on its own thread at this rate, never per request
-            disable=not show_progress,
         )
-        task = progress.add_task("scoring", total=len(docs), failed=0)
+        task = progress.add_task("scoring", total=total, failed=0)
 
-        def report():
+        def update():
             s = self.summary
             progress.update(task, completed=s.documents, failed=s.documents - s.scored)
 
-        async def worker():
-            for i in next_index:
-                rows[i] = await self.score(docs[i])
-
-        async def reporter():  # the bar's numbers change a few times a second, not once per request
-            while True:
-                report()
-                await asyncio.sleep(0.2)
-
-        with progress:
-            tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(docs))))]
-            ticker = asyncio.create_task(reporter())
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for t in (*tasks, ticker):
-                    t.cancel()
-                await asyncio.gather(*tasks, ticker, return_exceptions=True)
-                report()
-        return rows
+        return progress, update
 
 
-async def _score_async(docs, backend_name, backend_kwargs, server_kwargs, cache, prompt, model, options):
+async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs, cache_path, cache_settings,
+                       prompt, options):
     async with AsyncExitStack() as stack:
         if backend_name == "transformers":
             backend = await stack.enter_async_context(TransformersBackend(model, **backend_kwargs))
@@ -200,11 +293,30 @@ async def _score_async(docs, backend_name, backend_kwargs, server_kwargs, cache,
                 config = server_config(backend_name, model, **server_kwargs)
                 backend_kwargs = {**backend_kwargs, "base_url": await stack.enter_async_context(managed_server(config))}
             backend = await stack.enter_async_context(OpenAIBackend(model=model, **backend_kwargs))
-        scorer = _Scorer(backend, cache, prompt, model, options["max_chars"], options["max_reasks"])
-        rows = await scorer.run(docs, options["workers"], options["show_progress"])
-    scorer.summary.requests = backend.stats.requests
-    scorer.summary.retries = backend.stats.retries
-    return rows, scorer.summary
+        if options["show_progress"]:
+            for note in backend.notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
+        # keyed by the model the server actually serves, not by a name it ignores
+        cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
+        scorer = _Scorer(backend, cache, prompt, options["max_chars"], options["max_reasks"], options["max_tokens"])
+        rows = await scorer.run(docs, options["workers"], options["show_progress"], options["progress_every"])
+    s = scorer.summary
+    s.requests, s.retries = backend.stats.requests, backend.stats.retries
+    s.model, s.notes = backend.model, backend.notes
+    if backend.stats.concurrency is not None and backend.stats.concurrency < options["workers"]:
+        s.concurrency = backend.stats.concurrency
+    return rows, s
+
+
+def _write_output(rows: list[dict], path: Path) -> None:
+    """JSONL as it is; Parquet with the fixed OUTPUT_SCHEMA types."""
+    if not path.name.lower().endswith(".parquet"):
+        write_documents(rows, path)
+        return
+    import polars as pl
+
+    schema = {name: getattr(pl, kind) for name, kind in OUTPUT_SCHEMA.items()}
+    pl.DataFrame(rows, schema=schema).write_parquet(path)
 
 
 def score_documents(
@@ -213,7 +325,7 @@ def score_documents(
     *,
     prompt: str = "web",
     backend: str = "openai",
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     base_url: str | None = None,
     api: str = "chat",
     api_key_env: str = "OPENAI_API_KEY",
@@ -237,15 +349,20 @@ def score_documents(
     server_args: list[str] | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    progress_every: float = 5.0,
 ) -> ScoreSummary:
     """Annotate documents with an LLM; write one row per document to `output`; print and return a summary.
 
-    Re-running the same call resumes from the answer cache (default: `<output>.cache.sqlite`).
+    `model` may be left out only for `backend="openai"` against a server that serves exactly one model.
+    Re-running the same call resumes from the answer cache (default: `<output>.cache.sqlite`). When output is not
+    a terminal, a plain progress line is printed every `progress_every` seconds.
     """
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "openai" and not base_url:
         raise ValueError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    if backend != "openai" and not model:
+        raise ValueError(f"the {backend} backend needs --model (the model to load: folder, hub id or file)")
     if max_reasks < 0 or concurrency < 1 or max_retries < 0:
         raise ValueError("--max-reasks and --max-retries must be >= 0 and --concurrency >= 1")
     if max_chars is not None and max_chars < 1:
@@ -253,11 +370,11 @@ def score_documents(
     output = Path(output)
     _check_output(output)
     the_prompt = load_prompt(prompt)
-    docs = _load(inputs, text_field, id_field, sample, seed)
+    docs = load_documents(inputs, text_field, id_field, sample, seed)
+    used = provenance.describe_inputs({"documents": inputs, "prompt": prompt if Path(prompt).is_file() else None})
     settings = GenerationSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     cache_path = Path(cache) if cache is not None else output.with_name(output.name + ".cache.sqlite")
-    cache_settings = {"prompt": the_prompt.version, "model": model, "api": api, "max_chars": max_chars,
-                      **settings.as_dict()}
+    cache_settings = {"prompt": the_prompt.version, "api": api, "max_chars": max_chars, **settings.as_dict()}
 
     if backend == "transformers":
         backend_kwargs = {"settings": settings, "api": api, "batch_size": concurrency, "device": device,
@@ -270,21 +387,25 @@ def score_documents(
             backend_kwargs["base_url"] = base_url
     server_kwargs = {"api": api, "max_model_len": max_model_len, "tp": tensor_parallel,
                      "server_script": server_script, "server_args": server_args}
-    options = {"max_chars": max_chars, "max_reasks": max_reasks, "workers": concurrency,
-               "show_progress": show_progress}
+    options = {"max_chars": max_chars, "max_reasks": max_reasks, "max_tokens": max_tokens, "workers": concurrency,
+               "show_progress": show_progress, "progress_every": progress_every}
 
     start = time.perf_counter()
-    with AnswerCache(cache_path, cache_settings) as answer_cache:
-        rows, summary = asyncio.run(
-            _score_async(docs, backend, backend_kwargs, server_kwargs, answer_cache, the_prompt, model, options)
-        )
+    rows, summary = asyncio.run(_score_async(docs, backend, model, backend_kwargs, server_kwargs, cache_path,
+                                             cache_settings, the_prompt, options))
     summary.seconds = time.perf_counter() - start
     summary.output, summary.cache = str(output), str(cache_path)
 
     # Written whole, then renamed: a run killed here leaves no half file, and the re-run rewrites it from cache.
     partial = output.with_name(f".partial-{output.name}")
-    write_documents(rows, partial)
+    _write_output(rows, partial)
     os.replace(partial, output)
+    provenance.record_provenance(output, kind="annotations", inputs=used, settings={
+        "prompt": the_prompt.version, "model": summary.model, "backend": backend, "base_url": base_url, "api": api,
+        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_chars": max_chars,
+        "max_reasks": max_reasks, "sample": sample, "seed": seed, "text_field": text_field, "id_field": id_field,
+        "documents": summary.documents, "scored": summary.scored,
+    })
     if show_progress:
         print_summary(summary)
     return summary
@@ -297,17 +418,22 @@ def print_summary(summary: ScoreSummary) -> None:
     table = Table(title="score summary", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
+    table.add_row("model", summary.model)
     table.add_row("documents", f"{summary.documents:,}")
     table.add_row("scored", f"{summary.scored:,}")
     for reason, n in summary.failed.most_common():
         table.add_row(f"failed: {reason}", f"[red]{n:,}")
     table.add_row("scores 0..5", " ".join(f"{k}:{summary.score_counts.get(k, 0)}" for k in range(MAX_SCORE + 1)))
     table.add_row("truncated (--max-chars)", f"{summary.truncated:,}")
+    if summary.refits:
+        table.add_row("asked again cut to fit the context", f"{summary.refits:,}")
     table.add_row("answers reused from cache", f"{summary.cached_answers:,}")
     table.add_row("requests sent (retries)", f"{summary.requests:,} ({summary.retries:,})")
-    table.add_row("re-asks after unparseable answers", f"{summary.reasks:,}")
+    if summary.concurrency is not None:
+        table.add_row("concurrency after timeouts", f"[yellow]backed off to {summary.concurrency}")
+    table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")
     table.add_row("tokens prompt / completion", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
-    table.add_row("time", f"{summary.seconds:.1f} s ({summary.docs_per_second:,.1f} docs/s)")
+    table.add_row("time", f"{summary.seconds:.1f} s ({_rate(summary.docs_per_second)} docs/s)")
     table.add_row("output", summary.output)
     table.add_row("cache", summary.cache)
     Console().print(table)

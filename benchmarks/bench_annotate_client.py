@@ -26,17 +26,21 @@ import orjson
 
 ANSWER = orjson.dumps({
     "id": "bench",
+    "model": "bench",
     "choices": [{"index": 0, "finish_reason": "stop",
                  "message": {"role": "assistant", "content": "Clear worked example.\n\nEducational score: 3"}}],
     "usage": {"prompt_tokens": 420, "completion_tokens": 12, "total_tokens": 432},
 })
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(len(ANSWER)).encode() + b"\r\n"
-)
+MODELS = orjson.dumps({"object": "list", "data": [{"id": "bench", "object": "model"}]})
+
+
+def response_head(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
 
 
 class InstantHTTP(asyncio.Protocol):
-    """Answers every request at once with the same completion; honours keep-alive and `Connection: close`."""
+    """Answers every request at once with the same completion (GET /v1/models with the model list); honours
+    keep-alive and `Connection: close`."""
 
     def connection_made(self, transport):
         self.transport, self.buffer = transport, b""
@@ -54,7 +58,8 @@ class InstantHTTP(asyncio.Protocol):
                 return
             self.buffer = self.buffer[end + 4 + length :]
             close = b"connection: close" in head
-            self.transport.write(RESPONSE + (b"Connection: close\r\n\r\n" if close else b"\r\n") + ANSWER)
+            body = MODELS if head.startswith(b"get /v1/models") else ANSWER
+            self.transport.write(response_head(body) + (b"Connection: close\r\n\r\n" if close else b"\r\n") + body)
             if close:
                 self.transport.close()
                 return

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 DEFAULT_ENCODERS = {"web": "Snowflake/snowflake-arctic-embed-m", "code": "bigcode/starencoder"}
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the offline package ships
 KINDS = tuple(DEFAULT_ENCODERS)
 
 console = Console(stderr=True)
@@ -73,6 +74,20 @@ def encoder_identity(name_or_path: str) -> str:
         with open(weights, "rb") as fh:
             digest.update(fh.read(1 << 20))
     return f"{path.name}-{digest.hexdigest()[:16]}"
+
+
+def encoder_hub_id(name_or_path: str) -> str | None:
+    """The hub id of an encoder, for a model card's `base_model`: a hub name as is, the offline MiniLM folder as
+    its hub id, None for any other local folder (a card must not point at a path on this disk)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path
+    try:
+        if path.resolve() == Path(minilm_path()).resolve():
+            return MINILM_HUB_ID
+    except ImportError:
+        pass
+    return None
 
 
 def prepare_tokenizer(tokenizer):

@@ -1,28 +1,38 @@
 """`edu-filter apply`: score, deduplicate and threshold a corpus as a chain of datatrove stages.
 
-Stages (each a datatrove executor; `OUT/logs/<stage>/` holds its logs, stats and per-task completion markers):
+Two orders, chosen by what is expensive (`--order`, `auto` by default):
 
-1. `prepare`  read inputs; unreadable rows -> `failed/<reason>/`; n-gram decontamination -> `removed/contaminated/`;
-              count tokens; write `work/clean/`; exact-dedup or MinHash signatures.
-2. `exact-find`, `exact-filter` (code presets)  exact duplicates -> `removed/duplicate/`.
-3. `minhash-buckets`, `minhash-cluster`  FineWeb MinHash (5-grams, 14 x 8).
-4. `score`    near duplicates -> `removed/duplicate/`; classifier `score`/`int_score`; write `work/scored/`.
-5. `select`   `int_score >= threshold` (or `--keep-top`) -> `kept/` Parquet; the rest -> `removed/below_threshold/`.
-6. `report`   `stats.json`, counted from the files on disk.
+* **dedup-first** (a transformer classifier on CPUs): duplicates are dropped before they cost model time.
+  `signatures` (read, drop unreadable rows and contaminated ones, MinHash signatures) -> `minhash-buckets` ->
+  `minhash-cluster` -> `filter` (read again; failed/contaminated/duplicate rows to their folders; count tokens;
+  score; threshold; kept Parquet).
+* **score-first** (a fastText model, or any classifier on a GPU: scoring is cheaper than MinHash): `score` (read,
+  failed/contaminated aside, count tokens, score, threshold; survivors to scratch) -> the dedup chain over the
+  survivors only -> `filter` (duplicates aside, kept Parquet). Only the survivors ever reach MinHash.
 
-Dedup runs before scoring: the classifier is by far the most expensive step, so duplicates are dropped before they
-cost model time (FineWeb-Edu likewise scored already-deduplicated FineWeb). The price is that a cluster keeps an
-arbitrary member, not its best-scored one; near-duplicates score alike, so this rarely changes the kept set.
+Exact dedup (python-edu) adds `exact-signatures` and `exact-find` before the MinHash signatures, which skip exact
+duplicates. Every pass over the same rows reads them in the same order, so datatrove's dedup filters, which address a
+document by its position in the stream, need no intermediate copy of the corpus. A fixed threshold is applied in the
+pass that scores; `--keep-top` saves a score histogram per task and selects in an extra `select` stage. The `report`
+stage writes `stats.json` from the writers' own counts and then deletes the scratch folder `work/`
+(`--keep-work` keeps it); stats.json records its peak size.
+
+A cluster keeps one member (in dedup-first an arbitrary one, in score-first one that passed the threshold); since
+near-duplicates score alike, the order changes little beyond that.
 
 Resume: a killed run restarted with the same command skips every task with a completion marker and reruns the
 others from scratch; every task writes only files named after its rank, which a rerun overwrites, so nothing is
-kept twice. `OUT/run_config.json` refuses a restart with different settings.
+kept twice. `OUT/run_config.json` records the settings, the inputs by resolved path, size and modification time,
+and the classifier by a hash of its files: a restart with anything changed is refused, naming it (`--overwrite`
+starts over).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,15 +89,22 @@ def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
     return fallback
 
 
+ORDERS = ("auto", "dedup-first", "score-first")
+# files and folders an apply output holds; --overwrite deletes exactly these
+OUTPUT_ENTRIES = ("kept", "removed", "failed", "work", "logs", "slurm", "stats.json", "run_config.json", "README.md",
+                  "provenance.json")
+
+
 @dataclass
 class SlurmOptions:
-    partition: str = "cpu"
-    gpu_partition: str | None = None  # for the score stage; the CPU partition when unset
+    partition: str | None = None  # None: the cluster's default partition
+    gpu_partition: str | None = None  # for the scoring stage; the CPU partition when unset
     time: str = "24:00:00"
     cpus_per_task: int = 4
-    mem_per_cpu_gb: int = 4
-    gpus_per_task: int = 0  # for the score stage
-    venv_path: str | None = None  # `source`d by every job
+    mem_gb: int | None = None  # per task; None: 4 GB per CPU
+    gpus_per_task: int = 0  # for the scoring stage
+    venv_path: str | None = None  # an activate script `source`d by every job; None: the submitting environment
+    qos: str | None = None
     sbatch_args: dict = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
 
@@ -104,6 +121,7 @@ class ApplyConfig:
     dedup: bool = True
     exact_dedup: bool = False
     decontaminate: list[str] = field(default_factory=list)
+    order: str = "dedup-first"  # resolved: dedup-first or score-first
     long_docs: str | None = None  # None: the model's saved setting
     max_length: int | None = None
     batch_size: int = 32
@@ -113,17 +131,37 @@ class ApplyConfig:
     id_field: str = "id"
     tasks: int = 1
     preset: str | None = None
+    keep_work: bool = False
 
     def result_settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "output"}
+        return {k: v for k, v in asdict(self).items() if k not in ("output", "keep_work")}
+
+
+def is_fasttext_model(model: str) -> bool:
+    from edu_filter.classifiers.fasttext_model import CONFIG_FILE
+
+    return (Path(model) / CONFIG_FILE).exists()
+
+
+def resolve_order(order: str, model: str, on_gpu: bool) -> str:
+    """`auto`: score first when scoring is cheaper than MinHash (fastText, or a GPU), dedup first otherwise."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order != "auto":
+        return order
+    return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
+
+
+def _local_path(path: str) -> str:
+    return path if "://" in str(path) else os.path.abspath(path)
 
 
 def resolve_config(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None, threshold: int | None = None,
     keep_top: float | None = None, dedup: bool | None = None, exact_dedup: bool | None = None,
-    decontaminate: list[str] | None = None, **kwargs,
+    decontaminate: list[str] | None = None, order: str = "auto", on_gpu: bool = False, **kwargs,
 ) -> ApplyConfig:
-    """Preset values, overridden by whatever the caller gave explicitly."""
+    """Preset values, overridden by whatever the caller gave explicitly; local paths made absolute."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS.get(preset, {"threshold": 3, "model": None, "dedup": True, "exact_dedup": False,
@@ -133,10 +171,17 @@ def resolve_config(
         raise ValueError("give --model (a folder written by `edu-filter train`, or a hub id) or a --preset")
     if keep_top is not None and threshold is not None:
         raise ValueError("give a threshold or keep_top, not both")
+    if keep_top is not None and not 0 < keep_top <= 1:
+        raise ValueError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
     if keep_top is None and threshold is None:
         threshold = base["threshold"]
     if threshold is not None and not 0 <= threshold <= 5:
         raise ValueError(f"threshold must be an int_score between 0 and 5, got {threshold}")
+    model = str(model)
+    if Path(model).exists():
+        model = os.path.abspath(model)
+    elif model.startswith((".", "/")) or model.count("/") > 1:
+        raise DocumentError(f"model {model}: no such folder")
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import check_dtype, check_long_docs
 
@@ -144,49 +189,141 @@ def resolve_config(
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])
     decont = [
-        str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else d
+        str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else _local_path(d)
         for d in (decontaminate if decontaminate is not None else base["decontaminate"])
     ]
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")
-    kwargs["tokenizer"] = token_count_tokenizer(str(model), kwargs.get("tokenizer"))
+    tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"))
+    kwargs["tokenizer"] = os.path.abspath(tokenizer) if Path(tokenizer).exists() else tokenizer
+    dedup = base["dedup"] if dedup is None else dedup
+    exact_dedup = base["exact_dedup"] if exact_dedup is None else exact_dedup
     return ApplyConfig(
-        inputs=[str(i) for i in inputs], output=str(output), model=str(model), threshold=threshold,
-        keep_top=keep_top, dedup=base["dedup"] if dedup is None else dedup,
-        exact_dedup=base["exact_dedup"] if exact_dedup is None else exact_dedup, decontaminate=decont,
-        preset=preset, **kwargs,
+        inputs=[_local_path(str(i)) for i in inputs], output=_local_path(str(output)).rstrip("/"), model=model,
+        threshold=threshold, keep_top=keep_top, dedup=dedup, exact_dedup=exact_dedup, decontaminate=decont,
+        order=resolve_order(order, model, on_gpu) if dedup or exact_dedup else "dedup-first", preset=preset,
+        **kwargs,
     )
 
 
-def check_resume(cfg: ApplyConfig) -> None:
-    """Record the settings; a restart into the same folder must use the same ones (or the outputs would mix)."""
+def fingerprint_path(path: str) -> dict | str:
+    """Size and modification time of every file under a local path (a file or a folder); a remote path or hub id is
+    recorded as the name itself."""
+    root = Path(path)
+    if "://" in path or not root.exists():
+        return path
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return {str(f.relative_to(root) if f != root else f.name): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def fingerprint_model(model: str) -> str:
+    """sha256 over the names and contents of a local model folder's files (a hub id: the id itself)."""
+    root = Path(model)
+    if not root.exists():
+        return model
+    digest = hashlib.sha256()
+    for f in sorted(f for f in root.rglob("*") if f.is_file() and ".cache" not in f.parts):
+        digest.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_inputs(files: list[tuple[str, str]]) -> dict:
+    """{file: [size, mtime]} for every input file (fsspec metadata for remote ones)."""
+    from datatrove.io import get_datafolder
+
+    found = {}
+    for folder, name in files:
+        df = get_datafolder(folder)
+        info = df.info(name)
+        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag")
+        found[df.resolve_paths(name)] = [info.get("size"), str(mtime) if mtime is not None else None]
+    return found
+
+
+def run_record(cfg: ApplyConfig, files: list[tuple[str, str]]) -> dict:
+    return {
+        "settings": cfg.result_settings(),
+        "input_files": fingerprint_inputs(files),
+        "model_fingerprint": fingerprint_model(cfg.model),
+        "decontaminate_files": {d: fingerprint_path(d) for d in cfg.decontaminate},
+    }
+
+
+def _what_changed(previous: dict, current: dict) -> str:
+    old, new = previous.get("settings", {}), current["settings"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        return "settings: " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
+    if previous.get("model_fingerprint") != current["model_fingerprint"]:
+        return f"the classifier's files changed ({current['settings']['model']})"
+    old_files, new_files = previous.get("input_files", {}), current["input_files"]
+    for f in sorted(set(old_files) | set(new_files)):
+        if f not in new_files:
+            return f"input {f} is gone"
+        if f not in old_files:
+            return f"input {f} is new"
+        if old_files[f] != new_files[f]:
+            return f"input {f} changed (size or modification time)"
+    if previous.get("decontaminate_files") != current["decontaminate_files"]:
+        return "a decontamination set changed"
+    return ""
+
+
+def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], overwrite: bool = False) -> None:
+    """Record what this run is made of; a restart into the same folder must be made of the same things."""
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if "://" in cfg.output:
+        raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
+    if out.exists() and not out.is_dir():
+        raise DocumentError(f"--output {out} is a file")
     path = out / "run_config.json"
-    settings = cfg.result_settings()
+    if out.exists() and any(out.iterdir()) and not path.exists():
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+        if strangers or not overwrite:
+            raise DocumentError(f"--output {out} is not empty and holds no apply run ({', '.join(strangers[:3]) or 'partial output'}); "
+                                "give an empty or new folder" + ("" if strangers else ", or --overwrite"))
+    current = run_record(cfg, files)
     if path.exists():
-        previous = json.loads(path.read_text())
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(
-                f"{out} holds a run with different settings ({', '.join(changed)}); use another output folder or "
-                "delete it to start over"
-            )
-    else:
-        path.write_text(json.dumps(settings, indent=2))
+        changed = _what_changed(json.loads(path.read_text()), current)
+        if changed and not overwrite:
+            raise DocumentError(f"{out} holds a run made differently ({changed}); add --overwrite to start over, "
+                                "or use another output folder")
+        if changed or overwrite:
+            remove_outputs(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2))
+    except OSError as e:
+        raise DocumentError(f"--output {out}: cannot write there ({e.strerror})") from None
 
 
-def build_stages(cfg: ApplyConfig, workers: int, files: list[tuple[str, str]]) -> list[tuple[str, list, int]]:
-    """(stage name, pipeline, tasks) in run order, over the input `files` from `expand_inputs`."""
+def remove_outputs(out: Path) -> None:
+    for name in OUTPUT_ENTRIES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+@dataclass
+class Stage:
+    name: str
+    pipeline: list
+    tasks: int
+    scores: bool = False  # runs the classifier (the GPU stage)
+
+
+def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
+                 provenance_inputs: list[dict] | None = None) -> list[Stage]:
+    """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring)."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
-    from datatrove.pipeline.dedup.minhash import (
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
         build_decont_index,
@@ -197,214 +334,179 @@ def build_stages(cfg: ApplyConfig, workers: int, files: list[tuple[str, str]]) -
     )
     from edu_filter.filters.io import (
         ApplyInputReader,
+        CountedJsonlWriter,
         InputErrorFilter,
         KeptParquetWriter,
         RankFileReader,
         record_writer,
     )
+    from edu_filter.filters.minhash import FastMinhashSignature
     from edu_filter.filters.report import WriteApplyStats
-    from edu_filter.filters.scoring import (
-        CountTokens,
-        EduClassifierScorer,
-        SaveScores,
-        ScoreThresholdFilter,
-        cpu_threads_per_task,
-    )
+    from edu_filter.filters.scoring import CountTokens, EduClassifierScorer, ScoreHistogram, ScoreThresholdFilter
 
-    out = cfg.output.rstrip("/")
-    work, logs = f"{out}/work", f"{out}/logs"
+    out = cfg.output
+    work, logs, counts = f"{out}/work", f"{out}/logs", f"{out}/logs/counts"
     if cfg.dedup or cfg.exact_dedup:
         check_hashing()
-    minhash = fineweb_minhash_config()
-    exact = exact_dedup_config()
-    stages = []
-
-    prepare = [
-        ApplyInputReader(files, text_key=cfg.text_field, id_key=cfg.id_field),
-        InputErrorFilter(exclusion_writer=record_writer(f"{out}/failed", "${filter_reason}/${rank}.jsonl.gz")),
-    ]
     if cfg.decontaminate:
         build_decont_index(cfg.decontaminate, f"{work}/decont_index", decont_config())
-        prepare.append(NGramsDecontFilter(
-            f"{work}/decont_index", config=decont_config(),
-            exclusion_writer=record_writer(f"{out}/removed/contaminated"),
-        ))
-    prepare += [CountTokens(cfg.tokenizer or cfg.model), record_writer(f"{work}/clean")]
-    if cfg.exact_dedup:
-        prepare.append(ExactDedupSignature(f"{work}/exact/sigs", config=exact))
-    elif cfg.dedup:
-        prepare.append(MinhashDedupSignature(f"{work}/minhash/sigs", config=minhash))
-    stages.append(("prepare", prepare, cfg.tasks))
+    minhash, exact = fineweb_minhash_config(), exact_dedup_config()
 
-    scoring_input = f"{work}/clean"
-    if cfg.exact_dedup:
-        stages.append(("exact-find", [ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1))
-        exact_filter = [
-            RankFileReader(f"{work}/clean"),
-            ExactDedupFilter(f"{work}/exact/dups", config=exact,
-                             exclusion_writer=record_writer(f"{out}/removed/duplicate", "exact_${rank}.jsonl.gz")),
-            record_writer(f"{work}/unique"),
+    def progress(stage: str) -> str:
+        return f"{logs}/{stage}/progress"
+
+    def removed(reason: str, filename: str = "${rank}.jsonl.gz", counts_name: str | None = None):
+        return CountedJsonlWriter(f"{out}/removed/{reason}", f"removed/{reason}", counts, filename, counts_name)
+
+    def input_pass(stage: str, final: bool) -> list:
+        """Reading the input: unreadable and contaminated rows are dropped, and written out only in the final pass."""
+        steps = [
+            ApplyInputReader(files, text_key=cfg.text_field, id_key=cfg.id_field, progress_folder=progress(stage),
+                             counts_folder=counts if final else None),
+            InputErrorFilter(exclusion_writer=CountedJsonlWriter(
+                f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/${rank}.jsonl.gz", "failed")
+                if final else None),
         ]
+        if final:
+            steps.append(CountTokens(cfg.tokenizer or cfg.model))
+        if cfg.decontaminate:
+            steps.append(NGramsDecontFilter(f"{work}/decont_index", config=decont_config(),
+                                            exclusion_writer=removed("contaminated") if final else None))
+        return steps
+
+    def scoring(stage: str) -> list:
+        scorer = EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                     long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task)
+        if cfg.keep_top is not None:  # selection waits for every task's scores
+            return [scorer, ScoreHistogram(f"{work}/histograms"), record_writer(f"{work}/scored")]
+        return [scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
+
+    def select_stage(then: list) -> Stage:
+        return Stage("select", [
+            RankFileReader(f"{work}/scored", progress_folder=progress("select")),
+            ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",
+                                 cutoff_file=f"{logs}/extra/keep_top.json",
+                                 exclusion_writer=removed("below_threshold")),
+            *then,
+        ], cfg.tasks)
+
+    def dedup_chain(source, tail: list, final_scores: bool) -> list[Stage]:
+        """Exact and near dedup over the stream `source(stage, final)`; the last stage removes duplicates, then `tail`."""
+        stages = []
+        if cfg.exact_dedup:
+            stages += [
+                Stage("exact-signatures", source("exact-signatures", False)
+                      + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
+                Stage("exact-find", [ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1),
+            ]
         if cfg.dedup:
-            exact_filter.append(MinhashDedupSignature(f"{work}/minhash/sigs", config=minhash))
-        stages.append(("exact-filter", exact_filter, cfg.tasks))
-        scoring_input = f"{work}/unique"
-    if cfg.dedup:
-        stages.append(("minhash-buckets", [MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
-                                                               config=minhash)], minhash.num_buckets))
-        stages.append(("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
-                                                               config=minhash)], 1))
+            skip_exact = [ExactDedupFilter(f"{work}/exact/dups", config=exact)] if cfg.exact_dedup else []
+            stages += [
+                Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
+                      + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
+                Stage("minhash-buckets", [MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
+                                                              config=minhash)], minhash.num_buckets),
+                Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
+                                                              config=minhash)], 1),
+            ]
+        final = source("filter", True)
+        if cfg.exact_dedup:
+            final.append(ExactDedupFilter(f"{work}/exact/dups", config=exact, exclusion_writer=removed(
+                "duplicate", "exact_${rank}.jsonl.gz", "duplicate-exact")))
+        if cfg.dedup:
+            final.append(MinhashDedupFilter(f"{work}/minhash/remove", exclusion_writer=removed(
+                "duplicate", "near_${rank}.jsonl.gz", "duplicate-near")))
+        stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
+        return stages
 
-    score = [RankFileReader(scoring_input)]
-    if cfg.dedup:
-        score.append(MinhashDedupFilter(
-            f"{work}/minhash/remove",
-            exclusion_writer=record_writer(f"{out}/removed/duplicate", "near_${rank}.jsonl.gz"),
-        ))
-    score += [
-        EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length, long_docs=cfg.long_docs,
-                            dtype=cfg.dtype, num_threads=cpu_threads_per_task(workers)),
-        SaveScores(f"{work}/scores"),
-        record_writer(f"{work}/scored"),
-    ]
-    stages.append(("score", score, cfg.tasks))
-    stages.append(("select", [
-        RankFileReader(f"{work}/scored"),
-        ScoreThresholdFilter(threshold=cfg.threshold, keep_top=cfg.keep_top, scores_folder=f"{work}/scores",
-                             exclusion_writer=record_writer(f"{out}/removed/below_threshold")),
-        KeptParquetWriter(f"{out}/kept"),
-    ], cfg.tasks))
-    stages.append(("report", [WriteApplyStats(out, f"{logs}/prepare", cfg.result_settings())], 1))
+    kept = [KeptParquetWriter(f"{out}/kept", counts_folder=counts)]
+    deduplicating = cfg.dedup or cfg.exact_dedup
+    if not deduplicating or cfg.order == "dedup-first":
+        if cfg.keep_top is None:
+            stages = dedup_chain(input_pass, scoring("filter") + kept, final_scores=True) if deduplicating else [
+                Stage("filter", input_pass("filter", True) + scoring("filter") + kept, cfg.tasks, scores=True)]
+        else:
+            stages = dedup_chain(input_pass, scoring("filter"), final_scores=True) if deduplicating else [
+                Stage("filter", input_pass("filter", True) + scoring("filter"), cfg.tasks, scores=True)]
+            stages.append(select_stage(kept))
+    else:  # score-first: only what passes the threshold is deduplicated
+        survivors = [record_writer(f"{work}/survivors")]
+
+        def survivors_pass(stage: str, final: bool) -> list:
+            return [RankFileReader(f"{work}/survivors", progress_folder=progress(stage))]
+
+        if cfg.keep_top is None:
+            stages = [Stage("score", input_pass("score", True) + scoring("score") + survivors, cfg.tasks, scores=True)]
+        else:
+            stages = [Stage("score", input_pass("score", True) + scoring("score"), cfg.tasks, scores=True),
+                      select_stage(survivors)]
+        stages += dedup_chain(survivors_pass, kept, final_scores=False)
+    from edu_filter.provenance import command_line
+
+    stages.append(Stage("report", [WriteApplyStats(out, cfg.result_settings(), keep_work=cfg.keep_work,
+                                                   extra_folder=f"{logs}/extra", provenance_inputs=provenance_inputs,
+                                                   command=command_line())], 1))
     return stages
-
-
-def _local_executors(stages, logs: str, workers: int):
-    from datatrove.executor import LocalPipelineExecutor
-
-    return [
-        (name, LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=f"{logs}/{name}"))
-        for name, pipeline, tasks in stages
-    ]
-
-
-def _ray_executors(stages, logs: str, workers: int):
-    import ray
-    from datatrove.executor.ray import RayPipelineExecutor
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
-    return [
-        (name, RayPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=f"{logs}/{name}",
-                                   cpus_per_task=1, mem_per_cpu_gb=1,
-                                   gpus_per_task=1 if name == "score" and _has_gpu() else 0))
-        for name, pipeline, tasks in stages
-    ]
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _slurm_executors(stages, logs: str, workers: int, opts: SlurmOptions):
-    from datatrove.executor.slurm import SlurmPipelineExecutor
-
-    executors, previous = [], None
-    for name, pipeline, tasks in stages:
-        scoring = name == "score"
-        previous = SlurmPipelineExecutor(
-            pipeline, tasks=tasks, workers=min(workers, tasks), time=opts.time,
-            partition=(opts.gpu_partition or opts.partition) if scoring else opts.partition,
-            cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=opts.mem_per_cpu_gb,
-            gpus_per_task=opts.gpus_per_task if scoring else 0, job_name=f"edu-filter-{name}",
-            logging_dir=f"{logs}/{name}", depends=None if opts.dry_run else previous, venv_path=opts.venv_path,
-            sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{name}/slurm_logs", mail_type="NONE",
-        )
-        executors.append((name, previous))
-    return executors
-
-
-def write_slurm_scripts(executors, out: str) -> Path:
-    """What `SlurmPipelineExecutor.launch_job` writes, minus the `sbatch` calls, plus `submit.sh` chaining the stages
-    with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load."""
-    import dill
-    from dill import CONTENTS_FMODE
-
-    lines = ["#!/bin/bash", "# Submits the edu-filter apply stages in order, each after the previous one succeeded.",
-             "set -euo pipefail", 'cd "$(dirname "$0")"', "dep=()"]
-    for i, (name, ex) in enumerate(executors):
-        ranks = ex.get_incomplete_ranks()
-        if not ranks:
-            continue
-        with ex.logging_dir.open("executor.pik", "wb") as fh:
-            dill.dump(ex, fh, fmode=CONTENTS_FMODE)
-        with ex.logging_dir.open("ranks_to_run.json", "w") as fh:
-            json.dump(ranks, fh)
-        script = ex.get_launch_file_contents(
-            ex.get_sbatch_args(len(ranks)),
-            f"srun -l -n 1 launch_pickled_pipeline {ex.logging_dir.resolve_paths('executor.pik')}",
-        )
-        path = Path(out) / "slurm" / f"{i:02d}_{name}.slurm"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(script)
-        lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET=0 "${{dep[@]}}" {path.name})')
-        lines.append('dep=(--dependency=afterok:"$jid")')
-        lines.append(f'echo "{name}: job $jid"')
-    submit = Path(out) / "slurm" / "submit.sh"
-    submit.parent.mkdir(parents=True, exist_ok=True)
-    submit.write_text("\n".join(lines) + "\n")
-    submit.chmod(0o755)
-    return submit
 
 
 def run_apply(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None,
     threshold: int | None = None, keep_top: float | None = None, dedup: bool | None = None,
     exact_dedup: bool | None = None, decontaminate: list[str] | None = None, executor: str = "local",
-    tasks: int = 1, workers: int = 1, slurm: SlurmOptions | None = None, show: bool = True, **options,
+    tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, order: str = "auto",
+    overwrite: bool = False, wait: bool = False, verbose: bool = False, push_to_hub: str | None = None,
+    show: bool = True, **options,
 ) -> dict | None:
-    """Run (or, for Slurm, submit) the whole apply pipeline; returns stats.json's content when it ran here."""
+    """Run (or, for Slurm, submit and with `wait` follow) the whole apply pipeline; returns stats.json's content
+    when the run finished here."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edu_filter.filters import executors as ex
     from edu_filter.filters.io import expand_inputs
-    from edu_filter.filters.report import stats_table
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if tasks < 1 or workers < 1:
+    if tasks < 1 or (workers is not None and workers < 1):
         raise ValueError("tasks and workers must be >= 1")
-    cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
-                         dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, tasks=tasks, **options)
-    files = expand_inputs(cfg.inputs)  # bad inputs fail here, before anything is written
-    check_resume(cfg)
-    stages = build_stages(cfg, workers, files)
-    logs = f"{cfg.output.rstrip('/')}/logs"
+    if executor != "slurm" and slurm is not None and slurm.dry_run:
+        raise ValueError("--dry-run writes Slurm scripts: it needs --executor slurm")
+    if executor != "slurm" and wait:
+        raise ValueError("--wait follows a Slurm chain; local and Ray runs always wait")
+    if push_to_hub and executor == "slurm" and not wait:
+        raise ValueError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
+    from edu_filter import provenance
+
+    if push_to_hub:
+        provenance.check_can_push(push_to_hub)  # before any work
     console = Console(stderr=True, quiet=not show)
+    slurm = slurm or SlurmOptions()
+    if executor == "slurm":
+        slurm = ex.check_slurm_request(slurm)  # before anything is read or written
+    on_gpu = ex.scoring_on_gpu(executor, slurm)
+    cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
+                         dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
+                         on_gpu=on_gpu, tasks=tasks, **options)
+    files = expand_inputs(cfg.inputs)  # bad inputs fail here, before anything is written
+    if not files:
+        raise DocumentError(f"no JSONL or Parquet files in {', '.join(cfg.inputs)}")
+    if executor == "slurm" and not slurm.dry_run:
+        ex.refuse_if_queued(cfg.output)
+    prepare_output(cfg, files, overwrite=overwrite)
+    local_workers = workers or 1
+    used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
+                                       "decontamination": cfg.decontaminate})
+    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm),
+                          provenance_inputs=used)
+    ex.save_stage_list(cfg.output, stages)
+    if cfg.dedup or cfg.exact_dedup:
+        why = "scoring is cheaper than MinHash here" if cfg.order == "score-first" else "the classifier is the costly step"
+        console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
 
     if executor == "slurm":
-        slurm = slurm or SlurmOptions()
-        executors = _slurm_executors(stages, logs, workers, slurm)
-        if slurm.dry_run:
-            submit = write_slurm_scripts(executors, cfg.output)
-            console.print(f"Slurm scripts written; submit with [bold]{submit}[/]")
-        else:
-            executors[-1][1].run()  # launches the whole dependency chain through sbatch
-            console.print(f"Submitted {len(executors)} Slurm stages; stats will be in {cfg.output}/stats.json")
-        return None
-
-    executors = _ray_executors(stages, logs, workers) if executor == "ray" else _local_executors(stages, logs, workers)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("apply", total=len(executors))
-        for name, ex in executors:
-            progress.update(bar, description=f"apply: {name} ({ex.world_size} tasks)")
-            ex.run()
-            incomplete = ex.get_incomplete_ranks(skip_completed=True)
-            if incomplete:
-                raise RuntimeError(f"stage {name}: tasks {incomplete} did not complete; see {logs}/{name}/logs")
-            progress.advance(bar)
-    stats = json.loads((Path(cfg.output) / "stats.json").read_text())
-    console.print(stats_table(stats))
+        stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
+    else:
+        stats = ex.run_here(stages, cfg.output, executor, local_workers, console=console, verbose=verbose)
+    if push_to_hub and stats is not None:
+        url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
+        console.print(f"uploaded to {url}")
     return stats

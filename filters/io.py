@@ -9,6 +9,7 @@ An input that already has `score`/`int_score` (an LLM annotation) keeps them as 
 from __future__ import annotations
 
 import base64
+import gzip
 import os
 import posixpath
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
 from edu_filter.documents import PARQUET_SUFFIXES, DocumentError, check_data_file, data_files_in
+from edu_filter.filters.progress import TaskProgress
+from edu_filter.filters.report import write_counts
 
 FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never written out
 # keys datatrove steps add to documents that do not belong in the kept dataset
@@ -65,9 +68,12 @@ class ApplyInputReader(BaseReader):
 
     name = "📖 edu-filter input"
 
-    def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id"):
+    def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id",
+                 progress_folder: str | None = None, counts_folder: str | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
+        self.progress_folder = progress_folder
+        self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
 
     def _document(self, row: dict, source: str) -> Document:
         text = row.pop(self.text_key, None)
@@ -99,37 +105,44 @@ class ApplyInputReader(BaseReader):
             },
         )
 
-    def _read_jsonl(self, folder, name: str, keep) -> Iterator[Document]:
-        with folder.open(name, "rb", compression="infer") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip() or not keep(lineno):
+    def _read_jsonl(self, folder, name: str, keep, progress: "TaskProgress") -> Iterator[Document]:
+        with folder.open(name, "rb") as raw:
+            fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
+            for lineno, line_bytes in enumerate(fh, start=1):
+                progress.at_bytes(raw.tell())
+                if not line_bytes.strip() or not keep(lineno):
                     continue
                 source = f"{name}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = line_bytes.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield self._failed("invalid_utf8", source, f"not valid UTF-8 ({e})", raw)
+                    yield self._failed("invalid_utf8", source, f"not valid UTF-8 ({e})", line_bytes)
                     continue
                 try:
                     row = orjson.loads(line)
                 except orjson.JSONDecodeError as e:
-                    yield self._failed("invalid_json", source, f"not valid JSON ({e})", raw)
+                    yield self._failed("invalid_json", source, f"not valid JSON ({e})", line_bytes)
                     continue
                 if not isinstance(row, dict):
-                    yield self._failed("not_an_object", source, f"expected a JSON object, got {type(row).__name__}", raw)
+                    yield self._failed("not_an_object", source, f"expected a JSON object, got {type(row).__name__}",
+                                       line_bytes)
                     continue
                 yield self._document(row, source)
 
-    def _read_parquet(self, folder, name: str, keep) -> Iterator[Document]:
+    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress") -> Iterator[Document]:
         import pyarrow.parquet as pq
 
         with folder.open(name, "rb") as fh:
             rowno = 0
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
+            parquet = pq.ParquetFile(fh)
+            total_rows = max(1, parquet.metadata.num_rows)
+            size = folder.size(name)
+            for batch in parquet.iter_batches(batch_size=1024):
                 for row in batch.to_pylist():
                     rowno += 1
                     if keep(rowno):
                         yield self._document(row, f"{name}:{rowno}")
+                progress.at_bytes(size * rowno // total_rows)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
@@ -143,13 +156,20 @@ class ApplyInputReader(BaseReader):
             counter += 1
             return by_file or (counter - 1) % world_size == rank
 
-        for folder_path, name in shard:
+        sizes = [get_datafolder(folder).size(name) for folder, name in shard]
+        progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
+        for (folder_path, name), size in zip(shard, sizes):
             folder = get_datafolder(folder_path)
             read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
             self.stat_update("input_files")
-            for doc in read(folder, name, keep):
+            for doc in read(folder, name, keep, progress):
                 self.stat_update("rows_read")
+                progress.document()
                 yield doc
+            progress.file_done(size)
+        progress.close()
+        if self.counts_folder is not None:
+            write_counts(self.counts_folder, rank, {"in": [progress.documents, 0]})
 
 
 class InputErrorFilter(BaseFilter):
@@ -171,17 +191,24 @@ class RankFileReader(JsonlReader):
 
     name = "📖 stage input"
 
-    def __init__(self, data_folder: str):
+    def __init__(self, data_folder: str, progress_folder: str | None = None):
         super().__init__(data_folder, add_file_path=False)
+        self.progress_folder = progress_folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
         filename = f"{rank:05d}.jsonl.gz"
         if not self.data_folder.exists(filename):
+            TaskProgress(self.progress_folder, rank).close()
             return  # this task had no documents left in the earlier stage
+        size = self.data_folder.size(filename)
+        progress = TaskProgress(self.progress_folder, rank, bytes_total=size)
         for doc in self.read_files_shard([filename]):
+            progress.document()
             yield doc
+        progress.file_done(size)
+        progress.close()
 
 
 def flat_record(document: Document, drop: frozenset[str] = frozenset()) -> dict:
@@ -199,8 +226,42 @@ def _kept_adapter(self, document: Document) -> dict:
     return flat_record(document, drop=PIPELINE_KEYS)
 
 
+class CountedJsonlWriter(JsonlWriter):
+    """Gzipped JSONL of flat records that also counts what it wrote (documents and tokens per destination).
+
+    `destination` names where the rows go in stats.json (`removed/duplicate`, `failed/${filter_reason}`); the counts
+    are saved per task beside the logs, so the report adds up small files instead of re-reading the corpus.
+    """
+
+    def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
+                 counts_name: str | None = None):
+        super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+        self.destination = destination
+        self.counts_folder = counts_folder
+        self.counts_name = counts_name or destination.split("/")[-1]
+        self._counts: dict[str, list[int]] = {}
+        self._rank = 0
+
+    def write(self, document: Document, rank: int = 0, **kwargs):
+        super().write(document, rank, **kwargs)
+        count_document(self._counts, self.destination, document)
+        self._rank = rank
+
+    def close(self):
+        super().close()
+        if self._counts:  # a task that wrote nothing here leaves no file (and so no rank guess)
+            write_counts(self.counts_folder, self._rank, self._counts, name=self.counts_name)
+
+
+def count_document(counts: dict[str, list[int]], destination: str, document: Document) -> None:
+    key = destination.replace("${filter_reason}", str(document.metadata.get("filter_reason") or "unknown"))
+    entry = counts.setdefault(key, [0, 0])
+    entry[0] += 1
+    entry[1] += int(document.metadata.get("token_count") or 0)
+
+
 def record_writer(folder: str, filename: str = "${rank}.jsonl.gz") -> JsonlWriter:
-    """Gzipped JSONL of flat records: removed and failed rows, and the intermediate files between stages."""
+    """Gzipped JSONL of flat records: the intermediate files between stages."""
     return JsonlWriter(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
 
 
@@ -218,10 +279,18 @@ class KeptParquetWriter(ParquetWriter):
 
     name = "📒 kept (FineWeb-Edu parquet)"
 
-    def __init__(self, output_folder: str, batch_size: int = 1000):
+    def __init__(self, output_folder: str, counts_folder: str | None = None, batch_size: int = 1000):
         super().__init__(output_folder, output_filename="${rank}.parquet", adapter=_kept_adapter,
                          batch_size=batch_size, use_content_defined_chunking=False)
         self._files = {}
+        self.counts_folder = counts_folder
+        self._counts: dict[str, list[int]] = {}
+        self._rank = 0
+
+    def write(self, document: Document, rank: int = 0, **kwargs):
+        super().write(document, rank, **kwargs)
+        count_document(self._counts, "kept", document)
+        self._rank = rank
 
     def _write(self, document: dict, file_handler, filename: str):
         if self.max_file_size > 0:
@@ -235,6 +304,8 @@ class KeptParquetWriter(ParquetWriter):
         for filename in list(self._batches):  # writers are created on a first flush, which may not have happened
             self._write_batch(filename)
         super().close()
+        if self.counts_folder is not None and self._counts:
+            write_counts(self.counts_folder, self._rank, self._counts, name="kept")
 
     def _write_batch(self, filename):
         if not self._batches[filename]:

@@ -1,118 +1,128 @@
-"""`OUT/stats.json`: documents and tokens in, kept, removed per reason and failed, counted from the output files.
+"""`OUT/stats.json`: documents and tokens in, kept, removed per reason and failed, from what the writers wrote.
 
-Counting what is actually on disk (rather than adding up step counters) is what makes "adds up" a real check: a
-document written twice, or lost, shows up as a mismatch with the number of rows the readers saw.
+Every writer of `apply` counts the rows it actually wrote and saves the counts per task
+(`OUT/logs/counts/<destination>/<rank>.json`); the reader of the final pass saves how many rows it read. The report
+adds up those small files, so it costs nothing at corpus scale, and a document written twice or lost still shows up
+as a mismatch with the number of rows read. A rerun task rewrites its own counts files with its own outputs.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
+import shutil
 from pathlib import Path
 
-import orjson
 from datatrove.data import DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 
 
-def _stat_total(value) -> int:
-    return int(value["total"] if isinstance(value, dict) else value)
+def write_counts(counts_folder: str, rank: int, counts: dict[str, list[int]], name: str = "in") -> None:
+    """{destination: [documents, tokens]} written by one task's writer `name`."""
+    with get_datafolder(counts_folder).open(f"{name}/{rank:05d}.json", "wt") as fh:
+        json.dump(counts, fh)
 
 
-def rows_read(prepare_logs: str) -> int:
-    """Rows the input readers saw, from the prepare stage's per-task datatrove stats."""
-    folder = get_datafolder(prepare_logs)
-    total = 0
-    for name in folder.list_files(subdirectory="stats", glob_pattern="*.json"):
-        with folder.open(name, "rt") as fh:
-            for step in json.load(fh):
-                if "rows_read" in step["stats"]:
-                    total += _stat_total(step["stats"]["rows_read"])
-    return total
-
-
-def _count_jsonl(folder) -> tuple[int, int]:
-    docs = tokens = 0
-    for name in (f for f in folder.list_files(recursive=True) if f.endswith(".jsonl.gz")):
-        with folder.open(name, "rb") as raw, gzip.open(raw) as fh:
-            for line in fh:
-                docs += 1
-                tokens += int(orjson.loads(line).get("token_count") or 0)
-    return docs, tokens
-
-
-def _count_parquet(folder) -> tuple[int, int]:
-    import pyarrow.parquet as pq
-
-    docs = tokens = 0
-    for name in (f for f in folder.list_files(recursive=True) if f.endswith(".parquet")):
-        with folder.open(name, "rb") as fh:
-            table = pq.read_table(fh, columns=["token_count"])
-        docs += table.num_rows
-        tokens += int(sum(v for v in table.column("token_count").to_pylist() if v))
-    return docs, tokens
-
-
-def _reason_folders(folder) -> list[str]:
+def read_counts(counts_folder: str) -> dict[str, list[int]]:
+    folder = get_datafolder(counts_folder)
+    totals: dict[str, list[int]] = {}
     if not folder.exists(""):
-        return []
-    return sorted({name.split("/", 1)[0] for name in folder.list_files(recursive=True) if "/" in name})
+        return totals
+    for name in folder.list_files(recursive=True, glob_pattern="**/*.json"):
+        with folder.open(name, "rt") as fh:
+            for destination, (docs, tokens) in json.load(fh).items():
+                entry = totals.setdefault(destination, [0, 0])
+                entry[0] += docs
+                entry[1] += tokens
+    return totals
 
 
-def count_outputs(output_folder: str) -> dict:
-    """{"kept": {"documents", "tokens"}, "removed": {reason: {...}}, "failed": {reason: {...}}} from the files."""
-    out = get_datafolder(output_folder)
-    kept_docs, kept_tokens = _count_parquet(get_datafolder(out.resolve_paths("kept"))) if out.exists("kept") else (0, 0)
-    result = {"kept": {"documents": kept_docs, "tokens": kept_tokens}, "removed": {}, "failed": {}}
-    for kind in ("removed", "failed"):
-        parent = get_datafolder(out.resolve_paths(kind))
-        for reason in _reason_folders(parent):
-            docs, tokens = _count_jsonl(get_datafolder(parent.resolve_paths(reason)))
+def folder_bytes(path: str) -> int:
+    """Bytes under a local folder (0 for remote or missing folders, where scratch size is not measured)."""
+    root = Path(path)
+    if "://" in path or not root.exists():
+        return 0
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extra: dict | None = None) -> dict:
+    counts = read_counts(counts_folder)
+    read = counts.pop("in", [0, 0])[0]
+    result = {"kept": {"documents": 0, "tokens": 0}, "removed": {}, "failed": {}}
+    for destination, (docs, tokens) in sorted(counts.items()):
+        if destination == "kept":
+            result["kept"] = {"documents": docs, "tokens": tokens}
+        else:
+            kind, reason = destination.split("/", 1)
             result[kind][reason] = {"documents": docs, "tokens": tokens}
-    return result
-
-
-def build_stats(output_folder: str, prepare_logs: str, settings: dict) -> dict:
-    counts = count_outputs(output_folder)
-    out_docs = counts["kept"]["documents"] + sum(
-        v["documents"] for kind in ("removed", "failed") for v in counts[kind].values()
+    out_docs = result["kept"]["documents"] + sum(
+        v["documents"] for kind in ("removed", "failed") for v in result[kind].values()
     )
-    out_tokens = counts["kept"]["tokens"] + sum(
-        v["tokens"] for kind in ("removed", "failed") for v in counts[kind].values()
+    out_tokens = result["kept"]["tokens"] + sum(
+        v["tokens"] for kind in ("removed", "failed") for v in result[kind].values()
     )
-    read = rows_read(prepare_logs)
     return {
         "in": {"documents": read, "tokens": out_tokens},
-        **counts,
+        **result,
         "adds_up": read == out_docs,
+        "peak_scratch_bytes": scratch_bytes,
+        **(extra or {}),
         "settings": settings,
     }
 
 
 class WriteApplyStats(PipelineStep):
-    """Last stage of `apply` (one task): writes `OUT/stats.json` and fails loudly if the counts do not add up."""
+    """Last stage of `apply` (one task): writes `OUT/stats.json`, fails loudly if the counts do not add up, and then
+    deletes the scratch folder (signatures, intermediate files) unless `keep_work`."""
 
     type = "📊 - STATS"
     name = "📊 apply stats"
 
-    def __init__(self, output_folder: str, prepare_logs: str, settings: dict):
+    def __init__(self, output_folder: str, settings: dict, keep_work: bool = False, extra_folder: str | None = None,
+                 provenance_inputs: list[dict] | None = None, command: str | None = None):
         super().__init__()
         self.output_folder = output_folder
-        self.prepare_logs = prepare_logs
         self.settings = settings
+        self.keep_work = keep_work
+        self.extra_folder = extra_folder  # small JSON files merged into stats.json (e.g. the keep-top cutoff)
+        self.provenance_inputs = provenance_inputs  # fingerprinted by the submitting process when it read them
+        self.command = command
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        stats = build_stats(self.output_folder, self.prepare_logs, self.settings)
-        with get_datafolder(self.output_folder).open("stats.json", "wt") as fh:
+        out = get_datafolder(self.output_folder)
+        work = out.resolve_paths("work")
+        previous = {}
+        if out.exists("stats.json"):  # a rerun after the scratch folder was already deleted keeps the measurement
+            with out.open("stats.json", "rt") as fh:
+                previous = json.load(fh)
+        scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0))
+        extra = {}
+        if self.extra_folder and get_datafolder(self.extra_folder).exists(""):
+            folder = get_datafolder(self.extra_folder)
+            for name in folder.list_files(glob_pattern="*.json"):
+                with folder.open(name, "rt") as fh:
+                    extra.update(json.load(fh))
+        stats = build_stats(out.resolve_paths("logs/counts"), self.settings, scratch, extra)
+        with out.open("stats.json", "wt") as fh:
             json.dump(stats, fh, indent=2)
         if not stats["adds_up"]:
             raise RuntimeError(
                 f"document counts do not add up: {stats['in']['documents']} read, but kept + removed + failed "
                 f"differ; see {Path(str(self.output_folder)) / 'stats.json'}"
             )
+        if self.provenance_inputs is not None and out.is_local():
+            from edu_filter import provenance
+
+            provenance.record_provenance(self.output_folder, kind="dataset", settings=self.settings,
+                                         inputs=self.provenance_inputs, command=self.command)
+            provenance.write_dataset_card(self.output_folder, stats)
+        if not self.keep_work and out.exists("work"):
+            if out.is_local():
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                out.rm("work", recursive=True)
 
 
 def stats_table(stats: dict):

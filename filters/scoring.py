@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -116,42 +117,68 @@ class CountTokens(PipelineStep):
                 yield doc
 
 
-class SaveScores(PipelineStep):
-    """Keeps a copy of this task's float scores (`{rank:05d}.npy`), so `--keep-top` can read the distribution."""
+HISTOGRAM_LOW, HISTOGRAM_HIGH, HISTOGRAM_BIN = -2.0, 8.0, 1e-4  # scores outside land in the end bins
+
+
+def score_bins(scores: np.ndarray) -> np.ndarray:
+    """The histogram bin of each score (fixed 1e-4 wide bins, so every task's histogram adds up with the others)."""
+    n_bins = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)
+    return np.clip(np.floor((np.asarray(scores, np.float64) - HISTOGRAM_LOW) / HISTOGRAM_BIN), 0, n_bins - 1).astype(
+        np.int64)
+
+
+def bin_low_edge(index: int) -> float:
+    return -math.inf if index == 0 else HISTOGRAM_LOW + index * HISTOGRAM_BIN
+
+
+class ScoreHistogram(PipelineStep):
+    """Saves this task's score distribution as a sparse histogram (`{rank:05d}.npz`), so `--keep-top` can find the
+    cutoff over all tasks in memory that does not grow with the corpus."""
 
     type = "🎓 - SCORER"
-    name = "💾 score log"
+    name = "📊 score histogram"
 
     def __init__(self, output_folder: str):
         super().__init__()
         self.output_folder = get_datafolder(output_folder)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        scores = []
-        for doc in data:
-            scores.append(doc.metadata["score"])
-            yield doc
-        with self.output_folder.open(f"{rank:05d}.npy", "wb") as fh:
-            np.save(fh, np.asarray(scores, dtype=np.float32))
+        counts: dict[int, int] = {}
+        for window in batched(data, 4096):
+            for b in score_bins([doc.metadata["score"] for doc in window]).tolist():
+                counts[b] = counts.get(b, 0) + 1
+            yield from window
+        with self.output_folder.open(f"{rank:05d}.npz", "wb") as fh:
+            np.savez(fh, bins=np.fromiter(counts, np.int64, len(counts)),
+                     counts=np.fromiter(counts.values(), np.int64, len(counts)))
 
 
-def load_scores(folder: str) -> np.ndarray:
+def load_histogram(folder: str) -> dict[int, int]:
     folder = get_datafolder(folder)
-    parts = []
-    for name in sorted(folder.list_files(glob_pattern="*.npy")):
+    total: dict[int, int] = {}
+    for name in sorted(folder.list_files(glob_pattern="*.npz")):
         with folder.open(name, "rb") as fh:
-            parts.append(np.load(fh))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            part = np.load(fh)
+            for b, c in zip(part["bins"].tolist(), part["counts"].tolist()):
+                total[b] = total.get(b, 0) + c
+    return total
 
 
-def keep_top_cutoff(scores: np.ndarray, fraction: float) -> float:
-    """The float score cutoff that keeps the top `fraction` of documents (ties at the cutoff are all kept)."""
+def keep_top_cutoff(histogram: dict[int, int], fraction: float) -> float:
+    """The score cutoff that keeps the top `fraction` of documents: the low edge of the bin where the count from the
+    top reaches it (documents sharing that 1e-4 bin are all kept, like ties)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"keep-top fraction must be in (0, 1], got {fraction}")
-    if len(scores) == 0:
+    n = sum(histogram.values())
+    if n == 0:
         return math.inf
-    k = max(1, math.ceil(fraction * len(scores)))
-    return float(np.sort(scores)[::-1][k - 1])
+    k = max(1, math.ceil(fraction * n))
+    seen = 0
+    for b in sorted(histogram, reverse=True):
+        seen += histogram[b]
+        if seen >= k:
+            return bin_low_edge(b)
+    return -math.inf
 
 
 class ScoreThresholdFilter(BaseFilter):
@@ -163,22 +190,31 @@ class ScoreThresholdFilter(BaseFilter):
 
     name = "🎓 score threshold"
 
-    def __init__(self, threshold: int | None = None, keep_top: float | None = None, scores_folder: str | None = None,
-                 exclusion_writer=None):
+    def __init__(self, threshold: int | None = None, keep_top: float | None = None,
+                 histogram_folder: str | None = None, cutoff_file: str | None = None, exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer)
         if (threshold is None) == (keep_top is None):
             raise ValueError("give exactly one of threshold and keep_top")
-        if keep_top is not None and scores_folder is None:
-            raise ValueError("keep_top needs the folder of saved scores")
+        if keep_top is not None and histogram_folder is None:
+            raise ValueError("keep_top needs the folder of score histograms")
         self.threshold = threshold
         self.keep_top = keep_top
-        self.scores_folder = scores_folder
+        self.histogram_folder = histogram_folder
+        self.cutoff_file = cutoff_file  # where the keep-top cutoff is recorded for stats.json
         self.cutoff: float | None = None
+
+    def _keep_top_cutoff(self) -> float:
+        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.keep_top)
+        if self.cutoff_file:
+            folder, name = self.cutoff_file.rsplit("/", 1)
+            with get_datafolder(folder).open(name, "wt") as fh:
+                json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None}, fh)
+        return cutoff
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self.keep_top is not None:
             if self.cutoff is None:
-                self.cutoff = keep_top_cutoff(load_scores(self.scores_folder), self.keep_top)
+                self.cutoff = self._keep_top_cutoff()
             keep = doc.metadata["score"] >= self.cutoff
         else:
             keep = doc.metadata["int_score"] >= self.threshold

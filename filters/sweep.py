@@ -19,11 +19,14 @@ LABEL_FIELDS = ("input_score", "label")  # where `apply` keeps an input's own sc
 
 
 def sweep_inputs(paths: list[str]) -> list[str]:
-    """An `apply` output folder stands for all its scored documents (`work/scored/`, before the threshold)."""
+    """An `apply` output folder stands for the documents its threshold was applied to: `kept/` and
+    `removed/below_threshold/` (after dedup in the dedup-first order, before it in score-first)."""
     resolved = []
     for p in paths:
-        scored = Path(p) / "work" / "scored"
-        resolved.append(str(scored) if scored.is_dir() else str(p))
+        if (Path(p) / "run_config.json").exists():
+            resolved += [str(Path(p) / sub) for sub in ("kept", "removed/below_threshold") if (Path(p) / sub).is_dir()]
+        else:
+            resolved.append(str(p))
     return resolved
 
 

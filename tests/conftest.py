@@ -68,3 +68,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def stock_classifier(tmp_path_factory) -> str:
+    """A MiniLM regression model with a fixed random head in the official fineweb-edu-classifier layout."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from apply_corpus import make_stock_classifier
+
+    return make_stock_classifier(tmp_path_factory.mktemp("stock_classifier"))

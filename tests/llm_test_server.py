@@ -4,24 +4,33 @@ Each test document carries a directive such as `[[doc=d7;score=4;fail500=2;forma
 finds it in the prompt and answers accordingly:
 
     score=N        the score the answer concludes with (default 2)
-    format=F       plain | bold | slash | trailing | two | garbage (never parseable)
+    format=F       plain | bold | slash | trailing | repeat (the same score twice) | two (two different scores) |
+                   arith (SmolLM2's "Educational score: 20 - 15 = 3 points" answer) | garbage (never parseable)
     garbage=N      the first N answers are unparseable, then a normal answer
+    cut=N          the first N answers stop mid-sentence at max_tokens (finish_reason "length")
     fail500=N      the first N requests get HTTP 500
     fail429=N      the first N requests get HTTP 429 with Retry-After: 0
     drop=N         the first N requests have their connection closed without an answer
     slow=S         the first request sleeps S seconds before answering (client timeouts)
-    http400=1      every request gets HTTP 400 (e.g. prompt longer than the context)
+    http400=1      every request gets HTTP 400 with an OpenAI-style error without a code
+    ctx=N          a context of N tokens (4 characters each): a longer prompt plus max_tokens gets llama-cpp-python's
+                   400 with error.code context_length_exceeded and the numbers
     usage=0        leave `usage` out of the answer
 
-It counts requests and 200 answers per document (`GET /stats`), and an optional `delay` slows every answer.
-Run in a thread (`LLMTestServer`) or as a script (`python llm_test_server.py --port N`), which is how datatrove's
-CustomServer starts it.
+Server-wide, as real servers do: `models` are the names /v1/models lists (a request naming another gets vLLM's 404);
+`own_name` serves one model under any requested name and names it in every answer (llama.cpp); `api_key` is
+required on every route; `serial` answers one request at a time; `delay` slows every answer.
+
+It counts requests and 200 answers per document (`GET /stats`) and keeps the Authorization header of every
+/v1/models and completion request. Run in a thread (`LLMTestServer`) or as a script (`python llm_test_server.py
+--port N`), which is how datatrove's CustomServer starts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import threading
 from collections import Counter
@@ -30,6 +39,7 @@ import orjson
 from aiohttp import web
 
 DIRECTIVE = re.compile(r"\[\[doc=([^;\]]+)((?:;[a-z0-9]+=[^;\]]*)*)\]\]")
+REASON = "The extract introduces a few concepts clearly but lacks exercises."
 
 
 def directive(doc_id: str, **options) -> str:
@@ -38,40 +48,61 @@ def directive(doc_id: str, **options) -> str:
 
 
 def answer_text(score: int, fmt: str) -> str:
-    reason = "The extract introduces a few concepts clearly but lacks exercises."
     return {
-        "plain": f"{reason}\n\nEducational score: {score}",
-        "bold": f"{reason}\n\n**Educational score:** {score}",
-        "slash": f"{reason}\n\nEducational Score: {score}/5",
-        "trailing": f"{reason}\n\nEducational score: {score}\n\nI hope this evaluation helps! Let me know.",
-        "two": f"A first reading suggests Educational score: {(score + 1) % 6}. On reflection: {reason}\n\n"
+        "plain": f"{REASON}\n\nEducational score: {score}",
+        "bold": f"{REASON}\n\n**Educational score:** {score}",
+        "slash": f"{REASON}\n\nEducational Score: {score}/5",
+        "trailing": f"{REASON}\n\nEducational score: {score}\n\nI hope this evaluation helps! Let me know.",
+        "repeat": f"Educational score: {score}\n\n{REASON}\n\n**Educational score: {score}**",
+        "two": f"A first reading suggests Educational score: {(score + 1) % 6}. On reflection: {REASON}\n\n"
         f"Educational score: {score}",
+        "arith": "Educational score: 20 - 15 = 3 points\nEducational score: 3 + 4 = 7 points",
         "garbage": "I am unable to evaluate this extract.",
     }[fmt]
 
 
+def openai_error(message: str, kind: str, code: str | None, status: int) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status)
+
+
 class LLMTestServer:
-    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0, models=("test-model",),
+                 own_name: str | None = None, api_key: str | None = None, serial: bool = False):
         self.delay, self.host, self.port = delay, host, port
+        self.models = [own_name] if own_name else list(models)
+        self.own_name, self.api_key = own_name, api_key
         self.requests: Counter = Counter()  # doc id -> requests received
         self.answered: Counter = Counter()  # doc id -> 200 answers sent
         self.bodies: list[dict] = []  # request bodies, for payload checks
-        self.authorizations: list[str | None] = []  # Authorization headers received
+        self.authorizations: list[str | None] = []  # Authorization headers of completion requests
+        self.model_list_authorizations: list[str | None] = []  # Authorization headers of /v1/models requests
+        self._one_at_a_time = asyncio.Lock() if serial else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
 
     # --- app ---------------------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._require_key])
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/stats", self._stats)
         return app
 
+    @web.middleware
+    async def _require_key(self, request: web.Request, handler):
+        if request.path == "/v1/models":
+            self.model_list_authorizations.append(request.headers.get("Authorization"))
+        if self.api_key and request.path.startswith("/v1/") and (
+            request.headers.get("Authorization") != f"Bearer {self.api_key}"
+        ):
+            return openai_error("Invalid API Key", "invalid_request_error", "invalid_api_key", 401)
+        return await handler(request)
+
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(self.requests), "answered": dict(self.answered)})
@@ -80,6 +111,13 @@ class LLMTestServer:
         body = orjson.loads(await request.read())
         self.bodies.append(body)
         self.authorizations.append(request.headers.get("Authorization"))
+        if not self.own_name and body.get("model") not in self.models:
+            return web.json_response({"object": "error", "message": f"The model `{body.get('model')}` does not "
+                                      "exist.", "type": "NotFoundError", "param": None, "code": 404}, status=404)
+        async with self._one_at_a_time or contextlib.nullcontext():
+            return await self._answer(request, body)
+
+    async def _answer(self, request: web.Request, body: dict) -> web.StreamResponse:
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         match = DIRECTIVE.search(prompt)
@@ -97,17 +135,29 @@ class LLMTestServer:
         if n <= int(opts.get("fail429", 0)):
             return web.json_response({"error": "rate limited (planned)"}, status=429, headers={"Retry-After": "0"})
         if opts.get("http400"):
-            return web.json_response({"error": "prompt is longer than the context (planned)"}, status=400)
+            return openai_error("The request was refused (planned) because this test document asks for it, and the "
+                                "server explains why at length, as some servers do, in one long sentence that goes "
+                                "on well past what a summary table can show.", "invalid_request_error", None, 400)
+        prompt_tokens, max_tokens = len(prompt) // 4, body.get("max_tokens", 16)
+        if "ctx" in opts and prompt_tokens + max_tokens > int(opts["ctx"]):
+            return openai_error(
+                f"This model's maximum context length is {opts['ctx']} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "invalid_request_error", "context_length_exceeded", 400)
         if n == 1 and "slow" in opts:
             await asyncio.sleep(float(opts["slow"]))
         fmt = "garbage" if n <= int(opts.get("garbage", 0)) else opts.get("format", "plain")
         text = answer_text(int(opts.get("score", 2)), fmt)
-        choice = {"index": 0, "finish_reason": "stop"}
+        finish_reason = "stop"
+        if n <= int(opts.get("cut", 0)):
+            text, finish_reason = REASON[:40], "length"
+        choice = {"index": 0, "finish_reason": finish_reason}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        answer = {"id": f"cmpl-{doc_id}-{n}", "model": body.get("model"), "choices": [choice]}
+        answer = {"id": f"cmpl-{doc_id}-{n}", "model": self.own_name or body.get("model"), "choices": [choice]}
         if opts.get("usage", "1") != "0":
-            answer["usage"] = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
-                               "total_tokens": len(prompt) // 4 + len(text) // 4}
+            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,
+                               "total_tokens": prompt_tokens + len(text) // 4}
         self.answered[doc_id] += 1
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 

@@ -57,6 +57,71 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """The same kind of bigram Llama written as a GGUF file (F32, byte-level BPE vocabulary), as llama.cpp reads
+    them: after "good" it writes " Educational score: 3" and stops; after "bad" it repeats " bad"."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF checkpoints
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Rate this extract: the lesson is good Educational score: 3", "the lesson is bad"],
+                            trainer)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in orjson.loads(tok.to_str())["model"]["merges"]]
+    after = {"Ġgood": "ĠEducational", "ĠEducational": "Ġscore", "Ġscore": ":", ":": "Ġ3", "Ġ3": "<|endoftext|>"}
+    n_vocab, hidden = len(tokens), -(-len(tokens) // 8) * 8
+    lm_head = np.zeros((n_vocab, hidden), dtype=np.float32)
+    for token, i in vocab.items():
+        lm_head[vocab[after.get(token, token)], i] = 10.0
+    noise = np.random.default_rng(0)
+
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-bigram-f32.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-bigram")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(8)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // 2)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([gguf.TokenType.CONTROL if t == "<|endoftext|>" else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_eos_token_id(vocab["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    tensors = {
+        "token_embd.weight": np.eye(n_vocab, hidden, dtype=np.float32),
+        "output_norm.weight": np.ones(hidden, dtype=np.float32),
+        "output.weight": lm_head,
+        "blk.0.attn_norm.weight": np.ones(hidden, dtype=np.float32),
+        "blk.0.ffn_norm.weight": np.ones(hidden, dtype=np.float32),
+        "blk.0.attn_output.weight": np.zeros((hidden, hidden), dtype=np.float32),  # attention and MLP add nothing
+        "blk.0.ffn_down.weight": np.zeros((hidden, 8), dtype=np.float32),
+    }
+    for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                        ("ffn_gate", (8, hidden)), ("ffn_up", (8, hidden))]:
+        tensors[f"blk.0.{name}.weight"] = (noise.normal(size=shape) * 0.02).astype(np.float32)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     return path
@@ -82,16 +147,49 @@ def test_transformers_backend_with_a_real_tiny_model(tiny_llama, tmp_path):
         assert rows[good]["score"] == 3 and rows[good]["error"] is None
         assert rows[good]["response"] == "Educational score: 3"
         assert rows[good]["attempts"] == 1 and rows[good]["completion_tokens"] == 4  # 3 words + end of sequence
+        assert rows[good]["finish_reason"] == "stop" and rows[good]["model"] == tiny_llama
     bad = rows["b1"]
-    assert bad["score"] is None and bad["error"].startswith("unparseable")
-    assert bad["response"] == " ".join(["bad"] * 6)  # stopped at max_tokens
-    assert bad["attempts"] == 3 and bad["completion_tokens"] == 3 * 6  # the re-ask bound
+    assert bad["score"] is None and bad["error"].startswith("cut off at max_tokens")
+    assert bad["response"] == " ".join(["bad"] * 6) and bad["finish_reason"] == "length"  # stopped at max_tokens
+    assert bad["attempts"] == 2 and bad["completion_tokens"] == 2 * 6  # a cut-off answer is asked once more only
     assert rows["g1"]["prompt_tokens"] == len("Rate this extract: the lesson is good".split())
-    assert summary.requests == 1 + 1 + 3 and summary.failed == {"unparseable": 1}
+    assert summary.requests == 1 + 1 + 2 and summary.failed == {"cut off at max_tokens": 1}
 
     again = score_documents([str(src)], out, backend="transformers", model=tiny_llama, prompt=str(prompt),
                             max_tokens=6, max_reasks=2, show_progress=False)
-    assert again.requests == 0 and again.cached_answers == 5  # resumed from the cache, model not asked again
+    assert again.requests == 0 and again.cached_answers == 4  # resumed from the cache, model not asked again
+
+
+def test_transformers_backend_loads_a_gguf_file(tiny_gguf, tmp_path):
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [{"id": "g", "text": "the lesson is good"},
+                                         {"id": "b", "text": "the lesson is bad"}])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", backend="transformers", model=str(tiny_gguf),
+                              prompt=str(prompt), api="completion", temperature=0.0, max_tokens=6,
+                              show_progress=False)
+    good, bad = _read(tmp_path / "out.jsonl")
+    assert good["score"] == 3 and good["response"].strip() == "Educational score: 3"
+    assert good["model"] == str(tiny_gguf) and good["finish_reason"] == "stop"
+    assert bad["error"].startswith("cut off at max_tokens") and bad["response"] == " bad" * 6
+    assert summary.requests == 1 + 2
+
+
+def test_gguf_names_are_split_for_transformers(tmp_path):
+    from edu_filter.annotate.backends import BackendError, pretrained_args
+
+    assert pretrained_args("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", {})
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(ImportError, match="pip install 'gguf>=0.10' accelerate"):
+            pretrained_args("ORG/REPO/model.gguf")
+        return
+    local = tmp_path / "models" / "smollm2-q4_1.gguf"
+    local.parent.mkdir()
+    local.write_bytes(b"GGUF")
+    assert pretrained_args(str(local)) == (str(local.parent), {"gguf_file": "smollm2-q4_1.gguf"})
+    assert pretrained_args("ORG/REPO/quants/m-Q4_K_M.gguf") == ("ORG/REPO", {"gguf_file": "quants/m-Q4_K_M.gguf"})
+    with pytest.raises(BackendError, match="no such .gguf file"):
+        pretrained_args(str(tmp_path / "missing.gguf"))
 
 
 def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):

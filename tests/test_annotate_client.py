@@ -50,14 +50,18 @@ CASES = [
     (doc("bold", score=4, format="bold"), 4, None, 1, 1),
     (doc("slash", score=5, format="slash"), 5, None, 1, 1),
     (doc("trailing", score=1, format="trailing"), 1, None, 1, 1),
-    (doc("two", score=0, format="two"), 0, None, 1, 1),
+    (doc("repeat", score=0, format="repeat"), 0, None, 1, 1),
+    (doc("two", score=0, format="two"), None, "ambiguous: conflicting scores 0, 1", 3, 3),
+    (doc("arith", format="arith"), None, "ambiguous: arithmetic after the score", 3, 3),
+    (doc("cut", cut=99), None, "cut off at max_tokens", 2, 2),
+    (doc("cutonce", score=4, cut=1), 4, None, 2, 2),
     (doc("e500", score=2, fail500=2), 2, None, 3, 1),
     (doc("e429", score=3, fail429=3), 3, None, 4, 1),
     (doc("dropped", score=4, drop=1), 4, None, 2, 1),
     (doc("slow", score=5, slow=3), 5, None, 2, 1),
     (doc("reask", score=2, garbage=1), 2, None, 2, 2),
     (doc("garbage", format="garbage"), None, "unparseable", 3, 3),
-    (doc("toolong", http400=1), None, "http 400", 1, 0),
+    (doc("refused", http400=1), None, "http 400: The request was refused (planned)", 1, 0),
     (doc("down", fail500=99), None, "http 500", 4, 0),
     (doc("nousage", score=1, usage=0), 1, None, 1, 1),
 ]
@@ -79,20 +83,31 @@ def test_misbehaving_server_every_document_once_with_right_scores(server, tmp_pa
         assert row["attempts"] == attempts, d["id"]
         assert row["model"] == "test-model" and row["prompt"] == "fineweb-edu-v1"
     by_id = {r["id"]: r for r in rows}
+    assert by_id["cut"]["finish_reason"] == "length" and by_id["cutonce"]["finish_reason"] == "stop"
+    assert len(by_id["refused"]["error"]) < 200 and by_id["refused"]["error"].endswith(" ...")  # cut at a word
     assert "gave up after 4 tries" in by_id["down"]["error"]
     assert by_id["garbage"]["response"] == "I am unable to evaluate this extract."
     assert by_id["nousage"]["prompt_tokens"] is None and by_id["nousage"]["completion_tokens"] is None
     assert by_id["plain"]["prompt_tokens"] > 100 and by_id["plain"]["completion_tokens"] > 5
     assert by_id["reask"]["completion_tokens"] > by_id["plain"]["completion_tokens"]  # summed over both answers
 
-    assert summary.documents == len(CASES) and summary.scored == 11
-    assert summary.failed == Counter({"unparseable": 1, "http 400": 1, "http 500": 1})
+    assert summary.documents == len(CASES) and summary.scored == 12
+    assert summary.failed == Counter({"unparseable": 1, "ambiguous": 2, "cut off at max_tokens": 1, "http 400": 1,
+                                      "http 500": 1})
     assert summary.requests == sum(c[3] for c in CASES)
-    assert summary.reasks == 1 + 2
+    assert summary.reasks == sum(c[4] - 1 for c in CASES if c[4] > 1)
     assert summary.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in rows)
 
 
-def test_payload_follows_fineweb_edu_settings_chat_and_completion(server, tmp_path, monkeypatch):
+def test_payload_follows_fineweb_edu_settings_chat_and_completion(tmp_path, monkeypatch):
+    server = LLMTestServer(models=("m0", "m1")).start()
+    try:
+        _check_payloads(server, tmp_path, monkeypatch)
+    finally:
+        server.stop()
+
+
+def _check_payloads(server, tmp_path, monkeypatch):
     monkeypatch.setenv("EDU_TEST_KEY", "sk-test-123")
     src = write_jsonl(tmp_path / "in.jsonl", [doc("a", text="Photosynthesis turns light into sugar.", score=3)])
     score_documents([str(src)], tmp_path / "chat.jsonl", base_url=server.base_url, model="m1",
@@ -114,7 +129,7 @@ def test_payload_follows_fineweb_edu_settings_chat_and_completion(server, tmp_pa
     assert "messages" not in body and body["prompt"].startswith("Below is an extract from a Python program.")
     assert (body["temperature"], body["max_tokens"]) == (0.0, 64)
     assert server.authorizations[-1] is None
-    assert row["score"] == 3 and row["prompt"] == "python-edu-v1"
+    assert row["score"] == 3 and row["prompt"] == "python-edu-v1" and row["model"] == "m1"
 
 
 def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp_path):
@@ -239,7 +254,8 @@ def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
         rows = read_jsonl(out)
         assert [r["id"] for r in rows] == [d["id"] for d in docs]  # each document exactly once
         assert [r["score"] for r in rows] == [i % 6 for i in range(150)]
-        assert all(r["error"] is None and r["model"] == "NAME" for r in rows)
+        # the server serves one model: its name, not the --model it ignores, labels the rows
+        assert all(r["error"] is None and r["model"] == "test-model" for r in rows)
 
         total = sum(server.requests.values())
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
@@ -247,3 +263,22 @@ def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
         assert read_jsonl(out) == rows
     finally:
         server.stop()
+
+
+def test_cache_from_before_finish_reason_and_model_columns_still_resumes(tmp_path):
+    from edu_filter.annotate.cache import Answer, AnswerCache, run_key
+
+    settings = {"prompt": "fineweb-edu-v1", "model": "test-model"}
+    path = tmp_path / "old.cache.sqlite"
+    with sqlite3.connect(path) as db:  # the first release's schema
+        db.executescript(
+            "CREATE TABLE runs (run_key TEXT PRIMARY KEY, settings TEXT NOT NULL, created REAL NOT NULL);"
+            "CREATE TABLE answers (run_key TEXT NOT NULL, doc_id TEXT NOT NULL, attempt INTEGER NOT NULL, "
+            "response TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL, "
+            "PRIMARY KEY (run_key, doc_id, attempt)) WITHOUT ROWID;"
+        )
+        db.execute("INSERT INTO answers VALUES (?, 'a', 0, 'Educational score: 3', 10, 2, 0)", (run_key(settings),))
+    with AnswerCache(path, settings) as cache:
+        assert cache.answers("a") == [(Answer("Educational score: 3", 10, 2), None)]
+        cache.add("b", 0, Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)
+        assert cache.answers("b") == [(Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)]

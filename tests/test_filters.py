@@ -14,7 +14,7 @@ from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
 from edu_filter.documents import DocumentError, read_documents
 from edu_filter.filters.dedup import build_decont_index, decont_config
 from edu_filter.filters.io import FAILURE_KEY, ApplyInputReader, expand_inputs
-from edu_filter.filters.scoring import keep_top_cutoff
+from edu_filter.filters.scoring import keep_top_cutoff, score_bins
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -95,13 +95,22 @@ def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     assert len(flagged) <= 2, flagged
 
 
+def histogram(scores) -> dict[int, int]:
+    bins, counts = np.unique(score_bins(scores), return_counts=True)
+    return dict(zip(bins.tolist(), counts.tolist()))
+
+
 def test_keep_top_cutoff_hits_the_fraction():
     scores = np.linspace(0, 5, 1000, dtype=np.float32)
-    cutoff = keep_top_cutoff(scores, 0.1)
+    cutoff = keep_top_cutoff(histogram(scores), 0.1)
     assert (scores >= cutoff).sum() == 100
-    assert keep_top_cutoff(np.array([2.0, 2.0, 2.0, 1.0], np.float32), 0.5) == 2.0  # ties at the cutoff are kept
+    ties = np.array([2.0, 2.0, 2.0, 1.0], np.float32)
+    assert (ties >= keep_top_cutoff(histogram(ties), 0.5)).sum() == 3  # ties at the cutoff are kept
+    outliers = np.array([-7.0, 0.5, 12.0], np.float32)  # beyond the histogram's range: the end bins
+    assert (outliers >= keep_top_cutoff(histogram(outliers), 1 / 3)).sum() == 1
+    assert (outliers >= keep_top_cutoff(histogram(outliers), 1.0)).sum() == 3
     with pytest.raises(ValueError):
-        keep_top_cutoff(scores, 0)
+        keep_top_cutoff(histogram(scores), 0)
 
 
 def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):

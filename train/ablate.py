@@ -1,21 +1,37 @@
 """`edu-filter ablate`: train the same small model on each dataset at an equal token budget and compare.
 
 One ablation folder holds one tokenizer (trained on a sample mixing every --data input, or given), the packed token
-files, one run folder per dataset (checkpoint, final model, run.json), `report.json`, and two plots:
-`loss_curves.png` (training and evaluation loss against tokens) and `eval_loss.png` (final evaluation losses per run,
-side by side). Every run is evaluated on every dataset's held-out slice and on each --eval reference set.
+files, one run folder per dataset (checkpoint, final model, run.json; with --seeds K > 1 one `seed-S` folder per
+seed inside it), `report.json`, `report.md` (the verdict in one sentence), `provenance.json` (inputs and their
+fingerprints, see `edu_filter.provenance`) and two plots: `loss_curves.png` (training and evaluation loss against
+tokens) and `eval_loss.png` (final evaluation losses per run, side by side). Every run is evaluated on every
+dataset's held-out slice and on each --eval reference set.
+
+Seeds: run k of every dataset uses seed `seed + k`, which sets the initial weights and the order of the data, so the
+spread over seeds measures how much a loss moves for reasons that have nothing to do with the data. The verdict
+compares the two runs with the lowest mean loss on one evaluation set against that spread (`SIGNIFICANCE_RULE`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from edu_filter import provenance
 from edu_filter.train.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
 from edu_filter.train.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
 from edu_filter.train.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
+
+SIGMAS = 2.0  # two seeds: significant when the difference exceeds this many pooled seed standard deviations
+WELCH_ALPHA = 0.05  # three or more seeds: significant when Welch's t-test gives p below this
+SIGNIFICANCE_RULE = (
+    f"with 2 seeds per run a difference is significant when it exceeds {SIGMAS:g} x the pooled seed standard "
+    f"deviation sqrt((s_a^2 + s_b^2) / 2); with 3 or more, when Welch's t-test gives p < {WELCH_ALPHA:g}; with 1 seed "
+    "there is no estimate of seed noise, hence no verdict"
+)
 
 
 def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
@@ -29,6 +45,23 @@ def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
             raise ValueError(f"{option} {spec!r}: names must be unique and contain no '/'")
         named[name] = path
     return named
+
+
+def comparison_set(datasets: dict, references: dict, compare_on: str | None) -> str:
+    """The evaluation set the verdict is read on: --compare-on, else the first --eval reference, else the held-out
+    slice of the last --data (usually the unfiltered baseline, i.e. the distribution being filtered)."""
+    available = [*references, *(f"{name}/val" for name in datasets)]
+    if compare_on is not None:
+        if compare_on not in available:
+            raise ValueError(f"--compare-on {compare_on!r}: not an evaluation set; choose one of "
+                             f"{', '.join(available)}")
+        return compare_on
+    return next(iter(references), f"{list(datasets)[-1]}/val")
+
+
+def run_folder(out: Path, name: str, seed: int, seeds: int) -> Path:
+    """runs/NAME with one seed; runs/NAME/seed-S for each seed otherwise."""
+    return out / "runs" / name if seeds == 1 else out / "runs" / name / f"seed-{seed}"
 
 
 def ablate(
@@ -47,8 +80,11 @@ def ablate(
     humaneval_limit: int | None = None,
     cloze: list[str] | None = None,
     seed: int = 0,
+    seeds: int = 1,
+    compare_on: str | None = None,
 ) -> dict:
-    """Run the ablation and write OUT/report.json, the plots, and a table in the terminal. Returns the report."""
+    """Run the ablation and write OUT/report.json, report.md, the plots, provenance.json, and a table in the
+    terminal. Every dataset is trained `seeds` times (seeds seed .. seed + seeds - 1). Returns the report."""
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
@@ -57,14 +93,20 @@ def ablate(
         cloze, "--cloze")
     if not datasets:
         raise ValueError("give at least one --data NAME=PATH")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    compare = comparison_set(datasets, references, compare_on)
+    run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
     extra = {"vocab_size": vocab_size} if vocab_size else {}
-    cfg = PretrainConfig.from_preset(preset, parse_overrides(overrides), tokens=tokens, seed=seed, **extra)
+    parsed_overrides = parse_overrides(overrides)
+    cfg = PretrainConfig.from_preset(preset, parsed_overrides, tokens=tokens, seed=seed, **extra)
     rank, _, world = init_distributed()
 
     # --- tokenizer and token files (first process only; the others wait and read them) ------------------------------
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer)
         tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, text_field, tokenizer_sample_chars)
         infos = _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction)
     if world > 1:
@@ -75,66 +117,236 @@ def ablate(
     eval_paths = {f"{name}/val": out / "tokens" / name / "val.bin" for name in datasets}
     eval_paths.update({name: out / "tokens" / "eval" / f"{name}.bin" for name in references})
 
-    # --- one run per dataset -----------------------------------------------------------------------------------------
+    # --- every dataset, every seed -----------------------------------------------------------------------------------
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console()
-    runs = {}
+    records: dict[str, list[dict]] = {name: [] for name in datasets}
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     started = time.time()
+    stopped = False
     with cpu_threads(cfg.cpu_threads), Progress(*columns, console=console, disable=rank != 0) as progress:
         for name in datasets:
-            run_cfg = cfg
-            if cfg.time_limit_minutes is not None:  # the limit covers the whole invocation, not each run
-                run_cfg = replace(cfg, time_limit_minutes=cfg.time_limit_minutes - (time.time() - started) / 60)
-            run_dir = out / "runs" / name
-            runs[name] = pretrain(run_cfg, out / "tokens" / name / "train.bin", eval_paths, run_dir, tok, progress)
-            if not runs[name]["finished"]:  # the time limit: end the job, the same command resumes it
+            for run_seed in run_seeds:
+                run_cfg = replace(cfg, seed=run_seed)
+                if cfg.time_limit_minutes is not None:  # the limit covers the whole invocation, not each run
+                    run_cfg = replace(run_cfg, time_limit_minutes=cfg.time_limit_minutes - (time.time() - started) / 60)
+                record = pretrain(run_cfg, out / "tokens" / name / "train.bin", eval_paths,
+                                  run_folder(out, name, run_seed, seeds), tok, progress,
+                                  name=name if seeds == 1 else f"{name} seed {run_seed}")
+                records[name].append(record)
+                if not record["finished"]:  # the time limit: end the job, the same command resumes it
+                    stopped = True
+                    break
+            if stopped:
                 break
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return {}
 
-    for name, record in runs.items():
-        if not record["finished"]:
-            continue
-        if humaneval or cloze_sets:
-            model = _load_final_model(out / "runs" / name / "model")
-        if humaneval:
-            from edu_filter.train.humaneval import evaluate_humaneval, load_problems
+    for name, seed_records in records.items():
+        for record in seed_records:
+            if not record["finished"]:
+                continue
+            if humaneval or cloze_sets:
+                model = _load_final_model(run_folder(out, name, record["config"]["seed"], seeds) / "model")
+            if humaneval:
+                from edu_filter.train.humaneval import evaluate_humaneval, load_problems
 
-            record["humaneval"] = evaluate_humaneval(model, tok, load_problems(limit=humaneval_limit))
-        if cloze_sets:
-            from edu_filter.train.cloze import load_cloze, score_cloze
+                record["humaneval"] = evaluate_humaneval(model, tok, load_problems(limit=humaneval_limit))
+            if cloze_sets:
+                from edu_filter.train.cloze import load_cloze, score_cloze
 
-            record["cloze"] = {c: score_cloze(model, tok, load_cloze(path)) for c, path in cloze_sets.items()}
+                record["cloze"] = {c: score_cloze(model, tok, load_cloze(path)) for c, path in cloze_sets.items()}
 
+    runs = {name: combine_seeds(recs) for name, recs in records.items() if recs}
+    complete = not stopped and all(len(records[name]) == seeds for name in datasets)
+    fingerprints = {e["role"].removeprefix("data:"): e for e in inputs if e["role"].startswith("data:")}
     report = {
         "preset": preset,
         "tokens": tokens,
+        "seeds": run_seeds,
         "tokenizer": str(tokenizer or out / "tokenizer"),
         "vocab_size": len(tok),
-        "datasets": {name: {"path": path, **infos.get(name, {})} for name, path in datasets.items()},
+        "datasets": {name: {"path": path, "fingerprint": fingerprints[name]["fingerprint"],
+                            "made_by": (fingerprints[name].get("provenance") or {}).get("kind", "file"),
+                            **infos.get(name, {})} for name, path in datasets.items()},
         "references": references,
         "runs": runs,
+        "comparison": compare_runs(runs, compare) if complete else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    if len(runs) < len(datasets) or not all(r["finished"] for r in runs.values()):
-        console.print(f"[yellow]stopped at the time limit after {sum(r['steps'] for r in runs.values())} steps; "
-                      "run the same command again to resume")
+    settings = {"preset": preset, "tokens": tokens, "overrides": parsed_overrides, "vocab_size": vocab_size,
+                "text_field": text_field, "val_fraction": val_fraction,
+                "tokenizer_sample_chars": tokenizer_sample_chars, "humaneval": humaneval,
+                "humaneval_limit": humaneval_limit, "seed": seed, "seeds": seeds, "compare_on": compare,
+                "config": asdict(cfg), "complete": complete}
+    provenance.record_provenance(out, kind="ablation", settings=settings, inputs=inputs)
+    if not complete:
+        steps = sum(r["steps"] for recs in records.values() for r in recs)
+        console.print(f"[yellow]stopped at the time limit after {steps} steps; run the same command again to resume")
         return report
     plot_losses(runs, out / "loss_curves.png")
     plot_eval_losses(runs, out / "eval_loss.png")
-    console.print(comparison_table(runs, preset))
+    write_report_md(out, report)
+    console.print(comparison_table(runs, preset, len(run_seeds)))
+    if report["comparison"]:
+        console.print(f"[bold]verdict:[/] {report['comparison']['summary']}", soft_wrap=True)
     for name, r in runs.items():
         if r["train_epochs"] > 1.05:
             console.print(f"[yellow]note: '{name}' was repeated {r['train_epochs']:.1f} times to fill the budget; "
                           "repeated data weakens the comparison (give more documents or fewer --tokens)")
     console.print(f"report: {out / 'report.json'}")
     return report
+
+
+def _inputs_used(out: Path, datasets: dict, references: dict, cloze_sets: dict, tokenizer: str | None) -> list[dict]:
+    """Every input with its fingerprint when it was read. A resumed ablation reuses the token files of its first
+    invocation, so an input recorded then keeps that record."""
+    wanted = {f"data:{n}": p for n, p in datasets.items()} | {f"eval:{n}": p for n, p in references.items()} | {
+        f"cloze:{n}": p for n, p in cloze_sets.items()} | ({"tokenizer": tokenizer} if tokenizer else {})
+    previous = {}
+    if (out / provenance.PROVENANCE_FILE).exists():
+        recorded = json.loads((out / provenance.PROVENANCE_FILE).read_text())
+        previous = {(e["role"], e["path"]): e for e in recorded.get("inputs", [])}
+    entries = []
+    for role, path in wanted.items():
+        key = (role, path if provenance.is_remote(path) else str(Path(path).absolute()))
+        tokenized_before = role.startswith(("data:", "eval:")) and key in previous
+        entries.append(previous[key] if tokenized_before else provenance.describe_input(role, path))
+    return entries
+
+
+def combine_seeds(records: list[dict]) -> dict:
+    """One run's report entry: the first seed's record (its curves are the ones the notebooks plot), `eval` as the
+    mean over seeds with `eval_std` (None with one seed), benchmark scores as means, every seed under `seeds`."""
+    first = records[0]
+    combined = {**first, "finished": all(r["finished"] for r in records),
+                "seeds": [{"seed": r["config"]["seed"], **{k: v for k, v in r.items() if k != "config"}}
+                          for r in records]}
+    values = {n: [r["eval"][n] for r in records if n in r["eval"]] for n in first["eval"]}
+    combined["eval"] = {n: _mean(v) for n, v in values.items()}
+    combined["eval_std"] = {n: _std(v) for n, v in values.items()}
+    if all("humaneval" in r for r in records):
+        combined["humaneval"] = {"pass@1": _mean([r["humaneval"]["pass@1"] for r in records]),
+                                 "problems": first["humaneval"]["problems"]}
+    if all("cloze" in r for r in records):
+        combined["cloze"] = {c: {"acc": _mean([r["cloze"][c]["acc"] for r in records]),
+                                 "acc_norm": _mean([r["cloze"][c]["acc_norm"] for r in records]),
+                                 "questions": first["cloze"][c]["questions"]} for c in first["cloze"]}
+    return combined
+
+
+def compare_runs(runs: dict, eval_set: str) -> dict | None:
+    """The verdict: the two runs with the lowest mean loss on `eval_set`, their difference against the seed spread,
+    and whether it is significant (`SIGNIFICANCE_RULE`). None with a single run."""
+    if len(runs) < 2:
+        return None
+    losses = {name: [s["eval"][eval_set] for s in r["seeds"]] for name, r in runs.items()}
+    means = {name: _mean(v) for name, v in losses.items()}
+    best, second = sorted(means, key=means.get)[:2]
+    a, b = losses[best], losses[second]
+    k = min(len(a), len(b))
+    difference = means[second] - means[best]
+    std = math.sqrt((_std(a) ** 2 + _std(b) ** 2) / 2) if k >= 2 else None
+    p_value = None
+    pair = f"{means[best]:.3f} vs {means[second]:.3f}, mean of {k} seed{'s' * (k > 1)}"
+    lower = f"{best}'s loss is lower than {second}'s by {difference:.3f} nats/token"
+    if k >= 3:
+        from scipy.stats import ttest_ind
+
+        p = float(ttest_ind(a, b, equal_var=False).pvalue)
+        p_value = p if math.isfinite(p) else None
+        test = f"Welch's t-test, p < {WELCH_ALPHA:g}"
+        if p_value is None:  # no spread within either run: any gap is beyond seed noise
+            significant = difference > 0
+            verdict = f"no seed variance, so {'significant' if significant else 'no difference'}"
+        else:
+            significant = p_value < WELCH_ALPHA
+            verdict = (f"{'significant' if significant else 'not significant'} (Welch's t-test p = {p_value:.3g}"
+                       f"{' <' if significant else ' >='} {WELCH_ALPHA:g})")
+        summary = f"On {eval_set}, {lower} ({pair}; pooled seed std {std:.3f}): {verdict}."
+    elif k == 2:
+        significant = difference > SIGMAS * std
+        test = f"difference > {SIGMAS:g} x pooled seed std"
+        summary = (f"On {eval_set}, {lower} ({pair}), {'more' if significant else 'less'} than {SIGMAS:g} x the "
+                   f"pooled seed std of {std:.3f}: "
+                   f"{'significant' if significant else 'within seed noise, not significant'}.")
+    else:
+        significant = False
+        test = "none: one seed per run gives no estimate of seed noise"
+        summary = (f"On {eval_set}, {lower} ({pair}), but with one seed per run there is no estimate of seed noise "
+                   "and so no verdict; run with --seeds 2 or more.")
+    return {
+        "eval_set": eval_set,
+        "runs": [best, second],
+        "mean_loss": {best: means[best], second: means[second]},
+        "seed_losses": {best: a, second: b},
+        "difference": difference,
+        "seed_std": std,
+        "p_value": p_value,
+        "test": test,
+        "significant": bool(significant),
+        "better": best if significant else None,
+        "rule": SIGNIFICANCE_RULE,
+        "summary": summary,
+        "all_mean_loss": means,
+    }
+
+
+def write_report_md(out: Path, report: dict) -> Path:
+    """OUT/report.md: the verdict in one sentence, mean ± seed std per run and evaluation set, per-seed losses."""
+    runs, comparison, seeds = report["runs"], report["comparison"], report["seeds"]
+    first = next(iter(runs.values()))
+    eval_names = list(first["eval"])
+
+    def cell(r: dict, n: str) -> str:
+        std = r["eval_std"].get(n)
+        return f"{r['eval'][n]:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+    lines = [
+        f"# Ablation: {' vs '.join(runs)}",
+        "",
+        f"Preset `{report['preset']}` ({first['params'] / 1e6:.1f}M parameters), {first['tokens_seen']:,} training "
+        f"tokens per run, {len(seeds)} seed(s) per run ({', '.join(map(str, seeds))}; a seed sets the initial weights and the "
+        "data order, and run k of every dataset uses the same one).",
+        "",
+        "**Verdict:** " + (comparison["summary"] if comparison else "a single run; nothing to compare."),
+        "",
+        f"Significance: {SIGNIFICANCE_RULE}.",
+        "",
+        "## Final evaluation loss (nats/token, lower is better; mean ± standard deviation over seeds)",
+        "",
+        "| run | " + " | ".join(eval_names) + " |",
+        "|---|" + "---|" * len(eval_names),
+        *[f"| {name} | " + " | ".join(cell(r, n) for n in eval_names) + " |" for name, r in runs.items()],
+        "",
+    ]
+    if comparison:
+        lines += [
+            f"## Per seed on {comparison['eval_set']}",
+            "",
+            "| seed | " + " | ".join(runs) + " |",
+            "|---|" + "---|" * len(runs),
+            *[f"| {s} | " + " | ".join(f"{r['seeds'][i]['eval'][comparison['eval_set']]:.4f}" for r in runs.values())
+              + " |" for i, s in enumerate(seeds)],
+            "",
+        ]
+    lines += [
+        "![loss curves](loss_curves.png)",
+        "",
+        "![final evaluation losses](eval_loss.png)",
+        "",
+        "`report.json` holds every number (each seed under `runs[NAME][\"seeds\"]`); `provenance.json` the inputs,",
+        "their fingerprints and the settings (`edu-filter lineage` shows the chain back to the annotations).",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size: int, text_field: str,
@@ -185,17 +397,18 @@ def _load_final_model(path: Path):
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def comparison_table(runs: dict, preset: str):
+def comparison_table(runs: dict, preset: str, seeds: int = 1):
     """Runs as rows: passes over the training data (repeats weaken the comparison), training loss over the first and
-    last steps, final evaluation losses (best in green), speed."""
+    last steps (first seed), final evaluation losses (mean ± seed std; best in green), speed."""
     from rich.table import Table
 
     first = next(iter(runs.values()))
     eval_names = list(first["eval"])
     cloze_names = sorted({c for r in runs.values() for c in r.get("cloze", {})})
     with_humaneval = any("humaneval" in r for r in runs.values())
+    per_seed = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
     table = Table(title=f"{preset} ({first['params'] / 1e6:.1f}M params), {first['tokens_seen']:,} tokens per run; "
-                        "eval = loss on held-out text, lower is better")
+                        f"eval = loss on held-out text, lower is better{per_seed}")
     table.add_column("run")
     for col in ["epochs", "train loss", *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
                 *(["HumanEval"] if with_humaneval else [])]:
@@ -205,8 +418,9 @@ def comparison_table(runs: dict, preset: str):
         losses = r["train_loss"]
         cells = [name, f"{r['train_epochs']:.2f}", f"{_mean(losses[:5]):.2f}→{_mean(losses[-5:]):.2f}" if losses else "-"]
         for n in eval_names:
-            v = r["eval"].get(n)
-            cells.append("-" if v is None else (f"[bold green]{v:.3f}" if v == best[n] else f"{v:.3f}"))
+            v, std = r["eval"].get(n), r.get("eval_std", {}).get(n)
+            text = "-" if v is None else f"{v:.3f}" + (f"±{std:.3f}" if std is not None else "")
+            cells.append(f"[bold green]{text}" if v is not None and v == best[n] else text)
         cells += [f"{r['tokens_per_second']:,.0f}", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"]
         cells += [f"{r['cloze'][c]['acc']:.2f}/{r['cloze'][c]['acc_norm']:.2f}" if c in r.get("cloze", {}) else "-"
                   for c in cloze_names]
@@ -220,21 +434,35 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _std(xs: list[float]) -> float | None:
+    """Sample standard deviation (n - 1); None for fewer than two values."""
+    if len(xs) < 2:
+        return None
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def plot_losses(runs: dict, path: Path) -> Path:
-    """Training loss (left) and evaluation losses (right) against training tokens, one colour per run."""
+    """Training loss (left) and evaluation losses (right) against training tokens, one colour per run; further
+    seeds of a run as fainter lines of its colour."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     fig = Figure(figsize=(12, 4.5))
     left, right = fig.subplots(1, 2)
     styles = ["-", "--", ":", "-."]
-    for i, (name, r) in enumerate(runs.items()):
+    for i, (name, run) in enumerate(runs.items()):
         color = f"C{i}"
-        per_step = r["tokens_seen"] / max(1, len(r["train_loss"]))
-        left.plot([(s + 1) * per_step for s in range(len(r["train_loss"]))], r["train_loss"], color=color, label=name)
-        eval_names = [k for k in r["eval_history"][0] if k not in ("step", "tokens")] if r["eval_history"] else []
-        for j, n in enumerate(eval_names):
-            right.plot([e["tokens"] for e in r["eval_history"]], [e[n] for e in r["eval_history"]], color=color,
-                       linestyle=styles[j % len(styles)], marker="o", label=f"{name} on {n}")
+        for seed_index, r in enumerate(run.get("seeds") or [run]):
+            first = seed_index == 0
+            alpha = 1.0 if first else 0.35
+            per_step = r["tokens_seen"] / max(1, len(r["train_loss"]))
+            left.plot([(s + 1) * per_step for s in range(len(r["train_loss"]))], r["train_loss"], color=color,
+                      alpha=alpha, label=name if first else None)
+            eval_names = [k for k in r["eval_history"][0] if k not in ("step", "tokens")] if r["eval_history"] else []
+            for j, n in enumerate(eval_names):
+                right.plot([e["tokens"] for e in r["eval_history"]], [e[n] for e in r["eval_history"]], color=color,
+                           alpha=alpha, linestyle=styles[j % len(styles)], marker="o",
+                           label=f"{name} on {n}" if first else None)
     left.set(title="Training loss", xlabel="training tokens", ylabel="cross-entropy (nats/token)")
     right.set(title="Evaluation loss", xlabel="training tokens", ylabel="cross-entropy (nats/token)")
     left.legend()
@@ -247,7 +475,8 @@ def plot_losses(runs: dict, path: Path) -> Path:
 
 
 def plot_eval_losses(runs: dict, path: Path) -> Path:
-    """Final evaluation loss on each set, the runs' bars side by side (lower is better)."""
+    """Final evaluation loss on each set, the runs' bars side by side (lower is better), mean over seeds with the
+    seed standard deviation as error bars."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -258,7 +487,10 @@ def plot_eval_losses(runs: dict, path: Path) -> Path:
     ax = fig.subplots()
     for i, (name, r) in enumerate(runs.items()):
         values = [r["eval"][n] for n in eval_names]
-        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=name, color=f"C{i}")
+        stds = [r.get("eval_std", {}).get(n) for n in eval_names]
+        errors = None if all(s is None for s in stds) else [s or 0.0 for s in stds]
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, yerr=errors, capsize=4, label=name,
+                      color=f"C{i}")
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
     lowest = min(r["eval"][n] for r in runs.values() for n in eval_names)
     ax.set_ylim(bottom=max(0.0, lowest - 0.5))  # differences between runs are tenths of a nat: start near them

@@ -2,7 +2,8 @@
 
 All three end the same way: cut points fitted on held-out predictions (calibration), the model saved as a
 self-describing folder `EduScorer.from_pretrained` reads, `metrics.json` (the evaluate report on the validation
-split) and `confusion_matrix.png` beside it.
+split) and `confusion_matrix.png` beside it, `provenance.json` (settings and input fingerprints, see
+`edu_filter.provenance`) and a `README.md` model card; optionally uploaded to the hub.
 
 - head (the FineWeb-Edu recipe): mean-pooled embeddings of a frozen encoder (six evenly spaced layers up to the top,
   concatenated), cached on disk, and a ridge regression whose regularisation is chosen by cross-validation on the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,11 @@ import numpy as np
 from rich.console import Console
 
 from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points
-from edu_filter.classifiers.encoders import KINDS, encoder_identity, resolve_encoder
+from edu_filter.classifiers.encoders import KINDS, encoder_hub_id, encoder_identity, resolve_encoder
 from edu_filter.classifiers.fasttext_model import FastTextSettings
 from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
 from edu_filter.documents import read_documents
+from edu_filter import provenance
 
 METHODS = ("head", "finetune", "fasttext")
 # chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
@@ -105,12 +108,14 @@ def train_classifier(
     max_length: int = 512,
     seed: int = 0,
     limit: int | None = None,
+    push_to_hub: str | None = None,
     **options,
 ) -> dict:
     """Train, calibrate and save a classifier to `output`; returns the validation metrics (also in metrics.json).
 
     `options` are further `ClassifierTrainConfig` fields (e.g. epochs=1, cache_dir=...). `limit` caps the number of
-    training (and validation) documents read, for quick runs.
+    training (and validation) documents read, for quick runs. `push_to_hub` (a repository id) uploads the folder
+    at the end; whether that can work is checked before any training.
     """
     cfg = ClassifierTrainConfig(
         kind=kind, method=method, encoder=encoder, label_field=label_field, max_length=max_length, seed=seed, **options
@@ -122,6 +127,8 @@ def train_classifier(
     if cfg.long_docs not in TRAIN_LONG_DOCS:
         raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
                          "(chunk-max is a scoring-time option)")
+    if push_to_hub:
+        provenance.check_can_push(push_to_hub)
     output = Path(output)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
     if val:
@@ -131,6 +138,7 @@ def train_classifier(
         labels = np.array([r["label"] for r in rows])
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
         train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+    inputs = provenance.describe_inputs({"train": data, "validation": val})  # the content just read
     if len(train_rows) < 2 * cfg.folds or not val_rows:
         raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
                          f"{len(train_rows)} and {len(val_rows)}")
@@ -151,9 +159,15 @@ def train_classifier(
     model.save_pretrained(output)
 
     metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points))
+    if "encoder" in info:
+        inputs.append(provenance.describe_input("encoder", info["encoder"]))
+    config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
     metrics["training"] = {
         **info,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"},
+        "base_model": encoder_hub_id(info["encoder"]) if "encoder" in info else None,
+        "config": config,
+        "data": [{k: e.get(k) for k in ("role", "path", "fingerprint")} for e in inputs],
+        "labels": label_source(train_rows + val_rows, label_field),
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "cut_points": cut_points,
@@ -161,8 +175,23 @@ def train_classifier(
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
+    record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
+                                          inputs=inputs)
+    provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
     print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
+    if push_to_hub:
+        console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
     return metrics
+
+
+def label_source(rows: list[dict], label_field: str) -> dict:
+    """Who labelled the rows and with which prompt, as far as the rows say (`edu-filter score` writes `model` and
+    `prompt`; the bundled data names its `annotator`): counts per annotator and per prompt version."""
+    annotators = Counter(str(r.get("model") or r.get("annotator")) for r in rows
+                         if r.get("model") or r.get("annotator"))
+    prompts = Counter(str(r["prompt"]) for r in rows if r.get("prompt"))
+    return {"field": label_field, "annotators": dict(annotators.most_common()),
+            "prompt_versions": dict(prompts.most_common())}
 
 
 def remove_other_layout(folder: Path, method: str) -> None:
@@ -241,7 +270,7 @@ def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
         model.classifier.bias.fill_(head[1])
-    info = {"method": cfg.method, "encoder": config.encoder_name, "ridge_alpha": alpha}
+    info = {"method": cfg.method, "encoder": config.encoder_name, "pool_layers": pool_layers, "ridge_alpha": alpha}
     # the saved tokenizer truncates where the model was trained to read, for users of the plain transformers recipe
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(output)

@@ -200,11 +200,13 @@ def pretrain(
     out_dir: str | Path,
     tokenizer,
     progress=None,
+    name: str | None = None,
 ) -> dict:
     """Train one model on `train_path` (a packed token file) and evaluate it on `eval_paths`; returns the run record.
 
     Writes OUT/checkpoint (model, optimizer, trainer state; resumable), OUT/model (final weights and tokenizer,
-    loadable with AutoModelForCausalLM) and OUT/run.json. `progress` is an optional rich Progress to report into.
+    loadable with AutoModelForCausalLM) and OUT/run.json. `progress` is an optional rich Progress to report into,
+    under `name` (default: the folder's name). `cfg.seed` sets the initial weights and the order of the data.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -306,7 +308,7 @@ def pretrain(
         return losses
 
     # --- the loop ----------------------------------------------------------------------------------------------------
-    task = progress.add_task(out_dir.name, total=total_steps, completed=state["step"], loss=float("nan")) if (
+    task = progress.add_task(name or out_dir.name, total=total_steps, completed=state["step"], loss=float("nan")) if (
         progress is not None and master) else None
     started = time.time()
     model.train()

@@ -1,0 +1,439 @@
+"""Running the stages of `apply`: here (datatrove's local or Ray executor) or on Slurm, with progress in documents.
+
+Slurm defaults follow what people expect of a cluster: no array throttle unless `--workers` is given, jobs run in
+the Python environment that submitted them, absolute log paths, and a request that no node of the partition can
+satisfy is refused before anything is submitted. `--wait` and `edu-filter status OUT` read the same progress and
+completion files for every executor, plus `squeue` on Slurm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edu_filter.documents import DocumentError
+from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
+
+POLL_S = 1.0
+# squeue reasons that never resolve by waiting
+HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
+                    "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
+                    "QOSMaxMemoryPerJob", "AssocMaxCpuPerJobLimit", "JobHeldAdmin")
+
+
+class StageFailed(RuntimeError):
+    """A stage ended with tasks that did not complete; the message names the stage and a log to read."""
+
+
+def save_stage_list(out: str, stages) -> None:
+    path = Path(out) / "logs" / "stages.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"name": s.name, "tasks": s.tasks} for s in stages], indent=2))
+
+
+def load_stage_list(out: str) -> list[tuple[str, int]]:
+    path = Path(out) / "logs" / "stages.json"
+    if not path.exists():
+        raise DocumentError(f"{out} holds no apply run (no logs/stages.json)")
+    return [(s["name"], s["tasks"]) for s in json.loads(path.read_text())]
+
+
+def scoring_on_gpu(executor: str, slurm) -> bool:
+    if executor == "slurm":
+        return slurm.gpus_per_task > 0
+    if executor == "ray":
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
+    if executor == "slurm":
+        return slurm.cpus_per_task
+    if executor == "ray":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def failed_stage_message(out: str, name: str, tasks: int) -> str:
+    """Names the stage, the tasks that did not complete and the first one's log with its last error line."""
+    logs = Path(out) / "logs" / name
+    done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
+    missing = [r for r in range(tasks) if f"{r:05d}" not in done]
+    log = logs / "logs" / f"task_{missing[0]:05d}.log" if missing else logs
+    detail = ""
+    if log.is_file():
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "Traceback" in ln]
+        if errors or lines:
+            detail = ": " + (errors[-1] if errors else lines[-1])[-300:]
+    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}); log: {log}{detail}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# here: local processes or Ray
+
+
+@contextlib.contextmanager
+def logs_to_file(path: Path, verbose: bool):
+    """datatrove's per-task INFO logs (and any library chatter) go to `path` instead of the terminal; the progress
+    display keeps writing to the real terminal through a duplicate of it."""
+    if verbose:
+        yield sys.stderr
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield terminal
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
+
+
+def _executor_here(stage, logs: str, executor: str, workers: int):
+    if executor == "ray":
+        from datatrove.executor.ray import RayPipelineExecutor
+
+        return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+                                   logging_dir=f"{logs}/{stage.name}", cpus_per_task=1, mem_per_cpu_gb=1,
+                                   gpus_per_task=1 if stage.scores and scoring_on_gpu("ray", None) else 0)
+    from datatrove.executor import LocalPipelineExecutor
+
+    return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+                                 logging_dir=f"{logs}/{stage.name}")
+
+
+def run_here(stages, out: str, executor: str, workers: int, console, verbose: bool = False) -> dict:
+    """Runs the stages one after the other in this process (a thread) while the main thread draws the progress."""
+    from rich.console import Console
+
+    from edu_filter.filters.report import stats_table
+
+    logs = f"{out}/logs"
+    if executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
+    with logs_to_file(Path(logs) / "apply.log", verbose) as terminal:
+        screen = Console(file=terminal, quiet=console.quiet, force_terminal=console.is_terminal)
+        failure: list[BaseException] = []
+
+        def run_all():
+            try:
+                for stage in stages:
+                    ex = _executor_here(stage, logs, executor, workers)
+                    ex.run()
+                    if ex.get_incomplete_ranks(skip_completed=True):
+                        raise StageFailed(failed_stage_message(out, stage.name, stage.tasks))
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                failure.append(e)
+
+        worker = threading.Thread(target=run_all, name="edu-filter-apply", daemon=True)
+        with ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
+            worker.start()
+            while worker.is_alive():
+                display.refresh()
+                worker.join(POLL_S)
+        if failure:
+            raise failure[0]
+        stats = json.loads((Path(out) / "stats.json").read_text())
+        screen.print(stats_table(stats))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slurm
+
+
+def _require(command: str) -> None:
+    if shutil.which(command) is None:
+        raise DocumentError(f"`{command}` not found: run on a Slurm login node, or use --dry-run to write the scripts")
+
+
+def slurm_partitions() -> dict[str, dict]:
+    """{partition: {"default", "cpus", "mem_mb", "gpus", "up"}} with the largest node of each partition."""
+    _require("sinfo")
+    res = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%a"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DocumentError(f"sinfo failed: {res.stderr.strip() or res.returncode}")
+    parts: dict[str, dict] = {}
+    for line in res.stdout.split("\n"):
+        if not line.strip():
+            continue
+        name, cpus, mem, gres, avail = line.strip().split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu") and
+                   g.split(":")[-1].split("(")[0].isdigit())
+        p = parts.setdefault(name, {"default": default, "cpus": 0, "mem_mb": 0, "gpus": 0, "up": avail == "up"})
+        p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
+        p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
+        p["gpus"] = max(p["gpus"], gpus)
+    return parts
+
+
+def check_slurm_request(opts):
+    """Resolves the default partition and refuses, before anything is submitted, what no node could run."""
+    if opts.cpus_per_task < 1 or opts.gpus_per_task < 0 or (opts.mem_gb is not None and opts.mem_gb < 1):
+        raise ValueError("--slurm-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
+    mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
+    if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
+        partition = opts.partition
+        if partition is None and shutil.which("sinfo") is not None:
+            partition = next((n for n, p in slurm_partitions().items() if p["default"]), None)
+        if partition is None:
+            raise DocumentError("give --slurm-partition with --dry-run (no cluster here to ask for its default)")
+        return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb)
+    parts = slurm_partitions()
+    partition = opts.partition or next((n for n, p in parts.items() if p["default"]), None)
+    if partition is None:
+        raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
+    gpu_partition = opts.gpu_partition or partition
+    mem_mb = 1024 * mem_gb
+    for name, gpus in ((partition, 0), (gpu_partition, opts.gpus_per_task)):
+        if name not in parts:
+            raise DocumentError(f"Slurm partition {name!r} does not exist (partitions: {', '.join(parts)})")
+        p = parts[name]
+        if opts.cpus_per_task > p["cpus"]:
+            raise DocumentError(f"--slurm-cpus {opts.cpus_per_task}: no node of partition {name} has more than "
+                                f"{p['cpus']} CPUs, so the jobs would wait forever")
+        if mem_mb > p["mem_mb"]:
+            raise DocumentError(f"{mem_mb // 1024} GB per task: no node of partition {name} has more than "
+                                f"{p['mem_mb'] // 1024} GB (--slurm-mem-gb)")
+        if gpus > p["gpus"]:
+            raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
+                                "(--slurm-gpu-partition)")
+    return replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb)
+
+
+def chain_tag(out: str) -> str:
+    """Job names end with this tag of the output folder, so the jobs of one run can be found in the queue."""
+    return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
+
+
+def queued_jobs(out: str) -> list[dict]:
+    """This run's jobs in `squeue` (array tasks expanded): id, name, state, reason."""
+    if shutil.which("squeue") is None:
+        return []
+    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%j|%T|%r"], capture_output=True, text=True)
+    tag = chain_tag(out)
+    jobs = []
+    for line in res.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4 and parts[1].endswith(tag):
+            jobs.append({"id": parts[0], "name": parts[1], "state": parts[2], "reason": parts[3]})
+    return jobs
+
+
+def refuse_if_queued(out: str) -> None:
+    jobs = queued_jobs(out)
+    if jobs:
+        ids = sorted({j["id"].split("_")[0] for j in jobs})
+        raise DocumentError(f"jobs of an earlier submission for {out} are still queued or running ({', '.join(ids)}); "
+                            f"follow them with `edu-filter status {out}` or cancel them with `scancel {' '.join(ids)}`")
+
+
+def _slurm_executor_class():
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    class ApplySlurmExecutor(SlurmPipelineExecutor):
+        """datatrove's Slurm executor without its per-stage `merge_stats` job: `apply`'s report stage counts what
+        was written, and a merge job is left pending forever in the queue when its stage fails."""
+
+        def launch_merge_stats(self):
+            pass
+
+    return ApplySlurmExecutor
+
+
+def environment_command(opts) -> str:
+    """Jobs run in the Python environment that submitted them unless `--slurm-venv` names another."""
+    if opts.venv_path:
+        return f"source {opts.venv_path}"
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "launch_pickled_pipeline").exists():
+        raise DocumentError(f"launch_pickled_pipeline is not in {bin_dir}: install datatrove into this environment "
+                            "or give --slurm-venv")
+    lines = [f'export PATH="{bin_dir}:$PATH"']
+    if sys.prefix != sys.base_prefix:
+        lines.append(f'export VIRTUAL_ENV="{sys.prefix}"')
+    return "\n".join(lines)
+
+
+def slurm_executors(stages, out: str, workers: int | None, opts):
+    cls = _slurm_executor_class()
+    logs, tag = f"{out}/logs", chain_tag(out)
+    env = environment_command(opts)
+    mem_per_cpu = max(1, math.ceil(opts.mem_gb / opts.cpus_per_task))
+    executors, previous = [], None
+    for stage in stages:
+        previous = cls(
+            stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
+            time=opts.time, partition=opts.gpu_partition if stage.scores else opts.partition,
+            cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=mem_per_cpu,
+            gpus_per_task=opts.gpus_per_task if stage.scores else 0, job_name=f"edu-filter-{stage.name}-{tag}",
+            logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
+            qos=opts.qos, sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
+            mail_type="NONE",
+        )
+        executors.append((stage.name, previous))
+    return executors
+
+
+def write_slurm_scripts(executors, out: str) -> Path:
+    """What `SlurmPipelineExecutor.launch_job` writes, minus the `sbatch` calls, plus `submit.sh` chaining the stages
+    with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load; every path is absolute."""
+    import dill
+    from dill import CONTENTS_FMODE
+
+    folder = Path(out) / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/bin/bash", "# Submits the edu-filter apply stages in order, each after the previous one succeeded.",
+             "set -euo pipefail", "dep=()"]
+    for i, (name, ex) in enumerate(executors):
+        ranks = ex.get_incomplete_ranks()
+        if not ranks:
+            continue
+        with ex.logging_dir.open("executor.pik", "wb") as fh:
+            dill.dump(ex, fh, fmode=CONTENTS_FMODE)
+        with ex.logging_dir.open("ranks_to_run.json", "w") as fh:
+            json.dump(ranks, fh)
+        script = ex.get_launch_file_contents(
+            ex.get_sbatch_args(len(ranks)),
+            f"srun -l -n 1 launch_pickled_pipeline {ex.logging_dir.resolve_paths('executor.pik')}",
+        )
+        path = folder / f"{i:02d}_{name}.slurm"
+        path.write_text(script)
+        lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET=0 "${{dep[@]}}" "{path.resolve()}")')
+        lines.append('dep=(--dependency=afterok:"$jid")')
+        lines.append(f'echo "{name}: job $jid"')
+    submit = folder / "submit.sh"
+    submit.write_text("\n".join(lines) + "\n")
+    submit.chmod(0o755)
+    return submit
+
+
+def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) -> dict | None:
+    executors = slurm_executors(stages, out, workers, opts)
+    if opts.dry_run:
+        submit = write_slurm_scripts(executors, out)
+        console.print(f"Slurm scripts written; submit with [bold]{submit}[/]")
+        return None
+    with logs_to_file(Path(out) / "logs" / "apply.log", verbose=False):
+        executors[-1][1].run()  # launches the whole dependency chain through sbatch
+    jobs = {name: ex.job_id for name, ex in executors}
+    (Path(out) / "slurm").mkdir(exist_ok=True)
+    (Path(out) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=2))
+    submitted = {n: j for n, j in jobs.items() if j not in (None, -1)}
+    console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
+                  + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)
+    if not wait:
+        return None
+    return wait_for_chain(out, console)
+
+
+def cancel_chain(out: str) -> list[str]:
+    ids = sorted({j["id"].split("_")[0] for j in queued_jobs(out)})
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+    return ids
+
+
+def wait_for_chain(out: str, console) -> dict:
+    """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed."""
+    from edu_filter.filters.report import stats_table
+
+    stages = load_stage_list(out)
+    logs = f"{out}/logs"
+    gone_since: dict[str, float] = {}
+    with ProgressDisplay(console, stages, logs) as display:
+        while True:
+            states = display.refresh()
+            if all(s.finished for s in states):
+                break
+            jobs = queued_jobs(out)
+            for (name, tasks), state in zip(stages, states):
+                if state.finished:
+                    continue
+                mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")]
+                hopeless = next((j for j in mine if j["state"] == "PENDING" and j["reason"] in HOPELESS_REASONS), None)
+                if hopeless and hopeless["reason"] != "DependencyNeverSatisfied":
+                    cancel_chain(out)
+                    raise StageFailed(f"stage {name} cannot start: Slurm says {hopeless['reason']} (job "
+                                      f"{hopeless['id']}); the chain was cancelled")
+                if not mine:
+                    # gone from the queue but not complete: give the completion files a moment, then call it failed
+                    first = gone_since.setdefault(name, time.time())
+                    if time.time() - first > 5 and not read_stage_progress(logs, name, tasks).finished:
+                        cancelled = cancel_chain(out)
+                        raise StageFailed(failed_stage_message(out, name, tasks)
+                                          + (f"; cancelled the {len(cancelled)} jobs waiting on it" if cancelled else ""))
+                else:
+                    gone_since.pop(name, None)
+                break  # only the first unfinished stage can be running; later ones wait on it
+            time.sleep(POLL_S)
+    stats = json.loads((Path(out) / "stats.json").read_text())
+    console.print(stats_table(stats))
+    return stats
+
+
+def show_status(out: str, console) -> dict:
+    """`edu-filter status OUT`: per stage tasks done/total, documents and docs/s, and Slurm job states."""
+    from rich.table import Table
+
+    from edu_filter.filters.report import stats_table
+
+    stages = load_stage_list(out)
+    logs = f"{out}/logs"
+    jobs = queued_jobs(out)
+    table = Table(title=f"edu-filter apply: {out}")
+    for col in ("stage", "tasks", "documents", "docs/s", "state"):
+        table.add_column(col, justify="left" if col in ("stage", "state") else "right")
+    summary = {"stages": []}
+    for name, tasks in stages:
+        s = read_stage_progress(logs, name, tasks)
+        mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")]
+        if s.finished:
+            state = "done"
+        elif mine:
+            counts: dict[str, int] = {}
+            for j in mine:
+                key = j["state"].lower() + (f" ({j['reason']})" if j["state"] == "PENDING" and j["reason"] else "")
+                counts[key] = counts.get(key, 0) + 1
+            state = ", ".join(f"{n} {k}" for k, n in counts.items())
+        elif s.tasks_done or s.started:
+            state = "incomplete"
+        else:
+            state = "not started"
+        table.add_row(name, f"{s.tasks_done}/{tasks}", f"{s.documents:,}" if s.reading else "",
+                      f"{s.docs_per_second:,.1f}" if s.reading else "", state)
+        summary["stages"].append({"name": name, "tasks": tasks, "tasks_done": s.tasks_done,
+                                  "documents": s.documents, "state": state})
+    console.print(table)
+    stats_path = Path(out) / "stats.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        console.print(stats_table(stats))
+        summary["stats"] = stats
+    return summary

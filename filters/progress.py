@@ -1,0 +1,151 @@
+"""Live progress of an `apply` run, in documents, for any executor.
+
+Every reading step of a task writes `OUT/logs/<stage>/progress/<rank>.json` (documents and bytes read so far, and
+whether it finished) every few seconds. The same files serve the local progress bars, `apply --wait` on Slurm and
+`edu-filter status OUT`: no executor has to report anything itself, and a finished run still shows what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from datatrove.io import get_datafolder
+
+WRITE_EVERY_S = 2.0
+
+
+class TaskProgress:
+    """Documents and bytes one task has read; written to its progress file at most every `WRITE_EVERY_S` seconds."""
+
+    def __init__(self, folder: str | None, rank: int, bytes_total: int = 0):
+        self.folder = get_datafolder(folder) if folder else None
+        self.rank = rank
+        self.documents = 0
+        self.bytes_total = bytes_total
+        self.bytes_done = 0  # bytes of finished files
+        self.bytes_current = 0  # position in the file being read
+        self.started = time.time()
+        self._last_write = 0.0
+        self._write(done=False)
+
+    def document(self) -> None:
+        self.documents += 1
+        if self.documents % 256 == 0 and time.monotonic() - self._last_write >= WRITE_EVERY_S:
+            self._write(done=False)
+
+    def at_bytes(self, position: int) -> None:
+        self.bytes_current = position
+
+    def file_done(self, size: int) -> None:
+        self.bytes_done += size
+        self.bytes_current = 0
+
+    def close(self) -> None:
+        self._write(done=True)
+
+    def _write(self, done: bool) -> None:
+        self._last_write = time.monotonic()
+        if self.folder is None:
+            return
+        record = {"documents": self.documents, "bytes": min(self.bytes_total, self.bytes_done + self.bytes_current),
+                  "bytes_total": self.bytes_total, "started": self.started, "updated": time.time(), "done": done}
+        with self.folder.open(f"{self.rank:05d}.json", "wt") as fh:
+            json.dump(record, fh)
+
+
+@dataclass
+class StageProgress:
+    """What the progress and completion files of one stage say right now."""
+
+    name: str
+    tasks: int
+    tasks_done: int = 0
+    documents: int = 0
+    bytes: int = 0
+    bytes_total: int = 0
+    started: float | None = None
+    updated: float | None = None
+    reading: bool = False  # whether this stage reads documents (signature merging stages do not)
+    running_fraction: float = 0.0  # sum over unfinished tasks of the share of their input read
+
+    @property
+    def fraction(self) -> float:
+        if self.finished:
+            return 1.0
+        return min(0.99, (self.tasks_done + self.running_fraction) / max(1, self.tasks))
+
+    @property
+    def finished(self) -> bool:
+        return self.tasks_done >= self.tasks
+
+    @property
+    def docs_per_second(self) -> float:
+        if not self.started or not self.updated or self.updated <= self.started:
+            return 0.0
+        return self.documents / (self.updated - self.started)
+
+
+def read_stage_progress(logs: str, name: str, tasks: int) -> StageProgress:
+    folder = get_datafolder(f"{logs}/{name}")
+    stage = StageProgress(name, tasks)
+    if folder.exists("completions"):
+        stage.tasks_done = len(folder.list_files(subdirectory="completions"))
+    if folder.exists("progress"):
+        stage.reading = True
+        for fname in folder.list_files(subdirectory="progress", glob_pattern="*.json"):
+            try:
+                with folder.open(fname, "rt") as fh:
+                    record = json.load(fh)
+            except (json.JSONDecodeError, OSError):
+                continue  # being rewritten right now
+            stage.documents += record["documents"]
+            stage.bytes += record["bytes"]
+            stage.bytes_total += record["bytes_total"]
+            stage.started = min(stage.started or record["started"], record["started"])
+            stage.updated = max(stage.updated or record["updated"], record["updated"])
+            if not record["done"] and record["bytes_total"]:
+                stage.running_fraction += record["bytes"] / record["bytes_total"]
+    return stage
+
+
+def stage_description(stage: StageProgress) -> str:
+    if not stage.reading:
+        return f"{stage.name}"
+    return f"{stage.name}: {stage.documents:,} docs, {stage.docs_per_second:,.1f} docs/s"
+
+
+class ProgressDisplay:
+    """One rich progress bar per stage: documents read so far and docs/s; the bar follows tasks done plus the share
+    of their input the running tasks have read."""
+
+    def __init__(self, console, stages: list[tuple[str, int]], logs: str):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.logs = logs
+        self.stages = stages
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tasks]}"),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.bars = {name: self.progress.add_task(name, total=1.0, tasks=f"0/{tasks} tasks", start=False)
+                     for name, tasks in stages}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.refresh()
+        return self.progress.__exit__(*exc)
+
+    def refresh(self) -> list[StageProgress]:
+        states = []
+        for name, tasks in self.stages:
+            stage = read_stage_progress(self.logs, name, tasks)
+            states.append(stage)
+            bar = self.bars[name]
+            if stage.started or stage.tasks_done:
+                self.progress.start_task(bar)
+            self.progress.update(bar, completed=stage.fraction, description=stage_description(stage),
+                                 tasks=f"{stage.tasks_done}/{tasks} tasks")
+        return states

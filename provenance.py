@@ -1,0 +1,819 @@
+"""Provenance: how every edu-filter artifact was made and from what, its lineage back to raw data, and hub cards.
+
+An artifact is an annotation file (`score`), a classifier folder (`train`), a filtered dataset folder (`apply`) or an
+ablation folder (`ablate`). Each carries a provenance record: `<file>.provenance.json` beside a file,
+`<folder>/provenance.json` inside a folder. A record holds the edu-filter version, the command line, the settings,
+and for every input its path and content fingerprint, with the input's own record embedded when the input is itself
+an artifact (or lies inside one, like `OUT/kept` of an apply output). The chain back to the raw inputs therefore
+survives upstream files being moved, rewritten or deleted, and comparing a recorded fingerprint with the input's
+current one tells whether it changed since it was used (`stale`).
+
+Fingerprints (`fingerprint()`), chosen so that a terabyte corpus is cheap to fingerprint:
+
+- `sha256:<hex>`: a file or folder of at most `FULL_HASH_MAX_BYTES` (256 MiB) in total is hashed in full. For a
+  single file this is its plain SHA-256 (what `sha256sum` prints); a folder hashes each file's relative name and
+  SHA-256.
+- `sampled:<hex>`: above that, each file contributes its relative name, size, modification time and
+  `SAMPLE_BLOCKS` evenly spaced blocks of `SAMPLE_BLOCK_BYTES` (512 KiB read per file). The modification time makes
+  an in-place edit between sampled blocks visible; the price is that copying a large input without keeping times
+  (plain `cp`) reads as a change.
+- Remote inputs (`s3://...`, `hf://datasets/...`, hub model ids) are recorded by name, with no fingerprint; their
+  staleness cannot be told.
+
+In a folder, `provenance.json`, `*.provenance.json` sidecars, `README.md` (the card) and hidden files are metadata,
+not content, and are left out of the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+PROVENANCE_FILE = "provenance.json"
+SIDECAR_SUFFIX = ".provenance.json"
+CARD_FILE = "README.md"
+RECORD_FORMAT = "edu-filter-provenance/1"
+KINDS = ("annotations", "classifier", "dataset", "ablation")
+FULL_HASH_MAX_BYTES = 256 * 2**20
+SAMPLE_BLOCKS = 8
+SAMPLE_BLOCK_BYTES = 64 * 2**10
+ENCLOSING_LEVELS = 3  # how far up from an input path to look for the folder artifact it belongs to
+LIBRARIES = ("torch", "transformers", "datatrove", "huggingface_hub", "tokenizers")
+
+# Licences of source data known without asking the hub: hub datasets, and the files bundled in data/ (data/README.md).
+KNOWN_DATASET_LICENSES = {
+    "HuggingFaceFW/fineweb": "odc-by",
+    "HuggingFaceFW/fineweb-edu": "odc-by",
+    "HuggingFaceFW/fineweb-edu-llama3-annotations": "odc-by",
+    "HuggingFaceTB/smollm-corpus": "odc-by",
+}
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+BUNDLED_LICENSES = {
+    "web/fineweb_edu_llama3_train.jsonl": "odc-by",
+    "web/fineweb_edu_llama3_val.jsonl": "odc-by",
+    "web/fineweb_edu_llama33_responses.jsonl": "odc-by",
+    "code/thealgorithms_unlabelled.jsonl": "mit",
+    "code/HumanEval.jsonl.gz": "mit",
+}
+BUNDLED_HUB_SOURCES = {
+    "web/fineweb_edu_llama3_train.jsonl": "HuggingFaceFW/fineweb-edu-llama3-annotations",
+    "web/fineweb_edu_llama3_val.jsonl": "HuggingFaceFW/fineweb-edu-llama3-annotations",
+    "web/fineweb_edu_llama33_responses.jsonl": "HuggingFaceFW/fineweb-edu",
+}
+
+
+class ProvenanceError(ValueError):
+    """A path that cannot be traced, or a record that cannot be read."""
+
+
+class PushError(ValueError):
+    """Uploading to the hub is impossible or failed; the message is one line saying why and what to do."""
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------------------
+def is_remote(path: str | os.PathLike) -> bool:
+    """s3://, hf://... and hub ids (ORG/NAME that is no local path): named, never fingerprinted."""
+    text = str(path)
+    if "://" in text:
+        return True
+    return not Path(text).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None
+
+
+def _content_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = []
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.endswith(SIDECAR_SUFFIX):
+            continue
+        if len(rel.parts) == 1 and f.name in (PROVENANCE_FILE, CARD_FILE):
+            continue
+        files.append(f)
+    return sorted(files, key=lambda f: f.relative_to(path).as_posix())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sampled(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256(f"{size}:{mtime_ns}".encode())
+    with open(path, "rb") as fh:
+        span = max(0, size - SAMPLE_BLOCK_BYTES)
+        for i in range(SAMPLE_BLOCKS):
+            fh.seek(span * i // max(1, SAMPLE_BLOCKS - 1))
+            digest.update(fh.read(SAMPLE_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES) -> dict | None:
+    """{"fingerprint": "sha256:..." | "sampled:...", "method": ..., "bytes": total, "files": n} of a local file or
+    folder (see the module docstring); None for a remote input. Raises ProvenanceError when the path is missing."""
+    if is_remote(path):
+        return None
+    path = Path(path)
+    if not path.exists():
+        raise ProvenanceError(f"{path}: no such file or folder")
+    files = _content_files(path)
+    stats = [f.stat() for f in files]
+    total = sum(s.st_size for s in stats)
+    full = total <= full_hash_max_bytes
+    if path.is_file():
+        digest = _sha256(path) if full else _sampled(path, stats[0].st_size, stats[0].st_mtime_ns)
+    else:
+        outer = hashlib.sha256()
+        for f, s in zip(files, stats):
+            one = _sha256(f) if full else _sampled(f, s.st_size, s.st_mtime_ns)
+            outer.update(f"{f.relative_to(path).as_posix()}\0{one}\n".encode())
+        digest = outer.hexdigest()
+    method = "sha256" if full else "sampled"
+    return {
+        "fingerprint": f"{method}:{digest}",
+        "method": "sha256 of all content" if full else
+                  f"size, mtime and {SAMPLE_BLOCKS} x {SAMPLE_BLOCK_BYTES // 1024} KiB blocks per file",
+        "bytes": total,
+        "files": len(files),
+    }
+
+
+# --- records --------------------------------------------------------------------------------------------------------
+def provenance_path(artifact: str | os.PathLike) -> Path:
+    """Where the record of `artifact` lives: `<folder>/provenance.json`, or `<file>.provenance.json` beside a file."""
+    artifact = Path(artifact)
+    return artifact / PROVENANCE_FILE if artifact.is_dir() else artifact.with_name(artifact.name + SIDECAR_SUFFIX)
+
+
+def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
+    """(record, artifact path) of the artifact at `path` or of the folder artifact enclosing it (`OUT/kept` belongs
+    to the apply output OUT); None when there is none."""
+    if is_remote(path):
+        return None
+    path = Path(path).absolute()
+    candidates = [path] + list(path.parents)[:ENCLOSING_LEVELS]
+    for i, candidate in enumerate(candidates):
+        record_file = provenance_path(candidate) if i == 0 else candidate / PROVENANCE_FILE
+        if record_file.is_file():
+            try:
+                record = json.loads(record_file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ProvenanceError(f"{record_file}: unreadable provenance record ({e})") from None
+            if record.get("format") == RECORD_FORMAT:
+                return record, candidate
+    return None
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("edu-filter")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    found = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            found[name] = package_version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _redact(text: str) -> str:
+    """Credentials in URLs (scheme://user:secret@host) never reach a record or a card."""
+    return _URL_CREDENTIALS.sub("***@", text)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as a shell line (`edu-filter train ...` when run through the CLI)."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv else "python"
+    if program in ("edu-filter", "cli.py"):
+        program = "edu-filter"
+    return _redact(shlex.join([program, *argv[1:]]))
+
+
+def describe_input(role: str, path: str | os.PathLike) -> dict:
+    """One input as recorded: role, path (absolute when local), fingerprint, and the input's own provenance record
+    when it is (or lies inside) an artifact."""
+    text = str(path)
+    local = not is_remote(text)
+    entry = {"role": role, "path": str(Path(text).absolute()) if local else _redact(text)}
+    found = fingerprint(text)
+    entry.update({"fingerprint": None, "fingerprint_method": "none: remote input"} if found is None else {
+        "fingerprint": found["fingerprint"], "fingerprint_method": found["method"], "bytes": found["bytes"],
+        "files": found["files"]})
+    enclosing = read_provenance(text) if local else None
+    if enclosing is not None:
+        record, artifact = enclosing
+        entry["provenance"] = record
+        if artifact != Path(text).absolute():
+            entry["artifact"] = str(artifact)
+    return entry
+
+
+def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -> list[dict]:
+    """Role -> path (or paths) to recorded inputs; None and empty roles are skipped."""
+    entries = []
+    for role, paths in inputs.items():
+        if paths is None:
+            continue
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            entries.append(describe_input(role, path))
+    return entries
+
+
+def record_provenance(
+    artifact: str | os.PathLike,
+    kind: str,
+    settings: Mapping,
+    inputs: Mapping[str, str | os.PathLike | Iterable | None] | list[dict],
+    command: str | None = None,
+) -> Path:
+    """Write the provenance record of `artifact` (a file or folder that exists) and return the record's path.
+
+    `inputs` maps a role ("documents", "train", "classifier", ...) to a path or list of paths (fingerprinted now),
+    or is a list already made by `describe_inputs` (fingerprinted when the inputs were read). `command` defaults to
+    the running command line. Input paths are stored absolute and relative to the artifact, so that `lineage`
+    still finds them after the whole project folder has moved.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise ProvenanceError(f"{artifact}: cannot record the provenance of something that does not exist")
+    entries = describe_inputs(inputs) if isinstance(inputs, Mapping) else list(inputs)
+    base = artifact.absolute() if artifact.is_dir() else artifact.absolute().parent
+    for entry in entries:
+        if not is_remote(entry["path"]):
+            entry["relative_path"] = os.path.relpath(entry["path"], base)
+    record = {
+        "format": RECORD_FORMAT,
+        "kind": kind,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "edu_filter_version": version(),
+        "versions": _library_versions(),
+        "command": command if command is not None else command_line(),
+        "settings": json.loads(_redact(json.dumps(dict(settings), default=str))),
+        "inputs": entries,
+    }
+    target = provenance_path(artifact)
+    partial = target.with_name(f".partial-{target.name}")
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, target)
+    return target
+
+
+# --- lineage --------------------------------------------------------------------------------------------------------
+def _resolve(entry: dict, consumer: Path | None) -> Path:
+    """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer."""
+    recorded = Path(entry["path"])
+    if recorded.exists() or consumer is None or "relative_path" not in entry:
+        return recorded
+    base = consumer if consumer.is_dir() else consumer.parent
+    moved = (base / entry["relative_path"]).resolve()
+    return moved if moved.exists() else recorded
+
+
+def lineage(path: str | os.PathLike) -> dict:
+    """The tree of `path` back to its raw inputs, one node per artifact or input:
+
+    {"kind", "path", "fingerprint" (current), "stale", "inputs": [nodes], ...}. An input node also has its "role",
+    "used_fingerprint" (what its consumer recorded), "missing" and "remote"; `stale` is true when its current
+    content no longer matches what was used (or it is gone). Below a stale node the tree shows what was used then.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ProvenanceError(f"{path}: no such file or folder")
+    fingerprints: dict[str, str | None] = {}
+    found = read_provenance(path)
+    record, artifact = found if found else (None, None)
+    about = {"stale": False}
+    if artifact is not None and artifact != path.absolute():
+        about["artifact"] = str(artifact)
+    return _node(record, path, about, fingerprints, origin=artifact)
+
+
+def _current_fingerprint(path: Path, cache: dict) -> str | None:
+    key = str(path)
+    if key not in cache:
+        found = fingerprint(path) if path.exists() else None
+        cache[key] = found["fingerprint"] if found else None
+    return cache[key]
+
+
+def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origin: Path | None = None) -> dict:
+    """One node: kind, path, current fingerprint, then `about` (role, staleness...), the record's origin, inputs.
+    `origin` is where the record's artifact is now, when `path` lies inside it (its inputs are found from there)."""
+    local = isinstance(path, Path)
+    node = {
+        "kind": record["kind"] if record else "file",
+        "path": str(path.absolute()) if local else path,
+        "fingerprint": _current_fingerprint(path.absolute(), cache) if local else None,
+        **about,
+    }
+    if record:
+        node.update(command=record.get("command"), created=record.get("created"),
+                    edu_filter_version=record.get("edu_filter_version"))
+    consumer = (origin or path) if local else None
+    node["inputs"] = [_input_node(entry, consumer, cache) for entry in (record or {}).get("inputs", [])]
+    return node
+
+
+def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
+    record = entry.get("provenance")
+    about = {"role": entry["role"], "used_fingerprint": entry.get("fingerprint")}
+    if is_remote(entry["path"]):
+        return _node(record, entry["path"], {**about, "stale": False, "missing": False, "remote": True}, cache)
+    where = _resolve(entry, consumer)
+    missing = not where.exists()
+    if record is None and not missing:  # a record written after this input was used still tells its origin
+        found = read_provenance(where)
+        record = found[0] if found else None
+    current = None if missing else _current_fingerprint(where.absolute(), cache)
+    about.update(stale=missing or current != entry.get("fingerprint"), missing=missing, remote=False)
+    origin = None
+    if "artifact" in entry:  # e.g. OUT/kept of the apply output OUT: OUT's inputs are recorded relative to OUT
+        about["artifact"] = entry["artifact"]
+        depth = len(Path(entry["path"]).relative_to(entry["artifact"]).parts)
+        origin = where.parents[depth - 1] if depth else where
+    return _node(record, where, about, cache, origin=origin)
+
+
+def stale_nodes(node: dict) -> list[dict]:
+    """Every stale node of a lineage tree, depth first."""
+    found = [node] if node.get("stale") else []
+    for child in node["inputs"]:
+        found += stale_nodes(child)
+    return found
+
+
+def lineage_tree(node: dict):
+    """A rich Tree of a lineage: kind, role, path and short fingerprint per node; changed or missing inputs in red."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def label(n: dict) -> str:
+        parts = [f"[bold]{n['kind']}[/]"]
+        if n.get("role"):
+            parts.append(f"[dim]({escape(n['role'])})[/]")
+        parts.append(escape(n["path"]))
+        if n.get("remote"):
+            parts.append("[dim]remote, not fingerprinted[/]")
+        elif n["fingerprint"]:
+            parts.append(f"[cyan]{n['fingerprint'][:23]}[/]")
+        if n.get("missing"):
+            parts.append("[bold red]MISSING[/]")
+        elif n.get("stale"):
+            parts.append(f"[bold red]CHANGED since used[/] [dim](was {(n.get('used_fingerprint') or '?')[:23]})[/]")
+        if n.get("command"):
+            command = n["command"] if len(n["command"]) <= 100 else n["command"][:99] + "…"
+            parts.append(f"\n[dim]{escape(command)}  {n.get('created') or ''}[/]")
+        return " ".join(parts)
+
+    def add(tree, n: dict):
+        branch = tree.add(label(n))
+        for child in n["inputs"]:
+            add(branch, child)
+
+    root = Tree(label(node))
+    for child in node["inputs"]:
+        add(root, child)
+    return root
+
+
+def show_lineage(path: str | os.PathLike, as_json: bool = False) -> dict:
+    """`edu-filter lineage`: print the tree (or its JSON) and return it."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    node = lineage(path)
+    if as_json:
+        print(json.dumps(node, indent=2))
+        return node
+    console = Console()
+    console.print(lineage_tree(node))
+    changed = stale_nodes(node)
+    if changed:
+        console.print(f"[bold red]{len(changed)} input(s) changed since they were used:[/] "
+                      + escape(", ".join(n["path"] for n in changed)))
+    return node
+
+
+# --- what the chain says about its sources --------------------------------------------------------------------------
+def hub_dataset_id(path: str) -> str | None:
+    """ORG/NAME of an hf://datasets/ address or of a bundled file that comes from the hub; None otherwise."""
+    if path.startswith("hf://datasets/"):
+        parts = path[len("hf://datasets/"):].strip("/").split("/")
+        return "/".join(parts[:2]) if len(parts) >= 2 else None
+    return BUNDLED_HUB_SOURCES.get(_bundled_name(path) or "")
+
+
+def _bundled_name(path: str) -> str | None:
+    try:
+        return Path(path).resolve().relative_to(BUNDLED_DATA).as_posix()
+    except (ValueError, OSError):
+        return None
+
+
+def source_datasets(entries: list[dict], roles: Iterable[str] | None = None) -> list[str]:
+    """Hub dataset ids at the raw end of the recorded inputs (followed through embedded records), in order."""
+    found: list[str] = []
+
+    def walk(items):
+        for entry in items:
+            upstream = (entry.get("provenance") or {}).get("inputs")
+            if upstream:
+                walk(upstream)
+            else:
+                hub = hub_dataset_id(entry["path"])
+                if hub and hub not in found:
+                    found.append(hub)
+
+    walk([e for e in entries if roles is None or e["role"] in roles])
+    return found
+
+
+def source_licenses(entries: list[dict], roles: Iterable[str] | None = None) -> list[str]:
+    """Licences of the raw inputs where they are known (known hub datasets, bundled files)."""
+    licences = []
+    for entry in entries:
+        if roles is not None and entry["role"] not in roles:
+            continue
+        upstream = (entry.get("provenance") or {}).get("inputs")
+        found = source_licenses(upstream) if upstream else [
+            BUNDLED_LICENSES.get(_bundled_name(entry["path"]) or "")
+            or KNOWN_DATASET_LICENSES.get(hub_dataset_id(entry["path"]) or "")]
+        licences += [lic for lic in found if lic and lic not in licences]
+    return licences
+
+
+# --- cards ----------------------------------------------------------------------------------------------------------
+def _metric(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _quote(path: str) -> str:
+    return f"`{path}`"
+
+
+def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: str | None = None) -> str:
+    """README.md text of a classifier folder: hub metadata, validation metrics, calibration, labels, how to load."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    training = metrics["training"]
+    config = training["config"]
+    method = config["method"]
+    fasttext = method == "fasttext"
+    datasets = source_datasets(record["inputs"], roles=("train", "validation"))
+    base_model = None if fasttext else training.get("base_model")
+    name = repo_id or Path(folder).name
+    val_name = "held-out validation split" if not any(e["role"] == "validation" for e in record["inputs"]) else \
+        "validation data"
+    scored = [("spearmanr", "Spearman", metrics.get("spearman")), ("mse", "MSE", metrics.get("mse")),
+              ("accuracy", "accuracy (int_score)", metrics.get("accuracy")),
+              ("f1", "F1 of int_score >= 3", metrics.get("binary_f1_at_3"))]
+    eval_results = [
+        EvalResult(task_type="text-classification", dataset_type=datasets[0] if datasets else "json",
+                   dataset_name=val_name, dataset_split="validation", metric_type=kind, metric_name=label,
+                   metric_value=round(float(value), 4))
+        for kind, label, value in scored if value is not None
+    ]
+    data = ModelCardData(
+        library_name="fasttext" if fasttext else "transformers",
+        pipeline_tag="text-classification",
+        base_model=base_model,
+        datasets=datasets or None,
+        metrics=["spearmanr", "mse", "accuracy", "f1"],
+        tags=["edu-filter", "educational-value", "data-filtering", config["kind"], method],
+        model_name=name,
+        eval_results=eval_results or None,
+    )
+    labels = training.get("labels", {})
+    # what the rows say (counts per annotator / prompt version), else what the annotation files' records say
+    annotated = [e["provenance"]["settings"] for e in record["inputs"]
+                 if e["role"] in ("train", "validation") and (e.get("provenance") or {}).get("kind") == "annotations"]
+    annotators = ", ".join(f"{k} ({v})" for k, v in labels.get("annotators", {}).items()) or ", ".join(
+        sorted({str(a["model"]) for a in annotated if a.get("model")})) or "not recorded"
+    prompts = ", ".join(f"`{k}` ({v})" for k, v in labels.get("prompt_versions", {}).items()) or ", ".join(
+        sorted({f"`{a['prompt']}`" for a in annotated if a.get("prompt")})) or "not recorded"
+    encoder = training.get("base_model") or training.get("encoder")
+    what = {"head": f"a frozen `{encoder}` encoder ({config.get('pooling')}-pooled layers "
+                    f"{training.get('pool_layers')}) with a ridge-regression head",
+            "finetune": f"`{encoder}` fine-tuned with a regression head",
+            "fasttext": "a fastText model over labels 0-5, read as the expected label"}[method]
+    cuts = training.get("cut_points") or []
+    lines = [
+        f"# {name}",
+        "",
+        f"An educational-value classifier ({config['kind']} documents) trained with edu-filter: {what}. It predicts",
+        "the 0-5 score an LLM gave with the FineWeb-Edu style additive rubric, as a raw `score`, and an `int_score`",
+        "0-5 through the calibration cut points below. Keep `int_score >= 3` for a FineWeb-Edu style filter.",
+        "",
+        f"## Validation metrics ({metrics['n']} documents, {val_name})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| Spearman | {_metric(metrics.get('spearman'))} |",
+        f"| Pearson | {_metric(metrics.get('pearson'))} |",
+        f"| MSE | {_metric(metrics.get('mse'))} |",
+        f"| accuracy (int_score) | {_metric(metrics.get('accuracy'))} |",
+        f"| macro F1 (int_score) | {_metric(metrics.get('macro_f1'))} |",
+        *[f"| F1 of int_score >= {t} (round-and-clip: {_metric(metrics['uncalibrated'].get(f'binary_f1_at_{t}'))}) "
+          f"| {_metric(metrics.get(f'binary_f1_at_{t}'))} |" for t in (2, 3, 4) if f"binary_f1_at_{t}" in metrics],
+        "",
+        "## Calibration",
+        "",
+        f"`int_score` is t when the raw score is at least the t-th cut point ({training.get('calibration_examples')}",
+        "validation and out-of-fold predictions placed them so that `int_score >= t` is the best binary decision at",
+        "each threshold):",
+        "",
+        "| int_score | 1 | 2 | 3 | 4 | 5 |",
+        "|---|---|---|---|---|---|",
+        "| raw score at least | " + " | ".join(f"{c:.3f}" for c in cuts) + " |",
+        "",
+        "## Training data and labels",
+        "",
+        f"{training['n_train']} training and {training['n_val']} validation documents; label field "
+        f"`{config['label_field']}`.",
+        "",
+        f"- labels from: {annotators}",
+        f"- prompt versions: {prompts}",
+        *[f"- {e['role']} data: {_quote(e['path'])} ({e.get('fingerprint') or 'remote'})" for e in record["inputs"]
+          if e["role"] in ("train", "validation")],
+        *([f"- source datasets on the hub: {', '.join(datasets)}"] if datasets else []),
+        "",
+        "## How to load",
+        "",
+    ]
+    if fasttext:
+        lines += [
+            "```python",
+            "from edu_filter.classifiers import EduScorer",
+            "",
+            f'scorer = EduScorer.from_pretrained("{name}")',
+            "scores, _ = scorer.predict(texts)",
+            "int_scores = scorer.to_int_score(scores)",
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            "import torch",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)',
+            f'model = AutoModelForSequenceClassification.from_pretrained("{name}", trust_remote_code=True)',
+            'inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)',
+            "with torch.no_grad():",
+            "    scores = model(**inputs).logits.squeeze(-1)  # raw educational score",
+            "```",
+            "",
+            "With edu-filter (calibrated `int_score`, long-document handling, datatrove):",
+            "",
+            "```python",
+            "from edu_filter.classifiers import EduScorer",
+            "",
+            f'scorer = EduScorer.from_pretrained("{name}")',
+            "scores, truncated = scorer.predict(texts)",
+            "int_scores = scorer.to_int_score(scores)",
+            "```",
+        ]
+    lines += [
+        "",
+        f"or `edu-filter apply CORPUS --model {name} -o OUT --threshold 3`.",
+        "",
+        "## Provenance",
+        "",
+        f"Made by edu-filter {record['edu_filter_version']} on {record['created']} with",
+        "",
+        "```bash",
+        record["command"],
+        "```",
+        "",
+        "`provenance.json` records every setting and the fingerprint of every input; `edu-filter lineage FOLDER` shows",
+        "the chain back to the raw data and whether any of it changed since.",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def write_model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: str | None = None) -> Path:
+    path = Path(folder) / CARD_FILE
+    path.write_text(model_card(folder, metrics, record, repo_id))
+    return path
+
+
+def _size_category(n: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+        if n < limit:
+            return label
+    return "n>1B"
+
+
+def _kept_licenses(folder: Path) -> Counter:
+    """Per-document licences when the kept data carries a `license` field (code corpora do)."""
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for file in sorted((folder / "kept").glob("*.parquet")):
+        if "license" in pq.read_schema(file).names:
+            counts.update(v for v in pq.read_table(file, columns=["license"]).column("license").to_pylist() if v)
+    return counts
+
+
+def dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping | None = None,
+                 source_license: str | None = None, repo_id: str | None = None) -> str:
+    """README.md text of an apply output: hub metadata, the stats table, threshold, classifier, dedup and
+    decontamination settings, and the source licence where known."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    out = Path(out_folder)
+    settings = dict(settings if settings is not None else stats.get("settings", {}))
+    name = repo_id or out.name
+    inputs = [str(p) for p in settings.get("inputs", [])]
+    recorded = read_provenance(out)
+    # the recorded inputs (with the classifier's own record), else the input paths stats.json names
+    entries = recorded[0]["inputs"] if recorded and recorded[1] == out.absolute() else [
+        {"role": "documents", "path": p} for p in inputs]
+    sources = source_datasets(entries, roles=("documents",))
+    per_doc = _kept_licenses(out)
+    licences = [source_license] if source_license else source_licenses(entries, roles=("documents",))
+    if not licences and per_doc:
+        licences = sorted(per_doc)
+    card_license = licences[0] if len(licences) == 1 else ("other" if licences else None)
+    kept = stats["kept"]
+    n_in, t_in = max(1, stats["in"]["documents"]), max(1, stats["in"]["tokens"])
+    data = DatasetCardData(
+        license=card_license,
+        pretty_name=name,
+        task_categories=["text-generation"],
+        size_categories=[_size_category(kept["documents"])],
+        source_datasets=sources or None,
+        tags=["edu-filter", "educational-value", "filtered"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "kept/*.parquet"}]}],
+    )
+    if settings.get("keep_top") is not None:
+        cutoff = stats.get("keep_top_cutoff")
+        rule = f"the top {settings['keep_top']:.1%} by `score`" + (
+            f" (`score >= {cutoff:.3f}`)" if cutoff is not None else "")
+    else:
+        rule = f"`int_score >= {settings.get('threshold')}`"
+    classifier = str(settings.get("model"))
+    classifier_entry = next((e for e in entries if e["role"] == "classifier"), None)
+    classifier_origin = []
+    if classifier_entry and classifier_entry.get("provenance"):
+        upstream = classifier_entry["provenance"]
+        labelled = sorted({e["path"] for e in upstream.get("inputs", []) if e["role"] == "train"})
+        classifier_origin = [f"  trained by `{upstream.get('command')}` on {', '.join(map(_quote, labelled))}"]
+
+    def row(label, v):
+        return (f"| {label} | {v['documents']:,} | {100 * v['documents'] / n_in:.1f} | {v['tokens']:,} | "
+                f"{100 * v['tokens'] / t_in:.1f} |")
+
+    decont = settings.get("decontaminate") or []
+    lines = [
+        f"# {name}",
+        "",
+        f"{kept['documents']:,} of {stats['in']['documents']:,} documents ({100 * kept['tokens'] / t_in:.1f}% of the "
+        f"tokens) kept by edu-filter, which scored every document with an educational-value classifier and kept "
+        f"{rule}" + (", near-duplicates removed" if settings.get("dedup") else "") + ".",
+        "",
+        "## Counts",
+        "",
+        "| | documents | % | tokens | % tokens |",
+        "|---|---|---|---|---|",
+        row("in", stats["in"]),
+        row("kept", kept),
+        *[row(f"{kind}/{reason}", v) for kind in ("removed", "failed") for reason, v in stats.get(kind, {}).items()],
+        "",
+        f"Counts add up (every input document is in exactly one row): {'yes' if stats.get('adds_up') else 'NO'}.",
+        "",
+        "## How it was filtered",
+        "",
+        f"- preset: {settings.get('preset') or 'none'}",
+        f"- keep: {rule}",
+        f"- classifier: {_quote(classifier)}"
+        + (f" ({classifier_entry['fingerprint']})" if classifier_entry and classifier_entry.get("fingerprint") else ""),
+        *classifier_origin,
+        f"- long documents: {settings.get('long_docs') or 'the classifier default'}; scoring dtype: "
+        f"{settings.get('dtype') or 'default'}",
+        f"- near-duplicate removal (MinHash, FineWeb settings: 5-grams, 14 buckets x 8 hashes): "
+        f"{'on' if settings.get('dedup') else 'off'}",
+        f"- exact duplicate removal: {'on' if settings.get('exact_dedup') else 'off'}",
+        *([f"- order of the stages: {settings['order']}"] if settings.get("order") else []),
+        f"- decontamination (n-gram overlap) against: {', '.join(map(_quote, decont)) if decont else 'none'}",
+        "",
+        "## Source data and licence",
+        "",
+        *[f"- {_quote(p)}" for p in inputs],
+        *([f"- on the hub: {', '.join(sources)}"] if sources else []),
+        f"- licence: {', '.join(licences) if licences else 'unknown: check the licence of the source data'}",
+        *(["- per-document `license` field: " + ", ".join(f"{k} ({v})" for k, v in per_doc.most_common())]
+          if per_doc else []),
+        "",
+        "## Use",
+        "",
+        "`kept/*.parquet` holds the documents in the FineWeb-Edu schema: the source fields plus `score` (float) and",
+        "`int_score` (0-5).",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        f'ds = load_dataset("{repo_id}", split="train")' if repo_id else
+        f'ds = load_dataset("parquet", data_files="{name}/kept/*.parquet", split="train")',
+        "```",
+        "",
+        "## Provenance",
+        "",
+        "`stats.json` holds the counts and settings, `provenance.json` how this folder was made and the fingerprint of",
+        "every input; `edu-filter lineage FOLDER` shows the chain back to the annotations the classifier learnt from.",
+        "",
+    ]
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def write_dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping | None = None,
+                       source_license: str | None = None, repo_id: str | None = None) -> Path:
+    """Write `OUT/README.md`, the dataset card of an apply output (settings default to stats["settings"]). Call it
+    after `record_provenance(OUT, kind="dataset", ...)` so the card can name the classifier's own origin."""
+    path = Path(out_folder) / CARD_FILE
+    path.write_text(dataset_card(out_folder, stats, settings, source_license, repo_id))
+    return path
+
+
+# --- hub ------------------------------------------------------------------------------------------------------------
+HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
+# What goes up for each kind of folder: a dataset repository gets the kept documents and the records, not the
+# intermediate work/ and logs/ folders or the removed documents.
+PUSH_PATTERNS = {"model": None, "dataset": ["kept/**", "README.md", "stats.json", "provenance.json",
+                                            "run_config.json"]}
+
+
+def check_can_push(repo_id: str) -> None:
+    """Fail before any work when an upload cannot happen: bad id, hub offline or unreachable, no or bad token."""
+    from huggingface_hub import HfApi, get_token
+
+    if not HUB_REPO_ID.fullmatch(repo_id):
+        raise PushError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME or NAME")
+    from edu_filter.classifiers.encoders import hub_offline
+
+    if hub_offline():
+        raise PushError(f"--push-to-hub {repo_id}: the Hugging Face hub is offline here (HF_HUB_OFFLINE or "
+                        "TRANSFORMERS_OFFLINE is set); unset it to upload, or drop --push-to-hub")
+    if get_token() is None:
+        raise PushError(f"--push-to-hub {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # noqa: BLE001 - unreachable, bad token: one line, before any work is done
+        raise PushError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face hub with this token "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, repo_type: str = "model") -> str:
+    """Upload `folder` to the hub repository `repo_id` (created if needed); returns its URL. Token: the usual
+    `hf auth login` or HF_TOKEN. Any failure is a PushError with one line naming the folder."""
+    from huggingface_hub import HfApi
+
+    if repo_type not in PUSH_PATTERNS:
+        raise ValueError(f"repo_type must be one of {', '.join(PUSH_PATTERNS)}, got {repo_type!r}")
+    check_can_push(repo_id)
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                          allow_patterns=PUSH_PATTERNS[repo_type],
+                          commit_message=f"Upload {Path(folder).name} with edu-filter {version()}")
+    except Exception as e:  # noqa: BLE001 - network, permissions, quota: one line, the folder stays as it is
+        raise PushError(f"cannot push {folder} to {repo_id} ({type(e).__name__}: {_first_line(e)}); the folder is "
+                        f"complete, upload it later with `hf upload {repo_id} {folder}"
+                        + (" --repo-type dataset`" if repo_type == "dataset" else "`")) from None
+    return str(url)

@@ -1,0 +1,132 @@
+"""`edu-filter ablate --seeds K`: every run trained K times, per-seed results, and a verdict against seed noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edu_filter.cli import app
+from edu_filter.documents import read_documents, write_documents
+from edu_filter.train.ablate import SIGNIFICANCE_RULE, compare_runs
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+MICRO = ["--tokens", "1024", "--override", "hidden_size=32", "--override", "intermediate_size=64",
+         "--override", "num_hidden_layers=1", "--override", "num_attention_heads=2",
+         "--override", "num_key_value_heads=1", "--override", "max_position_embeddings=64",
+         "--override", "micro_batch_size=4", "--override", "batch_tokens=256", "--override", "eval_tokens=256",
+         "--vocab-size", "512"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def edu_file(tmp_path_factory):
+    docs = read_documents([WEB_TRAIN], label_field="score")
+    return write_documents([d for d in docs if d["label"] >= 3], tmp_path_factory.mktemp("edu") / "edu.jsonl")
+
+
+def run_ablate(*args) -> None:
+    result = CliRunner().invoke(app, ["ablate", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_seeds(edu_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-seeds")
+    result = run_ablate("--data", f"edu={edu_file}", "--data", f"all={WEB_TRAIN}", "--eval", f"reference={WEB_VAL}",
+                        "--seeds", "2", *MICRO, "-o", str(out))
+    return out, json.loads((out / "report.json").read_text()), result.output
+
+
+def test_every_run_is_trained_once_per_seed(two_seeds):
+    out, report, _ = two_seeds
+    assert report["seeds"] == [0, 1]
+    for name in ("edu", "all"):
+        run = report["runs"][name]
+        assert [s["seed"] for s in run["seeds"]] == [0, 1]
+        first, second = run["seeds"]
+        assert first["tokens_seen"] == second["tokens_seen"] == 1024 and first["finished"] and second["finished"]
+        assert first["train_loss"] != second["train_loss"]  # other initial weights, other data order
+        for n, mean in run["eval"].items():
+            values = [first["eval"][n], second["eval"][n]]
+            assert mean == pytest.approx(statistics.mean(values))
+            assert run["eval_std"][n] == pytest.approx(statistics.stdev(values))
+        assert run["train_loss"] == first["train_loss"]  # the curves shown first are the first seed's
+        for seed in (0, 1):
+            assert (out / "runs" / name / f"seed-{seed}" / "model" / "config.json").exists()
+            assert json.loads((out / "runs" / name / f"seed-{seed}" / "run.json").read_text())["config"]["seed"] == seed
+
+
+def test_the_comparison_holds_a_verdict_against_seed_noise(two_seeds):
+    out, report, output = two_seeds
+    c = report["comparison"]
+    assert c["eval_set"] == "reference"  # the first --eval set, common to both runs
+    assert set(c["runs"]) == {"edu", "all"} and isinstance(c["significant"], bool)
+    best, second = c["runs"]
+    assert c["mean_loss"][best] <= c["mean_loss"][second]
+    assert c["difference"] == pytest.approx(c["mean_loss"][second] - c["mean_loss"][best])
+    losses = {name: [s["eval"]["reference"] for s in report["runs"][name]["seeds"]] for name in c["runs"]}
+    assert c["seed_losses"] == losses
+    pooled = math.sqrt((statistics.variance(losses[best]) + statistics.variance(losses[second])) / 2)
+    assert c["seed_std"] == pytest.approx(pooled)
+    assert c["significant"] == (c["difference"] > 2 * pooled)
+    md = (out / "report.md").read_text()
+    assert f"**Verdict:** {c['summary']}" in md and SIGNIFICANCE_RULE in md
+    assert c["summary"] in " ".join(output.split())
+    assert "| edu | " in md and " ± " in md  # mean ± seed std per run
+
+
+def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_seeds, edu_file, tmp_path):
+    out, report, _ = two_seeds
+    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", *MICRO,
+               "--tokenizer", str(out / "tokenizer"), "-o", str(tmp_path / "one"))
+    single = json.loads((tmp_path / "one/report.json").read_text())
+    assert single["runs"]["edu"]["train_loss"] == pytest.approx(report["runs"]["edu"]["seeds"][1]["train_loss"])
+    assert single["runs"]["edu"]["eval_std"] == {"edu/val": None, "reference": None}
+    assert single["comparison"] is None and (tmp_path / "one/runs/edu/model").exists()
+    assert "a single run; nothing to compare" in (tmp_path / "one/report.md").read_text()
+
+
+def test_bad_seed_options_are_clear_errors(edu_file, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["ablate", "--data", f"edu={edu_file}", "--seeds", "0", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "--seeds must be at least 1" in result.output
+    result = runner.invoke(app, ["ablate", "--data", f"edu={edu_file}", "--compare-on", "wiki", "-o",
+                                 str(tmp_path / "b")])
+    assert result.exit_code == 1
+    assert "--compare-on 'wiki': not an evaluation set; choose one of edu/val" in result.output
+
+
+def runs_with(losses: dict[str, list[float]]) -> dict:
+    return {name: {"seeds": [{"seed": i, "eval": {"ref": v}} for i, v in enumerate(values)]}
+            for name, values in losses.items()}
+
+
+def test_two_seeds_significant_only_beyond_twice_the_pooled_std():
+    clear = compare_runs(runs_with({"all": [6.00, 6.02], "edu": [5.90, 5.92]}), "ref")
+    assert clear["runs"] == ["edu", "all"] and clear["significant"] and clear["better"] == "edu"
+    assert clear["difference"] == pytest.approx(0.10) and clear["seed_std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert clear["summary"].startswith("On ref, edu's loss is lower than all's by 0.100 nats/token")
+    noisy = compare_runs(runs_with({"all": [6.00, 6.10], "edu": [5.98, 6.06]}), "ref")
+    assert not noisy["significant"] and noisy["better"] is None and "not significant" in noisy["summary"]
+
+
+def test_three_seeds_use_welchs_t_test():
+    clear = compare_runs(runs_with({"a": [5.90, 5.91, 5.92], "b": [6.00, 6.01, 6.03]}), "ref")
+    assert clear["significant"] and clear["p_value"] < 0.05 and "Welch" in clear["test"]
+    close = compare_runs(runs_with({"a": [5.90, 6.00, 5.95], "b": [5.93, 6.01, 5.97]}), "ref")
+    assert not close["significant"] and close["p_value"] > 0.05 and f"p = {close['p_value']:.3g}" in close["summary"]
+
+
+def test_one_seed_gives_no_verdict_and_one_run_no_comparison():
+    one = compare_runs(runs_with({"a": [5.9], "b": [6.0]}), "ref")
+    assert one["significant"] is False and one["seed_std"] is None and "no verdict" in one["summary"]
+    assert compare_runs(runs_with({"a": [5.9, 6.0]}), "ref") is None

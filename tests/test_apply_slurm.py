@@ -1,0 +1,126 @@
+"""`apply --executor slurm` on a real one-node Slurm cluster (Debian's slurm-wlm + munge) started on this machine.
+
+The cluster is installed and started by `tests/slurm/start_cluster.sh` when the tests run as root (as CI does);
+elsewhere these tests are skipped with the reason. Jobs run the real datatrove Slurm executor through sbatch.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from apply_corpus import CLI, ENV, planted_input, read_outputs  # noqa: E402
+
+START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def slurm_partition() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster is installed and started as root (as in CI); not root here")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no apt-get to install slurm-wlm and munge, and no Slurm installed")
+    res = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.fail(f"could not start the local Slurm cluster: {res.stderr[-2000:]}")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def cli(args, **kw):
+    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slurm-corpus")
+    planted = planted_input(tmp / "corpus.jsonl", n_unique=48, n_groups=8)
+    return tmp / "corpus.jsonl", planted
+
+
+def apply_args(corpus: Path, model: str, out: Path) -> list[str]:
+    return ["apply", str(corpus), "--model", model, "--threshold", "3", "--executor", "slurm", "--tasks", "4",
+            "--slurm-cpus", "1", "--slurm-mem-gb", "2", "-o", str(out), "--wait"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(slurm_partition, corpus, stock_classifier, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm-clean") / "out"
+    res = cli(apply_args(corpus[0], stock_classifier, out), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_slurm_wait_runs_the_chain_and_every_document_lands_once(clean_run, corpus):
+    out, res = clean_run
+    planted = corpus[1]
+    found = read_outputs(out)
+    everything = [i for ids in found.values() for i in ids]
+    assert len(everything) == len(set(everything))
+    readable = set(planted["ids"])
+    assert readable <= set(everything) and sum(len(v) for k, v in found.items() if k.startswith("failed/")) == 4
+    collapsed = 0
+    for original, near, copy in planted["groups"].values():
+        survivors = {original, near, copy} - set(found.get("removed/duplicate", []))
+        assert len(survivors & {original, copy}) == 1  # exact copies always collapse
+        collapsed += len(survivors) == 1  # near copies (~0.78 Jaccard) are caught with probability ~0.87
+    assert collapsed >= 6
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["adds_up"] and stats["in"]["documents"] == len(planted["ids"]) + 4
+    assert stats["peak_scratch_bytes"] > 0 and not (out / "work").exists()  # no corpus copy left behind
+    for script in out.glob("logs/*/launch_script.slurm"):
+        assert "%" not in next(line for line in script.read_text().splitlines() if "--array" in line)
+    assert "counts add up" in res.stderr and "filter" in res.stderr
+
+
+def test_status_reads_a_finished_slurm_run(clean_run):
+    out, _ = clean_run
+    res = cli(["status", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert "minhash-buckets" in res.stdout and "14/14" in res.stdout and "done" in res.stdout
+    assert "counts add up" in res.stdout
+
+
+def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partition, corpus, stock_classifier,
+                                                                    tmp_path):
+    cpus = os.cpu_count() + 2
+    res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus",
+               str(cpus), "-o", str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and f"--slurm-cpus {cpus}: no node of partition" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+    res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-partition",
+               "no-such-partition", "-o", str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and "'no-such-partition' does not exist" in res.stderr
+
+
+def test_scancel_mid_chain_then_rerun_gives_the_clean_result(clean_run, corpus, stock_classifier, tmp_path):
+    clean_out, _ = clean_run
+    out = tmp_path / "out"
+    args = apply_args(corpus[0], stock_classifier, out)
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    completions = out / "logs" / "filter" / "completions"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = len(list(completions.iterdir())) if completions.exists() else 0
+        if 1 <= done < 4:
+            break
+        time.sleep(0.1)
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    subprocess.run(["scancel", *[str(j) for j in jobs.values() if j not in (None, -1)]], check=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "stage filter failed" in stderr and "log:" in stderr  # names the stage and where to look
+    assert not (out / "stats.json").exists()
+
+    res = cli(args, timeout=900)  # the same command resumes: only the missing tasks are submitted again
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(clean_out), read_outputs(out)
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"]

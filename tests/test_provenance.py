@@ -1,0 +1,387 @@
+"""Provenance records, fingerprints, lineage and cards, on real artifacts: an annotation file recorded the way
+`edu-filter score` records it, a classifier from the real `train`, a filtered dataset folder scored by that
+classifier and recorded the way `apply` records it, and a real `ablate --seeds 2` on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edu_filter import provenance
+from edu_filter.cli import app
+from edu_filter.documents import data_files_in, read_documents, write_documents
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+MICRO = ["--override", "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_hidden_layers=1",
+         "--override", "num_attention_heads=2", "--override", "num_key_value_heads=1",
+         "--override", "max_position_embeddings=64", "--override", "micro_batch_size=4",
+         "--override", "batch_tokens=256", "--override", "eval_tokens=256", "--vocab-size", "512"]
+THRESHOLD = 2
+
+
+def sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record_annotations(annotations: Path, documents: Path) -> Path:
+    """What `edu-filter score` records for its output (the hook in annotate/score.py)."""
+    return provenance.record_provenance(
+        annotations, kind="annotations",
+        settings={"prompt": "fineweb-edu-v1", "model": "meta-llama/Meta-Llama-3-70B-Instruct", "backend": "openai",
+                  "base_url": "http://user:secret@127.0.0.1:8000/v1", "temperature": 0.6, "max_tokens": 256},
+        inputs={"documents": [documents], "prompt": None},
+    )
+
+
+def filter_with(classifier: Path, documents: Path, out: Path, limit: int) -> dict:
+    """A small apply output made by hand: the classifier's scores on the first `limit` documents,
+    `int_score >= THRESHOLD` kept as Parquet."""
+    from edu_filter.classifiers import EduScorer
+
+    rows = read_documents([documents], limit=limit)
+    scorer = EduScorer.from_pretrained(classifier)
+    scores, _ = scorer.predict([r["text"] for r in rows])
+    ints = scorer.to_int_score(scores)
+    for row, score, int_score in zip(rows, scores, ints):
+        row.update(score=float(score), int_score=int(int_score), token_count=len(row["text"].split()))
+    kept = [r for r in rows if r["int_score"] >= THRESHOLD]
+    removed = [r for r in rows if r["int_score"] < THRESHOLD]
+    write_documents(kept, out / "kept" / "00000.parquet")
+    write_documents(removed, out / "removed" / "below_threshold" / "00000.jsonl.gz")
+
+    def count(part):
+        return {"documents": len(part), "tokens": sum(r["token_count"] for r in part)}
+
+    settings = {"inputs": [str(documents)], "limit": limit, "model": str(classifier), "threshold": THRESHOLD,
+                "keep_top": None,
+                "dedup": False, "exact_dedup": False, "decontaminate": [str(REPO / "data/code/HumanEval.jsonl.gz")],
+                "preset": None, "long_docs": None, "dtype": None}
+    stats = {"in": count(rows), "kept": count(kept), "removed": {"below_threshold": count(removed)}, "failed": {},
+             "adds_up": True, "settings": settings}
+    (out / "stats.json").write_text(json.dumps(stats))
+    return stats
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, minilm_path, embedding_cache_dir):
+    """documents -> annotations -> classifier -> dataset -> ablation (2 seeds), every step recorded. The annotations
+    are the bundled Llama-3 labels of the first 80 bundled FineWeb documents; the dataset filters the first 150
+    documents of the bundled validation file."""
+    from edu_filter.train.classifier import train_classifier
+
+    root = tmp_path_factory.mktemp("chain")
+    documents = WEB_TRAIN
+    labelled = read_documents([documents], label_field="score", limit=80)
+    annotations = write_documents(
+        [{"id": r["id"], "text": r["text"], "score": int(r["label"]), "model": r["annotator"],
+          "prompt": "fineweb-edu-v1"} for r in labelled], root / "annotations.jsonl")
+    record_annotations(annotations, documents)
+
+    classifier = root / "classifier"
+    train_classifier([str(annotations)], classifier, kind="web", encoder=minilm_path, max_length=64,
+                     cache_dir=str(embedding_cache_dir), val_fraction=0.25)
+
+    pool = WEB_VAL
+    dataset = root / "dataset"
+    stats = filter_with(classifier, pool, dataset, limit=150)
+    provenance.record_provenance(dataset, kind="dataset", settings=stats["settings"],
+                                 inputs={"documents": [pool], "classifier": classifier,
+                                         "decontamination": stats["settings"]["decontaminate"]})
+    provenance.write_dataset_card(dataset, stats)
+
+    ablation = root / "ablation"
+    result = CliRunner().invoke(app, ["ablate", "--data", f"edu={dataset / 'kept'}", "--data", f"all={pool}",
+                                      "--seeds", "2", "--tokens", "1024", *MICRO, "-o", str(ablation)])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "documents": documents, "annotations": annotations, "classifier": classifier,
+            "pool": pool, "dataset": dataset, "ablation": ablation, "stats": stats}
+
+
+def lineage_json(path: Path) -> dict:
+    result = CliRunner().invoke(app, ["lineage", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def child(node: dict, role: str) -> dict:
+    [found] = [n for n in node["inputs"] if n["role"] == role]
+    return found
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------------------
+def test_a_small_file_fingerprint_is_its_sha256(tmp_path):
+    file = tmp_path / "docs.jsonl"
+    file.write_text('{"id": "a", "text": "x"}\n')
+    found = provenance.fingerprint(file)
+    assert found["fingerprint"] == sha256(file) and found["bytes"] == file.stat().st_size and found["files"] == 1
+    assert found["method"] == "sha256 of all content"
+
+
+def test_a_folder_fingerprint_covers_content_not_metadata(tmp_path):
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("one\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.jsonl").write_text("two\n")
+    before = provenance.fingerprint(folder)["fingerprint"]
+    (folder / "README.md").write_text("a card")
+    (folder / "provenance.json").write_text("{}")
+    (folder / "a.jsonl.provenance.json").write_text("{}")
+    (folder / ".partial-c.jsonl").write_text("half")
+    assert provenance.fingerprint(folder)["fingerprint"] == before
+    (folder / "sub" / "b.jsonl").write_text("TWO\n")
+    assert provenance.fingerprint(folder)["fingerprint"] != before
+    (folder / "sub" / "b.jsonl").write_text("two\n")
+    (folder / "sub" / "b.jsonl").rename(folder / "b.jsonl")  # same bytes under another name
+    assert provenance.fingerprint(folder)["fingerprint"] != before
+
+
+def test_large_inputs_are_sampled_and_still_see_edits(tmp_path):
+    file = tmp_path / "big.bin"
+    file.write_bytes(os.urandom(3 * 2**20))
+    limit = 2**20  # what FULL_HASH_MAX_BYTES (256 MiB) does for real corpora
+    first = provenance.fingerprint(file, full_hash_max_bytes=limit)
+    assert first["fingerprint"].startswith("sampled:") and "8 x 64 KiB blocks" in first["method"]
+    assert provenance.fingerprint(file, full_hash_max_bytes=limit) == first
+    stat = file.stat()
+    with open(file, "r+b") as fh:  # a byte inside the first sampled block
+        fh.seek(10)
+        fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert provenance.fingerprint(file, full_hash_max_bytes=limit)["fingerprint"] != first["fingerprint"]
+    with open(file, "r+b") as fh:  # between the sampled blocks: seen through the modification time
+        fh.seek(100_000)
+        fh.write(b"edit")
+    assert provenance.fingerprint(file, full_hash_max_bytes=limit)["fingerprint"] != first["fingerprint"]
+
+
+def test_remote_inputs_are_named_not_fingerprinted(tmp_path):
+    for remote in ("hf://datasets/HuggingFaceFW/fineweb/sample/10BT", "s3://bucket/crawl/",
+                   "HuggingFaceFW/fineweb-edu-classifier"):
+        assert provenance.is_remote(remote) and provenance.fingerprint(remote) is None
+    assert not provenance.is_remote(WEB_TRAIN)
+    with pytest.raises(provenance.ProvenanceError, match="no such file or folder"):
+        provenance.fingerprint(tmp_path / "gone.jsonl")
+
+
+# --- records --------------------------------------------------------------------------------------------------------
+def test_an_annotation_file_records_how_and_from_what(chain):
+    annotations, documents = chain["annotations"], chain["documents"]
+    sidecar = annotations.with_name(annotations.name + ".provenance.json")
+    record = json.loads(sidecar.read_text())
+    assert record["kind"] == "annotations" and record["edu_filter_version"] == provenance.version()
+    assert record["versions"]["python"] and "torch" in record["versions"]
+    assert record["settings"]["prompt"] == "fineweb-edu-v1"
+    assert record["settings"]["base_url"] == "http://***@127.0.0.1:8000/v1"  # credentials never recorded
+    [entry] = record["inputs"]
+    assert entry["role"] == "documents" and entry["path"] == str(documents)
+    assert entry["fingerprint"] == sha256(documents)
+    assert entry["relative_path"] == os.path.relpath(documents, annotations.parent)
+    assert "provenance" not in entry  # raw documents have no record of their own
+    # a folder of annotation files does not count their records as data
+    assert data_files_in("annotations/", [annotations.name, sidecar.name]) == [annotations.name]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        provenance.record_provenance(annotations, kind="model", settings={}, inputs={})
+
+
+def test_a_classifier_records_its_labels_encoder_and_settings(chain, minilm_path):
+    classifier = chain["classifier"]
+    record = json.loads((classifier / "provenance.json").read_text())
+    assert record["kind"] == "classifier" and "train_classifier" not in record["command"]
+    train, encoder = child(record, "train"), child(record, "encoder")
+    assert train["path"] == str(chain["annotations"]) and train["fingerprint"] == sha256(chain["annotations"])
+    assert train["provenance"]["kind"] == "annotations"  # the annotation record travels with the classifier
+    assert child(train["provenance"], "documents")["fingerprint"] == sha256(chain["documents"])
+    assert encoder["path"] == str(Path(minilm_path).absolute()) and encoder["fingerprint"].startswith("sha256:")
+    assert record["settings"]["max_length"] == 64 and record["settings"]["val_fraction"] == 0.25
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    assert metrics["training"]["data"][0] == {"role": "train", "path": str(chain["annotations"]),
+                                              "fingerprint": sha256(chain["annotations"])}
+    assert metrics["training"]["labels"]["prompt_versions"] == {"fineweb-edu-v1": 80}
+    assert metrics["training"]["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # the folder still loads with plain transformers
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier, trust_remote_code=True)
+    assert model.config.num_labels == 1
+
+
+def test_model_card_loads_with_metadata_metrics_and_calibration(chain):
+    from huggingface_hub import ModelCard
+
+    classifier = chain["classifier"]
+    card = ModelCard.load(classifier / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-classification"
+    assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data["datasets"] == ["HuggingFaceFW/fineweb-edu-llama3-annotations"]
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    [results] = data["model-index"][0]["results"]
+    spearman = next(m for m in results["metrics"] if m["type"] == "spearmanr")
+    assert spearman["value"] == pytest.approx(metrics["spearman"], abs=1e-4)
+    cuts = metrics["training"]["cut_points"]
+    assert "| raw score at least | " + " | ".join(f"{c:.3f}" for c in cuts) + " |" in card.text
+    assert "`fineweb-edu-v1` (80)" in card.text and "meta-llama/Meta-Llama-3-70B-Instruct (80)" in card.text
+    assert "AutoModelForSequenceClassification.from_pretrained" in card.text
+    assert f"({sha256(chain['annotations'])})" in card.text
+
+
+def test_dataset_card_loads_with_stats_settings_and_licence(chain):
+    from huggingface_hub import DatasetCard
+
+    dataset, stats = chain["dataset"], chain["stats"]
+    card = DatasetCard.load(dataset / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "odc-by"  # the bundled FineWeb sample's licence, from data/README.md
+    assert data["configs"][0]["data_files"][0]["path"] == "kept/*.parquet"
+    assert data["source_datasets"] == ["HuggingFaceFW/fineweb-edu-llama3-annotations"]
+    assert data["size_categories"] == ["n<1K"]
+    kept = stats["kept"]
+    assert f"| kept | {kept['documents']:,} |" in card.text
+    assert f"| removed/below_threshold | {stats['removed']['below_threshold']['documents']:,} |" in card.text
+    assert f"`int_score >= {THRESHOLD}`" in card.text
+    assert f"`{chain['classifier']}`" in card.text and "near-duplicate removal" in card.text
+    assert "HumanEval.jsonl.gz" in card.text
+    assert "trained by `" in card.text and str(chain["annotations"]) in card.text  # the classifier's own origin
+
+
+def test_dataset_card_names_per_document_licences(tmp_path):
+    out = tmp_path / "code-edu"
+    write_documents([{"id": "a", "text": "x", "license": "mit", "score": 4.2, "int_score": 4},
+                     {"id": "b", "text": "y", "license": "apache-2.0", "score": 4.8, "int_score": 5},
+                     {"id": "c", "text": "z", "license": "mit", "score": 4.1, "int_score": 4}],
+                    out / "kept" / "00000.parquet")
+    stats = {"in": {"documents": 3, "tokens": 3}, "kept": {"documents": 3, "tokens": 3}, "removed": {}, "failed": {},
+             "adds_up": True, "settings": {"inputs": ["s3://bucket/the-stack/"], "model": "code-classifier",
+                                           "threshold": 4, "dedup": True, "exact_dedup": True, "decontaminate": []}}
+    provenance.write_dataset_card(out, stats)
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "other"
+    assert "per-document `license` field: mit (2), apache-2.0 (1)" in card.text
+    provenance.write_dataset_card(out, stats, source_license="apache-2.0", repo_id="me/code-edu")
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and 'load_dataset("me/code-edu", split="train")' in card.text
+
+
+# --- lineage --------------------------------------------------------------------------------------------------------
+def test_lineage_of_the_ablation_reaches_the_annotations(chain):
+    tree = lineage_json(chain["ablation"])
+    assert tree["kind"] == "ablation" and tree["stale"] is False and tree["path"] == str(chain["ablation"])
+    dataset = child(tree, "data:edu")
+    assert dataset["kind"] == "dataset" and dataset["path"] == str(chain["dataset"] / "kept")
+    assert dataset["artifact"] == str(chain["dataset"]) and not dataset["stale"]
+    assert dataset["fingerprint"] == provenance.fingerprint(chain["dataset"] / "kept")["fingerprint"]
+    classifier = child(dataset, "classifier")
+    assert classifier["kind"] == "classifier" and classifier["path"] == str(chain["classifier"])
+    annotations = child(classifier, "train")
+    assert annotations["kind"] == "annotations" and not annotations["stale"]
+    assert annotations["fingerprint"] == lineage_json(chain["annotations"])["fingerprint"]
+    assert annotations["fingerprint"] == sha256(chain["annotations"])
+    documents = child(annotations, "documents")
+    assert documents["kind"] == "file" and documents["inputs"] == [] and documents["fingerprint"] == sha256(
+        chain["documents"])
+    assert child(tree, "data:all")["kind"] == "file"
+    for node in (tree, dataset, classifier, annotations, documents):
+        assert set(node) >= {"kind", "path", "fingerprint", "inputs", "stale"}
+
+
+def test_an_edited_annotation_file_is_stale_in_the_lineage_of_the_dataset(chain):
+    annotations = chain["annotations"]
+    original = annotations.read_bytes()
+    try:
+        annotations.write_bytes(original.replace(b'"score":1', b'"score":5', 1))
+        tree = provenance.lineage(chain["dataset"])
+        classifier = child(tree, "classifier")
+        edited = child(classifier, "train")
+        assert edited["stale"] and not edited["missing"] and not classifier["stale"]
+        assert edited["fingerprint"] == sha256(annotations) != edited["used_fingerprint"]
+        assert [n["path"] for n in provenance.stale_nodes(tree)] == [str(annotations)]
+        result = CliRunner().invoke(app, ["lineage", str(chain["dataset"])])
+        assert result.exit_code == 0 and "CHANGED since used" in result.output
+        assert "1 input(s) changed since they were used" in result.output
+    finally:
+        annotations.write_bytes(original)
+    assert provenance.stale_nodes(provenance.lineage(chain["dataset"])) == []
+
+
+def test_a_deleted_input_is_missing_and_stale(tmp_path):
+    documents = write_documents([{"id": "a", "text": "some text"}], tmp_path / "docs.jsonl")
+    annotations = write_documents([{"id": "a", "text": "some text", "score": 2}], tmp_path / "ann.jsonl")
+    record_annotations(annotations, documents)
+    documents.unlink()
+    [node] = provenance.lineage(annotations)["inputs"]
+    assert node["missing"] and node["stale"] and node["fingerprint"] is None
+    assert node["used_fingerprint"].startswith("sha256:")
+
+
+def test_a_moved_project_keeps_its_lineage(tmp_path):
+    project = tmp_path / "project"
+    documents = write_documents([{"id": "a", "text": "some text"}], project / "raw" / "docs.jsonl")
+    annotations = write_documents([{"id": "a", "text": "some text", "score": 2}], project / "ann.jsonl")
+    record_annotations(annotations, documents)
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)
+    [node] = provenance.lineage(moved / "ann.jsonl")["inputs"]
+    assert node["path"] == str(moved / "raw" / "docs.jsonl") and not node["stale"] and not node["missing"]
+
+
+def test_lineage_of_a_plain_file_and_of_nothing(tmp_path):
+    tree = provenance.lineage(WEB_TRAIN)
+    assert tree["kind"] == "file" and tree["inputs"] == [] and tree["fingerprint"] == sha256(WEB_TRAIN)
+    result = CliRunner().invoke(app, ["lineage", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "no such file or folder" in result.output
+
+
+# --- the hub --------------------------------------------------------------------------------------------------------
+def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train", str(WEB_TRAIN), "-o", str(out), "--push-to-hub", "me/edu-classifier"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --push-to-hub me/edu-classifier: the Hugging Face hub is "
+                                                   "offline here")
+    assert not out.exists()  # nothing was trained
+    with pytest.raises(provenance.PushError, match="expected a repository id"):
+        provenance.check_can_push("not/a/repo/id")
+
+
+def test_push_to_an_unreachable_hub_fails_in_one_line(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "stats.json").write_text("{}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_TOKEN": "hf_not_a_real_token", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    code = ("import sys\nfrom edu_filter.provenance import PushError, push_to_hub\n"
+            f"try:\n    push_to_hub({str(folder)!r}, 'me/edu', repo_type='dataset')\n"
+            "except PushError as e:\n    print(e)\n    sys.exit(1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("--push-to-hub me/edu: cannot reach the Hugging Face hub")
+
+
+# --- the ablation's own record --------------------------------------------------------------------------------------
+def test_the_ablation_records_its_inputs_and_report_names_them(chain):
+    ablation = chain["ablation"]
+    record = json.loads((ablation / "provenance.json").read_text())
+    assert record["kind"] == "ablation" and record["settings"]["seeds"] == 2 and record["settings"]["complete"]
+    assert {e["role"] for e in record["inputs"]} == {"data:edu", "data:all"}
+    report = json.loads((ablation / "report.json").read_text())
+    assert report["datasets"]["edu"]["made_by"] == "dataset" and report["datasets"]["all"]["made_by"] == "file"
+    assert report["datasets"]["all"]["fingerprint"] == sha256(chain["pool"])
+    assert report["datasets"]["edu"]["fingerprint"] == provenance.fingerprint(chain["dataset"] / "kept")["fingerprint"]
