@@ -186,7 +186,7 @@ def ablate(
 ):
     """Train the same small model on each dataset at equal tokens and compare their losses (verdict in report.md)."""
     from edu_filter.documents import DocumentError
-    from edu_filter.train.ablate import ablate as run_ablation
+    from edu_filter.ablate.ablation import ablate as run_ablation
 
     try:
         run_ablation(

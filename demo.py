@@ -61,7 +61,7 @@ def run_demo(output: str | Path = "demo_out") -> Path:
     from edu_filter.classifiers.evaluate import evaluate_model
     from edu_filter.filters.apply import run_apply
     from edu_filter.filters.sweep import run_sweep
-    from edu_filter.train.ablate import ablate
+    from edu_filter.ablate.ablation import ablate
     from edu_filter.train.classifier import train_classifier
 
     out = Path(output)

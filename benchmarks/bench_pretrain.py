@@ -68,9 +68,9 @@ def main() -> None:
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from edu_filter.train.packing import iter_texts, write_train_val
-    from edu_filter.train.pretrain import PretrainConfig, cpu_threads, parse_overrides, pretrain
-    from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+    from edu_filter.ablate.packing import iter_texts, write_train_val
+    from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, parse_overrides, pretrain
+    from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
     hf_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()

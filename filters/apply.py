@@ -254,7 +254,9 @@ def run_record(cfg: ApplyConfig, files: list[tuple[str, str]]) -> dict:
 
 
 def _what_changed(previous: dict, current: dict) -> str:
-    old, new = previous.get("settings", {}), current["settings"]
+    if "settings" not in previous:
+        return "it was made by an older edu-filter"
+    old, new = previous["settings"], current["settings"]
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         return "settings: " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
@@ -284,8 +286,10 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], overwrite: bo
     if out.exists() and any(out.iterdir()) and not path.exists():
         strangers = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
         if strangers or not overwrite:
-            raise DocumentError(f"--output {out} is not empty and holds no apply run ({', '.join(strangers[:3]) or 'partial output'}); "
-                                "give an empty or new folder" + ("" if strangers else ", or --overwrite"))
+            what = ", ".join(strangers[:3]) or "a partial apply output"
+            raise DocumentError(f"--output {out} is not empty and holds no apply run ({what}); give an empty or new "
+                                "folder" + ("" if strangers else ", or --overwrite"))
+        remove_outputs(out)
     current = run_record(cfg, files)
     if path.exists():
         changed = _what_changed(json.loads(path.read_text()), current)

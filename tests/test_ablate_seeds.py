@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from edu_filter.cli import app
 from edu_filter.documents import read_documents, write_documents
-from edu_filter.train.ablate import SIGNIFICANCE_RULE, compare_runs
+from edu_filter.ablate.ablation import SIGNIFICANCE_RULE, compare_runs
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from edu_filter.documents import DocumentError
-from edu_filter.train.cloze import choice_loglikelihoods, load_cloze, score_cloze
-from edu_filter.train.packing import write_train_val
-from edu_filter.train.pretrain import PretrainConfig, pretrain
-from edu_filter.train.tokenizer import train_tokenizer
+from edu_filter.ablate.cloze import choice_loglikelihoods, load_cloze, score_cloze
+from edu_filter.ablate.packing import write_train_val
+from edu_filter.ablate.pretrain import PretrainConfig, pretrain
+from edu_filter.ablate.tokenizer import train_tokenizer
 
 FACTS = [
     "the cat sat on the mat.",

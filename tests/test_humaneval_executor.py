@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from edu_filter.train.humaneval import (
+from edu_filter.ablate.humaneval import (
     BUNDLED_PROBLEMS,
     check_program,
     execute_completions,
@@ -69,8 +69,8 @@ def test_completions_are_cut_at_stop_sequences():
 def test_greedy_generation_with_a_small_llama(problems, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edu_filter.train.packing import iter_texts
-    from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+    from edu_filter.ablate.packing import iter_texts
+    from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
     code = os.path.join(os.path.dirname(__file__), "..", "data", "code", "thealgorithms_unlabelled.jsonl")
     tok = train_tokenizer(mixed_sample([iter_texts(code)], 200_000), 320)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from edu_filter.train.packing import iter_texts, write_tokens, write_train_val
-from edu_filter.train.pretrain import PretrainConfig, flops_per_token, pretrain
-from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+from edu_filter.ablate.packing import iter_texts, write_tokens, write_train_val
+from edu_filter.ablate.pretrain import PretrainConfig, flops_per_token, pretrain
+from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from edu_filter.documents import DocumentError
-from edu_filter.train.packing import PackedTokens, iter_texts, write_tokens, write_train_val
-from edu_filter.train.pretrain import PretrainConfig, learning_rate, parse_overrides
-from edu_filter.train.tokenizer import mixed_sample, train_tokenizer
+from edu_filter.ablate.packing import PackedTokens, iter_texts, write_tokens, write_train_val
+from edu_filter.ablate.pretrain import PretrainConfig, learning_rate, parse_overrides
+from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -25,7 +25,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from edu_filter.train.tokenizer import load_tokenizer
+    from edu_filter.ablate.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

@@ -21,9 +21,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edu_filter import provenance
-from edu_filter.train.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
-from edu_filter.train.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
-from edu_filter.train.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
+from edu_filter.ablate.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
+from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
+from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 
 SIGMAS = 2.0  # two seeds: significant when the difference exceeds this many pooled seed standard deviations
 WELCH_ALPHA = 0.05  # three or more seeds: significant when Welch's t-test gives p below this
@@ -154,11 +154,11 @@ def ablate(
             if humaneval or cloze_sets:
                 model = _load_final_model(run_folder(out, name, record["config"]["seed"], seeds) / "model")
             if humaneval:
-                from edu_filter.train.humaneval import evaluate_humaneval, load_problems
+                from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 
                 record["humaneval"] = evaluate_humaneval(model, tok, load_problems(limit=humaneval_limit))
             if cloze_sets:
-                from edu_filter.train.cloze import load_cloze, score_cloze
+                from edu_filter.ablate.cloze import load_cloze, score_cloze
 
                 record["cloze"] = {c: score_cloze(model, tok, load_cloze(path)) for c, path in cloze_sets.items()}
 
