@@ -16,9 +16,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-DATA = Path(__file__).resolve().parent / "data"
-if not DATA.is_dir():  # installed without the repository: use the checkout we were run from
-    DATA = Path.cwd() / "data"
+from edu_filter.documents import bundled_data
+
+DATA = bundled_data()  # the package's own copy, also when installed from a wheel
 WEB_TRAIN = DATA / "web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = DATA / "web/fineweb_edu_llama3_val.jsonl"
 WEB_LLAMA33 = DATA / "web/fineweb_edu_llama33_responses.jsonl"

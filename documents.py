@@ -28,6 +28,17 @@ class DocumentError(ValueError):
     """A bad input document: the message names the file and line (or row)."""
 
 
+def bundled_data(relative: str = "") -> Path:
+    """A file (or the folder) of the data shipped inside the package (`data/` in the repository), found through
+    importlib.resources so it works from a checkout, an editable install and an installed wheel alike."""
+    from importlib.resources import files
+
+    path = Path(str(files("edu_filter").joinpath("data", *filter(None, relative.split("/")))))
+    if not path.exists():
+        raise DocumentError(f"bundled data {relative or 'data/'} is missing from the installed package ({path})")
+    return path
+
+
 def is_hub_path(path: str | os.PathLike) -> bool:
     return str(path).startswith(HUB_PREFIX)
 

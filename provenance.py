@@ -37,6 +37,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edu_filter.documents import bundled_data
+
 PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
 CARD_FILE = "README.md"
@@ -55,7 +57,6 @@ KNOWN_DATASET_LICENSES = {
     "HuggingFaceFW/fineweb-edu-llama3-annotations": "odc-by",
     "HuggingFaceTB/smollm-corpus": "odc-by",
 }
-BUNDLED_DATA = Path(__file__).resolve().parent / "data"
 BUNDLED_LICENSES = {
     "web/fineweb_edu_llama3_train.jsonl": "odc-by",
     "web/fineweb_edu_llama3_val.jsonl": "odc-by",
@@ -433,7 +434,7 @@ def hub_dataset_id(path: str) -> str | None:
 
 def _bundled_name(path: str) -> str | None:
     try:
-        return Path(path).resolve().relative_to(BUNDLED_DATA).as_posix()
+        return Path(path).resolve().relative_to(bundled_data().resolve()).as_posix()
     except (ValueError, OSError):
         return None
 

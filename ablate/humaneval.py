@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from edu_filter.documents import iter_raw_rows
+from edu_filter.documents import bundled_data, iter_raw_rows
 
-BUNDLED_PROBLEMS = Path(__file__).resolve().parents[1] / "data" / "code" / "HumanEval.jsonl.gz"
 # Where a function body ends (as in the Codex paper and bigcode-evaluation-harness).
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 
@@ -33,8 +32,10 @@ class ExecutionResult:
         return self.status == "passed"
 
 
-def load_problems(path: str | Path = BUNDLED_PROBLEMS, limit: int | None = None) -> list[dict]:
-    """HumanEval problems (task_id, prompt, canonical_solution, test, entry_point) from a JSONL(.gz) file."""
+def load_problems(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """HumanEval problems (task_id, prompt, canonical_solution, test, entry_point) from a JSONL(.gz) file (default:
+    the bundled HumanEval)."""
+    path = bundled_data("code/HumanEval.jsonl.gz") if path is None else path
     problems = []
     for lineno, row in iter_raw_rows(str(path)):
         missing = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(row.get(k), str)]

@@ -36,11 +36,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edu_filter.documents import DocumentError
+from edu_filter.documents import DocumentError, bundled_data
 
 DEFAULT_WEB_MODEL = "HuggingFaceFW/fineweb-edu-classifier"
 DEFAULT_CODE_MODEL = "HuggingFaceTB/python-edu-scorer"
-BUNDLED_HUMANEVAL = Path(__file__).resolve().parent.parent / "data" / "code" / "HumanEval.jsonl.gz"
 
 PRESETS: dict[str, dict] = {
     # FineWeb-Edu: the classifier's int_score >= 3, MinHash dedup.
@@ -189,7 +188,7 @@ def resolve_config(
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])
     decont = [
-        str(BUNDLED_HUMANEVAL) if d.lower() == "humaneval" else _local_path(d)
+        str(bundled_data("code/HumanEval.jsonl.gz")) if d.lower() == "humaneval" else _local_path(d)
         for d in (decontaminate if decontaminate is not None else base["decontaminate"])
     ]
     for d in decont:

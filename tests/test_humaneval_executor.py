@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from edu_filter.ablate.humaneval import (
-    BUNDLED_PROBLEMS,
     check_program,
     execute_completions,
     generate_completions,
@@ -15,6 +14,7 @@ from edu_filter.ablate.humaneval import (
     run_program,
     truncate_at_stop,
 )
+from edu_filter.documents import bundled_data
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def problems():
 
 def test_bundled_problems_load():
     all_problems = load_problems()
-    assert len(all_problems) == 164 and BUNDLED_PROBLEMS.exists()
+    assert len(all_problems) == 164 and bundled_data("code/HumanEval.jsonl.gz").exists()
     assert all_problems[0]["task_id"] == "HumanEval/0"
 
 
