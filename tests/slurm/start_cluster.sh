@@ -55,15 +55,21 @@ changed=1
 if [ -f /etc/slurm/slurm.conf ] && [ "$(cat /etc/slurm/slurm.conf)" = "$conf" ]; then changed=0; fi
 echo "$conf" > /etc/slurm/slurm.conf
 
-if [ $changed = 1 ]; then pkill -x slurmctld || true; pkill -x slurmd || true; sleep 1; fi
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
-pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+stop() {  # $1: daemon name; waits until it is gone, so it cannot be mistaken for a running one
+  pkill -x "$1" || true
+  for _ in $(seq 50); do pgrep -x "$1" >/dev/null || return 0; sleep 0.2; done
+  pkill -9 -x "$1" || true
+}
+if [ $changed = 1 ]; then stop slurmctld; stop slurmd; fi
 
+state=unknown
 for _ in $(seq 60); do
-  state=$(sinfo -h -n "$host" -o %t 2>/dev/null | head -1 || true)
+  pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld -c  # -c: no jobs recovered from an earlier life
+  pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
+  state=$(timeout 5 sinfo -h -n "$host" -o %t 2>/dev/null | head -1 || true)
   case "$state" in
     idle|mix|alloc) echo "$PARTITION"; exit 0 ;;
-    down*|drain*) scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true ;;
+    down*|drain*) timeout 5 scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true ;;
   esac
   sleep 1
 done
