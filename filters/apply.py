@@ -151,6 +151,17 @@ def resolve_order(order: str, model: str, on_gpu: bool) -> str:
     return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
 
 
+def check_hub_model(model: str) -> None:
+    """A hub id must resolve (from the cache when offline) before anything runs, not in the middle of a stage."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - any reason: not found, offline and not cached, gated, bad config
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DocumentError(f"model {model}: not a local folder, and it cannot be loaded from the hub ({reason})") from None
+
+
 def _local_path(path: str) -> str:
     return path if "://" in str(path) else os.path.abspath(path)
 
@@ -181,6 +192,8 @@ def resolve_config(
         model = os.path.abspath(model)
     elif model.startswith((".", "/")) or model.count("/") > 1:
         raise DocumentError(f"model {model}: no such folder")
+    else:
+        check_hub_model(model)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import check_dtype, check_long_docs
 

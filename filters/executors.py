@@ -143,7 +143,10 @@ def run_here(stages, out: str, executor: str, workers: int, console, verbose: bo
             try:
                 for stage in stages:
                     ex = _executor_here(stage, logs, executor, workers)
-                    ex.run()
+                    try:
+                        ex.run()
+                    except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
+                        raise StageFailed(failed_stage_message(out, stage.name, stage.tasks)) from e
                     if ex.get_incomplete_ranks(skip_completed=True):
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread

@@ -441,3 +441,17 @@ def test_cli_output_is_progress_and_a_table_with_logs_in_out(stock_classifier, t
     assert "Launching pipeline" in (tmp_path / "out" / "logs" / "apply.log").read_text()
     status = run_cli(["status", str(tmp_path / "out")])
     assert status.returncode == 0 and "filter" in status.stdout and "2/2" in status.stdout
+
+
+def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "some text to score"}\n')
+    res = run_cli(["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", "org/no-such-model"])
+    assert res.returncode == 2 and "model org/no-such-model: not a local folder" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert"}')  # a config, but no weights
+    res = run_cli(["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", str(broken),
+                   "--no-dedup"])
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
