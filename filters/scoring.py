@@ -85,6 +85,15 @@ class EduClassifierScorer(PipelineStep):
                 yield doc
 
 
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens per text without special tokens; a fast tokenizer's `encode_batch_fast` skips the offsets nobody
+    reads here (about a quarter cheaper, and token counting is a large share of a fastText or GPU run's CPU)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 class CountTokens(PipelineStep):
     """Sets `token_count` (the FineWeb-Edu column) on documents that do not carry one yet, for the token stats."""
 
@@ -109,9 +118,9 @@ class CountTokens(PipelineStep):
                     tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, trust_remote_code=True)
                     tokenizer.model_max_length = int(1e30)  # counting, not truncating: no over-length warning
                 with self.track_time(unit="batch"):
-                    encoded = tokenizer([doc.text for doc in todo], add_special_tokens=False)["input_ids"]
-                for doc, ids in zip(todo, encoded):
-                    doc.metadata["token_count"] = len(ids)
+                    encoded = count_tokens(tokenizer, [doc.text for doc in todo])
+                for doc, n in zip(todo, encoded):
+                    doc.metadata["token_count"] = n
             for doc in batch:
                 self.stat_update("tokens", value=doc.metadata.get("token_count", 0) or 0)
                 yield doc

@@ -128,3 +128,13 @@ def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="give --model"):
         run_apply([str(good)], str(out), show=False)
     assert not out.exists()
+
+
+def test_count_tokens_matches_the_tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    from edu_filter.filters.scoring import count_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = ["An educational text about photosynthesis.", "", "naïve café — 42 tokens?\n\nyes"]
+    assert count_tokens(tokenizer, texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
