@@ -499,12 +499,15 @@ def run_apply(
     if executor == "slurm":
         slurm = ex.check_slurm_request(slurm)  # before anything is read or written
     on_gpu = ex.scoring_on_gpu(executor, slurm)
+    files = expand_inputs([_local_path(str(i)) for i in inputs])  # bad inputs fail here, before anything is written
+    if not files:
+        raise DocumentError(f"no JSONL or Parquet files in {', '.join(map(str, inputs))}")
+    local = [os.path.join(folder, name) for folder, name in files if "://" not in folder]
+    if len(local) == len(files) and all(os.path.getsize(f) == 0 for f in local):
+        raise DocumentError(f"the input is empty ({', '.join(map(str, inputs))})")
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
-    files = expand_inputs(cfg.inputs)  # bad inputs fail here, before anything is written
-    if not files:
-        raise DocumentError(f"no JSONL or Parquet files in {', '.join(cfg.inputs)}")
     if executor == "slurm" and not slurm.dry_run:
         ex.refuse_if_queued(cfg.output)
     prepare_output(cfg, files, overwrite=overwrite)

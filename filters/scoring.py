@@ -90,6 +90,8 @@ def count_tokens(tokenizer, texts: list[str]) -> list[int]:
     reads here (about a quarter cheaper, and token counting is a large share of a fastText or GPU run's CPU)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
+        backend.no_truncation()  # a saved tokenizer.json may pad or truncate; counting needs neither
+        backend.no_padding()
         return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 

@@ -127,6 +127,9 @@ def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):
         run_apply([str(good)], str(out), preset="fineweb", show=False)
     with pytest.raises(ValueError, match="give --model"):
         run_apply([str(good)], str(out), show=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DocumentError, match="the input is empty"):
+        run_apply([str(tmp_path / "empty.jsonl")], str(out), model="m", show=False)
     assert not out.exists()
 
 
