@@ -8,6 +8,7 @@ whether it finished) every few seconds. The same files serve the local progress 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -80,18 +81,26 @@ class StageProgress:
     def finished(self) -> bool:
         return self.tasks_done >= self.tasks
 
+    finished_at: float | None = None  # when the last task wrote its completion marker
+
     @property
     def docs_per_second(self) -> float:
-        if not self.started or not self.updated or self.updated <= self.started:
+        """Documents over the stage's elapsed time so far (to its last completion once finished): reading runs
+        ahead of scoring by at most a window, so this is the stage's throughput, not the reader's."""
+        if not self.started:
             return 0.0
-        return self.documents / (self.updated - self.started)
+        end = self.finished_at if self.finished and self.finished_at else time.time()
+        return self.documents / max(end - self.started, 1e-3)
 
 
 def read_stage_progress(logs: str, name: str, tasks: int) -> StageProgress:
     folder = get_datafolder(f"{logs}/{name}")
     stage = StageProgress(name, tasks)
     if folder.exists("completions"):
-        stage.tasks_done = len(folder.list_files(subdirectory="completions"))
+        done = folder.list_files(subdirectory="completions")
+        stage.tasks_done = len(done)
+        if done and folder.is_local():
+            stage.finished_at = max(os.path.getmtime(folder.resolve_paths(name)) for name in done)
     if folder.exists("progress"):
         stage.reading = True
         for fname in folder.list_files(subdirectory="progress", glob_pattern="*.json"):
