@@ -19,13 +19,13 @@ from edu_filter import provenance
 from edu_filter.cli import app
 from edu_filter.documents import data_files_in, read_documents, write_documents
 
+sys.path.insert(0, str(Path(__file__).parent))
+from micro_ablation import MICRO_ABLATION  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
-MICRO = ["--override", "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_hidden_layers=1",
-         "--override", "num_attention_heads=2", "--override", "num_key_value_heads=1",
-         "--override", "max_position_embeddings=64", "--override", "micro_batch_size=4",
-         "--override", "batch_tokens=256", "--override", "eval_tokens=256", "--vocab-size", "512"]
+MICRO = MICRO_ABLATION
 THRESHOLD = 2
 
 
