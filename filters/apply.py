@@ -69,11 +69,17 @@ def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
         return model
     from transformers import AutoTokenizer
 
-    try:
-        AutoTokenizer.from_pretrained(COUNT_TOKENIZER)
-        return COUNT_TOKENIZER
-    except Exception as e:  # noqa: BLE001 - offline or no such repo: fall back below
-        reason = type(e).__name__
+    from edu_filter.classifiers.encoders import hub_offline
+
+    reason = "offline and not in the hub cache"
+    for local_only in (True, False):  # the cache first: no network round trips when it is there
+        if not local_only and hub_offline():
+            break
+        try:
+            AutoTokenizer.from_pretrained(COUNT_TOKENIZER, local_files_only=local_only)
+            return COUNT_TOKENIZER
+        except Exception as e:  # noqa: BLE001 - not cached, offline or no such repo: fall back below
+            reason = type(e).__name__
     try:
         from edu_filter.classifiers.encoders import minilm_path
 
