@@ -30,12 +30,17 @@ def train(
     cache_dir: Optional[str] = typer.Option(None, help="Embedding cache (default ~/.cache/edu-filter)."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many documents (quick runs)."),
     seed: int = typer.Option(0),
+    weight_field: str = typer.Option(
+        "weight", help="Field holding inclusion weights (written by score --select active), used in the fit, the cut "
+        "points and the metrics when the rows have it; 'none' ignores it."
+    ),
+    learning_curve: bool = typer.Option(True, help="Report validation metrics at 10/25/50/100% of the labels."),
     push_to_hub: Optional[str] = typer.Option(
         None, help="Upload the model folder to this hub repository (ORG/NAME; token from `hf auth login` or HF_TOKEN)."
     ),
 ):
-    """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a README.md
-    model card and provenance.json."""
+    """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a learning
+    curve PNG, a README.md model card and provenance.json."""
     from edu_filter.documents import DocumentError
     from edu_filter.train.classifier import train_classifier
 
@@ -45,6 +50,7 @@ def train(
             max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
             learning_rate=learning_rate, cache_dir=cache_dir,
             pool_layers=[int(x) for x in pool_layers.split(",")] if pool_layers else None, push_to_hub=push_to_hub,
+            weight_field=None if weight_field.lower() == "none" else weight_field, learning_curve=learning_curve,
         )
     except (DocumentError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -103,9 +109,23 @@ def score(
         None, help="Cut documents to this many characters, and further to fit the server's context (counted)."
     ),
     sample: Optional[int] = typer.Option(
-        None, help="Annotate a reproducible random sample of N documents (drawn while streaming; only N are held)."
+        None, help="Annotate N documents: a reproducible random sample (drawn while streaming; only N are held), or "
+        "with --select active the budget of documents the LLM may see."
     ),
     seed: int = typer.Option(0, help="Seed for --sample (and transformers sampling)."),
+    select: str = typer.Option(
+        "random", help="random (a uniform sample), or active: rounds chosen by a classifier trained on the labels so "
+        "far, each row weighted so that train undoes the choice."
+    ),
+    rounds: int = typer.Option(5, help="--select active: rounds the budget is spent in (the first one uniform)."),
+    seed_size: Optional[int] = typer.Option(None, help="--select active: documents in the first, uniform round "
+                                            "(default: an equal share of the budget)."),
+    kind: Optional[str] = typer.Option(None, help="--select active: web or code, the encoder as in train (default: "
+                                       "from --prompt)."),
+    encoder: Optional[str] = typer.Option(None, help="--select active: encoder path or hub name (as in train)."),
+    max_length: int = typer.Option(512, help="--select active: tokens per document the encoder reads (as in train)."),
+    embedding_cache: Optional[str] = typer.Option(None, help="--select active: embedding cache, shared with train "
+                                                  "(default ~/.cache/edu-filter)."),
     cache: Optional[Path] = typer.Option(None, help="Resume cache (default: OUTPUT.cache.sqlite)."),
     text_field: str = typer.Option("text"),
     id_field: str = typer.Option("id"),
@@ -132,8 +152,9 @@ def score(
             data, output, prompt=prompt, backend=backend, model=model, base_url=base_url, api=api,
             api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
             retry_backoff=retry_backoff, max_reasks=max_reasks, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, max_chars=max_chars, sample=sample, seed=seed, cache=cache,
-            text_field=text_field, id_field=id_field, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
+            max_tokens=max_tokens, max_chars=max_chars, sample=sample, seed=seed, select=select, rounds=rounds,
+            seed_size=seed_size, kind=kind, encoder=encoder, max_length=max_length, embedding_cache=embedding_cache,
+            cache=cache, text_field=text_field, id_field=id_field, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
             server_script=server_script, server_args=server_arg, device=device,
         )
     except ANNOTATION_ERRORS as e:

@@ -10,6 +10,9 @@ Answers that arrive together are committed together: `add` opens a transaction a
 next turn of the event loop, so at most the answers of one loop turn are in flight to disk. WAL with
 synchronous=NORMAL survives the process being killed at any point after a commit (the OS already holds the write);
 only a power cut can lose the last few answers, which are then simply asked again.
+
+`score --select active` also records each round's draw (documents and inclusion probabilities) here, committed
+before any of its documents is asked about, so a resumed run replays the same choices instead of drawing anew.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ CREATE TABLE IF NOT EXISTS answers (
     model TEXT,
     doc_chars INTEGER,
     PRIMARY KEY (run_key, doc_id, attempt)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selections (
+    selection_key TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    probability REAL NOT NULL,
+    PRIMARY KEY (selection_key, doc_id)
 ) WITHOUT ROWID;
 """
 # Columns added after the first release; caches written before get them on open.
@@ -137,3 +147,23 @@ class AnswerCache:
     def count(self) -> int:
         """Number of answers stored for this run."""
         return self._db.execute("SELECT COUNT(*) FROM answers WHERE run_key = ?", (self.run_key,)).fetchone()[0]
+
+    def selection(self, selection_key: str) -> dict[int, list[tuple[str, float]]]:
+        """Rounds already drawn for this selection: round -> [(document id, inclusion probability)]."""
+        drawn: dict[int, list[tuple[str, float]]] = {}
+        for round_index, doc_id, probability in self._db.execute(
+            "SELECT round, doc_id, probability FROM selections WHERE selection_key = ? ORDER BY round, doc_id",
+            (selection_key,),
+        ):
+            drawn.setdefault(round_index, []).append((doc_id, probability))
+        return drawn
+
+    def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]]) -> None:
+        """Store one round's draw and commit it now, before its documents are sent."""
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT INTO selections (selection_key, round, doc_id, probability) VALUES (?, ?, ?, ?)",
+            [(selection_key, round_index, doc_id, float(p)) for doc_id, p in drawn],
+        )
+        self.commit()

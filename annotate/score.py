@@ -7,6 +7,10 @@ times on unparseable or ambiguous answers -> write one row per input document, a
 Every received answer is committed to the answer cache first (see cache.py), so a killed run started again with
 the same command asks only for what it never received. Requests that failed for good (after retries) are not
 answers: they are recorded in the row's `error` and tried again on the next run.
+
+`select="active"` replaces the uniform sample with rounds of draws that a classifier trained on the labels so far
+steers towards the documents that teach it most (see active.py); each row then also carries its `round` and the
+inclusion `weight` that `train` uses to undo the choice.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from edu_filter.annotate.backends import (
     managed_server,
     server_config,
 )
+from edu_filter.annotate.active import DEFAULT_ROUNDS, ActiveAnnotation, round_sizes
 from edu_filter.annotate.cache import AnswerCache
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
-from edu_filter.annotate.prompts import Prompt, PromptError, load_prompt
+from edu_filter.annotate.prompts import BUNDLED, Prompt, PromptError, load_prompt
 from edu_filter import provenance
 from edu_filter.documents import DocumentError, read_documents, sample_documents, write_documents
 
 BACKENDS = ("openai", *SERVER_BACKENDS, "transformers")
+SELECTIONS = ("random", "active")
 OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 # Errors the command line reports as one line (bad input, options or backend) instead of a traceback.
 ANNOTATION_ERRORS = (DocumentError, PromptError, BackendError, ImportError, ValueError)
@@ -48,6 +54,7 @@ OUTPUT_SCHEMA = {
     "prompt": "String", "attempts": "Int64", "truncated": "Boolean", "finish_reason": "String",
     "prompt_tokens": "Int64", "completion_tokens": "Int64",
 }
+ACTIVE_COLUMNS = {"round": "Int64", "weight": "Float64"}  # added by --select active
 
 
 @dataclass
@@ -70,6 +77,7 @@ class ScoreSummary:
     model: str = ""  # the model asked (as the server serves it)
     concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
     notes: list[str] = field(default_factory=list)
+    selection: str = ""  # how the documents were chosen, when not a plain read or uniform sample
     output: str = ""
     cache: str = ""
 
@@ -284,7 +292,7 @@ class _Scorer:
 
 
 async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs, cache_path, cache_settings,
-                       prompt, options):
+                       prompt, options, active=None):
     async with AsyncExitStack() as stack:
         if backend_name == "transformers":
             backend = await stack.enter_async_context(TransformersBackend(model, **backend_kwargs))
@@ -299,7 +307,14 @@ async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs,
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
         scorer = _Scorer(backend, cache, prompt, options["max_chars"], options["max_reasks"], options["max_tokens"])
-        rows = await scorer.run(docs, options["workers"], options["show_progress"], options["progress_every"])
+
+        async def score(batch):
+            return await scorer.run(batch, options["workers"], options["show_progress"], options["progress_every"])
+
+        if active is None:
+            rows = await score(docs)
+        else:
+            rows = await active.run(score, cache, _announce_round if options["show_progress"] else None)
     s = scorer.summary
     s.requests, s.retries = backend.stats.requests, backend.stats.retries
     s.model, s.notes = backend.model, backend.notes
@@ -308,14 +323,33 @@ async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs,
     return rows, s
 
 
-def _write_output(rows: list[dict], path: Path) -> None:
-    """JSONL as it is; Parquet with the fixed OUTPUT_SCHEMA types."""
+def _active_annotation(docs, budget, rounds, seed_size, seed, kind, encoder, max_length, cache_dir):
+    """The pool's frozen-encoder embeddings (computed once, through `train`'s embedding cache) and the rounds."""
+    from edu_filter.classifiers.learning_curve import MAIN_THRESHOLD
+    from edu_filter.train.classifier import ClassifierTrainConfig, load_frozen_encoder
+
+    frozen = load_frozen_encoder(ClassifierTrainConfig(kind=kind, encoder=encoder, max_length=max_length,
+                                                       cache_dir=cache_dir))
+    embeddings = frozen.embed([doc["text"] for doc in docs])
+    return ActiveAnnotation(docs, embeddings, budget, rounds, seed_size, seed, threshold=MAIN_THRESHOLD[kind],
+                            embedding_key=frozen.key, encoder=frozen.model.config.encoder_name)
+
+
+def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> None:
+    how = "replayed from the cache" if replayed else ("drawn uniformly" if round_index == 0 else
+                                                       "drawn by the classifier trained so far")
+    print(f"round {round_index + 1}/{rounds}: {n:,} documents {how}", file=sys.stderr, flush=True)
+
+
+def _write_output(rows: list[dict], path: Path, active: bool = False) -> None:
+    """JSONL as it is; Parquet with the fixed OUTPUT_SCHEMA types (and the active columns)."""
     if not path.name.lower().endswith(".parquet"):
         write_documents(rows, path)
         return
     import polars as pl
 
-    schema = {name: getattr(pl, kind) for name, kind in OUTPUT_SCHEMA.items()}
+    columns = {**OUTPUT_SCHEMA, **ACTIVE_COLUMNS} if active else OUTPUT_SCHEMA
+    schema = {name: getattr(pl, kind) for name, kind in columns.items()}
     pl.DataFrame(rows, schema=schema).write_parquet(path)
 
 
@@ -340,6 +374,13 @@ def score_documents(
     max_chars: int | None = None,
     sample: int | None = None,
     seed: int = 0,
+    select: str = "random",
+    rounds: int = DEFAULT_ROUNDS,
+    seed_size: int | None = None,
+    kind: str | None = None,
+    encoder: str | None = None,
+    max_length: int = 512,
+    embedding_cache: str | None = None,
     cache: str | os.PathLike | None = None,
     text_field: str = "text",
     id_field: str = "id",
@@ -356,6 +397,10 @@ def score_documents(
     `model` may be left out only for `backend="openai"` against a server that serves exactly one model.
     Re-running the same call resumes from the answer cache (default: `<output>.cache.sqlite`). When output is not
     a terminal, a plain progress line is printed every `progress_every` seconds.
+
+    `select="active"` spends the `sample` budget in `rounds` (the first of `seed_size` documents, uniform) chosen
+    with the frozen encoder of `train` (`kind`: web or code, default from the prompt; `encoder`, `max_length`,
+    `embedding_cache` as in `train`) and writes `round` and `weight` on every row.
     """
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -367,10 +412,21 @@ def score_documents(
         raise ValueError("--max-reasks and --max-retries must be >= 0 and --concurrency >= 1")
     if max_chars is not None and max_chars < 1:
         raise ValueError("--max-chars must be a positive number of characters")
+    if select not in SELECTIONS:
+        raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select == "active" and sample is None:
+        raise ValueError("--select active needs --sample N: the number of documents the LLM may annotate")
     output = Path(output)
     _check_output(output)
     the_prompt = load_prompt(prompt)
-    docs = load_documents(inputs, text_field, id_field, sample, seed)
+    active = None
+    if select == "active":
+        kind = kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
+        round_sizes(sample, rounds, seed_size)  # bad --rounds / --seed-size stop the run before any work
+        docs = load_documents(inputs, text_field, id_field, None, seed)  # the whole pool
+        active = _active_annotation(docs, sample, rounds, seed_size, seed, kind, encoder, max_length, embedding_cache)
+    else:
+        docs = load_documents(inputs, text_field, id_field, sample, seed)
     used = provenance.describe_inputs({"documents": inputs, "prompt": prompt if Path(prompt).is_file() else None})
     settings = GenerationSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
     cache_path = Path(cache) if cache is not None else output.with_name(output.name + ".cache.sqlite")
@@ -392,19 +448,28 @@ def score_documents(
 
     start = time.perf_counter()
     rows, summary = asyncio.run(_score_async(docs, backend, model, backend_kwargs, server_kwargs, cache_path,
-                                             cache_settings, the_prompt, options))
+                                             cache_settings, the_prompt, options, active))
     summary.seconds = time.perf_counter() - start
     summary.output, summary.cache = str(output), str(cache_path)
 
     # Written whole, then renamed: a run killed here leaves no half file, and the re-run rewrites it from cache.
     partial = output.with_name(f".partial-{output.name}")
-    _write_output(rows, partial)
+    _write_output(rows, partial, active is not None)
     os.replace(partial, output)
+    selection = {"select": select}
+    if active is not None:
+        sizes = active.selector.sizes
+        w = [r["weight"] for r in rows]
+        summary.selection = (f"active from {len(docs):,} documents: {len(sizes)} rounds "
+                             f"({', '.join(str(n) for n in sizes)}), weights {min(w):.2f}-{max(w):.2f}")
+        selection.update({"rounds": sizes, "pool_size": len(docs), "kind": kind,
+                          "encoder": active.encoder, "max_length": max_length,
+                          "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
     provenance.record_provenance(output, kind="annotations", inputs=used, settings={
         "prompt": the_prompt.version, "model": summary.model, "backend": backend, "base_url": base_url, "api": api,
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_chars": max_chars,
         "max_reasks": max_reasks, "sample": sample, "seed": seed, "text_field": text_field, "id_field": id_field,
-        "documents": summary.documents, "scored": summary.scored,
+        "documents": summary.documents, "scored": summary.scored, **selection,
     })
     if show_progress:
         print_summary(summary)
@@ -419,6 +484,8 @@ def print_summary(summary: ScoreSummary) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("model", summary.model)
+    if summary.selection:
+        table.add_row("selection", summary.selection)
     table.add_row("documents", f"{summary.documents:,}")
     table.add_row("scored", f"{summary.scored:,}")
     for reason, n in summary.failed.most_common():

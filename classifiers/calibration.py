@@ -20,17 +20,19 @@ def apply_cut_points(scores: np.ndarray, cut_points) -> np.ndarray:
     return (scores[:, None] >= cuts[None, :]).sum(axis=1).astype(np.int64)
 
 
-def best_f1_cut(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+def best_f1_cut(scores: np.ndarray, positive: np.ndarray, weights=None) -> tuple[float, float]:
     """The cut c maximising F1 of `scores >= c` against `positive`, and that F1.
 
     Candidates are midpoints between consecutive distinct scores; among equally good ones the middle of the best
-    run is taken, so the cut sits in the gap rather than on a training point.
+    run is taken, so the cut sits in the gap rather than on a training point. With `weights` (inclusion weights of
+    a chosen sample) true and false positives are weighted sums: the F1 estimated for the pool the sample came from.
     """
     order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(np.int64)
-    tp = np.cumsum(pos)
-    predicted = np.arange(1, len(s) + 1)
-    f1 = 2 * tp / (predicted + pos.sum())
+    s, pos = scores[order], positive[order].astype(np.float64)
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, dtype=np.float64)[order]
+    tp = np.cumsum(w * pos)
+    predicted = np.cumsum(w)
+    f1 = 2 * tp / (predicted + (w * pos).sum())
     # a cut can only fall between distinct scores: keep the last index of each run of equal scores
     last_of_run = np.r_[s[1:] != s[:-1], True]
     idx = np.flatnonzero(last_of_run)
@@ -41,11 +43,12 @@ def best_f1_cut(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float]
     return float(cut), float(best)
 
 
-def fit_cut_points(scores, labels, min_positives: int = 5) -> list[float]:
-    """Monotone cut points c1..c5, each chosen for the best F1 of `int_score >= t` against `label >= t`.
+def fit_cut_points(scores, labels, min_positives: int = 5, weights=None) -> list[float]:
+    """Monotone cut points c1..c5, each chosen for the best F1 of `int_score >= t` against `label >= t` (weighted F1
+    when `weights` are given).
 
     A threshold with fewer than `min_positives` positives (or no negatives) keeps the round-and-clip cut: a handful
-    of examples cannot place it reliably.
+    of examples cannot place it reliably. Documents are counted there, not weighted.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.float64)
@@ -55,5 +58,5 @@ def fit_cut_points(scores, labels, min_positives: int = 5) -> list[float]:
         if positive.sum() < min_positives or (~positive).sum() < min_positives:
             cuts.append(default)
         else:
-            cuts.append(best_f1_cut(scores, positive)[0])
+            cuts.append(best_f1_cut(scores, positive, weights)[0])
     return [float(c) for c in np.maximum.accumulate(cuts)]

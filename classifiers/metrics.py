@@ -12,11 +12,34 @@ CLASSES = list(range(6))
 BINARY_THRESHOLDS = (2, 3, 4)
 
 
-def compute_metrics(labels, raw_scores, int_scores) -> dict:
+def weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mid-ranks under weights: the weight below each value plus half the weight tied with it (all ones: the usual
+    average ranks, shifted by a constant)."""
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    starts = np.r_[True, v[1:] != v[:-1]]
+    group = np.cumsum(starts) - 1
+    group_weight = np.bincount(group, weights=w)
+    below = np.r_[0.0, np.cumsum(group_weight)[:-1]]
+    ranks = np.empty(len(v))
+    ranks[order] = (below + group_weight / 2)[group]
+    return ranks
+
+
+def weighted_pearson(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> float:
+    w = weights / weights.sum()
+    da, db = a - w @ a, b - w @ b
+    return float((w @ (da * db)) / np.sqrt((w @ da**2) * (w @ db**2)))
+
+
+def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`) metrics, JSON-ready.
 
     `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
     Correlations are None (JSON null) when scores or labels are constant: undefined, not a number.
+    With `weights` (inclusion weights of a chosen sample) every metric is the weighted estimate of its value on the
+    pool the sample was drawn from (Spearman: weighted Pearson of weighted mid-ranks); `n`, the confusion matrix and
+    per-class `support` still count documents.
     """
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -24,23 +47,33 @@ def compute_metrics(labels, raw_scores, int_scores) -> dict:
     labels = np.asarray(labels, dtype=np.float64)
     raw = np.asarray(raw_scores, dtype=np.float64)
     pred = np.asarray(int_scores, dtype=np.int64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
     true = np.clip(np.rint(labels), 0, 5).astype(np.int64)
     constant = np.ptp(raw) == 0 or np.ptp(labels) == 0
-    precision, recall, f1, support = precision_recall_fscore_support(
-        true, pred, labels=CLASSES, zero_division=0
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        true, pred, labels=CLASSES, zero_division=0, sample_weight=w
     )
+    support = np.bincount(true, minlength=len(CLASSES))
 
     def binary_f1(predicted_int, t):
-        return float(f1_score(labels >= t, predicted_int >= t, zero_division=0))
+        return float(f1_score(labels >= t, predicted_int >= t, zero_division=0, sample_weight=w))
 
+    if constant:
+        spearman = pearson = None
+    elif w is None:
+        spearman, pearson = float(spearmanr(raw, labels).statistic), float(pearsonr(raw, labels).statistic)
+    else:
+        spearman = weighted_pearson(weighted_ranks(raw, w), weighted_ranks(labels, w), w)
+        pearson = weighted_pearson(raw, labels, w)
     rounded = apply_cut_points(raw, ROUND_CUTS)
     metrics = {
         "n": int(len(labels)),
-        "mse": float(np.mean((raw - labels) ** 2)),
-        "spearman": None if constant else float(spearmanr(raw, labels).statistic),
-        "pearson": None if constant else float(pearsonr(raw, labels).statistic),
-        "accuracy": float(accuracy_score(true, pred)),
-        "macro_f1": float(f1_score(true, pred, labels=sorted(set(true.tolist())), average="macro", zero_division=0)),
+        "mse": float(np.average((raw - labels) ** 2, weights=w)),
+        "spearman": spearman,
+        "pearson": pearson,
+        "accuracy": float(accuracy_score(true, pred, sample_weight=w)),
+        "macro_f1": float(f1_score(true, pred, labels=sorted(set(true.tolist())), average="macro", zero_division=0,
+                                   sample_weight=w)),
         **{f"binary_f1_at_{t}": binary_f1(pred, t) for t in BINARY_THRESHOLDS},
         "confusion_matrix": confusion_matrix(true, pred, labels=CLASSES).tolist(),
         "per_class": {
@@ -53,10 +86,12 @@ def compute_metrics(labels, raw_scores, int_scores) -> dict:
             for i, c in enumerate(CLASSES)
         },
         "uncalibrated": {
-            "accuracy": float(accuracy_score(true, rounded)),
+            "accuracy": float(accuracy_score(true, rounded, sample_weight=w)),
             **{f"binary_f1_at_{t}": binary_f1(rounded, t) for t in BINARY_THRESHOLDS},
         },
     }
+    if w is not None:
+        metrics["weighted"] = {"effective_n": float(w.sum() ** 2 / (w**2).sum())}
     return metrics
 
 

@@ -17,6 +17,11 @@ finds it in the prompt and answers accordingly:
                    400 with error.code context_length_exceeded and the numbers
     usage=0        leave `usage` out of the answer
 
+Answering from a table of labels instead (`labels`, from `label_table(rows)`): the server finds the document
+between the bundled prompts' "The extract:" and "After examining the extract:", looks up the SHA-1 of its text and
+answers "Educational score: N" with that document's label, counted under its id; a document not in the table gets
+an unparseable answer. This stands in for an LLM whose answers are known (e.g. the bundled Llama-3 labels).
+
 Server-wide, as real servers do: `models` are the names /v1/models lists (a request naming another gets vLLM's 404);
 `own_name` serves one model under any requested name and names it in every answer (llama.cpp); `api_key` is
 required on every route; `serial` answers one request at a time; `delay` slows every answer.
@@ -31,9 +36,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import re
 import threading
 from collections import Counter
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -45,6 +52,25 @@ REASON = "The extract introduces a few concepts clearly but lacks exercises."
 def directive(doc_id: str, **options) -> str:
     """Text to put in a test document: `directive("d1", score=4, fail500=2)`."""
     return "[[doc=" + doc_id + "".join(f";{k}={v}" for k, v in options.items()) + "]]"
+
+
+EXTRACT_START, EXTRACT_END = "The extract:\n", "\n\nAfter examining the extract:"
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def label_table(rows) -> dict[str, tuple[str, int]]:
+    """{SHA-1 of text: (id, label)} from rows with `id`, `text` and `score`, for `LLMTestServer(labels=...)`."""
+    return {text_key(r["text"]): (str(r["id"]), int(r["score"])) for r in rows}
+
+
+def extract_of(prompt: str) -> str | None:
+    """The document inside a prompt rendered from a bundled rubric."""
+    if EXTRACT_START not in prompt or EXTRACT_END not in prompt:
+        return None
+    return prompt.split(EXTRACT_START, 1)[1].rsplit(EXTRACT_END, 1)[0]
 
 
 def answer_text(score: int, fmt: str) -> str:
@@ -68,8 +94,10 @@ def openai_error(message: str, kind: str, code: str | None, status: int) -> web.
 
 class LLMTestServer:
     def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0, models=("test-model",),
-                 own_name: str | None = None, api_key: str | None = None, serial: bool = False):
+                 own_name: str | None = None, api_key: str | None = None, serial: bool = False,
+                 labels: dict[str, tuple[str, int]] | None = None):
         self.delay, self.host, self.port = delay, host, port
+        self.labels = labels
         self.models = [own_name] if own_name else list(models)
         self.own_name, self.api_key = own_name, api_key
         self.requests: Counter = Counter()  # doc id -> requests received
@@ -120,9 +148,14 @@ class LLMTestServer:
     async def _answer(self, request: web.Request, body: dict) -> web.StreamResponse:
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
-        match = DIRECTIVE.search(prompt)
-        doc_id = match.group(1) if match else "(none)"
-        opts = dict(kv.split("=", 1) for kv in match.group(2).split(";")[1:]) if match else {}
+        if self.labels is not None:
+            extract = extract_of(prompt)
+            doc_id, label = self.labels.get(text_key(extract) if extract is not None else "", ("(unknown)", None))
+            opts = {"format": "garbage"} if label is None else {"score": str(label)}
+        else:
+            match = DIRECTIVE.search(prompt)
+            doc_id = match.group(1) if match else "(none)"
+            opts = dict(kv.split("=", 1) for kv in match.group(2).split(";")[1:]) if match else {}
         self.requests[doc_id] += 1
         n = self.requests[doc_id]
         if self.delay:
@@ -195,8 +228,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--labels", help="JSONL with id, text, score: answer every document with its score")
     args = parser.parse_args()
-    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port)
+    labels = None
+    if args.labels:
+        labels = label_table(orjson.loads(line) for line in Path(args.labels).read_bytes().splitlines() if line)
+    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port, labels=labels)
     print(f"test LLM server listening on {args.host}:{args.port}", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, access_log=None, print=None)
 

@@ -15,12 +15,15 @@ split) and `confusion_matrix.png` beside it, `provenance.json` (settings and inp
 
 Calibration uses the validation predictions plus, for head and fasttext, out-of-fold predictions on the training
 split: about ten times more examples to place the rare high-score cut points (3+ is ~7% of web documents).
+
+Rows with inclusion weights (`score --select active`) are fitted, calibrated and evaluated with them, so the model
+behaves on random documents as if trained on the pool the sample was chosen from. A learning curve (the model
+refitted on 10/25/50/100% of the labels in repeated cross-validation) says whether more labels still help.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +34,13 @@ from rich.console import Console
 from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points
 from edu_filter.classifiers.encoders import KINDS, encoder_hub_id, encoder_identity, resolve_encoder
 from edu_filter.classifiers.fasttext_model import FastTextSettings
+from edu_filter.classifiers.head import fit_ridge_head, unit_weights
+from edu_filter.classifiers.learning_curve import (
+    MAIN_THRESHOLD,
+    learning_curve,
+    plot_learning_curve,
+    print_learning_curve,
+)
 from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
 from edu_filter.documents import read_documents
 from edu_filter import provenance
@@ -59,6 +69,11 @@ class ClassifierTrainConfig:
     cache_dir: str | None = None  # embedding cache; None: ~/.cache/edu-filter
     folds: int = 5  # cross-validation folds (ridge alpha, out-of-fold calibration predictions)
     min_positives: int = 5  # fewer positives at a threshold: keep the round-and-clip cut
+    # inclusion weights (written by `score --select active`) used in the fit, the cut points and the metrics, when
+    # the rows have them; None ignores them
+    weight_field: str | None = "weight"
+    learning_curve: bool = True  # validation metrics at 10/25/50/100% of the labels (repeated CV)
+    curve_repeats: int = 2  # repeats of the K-fold split behind each point of the curve
     # finetune
     epochs: int = 2
     learning_rate: float = 3e-5
@@ -131,34 +146,41 @@ def train_classifier(
         provenance.check_can_push(push_to_hub)
     output = Path(output)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
+    weights = row_weights(rows, cfg.weight_field)
     if val:
         val_rows = read_documents(val, label_field=label_field, require_label=True, limit=limit)
-        train_rows = rows
+        train_rows, w_train, w_val = rows, weights, row_weights(val_rows, cfg.weight_field)
     else:
         labels = np.array([r["label"] for r in rows])
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
         train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+        w_train, w_val = (None, None) if weights is None else (weights[train_idx], weights[val_idx])
     inputs = provenance.describe_inputs({"train": data, "validation": val})  # the content just read
     if len(train_rows) < 2 * cfg.folds or not val_rows:
         raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
                          f"{len(train_rows)} and {len(val_rows)}")
     train_texts, y_train = [r["text"] for r in train_rows], np.array([r["label"] for r in train_rows])
     val_texts, y_val = [r["text"] for r in val_rows], np.array([r["label"] for r in val_rows])
-    console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on {len(val_rows)}")
+    weighted = " (weighted by the sample's inclusion weights)" if w_train is not None else ""
+    console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on "
+                  f"{len(val_rows)}{weighted}")
 
+    frozen = None
     if cfg.method == "fasttext":
-        model, val_pred, oof_pred, info = _train_fasttext(cfg, train_texts, y_train, val_texts)
+        model, val_pred, oof_pred, info = _train_fasttext(cfg, train_texts, y_train, val_texts, w_train)
     else:
-        model, val_pred, oof_pred, info = _train_encoder_model(cfg, train_texts, y_train, val_texts, output)
+        model, val_pred, oof_pred, info, frozen = _train_encoder_model(cfg, train_texts, y_train, val_texts, output,
+                                                                       w_train)
 
     calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
     calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
-    cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives)
+    calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
+    cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
     model.config.cut_points = cut_points
     remove_other_layout(output, cfg.method)
     model.save_pretrained(output)
 
-    metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points))
+    metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points), weights=w_val)
     if "encoder" in info:
         inputs.append(provenance.describe_input("encoder", info["encoder"]))
     config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
@@ -170,18 +192,109 @@ def train_classifier(
         "labels": label_source(train_rows + val_rows, label_field),
         "n_train": len(train_rows),
         "n_val": len(val_rows),
+        "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
         "cut_points": cut_points,
         "calibration_examples": int(len(calib_scores)),
     }
+    curve = None
+    if cfg.learning_curve:
+        # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
+        curve_rows = train_rows if val else train_rows + val_rows
+        curve_w = w_train if val or w_train is None else np.concatenate([w_train, w_val])
+        curve = _learning_curve(cfg, curve_rows, curve_w, frozen)
+        metrics["learning_curve"] = curve
+        plot_learning_curve(curve, output / "learning_curve.png", title=f"{cfg.kind} {curve['model']}: learning curve")
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
     record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
                                           inputs=inputs)
     provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
     print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
+    if curve is not None:
+        print_learning_curve(curve, title=f"learning curve ({curve['model']}, {curve['repeats']} x {curve['folds']}"
+                             f"-fold CV over {curve['total_labels']:,} labels)")
     if push_to_hub:
         console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
     return metrics
+
+
+def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None:
+    """The rows' inclusion weights, or None when no row has the field (a uniform sample needs none).
+
+    Some rows with and some without is an error: mixing a chosen sample with other rows has no correct weights."""
+    if not weight_field:
+        return None
+    values = [r.get(weight_field) for r in rows]
+    missing = sum(v is None for v in values)
+    if missing == len(values):
+        return None
+    if missing:
+        raise ValueError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "
+                         f"`score --select active`) must be on every row or none (--weight-field none ignores them)")
+    try:
+        w = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"field '{weight_field}' must hold numbers (inclusion weights)") from None
+    if not np.isfinite(w).all() or (w <= 0).any():
+        raise ValueError(f"field '{weight_field}' must hold positive finite inclusion weights")
+    return w
+
+
+def weight_summary(w: np.ndarray, weight_field: str) -> dict:
+    """What the weights did to the sample: its effective size (Kish) and range."""
+    return {"field": weight_field, "effective_n": float(w.sum() ** 2 / (w**2).sum()), "min": float(w.min()),
+            "max": float(w.max())}
+
+
+def _calibration_weights(w_val, w_train, n_val: int, n_train: int, with_train: bool):
+    """Weights beside the calibration predictions (validation, then out-of-fold training), None when unweighted."""
+    if w_val is None and w_train is None:
+        return None
+    val_part = w_val if w_val is not None else np.full(n_val, float(np.mean(w_train)))
+    if not with_train:
+        return val_part
+    train_part = w_train if w_train is not None else np.full(n_train, float(np.mean(w_val)))
+    return np.concatenate([val_part, train_part])
+
+
+def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> dict:
+    """The learning curve of the frozen-encoder head (for finetune: the linear probe its training starts from, as
+    a fine-tune per point would cost hours) or of fastText."""
+    y = np.array([r["label"] for r in rows])
+    texts = [r["text"] for r in rows]
+    main = MAIN_THRESHOLD[cfg.kind]
+    if frozen is None:
+        # fastText trains slowly on CPUs: one repeat, and cut points placed on a fifth of each subset held out
+        # from its fit instead of out-of-fold predictions (about the cost of training itself, not five times it)
+        def fit_predict(subset, held):
+            order = np.random.default_rng(cfg.seed).permutation(subset)
+            fit, calibrate = order[: int(0.8 * len(order))], order[int(0.8 * len(order)):]
+            model = _fasttext_fit(cfg, [texts[i] for i in fit], y[fit], _take(w, fit))
+            cuts = fit_cut_points(model.predict([texts[i] for i in calibrate]), y[calibrate],
+                                  min_positives=cfg.min_positives, weights=_take(w, calibrate))
+            return model.predict([texts[i] for i in held]), cuts
+
+        console.print("learning curve: refitting fastText on 10/25/50/100% of the labels in each CV fold")
+        curve = learning_curve(y, fit_predict, w, cfg.folds, 1, cfg.seed, min_rows=2 * cfg.folds,
+                               main_threshold=main)
+        return {"model": "fasttext", **curve}
+
+    x = frozen.embed(texts).astype(np.float64)
+
+    def fit_predict(subset, held):
+        (weight, bias), oof, _, _ = fit_ridge_head(x[subset], y[subset], cfg.folds, cfg.seed,
+                                                   weights=_take(w, subset))
+        cuts = fit_cut_points(oof, y[subset], min_positives=cfg.min_positives, weights=_take(w, subset))
+        return x[held] @ weight + bias, cuts
+
+    console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold")
+    curve = learning_curve(y, fit_predict, w, cfg.folds, cfg.curve_repeats, cfg.seed, min_rows=2 * cfg.folds,
+                           main_threshold=main)
+    return {"model": "head" if cfg.method == "head" else "head (linear probe)", **curve}
+
+
+def _take(w, index):
+    return None if w is None else w[index]
 
 
 def label_source(rows: list[dict], label_field: str) -> dict:
@@ -205,26 +318,57 @@ def remove_other_layout(folder: Path, method: str) -> None:
 
 
 # --- fastText ---------------------------------------------------------------------------------------------------
-def _train_fasttext(cfg: ClassifierTrainConfig, texts, y, val_texts):
-    from sklearn.model_selection import KFold
-
+def _fasttext_fit(cfg: ClassifierTrainConfig, texts, y, w=None):
+    """fastText has no per-example weight: with inclusion weights it trains on a weighted resample of the rows (as
+    many draws as rows, with replacement, probability in proportion to weight), which has the weighted loss as its
+    expectation."""
     from edu_filter.classifiers.fasttext_model import FastTextRegressor
 
     settings = FastTextSettings(**{**asdict(cfg.fasttext), "seed": cfg.seed})
+    if w is not None:
+        draws = np.random.default_rng(cfg.seed).choice(len(y), size=len(y), p=w / w.sum())
+        texts, y = [texts[i] for i in draws], y[draws]
+    return FastTextRegressor.train(texts, y, settings, kind=cfg.kind)
+
+
+def _train_fasttext(cfg: ClassifierTrainConfig, texts, y, val_texts, w=None):
+    from sklearn.model_selection import KFold
+
     oof = np.zeros(len(texts))
     for fit_idx, held_idx in KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(texts):
-        fold = FastTextRegressor.train([texts[i] for i in fit_idx], y[fit_idx], settings, kind=cfg.kind)
+        fold = _fasttext_fit(cfg, [texts[i] for i in fit_idx], y[fit_idx], _take(w, fit_idx))
         oof[held_idx] = fold.predict([texts[i] for i in held_idx])
-    model = FastTextRegressor.train(texts, y, settings, kind=cfg.kind)
+    model = _fasttext_fit(cfg, texts, y, w)
     return model, model.predict(val_texts), oof, {"method": "fasttext"}
 
 
 # --- head and finetune ------------------------------------------------------------------------------------------
-def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output: Path):
+@dataclass
+class FrozenEncoder:
+    """An encoder loaded for the head recipe, with the embedding-cache key its pooled vectors are stored under."""
+
+    name: str  # the path or hub name loaded
+    tokenizer: object
+    model: object  # EduClassifierForSequenceClassification around the encoder, head untrained
+    scorer: object  # EduScorer over `model`
+    key: str  # embedding-cache setting key
+    cache: object  # EmbeddingCache
+    max_length: int
+    pool_layers: list[int]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        from edu_filter.classifiers.embeddings import cached_embeddings
+
+        return cached_embeddings(self.scorer, texts, self.key, self.cache)
+
+
+def load_frozen_encoder(cfg: ClassifierTrainConfig) -> FrozenEncoder:
+    """The encoder `train` pools embeddings from, keyed in the embedding cache exactly as `train` keys them (so
+    `score --select active` and `train` share the vectors of the same documents)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings, setting_key
+    from edu_filter.classifiers.embeddings import EmbeddingCache, setting_key
     from edu_filter.classifiers.modeling_edu_classifier import (
         EduClassifierConfig,
         EduClassifierForSequenceClassification,
@@ -242,7 +386,6 @@ def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output
     max_length = min(cfg.max_length, max_positions)
     if max_length < cfg.max_length:
         console.print(f"max_length {cfg.max_length} exceeds the encoder's {max_positions} positions; using {max_length}")
-    long_docs = cfg.long_docs
     pool_layers = cfg.pool_layers or default_pool_layers(encoder.config.num_hidden_layers)
     config = EduClassifierConfig(
         encoder_config=encoder.config.to_dict(),
@@ -250,70 +393,56 @@ def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output
         pooling=cfg.pooling,
         pool_layers=pool_layers,
         max_seq_length=max_length,
-        long_docs=long_docs,
+        long_docs=cfg.long_docs,
         max_chunks=cfg.max_chunks,
         kind=cfg.kind,
         method=cfg.method,
     )
     model = EduClassifierForSequenceClassification(config, encoder=encoder)
     scorer = EduScorer(
-        model, tokenizer, max_length=max_length, long_docs=long_docs, max_chunks=cfg.max_chunks,
+        model, tokenizer, max_length=max_length, long_docs=cfg.long_docs, max_chunks=cfg.max_chunks,
         batch_size=cfg.batch_size,
     )
-    cache = EmbeddingCache(cfg.cache_dir)
     key = setting_key(
         encoder=encoder_identity(encoder_name), max_length=max_length, pooling=cfg.pooling, pool_layers=pool_layers,
-        long_docs=long_docs, max_chunks=cfg.max_chunks,
+        long_docs=cfg.long_docs, max_chunks=cfg.max_chunks,
     )
-    x_train = cached_embeddings(scorer, texts, key, cache)
-    head, oof, alpha = fit_ridge_head(x_train, y, cfg.folds, cfg.seed)
+    return FrozenEncoder(encoder_name, tokenizer, model, scorer, key, EmbeddingCache(cfg.cache_dir), max_length,
+                         pool_layers)
+
+
+def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output: Path, w=None):
+    """Returns the model, validation predictions, out-of-fold training predictions (head only), info, and the
+    frozen encoder (whose cached embeddings the learning curve reuses)."""
+    import torch
+
+    frozen = load_frozen_encoder(cfg)
+    model, scorer = frozen.model, frozen.scorer
+    x_train = frozen.embed(texts)
+    head, oof, alpha, flattening = fit_ridge_head(x_train, y, cfg.folds, cfg.seed, weights=w)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
         model.classifier.bias.fill_(head[1])
-    info = {"method": cfg.method, "encoder": config.encoder_name, "pool_layers": pool_layers, "ridge_alpha": alpha}
+    info = {"method": cfg.method, "encoder": model.config.encoder_name, "pool_layers": frozen.pool_layers,
+            "ridge_alpha": alpha}
+    if w is not None:
+        info["weight_flattening"] = flattening  # the power of the weights the fit used (1: fully weighted)
     # the saved tokenizer truncates where the model was trained to read, for users of the plain transformers recipe
-    tokenizer.model_max_length = max_length
-    tokenizer.save_pretrained(output)
+    frozen.tokenizer.model_max_length = frozen.max_length
+    frozen.tokenizer.save_pretrained(output)
 
     if cfg.method == "head":
-        x_val = cached_embeddings(scorer, val_texts, key, cache)
-        return model, x_val.astype(np.float64) @ head[0] + head[1], oof, info
+        x_val = frozen.embed(val_texts)
+        return model, x_val.astype(np.float64) @ head[0] + head[1], oof, info, frozen
 
-    finetune(model, scorer, texts, y, cfg)
+    finetune(model, scorer, texts, y, cfg, w)
     val_pred, _ = scorer.predict(val_texts, show_progress=True)
-    return model, val_pred.astype(np.float64), None, info
+    return model, val_pred.astype(np.float64), None, info, frozen
 
 
-def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int):
-    """Ridge on standardised embeddings, alpha by cross-validation; returns ((weight, bias) on raw embeddings,
-    out-of-fold predictions, alpha).
-
-    BLAS runs single-threaded: these matrices are small, and multi-threaded OpenBLAS on a busy machine was measured
-    ~80x slower (2.3 s vs 0.03 s per fit).
-    """
-    from scipy.linalg import LinAlgWarning
-    from sklearn.linear_model import Ridge, RidgeCV
-    from threadpoolctl import threadpool_limits
-    from sklearn.model_selection import KFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    cv = KFold(folds, shuffle=True, random_state=seed)
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", LinAlgWarning)  # the smallest alphas of the search are ill-conditioned
-        search = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 25), cv=cv))
-        search.fit(x, y)
-        alpha = float(search[-1].alpha_)
-        final = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x, y)
-        oof = cross_val_predict(make_pipeline(StandardScaler(), Ridge(alpha=alpha)), x, y, cv=cv)
-    scaler, ridge = final
-    weight = ridge.coef_ / scaler.scale_
-    bias = float(ridge.intercept_ - weight @ scaler.mean_)
-    return (weight.astype(np.float32), bias), oof, alpha
-
-
-def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig) -> None:
-    """Train every weight with MSE on the first max_length tokens of each document (AdamW, warmup + linear decay)."""
+def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None) -> None:
+    """Train every weight with MSE on the first max_length tokens of each document (AdamW, warmup + linear decay);
+    with inclusion weights, each document's squared error counts in proportion to its weight."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -338,6 +467,7 @@ def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrai
     )
     rng = np.random.default_rng(cfg.seed)
     targets = torch.tensor(y, dtype=torch.float32)
+    row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(), console=console,
@@ -353,14 +483,13 @@ def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrai
                 for row, i in enumerate(batch):
                     input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
                     attention_mask[row, : len(sequences[i])] = 1
-                out = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    labels=targets[batch].to(device),
-                )
-                out.loss.backward()
+                out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+                errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
+                loss = (row_weights[batch].to(device) * errors).mean()
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress.update(task, advance=1, loss=out.loss.item())
+                progress.update(task, advance=1, loss=loss.item())
     model.eval()

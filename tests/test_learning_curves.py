@@ -1,0 +1,156 @@
+"""Learning curves in `train`, and the weighted fit, cut points and metrics they (and active samples) rest on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points
+from edu_filter.classifiers.head import fit_ridge_head
+from edu_filter.classifiers.learning_curve import learning_curve
+from edu_filter.classifiers.metrics import compute_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+
+
+def scored_sample(n: int, seed: int):
+    """Labels 0-5 skewed low like web data, raw scores that track them, integer weights 1-3."""
+    rng = np.random.default_rng(seed)
+    labels = np.clip(np.rint(rng.gamma(2.0, 0.7, n)), 0, 5)
+    raw = labels + rng.normal(0, 0.8, n)
+    weights = rng.integers(1, 4, n)
+    return labels, raw, weights
+
+
+def test_weighted_metrics_equal_the_metrics_of_duplicated_rows():
+    labels, raw, w = scored_sample(400, 0)
+    ints = apply_cut_points(raw, [0.5, 1.5, 2.5, 3.5, 4.5])
+    weighted = compute_metrics(labels, raw, ints, weights=w)
+    repeated = compute_metrics(np.repeat(labels, w), np.repeat(raw, w), np.repeat(ints, w))
+    for key in ("mse", "spearman", "pearson", "accuracy", "macro_f1", "binary_f1_at_2", "binary_f1_at_3",
+                "binary_f1_at_4"):
+        assert weighted[key] == pytest.approx(repeated[key], abs=1e-9), key
+    assert weighted["uncalibrated"] == pytest.approx(repeated["uncalibrated"], abs=1e-9)
+    assert weighted["n"] == 400 and sum(map(sum, weighted["confusion_matrix"])) == 400  # documents, not weight
+    assert weighted["weighted"]["effective_n"] < 400
+    assert compute_metrics(labels, raw, ints)["spearman"] != pytest.approx(weighted["spearman"], abs=1e-6)
+
+
+def test_weighted_cut_points_equal_the_cut_points_of_duplicated_rows():
+    labels, raw, w = scored_sample(600, 1)
+    weighted = fit_cut_points(raw, labels, min_positives=1, weights=w)
+    assert weighted == pytest.approx(fit_cut_points(np.repeat(raw, w), np.repeat(labels, w), min_positives=1))
+    # weighting the high labels down moves the cuts up: fewer predicted positives pay off
+    down = np.where(labels >= 3, 0.2, 1.0)
+    assert fit_cut_points(raw, labels, weights=down)[2] > fit_cut_points(raw, labels)[2]
+
+
+def test_weighted_ridge_head_is_scikit_learns_weighted_ridge():
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(2)
+    for n, p in ((120, 300), (300, 40)):  # the kernel and the primal form
+        x = rng.normal(size=(n, p)).astype(np.float32)
+        y = x[:, :5].sum(axis=1) + rng.normal(size=n)
+        w = rng.uniform(0.2, 5.0, n)
+        (weight, bias), oof, alpha, flattening = fit_ridge_head(x, y, folds=5, seed=0, weights=w)
+        fit_w = w**flattening
+        scaler = StandardScaler().fit(x, sample_weight=fit_w)
+        reference = Ridge(alpha=alpha).fit(scaler.transform(x), y, sample_weight=fit_w / fit_w.mean())
+        assert x.astype(np.float64) @ weight + bias == pytest.approx(reference.predict(scaler.transform(x)),
+                                                                     abs=1e-4)
+        assert np.corrcoef(oof, y)[0, 1] > 0.5  # out-of-fold predictions, not noise
+
+
+def test_weighted_cross_validation_chooses_how_much_the_fit_follows_the_weights():
+    """Weights unrelated to the labels only add noise to a well-specified fit: mostly a flatter fit wins. Where a
+    linear fit is wrong and the sample is thin in the region that bends, the full weights win every time."""
+    noise_only, needed = [], []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(300, 10))
+        y = x @ rng.normal(size=10) + rng.normal(0, 1, 300)
+        noise_only.append(fit_ridge_head(x, y, 5, 0, weights=rng.pareto(1.5, 300) + 0.05)[3])
+        x = rng.normal(size=(300, 3))
+        bend = x[:, 0] > 1.0
+        y = x[:, 1] + np.where(bend, 3 * x[:, 0], 0) + rng.normal(0, 0.3, 300)
+        needed.append(fit_ridge_head(x, y, 5, 0, weights=np.where(bend, 20.0, 1.0))[3])
+    assert sum(f < 1 for f in noise_only) >= 7, noise_only
+    assert needed == [1.0] * 10
+    assert fit_ridge_head(x, y, 5, 0)[3] == 1.0  # no weights: nothing to flatten
+
+
+def ridge_fit_predict(x, y):
+    def fit_predict(subset, held):
+        (weight, bias), oof, _, _ = fit_ridge_head(x[subset], y[subset], 5, 0)
+        return x[held] @ weight + bias, fit_cut_points(oof, y[subset])
+
+    return fit_predict
+
+
+def test_learning_curve_tells_a_rising_curve_from_a_flat_one():
+    rng = np.random.default_rng(3)
+    n = 600
+    # many weak features: each extra label still teaches the ridge something
+    x = rng.normal(size=(n, 300))
+    latent = x @ rng.normal(0, 0.15, 300)
+    y = np.clip(np.rint(1.4 + latent + rng.normal(0, 0.4, n)), 0, 5)
+    rising = learning_curve(y, ridge_fit_predict(x, y), repeats=1)
+    assert [p["share"] for p in rising["points"]] == [0.1, 0.25, 0.5, 1.0]
+    assert [p["labels"] for p in rising["points"]] == [48, 120, 240, 480]
+    assert rising["points"][-1]["spearman"] > rising["points"][0]["spearman"] + 0.2
+    assert rising["verdict"]["still_helping"] is True and "still helping" in rising["verdict"]["text"]
+
+    # one strong feature and label noise: a few dozen labels already fit it
+    x1 = rng.normal(size=(n, 2))
+    y1 = np.clip(np.rint(1.4 + x1[:, 0] + rng.normal(0, 0.6, n)), 0, 5)
+    flat = learning_curve(y1, ridge_fit_predict(x1, y1), repeats=1)
+    assert flat["verdict"]["still_helping"] is False and "flattened" in flat["verdict"]["text"]
+    assert abs(flat["points"][-1]["spearman"] - flat["points"][-2]["spearman"]) < 0.02
+
+
+def test_train_reports_the_learning_curve(tmp_path, minilm_path, embedding_cache_dir, capsys):
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "web"
+    metrics = train_classifier(
+        [str(WEB_TRAIN)], out, kind="web", encoder=minilm_path, max_length=128, limit=300,
+        cache_dir=str(embedding_cache_dir), val_fraction=0.2,
+    )
+    curve = json.loads((out / "metrics.json").read_text())["learning_curve"]
+    assert curve == metrics["learning_curve"]
+    assert curve["model"] == "head" and curve["total_labels"] == 300 and curve["repeats"] == 2
+    labels = [p["labels"] for p in curve["points"]]
+    assert labels == [24, 60, 120, 240] and [p["fits"] for p in curve["points"]] == [10] * 4
+    assert curve["points"][-1]["spearman"] > curve["points"][0]["spearman"]  # 240 labels beat 24
+    assert curve["verdict"]["still_helping"] in (True, False) and curve["verdict"]["text"]
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "learning curve" in printed and curve["verdict"]["text"][:40] in printed.replace("\n", " ")
+
+    quiet = train_classifier(
+        [str(WEB_TRAIN)], tmp_path / "no-curve", kind="web", encoder=minilm_path, max_length=128, limit=300,
+        cache_dir=str(embedding_cache_dir), val_fraction=0.2, learning_curve=False,
+    )
+    assert "learning_curve" not in quiet and not (tmp_path / "no-curve" / "learning_curve.png").exists()
+    assert quiet["spearman"] == metrics["spearman"]  # the curve is a report: it changes nothing in the model
+
+
+def test_fasttext_learning_curve(tmp_path):
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    metrics = train_classifier(
+        [str(REPO / "data/code/python_edu_labels.jsonl")], tmp_path / "ft", kind="code", method="fasttext",
+        limit=150, fasttext=FastTextSettings(epoch=5, max_chars=2000),
+    )
+    curve = metrics["learning_curve"]
+    assert curve["model"] == "fasttext" and curve["repeats"] == 1 and curve["main_threshold"] == 4
+    assert [p["labels"] for p in curve["points"]] == [12, 30, 60, 120]
+    assert all(p["spearman"] is not None and -1 <= p["spearman"] <= 1 for p in curve["points"])
+    assert curve["verdict"]["text"] and (tmp_path / "ft" / "learning_curve.png").exists()
