@@ -79,3 +79,16 @@ def stock_classifier(tmp_path_factory) -> str:
     from apply_corpus import make_stock_classifier
 
     return make_stock_classifier(tmp_path_factory.mktemp("stock_classifier"))
+
+
+@pytest.fixture
+def server():
+    """The project's own OpenAI-compatible test server on 127.0.0.1 (tests/llm_test_server.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llm_test_server import LLMTestServer
+
+    srv = LLMTestServer().start()
+    yield srv
+    srv.stop()

@@ -240,3 +240,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_jsonl(path, rows: list[dict]):
+    """Rows as JSONL, for the annotation tests."""
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_test_server import LLMTestServer, directive  # noqa: E402
+from llm_test_server import read_jsonl, write_jsonl, LLMTestServer, directive  # noqa: E402
 
 from edu_filter.annotate.backends import BackendError, ContextOverflow, read_error  # noqa: E402
 from edu_filter.annotate.prompts import load_prompt  # noqa: E402
@@ -22,22 +22,6 @@ from edu_filter.annotate.score import _rate, score_documents  # noqa: E402
 
 FAST = {"retry_backoff": 0.01, "timeout": 1.0, "max_retries": 3, "show_progress": False}
 SMOLLM = "smollm2-135m-instruct-q4_1.gguf"
-
-
-@pytest.fixture
-def server():
-    srv = LLMTestServer().start()
-    yield srv
-    srv.stop()
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 def doc(doc_id: str, text: str = "A short lesson about fractions.", **behaviour) -> dict:
