@@ -29,7 +29,6 @@ starts over).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -225,30 +224,6 @@ def resolve_config(
     )
 
 
-def fingerprint_path(path: str) -> dict | str:
-    """Size and modification time of every file under a local path (a file or a folder); a remote path or hub id is
-    recorded as the name itself."""
-    root = Path(path)
-    if "://" in path or not root.exists():
-        return path
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-    return {str(f.relative_to(root) if f != root else f.name): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-
-
-def fingerprint_model(model: str) -> str:
-    """sha256 over the names and contents of a local model folder's files (a hub id: the id itself)."""
-    root = Path(model)
-    if not root.exists():
-        return model
-    digest = hashlib.sha256()
-    for f in sorted(f for f in root.rglob("*") if f.is_file() and ".cache" not in f.parts):
-        digest.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint_inputs(files: list[tuple[str, str]]) -> dict:
     """{file: [size, mtime]} for every input file (fsspec metadata for remote ones)."""
     from datatrove.io import get_datafolder
@@ -262,12 +237,17 @@ def fingerprint_inputs(files: list[tuple[str, str]]) -> dict:
     return found
 
 
-def run_record(cfg: ApplyConfig, files: list[tuple[str, str]]) -> dict:
+def run_record(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict]) -> dict:
+    """What a resume must match: the settings, every input file's size and mtime, and the provenance fingerprints
+    (`used`, from `provenance.describe_inputs`) of the classifier and the decontamination sets; a hub id or remote
+    path stands for itself."""
+    fingerprints = {role: {e["path"]: e["fingerprint"] or e["path"] for e in used if e["role"] == role}
+                    for role in ("classifier", "decontamination")}
     return {
         "settings": cfg.result_settings(),
         "input_files": fingerprint_inputs(files),
-        "model_fingerprint": fingerprint_model(cfg.model),
-        "decontaminate_files": {d: fingerprint_path(d) for d in cfg.decontaminate},
+        "model_fingerprint": next(iter(fingerprints["classifier"].values())),
+        "decontaminate_files": fingerprints["decontamination"],
     }
 
 
@@ -293,7 +273,7 @@ def _what_changed(previous: dict, current: dict) -> str:
     return ""
 
 
-def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], overwrite: bool = False) -> None:
+def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False) -> None:
     """Record what this run is made of; a restart into the same folder must be made of the same things."""
     out = Path(cfg.output)
     if "://" in cfg.output:
@@ -308,7 +288,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], overwrite: bo
             raise DocumentError(f"--output {out} is not empty and holds no apply run ({what}); give an empty or new "
                                 "folder" + ("" if strangers else ", or --overwrite"))
         remove_outputs(out)
-    current = run_record(cfg, files)
+    current = run_record(cfg, files, used)
     if path.exists():
         changed = _what_changed(json.loads(path.read_text()), current)
         if changed and not overwrite:
@@ -516,10 +496,10 @@ def run_apply(
                          on_gpu=on_gpu, tasks=tasks, **options)
     if executor == "slurm" and not slurm.dry_run:
         ex.refuse_if_queued(cfg.output)
-    prepare_output(cfg, files, overwrite=overwrite)
-    local_workers = workers or 1
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
+    prepare_output(cfg, files, used, overwrite=overwrite)
+    local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm),
                           provenance_inputs=used)
     ex.save_stage_list(cfg.output, stages)
