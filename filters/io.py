@@ -226,38 +226,39 @@ def _kept_adapter(self, document: Document) -> dict:
     return flat_record(document, drop=PIPELINE_KEYS)
 
 
-class CountedJsonlWriter(JsonlWriter):
-    """Gzipped JSONL of flat records that also counts what it wrote (documents and tokens per destination).
+class WrittenCounts:
+    """Mixin for a datatrove writer: counts the documents and tokens it writes per destination (`removed/duplicate`,
+    `failed/${filter_reason}`, `kept`) and saves them per task on close, so the report adds up small files
+    instead of re-reading the corpus."""
 
-    `destination` names where the rows go in stats.json (`removed/duplicate`, `failed/${filter_reason}`); the counts
-    are saved per task beside the logs, so the report adds up small files instead of re-reading the corpus.
-    """
-
-    def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
-                 counts_name: str | None = None):
-        super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+    def count_into(self, destination: str, counts_folder: str | None, counts_name: str) -> None:
         self.destination = destination
         self.counts_folder = counts_folder
-        self.counts_name = counts_name or destination.split("/")[-1]
+        self.counts_name = counts_name
         self._counts: dict[str, list[int]] = {}
         self._rank = 0
 
     def write(self, document: Document, rank: int = 0, **kwargs):
         super().write(document, rank, **kwargs)
-        count_document(self._counts, self.destination, document)
+        key = self.destination.replace("${filter_reason}", str(document.metadata.get("filter_reason") or "unknown"))
+        entry = self._counts.setdefault(key, [0, 0])
+        entry[0] += 1
+        entry[1] += int(document.metadata.get("token_count") or 0)
         self._rank = rank
 
     def close(self):
         super().close()
-        if self._counts:  # a task that wrote nothing here leaves no file (and so no rank guess)
+        if self.counts_folder is not None and self._counts:  # a task that wrote nothing leaves no file (no rank guess)
             write_counts(self.counts_folder, self._rank, self._counts, name=self.counts_name)
 
 
-def count_document(counts: dict[str, list[int]], destination: str, document: Document) -> None:
-    key = destination.replace("${filter_reason}", str(document.metadata.get("filter_reason") or "unknown"))
-    entry = counts.setdefault(key, [0, 0])
-    entry[0] += 1
-    entry[1] += int(document.metadata.get("token_count") or 0)
+class CountedJsonlWriter(WrittenCounts, JsonlWriter):
+    """Gzipped JSONL of flat records (removed and failed rows) that counts what it wrote."""
+
+    def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
+                 counts_name: str | None = None):
+        super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+        self.count_into(destination, counts_folder, counts_name or destination.split("/")[-1])
 
 
 def record_writer(folder: str, filename: str = "${rank}.jsonl.gz") -> JsonlWriter:
@@ -270,7 +271,7 @@ def _json_safe(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else orjson.dumps(value).decode()
 
 
-class KeptParquetWriter(ParquetWriter):
+class KeptParquetWriter(WrittenCounts, ParquetWriter):
     """Parquet in the FineWeb-Edu schema: original fields plus top-level `score` and `int_score`.
 
     datatrove's ParquetWriter takes the schema from the first document, so a column that is null there and a string
@@ -283,14 +284,7 @@ class KeptParquetWriter(ParquetWriter):
         super().__init__(output_folder, output_filename="${rank}.parquet", adapter=_kept_adapter,
                          batch_size=batch_size, use_content_defined_chunking=False)
         self._files = {}
-        self.counts_folder = counts_folder
-        self._counts: dict[str, list[int]] = {}
-        self._rank = 0
-
-    def write(self, document: Document, rank: int = 0, **kwargs):
-        super().write(document, rank, **kwargs)
-        count_document(self._counts, "kept", document)
-        self._rank = rank
+        self.count_into("kept", counts_folder, "kept")
 
     def _write(self, document: dict, file_handler, filename: str):
         if self.max_file_size > 0:
@@ -304,8 +298,6 @@ class KeptParquetWriter(ParquetWriter):
         for filename in list(self._batches):  # writers are created on a first flush, which may not have happened
             self._write_batch(filename)
         super().close()
-        if self.counts_folder is not None and self._counts:
-            write_counts(self.counts_folder, self._rank, self._counts, name="kept")
 
     def _write_batch(self, filename):
         if not self._batches[filename]:
