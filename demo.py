@@ -76,14 +76,14 @@ def run_demo(output: str | Path = "demo_out") -> Path:
 
     t = _stage("2/6 train + evaluate: web classifier (frozen encoder + regression head)")
     web_model = out / "models/web"
-    train_classifier([str(WEB_TRAIN)], web_model, kind="web", val=[str(WEB_VAL)])
+    train_classifier([str(WEB_TRAIN)], web_model, kind="web", val=[str(WEB_VAL)], overwrite=True)
     results["web_val"] = json.loads((web_model / "metrics.json").read_text())
     results["web_llama33"] = evaluate_model(str(web_model), [str(WEB_LLAMA33)], report=out / "eval/web_llama33.json")
     timings["train_web"] = time.perf_counter() - t
 
     t = _stage("3/6 train + evaluate: code classifier")
     code_model = out / "models/code"
-    train_classifier([str(CODE_LABELLED)], code_model, kind="code")
+    train_classifier([str(CODE_LABELLED)], code_model, kind="code", overwrite=True)
     results["code_val"] = json.loads((code_model / "metrics.json").read_text())
     timings["train_code"] = time.perf_counter() - t
 

@@ -83,13 +83,13 @@ def evaluate_on(model_dir: Path, kind: str, eval_rows: list[dict]) -> dict:
     from safetensors.numpy import load_file
 
     from edu_filter.classifiers.calibration import apply_cut_points
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
     from edu_filter.classifiers.metrics import compute_metrics
-    from edu_filter.train.classifier import ClassifierTrainConfig, load_frozen_encoder
 
     config = json.loads((model_dir / "config.json").read_text())
     tensors = load_file(str(model_dir / "model.safetensors"))
     weight, bias = tensors["classifier.weight"][0].astype(np.float64), float(tensors["classifier.bias"][0])
-    frozen = load_frozen_encoder(ClassifierTrainConfig(kind=kind, max_length=config["max_seq_length"]))
+    frozen = load_frozen_encoder(kind, max_length=config["max_seq_length"])
     x = frozen.embed([r["text"] for r in eval_rows]).astype(np.float64)
     raw = x @ weight + bias
     ints = apply_cut_points(raw, config["cut_points"])
@@ -103,16 +103,15 @@ def check_against_evaluate(model_dir: Path, eval_rows: list[dict], kind: str) ->
     """Largest difference between the cached-embedding scores and `evaluate`'s on 40 documents."""
     import numpy as np
 
-    from edu_filter.classifiers import EduScorer
-
     from safetensors.numpy import load_file
 
-    from edu_filter.train.classifier import ClassifierTrainConfig, load_frozen_encoder
+    from edu_filter.classifiers import load_scorer
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
 
     subset = eval_rows[:40]
-    scores, _ = EduScorer.from_pretrained(model_dir).predict([r["text"] for r in subset])
+    scores, _ = load_scorer(model_dir).predict([r["text"] for r in subset])
     tensors = load_file(str(model_dir / "model.safetensors"))
-    frozen = load_frozen_encoder(ClassifierTrainConfig(kind=kind))
+    frozen = load_frozen_encoder(kind)
     cached = frozen.embed([r["text"] for r in subset]).astype(np.float64) @ tensors["classifier.weight"][0] + float(
         tensors["classifier.bias"][0])
     return float(np.abs(scores - cached).max())

@@ -1,9 +1,10 @@
 """Scoring speed: `EduScorer.predict` against a naive loop over the same documents, side by side in one run.
 
 The naive loop is what a first script does: documents in file order, batches of 32, each padded to its longest
-member (truncated at max_length), fp32, plain `torch.no_grad()`, torch's default threads. `EduScorer` tokenizes
-once, sorts by length so each batch pads only to similar lengths, runs under `inference_mode` with threads set
-(bf16 + SDPA on GPU). Both produce the same scores; the script checks that and prints docs/s and the ratio.
+member (truncated at max_length), fp32, plain `torch.no_grad()`. `EduScorer` tokenizes once, sorts by length so each
+batch pads only to similar lengths, runs under `inference_mode` (bf16 + SDPA on GPU). Both run on the same torch
+threads (every CPU the process may use) and produce the same scores; the script checks that and prints docs/s and
+the ratio.
 On CPU it also times `dtype="int8"` (dynamic quantization, the opt-in CPU fast path) and reports how far its scores
 and int_scores move from the exact ones.
 
@@ -61,10 +62,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edu_filter.classifiers import EduScorer
+    from edu_filter.classifiers import load_scorer
+    from edu_filter.classifiers.device import default_num_threads
     from edu_filter.documents import expand_paths, read_documents
 
     console = Console()
+    torch.set_num_threads(default_num_threads())
     per_file = [read_documents([f], limit=args.limit) for f in expand_paths(args.data)]
     # documents from every input in turn, so the naive file order mixes long web pages and short code files
     rows = [row for group in zip(*per_file) for row in group] if len(per_file) > 1 else per_file[0]
@@ -83,11 +86,10 @@ def main() -> None:
                 max_length=128, cache_dir=str(Path(tmp) / "cache"),
             )
 
-        scorer = EduScorer.from_pretrained(model_dir, max_length=args.max_length, batch_size=args.batch_size)
+        scorer = load_scorer(model_dir, max_length=args.max_length, batch_size=args.batch_size)
         int8 = None
         if scorer.device.type == "cpu":
-            int8 = EduScorer.from_pretrained(model_dir, max_length=args.max_length, batch_size=args.batch_size,
-                                             dtype="int8")
+            int8 = load_scorer(model_dir, max_length=args.max_length, batch_size=args.batch_size, dtype="int8")
             int8.predict(texts[:8], long_docs="truncate")
         scorer.predict(texts[:8], long_docs="truncate")  # warm-up
         naive_scores(model_dir, texts[:8], args.max_length)

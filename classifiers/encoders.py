@@ -1,4 +1,4 @@
-"""Which encoder to use, how to reach it offline, and how to frame token sequences for it.
+"""Which encoder to use, how to reach it offline, and how to frame and pad token sequences for it.
 
 Production defaults are the encoders FineWeb-Edu / StarCoder-style filters use: Snowflake arctic-embed-m for web
 text, bigcode/starencoder for code. Where the hub cannot be reached, the default (never an explicit `--encoder`)
@@ -126,3 +126,17 @@ class SequenceFramer:
 
     def __call__(self, ids: list[int]) -> list[int]:
         return self.prefix + ids + self.suffix
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) long tensors of shape (len(sequences), longest): each sequence left-aligned and
+    padded with `pad_id` to the batch's longest. The one collate of scoring and fine-tuning."""
+    import torch
+
+    width = max((len(s) for s in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
+from edu_filter.classifiers.metrics import (
+    compute_metrics,
+    metric_warnings,
+    plot_confusion_matrix,
+    print_metrics,
+    print_warnings,
+)
 from edu_filter.documents import read_documents
 
 
@@ -17,17 +23,25 @@ def evaluate_model(
     long_docs: str | None = None,
     batch_size: int = 32,
     dtype: str | None = None,
+    num_threads: int | None = None,
 ) -> dict:
-    """Metrics of `model` on `data` (every row must carry a label); the JSON report gets a confusion-matrix PNG beside it."""
-    from edu_filter.classifiers.scorer import EduScorer
+    """Metrics of `model` on `data` (every row must carry a label), with warnings when they cannot be trusted; the
+    JSON report gets a confusion-matrix PNG beside it. Scoring runs on `num_threads` CPU threads (default: every CPU
+    this process may use)."""
+    from edu_filter.classifiers.device import torch_threads
+    from edu_filter.classifiers.scorer import load_scorer
 
     rows = read_documents(data, label_field=label_field, require_label=True)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
-    scorer = EduScorer.from_pretrained(model, batch_size=batch_size, dtype=dtype)
-    raw, _ = scorer.predict([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
-    metrics = compute_metrics([r["label"] for r in rows], raw, scorer.to_int_score(raw))
+    scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
+    with torch_threads(num_threads):
+        raw, _ = scorer.predict([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
+    labels = [r["label"] for r in rows]
+    metrics = compute_metrics(labels, raw, scorer.to_int_score(raw))
+    metrics["warnings"] = metric_warnings(metrics, labels, scorer.kind, data="the evaluation data")
     print_metrics(metrics, title=f"{model} on {len(rows)} documents")
+    print_warnings(metrics["warnings"])
     if report is not None:
         report = Path(report)
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,10 @@ from typing import Callable
 import numpy as np
 
 from edu_filter.classifiers.calibration import apply_cut_points
-from edu_filter.classifiers.metrics import compute_metrics
+from edu_filter.classifiers.metrics import MAIN_THRESHOLD, compute_metrics  # noqa: F401 - MAIN_THRESHOLD re-exported
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 CURVE_METRICS = ("spearman", "binary_f1_at_2", "binary_f1_at_3", "binary_f1_at_4", "mse")
-# the decision each kind's preset makes: FineWeb-Edu keeps int_score >= 3, Python-Edu >= 4
-MAIN_THRESHOLD = {"web": 3, "code": 4}
 
 # fit_predict(training indices, held-out indices) -> (raw scores of the held-out rows, cut points)
 FitPredict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, list[float]]]

@@ -1,18 +1,17 @@
 """An encoder + pooling + one-logit regression head, saved so `AutoModelForSequenceClassification` loads it.
 
 Why a custom class instead of stock `BertForSequenceClassification` (what HuggingFaceFW/fineweb-edu-classifier is):
-the stock class scores the BERT pooler output (a tanh layer on [CLS]). On our annotated web data, mean pooling over
-tokens was clearly better for the same frozen encoder and ridge head (Spearman against human labels 0.705 mean pooling
-vs 0.63 pooler), so the saved folder carries this file and an `auto_map`, and loads with
+the stock class scores the BERT pooler output (a tanh layer on [CLS]), and mean pooling over tokens was clearly better
+for the same frozen encoder and ridge head. So the saved folder carries this file and an `auto_map`, and loads with
 `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`. Its output is the same as the
 official classifier's: `logits` of shape (batch, 1), the raw educational score.
 
 The file is self-contained (only torch and transformers) because `save_pretrained` copies it next to the weights.
 
 Intermediate layers: pooling the last layer alone is what sentence embeddings do, but a quality judgement also
-depends on form (structure, comments, style) that middle layers keep better. On the labelled Python files (5-fold,
-frozen MiniLM, ridge) mean-pooling layer 3 or 4 of 6 gave Spearman 0.84 vs 0.79 for the last layer, F1@4 0.58 vs
-0.51; `pool_layers` lists the hidden states (0 = embeddings) whose pooled vectors are concatenated.
+depends on form (structure, comments, style) that middle layers keep better; `pool_layers` lists the hidden states
+(0 = embeddings) whose pooled vectors are concatenated. The measurements behind both choices are in
+benchmarks/RESULTS.md ("Classifier design choices").
 
 Everything needed to use the model is in the config: encoder config and name, pooling and pooled layers,
 max_seq_length (tokens per sequence; `max_length` is reserved for generation in transformers), calibration cut

@@ -1,16 +1,18 @@
-"""`EduScorer`: score documents with any saved classifier, fast.
+"""Scorers: raw educational scores, and the model's calibrated 0-5 `int_score`, from any saved classifier.
 
-One loader for every folder `edu-filter train` writes (head, finetune, fasttext) and for the official
-HuggingFaceFW/fineweb-edu-classifier layout (stock `BertForSequenceClassification`, one logit, no calibration ->
-round-and-clip). The fast path: tokenize everything once, sort sequences by length, pad each batch only to its
-longest member, run under `torch.inference_mode()` with torch threads set (bf16 + SDPA on GPU), and put the
-results back in input order.
+`load_scorer` reads every folder `edu-filter train` writes and the official HuggingFaceFW/fineweb-edu-classifier
+layout (stock `BertForSequenceClassification`, one logit, no calibration -> round-and-clip). It returns an `EduScorer`
+for a transformers model or a `FastTextScorer` for a fastText one; both `predict` and `to_int_score` alike.
+
+`EduScorer`'s fast path: tokenize everything once, sort sequences by length, pad each batch only to its longest
+member, run under `torch.inference_mode()` (bf16 + SDPA on GPU), and put the results back in input order. Loading a
+scorer sets no threads: whoever runs scoring as its main job chooses them (`classifiers.device.torch_threads`).
 
 Precision (`dtype`): exact fp32 on CPU and bf16 on GPU by default. `int8` is the CPU fast path for CPUs without bf16
 units: the encoder's linear layers are quantized dynamically with per-channel weight scales (the regression head stays
-fp32). On bundled FineWeb documents it scored 1.36x faster than fp32, moved scores by 0.04 on average and changed
-about 1% of keep/drop decisions at threshold 3; activations are quantized per batch, so a score can move slightly with
-the batch a document lands in. Opt-in for that reason: the default reproduces what `train` measured.
+fp32). It is opt-in because it moves scores a little, and because activations are quantized per batch a score can
+depend on the batch a document lands in; the default reproduces what `train` measured. Its speed and score changes
+are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 
 from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
-from edu_filter.classifiers.encoders import SequenceFramer, prepare_tokenizer
+from edu_filter.classifiers.device import default_device
+from edu_filter.classifiers.encoders import SequenceFramer, pad_batch, prepare_tokenizer
+from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 
 LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
-FASTTEXT_CONFIG = "fasttext_config.json"
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 # A token is rarely longer than this many characters: tokenizing a prefix of this many characters per wanted token
 # spares tokenizing megabyte documents in full when only their start is scored.
 CHARS_PER_TOKEN_BOUND = 10
@@ -53,16 +57,13 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         ) from None
 
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
-
-
 def check_long_docs(long_docs: str) -> str:
     if long_docs not in LONG_DOC_MODES:
         raise ValueError(f"long_docs must be one of {', '.join(LONG_DOC_MODES)}, got {long_docs!r}")
     return long_docs
 
 
-def check_dtype(dtype: "torch.dtype | str | None") -> str | None:
+def check_dtype(dtype: torch.dtype | str | None) -> str | None:
     """The dtype's name (None stays None: the device's default), or a ValueError naming the choices."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -92,17 +93,83 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
-def default_num_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def load_scorer(
+    path_or_hub_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+) -> EduScorer | FastTextScorer:
+    """The scorer of a saved classifier (a folder or a hub id): `FastTextScorer` for a fastText folder, else
+    `EduScorer`. fastText runs on CPU and reads characters, not tokens: it has no use for `device`, `dtype`,
+    `max_length` or `batch_size`, and ignores them, so one set of scoring options serves any model."""
+    dtype = check_dtype(dtype)
+    folder = resolve_model_dir(path_or_hub_id)
+    if (folder / FASTTEXT_CONFIG).exists():
+        scorer = FastTextScorer.from_pretrained(folder)
+    else:
+        scorer = EduScorer.from_pretrained(folder, device=device, dtype=dtype, max_length=max_length,
+                                           batch_size=batch_size)
+    scorer.source = str(path_or_hub_id)
+    return scorer
 
 
-class EduScorer:
-    """Raw educational scores for texts, and the model's calibrated 0-5 integer scores."""
+class Scorer:
+    """What every scorer offers: raw scores of texts, and the model's calibrated 0-5 integer scores."""
+
+    cut_points: list[float]
+    kind: str | None  # web or code as the model was trained; None when the folder does not say
+    source: str  # the folder or hub id it was loaded from
+
+    def predict(
+        self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (np.float32) in input order, and which documents were longer than what the model reads."""
+        raise NotImplementedError
+
+    def to_int_score(self, scores) -> np.ndarray:
+        """Calibrated integer scores 0-5 (np.int64): the cut points saved with the model, else round-and-clip."""
+        return apply_cut_points(scores, self.cut_points)
+
+
+class FastTextScorer(Scorer):
+    """A fastText model (`train --method fasttext`): the expected label under its label probabilities, on CPU."""
+
+    def __init__(self, model, source: str = ""):
+        self.model = model  # FastTextRegressor
+        self.cut_points = list(model.cut_points) if model.cut_points is not None else list(ROUND_CUTS)
+        self.kind = model.config.kind
+        self.max_chars = model.config.settings.max_chars
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> FastTextScorer:
+        from edu_filter.classifiers.fasttext_model import FastTextRegressor
+
+        folder = resolve_model_dir(path_or_hub_id)
+        if not (folder / FASTTEXT_CONFIG).exists():
+            raise ValueError(f"{folder}: not a fastText model folder (no {FASTTEXT_CONFIG})")
+        return cls(FastTextRegressor.from_pretrained(folder), source=str(path_or_hub_id))
+
+    def predict(
+        self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (np.float32) in input order, and which documents were longer than the `max_chars` characters
+        fastText reads. `long_docs` is checked but changes nothing: fastText reads the start of each document."""
+        if long_docs is not None:
+            check_long_docs(long_docs)
+        texts = list(texts)
+        truncated = np.array([len(t) > self.max_chars for t in texts], dtype=bool)
+        return self.model.predict(texts).astype(np.float32), truncated
+
+
+class EduScorer(Scorer):
+    """A transformers regression model (ours or the stock FineWeb-Edu layout), scored in length-sorted batches."""
 
     def __init__(
         self,
-        model=None,
-        tokenizer=None,
+        model,
+        tokenizer,
         *,
         max_length: int = 512,
         cut_points: Sequence[float] | None = None,
@@ -110,28 +177,23 @@ class EduScorer:
         max_chunks: int = 16,
         batch_size: int = 32,
         device: str | torch.device | None = None,
-        num_threads: int | None = None,
-        fasttext_model=None,
+        kind: str | None = None,
         source: str = "",
     ):
         self.model = model
-        self.tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else None
-        self.framer = SequenceFramer(self.tokenizer) if tokenizer is not None else None
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.framer = SequenceFramer(self.tokenizer)
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
         self.long_docs = check_long_docs(long_docs)
         self.max_chunks = int(max_chunks)
         self.batch_size = int(batch_size)
-        self.fasttext_model = fasttext_model
+        self.kind = kind
         self.source = source
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
-        torch.set_num_threads(num_threads or default_num_threads())
-        if self.model is not None:
-            self.model.to(self.device).eval()
-            if self.framer.num_special >= self.max_length:
-                raise ValueError(f"max_length {self.max_length} leaves no room for content tokens")
+        self.device = torch.device(device if device is not None else default_device())
+        if self.framer.num_special >= self.max_length:
+            raise ValueError(f"max_length {self.max_length} leaves no room for content tokens")
+        self.model.to(self.device).eval()
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -142,20 +204,12 @@ class EduScorer:
         dtype: torch.dtype | str | None = None,
         max_length: int | None = None,
         batch_size: int = 32,
-        num_threads: int | None = None,
-    ) -> "EduScorer":
+    ) -> EduScorer:
+        """The transformers loader behind `load_scorer` (which also reads fastText folders)."""
         folder = resolve_model_dir(path_or_hub_id)
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
+        device = torch.device(device if device is not None else default_device())
         if (folder / FASTTEXT_CONFIG).exists():
-            from edu_filter.classifiers.fasttext_model import FastTextRegressor
-
-            ft = FastTextRegressor.from_pretrained(folder)
-            return cls(
-                fasttext_model=ft, cut_points=ft.cut_points, batch_size=batch_size, device="cpu",
-                num_threads=num_threads, source=str(path_or_hub_id),
-            )
+            raise ValueError(f"{folder} holds a fastText model: load it with load_scorer")
         config_file = folder / "config.json"
         if not config_file.exists():
             raise ValueError(f"{folder}: not a model folder (no config.json or {FASTTEXT_CONFIG})")
@@ -199,7 +253,7 @@ class EduScorer:
             max_chunks=config.get("max_chunks", 16) if ours else 16,
             batch_size=batch_size,
             device=device,
-            num_threads=num_threads,
+            kind=config.get("kind") if ours else None,
             source=str(path_or_hub_id),
         )
 
@@ -213,15 +267,12 @@ class EduScorer:
         max_length-token chunk (up to the model's max_chunks) and take the max / token-weighted mean. Default: the
         strategy the model was trained with.
         """
-        texts = list(texts)
-        if self.fasttext_model is not None:
-            return self.fasttext_model.predict(texts).astype(np.float32), np.zeros(len(texts), dtype=bool)
         model = self.model
 
         def score(input_ids, attention_mask):
             return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :1]
 
-        values, truncated = self._run(texts, long_docs or self.long_docs, score, show_progress)
+        values, truncated = self._run(list(texts), long_docs or self.long_docs, score, show_progress)
         return values[:, 0].astype(np.float32), truncated
 
     def embed(
@@ -234,14 +285,15 @@ class EduScorer:
             return model.embed(input_ids, attention_mask)
 
         mode = long_docs or self.long_docs
-        return self._run(texts, "chunk-mean" if mode == "chunk-max" else mode, vectors, show_progress)
+        return self._run(list(texts), "chunk-mean" if mode == "chunk-max" else mode, vectors, show_progress)
 
-    def to_int_score(self, scores) -> np.ndarray:
-        """Calibrated integer scores 0-5 (np.int64): the cut points saved with the model, else round-and-clip."""
-        return apply_cut_points(scores, self.cut_points)
+    def token_sequences(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's first max_length tokens, special tokens included: what `predict(long_docs="truncate")` reads,
+        and what fine-tuning trains on."""
+        return self._sequences(list(texts), chunks_per_doc=1)[0]
 
     # --- internals ----------------------------------------------------------------------------------------------
-    def token_ids(self, texts: list[str], wanted_tokens: int) -> list[list[int]]:
+    def _content_ids(self, texts: list[str], wanted_tokens: int) -> list[list[int]]:
         """Content token ids (no special tokens) of each text, complete at least up to `wanted_tokens` + 16."""
         char_limit = wanted_tokens * CHARS_PER_TOKEN_BOUND + 100
         out: list[list[int]] = []
@@ -254,17 +306,12 @@ class EduScorer:
                 out.append(row)
         return out
 
-    def _run(
-        self, texts: list[str], long_docs: str, fn: Callable, show_progress: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        check_long_docs(long_docs)
-        if not texts:
-            return np.zeros((0, 1)), np.zeros(0, dtype=bool)
+    def _sequences(self, texts: list[str], chunks_per_doc: int):
+        """Framed sequences of up to `chunks_per_doc` consecutive chunks per text, with each sequence's document and
+        content-token count, and which texts were longer than one sequence."""
         content_len = self.max_length - self.framer.num_special
-        chunks_per_doc = 1 if long_docs == "truncate" else self.max_chunks
-        token_ids = self.token_ids(texts, content_len * chunks_per_doc)
+        token_ids = self._content_ids(texts, content_len * chunks_per_doc)
         truncated = np.array([len(ids) > content_len for ids in token_ids], dtype=bool)
-
         sequences, owner, weight = [], [], []
         for doc, ids in enumerate(token_ids):
             starts = range(0, max(len(ids), 1), content_len)
@@ -273,6 +320,16 @@ class EduScorer:
                 sequences.append(self.framer(chunk))
                 owner.append(doc)
                 weight.append(max(len(chunk), 1))
+        return sequences, owner, weight, truncated
+
+    def _run(
+        self, texts: list[str], long_docs: str, fn: Callable, show_progress: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        check_long_docs(long_docs)
+        if not texts:
+            return np.zeros((0, 1)), np.zeros(0, dtype=bool)
+        chunks_per_doc = 1 if long_docs == "truncate" else self.max_chunks
+        sequences, owner, weight, truncated = self._sequences(texts, chunks_per_doc)
         chunk_values = self._forward_sorted(sequences, fn, show_progress)
 
         owner_arr, weight_arr = np.asarray(owner), np.asarray(weight, dtype=np.float64)
@@ -298,13 +355,7 @@ class EduScorer:
         with progress, torch.inference_mode():
             task = progress.add_task("scoring", total=len(sequences))
             for batch in batches:
-                width = len(sequences[batch[0]])
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = sequences[i]
-                    input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    attention_mask[row, : len(seq)] = 1
+                input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
                 values = fn(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu().numpy()
                 for row, i in enumerate(batch):
                     outputs[i] = values[row]

@@ -1,4 +1,5 @@
-"""EduScorer: every saved layout loads, predictions come back in input order, long documents are handled."""
+"""Scorers: every saved layout loads through `load_scorer` with one API, predictions come back in input order, long
+documents are handled, and loading changes nothing process-wide."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from edu_filter.classifiers import EduScorer
+from edu_filter.classifiers import EduScorer, FastTextScorer, load_scorer
+from edu_filter.classifiers.calibration import apply_cut_points
 from edu_filter.documents import read_documents
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
@@ -22,7 +26,7 @@ def web_texts() -> list[str]:
 
 
 def test_predict_returns_float32_in_input_order(web_model, web_texts):
-    scorer = EduScorer.from_pretrained(web_model, batch_size=8)
+    scorer = load_scorer(web_model, batch_size=8)
     scores, truncated = scorer.predict(web_texts)
     assert scores.dtype == np.float32 and scores.shape == (len(web_texts),)
     assert truncated.dtype == bool and truncated.shape == (len(web_texts),)
@@ -36,7 +40,7 @@ def test_predict_returns_float32_in_input_order(web_model, web_texts):
 
 
 def test_truncated_marks_documents_longer_than_max_length(web_model):
-    scorer = EduScorer.from_pretrained(web_model)
+    scorer = load_scorer(web_model)
     short, long = "Photosynthesis converts light into chemical energy.", "The cell divides. " * 400
     _, truncated = scorer.predict([short, long])
     assert truncated.tolist() == [False, True]
@@ -44,7 +48,7 @@ def test_truncated_marks_documents_longer_than_max_length(web_model):
 
 
 def test_long_document_strategies(web_model):
-    scorer = EduScorer.from_pretrained(web_model)
+    scorer = load_scorer(web_model)
     lesson = "Photosynthesis is the process by which plants convert light energy into chemical energy. " * 12
     spam = "Buy cheap watches now!!! Best prices, free shipping, click here. " * 12
     doc = spam + lesson  # the first chunks are spam, the educational part comes later
@@ -62,7 +66,7 @@ def test_long_document_strategies(web_model):
 
 
 def test_to_int_score_uses_saved_cut_points(web_model):
-    scorer = EduScorer.from_pretrained(web_model)
+    scorer = load_scorer(web_model)
     cuts = json.loads((Path(web_model) / "config.json").read_text())["cut_points"]
     assert scorer.cut_points == cuts and len(cuts) == 5 and cuts == sorted(cuts)
     raw = np.array([cuts[0] - 1, cuts[1], cuts[2] + 1e-3, 99.0], dtype=np.float32)
@@ -80,7 +84,7 @@ def test_saved_folder_loads_with_automodel(web_model, web_texts):
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (4, 1)
-    scores, _ = EduScorer.from_pretrained(web_model).predict(web_texts[:4], long_docs="truncate")
+    scores, _ = load_scorer(web_model).predict(web_texts[:4], long_docs="truncate")
     np.testing.assert_allclose(logits[:, 0].numpy(), scores, atol=1e-4)
 
 
@@ -95,7 +99,7 @@ def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path)
 
-    scorer = EduScorer.from_pretrained(tmp_path, batch_size=4)
+    scorer = load_scorer(tmp_path, batch_size=4)
     scores, truncated = scorer.predict(web_texts[:6])
     assert scorer.cut_points == [0.5, 1.5, 2.5, 3.5, 4.5] and scorer.max_length == 512
     batch = AutoTokenizer.from_pretrained(tmp_path)(
@@ -109,8 +113,8 @@ def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
 
 
 def test_int8_quantizes_the_encoder_and_keeps_scores_close(web_model, web_texts):
-    exact_scorer = EduScorer.from_pretrained(web_model)
-    int8_scorer = EduScorer.from_pretrained(web_model, dtype="int8")
+    exact_scorer = load_scorer(web_model)
+    int8_scorer = load_scorer(web_model, dtype="int8")
     quantized = [n for n, m in int8_scorer.model.named_modules() if type(m).__name__ == "Linear" and "quantized" in
                  type(m).__module__]
     assert quantized and not any(n.startswith("classifier") for n in quantized)
@@ -121,13 +125,13 @@ def test_int8_quantizes_the_encoder_and_keeps_scores_close(web_model, web_texts)
     assert 0 < diff.max() < 0.5 and diff.mean() < 0.1  # quantized (not a no-op), yet close
     assert np.corrcoef(fast, exact)[0, 1] > 0.98
     with pytest.raises(ValueError, match="CPU only"):
-        EduScorer.from_pretrained(web_model, device="meta", dtype="int8")
+        load_scorer(web_model, device="meta", dtype="int8")
     with pytest.raises(ValueError, match="dtype must be one of"):
-        EduScorer.from_pretrained(web_model, dtype="int4")
+        load_scorer(web_model, dtype="int4")
 
 
 def test_empty_input_and_empty_text(web_model):
-    scorer = EduScorer.from_pretrained(web_model)
+    scorer = load_scorer(web_model)
     scores, truncated = scorer.predict([])
     assert scores.shape == (0,) and truncated.shape == (0,)
     scores, truncated = scorer.predict(["", "Some text about algebra."])
@@ -136,7 +140,7 @@ def test_empty_input_and_empty_text(web_model):
 
 def test_not_a_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a model folder"):
-        EduScorer.from_pretrained(tmp_path)
+        load_scorer(tmp_path)
 
 
 def test_a_misspelled_model_folder_is_named_not_sent_to_the_hub(tmp_path):
@@ -147,3 +151,79 @@ def test_a_misspelled_model_folder_is_named_not_sent_to_the_hub(tmp_path):
             resolve_model_dir(name)
     with pytest.raises(ValueError, match="the hub could not provide it"):
         resolve_model_dir("edu-filter-tests/no-such-model")  # offline in tests: a hub id fails cleanly
+
+
+@pytest.mark.parametrize("layout", ["head", "fasttext", "stock"])
+def test_load_scorer_gives_every_layout_the_same_api(layout, request, web_texts):
+    folder = request.getfixturevalue({"head": "web_model", "fasttext": "fasttext_model",
+                                      "stock": "stock_classifier"}[layout])
+    scorer = load_scorer(folder)
+    assert type(scorer) is (FastTextScorer if layout == "fasttext" else EduScorer)
+    assert scorer.source == str(folder) and scorer.kind == {"head": "web", "fasttext": "code", "stock": None}[layout]
+    saved = (Path(folder) / ("fasttext_config.json" if layout == "fasttext" else "config.json")).read_text()
+    assert scorer.cut_points == (json.loads(saved).get("cut_points") or [0.5, 1.5, 2.5, 3.5, 4.5])
+    scores, truncated = scorer.predict(web_texts[:6], show_progress=False)
+    assert scores.dtype == np.float32 and scores.shape == (6,) and np.isfinite(scores).all()
+    assert truncated.dtype == bool and truncated.shape == (6,)
+    assert truncated.any()  # bundled web pages run past 128 tokens and 4000 characters
+    ints = scorer.to_int_score(scores)
+    assert ints.dtype == np.int64 and ints.tolist() == apply_cut_points(scores, scorer.cut_points).tolist()
+    same, _ = scorer.predict(web_texts[:6], long_docs="truncate")
+    np.testing.assert_allclose(same, scores, atol=1e-5)
+    empty, none_truncated = scorer.predict([])
+    assert empty.shape == (0,) and none_truncated.shape == (0,)
+    with pytest.raises(ValueError, match="long_docs must be one of"):
+        scorer.predict(web_texts[:1], long_docs="middle")
+    assert hasattr(scorer, "embed") == (layout != "fasttext")  # fastText has no embeddings to give
+
+
+def test_fasttext_scorer_marks_documents_longer_than_what_it_reads(fasttext_model):
+    scorer = load_scorer(fasttext_model, device="cpu", dtype="int8", max_length=64)  # options it has no use for
+    assert scorer.max_chars == 4000
+    scores, truncated = scorer.predict(["def f():\n    return 1\n", "x = 1\n" * 1000])
+    assert truncated.tolist() == [False, True] and np.isfinite(scores).all()
+
+
+def test_the_transformers_loader_names_load_scorer_for_a_fasttext_folder(fasttext_model):
+    with pytest.raises(ValueError, match="holds a fastText model: load it with load_scorer"):
+        EduScorer.from_pretrained(fasttext_model)
+
+
+def test_loading_and_scoring_leave_torch_threads_alone(web_model, web_texts):
+    """Threads are the caller's choice: a scorer neither sets them when loaded nor when it scores."""
+    from edu_filter.classifiers.device import default_num_threads, torch_threads
+
+    before = torch.get_num_threads()
+    chosen = default_num_threads() + 1  # not what the scorer used to set them to
+    torch.set_num_threads(chosen)
+    try:
+        scorer = load_scorer(web_model)
+        assert torch.get_num_threads() == chosen
+        scorer.predict(web_texts[:2])
+        scorer.embed(web_texts[:2])
+        assert torch.get_num_threads() == chosen
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == chosen  # restored after the block
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_token_sequences_are_what_truncate_scoring_and_fine_tuning_read(web_model, web_texts):
+    """The framed, truncated sequences equal the plain tokenizer's with truncation; padded into one batch they score
+    as the scorer does."""
+    from transformers import AutoTokenizer
+
+    from edu_filter.classifiers.encoders import pad_batch
+
+    scorer = load_scorer(web_model)
+    sequences = scorer.token_sequences(web_texts[:5])
+    tokenizer = AutoTokenizer.from_pretrained(web_model, trust_remote_code=True)
+    assert sequences == tokenizer(web_texts[:5], truncation=True, max_length=scorer.max_length)["input_ids"]
+    input_ids, attention_mask = pad_batch(sequences, tokenizer.pad_token_id)
+    lengths = [len(s) for s in sequences]
+    assert input_ids.shape == (5, max(lengths)) and attention_mask.sum(1).tolist() == lengths
+    assert (input_ids[attention_mask == 0] == tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        logits = scorer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
+    np.testing.assert_allclose(logits, scorer.predict(web_texts[:5], long_docs="truncate")[0], atol=1e-4)

@@ -1,4 +1,5 @@
-"""Training methods (fasttext, finetune), the embedding cache, encoder defaults and sequence framing."""
+"""Training methods (fasttext, finetune), the output folder and option checks, the embedding cache, encoder defaults
+and sequence framing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edu_filter.classifiers import EduScorer
+from edu_filter.classifiers import EduScorer, load_scorer
 from edu_filter.documents import read_documents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 
 
+@pytest.mark.slow
 def test_fasttext_trains_saves_and_predicts(tmp_path):
     from edu_filter.classifiers.fasttext_model import FastTextSettings
     from edu_filter.train.classifier import train_classifier
@@ -30,9 +32,10 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
 
     rows = read_documents([CODE_LABELS], label_field="score")
-    scorer = EduScorer.from_pretrained(out)  # through the binding: fasttext's own predict breaks under NumPy 2
-    scores, truncated = scorer.predict([r["text"] for r in rows[:100]])
-    assert scores.dtype == np.float32 and not truncated.any()
+    scorer = load_scorer(out)  # through the binding: fasttext's own predict breaks under NumPy 2
+    texts = [r["text"] for r in rows[:100]]
+    scores, truncated = scorer.predict(texts)
+    assert scores.dtype == np.float32 and truncated.tolist() == [len(t) > 4000 for t in texts]
     assert ((scores >= 0) & (scores <= 5)).all() and scores.std() > 0.05
     labels = np.array([r["label"] for r in rows[:100]])
     assert scores[labels >= 3].mean() > scores[labels <= 2].mean()  # mostly training documents: it must fit them
@@ -75,7 +78,7 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
         if "pooler" not in name and not torch.equal(p, tuned.encoder.state_dict()[name])
     ]
     assert len(changed) > 50  # the encoder itself was trained, not only the head
-    scores, _ = EduScorer.from_pretrained(out).predict(["def add(a, b):\n    return a + b\n"])
+    scores, _ = load_scorer(out).predict(["def add(a, b):\n    return a + b\n"])
     assert np.isfinite(scores).all()
 
 
@@ -142,3 +145,110 @@ def test_framing_for_bert(minilm_path):
     framer = SequenceFramer(tokenizer)
     ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     assert framer(ids) == tokenizer("hello world")["input_ids"] and framer.num_special == 2
+
+
+TRANSFORMERS_FILES = ("config.json", "model.safetensors", "modeling_edu_classifier.py", "tokenizer_config.json")
+FASTTEXT_FILES = ("model.bin", "fasttext_config.json")
+
+
+def quick_fasttext(out: Path, **kwargs) -> dict:
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    return train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", limit=120, learning_curve=False,
+                            fasttext=FastTextSettings(epoch=3, max_chars=2000), **kwargs)
+
+
+def quick_head(out: Path, encoder: str, cache_dir: Path, **kwargs) -> dict:
+    from edu_filter.train.classifier import train_classifier
+
+    return train_classifier([str(CODE_LABELS)], out, kind="code", encoder=encoder, max_length=32, limit=60,
+                            learning_curve=False, cache_dir=str(cache_dir), val_fraction=0.2, **kwargs)
+
+
+@pytest.mark.slow
+def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_old_file(
+    tmp_path, minilm_path, embedding_cache_dir
+):
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "model"
+    out.mkdir()  # an empty folder is fine
+    quick_fasttext(out)
+    assert all((out / name).exists() for name in FASTTEXT_FILES)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    # refused before the data is read (it does not exist), the model left as it was
+    with pytest.raises(ValueError, match=r"already holds a model; give --overwrite") as error:
+        train_classifier(["does-not-exist.jsonl"], out, kind="code", method="fasttext")
+    assert str(out) in str(error.value) and "\n" not in str(error.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    # fastText replaced by a head model: nothing of the fastText model stays
+    (out / "notes-of-the-old-run.txt").write_text("the old model's")
+    metrics = quick_head(out, minilm_path, embedding_cache_dir, overwrite=True)
+    assert metrics["training"]["method"] == "head"
+    assert not any((out / name).exists() for name in (*FASTTEXT_FILES, "notes-of-the-old-run.txt"))
+    assert all((out / name).exists() for name in TRANSFORMERS_FILES)
+    assert type(load_scorer(out)) is EduScorer
+
+    # and back: no transformers file stays beside the fastText model
+    metrics = quick_fasttext(out, overwrite=True)
+    assert metrics["training"]["method"] == "fasttext"
+    assert not any((out / name).exists() for name in TRANSFORMERS_FILES + ("tokenizer.json", "vocab.txt"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md"])
+    assert json.loads((out / "metrics.json").read_text())["training"]["method"] == "fasttext"
+
+
+def test_overwrite_never_empties_a_folder_that_holds_no_model(tmp_path):
+    from edu_filter.train.classifier import train_classifier
+
+    folder = tmp_path / "my-project"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("{}\n")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is not empty and holds no model .*data.jsonl"):
+            train_classifier([str(CODE_LABELS)], folder, kind="code", method="fasttext", overwrite=overwrite)
+    assert [p.name for p in folder.iterdir()] == ["data.jsonl"]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        train_classifier([str(CODE_LABELS)], tmp_path / "a-file", kind="code", method="fasttext")
+
+
+@pytest.mark.parametrize("option, value, method", [
+    ("encoder", "some/encoder", "fasttext"),
+    ("pool_layers", [2, 4], "fasttext"),
+    ("long_docs", "chunk-mean", "fasttext"),
+    ("max_length", 128, "fasttext"),
+    ("cache_dir", "/tmp/cache", "fasttext"),
+    ("epochs", 5, "fasttext"),
+    ("learning_rate", 1e-4, "head"),
+    ("epochs", 1, "head"),
+    ("fasttext", "settings", "head"),
+    ("fasttext", "settings", "finetune"),
+])
+def test_options_the_method_would_ignore_are_refused_before_any_work(tmp_path, option, value, method):
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    value = FastTextSettings(epoch=3) if value == "settings" else value
+    with pytest.raises(ValueError, match=rf"^{option} does not apply to method {method} \(only to ") as error:
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", method=method, **{option: value})
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_defaults_given_explicitly_are_not_refused(tmp_path):
+    """The CLI passes every option's default whatever the method: only values that differ are refused."""
+    from edu_filter.documents import DocumentError
+    from edu_filter.train.classifier import train_classifier
+
+    cli_defaults = {"encoder": None, "max_length": 512, "long_docs": "truncate", "pool_layers": None, "epochs": 2,
+                    "learning_rate": 3e-5, "cache_dir": None, "weight_field": "weight", "learning_curve": True}
+    for method in ("head", "finetune", "fasttext"):
+        with pytest.raises(DocumentError, match="does-not-exist.jsonl: no such file"):  # got as far as reading
+            train_classifier(["does-not-exist.jsonl"], tmp_path / "m", method=method, **cli_defaults)
+    with pytest.raises(ValueError, match="^val_fraction does not apply when validation data is given"):
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", val=["v.jsonl"], val_fraction=0.3)
+    with pytest.raises(ValueError, match="^curve_repeats does not apply without a learning curve"):
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", learning_curve=False, curve_repeats=3)

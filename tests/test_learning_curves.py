@@ -114,6 +114,7 @@ def test_learning_curve_tells_a_rising_curve_from_a_flat_one():
     assert abs(flat["points"][-1]["spearman"] - flat["points"][-2]["spearman"]) < 0.02
 
 
+@pytest.mark.slow
 def test_train_reports_the_learning_curve(tmp_path, minilm_path, embedding_cache_dir, capsys):
     from edu_filter.train.classifier import train_classifier
 
@@ -141,6 +142,7 @@ def test_train_reports_the_learning_curve(tmp_path, minilm_path, embedding_cache
     assert quiet["spearman"] == metrics["spearman"]  # the curve is a report: it changes nothing in the model
 
 
+@pytest.mark.slow
 def test_fasttext_learning_curve(tmp_path):
     from edu_filter.classifiers.fasttext_model import FastTextSettings
     from edu_filter.train.classifier import train_classifier

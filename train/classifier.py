@@ -1,17 +1,11 @@
 """`edu-filter train`: learn LLM-annotated 0-5 scores with a frozen-encoder head, a fine-tuned encoder or fastText.
 
-All three end the same way: cut points fitted on held-out predictions (calibration), the model saved as a
-self-describing folder `EduScorer.from_pretrained` reads, `metrics.json` (the evaluate report on the validation
-split) and `confusion_matrix.png` beside it, `provenance.json` (settings and input fingerprints, see
+Each method is a module of this package (`head`, `finetune`, `fasttext`) with one function of the same shape: a
+model, its validation predictions, out-of-fold training predictions where it has them, and what it did. What follows
+is shared: cut points fitted on held-out predictions (calibration), the model saved as a self-describing folder
+`load_scorer` reads, `metrics.json` (the evaluate report on the validation split, with warnings when it is too small
+to trust) and `confusion_matrix.png` beside it, `provenance.json` (settings and input fingerprints, see
 `edu_filter.provenance`) and a `README.md` model card; optionally uploaded to the hub.
-
-- head (the FineWeb-Edu recipe): mean-pooled embeddings of a frozen encoder (six evenly spaced layers up to the top,
-  concatenated), cached on disk, and a ridge regression whose regularisation is chosen by cross-validation on the
-  training split. The ridge (with its feature scaling
-  folded in) becomes the model's linear head.
-- finetune: the same model, head initialised from that ridge (linear probe, then fine-tune), all weights trained
-  with MSE.
-- fasttext: fastText over labels 0-5, read as the expected label.
 
 Calibration uses the validation predictions plus, for head and fasttext, out-of-fold predictions on the training
 split: about ten times more examples to place the rare high-score cut points (3+ is ~7% of web documents).
@@ -24,31 +18,47 @@ refitted on 10/25/50/100% of the labels in repeated cross-validation) says wheth
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points
-from edu_filter.classifiers.encoders import KINDS, encoder_hub_id, encoder_identity, resolve_encoder
-from edu_filter.classifiers.fasttext_model import FastTextSettings
-from edu_filter.classifiers.head import fit_ridge_head, unit_weights
-from edu_filter.classifiers.learning_curve import (
-    MAIN_THRESHOLD,
-    learning_curve,
-    plot_learning_curve,
-    print_learning_curve,
-)
-from edu_filter.classifiers.metrics import compute_metrics, plot_confusion_matrix, print_metrics
-from edu_filter.documents import read_documents
 from edu_filter import provenance
+from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points, to_int_scores
+from edu_filter.classifiers.encoders import KINDS, encoder_hub_id
+from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
+from edu_filter.classifiers.fasttext_model import MODEL_FILE as FASTTEXT_MODEL
+from edu_filter.classifiers.fasttext_model import FastTextSettings
+from edu_filter.classifiers.learning_curve import learning_curve, plot_learning_curve, print_learning_curve
+from edu_filter.classifiers.metrics import (
+    MAIN_THRESHOLD,
+    compute_metrics,
+    metric_warnings,
+    plot_confusion_matrix,
+    print_metrics,
+    print_warnings,
+)
+from edu_filter.documents import read_documents
 
 METHODS = ("head", "finetune", "fasttext")
 # chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
 # stays a scoring-time option (EduScorer.predict(long_docs=...)), outside the calibration train fits.
 TRAIN_LONG_DOCS = ("truncate", "chunk-mean")
+ENCODER_METHODS = ("head", "finetune")
+# options only some methods read: given to another method (set to anything but the default) they are refused
+OPTION_METHODS = {
+    **{name: ENCODER_METHODS for name in ("encoder", "max_length", "pooling", "pool_layers", "long_docs",
+                                          "max_chunks", "batch_size", "cache_dir", "curve_repeats")},
+    **{name: ("finetune",) for name in ("epochs", "learning_rate", "head_learning_rate", "train_batch_size",
+                                        "warmup_fraction")},
+    "fasttext": ("fasttext",),
+}
+# a folder holding any of these holds a model `train` wrote (or began to write): --overwrite may replace it
+MODEL_MARKERS = ("config.json", "model.safetensors", "tokenizer_config.json", FASTTEXT_CONFIG, FASTTEXT_MODEL,
+                 "metrics.json", "provenance.json")
 console = Console(stderr=True)
 
 
@@ -83,24 +93,67 @@ class ClassifierTrainConfig:
     # fasttext
     fasttext: FastTextSettings = field(default_factory=FastTextSettings)
 
+    def frozen_encoder_options(self) -> dict:
+        """The settings `classifiers.frozen_encoder.load_frozen_encoder` takes, as this config has them."""
+        return {"kind": self.kind, "encoder": self.encoder, "max_length": self.max_length, "pooling": self.pooling,
+                "pool_layers": self.pool_layers, "long_docs": self.long_docs, "max_chunks": self.max_chunks,
+                "batch_size": self.batch_size, "cache_dir": self.cache_dir, "seed": self.seed, "method": self.method}
 
-def default_pool_layers(num_hidden_layers: int) -> list[int]:
-    """Six evenly spaced layers up to the top: every layer of MiniLM (1-6), every other one of BERT-base (2, 4, .. 12).
 
-    Pooling costs nothing at inference (every layer runs anyway). Frozen MiniLM + ridge, repeated 5-fold CV with
-    cut points fitted inside each fold: web (2000 Llama-3 rows) Spearman 0.673 / F1@3 0.486 vs 0.670 / 0.474 for
-    layers 2, 4, 6 and 0.604 / 0.463 for the top layer alone; code (561 files) Spearman 0.844 / F1@4 0.574 vs
-    0.835 / 0.569 and 0.784 / 0.511. Dropping the top layer (2, 4) would save a third of the compute but cost web F1@3.
-    """
-    n = num_hidden_layers
-    return sorted({max(1, round(k * n / 6)) for k in range(1, 7)})
+@dataclass
+class TrainedModel:
+    """What a method's training function returns; the rest of `train` is the same for every method."""
+
+    model: object  # EduClassifierForSequenceClassification or FastTextRegressor: config.cut_points, save_pretrained
+    val_pred: np.ndarray  # raw scores of the validation documents
+    oof_pred: np.ndarray | None  # out-of-fold raw scores of the training documents, for calibration; None: none
+    info: dict  # what the method did, recorded in metrics.json under "training"
+    frozen: object = None  # head and finetune: the FrozenEncoder (its tokenizer is saved, its vectors feed the curve)
+
+
+def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
+    """A ValueError naming the first option this run would ignore: one only another method reads, `val_fraction`
+    beside validation data, `curve_repeats` without a learning curve. Only values other than the default can be
+    told from an option left alone, so only those are refused."""
+    defaults = ClassifierTrainConfig()
+    for f in fields(ClassifierTrainConfig):
+        methods = OPTION_METHODS.get(f.name)
+        if methods and cfg.method not in methods and getattr(cfg, f.name) != getattr(defaults, f.name):
+            raise ValueError(f"{f.name} does not apply to method {cfg.method} (only to {', '.join(methods)})")
+    if has_val and cfg.val_fraction != defaults.val_fraction:
+        raise ValueError("val_fraction does not apply when validation data is given")
+    if not cfg.learning_curve and cfg.curve_repeats != defaults.curve_repeats:
+        raise ValueError("curve_repeats does not apply without a learning curve")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """An absent or empty folder is fine; one holding a model only with `overwrite`, and one holding anything else
+    never (overwrite replaces a model folder, it does not empty any folder it is pointed at)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output} is a file, not a model folder")
+    if not output.exists() or not any(output.iterdir()):
+        return
+    if not any((output / name).exists() for name in MODEL_MARKERS):
+        names = ", ".join(sorted(p.name for p in output.iterdir())[:3])
+        raise ValueError(f"{output} is not empty and holds no model ({names}); give an empty or new folder")
+    if not overwrite:
+        raise ValueError(f"{output} already holds a model; give --overwrite to replace it, or another folder")
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove everything in `folder` (a model folder `check_output` let through), so no file of the old model stays."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train/validation indices with every integer score represented in proportion (rare scores merged down)."""
     from sklearn.model_selection import train_test_split
 
-    strata = np.clip(np.rint(labels), 0, 5).astype(int)
+    strata = to_int_scores(labels)
     for value in sorted(set(strata.tolist()), reverse=True):
         if (strata == value).sum() < 2 and value > strata.min():
             strata[strata == value] = value - 1
@@ -124,13 +177,16 @@ def train_classifier(
     seed: int = 0,
     limit: int | None = None,
     push_to_hub: str | None = None,
+    overwrite: bool = False,
     **options,
 ) -> dict:
     """Train, calibrate and save a classifier to `output`; returns the validation metrics (also in metrics.json).
 
     `options` are further `ClassifierTrainConfig` fields (e.g. epochs=1, cache_dir=...). `limit` caps the number of
-    training (and validation) documents read, for quick runs. `push_to_hub` (a repository id) uploads the folder
-    at the end; whether that can work is checked before any training.
+    training (and validation) documents read, for quick runs. `output` must be absent or empty, or hold a model and
+    `overwrite` be set: then every file of that model is removed before the new one is written. `push_to_hub` (a
+    repository id) uploads the folder at the end. Options, the output folder and whether the upload can work are
+    checked before any data is read.
     """
     cfg = ClassifierTrainConfig(
         kind=kind, method=method, encoder=encoder, label_field=label_field, max_length=max_length, seed=seed, **options
@@ -142,9 +198,11 @@ def train_classifier(
     if cfg.long_docs not in TRAIN_LONG_DOCS:
         raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
                          "(chunk-max is a scoring-time option)")
+    check_options(cfg, has_val=bool(val))
+    output = Path(output)
+    check_output(output, overwrite)
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
-    output = Path(output)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
     weights = row_weights(rows, cfg.weight_field)
     if val:
@@ -165,22 +223,19 @@ def train_classifier(
     console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on "
                   f"{len(val_rows)}{weighted}")
 
-    frozen = None
-    if cfg.method == "fasttext":
-        model, val_pred, oof_pred, info = _train_fasttext(cfg, train_texts, y_train, val_texts, w_train)
-    else:
-        model, val_pred, oof_pred, info, frozen = _train_encoder_model(cfg, train_texts, y_train, val_texts, output,
-                                                                       w_train)
-
+    trained = train_method(cfg, train_texts, y_train, val_texts, w_train)
+    val_pred, oof_pred, info = trained.val_pred, trained.oof_pred, trained.info
     calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
     calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
     calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
     cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
-    model.config.cut_points = cut_points
-    remove_other_layout(output, cfg.method)
-    model.save_pretrained(output)
+    trained.model.config.cut_points = cut_points
+    if output.exists():
+        clear_folder(output)  # empty already, or a model `overwrite` allows replacing
+    save_model(trained, output)
 
     metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points), weights=w_val)
+    metrics["warnings"] = metric_warnings(metrics, y_val, cfg.kind)
     if "encoder" in info:
         inputs.append(provenance.describe_input("encoder", info["encoder"]))
     config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
@@ -201,7 +256,7 @@ def train_classifier(
         # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
         curve_rows = train_rows if val else train_rows + val_rows
         curve_w = w_train if val or w_train is None else np.concatenate([w_train, w_val])
-        curve = _learning_curve(cfg, curve_rows, curve_w, frozen)
+        curve = _learning_curve(cfg, curve_rows, curve_w, trained.frozen)
         metrics["learning_curve"] = curve
         plot_learning_curve(curve, output / "learning_curve.png", title=f"{cfg.kind} {curve['model']}: learning curve")
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -213,9 +268,31 @@ def train_classifier(
     if curve is not None:
         print_learning_curve(curve, title=f"learning curve ({curve['model']}, {curve['repeats']} x {curve['folds']}"
                              f"-fold CV over {curve['total_labels']:,} labels)")
+    print_warnings(metrics["warnings"])
     if push_to_hub:
         console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
     return metrics
+
+
+def train_method(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
+                 weights=None) -> TrainedModel:
+    """The model of `cfg.method` trained on (texts, y), with its predictions on `val_texts`."""
+    if cfg.method == "fasttext":
+        from edu_filter.train.fasttext import train_fasttext as train
+    elif cfg.method == "finetune":
+        from edu_filter.train.finetune import train_finetune as train
+    else:
+        from edu_filter.train.head import train_head as train
+    return train(cfg, texts, y, val_texts, weights)
+
+
+def save_model(trained: TrainedModel, output: Path) -> None:
+    """The model, and for an encoder model its tokenizer, set to truncate where the model was trained to read (for
+    users of the plain transformers recipe)."""
+    trained.model.save_pretrained(output)
+    if trained.frozen is not None:
+        trained.frozen.tokenizer.model_max_length = trained.frozen.max_length
+        trained.frozen.tokenizer.save_pretrained(output)
 
 
 def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None:
@@ -258,42 +335,31 @@ def _calibration_weights(w_val, w_train, n_val: int, n_train: int, with_train: b
 
 
 def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> dict:
-    """The learning curve of the frozen-encoder head (for finetune: the linear probe its training starts from, as
-    a fine-tune per point would cost hours) or of fastText."""
+    """The learning curve of fastText, or of the frozen-encoder head (for finetune: the linear probe its training
+    starts from, as a fine-tune per point would cost hours)."""
     y = np.array([r["label"] for r in rows])
     texts = [r["text"] for r in rows]
     main = MAIN_THRESHOLD[cfg.kind]
-    if frozen is None:
-        # fastText trains slowly on CPUs: one repeat, and cut points placed on a fifth of each subset held out
-        # from its fit instead of out-of-fold predictions (about the cost of training itself, not five times it)
-        def fit_predict(subset, held):
-            order = np.random.default_rng(cfg.seed).permutation(subset)
-            fit, calibrate = order[: int(0.8 * len(order))], order[int(0.8 * len(order)):]
-            model = _fasttext_fit(cfg, [texts[i] for i in fit], y[fit], _take(w, fit))
-            cuts = fit_cut_points(model.predict([texts[i] for i in calibrate]), y[calibrate],
-                                  min_positives=cfg.min_positives, weights=_take(w, calibrate))
-            return model.predict([texts[i] for i in held]), cuts
+    if cfg.method == "fasttext":
+        from edu_filter.train.fasttext import curve_fit_predict
 
         console.print("learning curve: refitting fastText on 10/25/50/100% of the labels in each CV fold")
-        curve = learning_curve(y, fit_predict, w, cfg.folds, 1, cfg.seed, min_rows=2 * cfg.folds,
-                               main_threshold=main)
+        # fastText trains slowly on CPUs: one repeat
+        curve = learning_curve(y, curve_fit_predict(cfg, texts, y, w), w, cfg.folds, 1, cfg.seed,
+                               min_rows=2 * cfg.folds, main_threshold=main)
         return {"model": "fasttext", **curve}
 
-    x = frozen.embed(texts).astype(np.float64)
+    from edu_filter.train.head import curve_fit_predict
 
-    def fit_predict(subset, held):
-        (weight, bias), oof, _, _ = fit_ridge_head(x[subset], y[subset], cfg.folds, cfg.seed,
-                                                   weights=_take(w, subset))
-        cuts = fit_cut_points(oof, y[subset], min_positives=cfg.min_positives, weights=_take(w, subset))
-        return x[held] @ weight + bias, cuts
-
+    fit_predict = curve_fit_predict(cfg, frozen, texts, y, w)
     console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold")
     curve = learning_curve(y, fit_predict, w, cfg.folds, cfg.curve_repeats, cfg.seed, min_rows=2 * cfg.folds,
                            main_threshold=main)
     return {"model": "head" if cfg.method == "head" else "head (linear probe)", **curve}
 
 
-def _take(w, index):
+def take(w, index):
+    """`w[index]`, or None for no weights."""
     return None if w is None else w[index]
 
 
@@ -305,191 +371,3 @@ def label_source(rows: list[dict], label_field: str) -> dict:
     prompts = Counter(str(r["prompt"]) for r in rows if r.get("prompt"))
     return {"field": label_field, "annotators": dict(annotators.most_common()),
             "prompt_versions": dict(prompts.most_common())}
-
-
-def remove_other_layout(folder: Path, method: str) -> None:
-    """Re-training into a folder that held the other layout (fastText vs transformers) must not leave it behind:
-    `EduScorer` would load whichever it finds first."""
-    from edu_filter.classifiers.fasttext_model import CONFIG_FILE, MODEL_FILE
-
-    stale = ("config.json", "model.safetensors") if method == "fasttext" else (CONFIG_FILE, MODEL_FILE)
-    for name in stale:
-        (folder / name).unlink(missing_ok=True)
-
-
-# --- fastText ---------------------------------------------------------------------------------------------------
-def _fasttext_fit(cfg: ClassifierTrainConfig, texts, y, w=None):
-    """fastText has no per-example weight: with inclusion weights it trains on a weighted resample of the rows (as
-    many draws as rows, with replacement, probability in proportion to weight), which has the weighted loss as its
-    expectation."""
-    from edu_filter.classifiers.fasttext_model import FastTextRegressor
-
-    settings = FastTextSettings(**{**asdict(cfg.fasttext), "seed": cfg.seed})
-    if w is not None:
-        draws = np.random.default_rng(cfg.seed).choice(len(y), size=len(y), p=w / w.sum())
-        texts, y = [texts[i] for i in draws], y[draws]
-    return FastTextRegressor.train(texts, y, settings, kind=cfg.kind)
-
-
-def _train_fasttext(cfg: ClassifierTrainConfig, texts, y, val_texts, w=None):
-    from sklearn.model_selection import KFold
-
-    oof = np.zeros(len(texts))
-    for fit_idx, held_idx in KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(texts):
-        fold = _fasttext_fit(cfg, [texts[i] for i in fit_idx], y[fit_idx], _take(w, fit_idx))
-        oof[held_idx] = fold.predict([texts[i] for i in held_idx])
-    model = _fasttext_fit(cfg, texts, y, w)
-    return model, model.predict(val_texts), oof, {"method": "fasttext"}
-
-
-# --- head and finetune ------------------------------------------------------------------------------------------
-@dataclass
-class FrozenEncoder:
-    """An encoder loaded for the head recipe, with the embedding-cache key its pooled vectors are stored under."""
-
-    name: str  # the path or hub name loaded
-    tokenizer: object
-    model: object  # EduClassifierForSequenceClassification around the encoder, head untrained
-    scorer: object  # EduScorer over `model`
-    key: str  # embedding-cache setting key
-    cache: object  # EmbeddingCache
-    max_length: int
-    pool_layers: list[int]
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        from edu_filter.classifiers.embeddings import cached_embeddings
-
-        return cached_embeddings(self.scorer, texts, self.key, self.cache)
-
-
-def load_frozen_encoder(cfg: ClassifierTrainConfig) -> FrozenEncoder:
-    """The encoder `train` pools embeddings from, keyed in the embedding cache exactly as `train` keys them (so
-    `score --select active` and `train` share the vectors of the same documents)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from edu_filter.classifiers.embeddings import EmbeddingCache, setting_key
-    from edu_filter.classifiers.modeling_edu_classifier import (
-        EduClassifierConfig,
-        EduClassifierForSequenceClassification,
-    )
-    from edu_filter.classifiers.scorer import EduScorer
-
-    torch.manual_seed(cfg.seed)
-    encoder_name = resolve_encoder(cfg.kind, cfg.encoder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(encoder_name)
-        encoder = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
-    except OSError as e:  # no such folder or hub repo, or no weights in it
-        raise ValueError(f"cannot load encoder {encoder_name!r}: {e}") from None
-    max_positions = getattr(encoder.config, "max_position_embeddings", cfg.max_length)
-    max_length = min(cfg.max_length, max_positions)
-    if max_length < cfg.max_length:
-        console.print(f"max_length {cfg.max_length} exceeds the encoder's {max_positions} positions; using {max_length}")
-    pool_layers = cfg.pool_layers or default_pool_layers(encoder.config.num_hidden_layers)
-    config = EduClassifierConfig(
-        encoder_config=encoder.config.to_dict(),
-        encoder_name=cfg.encoder or encoder_name,
-        pooling=cfg.pooling,
-        pool_layers=pool_layers,
-        max_seq_length=max_length,
-        long_docs=cfg.long_docs,
-        max_chunks=cfg.max_chunks,
-        kind=cfg.kind,
-        method=cfg.method,
-    )
-    model = EduClassifierForSequenceClassification(config, encoder=encoder)
-    scorer = EduScorer(
-        model, tokenizer, max_length=max_length, long_docs=cfg.long_docs, max_chunks=cfg.max_chunks,
-        batch_size=cfg.batch_size,
-    )
-    key = setting_key(
-        encoder=encoder_identity(encoder_name), max_length=max_length, pooling=cfg.pooling, pool_layers=pool_layers,
-        long_docs=cfg.long_docs, max_chunks=cfg.max_chunks,
-    )
-    return FrozenEncoder(encoder_name, tokenizer, model, scorer, key, EmbeddingCache(cfg.cache_dir), max_length,
-                         pool_layers)
-
-
-def _train_encoder_model(cfg: ClassifierTrainConfig, texts, y, val_texts, output: Path, w=None):
-    """Returns the model, validation predictions, out-of-fold training predictions (head only), info, and the
-    frozen encoder (whose cached embeddings the learning curve reuses)."""
-    import torch
-
-    frozen = load_frozen_encoder(cfg)
-    model, scorer = frozen.model, frozen.scorer
-    x_train = frozen.embed(texts)
-    head, oof, alpha, flattening = fit_ridge_head(x_train, y, cfg.folds, cfg.seed, weights=w)
-    with torch.no_grad():
-        model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
-        model.classifier.bias.fill_(head[1])
-    info = {"method": cfg.method, "encoder": model.config.encoder_name, "pool_layers": frozen.pool_layers,
-            "ridge_alpha": alpha}
-    if w is not None:
-        info["weight_flattening"] = flattening  # the power of the weights the fit used (1: fully weighted)
-    # the saved tokenizer truncates where the model was trained to read, for users of the plain transformers recipe
-    frozen.tokenizer.model_max_length = frozen.max_length
-    frozen.tokenizer.save_pretrained(output)
-
-    if cfg.method == "head":
-        x_val = frozen.embed(val_texts)
-        return model, x_val.astype(np.float64) @ head[0] + head[1], oof, info, frozen
-
-    finetune(model, scorer, texts, y, cfg, w)
-    val_pred, _ = scorer.predict(val_texts, show_progress=True)
-    return model, val_pred.astype(np.float64), None, info, frozen
-
-
-def finetune(model, scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None) -> None:
-    """Train every weight with MSE on the first max_length tokens of each document (AdamW, warmup + linear decay);
-    with inclusion weights, each document's squared error counts in proportion to its weight."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    content_len = scorer.max_length - scorer.framer.num_special
-    sequences = [scorer.framer(ids[:content_len]) for ids in scorer.token_ids(texts, content_len)]
-    pad_id = scorer.tokenizer.pad_token_id
-    device = scorer.device
-    model.to(device).train()
-    head_params = list(model.classifier.parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(model.encoder.parameters()), "lr": cfg.learning_rate},
-            {"params": head_params, "lr": cfg.head_learning_rate},
-        ],
-        weight_decay=0.01,
-    )
-    steps_per_epoch = (len(sequences) + cfg.train_batch_size - 1) // cfg.train_batch_size
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
-    )
-    rng = np.random.default_rng(cfg.seed)
-    targets = torch.tensor(y, dtype=torch.float32)
-    row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeRemainingColumn(), console=console,
-    ) as progress:
-        task = progress.add_task("fine-tuning", total=total, loss=float("nan"))
-        for _ in range(cfg.epochs):
-            order = rng.permutation(len(sequences))
-            for start in range(0, len(order), cfg.train_batch_size):
-                batch = order[start : start + cfg.train_batch_size]
-                width = max(len(sequences[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                    attention_mask[row, : len(sequences[i])] = 1
-                out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-                errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
-                loss = (row_weights[batch].to(device) * errors).mean()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.update(task, advance=1, loss=loss.item())
-    model.eval()

@@ -1,0 +1,114 @@
+"""The frozen encoder of the head recipe: pooled embeddings of documents, cached on disk under a key of the settings.
+
+`train` fits its head on these vectors and `score --select active` chooses documents with them; both load the
+encoder here, so the same documents under the same settings share one cache entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+
+from edu_filter.classifiers.encoders import encoder_identity, resolve_encoder
+
+console = Console(stderr=True)
+
+
+def default_pool_layers(num_hidden_layers: int) -> list[int]:
+    """Six evenly spaced layers up to the top: every layer of MiniLM (1-6), every other one of BERT-base (2, 4, .. 12).
+
+    Pooling costs nothing at inference (every layer runs anyway), and middle layers keep the form of a document
+    (structure, comments, style) that a quality judgement needs: six layers beat three and the top layer alone on
+    both web and code (benchmarks/RESULTS.md, "Classifier design choices").
+    """
+    n = num_hidden_layers
+    return sorted({max(1, round(k * n / 6)) for k in range(1, 7)})
+
+
+@dataclass
+class FrozenEncoder:
+    """An encoder loaded for the head recipe, with the embedding-cache key its pooled vectors are stored under."""
+
+    name: str  # the path or hub name loaded
+    tokenizer: object
+    model: object  # EduClassifierForSequenceClassification around the encoder, head untrained
+    scorer: object  # EduScorer over `model`
+    key: str  # embedding-cache setting key
+    cache: object  # EmbeddingCache
+    max_length: int
+    pool_layers: list[int]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Pooled vectors (n, hidden * len(pool_layers)), float32; the cached ones read, the others computed on
+        every CPU this process may use (and stored)."""
+        from edu_filter.classifiers.device import torch_threads
+        from edu_filter.classifiers.embeddings import cached_embeddings
+
+        with torch_threads():
+            return cached_embeddings(self.scorer, texts, self.key, self.cache)
+
+
+def load_frozen_encoder(
+    kind: str = "web",
+    encoder: str | None = None,
+    *,
+    max_length: int = 512,
+    pooling: str = "mean",
+    pool_layers: list[int] | None = None,
+    long_docs: str = "truncate",
+    max_chunks: int = 8,
+    batch_size: int = 32,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    method: str = "head",
+) -> FrozenEncoder:
+    """The encoder (`encoder`, else the kind's default) wrapped in an untrained edu_classifier model whose config
+    records these settings, and its embedding-cache key. `max_length` is capped at the encoder's positions;
+    `pool_layers` None: `default_pool_layers`. The defaults are `train`'s, so a caller giving only what it changed
+    shares `train`'s cached vectors."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.embeddings import EmbeddingCache, setting_key
+    from edu_filter.classifiers.modeling_edu_classifier import (
+        EduClassifierConfig,
+        EduClassifierForSequenceClassification,
+    )
+    from edu_filter.classifiers.scorer import EduScorer
+
+    torch.manual_seed(seed)
+    encoder_name = resolve_encoder(kind, encoder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(encoder_name)
+        model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
+    except OSError as e:  # no such folder or hub repo, or no weights in it
+        raise ValueError(f"cannot load encoder {encoder_name!r}: {e}") from None
+    max_positions = getattr(model.config, "max_position_embeddings", max_length)
+    wanted_length, max_length = max_length, min(max_length, max_positions)
+    if max_length < wanted_length:
+        console.print(f"max_length {wanted_length} exceeds the encoder's {max_positions} positions; using {max_length}")
+    pool_layers = pool_layers or default_pool_layers(model.config.num_hidden_layers)
+    config = EduClassifierConfig(
+        encoder_config=model.config.to_dict(),
+        encoder_name=encoder or encoder_name,
+        pooling=pooling,
+        pool_layers=pool_layers,
+        max_seq_length=max_length,
+        long_docs=long_docs,
+        max_chunks=max_chunks,
+        kind=kind,
+        method=method,
+    )
+    classifier = EduClassifierForSequenceClassification(config, encoder=model)
+    scorer = EduScorer(
+        classifier, tokenizer, max_length=max_length, long_docs=long_docs, max_chunks=max_chunks,
+        batch_size=batch_size, kind=kind,
+    )
+    key = setting_key(
+        encoder=encoder_identity(encoder_name), max_length=max_length, pooling=pooling, pool_layers=pool_layers,
+        long_docs=long_docs, max_chunks=max_chunks,
+    )
+    return FrozenEncoder(encoder_name, tokenizer, classifier, scorer, key, EmbeddingCache(cache_dir), max_length,
+                         pool_layers)
