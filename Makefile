@@ -1,4 +1,6 @@
 # Two commands for newcomers: `make demo` and `make test`. Both create the venv on first use.
+# `make test-fast` skips the tests marked slow (model training, datatrove pipelines, ablations, subprocess runs):
+# about a minute on 2 CPU cores, for quick iteration; `make test` stays the full suite.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +27,10 @@ demo: setup
 	$(BIN)/edu-filter demo -o $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow" -q
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

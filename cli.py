@@ -1,171 +1,324 @@
-"""The `edu-filter` command line. Each command only parses options and calls one library function."""
+"""The `edu-filter` command line. Each command only parses options and calls one library function.
+
+One error contract for every command (`command` below registers a command with it): a problem prints one red line
+`error: ...` on stderr, never a traceback, and the exit status says what kind it was:
+
+* 2, bad usage or bad input, knowable before any work: `documents.InputError` (DocumentError, PromptError,
+  BackendSetupError, ...) and the library's other ValueErrors (its option checks, ProvenanceError), ImportError (a
+  missing optional dependency);
+* 1, a failure while running: `documents.RunError` (BackendError, ...), a failing pipeline stage (StageFailed), an
+  OSError (a full disk).
+
+Anything else is a bug and keeps its traceback. Options are checked, and output paths tested for writing, before
+any work, so a bad invocation leaves no half-made output behind. Defaults come from the library's config dataclasses
+(`ScoreConfig`, `ApplyConfig`, `SlurmOptions`, `ClassifierTrainConfig`), so they are written once.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+# transformers 5 draws a "Loading weights" bar for every model it loads (also in apply's worker processes, which
+# inherit the environment); the commands draw their own progress. HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Educational-value filters for LLM pretraining data.")
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+from edu_filter.annotate.score import ScoreConfig  # noqa: E402
+from edu_filter.documents import (  # noqa: E402
+    SCORE_RANGE,
+    SCORES,
+    InputError,
+    RunError,
+    check_not_empty,
+    check_writable_output,
+)
+from edu_filter.filters.apply import ApplyConfig, SlurmOptions  # noqa: E402
+from edu_filter.train.classifier import ClassifierTrainConfig  # noqa: E402
+
+
+
+def plain_types(params: list) -> list:
+    """Help without Python type names where they say nothing: none for on/off flags (--help included), <path>... for
+    the repeatable path arguments (instead of <list[str]>); list options name their items with a metavar."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.display_type_rich = lambda ctx: None
+        elif getattr(param, "param_type_name", "") == "argument" and param.nargs != 1:
+            param.display_type_rich = lambda ctx: "<path>..."
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx):
+        return plain_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx):
+        return plain_types(super().get_params(ctx))
+
+
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True,
+                  help="Educational-value filters for LLM pretraining data.")
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+def exit_status(error: BaseException) -> int | None:
+    """2 for bad usage or input, 1 for a failure while running, None for anything else (a bug: re-raised)."""
+    if isinstance(error, (ValueError, ImportError)):  # InputError and the library's option checks
+        return EXIT_BAD_INPUT
+    failures: tuple[type[BaseException], ...] = (RunError, OSError)
+    executors = sys.modules.get("edu_filter.filters.executors")  # a StageFailed can only come from a loaded module
+    if executors is not None:
+        failures += (executors.StageFailed,)
+    return EXIT_FAILED if isinstance(error, failures) else None
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
+
+
+OUTPUT_OPTIONS = ("output", "report")  # the parameters naming what a command writes
+
+
+def first_missing(path) -> Path | None:
+    """The outermost part of `path` that does not exist yet (what writing to it would create), or None."""
+    if path is None or "://" in str(path):
+        return None
+    missing = None
+    for candidate in (Path(path).absolute(), *Path(path).absolute().parents):
+        if candidate.exists():
+            return missing
+        missing = candidate
+    return missing
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Remove what a command refused for bad input created anyway: only paths that did not exist when it began."""
+    import shutil
+
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def command(*args, **kwargs):
+    """`app.command`, with the error contract: known errors become one `error: ...` line and exit status 2 or 1; a
+    command refused with an InputError leaves no output it had begun to create (only paths that did not exist when
+    it started are removed, and never on other errors, which may come after real work)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            new = [m for m in (first_missing(kw.get(name)) for name in OUTPUT_OPTIONS) if m is not None]
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - sorted by exit_status; anything else is re-raised
+                status = exit_status(e)
+                if status is None:
+                    raise
+                if isinstance(e, InputError):  # by definition found before any work: what exists is half-made
+                    remove_created(new)
+                typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(status) from None
+
+        return app.command(*args, cls=Command, **kwargs)(run)
+
+    return register
+
+
+def parse_ints(text: str, option: str, low: int | None = None, high: int | None = None) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; anything else is an InputError naming the option."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"{option} expects comma-separated whole numbers such as 0,1,2, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option} expects comma-separated whole numbers such as 0,1,2, got {text!r}")
+    bad = [v for v in values if (low is not None and v < low) or (high is not None and v > high)]
+    if bad:
+        raise InputError(f"{option}: {bad[0]} is outside {low}-{high}")
+    return values
+
+
+TRAIN, SCORE, APPLY, SLURM = ClassifierTrainConfig, ScoreConfig, ApplyConfig, SlurmOptions  # defaults read below
 
 
 # --- train / evaluate (classifiers) ----------------------------------------------------------------------------------
-@app.command()
+@command()
 def train(
-    data: list[str] = typer.Argument(..., help="Labelled JSONL/Parquet files or folders."),
-    output: Path = typer.Option(..., "-o", "--output", help="Model folder to write."),
-    kind: str = typer.Option("web", help="web or code: picks the default encoder."),
-    method: str = typer.Option("head", help="head (frozen encoder + regression head), finetune or fasttext."),
-    encoder: Optional[str] = typer.Option(None, help="Encoder path or hub name (overrides the --kind default)."),
-    val: Optional[list[str]] = typer.Option(None, help="Validation data; split off from DATA when absent."),
-    label_field: str = typer.Option("score", help="Field holding the 0-5 label."),
-    max_length: int = typer.Option(512, help="Tokens per sequence (saved with the model)."),
-    long_docs: str = typer.Option("truncate", help="truncate or chunk-mean (saved as the model's default)."),
+    data: list[str] = typer.Argument(..., metavar="DATA", show_default=False,
+                                     help="Labelled JSONL/Parquet files or folders."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model folder to write (absent or empty, or --overwrite)."),
+    kind: str = typer.Option(TRAIN.kind, help="web or code: picks the default encoder."),
+    method: str = typer.Option(TRAIN.method, help="head (frozen encoder + regression head), finetune or fasttext."),
+    encoder: Optional[str] = typer.Option(TRAIN.encoder, help="Encoder path or hub name (overrides the --kind default)."),
+    val: Optional[list[str]] = typer.Option(None, metavar="<path>",
+                                            help="Validation data (repeatable); split off from DATA when absent."),
+    label_field: str = typer.Option(TRAIN.label_field, help=f"Field holding the {SCORE_RANGE} label."),
+    max_length: int = typer.Option(TRAIN.max_length, help="Tokens per sequence (saved with the model)."),
+    long_docs: str = typer.Option(TRAIN.long_docs, help="truncate or chunk-mean (saved as the model's default)."),
     pool_layers: Optional[str] = typer.Option(
-        None, help="Comma-separated hidden layers to pool and concatenate (default: six evenly spaced, up to the top)."
+        None, metavar="<n,n,...>",
+        help="Comma-separated hidden layers to pool and concatenate (default: six evenly spaced, up to the top).",
     ),
-    epochs: int = typer.Option(2, help="finetune: passes over the training data."),
-    learning_rate: float = typer.Option(3e-5, help="finetune: encoder learning rate."),
-    cache_dir: Optional[str] = typer.Option(None, help="Embedding cache (default ~/.cache/edu-filter)."),
+    epochs: int = typer.Option(TRAIN.epochs, help="finetune: passes over the training data."),
+    learning_rate: float = typer.Option(TRAIN.learning_rate, help="finetune: encoder learning rate."),
+    cache_dir: Optional[str] = typer.Option(TRAIN.cache_dir, help="Embedding cache (default ~/.cache/edu-filter)."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many documents (quick runs)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(TRAIN.seed),
     weight_field: str = typer.Option(
-        "weight", help="Field holding inclusion weights (written by score --select active), used in the fit, the cut "
-        "points and the metrics when the rows have it; 'none' ignores it."
+        TRAIN.weight_field or "none",
+        help="Field holding inclusion weights (written by score --select active), used in the fit, the cut points "
+        "and the metrics when the rows have it; 'none' ignores it.",
     ),
-    learning_curve: bool = typer.Option(True, help="Report validation metrics at 10/25/50/100% of the labels."),
+    learning_curve: bool = typer.Option(TRAIN.learning_curve,
+                                        help="Report validation metrics at 10/25/50/100% of the labels."),
     push_to_hub: Optional[str] = typer.Option(
         None, help="Upload the model folder to this hub repository (ORG/NAME; token from `hf auth login` or HF_TOKEN)."
     ),
+    overwrite: bool = typer.Option(False, help="Replace the model an -o folder already holds."),
 ):
     """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a learning
     curve PNG, a README.md model card and provenance.json."""
-    from edu_filter.documents import DocumentError
+    layers = parse_ints(pool_layers, "--pool-layers", low=0) if pool_layers else None
+    check_writable_output(output, "-o/--output")
+    check_not_empty(data, "DATA")
+    if val:
+        check_not_empty(val, "--val")
     from edu_filter.train.classifier import train_classifier
 
-    try:
-        train_classifier(
-            data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
-            max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
-            learning_rate=learning_rate, cache_dir=cache_dir,
-            pool_layers=[int(x) for x in pool_layers.split(",")] if pool_layers else None, push_to_hub=push_to_hub,
-            weight_field=None if weight_field.lower() == "none" else weight_field, learning_curve=learning_curve,
-        )
-    except (DocumentError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    train_classifier(
+        data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
+        max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
+        learning_rate=learning_rate, cache_dir=cache_dir, pool_layers=layers, push_to_hub=push_to_hub,
+        weight_field=None if weight_field.lower() == "none" else weight_field, learning_curve=learning_curve,
+        overwrite=overwrite,
+    )
 
 
-@app.command()
+@command()
 def evaluate(
-    model: str = typer.Argument(..., help="Model folder (or hub id)."),
-    data: list[str] = typer.Argument(..., help="Labelled JSONL/Parquet files or folders."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Model folder (or hub id)."),
+    data: list[str] = typer.Argument(..., metavar="DATA", show_default=False,
+                                     help="Labelled JSONL/Parquet files or folders."),
     report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (and a confusion-matrix PNG beside it)."),
-    label_field: str = typer.Option("score"),
+    label_field: str = typer.Option("score", help=f"Field holding the {SCORE_RANGE} label."),
     long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     batch_size: int = typer.Option(32),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
-    from edu_filter.classifiers.evaluate import evaluate_model
-    from edu_filter.documents import DocumentError
+    from edu_filter.documents import check_model_name
 
-    try:
-        evaluate_model(
-            model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size, dtype=dtype
-        )
-    except (DocumentError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    check_model_name(model, "MODEL")
+    if report is not None:
+        check_writable_output(report, "--report")
+    from edu_filter.classifiers.evaluate import evaluate_model
+
+    evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size,
+                   dtype=dtype)
 
 
 # --- score / agreement (LLM annotation) ------------------------------------------------------------------------------
-@app.command()
+@command()
 def score(
-    data: Optional[list[str]] = typer.Argument(None, help="JSONL/Parquet files or folders of documents."),
+    data: Optional[list[str]] = typer.Argument(None, metavar="DATA", show_default=False,
+                                               help="JSONL/Parquet files or folders of documents."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Annotated output (.jsonl, .jsonl.gz, .parquet)."),
-    prompt: str = typer.Option("web", help="web (FineWeb-Edu), code (Python-Edu), a version id, or a file with {extract}."),
-    show_prompt: Optional[str] = typer.Option(None, help="Print the named prompt (web, code, file) and exit."),
-    backend: str = typer.Option("openai", help="openai (any OpenAI-compatible URL), vllm, sglang, script, transformers."),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
+    prompt: str = typer.Option(SCORE.prompt, help="web (FineWeb-Edu), code (Python-Edu), a version id, or a file with {extract}."),
+    show_prompt: Optional[str] = typer.Option(None, metavar="<name>",
+                                              help="Print the named prompt (web, code, file) and exit."),
+    backend: str = typer.Option(SCORE.backend, help="openai (any OpenAI-compatible URL), vllm, sglang, script, transformers."),
+    base_url: Optional[str] = typer.Option(SCORE.base_url, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
     model: Optional[str] = typer.Option(
-        None, help="Served name, hub id, folder or .gguf file (openai: optional when the server serves one model)."
+        SCORE.model, help="Served name, hub id, folder or .gguf file (openai: optional when the server serves one model)."
     ),
-    api: str = typer.Option("chat", help="chat (/v1/chat/completions) or completion (/v1/completions)."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key."),
-    concurrency: int = typer.Option(16, help="Requests in flight (batch size for transformers)."),
+    api: str = typer.Option(SCORE.api, help="chat (/v1/chat/completions) or completion (/v1/completions)."),
+    api_key_env: str = typer.Option(SCORE.api_key_env, help="Environment variable holding the API key."),
+    concurrency: int = typer.Option(SCORE.concurrency, help="Requests in flight (batch size for transformers)."),
     timeout: float = typer.Option(
-        120.0, help="Seconds without any answer from the server before a request is retried (queued requests back off "
-        "concurrency instead)."
+        SCORE.timeout, help="Seconds without any answer from the server before a request is retried (queued requests "
+        "back off concurrency instead)."
     ),
-    max_retries: int = typer.Option(5, help="Retries on 429, 5xx, timeouts and connection errors."),
-    retry_backoff: float = typer.Option(1.0, help="First retry delay in seconds (doubles each retry, jittered)."),
-    max_reasks: int = typer.Option(2, help="Extra questions when an answer is unparseable, ambiguous or cut off."),
-    temperature: float = typer.Option(0.6),
-    top_p: float = typer.Option(0.95),
-    max_tokens: int = typer.Option(256, help="Maximum new tokens per answer."),
+    max_retries: int = typer.Option(SCORE.max_retries, help="Retries on 429, 5xx, timeouts and connection errors."),
+    retry_backoff: float = typer.Option(SCORE.retry_backoff, help="First retry delay in seconds (doubles each retry, jittered)."),
+    max_reasks: int = typer.Option(SCORE.max_reasks, help="Extra questions when an answer is unparseable, ambiguous or cut off."),
+    temperature: float = typer.Option(SCORE.temperature),
+    top_p: float = typer.Option(SCORE.top_p),
+    max_tokens: int = typer.Option(SCORE.max_tokens, help="Maximum new tokens per answer."),
     max_chars: Optional[int] = typer.Option(
-        None, help="Cut documents to this many characters, and further to fit the server's context (counted)."
+        SCORE.max_chars, help="Cut documents to this many characters, and further to fit the server's context (counted)."
     ),
     sample: Optional[int] = typer.Option(
-        None, help="Annotate N documents: a reproducible random sample (drawn while streaming; only N are held), or "
-        "with --select active the budget of documents the LLM may see."
+        SCORE.sample, help="Annotate N documents: a reproducible random sample (drawn while streaming; only N are "
+        "held), or with --select active the budget of documents the LLM may see."
     ),
-    seed: int = typer.Option(0, help="Seed for --sample (and transformers sampling)."),
+    seed: int = typer.Option(SCORE.seed, help="Seed for --sample (and transformers sampling)."),
     select: str = typer.Option(
-        "random", help="random (a uniform sample), or active: rounds chosen by a classifier trained on the labels so "
-        "far, each row weighted so that train undoes the choice."
+        SCORE.select, help="random (a uniform sample), or active: rounds chosen by a classifier trained on the labels "
+        "so far, each row weighted so that train undoes the choice."
     ),
-    rounds: int = typer.Option(5, help="--select active: rounds the budget is spent in (the first one uniform)."),
-    seed_size: Optional[int] = typer.Option(None, help="--select active: documents in the first, uniform round "
-                                            "(default: an equal share of the budget)."),
-    kind: Optional[str] = typer.Option(None, help="--select active: web or code, the encoder as in train (default: "
-                                       "from --prompt)."),
-    encoder: Optional[str] = typer.Option(None, help="--select active: encoder path or hub name (as in train)."),
-    max_length: int = typer.Option(512, help="--select active: tokens per document the encoder reads (as in train)."),
-    embedding_cache: Optional[str] = typer.Option(None, help="--select active: embedding cache, shared with train "
-                                                  "(default ~/.cache/edu-filter)."),
+    rounds: int = typer.Option(SCORE.rounds, help="--select active: rounds the budget is spent in (the first one uniform)."),
+    seed_size: Optional[int] = typer.Option(SCORE.seed_size, help="--select active: documents in the first, uniform "
+                                            "round (default: an equal share of the budget)."),
+    kind: Optional[str] = typer.Option(SCORE.kind, help="--select active: web or code, the encoder as in train "
+                                       "(default: from --prompt)."),
+    encoder: Optional[str] = typer.Option(SCORE.encoder, help="--select active: encoder path or hub name (as in train)."),
+    max_length: int = typer.Option(SCORE.max_length, help="--select active: tokens per document the encoder reads "
+                                   "(as in train)."),
+    embedding_cache: Optional[str] = typer.Option(SCORE.embedding_cache, help="--select active: embedding cache, "
+                                                  "shared with train (default ~/.cache/edu-filter)."),
     cache: Optional[Path] = typer.Option(None, help="Resume cache (default: OUTPUT.cache.sqlite)."),
-    text_field: str = typer.Option("text"),
-    id_field: str = typer.Option("id"),
-    max_model_len: int = typer.Option(8192, help="vllm/sglang: context length of the started server."),
-    tensor_parallel: int = typer.Option(1, help="vllm/sglang: GPUs per model."),
-    server_script: Optional[str] = typer.Option(None, help="script backend: Python file serving /v1 on --port."),
+    text_field: str = typer.Option(SCORE.text_field),
+    id_field: str = typer.Option(SCORE.id_field),
+    max_model_len: int = typer.Option(SCORE.max_model_len, help="vllm/sglang: context length of the started server."),
+    tensor_parallel: int = typer.Option(SCORE.tensor_parallel, help="vllm/sglang: GPUs per model."),
+    server_script: Optional[str] = typer.Option(SCORE.server_script, help="script backend: Python file serving /v1 on --port."),
     server_arg: Optional[list[str]] = typer.Option(
-        None, help="vllm/sglang/script: extra server flag KEY=VALUE or KEY (repeatable), e.g. gpu-memory-utilization=0.9."
+        None, metavar="<key[=value]>",
+        help="vllm/sglang/script: extra server flag KEY=VALUE or KEY (repeatable), e.g. gpu-memory-utilization=0.9.",
     ),
-    device: Optional[str] = typer.Option(None, help="transformers: cpu, cuda... (default: cuda when available)."),
+    device: Optional[str] = typer.Option(SCORE.device, help="transformers: cpu, cuda... (default: cuda when available)."),
 ):
     """Annotate documents 0-5 with an LLM and the FineWeb-Edu / Python-Edu rubric (resumable)."""
     if show_prompt is not None:
+        if data or output is not None:
+            raise InputError("--show-prompt prints a prompt and exits: give it alone, without DATA or -o")
         from edu_filter.annotate.prompts import show_prompt as print_prompt
 
         print_prompt(show_prompt)
         return
     if not data or output is None:
-        raise typer.BadParameter("give input DATA and -o OUTPUT (or --show-prompt NAME)")
-    from edu_filter.annotate.score import ANNOTATION_ERRORS, score_documents
+        raise InputError("give input DATA and -o OUTPUT (or --show-prompt NAME)")
+    from edu_filter.annotate.score import score_documents
 
-    try:
-        score_documents(
-            data, output, prompt=prompt, backend=backend, model=model, base_url=base_url, api=api,
-            api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-            retry_backoff=retry_backoff, max_reasks=max_reasks, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, max_chars=max_chars, sample=sample, seed=seed, select=select, rounds=rounds,
-            seed_size=seed_size, kind=kind, encoder=encoder, max_length=max_length, embedding_cache=embedding_cache,
-            cache=cache, text_field=text_field, id_field=id_field, max_model_len=max_model_len, tensor_parallel=tensor_parallel,
-            server_script=server_script, server_args=server_arg, device=device,
-        )
-    except ANNOTATION_ERRORS as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    config = ScoreConfig(
+        prompt=prompt, backend=backend, model=model, base_url=base_url, api=api, api_key_env=api_key_env,
+        concurrency=concurrency, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
+        max_reasks=max_reasks, temperature=temperature, top_p=top_p, max_tokens=max_tokens, max_chars=max_chars,
+        sample=sample, seed=seed, select=select, rounds=rounds, seed_size=seed_size, kind=kind, encoder=encoder,
+        max_length=max_length, embedding_cache=embedding_cache, cache=cache, text_field=text_field, id_field=id_field,
+        max_model_len=max_model_len, tensor_parallel=tensor_parallel, server_script=server_script,
+        server_args=server_arg, device=device,
+    )
+    score_documents(data, output, config)
 
 
-@app.command()
+@command()
 def agreement(
-    a: str = typer.Argument(..., help="First annotation (JSONL/Parquet with id and a score field); the reference."),
-    b: str = typer.Argument(..., help="Second annotation, joined to A on id."),
+    a: str = typer.Argument(..., metavar="A", help="First annotation (JSONL/Parquet with id and a score field); the reference."),
+    b: str = typer.Argument(..., metavar="B", help="Second annotation, joined to A on id."),
     field: str = typer.Option("score", help="Score field in A (and in B unless --field-b)."),
     field_b: Optional[str] = typer.Option(None, help="Score field in B when it differs."),
     id_field: str = typer.Option("id"),
@@ -174,29 +327,28 @@ def agreement(
 ):
     """Agreement between two annotations: Cohen's kappa, quadratic kappa, Spearman, MAE, confusion matrix."""
     from edu_filter.annotate.agreement import agreement as compare
-    from edu_filter.annotate.score import ANNOTATION_ERRORS
 
-    try:
-        compare(a, b, field=field, field_b=field_b, id_field=id_field, threshold=threshold, report=report)
-    except ANNOTATION_ERRORS as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    compare(a, b, field=field, field_b=field_b, id_field=id_field, threshold=threshold, report=report)
 
 
-@app.command()
+@command()
 def ablate(
-    data: list[str] = typer.Option(..., help="NAME=PATH of a training set; give one per run (e.g. edu=..., all=...)."),
+    data: list[str] = typer.Option(..., metavar="<name=path>",
+                                   help="A training set; give one per run (e.g. edu=..., all=...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Ablation folder: tokenizer, runs, report, plots."),
-    eval: Optional[list[str]] = typer.Option(None, "--eval", help="NAME=PATH of a reference set every run is scored on."),
+    eval: Optional[list[str]] = typer.Option(None, "--eval", metavar="<name=path>",
+                                             help="A reference set every run is scored on (repeatable)."),
     preset: str = typer.Option("tiny", help="tiny, smollm-135m, smollm-360m or ablation-1.8b."),
     tokens: int = typer.Option(300_000, help="Training tokens per run (the same for every run)."),
-    override: Optional[list[str]] = typer.Option(None, help="key=value for a model or training field, e.g. lr=1e-3."),
+    override: Optional[list[str]] = typer.Option(None, metavar="<key=value>",
+                                                 help="A model or training field (repeatable), e.g. lr=1e-3."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or hub name (default: train a BPE)."),
     vocab_size: Optional[int] = typer.Option(None, help="Vocabulary of the trained BPE (default: from the preset)."),
     text_field: str = typer.Option("text"),
     humaneval: bool = typer.Option(False, help="Score HumanEval pass@1 after each run (for code data)."),
     humaneval_limit: Optional[int] = typer.Option(None, help="Only the first N HumanEval problems."),
-    cloze: Optional[list[str]] = typer.Option(None, help="NAME=PATH of a multiple-choice JSONL benchmark."),
+    cloze: Optional[list[str]] = typer.Option(None, metavar="<name=path>",
+                                              help="A multiple-choice JSONL benchmark (repeatable)."),
     seed: int = typer.Option(0, help="Seed of the first training of each dataset (initial weights and data order)."),
     seeds: int = typer.Option(
         1, help="Train every dataset this many times (seeds SEED, SEED+1, ...) to measure seed noise."
@@ -206,142 +358,119 @@ def ablate(
     ),
 ):
     """Train the same small model on each dataset at equal tokens and compare their losses (verdict in report.md)."""
-    from edu_filter.documents import DocumentError
+    check_writable_output(output, "-o/--output")
     from edu_filter.ablate.ablation import ablate as run_ablation
 
-    try:
-        run_ablation(
-            data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
-            vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
-            cloze=cloze, seed=seed, seeds=seeds, compare_on=compare_on,
-        )
-    except (DocumentError, ValueError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    run_ablation(
+        data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
+        vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
+        cloze=cloze, seed=seed, seeds=seeds, compare_on=compare_on,
+    )
 
 
 # --- apply / sweep (filters) -------------------------------------------------------------------------------------------
-@app.command()
+@command()
 def apply(
-    inputs: list[str] = typer.Argument(..., help="JSONL/Parquet files or folders, local or s3://, hf://datasets/..."),
+    inputs: list[str] = typer.Argument(..., metavar="INPUTS", show_default=False,
+                                       help="JSONL/Parquet files or folders, local or s3://, hf://datasets/..."),
     output: str = typer.Option(..., "-o", "--output", help="Output folder: kept/, removed/<reason>/, failed/, stats.json."),
     model: Optional[str] = typer.Option(None, help="Classifier folder from `train`, or a hub id (preset default)."),
     preset: Optional[str] = typer.Option(None, help="fineweb-edu (>=3), fineweb-edu-score-2 (>=2) or python-edu (>=4)."),
-    threshold: Optional[int] = typer.Option(None, help="Keep int_score >= THRESHOLD (default 3, or the preset's)."),
-    keep_top: Optional[float] = typer.Option(None, help="Keep this fraction of documents instead (e.g. 0.1)."),
-    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="MinHash near-dedup (on by default)."),
-    exact_dedup: Optional[bool] = typer.Option(None, "--exact-dedup/--no-exact-dedup", help="Exact dedup (python-edu)."),
-    decontaminate: Optional[list[str]] = typer.Option(None, help="Eval set JSONL to decontaminate against, or 'humaneval'."),
-    long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
-    max_length: Optional[int] = typer.Option(None, help="Tokens per document/chunk (the model's when unset)."),
-    batch_size: int = typer.Option(32),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer for token_count (the classifier's when unset)."),
-    text_field: str = typer.Option("text"),
-    id_field: str = typer.Option("id"),
+    threshold: Optional[int] = typer.Option(APPLY.threshold, help="Keep int_score >= THRESHOLD (default 3, or the preset's)."),
+    keep_top: Optional[float] = typer.Option(APPLY.keep_top, help="Keep this fraction of documents instead (e.g. 0.1)."),
+    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="MinHash near-dedup (on by default).",
+                                         show_default=False),
+    exact_dedup: Optional[bool] = typer.Option(None, "--exact-dedup/--no-exact-dedup", show_default=False,
+                                               help="Exact dedup (on with the python-edu preset)."),
+    decontaminate: Optional[list[str]] = typer.Option(
+        None, metavar="<path>", help="Eval set JSONL to decontaminate against, or 'humaneval' (repeatable)."),
+    long_docs: Optional[str] = typer.Option(APPLY.long_docs, help="truncate, chunk-mean or chunk-max (default: the model's)."),
+    max_length: Optional[int] = typer.Option(APPLY.max_length, help="Tokens per document/chunk (the model's when unset)."),
+    batch_size: int = typer.Option(APPLY.batch_size),
+    dtype: Optional[str] = typer.Option(APPLY.dtype, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
+    tokenizer: Optional[str] = typer.Option(APPLY.tokenizer, help="Tokenizer for token_count (the classifier's when unset)."),
+    text_field: str = typer.Option(APPLY.text_field),
+    id_field: str = typer.Option(APPLY.id_field),
     executor: str = typer.Option("local", help="local, slurm or ray."),
-    tasks: int = typer.Option(1, help="Number of shards."),
+    tasks: int = typer.Option(APPLY.tasks, help="Number of shards."),
     workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm: no limit unless given)."),
     order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU)."),
     overwrite: bool = typer.Option(False, help="Start over when OUT holds a run made with other settings, model or inputs."),
-    keep_work: bool = typer.Option(False, help="Keep the scratch folder OUT/work (signatures, intermediates) after success."),
+    keep_work: bool = typer.Option(APPLY.keep_work, help="Keep the scratch folder OUT/work (signatures, intermediates) after success."),
     wait: bool = typer.Option(False, help="Slurm: follow the submitted chain until it ends (exit 1 if a stage fails)."),
     verbose: bool = typer.Option(False, help="Show datatrove's logs in the terminal (always in OUT/logs)."),
     push_to_hub: Optional[str] = typer.Option(None, help="Upload kept/, stats.json, the card and provenance to this hub dataset repo (ORG/NAME)."),
-    slurm_partition: Optional[str] = typer.Option(None, help="Partition (default: the cluster's default)."),
-    slurm_gpu_partition: Optional[str] = typer.Option(None, help="Partition for the scoring stage."),
-    slurm_gpus: int = typer.Option(0, help="GPUs per scoring task."),
-    slurm_time: str = typer.Option("24:00:00"),
-    slurm_cpus: int = typer.Option(4, help="CPUs per task."),
-    slurm_mem_gb: Optional[int] = typer.Option(None, help="Memory per task in GB (default: 4 per CPU)."),
-    slurm_venv: Optional[str] = typer.Option(None, help="activate script sourced by every job (default: this Python environment)."),
-    dry_run: bool = typer.Option(False, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
+    slurm_partition: Optional[str] = typer.Option(SLURM.partition, help="Partition (default: the cluster's default)."),
+    slurm_gpu_partition: Optional[str] = typer.Option(SLURM.gpu_partition, help="Partition for the scoring stage."),
+    slurm_gpus: int = typer.Option(SLURM.gpus_per_task, help="GPUs per scoring task."),
+    slurm_time: str = typer.Option(SLURM.time),
+    slurm_cpus: int = typer.Option(SLURM.cpus_per_task, help="CPUs per task."),
+    slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
+    slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
+    dry_run: bool = typer.Option(SLURM.dry_run, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
-    from edu_filter.documents import DocumentError
-    from edu_filter.filters.apply import SlurmOptions, run_apply
-    from edu_filter.filters.executors import StageFailed
+    from edu_filter.filters.apply import run_apply
 
-    try:
-        run_apply(
-            inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
-            exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
-            slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
-                               time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
-                               dry_run=dry_run),
-            order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
-            long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
-            text_field=text_field, id_field=id_field,
-        )
-    except (DocumentError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except StageFailed as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    run_apply(
+        inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
+        exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
+        slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
+                           time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
+                           dry_run=dry_run),
+        order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
+        long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
+        text_field=text_field, id_field=id_field,
+    )
 
 
-@app.command()
+@command()
 def status(
-    output: str = typer.Argument(..., help="An apply output folder (any executor, running or finished)."),
+    output: str = typer.Argument(..., metavar="OUT", help="An apply output folder (any executor, running or finished)."),
 ):
     """Per stage: tasks done, documents read, docs/s and Slurm job states; then the stats table when finished."""
     from rich.console import Console
 
-    from edu_filter.documents import DocumentError
     from edu_filter.filters.executors import show_status
 
-    try:
-        show_status(output, Console())
-    except DocumentError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    show_status(output, Console())
 
 
-@app.command()
+@command()
 def sweep(
-    scored: list[str] = typer.Argument(..., help="An apply output folder, or scored JSONL/Parquet files/folders."),
+    scored: list[str] = typer.Argument(..., metavar="SCORED", show_default=False,
+                                       help="An apply output folder, or scored JSONL/Parquet files/folders."),
     output: Path = typer.Option(Path("sweep"), "-o", "--output", help="Folder for the table and PNG plots."),
-    thresholds: list[int] = typer.Option([0, 1, 2, 3, 4, 5], help="int_score thresholds to compare."),
+    thresholds: str = typer.Option(",".join(map(str, SCORES)), metavar="<t,t,...>",
+                                   help=f"Comma-separated int_score thresholds to compare ({SCORE_RANGE})."),
     label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
     positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
 ):
     """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
-    from edu_filter.documents import DocumentError
+    from edu_filter.documents import MAX_SCORE, MIN_SCORE
     from edu_filter.filters.sweep import run_sweep
 
-    # `--thresholds 0 1 2` leaves 1 and 2 among the positional arguments: take back bare integers that are not paths
-    extra = [s for s in scored if s.isdigit() and not Path(s).exists()]
-    scored = [s for s in scored if s not in extra]
-    thresholds = sorted(set(thresholds) | {int(s) for s in extra})
-    try:
-        run_sweep(scored, output, thresholds=thresholds, label_field=label_field,
-                  positive_threshold=positive_threshold)
-    except (DocumentError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    cuts = parse_ints(thresholds, "--thresholds", low=MIN_SCORE, high=MAX_SCORE)
+    run_sweep(scored, output, thresholds=cuts, label_field=label_field, positive_threshold=positive_threshold)
 
 
-@app.command()
+@command()
 def lineage(
-    path: Path = typer.Argument(..., help="An artifact: annotation file, classifier folder, apply output or ablation."),
+    path: Path = typer.Argument(..., metavar="PATH", help="An artifact: annotation file, classifier folder, apply output or ablation."),
     as_json: bool = typer.Option(False, "--json", help="Print the tree as JSON (one node per artifact or input)."),
 ):
     """How PATH was made, back to the raw inputs: a tree of artifacts, marking inputs changed since they were used."""
-    from edu_filter.provenance import ProvenanceError, show_lineage
+    from edu_filter.provenance import show_lineage
 
-    try:
-        show_lineage(path, as_json=as_json)
-    except ProvenanceError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    show_lineage(path, as_json=as_json)
 
 
-@app.command()
+@command()
 def demo(
     output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for models, outputs and report.md."),
 ):
     """Run the whole loop on the bundled data (about 10 minutes on 2 CPU cores) and write OUTPUT/report.md."""
+    check_writable_output(output, "-o/--output")
     from edu_filter.demo import run_demo
 
     run_demo(output)

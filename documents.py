@@ -24,8 +24,59 @@ FILE_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 HUB_PREFIX = "hf://datasets/"
 
 
-class DocumentError(ValueError):
+# The educational-value scale: every label, LLM score, int_score and threshold lies in MIN_SCORE..MAX_SCORE.
+MIN_SCORE, MAX_SCORE = 0, 5
+SCORES = tuple(range(MIN_SCORE, MAX_SCORE + 1))
+SCORE_RANGE = f"{MIN_SCORE}-{MAX_SCORE}"  # as messages and help texts write it
+
+
+def in_score_range(value: float) -> bool:
+    return MIN_SCORE <= value <= MAX_SCORE
+
+
+class InputError(ValueError):
+    """Bad usage or bad input, knowable before any work (a bad option value, a missing or unreadable file, a label
+    outside 0-5, an unwritable output). The command line prints the message as one line and exits 2."""
+
+
+class RunError(RuntimeError):
+    """A failure while running (a pipeline stage, a server going away). The command line prints the message as one
+    line and exits 1."""
+
+
+class DocumentError(InputError):
     """A bad input document: the message names the file and line (or row)."""
+
+
+def check_model_name(model: str, what: str = "--model") -> None:
+    """A model given as a local path (./m, /models/m, ~/m, a/b/c) must exist; a hub id (NAME, ORG/NAME, or
+    ORG/REPO/FILE.gguf) is left to the loader, which knows whether the hub (or its cache) has it."""
+    if Path(model).expanduser().exists() or "://" in model:
+        return
+    if model.startswith((".", "/", "~")) or (model.count("/") > 1 and not model.lower().endswith(".gguf")):
+        raise InputError(f"{what} {model}: no such file or folder")
+
+
+def check_writable_output(path: str | os.PathLike, what: str = "--output") -> None:
+    """Refuse an output path that cannot be created or written, without creating anything.
+
+    The nearest existing ancestor must be a folder this process may write into (and the path itself, when it
+    exists, a writable folder or file). Remote paths (s3://, hf://) are left to the writer."""
+    text = str(path)
+    if "://" in text:
+        return
+    target = Path(text).expanduser()
+    if target.exists():
+        if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
+            raise InputError(f"{what} {text}: not writable (permission denied)")
+        return
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {text}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {text}: cannot be created, {parent} is not writable (permission denied)")
 
 
 def bundled_data(relative: str = "") -> Path:
@@ -87,7 +138,11 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     lineno = 0
-    with opener(path, "rb") as fh:
+    try:
+        fh = opener(path, "rb")
+    except OSError as e:  # permission denied, a folder named like a file
+        raise DocumentError(f"{path}: cannot open the file ({e.strerror or e})") from None
+    with fh:
         lines = iter(fh)
         while True:
             try:
@@ -191,8 +246,22 @@ def iter_documents(
                         raise DocumentError(
                             f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}"
                         )
+                    if not in_score_range(value):
+                        raise DocumentError(
+                            f"{path}:{lineno}: label field '{label_field}' is {label!r}, outside the {SCORE_RANGE} scale"
+                        )
                     doc["label"] = value
             yield doc
+
+
+def check_not_empty(paths: Iterable[str | os.PathLike], what: str = "DATA", text_field: str = "text") -> None:
+    """Refuse input without a single document before any work (reads up to the first document; hub datasets are
+    left to the reader)."""
+    paths = list(paths)
+    if any(is_hub_path(p) for p in paths):
+        return
+    if next(iter_documents(paths, text_field), None) is None:
+        raise DocumentError(f"{what}: no documents in {', '.join(map(str, paths))}")
 
 
 def read_documents(
@@ -205,8 +274,8 @@ def read_documents(
 ) -> list[dict]:
     """Rows with `id`, `text` (and the label under `label` when label_field is given).
 
-    A missing `text`, or a missing label when `require_label`, raises DocumentError naming the file and line; a row
-    without an id gets `<file>:<line>` so it can still be traced.
+    A missing `text`, a label that is no number on the 0-5 scale, or a missing label when `require_label`, raises
+    DocumentError naming the file and line; a row without an id gets `<file>:<line>` so it can still be traced.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be a number of documents >= 0, got {limit}")

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edu_filter.documents import bundled_data
+from edu_filter.documents import InputError, RunError, bundled_data
 
 PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
@@ -75,8 +75,12 @@ class ProvenanceError(ValueError):
     """A path that cannot be traced, or a record that cannot be read."""
 
 
-class PushError(ValueError):
-    """Uploading to the hub is impossible or failed; the message is one line saying why and what to do."""
+class PushError(RunError):
+    """Uploading to the hub failed after the work was done; the message is one line saying why and what to do."""
+
+
+class PushSetupError(PushError, InputError):
+    """Uploading cannot happen (bad id, hub offline, no token): found before any work, so bad usage."""
 
 
 # --- fingerprints ---------------------------------------------------------------------------------------------------
@@ -544,6 +548,7 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
         f"| macro F1 (int_score) | {_metric(metrics.get('macro_f1'))} |",
         *[f"| F1 of int_score >= {t} (round-and-clip: {_metric(metrics['uncalibrated'].get(f'binary_f1_at_{t}'))}) "
           f"| {_metric(metrics.get(f'binary_f1_at_{t}'))} |" for t in (2, 3, 4) if f"binary_f1_at_{t}" in metrics],
+        *([""] + [f"- **Warning:** {w}." for w in metrics["warnings"]] if metrics.get("warnings") else []),
         "",
         "## Calibration",
         "",
@@ -572,9 +577,9 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
     if fasttext:
         lines += [
             "```python",
-            "from edu_filter.classifiers import EduScorer",
+            "from edu_filter.classifiers import load_scorer",
             "",
-            f'scorer = EduScorer.from_pretrained("{name}")',
+            f'scorer = load_scorer("{name}")',
             "scores, _ = scorer.predict(texts)",
             "int_scores = scorer.to_int_score(scores)",
             "```",
@@ -595,9 +600,9 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
             "With edu-filter (calibrated `int_score`, long-document handling, datatrove):",
             "",
             "```python",
-            "from edu_filter.classifiers import EduScorer",
+            "from edu_filter.classifiers import load_scorer",
             "",
-            f'scorer = EduScorer.from_pretrained("{name}")',
+            f'scorer = load_scorer("{name}")',
             "scores, truncated = scorer.predict(texts)",
             "int_scores = scorer.to_int_score(scores)",
             "```",
@@ -779,18 +784,18 @@ def check_can_push(repo_id: str) -> None:
     from huggingface_hub import HfApi, get_token
 
     if not HUB_REPO_ID.fullmatch(repo_id):
-        raise PushError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME or NAME")
+        raise PushSetupError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME or NAME")
     from edu_filter.classifiers.encoders import hub_offline
 
     if hub_offline():
-        raise PushError(f"--push-to-hub {repo_id}: the Hugging Face hub is offline here (HF_HUB_OFFLINE or "
+        raise PushSetupError(f"--push-to-hub {repo_id}: the Hugging Face hub is offline here (HF_HUB_OFFLINE or "
                         "TRANSFORMERS_OFFLINE is set); unset it to upload, or drop --push-to-hub")
     if get_token() is None:
-        raise PushError(f"--push-to-hub {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+        raise PushSetupError(f"--push-to-hub {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
     try:
         HfApi().whoami()
     except Exception as e:  # noqa: BLE001 - unreachable, bad token: one line, before any work is done
-        raise PushError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face hub with this token "
+        raise PushSetupError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face hub with this token "
                         f"({type(e).__name__}: {_first_line(e)})") from None
 
 
@@ -806,7 +811,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, repo_type: str = "model
 
     if repo_type not in PUSH_PATTERNS:
         raise ValueError(f"repo_type must be one of {', '.join(PUSH_PATTERNS)}, got {repo_type!r}")
-    check_can_push(repo_id)
+    try:
+        check_can_push(repo_id)
+    except PushSetupError as e:  # after the work: a failure to report, never a reason to discard the folder
+        raise PushError(f"{e}; the folder {folder} is complete") from None
     api = HfApi()
     try:
         url = api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)

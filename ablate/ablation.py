@@ -24,6 +24,7 @@ from edu_filter import provenance
 from edu_filter.ablate.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
 from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
+from edu_filter.documents import InputError
 
 SIGMAS = 2.0  # two seeds: significant when the difference exceeds this many pooled seed standard deviations
 WELCH_ALPHA = 0.05  # three or more seeds: significant when Welch's t-test gives p below this
@@ -376,7 +377,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                                          cfg.eval_tokens + window)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
-                raise ValueError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
+                raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
         infos[name] = {"train_tokens": train.tokens, "train_documents": train.documents, "val_tokens": val.tokens,
                        "val_documents": val.documents, "read_to_end": train.complete}
@@ -385,7 +386,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         if not file.with_suffix(".json").exists():
             info = write_tokens(iter_texts(path, text_field), tok, file, cfg.eval_tokens + window)
             if info.tokens < window:
-                raise ValueError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of {window}")
+                raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of {window}")
     return infos
 
 
@@ -393,8 +394,10 @@ def _load_final_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from edu_filter.classifiers.device import default_device
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(default_device())
 
 
 def comparison_table(runs: dict, preset: str, seeds: int = 1):

@@ -40,9 +40,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edu_filter.classifiers.calibration import fit_cut_points
-from edu_filter.classifiers.head import fit_ridge_head
-
 DEFAULT_ROUNDS = 5
 UNIFORM_SHARE = 0.2  # of each round's draw spread uniformly over the remaining pool (floor on every probability)
 SHARPNESS = 2  # the priority is P(label >= threshold) to this power
@@ -207,6 +204,9 @@ class ActiveSelector:
         y = labels[labelled]
         if len(labelled) < 2 * self.folds or np.ptp(y) == 0:
             return None
+        from edu_filter.classifiers.calibration import fit_cut_points  # imported here: they bring torch
+        from edu_filter.classifiers.head import fit_ridge_head
+
         w = self.weights()[labelled]
         head, oof, _, _ = fit_ridge_head(self.x[labelled], y, self.folds, self.seed, weights=w)
         cut_points = fit_cut_points(oof, y, min_positives=self.min_positives, weights=w)

@@ -1,8 +1,9 @@
 """`edu-filter agreement A B`: how well two annotations of the same documents agree (two LLMs, LLM vs human,
 LLM vs classifier).
 
-Rows are joined on their id. Kappa and the confusion matrix use scores rounded and clipped to 0-5 (so regression
-outputs can be compared too); Spearman and MAE use the values as given. The binary block treats A as the
+Rows are joined on their id. Every score must lie on the 0-5 scale (a value outside it, e.g. a 0-10 rating, is refused
+naming its file and row). Kappa and the confusion matrix use scores rounded to integers (so regression outputs can
+be compared too); Spearman and MAE use the values as given. The binary block treats A as the
 reference and asks whether both sides keep the same documents at `threshold` (FineWeb-Edu keeps score >= 3).
 """
 
@@ -15,14 +16,24 @@ from pathlib import Path
 
 import orjson
 
-from edu_filter.annotate.parse import MAX_SCORE
-from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+from edu_filter.classifiers.calibration import to_int_scores
+from edu_filter.documents import (
+    SCORE_RANGE,
+    SCORES,
+    DocumentError,
+    InputError,
+    check_writable_output,
+    expand_paths,
+    in_score_range,
+    iter_raw_rows,
+)
 
-LABELS = list(range(MAX_SCORE + 1))
+LABELS = list(SCORES)
 
 
 def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict[str, float], int]:
-    """{id: value} for rows whose `field` is set, and how many rows had it null. Bad rows raise DocumentError."""
+    """{id: value} for rows whose `field` is set, and how many rows had it null. Bad rows (no id, a duplicate id, a
+    value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
     scores: dict[str, float] = {}
     where: dict[str, str] = {}
     nulls = 0
@@ -41,6 +52,8 @@ def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r}")
+            if not in_score_range(value):
+                raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r}, outside the {SCORE_RANGE} scale")
             scores[doc_id] = float(value)
     return scores, nulls
 
@@ -60,8 +73,8 @@ def agreement_metrics(a: list[float], b: list[float], threshold: float = 3) -> d
     if not a:
         raise ValueError("no document has a score on both sides: check the ids and --field")
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    a_int = np.clip(np.rint(a_arr), 0, MAX_SCORE).astype(int)
-    b_int = np.clip(np.rint(b_arr), 0, MAX_SCORE).astype(int)
+    a_int = to_int_scores(a_arr)
+    b_int = to_int_scores(b_arr)
     keep_a, keep_b = a_arr >= threshold, b_arr >= threshold
     with warnings.catch_warnings():  # undefined statistics (constant scores) come back as None, not as warnings
         warnings.simplefilter("ignore")
@@ -99,6 +112,10 @@ def agreement(
     show: bool = True,
 ) -> dict:
     """Compare annotation A with annotation B (joined on id); print tables, optionally write a JSON report."""
+    if not in_score_range(threshold):
+        raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
+    if report is not None:
+        check_writable_output(report, "--report")
     scores_a, nulls_a = read_scores(a, field, id_field)
     scores_b, nulls_b = read_scores(b, field_b or field, id_field)
     common = [doc_id for doc_id in scores_a if doc_id in scores_b]

@@ -3,7 +3,8 @@ small transformers model in-process.
 
 Every backend exposes the same coroutine, `complete(prompt) -> Answer`, so caching, re-asks and output are written
 once in `score.py`. A per-document failure raises `RequestFailed` (recorded in that document's row); a failure that
-would hit every document (bad key, unknown model, wrong URL) raises `BackendError` and stops the run.
+would hit every document raises `BackendError` and stops the run. Found at start-up, before any document is asked
+(wrong URL, bad key, unknown model), it is a `BackendSetupError`: bad usage, which the command line exits 2 on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import AsyncIterator
 import orjson
 
 from edu_filter.annotate.cache import Answer
+from edu_filter.documents import InputError, RunError
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,13 @@ class RequestFailed(Exception):
         self.overflow = overflow
 
 
-class BackendError(RuntimeError):
-    """The backend cannot answer any document (authentication, unknown model, unreachable server)."""
+class BackendError(RunError):
+    """The backend cannot answer any document any more (a server that stopped, a key revoked mid-run)."""
+
+
+class BackendSetupError(BackendError, InputError):
+    """The backend cannot be used as configured, found before any document is asked: an unreachable --base-url,
+    a bad API key, a model the server does not serve, a model that cannot be loaded."""
 
 
 @dataclass
@@ -186,7 +193,7 @@ class OpenAIBackend:
         max_backoff: float = 60.0,
     ):
         if api not in ("chat", "completion"):
-            raise ValueError(f"api must be 'chat' or 'completion', got {api!r}")
+            raise InputError(f"api must be 'chat' or 'completion', got {api!r}")
         path = "/chat/completions" if api == "chat" else "/completions"
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + path
@@ -226,12 +233,13 @@ class OpenAIBackend:
         self.stats.concurrency = self._limit.limit
         await self._session.close()
 
-    def _fatal(self, url: str, status: int, raw: bytes) -> BackendError:
+    def _fatal(self, url: str, status: int, raw: bytes, at_start: bool = False) -> BackendError:
         _, message, _ = read_error(raw)
         hint = "Check --base-url (it usually ends in /v1), --model and the API key variable"
         if status == 401 and "Authorization" not in self.headers:
             hint = "No API key was sent: put it in the variable --api-key-env names (default OPENAI_API_KEY)"
-        return BackendError(f"{url} answered {status} ({_FATAL_STATUSES[status]}): {message}. {hint}.")
+        error = BackendSetupError if at_start else BackendError
+        return error(f"{url} answered {status} ({_FATAL_STATUSES[status]}): {message}. {hint}.")
 
     async def _served_models(self) -> list[str] | None:
         """The model ids the server lists; None when it answers but gives no list."""
@@ -246,7 +254,7 @@ class OpenAIBackend:
                 async with self._session.get(url, headers=self.headers, timeout=timeout) as resp:
                     status, raw, retry_after = resp.status, await resp.read(), resp.headers.get("Retry-After")
             except aiohttp.ClientConnectorError as e:  # fail fast on a wrong URL instead of retrying every document
-                raise BackendError(f"cannot reach {self.base_url}: {e}") from e
+                raise BackendSetupError(f"cannot reach {self.base_url}: {e}") from e
             except asyncio.TimeoutError:
                 reason = f"no answer within {self.timeout:g}s"
             except aiohttp.ClientError as e:
@@ -255,18 +263,18 @@ class OpenAIBackend:
                 if status == 200:
                     return _model_ids(raw)
                 if status in _FATAL_STATUSES:
-                    raise self._fatal(url, status, raw)
+                    raise self._fatal(url, status, raw, at_start=True)
                 if status not in (408, 429) and status < 500:
-                    raise BackendError(f"{url} answered {status}: {read_error(raw)[1]}")
+                    raise BackendSetupError(f"{url} answered {status}: {read_error(raw)[1]}")
                 reason = f"http {status}: {read_error(raw)[1]}"
             if retry < self.max_retries:
                 await asyncio.sleep(self._delay(retry, retry_after))
-        raise BackendError(f"{url} did not answer: {reason} (gave up after {self.max_retries + 1} tries)")
+        raise BackendSetupError(f"{url} did not answer: {reason} (gave up after {self.max_retries + 1} tries)")
 
     def _choose_model(self, served: list[str] | None) -> None:
         if not served:
             if self.model is None:
-                raise BackendError(f"{self.base_url}/models lists no model: name the model with --model")
+                raise BackendSetupError(f"{self.base_url}/models lists no model: name the model with --model")
             return
         if self.model in served:
             return
@@ -278,8 +286,8 @@ class OpenAIBackend:
             return
         listed = ", ".join(repr(m) for m in served)
         if self.model is None:
-            raise BackendError(f"{self.base_url} serves several models ({listed}): choose one with --model")
-        raise BackendError(f"--model {self.model!r} is not served by {self.base_url}; it serves {listed}")
+            raise BackendSetupError(f"{self.base_url} serves several models ({listed}): choose one with --model")
+        raise BackendSetupError(f"--model {self.model!r} is not served by {self.base_url}; it serves {listed}")
 
     def _payload(self, prompt: str) -> bytes:
         body = dict(self._base_body)
@@ -394,16 +402,16 @@ def server_config(
     from datatrove.pipeline.inference.run_inference import InferenceConfig
 
     if server_type not in SERVER_BACKENDS:
-        raise ValueError(f"server backend must be one of {SERVER_BACKENDS}, got {server_type!r}")
+        raise InputError(f"server backend must be one of {SERVER_BACKENDS}, got {server_type!r}")
     kwargs: dict = {}
     for arg in server_args or []:
         key, sep, value = arg.lstrip("-").partition("=")
         if not key:
-            raise ValueError(f"bad server argument {arg!r}: expected KEY=VALUE or KEY")
+            raise InputError(f"bad server argument {arg!r}: expected KEY=VALUE or KEY")
         kwargs[key] = value if sep else True
     if server_type == "script":
         if not server_script:
-            raise ValueError("the script backend needs server_script (a Python file serving /v1 on --port)")
+            raise InputError("the script backend needs server_script (a Python file serving /v1 on --port)")
         kwargs["server_script"] = server_script
     delay = 1.0
     return InferenceConfig(
@@ -456,7 +464,7 @@ def pretrained_args(model: str) -> tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     parts = model.split("/")
     if len(parts) < 3 or path.exists() or model.startswith((".", "/")):
-        raise BackendError(f"{model}: no such .gguf file (give a local file or ORG/REPO/FILE.gguf on the hub)")
+        raise BackendSetupError(f"{model}: no such .gguf file (give a local file or ORG/REPO/FILE.gguf on the hub)")
     return "/".join(parts[:2]), {"gguf_file": "/".join(parts[2:])}
 
 
@@ -493,16 +501,18 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from edu_filter.classifiers.device import default_device
+
         name, extra = pretrained_args(self.model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name, **extra)
             self.lm = AutoModelForCausalLM.from_pretrained(name, **extra)
         except OSError as e:
-            raise BackendError(f"cannot load transformers model {self.model!r}: {e}") from e
+            raise BackendSetupError(f"cannot load transformers model {self.model!r}: {e}") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.device or default_device()
         self.lm.to(device).eval()
         torch.manual_seed(self.seed)
         self._queue = asyncio.Queue()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-MAX_SCORE = 5
+from edu_filter.documents import MAX_SCORE, MIN_SCORE, SCORE_RANGE
 
 # "Educational score", then any mix of markdown emphasis, colons and spaces, then the number (optionally emphasised,
 # bracketed, negative or fractional so that we can reject it explicitly).
@@ -55,8 +55,8 @@ def _read_statement(response: str, match: re.Match) -> tuple[int | None, str | N
             return None, f"unparseable: score {num} is not a whole number"
         num = str(int(value))
     score = int(num)
-    if not 0 <= score <= MAX_SCORE:
-        return None, f"unparseable: score {score} is outside 0-{MAX_SCORE}"
+    if not MIN_SCORE <= score <= MAX_SCORE:
+        return None, f"unparseable: score {score} is outside {SCORE_RANGE}"
     return score, None
 
 

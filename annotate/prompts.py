@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edu_filter.documents import InputError
+
 PLACEHOLDER = "{extract}"
 
 # Short names for the bundled rubrics -> version id (= file name under prompts/ without .txt).
 BUNDLED = {"web": "fineweb-edu-v1", "code": "python-edu-v1"}
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt that cannot be used (unknown name, missing file, no {extract} placeholder)."""
 
 

@@ -21,12 +21,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edu_filter.annotate.backends import (
     SERVER_BACKENDS,
-    BackendError,
     ContextOverflow,
     GenerationSettings,
     OpenAIBackend,
@@ -38,15 +37,22 @@ from edu_filter.annotate.backends import (
 from edu_filter.annotate.active import DEFAULT_ROUNDS, ActiveAnnotation, round_sizes
 from edu_filter.annotate.cache import AnswerCache
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
-from edu_filter.annotate.prompts import BUNDLED, Prompt, PromptError, load_prompt
+from edu_filter.annotate.prompts import BUNDLED, Prompt, load_prompt
 from edu_filter import provenance
-from edu_filter.documents import DocumentError, read_documents, sample_documents, write_documents
+from edu_filter.documents import (
+    DocumentError,
+    InputError,
+    check_model_name,
+    check_writable_output,
+    read_documents,
+    sample_documents,
+    write_documents,
+)
 
 BACKENDS = ("openai", *SERVER_BACKENDS, "transformers")
+APIS = ("chat", "completion")
 SELECTIONS = ("random", "active")
 OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-# Errors the command line reports as one line (bad input, options or backend) instead of a traceback.
-ANNOTATION_ERRORS = (DocumentError, PromptError, BackendError, ImportError, ValueError)
 CUT_OFF = "cut off at max_tokens"
 # Output columns and their Parquet types: fixed, so a shard whose every score failed still combines with others.
 OUTPUT_SCHEMA = {
@@ -55,6 +61,105 @@ OUTPUT_SCHEMA = {
     "prompt_tokens": "Int64", "completion_tokens": "Int64",
 }
 ACTIVE_COLUMNS = {"round": "Int64", "weight": "Float64"}  # added by --select active
+
+
+@dataclass
+class ScoreConfig:
+    """Every setting of a `score` run but its input and output; `edu-filter score` takes its defaults from here."""
+
+    # the question
+    prompt: str = "web"  # web (FineWeb-Edu), code (Python-Edu), a bundled version id, or a file with {extract}
+    max_chars: int | None = None  # cut documents to this many characters (and further to fit the server's context)
+    # who answers
+    backend: str = "openai"  # openai (any OpenAI-compatible URL), vllm, sglang, script or transformers
+    model: str | None = None  # served name, hub id, folder or .gguf file (openai: optional if the server serves one)
+    base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
+    api: str = "chat"  # chat (/v1/chat/completions) or completion (/v1/completions)
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key
+    # sampling: FineWeb-Edu's annotation settings
+    temperature: float = GenerationSettings.temperature
+    top_p: float = GenerationSettings.top_p
+    max_tokens: int = GenerationSettings.max_tokens
+    # requests
+    concurrency: int = 16  # requests in flight (the batch size for transformers)
+    timeout: float = 120.0  # seconds without any answer before a request is retried
+    max_retries: int = 5  # on 429, 5xx, timeouts and connection errors
+    retry_backoff: float = 1.0  # first retry delay in seconds (doubles each retry, jittered)
+    max_reasks: int = 2  # extra questions when an answer is unparseable, ambiguous or cut off
+    # which documents
+    sample: int | None = None  # a reproducible uniform sample of N documents, or the budget of select="active"
+    seed: int = 0
+    select: str = "random"  # random, or active: rounds chosen by a classifier trained on the labels so far
+    rounds: int = DEFAULT_ROUNDS  # active: rounds the budget is spent in (the first one uniform)
+    seed_size: int | None = None  # active: documents in the first, uniform round (None: an equal share)
+    kind: str | None = None  # active: web or code, the encoder as in train (None: from the prompt)
+    encoder: str | None = None  # active: encoder path or hub name (as in train)
+    max_length: int = 512  # active: tokens per document the encoder reads (as in train)
+    embedding_cache: str | None = None  # active: embedding cache shared with train (None: ~/.cache/edu-filter)
+    # input fields and the resume cache
+    text_field: str = "text"
+    id_field: str = "id"
+    cache: str | os.PathLike | None = None  # None: <output>.cache.sqlite
+    # servers started here (vllm, sglang, script) and the in-process transformers backend
+    max_model_len: int = 8192  # context length of the started server
+    tensor_parallel: int = 1  # GPUs per model
+    server_script: str | None = None  # script: a Python file serving /v1 on --port
+    server_args: list[str] | None = None  # extra server flags, KEY=VALUE or KEY
+    device: str | None = None  # transformers: cpu, cuda... (None: the best available)
+    # display
+    show_progress: bool = True
+    progress_every: float = 5.0  # seconds between plain progress lines when output is not a terminal
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
+
+    def check(self) -> None:
+        """Every option, before any document is read or anything is written; raises InputError naming it."""
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openai" and not self.base_url:
+            raise InputError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend != "openai":
+            if not self.model:
+                raise InputError(f"the {self.backend} backend needs --model (the model to load: folder, hub id or file)")
+            check_model_name(self.model)
+        if self.api not in APIS:
+            raise InputError(f"--api must be one of {', '.join(APIS)}, got {self.api!r}")
+        for name, value, least in (("concurrency", self.concurrency, 1), ("max-retries", self.max_retries, 0),
+                                   ("max-reasks", self.max_reasks, 0), ("max-tokens", self.max_tokens, 1),
+                                   ("max-model-len", self.max_model_len, 1), ("tensor-parallel", self.tensor_parallel, 1),
+                                   ("max-length", self.max_length, 1)):
+            if value < least:
+                raise InputError(f"--{name} must be >= {least}, got {value}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise InputError("--max-chars must be a positive number of characters")
+        if self.timeout <= 0 or self.retry_backoff < 0:
+            raise InputError("--timeout must be > 0 seconds and --retry-backoff >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError(f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature} and {self.top_p}")
+        if self.sample is not None and self.sample < 1:
+            raise InputError("--sample must be a positive number of documents")
+        if self.select not in SELECTIONS:
+            raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.select == "active":
+            if self.sample is None:
+                raise InputError("--select active needs --sample N: the number of documents the LLM may annotate")
+            round_sizes(self.sample, self.rounds, self.seed_size)  # bad --rounds / --seed-size
+            if self.kind is not None:
+                from edu_filter.classifiers.encoders import KINDS
+
+                if self.kind not in KINDS:
+                    raise InputError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.backend in SERVER_BACKENDS:
+            if self.server_script is not None and not Path(self.server_script).is_file():
+                raise InputError(f"--server-script {self.server_script}: no such file")
+            self.server()  # bad --server-arg, a script backend without --server-script
+        load_prompt(self.prompt)  # an unknown prompt name, a file without {extract}
+
+    def server(self):
+        """The datatrove description of the server to start (vllm, sglang and script backends)."""
+        return server_config(self.backend, self.model, api=self.api, max_model_len=self.max_model_len,
+                             tp=self.tensor_parallel, server_script=self.server_script, server_args=self.server_args)
 
 
 @dataclass
@@ -291,34 +396,39 @@ class _Scorer:
         return progress, update
 
 
-async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs, cache_path, cache_settings,
-                       prompt, options, active=None):
+async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
+                       active=None):
     async with AsyncExitStack() as stack:
-        if backend_name == "transformers":
-            backend = await stack.enter_async_context(TransformersBackend(model, **backend_kwargs))
+        if cfg.backend == "transformers":
+            backend = await stack.enter_async_context(TransformersBackend(
+                cfg.model, settings=cfg.generation(), api=cfg.api, batch_size=cfg.concurrency, device=cfg.device,
+                seed=cfg.seed))
         else:
-            if backend_name in SERVER_BACKENDS:
-                config = server_config(backend_name, model, **server_kwargs)
-                backend_kwargs = {**backend_kwargs, "base_url": await stack.enter_async_context(managed_server(config))}
-            backend = await stack.enter_async_context(OpenAIBackend(model=model, **backend_kwargs))
-        if options["show_progress"]:
+            base_url = cfg.base_url
+            if cfg.backend in SERVER_BACKENDS:
+                base_url = await stack.enter_async_context(managed_server(cfg.server()))
+            backend = await stack.enter_async_context(OpenAIBackend(
+                base_url, cfg.model, settings=cfg.generation(), api=cfg.api, api_key=os.environ.get(cfg.api_key_env),
+                concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                retry_backoff=cfg.retry_backoff))
+        if cfg.show_progress:
             for note in backend.notes:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
-        scorer = _Scorer(backend, cache, prompt, options["max_chars"], options["max_reasks"], options["max_tokens"])
+        scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
         async def score(batch):
-            return await scorer.run(batch, options["workers"], options["show_progress"], options["progress_every"])
+            return await scorer.run(batch, cfg.concurrency, cfg.show_progress, cfg.progress_every)
 
         if active is None:
             rows = await score(docs)
         else:
-            rows = await active.run(score, cache, _announce_round if options["show_progress"] else None)
+            rows = await active.run(score, cache, _announce_round if cfg.show_progress else None)
     s = scorer.summary
     s.requests, s.retries = backend.stats.requests, backend.stats.retries
     s.model, s.notes = backend.model, backend.notes
-    if backend.stats.concurrency is not None and backend.stats.concurrency < options["workers"]:
+    if backend.stats.concurrency is not None and backend.stats.concurrency < cfg.concurrency:
         s.concurrency = backend.stats.concurrency
     return rows, s
 
@@ -326,10 +436,9 @@ async def _score_async(docs, backend_name, model, backend_kwargs, server_kwargs,
 def _active_annotation(docs, budget, rounds, seed_size, seed, kind, encoder, max_length, cache_dir):
     """The pool's frozen-encoder embeddings (computed once, through `train`'s embedding cache) and the rounds."""
     from edu_filter.classifiers.learning_curve import MAIN_THRESHOLD
-    from edu_filter.train.classifier import ClassifierTrainConfig, load_frozen_encoder
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
 
-    frozen = load_frozen_encoder(ClassifierTrainConfig(kind=kind, encoder=encoder, max_length=max_length,
-                                                       cache_dir=cache_dir))
+    frozen = load_frozen_encoder(kind, encoder, max_length=max_length, cache_dir=cache_dir)
     embeddings = frozen.embed([doc["text"] for doc in docs])
     return ActiveAnnotation(docs, embeddings, budget, rounds, seed_size, seed, threshold=MAIN_THRESHOLD[kind],
                             embedding_key=frozen.key, encoder=frozen.model.config.encoder_name)
@@ -354,45 +463,12 @@ def _write_output(rows: list[dict], path: Path, active: bool = False) -> None:
 
 
 def score_documents(
-    inputs: list[str],
-    output: str | os.PathLike,
-    *,
-    prompt: str = "web",
-    backend: str = "openai",
-    model: str | None = None,
-    base_url: str | None = None,
-    api: str = "chat",
-    api_key_env: str = "OPENAI_API_KEY",
-    concurrency: int = 16,
-    timeout: float = 120.0,
-    max_retries: int = 5,
-    retry_backoff: float = 1.0,
-    max_reasks: int = 2,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_tokens: int = 256,
-    max_chars: int | None = None,
-    sample: int | None = None,
-    seed: int = 0,
-    select: str = "random",
-    rounds: int = DEFAULT_ROUNDS,
-    seed_size: int | None = None,
-    kind: str | None = None,
-    encoder: str | None = None,
-    max_length: int = 512,
-    embedding_cache: str | None = None,
-    cache: str | os.PathLike | None = None,
-    text_field: str = "text",
-    id_field: str = "id",
-    max_model_len: int = 8192,
-    tensor_parallel: int = 1,
-    server_script: str | None = None,
-    server_args: list[str] | None = None,
-    device: str | None = None,
-    show_progress: bool = True,
-    progress_every: float = 5.0,
+    inputs: list[str], output: str | os.PathLike, config: ScoreConfig | None = None, **settings
 ) -> ScoreSummary:
     """Annotate documents with an LLM; write one row per document to `output`; print and return a summary.
+
+    `config` holds the settings (see `ScoreConfig`); keyword `settings` override its fields, so
+    `score_documents(docs, "out.jsonl", backend="transformers", model=...)` works without building one.
 
     `model` may be left out only for `backend="openai"` against a server that serves exactly one model.
     Re-running the same call resumes from the answer cache (default: `<output>.cache.sqlite`). When output is not
@@ -402,53 +478,31 @@ def score_documents(
     with the frozen encoder of `train` (`kind`: web or code, default from the prompt; `encoder`, `max_length`,
     `embedding_cache` as in `train`) and writes `round` and `weight` on every row.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "openai" and not base_url:
-        raise ValueError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-    if backend != "openai" and not model:
-        raise ValueError(f"the {backend} backend needs --model (the model to load: folder, hub id or file)")
-    if max_reasks < 0 or concurrency < 1 or max_retries < 0:
-        raise ValueError("--max-reasks and --max-retries must be >= 0 and --concurrency >= 1")
-    if max_chars is not None and max_chars < 1:
-        raise ValueError("--max-chars must be a positive number of characters")
-    if select not in SELECTIONS:
-        raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
-    if select == "active" and sample is None:
-        raise ValueError("--select active needs --sample N: the number of documents the LLM may annotate")
+    cfg = replace(config or ScoreConfig(), **settings)
+    cfg.check()
     output = Path(output)
     _check_output(output)
-    the_prompt = load_prompt(prompt)
+    cache_path = Path(cfg.cache) if cfg.cache is not None else output.with_name(output.name + ".cache.sqlite")
+    check_writable_output(output, "-o/--output")
+    check_writable_output(cache_path, "--cache")
+    the_prompt = load_prompt(cfg.prompt)
     active = None
-    if select == "active":
-        kind = kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
-        round_sizes(sample, rounds, seed_size)  # bad --rounds / --seed-size stop the run before any work
-        docs = load_documents(inputs, text_field, id_field, None, seed)  # the whole pool
-        active = _active_annotation(docs, sample, rounds, seed_size, seed, kind, encoder, max_length, embedding_cache)
+    if cfg.select == "active":
+        kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
+        _refuse_empty(docs, inputs)
+        active = _active_annotation(docs, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, kind, cfg.encoder,
+                                    cfg.max_length, cfg.embedding_cache)
     else:
-        docs = load_documents(inputs, text_field, id_field, sample, seed)
-    used = provenance.describe_inputs({"documents": inputs, "prompt": prompt if Path(prompt).is_file() else None})
-    settings = GenerationSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-    cache_path = Path(cache) if cache is not None else output.with_name(output.name + ".cache.sqlite")
-    cache_settings = {"prompt": the_prompt.version, "api": api, "max_chars": max_chars, **settings.as_dict()}
-
-    if backend == "transformers":
-        backend_kwargs = {"settings": settings, "api": api, "batch_size": concurrency, "device": device,
-                          "seed": seed}
-    else:
-        backend_kwargs = {"settings": settings, "api": api, "api_key": os.environ.get(api_key_env),
-                          "concurrency": concurrency, "timeout": timeout, "max_retries": max_retries,
-                          "retry_backoff": retry_backoff}
-        if backend == "openai":
-            backend_kwargs["base_url"] = base_url
-    server_kwargs = {"api": api, "max_model_len": max_model_len, "tp": tensor_parallel,
-                     "server_script": server_script, "server_args": server_args}
-    options = {"max_chars": max_chars, "max_reasks": max_reasks, "max_tokens": max_tokens, "workers": concurrency,
-               "show_progress": show_progress, "progress_every": progress_every}
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed)
+        _refuse_empty(docs, inputs)
+    used = provenance.describe_inputs({"documents": inputs,
+                                       "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
+    cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
+                      **cfg.generation().as_dict()}
 
     start = time.perf_counter()
-    rows, summary = asyncio.run(_score_async(docs, backend, model, backend_kwargs, server_kwargs, cache_path,
-                                             cache_settings, the_prompt, options, active))
+    rows, summary = asyncio.run(_score_async(docs, cfg, cache_path, cache_settings, the_prompt, active))
     summary.seconds = time.perf_counter() - start
     summary.output, summary.cache = str(output), str(cache_path)
 
@@ -456,24 +510,30 @@ def score_documents(
     partial = output.with_name(f".partial-{output.name}")
     _write_output(rows, partial, active is not None)
     os.replace(partial, output)
-    selection = {"select": select}
+    selection = {"select": cfg.select}
     if active is not None:
         sizes = active.selector.sizes
         w = [r["weight"] for r in rows]
         summary.selection = (f"active from {len(docs):,} documents: {len(sizes)} rounds "
                              f"({', '.join(str(n) for n in sizes)}), weights {min(w):.2f}-{max(w):.2f}")
         selection.update({"rounds": sizes, "pool_size": len(docs), "kind": kind,
-                          "encoder": active.encoder, "max_length": max_length,
+                          "encoder": active.encoder, "max_length": cfg.max_length,
                           "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
     provenance.record_provenance(output, kind="annotations", inputs=used, settings={
-        "prompt": the_prompt.version, "model": summary.model, "backend": backend, "base_url": base_url, "api": api,
-        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_chars": max_chars,
-        "max_reasks": max_reasks, "sample": sample, "seed": seed, "text_field": text_field, "id_field": id_field,
-        "documents": summary.documents, "scored": summary.scored, **selection,
+        "prompt": the_prompt.version, "model": summary.model, "backend": cfg.backend, "base_url": cfg.base_url,
+        "api": cfg.api, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+        "max_chars": cfg.max_chars, "max_reasks": cfg.max_reasks, "sample": cfg.sample, "seed": cfg.seed,
+        "text_field": cfg.text_field, "id_field": cfg.id_field, "documents": summary.documents,
+        "scored": summary.scored, **selection,
     })
-    if show_progress:
+    if cfg.show_progress:
         print_summary(summary)
     return summary
+
+
+def _refuse_empty(docs: list[dict], inputs) -> None:
+    if not docs:
+        raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
 
 
 def print_summary(summary: ScoreSummary) -> None:

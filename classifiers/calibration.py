@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-ROUND_CUTS = (0.5, 1.5, 2.5, 3.5, 4.5)
-MAX_SCORE = 5
+from edu_filter.documents import MAX_SCORE, MIN_SCORE, SCORES
+
+ROUND_CUTS = tuple(t - 0.5 for t in SCORES[1:])  # 0.5, 1.5, ..., 4.5
+
+
+def to_int_scores(values) -> np.ndarray:
+    """Labels or raw scores rounded and clipped onto the integer scale (np.int64)."""
+    return np.clip(np.rint(np.asarray(values, dtype=np.float64)), MIN_SCORE, MAX_SCORE).astype(np.int64)
 
 
 def apply_cut_points(scores: np.ndarray, cut_points) -> np.ndarray:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edu_filter.classifiers.calibration import to_int_scores
+from edu_filter.documents import SCORES
+
 MODEL_FILE = "model.bin"
 CONFIG_FILE = "fasttext_config.json"
 _WHITESPACE = re.compile(r"\s+")
@@ -49,7 +52,7 @@ class FastTextSettings:
 class FastTextConfig:
     kind: str = "web"
     method: str = "fasttext"
-    labels: list[int] = field(default_factory=lambda: list(range(6)))
+    labels: list[int] = field(default_factory=lambda: list(SCORES))
     cut_points: list[float] | None = None
     settings: FastTextSettings = field(default_factory=FastTextSettings)
 
@@ -67,7 +70,7 @@ class FastTextRegressor:
     def train(cls, texts: list[str], labels, settings: FastTextSettings, kind: str = "web") -> "FastTextRegressor":
         import fasttext
 
-        int_labels = np.clip(np.rint(np.asarray(labels, dtype=np.float64)), 0, 5).astype(int)
+        int_labels = to_int_scores(labels)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "train.txt"
             with open(path, "w", encoding="utf-8") as fh:

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
+from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points, to_int_scores
+from edu_filter.documents import SCORES
 
-CLASSES = list(range(6))
+CLASSES = list(SCORES)
 BINARY_THRESHOLDS = (2, 3, 4)
+# the decision each kind's preset makes: FineWeb-Edu keeps int_score >= 3, Python-Edu >= 4
+MAIN_THRESHOLD = {"web": 3, "code": 4}
+# fewer labelled positives than this at the main threshold, and its F1 (and the cut point placed on them) is noise
+MIN_POSITIVES_TO_TRUST = 10
 
 
 def weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -48,7 +53,7 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     raw = np.asarray(raw_scores, dtype=np.float64)
     pred = np.asarray(int_scores, dtype=np.int64)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    true = np.clip(np.rint(labels), 0, 5).astype(np.int64)
+    true = to_int_scores(labels)
     constant = np.ptp(raw) == 0 or np.ptp(labels) == 0
     precision, recall, f1, _ = precision_recall_fscore_support(
         true, pred, labels=CLASSES, zero_division=0, sample_weight=w
@@ -93,6 +98,34 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     if w is not None:
         metrics["weighted"] = {"effective_n": float(w.sum() ** 2 / (w**2).sum())}
     return metrics
+
+
+def metric_warnings(metrics: dict, labels, kind: str | None, data: str = "the validation data") -> list[str]:
+    """Why `metrics` on `data` cannot be trusted, one line each (empty: no reason found): fewer than
+    MIN_POSITIVES_TO_TRUST documents labelled at or above the kind's main threshold, or a Spearman that is not above 0
+    (or undefined: constant scores or labels)."""
+    threshold = MAIN_THRESHOLD.get(kind or "web", MAIN_THRESHOLD["web"])
+    positives = int(np.count_nonzero(np.asarray(labels, dtype=np.float64) >= threshold))
+    warnings = []
+    if positives < MIN_POSITIVES_TO_TRUST:
+        warnings.append(f"{data} has {positives} documents labelled {threshold}+ (fewer than {MIN_POSITIVES_TO_TRUST}):"
+                        f" F1@{threshold} and the cut point for {threshold} rest on too few; use more labelled data")
+    spearman = metrics.get("spearman")
+    if spearman is None:
+        warnings.append(f"Spearman on {data} is undefined (constant scores or labels): the model ranks nothing")
+    elif spearman <= 0:
+        warnings.append(f"Spearman on {data} is {spearman:.3f}: the model ranks documents no better than chance")
+    return warnings
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """One yellow line per warning, on stderr."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True)
+    for warning in warnings:
+        console.print(f"[yellow]warning: {escape(warning)}[/]", soft_wrap=True)
 
 
 def print_metrics(metrics: dict, title: str) -> None:

@@ -1,21 +1,28 @@
-"""The `apply` stage: the classifier, dedup and threshold as datatrove pipeline steps, presets and executors."""
+"""The `apply` stage: the classifier, dedup and threshold as datatrove pipeline steps, presets and executors.
 
-from edu_filter.filters.apply import PRESETS, ApplyConfig, SlurmOptions, run_apply
-from edu_filter.filters.io import ApplyInputReader, InputErrorFilter, KeptParquetWriter
-from edu_filter.filters.scoring import CountTokens, EduClassifierScorer, ScoreThresholdFilter, keep_top_cutoff
-from edu_filter.filters.sweep import run_sweep
+Names are imported on first use, so the CLI can read `ApplyConfig` defaults without loading torch.
+"""
 
-__all__ = [
-    "PRESETS",
-    "ApplyConfig",
-    "ApplyInputReader",
-    "CountTokens",
-    "EduClassifierScorer",
-    "InputErrorFilter",
-    "KeptParquetWriter",
-    "ScoreThresholdFilter",
-    "SlurmOptions",
-    "keep_top_cutoff",
-    "run_apply",
-    "run_sweep",
-]
+import importlib
+
+_EXPORTS = {
+    "PRESETS": "apply",
+    "ApplyConfig": "apply",
+    "SlurmOptions": "apply",
+    "run_apply": "apply",
+    "ApplyInputReader": "io",
+    "InputErrorFilter": "io",
+    "KeptParquetWriter": "io",
+    "CountTokens": "scoring",
+    "EduClassifierScorer": "scoring",
+    "ScoreThresholdFilter": "scoring",
+    "keep_top_cutoff": "scoring",
+    "run_sweep": "sweep",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -35,7 +35,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edu_filter.documents import DocumentError, bundled_data
+from edu_filter.documents import (
+    SCORE_RANGE,
+    DocumentError,
+    InputError,
+    bundled_data,
+    check_model_name,
+    check_writable_output,
+    in_score_range,
+)
 
 DEFAULT_WEB_MODEL = "HuggingFaceFW/fineweb-edu-classifier"
 DEFAULT_CODE_MODEL = "HuggingFaceTB/python-edu-scorer"
@@ -84,7 +92,7 @@ def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
 
         fallback = minilm_path()
     except ImportError:
-        raise ValueError(f"{model} is a fastText model and {COUNT_TOKENIZER} is unavailable ({reason}): give "
+        raise InputError(f"{model} is a fastText model and {COUNT_TOKENIZER} is unavailable ({reason}): give "
                          "--tokenizer for token_count") from None
     from rich.console import Console
 
@@ -150,7 +158,7 @@ def is_fasttext_model(model: str) -> bool:
 def resolve_order(order: str, model: str, on_gpu: bool) -> str:
     """`auto`: score first when scoring is cheaper than MinHash (fastText, or a GPU), dedup first otherwise."""
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if order != "auto":
         return order
     return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
@@ -178,26 +186,25 @@ def resolve_config(
 ) -> ApplyConfig:
     """Preset values, overridden by whatever the caller gave explicitly; local paths made absolute."""
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS.get(preset, {"threshold": 3, "model": None, "dedup": True, "exact_dedup": False,
                                 "decontaminate": []})
     model = model or base["model"]
     if model is None:
-        raise ValueError("give --model (a folder written by `edu-filter train`, or a hub id) or a --preset")
+        raise InputError("give --model (a folder written by `edu-filter train`, or a hub id) or a --preset")
     if keep_top is not None and threshold is not None:
-        raise ValueError("give a threshold or keep_top, not both")
+        raise InputError("give a threshold or keep_top, not both")
     if keep_top is not None and not 0 < keep_top <= 1:
-        raise ValueError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
+        raise InputError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
     if keep_top is None and threshold is None:
         threshold = base["threshold"]
-    if threshold is not None and not 0 <= threshold <= 5:
-        raise ValueError(f"threshold must be an int_score between 0 and 5, got {threshold}")
+    if threshold is not None and not in_score_range(threshold):
+        raise InputError(f"threshold must be an int_score in {SCORE_RANGE}, got {threshold}")
     model = str(model)
     if Path(model).exists():
         model = os.path.abspath(model)
-    elif model.startswith((".", "/")) or model.count("/") > 1:
-        raise DocumentError(f"model {model}: no such folder")
     else:
+        check_model_name(model, "model")
         check_hub_model(model)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import check_dtype, check_long_docs
@@ -467,15 +474,19 @@ def run_apply(
     from edu_filter.filters.io import expand_inputs
 
     if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if tasks < 1 or (workers is not None and workers < 1):
-        raise ValueError("tasks and workers must be >= 1")
+        raise InputError("tasks and workers must be >= 1")
+    for name in ("batch_size", "max_length"):
+        if options.get(name) is not None and options[name] < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
     if executor != "slurm" and slurm is not None and slurm.dry_run:
-        raise ValueError("--dry-run writes Slurm scripts: it needs --executor slurm")
+        raise InputError("--dry-run writes Slurm scripts: it needs --executor slurm")
     if executor != "slurm" and wait:
-        raise ValueError("--wait follows a Slurm chain; local and Ray runs always wait")
+        raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
     if push_to_hub and executor == "slurm" and not wait:
-        raise ValueError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
+        raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
+    check_writable_output(output, "-o/--output")
     from edu_filter import provenance
 
     if push_to_hub:

@@ -18,9 +18,10 @@ from datatrove.utils.batching import batched
 class EduClassifierScorer(PipelineStep):
     """Writes the classifier's `score` (float) and `int_score` (0-5, through the model's calibration) into each document.
 
-    Documents are scored a window at a time; `EduScorer` sorts each window by length so batches carry little padding,
-    runs bf16 + SDPA on GPU and sets the thread count on CPU. One model is loaded per task; with several GPUs on a
-    node, task `rank` uses GPU `rank % n_gpus`.
+    Any model `load_scorer` reads (transformers or fastText). Documents are scored a window at a time; `EduScorer`
+    sorts each window by length so batches carry little padding and runs bf16 + SDPA on GPU. Scoring is the worker's
+    job, so the step sets its torch threads (`num_threads`, default: every CPU the worker may use). One model is
+    loaded per task; with several GPUs on a node, task `rank` uses GPU `rank % n_gpus`.
     """
 
     type = "🎓 - SCORER"
@@ -49,22 +50,27 @@ class EduClassifierScorer(PipelineStep):
         self.dtype = check_dtype(dtype)
         self.num_threads = num_threads
 
-    def _device(self, rank: int) -> str | None:
+    def _device(self, rank: int) -> str:
+        from edu_filter.classifiers.device import default_device
+
         if self.device is not None:
             return self.device
-        import torch
+        if default_device() == "cuda":
+            import torch
 
-        if torch.cuda.is_available():
             return f"cuda:{rank % torch.cuda.device_count()}"
         return "cpu"
 
     def load_scorer(self, rank: int = 0):
-        from edu_filter.classifiers import EduScorer
+        """The task's scorer; sets this worker's torch threads."""
+        import torch
 
-        return EduScorer.from_pretrained(
-            self.model, device=self._device(rank), dtype=self.dtype, max_length=self.max_length,
-            batch_size=self.batch_size, num_threads=self.num_threads,
-        )
+        from edu_filter.classifiers import load_scorer
+        from edu_filter.classifiers.device import default_num_threads
+
+        torch.set_num_threads(self.num_threads or default_num_threads())
+        return load_scorer(self.model, device=self._device(rank), dtype=self.dtype, max_length=self.max_length,
+                           batch_size=self.batch_size)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         scorer = None

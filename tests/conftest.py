@@ -59,6 +59,18 @@ def code_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
     return _train_small(out, CODE_LABELS, "code", minilm_path, embedding_cache_dir, limit=200)
 
 
+@pytest.fixture(scope="session")
+def fasttext_model(tmp_path_factory) -> Path:
+    """A fastText model (calibrated, no learning curve) trained on the 561 bundled labelled Python files."""
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path_factory.mktemp("models") / "fasttext"
+    train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", learning_curve=False,
+                     fasttext=FastTextSettings(epoch=5, max_chars=4000))
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Micro models gain nothing from threads, and on a busy machine OpenMP threads slow them down many times."""

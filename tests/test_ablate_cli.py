@@ -21,7 +21,7 @@ WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +104,13 @@ def test_rerunning_a_finished_ablation_does_not_train_again(ablation):
 def test_bad_input_gives_a_clear_error(inputs, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["ablate", "--data", str(WEB_TRAIN), "-o", str(tmp_path / "a")])
-    assert result.exit_code == 1 and "expected NAME=PATH" in result.output
+    assert result.exit_code == 2 and "expected NAME=PATH" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
     result = runner.invoke(app, ["ablate", "--data", f"bad={bad}", "-o", str(tmp_path / "b")])
-    assert result.exit_code == 1 and "bad.jsonl:2: field 'text' is missing" in result.output
+    assert result.exit_code == 2 and "bad.jsonl:2: field 'text' is missing" in result.output
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", "depth=3", "-o", str(tmp_path / "c")])
-    assert result.exit_code == 1 and "unknown override 'depth'" in result.output
+    assert result.exit_code == 2 and "unknown override 'depth'" in result.output
 
 
 @pytest.mark.slow

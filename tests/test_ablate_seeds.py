@@ -23,7 +23,7 @@ WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
 MICRO = ["--tokens", "1024", *MICRO_ABLATION]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,10 @@ def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_se
 def test_bad_seed_options_are_clear_errors(edu_file, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["ablate", "--data", f"edu={edu_file}", "--seeds", "0", "-o", str(tmp_path / "a")])
-    assert result.exit_code == 1 and "--seeds must be at least 1" in result.output
+    assert result.exit_code == 2 and "--seeds must be at least 1" in result.output
     result = runner.invoke(app, ["ablate", "--data", f"edu={edu_file}", "--compare-on", "wiki", "-o",
                                  str(tmp_path / "b")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--compare-on 'wiki': not an evaluation set; choose one of edu/val" in result.output
 
 

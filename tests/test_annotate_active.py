@@ -126,6 +126,7 @@ def labelled_pool(tmp_path_factory):
     return write_jsonl(folder / "pool.jsonl", docs), labels
 
 
+@pytest.mark.slow
 def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_pool, tmp_path, minilm_path,
                                                                      embedding_cache_dir):
     from edu_filter.train.classifier import train_classifier

@@ -80,8 +80,14 @@ def test_bad_rows_name_file_and_line(tmp_path):
     other = _write(tmp_path / "other.jsonl", [{"id": "z", "score": 1}])
     with pytest.raises(ValueError, match="no document has a score on both sides"):
         agreement(str(good), str(other), show=False)
+    ten_point = _write(tmp_path / "ten_point.jsonl", [{"id": "a", "score": 1}, {"id": "b", "score": 9}])
+    with pytest.raises(DocumentError, match=r"ten_point\.jsonl:2: field 'score' is 9, outside the 0-5 scale"):
+        agreement(str(good), str(ten_point), show=False)
+    with pytest.raises(ValueError, match="--threshold must be on the 0-5 scale"):
+        agreement(str(good), str(good), threshold=7, show=False)
 
 
+@pytest.mark.slow
 def test_agreement_command_prints_tables(tmp_path):
     a = _write(tmp_path / "a.jsonl", [{"id": str(i), "score": i % 6} for i in range(12)])
     b = _write(tmp_path / "b.jsonl", [{"id": str(i), "score": min(5, i % 6 + i % 2)} for i in range(12)])

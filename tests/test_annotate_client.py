@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import read_jsonl, write_jsonl, LLMTestServer, directive  # noqa: E402
 
 from edu_filter.annotate.backends import BackendError, OpenAIBackend  # noqa: E402
-from edu_filter.annotate.score import score_documents  # noqa: E402
-from edu_filter.documents import DocumentError  # noqa: E402
+from edu_filter.annotate.score import ScoreConfig, score_documents  # noqa: E402
+from edu_filter.documents import DocumentError, InputError  # noqa: E402
 
 FAST = {"retry_backoff": 0.01, "timeout": 1.0, "max_retries": 3, "show_progress": False}
 
@@ -181,6 +181,28 @@ def test_bad_input_fails_before_any_request(server, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_score_config_carries_the_settings_and_every_option_is_checked_before_reading(server, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("a", score=4), doc("b", score=1)])
+    config = ScoreConfig(base_url=server.base_url, model="m", temperature=0.2, **FAST)
+    summary = score_documents([str(src)], tmp_path / "o.jsonl", config, max_tokens=64)  # keywords override fields
+    assert summary.scored == 2 and {b["temperature"] for b in server.bodies} == {0.2}
+    assert {b["max_tokens"] for b in server.bodies} == {64} and config.max_tokens == 256  # the config is not changed
+    unreadable = tmp_path / "missing.jsonl"  # never read: every option is refused first
+    for bad, message in [({"backend": "ollama"}, "--backend must be one of"), ({"api": "responses"}, "--api"),
+                         ({"concurrency": 0}, "--concurrency"), ({"top_p": 0}, "--top-p"),
+                         ({"backend": "script"}, "script backend needs server_script"),
+                         ({"backend": "transformers", "model": "./nowhere"}, "no such file or folder"),
+                         ({"prompt": "no-such-rubric"}, "unknown prompt"), ({"select": "active"}, "needs --sample")]:
+        with pytest.raises(InputError, match=message):
+            score_documents([str(unreadable)], tmp_path / "x.jsonl", config, **bad)
+    with pytest.raises(TypeError):
+        score_documents([str(src)], tmp_path / "x.jsonl", config, temprature=0.3)  # a typo is not ignored
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError, match="--cache .*a_file is a file"):
+        score_documents([str(src)], tmp_path / "x.jsonl", config, cache=tmp_path / "a_file" / "c.sqlite")
+    assert not (tmp_path / "x.jsonl").exists() and len(server.bodies) == 2
+
+
 def test_backoff_doubles_with_jitter_and_honours_retry_after():
     client = OpenAIBackend("http://127.0.0.1:1/v1", "m", retry_backoff=1.0, max_backoff=10.0)
     for retry, upper in [(0, 1.0), (1, 2.0), (2, 4.0), (5, 10.0)]:
@@ -200,6 +222,7 @@ def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
     """The issue's exact invocation, killed with SIGKILL part-way and started again."""
     server = LLMTestServer(delay=0.03).start()

@@ -64,6 +64,7 @@ def test_sample_checks_every_row_and_ids_within_the_sample(tmp_path):
         load_documents([str(src)], "text", "id", sample=0, seed=0)
 
 
+@pytest.mark.slow
 def test_score_sample_streams_a_large_input(tmp_path):
     """`score --sample 1000` over 200,000 rows (~300 MB) holds the sample, not the rows: its peak memory exceeds that
     of the same command over 1,000 rows by far less than the input's size, which holding every row would need at

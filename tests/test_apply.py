@@ -22,7 +22,6 @@ from edu_filter.filters.apply import run_apply
 
 sys.path.insert(0, str(Path(__file__).parent))
 from apply_corpus import (  # noqa: E402
-    BAD_ROWS,
     CLI,
     DATA,
     ENV,
@@ -30,6 +29,8 @@ from apply_corpus import (  # noqa: E402
     read_kept,
     read_outputs,
 )
+
+pytestmark = pytest.mark.slow  # a classifier and datatrove pipelines in every test
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +281,10 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
     assert stats["settings"]["threshold"] == 4 and stats["settings"]["exact_dedup"]
     contaminated = set(found["removed/contaminated"])
     assert "planted-contaminated" in contaminated
+    # decontaminated documents count with their tokens, so the token totals add up too
+    removed = [json.loads(line) for f in (tmp_path / "out" / "removed" / "contaminated").glob("*.gz")
+               for line in gzip.open(f)]
+    assert stats["removed"]["contaminated"]["tokens"] == sum(r["token_count"] for r in removed) > 0
     assert len(contaminated & {r["id"] for r in humaneval_docs}) >= 5  # HumanEval solutions in the labelled set
     assert len(contaminated - {r["id"] for r in humaneval_docs} - {"planted-contaminated"}) <= 1
     exact_dups = [json.loads(line)["id"] for f in (tmp_path / "out" / "removed" / "duplicate").glob("exact_*.gz")
@@ -323,7 +328,7 @@ def test_scorer_step_defaults_to_the_models_long_document_mode(web_model, tmp_pa
 
     from datatrove.data import Document
 
-    from edu_filter.classifiers import EduScorer
+    from edu_filter.classifiers import load_scorer
     from edu_filter.filters.scoring import EduClassifierScorer
 
     model = tmp_path / "chunk-mean-model"
@@ -336,7 +341,7 @@ def test_scorer_step_defaults_to_the_models_long_document_mode(web_model, tmp_pa
         step = EduClassifierScorer(str(model), window_size=8, **kwargs)
         return [d.metadata["score"] for d in step.run(iter(Document(text=t, id=str(i)) for i, t in enumerate(texts)))]
 
-    expected, truncated = EduScorer.from_pretrained(model).predict(texts)
+    expected, truncated = load_scorer(model).predict(texts)
     assert truncated.sum() >= 4  # long documents, where the modes differ
     assert step_scores() == pytest.approx(expected.tolist(), abs=1e-5)
     assert step_scores(long_docs="truncate") != pytest.approx(expected.tolist(), abs=1e-3)

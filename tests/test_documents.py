@@ -1,12 +1,26 @@
 """Document I/O: every supported format reads the same rows, and bad input names its file and line."""
 
 import gzip
+import os
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from edu_filter.documents import DocumentError, expand_paths, read_documents, write_documents
+from edu_filter.documents import (
+    MAX_SCORE,
+    MIN_SCORE,
+    SCORES,
+    DocumentError,
+    InputError,
+    RunError,
+    check_model_name,
+    check_not_empty,
+    check_writable_output,
+    expand_paths,
+    read_documents,
+    write_documents,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -116,3 +130,48 @@ def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):
         read_documents(["hf://datasets/edu-filter-tests/no-such-dataset"])
+
+
+def test_labels_outside_the_0_5_scale_name_file_and_line(tmp_path):
+    f = tmp_path / "ten.jsonl"
+    f.write_text('{"text": "a", "score": 5}\n{"text": "b", "score": 0}\n{"text": "c", "score": 5.5}\n')
+    with pytest.raises(DocumentError, match=r"ten\.jsonl:3: label field 'score' is 5\.5, outside the 0-5 scale"):
+        read_documents([f], label_field="score")
+    assert [r["label"] for r in read_documents([f], label_field="score", limit=2)] == [5.0, 0.0]
+    (tmp_path / "neg.jsonl").write_text('{"text": "a", "score": -1}\n')
+    with pytest.raises(DocumentError, match=r"neg\.jsonl:1: .* -1, outside"):
+        read_documents([tmp_path / "neg.jsonl"], label_field="score")
+
+
+def test_check_writable_output_tests_without_creating(tmp_path):
+    check_writable_output(tmp_path / "new" / "deeper" / "out")  # the nearest existing folder is writable
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"--report .*file/out\.json: cannot be created, .*file is a file"):
+        check_writable_output(tmp_path / "file" / "out.json", "--report")
+    check_writable_output("s3://bucket/prefix")  # remote: left to the writer
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(InputError, match="not writable"):
+            check_writable_output(tmp_path / "ro" / "out")
+
+
+def test_check_not_empty_and_check_model_name(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DocumentError, match="DATA: no documents in"):
+        check_not_empty([tmp_path / "empty.jsonl"])
+    check_not_empty([WEB_TRAIN])
+    check_model_name("HuggingFaceFW/fineweb-edu-classifier")  # a hub id: the loader decides
+    check_model_name("ORG/REPO/model-Q4_K_M.gguf")
+    check_model_name(str(tmp_path))
+    for missing in ("./model", str(tmp_path / "model"), "models/web/v2"):
+        with pytest.raises(InputError, match="no such file or folder"):
+            check_model_name(missing)
+
+
+def test_one_score_scale_for_every_check():
+    from edu_filter.annotate.parse import parse_score
+
+    assert SCORES == (MIN_SCORE, 1, 2, 3, 4, MAX_SCORE) == (0, 1, 2, 3, 4, 5)
+    assert parse_score("Educational score: 5")[0] == 5 and parse_score("Educational score: 6")[0] is None
+    assert issubclass(DocumentError, InputError) and not issubclass(RunError, ValueError)

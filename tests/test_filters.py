@@ -79,6 +79,7 @@ def test_missing_input_is_a_clear_error(tmp_path):
         expand_inputs([str(tmp_path / "notes.txt")])
 
 
+@pytest.mark.slow
 def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     counts = build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
     assert counts["HumanEval"] > 5000

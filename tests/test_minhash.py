@@ -146,6 +146,7 @@ def both_runs(planted, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_signature_files_are_byte_identical_to_stock(both_runs):
     stock, fast = both_runs["stock"]["sigs"], both_runs["fast"]["sigs"]
     files = sorted(p.relative_to(stock) for p in stock.rglob("*.minhash.sig"))
@@ -155,6 +156,7 @@ def test_signature_files_are_byte_identical_to_stock(both_runs):
         assert (stock / rel).read_bytes() == (fast / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_datatrove_stages_find_the_same_pairs_as_with_stock_signatures(both_runs):
     stock, fast = both_runs["stock"], both_runs["fast"]
     assert stock["pairs"], "the stock stage found no pairs: the planted corpus is broken"
@@ -164,6 +166,7 @@ def test_datatrove_stages_find_the_same_pairs_as_with_stock_signatures(both_runs
     assert fast["removed"] == stock["removed"] and fast["kept"] == stock["kept"]
 
 
+@pytest.mark.slow
 def test_dedup_collapses_planted_near_copies(planted, both_runs):
     fast = both_runs["fast"]
     assert fast["removed"], "dedup removed nothing: MinHash is silently broken"

@@ -1,6 +1,5 @@
 """Both threshold-sweep notebooks execute top to bottom on the bundled data and save their plots."""
 
-import os
 from pathlib import Path
 
 import nbformat

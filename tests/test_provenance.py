@@ -46,10 +46,10 @@ def record_annotations(annotations: Path, documents: Path) -> Path:
 def filter_with(classifier: Path, documents: Path, out: Path, limit: int) -> dict:
     """A small apply output made by hand: the classifier's scores on the first `limit` documents,
     `int_score >= THRESHOLD` kept as Parquet."""
-    from edu_filter.classifiers import EduScorer
+    from edu_filter.classifiers import load_scorer
 
     rows = read_documents([documents], limit=limit)
-    scorer = EduScorer.from_pretrained(classifier)
+    scorer = load_scorer(classifier)
     scores, _ = scorer.predict([r["text"] for r in rows])
     ints = scorer.to_int_score(scores)
     for row, score, int_score in zip(rows, scores, ints):
@@ -175,6 +175,7 @@ def test_remote_inputs_are_named_not_fingerprinted(tmp_path):
 
 
 # --- records --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_annotation_file_records_how_and_from_what(chain):
     annotations, documents = chain["annotations"], chain["documents"]
     sidecar = annotations.with_name(annotations.name + ".provenance.json")
@@ -194,6 +195,7 @@ def test_an_annotation_file_records_how_and_from_what(chain):
         provenance.record_provenance(annotations, kind="model", settings={}, inputs={})
 
 
+@pytest.mark.slow
 def test_a_classifier_records_its_labels_encoder_and_settings(chain, minilm_path):
     classifier = chain["classifier"]
     record = json.loads((classifier / "provenance.json").read_text())
@@ -216,6 +218,7 @@ def test_a_classifier_records_its_labels_encoder_and_settings(chain, minilm_path
     assert model.config.num_labels == 1
 
 
+@pytest.mark.slow
 def test_model_card_loads_with_metadata_metrics_and_calibration(chain):
     from huggingface_hub import ModelCard
 
@@ -236,6 +239,7 @@ def test_model_card_loads_with_metadata_metrics_and_calibration(chain):
     assert f"({sha256(chain['annotations'])})" in card.text
 
 
+@pytest.mark.slow
 def test_dataset_card_loads_with_stats_settings_and_licence(chain):
     from huggingface_hub import DatasetCard
 
@@ -276,6 +280,7 @@ def test_dataset_card_names_per_document_licences(tmp_path):
 
 
 # --- lineage --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lineage_of_the_ablation_reaches_the_annotations(chain):
     tree = lineage_json(chain["ablation"])
     assert tree["kind"] == "ablation" and tree["stale"] is False and tree["path"] == str(chain["ablation"])
@@ -297,6 +302,7 @@ def test_lineage_of_the_ablation_reaches_the_annotations(chain):
         assert set(node) >= {"kind", "path", "fingerprint", "inputs", "stale"}
 
 
+@pytest.mark.slow
 def test_an_edited_annotation_file_is_stale_in_the_lineage_of_the_dataset(chain):
     annotations = chain["annotations"]
     original = annotations.read_bytes()
@@ -341,14 +347,14 @@ def test_lineage_of_a_plain_file_and_of_nothing(tmp_path):
     tree = provenance.lineage(WEB_TRAIN)
     assert tree["kind"] == "file" and tree["inputs"] == [] and tree["fingerprint"] == sha256(WEB_TRAIN)
     result = CliRunner().invoke(app, ["lineage", str(tmp_path / "nothing")])
-    assert result.exit_code == 1 and "no such file or folder" in result.output
+    assert result.exit_code == 2 and "no such file or folder" in result.output
 
 
 # --- the hub --------------------------------------------------------------------------------------------------------
 def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
     out = tmp_path / "model"
     result = CliRunner().invoke(app, ["train", str(WEB_TRAIN), "-o", str(out), "--push-to-hub", "me/edu-classifier"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --push-to-hub me/edu-classifier: the Hugging Face hub is "
                                                    "offline here")
@@ -376,6 +382,7 @@ def test_push_to_an_unreachable_hub_fails_in_one_line(tmp_path):
 
 
 # --- the ablation's own record --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_ablation_records_its_inputs_and_report_names_them(chain):
     ablation = chain["ablation"]
     record = json.loads((ablation / "provenance.json").read_text())

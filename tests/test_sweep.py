@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from edu_filter.documents import DocumentError
-from edu_filter.filters.sweep import run_sweep
+from edu_filter.filters.sweep import run_sweep, threshold_positions
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -72,12 +72,67 @@ def test_unscored_input_is_a_clear_error(tmp_path):
         run_sweep([str(path)], tmp_path / "out", show=False)
 
 
-def test_cli_accepts_space_separated_thresholds(tmp_path):
+@pytest.mark.slow
+def test_cli_takes_comma_separated_thresholds(tmp_path):
     path = write_jsonl(tmp_path / "scored.jsonl", scored_rows(100))
     cli = str(Path(sys.executable).parent / "edu-filter")
-    res = subprocess.run([cli, "sweep", str(path), "-o", str(tmp_path / "sw"), "--thresholds", "2", "3", "4"],
+    res = subprocess.run([cli, "sweep", str(path), "-o", str(tmp_path / "sw"), "--thresholds", "4,2,3"],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
     assert [r["threshold"] for r in rows] == [2, 3, 4]
     assert "Retention by threshold" in res.stdout and "F1" in res.stdout
+
+
+def fake_apply_output(root: Path, rows, model: Path, record: str = "run_config.json") -> Path:
+    """An apply output folder as sweep reads it: the model named in its record, the scored rows in kept/."""
+    out = root / "out"
+    (out / "kept").mkdir(parents=True)
+    write_jsonl(out / "kept" / "00000.jsonl", rows)
+    (out / record).write_text(json.dumps({"settings": {"model": str(model), "threshold": 0}}))
+    return out
+
+
+@pytest.mark.parametrize("config_name, record", [("config.json", "run_config.json"),
+                                                 ("fasttext_config.json", "stats.json")])
+def test_histogram_and_curve_use_the_models_own_cut_points(tmp_path, config_name, record):
+    cuts = [0.8, 1.7, 2.2, 2.9, 3.6]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / config_name).write_text(json.dumps({"cut_points": cuts}))
+    rows = scored_rows(200)
+    for r in rows:  # int_score through the model's cut points, as apply computes it
+        r["int_score"] = int(sum(r["score"] >= c for c in cuts))
+    result = run_sweep([str(fake_apply_output(tmp_path, rows, model, record))], tmp_path / "sw", show=False)
+    assert result["cut_points"] == cuts and result["cut_points_from"] == f"model {model}"
+    # every threshold sits where the float-score curve is: keeping score >= c_t keeps exactly int_score >= t
+    scores = np.array([r["score"] for r in rows])
+    for r, x in zip(result["rows"], threshold_positions(result["rows"], cuts, float(scores.min()))):
+        assert r["documents"] == (scores >= x).sum()
+
+
+def test_a_model_saved_without_cut_points_is_round_and_clip(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    result = run_sweep([str(fake_apply_output(tmp_path, scored_rows(50), model))], tmp_path / "sw", show=False)
+    assert result["cut_points"] == [0.5, 1.5, 2.5, 3.5, 4.5]
+
+
+def test_without_a_model_the_cut_points_come_from_the_data(tmp_path):
+    rows = scored_rows(300)
+    result = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "sw", show=False)
+    assert result["cut_points_from"] == "data"
+    for t, cut in enumerate(result["cut_points"], start=1):
+        assert cut == pytest.approx(min(r["score"] for r in rows if r["int_score"] >= t))
+
+
+def test_a_label_field_not_in_the_data_is_refused_and_nothing_is_written(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", scored_rows(20))
+    with pytest.raises(DocumentError, match=r"--label-field 'human': no such field .*fields: id, input_score, int_score"):
+        run_sweep([str(path)], tmp_path / "out", label_field="human", show=False)
+    with pytest.raises(ValueError, match="thresholds must be int_scores in 0-5"):
+        run_sweep([str(path)], tmp_path / "out", thresholds=[3, 6], show=False)
+    assert not (tmp_path / "out").exists()
+    rows = run_sweep([str(path)], tmp_path / "out", label_field="input_score", show=False)["rows"]
+    assert "f1" in rows[0]

@@ -21,6 +21,7 @@ REPORT_KEYS = {
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_agree(tmp_path, minilm_path, embedding_cache_dir):
     """metrics.json written by train is what evaluate reports for the same validation file: same model, same cuts."""
     rows = read_documents([CODE_LABELS], label_field="score", limit=200)
@@ -50,12 +51,13 @@ def test_train_then_evaluate_agree(tmp_path, minilm_path, embedding_cache_dir):
     assert report.with_suffix(".png").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_unlabelled_rows(tmp_path, code_model):
     rows = read_documents([CODE_LABELS], label_field="score", limit=5)
     rows[3].pop("score")
     data = write_documents(rows, tmp_path / "some_unlabelled.jsonl")
     result = runner.invoke(app, ["evaluate", str(code_model), str(data)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: the CLI's usage/input status
     assert "some_unlabelled.jsonl:4" in result.output and "'score' is missing" in result.output
 
 
@@ -63,7 +65,7 @@ def test_train_reports_bad_rows_by_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "score": 2}\n{"text": "no label here"}\n')
     result = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "m")])
-    assert result.exit_code == 1 and "bad.jsonl:2" in result.output
+    assert result.exit_code == 2 and "bad.jsonl:2" in result.output
     assert not (tmp_path / "m").exists()
 
 
@@ -79,18 +81,19 @@ def test_validation_split_is_stratified():
         assert abs(share - np.mean(labels == score)) < 0.05
 
 
+@pytest.mark.slow
 def test_saved_tokenizer_truncates_where_the_model_reads(code_model):
     """The plain transformers recipe (tokenizer with truncation=True, then the model) gives the scorer's scores."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from edu_filter.classifiers import EduScorer
+    from edu_filter.classifiers import load_scorer
 
     tokenizer = AutoTokenizer.from_pretrained(code_model, trust_remote_code=True)
     assert tokenizer.model_max_length == 128
     model = AutoModelForSequenceClassification.from_pretrained(code_model, trust_remote_code=True).eval()
     texts = [r["text"] for r in read_documents([REPO / "data/code/thealgorithms_unlabelled.jsonl"], limit=4)]
-    expected, truncated = EduScorer.from_pretrained(code_model).predict(texts)
+    expected, truncated = load_scorer(code_model).predict(texts)
     assert truncated.all()
     with torch.no_grad():
         batch = tokenizer(texts, truncation=True, padding=True, return_tensors="pt")
@@ -111,3 +114,54 @@ def test_bad_training_options_are_clear_errors(tmp_path):
     labels = np.array([0, 1, 2, 3, 4, 5, 1, 2, 3, 1, 2, 1, 2, 1], dtype=float)  # too few rows for one of each
     train_idx, val_idx = stratified_split(labels, 0.1, seed=0)
     assert len(val_idx) == 2 and sorted([*train_idx, *val_idx]) == list(range(len(labels)))
+
+
+def test_metric_warnings_name_too_few_positives_and_a_spearman_not_above_zero():
+    from edu_filter.classifiers.metrics import compute_metrics, metric_warnings
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, 3, 4], 12).astype(float)  # 24 at 3+, 12 at 4+
+    scores = labels + rng.normal(0, 0.3, len(labels))
+    good = compute_metrics(labels, scores, np.rint(scores).clip(0, 5))
+    assert metric_warnings(good, labels, "web") == [] and metric_warnings(good, labels, "code") == []
+
+    few = labels[labels < 4].tolist() + [4.0] * 9  # 9 documents at 4+: too few for code's threshold, plenty for web's
+    few_metrics = compute_metrics(few, np.array(few), np.array(few, dtype=int))
+    assert metric_warnings(few_metrics, few, "web") == []
+    (warning,) = metric_warnings(few_metrics, few, "code", data="the evaluation data")
+    assert warning.startswith("the evaluation data has 9 documents labelled 4+ (fewer than 10)")
+
+    backwards = compute_metrics(labels, -scores, np.zeros(len(labels), dtype=int))
+    (warning,) = metric_warnings(backwards, labels, "web")
+    assert "Spearman on the validation data is -0.9" in warning
+    constant = compute_metrics(labels, np.ones(len(labels)), np.ones(len(labels), dtype=int))
+    assert "undefined" in metric_warnings(constant, labels, "web")[0]
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_warn_when_validation_has_few_positives(tmp_path, capsys):
+    """A tiny labelled set: its validation split holds 2 documents at 3+, too few to trust F1@3 and its cut."""
+    from edu_filter.classifiers.evaluate import evaluate_model
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    rows = read_documents([REPO / "data/web/fineweb_edu_llama3_train.jsonl"], label_field="score", limit=400)
+    high = [r for r in rows if r["label"] >= 3][:6]
+    low = [r for r in rows if r["label"] < 3][:54]
+    train_file = write_documents(high[:4] + low[:40], tmp_path / "train.jsonl")
+    val_file = write_documents(high[4:] + low[40:], tmp_path / "val.jsonl")
+    model = tmp_path / "model"
+    metrics = train_classifier([str(train_file)], model, kind="web", method="fasttext", val=[str(val_file)],
+                               learning_curve=False, fasttext=FastTextSettings(epoch=5))
+    few = "the validation data has 2 documents labelled 3+ (fewer than 10)"
+    assert any(w.startswith(few) for w in metrics["warnings"])
+    assert json.loads((model / "metrics.json").read_text())["warnings"] == metrics["warnings"]
+    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(printed) == len(metrics["warnings"]) and few in printed[0]
+    assert few in (model / "README.md").read_text()  # the model card says it too
+
+    report = tmp_path / "report.json"
+    evaluated = evaluate_model(str(model), [str(val_file)], report=report)
+    assert any(w.startswith("the evaluation data has 2 documents labelled 3+") for w in evaluated["warnings"])
+    assert json.loads(report.read_text())["warnings"] == evaluated["warnings"]
+    assert "warning: the evaluation data has 2" in capsys.readouterr().err

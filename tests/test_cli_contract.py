@@ -1,0 +1,263 @@
+"""The command line's error contract, through the real `edu-filter` commands.
+
+Every bad invocation prints exactly one line `error: ...` on stderr naming the problem, no traceback, exits 2 (bad
+usage or input, found before any work) and leaves no output behind; a failure while running exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edu_filter.cli import app, exit_status
+
+REPO = Path(__file__).resolve().parents[1]
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
+NO_SERVER = "http://127.0.0.1:9/v1"  # nothing listens on port 9: any request would fail, none must be made
+CLI = str(Path(sys.executable).parent / "edu-filter")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+runner = CliRunner()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def refused(args: list[str], *fragments: str, status: int = 2, absent: tuple[Path, ...] = ()) -> str:
+    """Run `edu-filter ARGS`; check it exits `status` with one `error:` line on stderr naming `fragments`, that no
+    traceback shows, and that none of the `absent` paths exists afterwards. Returns the error line."""
+    result = runner.invoke(app, [str(a) for a in args])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == status, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    for path in absent:
+        assert not path.exists(), f"{path} was created"
+    return lines[0]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Real small inputs: scored rows, labels outside 0-5, an empty file, and a regular file to put outputs under."""
+    rows = [json.loads(line) for line in WEB_VAL.read_text().splitlines()[:20]]
+    scored = [{"id": r["id"], "text": r["text"], "score": i % 6 * 0.9 + 0.2, "int_score": i % 6} for i, r in enumerate(rows)]
+    out_of_range = [{"id": r["id"], "text": r["text"], "score": r["score"]} for r in rows[:12]]
+    out_of_range[6]["score"] = 7
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "a_file").write_text("not a folder\n")
+    return {
+        "scored": write_jsonl(tmp_path / "scored.jsonl", scored),
+        "labels7": write_jsonl(tmp_path / "labels7.jsonl", out_of_range),
+        "empty": tmp_path / "empty.jsonl",
+        "blocked": tmp_path / "a_file" / "out",  # its parent is a file: cannot be created, even by root
+        "new": tmp_path / "new" / "out",
+        "tmp": tmp_path,
+    }
+
+
+# --- outputs that cannot be written ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["score", "train", "apply", "sweep", "ablate", "evaluate", "agreement"])
+def test_unwritable_output_is_refused_before_any_work(command, files, stock_classifier):
+    blocked = files["blocked"]
+    args = {
+        "score": ["score", WEB_VAL, "-o", blocked.with_suffix(".jsonl"), "--base-url", NO_SERVER],
+        "train": ["train", CODE_LABELS, "-o", blocked],
+        "apply": ["apply", WEB_VAL, "-o", blocked, "--model", stock_classifier, "--no-dedup"],
+        "sweep": ["sweep", files["scored"], "-o", blocked],
+        "ablate": ["ablate", "--data", f"web={WEB_VAL}", "-o", blocked],
+        "evaluate": ["evaluate", stock_classifier, CODE_LABELS, "--report", blocked.with_suffix(".json")],
+        "agreement": ["agreement", files["scored"], files["scored"], "--report", blocked.with_suffix(".json")],
+    }[command]
+    refused(args, "cannot be created", "a_file is a file")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write into read-only folders")
+@pytest.mark.parametrize("command", ["sweep", "train"])
+def test_read_only_parent_folder_is_refused(command, files):
+    locked = files["tmp"] / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        args = {"sweep": ["sweep", files["scored"], "-o", locked / "sw"],
+                "train": ["train", CODE_LABELS, "-o", locked / "model"]}[command]
+        refused(args, "not writable", absent=(locked / "sw", locked / "model"))
+    finally:
+        locked.chmod(0o755)
+
+
+# --- labels outside 0-5 ------------------------------------------------------------------------------------------
+def test_train_refuses_a_label_outside_0_5_naming_file_and_line(files):
+    out = files["new"]
+    refused(["train", files["labels7"], "-o", out], "labels7.jsonl:7", "'score' is 7", "0-5", absent=(out.parent,))
+
+
+def test_evaluate_refuses_a_label_outside_0_5_naming_file_and_line(files, stock_classifier):
+    report = files["new"] / "report.json"
+    refused(["evaluate", stock_classifier, files["labels7"], "--report", report], "labels7.jsonl:7", "0-5",
+            absent=(report.parent.parent,))
+
+
+def test_agreement_refuses_a_score_outside_0_5_naming_file_and_row(files):
+    ten_point = write_jsonl(files["tmp"] / "ten_point.jsonl", [{"id": "a", "score": 3}, {"id": "b", "score": 8.5}])
+    refused(["agreement", files["scored"], ten_point], "ten_point.jsonl:2", "8.5", "0-5")
+
+
+def test_sweep_refuses_labels_and_thresholds_outside_0_5(files):
+    out = files["new"]
+    refused(["sweep", files["scored"], "-o", out, "--thresholds", "2,7"], "--thresholds", "7", absent=(out.parent,))
+    refused(["sweep", files["scored"], "-o", out, "--thresholds", "two"], "--thresholds", absent=(out.parent,))
+    labelled = write_jsonl(files["tmp"] / "labelled.jsonl", [{"score": 1.0, "int_score": 1, "label": 12}])
+    refused(["sweep", labelled, "-o", out], "labelled.jsonl:1", "0-5", absent=(out.parent,))
+
+
+# --- empty input -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["score", "train", "apply", "sweep", "evaluate"])
+def test_empty_input_is_refused(command, files, stock_classifier):
+    empty, out = files["empty"], files["new"]
+    args = {
+        "score": ["score", empty, "-o", out / "scores.jsonl", "--base-url", NO_SERVER],
+        "train": ["train", empty, "-o", out],
+        "apply": ["apply", empty, "-o", out, "--model", stock_classifier],
+        "sweep": ["sweep", empty, "-o", out],
+        "evaluate": ["evaluate", stock_classifier, empty, "--report", out / "report.json"],
+    }[command]
+    line = refused(args, "empty.jsonl", absent=(out.parent,))
+    assert "no " in line or "empty" in line
+
+
+# --- prompts -----------------------------------------------------------------------------------------------------
+def test_unknown_prompt_name_is_one_line_for_score_and_show_prompt(files):
+    out = files["new"] / "scores.jsonl"
+    refused(["score", WEB_VAL, "-o", out, "--prompt", "no-such-rubric", "--base-url", NO_SERVER],
+            "unknown prompt 'no-such-rubric'", absent=(out.parent.parent,))
+    refused(["score", "--show-prompt", "no-such-rubric"], "unknown prompt 'no-such-rubric'")
+
+
+def test_show_prompt_with_data_is_refused_rather_than_ignoring_the_data(files):
+    line = refused(["score", WEB_VAL, "--show-prompt", "web"], "--show-prompt")
+    assert "DATA" in line
+    shown = runner.invoke(app, ["score", "--show-prompt", "web"])
+    assert shown.exit_code == 0 and "prompt fineweb-edu-v1" in shown.stdout and "Educational score" in shown.stdout
+
+
+def test_score_without_data_or_output_is_one_line():
+    refused(["score", "-o", "x.jsonl"], "give input DATA and -o OUTPUT")
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
+    out, missing = files["new"], files["tmp"] / "no-such-model"
+    refused(["evaluate", missing, CODE_LABELS], "no-such-model", "no such file or folder")
+    refused(["apply", WEB_VAL, "-o", out, "--model", missing], "no-such-model", "no such file or folder",
+            absent=(out.parent,))
+    refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--backend", "transformers", "--model", missing],
+            "no-such-model", "no such file or folder", absent=(out.parent,))
+
+
+# --- sweep's label field -----------------------------------------------------------------------------------------
+def test_sweep_label_field_absent_from_the_data_is_named_with_the_fields_present(files):
+    out = files["new"]
+    refused(["sweep", files["scored"], "-o", out, "--label-field", "human_score"],
+            "'human_score'", "fields: id, int_score, score, text", absent=(out.parent,))
+
+
+def test_sweep_takes_comma_separated_thresholds(files):
+    out = files["tmp"] / "sw"
+    result = runner.invoke(app, ["sweep", str(files["scored"]), "-o", str(out), "--thresholds", "4,1,3"])
+    assert result.exit_code == 0, result.output
+    assert [r["threshold"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [1, 3, 4]
+
+
+# --- Slurm-only options ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, fragment", [("--dry-run", "--executor slurm"), ("--wait", "Slurm")])
+def test_slurm_only_options_without_slurm(option, fragment, files, stock_classifier):
+    out = files["new"]
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, option], option, fragment,
+            absent=(out.parent,))
+
+
+# --- other commands ----------------------------------------------------------------------------------------------
+def test_bad_data_leaves_no_ablation_folder(files):
+    bad = write_jsonl(files["tmp"] / "bad.jsonl", [{"text": "fine"}, {"body": "no text"}])
+    out = files["new"]
+    refused(["ablate", "--data", f"bad={bad}", "-o", out], "bad.jsonl:2", absent=(out.parent,))
+    refused(["ablate", "--data", str(bad), "-o", out], "expected NAME=PATH", absent=(out.parent,))
+    tiny = write_jsonl(files["tmp"] / "tiny.jsonl", [{"text": "too short to fill one training sequence"}])
+    refused(["ablate", "--data", f"tiny={tiny}", "-o", out, "--preset", "tiny"], "tiny.jsonl", "fewer than one "
+            "sequence", absent=(out.parent,))
+
+
+def test_lineage_and_status_of_nothing(files):
+    refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
+    refused(["status", files["tmp"] / "nothing"], "nothing")
+
+
+def test_bad_option_values_are_refused_before_work(files):
+    out = files["new"]
+    refused(["train", CODE_LABELS, "-o", out, "--pool-layers", "2,x"], "--pool-layers", absent=(out.parent,))
+    refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--concurrency", "0"],
+            "--concurrency", absent=(out.parent,))
+    refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--top-p", "1.5"], "--top-p",
+            absent=(out.parent,))
+    refused(["agreement", files["scored"], files["scored"], "--threshold", "6"], "--threshold")
+
+
+# --- the mechanism -----------------------------------------------------------------------------------------------
+def test_exit_status_sorts_errors_into_bad_input_and_failures():
+    from edu_filter.annotate.backends import BackendError, BackendSetupError
+    from edu_filter.annotate.prompts import PromptError
+    from edu_filter.documents import DocumentError, InputError, RunError
+    from edu_filter.filters.executors import StageFailed
+    from edu_filter.provenance import ProvenanceError, PushError, PushSetupError
+
+    for error in (InputError("x"), DocumentError("x"), PromptError("x"), BackendSetupError("x"),
+                  ProvenanceError("x"), PushSetupError("x"), ValueError("x"), ImportError("x")):
+        assert exit_status(error) == 2, error
+    for error in (RunError("x"), BackendError("x"), StageFailed("x"), OSError("x"), PushError("x")):
+        assert exit_status(error) == 1, error
+    assert exit_status(KeyError("x")) is None  # a bug keeps its traceback
+
+
+@pytest.mark.slow
+def test_a_stage_failing_while_running_exits_1_in_one_line(tmp_path):
+    """A real process: apply sends datatrove's logs to OUT/logs through the process's stderr descriptor."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert"}')  # a config, but no weights: fails inside the stage
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "some text to score"}])
+    proc = subprocess.run([CLI, "apply", str(source), "-o", str(tmp_path / "out"), "--model", str(broken),
+                           "--no-dedup"], capture_output=True, text=True, env=ENV, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "stage filter failed" in errors[0] and "task_00000.log" in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]  # the progress display above it, nothing after
+
+
+def test_the_installed_command_prints_one_line_without_traceback(files):
+    """The same contract from the console script, as a user's shell sees it."""
+    for args in (["sweep", files["scored"], "-o", files["new"], "--label-field", "nope"],
+                 ["score", "--show-prompt", "nope"]):
+        proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ")
+    assert not files["new"].parent.exists()
+
+
+def test_help_shows_plain_types():
+    for command in ("score", "apply", "train", "sweep", "ablate"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        for odd in ("list[", "Optional", "<bool>", "NoneType"):
+            assert odd not in result.stdout, (command, odd)
+    assert "<key[=value]>" in runner.invoke(app, ["score", "--help"], env={"COLUMNS": "200"}).stdout
