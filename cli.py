@@ -31,15 +31,15 @@ from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
 from edu_filter.annotate.score import ScoreConfig  # noqa: E402
 from edu_filter.documents import (  # noqa: E402
+    MAX_SCORE,
+    MIN_SCORE,
     SCORE_RANGE,
     SCORES,
     InputError,
     RunError,
-    check_not_empty,
-    check_writable_output,
 )
 from edu_filter.filters.apply import ApplyConfig, SlurmOptions  # noqa: E402
-from edu_filter.train.classifier import ClassifierTrainConfig  # noqa: E402
+from edu_filter.train.classifier import ClassifierTrainConfig, train_classifier  # noqa: E402
 
 
 
@@ -192,12 +192,6 @@ def train(
     """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a learning
     curve PNG, a README.md model card and provenance.json."""
     layers = parse_ints(pool_layers, "--pool-layers", low=0) if pool_layers else None
-    check_writable_output(output, "-o/--output")
-    check_not_empty(data, "DATA")
-    if val:
-        check_not_empty(val, "--val")
-    from edu_filter.train.classifier import train_classifier
-
     train_classifier(
         data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
         max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
@@ -219,11 +213,6 @@ def evaluate(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
-    from edu_filter.documents import check_model_name
-
-    check_model_name(model, "MODEL")
-    if report is not None:
-        check_writable_output(report, "--report")
     from edu_filter.classifiers.evaluate import evaluate_model
 
     evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size,
@@ -358,7 +347,6 @@ def ablate(
     ),
 ):
     """Train the same small model on each dataset at equal tokens and compare their losses (verdict in report.md)."""
-    check_writable_output(output, "-o/--output")
     from edu_filter.ablate.ablation import ablate as run_ablation
 
     run_ablation(
@@ -447,7 +435,6 @@ def sweep(
     positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
 ):
     """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
-    from edu_filter.documents import MAX_SCORE, MIN_SCORE
     from edu_filter.filters.sweep import run_sweep
 
     cuts = parse_ints(thresholds, "--thresholds", low=MIN_SCORE, high=MAX_SCORE)
@@ -470,7 +457,6 @@ def demo(
     output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for models, outputs and report.md."),
 ):
     """Run the whole loop on the bundled data (about 10 minutes on 2 CPU cores) and write OUTPUT/report.md."""
-    check_writable_output(output, "-o/--output")
     from edu_filter.demo import run_demo
 
     run_demo(output)

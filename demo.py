@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from edu_filter.documents import bundled_data
+from edu_filter.documents import bundled_data, check_writable_output
 
 DATA = bundled_data()  # the package's own copy, also when installed from a wheel
 WEB_TRAIN = DATA / "web/fineweb_edu_llama3_train.jsonl"
@@ -65,6 +65,7 @@ def run_demo(output: str | Path = "demo_out") -> Path:
     from edu_filter.ablate.ablation import ablate
     from edu_filter.train.classifier import train_classifier
 
+    check_writable_output(output, "-o/--output")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

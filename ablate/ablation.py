@@ -24,7 +24,7 @@ from edu_filter import provenance
 from edu_filter.ablate.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
 from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
-from edu_filter.documents import InputError
+from edu_filter.documents import InputError, check_writable_output
 
 SIGMAS = 2.0  # two seeds: significant when the difference exceeds this many pooled seed standard deviations
 WELCH_ALPHA = 0.05  # three or more seeds: significant when Welch's t-test gives p below this
@@ -97,6 +97,7 @@ def ablate(
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     compare = comparison_set(datasets, references, compare_on)
+    check_writable_output(output, "-o/--output")
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
     extra = {"vocab_size": vocab_size} if vocab_size else {}

@@ -12,7 +12,7 @@ from edu_filter.classifiers.metrics import (
     print_metrics,
     print_warnings,
 )
-from edu_filter.documents import read_documents
+from edu_filter.documents import check_model_name, check_writable_output, read_documents
 
 
 def evaluate_model(
@@ -31,6 +31,9 @@ def evaluate_model(
     from edu_filter.classifiers.device import torch_threads
     from edu_filter.classifiers.scorer import load_scorer
 
+    check_model_name(model, "MODEL")
+    if report is not None:
+        check_writable_output(report, "--report")
     rows = read_documents(data, label_field=label_field, require_label=True)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")

@@ -41,7 +41,7 @@ from edu_filter.classifiers.metrics import (
     print_metrics,
     print_warnings,
 )
-from edu_filter.documents import read_documents
+from edu_filter.documents import check_not_empty, check_writable_output, read_documents
 
 METHODS = ("head", "finetune", "fasttext")
 # chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
@@ -200,7 +200,11 @@ def train_classifier(
                          "(chunk-max is a scoring-time option)")
     check_options(cfg, has_val=bool(val))
     output = Path(output)
+    check_writable_output(output, "-o/--output")
     check_output(output, overwrite)
+    check_not_empty(data, "DATA")
+    if val:
+        check_not_empty(val, "--val")
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
