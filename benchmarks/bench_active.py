@@ -48,7 +48,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def protocols(only: set[str] | None, web_budgets: list[int], seeds: int) -> list[dict]:
+def protocols(only: set[str] | None, web_budgets: list[int], seeds: int, cv_seeds: int = 1) -> list[dict]:
     """Every protocol: name, kind, pool and evaluation rows (id, text, score), budgets and draws per budget."""
     import numpy as np
 
@@ -68,7 +68,7 @@ def protocols(only: set[str] | None, web_budgets: list[int], seeds: int) -> list
         held_set = set(held.tolist())
         found.append({"name": f"webcv-{fold}", "kind": "web",
                       "pool": [r for i, r in enumerate(both) if i not in held_set],
-                      "eval": [both[i] for i in held], "budgets": [250, 500, 1000], "seeds": 1})
+                      "eval": [both[i] for i in held], "budgets": [250, 500, 1000], "seeds": cv_seeds})
     for split in range(3):
         order = np.random.default_rng(split).permutation(len(code))
         half = len(code) // 2
@@ -148,13 +148,15 @@ def main() -> None:
                         "code")
     parser.add_argument("--budgets", default="250,500", help="budgets of web-a and web-b")
     parser.add_argument("--seeds", type=int, default=3, help="draws per budget and selection in web-a and web-b "
-                        "(one in the other protocols, whose folds are the repeats)")
+                        "(one in code, whose splits are the repeats)")
+    parser.add_argument("--cv-seeds", type=int, default=1, help="draws per budget and selection in each webcv fold")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
 
     from llm_test_server import LLMTestServer, label_table
 
-    chosen = protocols(set(args.only) if args.only else None, [int(b) for b in args.budgets.split(",")], args.seeds)
+    chosen = protocols(set(args.only) if args.only else None, [int(b) for b in args.budgets.split(",")], args.seeds,
+                       args.cv_seeds)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-active-"))
     work.mkdir(parents=True, exist_ok=True)
     results = []
