@@ -179,6 +179,23 @@ def _local_path(path: str) -> str:
     return path if "://" in str(path) else os.path.abspath(path)
 
 
+def check_output_apart(inputs: list[str], output: str) -> None:
+    """Refuses an output folder inside a local input folder (a resumed run would read its own output as input) or
+    an input inside the output (`--overwrite` would delete it)."""
+    if "://" in str(output):
+        return
+    out = os.path.realpath(output)
+    for inp in inputs:
+        if "://" in str(inp):
+            continue
+        where = os.path.realpath(inp)
+        if out == where or out.startswith(where.rstrip(os.sep) + os.sep):
+            raise InputError(f"-o/--output {output} is inside the input {inp}: the next run would read the output as "
+                             "input; write it outside the input folders")
+        if where.startswith(out.rstrip(os.sep) + os.sep):
+            raise InputError(f"the input {inp} is inside -o/--output {output}: write the output elsewhere")
+
+
 def resolve_config(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None, threshold: int | None = None,
     keep_top: float | None = None, dedup: bool | None = None, exact_dedup: bool | None = None,
@@ -347,7 +364,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         InputErrorFilter,
         KeptParquetWriter,
         RankFileReader,
-        record_writer,
+        RecordWriter,
     )
     from edu_filter.filters.minhash import FastMinhashSignature
     from edu_filter.filters.report import WriteApplyStats
@@ -387,7 +404,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         scorer = EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                      long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task)
         if cfg.keep_top is not None:  # selection waits for every task's scores
-            return [scorer, ScoreHistogram(f"{work}/histograms"), record_writer(f"{work}/scored")]
+            return [scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
         return [scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
 
     def select_stage(then: list) -> Stage:
@@ -428,7 +445,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
         return stages
 
-    kept = [KeptParquetWriter(f"{out}/kept", counts_folder=counts)]
+    kept = [KeptParquetWriter(f"{out}/kept", counts_folder=counts, misfits=CountedJsonlWriter(
+        f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/kept_${rank}.jsonl.gz", "failed-kept"))]
     deduplicating = cfg.dedup or cfg.exact_dedup
     if not deduplicating or cfg.order == "dedup-first":
         if cfg.keep_top is None:
@@ -439,7 +457,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("filter", input_pass("filter", True) + scoring("filter"), cfg.tasks, scores=True)]
             stages.append(select_stage(kept))
     else:  # score-first: only what passes the threshold is deduplicated
-        survivors = [record_writer(f"{work}/survivors")]
+        survivors = [RecordWriter(f"{work}/survivors")]
 
         def survivors_pass(stage: str, final: bool) -> list:
             return [RankFileReader(f"{work}/survivors", progress_folder=progress(stage))]
@@ -487,6 +505,7 @@ def run_apply(
     if push_to_hub and executor == "slurm" and not wait:
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
     check_writable_output(output, "-o/--output")
+    check_output_apart([str(i) for i in inputs], str(output))
     from edu_filter import provenance
 
     if push_to_hub:

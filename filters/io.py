@@ -12,9 +12,11 @@ import base64
 import gzip
 import os
 import posixpath
+import zlib
 from collections.abc import Iterator
 
 import orjson
+import pyarrow as pa
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -32,6 +34,8 @@ FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never writt
 PIPELINE_KEYS = frozenset({"filter_reason", "duplicate_count", FAILURE_KEY})
 SCORE_KEYS = ("score", "int_score")
 RAW_PREVIEW_CHARS = 2000
+# a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
+UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
@@ -55,7 +59,20 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             files.append((parent, name))
         else:
             raise DocumentError(f"{inp}: no such file or folder")
-    return files
+    return _first_of_each(files)
+
+
+def _first_of_each(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each file once, however often the inputs name it (a folder and a file inside it, `d/` and `d/./`): read
+    twice, its rows would be counted twice and kept twice (or removed as duplicates of themselves)."""
+    seen, unique = set(), []
+    for folder, name in files:
+        where = posixpath.join(folder, name)
+        key = where if "://" in folder else os.path.realpath(where)
+        if key not in seen:
+            seen.add(key)
+            unique.append((folder, name))
+    return unique
 
 
 class ApplyInputReader(BaseReader):
@@ -162,10 +179,21 @@ class ApplyInputReader(BaseReader):
             folder = get_datafolder(folder_path)
             read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
             self.stat_update("input_files")
-            for doc in read(folder, name, keep, progress):
-                self.stat_update("rows_read")
-                progress.document()
-                yield doc
+            rows = 0
+            try:
+                for doc in read(folder, name, keep, progress):
+                    rows += 1
+                    self.stat_update("rows_read")
+                    progress.document()
+                    yield doc
+            except UNREADABLE as e:
+                # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
+                # one record says (once, from the task that owns the file) instead of a crash every resume repeats
+                if by_file or rank == 0:
+                    self.stat_update("unreadable_files")
+                    progress.document()
+                    yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after {rows} "
+                                       f"documents from it ({type(e).__name__}: {e})", b"")
             progress.file_done(size)
         progress.close()
         if self.counts_folder is not None:
@@ -192,7 +220,7 @@ class RankFileReader(JsonlReader):
     name = "📖 stage input"
 
     def __init__(self, data_folder: str, progress_folder: str | None = None):
-        super().__init__(data_folder, add_file_path=False)
+        super().__init__(data_folder, add_file_path=False, adapter=_from_record)
         self.progress_folder = progress_folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -211,6 +239,12 @@ class RankFileReader(JsonlReader):
         progress.close()
 
 
+def _from_record(self, data: dict, path: str, id_in_file: int | str) -> dict:
+    """A flat record back into a document as it was: every field but text and id is metadata again (datatrove's
+    default adapter would unpack an input's own `metadata` column and drop a `media` one)."""
+    return {"text": data.pop("text"), "id": data.pop("id"), "metadata": data}
+
+
 def flat_record(document: Document, drop: frozenset[str] = frozenset()) -> dict:
     """`text`, `id`, then the original fields, with `score`/`int_score` last (the FineWeb-Edu column order)."""
     meta = {k: v for k, v in document.metadata.items() if k not in drop}
@@ -226,6 +260,15 @@ def _kept_adapter(self, document: Document) -> dict:
     return flat_record(document, drop=PIPELINE_KEYS)
 
 
+class TaskFilenames:
+    """datatrove fills `${rank}` before the document's own fields, so an input column named `rank` would choose the
+    file and tasks would overwrite each other's output; here the task's rank and the id always win."""
+
+    def _get_output_filename(self, document: Document, rank: int | str = 0, **kwargs) -> str:
+        return self.output_filename.substitute(
+            {**document.metadata, "id": document.id, "rank": str(rank).zfill(5), **kwargs})
+
+
 class WrittenCounts:
     """Mixin for a datatrove writer: counts the documents and tokens it writes per destination (`removed/duplicate`,
     `failed/${filter_reason}`, `kept`) and saves them per task on close, so the report adds up small files
@@ -239,12 +282,12 @@ class WrittenCounts:
         self._rank = 0
 
     def write(self, document: Document, rank: int = 0, **kwargs):
+        self._rank = rank
         super().write(document, rank, **kwargs)
         key = self.destination.replace("${filter_reason}", str(document.metadata.get("filter_reason") or "unknown"))
         entry = self._counts.setdefault(key, [0, 0])
         entry[0] += 1
         entry[1] += int(document.metadata.get("token_count") or 0)
-        self._rank = rank
 
     def close(self):
         super().close()
@@ -252,7 +295,7 @@ class WrittenCounts:
             write_counts(self.counts_folder, self._rank, self._counts, name=self.counts_name)
 
 
-class CountedJsonlWriter(WrittenCounts, JsonlWriter):
+class CountedJsonlWriter(TaskFilenames, WrittenCounts, JsonlWriter):
     """Gzipped JSONL of flat records (removed and failed rows) that counts what it wrote."""
 
     def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
@@ -261,29 +304,60 @@ class CountedJsonlWriter(WrittenCounts, JsonlWriter):
         self.count_into(destination, counts_folder, counts_name or destination.split("/")[-1])
 
 
-def record_writer(folder: str, filename: str = "${rank}.jsonl.gz") -> JsonlWriter:
+class RecordWriter(TaskFilenames, JsonlWriter):
     """Gzipped JSONL of flat records: the intermediate files between stages."""
-    return JsonlWriter(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+
+    def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz"):
+        super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
 
 
-def _json_safe(value):
-    """Values that pyarrow cannot type consistently across rows (nested mixed types) are kept as JSON strings."""
-    return value if isinstance(value, (str, int, float, bool, type(None))) else orjson.dumps(value).decode()
+def _as_column(values: list, target: pa.DataType) -> pa.Array:
+    """`values` as an Arrow array of `target`, or an error: never a silent change (pyarrow alone would truncate 1.5
+    into an int64 column and drop a struct's unknown keys). A string column stores other values as their JSON text,
+    which keeps them whole: it is the type a field gets when its first values are missing or of mixed types."""
+    if pa.types.is_string(target):
+        return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v, default=str).decode()
+                         for v in values], target)
+    inferred = pa.array(values)
+    if inferred.type == target or pa.types.is_null(inferred.type):
+        return inferred.cast(target)
+    numbers = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(inferred.type) for f in numbers) and any(f(target) for f in numbers):
+        return inferred.cast(target, safe=True)  # 2.0 into int64 fits, 1.5 does not
+    raise pa.ArrowInvalid(f"{inferred.type} values")
 
 
-class KeptParquetWriter(WrittenCounts, ParquetWriter):
+def _first_schema(rows: list[dict]) -> pa.Schema:
+    """Every field of the first batch, typed from all its rows; `score`/`int_score` last."""
+    names = list(dict.fromkeys(k for r in rows for k in r if k not in SCORE_KEYS))
+    names += [k for k in SCORE_KEYS if any(k in r for r in rows)]
+    fields = []
+    for name in names:
+        try:
+            inferred = pa.array([r.get(name) for r in rows]).type
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            inferred = pa.null()  # mixed types: stored as JSON text
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(inferred) else inferred))
+    return pa.schema(fields)
+
+
+class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
     """Parquet in the FineWeb-Edu schema: original fields plus top-level `score` and `int_score`.
 
-    datatrove's ParquetWriter takes the schema from the first document, so a column that is null there and a string
-    later breaks the file; this writer infers the schema from the whole first batch instead.
+    One schema per file, typed from the whole first batch (datatrove's ParquetWriter types it from the first
+    document). A later document that does not fit it (a field the first batch never had, 1.5 in an integer column)
+    is not changed to fit: it goes to `misfits` (`failed/schema_mismatch/`) with the field and both types named.
     """
 
     name = "📒 kept (FineWeb-Edu parquet)"
 
-    def __init__(self, output_folder: str, counts_folder: str | None = None, batch_size: int = 1000):
+    def __init__(self, output_folder: str, counts_folder: str | None = None, batch_size: int = 1000,
+                 misfits: "CountedJsonlWriter | None" = None):
         super().__init__(output_folder, output_filename="${rank}.parquet", adapter=_kept_adapter,
                          batch_size=batch_size, use_content_defined_chunking=False)
         self._files = {}
+        self._schemas: dict[str, pa.Schema] = {}
+        self.misfits = misfits
         self.count_into("kept", counts_folder, "kept")
 
     def _write(self, document: dict, file_handler, filename: str):
@@ -298,32 +372,61 @@ class KeptParquetWriter(WrittenCounts, ParquetWriter):
         for filename in list(self._batches):  # writers are created on a first flush, which may not have happened
             self._write_batch(filename)
         super().close()
+        if self.misfits is not None:
+            self.misfits.close()
 
     def _write_batch(self, filename):
         if not self._batches[filename]:
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = self._batches.pop(filename)
         if filename not in self._writers:
-            try:
-                schema = pa.Table.from_pylist(rows).schema
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                rows = [{k: _json_safe(v) for k, v in r.items()} for r in rows]
-                schema = pa.Table.from_pylist(rows).schema
-            self.schema = schema
+            self._schemas[filename] = schema = _first_schema(rows)
             self._writers[filename] = pq.ParquetWriter(self._files[filename], schema=schema,
                                                        compression=self.compression)
-        new_fields = set().union(*rows) - set(self.schema.names)
-        if new_fields:
-            raise DocumentError(
-                f"field(s) {sorted(new_fields)} first appear after the first {self.batch_size} kept documents of "
-                f"{filename}; give every input row the same fields (null where absent)"
-            )
+        schema = self._schemas[filename]
         try:
-            batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            batch = pa.RecordBatch.from_pylist([{k: _json_safe(v) for k, v in r.items()} for r in rows],
-                                               schema=self.schema)
+            batch = self._batch(rows, schema)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            fitting = []
+            for row in rows:  # find the rows that do not fit, one by one
+                try:
+                    self._batch([row], schema)
+                    fitting.append(row)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                    self._misfit(row, schema, e, filename)
+            batch = self._batch(fitting, schema)
         self._writers[filename].write_batch(batch)
+
+    @staticmethod
+    def _batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+        extra = set().union(*rows) - set(schema.names)
+        if extra:
+            raise ValueError(f"field(s) {sorted(extra)}")
+        return pa.RecordBatch.from_arrays([_as_column([r.get(f.name) for r in rows], f.type) for f in schema],
+                                          schema=schema)
+
+    def _misfit(self, row: dict, schema: pa.Schema, error: Exception, filename: str) -> None:
+        extra = sorted(set(row) - set(schema.names))
+        if extra:
+            why = f"field(s) {extra} not among the fields of the first {self.batch_size} kept documents of {filename}"
+        else:
+            bad = []
+            for f in schema:
+                try:
+                    _as_column([row.get(f.name)], f.type)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                    bad.append(f"'{f.name}' is {type(row.get(f.name)).__name__} {row.get(f.name)!r:.40} here, "
+                               f"{f.type} in {filename}")
+            why = "; ".join(bad) or str(error)
+        reason = f"does not fit the kept Parquet schema: {why}; give the field one type in every input row"
+        if self.misfits is None:
+            raise DocumentError(f"document {row.get('id')}: {reason}")
+        entry = self._counts.setdefault("kept", [0, 0])  # counted as kept when it arrived (or just after)
+        entry[0] -= 1
+        entry[1] -= int(row.get("token_count") or 0)
+        row = dict(row)
+        doc = Document(text=row.pop("text"), id=row.pop("id"),
+                       metadata={**row, "filter_reason": "schema_mismatch", "input_error": reason})
+        self.misfits.write(doc, self._rank)

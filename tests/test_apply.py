@@ -223,7 +223,7 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         return executor.world_size, [type(s).__name__ for s in executor.pipeline]
 
     assert pipeline("score") == (8, ["ApplyInputReader", "InputErrorFilter", "CountTokens", "EduClassifierScorer",
-                                     "ScoreThresholdFilter", "JsonlWriter"])
+                                     "ScoreThresholdFilter", "RecordWriter"])
     assert pipeline("filter") == (8, ["RankFileReader", "MinhashDedupFilter", "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
 
@@ -460,3 +460,50 @@ def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(
                    "--no-dedup"])
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
+
+
+@pytest.mark.parametrize("order", ["score-first", "dedup-first"])
+def test_awkward_inputs_land_once_with_their_fields_intact(stock_classifier, tmp_path, order):
+    """What big crawls contain: a `rank` column (datatrove would name output files after it), a nested `metadata`
+    column (datatrove's reader would unpack it between stages), a truncated gzip file and a broken Parquet file
+    (which crashed their task on every resume), and a file the inputs name twice (read and counted twice)."""
+    from edu_filter.documents import InputError
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
+    rows = [r for r in rows if len(r["text"].split()) >= 100][:50]
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "a.jsonl", "wb") as fh:
+        for i, r in enumerate(rows[:30]):
+            fh.write(orjson.dumps({"id": r["id"], "text": r["text"], "rank": i % 2, "url": "top",
+                                   "metadata": {"url": f"u{i}", "lang": "en"}}) + b"\n")
+    packed = gzip.compress(b"".join(orjson.dumps({"id": r["id"], "text": r["text"]}) + b"\n" for r in rows[30:]))
+    (data / "b.jsonl.gz").write_bytes(packed[: len(packed) * 2 // 3])  # cut off mid-stream
+    readable_b = []
+    with gzip.open(data / "b.jsonl.gz") as fh:
+        try:
+            for line in fh:
+                readable_b.append(json.loads(line)["id"])
+        except EOFError:
+            pass
+    (data / "c.parquet").write_bytes(b"not a parquet file")
+    assert 0 < len(readable_b) < 20
+    readable = [r["id"] for r in rows[:30]] + readable_b
+
+    with pytest.raises(InputError, match="inside the input"):
+        run_apply([str(data)], str(data / "out"), model=stock_classifier, threshold=0, show=False)
+    out = tmp_path / "out"
+    stats = run_apply([str(data), str(data / "a.jsonl")], str(out), model=stock_classifier, threshold=0, tasks=2,
+                      order=order, show=False)
+    found = read_outputs(out)
+    assert stats["adds_up"]
+    assert sorted(found["failed/unreadable_file"]) == ["b.jsonl.gz", "c.parquet"]
+    landed = [i for dest, ids in found.items() if dest != "failed/unreadable_file" for i in ids]
+    assert sorted(landed) == sorted(readable)  # each readable row exactly once
+    assert stats["in"]["documents"] == len(readable) + 2
+    kept = read_kept(out)
+    assert sorted(p.name for p in (out / "kept").glob("*.parquet")) == ["000_00000.parquet", "000_00001.parquet"]
+    from_a = kept.filter(pl.col("url") == "top").sort("id")
+    assert from_a.height == len(found["kept"]) - sum(i in readable_b for i in found["kept"])
+    assert set(from_a["rank"].to_list()) == {0, 1}
+    assert {m["lang"] for m in from_a["metadata"].to_list()} == {"en"}

@@ -142,3 +142,31 @@ def test_count_tokens_matches_the_tokenizer(minilm_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     texts = ["An educational text about photosynthesis.", "", "naïve café — 42 tokens?\n\nyes"]
     assert count_tokens(tokenizer, texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def test_kept_parquet_routes_rows_that_do_not_fit_its_schema_to_failed(tmp_path):
+    """pyarrow alone would store 1.5 as 1 in an integer column; rows that do not fit are kept aside, named."""
+    from edu_filter.filters.io import CountedJsonlWriter, KeptParquetWriter
+    from edu_filter.filters.report import read_counts
+
+    counts = str(tmp_path / "counts")
+    misfits = CountedJsonlWriter(str(tmp_path / "failed"), "failed/${filter_reason}", counts,
+                                 "${filter_reason}/kept_${rank}.jsonl.gz", "failed-kept")
+    writer = KeptParquetWriter(str(tmp_path / "kept"), counts_folder=counts, batch_size=2, misfits=misfits)
+    fields = [{"n": 1, "opt": None}, {"n": 2, "opt": None},  # the first batch: n int64, opt null -> string
+              {"n": 1.5, "opt": None}, {"n": 3.0, "opt": {"a": 1}},  # 1.5 does not fit; 3.0 does, a dict as JSON
+              {"n": 4, "opt": "s", "late": "x"}, {"n": 5, "opt": 7, "rank": 0}]  # a new field; a `rank` field
+    for i, meta in enumerate(fields):
+        writer.write(Document(text=f"text {i}", id=f"d{i}", metadata={**meta, "token_count": 10}), rank=3)
+    writer.close()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["000_00003.parquet"]  # the task's rank, not the row's
+    kept = pl.read_parquet(tmp_path / "kept" / "000_00003.parquet")
+    assert kept["id"].to_list() == ["d0", "d1", "d3"]  # d5's `rank` is a field the first batch never had
+    assert kept["n"].to_list() == [1, 2, 3] and kept.schema["n"] == pl.Int64
+    assert kept["opt"].to_list() == [None, None, '{"a":1}']
+    failed = {r["id"]: r for r in map(json.loads, gzip.open(tmp_path / "failed" / "schema_mismatch" /
+                                                              "kept_00003.jsonl.gz"))}
+    assert sorted(failed) == ["d2", "d4", "d5"]
+    assert "'n' is float 1.5" in failed["d2"]["input_error"] and "int64" in failed["d2"]["input_error"]
+    assert "['late']" in failed["d4"]["input_error"] and failed["d4"]["late"] == "x"
+    assert read_counts(counts) == {"kept": [3, 30], "failed/schema_mismatch": [3, 30]}
