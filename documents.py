@@ -216,6 +216,17 @@ def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
     return _iter_jsonl(path)
 
 
+def _why_unlabelled(row: dict) -> str:
+    """A `score` output row whose annotation failed (its `error` says why): how to get its label."""
+    if not row.get("error"):
+        return ""
+    why = (f": its LLM annotation failed ({row['error']}); running the same `edu-filter score` command again asks "
+           "again only for the documents that failed (answers that were unusable need a larger --max-reasks)")
+    if row.get("weight") is not None:
+        why += ", while dropping rows from an --select active sample would skew its weights"
+    return why
+
+
 def iter_documents(
     paths: Iterable[str | os.PathLike],
     text_field: str = "text",
@@ -236,7 +247,8 @@ def iter_documents(
             if label_field is not None:
                 label = row.get(label_field)
                 if label is None and require_label:
-                    raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing")
+                    why = _why_unlabelled(row)
+                    raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{why}")
                 if label is not None:
                     try:
                         value = float(label)

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edu_filter.documents import InputError
+
 DEFAULT_ROUNDS = 5
 UNIFORM_SHARE = 0.2  # of each round's draw spread uniformly over the remaining pool (floor on every probability)
 SHARPNESS = 2  # the priority is P(label >= threshold) to this power
@@ -215,14 +217,18 @@ class ActiveSelector:
 
 
 def pool_fingerprint(docs: list[dict]) -> str:
-    """Identity of a pool: its ids and texts in order (the draws are positions in it)."""
+    """Identity of a pool: the set of its (id, text) pairs, in any order.
+
+    Draws are recorded by id with their inclusion probabilities, so the same documents read in another order replay
+    them, and later rounds drawn along the new order have inclusion probabilities just as exact. A document added,
+    removed or edited changes it: the recorded probabilities (and the embeddings that steered them) were another
+    pool's."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for doc in docs:
-        digest.update(doc["id"].encode("utf-8", "surrogatepass") + b"\0")
-        digest.update(hashlib.sha1(doc["text"].encode("utf-8", "surrogatepass")).digest())
-    return digest.hexdigest()[:20]
+    def digest(doc: dict) -> bytes:
+        return hashlib.sha256(f"{doc['id']}\0{doc['text']}".encode("utf-8", "surrogatepass")).digest()
+
+    return hashlib.sha256(b"".join(sorted(map(digest, docs)))).hexdigest()[:20]
 
 
 class ActiveAnnotation:
@@ -236,10 +242,11 @@ class ActiveAnnotation:
                  encoder: str = ""):
         self.docs, self.encoder = docs, encoder
         self.selector = ActiveSelector(embeddings, budget, rounds, seed_size, seed, threshold)
-        self.settings = {"budget": self.selector.budget, "rounds": self.selector.sizes, "seed": seed,
+        self.pool = pool_fingerprint(docs)
+        # as asked, not as fitted to the pool: the key must not change with the pool (see `run`)
+        self.settings = {"budget": budget, "rounds": rounds, "seed_size": seed_size, "seed": seed,
                          "threshold": threshold, "uniform_share": self.selector.uniform_share,
-                         "sharpness": SHARPNESS, "embeddings": embedding_key, "pool": pool_fingerprint(docs),
-                         "pool_size": len(docs)}
+                         "sharpness": SHARPNESS, "embeddings": embedding_key}
 
     def selection_key(self, answers_key: str) -> str:
         """Draws depend on the labels, hence on the answer run too (prompt, model, generation settings)."""
@@ -248,8 +255,18 @@ class ActiveAnnotation:
         return run_key({**self.settings, "answers": answers_key})
 
     async def run(self, score, cache, announce=None) -> list[dict]:
-        """Output rows of every drawn document, in pool order, with `round` and `weight`."""
+        """Output rows of every drawn document, in pool order, with `round` and `weight`.
+
+        Refused (InputError), before anything is asked, when the cache holds draws of this selection from another
+        pool: their probabilities do not hold for this one, and drawing anew would spend the budget again."""
         key = self.selection_key(cache.run_key)
+        if cache.selection_pool(key) not in (None, self.pool):
+            raise InputError(
+                f"{cache.path} holds this selection's draws from another pool: documents were added, removed or "
+                "edited since they were drawn, so their weights no longer hold and new draws would spend the "
+                "budget again. Score the documents they were drawn from, or start a new selection with a new "
+                "--cache (by default <output>.cache.sqlite: a new -o)"
+            )
         recorded = cache.selection(key)
         position = {doc["id"]: i for i, doc in enumerate(self.docs)}
         labels = np.full(len(self.docs), np.nan)
@@ -261,7 +278,7 @@ class ActiveAnnotation:
             else:
                 choice = self.selector.choose(r, labels)
                 cache.record_selection(key, r, [(self.docs[i]["id"], p)
-                                                for i, p in zip(choice.indices, choice.probabilities)])
+                                                for i, p in zip(choice.indices, choice.probabilities)], self.pool)
             self.selector.record(choice)
             if announce is not None:
                 announce(r, self.selector.rounds, len(choice.indices), r in recorded)

@@ -1,10 +1,11 @@
 """Append-only answer cache that makes `edu-filter score` resumable after a crash or SIGKILL.
 
 Every answer the model gives is committed to SQLite (WAL journal) the moment it arrives, keyed by
-(run key, document id, attempt), with why it stopped, the model that wrote it and how many characters of the document
-its prompt held. The run key hashes everything that changes an answer: prompt version, model and generation
-settings. Re-running the same command replays stored answers instead of asking again; changing the
-prompt or the settings gives a new run key, so answers are never mixed across settings.
+(run key, document id, attempt), with why it stopped, the model that wrote it, how many characters of the document
+its prompt held and a hash of the document's text. The run key hashes everything that changes an answer: prompt
+version, model and generation settings. Re-running the same command replays stored answers instead of asking again;
+changing the prompt or the settings gives a new run key, so answers are never mixed across settings, and an answer
+is replayed only for the very text it was given (an edited document, or another --text-field, is asked again).
 
 Answers that arrive together are committed together: `add` opens a transaction and the commit runs on the very
 next turn of the event loop, so at most the answers of one loop turn are in flight to disk. WAL with
@@ -12,7 +13,8 @@ synchronous=NORMAL survives the process being killed at any point after a commit
 only a power cut can lose the last few answers, which are then simply asked again.
 
 `score --select active` also records each round's draw (documents and inclusion probabilities) here, committed
-before any of its documents is asked about, so a resumed run replays the same choices instead of drawing anew.
+before any of its documents is asked about, so a resumed run replays the same choices instead of drawing anew, and
+the pool the draws were made from, so that a run on another pool is refused instead of drawing (and paying) anew.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS answers (
     finish_reason TEXT,
     model TEXT,
     doc_chars INTEGER,
+    text_hash TEXT,
     PRIMARY KEY (run_key, doc_id, attempt)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS selections (
@@ -52,9 +55,14 @@ CREATE TABLE IF NOT EXISTS selections (
     probability REAL NOT NULL,
     PRIMARY KEY (selection_key, doc_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selection_pools (
+    selection_key TEXT PRIMARY KEY,
+    pool TEXT NOT NULL
+) WITHOUT ROWID;
 """
-# Columns added after the first release; caches written before get them on open.
-_ADDED_COLUMNS = {"finish_reason": "TEXT", "model": "TEXT", "doc_chars": "INTEGER"}
+# Columns added after the first release; caches written before get them on open. Their answers have no text_hash:
+# nothing says which text they were given, so they are never replayed (asked again once rather than risk a wrong score).
+_ADDED_COLUMNS = {"finish_reason": "TEXT", "model": "TEXT", "doc_chars": "INTEGER", "text_hash": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,11 @@ class Answer:
     completion_tokens: int | None = None
     finish_reason: str | None = None  # "stop", or "length" when cut off at max_tokens
     model: str | None = None  # the model named in the response
+
+
+def text_hash(text: str) -> str:
+    """Identity of the text a prompt was built from: an answer is only valid for the text it was given."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def run_key(settings: dict) -> str:
@@ -108,27 +121,28 @@ class AnswerCache:
             self._db.close()
             self._db = None
 
-    def answers(self, doc_id: str) -> list[tuple[Answer, int | None]]:
+    def answers(self, doc_id: str, text: str) -> list[tuple[Answer, int | None]]:
         """Stored (answer, characters of the document in its prompt) of one document for this run, in the order
-        they were received."""
+        they were received; only answers to this very text (another version of the document is asked again)."""
         if self._fresh:
             return []
         rows = self._db.execute(
             "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
-            "WHERE run_key = ? AND doc_id = ? ORDER BY attempt",
-            (self.run_key, doc_id),
+            "WHERE run_key = ? AND doc_id = ? AND text_hash = ? ORDER BY attempt",
+            (self.run_key, doc_id, text_hash(text)),
         ).fetchall()
         return [(Answer(*row[:5]), row[5]) for row in rows]
 
-    def add(self, doc_id: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
-        """Store one answer; committed on the next turn of the running event loop (or now, without a loop)."""
+    def add(self, doc_id: str, text: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
+        """Store one answer to the prompt built from `text`; committed on the next turn of the running event loop
+        (or now, without a loop)."""
         if not self._db.in_transaction:
             self._db.execute("BEGIN")
         self._db.execute(
             "INSERT OR REPLACE INTO answers (run_key, doc_id, attempt, response, prompt_tokens, completion_tokens, "
-            "created, finish_reason, model, doc_chars) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "created, finish_reason, model, doc_chars, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time(),
-             answer.finish_reason, answer.model, doc_chars),
+             answer.finish_reason, answer.model, doc_chars, text_hash(text)),
         )
         try:
             loop = asyncio.get_running_loop()
@@ -158,10 +172,17 @@ class AnswerCache:
             drawn.setdefault(round_index, []).append((doc_id, probability))
         return drawn
 
-    def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]]) -> None:
-        """Store one round's draw and commit it now, before its documents are sent."""
+    def selection_pool(self, selection_key: str) -> str | None:
+        """Fingerprint of the pool this selection's recorded draws were made from (None: nothing drawn yet)."""
+        row = self._db.execute("SELECT pool FROM selection_pools WHERE selection_key = ?", (selection_key,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]],
+                         pool: str) -> None:
+        """Store one round's draw from `pool` and commit it now, before its documents are sent."""
         if not self._db.in_transaction:
             self._db.execute("BEGIN")
+        self._db.execute("INSERT OR IGNORE INTO selection_pools VALUES (?, ?)", (selection_key, pool))
         self._db.executemany(
             "INSERT INTO selections (selection_key, round, doc_id, probability) VALUES (?, ?, ?, ?)",
             [(selection_key, round_index, doc_id, float(p)) for doc_id, p in drawn],

@@ -254,7 +254,7 @@ class _Scorer:
     async def score(self, doc: dict) -> dict:
         s = self.summary
         text = doc["text"]
-        stored = self.cache.answers(doc["id"])
+        stored = self.cache.answers(doc["id"], text)
         # characters of the document in the prompt: --max-chars, or what an earlier run cut it to so that it fits
         doc_chars = min(len(text), self.max_chars or len(text))
         if stored and stored[-1][1] is not None:
@@ -283,7 +283,7 @@ class _Scorer:
                             s.refits += 1
                             continue
                     break
-                self.cache.add(doc["id"], attempts, answer, doc_chars)
+                self.cache.add(doc["id"], text, attempts, answer, doc_chars)
             attempts += 1
             s.reasks += attempts > 1
             response, finish_reason = answer.text, answer.finish_reason
@@ -332,15 +332,22 @@ class _Scorer:
         rows: list[dict | None] = [None] * len(docs)
         next_index = iter(range(len(docs)))
         start = time.perf_counter()
+        s = self.summary
+        done_before, scored_before = s.documents, s.scored  # by earlier calls (rounds of select="active")
 
         async def worker():
             for i in next_index:
                 rows[i] = await self.score(docs[i])
 
+        def counts() -> tuple[int, int]:
+            """Documents of this call done so far, and how many of them failed."""
+            done = s.documents - done_before
+            return done, done - (s.scored - scored_before)
+
         def progress_line() -> str:
-            s, seconds = self.summary, time.perf_counter() - start
-            rate = s.documents / seconds if seconds else 0.0
-            return (f"scoring: {s.documents:,}/{len(docs):,} documents, {s.documents - s.scored:,} failed, "
+            (done, failed), seconds = counts(), time.perf_counter() - start
+            rate = done / seconds if seconds else 0.0
+            return (f"scoring: {done:,}/{len(docs):,} documents, {failed:,} failed, "
                     f"{_rate(rate)} docs/s, {seconds:,.0f} s")
 
         async def report(update, every: float):  # a few times a second or every few seconds, never per request
@@ -352,7 +359,7 @@ class _Scorer:
         if not show_progress:
             update, every = (lambda: None), 3600.0
         elif Console().is_terminal:
-            bar, update = self._progress_bar(len(docs))
+            bar, update = self._progress_bar(len(docs), counts)
             every = 0.2
             bar.start()
         else:  # a log file or a pipe: a plain line every few seconds
@@ -374,7 +381,7 @@ class _Scorer:
                 bar.stop()
         return rows
 
-    def _progress_bar(self, total: int):
+    def _progress_bar(self, total: int, counts):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.progress import TimeRemainingColumn
 
@@ -390,8 +397,8 @@ class _Scorer:
         task = progress.add_task("scoring", total=total, failed=0)
 
         def update():
-            s = self.summary
-            progress.update(task, completed=s.documents, failed=s.documents - s.scored)
+            done, failed = counts()
+            progress.update(task, completed=done, failed=failed)
 
         return progress, update
 
@@ -564,3 +571,8 @@ def print_summary(summary: ScoreSummary) -> None:
     table.add_row("output", summary.output)
     table.add_row("cache", summary.cache)
     Console().print(table)
+    failed = summary.documents - summary.scored
+    if summary.selection and failed:
+        print(f"warning: {failed:,} documents of the active sample have no score, and train refuses rows without "
+              "one: run the same command again to ask again only for those (answers that were unusable need a "
+              "larger --max-reasks); dropping them would skew the sample's weights", file=sys.stderr, flush=True)

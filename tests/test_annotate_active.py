@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_test_server import LLMTestServer, label_table  # noqa: E402
+from llm_test_server import LLMTestServer, directive, label_table  # noqa: E402
 
 from edu_filter.annotate.active import (  # noqa: E402
     ActiveSelector,
@@ -27,7 +28,8 @@ from edu_filter.annotate.active import (  # noqa: E402
     systematic_sample,
 )
 from edu_filter.annotate.score import score_documents  # noqa: E402
-from edu_filter.documents import read_documents  # noqa: E402
+from edu_filter.cli import app  # noqa: E402
+from edu_filter.documents import DocumentError, read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -48,6 +50,19 @@ def bundled_pool(n: int) -> tuple[list[dict], dict[str, int]]:
     """The first n bundled Llama-3-labelled web documents without their labels, and the labels by id."""
     rows = read_documents([WEB_TRAIN], label_field="score", limit=n)
     return [{"id": r["id"], "text": r["text"]} for r in rows], {r["id"]: int(r["label"]) for r in rows}
+
+
+def directive_pool(n: int, **behaviour_of) -> list[dict]:
+    """n documents the test server scores i % 6, with `behaviour_of[id]` (e.g. {"fail500": 99}) for some."""
+    ids = [f"d{i:03d}" for i in range(n)]
+    return [{"id": d, "text": f"Lesson {d}. " + directive(d, score=i % 6, **behaviour_of.get(d, {}))}
+            for i, d in enumerate(ids)]
+
+
+@pytest.fixture
+def real_encoder(minilm_path, embedding_cache_dir) -> dict:
+    """The settings that make `score --select active` embed the pool with the offline MiniLM, as train would."""
+    return {"encoder": minilm_path, "max_length": MAX_LENGTH, "embedding_cache": str(embedding_cache_dir)}
 
 
 def synthetic_pool(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +203,61 @@ def test_active_needs_a_budget_and_sane_rounds(labelled_pool, tmp_path):
         assert server.requests == Counter()
     finally:
         server.stop()
+
+
+def test_draws_replay_on_a_reordered_pool_and_a_changed_pool_is_refused_before_asking(server, tmp_path,
+                                                                                    real_encoder):
+    """The draws are recorded by id: the same documents in another order replay them; a document added (or edited)
+    would make their weights wrong and new draws would spend the budget again, so the run stops, asking nothing."""
+    docs = directive_pool(60)
+    src, out = tmp_path / "pool.jsonl", tmp_path / "out.jsonl"
+    options = dict(base_url=server.base_url, model="test-model", sample=20, select="active", rounds=2, **FAST,
+                   **real_encoder)
+    score_documents([str(write_jsonl(src, docs))], out, **options)
+    rows = read_jsonl(out)
+    assert len(server.requests) == 20 and sum(server.requests.values()) == 20
+
+    score_documents([str(write_jsonl(src, docs[::-1]))], out, **options)
+    assert sum(server.requests.values()) == 20 and read_jsonl(out) == rows[::-1]  # every round replayed
+
+    write_jsonl(src, [*docs, {"id": "new", "text": "Appended. " + directive("new", score=5)}])
+    result = CliRunner().invoke(app, ["score", str(src), "-o", str(out), "--base-url", server.base_url, "--model",
+                                      "test-model", "--sample", "20", "--select", "active", "--rounds", "2",
+                                      "--encoder", real_encoder["encoder"], "--max-length", str(MAX_LENGTH),
+                                      "--embedding-cache", real_encoder["embedding_cache"]])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    assert "draws from another pool" in result.stderr and "new --cache" in result.stderr
+    assert sum(server.requests.values()) == 20 and read_jsonl(out) == rows[::-1]
+
+
+def test_failed_documents_of_an_active_sample_are_flagged_for_a_rerun(server, tmp_path, real_encoder, capsys):
+    """A request that failed for good leaves a weighted row without a score: the summary warns, train's reader says
+    what happened and what to do, and the same command again asks only for it."""
+    docs = directive_pool(40, **{f"d{i:03d}": {"fail500": 2} for i in range(0, 40, 3)})
+    src, out = write_jsonl(tmp_path / "pool.jsonl", docs), tmp_path / "out.jsonl"
+    options = dict(base_url=server.base_url, model="m", sample=20, select="active", rounds=2, progress_every=60,
+                   **{**FAST, "max_retries": 1, "show_progress": True}, **real_encoder)
+    first = score_documents([str(src)], out, **options)
+    failed = [r["id"] for r in read_jsonl(out) if r["score"] is None]
+    assert failed and first.documents - first.scored == len(failed)
+    assert f"warning: {len(failed)} documents of the active sample have no score" in capsys.readouterr().err
+    with pytest.raises(DocumentError, match="annotation failed .http 500.*same `edu-filter score` command again.*"
+                                            "skew its weights"):
+        read_documents([out], label_field="score", require_label=True)
+
+    before = server.requests.copy()
+    score_documents([str(src)], out, **options)
+    assert set(server.requests - before) == set(failed)  # the server stops failing after 2 requests
+    assert all(r["score"] is not None for r in read_jsonl(out)) and "warning" not in capsys.readouterr().err
+
+
+def test_active_progress_counts_each_round_on_its_own(server, tmp_path, real_encoder, capsys):
+    docs = directive_pool(60)
+    src = write_jsonl(tmp_path / "pool.jsonl", docs)
+    score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, model="m", sample=30,
+                    select="active", rounds=3, progress_every=60, **{**FAST, "show_progress": True}, **real_encoder)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scoring: ")]
+    assert [line.split(" documents")[0] for line in lines] == ["scoring: 10/10"] * 3  # not 20/10, 30/10
 
 
 @pytest.mark.slow

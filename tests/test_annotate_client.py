@@ -141,6 +141,25 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
     assert sqlite3.connect(tmp_path / "out.jsonl.cache.sqlite").execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
 
 
+def test_an_answer_is_replayed_only_for_the_text_it_was_given(server, tmp_path):
+    """An edited document, or another --text-field, is asked again instead of getting the old text's score."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    options = dict(base_url=server.base_url, model="m", **FAST)
+    rows = [{"id": "a", "title": "T " + directive("a", score=0), "text": "A " + directive("a", score=1)},
+            {"id": "b", "title": "T " + directive("b", score=0), "text": "B " + directive("b", score=3)}]
+    write_jsonl(src, rows)
+    score_documents([str(src)], out, **options)
+    rows[0]["text"] = "A, edited " + directive("a", score=5)
+    write_jsonl(src, rows)
+    edited = score_documents([str(src)], out, **options)
+    assert [r["score"] for r in read_jsonl(out)] == [5, 3] and edited.cached_answers == 1
+    assert server.requests == {"a": 2, "b": 1}
+
+    other_field = score_documents([str(src)], out, text_field="title", **options)
+    assert [r["score"] for r in read_jsonl(out)] == [0, 0] and other_field.cached_answers == 0
+    assert server.requests == {"a": 3, "b": 2}
+
+
 def test_sample_truncation_and_parquet_output(server, tmp_path):
     import polars as pl
 
@@ -272,7 +291,7 @@ def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
         server.stop()
 
 
-def test_cache_from_before_finish_reason_and_model_columns_still_resumes(tmp_path):
+def test_cache_from_before_the_added_columns_still_opens_and_asks_again_what_has_no_text_hash(tmp_path):
     from edu_filter.annotate.cache import Answer, AnswerCache, run_key
 
     settings = {"prompt": "fineweb-edu-v1", "model": "test-model"}
@@ -286,6 +305,7 @@ def test_cache_from_before_finish_reason_and_model_columns_still_resumes(tmp_pat
         )
         db.execute("INSERT INTO answers VALUES (?, 'a', 0, 'Educational score: 3', 10, 2, 0)", (run_key(settings),))
     with AnswerCache(path, settings) as cache:
-        assert cache.answers("a") == [(Answer("Educational score: 3", 10, 2), None)]
-        cache.add("b", 0, Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)
-        assert cache.answers("b") == [(Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)]
+        assert cache.answers("a", "text of a") == []  # which text it answered is unknown: asked again
+        cache.add("b", "text of b", 0, Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)
+        assert cache.answers("b", "text of b") == [(Answer("Educational score: 1", 5, 1, "stop", "test-model"), 120)]
+        assert cache.answers("b", "another text of b") == []
