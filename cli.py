@@ -395,6 +395,7 @@ def apply(
     slurm_cpus: int = typer.Option(SLURM.cpus_per_task, help="CPUs per task."),
     slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
+    slurm_max_array: int = typer.Option(SLURM.max_array_size, help="Tasks per array job: the cluster's MaxArraySize."),
     dry_run: bool = typer.Option(SLURM.dry_run, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
@@ -405,7 +406,7 @@ def apply(
         exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
-                           dry_run=dry_run),
+                           max_array_size=slurm_max_array, dry_run=dry_run),
         order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
         text_field=text_field, id_field=id_field,

@@ -119,6 +119,7 @@ class SlurmOptions:
     qos: str | None = None
     sbatch_args: dict = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
+    max_array_size: int = 1001  # tasks per array job (the cluster's MaxArraySize); a stage with more spans several
 
 
 @dataclass
@@ -524,7 +525,7 @@ def run_apply(
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
-    if executor == "slurm" and not slurm.dry_run:
+    if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
         ex.refuse_if_queued(cfg.output)
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})

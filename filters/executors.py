@@ -21,14 +21,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from edu_filter.documents import DocumentError
+from edu_filter.documents import DocumentError, RunError
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 
 POLL_S = 1.0
+SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 # squeue reasons that never resolve by waiting
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
                     "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
-                    "QOSMaxMemoryPerJob", "AssocMaxCpuPerJobLimit", "JobHeldAdmin")
+                    "QOSMaxMemoryPerJob", "AssocMaxCpuPerJobLimit")  # not JobHeldAdmin: an admin may release it
 
 
 class StageFailed(RuntimeError):
@@ -65,7 +66,9 @@ def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
         return slurm.cpus_per_task
     if executor == "ray":
         return 1
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    from edu_filter.classifiers.device import default_num_threads
+
+    return max(1, default_num_threads() // max(1, workers))
 
 
 def failed_stage_message(out: str, name: str, tasks: int) -> str:
@@ -74,6 +77,11 @@ def failed_stage_message(out: str, name: str, tasks: int) -> str:
     done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
     log = logs / "logs" / f"task_{missing[0]:05d}.log" if missing else logs
+    if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
+        # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
+        slurm_logs = sorted((logs / "slurm_logs").glob("*.out"), key=lambda p: p.stat().st_mtime)
+        log = next((p for p in reversed(slurm_logs) if "error" in p.read_text(errors="replace").lower()),
+                   slurm_logs[-1] if slurm_logs else logs / "slurm_logs")
     detail = ""
     if log.is_file():
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -200,6 +208,8 @@ def check_slurm_request(opts):
     """Resolves the default partition and refuses, before anything is submitted, what no node could run."""
     if opts.cpus_per_task < 1 or opts.gpus_per_task < 0 or (opts.mem_gb is not None and opts.mem_gb < 1):
         raise ValueError("--slurm-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
+    if opts.max_array_size < 1:
+        raise ValueError("--slurm-max-array must be >= 1")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
@@ -239,7 +249,14 @@ def queued_jobs(out: str) -> list[dict]:
     """This run's jobs in `squeue` (array tasks expanded): id, name, state, reason."""
     if shutil.which("squeue") is None:
         return []
-    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%j|%T|%r"], capture_output=True, text=True)
+    for attempt in range(SQUEUE_ATTEMPTS):  # a busy controller times out now and then; an empty answer is not that
+        res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%j|%T|%r"], capture_output=True, text=True)
+        if res.returncode == 0:
+            break
+        time.sleep(SQUEUE_RETRY_S * (attempt + 1))
+    else:
+        raise RunError(f"squeue failed {SQUEUE_ATTEMPTS} times ({res.stderr.strip() or res.returncode}): the state of "
+                       f"the jobs is unknown; they were left alone (`edu-filter status {out}` once Slurm answers)")
     tag = chain_tag(out)
     jobs = []
     for line in res.stdout.splitlines():
@@ -266,6 +283,13 @@ def _slurm_executor_class():
 
         def launch_merge_stats(self):
             pass
+
+        @property
+        def dependency(self) -> str:
+            """afterok on the previous stage and on this stage's previous array job: datatrove chains the array
+            jobs of a stage over --max-array-size with afterany, so a failed first job would not stop the next stage,
+            which waits on the last job only."""
+            return ",".join(f"afterok:{job}" for job in (self.depends_job_id, self.job_id) if job)
 
     return ApplySlurmExecutor
 
@@ -298,7 +322,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             gpus_per_task=opts.gpus_per_task if stage.scores else 0, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
-            mail_type="NONE",
+            mail_type="NONE", max_array_size=opts.max_array_size,
         )
         executors.append((stage.name, previous))
     return executors
@@ -322,14 +346,17 @@ def write_slurm_scripts(executors, out: str) -> Path:
             dill.dump(ex, fh, fmode=CONTENTS_FMODE)
         with ex.logging_dir.open("ranks_to_run.json", "w") as fh:
             json.dump(ranks, fh)
+        jobs = math.ceil(len(ranks) / ex.tasks_per_job)
+        per_array = min(jobs, ex.max_array_size)  # more than the cluster's MaxArraySize: several array jobs in a row
         script = ex.get_launch_file_contents(
-            ex.get_sbatch_args(len(ranks)),
+            ex.get_sbatch_args(per_array),
             f"srun -l -n 1 launch_pickled_pipeline {ex.logging_dir.resolve_paths('executor.pik')}",
         )
         path = folder / f"{i:02d}_{name}.slurm"
         path.write_text(script)
-        lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET=0 "${{dep[@]}}" "{path.resolve()}")')
-        lines.append('dep=(--dependency=afterok:"$jid")')
+        for offset in range(math.ceil(jobs / per_array)):
+            lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET={offset} "${{dep[@]}}" "{path.resolve()}")')
+            lines.append('dep=(--dependency=afterok:"$jid")')
         lines.append(f'echo "{name}: job $jid"')
     submit = folder / "submit.sh"
     submit.write_text("\n".join(lines) + "\n")
@@ -343,8 +370,17 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         submit = write_slurm_scripts(executors, out)
         console.print(f"Slurm scripts written; submit with [bold]{submit}[/]")
         return None
-    with logs_to_file(Path(out) / "logs" / "apply.log", verbose=False):
-        executors[-1][1].run()  # launches the whole dependency chain through sbatch
+    log = Path(out) / "logs" / "apply.log"
+    try:
+        with logs_to_file(log, verbose=False):
+            executors[-1][1].run()  # launches the whole dependency chain through sbatch
+    except subprocess.CalledProcessError as e:
+        stage = next((name for name, ex in executors if ex.job_id is None), executors[-1][0])
+        cancelled = cancel_chain(out)
+        said = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("sbatch:")]
+        raise StageFailed(f"sbatch refused stage {stage}: {said[-1] if said else e}"
+                          + (f"; cancelled the {len(cancelled)} stages submitted before it" if cancelled else "")
+                          ) from None
     jobs = {name: ex.job_id for name, ex in executors}
     (Path(out) / "slurm").mkdir(exist_ok=True)
     (Path(out) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=2))
@@ -379,9 +415,11 @@ def wait_for_chain(out: str, console) -> dict:
             for (name, tasks), state in zip(stages, states):
                 if state.finished:
                     continue
-                mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")]
+                # a job of this stage waiting on one of its own that failed (the earlier stages are finished) never runs
+                mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")
+                        and not (j["state"] == "PENDING" and j["reason"] == "DependencyNeverSatisfied")]
                 hopeless = next((j for j in mine if j["state"] == "PENDING" and j["reason"] in HOPELESS_REASONS), None)
-                if hopeless and hopeless["reason"] != "DependencyNeverSatisfied":
+                if hopeless:
                     cancel_chain(out)
                     raise StageFailed(f"stage {name} cannot start: Slurm says {hopeless['reason']} (job "
                                       f"{hopeless['id']}); the chain was cancelled")

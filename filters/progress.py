@@ -70,6 +70,8 @@ class StageProgress:
     updated: float | None = None
     reading: bool = False  # whether this stage reads documents (signature merging stages do not)
     running_fraction: float = 0.0  # sum over unfinished tasks of the share of their input read
+    attempt_documents: int = 0  # documents read since the current attempt began (see `current_attempt`)
+    attempt_started: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -87,10 +89,25 @@ class StageProgress:
     def docs_per_second(self) -> float:
         """Documents over the stage's elapsed time so far (to its last completion once finished): reading runs
         ahead of scoring by at most a window, so this is the stage's throughput, not the reader's."""
-        if not self.started:
+        if not self.attempt_started:
             return 0.0
         end = self.finished_at if self.finished and self.finished_at else time.time()
-        return self.documents / max(end - self.started, 1e-3)
+        return self.attempt_documents / max(end - self.attempt_started, 1e-3)
+
+
+ATTEMPT_GAP_S = 60.0  # no task of the stage read anything for this long: a later task belongs to a new attempt
+
+
+def current_attempt(records: list[dict]) -> tuple[float | None, int]:
+    """(start, documents) of the stage's latest attempt: the tasks that started after the last time no task was
+    reading. A run resumed a day after it was killed then shows the rate it runs at, not one diluted by the day."""
+    start, documents, covered = None, 0, None
+    for record in sorted(records, key=lambda r: r["started"]):
+        if covered is None or record["started"] > covered + ATTEMPT_GAP_S:
+            start, documents = record["started"], 0
+        documents += record["documents"]
+        covered = max(covered or record["updated"], record["updated"])
+    return start, documents
 
 
 def read_stage_progress(logs: str, name: str, tasks: int) -> StageProgress:
@@ -103,12 +120,14 @@ def read_stage_progress(logs: str, name: str, tasks: int) -> StageProgress:
             stage.finished_at = max(os.path.getmtime(folder.resolve_paths(name)) for name in done)
     if folder.exists("progress"):
         stage.reading = True
+        records = []
         for fname in folder.list_files(subdirectory="progress", glob_pattern="*.json"):
             try:
                 with folder.open(fname, "rt") as fh:
                     record = json.load(fh)
             except (json.JSONDecodeError, OSError):
                 continue  # being rewritten right now
+            records.append(record)
             stage.documents += record["documents"]
             stage.bytes += record["bytes"]
             stage.bytes_total += record["bytes_total"]
@@ -116,6 +135,7 @@ def read_stage_progress(logs: str, name: str, tasks: int) -> StageProgress:
             stage.updated = max(stage.updated or record["updated"], record["updated"])
             if not record["done"] and record["bytes_total"]:
                 stage.running_fraction += record["bytes"] / record["bytes_total"]
+        stage.attempt_started, stage.attempt_documents = current_attempt(records)
     return stage
 
 

@@ -71,6 +71,22 @@ def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extr
     }
 
 
+def incomplete_stages(out) -> list[str]:
+    """'name (done/tasks)' of every stage before the report whose completion files are not all there: counts that
+    add up prove nothing about a task that never ran, since it never read anything either."""
+    if not out.exists("logs/stages.json"):
+        return []
+    with out.open("logs/stages.json", "rt") as fh:
+        stages = [(s["name"], s["tasks"]) for s in json.load(fh)]
+    missing = []
+    for name, tasks in stages[:-1]:
+        folder = f"logs/{name}/completions"
+        done = len(out.list_files(subdirectory=folder)) if out.exists(folder) else 0
+        if done < tasks:
+            missing.append(f"{name} ({done}/{tasks})")
+    return missing
+
+
 class WriteApplyStats(PipelineStep):
     """Last stage of `apply` (one task): writes `OUT/stats.json`, fails loudly if the counts do not add up, and then
     deletes the scratch folder (signatures, intermediate files) unless `keep_work`."""
@@ -92,6 +108,12 @@ class WriteApplyStats(PipelineStep):
         if data:
             yield from data
         out = get_datafolder(self.output_folder)
+        incomplete = incomplete_stages(out)
+        if incomplete:
+            raise RuntimeError(
+                f"stage(s) {', '.join(incomplete)} did not complete, yet the report stage ran (a Slurm array job "
+                "that never ran its tasks, or ranks rewritten under a queued run): run the same command again to "
+                "finish them; no stats.json is written and the scratch folder is kept")
         work = out.resolve_paths("work")
         previous = {}
         if out.exists("stats.json"):  # a rerun after the scratch folder was already deleted keeps the measurement

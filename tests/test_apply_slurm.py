@@ -124,3 +124,62 @@ def test_scancel_mid_chain_then_rerun_gives_the_clean_result(clean_run, corpus, 
     assert len(resumed["kept"]) == len(set(resumed["kept"]))
     assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
     assert json.loads((out / "stats.json").read_text())["adds_up"]
+
+
+def test_a_failed_array_job_stops_the_chain_when_a_stage_spans_several(slurm_partition, tmp_path, monkeypatch):
+    """With more tasks than --slurm-max-array a stage is several array jobs; datatrove chains them with afterany and
+    the next stage waited on the last one only, so it ran although the first had failed."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the jobs import the steps below
+    from slurm_steps import FailOnRank, WriteMarker
+
+    out, ran = tmp_path / "out", tmp_path / "ran"
+    stages = [Stage("first", [FailOnRank(0), WriteMarker(str(ran / "first"))], 2),
+              Stage("second", [WriteMarker(str(ran / "second"))], 1),
+              Stage("report", [WriteMarker(str(ran / "report"))], 1)]
+    ex.save_stage_list(str(out), stages)
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1,
+                                               max_array_size=1, time="00:05:00"))
+    # task 1's array job waits on task 0's (afterok) and is cancelled with the rest of the chain
+    with pytest.raises(ex.StageFailed, match=r"stage first failed \(2/2 tasks did not complete: 0, 1\).*planted "
+                                             r"failure in task 0; cancelled the 3 jobs"):
+        ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
+    assert not (ran / "second").exists() and not (ran / "report").exists()
+    assert ex.queued_jobs(str(out)) == []  # the jobs that could never run were cancelled
+
+
+def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
+    """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
+    from edu_filter.documents import RunError
+    from edu_filter.filters import executors as ex
+
+    if shutil.which("squeue") is None:
+        pytest.skip("squeue is not installed")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=unreachable\nSlurmctldHost=nowhere(127.0.0.9)\nSlurmctldPort=6999\n"
+                    "MessageTimeout=1\nAuthType=auth/munge\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    monkeypatch.setattr(ex, "SQUEUE_RETRY_S", 0.01)
+    with pytest.raises(RunError, match="squeue failed 5 times .*controller"):
+        ex.queued_jobs(str(tmp_path / "out"))
+
+
+def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, tmp_path):
+    """sbatch's own reason, not a CalledProcessError traceback with the reason buried in a log file."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    out = tmp_path / "out"
+    stages = [Stage("first", [], 1), Stage("report", [], 1)]
+    ex.save_stage_list(str(out), stages)
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1,
+                                               time="not-a-time"))
+    with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time"):
+        ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
+    assert ex.queued_jobs(str(out)) == []

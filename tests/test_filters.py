@@ -170,3 +170,33 @@ def test_kept_parquet_routes_rows_that_do_not_fit_its_schema_to_failed(tmp_path)
     assert "'n' is float 1.5" in failed["d2"]["input_error"] and "int64" in failed["d2"]["input_error"]
     assert "['late']" in failed["d4"]["input_error"] and failed["d4"]["late"] == "x"
     assert read_counts(counts) == {"kept": [3, 30], "failed/schema_mismatch": [3, 30]}
+
+
+def test_report_refuses_to_write_stats_while_a_stage_is_incomplete(tmp_path):
+    """A task that never ran never read anything, so the counts still add up: the completions must be checked."""
+    from edu_filter.filters.report import WriteApplyStats
+
+    (tmp_path / "logs" / "score" / "completions").mkdir(parents=True)
+    (tmp_path / "logs" / "score" / "completions" / "00001").write_text("")
+    (tmp_path / "logs" / "stages.json").write_text(json.dumps([{"name": "score", "tasks": 3},
+                                                                {"name": "report", "tasks": 1}]))
+    (tmp_path / "work").mkdir()
+    with pytest.raises(RuntimeError, match=r"score \(1/3\) did not complete"):
+        list(WriteApplyStats(str(tmp_path), settings={}).run())
+    assert not (tmp_path / "stats.json").exists() and (tmp_path / "work").is_dir()
+
+
+def test_docs_per_second_after_a_resume_counts_only_the_current_attempt(tmp_path):
+    from edu_filter.filters.progress import read_stage_progress
+
+    progress = tmp_path / "score" / "progress"
+    progress.mkdir(parents=True)
+    day = 86400.0
+    records = [{"documents": 3_600_000, "started": 0.0, "updated": 3600.0, "done": True},  # the killed first run
+               {"documents": 60_000, "started": day, "updated": day + 60, "done": True},  # resumed a day later
+               {"documents": 30_000, "started": day + 1, "updated": day + 31, "done": False}]
+    for rank, r in enumerate(records):
+        (progress / f"{rank:05d}.json").write_text(json.dumps({**r, "bytes": 1, "bytes_total": 2}))
+    stage = read_stage_progress(str(tmp_path), "score", 3)
+    assert stage.documents == 3_690_000  # everything read, in either run
+    assert stage.attempt_started == day and stage.attempt_documents == 90_000

@@ -1,0 +1,35 @@
+"""Pipeline steps for Slurm chain tests: importable by the jobs (the test puts this folder on their PYTHONPATH)."""
+
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+
+
+class FailOnRank(PipelineStep):
+    """Raises in one task, as a task whose node died or whose input broke would."""
+
+    name = "fail on one rank"
+
+    def __init__(self, failing_rank: int):
+        super().__init__()
+        self.failing_rank = failing_rank
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if rank == self.failing_rank:
+            raise RuntimeError(f"planted failure in task {rank}")
+        yield from data or []
+
+
+class WriteMarker(PipelineStep):
+    """Leaves a file saying this task ran."""
+
+    name = "marker"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"{rank}").write_text("ran")
+        yield from data or []
