@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edu_filter import provenance
-from edu_filter.ablate.packing import TokenFileInfo, iter_texts, write_tokens, write_train_val
+from edu_filter.ablate.packing import iter_texts, read_packed, write_tokens, write_train_val
 from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import InputError, check_writable_output
@@ -370,9 +370,13 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
     infos = {}
     for name, path in datasets.items():
         folder = out / "tokens" / name
-        if (folder / "train.json").exists():
-            train = TokenFileInfo(**json.loads((folder / "train.json").read_text()))
-            val = TokenFileInfo(**json.loads((folder / "val.json").read_text()))
+        packed = read_packed(folder)
+        if packed:
+            train, val = packed
+        elif (folder / "train.json").exists() and (out / "runs").exists():
+            raise InputError(f"{folder} was packed by an older edu-filter, whose held-out slices could overlap another "
+                             f"dataset's training data, and {out / 'runs'} was trained on it: start a new output "
+                             f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
             train, val = write_train_val(iter_texts(path, text_field), tok, folder, cfg.tokens + window, val_fraction,
                                          cfg.eval_tokens + window)

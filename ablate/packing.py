@@ -1,7 +1,9 @@
 """Token streams for pretraining: tokenize documents once, EOS between them, pack into fixed-length windows.
 
 A dataset becomes a flat file of token ids (`NAME.bin`, uint16 or uint32) with a JSON sidecar (`NAME.json`) holding
-the dtype and counts, the nanoGPT layout: training memory-maps it, so the stream can be larger than RAM.
+the dtype and counts, the nanoGPT layout: training memory-maps it, so the stream can be larger than RAM. A dataset
+packed into train and val holds `packed.json`, written last: without it the packing is incomplete or from an older
+version (whose held-out slice could overlap another dataset's training data) and must not be reused.
 
 Window `k` of length `seq_len` covers tokens `[k*seq_len, (k+1)*seq_len]` (seq_len + 1 ids): inputs are the first
 seq_len, targets the last seq_len. Consecutive windows share one boundary token, so every token after the first is a
@@ -10,6 +12,7 @@ prediction target exactly once per epoch; only the tail shorter than one window 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,6 +22,9 @@ import numpy as np
 import torch
 
 from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+
+PACKED = "packed.json"  # the marker of a finished write_train_val, written last
+VAL_SPLIT = "blake2b-64 of the text modulo round(1 / val_fraction)"  # how it chose the held-out slice
 
 
 def iter_texts(paths: str | Iterable[str], text_field: str = "text") -> Iterator[str]:
@@ -36,8 +42,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer, eos_id: int, batch_size: int = 256) -> Iterator[np.ndarray]:
-    """Token ids of each document followed by EOS, encoded in batches by the fast (Rust) tokenizer."""
+def tokenize_documents(texts: Iterable[str], tokenizer, eos_id: int,
+                       batch_size: int = 256) -> Iterator[tuple[str, np.ndarray]]:
+    """Each document with its token ids followed by EOS, encoded in batches by the fast (Rust) tokenizer."""
     batch: list[str] = []
     for text in texts:
         batch.append(text)
@@ -48,9 +55,9 @@ def tokenize_documents(texts: Iterable[str], tokenizer, eos_id: int, batch_size:
         yield from _encode_batch(batch, tokenizer, eos_id)
 
 
-def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[np.ndarray]:
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        yield np.asarray([*ids, eos_id], dtype=np.int64)
+def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[tuple[str, np.ndarray]]:
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        yield text, np.asarray([*ids, eos_id], dtype=np.int64)
 
 
 @dataclass
@@ -86,6 +93,16 @@ class TokenFileWriter:
         return info
 
 
+def is_held_out(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the held-out slice: a hash of its text, not its position, so a document is held
+    out in every dataset that contains it (a filtered subset never trains on its unfiltered baseline's validation
+    text, nor the reverse), and so are all its exact duplicates."""
+    if val_fraction <= 0:
+        return False
+    every = max(1, round(1 / val_fraction))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % every == 0
+
+
 def write_train_val(
     texts: Iterable[str],
     tokenizer,
@@ -96,30 +113,48 @@ def write_train_val(
 ) -> tuple[TokenFileInfo, TokenFileInfo]:
     """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
 
-    Every k-th document (k = 1 / val_fraction, starting with the first) goes to validation until it holds
-    `max_val_tokens`; reading stops once `train_tokens` training tokens are written.
+    The documents `is_held_out` picks (about 1 in round(1 / val_fraction)) go to validation until it holds
+    `max_val_tokens`, and are skipped after that rather than trained on: another dataset whose slice fills later holds
+    them out. Reading stops once both files have their tokens (`train_tokens` for training); `packed.json` comes last.
     """
     out_dir = Path(out_dir)
-    every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    (out_dir / PACKED).unlink(missing_ok=True)
     vocab = len(tokenizer)
     train, val = TokenFileWriter(out_dir / "train.bin", vocab), TokenFileWriter(out_dir / "val.bin", vocab)
+    val_tokens = max_val_tokens if val_fraction > 0 else 0
     complete = True
-    for i, ids in enumerate(tokenize_documents(texts, tokenizer, tokenizer.eos_token_id)):
-        if every and i % every == 0 and val.tokens < max_val_tokens:
-            val.write(ids)
-        else:
+    for text, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
+        if is_held_out(text, val_fraction):
+            if val.tokens < val_tokens:
+                val.write(ids)
+        elif train.tokens < train_tokens:
             train.write(ids)
-        if train.tokens >= train_tokens:
+        if train.tokens >= train_tokens and val.tokens >= val_tokens:
             complete = False
             break
-    return train.close(complete), val.close(complete)
+    infos = train.close(complete), val.close(complete)
+    marker = out_dir / f"{PACKED}.tmp"
+    marker.write_text(json.dumps({"val_split": VAL_SPLIT, "train": asdict(infos[0]), "val": asdict(infos[1])}))
+    marker.rename(out_dir / PACKED)
+    return infos
+
+
+def read_packed(out_dir: str | Path) -> tuple[TokenFileInfo, TokenFileInfo] | None:
+    """The train and val infos of a finished `write_train_val` with today's split, else None."""
+    marker = Path(out_dir) / PACKED
+    if not marker.exists():
+        return None
+    packed = json.loads(marker.read_text())
+    if packed.get("val_split") != VAL_SPLIT:
+        return None
+    return TokenFileInfo(**packed["train"]), TokenFileInfo(**packed["val"])
 
 
 def write_tokens(texts: Iterable[str], tokenizer, path: str | Path, max_tokens: int) -> TokenFileInfo:
     """Tokenize documents into one token file (e.g. an evaluation set), stopping after `max_tokens`."""
     writer = TokenFileWriter(path, len(tokenizer))
     complete = True
-    for ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
+    for _, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
         writer.write(ids)
         if writer.tokens >= max_tokens:
             complete = False
@@ -140,13 +175,13 @@ class PackedTokens:
         self.info = info
         self.seq_len = seq_len
         self.seed = seed
-        self.tokens = np.memmap(self.path, dtype=np.dtype(info.dtype), mode="r", shape=(info.tokens,))
         self.num_windows = (info.tokens - 1) // seq_len if info.tokens else 0
-        if self.num_windows < 1:
+        if self.num_windows < 1:  # before the memmap, which refuses an empty file
             raise ValueError(
                 f"{self.path}: {info.tokens} tokens, fewer than one window of {seq_len + 1}; give more data "
                 "or a shorter sequence length"
             )
+        self.tokens = np.memmap(self.path, dtype=np.dtype(info.dtype), mode="r", shape=(info.tokens,))
         self._perm_epoch = -1
         self._perm = np.arange(self.num_windows)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -60,9 +61,10 @@ MODEL_FIELDS = {
     "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
 }
 
-# Dense bf16 tensor-core peaks, for MFU. Matched against torch.cuda.get_device_name(), most specific name first.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (NVIDIA datasheets; half the "with sparsity" figures), for MFU. Matched by whole words
+# against torch.cuda.get_device_name(), longest name first (`peak_bf16_flops`).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 @dataclass
@@ -87,7 +89,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     eval_every: int | None = None  # steps between evaluations (default: 4 evaluations per run); always at the end
     eval_tokens: int = 16_384  # at most this many tokens from each evaluation set
-    checkpoint_every: int | None = None  # steps between checkpoints (default: only at the end)
+    checkpoint_every: int | None = None  # steps between checkpoints (default: at every evaluation); always at the end
     time_limit_minutes: float | None = None  # checkpoint and stop once exceeded; rerun to resume (job time limits)
     resume: bool = True  # continue from OUT/checkpoint when it exists
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
@@ -162,11 +164,12 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by name. Whole words, longest key first: "NVIDIA H100 NVL" is an H100 NVL, not an
+    H100, and "NVIDIA L40" is not an L4."""
+    words = f" {' '.join(re.findall(r'[A-Za-z0-9]+', device_name)).upper()} "
+    return next((PEAK_BF16_FLOPS[k] for k in sorted(PEAK_BF16_FLOPS, key=len, reverse=True)
+                 if f" {k.upper()} " in words), None)
 
 
 @contextmanager
@@ -232,6 +235,7 @@ def pretrain(
     train_data = PackedTokens(train_path, T, seed=cfg.seed)
     eval_data = {name: PackedTokens(path, T) for name, path in eval_paths.items()}
     eval_every = cfg.eval_every or math.ceil(total_steps / 4)
+    checkpoint_every = cfg.checkpoint_every or eval_every
 
     # --- model: same seed, same initial weights for every run ------------------------------------------------------
     vocab = math.ceil(len(tokenizer) / 64) * 64  # a multiple of 64 keeps the output matmul tensor-core friendly
@@ -241,6 +245,10 @@ def pretrain(
         **{**cfg.model, "max_position_embeddings": max(T, cfg.model["max_position_embeddings"])},
     )
     checkpoint = out_dir / "checkpoint"
+    if master:
+        recover_checkpoint(checkpoint)
+    if world > 1:
+        dist.barrier()
     resuming = cfg.resume and (checkpoint / "trainer_state.json").exists()
     torch.manual_seed(cfg.seed)
     if resuming:
@@ -278,14 +286,19 @@ def pretrain(
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     def save_checkpoint():
+        """Write checkpoint.tmp (trainer_state.json last), then swap it in by renames: at every instant a complete
+        checkpoint exists under one of the names `recover_checkpoint` looks at."""
         if master:
-            tmp = out_dir / "checkpoint.tmp"
+            tmp, old = checkpoint.with_name("checkpoint.tmp"), checkpoint.with_name("checkpoint.old")
             shutil.rmtree(tmp, ignore_errors=True)
             raw_model.save_pretrained(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            if checkpoint.exists():
+                checkpoint.rename(old)
             tmp.rename(checkpoint)
+            shutil.rmtree(old, ignore_errors=True)
         if world > 1:
             dist.barrier()
 
@@ -349,8 +362,11 @@ def pretrain(
         if state["step"] % eval_every == 0 or state["step"] == total_steps:
             state["eval_history"].append({"step": state["step"], "tokens": state["tokens_seen"], **evaluate()})
         timed_out = cfg.time_limit_minutes is not None and (time.time() - started) / 60 > cfg.time_limit_minutes
-        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or timed_out or (
-                state["step"] == total_steps):
+        if world > 1 and cfg.time_limit_minutes is not None:  # one decision: ranks that disagree would hang
+            flag = torch.tensor(float(timed_out), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            timed_out = bool(flag.item())
+        if state["step"] % checkpoint_every == 0 or timed_out or state["step"] == total_steps:
             save_checkpoint()
         if timed_out:
             break
@@ -358,7 +374,9 @@ def pretrain(
     finished = state["step"] >= total_steps
     tokens_per_second = (state["steady_tokens"] / state["steady_seconds"] if state["steady_seconds"]
                          else state["tokens_seen"] / max(state["train_seconds"], 1e-9))
-    peak = peak_flops(device)
+    # MFU is measured against the bf16 tensor-core peak, so only under bf16 autocast: fp32 matmuls have a far lower
+    # peak, and a CPU has none in the table.
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and use_bf16 else None
     record = {
         "finished": finished,
         "steps": state["step"],
@@ -385,6 +403,18 @@ def pretrain(
         tokenizer.save_pretrained(out_dir / "model")
         (out_dir / "run.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def recover_checkpoint(checkpoint: Path) -> None:
+    """A save killed between its renames leaves no `checkpoint`: take the newest complete copy (trainer_state.json is
+    written last), checkpoint.tmp before checkpoint.old."""
+    if (checkpoint / "trainer_state.json").exists():
+        return
+    for candidate in (checkpoint.with_name("checkpoint.tmp"), checkpoint.with_name("checkpoint.old")):
+        if (candidate / "trainer_state.json").exists():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            candidate.rename(checkpoint)
+            return
 
 
 def _run_defining(config: dict) -> dict:

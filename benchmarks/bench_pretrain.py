@@ -4,7 +4,7 @@
     python benchmarks/bench_pretrain.py --preset smollm-135m --compile   # on a GPU: tokens/s and MFU
 
 The ratio (loop / bare) is the cost of everything the real loop adds: reading packed windows from the memory-mapped
-token file, the schedule, gradient clipping, loss bookkeeping, progress. MFU is printed on GPUs only.
+token file, the schedule, gradient clipping, loss bookkeeping, progress. MFU is printed on GPUs in bf16 only.
 """
 
 from __future__ import annotations
@@ -95,9 +95,11 @@ def main() -> None:
     for col in ("measurement", "tokens/s", "MFU"):
         table.add_column(col, justify="right" if col != "measurement" else "left")
     peak_mfu = loop["mfu"] * bare / loop["tokens_per_second"] if loop["mfu"] is not None else None
+    no_mfu = ("n/a (CPU)" if loop["device"] == "cpu" else "n/a (fp32)" if loop["precision"] == "fp32"
+              else "n/a (GPU without a known peak)")
     table.add_row("ablate loop (pretrain)", f"{loop['tokens_per_second']:,.0f}",
-                  f"{loop['mfu']:.1%}" if loop["mfu"] is not None else "n/a (CPU)")
-    table.add_row("bare fwd/bwd/AdamW", f"{bare:,.0f}", f"{peak_mfu:.1%}" if peak_mfu is not None else "n/a (CPU)")
+                  f"{loop['mfu']:.1%}" if loop["mfu"] is not None else no_mfu)
+    table.add_row("bare fwd/bwd/AdamW", f"{bare:,.0f}", f"{peak_mfu:.1%}" if peak_mfu is not None else no_mfu)
     console = Console()
     console.print(table)
     console.print(f"loop / bare = {loop['tokens_per_second'] / bare:.2f}  "

@@ -1,13 +1,20 @@
 """The pretraining loop on a micro llama: it learns, resumes exactly, and reports what it did."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from edu_filter.ablate.packing import iter_texts, write_tokens, write_train_val
-from edu_filter.ablate.pretrain import PretrainConfig, flops_per_token, pretrain
+from edu_filter.ablate.pretrain import PretrainConfig, flops_per_token, peak_bf16_flops, pretrain
 from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +30,58 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    tok = train_tokenizer(mixed_sample([iter_texts(str(WEB))], 300_000), 384)
+    tok = train_tokenizer(mixed_sample([iter_texts(str(WEB))], 300_000), 384, root / "tok")
     write_train_val(iter_texts(str(WEB)), tok, root / "web", train_tokens=20_000, val_fraction=0.1, max_val_tokens=2000)
     write_tokens(iter_texts(str(REPO / "data/web/fineweb_edu_llama3_val.jsonl")), tok, root / "ref.bin", 2000)
     return tok, root
 
 
+def config(**overrides) -> PretrainConfig:
+    return PretrainConfig.from_preset("tiny", {**MICRO, **overrides}, tokens=512 * 12, vocab_size=384)
+
+
 def run(corpus, out, **overrides):
     tok, root = corpus
-    cfg = PretrainConfig.from_preset("tiny", {**MICRO, **overrides}, tokens=512 * 12, vocab_size=384)
-    return pretrain(cfg, root / "web/train.bin", {"web/val": root / "web/val.bin", "ref": root / "ref.bin"}, out, tok)
+    evals = {"web/val": root / "web/val.bin", "ref": root / "ref.bin"}
+    return pretrain(config(**overrides), root / "web/train.bin", evals, out, tok)
+
+
+# `run` in a process of its own (argv: config JSON, corpus, output, stall step): prints its record's step count and
+# whether it finished; with a stall step > 0 it touches OUT.stalled there and hangs, to be killed.
+WORKER = """
+import json, sys, time
+from pathlib import Path
+import torch
+from edu_filter.ablate.pretrain import PretrainConfig, pretrain
+from edu_filter.ablate.tokenizer import load_tokenizer
+
+cfg, root, out = PretrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
+stall_at = int(sys.argv[4])
+torch.set_num_threads(1)
+
+
+class Stall:
+    def add_task(self, *args, completed, **kwargs):
+        self.step = completed
+        return 0
+
+    def update(self, task, advance, loss):
+        self.step += advance
+        if self.step == stall_at:
+            out.with_suffix(".stalled").touch()
+            time.sleep(600)
+
+
+r = pretrain(cfg, root / "web/train.bin", {"web/val": root / "web/val.bin", "ref": root / "ref.bin"}, out,
+             load_tokenizer(root / "tok"), progress=Stall())
+print(json.dumps({"steps": r["steps"], "finished": r["finished"]}))
+"""
+
+
+def start_worker(corpus, out, stall_at=0, env=None, **overrides) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(asdict(config(**overrides))), str(corpus[1]),
+                             str(out), str(stall_at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def test_loss_falls_and_the_run_record_is_complete(corpus, tmp_path):
@@ -66,14 +115,71 @@ def test_interrupted_runs_resume_to_the_same_result(corpus, tmp_path):
         if r["finished"]:
             break
     assert parts == list(range(1, 13))
-    assert r["tokens_seen"] == whole["tokens_seen"]
-    assert r["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
-    assert r["eval"] == pytest.approx(whole["eval"], rel=1e-5)
+
+    # SIGKILL in step 7 of a real process: by default a checkpoint comes with every evaluation (steps 3, 6, 9, 12),
+    # so the rerun continues from step 6.
+    worker = start_worker(corpus, tmp_path / "killed", stall_at=7)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed.stalled").exists():
+        assert worker.poll() is None and time.time() < deadline, worker.kill() or worker.communicate()[1][-3000:]
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate()
+    assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["state"]["step"] == 6
+    killed = run(corpus, tmp_path / "killed")
+
     from transformers import AutoModelForCausalLM
 
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole/model").state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "split/model").state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    for resumed, folder in ((r, "split"), (killed, "killed")):
+        assert resumed["tokens_seen"] == whole["tokens_seen"]
+        assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+        assert resumed["eval"] == pytest.approx(whole["eval"], rel=1e-5)
+        wb = AutoModelForCausalLM.from_pretrained(tmp_path / folder / "model").state_dict()
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_a_save_killed_between_its_renames_resumes_from_the_newest_complete_copy(corpus, tmp_path):
+    out = tmp_path / "r"
+    run(corpus, out, time_limit_minutes=1e-9)
+    (out / "checkpoint").rename(out / "checkpoint.old")  # killed after moving the old copy aside ...
+    (out / "checkpoint.tmp").mkdir()  # ... with the new one not yet complete: the old one is the newest complete
+    assert run(corpus, out, time_limit_minutes=1e-9)["steps"] == 2
+    (out / "checkpoint").rename(out / "checkpoint.tmp")  # the new copy complete, not yet renamed into place
+    run(corpus, tmp_path / "older", time_limit_minutes=1e-9)
+    (tmp_path / "older/checkpoint").rename(out / "checkpoint.old")
+    assert run(corpus, out, time_limit_minutes=1e-9)["steps"] == 3
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_only_one_has_passed_the_time_limit(corpus, tmp_path):
+    """Each rank reads its own clock; unless they agree to stop, one waits forever in a collective the other left.
+    Two real processes (gloo) whose limits put rank 1 past its limit at once and rank 0 never."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    workers = [start_worker(corpus, tmp_path / "ddp", env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                            time_limit_minutes=limit) for rank, limit in enumerate([1e6, 1e-9])]
+    try:
+        outputs = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert all(w.returncode == 0 for w in workers), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    records = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+    assert records == [{"steps": 1, "finished": False}] * 2
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("Tesla T4", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_flops_match_the_whole_gpu_name(name, peak):
+    assert peak_bf16_flops(name) == peak
 
 
 def test_resume_refuses_a_checkpoint_from_another_configuration(corpus, tmp_path):

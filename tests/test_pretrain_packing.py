@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edu_filter.documents import DocumentError
-from edu_filter.ablate.packing import PackedTokens, iter_texts, write_tokens, write_train_val
+from edu_filter.documents import DocumentError, InputError
+from edu_filter.ablate.ablation import _prepare_tokens
+from edu_filter.ablate.packing import PackedTokens, is_held_out, iter_texts, read_packed, write_tokens, write_train_val
 from edu_filter.ablate.pretrain import PretrainConfig, learning_rate, parse_overrides
 from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
@@ -57,22 +58,59 @@ def test_documents_are_separated_by_eos_and_val_is_held_out(tokenizer, tmp_path)
     texts = [t for t, _ in zip(iter_texts(str(WEB)), range(60))]
     train, val = write_train_val(texts, tokenizer, tmp_path, train_tokens=10**9, val_fraction=0.1)
     assert train.complete and val.complete
-    assert (train.documents, val.documents) == (54, 6)
+    held_out = [t for t in texts if is_held_out(t, 0.1)]
+    assert (train.documents, val.documents) == (60 - len(held_out), len(held_out)) and 2 <= len(held_out) <= 12
     eos = tokenizer.eos_token_id
     train_docs = split_on_eos(np.fromfile(tmp_path / "train.bin", dtype=np.uint16), eos)
     val_docs = split_on_eos(np.fromfile(tmp_path / "val.bin", dtype=np.uint16), eos)
     decoded_train = [tokenizer.decode(d) for d in train_docs]
     decoded_val = [tokenizer.decode(d) for d in val_docs]
-    assert decoded_val == texts[0::10]  # every 10th document, starting with the first
-    assert decoded_train == [t for i, t in enumerate(texts) if i % 10]
+    assert decoded_val == held_out
+    assert decoded_train == [t for t in texts if t not in held_out]
     assert not set(decoded_val) & set(decoded_train)
     assert train.tokens + val.tokens == sum(len(tokenizer(t).input_ids) + 1 for t in texts)
 
 
-def test_reading_stops_at_the_token_budget(tokenizer, tmp_path):
-    train, _ = write_train_val(iter_texts(str(WEB)), tokenizer, tmp_path, train_tokens=5000, val_fraction=0.05)
+def test_a_document_held_out_in_one_dataset_is_held_out_in_every_other(tokenizer, tmp_path):
+    """A filtered subset and its baseline are packed separately; neither may train on the other's validation text,
+    also once a small validation budget fills at different points in the two."""
+    texts = [t for t, _ in zip(iter_texts(str(WEB)), range(300))]
+    subsets = {"all": texts, "edu": texts[1::3]}
+    docs = {}
+    for name, subset in subsets.items():
+        write_train_val(subset, tokenizer, tmp_path / name, train_tokens=10**9, val_fraction=0.1, max_val_tokens=3000)
+        for part in ("train", "val"):
+            stream = np.fromfile(tmp_path / name / f"{part}.bin", dtype=np.uint16)
+            docs[name, part] = {tokenizer.decode(d) for d in split_on_eos(stream, tokenizer.eos_token_id)}
+    assert docs["all", "val"] and docs["edu", "val"] and docs["all", "val"] != docs["edu", "val"]
+    assert not docs["all", "val"] & docs["edu", "train"]
+    assert not docs["edu", "val"] & docs["all", "train"]
+
+
+def test_only_finished_packing_is_reused(tokenizer, tmp_path):
+    """packed.json is written last: without it the token files are from an interrupted packing, packed again, or
+    from an older version whose slices could leak, refused once runs were trained on them."""
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
+    folder = tmp_path / "tokens/web"
+    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+    assert read_packed(folder)
+    (folder / "packed.json").unlink()
+    (folder / "val.json").unlink()  # killed between the two sidecars
+    assert read_packed(folder) is None
+    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+    assert read_packed(folder) and (folder / "val.json").exists()
+    (folder / "packed.json").unlink()  # as an older version left it
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(InputError, match="packed by an older edu-filter"):
+        _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+
+
+def test_reading_stops_once_train_and_val_have_their_tokens(tokenizer, tmp_path):
+    train, val = write_train_val(iter_texts(str(WEB)), tokenizer, tmp_path, train_tokens=5000, val_fraction=0.05,
+                                 max_val_tokens=2000)
     assert not train.complete
     assert 5000 <= train.tokens < 5000 + 20_000
+    assert 2000 <= val.tokens < 2000 + 20_000  # read on until validation has its tokens too
     assert train.documents < 1000
 
 
@@ -107,8 +145,10 @@ def test_batches_cover_each_window_once_per_epoch_in_a_seeded_order(tokenizer, t
 
 def test_too_little_data_and_bad_rows_give_clear_errors(tokenizer, tmp_path):
     write_tokens(["tiny"], tokenizer, tmp_path / "t.bin", max_tokens=100)
-    with pytest.raises(ValueError, match="fewer than one window"):
-        PackedTokens(tmp_path / "t.bin", seq_len=64)
+    write_tokens([], tokenizer, tmp_path / "empty.bin", max_tokens=100)
+    for path in ("t.bin", "empty.bin"):
+        with pytest.raises(ValueError, match="fewer than one window"):
+            PackedTokens(tmp_path / path, seq_len=64)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
     with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'text' is missing"):
