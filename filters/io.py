@@ -3,7 +3,8 @@
 The reader never drops a row silently: a line that is not JSON, not UTF-8 or has no text becomes a document marked
 with a failure reason, and `InputErrorFilter` routes it to `OUT/failed/<reason>/` with the file and line it came from.
 Outputs are flat records (original fields at the top level, as in FineWeb-Edu), never datatrove's nested `metadata`.
-An input that already has `score`/`int_score` (an LLM annotation) keeps them as `input_score`/`input_int_score`.
+An input that already has `score`/`int_score` (an LLM annotation), `filter_reason` or `duplicate_count` keeps them as
+`input_<name>`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ FAILURE_KEY = "_input_failure"  # internal marker set by the reader, never writt
 # keys datatrove steps add to documents that do not belong in the kept dataset
 PIPELINE_KEYS = frozenset({"filter_reason", "duplicate_count", FAILURE_KEY})
 SCORE_KEYS = ("score", "int_score")
+# fields the pipeline sets: an input's own are kept as `input_<name>` (an integer `token_count`, FineWeb's column, is
+# used as the count instead)
+PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count")
 RAW_PREVIEW_CHARS = 2000
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
@@ -95,9 +99,12 @@ class ApplyInputReader(BaseReader):
     def _document(self, row: dict, source: str) -> Document:
         text = row.pop(self.text_key, None)
         doc_id = row.pop(self.id_key, None)
-        for key in SCORE_KEYS:  # an input's own score (an LLM annotation, say) must survive the classifier's
-            if key in row:
-                row.setdefault(f"input_{key}", row.pop(key))
+        for key in PIPELINE_OWNED:  # an input's own score (an LLM annotation, say) must survive the classifier's
+            if key in row and not (key == "token_count" and isinstance(row[key], int)):
+                name = f"input_{key}"
+                while name in row:
+                    name = f"input_{name}"
+                row[name] = row.pop(key)
         doc = Document(text=text if isinstance(text, str) else "", id=str(doc_id) if doc_id is not None else source,
                        metadata=row)
         if not isinstance(text, str) or not text.strip():

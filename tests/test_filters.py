@@ -200,3 +200,22 @@ def test_docs_per_second_after_a_resume_counts_only_the_current_attempt(tmp_path
     stage = read_stage_progress(str(tmp_path), "score", 3)
     assert stage.documents == 3_690_000  # everything read, in either run
     assert stage.attempt_started == day and stage.attempt_documents == 90_000
+
+
+def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
+    """An input's own score, filter_reason or duplicate_count would be overwritten by the pipeline's or dropped from
+    kept/: they are kept as input_<name>; an integer token_count (FineWeb's) is the count itself."""
+    from edu_filter.filters.io import flat_record, _kept_adapter
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "some text", "score": 4, "input_score": 3.5,
+                                "filter_reason": "from upstream", "duplicate_count": 2, "token_count": "12"}) + "\n"
+                    + json.dumps({"id": "b", "text": "more text", "token_count": 7}) + "\n")
+    a, b = ApplyInputReader(expand_inputs([str(path)])).run()
+    assert a.metadata == {"input_score": 3.5, "input_input_score": 4, "input_filter_reason": "from upstream",
+                          "input_duplicate_count": 2, "input_token_count": "12"}
+    assert b.metadata == {"token_count": 7}
+    a.metadata.update(score=1.0, int_score=1, filter_reason="below_threshold")
+    kept = _kept_adapter(None, a)
+    assert kept["input_filter_reason"] == "from upstream" and "filter_reason" not in kept
+    assert list(flat_record(a))[-2:] == ["score", "int_score"]
