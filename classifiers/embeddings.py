@@ -60,16 +60,44 @@ class EmbeddingCache:
             )
 
 
-def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCache | None) -> np.ndarray:
-    """scorer.embed(texts), reading what the cache has and computing (then storing) only the rest."""
-    if cache is None:
-        return scorer.embed(texts, show_progress=True)[0].astype(np.float32)
+EMBED_BLOCK = 1024  # texts embedded, then stored, at a time
+
+
+def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCache | None,
+                      block: int = EMBED_BLOCK) -> np.ndarray:
+    """scorer.embed(texts) as float32, reading what the cache has and computing only the rest, `block` texts at a
+    time: each block's vectors are stored as soon as they exist, so memory beyond the result stays one block's worth
+    (the tokenizer's ids, the encoder's float64 outputs) and a run killed after hours keeps every finished block."""
+    if not texts:
+        return scorer.embed([])[0].astype(np.float32)
     hashes = [text_hash(t) for t in texts]
-    found = cache.get(setting, sorted(set(hashes)))
+    positions: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        positions.setdefault(h, []).append(i)
+    out = None
+
+    def place(vectors: dict[str, np.ndarray]) -> None:
+        nonlocal out
+        for h, v in vectors.items():
+            if out is None:
+                out = np.empty((len(texts), len(v)), dtype=np.float32)
+            out[positions[h]] = v
+
+    found = cache.get(setting, sorted(positions)) if cache is not None else {}
+    place(found)
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
+    del found
     if missing:
-        vectors = scorer.embed([t for _, t in missing], show_progress=True)[0].astype(np.float32)
-        new = {h: v for (h, _), v in zip(missing, vectors)}
-        cache.put(setting, new)
-        found.update(new)
-    return np.stack([found[h] for h in hashes])
+        from edu_filter.classifiers.scorer import progress_bar
+
+        with progress_bar(True) as progress:
+            task = progress.add_task("embedding", total=len(missing))
+            for start in range(0, len(missing), block):
+                part = missing[start : start + block]
+                vectors = scorer.embed([t for _, t in part])[0].astype(np.float32)
+                new = {h: v for (h, _), v in zip(part, vectors)}
+                if cache is not None:
+                    cache.put(setting, new)
+                place(new)
+                progress.advance(task, len(part))
+    return out

@@ -351,7 +351,7 @@ class EduScorer(Scorer):
         pad_id = self.tokenizer.pad_token_id
         outputs: list[np.ndarray] = [None] * len(sequences)  # type: ignore[list-item]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        progress = _progress(show_progress)
+        progress = progress_bar(show_progress)
         with progress, torch.inference_mode():
             task = progress.add_task("scoring", total=len(sequences))
             for batch in batches:
@@ -363,7 +363,7 @@ class EduScorer(Scorer):
         return np.stack(outputs).astype(np.float64)
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(

@@ -85,7 +85,7 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
 def test_embedding_cache_is_reused(tmp_path, minilm_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings
+    from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings, text_hash
     from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
 
     encoder = AutoModel.from_pretrained(minilm_path)
@@ -100,6 +100,22 @@ def test_embedding_cache_is_reused(tmp_path, minilm_path):
     np.testing.assert_array_equal(cached_embeddings(None, texts, "k1", EmbeddingCache(tmp_path)), first)
     with pytest.raises(AttributeError):
         cached_embeddings(None, texts, "another-setting", cache)
+
+    # block by block: a run interrupted in its second block keeps the first block's vectors
+    class InterruptedSecondBlock:
+        calls = 0
+
+        def embed(self, block_texts):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return scorer.embed(block_texts)
+
+    more = [f"Lesson {i}: how plants make sugar from light." for i in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        cached_embeddings(InterruptedSecondBlock(), more, "k2", cache, block=2)
+    assert len(cache.get("k2", [text_hash(t) for t in more])) == 2
+    np.testing.assert_allclose(cached_embeddings(scorer, more, "k2", cache, block=2), scorer.embed(more)[0], atol=1e-5)
 
 
 def test_default_encoder_falls_back_offline_with_one_line_notice(capsys, monkeypatch, minilm_path):
