@@ -7,6 +7,7 @@ number) and polars for Parquet. Every row comes back as a plain dict with at lea
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import math
 import os
@@ -46,6 +47,11 @@ class RunError(RuntimeError):
 
 class DocumentError(InputError):
     """A bad input document: the message names the file and line (or row)."""
+
+
+def text_hash(text: str) -> str:
+    """Identity of a document's text: the key of its cached embedding, and of the LLM answers given to it."""
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def check_model_name(model: str, what: str = "--model") -> None:

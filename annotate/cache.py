@@ -28,6 +28,8 @@ from pathlib import Path
 
 import orjson
 
+from edu_filter.documents import text_hash
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_key TEXT PRIMARY KEY,
@@ -74,11 +76,6 @@ class Answer:
     completion_tokens: int | None = None
     finish_reason: str | None = None  # "stop", or "length" when cut off at max_tokens
     model: str | None = None  # the model named in the response
-
-
-def text_hash(text: str) -> str:
-    """Identity of the text a prompt was built from: an answer is only valid for the text it was given."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def run_key(settings: dict) -> str:

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edu_filter.documents import text_hash
+
 DEFAULT_CACHE_DIR = Path(os.environ.get("EDU_FILTER_CACHE", Path.home() / ".cache" / "edu-filter"))
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def setting_key(**settings) -> str:

@@ -21,6 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from datatrove.io import get_datafolder
+
 from edu_filter.documents import DocumentError, RunError
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 
@@ -43,10 +45,11 @@ def save_stage_list(out: str, stages) -> None:
 
 
 def load_stage_list(out: str) -> list[tuple[str, int]]:
-    path = Path(out) / "logs" / "stages.json"
-    if not path.exists():
+    folder = get_datafolder(str(out))
+    if not folder.exists("logs/stages.json"):
         raise DocumentError(f"{out} holds no apply run (no logs/stages.json)")
-    return [(s["name"], s["tasks"]) for s in json.loads(path.read_text())]
+    with folder.open("logs/stages.json", "rt") as fh:
+        return [(s["name"], s["tasks"]) for s in json.load(fh)]
 
 
 def scoring_on_gpu(executor: str, slurm) -> bool:

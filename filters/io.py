@@ -40,6 +40,8 @@ PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count"
 RAW_PREVIEW_CHARS = 2000
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
+# what pyarrow raises for values that do not make (or fit) an array of one type
+NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
@@ -342,7 +344,7 @@ def _first_schema(rows: list[dict]) -> pa.Schema:
     for name in names:
         try:
             inferred = pa.array([r.get(name) for r in rows]).type
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        except NOT_ARROW_TYPED:
             inferred = pa.null()  # mixed types: stored as JSON text
         fields.append(pa.field(name, pa.string() if pa.types.is_null(inferred) else inferred))
     return pa.schema(fields)
@@ -395,13 +397,13 @@ class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
         schema = self._schemas[filename]
         try:
             batch = self._batch(rows, schema)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        except NOT_ARROW_TYPED:
             fitting = []
             for row in rows:  # find the rows that do not fit, one by one
                 try:
                     self._batch([row], schema)
                     fitting.append(row)
-                except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                except NOT_ARROW_TYPED as e:
                     self._misfit(row, schema, e, filename)
             batch = self._batch(fitting, schema)
         self._writers[filename].write_batch(batch)
@@ -423,7 +425,7 @@ class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
             for f in schema:
                 try:
                     _as_column([row.get(f.name)], f.type)
-                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                except NOT_ARROW_TYPED:
                     bad.append(f"'{f.name}' is {type(row.get(f.name)).__name__} {row.get(f.name)!r:.40} here, "
                                f"{f.type} in {filename}")
             why = "; ".join(bad) or str(error)

@@ -71,15 +71,14 @@ def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extr
     }
 
 
-def incomplete_stages(out) -> list[str]:
+def incomplete_stages(output_folder: str) -> list[str]:
     """'name (done/tasks)' of every stage before the report whose completion files are not all there: counts that
     add up prove nothing about a task that never ran, since it never read anything either."""
-    if not out.exists("logs/stages.json"):
-        return []
-    with out.open("logs/stages.json", "rt") as fh:
-        stages = [(s["name"], s["tasks"]) for s in json.load(fh)]
+    from edu_filter.filters.executors import load_stage_list
+
+    out = get_datafolder(output_folder)
     missing = []
-    for name, tasks in stages[:-1]:
+    for name, tasks in load_stage_list(output_folder)[:-1]:
         folder = f"logs/{name}/completions"
         done = len(out.list_files(subdirectory=folder)) if out.exists(folder) else 0
         if done < tasks:
@@ -108,7 +107,7 @@ class WriteApplyStats(PipelineStep):
         if data:
             yield from data
         out = get_datafolder(self.output_folder)
-        incomplete = incomplete_stages(out)
+        incomplete = incomplete_stages(self.output_folder)
         if incomplete:
             raise RuntimeError(
                 f"stage(s) {', '.join(incomplete)} did not complete, yet the report stage ran (a Slurm array job "
