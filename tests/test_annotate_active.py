@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import LLMTestServer, directive, label_table  # noqa: E402
@@ -28,7 +27,6 @@ from edu_filter.annotate.active import (  # noqa: E402
     systematic_sample,
 )
 from edu_filter.annotate.score import score_documents  # noqa: E402
-from edu_filter.cli import app  # noqa: E402
 from edu_filter.documents import DocumentError, read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,11 +219,14 @@ def test_draws_replay_on_a_reordered_pool_and_a_changed_pool_is_refused_before_a
     assert sum(server.requests.values()) == 20 and read_jsonl(out) == rows[::-1]  # every round replayed
 
     write_jsonl(src, [*docs, {"id": "new", "text": "Appended. " + directive("new", score=5)}])
-    result = CliRunner().invoke(app, ["score", str(src), "-o", str(out), "--base-url", server.base_url, "--model",
-                                      "test-model", "--sample", "20", "--select", "active", "--rounds", "2",
-                                      "--encoder", real_encoder["encoder"], "--max-length", str(MAX_LENGTH),
-                                      "--embedding-cache", real_encoder["embedding_cache"]])
-    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output
+    # the installed command in its own process, as users run it (an in-process run would show the weight-loading
+    # bars that the command turns off, whenever an earlier test imported transformers first)
+    result = subprocess.run([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--base-url",
+                             server.base_url, "--model", "test-model", "--sample", "20", "--select", "active",
+                             "--rounds", "2", "--encoder", real_encoder["encoder"], "--max-length", str(MAX_LENGTH),
+                             "--embedding-cache", real_encoder["embedding_cache"]],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "draws from another pool" in result.stderr and "new --cache" in result.stderr
     assert sum(server.requests.values()) == 20 and read_jsonl(out) == rows[::-1]
 
