@@ -231,6 +231,31 @@ def pool_fingerprint(docs: list[dict]) -> str:
     return hashlib.sha256(b"".join(sorted(map(digest, docs)))).hexdigest()[:20]
 
 
+def selection_settings(budget: int, rounds: int, seed_size: int | None, seed: int, threshold: int,
+                       embedding_key: str) -> dict:
+    """What fixes the draws, as asked rather than as fitted to the pool: the key must not change with the pool, so
+    that a changed pool is recognised (see `refuse_another_pool`)."""
+    return {"budget": budget, "rounds": rounds, "seed_size": seed_size, "seed": seed, "threshold": threshold,
+            "uniform_share": UNIFORM_SHARE, "sharpness": SHARPNESS, "embeddings": embedding_key}
+
+
+def selection_key(settings: dict, answers_key: str) -> str:
+    """Draws depend on the labels, hence on the answer run too (prompt, model, generation settings)."""
+    from edu_filter.annotate.cache import run_key
+
+    return run_key({**settings, "answers": answers_key})
+
+
+def refuse_another_pool(recorded_pool: str | None, pool: str, cache_path) -> None:
+    if recorded_pool not in (None, pool):
+        raise InputError(
+            f"{cache_path} holds this selection's draws from another pool: documents were added, removed or "
+            "edited since they were drawn, so their weights no longer hold and new draws would spend the "
+            "budget again. Score the documents they were drawn from, or start a new selection with a new "
+            "--cache (by default <output>.cache.sqlite: a new -o)"
+        )
+
+
 class ActiveAnnotation:
     """Runs the rounds: draw (or replay a recorded draw), have the LLM score the batch, feed the labels back.
 
@@ -243,30 +268,15 @@ class ActiveAnnotation:
         self.docs, self.encoder = docs, encoder
         self.selector = ActiveSelector(embeddings, budget, rounds, seed_size, seed, threshold)
         self.pool = pool_fingerprint(docs)
-        # as asked, not as fitted to the pool: the key must not change with the pool (see `run`)
-        self.settings = {"budget": budget, "rounds": rounds, "seed_size": seed_size, "seed": seed,
-                         "threshold": threshold, "uniform_share": self.selector.uniform_share,
-                         "sharpness": SHARPNESS, "embeddings": embedding_key}
-
-    def selection_key(self, answers_key: str) -> str:
-        """Draws depend on the labels, hence on the answer run too (prompt, model, generation settings)."""
-        from edu_filter.annotate.cache import run_key
-
-        return run_key({**self.settings, "answers": answers_key})
+        self.settings = selection_settings(budget, rounds, seed_size, seed, threshold, embedding_key)
 
     async def run(self, score, cache, announce=None) -> list[dict]:
         """Output rows of every drawn document, in pool order, with `round` and `weight`.
 
         Refused (InputError), before anything is asked, when the cache holds draws of this selection from another
         pool: their probabilities do not hold for this one, and drawing anew would spend the budget again."""
-        key = self.selection_key(cache.run_key)
-        if cache.selection_pool(key) not in (None, self.pool):
-            raise InputError(
-                f"{cache.path} holds this selection's draws from another pool: documents were added, removed or "
-                "edited since they were drawn, so their weights no longer hold and new draws would spend the "
-                "budget again. Score the documents they were drawn from, or start a new selection with a new "
-                "--cache (by default <output>.cache.sqlite: a new -o)"
-            )
+        key = selection_key(self.settings, cache.run_key)
+        refuse_another_pool(cache.selection_pool(key), self.pool, cache.path)
         recorded = cache.selection(key)
         position = {doc["id"]: i for i, doc in enumerate(self.docs)}
         labels = np.full(len(self.docs), np.nan)

@@ -83,6 +83,21 @@ def run_key(settings: dict) -> str:
     return hashlib.sha256(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+def recorded_selection_pool(path: str | Path, selection_key: str) -> str | None:
+    """`AnswerCache.selection_pool` read without opening the cache for a run (nothing created or written): for
+    checks made before a server is started."""
+    if not Path(path).is_file():
+        return None
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT pool FROM selection_pools WHERE selection_key = ?", (selection_key,)).fetchone()
+    except sqlite3.OperationalError:  # a cache written before selections were recorded
+        return None
+    finally:
+        db.close()
+    return None if row is None else row[0]
+
+
 class AnswerCache:
     """SQLite-backed store of received answers; use as a context manager."""
 

@@ -34,8 +34,11 @@ from edu_filter.annotate.backends import (
     managed_server,
     server_config,
 )
-from edu_filter.annotate.active import DEFAULT_ROUNDS, ActiveAnnotation, round_sizes
-from edu_filter.annotate.cache import AnswerCache
+from edu_filter.annotate.active import (
+    DEFAULT_ROUNDS, ActiveAnnotation, pool_fingerprint, refuse_another_pool, round_sizes, selection_key,
+    selection_settings,
+)
+from edu_filter.annotate.cache import AnswerCache, recorded_selection_pool, run_key
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
 from edu_filter.annotate.prompts import BUNDLED, Prompt, load_prompt
 from edu_filter import provenance
@@ -440,14 +443,23 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
     return rows, s
 
 
-def _active_annotation(docs, budget, rounds, seed_size, seed, kind, encoder, max_length, cache_dir):
-    """The pool's frozen-encoder embeddings (computed once, through `train`'s embedding cache) and the rounds."""
-    from edu_filter.classifiers.learning_curve import MAIN_THRESHOLD
-    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
+def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cache_settings: dict):
+    """The pool's frozen-encoder embeddings (computed once, through `train`'s embedding cache) and the rounds.
 
-    frozen = load_frozen_encoder(kind, encoder, max_length=max_length, cache_dir=cache_dir)
+    A pool changed since its draws were recorded is refused here already, before the embeddings and the server (a
+    vLLM launch takes minutes), when the model's name fixes the answer run's key; `ActiveAnnotation.run` checks
+    again with the name the server gives."""
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
+    from edu_filter.classifiers.learning_curve import MAIN_THRESHOLD
+
+    threshold = MAIN_THRESHOLD[kind]
+    frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache)
+    if cfg.model is not None:
+        settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, frozen.key)
+        key = selection_key(settings, run_key({**cache_settings, "model": cfg.model}))
+        refuse_another_pool(recorded_selection_pool(cache_path, key), pool_fingerprint(docs), cache_path)
     embeddings = frozen.embed([doc["text"] for doc in docs])
-    return ActiveAnnotation(docs, embeddings, budget, rounds, seed_size, seed, threshold=MAIN_THRESHOLD[kind],
+    return ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
                             embedding_key=frozen.key, encoder=frozen.model.config.encoder_name)
 
 
@@ -493,20 +505,19 @@ def score_documents(
     check_writable_output(output, "-o/--output")
     check_writable_output(cache_path, "--cache")
     the_prompt = load_prompt(cfg.prompt)
+    cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
+                      **cfg.generation().as_dict()}
     active = None
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
         _refuse_empty(docs, inputs)
-        active = _active_annotation(docs, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, kind, cfg.encoder,
-                                    cfg.max_length, cfg.embedding_cache)
+        active = _active_annotation(docs, cfg, kind, cache_path, cache_settings)
     else:
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed)
         _refuse_empty(docs, inputs)
     used = provenance.describe_inputs({"documents": inputs,
                                        "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
-    cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
-                      **cfg.generation().as_dict()}
 
     start = time.perf_counter()
     rows, summary = asyncio.run(_score_async(docs, cfg, cache_path, cache_settings, the_prompt, active))

@@ -526,7 +526,7 @@ def run_apply(
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
     if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
-        ex.refuse_if_queued(cfg.output)
+        ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
     prepare_output(cfg, files, used, overwrite=overwrite)

@@ -248,6 +248,12 @@ def chain_tag(out: str) -> str:
     return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
 
 
+def slurm_answers() -> bool:
+    """`scontrol ping` says at once whether the controller is up, where squeue waits ~30 s to say it is not."""
+    return shutil.which("scontrol") is not None and \
+        subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0
+
+
 def queued_jobs(out: str) -> list[dict]:
     """This run's jobs in `squeue` (array tasks expanded): id, name, state, reason."""
     if shutil.which("squeue") is None:
@@ -269,7 +275,9 @@ def queued_jobs(out: str) -> list[dict]:
     return jobs
 
 
-def refuse_if_queued(out: str) -> None:
+def refuse_if_queued(out: str, dry_run: bool = False) -> None:
+    if dry_run and not slurm_answers():  # the scripts may be meant for another cluster: no queue here to ask
+        return
     jobs = queued_jobs(out)
     if jobs:
         ids = sorted({j["id"].split("_")[0] for j in jobs})
@@ -450,16 +458,21 @@ def show_status(out: str, console) -> dict:
 
     stages = load_stage_list(out)
     logs = f"{out}/logs"
-    jobs = queued_jobs(out)
+    submitted = (Path(out) / "slurm").is_dir()  # a Slurm run (a dry run's scripts may have been submitted by hand)
+    jobs = queued_jobs(out) if submitted and slurm_answers() else None  # None: a Slurm run, its queue unknown now
+    if submitted and jobs is None:
+        console.print("[yellow]the Slurm controller does not answer: job states are unknown[/yellow]")
     table = Table(title=f"edu-filter apply: {out}")
     for col in ("stage", "tasks", "documents", "docs/s", "state"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
     summary = {"stages": []}
     for name, tasks in stages:
         s = read_stage_progress(logs, name, tasks)
-        mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")]
+        mine = [j for j in jobs or [] if j["name"].startswith(f"edu-filter-{name}-")]
         if s.finished:
             state = "done"
+        elif submitted and jobs is None:
+            state = "unknown (Slurm does not answer)"
         elif mine:
             counts: dict[str, int] = {}
             for j in mine:

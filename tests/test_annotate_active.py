@@ -221,14 +221,23 @@ def test_draws_replay_on_a_reordered_pool_and_a_changed_pool_is_refused_before_a
     write_jsonl(src, [*docs, {"id": "new", "text": "Appended. " + directive("new", score=5)}])
     # the installed command in its own process, as users run it (an in-process run would show the weight-loading
     # bars that the command turns off, whenever an earlier test imported transformers first)
-    result = subprocess.run([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--base-url",
-                             server.base_url, "--model", "test-model", "--sample", "20", "--select", "active",
-                             "--rounds", "2", "--encoder", real_encoder["encoder"], "--max-length", str(MAX_LENGTH),
-                             "--embedding-cache", real_encoder["embedding_cache"]],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--model", "test-model",
+               "--sample", "20", "--select", "active", "--rounds", "2", "--encoder", real_encoder["encoder"],
+               "--max-length", str(MAX_LENGTH), "--embedding-cache", real_encoder["embedding_cache"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command + ["--base-url", server.base_url], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "draws from another pool" in result.stderr and "new --cache" in result.stderr
     assert sum(server.requests.values()) == 20 and read_jsonl(out) == rows[::-1]
+    # with a server it would launch itself (vLLM takes minutes), the refusal comes before the launch
+    launched = tmp_path / "launched"
+    script = tmp_path / "serve.py"
+    script.write_text(f"import pathlib\npathlib.Path({str(launched)!r}).write_text('started')\n")
+    result = subprocess.run(command + ["--backend", "script", "--server-script", str(script)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "draws from another pool" in result.stderr, result.stderr
+    assert not launched.exists()
 
 
 def test_failed_documents_of_an_active_sample_are_flagged_for_a_rerun(server, tmp_path, real_encoder, capsys):

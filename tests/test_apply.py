@@ -242,6 +242,25 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
         assert "--cpus-per-task=2" in text and "--mem-per-cpu=2G" in text  # 3 GB over 2 CPUs, rounded up
 
 
+def test_dry_run_and_status_go_on_when_the_slurm_controller_does_not_answer(stock_classifier, tmp_path):
+    """Scripts written for another cluster, or a controller that is down: the dry run is still written and `status`
+    still shows what the files say, naming the job states as unknown instead of failing after squeue's timeouts."""
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    (tmp_path / "slurm.conf").write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+                                         "AuthType=auth/munge\nNodeName=localhost CPUs=1\n"
+                                         "PartitionName=p Nodes=localhost Default=YES\n")
+    env = {**ENV, "SLURM_CONF": str(tmp_path / "slurm.conf")}  # port 9: nothing listens there
+    res = subprocess.run(CLI + ["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o",
+                                str(tmp_path / "out"), "--executor", "slurm", "--slurm-partition", "p", "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "out" / "slurm" / "submit.sh").exists()
+    status = subprocess.run(CLI + ["status", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "does not answer" in status.stdout + status.stderr and "not started" not in status.stdout
+
+
 @pytest.mark.slow
 def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
     ray = pytest.importorskip("ray")
