@@ -211,12 +211,13 @@ def evaluate(
     long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     batch_size: int = typer.Option(32),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
+    weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows carry them; none ignores them."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
     from edu_filter.classifiers.evaluate import evaluate_model
 
     evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size,
-                   dtype=dtype)
+                   dtype=dtype, weight_field=None if weight_field.lower() == "none" else weight_field)
 
 
 # --- score / agreement (LLM annotation) ------------------------------------------------------------------------------

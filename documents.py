@@ -15,8 +15,12 @@ import random
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    import numpy as np
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
 FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")  # not .json: folders hold metrics.json & co.
@@ -340,3 +344,33 @@ def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:
             for row in rows:
                 fh.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     return path
+
+
+def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None:
+    """The rows' inclusion weights, or None when no row has the field (a uniform sample needs none).
+
+    Some rows with and some without is an error: mixing a chosen sample with other rows has no correct weights."""
+    if not weight_field:
+        return None
+    import numpy as np
+
+    values = [r.get(weight_field) for r in rows]
+    missing = sum(v is None for v in values)
+    if missing == len(values):
+        return None
+    if missing:
+        raise InputError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "
+                         f"`score --select active`) must be on every row or none (--weight-field none ignores them)")
+    try:
+        w = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"field '{weight_field}' must hold numbers (inclusion weights)") from None
+    if not np.isfinite(w).all() or (w <= 0).any():
+        raise InputError(f"field '{weight_field}' must hold positive finite inclusion weights")
+    return w
+
+
+def weight_summary(w: np.ndarray, weight_field: str) -> dict:
+    """What the weights did to the sample: its effective size (Kish) and range."""
+    return {"field": weight_field, "effective_n": float(w.sum() ** 2 / (w**2).sum()), "min": float(w.min()),
+            "max": float(w.max())}

@@ -12,7 +12,9 @@ from edu_filter.classifiers.metrics import (
     print_metrics,
     print_warnings,
 )
-from edu_filter.documents import check_model_name, check_writable_output, read_documents
+from edu_filter.documents import (
+    check_model_name, check_writable_output, read_documents, row_weights, weight_summary,
+)
 
 
 def evaluate_model(
@@ -24,10 +26,15 @@ def evaluate_model(
     batch_size: int = 32,
     dtype: str | None = None,
     num_threads: int | None = None,
+    weight_field: str | None = "weight",
 ) -> dict:
     """Metrics of `model` on `data` (every row must carry a label), with warnings when they cannot be trusted; the
     JSON report gets a confusion-matrix PNG beside it. Scoring runs on `num_threads` CPU threads (default: every CPU
-    this process may use)."""
+    this process may use).
+
+    Rows with inclusion weights (a `score --select active` sample) are evaluated with them, as `train` does: the
+    metrics then estimate the model's quality on the pool the sample was drawn from, not on the sample, which holds
+    several times the pool's share of high scores."""
     from edu_filter.classifiers.device import torch_threads
     from edu_filter.classifiers.scorer import load_scorer
 
@@ -37,13 +44,17 @@ def evaluate_model(
     rows = read_documents(data, label_field=label_field, require_label=True)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
+    weights = row_weights(rows, weight_field)
     scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
     with torch_threads(num_threads):
         raw, _ = scorer.predict([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
     labels = [r["label"] for r in rows]
-    metrics = compute_metrics(labels, raw, scorer.to_int_score(raw))
+    metrics = compute_metrics(labels, raw, scorer.to_int_score(raw), weights=weights)
+    if weights is not None:
+        metrics["weights"] = weight_summary(weights, weight_field)
     metrics["warnings"] = metric_warnings(metrics, labels, scorer.kind, data="the evaluation data")
-    print_metrics(metrics, title=f"{model} on {len(rows)} documents")
+    weighted = "" if weights is None else f" (weighted by '{weight_field}': estimates for the pool they were drawn from)"
+    print_metrics(metrics, title=f"{model} on {len(rows)} documents{weighted}")
     print_warnings(metrics["warnings"])
     if report is not None:
         report = Path(report)

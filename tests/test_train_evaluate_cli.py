@@ -165,3 +165,25 @@ def test_train_and_evaluate_warn_when_validation_has_few_positives(tmp_path, cap
     assert any(w.startswith("the evaluation data has 2 documents labelled 3+") for w in evaluated["warnings"])
     assert json.loads(report.read_text())["warnings"] == evaluated["warnings"]
     assert "warning: the evaluation data has 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_with_inclusion_weights_estimates_the_pool(tmp_path, code_model):
+    """A sample holding every file scoring 4+ but a quarter of the rest, each of those weighted 4 (its inclusion
+    weight), is evaluated as the whole pool would be; unweighted, the sample's own figures flatter the model."""
+    rows = read_documents([CODE_LABELS], label_field="score")
+    pool = write_documents(rows, tmp_path / "pool.jsonl")
+    negatives = [r for r in rows if r["score"] < 4]
+    sample = [{**r, "weight": 1.0} for r in rows if r["score"] >= 4] + [{**r, "weight": 4.0} for r in negatives[::4]]
+    sample_file = write_documents(sample, tmp_path / "sample.jsonl")
+    figures = {}
+    for name, args in (("pool", [str(pool)]), ("weighted", [str(sample_file)]),
+                       ("unweighted", [str(sample_file), "--weight-field", "none"])):
+        report = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["evaluate", str(code_model), *args, "--report", str(report)])
+        assert result.exit_code == 0, result.output
+        figures[name] = json.loads(report.read_text())
+    assert figures["weighted"]["weights"]["field"] == "weight" and "weights" not in figures["unweighted"]
+    # F1@4 on the sample is a ratio of sums, each of which the weights make an unbiased estimate of the pool's
+    pool_f1, weighted_f1, unweighted_f1 = (figures[k]["binary_f1_at_4"] for k in ("pool", "weighted", "unweighted"))
+    assert abs(weighted_f1 - pool_f1) < 0.08 and abs(weighted_f1 - pool_f1) < abs(unweighted_f1 - pool_f1) / 2

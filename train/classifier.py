@@ -41,7 +41,7 @@ from edu_filter.classifiers.metrics import (
     print_metrics,
     print_warnings,
 )
-from edu_filter.documents import check_not_empty, check_writable_output, read_documents
+from edu_filter.documents import check_not_empty, check_writable_output, read_documents, row_weights, weight_summary
 
 METHODS = ("head", "finetune", "fasttext")
 # chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
@@ -297,34 +297,6 @@ def save_model(trained: TrainedModel, output: Path) -> None:
     if trained.frozen is not None:
         trained.frozen.tokenizer.model_max_length = trained.frozen.max_length
         trained.frozen.tokenizer.save_pretrained(output)
-
-
-def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None:
-    """The rows' inclusion weights, or None when no row has the field (a uniform sample needs none).
-
-    Some rows with and some without is an error: mixing a chosen sample with other rows has no correct weights."""
-    if not weight_field:
-        return None
-    values = [r.get(weight_field) for r in rows]
-    missing = sum(v is None for v in values)
-    if missing == len(values):
-        return None
-    if missing:
-        raise ValueError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "
-                         f"`score --select active`) must be on every row or none (--weight-field none ignores them)")
-    try:
-        w = np.array(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"field '{weight_field}' must hold numbers (inclusion weights)") from None
-    if not np.isfinite(w).all() or (w <= 0).any():
-        raise ValueError(f"field '{weight_field}' must hold positive finite inclusion weights")
-    return w
-
-
-def weight_summary(w: np.ndarray, weight_field: str) -> dict:
-    """What the weights did to the sample: its effective size (Kish) and range."""
-    return {"field": weight_field, "effective_n": float(w.sum() ** 2 / (w**2).sum()), "min": float(w.min()),
-            "max": float(w.max())}
 
 
 def _calibration_weights(w_val, w_train, n_val: int, n_train: int, with_train: bool):
