@@ -251,15 +251,9 @@ def resolve_config(
 
 def fingerprint_inputs(files: list[tuple[str, str]]) -> dict:
     """{file: [size, mtime]} for every input file (fsspec metadata for remote ones)."""
-    from datatrove.io import get_datafolder
+    from edu_filter.filters.io import file_fingerprint
 
-    found = {}
-    for folder, name in files:
-        df = get_datafolder(folder)
-        info = df.info(name)
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag")
-        found[df.resolve_paths(name)] = [info.get("size"), str(mtime) if mtime is not None else None]
-    return found
+    return dict(file_fingerprint(folder, name) for folder, name in files)
 
 
 def run_record(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict]) -> dict:
@@ -298,8 +292,9 @@ def _what_changed(previous: dict, current: dict) -> str:
     return ""
 
 
-def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False) -> None:
-    """Record what this run is made of; a restart into the same folder must be made of the same things."""
+def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False) -> dict:
+    """Record what this run is made of (and return it); a restart into the same folder must be made of the same
+    things."""
     out = Path(cfg.output)
     if "://" in cfg.output:
         raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
@@ -326,6 +321,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
         path.write_text(json.dumps(current, indent=2))
     except OSError as e:
         raise DocumentError(f"--output {out}: cannot write there ({e.strerror})") from None
+    return current
 
 
 def remove_outputs(out: Path) -> None:
@@ -346,8 +342,9 @@ class Stage:
 
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
-                 provenance_inputs: list[dict] | None = None) -> list[Stage]:
-    """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring)."""
+                 provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None) -> list[Stage]:
+    """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
+    every pass over them checks `input_fingerprints` (`run_record`'s) first."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
@@ -389,7 +386,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         """Reading the input: unreadable and contaminated rows are dropped, and written out only in the final pass."""
         steps = [
             ApplyInputReader(files, text_key=cfg.text_field, id_key=cfg.id_field, progress_folder=progress(stage),
-                             counts_folder=counts if final else None),
+                             counts_folder=counts if final else None, fingerprints=input_fingerprints),
             InputErrorFilter(exclusion_writer=CountedJsonlWriter(
                 f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/${rank}.jsonl.gz", "failed")
                 if final else None),
@@ -529,10 +526,10 @@ def run_apply(
         ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    prepare_output(cfg, files, used, overwrite=overwrite)
+    record = prepare_output(cfg, files, used, overwrite=overwrite)
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm),
-                          provenance_inputs=used)
+                          provenance_inputs=used, input_fingerprints=record["input_files"])
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = "scoring is cheaper than MinHash here" if cfg.order == "score-first" else "the classifier is the costly step"

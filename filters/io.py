@@ -81,20 +81,36 @@ def _first_of_each(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return unique
 
 
+def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
+    """(resolved path, [size, mtime]) of one input file (fsspec metadata for remote ones, where an ETag may stand in
+    for the time): what a run records at its start and every pass over the input checks again."""
+    df = get_datafolder(folder)
+    info = df.info(name)
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag")
+    return df.resolve_paths(name), [info.get("size"), str(mtime) if mtime is not None else None]
+
+
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
     With at least as many files as tasks, each task reads whole files; with fewer files (one big JSONL and
     `--tasks 4`) every task reads all files and keeps the rows whose index falls in its shard, so the tasks still
     split the scoring work.
+
+    Every pass re-reads the input and the passes are matched by position (which documents MinHash removes, which
+    scored above the threshold), so a file replaced or appended to during a run (between two Slurm jobs of its
+    chain, say) would remove or keep the wrong documents: with `fingerprints` (recorded when the run started) a
+    changed file fails the task before a row of it is read, naming the file.
     """
 
     name = "📖 edu-filter input"
 
     def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id",
-                 progress_folder: str | None = None, counts_folder: str | None = None):
+                 progress_folder: str | None = None, counts_folder: str | None = None,
+                 fingerprints: dict | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
+        self.fingerprints = fingerprints
         self.progress_folder = progress_folder
         self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
 
@@ -170,6 +186,13 @@ class ApplyInputReader(BaseReader):
                         yield self._document(row, f"{name}:{rowno}")
                 progress.at_bytes(size * rowno // total_rows)
 
+    def _checked_size(self, folder: str, name: str) -> int:
+        path, now = file_fingerprint(folder, name)
+        if self.fingerprints is not None and self.fingerprints.get(path) != now:
+            raise DocumentError(f"input {path} was replaced during this run (size, time {self.fingerprints.get(path)}"
+                                f" -> {now}), so its passes would not match: restore it, or start over with --overwrite")
+        return now[0]
+
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
@@ -182,7 +205,7 @@ class ApplyInputReader(BaseReader):
             counter += 1
             return by_file or (counter - 1) % world_size == rank
 
-        sizes = [get_datafolder(folder).size(name) for folder, name in shard]
+        sizes = [self._checked_size(folder, name) for folder, name in shard]
         progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
         for (folder_path, name), size in zip(shard, sizes):
             folder = get_datafolder(folder_path)

@@ -187,6 +187,30 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
 
 
+@pytest.mark.slow
+def test_ray_run_killed_with_its_cluster_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
+    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
+    runs only the tasks without a completion file, and ends with what the local executor keeps and removes."""
+    pytest.importorskip("ray")
+    tmp, args = cli_tasks4
+    args = [a.replace(str(tmp / "out"), str(tmp_path / "out")) for a in args] + ["--executor", "ray"]
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # Ray's processes share the driver's group: all die together
+    completions = tmp_path / "out" / "logs" / "filter" / "completions"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    res = run_cli(args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    local, resumed = read_outputs(tmp / "out"), read_outputs(tmp_path / "out")
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in local.items()}
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
+
+
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 

@@ -183,3 +183,42 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time"):
         ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
     assert ex.queued_jobs(str(out)) == []
+
+
+def test_an_input_replaced_while_the_chain_runs_fails_the_next_pass_naming_it(slurm_partition, corpus,
+                                                                              stock_classifier, tmp_path):
+    """Every pass re-reads the input and the passes are matched by position: a file replaced between two jobs of the
+    chain fails the next pass before it reads a row (it would remove and keep the wrong documents); the same command
+    then refuses the changed input, and --overwrite starts over on it."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+
+    src, out = tmp_path / "corpus.jsonl", tmp_path / "out"
+    shutil.copy(corpus[0], src)
+    args = apply_args(src, stock_classifier, out)
+    submit = cli([a for a in args if a != "--wait"], timeout=300)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    stages = [s["name"] for s in json.loads((out / "logs" / "stages.json").read_text())]
+    assert stages[0] == "minhash-signatures" and "filter" in stages  # the first and a later pass read the input
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+    subprocess.run(["scontrol", "hold", str(jobs[stages[1]])], check=True)  # it waits on the first stage anyway
+    completions = out / "logs" / stages[0] / "completions"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(completions.glob("*")) if completions.exists() else []) < 4:
+        time.sleep(0.2)
+    assert len(list(completions.glob("*"))) == 4
+    with src.open("a") as fh:  # replaced by a longer version between the first pass and the next
+        fh.write(json.dumps({"id": "late", "text": "A document appended while the run was going. " * 20}) + "\n")
+    subprocess.run(["scontrol", "release", str(jobs[stages[1]])], check=True)
+    with pytest.raises(ex.StageFailed, match=r"was replaced during this run .*start over with --overwrite"):
+        ex.wait_for_chain(str(out), Console(quiet=True))
+    assert not list(out.glob("kept/*.parquet"))
+
+    again = cli(args, timeout=300)
+    assert again.returncode == 2 and f"input {src} changed" in again.stderr, again.stderr[-2000:]
+    fresh = cli(args + ["--overwrite"], timeout=900)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    found = read_outputs(out)
+    assert "late" in [i for ids in found.values() for i in ids]
+    assert json.loads((out / "stats.json").read_text())["adds_up"]
