@@ -166,37 +166,14 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
 
-@pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
+def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str]) -> None:
+    """Runs the fixture's command into `out` (with `extra` options), SIGKILLs its whole process group once a scoring
+    task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run wrote."""
     tmp, args = cli_tasks4
-    args = [a.replace(str(tmp / "out"), str(tmp_path / "out")) for a in args]
+    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    completions = tmp_path / "out" / "logs" / "filter" / "completions"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    res = run_cli(args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    clean, resumed = read_outputs(tmp / "out"), read_outputs(tmp_path / "out")
-    assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
-
-
-@pytest.mark.slow
-def test_ray_run_killed_with_its_cluster_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
-    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
-    runs only the tasks without a completion file, and ends with what the local executor keeps and removes."""
-    pytest.importorskip("ray")
-    tmp, args = cli_tasks4
-    args = [a.replace(str(tmp / "out"), str(tmp_path / "out")) for a in args] + ["--executor", "ray"]
-    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # Ray's processes share the driver's group: all die together
-    completions = tmp_path / "out" / "logs" / "filter" / "completions"
+                            start_new_session=True)  # with Ray, the instance it starts shares the group
+    completions = out / "logs" / "filter" / "completions"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
         time.sleep(0.05)
@@ -205,10 +182,23 @@ def test_ray_run_killed_with_its_cluster_then_rerun_gives_the_local_result(cli_t
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
     res = run_cli(args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    local, resumed = read_outputs(tmp / "out"), read_outputs(tmp_path / "out")
+    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
     assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in local.items()}
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["adds_up"]
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
+
+
+@pytest.mark.slow
+def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
+    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
+    runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
+    pytest.importorskip("ray")
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
 
 
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
