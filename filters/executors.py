@@ -74,11 +74,45 @@ def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
     return max(1, default_num_threads() // max(1, workers))
 
 
+# what Slurm writes in a job's log when it stops the job itself, and what to do about it
+SLURM_KILLS = (
+    ("DUE TO TIME LIMIT", "Slurm stopped it at its time limit: run it again with a longer --slurm-time"),
+    ("oom", "it ran out of memory (Slurm's OOM kill): run it again with more --slurm-mem-gb"),
+    ("OUT_OF_MEMORY", "it ran out of memory (Slurm's OOM kill): run it again with more --slurm-mem-gb"),
+    ("DUE TO NODE FAILURE", "its node failed: run the same command again"),
+    ("DUE TO PREEMPTION", "it was preempted: run the same command again"),
+)
+SLURM_LOG_SLACK_S = 300  # clock skew between the submitting machine and the file server
+
+
+def slurm_kill(stage_logs: Path, since: float | None) -> tuple[str, Path] | None:
+    """Slurm's own reason for stopping a job of this stage (time limit, OOM kill, node failure, preemption) and the
+    job log that says so, looking only at logs of the current submission (`since`: when it was submitted)."""
+    folder = stage_logs / "slurm_logs"
+    if not folder.is_dir():
+        return None
+    for log in sorted(folder.glob("*.out"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if since is not None and log.stat().st_mtime < since - SLURM_LOG_SLACK_S:
+            break
+        said = [ln for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
+        for marker, meaning in SLURM_KILLS:
+            if any(marker in ln if marker.isupper() else marker in ln.lower() for ln in said):
+                return meaning, log
+    return None
+
+
 def failed_stage_message(out: str, name: str, tasks: int) -> str:
-    """Names the stage, the tasks that did not complete and the first one's log with its last error line."""
+    """Names the stage, the tasks that did not complete and the first one's log with its last error line, or Slurm's
+    own reason when Slurm stopped a job (a time limit, say), with what to change."""
     logs = Path(out) / "logs" / name
     done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
+    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+    submitted = Path(out) / "slurm" / "jobs.json"
+    killed = slurm_kill(logs, submitted.stat().st_mtime if submitted.exists() else None) if missing else None
+    if killed is not None:
+        return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {killed[0]} (it "
+                f"resumes: finished tasks are kept); log: {killed[1]}")
     log = logs / "logs" / f"task_{missing[0]:05d}.log" if missing else logs
     if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
         # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
@@ -91,7 +125,6 @@ def failed_stage_message(out: str, name: str, tasks: int) -> str:
         errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "Traceback" in ln]
         if errors or lines:
             detail = ": " + (errors[-1] if errors else lines[-1])[-300:]
-    shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
     return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}); log: {log}{detail}"
 
 

@@ -33,3 +33,19 @@ class WriteMarker(PipelineStep):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"{rank}").write_text("ran")
         yield from data or []
+
+
+class Sleep(PipelineStep):
+    """Takes longer than any test's time limit, as a task that outgrew its --slurm-time would."""
+
+    name = "sleep"
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import time
+
+        time.sleep(self.seconds)
+        yield from data or []

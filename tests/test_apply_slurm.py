@@ -152,6 +152,28 @@ def test_a_failed_array_job_stops_the_chain_when_a_stage_spans_several(slurm_par
     assert ex.queued_jobs(str(out)) == []  # the jobs that could never run were cancelled
 
 
+def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_partition, tmp_path, monkeypatch):
+    """Slurm's own reason (here the time limit; an OOM kill or a node failure alike), not the task log's last line."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the jobs import the steps below
+    from slurm_steps import Sleep, WriteMarker
+
+    out, ran = tmp_path / "out", tmp_path / "ran"
+    stages = [Stage("slow", [Sleep(600)], 1), Stage("report", [WriteMarker(str(ran / "report"))], 1)]
+    ex.save_stage_list(str(out), stages)
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, time="00:01:00"))
+    started = time.time()
+    with pytest.raises(ex.StageFailed, match=r"stage slow failed \(1/1 tasks did not complete: 0\): Slurm stopped it "
+                                             r"at its time limit: run it again with a longer --slurm-time .*slurm_logs"):
+        ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
+    assert time.time() - started < 300 and not (ran / "report").exists()
+    assert ex.queued_jobs(str(out)) == []
+
+
 def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
     """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
     from edu_filter.documents import RunError
