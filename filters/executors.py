@@ -492,6 +492,8 @@ def show_status(out: str, console) -> dict:
     stages = load_stage_list(out)
     logs = f"{out}/logs"
     submitted = (Path(out) / "slurm").is_dir()  # a Slurm run (a dry run's scripts may have been submitted by hand)
+    jobs_file = Path(out) / "slurm" / "jobs.json"
+    since = jobs_file.stat().st_mtime if jobs_file.exists() else None
     jobs = queued_jobs(out) if submitted and slurm_answers() else None  # None: a Slurm run, its queue unknown now
     if submitted and jobs is None:
         console.print("[yellow]the Slurm controller does not answer: job states are unknown[/yellow]")
@@ -512,6 +514,8 @@ def show_status(out: str, console) -> dict:
                 key = j["state"].lower() + (f" ({j['reason']})" if j["state"] == "PENDING" and j["reason"] else "")
                 counts[key] = counts.get(key, 0) + 1
             state = ", ".join(f"{n} {k}" for k, n in counts.items())
+        elif submitted and (killed := slurm_kill(Path(logs, name), since)) is not None:
+            state = f"incomplete: {killed[0]}"
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:

@@ -172,6 +172,8 @@ def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_
         ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
     assert time.time() - started < 300 and not (ran / "report").exists()
     assert ex.queued_jobs(str(out)) == []
+    status = cli(["status", str(out)])  # the same reason for a chain submitted without --wait
+    assert status.returncode == 0 and "time limit" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
