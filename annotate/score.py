@@ -450,7 +450,7 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
     vLLM launch takes minutes), when the model's name fixes the answer run's key; `ActiveAnnotation.run` checks
     again with the name the server gives."""
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
-    from edu_filter.classifiers.learning_curve import MAIN_THRESHOLD
+    from edu_filter.classifiers.metrics import MAIN_THRESHOLD
 
     threshold = MAIN_THRESHOLD[kind]
     frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache)

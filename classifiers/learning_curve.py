@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edu_filter.classifiers.calibration import apply_cut_points
-from edu_filter.classifiers.metrics import MAIN_THRESHOLD, compute_metrics  # noqa: F401 - MAIN_THRESHOLD re-exported
+from edu_filter.classifiers.metrics import compute_metrics
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 CURVE_METRICS = ("spearman", "binary_f1_at_2", "binary_f1_at_3", "binary_f1_at_4", "mse")

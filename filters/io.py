@@ -38,6 +38,8 @@ SCORE_KEYS = ("score", "int_score")
 # used as the count instead)
 PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count")
 RAW_PREVIEW_CHARS = 2000
+# fsspec metadata that changes when a file is replaced: local and SFTP, S3, GCS, Azure, the hub (content hash)
+FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
 # what pyarrow raises for values that do not make (or fit) an array of one type
@@ -82,11 +84,12 @@ def _first_of_each(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
-    """(resolved path, [size, mtime]) of one input file (fsspec metadata for remote ones, where an ETag may stand in
-    for the time): what a run records at its start and every pass over the input checks again."""
+    """(resolved path, [size, mtime]) of one input file (fsspec metadata for remote ones, where S3's or GCS's time or
+    ETag, or the hub's git blob id, stands in for the time): what a run records at its start and every pass over the
+    input checks again."""
     df = get_datafolder(folder)
     info = df.info(name)
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag")
+    mtime = next((info[k] for k in FILE_VERSION_KEYS if info.get(k)), None)
     return df.resolve_paths(name), [info.get("size"), str(mtime) if mtime is not None else None]
 
 
