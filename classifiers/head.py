@@ -5,10 +5,13 @@ the weighted loss is an unbiased estimate of the loss over the whole pool the sa
 sample. The cross-validation that picks the regularisation scores every candidate by that pool estimate, and it
 also picks how strongly the fit itself is weighted (see `fit_ridge_head`). Without weights every row counts once.
 
-The ridge is solved in its kernel form, once per cross-validation fold for every alpha of the search: one symmetric
-eigendecomposition of the fold's Gram matrix gives the solutions for all alphas. That is the same estimator as
-scikit-learn's `Ridge(alpha, sample_weight=w)` on the same standardised features, ~25x cheaper, which is what lets
-active selection refit the head after every round and `train` draw learning curves from dozens of fits.
+One symmetric eigendecomposition per cross-validation fold gives the solutions for every alpha of the search: of
+the fold's kernel matrix when there are fewer rows than features, which is what lets active selection refit the head
+after every round and `train` draw learning curves from dozens of fits, ~25x cheaper than scikit-learn's
+`Ridge(alpha, sample_weight=w)` on the same standardised features (the same estimator). With more rows than features
+(FineWeb-Edu's ~450k annotations) the folds' feature Gram matrices are summed over blocks of rows instead: memory
+beyond the float32 embeddings stays a few d x d matrices, where the kernel route's float64 copies of the embeddings
+would take ~8x their size, and BLAS threads are used for it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 
 ALPHAS = np.logspace(-1, 5, 25)
 FLATTENING = (1.0, 0.5, 0.0)  # powers of the inclusion weights the fit may use, the full weights first
+GRAM_BLOCK = 8192  # rows converted to float64 at a time when summing Gram matrices
+THREADED_FLOPS = 5e10  # below this (rows x features^2) one BLAS thread is faster on a busy machine
 
 
 def unit_weights(weights, n: int) -> np.ndarray:
@@ -92,7 +97,11 @@ def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int, weights=
     """
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1):  # small matrices: threaded BLAS on a busy machine was measured ~80x slower
+    n, d = np.shape(x)
+    # small matrices: threaded BLAS on a busy machine was measured ~80x slower; large ones need the threads
+    with threadpool_limits(1 if n * d * d < THREADED_FLOPS else None):
+        if n > d:
+            return _fit_ridge_head_by_gram(x, y, folds, seed, weights)
         return _fit_ridge_head(x, y, folds, seed, weights)
 
 
@@ -126,4 +135,90 @@ def _fit_ridge_head(x, y, folds: int, seed: int, weights):
     coef, intercept = _ridge_coefficients((x - mean) / scale, y, fit_w, ALPHAS[k])
     weight = coef / scale
     bias = float(intercept - weight @ mean)
+    return (weight.astype(np.float32), bias), oof, float(ALPHAS[k]), flattening
+
+
+def _blocks(n: int):
+    return (slice(start, min(start + GRAM_BLOCK, n)) for start in range(0, n, GRAM_BLOCK))
+
+
+def _fold_sums(x, y, w, fold_of: np.ndarray, folds: int) -> dict[str, np.ndarray]:
+    """Per fold, the weighted sums a ridge fit needs: sum w x x^T, sum w x, sum w x y, sum w, sum w y."""
+    d = x.shape[1]
+    sums = {"xx": np.zeros((folds, d, d)), "x": np.zeros((folds, d)), "xy": np.zeros((folds, d)),
+            "w": np.zeros(folds), "y": np.zeros(folds)}
+    for rows in _blocks(len(y)):
+        xb = np.asarray(x[rows], dtype=np.float64)
+        for k in np.unique(fold_of[rows]):
+            mine = fold_of[rows] == k
+            xk, yk, wk = xb[mine], y[rows][mine], w[rows][mine]
+            sums["xx"][k] += (xk * wk[:, None]).T @ xk
+            sums["x"][k] += wk @ xk
+            sums["xy"][k] += (wk * yk) @ xk
+            sums["w"][k] += wk.sum()
+            sums["y"][k] += wk @ yk
+    return sums
+
+
+def _standardiser_from_sums(total: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`_weighted_standardiser` of all rows, from their sums."""
+    mean = total["x"] / total["w"]
+    scale = np.sqrt(np.maximum(np.diag(total["xx"]) / total["w"] - mean**2, 0.0))
+    scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, scale
+
+
+def _ridge_from_sums(part: dict, scale: np.ndarray, alphas) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ridge on standardised features from the sums of the rows it is fitted on: coefficients on raw features (one
+    column per alpha), the rows' weighted mean of x and of y (predictions: (x - mean_x) @ coefficients + mean_y)."""
+    mean_x, mean_y = part["x"] / part["w"], part["y"] / part["w"]
+    centred = (part["xx"] - part["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
+    cross = (part["xy"] - mean_x * part["y"]) / scale
+    eigval, eigvec = np.linalg.eigh(centred)
+    eigval = np.maximum(eigval, 0.0)
+    coef = eigvec @ ((eigvec.T @ cross)[:, None] / (eigval[:, None] + np.asarray(alphas, dtype=np.float64)[None, :]))
+    return coef / scale[:, None], mean_x, float(mean_y)
+
+
+def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
+    """`_fit_ridge_head` (same search, same result) from per-fold sums over blocks of rows, for more rows than
+    features: x is read in float32 blocks, never copied whole."""
+    x = np.asarray(x)
+    y = np.asarray(y, dtype=np.float64)
+    w = unit_weights(weights, len(y))
+    splits = fold_indices(len(y), folds, seed)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    for k, (_, held) in enumerate(splits):
+        fold_of[held] = k
+    best = None  # (score, flattening, alpha index, out-of-fold predictions, sums of all rows)
+    for flattening in FLATTENING if weights is not None else (1.0,):
+        fit_w = unit_weights(w**flattening, len(y))
+        sums = _fold_sums(x, y, fit_w, fold_of, folds)
+        total = {name: value.sum(axis=0) for name, value in sums.items()}
+        _, scale = _standardiser_from_sums(total)
+        fitted = [_ridge_from_sums({name: total[name] - sums[name][k] for name in sums}, scale, ALPHAS)
+                  for k in range(folds)]
+        pred = np.zeros((len(y), len(ALPHAS)))
+        for rows in _blocks(len(y)):
+            xb = np.asarray(x[rows], dtype=np.float64)
+            for k in np.unique(fold_of[rows]):
+                mine = np.flatnonzero(fold_of[rows] == k)
+                coef, mean_x, mean_y = fitted[k]
+                pred[rows.start + mine] = (xb[mine] - mean_x) @ coef + mean_y
+        r2 = np.zeros(len(ALPHAS))
+        for _, held in splits:
+            wh, yh = w[held], y[held]
+            total_ss = wh @ (yh - (wh @ yh) / wh.sum()) ** 2
+            residual = wh @ (yh[:, None] - pred[held]) ** 2
+            r2 += 1 - residual / total_ss if total_ss > 0 else -residual
+        k = int(np.argmax(r2))  # the first of equals, as GridSearchCV ranks them
+        if best is None or r2[k] > best[0]:
+            best = (r2[k], flattening, k, pred[:, k].copy(), total, scale)
+    _, flattening, k, oof, total, scale = best
+    mean_x, mean_y = total["x"] / total["w"], total["y"] / total["w"]
+    centred = (total["xx"] - total["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
+    cross = (total["xy"] - mean_x * total["y"]) / scale
+    coef = np.linalg.solve(centred + ALPHAS[k] * np.eye(len(scale)), cross)
+    weight = coef / scale
+    bias = float(mean_y - weight @ mean_x)
     return (weight.astype(np.float32), bias), oof, float(ALPHAS[k]), flattening

@@ -67,6 +67,38 @@ def test_weighted_ridge_head_is_scikit_learns_weighted_ridge():
         assert np.corrcoef(oof, y)[0, 1] > 0.5  # out-of-fold predictions, not noise
 
 
+def test_ridge_head_from_sums_over_row_blocks_is_the_direct_fit_in_bounded_memory(monkeypatch):
+    """More rows than features (FineWeb-Edu's 450k annotations): the fit sums Gram matrices over blocks of rows and
+    gives the direct fit's alpha, flattening, coefficients and out-of-fold predictions, holding less extra memory
+    than the float32 embeddings themselves (the direct route holds two float64 copies)."""
+    import tracemalloc
+
+    from edu_filter.classifiers import head
+
+    rng = np.random.default_rng(4)
+    x = (0.3 + 0.05 * rng.normal(size=(500, 30))).astype(np.float32)  # offset like pooled embeddings
+    y = 10 * x[:, :5].sum(axis=1) + rng.normal(size=500)
+    w = rng.uniform(0.2, 5.0, 500)
+    monkeypatch.setattr(head, "GRAM_BLOCK", 37)  # blocks that cut across folds
+    for weights in (None, w):
+        (weight, bias), oof, alpha, flattening = head.fit_ridge_head(x, y, 5, 0, weights=weights)
+        (direct_weight, direct_bias), direct_oof, direct_alpha, direct_flattening = head._fit_ridge_head(
+            x, y, 5, 0, weights)
+        assert (alpha, flattening) == (direct_alpha, direct_flattening)
+        assert weight == pytest.approx(direct_weight, rel=1e-5, abs=1e-6) and bias == pytest.approx(direct_bias)
+        assert oof == pytest.approx(direct_oof, abs=1e-8)
+    monkeypatch.setattr(head, "GRAM_BLOCK", 4096)
+    x = rng.normal(size=(40000, 300)).astype(np.float32)
+    y = x[:, :5].sum(axis=1) + rng.normal(size=40000)
+    tracemalloc.start()
+    try:
+        head.fit_ridge_head(x, y, 5, 0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes, (peak, x.nbytes)
+
+
 def test_weighted_cross_validation_chooses_how_much_the_fit_follows_the_weights():
     """Weights unrelated to the labels only add noise to a well-specified fit: mostly a flatter fit wins. Where a
     linear fit is wrong and the sample is thin in the region that bends, the full weights win every time."""
