@@ -142,13 +142,16 @@ def _blocks(n: int):
     return (slice(start, min(start + GRAM_BLOCK, n)) for start in range(0, n, GRAM_BLOCK))
 
 
-def _fold_sums(x, y, w, fold_of: np.ndarray, folds: int) -> dict[str, np.ndarray]:
-    """Per fold, the weighted sums a ridge fit needs: sum w x x^T, sum w x, sum w x y, sum w, sum w y."""
+def _fold_sums(x, y, w, fold_of: np.ndarray, folds: int, shift: np.ndarray) -> dict[str, np.ndarray]:
+    """Per fold, the weighted sums a ridge fit needs, of x - shift: sum w x x^T, sum w x, sum w x y, sum w, sum w y.
+
+    The shift (about the features' mean) keeps variances computed from sums exact: sums of raw x lose a constant
+    feature's zero variance to rounding of the order of its squared mean."""
     d = x.shape[1]
     sums = {"xx": np.zeros((folds, d, d)), "x": np.zeros((folds, d)), "xy": np.zeros((folds, d)),
             "w": np.zeros(folds), "y": np.zeros(folds)}
     for rows in _blocks(len(y)):
-        xb = np.asarray(x[rows], dtype=np.float64)
+        xb = np.asarray(x[rows], dtype=np.float64) - shift
         for k in np.unique(fold_of[rows]):
             mine = fold_of[rows] == k
             xk, yk, wk = xb[mine], y[rows][mine], w[rows][mine]
@@ -160,17 +163,18 @@ def _fold_sums(x, y, w, fold_of: np.ndarray, folds: int) -> dict[str, np.ndarray
     return sums
 
 
-def _standardiser_from_sums(total: dict) -> tuple[np.ndarray, np.ndarray]:
-    """`_weighted_standardiser` of all rows, from their sums."""
+def _scale_from_sums(total: dict, shift: np.ndarray) -> np.ndarray:
+    """The scale of `_weighted_standardiser` over all rows, from their sums around `shift`."""
     mean = total["x"] / total["w"]
     scale = np.sqrt(np.maximum(np.diag(total["xx"]) / total["w"] - mean**2, 0.0))
-    scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean, scale
+    scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean + shift))] = 1.0
+    return scale
 
 
 def _ridge_from_sums(part: dict, scale: np.ndarray, alphas) -> tuple[np.ndarray, np.ndarray, float]:
     """Ridge on standardised features from the sums of the rows it is fitted on: coefficients on raw features (one
-    column per alpha), the rows' weighted mean of x and of y (predictions: (x - mean_x) @ coefficients + mean_y)."""
+    column per alpha), the rows' weighted mean of x and of y (predictions: (x - mean_x) @ coefficients + mean_y, x
+    shifted as the sums were)."""
     mean_x, mean_y = part["x"] / part["w"], part["y"] / part["w"]
     centred = (part["xx"] - part["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
     cross = (part["xy"] - mean_x * part["y"]) / scale
@@ -190,17 +194,18 @@ def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
     fold_of = np.empty(len(y), dtype=np.int64)
     for k, (_, held) in enumerate(splits):
         fold_of[held] = k
+    shift = np.asarray(x[:GRAM_BLOCK], dtype=np.float64).mean(axis=0)
     best = None  # (score, flattening, alpha index, out-of-fold predictions, sums of all rows)
     for flattening in FLATTENING if weights is not None else (1.0,):
         fit_w = unit_weights(w**flattening, len(y))
-        sums = _fold_sums(x, y, fit_w, fold_of, folds)
+        sums = _fold_sums(x, y, fit_w, fold_of, folds, shift)
         total = {name: value.sum(axis=0) for name, value in sums.items()}
-        _, scale = _standardiser_from_sums(total)
+        scale = _scale_from_sums(total, shift)
         fitted = [_ridge_from_sums({name: total[name] - sums[name][k] for name in sums}, scale, ALPHAS)
                   for k in range(folds)]
         pred = np.zeros((len(y), len(ALPHAS)))
         for rows in _blocks(len(y)):
-            xb = np.asarray(x[rows], dtype=np.float64)
+            xb = np.asarray(x[rows], dtype=np.float64) - shift
             for k in np.unique(fold_of[rows]):
                 mine = np.flatnonzero(fold_of[rows] == k)
                 coef, mean_x, mean_y = fitted[k]
@@ -220,5 +225,5 @@ def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
     cross = (total["xy"] - mean_x * total["y"]) / scale
     coef = np.linalg.solve(centred + ALPHAS[k] * np.eye(len(scale)), cross)
     weight = coef / scale
-    bias = float(mean_y - weight @ mean_x)
+    bias = float(mean_y - weight @ (mean_x + shift))
     return (weight.astype(np.float32), bias), oof, float(ALPHAS[k]), flattening

@@ -28,6 +28,7 @@ from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 
 POLL_S = 1.0
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
+SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
 # squeue reasons that never resolve by waiting
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
                     "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
@@ -74,42 +75,47 @@ def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
     return max(1, default_num_threads() // max(1, workers))
 
 
-# what Slurm writes in a job's log when it stops the job itself, and what to do about it
+# what Slurm writes in a job's log (lower-cased) when it stops the job itself, and what to do about it
 SLURM_KILLS = (
-    ("DUE TO TIME LIMIT", "Slurm stopped it at its time limit: run it again with a longer --slurm-time"),
-    ("oom", "it ran out of memory (Slurm's OOM kill): run it again with more --slurm-mem-gb"),
-    ("OUT_OF_MEMORY", "it ran out of memory (Slurm's OOM kill): run it again with more --slurm-mem-gb"),
-    ("DUE TO NODE FAILURE", "its node failed: run the same command again"),
-    ("DUE TO PREEMPTION", "it was preempted: run the same command again"),
+    ("due to time limit", "Slurm stopped it at its time limit: run it again with a longer --slurm-time"),
+    *((marker, "it ran out of memory (killed by Slurm): run it again with more --slurm-mem-gb")
+      for marker in ("oom-kill", "oom_kill", "out-of-memory", "exceeded job memory limit", "exceeded step memory limit")),
+    ("due to node failure", "its node failed: run the same command again"),
+    ("due to preemption", "it was preempted: run the same command again"),
 )
-SLURM_LOG_SLACK_S = 300  # clock skew between the submitting machine and the file server
+SUBMITTED_JOBS = "slurm/array_jobs.json"  # every array job id of the current submission, per stage
 
 
-def slurm_kill(stage_logs: Path, since: float | None) -> tuple[str, Path] | None:
-    """Slurm's own reason for stopping a job of this stage (time limit, OOM kill, node failure, preemption) and the
-    job log that says so, looking only at logs of the current submission (`since`: when it was submitted)."""
+def submitted_jobs(out: str) -> dict[str, list[str]]:
+    path = Path(out) / SUBMITTED_JOBS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
+    """Slurm's own reason for stopping a job of this stage (time limit, memory, node failure, preemption) and the
+    job log that says so, from the logs of the given array jobs only (`%A_%a.out`: the current submission's)."""
     folder = stage_logs / "slurm_logs"
-    if not folder.is_dir():
+    if not job_ids or not folder.is_dir():
         return None
-    for log in sorted(folder.glob("*.out"), key=lambda p: p.stat().st_mtime, reverse=True):
-        if since is not None and log.stat().st_mtime < since - SLURM_LOG_SLACK_S:
-            break
-        said = [ln for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
+    for log in sorted(folder.glob("*.out")):
+        if log.name.split("_", 1)[0] not in job_ids:
+            continue
+        said = [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
         for marker, meaning in SLURM_KILLS:
-            if any(marker in ln if marker.isupper() else marker in ln.lower() for ln in said):
+            if any(marker in ln for ln in said):
                 return meaning, log
     return None
 
 
-def failed_stage_message(out: str, name: str, tasks: int) -> str:
-    """Names the stage, the tasks that did not complete and the first one's log with its last error line, or Slurm's
-    own reason when Slurm stopped a job (a time limit, say), with what to change."""
+def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False) -> str:
+    """Names the stage, the tasks that did not complete and the first one's log with its last error line, or, for a
+    Slurm chain (`slurm`), Slurm's own reason when Slurm stopped one of its jobs (a time limit, say), with what to
+    change."""
     logs = Path(out) / "logs" / name
     done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
     shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-    submitted = Path(out) / "slurm" / "jobs.json"
-    killed = slurm_kill(logs, submitted.stat().st_mtime if submitted.exists() else None) if missing else None
+    killed = slurm_kill(logs, submitted_jobs(out).get(name, [])) if slurm and missing else None
     if killed is not None:
         return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {killed[0]} (it "
                 f"resumes: finished tasks are kept); log: {killed[1]}")
@@ -283,8 +289,12 @@ def chain_tag(out: str) -> str:
 
 def slurm_answers() -> bool:
     """`scontrol ping` says at once whether the controller is up, where squeue waits ~30 s to say it is not."""
-    return shutil.which("scontrol") is not None and \
-        subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        return subprocess.run(["scontrol", "ping"], capture_output=True, timeout=SQUEUE_TIMEOUT_S).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def queued_jobs(out: str) -> list[dict]:
@@ -327,6 +337,17 @@ def _slurm_executor_class():
 
         def launch_merge_stats(self):
             pass
+
+        @property
+        def job_id(self):
+            return self.__dict__.get("_job_id")
+
+        @job_id.setter
+        def job_id(self, value):
+            """Every array job of the stage (one per --slurm-max-array tasks) is kept, not only the last."""
+            self._job_id = value
+            if value not in (None, -1):
+                self.__dict__.setdefault("job_ids", []).append(str(value))
 
         @property
         def dependency(self) -> str:
@@ -428,6 +449,8 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
     jobs = {name: ex.job_id for name, ex in executors}
     (Path(out) / "slurm").mkdir(exist_ok=True)
     (Path(out) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=2))
+    (Path(out) / SUBMITTED_JOBS).write_text(json.dumps({name: getattr(ex, "job_ids", []) for name, ex in executors},
+                                                       indent=2))
     submitted = {n: j for n, j in jobs.items() if j not in (None, -1)}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)
@@ -472,7 +495,7 @@ def wait_for_chain(out: str, console) -> dict:
                     first = gone_since.setdefault(name, time.time())
                     if time.time() - first > 5 and not read_stage_progress(logs, name, tasks).finished:
                         cancelled = cancel_chain(out)
-                        raise StageFailed(failed_stage_message(out, name, tasks)
+                        raise StageFailed(failed_stage_message(out, name, tasks, slurm=True)
                                           + (f"; cancelled the {len(cancelled)} jobs waiting on it" if cancelled else ""))
                 else:
                     gone_since.pop(name, None)
@@ -492,8 +515,7 @@ def show_status(out: str, console) -> dict:
     stages = load_stage_list(out)
     logs = f"{out}/logs"
     submitted = (Path(out) / "slurm").is_dir()  # a Slurm run (a dry run's scripts may have been submitted by hand)
-    jobs_file = Path(out) / "slurm" / "jobs.json"
-    since = jobs_file.stat().st_mtime if jobs_file.exists() else None
+    job_ids = submitted_jobs(out)
     jobs = queued_jobs(out) if submitted and slurm_answers() else None  # None: a Slurm run, its queue unknown now
     if submitted and jobs is None:
         console.print("[yellow]the Slurm controller does not answer: job states are unknown[/yellow]")
@@ -514,7 +536,7 @@ def show_status(out: str, console) -> dict:
                 key = j["state"].lower() + (f" ({j['reason']})" if j["state"] == "PENDING" and j["reason"] else "")
                 counts[key] = counts.get(key, 0) + 1
             state = ", ".join(f"{n} {k}" for k, n in counts.items())
-        elif submitted and (killed := slurm_kill(Path(logs, name), since)) is not None:
+        elif (killed := slurm_kill(Path(logs, name), job_ids.get(name, []))) is not None:
             state = f"incomplete: {killed[0]}"
         elif s.tasks_done or s.started:
             state = "incomplete"

@@ -88,7 +88,10 @@ def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
     ETag, or the hub's git blob id, stands in for the time): what a run records at its start and every pass over the
     input checks again."""
     df = get_datafolder(folder)
-    info = df.info(name)
+    try:
+        info = df.info(name, refresh=True)  # not a listing cached by this process earlier
+    except TypeError:  # a filesystem whose info takes no refresh
+        info = df.info(name)
     mtime = next((info[k] for k in FILE_VERSION_KEYS if info.get(k)), None)
     return df.resolve_paths(name), [info.get("size"), str(mtime) if mtime is not None else None]
 
@@ -229,6 +232,7 @@ class ApplyInputReader(BaseReader):
                     progress.document()
                     yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after {rows} "
                                        f"documents from it ({type(e).__name__}: {e})", b"")
+            self._checked_size(folder_path, name)  # changed while this pass read it: its rows may not match
             progress.file_done(size)
         progress.close()
         if self.counts_folder is not None:

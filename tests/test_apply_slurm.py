@@ -176,6 +176,25 @@ def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_
     assert status.returncode == 0 and "time limit" in status.stdout, status.stdout + status.stderr
 
 
+def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
+    """Slurm's own lines, as its daemons write them; a node or path that happens to contain "oom" is not a memory
+    kill, and a log of an earlier submission says nothing about this one."""
+    from edu_filter.filters.executors import slurm_kill
+
+    logs = tmp_path / "slurm_logs"
+    logs.mkdir()
+    (logs / "77_0.out").write_text("slurmstepd: error: *** JOB 77 ON gpu-room2 CANCELLED AT 2026-12-04T10:00:00 ***\n")
+    assert slurm_kill(tmp_path, ["77"]) is None  # an ordinary scancel
+    (logs / "78_1.out").write_text("INFO starting\nslurmstepd: error: Detected 1 oom_kill event in StepId=78.batch. "
+                                   "Some of the step tasks have been OOM Killed.\n")
+    assert "--slurm-mem-gb" in slurm_kill(tmp_path, ["77", "78"])[0]
+    (logs / "79_0.out").write_text("slurmstepd: error: *** JOB 79 ON n1 CANCELLED AT 2026-12-04T11:00:00 DUE TO TIME "
+                                   "LIMIT ***\n")
+    assert slurm_kill(tmp_path, ["80"]) is None and slurm_kill(tmp_path, []) is None
+    reason, log = slurm_kill(tmp_path, ["79"])
+    assert "--slurm-time" in reason and log.name == "79_0.out"
+
+
 def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
     """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
     from edu_filter.documents import RunError

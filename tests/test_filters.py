@@ -219,3 +219,24 @@ def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
     kept = _kept_adapter(None, a)
     assert kept["input_filter_reason"] == "from upstream" and "filter_reason" not in kept
     assert list(flat_record(a))[-2:] == ["score", "int_score"]
+
+
+def test_a_pass_fails_on_an_input_replaced_before_or_while_it_reads(tmp_path):
+    """The passes of one run are matched by position: a file that is not the one the run started with stops the
+    pass, whether it changed before the pass began or while the pass was reading it."""
+    from edu_filter.filters.apply import fingerprint_inputs
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i}"}) + "\n" for i in range(5)))
+    files = expand_inputs([str(path)])
+    recorded = fingerprint_inputs(files)
+    assert [d.id for d in ApplyInputReader(files, fingerprints=recorded).run()] == [f"d{i}" for i in range(5)]
+
+    reading = ApplyInputReader(files, fingerprints=recorded).run()
+    assert next(reading).id == "d0"
+    with path.open("a") as fh:  # appended while the pass reads
+        fh.write(json.dumps({"id": "late", "text": "late document"}) + "\n")
+    with pytest.raises(DocumentError, match=r"in\.jsonl was replaced during this run"):
+        list(reading)
+    with pytest.raises(DocumentError, match=r"in\.jsonl was replaced during this run .*--overwrite"):
+        next(ApplyInputReader(files, fingerprints=recorded).run())  # before a row is read

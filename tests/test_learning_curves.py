@@ -77,6 +77,7 @@ def test_ridge_head_from_sums_over_row_blocks_is_the_direct_fit_in_bounded_memor
 
     rng = np.random.default_rng(4)
     x = (0.3 + 0.05 * rng.normal(size=(500, 30))).astype(np.float32)  # offset like pooled embeddings
+    x[:, 7] = -12.3  # a constant feature: scale 1 and no weight, as in the direct fit
     y = 10 * x[:, :5].sum(axis=1) + rng.normal(size=500)
     w = rng.uniform(0.2, 5.0, 500)
     monkeypatch.setattr(head, "GRAM_BLOCK", 37)  # blocks that cut across folds
@@ -86,7 +87,7 @@ def test_ridge_head_from_sums_over_row_blocks_is_the_direct_fit_in_bounded_memor
             x, y, 5, 0, weights)
         assert (alpha, flattening) == (direct_alpha, direct_flattening)
         assert weight == pytest.approx(direct_weight, rel=1e-5, abs=1e-6) and bias == pytest.approx(direct_bias)
-        assert oof == pytest.approx(direct_oof, abs=1e-8)
+        assert oof == pytest.approx(direct_oof, abs=1e-8) and weight[7] == 0
     monkeypatch.setattr(head, "GRAM_BLOCK", 4096)
     x = rng.normal(size=(40000, 300)).astype(np.float32)
     y = x[:, :5].sum(axis=1) + rng.normal(size=40000)
