@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,38 +25,66 @@ def setting_key(**settings) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
+LOCK_TIMEOUT_S = 60.0  # how long a reader or writer waits for another process's lock on the cache
+
+
 class EmbeddingCache:
+    """The SQLite file of cached vectors. A cache that cannot be used (locked past the timeout by concurrent trainers,
+    a read-only or network filesystem without working locks) is a warning, never a failed run: the vectors are
+    computed without it."""
+
     def __init__(self, cache_dir: str | Path | None = None):
         self.path = Path(cache_dir or DEFAULT_CACHE_DIR) / "embeddings.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS embeddings (setting TEXT, text_hash TEXT, vector BLOB, "
-                "PRIMARY KEY (setting, text_hash))"
-            )
+        self.unusable: str | None = None  # why the cache is skipped, once it had to be
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS embeddings (setting TEXT, text_hash TEXT, vector BLOB, "
+                    "PRIMARY KEY (setting, text_hash))"
+                )
+        except (OSError, sqlite3.Error) as e:
+            self._skip(e)
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+        return sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
+
+    def _skip(self, error: Exception) -> None:
+        if self.unusable is None:
+            print(f"warning: embedding cache {self.path} cannot be used ({error}); embeddings are computed without "
+                  "it (put the cache on a local disk: --cache-dir or EDU_FILTER_CACHE)", file=sys.stderr, flush=True)
+        self.unusable = str(error)
 
     def get(self, setting: str, hashes: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
-        with self._connect() as db:
-            for start in range(0, len(hashes), 500):
-                part = hashes[start : start + 500]
-                marks = ",".join("?" * len(part))
-                for h, blob in db.execute(
-                    f"SELECT text_hash, vector FROM embeddings WHERE setting = ? AND text_hash IN ({marks})",
-                    [setting, *part],
-                ):
-                    found[h] = np.frombuffer(blob, dtype=np.float32)
+        if self.unusable is not None:
+            return found
+        try:
+            with self._connect() as db:
+                for start in range(0, len(hashes), 500):
+                    part = hashes[start : start + 500]
+                    marks = ",".join("?" * len(part))
+                    for h, blob in db.execute(
+                        f"SELECT text_hash, vector FROM embeddings WHERE setting = ? AND text_hash IN ({marks})",
+                        [setting, *part],
+                    ):
+                        found[h] = np.frombuffer(blob, dtype=np.float32)
+        except sqlite3.Error as e:
+            self._skip(e)
+            return {}
         return found
 
     def put(self, setting: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._connect() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
-                [(setting, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()],
-            )
+        if self.unusable is not None:
+            return
+        try:
+            with self._connect() as db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)",
+                    [(setting, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()],
+                )
+        except sqlite3.Error as e:
+            self._skip(e)
 
 
 EMBED_BLOCK = 1024  # texts embedded, then stored, at a time

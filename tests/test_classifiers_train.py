@@ -118,6 +118,35 @@ def test_embedding_cache_is_reused(tmp_path, minilm_path):
     np.testing.assert_allclose(cached_embeddings(scorer, more, "k2", cache, block=2), scorer.embed(more)[0], atol=1e-5)
 
 
+def test_a_locked_embedding_cache_is_a_warning_not_a_failed_run(tmp_path, minilm_path, monkeypatch, capsys):
+    """Trainers sharing one cache (a home folder on a cluster): a lock held past the timeout skips the cache for the
+    rest of the run instead of failing it after the embeddings were computed."""
+    import sqlite3
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers import embeddings
+    from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
+
+    encoder = AutoModel.from_pretrained(minilm_path)
+    model = EduClassifierForSequenceClassification(EduClassifierConfig(encoder_config=encoder.config.to_dict()), encoder)
+    scorer = EduScorer(model, AutoTokenizer.from_pretrained(minilm_path), max_length=64)
+    texts = [f"Lesson {i}: how plants make sugar from light." for i in range(4)]
+    monkeypatch.setattr(embeddings, "LOCK_TIMEOUT_S", 0.2)
+    cache = embeddings.EmbeddingCache(tmp_path)
+    other = sqlite3.connect(tmp_path / "embeddings.sqlite", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another trainer writing
+    vectors = embeddings.cached_embeddings(scorer, texts, "k", cache, block=2)
+    np.testing.assert_allclose(vectors, scorer.embed(texts)[0], atol=1e-5)
+    warning = capsys.readouterr().err
+    assert warning.count("warning: embedding cache") == 1 and "locked" in warning and "--cache-dir" in warning
+    other.execute("COMMIT")
+    other.close()
+    fresh = embeddings.EmbeddingCache(tmp_path)  # the next run uses it again
+    embeddings.cached_embeddings(scorer, texts, "k", fresh)
+    assert len(fresh.get("k", [embeddings.text_hash(t) for t in texts])) == 4 and fresh.unusable is None
+
+
 def test_default_encoder_falls_back_offline_with_one_line_notice(capsys, monkeypatch, minilm_path):
     from edu_filter.classifiers import encoders
 
