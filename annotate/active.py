@@ -264,10 +264,10 @@ class ActiveAnnotation:
 
     def __init__(self, docs: list[dict], embeddings: np.ndarray, budget: int, rounds: int = DEFAULT_ROUNDS,
                  seed_size: int | None = None, seed: int = 0, threshold: int = 3, embedding_key: str = "",
-                 encoder: str = ""):
+                 encoder: str = "", pool: str | None = None):
         self.docs, self.encoder = docs, encoder
         self.selector = ActiveSelector(embeddings, budget, rounds, seed_size, seed, threshold)
-        self.pool = pool_fingerprint(docs)
+        self.pool = pool or pool_fingerprint(docs)  # `pool`: the docs' fingerprint, when the caller has it already
         self.settings = selection_settings(budget, rounds, seed_size, seed, threshold, embedding_key)
 
     async def run(self, score, cache, announce=None) -> list[dict]:

@@ -454,13 +454,14 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
 
     threshold = MAIN_THRESHOLD[kind]
     frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache)
+    pool = pool_fingerprint(docs)
     if cfg.model is not None:
         settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, frozen.key)
         key = selection_key(settings, run_key({**cache_settings, "model": cfg.model}))
-        refuse_another_pool(recorded_selection_pool(cache_path, key), pool_fingerprint(docs), cache_path)
+        refuse_another_pool(recorded_selection_pool(cache_path, key), pool, cache_path)
     embeddings = frozen.embed([doc["text"] for doc in docs])
     return ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
-                            embedding_key=frozen.key, encoder=frozen.model.config.encoder_name)
+                            embedding_key=frozen.key, encoder=frozen.model.config.encoder_name, pool=pool)
 
 
 def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> None:

@@ -77,6 +77,14 @@ def _ridge_coefficients(x, y, w, alpha) -> tuple[np.ndarray, float]:
     return coef, float(y_mean - x_mean @ coef)
 
 
+def _held_out_r2(w: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Weighted R² of one held-out fold's predictions, one per alpha column (RidgeCV's score; minus the residual
+    where the fold's labels are constant)."""
+    total = w @ (y - (w @ y) / w.sum()) ** 2
+    residual = w @ (y[:, None] - pred) ** 2
+    return 1 - residual / total if total > 0 else -residual
+
+
 def fold_indices(n: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, held-out) index pairs of a shuffled K-fold split (scikit-learn's KFold, so splits match it)."""
     from sklearn.model_selection import KFold
@@ -120,10 +128,7 @@ def _fit_ridge_head(x, y, folds: int, seed: int, weights):
         for fit, held in splits:
             pred = _ridge_path(xs[fit], y[fit], fit_w[fit], xs[held], ALPHAS)
             fold_preds.append(pred)
-            wh, yh = w[held], y[held]
-            total = wh @ (yh - (wh @ yh) / wh.sum()) ** 2
-            residual = wh @ (yh[:, None] - pred) ** 2
-            r2 += 1 - residual / total if total > 0 else -residual
+            r2 += _held_out_r2(w[held], y[held], pred)
         k = int(np.argmax(r2))  # the first of equals, as GridSearchCV ranks them
         if best is None or r2[k] > best[0]:
             oof = np.zeros(len(y))
@@ -171,17 +176,24 @@ def _scale_from_sums(total: dict, shift: np.ndarray) -> np.ndarray:
     return scale
 
 
+def _centred_system(part: dict, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """From the sums of the rows a ridge is fitted on: the weighted, centred Gram matrix of the standardised features
+    and their cross product with y, and the rows' weighted mean of x and of y."""
+    mean_x, mean_y = part["x"] / part["w"], part["y"] / part["w"]
+    centred = (part["xx"] - part["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
+    cross = (part["xy"] - mean_x * part["y"]) / scale
+    return centred, cross, mean_x, float(mean_y)
+
+
 def _ridge_from_sums(part: dict, scale: np.ndarray, alphas) -> tuple[np.ndarray, np.ndarray, float]:
     """Ridge on standardised features from the sums of the rows it is fitted on: coefficients on raw features (one
     column per alpha), the rows' weighted mean of x and of y (predictions: (x - mean_x) @ coefficients + mean_y, x
     shifted as the sums were)."""
-    mean_x, mean_y = part["x"] / part["w"], part["y"] / part["w"]
-    centred = (part["xx"] - part["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
-    cross = (part["xy"] - mean_x * part["y"]) / scale
+    centred, cross, mean_x, mean_y = _centred_system(part, scale)
     eigval, eigvec = np.linalg.eigh(centred)
     eigval = np.maximum(eigval, 0.0)
     coef = eigvec @ ((eigvec.T @ cross)[:, None] / (eigval[:, None] + np.asarray(alphas, dtype=np.float64)[None, :]))
-    return coef / scale[:, None], mean_x, float(mean_y)
+    return coef / scale[:, None], mean_x, mean_y
 
 
 def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
@@ -210,19 +222,12 @@ def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
                 mine = np.flatnonzero(fold_of[rows] == k)
                 coef, mean_x, mean_y = fitted[k]
                 pred[rows.start + mine] = (xb[mine] - mean_x) @ coef + mean_y
-        r2 = np.zeros(len(ALPHAS))
-        for _, held in splits:
-            wh, yh = w[held], y[held]
-            total_ss = wh @ (yh - (wh @ yh) / wh.sum()) ** 2
-            residual = wh @ (yh[:, None] - pred[held]) ** 2
-            r2 += 1 - residual / total_ss if total_ss > 0 else -residual
+        r2 = sum(_held_out_r2(w[held], y[held], pred[held]) for _, held in splits)
         k = int(np.argmax(r2))  # the first of equals, as GridSearchCV ranks them
         if best is None or r2[k] > best[0]:
             best = (r2[k], flattening, k, pred[:, k].copy(), total, scale)
     _, flattening, k, oof, total, scale = best
-    mean_x, mean_y = total["x"] / total["w"], total["y"] / total["w"]
-    centred = (total["xx"] - total["w"] * np.outer(mean_x, mean_x)) / np.outer(scale, scale)
-    cross = (total["xy"] - mean_x * total["y"]) / scale
+    centred, cross, mean_x, mean_y = _centred_system(total, scale)
     coef = np.linalg.solve(centred + ALPHAS[k] * np.eye(len(scale)), cross)
     weight = coef / scale
     bias = float(mean_y - weight @ (mean_x + shift))
