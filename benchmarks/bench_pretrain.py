@@ -1,7 +1,8 @@
 """Pretraining throughput: the `ablate` loop against a bare forward/backward/AdamW loop on the same model and batch.
 
     python benchmarks/bench_pretrain.py                      # tiny preset (CPU or GPU)
-    python benchmarks/bench_pretrain.py --preset smollm-135m --compile   # on a GPU: tokens/s and MFU
+    python benchmarks/bench_pretrain.py --preset smollm-135m             # on a GPU: tokens/s and MFU (compiled)
+    python benchmarks/bench_pretrain.py --preset smollm-135m --no-compile  # the eager loop
 
 The ratio (loop / bare) is the cost of everything the real loop adds: reading packed windows from the memory-mapped
 token file, the schedule, gradient clipping, loss bookkeeping, progress. MFU is printed on GPUs in bf16 only.
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -27,13 +27,16 @@ def bare_tokens_per_second(cfg, tokenizer_size: int, steps: int, compile: bool) 
     """Optimizer steps on random tokens already on the device: the ceiling for this model and batch shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from edu_filter.ablate.pretrain import NextTokenLoss, compile_regions
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     vocab = -(-tokenizer_size // 64) * 64
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="sdpa", **cfg.model)).to(device)
+    loss_fn = NextTokenLoss(model)
     if compile:
-        model = torch.compile(model)
+        compile_regions(loss_fn)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     micro_batch, seq_len = cfg.micro_batch_size, cfg.context
@@ -45,8 +48,7 @@ def bare_tokens_per_second(cfg, tokenizer_size: int, steps: int, compile: bool) 
         t0 = time.time()
         for _ in range(grad_accum):
             with autocast:
-                logits = model(input_ids=x[:, :-1], use_cache=False).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / grad_accum
+                loss = loss_fn(x[:, :-1], x[:, 1:]) / grad_accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -60,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per measurement")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="regional torch.compile (default: on a GPU, as `ablate` does)")
     parser.add_argument("--override", action="append", default=[], help="key=value, as in `ablate --override`")
     args = parser.parse_args()
 
@@ -75,7 +78,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
     steps = args.steps or (10 if cuda else 40)
-    overrides = {"eval_tokens": 4096, "compile": args.compile, **parse_overrides(args.override)}
+    compile = args.compile if args.compile is not None else cuda
+    overrides = {"eval_tokens": 4096, "compile": compile, **parse_overrides(args.override)}
     cfg = PretrainConfig.from_preset(args.preset, overrides)
     cfg.tokens = (steps + 1) * cfg.batch_tokens
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
@@ -86,12 +90,13 @@ def main() -> None:
         with cpu_threads(cfg.cpu_threads):
             threads = torch.get_num_threads()
             loop = pretrain(cfg, work / "tokens/train.bin", {"val": work / "tokens/val.bin"}, work / "run", tok)
-            bare = bare_tokens_per_second(cfg, len(tok), steps, args.compile)
+            bare = bare_tokens_per_second(cfg, len(tok), steps, cfg.compile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     table = Table(title=f"pretraining throughput, {args.preset} ({loop['params'] / 1e6:.1f}M params) on "
-                        f"{loop['device']}, {loop['precision']}, {threads} CPU threads")
+                        f"{loop['device']}, {loop['precision']}, {'compiled' if cfg.compile else 'eager'}, "
+                        f"{threads} CPU threads")
     for col in ("measurement", "tokens/s", "MFU"):
         table.add_column(col, justify="right" if col != "measurement" else "left")
     peak_mfu = loop["mfu"] * bare / loop["tokens_per_second"] if loop["mfu"] is not None else None

@@ -131,12 +131,14 @@ class SequenceFramer:
 def pad_batch(sequences: list[list[int]], pad_id: int):
     """(input_ids, attention_mask) long tensors of shape (len(sequences), longest): each sequence left-aligned and
     padded with `pad_id` to the batch's longest. The one collate of scoring and fine-tuning."""
+    import itertools
+
+    import numpy as np
     import torch
 
-    width = max((len(s) for s in sequences), default=0)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids, attention_mask
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    width = int(lengths.max(initial=0))
+    mask = np.arange(width) < lengths[:, None]
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))

@@ -23,7 +23,7 @@ def evaluate_model(
     report: str | Path | None = None,
     label_field: str = "score",
     long_docs: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     dtype: str | None = None,
     num_threads: int | None = None,
     weight_field: str | None = "weight",

@@ -90,14 +90,16 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled vectors of the chosen layers, concatenated (batch, hidden * len(pool_layers)): what the head reads."""
+        """Pooled vectors of the chosen layers, concatenated (batch, hidden * len(pool_layers)): what the head reads.
+        No mask means no padding: the encoder gets none either, so SDPA may use its flash kernel."""
+        encoder_mask = attention_mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         layers = self.config.pool_layers
         if layers == [-1]:
-            return pool(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+            return pool(self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state,
                         attention_mask, self.config.pooling)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask, output_hidden_states=True).hidden_states
         return torch.cat([pool(hidden[i], attention_mask, self.config.pooling) for i in layers], dim=-1)
 
     def forward(

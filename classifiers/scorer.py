@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,16 @@ from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 
 LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
-# A token is rarely longer than this many characters: tokenizing a prefix of this many characters per wanted token
-# spares tokenizing megabyte documents in full when only their start is scored.
-CHARS_PER_TOKEN_BOUND = 10
+# Tokenizing a prefix of this many characters per wanted token spares tokenizing megabyte documents in full when only
+# their start is scored. English web text averages ~4.8 characters per BERT token (99th percentile 5.8, max 6.3 on the
+# bundled FineWeb documents), code ~3.4; a text whose prefix comes up short is tokenized again from a prefix
+# CHARS_RETRY_FACTOR times longer, then in full, so the result never depends on the bound, only the time does.
+CHARS_PER_TOKEN_BOUND = 7
+CHARS_RETRY_FACTOR = 4
+# Documents per scoring batch when none is given. A GPU needs big batches: a BERT-base classifier at 512 tokens on one
+# H200 scored 1,276 docs/s in batches of 256 and 2,565 in batches of 1,024 (benchmarks/RESULTS.md); on a CPU the batch
+# size barely matters and small batches keep memory low.
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 1024}
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -98,7 +106,7 @@ def load_scorer(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     max_length: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
 ) -> EduScorer | FastTextScorer:
     """The scorer of a saved classifier (a folder or a hub id): `FastTextScorer` for a fastText folder, else
     `EduScorer`. fastText runs on CPU and reads characters, not tokens: it has no use for `device`, `dtype`,
@@ -115,16 +123,29 @@ def load_scorer(
 
 
 class Scorer:
-    """What every scorer offers: raw scores of texts, and the model's calibrated 0-5 integer scores."""
+    """What every scorer offers: raw scores of texts, and the model's calibrated 0-5 integer scores.
+
+    Scoring has a CPU half, `prepare` (tokenizing), and a model half, `score_prepared`: a GPU pipeline prepares the
+    next batch of texts while the model scores this one (`prepare_in_background`).
+    """
 
     cut_points: list[float]
     kind: str | None  # web or code as the model was trained; None when the folder does not say
     source: str  # the folder or hub id it was loaded from
+    prepare_in_background = False  # True when the model runs on another device than the CPU that prepares
 
     def predict(
         self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores (np.float32) in input order, and which documents were longer than what the model reads."""
+        return self.score_prepared(self.prepare(texts, long_docs), show_progress)
+
+    def prepare(self, texts: Sequence[str], long_docs: str | None = None):
+        """The texts made ready for the model (the CPU half of `predict`)."""
+        raise NotImplementedError
+
+    def score_prepared(self, prepared, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`predict`'s result for what `prepare` returned."""
         raise NotImplementedError
 
     def to_int_score(self, scores) -> np.ndarray:
@@ -151,16 +172,18 @@ class FastTextScorer(Scorer):
             raise ValueError(f"{folder}: not a fastText model folder (no {FASTTEXT_CONFIG})")
         return cls(FastTextRegressor.from_pretrained(folder), source=str(path_or_hub_id))
 
-    def predict(
-        self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (np.float32) in input order, and which documents were longer than the `max_chars` characters
-        fastText reads. `long_docs` is checked but changes nothing: fastText reads the start of each document."""
+    def prepare(self, texts: Sequence[str], long_docs: str | None = None) -> list[str]:
+        """fastText reads characters: nothing to prepare. `long_docs` is checked but changes nothing: fastText reads
+        the start of each document."""
         if long_docs is not None:
             check_long_docs(long_docs)
-        texts = list(texts)
-        truncated = np.array([len(t) > self.max_chars for t in texts], dtype=bool)
-        return self.model.predict(texts).astype(np.float32), truncated
+        return list(texts)
+
+    def score_prepared(self, prepared: list[str], show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (np.float32) in input order, and which documents were longer than the `max_chars` characters
+        fastText reads."""
+        truncated = np.array([len(t) > self.max_chars for t in prepared], dtype=bool)
+        return self.model.predict(prepared).astype(np.float32), truncated
 
 
 class EduScorer(Scorer):
@@ -175,7 +198,7 @@ class EduScorer(Scorer):
         cut_points: Sequence[float] | None = None,
         long_docs: str = "truncate",
         max_chunks: int = 16,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         device: str | torch.device | None = None,
         kind: str | None = None,
         source: str = "",
@@ -187,13 +210,14 @@ class EduScorer(Scorer):
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
         self.long_docs = check_long_docs(long_docs)
         self.max_chunks = int(max_chunks)
-        self.batch_size = int(batch_size)
         self.kind = kind
         self.source = source
         self.device = torch.device(device if device is not None else default_device())
+        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, DEFAULT_BATCH_SIZE["cpu"]))
         if self.framer.num_special >= self.max_length:
             raise ValueError(f"max_length {self.max_length} leaves no room for content tokens")
         self.model.to(self.device).eval()
+        self.prepare_in_background = self.device.type != "cpu"
 
     # --- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -203,7 +227,7 @@ class EduScorer(Scorer):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         max_length: int | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
     ) -> EduScorer:
         """The transformers loader behind `load_scorer` (which also reads fastText folders)."""
         folder = resolve_model_dir(path_or_hub_id)
@@ -258,22 +282,29 @@ class EduScorer(Scorer):
         )
 
     # --- scoring ------------------------------------------------------------------------------------------------
-    def predict(
-        self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (np.float32) in input order, and which documents were longer than max_length tokens.
+    def prepare(self, texts: Sequence[str], long_docs: str | None = None) -> PreparedTexts:
+        """Tokenized, framed sequences of `texts` (the CPU half of scoring; releases the GIL while tokenizing).
 
         `long_docs`: `truncate` scores the first max_length tokens; `chunk-max` / `chunk-mean` score every
         max_length-token chunk (up to the model's max_chunks) and take the max / token-weighted mean. Default: the
         strategy the model was trained with.
         """
+        mode = check_long_docs(long_docs or self.long_docs)
+        texts = list(texts)
+        if not texts:
+            return PreparedTexts(0, mode, [], [], [], np.zeros(0, dtype=bool))
+        sequences, owner, weight, truncated = self._sequences(texts, 1 if mode == "truncate" else self.max_chunks)
+        return PreparedTexts(len(texts), mode, sequences, owner, weight, truncated)
+
+    def score_prepared(self, prepared: PreparedTexts, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (np.float32) in input order, and which documents were longer than max_length tokens."""
         model = self.model
 
         def score(input_ids, attention_mask):
             return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :1]
 
-        values, truncated = self._run(list(texts), long_docs or self.long_docs, score, show_progress)
-        return values[:, 0].astype(np.float32), truncated
+        values = self._aggregate(prepared, score, show_progress)
+        return values[:, 0].astype(np.float32), prepared.truncated
 
     def embed(
         self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
@@ -285,7 +316,8 @@ class EduScorer(Scorer):
             return model.embed(input_ids, attention_mask)
 
         mode = long_docs or self.long_docs
-        return self._run(list(texts), "chunk-mean" if mode == "chunk-max" else mode, vectors, show_progress)
+        prepared = self.prepare(texts, "chunk-mean" if mode == "chunk-max" else mode)
+        return self._aggregate(prepared, vectors, show_progress), prepared.truncated
 
     def token_sequences(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's first max_length tokens, special tokens included: what `predict(long_docs="truncate")` reads,
@@ -295,15 +327,21 @@ class EduScorer(Scorer):
     # --- internals ----------------------------------------------------------------------------------------------
     def _content_ids(self, texts: list[str], wanted_tokens: int) -> list[list[int]]:
         """Content token ids (no special tokens) of each text, complete at least up to `wanted_tokens` + 16."""
+        def encode(batch: list[str]) -> list[list[int]]:
+            return self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+
         char_limit = wanted_tokens * CHARS_PER_TOKEN_BOUND + 100
         out: list[list[int]] = []
         for start in range(0, len(texts), 256):
             batch = texts[start : start + 256]
-            ids = self.tokenizer([t[:char_limit] for t in batch], add_special_tokens=False, verbose=False)["input_ids"]
-            for text, row in zip(batch, ids):
-                if len(text) > char_limit and len(row) <= wanted_tokens + 16:  # dense text: the prefix was not enough
-                    row = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-                out.append(row)
+            out += encode([t[:char_limit] for t in batch])
+        # Sparse text (whitespace runs, long tables): a prefix that did not end its text and gave wanted + 16 tokens
+        # or fewer may have cut some of the first wanted tokens; those texts are tokenized again from longer prefixes.
+        limit = char_limit
+        while short := [i for i, row in enumerate(out) if len(texts[i]) > limit and len(row) <= wanted_tokens + 16]:
+            limit *= CHARS_RETRY_FACTOR
+            for i, row in zip(short, encode([texts[i][:limit] for i in short])):
+                out[i] = row
         return out
 
     def _sequences(self, texts: list[str], chunks_per_doc: int):
@@ -322,45 +360,66 @@ class EduScorer(Scorer):
                 weight.append(max(len(chunk), 1))
         return sequences, owner, weight, truncated
 
-    def _run(
-        self, texts: list[str], long_docs: str, fn: Callable, show_progress: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        check_long_docs(long_docs)
-        if not texts:
-            return np.zeros((0, 1)), np.zeros(0, dtype=bool)
-        chunks_per_doc = 1 if long_docs == "truncate" else self.max_chunks
-        sequences, owner, weight, truncated = self._sequences(texts, chunks_per_doc)
-        chunk_values = self._forward_sorted(sequences, fn, show_progress)
-
-        owner_arr, weight_arr = np.asarray(owner), np.asarray(weight, dtype=np.float64)
-        dim = chunk_values.shape[1]
-        if long_docs == "chunk-max":
-            result = np.full((len(texts), dim), -np.inf)
+    def _aggregate(self, prepared: PreparedTexts, fn: Callable, show_progress: bool) -> np.ndarray:
+        """`fn` over every prepared sequence, then one row per text: its chunks' max or token-weighted mean."""
+        if not prepared.n_texts:
+            return np.zeros((0, 1))
+        chunk_values = self._forward_sorted(prepared.sequences, fn, show_progress)
+        owner_arr, weight_arr = np.asarray(prepared.owner), np.asarray(prepared.weight, dtype=np.float64)
+        n, dim = prepared.n_texts, chunk_values.shape[1]
+        if prepared.long_docs == "chunk-max":
+            result = np.full((n, dim), -np.inf)
             np.maximum.at(result, owner_arr, chunk_values)
         else:  # truncate has one chunk per document, so the weighted mean is that chunk
-            sums = np.zeros((len(texts), dim))
+            sums = np.zeros((n, dim))
             np.add.at(sums, owner_arr, chunk_values * weight_arr[:, None])
-            result = sums / np.bincount(owner_arr, weights=weight_arr, minlength=len(texts))[:, None]
-        return result, truncated
+            result = sums / np.bincount(owner_arr, weights=weight_arr, minlength=n)[:, None]
+        return result
 
     def _forward_sorted(self, sequences: list[list[int]], fn: Callable, show_progress: bool) -> np.ndarray:
-        """Run `fn` over sequences in length-sorted batches padded to each batch's longest; input order restored."""
+        """Run `fn` over sequences in length-sorted batches padded to each batch's longest; input order restored.
+
+        On a GPU nothing waits for a batch's result before the next is sent: inputs go through pinned memory without
+        blocking and the outputs come back in one copy at the end, so the GPU never idles while the CPU pads. A batch
+        without padding gets no attention mask, which lets SDPA pick its fastest (flash) kernel.
+        """
         if not sequences:
             return np.zeros((0, 1))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
         pad_id = self.tokenizer.pad_token_id
-        outputs: list[np.ndarray] = [None] * len(sequences)  # type: ignore[list-item]
+        on_gpu = self.device.type == "cuda"
+        outputs: list[torch.Tensor] = []
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         progress = progress_bar(show_progress)
         with progress, torch.inference_mode():
             task = progress.add_task("scoring", total=len(sequences))
             for batch in batches:
-                input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
-                values = fn(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu().numpy()
-                for row, i in enumerate(batch):
-                    outputs[i] = values[row]
+                rows = [sequences[i] for i in batch]
+                input_ids, attention_mask = pad_batch(rows, pad_id)
+                if on_gpu:
+                    input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+                input_ids = input_ids.to(self.device, non_blocking=on_gpu)
+                unpadded = len(rows[0]) == len(rows[-1])  # sorted longest first
+                attention_mask = None if unpadded else attention_mask.to(self.device, non_blocking=on_gpu)
+                outputs.append(fn(input_ids, attention_mask).float())
                 progress.advance(task, len(batch))
-        return np.stack(outputs).astype(np.float64)
+        values = torch.cat(outputs).cpu().numpy().astype(np.float64)
+        result = np.empty_like(values)
+        result[order] = values
+        return result
+
+
+@dataclass
+class PreparedTexts:
+    """Texts tokenized and framed for a transformers scorer: `EduScorer.prepare`'s result, `score_prepared`'s input.
+    `owner[k]` is the text sequence k comes from, `weight[k]` its content tokens (chunk-mean weights)."""
+
+    n_texts: int
+    long_docs: str
+    sequences: list[list[int]]
+    owner: list[int]
+    weight: list[int]
+    truncated: np.ndarray
 
 
 def progress_bar(enabled: bool):

@@ -137,7 +137,7 @@ class ApplyConfig:
     order: str = "dedup-first"  # resolved: dedup-first or score-first
     long_docs: str | None = None  # None: the model's saved setting
     max_length: int | None = None
-    batch_size: int = 32
+    batch_size: int | None = None  # documents per scoring batch; None: 32 on CPU, 1024 on GPU
     dtype: str | None = None  # scoring precision; None: fp32 on CPU, bf16 on GPU (int8: the CPU fast path)
     tokenizer: str | None = None  # for token_count; the classifier's tokenizer when unset
     text_field: str = "text"
@@ -270,11 +270,16 @@ def run_record(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict])
     }
 
 
+# Settings a resume may change: the scoring batch size changes speed and memory, not which documents are kept (scores
+# agree to float rounding), so a run started on CPUs can be finished on GPUs with their bigger batches.
+RESUME_NEUTRAL = ("batch_size",)
+
+
 def _what_changed(previous: dict, current: dict) -> str:
     if "settings" not in previous:
         return "it was made by an older edu-filter"
     old, new = previous["settings"], current["settings"]
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_NEUTRAL)
     if changed:
         return "settings: " + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
     if previous.get("model_fingerprint") != current["model_fingerprint"]:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
@@ -30,7 +31,7 @@ class EduClassifierScorer(PipelineStep):
     def __init__(
         self,
         model: str,
-        batch_size: int = 32,
+        batch_size: int | None = None,  # None: the scorer's default for its device (DEFAULT_BATCH_SIZE)
         window_size: int = 2048,
         max_length: int | None = None,
         long_docs: str | None = None,
@@ -73,22 +74,40 @@ class EduClassifierScorer(PipelineStep):
                            batch_size=self.batch_size)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        scorer = None
-        for window in batched(data, self.window_size):
-            if scorer is None:
-                scorer = self.load_scorer(rank)
-            start = time.perf_counter()
-            with self.track_time(unit="window"):
-                scores, truncated = scorer.predict([doc.text for doc in window], long_docs=self.long_docs)
-                int_scores = scorer.to_int_score(scores)
-            elapsed = time.perf_counter() - start
-            self.stat_update("scored", value=len(window))
-            self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
-            self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
-            for doc, score, int_score in zip(window, scores, int_scores):
-                doc.metadata["score"] = float(score)
-                doc.metadata["int_score"] = int(int_score)
-                yield doc
+        """Scores window by window. With the model on a GPU, a thread tokenizes the next window while the GPU scores
+        this one (the tokenizer releases the GIL), so the GPU waits for the CPU only when the CPU is the slower."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        scorer, pending = None, None  # pending: the previous window and the future of its preparation
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edu-tokenize") as pool:
+            for window in batched(data, self.window_size):
+                if scorer is None:
+                    scorer = self.load_scorer(rank)
+                texts = [doc.text for doc in window]
+                if not scorer.prepare_in_background:
+                    yield from self._score(scorer, window, lambda: scorer.prepare(texts, self.long_docs))
+                    continue
+                prepared = pool.submit(scorer.prepare, texts, self.long_docs)
+                if pending is not None:
+                    yield from self._score(scorer, *pending)
+                pending = (window, prepared.result)
+            if pending is not None:
+                yield from self._score(scorer, *pending)
+
+    def _score(self, scorer, window: list[Document], prepared: Callable) -> DocumentsPipeline:
+        """Scores one window; `prepared()` gives its prepared texts (tokenizing now, or waiting for the thread)."""
+        start = time.perf_counter()
+        with self.track_time(unit="window"):
+            scores, truncated = scorer.score_prepared(prepared())
+            int_scores = scorer.to_int_score(scores)
+        elapsed = time.perf_counter() - start
+        self.stat_update("scored", value=len(window))
+        self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
+        self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
+        for doc, score, int_score in zip(window, scores, int_scores):
+            doc.metadata["score"] = float(score)
+            doc.metadata["int_score"] = int(int_score)
+            yield doc
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:

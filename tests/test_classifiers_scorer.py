@@ -227,3 +227,56 @@ def test_token_sequences_are_what_truncate_scoring_and_fine_tuning_read(web_mode
     with torch.no_grad():
         logits = scorer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
     np.testing.assert_allclose(logits, scorer.predict(web_texts[:5], long_docs="truncate")[0], atol=1e-4)
+
+
+def test_sparse_text_is_tokenized_from_longer_prefixes_until_it_has_enough_tokens(web_model, web_texts):
+    """A text with far more characters per token than the prefix bound assumes (a whitespace-padded table) reads the
+    same first tokens as tokenizing it whole; so does a plain text mixed into the same call."""
+    from transformers import AutoTokenizer
+
+    from edu_filter.classifiers.scorer import CHARS_PER_TOKEN_BOUND
+
+    scorer = load_scorer(web_model)
+    sparse = "".join(f"cell{i}" + " " * 60 for i in range(3000))  # ~65 characters per token
+    assert len(sparse) > 4 * scorer.max_length * CHARS_PER_TOKEN_BOUND  # needs more than one retry
+    tokenizer = AutoTokenizer.from_pretrained(web_model, trust_remote_code=True)
+    texts = [web_texts[0], sparse, web_texts[1]]
+    assert scorer.token_sequences(texts) == tokenizer(texts, truncation=True, max_length=scorer.max_length)["input_ids"]
+
+
+def test_a_batch_without_padding_scores_the_same_without_an_attention_mask(web_model, web_texts):
+    """Unpadded batches go to the encoder with no mask (so SDPA may pick its flash kernel): same vectors as an all-ones
+    mask; and on a CPU the scorer's default batch is 32 documents."""
+    scorer = load_scorer(web_model)
+    assert scorer.batch_size == 32 and load_scorer(web_model, batch_size=5).batch_size == 5
+    sequences = [s[:40] for s in scorer.token_sequences(web_texts[:4])]
+    input_ids = torch.tensor(sequences)
+    with torch.no_grad():
+        masked = scorer.model.embed(input_ids, torch.ones_like(input_ids))
+        unmasked = scorer.model.embed(input_ids, None)
+    torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_the_apply_scoring_step_scores_every_window_in_order(web_model, web_texts, background):
+    """The datatrove step, window by window: with preparation in a thread (what a GPU scorer does: the next window
+    is tokenized while this one is scored) every document comes out once, in input order, with the score the scorer
+    gives it, and the stats count every window."""
+    from datatrove.data import Document
+
+    from edu_filter.filters.scoring import EduClassifierScorer
+
+    class Step(EduClassifierScorer):
+        def load_scorer(self, rank: int = 0):
+            scorer = super().load_scorer(rank)
+            scorer.prepare_in_background = background
+            return scorer
+
+    step = Step(str(web_model), window_size=7, batch_size=4)
+    docs = [Document(text=t, id=str(i)) for i, t in enumerate(web_texts[:30])]
+    scored = list(step.run(iter(docs)))
+    assert [d.id for d in scored] == [str(i) for i in range(30)]
+    expected, _ = load_scorer(web_model).predict(web_texts[:30])
+    np.testing.assert_allclose([d.metadata["score"] for d in scored], expected, atol=1e-4)
+    stats = step.stats.to_dict()["stats"]
+    assert stats["scored"]["total"] == 30 and stats["docs_per_second"]["n"] == 5  # windows of 7, 7, 7, 7, 2

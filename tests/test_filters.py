@@ -240,3 +240,15 @@ def test_a_pass_fails_on_an_input_replaced_before_or_while_it_reads(tmp_path):
         list(reading)
     with pytest.raises(DocumentError, match=r"in\.jsonl was replaced during this run .*--overwrite"):
         next(ApplyInputReader(files, fingerprints=recorded).run())  # before a row is read
+
+
+def test_a_resume_may_change_the_scoring_batch_size_but_not_what_decides_the_output():
+    """A run started on CPUs (batches of 32) can be finished on GPUs (batches of 1024): the batch size changes speed,
+    not scores; the threshold does change the output and is refused."""
+    from edu_filter.filters.apply import _what_changed
+
+    record = {"settings": {"batch_size": 32, "threshold": 3.0}, "model_fingerprint": "m", "input_files": {},
+              "decontaminate_files": {}}
+    assert _what_changed(record, {**record, "settings": {"batch_size": None, "threshold": 3.0}}) == ""
+    assert "threshold (3.0 -> 2.0)" in _what_changed(record, {**record, "settings": {"batch_size": 32,
+                                                                                        "threshold": 2.0}})
