@@ -209,8 +209,8 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (and a confusion-matrix PNG beside it)."),
     label_field: str = typer.Option("score", help=f"Field holding the {SCORE_RANGE} label."),
     long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Documents per scoring batch (default 32 on CPU, 1024 on "
-                                             "GPU).", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, help="Documents per scoring batch (default 32 on CPU; on GPU "
+                                             "524,288 tokens' worth: 1024 at 512 tokens).", show_default=False),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows carry them; none ignores them."),
 ):
@@ -376,8 +376,8 @@ def apply(
         None, metavar="<path>", help="Eval set JSONL to decontaminate against, or 'humaneval' (repeatable)."),
     long_docs: Optional[str] = typer.Option(APPLY.long_docs, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     max_length: Optional[int] = typer.Option(APPLY.max_length, help="Tokens per document/chunk (the model's when unset)."),
-    batch_size: Optional[int] = typer.Option(APPLY.batch_size, help="Documents per scoring batch (default 32 on CPU, "
-                                             "1024 on GPU).", show_default=False),
+    batch_size: Optional[int] = typer.Option(APPLY.batch_size, help="Documents per scoring batch (default 32 on CPU; "
+                                             "on GPU 524,288 tokens' worth: 1024 at 512 tokens).", show_default=False),
     dtype: Optional[str] = typer.Option(APPLY.dtype, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     tokenizer: Optional[str] = typer.Option(APPLY.tokenizer, help="Tokenizer for token_count (the classifier's when unset)."),
     text_field: str = typer.Option(APPLY.text_field),

@@ -39,10 +39,16 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # CHARS_RETRY_FACTOR times longer, then in full, so the result never depends on the bound, only the time does.
 CHARS_PER_TOKEN_BOUND = 7
 CHARS_RETRY_FACTOR = 4
-# Documents per scoring batch when none is given. A GPU needs big batches: a BERT-base classifier at 512 tokens on one
-# H200 scored 1,276 docs/s in batches of 256 and 2,565 in batches of 1,024 (benchmarks/RESULTS.md); on a CPU the batch
-# size barely matters and small batches keep memory low.
-DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 1024}
+# Scoring batches when none is given. A GPU needs big ones: a BERT-base classifier at 512 tokens on one H200 scored
+# 1,276 docs/s in batches of 256 documents and 2,565 in batches of 1,024 (benchmarks/RESULTS.md), so a GPU batch holds
+# this many tokens (1,024 documents at 512, 64 at 8,192). On a CPU the batch size barely matters: 32 documents.
+GPU_BATCH_TOKENS = 1024 * 512
+CPU_BATCH_SIZE = 32
+
+
+def default_batch_size(device: torch.device, max_length: int) -> int:
+    """Documents per scoring batch on `device` for sequences of up to `max_length` tokens."""
+    return CPU_BATCH_SIZE if device.type == "cpu" else max(1, GPU_BATCH_TOKENS // max_length)
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -213,7 +219,7 @@ class EduScorer(Scorer):
         self.kind = kind
         self.source = source
         self.device = torch.device(device if device is not None else default_device())
-        self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, DEFAULT_BATCH_SIZE["cpu"]))
+        self.batch_size = int(batch_size or default_batch_size(self.device, self.max_length))
         if self.framer.num_special >= self.max_length:
             raise ValueError(f"max_length {self.max_length} leaves no room for content tokens")
         self.model.to(self.device).eval()

@@ -137,7 +137,7 @@ class ApplyConfig:
     order: str = "dedup-first"  # resolved: dedup-first or score-first
     long_docs: str | None = None  # None: the model's saved setting
     max_length: int | None = None
-    batch_size: int | None = None  # documents per scoring batch; None: 32 on CPU, 1024 on GPU
+    batch_size: int | None = None  # documents per scoring batch; None: 32 on CPU, 1024 at 512 tokens on GPU
     dtype: str | None = None  # scoring precision; None: fp32 on CPU, bf16 on GPU (int8: the CPU fast path)
     tokenizer: str | None = None  # for token_count; the classifier's tokenizer when unset
     text_field: str = "text"

@@ -31,7 +31,7 @@ class EduClassifierScorer(PipelineStep):
     def __init__(
         self,
         model: str,
-        batch_size: int | None = None,  # None: the scorer's default for its device (DEFAULT_BATCH_SIZE)
+        batch_size: int | None = None,  # None: the scorer's default for its device (`default_batch_size`)
         window_size: int = 2048,
         max_length: int | None = None,
         long_docs: str | None = None,

@@ -246,9 +246,13 @@ def test_sparse_text_is_tokenized_from_longer_prefixes_until_it_has_enough_token
 
 def test_a_batch_without_padding_scores_the_same_without_an_attention_mask(web_model, web_texts):
     """Unpadded batches go to the encoder with no mask (so SDPA may pick its flash kernel): same vectors as an all-ones
-    mask; and on a CPU the scorer's default batch is 32 documents."""
+    mask; and the default batch is 32 documents on a CPU, a fixed number of tokens on a GPU."""
+    from edu_filter.classifiers.scorer import default_batch_size
+
     scorer = load_scorer(web_model)
     assert scorer.batch_size == 32 and load_scorer(web_model, batch_size=5).batch_size == 5
+    gpu = torch.device("cuda")
+    assert (default_batch_size(gpu, 512), default_batch_size(gpu, 8192), default_batch_size(gpu, 10**7)) == (1024, 64, 1)
     sequences = [s[:40] for s in scorer.token_sequences(web_texts[:4])]
     input_ids = torch.tensor(sequences)
     with torch.no_grad():
