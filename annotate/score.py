@@ -2,7 +2,9 @@
 
 Flow: read (or sample while streaming) documents -> render the versioned prompt (with explicit truncation) -> ask
 the backend with bounded concurrency -> parse the concluding "Educational score: N", re-asking a bounded number of
-times on unparseable or ambiguous answers -> write one row per input document, atomically, at the end.
+times on unparseable or ambiguous answers -> write one row per input document, in input order, to a hidden partial
+file renamed to the output at the end. Documents are read as they are scored: memory holds the documents in flight
+(at most MAX_AHEAD from the oldest unfinished one on), not the input, whatever its size.
 
 Every received answer is committed to the answer cache first (see cache.py), so a killed run started again with
 the same command asks only for what it never received. Requests that failed for good (after retries) are not
@@ -16,13 +18,18 @@ inclusion `weight` that `train` uses to undo the choice.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import math
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import orjson
 
 from edu_filter.annotate.backends import (
     SERVER_BACKENDS,
@@ -47,9 +54,10 @@ from edu_filter.documents import (
     InputError,
     check_model_name,
     check_writable_output,
+    is_hub_path,
+    iter_documents,
     read_documents,
     sample_documents,
-    write_documents,
 )
 
 BACKENDS = ("openai", *SERVER_BACKENDS, "transformers")
@@ -64,6 +72,9 @@ OUTPUT_SCHEMA = {
     "prompt_tokens": "Int64", "completion_tokens": "Int64",
 }
 ACTIVE_COLUMNS = {"round": "Int64", "weight": "Float64"}  # added by --select active
+# Documents held from the oldest one still being scored on: one request stuck in its retries holds back the writing of
+# the rows after it, and this bounds what waits in memory meanwhile.
+MAX_AHEAD = 10_000
 
 
 @dataclass
@@ -213,6 +224,35 @@ def _check_output(output: Path) -> None:
         raise DocumentError(f"{output}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
 
 
+class DocumentStream:
+    """The whole input, read as it is scored. For local files a first pass counts the documents (an honest progress
+    total) and checks every row and id before any request; a hub dataset is checked as it streams."""
+
+    def __init__(self, inputs, text_field: str, id_field: str):
+        self.inputs, self.text_field, self.id_field = list(inputs), text_field, id_field
+        self.total: int | None = None
+        if not any(is_hub_path(p) for p in self.inputs):
+            self.total = sum(1 for _ in self._checked())
+
+    def _checked(self) -> Iterator[dict]:
+        seen: dict[str, int] = {}
+        for position, doc in enumerate(iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)):
+            if doc["id"] in seen:
+                raise duplicate_id_error(doc["id"], seen[doc["id"]], position)
+            seen[doc["id"]] = position
+            yield doc
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._checked()
+
+
+def duplicate_id_error(doc_id: str, first: int, second: int) -> DocumentError:
+    return DocumentError(
+        f"duplicate document id {doc_id!r} (documents #{first + 1} and #{second + 1}): ids key the resume cache and "
+        "the output, so they must be unique (use --id-field to pick another field)"
+    )
+
+
 def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int) -> list[dict]:
     """The documents to score; with `sample`, a reproducible uniform sample drawn while streaming the input.
 
@@ -226,10 +266,7 @@ def load_documents(inputs, text_field: str, id_field: str, sample: int | None, s
     seen: dict[str, int] = {}
     for position, doc in numbered:
         if doc["id"] in seen:
-            raise DocumentError(
-                f"duplicate document id {doc['id']!r} (documents #{seen[doc['id']] + 1} and #{position + 1}): ids "
-                f"key the resume cache and the output, so they must be unique (use --id-field to pick another field)"
-            )
+            raise duplicate_id_error(doc["id"], seen[doc["id"]], position)
         seen[doc["id"]] = position
     return [doc for _, doc in numbered]
 
@@ -329,18 +366,45 @@ class _Scorer:
             "completion_tokens": completion_tokens,
         }
 
-    async def run(self, docs: list[dict], workers: int, show_progress: bool, progress_every: float) -> list[dict]:
+    async def run(self, docs: Iterable[dict], workers: int, show_progress: bool, progress_every: float,
+                  write: Callable[[list[dict]], None] | None = None, total: int | None = None) -> list[dict]:
+        """Scores `docs` with `workers` requests in flight. Without `write` the rows come back in input order; with
+        it they are handed to `write` in input order as they complete, holding at most MAX_AHEAD documents from the
+        oldest unfinished one on, and none come back. `total` (default: len(docs)) sizes the progress bar."""
         from rich.console import Console
 
-        rows: list[dict | None] = [None] * len(docs)
-        next_index = iter(range(len(docs)))
+        if total is None and hasattr(docs, "__len__"):
+            total = len(docs)
+        rows: list[dict] = []
+        numbered = enumerate(docs)
+        finished: dict[int, dict] = {}
+        read = written = 0
+        ahead = MAX_AHEAD if write is not None else math.inf
+        room = asyncio.Condition()
         start = time.perf_counter()
         s = self.summary
         done_before, scored_before = s.documents, s.scored  # by earlier calls (rounds of select="active")
 
         async def worker():
-            for i in next_index:
-                rows[i] = await self.score(docs[i])
+            nonlocal read, written
+            while True:
+                async with room:
+                    await room.wait_for(lambda: read - written < ahead)
+                    item = next(numbered, None)
+                    if item is None:
+                        return
+                    read += 1
+                i, doc = item
+                row = await self.score(doc)
+                async with room:
+                    finished[i] = row
+                    block = []
+                    while written in finished:
+                        block.append(finished.pop(written))
+                        written += 1
+                    if block:
+                        (write or rows.extend)(block)
+                        room.notify_all()
 
         def counts() -> tuple[int, int]:
             """Documents of this call done so far, and how many of them failed."""
@@ -350,8 +414,8 @@ class _Scorer:
         def progress_line() -> str:
             (done, failed), seconds = counts(), time.perf_counter() - start
             rate = done / seconds if seconds else 0.0
-            return (f"scoring: {done:,}/{len(docs):,} documents, {failed:,} failed, "
-                    f"{_rate(rate)} docs/s, {seconds:,.0f} s")
+            of = f"/{total:,}" if total is not None else ""
+            return f"scoring: {done:,}{of} documents, {failed:,} failed, {_rate(rate)} docs/s, {seconds:,.0f} s"
 
         async def report(update, every: float):  # a few times a second or every few seconds, never per request
             while True:
@@ -362,7 +426,7 @@ class _Scorer:
         if not show_progress:
             update, every = (lambda: None), 3600.0
         elif Console().is_terminal:
-            bar, update = self._progress_bar(len(docs), counts)
+            bar, update = self._progress_bar(total, counts)
             every = 0.2
             bar.start()
         else:  # a log file or a pipe: a plain line every few seconds
@@ -371,7 +435,7 @@ class _Scorer:
                 print(progress_line(), flush=True)
 
             every = progress_every
-        tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(docs))))]
+        tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, total if total else workers)))]
         ticker = asyncio.create_task(report(update, every))
         try:
             await asyncio.gather(*tasks)
@@ -384,7 +448,7 @@ class _Scorer:
                 bar.stop()
         return rows
 
-    def _progress_bar(self, total: int, counts):
+    def _progress_bar(self, total: int | None, counts):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.progress import TimeRemainingColumn
 
@@ -407,7 +471,7 @@ class _Scorer:
 
 
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
-                       active=None):
+                       active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None):
     async with AsyncExitStack() as stack:
         if cfg.backend == "transformers":
             backend = await stack.enter_async_context(TransformersBackend(
@@ -432,7 +496,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
             return await scorer.run(batch, cfg.concurrency, cfg.show_progress, cfg.progress_every)
 
         if active is None:
-            rows = await score(docs)
+            rows = await scorer.run(docs, cfg.concurrency, cfg.show_progress, cfg.progress_every, write=write,
+                                    total=total)
         else:
             rows = await active.run(score, cache, _announce_round if cfg.show_progress else None)
     s = scorer.summary
@@ -470,16 +535,55 @@ def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> No
     print(f"round {round_index + 1}/{rounds}: {n:,} documents {how}", file=sys.stderr, flush=True)
 
 
-def _write_output(rows: list[dict], path: Path, active: bool = False) -> None:
-    """JSONL as it is; Parquet with the fixed OUTPUT_SCHEMA types (and the active columns)."""
-    if not path.name.lower().endswith(".parquet"):
-        write_documents(rows, path)
-        return
-    import polars as pl
+class ScoreOutput:
+    """The output, written as rows arrive: JSONL (.gz) line by line, Parquet a row group at a time with the fixed
+    OUTPUT_SCHEMA types (and the active columns). A run that raises leaves no file behind."""
 
-    columns = {**OUTPUT_SCHEMA, **ACTIVE_COLUMNS} if active else OUTPUT_SCHEMA
-    schema = {name: getattr(pl, kind) for name, kind in columns.items()}
-    pl.DataFrame(rows, schema=schema).write_parquet(path)
+    ROW_GROUP = 10_000
+
+    def __init__(self, path: Path, active: bool = False):
+        self.path, self.active = Path(path), active
+        self.parquet = self.path.name.lower().endswith(".parquet")
+
+    def __enter__(self) -> ScoreOutput:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.parquet:
+            import polars as pl
+            import pyarrow.parquet as pq
+
+            columns = {**OUTPUT_SCHEMA, **ACTIVE_COLUMNS} if self.active else OUTPUT_SCHEMA
+            self.schema = {name: getattr(pl, kind) for name, kind in columns.items()}
+            self.buffer: list[dict] = []
+            self.writer = pq.ParquetWriter(self.path, pl.DataFrame(schema=self.schema).to_arrow().schema,
+                                           compression="zstd")
+        else:
+            self.file = (gzip.open if self.path.name.lower().endswith(".gz") else open)(self.path, "wb")
+        return self
+
+    def write(self, rows: list[dict]) -> None:
+        if not self.parquet:
+            self.file.write(b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows))
+            return
+        self.buffer += rows
+        if len(self.buffer) >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import polars as pl
+
+        if self.buffer:
+            self.writer.write_table(pl.DataFrame(self.buffer, schema=self.schema).to_arrow())
+            self.buffer = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.parquet:
+            if exc_type is None:
+                self._flush()
+            self.writer.close()
+        else:
+            self.file.close()
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def score_documents(
@@ -512,30 +616,38 @@ def score_documents(
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
-        _refuse_empty(docs, inputs)
-        active = _active_annotation(docs, cfg, kind, cache_path, cache_settings)
-    else:
+        total = len(docs)
+        active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
+    elif cfg.sample is not None:
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed)
-        _refuse_empty(docs, inputs)
+        total = len(docs)
+    else:
+        docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)
+        total = docs.total
+    if total == 0 or (total is None and not any(True for _ in iter_documents(inputs, cfg.text_field))):
+        raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
     used = provenance.describe_inputs({"documents": inputs,
                                        "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
 
     start = time.perf_counter()
-    rows, summary = asyncio.run(_score_async(docs, cfg, cache_path, cache_settings, the_prompt, active))
+    # Written to a hidden file as scored, then renamed: a killed run leaves no half output, and the same command
+    # writes it again, replaying the answers from the cache.
+    partial = output.with_name(f".partial-{output.name}")
+    with ScoreOutput(partial, active is not None) as out:
+        rows, summary = asyncio.run(_score_async(docs, cfg, cache_path, cache_settings, the_prompt, active,
+                                                 write=out.write if active is None else None, total=total))
+        if active is not None:
+            out.write(rows)
     summary.seconds = time.perf_counter() - start
     summary.output, summary.cache = str(output), str(cache_path)
-
-    # Written whole, then renamed: a run killed here leaves no half file, and the re-run rewrites it from cache.
-    partial = output.with_name(f".partial-{output.name}")
-    _write_output(rows, partial, active is not None)
     os.replace(partial, output)
     selection = {"select": cfg.select}
     if active is not None:
         sizes = active.selector.sizes
         w = [r["weight"] for r in rows]
-        summary.selection = (f"active from {len(docs):,} documents: {len(sizes)} rounds "
+        summary.selection = (f"active from {total:,} documents: {len(sizes)} rounds "
                              f"({', '.join(str(n) for n in sizes)}), weights {min(w):.2f}-{max(w):.2f}")
-        selection.update({"rounds": sizes, "pool_size": len(docs), "kind": kind,
+        selection.update({"rounds": sizes, "pool_size": total, "kind": kind,
                           "encoder": active.encoder, "max_length": cfg.max_length,
                           "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
     provenance.record_provenance(output, kind="annotations", inputs=used, settings={
@@ -548,11 +660,6 @@ def score_documents(
     if cfg.show_progress:
         print_summary(summary)
     return summary
-
-
-def _refuse_empty(docs: list[dict], inputs) -> None:
-    if not docs:
-        raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
 
 
 def print_summary(summary: ScoreSummary) -> None:
