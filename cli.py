@@ -396,6 +396,8 @@ def apply(
     slurm_gpus: int = typer.Option(SLURM.gpus_per_task, help="GPUs per scoring task."),
     slurm_time: str = typer.Option(SLURM.time),
     slurm_cpus: int = typer.Option(SLURM.cpus_per_task, help="CPUs per task."),
+    slurm_gpu_cpus: Optional[int] = typer.Option(SLURM.gpu_cpus_per_task, help="CPUs per scoring task (default: "
+                                                 "--slurm-cpus); they tokenize for its GPU: 16 keep one H200 busy."),
     slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: int = typer.Option(SLURM.max_array_size, help="Tasks per array job: the cluster's MaxArraySize."),
@@ -408,7 +410,8 @@ def apply(
         inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
         exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
-                           time=slurm_time, cpus_per_task=slurm_cpus, mem_gb=slurm_mem_gb, venv_path=slurm_venv,
+                           time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
+                           mem_gb=slurm_mem_gb, venv_path=slurm_venv,
                            max_array_size=slurm_max_array, dry_run=dry_run),
         order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,

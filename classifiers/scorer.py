@@ -35,8 +35,9 @@ LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Tokenizing a prefix of this many characters per wanted token spares tokenizing megabyte documents in full when only
 # their start is scored. English web text averages ~4.8 characters per BERT token (99th percentile 5.8, max 6.3 on the
-# bundled FineWeb documents), code ~3.4; a text whose prefix comes up short is tokenized again from a prefix
-# CHARS_RETRY_FACTOR times longer, then in full, so the result never depends on the bound, only the time does.
+# bundled FineWeb documents), code ~3.4; a text whose prefix comes up short is tokenized again from prefixes
+# CHARS_RETRY_FACTOR times longer each time (at last the whole text), so the result never depends on the bound, only
+# the time does.
 CHARS_PER_TOKEN_BOUND = 7
 CHARS_RETRY_FACTOR = 4
 # Scoring batches when none is given. A GPU needs big ones: a BERT-base classifier at 512 tokens on one H200 scored
@@ -132,7 +133,7 @@ class Scorer:
     """What every scorer offers: raw scores of texts, and the model's calibrated 0-5 integer scores.
 
     Scoring has a CPU half, `prepare` (tokenizing), and a model half, `score_prepared`: a GPU pipeline prepares the
-    next batch of texts while the model scores this one (`prepare_in_background`).
+    next window of texts while the model scores this one (`prepare_in_background`).
     """
 
     cut_points: list[float]
@@ -211,6 +212,7 @@ class EduScorer(Scorer):
     ):
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id  # read once: scoring never touches the tokenizer a thread may use
         self.framer = SequenceFramer(self.tokenizer)
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
@@ -392,7 +394,7 @@ class EduScorer(Scorer):
         if not sequences:
             return np.zeros((0, 1))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.pad_id
         on_gpu = self.device.type == "cuda"
         outputs: list[torch.Tensor] = []
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]

@@ -66,8 +66,9 @@ def scoring_on_gpu(executor: str, slurm) -> bool:
 
 
 def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
+    """Torch threads of a scoring task."""
     if executor == "slurm":
-        return slurm.cpus_per_task
+        return slurm.scoring_cpus
     if executor == "ray":
         return 1
     from edu_filter.classifiers.device import default_num_threads
@@ -248,8 +249,9 @@ def slurm_partitions() -> dict[str, dict]:
 
 def check_slurm_request(opts):
     """Resolves the default partition and refuses, before anything is submitted, what no node could run."""
-    if opts.cpus_per_task < 1 or opts.gpus_per_task < 0 or (opts.mem_gb is not None and opts.mem_gb < 1):
-        raise ValueError("--slurm-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
+    if (opts.cpus_per_task < 1 or opts.scoring_cpus < 1 or opts.gpus_per_task < 0
+            or (opts.mem_gb is not None and opts.mem_gb < 1)):
+        raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
@@ -266,12 +268,14 @@ def check_slurm_request(opts):
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
     gpu_partition = opts.gpu_partition or partition
     mem_mb = 1024 * mem_gb
-    for name, gpus in ((partition, 0), (gpu_partition, opts.gpus_per_task)):
+    for name, cpus, cpus_option, gpus in ((partition, opts.cpus_per_task, "--slurm-cpus", 0),
+                                          (gpu_partition, opts.scoring_cpus, "--slurm-gpu-cpus", opts.gpus_per_task)):
         if name not in parts:
             raise DocumentError(f"Slurm partition {name!r} does not exist (partitions: {', '.join(parts)})")
         p = parts[name]
-        if opts.cpus_per_task > p["cpus"]:
-            raise DocumentError(f"--slurm-cpus {opts.cpus_per_task}: no node of partition {name} has more than "
+        if cpus > p["cpus"]:
+            option = cpus_option if opts.gpu_cpus_per_task else "--slurm-cpus"
+            raise DocumentError(f"{option} {cpus}: no node of partition {name} has more than "
                                 f"{p['cpus']} CPUs, so the jobs would wait forever")
         if mem_mb > p["mem_mb"]:
             raise DocumentError(f"{mem_mb // 1024} GB per task: no node of partition {name} has more than "
@@ -377,13 +381,13 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     cls = _slurm_executor_class()
     logs, tag = f"{out}/logs", chain_tag(out)
     env = environment_command(opts)
-    mem_per_cpu = max(1, math.ceil(opts.mem_gb / opts.cpus_per_task))
     executors, previous = [], None
     for stage in stages:
+        cpus = opts.scoring_cpus if stage.scores else opts.cpus_per_task
         previous = cls(
             stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
             time=opts.time, partition=opts.gpu_partition if stage.scores else opts.partition,
-            cpus_per_task=opts.cpus_per_task, mem_per_cpu_gb=mem_per_cpu,
+            cpus_per_task=cpus, mem_per_cpu_gb=max(1, math.ceil(opts.mem_gb / cpus)),
             gpus_per_task=opts.gpus_per_task if stage.scores else 0, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",

@@ -207,8 +207,8 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
     monkeypatch.chdir(tmp_path)  # relative OUT: every path in the scripts must still be absolute
     run_apply(["in.jsonl"], "out", model=stock_classifier, executor="slurm", tasks=8, workers=4, show=False,
-              slurm=SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, dry_run=True,
-                                 venv_path="/opt/venv/bin/activate"))
+              slurm=SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, gpu_cpus_per_task=6,
+                                 dry_run=True, venv_path="/opt/venv/bin/activate"))
     scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
     names = [p.stem.split("_", 1)[1] for p in scripts]
     # a GPU makes scoring cheaper than MinHash: score first, deduplicate only what passes the threshold
@@ -220,6 +220,9 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         assert "source /opt/venv/bin/activate" in text and "launch_pickled_pipeline" in text
         arrays[p.stem.split("_", 1)[1]] = next(line for line in text.splitlines() if "--array" in line)
         assert ("--partition=gpu-q" in text and "--gpus=1" in text) == p.stem.endswith("score")
+        # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages)
+        cpus, mem = ("6", "3G") if p.stem.endswith("score") else ("4", "4G")
+        assert f"--cpus-per-task={cpus}\n" in text and f"--mem-per-cpu={mem}\n" in text
         log_line = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
         assert log_line.split("=", 1)[1].startswith(str(tmp_path / "out" / "logs"))
     assert arrays["minhash-signatures"].endswith("=0-7%4") and arrays["minhash-buckets"].endswith("=0-13%4")

@@ -97,6 +97,9 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-partition",
                "no-such-partition", "-o", str(tmp_path / "out")], timeout=120)
     assert res.returncode == 2 and "'no-such-partition' does not exist" in res.stderr
+    res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus", "1",
+               "--slurm-gpu-cpus", str(cpus), "-o", str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and f"--slurm-gpu-cpus {cpus}: no node of partition" in res.stderr
 
 
 def test_scancel_mid_chain_then_rerun_gives_the_clean_result(clean_run, corpus, stock_classifier, tmp_path):
