@@ -122,6 +122,10 @@ class PretrainConfig:
     def context(self) -> int:
         return self.seq_len or self.model["max_position_embeddings"]
 
+    def compiles_on(self, device: torch.device) -> bool:
+        """Whether training on `device` is compiled: `compile`, or when unset, on a GPU."""
+        return self.compile if self.compile is not None else device.type == "cuda"
+
 
 def parse_overrides(items: list[str] | None) -> dict:
     """`key=value` strings to a dict; values are read as JSON when they parse (numbers, true/false), else strings."""
@@ -308,7 +312,7 @@ def pretrain(
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
 
     loss_fn = NextTokenLoss(raw_model)
-    if cfg.compile or (cfg.compile is None and device.type == "cuda"):
+    if cfg.compiles_on(device):
         compile_regions(loss_fn)
     model = loss_fn
     if world > 1:

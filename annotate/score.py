@@ -56,7 +56,6 @@ from edu_filter.documents import (
     check_writable_output,
     is_hub_path,
     iter_documents,
-    read_documents,
     sample_documents,
 )
 
@@ -235,40 +234,37 @@ class DocumentStream:
             self.total = sum(1 for _ in self._checked())
 
     def _checked(self) -> Iterator[dict]:
-        seen: dict[str, int] = {}
-        for position, doc in enumerate(iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)):
-            if doc["id"] in seen:
-                raise duplicate_id_error(doc["id"], seen[doc["id"]], position)
-            seen[doc["id"]] = position
-            yield doc
+        docs = iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)
+        return (doc for _, doc in unique_ids(enumerate(docs)))
 
     def __iter__(self) -> Iterator[dict]:
         return self._checked()
 
 
-def duplicate_id_error(doc_id: str, first: int, second: int) -> DocumentError:
-    return DocumentError(
-        f"duplicate document id {doc_id!r} (documents #{first + 1} and #{second + 1}): ids key the resume cache and "
-        "the output, so they must be unique (use --id-field to pick another field)"
-    )
+def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    """(position in the input, document) pairs passed through; an id seen before is an error naming both positions.
+    Ids key the resume cache and the output, so they must be unique among the documents scored."""
+    seen: dict[str, int] = {}
+    for position, doc in numbered:
+        if doc["id"] in seen:
+            raise DocumentError(
+                f"duplicate document id {doc['id']!r} (documents #{seen[doc['id']] + 1} and #{position + 1}): ids "
+                "key the resume cache and the output, so they must be unique (use --id-field to pick another field)"
+            )
+        seen[doc["id"]] = position
+        yield position, doc
 
 
 def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int) -> list[dict]:
-    """The documents to score; with `sample`, a reproducible uniform sample drawn while streaming the input.
-
-    Ids key the resume cache and the output, so they must be unique among the documents scored."""
+    """The documents to score, ids checked (`unique_ids`); with `sample`, a reproducible uniform sample drawn while
+    streaming the input."""
     if sample is None:
-        numbered = list(enumerate(read_documents(inputs, text_field=text_field, id_field=id_field)))
+        numbered = enumerate(iter_documents(inputs, text_field=text_field, id_field=id_field))
     else:
         if sample < 1:
             raise ValueError("--sample must be a positive number of documents")
         numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field)
-    seen: dict[str, int] = {}
-    for position, doc in numbered:
-        if doc["id"] in seen:
-            raise duplicate_id_error(doc["id"], seen[doc["id"]], position)
-        seen[doc["id"]] = position
-    return [doc for _, doc in numbered]
+    return [doc for _, doc in unique_ids(numbered)]
 
 
 def chars_to_fit(doc_chars: int, prompt_chars: int, overflow: ContextOverflow, max_tokens: int) -> int:
@@ -492,12 +488,11 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
         scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
-        async def score(batch):
-            return await scorer.run(batch, cfg.concurrency, cfg.show_progress, cfg.progress_every)
+        async def score(batch, **streaming):
+            return await scorer.run(batch, cfg.concurrency, cfg.show_progress, cfg.progress_every, **streaming)
 
         if active is None:
-            rows = await scorer.run(docs, cfg.concurrency, cfg.show_progress, cfg.progress_every, write=write,
-                                    total=total)
+            rows = await score(docs, write=write, total=total)
         else:
             rows = await active.run(score, cache, _announce_round if cfg.show_progress else None)
     s = scorer.summary

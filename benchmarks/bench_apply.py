@@ -125,5 +125,6 @@ def main():
               f"({ours_s:.1f} s, truncated {stats.get('truncated', {}).get('total', 0)}), "
               f"{ours_rate / naive_rate:.2f}x the naive loop (max |score difference| {diff:.4f})")
 
+
 if __name__ == "__main__":
     main()

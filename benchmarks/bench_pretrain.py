@@ -78,10 +78,10 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
     steps = args.steps or (10 if cuda else 40)
-    compile = args.compile if args.compile is not None else cuda
-    overrides = {"eval_tokens": 4096, "compile": compile, **parse_overrides(args.override)}
+    overrides = {"eval_tokens": 4096, "compile": args.compile, **parse_overrides(args.override)}
     cfg = PretrainConfig.from_preset(args.preset, overrides)
     cfg.tokens = (steps + 1) * cfg.batch_tokens
+    compiled = cfg.compiles_on(torch.device("cuda" if cuda else "cpu"))
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:
         tok = train_tokenizer(mixed_sample([iter_texts(str(WEB))], 1_000_000), cfg.vocab_size)
@@ -90,12 +90,12 @@ def main() -> None:
         with cpu_threads(cfg.cpu_threads):
             threads = torch.get_num_threads()
             loop = pretrain(cfg, work / "tokens/train.bin", {"val": work / "tokens/val.bin"}, work / "run", tok)
-            bare = bare_tokens_per_second(cfg, len(tok), steps, cfg.compile)
+            bare = bare_tokens_per_second(cfg, len(tok), steps, compiled)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     table = Table(title=f"pretraining throughput, {args.preset} ({loop['params'] / 1e6:.1f}M params) on "
-                        f"{loop['device']}, {loop['precision']}, {'compiled' if cfg.compile else 'eager'}, "
+                        f"{loop['device']}, {loop['precision']}, {'compiled' if compiled else 'eager'}, "
                         f"{threads} CPU threads")
     for col in ("measurement", "tokens/s", "MFU"):
         table.add_column(col, justify="right" if col != "measurement" else "left")

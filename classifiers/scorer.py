@@ -298,11 +298,8 @@ class EduScorer(Scorer):
         strategy the model was trained with.
         """
         mode = check_long_docs(long_docs or self.long_docs)
-        texts = list(texts)
-        if not texts:
-            return PreparedTexts(0, mode, [], [], [], np.zeros(0, dtype=bool))
-        sequences, owner, weight, truncated = self._sequences(texts, 1 if mode == "truncate" else self.max_chunks)
-        return PreparedTexts(len(texts), mode, sequences, owner, weight, truncated)
+        sequences, owner, weight, truncated = self._sequences(list(texts), 1 if mode == "truncate" else self.max_chunks)
+        return PreparedTexts(mode, sequences, owner, weight, truncated)
 
     def score_prepared(self, prepared: PreparedTexts, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores (np.float32) in input order, and which documents were longer than max_length tokens."""
@@ -370,11 +367,12 @@ class EduScorer(Scorer):
 
     def _aggregate(self, prepared: PreparedTexts, fn: Callable, show_progress: bool) -> np.ndarray:
         """`fn` over every prepared sequence, then one row per text: its chunks' max or token-weighted mean."""
-        if not prepared.n_texts:
+        n = len(prepared.truncated)
+        if not n:
             return np.zeros((0, 1))
         chunk_values = self._forward_sorted(prepared.sequences, fn, show_progress)
         owner_arr, weight_arr = np.asarray(prepared.owner), np.asarray(prepared.weight, dtype=np.float64)
-        n, dim = prepared.n_texts, chunk_values.shape[1]
+        dim = chunk_values.shape[1]
         if prepared.long_docs == "chunk-max":
             result = np.full((n, dim), -np.inf)
             np.maximum.at(result, owner_arr, chunk_values)
@@ -420,9 +418,9 @@ class EduScorer(Scorer):
 @dataclass
 class PreparedTexts:
     """Texts tokenized and framed for a transformers scorer: `EduScorer.prepare`'s result, `score_prepared`'s input.
-    `owner[k]` is the text sequence k comes from, `weight[k]` its content tokens (chunk-mean weights)."""
+    `owner[k]` is the text sequence k comes from, `weight[k]` its content tokens (chunk-mean weights); `truncated`
+    has one entry per text."""
 
-    n_texts: int
     long_docs: str
     sequences: list[list[int]]
     owner: list[int]

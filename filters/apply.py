@@ -118,15 +118,15 @@ class SlurmOptions:
     # CPUs of a scoring task (None: cpus_per_task). On a GPU they tokenize for it: 16 threads tokenize ~5,500 docs/s,
     # one H200 scores ~3,500 at 512 tokens, while the other stages' tasks use one core each.
     gpu_cpus_per_task: int | None = None
-
-    @property
-    def scoring_cpus(self) -> int:
-        return self.gpu_cpus_per_task or self.cpus_per_task
     venv_path: str | None = None  # an activate script `source`d by every job; None: the submitting environment
     qos: str | None = None
     sbatch_args: dict = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
     max_array_size: int = 1001  # tasks per array job (the cluster's MaxArraySize); a stage with more spans several
+
+    @property
+    def scoring_cpus(self) -> int:
+        return self.gpu_cpus_per_task or self.cpus_per_task
 
 
 @dataclass

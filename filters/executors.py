@@ -268,13 +268,13 @@ def check_slurm_request(opts):
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
     gpu_partition = opts.gpu_partition or partition
     mem_mb = 1024 * mem_gb
-    for name, cpus, cpus_option, gpus in ((partition, opts.cpus_per_task, "--slurm-cpus", 0),
-                                          (gpu_partition, opts.scoring_cpus, "--slurm-gpu-cpus", opts.gpus_per_task)):
+    scoring_option = "--slurm-gpu-cpus" if opts.gpu_cpus_per_task else "--slurm-cpus"
+    for name, cpus, option, gpus in ((partition, opts.cpus_per_task, "--slurm-cpus", 0),
+                                     (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task)):
         if name not in parts:
             raise DocumentError(f"Slurm partition {name!r} does not exist (partitions: {', '.join(parts)})")
         p = parts[name]
         if cpus > p["cpus"]:
-            option = cpus_option if opts.gpu_cpus_per_task else "--slurm-cpus"
             raise DocumentError(f"{option} {cpus}: no node of partition {name} has more than "
                                 f"{p['cpus']} CPUs, so the jobs would wait forever")
         if mem_mb > p["mem_mb"]:
