@@ -118,8 +118,9 @@ def run_demo(output: str | Path = "demo_out") -> Path:
 
 
 def _metrics_row(name: str, m: dict) -> str:
-    return (f"| {name} | {m['n']} | {m['spearman']:.3f} | {m['binary_f1_at_3']:.3f} | {m['binary_f1_at_4']:.3f} | "
-            f"{m['accuracy']:.3f} | {m['mse']:.3f} |")
+    cells = ("n/a" if m[key] is None else f"{m[key]:.3f}"  # undefined: constant scores, or no positives
+             for key in ("spearman", "binary_f1_at_3", "binary_f1_at_4", "accuracy", "mse"))
+    return f"| {name} | {m['n']} | " + " | ".join(cells) + " |"
 
 
 def _stats_line(name: str, stats: dict) -> str:

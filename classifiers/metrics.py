@@ -41,7 +41,9 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`) metrics, JSON-ready.
 
     `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
-    Correlations are None (JSON null) when scores or labels are constant: undefined, not a number.
+    Correlations are None (JSON null) when scores or labels are constant, and a thresholded F1 is None when no document
+    is labelled or scored at or above the threshold: undefined, not a number (0.0 would read as a model that misses
+    every positive).
     With `weights` (inclusion weights of a chosen sample) every metric is the weighted estimate of its value on the
     pool the sample was drawn from (Spearman: weighted Pearson of weighted mid-ranks); `n`, the confusion matrix and
     per-class `support` still count documents.
@@ -60,7 +62,9 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     )
     support = np.bincount(true, minlength=len(CLASSES))
 
-    def binary_f1(predicted_int, t):
+    def binary_f1(predicted_int, t) -> float | None:
+        if not (labels >= t).any() and not (predicted_int >= t).any():
+            return None
         return float(f1_score(labels >= t, predicted_int >= t, zero_division=0, sample_weight=w))
 
     if constant:
@@ -137,10 +141,11 @@ def print_metrics(metrics: dict, title: str) -> None:
     table.add_column("calibrated", justify="right")
     table.add_column("round-and-clip", justify="right")
     base = metrics.get("uncalibrated", {})
+    def shown(value) -> str:
+        return str(value) if isinstance(value, int) else "n/a" if value is None else f"{value:.3f}"
+
     for key in ("n", "mse", "spearman", "pearson", "accuracy", "macro_f1", *(f"binary_f1_at_{t}" for t in BINARY_THRESHOLDS)):
-        value = metrics[key]
-        shown = str(value) if isinstance(value, int) else "n/a" if value is None else f"{value:.3f}"
-        table.add_row(key, shown, f"{base[key]:.3f}" if key in base else "")
+        table.add_row(key, shown(metrics[key]), shown(base[key]) if key in base else "")
     cm = Table(title="confusion matrix (rows: label, columns: int_score)")
     cm.add_column("label")
     for c in CLASSES:

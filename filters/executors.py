@@ -84,7 +84,7 @@ SLURM_KILLS = (
     ("due to node failure", "its node failed: run the same command again"),
     ("due to preemption", "it was preempted: run the same command again"),
 )
-SUBMITTED_JOBS = "slurm/array_jobs.json"  # every array job id of the current submission, per stage
+SUBMITTED_JOBS = "slurm/jobs.json"  # every array job id of the current submission, per stage
 
 
 def submitted_jobs(out: str) -> dict[str, list[str]]:
@@ -450,12 +450,10 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         raise StageFailed(f"sbatch refused stage {stage}: {said[-1] if said else e}"
                           + (f"; cancelled the {len(cancelled)} stages submitted before it" if cancelled else "")
                           ) from None
-    jobs = {name: ex.job_id for name, ex in executors}
-    (Path(out) / "slurm").mkdir(exist_ok=True)
-    (Path(out) / "slurm" / "jobs.json").write_text(json.dumps(jobs, indent=2))
-    (Path(out) / SUBMITTED_JOBS).write_text(json.dumps({name: getattr(ex, "job_ids", []) for name, ex in executors},
-                                                       indent=2))
-    submitted = {n: j for n, j in jobs.items() if j not in (None, -1)}
+    jobs = {name: getattr(ex, "job_ids", []) for name, ex in executors}  # a finished stage is not submitted again
+    (Path(out) / SUBMITTED_JOBS).parent.mkdir(exist_ok=True)
+    (Path(out) / SUBMITTED_JOBS).write_text(json.dumps(jobs, indent=2))
+    submitted = {n: ",".join(ids) for n, ids in jobs.items() if ids}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)
     if not wait:

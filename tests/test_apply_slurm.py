@@ -114,8 +114,8 @@ def test_scancel_mid_chain_then_rerun_gives_the_clean_result(clean_run, corpus, 
         if 1 <= done < 4:
             break
         time.sleep(0.1)
-    jobs = json.loads((out / "slurm" / "jobs.json").read_text())
-    subprocess.run(["scancel", *[str(j) for j in jobs.values() if j not in (None, -1)]], check=True)
+    jobs = json.loads((out / "slurm" / "jobs.json").read_text())  # every array job of each stage
+    subprocess.run(["scancel", *[j for ids in jobs.values() for j in ids]], check=True)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]
     assert "stage filter failed" in stderr and "log:" in stderr  # names the stage and where to look
@@ -248,7 +248,7 @@ def test_an_input_replaced_while_the_chain_runs_fails_the_next_pass_naming_it(sl
     stages = [s["name"] for s in json.loads((out / "logs" / "stages.json").read_text())]
     assert stages[0] == "minhash-signatures" and "filter" in stages  # the first and a later pass read the input
     jobs = json.loads((out / "slurm" / "jobs.json").read_text())
-    subprocess.run(["scontrol", "hold", str(jobs[stages[1]])], check=True)  # it waits on the first stage anyway
+    subprocess.run(["scontrol", "hold", *jobs[stages[1]]], check=True)  # it waits on the first stage anyway
     completions = out / "logs" / stages[0] / "completions"
     deadline = time.time() + 600
     while time.time() < deadline and len(list(completions.glob("*")) if completions.exists() else []) < 4:
@@ -256,7 +256,7 @@ def test_an_input_replaced_while_the_chain_runs_fails_the_next_pass_naming_it(sl
     assert len(list(completions.glob("*"))) == 4
     with src.open("a") as fh:  # replaced by a longer version between the first pass and the next
         fh.write(json.dumps({"id": "late", "text": "A document appended while the run was going. " * 20}) + "\n")
-    subprocess.run(["scontrol", "release", str(jobs[stages[1]])], check=True)
+    subprocess.run(["scontrol", "release", *jobs[stages[1]]], check=True)
     with pytest.raises(ex.StageFailed, match=r"was replaced during this run .*start over with --overwrite"):
         ex.wait_for_chain(str(out), Console(quiet=True))
     assert not list(out.glob("kept/*.parquet"))

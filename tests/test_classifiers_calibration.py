@@ -78,3 +78,19 @@ def test_compute_metrics_keys_and_values():
     assert np.asarray(m["confusion_matrix"]).sum() == 8 and np.trace(m["confusion_matrix"]) == int((ints == labels).sum())
     assert m["per_class"]["3"]["support"] == 2
     assert m["uncalibrated"]["binary_f1_at_3"] == m["binary_f1_at_3"]  # same cuts here
+
+
+def test_a_threshold_nothing_reaches_has_no_f1_and_a_missed_one_has_zero(capsys):
+    """No document labelled or scored 4+: F1@4 is undefined (null, shown as n/a), not a model that misses every
+    positive; documents scored 4+ that no label reaches make it a real 0."""
+    from edu_filter.classifiers.metrics import print_metrics
+
+    labels = np.array([0, 1, 2, 3, 1, 2], dtype=float)
+    raw = np.array([0.1, 1.2, 2.1, 2.8, 1.4, 1.9])
+    m = compute_metrics(labels, raw, apply_cut_points(raw, ROUND_CUTS))
+    assert m["binary_f1_at_4"] is None and m["uncalibrated"]["binary_f1_at_4"] is None
+    assert m["binary_f1_at_3"] == pytest.approx(1.0)
+    print_metrics(m, "no 4+")
+    assert capsys.readouterr().out.count("n/a") == 2  # calibrated and round-and-clip columns of binary_f1_at_4
+    over = compute_metrics(labels, raw + 1.5, apply_cut_points(raw + 1.5, ROUND_CUTS))
+    assert over["binary_f1_at_4"] == 0.0
