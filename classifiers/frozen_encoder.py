@@ -59,14 +59,15 @@ def load_frozen_encoder(
     pool_layers: list[int] | None = None,
     long_docs: str = "truncate",
     max_chunks: int = 8,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     cache_dir: str | None = None,
     seed: int = 0,
     method: str = "head",
 ) -> FrozenEncoder:
     """The encoder (`encoder`, else the kind's default) wrapped in an untrained edu_classifier model whose config
     records these settings, and its embedding-cache key. `max_length` is capped at the encoder's positions;
-    `pool_layers` None: `default_pool_layers`. The defaults are `train`'s, so a caller giving only what it changed
+    `pool_layers` None: `default_pool_layers`; `batch_size` None: the device's default (32 documents on a CPU, a token
+    budget on a GPU; the vectors do not depend on it). The defaults are `train`'s, so a caller giving only what it changed
     shares `train`'s cached vectors."""
     import torch
     from transformers import AutoModel, AutoTokenizer

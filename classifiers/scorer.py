@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,31 +389,51 @@ class EduScorer(Scorer):
         On a GPU nothing waits for a batch's result before the next is sent: inputs go through pinned memory without
         blocking and the outputs come back in one copy at the end, so the GPU never idles while the CPU pads. A batch
         without padding gets no attention mask, which lets SDPA pick its fastest (flash) kernel.
+
+        A batch the device has no memory for is scored again in halves, and this scorer keeps the smaller batch size
+        from then on (`batch_size` is resume-neutral): the default, sized on an 80-141 GB GPU, also runs on a small one.
         """
         if not sequences:
             return np.zeros((0, 1))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
-        pad_id = self.pad_id
-        on_gpu = self.device.type == "cuda"
         outputs: list[torch.Tensor] = []
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         progress = progress_bar(show_progress)
         with progress, torch.inference_mode():
             task = progress.add_task("scoring", total=len(sequences))
-            for batch in batches:
-                rows = [sequences[i] for i in batch]
-                input_ids, attention_mask = pad_batch(rows, pad_id)
-                if on_gpu:
-                    input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
-                input_ids = input_ids.to(self.device, non_blocking=on_gpu)
-                unpadded = len(rows[0]) == len(rows[-1])  # sorted longest first
-                attention_mask = None if unpadded else attention_mask.to(self.device, non_blocking=on_gpu)
-                outputs.append(fn(input_ids, attention_mask).float())
+            start = 0
+            while start < len(order):
+                batch = order[start : start + self.batch_size]
+                try:
+                    outputs.append(self._forward_batch([sequences[i] for i in batch], fn))
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    self._halve_batch_size(len(batch))
+                    continue
+                start += len(batch)
                 progress.advance(task, len(batch))
         values = torch.cat(outputs).cpu().numpy().astype(np.float64)
         result = np.empty_like(values)
         result[order] = values
         return result
+
+    def _forward_batch(self, rows: list[list[int]], fn: Callable) -> torch.Tensor:
+        """`fn` over one batch of sequences sorted longest first, padded to the first."""
+        on_gpu = self.device.type == "cuda"
+        input_ids, attention_mask = pad_batch(rows, self.pad_id)
+        if on_gpu:
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        input_ids = input_ids.to(self.device, non_blocking=on_gpu)
+        unpadded = len(rows[0]) == len(rows[-1])
+        attention_mask = None if unpadded else attention_mask.to(self.device, non_blocking=on_gpu)
+        return fn(input_ids, attention_mask).float()
+
+    def _halve_batch_size(self, failed: int) -> None:
+        self.batch_size = max(1, failed // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"warning: a batch of {failed} documents did not fit in {self.device} memory; scoring in batches of "
+              f"{self.batch_size} from now on (--batch-size sets it)", file=sys.stderr, flush=True)
 
 
 @dataclass

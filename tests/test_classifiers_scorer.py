@@ -261,6 +261,36 @@ def test_a_batch_without_padding_scores_the_same_without_an_attention_mask(web_m
     torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)
 
 
+class MemoryFor(torch.nn.Module):
+    """The model behind a device with room for `rows` documents a batch: a bigger batch fails as the CUDA allocator
+    fails it (torch.OutOfMemoryError, before any work), which no CPU here can do for real."""
+
+    def __init__(self, model, rows: int):
+        super().__init__()
+        self.model, self.rows, self.batches = model, rows, []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.batches.append(len(input_ids))
+        if len(input_ids) > self.rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(input_ids)} rows")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_batch_the_device_has_no_memory_for_is_scored_in_halves_from_then_on(web_model, web_texts, capfd):
+    scorer = load_scorer(web_model, batch_size=16)
+    expected, _ = scorer.predict(web_texts)
+    scorer.model = MemoryFor(scorer.model, rows=5)
+    scores, _ = scorer.predict(web_texts)
+    np.testing.assert_allclose(scores, expected, atol=1e-4)  # every document scored once, in input order
+    assert scorer.batch_size == 4 and scorer.model.batches[:3] == [16, 8, 4]  # halved until it fits
+    assert set(scorer.model.batches[3:]) <= {4} and sum(b for b in scorer.model.batches if b <= 5) == len(web_texts)
+    said = capfd.readouterr().err
+    assert "a batch of 16 documents did not fit in cpu memory; scoring in batches of 8" in said and "of 4 from" in said
+    scorer.model.rows = 0  # not even one document fits: the error is the device's, not a loop
+    with pytest.raises(torch.OutOfMemoryError):
+        scorer.predict(web_texts[:3])
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_the_apply_scoring_step_scores_every_window_in_order(web_model, web_texts, background):
     """The datatrove step, window by window: with preparation in a thread (what a GPU scorer does: the next window

@@ -75,7 +75,7 @@ class ClassifierTrainConfig:
     pool_layers: list[int] | None = None  # hidden states pooled and concatenated; None: default_pool_layers()
     long_docs: str = "truncate"  # or chunk-mean: measured no better on web, and 2-4x the cost
     max_chunks: int = 8
-    batch_size: int = 32  # encoding batch
+    batch_size: int | None = None  # encoding batch; None: 32 documents on a CPU, a token budget on a GPU
     cache_dir: str | None = None  # embedding cache; None: ~/.cache/edu-filter
     folds: int = 5  # cross-validation folds (ridge alpha, out-of-fold calibration predictions)
     min_positives: int = 5  # fewer positives at a threshold: keep the round-and-clip cut
