@@ -189,11 +189,13 @@ def summarise(results: list[dict]) -> None:
     print(f"{'protocol':10} {'labels':>6} {'select':>7} {'F1@3':>13} {'F1@4':>6} {'Spearman':>14} {'keep@3':>7} "
           f"{'true':>5} {'3+ found':>9}")
     for (protocol, budget, select), rs in sorted(groups.items()):
-        def stat(key):
-            values = np.array([r[key] for r in rs])
-            return f"{values.mean():.3f}" + (f" ±{values.std(ddof=1):.3f}" if len(values) > 1 else "")
+        def stat(key, spread=True):
+            values = np.array([r[key] for r in rs if r[key] is not None])  # None: no 3+ labelled or scored
+            if not len(values):
+                return "n/a"
+            return f"{values.mean():.3f}" + (f" ±{values.std(ddof=1):.3f}" if spread and len(values) > 1 else "")
         found = f"{np.mean([r['high_in_sample'] for r in rs]):.1f}/{rs[0]['high_in_pool']}"
-        print(f"{protocol:10} {budget:>6} {select:>7} {stat('f1_3'):>13} {np.mean([r['f1_4'] for r in rs]):>6.3f} "
+        print(f"{protocol:10} {budget:>6} {select:>7} {stat('f1_3'):>13} {stat('f1_4', spread=False):>6} "
               f"{stat('spearman'):>14} {np.mean([r['retention_3'] for r in rs]):>7.3f} "
               f"{rs[0]['true_share_3']:>5.3f} {found:>9}")
 

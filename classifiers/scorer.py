@@ -404,12 +404,15 @@ class EduScorer(Scorer):
             while start < len(order):
                 batch = order[start : start + self.batch_size]
                 try:
-                    outputs.append(self._forward_batch([sequences[i] for i in batch], fn))
+                    batch_values = self._forward_batch([sequences[i] for i in batch], fn)
                 except torch.OutOfMemoryError:
                     if len(batch) == 1:
                         raise
+                    batch_values = None
+                if batch_values is None:  # outside the handler: the failed batch's tensors are freed by now
                     self._halve_batch_size(len(batch))
                     continue
+                outputs.append(batch_values)
                 start += len(batch)
                 progress.advance(task, len(batch))
         values = torch.cat(outputs).cpu().numpy().astype(np.float64)

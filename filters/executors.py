@@ -88,8 +88,11 @@ SUBMITTED_JOBS = "slurm/jobs.json"  # every array job id of the current submissi
 
 
 def submitted_jobs(out: str) -> dict[str, list[str]]:
+    """Array job ids per stage; a run folder written before jobs.json held lists gives its one id per stage."""
     path = Path(out) / SUBMITTED_JOBS
-    return json.loads(path.read_text()) if path.exists() else {}
+    jobs = json.loads(path.read_text()) if path.exists() else {}
+    return {name: [str(j) for j in (ids if isinstance(ids, list) else [ids]) if j not in (None, -1)]
+            for name, ids in jobs.items()}
 
 
 def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:

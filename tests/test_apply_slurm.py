@@ -198,6 +198,16 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     assert "--slurm-time" in reason and log.name == "79_0.out"
 
 
+def test_submitted_jobs_reads_lists_and_the_one_id_per_stage_of_older_run_folders(tmp_path):
+    from edu_filter.filters.executors import submitted_jobs
+
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "jobs.json").write_text(json.dumps({"signatures": ["80", "81"], "buckets": 79,
+                                                              "cluster": -1, "filter": None}))
+    assert submitted_jobs(tmp_path) == {"signatures": ["80", "81"], "buckets": ["79"], "cluster": [], "filter": []}
+    assert submitted_jobs(tmp_path / "nothing") == {}
+
+
 def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
     """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
     from edu_filter.documents import RunError
