@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import polars as pl
 DATA = Path(__file__).resolve().parent.parent / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI = [str(Path(sys.executable).parent / "edu-filter")]
+
+
+def run_cli(args, **kw) -> subprocess.CompletedProcess:
+    """The installed `edu-filter` command in a subprocess, offline, with its output captured."""
+    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
+
+
 BAD_ROWS = [b"{this is not json\n", b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}\n', b'{"id": "no-text", "url": "x"}\n',
             b'["an", "array"]\n']
 BAD_ROW_AFTER = [5, 11, 17, 23]  # input rows after which the bad rows are written

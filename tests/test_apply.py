@@ -7,11 +7,8 @@ but deterministic, which is all the pipeline's accounting, dedup and threshold l
 
 import gzip
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -28,6 +25,7 @@ from apply_corpus import (  # noqa: E402
     planted_input,
     read_kept,
     read_outputs,
+    run_cli,
 )
 
 pytestmark = pytest.mark.slow  # a classifier and datatrove pipelines in every test
@@ -129,10 +127,6 @@ def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     assert stats["adds_up"] and stats["settings"]["keep_top"] == 0.25
 
 
-def run_cli(args, **kw):
-    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
-
-
 def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_classifier, tmp_path):
     planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=5)
     res = run_cli(["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp_path / "out"),
@@ -142,63 +136,6 @@ def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_class
     assert sorted(found["kept"]) == sorted(planted["ids"])  # duplicates too: dedup is off
     assert not any(k.startswith("removed/") for k in found)
     assert "counts add up" in res.stderr
-
-
-@pytest.fixture(scope="module")
-def cli_tasks4(stock_classifier, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli4")
-    planted_input(tmp / "in.jsonl", n_unique=60, n_groups=8)
-    args = ["apply", str(tmp / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp / "out"), "--threshold", "3",
-            "--tasks", "4", "--workers", "2"]
-    res = run_cli(args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, args
-
-
-@pytest.mark.slow
-def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
-    tmp, _ = cli_tasks4
-    stats = json.loads((tmp / "out" / "stats.json").read_text())
-    assert stats["adds_up"] and stats["settings"]["tasks"] == 4
-    assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
-    assert len(list((tmp / "out" / "logs" / "filter" / "completions").iterdir())) == 4
-    kept = read_kept(tmp / "out")
-    assert kept.height == 0 or kept["int_score"].min() >= 3
-
-
-def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str]) -> None:
-    """Runs the fixture's command into `out` (with `extra` options), SIGKILLs its whole process group once a scoring
-    task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run wrote."""
-    tmp, args = cli_tasks4
-    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
-    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # with Ray, the instance it starts shares the group
-    completions = out / "logs" / "filter" / "completions"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    res = run_cli(args, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
-    assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((out / "stats.json").read_text())["adds_up"]
-
-
-@pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
-
-
-@pytest.mark.slow
-def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
-    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
-    runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
-    pytest.importorskip("ray")
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
 
 
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
@@ -276,21 +213,6 @@ def test_dry_run_and_status_go_on_when_the_slurm_controller_does_not_answer(stoc
                             timeout=120)
     assert status.returncode == 0, status.stderr[-3000:]
     assert "does not answer" in status.stdout + status.stderr and "not started" not in status.stdout
-
-
-@pytest.mark.slow
-def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
-    ray = pytest.importorskip("ray")
-    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, workers=2, show=False)
-    finally:
-        ray.shutdown()
-    assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
-    kept = read_kept(tmp_path / "out")
-    assert kept.height and kept["int_score"].min() >= 2
 
 
 def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_path):

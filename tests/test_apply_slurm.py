@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from apply_corpus import CLI, ENV, planted_input, read_outputs  # noqa: E402
+from apply_corpus import run_cli as cli  # noqa: E402
 
 START_CLUSTER = Path(__file__).parent / "slurm" / "start_cluster.sh"
 pytestmark = pytest.mark.slow
@@ -31,10 +32,6 @@ def slurm_partition() -> str:
     if res.returncode != 0:
         pytest.fail(f"could not start the local Slurm cluster: {res.stderr[-2000:]}")
     return res.stdout.strip().splitlines()[-1]
-
-
-def cli(args, **kw):
-    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")

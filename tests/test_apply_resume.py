@@ -1,0 +1,95 @@
+"""A killed `edu-filter apply` resumes without duplicates (SIGKILL on the local and Ray executors), and Ray runs
+the pipeline on an instance that is already running.
+
+The classifier is the stock MiniLM regression model of `test_apply.py`: its scores are meaningless but deterministic.
+These tests sit apart from `test_apply.py` so that `make test`'s workers can run them alongside it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edu_filter.filters.apply import run_apply
+
+sys.path.insert(0, str(Path(__file__).parent))
+from apply_corpus import CLI, ENV, planted_input, read_kept, read_outputs, run_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow  # datatrove pipelines, subprocesses and Ray in every test
+
+
+@pytest.fixture(scope="module")
+def cli_tasks4(stock_classifier, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli4")
+    planted_input(tmp / "in.jsonl", n_unique=60, n_groups=8)
+    args = ["apply", str(tmp / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp / "out"), "--threshold", "3",
+            "--tasks", "4", "--workers", "2"]
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, args
+
+
+@pytest.mark.slow
+def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
+    tmp, _ = cli_tasks4
+    stats = json.loads((tmp / "out" / "stats.json").read_text())
+    assert stats["adds_up"] and stats["settings"]["tasks"] == 4
+    assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
+    assert len(list((tmp / "out" / "logs" / "filter" / "completions").iterdir())) == 4
+    kept = read_kept(tmp / "out")
+    assert kept.height == 0 or kept["int_score"].min() >= 3
+
+
+def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str]) -> None:
+    """Runs the fixture's command into `out` (with `extra` options), SIGKILLs its whole process group once a scoring
+    task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run wrote."""
+    tmp, args = cli_tasks4
+    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # with Ray, the instance it starts shares the group
+    completions = out / "logs" / "filter" / "completions"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    res = run_cli(args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
+
+
+@pytest.mark.slow
+def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
+    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
+    runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
+    pytest.importorskip("ray")
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
+    ray = pytest.importorskip("ray")
+    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, threshold=2,
+                          executor="ray", tasks=2, workers=2, show=False)
+    finally:
+        ray.shutdown()
+    assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
+    kept = read_kept(tmp_path / "out")
+    assert kept.height and kept["int_score"].min() >= 2
