@@ -6,9 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
-# Three pytest-xdist workers on two cores, a test file each at a time: much of the suite waits on Slurm, Ray and
-# subprocess start-up, and the third worker fills that idle time.
-TEST_WORKERS ?= 3
+# Two pytest-xdist workers, a test file each at a time: much of the suite waits on subprocesses, Slurm and Ray.
+# (A third worker on two cores was slower: Ray's daemons and tasks starve under that load.)
+TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 export HF_HUB_OFFLINE ?= 1

@@ -11,7 +11,7 @@ One error contract for every command (`command` below registers a command with i
 
 Anything else is a bug and keeps its traceback. Options are checked, and output paths tested for writing, before
 any work, so a bad invocation leaves no half-made output behind. Defaults come from the library's config dataclasses
-(`ScoreConfig`, `ApplyConfig`, `SlurmOptions`, `ClassifierTrainConfig`), so they are written once.
+(`ScoreConfig`, `ApplyConfig`, `SlurmOptions`, `RayOptions`, `ClassifierTrainConfig`), so they are written once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from edu_filter.documents import (  # noqa: E402
     InputError,
     RunError,
 )
-from edu_filter.filters.apply import ApplyConfig, SlurmOptions  # noqa: E402
+from edu_filter.filters.apply import ApplyConfig, RayOptions, SlurmOptions  # noqa: E402
 from edu_filter.train.classifier import ClassifierTrainConfig, train_classifier  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def parse_ints(text: str, option: str, low: int | None = None, high: int | None 
     return values
 
 
-TRAIN, SCORE, APPLY, SLURM = ClassifierTrainConfig, ScoreConfig, ApplyConfig, SlurmOptions  # defaults read below
+TRAIN, SCORE, APPLY, SLURM, RAY = ClassifierTrainConfig, ScoreConfig, ApplyConfig, SlurmOptions, RayOptions  # defaults
 
 
 # --- train / evaluate (classifiers) ----------------------------------------------------------------------------------
@@ -402,6 +402,9 @@ def apply(
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: int = typer.Option(SLURM.max_array_size, help="Tasks per array job: the cluster's MaxArraySize."),
     dry_run: bool = typer.Option(SLURM.dry_run, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
+    ray_cpus: int = typer.Option(RAY.cpus_per_task, help="CPUs per Ray task (the cluster is RAY_ADDRESS's, or local)."),
+    ray_gpu_cpus: Optional[int] = typer.Option(RAY.gpu_cpus_per_task, help="CPUs per Ray scoring task (default: "
+                                               "--ray-cpus): its torch threads, or the tokenizing for its GPU."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
     from edu_filter.filters.apply import run_apply
@@ -413,7 +416,8 @@ def apply(
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, venv_path=slurm_venv,
                            max_array_size=slurm_max_array, dry_run=dry_run),
-        order=order, overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
+        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus), order=order, overwrite=overwrite,
+        wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
         text_field=text_field, id_field=id_field,
     )

@@ -9,6 +9,7 @@ _EXPORTS = {
     "PRESETS": "apply",
     "ApplyConfig": "apply",
     "SlurmOptions": "apply",
+    "RayOptions": "apply",
     "run_apply": "apply",
     "ApplyInputReader": "io",
     "InputErrorFilter": "io",

@@ -130,6 +130,19 @@ class SlurmOptions:
 
 
 @dataclass
+class RayOptions:
+    """What each Ray task asks the cluster for (`--executor ray`); the cluster is RAY_ADDRESS's, or a local instance."""
+
+    cpus_per_task: int = 1
+    # CPUs of a scoring task (None: cpus_per_task): its torch threads on CPU; on a GPU they tokenize for it
+    gpu_cpus_per_task: int | None = None
+
+    @property
+    def scoring_cpus(self) -> int:
+        return self.gpu_cpus_per_task or self.cpus_per_task
+
+
+@dataclass
 class ApplyConfig:
     """Everything that decides what ends up in `kept/` (stored in OUT/run_config.json to guard resumes)."""
 
@@ -490,7 +503,8 @@ def run_apply(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None,
     threshold: int | None = None, keep_top: float | None = None, dedup: bool | None = None,
     exact_dedup: bool | None = None, decontaminate: list[str] | None = None, executor: str = "local",
-    tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, order: str = "auto",
+    tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, ray: RayOptions | None = None,
+    order: str = "auto",
     overwrite: bool = False, wait: bool = False, verbose: bool = False, push_to_hub: str | None = None,
     show: bool = True, **options,
 ) -> dict | None:
@@ -521,9 +535,11 @@ def run_apply(
     if push_to_hub:
         provenance.check_can_push(push_to_hub)  # before any work
     console = Console(stderr=True, quiet=not show)
-    slurm = slurm or SlurmOptions()
+    slurm, ray = slurm or SlurmOptions(), ray or RayOptions()
     if executor == "slurm":
         slurm = ex.check_slurm_request(slurm)  # before anything is read or written
+    if executor == "ray":  # connected first: whether the cluster has GPUs decides the order of the stages
+        ex.connect_ray(ray, verbose=verbose)
     on_gpu = ex.scoring_on_gpu(executor, slurm)
     files = expand_inputs([_local_path(str(i)) for i in inputs])  # bad inputs fail here, before anything is written
     if not files:
@@ -540,7 +556,7 @@ def run_apply(
                                        "decontamination": cfg.decontaminate})
     record = prepare_output(cfg, files, used, overwrite=overwrite)
     local_workers = workers or 1
-    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm),
+    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"])
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
@@ -550,7 +566,7 @@ def run_apply(
     if executor == "slurm":
         stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
     else:
-        stats = ex.run_here(stages, cfg.output, executor, local_workers, console=console, verbose=verbose)
+        stats = ex.run_here(stages, cfg.output, executor, local_workers, console=console, verbose=verbose, ray=ray)
     if push_to_hub and stats is not None:
         url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
         console.print(f"uploaded to {url}")

@@ -65,12 +65,12 @@ def scoring_on_gpu(executor: str, slurm) -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_threads_per_task(executor: str, workers: int, slurm) -> int:
-    """Torch threads of a scoring task."""
+def cpu_threads_per_task(executor: str, workers: int, slurm, ray=None) -> int:
+    """Torch threads of a scoring task: the CPUs the scheduler gives it, or locally a share of this machine's."""
     if executor == "slurm":
         return slurm.scoring_cpus
     if executor == "ray":
-        return 1
+        return ray.scoring_cpus
     from edu_filter.classifiers.device import default_num_threads
 
     return max(1, default_num_threads() // max(1, workers))
@@ -164,31 +164,49 @@ def logs_to_file(path: Path, verbose: bool):
         terminal.close()
 
 
-def _executor_here(stage, logs: str, executor: str, workers: int):
+def connect_ray(opts, verbose: bool = False) -> None:
+    """Connects to the Ray cluster (RAY_ADDRESS, else a local instance) unless this process already is, and refuses,
+    before anything is read or written, a task no node could run: Ray would keep it pending forever."""
+    import ray
+
+    if opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1):
+        raise ValueError("--ray-cpus and --ray-gpu-cpus must be >= 1")
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
+    scoring_option = "--ray-gpu-cpus" if opts.gpu_cpus_per_task else "--ray-cpus"
+    for cpus, option, fitting in ((opts.cpus_per_task, "--ray-cpus", nodes),
+                                  (opts.scoring_cpus, scoring_option, gpu_nodes or nodes)):
+        most = max((int(r.get("CPU", 0)) for r in fitting), default=0)
+        if cpus > most:
+            where = "GPU node" if gpu_nodes and fitting is gpu_nodes else "node"
+            raise DocumentError(f"{option} {cpus}: no Ray {where} has more than {most} CPUs, so the tasks would "
+                                "wait forever")
+
+
+def _executor_here(stage, logs: str, executor: str, workers: int, ray=None):
     if executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
+        gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
         return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
-                                   logging_dir=f"{logs}/{stage.name}", cpus_per_task=1, mem_per_cpu_gb=1,
-                                   gpus_per_task=1 if stage.scores and scoring_on_gpu("ray", None) else 0)
+                                   logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=1, gpus_per_task=gpus,
+                                   cpus_per_task=ray.scoring_cpus if stage.scores else ray.cpus_per_task)
     from datatrove.executor import LocalPipelineExecutor
 
     return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
                                  logging_dir=f"{logs}/{stage.name}")
 
 
-def run_here(stages, out: str, executor: str, workers: int, console, verbose: bool = False) -> dict:
-    """Runs the stages one after the other in this process (a thread) while the main thread draws the progress."""
+def run_here(stages, out: str, executor: str, workers: int, console, verbose: bool = False, ray=None) -> dict:
+    """Runs the stages one after the other in this process (a thread) while the main thread draws the progress;
+    with Ray, on the cluster `connect_ray` connected to, each task asking what `ray` (RayOptions) says."""
     from rich.console import Console
 
     from edu_filter.filters.report import stats_table
 
     logs = f"{out}/logs"
-    if executor == "ray":
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
     with logs_to_file(Path(logs) / "apply.log", verbose) as terminal:
         screen = Console(file=terminal, quiet=console.quiet, force_terminal=console.is_terminal)
         failure: list[BaseException] = []
@@ -196,7 +214,7 @@ def run_here(stages, out: str, executor: str, workers: int, console, verbose: bo
         def run_all():
             try:
                 for stage in stages:
-                    ex = _executor_here(stage, logs, executor, workers)
+                    ex = _executor_here(stage, logs, executor, workers, ray)
                     try:
                         ex.run()
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
@@ -252,7 +270,8 @@ def slurm_partitions() -> dict[str, dict]:
 
 def check_slurm_request(opts):
     """Resolves the default partition and refuses, before anything is submitted, what no node could run."""
-    if (opts.cpus_per_task < 1 or opts.scoring_cpus < 1 or opts.gpus_per_task < 0
+    if (opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1)
+            or opts.gpus_per_task < 0
             or (opts.mem_gb is not None and opts.mem_gb < 1)):
         raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
     if opts.max_array_size < 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -69,8 +68,12 @@ class EduClassifierScorer(PipelineStep):
         from edu_filter.classifiers import load_scorer
         from edu_filter.classifiers.device import default_num_threads
 
-        torch.set_num_threads(self.num_threads or default_num_threads())
-        return load_scorer(self.model, device=self._device(rank), dtype=self.dtype, max_length=self.max_length,
+        from datatrove.utils.logging import logger
+
+        threads, device = self.num_threads or default_num_threads(), self._device(rank)
+        torch.set_num_threads(threads)
+        logger.info(f"scoring on {device} with {threads} torch threads")  # what the scheduler's CPUs became
+        return load_scorer(self.model, device=device, dtype=self.dtype, max_length=self.max_length,
                            batch_size=self.batch_size)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -255,7 +258,3 @@ class ScoreThresholdFilter(BaseFilter):
         else:
             keep = doc.metadata["int_score"] >= self.threshold
         return True if keep else (False, "below_threshold")
-
-
-def cpu_threads_per_task(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -3,7 +3,7 @@
 The models are trained by the real `train_classifier` (frozen MiniLM, mean pooling, ridge head, calibration) on a
 subset of the bundled data with 128-token sequences, so they are quick to build and to score with, yet meaningful.
 
-`make test` runs the files on three pytest-xdist workers (`--dist loadfile`): the models and the embedding cache are
+`make test` runs the files on two pytest-xdist workers (`--dist loadfile`): the models and the embedding cache are
 built once per run in the folder the workers share, and the longest files start first.
 """
 

@@ -82,14 +82,28 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
 
 @pytest.mark.slow
 def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
+    """On an instance this process already started: a task no node could run is refused before anything is written;
+    the scoring tasks ask --ray-gpu-cpus CPUs and score on that many torch threads, the other tasks ask --ray-cpus."""
     ray = pytest.importorskip("ray")
+    from edu_filter.documents import DocumentError
+    from edu_filter.filters.apply import RayOptions
+
     planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
+    out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, workers=2, show=False)
+        with pytest.raises(DocumentError, match="--ray-cpus 3: no Ray node has more than 2 CPUs"):
+            run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, executor="ray",
+                      ray=RayOptions(cpus_per_task=3), show=False)
+        assert not out.exists()
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
+                          executor="ray", tasks=2, workers=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
     finally:
         ray.shutdown()
     assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
-    kept = read_kept(tmp_path / "out")
+    kept = read_kept(out)
     assert kept.height and kept["int_score"].min() >= 2
+    asked = {p.parent.name: json.loads(p.read_text())["cpus_per_task"] for p in out.glob("logs/*/executor.json")}
+    assert asked == {"minhash-signatures": 1, "minhash-buckets": 1, "minhash-cluster": 1, "filter": 2, "report": 1}
+    for log in (out / "logs" / "filter" / "logs").glob("task_*.log"):  # what the Ray worker really did
+        assert "scoring on cpu with 2 torch threads" in log.read_text()

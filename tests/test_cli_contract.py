@@ -203,8 +203,11 @@ def test_lineage_and_status_of_nothing(files):
     refused(["status", files["tmp"] / "nothing"], "nothing")
 
 
-def test_bad_option_values_are_refused_before_work(files):
+def test_bad_option_values_are_refused_before_work(files, stock_classifier):
     out = files["new"]
+    for executor, option in (("ray", "--ray-gpu-cpus"), ("slurm", "--slurm-gpu-cpus")):  # 0 is not "the default"
+        refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", executor, option, "0"],
+                option, absent=(out.parent,))
     refused(["train", CODE_LABELS, "-o", out, "--pool-layers", "2,x"], "--pool-layers", absent=(out.parent,))
     refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--concurrency", "0"],
             "--concurrency", absent=(out.parent,))
