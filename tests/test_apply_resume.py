@@ -81,29 +81,38 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_ray_instance(stock_classifier, tmp_path):
-    """On an instance this process already started: a task no node could run is refused before anything is written;
-    the scoring tasks ask --ray-gpu-cpus CPUs and score on that many torch threads, the other tasks ask --ray-cpus."""
+def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path):
+    """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; torch
+    finds no CUDA here, so the task scores on CPU): the run sees the GPU before choosing its order and scores first,
+    the scoring task asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask
+    --ray-cpus; a task no node could run is refused before anything is written."""
     ray = pytest.importorskip("ray")
     from edu_filter.documents import DocumentError
     from edu_filter.filters.apply import RayOptions
 
-    planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
+    planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.raises(DocumentError, match="--ray-cpus 3: no Ray node has more than 2 CPUs"):
-            run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, executor="ray",
-                      ray=RayOptions(cpus_per_task=3), show=False)
+        for options, said in ((RayOptions(cpus_per_task=3), "--ray-cpus 3: no Ray node has more than 2 CPUs"),
+                               (RayOptions(gpu_cpus_per_task=3), "--ray-gpu-cpus 3: no Ray GPU node has more than 2")):
+            with pytest.raises(DocumentError, match=said):
+                run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, executor="ray",
+                          ray=options, show=False)
         assert not out.exists()
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
                           executor="ray", tasks=2, workers=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
     finally:
         ray.shutdown()
-    assert stats["adds_up"] and stats["removed"]["duplicate"]["documents"] >= 7
+    found = read_outputs(out)
+    assert stats["adds_up"] and found.get("removed/duplicate")  # duplicates that passed the threshold are removed
+    for original, _, copy in planted["groups"].values():
+        assert not {original, copy} <= set(found["kept"])  # an exact copy never survives beside its original
+    assert json.loads((out / "run_config.json").read_text())["settings"]["order"] == "score-first"
     kept = read_kept(out)
     assert kept.height and kept["int_score"].min() >= 2
-    asked = {p.parent.name: json.loads(p.read_text())["cpus_per_task"] for p in out.glob("logs/*/executor.json")}
-    assert asked == {"minhash-signatures": 1, "minhash-buckets": 1, "minhash-cluster": 1, "filter": 2, "report": 1}
-    for log in (out / "logs" / "filter" / "logs").glob("task_*.log"):  # what the Ray worker really did
+    asked = {p.parent.name: (json.loads(p.read_text())["cpus_per_task"], json.loads(p.read_text())["gpus_per_task"])
+             for p in out.glob("logs/*/executor.json")}
+    assert asked.pop("score") == (2, 1) and set(asked.values()) == {(1, 0)} and len(asked) == 5
+    for log in (out / "logs" / "score" / "logs").glob("task_*.log"):  # what the Ray worker really did
         assert "scoring on cpu with 2 torch threads" in log.read_text()
