@@ -384,7 +384,7 @@ def apply(
     id_field: str = typer.Option(APPLY.id_field),
     executor: str = typer.Option("local", help="local, slurm or ray."),
     tasks: int = typer.Option(APPLY.tasks, help="Number of shards."),
-    workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm: no limit unless given)."),
+    workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm, Ray: no limit unless given)."),
     order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU)."),
     overwrite: bool = typer.Option(False, help="Start over when OUT holds a run made with other settings, model or inputs."),
     keep_work: bool = typer.Option(APPLY.keep_work, help="Keep the scratch folder OUT/work (signatures, intermediates) after success."),

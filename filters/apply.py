@@ -566,7 +566,9 @@ def run_apply(
     if executor == "slurm":
         stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
     else:
-        stats = ex.run_here(stages, cfg.output, executor, local_workers, console=console, verbose=verbose, ray=ray)
+        # tasks at once: locally 1 unless given; on Ray no limit unless given (Ray packs them by their resources)
+        at_once = workers if executor == "ray" else local_workers
+        stats = ex.run_here(stages, cfg.output, executor, at_once, console=console, verbose=verbose, ray=ray)
     if push_to_hub and stats is not None:
         url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
         console.print(f"uploaded to {url}")

@@ -185,12 +185,14 @@ def connect_ray(opts, verbose: bool = False) -> None:
                                 "wait forever")
 
 
-def _executor_here(stage, logs: str, executor: str, workers: int, ray=None):
+def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=None):
+    """`workers`: tasks at once (None on Ray: all of the stage's, as the cluster's resources allow)."""
     if executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
         gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
-        return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+        at_once = min(workers or stage.tasks, stage.tasks)
+        return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
                                    logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=1, gpus_per_task=gpus,
                                    cpus_per_task=ray.scoring_cpus if stage.scores else ray.cpus_per_task)
     from datatrove.executor import LocalPipelineExecutor
@@ -199,7 +201,7 @@ def _executor_here(stage, logs: str, executor: str, workers: int, ray=None):
                                  logging_dir=f"{logs}/{stage.name}")
 
 
-def run_here(stages, out: str, executor: str, workers: int, console, verbose: bool = False, ray=None) -> dict:
+def run_here(stages, out: str, executor: str, workers: int | None, console, verbose: bool = False, ray=None) -> dict:
     """Runs the stages one after the other in this process (a thread) while the main thread draws the progress;
     with Ray, on the cluster `connect_ray` connected to, each task asking what `ray` (RayOptions) says."""
     from rich.console import Console
@@ -473,8 +475,9 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
                           + (f"; cancelled the {len(cancelled)} stages submitted before it" if cancelled else "")
                           ) from None
     jobs = {name: getattr(ex, "job_ids", []) for name, ex in executors}  # a finished stage is not submitted again
-    (Path(out) / SUBMITTED_JOBS).parent.mkdir(exist_ok=True)
-    (Path(out) / SUBMITTED_JOBS).write_text(json.dumps(jobs, indent=2))
+    record = Path(out) / SUBMITTED_JOBS
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(json.dumps(jobs, indent=2))
     submitted = {n: ",".join(ids) for n, ids in jobs.items() if ids}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)

@@ -101,7 +101,7 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
                           ray=options, show=False)
         assert not out.exists()
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, workers=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
+                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
     finally:
         ray.shutdown()
     found = read_outputs(out)
@@ -116,3 +116,6 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
     assert asked.pop("score") == (2, 1) and set(asked.values()) == {(1, 0)} and len(asked) == 5
     for log in (out / "logs" / "score" / "logs").glob("task_*.log"):  # what the Ray worker really did
         assert "scoring on cpu with 2 torch threads" in log.read_text()
+    # without --workers no throttle: Ray runs every task the cluster has the resources for
+    assert all(json.loads(p.read_text())["workers"] == json.loads(p.read_text())["tasks"]
+               for p in out.glob("logs/*/executor.json"))
