@@ -503,10 +503,9 @@ def run_apply(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None,
     threshold: int | None = None, keep_top: float | None = None, dedup: bool | None = None,
     exact_dedup: bool | None = None, decontaminate: list[str] | None = None, executor: str = "local",
-    tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, ray: RayOptions | None = None,
-    order: str = "auto",
+    tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, order: str = "auto",
     overwrite: bool = False, wait: bool = False, verbose: bool = False, push_to_hub: str | None = None,
-    show: bool = True, **options,
+    show: bool = True, ray: RayOptions | None = None, **options,
 ) -> dict | None:
     """Run (or, for Slurm, submit and with `wait` follow) the whole apply pipeline; returns stats.json's content
     when the run finished here."""
@@ -538,15 +537,17 @@ def run_apply(
     slurm, ray = slurm or SlurmOptions(), ray or RayOptions()
     if executor == "slurm":
         slurm = ex.check_slurm_request(slurm)  # before anything is read or written
-    if executor == "ray":  # connected first: whether the cluster has GPUs decides the order of the stages
-        ex.connect_ray(ray, verbose=verbose)
-    on_gpu = ex.scoring_on_gpu(executor, slurm)
+    if executor == "ray":
+        ex.check_ray_request(ray)
     files = expand_inputs([_local_path(str(i)) for i in inputs])  # bad inputs fail here, before anything is written
     if not files:
         raise DocumentError(f"no JSONL or Parquet files in {', '.join(map(str, inputs))}")
     local = [os.path.join(folder, name) for folder, name in files if "://" not in folder]
     if len(local) == len(files) and all(os.path.getsize(f) == 0 for f in local):
         raise DocumentError(f"the input is empty ({', '.join(map(str, inputs))})")
+    if executor == "ray":  # connected before the order is chosen: it depends on whether the cluster has GPUs
+        ex.connect_ray(ray, verbose=verbose)
+    on_gpu = ex.scoring_on_gpu(executor, slurm)
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)

@@ -70,7 +70,9 @@ def cpu_threads_per_task(executor: str, workers: int, slurm, ray=None) -> int:
     if executor == "slurm":
         return slurm.scoring_cpus
     if executor == "ray":
-        return ray.scoring_cpus
+        from edu_filter.filters.apply import RayOptions
+
+        return (ray or RayOptions()).scoring_cpus
     from edu_filter.classifiers.device import default_num_threads
 
     return max(1, default_num_threads() // max(1, workers))
@@ -164,31 +166,44 @@ def logs_to_file(path: Path, verbose: bool):
         terminal.close()
 
 
-def connect_ray(opts, verbose: bool = False) -> None:
-    """Connects to the Ray cluster (RAY_ADDRESS, else a local instance) unless this process already is, and refuses,
-    before anything is read or written, a task no node could run: Ray would keep it pending forever."""
-    import ray
-
+def check_ray_request(opts) -> None:
     if opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1):
         raise ValueError("--ray-cpus and --ray-gpu-cpus must be >= 1")
+
+
+def connect_ray(opts, verbose: bool = False) -> list[str]:
+    """Connects to the Ray cluster (RAY_ADDRESS, else a local instance) unless this process already is, and warns
+    (on stderr; also returned) when no live node has the CPUs a task asks: on a fixed cluster the tasks would wait
+    forever, while an autoscaling one may still add such a node, so this is not refused."""
+    check_ray_request(opts)
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     scoring_option = "--ray-gpu-cpus" if opts.gpu_cpus_per_task else "--ray-cpus"
+    warnings = []
     for cpus, option, fitting in ((opts.cpus_per_task, "--ray-cpus", nodes),
                                   (opts.scoring_cpus, scoring_option, gpu_nodes or nodes)):
         most = max((int(r.get("CPU", 0)) for r in fitting), default=0)
         if cpus > most:
-            where = "GPU node" if gpu_nodes and fitting is gpu_nodes else "node"
-            raise DocumentError(f"{option} {cpus}: no Ray {where} has more than {most} CPUs, so the tasks would "
-                                "wait forever")
+            where = "GPU node" if fitting is gpu_nodes else "node"
+            warnings.append(f"{option} {cpus}: no live Ray {where} has more than {most} CPUs now, so the tasks wait "
+                            f"until one joins (an autoscaler may add it; on a fixed cluster, stop and lower {option})")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warnings
 
 
 def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=None):
     """`workers`: tasks at once (None on Ray: all of the stage's, as the cluster's resources allow)."""
     if executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
+
+        from edu_filter.filters.apply import RayOptions
+
+        ray = ray or RayOptions()
 
         gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
         at_once = min(workers or stage.tasks, stage.tasks)

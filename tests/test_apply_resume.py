@@ -7,6 +7,7 @@ These tests sit apart from `test_apply.py` so that `make test`'s workers can run
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,25 +82,26 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path):
-    """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; torch
-    finds no CUDA here, so the task scores on CPU): the run sees the GPU before choosing its order and scores first,
-    the scoring task asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask
-    --ray-cpus; a task no node could run is refused before anything is written."""
+def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path, capsys):
+    """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
+    CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
+    asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; a task
+    no live node has the CPUs for is named in a warning (an autoscaler may still add the node)."""
     ray = pytest.importorskip("ray")
-    from edu_filter.documents import DocumentError
     from edu_filter.filters.apply import RayOptions
+    from edu_filter.filters.executors import connect_ray
 
     planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
     out = tmp_path / "out"
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        for options, said in ((RayOptions(cpus_per_task=3), "--ray-cpus 3: no Ray node has more than 2 CPUs"),
-                               (RayOptions(gpu_cpus_per_task=3), "--ray-gpu-cpus 3: no Ray GPU node has more than 2")):
-            with pytest.raises(DocumentError, match=said):
-                run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, executor="ray",
-                          ray=options, show=False)
-        assert not out.exists()
+        assert connect_ray(RayOptions(cpus_per_task=2)) == []
+        assert connect_ray(RayOptions(cpus_per_task=3))[0].startswith("--ray-cpus 3: no live Ray node has more than 2")
+        assert connect_ray(RayOptions(gpu_cpus_per_task=3)) == ["--ray-gpu-cpus 3: no live Ray GPU node has more "
+                                                                "than 2 CPUs now, so the tasks wait until one joins "
+                                                                "(an autoscaler may add it; on a fixed cluster, stop "
+                                                                "and lower --ray-gpu-cpus)"]
+        assert "warning: --ray-gpu-cpus 3: no live Ray GPU node" in capsys.readouterr().err
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
                           executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
     finally:
@@ -114,8 +116,9 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
     asked = {p.parent.name: (json.loads(p.read_text())["cpus_per_task"], json.loads(p.read_text())["gpus_per_task"])
              for p in out.glob("logs/*/executor.json")}
     assert asked.pop("score") == (2, 1) and set(asked.values()) == {(1, 0)} and len(asked) == 5
-    for log in (out / "logs" / "score" / "logs").glob("task_*.log"):  # what the Ray worker really did
-        assert "scoring on cpu with 2 torch threads" in log.read_text()
+    logs = sorted((out / "logs" / "score" / "logs").glob("task_*.log"))
+    assert len(logs) == 2 and all(re.search(r"scoring on (cpu|cuda:0) with 2 torch threads", log.read_text())
+                                  for log in logs)  # what the Ray workers really did
     # without --workers no throttle: Ray runs every task the cluster has the resources for
     assert all(json.loads(p.read_text())["workers"] == json.loads(p.read_text())["tasks"]
                for p in out.glob("logs/*/executor.json"))
