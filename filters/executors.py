@@ -65,14 +65,12 @@ def scoring_on_gpu(executor: str, slurm) -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_threads_per_task(executor: str, workers: int, slurm, ray=None) -> int:
+def cpu_threads_per_task(executor: str, workers: int, slurm, ray) -> int:
     """Torch threads of a scoring task: the CPUs the scheduler gives it, or locally a share of this machine's."""
     if executor == "slurm":
         return slurm.scoring_cpus
     if executor == "ray":
-        from edu_filter.filters.apply import RayOptions
-
-        return (ray or RayOptions()).scoring_cpus
+        return ray.scoring_cpus
     from edu_filter.classifiers.device import default_num_threads
 
     return max(1, default_num_threads() // max(1, workers))
@@ -201,10 +199,6 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
     if executor == "ray":
         from datatrove.executor.ray import RayPipelineExecutor
 
-        from edu_filter.filters.apply import RayOptions
-
-        ray = ray or RayOptions()
-
         gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
         at_once = min(workers or stage.tasks, stage.tasks)
         return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
@@ -221,9 +215,10 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
     with Ray, on the cluster `connect_ray` connected to, each task asking what `ray` (RayOptions) says."""
     from rich.console import Console
 
+    from edu_filter.filters.apply import RayOptions
     from edu_filter.filters.report import stats_table
 
-    logs = f"{out}/logs"
+    ray, logs = ray or RayOptions(), f"{out}/logs"
     with logs_to_file(Path(logs) / "apply.log", verbose) as terminal:
         screen = Console(file=terminal, quiet=console.quiet, force_terminal=console.is_terminal)
         failure: list[BaseException] = []

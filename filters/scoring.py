@@ -65,10 +65,10 @@ class EduClassifierScorer(PipelineStep):
         """The task's scorer; sets this worker's torch threads."""
         import torch
 
+        from datatrove.utils.logging import logger
+
         from edu_filter.classifiers import load_scorer
         from edu_filter.classifiers.device import default_num_threads
-
-        from datatrove.utils.logging import logger
 
         threads, device = self.num_threads or default_num_threads(), self._device(rank)
         torch.set_num_threads(threads)

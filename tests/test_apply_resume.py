@@ -113,12 +113,11 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
     assert json.loads((out / "run_config.json").read_text())["settings"]["order"] == "score-first"
     kept = read_kept(out)
     assert kept.height and kept["int_score"].min() >= 2
-    asked = {p.parent.name: (json.loads(p.read_text())["cpus_per_task"], json.loads(p.read_text())["gpus_per_task"])
-             for p in out.glob("logs/*/executor.json")}
+    executors = {p.parent.name: json.loads(p.read_text()) for p in out.glob("logs/*/executor.json")}
+    asked = {name: (e["cpus_per_task"], e["gpus_per_task"]) for name, e in executors.items()}
     assert asked.pop("score") == (2, 1) and set(asked.values()) == {(1, 0)} and len(asked) == 5
     logs = sorted((out / "logs" / "score" / "logs").glob("task_*.log"))
     assert len(logs) == 2 and all(re.search(r"scoring on (cpu|cuda:0) with 2 torch threads", log.read_text())
                                   for log in logs)  # what the Ray workers really did
     # without --workers no throttle: Ray runs every task the cluster has the resources for
-    assert all(json.loads(p.read_text())["workers"] == json.loads(p.read_text())["tasks"]
-               for p in out.glob("logs/*/executor.json"))
+    assert all(e["workers"] == e["tasks"] for e in executors.values())
