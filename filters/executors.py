@@ -80,7 +80,8 @@ def cpu_threads_per_task(executor: str, workers: int, slurm, ray) -> int:
 SLURM_KILLS = (
     ("due to time limit", "Slurm stopped it at its time limit: run it again with a longer --slurm-time"),
     *((marker, "it ran out of memory (killed by Slurm): run it again with more --slurm-mem-gb")
-      for marker in ("oom-kill", "oom_kill", "out-of-memory", "exceeded job memory limit", "exceeded step memory limit")),
+      for marker in ("oom-kill", "oom_kill", "out-of-memory", "exceeded memory limit", "exceeded job memory limit",
+                     "exceeded step memory limit", "exceeded virtual memory limit")),
     ("due to node failure", "its node failed: run the same command again"),
     ("due to preemption", "it was preempted: run the same command again"),
 )

@@ -49,3 +49,22 @@ class Sleep(PipelineStep):
 
         time.sleep(self.seconds)
         yield from data or []
+
+
+class HoldMemory(PipelineStep):
+    """Holds `mib[rank]` MiB of touched memory for a few seconds, as a task that outgrew its --slurm-mem-gb would."""
+
+    name = "hold memory"
+
+    def __init__(self, mib: list[int], seconds: float = 8):
+        super().__init__()
+        self.mib, self.seconds = mib, seconds
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import time
+
+        held = bytearray(self.mib[rank] << 20)
+        held[::4096] = b"\1" * len(range(0, len(held), 4096))  # touch every page: resident, not just reserved
+        time.sleep(self.seconds)  # long enough for Slurm's memory poll (every second on the test cluster)
+        del held
+        yield from data or []

@@ -99,18 +99,46 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     assert res.returncode == 2 and f"--slurm-gpu-cpus {cpus}: no node of partition" in res.stderr
 
 
-def test_scancel_mid_chain_then_rerun_gives_the_clean_result(clean_run, corpus, stock_classifier, tmp_path):
+def requeue_now(job: str) -> None:
+    """What preemption on a requeue partition (or a node failure, with Slurm's default JobRequeue) does to a running
+    task: killed and queued again. Slurm holds a requeued job ~2 minutes; the test lets it start again at once."""
+    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+    for _ in range(100):
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state == "PENDING":
+            break
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True, capture_output=True)
+
+
+def test_a_requeued_task_then_scancel_mid_chain_then_rerun_give_the_clean_result(clean_run, corpus, stock_classifier,
+                                                                                 tmp_path):
+    """A signature task killed and requeued mid-run runs again inside the chain (the later stages wait on it and its
+    rerun writes its files afresh); then the whole chain is cancelled in its last stage and the same command
+    resumes it."""
+    from edu_filter.filters.executors import queued_jobs
+
     clean_out, _ = clean_run
     out = tmp_path / "out"
     args = apply_args(corpus[0], stock_classifier, out)
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     completions = out / "logs" / "filter" / "completions"
+    requeued = None
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
+        if requeued is None:
+            running = [j["id"] for j in queued_jobs(str(out)) if j["state"] == "RUNNING"
+                       and j["name"].startswith(("edu-filter-minhash-signatures-", "edu-filter-exact-signatures-"))]
+            if running:
+                requeued = running[0]
+                requeue_now(requeued)
         done = len(list(completions.iterdir())) if completions.exists() else 0
         if 1 <= done < 4:
             break
         time.sleep(0.1)
+    assert requeued is not None, "no signature task was seen running to requeue"
+    restarts = subprocess.run(["scontrol", "-o", "show", "job", requeued], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts, restarts  # it ran again and completed: the filter stage waited on it
     jobs = json.loads((out / "slurm" / "jobs.json").read_text())  # every array job of each stage
     subprocess.run(["scancel", *[j for ids in jobs.values() for j in ids]], check=True)
     _, stderr = proc.communicate(timeout=120)
@@ -174,6 +202,41 @@ def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_
     assert ex.queued_jobs(str(out)) == []
     status = cli(["status", str(out)])  # the same reason for a chain submitted without --wait
     assert status.returncode == 0 and "time limit" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_task_slurm_kills_for_memory_is_named_and_more_memory_resumes_it(slurm_partition, tmp_path, monkeypatch):
+    """A real memory kill: the test cluster enforces each job's memory (jobacct_gather's OverMemoryKill, polled every
+    second). The failure names --slurm-mem-gb; the same stages run again with more memory rerun only the killed task."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the jobs import the steps below
+    from slurm_steps import HoldMemory, WriteMarker
+
+    out, ran = tmp_path / "out", tmp_path / "ran"
+    # the last step pulls from the one before it: HoldMemory runs first, the marker once it is done
+    stages = [Stage("hungry", [WriteMarker(str(ran / "hungry")), HoldMemory([16, 1536])], 2),
+              Stage("report", [WriteMarker(str(ran / "report"))], 1)]
+    ex.save_stage_list(str(out), stages)
+
+    def run(mem_gb: int, wait: bool) -> None:
+        opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=mem_gb,
+                                                   time="00:05:00"))
+        ex.run_slurm(stages, str(out), None, opts, wait=wait, console=Console(quiet=True))
+
+    with pytest.raises(ex.StageFailed, match=r"stage hungry failed \(1/2 tasks did not complete: 1\): it ran out of "
+                                             r"memory \(killed by Slurm\): run it again with more --slurm-mem-gb "
+                                             r"\(it resumes: finished tasks are kept\); log: .*slurm_logs"):
+        run(mem_gb=1, wait=True)
+    assert sorted(p.name for p in (ran / "hungry").iterdir()) == ["0"] and not (ran / "report").exists()
+    (ran / "hungry" / "0").unlink()
+    run(mem_gb=3, wait=False)  # resumes: task 0 completed and is not run again (no stats.json to wait for here)
+    deadline = time.time() + 300
+    while ex.queued_jobs(str(out)) and time.time() < deadline:
+        time.sleep(1)
+    assert sorted(p.name for p in (ran / "hungry").iterdir()) == ["1"] and (ran / "report" / "0").exists()
 
 
 def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):

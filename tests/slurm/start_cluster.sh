@@ -46,6 +46,9 @@ ReturnToService=2
 MaxArraySize=10001
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=1
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 MessageTimeout=30
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
