@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -20,8 +21,9 @@ class EduClassifierScorer(PipelineStep):
 
     Any model `load_scorer` reads (transformers or fastText). Documents are scored a window at a time; `EduScorer`
     sorts each window by length so batches carry little padding and runs bf16 + SDPA on GPU. Scoring is the worker's
-    job, so the step sets its torch threads (`num_threads`, default: every CPU the worker may use). One model is
-    loaded per task; with several GPUs on a node, task `rank` uses GPU `rank % n_gpus`.
+    job, so the step sets its torch and tokenizer threads (`num_threads`, default: every CPU the worker may use; an
+    explicit RAYON_NUM_THREADS sizes the tokenizer's pool instead). One model is loaded per task; with several GPUs
+    on a node, task `rank` uses GPU `rank % n_gpus`.
     """
 
     type = "🎓 - SCORER"
@@ -72,7 +74,11 @@ class EduClassifierScorer(PipelineStep):
 
         threads, device = self.num_threads or default_num_threads(), self._device(rank)
         torch.set_num_threads(threads)
-        logger.info(f"scoring on {device} with {threads} torch threads")  # what the scheduler's CPUs became
+        # the rust tokenizer's pool starts, on first use, with a thread per CPU of the node: tasks sharing a node (Slurm
+        # without CPU binding, Ray) would each start one that size. It gets the task's CPUs, unless the user chose.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+        logger.info(f"scoring on {device} with {threads} torch threads and {os.environ['RAYON_NUM_THREADS']} "
+                    "tokenizer threads")  # what the scheduler's CPUs became
         return load_scorer(self.model, device=device, dtype=self.dtype, max_length=self.max_length,
                            batch_size=self.batch_size)
 

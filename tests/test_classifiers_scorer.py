@@ -4,6 +4,7 @@ documents are handled, and loading changes nothing process-wide."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,36 @@ def test_the_apply_scoring_step_scores_every_window_in_order(web_model, web_text
     np.testing.assert_allclose([d.metadata["score"] for d in scored], expected, atol=1e-4)
     stats = step.stats.to_dict()["stats"]
     assert stats["scored"]["total"] == 30 and stats["docs_per_second"]["n"] == 5  # windows of 7, 7, 7, 7, 2
+
+
+TOKENIZER_POOL_PROBE = """
+import os, sys
+from datatrove.data import Document
+from edu_filter.filters.scoring import EduClassifierScorer
+
+step = EduClassifierScorer(sys.argv[1], num_threads=1, window_size=32)
+docs = [Document(text="words about photosynthesis and light " * 6, id=str(i)) for i in range(32)]
+before = len(os.listdir("/proc/self/task"))
+assert sum(1 for _ in step.run(iter(docs))) == 32
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/self/task").is_dir(),
+                    reason="needs a pool bigger than one thread to tell apart, and /proc to count threads")
+def test_the_scoring_step_sizes_the_tokenizers_thread_pool_to_its_cpus(stock_classifier):
+    """The rust tokenizer starts one thread per CPU of the node unless told; a scoring task given one CPU starts one,
+    and a RAYON_NUM_THREADS the user set is kept. Counted as the threads a real task process gains."""
+    import subprocess
+    import sys
+
+    def threads_gained(**env) -> int:
+        base = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+        res = subprocess.run([sys.executable, "-c", TOKENIZER_POOL_PROBE, stock_classifier], capture_output=True,
+                             text=True, timeout=300, env={**base, "TOKENIZERS_PARALLELISM": "true", **env})
+        assert res.returncode == 0, res.stderr[-2000:]
+        return int(res.stdout.split()[-1])
+
+    chosen = os.cpu_count() + 3
+    # the same process but for the pool: one thread (the task's CPU) against the `chosen` the user asked for
+    assert threads_gained(RAYON_NUM_THREADS=str(chosen)) - threads_gained() == chosen - 1
