@@ -63,6 +63,17 @@ class EduClassifierScorer(PipelineStep):
             return f"cuda:{rank % torch.cuda.device_count()}"
         return "cpu"
 
+    def threads(self) -> int:
+        from edu_filter.classifiers.device import default_num_threads
+
+        return self.num_threads or default_num_threads()
+
+    def size_tokenizer_pool(self) -> None:
+        """The rust tokenizer's pool starts, on first use, with a thread per CPU of the node: tasks sharing a node
+        (Slurm without CPU binding, Ray) would each start one that size. It gets the task's CPUs unless the user set
+        RAYON_NUM_THREADS; set before any step of the task tokenizes (the token counter before this step does)."""
+        os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads()))
+
     def load_scorer(self, rank: int = 0):
         """The task's scorer; sets this worker's torch threads."""
         import torch
@@ -70,14 +81,10 @@ class EduClassifierScorer(PipelineStep):
         from datatrove.utils.logging import logger
 
         from edu_filter.classifiers import load_scorer
-        from edu_filter.classifiers.device import default_num_threads
 
-        threads, device = self.num_threads or default_num_threads(), self._device(rank)
+        threads, device = self.threads(), self._device(rank)
         torch.set_num_threads(threads)
-        # the rust tokenizer's pool starts, on first use, with a thread per CPU of the node: tasks sharing a node (Slurm
-        # without CPU binding, Ray) would each start one that size. It gets the task's CPUs, unless the user chose.
-        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
-        logger.info(f"scoring on {device} with {threads} torch threads and {os.environ['RAYON_NUM_THREADS']} "
+        logger.info(f"scoring on {device} with {threads} torch threads and {os.environ.get('RAYON_NUM_THREADS')} "
                     "tokenizer threads")  # what the scheduler's CPUs became
         return load_scorer(self.model, device=device, dtype=self.dtype, max_length=self.max_length,
                            batch_size=self.batch_size)
@@ -87,6 +94,7 @@ class EduClassifierScorer(PipelineStep):
         this one (the tokenizer releases the GIL), so the GPU waits for the CPU only when the CPU is the slower."""
         from concurrent.futures import ThreadPoolExecutor
 
+        self.size_tokenizer_pool()  # before pulling the first window: the steps upstream run as it is pulled
         scorer, pending = None, None  # pending: the previous window and the future of its preparation
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edu-tokenize") as pool:
             for window in batched(data, self.window_size):

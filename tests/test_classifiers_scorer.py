@@ -320,12 +320,13 @@ def test_the_apply_scoring_step_scores_every_window_in_order(web_model, web_text
 TOKENIZER_POOL_PROBE = """
 import os, sys
 from datatrove.data import Document
-from edu_filter.filters.scoring import EduClassifierScorer
+from edu_filter.filters.scoring import CountTokens, EduClassifierScorer
 
-step = EduClassifierScorer(sys.argv[1], num_threads=1, window_size=32)
+# as in `apply`'s scoring stage, the token counter tokenizes before the scorer: the pool starts there
+count, step = CountTokens(sys.argv[1]), EduClassifierScorer(sys.argv[1], num_threads=1, window_size=32)
 docs = [Document(text="words about photosynthesis and light " * 6, id=str(i)) for i in range(32)]
 before = len(os.listdir("/proc/self/task"))
-assert sum(1 for _ in step.run(iter(docs))) == 32
+assert sum(1 for _ in step.run(count.run(iter(docs)))) == 32
 print(len(os.listdir("/proc/self/task")) - before)
 """
 
