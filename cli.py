@@ -405,6 +405,8 @@ def apply(
     ray_cpus: int = typer.Option(RAY.cpus_per_task, help="CPUs per Ray task (the cluster is RAY_ADDRESS's, or local)."),
     ray_gpu_cpus: Optional[int] = typer.Option(RAY.gpu_cpus_per_task, help="CPUs per Ray scoring task (default: "
                                                "--ray-cpus): its torch threads, or the tokenizing for its GPU."),
+    ray_mem_gb: Optional[int] = typer.Option(RAY.mem_gb, help="Memory per Ray task in GB (default: 2 per CPU it "
+                                             "asks); Ray packs a node's tasks by it."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
     from edu_filter.filters.apply import run_apply
@@ -416,8 +418,8 @@ def apply(
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, venv_path=slurm_venv,
                            max_array_size=slurm_max_array, dry_run=dry_run),
-        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus), order=order, overwrite=overwrite,
-        wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
+        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb), order=order,
+        overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
         text_field=text_field, id_field=id_field,
     )

@@ -136,10 +136,16 @@ class RayOptions:
     cpus_per_task: int = 1
     # CPUs of a scoring task (None: cpus_per_task): its torch threads on CPU; on a GPU they tokenize for it
     gpu_cpus_per_task: int | None = None
+    # memory a task asks, in GB (None: 2 per CPU it asks, datatrove's default); Ray packs a node's tasks by it
+    mem_gb: int | None = None
 
     @property
     def scoring_cpus(self) -> int:
         return self.gpu_cpus_per_task or self.cpus_per_task
+
+    def memory_gb(self, cpus: int) -> int:
+        """What a task asking `cpus` CPUs asks of memory."""
+        return self.mem_gb or 2 * cpus
 
 
 @dataclass

@@ -168,12 +168,14 @@ def logs_to_file(path: Path, verbose: bool):
 def check_ray_request(opts) -> None:
     if opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1):
         raise ValueError("--ray-cpus and --ray-gpu-cpus must be >= 1")
+    if opts.mem_gb is not None and opts.mem_gb < 1:
+        raise ValueError("--ray-mem-gb must be >= 1")
 
 
 def connect_ray(opts, verbose: bool = False) -> list[str]:
     """Connects to the Ray cluster (RAY_ADDRESS, else a local instance) unless this process already is, and warns
-    (on stderr; also returned) when no live node has the CPUs a task asks: on a fixed cluster the tasks would wait
-    forever, while an autoscaling one may still add such a node, so this is not refused."""
+    (on stderr; also returned) when no live node has the CPUs or the memory a task asks: on a fixed cluster the tasks
+    would wait forever, while an autoscaling one may still add such a node, so this is not refused."""
     check_ray_request(opts)
     import ray
 
@@ -182,14 +184,20 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     scoring_option = "--ray-gpu-cpus" if opts.gpu_cpus_per_task else "--ray-cpus"
+    memory_option = "--ray-mem-gb" if opts.mem_gb else "--ray-mem-gb (default: 2 per CPU)"
+    wait = "so the tasks wait until one joins (an autoscaler may add it; on a fixed cluster, stop and lower"
     warnings = []
     for cpus, option, fitting in ((opts.cpus_per_task, "--ray-cpus", nodes),
                                   (opts.scoring_cpus, scoring_option, gpu_nodes or nodes)):
+        where = "GPU node" if fitting is gpu_nodes else "node"
         most = max((int(r.get("CPU", 0)) for r in fitting), default=0)
-        if cpus > most:
-            where = "GPU node" if fitting is gpu_nodes else "node"
-            warnings.append(f"{option} {cpus}: no live Ray {where} has more than {most} CPUs now, so the tasks wait "
-                            f"until one joins (an autoscaler may add it; on a fixed cluster, stop and lower {option})")
+        memory, most_gb = opts.memory_gb(cpus), max((r.get("memory", 0) / 2**30 for r in fitting), default=0)
+        for short, warning in ((cpus > most, f"{option} {cpus}: no live Ray {where} has more than {most} CPUs now, "
+                                             f"{wait} {option})"),
+                               (memory > most_gb, f"{memory_option} {memory} GB: no live Ray {where} has more than "
+                                                  f"{most_gb:.1f} GB of memory for tasks now, {wait} --ray-mem-gb)")):
+            if short and warning not in warnings:  # the scoring task may ask what the others ask
+                warnings.append(warning)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return warnings
@@ -202,9 +210,10 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
 
         gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
         at_once = min(workers or stage.tasks, stage.tasks)
+        cpus = ray.scoring_cpus if stage.scores else ray.cpus_per_task
         return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
-                                   logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=1, gpus_per_task=gpus,
-                                   cpus_per_task=ray.scoring_cpus if stage.scores else ray.cpus_per_task)
+                                   logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=ray.memory_gb(cpus) / cpus,
+                                   gpus_per_task=gpus, cpus_per_task=cpus)
     from datatrove.executor import LocalPipelineExecutor
 
     return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),

@@ -85,17 +85,25 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
 def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path, capsys):
     """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
     CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
-    asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; a task
-    no live node has the CPUs for is named in a warning (an autoscaler may still add the node)."""
+    asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; every
+    task asks --ray-mem-gb; a task no live node has the CPUs or the memory for is named in a warning (an autoscaler
+    may still add the node)."""
     ray = pytest.importorskip("ray")
     from edu_filter.filters.apply import RayOptions
     from edu_filter.filters.executors import connect_ray
 
     planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
     out = tmp_path / "out"
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=1, _memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
     try:
         assert connect_ray(RayOptions(cpus_per_task=2)) == []
+        assert connect_ray(RayOptions(cpus_per_task=2, mem_gb=7)) == [
+            "--ray-mem-gb 7 GB: no live Ray node has more than 6.0 GB of memory for tasks now, so the tasks wait until "
+            "one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)",
+            "--ray-mem-gb 7 GB: no live Ray GPU node has more than 6.0 GB of memory for tasks now, so the tasks wait "
+            "until one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)"]
+        assert connect_ray(RayOptions(gpu_cpus_per_task=4))[-1].startswith(  # 2 GB per CPU: 8 GB
+            "--ray-mem-gb (default: 2 per CPU) 8 GB: no live Ray GPU node has more than 6.0 GB")
         assert connect_ray(RayOptions(cpus_per_task=3))[0].startswith("--ray-cpus 3: no live Ray node has more than 2")
         assert connect_ray(RayOptions(gpu_cpus_per_task=3)) == ["--ray-gpu-cpus 3: no live Ray GPU node has more "
                                                                 "than 2 CPUs now, so the tasks wait until one joins "
@@ -103,7 +111,7 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
                                                                 "and lower --ray-gpu-cpus)"]
         assert "warning: --ray-gpu-cpus 3: no live Ray GPU node" in capsys.readouterr().err
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2))
+                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2, mem_gb=3))
     finally:
         ray.shutdown()
     found = read_outputs(out)
@@ -114,8 +122,9 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
     kept = read_kept(out)
     assert kept.height and kept["int_score"].min() >= 2
     executors = {p.parent.name: json.loads(p.read_text()) for p in out.glob("logs/*/executor.json")}
-    asked = {name: (e["cpus_per_task"], e["gpus_per_task"]) for name, e in executors.items()}
-    assert asked.pop("score") == (2, 1) and set(asked.values()) == {(1, 0)} and len(asked) == 5
+    asked = {name: (e["cpus_per_task"], e["gpus_per_task"], e["cpus_per_task"] * e["mem_per_cpu_gb"])
+             for name, e in executors.items()}
+    assert asked.pop("score") == (2, 1, 3) and set(asked.values()) == {(1, 0, 3)} and len(asked) == 5
     logs = sorted((out / "logs" / "score" / "logs").glob("task_*.log"))
     assert len(logs) == 2 and all(re.search(r"scoring on (cpu|cuda:0) with 2 torch threads", log.read_text())
                                   for log in logs)  # what the Ray workers really did

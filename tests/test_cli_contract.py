@@ -205,7 +205,8 @@ def test_lineage_and_status_of_nothing(files):
 
 def test_bad_option_values_are_refused_before_work(files, stock_classifier):
     out = files["new"]
-    for executor, option in (("ray", "--ray-gpu-cpus"), ("slurm", "--slurm-gpu-cpus")):  # 0 is not "the default"
+    for executor, option in (("ray", "--ray-gpu-cpus"), ("ray", "--ray-mem-gb"),  # 0 is not "the default"
+                             ("slurm", "--slurm-gpu-cpus")):
         refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", executor, option, "0"],
                 option, absent=(out.parent,))
     refused(["train", CODE_LABELS, "-o", out, "--pool-layers", "2,x"], "--pool-layers", absent=(out.parent,))
