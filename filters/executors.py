@@ -173,9 +173,10 @@ def check_ray_request(opts) -> None:
 
 
 def connect_ray(opts, verbose: bool = False) -> list[str]:
-    """Connects to the Ray cluster (RAY_ADDRESS, else a local instance) unless this process already is, and warns
-    (on stderr; also returned) when no live node has the CPUs or the memory a task asks: on a fixed cluster the tasks
-    would wait forever, while an autoscaling one may still add such a node, so this is not refused."""
+    """Connects to the Ray cluster unless this process already is (ray.init's rules: RAY_ADDRESS, else the last
+    `ray start` on this machine, else a new local instance), says which on stderr, and warns (on stderr; also
+    returned) when no live node has the CPUs or the memory a task asks: on a fixed cluster the tasks would wait
+    forever, while an autoscaling one may still add such a node, so this is not refused."""
     check_ray_request(opts)
     import ray
 
@@ -198,6 +199,9 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
                                                   f"{most_gb:.1f} GB of memory for tasks now, {wait} --ray-mem-gb)")):
             if short and warning not in warnings:  # the scoring task may ask what the others ask
                 warnings.append(warning)
+    total = {k: sum(int(r.get(k, 0)) for r in nodes) for k in ("CPU", "GPU")}
+    print(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} live node"
+          f"{'s' * (len(nodes) != 1)}, {total['CPU']} CPUs, {total['GPU']} GPUs", file=sys.stderr)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return warnings

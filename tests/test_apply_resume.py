@@ -5,9 +5,11 @@ The classifier is the stock MiniLM regression model of `test_apply.py`: its scor
 These tests sit apart from `test_apply.py` so that `make test`'s workers can run them alongside it.
 """
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +48,15 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
 
-def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str]) -> None:
-    """Runs the fixture's command into `out` (with `extra` options), SIGKILLs its whole process group once a scoring
-    task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run wrote."""
+def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None) -> None:
+    """Runs the fixture's command into `out` (with `extra` options and `env`), SIGKILLs its whole process group once
+    a scoring task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run
+    wrote."""
     tmp, args = cli_tasks4
     args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
-    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # with Ray, the instance it starts shares the group
+    env = {**ENV, **(env or {})}
+    proc = subprocess.Popen(CLI + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # with Ray, an instance it starts shares the group
     completions = out / "logs" / "filter" / "completions"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
@@ -60,8 +64,10 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str]) -> N
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    res = run_cli(args, timeout=600)
+    res = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    if "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
+        assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in res.stderr, res.stderr[-3000:]
     clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
     assert len(resumed["kept"]) == len(set(resumed["kept"]))
     assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
@@ -79,6 +85,48 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
     runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
     pytest.importorskip("ray")
     sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A Ray cluster started apart from any run, as users have one (`ray start --head`), torn down by its own process
+    group: `ray stop` would stop every Ray instance on the machine, other tests' too."""
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    temp = Path("/tmp") / f"ray-{port}"  # Ray's socket paths must stay short; its address file is written here
+    env = {**ENV, "RAY_AUTH_MODE": "disabled"}  # `ray start` turns token auth on unless told; the runs' Ray has it off
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (temp / "ray_current_cluster").exists():  # written once the head is up: the address to give
+            assert head.poll() is None and time.time() < deadline, "ray start did not bring the head node up"
+            time.sleep(0.5)
+        yield (temp / "ray_current_cluster").read_text().strip()
+    finally:
+        head.terminate()  # `ray start --block` stops the cluster's processes, all in its process group, on SIGTERM
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_ray_driver_killed_on_a_running_cluster_then_rerun_gives_the_local_result(cli_tasks4, ray_cluster,
+                                                                                     tmp_path):
+    """The usual way a Ray run dies: its driver (a closed terminal, a killed job) while the cluster lives on, with the
+    driver's tasks still on it. The same command, RAY_ADDRESS still naming the cluster, reruns only the tasks without
+    a completion file and ends with what the local executor kept and removed, no document twice."""
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"], env={"RAY_ADDRESS": ray_cluster})
 
 
 @pytest.mark.slow
