@@ -185,7 +185,6 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     scoring_option = "--ray-gpu-cpus" if opts.gpu_cpus_per_task else "--ray-cpus"
-    memory_option = "--ray-mem-gb" if opts.mem_gb else "--ray-mem-gb (default: 2 per CPU)"
     wait = "so the tasks wait until one joins (an autoscaler may add it; on a fixed cluster, stop and lower"
     warnings = []
     for cpus, option, fitting in ((opts.cpus_per_task, "--ray-cpus", nodes),
@@ -193,10 +192,11 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
         where = "GPU node" if fitting is gpu_nodes else "node"
         most = max((int(r.get("CPU", 0)) for r in fitting), default=0)
         memory, most_gb = opts.memory_gb(cpus), max((r.get("memory", 0) / 2**30 for r in fitting), default=0)
+        asked = f"--ray-mem-gb {memory}" if opts.mem_gb else f"{memory} GB for a {cpus}-CPU task (2 per CPU)"
         for short, warning in ((cpus > most, f"{option} {cpus}: no live Ray {where} has more than {most} CPUs now, "
                                              f"{wait} {option})"),
-                               (memory > most_gb, f"{memory_option} {memory} GB: no live Ray {where} has more than "
-                                                  f"{most_gb:.1f} GB of memory for tasks now, {wait} --ray-mem-gb)")):
+                               (memory > most_gb, f"{asked}: no live Ray {where} has more than {most_gb:.1f} GB of "
+                                                  f"memory for tasks now, {wait} --ray-mem-gb)")):
             if short and warning not in warnings:  # the scoring task may ask what the others ask
                 warnings.append(warning)
     total = {k: sum(int(r.get(k, 0)) for r in nodes) for k in ("CPU", "GPU")}

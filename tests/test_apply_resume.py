@@ -146,12 +146,12 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
     try:
         assert connect_ray(RayOptions(cpus_per_task=2)) == []
         assert connect_ray(RayOptions(cpus_per_task=2, mem_gb=7)) == [
-            "--ray-mem-gb 7 GB: no live Ray node has more than 6.0 GB of memory for tasks now, so the tasks wait until "
+            "--ray-mem-gb 7: no live Ray node has more than 6.0 GB of memory for tasks now, so the tasks wait until "
             "one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)",
-            "--ray-mem-gb 7 GB: no live Ray GPU node has more than 6.0 GB of memory for tasks now, so the tasks wait "
+            "--ray-mem-gb 7: no live Ray GPU node has more than 6.0 GB of memory for tasks now, so the tasks wait "
             "until one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)"]
-        assert connect_ray(RayOptions(gpu_cpus_per_task=4))[-1].startswith(  # 2 GB per CPU: 8 GB
-            "--ray-mem-gb (default: 2 per CPU) 8 GB: no live Ray GPU node has more than 6.0 GB")
+        assert connect_ray(RayOptions(gpu_cpus_per_task=4))[-1].startswith(
+            "8 GB for a 4-CPU task (2 per CPU): no live Ray GPU node has more than 6.0 GB")
         assert connect_ray(RayOptions(cpus_per_task=3))[0].startswith("--ray-cpus 3: no live Ray node has more than 2")
         assert connect_ray(RayOptions(gpu_cpus_per_task=3)) == ["--ray-gpu-cpus 3: no live Ray GPU node has more "
                                                                 "than 2 CPUs now, so the tasks wait until one joins "
