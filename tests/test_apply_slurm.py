@@ -103,7 +103,7 @@ def requeue_now(job: str) -> None:
     """What preemption on a requeue partition (or a node failure, with Slurm's default JobRequeue) does to a running
     task: killed and queued again. Slurm holds a requeued job ~2 minutes; the test lets it start again at once."""
     subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
-    for _ in range(100):
+    for _ in range(600):
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
         if state == "PENDING":
             break
@@ -127,10 +127,12 @@ def test_a_requeued_task_then_scancel_mid_chain_then_rerun_give_the_clean_result
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if requeued is None:
-            running = [j["id"] for j in queued_jobs(str(out)) if j["state"] == "RUNNING"
-                       and j["name"].startswith(("edu-filter-minhash-signatures-", "edu-filter-exact-signatures-"))]
-            if running:
-                requeued = running[0]
+            signatures = [j for j in queued_jobs(str(out))
+                          if j["name"].startswith(("edu-filter-minhash-signatures-", "edu-filter-exact-signatures-"))]
+            running = [j for j in signatures if j["state"] == "RUNNING"]
+            # another task of its stage still queued: the next stage cannot have started, even if this one ends now
+            if running and sum(j["name"] == running[0]["name"] for j in signatures) >= 2:
+                requeued = running[0]["id"]
                 requeue_now(requeued)
         done = len(list(completions.iterdir())) if completions.exists() else 0
         if 1 <= done < 4:
