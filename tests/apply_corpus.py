@@ -15,9 +15,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENI
 CLI = [str(Path(sys.executable).parent / "edu-filter")]
 
 
-def run_cli(args, **kw) -> subprocess.CompletedProcess:
-    """The installed `edu-filter` command in a subprocess, offline, with its output captured."""
-    return subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, **kw)
+def run_cli(args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """The installed `edu-filter` command in a subprocess, offline (plus `env`), with its output captured."""
+    return subprocess.run(CLI + args, env={**ENV, **(env or {})}, capture_output=True, text=True, **kw)
 
 
 BAD_ROWS = [b"{this is not json\n", b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}\n', b'{"id": "no-text", "url": "x"}\n',

@@ -54,8 +54,7 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     wrote."""
     tmp, args = cli_tasks4
     args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
-    env = {**ENV, **(env or {})}
-    proc = subprocess.Popen(CLI + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # with Ray, an instance it starts shares the group
     completions = out / "logs" / "filter" / "completions"
     deadline = time.time() + 400
@@ -64,9 +63,9 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    res = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(args, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    if "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
+    if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
         assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in res.stderr, res.stderr[-3000:]
     clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
     assert len(resumed["kept"]) == len(set(resumed["kept"]))
