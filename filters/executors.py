@@ -172,6 +172,42 @@ def check_ray_request(opts) -> None:
         raise ValueError("--ray-mem-gb must be >= 1")
 
 
+def refuse_unreachable_ray() -> None:
+    """Refuses at once, saying why, a Ray cluster this run cannot join. `ray.init` would print one line a second for
+    20 s and then say only "Failed to connect", whether nothing listens at the address (a stale address file of a
+    crashed `ray start`) or the cluster refuses this driver for want of its token. Only the address ray.init would
+    join is asked (RAY_ADDRESS, else the last `ray start` on this machine); a Ray without these internals is not."""
+    import socket
+
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        address = canonicalize_bootstrap_address(os.environ.get("RAY_ADDRESS"))
+    except (ValueError, ConnectionError):  # a Ray Client address (ray://), or `auto` with no cluster: left to
+        return  # ray.init, which says what it makes of them
+    if address is None:  # none to join: ray.init starts a local instance
+        return
+    named = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the address the last `ray start` here left"
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise RunError(f"no Ray cluster answers at {address} ({named}): {e}. Start one (`ray start --head`), set "
+                       "RAY_ADDRESS to a running cluster's, or `ray stop` to forget a crashed one and run on a new "
+                       "local instance") from None
+    try:
+        GcsClient(address=address).cluster_id  # noqa: B018 - asking for it is the handshake that checks the token
+    except AuthenticationError:
+        raise RunError(f"the Ray cluster at {address} ({named}) refused this run's authentication token (none, "
+                       "or not the cluster's): run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token "
+                       "or RAY_AUTH_TOKEN (`ray get-auth-token` on the head node prints it); `ray start` turns token "
+                       "authentication on unless RAY_AUTH_MODE=disabled") from None
+
+
 def connect_ray(opts, verbose: bool = False) -> list[str]:
     """Connects to the Ray cluster unless this process already is (ray.init's rules: RAY_ADDRESS, else the last
     `ray start` on this machine, else a new local instance), says which on stderr, and warns (on stderr; also
@@ -181,6 +217,7 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     import ray
 
     if not ray.is_initialized():
+        refuse_unreachable_ray()
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]

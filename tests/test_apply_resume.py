@@ -86,10 +86,10 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
     sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
 
 
-@pytest.fixture
-def ray_cluster(tmp_path):
-    """A Ray cluster started apart from any run, as users have one (`ray start --head`), torn down by its own process
-    group: `ray stop` would stop every Ray instance on the machine, other tests' too."""
+@contextlib.contextmanager
+def ray_head(env: dict):
+    """A Ray cluster started apart from any run, as users have one (`ray start --head` with `env`), torn down by its
+    own process group: `ray stop` would stop every Ray instance on the machine, other tests' too. Yields its address."""
     import socket
 
     pytest.importorskip("ray")
@@ -97,11 +97,10 @@ def ray_cluster(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     temp = Path("/tmp") / f"ray-{port}"  # Ray's socket paths must stay short; its address file is written here
-    env = {**ENV, "RAY_AUTH_MODE": "disabled"}  # `ray start` turns token auth on unless told; the runs' Ray has it off
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                             f"--temp-dir={temp}"], env={**ENV, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (temp / "ray_current_cluster").exists():  # written once the head is up: the address to give
@@ -117,6 +116,38 @@ def ray_cluster(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster():
+    with ray_head({"RAY_AUTH_MODE": "disabled"}) as address:  # `ray start` turns token auth on unless told
+        yield address
+
+
+def test_a_ray_cluster_this_run_cannot_join_is_refused_at_once_saying_why(cli_tasks4, tmp_path):
+    """`ray start` turns token authentication on, so a user's first run against their cluster lacks the token; and a
+    crashed cluster leaves an address nothing answers at. Ray retries either for 20 s and then says only "Failed to
+    connect"; the run says which it is and what to do, before anything is written. With the token it joins."""
+    import secrets
+
+    tmp, args = cli_tasks4
+    out = tmp_path / "out"
+    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + ["--executor", "ray"]
+    token = secrets.token_hex(32)
+    joins = [sys.executable, "-c", "from edu_filter.filters.apply import RayOptions; "
+             "from edu_filter.filters.executors import connect_ray; connect_ray(RayOptions())"]
+    with ray_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path)}) as address:
+        refused = run_cli(args, env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}, timeout=120)
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert (f"the Ray cluster at {address} (RAY_ADDRESS) refused this run's authentication token"
+                in refused.stderr), refused.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in refused.stderr and "Failed to connect" not in refused.stderr
+        joined = subprocess.run(joins, env={**ENV, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token",
+                                            "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=120)
+        assert f"Ray cluster at {address}: 1 live node, 2 CPUs" in joined.stderr, joined.stderr[-3000:]
+    gone = run_cli(args, env={"RAY_ADDRESS": address}, timeout=120)
+    assert gone.returncode == 1 and f"no Ray cluster answers at {address} (RAY_ADDRESS)" in gone.stderr, gone.stderr
+    assert not (out / "stats.json").exists() and not (out / "logs" / "stages.json").exists()
 
 
 @pytest.mark.slow
