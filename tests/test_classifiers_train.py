@@ -118,6 +118,51 @@ def test_embedding_cache_is_reused(tmp_path, minilm_path):
     np.testing.assert_allclose(cached_embeddings(scorer, more, "k2", cache, block=2), scorer.embed(more)[0], atol=1e-5)
 
 
+def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_them(minilm_path):
+    """Pooling each layer as its block returns gives exactly what pooling the encoder's own hidden states gives
+    (embeddings, middle layers, the top; padded rows and an unpadded batch), and leaves no hook behind, even when the
+    forward fails (a batch out of memory is retried in halves)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import (
+        EduClassifierConfig, EduClassifierForSequenceClassification, pool,
+    )
+
+    encoder = AutoModel.from_pretrained(minilm_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    blocks = encoder.encoder.layer
+
+    def hooks():  # transformers keeps hooks of its own once hidden states were asked for
+        return [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks]
+
+    batch = tokenizer(["Fractions name parts of a whole.", "Cheap flights to anywhere, book now and save big!!"],
+                      padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    for layers, pooling in (([0, 3, 6], "mean"), ([1, 2, 3, 4, 5, 6], "mean"), ([2, -1], "cls")):
+        model = EduClassifierForSequenceClassification(
+            EduClassifierConfig(encoder_config=encoder.config.to_dict(), pool_layers=layers, pooling=pooling), encoder)
+        for mask in (batch["attention_mask"], None):
+            ids = batch["input_ids"] if mask is not None else batch["input_ids"][:, :5]
+            with torch.no_grad():
+                hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                full_mask = mask if mask is not None else torch.ones_like(ids)
+                expected = torch.cat([pool(hidden[i], full_mask, pooling) for i in layers], dim=-1)
+                before = hooks()
+                torch.testing.assert_close(model.embed(ids, mask), expected, rtol=0, atol=1e-6)
+                assert hooks() == before
+
+    def out_of_memory(block, args, output):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    failing = blocks[4].register_forward_hook(out_of_memory)
+    before = hooks()
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+        model.embed(batch["input_ids"], batch["attention_mask"])
+    assert hooks() == before
+    failing.remove()
+
+
 def test_a_locked_embedding_cache_is_a_warning_not_a_failed_run(tmp_path, minilm_path, monkeypatch, capsys):
     """Trainers sharing one cache (a home folder on a cluster): a lock held past the timeout skips the cache for the
     rest of the run instead of failing it after the embeddings were computed."""
