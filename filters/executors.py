@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
 
 from edu_filter.documents import DocumentError, RunError
@@ -255,10 +256,64 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
         return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
                                    logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=ray.memory_gb(cpus) / cpus,
                                    gpus_per_task=gpus, cpus_per_task=cpus)
-    from datatrove.executor import LocalPipelineExecutor
+    return WatchedLocalExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
+                                logging_dir=f"{logs}/{stage.name}")
 
-    return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
-                                 logging_dir=f"{logs}/{stage.name}")
+
+class WatchedLocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, each task leaving its process id in `running/RANK` while it runs. A task whose
+    process is killed (the kernel's out-of-memory killer, most often) leaves the file behind, which `killed_task`
+    sees; datatrove's process pool alone would wait for that task's result forever, the run hanging silently."""
+
+    def forget_killed(self) -> None:
+        """Removes the files a killed earlier run left, before anyone watches this run's."""
+        for name in self.logging_dir.list_files("running"):
+            self.logging_dir.rm(name)
+
+    def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
+        marker = f"running/{rank:05d}"
+        with self.logging_dir.open(marker, "wt") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
+        finally:  # ended, finished or raising: only a killed process leaves its file
+            self.logging_dir.rm(marker)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie: dead, not reaped yet
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def killed_task_message(out: str, stage: str, rank: int) -> str:
+    return (f"stage {stage} failed: the process of task {rank} was killed before the task finished, most often by "
+            "the kernel's out-of-memory killer (`dmesg` or `journalctl -k` says): run the same command again with "
+            "fewer --workers (or a smaller --batch-size while scoring); it resumes, finished tasks are kept; log: "
+            f"{Path(out) / 'logs' / stage / 'logs' / f'task_{rank:05d}.log'}")
+
+
+def killed_task(logs: str, stage: str) -> int | None:
+    """A task of `stage` whose process ended without finishing or raising (it was killed), if any."""
+    folder = get_datafolder(f"{logs}/{stage}")
+    for name in folder.list_files("running"):
+        try:
+            with folder.open(name, "rt") as fh:
+                pid = int(fh.read().strip())
+        except (OSError, ValueError):  # removed meanwhile, or being written
+            continue
+        rank = int(Path(name).name)
+        if _process_gone(pid) and folder.exists(name) and not folder.exists(f"completions/{rank:05d}"):
+            return rank
+    return None
 
 
 def run_here(stages, out: str, executor: str, workers: int | None, console, verbose: bool = False, ray=None) -> dict:
@@ -273,11 +328,15 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
     with logs_to_file(Path(logs) / "apply.log", verbose) as terminal:
         screen = Console(file=terminal, quiet=console.quiet, force_terminal=console.is_terminal)
         failure: list[BaseException] = []
+        watched: list = []  # the local stage being run, whose task processes the main thread watches
 
         def run_all():
             try:
                 for stage in stages:
                     ex = _executor_here(stage, logs, executor, workers, ray)
+                    if isinstance(ex, WatchedLocalExecutor):
+                        ex.forget_killed()
+                        watched[:] = [stage.name]
                     try:
                         ex.run()
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
@@ -293,6 +352,8 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
             while worker.is_alive():
                 display.refresh()
                 worker.join(POLL_S)
+                if watched and (rank := killed_task(logs, watched[0])) is not None:
+                    raise StageFailed(killed_task_message(out, watched[0], rank))
         if failure:
             raise failure[0]
         stats = json.loads((Path(out) / "stats.json").read_text())

@@ -79,6 +79,48 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives_the_clean_result(cli_tasks4,
+                                                                                                  tmp_path):
+    """The kernel's out-of-memory killer takes one process: a local worker in the middle of a scoring task. The
+    process pool would wait for that task forever; the run instead stops within seconds, naming the task and what to
+    change, leaves no process behind, and the same command then ends with the clean run's result."""
+    tmp, args = cli_tasks4
+    out = tmp_path / "out"
+    args = [a.replace(str(tmp / "out"), str(out)) for a in args]
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    running, completions = out / "logs" / "filter" / "running", out / "logs" / "filter" / "completions"
+    deadline, rank = time.time() + 400, None
+    while rank is None and time.time() < deadline and proc.poll() is None:
+        for marker in running.glob("*") if running.exists() else []:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(marker.read_text())
+                if pid != proc.pid and not (completions / marker.name).exists():
+                    os.kill(pid, signal.SIGKILL)  # that worker alone, mid-task
+                    rank = int(marker.name)
+                    break
+        time.sleep(0.05)
+    assert rank is not None, "no scoring task was seen running"
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert (f"stage filter failed: the process of task {rank} was killed before the task finished" in stderr
+            and "fewer --workers" in stderr), stderr[-3000:]
+    time.sleep(2)
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes of the run left behind:\n{left}"
+    res = run_cli(args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"] and not list(running.iterdir())
+
+
+@pytest.mark.slow
 def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
     """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
     runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
