@@ -20,12 +20,16 @@ points, the long-document strategy, and the kind (web/code) and method (head/fin
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 POOLINGS = ("mean", "cls")
+# encoders whose hidden state i is the output of encoder.layer[i-1], so it can be pooled as that block returns
+BLOCKS_MAKE_HIDDEN_STATES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
 class EduClassifierConfig(PretrainedConfig):
@@ -99,31 +103,36 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
         if layers == [-1]:
             return pool(self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state,
                         attention_mask, pooling)
-        blocks = getattr(getattr(self.encoder, "encoder", None), "layer", None)
-        if not isinstance(blocks, nn.ModuleList):  # not a BERT-family encoder: ask for every hidden state
-            hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask,
-                                  output_hidden_states=True).hidden_states
-            return torch.cat([pool(hidden[i], attention_mask, pooling) for i in layers], dim=-1)
-        return self._pool_as_they_pass(blocks, input_ids, encoder_mask, attention_mask)
+        if self.encoder.config.model_type in BLOCKS_MAKE_HIDDEN_STATES and not torch.is_grad_enabled():
+            return self._pool_as_they_pass(self.encoder.encoder.layer, input_ids, encoder_mask, attention_mask)
+        # training keeps every hidden state for the backward pass anyway
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask, output_hidden_states=True).hidden_states
+        return torch.cat([pool(hidden[i], attention_mask, pooling) for i in layers], dim=-1)
 
     def _pool_as_they_pass(self, blocks: nn.ModuleList, input_ids, encoder_mask, attention_mask) -> torch.Tensor:
         """The pooled layers of a BERT-family encoder, each pooled as the block making it returns: hidden state i is
         the output of block i-1 (0: the input of block 0) and the last is `last_hidden_state`. Asking the encoder for
         its hidden states instead would hold all of them until the end: 13 x batch x tokens x hidden for BERT-base,
         ~10 GB of GPU memory at 1,024 documents of 512 tokens in bf16, where this holds one at a time."""
-        n, pooling = len(blocks), self.config.pooling
+        n, pooling, caller = len(blocks), self.config.pooling, threading.get_ident()
+        if any(not -(n + 1) <= i <= n for i in self.config.pool_layers):
+            raise IndexError(f"pool_layers {self.config.pool_layers}: this encoder has hidden states 0..{n}")
         wanted = {i % (n + 1) for i in self.config.pool_layers}
         pooled: dict[int, torch.Tensor] = {}
 
-        def keep(i: int):
+        def block_output(i: int):
             def hook(block, args, output):
-                pooled[i] = pool(output[0] if isinstance(output, tuple) else output, attention_mask, pooling)
+                if threading.get_ident() == caller:  # another thread's forward through the same model is its own
+                    pooled[i] = pool(output[0] if isinstance(output, tuple) else output, attention_mask, pooling)
             return hook
 
-        handles = [blocks[i - 1].register_forward_hook(keep(i)) for i in wanted if 0 < i < n]
-        if 0 in wanted:  # the embeddings: what block 0 is given
-            handles.append(blocks[0].register_forward_pre_hook(
-                lambda block, args: pooled.__setitem__(0, pool(args[0], attention_mask, pooling))))
+        def embeddings(block, args):  # what block 0 is given
+            if threading.get_ident() == caller:
+                pooled[0] = pool(args[0], attention_mask, pooling)
+
+        handles = [blocks[i - 1].register_forward_hook(block_output(i)) for i in wanted if 0 < i < n]
+        if 0 in wanted:
+            handles.append(blocks[0].register_forward_pre_hook(embeddings))
         try:
             last = self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
         finally:  # a failed batch (out of memory, retried in halves) must not leave hooks behind

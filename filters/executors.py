@@ -28,6 +28,7 @@ from edu_filter.documents import DocumentError, RunError
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 
 POLL_S = 1.0
+KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
 # squeue reasons that never resolve by waiting
@@ -193,9 +194,11 @@ def refuse_unreachable_ray() -> None:
     if address is None:  # none to join: ray.init starts a local instance
         return
     named = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the address the last `ray start` here left"
-    host, port = address.rsplit(":", 1)
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (ValueError, OverflowError):  # not host:port after all: left to ray.init
+        return
     except OSError as e:
         raise RunError(f"no Ray cluster answers at {address} ({named}): {e}. Start one (`ray start --head`), set "
                        "RAY_ADDRESS to a running cluster's, or `ray stop` to forget a crashed one and run on a new "
@@ -207,6 +210,8 @@ def refuse_unreachable_ray() -> None:
                        "or not the cluster's): run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token "
                        "or RAY_AUTH_TOKEN (`ray get-auth-token` on the head node prints it); `ray start` turns token "
                        "authentication on unless RAY_AUTH_MODE=disabled") from None
+    except Exception:  # noqa: BLE001 - anything else (another service on that port, a Ray version apart) is ray.init's
+        return
 
 
 def connect_ray(opts, verbose: bool = False) -> list[str]:
@@ -310,9 +315,8 @@ def killed_task(logs: str, stage: str) -> int | None:
                 pid = int(fh.read().strip())
         except (OSError, ValueError):  # removed meanwhile, or being written
             continue
-        rank = int(Path(name).name)
-        if _process_gone(pid) and folder.exists(name) and not folder.exists(f"completions/{rank:05d}"):
-            return rank
+        if _process_gone(pid) and folder.exists(name):  # killed even after writing its completion: the pool waits
+            return int(Path(name).name)
     return None
 
 
@@ -352,7 +356,12 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
             while worker.is_alive():
                 display.refresh()
                 worker.join(POLL_S)
-                if watched and (rank := killed_task(logs, watched[0])) is not None:
+                if watched and worker.is_alive() and (rank := killed_task(logs, watched[0])) is not None:
+                    # a task that raised ends datatrove's pool, which kills the other tasks mid-run: that failure
+                    # is the one to report, and it arrives at once; a killed task's pool waits forever
+                    worker.join(KILLED_TASK_GRACE_S)
+                    if not worker.is_alive():
+                        break
                     raise StageFailed(killed_task_message(out, watched[0], rank))
         if failure:
             raise failure[0]

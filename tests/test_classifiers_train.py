@@ -139,6 +139,9 @@ def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_the
     batch = tokenizer(["Fractions name parts of a whole.", "Cheap flights to anywhere, book now and save big!!"],
                       padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()
+    asked = []  # what the model asks the encoder for
+    encoder.register_forward_pre_hook(lambda m, args, kwargs: asked.append(kwargs.get("output_hidden_states")),
+                                      with_kwargs=True)
     for layers, pooling in (([0, 3, 6], "mean"), ([1, 2, 3, 4, 5, 6], "mean"), ([2, -1], "cls")):
         model = EduClassifierForSequenceClassification(
             EduClassifierConfig(encoder_config=encoder.config.to_dict(), pool_layers=layers, pooling=pooling), encoder)
@@ -148,9 +151,12 @@ def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_the
                 hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
                 full_mask = mask if mask is not None else torch.ones_like(ids)
                 expected = torch.cat([pool(hidden[i], full_mask, pooling) for i in layers], dim=-1)
-                before = hooks()
+                before, asked[:] = hooks(), []
                 torch.testing.assert_close(model.embed(ids, mask), expected, rtol=0, atol=1e-6)
-                assert hooks() == before
+                assert hooks() == before and asked == [None]  # one pass, not asked to keep its hidden states
+    with pytest.raises(IndexError, match="0..6"), torch.no_grad():  # MiniLM has hidden states 0-6
+        EduClassifierForSequenceClassification(EduClassifierConfig(
+            encoder_config=encoder.config.to_dict(), pool_layers=[2, 7]), encoder).embed(batch["input_ids"])
 
     def out_of_memory(block, args, output):
         raise torch.OutOfMemoryError("CUDA out of memory")
