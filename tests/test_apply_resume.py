@@ -78,6 +78,17 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
     sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
 
 
+def failed_run_stderr(proc: subprocess.Popen, timeout: int) -> str:
+    """The stderr of a run that must fail on its own (exit 1) within `timeout`; if it hangs, its group is killed."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 1, stderr[-3000:]
+    return stderr
+
+
 @pytest.mark.slow
 def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives_the_clean_result(cli_tasks4,
                                                                                                   tmp_path):
@@ -101,17 +112,14 @@ def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives
                     break
         time.sleep(0.05)
     assert rank is not None, "no scoring task was seen running"
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, stderr[-3000:]
+    stderr = failed_run_stderr(proc, timeout=120)
     # that task, or the next one if its worker had just finished it (its completion written, its result not sent)
     assert (re.search(r"stage filter failed: the process of task \d was killed before the task finished", stderr)
             and "fewer --workers" in stderr), stderr[-3000:]
     time.sleep(2)
     left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left, before failing on it
     assert not left.strip(), f"processes of the run left behind:\n{left}"
     res = run_cli(args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -140,12 +148,7 @@ def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(
         time.sleep(0.05)
     stat = (folder / "part0.jsonl").stat()
     os.utime(folder / "part0.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # replaced, for the run
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, stderr[-3000:]
+    stderr = failed_run_stderr(proc, timeout=300)
     assert "part0.jsonl was replaced during this run" in stderr and "was killed" not in stderr, stderr[-3000:]
 
 
