@@ -104,16 +104,17 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
             return pool(self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state,
                         attention_mask, pooling)
         if self.encoder.config.model_type in BLOCKS_MAKE_HIDDEN_STATES and not torch.is_grad_enabled():
-            return self._pool_as_they_pass(self.encoder.encoder.layer, input_ids, encoder_mask, attention_mask)
+            return self._pool_as_they_pass(input_ids, encoder_mask, attention_mask)
         # training keeps every hidden state for the backward pass anyway
         hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask, output_hidden_states=True).hidden_states
         return torch.cat([pool(hidden[i], attention_mask, pooling) for i in layers], dim=-1)
 
-    def _pool_as_they_pass(self, blocks: nn.ModuleList, input_ids, encoder_mask, attention_mask) -> torch.Tensor:
+    def _pool_as_they_pass(self, input_ids, encoder_mask, attention_mask) -> torch.Tensor:
         """The pooled layers of a BERT-family encoder, each pooled as the block making it returns: hidden state i is
         the output of block i-1 (0: the input of block 0) and the last is `last_hidden_state`. Asking the encoder for
         its hidden states instead would hold all of them until the end: 13 x batch x tokens x hidden for BERT-base,
         ~10 GB of GPU memory at 1,024 documents of 512 tokens in bf16, where this holds one at a time."""
+        blocks = self.encoder.encoder.layer
         n, pooling, caller = len(blocks), self.config.pooling, threading.get_ident()
         if any(not -(n + 1) <= i <= n for i in self.config.pool_layers):
             raise IndexError(f"pool_layers {self.config.pool_layers}: this encoder has hidden states 0..{n}")

@@ -114,6 +114,10 @@ def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
     return None
 
 
+def task_log(out: str, stage: str, rank: int) -> Path:
+    return Path(out) / "logs" / stage / "logs" / f"task_{rank:05d}.log"
+
+
 def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False) -> str:
     """Names the stage, the tasks that did not complete and the first one's log with its last error line, or, for a
     Slurm chain (`slurm`), Slurm's own reason when Slurm stopped one of its jobs (a time limit, say), with what to
@@ -126,7 +130,7 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False) -
     if killed is not None:
         return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {killed[0]} (it "
                 f"resumes: finished tasks are kept); log: {killed[1]}")
-    log = logs / "logs" / f"task_{missing[0]:05d}.log" if missing else logs
+    log = task_log(out, name, missing[0]) if missing else logs
     if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
         # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
         slurm_logs = sorted((logs / "slurm_logs").glob("*.out"), key=lambda p: p.stat().st_mtime)
@@ -303,7 +307,7 @@ def killed_task_message(out: str, stage: str, rank: int) -> str:
     return (f"stage {stage} failed: the process of task {rank} was killed before the task finished, most often by "
             "the kernel's out-of-memory killer (`dmesg` or `journalctl -k` says): run the same command again with "
             "fewer --workers (or a smaller --batch-size while scoring); it resumes, finished tasks are kept; log: "
-            f"{Path(out) / 'logs' / stage / 'logs' / f'task_{rank:05d}.log'}")
+            f"{task_log(out, stage, rank)}")
 
 
 def killed_task(logs: str, stage: str) -> int | None:

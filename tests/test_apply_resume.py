@@ -48,12 +48,29 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
 
+def fixture_args_into(cli_tasks4, out: Path) -> list[str]:
+    """The fixture's command, writing into `out`."""
+    tmp, args = cli_tasks4
+    return [a.replace(str(tmp / "out"), str(out)) for a in args]
+
+
+def rerun_gives_the_clean_result(cli_tasks4, out: Path, args: list[str], env: dict | None = None) -> str:
+    """Runs `args` again and checks it ends with what the fixture's clean run wrote: the same ids kept, removed and
+    failed, none twice, counts adding up. Returns the rerun's stderr."""
+    res = run_cli(args, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(cli_tasks4[0] / "out"), read_outputs(out)
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"]
+    return res.stderr
+
+
 def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None) -> None:
     """Runs the fixture's command into `out` (with `extra` options and `env`), SIGKILLs its whole process group once
     a scoring task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run
     wrote."""
-    tmp, args = cli_tasks4
-    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + extra
+    args = fixture_args_into(cli_tasks4, out) + extra
     proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # with Ray, an instance it starts shares the group
     completions = out / "logs" / "filter" / "completions"
@@ -63,14 +80,9 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    res = run_cli(args, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    stderr = rerun_gives_the_clean_result(cli_tasks4, out, args, env)
     if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
-        assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in res.stderr, res.stderr[-3000:]
-    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
-    assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((out / "stats.json").read_text())["adds_up"]
+        assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in stderr, stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -95,9 +107,8 @@ def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives
     """The kernel's out-of-memory killer takes one process: a local worker in the middle of a scoring task. The
     process pool would wait for that task forever; the run instead stops within seconds, naming the task and what to
     change, leaves no process behind, and the same command then ends with the clean run's result."""
-    tmp, args = cli_tasks4
     out = tmp_path / "out"
-    args = [a.replace(str(tmp / "out"), str(out)) for a in args]
+    args = fixture_args_into(cli_tasks4, out)
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     running, completions = out / "logs" / "filter" / "running", out / "logs" / "filter" / "completions"
@@ -121,25 +132,21 @@ def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left, before failing on it
     assert not left.strip(), f"processes of the run left behind:\n{left}"
-    res = run_cli(args, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    clean, resumed = read_outputs(tmp / "out"), read_outputs(out)
-    assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((out / "stats.json").read_text())["adds_up"] and not list(running.iterdir())
+    rerun_gives_the_clean_result(cli_tasks4, out, args)
+    assert not list(running.iterdir())
 
 
 @pytest.mark.slow
 def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(cli_tasks4, tmp_path):
     """With two workers, a task that raises ends datatrove's process pool, which kills the task running beside it
     mid-run: the run names the failure that started it (an input file replaced during the run), not a killed task."""
-    tmp, args = cli_tasks4
-    rows = (tmp / "in.jsonl").read_bytes().splitlines(keepends=True)
+    source = cli_tasks4[0] / "in.jsonl"
+    rows = source.read_bytes().splitlines(keepends=True)
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     for i in range(4):  # a file per task
         (folder / f"part{i}.jsonl").write_bytes(b"".join(rows[i::4]))
-    args = [str(folder) if a == str(tmp / "in.jsonl") else a.replace(str(tmp / "out"), str(out)) for a in args]
+    args = [str(folder) if a == str(source) else a for a in fixture_args_into(cli_tasks4, out)]
     proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     signatures = out / "logs" / "minhash-signatures" / "completions"
@@ -204,9 +211,8 @@ def test_a_ray_cluster_this_run_cannot_join_is_refused_at_once_saying_why(cli_ta
     connect"; the run says which it is and what to do, before anything is written. With the token it joins."""
     import secrets
 
-    tmp, args = cli_tasks4
     out = tmp_path / "out"
-    args = [a.replace(str(tmp / "out"), str(out)) for a in args] + ["--executor", "ray"]
+    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray"]
     token = secrets.token_hex(32)
     joins = [sys.executable, "-c", "from edu_filter.filters.apply import RayOptions; "
              "from edu_filter.filters.executors import connect_ray; connect_ray(RayOptions())"]
