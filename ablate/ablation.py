@@ -22,7 +22,14 @@ from pathlib import Path
 
 from edu_filter import provenance
 from edu_filter.ablate.packing import iter_texts, read_packed, write_tokens, write_train_val
-from edu_filter.ablate.pretrain import PretrainConfig, cpu_threads, init_distributed, parse_overrides, pretrain
+from edu_filter.ablate.pretrain import (
+    PretrainConfig,
+    cpu_threads,
+    init_distributed,
+    parse_overrides,
+    preparation_barrier,
+    pretrain,
+)
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import InputError, check_writable_output
 
@@ -105,17 +112,18 @@ def ablate(
     cfg = PretrainConfig.from_preset(preset, parsed_overrides, tokens=tokens, seed=seed, **extra)
     rank, _, world = init_distributed()
 
-    # --- tokenizer and token files (first process only; the others wait and read them) ------------------------------
+    # --- tokenizer (first process), then token files (one dataset per process, in turn); the others wait -------------
+    wait = preparation_barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer)
         tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, text_field, tokenizer_sample_chars)
-        infos = _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction)
-    if world > 1:
-        dist.barrier()
+    wait()
     if rank != 0:
         tok = load_tokenizer(out / "tokenizer")
-        infos = {}
+    _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction, rank, world)
+    wait()
+    infos = _packed_infos(out, datasets) if rank == 0 else {}
     eval_paths = {f"{name}/val": out / "tokens" / name / "val.bin" for name in datasets}
     eval_paths.update({name: out / "tokens" / "eval" / f"{name}.bin" for name in references})
 
@@ -364,11 +372,22 @@ def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size:
 
 
 def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: PretrainConfig, text_field: str,
-                    val_fraction: float) -> dict:
-    """Pack each dataset (train + held-out val) and each reference set, reading only what the budget needs."""
+                    val_fraction: float, rank: int = 0, world: int = 1) -> None:
+    """Pack each dataset (train + held-out val) and each reference set not packed yet, reading only what the budget
+    needs. Under torchrun the sets are shared out, `rank` packing every `world`-th one, so two datasets take the time
+    of one; each set is packed by one process, the same as by a single one."""
     window = cfg.context + 1
-    infos = {}
-    for name, path in datasets.items():
+    sets = [("--data", name, path) for name, path in datasets.items()] + [
+        ("--eval", name, path) for name, path in references.items()]
+    for option, name, path in sets[rank::world]:
+        if option == "--eval":
+            file = out / "tokens" / "eval" / f"{name}.bin"
+            if not file.with_suffix(".json").exists():
+                info = write_tokens(iter_texts(path, text_field), tok, file, cfg.eval_tokens + window)
+                if info.tokens < window:
+                    raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of "
+                                     f"{window}")
+            continue
         folder = out / "tokens" / name
         packed = read_packed(folder)
         if packed:
@@ -384,14 +403,15 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
+
+
+def _packed_infos(out: Path, datasets: dict) -> dict:
+    """What the report says of each packed dataset, whichever process packed it."""
+    infos = {}
+    for name in datasets:
+        train, val = read_packed(out / "tokens" / name)
         infos[name] = {"train_tokens": train.tokens, "train_documents": train.documents, "val_tokens": val.tokens,
                        "val_documents": val.documents, "read_to_end": train.complete}
-    for name, path in references.items():
-        file = out / "tokens" / "eval" / f"{name}.bin"
-        if not file.with_suffix(".json").exists():
-            info = write_tokens(iter_texts(path, text_field), tok, file, cfg.eval_tokens + window)
-            if info.tokens < window:
-                raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of {window}")
     return infos
 
 

@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -227,6 +229,19 @@ def init_distributed() -> tuple[int, int, int]:
     if dist.is_initialized():
         return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
     return 0, 0, 1
+
+
+PREPARATION_TIMEOUT = timedelta(days=3)  # tokenizing tens of billions of tokens takes hours, not the NCCL 10 minutes
+
+
+def preparation_barrier() -> Callable[[], None]:
+    """A barrier for ranks that wait while others tokenize the datasets. A barrier of the training process group
+    would end them after its timeout (NCCL's default: 10 minutes), long before a 10B-token dataset is packed; this
+    one is a gloo group of its own whose ranks wait on a socket, without that timeout. Every rank must call it."""
+    if not dist.is_initialized():
+        return lambda: None
+    group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    return lambda: dist.barrier(group=group)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

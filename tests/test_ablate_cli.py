@@ -115,9 +115,10 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
-    """torchrun with 2 CPU processes (gloo) splits each batch across ranks: same samples, same averaged gradient."""
-    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--preset", "tiny", "--tokens", "3072", *MICRO,
-              "--override", "batch_tokens=512"]
+    """torchrun with 2 CPU processes (gloo) splits each batch across ranks: same samples, same averaged gradient.
+    The ranks share out the packing (rank 0 the dataset, rank 1 the reference set): the same token files."""
+    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--eval", f"reference={WEB_VAL}", "--preset", "tiny",
+              "--tokens", "3072", *MICRO, "--override", "batch_tokens=512"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "edu_filter.cli", *common, "-o", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -126,8 +127,11 @@ def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     ddp = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "edu_filter.cli", *common,
                           "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = json.loads((tmp_path / "one/report.json").read_text())["runs"]["edu"]
-    two = json.loads((tmp_path / "two/report.json").read_text())["runs"]["edu"]
+    for file in ("edu/train.bin", "edu/val.bin", "eval/reference.bin", "eval/reference.json"):
+        assert (tmp_path / "two/tokens" / file).read_bytes() == (tmp_path / "one/tokens" / file).read_bytes(), file
+    one_report, two_report = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two"))
+    assert two_report["datasets"] == one_report["datasets"]  # token and document counts, read by rank 0
+    one, two = one_report["runs"]["edu"], two_report["runs"]["edu"]
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["tokens_seen"] == one["tokens_seen"] == 3072
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)

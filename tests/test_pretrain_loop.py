@@ -172,6 +172,43 @@ def test_ddp_ranks_stop_together_when_only_one_has_passed_the_time_limit(corpus,
     assert records == [{"steps": 1, "finished": False}] * 2
 
 
+# Two ranks of a gloo group whose collectives time out after 2 s (NCCL's default is 10 minutes); rank 0 prepares
+# for 6 s, as it tokenizes a large dataset, while rank 1 waits at the preparation barrier; each prints "ready".
+PREPARING = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from edu_filter.ablate.pretrain import preparation_barrier
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))
+wait = preparation_barrier()
+if dist.get_rank() == 0:
+    time.sleep(6)
+wait()
+dist.barrier()  # the training group still works after the wait
+print("ready", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_the_preparation_longer_than_the_training_groups_timeout():
+    """Under torchrun the first rank trains the tokenizer and packs the datasets, for hours at 10B tokens, while the
+    others wait. Waiting in a barrier of the training group would end them at its timeout; two real processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-c", PREPARING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(rank)}) for rank in range(2)]
+    try:
+        outputs = [r.communicate(timeout=120) for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert [stdout for stdout, _ in outputs] == ["ready\n"] * 2
+
+
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA B200", 2250e12),
