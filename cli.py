@@ -231,13 +231,16 @@ def score(
     show_prompt: Optional[str] = typer.Option(None, metavar="<name>",
                                               help="Print the named prompt (web, code, file) and exit."),
     backend: str = typer.Option(SCORE.backend, help="openai (any OpenAI-compatible URL), vllm, sglang, script, transformers."),
-    base_url: Optional[str] = typer.Option(SCORE.base_url, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
+    base_url: Optional[list[str]] = typer.Option(
+        None, metavar="<url>", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1. Repeat it for several servers of one "
+        "model: each request goes to the least busy, and a server lost mid-run is left out."
+    ),
     model: Optional[str] = typer.Option(
         SCORE.model, help="Served name, hub id, folder or .gguf file (openai: optional when the server serves one model)."
     ),
     api: str = typer.Option(SCORE.api, help="chat (/v1/chat/completions) or completion (/v1/completions)."),
     api_key_env: str = typer.Option(SCORE.api_key_env, help="Environment variable holding the API key."),
-    concurrency: int = typer.Option(SCORE.concurrency, help="Requests in flight (batch size for transformers)."),
+    concurrency: int = typer.Option(SCORE.concurrency, help="Requests in flight per server (batch size for transformers)."),
     timeout: float = typer.Option(
         SCORE.timeout, help="Seconds without any answer from the server before a request is retried (queued requests "
         "back off concurrency instead)."

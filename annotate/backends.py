@@ -15,9 +15,9 @@ import random
 import re
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import orjson
 
@@ -162,26 +162,54 @@ class InFlightLimit:
             self.generation += 1
 
 
+@dataclass
+class Endpoint:
+    """One server of the model: its requests in flight, when it last answered, and whether it is left out for now."""
+
+    base_url: str
+    concurrency: int
+    requests: int = 0  # sent to it, retries included
+    answers: int = 0  # 200 answers it gave
+    lost: int = 0  # tries it did not answer (connection errors, timeouts)
+    lost_in_a_row: int = 0
+    benched_until: float = 0.0  # monotonic time before which it gets no new request while another server can take it
+    last_answer: float = 0.0  # monotonic time of its last 200 answer
+    limit: InFlightLimit = field(init=False)
+
+    def __post_init__(self):
+        self.limit = InFlightLimit(self.concurrency)
+
+
+BENCH_MAX_S = 60.0  # the longest a server that stopped answering is left out before one request tries it again
+
+
 class OpenAIBackend:
-    """Async client for `/v1/chat/completions` or `/v1/completions`.
+    """Async client for `/v1/chat/completions` or `/v1/completions` of one server, or of several serving one model.
 
     One aiohttp session and connection pool for the whole run, requests serialised with orjson, bounded in-flight
-    requests (`concurrency`), and retries with exponential backoff and jitter on 408, 429, 5xx, timeouts and
-    connection errors (honouring `Retry-After`). The API key goes to every route.
+    requests (`concurrency` per server), and retries with exponential backoff and jitter on 408, 429, 5xx, timeouts
+    and connection errors (honouring `Retry-After`). The API key goes to every route.
 
-    On entry `/models` is read once: a `model` the server does not serve is refused naming what it serves, unless it
-    serves exactly one model (llama.cpp serves one under any name), whose name is then used; `model=None` takes that
+    Several servers (`base_url` a list: vLLM replicas on several nodes, say) are used as one: each request goes to
+    the server with the most free places. A server that does not answer (refused connection, dropped connection,
+    timeout) is left out for 1 s, then 2, 4 ... up to a minute between single tries, and the request goes at once to
+    another server, without using up its retries; so a server lost mid-run costs no document.
+
+    On entry `/models` is read once per server: a `model` a server does not serve is refused naming what it serves,
+    unless it serves exactly one model (llama.cpp serves one under any name), whose name is then used; `model=None`
+    takes that one model. Servers that would answer with different models are refused: one run's labels come from
     one model. `self.model` is the name used, `self.notes` says when it is not the one asked for.
 
-    Timeouts: a request is abandoned (and retried) only when the server has sent no answer at all for `timeout`
+    Timeouts: a request is abandoned (and retried) only when its server has sent no answer at all for `timeout`
     seconds since it was sent. A request older than `timeout` while other answers keep arriving is queued behind
     them (a one-request-at-a-time server with many requests in flight): it keeps waiting and the number of requests
-    in flight is halved instead, so the queue fits in the timeout without throwing away work the server will do.
+    in flight to that server is halved instead, so the queue fits in the timeout without throwing away work the
+    server will do.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str | None,
         settings: GenerationSettings = GenerationSettings(),
         api: str = "chat",
@@ -194,13 +222,16 @@ class OpenAIBackend:
     ):
         if api not in ("chat", "completion"):
             raise InputError(f"api must be 'chat' or 'completion', got {api!r}")
-        path = "/chat/completions" if api == "chat" else "/completions"
-        self.base_url = base_url.rstrip("/")
-        self.url = self.base_url + path
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise InputError("no server to ask: give a base URL")
+        self.path = "/chat/completions" if api == "chat" else "/completions"
+        self.endpoints = [Endpoint(url, concurrency) for url in dict.fromkeys(u.rstrip("/") for u in urls)]
         self.model = model
         self.api = api
         self.settings = settings
         self.concurrency = concurrency
+        self.capacity = concurrency * len(self.endpoints)  # requests in flight over all servers
         self.timeout = timeout
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
@@ -211,18 +242,16 @@ class OpenAIBackend:
         self.notes: list[str] = []
         self.stats = RequestStats(concurrency=concurrency)
         self._session = None
-        self._limit: InFlightLimit | None = None
-        self._last_answer = 0.0  # monotonic time of the last 200 answer
 
     async def __aenter__(self) -> OpenAIBackend:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self.capacity, limit_per_host=self.concurrency, ttl_dns_cache=300)
         # no total timeout on the session: `_send` decides when a request is abandoned
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        self._limit = InFlightLimit(self.concurrency)
         try:
-            self._choose_model(await self._served_models())
+            served = [await self._served_models(e.base_url) for e in self.endpoints]
+            self.model = self._choose_model(served)
         except BaseException:
             await self._session.close()
             raise
@@ -230,7 +259,7 @@ class OpenAIBackend:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        self.stats.concurrency = self._limit.limit
+        self.stats.concurrency = min(e.limit.limit for e in self.endpoints)
         await self._session.close()
 
     def _fatal(self, url: str, status: int, raw: bytes, at_start: bool = False) -> BackendError:
@@ -241,11 +270,11 @@ class OpenAIBackend:
         error = BackendSetupError if at_start else BackendError
         return error(f"{url} answered {status} ({_FATAL_STATUSES[status]}): {message}. {hint}.")
 
-    async def _served_models(self) -> list[str] | None:
+    async def _served_models(self, base_url: str) -> list[str] | None:
         """The model ids the server lists; None when it answers but gives no list."""
         import aiohttp
 
-        url = self.base_url + "/models"
+        url = base_url + "/models"
         reason = ""
         for retry in range(self.max_retries + 1):
             retry_after = None
@@ -254,7 +283,7 @@ class OpenAIBackend:
                 async with self._session.get(url, headers=self.headers, timeout=timeout) as resp:
                     status, raw, retry_after = resp.status, await resp.read(), resp.headers.get("Retry-After")
             except aiohttp.ClientConnectorError as e:  # fail fast on a wrong URL instead of retrying every document
-                raise BackendSetupError(f"cannot reach {self.base_url}: {e}") from e
+                raise BackendSetupError(f"cannot reach {base_url}: {e}") from e
             except asyncio.TimeoutError:
                 reason = f"no answer within {self.timeout:g}s"
             except aiohttp.ClientError as e:
@@ -271,23 +300,31 @@ class OpenAIBackend:
                 await asyncio.sleep(self._delay(retry, retry_after))
         raise BackendSetupError(f"{url} did not answer: {reason} (gave up after {self.max_retries + 1} tries)")
 
-    def _choose_model(self, served: list[str] | None) -> None:
+    def _model_of(self, base_url: str, served: list[str] | None) -> str:
+        """The name to ask `base_url` for: the asked model, or the one model it serves."""
         if not served:
             if self.model is None:
-                raise BackendSetupError(f"{self.base_url}/models lists no model: name the model with --model")
-            return
+                raise BackendSetupError(f"{base_url}/models lists no model: name the model with --model")
+            return self.model
         if self.model in served:
-            return
+            return self.model
         if len(served) == 1:
             if self.model is not None:
-                self.notes.append(f"{self.base_url} serves only {served[0]!r}; using that name instead of "
+                self.notes.append(f"{base_url} serves only {served[0]!r}; using that name instead of "
                                   f"--model {self.model!r}")
-            self.model = served[0]
-            return
+            return served[0]
         listed = ", ".join(repr(m) for m in served)
         if self.model is None:
-            raise BackendSetupError(f"{self.base_url} serves several models ({listed}): choose one with --model")
-        raise BackendSetupError(f"--model {self.model!r} is not served by {self.base_url}; it serves {listed}")
+            raise BackendSetupError(f"{base_url} serves several models ({listed}): choose one with --model")
+        raise BackendSetupError(f"--model {self.model!r} is not served by {base_url}; it serves {listed}")
+
+    def _choose_model(self, served: list[list[str] | None]) -> str:
+        names = {e.base_url: self._model_of(e.base_url, s) for e, s in zip(self.endpoints, served)}
+        if len(set(names.values())) > 1:
+            said = "; ".join(f"{url} serves {name!r}" for url, name in names.items())
+            raise BackendSetupError(f"the servers do not serve one model ({said}): one run's labels must come from "
+                                    "one model; give --model, or only the --base-url of servers of the same model")
+        return next(iter(names.values()))
 
     def _payload(self, prompt: str) -> bytes:
         body = dict(self._base_body)
@@ -313,34 +350,53 @@ class OpenAIBackend:
                 pass  # an HTTP date: fall back to our own backoff
         return min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
 
-    async def _post(self, body: bytes) -> tuple[int, bytes, str | None]:
-        async with self._session.post(self.url, data=body, headers=self.headers) as resp:
+    def _pick(self) -> Endpoint:
+        """The server for the next try: of those not left out (else the one back soonest), the most free places."""
+        now = time.monotonic()
+        ready = [e for e in self.endpoints if e.benched_until <= now]
+        if not ready:
+            ready = [min(self.endpoints, key=lambda e: e.benched_until)]
+        return max(ready, key=lambda e: (e.limit.limit - e.limit.in_flight, -e.requests))
+
+    def _bench(self, endpoint: Endpoint) -> bool:
+        """Leaves a server that did not answer out for a while; True when another server can take the request now."""
+        endpoint.lost += 1
+        endpoint.lost_in_a_row += 1
+        now = time.monotonic()
+        endpoint.benched_until = now + min(BENCH_MAX_S, 2.0 ** min(endpoint.lost_in_a_row - 1, 10))
+        return any(e.benched_until <= now for e in self.endpoints)
+
+    async def _post(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
+        async with self._session.post(endpoint.base_url + self.path, data=body, headers=self.headers) as resp:
             raw = await resp.read()
             if resp.status == 200:
-                self._last_answer = time.monotonic()
+                endpoint.last_answer = time.monotonic()
+                endpoint.answers += 1
             return resp.status, raw, resp.headers.get("Retry-After")
 
-    async def _send(self, body: bytes) -> tuple[int, bytes, str | None]:
-        """POST within the in-flight limit; raises asyncio.TimeoutError when the server has answered nothing for
-        `timeout` seconds since the request was sent (see the class docstring)."""
-        async with self._limit:
+    async def _send(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
+        """POST within the server's in-flight limit; raises asyncio.TimeoutError when the server has answered nothing
+        for `timeout` seconds since the request was sent (see the class docstring)."""
+        limit = endpoint.limit
+        async with limit:
             self.stats.requests += 1
-            generation = self._limit.generation
+            endpoint.requests += 1
+            generation = limit.generation
             sent = time.monotonic()
-            request = asyncio.ensure_future(self._post(body))
+            request = asyncio.ensure_future(self._post(endpoint, body))
             queued = False
             try:
                 while True:
-                    silent_until = max(sent, self._last_answer) + self.timeout
+                    silent_until = max(sent, endpoint.last_answer) + self.timeout
                     wake = silent_until if queued else min(silent_until, sent + self.timeout)
                     done, _ = await asyncio.wait((request,), timeout=max(0.0, wake - time.monotonic()))
                     if done:
                         return request.result()
-                    if time.monotonic() >= max(sent, self._last_answer) + self.timeout:
+                    if time.monotonic() >= max(sent, endpoint.last_answer) + self.timeout:
                         raise asyncio.TimeoutError
                     if not queued:  # older than the timeout, but answers keep coming: queued behind them
                         queued = True
-                        self._limit.shrink(generation)
+                        limit.shrink(generation)
             finally:
                 if not request.done():
                     request.cancel()
@@ -351,15 +407,21 @@ class OpenAIBackend:
 
         body = self._payload(prompt)
         reason = ""
-        for retry in range(self.max_retries + 1):
+        retry = tries = rerouted = 0
+        while True:
+            endpoint = self._pick()
+            tries += 1
             retry_after = None
+            answered = False
             try:
-                status, raw, retry_after = await self._send(body)
+                status, raw, retry_after = await self._send(endpoint, body)
             except asyncio.TimeoutError:
-                reason = f"timeout: the server sent no answer for {self.timeout:g}s"
+                reason = f"timeout: {endpoint.base_url} sent no answer for {self.timeout:g}s"
             except aiohttp.ClientError as e:
                 reason = f"connection: {type(e).__name__}: {e}"
             else:
+                answered = True
+                endpoint.lost_in_a_row = 0
                 if status == 200:
                     try:
                         return self._answer(raw)
@@ -367,17 +429,29 @@ class OpenAIBackend:
                         body_text = _shorten(raw.decode("utf-8", "replace"))
                         reason = f"bad response: {type(e).__name__} reading {body_text!r}"
                 elif status in _FATAL_STATUSES:
-                    raise self._fatal(self.url, status, raw)
+                    raise self._fatal(endpoint.base_url + self.path, status, raw)
                 else:
                     code, message, overflow = read_error(raw)
                     reason = f"http {status}{' ' + code if code else ''}: {message}"
                     if status not in (408, 429) and status < 500:
                         # 400, 413, 422...: this document's request is wrong (e.g. longer than the context)
                         raise RequestFailed(reason, overflow)
-            if retry < self.max_retries:
+            # no answer at all: that server is left out for a while, and another one takes the request at once
+            if not answered and self._bench(endpoint) and rerouted < len(self.endpoints) - 1:
+                rerouted += 1
                 self.stats.retries += 1
-                await asyncio.sleep(self._delay(retry, retry_after))
-        raise RequestFailed(f"{reason} (gave up after {self.max_retries + 1} tries)")
+                continue
+            if retry >= self.max_retries:
+                break
+            self.stats.retries += 1
+            await asyncio.sleep(self._delay(retry, retry_after))
+            retry += 1
+            rerouted = 0
+        raise RequestFailed(f"{reason} (gave up after {tries} tries)")
+
+    def answers_per_server(self) -> dict[str, tuple[int, int]]:
+        """Per server: answers given, and tries it did not answer."""
+        return {e.base_url: (e.answers, e.lost) for e in self.endpoints}
 
 
 # --------------------------------------------------------------------------------------------------------------------

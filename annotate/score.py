@@ -86,7 +86,7 @@ class ScoreConfig:
     # who answers
     backend: str = "openai"  # openai (any OpenAI-compatible URL), vllm, sglang, script or transformers
     model: str | None = None  # served name, hub id, folder or .gguf file (openai: optional if the server serves one)
-    base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
+    base_url: str | list[str] | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1, or several servers
     api: str = "chat"  # chat (/v1/chat/completions) or completion (/v1/completions)
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key
     # sampling: FineWeb-Edu's annotation settings
@@ -94,7 +94,7 @@ class ScoreConfig:
     top_p: float = GenerationSettings.top_p
     max_tokens: int = GenerationSettings.max_tokens
     # requests
-    concurrency: int = 16  # requests in flight (the batch size for transformers)
+    concurrency: int = 16  # requests in flight per server (the batch size for transformers)
     timeout: float = 120.0  # seconds without any answer before a request is retried
     max_retries: int = 5  # on 429, 5xx, timeouts and connection errors
     retry_backoff: float = 1.0  # first retry delay in seconds (doubles each retry, jittered)
@@ -126,12 +126,20 @@ class ScoreConfig:
     def generation(self) -> GenerationSettings:
         return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
 
+    def base_urls(self) -> list[str]:
+        """The servers to ask (openai backend), each once."""
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
+        return list(dict.fromkeys(u.rstrip("/") for u in urls if u))
+
     def check(self) -> None:
         """Every option, before any document is read or anything is written; raises InputError naming it."""
         if self.backend not in BACKENDS:
             raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.backend == "openai" and not self.base_url:
+        if self.backend == "openai" and not self.base_urls():
             raise InputError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend != "openai" and len(self.base_urls()) > 1:
+            raise InputError(f"several --base-url are for the openai backend; the {self.backend} backend asks the "
+                             "one server it starts")
         if self.backend != "openai":
             if not self.model:
                 raise InputError(f"the {self.backend} backend needs --model (the model to load: folder, hub id or file)")
@@ -195,6 +203,7 @@ class ScoreSummary:
     model: str = ""  # the model asked (as the server serves it)
     concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
     notes: list[str] = field(default_factory=list)
+    servers: dict[str, tuple[int, int]] = field(default_factory=dict)  # several servers: answers, tries unanswered
     selection: str = ""  # how the documents were chosen, when not a plain read or uniform sample
     output: str = ""
     cache: str = ""
@@ -474,7 +483,7 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 cfg.model, settings=cfg.generation(), api=cfg.api, batch_size=cfg.concurrency, device=cfg.device,
                 seed=cfg.seed))
         else:
-            base_url = cfg.base_url
+            base_url = cfg.base_urls()
             if cfg.backend in SERVER_BACKENDS:
                 base_url = await stack.enter_async_context(managed_server(cfg.server()))
             backend = await stack.enter_async_context(OpenAIBackend(
@@ -488,8 +497,10 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
         scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
+        workers = getattr(backend, "capacity", cfg.concurrency)  # every server's places filled
+
         async def score(batch, **streaming):
-            return await scorer.run(batch, cfg.concurrency, cfg.show_progress, cfg.progress_every, **streaming)
+            return await scorer.run(batch, workers, cfg.show_progress, cfg.progress_every, **streaming)
 
         if active is None:
             rows = await score(docs, write=write, total=total)
@@ -498,6 +509,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
     s = scorer.summary
     s.requests, s.retries = backend.stats.requests, backend.stats.retries
     s.model, s.notes = backend.model, backend.notes
+    if len(getattr(backend, "endpoints", ())) > 1:
+        s.servers = backend.answers_per_server()
     if backend.stats.concurrency is not None and backend.stats.concurrency < cfg.concurrency:
         s.concurrency = backend.stats.concurrency
     return rows, s
@@ -677,6 +690,8 @@ def print_summary(summary: ScoreSummary) -> None:
         table.add_row("asked again cut to fit the context", f"{summary.refits:,}")
     table.add_row("answers reused from cache", f"{summary.cached_answers:,}")
     table.add_row("requests sent (retries)", f"{summary.requests:,} ({summary.retries:,})")
+    for url, (answers, lost) in summary.servers.items():
+        table.add_row(f"answers from {url}", f"{answers:,}" + (f" [yellow]({lost:,} tries unanswered)" if lost else ""))
     if summary.concurrency is not None:
         table.add_row("concurrency after timeouts", f"[yellow]backed off to {summary.concurrency}")
     table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")

@@ -368,3 +368,80 @@ def test_memory_does_not_grow_with_the_input(server, tmp_path):
         rows = read_jsonl(out)
         assert len(rows) == n and rows[-1]["id"] == f"d{n - 1}" and rows[-1]["score"] == (n - 1) % 6
     assert peaks[12_000] - peaks[1_000] < 40, peaks  # holding the input added 120 MiB
+
+
+def test_several_servers_share_the_documents_and_one_killed_mid_run_costs_none(tmp_path):
+    """Two servers of one model, the second a process of its own killed with SIGKILL part-way (a lost node): requests
+    go to the least busy server, those in flight on the lost one go to the other at once without using up a retry
+    (there are none here), and every document is scored once, none failed."""
+    import socket
+    import threading
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    lost = subprocess.Popen([sys.executable, str(Path(__file__).parent / "llm_test_server.py"), "--host", "127.0.0.1",
+                             "--port", str(port), "--delay", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lost_url, kept = f"http://127.0.0.1:{port}/v1", LLMTestServer(delay=0.05).start()
+
+    def answered_by_lost() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+            return sum(orjson.loads(resp.read())["answered"].values())
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            answered_by_lost()
+            break
+        except OSError:
+            assert lost.poll() is None and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.1)
+
+    killed_after: list[int] = []
+
+    def kill_after_40_answers():
+        while (n := answered_by_lost()) < 40:
+            time.sleep(0.005)
+        lost.kill()
+        killed_after.append(n)
+
+    killer = threading.Thread(target=kill_after_40_answers, daemon=True)
+    try:
+        docs = [doc(f"d{i:03d}", score=i % 6) for i in range(300)]
+        src, out = write_jsonl(tmp_path / "in.jsonl", docs), tmp_path / "out.jsonl"
+        killer.start()
+        summary = score_documents([str(src)], out, base_url=[kept.base_url, lost_url], model="test-model",
+                                  concurrency=4, **{**FAST, "max_retries": 0, "timeout": 30.0})
+        killer.join(timeout=10)
+    finally:
+        lost.kill()
+        kept.stop()
+    assert killed_after and lost.wait(timeout=10) == -signal.SIGKILL
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [d["id"] for d in docs]
+    assert [r["score"] for r in rows] == [i % 6 for i in range(300)] and all(r["error"] is None for r in rows)
+    assert summary.scored == 300 and not summary.failed
+    (kept_answers, kept_lost), (lost_answers, lost_tries) = summary.servers[kept.base_url], summary.servers[lost_url]
+    assert kept_answers + lost_answers == 300 and kept_lost == 0
+    assert 40 <= lost_answers <= killed_after[0] + 4 and lost_tries >= 1  # it answered until killed, then nothing
+    assert kept_answers == sum(kept.answered.values()) and kept_answers > 150  # both shared, the survivor the rest
+
+
+def test_servers_of_different_models_are_refused_before_any_document(tmp_path):
+    from typer.testing import CliRunner
+
+    from edu_filter.cli import app
+
+    first, second = LLMTestServer(own_name="model-a").start(), LLMTestServer(own_name="model-b").start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc("a", score=3)])
+        result = CliRunner().invoke(app, ["score", str(src), "-o", str(tmp_path / "out.jsonl"), "--base-url",
+                                          first.base_url, "--base-url", second.base_url])
+    finally:
+        first.stop()
+        second.stop()
+    assert result.exit_code == 2, result.output
+    assert (f"the servers do not serve one model ({first.base_url} serves 'model-a'; {second.base_url} serves "
+            "'model-b')") in " ".join(result.output.split())
+    assert not first.requests and not second.requests and not (tmp_path / "out.jsonl").exists()
