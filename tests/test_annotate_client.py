@@ -211,7 +211,8 @@ def test_a_score_config_carries_the_settings_and_every_option_is_checked_before_
                          ({"concurrency": 0}, "--concurrency"), ({"top_p": 0}, "--top-p"),
                          ({"backend": "script"}, "script backend needs server_script"),
                          ({"backend": "transformers", "model": "./nowhere"}, "no such file or folder"),
-                         ({"prompt": "no-such-rubric"}, "unknown prompt"), ({"select": "active"}, "needs --sample")]:
+                         ({"prompt": "no-such-rubric"}, "unknown prompt"), ({"select": "active"}, "needs --sample"),
+                         ({"backend": "vllm", "base_url": ["http://a/v1", "http://b/v1"]}, "several --base-url")]:
         with pytest.raises(InputError, match=message):
             score_documents([str(unreadable)], tmp_path / "x.jsonl", config, **bad)
     with pytest.raises(TypeError):
