@@ -9,6 +9,7 @@ completion files for every executor, plus `squeue` on Slurm.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -18,9 +19,11 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
+import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
 
@@ -118,10 +121,10 @@ def task_log(out: str, stage: str, rank: int) -> Path:
     return Path(out) / "logs" / stage / "logs" / f"task_{rank:05d}.log"
 
 
-def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False) -> str:
+def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, lost: str | None = None) -> str:
     """Names the stage, the tasks that did not complete and the first one's log with its last error line, or, for a
     Slurm chain (`slurm`), Slurm's own reason when Slurm stopped one of its jobs (a time limit, say), with what to
-    change."""
+    change; `lost`: why Ray lost a task's worker (`ray_lost_worker`), said instead of the log's last line."""
     logs = Path(out) / "logs" / name
     done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
@@ -130,6 +133,8 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False) -
     if killed is not None:
         return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {killed[0]} (it "
                 f"resumes: finished tasks are kept); log: {killed[1]}")
+    if lost is not None:
+        return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {lost}; logs: {logs}"
     log = task_log(out, name, missing[0]) if missing else logs
     if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
         # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
@@ -257,14 +262,12 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
 def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=None):
     """`workers`: tasks at once (None on Ray: all of the stage's, as the cluster's resources allow)."""
     if executor == "ray":
-        from datatrove.executor.ray import RayPipelineExecutor
-
         gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
         at_once = min(workers or stage.tasks, stage.tasks)
         cpus = ray.scoring_cpus if stage.scores else ray.cpus_per_task
-        return RayPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
-                                   logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=ray.memory_gb(cpus) / cpus,
-                                   gpus_per_task=gpus, cpus_per_task=cpus)
+        return WatchedRayExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
+                                  logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=ray.memory_gb(cpus) / cpus,
+                                  gpus_per_task=gpus, cpus_per_task=cpus)
     return WatchedLocalExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
                                 logging_dir=f"{logs}/{stage.name}")
 
@@ -287,6 +290,113 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
         finally:  # ended, finished or raising: only a killed process leaves its file
             self.logging_dir.rm(marker)
+
+
+class WatchedRayTaskManager(datatrove_ray.RayTaskManager):
+    """datatrove's Ray task manager, keeping the last error of each rank's Ray task (`errors`), and failing a task
+    whose start fails (its actor killed by Ray's memory monitor, or its node lost, before the task runs)."""
+
+    def __init__(self, *args, errors: dict[int, BaseException], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors = errors
+
+    def submit_task(self, executor_ref, ranks_to_submit: list[int], remote_options: dict) -> Future:
+        """datatrove's, but where starting the task raises, the task's placement group and actors are removed and
+        its future fails. datatrove left the future unset, so the run waited for it forever, and the placement group
+        holding its CPUs, so the next tasks could not start either."""
+        import ray
+
+        submitted: Future = Future()
+
+        def start() -> None:
+            group, workers = None, []
+            try:
+                bundle = datatrove_ray.convert_remote_options_to_bundle(remote_options)
+                group = ray.util.placement_group([bundle] * self.nodes_per_task)
+                ray.get(group.ready())
+                workers = [ray.remote(datatrove_ray.RankWorker).options(
+                    placement_group=group, placement_group_bundle_index=i, **remote_options).remote()
+                    for i in range(self.nodes_per_task)]
+                node_ips = ray.get([worker.get_node_ip.remote() for worker in workers])
+                tasks = [worker.run_for_rank.remote(executor_ref, ranks_to_submit, node_ips, i)
+                         for i, worker in enumerate(workers)]
+            except Exception as e:  # noqa: BLE001 - the task fails; datatrove's wait() drops it with a warning
+                self.errors.update(dict.fromkeys(ranks_to_submit, e))
+                for worker in workers:
+                    with contextlib.suppress(Exception):
+                        ray.kill(worker)
+                if group is not None:
+                    with contextlib.suppress(Exception):
+                        ray.util.remove_placement_group(group)
+                submitted.set_exception(e)
+                return
+            task_group = datatrove_ray.TaskGroup(tasks=tasks, workers=workers, placement_group=group,
+                                                 ranks=ranks_to_submit)
+            for task in tasks:
+                self.task_to_group[task] = task_group
+                self.timeout_manager.add_task(task)
+            submitted.set_result(tasks)
+
+        self.pg_futures.append(self.executor.submit(start))
+        return submitted
+
+    def task_done(self, task):
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        group = self.task_to_group.get(task)
+        if group is not None:
+            try:
+                ray.get(task, timeout=0)  # finished: its result or its error, at once
+            except GetTimeoutError:
+                pass
+            except Exception as e:  # noqa: BLE001 - kept to explain the failure; datatrove decides what follows
+                self.errors.update(dict.fromkeys(group.ranks, e))
+            else:
+                for rank in group.ranks:
+                    self.errors.pop(rank, None)
+        return super().task_done(task)
+
+
+class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
+    """datatrove's Ray executor run with `WatchedRayTaskManager`: `task_errors` holds, per rank that did not
+    complete, Ray's last error for it (an actor killed for memory, a lost node, the task's own exception)."""
+
+    def run(self):
+        self.task_errors: dict[int, BaseException] = {}
+        made_by_datatrove = datatrove_ray.RayTaskManager
+        # datatrove's run() builds its task manager by this module-level name: ours for the length of the run
+        datatrove_ray.RayTaskManager = functools.partial(WatchedRayTaskManager, errors=self.task_errors)
+        try:
+            super().run()
+        finally:
+            datatrove_ray.RayTaskManager = made_by_datatrove
+
+    def __getstate__(self):  # Ray ships the executor to its workers: without the errors (exceptions, a lock)
+        state = self.__dict__.copy()
+        state.pop("task_errors", None)
+        return state
+
+
+def ray_lost_worker(errors: dict[int, BaseException], missing: list[int]) -> str | None:
+    """Why Ray lost a task that did not complete, and what to do, when it was Ray's doing (its memory monitor, a lost
+    node), not the task's own exception (whose traceback is in the task log)."""
+    from ray.exceptions import OutOfMemoryError, RayTaskError
+
+    for rank in missing:
+        error = errors.get(rank)
+        if error is None or isinstance(error, RayTaskError):
+            continue
+        said = " ".join(str(error).split())
+        if len(said) > 240:
+            said = said[:240].rsplit(" ", 1)[0] + " ..."
+        if "low on memory" in said or isinstance(error, OutOfMemoryError):
+            return (f"Ray lost the worker of task {rank}, its node low on memory ({type(error).__name__}: {said}): "
+                    "give each task more --ray-mem-gb, so that Ray packs fewer tasks on a node, and run the same "
+                    "command again; it resumes, finished tasks are kept")
+        return (f"Ray lost the worker of task {rank} ({type(error).__name__}: {said}): run the same command again; "
+                "it resumes, finished tasks are kept")
+    return None
 
 
 def _process_gone(pid: int) -> bool:
@@ -349,8 +459,9 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                         ex.run()
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks)) from e
-                    if ex.get_incomplete_ranks(skip_completed=True):
-                        raise StageFailed(failed_stage_message(out, stage.name, stage.tasks))
+                    if missing := ex.get_incomplete_ranks(skip_completed=True):
+                        lost = ray_lost_worker(getattr(ex, "task_errors", {}), missing)
+                        raise StageFailed(failed_stage_message(out, stage.name, stage.tasks, lost=lost))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.append(e)
 

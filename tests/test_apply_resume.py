@@ -240,6 +240,25 @@ def test_a_ray_driver_killed_on_a_running_cluster_then_rerun_gives_the_local_res
 
 
 @pytest.mark.slow
+def test_ray_workers_killed_for_memory_fail_the_stage_saying_so_and_the_rerun_completes(cli_tasks4, tmp_path):
+    """Ray's memory monitor kills task workers on a node short of memory (here: told that 1% of the machine's memory
+    is the most its processes may use). A worker killed as its task started left datatrove's run waiting forever,
+    silently; the stage now fails naming the task, Ray's reason and what to change, and the same command on a node
+    with room runs only what is missing, ending with the clean run's result."""
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray"]
+    starved = run_cli(args, env={"RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"},
+                      timeout=300)
+    assert starved.returncode == 1, starved.stderr[-3000:]
+    error = starved.stderr.strip().splitlines()[-1]
+    assert re.match(r"error: stage minhash-signatures failed \(\d/4 tasks did not complete: .*\): Ray lost the worker "
+                    r"of task \d, its node low on memory \(\w+Error: .*\): give each task more --ray-mem-gb",
+                    error), error
+    rerun_gives_the_clean_result(cli_tasks4, out, args)
+
+
+@pytest.mark.slow
 def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path, capsys):
     """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
     CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
