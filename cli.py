@@ -174,6 +174,11 @@ def train(
     ),
     epochs: int = typer.Option(TRAIN.epochs, help="finetune: passes over the training data."),
     learning_rate: float = typer.Option(TRAIN.learning_rate, help="finetune: encoder learning rate."),
+    dtype: Optional[str] = typer.Option(
+        TRAIN.dtype, help="head, finetune: what the encoder computes in, float32 or bfloat16 (autocast: the saved "
+        "weights stay float32). Default: bfloat16 on a GPU, as apply scores there; float32 on a CPU.",
+        show_default=False,
+    ),
     cache_dir: Optional[str] = typer.Option(TRAIN.cache_dir, help="Embedding cache (default ~/.cache/edu-filter)."),
     limit: Optional[int] = typer.Option(None, help="Read at most this many documents (quick runs)."),
     seed: int = typer.Option(TRAIN.seed),
@@ -195,7 +200,7 @@ def train(
     train_classifier(
         data, output, kind=kind, method=method, encoder=encoder, val=val, label_field=label_field,
         max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
-        learning_rate=learning_rate, cache_dir=cache_dir, pool_layers=layers, push_to_hub=push_to_hub,
+        learning_rate=learning_rate, dtype=dtype, cache_dir=cache_dir, pool_layers=layers, push_to_hub=push_to_hub,
         weight_field=None if weight_field.lower() == "none" else weight_field, learning_curve=learning_curve,
         overwrite=overwrite,
     )

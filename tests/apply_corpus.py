@@ -3,8 +3,10 @@
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -80,3 +82,54 @@ def read_outputs(out: Path) -> dict:
                 ids += [json.loads(line)["id"] for line in gzip.open(f)]
             found[f"{kind}/{reason_dir.name}"] = ids
     return found
+
+
+# --- the resume tests (local and Ray): the clean run of the `cli_tasks4` fixture, and runs compared with it ---------
+
+
+def fixture_args_into(cli_tasks4, out: Path) -> list[str]:
+    """The fixture's command, writing into `out`."""
+    tmp, args = cli_tasks4
+    return [a.replace(str(tmp / "out"), str(out)) for a in args]
+
+
+def rerun_gives_the_clean_result(cli_tasks4, out: Path, args: list[str], env: dict | None = None) -> str:
+    """Runs `args` again and checks it ends with what the fixture's clean run wrote: the same ids kept, removed and
+    failed, none twice, counts adding up. Returns the rerun's stderr."""
+    res = run_cli(args, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    clean, resumed = read_outputs(cli_tasks4[0] / "out"), read_outputs(out)
+    assert len(resumed["kept"]) == len(set(resumed["kept"]))
+    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
+    assert json.loads((out / "stats.json").read_text())["adds_up"]
+    return res.stderr
+
+
+def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None) -> None:
+    """Runs the fixture's command into `out` (with `extra` options and `env`), SIGKILLs its whole process group once
+    a scoring task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run
+    wrote."""
+    args = fixture_args_into(cli_tasks4, out) + extra
+    proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # with Ray, an instance it starts shares the group
+    completions = out / "logs" / "filter" / "completions"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    stderr = rerun_gives_the_clean_result(cli_tasks4, out, args, env)
+    if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
+        assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in stderr, stderr[-3000:]
+
+
+def failed_run_stderr(proc: subprocess.Popen, timeout: int) -> str:
+    """The stderr of a run that must fail on its own (exit 1) within `timeout`; if it hangs, its group is killed."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 1, stderr[-3000:]
+    return stderr

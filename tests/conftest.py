@@ -28,7 +28,7 @@ FIXTURE_MAX_LENGTH = 128
 
 
 # The longest files start first, so that the workers of `make test` finish together.
-LONGEST_FIRST = ("test_apply_slurm.py", "test_apply.py", "test_apply_resume.py")
+LONGEST_FIRST = ("test_apply_ray.py", "test_apply_slurm.py", "test_apply.py", "test_apply_resume.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -143,3 +143,25 @@ def server():
     srv = LLMTestServer().start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cli_tasks4(stock_classifier, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The clean `apply` run the resume tests (local and Ray) compare with: 4 tasks on 2 workers over a planted
+    corpus with duplicates and bad rows, into FOLDER/out, run once per test run. Returns FOLDER and its command."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from apply_corpus import planted_input, run_cli
+
+    def command(folder: Path) -> list[str]:
+        return ["apply", str(folder / "in.jsonl"), "--model", stock_classifier, "-o", str(folder / "out"),
+                "--threshold", "3", "--tasks", "4", "--workers", "2"]
+
+    def run(folder: Path) -> None:
+        planted_input(folder / "in.jsonl", n_unique=60, n_groups=8)
+        res = run_cli(command(folder))
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    folder = built_once(tmp_path_factory, "cli-tasks4", run)
+    return folder, command(folder)

@@ -1,15 +1,15 @@
-"""A killed `edu-filter apply` resumes without duplicates (SIGKILL on the local and Ray executors), and Ray runs
-the pipeline on an instance that is already running.
+"""A killed `edu-filter apply` resumes without duplicates on the local executor (SIGKILL to the run, to one worker),
+and a task that raises is the failure named (the Ray executor's are in `test_apply_ray.py`).
 
 The classifier is the stock MiniLM regression model of `test_apply.py`: its scores are meaningless but deterministic.
-These tests sit apart from `test_apply.py` so that `make test`'s workers can run them alongside it.
+These tests sit apart from `test_apply.py` so that `make test`'s workers can run them alongside it; the clean run
+they compare with is the session's `cli_tasks4` fixture (conftest.py), shared with `test_apply_ray.py`.
 """
 
 import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,23 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from edu_filter.filters.apply import run_apply
-
 sys.path.insert(0, str(Path(__file__).parent))
-from apply_corpus import CLI, ENV, planted_input, read_kept, read_outputs, run_cli  # noqa: E402
+from apply_corpus import (  # noqa: E402
+    CLI,
+    ENV,
+    failed_run_stderr,
+    fixture_args_into,
+    read_kept,
+    rerun_gives_the_clean_result,
+    sigkill_mid_scoring_then_rerun,
+)
 
-pytestmark = pytest.mark.slow  # datatrove pipelines, subprocesses and Ray in every test
-
-
-@pytest.fixture(scope="module")
-def cli_tasks4(stock_classifier, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli4")
-    planted_input(tmp / "in.jsonl", n_unique=60, n_groups=8)
-    args = ["apply", str(tmp / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp / "out"), "--threshold", "3",
-            "--tasks", "4", "--workers", "2"]
-    res = run_cli(args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, args
+pytestmark = pytest.mark.slow  # datatrove pipelines and subprocesses in every test
 
 
 @pytest.mark.slow
@@ -48,57 +43,9 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert kept.height == 0 or kept["int_score"].min() >= 3
 
 
-def fixture_args_into(cli_tasks4, out: Path) -> list[str]:
-    """The fixture's command, writing into `out`."""
-    tmp, args = cli_tasks4
-    return [a.replace(str(tmp / "out"), str(out)) for a in args]
-
-
-def rerun_gives_the_clean_result(cli_tasks4, out: Path, args: list[str], env: dict | None = None) -> str:
-    """Runs `args` again and checks it ends with what the fixture's clean run wrote: the same ids kept, removed and
-    failed, none twice, counts adding up. Returns the rerun's stderr."""
-    res = run_cli(args, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    clean, resumed = read_outputs(cli_tasks4[0] / "out"), read_outputs(out)
-    assert len(resumed["kept"]) == len(set(resumed["kept"]))
-    assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((out / "stats.json").read_text())["adds_up"]
-    return res.stderr
-
-
-def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None) -> None:
-    """Runs the fixture's command into `out` (with `extra` options and `env`), SIGKILLs its whole process group once
-    a scoring task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run
-    wrote."""
-    args = fixture_args_into(cli_tasks4, out) + extra
-    proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # with Ray, an instance it starts shares the group
-    completions = out / "logs" / "filter" / "completions"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
-    stderr = rerun_gives_the_clean_result(cli_tasks4, out, args, env)
-    if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
-        assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in stderr, stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
     sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
-
-
-def failed_run_stderr(proc: subprocess.Popen, timeout: int) -> str:
-    """The stderr of a run that must fail on its own (exit 1) within `timeout`; if it hangs, its group is killed."""
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 1, stderr[-3000:]
-    return stderr
 
 
 @pytest.mark.slow
@@ -157,153 +104,3 @@ def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(
     os.utime(folder / "part0.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # replaced, for the run
     stderr = failed_run_stderr(proc, timeout=300)
     assert "part0.jsonl was replaced during this run" in stderr and "was killed" not in stderr, stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_tasks4, tmp_path):
-    """SIGKILL to the driver and the Ray instance it started (a lost head node): the same command starts a new one,
-    runs only the tasks without a completion file, and ends with what the local executor kept and removed."""
-    pytest.importorskip("ray")
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"])
-
-
-@contextlib.contextmanager
-def ray_head(env: dict):
-    """A Ray cluster started apart from any run, as users have one (`ray start --head` with `env`), torn down by its
-    own process group: `ray stop` would stop every Ray instance on the machine, other tests' too. Yields its address."""
-    import socket
-
-    pytest.importorskip("ray")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    temp = Path("/tmp") / f"ray-{port}"  # Ray's socket paths must stay short; its address file is written here
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], env={**ENV, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (temp / "ray_current_cluster").exists():  # written once the head is up: the address to give
-            assert head.poll() is None and time.time() < deadline, "ray start did not bring the head node up"
-            time.sleep(0.5)
-        yield (temp / "ray_current_cluster").read_text().strip()
-    finally:
-        head.terminate()  # `ray start --block` stops the cluster's processes, all in its process group, on SIGTERM
-        try:
-            head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.fixture
-def ray_cluster():
-    with ray_head({"RAY_AUTH_MODE": "disabled"}) as address:  # `ray start` turns token auth on unless told
-        yield address
-
-
-def test_a_ray_cluster_this_run_cannot_join_is_refused_at_once_saying_why(cli_tasks4, tmp_path):
-    """`ray start` turns token authentication on, so a user's first run against their cluster lacks the token; and a
-    crashed cluster leaves an address nothing answers at. Ray retries either for 20 s and then says only "Failed to
-    connect"; the run says which it is and what to do, before anything is written. With the token it joins."""
-    import secrets
-
-    out = tmp_path / "out"
-    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray"]
-    token = secrets.token_hex(32)
-    joins = [sys.executable, "-c", "from edu_filter.filters.apply import RayOptions; "
-             "from edu_filter.filters.executors import connect_ray; connect_ray(RayOptions())"]
-    with ray_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path)}) as address:
-        refused = run_cli(args, env={"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}, timeout=120)
-        assert refused.returncode == 1, refused.stderr[-3000:]
-        assert (f"the Ray cluster at {address} (RAY_ADDRESS) refused this run's authentication token"
-                in refused.stderr), refused.stderr[-3000:]
-        assert "RAY_AUTH_MODE=token" in refused.stderr and "Failed to connect" not in refused.stderr
-        joined = subprocess.run(joins, env={**ENV, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token",
-                                            "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=120)
-        assert f"Ray cluster at {address}: 1 live node, 2 CPUs" in joined.stderr, joined.stderr[-3000:]
-    gone = run_cli(args, env={"RAY_ADDRESS": address}, timeout=120)
-    assert gone.returncode == 1 and f"no Ray cluster answers at {address} (RAY_ADDRESS)" in gone.stderr, gone.stderr
-    assert not (out / "stats.json").exists() and not (out / "logs" / "stages.json").exists()
-
-
-@pytest.mark.slow
-def test_a_ray_driver_killed_on_a_running_cluster_then_rerun_gives_the_local_result(cli_tasks4, ray_cluster,
-                                                                                     tmp_path):
-    """The usual way a Ray run dies: its driver (a closed terminal, a killed job) while the cluster lives on, with the
-    driver's tasks still on it. The same command, RAY_ADDRESS still naming the cluster, reruns only the tasks without
-    a completion file and ends with what the local executor kept and removed, no document twice."""
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", ["--executor", "ray"], env={"RAY_ADDRESS": ray_cluster})
-
-
-@pytest.mark.slow
-def test_ray_workers_killed_for_memory_fail_the_stage_saying_so_and_the_rerun_completes(cli_tasks4, tmp_path):
-    """Ray's memory monitor kills task workers on a node short of memory (here: told that 1% of the machine's memory
-    is the most its processes may use). A worker killed as its task started left datatrove's run waiting forever,
-    silently; the stage now fails naming the task, Ray's reason and what to change, and the same command on a node
-    with room runs only what is missing, ending with the clean run's result."""
-    pytest.importorskip("ray")
-    out = tmp_path / "out"
-    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray"]
-    starved = run_cli(args, env={"RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"},
-                      timeout=300)
-    assert starved.returncode == 1, starved.stderr[-3000:]
-    error = starved.stderr.strip().splitlines()[-1]
-    assert re.match(r"error: stage minhash-signatures failed \(\d/4 tasks did not complete: .*\): Ray lost the worker "
-                    r"of task \d, its node low on memory \(\w+Error: .*\): give each task more --ray-mem-gb",
-                    error), error
-    rerun_gives_the_clean_result(cli_tasks4, out, args)
-
-
-@pytest.mark.slow
-def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path, capsys):
-    """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
-    CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
-    asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; every
-    task asks --ray-mem-gb; a task no live node has the CPUs or the memory for is named in a warning (an autoscaler
-    may still add the node)."""
-    ray = pytest.importorskip("ray")
-    from edu_filter.filters.apply import RayOptions
-    from edu_filter.filters.executors import connect_ray
-
-    planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
-    out = tmp_path / "out"
-    ray.init(num_cpus=2, num_gpus=1, _memory=6 * 2**30, include_dashboard=False, log_to_driver=False)
-    try:
-        assert connect_ray(RayOptions(cpus_per_task=2)) == []
-        assert connect_ray(RayOptions(cpus_per_task=2, mem_gb=7)) == [
-            "--ray-mem-gb 7: no live Ray node has more than 6.0 GB of memory for tasks now, so the tasks wait until "
-            "one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)",
-            "--ray-mem-gb 7: no live Ray GPU node has more than 6.0 GB of memory for tasks now, so the tasks wait "
-            "until one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)"]
-        assert connect_ray(RayOptions(gpu_cpus_per_task=4))[-1].startswith(
-            "8 GB for a 4-CPU task (2 per CPU): no live Ray GPU node has more than 6.0 GB")
-        assert connect_ray(RayOptions(cpus_per_task=3))[0].startswith("--ray-cpus 3: no live Ray node has more than 2")
-        assert connect_ray(RayOptions(gpu_cpus_per_task=3)) == ["--ray-gpu-cpus 3: no live Ray GPU node has more "
-                                                                "than 2 CPUs now, so the tasks wait until one joins "
-                                                                "(an autoscaler may add it; on a fixed cluster, stop "
-                                                                "and lower --ray-gpu-cpus)"]
-        assert "warning: --ray-gpu-cpus 3: no live Ray GPU node" in capsys.readouterr().err
-        stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2, mem_gb=3))
-    finally:
-        ray.shutdown()
-    found = read_outputs(out)
-    assert stats["adds_up"] and found.get("removed/duplicate")  # duplicates that passed the threshold are removed
-    for original, _, copy in planted["groups"].values():
-        assert not {original, copy} <= set(found["kept"])  # an exact copy never survives beside its original
-    assert json.loads((out / "run_config.json").read_text())["settings"]["order"] == "score-first"
-    kept = read_kept(out)
-    assert kept.height and kept["int_score"].min() >= 2
-    executors = {p.parent.name: json.loads(p.read_text()) for p in out.glob("logs/*/executor.json")}
-    asked = {name: (e["cpus_per_task"], e["gpus_per_task"], e["cpus_per_task"] * e["mem_per_cpu_gb"])
-             for name, e in executors.items()}
-    assert asked.pop("score") == (2, 1, 3) and set(asked.values()) == {(1, 0, 3)} and len(asked) == 5
-    logs = sorted((out / "logs" / "score" / "logs").glob("task_*.log"))
-    assert len(logs) == 2 and all(re.search(r"scoring on (cpu|cuda:0) with 2 torch threads", log.read_text())
-                                  for log in logs)  # what the Ray workers really did
-    # without --workers no throttle: Ray runs every task the cluster has the resources for
-    assert all(e["workers"] == e["tasks"] for e in executors.values())

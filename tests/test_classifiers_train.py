@@ -82,6 +82,38 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
     assert np.isfinite(scores).all()
 
 
+@pytest.mark.slow
+def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(tmp_path, minilm_path):
+    """On a GPU the encoder computes in bfloat16 while training (as apply scores there); on a CPU it may be asked
+    for. Its vectors are close to float32's but cached apart, fine-tuning trains under autocast, and the saved
+    weights stay float32."""
+    from safetensors import safe_open
+
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
+    from edu_filter.train.classifier import train_classifier
+
+    texts = [r["text"] for r in read_documents([WEB_TRAIN], label_field="score")[:6]]
+    options = {"encoder": minilm_path, "max_length": 64, "cache_dir": str(tmp_path / "cache")}
+    default, exact, bf16 = (load_frozen_encoder(**options, dtype=d) for d in (None, "float32", "bfloat16"))
+    assert default.dtype == "float32" and default.key == exact.key  # on a CPU; existing caches stay valid
+    assert bf16.key != exact.key
+    a, b = exact.embed(texts), bf16.embed(texts)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99 and np.abs(a - b).max() > 1e-3  # bfloat16's own vectors, not float32's cached ones
+    with pytest.raises(ValueError, match="--dtype must be one of float32, bfloat16"):
+        load_frozen_encoder(**options, dtype="float16")
+
+    out = tmp_path / "ft"
+    metrics = train_classifier([str(CODE_LABELS)], out, kind="code", method="finetune", max_length=32, limit=20,
+                               epochs=1, train_batch_size=8, val_fraction=0.2, dtype="bfloat16",
+                               learning_curve=False, **{k: v for k, v in options.items() if k != "max_length"})
+    assert metrics["training"]["dtype"] == "bfloat16" and np.isfinite(metrics["mse"])  # what its logits came in
+    with safe_open(out / "model.safetensors", "pt") as saved:
+        assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.float32}
+    with pytest.raises(ValueError, match="--dtype"):
+        train_classifier([str(CODE_LABELS)], tmp_path / "x", kind="code", method="head", dtype="half")
+
+
 def test_embedding_cache_is_reused(tmp_path, minilm_path):
     from transformers import AutoModel, AutoTokenizer
 

@@ -32,6 +32,7 @@ from edu_filter.classifiers.encoders import KINDS, encoder_hub_id
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 from edu_filter.classifiers.fasttext_model import MODEL_FILE as FASTTEXT_MODEL
 from edu_filter.classifiers.fasttext_model import FastTextSettings
+from edu_filter.classifiers.frozen_encoder import TRAIN_DTYPES
 from edu_filter.classifiers.learning_curve import learning_curve, plot_learning_curve, print_learning_curve
 from edu_filter.classifiers.metrics import (
     MAIN_THRESHOLD,
@@ -51,7 +52,7 @@ ENCODER_METHODS = ("head", "finetune")
 # options only some methods read: given to another method (set to anything but the default) they are refused
 OPTION_METHODS = {
     **{name: ENCODER_METHODS for name in ("encoder", "max_length", "pooling", "pool_layers", "long_docs",
-                                          "max_chunks", "batch_size", "cache_dir", "curve_repeats")},
+                                          "max_chunks", "batch_size", "cache_dir", "curve_repeats", "dtype")},
     **{name: ("finetune",) for name in ("epochs", "learning_rate", "head_learning_rate", "train_batch_size",
                                         "warmup_fraction")},
     "fasttext": ("fasttext",),
@@ -76,6 +77,7 @@ class ClassifierTrainConfig:
     long_docs: str = "truncate"  # or chunk-mean: measured no better on web, and 2-4x the cost
     max_chunks: int = 8
     batch_size: int | None = None  # encoding batch; None: 32 documents on a CPU, a token budget on a GPU
+    dtype: str | None = None  # what the encoder computes in (autocast); None: bfloat16 on a GPU, float32 on a CPU
     cache_dir: str | None = None  # embedding cache; None: ~/.cache/edu-filter
     folds: int = 5  # cross-validation folds (ridge alpha, out-of-fold calibration predictions)
     min_positives: int = 5  # fewer positives at a threshold: keep the round-and-clip cut
@@ -97,7 +99,8 @@ class ClassifierTrainConfig:
         """The settings `classifiers.frozen_encoder.load_frozen_encoder` takes, as this config has them."""
         return {"kind": self.kind, "encoder": self.encoder, "max_length": self.max_length, "pooling": self.pooling,
                 "pool_layers": self.pool_layers, "long_docs": self.long_docs, "max_chunks": self.max_chunks,
-                "batch_size": self.batch_size, "cache_dir": self.cache_dir, "seed": self.seed, "method": self.method}
+                "batch_size": self.batch_size, "cache_dir": self.cache_dir, "seed": self.seed, "method": self.method,
+                "dtype": self.dtype}
 
 
 @dataclass
@@ -198,6 +201,8 @@ def train_classifier(
     if cfg.long_docs not in TRAIN_LONG_DOCS:
         raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
                          "(chunk-max is a scoring-time option)")
+    if cfg.dtype is not None and cfg.dtype not in TRAIN_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)} while training, got {cfg.dtype!r}")
     check_options(cfg, has_val=bool(val))
     output = Path(output)
     check_writable_output(output, "-o/--output")

@@ -3,6 +3,7 @@ fine-tune: the head starts from the ridge, so the encoder is not pulled about by
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,15 +23,18 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
     frozen, _, _, info = fit_head(cfg, texts, y, weights)
     with torch_threads():
-        finetune(frozen.scorer, texts, y, cfg, weights)
-        val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
+        info["dtype"] = finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast)
+        with frozen.autocast():
+            val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen)
 
 
-def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None) -> None:
+def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
+             autocast=contextlib.nullcontext) -> str:
     """Train every weight of `scorer.model` with MSE on the sequences it scores in truncate mode (the first
     max_length tokens; AdamW, warmup + linear decay); with inclusion weights, each document's squared error counts
-    in proportion to its weight."""
+    in proportion to its weight. The forward passes run inside `autocast()` (mixed precision; the weights and the
+    optimizer stay float32). Returns the dtype they computed the logits in."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -64,9 +68,10 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
             for start in range(0, len(order), cfg.train_batch_size):
                 batch = order[start : start + cfg.train_batch_size]
                 input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
-                out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-                errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
-                loss = (row_weights[batch].to(device) * errors).mean()
+                with autocast():
+                    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+                    errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
+                    loss = (row_weights[batch].to(device) * errors).mean()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -74,3 +79,4 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=loss.item())
     model.eval()
+    return str(out.logits.dtype).removeprefix("torch.")

@@ -42,7 +42,7 @@ def fit_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weight
         model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
         model.classifier.bias.fill_(head[1])
     info = {"method": cfg.method, "encoder": model.config.encoder_name, "pool_layers": frozen.pool_layers,
-            "ridge_alpha": alpha}
+            "ridge_alpha": alpha, "dtype": frozen.dtype}
     if weights is not None:
         info["weight_flattening"] = flattening  # the power of the weights the fit used (1: fully weighted)
     return frozen, head, oof, info
