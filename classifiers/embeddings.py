@@ -7,6 +7,7 @@ cap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,13 +116,25 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     del found
     if missing:
+        from concurrent.futures import ThreadPoolExecutor
+
         from edu_filter.classifiers.scorer import progress_bar
 
-        with progress_bar(True) as progress:
+        parts = [missing[start : start + block] for start in range(0, len(missing), block)]
+
+        def prepare(part):
+            return scorer.prepare_embedding([t for _, t in part])
+
+        # on a GPU a thread tokenizes the next block while the GPU embeds this one (the tokenizer releases the GIL)
+        background = ThreadPoolExecutor(1) if scorer.prepare_in_background and len(parts) > 1 else None
+        with progress_bar(True) as progress, background or contextlib.nullcontext():
             task = progress.add_task("embedding", total=len(missing))
-            for start in range(0, len(missing), block):
-                part = missing[start : start + block]
-                vectors = scorer.embed([t for _, t in part])[0].astype(np.float32)
+            coming = background.submit(prepare, parts[0]) if background else None
+            for i, part in enumerate(parts):
+                prepared = coming.result() if background else prepare(part)
+                if background and i + 1 < len(parts):
+                    coming = background.submit(prepare, parts[i + 1])
+                vectors = scorer.embed_prepared(prepared)[0].astype(np.float32)
                 new = {h: v for (h, _), v in zip(part, vectors)}
                 if cache is not None:
                     cache.put(setting, new)

@@ -316,13 +316,20 @@ class EduScorer(Scorer):
         self, texts: Sequence[str], long_docs: str | None = None, show_progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pooled encoder vectors (n, hidden) the regression head reads; chunk modes average over chunks."""
+        return self.embed_prepared(self.prepare_embedding(texts, long_docs), show_progress)
+
+    def prepare_embedding(self, texts: Sequence[str], long_docs: str | None = None) -> PreparedTexts:
+        """`embed`'s CPU half (tokenizing), which a GPU pipeline runs for the next texts while embedding these."""
+        mode = long_docs or self.long_docs
+        return self.prepare(texts, "chunk-mean" if mode == "chunk-max" else mode)
+
+    def embed_prepared(self, prepared: PreparedTexts, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`embed`'s result for what `prepare_embedding` returned."""
         model = self.model
 
         def vectors(input_ids, attention_mask):
             return model.embed(input_ids, attention_mask)
 
-        mode = long_docs or self.long_docs
-        prepared = self.prepare(texts, "chunk-mean" if mode == "chunk-max" else mode)
         return self._aggregate(prepared, vectors, show_progress), prepared.truncated
 
     def token_sequences(self, texts: Sequence[str]) -> list[list[int]]:

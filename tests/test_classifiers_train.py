@@ -135,19 +135,45 @@ def test_embedding_cache_is_reused(tmp_path, minilm_path):
 
     # block by block: a run interrupted in its second block keeps the first block's vectors
     class InterruptedSecondBlock:
+        prepare_in_background = False
         calls = 0
 
-        def embed(self, block_texts):
+        def prepare_embedding(self, block_texts):
+            return scorer.prepare_embedding(block_texts)
+
+        def embed_prepared(self, prepared):
             self.calls += 1
             if self.calls == 2:
                 raise KeyboardInterrupt
-            return scorer.embed(block_texts)
+            return scorer.embed_prepared(prepared)
 
     more = [f"Lesson {i}: how plants make sugar from light." for i in range(5)]
     with pytest.raises(KeyboardInterrupt):
         cached_embeddings(InterruptedSecondBlock(), more, "k2", cache, block=2)
     assert len(cache.get("k2", [text_hash(t) for t in more])) == 2
     np.testing.assert_allclose(cached_embeddings(scorer, more, "k2", cache, block=2), scorer.embed(more)[0], atol=1e-5)
+
+    # as on a GPU: a thread tokenizes the next block while this one is embedded, with the same vectors
+    import threading
+
+    class TokenizingAside:
+        prepare_in_background = True
+
+        def __init__(self):
+            self.threads = set()
+
+        def prepare_embedding(self, block_texts):
+            self.threads.add(threading.get_ident())
+            return scorer.prepare_embedding(block_texts)
+
+        def embed_prepared(self, prepared):
+            return scorer.embed_prepared(prepared)
+
+    aside = TokenizingAside()
+    others = [f"Chapter {i}: the water cycle, step by step." for i in range(7)]
+    np.testing.assert_allclose(cached_embeddings(aside, others, "k3", None, block=2), scorer.embed(others)[0],
+                               atol=1e-5)
+    assert aside.threads and threading.get_ident() not in aside.threads
 
 
 def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_them(minilm_path):
