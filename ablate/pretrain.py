@@ -8,6 +8,7 @@ code runs in fp32, which is how the tiny preset is exercised.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -236,12 +237,20 @@ PREPARATION_TIMEOUT = timedelta(days=3)  # tokenizing tens of billions of tokens
 
 def preparation_barrier() -> Callable[[], None]:
     """A barrier for ranks that wait while others tokenize the datasets. A barrier of the training process group
-    would end them after its timeout (NCCL's default: 10 minutes), long before a 10B-token dataset is packed; this
-    one is a gloo group of its own whose ranks wait on a socket, without that timeout. Every rank must call it."""
+    would end them after its timeout (NCCL's default: 10 minutes), long before a 10B-token dataset is packed; this one
+    waits on keys of the store the ranks met through when the group started (already connected, so it opens no new
+    connection that a multi-node network could block), without that timeout. Every rank must call it."""
     if not dist.is_initialized():
         return lambda: None
-    group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
-    return lambda: dist.barrier(group=group)
+    store = dist.distributed_c10d._get_default_store()
+    rank, world, passed = dist.get_rank(), dist.get_world_size(), itertools.count()
+
+    def wait() -> None:
+        barrier = next(passed)
+        store.set(f"edu-filter/prepared/{barrier}/{rank}", "1")
+        store.wait([f"edu-filter/prepared/{barrier}/{r}" for r in range(world)], PREPARATION_TIMEOUT)
+
+    return wait
 
 
 # ----------------------------------------------------------------------------------------------------------------------

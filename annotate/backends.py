@@ -171,7 +171,8 @@ class Endpoint:
     requests: int = 0  # sent to it, retries included
     answers: int = 0  # 200 answers it gave
     lost: int = 0  # tries it did not answer (connection errors, timeouts)
-    lost_in_a_row: int = 0
+    lost_in_a_row: int = 0  # times it was left out since it last answered
+    benched_at: float = 0.0  # monotonic time it was last left out
     benched_until: float = 0.0  # monotonic time before which it gets no new request while another server can take it
     last_answer: float = 0.0  # monotonic time of its last 200 answer
     limit: InFlightLimit = field(init=False)
@@ -350,21 +351,30 @@ class OpenAIBackend:
                 pass  # an HTTP date: fall back to our own backoff
         return min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
 
+    @staticmethod
+    def _ready(endpoint: Endpoint, now: float) -> bool:
+        """Not left out; and one back from being left out gets one request, its probe, until it answers."""
+        return endpoint.benched_until <= now and (endpoint.lost_in_a_row == 0 or endpoint.limit.in_flight == 0)
+
     def _pick(self) -> Endpoint:
-        """The server for the next try: of those not left out (else the one back soonest), the most free places."""
+        """The server for the next try: of those ready (else the one back soonest), the most free places."""
         now = time.monotonic()
-        ready = [e for e in self.endpoints if e.benched_until <= now]
+        ready = [e for e in self.endpoints if self._ready(e, now)]
         if not ready:
             ready = [min(self.endpoints, key=lambda e: e.benched_until)]
         return max(ready, key=lambda e: (e.limit.limit - e.limit.in_flight, -e.requests))
 
-    def _bench(self, endpoint: Endpoint) -> bool:
-        """Leaves a server that did not answer out for a while; True when another server can take the request now."""
+    def _bench(self, endpoint: Endpoint, sent: float) -> bool:
+        """Leaves a server that did not answer a try sent at `sent` out for a while: 1 s, then twice as long each
+        time a try sent after that still gets no answer (the tries in flight when it went away fail together and
+        count once); True when another server can take the request now."""
         endpoint.lost += 1
-        endpoint.lost_in_a_row += 1
         now = time.monotonic()
-        endpoint.benched_until = now + min(BENCH_MAX_S, 2.0 ** min(endpoint.lost_in_a_row - 1, 10))
-        return any(e.benched_until <= now for e in self.endpoints)
+        if sent >= endpoint.benched_at:
+            endpoint.lost_in_a_row += 1
+            endpoint.benched_at = now
+            endpoint.benched_until = now + min(BENCH_MAX_S, 2.0 ** min(endpoint.lost_in_a_row - 1, 10))
+        return any(self._ready(e, now) for e in self.endpoints if e is not endpoint)
 
     async def _post(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
         async with self._session.post(endpoint.base_url + self.path, data=body, headers=self.headers) as resp:
@@ -413,6 +423,7 @@ class OpenAIBackend:
             tries += 1
             retry_after = None
             answered = False
+            sent = time.monotonic()
             try:
                 status, raw, retry_after = await self._send(endpoint, body)
             except asyncio.TimeoutError:
@@ -437,7 +448,7 @@ class OpenAIBackend:
                         # 400, 413, 422...: this document's request is wrong (e.g. longer than the context)
                         raise RequestFailed(reason, overflow)
             # no answer at all: that server is left out for a while, and another one takes the request at once
-            if not answered and self._bench(endpoint) and rerouted < len(self.endpoints) - 1:
+            if not answered and self._bench(endpoint, sent) and rerouted < len(self.endpoints) - 1:
                 rerouted += 1
                 self.stats.retries += 1
                 continue

@@ -526,7 +526,10 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
     from edu_filter.classifiers.metrics import MAIN_THRESHOLD
 
     threshold = MAIN_THRESHOLD[kind]
-    frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache)
+    # float32 on any device: the recorded draws are keyed by the embeddings' settings, so a run started on a GPU
+    # resumes on a CPU (and runs from before bfloat16 training resume) without drawing again
+    frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache,
+                                 dtype="float32")
     pool = pool_fingerprint(docs)
     if cfg.model is not None:
         settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, frozen.key)
@@ -659,7 +662,8 @@ def score_documents(
                           "encoder": active.encoder, "max_length": cfg.max_length,
                           "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
     provenance.record_provenance(output, kind="annotations", inputs=used, settings={
-        "prompt": the_prompt.version, "model": summary.model, "backend": cfg.backend, "base_url": cfg.base_url,
+        "prompt": the_prompt.version, "model": summary.model, "backend": cfg.backend,
+        "base_url": urls[0] if len(urls := cfg.base_urls()) == 1 else (urls or None),
         "api": cfg.api, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
         "max_chars": cfg.max_chars, "max_reasks": cfg.max_reasks, "sample": cfg.sample, "seed": cfg.seed,
         "text_field": cfg.text_field, "id_field": cfg.id_field, "documents": summary.documents,

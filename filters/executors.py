@@ -388,9 +388,10 @@ def ray_lost_worker(errors: dict[int, BaseException], missing: list[int]) -> str
         if error is None or isinstance(error, RayTaskError):
             continue
         said = " ".join(str(error).split())
+        memory = "low on memory" in said or isinstance(error, OutOfMemoryError)
         if len(said) > 240:
             said = said[:240].rsplit(" ", 1)[0] + " ..."
-        if "low on memory" in said or isinstance(error, OutOfMemoryError):
+        if memory:
             return (f"Ray lost the worker of task {rank}, its node low on memory ({type(error).__name__}: {said}): "
                     "give each task more --ray-mem-gb, so that Ray packs fewer tasks on a node, and run the same "
                     "command again; it resumes, finished tasks are kept")
