@@ -461,7 +461,7 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks)) from e
                     if missing := ex.get_incomplete_ranks(skip_completed=True):
-                        lost = ray_lost_worker(getattr(ex, "task_errors", {}), missing)
+                        lost = ray_lost_worker(ex.task_errors, missing) if isinstance(ex, WatchedRayExecutor) else None
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks, lost=lost))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.append(e)
