@@ -260,6 +260,7 @@ class OpenAIBackend:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self.stats.requests = sum(e.requests for e in self.endpoints)
         self.stats.concurrency = min(e.limit.limit for e in self.endpoints)
         await self._session.close()
 
@@ -389,7 +390,6 @@ class OpenAIBackend:
         for `timeout` seconds since the request was sent (see the class docstring)."""
         limit = endpoint.limit
         async with limit:
-            self.stats.requests += 1
             endpoint.requests += 1
             generation = limit.generation
             sent = time.monotonic()

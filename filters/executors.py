@@ -391,12 +391,10 @@ def ray_lost_worker(errors: dict[int, BaseException], missing: list[int]) -> str
         memory = "low on memory" in said or isinstance(error, OutOfMemoryError)
         if len(said) > 240:
             said = said[:240].rsplit(" ", 1)[0] + " ..."
-        if memory:
-            return (f"Ray lost the worker of task {rank}, its node low on memory ({type(error).__name__}: {said}): "
-                    "give each task more --ray-mem-gb, so that Ray packs fewer tasks on a node, and run the same "
-                    "command again; it resumes, finished tasks are kept")
-        return (f"Ray lost the worker of task {rank} ({type(error).__name__}: {said}): run the same command again; "
-                "it resumes, finished tasks are kept")
+        why, do = ((", its node low on memory", "give each task more --ray-mem-gb, so that Ray packs fewer tasks on a "
+                    "node, and run") if memory else ("", "run"))
+        return (f"Ray lost the worker of task {rank}{why} ({type(error).__name__}: {said}): {do} the same command "
+                "again; it resumes, finished tasks are kept")
     return None
 
 

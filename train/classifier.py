@@ -32,7 +32,7 @@ from edu_filter.classifiers.encoders import KINDS, encoder_hub_id
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 from edu_filter.classifiers.fasttext_model import MODEL_FILE as FASTTEXT_MODEL
 from edu_filter.classifiers.fasttext_model import FastTextSettings
-from edu_filter.classifiers.frozen_encoder import TRAIN_DTYPES
+from edu_filter.classifiers.frozen_encoder import check_train_dtype
 from edu_filter.classifiers.learning_curve import learning_curve, plot_learning_curve, print_learning_curve
 from edu_filter.classifiers.metrics import (
     MAIN_THRESHOLD,
@@ -201,8 +201,7 @@ def train_classifier(
     if cfg.long_docs not in TRAIN_LONG_DOCS:
         raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
                          "(chunk-max is a scoring-time option)")
-    if cfg.dtype is not None and cfg.dtype not in TRAIN_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)} while training, got {cfg.dtype!r}")
+    check_train_dtype(cfg.dtype)
     check_options(cfg, has_val=bool(val))
     output = Path(output)
     check_writable_output(output, "-o/--output")
