@@ -260,8 +260,8 @@ def score(
         SCORE.max_chars, help="Cut documents to this many characters, and further to fit the server's context (counted)."
     ),
     sample: Optional[int] = typer.Option(
-        SCORE.sample, help="Annotate N documents: a reproducible random sample (drawn while streaming; only N are "
-        "held), or with --select active the budget of documents the LLM may see."
+        SCORE.sample, help="Annotate N documents: a reproducible random sample (only N are held; of Parquet input only "
+        "the row groups holding them are read), or with --select active the budget of documents the LLM may see."
     ),
     seed: int = typer.Option(SCORE.seed, help="Seed for --sample (and transformers sampling)."),
     select: str = typer.Option(

@@ -1,11 +1,13 @@
 """Document I/O shared by every command: JSONL (.jsonl, .jsonl.gz), Parquet, folders of them, and hub datasets.
 
 Outside datatrove pipelines we read with orjson line by line (so a bad line is reported with its file and line
-number) and polars for Parquet. Every row comes back as a plain dict with at least `id` and `text`.
+number) and pyarrow for Parquet, one record batch at a time. Every row comes back as a plain dict with at least `id`
+and `text`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -14,6 +16,8 @@ import os
 import random
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,15 +177,43 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
-    import polars as pl
+PARQUET_BATCH_ROWS = 1024  # rows converted to Python at a time: a FineWeb shard is GBs, a batch a few MB
 
+
+@contextlib.contextmanager
+def _parquet_file(url: str):
+    """A local or remote (any fsspec URL: hf://, s3://) Parquet file. pyarrow reads its footer and row groups with
+    seeks, so a remote file is fetched only where it is read."""
+    import pyarrow.parquet as pq
+
+    if "://" not in url:
+        with pq.ParquetFile(url) as parquet:
+            yield parquet
+        return
+    import fsspec
+
+    with fsspec.open(url, "rb") as fh:
+        yield pq.ParquetFile(fh)
+
+
+def _parquet_error(path: str, e: Exception, after_row: int = 0) -> DocumentError:
+    where = f" after row {after_row}" if after_row else ""
+    return DocumentError(f"{path}: cannot read as Parquet{where} ({type(e).__name__}: {e})")
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file."""
+    import pyarrow as pa
+
+    lineno = 0
     try:
-        frame = pl.read_parquet(path)
-    except Exception as e:  # polars raises its own ComputeError / OSError subclasses for corrupt files
-        raise DocumentError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(frame.iter_rows(named=True), start=1):
-        yield i, row
+        with _parquet_file(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for row in batch.to_pylist():
+                    lineno += 1
+                    yield lineno, row
+    except (pa.ArrowException, OSError) as e:
+        raise _parquet_error(path, e, lineno) from None
 
 
 def hub_dataset_args(path: str) -> dict:
@@ -244,36 +276,39 @@ def iter_documents(
     label_field: str | None = None,
     require_label: bool = False,
 ) -> Iterator[dict]:
-    """`read_documents`, one row at a time: only the current row (and the current Parquet file) is held."""
+    """`read_documents`, one row at a time: only the current row (and a Parquet record batch) is held."""
     for path in expand_paths(paths):
         for lineno, row in iter_raw_rows(path):
-            text = row.get(text_field)
-            if not isinstance(text, str):
-                what = "missing" if text is None else f"not a string ({type(text).__name__})"
-                raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
-            doc = dict(row)
-            doc["text"] = text
-            doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{Path(path).name}:{lineno}")
-            if label_field is not None:
-                label = row.get(label_field)
-                if label is None and require_label:
-                    why = _why_unlabelled(row)
-                    raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{why}")
-                if label is not None:
-                    try:
-                        value = float(label)
-                    except (TypeError, ValueError):
-                        value = math.nan
-                    if not math.isfinite(value):
-                        raise DocumentError(
-                            f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}"
-                        )
-                    if not in_score_range(value):
-                        raise DocumentError(
-                            f"{path}:{lineno}: label field '{label_field}' is {label!r}, outside the {SCORE_RANGE} scale"
-                        )
-                    doc["label"] = value
-            yield doc
+            yield _document(path, lineno, row, text_field, id_field, label_field, require_label)
+
+
+def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
+              require_label: bool = False) -> dict:
+    """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
+    text = row.get(text_field)
+    if not isinstance(text, str):
+        what = "missing" if text is None else f"not a string ({type(text).__name__})"
+        raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
+    doc = dict(row)
+    doc["text"] = text
+    doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{Path(path).name}:{lineno}")
+    if label_field is not None:
+        label = row.get(label_field)
+        if label is None and require_label:
+            raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{_why_unlabelled(row)}")
+        if label is not None:
+            try:
+                value = float(label)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}")
+            if not in_score_range(value):
+                raise DocumentError(
+                    f"{path}:{lineno}: label field '{label_field}' is {label!r}, outside the {SCORE_RANGE} scale"
+                )
+            doc["label"] = value
+    return doc
 
 
 def check_not_empty(paths: Iterable[str | os.PathLike], what: str = "DATA", text_field: str = "text") -> None:
@@ -310,13 +345,19 @@ def sample_documents(
     seed: int = 0,
     text_field: str = "text",
     id_field: str = "id",
+    show_progress: bool = False,
 ) -> list[tuple[int, dict]]:
     """A uniform random sample of `n` documents as (position in the input, document), in input order.
 
-    Reservoir sampling over the stream of documents: every row is read and checked, but only the sample is held, so
-    a hub dataset or a folder larger than memory can be sampled. The same input and seed give the same sample."""
+    When every input is Parquet (local files, or a hub dataset stored as Parquet) the row counts come from the
+    files' footers and only the row groups holding the chosen rows are read: sampling 100,000 documents from
+    FineWeb reads what holds them, not the whole corpus. Otherwise reservoir sampling over the stream of documents:
+    every row is read and checked, and only the sample is held. The same input and seed give the same sample."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
+    parts = parquet_parts(paths, show_progress)
+    if parts is not None:
+        return _sample_parquet(parts, n, seed, text_field, id_field, show_progress)
     rng = random.Random(seed)
     reservoir: list[tuple[int, dict]] = []
     for i, doc in enumerate(iter_documents(paths, text_field, id_field)):
@@ -327,6 +368,137 @@ def sample_documents(
             if j < n:
                 reservoir[j] = (i, doc)
     return sorted(reservoir, key=lambda item: item[0])
+
+
+PARQUET_THREADS = 16  # files are read in parallel: on the hub a footer or a row group is a few HTTP range requests
+
+
+@dataclass(frozen=True)
+class ParquetPart:
+    """One Parquet file of the input, as its footer describes it. `source` is the input it belongs to and `offset`
+    the number of rows before it in that input, so its rows carry the row numbers (and default ids) that reading
+    the input from the start gives them."""
+
+    source: str
+    url: str
+    offset: int
+    row_groups: tuple[int, ...]  # rows per row group
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_groups)
+
+
+def _hub_data_files(path: str) -> list[str] | None:
+    """The files the `datasets` library streams for a hub address, in its order, or None when it is not one list
+    of Parquet files (then the dataset is streamed as before)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(**hub_dataset_args(path))
+    except Exception as e:  # offline, missing repo, no such path: one clear line instead of a traceback
+        raise DocumentError(f"{path}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+    files = (builder.config.data_files or {}).get("train")
+    if not files or not all(_has_suffix(str(f), PARQUET_SUFFIXES) for f in files):
+        return None
+    return [str(f) for f in files]
+
+
+def _footer(url: str) -> tuple[int, ...]:
+    import pyarrow as pa
+
+    try:
+        with _parquet_file(url) as parquet:
+            meta = parquet.metadata
+            return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+    except (pa.ArrowException, OSError) as e:
+        raise _parquet_error(url, e) from None
+
+
+def parquet_parts(paths: Iterable[str | os.PathLike], show_progress: bool = False) -> list[ParquetPart] | None:
+    """Every Parquet file of the input with its row groups' sizes, read from the footers alone; None when any input
+    is not Parquet."""
+    files: list[tuple[str, str]] = []  # (input, file)
+    for path in expand_paths(paths):
+        if is_hub_path(path):
+            hub = _hub_data_files(path)
+            if hub is None:
+                return None
+            files.extend((path, url) for url in hub)
+        elif _has_suffix(path, PARQUET_SUFFIXES):
+            files.append((path, path))
+        else:
+            return None
+    with _progress(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
+        task = progress.add_task("reading Parquet footers", total=len(files))
+        footers = []
+        for footer in pool.map(_footer, [url for _, url in files]):
+            footers.append(footer)
+            progress.advance(task)
+    parts, offsets = [], {}
+    for (source, url), row_groups in zip(files, footers):
+        parts.append(ParquetPart(source, url, offsets.get(source, 0), row_groups))
+        offsets[source] = offsets.get(source, 0) + sum(row_groups)
+    return parts
+
+
+def count_documents(paths: Iterable[str | os.PathLike]) -> int | None:
+    """The number of rows in the input when the Parquet footers tell it (a progress total without a read), else
+    None."""
+    parts = parquet_parts(paths)
+    return None if parts is None else sum(part.rows for part in parts)
+
+
+def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str, id_field: str,
+                    show_progress: bool) -> list[tuple[int, dict]]:
+    """`n` uniform positions among all rows; then each file holding some is opened once and only the row groups
+    holding them are read (files in parallel)."""
+    import bisect
+
+    starts = list(itertools.accumulate((part.rows for part in parts), initial=0))
+    chosen = sorted(random.Random(seed).sample(range(starts[-1]), min(n, starts[-1])))
+    wanted: dict[int, list[int]] = {}  # part -> its chosen positions, in order
+    for position in chosen:
+        wanted.setdefault(bisect.bisect_right(starts, position) - 1, []).append(position)
+
+    def read(k: int) -> list[tuple[int, dict]]:
+        import pyarrow as pa
+
+        part = parts[k]
+        group_starts = list(itertools.accumulate(part.row_groups, initial=starts[k]))
+        by_group: dict[int, list[int]] = {}
+        for position in wanted[k]:
+            by_group.setdefault(bisect.bisect_right(group_starts, position) - 1, []).append(position)
+        sampled = []
+        try:
+            with _parquet_file(part.url) as parquet:
+                for g, positions in by_group.items():  # a batch at a time: a row group may be GBs
+                    first = group_starts[g]
+                    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g]):
+                        inside = [p for p in positions if first <= p < first + batch.num_rows]
+                        if inside:
+                            rows = batch.take([p - first for p in inside]).to_pylist()
+                            sampled.extend(zip(inside, rows))
+                        first += batch.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise _parquet_error(part.url, e) from None
+        return [(p, _document(part.source, part.offset + p - starts[k] + 1, row, text_field, id_field))
+                for p, row in sampled]
+
+    sample: list[tuple[int, dict]] = []
+    with _progress(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
+        task = progress.add_task(f"reading the files holding the {len(chosen):,} sampled rows", total=len(wanted))
+        for rows in pool.map(read, sorted(wanted)):
+            sample.extend(rows)
+            progress.advance(task)
+    return sample
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
 
 
 def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:

@@ -54,6 +54,7 @@ from edu_filter.documents import (
     InputError,
     check_model_name,
     check_writable_output,
+    count_documents,
     is_hub_path,
     iter_documents,
     sample_documents,
@@ -234,12 +235,14 @@ def _check_output(output: Path) -> None:
 
 class DocumentStream:
     """The whole input, read as it is scored. For local files a first pass counts the documents (an honest progress
-    total) and checks every row and id before any request; a hub dataset is checked as it streams."""
+    total) and checks every row and id before any request; a hub dataset is checked as it streams, its total read
+    from its Parquet footers (none when it is not Parquet)."""
 
     def __init__(self, inputs, text_field: str, id_field: str):
         self.inputs, self.text_field, self.id_field = list(inputs), text_field, id_field
-        self.total: int | None = None
-        if not any(is_hub_path(p) for p in self.inputs):
+        if any(is_hub_path(p) for p in self.inputs):
+            self.total = count_documents(self.inputs)
+        else:
             self.total = sum(1 for _ in self._checked())
 
     def _checked(self) -> Iterator[dict]:
@@ -264,15 +267,17 @@ def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict
         yield position, doc
 
 
-def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int) -> list[dict]:
-    """The documents to score, ids checked (`unique_ids`); with `sample`, a reproducible uniform sample drawn while
-    streaming the input."""
+def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int,
+                   show_progress: bool = False) -> list[dict]:
+    """The documents to score, ids checked (`unique_ids`); with `sample`, a reproducible uniform sample
+    (`sample_documents`: of Parquet only the row groups holding it are read, other input streams)."""
     if sample is None:
         numbered = enumerate(iter_documents(inputs, text_field=text_field, id_field=id_field))
     else:
         if sample < 1:
             raise ValueError("--sample must be a positive number of documents")
-        numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field)
+        numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field,
+                                    show_progress=show_progress)
     return [doc for _, doc in unique_ids(numbered)]
 
 
@@ -630,7 +635,7 @@ def score_documents(
         total = len(docs)
         active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
     elif cfg.sample is not None:
-        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed)
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed, cfg.show_progress)
         total = len(docs)
     else:
         docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)

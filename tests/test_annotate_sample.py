@@ -1,20 +1,24 @@
-"""`score --sample N`: a reproducible uniform sample drawn while streaming the input, holding only the sample."""
+"""`score --sample N`: a reproducible uniform sample holding only the sample: streamed from JSONL, read from Parquet's
+row groups that hold it."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import LLMTestServer  # noqa: E402
 
 from edu_filter.annotate.score import load_documents  # noqa: E402
-from edu_filter.documents import DocumentError, sample_documents  # noqa: E402
+from edu_filter.documents import DocumentError, count_documents, iter_documents, sample_documents  # noqa: E402
 
 # Runs a command and prints the peak resident memory (KiB) of it and its children, nothing else.
 PEAK_RSS = (
@@ -48,6 +52,80 @@ def test_sample_is_reproducible_uniform_and_of_the_right_size(tmp_path):
     assert sorted(per_tenth) == list(range(10)) and all(60 <= n <= 140 for n in per_tenth.values()), per_tenth
     # asking for more than there is gives everything, in order
     assert [doc["id"] for _, doc in sample_documents([str(src)], 20_000)] == [f"d{i:06d}" for i in range(10_000)]
+
+
+def write_parquet(path: Path, first: int, n: int, row_group_size: int, ids: bool = True) -> str:
+    """Rows of ~200 incompressible characters, so a file's bytes are spread evenly over its row groups."""
+    rng = random.Random(first)
+    columns = {"text": [rng.randbytes(100).hex() for _ in range(n)], "n": list(range(first, first + n))}
+    if ids:
+        columns["id"] = [f"d{i:06d}" for i in range(first, first + n)]
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return str(path)
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through system calls so far (all threads), page cache included."""
+    with open("/proc/self/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+
+
+def test_a_parquet_sample_reads_only_the_row_groups_holding_it(tmp_path):
+    files = [write_parquet(tmp_path / f"part-{k}.parquet", 20_000 * k, 20_000, 250) for k in range(3)]
+    files.append(write_parquet(tmp_path / "no-ids.parquet", 60_000, 3_000, 100, ids=False))
+    everything = list(iter_documents(files))
+    assert count_documents(files) == len(everything) == 63_000  # from the footers alone
+
+    sample = sample_documents(files, 2_000, seed=0)
+    positions = [p for p, _ in sample]
+    assert len(set(positions)) == 2_000 and positions == sorted(positions)
+    # each sampled document is the row at its position, as reading the whole input gives it (ids, row numbers)
+    assert all(doc == everything[p] for p, doc in sample)
+    assert any(doc["id"].startswith("no-ids.parquet:") for _, doc in sample)
+    # uniform over the input: each 20,000-row file holds ~635 (binomial sd ~21), the 3,000-row one ~95
+    per_file = Counter(min(p // 20_000, 3) for p in positions)
+    assert all(540 <= per_file[k] <= 730 for k in range(3)) and 50 <= per_file[3] <= 140, per_file
+    assert sample_documents(files, 2_000, seed=0) == sample
+    assert [p for p, _ in sample_documents(files, 2_000, seed=1)] != positions
+    assert [doc["id"] for _, doc in sample_documents(files, 70_000)] == [doc["id"] for doc in everything]
+
+    # 10 documents touch at most 10 of the 270 row groups: a small part of the bytes a full read takes
+    size = sum(Path(f).stat().st_size for f in files)
+    before = bytes_read()
+    assert len(sample_documents(files, 10, seed=3)) == 10
+    sampled_bytes = bytes_read() - before
+    before = bytes_read()
+    assert sum(1 for _ in iter_documents(files)) == 63_000
+    full_bytes = bytes_read() - before
+    assert full_bytes >= 0.9 * size and sampled_bytes < 0.1 * size, (sampled_bytes, full_bytes, size)
+
+
+def test_a_parquet_sample_checks_its_rows_and_names_a_bad_one(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one", None, "three"]}), bad)
+    with pytest.raises(DocumentError, match=r"bad\.parquet:2: field 'text' is missing"):
+        sample_documents([str(bad)], 3)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DocumentError, match=r"junk\.parquet: cannot read as Parquet"):
+        sample_documents([str(tmp_path / "junk.parquet")], 3)
+
+
+def test_a_hub_parquet_dataset_is_sampled_from_the_files_the_datasets_library_streams(tmp_path, monkeypatch):
+    """A hub address resolves through `datasets` to its data files, here a local dataset folder named like a hub
+    repository (the `datasets` library looks for one first): the sample is the rows streaming the address gives
+    at the sampled positions, and the total is known without reading a row."""
+    folder = tmp_path / "edu-org" / "corpus" / "sample" / "10BT"
+    folder.mkdir(parents=True)
+    for k in range(3):
+        write_parquet(folder / f"{k:03d}_00000.parquet", 1_000 * k, 1_000, 100, ids=False)
+    write_parquet(tmp_path / "edu-org" / "corpus" / "other.parquet", 0, 50, 50)  # outside the address
+    monkeypatch.chdir(tmp_path)
+    address = "hf://datasets/edu-org/corpus/sample/10BT"
+    streamed = list(iter_documents([address]))
+    assert len(streamed) == count_documents([address]) == 3_000
+    sample = sample_documents([address], 300, seed=0)
+    assert len(sample) == 300 and all(doc == streamed[p] for p, doc in sample)
+    assert sample[0][1]["id"].startswith("10BT:")  # the default id of a row streamed from the address
 
 
 def test_sample_checks_every_row_and_ids_within_the_sample(tmp_path):

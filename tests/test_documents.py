@@ -19,6 +19,7 @@ from edu_filter.documents import (
     check_writable_output,
     expand_paths,
     read_documents,
+    sample_documents,
     write_documents,
 )
 
@@ -130,6 +131,8 @@ def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):
         read_documents(["hf://datasets/edu-filter-tests/no-such-dataset"])
+    with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):
+        sample_documents(["hf://datasets/edu-filter-tests/no-such-dataset"], 5)  # resolving its data files
 
 
 def test_labels_outside_the_0_5_scale_name_file_and_line(tmp_path):

@@ -154,9 +154,11 @@ def test_large_inputs_are_sampled_and_still_see_edits(tmp_path):
     assert first["fingerprint"].startswith("sampled:") and "8 x 64 KiB blocks" in first["method"]
     assert provenance.fingerprint(file, full_hash_max_bytes=limit) == first
     stat = file.stat()
-    with open(file, "r+b") as fh:  # a byte inside the first sampled block
+    with open(file, "r+b") as fh:  # a byte inside the first sampled block, flipped
         fh.seek(10)
-        fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
+        flipped = bytes([fh.read(1)[0] ^ 0xFF])
+        fh.seek(10)
+        fh.write(flipped)
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert provenance.fingerprint(file, full_hash_max_bytes=limit)["fingerprint"] != first["fingerprint"]
     with open(file, "r+b") as fh:  # between the sampled blocks: seen through the modification time
