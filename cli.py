@@ -409,6 +409,10 @@ def apply(
     slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: int = typer.Option(SLURM.max_array_size, help="Tasks per array job: the cluster's MaxArraySize."),
+    slurm_account: Optional[str] = typer.Option(SLURM.account, help="Account the jobs are charged to (sbatch --account)."),
+    slurm_qos: Optional[str] = typer.Option(SLURM.qos, help="Quality of service of the jobs (sbatch --qos)."),
+    slurm_arg: list[str] = typer.Option([], metavar="KEY=VALUE", help="Another sbatch option for every job, repeatable: "
+                                        "constraint=h100, reservation=NAME, a flag such as exclusive."),
     dry_run: bool = typer.Option(SLURM.dry_run, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
     ray_cpus: int = typer.Option(RAY.cpus_per_task, help="CPUs per Ray task (the cluster is RAY_ADDRESS's, or local)."),
     ray_gpu_cpus: Optional[int] = typer.Option(RAY.gpu_cpus_per_task, help="CPUs per Ray scoring task (default: "
@@ -424,8 +428,8 @@ def apply(
         exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
-                           mem_gb=slurm_mem_gb, venv_path=slurm_venv,
-                           max_array_size=slurm_max_array, dry_run=dry_run),
+                           mem_gb=slurm_mem_gb, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
+                           sbatch_args=slurm_arg, max_array_size=slurm_max_array, dry_run=dry_run),
         ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb), order=order,
         overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,

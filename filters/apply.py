@@ -120,7 +120,9 @@ class SlurmOptions:
     gpu_cpus_per_task: int | None = None
     venv_path: str | None = None  # an activate script `source`d by every job; None: the submitting environment
     qos: str | None = None
-    sbatch_args: dict = field(default_factory=dict)
+    account: str | None = None
+    # other sbatch options for every job: {"constraint": "h100", "exclusive": ""}, or ["constraint=h100", "exclusive"]
+    sbatch_args: dict | list[str] = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
     max_array_size: int = 1001  # tasks per array job (the cluster's MaxArraySize); a stage with more spans several
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
 
-from edu_filter.documents import DocumentError, RunError
+from edu_filter.documents import DocumentError, InputError, RunError
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 
 POLL_S = 1.0
@@ -524,13 +525,15 @@ def check_slurm_request(opts):
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
+    directives = sbatch_directives(opts.sbatch_args, opts.account)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
         if partition is None and shutil.which("sinfo") is not None:
             partition = next((n for n, p in slurm_partitions().items() if p["default"]), None)
         if partition is None:
             raise DocumentError("give --slurm-partition with --dry-run (no cluster here to ask for its default)")
-        return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb)
+        return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
+                       sbatch_args=directives)
     parts = slurm_partitions()
     partition = opts.partition or next((n for n, p in parts.items() if p["default"]), None)
     if partition is None:
@@ -552,7 +555,74 @@ def check_slurm_request(opts):
         if gpus > p["gpus"]:
             raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
                                 "(--slurm-gpu-partition)")
-    return replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb)
+    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb, sbatch_args=directives)
+    check_sbatch_accepts(opts)
+    return opts
+
+
+def job_request(opts, scores: bool) -> tuple[str, int, int, int]:
+    """(partition, CPUs, GB per CPU, GPUs) of one task of a stage: the scoring stage's, or any other's."""
+    cpus = opts.scoring_cpus if scores else opts.cpus_per_task
+    return (opts.gpu_partition if scores else opts.partition, cpus, max(1, math.ceil(opts.mem_gb / cpus)),
+            opts.gpus_per_task if scores else 0)
+
+
+# sbatch options every job gets from edu-filter itself: another value through --slurm-arg would override it unseen
+OWN_SBATCH_OPTIONS = {
+    "partition": "--slurm-partition or --slurm-gpu-partition", "time": "--slurm-time",
+    "cpus-per-task": "--slurm-cpus or --slurm-gpu-cpus", "mem": "--slurm-mem-gb", "mem-per-cpu": "--slurm-mem-gb",
+    "mem-per-gpu": "--slurm-mem-gb", "gpus": "--slurm-gpus", "gpus-per-task": "--slurm-gpus",
+    "gpus-per-node": "--slurm-gpus", "qos": "--slurm-qos", "account": "--slurm-account",
+    "array": "--tasks and --workers", "nodes": "one node per task", "ntasks": "one process per task",
+    "job-name": "the chain is found in the queue by its job names", "output": "Slurm logs go to OUT/logs",
+    "error": "Slurm logs go to OUT/logs", "dependency": "the stages are chained afterok",
+    "export": "jobs run in the submitting environment", "requeue": "a requeued task runs again inside the chain",
+    "no-requeue": "a requeued task runs again inside the chain",
+}
+
+
+def sbatch_directives(args: dict | Iterable[str], account: str | None = None) -> dict:
+    """Extra sbatch options for every job, from a dict or `KEY=VALUE` / `FLAG` strings (`--slurm-arg`), checked:
+    sbatch's long option names only, none that edu-filter sets itself (naming the option of ours that does)."""
+    items = args.items() if isinstance(args, dict) else (
+        (a.split("=", 1)[0], a.split("=", 1)[1] if "=" in a else "") for a in args)
+    directives = {}
+    for key, value in items:
+        key, value = str(key).strip().lstrip("-"), "" if value is None else str(value)
+        if len(key) < 2 or not all(c.isalnum() or c == "-" for c in key):
+            raise InputError(f"--slurm-arg {key or '(empty)'}: give sbatch's long option name as KEY=VALUE or FLAG, "
+                             "e.g. constraint=h100 or exclusive")
+        if "\n" in value or "\r" in value:
+            raise InputError(f"--slurm-arg {key}: the value must be one line")
+        if key in OWN_SBATCH_OPTIONS or (key == "gres" and "gpu" in value):
+            why = OWN_SBATCH_OPTIONS.get(key, "--slurm-gpus")
+            how = f"give {why}" if why.startswith("--") else f"edu-filter sets it ({why})"
+            raise InputError(f"--slurm-arg {key}: {how}")
+        directives[key] = value
+    if account:
+        directives["account"] = account
+    return directives
+
+
+def check_sbatch_accepts(opts) -> None:
+    """Asks the controller whether it would take each kind of job the chain submits (`sbatch --test-only`, nothing
+    queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
+    Slurm's words before anything is written, not when the first stage is submitted."""
+    requests = {job_request(opts, scores) for scores in (False, True)}
+    for partition, cpus, mem_per_cpu_gb, gpus in sorted(requests):
+        args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": f"{mem_per_cpu_gb}G",
+                "time": opts.time, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
+                **opts.sbatch_args}
+        options = [f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()]
+        try:
+            res = subprocess.run(["sbatch", "--test-only", "--wrap", "true", *options], capture_output=True,
+                                 text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise RunError("sbatch --test-only got no answer from the Slurm controller in 2 minutes") from None
+        if res.returncode != 0:
+            said = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+            raise InputError(f"Slurm would refuse the jobs ({' '.join(options)}): "
+                             f"{said[-1] if said else f'sbatch exit status {res.returncode}'}")
 
 
 def chain_tag(out: str) -> str:
@@ -652,12 +722,11 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     env = environment_command(opts)
     executors, previous = [], None
     for stage in stages:
-        cpus = opts.scoring_cpus if stage.scores else opts.cpus_per_task
+        partition, cpus, mem_per_cpu_gb, gpus = job_request(opts, stage.scores)
         previous = cls(
             stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
-            time=opts.time, partition=opts.gpu_partition if stage.scores else opts.partition,
-            cpus_per_task=cpus, mem_per_cpu_gb=max(1, math.ceil(opts.mem_gb / cpus)),
-            gpus_per_task=opts.gpus_per_task if stage.scores else 0, job_name=f"edu-filter-{stage.name}-{tag}",
+            time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=mem_per_cpu_gb,
+            gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
             mail_type="NONE", max_array_size=opts.max_array_size,

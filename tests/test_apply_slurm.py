@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,8 @@ def corpus(tmp_path_factory):
 
 def apply_args(corpus: Path, model: str, out: Path) -> list[str]:
     return ["apply", str(corpus), "--model", model, "--threshold", "3", "--executor", "slurm", "--tasks", "4",
-            "--slurm-cpus", "1", "--slurm-mem-gb", "2", "-o", str(out), "--wait"]
+            "--slurm-cpus", "1", "--slurm-mem-gb", "2", "-o", str(out), "--wait", "--slurm-account", "edu-tests",
+            "--slurm-qos", "normal", "--slurm-arg", "comment=edu-filter-tests", "--slurm-arg", "no-kill"]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,14 @@ def test_slurm_wait_runs_the_chain_and_every_document_lands_once(clean_run, corp
     stats = json.loads((out / "stats.json").read_text())
     assert stats["adds_up"] and stats["in"]["documents"] == len(planted["ids"]) + 4
     assert stats["peak_scratch_bytes"] > 0 and not (out / "work").exists()  # no corpus copy left behind
-    for script in out.glob("logs/*/launch_script.slurm"):
-        assert "%" not in next(line for line in script.read_text().splitlines() if "--array" in line)
+    scripts = list(out.glob("logs/*/launch_script.slurm"))
+    assert len(scripts) >= 4  # one per stage
+    for script in scripts:
+        lines = script.read_text().splitlines()
+        assert "%" not in next(line for line in lines if "--array" in line)
+        # the account, QOS and other sbatch options given reach every job the cluster ran
+        assert {"#SBATCH --account=edu-tests", "#SBATCH --qos=normal", "#SBATCH --comment=edu-filter-tests",
+                "#SBATCH --no-kill"} <= set(lines), script
     assert "counts add up" in res.stderr and "filter" in res.stderr
 
 
@@ -97,6 +105,15 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus", "1",
                "--slurm-gpu-cpus", str(cpus), "-o", str(tmp_path / "out")], timeout=120)
     assert res.returncode == 2 and f"--slurm-gpu-cpus {cpus}: no node of partition" in res.stderr
+    # what only the controller knows (features, reservations, accounts), asked with sbatch --test-only
+    for option, said in (("constraint=no-such-feature", "Invalid feature specification"),
+                         ("reservation=no-such-reservation", "reservation is invalid")):
+        res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus", "1",
+                   "--slurm-arg", option, "-o", str(tmp_path / "out")], timeout=120)
+        assert res.returncode == 2 and "Slurm would refuse the jobs" in res.stderr and said in res.stderr, res.stderr
+        assert f"--{option}" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+    assert not subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.strip()
 
 
 def requeue_now(job: str) -> None:
@@ -290,14 +307,18 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     """sbatch's own reason, not a CalledProcessError traceback with the reason buried in a log file."""
     from rich.console import Console
 
+    from edu_filter.documents import InputError
     from edu_filter.filters import executors as ex
     from edu_filter.filters.apply import SlurmOptions, Stage
 
     out = tmp_path / "out"
     stages = [Stage("first", [], 1), Stage("report", [], 1)]
     ex.save_stage_list(str(out), stages)
-    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1,
-                                               time="not-a-time"))
+    with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=not-a-time.*\): .*time"):
+        ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, time="not-a-time"))
+    # what sbatch refuses at submission anyway (the cluster changed since the check): its reason, the stage named
+    opts = replace(ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1)),
+                   time="not-a-time")
     with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time"):
         ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
     assert ex.queued_jobs(str(out)) == []

@@ -187,6 +187,21 @@ def test_slurm_only_options_without_slurm(option, fragment, files, stock_classif
             absent=(out.parent,))
 
 
+@pytest.mark.parametrize("arg, fragments", [
+    ("mem=64G", ("--slurm-arg mem", "--slurm-mem-gb")),  # would override edu-filter's own memory request unseen
+    ("--partition=gpu", ("--slurm-arg partition", "--slurm-partition")),
+    ("gres=gpu:2", ("--slurm-arg gres", "--slurm-gpus")),
+    ("array=0-3", ("--slurm-arg array", "--tasks and --workers")),
+    ("job-name=mine", ("--slurm-arg job-name", "the chain is found in the queue by its job names")),
+    ("C=h100", ("--slurm-arg C", "long option name")),
+    ("comment=two\nlines", ("--slurm-arg comment", "one line")),
+])
+def test_sbatch_options_edu_filter_sets_itself_are_refused_naming_ours(arg, fragments, files, stock_classifier):
+    out = files["new"]
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", "slurm", "--dry-run",
+             "--slurm-partition", "any", "--slurm-arg", arg], *fragments, absent=(out.parent,))
+
+
 # --- other commands ----------------------------------------------------------------------------------------------
 def test_bad_data_leaves_no_ablation_folder(files):
     bad = write_jsonl(files["tmp"] / "bad.jsonl", [{"text": "fine"}, {"body": "no text"}])
