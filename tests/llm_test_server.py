@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -47,6 +48,13 @@ from aiohttp import web
 
 DIRECTIVE = re.compile(r"\[\[doc=([^;\]]+)((?:;[a-z0-9]+=[^;\]]*)*)\]\]")
 REASON = "The extract introduces a few concepts clearly but lacks exercises."
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server, a rendezvous or a refused connection)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def directive(doc_id: str, **options) -> str:

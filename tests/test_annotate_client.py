@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_test_server import read_jsonl, write_jsonl, LLMTestServer, directive  # noqa: E402
+from llm_test_server import LLMTestServer, directive, free_port, read_jsonl, write_jsonl  # noqa: E402
 
 from edu_filter.annotate.backends import BackendError, OpenAIBackend  # noqa: E402
 from edu_filter.annotate.score import ScoreConfig, score_documents  # noqa: E402
@@ -375,13 +375,10 @@ def test_several_servers_share_the_documents_and_one_killed_mid_run_costs_none(t
     """Two servers of one model, the second a process of its own killed with SIGKILL part-way (a lost node): requests
     go to the least busy server, those in flight on the lost one go to the other at once without using up a retry
     (there are none here), and every document is scored once, none failed."""
-    import socket
     import threading
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     lost = subprocess.Popen([sys.executable, str(Path(__file__).parent / "llm_test_server.py"), "--host", "127.0.0.1",
                              "--port", str(port), "--delay", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lost_url, kept = f"http://127.0.0.1:{port}/v1", LLMTestServer(delay=0.05).start()

@@ -32,6 +32,7 @@ from apply_corpus import (  # noqa: E402
     run_cli,
     sigkill_mid_scoring_then_rerun,
 )
+from llm_test_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Ray instances, datatrove pipelines and subprocesses in every test
 
@@ -48,12 +49,9 @@ def test_ray_run_killed_with_its_instance_then_rerun_gives_the_local_result(cli_
 def ray_head(env: dict):
     """A Ray cluster started apart from any run, as users have one (`ray start --head` with `env`), torn down by its
     own process group: `ray stop` would stop every Ray instance on the machine, other tests' too. Yields its address."""
-    import socket
 
     pytest.importorskip("ray")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     temp = Path("/tmp") / f"ray-{port}"  # Ray's socket paths must stay short; its address file is written here
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",

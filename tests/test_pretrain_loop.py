@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,9 @@ import torch
 from edu_filter.ablate.packing import iter_texts, write_tokens, write_train_val
 from edu_filter.ablate.pretrain import PretrainConfig, flops_per_token, peak_bf16_flops, pretrain
 from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_test_server import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -156,9 +158,7 @@ def test_a_save_killed_between_its_renames_resumes_from_the_newest_complete_copy
 def test_ddp_ranks_stop_together_when_only_one_has_passed_the_time_limit(corpus, tmp_path):
     """Each rank reads its own clock; unless they agree to stop, one waits forever in a collective the other left.
     Two real processes (gloo) whose limits put rank 1 past its limit at once and rank 0 never."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     workers = [start_worker(corpus, tmp_path / "ddp", env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                             time_limit_minutes=limit) for rank, limit in enumerate([1e6, 1e-9])]
@@ -194,9 +194,7 @@ print("ready", flush=True)
 def test_ranks_wait_for_the_preparation_longer_than_the_training_groups_timeout():
     """Under torchrun the first rank trains the tokenizer and packs the datasets, for hours at 10B tokens, while the
     others wait. Waiting in a barrier of the training group would end them at its timeout; two real processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     ranks = [subprocess.Popen([sys.executable, "-c", PREPARING], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**env, "RANK": str(rank)}) for rank in range(2)]

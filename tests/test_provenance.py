@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from edu_filter.cli import app
 from edu_filter.documents import data_files_in, read_documents, write_documents
 
 sys.path.insert(0, str(Path(__file__).parent))
+from llm_test_server import free_port  # noqa: E402
 from micro_ablation import MICRO_ABLATION  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,9 +366,7 @@ def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
 
 
 def test_push_to_an_unreachable_hub_fails_in_one_line(tmp_path):
-    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "stats.json").write_text("{}")
