@@ -397,12 +397,37 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                              f"dataset's training data, and {out / 'runs'} was trained on it: start a new output "
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
-            train, val = write_train_val(iter_texts(path, text_field), tok, folder, cfg.tokens + window, val_fraction,
-                                         cfg.eval_tokens + window)
+            train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
+                                             cfg.eval_tokens + window, text_field, show=rank == 0)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
+
+
+def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
+                        val_tokens: int, text_field: str, show: bool):
+    """`write_train_val` with a progress bar of the training tokens (10B take hours); a packing killed part-way
+    resumes from its last checkpoint while the input's fingerprint is unchanged."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    found = provenance.fingerprint(path)  # None for a remote input: identified by its address
+    source = found["fingerprint"] if found else str(path)
+    started, first = time.monotonic(), None
+    with Progress(TextColumn("[bold]packing {task.description}"), BarColumn(),
+                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} training tokens {task.fields[rate]}"),
+                  TimeElapsedColumn(), disable=not show, transient=True) as progress:
+        task = progress.add_task(name, total=train_tokens, rate="")
+
+        def update(train: int, val: int) -> None:
+            nonlocal first
+            first = train if first is None else first  # the first call: where a resumed packing starts
+            seconds = time.monotonic() - started
+            rate = f"({(train - first) / seconds:,.0f}/s)" if seconds > 1 else ""
+            progress.update(task, completed=train, rate=rate)
+
+        return write_train_val(iter_texts(path, text_field), tok, folder, train_tokens, val_fraction, val_tokens,
+                               source=source, progress=update)
 
 
 def _packed_infos(out: Path, datasets: dict) -> dict:

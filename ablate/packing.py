@@ -3,7 +3,9 @@
 A dataset becomes a flat file of token ids (`NAME.bin`, uint16 or uint32) with a JSON sidecar (`NAME.json`) holding
 the dtype and counts, the nanoGPT layout: training memory-maps it, so the stream can be larger than RAM. A dataset
 packed into train and val holds `packed.json`, written last: without it the packing is incomplete or from an older
-version (whose held-out slice could overlap another dataset's training data) and must not be reused.
+version (whose held-out slice could overlap another dataset's training data) and must not be reused. While packing,
+`packing.json` records every minute how far the files and the input are in step, so a packing of billions of tokens
+killed part-way resumes there instead of starting over.
 
 Window `k` of length `seq_len` covers tokens `[k*seq_len, (k+1)*seq_len]` (seq_len + 1 ids): inputs are the first
 seq_len, targets the last seq_len. Consecutive windows share one boundary token, so every token after the first is a
@@ -13,8 +15,11 @@ prediction target exactly once per epoch; only the tail shorter than one window 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable, Iterator
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +29,8 @@ import torch
 from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
 
 PACKED = "packed.json"  # the marker of a finished write_train_val, written last
+PACKING = "packing.json"  # where a write_train_val in progress has got to: its resume point
+CHECKPOINT_SECONDS = 60.0
 VAL_SPLIT = "blake2b-64 of the text modulo round(1 / val_fraction)"  # how it chose the held-out slice
 
 
@@ -71,20 +78,30 @@ class TokenFileInfo:
 
 
 class TokenFileWriter:
-    """Appends token ids to `path` (.bin) and writes the `.json` sidecar on close."""
+    """Appends token ids to `path` (.bin) and writes the `.json` sidecar on close. `resume_at` (tokens, documents)
+    continues a file from a checkpoint: whatever was written after it is cut off."""
 
-    def __init__(self, path: str | Path, vocab_size: int):
+    def __init__(self, path: str | Path, vocab_size: int, resume_at: tuple[int, int] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
-        self.tokens = 0
-        self.documents = 0
-        self._fh = open(self.path, "wb")
+        self.tokens, self.documents = resume_at or (0, 0)
+        if resume_at is None:
+            self._fh = open(self.path, "wb")
+        else:
+            self._fh = open(self.path, "r+b")
+            self._fh.truncate(self.tokens * self.dtype.itemsize)
+            self._fh.seek(0, os.SEEK_END)
 
     def write(self, ids: np.ndarray) -> None:
         self._fh.write(ids.astype(self.dtype).tobytes())
         self.tokens += len(ids)
         self.documents += 1
+
+    def sync(self) -> None:
+        """Everything written so far is on disk (a checkpoint may point at it)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
 
     def close(self, complete: bool) -> TokenFileInfo:
         self._fh.close()
@@ -110,20 +127,38 @@ def write_train_val(
     train_tokens: int,
     val_fraction: float = 0.05,
     max_val_tokens: int = 1_000_000,
+    source: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> tuple[TokenFileInfo, TokenFileInfo]:
     """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
 
     The documents `is_held_out` picks (about 1 in round(1 / val_fraction)) go to validation until it holds
     `max_val_tokens`, and are skipped after that rather than trained on: another dataset whose slice fills later holds
     them out. Reading stops once both files have their tokens (`train_tokens` for training); `packed.json` comes last.
+
+    Every `checkpoint_seconds` the files are synced and `packing.json` records the documents read and the tokens
+    written. A packing killed part-way and called again with the same `texts` (`source` identifies them, e.g. the
+    input's fingerprint), tokenizer and budgets skips the documents read before that checkpoint and appends after
+    it, giving the files an unbroken packing gives; with anything else it starts over. `progress(train_tokens,
+    val_tokens)` is called at the start (a resumed packing's counts), a few times a second and at the end.
     """
     out_dir = Path(out_dir)
     (out_dir / PACKED).unlink(missing_ok=True)
     vocab = len(tokenizer)
-    train, val = TokenFileWriter(out_dir / "train.bin", vocab), TokenFileWriter(out_dir / "val.bin", vocab)
+    settings = {"val_split": VAL_SPLIT, "tokenizer": tokenizer_key(tokenizer), "train_tokens": train_tokens,
+                "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source}
+    resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize)
+    train = TokenFileWriter(out_dir / "train.bin", vocab, resume and tuple(resume["train"]))
+    val = TokenFileWriter(out_dir / "val.bin", vocab, resume and tuple(resume["val"]))
+    read = resume["documents_read"] if resume else 0
     val_tokens = max_val_tokens if val_fraction > 0 else 0
     complete = True
-    for text, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
+    saved = shown = time.monotonic()
+    if progress is not None:
+        progress(train.tokens, val.tokens)  # where a resumed packing starts
+    for text, ids in tokenize_documents(itertools.islice(texts, read, None), tokenizer, tokenizer.eos_token_id):
+        read += 1
         if is_held_out(text, val_fraction):
             if val.tokens < val_tokens:
                 val.write(ids)
@@ -132,11 +167,53 @@ def write_train_val(
         if train.tokens >= train_tokens and val.tokens >= val_tokens:
             complete = False
             break
+        now = time.monotonic()
+        if now - saved >= checkpoint_seconds:
+            _save_packing_checkpoint(out_dir, settings, read, train, val)
+            saved = now
+        if progress is not None and now - shown >= 0.25:
+            progress(train.tokens, val.tokens)
+            shown = now
     infos = train.close(complete), val.close(complete)
+    if progress is not None:
+        progress(train.tokens, val.tokens)
     marker = out_dir / f"{PACKED}.tmp"
     marker.write_text(json.dumps({"val_split": VAL_SPLIT, "train": asdict(infos[0]), "val": asdict(infos[1])}))
     marker.rename(out_dir / PACKED)
+    (out_dir / PACKING).unlink(missing_ok=True)
     return infos
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What identifies a tokenizer's encoding: a hash of its serialized vocabulary, merges and rules."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _packing_checkpoint(out_dir: Path, settings: dict, itemsize: int) -> dict | None:
+    """The checkpoint of an unfinished packing with these settings whose files hold what it says, else None."""
+    try:
+        checkpoint = json.loads((out_dir / PACKING).read_text())
+    except (OSError, ValueError):
+        return None
+    if checkpoint.get("settings") != settings:
+        return None
+    for name in ("train", "val"):
+        path = out_dir / f"{name}.bin"
+        if not path.exists() or path.stat().st_size < checkpoint[name][0] * itemsize:
+            return None
+    return checkpoint
+
+
+def _save_packing_checkpoint(out_dir: Path, settings: dict, read: int, train: TokenFileWriter,
+                             val: TokenFileWriter) -> None:
+    train.sync()
+    val.sync()
+    tmp = out_dir / f"{PACKING}.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "documents_read": read, "train": [train.tokens, train.documents],
+                               "val": [val.tokens, val.documents]}))
+    os.replace(tmp, out_dir / PACKING)
 
 
 def read_packed(out_dir: str | Path) -> tuple[TokenFileInfo, TokenFileInfo] | None:

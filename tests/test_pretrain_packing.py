@@ -1,6 +1,10 @@
 """Token packing and the learning-rate schedule of the pretraining loop."""
 
+import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +107,64 @@ def test_only_finished_packing_is_reused(tokenizer, tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(InputError, match="packed by an older edu-filter"):
         _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+
+
+# Packs the bundled web documents slowly (5 ms each), with a checkpoint every 50 ms, until it is killed.
+SLOW_PACKING = """
+import sys, time
+from edu_filter.ablate.packing import iter_texts, write_train_val
+from edu_filter.ablate.tokenizer import load_tokenizer
+
+def slowly(texts):
+    for text in texts:
+        time.sleep(0.005)
+        yield text
+
+write_train_val(slowly(iter_texts(sys.argv[2])), load_tokenizer(sys.argv[1]), sys.argv[3], train_tokens=10**9,
+                val_fraction=0.1, max_val_tokens=20_000, source="web", checkpoint_seconds=0.05)
+"""
+
+
+@pytest.mark.slow
+def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(tokenizer, tokenizer_dir, tmp_path):
+    """10B tokens take hours to pack: a kill (preemption, a node lost) costs the minute since the last checkpoint,
+    and the resumed files are byte for byte those of an unbroken packing, the bytes written after the checkpoint
+    cut off. Other settings or another input start over."""
+    def pack(folder, source="web"):
+        seen = []
+        infos = write_train_val(iter_texts(str(WEB)), tokenizer, folder, train_tokens=10**9, val_fraction=0.1,
+                                max_val_tokens=20_000, source=source, progress=lambda train, val: seen.append(train))
+        return infos, seen[0], [(folder / name).read_bytes() for name in ("train.bin", "val.bin")]
+
+    clean, started, clean_bytes = pack(tmp_path / "clean")
+    assert started == 0 and clean[0].tokens > 100_000
+    folder = tmp_path / "killed"
+    packer = subprocess.Popen([sys.executable, "-c", SLOW_PACKING, str(tokenizer_dir), str(WEB), str(folder)])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and packer.poll() is None:
+            try:
+                if json.loads((folder / "packing.json").read_text())["documents_read"] >= 300:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        packer.kill()  # SIGKILL: nothing is closed or written on the way out
+    finally:
+        packer.wait()
+    checkpoint = json.loads((folder / "packing.json").read_text())
+    assert packer.returncode == -9 and not (folder / "packed.json").exists()
+    assert 0 < checkpoint["documents_read"] < 2000 and checkpoint["train"][0] > 0
+
+    resumed, started, resumed_bytes = pack(folder)
+    assert started == checkpoint["train"][0]  # resumed from the checkpoint, not from the start
+    assert resumed == clean and resumed_bytes == clean_bytes
+    assert read_packed(folder) and not (folder / "packing.json").exists()
+
+    (folder / "packed.json").unlink()  # an unfinished packing of another input: started over, not mixed
+    (folder / "packing.json").write_text(json.dumps(checkpoint))
+    again, started, again_bytes = pack(folder, source="another input")
+    assert started == 0 and again == clean and again_bytes == clean_bytes
 
 
 def test_reading_stops_once_train_and_val_have_their_tokens(tokenizer, tmp_path):
