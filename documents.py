@@ -183,17 +183,26 @@ PARQUET_BATCH_ROWS = 1024  # rows converted to Python at a time: a FineWeb shard
 @contextlib.contextmanager
 def _parquet_file(url: str):
     """A local or remote (any fsspec URL: hf://, s3://) Parquet file. pyarrow reads its footer and row groups with
-    seeks, so a remote file is fetched only where it is read."""
+    seeks, so a remote file is fetched only where it is read; without pre-buffering, since buffering holds every
+    row group read until the reader is done (a whole shard, for a full pass)."""
     import pyarrow.parquet as pq
 
     if "://" not in url:
-        with pq.ParquetFile(url) as parquet:
+        with pq.ParquetFile(url, pre_buffer=False) as parquet:
             yield parquet
         return
     import fsspec
 
     with fsspec.open(url, "rb") as fh:
-        yield pq.ParquetFile(fh)
+        yield pq.ParquetFile(fh, pre_buffer=False)
+
+
+def _read_errors(url: str) -> tuple[type[BaseException], ...]:
+    """What reading `url` may raise for a bad or unreachable file: a remote file's filesystem raises its own HTTP
+    client's errors, which pyarrow passes through."""
+    import pyarrow as pa
+
+    return (Exception,) if "://" in url else (pa.ArrowException, OSError)
 
 
 def _parquet_error(path: str, e: Exception, after_row: int = 0) -> DocumentError:
@@ -201,18 +210,33 @@ def _parquet_error(path: str, e: Exception, after_row: int = 0) -> DocumentError
     return DocumentError(f"{path}: cannot read as Parquet{where} ({type(e).__name__}: {e})")
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file."""
+def _rows_of(batch) -> list[dict]:
+    """A record batch's rows as plain Python values, as JSON writers take them: nanosecond times become datetime and
+    timedelta (microseconds, as polars gives them) rather than pandas objects, maps become dicts."""
     import pyarrow as pa
 
+    fields = []
+    for f in batch.schema:
+        if (pa.types.is_timestamp(f.type) or pa.types.is_duration(f.type)) and f.type.unit == "ns":
+            unit = pa.timestamp("us", f.type.tz) if pa.types.is_timestamp(f.type) else pa.duration("us")
+            f = f.with_type(unit)
+        fields.append(f)
+    schema = pa.schema(fields)
+    if schema != batch.schema:
+        batch = batch.cast(schema, safe=False)
+    return batch.to_pylist(maps_as_pydicts="lossy")
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for row in batch.to_pylist():
+                for row in _rows_of(batch):
                     lineno += 1
                     yield lineno, row
-    except (pa.ArrowException, OSError) as e:
+    except _read_errors(path) as e:
         raise _parquet_error(path, e, lineno) from None
 
 
@@ -375,18 +399,14 @@ PARQUET_THREADS = 16  # files are read in parallel: on the hub a footer or a row
 
 @dataclass(frozen=True)
 class ParquetPart:
-    """One Parquet file of the input, as its footer describes it. `source` is the input it belongs to and `offset`
-    the number of rows before it in that input, so its rows carry the row numbers (and default ids) that reading
-    the input from the start gives them."""
+    """One Parquet file of the input and its row count (from its footer). `source` is the input it belongs to and
+    `offset` the number of rows before it in that input, so its rows carry the row numbers (and default ids) that
+    reading the input from the start gives them."""
 
     source: str
     url: str
     offset: int
-    row_groups: tuple[int, ...]  # rows per row group
-
-    @property
-    def rows(self) -> int:
-        return sum(self.row_groups)
+    rows: int
 
 
 def _hub_data_files(path: str) -> list[str] | None:
@@ -404,41 +424,38 @@ def _hub_data_files(path: str) -> list[str] | None:
     return [str(f) for f in files]
 
 
-def _footer(url: str) -> tuple[int, ...]:
-    import pyarrow as pa
-
+def _row_count(url: str) -> int:
     try:
         with _parquet_file(url) as parquet:
-            meta = parquet.metadata
-            return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
-    except (pa.ArrowException, OSError) as e:
+            return parquet.metadata.num_rows
+    except _read_errors(url) as e:
         raise _parquet_error(url, e) from None
 
 
 def parquet_parts(paths: Iterable[str | os.PathLike], show_progress: bool = False) -> list[ParquetPart] | None:
-    """Every Parquet file of the input with its row groups' sizes, read from the footers alone; None when any input
-    is not Parquet."""
-    files: list[tuple[str, str]] = []  # (input, file)
-    for path in expand_paths(paths):
+    """Every Parquet file of the input with its row count, read from the footers alone; None when any input is not
+    Parquet. An input named twice is two inputs, as reading them gives it."""
+    files: list[tuple[int, str, str]] = []  # (input occurrence, input, file)
+    for occurrence, path in enumerate(expand_paths(paths)):
         if is_hub_path(path):
             hub = _hub_data_files(path)
             if hub is None:
                 return None
-            files.extend((path, url) for url in hub)
+            files.extend((occurrence, path, url) for url in hub)
         elif _has_suffix(path, PARQUET_SUFFIXES):
-            files.append((path, path))
+            files.append((occurrence, path, path))
         else:
             return None
     with _progress(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
         task = progress.add_task("reading Parquet footers", total=len(files))
-        footers = []
-        for footer in pool.map(_footer, [url for _, url in files]):
-            footers.append(footer)
+        counts = []
+        for rows in pool.map(_row_count, [url for _, _, url in files]):
+            counts.append(rows)
             progress.advance(task)
     parts, offsets = [], {}
-    for (source, url), row_groups in zip(files, footers):
-        parts.append(ParquetPart(source, url, offsets.get(source, 0), row_groups))
-        offsets[source] = offsets.get(source, 0) + sum(row_groups)
+    for (occurrence, source, url), rows in zip(files, counts):
+        parts.append(ParquetPart(source, url, offsets.get(occurrence, 0), rows))
+        offsets[occurrence] = offsets.get(occurrence, 0) + rows
     return parts
 
 
@@ -462,26 +479,27 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
         wanted.setdefault(bisect.bisect_right(starts, position) - 1, []).append(position)
 
     def read(k: int) -> list[tuple[int, dict]]:
-        import pyarrow as pa
-
         part = parts[k]
-        group_starts = list(itertools.accumulate(part.row_groups, initial=starts[k]))
-        by_group: dict[int, list[int]] = {}
-        for position in wanted[k]:
-            by_group.setdefault(bisect.bisect_right(group_starts, position) - 1, []).append(position)
         sampled = []
         try:
             with _parquet_file(part.url) as parquet:
+                meta = parquet.metadata
+                group_starts = list(itertools.accumulate(
+                    (meta.row_group(g).num_rows for g in range(meta.num_row_groups)), initial=starts[k]))
+                by_group: dict[int, list[int]] = {}
+                for position in wanted[k]:
+                    by_group.setdefault(bisect.bisect_right(group_starts, position) - 1, []).append(position)
                 for g, positions in by_group.items():  # a batch at a time: a row group may be GBs
                     first = group_starts[g]
                     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g]):
                         inside = [p for p in positions if first <= p < first + batch.num_rows]
                         if inside:
-                            rows = batch.take([p - first for p in inside]).to_pylist()
-                            sampled.extend(zip(inside, rows))
+                            sampled.extend(zip(inside, _rows_of(batch.take([p - first for p in inside]))))
                         first += batch.num_rows
-        except (pa.ArrowException, OSError) as e:
+        except _read_errors(part.url) as e:
             raise _parquet_error(part.url, e) from None
+        if len(sampled) != len(wanted[k]):
+            raise DocumentError(f"{part.url}: holds fewer rows than its footer says ({part.rows})")
         return [(p, _document(part.source, part.offset + p - starts[k] + 1, row, text_field, id_field))
                 for p, row in sampled]
 

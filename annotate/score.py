@@ -241,7 +241,10 @@ class DocumentStream:
     def __init__(self, inputs, text_field: str, id_field: str):
         self.inputs, self.text_field, self.id_field = list(inputs), text_field, id_field
         if any(is_hub_path(p) for p in self.inputs):
-            self.total = count_documents(self.inputs)
+            try:
+                self.total = count_documents(self.inputs)
+            except DocumentError:  # a total is a nicety: an unreadable file fails the run when the stream reaches it
+                self.total = None
         else:
             self.total = sum(1 for _ in self._checked())
 

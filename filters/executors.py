@@ -525,7 +525,10 @@ def check_slurm_request(opts):
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
-    directives = sbatch_directives(opts.sbatch_args, opts.account)
+    for name, value in (("--slurm-account", opts.account), ("--slurm-qos", opts.qos)):
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise InputError(f"{name} {value!r}: must be one word")
+    directives = sbatch_directives(opts.sbatch_args)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
         if partition is None and shutil.which("sinfo") is not None:
@@ -567,7 +570,8 @@ def job_request(opts, scores: bool) -> tuple[str, int, int, int]:
             opts.gpus_per_task if scores else 0)
 
 
-# sbatch options every job gets from edu-filter itself: another value through --slurm-arg would override it unseen
+# sbatch options edu-filter sets itself, or that would break the chain: through --slurm-arg they would override ours
+# unseen (sbatch reads #SBATCH lines in order, the later winning) or hang the submission
 OWN_SBATCH_OPTIONS = {
     "partition": "--slurm-partition or --slurm-gpu-partition", "time": "--slurm-time",
     "cpus-per-task": "--slurm-cpus or --slurm-gpu-cpus", "mem": "--slurm-mem-gb", "mem-per-cpu": "--slurm-mem-gb",
@@ -577,31 +581,51 @@ OWN_SBATCH_OPTIONS = {
     "job-name": "the chain is found in the queue by its job names", "output": "Slurm logs go to OUT/logs",
     "error": "Slurm logs go to OUT/logs", "dependency": "the stages are chained afterok",
     "export": "jobs run in the submitting environment", "requeue": "a requeued task runs again inside the chain",
-    "no-requeue": "a requeued task runs again inside the chain",
+    "no-requeue": "a requeued task runs again inside the chain", "wait": "apply --wait follows the chain",
+    "hold": "the chain is submitted to run", "test-only": "the chain is submitted to run",
+    "parsable": "edu-filter reads sbatch's answer", "clusters": "the chain is followed on this cluster",
 }
 
 
-def sbatch_directives(args: dict | Iterable[str], account: str | None = None) -> dict:
+def sbatch_directives(args: dict | Iterable[str]) -> dict:
     """Extra sbatch options for every job, from a dict or `KEY=VALUE` / `FLAG` strings (`--slurm-arg`), checked:
-    sbatch's long option names only, none that edu-filter sets itself (naming the option of ours that does)."""
-    items = args.items() if isinstance(args, dict) else (
-        (a.split("=", 1)[0], a.split("=", 1)[1] if "=" in a else "") for a in args)
+    sbatch's long option names, each once, one word each (sbatch splits #SBATCH lines at spaces), none that
+    edu-filter sets itself nor an abbreviation of one (sbatch takes any unambiguous prefix), naming ours."""
+    if isinstance(args, dict):
+        items = [(str(k), "" if v is None else str(v)) for k, v in args.items()]
+    else:
+        items = []
+        for arg in args:
+            key, given, value = str(arg).partition("=")
+            if given and not value:
+                raise InputError(f"--slurm-arg {arg}: give a value, or the flag alone")
+            items.append((key, value))
     directives = {}
     for key, value in items:
-        key, value = str(key).strip().lstrip("-"), "" if value is None else str(value)
+        key = key.strip().lstrip("-")
         if len(key) < 2 or not all(c.isalnum() or c == "-" for c in key):
             raise InputError(f"--slurm-arg {key or '(empty)'}: give sbatch's long option name as KEY=VALUE or FLAG, "
                              "e.g. constraint=h100 or exclusive")
-        if "\n" in value or "\r" in value:
-            raise InputError(f"--slurm-arg {key}: the value must be one line")
-        if key in OWN_SBATCH_OPTIONS or (key == "gres" and "gpu" in value):
-            why = OWN_SBATCH_OPTIONS.get(key, "--slurm-gpus")
+        if any(c.isspace() for c in value):
+            raise InputError(f"--slurm-arg {key}: the value must be one word ({value!r}): sbatch splits #SBATCH "
+                             "lines at spaces")
+        owned = next((own for own in OWN_SBATCH_OPTIONS if own.startswith(key)), None)
+        if owned is None and key.startswith(("gres", "tres")) and "gpu" in value:
+            owned = "gpus"
+        if owned is not None:
+            why = OWN_SBATCH_OPTIONS[owned]
             how = f"give {why}" if why.startswith("--") else f"edu-filter sets it ({why})"
-            raise InputError(f"--slurm-arg {key}: {how}")
+            what = key if owned == key or owned == "gpus" else f"{key} (sbatch reads it as --{owned})"
+            raise InputError(f"--slurm-arg {what}: {how}")
+        if key in directives:
+            raise InputError(f"--slurm-arg {key} is given twice")
         directives[key] = value
-    if account:
-        directives["account"] = account
     return directives
+
+
+def job_directives(opts) -> dict:
+    """The sbatch options every job gets beyond the stage's own request: --slurm-arg's and the account."""
+    return {**opts.sbatch_args, **({"account": opts.account} if opts.account else {})}
 
 
 def check_sbatch_accepts(opts) -> None:
@@ -612,7 +636,7 @@ def check_sbatch_accepts(opts) -> None:
     for partition, cpus, mem_per_cpu_gb, gpus in sorted(requests):
         args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": f"{mem_per_cpu_gb}G",
                 "time": opts.time, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
-                **opts.sbatch_args}
+                **job_directives(opts)}
         options = [f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()]
         try:
             res = subprocess.run(["sbatch", "--test-only", "--wrap", "true", *options], capture_output=True,
@@ -728,7 +752,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=mem_per_cpu_gb,
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
-            qos=opts.qos, sbatch_args=opts.sbatch_args, slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
+            qos=opts.qos, sbatch_args=job_directives(opts), slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
             mail_type="NONE", max_array_size=opts.max_array_size,
         )
         executors.append((stage.name, previous))

@@ -100,6 +100,17 @@ def test_a_parquet_sample_reads_only_the_row_groups_holding_it(tmp_path):
     assert full_bytes >= 0.9 * size and sampled_bytes < 0.1 * size, (sampled_bytes, full_bytes, size)
 
 
+def test_an_input_named_twice_is_sampled_as_reading_it_gives_it(tmp_path):
+    """Twice the rows, numbered (and given default ids) as reading gives them: the second copy's ids repeat the
+    first's, which `score` refuses as it refuses them unsampled."""
+    once = write_parquet(tmp_path / "no-ids.parquet", 0, 5, 2, ids=False)
+    everything = list(iter_documents([once, once]))
+    assert count_documents([once, once]) == 10 and [d["id"] for d in everything[5:]] == [d["id"] for d in everything[:5]]
+    assert [doc for _, doc in sample_documents([once, once], 10)] == everything
+    with pytest.raises(DocumentError, match="duplicate document id 'no-ids.parquet:1'"):
+        load_documents([once, once], "text", "id", sample=10, seed=0)
+
+
 def test_a_parquet_sample_checks_its_rows_and_names_a_bad_one(tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one", None, "three"]}), bad)

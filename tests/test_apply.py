@@ -145,7 +145,8 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     monkeypatch.chdir(tmp_path)  # relative OUT: every path in the scripts must still be absolute
     run_apply(["in.jsonl"], "out", model=stock_classifier, executor="slurm", tasks=8, workers=4, show=False,
               slurm=SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, gpu_cpus_per_task=6,
-                                 dry_run=True, venv_path="/opt/venv/bin/activate"))
+                                 dry_run=True, venv_path="/opt/venv/bin/activate", account="proj-7", qos="high",
+                                 sbatch_args=["constraint=h100", "exclusive"]))
     scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
     names = [p.stem.split("_", 1)[1] for p in scripts]
     # a GPU makes scoring cheaper than MinHash: score first, deduplicate only what passes the threshold
@@ -160,6 +161,9 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages)
         cpus, mem = ("6", "3G") if p.stem.endswith("score") else ("4", "4G")
         assert f"--cpus-per-task={cpus}\n" in text and f"--mem-per-cpu={mem}\n" in text
+        # the account, QOS and other sbatch options reach every job
+        assert {"#SBATCH --account=proj-7", "#SBATCH --qos=high", "#SBATCH --constraint=h100",
+                "#SBATCH --exclusive"} <= set(text.splitlines())
         log_line = next(line for line in text.splitlines() if line.startswith("#SBATCH --output="))
         assert log_line.split("=", 1)[1].startswith(str(tmp_path / "out" / "logs"))
     assert arrays["minhash-signatures"].endswith("=0-7%4") and arrays["minhash-buckets"].endswith("=0-13%4")

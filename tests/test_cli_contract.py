@@ -193,8 +193,12 @@ def test_slurm_only_options_without_slurm(option, fragment, files, stock_classif
     ("gres=gpu:2", ("--slurm-arg gres", "--slurm-gpus")),
     ("array=0-3", ("--slurm-arg array", "--tasks and --workers")),
     ("job-name=mine", ("--slurm-arg job-name", "the chain is found in the queue by its job names")),
+    ("part=gpu", ("--slurm-arg part (sbatch reads it as --partition)", "--slurm-partition")),  # a prefix is enough
+    ("tres-per-task=gres/gpu:2", ("--slurm-arg tres-per-task", "--slurm-gpus")),
+    ("wait", ("--slurm-arg wait", "apply --wait")),  # sbatch would block until each job ends
     ("C=h100", ("--slurm-arg C", "long option name")),
-    ("comment=two\nlines", ("--slurm-arg comment", "one line")),
+    ("comment=two words", ("--slurm-arg comment", "one word", "splits #SBATCH lines at spaces")),
+    ("comment=", ("--slurm-arg comment=", "give a value")),
 ])
 def test_sbatch_options_edu_filter_sets_itself_are_refused_naming_ours(arg, fragments, files, stock_classifier):
     out = files["new"]

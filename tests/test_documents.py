@@ -18,6 +18,7 @@ from edu_filter.documents import (
     check_not_empty,
     check_writable_output,
     expand_paths,
+    iter_documents,
     read_documents,
     sample_documents,
     write_documents,
@@ -97,6 +98,40 @@ def test_corrupt_archives_and_parquet_name_the_file(tmp_path):
                           ("bad.parquet", r"bad\.parquet: cannot read as Parquet")]:
         with pytest.raises(DocumentError, match=pattern):
             read_documents([tmp_path / name])
+
+
+def test_parquet_is_read_a_batch_at_a_time_as_plain_python_values(tmp_path):
+    """A shard of FineWeb is GBs: reading it holds a record batch, not the file (pyarrow's pre-buffering would keep
+    every row group read). Values come back as JSON writers take them: nanosecond times (pandas writes them) as
+    datetime, maps as dicts."""
+    import datetime
+
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 40_000
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "text": [os.urandom(500).hex() for _ in range(n)]}),
+                   big, row_group_size=1_000)
+    size = big.stat().st_size
+    peak = 0
+    for i, doc in enumerate(iter_documents([big])):
+        if i % 500 == 0:
+            peak = max(peak, pa.total_allocated_bytes())
+    assert i == n - 1 and peak < 0.15 * size, (peak, size)
+
+    typed = tmp_path / "typed.parquet"
+    when = datetime.datetime(2024, 5, 1, 12, 30, 15, 123456)
+    pq.write_table(pa.table({
+        "text": ["a"], "at": pa.array([when], pa.timestamp("ns")), "took": pa.array([datetime.timedelta(seconds=3)],
+                                                                                      pa.duration("ns")),
+        "meta": pa.array([[("lang", "en")]], pa.map_(pa.string(), pa.string()))}), typed)
+    (doc,) = read_documents([typed])
+    assert doc["at"] == when and type(doc["at"]) is datetime.datetime
+    assert doc["took"] == datetime.timedelta(seconds=3) and type(doc["took"]) is datetime.timedelta
+    assert doc["meta"] == {"lang": "en"}
+    orjson.dumps({k: doc[k] for k in ("text", "at", "meta")})  # as score's writer does (pandas' Timestamp fails)
 
 
 def test_non_finite_labels_are_refused(tmp_path):
