@@ -116,6 +116,28 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     assert not subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.strip()
 
 
+def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warning(slurm_partition, corpus,
+                                                                                   stock_classifier, tmp_path):
+    """Every node drained: `sbatch --test-only` says no node could take the jobs, while sbatch itself queues them
+    to start when the nodes are back. The request check must not refuse what Slurm would accept."""
+    from edu_filter.filters import executors as ex
+
+    node = subprocess.run(["sinfo", "-h", "-N", "-p", slurm_partition, "-o", "%N"], capture_output=True,
+                          text=True, check=True).stdout.split()[0]
+    out = tmp_path / "out"
+    subprocess.run(["scontrol", "update", f"nodename={node}", "state=drain", "reason=edu-filter-test"], check=True)
+    try:
+        res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--threshold", "3", "--executor", "slurm",
+                   "--tasks", "2", "--slurm-cpus", "1", "--slurm-mem-gb", "2", "-o", str(out)], timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"no node of partition {slurm_partition} takes jobs now (drained or down)" in res.stderr
+        states = {job["state"] for job in ex.queued_jobs(str(out))}
+        assert states == {"PENDING"}, states
+    finally:
+        ex.cancel_chain(str(out))
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+
+
 def requeue_now(job: str) -> None:
     """What preemption on a requeue partition (or a node failure, with Slurm's default JobRequeue) does to a running
     task: killed and queued again. Slurm holds a requeued job ~2 minutes; the test lets it start again at once."""
