@@ -194,7 +194,15 @@ def _parquet_file(url: str):
     import fsspec
 
     with fsspec.open(url, "rb") as fh:
-        yield pq.ParquetFile(fh, pre_buffer=False)
+        yield open_parquet(fh)
+
+
+def open_parquet(fh):
+    """A Parquet file from an open binary file object, read a record batch at a time: without pre-buffering, which
+    holds every row group read until the reader is done (a whole shard, for a full pass)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(fh, pre_buffer=False)
 
 
 def _read_errors(url: str) -> tuple[type[BaseException], ...]:
@@ -210,7 +218,7 @@ def _parquet_error(path: str, e: Exception, after_row: int = 0) -> DocumentError
     return DocumentError(f"{path}: cannot read as Parquet{where} ({type(e).__name__}: {e})")
 
 
-def _rows_of(batch) -> list[dict]:
+def parquet_rows(batch) -> list[dict]:
     """A record batch's rows as plain Python values, as JSON writers take them: nanosecond times become datetime and
     timedelta (microseconds, as polars gives them) rather than pandas objects, maps become dicts."""
     import pyarrow as pa
@@ -233,7 +241,7 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
     try:
         with _parquet_file(path) as parquet:
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for row in _rows_of(batch):
+                for row in parquet_rows(batch):
                     lineno += 1
                     yield lineno, row
     except _read_errors(path) as e:
@@ -494,7 +502,7 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
                     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g]):
                         inside = [p for p in positions if first <= p < first + batch.num_rows]
                         if inside:
-                            sampled.extend(zip(inside, _rows_of(batch.take([p - first for p in inside]))))
+                            sampled.extend(zip(inside, parquet_rows(batch.take([p - first for p in inside]))))
                         first += batch.num_rows
         except _read_errors(part.url) as e:
             raise _parquet_error(part.url, e) from None

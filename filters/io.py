@@ -26,7 +26,14 @@ from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
-from edu_filter.documents import PARQUET_SUFFIXES, DocumentError, check_data_file, data_files_in
+from edu_filter.documents import (
+    PARQUET_SUFFIXES,
+    DocumentError,
+    check_data_file,
+    data_files_in,
+    open_parquet,
+    parquet_rows,
+)
 from edu_filter.filters.progress import TaskProgress
 from edu_filter.filters.report import write_counts
 
@@ -178,15 +185,13 @@ class ApplyInputReader(BaseReader):
                 yield self._document(row, source)
 
     def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress") -> Iterator[Document]:
-        import pyarrow.parquet as pq
-
         with folder.open(name, "rb") as fh:
             rowno = 0
-            parquet = pq.ParquetFile(fh)
+            parquet = open_parquet(fh)
             total_rows = max(1, parquet.metadata.num_rows)
             size = folder.size(name)
             for batch in parquet.iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
+                for row in parquet_rows(batch):
                     rowno += 1
                     if keep(rowno):
                         yield self._document(row, f"{name}:{rowno}")

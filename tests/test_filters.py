@@ -19,6 +19,25 @@ from edu_filter.filters.scoring import keep_top_cutoff, score_bins
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
+def test_the_apply_reader_holds_a_batch_of_a_parquet_shard_not_the_shard(tmp_path):
+    """FineWeb's shards are GBs each: a task holds a record batch of one (reading the whole file, or pyarrow's
+    pre-buffering of a native file, would keep every row group read until the file is done)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 40_000
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "text": [os.urandom(500).hex() for _ in range(n)]}),
+                   shard, row_group_size=1_000)
+    peak = count = 0
+    for count, _ in enumerate(ApplyInputReader(expand_inputs([str(shard)])).run(), start=1):
+        if count % 500 == 0:
+            peak = max(peak, pa.total_allocated_bytes())
+    assert count == n and peak < 0.15 * shard.stat().st_size, (peak, shard.stat().st_size)
+
+
 def read_all(files, world_size):
     out = []
     for rank in range(world_size):
