@@ -137,10 +137,10 @@ def write_train_val(
     `max_val_tokens`, and are skipped after that rather than trained on: another dataset whose slice fills later holds
     them out. Reading stops once both files have their tokens (`train_tokens` for training); `packed.json` comes last.
 
-    Every `checkpoint_seconds` the files are synced and `packing.json` records the documents read and the tokens
-    written. A packing killed part-way and called again with the same `texts` (`source` identifies them, e.g. the
-    input's fingerprint), tokenizer and budgets skips the documents read before that checkpoint and appends after
-    it, giving the files an unbroken packing gives; with anything else it starts over. `progress(train_tokens,
+    With a `source` naming the texts (e.g. the input's fingerprint), every `checkpoint_seconds` the files are
+    synced and `packing.json` records the documents read and the tokens written. A packing killed part-way and
+    called again with the same source, tokenizer and budgets skips the documents read before that checkpoint and
+    appends after it, giving the files an unbroken packing gives; with anything else it starts over. `progress(train_tokens,
     val_tokens)` is called at the start (a resumed packing's counts), a few times a second and at the end.
     """
     out_dir = Path(out_dir)
@@ -148,7 +148,9 @@ def write_train_val(
     vocab = len(tokenizer)
     settings = {"val_split": VAL_SPLIT, "tokenizer": tokenizer_key(tokenizer), "train_tokens": train_tokens,
                 "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source}
-    resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize)
+    resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize) if source is not None else None
+    if resume is None:  # another run's checkpoint must not outlive the files it described
+        (out_dir / PACKING).unlink(missing_ok=True)
     train = TokenFileWriter(out_dir / "train.bin", vocab, resume and tuple(resume["train"]))
     val = TokenFileWriter(out_dir / "val.bin", vocab, resume and tuple(resume["val"]))
     read = resume["documents_read"] if resume else 0
@@ -168,7 +170,7 @@ def write_train_val(
             complete = False
             break
         now = time.monotonic()
-        if now - saved >= checkpoint_seconds:
+        if source is not None and now - saved >= checkpoint_seconds:
             _save_packing_checkpoint(out_dir, settings, read, train, val)
             saved = now
         if progress is not None and now - shown >= 0.25:
@@ -185,10 +187,17 @@ def write_train_val(
 
 
 def tokenizer_key(tokenizer) -> str:
-    """What identifies a tokenizer's encoding: a hash of its serialized vocabulary, merges and rules."""
+    """What identifies a tokenizer's encoding: its vocabulary, merges and rules (not the truncation and padding
+    settings, which transformers changes on first use) and its EOS id, the document separator."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(spec.encode()).hexdigest()
+    try:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    except Exception:  # noqa: BLE001 - no fast backend, or one with custom Python parts: the vocabulary alone
+        spec = sorted(tokenizer.get_vocab().items())
+    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _packing_checkpoint(out_dir: Path, settings: dict, itemsize: int) -> dict | None:

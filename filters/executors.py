@@ -646,7 +646,7 @@ def check_sbatch_accepts(opts) -> None:
         if res.returncode != 0:
             said = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
             reason = said[-1] if said else f"sbatch exit status {res.returncode}"
-            if "node configuration is not available" in reason and not usable_nodes(partition):
+            if "node configuration is not available" in reason and usable_nodes(partition) == 0:
                 # every node drained or down (maintenance): sbatch queues the jobs, --test-only alone refuses them
                 print(f"warning: no node of partition {partition} takes jobs now (drained or down): the jobs will "
                       "wait until one does", file=sys.stderr)
@@ -654,11 +654,19 @@ def check_sbatch_accepts(opts) -> None:
             raise InputError(f"Slurm would refuse the jobs ({' '.join(options)}): {reason}")
 
 
-def usable_nodes(partition: str) -> int:
-    """Nodes of the partition that take jobs now: not drained, draining, down, failed or in maintenance."""
-    res = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%t"], capture_output=True, text=True)
+def usable_nodes(partition: str) -> int | None:
+    """Nodes of the partition that take jobs now (not drained, draining, down, failed, not responding, nor in a
+    maintenance reservation); None when sinfo cannot say."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%t"], capture_output=True, text=True,
+                             timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        return None
     unusable = ("drain", "drng", "down", "fail", "maint", "inval", "futr", "pow_dn", "powered_down", "unk")
-    return sum(1 for state in res.stdout.split() if not state.rstrip("*~#!%$@^-").startswith(unusable))
+    return sum(1 for state in res.stdout.split()
+               if not (set(state) & set("*$") or state.rstrip("~#!%@^-+").startswith(unusable)))
 
 
 def chain_tag(out: str) -> str:

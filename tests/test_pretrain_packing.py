@@ -166,6 +166,33 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
     again, started, again_bytes = pack(folder, source="another input")
     assert started == 0 and again == clean and again_bytes == clean_bytes
 
+    # a run that starts over and dies before its first checkpoint leaves no checkpoint of the files it overwrote
+    (folder / "packing.json").write_text(json.dumps(checkpoint))
+
+    def dying(texts, after=50):
+        for i, text in enumerate(texts):
+            if i == after:
+                raise RuntimeError("killed")
+            yield text
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_train_val(dying(iter_texts(str(WEB))), tokenizer, folder, train_tokens=10**9, val_fraction=0.1,
+                        max_val_tokens=20_000, source="a third input")
+    assert not (folder / "packing.json").exists()
+
+
+def test_the_tokenizer_key_names_the_encoding_not_the_settings_of_a_call(tokenizer_dir):
+    from edu_filter.ablate.packing import tokenizer_key
+    from edu_filter.ablate.tokenizer import load_tokenizer
+
+    fresh = load_tokenizer(tokenizer_dir)
+    key = tokenizer_key(fresh)
+    fresh(["some text"], add_special_tokens=False, truncation=True, max_length=4)  # transformers changes the backend
+    assert tokenizer_key(fresh) == key == tokenizer_key(load_tokenizer(tokenizer_dir))
+    other_separator = load_tokenizer(tokenizer_dir)
+    other_separator.eos_token = other_separator.convert_ids_to_tokens(5)
+    assert tokenizer_key(other_separator) != key
+
 
 def test_reading_stops_once_train_and_val_have_their_tokens(tokenizer, tmp_path):
     train, val = write_train_val(iter_texts(str(WEB)), tokenizer, tmp_path, train_tokens=5000, val_fraction=0.05,
