@@ -129,7 +129,7 @@ def ablate(
 
     # --- every dataset, every seed -----------------------------------------------------------------------------------
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console()
     records: dict[str, list[dict]] = {name: [] for name in datasets}
@@ -137,7 +137,7 @@ def ablate(
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     started = time.time()
     stopped = False
-    with cpu_threads(cfg.cpu_threads), Progress(*columns, console=console, disable=rank != 0) as progress:
+    with cpu_threads(cfg.cpu_threads), logged_progress(*columns, console=console, disable=rank != 0) as progress:
         for name in datasets:
             for run_seed in run_seeds:
                 run_cfg = replace(cfg, seed=run_seed)
@@ -405,26 +405,60 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                                  f"{window}; give more documents")
 
 
+PLAIN_PROGRESS_EVERY = 30.0  # seconds between the plain progress lines of a run whose output is not a terminal
+
+
+def logged_progress(*columns, **options):
+    """A rich Progress that, where its console is no terminal (a Slurm or torchrun log, nohup), prints a plain line
+    per task every PLAIN_PROGRESS_EVERY seconds and when it completes; rich alone would print nothing until the end."""
+    from rich.progress import Progress
+
+    class LoggedProgress(Progress):
+        def __init__(self):
+            super().__init__(*columns, **options)
+            self._said: dict = {}
+
+        def update(self, task_id, **fields) -> None:
+            super().update(task_id, **fields)
+            if self.disable or self.console.is_terminal:
+                return
+            said = self._said.get(task_id)
+            if said == "done":
+                return
+            task, now = self._tasks[task_id], time.monotonic()
+            done = task.total is not None and task.completed >= task.total
+            if not done and said is not None and now - said < PLAIN_PROGRESS_EVERY:
+                return
+            self._said[task_id] = "done" if done else now
+            extra = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{v}" for k, v in task.fields.items()
+                             if v not in ("", None))
+            total = f"/{task.total:,.0f}" if task.total is not None else ""
+            self.console.print(f"{task.description}: {task.completed:,.0f}{total} {extra}".rstrip(),
+                               highlight=False, soft_wrap=True)
+
+    return LoggedProgress()
+
+
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
                         val_tokens: int, text_field: str, show: bool):
     """`write_train_val` with a progress bar of the training tokens (10B take hours); a packing killed part-way
     resumes from its last checkpoint while the input's fingerprint is unchanged."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
     found = provenance.fingerprint(path)  # None for a remote input: identified by its address
     source = found["fingerprint"] if found else str(path)
     started, first = time.monotonic(), None
-    with Progress(TextColumn("[bold]packing {task.description}"), BarColumn(),
-                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} training tokens {task.fields[rate]}"),
-                  TimeElapsedColumn(), disable=not show, transient=True) as progress:
-        task = progress.add_task(name, total=train_tokens, rate="")
+    with logged_progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                         TextColumn("{task.completed:,.0f}/{task.total:,.0f} training tokens {task.fields[rate]}"),
+                         TimeElapsedColumn(), disable=not show, transient=True) as progress:
+        task = progress.add_task(f"packing {name}", total=train_tokens, rate="")
 
         def update(train: int, val: int) -> None:
             nonlocal first
             first = train if first is None else first  # the first call: where a resumed packing starts
             seconds = time.monotonic() - started
             rate = f"({(train - first) / seconds:,.0f}/s)" if seconds > 1 else ""
-            progress.update(task, completed=train, rate=rate)
+            progress.update(task, completed=min(train, train_tokens), rate=rate)  # the last document runs over
 
         return write_train_val(iter_texts(path, text_field), tok, folder, train_tokens, val_fraction, val_tokens,
                                source=source, progress=update)

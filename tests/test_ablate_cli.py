@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,11 @@ def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     single = subprocess.run([sys.executable, "-m", "edu_filter.cli", *common, "-o", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
+    # stdout is no terminal here, as in a Slurm log: plain progress lines, not nothing until the end
+    lines = single.stdout.splitlines()
+    assert any(line.startswith("packing edu: 0/") for line in lines), single.stdout[-2000:]
+    assert any(re.fullmatch(r"packing edu: ([\d,]+)/\1", line) for line in lines), single.stdout[-2000:]
+    assert any(re.fullmatch(r"edu: (\d+)/\1 loss \d+\.\d{3}", line) for line in lines), single.stdout[-2000:]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     ddp = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "edu_filter.cli", *common,
                           "-o", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
