@@ -115,8 +115,12 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
 def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     """The data files among a folder's file names, sorted (so runs are reproducible); an error when there are none.
 
-    Shared by `read_documents` and `apply`'s datatrove reader, so a folder means the same to every command."""
-    found = sorted(n for n in names if _has_suffix(n, FOLDER_SUFFIXES))
+    Shared by `read_documents` and `apply`'s datatrove reader, so a folder means the same to every command. `names`
+    are relative to the folder; hidden files and folders (`.cache/` of a hub download, `.ipynb_checkpoints/`) are
+    skipped, as the hub's `datasets` does and as provenance leaves them out of the fingerprint that tells a changed
+    input."""
+    found = sorted(n for n in names if _has_suffix(n, FOLDER_SUFFIXES)
+                   and not any(part.startswith(".") for part in n.split("/")))
     if not found:
         raise DocumentError(f"{folder}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
     return found
@@ -140,7 +144,8 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             continue
         path = Path(p)
         if path.is_dir():
-            files.extend(data_files_in(p, (str(f) for f in path.rglob("*") if f.is_file())))
+            names = (f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+            files.extend(str(path / name) for name in data_files_in(p, names))
         elif path.is_file():
             check_data_file(p)
             files.append(str(path))

@@ -507,6 +507,30 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     return stages
 
 
+# The command-line names of each executor's options, to say which were given for another executor.
+SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-partition", "time": "--slurm-time",
+               "cpus_per_task": "--slurm-cpus", "mem_gb": "--slurm-mem-gb", "gpus_per_task": "--slurm-gpus",
+               "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
+               "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
+               "max_array_size": "--slurm-max-array"}
+RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb"}
+
+
+def refuse_other_executors_options(executor: str, slurm: SlurmOptions | None, ray: RayOptions | None) -> None:
+    """Options of Slurm or Ray given to a run on another executor are refused, naming them: ignored, a run meant for
+    the cluster (its GPUs, its partition) would run on this machine's CPUs instead, for hours, unnoticed."""
+    for name, opts, defaults, flags in (("slurm", slurm, SlurmOptions(), SLURM_FLAGS),
+                                        ("ray", ray, RayOptions(), RAY_FLAGS)):
+        if executor == name or opts is None:
+            continue
+        given = [flag for key, flag in flags.items()
+                 if getattr(opts, key) != getattr(defaults, key) and (key != "sbatch_args" or opts.sbatch_args)]
+        if given:
+            raise InputError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of "
+                             f"--executor {name}, and this run uses --executor {executor}: give --executor {name}, "
+                             f"or leave {'it' if len(given) == 1 else 'them'} out")
+
+
 def run_apply(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None,
     threshold: int | None = None, keep_top: float | None = None, dedup: bool | None = None,
@@ -529,8 +553,7 @@ def run_apply(
     for name in ("batch_size", "max_length"):
         if options.get(name) is not None and options[name] < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
-    if executor != "slurm" and slurm is not None and slurm.dry_run:
-        raise InputError("--dry-run writes Slurm scripts: it needs --executor slurm")
+    refuse_other_executors_options(executor, slurm, ray)
     if executor != "slurm" and wait:
         raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
     if push_to_hub and executor == "slurm" and not wait:

@@ -180,11 +180,21 @@ def test_sweep_takes_comma_separated_thresholds(files):
 
 
 # --- Slurm-only options ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option, fragment", [("--dry-run", "--executor slurm"), ("--wait", "Slurm")])
-def test_slurm_only_options_without_slurm(option, fragment, files, stock_classifier):
+@pytest.mark.parametrize("options, fragments", [
+    (["--dry-run"], ("--dry-run is an option of --executor slurm", "this run uses --executor local")),
+    (["--wait"], ("--wait", "Slurm")),
+    # a run meant for the cluster's GPUs would otherwise score on this machine's CPUs, the options ignored unseen
+    (["--slurm-gpus", "1", "--slurm-partition", "gpu"], ("--slurm-partition, --slurm-gpus are options of --executor "
+                                                         "slurm", "leave them out")),
+    (["--slurm-arg", "constraint=h100"], ("--slurm-arg is an option of --executor slurm",)),
+    (["--executor", "ray", "--slurm-time", "1:00:00"], ("--slurm-time", "this run uses --executor ray")),
+    (["--ray-gpu-cpus", "8"], ("--ray-gpu-cpus is an option of --executor ray", "give --executor ray")),
+    (["--executor", "slurm", "--slurm-partition", "p", "--dry-run", "--ray-mem-gb", "8"],
+     ("--ray-mem-gb is an option of --executor ray", "this run uses --executor slurm")),
+])
+def test_an_executors_options_are_refused_on_another(options, fragments, files, stock_classifier):
     out = files["new"]
-    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, option], option, fragment,
-            absent=(out.parent,))
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, *options], *fragments, absent=(out.parent,))
 
 
 @pytest.mark.parametrize("arg, fragments", [

@@ -149,6 +149,28 @@ def test_folders_skip_plain_json_but_files_may_be_named(tmp_path):
     assert [r["id"] for r in read_documents([tmp_path / "one.json"])] == ["b"]
 
 
+def test_folders_skip_hidden_files_in_every_reader_and_in_the_fingerprint(tmp_path):
+    """A hub download's `.cache/`, a notebook's `.ipynb_checkpoints/` copy: read as data they would double documents,
+    yet provenance leaves them out of the fingerprint, so an edit there would go unseen by resume checks."""
+    from edu_filter.filters.io import expand_inputs
+    from edu_filter.provenance import fingerprint
+
+    data = tmp_path / "data"
+    write_documents([{"id": "a", "text": "t"}], data / "part-0.jsonl")
+    write_documents([{"id": "copy", "text": "t"}], data / ".ipynb_checkpoints" / "part-0-checkpoint.jsonl")
+    write_documents([{"id": "hidden", "text": "u"}], data / ".partial.jsonl")
+    write_documents([{"id": "lock", "text": "v"}], data / ".cache" / "huggingface" / "part-0.jsonl")
+    assert [r["id"] for r in read_documents([data])] == ["a"]
+    assert expand_paths([data]) == [str(data / "part-0.jsonl")]
+    assert expand_inputs([str(data)]) == [(str(data), "part-0.jsonl")]
+    before = fingerprint(data)
+    write_documents([{"id": "hidden", "text": "changed"}], data / ".partial.jsonl")
+    assert fingerprint(data) == before  # what is not read does not count as a change
+    (data / "part-0.jsonl").write_text('{"id": "a", "text": "edited"}\n')
+    assert fingerprint(data) != before
+    assert [r["id"] for r in read_documents([data / ".cache"])] == ["lock"]  # a hidden folder named is read
+
+
 def test_hub_addresses_name_a_path_inside_the_repository():
     from edu_filter.documents import hub_dataset_args
 
