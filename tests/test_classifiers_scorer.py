@@ -70,10 +70,12 @@ def test_to_int_score_uses_saved_cut_points(web_model):
     scorer = load_scorer(web_model)
     cuts = json.loads((Path(web_model) / "config.json").read_text())["cut_points"]
     assert scorer.cut_points == cuts and len(cuts) == 5 and cuts == sorted(cuts)
-    raw = np.array([cuts[0] - 1, cuts[1], cuts[2] + 1e-3, 99.0], dtype=np.float32)
+    # float64, as the cut points are: a cut point cast to float32 may round below itself (1 in 2 of them)
+    raw = np.array([cuts[0] - 1, cuts[1], np.nextafter(cuts[1], -np.inf), cuts[2] + 1e-3, 99.0])
     ints = scorer.to_int_score(raw)
     assert ints.dtype == np.int64
-    assert ints.tolist() == [0, 2, 3, 5]
+    assert ints.tolist() == [0, 2, 1, 3, 5]  # a score on a cut point is above it
+    assert scorer.to_int_score(raw.astype(np.float32)).tolist()[3:] == [3, 5]  # what a model emits
 
 
 def test_saved_folder_loads_with_automodel(web_model, web_texts):
