@@ -494,6 +494,12 @@ def _require(command: str) -> None:
         raise DocumentError(f"`{command}` not found: run on a Slurm login node, or use --dry-run to write the scripts")
 
 
+def node_gpus(gres: str) -> int:
+    """GPUs of a node from sinfo's %G (`gpu:4`, `gpu:h100:8(S:0-1)`, `(null)`)."""
+    counts = (g.split(":")[-1].split("(")[0] for g in gres.split(",") if g.startswith("gpu"))
+    return sum(int(c) for c in counts if c.isdigit())
+
+
 def slurm_partitions() -> dict[str, dict]:
     """{partition: {"default", "cpus", "mem_mb", "gpus", "up"}} with the largest node of each partition."""
     _require("sinfo")
@@ -507,8 +513,7 @@ def slurm_partitions() -> dict[str, dict]:
         name, cpus, mem, gres, avail = line.strip().split("|")
         default = name.endswith("*")
         name = name.rstrip("*")
-        gpus = sum(int(g.split(":")[-1].split("(")[0]) for g in gres.split(",") if g.startswith("gpu") and
-                   g.split(":")[-1].split("(")[0].isdigit())
+        gpus = node_gpus(gres)
         p = parts.setdefault(name, {"default": default, "cpus": 0, "mem_mb": 0, "gpus": 0, "up": avail == "up"})
         p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
         p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
@@ -646,27 +651,39 @@ def check_sbatch_accepts(opts) -> None:
         if res.returncode != 0:
             said = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
             reason = said[-1] if said else f"sbatch exit status {res.returncode}"
-            if "node configuration is not available" in reason and usable_nodes(partition) == 0:
-                # every node drained or down (maintenance): sbatch queues the jobs, --test-only alone refuses them
-                print(f"warning: no node of partition {partition} takes jobs now (drained or down): the jobs will "
-                      "wait until one does", file=sys.stderr)
+            if ("node configuration is not available" in reason
+                    and usable_nodes(partition, cpus, cpus * mem_per_cpu_gb * 1024, gpus) == 0):
+                # every node that could run them drained or down (maintenance): sbatch queues the jobs, --test-only
+                # alone refuses them
+                print(f"warning: no node of partition {partition} that fits these jobs ({cpus} CPU{'s' * (cpus != 1)}"
+                      f"{f', {gpus} GPUs' if gpus else ''}) takes jobs now (drained or down): the jobs will wait "
+                      "until one does", file=sys.stderr)
                 continue
             raise InputError(f"Slurm would refuse the jobs ({' '.join(options)}): {reason}")
 
 
-def usable_nodes(partition: str) -> int | None:
-    """Nodes of the partition that take jobs now (not drained, draining, down, failed, not responding, nor in a
-    maintenance reservation); None when sinfo cannot say."""
+def usable_nodes(partition: str, cpus: int = 1, mem_mb: int = 0, gpus: int = 0) -> int | None:
+    """Nodes of the partition with `cpus`, `mem_mb` and `gpus` that take jobs now (not drained, draining, down,
+    failed, not responding, nor in a maintenance reservation); None when sinfo cannot say. Only nodes that fit
+    count: a partition whose GPU nodes are all drained takes no GPU jobs, however many CPU nodes are up."""
     try:
-        res = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%t"], capture_output=True, text=True,
-                             timeout=60)
+        res = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%t|%c|%m|%G"], capture_output=True,
+                             text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return None
     if res.returncode != 0:
         return None
     unusable = ("drain", "drng", "down", "fail", "maint", "inval", "futr", "pow_dn", "powered_down", "unk")
-    return sum(1 for state in res.stdout.split()
-               if not (set(state) & set("*$") or state.rstrip("~#!%@^-+").startswith(unusable)))
+    count = 0
+    for line in res.stdout.split("\n"):
+        if not line.strip():
+            continue
+        state, node_cpus, node_mem, gres = line.strip().split("|")
+        if set(state) & set("*$") or state.rstrip("~#!%@^-+").startswith(unusable):
+            continue
+        if int(node_cpus.rstrip("+")) >= cpus and int(node_mem.rstrip("+")) >= mem_mb and node_gpus(gres) >= gpus:
+            count += 1
+    return count
 
 
 def chain_tag(out: str) -> str:

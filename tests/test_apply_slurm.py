@@ -122,15 +122,23 @@ def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warnin
     to start when the nodes are back. The request check must not refuse what Slurm would accept."""
     from edu_filter.filters import executors as ex
 
-    node = subprocess.run(["sinfo", "-h", "-N", "-p", slurm_partition, "-o", "%N"], capture_output=True,
-                          text=True, check=True).stdout.split()[0]
+    node, cpus, mem_mb = subprocess.run(["sinfo", "-h", "-N", "-p", slurm_partition, "-o", "%N %c %m"],
+                                        capture_output=True, text=True, check=True).stdout.split()[:3]
+    # only nodes that fit count: a mixed partition whose GPU nodes are drained takes no GPU job, its CPU nodes up
+    assert ex.usable_nodes(slurm_partition, int(cpus), int(mem_mb)) == 1
+    assert ex.usable_nodes(slurm_partition, int(cpus) + 1) == 0
+    assert ex.usable_nodes(slurm_partition, 1, int(mem_mb) + 1) == 0
+    assert ex.usable_nodes(slurm_partition, 1, 0, gpus=1) == 0
+    assert ex.usable_nodes("no-such-partition") == 0  # sinfo lists nothing for it (the request check refuses it)
     out = tmp_path / "out"
     subprocess.run(["scontrol", "update", f"nodename={node}", "state=drain", "reason=edu-filter-test"], check=True)
     try:
+        assert ex.usable_nodes(slurm_partition) == 0
         res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--threshold", "3", "--executor", "slurm",
                    "--tasks", "2", "--slurm-cpus", "1", "--slurm-mem-gb", "2", "-o", str(out)], timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
-        assert f"no node of partition {slurm_partition} takes jobs now (drained or down)" in res.stderr
+        assert (f"no node of partition {slurm_partition} that fits these jobs (1 CPU) takes jobs now (drained or "
+                "down)") in res.stderr
         states = {job["state"] for job in ex.queued_jobs(str(out))}
         assert states == {"PENDING"}, states
     finally:
