@@ -401,7 +401,7 @@ def apply(
     push_to_hub: Optional[str] = typer.Option(None, help="Upload kept/, stats.json, the card and provenance to this hub dataset repo (ORG/NAME)."),
     slurm_partition: Optional[str] = typer.Option(SLURM.partition, help="Partition (default: the cluster's default)."),
     slurm_gpu_partition: Optional[str] = typer.Option(SLURM.gpu_partition, help="Partition for the scoring stage."),
-    slurm_gpus: int = typer.Option(SLURM.gpus_per_task, help="GPUs per scoring task."),
+    slurm_gpus: int = typer.Option(SLURM.gpus_per_task, help="GPUs per scoring task: 0 or 1 (a task scores on one GPU; use a task per GPU)."),
     slurm_time: str = typer.Option(SLURM.time),
     slurm_cpus: int = typer.Option(SLURM.cpus_per_task, help="CPUs per task."),
     slurm_gpu_cpus: Optional[int] = typer.Option(SLURM.gpu_cpus_per_task, help="CPUs per scoring task (default: "

@@ -529,6 +529,9 @@ def check_slurm_request(opts):
         raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
+    if opts.gpus_per_task > 1:  # the scoring step runs one model on one device
+        raise InputError(f"--slurm-gpus {opts.gpus_per_task}: a scoring task scores on one GPU, so the others would "
+                         "sit idle; give --slurm-gpus 1 and a task per GPU (--tasks)")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
     for name, value in (("--slurm-account", opts.account), ("--slurm-qos", opts.qos)):
         if value is not None and (not value or any(c.isspace() for c in value)):

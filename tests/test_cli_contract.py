@@ -209,11 +209,20 @@ def test_an_executors_options_are_refused_on_another(options, fragments, files, 
     ("C=h100", ("--slurm-arg C", "long option name")),
     ("comment=two words", ("--slurm-arg comment", "one word", "splits #SBATCH lines at spaces")),
     ("comment=", ("--slurm-arg comment=", "give a value")),
+    ("gpus-per-task=2", ("--slurm-arg gpus-per-task", "--slurm-gpus")),
 ])
 def test_sbatch_options_edu_filter_sets_itself_are_refused_naming_ours(arg, fragments, files, stock_classifier):
     out = files["new"]
     refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", "slurm", "--dry-run",
              "--slurm-partition", "any", "--slurm-arg", arg], *fragments, absent=(out.parent,))
+
+
+def test_more_than_one_gpu_per_scoring_task_is_refused(files, stock_classifier):
+    """A scoring task runs its model on one device: a second GPU would be held and never used."""
+    out = files["new"]
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", "slurm", "--dry-run",
+             "--slurm-partition", "any", "--slurm-gpus", "2"], "--slurm-gpus 2", "scores on one GPU", "--tasks",
+            absent=(out.parent,))
 
 
 # --- other commands ----------------------------------------------------------------------------------------------
