@@ -481,7 +481,7 @@ def lineage(
 def demo(
     output: Path = typer.Option(Path("demo_out"), "-o", "--output", help="Folder for models, outputs and report.md."),
 ):
-    """Run the whole loop on the bundled data (about 20-26 minutes on 2 CPU cores) and write OUTPUT/report.md."""
+    """Run the whole loop on the bundled data (5-26 minutes on 2 CPU cores, by their speed) and write OUTPUT/report.md."""
     from edu_filter.demo import run_demo
 
     run_demo(output)
