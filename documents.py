@@ -119,10 +119,11 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     are relative to the folder; hidden files and folders (`.cache/` of a hub download, `.ipynb_checkpoints/`) are
     skipped, as the hub's `datasets` does and as provenance leaves them out of the fingerprint that tells a changed
     input."""
-    found = sorted(n for n in names if _has_suffix(n, FOLDER_SUFFIXES)
-                   and not any(part.startswith(".") for part in n.split("/")))
+    data = [n for n in names if _has_suffix(n, FOLDER_SUFFIXES)]
+    found = sorted(n for n in data if not any(part.startswith(".") for part in n.split("/")))
     if not found:
-        raise DocumentError(f"{folder}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files")
+        hidden = f" (only hidden ones, skipped: {data[0]}{', ...' * (len(data) > 1)})" if data else ""
+        raise DocumentError(f"{folder}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files{hidden}")
     return found
 
 
@@ -223,19 +224,42 @@ def _parquet_error(path: str, e: Exception, after_row: int = 0) -> DocumentError
     return DocumentError(f"{path}: cannot read as Parquet{where} ({type(e).__name__}: {e})")
 
 
-def parquet_rows(batch) -> list[dict]:
-    """A record batch's rows as plain Python values, as JSON writers take them: nanosecond times become datetime and
-    timedelta (microseconds, as polars gives them) rather than pandas objects, maps become dicts."""
+def _microsecond_times(t):
+    """The Arrow type with every nanosecond timestamp or duration in it (nested in lists, structs and maps too) in
+    microseconds; None when it holds none."""
     import pyarrow as pa
 
-    fields = []
-    for f in batch.schema:
-        if (pa.types.is_timestamp(f.type) or pa.types.is_duration(f.type)) and f.type.unit == "ns":
-            unit = pa.timestamp("us", f.type.tz) if pa.types.is_timestamp(f.type) else pa.duration("us")
-            f = f.with_type(unit)
-        fields.append(f)
-    schema = pa.schema(fields)
-    if schema != batch.schema:
+    if (pa.types.is_timestamp(t) or pa.types.is_duration(t)) and t.unit == "ns":
+        return pa.timestamp("us", t.tz) if pa.types.is_timestamp(t) else pa.duration("us")
+    if pa.types.is_map(t):
+        key, item = _microsecond_times(t.key_type), _microsecond_times(t.item_type)
+        return None if key is None and item is None else pa.map_(key or t.key_type, item or t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _microsecond_times(t.value_type)
+        if inner is None:
+            return None
+        field = t.value_field.with_type(inner)
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(field, t.list_size)
+        return pa.large_list(field) if pa.types.is_large_list(t) else pa.list_(field)
+    if pa.types.is_struct(t):
+        fields = [t.field(i) for i in range(t.num_fields)]
+        changed = [_microsecond_times(f.type) for f in fields]
+        if all(c is None for c in changed):
+            return None
+        return pa.struct([f.with_type(c) if c is not None else f for f, c in zip(fields, changed)])
+    return None
+
+
+def parquet_rows(batch) -> list[dict]:
+    """A record batch's rows as plain Python values, as JSON writers take them: nanosecond times (at any depth)
+    become datetime and timedelta (microseconds, as polars gives them) rather than pandas objects, maps become
+    dicts."""
+    import pyarrow as pa
+
+    changed = [_microsecond_times(f.type) for f in batch.schema]
+    if any(c is not None for c in changed):
+        schema = pa.schema([f.with_type(c) if c is not None else f for f, c in zip(batch.schema, changed)])
         batch = batch.cast(schema, safe=False)
     return batch.to_pylist(maps_as_pydicts="lossy")
 
@@ -392,6 +416,7 @@ def sample_documents(
     every row is read and checked, and only the sample is held. The same input and seed give the same sample."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
+    paths = list(paths)  # read twice: once for the footers, again by the reservoir
     parts = parquet_parts(paths, show_progress)
     if parts is not None:
         return _sample_parquet(parts, n, seed, text_field, id_field, show_progress)

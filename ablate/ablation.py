@@ -418,25 +418,45 @@ def logged_progress(*columns, **options):
             super().__init__(*columns, **options)
             self._said: dict = {}
 
-        def update(self, task_id, **fields) -> None:
-            super().update(task_id, **fields)
-            if self.disable or self.console.is_terminal:
-                return
-            said = self._said.get(task_id)
-            if said == "done":
-                return
-            task, now = self._tasks[task_id], time.monotonic()
-            done = task.total is not None and task.completed >= task.total
-            if not done and said is not None and now - said < PLAIN_PROGRESS_EVERY:
-                return
-            self._said[task_id] = "done" if done else now
+        def _plain(self) -> bool:
+            return not (self.disable or self.console.is_terminal)
+
+        def _say(self, task_id, done: bool) -> None:
+            self._said[task_id] = "done" if done else time.monotonic()
+            task = self._tasks[task_id]
             extra = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{v}" for k, v in task.fields.items()
                              if v not in ("", None))
             total = f"/{task.total:,.0f}" if task.total is not None else ""
             self.console.print(f"{task.description}: {task.completed:,.0f}{total} {extra}".rstrip(),
                                highlight=False, soft_wrap=True)
 
+        def update(self, task_id, **fields) -> None:
+            super().update(task_id, **fields)
+            said = self._said.get(task_id)
+            if not self._plain() or said == "done":
+                return
+            task = self._tasks[task_id]
+            done = task.total is not None and task.completed >= task.total
+            if done or said is None or time.monotonic() - said >= PLAIN_PROGRESS_EVERY:
+                self._say(task_id, done)
+
+        def stop(self) -> None:
+            """The last state of every task not yet said complete: a packing whose input ran out before its
+            budget, a training stopped by its time limit."""
+            if self._plain():
+                for task_id in list(self._tasks):
+                    if self._said.get(task_id) != "done":
+                        self._say(task_id, True)
+            super().stop()
+
     return LoggedProgress()
+
+
+def packing_source(path: str, text_field: str) -> str:
+    """What names the texts a packing reads, so a checkpoint is resumed only by the same texts: the input's
+    fingerprint (a remote input's address) and the field the texts come from."""
+    found = provenance.fingerprint(path)  # None for a remote input
+    return json.dumps({"input": found["fingerprint"] if found else str(path), "text_field": text_field})
 
 
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
@@ -445,8 +465,7 @@ def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: i
     resumes from its last checkpoint while the input's fingerprint is unchanged."""
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    found = provenance.fingerprint(path)  # None for a remote input: identified by its address
-    source = found["fingerprint"] if found else str(path)
+    source = packing_source(path, text_field)
     started, first = time.monotonic(), None
     with logged_progress(TextColumn("[bold]{task.description}"), BarColumn(),
                          TextColumn("{task.completed:,.0f}/{task.total:,.0f} training tokens {task.fields[rate]}"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -495,8 +496,9 @@ def _require(command: str) -> None:
 
 
 def node_gpus(gres: str) -> int:
-    """GPUs of a node from sinfo's %G (`gpu:4`, `gpu:h100:8(S:0-1)`, `(null)`)."""
-    counts = (g.split(":")[-1].split("(")[0] for g in gres.split(",") if g.startswith("gpu"))
+    """GPUs of a node from sinfo's %G (`gpu:4`, `gpu:h100:8(S:0-1)`, `gpu:a100:4(S:0,1),shard:8`, `(null)`): the
+    socket or index lists in brackets may hold colons and commas of their own, so they go first."""
+    counts = (g.split(":")[-1] for g in re.sub(r"\([^)]*\)", "", gres).split(",") if g.startswith("gpu"))
     return sum(int(c) for c in counts if c.isdigit())
 
 
@@ -584,8 +586,10 @@ OWN_SBATCH_OPTIONS = {
     "partition": "--slurm-partition or --slurm-gpu-partition", "time": "--slurm-time",
     "cpus-per-task": "--slurm-cpus or --slurm-gpu-cpus", "mem": "--slurm-mem-gb", "mem-per-cpu": "--slurm-mem-gb",
     "mem-per-gpu": "--slurm-mem-gb", "gpus": "--slurm-gpus", "gpus-per-task": "--slurm-gpus",
-    "gpus-per-node": "--slurm-gpus", "qos": "--slurm-qos", "account": "--slurm-account",
-    "array": "--tasks and --workers", "nodes": "one node per task", "ntasks": "one process per task",
+    "gpus-per-node": "--slurm-gpus", "gpus-per-socket": "--slurm-gpus", "cpus-per-gpu": "--slurm-gpu-cpus",
+    "tres-per-task": "--slurm-cpus, --slurm-gpu-cpus and --slurm-gpus", "qos": "--slurm-qos",
+    "account": "--slurm-account", "array": "--tasks and --workers", "nodes": "one node per task",
+    "ntasks": "one process per task", "ntasks-per-node": "one process per task",
     "job-name": "the chain is found in the queue by its job names", "output": "Slurm logs go to OUT/logs",
     "error": "Slurm logs go to OUT/logs", "dependency": "the stages are chained afterok",
     "export": "jobs run in the submitting environment", "requeue": "a requeued task runs again inside the chain",

@@ -46,6 +46,7 @@ def test_sample_is_reproducible_uniform_and_of_the_right_size(tmp_path):
     assert positions == sorted(positions)  # input order
     assert all(doc["id"] == f"d{position:06d}" for position, doc in first)
     assert sample_documents([str(src)], 1_000, seed=0) == first  # same seed, same sample
+    assert sample_documents(iter([str(src)]), 1_000, seed=0) == first  # the paths are read twice: not exhausted
     assert [p for p, _ in sample_documents([str(src)], 1_000, seed=1)] != positions
     # uniform: each tenth of the input holds about a tenth of the sample (binomial sd ~9.5), not only the start
     per_tenth = Counter(position // 1_000 for position in positions)

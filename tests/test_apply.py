@@ -138,6 +138,18 @@ def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_class
     assert "counts add up" in res.stderr
 
 
+@pytest.mark.parametrize("gres, gpus", [
+    ("gpu:4", 4), ("gpu:h100:8(S:0-1)", 8), ("gpu:a100:4(S:0,1)", 4), ("gpu:tesla:2(IDX:0-1)", 2),
+    ("gpu:a100:4(S:0,1),shard:8", 4), ("gpu:a:2,gpu:b:2", 4), ("(null)", 0), ("shard:8", 0),
+])
+def test_gpus_of_a_node_are_read_from_every_form_sinfo_prints(gres, gpus):
+    """sinfo's %G adds socket or index lists with colons and commas of their own on many GPU clusters: misread,
+    a node with 8 GPUs counted 0 and a valid --slurm-gpus 1 was refused."""
+    from edu_filter.filters.executors import node_gpus
+
+    assert node_gpus(gres) == gpus
+
+
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 

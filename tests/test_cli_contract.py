@@ -210,6 +210,9 @@ def test_an_executors_options_are_refused_on_another(options, fragments, files, 
     ("comment=two words", ("--slurm-arg comment", "one word", "splits #SBATCH lines at spaces")),
     ("comment=", ("--slurm-arg comment=", "give a value")),
     ("gpus-per-task=2", ("--slurm-arg gpus-per-task", "--slurm-gpus")),
+    ("cpus-per-gpu=8", ("--slurm-arg cpus-per-gpu", "--slurm-gpu-cpus")),
+    ("tres-per-task=cpu:4", ("--slurm-arg tres-per-task", "--slurm-cpus")),
+    ("ntasks-per-node=2", ("--slurm-arg ntasks-per-node", "one process per task")),
 ])
 def test_sbatch_options_edu_filter_sets_itself_are_refused_naming_ours(arg, fragments, files, stock_classifier):
     out = files["new"]

@@ -126,12 +126,21 @@ def test_parquet_is_read_a_batch_at_a_time_as_plain_python_values(tmp_path):
     pq.write_table(pa.table({
         "text": ["a"], "at": pa.array([when], pa.timestamp("ns")), "took": pa.array([datetime.timedelta(seconds=3)],
                                                                                       pa.duration("ns")),
-        "meta": pa.array([[("lang", "en")]], pa.map_(pa.string(), pa.string()))}), typed)
+        "meta": pa.array([[("lang", "en")]], pa.map_(pa.string(), pa.string())),
+        # nested too: in lists, structs and maps
+        "visits": pa.array([[when, when]], pa.list_(pa.timestamp("ns", "UTC"))),
+        "crawl": pa.array([{"at": when, "id": 7}], pa.struct([("at", pa.timestamp("ns")), ("id", pa.int64())])),
+        "seen": pa.array([[("first", when)]], pa.map_(pa.string(), pa.timestamp("ns")))}), typed)
     (doc,) = read_documents([typed])
     assert doc["at"] == when and type(doc["at"]) is datetime.datetime
     assert doc["took"] == datetime.timedelta(seconds=3) and type(doc["took"]) is datetime.timedelta
     assert doc["meta"] == {"lang": "en"}
-    orjson.dumps({k: doc[k] for k in ("text", "at", "meta")})  # as score's writer does (pandas' Timestamp fails)
+    assert [type(v) for v in doc["visits"]] == [datetime.datetime] * 2
+    assert doc["visits"][0] == when.replace(tzinfo=datetime.timezone.utc)
+    assert doc["crawl"] == {"at": when, "id": 7} and type(doc["crawl"]["at"]) is datetime.datetime
+    assert doc["seen"] == {"first": when} and type(doc["seen"]["first"]) is datetime.datetime
+    # as score's writer does (pandas' Timestamp fails)
+    orjson.dumps({k: doc[k] for k in ("text", "at", "meta", "visits", "crawl", "seen")})
 
 
 def test_non_finite_labels_are_refused(tmp_path):
@@ -169,6 +178,9 @@ def test_folders_skip_hidden_files_in_every_reader_and_in_the_fingerprint(tmp_pa
     (data / "part-0.jsonl").write_text('{"id": "a", "text": "edited"}\n')
     assert fingerprint(data) != before
     assert [r["id"] for r in read_documents([data / ".cache"])] == ["lock"]  # a hidden folder named is read
+    (data / "part-0.jsonl").unlink()
+    with pytest.raises(DocumentError, match="folder contains no .* files \\(only hidden ones, skipped: "):
+        read_documents([data])
 
 
 def test_hub_addresses_name_a_path_inside_the_repository():

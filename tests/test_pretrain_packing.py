@@ -181,6 +181,41 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
     assert not (folder / "packing.json").exists()
 
 
+def test_a_packing_checkpoint_names_the_input_and_the_text_field(tmp_path):
+    """An unfinished packing resumed with another --text-field would append one field's texts to another's."""
+    from edu_filter.ablate.ablation import packing_source
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "apple banana", "alt": "zebra yak"}\n')
+    source = packing_source(str(docs), "text")
+    assert packing_source(str(docs), "text") == source != packing_source(str(docs), "alt")
+    docs.write_text('{"text": "apple cherry", "alt": "zebra yak"}\n')
+    assert packing_source(str(docs), "text") != source
+    assert json.loads(packing_source("hf://datasets/org/name", "text"))["input"] == "hf://datasets/org/name"
+
+
+def test_plain_progress_says_where_a_task_ended_short_of_its_total():
+    """In a Slurm log (no terminal): a line at the start, at most one per PLAIN_PROGRESS_EVERY, and the last state at
+    the end even when the total is never reached (an input that runs out before the budget, a time limit)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from edu_filter.ablate.ablation import logged_progress
+
+    log = io.StringIO()
+    with logged_progress(TextColumn("{task.description}"), console=Console(file=log, force_terminal=False),
+                         transient=True) as progress:
+        short = progress.add_task("packing web", total=1_000_000)
+        full = progress.add_task("packing code", total=10)
+        for done in (1_000, 250_000, 400_000):
+            progress.update(short, completed=done)
+        progress.update(full, completed=10)
+    lines = [line for line in log.getvalue().splitlines() if line]
+    assert lines == ["packing web: 1,000/1,000,000", "packing code: 10/10", "packing web: 400,000/1,000,000"]
+
+
 def test_the_tokenizer_key_names_the_encoding_not_the_settings_of_a_call(tokenizer_dir):
     from edu_filter.ablate.packing import tokenizer_key
     from edu_filter.ablate.tokenizer import load_tokenizer
