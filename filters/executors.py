@@ -36,6 +36,7 @@ POLL_S = 1.0
 KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
+SQUEUE_MAX_INTERVAL_S = 30.0  # --wait asks squeue at least this often once it has followed a chain for minutes
 # squeue reasons that never resolve by waiting
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
                     "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
@@ -875,6 +876,14 @@ def cancel_chain(out: str) -> list[str]:
     return ids
 
 
+def squeue_interval(following_for: float) -> float:
+    """Seconds between two squeue calls while --wait follows a chain: every second at first, so a stage refused or
+    failing at once is told at once, then a tenth of the time followed, up to SQUEUE_MAX_INTERVAL_S. Each call is an
+    RPC to the controller: a chain followed for a day asks ~3,000 times instead of 86,000 (schedulers' guidance, and
+    workflow tools' defaults, are tens of seconds). Progress is read from the log files every POLL_S regardless."""
+    return min(SQUEUE_MAX_INTERVAL_S, max(POLL_S, following_for / 10))
+
+
 def wait_for_chain(out: str, console) -> dict:
     """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed."""
     from edu_filter.filters.report import stats_table
@@ -882,12 +891,18 @@ def wait_for_chain(out: str, console) -> dict:
     stages = load_stage_list(out)
     logs = f"{out}/logs"
     gone_since: dict[str, float] = {}
+    started, asked, finished_before = time.monotonic(), -math.inf, -1
     with ProgressDisplay(console, stages, logs) as display:
         while True:
             states = display.refresh()
             if all(s.finished for s in states):
                 break
-            jobs = queued_jobs(out)
+            finished = sum(s.finished for s in states)
+            now = time.monotonic()
+            if now - asked < squeue_interval(now - started) and finished == finished_before:
+                time.sleep(POLL_S)
+                continue
+            jobs, asked, finished_before = queued_jobs(out), now, finished  # at once too when a stage has finished
             for (name, tasks), state in zip(stages, states):
                 if state.finished:
                     continue

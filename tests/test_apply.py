@@ -150,6 +150,20 @@ def test_gpus_of_a_node_are_read_from_every_form_sinfo_prints(gres, gpus):
     assert node_gpus(gres) == gpus
 
 
+def test_following_a_chain_asks_squeue_less_often_as_it_goes_on():
+    """Every second at first (a refused or failing stage is told at once), then backing off to every 30 s: --wait on a
+    day-long chain would otherwise send the controller 86,400 RPCs."""
+    from edu_filter.filters.executors import POLL_S, SQUEUE_MAX_INTERVAL_S, squeue_interval
+
+    assert squeue_interval(0) == squeue_interval(5) == POLL_S == 1
+    assert squeue_interval(100) == 10 and squeue_interval(3600) == SQUEUE_MAX_INTERVAL_S == 30
+    calls, t = 0, 0.0
+    while t < 86_400:
+        t += squeue_interval(t)
+        calls += 1
+    assert calls < 3_100
+
+
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 
