@@ -15,7 +15,7 @@ import random
 import re
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
@@ -34,7 +34,9 @@ class GenerationSettings:
     max_tokens: int = 256
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As they key the answer cache: a library call's `temperature=0` is the command line's 0.0."""
+        return {"temperature": float(self.temperature), "top_p": float(self.top_p),
+                "max_tokens": int(self.max_tokens)}
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,18 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
     overflow = None
     if (code == "context_length_exceeded" or error.get("type") == "exceed_context_size_error"
             or _OVERFLOW_MESSAGE.search(message)):
+        # OpenAI, vLLM: "maximum context length is N tokens ... (P in the messages" / "has P input tokens"; SGLang and
+        # newer vLLM: "maximum context length of N tokens ... P tokens from the input messages", or "The input (P
+        # tokens) is longer than the model's context length (N tokens)"
         overflow = ContextOverflow(
-            context_tokens=error.get("n_ctx") or _first_int(r"maximum context length is (\d+)", message),
+            context_tokens=error.get("n_ctx")
+            or _first_int(r"maximum context length (?:is|of) (\d+)", message)
+            or _first_int(r"context length \((\d+) tokens\)", message),
             prompt_tokens=error.get("n_prompt_tokens")
             or _first_int(r"(\d+) in the (?:messages|prompt)", message)
-            or _first_int(r"(\d+) (?:input|prompt) tokens", message),
+            or _first_int(r"(\d+) (?:input|prompt) tokens", message)
+            or _first_int(r"(\d+) tokens from the input", message)
+            or _first_int(r"input \((\d+) tokens\)", message),
         )
     return code, _shorten(message) or "(empty message)", overflow
 
@@ -340,6 +349,10 @@ class OpenAIBackend:
         data = orjson.loads(raw)
         choice = data["choices"][0]
         text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+        if isinstance(text, list):  # content parts (Mistral's API, some reasoning models): the text ones, in order
+            text = "".join(part["text"] for part in text if isinstance(part, dict) and part.get("type") == "text")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"the answer's text is a {type(text).__name__}, not a string")
         usage = data.get("usage") or {}
         return Answer(text or "", usage.get("prompt_tokens"), usage.get("completion_tokens"),
                       choice.get("finish_reason"), data.get("model") or self.model)
@@ -658,12 +671,18 @@ class TransformersBackend:
                 **sampling,
             )
         new_tokens = out[:, enc["input_ids"].shape[1] :]
+        # where an answer ends: the tokenizer's EOS or any EOS id of the generation config (chat models end their turn
+        # on their own token: Gemma's <end_of_turn>, Phi-3's <|end|>, Llama-3-Instruct's <|eot_id|>)
+        configured = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
+        stops = {configured} if isinstance(configured, int) else set(configured or ())
+        stops |= {tok.eos_token_id} - {None}
         answers = []
         for i, row in enumerate(new_tokens.tolist()):
             n = len(row)
             finish_reason = "length"
-            if tok.eos_token_id is not None and tok.eos_token_id in row:
-                n = row.index(tok.eos_token_id) + 1
+            end = next((j for j, token in enumerate(row) if token in stops), None)
+            if end is not None:
+                n = end + 1
                 finish_reason = "stop"
             text = tok.decode(row[:n], skip_special_tokens=True)
             answers.append(Answer(text, int(enc["attention_mask"][i].sum()), n, finish_reason, self.model))

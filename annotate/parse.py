@@ -15,19 +15,24 @@ import re
 
 from edu_filter.documents import MAX_SCORE, MIN_SCORE, SCORE_RANGE
 
-# "Educational score", then any mix of markdown emphasis, colons and spaces, then the number (optionally emphasised,
-# bracketed, negative or fractional so that we can reject it explicitly).
-_STATEMENT = re.compile(r"educational[ \t]+score[\s*_:：=]*[\[(]?[\s*_]*(?P<num>-?\d+(?:\.\d+)?)", re.IGNORECASE)
+# "Educational score", then any mix of markdown emphasis, colons and spaces on its line, or the number alone on one of
+# the next two lines (`below`); the number optionally emphasised, bracketed, negative or fractional so that we can
+# reject it explicitly. No two repeated runs here may match the same characters: backtracking over a degenerate answer
+# (thousands of spaces after the colon) would take quadratic time on the event loop.
+_STATEMENT = re.compile(
+    r"educational[ \t]+score[ \t*_:：=]*(?P<below>(?:\r?\n[ \t*_]*){1,2})?(?:[\[(][ \t*_]*)?(?P<num>-?\d+(?:\.\d+)?)",
+    re.IGNORECASE,
+)
 _CLOSE = r"[ \t*_\])]*"  # closing emphasis and brackets after the number
+_OUT_OF = r"(?:(?:[(\[][ \t]*)?(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"  # "/5", "out of 5", "(out of 5)"
+_POINTS = r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
 # What may follow the number for it to end the statement: "/5" or "out of 5", "points", then the end of the line or
 # punctuation that does not start a calculation.
 _ENDING = re.compile(
-    _CLOSE
-    + r"(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"
-    + r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
-    + r"(?:\r?\n|\Z|[.,;:!?\"'”’(—–-](?![ \t]*\d))",
-    re.IGNORECASE,
-)
+    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(—–-](?![ \t]*\d))", re.IGNORECASE)
+# A number below "Educational score:" is the score only alone on its line: "Educational score:\n1. The extract..." is a
+# heading over a numbered list, not a score of 1.
+_ALONE = re.compile(_CLOSE + _OUT_OF + _POINTS + r"\.?[ \t]*(?:\r?\n|\Z)", re.IGNORECASE)
 _ARITHMETIC = re.compile(_CLOSE + r"(?:=|[-+*×÷][ \t]*\(?[ \t]*\d)")
 
 
@@ -66,7 +71,8 @@ def parse_score(response: str | None) -> tuple[int | None, str | None]:
     Reasons start with their kind (`unparseable: ...` or `ambiguous: ...`), which the run summary counts."""
     if not response or not response.strip():
         return None, "unparseable: empty answer"
-    statements = [_read_statement(response, m) for m in _STATEMENT.finditer(response)]
+    statements = [_read_statement(response, m) for m in _STATEMENT.finditer(response)
+                  if not m.group("below") or _ALONE.match(response, m.end())]
     if not statements:
         return None, "unparseable: no 'Educational score: N' in the answer"
     errors = [error for _, error in statements if error is not None]

@@ -284,6 +284,9 @@ def load_documents(inputs, text_field: str, id_field: str, sample: int | None, s
     return [doc for _, doc in unique_ids(numbered)]
 
 
+MAX_REFITS = 5  # cuts of one over-long document per run: halving 5 times fits a document 32x too long
+
+
 def chars_to_fit(doc_chars: int, prompt_chars: int, overflow: ContextOverflow, max_tokens: int) -> int:
     """How many characters of the document to keep so that the prompt fits the context the server reported.
 
@@ -316,7 +319,7 @@ class _Scorer:
         model = self.backend.model
         prompt_tokens = completion_tokens = None
         attempts = cut_off = 0
-        refitted = False
+        refits = 0
         while attempts <= self.max_reasks:
             if attempts < len(stored):
                 answer = stored[attempts][0]
@@ -327,13 +330,14 @@ class _Scorer:
                     answer = await self.backend.complete(prompt_text)
                 except RequestFailed as e:
                     error = e.reason
-                    if e.overflow is not None and self.max_chars is not None and not refitted:
-                        # --max-chars allows cutting documents: ask once more, cut to fit the server's context
-                        refitted = True
+                    if e.overflow is not None and self.max_chars is not None and refits < MAX_REFITS:
+                        # --max-chars allows cutting documents: ask again, cut to fit the server's context (from its
+                        # numbers, one cut; a server that gives none, halved each time)
+                        refits += 1
                         fit = chars_to_fit(doc_chars, len(prompt_text), e.overflow, self.max_tokens)
                         if 0 < fit < doc_chars:
                             doc_chars = fit
-                            s.refits += 1
+                            s.refits += refits == 1  # documents, however often each was cut
                             continue
                     break
                 self.cache.add(doc["id"], text, attempts, answer, doc_chars)
@@ -606,7 +610,7 @@ class ScoreOutput:
 
 
 def score_documents(
-    inputs: list[str], output: str | os.PathLike, config: ScoreConfig | None = None, **settings
+    inputs: str | os.PathLike | list[str], output: str | os.PathLike, config: ScoreConfig | None = None, **settings
 ) -> ScoreSummary:
     """Annotate documents with an LLM; write one row per document to `output`; print and return a summary.
 
@@ -621,6 +625,7 @@ def score_documents(
     with the frozen encoder of `train` (`kind`: web or code, default from the prompt; `encoder`, `max_length`,
     `embedding_cache` as in `train`) and writes `round` and `weight` on every row.
     """
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path is one input
     cfg = replace(config or ScoreConfig(), **settings)
     cfg.check()
     output = Path(output)

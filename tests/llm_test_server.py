@@ -15,6 +15,9 @@ finds it in the prompt and answers accordingly:
     http400=1      every request gets HTTP 400 with an OpenAI-style error without a code
     ctx=N          a context of N tokens (4 characters each): a longer prompt plus max_tokens gets llama-cpp-python's
                    400 with error.code context_length_exceeded and the numbers
+    ctxsay=S       how that refusal is worded: openai (the default, above), sglang (vLLM's top-level error with
+                   "maximum context length of N tokens ... P tokens from the input messages") or bare (no numbers)
+    parts=1        the chat answer's content as a list of parts (a reasoning part, then the text), as Mistral's API
     usage=0        leave `usage` out of the answer
 
 Answering from a table of labels instead (`labels`, from `label_table(rows)`): the server finds the document
@@ -181,6 +184,15 @@ class LLMTestServer:
                                 "on well past what a summary table can show.", "invalid_request_error", None, 400)
         prompt_tokens, max_tokens = len(prompt) // 4, body.get("max_tokens", 16)
         if "ctx" in opts and prompt_tokens + max_tokens > int(opts["ctx"]):
+            if opts.get("ctxsay") == "sglang":
+                return web.json_response({"object": "error", "message": (
+                    f"Requested token count exceeds the model's maximum context length of {opts['ctx']} tokens. You "
+                    f"requested a total of {prompt_tokens + max_tokens} tokens: {prompt_tokens} tokens from the input "
+                    f"messages and {max_tokens} tokens for the completion."), "type": "BadRequestError",
+                    "param": None, "code": 400}, status=400)
+            if opts.get("ctxsay") == "bare":
+                return openai_error("The prompt is too long for the model's context window.", "invalid_request_error",
+                                    None, 400)
             return openai_error(
                 f"This model's maximum context length is {opts['ctx']} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
@@ -194,7 +206,9 @@ class LLMTestServer:
         if n <= int(opts.get("cut", 0)):
             text, finish_reason = REASON[:40], "length"
         choice = {"index": 0, "finish_reason": finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+        content = [{"type": "thinking", "thinking": "Educational score: 0? No."}, {"type": "text", "text": text}] if opts.get(
+            "parts") else text
+        choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": text})
         answer = {"id": f"cmpl-{doc_id}-{n}", "model": self.own_name or body.get("model"), "choices": [choice]}
         if opts.get("usage", "1") != "0":
             answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,

@@ -22,27 +22,30 @@ TEST_SERVER = str(Path(__file__).parent / "llm_test_server.py")
 # one, wired through the embeddings and lm_head. After "good" it writes "Educational score: 3" and stops; after
 # "bad" it repeats "bad" forever (unparseable). Every other word maps to itself.
 WORDS = ["<pad>", "<eos>", "<unk>", "Rate", "this", "extract:", "the", "lesson", "is", "good", "bad",
-         "Educational", "score:", "3"]
+         "Educational", "score:", "3", "<end_of_turn>"]
 NEXT = {"good": "Educational", "Educational": "score:", "score:": "3", "3": "<eos>"}
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
+def build_tiny_llama(path: Path, turn_end: str = "<eos>") -> str:
+    """The bigram Llama, saved. `turn_end="<end_of_turn>"`: it ends its answer on a token its generation config
+    lists among the EOS ids while the tokenizer's eos_token is another, as Gemma-it (<end_of_turn>), Phi-3 (<|end|>)
+    and Llama-3-Instruct (<|eot_id|>) do."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>")
+                                        unk_token="<unk>", additional_special_tokens=["<end_of_turn>"])
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     hidden = 16
     config = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=False, eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
     model = LlamaForCausalLM(config)
+    following = {**NEXT, "3": turn_end}
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(len(WORDS), hidden))
         for layer in model.model.layers:
@@ -50,11 +53,17 @@ def tiny_llama(tmp_path_factory) -> str:
             layer.mlp.down_proj.weight.zero_()
         model.lm_head.weight.zero_()
         for word, i in vocab.items():
-            model.lm_head.weight[vocab[NEXT.get(word, word)], i] = 10.0
-    path = tmp_path_factory.mktemp("tiny-llama")
+            model.lm_head.weight[vocab[following.get(word, word)], i] = 10.0
+    model.generation_config = GenerationConfig(eos_token_id=sorted({vocab["<eos>"], vocab[turn_end]}),
+                                               pad_token_id=vocab["<pad>"])
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +167,21 @@ def test_transformers_backend_with_a_real_tiny_model(tiny_llama, tmp_path):
     again = score_documents([str(src)], out, backend="transformers", model=tiny_llama, prompt=str(prompt),
                             max_tokens=6, max_reasks=2, show_progress=False)
     assert again.requests == 0 and again.cached_answers == 4  # resumed from the cache, model not asked again
+
+
+def test_transformers_backend_stops_at_any_end_of_turn_token_of_the_model(tmp_path):
+    """A chat model ending its turn on a token other than the tokenizer's eos_token (listed in its generation
+    config): its complete answers were taken as cut off at max_tokens, never parsed, asked again and failed."""
+    model = build_tiny_llama(tmp_path / "model", turn_end="<end_of_turn>")
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [{"id": "g1", "text": "the lesson is good"}])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", backend="transformers", model=model,
+                              prompt=str(prompt), max_tokens=8, max_reasks=2, show_progress=False)
+    (row,) = _read(tmp_path / "out.jsonl")
+    assert (row["score"], row["error"], row["finish_reason"]) == (3, None, "stop")
+    assert row["response"] == "Educational score: 3" and row["completion_tokens"] == 4  # padding not counted
+    assert summary.requests == 1 and not summary.failed
 
 
 def test_transformers_backend_loads_a_gguf_file(tiny_gguf, tmp_path):

@@ -139,6 +139,22 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
     score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, **FAST)
     assert sum(server.requests.values()) - before == len(docs)  # new settings -> every document asked again
     assert sqlite3.connect(tmp_path / "out.jsonl.cache.sqlite").execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+    # the same settings written another way (a library call's int, the command line's float): replayed, not asked
+    before = sum(server.requests.values())
+    replayed = score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, top_p=1,
+                               **FAST)
+    assert replayed.cached_answers == 0 and sum(server.requests.values()) - before == len(docs)  # top_p 1 is new
+    again = score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, top_p=1.0,
+                            **FAST)
+    assert again.requests == 0 and again.cached_answers == replayed.cached_answers + len(docs)
+
+
+def test_one_input_path_may_be_given_alone(server, tmp_path):
+    """A path string is one input, not a list of one-character paths (an absolute one walked the filesystem)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "A " + directive("a", score=4)}])
+    score_documents(str(src), tmp_path / "out.jsonl", base_url=server.base_url, model="m", **FAST)
+    score_documents(src, tmp_path / "out2.jsonl", base_url=server.base_url, model="m", **FAST)
+    assert [r["score"] for r in read_jsonl(tmp_path / "out.jsonl") + read_jsonl(tmp_path / "out2.jsonl")] == [4, 4]
 
 
 def test_an_answer_is_replayed_only_for_the_text_it_was_given(server, tmp_path):

@@ -51,6 +51,8 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 3 (out of 5)", 3),
         ("Educational score: 4 — a solid lesson", 4),
         ("Educational score: 2\n\nTo summarise: **Educational score: 2**", 2),  # the same score repeated
+        ("**Educational score:**\n**3**", 3),  # alone on the next line
+        ("Educational score:\n1. basic information\n2. coherent\n\nEducational score: 2", 2),  # a heading, then 2
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):
@@ -70,6 +72,12 @@ def test_parser_accepts_what_models_really_write(response, score):
         ("Educational score: -1", "outside 0-5"),
         ("Educational score: 8/10", "out of 10"),
         ("Educational score: 3\n\nOn reflection, Educational score: 9", "outside 0-5"),
+        ("Educational score: 3 (out of 10)", "out of 10"),
+        # a heading over a list: its first item's number is no score (it gave 1)
+        ("Educational score:\n1. The extract provides basic information.\n2. It is coherent.\n\nTotal: 3 points",
+         "no 'Educational score"),
+        ("**Educational score:**\n* 1 point: basic information\n* 1 point: coherent\n\nTotal score: 2",
+         "no 'Educational score"),
     ],
 )
 def test_parser_never_guesses(response, reason):
@@ -97,6 +105,17 @@ def test_parser_calls_arithmetic_and_conflicting_scores_ambiguous(response, reas
     score, error = parse_score(response)
     assert score is None
     assert error.startswith("ambiguous: ") and reason in error
+
+
+def test_a_degenerate_answer_is_read_in_linear_time():
+    """An answer of thousands of spaces or asterisks after the colon (a looping model) made the pattern backtrack
+    quadratically: 17 s for 32,000 characters, on the event loop every other request waits on."""
+    import time
+
+    for filler in (" ", "*", "\n ", "_ "):
+        started = time.perf_counter()
+        assert parse_score("Educational score:" + filler * 50_000 + "x")[0] is None
+        assert time.perf_counter() - started < 5.0, repr(filler)  # a hang guard (the old pattern: ~40 s), not a speed claim
 
 
 def test_bundled_prompts_keep_the_original_rubrics():

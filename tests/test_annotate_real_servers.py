@@ -85,6 +85,35 @@ def test_context_overflow_counted_by_code_and_cut_to_fit_when_max_chars_allows(s
     assert read_jsonl(tmp_path / "fitted.jsonl")[0]["score"] == 3
 
 
+def test_overflow_in_sglang_words_or_none_is_still_cut_to_fit(server, tmp_path):
+    """SGLang (and newer vLLM) say "maximum context length of N ... P tokens from the input messages", which the
+    OpenAI patterns missed: the document was halved once and failed on every run. A server that gives no numbers
+    gets the document halved until it fits (up to 5 times), not once."""
+    template_tokens = len(load_prompt("web").render("")[0]) // 4
+    ctx = template_tokens + 256 + 300  # room for ~1,200 characters of document
+    long_text = "Fractions name parts of a whole. " * 200  # 6,600 characters: more than twice too long
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("sglang", text=long_text, score=3, ctx=ctx, ctxsay="sglang"),
+                                               doc("bare", text=long_text, score=4, ctx=ctx, ctxsay="bare")])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, max_chars=100_000,
+                              **FAST)
+    sglang, bare = read_jsonl(tmp_path / "out.jsonl")
+    assert (sglang["score"], sglang["error"], sglang["truncated"]) == (3, None, True)
+    assert server.requests["sglang"] == 2  # refused once, then cut by the numbers
+    assert (bare["score"], bare["error"], bare["truncated"]) == (4, None, True)
+    assert server.requests["bare"] == 4  # 6,600 characters halved three times: 825 fit
+    assert summary.refits == 2 and summary.truncated == 2
+
+
+def test_answer_content_given_as_parts_is_read_from_its_text_parts(server, tmp_path):
+    """Mistral's API (and reasoning models behind some servers) answer `content` as a list of parts: the run
+    crashed on it with an SQLite error. Only the text parts are the answer (the reasoning part here says 0)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("parts", score=4, parts=1), doc("plain", score=2)])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, **FAST)
+    parts, plain = read_jsonl(tmp_path / "out.jsonl")
+    assert (parts["score"], parts["error"], plain["score"]) == (4, None, 2) and summary.scored == 2
+    assert "Educational score: 0" not in parts["response"]
+
+
 @pytest.mark.parametrize(
     "body, code, message, overflow",
     [
@@ -98,6 +127,13 @@ def test_context_overflow_counted_by_code_and_cut_to_fit_when_max_chars_allows(s
         ({"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
                     "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}},
          None, "the request exceeds", ContextOverflow(4096, 5000)),
+        ({"object": "error", "message": "Requested token count exceeds the model's maximum context length of 4096 "
+                                        "tokens. You requested a total of 5256 tokens: 5000 tokens from the input "
+                                        "messages and 256 tokens for the completion.", "code": 400},
+         None, "Requested token count", ContextOverflow(4096, 5000)),  # SGLang, newer vLLM
+        ({"object": "error", "message": "The input (5000 tokens) is longer than the model's context length (4096 "
+                                        "tokens).", "code": 400},
+         None, "The input (5000 tokens)", ContextOverflow(4096, 5000)),  # SGLang
         ({"error": {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}},
          "invalid_api_key", "Invalid API Key", None),
         ({"detail": "Not Found"}, None, "Not Found", None),
