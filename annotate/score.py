@@ -633,6 +633,8 @@ def score_documents(
     cache_path = Path(cfg.cache) if cfg.cache is not None else output.with_name(output.name + ".cache.sqlite")
     check_writable_output(output, "-o/--output")
     check_writable_output(cache_path, "--cache")
+    if cache_path.resolve() == output.resolve():  # the finished output would replace the answers it was made from
+        raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     the_prompt = load_prompt(cfg.prompt)
     cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
                       **cfg.generation().as_dict()}

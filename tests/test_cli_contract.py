@@ -155,6 +155,13 @@ def test_score_without_data_or_output_is_one_line():
     refused(["score", "-o", "x.jsonl"], "give input DATA and -o OUTPUT")
 
 
+def test_a_cache_named_like_the_output_is_refused(files):
+    """The finished output replaces its file at the end: named alike, it would overwrite every paid-for answer."""
+    out = files["new"] / "scores.jsonl"
+    refused(["score", WEB_VAL, "-o", out, "--cache", out, "--base-url", NO_SERVER], "--cache", "is the -o/--output",
+            absent=(out.parent.parent,))
+
+
 # --- models ------------------------------------------------------------------------------------------------------
 def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
     out, missing = files["new"], files["tmp"] / "no-such-model"
