@@ -264,14 +264,43 @@ def parquet_rows(batch) -> list[dict]:
     return batch.to_pylist(maps_as_pydicts="lossy")
 
 
+def parquet_rows_or_errors(batch) -> list:
+    """`parquet_rows`, where a row that cannot become Python values (a string column holding invalid UTF-8, a
+    timestamp outside datetime's years) is the exception instead of failing its whole batch."""
+    import pyarrow as pa
+
+    conversion = (ValueError, OverflowError, pa.ArrowException)  # UnicodeDecodeError is a ValueError
+    try:
+        return parquet_rows(batch)
+    except conversion:
+        rows: list = []
+        for i in range(batch.num_rows):
+            try:
+                rows.extend(parquet_rows(batch.slice(i, 1)))
+            except conversion as e:
+                rows.append(e)
+        return rows
+
+
+def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
+    return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {_shorten_error(error)})")
+
+
+def _shorten_error(error: Exception, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
     """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for row in parquet_rows(batch):
+                for row in parquet_rows_or_errors(batch):
                     lineno += 1
+                    if isinstance(row, Exception):
+                        raise _bad_row(path, lineno, row)
                     yield lineno, row
     except _read_errors(path) as e:
         raise _parquet_error(path, e, lineno) from None
@@ -532,7 +561,11 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
                     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[g]):
                         inside = [p for p in positions if first <= p < first + batch.num_rows]
                         if inside:
-                            sampled.extend(zip(inside, parquet_rows(batch.take([p - first for p in inside]))))
+                            rows = parquet_rows_or_errors(batch.take([p - first for p in inside]))
+                            for p, row in zip(inside, rows):
+                                if isinstance(row, Exception):
+                                    raise _bad_row(part.source, part.offset + p - starts[k] + 1, row)
+                            sampled.extend(zip(inside, rows))
                         first += batch.num_rows
         except _read_errors(part.url) as e:
             raise _parquet_error(part.url, e) from None

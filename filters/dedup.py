@@ -111,7 +111,11 @@ def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDe
                         if len(query_tokens) >= n - 1 - i and len(answer_tokens) >= i + 1
                     )
             hashes.update(hash_func(" ".join(g)) for g in grams if _distinctive(g))
-        task = Path(path).name.split(".")[0].replace(" ", "_")
+        task = stem = Path(path).name.split(".")[0].replace(" ", "_")
+        for k in range(2, len(eval_sets) + 2):  # e1/test.jsonl and e2/test.jsonl: two indexes, not one overwritten
+            if task not in counts:
+                break
+            task = f"{stem}-{k}"
         with folder.open(f"{task}.index.hashes", "wb") as fh:
             fh.write(np.array(sorted(hashes), dtype=config.hash_config.np_descr).tobytes())
         counts[task] = len(hashes)

@@ -10,6 +10,8 @@ An input that already has `score`/`int_score` (an LLM annotation), `filter_reaso
 from __future__ import annotations
 
 import base64
+import datetime
+import decimal
 import gzip
 import os
 import posixpath
@@ -32,7 +34,7 @@ from edu_filter.documents import (
     check_data_file,
     data_files_in,
     open_parquet,
-    parquet_rows,
+    parquet_rows_or_errors,
 )
 from edu_filter.filters.progress import TaskProgress
 from edu_filter.filters.report import write_counts
@@ -44,6 +46,9 @@ SCORE_KEYS = ("score", "int_score")
 # fields the pipeline sets: an input's own are kept as `input_<name>` (an integer `token_count`, FineWeb's column, is
 # used as the count instead)
 PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count")
+# fields a row may hold besides the ones --text-field and --id-field name, that would take the place of the document's
+# own text and id in every record written, or that datatrove's writers read as attachments (`media`)
+RECORD_OWNED = ("text", "id", "media")
 RAW_PREVIEW_CHARS = 2000
 # fsspec metadata that changes when a file is replaced: local and SFTP, S3, GCS, Azure, the hub (content hash)
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
@@ -130,8 +135,12 @@ class ApplyInputReader(BaseReader):
     def _document(self, row: dict, source: str) -> Document:
         text = row.pop(self.text_key, None)
         doc_id = row.pop(self.id_key, None)
-        for key in PIPELINE_OWNED:  # an input's own score (an LLM annotation, say) must survive the classifier's
-            if key in row and not (key == "token_count" and isinstance(row[key], int)):
+        if row.get("token_count", 0) is None:  # FineWeb's column, null here: counted like a row without it
+            del row["token_count"]
+        # an input's own score (an LLM annotation, say) must survive the classifier's; a `text` column beside
+        # --text-field content must not replace the text scored
+        for key in (*PIPELINE_OWNED, *RECORD_OWNED):
+            if key in row and not (key == "token_count" and type(row[key]) is int):
                 name = f"input_{key}"
                 while name in row:
                     name = f"input_{name}"
@@ -164,6 +173,7 @@ class ApplyInputReader(BaseReader):
         with folder.open(name, "rb") as raw:
             fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
             for lineno, line_bytes in enumerate(fh, start=1):
+                self._row_reached = lineno
                 progress.at_bytes(raw.tell())
                 if not line_bytes.strip() or not keep(lineno):
                     continue
@@ -191,10 +201,19 @@ class ApplyInputReader(BaseReader):
             total_rows = max(1, parquet.metadata.num_rows)
             size = folder.size(name)
             for batch in parquet.iter_batches(batch_size=1024):
-                for row in parquet_rows(batch):
+                for row in parquet_rows_or_errors(batch):
                     rowno += 1
-                    if keep(rowno):
-                        yield self._document(row, f"{name}:{rowno}")
+                    self._row_reached = rowno
+                    if not keep(rowno):
+                        continue
+                    source = f"{name}:{rowno}"
+                    if isinstance(row, UnicodeDecodeError):
+                        yield self._failed("invalid_utf8", source, f"a string field is not valid UTF-8 ({row})", b"")
+                    elif isinstance(row, Exception):  # a timestamp outside datetime's years, say
+                        yield self._failed("unreadable_row", source, f"cannot read the row ({type(row).__name__}: "
+                                           f"{row})", b"")
+                    else:
+                        yield self._document(row, source)
                 progress.at_bytes(size * rowno // total_rows)
 
     def _checked_size(self, folder: str, name: str) -> int:
@@ -222,10 +241,9 @@ class ApplyInputReader(BaseReader):
             folder = get_datafolder(folder_path)
             read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
             self.stat_update("input_files")
-            rows = 0
+            self._row_reached = 0  # the line or row of the file read last, by any task
             try:
                 for doc in read(folder, name, keep, progress):
-                    rows += 1
                     self.stat_update("rows_read")
                     progress.document()
                     yield doc
@@ -235,8 +253,8 @@ class ApplyInputReader(BaseReader):
                 if by_file or rank == 0:
                     self.stat_update("unreadable_files")
                     progress.document()
-                    yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after {rows} "
-                                       f"documents from it ({type(e).__name__}: {e})", b"")
+                    yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after row "
+                                       f"{self._row_reached} ({type(e).__name__}: {e})", b"")
             self._checked_size(folder_path, name)  # changed while this pass read it: its rows may not match
             progress.file_done(size)
         progress.close()
@@ -339,7 +357,33 @@ class WrittenCounts:
             write_counts(self.counts_folder, self._rank, self._counts, name=self.counts_name)
 
 
-class CountedJsonlWriter(TaskFilenames, WrittenCounts, JsonlWriter):
+def json_value(obj):
+    """A value JSON has no type for, as the nearest it has: bytes as base64, decimals as their exact text, durations
+    in seconds, times (a pandas Timestamp too) in ISO 8601; anything else as its text. A Parquet input's binary or
+    decimal column would otherwise fail every JSONL write (removed/, failed/, the files between stages)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, decimal.Decimal):
+        return str(obj)
+    if isinstance(obj, datetime.timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, (datetime.date, datetime.time)):
+        return None if obj != obj else obj.isoformat()  # pandas' NaT is not equal to itself
+    return str(obj)
+
+
+JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY  # a map's int keys; numpy values
+
+
+class RecordJsonl:
+    """datatrove's JSONL writing with `json_value` for what JSON cannot hold, and without its handling of a `media`
+    field (an input's own `media` is kept as `input_media`)."""
+
+    def _write(self, document: dict, file_handler, _filename: str):
+        file_handler.write(orjson.dumps(document, option=JSON_OPTIONS | orjson.OPT_APPEND_NEWLINE, default=json_value))
+
+
+class CountedJsonlWriter(TaskFilenames, WrittenCounts, RecordJsonl, JsonlWriter):
     """Gzipped JSONL of flat records (removed and failed rows) that counts what it wrote."""
 
     def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
@@ -348,7 +392,7 @@ class CountedJsonlWriter(TaskFilenames, WrittenCounts, JsonlWriter):
         self.count_into(destination, counts_folder, counts_name or destination.split("/")[-1])
 
 
-class RecordWriter(TaskFilenames, JsonlWriter):
+class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
     """Gzipped JSONL of flat records: the intermediate files between stages."""
 
     def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz"):
@@ -360,7 +404,8 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
     into an int64 column and drop a struct's unknown keys). A string column stores other values as their JSON text,
     which keeps them whole: it is the type a field gets when its first values are missing or of mixed types."""
     if pa.types.is_string(target):
-        return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v, default=str).decode()
+        return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v, default=json_value,
+                                                                                   option=JSON_OPTIONS).decode()
                          for v in values], target)
     inferred = pa.array(values)
     if inferred.type == target or pa.types.is_null(inferred.type):
@@ -369,6 +414,20 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
     if any(f(inferred.type) for f in numbers) and any(f(target) for f in numbers):
         return inferred.cast(target, safe=True)  # 2.0 into int64 fits, 1.5 does not
     raise pa.ArrowInvalid(f"{inferred.type} values")
+
+
+def _storable(t: pa.DataType) -> bool:
+    """Whether Parquet can store the type as it is: not null-typed, and no struct without fields at any depth (a
+    field holding `{}`), which pyarrow cannot write."""
+    if pa.types.is_null(t) or (pa.types.is_struct(t) and t.num_fields == 0):
+        return False
+    if pa.types.is_struct(t):
+        return all(_storable(t.field(i).type) or pa.types.is_null(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _storable(t.value_type) or pa.types.is_null(t.value_type)
+    if pa.types.is_map(t):
+        return _storable(t.item_type) or pa.types.is_null(t.item_type)
+    return True
 
 
 def _first_schema(rows: list[dict]) -> pa.Schema:
@@ -381,7 +440,7 @@ def _first_schema(rows: list[dict]) -> pa.Schema:
             inferred = pa.array([r.get(name) for r in rows]).type
         except NOT_ARROW_TYPED:
             inferred = pa.null()  # mixed types: stored as JSON text
-        fields.append(pa.field(name, pa.string() if pa.types.is_null(inferred) else inferred))
+        fields.append(pa.field(name, inferred if _storable(inferred) else pa.string()))  # else JSON text
     return pa.schema(fields)
 
 

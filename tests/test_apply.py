@@ -495,3 +495,58 @@ def test_awkward_inputs_land_once_with_their_fields_intact(stock_classifier, tmp
     assert from_a.height == len(found["kept"]) - sum(i in readable_b for i in found["kept"])
     assert set(from_a["rank"].to_list()) == {0, 1}
     assert {m["lang"] for m in from_a["metadata"].to_list()} == {"en"}
+
+
+@pytest.mark.parametrize("order", ["score-first", "dedup-first"])
+def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock_classifier, tmp_path, order):
+    """Parquet and JSON fields JSON or Parquet cannot hold as they are (binary, decimal, duration, a map with integer
+    keys, `{}`) crashed the stage on every resume; invalid UTF-8 in a Parquet string failed its whole task; a `text`
+    or `id` column beside --text-field/--id-field replaced the scored text in every record (score-first deduplicated
+    on it: 1 of 18 kept); a `media` column crashed datatrove's writer; a null token_count sent its rows to failed/."""
+    import decimal
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
+    rows = [r for r in rows if len(r["text"].split()) >= 100][:24]
+    data = tmp_path / "data"
+    data.mkdir()
+    title = "Lesson plan from the school district archive"
+    with open(data / "j.jsonl", "wb") as fh:
+        for r in rows[:6]:
+            fh.write(orjson.dumps({"doc_id": f"j-{r['id']}", "content": r["text"], "text": title, "meta": {},
+                                   "media": None}) + b"\n")
+    part = rows[6:]
+    content = [r["text"].encode() for r in part]
+    content[5] = b"caf\xe9 " + content[5]  # not UTF-8
+    pq.write_table(pa.table({
+        "doc_id": [f"p-{r['id']}" for r in part],
+        "content": pa.array(content, pa.binary()).view(pa.string()),
+        "text": [title] * len(part),
+        "id": list(range(len(part))),
+        "token_count": pa.array([None if i >= 9 else 1000 + i for i in range(len(part))], pa.int64()),
+        "blob": pa.array([bytes([i, 255]) for i in range(len(part))], pa.binary()),
+        "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(len(part))], pa.decimal128(10, 2)),
+        "took": pa.array([datetime.timedelta(seconds=i) for i in range(len(part))], pa.duration("ns")),
+        "tags": pa.array([[(i, "x")] for i in range(len(part))], pa.map_(pa.int64(), pa.string())),
+    }), data / "p.parquet")
+
+    out = tmp_path / "out"
+    stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, order=order, show=False,
+                      text_field="content", id_field="doc_id")
+    assert stats["adds_up"]
+    failed = [json.loads(line) for f in (out / "failed").glob("*/*.jsonl.gz") for line in gzip.open(f)]
+    assert [r["id"] for r in failed] == ["p.parquet:6"] and (out / "failed" / "invalid_utf8").is_dir()
+    assert "p.parquet:6: a string field is not valid UTF-8" in failed[0]["input_error"]
+    kept = [pq.read_table(f).to_pylist() for f in sorted((out / "kept").glob("*.parquet"))]
+    kept = [row for rows_of_file in kept for row in rows_of_file]
+    expected = {f"j-{r['id']}": r["text"] for r in rows[:6]} | {
+        f"p-{r['id']}": r["text"] for i, r in enumerate(part) if i != 5}
+    assert sorted(r["id"] for r in kept) == sorted(expected)  # every readable row kept once: none deduplicated
+    assert all(r["text"] == expected[r["id"]] and r["input_text"] == title for r in kept)
+    from_parquet = [r for r in kept if r["id"].startswith("p-")]
+    assert sorted(r["input_id"] for r in from_parquet) == [i for i in range(len(part)) if i != 5]
+    assert all(isinstance(r["token_count"], int) for r in kept)  # counted where the input's was null
+    assert all(r["blob"] and r["price"] is not None and r["took"] is not None and r["tags"] for r in from_parquet)

@@ -115,6 +115,21 @@ def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     assert len(flagged) <= 2, flagged
 
 
+def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
+    """Eval sets are often all `test.jsonl`: the second index overwrote the first, whose passages went unflagged."""
+    web = read_documents([DATA / "web" / "fineweb_edu_llama3_val.jsonl"], limit=3)
+    for folder, doc in (("e1", web[0]), ("e2", web[1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text(json.dumps({"text": doc["text"]}) + "\n")
+    counts = build_decont_index([str(tmp_path / "e1" / "test.jsonl"), str(tmp_path / "e2" / "test.jsonl")],
+                                str(tmp_path / "index"))
+    assert sorted(counts) == ["test", "test-2"] and all(n > 0 for n in counts.values())
+    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    flagged = [Document(text=d["text"], id=d["id"]) for d in web]
+    assert [decont.filter(d) for d in flagged] == [(False, "contaminated"), (False, "contaminated"), True]
+    assert [d.metadata.get("contaminated_task") for d in flagged[:2]] == ["test", "test-2"]
+
+
 def histogram(scores) -> dict[int, int]:
     bins, counts = np.unique(score_bins(scores), return_counts=True)
     return dict(zip(bins.tolist(), counts.tolist()))
@@ -223,7 +238,8 @@ def test_docs_per_second_after_a_resume_counts_only_the_current_attempt(tmp_path
 
 def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
     """An input's own score, filter_reason or duplicate_count would be overwritten by the pipeline's or dropped from
-    kept/: they are kept as input_<name>; an integer token_count (FineWeb's) is the count itself."""
+    kept/, its own text or id beside the fields named would replace the document's in every record: they are kept as
+    input_<name>; an integer token_count (FineWeb's) is the count itself."""
     from edu_filter.filters.io import flat_record, _kept_adapter
 
     path = tmp_path / "in.jsonl"
@@ -234,6 +250,13 @@ def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
     assert a.metadata == {"input_score": 3.5, "input_input_score": 4, "input_filter_reason": "from upstream",
                           "input_duplicate_count": 2, "input_token_count": "12"}
     assert b.metadata == {"token_count": 7}
+    # beside --text-field content and --id-field doc_id: a row's own text, id and media columns
+    path.write_text(json.dumps({"doc_id": "c", "content": "the text scored", "text": "a title", "id": 7,
+                                "media": None, "token_count": None}) + "\n")
+    (c,) = ApplyInputReader(expand_inputs([str(path)]), text_key="content", id_key="doc_id").run()
+    assert (c.text, c.id) == ("the text scored", "c")
+    assert c.metadata == {"input_text": "a title", "input_id": 7, "input_media": None}  # a null count is recounted
+    assert (flat_record(c)["text"], flat_record(c)["id"]) == ("the text scored", "c")
     a.metadata.update(score=1.0, int_score=1, filter_reason="below_threshold")
     kept = _kept_adapter(None, a)
     assert kept["input_filter_reason"] == "from upstream" and "filter_reason" not in kept
