@@ -408,7 +408,7 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
                                                                                    option=JSON_OPTIONS).decode()
                          for v in values], target)
     inferred = pa.array(values)
-    if inferred.type == target or pa.types.is_null(inferred.type):
+    if inferred.type == target or not _settled(inferred.type):  # nulls, empty lists: they fit any list
         return inferred.cast(target)
     numbers = (pa.types.is_integer, pa.types.is_floating)
     if any(f(inferred.type) for f in numbers) and any(f(target) for f in numbers):
@@ -430,8 +430,72 @@ def _storable(t: pa.DataType) -> bool:
     return True
 
 
-def _first_schema(rows: list[dict]) -> pa.Schema:
-    """Every field of the first batch, typed from all its rows; `score`/`int_score` last."""
+def _settled(t: pa.DataType) -> bool:
+    """Whether a type inferred from values says all there is to say: no null type at any depth (a field null, or
+    only empty lists, throughout the values seen) and storable in Parquet."""
+    if pa.types.is_null(t) or not _storable(t):
+        return False
+    if pa.types.is_struct(t):
+        return all(_settled(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _settled(t.value_type)
+    if pa.types.is_map(t):
+        return _settled(t.key_type) and _settled(t.item_type)
+    return True
+
+
+def parquet_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) -> dict[str, pa.DataType]:
+    """The types of the first Parquet input's fields, under the names kept rows give them (an input's own `score`
+    as `input_score`...), where the type survives the files between stages (`_json_safe`): a field that is null (or
+    only empty lists) throughout a kept file's first batch takes its type from here, so that every kept file of a
+    Parquet corpus types it alike and the files load as one dataset. Empty when no input is Parquet."""
+    import pyarrow.parquet as pq
+
+    first = next(((folder, name) for folder, name in files if name.lower().endswith(PARQUET_SUFFIXES)), None)
+    if first is None:
+        return {}
+    try:
+        with get_datafolder(first[0]).open(first[1], "rb") as fh:
+            schema = pq.read_schema(fh)
+    except Exception:  # noqa: BLE001 - an unreadable file is the reader's to report, with its row
+        return {}
+    types = {}
+    for f in schema:
+        if f.name in (text_key, id_key):
+            continue
+        kept_as_is = f.name not in (*PIPELINE_OWNED, *RECORD_OWNED) or (
+            f.name == "token_count" and pa.types.is_integer(f.type))
+        if _json_safe(f.type):
+            types[f.name if kept_as_is else f"input_{f.name}"] = _plain_names(f.type)
+    return types
+
+
+def _plain_names(t: pa.DataType) -> pa.DataType:
+    """The type with its lists as pyarrow infers them from values (items named `item`, where Parquet files say
+    `element`; variable size), so values inferred later compare equal to it."""
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_plain_names(t.field(i).type)) for i in range(t.num_fields)])
+    if pa.types.is_large_list(t):
+        return pa.large_list(_plain_names(t.value_type))
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):  # values are inferred as variable-size lists
+        return pa.list_(_plain_names(t.value_type))
+    return t
+
+
+def _json_safe(t: pa.DataType) -> bool:
+    """Numbers, booleans, strings, and lists and structs of them: the types a value keeps through the JSONL files
+    between stages (times, bytes and decimals come back as text there, and would not fit a hint of their own)."""
+    if pa.types.is_struct(t):
+        return all(_json_safe(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _json_safe(t.value_type)
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
+            or pa.types.is_large_string(t))
+
+
+def _first_schema(rows: list[dict], field_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """Every field of the first batch, typed from all its rows (or, where they do not tell, from `field_types`);
+    `score`/`int_score` last."""
     names = list(dict.fromkeys(k for r in rows for k in r if k not in SCORE_KEYS))
     names += [k for k in SCORE_KEYS if any(k in r for r in rows)]
     fields = []
@@ -440,6 +504,8 @@ def _first_schema(rows: list[dict]) -> pa.Schema:
             inferred = pa.array([r.get(name) for r in rows]).type
         except NOT_ARROW_TYPED:
             inferred = pa.null()  # mixed types: stored as JSON text
+        if not _settled(inferred) and field_types and name in field_types and _settled(field_types[name]):
+            inferred = field_types[name]
         fields.append(pa.field(name, inferred if _storable(inferred) else pa.string()))  # else JSON text
     return pa.schema(fields)
 
@@ -455,12 +521,13 @@ class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
     name = "📒 kept (FineWeb-Edu parquet)"
 
     def __init__(self, output_folder: str, counts_folder: str | None = None, batch_size: int = 1000,
-                 misfits: "CountedJsonlWriter | None" = None):
+                 misfits: "CountedJsonlWriter | None" = None, field_types: dict[str, pa.DataType] | None = None):
         super().__init__(output_folder, output_filename="${rank}.parquet", adapter=_kept_adapter,
                          batch_size=batch_size, use_content_defined_chunking=False)
         self._files = {}
         self._schemas: dict[str, pa.Schema] = {}
         self.misfits = misfits
+        self.field_types = field_types or {}  # see parquet_field_types
         self.count_into("kept", counts_folder, "kept")
 
     def _write(self, document: dict, file_handler, filename: str):
@@ -485,7 +552,7 @@ class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
 
         rows = self._batches.pop(filename)
         if filename not in self._writers:
-            self._schemas[filename] = schema = _first_schema(rows)
+            self._schemas[filename] = schema = _first_schema(rows, self.field_types)
             self._writers[filename] = pq.ParquetWriter(self._files[filename], schema=schema,
                                                        compression=self.compression)
         schema = self._schemas[filename]

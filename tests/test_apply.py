@@ -550,3 +550,35 @@ def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock
     assert sorted(r["input_id"] for r in from_parquet) == [i for i in range(len(part)) if i != 5]
     assert all(isinstance(r["token_count"], int) for r in kept)  # counted where the input's was null
     assert all(r["blob"] and r["price"] is not None and r["took"] is not None and r["tags"] for r in from_parquet)
+
+
+@pytest.mark.parametrize("order", ["score-first", "dedup-first"])
+def test_kept_files_of_a_parquet_corpus_load_as_one_dataset(stock_classifier, tmp_path, order):
+    """A field null (or only empty lists) throughout one task's first kept batch was typed string (or list<null>)
+    there and int64 elsewhere: the kept files did not load as one dataset (polars, the hub's `datasets`), and later
+    rows of that task went to failed/schema_mismatch. The input's own types settle them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
+    rows = [r for r in rows if len(r["text"].split()) >= 100][:16]
+    data = tmp_path / "data"
+    data.mkdir()
+    for k, part in enumerate((rows[:8], rows[8:])):
+        pq.write_table(pa.table({
+            "id": [r["id"] for r in part], "text": [r["text"] for r in part],
+            "stars": pa.array([None if k else 10 + i for i in range(8)], pa.int64()),  # null throughout file 1
+            "licenses": pa.array([[] if k else ["mit"] for i in range(8)], pa.list_(pa.string())),
+            "score": pa.array([None if k else 3.5] * 8, pa.float64()),  # an input's own, kept as input_score
+        }), data / f"part-{k}.parquet")
+    out = tmp_path / "out"
+    stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, order=order, show=False)
+    assert stats["adds_up"] and not (out / "failed").exists()
+    files = sorted((out / "kept").glob("*.parquet"))
+    assert len(files) == 2
+    schemas = [pq.read_schema(f) for f in files]
+    assert [s.field("stars").type for s in schemas] == [pa.int64()] * 2
+    assert [s.field("licenses").type for s in schemas] == [pa.list_(pa.string())] * 2
+    assert [s.field("input_score").type for s in schemas] == [pa.float64()] * 2
+    kept = pl.read_parquet(out / "kept" / "*.parquet")  # one dataset
+    assert kept.height == 16 and kept["stars"].null_count() == 8
