@@ -85,11 +85,12 @@ class PushSetupError(PushError, InputError):
 
 # --- fingerprints ---------------------------------------------------------------------------------------------------
 def is_remote(path: str | os.PathLike) -> bool:
-    """s3://, hf://... and hub ids (ORG/NAME that is no local path): named, never fingerprinted."""
+    """s3://, hf://... and hub ids (ORG/NAME, or ORG/NAME@REVISION, that is no local path): named, never
+    fingerprinted (a pinned hub id names its files)."""
     text = str(path)
     if "://" in text:
         return True
-    return not Path(text).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) is not None
+    return not Path(text).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", text) is not None
 
 
 def _content_files(path: Path) -> list[Path]:

@@ -53,20 +53,31 @@ def default_batch_size(device: torch.device, max_length: int) -> int:
     return CPU_BATCH_SIZE if device.type == "cpu" else max(1, GPU_BATCH_TOKENS // max_length)
 
 
+def split_revision(model: str | os.PathLike) -> tuple[str, str | None]:
+    """(name, revision) of a hub id written `ORG/NAME@REVISION` (a commit, branch or tag), else (model, None); an
+    existing local path is never split."""
+    text = str(model)
+    name, at, revision = text.partition("@")
+    if not at or not revision or Path(text).exists():
+        return text, None
+    return name, revision
+
+
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id through the hub cache (works offline once downloaded)."""
+    """A local folder as is; a hub id (`ORG/NAME`, or `ORG/NAME@REVISION`) through the hub cache (works offline once
+    downloaded). The folder of a hub model is its snapshot, named by the commit it holds."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{path}: expected a model folder, got a file")
-    name = str(path_or_hub_id)
+    name, revision = split_revision(path_or_hub_id)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:  # hub ids are NAME or ORG/NAME
         raise ValueError(f"{name}: no such model folder")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name))
+        return Path(snapshot_download(name, revision=revision))
     except Exception as e:  # noqa: BLE001 - bad id, offline, gated: one clear line
         raise ValueError(
             f"{name}: not a local model folder, and the hub could not provide it ({type(e).__name__})"

@@ -193,12 +193,35 @@ def resolve_order(order: str, model: str, on_gpu: bool) -> str:
     return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
 
 
+def pin_hub_model(model: str, output: str) -> str:
+    """A hub classifier as `ORG/NAME@COMMIT`, the commit its files come from now: the tasks of one run (Slurm jobs
+    start hours apart, on other nodes) and its resumes all score with those files while the hub repository moves
+    on. A run resumed into `output` keeps the commit it recorded when given the same unpinned id."""
+    from edu_filter.classifiers.scorer import resolve_model_dir, split_revision
+
+    name, revision = split_revision(model)
+    if revision is None:
+        try:
+            recorded = json.loads((Path(output) / "run_config.json").read_text())["settings"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if isinstance(recorded, str) and split_revision(recorded)[0] == name and split_revision(recorded)[1]:
+            return recorded
+    try:
+        return f"{name}@{resolve_model_dir(model).name}"
+    except ValueError as e:
+        raise DocumentError(f"model {model}: {e}") from None
+
+
 def check_hub_model(model: str) -> None:
     """A hub id must resolve (from the cache when offline) before anything runs, not in the middle of a stage."""
     from transformers import AutoConfig
 
+    from edu_filter.classifiers.scorer import split_revision
+
     try:
-        AutoConfig.from_pretrained(model)
+        name, revision = split_revision(model)
+        AutoConfig.from_pretrained(name, revision=revision)
     except Exception as e:  # noqa: BLE001 - any reason: not found, offline and not cached, gated, bad config
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DocumentError(f"model {model}: not a local folder, and it cannot be loaded from the hub ({reason})") from None
@@ -250,8 +273,11 @@ def resolve_config(
     if Path(model).exists():
         model = os.path.abspath(model)
     else:
-        check_model_name(model, "model")
+        from edu_filter.classifiers.scorer import split_revision
+
+        check_model_name(split_revision(model)[0], "model")
         check_hub_model(model)
+        model = pin_hub_model(model, output)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import check_dtype, check_long_docs
 

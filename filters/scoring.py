@@ -159,7 +159,10 @@ class CountTokens(PipelineStep):
                 if tokenizer is None:
                     # the classifier folder carries its own modeling file (the model `apply` already runs); trusting it
                     # keeps AutoTokenizer from stopping to ask in a non-interactive pipeline
-                    tokenizer = AutoTokenizer.from_pretrained(self.tokenizer, trust_remote_code=True)
+                    from edu_filter.classifiers.scorer import split_revision
+
+                    name, revision = split_revision(self.tokenizer)  # a pinned hub classifier: ORG/NAME@COMMIT
+                    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
                     tokenizer.model_max_length = int(1e30)  # counting, not truncating: no over-length warning
                 with self.track_time(unit="batch"):
                     encoded = count_tokens(tokenizer, [doc.text for doc in todo])

@@ -582,3 +582,44 @@ def test_kept_files_of_a_parquet_corpus_load_as_one_dataset(stock_classifier, tm
     assert [s.field("input_score").type for s in schemas] == [pa.float64()] * 2
     kept = pl.read_parquet(out / "kept" / "*.parquet")  # one dataset
     assert kept.height == 16 and kept["stars"].null_count() == 8
+
+
+def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_classifier, tmp_path):
+    """A hub classifier updated between the Slurm jobs of one chain, or before a resume, would score part of the
+    corpus with other weights. The run records ORG/NAME@COMMIT (its files now) and its tasks load that commit's files
+    whatever the hub's main is by then (the explicit run below: main has moved on); a resume into the same folder
+    keeps the commit instead of being refused; a new run takes the new one. The hub cache is laid out as
+    huggingface_hub lays it out (refs/main, snapshots/COMMIT), read offline."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    repo = tmp_path / "hub" / "models--edu--clf"
+    first, second = "1" * 40, "2" * 40
+
+    def publish(commit: str, bias: float) -> None:
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(stock_classifier, snapshot)
+        model = AutoModelForSequenceClassification.from_pretrained(snapshot)
+        model.classifier.bias.data.fill_(bias)
+        model.save_pretrained(snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    publish(first, 1.5)
+    src = planted_input(tmp_path / "in.jsonl", n_unique=20, n_groups=0)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    args = ["apply", str(tmp_path / "in.jsonl"), "--model", "edu/clf", "--threshold", "2", "--no-dedup"]
+
+    def run(out: str, *extra: str) -> set:
+        res = run_cli([*args, *extra, "-o", str(tmp_path / out)], env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        config = json.loads((tmp_path / out / "run_config.json").read_text())["settings"]["model"]
+        return config, set(read_outputs(tmp_path / out)["kept"])
+
+    pinned, kept = run("out")
+    assert pinned == f"edu/clf@{first}" and 0 < len(kept) < len(src["unique"])
+    publish(second, 9.0)  # the hub moves on: every document would score 5
+    assert run("out") == (pinned, kept)  # the same command resumes the run with its commit, not refused
+    assert run("new") == (f"edu/clf@{second}", set(src["unique"]))
+    assert run("explicit", "--model", f"edu/clf@{first}") == (pinned, kept)  # a commit named on the command line
