@@ -80,6 +80,16 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
     assert len(changed) > 50  # the encoder itself was trained, not only the head
     scores, _ = load_scorer(out).predict(["def add(a, b):\n    return a + b\n"])
     assert np.isfinite(scores).all()
+    # the learning curve embedded the validation rows after the encoder was trained: through the trained model they
+    # went into the cache under the frozen encoder's key, and every later head run read them
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
+    from edu_filter.documents import read_documents
+
+    texts = [r["text"] for r in read_documents([CODE_LABELS], limit=50)]
+    options = dict(kind="code", encoder=minilm_path, max_length=48)
+    cached = load_frozen_encoder(**options, cache_dir=str(embedding_cache_dir)).embed(texts)
+    fresh = load_frozen_encoder(**options, cache_dir=str(tmp_path / "fresh-cache")).embed(texts)
+    assert np.abs(cached - fresh).max() < 1e-4
 
 
 @pytest.mark.slow

@@ -329,8 +329,11 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> 
                                min_rows=2 * cfg.folds, main_threshold=main)
         return {"model": "fasttext", **curve}
 
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
     from edu_filter.train.head import curve_fit_predict
 
+    if cfg.method == "finetune":  # the trained encoder's vectors are not the frozen ones its cache key names
+        frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
     fit_predict = curve_fit_predict(cfg, frozen, texts, y, w)
     console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold")
     curve = learning_curve(y, fit_predict, w, cfg.folds, cfg.curve_repeats, cfg.seed, min_rows=2 * cfg.folds,
