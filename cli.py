@@ -147,7 +147,9 @@ def parse_ints(text: str, option: str, low: int | None = None, high: int | None 
         raise InputError(f"{option} expects comma-separated whole numbers such as 0,1,2, got {text!r}")
     bad = [v for v in values if (low is not None and v < low) or (high is not None and v > high)]
     if bad:
-        raise InputError(f"{option}: {bad[0]} is outside {low}-{high}")
+        bound = f"outside {low}-{high}" if low is not None and high is not None else (
+            f"below {low}" if low is not None else f"above {high}")
+        raise InputError(f"{option}: {bad[0]} is {bound}")
     return values
 
 

@@ -63,16 +63,25 @@ def resolve_encoder(kind: str, encoder: str | None = None) -> str:
     return fallback
 
 
+IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 32, 1 << 16  # sampled across each weights file, as well as its first MiB
+
+
 def encoder_identity(name_or_path: str) -> str:
-    """A stable id of an encoder's weights, for the embedding cache: the name, plus size/head bytes of local weights."""
+    """A stable id of an encoder's weights, for the embedding cache: the name; for a local folder, each weights file's
+    size, first MiB (the header and embeddings) and 32 blocks spread over the rest, so that an encoder trained on
+    in place (every layer's weights change, the first MiB maybe not) does not reuse the old one's vectors."""
     path = Path(name_or_path)
     if not path.is_dir():
         return name_or_path
     digest = hashlib.sha1(str(path.resolve()).encode())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
         with open(weights, "rb") as fh:
             digest.update(fh.read(1 << 20))
+            for k in range(1, IDENTITY_BLOCKS + 1):
+                fh.seek(size * k // (IDENTITY_BLOCKS + 1))
+                digest.update(fh.read(IDENTITY_BLOCK_BYTES))
     return f"{path.name}-{digest.hexdigest()[:16]}"
 
 

@@ -118,13 +118,23 @@ def load_frozen_encoder(
         model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
     except OSError as e:  # no such folder or hub repo, or no weights in it
         raise ValueError(f"cannot load encoder {encoder_name!r}: {e}") from None
+    # the tokens an encoder reads: its positions, less what its tokenizer says it cannot use (RoBERTa-family models
+    # have 514 positions for 512 tokens: two are offset by the padding index)
     max_positions = getattr(model.config, "max_position_embeddings", max_length)
+    if 0 < getattr(tokenizer, "model_max_length", 0) < max_positions:
+        max_positions = tokenizer.model_max_length
     wanted_length, max_length = max_length, min(max_length, max_positions)
     if max_length < wanted_length:
-        console.print(f"max_length {wanted_length} exceeds the encoder's {max_positions} positions; using {max_length}")
-    pool_layers = pool_layers or default_pool_layers(model.config.num_hidden_layers)
+        console.print(f"max_length {wanted_length} exceeds the {max_positions} tokens the encoder reads; using "
+                      f"{max_length}")
+    depth = model.config.num_hidden_layers
+    pool_layers = pool_layers or default_pool_layers(depth)
+    if any(not 0 <= layer <= depth for layer in pool_layers):
+        raise ValueError(f"--pool-layers {','.join(map(str, pool_layers))}: this encoder has hidden states 0..{depth}")
+    # without its dtype: a model loaded in bfloat16 must build its encoder in bfloat16, not in the float32 saved here
+    encoder_config = {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
     config = EduClassifierConfig(
-        encoder_config=model.config.to_dict(),
+        encoder_config=encoder_config,
         encoder_name=encoder or encoder_name,
         pooling=pooling,
         pool_layers=pool_layers,

@@ -78,13 +78,15 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
     config_class = EduClassifierConfig
     base_model_prefix = "edu_classifier"
     _supports_sdpa = True
+    # the head stays float32 in a bfloat16 model: its weights, folded from standardised features, reach ~1e6
+    _keep_in_fp32_modules_strict = ["classifier"]
 
     def __init__(self, config: EduClassifierConfig, encoder: PreTrainedModel | None = None):
         """`encoder`: an already loaded pretrained encoder (when training); otherwise one is built from the config."""
         super().__init__(config)
-        self.encoder = encoder if encoder is not None else AutoModel.from_config(
-            AutoConfig.for_model(**config.encoder_config)
-        )
+        # the encoder's saved dtype left out: it is built in the dtype this model is loaded in
+        self.encoder = encoder if encoder is not None else AutoModel.from_config(AutoConfig.for_model(
+            **{k: v for k, v in config.encoder_config.items() if k not in ("dtype", "torch_dtype")}))
         self.classifier = nn.Linear(self.encoder.config.hidden_size * len(config.pool_layers), 1)
         self.post_init()
 

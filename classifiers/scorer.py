@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # CHARS_RETRY_FACTOR times longer each time (at last the whole text), so the result never depends on the bound, only
 # the time does.
 CHARS_PER_TOKEN_BOUND = 7
+WORD_BACKOFF_CHARS = 200  # how far a prefix may end before its bound to end at a whitespace
 CHARS_RETRY_FACTOR = 4
 # Scoring batches when none is given. A GPU needs big ones: a BERT-base classifier at 512 tokens on one H200 scored
 # 1,276 docs/s in batches of 256 documents and 2,565 in batches of 1,024 (benchmarks/RESULTS.md), so a GPU batch holds
@@ -61,6 +62,18 @@ def split_revision(model: str | os.PathLike) -> tuple[str, str | None]:
     if not at or not revision or Path(text).exists():
         return text, None
     return name, revision
+
+
+def text_prefix(text: str, limit: int) -> str:
+    """The text's first `limit` characters, ended at a whitespace within the last WORD_BACKOFF_CHARS of them, so the
+    last word is whole or absent: a word cut in two tokenizes differently from the whole (WordPiece reads a word over
+    100 characters, a base64 run, as one [UNK]; its cut end as many pieces), and the tokens read would depend on the
+    bound."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = max(cut.rfind(c) for c in " \n\t\r")
+    return cut[:space] if space >= limit - WORD_BACKOFF_CHARS else cut
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -358,13 +371,13 @@ class EduScorer(Scorer):
         out: list[list[int]] = []
         for start in range(0, len(texts), 256):
             batch = texts[start : start + 256]
-            out += encode([t[:char_limit] for t in batch])
+            out += encode([text_prefix(t, char_limit) for t in batch])
         # Sparse text (whitespace runs, long tables): a prefix that did not end its text and gave wanted + 16 tokens
         # or fewer may have cut some of the first wanted tokens; those texts are tokenized again from longer prefixes.
         limit = char_limit
         while short := [i for i, row in enumerate(out) if len(texts[i]) > limit and len(row) <= wanted_tokens + 16]:
             limit *= CHARS_RETRY_FACTOR
-            for i, row in zip(short, encode([texts[i][:limit] for i in short])):
+            for i, row in zip(short, encode([text_prefix(texts[i], limit) for i in short])):
                 out[i] = row
         return out
 

@@ -212,6 +212,18 @@ def test_loading_and_scoring_leave_torch_threads_alone(web_model, web_texts):
         torch.set_num_threads(before)
 
 
+def test_a_bfloat16_load_computes_the_encoder_in_bfloat16_and_keeps_the_head_float32(web_model, web_texts):
+    """The GPU default: the saved encoder config named float32, which the encoder was then built in, while only the
+    head (weights ~1e6 after folding the standardisation) was cast to bfloat16."""
+    from collections import Counter
+
+    exact = load_scorer(web_model, device="cpu")
+    half = load_scorer(web_model, device="cpu", dtype="bfloat16")
+    dtypes = Counter((name.split(".")[0], p.dtype) for name, p in half.model.named_parameters())
+    assert set(dtypes) == {("encoder", torch.bfloat16), ("classifier", torch.float32)}, dtypes
+    assert np.abs(half.predict(web_texts[:8])[0] - exact.predict(web_texts[:8])[0]).max() < 0.1
+
+
 def test_token_sequences_are_what_truncate_scoring_and_fine_tuning_read(web_model, web_texts):
     """The framed, truncated sequences equal the plain tokenizer's with truncation; padded into one batch they score
     as the scorer does."""
@@ -230,6 +242,24 @@ def test_token_sequences_are_what_truncate_scoring_and_fine_tuning_read(web_mode
     with torch.no_grad():
         logits = scorer.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].numpy()
     np.testing.assert_allclose(logits, scorer.predict(web_texts[:5], long_docs="truncate")[0], atol=1e-4)
+
+
+def test_a_long_word_across_the_prefix_bound_reads_as_in_the_whole_text(web_model):
+    """Texts are tokenized from a prefix of about 7 characters per wanted token: a base64 run crossing that bound was
+    cut into word pieces, where the whole text reads it as one [UNK], so the tokens scored depended on the bound."""
+    from transformers import AutoTokenizer
+
+    from edu_filter.classifiers.scorer import CHARS_PER_TOKEN_BOUND
+
+    scorer = load_scorer(web_model)
+    bound = (scorer.max_length - 2) * CHARS_PER_TOKEN_BOUND + 100
+    filler = "between " * ((bound - 50) // 8)  # one token per 8 characters: the run starts before the last tokens
+    text = filler + "q" * 150 + " end of the document"
+    assert len(filler) < bound < len(filler) + 150
+    tokenizer = AutoTokenizer.from_pretrained(web_model, trust_remote_code=True)
+    whole = tokenizer([text], truncation=True, max_length=scorer.max_length)["input_ids"]
+    assert tokenizer.unk_token_id in whole[0]  # the run is one [UNK] inside the first max_length tokens
+    assert scorer.token_sequences([text]) == whole
 
 
 def test_sparse_text_is_tokenized_from_longer_prefixes_until_it_has_enough_tokens(web_model, web_texts):

@@ -416,3 +416,43 @@ def test_defaults_given_explicitly_are_not_refused(tmp_path):
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", val=["v.jsonl"], val_fraction=0.3)
     with pytest.raises(ValueError, match="^curve_repeats does not apply without a learning curve"):
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", learning_curve=False, curve_repeats=3)
+
+
+def test_a_roberta_encoder_reads_the_512_tokens_its_514_positions_allow(tmp_path, minilm_path):
+    """RoBERTa-family encoders have 2 more positions than tokens (offset by the padding index): capped at the
+    positions, 514 tokens ran past the table and every long document failed."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.model_max_length = 512
+    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+    RobertaModel(config).save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    frozen = load_frozen_encoder("web", str(tmp_path / "roberta"), max_length=1024, cache_dir=str(tmp_path / "c"))
+    assert frozen.max_length == 512
+    vectors = frozen.embed(["word " * 2000])  # far longer than 512 tokens
+    assert vectors.shape == (1, 32 * len(frozen.pool_layers)) and np.isfinite(vectors).all()
+
+
+def test_an_encoder_trained_in_place_does_not_reuse_the_old_ones_cached_vectors(tmp_path, minilm_path):
+    """The cache key read each weights file's size and first MiB (the embeddings): a checkpoint whose deeper layers
+    changed at the same path kept the key, and the old vectors were served as its own."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel
+
+    from edu_filter.classifiers.encoders import encoder_identity
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(minilm_path, folder)
+    before = encoder_identity(str(folder))
+    assert encoder_identity(str(folder)) == before  # stable
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.encoder.layer[-1].output.dense.weight.add_(0.01)  # continued training, deep layers only
+    model.save_pretrained(folder)
+    assert encoder_identity(str(folder)) != before

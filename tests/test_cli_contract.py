@@ -258,6 +258,13 @@ def test_bad_option_values_are_refused_before_work(files, stock_classifier):
         refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", executor, option, "0"],
                 option, absent=(out.parent,))
     refused(["train", CODE_LABELS, "-o", out, "--pool-layers", "2,x"], "--pool-layers", absent=(out.parent,))
+    refused(["train", CODE_LABELS, "-o", out, "--pool-layers=-1"], "--pool-layers: -1 is below 0",
+            absent=(out.parent,))
+    # known once the encoder is loaded (MiniLM has 6 layers): still one error line, exit 2, no model folder
+    result = runner.invoke(app, ["train", str(CODE_LABELS), "-o", str(out), "--pool-layers", "2,7", "--limit", "30"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[-1] == "error: --pool-layers 2,7: this encoder has hidden states 0..6"
+    assert not out.exists()
     refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--concurrency", "0"],
             "--concurrency", absent=(out.parent,))
     refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--top-p", "1.5"], "--top-p",
