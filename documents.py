@@ -135,10 +135,16 @@ def check_data_file(path: str) -> None:
         )
 
 
+def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
+    """The paths as a list: one path given alone is one input, not a string of one-character paths (an absolute one
+    walked the whole filesystem)."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible)."""
     files: list[str] = []
-    for p in paths:
+    for p in path_list(paths):
         p = str(p)
         if is_hub_path(p):
             files.append(p)
@@ -404,7 +410,7 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
 def check_not_empty(paths: Iterable[str | os.PathLike], what: str = "DATA", text_field: str = "text") -> None:
     """Refuse input without a single document before any work (reads up to the first document; hub datasets are
     left to the reader)."""
-    paths = list(paths)
+    paths = path_list(paths)
     if any(is_hub_path(p) for p in paths):
         return
     if next(iter_documents(paths, text_field), None) is None:
@@ -445,7 +451,7 @@ def sample_documents(
     every row is read and checked, and only the sample is held. The same input and seed give the same sample."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
-    paths = list(paths)  # read twice: once for the footers, again by the reservoir
+    paths = path_list(paths)  # read twice: once for the footers, again by the reservoir
     parts = parquet_parts(paths, show_progress)
     if parts is not None:
         return _sample_parquet(parts, n, seed, text_field, id_field, show_progress)

@@ -57,6 +57,7 @@ from edu_filter.documents import (
     count_documents,
     is_hub_path,
     iter_documents,
+    path_list,
     sample_documents,
 )
 
@@ -239,7 +240,7 @@ class DocumentStream:
     from its Parquet footers (none when it is not Parquet)."""
 
     def __init__(self, inputs, text_field: str, id_field: str):
-        self.inputs, self.text_field, self.id_field = list(inputs), text_field, id_field
+        self.inputs, self.text_field, self.id_field = path_list(inputs), text_field, id_field
         if any(is_hub_path(p) for p in self.inputs):
             try:
                 self.total = count_documents(self.inputs)
@@ -625,7 +626,7 @@ def score_documents(
     with the frozen encoder of `train` (`kind`: web or code, default from the prompt; `encoder`, `max_length`,
     `embedding_cache` as in `train`) and writes `round` and `weight` on every row.
     """
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path is one input
+    inputs = path_list(inputs)
     cfg = replace(config or ScoreConfig(), **settings)
     cfg.check()
     output = Path(output)

@@ -16,6 +16,7 @@ from edu_filter.documents import read_documents
 REPO = Path(__file__).resolve().parents[1]
 CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
+WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
 
 
 @pytest.mark.slow
@@ -456,3 +457,26 @@ def test_an_encoder_trained_in_place_does_not_reuse_the_old_ones_cached_vectors(
         model.encoder.layer[-1].output.dense.weight.add_(0.01)  # continued training, deep layers only
     model.save_pretrained(folder)
     assert encoder_identity(str(folder)) != before
+
+
+def test_validation_metrics_take_no_cut_point_from_the_validation_labels(tmp_path, minilm_path, embedding_cache_dir):
+    """Cut points fitted on the rows they then score report an F1 no new document gets. The same model and
+    validation texts with the labels shuffled among them must give the same integer scores in the metrics (the
+    saved model's cut points may use every label)."""
+    from edu_filter.documents import read_documents, write_documents
+    from edu_filter.train.classifier import train_classifier
+
+    val = read_documents([WEB_VAL], label_field="score", limit=150)
+    labels = [r["label"] for r in val]
+    shuffled = labels[50:] + labels[:50]
+    predicted, how = [], []
+    for name, column in (("val", labels), ("shuffled", shuffled)):
+        path = write_documents([{"id": r["id"], "text": r["text"], "score": y} for r, y in zip(val, column)],
+                               tmp_path / f"{name}.jsonl")
+        metrics = train_classifier([str(WEB_TRAIN)], tmp_path / name, kind="web", encoder=minilm_path,
+                                   max_length=64, limit=200, val=str(path), learning_curve=False,
+                                   cache_dir=str(embedding_cache_dir))
+        predicted.append(np.array(metrics["confusion_matrix"]).sum(axis=0).tolist())  # int scores per class
+        how.append(metrics["training"].get("metric_cut_points"))
+    assert predicted[0] == predicted[1]
+    assert how == ["out-of-fold training predictions"] * 2

@@ -242,7 +242,8 @@ def train_classifier(
         clear_folder(output)  # empty already, or a model `overwrite` allows replacing
     save_model(trained, output)
 
-    metrics = compute_metrics(y_val, val_pred, apply_cut_points(val_pred, cut_points), weights=w_val)
+    metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
+                                                                     cfg), weights=w_val)
     metrics["warnings"] = metric_warnings(metrics, y_val, cfg.kind)
     if "encoder" in info:
         inputs.append(provenance.describe_input("encoder", info["encoder"]))
@@ -258,6 +259,9 @@ def train_classifier(
         "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
         "cut_points": cut_points,
         "calibration_examples": int(len(calib_scores)),
+        # the metrics' own integer scores come from cut points fitted without the validation labels
+        "metric_cut_points": "out-of-fold training predictions" if oof_pred is not None else "the other half of "
+                             "the validation rows",
     }
     curve = None
     if cfg.learning_curve:
@@ -301,6 +305,24 @@ def save_model(trained: TrainedModel, output: Path) -> None:
     if trained.frozen is not None:
         trained.frozen.tokenizer.model_max_length = trained.frozen.max_length
         trained.frozen.tokenizer.save_pretrained(output)
+
+
+def _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg) -> np.ndarray:
+    """The validation rows' integer scores for the metrics, from cut points their own labels took no part in: fitted
+    on the out-of-fold training predictions, or (fine-tuning has none) on the other half of the validation rows.
+    Cut points fitted on the rows they then score report an F1 no new document gets (on noise, 0.19 for 0.11)."""
+    if oof_pred is not None:
+        return apply_cut_points(val_pred, fit_cut_points(oof_pred, y_train, min_positives=cfg.min_positives,
+                                                         weights=w_train))
+    order = np.random.default_rng(cfg.seed).permutation(len(val_pred))
+    halves = order[: len(order) // 2], order[len(order) // 2 :]
+    ints = np.zeros(len(val_pred), dtype=np.int64)
+    for scored, fitted in (halves, halves[::-1]):
+        if len(scored):
+            cuts = fit_cut_points(val_pred[fitted], y_val[fitted], min_positives=cfg.min_positives,
+                                  weights=None if w_val is None else w_val[fitted]) if len(fitted) else None
+            ints[scored] = apply_cut_points(val_pred[scored], cuts)
+    return ints
 
 
 def _calibration_weights(w_val, w_train, n_val: int, n_train: int, with_train: bool):
