@@ -81,6 +81,20 @@ def test_validation_split_is_stratified():
         assert abs(share - np.mean(labels == score)) < 0.05
 
 
+@pytest.mark.parametrize("counts", [{0: 30, 1: 40, 2: 20, 3: 9, 5: 1}, {0: 1, 1: 40, 2: 30, 3: 29}])
+def test_a_gap_in_the_scale_or_a_single_lowest_row_keeps_the_split_stratified(counts):
+    """One 5 and no 4s, or a single 0: the lone row stayed its own stratum and the split fell back to plain random
+    (a seed left the validation rows without a single 3)."""
+    from edu_filter.train.classifier import stratified_split
+
+    labels = np.array([score for score, n in counts.items() for _ in range(n)], dtype=float)
+    for seed in range(20):
+        _, val_idx = stratified_split(labels, 0.1, seed=seed)
+        held_out = labels[val_idx]
+        shares = {"1": int((held_out == 1).sum()), "2": int((held_out == 2).sum()), "3+": int((held_out >= 3).sum())}
+        assert shares["1"] >= 2 and shares["2"] >= 1 and shares["3+"] >= 1, (seed, shares)
+
+
 @pytest.mark.slow
 def test_saved_tokenizer_truncates_where_the_model_reads(code_model):
     """The plain transformers recipe (tokenizer with truncation=True, then the model) gives the scorer's scores."""

@@ -157,9 +157,14 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     from sklearn.model_selection import train_test_split
 
     strata = to_int_scores(labels)
-    for value in sorted(set(strata.tolist()), reverse=True):
-        if (strata == value).sum() < 2 and value > strata.min():
-            strata[strata == value] = value - 1
+    # a score held by one row joins the nearest score below that has rows (above, for the lowest), until every
+    # stratum has two: a gap in the scale (no 4s, one 5) or a single lowest row must not turn stratification off
+    while len(set(strata.tolist())) > 1:
+        values, counts = np.unique(strata, return_counts=True)
+        if counts.min() >= 2:
+            break
+        k = int(np.argmin(counts))
+        strata[strata == values[k]] = values[k - 1] if k > 0 else values[1]
     classes = set(strata.tolist())
     n_val = max(1, int(np.ceil(val_fraction * len(labels))))
     # every class needs two rows, and the validation split room for one of each; otherwise a plain random split
