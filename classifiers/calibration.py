@@ -50,14 +50,14 @@ def best_f1_cut(scores: np.ndarray, positive: np.ndarray, weights=None) -> tuple
 
 
 def fit_cut_points(scores, labels, min_positives: int = 5, weights=None) -> list[float]:
-    """Monotone cut points c1..c5, each chosen for the best F1 of `int_score >= t` against `label >= t` (weighted F1
-    when `weights` are given).
+    """Monotone cut points c1..c5, each chosen for the best F1 of `int_score >= t` against `label >= t` (the label
+    rounded to its integer score, as the metrics count it; weighted F1 when `weights` are given).
 
-    A threshold with fewer than `min_positives` positives (or no negatives) keeps the round-and-clip cut: a handful
-    of examples cannot place it reliably. Documents are counted there, not weighted.
+    A threshold with fewer than `min_positives` positives (or fewer than `min_positives` negatives) keeps the
+    round-and-clip cut: a handful of examples cannot place it reliably. Documents are counted there, not weighted.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
+    labels = to_int_scores(labels)
     cuts = []
     for t, default in zip(range(1, MAX_SCORE + 1), ROUND_CUTS):
         positive = labels >= t

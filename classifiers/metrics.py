@@ -38,7 +38,8 @@ def weighted_pearson(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> float
 
 
 def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
-    """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`) metrics, JSON-ready.
+    """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`, the label rounded to its integer score
+    as everywhere) metrics, JSON-ready.
 
     `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
     Correlations are None (JSON null) when scores or labels are constant, and a thresholded F1 is None when no document
@@ -63,9 +64,11 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     support = np.bincount(true, minlength=len(CLASSES))
 
     def binary_f1(predicted_int, t) -> float | None:
-        if not (labels >= t).any() and not (predicted_int >= t).any():
+        # a label counts as its integer score, as in accuracy and the confusion matrix (FineWeb-Edu's
+        # int_score = round(score)): 2.6 is a 3 everywhere
+        if not (true >= t).any() and not (predicted_int >= t).any():
             return None
-        return float(f1_score(labels >= t, predicted_int >= t, zero_division=0, sample_weight=w))
+        return float(f1_score(true >= t, predicted_int >= t, zero_division=0, sample_weight=w))
 
     if constant:
         spearman = pearson = None
@@ -109,7 +112,7 @@ def metric_warnings(metrics: dict, labels, kind: str | None, data: str = "the va
     MIN_POSITIVES_TO_TRUST documents labelled at or above the kind's main threshold, or a Spearman that is not above 0
     (or undefined: constant scores or labels)."""
     threshold = MAIN_THRESHOLD.get(kind or "web", MAIN_THRESHOLD["web"])
-    positives = int(np.count_nonzero(np.asarray(labels, dtype=np.float64) >= threshold))
+    positives = int(np.count_nonzero(to_int_scores(labels) >= threshold))
     warnings = []
     if positives < MIN_POSITIVES_TO_TRUST:
         warnings.append(f"{data} has {positives} documents labelled {threshold}+ (fewer than {MIN_POSITIVES_TO_TRUST}):"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edu_filter.classifiers.calibration import ROUND_CUTS
+from edu_filter.classifiers.calibration import ROUND_CUTS, to_int_scores
 from edu_filter.documents import (
     MAX_SCORE,
     MIN_SCORE,
@@ -163,7 +163,7 @@ def retention_table(data: dict, thresholds: list[int], positive_threshold: int =
             "tokens_pct": 100 * float(data["tokens"][keep].sum()) / n_tokens,
         }
         if labelled.any():
-            truth = data["label"][labelled] >= positive_threshold
+            truth = to_int_scores(data["label"][labelled]) >= positive_threshold  # a label counts as its int score
             p, r, f, _ = precision_recall_fscore_support(truth, keep[labelled], average="binary", zero_division=0)
             row |= {"precision": float(p), "recall": float(r), "f1": float(f)}
         rows.append(row)

@@ -94,3 +94,16 @@ def test_a_threshold_nothing_reaches_has_no_f1_and_a_missed_one_has_zero(capsys)
     assert capsys.readouterr().out.count("n/a") == 2  # calibrated and round-and-clip columns of binary_f1_at_4
     over = compute_metrics(labels, raw + 1.5, apply_cut_points(raw + 1.5, ROUND_CUTS))
     assert over["binary_f1_at_4"] == 0.0
+
+
+def test_a_fractional_label_counts_as_its_integer_score_in_every_metric_and_cut():
+    """FineWeb-Edu's float `score`: 2.6 was a 3 for accuracy and the confusion matrix but below 3 for F1@3 and the
+    cut points, so one model read as perfect and as missing every 3 at once."""
+    labels = np.array([2.6, 2.6, 1.0, 0.0])
+    metrics = compute_metrics(labels, [3.1, 3.2, 1.0, 0.1], [3, 3, 1, 0])
+    assert metrics["accuracy"] == 1.0 and metrics["binary_f1_at_3"] == 1.0
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=400)
+    fractional = np.where(scores > 0.8, 2.6, 1.2)  # 2.6 is a 3: the cut for 3 falls near 0.8, not at the default 2.5
+    cuts = fit_cut_points(scores, fractional, min_positives=5)
+    assert 0.7 < cuts[2] < 0.9
