@@ -346,6 +346,8 @@ def ablate(
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or hub name (default: train a BPE)."),
     vocab_size: Optional[int] = typer.Option(None, help="Vocabulary of the trained BPE (default: from the preset)."),
     text_field: str = typer.Option("text"),
+    val_fraction: float = typer.Option(0.05, help="Share of each dataset's documents held out for its validation "
+                                       "loss (picked by a hash of the text: the same documents in every dataset)."),
     humaneval: bool = typer.Option(False, help="Score HumanEval pass@1 after each run (for code data)."),
     humaneval_limit: Optional[int] = typer.Option(None, help="Only the first N HumanEval problems."),
     cloze: Optional[list[str]] = typer.Option(None, metavar="<name=path>",
@@ -363,7 +365,8 @@ def ablate(
 
     run_ablation(
         data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
-        vocab_size=vocab_size, text_field=text_field, humaneval=humaneval, humaneval_limit=humaneval_limit,
+        vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction, humaneval=humaneval,
+        humaneval_limit=humaneval_limit,
         cloze=cloze, seed=seed, seeds=seeds, compare_on=compare_on,
     )
 

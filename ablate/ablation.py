@@ -21,7 +21,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edu_filter import provenance
-from edu_filter.ablate.packing import iter_texts, read_packed, write_tokens, write_train_val
+from edu_filter.ablate.packing import (
+    iter_texts,
+    packed_settings,
+    packing_settings,
+    read_packed,
+    tokenizer_key,
+    write_tokens,
+    write_train_val,
+)
 from edu_filter.ablate.pretrain import (
     PretrainConfig,
     cpu_threads,
@@ -33,12 +41,11 @@ from edu_filter.ablate.pretrain import (
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import InputError, check_writable_output
 
-SIGMAS = 2.0  # two seeds: significant when the difference exceeds this many pooled seed standard deviations
-WELCH_ALPHA = 0.05  # three or more seeds: significant when Welch's t-test gives p below this
+WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
 SIGNIFICANCE_RULE = (
-    f"with 2 seeds per run a difference is significant when it exceeds {SIGMAS:g} x the pooled seed standard "
-    f"deviation sqrt((s_a^2 + s_b^2) / 2); with 3 or more, when Welch's t-test gives p < {WELCH_ALPHA:g}; with 1 seed "
-    "there is no estimate of seed noise, hence no verdict"
+    f"with 2 or more seeds per run a difference is significant when Welch's t-test gives p < {WELCH_ALPHA:g} (with 2 "
+    "seeds it has ~2 degrees of freedom: only a gap of ~4 pooled seed standard deviations passes); with 1 seed there "
+    "is no estimate of seed noise, hence no verdict"
 )
 
 
@@ -103,12 +110,17 @@ def ablate(
         raise ValueError("give at least one --data NAME=PATH")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     compare = comparison_set(datasets, references, compare_on)
     check_writable_output(output, "-o/--output")
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
     extra = {"vocab_size": vocab_size} if vocab_size else {}
     parsed_overrides = parse_overrides(overrides)
+    for key, option in (("tokens", "--tokens"), ("seed", "--seed"), ("vocab_size", "--vocab-size")):
+        if key in parsed_overrides:  # the report, the seeds and the tokenizer read the option, not the override
+            raise InputError(f"--override {key}={parsed_overrides[key]}: give {option} instead")
     cfg = PretrainConfig.from_preset(preset, parsed_overrides, tokens=tokens, seed=seed, **extra)
     rank, _, world = init_distributed()
 
@@ -265,7 +277,7 @@ def compare_runs(runs: dict, eval_set: str) -> dict | None:
     p_value = None
     pair = f"{means[best]:.3f} vs {means[second]:.3f}, mean of {k} seed{'s' * (k > 1)}"
     lower = f"{best}'s loss is lower than {second}'s by {difference:.3f} nats/token"
-    if k >= 3:
+    if k >= 2:  # "more than 2 pooled stds" with 2 seeds is a t-test at a critical value of 2 for ~4.3: 17% false alarms
         from scipy.stats import ttest_ind
 
         p = float(ttest_ind(a, b, equal_var=False).pvalue)
@@ -279,12 +291,6 @@ def compare_runs(runs: dict, eval_set: str) -> dict | None:
             verdict = (f"{'significant' if significant else 'not significant'} (Welch's t-test p = {p_value:.3g}"
                        f"{' <' if significant else ' >='} {WELCH_ALPHA:g})")
         summary = f"On {eval_set}, {lower} ({pair}; pooled seed std {std:.3f}): {verdict}."
-    elif k == 2:
-        significant = difference > SIGMAS * std
-        test = f"difference > {SIGMAS:g} x pooled seed std"
-        summary = (f"On {eval_set}, {lower} ({pair}), {'more' if significant else 'less'} than {SIGMAS:g} x the "
-                   f"pooled seed std of {std:.3f}: "
-                   f"{'significant' if significant else 'within seed noise, not significant'}.")
     else:
         significant = False
         test = "none: one seed per run gives no estimate of seed noise"
@@ -379,17 +385,30 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
     window = cfg.context + 1
     sets = [("--data", name, path) for name, path in datasets.items()] + [
         ("--eval", name, path) for name, path in references.items()]
+    trained = (out / "runs").exists()
     for option, name, path in sets[rank::world]:
+        source = packing_source(path, text_field)
         if option == "--eval":
             file = out / "tokens" / "eval" / f"{name}.bin"
-            if not file.with_suffix(".json").exists():
+            made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window}
+            sidecar = file.with_suffix(".source.json")
+            recorded = json.loads(sidecar.read_text()) if sidecar.exists() else None
+            if file.with_suffix(".json").exists() and recorded not in (None, made_of):
+                _refuse_or_repack(out, f"--eval {name}", recorded, made_of, trained)
+            if not file.with_suffix(".json").exists() or recorded not in (None, made_of):
                 info = write_tokens(iter_texts(path, text_field), tok, file, cfg.eval_tokens + window)
+                sidecar.write_text(json.dumps(made_of))
                 if info.tokens < window:
                     raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of "
                                      f"{window}")
             continue
         folder = out / "tokens" / name
         packed = read_packed(folder)
+        wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source)
+        recorded = packed_settings(folder)
+        if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
+            _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
+            packed = None
         if packed:
             train, val = packed
         elif (folder / "train.json").exists() and (out / "runs").exists():
@@ -403,6 +422,19 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
+
+
+def _refuse_or_repack(out: Path, what: str, recorded: dict, wanted: dict, trained: bool) -> None:
+    """Token files made of other texts, another tokenizer or another budget than this invocation asks: packed again
+    when no run has trained on them yet, else refused (the report would name data the models never saw)."""
+    names = {"source": "the input's content or text field", "tokenizer": "the tokenizer",
+             "train_tokens": "--tokens", "max_tokens": "the evaluation budget", "max_val_tokens": "the evaluation "
+             "budget", "val_fraction": "--val-fraction", "val_split": "the held-out split"}
+    changed = sorted({names.get(k, k) for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)})
+    if trained:
+        raise InputError(f"{what}: the token files in {out} differ from what this invocation asks in "
+                         f"{', '.join(changed)}, and its runs were trained on them: start a new output folder, or "
+                         f"remove {out / 'tokens'} and {out / 'runs'}")
 
 
 PLAIN_PROGRESS_EVERY = 30.0  # seconds between the plain progress lines of a run whose output is not a terminal

@@ -146,8 +146,7 @@ def write_train_val(
     out_dir = Path(out_dir)
     (out_dir / PACKED).unlink(missing_ok=True)
     vocab = len(tokenizer)
-    settings = {"val_split": VAL_SPLIT, "tokenizer": tokenizer_key(tokenizer), "train_tokens": train_tokens,
-                "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source}
+    settings = packing_settings(tokenizer, train_tokens, val_fraction, max_val_tokens, source)
     resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize) if source is not None else None
     if resume is None:  # another run's checkpoint must not outlive the files it described
         (out_dir / PACKING).unlink(missing_ok=True)
@@ -180,10 +179,26 @@ def write_train_val(
     if progress is not None:
         progress(train.tokens, val.tokens)
     marker = out_dir / f"{PACKED}.tmp"
-    marker.write_text(json.dumps({"val_split": VAL_SPLIT, "train": asdict(infos[0]), "val": asdict(infos[1])}))
+    marker.write_text(json.dumps({"val_split": VAL_SPLIT, "train": asdict(infos[0]), "val": asdict(infos[1]),
+                                  "settings": settings}))
     marker.rename(out_dir / PACKED)
     (out_dir / PACKING).unlink(missing_ok=True)
     return infos
+
+
+def packing_settings(tokenizer, train_tokens: int, val_fraction: float, max_val_tokens: int,
+                     source: str | None) -> dict:
+    """What a packing is made of: a checkpoint resumes, and finished files are reused, only under the same."""
+    return {"val_split": VAL_SPLIT, "tokenizer": tokenizer_key(tokenizer), "train_tokens": train_tokens,
+            "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source}
+
+
+def packed_settings(out_dir: str | Path) -> dict | None:
+    """The settings a finished packing recorded (None: none recorded, by an older edu-filter, or no packing)."""
+    try:
+        return json.loads((Path(out_dir) / PACKED).read_text()).get("settings")
+    except (OSError, ValueError):
+        return None
 
 
 def tokenizer_key(tokenizer) -> str:

@@ -112,6 +112,15 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
     assert result.exit_code == 2 and "bad.jsonl:2: field 'text' is missing" in result.output
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", "depth=3", "-o", str(tmp_path / "c")])
     assert result.exit_code == 2 and "unknown override 'depth'" in result.output
+    result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--val-fraction", "1.5", "-o",
+                                 str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--val-fraction must be between 0 and 1, got 1.5" in result.output
+    for override, option in (("tokens=7680", "--tokens"), ("seed=3", "--seed"), ("vocab_size=400", "--vocab-size")):
+        # the report said --tokens while the runs trained on the override's count; the seeds dropped an override's
+        result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", override, "-o",
+                                     str(tmp_path / "d")])
+        assert result.exit_code == 2 and f"--override {override}: give {option} instead" in result.output
+        assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow

@@ -91,6 +91,35 @@ def test_a_document_held_out_in_one_dataset_is_held_out_in_every_other(tokenizer
     assert not docs["edu", "val"] & docs["all", "train"]
 
 
+def test_finished_token_files_are_reused_only_for_the_same_texts_tokenizer_and_budget(tokenizer, tmp_path):
+    """Another file under the same --data name, or a bigger --tokens: the old token files were reused, and the report
+    named data the models never saw. Packed again while no run has trained on them; refused once one has."""
+    import shutil
+
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
+    texts = [json.loads(line) for line in WEB.read_text().splitlines()]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": r["text"].upper()}) + "\n" for r in texts[:400]))
+    reference = tmp_path / "ref.jsonl"
+    shutil.copy(WEB, reference)
+    out = tmp_path / "ablation"
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    first = (out / "tokens/web/train.bin").read_bytes()
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    assert (out / "tokens/web/train.bin").read_bytes() == first  # the same: reused
+    _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    assert (out / "tokens/web/train.bin").read_bytes() != first  # other texts, nothing trained yet: packed again
+    (out / "runs").mkdir()
+    with pytest.raises(InputError, match="--data web: .* asks in the input's content or text field, and its runs"):
+        _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    bigger = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=40_000)
+    with pytest.raises(InputError, match="asks in --tokens"):
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, bigger, "text", 0.1)
+    reference.write_text(other.read_text())
+    with pytest.raises(InputError, match="--eval ref: .* asks in the input's content"):
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
+
+
 def test_only_finished_packing_is_reused(tokenizer, tmp_path):
     """packed.json is written last: without it the token files are from an interrupted packing, packed again, or
     from an older version whose slices could leak, refused once runs were trained on them."""
