@@ -595,6 +595,9 @@ def run_apply(
     console = Console(stderr=True, quiet=not show)
     slurm, ray = slurm or SlurmOptions(), ray or RayOptions()
     if executor == "slurm":
+        ex.check_script_path(str(output), "-o/--output")
+        if slurm.venv_path:
+            ex.check_script_path(slurm.venv_path, "--slurm-venv")
         slurm = ex.check_slurm_request(slurm)  # before anything is read or written
     if executor == "ray":
         ex.check_ray_request(ray)

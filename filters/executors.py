@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -124,6 +126,14 @@ def task_log(out: str, stage: str, rank: int) -> Path:
     return Path(out) / "logs" / stage / "logs" / f"task_{rank:05d}.log"
 
 
+def _log_has_error(log: Path) -> bool:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return "Traceback" in text or "| ERROR" in text
+
+
 def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, lost: str | None = None) -> str:
     """Names the stage, the tasks that did not complete and the first one's log with its last error line, or, for a
     Slurm chain (`slurm`), Slurm's own reason when Slurm stopped one of its jobs (a time limit, say), with what to
@@ -138,7 +148,9 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, l
                 f"resumes: finished tasks are kept); log: {killed[1]}")
     if lost is not None:
         return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {lost}; logs: {logs}"
-    log = task_log(out, name, missing[0]) if missing else logs
+    # the first missing task whose log holds an error: a task that raised stops the others, which leave logs too
+    failing = next((r for r in missing if _log_has_error(task_log(out, name, r))), missing[0] if missing else None)
+    log = task_log(out, name, failing) if failing is not None else logs
     if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
         # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
         slurm_logs = sorted((logs / "slurm_logs").glob("*.out"), key=lambda p: p.stat().st_mtime)
@@ -532,6 +544,10 @@ def check_slurm_request(opts):
         raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
+    if opts.venv_path:
+        if not opts.dry_run and not os.path.isfile(opts.venv_path):
+            raise InputError(f"--slurm-venv {opts.venv_path}: no such file (give the environment's bin/activate)")
+        opts = replace(opts, venv_path=os.path.abspath(opts.venv_path))
     if opts.gpus_per_task > 1:  # the scoring step runs one model on one device
         raise InputError(f"--slurm-gpus {opts.gpus_per_task}: a scoring task scores on one GPU, so the others would "
                          "sit idle; give --slurm-gpus 1 and a task per GPU (--tasks)")
@@ -641,6 +657,19 @@ def job_directives(opts) -> dict:
     return {**opts.sbatch_args, **({"account": opts.account} if opts.account else {})}
 
 
+SHELL_SPECIAL = set(" \t\n'\"$`\\!;&|<>()*?[]{}#~%")  # %: Slurm reads it in --output as a filename pattern
+
+
+def check_script_path(path: str, what: str) -> None:
+    """datatrove writes a stage's paths into its job script unquoted (the srun line, #SBATCH --output): a space or a
+    shell character there fails every task of every stage, so such a path is refused before anything is submitted."""
+    bad = sorted(set(os.path.abspath(path)) & SHELL_SPECIAL)
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise InputError(f"{what} {os.path.abspath(path)}: Slurm job scripts name it unquoted, and it holds {shown}; "
+                         "use a path of letters, digits and . _ - / only")
+
+
 def check_sbatch_accepts(opts) -> None:
     """Asks the controller whether it would take each kind of job the chain submits (`sbatch --test-only`, nothing
     queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
@@ -714,7 +743,8 @@ def queued_jobs(out: str) -> list[dict]:
     if shutil.which("squeue") is None:
         return []
     for attempt in range(SQUEUE_ATTEMPTS):  # a busy controller times out now and then; an empty answer is not that
-        res = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%j|%T|%r"], capture_output=True, text=True)
+        res = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%j|%T|%r"],
+                             capture_output=True, text=True)  # this user's jobs: another's may carry the same tag
         if res.returncode == 0:
             break
         time.sleep(SQUEUE_RETRY_S * (attempt + 1))
@@ -750,6 +780,13 @@ def _slurm_executor_class():
         def launch_merge_stats(self):
             pass
 
+        def launch_job(self):
+            """Marks the stage being submitted, so an sbatch refusal names it (a stage of several array jobs has a
+            job id once its first is queued)."""
+            self.__dict__["submitting"] = True
+            super().launch_job()
+            self.__dict__["submitting"] = False
+
         @property
         def job_id(self):
             return self.__dict__.get("_job_id")
@@ -773,8 +810,8 @@ def _slurm_executor_class():
 
 def environment_command(opts) -> str:
     """Jobs run in the Python environment that submitted them unless `--slurm-venv` names another."""
-    if opts.venv_path:
-        return f"source {opts.venv_path}"
+    if opts.venv_path:  # checked by check_slurm_request; a failed `source` must stop the job, not run elsewhere
+        return f"source {shlex.quote(opts.venv_path)} || exit 1"
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "launch_pickled_pipeline").exists():
         raise DocumentError(f"launch_pickled_pipeline is not in {bin_dir}: install datatrove into this environment "
@@ -831,7 +868,11 @@ def write_slurm_scripts(executors, out: str) -> Path:
         path = folder / f"{i:02d}_{name}.slurm"
         path.write_text(script)
         for offset in range(math.ceil(jobs / per_array)):
-            lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET={offset} "${{dep[@]}}" "{path.resolve()}")')
+            # ${dep[@]+...}: an empty array under `set -u` is an error before bash 4.4 (RHEL/CentOS 7); --parsable
+            # prints "jobid;cluster" on multi-cluster sites
+            lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET={offset} ${{dep[@]+"${{dep[@]}}"}} '
+                         f'"{path.resolve()}")')
+            lines.append('jid="${jid%%;*}"')
             lines.append('dep=(--dependency=afterok:"$jid")')
         lines.append(f'echo "{name}: job $jid"')
     submit = folder / "submit.sh"
@@ -851,11 +892,11 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         with logs_to_file(log, verbose=False):
             executors[-1][1].run()  # launches the whole dependency chain through sbatch
     except subprocess.CalledProcessError as e:
-        stage = next((name for name, ex in executors if ex.job_id is None), executors[-1][0])
+        stage = next((name for name, ex in executors if ex.__dict__.get("submitting")), executors[-1][0])
         cancelled = cancel_chain(out)
         said = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("sbatch:")]
         raise StageFailed(f"sbatch refused stage {stage}: {said[-1] if said else e}"
-                          + (f"; cancelled the {len(cancelled)} stages submitted before it" if cancelled else "")
+                          + (f"; cancelled the {len(cancelled)} jobs submitted before it" if cancelled else "")
                           ) from None
     jobs = {name: getattr(ex, "job_ids", []) for name, ex in executors}  # a finished stage is not submitted again
     record = Path(out) / SUBMITTED_JOBS

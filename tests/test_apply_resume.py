@@ -84,9 +84,11 @@ def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives
 
 
 @pytest.mark.slow
-def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(cli_tasks4, tmp_path):
+@pytest.mark.parametrize("replaced", [0, 1])
+def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(cli_tasks4, tmp_path, replaced):
     """With two workers, a task that raises ends datatrove's process pool, which kills the task running beside it
-    mid-run: the run names the failure that started it (an input file replaced during the run), not a killed task."""
+    mid-run: the run names the failure that started it (an input file replaced during the run), not a killed task,
+    and shows the log of the task that raised, not the lowest unfinished one's (rank 0, stopped without an error)."""
     source = cli_tasks4[0] / "in.jsonl"
     rows = source.read_bytes().splitlines(keepends=True)
     folder, out = tmp_path / "in", tmp_path / "out"
@@ -100,7 +102,9 @@ def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and len(list(signatures.glob("*"))) < 4:
         time.sleep(0.05)
-    stat = (folder / "part0.jsonl").stat()
-    os.utime(folder / "part0.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # replaced, for the run
+    part = folder / f"part{replaced}.jsonl"
+    stat = part.stat()
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))  # replaced, for the run
     stderr = failed_run_stderr(proc, timeout=300)
-    assert "part0.jsonl was replaced during this run" in stderr and "was killed" not in stderr, stderr[-3000:]
+    assert f"part{replaced}.jsonl was replaced during this run" in stderr and "was killed" not in stderr, stderr[-3000:]
+    assert f"task_{replaced:05d}.log" in stderr, stderr[-3000:]

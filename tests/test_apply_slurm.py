@@ -84,6 +84,28 @@ def test_slurm_wait_runs_the_chain_and_every_document_lands_once(clean_run, corp
     assert "counts add up" in res.stderr and "filter" in res.stderr
 
 
+def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpus, stock_classifier, tmp_path):
+    """The scripts a dry run writes are the chain: submit.sh, run from anywhere, queues the stages in order, and
+    the chain gives what `--wait` gave (the same documents kept and removed)."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+
+    out = tmp_path / "out"
+    args = [a for a in apply_args(corpus[0], stock_classifier, out) if a != "--wait"] + ["--dry-run"]
+    res = cli(args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ex.queued_jobs(str(out)) == []  # nothing submitted
+    submitted = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], cwd="/", capture_output=True, text=True,
+                               timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert submitted.stdout.count(": job ") >= 4  # a line per stage
+    stats = ex.wait_for_chain(str(out), Console(quiet=True))
+    assert stats["adds_up"]
+    assert {k: sorted(v) for k, v in read_outputs(out).items()} == {
+        k: sorted(v) for k, v in read_outputs(clean_run[0]).items()}
+
+
 def test_status_reads_a_finished_slurm_run(clean_run):
     out, _ = clean_run
     res = cli(["status", str(out)])

@@ -227,6 +227,18 @@ def test_sbatch_options_edu_filter_sets_itself_are_refused_naming_ours(arg, frag
              "--slurm-partition", "any", "--slurm-arg", arg], *fragments, absent=(out.parent,))
 
 
+def test_paths_the_slurm_job_scripts_cannot_hold_are_refused(files, stock_classifier, tmp_path):
+    """datatrove writes the output path into every job's srun line unquoted: with a space every task of every stage
+    failed ('unrecognized arguments'); a --slurm-venv that does not exist ran the jobs in another environment."""
+    out = tmp_path / "my runs" / "out"
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", "slurm", "--dry-run",
+             "--slurm-partition", "any"], "-o/--output", "unquoted", "' '", absent=(out.parent,))
+    out = files["new"]
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier, "--executor", "slurm", "--slurm-partition",
+             "any", "--slurm-venv", str(tmp_path / "nope" / "activate")], "--slurm-venv", "no such file",
+            absent=(out.parent,))
+
+
 def test_more_than_one_gpu_per_scoring_task_is_refused(files, stock_classifier):
     """A scoring task runs its model on one device: a second GPU would be held and never used."""
     out = files["new"]
