@@ -615,6 +615,8 @@ def run_apply(
                          on_gpu=on_gpu, tasks=tasks, **options)
     if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
         ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
+    elif (Path(cfg.output) / "slurm").is_dir() and ex.slurm_answers():
+        ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
     record = prepare_output(cfg, files, used, overwrite=overwrite)

@@ -163,6 +163,10 @@ def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warnin
                 "down)") in res.stderr
         states = {job["state"] for job in ex.queued_jobs(str(out))}
         assert states == {"PENDING"}, states
+        # a local run into the same folder would rewrite the files the queued jobs will read
+        local = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--threshold", "3", "--tasks", "2",
+                     "-o", str(out)], timeout=300)
+        assert local.returncode == 2 and "still queued or running" in local.stderr, local.stderr[-2000:]
     finally:
         ex.cancel_chain(str(out))
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
