@@ -87,11 +87,13 @@ class StageProgress:
 
     @property
     def docs_per_second(self) -> float:
-        """Documents over the stage's elapsed time so far (to its last completion once finished): reading runs
-        ahead of scoring by at most a window, so this is the stage's throughput, not the reader's."""
+        """Documents over the stage's elapsed time, to the last progress any of its tasks wrote (at most
+        WRITE_EVERY_S behind a running one): reading runs ahead of scoring by at most a window, so this is the
+        stage's throughput. A stage that stopped (failed, killed, waiting on a resume) keeps its rate instead of
+        decaying towards 0, and a copied run folder (file times reset) keeps it too."""
         if not self.attempt_started:
             return 0.0
-        end = self.finished_at if self.finished and self.finished_at else time.time()
+        end = self.updated or (self.finished_at if self.finished else None) or time.time()
         return self.attempt_documents / max(end - self.attempt_started, 1e-3)
 
 

@@ -234,6 +234,8 @@ def test_docs_per_second_after_a_resume_counts_only_the_current_attempt(tmp_path
     stage = read_stage_progress(str(tmp_path), "score", 3)
     assert stage.documents == 3_690_000  # everything read, in either run
     assert stage.attempt_started == day and stage.attempt_documents == 90_000
+    # to the last progress written, not to now: a stage stopped a day ago showed 0.0 docs/s
+    assert stage.docs_per_second == pytest.approx(90_000 / 60)
 
 
 def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
