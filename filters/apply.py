@@ -432,7 +432,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     work, logs, counts = f"{out}/work", f"{out}/logs", f"{out}/logs/counts"
     if cfg.dedup or cfg.exact_dedup:
         check_hashing()
-    if cfg.decontaminate:
+    if cfg.decontaminate and not os.path.exists(f"{out}/stats.json"):  # a finished run: no stage reads it again
         build_decont_index(cfg.decontaminate, f"{work}/decont_index", decont_config())
     minhash, exact = fineweb_minhash_config(), exact_dedup_config()
 
