@@ -445,13 +445,18 @@ def logged_progress(*columns, **options):
     per task every PLAIN_PROGRESS_EVERY seconds and when it completes; rich alone would print nothing until the end."""
     from rich.progress import Progress
 
+    from rich import get_console
+
+    # no terminal: rich draws nothing (it would only print blank lines and the bars at the end); the lines are ours
+    plain = not options.get("disable", False) and not (options.get("console") or get_console()).is_terminal
+
     class LoggedProgress(Progress):
         def __init__(self):
-            super().__init__(*columns, **options)
+            super().__init__(*columns, **{**options, "disable": options.get("disable", False) or plain})
             self._said: dict = {}
 
         def _plain(self) -> bool:
-            return not (self.disable or self.console.is_terminal)
+            return plain
 
         def _say(self, task_id, done: bool) -> None:
             self._said[task_id] = "done" if done else time.monotonic()
