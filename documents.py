@@ -288,13 +288,16 @@ def parquet_rows_or_errors(batch) -> list:
         return rows
 
 
+def one_line(text: str, limit: int = 160) -> str:
+    """One line of at most `limit` characters, cut at a word boundary."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
-    return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {_shorten_error(error)})")
-
-
-def _shorten_error(error: Exception, limit: int = 200) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {one_line(str(error), 200)})")
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:

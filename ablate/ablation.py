@@ -417,7 +417,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
             train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
-                                             cfg.eval_tokens + window, text_field, show=rank == 0)
+                                             cfg.eval_tokens + window, text_field, source, show=rank == 0)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
@@ -497,12 +497,12 @@ def packing_source(path: str, text_field: str) -> str:
 
 
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
-                        val_tokens: int, text_field: str, show: bool):
+                        val_tokens: int, text_field: str, source: str, show: bool):
     """`write_train_val` with a progress bar of the training tokens (10B take hours); a packing killed part-way
-    resumes from its last checkpoint while the input's fingerprint is unchanged."""
+    resumes from its last checkpoint while `source` (`packing_source`: the input's fingerprint and text field) is
+    unchanged."""
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    source = packing_source(path, text_field)
     started, first = time.monotonic(), None
     with logged_progress(TextColumn("[bold]{task.description}"), BarColumn(),
                          TextColumn("{task.completed:,.0f}/{task.total:,.0f} training tokens {task.fields[rate]}"),

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Sequence
 import orjson
 
 from edu_filter.annotate.cache import Answer
-from edu_filter.documents import InputError, RunError
+from edu_filter.documents import InputError, RunError, one_line
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,6 @@ _FATAL_STATUSES = {401: "authentication failed", 403: "permission denied", 404: 
 _OVERFLOW_MESSAGE = re.compile(r"context (?:length|window|size)|maximum context", re.IGNORECASE)
 
 
-def _shorten(text: str, limit: int = 160) -> str:
-    """One line of at most `limit` characters, cut at a word boundary."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0] + " ..."
-
-
 def _first_int(pattern: str, text: str) -> int | None:
     match = re.search(pattern, text, re.IGNORECASE)
     return int(match.group(1)) if match else None
@@ -107,7 +99,7 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
     if isinstance(error, str):
         error = {"message": error}
     if not isinstance(error, dict):
-        return None, _shorten(raw.decode("utf-8", "replace")) or "(empty body)", None
+        return None, one_line(raw.decode("utf-8", "replace")) or "(empty body)", None
     code = error.get("code")
     code = code.strip() if isinstance(code, str) and code.strip() and not code.strip().isdigit() else None
     message = str(error.get("message") or error.get("detail") or raw.decode("utf-8", "replace"))
@@ -127,7 +119,7 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
             or _first_int(r"(\d+) tokens from the input", message)
             or _first_int(r"input \((\d+) tokens\)", message),
         )
-    return code, _shorten(message) or "(empty message)", overflow
+    return code, one_line(message) or "(empty message)", overflow
 
 
 def _model_ids(raw: bytes) -> list[str] | None:
@@ -450,7 +442,7 @@ class OpenAIBackend:
                     try:
                         return self._answer(raw)
                     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                        body_text = _shorten(raw.decode("utf-8", "replace"))
+                        body_text = one_line(raw.decode("utf-8", "replace"))
                         reason = f"bad response: {type(e).__name__} reading {body_text!r}"
                 elif status in _FATAL_STATUSES:
                     raise self._fatal(endpoint.base_url + self.path, status, raw)

@@ -205,7 +205,7 @@ def pin_hub_model(model: str, output: str) -> str:
             recorded = json.loads((Path(output) / "run_config.json").read_text())["settings"]["model"]
         except (OSError, ValueError, KeyError, TypeError):
             recorded = None
-        if isinstance(recorded, str) and split_revision(recorded)[0] == name and split_revision(recorded)[1]:
+        if isinstance(recorded, str) and split_revision(recorded)[0] == name != recorded:  # name@revision
             return recorded
     try:
         return f"{name}@{resolve_model_dir(model).name}"
@@ -596,8 +596,6 @@ def run_apply(
     slurm, ray = slurm or SlurmOptions(), ray or RayOptions()
     if executor == "slurm":
         ex.check_script_path(str(output), "-o/--output")
-        if slurm.venv_path:
-            ex.check_script_path(slurm.venv_path, "--slurm-venv")
         slurm = ex.check_slurm_request(slurm)  # before anything is read or written
     if executor == "ray":
         ex.check_ray_request(ray)

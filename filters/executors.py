@@ -545,6 +545,7 @@ def check_slurm_request(opts):
     if opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     if opts.venv_path:
+        check_script_path(opts.venv_path, "--slurm-venv")
         if not opts.dry_run and not os.path.isfile(opts.venv_path):
             raise InputError(f"--slurm-venv {opts.venv_path}: no such file (give the environment's bin/activate)")
         opts = replace(opts, venv_path=os.path.abspath(opts.venv_path))
