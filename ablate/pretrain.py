@@ -300,7 +300,8 @@ def pretrain(
     eos = tokenizer.eos_token_id
     model_config = LlamaConfig(
         vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attn_implementation="sdpa",
-        **{**cfg.model, "max_position_embeddings": max(T, cfg.model["max_position_embeddings"])},
+        # the context it is trained at, which the evaluations read back: cloze and HumanEval prompts cut to it
+        **{**cfg.model, "max_position_embeddings": T},
     )
     checkpoint = out_dir / "checkpoint"
     if master:

@@ -108,6 +108,15 @@ def test_loss_falls_and_the_run_record_is_complete(corpus, tmp_path):
     assert r["flops_per_token"] == flops_per_token(model, 64)
 
 
+def test_the_saved_model_states_the_context_it_was_trained_at(corpus, tmp_path):
+    """Evaluations cut prompts to the saved context: a model trained on 32-token sequences of a 64-position preset
+    must not be asked about 64 tokens."""
+    run(corpus, tmp_path / "run", seq_len=32)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "run/model").max_position_embeddings == 32
+
+
 def test_interrupted_runs_resume_to_the_same_result(corpus, tmp_path):
     whole = run(corpus, tmp_path / "whole")
     parts = []
