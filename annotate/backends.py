@@ -294,6 +294,11 @@ class OpenAIBackend:
             else:
                 if status == 200:
                     return _model_ids(raw)
+                if status == 404 and self.model is not None:
+                    # some gateways serve completions without a model list: the first request tells whether the
+                    # URL and the name are right (its 404 stops the run as this one would)
+                    self.notes.append(f"{url} answered 404: no model list to check --model {self.model!r} against")
+                    return None
                 if status in _FATAL_STATUSES:
                     raise self._fatal(url, status, raw, at_start=True)
                 if status not in (408, 429) and status < 500:

@@ -106,9 +106,10 @@ def openai_error(message: str, kind: str, code: str | None, status: int) -> web.
 class LLMTestServer:
     def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0, models=("test-model",),
                  own_name: str | None = None, api_key: str | None = None, serial: bool = False,
-                 labels: dict[str, tuple[str, int]] | None = None):
+                 labels: dict[str, tuple[str, int]] | None = None, model_list: bool = True):
         self.delay, self.host, self.port = delay, host, port
         self.labels = labels
+        self.model_list = model_list  # False: /v1/models answers 404, as some gateways do
         self.models = [own_name] if own_name else list(models)
         self.own_name, self.api_key = own_name, api_key
         self.requests: Counter = Counter()  # doc id -> requests received
@@ -141,6 +142,8 @@ class LLMTestServer:
         return await handler(request)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if not self.model_list:
+            return openai_error("Not Found", "NotFoundError", None, 404)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _stats(self, request: web.Request) -> web.Response:

@@ -258,6 +258,23 @@ def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_server_without_a_model_list_scores_with_the_model_named(tmp_path):
+    """Some gateways serve completions but answer 404 to /models: --model is then used as given; without it the
+    run stops before any document, naming the option."""
+    server = LLMTestServer(models=("m",), model_list=False).start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc("a", score=3), doc("b", score=1)])
+        score_documents([str(src)], tmp_path / "o.jsonl", base_url=server.base_url, model="m", **FAST)
+        assert sorted((r["id"], r["score"]) for r in read_jsonl(tmp_path / "o.jsonl")) == [("a", 3), ("b", 1)]
+        with pytest.raises(BackendError, match="404.*--model"):
+            score_documents([str(src)], tmp_path / "none.jsonl", base_url=server.base_url, model=None, **FAST)
+        with pytest.raises(BackendError, match="404"):  # a wrong name still stops the run at its first request
+            score_documents([str(src)], tmp_path / "wrong.jsonl", base_url=server.base_url, model="x", **FAST)
+    finally:
+        server.stop()
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
     """The issue's exact invocation, killed with SIGKILL part-way and started again."""
