@@ -96,6 +96,7 @@ SLURM_KILLS = (
     ("due to preemption", "it was preempted: run the same command again"),
 )
 SUBMITTED_JOBS = "slurm/jobs.json"  # every array job id of the current submission, per stage
+SUBMITTED_ARRAYS = "slurm/arrays.json"  # how the submission's array tasks map to ranks (datatrove's max_array_size)
 
 
 def submitted_jobs(out: str) -> dict[str, list[str]]:
@@ -106,14 +107,38 @@ def submitted_jobs(out: str) -> dict[str, list[str]]:
             for name, ids in jobs.items()}
 
 
+def _incomplete_array_tasks(stage_logs: Path, job_ids: list[str]) -> set[tuple[str, str]] | None:
+    """(array job id, array index) of the submitted array tasks that ran a rank without completing it, as datatrove
+    maps them (index + max_array_size x the job's RUN_OFFSET, into ranks_to_run.json); None when the run folder does
+    not say (written before arrays.json)."""
+    try:
+        arrays = json.loads((stage_logs.parents[1] / SUBMITTED_ARRAYS).read_text())[stage_logs.name]
+        ranks = json.loads((stage_logs / "ranks_to_run.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    done = {p.name for p in (stage_logs / "completions").glob("*")}
+    per_job, size = arrays["tasks_per_job"], arrays["max_array_size"]
+    tasks = set()
+    for slot in range(math.ceil(len(ranks) / per_job)):
+        if any(f"{r:05d}" not in done for r in ranks[slot * per_job:(slot + 1) * per_job]):
+            offset, index = divmod(slot, size)
+            if offset < len(job_ids):
+                tasks.add((job_ids[offset], str(index)))
+    return tasks
+
+
 def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
     """Slurm's own reason for stopping a job of this stage (time limit, memory, node failure, preemption) and the
-    job log that says so, from the logs of the given array jobs only (`%A_%a.out`: the current submission's)."""
+    job log that says so, from the logs of the given array jobs only (`%A_%a.out`: the current submission's), and
+    of those only tasks whose ranks did not complete (a task preempted, requeued and then done says nothing about
+    another one that raised)."""
     folder = stage_logs / "slurm_logs"
     if not job_ids or not folder.is_dir():
         return None
+    incomplete = _incomplete_array_tasks(stage_logs, job_ids)
     for log in sorted(folder.glob("*.out")):
-        if log.name.split("_", 1)[0] not in job_ids:
+        job, _, index = log.stem.partition("_")
+        if job not in job_ids or (incomplete is not None and (job, index) not in incomplete):
             continue
         said = [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
         for marker, meaning in SLURM_KILLS:
@@ -903,6 +928,8 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
     record = Path(out) / SUBMITTED_JOBS
     record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps(jobs, indent=2))
+    (Path(out) / SUBMITTED_ARRAYS).write_text(json.dumps(
+        {name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job} for name, ex in executors}))
     submitted = {n: ",".join(ids) for n, ids in jobs.items() if ids}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)

@@ -333,6 +333,32 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     assert "--slurm-time" in reason and log.name == "79_0.out"
 
 
+def test_slurm_kill_reasons_come_from_tasks_whose_ranks_did_not_complete(tmp_path):
+    """A task preempted, requeued and then done leaves the preemption line in its log; the stage's failure is another
+    task's. Array tasks map to ranks as datatrove maps them: two array jobs of 2 (RUN_OFFSET 0 and 1) over the
+    resumed ranks 3, 5, 6, 9."""
+    from edu_filter.filters.executors import SUBMITTED_ARRAYS, slurm_kill
+
+    stage = tmp_path / "logs" / "score"
+    (stage / "slurm_logs").mkdir(parents=True)
+    (stage / "completions").mkdir()
+    (stage / "ranks_to_run.json").write_text(json.dumps([3, 5, 6, 9]))
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / SUBMITTED_ARRAYS).write_text(json.dumps({"score": {"max_array_size": 2, "tasks_per_job": 1}}))
+    for rank in (3, 5, 9):
+        (stage / "completions" / f"{rank:05d}").touch()
+    (stage / "slurm_logs" / "90_1.out").write_text(  # rank 5: preempted, requeued, completed
+        "slurmstepd: error: *** JOB 91 ON n1 CANCELLED AT 2026-12-04T10:00:00 DUE TO PREEMPTION ***\nINFO done\n")
+    assert slurm_kill(stage, ["90", "91"]) is None  # rank 6 (job 91, index 0) raised: its own log says why
+    (stage / "slurm_logs" / "91_1.out").write_text(  # rank 9, completed
+        "slurmstepd: error: *** JOB 93 ON n1 CANCELLED AT 2026-12-04T11:00:00 DUE TO TIME LIMIT ***\n")
+    assert slurm_kill(stage, ["90", "91"]) is None
+    (stage / "slurm_logs" / "91_0.out").write_text(  # rank 6
+        "slurmstepd: error: Detected 1 oom_kill event in StepId=92.batch.\n")
+    reason, log = slurm_kill(stage, ["90", "91"])
+    assert "--slurm-mem-gb" in reason and log.name == "91_0.out"
+
+
 def test_submitted_jobs_reads_lists_and_the_one_id_per_stage_of_older_run_folders(tmp_path):
     from edu_filter.filters.executors import submitted_jobs
 
