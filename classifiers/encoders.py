@@ -67,12 +67,18 @@ IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 32, 1 << 16  # sampled across each weigh
 
 
 def encoder_identity(name_or_path: str) -> str:
-    """A stable id of an encoder's weights, for the embedding cache: the name; for a local folder, each weights file's
-    size, first MiB (the header and embeddings) and 32 blocks spread over the rest, so that an encoder trained on
-    in place (every layer's weights change, the first MiB maybe not) does not reuse the old one's vectors."""
+    """A stable id of an encoder's weights, for the embedding cache: for a hub name, the name and the commit its
+    files come from (a repository updated since must not serve the old vectors); for a local folder, each weights
+    file's size, first MiB (the header and embeddings) and 32 blocks spread over the rest, so that an encoder trained
+    on in place (every layer's weights change, the first MiB maybe not) does not reuse the old one's vectors."""
     path = Path(name_or_path)
     if not path.is_dir():
-        return name_or_path
+        from edu_filter.classifiers.scorer import resolve_model_dir, split_revision
+
+        try:
+            return f"{split_revision(name_or_path)[0]}@{resolve_model_dir(name_or_path).name}"
+        except ValueError:  # the loading that follows says why it cannot be had
+            return name_or_path
     digest = hashlib.sha1(str(path.resolve()).encode())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         size = weights.stat().st_size

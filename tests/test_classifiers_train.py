@@ -459,6 +459,26 @@ def test_an_encoder_trained_in_place_does_not_reuse_the_old_ones_cached_vectors(
     assert encoder_identity(str(folder)) != before
 
 
+def test_a_hub_encoder_updated_since_does_not_reuse_the_old_commits_vectors(tmp_path, minilm_path, monkeypatch):
+    """A hub encoder was keyed by its name alone: after the repository moved on, the cache served the vectors of
+    the old weights. The key names the commit the cached files come from (hub cache layout, read offline)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from edu_filter.classifiers.encoders import encoder_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--edu--encoder"
+    (repo / "refs").mkdir(parents=True)
+    for commit in ("1" * 40, "2" * 40):
+        shutil.copytree(minilm_path, repo / "snapshots" / commit)
+        (repo / "refs" / "main").write_text(commit)
+        assert encoder_identity("edu/encoder") == f"edu/encoder@{commit}"
+    assert encoder_identity("edu/not-cached") == "edu/not-cached"
+
+
 def test_validation_metrics_take_no_cut_point_from_the_validation_labels(tmp_path, minilm_path, embedding_cache_dir):
     """Cut points fitted on the rows they then score report an F1 no new document gets. The same model and
     validation texts with the labels shuffled among them must give the same integer scores in the metrics (the
