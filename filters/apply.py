@@ -422,7 +422,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         KeptParquetWriter,
         RankFileReader,
         RecordWriter,
-        parquet_field_types,
+        input_field_types,
     )
     from edu_filter.filters.minhash import FastMinhashSignature
     from edu_filter.filters.report import WriteApplyStats
@@ -505,7 +505,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     kept = [KeptParquetWriter(f"{out}/kept", counts_folder=counts, misfits=CountedJsonlWriter(
         f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/kept_${rank}.jsonl.gz", "failed-kept"),
-        field_types=parquet_field_types(files, cfg.text_field, cfg.id_field))]
+        field_types=input_field_types(files, cfg.text_field, cfg.id_field))]
     deduplicating = cfg.dedup or cfg.exact_dedup
     if not deduplicating or cfg.order == "dedup-first":
         if cfg.keep_top is None:

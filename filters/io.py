@@ -444,29 +444,64 @@ def _settled(t: pa.DataType) -> bool:
     return True
 
 
-def parquet_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) -> dict[str, pa.DataType]:
-    """The types of the first Parquet input's fields, under the names kept rows give them (an input's own `score`
-    as `input_score`...), where the type survives the files between stages (`_json_safe`): a field that is null (or
-    only empty lists) throughout a kept file's first batch takes its type from here, so that every kept file of a
-    Parquet corpus types it alike and the files load as one dataset. Empty when no input is Parquet."""
+FIELD_TYPE_SAMPLE_ROWS = 10_000  # rows of the first JSONL input that type its fields for every kept Parquet file
+
+
+def input_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) -> dict[str, pa.DataType]:
+    """The input's field types under the names kept rows give them (an input's own `score` as `input_score`...),
+    where the type survives the files between stages (`_json_safe`): a field that is null (or only empty lists)
+    throughout a kept file's first batch takes its type from here, so that every kept file types it alike and the
+    files load as one dataset. From the first Parquet input's schema, else from the values of the first JSONL input's
+    first FIELD_TYPE_SAMPLE_ROWS rows (a field of mixed or no types there gets no hint)."""
     import pyarrow.parquet as pq
 
     first = next(((folder, name) for folder, name in files if name.lower().endswith(PARQUET_SUFFIXES)), None)
-    if first is None:
-        return {}
     try:
-        with get_datafolder(first[0]).open(first[1], "rb") as fh:
-            schema = pq.read_schema(fh)
+        if first is not None:
+            with get_datafolder(first[0]).open(first[1], "rb") as fh:
+                found = {f.name: _plain_names(f.type) for f in pq.read_schema(fh)}
+        elif files:
+            found = _jsonl_field_types(*files[0])
+        else:
+            return {}
     except Exception:  # noqa: BLE001 - an unreadable file is the reader's to report, with its row
         return {}
     types = {}
-    for f in schema:
-        if f.name in (text_key, id_key):
+    for name, t in found.items():
+        if name in (text_key, id_key) or not _json_safe(t):
             continue
-        kept_as_is = f.name not in (*PIPELINE_OWNED, *RECORD_OWNED) or (
-            f.name == "token_count" and pa.types.is_integer(f.type))
-        if _json_safe(f.type):
-            types[f.name if kept_as_is else f"input_{f.name}"] = _plain_names(f.type)
+        kept_as_is = name not in (*PIPELINE_OWNED, *RECORD_OWNED) or (name == "token_count" and pa.types.is_integer(t))
+        types[name if kept_as_is else f"input_{name}"] = t
+    return types
+
+
+def _jsonl_field_types(folder: str, name: str) -> dict[str, pa.DataType]:
+    values: dict[str, list] = {}
+    with get_datafolder(folder).open(name, "rb") as raw:
+        fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
+        rows = 0
+        for line in fh:
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            for key in values.keys() - row.keys():
+                values[key].append(None)
+            for key, value in row.items():
+                values.setdefault(key, [None] * rows).append(value)
+            rows += 1
+            if rows == FIELD_TYPE_SAMPLE_ROWS:
+                break
+    types = {}
+    for key, column in values.items():
+        try:
+            t = pa.array(column).type
+        except NOT_ARROW_TYPED:
+            continue
+        if _settled(t):
+            types[key] = t
     return types
 
 
@@ -527,7 +562,7 @@ class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):
         self._files = {}
         self._schemas: dict[str, pa.Schema] = {}
         self.misfits = misfits
-        self.field_types = field_types or {}  # see parquet_field_types
+        self.field_types = field_types or {}  # see input_field_types
         self.count_into("kept", counts_folder, "kept")
 
     def _write(self, document: dict, file_handler, filename: str):

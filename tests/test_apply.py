@@ -588,6 +588,31 @@ def test_kept_files_of_a_parquet_corpus_load_as_one_dataset(stock_classifier, tm
     assert kept.height == 16 and kept["stars"].null_count() == 8
 
 
+def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_path):
+    """The same for JSONL inputs, typed by the values of the first input's first rows: a field null throughout one
+    task's first kept batch became a string column (JSON text) there and int64 in the other task's file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")]
+    rows = [r for r in rows if len(r["text"].split()) >= 100][:16]
+    data = tmp_path / "data"
+    data.mkdir()
+    for k, part in enumerate((rows[:8], rows[8:])):
+        (data / f"part-{k}.jsonl").write_bytes(b"".join(orjson.dumps(
+            {"id": r["id"], "text": r["text"], "stars": None if k else 10 + i,
+             "meta": None if k else {"lang": "en", "year": 2024}}) + b"\n" for i, r in enumerate(part)))
+    out = tmp_path / "out"
+    stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, show=False)
+    assert stats["adds_up"] and not (out / "failed").exists()
+    schemas = [pq.read_schema(f) for f in sorted((out / "kept").glob("*.parquet"))]
+    assert len(schemas) == 2
+    assert [s.field("stars").type for s in schemas] == [pa.int64()] * 2
+    assert [s.field("meta").type for s in schemas] == [pa.struct([("lang", pa.string()), ("year", pa.int64())])] * 2
+    kept = pl.read_parquet(out / "kept" / "*.parquet")
+    assert kept.height == 16 and kept["stars"].null_count() == 8
+
+
 def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_classifier, tmp_path):
     """A hub classifier updated between the Slurm jobs of one chain, or before a resume, would score part of the
     corpus with other weights. The run records ORG/NAME@COMMIT (its files now) and its tasks load that commit's files
