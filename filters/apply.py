@@ -417,6 +417,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     )
     from edu_filter.filters.io import (
         ApplyInputReader,
+        ClearUnfinishedAttempt,
         CountedJsonlWriter,
         InputErrorFilter,
         KeptParquetWriter,
@@ -532,6 +533,10 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     stages.append(Stage("report", [WriteApplyStats(out, cfg.result_settings(), keep_work=cfg.keep_work,
                                                    extra_folder=f"{logs}/extra", provenance_inputs=provenance_inputs,
                                                    command=command_line())], 1))
+    for stage in stages:
+        clear = ClearUnfinishedAttempt(stage.pipeline, counts)
+        if clear.targets or clear.count_names:
+            stage.pipeline.insert(0, clear)
     return stages
 
 

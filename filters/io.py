@@ -10,6 +10,7 @@ An input that already has `score`/`int_score` (an LLM annotation), `filter_reaso
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import decimal
 import gzip
@@ -22,9 +23,11 @@ import orjson
 import pyarrow as pa
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseReader
 from datatrove.pipeline.readers.jsonl import JsonlReader
+from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
@@ -397,6 +400,49 @@ class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
 
     def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz"):
         super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+
+
+class ClearUnfinishedAttempt(PipelineStep):
+    """The first step of a stage: deletes what an unfinished attempt of this task left under its own names (the
+    files of the stage's writers, their counts). A task runs only when it has not completed, and its rerun need not
+    write to every destination the killed attempt did (a score flipped at the cut on other hardware, nothing left
+    below the threshold): such a file would hold documents that now end elsewhere, its counts would be added twice,
+    and a Parquet file torn by the kill in kept/ breaks loading the whole folder."""
+
+    name = "🧹 clear an unfinished attempt"
+    type = "🔧 - UTILS"
+
+    def __init__(self, steps: list, counts_folder: str | None = None):
+        super().__init__()
+        writers = [w for step in steps for w in (step, getattr(step, "exclusion_writer", None),
+                                                 getattr(step, "misfits", None)) if isinstance(w, DiskWriter)]
+        # (folder, file name template, whether datatrove numbers the files: 000_${rank}.parquet)
+        self.targets = [(w.output_folder, w.output_filename.template, w.max_file_size > 0) for w in writers]
+        self.counts_folder = counts_folder
+        self.count_names = sorted({w.counts_name for w in writers if getattr(w, "counts_folder", None)}
+                                  | ({"in"} if any(getattr(s, "counts_folder", None) for s in steps
+                                                   if isinstance(s, ApplyInputReader)) else set()))
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import string
+
+        for folder, template, numbered in self.targets:
+            pattern = string.Template(template).safe_substitute(rank=f"{rank:05d}", filter_reason="*")
+            head, base = posixpath.split(pattern)
+            patterns = [pattern] + ([posixpath.join(head, f"[0-9][0-9][0-9]_{base}")] if numbered else [])
+            for name in {f for p in patterns for f in folder.glob(p)}:  # (list_files would match *00003.jsonl.gz)
+                folder.rm(name)
+                self.stat_update("stale_files_removed")
+                if posixpath.dirname(name):  # failed/<reason>/ goes with its last file (rmdir: only if empty)
+                    with contextlib.suppress(OSError, NotImplementedError):  # another task's file is there
+                        folder.rmdir(posixpath.dirname(name))
+        if self.counts_folder is not None:
+            counts = get_datafolder(self.counts_folder)
+            for name in self.count_names:
+                if counts.exists(f"{name}/{rank:05d}.json"):
+                    counts.rm(f"{name}/{rank:05d}.json")
+        if data:
+            yield from data
 
 
 def _as_column(values: list, target: pa.DataType) -> pa.Array:

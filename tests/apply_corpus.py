@@ -105,10 +105,11 @@ def rerun_gives_the_clean_result(cli_tasks4, out: Path, args: list[str], env: di
     return res.stderr
 
 
-def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None) -> None:
+def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env: dict | None = None,
+                                   between=None) -> None:
     """Runs the fixture's command into `out` (with `extra` options and `env`), SIGKILLs its whole process group once
-    a scoring task has completed and before all have, reruns it, and checks it ends with what the fixture's clean run
-    wrote."""
+    a scoring task has completed and before all have, calls `between(out, incomplete ranks)`, reruns it, and checks
+    it ends with what the fixture's clean run wrote."""
     args = fixture_args_into(cli_tasks4, out) + extra
     proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # with Ray, an instance it starts shares the group
@@ -119,6 +120,8 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    if between is not None:
+        between(out, [r for r in range(4) if not (completions / f"{r:05d}").exists()])
     stderr = rerun_gives_the_clean_result(cli_tasks4, out, args, env)
     if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
         assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in stderr, stderr[-3000:]

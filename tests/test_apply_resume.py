@@ -49,6 +49,32 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rerun_task_clears_what_its_killed_attempt_wrote_where_the_rerun_writes_nothing(cli_tasks4, tmp_path):
+    """A rerun task need not write to every destination its killed attempt did (a score flipped at the cut on other
+    hardware; a first kept batch typed otherwise): those files would keep documents that now end elsewhere, their
+    counts would be added in, and a Parquet file torn by the kill breaks loading kept/. Here each killed task's
+    attempt also left a torn second kept file, a schema-mismatch record and its counts; the rerun clears them."""
+    import gzip
+
+    import orjson
+
+    def leftovers(out: Path, ranks: list[int]) -> None:
+        assert ranks
+        for r in ranks:
+            (out / "kept").mkdir(exist_ok=True)
+            (out / "kept" / f"001_{r:05d}.parquet").write_bytes(b"PAR1 torn by the kill")
+            failed = out / "failed" / "schema_mismatch"
+            failed.mkdir(parents=True, exist_ok=True)
+            with gzip.open(failed / f"kept_{r:05d}.jsonl.gz", "wb") as fh:
+                fh.write(orjson.dumps({"id": f"stale-{r}", "text": "x", "filter_reason": "schema_mismatch"}) + b"\n")
+            counts = out / "logs" / "counts" / "failed-kept"
+            counts.mkdir(parents=True, exist_ok=True)
+            (counts / f"{r:05d}.json").write_text(json.dumps({"failed/schema_mismatch": [1, 1]}))
+
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [], between=leftovers)
+
+
+@pytest.mark.slow
 def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives_the_clean_result(cli_tasks4,
                                                                                                   tmp_path):
     """The kernel's out-of-memory killer takes one process: a local worker in the middle of a scoring task. The
