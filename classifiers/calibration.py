@@ -15,8 +15,10 @@ ROUND_CUTS = tuple(t - 0.5 for t in SCORES[1:])  # 0.5, 1.5, ..., 4.5
 
 
 def to_int_scores(values) -> np.ndarray:
-    """Labels or raw scores rounded and clipped onto the integer scale (np.int64)."""
-    return np.clip(np.rint(np.asarray(values, dtype=np.float64)), MIN_SCORE, MAX_SCORE).astype(np.int64)
+    """Labels or raw scores rounded and clipped onto the integer scale (np.int64); a half rounds up (2.5 -> 3), as
+    the round-and-clip cut points read it (`score >= 2.5` is 3), so a label averaged over two annotators and a raw
+    score equal to it get the same integer score (np.rint's half-to-even made 2.5 a 2 and 3.5 a 4)."""
+    return np.clip(np.floor(np.asarray(values, dtype=np.float64) + 0.5), MIN_SCORE, MAX_SCORE).astype(np.int64)
 
 
 def apply_cut_points(scores: np.ndarray, cut_points) -> np.ndarray:

@@ -107,3 +107,11 @@ def test_a_fractional_label_counts_as_its_integer_score_in_every_metric_and_cut(
     fractional = np.where(scores > 0.8, 2.6, 1.2)  # 2.6 is a 3: the cut for 3 falls near 0.8, not at the default 2.5
     cuts = fit_cut_points(scores, fractional, min_positives=5)
     assert 0.7 < cuts[2] < 0.9
+
+
+def test_a_half_label_rounds_as_the_cut_points_read_a_raw_score_equal_to_it():
+    """Labels averaged over two annotators sit on halves: np.rint made 2.5 a 2 and 3.5 a 4 while the round-and-clip
+    cut points read a raw 2.5 as 3, so a model predicting every label exactly scored 0.75 accuracy."""
+    labels = np.array([0.5, 1.5, 2.5, 3.5, 4.5])
+    metrics = compute_metrics(labels, labels, apply_cut_points(labels, ROUND_CUTS))
+    assert metrics["accuracy"] == 1.0 and metrics["binary_f1_at_3"] == 1.0 and metrics["binary_f1_at_4"] == 1.0
