@@ -463,12 +463,15 @@ def sweep(
                                    help=f"Comma-separated int_score thresholds to compare ({SCORE_RANGE})."),
     label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
     positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
+    weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows "
+                                     "carry them (shares and P/R/F1 then estimate the pool); none ignores them."),
 ):
     """Retention (docs, tokens) per threshold, score histogram, retention curve; P/R/F1 when labels exist."""
     from edu_filter.filters.sweep import run_sweep
 
     cuts = parse_ints(thresholds, "--thresholds", low=MIN_SCORE, high=MAX_SCORE)
-    run_sweep(scored, output, thresholds=cuts, label_field=label_field, positive_threshold=positive_threshold)
+    run_sweep(scored, output, thresholds=cuts, label_field=label_field, positive_threshold=positive_threshold,
+              weight_field=None if weight_field.lower() == "none" else weight_field)
 
 
 @command()

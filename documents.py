@@ -15,7 +15,7 @@ import math
 import os
 import random
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,12 +300,14 @@ def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
     return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {one_line(str(error), 200)})")
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file."""
+def _iter_parquet(path: str, columns: Callable[[list[str]], list[str]] | None = None) -> Iterator[tuple[int, dict]]:
+    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file; with `columns`
+    (the file's column names -> those to read), only those columns are read."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            chosen = columns(parquet.schema_arrow.names) if columns else None
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=chosen):
                 for row in parquet_rows_or_errors(batch):
                     lineno += 1
                     if isinstance(row, Exception):
@@ -348,12 +350,13 @@ def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
         yield i, dict(row)
 
 
-def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """(line or row number, row) pairs of one file, without any field checks."""
+def iter_raw_rows(path: str, columns: Callable[[list[str]], list[str]] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line or row number, row) pairs of one file, without any field checks; `columns` chooses the columns a
+    Parquet file is read for (the others are not read: a text column is most of a corpus's bytes)."""
     if is_hub_path(path):
         return _iter_hub(path)
     if _has_suffix(path, PARQUET_SUFFIXES):
-        return _iter_parquet(path)
+        return _iter_parquet(path, columns)
     return _iter_jsonl(path)
 
 

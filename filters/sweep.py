@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,14 @@ from edu_filter.documents import (
     InputError,
     check_writable_output,
     expand_paths,
+    _progress,
     in_score_range,
     iter_raw_rows,
 )
+from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
-LABEL_FIELDS = ("input_score", "label")  # where `apply` keeps an input's own score, and the generic name
+LABEL_FIELDS = ("input_score", "label")
+N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)  # where `apply` keeps an input's own score, and the generic name
 
 
 def is_apply_output(path: str | Path) -> bool:
@@ -51,47 +55,138 @@ def sweep_inputs(paths: list[str]) -> list[str]:
     return resolved
 
 
-def load_scored(paths: list[str], label_field: str | None = None) -> dict[str, np.ndarray]:
-    """score, int_score, tokens (token_count, else whitespace words) and label (NaN when absent) per document.
+SCORE_FIELDS = ("score", "int_score", "token_count", "metadata")  # read from every file; the text only without counts
+CHUNK_ROWS = 65_536  # rows summarised at a time
+
+
+@dataclass
+class ScoredSummary:
+    """All that `sweep` reports about any number of scored documents, in memory that does not grow with them:
+    documents and tokens per int_score, the lowest score of each int_score, a fixed-bin score histogram (the
+    1e-4 bins of `--keep-top`) and, for labelled rows, the (int_score, label) matrix. Shares, histogram and matrix
+    are weighted by inclusion weights when the rows carry them (a `score --select active` sample), so they estimate
+    the pool the sample was drawn from."""
+
+    documents: int = 0
+    token_unit: str = "tokens"
+    weight_field: str | None = None  # set when the rows carried weights
+    docs: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORES), np.int64))
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORES), np.int64))
+    weighted_docs: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORES)))
+    weighted_tokens: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORES)))
+    lowest: np.ndarray = field(default_factory=lambda: np.full(len(SCORES), np.inf))
+    hist_docs: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS))
+    hist_tokens: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS))
+    score_min: float = math.inf
+    score_max: float = -math.inf
+    labelled: int = 0
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((len(SCORES), len(SCORES))))
+
+    def add(self, score: np.ndarray, ints: np.ndarray, tokens: np.ndarray, label: np.ndarray, weight: np.ndarray):
+        ints = np.clip(ints, MIN_SCORE, MAX_SCORE)
+        n = len(SCORES)
+        self.documents += len(score)
+        self.docs += np.bincount(ints, minlength=n)
+        self.tokens += np.bincount(ints, weights=tokens, minlength=n).astype(np.int64)
+        self.weighted_docs += np.bincount(ints, weights=weight, minlength=n)
+        self.weighted_tokens += np.bincount(ints, weights=weight * tokens, minlength=n)
+        np.minimum.at(self.lowest, ints, score)
+        bins = score_bins(score)
+        self.hist_docs += np.bincount(bins, weights=weight, minlength=N_BINS)
+        self.hist_tokens += np.bincount(bins, weights=weight * tokens, minlength=N_BINS)
+        self.score_min, self.score_max = min(self.score_min, float(score.min())), max(self.score_max, float(score.max()))
+        has = ~np.isnan(label)
+        self.labelled += int(has.sum())
+        if has.any():
+            np.add.at(self.confusion, (ints[has], to_int_scores(label[has])), weight[has])
+
+
+def load_scored(paths: list[str], label_field: str | None = None, weight_field: str | None = "weight",
+                show: bool = False) -> ScoredSummary:
+    """The summary of scored documents (apply output folders, scored JSONL/Parquet), read a chunk at a time; from
+    Parquet only the columns it needs (not the text, where token counts are there). Tokens are `token_count`, or
+    whitespace words when no row has one (a mix of the two units is refused).
 
     A `label_field` named explicitly must be present in the data (else DocumentError naming the fields there are);
-    labels must lie on the 0-5 scale."""
-    scores, ints, tokens, labels = [], [], [], []
-    token_unit = "tokens"
+    labels must lie on the 0-5 scale. Weights (`weight_field`, when any row has it) must be on every row."""
+    wanted = [*SCORE_FIELDS, *([label_field] if label_field else LABEL_FIELDS), *([weight_field] if weight_field
+                                                                                   else [])]
+    summary = ScoredSummary()
+    chunk: list[tuple] = []
     fields_seen: set[str] = set()
-    for path in expand_paths(sweep_inputs(paths)):
-        for lineno, row in iter_raw_rows(path):
-            meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
-            row = {**meta, **row}
-            if len(fields_seen) < 200:
-                fields_seen.update(k for k in row if k != "metadata")
-            if row.get("score") is None or row.get("int_score") is None:
-                raise DocumentError(f"{path}:{lineno}: no score/int_score; run `edu-filter apply` first")
-            scores.append(float(row["score"]))
-            ints.append(int(row["int_score"]))
-            if row.get("token_count") is not None:
-                tokens.append(int(row["token_count"]))
-            else:
-                token_unit = "words"
-                tokens.append(len(str(row.get("text", "")).split()))
-            field = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
-            label = row.get(field) if field else None
-            if label is not None:
-                try:
-                    label = float(label)
-                except (TypeError, ValueError):
-                    label = math.nan
-                if not in_score_range(label):  # NaN fails too
-                    raise DocumentError(f"{path}:{lineno}: label field '{field}' is {row.get(field)!r}, not a "
-                                        f"number on the {SCORE_RANGE} scale")
-            labels.append(np.nan if label is None else label)
-    if not scores:
+    counted = {True: None, False: None}  # a row with / without token_count: where first seen
+    weighted = {True: None, False: None}
+    files = expand_paths(sweep_inputs(paths))
+    with _progress(show) as progress:
+        task = progress.add_task("reading scores", total=len(files))
+        for path in files:
+            rows = iter_raw_rows(path, columns=lambda names: [c for c in wanted if c in names] + (
+                ["text"] if "token_count" not in names and "text" in names else []))
+            for lineno, row in rows:
+                meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+                row = {**meta, **row}
+                if len(fields_seen) < 200:
+                    fields_seen.update(k for k in row if k != "metadata")
+                chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
+                if len(chunk) == CHUNK_ROWS:
+                    summary.add(*_columns(chunk))
+                    chunk = []
+            progress.advance(task)
+    if chunk:
+        summary.add(*_columns(chunk))
+    if not summary.documents:
         raise DocumentError(f"no scored documents in {', '.join(map(str, paths))}")
     if label_field is not None and label_field not in fields_seen:
         raise DocumentError(f"--label-field {label_field!r}: no such field in {', '.join(map(str, paths))} (fields: "
                             f"{', '.join(sorted(fields_seen))})")
-    return {"score": np.asarray(scores, np.float32), "int_score": np.asarray(ints, np.int64),
-            "tokens": np.asarray(tokens, np.int64), "label": np.asarray(labels, np.float64), "token_unit": token_unit}
+    if counted[True] and counted[False]:
+        raise DocumentError(f"some rows have a token_count ({counted[True]}) and some do not ({counted[False]}): "
+                            "their tokens and words cannot be added up; sweep files of one kind at a time")
+    if weighted[True] and weighted[False]:
+        raise InputError(f"some rows have inclusion weights in '{weight_field}' ({weighted[True]}) and some do not "
+                         f"({weighted[False]}): weights must be on every row or none (--weight-field none ignores "
+                         "them)")
+    summary.token_unit = "words" if counted[False] else "tokens"
+    summary.weight_field = weight_field if weighted[True] else None
+    return summary
+
+
+def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, weight_field: str | None,
+                    counted: dict, weighted: dict) -> tuple:
+    """(score, int_score, tokens, label or NaN, weight) of one row, checked."""
+    where = f"{path}:{lineno}"
+    if row.get("score") is None or row.get("int_score") is None:
+        raise DocumentError(f"{where}: no score/int_score; run `edu-filter apply` first")
+    has_count = row.get("token_count") is not None
+    counted[has_count] = counted[has_count] or where
+    tokens = int(row["token_count"]) if has_count else len(str(row.get("text", "")).split())
+    field_name = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
+    label = row.get(field_name) if field_name else None
+    if label is not None:
+        try:
+            label = float(label)
+        except (TypeError, ValueError):
+            label = math.nan
+        if not in_score_range(label):  # NaN fails too
+            raise DocumentError(f"{where}: label field '{field_name}' is {row.get(field_name)!r}, not a number on "
+                                f"the {SCORE_RANGE} scale")
+    weight = row.get(weight_field) if weight_field else None
+    weighted[weight is not None] = weighted[weight is not None] or where
+    if weight is not None:
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise InputError(f"{where}: '{weight_field}' is {row.get(weight_field)!r}: inclusion weights must be "
+                             "positive numbers")
+    return float(row["score"]), int(row["int_score"]), tokens, math.nan if label is None else label, weight or 1.0
+
+
+def _columns(chunk: list[tuple]) -> tuple[np.ndarray, ...]:
+    score, ints, tokens, label, weight = zip(*chunk)
+    return (np.asarray(score, np.float64), np.asarray(ints, np.int64), np.asarray(tokens, np.float64),
+            np.asarray(label, np.float64), np.asarray(weight, np.float64))
 
 
 def model_cut_points(paths: list[str]) -> tuple[list[float] | None, str | None]:
@@ -127,45 +222,47 @@ def _model_file(model: str, name: str) -> Path | None:
     local = Path(model) / name
     if local.is_file():
         return local
-    if Path(model).exists() or model.count("/") != 1:
+    from edu_filter.classifiers.scorer import split_revision
+
+    repo, revision = split_revision(model)  # apply records a hub model pinned: ORG/NAME@COMMIT
+    if Path(model).exists() or repo.count("/") != 1:
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, name)
+        cached = try_to_load_from_cache(repo, name, revision=revision)
     except Exception:  # noqa: BLE001 - not a valid repo id: no cut points to draw
         return None
     return Path(cached) if isinstance(cached, str) else None
 
 
-def data_cut_points(data: dict) -> list[float]:
+def data_cut_points(summary: ScoredSummary) -> list[float]:
     """Cut points as the data shows them: for t = 1..5 the lowest score with int_score >= t (NaN when none)."""
-    cuts = []
-    for t in SCORES[1:]:
-        above = data["score"][data["int_score"] >= t]
-        cuts.append(float(above.min()) if above.size else math.nan)
-    return cuts
+    return [float(v) if math.isfinite(v) else math.nan for v in np.minimum.accumulate(summary.lowest[::-1])[::-1][1:]]
 
 
-def retention_table(data: dict, thresholds: list[int], positive_threshold: int = 3) -> list[dict]:
-    from sklearn.metrics import precision_recall_fscore_support
-
-    n_tokens = max(1, int(data["tokens"].sum()))
-    labelled = ~np.isnan(data["label"])
+def retention_table(summary: ScoredSummary, thresholds: list[int], positive_threshold: int = 3) -> list[dict]:
+    """Documents and tokens kept at each int_score threshold (shares weighted when the rows carry weights) and, with
+    labels, precision, recall and F1 of "int_score >= t" against "label >= positive_threshold" (None where
+    undefined: no document kept, or no labelled positive; a 0 would read as a model missing every positive)."""
+    total_docs, total_tokens = summary.weighted_docs.sum(), max(summary.weighted_tokens.sum(), 1e-12)
     rows = []
     for t in thresholds:
-        keep = data["int_score"] >= t
         row = {
             "threshold": t,
-            "documents": int(keep.sum()),
-            "documents_pct": 100 * float(keep.mean()),
-            "tokens": int(data["tokens"][keep].sum()),
-            "tokens_pct": 100 * float(data["tokens"][keep].sum()) / n_tokens,
+            "documents": int(summary.docs[t:].sum()),
+            "documents_pct": 100 * float(summary.weighted_docs[t:].sum() / total_docs),
+            "tokens": int(summary.tokens[t:].sum()),
+            "tokens_pct": 100 * float(summary.weighted_tokens[t:].sum() / total_tokens),
         }
-        if labelled.any():
-            truth = to_int_scores(data["label"][labelled]) >= positive_threshold  # a label counts as its int score
-            p, r, f, _ = precision_recall_fscore_support(truth, keep[labelled], average="binary", zero_division=0)
-            row |= {"precision": float(p), "recall": float(r), "f1": float(f)}
+        if summary.labelled:
+            kept, positive = summary.confusion[t:, :], summary.confusion[:, positive_threshold:]
+            tp = float(summary.confusion[t:, positive_threshold:].sum())
+            precision = tp / kept.sum() if kept.sum() > 0 else None
+            recall = tp / positive.sum() if positive.sum() > 0 else None
+            f1 = (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0) if (
+                precision is not None and recall is not None) else None
+            row |= {"precision": precision, "recall": recall, "f1": f1}
         rows.append(row)
     return rows
 
@@ -175,20 +272,24 @@ def threshold_positions(rows: list[dict], cuts: list[float], low: float) -> list
     return [low if r["threshold"] <= MIN_SCORE else cuts[r["threshold"] - 1] for r in rows]
 
 
-def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: int = 3,
+def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_threshold: int = 3,
                cut_points: list[float] | None = None, cuts_from: str | None = None) -> list[Path]:
     """Score histogram with the cut points, and retention against the score cutoff with every threshold drawn at its
     cut point; `cut_points` are the model's (from `cuts_from`), else the boundaries the data shows."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
-    cuts = list(cut_points) if cut_points is not None else data_cut_points(data)
+    cuts = list(cut_points) if cut_points is not None else data_cut_points(summary)
     where = f"int_score cut points of {Path(cuts_from).name}" if cuts_from else "int_score boundaries in the data"
+    weighted = f", weighted by '{summary.weight_field}'" if summary.weight_field else ""
+    filled = np.flatnonzero(summary.hist_docs)  # the 1e-4 bins holding documents, low to high
+    edges = np.array([max(bin_low_edge(b), summary.score_min) for b in filled])
     paths = []
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    low = min(float(data["score"].min()), MIN_SCORE - 0.5)
-    high = max(float(data["score"].max()), MAX_SCORE + 0.5)
-    ax.hist(data["score"], bins=np.linspace(low, high, 61), color="#4878a8", edgecolor="white")
+    low = min(summary.score_min, MIN_SCORE - 0.5)
+    high = max(summary.score_max, MAX_SCORE + 0.5)
+    ax.hist(edges, bins=np.linspace(low, high, 61), weights=summary.hist_docs[filled], color="#4878a8",
+            edgecolor="white")
     for t, c in enumerate(cuts, start=1):
         if math.isfinite(c):
             ax.axvline(c, color="#c44e52", lw=0.8, ls=":", label=where if t == 1 else None)
@@ -196,7 +297,7 @@ def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: i
                         textcoords="offset points", fontsize=8, color="#c44e52")
     ax.set_xlabel("classifier score (int_score t from the dotted line t)")
     ax.set_ylabel("documents")
-    ax.set_title(f"Score distribution ({len(data['score']):,} documents)")
+    ax.set_title(f"Score distribution ({summary.documents:,} documents{weighted})")
     if any(math.isfinite(c) for c in cuts):
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
@@ -205,12 +306,12 @@ def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: i
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    order = np.argsort(-data["score"], kind="stable")
-    ranked = data["score"][order]
-    ax.plot(ranked, 100 * np.arange(1, len(ranked) + 1) / len(ranked), label="documents with score >= x")
-    ax.plot(ranked, 100 * np.cumsum(data["tokens"][order]) / max(1, data["tokens"].sum()),
-            label=f"{data['token_unit']} with score >= x")
-    xs = threshold_positions(rows, cuts, float(ranked[-1]))
+    down = filled[::-1]  # high to low: the share with score >= each bin's low edge
+    ax.plot(edges[::-1], 100 * np.cumsum(summary.hist_docs[down]) / summary.hist_docs.sum(),
+            label="documents with score >= x")
+    ax.plot(edges[::-1], 100 * np.cumsum(summary.hist_tokens[down]) / max(summary.hist_tokens.sum(), 1e-12),
+            label=f"{summary.token_unit} with score >= x")
+    xs = threshold_positions(rows, cuts, summary.score_min)
     shown = [(x, r) for x, r in zip(xs, rows) if math.isfinite(x)]
     ax.plot([x for x, _ in shown], [r["documents_pct"] for _, r in shown], "o", color="black",
             label=f"int_score >= t, at cut point t ({where})")
@@ -218,12 +319,13 @@ def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: i
         ax.annotate(f">={r['threshold']}", (x, r["documents_pct"]), xytext=(4, 4), textcoords="offset points",
                     fontsize=8)
     if "f1" in rows[0]:
-        ax.plot([x for x, _ in shown], [100 * r["f1"] for _, r in shown], "s--", color="#c44e52",
+        f1 = [(x, r["f1"]) for x, r in shown if r["f1"] is not None]
+        ax.plot([x for x, _ in f1], [100 * v for _, v in f1], "s--", color="#c44e52",
                 label=f"F1 of int_score >= t vs label >= {positive_threshold} (x100)")
     ax.set_xlabel("classifier score cutoff x")
     ax.set_ylabel("% kept")
     ax.set_ylim(0, 102)
-    ax.set_title("Retention vs score cutoff")
+    ax.set_title(f"Retention vs score cutoff{weighted}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -233,7 +335,8 @@ def plot_sweep(data: dict, rows: list[dict], output: Path, positive_threshold: i
 
 
 def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None = None,
-              label_field: str | None = None, positive_threshold: int = 3, show: bool = True) -> dict:
+              label_field: str | None = None, positive_threshold: int = 3, weight_field: str | None = "weight",
+              show: bool = True) -> dict:
     """Writes `sweep.json`, `retention.csv`, `score_histogram.png` and `retention_curve.png` into `output`.
 
     Options and the output folder are checked, and the data read, before the folder is created."""
@@ -248,25 +351,27 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
         raise InputError(f"--positive-threshold must be in {SCORE_RANGE}, got {positive_threshold}")
     output = Path(output)
     check_writable_output(output, "-o/--output")
-    data = load_scored(paths, label_field)
+    summary = load_scored(paths, label_field, weight_field, show=show)
     cut_points, cuts_from = model_cut_points(paths)
-    rows = retention_table(data, thresholds, positive_threshold)
+    rows = retention_table(summary, thresholds, positive_threshold)
     output.mkdir(parents=True, exist_ok=True)
-    plots = plot_sweep(data, rows, output, positive_threshold, cut_points, cuts_from)
+    plots = plot_sweep(summary, rows, output, positive_threshold, cut_points, cuts_from)
 
     columns = list(rows[0])
     (output / "retention.csv").write_text(
-        "\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]) + "\n"
+        "\n".join([",".join(columns)] + [",".join("" if r[c] is None else str(r[c]) for c in columns)
+                                         for r in rows]) + "\n"
     )
-    result = {"documents": len(data["score"]), "token_unit": data["token_unit"],
-              "labelled": int((~np.isnan(data["label"])).sum()), "positive_threshold": positive_threshold,
-              "cut_points": cut_points if cut_points is not None else data_cut_points(data),
+    result = {"documents": summary.documents, "token_unit": summary.token_unit, "labelled": summary.labelled,
+              "weight_field": summary.weight_field, "positive_threshold": positive_threshold,
+              "cut_points": cut_points if cut_points is not None else data_cut_points(summary),
               "cut_points_from": f"model {cuts_from}" if cuts_from else "data",
               "rows": rows, "plots": [str(p) for p in plots]}
     (output / "sweep.json").write_text(json.dumps(_json_safe(result), indent=2))
 
-    table = Table(title=f"Retention by threshold ({result['documents']:,} documents)")
-    headers = ["int_score >=", "documents", "%", data["token_unit"], "%"]
+    weighted = f"; shares and P/R/F1 weighted by '{summary.weight_field}'" if summary.weight_field else ""
+    table = Table(title=f"Retention by threshold ({result['documents']:,} documents{weighted})")
+    headers = ["int_score >=", "documents", "%", summary.token_unit, "%"]
     if "f1" in rows[0]:
         headers += [f"precision (label>={positive_threshold})", "recall", "F1"]
     for h in headers:
@@ -275,7 +380,7 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
         cells = [str(r["threshold"]), f"{r['documents']:,}", f"{r['documents_pct']:.1f}", f"{r['tokens']:,}",
                  f"{r['tokens_pct']:.1f}"]
         if "f1" in r:
-            cells += [f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}"]
+            cells += ["n/a" if r[k] is None else f"{r[k]:.3f}" for k in ("precision", "recall", "f1")]
         table.add_row(*cells)
     Console(quiet=not show).print(table)
     return result

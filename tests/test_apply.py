@@ -206,9 +206,10 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
             executor = dill.load(fh)
         return executor.world_size, [type(s).__name__ for s in executor.pipeline]
 
-    assert pipeline("score") == (8, ["ApplyInputReader", "InputErrorFilter", "CountTokens", "EduClassifierScorer",
-                                     "ScoreThresholdFilter", "RecordWriter"])
-    assert pipeline("filter") == (8, ["RankFileReader", "MinhashDedupFilter", "KeptParquetWriter"])
+    assert pipeline("score") == (8, ["ClearUnfinishedAttempt", "ApplyInputReader", "InputErrorFilter", "CountTokens",
+                                     "EduClassifierScorer", "ScoreThresholdFilter", "RecordWriter"])
+    assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
+                                      "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
 
 

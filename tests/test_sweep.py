@@ -136,3 +136,68 @@ def test_a_label_field_not_in_the_data_is_refused_and_nothing_is_written(tmp_pat
     assert not (tmp_path / "out").exists()
     rows = run_sweep([str(path)], tmp_path / "out", label_field="input_score", show=False)["rows"]
     assert "f1" in rows[0]
+
+
+def test_inclusion_weights_make_shares_and_f1_those_of_the_replicated_sample(tmp_path):
+    """An actively chosen sample over-represents high scores; its weights undo that. sweep ignored them, so its
+    keep share and precision were those of the biased sample (evaluate and train use them)."""
+    rows = scored_rows(300, seed=1)
+    rng = np.random.default_rng(2)
+    for r in rows:
+        r["weight"] = int(rng.integers(1, 4))
+    weighted = run_sweep([str(write_jsonl(tmp_path / "w.jsonl", rows))], tmp_path / "w", show=False)
+    replicated = [dict(r, id=f"{r['id']}-{k}") for r in rows for k in range(r.pop("weight"))]
+    plain = run_sweep([str(write_jsonl(tmp_path / "r.jsonl", replicated))], tmp_path / "r", show=False)
+    assert weighted["weight_field"] == "weight" and plain["weight_field"] is None
+    for w, p in zip(weighted["rows"], plain["rows"]):
+        for key in ("documents_pct", "tokens_pct", "precision", "recall", "f1"):
+            assert w[key] == pytest.approx(p[key])
+    assert weighted["rows"][3]["documents"] == sum(r["int_score"] >= 3 for r in rows)  # counts stay counts
+    ignored = run_sweep([str(tmp_path / "w.jsonl")], tmp_path / "i", weight_field=None, show=False)
+    assert ignored["weight_field"] is None and ignored["rows"][3]["documents_pct"] != weighted["rows"][3]["documents_pct"]
+
+
+def test_undefined_precision_and_recall_are_null_not_zero(tmp_path):
+    rows = [dict(r, input_score=min(r["input_score"], 2), int_score=min(r["int_score"], 4))  # no label reaches 3,
+            for r in scored_rows(60)]                                                        # no int_score 5
+    result = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "o", show=False)
+    assert all(r["recall"] is None and r["f1"] is None for r in result["rows"])
+    assert result["rows"][5]["documents"] == 0 and result["rows"][5]["precision"] is None  # nothing kept
+    assert result["rows"][0]["precision"] == 0.0  # documents kept, none of them positive
+    saved = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert saved["rows"][0]["recall"] is None
+
+
+def test_rows_with_and_without_token_counts_are_not_added_up(tmp_path):
+    rows = scored_rows(20)
+    for r in rows[10:]:
+        del r["token_count"]
+    with pytest.raises(DocumentError, match=r"some rows have a token_count \(.*s.jsonl:1\) and some do not "
+                                            r"\(.*s.jsonl:11\)"):
+        run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "o", show=False)
+
+
+def test_parquet_is_summed_as_jsonl_is(tmp_path):
+    import polars as pl
+
+    rows = scored_rows(500, seed=3)
+    pl.DataFrame(rows).write_parquet(tmp_path / "s.parquet")
+    parquet = run_sweep([str(tmp_path / "s.parquet")], tmp_path / "p", show=False)
+    jsonl = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "j", show=False)
+    assert parquet["rows"] == jsonl["rows"] and parquet["cut_points"] == jsonl["cut_points"]
+
+
+def test_a_pinned_hub_models_cut_points_are_read_from_the_hub_cache(tmp_path, monkeypatch):
+    """apply records a hub model as ORG/NAME@COMMIT; sweep looked it up unpinned and fell back to the data's cuts."""
+    from huggingface_hub import constants
+
+    commit, cuts = "3" * 40, [0.9, 1.8, 2.2, 3.1, 4.0]
+    snapshot = tmp_path / "hub" / "models--edu--clf" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"cut_points": cuts}))
+    (tmp_path / "hub" / "models--edu--clf" / "refs").mkdir()
+    (tmp_path / "hub" / "models--edu--clf" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = fake_apply_output(tmp_path, scored_rows(50), f"edu/clf@{commit}")
+    result = run_sweep([str(out)], tmp_path / "sw", show=False)
+    assert result["cut_points"] == cuts and result["cut_points_from"] == f"model edu/clf@{commit}"
