@@ -453,13 +453,30 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
         return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v, default=json_value,
                                                                                    option=JSON_OPTIONS).decode()
                          for v in values], target)
-    inferred = pa.array(values)
+    try:
+        inferred = _inferred_array(values)
+    except OverflowError:  # a uint64 inside a list or struct: as the target, if that changes no value
+        exact = pa.array(values, target)
+        if exact.to_pylist() != values:
+            raise
+        return exact
     if inferred.type == target or not _settled(inferred.type):  # nulls, empty lists: they fit any list
         return inferred.cast(target)
     numbers = (pa.types.is_integer, pa.types.is_floating)
     if any(f(inferred.type) for f in numbers) and any(f(target) for f in numbers):
         return inferred.cast(target, safe=True)  # 2.0 into int64 fits, 1.5 does not
     raise pa.ArrowInvalid(f"{inferred.type} values")
+
+
+def _inferred_array(values: list) -> pa.Array:
+    """pa.array(values), where whole numbers at or above 2**63 (a uint64 hash column) make a uint64 array instead of
+    an OverflowError."""
+    try:
+        return pa.array(values)
+    except OverflowError:
+        if all(v is None or (type(v) is int and v >= 0) for v in values):
+            return pa.array(values, pa.uint64())
+        raise
 
 
 def _storable(t: pa.DataType) -> bool:
@@ -491,6 +508,7 @@ def _settled(t: pa.DataType) -> bool:
 
 
 FIELD_TYPE_SAMPLE_ROWS = 10_000  # rows of the first JSONL input that type its fields for every kept Parquet file
+FIELD_TYPE_SAMPLE_BYTES = 256 << 20  # or fewer rows, where they are long documents
 
 
 def input_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) -> dict[str, pa.DataType]:
@@ -507,7 +525,7 @@ def input_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) 
             with get_datafolder(first[0]).open(first[1], "rb") as fh:
                 found = {f.name: _plain_names(f.type) for f in pq.read_schema(fh)}
         elif files:
-            found = _jsonl_field_types(*files[0])
+            found = _jsonl_field_types(*files[0], skip=(text_key, id_key))
         else:
             return {}
     except Exception:  # noqa: BLE001 - an unreadable file is the reader's to report, with its row
@@ -521,29 +539,34 @@ def input_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) 
     return types
 
 
-def _jsonl_field_types(folder: str, name: str) -> dict[str, pa.DataType]:
+def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[str, pa.DataType]:
+    """The types of the first rows' values, but the `skip` fields (the text: book-length documents would hold GBs);
+    FIELD_TYPE_SAMPLE_ROWS rows, or fewer where they hold more than FIELD_TYPE_SAMPLE_BYTES."""
     values: dict[str, list] = {}
     with get_datafolder(folder).open(name, "rb") as raw:
         fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
-        rows = 0
+        rows = read = 0
         for line in fh:
+            read += len(line)
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
             if not isinstance(row, dict):
                 continue
+            for key in skip:
+                row.pop(key, None)
             for key in values.keys() - row.keys():
                 values[key].append(None)
             for key, value in row.items():
                 values.setdefault(key, [None] * rows).append(value)
             rows += 1
-            if rows == FIELD_TYPE_SAMPLE_ROWS:
+            if rows == FIELD_TYPE_SAMPLE_ROWS or read > FIELD_TYPE_SAMPLE_BYTES:
                 break
     types = {}
     for key, column in values.items():
         try:
-            t = pa.array(column).type
+            t = _inferred_array(column).type
         except NOT_ARROW_TYPED:
             continue
         if _settled(t):
@@ -582,7 +605,7 @@ def _first_schema(rows: list[dict], field_types: dict[str, pa.DataType] | None =
     fields = []
     for name in names:
         try:
-            inferred = pa.array([r.get(name) for r in rows]).type
+            inferred = _inferred_array([r.get(name) for r in rows]).type
         except NOT_ARROW_TYPED:
             inferred = pa.null()  # mixed types: stored as JSON text
         if not _settled(inferred) and field_types and name in field_types and _settled(field_types[name]):

@@ -589,6 +589,29 @@ def test_kept_files_of_a_parquet_corpus_load_as_one_dataset(stock_classifier, tm
     assert kept.height == 16 and kept["stars"].null_count() == 8
 
 
+def test_a_uint64_column_is_kept_whole(stock_classifier, tmp_path):
+    """A hash column stored as uint64 (values at or above 2**63): Python ints that big do not infer as int64, and
+    every such row went to failed/schema_mismatch (half the documents of a random hash)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:24]
+    hashes = [2**64 - 1 - i if i % 2 else i for i in range(24)]
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows],
+                             "content_hash": pa.array(hashes, pa.uint64()),
+                             "parts": pa.array([[h] for h in hashes], pa.list_(pa.uint64()))}), tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps({"id": r["id"], "text": r["text"], "content_hash": h})
+                                                 + b"\n" for r, h in zip(rows, hashes)))
+    for source in ("in.parquet", "in.jsonl"):
+        out = tmp_path / f"out-{source}"
+        stats = run_apply([str(tmp_path / source)], str(out), model=stock_classifier, threshold=0, dedup=False,
+                          show=False)
+        assert stats["adds_up"] and not (out / "failed").exists(), source
+        kept = pl.read_parquet(out / "kept" / "*.parquet")
+        assert sorted(kept["content_hash"].to_list()) == sorted(hashes), source
+        assert pq.read_schema(next((out / "kept").glob("*.parquet"))).field("content_hash").type == pa.uint64()
+
+
 def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_path):
     """The same for JSONL inputs, typed by the values of the first input's first rows: a field null throughout one
     task's first kept batch became a string column (JSON text) there and int64 in the other task's file."""
