@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -26,8 +27,11 @@ import orjson
 if TYPE_CHECKING:
     import numpy as np
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
-FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet")  # not .json: folders hold metrics.json & co.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+# not .json: folders hold metrics.json & co.; .json.gz is JSON Lines in C4 and Dolma
+FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz", ".parquet")
+# data in a compression no reader here takes: in a folder, refused rather than skipped (a run would add up without it)
+UNREADABLE_DATA = re.compile(r"\.(jsonl|json|ndjson|parquet)\.(zst|zstd|bz2|xz|lz4|lzma|br|snappy)$", re.IGNORECASE)
 PARQUET_SUFFIXES = (".parquet",)
 FILE_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 HUB_PREFIX = "hf://datasets/"
@@ -119,11 +123,19 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     are relative to the folder; hidden files and folders (`.cache/` of a hub download, `.ipynb_checkpoints/`) are
     skipped, as the hub's `datasets` does and as provenance leaves them out of the fingerprint that tells a changed
     input."""
-    data = [n for n in names if _has_suffix(n, FOLDER_SUFFIXES)]
-    found = sorted(n for n in data if not any(part.startswith(".") for part in n.split("/")))
+    names = list(names)
+    visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
+    unreadable = sorted(n for n in visible if UNREADABLE_DATA.search(n))
+    if unreadable:
+        raise DocumentError(f"{folder}: {unreadable[0]}{f' and {len(unreadable) - 1} more' if len(unreadable) > 1 else ''}"
+                            f" cannot be read here (compression: {UNREADABLE_DATA.search(unreadable[0]).group(2)}); "
+                            "recompress as .jsonl.gz, or give the other files by name")
+    found = sorted(n for n in visible if _has_suffix(n, FOLDER_SUFFIXES))
     if not found:
+        data = [n for n in names if _has_suffix(n, FOLDER_SUFFIXES)]
         hidden = f" (only hidden ones, skipped: {data[0]}{', ...' * (len(data) > 1)})" if data else ""
-        raise DocumentError(f"{folder}: folder contains no .jsonl, .jsonl.gz, .ndjson or .parquet files{hidden}")
+        raise DocumentError(f"{folder}: folder contains no .jsonl(.gz), .json.gz, .ndjson(.gz) or .parquet files"
+                            f"{hidden}")
     return found
 
 
@@ -131,7 +143,7 @@ def check_data_file(path: str) -> None:
     """A file named directly may also be plain .json; anything else is an error naming it."""
     if not _has_suffix(path, FILE_SUFFIXES):
         raise DocumentError(
-            f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .ndjson or .parquet)"
+            f"{path}: unsupported file type (expected .jsonl, .json or .ndjson, each optionally .gz, or .parquet)"
         )
 
 

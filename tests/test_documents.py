@@ -247,3 +247,25 @@ def test_one_score_scale_for_every_check():
     assert SCORES == (MIN_SCORE, 1, 2, 3, 4, MAX_SCORE) == (0, 1, 2, 3, 4, 5)
     assert parse_score("Educational score: 5")[0] == 5 and parse_score("Educational score: 6")[0] is None
     assert issubclass(DocumentError, InputError) and not issubclass(RunError, ValueError)
+
+
+def test_folders_read_gzipped_json_lines_and_refuse_compressions_no_reader_takes(tmp_path):
+    """C4 and Dolma ship JSON Lines as .json.gz: a folder's .json.gz, .ndjson.gz and .jsonl.zst files were skipped
+    without a word, and apply's counts added up without them."""
+    import gzip
+
+    from edu_filter.filters.io import expand_inputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, doc_id in (("c4-00000.json.gz", "c4"), ("part.ndjson.gz", "nd"), ("a.jsonl", "a")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(data / name, "wt") as fh:
+            fh.write(f'{{"id": "{doc_id}", "text": "t"}}\n')
+    (data / "metrics.json").write_text("{}")  # not data: a folder's plain .json is left alone
+    assert sorted(r["id"] for r in read_documents([data])) == ["a", "c4", "nd"]
+    assert [name for _, name in expand_inputs([str(data)])] == ["a.jsonl", "c4-00000.json.gz", "part.ndjson.gz"]
+    (data / "dolma-0001.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    for read in (lambda: read_documents([data]), lambda: expand_inputs([str(data)])):
+        with pytest.raises(DocumentError, match=r"dolma-0001\.jsonl\.zst cannot be read here \(compression: zst\)"):
+            read()
