@@ -593,6 +593,11 @@ def run_apply(
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
     check_writable_output(output, "-o/--output")
     check_output_apart([str(i) for i in inputs], str(output))
+    glob_chars = sorted(set(os.path.abspath(output)) & set("*?[]"))
+    if glob_chars:  # datatrove and fsspec find a stage's files by glob patterns that start with the output path
+        raise InputError(f"-o/--output {os.path.abspath(output)}: holds {' '.join(map(repr, glob_chars))}, which file "
+                         "patterns under it would read as wildcards (the counts of a run found nothing); use another "
+                         "name")
     from edu_filter import provenance
 
     if push_to_hub:

@@ -239,6 +239,14 @@ def test_paths_the_slurm_job_scripts_cannot_hold_are_refused(files, stock_classi
             absent=(out.parent,))
 
 
+def test_an_output_path_file_patterns_would_misread_is_refused(files, stock_classifier, tmp_path):
+    """The stages find their files by glob patterns under the output: `run[1]` matched nothing, and the run
+    reported 0 documents in and out as adding up (the documents were on disk)."""
+    out = tmp_path / "runs" / "run[1]"
+    refused(["apply", WEB_VAL, "-o", out, "--model", stock_classifier], "-o/--output", "'['", "wildcards",
+            absent=(out.parent,))
+
+
 def test_more_than_one_gpu_per_scoring_task_is_refused(files, stock_classifier):
     """A scoring task runs its model on one device: a second GPU would be held and never used."""
     out = files["new"]
