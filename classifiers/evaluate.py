@@ -36,9 +36,10 @@ def evaluate_model(
     metrics then estimate the model's quality on the pool the sample was drawn from, not on the sample, which holds
     several times the pool's share of high scores."""
     from edu_filter.classifiers.device import torch_threads
-    from edu_filter.classifiers.scorer import load_scorer
+    from edu_filter.classifiers.scorer import load_scorer, refuse_transformer_options
 
     check_model_name(model, "MODEL")
+    refuse_transformer_options(model, dtype=dtype, long_docs=long_docs, batch_size=batch_size)
     if report is not None:
         check_writable_output(report, "--report")
     rows = read_documents(data, label_field=label_field, require_label=True)

@@ -31,6 +31,7 @@ from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
 from edu_filter.classifiers.device import default_device
 from edu_filter.classifiers.encoders import SequenceFramer, pad_batch, prepare_tokenizer
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
+from edu_filter.documents import InputError
 
 LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -131,6 +132,22 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated", category=UserWarning)
         return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
+    """The scoring options a fastText model has no use for (see `load_scorer`), given for one: refused by name
+    rather than ignored (`--dtype int8` would read as a quantised run)."""
+    named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if not named:
+        return
+    try:
+        folder = resolve_model_dir(model)
+    except ValueError:  # loading it says why
+        return
+    if (folder / FASTTEXT_CONFIG).exists():
+        raise InputError(f"{', '.join(named)} {'is an option' if len(named) == 1 else 'are options'} of transformer "
+                         f"classifiers; {model} is a fastText model, which reads whole documents on a CPU: leave "
+                         f"{'it' if len(named) == 1 else 'them'} out")
 
 
 def load_scorer(

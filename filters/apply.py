@@ -279,8 +279,9 @@ def resolve_config(
         check_hub_model(model)
         model = pin_hub_model(model, output)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
-    from edu_filter.classifiers.scorer import check_dtype, check_long_docs
+    from edu_filter.classifiers.scorer import check_dtype, check_long_docs, refuse_transformer_options
 
+    refuse_transformer_options(model, **{k: kwargs.get(k) for k in ("dtype", "max_length", "long_docs", "batch_size")})
     check_dtype(kwargs.get("dtype"))
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])

@@ -266,6 +266,14 @@ def test_bad_data_leaves_no_ablation_folder(files):
             "sequence", absent=(out.parent,))
 
 
+def test_transformer_scoring_options_given_for_a_fasttext_model_are_refused(files, fasttext_model):
+    """fastText reads whole documents on a CPU: `--dtype int8` or `--max-length 8` were recorded and ignored."""
+    out = files["new"]
+    refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--dtype", "int8", "--max-length", "8"],
+            "--dtype, --max-length are options of transformer classifiers", "fastText", absent=(out.parent,))
+    refused(["evaluate", str(fasttext_model), str(CODE_LABELS), "--batch-size", "3"], "--batch-size is an option")
+
+
 def test_lineage_and_status_of_nothing(files):
     refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
     refused(["status", files["tmp"] / "nothing"], "nothing")
