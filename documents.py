@@ -405,6 +405,8 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
         raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
     doc = dict(row)
     doc["text"] = text
+    if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document
+        raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is missing")
     doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{Path(path).name}:{lineno}")
     if label_field is not None:
         label = row.get(label_field)

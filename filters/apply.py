@@ -541,6 +541,21 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     return stages
 
 
+def check_named_fields(files: list[tuple[str, str]], text_field: str, id_field: str) -> None:
+    """A --text-field (or a --id-field other than `id`) that no row of the first input has is a typo, not a corpus
+    of rows without text: every document would go to failed/no_text, or be named by its line."""
+    from edu_filter.filters.io import first_input_fields
+
+    seen = first_input_fields(files)
+    if seen is None:
+        return
+    where, names = seen
+    for option, name in (("--text-field", text_field), ("--id-field", id_field if id_field != "id" else None)):
+        if name is not None and names and name not in names:
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise DocumentError(f"{option} {name!r}: no such field in {where} (fields: {shown})")
+
+
 # The command-line names of each executor's options, to say which were given for another executor.
 SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-partition", "time": "--slurm-time",
                "cpus_per_task": "--slurm-cpus", "mem_gb": "--slurm-mem-gb", "gpus_per_task": "--slurm-gpus",
@@ -616,6 +631,7 @@ def run_apply(
     local = [os.path.join(folder, name) for folder, name in files if "://" not in folder]
     if len(local) == len(files) and all(os.path.getsize(f) == 0 for f in local):
         raise DocumentError(f"the input is empty ({', '.join(map(str, inputs))})")
+    check_named_fields(files, options.get("text_field") or "text", options.get("id_field") or "id")
     if executor == "ray":  # connected before the order is chosen: it depends on whether the cluster has GPUs
         ex.connect_ray(ray, verbose=verbose)
     on_gpu = ex.scoring_on_gpu(executor, slurm)

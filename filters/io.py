@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import decimal
 import gzip
+import itertools
 import os
 import posixpath
 import zlib
@@ -537,6 +538,32 @@ def input_field_types(files: list[tuple[str, str]], text_key: str, id_key: str) 
         kept_as_is = name not in (*PIPELINE_OWNED, *RECORD_OWNED) or (name == "token_count" and pa.types.is_integer(t))
         types[name if kept_as_is else f"input_{name}"] = t
     return types
+
+
+def first_input_fields(files: list[tuple[str, str]], rows: int = 1000) -> tuple[str, list[str]] | None:
+    """The first input file and its field names: a Parquet file's columns, or the keys of a JSONL file's first `rows`
+    rows; None when it cannot be read (the reader reports that, with its row)."""
+    import pyarrow.parquet as pq
+
+    if not files:
+        return None
+    folder, name = files[0]
+    names: dict[str, None] = {}
+    try:
+        with get_datafolder(folder).open(name, "rb") as raw:
+            if name.lower().endswith(PARQUET_SUFFIXES):
+                names = dict.fromkeys(pq.read_schema(raw).names)
+            else:
+                fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
+                for line in itertools.islice(fh, rows):
+                    try:
+                        row = orjson.loads(line)
+                    except orjson.JSONDecodeError:  # failed/ takes it; the other rows tell the fields
+                        continue
+                    names |= dict.fromkeys(row) if isinstance(row, dict) else {}
+    except Exception:  # noqa: BLE001
+        return None
+    return posixpath.join(folder, name), list(names)
 
 
 def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[str, pa.DataType]:

@@ -274,6 +274,18 @@ def test_transformer_scoring_options_given_for_a_fasttext_model_are_refused(file
     refused(["evaluate", str(fasttext_model), str(CODE_LABELS), "--batch-size", "3"], "--batch-size is an option")
 
 
+def test_a_field_option_naming_no_field_of_the_input_is_refused(files, fasttext_model):
+    """`--text-field body` sent every document to failed/no_text and exited 0; `score --id-field doc_id` named
+    every document by its line, so the labels no longer joined the pool."""
+    out = files["new"]
+    refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--text-field", "body"],
+            "--text-field 'body': no such field in", "fields: ", absent=(out.parent,))
+    refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--id-field", "doc_id"],
+            "--id-field 'doc_id'", absent=(out.parent,))
+    refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--id-field", "doc_id"],
+            ":1: id field 'doc_id' is missing", absent=(out.parent,))
+
+
 def test_lineage_and_status_of_nothing(files):
     refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
     refused(["status", files["tmp"] / "nothing"], "nothing")
