@@ -38,8 +38,10 @@ from edu_filter.ablate.pretrain import (
     preparation_barrier,
     pretrain,
 )
+from edu_filter.ablate.cloze import load_cloze
+from edu_filter.ablate.humaneval import load_problems
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
-from edu_filter.documents import InputError, check_writable_output
+from edu_filter.documents import InputError, check_writable_output, expand_paths
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
 SIGNIFICANCE_RULE = (
@@ -123,6 +125,12 @@ def ablate(
             raise InputError(f"--override {key}={parsed_overrides[key]}: give {option} instead")
     cfg = PretrainConfig.from_preset(preset, parsed_overrides, tokens=tokens, seed=seed, **extra)
     rank, _, world = init_distributed()
+    cfg.check_batches(world)
+    # every input read after training is read now too: a bad one found then cost the whole training
+    for path in {**datasets, **references}.values():
+        expand_paths([path])
+    cloze_questions = {c: load_cloze(path) for c, path in cloze_sets.items()}
+    problems = load_problems(limit=humaneval_limit) if humaneval else None
 
     # --- tokenizer (first process), then token files (one dataset per process, in turn); the others wait -------------
     wait = preparation_barrier()
@@ -176,13 +184,13 @@ def ablate(
             if humaneval or cloze_sets:
                 model = _load_final_model(run_folder(out, name, record["config"]["seed"], seeds) / "model")
             if humaneval:
-                from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
+                from edu_filter.ablate.humaneval import evaluate_humaneval
 
-                record["humaneval"] = evaluate_humaneval(model, tok, load_problems(limit=humaneval_limit))
+                record["humaneval"] = evaluate_humaneval(model, tok, problems)
             if cloze_sets:
-                from edu_filter.ablate.cloze import load_cloze, score_cloze
+                from edu_filter.ablate.cloze import score_cloze
 
-                record["cloze"] = {c: score_cloze(model, tok, load_cloze(path)) for c, path in cloze_sets.items()}
+                record["cloze"] = {c: score_cloze(model, tok, questions) for c, questions in cloze_questions.items()}
 
     runs = {name: combine_seeds(recs) for name, recs in records.items() if recs}
     complete = not stopped and all(len(records[name]) == seeds for name in datasets)

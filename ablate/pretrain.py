@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
+from edu_filter.documents import InputError
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -57,12 +58,30 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
-# LlamaConfig fields an override may set (everything else in PretrainConfig is a training field).
+# LlamaConfig fields an override may set, with their types (everything else in PretrainConfig is a training field).
 MODEL_FIELDS = {
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-    "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+    "hidden_size": "int", "intermediate_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int",
+    "num_key_value_heads": "int", "head_dim": "int", "hidden_act": "str", "max_position_embeddings": "int",
+    "initializer_range": "float", "rms_norm_eps": "float", "tie_word_embeddings": "bool", "rope_parameters": "dict",
+    "attention_bias": "bool", "attention_dropout": "float", "mlp_bias": "bool",
 }
+CHOICES = {"schedule": ("wsd", "cosine"), "dtype": ("auto", "bf16", "fp32")}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+
+
+def check_override(key: str, value, expected: str) -> None:
+    """An override's value of the field's type (`expected`: "int", "float | None"...) and, where a field has a few
+    choices, one of them: found before any work (`lr=abc` failed after packing, `schedule=foo` after training)."""
+    kinds = [k.strip() for k in expected.split("|")]
+    fits = (value is None and "None" in kinds) or any(
+        isinstance(value, _TYPES[k]) and not (k != "bool" and isinstance(value, bool)) for k in kinds if k in _TYPES)
+    if not fits:
+        words = {"None": "null", "int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+                 "dict": "a JSON object"}
+        wanted = " or ".join(words.get(k, k) for k in kinds)
+        raise InputError(f"--override {key}={json.dumps(value)}: {key} takes {wanted}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise InputError(f"--override {key}={value}: {key} is one of {', '.join(CHOICES[key])}")
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets; half the "with sparsity" figures), for MFU. Matched by whole words
 # against torch.cuda.get_device_name(), longest name first (`peak_bf16_flops`).
@@ -109,10 +128,13 @@ class PretrainConfig:
         model = dict(PRESETS[preset]["model"])
         train = {**PRESETS[preset]["train"], **kwargs}
         train_fields = {f.name for f in fields(cls)} - {"preset", "model"}
+        annotations = {f.name: f.type for f in fields(cls)}
         for key, value in (overrides or {}).items():
             if key in MODEL_FIELDS:
+                check_override(key, value, MODEL_FIELDS[key])
                 model[key] = value
             elif key in train_fields:
+                check_override(key, value, annotations[key])
                 train[key] = value
             else:
                 raise ValueError(
@@ -124,6 +146,15 @@ class PretrainConfig:
     @property
     def context(self) -> int:
         return self.seq_len or self.model["max_position_embeddings"]
+
+    def check_batches(self, world: int = 1) -> None:
+        """An optimizer step splits into whole micro-batches on every process, and the run holds at least one."""
+        T, B = self.context, self.micro_batch_size
+        if self.batch_tokens % (B * T * world):
+            raise InputError(f"batch_tokens={self.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
+                             f"world_size = {B} * {T} * {world}")
+        if self.tokens // self.batch_tokens < 1:
+            raise InputError(f"tokens={self.tokens} is less than one optimizer step of {self.batch_tokens} tokens")
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether training on `device` is compiled: `compile`, or when unset, on a GPU."""
@@ -283,13 +314,9 @@ def pretrain(
 
     # --- data: every run of an ablation sees the same number of tokens --------------------------------------------
     T, B = cfg.context, cfg.micro_batch_size
-    if cfg.batch_tokens % (B * T * world):
-        raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
-                         f"world_size = {B} * {T} * {world}")
+    cfg.check_batches(world)
     grad_accum = cfg.batch_tokens // (B * T * world)
     total_steps = cfg.tokens // cfg.batch_tokens
-    if total_steps < 1:
-        raise ValueError(f"tokens={cfg.tokens} is less than one optimizer step of {cfg.batch_tokens} tokens")
     train_data = PackedTokens(train_path, T, seed=cfg.seed)
     eval_data = {name: PackedTokens(path, T) for name, path in eval_paths.items()}
     eval_every = cfg.eval_every or math.ceil(total_steps / 4)

@@ -286,6 +286,25 @@ def test_a_field_option_naming_no_field_of_the_input_is_refused(files, fasttext_
             ":1: id field 'doc_id' is missing", absent=(out.parent,))
 
 
+def test_ablate_refuses_bad_evaluation_inputs_and_overrides_before_any_work(files):
+    """A missing --cloze or --eval file was found after packing and training (and the trained runs were removed
+    with the half-made folder); `lr=abc` failed after packing with a traceback, `schedule=foo` after training."""
+    out, data = files["new"], f"web={WEB_VAL}"
+    base = ["ablate", "--data", data, "-o", out, "--tokens", "2048"]
+    refused([*base, "--cloze", "arc=" + str(files["tmp"] / "nope.jsonl")], "nope.jsonl: no such file or folder",
+            absent=(out.parent,))
+    refused([*base, "--eval", "ref=" + str(files["tmp"] / "nope.jsonl")], "nope.jsonl: no such file or folder",
+            absent=(out.parent,))
+    bad_cloze = write_jsonl(files["tmp"] / "cloze.jsonl", [{"context": "x", "choices": [" a", " b"], "gold": 2}])
+    refused([*base, "--cloze", f"arc={bad_cloze}"], "cloze.jsonl:1: 'gold' must be an index", absent=(out.parent,))
+    for override, said in (("lr=abc", "--override lr=\"abc\": lr takes a number"),
+                           ("schedule=foo", "schedule is one of wsd, cosine"),
+                           ("compile=maybe", "compile takes true or false or null"),
+                           ("hidden_size=1.5", "hidden_size takes a whole number"),
+                           ("batch_tokens=1000", "is not a multiple of micro_batch_size")):
+        refused([*base, "--override", override], said, absent=(out.parent,))
+
+
 def test_lineage_and_status_of_nothing(files):
     refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
     refused(["status", files["tmp"] / "nothing"], "nothing")
