@@ -15,6 +15,7 @@ import math
 import os
 import re
 import random
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,10 @@ def check_writable_output(path: str | os.PathLike, what: str = "--output") -> No
         raise InputError(f"{what} {text}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{what} {text}: cannot be created, {parent} is not writable (permission denied)")
+    try:  # permissions do not tell for root, a read-only mount or /proc: a folder made and removed at once does
+        os.rmdir(tempfile.mkdtemp(prefix=".edu-filter-probe-", dir=parent))
+    except OSError as e:
+        raise InputError(f"{what} {text}: cannot be created in {parent} ({e.strerror or e})") from None
 
 
 def bundled_data(relative: str = "") -> Path:

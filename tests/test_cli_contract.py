@@ -96,6 +96,16 @@ def test_read_only_parent_folder_is_refused(command, files):
         locked.chmod(0o755)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_folder_where_nothing_can_be_created_is_refused_even_for_root(command, files, stock_classifier):
+    """Permissions say yes to root in /proc (or on a read-only mount): train and evaluate did all their work and
+    then failed to write. A folder made and removed at once tells."""
+    args = {"train": ["train", CODE_LABELS, "-o", "/proc/edu-filter-model"],
+            "evaluate": ["evaluate", stock_classifier, CODE_LABELS, "--report", "/proc/edu-filter-report.json"]}[command]
+    refused(args, "cannot be created in /proc")
+
+
 # --- labels outside 0-5 ------------------------------------------------------------------------------------------
 def test_train_refuses_a_label_outside_0_5_naming_file_and_line(files):
     out = files["new"]
