@@ -218,7 +218,7 @@ def evaluate(
     long_docs: Optional[str] = typer.Option(None, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     batch_size: Optional[int] = typer.Option(None, help="Documents per scoring batch (default 32 on CPU; on GPU "
                                              "524,288 tokens' worth: 1024 at 512 tokens).", show_default=False),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows carry them; none ignores them."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
@@ -285,7 +285,7 @@ def score(
     id_field: str = typer.Option(SCORE.id_field),
     max_model_len: int = typer.Option(SCORE.max_model_len, help="vllm/sglang: context length of the started server."),
     tensor_parallel: int = typer.Option(SCORE.tensor_parallel, help="vllm/sglang: GPUs per model."),
-    server_script: Optional[str] = typer.Option(SCORE.server_script, help="script backend: Python file serving /v1 on --port."),
+    server_script: Optional[str] = typer.Option(SCORE.server_script, help="script backend: Python file serving /v1 on the port passed to it as --port N."),
     server_arg: Optional[list[str]] = typer.Option(
         None, metavar="<key[=value]>",
         help="vllm/sglang/script: extra server flag KEY=VALUE or KEY (repeatable), e.g. gpu-memory-utilization=0.9.",
@@ -391,7 +391,7 @@ def apply(
     max_length: Optional[int] = typer.Option(APPLY.max_length, help="Tokens per document/chunk (the model's when unset)."),
     batch_size: Optional[int] = typer.Option(APPLY.batch_size, help="Documents per scoring batch (default 32 on CPU; "
                                              "on GPU 524,288 tokens' worth: 1024 at 512 tokens).", show_default=False),
-    dtype: Optional[str] = typer.Option(APPLY.dtype, help="float32, bfloat16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
+    dtype: Optional[str] = typer.Option(APPLY.dtype, help="float32, bfloat16, float16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     tokenizer: Optional[str] = typer.Option(APPLY.tokenizer, help="Tokenizer for token_count (the classifier's when unset)."),
     text_field: str = typer.Option(APPLY.text_field),
     id_field: str = typer.Option(APPLY.id_field),

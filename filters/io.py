@@ -37,6 +37,7 @@ from edu_filter.documents import (
     DocumentError,
     check_data_file,
     data_files_in,
+    is_hub_path,
     open_parquet,
     parquet_rows_or_errors,
 )
@@ -74,6 +75,13 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
     for inp in inputs:
         inp = str(inp)
         fs, path = url_to_fs(inp)
+        if is_hub_path(inp):
+            try:  # the hub's own reason (offline, gated, no such dataset) instead of "no such file"
+                fs.info(path)
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                raise DocumentError(f"{inp}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
         if fs.isdir(path):
             found = data_files_in(inp, get_datafolder(inp).list_files(recursive=True))
             files.extend((inp, f) for f in found)

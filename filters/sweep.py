@@ -156,7 +156,9 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
     """(score, int_score, tokens, label or NaN, weight) of one row, checked."""
     where = f"{path}:{lineno}"
     if row.get("score") is None or row.get("int_score") is None:
-        raise DocumentError(f"{where}: no score/int_score; run `edu-filter apply` first")
+        has = [f for f in ("score", "int_score") if row.get(f) is not None]
+        raise DocumentError(f"{where}: needs both score and int_score (apply's output; this row has "
+                            f"{' and '.join(has) or 'neither'}); run `edu-filter apply` first")
     has_count = row.get("token_count") is not None
     counted[has_count] = counted[has_count] or where
     tokens = int(row["token_count"]) if has_count else len(str(row.get("text", "")).split())

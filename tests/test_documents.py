@@ -202,6 +202,10 @@ def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
         read_documents(["hf://datasets/edu-filter-tests/no-such-dataset"])
     with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):
         sample_documents(["hf://datasets/edu-filter-tests/no-such-dataset"], 5)  # resolving its data files
+    from edu_filter.filters.io import expand_inputs
+
+    with pytest.raises(DocumentError, match="cannot load from the Hugging Face hub"):  # apply said "no such file"
+        expand_inputs(["hf://datasets/edu-filter-tests/no-such-dataset"])
 
 
 def test_labels_outside_the_0_5_scale_name_file_and_line(tmp_path):

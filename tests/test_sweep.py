@@ -68,7 +68,7 @@ def test_without_labels_or_token_counts(tmp_path):
 
 def test_unscored_input_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "raw.jsonl", [{"id": "a", "text": "x"}])
-    with pytest.raises(DocumentError, match="raw.jsonl:1: no score/int_score"):
+    with pytest.raises(DocumentError, match="raw.jsonl:1: needs both score and int_score .*has neither"):
         run_sweep([str(path)], tmp_path / "out", show=False)
 
 
