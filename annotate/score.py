@@ -177,7 +177,34 @@ class ScoreConfig:
             if self.server_script is not None and not Path(self.server_script).is_file():
                 raise InputError(f"--server-script {self.server_script}: no such file")
             self.server()  # bad --server-arg, a script backend without --server-script
+        self.refuse_unused_options()
         load_prompt(self.prompt)  # an unknown prompt name, a file without {extract}
+
+    def refuse_unused_options(self) -> None:
+        """An option this run would not read is refused by name: `--kind foo` without --select active, or
+        `--tensor-parallel 4` for a server edu-filter does not start, ran as if it had been heard."""
+        default = ScoreConfig()
+        uses = (
+            ("rounds", "--rounds", self.select == "active", "--select active"),
+            ("seed_size", "--seed-size", self.select == "active", "--select active"),
+            ("kind", "--kind", self.select == "active", "--select active"),
+            ("encoder", "--encoder", self.select == "active", "--select active"),
+            ("max_length", "--max-length", self.select == "active", "--select active"),
+            ("embedding_cache", "--embedding-cache", self.select == "active", "--select active"),
+            ("max_model_len", "--max-model-len", self.backend in ("vllm", "sglang"), "--backend vllm or sglang"),
+            ("tensor_parallel", "--tensor-parallel", self.backend in ("vllm", "sglang"), "--backend vllm or sglang"),
+            ("server_args", "--server-arg", self.backend in SERVER_BACKENDS, "--backend vllm, sglang or script"),
+            ("server_script", "--server-script", self.backend == "script", "--backend script"),
+            ("device", "--device", self.backend == "transformers", "--backend transformers"),
+        )
+        unused = [(flag, where) for name, flag, used, where in uses
+                  if not used and getattr(self, name) not in (getattr(default, name), None, [])]
+        if unused:
+            flags = ", ".join(flag for flag, _ in unused)
+            wheres = sorted({where for _, where in unused})
+            raise InputError(f"{flags} {'is' if len(unused) == 1 else 'are'} only read with {' or '.join(wheres)}; "
+                             f"this run uses --backend {self.backend} and --select {self.select}: leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out")
 
     def server(self):
         """The datatrove description of the server to start (vllm, sglang and script backends)."""

@@ -315,6 +315,19 @@ def test_ablate_refuses_bad_evaluation_inputs_and_overrides_before_any_work(file
         refused([*base, "--override", override], said, absent=(out.parent,))
 
 
+def test_score_options_this_run_would_not_read_are_refused(files):
+    """`--kind foo --rounds 0` without --select active, `--tensor-parallel 4 --device cuda` against a server
+    edu-filter does not start: accepted and ignored."""
+    out = files["new"]
+    base = ["score", WEB_VAL, "-o", out / "s.jsonl", "--base-url", NO_SERVER, "--sample", "20"]
+    refused([*base, "--kind", "foo", "--rounds", "3"], "--rounds, --kind are only read with --select active",
+            absent=(out.parent,))
+    refused([*base, "--tensor-parallel", "4", "--device", "cuda"], "--tensor-parallel, --device are only read with "
+            "--backend transformers or --backend vllm or sglang", absent=(out.parent,))
+    refused([*base, "--server-arg", "x=1"], "--server-arg is only read with --backend vllm, sglang or script",
+            absent=(out.parent,))
+
+
 def test_lineage_and_status_of_nothing(files):
     refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
     refused(["status", files["tmp"] / "nothing"], "nothing")
