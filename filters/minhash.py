@@ -101,6 +101,9 @@ def _trie_pattern(words: list[str]) -> str:
     return emit(trie)
 
 
+MAX_CACHED_CHUNK_CHARS = 64  # with 2**18 chunks at most, the cache stays under ~50 MB
+
+
 class EnglishWordSplitter:
     """Splits `simplify_text` output into exactly the words of datatrove's spaCy English word tokenizer.
 
@@ -131,7 +134,8 @@ class EnglishWordSplitter:
                 self._cache.clear()
             with self._nlp.memory_zone():  # keeps spaCy's string store from growing with every new chunk
                 words = " ".join(t for t in (tok.text.strip() for tok in self._nlp.tokenizer(chunk)) if t)
-            self._cache[chunk] = words
+            if len(chunk) <= MAX_CACHED_CHUNK_CHARS:  # long chunks (Thai, CJK: a paragraph without spaces) never
+                self._cache[chunk] = words            # come back, and would fill the cache with GBs
         return words
 
     def _replace(self, match: re.Match) -> str:
