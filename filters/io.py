@@ -59,6 +59,8 @@ RAW_PREVIEW_CHARS = 2000
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
+# OSErrors that say nothing about the file's bytes: never read as a corrupt file
+TRANSIENT_OS_ERRORS = (FileNotFoundError, PermissionError, ConnectionError, TimeoutError, InterruptedError)
 # what pyarrow raises for values that do not make (or fit) an array of one type
 NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -206,15 +208,22 @@ class ApplyInputReader(BaseReader):
                     continue
                 yield self._document(row, source)
 
-    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress") -> Iterator[Document]:
+    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress", after: int = 0) -> Iterator[Document]:
+        """The rows of a Parquet file after row `after` (a second read, after an error, goes on where the first
+        stopped)."""
         with folder.open(name, "rb") as fh:
             rowno = 0
             parquet = open_parquet(fh)
             total_rows = max(1, parquet.metadata.num_rows)
             size = folder.size(name)
             for batch in parquet.iter_batches(batch_size=1024):
+                if rowno + batch.num_rows <= after:
+                    rowno += batch.num_rows
+                    continue
                 for row in parquet_rows_or_errors(batch):
                     rowno += 1
+                    if rowno <= after:
+                        continue
                     self._row_reached = rowno
                     if not keep(rowno):
                         continue
@@ -254,19 +263,36 @@ class ApplyInputReader(BaseReader):
             read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
             self.stat_update("input_files")
             self._row_reached = 0  # the line or row of the file read last, by any task
-            try:
-                for doc in read(folder, name, keep, progress):
-                    self.stat_update("rows_read")
-                    progress.document()
-                    yield doc
-            except UNREADABLE as e:
+            failed_at = None  # the row after which a Parquet read failed with an OSError, once
+            while True:
+                try:
+                    for doc in (read(folder, name, keep, progress) if failed_at is None
+                                else self._read_parquet(folder, name, keep, progress, after=failed_at)):
+                        self.stat_update("rows_read")
+                        progress.document()
+                        yield doc
+                    break
+                except OSError as e:
+                    # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
+                    # transient read error (gone on a second read): read again from there once to tell them apart
+                    if read != self._read_parquet or isinstance(e, TRANSIENT_OS_ERRORS):
+                        e.add_note(f"while reading {name} after row {self._row_reached}")
+                        raise
+                    if failed_at != self._row_reached:
+                        failed_at = self._row_reached
+                        self.stat_update("parquet_rereads")
+                        continue
+                    error = e
+                except UNREADABLE as e:
+                    error = e
                 # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
                 # one record says (once, from the task that owns the file) instead of a crash every resume repeats
                 if by_file or rank == 0:
                     self.stat_update("unreadable_files")
                     progress.document()
                     yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after row "
-                                       f"{self._row_reached} ({type(e).__name__}: {e})", b"")
+                                       f"{self._row_reached} ({type(error).__name__}: {error})", b"")
+                break
             self._checked_size(folder_path, name)  # changed while this pass read it: its rows may not match
             progress.file_done(size)
         progress.close()

@@ -455,6 +455,31 @@ def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(
     assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
 
 
+def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_before_it(fasttext_model, tmp_path):
+    """pyarrow reports a corrupt page as a plain OSError, like a transient read error: the task failed, and every
+    resume failed again at the same page. A second read from that row tells them apart. (Rows are read 1024 at a
+    time: row groups of 1024.)"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"d{i}", "text": f"def f{i}(x):\n    return x * {i}\n"} for i in range(3 * 1024)]
+    path = tmp_path / "in" / "c.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), path,
+                   row_group_size=1024, compression="snappy")
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 8] = b"\xff" * 8  # the page header of the second row group's text
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError):
+        pq.read_table(path)
+    out = tmp_path / "out"
+    stats = run_apply([str(path)], str(out), model=str(fasttext_model), threshold=0, dedup=False, show=False)
+    found = read_outputs(out)
+    assert stats["adds_up"] and found["failed/unreadable_file"] == ["c.parquet"]
+    assert sorted(found["kept"]) == sorted(r["id"] for r in rows[:1024])  # the first row group, once
+
+
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])
 def test_awkward_inputs_land_once_with_their_fields_intact(stock_classifier, tmp_path, order):
     """What big crawls contain: a `rank` column (datatrove would name output files after it), a nested `metadata`
