@@ -349,12 +349,15 @@ def _what_changed(previous: dict, current: dict) -> str:
             return f"input {f} changed (size or modification time)"
     if previous.get("decontaminate_files") != current["decontaminate_files"]:
         return "a decontamination set changed"
+    if previous.get("input_split") != current.get("input_split"):  # tasks finished before hold other rows
+        return "an older edu-filter split the input among the tasks another way"
     return ""
 
 
-def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False) -> dict:
+def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
+                   split_by_row_groups: bool = False) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
-    things."""
+    things, its input split among the tasks the same way (`split_by_row_groups`: see `row_group_units`)."""
     out = Path(cfg.output)
     if "://" in cfg.output:
         raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
@@ -369,6 +372,8 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
                                 "folder" + ("" if strangers else ", or --overwrite"))
         remove_outputs(out)
     current = run_record(cfg, files, used)
+    if split_by_row_groups:
+        current["input_split"] = "row groups"
     if path.exists():
         changed = _what_changed(json.loads(path.read_text()), current)
         if changed and not overwrite:
@@ -402,7 +407,8 @@ class Stage:
 
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
-                 provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None) -> list[Stage]:
+                 provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
+                 units: list[tuple[int, int, int, int]] | None = None) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
     every pass over them checks `input_fingerprints` (`run_record`'s) first."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
@@ -448,7 +454,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         """Reading the input: unreadable and contaminated rows are dropped, and written out only in the final pass."""
         steps = [
             ApplyInputReader(files, text_key=cfg.text_field, id_key=cfg.id_field, progress_folder=progress(stage),
-                             counts_folder=counts if final else None, fingerprints=input_fingerprints),
+                             counts_folder=counts if final else None, fingerprints=input_fingerprints, units=units),
             InputErrorFilter(exclusion_writer=CountedJsonlWriter(
                 f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/${rank}.jsonl.gz", "failed")
                 if final else None),
@@ -593,7 +599,7 @@ def run_apply(
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
-    from edu_filter.filters.io import expand_inputs
+    from edu_filter.filters.io import expand_inputs, row_group_units
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -644,10 +650,11 @@ def run_apply(
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    record = prepare_output(cfg, files, used, overwrite=overwrite)
+    units = row_group_units(files, cfg.tasks)
+    record = prepare_output(cfg, files, used, overwrite=overwrite, split_by_row_groups=units is not None)
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
-                          provenance_inputs=used, input_fingerprints=record["input_files"])
+                          provenance_inputs=used, input_fingerprints=record["input_files"], units=units)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = "scoring is cheaper than MinHash here" if cfg.order == "score-first" else "the classifier is the costly step"

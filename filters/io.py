@@ -13,6 +13,7 @@ import base64
 import contextlib
 import datetime
 import decimal
+import functools
 import gzip
 import itertools
 import os
@@ -122,12 +123,40 @@ def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
     return df.resolve_paths(name), [info.get("size"), str(mtime) if mtime is not None else None]
 
 
+def row_group_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int, int, int]] | None:
+    """With fewer files than tasks, what the tasks can split instead: every Parquet row group (file index, row
+    group, rows before it in the file, its rows) and every other file whole (row group -1); None when that makes
+    fewer units than tasks, or a footer cannot be read (then every task reads all files and keeps every n-th row:
+    `tasks` times the reading)."""
+    import pyarrow.parquet as pq
+
+    if len(files) >= tasks:
+        return None
+    units = []
+    for i, (folder, name) in enumerate(files):
+        if not name.lower().endswith(PARQUET_SUFFIXES):
+            units.append((i, -1, 0, 0))
+            continue
+        try:
+            with get_datafolder(folder).open(name, "rb") as fh:
+                meta = pq.read_metadata(fh)
+        except Exception:  # noqa: BLE001 - the reader reports the file, with its row
+            return None
+        first = 0
+        for g in range(meta.num_row_groups):
+            rows = meta.row_group(g).num_rows
+            units.append((i, g, first, rows))
+            first += rows
+    return units if len(units) >= tasks else None
+
+
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
-    With at least as many files as tasks, each task reads whole files; with fewer files (one big JSONL and
-    `--tasks 4`) every task reads all files and keeps the rows whose index falls in its shard, so the tasks still
-    split the scoring work.
+    With at least as many files as tasks, each task reads whole files. With fewer files, `units` (`row_group_units`)
+    split Parquet files by row group where there are enough of them: each task reads its row groups only. Else (one
+    big JSONL and `--tasks 4`) every task reads all files and keeps the rows whose index falls in its shard, so the
+    tasks still split the scoring work (rows not kept are not converted or parsed).
 
     Every pass re-reads the input and the passes are matched by position (which documents MinHash removes, which
     scored above the threshold), so a file replaced or appended to during a run (between two Slurm jobs of its
@@ -139,9 +168,10 @@ class ApplyInputReader(BaseReader):
 
     def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id",
                  progress_folder: str | None = None, counts_folder: str | None = None,
-                 fingerprints: dict | None = None):
+                 fingerprints: dict | None = None, units: list[tuple[int, int, int, int]] | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
+        self.units = units  # (file index, row group, rows before it, its rows) when tasks split files by row group
         self.fingerprints = fingerprints
         self.progress_folder = progress_folder
         self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
@@ -208,34 +238,43 @@ class ApplyInputReader(BaseReader):
                     continue
                 yield self._document(row, source)
 
-    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress", after: int = 0) -> Iterator[Document]:
+    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress", after: int = 0,
+                      groups: list[tuple[int, int, int]] | None = None) -> Iterator[Document]:
         """The rows of a Parquet file after row `after` (a second read, after an error, goes on where the first
-        stopped)."""
+        stopped); with `groups` ((row group, rows before it, its rows)) only those row groups. Rows are numbered
+        in the file either way, so a row's source names the same row whichever task reads it."""
         with folder.open(name, "rb") as fh:
-            rowno = 0
             parquet = open_parquet(fh)
             total_rows = max(1, parquet.metadata.num_rows)
             size = folder.size(name)
-            for batch in parquet.iter_batches(batch_size=1024):
-                if rowno + batch.num_rows <= after:
-                    rowno += batch.num_rows
+            read_rows = 0  # of the groups read, for progress
+            for group, first, rows in groups if groups is not None else [(None, 0, total_rows)]:
+                rowno = first
+                if first + rows <= after:
+                    read_rows += rows
                     continue
-                for row in parquet_rows_or_errors(batch):
-                    rowno += 1
-                    if rowno <= after:
+                batches = parquet.iter_batches(batch_size=1024, row_groups=None if group is None else [group])
+                for batch in batches:
+                    if rowno + batch.num_rows <= after:
+                        rowno += batch.num_rows
                         continue
+                    wanted = [i for i in range(batch.num_rows) if rowno + i + 1 > after and keep(rowno + i + 1)]
+                    numbers = [rowno + i + 1 for i in wanted]
+                    rowno += batch.num_rows
                     self._row_reached = rowno
-                    if not keep(rowno):
-                        continue
-                    source = f"{name}:{rowno}"
-                    if isinstance(row, UnicodeDecodeError):
-                        yield self._failed("invalid_utf8", source, f"a string field is not valid UTF-8 ({row})", b"")
-                    elif isinstance(row, Exception):  # a timestamp outside datetime's years, say
-                        yield self._failed("unreadable_row", source, f"cannot read the row ({type(row).__name__}: "
-                                           f"{row})", b"")
-                    else:
-                        yield self._document(row, source)
-                progress.at_bytes(size * rowno // total_rows)
+                    if len(wanted) < batch.num_rows:  # rows of other tasks are not converted to Python
+                        batch = batch.take(pa.array(wanted, pa.int64()))
+                    for number, row in zip(numbers, parquet_rows_or_errors(batch)):
+                        yield self._parquet_document(row, f"{name}:{number}")
+                    progress.at_bytes(size * (read_rows + rowno - first) // total_rows)
+                read_rows += rows
+
+    def _parquet_document(self, row, source: str) -> Document:
+        if isinstance(row, UnicodeDecodeError):
+            return self._failed("invalid_utf8", source, f"a string field is not valid UTF-8 ({row})", b"")
+        if isinstance(row, Exception):  # a timestamp outside datetime's years, say
+            return self._failed("unreadable_row", source, f"cannot read the row ({type(row).__name__}: {row})", b"")
+        return self._document(row, source)
 
     def _checked_size(self, folder: str, name: str) -> int:
         path, now = file_fingerprint(folder, name)
@@ -247,27 +286,44 @@ class ApplyInputReader(BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        by_file = len(self.files) >= world_size
-        shard = self.files[rank::world_size] if by_file else self.files
+        # what this task reads: (file index, its row groups or None for the whole file)
+        by_rows = len(self.files) < world_size and self.units is None  # every task reads all, keeps its rows
+        if len(self.files) >= world_size:
+            plan = [(i, None) for i in range(rank, len(self.files), world_size)]
+        elif self.units is not None:
+            mine = self.units[rank::world_size]
+            plan = []
+            for i in dict.fromkeys(u[0] for u in mine):
+                groups = [u[1:] for u in mine if u[0] == i]
+                plan.append((i, None if groups[0][0] < 0 else groups))  # -1: a whole file (JSONL)
+        else:
+            plan = [(i, None) for i in range(len(self.files))]
         counter = 0
 
         def keep(_index: int) -> bool:
             nonlocal counter
             counter += 1
-            return by_file or (counter - 1) % world_size == rank
+            return not by_rows or (counter - 1) % world_size == rank
 
-        sizes = [self._checked_size(folder, name) for folder, name in shard]
+        sizes = []
+        for i, groups in plan:
+            size = self._checked_size(*self.files[i])
+            if groups is not None:  # the share of the file's rows this task reads
+                size = size * sum(g[2] for g in groups) // max(1, sum(u[3] for u in self.units if u[0] == i))
+            sizes.append(size)
         progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
-        for (folder_path, name), size in zip(shard, sizes):
+        for (i, groups), size in zip(plan, sizes):
+            folder_path, name = self.files[i]
             folder = get_datafolder(folder_path)
-            read = self._read_parquet if name.lower().endswith(PARQUET_SUFFIXES) else self._read_jsonl
+            parquet = name.lower().endswith(PARQUET_SUFFIXES)
+            read = functools.partial(self._read_parquet, groups=groups) if parquet else self._read_jsonl
             self.stat_update("input_files")
             self._row_reached = 0  # the line or row of the file read last, by any task
             failed_at = None  # the row after which a Parquet read failed with an OSError, once
             while True:
                 try:
                     for doc in (read(folder, name, keep, progress) if failed_at is None
-                                else self._read_parquet(folder, name, keep, progress, after=failed_at)):
+                                else read(folder, name, keep, progress, after=failed_at)):
                         self.stat_update("rows_read")
                         progress.document()
                         yield doc
@@ -275,7 +331,7 @@ class ApplyInputReader(BaseReader):
                 except OSError as e:
                     # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
                     # transient read error (gone on a second read): read again from there once to tell them apart
-                    if read != self._read_parquet or isinstance(e, TRANSIENT_OS_ERRORS):
+                    if not parquet or isinstance(e, TRANSIENT_OS_ERRORS):
                         e.add_note(f"while reading {name} after row {self._row_reached}")
                         raise
                     if failed_at != self._row_reached:
@@ -286,11 +342,13 @@ class ApplyInputReader(BaseReader):
                 except UNREADABLE as e:
                     error = e
                 # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
-                # one record says (once, from the task that owns the file) instead of a crash every resume repeats
-                if by_file or rank == 0:
+                # one record says (once, from the task that owns the file or row groups) instead of a crash every
+                # resume repeats
+                if not by_rows or rank == 0:
                     self.stat_update("unreadable_files")
                     progress.document()
-                    yield self._failed("unreadable_file", name, f"cannot read the rest of the file, after row "
+                    what = name if groups is None else f"{name} (row groups {', '.join(str(g[0]) for g in groups)})"
+                    yield self._failed("unreadable_file", what, f"cannot read the rest of the file, after row "
                                        f"{self._row_reached} ({type(error).__name__}: {error})", b"")
                 break
             self._checked_size(folder_path, name)  # changed while this pass read it: its rows may not match

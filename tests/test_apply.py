@@ -455,6 +455,54 @@ def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(
     assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
 
 
+def test_more_tasks_than_files_split_parquet_by_row_group(stock_classifier, tmp_path):
+    """With fewer files than tasks every task read every file whole and kept every n-th row: `--tasks 64` over a
+    few big Parquet files read the corpus 64 times. Tasks now split the row groups: each reads its own, both passes
+    of the dedup-first order alike, every document lands once and the dedup clusters keep one member each; the run
+    records the split, and a run folder split the older way is not resumed with the new one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edu_filter.documents import DocumentError
+
+    src = planted_input(tmp_path / "planted.jsonl", n_unique=40, n_groups=6)
+    rows = []
+    for line in open(tmp_path / "planted.jsonl", "rb"):
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and row.get("id") in src["ids"]:
+            rows.append(row)
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}),
+                   tmp_path / "in.parquet", row_group_size=10)
+    groups = pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups
+    assert groups >= 5
+    out = tmp_path / "out"
+    stats = run_apply([str(tmp_path / "in.parquet")], str(out), model=stock_classifier, threshold=0, tasks=4,
+                      order="dedup-first", show=False)
+    assert stats["adds_up"] and json.loads((out / "run_config.json").read_text())["input_split"] == "row groups"
+    found = read_outputs(out)
+    landed = [i for ids in found.values() for i in ids]
+    assert sorted(landed) == sorted(r["id"] for r in rows)  # every document once
+    whole = read_outputs(tmp_path / "one-task") if run_apply(
+        [str(tmp_path / "in.parquet")], str(tmp_path / "one-task"), model=stock_classifier, threshold=0, tasks=1,
+        order="dedup-first", show=False)["adds_up"] else None
+    # the same clusters found (which member a cluster keeps may differ with the split)
+    assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}
+    for members in src["groups"].values():
+        assert sum(m in found["kept"] for m in members) == sum(m in whole["kept"] for m in members)
+    for stage in ("minhash-signatures", "filter"):  # each task read its row groups only
+        read = [json.loads(p.read_text())["documents"] for p in sorted((out / "logs" / stage / "progress").glob("*"))]
+        assert len(read) == 4 and sum(read) == len(rows) and max(read) <= 2 * 10, (stage, read)
+    record = json.loads((out / "run_config.json").read_text())
+    del record["input_split"]
+    (out / "run_config.json").write_text(json.dumps(record))
+    with pytest.raises(DocumentError, match="split the input among the tasks another way"):
+        run_apply([str(tmp_path / "in.parquet")], str(out), model=stock_classifier, threshold=0, tasks=4,
+                  order="dedup-first", show=False)
+
+
 def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_before_it(fasttext_model, tmp_path):
     """pyarrow reports a corrupt page as a plain OSError, like a transient read error: the task failed, and every
     resume failed again at the same page. A second read from that row tells them apart. (Rows are read 1024 at a
