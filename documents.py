@@ -34,6 +34,7 @@ FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz", "
 # data in a compression no reader here takes: in a folder, refused rather than skipped (a run would add up without it)
 UNREADABLE_DATA = re.compile(r"\.(jsonl|json|ndjson|parquet)\.(zst|zstd|bz2|xz|lz4|lzma|br|snappy)$", re.IGNORECASE)
 PARQUET_SUFFIXES = (".parquet",)
+UTF8_BOM = b"\xef\xbb\xbf"
 FILE_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 HUB_PREFIX = "hf://datasets/"
 
@@ -195,6 +196,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
                 raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None
             lineno += 1
+            if lineno == 1 and raw.startswith(UTF8_BOM):  # a file saved by Windows tools
+                raw = raw[len(UTF8_BOM):]
             if not raw.strip():
                 continue
             try:

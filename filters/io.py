@@ -35,6 +35,7 @@ from datatrove.pipeline.writers.parquet import ParquetWriter
 
 from edu_filter.documents import (
     PARQUET_SUFFIXES,
+    UTF8_BOM,
     DocumentError,
     check_data_file,
     data_files_in,
@@ -217,6 +218,8 @@ class ApplyInputReader(BaseReader):
         with folder.open(name, "rb") as raw:
             fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
             for lineno, line_bytes in enumerate(fh, start=1):
+                if lineno == 1 and line_bytes.startswith(UTF8_BOM):  # a file saved by Windows tools
+                    line_bytes = line_bytes[len(UTF8_BOM):]
                 self._row_reached = lineno
                 progress.at_bytes(raw.tell())
                 if not line_bytes.strip() or not keep(lineno):

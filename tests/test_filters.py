@@ -55,6 +55,17 @@ def test_row_sharding_splits_one_file_across_tasks_without_overlap(tmp_path):
     assert sorted(flat) == sorted(r["id"] for r in rows) and len(set(flat)) == len(flat)
 
 
+def test_a_byte_order_mark_leaves_the_first_row_readable(tmp_path):
+    """A JSONL file saved by Windows tools starts with a UTF-8 BOM: its first row went to failed/invalid_json."""
+    from edu_filter.documents import read_documents
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(orjson.dumps({"id": f"d{i}", "text": "t"}) + b"\n" for i in range(3)))
+    docs = list(ApplyInputReader(expand_inputs([str(path)])).run())
+    assert [d.id for d in docs] == ["d0", "d1", "d2"] and not any(FAILURE_KEY in d.metadata for d in docs)
+    assert [r["id"] for r in read_documents([path])] == ["d0", "d1", "d2"]
+
+
 def test_folder_of_jsonl_and_parquet_is_read_by_whole_files(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
