@@ -320,13 +320,13 @@ def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
     return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {one_line(str(error), 200)})")
 
 
-def _iter_parquet(path: str, columns: Callable[[list[str]], list[str]] | None = None) -> Iterator[tuple[int, dict]]:
+def _iter_parquet(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
     """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file; with `columns`
-    (the file's column names -> those to read), only those columns are read."""
+    (the pq.ParquetFile -> the names of the columns to read), only those columns are read."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
-            chosen = columns(parquet.schema_arrow.names) if columns else None
+            chosen = columns(parquet) if columns else None
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=chosen):
                 for row in parquet_rows_or_errors(batch):
                     lineno += 1
@@ -370,9 +370,10 @@ def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
         yield i, dict(row)
 
 
-def iter_raw_rows(path: str, columns: Callable[[list[str]], list[str]] | None = None) -> Iterator[tuple[int, dict]]:
-    """(line or row number, row) pairs of one file, without any field checks; `columns` chooses the columns a
-    Parquet file is read for (the others are not read: a text column is most of a corpus's bytes)."""
+def iter_raw_rows(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
+    """(line or row number, row) pairs of one file, without any field checks; `columns` (a pq.ParquetFile -> column
+    names) chooses the columns a Parquet file is read for (the others are not read: a text column is most of a
+    corpus's bytes)."""
     if is_hub_path(path):
         return _iter_hub(path)
     if _has_suffix(path, PARQUET_SUFFIXES):

@@ -61,8 +61,7 @@ RAW_PREVIEW_CHARS = 2000
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
-# OSErrors that say nothing about the file's bytes: never read as a corrupt file
-TRANSIENT_OS_ERRORS = (FileNotFoundError, PermissionError, ConnectionError, TimeoutError, InterruptedError)
+
 # what pyarrow raises for values that do not make (or fit) an array of one type
 NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -126,18 +125,15 @@ def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
 
 def row_group_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int, int, int]] | None:
     """With fewer files than tasks, what the tasks can split instead: every Parquet row group (file index, row
-    group, rows before it in the file, its rows) and every other file whole (row group -1); None when that makes
-    fewer units than tasks, or a footer cannot be read (then every task reads all files and keeps every n-th row:
-    `tasks` times the reading)."""
+    group, rows before it in the file, its rows); None when an input is not Parquet, that makes fewer units than
+    tasks, or a footer cannot be read (then every task reads all files and keeps every n-th row: `tasks` times
+    the reading)."""
     import pyarrow.parquet as pq
 
-    if len(files) >= tasks:
-        return None
+    if len(files) >= tasks or not all(name.lower().endswith(PARQUET_SUFFIXES) for _, name in files):
+        return None  # a JSONL file beside them would be one task's whole: every task takes its n-th rows instead
     units = []
     for i, (folder, name) in enumerate(files):
-        if not name.lower().endswith(PARQUET_SUFFIXES):
-            units.append((i, -1, 0, 0))
-            continue
         try:
             with get_datafolder(folder).open(name, "rb") as fh:
                 meta = pq.read_metadata(fh)
@@ -295,10 +291,7 @@ class ApplyInputReader(BaseReader):
             plan = [(i, None) for i in range(rank, len(self.files), world_size)]
         elif self.units is not None:
             mine = self.units[rank::world_size]
-            plan = []
-            for i in dict.fromkeys(u[0] for u in mine):
-                groups = [u[1:] for u in mine if u[0] == i]
-                plan.append((i, None if groups[0][0] < 0 else groups))  # -1: a whole file (JSONL)
+            plan = [(i, [u[1:] for u in mine if u[0] == i]) for i in dict.fromkeys(u[0] for u in mine)]
         else:
             plan = [(i, None) for i in range(len(self.files))]
         counter = 0
@@ -334,7 +327,7 @@ class ApplyInputReader(BaseReader):
                 except OSError as e:
                     # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
                     # transient read error (gone on a second read): read again from there once to tell them apart
-                    if not parquet or isinstance(e, TRANSIENT_OS_ERRORS):
+                    if not parquet or type(e) is not OSError:  # HTTP, fsspec, errno errors: not the file's bytes
                         e.add_note(f"while reading {name} after row {self._row_reached}")
                         raise
                     if failed_at != self._row_reached:

@@ -120,8 +120,14 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     with _progress(show) as progress:
         task = progress.add_task("reading scores", total=len(files))
         for path in files:
-            rows = iter_raw_rows(path, columns=lambda names: [c for c in wanted if c in names] + (
-                ["text"] if "token_count" not in names and "text" in names else []))
+            def choose(parquet) -> list[str]:
+                names = parquet.schema_arrow.names
+                fields_seen.update(names[:200])
+                counted_everywhere = "token_count" in names and not _may_hold_nulls(parquet, "token_count")
+                return [c for c in wanted if c in names] + (["text"] if "text" in names and not counted_everywhere
+                                                             else [])
+
+            rows = iter_raw_rows(path, columns=choose)
             for lineno, row in rows:
                 meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
                 row = {**meta, **row}
@@ -149,6 +155,18 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     summary.token_unit = "words" if counted[False] else "tokens"
     summary.weight_field = weight_field if weighted[True] else None
     return summary
+
+
+def _may_hold_nulls(parquet, column: str) -> bool:
+    """Whether the footer does not rule out a null in `column` (no statistics: it may)."""
+    for g in range(parquet.metadata.num_row_groups):
+        group = parquet.metadata.row_group(g)
+        chunk = next((group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == column),
+                     None)
+        stats = chunk.statistics if chunk is not None else None
+        if stats is None or not stats.has_null_count or stats.null_count:
+            return True
+    return False
 
 
 def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, weight_field: str | None,

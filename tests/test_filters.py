@@ -66,6 +66,46 @@ def test_a_byte_order_mark_leaves_the_first_row_readable(tmp_path):
     assert [r["id"] for r in read_documents([path])] == ["d0", "d1", "d2"]
 
 
+def test_a_network_error_mid_parquet_fails_the_task_instead_of_dropping_the_rest_of_the_file(tmp_path, monkeypatch):
+    """A corrupt page (pyarrow's plain OSError, again on a second read) ends the file in one unreadable_file
+    record; an HTTP 429 or a reset connection is an OSError subclass too, but says nothing about the file: the
+    task must fail so that its rerun reads the rest, not record the rows as unreadable and move on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import edu_filter.filters.io as io
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(3000)], "text": [f"text {i}" * 20 for i in range(3000)]}),
+                   path, row_group_size=1024)
+    size, real_open = path.stat().st_size, io.open_parquet
+
+    class Failing:
+        def __init__(self, fh, error):
+            self.fh, self.error = fh, error
+
+        def read(self, n=-1):
+            if self.fh.tell() > 0.6 * size and self.fh.tell() < size - 8192:  # past the first row group, not the footer
+                raise self.error
+            return self.fh.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    class HTTPError(OSError):  # what requests' and huggingface_hub's HTTP errors are
+        pass
+
+    for error in (HTTPError("429 Too Many Requests"), OSError("Couldn't deserialize thrift")):
+        monkeypatch.setattr(io, "open_parquet", lambda fh, e=error: real_open(Failing(fh, e)))
+        reader = ApplyInputReader(expand_inputs([str(path)]))
+        if type(error) is OSError:
+            docs = list(reader.run())
+            assert docs[-1].metadata[FAILURE_KEY] == "unreadable_file" and len(docs) < 3000
+        else:
+            with pytest.raises(HTTPError):
+                list(reader.run())
+
+
 def test_folder_of_jsonl_and_parquet_is_read_by_whole_files(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

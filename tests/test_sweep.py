@@ -177,14 +177,23 @@ def test_rows_with_and_without_token_counts_are_not_added_up(tmp_path):
         run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "o", show=False)
 
 
-def test_parquet_is_summed_as_jsonl_is(tmp_path):
+@pytest.mark.parametrize("token_count", ["counted", "all null"])
+def test_parquet_is_summed_as_jsonl_is(tmp_path, token_count):
+    """Parquet is read without its text where every row has a token count; a FineWeb-style all-null token_count
+    column counted 0 words per row (the text was not read)."""
     import polars as pl
 
     rows = scored_rows(500, seed=3)
-    pl.DataFrame(rows).write_parquet(tmp_path / "s.parquet")
+    if token_count == "all null":
+        rows = [dict(r, token_count=None) for r in rows]
+    pl.DataFrame(rows, schema_overrides={"token_count": pl.Int64}).write_parquet(tmp_path / "s.parquet")
     parquet = run_sweep([str(tmp_path / "s.parquet")], tmp_path / "p", show=False)
     jsonl = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "j", show=False)
     assert parquet["rows"] == jsonl["rows"] and parquet["cut_points"] == jsonl["cut_points"]
+    assert parquet["token_unit"] == ("words" if token_count == "all null" else "tokens")
+    assert parquet["rows"][0]["tokens"] > 0
+    with pytest.raises(DocumentError, match=r"fields: .*id.*text"):  # the file's fields, not only those read
+        run_sweep([str(tmp_path / "s.parquet")], tmp_path / "x", label_field="labl", show=False)
 
 
 def test_a_pinned_hub_models_cut_points_are_read_from_the_hub_cache(tmp_path, monkeypatch):
