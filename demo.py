@@ -57,6 +57,11 @@ def annotation_stage(out: Path) -> dict:
     return result
 
 
+def _cell(value: float | None, spec: str = ".3f") -> str:
+    """A table cell: n/a where a figure is undefined or absent."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def run_demo(output: str | Path = "demo_out") -> Path:
     """Run every stage and write OUTPUT/report.md; returns its path."""
     from edu_filter.classifiers.evaluate import evaluate_model
@@ -193,13 +198,13 @@ def write_report(out: Path, r: dict) -> Path:
     for row in r["sweep_web"]["rows"]:
         c = code_rows.get(row["threshold"], {})
         lines.append(
-            f"| {row['threshold']} | {row['documents_pct']:.1f} | {row['tokens_pct']:.1f} | "
-            f"{row.get('f1', float('nan')):.3f} | {c.get('documents_pct', float('nan')):.1f} | "
-            f"{c.get('f1', float('nan')):.3f} |"
+            f"| {row['threshold']} | {row['documents_pct']:.1f} | {row['tokens_pct']:.1f} | {_cell(row.get('f1'))} | "
+            f"{_cell(c.get('documents_pct'), '.1f')} | {_cell(c.get('f1'))} |"
         )
     lines += [
         "",
-        "The code sweep runs on unlabelled files, so its F1 column is empty (nan); the notebooks sweep labelled data.",
+        "The code sweep runs on unlabelled files, so it has no F1 (n/a, as where a threshold keeps no document or no "
+        "label reaches it); the notebooks sweep labelled data.",
         "",
         _image(out, out / "sweep/web/retention_curve.png", "web retention and precision/recall per threshold"),
         _image(out, out / "sweep/web/score_histogram.png", "web score histogram"),
