@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edu_filter.documents import InputError, RunError, bundled_data
+from edu_filter.documents import InputError, RunError, bundled_data, data_files_in
 
 PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
@@ -57,6 +57,16 @@ KNOWN_DATASET_LICENSES = {
     "HuggingFaceFW/fineweb-edu-llama3-annotations": "odc-by",
     "HuggingFaceTB/smollm-corpus": "odc-by",
 }
+# Licence ids the hub accepts in a card's `license:` (its documented list, the ids data and code licences use)
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib
+pddl unknown other
+""".split())
 BUNDLED_LICENSES = {
     "web/fineweb_edu_llama3_train.jsonl": "odc-by",
     "web/fineweb_edu_llama3_val.jsonl": "odc-by",
@@ -93,9 +103,18 @@ def is_remote(path: str | os.PathLike) -> bool:
     return not Path(text).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?(@[\w./-]+)?", text) is not None
 
 
-def _content_files(path: Path) -> list[Path]:
+def _content_files(path: Path, documents: bool = False) -> list[Path]:
+    """The files whose content is the input: a file itself; of a folder of documents (`documents`), the data files
+    the readers take (`data_files_in`: a model trained into the folder, or a notes file, changes no document);
+    of any other folder (a model), every file but hidden ones and the records."""
     if path.is_file():
         return [path]
+    if documents:
+        try:
+            return [path / name for name in data_files_in(str(path), (
+                f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()))]
+        except InputError:  # no data files: what is there is the input
+            pass
     files = []
     for f in path.rglob("*"):
         rel = f.relative_to(path)
@@ -125,15 +144,17 @@ def _sampled(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES) -> dict | None:
+def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES,
+                documents: bool = False) -> dict | None:
     """{"fingerprint": "sha256:..." | "sampled:...", "method": ..., "bytes": total, "files": n} of a local file or
-    folder (see the module docstring); None for a remote input. Raises ProvenanceError when the path is missing."""
+    folder (see the module docstring; `documents`: a folder of documents, see `_content_files`); None for a remote
+    input. Raises ProvenanceError when the path is missing."""
     if is_remote(path):
         return None
     path = Path(path)
     if not path.exists():
         raise ProvenanceError(f"{path}: no such file or folder")
-    files = _content_files(path)
+    files = _content_files(path, documents)
     stats = [f.stat() for f in files]
     total = sum(s.st_size for s in stats)
     full = total <= full_hash_max_bytes
@@ -227,7 +248,7 @@ def describe_input(role: str, path: str | os.PathLike) -> dict:
     text = str(path)
     local = not is_remote(text)
     entry = {"role": role, "path": str(Path(text).absolute()) if local else _redact(text)}
-    found = fingerprint(text)
+    found = fingerprint(text, documents=carries_documents(role))
     entry.update({"fingerprint": None, "fingerprint_method": "none: remote input"} if found is None else {
         "fingerprint": found["fingerprint"], "fingerprint_method": found["method"], "bytes": found["bytes"],
         "files": found["files"]})
@@ -237,7 +258,21 @@ def describe_input(role: str, path: str | os.PathLike) -> dict:
         entry["provenance"] = record
         if artifact != Path(text).absolute():
             entry["artifact"] = str(artifact)
+    elif local and carries_documents(role) and Path(text).is_dir():
+        parts = _recorded_parts(Path(text))
+        if parts:  # a folder of `score` outputs, each with its sidecar record: the folder's record lists them
+            entry["provenance"] = {"format": RECORD_FORMAT, "kind": "folder", "inputs": parts}
     return entry
+
+
+def _recorded_parts(folder: Path) -> list[dict]:
+    """The data files of a folder that have records of their own, as inputs (role `documents`)."""
+    try:
+        names = data_files_in(str(folder), (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()))
+    except InputError:
+        return []
+    recorded = [folder / name for name in names if provenance_path(folder / name).is_file()]
+    return [describe_input("documents", part) for part in recorded]
 
 
 def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -> list[dict]:
@@ -322,10 +357,10 @@ def lineage(path: str | os.PathLike) -> dict:
     return _node(record, path, about, fingerprints, origin=artifact)
 
 
-def _current_fingerprint(path: Path, cache: dict) -> str | None:
-    key = str(path)
+def _current_fingerprint(path: Path, cache: dict, documents: bool = False) -> str | None:
+    key = (str(path), documents)
     if key not in cache:
-        found = fingerprint(path) if path.exists() else None
+        found = fingerprint(path, documents=documents) if path.exists() else None
         cache[key] = found["fingerprint"] if found else None
     return cache[key]
 
@@ -337,7 +372,8 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     node = {
         "kind": record["kind"] if record else "file",
         "path": str(path.absolute()) if local else path,
-        "fingerprint": _current_fingerprint(path.absolute(), cache) if local else None,
+        "fingerprint": _current_fingerprint(path.absolute(), cache, carries_documents(about.get("role", "")))
+        if local else None,
         **about,
     }
     if record:
@@ -358,7 +394,7 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
     if record is None and not missing:  # a record written after this input was used still tells its origin
         found = read_provenance(where)
         record = found[0] if found else None
-    current = None if missing else _current_fingerprint(where.absolute(), cache)
+    current = None if missing else _current_fingerprint(where.absolute(), cache, carries_documents(entry["role"]))
     about.update(stale=missing or current != entry.get("fingerprint"), missing=missing, remote=False)
     origin = None
     if "artifact" in entry:  # e.g. OUT/kept of the apply output OUT: OUT's inputs are recorded relative to OUT
@@ -444,13 +480,24 @@ def _bundled_name(path: str) -> str | None:
         return None
 
 
+def carries_documents(role: str) -> bool:
+    """Whether an input of this role is where the documents came from (not a classifier, encoder or tokenizer, whose
+    own training data is not in the output)."""
+    return role in ("documents", "train", "validation") or role.startswith("data:")
+
+
+def _document_inputs(record: dict) -> list[dict]:
+    return [e for e in record.get("inputs") or [] if carries_documents(e["role"])]
+
+
 def source_datasets(entries: list[dict], roles: Iterable[str] | None = None) -> list[str]:
-    """Hub dataset ids at the raw end of the recorded inputs (followed through embedded records), in order."""
+    """Hub dataset ids at the raw end of the recorded inputs, followed upstream through the inputs that carry
+    documents (an upstream apply's classifier and its labels are not a source of the documents), in order."""
     found: list[str] = []
 
     def walk(items):
         for entry in items:
-            upstream = (entry.get("provenance") or {}).get("inputs")
+            upstream = _document_inputs(entry.get("provenance") or {})
             if upstream:
                 walk(upstream)
             else:
@@ -468,7 +515,7 @@ def source_licenses(entries: list[dict], roles: Iterable[str] | None = None) -> 
     for entry in entries:
         if roles is not None and entry["role"] not in roles:
             continue
-        upstream = (entry.get("provenance") or {}).get("inputs")
+        upstream = _document_inputs(entry.get("provenance") or {})
         found = source_licenses(upstream) if upstream else [
             BUNDLED_LICENSES.get(_bundled_name(entry["path"]) or "")
             or KNOWN_DATASET_LICENSES.get(hub_dataset_id(entry["path"]) or "")]
@@ -671,7 +718,10 @@ def dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping |
     licences = [source_license] if source_license else source_licenses(entries, roles=("documents",))
     if not licences and per_doc:
         licences = sorted(per_doc)
-    card_license = licences[0] if len(licences) == 1 else ("other" if licences else None)
+    # the hub takes only its own licence ids in a card's metadata (lowercase: "mit", "apache-2.0"); others are
+    # "other", named in the card's text
+    hub_ids = {lic.lower() for lic in licences if lic.lower() in HUB_LICENSES}
+    card_license = hub_ids.pop() if len(licences) == 1 and hub_ids else ("other" if licences else None)
     kept = stats["kept"]
     n_in, t_in = max(1, stats["in"]["documents"]), max(1, stats["in"]["tokens"])
     data = DatasetCardData(

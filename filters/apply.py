@@ -667,6 +667,7 @@ def run_apply(
         at_once = workers if executor == "ray" else local_workers
         stats = ex.run_here(stages, cfg.output, executor, at_once, console=console, verbose=verbose, ray=ray)
     if push_to_hub and stats is not None:
+        provenance.write_dataset_card(cfg.output, stats, repo_id=push_to_hub)  # loads from the hub, named after it
         url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
         console.print(f"uploaded to {url}")
     return stats

@@ -392,3 +392,79 @@ def test_the_ablation_records_its_inputs_and_report_names_them(chain):
     assert report["datasets"]["edu"]["made_by"] == "dataset" and report["datasets"]["all"]["made_by"] == "file"
     assert report["datasets"]["all"]["fingerprint"] == sha256(chain["pool"])
     assert report["datasets"]["edu"]["fingerprint"] == provenance.fingerprint(chain["dataset"] / "kept")["fingerprint"]
+
+
+# --- cards and fingerprints of chained and folder inputs ------------------------------------------------------------
+def test_a_dataset_filtered_from_another_names_only_where_its_documents_came_from(chain, tmp_path):
+    """B = apply of A/kept, A = apply of MIT code scored by a classifier trained on FineWeb (odc-by) labels: B's card
+    said `license: other` and FineWeb as a source, walking into A's classifier and its training data."""
+    from huggingface_hub import DatasetCard
+
+    code = REPO / "data/code/thealgorithms_unlabelled.jsonl"
+    rows = [dict(r, score=3.0, int_score=3) for r in read_documents([code], limit=3)]
+    stats = {"in": {"documents": 3, "tokens": 3}, "kept": {"documents": 3, "tokens": 3}, "removed": {}, "failed": {},
+             "adds_up": True, "settings": {"model": str(chain["classifier"]), "threshold": 1, "dedup": False}}
+    a, b = tmp_path / "A", tmp_path / "B"
+    write_documents(rows, a / "kept" / "00000.parquet")
+    provenance.record_provenance(a, kind="dataset", settings=stats["settings"],
+                                 inputs={"documents": [code], "classifier": chain["classifier"]})
+    write_documents(rows, b / "kept" / "00000.parquet")
+    provenance.record_provenance(b, kind="dataset", settings=stats["settings"],
+                                 inputs={"documents": [a / "kept"], "classifier": chain["classifier"]})
+    for out in (a, b):
+        provenance.write_dataset_card(out, stats)
+        card = DatasetCard.load(out / "README.md")
+        assert card.data.license == "mit" and not card.data.source_datasets, out.name
+
+
+def test_a_card_licence_is_one_the_hub_takes(tmp_path):
+    """Per-document `license` values as written (`MIT`) went into the metadata, which the hub refuses."""
+    from huggingface_hub import DatasetCard
+
+    stats = {"in": {"documents": 1, "tokens": 1}, "kept": {"documents": 1, "tokens": 1}, "removed": {}, "failed": {},
+             "adds_up": True, "settings": {"inputs": ["s3://b/x/"], "model": "m", "threshold": 3}}
+    for written, card_license in (("MIT", "mit"), ("Apache-2.0", "apache-2.0"), ("Proprietary (ACME)", "other")):
+        out = tmp_path / written.split()[0]
+        write_documents([{"id": "a", "text": "x", "license": written, "score": 4.0, "int_score": 4}],
+                        out / "kept" / "00000.parquet")
+        provenance.write_dataset_card(out, stats)
+        card = DatasetCard.load(out / "README.md")
+        assert card.data.license == card_license and written in card.text
+
+
+def test_a_document_folder_is_fingerprinted_by_the_files_the_readers_take(tmp_path):
+    """A model trained into the labels folder (or any notes beside the data) flagged the labels as changed in the
+    lineage of that very model."""
+    labels = tmp_path / "labels"
+    write_documents([{"id": "a", "text": "x", "score": 3}], labels / "part-0.jsonl")
+    artifact = tmp_path / "model"
+    artifact.mkdir()
+    provenance.record_provenance(artifact, kind="classifier", settings={}, inputs={"train": labels})
+    before = provenance.fingerprint(labels, documents=True)
+    (labels / "model").mkdir()
+    (labels / "model" / "model.bin").write_bytes(b"weights")
+    (labels / "NOTES.txt").write_text("labelled in May")
+    assert provenance.fingerprint(labels, documents=True) == before
+    assert provenance.fingerprint(labels) != before  # a model folder: every file counts
+    assert not lineage_json(artifact)["inputs"][0]["stale"]
+    write_documents([{"id": "a", "text": "edited", "score": 3}], labels / "part-0.jsonl")
+    assert lineage_json(artifact)["inputs"][0]["stale"]
+
+
+def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
+    """`train ann/` on a folder of `score` outputs, each with its sidecar record: the lineage stopped at the folder
+    (no annotator, prompt or source documents), while the same files named one by one showed them."""
+    folder = tmp_path / "ann"
+    for k in range(2):
+        part = write_documents([{"id": f"d{k}", "text": "x", "score": 3}], folder / f"part-{k}.jsonl")
+        record_annotations(part, WEB_TRAIN)
+    entry = provenance.describe_input("train", folder)
+    assert entry["provenance"]["kind"] == "folder"
+    assert [e["provenance"]["kind"] for e in entry["provenance"]["inputs"]] == ["annotations", "annotations"]
+    assert provenance.source_datasets([entry]) == ["HuggingFaceFW/fineweb-edu-llama3-annotations"]
+    artifact = tmp_path / "model"
+    artifact.mkdir()
+    provenance.record_provenance(artifact, kind="classifier", settings={}, inputs={"train": folder})
+    [node] = lineage_json(artifact)["inputs"]
+    assert node["kind"] == "folder" and [n["kind"] for n in node["inputs"]] == ["annotations", "annotations"]
+    assert all(child(n, "documents")["path"] == str(WEB_TRAIN) for n in node["inputs"])
