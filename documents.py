@@ -320,21 +320,29 @@ def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
     return DocumentError(f"{path}:{row}: cannot read the row ({type(error).__name__}: {one_line(str(error), 200)})")
 
 
-def _iter_parquet(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
-    """Rows of a Parquet file, one record batch at a time, so memory holds a batch, not the file; with `columns`
-    (the pq.ParquetFile -> the names of the columns to read), only those columns are read."""
+def iter_parquet_batches(path: str, columns: Callable | None = None,
+                         batch_size: int = PARQUET_BATCH_ROWS) -> Iterator[tuple[int, object]]:
+    """(number of its first row, record batch) of a local or remote Parquet file, so memory holds a batch, not the
+    file; with `columns` (the pq.ParquetFile -> the names of the columns to read), only those columns are read. A
+    file that cannot be read is a DocumentError naming it and the rows read."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
             chosen = columns(parquet) if columns else None
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=chosen):
-                for row in parquet_rows_or_errors(batch):
-                    lineno += 1
-                    if isinstance(row, Exception):
-                        raise _bad_row(path, lineno, row)
-                    yield lineno, row
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=chosen):
+                yield lineno + 1, batch
+                lineno += batch.num_rows
     except _read_errors(path) as e:
         raise _parquet_error(path, e, lineno) from None
+
+
+def _iter_parquet(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
+    """Rows of a Parquet file, one record batch at a time (see `iter_parquet_batches`)."""
+    for first, batch in iter_parquet_batches(path, columns):
+        for lineno, row in enumerate(parquet_rows_or_errors(batch), start=first):
+            if isinstance(row, Exception):
+                raise _bad_row(path, lineno, row)
+            yield lineno, row
 
 
 def hub_dataset_args(path: str) -> dict:

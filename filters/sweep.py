@@ -23,15 +23,20 @@ from edu_filter.classifiers.calibration import ROUND_CUTS, to_int_scores
 from edu_filter.documents import (
     MAX_SCORE,
     MIN_SCORE,
+    PARQUET_SUFFIXES,
     SCORE_RANGE,
     SCORES,
     DocumentError,
     InputError,
     check_writable_output,
     expand_paths,
+    _has_suffix,
     _progress,
     in_score_range,
+    is_hub_path,
+    iter_parquet_batches,
     iter_raw_rows,
+    parquet_rows,
 )
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
@@ -127,16 +132,27 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
                 return [c for c in wanted if c in names] + (["text"] if "text" in names and not counted_everywhere
                                                              else [])
 
-            rows = iter_raw_rows(path, columns=choose)
-            for lineno, row in rows:
-                meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
-                row = {**meta, **row}
-                if len(fields_seen) < 200:
-                    fields_seen.update(k for k in row if k != "metadata")
-                chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
-                if len(chunk) == CHUNK_ROWS:
-                    summary.add(*_columns(chunk))
-                    chunk = []
+            if _has_suffix(path, PARQUET_SUFFIXES) and not is_hub_path(path):
+                batches = iter_parquet_batches(path, columns=choose, batch_size=CHUNK_ROWS)
+            else:
+                batches = ((lineno, [row]) for lineno, row in iter_raw_rows(path))
+            for first, batch in batches:
+                values = _batch_values(batch, label_field, weight_field) if not isinstance(batch, list) else None
+                if values is not None:  # every value of the batch checked at once: summed without a Python row
+                    *arrays, has_count, has_weight = values
+                    counted[has_count] = counted[has_count] or f"{path}:{first}"
+                    weighted[has_weight] = weighted[has_weight] or f"{path}:{first}"
+                    summary.add(*arrays)
+                    continue
+                for lineno, row in enumerate(batch if isinstance(batch, list) else parquet_rows(batch), start=first):
+                    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+                    row = {**meta, **row}
+                    if len(fields_seen) < 200:
+                        fields_seen.update(k for k in row if k != "metadata")
+                    chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
+                    if len(chunk) == CHUNK_ROWS:
+                        summary.add(*_columns(chunk))
+                        chunk = []
             progress.advance(task)
     if chunk:
         summary.add(*_columns(chunk))
@@ -155,6 +171,52 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     summary.token_unit = "words" if counted[False] else "tokens"
     summary.weight_field = weight_field if weighted[True] else None
     return summary
+
+
+def _batch_values(batch, label_field: str | None, weight_field: str | None) -> tuple | None:
+    """(score, int_score, tokens, label (NaN: none), weight, has token counts, has weights) of a Parquet record
+    batch, or None when a value needs a look row by row (a null score or count, a label off the scale, a text
+    type): `_summary_values` then reads those rows and names the one at fault."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+
+    def numbers(name: str, nulls: bool = False):
+        if name not in names:
+            return None
+        column = batch.column(name)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)) or (
+                column.null_count and not nulls):
+            return None
+        return column.cast(pa.float64())
+
+    score, ints = numbers("score"), numbers("int_score")
+    counts = numbers("token_count")
+    if score is None or ints is None or counts is None or pc.any(pc.is_nan(score)).as_py():
+        return None  # no token counts: words are counted from the text row by row
+    label = pa.nulls(batch.num_rows, pa.float64())
+    for name in [label_field] if label_field else LABEL_FIELDS:
+        if name in names and not pa.types.is_null(batch.column(name).type):
+            column = numbers(name, nulls=True)
+            if column is None or pc.any(pc.is_nan(column)).as_py():
+                return None
+            label = pc.coalesce(label, column)
+    label = label.fill_null(math.nan).to_numpy(zero_copy_only=False)
+    given = label[~np.isnan(label)]
+    if ((given < MIN_SCORE) | (given > MAX_SCORE)).any():
+        return None
+    weight = numbers(weight_field) if weight_field and weight_field in names else None
+    if weight_field and weight_field in names and (
+            weight is None and batch.column(weight_field).null_count < batch.num_rows):
+        return None  # some rows without a weight, or weights that are not numbers
+    if weight is not None:
+        weight = weight.to_numpy(zero_copy_only=False)
+        if not (np.isfinite(weight).all() and (weight > 0).all()):
+            return None
+    return (score.to_numpy(zero_copy_only=False), ints.to_numpy(zero_copy_only=False).astype(np.int64),
+            counts.to_numpy(zero_copy_only=False), label,
+            np.ones(batch.num_rows) if weight is None else weight, True, weight is not None)
 
 
 def _may_hold_nulls(parquet, column: str) -> bool:

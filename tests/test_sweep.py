@@ -183,7 +183,7 @@ def test_parquet_is_summed_as_jsonl_is(tmp_path, token_count):
     column counted 0 words per row (the text was not read)."""
     import polars as pl
 
-    rows = scored_rows(500, seed=3)
+    rows = [dict(r, weight=1 + i % 3) for i, r in enumerate(scored_rows(500, seed=3))]
     if token_count == "all null":
         rows = [dict(r, token_count=None) for r in rows]
     pl.DataFrame(rows, schema_overrides={"token_count": pl.Int64}).write_parquet(tmp_path / "s.parquet")
@@ -192,8 +192,13 @@ def test_parquet_is_summed_as_jsonl_is(tmp_path, token_count):
     assert parquet["rows"] == jsonl["rows"] and parquet["cut_points"] == jsonl["cut_points"]
     assert parquet["token_unit"] == ("words" if token_count == "all null" else "tokens")
     assert parquet["rows"][0]["tokens"] > 0
+    assert parquet["weight_field"] == "weight"
     with pytest.raises(DocumentError, match=r"fields: .*id.*text"):  # the file's fields, not only those read
         run_sweep([str(tmp_path / "s.parquet")], tmp_path / "x", label_field="labl", show=False)
+    rows[321]["input_score"] = 7  # found by the batch's check, named by the row it is in
+    pl.DataFrame(rows, schema_overrides={"token_count": pl.Int64}).write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DocumentError, match=r"bad.parquet:322: label field 'input_score' is 7"):
+        run_sweep([str(tmp_path / "bad.parquet")], tmp_path / "y", show=False)
 
 
 def test_a_pinned_hub_models_cut_points_are_read_from_the_hub_cache(tmp_path, monkeypatch):
