@@ -62,6 +62,7 @@ def sweep_inputs(paths: list[str]) -> list[str]:
 
 SCORE_FIELDS = ("score", "int_score", "token_count", "metadata")  # read from every file; the text only without counts
 CHUNK_ROWS = 65_536  # rows summarised at a time
+FIELD_SAMPLE_ROWS = 1000  # rows of each file whose fields are listed when --label-field names none of them
 
 
 @dataclass
@@ -145,9 +146,9 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
                     summary.add(*arrays)
                     continue
                 for lineno, row in enumerate(batch if isinstance(batch, list) else parquet_rows(batch), start=first):
-                    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
-                    row = {**meta, **row}
-                    if len(fields_seen) < 200:
+                    if isinstance(row.get("metadata"), dict):  # datatrove's nesting
+                        row = {**row["metadata"], **row}
+                    if lineno <= FIELD_SAMPLE_ROWS and len(fields_seen) < 200:
                         fields_seen.update(k for k in row if k != "metadata")
                     chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
                     if len(chunk) == CHUNK_ROWS:
