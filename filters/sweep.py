@@ -150,6 +150,8 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
                         row = {**row["metadata"], **row}
                     if lineno <= FIELD_SAMPLE_ROWS and len(fields_seen) < 200:
                         fields_seen.update(k for k in row if k != "metadata")
+                    elif label_field in row:  # labels on a few late rows only
+                        fields_seen.add(label_field)
                     chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
                     if len(chunk) == CHUNK_ROWS:
                         summary.add(*_columns(chunk))
