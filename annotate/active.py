@@ -47,6 +47,7 @@ UNIFORM_SHARE = 0.2  # of each round's draw spread uniformly over the remaining 
 SHARPNESS = 2  # the priority is P(label >= threshold) to this power
 CLUSTERS = 16
 CLUSTER_DIMENSIONS = 32  # principal components the clusters are found in
+PCA_FIT_ROWS = 20_000  # rows the components are fitted on (a larger pool is projected in blocks of this size)
 
 
 def round_sizes(budget: int, rounds: int, seed_size: int | None) -> list[int]:
@@ -56,13 +57,15 @@ def round_sizes(budget: int, rounds: int, seed_size: int | None) -> list[int]:
     if rounds < 1:
         raise ValueError("--rounds must be >= 1")
     if rounds == 1:
+        if seed_size is not None:
+            raise ValueError("--seed-size is the first of several rounds: with --rounds 1 leave it out")
         return [budget]
     seed = math.ceil(budget / rounds) if seed_size is None else seed_size
     if not 1 <= seed <= budget:
         raise ValueError(f"--seed-size must be between 1 and the budget ({budget}), got {seed}")
-    rest, later = budget - seed, rounds - 1
-    sizes = [seed] + [rest // later + (k < rest % later) for k in range(later)]
-    return [n for n in sizes if n > 0]
+    rest = budget - seed
+    later = min(rounds - 1, rest)  # rounds beyond the budget would be empty (and --rounds 10**9 a list of 10**9)
+    return [seed] + [rest // later + (k < rest % later) for k in range(later)]
 
 
 def inclusion_probabilities(priority: np.ndarray, n: int, uniform_share: float) -> np.ndarray:
@@ -132,7 +135,12 @@ def cluster_labels(embeddings: np.ndarray, seed: int) -> np.ndarray:
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     with threadpool_limits(1):
-        reduced = PCA(min(CLUSTER_DIMENSIONS, n, embeddings.shape[1]), random_state=seed).fit_transform(embeddings)
+        pca = PCA(min(CLUSTER_DIMENSIONS, n, embeddings.shape[1]), random_state=seed)
+        if n <= PCA_FIT_ROWS:
+            reduced = pca.fit_transform(embeddings)
+        else:  # fitted on a sample, applied in blocks: no centred copy of the whole pool's embeddings
+            pca.fit(embeddings[np.sort(np.random.default_rng(seed).choice(n, PCA_FIT_ROWS, replace=False))])
+            reduced = np.concatenate([pca.transform(embeddings[i:i + PCA_FIT_ROWS]) for i in range(0, n, PCA_FIT_ROWS)])
         return KMeans(k, n_init=1, random_state=seed).fit_predict(reduced).astype(np.int64)
 
 
@@ -189,7 +197,8 @@ class ActiveSelector:
             fitted = self._fit(labels)
             if fitted is not None:
                 head, cut_points, sigma = fitted
-                predictions = (self.x[remaining] @ head[0]).astype(np.float64) + head[1]
+                # (x @ w)[remaining], not x[remaining] @ w: the latter copies every unchosen embedding first
+                predictions = (self.x @ head[0])[remaining].astype(np.float64) + head[1]
                 priority = priorities(predictions, cut_points[self.threshold - 1], sigma)
         share = 1.0 if round_index == 0 else self.uniform_share
         pi = inclusion_probabilities(priority, n, share)

@@ -79,11 +79,30 @@ def test_round_sizes_and_probabilities():
     assert round_sizes(7, 3, None) == [3, 2, 2] and sum(round_sizes(101, 4, 50)) == 101
     with pytest.raises(ValueError, match="--seed-size"):
         round_sizes(10, 3, 11)
+    assert round_sizes(5, 10**9, 2) == [2, 1, 1, 1]  # rounds beyond the budget are none (not a list of 10**9)
+    with pytest.raises(ValueError, match="--seed-size .* --rounds 1"):  # read by nothing: refused
+        round_sizes(10, 1, 5)
     priority = np.r_[np.full(10, 100.0), np.ones(90)]
     pi = inclusion_probabilities(priority, 20, uniform_share=0.3)
     assert pi.sum() == pytest.approx(20) and pi.max() <= 1.0
     assert (pi[:10] == 1.0).all()  # the share of the high-priority ones exceeds 1: taken for sure
     assert pi[10:].min() >= 0.3 * 20 / 100  # the uniform share is a floor: no weight can explode
+
+
+def test_a_large_pool_is_clustered_from_a_sample_of_its_rows():
+    """PCA over the whole pool copied and centred every embedding; above PCA_FIT_ROWS it is fitted on a sample and
+    applied in blocks, and still separates what is apart."""
+    from edu_filter.annotate.active import PCA_FIT_ROWS, cluster_labels
+
+    rng = np.random.default_rng(0)
+    n = PCA_FIT_ROWS + 5000
+    centres = rng.normal(0, 10, (4, 48)).astype(np.float32)
+    truth = rng.integers(0, 4, n)
+    embeddings = centres[truth] + rng.normal(0, 0.5, (n, 48)).astype(np.float32)
+    labels = cluster_labels(embeddings, seed=0)
+    assert labels.shape == (n,) and labels.min() >= 0
+    for c in range(4):  # every cluster found lies within one true group
+        assert len(set(truth[labels == c])) <= 1
 
 
 def test_systematic_sample_has_exactly_the_inclusion_probabilities_it_is_given():
