@@ -43,6 +43,36 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     assert metrics["spearman"] > 0.2  # held out: weak but real
 
 
+def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsys):
+    """Labels with repeated texts (a second annotation pass appended) put copies in training and validation: the
+    validation metrics scored documents the model was fitted on. Each text is now one row with its mean label, and
+    --val texts are left out of training."""
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.documents import write_documents
+    from edu_filter.train.classifier import merge_repeated_texts, train_classifier
+
+    rows = read_documents([CODE_LABELS], label_field="score")
+    doubled = write_documents([{**r, "id": f"{r['id']}-{k}", "score": r["label"] if k else min(5, r["label"] + 1)}
+                               for k in range(2) for r in rows], tmp_path / "doubled.jsonl")
+    merged, weights = merge_repeated_texts(read_documents([doubled], label_field="score"), None, "DATA")
+    assert len(merged) == len(rows) and weights is None
+    assert [m["label"] for m in merged[:5]] == [min(5, r["label"] + 1) / 2 + r["label"] / 2 for r in rows[:5]]
+    _, w = merge_repeated_texts(read_documents([doubled], label_field="score"), np.arange(1, 2 * len(rows) + 1.0),
+                                "DATA")
+    assert w[0] == 1 + len(rows) + 1  # the weights of the repeats add up
+    settings = FastTextSettings(epoch=3, max_chars=2000)
+    metrics = train_classifier([str(doubled)], tmp_path / "ft", kind="code", method="fasttext", fasttext=settings,
+                               learning_curve=False)
+    assert metrics["training"]["n_train"] + metrics["n"] == len(rows)
+    assert "561 documents repeat the text of another" in " ".join(capsys.readouterr().err.split())
+    val = write_documents([{**r, "score": r["label"]} for r in rows[:100]], tmp_path / "val.jsonl")
+    metrics = train_classifier([str(doubled)], tmp_path / "ft-val", kind="code", method="fasttext",
+                               fasttext=settings, val=[str(val)], learning_curve=False)
+    assert "100 training documents are also in --val: left out of training" in " ".join(
+        capsys.readouterr().err.split())
+    assert metrics["training"]["n_train"] == len(rows) - 100 and metrics["n"] == 100
+
+
 def test_fasttext_predict_matches_label_probabilities(tmp_path):
     """The expected value equals sum(p_k * k) from fastText's own probabilities."""
     from edu_filter.classifiers.fasttext_model import FastTextRegressor, FastTextSettings, fasttext_line

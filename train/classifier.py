@@ -42,7 +42,14 @@ from edu_filter.classifiers.metrics import (
     print_metrics,
     print_warnings,
 )
-from edu_filter.documents import check_not_empty, check_writable_output, read_documents, row_weights, weight_summary
+from edu_filter.documents import (
+    check_not_empty,
+    check_writable_output,
+    read_documents,
+    row_weights,
+    text_hash,
+    weight_summary,
+)
 
 METHODS = ("head", "finetune", "fasttext")
 # chunk-max scores each chunk and takes the max, which a head fitted on one vector per document does not learn; it
@@ -152,6 +159,33 @@ def clear_folder(folder: Path) -> None:
             entry.unlink()
 
 
+def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None, what: str) -> tuple[list[dict], np.ndarray | None]:
+    """One row per distinct text, its label the (weighted) mean of the rows that repeat it and its weight their sum:
+    a text on both sides of a split (a re-annotation pass appended, mirrored pages) made validation and cross-
+    validation score documents the model was fitted on (Spearman 0.39 -> 0.81 with the bundled labels doubled)."""
+    first: dict[str, int] = {}
+    groups: list[list[int]] = []
+    for i, r in enumerate(rows):
+        key = text_hash(r["text"])
+        if key in first:
+            groups[first[key]].append(i)
+        else:
+            first[key] = len(groups)
+            groups.append([i])
+    if len(groups) == len(rows):
+        return rows, weights
+    w = np.ones(len(rows)) if weights is None else weights
+    merged = []
+    for members in groups:
+        row = dict(rows[members[0]])
+        if len(members) > 1:
+            row["label"] = float(np.average([rows[i]["label"] for i in members], weights=w[members]))
+        merged.append(row)
+    console.print(f"[yellow]{what}: {len(rows) - len(groups)} documents repeat the text of another; each text is "
+                  "trained and validated once, with the mean of its labels[/]")
+    return merged, None if weights is None else np.array([w[m].sum() for m in groups])
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train/validation indices with every integer score represented in proportion (rare scores merged down)."""
     from sklearn.model_selection import train_test_split
@@ -217,10 +251,16 @@ def train_classifier(
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
-    weights = row_weights(rows, cfg.weight_field)
+    rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
         val_rows = read_documents(val, label_field=label_field, require_label=True, limit=limit)
-        train_rows, w_train, w_val = rows, weights, row_weights(val_rows, cfg.weight_field)
+        val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
+        held = {text_hash(r["text"]) for r in val_rows}
+        kept = [i for i, r in enumerate(rows) if text_hash(r["text"]) not in held]
+        if len(kept) < len(rows):
+            console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
+                          "training, so the validation metrics are of documents the model did not see[/]")
+        train_rows, w_train = [rows[i] for i in kept], None if weights is None else weights[kept]
     else:
         labels = np.array([r["label"] for r in rows])
         train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
