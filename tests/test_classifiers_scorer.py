@@ -91,6 +91,42 @@ def test_saved_folder_loads_with_automodel(web_model, web_texts):
     np.testing.assert_allclose(logits[:, 0].numpy(), scores, atol=1e-4)
 
 
+def test_an_encoder_whose_tokenizer_adds_no_special_tokens_saves_one_that_frames_as_the_scorer(
+        tmp_path, minilm_path, embedding_cache_dir, web_texts):
+    """starencoder's tokenizer adds no [CLS]/[SEP]; the scorer adds them by hand. The saved tokenizer did not, so
+    the plain AutoTokenizer + AutoModelForSequenceClassification recipe read other sequences than the model was
+    calibrated on (scores moved by up to 0.16). A MiniLM whose tokenizer lost its post-processor stands in."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edu_filter.train.classifier import train_classifier
+
+    from transformers import PreTrainedTokenizerFast
+
+    encoder = tmp_path / "bare-encoder"
+    shutil.copytree(minilm_path, encoder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (encoder / name).unlink(missing_ok=True)
+    backend = AutoTokenizer.from_pretrained(minilm_path).backend_tokenizer
+    backend.post_processor = None  # a generic fast tokenizer adding nothing, as starencoder's
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    bare.save_pretrained(encoder)
+    assert AutoTokenizer.from_pretrained(encoder)("hello world")["input_ids"] == bare(
+        "hello world", add_special_tokens=False)["input_ids"]
+    out = tmp_path / "model"
+    train_classifier([str(WEB_VAL)], out, kind="web", encoder=str(encoder), max_length=64, limit=60,
+                     cache_dir=str(embedding_cache_dir), learning_curve=False)
+    model = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    batch = tokenizer(web_texts[:4], truncation=True, padding=True, return_tensors="pt")
+    assert batch["input_ids"][0, 0].item() == tokenizer.convert_tokens_to_ids("[CLS]")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    scores, _ = load_scorer(out).predict(web_texts[:4], long_docs="truncate")
+    np.testing.assert_allclose(logits[:, 0].numpy(), scores, atol=1e-4)
+
+
 def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
     """A stock BertForSequenceClassification with one logit and no calibration: round-and-clip, like FineWeb-Edu."""
     from transformers import AutoTokenizer, BertForSequenceClassification

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from edu_filter import provenance
 from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points, to_int_scores
-from edu_filter.classifiers.encoders import KINDS, encoder_hub_id
+from edu_filter.classifiers.encoders import KINDS, SequenceFramer, encoder_hub_id
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 from edu_filter.classifiers.fasttext_model import MODEL_FILE as FASTTEXT_MODEL
 from edu_filter.classifiers.fasttext_model import FastTextSettings
@@ -348,8 +348,29 @@ def save_model(trained: TrainedModel, output: Path) -> None:
     users of the plain transformers recipe)."""
     trained.model.save_pretrained(output)
     if trained.frozen is not None:
-        trained.frozen.tokenizer.model_max_length = trained.frozen.max_length
-        trained.frozen.tokenizer.save_pretrained(output)
+        tokenizer = trained.frozen.tokenizer
+        tokenizer.model_max_length = trained.frozen.max_length
+        frame_like_the_scorer(tokenizer)
+        tokenizer.save_pretrained(output)
+
+
+def frame_like_the_scorer(tokenizer) -> None:
+    """A tokenizer that adds no special tokens itself (starencoder's), where the scorer frames every sequence with
+    [CLS] ... [SEP] by hand, gets a post-processor that adds them: `AutoTokenizer` + `AutoModelForSequenceClassification`
+    then read what the model was trained and calibrated on (unframed, scores moved by up to 0.16)."""
+    from tokenizers import processors
+
+    framer = SequenceFramer(tokenizer)
+    if tokenizer("a")["input_ids"] == framer(tokenizer("a", add_special_tokens=False)["input_ids"]):
+        return
+    if not getattr(tokenizer, "is_fast", False) or len(framer.prefix) != 1 or len(framer.suffix) != 1:
+        raise ValueError(f"{type(tokenizer).__name__} frames sequences in a way edu-filter cannot save")
+    cls, sep = (tokenizer.convert_ids_to_tokens(i) for i in (framer.prefix[0], framer.suffix[0]))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+        special_tokens=[(cls, framer.prefix[0]), (sep, framer.suffix[0])])
+    if tokenizer("a")["input_ids"] != framer(tokenizer("a", add_special_tokens=False)["input_ids"]):
+        raise ValueError(f"{type(tokenizer).__name__} does not take the [CLS] ... [SEP] framing")
 
 
 def _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg) -> np.ndarray:
