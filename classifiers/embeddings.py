@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,22 +59,25 @@ class EmbeddingCache:
 
     def get(self, setting: str, hashes: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
+        for part in self.get_parts(setting, hashes):
+            found.update(part)
+        return found
+
+    def get_parts(self, setting: str, hashes: list[str], size: int = 500) -> Iterator[dict[str, np.ndarray]]:
+        """The cached vectors of `hashes`, `size` hashes' worth at a time: a caller placing each part where it goes
+        never holds the whole cache's answer beside its result (twice the embeddings' memory at 500k labels)."""
         if self.unusable is not None:
-            return found
+            return
         try:
             with self._connect() as db:
-                for start in range(0, len(hashes), 500):
-                    part = hashes[start : start + 500]
+                for start in range(0, len(hashes), size):
+                    part = hashes[start : start + size]
                     marks = ",".join("?" * len(part))
-                    for h, blob in db.execute(
+                    yield {h: np.frombuffer(blob, dtype=np.float32) for h, blob in db.execute(
                         f"SELECT text_hash, vector FROM embeddings WHERE setting = ? AND text_hash IN ({marks})",
-                        [setting, *part],
-                    ):
-                        found[h] = np.frombuffer(blob, dtype=np.float32)
+                        [setting, *part])}
         except sqlite3.Error as e:
             self._skip(e)
-            return {}
-        return found
 
     def put(self, setting: str, vectors: dict[str, np.ndarray]) -> None:
         if self.unusable is not None:
@@ -111,10 +115,11 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
                 out = np.empty((len(texts), len(v)), dtype=np.float32)
             out[positions[h]] = v
 
-    found = cache.get(setting, sorted(positions)) if cache is not None else {}
-    place(found)
+    found: set[str] = set()
+    for part in cache.get_parts(setting, sorted(positions)) if cache is not None else ():
+        place(part)
+        found.update(part)
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
-    del found
     if missing:
         from concurrent.futures import ThreadPoolExecutor
 
