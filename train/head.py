@@ -52,12 +52,16 @@ def curve_fit_predict(cfg: ClassifierTrainConfig, frozen: FrozenEncoder, texts: 
                       weights=None) -> FitPredict:
     """The learning curve's refit: the ridge head on a subset's cached embeddings, cut points from its out-of-fold
     predictions."""
-    x = frozen.embed(texts).astype(np.float64)
+    x = frozen.embed(texts)  # float32: the fit reads it in float64 blocks (a float64 copy of every subset took 4.4x
+    #                           the embeddings' memory at the curve's largest point)
 
     def fit_predict(subset, held):
         (weight, bias), oof, _, _ = fit_ridge_head(x[subset], y[subset], cfg.folds, cfg.seed,
                                                    weights=take(weights, subset))
         cuts = fit_cut_points(oof, y[subset], min_positives=cfg.min_positives, weights=take(weights, subset))
-        return x[held] @ weight + bias, cuts
+        held = np.asarray(held)
+        pred = np.concatenate([x[held[i:i + 4096]].astype(np.float64) @ weight for i in range(0, len(held), 4096)]
+                              ) if len(held) else np.zeros(0)
+        return pred + bias, cuts
 
     return fit_predict
