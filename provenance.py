@@ -645,6 +645,11 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
             "    scores = model(**inputs).logits.squeeze(-1)  # raw educational score",
             "```",
             "",
+            *([f"This reads each document's first {config.get('max_length')} tokens only. The model was trained and "
+               f"calibrated on `{config.get('long_docs')}` scores (every chunk of a long document), so only "
+               "`load_scorer` below gives the scores its cut points fit."]
+              if config.get("long_docs") not in (None, "truncate") else []),
+            "",
             "With edu-filter (calibrated `int_score`, long-document handling, datatrove):",
             "",
             "```python",

@@ -549,3 +549,18 @@ def test_validation_metrics_take_no_cut_point_from_the_validation_labels(tmp_pat
         how.append(metrics["training"].get("metric_cut_points"))
     assert predicted[0] == predicted[1]
     assert how == ["out-of-fold training predictions"] * 2
+
+
+def test_a_chunk_mean_models_card_says_the_plain_recipe_reads_the_first_chunk(tmp_path, minilm_path,
+                                                                           embedding_cache_dir):
+    """The card gave the AutoModel recipe without a word: it scores the first chunk only, while the cut points were
+    fitted on chunk-mean scores (int_score differed on 20% of long documents)."""
+    from edu_filter.train.classifier import train_classifier
+
+    options = {"encoder": minilm_path, "max_length": 64, "limit": 60, "cache_dir": str(embedding_cache_dir),
+               "learning_curve": False}
+    train_classifier([str(WEB_TRAIN)], tmp_path / "mean", kind="web", long_docs="chunk-mean", **options)
+    train_classifier([str(WEB_TRAIN)], tmp_path / "first", kind="web", **options)
+    mean, first = (" ".join((tmp_path / m / "README.md").read_text().split()) for m in ("mean", "first"))
+    assert "reads each document's first 64 tokens only" in mean and "`chunk-mean` scores" in mean
+    assert "first 64 tokens only" not in first
