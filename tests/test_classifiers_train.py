@@ -124,6 +124,24 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir)
 
 
 @pytest.mark.slow
+def test_fine_tuning_holds_token_ids_packed(minilm_path):
+    """Every sequence as Python ints took 42 B a token (~8 GB at 500k documents); packed int32 with offsets, made a
+    block of texts at a time, they are the same ids."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
+    from edu_filter.classifiers.scorer import EduScorer
+    from edu_filter.train.finetune import packed_sequences
+
+    encoder = AutoModel.from_pretrained(minilm_path)
+    model = EduClassifierForSequenceClassification(EduClassifierConfig(encoder_config=encoder.config.to_dict()), encoder)
+    scorer = EduScorer(model, AutoTokenizer.from_pretrained(minilm_path), max_length=32)
+    texts = [r["text"] for r in read_documents([WEB_TRAIN], label_field="score")[:7]] + ["", "short"]
+    ids, offsets = packed_sequences(scorer, texts, block=3)
+    assert ids.dtype == np.int32 and len(offsets) == len(texts) + 1
+    assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == scorer.token_sequences(texts)
+
+
 def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(tmp_path, minilm_path):
     """On a GPU the encoder computes in bfloat16 while training (as apply scores there); on a CPU it may be asked
     for. Its vectors are close to float32's but cached apart, fine-tuning trains under autocast, and the saved

@@ -4,6 +4,7 @@ fine-tune: the head starts from the ridge, so the encoder is not pulled about by
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,19 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen)
 
 
+def packed_sequences(scorer, texts: list[str], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids `scorer` reads of every text (truncate mode), as one int32 array and each text's offsets into it,
+    tokenized `block` texts at a time: as Python lists they took 42 B a token (~8 GB for 500k documents of 512)."""
+    parts, lengths = [], []
+    for start in range(0, len(texts), block):
+        sequences = scorer.token_sequences(texts[start:start + block])
+        lengths.extend(map(len, sequences))
+        parts.append(np.fromiter(itertools.chain.from_iterable(sequences), np.int32))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), offsets
+
+
 def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
              autocast=contextlib.nullcontext) -> str | None:
     """Train every weight of `scorer.model` with MSE on the sequences it scores in truncate mode (the first
@@ -39,7 +53,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     model, device = scorer.model, scorer.device
-    sequences = scorer.token_sequences(texts)
+    ids, offsets = packed_sequences(scorer, texts)
     pad_id = scorer.tokenizer.pad_token_id
     model.to(device).train()
     optimizer = torch.optim.AdamW(
@@ -49,7 +63,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
         ],
         weight_decay=0.01,
     )
-    steps_per_epoch = (len(sequences) + cfg.train_batch_size - 1) // cfg.train_batch_size
+    steps_per_epoch = (len(texts) + cfg.train_batch_size - 1) // cfg.train_batch_size
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -65,10 +79,10 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     ) as progress:
         task = progress.add_task("fine-tuning", total=total, loss=float("nan"))
         for _ in range(cfg.epochs):
-            order = rng.permutation(len(sequences))
+            order = rng.permutation(len(texts))
             for start in range(0, len(order), cfg.train_batch_size):
                 batch = order[start : start + cfg.train_batch_size]
-                input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
+                input_ids, attention_mask = pad_batch([ids[offsets[i]:offsets[i + 1]] for i in batch], pad_id)
                 with autocast():
                     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
                     errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
