@@ -184,6 +184,8 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
     import pyarrow.compute as pc
 
     names = batch.schema.names
+    if "metadata" in names and batch.column("metadata").null_count < batch.num_rows:
+        return None  # datatrove's nesting: the row path merges it
 
     def numbers(name: str, nulls: bool = False):
         if name not in names:
@@ -196,8 +198,9 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
 
     score, ints = numbers("score"), numbers("int_score")
     counts = numbers("token_count")
-    if score is None or ints is None or counts is None or pc.any(pc.is_nan(score)).as_py():
-        return None  # no token counts: words are counted from the text row by row
+    if score is None or ints is None or counts is None or any(
+            not pc.all(pc.is_finite(c)).as_py() for c in (score, ints, counts)):
+        return None  # no token counts (words are counted from the text), or a value the row path names
     label = pa.nulls(batch.num_rows, pa.float64())
     for name in [label_field] if label_field else LABEL_FIELDS:
         if name in names and not pa.types.is_null(batch.column(name).type):
@@ -218,7 +221,7 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
         if not (np.isfinite(weight).all() and (weight > 0).all()):
             return None
     return (score.to_numpy(zero_copy_only=False), ints.to_numpy(zero_copy_only=False).astype(np.int64),
-            counts.to_numpy(zero_copy_only=False), label,
+            np.trunc(counts.to_numpy(zero_copy_only=False)), label,  # whole tokens, as int() in the row path
             np.ones(batch.num_rows) if weight is None else weight, True, weight is not None)
 
 
@@ -244,7 +247,12 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
                             f"{' and '.join(has) or 'neither'}); run `edu-filter apply` first")
     has_count = row.get("token_count") is not None
     counted[has_count] = counted[has_count] or where
-    tokens = int(row["token_count"]) if has_count else len(str(row.get("text", "")).split())
+    try:
+        ints = int(row["int_score"])
+        tokens = int(row["token_count"]) if has_count else len(str(row.get("text", "")).split())
+    except (TypeError, ValueError, OverflowError):
+        raise DocumentError(f"{where}: int_score {row['int_score']!r} and token_count {row.get('token_count')!r} "
+                            "must be whole numbers") from None
     field_name = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
     label = row.get(field_name) if field_name else None
     if label is not None:
@@ -265,7 +273,7 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
         if not (math.isfinite(weight) and weight > 0):
             raise InputError(f"{where}: '{weight_field}' is {row.get(weight_field)!r}: inclusion weights must be "
                              "positive numbers")
-    return float(row["score"]), int(row["int_score"]), tokens, math.nan if label is None else label, weight or 1.0
+    return float(row["score"]), ints, tokens, math.nan if label is None else label, weight or 1.0
 
 
 def _columns(chunk: list[tuple]) -> tuple[np.ndarray, ...]:

@@ -215,3 +215,22 @@ def test_a_pinned_hub_models_cut_points_are_read_from_the_hub_cache(tmp_path, mo
     out = fake_apply_output(tmp_path, scored_rows(50), f"edu/clf@{commit}")
     result = run_sweep([str(out)], tmp_path / "sw", show=False)
     assert result["cut_points"] == cuts and result["cut_points_from"] == f"model edu/clf@{commit}"
+
+
+def test_parquet_read_in_batches_agrees_with_rows_on_odd_columns(tmp_path):
+    """The batch path read top-level columns only: labels in a datatrove `metadata` struct were lost; a NaN
+    int_score went into bin 0 and a NaN token_count added -2**63 tokens; fractional counts were not whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = {"score": [0.4, 2.6, 4.9], "int_score": [0, 3, 5], "token_count": [2.5, 1.5, 3.5]}
+    nested = pa.table({**base, "metadata": [{"input_score": 1}, {"input_score": 3}, {"input_score": 5}]})
+    pq.write_table(nested, tmp_path / "nested.parquet")
+    rows = [{k: v[i] for k, v in base.items()} | {"metadata": {"input_score": [1, 3, 5][i]}} for i in range(3)]
+    from_parquet = run_sweep([str(tmp_path / "nested.parquet")], tmp_path / "p", show=False)
+    from_rows = run_sweep([str(write_jsonl(tmp_path / "nested.jsonl", rows))], tmp_path / "j", show=False)
+    assert from_parquet["labelled"] == 3 and from_parquet["rows"] == from_rows["rows"]
+    assert from_parquet["rows"][0]["tokens"] == 2 + 1 + 3  # whole tokens
+    pq.write_table(pa.table({**base, "int_score": [0.0, float("nan"), 5.0]}), tmp_path / "nan.parquet")
+    with pytest.raises(DocumentError, match=r"nan.parquet:2: int_score nan .* must be whole numbers"):
+        run_sweep([str(tmp_path / "nan.parquet")], tmp_path / "n", show=False)
