@@ -271,8 +271,14 @@ def _recorded_parts(folder: Path) -> list[dict]:
         names = data_files_in(str(folder), (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()))
     except InputError:
         return []
-    recorded = [folder / name for name in names if provenance_path(folder / name).is_file()]
-    return [describe_input("documents", part) for part in recorded]
+    parts = []
+    for name in names:
+        if provenance_path(folder / name).is_file():
+            try:
+                parts.append(describe_input("documents", folder / name))
+            except ProvenanceError:  # an unreadable sidecar: that part goes unrecorded, the folder is still read
+                continue
+    return parts
 
 
 def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -> list[dict]:
@@ -394,8 +400,13 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
     if record is None and not missing:  # a record written after this input was used still tells its origin
         found = read_provenance(where)
         record = found[0] if found else None
-    current = None if missing else _current_fingerprint(where.absolute(), cache, carries_documents(entry["role"]))
-    about.update(stale=missing or current != entry.get("fingerprint"), missing=missing, remote=False)
+    documents = carries_documents(entry["role"])
+    current = None if missing else _current_fingerprint(where.absolute(), cache, documents)
+    changed = missing or current != entry.get("fingerprint")
+    if changed and not missing and documents and where.is_dir():
+        # recorded before document folders were fingerprinted by their data files alone: every file counted then
+        changed = _current_fingerprint(where.absolute(), cache, False) != entry.get("fingerprint")
+    about.update(stale=changed, missing=missing, remote=False)
     origin = None
     if "artifact" in entry:  # e.g. OUT/kept of the apply output OUT: OUT's inputs are recorded relative to OUT
         about["artifact"] = entry["artifact"]

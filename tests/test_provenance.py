@@ -449,6 +449,11 @@ def test_a_document_folder_is_fingerprinted_by_the_files_the_readers_take(tmp_pa
     assert not lineage_json(artifact)["inputs"][0]["stale"]
     write_documents([{"id": "a", "text": "edited", "score": 3}], labels / "part-0.jsonl")
     assert lineage_json(artifact)["inputs"][0]["stale"]
+    # a record made when every file of the folder counted still reads as unchanged
+    record = json.loads((artifact / "provenance.json").read_text())
+    record["inputs"][0]["fingerprint"] = provenance.fingerprint(labels)["fingerprint"]
+    (artifact / "provenance.json").write_text(json.dumps(record))
+    assert not lineage_json(artifact)["inputs"][0]["stale"]
 
 
 def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
@@ -468,3 +473,6 @@ def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
     [node] = lineage_json(artifact)["inputs"]
     assert node["kind"] == "folder" and [n["kind"] for n in node["inputs"]] == ["annotations", "annotations"]
     assert all(child(n, "documents")["path"] == str(WEB_TRAIN) for n in node["inputs"])
+    provenance.provenance_path(folder / "part-1.jsonl").write_text("{not json")  # an unreadable sidecar
+    assert [e["path"] for e in provenance.describe_input("train", folder)["provenance"]["inputs"]] == [
+        str(folder / "part-0.jsonl")]

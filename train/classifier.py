@@ -160,9 +160,10 @@ def clear_folder(folder: Path) -> None:
 
 
 def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None, what: str) -> tuple[list[dict], np.ndarray | None]:
-    """One row per distinct text, its label the (weighted) mean of the rows that repeat it and its weight their sum:
-    a text on both sides of a split (a re-annotation pass appended, mirrored pages) made validation and cross-
-    validation score documents the model was fitted on (Spearman 0.39 -> 0.81 with the bundled labels doubled)."""
+    """One row per distinct text, its label the (weighted) mean of the rows that repeat it, its inclusion weight their
+    mean: a text counts once, weighted or not (a re-annotation pass appended labels the same document again). A
+    text on both sides of a split made validation and cross-validation score documents the model was fitted on
+    (Spearman 0.39 -> 0.81 with the bundled labels doubled)."""
     first: dict[str, int] = {}
     groups: list[list[int]] = []
     for i, r in enumerate(rows):
@@ -183,7 +184,7 @@ def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None, what: str
         merged.append(row)
     console.print(f"[yellow]{what}: {len(rows) - len(groups)} documents repeat the text of another; each text is "
                   "trained and validated once, with the mean of its labels[/]")
-    return merged, None if weights is None else np.array([w[m].sum() for m in groups])
+    return merged, None if weights is None else np.array([w[m].mean() for m in groups])
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,9 +252,11 @@ def train_classifier(
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
     rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
+    labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
         val_rows = read_documents(val, label_field=label_field, require_label=True, limit=limit)
+        labelled += val_rows
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
         held = {text_hash(r["text"]) for r in val_rows}
         kept = [i for i, r in enumerate(rows) if text_hash(r["text"]) not in held]
@@ -298,7 +301,7 @@ def train_classifier(
         "base_model": encoder_hub_id(info["encoder"]) if "encoder" in info else None,
         "config": config,
         "data": [{k: e.get(k) for k in ("role", "path", "fingerprint")} for e in inputs],
-        "labels": label_source(train_rows + val_rows, label_field),
+        "labels": label_source(labelled, label_field),
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
