@@ -13,8 +13,8 @@ import hashlib
 import itertools
 import math
 import os
-import re
 import random
+import re
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -145,6 +145,12 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     return found
 
 
+def folder_data_files(folder: Path) -> list[Path]:
+    """The data files under a local folder, as every reader takes them (`data_files_in`)."""
+    names = (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+    return [folder / name for name in data_files_in(str(folder), names)]
+
+
 def check_data_file(path: str) -> None:
     """A file named directly may also be plain .json; anything else is an error naming it."""
     if not _has_suffix(path, FILE_SUFFIXES):
@@ -169,8 +175,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             continue
         path = Path(p)
         if path.is_dir():
-            names = (f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
-            files.extend(str(path / name) for name in data_files_in(p, names))
+            files.extend(str(f) for f in folder_data_files(path))
         elif path.is_file():
             check_data_file(p)
             files.append(str(path))
@@ -336,9 +341,9 @@ def iter_parquet_batches(path: str, columns: Callable | None = None,
         raise _parquet_error(path, e, lineno) from None
 
 
-def _iter_parquet(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
+def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
     """Rows of a Parquet file, one record batch at a time (see `iter_parquet_batches`)."""
-    for first, batch in iter_parquet_batches(path, columns):
+    for first, batch in iter_parquet_batches(path):
         for lineno, row in enumerate(parquet_rows_or_errors(batch), start=first):
             if isinstance(row, Exception):
                 raise _bad_row(path, lineno, row)
@@ -378,14 +383,12 @@ def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
         yield i, dict(row)
 
 
-def iter_raw_rows(path: str, columns: Callable | None = None) -> Iterator[tuple[int, dict]]:
-    """(line or row number, row) pairs of one file, without any field checks; `columns` (a pq.ParquetFile -> column
-    names) chooses the columns a Parquet file is read for (the others are not read: a text column is most of a
-    corpus's bytes)."""
+def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """(line or row number, row) pairs of one file, without any field checks."""
     if is_hub_path(path):
         return _iter_hub(path)
     if _has_suffix(path, PARQUET_SUFFIXES):
-        return _iter_parquet(path, columns)
+        return _iter_parquet(path)
     return _iter_jsonl(path)
 
 

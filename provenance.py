@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edu_filter.documents import InputError, RunError, bundled_data, data_files_in
+from edu_filter.documents import InputError, RunError, bundled_data, folder_data_files
 
 PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
@@ -111,8 +111,7 @@ def _content_files(path: Path, documents: bool = False) -> list[Path]:
         return [path]
     if documents:
         try:
-            return [path / name for name in data_files_in(str(path), (
-                f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()))]
+            return folder_data_files(path)
         except InputError:  # no data files: what is there is the input
             pass
     files = []
@@ -268,14 +267,14 @@ def describe_input(role: str, path: str | os.PathLike) -> dict:
 def _recorded_parts(folder: Path) -> list[dict]:
     """The data files of a folder that have records of their own, as inputs (role `documents`)."""
     try:
-        names = data_files_in(str(folder), (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()))
+        files = folder_data_files(folder)
     except InputError:
         return []
     parts = []
-    for name in names:
-        if provenance_path(folder / name).is_file():
+    for file in files:
+        if provenance_path(file).is_file():
             try:
-                parts.append(describe_input("documents", folder / name))
+                parts.append(describe_input("documents", file))
             except ProvenanceError:  # an unreadable sidecar: that part goes unrecorded, the folder is still read
                 continue
     return parts

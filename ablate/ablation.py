@@ -21,6 +21,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edu_filter import provenance
+from edu_filter.ablate.cloze import load_cloze, score_cloze
+from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 from edu_filter.ablate.packing import (
     iter_texts,
     packed_settings,
@@ -38,8 +40,6 @@ from edu_filter.ablate.pretrain import (
     preparation_barrier,
     pretrain,
 )
-from edu_filter.ablate.cloze import load_cloze
-from edu_filter.ablate.humaneval import load_problems
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import InputError, check_writable_output, expand_paths
 
@@ -184,12 +184,8 @@ def ablate(
             if humaneval or cloze_sets:
                 model = _load_final_model(run_folder(out, name, record["config"]["seed"], seeds) / "model")
             if humaneval:
-                from edu_filter.ablate.humaneval import evaluate_humaneval
-
                 record["humaneval"] = evaluate_humaneval(model, tok, problems)
             if cloze_sets:
-                from edu_filter.ablate.cloze import score_cloze
-
                 record["cloze"] = {c: score_cloze(model, tok, questions) for c, questions in cloze_questions.items()}
 
     runs = {name: combine_seeds(recs) for name, recs in records.items() if recs}
@@ -419,7 +415,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             packed = None
         if packed:
             train, val = packed
-        elif (folder / "train.json").exists() and (out / "runs").exists():
+        elif (folder / "train.json").exists() and trained:
             raise InputError(f"{folder} was packed by an older edu-filter, whose held-out slices could overlap another "
                              f"dataset's training data, and {out / 'runs'} was trained on it: start a new output "
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")

@@ -61,7 +61,6 @@ RAW_PREVIEW_CHARS = 2000
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
 UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
-
 # what pyarrow raises for values that do not make (or fit) an array of one type
 NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -506,17 +505,15 @@ class ClearUnfinishedAttempt(PipelineStep):
         writers = [w for step in steps for w in (step, getattr(step, "exclusion_writer", None),
                                                  getattr(step, "misfits", None)) if isinstance(w, DiskWriter)]
         # (folder, file name template, whether datatrove numbers the files: 000_${rank}.parquet)
-        self.targets = [(w.output_folder, w.output_filename.template, w.max_file_size > 0) for w in writers]
+        self.targets = [(w.output_folder, w.output_filename, w.max_file_size > 0) for w in writers]
         self.counts_folder = counts_folder
         self.count_names = sorted({w.counts_name for w in writers if getattr(w, "counts_folder", None)}
                                   | ({"in"} if any(getattr(s, "counts_folder", None) for s in steps
                                                    if isinstance(s, ApplyInputReader)) else set()))
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        import string
-
         for folder, template, numbered in self.targets:
-            pattern = string.Template(template).safe_substitute(rank=f"{rank:05d}", filter_reason="*")
+            pattern = template.safe_substitute(rank=f"{rank:05d}", filter_reason="*")
             head, base = posixpath.split(pattern)
             patterns = [pattern] + ([posixpath.join(head, f"[0-9][0-9][0-9]_{base}")] if numbered else [])
             for name in {f for p in patterns for f in folder.glob(p)}:  # (list_files would match *00003.jsonl.gz)
@@ -636,48 +633,52 @@ def first_input_fields(files: list[tuple[str, str]], rows: int = 1000) -> tuple[
     if not files:
         return None
     folder, name = files[0]
-    names: dict[str, None] = {}
     try:
-        with get_datafolder(folder).open(name, "rb") as raw:
-            if name.lower().endswith(PARQUET_SUFFIXES):
+        if name.lower().endswith(PARQUET_SUFFIXES):
+            with get_datafolder(folder).open(name, "rb") as raw:
                 names = dict.fromkeys(pq.read_schema(raw).names)
-            else:
-                fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
-                for line in itertools.islice(fh, rows):
-                    try:
-                        row = orjson.loads(line)
-                    except orjson.JSONDecodeError:  # failed/ takes it; the other rows tell the fields
-                        continue
-                    names |= dict.fromkeys(row) if isinstance(row, dict) else {}
+        else:
+            names = {}
+            for row in itertools.islice(_first_jsonl_rows(folder, name), rows):
+                names |= dict.fromkeys(row)
     except Exception:  # noqa: BLE001
         return None
     return posixpath.join(folder, name), list(names)
+
+
+def _first_jsonl_rows(folder: str, name: str, max_bytes: int | None = None) -> Iterator[dict]:
+    """The object rows of a JSONL file from its start (lines that are not JSON objects are failed/'s to report),
+    up to `max_bytes` of lines read."""
+    with get_datafolder(folder).open(name, "rb") as raw:
+        fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
+        read = 0
+        for lineno, line in enumerate(fh, start=1):
+            read += len(line)
+            if lineno == 1 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM):]
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                yield row
+            if max_bytes is not None and read > max_bytes:
+                return
 
 
 def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[str, pa.DataType]:
     """The types of the first rows' values, but the `skip` fields (the text: book-length documents would hold GBs);
     FIELD_TYPE_SAMPLE_ROWS rows, or fewer where they hold more than FIELD_TYPE_SAMPLE_BYTES."""
     values: dict[str, list] = {}
-    with get_datafolder(folder).open(name, "rb") as raw:
-        fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
-        rows = read = 0
-        for line in fh:
-            read += len(line)
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            for key in skip:
-                row.pop(key, None)
-            for key in values.keys() - row.keys():
-                values[key].append(None)
-            for key, value in row.items():
-                values.setdefault(key, [None] * rows).append(value)
-            rows += 1
-            if rows == FIELD_TYPE_SAMPLE_ROWS or read > FIELD_TYPE_SAMPLE_BYTES:
-                break
+    rows = 0
+    for row in itertools.islice(_first_jsonl_rows(folder, name, FIELD_TYPE_SAMPLE_BYTES), FIELD_TYPE_SAMPLE_ROWS):
+        for key in skip:
+            row.pop(key, None)
+        for key in values.keys() - row.keys():
+            values[key].append(None)
+        for key, value in row.items():
+            values.setdefault(key, [None] * rows).append(value)
+        rows += 1
     types = {}
     for key, column in values.items():
         try:

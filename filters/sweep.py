@@ -123,39 +123,45 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     counted = {True: None, False: None}  # a row with / without token_count: where first seen
     weighted = {True: None, False: None}
     files = expand_paths(sweep_inputs(paths))
+
+    def choose(parquet) -> list[str]:
+        names = parquet.schema_arrow.names
+        fields_seen.update(names[:200])
+        counted_everywhere = "token_count" in names and not _may_hold_nulls(parquet, "token_count")
+        return [c for c in wanted if c in names] + (["text"] if "text" in names and not counted_everywhere else [])
+
+    def add_rows(path: str, numbered_rows) -> None:
+        nonlocal chunk
+        for lineno, row in numbered_rows:
+            if isinstance(row.get("metadata"), dict):  # datatrove's nesting
+                row = {**row["metadata"], **row}
+            if lineno <= FIELD_SAMPLE_ROWS and len(fields_seen) < 200:
+                fields_seen.update(k for k in row if k != "metadata")
+            elif label_field in row:  # labels on a few late rows only
+                fields_seen.add(label_field)
+            chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
+            if len(chunk) == CHUNK_ROWS:
+                summary.add(*_columns(chunk))
+                chunk = []
+
+    def add_batches(path: str) -> None:
+        for first, batch in iter_parquet_batches(path, columns=choose, batch_size=CHUNK_ROWS):
+            values = _batch_values(batch, label_field, weight_field)
+            if values is None:  # a value to look at: row by row, which names the row
+                add_rows(path, enumerate(parquet_rows(batch), start=first))
+                continue
+            *arrays, has_count, has_weight = values  # every value checked at once: summed without Python rows
+            counted[has_count] = counted[has_count] or f"{path}:{first}"
+            weighted[has_weight] = weighted[has_weight] or f"{path}:{first}"
+            summary.add(*arrays)
+
     with _progress(show) as progress:
         task = progress.add_task("reading scores", total=len(files))
         for path in files:
-            def choose(parquet) -> list[str]:
-                names = parquet.schema_arrow.names
-                fields_seen.update(names[:200])
-                counted_everywhere = "token_count" in names and not _may_hold_nulls(parquet, "token_count")
-                return [c for c in wanted if c in names] + (["text"] if "text" in names and not counted_everywhere
-                                                             else [])
-
             if _has_suffix(path, PARQUET_SUFFIXES) and not is_hub_path(path):
-                batches = iter_parquet_batches(path, columns=choose, batch_size=CHUNK_ROWS)
+                add_batches(path)
             else:
-                batches = ((lineno, [row]) for lineno, row in iter_raw_rows(path))
-            for first, batch in batches:
-                values = _batch_values(batch, label_field, weight_field) if not isinstance(batch, list) else None
-                if values is not None:  # every value of the batch checked at once: summed without a Python row
-                    *arrays, has_count, has_weight = values
-                    counted[has_count] = counted[has_count] or f"{path}:{first}"
-                    weighted[has_weight] = weighted[has_weight] or f"{path}:{first}"
-                    summary.add(*arrays)
-                    continue
-                for lineno, row in enumerate(batch if isinstance(batch, list) else parquet_rows(batch), start=first):
-                    if isinstance(row.get("metadata"), dict):  # datatrove's nesting
-                        row = {**row["metadata"], **row}
-                    if lineno <= FIELD_SAMPLE_ROWS and len(fields_seen) < 200:
-                        fields_seen.update(k for k in row if k != "metadata")
-                    elif label_field in row:  # labels on a few late rows only
-                        fields_seen.add(label_field)
-                    chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
-                    if len(chunk) == CHUNK_ROWS:
-                        summary.add(*_columns(chunk))
-                        chunk = []
+                add_rows(path, iter_raw_rows(path))
             progress.advance(task)
     if chunk:
         summary.add(*_columns(chunk))
@@ -212,11 +218,11 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
     given = label[~np.isnan(label)]
     if ((given < MIN_SCORE) | (given > MAX_SCORE)).any():
         return None
-    weight = numbers(weight_field) if weight_field and weight_field in names else None
-    if weight_field and weight_field in names and (
-            weight is None and batch.column(weight_field).null_count < batch.num_rows):
-        return None  # some rows without a weight, or weights that are not numbers
-    if weight is not None:
+    weight = None
+    if weight_field in names and batch.column(weight_field).null_count < batch.num_rows:  # all null: no weights
+        weight = numbers(weight_field)
+        if weight is None:  # some rows without a weight, or weights that are not numbers
+            return None
         weight = weight.to_numpy(zero_copy_only=False)
         if not (np.isfinite(weight).all() and (weight > 0).all()):
             return None

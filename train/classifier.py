@@ -164,15 +164,10 @@ def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None, what: str
     mean: a text counts once, weighted or not (a re-annotation pass appended labels the same document again). A
     text on both sides of a split made validation and cross-validation score documents the model was fitted on
     (Spearman 0.39 -> 0.81 with the bundled labels doubled)."""
-    first: dict[str, int] = {}
-    groups: list[list[int]] = []
+    by_text: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        key = text_hash(r["text"])
-        if key in first:
-            groups[first[key]].append(i)
-        else:
-            first[key] = len(groups)
-            groups.append([i])
+        by_text.setdefault(text_hash(r["text"]), []).append(i)
+    groups = list(by_text.values())  # in the order the texts first come
     if len(groups) == len(rows):
         return rows, weights
     w = np.ones(len(rows)) if weights is None else weights
