@@ -355,9 +355,9 @@ def _what_changed(previous: dict, current: dict) -> str:
 
 
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
-                   split_by_row_groups: bool = False) -> dict:
+                   input_split: str | None = None) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
-    things, its input split among the tasks the same way (`split_by_row_groups`: see `row_group_units`)."""
+    things, its input split among the tasks the same way (`input_split`: see `input_units`)."""
     out = Path(cfg.output)
     if "://" in cfg.output:
         raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
@@ -372,8 +372,8 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
                                 "folder" + ("" if strangers else ", or --overwrite"))
         remove_outputs(out)
     current = run_record(cfg, files, used)
-    if split_by_row_groups:
-        current["input_split"] = "row groups"
+    if input_split:
+        current["input_split"] = input_split
     if path.exists():
         changed = _what_changed(json.loads(path.read_text()), current)
         if changed and not overwrite:
@@ -408,7 +408,7 @@ class Stage:
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
                  provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
-                 units: list[tuple[int, int, int, int]] | None = None) -> list[Stage]:
+                 units: list[tuple[int, int | None, int, int]] | None = None) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
     every pass over them checks `input_fingerprints` (`run_record`'s) first."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
@@ -599,7 +599,7 @@ def run_apply(
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
-    from edu_filter.filters.io import expand_inputs, row_group_units
+    from edu_filter.filters.io import expand_inputs, input_units
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -650,8 +650,9 @@ def run_apply(
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    units = row_group_units(files, cfg.tasks)
-    record = prepare_output(cfg, files, used, overwrite=overwrite, split_by_row_groups=units is not None)
+    units = input_units(files, cfg.tasks)
+    split = " and ".join(sorted({"row groups" if u[1] is not None else "byte ranges" for u in units or ()}))
+    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split or None)
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], units=units)

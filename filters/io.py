@@ -122,37 +122,51 @@ def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
     return df.resolve_paths(name), [info.get("size"), str(mtime) if mtime is not None else None]
 
 
-def row_group_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int, int, int]] | None:
-    """With fewer files than tasks, what the tasks can split instead: every Parquet row group (file index, row
-    group, rows before it in the file, its rows); None when an input is not Parquet, that makes fewer units than
-    tasks, or a footer cannot be read (then every task reads all files and keeps every n-th row: `tasks` times
-    the reading)."""
+JSONL_RANGE_MIN_BYTES = 1 << 20  # a byte range of a JSONL file a task reads on its own: no smaller
+
+
+def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int | None, int, int]] | None:
+    """With fewer files than tasks, the parts the tasks can split instead: every Parquet row group (file index, row
+    group, rows before it in the file, its rows) and byte ranges of plain JSONL files (file index, None, first byte,
+    bytes), about four per task. None when an input is compressed JSONL (it cannot be entered midway), the parts are
+    fewer than the tasks, or a footer or size cannot be read: then every task reads all files and keeps every n-th
+    row (`tasks` times the reading)."""
     import pyarrow.parquet as pq
 
-    if len(files) >= tasks or not all(name.lower().endswith(PARQUET_SUFFIXES) for _, name in files):
-        return None  # a JSONL file beside them would be one task's whole: every task takes its n-th rows instead
+    if len(files) >= tasks:
+        return None
+    parquet = [name.lower().endswith(PARQUET_SUFFIXES) for _, name in files]
+    if not all(p or name.lower().endswith((".jsonl", ".ndjson", ".json")) for p, (_, name) in zip(parquet, files)):
+        return None  # a .jsonl.gz beside them would be one task's whole: every task takes its n-th rows instead
     units = []
-    for i, (folder, name) in enumerate(files):
-        try:
+    try:
+        sizes = [0 if p else get_datafolder(folder).size(name) for p, (folder, name) in zip(parquet, files)]
+        for i, (folder, name) in enumerate(files):
+            if not parquet[i]:
+                continue
             with get_datafolder(folder).open(name, "rb") as fh:
                 meta = pq.read_metadata(fh)
-        except Exception:  # noqa: BLE001 - the reader reports the file, with its row
-            return None
-        first = 0
-        for g in range(meta.num_row_groups):
-            rows = meta.row_group(g).num_rows
-            units.append((i, g, first, rows))
-            first += rows
+            first = 0
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                units.append((i, g, first, rows))
+                first += rows
+    except Exception:  # noqa: BLE001 - the reader reports the file, with its row
+        return None
+    span = max(JSONL_RANGE_MIN_BYTES, sum(sizes) // (4 * tasks))
+    for i, size in enumerate(sizes):
+        units.extend((i, None, start, min(span, size - start)) for start in range(0, size, span))
     return units if len(units) >= tasks else None
 
 
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
-    With at least as many files as tasks, each task reads whole files. With fewer files, `units` (`row_group_units`)
-    split Parquet files by row group where there are enough of them: each task reads its row groups only. Else (one
-    big JSONL and `--tasks 4`) every task reads all files and keeps the rows whose index falls in its shard, so the
-    tasks still split the scoring work (rows not kept are not converted or parsed).
+    With at least as many files as tasks, each task reads whole files. With fewer files, `units` (`input_units`)
+    split Parquet files by row group and plain JSONL files by byte range: each task reads its parts only (a row
+    without an id is then named by its byte offset, FILE@BYTE, not its line, FILE:LINE, which a range cannot know).
+    Else (one big .jsonl.gz and `--tasks 4`) every task reads all files and keeps the rows whose index falls in its
+    shard, so the tasks still split the scoring work (rows not kept are not converted or parsed).
 
     Every pass re-reads the input and the passes are matched by position (which documents MinHash removes, which
     scored above the threshold), so a file replaced or appended to during a run (between two Slurm jobs of its
@@ -167,7 +181,7 @@ class ApplyInputReader(BaseReader):
                  fingerprints: dict | None = None, units: list[tuple[int, int, int, int]] | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
-        self.units = units  # (file index, row group, rows before it, its rows) when tasks split files by row group
+        self.units = units  # `input_units`' parts when tasks split files
         self.fingerprints = fingerprints
         self.progress_folder = progress_folder
         self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
@@ -209,17 +223,42 @@ class ApplyInputReader(BaseReader):
             },
         )
 
-    def _read_jsonl(self, folder, name: str, keep, progress: "TaskProgress") -> Iterator[Document]:
-        with folder.open(name, "rb") as raw:
+    def _jsonl_lines(self, raw, name: str, keep, progress: "TaskProgress", ranges: list | None):
+        """(source, line) of the non-blank lines to read: all of the file (FILE:LINE, `keep` choosing by line), or
+        those starting in the byte `ranges` ((None, first byte, bytes)), named FILE@BYTE."""
+        if ranges is None:
             fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
             for lineno, line_bytes in enumerate(fh, start=1):
                 if lineno == 1 and line_bytes.startswith(UTF8_BOM):  # a file saved by Windows tools
                     line_bytes = line_bytes[len(UTF8_BOM):]
                 self._row_reached = lineno
                 progress.at_bytes(raw.tell())
-                if not line_bytes.strip() or not keep(lineno):
-                    continue
-                source = f"{name}:{lineno}"
+                if line_bytes.strip() and keep(lineno):
+                    yield f"{name}:{lineno}", line_bytes
+            return
+        done = 0  # bytes of the ranges read before this one, for progress
+        for _, start, size in ranges:
+            raw.seek(max(0, start - 1))
+            if start:  # the rest of the line holding the byte before the range belongs to the range before
+                raw.readline()
+            position = raw.tell()
+            while position < start + size:
+                line_bytes = raw.readline()
+                if not line_bytes:
+                    break
+                self._row_reached, line_start = position, position
+                position += len(line_bytes)
+                if line_start == 0 and line_bytes.startswith(UTF8_BOM):
+                    line_bytes = line_bytes[len(UTF8_BOM):]
+                if line_bytes.strip():
+                    yield f"{name}@{line_start}", line_bytes
+                progress.at_bytes(done + min(size, position - start))
+            done += size
+
+    def _read_jsonl(self, folder, name: str, keep, progress: "TaskProgress",
+                    ranges: list | None = None) -> Iterator[Document]:
+        with folder.open(name, "rb") as raw:
+            for source, line_bytes in self._jsonl_lines(raw, name, keep, progress, ranges):
                 try:
                     line = line_bytes.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -284,7 +323,7 @@ class ApplyInputReader(BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        # what this task reads: (file index, its row groups or None for the whole file)
+        # what this task reads: (file index, its row groups or byte ranges, or None for the whole file)
         by_rows = len(self.files) < world_size and self.units is None  # every task reads all, keeps its rows
         if len(self.files) >= world_size:
             plan = [(i, None) for i in range(rank, len(self.files), world_size)]
@@ -303,7 +342,7 @@ class ApplyInputReader(BaseReader):
         sizes = []
         for i, groups in plan:
             size = self._checked_size(*self.files[i])
-            if groups is not None:  # the share of the file's rows this task reads
+            if groups is not None:  # the share of the file's rows (or bytes) this task reads
                 size = size * sum(g[2] for g in groups) // max(1, sum(u[3] for u in self.units if u[0] == i))
             sizes.append(size)
         progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
@@ -311,7 +350,8 @@ class ApplyInputReader(BaseReader):
             folder_path, name = self.files[i]
             folder = get_datafolder(folder_path)
             parquet = name.lower().endswith(PARQUET_SUFFIXES)
-            read = functools.partial(self._read_parquet, groups=groups) if parquet else self._read_jsonl
+            read = functools.partial(self._read_parquet if parquet else self._read_jsonl,
+                                     **{"groups" if parquet else "ranges": groups})
             self.stat_update("input_files")
             self._row_reached = 0  # the line or row of the file read last, by any task
             failed_at = None  # the row after which a Parquet read failed with an OSError, once
@@ -342,8 +382,11 @@ class ApplyInputReader(BaseReader):
                 if not by_rows or rank == 0:
                     self.stat_update("unreadable_files")
                     progress.document()
-                    what = name if groups is None else f"{name} (row groups {', '.join(str(g[0]) for g in groups)})"
-                    yield self._failed("unreadable_file", what, f"cannot read the rest of the file, after row "
+                    what = name if groups is None else (
+                        f"{name} (row groups {', '.join(str(g[0]) for g in groups)})" if parquet
+                        else f"{name} (bytes {', '.join(f'{g[1]}-{g[1] + g[2]}' for g in groups)})")
+                    after = "row" if parquet or groups is None else "the line at byte"
+                    yield self._failed("unreadable_file", what, f"cannot read the rest of the file, after {after} "
                                        f"{self._row_reached} ({type(error).__name__}: {error})", b"")
                 break
             self._checked_size(folder_path, name)  # changed while this pass read it: its rows may not match

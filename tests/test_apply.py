@@ -455,15 +455,20 @@ def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(
     assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
 
 
-def test_more_tasks_than_files_split_parquet_by_row_group(stock_classifier, tmp_path):
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_more_tasks_than_files_split_the_files(stock_classifier, tmp_path, monkeypatch, kind):
     """With fewer files than tasks every task read every file whole and kept every n-th row: `--tasks 64` over a
-    few big Parquet files read the corpus 64 times. Tasks now split the row groups: each reads its own, both passes
-    of the dedup-first order alike, every document lands once and the dedup clusters keep one member each; the run
-    records the split, and a run folder split the older way is not resumed with the new one."""
+    few big files read the corpus 64 times. Tasks now split Parquet row groups or plain JSONL byte ranges: each
+    reads its own, both passes of the dedup-first order alike, every document lands once and the dedup clusters
+    keep one member each; the run records the split, and a run folder split the older way is not resumed with the
+    new one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    import edu_filter.filters.io as io
     from edu_filter.documents import DocumentError
+
+    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 1)  # ranges of a small file: a sixteenth of it each
 
     src = planted_input(tmp_path / "planted.jsonl", n_unique=40, n_groups=6)
     rows = []
@@ -474,19 +479,23 @@ def test_more_tasks_than_files_split_parquet_by_row_group(stock_classifier, tmp_
             continue
         if isinstance(row, dict) and isinstance(row.get("text"), str) and row.get("id") in src["ids"]:
             rows.append(row)
-    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}),
-                   tmp_path / "in.parquet", row_group_size=10)
-    groups = pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups
-    assert groups >= 5
+    source = tmp_path / f"in.{kind}"
+    if kind == "parquet":
+        pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), source,
+                       row_group_size=10)
+        assert pq.ParquetFile(source).metadata.num_row_groups >= 5
+    else:
+        source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     out = tmp_path / "out"
-    stats = run_apply([str(tmp_path / "in.parquet")], str(out), model=stock_classifier, threshold=0, tasks=4,
+    stats = run_apply([str(source)], str(out), model=stock_classifier, threshold=0, tasks=4,
                       order="dedup-first", show=False)
-    assert stats["adds_up"] and json.loads((out / "run_config.json").read_text())["input_split"] == "row groups"
+    split = json.loads((out / "run_config.json").read_text())["input_split"]
+    assert stats["adds_up"] and split == {"parquet": "row groups", "jsonl": "byte ranges"}[kind]
     found = read_outputs(out)
     landed = [i for ids in found.values() for i in ids]
     assert sorted(landed) == sorted(r["id"] for r in rows)  # every document once
     whole = read_outputs(tmp_path / "one-task") if run_apply(
-        [str(tmp_path / "in.parquet")], str(tmp_path / "one-task"), model=stock_classifier, threshold=0, tasks=1,
+        [str(source)], str(tmp_path / "one-task"), model=stock_classifier, threshold=0, tasks=1,
         order="dedup-first", show=False)["adds_up"] else None
     # the same clusters found (which member a cluster keeps may differ with the split)
     assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}
@@ -494,12 +503,12 @@ def test_more_tasks_than_files_split_parquet_by_row_group(stock_classifier, tmp_
         assert sum(m in found["kept"] for m in members) == sum(m in whole["kept"] for m in members)
     for stage in ("minhash-signatures", "filter"):  # each task read its row groups only
         read = [json.loads(p.read_text())["documents"] for p in sorted((out / "logs" / stage / "progress").glob("*"))]
-        assert len(read) == 4 and sum(read) == len(rows) and max(read) <= 2 * 10, (stage, read)
+        assert len(read) == 4 and sum(read) == len(rows) and max(read) <= (2 * 10 if kind == "parquet" else len(rows) // 2), (stage, read)
     record = json.loads((out / "run_config.json").read_text())
     del record["input_split"]
     (out / "run_config.json").write_text(json.dumps(record))
     with pytest.raises(DocumentError, match="split the input among the tasks another way"):
-        run_apply([str(tmp_path / "in.parquet")], str(out), model=stock_classifier, threshold=0, tasks=4,
+        run_apply([str(source)], str(out), model=stock_classifier, threshold=0, tasks=4,
                   order="dedup-first", show=False)
 
 

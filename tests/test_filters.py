@@ -55,6 +55,38 @@ def test_row_sharding_splits_one_file_across_tasks_without_overlap(tmp_path):
     assert sorted(flat) == sorted(r["id"] for r in rows) and len(set(flat)) == len(flat)
 
 
+def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_path, monkeypatch):
+    """One big JSONL file and `--tasks 64`: every task read the whole file (row modulo), 64 times the reading. Tasks
+    now read byte ranges of it; a line belongs to the range it starts in, wherever the cuts fall (mid-line, on a
+    newline, in a blank line), and an id-less row is named by its byte offset."""
+    import edu_filter.filters.io as io
+
+    lines = [b'\xef\xbb\xbf{"text": "bom first"}\n', b"\n", b'{"id": "a", "text": "x"}\r\n', b"{broken\n",
+             b'{"text": "' + b"long " * 30 + b'"}\n', b"   \n", b'{"id": "b", "text": "y"}\n', b'{"text": "no newline"}']
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"".join(lines))
+    offsets = [sum(map(len, lines[:i])) for i in range(len(lines))]
+    expected = {f"big.jsonl@{offsets[0]}", "a", f"big.jsonl@{offsets[3]}", f"big.jsonl@{offsets[4]}", "b",
+                f"big.jsonl@{offsets[7]}"}
+    files = expand_inputs([str(path)])
+    for span in range(1, path.stat().st_size + 2):
+        monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", span)
+        for tasks in (2, 3, 5):
+            units = io.input_units(files, tasks)
+            if units is None:
+                assert -(-path.stat().st_size // span) < tasks
+                continue
+            read = [d for rank in range(tasks) for d in ApplyInputReader(files, units=units).run(rank=rank, world_size=tasks)]
+            assert sorted(d.id for d in read) == sorted(expected), (span, tasks)
+            first = next(d for d in read if d.id == f"big.jsonl@{offsets[0]}")
+            assert first.text == "bom first" and FAILURE_KEY not in first.metadata
+            assert next(d for d in read if d.id.endswith(f"@{offsets[3]}")).metadata[FAILURE_KEY] == "invalid_json"
+    assert io.input_units(expand_inputs([str(path)]), 1) is None  # a file per task: read whole, lines numbered
+    gz = tmp_path / "big.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert io.input_units(expand_inputs([str(gz)]), 2) is None  # cannot be entered midway: row modulo
+
+
 def test_a_byte_order_mark_leaves_the_first_row_readable(tmp_path):
     """A JSONL file saved by Windows tools starts with a UTF-8 BOM: its first row went to failed/invalid_json."""
     from edu_filter.documents import read_documents
