@@ -194,8 +194,10 @@ def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
         if record_file.is_file():
             try:
                 record = json.loads(record_file.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
                 raise ProvenanceError(f"{record_file}: unreadable provenance record ({e})") from None
+            if not isinstance(record, dict):
+                raise ProvenanceError(f"{record_file}: not a provenance record (a JSON {type(record).__name__})")
             if record.get("format") == RECORD_FORMAT:
                 return record, candidate
     return None

@@ -396,7 +396,8 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             file = out / "tokens" / "eval" / f"{name}.bin"
             made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window}
             sidecar = file.with_suffix(".source.json")
-            recorded = json.loads(sidecar.read_text()) if sidecar.exists() else None
+            recorded = _recorded_source(json.loads(sidecar.read_text()) if sidecar.exists() else None, path,
+                                        text_field, source)
             if file.with_suffix(".json").exists() and recorded not in (None, made_of):
                 _refuse_or_repack(out, f"--eval {name}", recorded, made_of, trained)
             if not file.with_suffix(".json").exists() or recorded not in (None, made_of):
@@ -409,7 +410,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         folder = out / "tokens" / name
         packed = read_packed(folder)
         wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source)
-        recorded = packed_settings(folder)
+        recorded = _recorded_source(packed_settings(folder), path, text_field, source)
         if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
             _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
             packed = None
@@ -493,11 +494,21 @@ def logged_progress(*columns, **options):
     return LoggedProgress()
 
 
-def packing_source(path: str, text_field: str) -> str:
+def packing_source(path: str, text_field: str, documents: bool = True) -> str:
     """What names the texts a packing reads, so a checkpoint is resumed only by the same texts: the input's
-    fingerprint (a remote input's address) and the field the texts come from."""
-    found = provenance.fingerprint(path)  # None for a remote input
+    fingerprint (a remote input's address; of a folder, the data files the readers take, not a notes.txt beside
+    them) and the field the texts come from."""
+    found = provenance.fingerprint(path, documents=documents)  # None for a remote input
     return json.dumps({"input": found["fingerprint"] if found else str(path), "text_field": text_field})
+
+
+def _recorded_source(recorded: dict | None, path: str, text_field: str, source: str) -> dict | None:
+    """The settings recorded with token files, the source as this edu-filter names it: a folder's fingerprint was
+    once of all its files, which still names the same texts while it matches."""
+    if recorded and recorded.get("source") not in (None, source) and Path(path).is_dir() and \
+            recorded["source"] == packing_source(path, text_field, documents=False):
+        return {**recorded, "source": source}
+    return recorded
 
 
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,

@@ -682,20 +682,24 @@ def first_input_fields(files: list[tuple[str, str]], rows: int = 1000) -> tuple[
                 names = dict.fromkeys(pq.read_schema(raw).names)
         else:
             names = {}
-            for row in itertools.islice(_first_jsonl_rows(folder, name), rows):
+            for row in _first_jsonl_rows(folder, name, max_lines=rows):
                 names |= dict.fromkeys(row)
     except Exception:  # noqa: BLE001
         return None
     return posixpath.join(folder, name), list(names)
 
 
-def _first_jsonl_rows(folder: str, name: str, max_bytes: int | None = None) -> Iterator[dict]:
+def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
+                      max_bytes: int | None = None) -> Iterator[dict]:
     """The object rows of a JSONL file from its start (lines that are not JSON objects are failed/'s to report),
-    up to `max_bytes` of lines read."""
+    in its first `max_lines` lines or until `max_bytes` are read, whichever comes first: a file of lines that are no
+    objects (latin-1, pretty-printed JSON) is not read to its end."""
     with get_datafolder(folder).open(name, "rb") as raw:
         fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
         read = 0
         for lineno, line in enumerate(fh, start=1):
+            if (max_lines is not None and lineno > max_lines) or (max_bytes is not None and read > max_bytes):
+                return
             read += len(line)
             if lineno == 1 and line.startswith(UTF8_BOM):
                 line = line[len(UTF8_BOM):]
@@ -705,8 +709,6 @@ def _first_jsonl_rows(folder: str, name: str, max_bytes: int | None = None) -> I
                 continue
             if isinstance(row, dict):
                 yield row
-            if max_bytes is not None and read > max_bytes:
-                return
 
 
 def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[str, pa.DataType]:
@@ -714,7 +716,7 @@ def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[st
     FIELD_TYPE_SAMPLE_ROWS rows, or fewer where they hold more than FIELD_TYPE_SAMPLE_BYTES."""
     values: dict[str, list] = {}
     rows = 0
-    for row in itertools.islice(_first_jsonl_rows(folder, name, FIELD_TYPE_SAMPLE_BYTES), FIELD_TYPE_SAMPLE_ROWS):
+    for row in itertools.islice(_first_jsonl_rows(folder, name, max_bytes=FIELD_TYPE_SAMPLE_BYTES), FIELD_TYPE_SAMPLE_ROWS):
         for key in skip:
             row.pop(key, None)
         for key in values.keys() - row.keys():

@@ -321,6 +321,17 @@ def test_docs_per_second_after_a_resume_counts_only_the_current_attempt(tmp_path
     assert stage.docs_per_second == pytest.approx(90_000 / 60)
 
 
+def test_the_field_check_reads_the_first_lines_not_the_first_objects(tmp_path):
+    """The --text-field check samples the first 1,000 lines: a first file whose lines are no JSON objects (latin-1,
+    pretty-printed JSON) was read to its end, remote ones downloaded whole, before the run began."""
+    from edu_filter.filters.io import first_input_fields
+
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b"[1, 2]\n" * 1000 + b'{"late": 1}\n' + b"\xe9\n" * 10 + b'{"later": 2}\n')
+    assert first_input_fields(expand_inputs([str(path)])) == (str(path), [])
+    assert first_input_fields(expand_inputs([str(path)]), rows=1001)[1] == ["late"]
+
+
 def test_input_fields_the_pipeline_sets_are_kept_under_another_name(tmp_path):
     """An input's own score, filter_reason or duplicate_count would be overwritten by the pipeline's or dropped from
     kept/, its own text or id beside the fields named would replace the document's in every record: they are kept as

@@ -12,7 +12,15 @@ import pytest
 
 from edu_filter.documents import DocumentError, InputError
 from edu_filter.ablate.ablation import _prepare_tokens
-from edu_filter.ablate.packing import PackedTokens, is_held_out, iter_texts, read_packed, write_tokens, write_train_val
+from edu_filter.ablate.packing import (
+    PACKED,
+    PackedTokens,
+    is_held_out,
+    iter_texts,
+    read_packed,
+    write_tokens,
+    write_train_val,
+)
 from edu_filter.ablate.pretrain import PretrainConfig, learning_rate, parse_overrides
 from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
 
@@ -118,6 +126,38 @@ def test_finished_token_files_are_reused_only_for_the_same_texts_tokenizer_and_b
     reference.write_text(other.read_text())
     with pytest.raises(InputError, match="--eval ref: .* asks in the input's content"):
         _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
+
+
+def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tmp_path):
+    """A folder input's fingerprint took every file in it: a notes.txt or a model trained into the folder after the
+    runs meant 'other texts' and the ablation was refused. Only the data files count now, and token files recorded
+    with the older fingerprint of all files are still taken while it matches."""
+    import shutil
+
+    from edu_filter.ablate.ablation import packing_source
+
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    data.mkdir(), ref.mkdir()
+    shutil.copy(WEB, data / "part-0.jsonl")
+    shutil.copy(WEB, ref / "part-0.jsonl")
+    out = tmp_path / "ablation"
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+    (out / "runs").mkdir()
+    for folder in (data, ref):
+        (folder / "notes.txt").write_text("labelled by hand in March\n")
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)  # not refused
+    legacy = packing_source(str(data), "text", documents=False)
+    assert legacy != packing_source(str(data), "text")
+    record = out / "tokens/web" / PACKED
+    settings = json.loads(record.read_text())
+    assert settings["settings"]["source"] == packing_source(str(data), "text"), settings
+    settings["settings"]["source"] = legacy  # as an older edu-filter recorded it
+    record.write_text(json.dumps(settings))
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+    (data / "part-0.jsonl").write_text((data / "part-0.jsonl").read_text().upper())
+    with pytest.raises(InputError, match="--data web: .* asks in the input's content"):
+        _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
 
 
 def test_only_finished_packing_is_reused(tokenizer, tmp_path):

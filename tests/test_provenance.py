@@ -473,6 +473,7 @@ def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
     [node] = lineage_json(artifact)["inputs"]
     assert node["kind"] == "folder" and [n["kind"] for n in node["inputs"]] == ["annotations", "annotations"]
     assert all(child(n, "documents")["path"] == str(WEB_TRAIN) for n in node["inputs"])
-    provenance.provenance_path(folder / "part-1.jsonl").write_text("{not json")  # an unreadable sidecar
-    assert [e["path"] for e in provenance.describe_input("train", folder)["provenance"]["inputs"]] == [
-        str(folder / "part-0.jsonl")]
+    for broken in (b"{not json", b"caf\xe9", b"[]", b'"a string"'):  # unreadable sidecars, or not records
+        provenance.provenance_path(folder / "part-1.jsonl").write_bytes(broken)
+        assert [e["path"] for e in provenance.describe_input("train", folder)["provenance"]["inputs"]] == [
+            str(folder / "part-0.jsonl")], broken
