@@ -37,6 +37,7 @@ from edu_filter.documents import (  # noqa: E402
     SCORES,
     InputError,
     RunError,
+    saved_work_under,
 )
 from edu_filter.filters.apply import ApplyConfig, RayOptions, SlurmOptions  # noqa: E402
 from edu_filter.train.classifier import ClassifierTrainConfig, train_classifier  # noqa: E402
@@ -115,7 +116,8 @@ def remove_created(paths: list[Path]) -> None:
 def command(*args, **kwargs):
     """`app.command`, with the error contract: known errors become one `error: ...` line and exit status 2 or 1; a
     command refused with an InputError leaves no output it had begun to create (only paths that did not exist when
-    it started are removed, and never on other errors, which may come after real work)."""
+    it started are removed, and never on other errors, which may come after real work, nor where the command saved
+    work a rerun resumes: `holds_saved_work`)."""
 
     def register(fn):
         @functools.wraps(fn)
@@ -127,8 +129,8 @@ def command(*args, **kwargs):
                 status = exit_status(e)
                 if status is None:
                     raise
-                if isinstance(e, InputError):  # by definition found before any work: what exists is half-made
-                    remove_created(new)
+                if isinstance(e, InputError):  # found before any work, or after work saved for a rerun
+                    remove_created([path for path in new if not saved_work_under(path)])
                 typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(status) from None
 

@@ -63,6 +63,21 @@ class DocumentError(InputError):
     """A bad input document: the message names the file and line (or row)."""
 
 
+_SAVED_WORK: set[Path] = set()  # paths this process wrote resumable work to (see `holds_saved_work`)
+
+
+def holds_saved_work(path: str | os.PathLike) -> None:
+    """`path` now holds work a rerun resumes (packed tokens, LLM answers): an InputError found later (a bad row met
+    hours into packing) fails the command without the command line removing the output as half-made."""
+    _SAVED_WORK.add(Path(path).absolute())
+
+
+def saved_work_under(path: str | os.PathLike) -> bool:
+    """Whether `path` is, or holds, a path given to `holds_saved_work` that exists (was written)."""
+    path = Path(path).absolute()
+    return any((w == path or path in w.parents) and w.exists() for w in _SAVED_WORK)
+
+
 def text_hash(text: str) -> str:
     """Identity of a document's text: the key of its cached embedding, and of the LLM answers given to it."""
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()

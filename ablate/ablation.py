@@ -41,7 +41,7 @@ from edu_filter.ablate.pretrain import (
     pretrain,
 )
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
-from edu_filter.documents import InputError, check_writable_output, expand_paths
+from edu_filter.documents import InputError, check_writable_output, expand_paths, holds_saved_work
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
 SIGNIFICANCE_RULE = (
@@ -105,6 +105,7 @@ def ablate(
     import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
+    started = time.time()  # --override time_limit_minutes counts packing too: a job's limit covers all of it
     hf_logging.disable_progress_bar()  # rich shows the progress that matters; no bar per saved checkpoint
     datasets, references, cloze_sets = parse_named(data, "--data"), parse_named(eval_sets, "--eval"), parse_named(
         cloze, "--cloze")
@@ -155,7 +156,6 @@ def ablate(
     records: dict[str, list[dict]] = {name: [] for name in datasets}
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    started = time.time()
     stopped = False
     with cpu_threads(cfg.cpu_threads), logged_progress(*columns, console=console, disable=rank != 0) as progress:
         for name in datasets:
@@ -281,7 +281,7 @@ def compare_runs(runs: dict, eval_set: str) -> dict | None:
     p_value = None
     pair = f"{means[best]:.3f} vs {means[second]:.3f}, mean of {k} seed{'s' * (k > 1)}"
     lower = f"{best}'s loss is lower than {second}'s by {difference:.3f} nats/token"
-    if k >= 2:  # "more than 2 pooled stds" with 2 seeds is a t-test at a critical value of 2 for ~4.3: 17% false alarms
+    if k >= 2:  # "more than 2 pooled stds" with 2 seeds is a t-test at a critical value of 2 for ~4.3: 18% false alarms
         from scipy.stats import ttest_ind
 
         p = float(ttest_ind(a, b, equal_var=False).pvalue)
@@ -406,6 +406,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                 if info.tokens < window:
                     raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of "
                                      f"{window}")
+            holds_saved_work(file)  # a bad row met later, hours into packing another set, must not remove it
             continue
         folder = out / "tokens" / name
         packed = read_packed(folder)
@@ -427,6 +428,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
+        holds_saved_work(folder)
 
 
 def _refuse_or_repack(out: Path, what: str, recorded: dict, wanted: dict, trained: bool) -> None:

@@ -381,10 +381,12 @@ def pretrain(
             raw_model.save_pretrained(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
+            synced(tmp)  # on disk before the old one goes: a node crash after the renames leaves no empty files
             shutil.rmtree(old, ignore_errors=True)
             if checkpoint.exists():
                 checkpoint.rename(old)
             tmp.rename(checkpoint)
+            synced(checkpoint.parent, files=False)
             shutil.rmtree(old, ignore_errors=True)
         if world > 1:
             dist.barrier()
@@ -488,6 +490,19 @@ def pretrain(
         tokenizer.save_pretrained(out_dir / "model")
         (out_dir / "run.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def synced(folder: Path, files: bool = True) -> None:
+    """fsync the files of `folder` (with `files`) and the folder itself (its entries: renames, new names)."""
+    for path in sorted(folder.iterdir()) if files else ():
+        if path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def recover_checkpoint(checkpoint: Path) -> None:

@@ -55,6 +55,7 @@ from edu_filter.documents import (
     check_model_name,
     check_writable_output,
     count_documents,
+    holds_saved_work,
     is_hub_path,
     iter_documents,
     path_list,
@@ -535,6 +536,7 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
+        holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them
         scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
         workers = getattr(backend, "capacity", cfg.concurrency)  # every server's places filled

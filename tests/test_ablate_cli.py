@@ -123,6 +123,23 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
         assert not (tmp_path / "d").exists()
 
 
+def test_a_bad_row_met_while_packing_leaves_the_packed_tokens(ablation, inputs, tmp_path):
+    """A bad row found hours into packing is bad input (exit 2), but the output then holds real work: it was removed
+    as a half-made output, the tokens of every dataset packed before it with it. A bad row before any dataset is
+    packed still leaves nothing."""
+    out, _, _ = ablation
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine words here"}\n' * 3 + '{"body": "no text here"}\n')
+    args = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"bad={bad}", "--tokenizer",
+            str(out / "tokenizer"), "--tokens", "1024", *MICRO, "-o", str(tmp_path / "new" / "ablation")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "bad.jsonl:4: field 'text' is missing" in result.output, result.output
+    assert (tmp_path / "new/ablation/tokens/edu/train.bin").stat().st_size > 0
+    result = CliRunner().invoke(app, ["ablate", "--data", f"bad={bad}", "--tokens", "1024", *MICRO, "-o",
+                                      str(tmp_path / "other" / "ablation")])
+    assert result.exit_code == 2 and not (tmp_path / "other").exists(), result.output
+
+
 @pytest.mark.slow
 def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     """torchrun with 2 CPU processes (gloo) splits each batch across ranks: same samples, same averaged gradient.
