@@ -403,7 +403,8 @@ class Stage:
     name: str
     pipeline: list
     tasks: int
-    scores: bool = False  # runs the classifier (the GPU stage)
+    scores: bool = False  # runs the classifier
+    gpu: bool = False  # runs a classifier that scores on a GPU (not fastText): asks one where the cluster has some
 
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
@@ -541,6 +542,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                                    extra_folder=f"{logs}/extra", provenance_inputs=provenance_inputs,
                                                    command=command_line())], 1))
     for stage in stages:
+        stage.gpu = stage.scores and not is_fasttext_model(cfg.model)
         clear = ClearUnfinishedAttempt(stage.pipeline, counts)
         if clear.targets or clear.count_names:
             stage.pipeline.insert(0, clear)
@@ -638,6 +640,10 @@ def run_apply(
     if len(local) == len(files) and all(os.path.getsize(f) == 0 for f in local):
         raise DocumentError(f"the input is empty ({', '.join(map(str, inputs))})")
     check_named_fields(files, options.get("text_field") or "text", options.get("id_field") or "id")
+    if executor == "slurm" and slurm.gpus_per_task and model and is_fasttext_model(model):  # presets name hub models
+        raise InputError(f"--slurm-gpus {slurm.gpus_per_task}: {model} is a fastText model, which scores on CPUs: "
+                         "each scoring task would hold a GPU idle (leave --slurm-gpus out; --slurm-gpu-cpus still "
+                         "sizes the scoring tasks)")
     if executor == "ray":  # connected before the order is chosen: it depends on whether the cluster has GPUs
         ex.connect_ray(ray, verbose=verbose)
     on_gpu = ex.scoring_on_gpu(executor, slurm)

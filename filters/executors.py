@@ -33,12 +33,14 @@ from datatrove.io import get_datafolder
 
 from edu_filter.documents import DocumentError, InputError, RunError
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
+from edu_filter.filters.scoring import TASK_SLOT_ENV
 
 POLL_S = 1.0
 KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
 SQUEUE_MAX_INTERVAL_S = 30.0  # --wait asks squeue at least this often once it has followed a chain for minutes
+PROGRESS_MAX_INTERVAL_S = 10.0  # --wait reads the running stage's progress files at least this often
 # squeue reasons that never resolve by waiting
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
                     "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
@@ -302,7 +304,7 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
 def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=None):
     """`workers`: tasks at once (None on Ray: all of the stage's, as the cluster's resources allow)."""
     if executor == "ray":
-        gpus = 1 if stage.scores and scoring_on_gpu("ray", None) else 0
+        gpus = 1 if stage.gpu and scoring_on_gpu("ray", None) else 0  # fastText scores on CPUs
         at_once = min(workers or stage.tasks, stage.tasks)
         cpus = ray.scoring_cpus if stage.scores else ray.cpus_per_task
         return WatchedRayExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
@@ -330,6 +332,12 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
         finally:  # ended, finished or raising: only a killed process leaves its file
             self.logging_dir.rm(marker)
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        """Runs the task with its worker slot (0 to workers - 1, held by no other running task) in TASK_SLOT_ENV:
+        the scorer's GPU on a machine with several."""
+        os.environ[TASK_SLOT_ENV] = str(local_rank)
+        return super()._run_for_rank(rank, local_rank, node_rank)
 
 
 class WatchedRayTaskManager(datatrove_ray.RayTaskManager):
@@ -848,6 +856,26 @@ def environment_command(opts) -> str:
     return "\n".join(lines)
 
 
+def even_array_size(jobs: int, most: int) -> int:
+    """Array tasks per array job for `jobs` tasks over array jobs of at most `most`: as many array jobs as needed,
+    all of one size. datatrove makes each `most` big, so 2,500 tasks at 1,001 gave a third job of 1,001 array tasks,
+    503 with no rank, each still a GPU job to schedule before the next stage could start."""
+    if jobs <= most:
+        return most
+    return math.ceil(jobs / math.ceil(jobs / most))
+
+
+def srun_request(cpus: int) -> dict:
+    """srun options of a task's step: its CPUs again, since Slurm 22.05 to 23.02 give a step one CPU unless srun is
+    told (it stopped reading the job's --cpus-per-task), binding 16 scoring threads to one core where tasks are
+    bound (task/affinity, task/cgroup)."""
+    return {"cpus-per-task": cpus}
+
+
+def srun_options(args: dict) -> str:
+    return " ".join(f"--{k}={v}" for k, v in args.items())
+
+
 def slurm_executors(stages, out: str, workers: int | None, opts):
     cls = _slurm_executor_class()
     logs, tag = f"{out}/logs", chain_tag(out)
@@ -861,8 +889,10 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args=job_directives(opts), slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
-            mail_type="NONE", max_array_size=opts.max_array_size,
+            mail_type="NONE", max_array_size=opts.max_array_size, srun_args=srun_request(cpus),
         )
+        jobs = math.ceil(len(previous.get_incomplete_ranks()) / previous.tasks_per_job)
+        previous.max_array_size = even_array_size(jobs, opts.max_array_size)
         executors.append((stage.name, previous))
     return executors
 
@@ -889,7 +919,8 @@ def write_slurm_scripts(executors, out: str) -> Path:
         per_array = min(jobs, ex.max_array_size)  # more than the cluster's MaxArraySize: several array jobs in a row
         script = ex.get_launch_file_contents(
             ex.get_sbatch_args(per_array),
-            f"srun -l -n 1 launch_pickled_pipeline {ex.logging_dir.resolve_paths('executor.pik')}",
+            f"srun {srun_options(ex.srun_args)} -l -n 1 launch_pickled_pipeline "
+            f"{ex.logging_dir.resolve_paths('executor.pik')}",
         )
         path = folder / f"{i:02d}_{name}.slurm"
         path.write_text(script)
@@ -953,6 +984,13 @@ def squeue_interval(following_for: float) -> float:
     return min(SQUEUE_MAX_INTERVAL_S, max(POLL_S, following_for / 10))
 
 
+def progress_interval(following_for: float) -> float:
+    """Seconds between two reads of the running stage's progress files while --wait follows a chain: every second
+    at first, then up to PROGRESS_MAX_INTERVAL_S (a stage of 5,000 tasks is 5,000 files on a shared filesystem
+    whose metadata server the whole cluster uses)."""
+    return min(PROGRESS_MAX_INTERVAL_S, max(POLL_S, following_for / 60))
+
+
 def wait_for_chain(out: str, console) -> dict:
     """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed."""
     from edu_filter.filters.report import stats_table
@@ -960,14 +998,15 @@ def wait_for_chain(out: str, console) -> dict:
     stages = load_stage_list(out)
     logs = f"{out}/logs"
     gone_since: dict[str, float] = {}
-    started, asked, finished_before = time.monotonic(), -math.inf, -1
+    started, asked, read, finished_before = time.monotonic(), -math.inf, -math.inf, -1
     with ProgressDisplay(console, stages, logs) as display:
         while True:
-            states = display.refresh()
+            now = time.monotonic()
+            if now - read >= progress_interval(now - started):
+                states, read = display.refresh(), now
             if all(s.finished for s in states):
                 break
             finished = sum(s.finished for s in states)
-            now = time.monotonic()
             if now - asked < squeue_interval(now - started) and finished == finished_before:
                 time.sleep(POLL_S)
                 continue

@@ -16,6 +16,17 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.batching import batched
 
 
+TASK_SLOT_ENV = "EDU_FILTER_TASK_SLOT"  # set by the local executor: the running task's worker slot
+
+
+def gpu_for_task(rank: int, gpus: int) -> str:
+    """The GPU of a task on a machine with several: its worker slot's (the local executor gives each running task a
+    slot no other running task holds), else `rank % gpus`. By rank alone two running tasks shared a GPU while another
+    idled: the local pool hands ranks out as workers free up."""
+    slot = os.environ.get(TASK_SLOT_ENV)
+    return f"cuda:{(int(slot) if slot is not None else rank) % gpus}"
+
+
 class EduClassifierScorer(PipelineStep):
     """Writes the classifier's `score` (float) and `int_score` (0-5, through the model's calibration) into each document.
 
@@ -23,7 +34,7 @@ class EduClassifierScorer(PipelineStep):
     sorts each window by length so batches carry little padding and runs bf16 + SDPA on GPU. Scoring is the worker's
     job, so the step sets its torch and tokenizer threads (`num_threads`, default: every CPU the worker may use; an
     explicit RAYON_NUM_THREADS sizes the tokenizer's pool instead). One model is loaded per task; with several GPUs
-    on a node, task `rank` uses GPU `rank % n_gpus`.
+    on a node, see `gpu_for_task`.
     """
 
     type = "🎓 - SCORER"
@@ -60,7 +71,7 @@ class EduClassifierScorer(PipelineStep):
         if default_device() == "cuda":
             import torch
 
-            return f"cuda:{rank % torch.cuda.device_count()}"
+            return gpu_for_task(rank, torch.cuda.device_count())
         return "cpu"
 
     def threads(self) -> int:

@@ -1,4 +1,5 @@
-"""Pipeline steps for Slurm chain tests: importable by the jobs (the test puts this folder on their PYTHONPATH)."""
+"""Pipeline steps for executor tests: importable by Slurm jobs and local workers (the test puts this folder on their
+PYTHONPATH)."""
 
 from pathlib import Path
 
@@ -32,6 +33,29 @@ class WriteMarker(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"{rank}").write_text("ran")
+        yield from data or []
+
+
+class RecordGpu(PipelineStep):
+    """Records when the task ran and the GPU the scorer would give it on a machine with `gpus` GPUs."""
+
+    name = "record gpu"
+
+    def __init__(self, folder: str, gpus: int, slow_rank: int, seconds: float):
+        super().__init__()
+        self.folder, self.gpus, self.slow_rank, self.seconds = folder, gpus, slow_rank, seconds
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import json
+        import time
+
+        from edu_filter.filters.scoring import gpu_for_task
+
+        start = time.time()
+        time.sleep(self.seconds if rank == self.slow_rank else self.seconds / 6)
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"{rank}").write_text(json.dumps(
+            {"rank": rank, "gpu": gpu_for_task(rank, self.gpus), "start": start, "end": time.time()}))
         yield from data or []
 
 

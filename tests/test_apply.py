@@ -164,6 +164,50 @@ def test_following_a_chain_asks_squeue_less_often_as_it_goes_on():
     assert calls < 3_100
 
 
+def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tmp_path):
+    """--wait read every progress and completion file of every stage each second, finished stages included: 4
+    stages of 5,000 tasks were ~20,000 opens a second on the shared filesystem. A finished stage is read once; the
+    running one every second at first, then every 10 s."""
+    from rich.console import Console
+
+    from edu_filter.filters.executors import POLL_S, PROGRESS_MAX_INTERVAL_S, progress_interval
+    from edu_filter.filters.progress import ProgressDisplay
+
+    assert progress_interval(0) == POLL_S and progress_interval(3600) == PROGRESS_MAX_INTERVAL_S == 10
+    for stage, done in (("first", 2), ("second", 1)):
+        (tmp_path / stage / "completions").mkdir(parents=True)
+        (tmp_path / stage / "progress").mkdir()
+        for rank in range(done):
+            (tmp_path / stage / "completions" / f"{rank:05d}").write_text("")
+        for rank in range(2):
+            (tmp_path / stage / "progress" / f"{rank:05d}.json").write_text(json.dumps(
+                {"documents": 10, "bytes": 1, "bytes_total": 1, "started": 0.0, "updated": 1.0, "done": True}))
+    display = ProgressDisplay(Console(quiet=True), [("first", 2), ("second", 2)], str(tmp_path))
+    assert [(s.finished, s.documents) for s in display.refresh()] == [(True, 20), (False, 20)]
+    for stage in ("first", "second"):
+        (tmp_path / stage / "progress" / "00000.json").unlink()
+    assert [(s.finished, s.documents) for s in display.refresh()] == [(True, 20), (False, 10)]
+
+
+def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):
+    """On a machine with several GPUs a task took GPU rank % n: the pool hands ranks out as workers free up, so
+    tasks 0 and 2 ran together on GPU 0 while GPU 1 idled (two models and their batches on one card). Each running
+    task now holds a worker slot of its own, and the slot picks the GPU."""
+    import itertools
+
+    from edu_filter.filters.executors import WatchedLocalExecutor
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import the step
+    from slurm_steps import RecordGpu
+
+    WatchedLocalExecutor([RecordGpu(str(tmp_path / "gpus"), gpus=2, slow_rank=0, seconds=3)], tasks=4, workers=2,
+                         logging_dir=str(tmp_path / "logs")).run()
+    records = [json.loads(p.read_text()) for p in (tmp_path / "gpus").iterdir()]
+    together = [(a, b) for a, b in itertools.combinations(records, 2) if a["start"] < b["end"] and b["start"] < a["end"]]
+    assert any(a["rank"] % 2 == b["rank"] % 2 for a, b in together), together  # where rank % 2 would have clashed
+    assert all(a["gpu"] != b["gpu"] for a, b in together), together
+
+
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 
@@ -187,6 +231,8 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages)
         cpus, mem = ("6", "3G") if p.stem.endswith("score") else ("4", "4G")
         assert f"--cpus-per-task={cpus}\n" in text and f"--mem-per-cpu={mem}\n" in text
+        # srun says them again: Slurm 22.05-23.02 gave the step one CPU, binding the scoring threads to one core
+        assert f"srun --cpus-per-task={cpus} -l -n 1 launch_pickled_pipeline" in text
         # the account, QOS and other sbatch options reach every job
         assert {"#SBATCH --account=proj-7", "#SBATCH --qos=high", "#SBATCH --constraint=h100",
                 "#SBATCH --exclusive"} <= set(text.splitlines())
@@ -211,6 +257,27 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
                                       "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
+
+
+def test_a_stage_over_the_array_limit_is_array_jobs_of_one_size(stock_classifier, tmp_path):
+    """12 tasks at --slurm-max-array 5 were arrays of 5, 5 and 5: three array tasks with no rank, each a job (a GPU
+    job in the scoring stage) the next stage waited for. Now three arrays of 4, and the ranks they run are the 12."""
+    from edu_filter.filters.apply import SlurmOptions
+    from edu_filter.filters.executors import even_array_size
+
+    assert [even_array_size(n, 1001) for n in (10, 1001, 1002, 2500)] == [1001, 1001, 501, 834]
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
+              tasks=12, dedup=False, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, max_array_size=5))
+    [script] = (tmp_path / "out" / "slurm").glob("*_filter.slurm")
+    assert "#SBATCH --array=0-3\n" in script.read_text()
+    submit = (tmp_path / "out" / "slurm" / "submit.sh").read_text()
+    offsets = [line.split("RUN_OFFSET=")[1].split()[0] for line in submit.splitlines() if "_filter.slurm" in line]
+    assert offsets == ["0", "1", "2"]
+    import dill
+
+    with open(tmp_path / "out" / "logs" / "filter" / "executor.pik", "rb") as fh:
+        assert dill.load(fh).max_array_size == 4  # each array task's rank: index + 4 x RUN_OFFSET, 0 to 11
 
 
 def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stock_classifier, tmp_path):

@@ -134,12 +134,13 @@ def test_ray_workers_killed_for_memory_fail_the_stage_saying_so_and_the_rerun_co
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_path, capsys):
+def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fasttext_model, tmp_path, capsys):
     """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
     CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
     asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; every
     task asks --ray-mem-gb; a task no live node has the CPUs or the memory for is named in a warning (an autoscaler
-    may still add the node)."""
+    may still add the node). A fastText model's scoring tasks ask no GPU (each took one and left it idle, as many
+    tasks at once as the cluster had GPUs)."""
     ray = pytest.importorskip("ray")
     from edu_filter.filters.apply import RayOptions
     from edu_filter.filters.executors import connect_ray
@@ -164,6 +165,9 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, tmp_p
         assert "warning: --ray-gpu-cpus 3: no live Ray GPU node" in capsys.readouterr().err
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
                           executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2, mem_gb=3))
+        assert run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "fasttext"), model=fasttext_model, dedup=False,
+                         executor="ray", tasks=2, show=False, ray=RayOptions(mem_gb=3))["adds_up"]
+        assert json.loads((tmp_path / "fasttext/logs/filter/executor.json").read_text())["gpus_per_task"] == 0
     finally:
         ray.shutdown()
     found = read_outputs(out)

@@ -282,6 +282,9 @@ def test_transformer_scoring_options_given_for_a_fasttext_model_are_refused(file
     refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--dtype", "int8", "--max-length", "8"],
             "--dtype, --max-length are options of transformer classifiers", "fastText", absent=(out.parent,))
     refused(["evaluate", str(fasttext_model), str(CODE_LABELS), "--batch-size", "3"], "--batch-size is an option")
+    refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--executor", "slurm", "--slurm-partition",
+             "p", "--dry-run", "--slurm-gpus", "1"], "--slurm-gpus 1", "fastText model, which scores on CPUs",
+            absent=(out.parent,))
 
 
 def test_a_field_option_naming_no_field_of_the_input_is_refused(files, fasttext_model):
