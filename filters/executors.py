@@ -905,8 +905,14 @@ def write_slurm_scripts(executors, out: str) -> Path:
 
     folder = Path(out) / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
+    kept = "|".join(SLURM_KEPT_VARIABLES)
     lines = ["#!/bin/bash", "# Submits the edu-filter apply stages in order, each after the previous one succeeded.",
-             "set -euo pipefail", "dep=()"]
+             "set -euo pipefail",
+             "# run inside a Slurm allocation, its SLURM_* variables would reach every job (--export=ALL) and stop srun",
+             'if [ -n "${SLURM_JOB_ID:-}" ]; then',
+             f"  for v in $(compgen -e | grep '^SLURM_' | grep -Ev '^({kept})$' || true); do unset \"$v\"; done",
+             "fi",
+             "dep=()"]
     for i, (name, ex) in enumerate(executors):
         ranks = ex.get_incomplete_ranks()
         if not ranks:
@@ -938,6 +944,27 @@ def write_slurm_scripts(executors, out: str) -> Path:
     return submit
 
 
+# kept from an allocation's environment when submitting from inside it: where the cluster's configuration is
+SLURM_KEPT_VARIABLES = ("SLURM_CONF",)
+
+
+@contextlib.contextmanager
+def outside_the_allocation():
+    """Submitting from inside a Slurm allocation (salloc, or the launcher run as a job itself), its SLURM_* variables
+    reached every job through --export=ALL: srun then stopped every task ('SLURM_MEM_PER_CPU, SLURM_MEM_PER_GPU, and
+    SLURM_MEM_PER_NODE are mutually exclusive' under an allocation made with --mem; a leaked SLURM_CPU_BIND binds
+    outside the step). sbatch sees the environment without them."""
+    if "SLURM_JOB_ID" not in os.environ:
+        yield
+        return
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if k.startswith("SLURM_") and k not in SLURM_KEPT_VARIABLES}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) -> dict | None:
     executors = slurm_executors(stages, out, workers, opts)
     if opts.dry_run:
@@ -946,7 +973,7 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         return None
     log = Path(out) / "logs" / "apply.log"
     try:
-        with logs_to_file(log, verbose=False):
+        with logs_to_file(log, verbose=False), outside_the_allocation():
             executors[-1][1].run()  # launches the whole dependency chain through sbatch
     except subprocess.CalledProcessError as e:
         stage = next((name for name, ex in executors if ex.__dict__.get("submitting")), executors[-1][0])

@@ -48,10 +48,17 @@ def apply_args(corpus: Path, model: str, out: Path) -> list[str]:
             "--slurm-qos", "normal", "--slurm-arg", "comment=edu-filter-tests", "--slurm-arg", "no-kill"]
 
 
+# what a shell inside an allocation made with --mem holds (salloc, or the launcher run as a job): through
+# --export=ALL srun in every job stopped with "SLURM_MEM_PER_CPU, SLURM_MEM_PER_GPU, and SLURM_MEM_PER_NODE are
+# mutually exclusive"
+IN_AN_ALLOCATION = {"SLURM_JOB_ID": "999999", "SLURM_MEM_PER_NODE": "512", "SLURM_CPU_BIND": "quiet,none"}
+
+
 @pytest.fixture(scope="module")
 def clean_run(slurm_partition, corpus, stock_classifier, tmp_path_factory):
+    """The chain submitted from inside an allocation, followed with --wait."""
     out = tmp_path_factory.mktemp("slurm-clean") / "out"
-    res = cli(apply_args(corpus[0], stock_classifier, out), timeout=900)
+    res = cli(apply_args(corpus[0], stock_classifier, out), env=IN_AN_ALLOCATION, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
@@ -97,7 +104,7 @@ def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpu
     assert res.returncode == 0, res.stderr[-3000:]
     assert ex.queued_jobs(str(out)) == []  # nothing submitted
     submitted = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], cwd="/", capture_output=True, text=True,
-                               timeout=120)
+                               timeout=120, env={**os.environ, **IN_AN_ALLOCATION})
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert submitted.stdout.count(": job ") >= 4  # a line per stage
     stats = ex.wait_for_chain(str(out), Console(quiet=True))
