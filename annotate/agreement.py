@@ -31,12 +31,12 @@ from edu_filter.documents import (
 LABELS = list(SCORES)
 
 
-def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict[str, float], int]:
-    """{id: value} for rows whose `field` is set, and how many rows had it null. Bad rows (no id, a duplicate id, a
-    value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
+def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict[str, float], set[str]]:
+    """{id: value} for rows whose `field` is set, and the ids of the rows that have it null. Bad rows (no id, a
+    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
     scores: dict[str, float] = {}
     where: dict[str, str] = {}
-    nulls = 0
+    nulls: set[str] = set()
     for path in expand_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths):
         for lineno, row in iter_raw_rows(path):
             doc_id = row.get(id_field)
@@ -48,7 +48,7 @@ def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict
             where[doc_id] = f"{path}:{lineno}"
             value = row.get(field, None)
             if value is None:
-                nulls += 1
+                nulls.add(doc_id)
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r}")
@@ -122,8 +122,10 @@ def agreement(
     result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
     result.update(
         a=str(a), b=str(b), field_a=field, field_b=field_b or field,
-        null_a=nulls_a, null_b=nulls_b,
-        only_in_a=len(scores_a.keys() - scores_b.keys()), only_in_b=len(scores_b.keys() - scores_a.keys()),
+        # a scored document the other side holds with a null score is counted there, not as missing from it
+        null_a=len(nulls_a), null_b=len(nulls_b),
+        only_in_a=len(scores_a.keys() - scores_b.keys() - nulls_b),
+        only_in_b=len(scores_b.keys() - scores_a.keys() - nulls_a),
     )
     if report is not None:
         Path(report).parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,10 @@ class RequestStats:
 # OpenAI-compatible HTTP endpoint
 # --------------------------------------------------------------------------------------------------------------------
 _FATAL_STATUSES = {401: "authentication failed", 403: "permission denied", 404: "not found"}
-_OVERFLOW_MESSAGE = re.compile(r"context (?:length|window|size)|maximum context", re.IGNORECASE)
+# OpenAI, vLLM, SGLang, llama.cpp; TGI: "`inputs` tokens + `max_new_tokens` must be <= N" / "must have less than N
+# tokens"
+_OVERFLOW_MESSAGE = re.compile(r"context (?:length|window|size)|maximum context|inputs. tokens \+ .max_new_tokens. "
+                               r"must be <=|inputs. must have less than \d+ tokens", re.IGNORECASE)
 
 
 def _first_int(pattern: str, text: str) -> int | None:
@@ -112,12 +115,15 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
         overflow = ContextOverflow(
             context_tokens=error.get("n_ctx")
             or _first_int(r"maximum context length (?:is|of) (\d+)", message)
-            or _first_int(r"context length \((\d+) tokens\)", message),
+            or _first_int(r"context length \((\d+) tokens\)", message)
+            or _first_int(r"must be <= (\d+)", message)
+            or _first_int(r"must have less than (\d+) tokens", message),
             prompt_tokens=error.get("n_prompt_tokens")
             or _first_int(r"(\d+) in the (?:messages|prompt)", message)
             or _first_int(r"(\d+) (?:input|prompt) tokens", message)
             or _first_int(r"(\d+) tokens from the input", message)
-            or _first_int(r"input \((\d+) tokens\)", message),
+            or _first_int(r"input \((\d+) tokens\)", message)
+            or _first_int(r"Given: (\d+)", message),
         )
     return code, one_line(message) or "(empty message)", overflow
 
@@ -131,15 +137,22 @@ def _model_ids(raw: bytes) -> list[str] | None:
 
 
 class InFlightLimit:
-    """How many requests may be in flight; starts at the asked concurrency and only ever shrinks.
+    """How many requests may be in flight: the asked concurrency, halved when the server falls behind and grown back
+    one at a time while it keeps up (as TCP sizes its window), so a few slow requests in a day-long run do not cut it
+    for good.
 
     `shrink(generation)` halves the limit, once per generation: requests sent before the last shrink were queued
-    under the old limit and say nothing about the new one."""
+    under the old limit and say nothing about the new one. `kept_up()`, for each answer in time, adds one place
+    after GROW_AFTER x limit such answers in a row."""
+
+    GROW_AFTER = 4
 
     def __init__(self, limit: int):
+        self.asked = limit
         self.limit = limit
         self.in_flight = 0
         self.generation = 0
+        self.on_time = 0  # answers in time since the limit last changed
         self._waiters: list[asyncio.Future] = []
 
     async def __aenter__(self) -> InFlightLimit:
@@ -152,6 +165,9 @@ class InFlightLimit:
 
     async def __aexit__(self, *exc) -> None:
         self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:  # all of them look again: a cancelled one cannot swallow the free place
             if not waiter.done():
@@ -161,6 +177,14 @@ class InFlightLimit:
         if generation == self.generation and self.limit > 1:
             self.limit = max(1, self.limit // 2)
             self.generation += 1
+            self.on_time = 0
+
+    def kept_up(self) -> None:
+        self.on_time += 1
+        if self.limit < self.asked and self.on_time >= self.GROW_AFTER * self.limit:
+            self.limit += 1
+            self.on_time = 0
+            self._wake()
 
 
 @dataclass
@@ -176,6 +200,8 @@ class Endpoint:
     benched_at: float = 0.0  # monotonic time it was last left out
     benched_until: float = 0.0  # monotonic time before which it gets no new request while another server can take it
     last_answer: float = 0.0  # monotonic time of its last 200 answer
+    last_useful: float = 0.0  # monotonic time of its last answer that was no 408, 429 or 5xx (set on entry)
+    paused_until: float = 0.0  # monotonic time before which it gets no request (it answered 429)
     limit: InFlightLimit = field(init=False)
 
     def __post_init__(self):
@@ -183,6 +209,7 @@ class Endpoint:
 
 
 BENCH_MAX_S = 60.0  # the longest a server that stopped answering is left out before one request tries it again
+SILENCE_MIN_S = 600.0  # no useful answer from any server for this long (or 5 x --timeout): the run stops
 
 
 class OpenAIBackend:
@@ -258,6 +285,9 @@ class OpenAIBackend:
             await self._session.close()
             raise
         self._base_body = {"model": self.model, **self.settings.as_dict()}
+        now = time.monotonic()
+        for endpoint in self.endpoints:
+            endpoint.last_useful = now
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -356,8 +386,8 @@ class OpenAIBackend:
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
         if retry_after:
-            try:
-                return min(self.max_backoff, max(0.0, float(retry_after)))
+            try:  # a little later than asked, each request its own: not every worker at the same instant
+                return min(self.max_backoff, max(0.0, float(retry_after))) * random.uniform(1.0, 1.25)
             except ValueError:
                 pass  # an HTTP date: fall back to our own backoff
         return min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
@@ -390,16 +420,26 @@ class OpenAIBackend:
     async def _post(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
         async with self._session.post(endpoint.base_url + self.path, data=body, headers=self.headers) as resp:
             raw = await resp.read()
+            now = time.monotonic()
             if resp.status == 200:
-                endpoint.last_answer = time.monotonic()
+                endpoint.last_answer = now
                 endpoint.answers += 1
-            return resp.status, raw, resp.headers.get("Retry-After")
+            if resp.status not in (408, 429) and resp.status < 500:
+                endpoint.last_useful = now
+            milliseconds = resp.headers.get("retry-after-ms")  # OpenAI's, finer than Retry-After
+            try:
+                retry_after = str(float(milliseconds) / 1000) if milliseconds else resp.headers.get("Retry-After")
+            except ValueError:
+                retry_after = resp.headers.get("Retry-After")
+            return resp.status, raw, retry_after
 
     async def _send(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
         """POST within the server's in-flight limit; raises asyncio.TimeoutError when the server has answered nothing
         for `timeout` seconds since the request was sent (see the class docstring)."""
         limit = endpoint.limit
         async with limit:
+            while (paused := endpoint.paused_until - time.monotonic()) > 0:  # it said 429: every request waits
+                await asyncio.sleep(paused)
             endpoint.requests += 1
             generation = limit.generation
             sent = time.monotonic()
@@ -411,7 +451,14 @@ class OpenAIBackend:
                     wake = silent_until if queued else min(silent_until, sent + self.timeout)
                     done, _ = await asyncio.wait((request,), timeout=max(0.0, wake - time.monotonic()))
                     if done:
-                        return request.result()
+                        status, raw, retry_after = request.result()
+                        if status == 429:  # over its rate: fewer in flight, and a pause for all of them
+                            limit.shrink(generation)
+                            endpoint.paused_until = max(endpoint.paused_until,
+                                                        time.monotonic() + self._delay(0, retry_after))
+                        elif not queued:
+                            limit.kept_up()
+                        return status, raw, retry_after
                     if time.monotonic() >= max(sent, endpoint.last_answer) + self.timeout:
                         raise asyncio.TimeoutError
                     if not queued:  # older than the timeout, but answers keep coming: queued behind them
@@ -468,6 +515,12 @@ class OpenAIBackend:
             await asyncio.sleep(self._delay(retry, retry_after))
             retry += 1
             rerouted = 0
+        silent = time.monotonic() - max(e.last_useful for e in self.endpoints)
+        if silent > max(SILENCE_MIN_S, 5 * self.timeout):
+            # a server that died (a launched vLLM gone, a pod that never came back) or a quota used up would fail
+            # every document the same way, one every few retries, for days
+            raise BackendError(f"no server gave a usable answer for {silent:.0f} s (last: {reason}); the answers so "
+                               "far are in the cache: the same command goes on once the server answers")
         raise RequestFailed(f"{reason} (gave up after {tries} tries)")
 
     def answers_per_server(self) -> dict[str, tuple[int, int]]:

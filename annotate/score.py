@@ -21,6 +21,7 @@ import asyncio
 import gzip
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -516,6 +517,30 @@ class _Scorer:
         return progress, update
 
 
+async def _stopped_by_sigterm(run):
+    """Awaits `run`, which SIGTERM cancels: its servers are stopped on the way out (Python's default ends the process
+    at once, leaving a launched vLLM running on its GPU), then the process exits 143. Answers received are cached."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    terminated = []
+
+    def stop() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        return await run
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
                        active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None):
     async with AsyncExitStack() as stack:
@@ -690,8 +715,9 @@ def score_documents(
     # writes it again, replaying the answers from the cache.
     partial = output.with_name(f".partial-{output.name}")
     with ScoreOutput(partial, active is not None) as out:
-        rows, summary = asyncio.run(_score_async(docs, cfg, cache_path, cache_settings, the_prompt, active,
-                                                 write=out.write if active is None else None, total=total))
+        rows, summary = asyncio.run(_stopped_by_sigterm(_score_async(
+            docs, cfg, cache_path, cache_settings, the_prompt, active, write=out.write if active is None else None,
+            total=total)))
         if active is not None:
             out.write(rows)
     summary.seconds = time.perf_counter() - start

@@ -54,6 +54,13 @@ def test_agreement_joins_on_id_and_counts_what_it_skips(tmp_path):
     assert r["n"] == 8 and r["only_in_a"] == 2 and r["only_in_b"] == 2 and r["null_a"] == 1
     assert r["exact_agreement"] == pytest.approx(7 / 8)
     assert orjson.loads(report.read_bytes())["n"] == 8
+    # a failed annotation (null) in B is counted as null there, not also as missing from B
+    failed = _write(tmp_path / "failed.jsonl", [{"id": "1", "score": 3}, {"id": "2", "score": None},
+                                                 {"id": "3", "score": 2}])
+    scored = _write(tmp_path / "scored.jsonl", [{"id": "1", "score": 3}, {"id": "2", "score": 1},
+                                                {"id": "3", "score": 2}])
+    r = agreement(str(scored), str(failed), show=False)
+    assert (r["n"], r["null_b"], r["only_in_a"], r["only_in_b"]) == (2, 1, 0, 0)
 
 
 def test_real_annotations_agree_with_themselves_and_not_with_noise(tmp_path):

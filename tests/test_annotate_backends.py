@@ -232,6 +232,39 @@ def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
     assert summary.requests == 1 + 2 + 2 and summary.retries == 1
 
 
+def test_sigterm_stops_the_server_the_run_started(tmp_path):
+    """`kill`, `timeout` and supervisors send SIGTERM to the main process only: Python ended at once and the vLLM
+    server it had started went on holding its GPU, its parent gone. Now the server is stopped and the run exits 143;
+    the same command goes on from the cached answers."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    src = _write(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": f"x {directive(f'd{i}', score=3)}"}
+                                         for i in range(2000)])
+    out = tmp_path / "out.jsonl"
+    run = subprocess.Popen([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--backend",
+                            "script", "--server-script", TEST_SERVER, "--server-arg", "delay=0.05", "--model",
+                            "test-model", "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    children = []
+    while time.monotonic() < deadline and not (children and Path(f"{out}.cache.sqlite").exists()):
+        found = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(pid) for pid in found]
+        time.sleep(0.5)
+    time.sleep(2)  # some answers in
+    assert children and run.poll() is None
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 143, stderr[-2000:]
+    time.sleep(1)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert alive == [], subprocess.run(["ps", "-o", "pid,ppid,cmd", "-p", ",".join(map(str, alive))],
+                                       capture_output=True, text=True).stdout
+
+
 def test_server_config_builds_the_vllm_command_settings():
     config = server_config("vllm", "meta-llama/Meta-Llama-3-70B-Instruct", api="chat", max_model_len=4096, tp=4,
                            server_args=["gpu-memory-utilization=0.9", "--enforce-eager"])

@@ -134,6 +134,11 @@ def test_answer_content_given_as_parts_is_read_from_its_text_parts(server, tmp_p
         ({"object": "error", "message": "The input (5000 tokens) is longer than the model's context length (4096 "
                                         "tokens).", "code": 400},
          None, "The input (5000 tokens)", ContextOverflow(4096, 5000)),  # SGLang
+        ({"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 5000 `inputs` "
+                   "tokens and 256 `max_new_tokens`", "error_type": "validation"},
+         None, "Input validation error", ContextOverflow(4096, 5000)),  # TGI
+        ({"error": "Input validation error: `inputs` must have less than 4096 tokens. Given: 5000",
+          "error_type": "validation"}, None, "Input validation error", ContextOverflow(4096, 5000)),  # TGI
         ({"error": {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}},
          "invalid_api_key", "Invalid API Key", None),
         ({"detail": "Not Found"}, None, "Not Found", None),
@@ -223,6 +228,66 @@ def test_queued_requests_back_off_concurrency_instead_of_being_abandoned(tmp_pat
         assert summary.concurrency is not None and summary.concurrency < 16
     finally:
         server.stop()
+
+
+def test_the_in_flight_limit_grows_back_while_the_server_keeps_up():
+    """It only ever shrank: a few slow requests in a day-long run cut 16 requests in flight to 1 for good."""
+    from edu_filter.annotate.backends import InFlightLimit
+
+    limit = InFlightLimit(16)
+    for generation in range(4):
+        limit.shrink(generation)
+    assert limit.limit == 1
+    answers = 0
+    while limit.limit < 16:
+        limit.kept_up()
+        answers += 1
+    assert answers == sum(InFlightLimit.GROW_AFTER * n for n in range(1, 16))  # one place per 4 x limit answers
+    limit.kept_up()
+    assert limit.limit == 16  # never above the asked concurrency
+
+
+def test_a_429_halves_the_requests_in_flight(tmp_path):
+    """A rate limit (429) left every worker retrying on its own at the full concurrency."""
+    server = LLMTestServer().start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc("limited", score=3, fail429=1)] +
+                          [doc(f"d{i}", score=2) for i in range(5)])
+        summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, concurrency=8,
+                                  **FAST)
+        assert summary.scored == 6 and summary.concurrency == 4
+    finally:
+        server.stop()
+
+
+def test_a_server_gone_for_good_stops_the_run(tmp_path, monkeypatch):
+    """A server that died mid-run (a launched vLLM gone, a pod never back) failed every remaining document one at a
+    time, a few retries each, for days. With no usable answer from any server for long enough, the run stops; what
+    was answered is in the cache."""
+    import threading
+    import time
+
+    import edu_filter.annotate.backends as backends
+
+    monkeypatch.setattr(backends, "SILENCE_MIN_S", 2.0)
+    server = LLMTestServer(delay=0.02).start()
+    src = write_jsonl(tmp_path / "in.jsonl", [doc(f"d{i:03d}", score=i % 6) for i in range(400)])
+
+    def stop_after_some_answers():
+        while sum(server.requests.values()) < 40:
+            time.sleep(0.01)
+        server.stop()
+
+    stopper = threading.Thread(target=stop_after_some_answers)
+    stopper.start()
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="no server gave a usable answer for"):
+        score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, concurrency=4,
+                        **{**FAST, "timeout": 0.3})
+    stopper.join()
+    assert time.monotonic() - started < 60
+    cached = sqlite3.connect(tmp_path / "out.jsonl.cache.sqlite").execute("SELECT COUNT(*) FROM answers").fetchone()
+    assert cached[0] >= 30
 
 
 def test_plain_progress_lines_when_output_is_not_a_terminal(tmp_path, capsys):
