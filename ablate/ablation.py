@@ -24,6 +24,7 @@ from edu_filter import provenance
 from edu_filter.ablate.cloze import load_cloze, score_cloze
 from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 from edu_filter.ablate.packing import (
+    PACKING,
     iter_texts,
     packed_settings,
     packing_settings,
@@ -422,6 +423,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                              f"dataset's training data, and {out / 'runs'} was trained on it: start a new output "
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
+            _adopt_older_checkpoint(folder, path, text_field, source)
             train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
                                              cfg.eval_tokens + window, text_field, source, show=rank == 0)
         for part, info in (("training", train), ("validation", val)):
@@ -502,6 +504,18 @@ def packing_source(path: str, text_field: str, documents: bool = True) -> str:
     them) and the field the texts come from."""
     found = provenance.fingerprint(path, documents=documents)  # None for a remote input
     return json.dumps({"input": found["fingerprint"] if found else str(path), "text_field": text_field})
+
+
+def _adopt_older_checkpoint(folder: Path, path: str, text_field: str, source: str) -> None:
+    """An unfinished packing checkpointed when a folder's fingerprint was of all its files goes on from there (see
+    `_recorded_source`) instead of starting again."""
+    try:
+        checkpoint = json.loads((folder / PACKING).read_text())
+    except (OSError, ValueError):
+        return
+    settings = _recorded_source(checkpoint.get("settings"), path, text_field, source)
+    if settings is not checkpoint.get("settings"):
+        (folder / PACKING).write_text(json.dumps({**checkpoint, "settings": settings}))
 
 
 def _recorded_source(recorded: dict | None, path: str, text_field: str, source: str) -> dict | None:

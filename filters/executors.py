@@ -945,7 +945,7 @@ def write_slurm_scripts(executors, out: str) -> Path:
 
 
 # kept from an allocation's environment when submitting from inside it: where the cluster's configuration is
-SLURM_KEPT_VARIABLES = ("SLURM_CONF",)
+SLURM_KEPT_VARIABLES = ("SLURM_CONF", "SLURM_CLUSTERS")
 
 
 @contextlib.contextmanager

@@ -141,6 +141,8 @@ def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int
     units = []
     try:
         sizes = [0 if p else get_datafolder(folder).size(name) for p, (folder, name) in zip(parquet, files)]
+        if None in sizes:  # a filesystem that tells no size
+            return None
         for i, (folder, name) in enumerate(files):
             if not parquet[i]:
                 continue
@@ -340,8 +342,15 @@ class ApplyInputReader(BaseReader):
             return not by_rows or (counter - 1) % world_size == rank
 
         sizes = []
-        for i, groups in plan:
+        for k, (i, groups) in enumerate(plan):
             size = self._checked_size(*self.files[i])
+            if groups is not None and groups[0][0] is None:
+                # a file's last byte range ends at its size as recorded when the run started (the one checked),
+                # not as planned a moment before: a line appended in between is read, once
+                planned = max(u[2] + u[3] for u in self.units if u[0] == i)
+                groups = [(g, start, max(length, size - start) if start + length == planned else length)
+                          for g, start, length in groups]
+                plan[k] = (i, groups)
             if groups is not None:  # the share of the file's rows (or bytes) this task reads
                 size = size * sum(g[2] for g in groups) // max(1, sum(u[3] for u in self.units if u[0] == i))
             sizes.append(size)

@@ -81,6 +81,11 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
             first = next(d for d in read if d.id == f"big.jsonl@{offsets[0]}")
             assert first.text == "bom first" and FAILURE_KEY not in first.metadata
             assert next(d for d in read if d.id.endswith(f"@{offsets[3]}")).metadata[FAILURE_KEY] == "invalid_json"
+    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 16)
+    units = io.input_units(files, 2)  # planned; then a line appended before the run records the file's size
+    path.write_bytes(path.read_bytes() + b'\n{"id": "late", "text": "appended"}\n')
+    read = [d.id for rank in range(2) for d in ApplyInputReader(files, units=units).run(rank=rank, world_size=2)]
+    assert read.count("late") == 1 and sorted(set(read) - {"late"}) == sorted(expected)
     assert io.input_units(expand_inputs([str(path)]), 1) is None  # a file per task: read whole, lines numbered
     gz = tmp_path / "big.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))

@@ -14,6 +14,7 @@ from edu_filter.documents import DocumentError, InputError
 from edu_filter.ablate.ablation import _prepare_tokens
 from edu_filter.ablate.packing import (
     PACKED,
+    PACKING,
     PackedTokens,
     is_held_out,
     iter_texts,
@@ -134,7 +135,7 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
     with the older fingerprint of all files are still taken while it matches."""
     import shutil
 
-    from edu_filter.ablate.ablation import packing_source
+    from edu_filter.ablate.ablation import _adopt_older_checkpoint, packing_source
 
     cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
     data, ref = tmp_path / "data", tmp_path / "ref"
@@ -155,6 +156,12 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
     settings["settings"]["source"] = legacy  # as an older edu-filter recorded it
     record.write_text(json.dumps(settings))
     _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+    unfinished = tmp_path / "unfinished"  # a packing checkpointed by an older edu-filter goes on from there
+    unfinished.mkdir()
+    (unfinished / PACKING).write_text(json.dumps({"settings": {"source": legacy, "train_tokens": 5}}))
+    _adopt_older_checkpoint(unfinished, str(data), "text", packing_source(str(data), "text"))
+    assert json.loads((unfinished / PACKING).read_text())["settings"] == {
+        "source": packing_source(str(data), "text"), "train_tokens": 5}
     (data / "part-0.jsonl").write_text((data / "part-0.jsonl").read_text().upper())
     with pytest.raises(InputError, match="--data web: .* asks in the input's content"):
         _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
