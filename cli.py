@@ -426,6 +426,8 @@ def apply(
                                                "--ray-cpus): its torch threads, or the tokenizing for its GPU."),
     ray_mem_gb: Optional[int] = typer.Option(RAY.mem_gb, help="Memory per Ray task in GB (default: 2 per CPU it "
                                              "asks); Ray packs a node's tasks by it."),
+    ray_gpus: Optional[int] = typer.Option(RAY.gpus, help="GPUs per Ray scoring task, 0 or 1 (default: 1 where a live "
+                                           "node has GPUs; 1 asks also where none has yet, for an autoscaler)."),
 ):
     """Score, deduplicate and threshold documents with a classifier (datatrove pipeline)."""
     from edu_filter.filters.apply import run_apply
@@ -437,7 +439,8 @@ def apply(
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
                            sbatch_args=slurm_arg, max_array_size=slurm_max_array, dry_run=dry_run),
-        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb), order=order,
+        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb, gpus=ray_gpus),
+        order=order,
         overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,
         text_field=text_field, id_field=id_field,

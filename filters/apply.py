@@ -140,6 +140,9 @@ class RayOptions:
     gpu_cpus_per_task: int | None = None
     # memory a task asks, in GB (None: 2 per CPU it asks, datatrove's default); Ray packs a node's tasks by it
     mem_gb: int | None = None
+    # GPUs of a scoring task: None, one where a live node has GPUs when the run starts; 1, one even where none has
+    # (an autoscaler whose GPU workers are at zero adds one); 0, none (score on CPUs)
+    gpus: int | None = None
 
     @property
     def scoring_cpus(self) -> int:
@@ -570,7 +573,8 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-p
                "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
                "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
                "max_array_size": "--slurm-max-array"}
-RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb"}
+RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
+             "gpus": "--ray-gpus"}
 
 
 def refuse_other_executors_options(executor: str, slurm: SlurmOptions | None, ray: RayOptions | None) -> None:
@@ -640,13 +644,15 @@ def run_apply(
     if len(local) == len(files) and all(os.path.getsize(f) == 0 for f in local):
         raise DocumentError(f"the input is empty ({', '.join(map(str, inputs))})")
     check_named_fields(files, options.get("text_field") or "text", options.get("id_field") or "id")
-    if executor == "slurm" and slurm.gpus_per_task and model and is_fasttext_model(model):  # presets name hub models
-        raise InputError(f"--slurm-gpus {slurm.gpus_per_task}: {model} is a fastText model, which scores on CPUs: "
-                         "each scoring task would hold a GPU idle (leave --slurm-gpus out; --slurm-gpu-cpus still "
-                         "sizes the scoring tasks)")
+    gpu_flags = {"slurm": ("--slurm-gpus", "--slurm-gpu-cpus", slurm.gpus_per_task),
+                 "ray": ("--ray-gpus", "--ray-gpu-cpus", ray.gpus)}
+    if executor in gpu_flags and gpu_flags[executor][2] and model and is_fasttext_model(model):  # presets: hub models
+        flag, cpus_flag, gpus = gpu_flags[executor]
+        raise InputError(f"{flag} {gpus}: {model} is a fastText model, which scores on CPUs: each scoring task "
+                         f"would hold a GPU idle (leave {flag} out; {cpus_flag} still sizes the scoring tasks)")
     if executor == "ray":  # connected before the order is chosen: it depends on whether the cluster has GPUs
         ex.connect_ray(ray, verbose=verbose)
-    on_gpu = ex.scoring_on_gpu(executor, slurm)
+    on_gpu = ex.scoring_on_gpu(executor, slurm, ray)
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)

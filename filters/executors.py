@@ -65,10 +65,12 @@ def load_stage_list(out: str) -> list[tuple[str, int]]:
         return [(s["name"], s["tasks"]) for s in json.load(fh)]
 
 
-def scoring_on_gpu(executor: str, slurm) -> bool:
+def scoring_on_gpu(executor: str, slurm, ray_opts=None) -> bool:
     if executor == "slurm":
         return slurm.gpus_per_task > 0
     if executor == "ray":
+        if ray_opts is not None and ray_opts.gpus is not None:
+            return ray_opts.gpus > 0
         import ray
 
         return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
@@ -223,6 +225,9 @@ def check_ray_request(opts) -> None:
         raise ValueError("--ray-cpus and --ray-gpu-cpus must be >= 1")
     if opts.mem_gb is not None and opts.mem_gb < 1:
         raise ValueError("--ray-mem-gb must be >= 1")
+    if opts.gpus not in (None, 0, 1):  # the scoring step runs one model on one device
+        raise InputError(f"--ray-gpus {opts.gpus}: a scoring task scores on one GPU; give 0 or 1 (default: 1 where "
+                         "the cluster has GPUs)")
 
 
 def refuse_unreachable_ray() -> None:
@@ -277,12 +282,28 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
         refuse_unreachable_ray()
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    warnings = ray_request_warnings(opts, nodes)
+    total = {k: sum(int(r.get(k, 0)) for r in nodes) for k in ("CPU", "GPU")}
+    print(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} live node"
+          f"{'s' * (len(nodes) != 1)}, {total['CPU']} CPUs, {total['GPU']} GPUs", file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warnings
+
+
+def ray_request_warnings(opts, nodes: list[dict]) -> list[str]:
+    """What no live node (`nodes`: their resources, as ray.nodes() gives them) can give a task now: on a fixed
+    cluster the tasks would wait forever, while an autoscaling one may still add such a node."""
     gpu_nodes = [r for r in nodes if r.get("GPU", 0) >= 1]
     scoring_option = "--ray-gpu-cpus" if opts.gpu_cpus_per_task else "--ray-cpus"
     wait = "so the tasks wait until one joins (an autoscaler may add it; on a fixed cluster, stop and lower"
     warnings = []
+    if opts.gpus and not gpu_nodes:
+        warnings.append("--ray-gpus 1: no live Ray node has a GPU now, so the scoring tasks wait until one joins (an "
+                        "autoscaler may add it; on a fixed cluster, stop and leave --ray-gpus out)")
+    scoring_nodes = nodes if opts.gpus == 0 else (gpu_nodes or nodes)
     for cpus, option, fitting in ((opts.cpus_per_task, "--ray-cpus", nodes),
-                                  (opts.scoring_cpus, scoring_option, gpu_nodes or nodes)):
+                                  (opts.scoring_cpus, scoring_option, scoring_nodes)):
         where = "GPU node" if fitting is gpu_nodes else "node"
         most = max((int(r.get("CPU", 0)) for r in fitting), default=0)
         memory, most_gb = opts.memory_gb(cpus), max((r.get("memory", 0) / 2**30 for r in fitting), default=0)
@@ -293,18 +314,13 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
                                                   f"memory for tasks now, {wait} --ray-mem-gb)")):
             if short and warning not in warnings:  # the scoring task may ask what the others ask
                 warnings.append(warning)
-    total = {k: sum(int(r.get(k, 0)) for r in nodes) for k in ("CPU", "GPU")}
-    print(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} live node"
-          f"{'s' * (len(nodes) != 1)}, {total['CPU']} CPUs, {total['GPU']} GPUs", file=sys.stderr)
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     return warnings
 
 
 def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=None):
     """`workers`: tasks at once (None on Ray: all of the stage's, as the cluster's resources allow)."""
     if executor == "ray":
-        gpus = 1 if stage.gpu and scoring_on_gpu("ray", None) else 0  # fastText scores on CPUs
+        gpus = 1 if stage.gpu and scoring_on_gpu("ray", None, ray) else 0  # fastText scores on CPUs
         at_once = min(workers or stage.tasks, stage.tasks)
         cpus = ray.scoring_cpus if stage.scores else ray.cpus_per_task
         return WatchedRayExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,

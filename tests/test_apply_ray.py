@@ -133,6 +133,27 @@ def test_ray_workers_killed_for_memory_fail_the_stage_saying_so_and_the_rerun_co
     rerun_gives_the_clean_result(cli_tasks4, out, args)
 
 
+def test_ray_gpus_asks_a_gpu_where_no_live_node_has_one_yet_or_none_at_all():
+    """An autoscaling cluster whose GPU workers are at zero showed no GPU when the run started: scoring went to CPUs
+    and no GPU was ever asked for, so none was ever added. --ray-gpus 1 asks (with a warning that the tasks wait for
+    a GPU node); --ray-gpus 0 scores on CPUs on a cluster with GPUs."""
+    from edu_filter.filters.apply import RayOptions
+    from edu_filter.filters.executors import ray_request_warnings, scoring_on_gpu
+
+    cpu_only = [{"CPU": 8.0, "memory": 32 * 2**30}]
+    with_gpu = cpu_only + [{"CPU": 16.0, "GPU": 1.0, "memory": 64 * 2**30}]
+    assert ray_request_warnings(RayOptions(), cpu_only) == []
+    assert ray_request_warnings(RayOptions(gpus=1), cpu_only) == [
+        "--ray-gpus 1: no live Ray node has a GPU now, so the scoring tasks wait until one joins (an autoscaler may add "
+        "it; on a fixed cluster, stop and leave --ray-gpus out)"]
+    assert ray_request_warnings(RayOptions(gpus=1, gpu_cpus_per_task=12), with_gpu) == []
+    # scoring on CPUs: the scoring task's CPUs are looked for on every node, not only on the GPU ones
+    assert ray_request_warnings(RayOptions(gpus=0, gpu_cpus_per_task=12), [{"CPU": 16.0, "memory": 64 * 2**30},
+                                                                          {"CPU": 4.0, "GPU": 1.0,
+                                                                           "memory": 64 * 2**30}]) == []
+    assert scoring_on_gpu("ray", None, RayOptions(gpus=1)) and not scoring_on_gpu("ray", None, RayOptions(gpus=0))
+
+
 @pytest.mark.slow
 def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fasttext_model, tmp_path, capsys):
     """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without

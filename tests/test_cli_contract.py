@@ -206,6 +206,8 @@ def test_sweep_takes_comma_separated_thresholds(files):
     (["--slurm-arg", "constraint=h100"], ("--slurm-arg is an option of --executor slurm",)),
     (["--executor", "ray", "--slurm-time", "1:00:00"], ("--slurm-time", "this run uses --executor ray")),
     (["--ray-gpu-cpus", "8"], ("--ray-gpu-cpus is an option of --executor ray", "give --executor ray")),
+    (["--ray-gpus", "1"], ("--ray-gpus is an option of --executor ray", "give --executor ray")),
+    (["--executor", "ray", "--ray-gpus", "2"], ("--ray-gpus 2: a scoring task scores on one GPU",)),
     (["--executor", "slurm", "--slurm-partition", "p", "--dry-run", "--ray-mem-gb", "8"],
      ("--ray-mem-gb is an option of --executor ray", "this run uses --executor slurm")),
 ])
@@ -285,6 +287,8 @@ def test_transformer_scoring_options_given_for_a_fasttext_model_are_refused(file
     refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--executor", "slurm", "--slurm-partition",
              "p", "--dry-run", "--slurm-gpus", "1"], "--slurm-gpus 1", "fastText model, which scores on CPUs",
             absent=(out.parent,))
+    refused(["apply", CODE_LABELS, "-o", out, "--model", fasttext_model, "--executor", "ray", "--ray-gpus", "1"],
+            "--ray-gpus 1", "fastText model", "--ray-gpu-cpus still sizes", absent=(out.parent,))
 
 
 def test_a_field_option_naming_no_field_of_the_input_is_refused(files, fasttext_model):
