@@ -527,6 +527,7 @@ async def _stopped_by_sigterm(run):
         terminated.append(True)
         task.cancel()
 
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         loop.add_signal_handler(signal.SIGTERM, stop)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
@@ -539,6 +540,8 @@ async def _stopped_by_sigterm(run):
         raise
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        if previous is not None:  # None: set outside Python, left as asyncio leaves it
+            signal.signal(signal.SIGTERM, previous)  # a caller's own handler (a notebook's, a worker's) back
 
 
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
