@@ -244,8 +244,10 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after():
     for retry, upper in [(0, 1.0), (1, 2.0), (2, 4.0), (5, 10.0)]:
         delays = [client._delay(retry, None) for _ in range(50)]
         assert all(upper / 2 <= d <= upper for d in delays) and len(set(delays)) > 1
-    assert client._delay(0, "3") == 3.0
-    assert client._delay(0, "600") == 10.0  # capped
+    # Retry-After, each request a little later than asked: not every worker at the same instant
+    honoured = [client._delay(0, "3") for _ in range(50)]
+    assert all(3.0 <= d <= 3.75 for d in honoured) and len(set(honoured)) > 1
+    assert 10.0 <= client._delay(0, "600") <= 12.5  # capped, then spread
     assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.0  # HTTP date: our own backoff
 
 
