@@ -1034,6 +1034,40 @@ def progress_interval(following_for: float) -> float:
     return min(PROGRESS_MAX_INTERVAL_S, max(POLL_S, following_for / 60))
 
 
+# what `scontrol show job` says of a job that ended without doing its work
+FAILED_JOB_STATES = frozenset({"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED",
+                               "BOOT_FAIL", "DEADLINE"})
+GONE_GRACE_S = 5.0  # a stage gone from the queue whose jobs' end Slurm no longer tells: its completion files' wait
+COMPLETED_GRACE_S = 90.0  # jobs Slurm says completed: how long their completion files may take to be listed
+
+
+def ended_job_states(job_ids: list[str]) -> set[str] | None:
+    """The states Slurm still holds for these (array) jobs after they left the queue (`scontrol show job`: until the
+    controller forgets them, MinJobAge, 5 minutes by default; no accounting needed); None when it tells none."""
+    states = set()
+    for job in job_ids:
+        try:
+            res = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                                 timeout=SQUEUE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if res.returncode == 0:
+            states |= {field.split("=", 1)[1] for line in res.stdout.splitlines() for field in line.split()
+                       if field.startswith("JobState=")}
+    return states or None
+
+
+def gone_failed(waited: float, ended: set[str] | None) -> bool:
+    """Whether a stage whose jobs left the queue `waited` seconds ago, some of its completion files not listed, has
+    failed; `ended`: the states Slurm tells of its jobs (`ended_job_states`). Jobs Slurm says completed get
+    COMPLETED_GRACE_S for their completion files to show: a shared filesystem (NFS caches a folder's listing for up
+    to a minute) lists them late, and calling the stage failed cancelled a healthy chain. Jobs that failed, or whose
+    end Slurm no longer tells, fail the stage after GONE_GRACE_S."""
+    if ended and ended <= {"COMPLETED", "COMPLETING"}:
+        return waited > COMPLETED_GRACE_S
+    return waited > GONE_GRACE_S
+
+
 def wait_for_chain(out: str, console) -> dict:
     """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed."""
     from edu_filter.filters.report import stats_table
@@ -1066,9 +1100,10 @@ def wait_for_chain(out: str, console) -> dict:
                     raise StageFailed(f"stage {name} cannot start: Slurm says {hopeless['reason']} (job "
                                       f"{hopeless['id']}); the chain was cancelled")
                 if not mine:
-                    # gone from the queue but not complete: give the completion files a moment, then call it failed
-                    first = gone_since.setdefault(name, time.time())
-                    if time.time() - first > 5 and not read_stage_progress(logs, name, tasks).finished:
+                    # gone from the queue but not complete: failed, unless the completion files are on their way
+                    waited = time.time() - gone_since.setdefault(name, time.time())
+                    if (waited > GONE_GRACE_S and not read_stage_progress(logs, name, tasks).finished
+                            and gone_failed(waited, ended_job_states(submitted_jobs(out).get(name, [])))):
                         cancelled = cancel_chain(out)
                         raise StageFailed(failed_stage_message(out, name, tasks, slurm=True)
                                           + (f"; cancelled the {len(cancelled)} jobs waiting on it" if cancelled else ""))

@@ -321,6 +321,29 @@ def test_a_task_slurm_kills_for_memory_is_named_and_more_memory_resumes_it(slurm
     assert sorted(p.name for p in (ran / "hungry").iterdir()) == ["1"] and (ran / "report" / "0").exists()
 
 
+def test_a_stage_gone_from_the_queue_is_failed_only_once_slurm_says_so_or_its_files_never_come(slurm_partition,
+                                                                                                 tmp_path):
+    """A stage's jobs left the queue with some completion files not listed yet: --wait called it failed after 5 s
+    and cancelled the chain, where a shared filesystem (NFS) lists new files up to a minute late. Slurm's own word
+    on the ended jobs (scontrol, no accounting needed) now decides: failed at once if one failed, given time if all
+    completed."""
+    from edu_filter.filters import executors as ex
+
+    script = tmp_path / "array.sh"
+    script.write_text("#!/bin/bash\n[ \"$SLURM_ARRAY_TASK_ID\" = 0 ] && exit 3\nexit 0\n")
+    job = subprocess.run(["sbatch", "--parsable", f"--partition={slurm_partition}", "--array=0-1", "--mem=100M",
+                          f"--output={tmp_path}/%A_%a.out", str(script)], capture_output=True, text=True, check=True
+                         ).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert ex.ended_job_states([job]) == {"FAILED", "COMPLETED"}
+    assert ex.ended_job_states(["99999999"]) is None  # unknown to the controller (or forgotten)
+    assert ex.gone_failed(6, {"FAILED", "COMPLETED"}) and ex.gone_failed(6, None)
+    assert not ex.gone_failed(60, {"COMPLETED"}) and ex.gone_failed(ex.COMPLETED_GRACE_S + 1, {"COMPLETED"})
+
+
 def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     """Slurm's own lines, as its daemons write them; a node or path that happens to contain "oom" is not a memory
     kill, and a log of an earlier submission says nothing about this one."""
