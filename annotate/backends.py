@@ -209,7 +209,12 @@ class Endpoint:
 
 
 BENCH_MAX_S = 60.0  # the longest a server that stopped answering is left out before one request tries it again
-SILENCE_MIN_S = 600.0  # no useful answer from any server for this long (or 5 x --timeout): the run stops
+# The run stops when no server has given a usable answer for SILENCE_MIN_S (or SILENCE_TIMEOUTS x --timeout, if
+# longer) and, since the last one, as many documents as it has requests in flight (3 at least) failed for good: one
+# document the server cannot answer fails alone, however long its retries take
+SILENCE_MIN_S = 600.0
+SILENCE_TIMEOUTS = 5
+SILENCE_MIN_DOCUMENTS = 3
 
 
 class OpenAIBackend:
@@ -270,6 +275,7 @@ class OpenAIBackend:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.notes: list[str] = []
         self.stats = RequestStats(concurrency=concurrency)
+        self.failed_in_a_row = 0  # documents failed for good since a server last gave a usable answer
         self._session = None
 
     async def __aenter__(self) -> OpenAIBackend:
@@ -426,6 +432,7 @@ class OpenAIBackend:
                 endpoint.answers += 1
             if resp.status not in (408, 429) and resp.status < 500:
                 endpoint.last_useful = now
+                self.failed_in_a_row = 0
             milliseconds = resp.headers.get("retry-after-ms")  # OpenAI's, finer than Retry-After
             try:
                 retry_after = str(float(milliseconds) / 1000) if milliseconds else resp.headers.get("Retry-After")
@@ -515,8 +522,10 @@ class OpenAIBackend:
             await asyncio.sleep(self._delay(retry, retry_after))
             retry += 1
             rerouted = 0
+        self.failed_in_a_row += 1
         silent = time.monotonic() - max(e.last_useful for e in self.endpoints)
-        if silent > max(SILENCE_MIN_S, 5 * self.timeout):
+        if (silent > max(SILENCE_MIN_S, SILENCE_TIMEOUTS * self.timeout)
+                and self.failed_in_a_row >= max(SILENCE_MIN_DOCUMENTS, self.capacity)):
             # a server that died (a launched vLLM gone, a pod that never came back) or a quota used up would fail
             # every document the same way, one every few retries, for days
             raise BackendError(f"no server gave a usable answer for {silent:.0f} s (last: {reason}); the answers so "

@@ -290,6 +290,28 @@ def test_a_server_gone_for_good_stops_the_run(tmp_path, monkeypatch):
     assert cached[0] >= 30
 
 
+def test_one_document_the_server_cannot_answer_fails_alone_however_long_its_retries(tmp_path, monkeypatch):
+    """The run stops for a silent server only once documents fail for good one after another: a single document
+    whose retries outlast the silence limit (six tries of two minutes) stopped a healthy run, and every rerun."""
+    import edu_filter.annotate.backends as backends
+
+    monkeypatch.setattr(backends, "SILENCE_MIN_S", 0.0)  # any silence is long enough
+    monkeypatch.setattr(backends, "SILENCE_TIMEOUTS", 0)
+    server = LLMTestServer().start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc("stuck", fail500=99), doc("a", score=3), doc("b", score=4)])
+        summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, concurrency=1,
+                                  **FAST)
+        rows = read_jsonl(tmp_path / "out.jsonl")
+        assert [(r["id"], r["score"]) for r in rows] == [("stuck", None), ("a", 3), ("b", 4)]
+        assert rows[0]["error"].startswith("http 500") and summary.scored == 2
+        monkeypatch.setattr(backends, "SILENCE_MIN_DOCUMENTS", 1)  # one failed document would be enough: stopped
+        with pytest.raises(BackendError, match="no server gave a usable answer"):
+            score_documents([str(src)], tmp_path / "again.jsonl", base_url=server.base_url, concurrency=1, **FAST)
+    finally:
+        server.stop()
+
+
 def test_plain_progress_lines_when_output_is_not_a_terminal(tmp_path, capsys):
     server = LLMTestServer(delay=0.05).start()
     try:
