@@ -18,6 +18,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def native_bf16(device) -> bool:
+    """Whether `device` computes bfloat16 natively (a GPU from Ampere on). torch's is_bf16_supported() also says yes
+    for a V100 or a T4, which only emulate it, slower than float32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.is_bf16_supported(including_emulation=False) and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def default_num_threads() -> int:
     """The CPUs this process may run on (its affinity mask under a scheduler), not every core of the machine."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -39,11 +39,11 @@ def check_train_dtype(dtype: str | None) -> None:
 def compute_dtype(dtype: str | None, device) -> str:
     """The precision the encoder computes in while training: `dtype`, or by default bfloat16 on a GPU that has it (as
     `apply` scores there; 2-3x the fp32 matmul speed), float32 elsewhere."""
-    import torch
+    from edu_filter.classifiers.device import native_bf16
 
     check_train_dtype(dtype)
     if dtype is None:
-        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if native_bf16(device) else "float32"
     return dtype
 
 
@@ -152,7 +152,10 @@ def load_frozen_encoder(
     dtype = compute_dtype(dtype, scorer.device)
     key = setting_key(
         encoder=encoder_identity(encoder_name), max_length=max_length, pooling=pooling, pool_layers=pool_layers,
-        long_docs=long_docs, max_chunks=max_chunks, **({} if dtype == "float32" else {"autocast": dtype}),
+        long_docs=long_docs, max_chunks=max_chunks,
+        # bfloat16 vectors are cached apart; since the mean is pooled in float32 (a bfloat16 count of tokens is
+        # inexact past 256), apart from those pooled before too
+        **({} if dtype == "float32" else {"autocast": dtype, "pooled_in": "float32"}),
     )
     return FrozenEncoder(encoder_name, tokenizer, classifier, scorer, key, EmbeddingCache(cache_dir), max_length,
                          pool_layers, dtype)

@@ -34,13 +34,24 @@ def unit_weights(weights, n: int) -> np.ndarray:
     return w / w.mean()
 
 
+# A feature whose spread is below this share of the median feature's counts as constant (scale 1): an encoder's
+# degenerate dimension (a LayerNorm weight near 0: std 7e-10 in MiniLM's last layer) standardised to unit variance
+# got a raw weight of -2e6, harmless on the frozen encoder, but fine-tuning moves that LayerNorm weight by about the
+# learning rate a step, and the logits by tens (the loss went from 0.5 to 20,000 in one step)
+CONSTANT_SCALE_SHARE = 1e-3
+
+
+def _constant_to_one(scale: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """`scale` with the features that count as constant set to 1, as StandardScaler does."""
+    floor = np.maximum(1e-12 * np.maximum(1.0, np.abs(mean)), CONSTANT_SCALE_SHARE * np.median(scale))
+    return np.where(scale < floor, 1.0, scale)
+
+
 def _weighted_standardiser(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean and standard deviation per feature (constant features get scale 1, as StandardScaler does)."""
     mean = w @ x / w.sum()
     var = w @ (x - mean) ** 2 / w.sum()
-    scale = np.sqrt(var)
-    scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean, scale
+    return mean, _constant_to_one(np.sqrt(var), mean)
 
 
 def _ridge_path(x_fit, y_fit, w_fit, x_out, alphas) -> np.ndarray:
@@ -171,9 +182,7 @@ def _fold_sums(x, y, w, fold_of: np.ndarray, folds: int, shift: np.ndarray) -> d
 def _scale_from_sums(total: dict, shift: np.ndarray) -> np.ndarray:
     """The scale of `_weighted_standardiser` over all rows, from their sums around `shift`."""
     mean = total["x"] / total["w"]
-    scale = np.sqrt(np.maximum(np.diag(total["xx"]) / total["w"] - mean**2, 0.0))
-    scale[scale < 1e-12 * np.maximum(1.0, np.abs(mean + shift))] = 1.0
-    return scale
+    return _constant_to_one(np.sqrt(np.maximum(np.diag(total["xx"]) / total["w"] - mean**2, 0.0)), mean + shift)
 
 
 def _centred_system(part: dict, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

@@ -67,11 +67,12 @@ class EduClassifierConfig(PretrainedConfig):
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over real (non-padding) tokens, or the first token's vector."""
+    """Mean over real (non-padding) tokens, or the first token's vector. The mean is taken in float32: in bfloat16 a
+    count of tokens is inexact past 256 (301 ones sum to 300), and so is a sum of that many vectors."""
     if pooling == "cls":
         return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    mask = attention_mask.unsqueeze(-1).float()
+    return (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class EduClassifierForSequenceClassification(PreTrainedModel):
@@ -152,7 +153,8 @@ class EduClassifierForSequenceClassification(PreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutput:
         pooled = self.embed(input_ids, attention_mask)
-        logits = self.classifier(pooled.to(self.classifier.weight.dtype))
+        with torch.autocast(pooled.device.type, enabled=False):  # the float32 head stays float32 under autocast
+            logits = self.classifier(pooled.to(self.classifier.weight.dtype))
         loss = None
         if labels is not None:
             loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())

@@ -293,7 +293,9 @@ class EduScorer(Scorer):
             raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; use bfloat16 on GPU")
         int8 = dtype == "int8"
         if dtype is None or int8:
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
+            from edu_filter.classifiers.device import native_bf16
+
+            dtype = "bfloat16" if native_bf16(device) else "float32"
         dtype = getattr(torch, dtype)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -40,6 +40,27 @@ def test_predict_returns_float32_in_input_order(web_model, web_texts):
     np.testing.assert_allclose(reversed_scores[::-1], scores, atol=1e-4)
 
 
+def test_bfloat16_runs_pool_and_apply_the_head_in_float32(web_model, web_texts):
+    """On a GPU the encoder runs in bfloat16 (autocast in train, a bf16 model in apply): the mean pooling counted
+    tokens in bfloat16 (301 ones sum to 300) and autocast ran the float32 head in bfloat16."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import pool
+
+    hidden = torch.full((1, 301, 4), 0.375, dtype=torch.bfloat16)
+    assert torch.equal(pool(hidden, torch.ones(1, 301, dtype=torch.long), "mean"), torch.full((1, 4), 0.375))
+    model = AutoModelForSequenceClassification.from_pretrained(web_model, trust_remote_code=True).eval()
+    enc = AutoTokenizer.from_pretrained(web_model)(web_texts[:4], padding=True, truncation=True, max_length=64,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**enc).logits
+            pooled = model.embed(enc["input_ids"], enc["attention_mask"])
+        head = pooled.float() @ model.classifier.weight.T + model.classifier.bias  # float32, outside autocast
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head)
+
+
 def test_truncated_marks_documents_longer_than_max_length(web_model):
     scorer = load_scorer(web_model)
     short, long = "Photosynthesis converts light into chemical energy.", "The cell divides. " * 400

@@ -24,7 +24,8 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
     frozen, _, _, info = fit_head(cfg, texts, y, weights)
     with torch_threads():
-        info["dtype"] = finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast) or frozen.dtype
+        finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast)
+        info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen)
@@ -44,11 +45,11 @@ def packed_sequences(scorer, texts: list[str], block: int = 4096) -> tuple[np.nd
 
 
 def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
-             autocast=contextlib.nullcontext) -> str | None:
+             autocast=contextlib.nullcontext) -> None:
     """Train every weight of `scorer.model` with MSE on the sequences it scores in truncate mode (the first
     max_length tokens; AdamW, warmup + linear decay); with inclusion weights, each document's squared error counts
     in proportion to its weight. The forward passes run inside `autocast()` (mixed precision; the weights and the
-    optimizer stay float32). Returns the dtype they computed the logits in (None: no step was taken)."""
+    optimizer stay float32; the head computes in float32)."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -72,7 +73,6 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     rng = np.random.default_rng(cfg.seed)
     targets = torch.tensor(y, dtype=torch.float32)
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
-    computed = None
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(), console=console,
@@ -87,7 +87,6 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
                     errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
                     loss = (row_weights[batch].to(device) * errors).mean()
-                computed = out.logits.dtype
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -95,4 +94,3 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=loss.item())
     model.eval()
-    return str(computed).removeprefix("torch.") if computed is not None else None
