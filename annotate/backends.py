@@ -215,6 +215,7 @@ BENCH_MAX_S = 60.0  # the longest a server that stopped answering is left out be
 SILENCE_MIN_S = 600.0
 SILENCE_TIMEOUTS = 5
 SILENCE_MIN_DOCUMENTS = 3
+RATE_LIMITED_TRIES = 20  # 429 answers a document may get on top of its --max-retries: a quota is waited out
 
 
 class OpenAIBackend:
@@ -481,7 +482,7 @@ class OpenAIBackend:
 
         body = self._payload(prompt)
         reason = ""
-        retry = tries = rerouted = 0
+        retry = tries = rerouted = rate_limited = 0
         while True:
             endpoint = self._pick()
             tries += 1
@@ -511,6 +512,11 @@ class OpenAIBackend:
                     if status not in (408, 429) and status < 500:
                         # 400, 413, 422...: this document's request is wrong (e.g. longer than the context)
                         raise RequestFailed(reason, overflow)
+                    if status == 429 and rate_limited < RATE_LIMITED_TRIES:  # waited out, not spent from --max-retries
+                        rate_limited += 1
+                        self.stats.retries += 1
+                        await asyncio.sleep(self._delay(min(rate_limited - 1, 6), retry_after))
+                        continue
             # no answer at all: that server is left out for a while, and another one takes the request at once
             if not answered and self._bench(endpoint, sent) and rerouted < len(self.endpoints) - 1:
                 rerouted += 1

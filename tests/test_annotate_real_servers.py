@@ -256,6 +256,10 @@ def test_a_429_halves_the_requests_in_flight(tmp_path):
         summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, concurrency=8,
                                   **FAST)
         assert summary.scored == 6 and summary.concurrency == 4
+        # a 429 is waited out, not spent from --max-retries (3 here): a quota steadily exceeded failed documents
+        src = write_jsonl(tmp_path / "quota.jsonl", [doc("quota", score=4, fail429=8)])
+        summary = score_documents([str(src)], tmp_path / "quota-out.jsonl", base_url=server.base_url, **FAST)
+        assert summary.scored == 1 and server.requests["quota"] == 9
     finally:
         server.stop()
 
