@@ -216,8 +216,8 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
                 raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None
             lineno += 1
-            if lineno == 1 and raw.startswith(UTF8_BOM):  # a file saved by Windows tools
-                raw = raw[len(UTF8_BOM):]
+            if lineno == 1:  # a file saved by Windows tools starts with a BOM
+                raw = raw.removeprefix(UTF8_BOM)
             if not raw.strip():
                 continue
             try:

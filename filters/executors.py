@@ -924,7 +924,7 @@ def write_slurm_scripts(executors, out: str) -> Path:
     kept = "|".join(SLURM_KEPT_VARIABLES)
     lines = ["#!/bin/bash", "# Submits the edu-filter apply stages in order, each after the previous one succeeded.",
              "set -euo pipefail",
-             "# run inside a Slurm allocation, its SLURM_* variables would reach every job (--export=ALL) and stop srun",
+             "# inside a Slurm allocation its SLURM_* variables would reach every job (--export=ALL) and stop srun",
              'if [ -n "${SLURM_JOB_ID:-}" ]; then',
              f"  for v in $(compgen -e | grep '^SLURM_' | grep -Ev '^({kept})$' || true); do unset \"$v\"; done",
              "fi",

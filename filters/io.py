@@ -136,7 +136,7 @@ def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int
     if len(files) >= tasks:
         return None
     parquet = [name.lower().endswith(PARQUET_SUFFIXES) for _, name in files]
-    if not all(p or name.lower().endswith((".jsonl", ".ndjson", ".json")) for p, (_, name) in zip(parquet, files)):
+    if any(not p and name.lower().endswith(".gz") for p, (_, name) in zip(parquet, files)):
         return None  # a .jsonl.gz beside them would be one task's whole: every task takes its n-th rows instead
     units = []
     try:
@@ -180,7 +180,7 @@ class ApplyInputReader(BaseReader):
 
     def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id",
                  progress_folder: str | None = None, counts_folder: str | None = None,
-                 fingerprints: dict | None = None, units: list[tuple[int, int, int, int]] | None = None):
+                 fingerprints: dict | None = None, units: list[tuple[int, int | None, int, int]] | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
         self.units = units  # `input_units`' parts when tasks split files
@@ -231,8 +231,8 @@ class ApplyInputReader(BaseReader):
         if ranges is None:
             fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
             for lineno, line_bytes in enumerate(fh, start=1):
-                if lineno == 1 and line_bytes.startswith(UTF8_BOM):  # a file saved by Windows tools
-                    line_bytes = line_bytes[len(UTF8_BOM):]
+                if lineno == 1:  # a file saved by Windows tools starts with a BOM
+                    line_bytes = line_bytes.removeprefix(UTF8_BOM)
                 self._row_reached = lineno
                 progress.at_bytes(raw.tell())
                 if line_bytes.strip() and keep(lineno):
@@ -250,8 +250,8 @@ class ApplyInputReader(BaseReader):
                     break
                 self._row_reached, line_start = position, position
                 position += len(line_bytes)
-                if line_start == 0 and line_bytes.startswith(UTF8_BOM):
-                    line_bytes = line_bytes[len(UTF8_BOM):]
+                if line_start == 0:
+                    line_bytes = line_bytes.removeprefix(UTF8_BOM)
                 if line_bytes.strip():
                     yield f"{name}@{line_start}", line_bytes
                 progress.at_bytes(done + min(size, position - start))
@@ -710,8 +710,8 @@ def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
             if (max_lines is not None and lineno > max_lines) or (max_bytes is not None and read > max_bytes):
                 return
             read += len(line)
-            if lineno == 1 and line.startswith(UTF8_BOM):
-                line = line[len(UTF8_BOM):]
+            if lineno == 1:
+                line = line.removeprefix(UTF8_BOM)
             try:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -725,7 +725,8 @@ def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[st
     FIELD_TYPE_SAMPLE_ROWS rows, or fewer where they hold more than FIELD_TYPE_SAMPLE_BYTES."""
     values: dict[str, list] = {}
     rows = 0
-    for row in itertools.islice(_first_jsonl_rows(folder, name, max_bytes=FIELD_TYPE_SAMPLE_BYTES), FIELD_TYPE_SAMPLE_ROWS):
+    sample = _first_jsonl_rows(folder, name, max_bytes=FIELD_TYPE_SAMPLE_BYTES)
+    for row in itertools.islice(sample, FIELD_TYPE_SAMPLE_ROWS):
         for key in skip:
             row.pop(key, None)
         for key in values.keys() - row.keys():

@@ -159,7 +159,8 @@ def clear_folder(folder: Path) -> None:
             entry.unlink()
 
 
-def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None, what: str) -> tuple[list[dict], np.ndarray | None]:
+def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None,
+                         what: str) -> tuple[list[dict], np.ndarray | None]:
     """One row per distinct text, its label the (weighted) mean of the rows that repeat it, its inclusion weight their
     mean: a text counts once, weighted or not (a re-annotation pass appended labels the same document again). A
     text on both sides of a split made validation and cross-validation score documents the model was fitted on
