@@ -116,8 +116,9 @@ def remove_created(paths: list[Path]) -> None:
 def command(*args, **kwargs):
     """`app.command`, with the error contract: known errors become one `error: ...` line and exit status 2 or 1; a
     command refused with an InputError leaves no output it had begun to create (only paths that did not exist when
-    it started are removed, and never on other errors, which may come after real work, nor where the command saved
-    work a rerun resumes: `holds_saved_work`)."""
+    it started are removed, nor where the command saved work a rerun resumes: `holds_saved_work`); other bad input
+    (exit 2, a library's ValueError, which may come after real work) leaves only the new folders it wrote nothing
+    into."""
 
     def register(fn):
         @functools.wraps(fn)
@@ -131,6 +132,9 @@ def command(*args, **kwargs):
                     raise
                 if isinstance(e, InputError):  # found before any work, or after work saved for a rerun
                     remove_created([path for path in new if not saved_work_under(path)])
+                elif status == EXIT_BAD_INPUT:  # a bad value found by a library, maybe after work: folders only
+                    remove_created([path for path in new if path.is_dir() and not any(
+                        files for _, _, files in os.walk(path))])  # where nothing was written yet
                 typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(status) from None
 
@@ -197,6 +201,7 @@ def train(
         None, help="Upload the model folder to this hub repository (ORG/NAME; token from `hf auth login` or HF_TOKEN)."
     ),
     overwrite: bool = typer.Option(False, help="Replace the model an -o folder already holds."),
+    skip_failed: bool = typer.Option(False, help="Leave out rows whose LLM annotation failed (score's `error`), counted, instead of stopping."),
 ):
     """Train a classifier on LLM-annotated scores; writes the model, metrics.json, a confusion-matrix PNG, a learning
     curve PNG, a README.md model card and provenance.json."""
@@ -206,7 +211,7 @@ def train(
         max_length=max_length, seed=seed, limit=limit, long_docs=long_docs, epochs=epochs,
         learning_rate=learning_rate, dtype=dtype, cache_dir=cache_dir, pool_layers=layers, push_to_hub=push_to_hub,
         weight_field=None if weight_field.lower() == "none" else weight_field, learning_curve=learning_curve,
-        overwrite=overwrite,
+        overwrite=overwrite, skip_failed=skip_failed,
     )
 
 
@@ -222,17 +227,20 @@ def evaluate(
                                              "524,288 tokens' worth: 1024 at 512 tokens).", show_default=False),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 or int8 (CPU fast path); default fp32 on CPU, bf16 on GPU."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows carry them; none ignores them."),
+    skip_failed: bool = typer.Option(False, help="Leave out rows whose LLM annotation failed (score's `error`), counted, instead of stopping."),
 ):
     """Evaluate a classifier against labels: table in the terminal, JSON report."""
     from edu_filter.classifiers.evaluate import evaluate_model
 
     evaluate_model(model, data, report=report, label_field=label_field, long_docs=long_docs, batch_size=batch_size,
-                   dtype=dtype, weight_field=None if weight_field.lower() == "none" else weight_field)
+                   dtype=dtype, weight_field=None if weight_field.lower() == "none" else weight_field,
+                   skip_failed=skip_failed)
 
 
 # --- score / agreement (LLM annotation) ------------------------------------------------------------------------------
 @command()
 def score(
+    ctx: typer.Context,
     data: Optional[list[str]] = typer.Argument(None, metavar="DATA", show_default=False,
                                                help="JSONL/Parquet files or folders of documents."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Annotated output (.jsonl, .jsonl.gz, .parquet)."),
@@ -296,8 +304,11 @@ def score(
 ):
     """Annotate documents 0-5 with an LLM and the FineWeb-Edu / Python-Edu rubric (resumable)."""
     if show_prompt is not None:
-        if data or output is not None:
-            raise InputError("--show-prompt prints a prompt and exits: give it alone, without DATA or -o")
+        given = [name for name in ctx.params if name != "show_prompt"
+                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        if given:
+            raise InputError("--show-prompt prints a prompt and exits: give it alone, without "
+                             + ", ".join("DATA" if name == "data" else "--" + name.replace("_", "-") for name in given))
         from edu_filter.annotate.prompts import show_prompt as print_prompt
 
         print_prompt(show_prompt)

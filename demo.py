@@ -3,8 +3,8 @@
 Stages, each the library function its CLI command calls: annotation (shown with the bundled LLM annotations: the
 parser re-reads real Llama-3.3 answers), train + evaluate a web and a code classifier, `apply` with the FineWeb-Edu and
 Python-Edu presets (dedup + threshold), threshold sweeps, and a tiny pretraining ablation (filtered vs unfiltered web
-data at equal tokens). Sized for a 2-core CPU: the web model trains on the train split and filters the unseen
-validation split, so every number in the report is measured on data the classifier did not see.
+data at equal tokens). Sized for a 2-core CPU: the web model trains on the train split and filters the validation
+split, whose documents it did not train on (its saved cut points were placed with their labels too).
 """
 
 from __future__ import annotations
@@ -29,6 +29,31 @@ APPLY_DTYPE = "int8"
 ABLATION_TOKENS = 100_000  # per run and seed; two seeds say whether the gap is more than seed noise
 ABLATION_SEEDS = 2
 console = Console()
+
+
+STAGE_FOLDERS = ("annotation", "models", "eval", "apply", "sweep", "ablation")
+DEMO_MARKER = ".edu-filter-demo"
+
+
+def clear_earlier_demo(out: Path) -> None:
+    """A second demo into the same folder starts over: its retrained models are not byte-identical (their metrics
+    differ in the last digits), so `apply` and `ablate` would refuse to resume what the first one made. Only a
+    folder the demo made loses its stage folders; another folder holding any of them is refused."""
+    import shutil
+
+    from edu_filter.documents import InputError
+
+    earlier = [name for name in STAGE_FOLDERS if (out / name).exists()]
+    if not earlier:
+        return
+    if not ((out / DEMO_MARKER).exists() or (out / "results.json").exists()):
+        raise InputError(f"-o/--output {out} holds {', '.join(f'{name}/' for name in earlier)} not made by the demo: "
+                         "give another folder")
+    console.print(f"[yellow]{out} holds an earlier demo: starting over[/]")
+    for name in earlier:
+        shutil.rmtree(out / name)
+    for name in ("results.json", "report.md"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _stage(title: str) -> float:
@@ -72,7 +97,9 @@ def run_demo(output: str | Path = "demo_out") -> Path:
 
     check_writable_output(output, "-o/--output")
     out = Path(output)
+    clear_earlier_demo(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     timings: dict[str, float] = {}
     results: dict = {}
 
@@ -146,7 +173,8 @@ def write_report(out: Path, r: dict) -> Path:
         "# edu-filter demo report",
         "",
         "Everything below ran on the bundled data (see `data/README.md`) on this machine. The web classifier was trained",
-        "on the 1000-row Llama-3 train split and all its web numbers come from the unseen 1000-row validation split.",
+        "on the 1000-row Llama-3 train split and its web numbers come from the unseen 1000-row validation split; the",
+        "sweep's F1 on that split uses the saved model's cut points, which `train` places with the validation labels too.",
         "",
         "## 1. score (annotation)",
         "",
@@ -224,7 +252,9 @@ def write_report(out: Path, r: dict) -> Path:
     ]
     for name, run in runs.items():
         evals = " | ".join(f"{run.get('eval', {}).get(n, float('nan')):.3f}" for n in eval_names)
-        lines.append(f"| {name} | {run['tokens_seen']:,} | {run['params']:,} | {run['train_loss'][-1]:.3f} | {evals} |")
+        final = [seed["train_loss"][-1] for seed in run.get("seeds") or [run]]
+        lines.append(f"| {name} | {run['tokens_seen']:,} | {run['params']:,} | {sum(final) / len(final):.3f} | "
+                     f"{evals} |")
     lines += [
         "",
         _image(out, out / "ablation/loss_curves.png", "loss curves"),

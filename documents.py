@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import itertools
+import json
 import math
 import os
 import random
@@ -92,6 +93,13 @@ def check_model_name(model: str, what: str = "--model") -> None:
         raise InputError(f"{what} {model}: no such file or folder")
 
 
+def check_named_path(value: str | os.PathLike, option: str) -> None:
+    """A value written as a local path (./, /, ~) that does not exist: one line naming the option, where a loader
+    would take it for a hub id and say "Repo id must be in the form 'repo_name'"."""
+    if str(value).startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+        raise InputError(f"{option} {value}: no such file or folder")
+
+
 def check_writable_output(path: str | os.PathLike, what: str = "--output") -> None:
     """Refuse an output path that cannot be created or written, without creating anything.
 
@@ -160,18 +168,63 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     return found
 
 
+def local_files_under(folder: str | os.PathLike) -> list[str]:
+    """The files under a local folder, as paths relative to it, symlinked folders followed (a folder of links into
+    dumps kept elsewhere is a common layout; neither `Path.rglob` nor fsspec's listing enters them), each real
+    folder entered once (a link back up does not loop)."""
+    names, entered = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in entered:
+            dirs[:] = []
+            continue
+        entered.add(real)
+        relative = os.path.relpath(root, folder)
+        prefix = "" if relative == "." else Path(relative).as_posix() + "/"
+        names.extend(prefix + f for f in files if os.path.isfile(os.path.join(root, f)))
+    return names
+
+
 def folder_data_files(folder: Path) -> list[Path]:
     """The data files under a local folder, as every reader takes them (`data_files_in`)."""
-    names = (f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
-    return [folder / name for name in data_files_in(str(folder), names)]
+    return [folder / name for name in data_files_in(str(folder), local_files_under(folder))]
+
+
+def distinct_names(paths: list[str], names: list[str]) -> list[str]:
+    """The name each file goes by in default ids (NAME:LINE) and error messages: its short name (`names`), unless
+    another of the files has the same one; those are named by their path below the folder they all share
+    (`2024-01/part-0.jsonl` and `2024-02/part-0.jsonl`, which both named their first row part-0.jsonl:1)."""
+    groups: dict[str, set[str]] = {}
+    for path, name in zip(paths, names):
+        groups.setdefault(name, set()).add(path)
+    prefixes = {}
+    for name, group in groups.items():
+        if len(group) > 1:
+            parts = [p.split("/") for p in group]
+            shared = 0
+            while all(len(q) > shared + 1 and q[shared] == parts[0][shared] for q in parts):
+                shared += 1
+            prefixes[name] = shared
+    return [name if name not in prefixes else "/".join(path.split("/")[prefixes[name]:])
+            for path, name in zip(paths, names)]
 
 
 def check_data_file(path: str) -> None:
-    """A file named directly may also be plain .json; anything else is an error naming it."""
+    """A file named directly may also be plain .json (JSON Lines, as the hub's exports name them; a JSON array is
+    refused before it is read: it would be one line, one failed document, held whole); anything else is an error
+    naming it."""
     if not _has_suffix(path, FILE_SUFFIXES):
         raise DocumentError(
             f"{path}: unsupported file type (expected .jsonl, .json or .ndjson, each optionally .gz, or .parquet)"
         )
+    if _has_suffix(path, (".json", ".json.gz")):
+        import fsspec
+
+        with fsspec.open(path, "rb", compression="infer") as fh:
+            start = fh.read(4096).removeprefix(UTF8_BOM).lstrip()
+        if start.startswith(b"["):
+            raise DocumentError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it, e.g. with "
+                                f"jq -c '.[]' {path} > {Path(path).stem}.jsonl")
 
 
 def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
@@ -412,7 +465,8 @@ def _why_unlabelled(row: dict) -> str:
     if not row.get("error"):
         return ""
     why = (f": its LLM annotation failed ({row['error']}); running the same `edu-filter score` command again asks "
-           "again only for the documents that failed (answers that were unusable need a larger --max-reasks)")
+           "again only for the documents that failed (answers that were unusable need a larger --max-reasks), or "
+           "--skip-failed leaves such rows out")
     if row.get("weight") is not None:
         why += ", while dropping rows from an --select active sample would skew its weights"
     return why
@@ -423,16 +477,23 @@ def iter_documents(
     text_field: str = "text",
     id_field: str = "id",
     label_field: str | None = None,
-    require_label: bool = False,
+    require_label: bool | str = False,
 ) -> Iterator[dict]:
     """`read_documents`, one row at a time: only the current row (and a Parquet record batch) is held."""
-    for path in expand_paths(paths):
+    files = expand_paths(paths)
+    for path, name in zip(files, default_id_names(files)):
         for lineno, row in iter_raw_rows(path):
-            yield _document(path, lineno, row, text_field, id_field, label_field, require_label)
+            yield _document(path, lineno, row, text_field, id_field, label_field, require_label, name)
+
+
+def default_id_names(files: list[str]) -> list[str]:
+    """Each file's name in the ids of its rows that have none: its base name, or its path where base names repeat."""
+    posix = [Path(f).as_posix() if not is_hub_path(f) else f for f in files]
+    return distinct_names(posix, [p.rstrip("/").rsplit("/", 1)[-1] for p in posix])
 
 
 def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
-              require_label: bool = False) -> dict:
+              require_label: bool | str = False, name: str | None = None) -> dict:
     """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
     text = row.get(text_field)
     if not isinstance(text, str):
@@ -442,10 +503,10 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
     doc["text"] = text
     if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document
         raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is missing")
-    doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{Path(path).name}:{lineno}")
+    doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{name or Path(path).name}:{lineno}")
     if label_field is not None:
         label = row.get(label_field)
-        if label is None and require_label:
+        if label is None and require_label and not (require_label == SKIP_FAILED and row.get("error")):
             raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{_why_unlabelled(row)}")
         if label is not None:
             try:
@@ -472,22 +533,48 @@ def check_not_empty(paths: Iterable[str | os.PathLike], what: str = "DATA", text
         raise DocumentError(f"{what}: no documents in {', '.join(map(str, paths))}")
 
 
+SKIP_FAILED = "unless-failed"  # require_label: a row whose LLM annotation failed (`score`'s `error`) may lack one
+
+
 def read_documents(
     paths: Iterable[str | os.PathLike],
     text_field: str = "text",
     id_field: str = "id",
     label_field: str | None = None,
-    require_label: bool = False,
+    require_label: bool | str = False,
     limit: int | None = None,
 ) -> list[dict]:
     """Rows with `id`, `text` (and the label under `label` when label_field is given).
 
     A missing `text`, a label that is no number on the 0-5 scale, or a missing label when `require_label`, raises
     DocumentError naming the file and line; a row without an id gets `<file>:<line>` so it can still be traced.
+    With `require_label=SKIP_FAILED` a row `score` could not annotate (its `error` set) comes without `label`.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
     return list(itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label), limit))
+
+
+def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
+                  skip_failed: bool = False, what: str = "DATA", console=None) -> list[dict]:
+    """The labelled rows of `train` and `evaluate`. With `skip_failed`, rows whose LLM annotation failed for good
+    (an answer the server refuses, a document over its context) are left out and counted by reason instead of
+    stopping the run; a row with no label and no such error is still an error (a wrong --label-field)."""
+    from collections import Counter
+
+    rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
+                          limit=limit)
+    failed = [r for r in rows if "label" not in r]
+    if not failed:
+        return rows
+    reasons = Counter(one_line(str(r["error"]), 60) for r in failed)
+    if console is not None:
+        listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
+        weighted = any(r.get("weight") is not None for r in failed)
+        console.print(f"[yellow]{what}: {len(failed)} of {len(rows)} rows left out, their LLM annotation failed "
+                      f"({listed}{'; ...' if len(reasons) > 3 else ''})"
+                      + (": the sample's inclusion weights no longer sum to the pool" if weighted else "") + "[/]")
+    return [r for r in rows if "label" in r]
 
 
 def sample_documents(
@@ -600,6 +687,8 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
     holding them are read (files in parallel)."""
     import bisect
 
+    sources = list(dict.fromkeys(part.source for part in parts))
+    id_names = dict(zip(sources, default_id_names(sources)))
     starts = list(itertools.accumulate((part.rows for part in parts), initial=0))
     chosen = sorted(random.Random(seed).sample(range(starts[-1]), min(n, starts[-1])))
     wanted: dict[int, list[int]] = {}  # part -> its chosen positions, in order
@@ -632,7 +721,8 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
             raise _parquet_error(part.url, e) from None
         if len(sampled) != len(wanted[k]):
             raise DocumentError(f"{part.url}: holds fewer rows than its footer says ({part.rows})")
-        return [(p, _document(part.source, part.offset + p - starts[k] + 1, row, text_field, id_field))
+        return [(p, _document(part.source, part.offset + p - starts[k] + 1, row, text_field, id_field,
+                              name=id_names[part.source]))
                 for p, row in sampled]
 
     sample: list[tuple[int, dict]] = []
@@ -649,6 +739,18 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=not enabled, transient=True)
+
+
+def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) -> None:
+    """A JSON file a kill cannot leave half-written (which every later read, a resume's included, would trip on):
+    written beside under a hidden name, synced, and renamed over the old one."""
+    path = Path(path)
+    partial = path.with_name(f".partial-{path.name}")
+    with open(partial, "w") as fh:
+        json.dump(record, fh, indent=indent)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
 
 
 def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:

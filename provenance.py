@@ -37,7 +37,14 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edu_filter.documents import InputError, RunError, bundled_data, folder_data_files
+from edu_filter.documents import (
+    InputError,
+    RunError,
+    bundled_data,
+    folder_data_files,
+    local_files_under,
+    write_json_whole,
+)
 
 PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIX = ".provenance.json"
@@ -115,14 +122,14 @@ def _content_files(path: Path, documents: bool = False) -> list[Path]:
         except InputError:  # no data files: what is there is the input
             pass
     files = []
-    for f in path.rglob("*"):
-        rel = f.relative_to(path)
-        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.endswith(SIDECAR_SUFFIX):
+    for name in sorted(local_files_under(path)):
+        parts = name.split("/")
+        if any(part.startswith(".") for part in parts) or name.endswith(SIDECAR_SUFFIX):
             continue
-        if len(rel.parts) == 1 and f.name in (PROVENANCE_FILE, CARD_FILE):
+        if len(parts) == 1 and name in (PROVENANCE_FILE, CARD_FILE):
             continue
-        files.append(f)
-    return sorted(files, key=lambda f: f.relative_to(path).as_posix())
+        files.append(path / name)
+    return files
 
 
 def _sha256(path: Path) -> str:
@@ -328,9 +335,7 @@ def record_provenance(
         "inputs": entries,
     }
     target = provenance_path(artifact)
-    partial = target.with_name(f".partial-{target.name}")
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, target)
+    write_json_whole(target, record)
     return target
 
 
@@ -398,15 +403,15 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
         return _node(record, entry["path"], {**about, "stale": False, "missing": False, "remote": True}, cache)
     where = _resolve(entry, consumer)
     missing = not where.exists()
-    if record is None and not missing:  # a record written after this input was used still tells its origin
-        found = read_provenance(where)
-        record = found[0] if found else None
     documents = carries_documents(entry["role"])
     current = None if missing else _current_fingerprint(where.absolute(), cache, documents)
     changed = missing or current != entry.get("fingerprint")
     if changed and not missing and documents and where.is_dir():
         # recorded before document folders were fingerprinted by their data files alone: every file counted then
         changed = _current_fingerprint(where.absolute(), cache, False) != entry.get("fingerprint")
+    if record is None and not changed:  # a record written after this input was used still tells its origin
+        found = read_provenance(where)  # (not of a replaced input: that record tells the replacement's)
+        record = found[0] if found else None
     about.update(stale=changed, missing=missing, remote=False)
     origin = None
     if "artifact" in entry:  # e.g. OUT/kept of the apply output OUT: OUT's inputs are recorded relative to OUT

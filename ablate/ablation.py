@@ -114,6 +114,9 @@ def ablate(
         raise ValueError("give at least one --data NAME=PATH")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if humaneval_limit is not None and (not humaneval or humaneval_limit < 1):
+        raise InputError("--humaneval-limit is read with --humaneval only" if not humaneval
+                         else f"--humaneval-limit must be >= 1, got {humaneval_limit}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     compare = comparison_set(datasets, references, compare_on)
@@ -584,7 +587,7 @@ def comparison_table(runs: dict, preset: str, seeds: int = 1):
     table = Table(title=f"{preset} ({first['params'] / 1e6:.1f}M params), {first['tokens_seen']:,} tokens per run; "
                         f"eval = loss on held-out text, lower is better{per_seed}")
     table.add_column("run")
-    for col in ["epochs", "train loss", *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
+    for col in ["epochs", "train loss" + (" (1st seed)" if seeds > 1 else ""), *eval_names, "tok/s", "MFU", *[f"{c} acc/norm" for c in cloze_names],
                 *(["HumanEval"] if with_humaneval else [])]:
         table.add_column(col, justify="right")
     best = {n: min(r["eval"].get(n, float("inf")) for r in runs.values()) for n in eval_names}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows
+from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows, write_json_whole
 
 PACKED = "packed.json"  # the marker of a finished write_train_val, written last
 PACKING = "packing.json"  # where a write_train_val in progress has got to: its resume point
@@ -234,10 +234,9 @@ def _save_packing_checkpoint(out_dir: Path, settings: dict, read: int, train: To
                              val: TokenFileWriter) -> None:
     train.sync()
     val.sync()
-    tmp = out_dir / f"{PACKING}.tmp"
-    tmp.write_text(json.dumps({"settings": settings, "documents_read": read, "train": [train.tokens, train.documents],
-                               "val": [val.tokens, val.documents]}))
-    os.replace(tmp, out_dir / PACKING)
+    write_json_whole(out_dir / PACKING, {"settings": settings, "documents_read": read,
+                                         "train": [train.tokens, train.documents], "val": [val.tokens, val.documents]},
+                     indent=None)
 
 
 def read_packed(out_dir: str | Path) -> tuple[TokenFileInfo, TokenFileInfo] | None:

@@ -51,9 +51,9 @@ def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict
                 nulls.add(doc_id)
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r}")
+                raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r:.80}")
             if not in_score_range(value):
-                raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r}, outside the {SCORE_RANGE} scale")
+                raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r:.80}, outside the {SCORE_RANGE} scale")
             scores[doc_id] = float(value)
     return scores, nulls
 

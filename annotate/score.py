@@ -198,6 +198,10 @@ class ScoreConfig:
             ("server_args", "--server-arg", self.backend in SERVER_BACKENDS, "--backend vllm, sglang or script"),
             ("server_script", "--server-script", self.backend == "script", "--backend script"),
             ("device", "--device", self.backend == "transformers", "--backend transformers"),
+            ("base_url", "--base-url", self.backend == "openai", "--backend openai (the others start their server)"),
+            *((name, f"--{name.replace('_', '-')}", self.backend != "transformers",
+               "--backend openai, vllm, sglang or script") for name in ("timeout", "max_retries", "retry_backoff",
+                                                                          "api_key_env")),
         )
         unused = [(flag, where) for name, flag, used, where in uses
                   if not used and getattr(self, name) not in (getattr(default, name), None, [])]

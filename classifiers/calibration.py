@@ -48,6 +48,8 @@ def best_f1_cut(scores: np.ndarray, positive: np.ndarray, weights=None) -> tuple
     winners = idx[np.isclose(f1[idx], best)]
     k = winners[len(winners) // 2]
     cut = (s[k] + s[k + 1]) / 2 if k + 1 < len(s) else s[k] - 1e-6
+    if k + 1 < len(s) and cut <= s[k + 1]:  # adjacent doubles: their midpoint rounds onto the lower, keeping it
+        cut = s[k]
     return float(cut), float(best)
 
 

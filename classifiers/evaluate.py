@@ -13,7 +13,12 @@ from edu_filter.classifiers.metrics import (
     print_warnings,
 )
 from edu_filter.documents import (
-    check_model_name, check_writable_output, read_documents, row_weights, weight_summary,
+    InputError,
+    check_model_name,
+    check_writable_output,
+    read_labelled,
+    row_weights,
+    weight_summary,
 )
 
 
@@ -27,8 +32,10 @@ def evaluate_model(
     dtype: str | None = None,
     num_threads: int | None = None,
     weight_field: str | None = "weight",
+    skip_failed: bool = False,
 ) -> dict:
-    """Metrics of `model` on `data` (every row must carry a label), with warnings when they cannot be trusted; the
+    """Metrics of `model` on `data` (every row must carry a label, or with `skip_failed` have failed to get one from
+    the LLM: those are left out and counted), with warnings when they cannot be trusted; the
     JSON report gets a confusion-matrix PNG beside it. Scoring runs on `num_threads` CPU threads (default: every CPU
     this process may use).
 
@@ -39,10 +46,14 @@ def evaluate_model(
     from edu_filter.classifiers.scorer import load_scorer, refuse_transformer_options
 
     check_model_name(model, "MODEL")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     refuse_transformer_options(model, dtype=dtype, long_docs=long_docs, batch_size=batch_size)
     if report is not None:
         check_writable_output(report, "--report")
-    rows = read_documents(data, label_field=label_field, require_label=True)
+    from rich.console import Console
+
+    rows = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA", console=Console(stderr=True))
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
     weights = row_weights(rows, weight_field)

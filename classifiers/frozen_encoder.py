@@ -13,6 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from edu_filter.classifiers.encoders import encoder_identity, resolve_encoder
+from edu_filter.documents import check_named_path
 
 console = Console(stderr=True)
 
@@ -113,6 +114,7 @@ def load_frozen_encoder(
 
     torch.manual_seed(seed)
     encoder_name = resolve_encoder(kind, encoder)
+    check_named_path(encoder_name, "--encoder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(encoder_name)
         model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)

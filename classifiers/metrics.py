@@ -43,8 +43,8 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
 
     `uncalibrated` repeats the threshold F1s with round-and-clip, the FineWeb baseline the calibration must beat.
     Correlations are None (JSON null) when scores or labels are constant, and a thresholded F1 is None when no document
-    is labelled or scored at or above the threshold: undefined, not a number (0.0 would read as a model that misses
-    every positive).
+    is labelled at or above the threshold: undefined, not a number (0.0 would read as a model that misses every
+    positive, and pull down a mean over folds).
     With `weights` (inclusion weights of a chosen sample) every metric is the weighted estimate of its value on the
     pool the sample was drawn from (Spearman: weighted Pearson of weighted mid-ranks); `n`, the confusion matrix and
     per-class `support` still count documents.
@@ -66,7 +66,7 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     def binary_f1(predicted_int, t) -> float | None:
         # a label counts as its integer score, as in accuracy and the confusion matrix (FineWeb-Edu's
         # int_score = round(score)): 2.6 is a 3 everywhere
-        if not (true >= t).any() and not (predicted_int >= t).any():
+        if not (true >= t).any():
             return None
         return float(f1_score(true >= t, predicted_int >= t, zero_division=0, sample_weight=w))
 

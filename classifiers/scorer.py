@@ -150,6 +150,31 @@ def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
                          f"{'it' if len(named) == 1 else 'them'} out")
 
 
+def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
+    """`--max-length` against what a local transformer classifier reads, before any work: more tokens than its
+    positions failed every scoring task with a tensor-size error, fewer than its special tokens with another."""
+    if max_length is None or not Path(str(model)).is_dir() or (Path(str(model)) / FASTTEXT_CONFIG).exists():
+        return
+    from transformers import AutoTokenizer
+
+    folder = Path(str(model))
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    positions = (config.get("encoder_config") or config).get("max_position_embeddings")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.get("model_type") == "edu_classifier")
+    except Exception as e:  # noqa: BLE001 - loading it says why, with the model
+        raise InputError(f"{model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    # the positions, less the two RoBERTa-family encoders offset by the padding index (514 for 512 tokens, which
+    # their tokenizers say); a tokenizer's smaller advice (MiniLM's says 128 of 512) is not a limit
+    limit = positions or tokenizer.model_max_length
+    if positions and tokenizer.model_max_length < positions <= tokenizer.model_max_length + 2:
+        limit = tokenizer.model_max_length
+    special = SequenceFramer(prepare_tokenizer(tokenizer)).num_special
+    if not special < max_length <= limit:
+        raise InputError(f"--max-length {max_length}: {model} reads {special + 1} to {limit} tokens per sequence "
+                         f"({special} of them special)")
+
+
 def load_scorer(
     path_or_hub_id: str | os.PathLike,
     device: str | torch.device | None = None,

@@ -41,8 +41,10 @@ from edu_filter.documents import (
     InputError,
     bundled_data,
     check_model_name,
+    check_named_path,
     check_writable_output,
     in_score_range,
+    one_line,
 )
 
 DEFAULT_WEB_MODEL = "HuggingFaceFW/fineweb-edu-classifier"
@@ -63,12 +65,28 @@ EXECUTORS = ("local", "slurm", "ray")
 COUNT_TOKENIZER = "gpt2"  # what FineWeb's token_count column counts; used when the classifier has no tokenizer
 
 
+def check_count_tokenizer(tokenizer: str) -> None:
+    """A --tokenizer loads here as the token counting loads it, before any work: a typo used to fail the final
+    stage, after the whole dedup."""
+    from transformers import AutoTokenizer
+
+    from edu_filter.classifiers.scorer import split_revision
+
+    name, revision = split_revision(tokenizer)
+    check_named_path(name, "--tokenizer")
+    try:
+        AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 - no such repo, offline, not a tokenizer
+        raise InputError(f"--tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {one_line(str(e))})") from None
+
+
 def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
     """The tokenizer `token_count` uses: `tokenizer` if given, else the classifier's own.
 
     A fastText classifier has none: GPT-2's (FineWeb's token_count), or offline the bundled MiniLM one, with a notice.
     """
     if tokenizer:
+        check_count_tokenizer(tokenizer)
         return tokenizer
     from edu_filter.classifiers.fasttext_model import CONFIG_FILE
 
@@ -282,9 +300,15 @@ def resolve_config(
         check_hub_model(model)
         model = pin_hub_model(model, output)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
-    from edu_filter.classifiers.scorer import check_dtype, check_long_docs, refuse_transformer_options
+    from edu_filter.classifiers.scorer import (
+        check_dtype,
+        check_long_docs,
+        check_max_length,
+        refuse_transformer_options,
+    )
 
     refuse_transformer_options(model, **{k: kwargs.get(k) for k in ("dtype", "max_length", "long_docs", "batch_size")})
+    check_max_length(model, kwargs.get("max_length"))
     check_dtype(kwargs.get("dtype"))
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])

@@ -483,18 +483,27 @@ def killed_task_message(out: str, stage: str, rank: int) -> str:
             f"{task_log(out, stage, rank)}")
 
 
-def killed_task(logs: str, stage: str) -> int | None:
-    """A task of `stage` whose process ended without finishing or raising (it was killed), if any."""
+def local_tasks(logs: str, stage: str) -> list[tuple[int, bool]]:
+    """(rank, process alive) of the tasks of `stage` a local run has started and not ended (their `running/`
+    files; a killed task's stays behind). Process ids are this machine's."""
     folder = get_datafolder(f"{logs}/{stage}")
+    tasks = []
     for name in folder.list_files("running"):
         try:
             with folder.open(name, "rt") as fh:
                 pid = int(fh.read().strip())
         except (OSError, ValueError):  # removed meanwhile, or being written
             continue
-        if _process_gone(pid) and folder.exists(name):  # killed even after writing its completion: the pool waits
-            return int(Path(name).name)
-    return None
+        gone = _process_gone(pid)
+        if not gone or folder.exists(name):  # ended meanwhile: its file went first
+            tasks.append((int(Path(name).name), not gone))
+    return tasks
+
+
+def killed_task(logs: str, stage: str) -> int | None:
+    """A task of `stage` whose process ended without finishing or raising (it was killed), if any; killed even
+    after writing its completion, the pool waits for it."""
+    return next((rank for rank, alive in local_tasks(logs, stage) if not alive), None)
 
 
 def run_here(stages, out: str, executor: str, workers: int | None, console, verbose: bool = False, ray=None) -> dict:
@@ -608,10 +617,11 @@ def check_slurm_request(opts):
     directives = sbatch_directives(opts.sbatch_args)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
-        if partition is None and shutil.which("sinfo") is not None:
+        if partition is None and shutil.which("sinfo") is not None and slurm_answers():
             partition = next((n for n, p in slurm_partitions().items() if p["default"]), None)
         if partition is None:
-            raise DocumentError("give --slurm-partition with --dry-run (no cluster here to ask for its default)")
+            raise DocumentError("give --slurm-partition with --dry-run (no cluster answers here to ask for its "
+                                "default)")
         return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
                        sbatch_args=directives)
     parts = slurm_partitions()
@@ -1148,6 +1158,11 @@ def show_status(out: str, console) -> dict:
             state = ", ".join(f"{n} {k}" for k, n in counts.items())
         elif (killed := slurm_kill(Path(logs, name), job_ids.get(name, []))) is not None:
             state = f"incomplete: {killed[0]}"
+        elif not submitted and (local := local_tasks(logs, name)):
+            alive = sum(a for _, a in local)
+            state = ", ".join(([f"{alive} running"] if alive else [])
+                              + ([f"incomplete: task {next(r for r, a in local if not a)} was killed"]
+                                 if alive < len(local) else []))
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:
@@ -1159,7 +1174,11 @@ def show_status(out: str, console) -> dict:
     console.print(table)
     stats_path = Path(out) / "stats.json"
     if stats_path.exists():
-        stats = json.loads(stats_path.read_text())
-        console.print(stats_table(stats))
-        summary["stats"] = stats
+        try:
+            stats = json.loads(stats_path.read_text())
+        except ValueError:  # cut short by a kill while an older edu-filter wrote it: the report stage rewrites it
+            console.print(f"{stats_path} cannot be read (cut short); running the same apply command rewrites it")
+        else:
+            console.print(stats_table(stats))
+            summary["stats"] = stats
     return summary

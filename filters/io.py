@@ -39,7 +39,9 @@ from edu_filter.documents import (
     DocumentError,
     check_data_file,
     data_files_in,
+    distinct_names,
     is_hub_path,
+    local_files_under,
     open_parquet,
     parquet_rows_or_errors,
 )
@@ -57,6 +59,9 @@ PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count"
 # own text and id in every record written, or that datatrove's writers read as attachments (`media`)
 RECORD_OWNED = ("text", "id", "media")
 RAW_PREVIEW_CHARS = 2000
+# containers nested in a row at most: orjson writes 254 levels (it reads 1024), and Parquet written with 50 nested
+# lists cannot be read back (pyarrow's limit of 100 schema levels): a deeper row would fail its task on every resume
+MAX_NESTING = 32
 # fsspec metadata that changes when a file is replaced: local and SFTP, S3, GCS, Azure, the hub (content hash)
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
@@ -85,7 +90,8 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             except Exception as e:  # noqa: BLE001
                 raise DocumentError(f"{inp}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
         if fs.isdir(path):
-            found = data_files_in(inp, get_datafolder(inp).list_files(recursive=True))
+            folder = get_datafolder(inp)
+            found = data_files_in(inp, local_files_under(path) if folder.is_local() else folder.list_files(recursive=True))
             files.extend((inp, f) for f in found)
         elif fs.isfile(path):
             check_data_file(inp)
@@ -161,6 +167,18 @@ def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int
     return units if len(units) >= tasks else None
 
 
+def nested_deeper(row: dict, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels deep in a field of the row."""
+    stack = [(row, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
@@ -183,6 +201,8 @@ class ApplyInputReader(BaseReader):
                  fingerprints: dict | None = None, units: list[tuple[int, int | None, int, int]] | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
+        # a file's name in sources and default ids: relative to its input, or longer where two inputs hold one name
+        self.labels = distinct_names([posixpath.join(*f) for f in files], [name for _, name in files])
         self.units = units  # `input_units`' parts when tasks split files
         self.fingerprints = fingerprints
         self.progress_folder = progress_folder
@@ -220,23 +240,23 @@ class ApplyInputReader(BaseReader):
                 FAILURE_KEY: reason,
                 "input_error": f"{source}: {error}",
                 "input_source": source,
-                "raw_preview": raw.decode("utf-8", "replace")[:RAW_PREVIEW_CHARS],
+                "raw_preview": raw[:4 * RAW_PREVIEW_CHARS].decode("utf-8", "replace")[:RAW_PREVIEW_CHARS],
                 "raw_base64": base64.b64encode(raw).decode("ascii"),
             },
         )
 
-    def _jsonl_lines(self, raw, name: str, keep, progress: "TaskProgress", ranges: list | None):
+    def _jsonl_lines(self, raw, label: str, keep, progress: "TaskProgress", ranges: list | None):
         """(source, line) of the non-blank lines to read: all of the file (FILE:LINE, `keep` choosing by line), or
         those starting in the byte `ranges` ((None, first byte, bytes)), named FILE@BYTE."""
         if ranges is None:
-            fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
+            fh = gzip.GzipFile(fileobj=raw) if label.lower().endswith(".gz") else raw
             for lineno, line_bytes in enumerate(fh, start=1):
                 if lineno == 1:  # a file saved by Windows tools starts with a BOM
                     line_bytes = line_bytes.removeprefix(UTF8_BOM)
                 self._row_reached = lineno
                 progress.at_bytes(raw.tell())
                 if line_bytes.strip() and keep(lineno):
-                    yield f"{name}:{lineno}", line_bytes
+                    yield f"{label}:{lineno}", line_bytes
             return
         done = 0  # bytes of the ranges read before this one, for progress
         for _, start, size in ranges:
@@ -253,14 +273,14 @@ class ApplyInputReader(BaseReader):
                 if line_start == 0:
                     line_bytes = line_bytes.removeprefix(UTF8_BOM)
                 if line_bytes.strip():
-                    yield f"{name}@{line_start}", line_bytes
+                    yield f"{label}@{line_start}", line_bytes
                 progress.at_bytes(done + min(size, position - start))
             done += size
 
-    def _read_jsonl(self, folder, name: str, keep, progress: "TaskProgress",
+    def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
         with folder.open(name, "rb") as raw:
-            for source, line_bytes in self._jsonl_lines(raw, name, keep, progress, ranges):
+            for source, line_bytes in self._jsonl_lines(raw, label, keep, progress, ranges):
                 try:
                     line = line_bytes.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -275,9 +295,13 @@ class ApplyInputReader(BaseReader):
                     yield self._failed("not_an_object", source, f"expected a JSON object, got {type(row).__name__}",
                                        line_bytes)
                     continue
+                if line_bytes.count(b"[") + line_bytes.count(b"{") > MAX_NESTING and nested_deeper(row, MAX_NESTING):
+                    yield self._failed("too_deeply_nested", source, f"a field nests more than {MAX_NESTING} lists or "
+                                       "objects, more than the Parquet and JSON writers take", line_bytes)
+                    continue
                 yield self._document(row, source)
 
-    def _read_parquet(self, folder, name: str, keep, progress: "TaskProgress", after: int = 0,
+    def _read_parquet(self, folder, name: str, label: str, keep, progress: "TaskProgress", after: int = 0,
                       groups: list[tuple[int, int, int]] | None = None) -> Iterator[Document]:
         """The rows of a Parquet file after row `after` (a second read, after an error, goes on where the first
         stopped); with `groups` ((row group, rows before it, its rows)) only those row groups. Rows are numbered
@@ -304,7 +328,7 @@ class ApplyInputReader(BaseReader):
                     if len(wanted) < batch.num_rows:  # rows of other tasks are not converted to Python
                         batch = batch.take(pa.array(wanted, pa.int64()))
                     for number, row in zip(numbers, parquet_rows_or_errors(batch)):
-                        yield self._parquet_document(row, f"{name}:{number}")
+                        yield self._parquet_document(row, f"{label}:{number}")
                     progress.at_bytes(size * (read_rows + rowno - first) // total_rows)
                 read_rows += rows
 
@@ -357,6 +381,7 @@ class ApplyInputReader(BaseReader):
         progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
         for (i, groups), size in zip(plan, sizes):
             folder_path, name = self.files[i]
+            label = self.labels[i]
             folder = get_datafolder(folder_path)
             parquet = name.lower().endswith(PARQUET_SUFFIXES)
             read = functools.partial(self._read_parquet if parquet else self._read_jsonl,
@@ -366,8 +391,8 @@ class ApplyInputReader(BaseReader):
             failed_at = None  # the row after which a Parquet read failed with an OSError, once
             while True:
                 try:
-                    for doc in (read(folder, name, keep, progress) if failed_at is None
-                                else read(folder, name, keep, progress, after=failed_at)):
+                    for doc in (read(folder, name, label, keep, progress) if failed_at is None
+                                else read(folder, name, label, keep, progress, after=failed_at)):
                         self.stat_update("rows_read")
                         progress.document()
                         yield doc
@@ -376,7 +401,7 @@ class ApplyInputReader(BaseReader):
                     # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
                     # transient read error (gone on a second read): read again from there once to tell them apart
                     if not parquet or type(e) is not OSError:  # HTTP, fsspec, errno errors: not the file's bytes
-                        e.add_note(f"while reading {name} after row {self._row_reached}")
+                        e.add_note(f"while reading {label} after row {self._row_reached}")
                         raise
                     if failed_at != self._row_reached:
                         failed_at = self._row_reached
@@ -391,9 +416,9 @@ class ApplyInputReader(BaseReader):
                 if not by_rows or rank == 0:
                     self.stat_update("unreadable_files")
                     progress.document()
-                    what = name if groups is None else (
-                        f"{name} (row groups {', '.join(str(g[0]) for g in groups)})" if parquet
-                        else f"{name} (bytes {', '.join(f'{g[1]}-{g[1] + g[2]}' for g in groups)})")
+                    what = label if groups is None else (
+                        f"{label} (row groups {', '.join(str(g[0]) for g in groups)})" if parquet
+                        else f"{label} (bytes {', '.join(f'{g[1]}-{g[1] + g[2]}' for g in groups)})")
                     after = "row" if parquet or groups is None else "the line at byte"
                     yield self._failed("unreadable_file", what, f"cannot read the rest of the file, after {after} "
                                        f"{self._row_reached} ({type(error).__name__}: {error})", b"")
@@ -716,7 +741,7 @@ def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if isinstance(row, dict):
+            if isinstance(row, dict) and not nested_deeper(row, MAX_NESTING):  # the reader fails those
                 yield row
 
 

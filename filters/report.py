@@ -16,6 +16,8 @@ from datatrove.data import DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 
+from edu_filter import documents
+
 
 def write_counts(counts_folder: str, rank: int, counts: dict[str, list[int]], name: str = "in") -> None:
     """{destination: [documents, tokens]} written by one task's writer `name`."""
@@ -86,6 +88,15 @@ def incomplete_stages(output_folder: str) -> list[str]:
     return missing
 
 
+def write_json_whole(folder, name: str, record: dict) -> None:
+    """stats.json as a kill cannot leave it half-written (an object store's upload is whole already)."""
+    if folder.is_local():
+        documents.write_json_whole(folder.resolve_paths(name), record)
+        return
+    with folder.open(name, "wt") as fh:
+        json.dump(record, fh, indent=2)
+
+
 class WriteApplyStats(PipelineStep):
     """Last stage of `apply` (one task): writes `OUT/stats.json`, fails loudly if the counts do not add up, and then
     deletes the scratch folder (signatures, intermediate files) unless `keep_work`."""
@@ -116,8 +127,11 @@ class WriteApplyStats(PipelineStep):
         work = out.resolve_paths("work")
         previous = {}
         if out.exists("stats.json"):  # a rerun after the scratch folder was already deleted keeps the measurement
-            with out.open("stats.json", "rt") as fh:
-                previous = json.load(fh)
+            try:
+                with out.open("stats.json", "rt") as fh:
+                    previous = json.load(fh)
+            except ValueError:  # cut short by a kill while an older edu-filter wrote it in place: rebuilt below
+                previous = {}
         scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0))
         extra = {}
         if self.extra_folder and get_datafolder(self.extra_folder).exists(""):
@@ -126,8 +140,7 @@ class WriteApplyStats(PipelineStep):
                 with folder.open(name, "rt") as fh:
                     extra.update(json.load(fh))
         stats = build_stats(out.resolve_paths("logs/counts"), self.settings, scratch, extra)
-        with out.open("stats.json", "wt") as fh:
-            json.dump(stats, fh, indent=2)
+        write_json_whole(out, "stats.json", stats)
         if not stats["adds_up"]:
             raise RuntimeError(
                 f"document counts do not add up: {stats['in']['documents']} read, but kept + removed + failed "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from edu_filter.documents import (
     PARQUET_SUFFIXES,
     SCORE_RANGE,
     SCORES,
+    FOLDER_SUFFIXES,
     DocumentError,
     InputError,
     check_writable_output,
@@ -36,6 +38,7 @@ from edu_filter.documents import (
     is_hub_path,
     iter_parquet_batches,
     iter_raw_rows,
+    local_files_under,
     parquet_rows,
 )
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
@@ -48,16 +51,50 @@ def is_apply_output(path: str | Path) -> bool:
     return (Path(path) / "run_config.json").exists()
 
 
+def _run_settings(path: str | Path) -> dict:
+    try:
+        return json.loads((Path(path) / "run_config.json").read_text()).get("settings", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def sweep_inputs(paths: list[str]) -> list[str]:
     """An `apply` output folder stands for the documents its threshold was applied to: `kept/` and
-    `removed/below_threshold/` (after dedup in the dedup-first order, before it in score-first)."""
+    `removed/below_threshold/`, and in the score-first order `removed/duplicate/` too (the threshold came first, so
+    the duplicates of kept documents were scored and passed it; in dedup-first they were never scored).
+
+    A run that has not finished (no stats.json yet) is refused: its folders hold part of the documents, and rows of
+    a killed attempt that its resume replaces. Its folders named one by one are read as they are."""
     resolved = []
     for p in paths:
         if is_apply_output(p):
-            resolved += [str(Path(p) / sub) for sub in ("kept", "removed/below_threshold") if (Path(p) / sub).is_dir()]
+            if not (Path(p) / "stats.json").exists():
+                raise InputError(f"{p}: this apply run has not finished (no stats.json yet; `edu-filter status {p}` "
+                                 "shows its stages), so its folders hold part of its documents and maybe rows of a "
+                                 "killed attempt: sweep it when it has finished (run the same apply command again "
+                                 f"to finish it), or name {Path(p) / 'kept'} and the removed/ folders to read them "
+                                 "as they are")
+            settings = _run_settings(p)
+            subs = ["kept", "removed/below_threshold"]
+            if settings.get("order") == "score-first" and (settings.get("dedup") or settings.get("exact_dedup")):
+                subs.append("removed/duplicate")
+            # a destination with no files (nothing kept at threshold 5, or a kill's leftovers cleared) holds none
+            resolved += [str(Path(p) / sub) for sub in subs if (Path(p) / sub).is_dir()
+                         and any(_has_suffix(name, FOLDER_SUFFIXES) for name in local_files_under(Path(p) / sub))]
         else:
             resolved.append(str(p))
     return resolved
+
+
+def sweep_files(paths: list[str]) -> list[str]:
+    """The files the inputs stand for, each once however often they are named (an output folder and its kept/)."""
+    files, seen = [], set()
+    for f in expand_paths(sweep_inputs(paths)):
+        key = f if is_hub_path(f) else os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            files.append(f)
+    return files
 
 
 SCORE_FIELDS = ("score", "int_score", "token_count", "metadata")  # read from every file; the text only without counts
@@ -122,13 +159,14 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     fields_seen: set[str] = set()
     counted = {True: None, False: None}  # a row with / without token_count: where first seen
     weighted = {True: None, False: None}
-    files = expand_paths(sweep_inputs(paths))
+    files = sweep_files(paths)
 
     def choose(parquet) -> list[str]:
         names = parquet.schema_arrow.names
         fields_seen.update(names[:200])
         counted_everywhere = "token_count" in names and not _may_hold_nulls(parquet, "token_count")
-        return [c for c in wanted if c in names] + (["text"] if "text" in names and not counted_everywhere else [])
+        return ([c for c in wanted if c in names and (c != "metadata" or _nests_any(parquet, c, wanted))]
+                + (["text"] if "text" in names and not counted_everywhere else []))
 
     def add_rows(path: str, numbered_rows) -> None:
         nonlocal chunk
@@ -231,6 +269,17 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
             np.ones(batch.num_rows) if weight is None else weight, True, weight is not None)
 
 
+def _nests_any(parquet, column: str, wanted: list[str]) -> bool:
+    """Whether a struct (or map) column may hold any of the `wanted` fields: datatrove's `metadata` column of kept
+    documents holds the input's own fields, read row by row to merge them (55x slower) only when one counts here."""
+    import pyarrow as pa
+
+    kind = parquet.schema_arrow.field(column).type
+    if pa.types.is_map(kind):
+        return True
+    return pa.types.is_struct(kind) and any(kind.field(i).name in wanted for i in range(kind.num_fields))
+
+
 def _may_hold_nulls(parquet, column: str) -> bool:
     """Whether the footer does not rule out a null in `column` (no statistics: it may)."""
     for g in range(parquet.metadata.num_row_groups):
@@ -251,6 +300,12 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
         has = [f for f in ("score", "int_score") if row.get(f) is not None]
         raise DocumentError(f"{where}: needs both score and int_score (apply's output; this row has "
                             f"{' and '.join(has) or 'neither'}); run `edu-filter apply` first")
+    try:
+        score = float(row["score"])
+    except (TypeError, ValueError):
+        score = math.nan
+    if not math.isfinite(score):
+        raise DocumentError(f"{where}: score {row['score']!r} is not a finite number")
     has_count = row.get("token_count") is not None
     counted[has_count] = counted[has_count] or where
     try:
@@ -279,7 +334,7 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
         if not (math.isfinite(weight) and weight > 0):
             raise InputError(f"{where}: '{weight_field}' is {row.get(weight_field)!r}: inclusion weights must be "
                              "positive numbers")
-    return float(row["score"]), ints, tokens, math.nan if label is None else label, weight or 1.0
+    return score, ints, tokens, math.nan if label is None else label, weight or 1.0
 
 
 def _columns(chunk: list[tuple]) -> tuple[np.ndarray, ...]:
@@ -291,7 +346,8 @@ def _columns(chunk: list[tuple]) -> tuple[np.ndarray, ...]:
 def model_cut_points(paths: list[str]) -> tuple[list[float] | None, str | None]:
     """The cut points of the model an apply output folder was made with (from its stats.json or run_config.json):
     the `cut_points` of its config.json or fasttext_config.json, round-and-clip for a model saved without any.
-    (None, None) when no input is an apply output, or its model cannot be found here."""
+    (None, None) when no input is an apply output, or its model cannot be found here, or its files are no longer
+    those the run scored with (retrained in place: its cut points would be another model's)."""
     for p in paths:
         model = None
         for name in ("stats.json", "run_config.json"):
@@ -303,7 +359,7 @@ def model_cut_points(paths: list[str]) -> tuple[list[float] | None, str | None]:
                     continue
                 if model:
                     break
-        if not model:
+        if not model or not _same_model_files(p, model):
             continue
         for config_name in ("fasttext_config.json", "config.json"):
             config = _model_file(model, config_name)
@@ -314,6 +370,23 @@ def model_cut_points(paths: list[str]) -> tuple[list[float] | None, str | None]:
                     continue
                 return (list(map(float, cuts)) if cuts else list(ROUND_CUTS)), str(model)
     return None, None
+
+
+def _same_model_files(run: str | Path, model: str) -> bool:
+    """Whether a local model folder still fingerprints as the run recorded it (a hub model is pinned to a commit)."""
+    try:
+        recorded = json.loads((Path(run) / "run_config.json").read_text()).get("model_fingerprint")
+    except (OSError, ValueError):
+        return True  # an output folder copied without its record: nothing to compare with
+    if recorded is None or not Path(model).exists():
+        return True
+    from edu_filter.provenance import ProvenanceError, describe_inputs
+
+    try:
+        entry = describe_inputs({"classifier": model})[0]
+    except ProvenanceError:
+        return False
+    return (entry["fingerprint"] or entry["path"]) == recorded
 
 
 def _model_file(model: str, name: str) -> Path | None:
@@ -359,8 +432,9 @@ def retention_table(summary: ScoredSummary, thresholds: list[int], positive_thre
             tp = float(summary.confusion[t:, positive_threshold:].sum())
             precision = tp / kept.sum() if kept.sum() > 0 else None
             recall = tp / positive.sum() if positive.sum() > 0 else None
-            f1 = (2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0) if (
-                precision is not None and recall is not None) else None
+            # 2TP / (kept + positives): 0 when positives exist and none is kept; undefined without positives, as
+            # in `compute_metrics`
+            f1 = 2 * tp / (kept.sum() + positive.sum()) if positive.sum() > 0 else None
             row |= {"precision": precision, "recall": recall, "f1": f1}
         rows.append(row)
     return rows

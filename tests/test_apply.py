@@ -5,6 +5,7 @@ The classifier is a MiniLM encoder with a fixed random regression head saved as 
 but deterministic, which is all the pipeline's accounting, dedup and threshold logic needs.
 """
 
+import base64
 import gzip
 import json
 import subprocess
@@ -302,6 +303,11 @@ def test_dry_run_and_status_go_on_when_the_slurm_controller_does_not_answer(stoc
                                          "AuthType=auth/munge\nNodeName=localhost CPUs=1\n"
                                          "PartitionName=p Nodes=localhost Default=YES\n")
     env = {**ENV, "SLURM_CONF": str(tmp_path / "slurm.conf")}  # port 9: nothing listens there
+    args = CLI + ["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o", str(tmp_path / "out"),
+                  "--executor", "slurm", "--dry-run"]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)  # sinfo failed here
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        "error: give --slurm-partition with --dry-run (no cluster answers here to ask for its default)"), res.stderr
     res = subprocess.run(CLI + ["apply", str(tmp_path / "in.jsonl"), "--model", stock_classifier, "-o",
                                 str(tmp_path / "out"), "--executor", "slurm", "--slurm-partition", "p", "--dry-run"],
                          env=env, capture_output=True, text=True, timeout=120)
@@ -653,6 +659,40 @@ def test_awkward_inputs_land_once_with_their_fields_intact(stock_classifier, tmp
     assert from_a.height == len(found["kept"]) - sum(i in readable_b for i in found["kept"])
     assert set(from_a["rank"].to_list()) == {0, 1}
     assert {m["lang"] for m in from_a["metadata"].to_list()} == {"en"}
+
+
+def test_deeply_nested_rows_fail_alone_and_same_named_inputs_keep_apart(stock_classifier, tmp_path):
+    """A row nesting 300 lists in a field failed its task on every resume when it went to removed/ (orjson writes
+    254 levels) and made kept/ Parquet no reader opens when kept (pyarrow reads ~50 nested lists). Two dumps each
+    holding part-0.jsonl without ids named their rows alike; a failed row's source did not say which dump."""
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:6]
+    dumps = [tmp_path / "dump-a", tmp_path / "dump-b"]
+    deep = {"text": "nested " * 50, "meta": json.loads("[" * 300 + "1" + "]" * 300)}
+    for k, dump in enumerate(dumps):
+        dump.mkdir()
+        lines = [json.dumps({"text": r["text"]}) for r in rows[3 * k:3 * k + 3]] + ["{not json"]
+        if k == 0:
+            lines.insert(1, json.dumps(deep))
+            lines.append(json.dumps({"text": "just deep enough", "meta": json.loads("[" * 32 + "]" * 32)}))
+        (dump / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    for threshold in (0, 5):  # every readable row kept, then every one removed
+        out = tmp_path / f"out{threshold}"
+        stats = run_apply([str(d) for d in dumps], str(out), model=stock_classifier, threshold=threshold,
+                          dedup=False, show=False)
+        found = read_outputs(out)
+        assert stats["adds_up"] and stats["in"]["documents"] == 10
+        assert found["failed/too_deeply_nested"] == ["dump-a/part-0.jsonl:2"]
+        assert sorted(found["failed/invalid_json"]) == ["dump-a/part-0.jsonl:5", "dump-b/part-0.jsonl:4"]
+        readable = found["kept"] if threshold == 0 else found["removed/below_threshold"]
+        assert sorted(readable) == ["dump-a/part-0.jsonl:1", "dump-a/part-0.jsonl:3", "dump-a/part-0.jsonl:4",
+                                    "dump-a/part-0.jsonl:6", "dump-b/part-0.jsonl:1", "dump-b/part-0.jsonl:2",
+                                    "dump-b/part-0.jsonl:3"]
+        for f in (out / "kept").glob("*.parquet"):
+            pq.read_table(f)
+        record = json.loads(gzip.open(next((out / "failed" / "too_deeply_nested").glob("*.jsonl.gz"))).readline())
+        assert json.loads(base64.b64decode(record["raw_base64"])) == deep  # nothing of the row is lost
 
 
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])

@@ -134,3 +134,32 @@ def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(
     stderr = failed_run_stderr(proc, timeout=300)
     assert f"part{replaced}.jsonl was replaced during this run" in stderr and "was killed" not in stderr, stderr[-3000:]
     assert f"task_{replaced:05d}.log" in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tmp_path):
+    """stats.json was written in place: a kill mid-write (a time limit in the report stage) left a file every later
+    rerun failed on in its report stage, and `status` on. It is written whole now; one cut short by an older
+    version is rebuilt."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(cli_tasks4[0] / "out", out)
+    whole = (out / "stats.json").read_text()
+    (out / "stats.json").write_text(whole[: len(whole) // 2])
+    shutil.rmtree(out / "logs" / "report" / "completions")
+    # and `status` of a local run, its report task killed (its process gone), then running in a live process
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    marker = out / "logs" / "report" / "running" / "00000"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    for pid, state in ((ended.pid, "incomplete: task 0 was killed"), (os.getpid(), "1 running")):
+        marker.write_text(str(pid))
+        status = subprocess.run([*CLI, "status", str(out)], capture_output=True, text=True, timeout=300,
+                                env={**ENV, "COLUMNS": "200"})
+        assert status.returncode == 0 and "cannot be read (cut short)" in status.stdout, status.stderr[-2000:]
+        assert re.search(rf"report .* 0/1 .* {state}", status.stdout), status.stdout
+    marker.unlink()
+    rerun_gives_the_clean_result(cli_tasks4, out, fixture_args_into(cli_tasks4, out))
+    assert json.loads((out / "stats.json").read_text())["in"] == json.loads(whole)["in"]
+    assert not list(out.glob(".partial-*"))

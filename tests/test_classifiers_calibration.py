@@ -80,9 +80,10 @@ def test_compute_metrics_keys_and_values():
     assert m["uncalibrated"]["binary_f1_at_3"] == m["binary_f1_at_3"]  # same cuts here
 
 
-def test_a_threshold_nothing_reaches_has_no_f1_and_a_missed_one_has_zero(capsys):
-    """No document labelled or scored 4+: F1@4 is undefined (null, shown as n/a), not a model that misses every
-    positive; documents scored 4+ that no label reaches make it a real 0."""
+def test_a_threshold_no_label_reaches_has_no_f1_and_a_missed_one_has_zero(capsys):
+    """No document labelled 4+: F1@4 is undefined (null, shown as n/a), not a model that misses every positive,
+    whether or not documents are scored 4+ (a 0 there pulled down learning-curve means over folds without a 4;
+    `sweep` counts it alike); positives all missed make it a real 0."""
     from edu_filter.classifiers.metrics import print_metrics
 
     labels = np.array([0, 1, 2, 3, 1, 2], dtype=float)
@@ -93,7 +94,9 @@ def test_a_threshold_nothing_reaches_has_no_f1_and_a_missed_one_has_zero(capsys)
     print_metrics(m, "no 4+")
     assert capsys.readouterr().out.count("n/a") == 2  # calibrated and round-and-clip columns of binary_f1_at_4
     over = compute_metrics(labels, raw + 1.5, apply_cut_points(raw + 1.5, ROUND_CUTS))
-    assert over["binary_f1_at_4"] == 0.0
+    assert over["binary_f1_at_4"] is None and over["binary_f1_at_3"] < 1
+    under = compute_metrics(labels, raw - 1.5, apply_cut_points(raw - 1.5, ROUND_CUTS))
+    assert under["binary_f1_at_3"] == 0.0
 
 
 def test_a_fractional_label_counts_as_its_integer_score_in_every_metric_and_cut():
@@ -115,3 +118,15 @@ def test_a_half_label_rounds_as_the_cut_points_read_a_raw_score_equal_to_it():
     labels = np.array([0.5, 1.5, 2.5, 3.5, 4.5])
     metrics = compute_metrics(labels, labels, apply_cut_points(labels, ROUND_CUTS))
     assert metrics["accuracy"] == 1.0 and metrics["binary_f1_at_3"] == 1.0 and metrics["binary_f1_at_4"] == 1.0
+
+
+@pytest.mark.parametrize("high", [2.0, np.nextafter(3.0, 4.0)])
+def test_a_cut_between_adjacent_doubles_keeps_only_the_higher(high):
+    """The midpoint of two adjacent doubles rounds onto one of them: onto the lower, the cut kept both groups and
+    the F1 it claimed was not the F1 it gave."""
+    low = np.nextafter(high, 0.0)
+    scores = np.array([high] * 5 + [low] * 5 + [1.0] * 10)
+    positive = np.arange(20) < 5
+    cut, f1 = best_f1_cut(scores, positive)
+    kept = scores >= cut
+    assert kept.sum() == 5 and f1 == pytest.approx(f1_score(positive, kept)) == 1.0

@@ -409,3 +409,52 @@ def test_help_shows_plain_types():
         for odd in ("list[", "Optional", "<bool>", "NoneType"):
             assert odd not in result.stdout, (command, odd)
     assert "<key[=value]>" in runner.invoke(app, ["score", "--help"], env={"COLUMNS": "200"}).stdout
+
+
+def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, stock_classifier):
+    """Each was accepted and then ignored, used as nonsense (0 epochs saved the starting model as trained, a
+    negative learning rate trained away from the labels), or failed late: a bad --tokenizer or --max-length for
+    apply's classifier failed its last stage after the whole dedup, a negative --batch-size in a traceback."""
+    out = files["new"]
+    model = str(stock_classifier)
+    refused(["evaluate", model, WEB_VAL, "--batch-size", "-3"], "--batch-size must be >= 1")
+    refused(["evaluate", model, WEB_VAL, "--batch-size", "0"], "--batch-size must be >= 1")
+    for args, fragment in (
+        (["--method", "finetune", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--method", "finetune", "--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--encoder", "/nonexistent/enc", "--limit", "20"], "--encoder /nonexistent/enc: no such file or folder"),
+    ):
+        refused(["train", CODE_LABELS, "-o", out, *args], fragment, absent=(out.parent,))
+    for args, fragment in ((["--max-length", "2"], "--max-length 2: "), (["--max-length", "9999"], "reads 3 to 512"),
+                           (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such file or folder")):
+        refused(["apply", WEB_VAL, "-o", out, "--model", model, "--no-dedup", *args], fragment, absent=(out.parent,))
+    refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, "--humaneval-limit", "3"],
+            "--humaneval-limit is read with --humaneval only", absent=(out.parent,))
+    refused(["score", "--show-prompt", "web", "--prompt", "code"], "without --prompt")
+    scored = out / "s.jsonl"
+    refused(["score", WEB_VAL, "-o", scored, "--backend", "vllm", "--model", "m", "--base-url", NO_SERVER],
+            "--base-url is only read with --backend openai", absent=(out.parent,))
+    refused(["score", WEB_VAL, "-o", scored, "--backend", "transformers", "--model", "m", "--timeout", "5"],
+            "--timeout is only read with --backend openai, vllm, sglang or script", absent=(out.parent,))
+
+
+def test_a_second_demo_into_its_folder_starts_over_and_another_folder_is_refused(tmp_path):
+    """The retrained models differ in their metrics' last digits, so `apply` refused to resume the first demo's
+    output: `make demo` twice failed after 6 minutes. A folder the demo did not make is not emptied."""
+    from edu_filter.demo import DEMO_MARKER, STAGE_FOLDERS, clear_earlier_demo
+    from edu_filter.documents import InputError
+
+    demo = tmp_path / "demo"
+    for name in STAGE_FOLDERS:
+        (demo / name / "sub").mkdir(parents=True)
+        (demo / name / "sub" / "file.json").write_text("{}")
+    (demo / "report.md").write_text("# old")
+    (demo / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds annotation/, models/, eval/, apply/, sweep/, ablation/ not made by"):
+        clear_earlier_demo(demo)
+    assert all((demo / name).exists() for name in STAGE_FOLDERS)
+    (demo / DEMO_MARKER).touch()
+    clear_earlier_demo(demo)
+    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER, "notes.txt"]

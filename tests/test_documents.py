@@ -273,3 +273,56 @@ def test_folders_read_gzipped_json_lines_and_refuse_compressions_no_reader_takes
     for read in (lambda: read_documents([data]), lambda: expand_inputs([str(data)])):
         with pytest.raises(DocumentError, match=r"dolma-0001\.jsonl\.zst cannot be read here \(compression: zst\)"):
             read()
+
+
+def test_symlinked_folders_are_read_once_each_and_a_link_loop_ends(tmp_path):
+    """A folder of links into dumps kept elsewhere: neither rglob nor fsspec's listing entered a linked folder, so
+    its files were skipped with no word (and the counts still added up)."""
+    from edu_filter.filters.io import expand_inputs
+    from edu_filter.provenance import fingerprint
+
+    elsewhere, data = tmp_path / "dump-2024-01", tmp_path / "data"
+    write_documents([{"id": "linked", "text": "t"}], elsewhere / "part-0.jsonl")
+    write_documents([{"id": "here", "text": "u"}], data / "a.jsonl")
+    (data / "2024-01").symlink_to(elsewhere)
+    (data / "loop").symlink_to(data)  # a link back up: each real folder is entered once
+    assert sorted(r["id"] for r in read_documents([data])) == ["here", "linked"]
+    assert expand_inputs([str(data)]) == [(str(data), "2024-01/part-0.jsonl"), (str(data), "a.jsonl")]
+    before = fingerprint(data, documents=True), fingerprint(data)
+    write_documents([{"id": "linked", "text": "edited"}], elsewhere / "part-0.jsonl")
+    assert fingerprint(data, documents=True) != before[0] and fingerprint(data) != before[1]  # an edit behind the link is a change of the input
+
+
+def test_default_ids_tell_same_named_files_of_subfolders_and_inputs_apart(tmp_path):
+    """Monthly folders of part-0.jsonl without an id field: every one named its first row part-0.jsonl:1, and
+    `score` refused the folder as holding duplicate ids. A name that occurs once keeps the short form."""
+    data = tmp_path / "data"
+    for month in ("2024-01", "2024-02"):
+        write_documents([{"text": f"a {month}"}, {"text": f"b {month}"}], data / month / "part-0.jsonl")
+    write_documents([{"text": "c"}], data / "2024-02" / "extra.jsonl")
+    ids = [r["id"] for r in read_documents([data])]
+    assert ids == ["2024-01/part-0.jsonl:1", "2024-01/part-0.jsonl:2", "extra.jsonl:1",
+                   "2024-02/part-0.jsonl:1", "2024-02/part-0.jsonl:2"]
+    # the same names whichever way the rows are read: Parquet sampled from its footers, or every row
+    for month in ("2024-01", "2024-02"):
+        pl.read_ndjson(data / month / "part-0.jsonl").write_parquet(data / month / "part-0.parquet")
+        (data / month / "part-0.jsonl").unlink()
+    (data / "2024-02" / "extra.jsonl").unlink()
+    sampled = [doc["id"] for _, doc in sample_documents([data], 4, seed=1)]
+    assert sampled == ["2024-01/part-0.parquet:1", "2024-01/part-0.parquet:2", "2024-02/part-0.parquet:1",
+                       "2024-02/part-0.parquet:2"]
+    assert [r["id"] for r in read_documents([data])] == sampled
+
+
+@pytest.mark.parametrize("name", ["rows.json", "rows.json.gz"])
+def test_a_json_array_is_refused_before_it_is_read(tmp_path, name):
+    """A .json file holding one JSON array was one line: read whole (7x its size in memory for 350k rows), then one
+    failed document in apply, or one error in score."""
+    from edu_filter.filters.io import expand_inputs
+
+    path = tmp_path / name
+    body = b'\n  [{"id": "a", "text": "t"},\n {"id": "b", "text": "u"}]\n'
+    path.write_bytes(gzip.compress(body) if name.endswith(".gz") else body)
+    for read in (read_documents, expand_inputs):
+        with pytest.raises(DocumentError, match="a JSON array, not JSON Lines .* jq -c"):
+            read([str(path)])

@@ -334,6 +334,24 @@ def test_a_deleted_input_is_missing_and_stale(tmp_path):
     assert node["used_fingerprint"].startswith("sha256:")
 
 
+def test_a_record_found_beside_an_input_later_is_shown_only_while_the_input_is_unchanged(tmp_path):
+    """An input recorded without a record of its own: a record written beside it afterwards tells its origin; but
+    once the file is replaced, that record is the replacement's, and the stale node showed its history."""
+    labels = write_documents([{"id": "a", "text": "old", "score": 1}], tmp_path / "labels.jsonl")
+    (tmp_path / "model").mkdir()
+    provenance.record_provenance(tmp_path / "model", kind="classifier", settings={}, inputs={"train": str(labels)},
+                                 command="edu-filter train labels.jsonl -o model")
+    provenance.record_provenance(labels, kind="annotations", settings={}, inputs={},
+                                 command="edu-filter score docs.jsonl -o labels.jsonl")
+    [node] = provenance.lineage(tmp_path / "model")["inputs"]
+    assert not node["stale"] and node["command"] == "edu-filter score docs.jsonl -o labels.jsonl"
+    write_documents([{"id": "a", "text": "new", "score": 5}], labels)
+    provenance.record_provenance(labels, kind="annotations", settings={"model": "another-llm"}, inputs={},
+                                 command="edu-filter score other.jsonl -o labels.jsonl --model another-llm")
+    [node] = provenance.lineage(tmp_path / "model")["inputs"]
+    assert node["stale"] and node.get("command") is None and node["kind"] == "file"
+
+
 def test_a_moved_project_keeps_its_lineage(tmp_path):
     project = tmp_path / "project"
     documents = write_documents([{"id": "a", "text": "some text"}], project / "raw" / "docs.jsonl")

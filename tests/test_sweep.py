@@ -89,7 +89,8 @@ def fake_apply_output(root: Path, rows, model: Path, record: str = "run_config.j
     out = root / "out"
     (out / "kept").mkdir(parents=True)
     write_jsonl(out / "kept" / "00000.jsonl", rows)
-    (out / record).write_text(json.dumps({"settings": {"model": str(model), "threshold": 0}}))
+    for name in {record, "stats.json"}:  # stats.json: a finished run
+        (out / name).write_text(json.dumps({"settings": {"model": str(model), "threshold": 0}}))
     return out
 
 
@@ -166,6 +167,10 @@ def test_undefined_precision_and_recall_are_null_not_zero(tmp_path):
     assert result["rows"][0]["precision"] == 0.0  # documents kept, none of them positive
     saved = json.loads((tmp_path / "o" / "sweep.json").read_text())
     assert saved["rows"][0]["recall"] is None
+    rows = [dict(r, int_score=min(r["int_score"], 4)) for r in scored_rows(60)]  # labels of 5, no int_score 5
+    missed = run_sweep([str(write_jsonl(tmp_path / "m.jsonl", rows))], tmp_path / "m", show=False,
+                       positive_threshold=5)["rows"][5]
+    assert missed["documents"] == 0 and missed["recall"] == 0.0 and missed["f1"] == 0.0  # every positive missed
 
 
 def test_rows_with_and_without_token_counts_are_not_added_up(tmp_path):
@@ -234,3 +239,66 @@ def test_parquet_read_in_batches_agrees_with_rows_on_odd_columns(tmp_path):
     pq.write_table(pa.table({**base, "int_score": [0.0, float("nan"), 5.0]}), tmp_path / "nan.parquet")
     with pytest.raises(DocumentError, match=r"nan.parquet:2: int_score nan .* must be whole numbers"):
         run_sweep([str(tmp_path / "nan.parquet")], tmp_path / "n", show=False)
+
+
+@pytest.mark.parametrize("order", ["score-first", "dedup-first"])
+def test_an_apply_folder_stands_for_the_documents_its_threshold_saw(tmp_path, order):
+    """In score-first order the threshold came before dedup: the duplicates of kept documents were scored and
+    passed it, and left out they made every share a mix of before- and after-dedup counts. A folder named twice
+    (the output and its kept/) is read once."""
+    rows = scored_rows(300, labels=False)
+    out = tmp_path / "out"
+    for sub, part in (("kept", rows[:100]), ("removed/below_threshold", rows[100:250]),
+                      ("removed/duplicate", rows[250:])):
+        (out / sub).mkdir(parents=True)
+        write_jsonl(out / sub / "00000.jsonl", part if sub != "removed/duplicate" or order == "score-first"
+                    else [{"id": r["id"], "text": r["text"]} for r in part])  # dedup-first: never scored
+    settings = {"order": order, "dedup": True, "exact_dedup": False, "threshold": 3}
+    for name in ("run_config.json", "stats.json"):
+        (out / name).write_text(json.dumps({"settings": settings}))
+    (out / "removed" / "contaminated").mkdir()  # not a destination of the threshold
+    result = run_sweep([str(out), str(out / "kept")], tmp_path / "sw", show=False)
+    seen = rows if order == "score-first" else rows[:250]
+    assert result["documents"] == len(seen)
+    assert result["rows"][3]["documents"] == sum(r["int_score"] >= 3 for r in seen)
+
+
+def test_an_unfinished_apply_run_is_refused_but_its_folders_can_be_named(tmp_path):
+    from edu_filter.documents import InputError
+
+    rows = scored_rows(60, labels=False)
+    out = fake_apply_output(tmp_path, rows, tmp_path / "model")
+    (out / "stats.json").unlink()  # what a killed or running apply leaves: its record, not its stats
+    with pytest.raises(InputError, match="has not finished .*edu-filter status"):
+        run_sweep([str(out)], tmp_path / "sw", show=False)
+    assert not (tmp_path / "sw").exists()
+    assert run_sweep([str(out / "kept")], tmp_path / "sw", show=False)["documents"] == len(rows)
+    (out / "stats.json").write_text("{}")
+    (out / "removed" / "below_threshold").mkdir(parents=True)  # a destination left empty: holds no documents
+    assert run_sweep([str(out)], tmp_path / "sw2", show=False)["documents"] == len(rows)
+
+
+def test_cut_points_of_a_model_retrained_since_the_run_are_not_used(tmp_path):
+    from edu_filter.provenance import describe_inputs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"cut_points": [0.8, 1.7, 2.2, 2.9, 3.6]}))
+    out = fake_apply_output(tmp_path, scored_rows(200), model)
+    record = json.loads((out / "run_config.json").read_text())
+    record["model_fingerprint"] = describe_inputs({"classifier": str(model)})[0]["fingerprint"]
+    (out / "run_config.json").write_text(json.dumps(record))
+    assert run_sweep([str(out)], tmp_path / "a", show=False)["cut_points_from"] == f"model {model}"
+    (model / "config.json").write_text(json.dumps({"cut_points": [1.0, 2.0, 3.0, 4.0, 4.9]}))  # retrained
+    assert run_sweep([str(out)], tmp_path / "b", show=False)["cut_points_from"] == "data"
+
+
+def test_a_score_that_is_not_a_finite_number_names_its_row(tmp_path):
+    rows = scored_rows(20, labels=False)
+    rows[7]["score"] = float("nan")
+    path = tmp_path / "s.parquet"  # JSON has no NaN; Parquet (or a float column) does
+    import polars as pl
+
+    pl.DataFrame(rows).write_parquet(path)
+    with pytest.raises(DocumentError, match="s.parquet:8: score nan is not a finite number"):
+        run_sweep([str(path)], tmp_path / "sw", show=False)

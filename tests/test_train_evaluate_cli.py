@@ -61,6 +61,31 @@ def test_evaluate_refuses_unlabelled_rows(tmp_path, code_model):
     assert "some_unlabelled.jsonl:4" in result.output and "'score' is missing" in result.output
 
 
+@pytest.mark.slow
+def test_rows_the_llm_could_not_annotate_are_left_out_with_skip_failed(tmp_path, code_model):
+    """A document the server can never answer (over its context, refused) stopped train and evaluate for good:
+    --skip-failed leaves out the rows `score` marked failed, counted by reason; a row with no label and no failure
+    (a wrong --label-field, say) is still an error."""
+    rows = read_documents([CODE_LABELS], label_field="score", limit=120)
+    for i in (3, 40, 77):  # as `score` writes a document whose annotation failed for good
+        rows[i] = {**rows[i], "score": None, "error": "http 400: context_length_exceeded"}
+    data = write_documents([{k: v for k, v in r.items() if k != "label"} for r in rows], tmp_path / "ann.jsonl")
+    for command in (["train", str(data), "-o", str(tmp_path / "m"), "--kind", "code", "--method", "fasttext"],
+                    ["evaluate", str(code_model), str(data)]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "--skip-failed leaves such rows out" in refused.output, refused.output
+        result = runner.invoke(app, [*command, "--skip-failed"])
+        assert result.exit_code == 0, result.output
+        assert "3 of 120 rows left out, their LLM annotation failed (3 x http 400: context_length_exceeded)" in \
+            " ".join(result.output.split())
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["training"]["n_train"] + json.loads(
+        (tmp_path / "m" / "metrics.json").read_text())["n"] == 117
+    rows[5] = {k: v for k, v in rows[5].items() if k != "score"}  # no label, no failure
+    write_documents([{k: v for k, v in r.items() if k != "label"} for r in rows], data)
+    result = runner.invoke(app, ["evaluate", str(code_model), str(data), "--skip-failed"])
+    assert result.exit_code == 2 and "ann.jsonl:6: label field 'score' is missing" in result.output
+
+
 def test_train_reports_bad_rows_by_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "score": 2}\n{"text": "no label here"}\n')

@@ -43,9 +43,11 @@ from edu_filter.classifiers.metrics import (
     print_warnings,
 )
 from edu_filter.documents import (
+    InputError,
+    check_named_path,
     check_not_empty,
     check_writable_output,
-    read_documents,
+    read_labelled,
     row_weights,
     text_hash,
     weight_summary,
@@ -134,6 +136,16 @@ def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
         raise ValueError("val_fraction does not apply when validation data is given")
     if not cfg.learning_curve and cfg.curve_repeats != defaults.curve_repeats:
         raise ValueError("curve_repeats does not apply without a learning curve")
+    # values no run can use (0 epochs saved the starting model as trained; a negative learning rate trained away
+    # from the labels), named as the options are
+    for name, ok, what in (("epochs", cfg.epochs >= 1, ">= 1"), ("learning_rate", cfg.learning_rate > 0, "> 0"),
+                           ("head_learning_rate", cfg.head_learning_rate > 0, "> 0"),
+                           ("train_batch_size", cfg.train_batch_size >= 1, ">= 1"),
+                           ("warmup_fraction", 0 <= cfg.warmup_fraction < 1, "in [0, 1)"),
+                           ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32)"), ("folds", cfg.folds >= 2, ">= 2"),
+                           ("val_fraction", 0 < cfg.val_fraction < 1, "in (0, 1)")):
+        if not ok:
+            raise InputError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -217,6 +229,7 @@ def train_classifier(
     limit: int | None = None,
     push_to_hub: str | None = None,
     overwrite: bool = False,
+    skip_failed: bool = False,
     **options,
 ) -> dict:
     """Train, calibrate and save a classifier to `output`; returns the validation metrics (also in metrics.json).
@@ -225,7 +238,7 @@ def train_classifier(
     training (and validation) documents read, for quick runs. `output` must be absent or empty, or hold a model and
     `overwrite` be set: then every file of that model is removed before the new one is written. `push_to_hub` (a
     repository id) uploads the folder at the end. Options, the output folder and whether the upload can work are
-    checked before any data is read.
+    checked before any data is read. `skip_failed` leaves out rows `score` could not annotate (see `read_labelled`).
     """
     cfg = ClassifierTrainConfig(
         kind=kind, method=method, encoder=encoder, label_field=label_field, max_length=max_length, seed=seed, **options
@@ -239,6 +252,10 @@ def train_classifier(
                          "(chunk-max is a scoring-time option)")
     check_train_dtype(cfg.dtype)
     check_options(cfg, has_val=bool(val))
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if cfg.encoder:
+        check_named_path(cfg.encoder, "--encoder")
     output = Path(output)
     check_writable_output(output, "-o/--output")
     check_output(output, overwrite)
@@ -247,11 +264,11 @@ def train_classifier(
         check_not_empty(val, "--val")
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
-    rows = read_documents(data, label_field=label_field, require_label=True, limit=limit)
+    rows = read_labelled(data, label_field, limit, skip_failed, "DATA", console)
     labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
-        val_rows = read_documents(val, label_field=label_field, require_label=True, limit=limit)
+        val_rows = read_labelled(val, label_field, limit, skip_failed, "--val", console)
         labelled += val_rows
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
         held = {text_hash(r["text"]) for r in val_rows}
