@@ -794,9 +794,12 @@ def _json_safe(t: pa.DataType) -> bool:
 
 
 def _first_schema(rows: list[dict], field_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
-    """Every field of the first batch, typed from all its rows (or, where they do not tell, from `field_types`);
-    `score`/`int_score` last."""
+    """Every field of the first batch, typed from all its rows (or, where they do not tell, from `field_types`),
+    then the fields `field_types` types that the batch lacks (an optional field of the input, rare enough to miss a
+    task's first 1,000 kept rows: its later rows went to failed/schema_mismatch, and the tasks' files had different
+    columns); `score`/`int_score` last."""
     names = list(dict.fromkeys(k for r in rows for k in r if k not in SCORE_KEYS))
+    names += [k for k, t in (field_types or {}).items() if k not in names and k not in SCORE_KEYS and _settled(t)]
     names += [k for k in SCORE_KEYS if any(k in r for r in rows)]
     fields = []
     for name in names:

@@ -807,7 +807,8 @@ def test_a_uint64_column_is_kept_whole(stock_classifier, tmp_path):
 
 def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_path):
     """The same for JSONL inputs, typed by the values of the first input's first rows: a field null throughout one
-    task's first kept batch became a string column (JSON text) there and int64 in the other task's file."""
+    task's first kept batch became a string column (JSON text) there and int64 in the other task's file; a field
+    absent from it (`license`) was no column there, and its later rows would have gone to failed/schema_mismatch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -818,7 +819,8 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     for k, part in enumerate((rows[:8], rows[8:])):
         (data / f"part-{k}.jsonl").write_bytes(b"".join(orjson.dumps(
             {"id": r["id"], "text": r["text"], "stars": None if k else 10 + i,
-             "meta": None if k else {"lang": "en", "year": 2024}}) + b"\n" for i, r in enumerate(part)))
+             "meta": None if k else {"lang": "en", "year": 2024}, **({} if k else {"license": "mit"})}) + b"\n"
+            for i, r in enumerate(part)))
     out = tmp_path / "out"
     stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, show=False)
     assert stats["adds_up"] and not (out / "failed").exists()
@@ -826,8 +828,9 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     assert len(schemas) == 2
     assert [s.field("stars").type for s in schemas] == [pa.int64()] * 2
     assert [s.field("meta").type for s in schemas] == [pa.struct([("lang", pa.string()), ("year", pa.int64())])] * 2
+    assert [s.field("license").type for s in schemas] == [pa.string()] * 2
     kept = pl.read_parquet(out / "kept" / "*.parquet")
-    assert kept.height == 16 and kept["stars"].null_count() == 8
+    assert kept.height == 16 and kept["stars"].null_count() == 8 and kept["license"].null_count() == 8
 
 
 def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_classifier, tmp_path):
