@@ -46,9 +46,9 @@ def clear_earlier_demo(out: Path) -> None:
     earlier = [name for name in STAGE_FOLDERS if (out / name).exists()]
     if not earlier:
         return
-    if not ((out / DEMO_MARKER).exists() or (out / "results.json").exists()):
-        raise InputError(f"-o/--output {out} holds {', '.join(f'{name}/' for name in earlier)} not made by the demo: "
-                         "give another folder")
+    if not (out / DEMO_MARKER).exists():
+        raise InputError(f"-o/--output {out} holds {', '.join(f'{name}/' for name in earlier)} and no {DEMO_MARKER} "
+                         "(another project's, or a demo of an older edu-filter): remove them, or give another folder")
     console.print(f"[yellow]{out} holds an earlier demo: starting over[/]")
     for name in earlier:
         shutil.rmtree(out / name)

@@ -220,8 +220,11 @@ def check_data_file(path: str) -> None:
     if _has_suffix(path, (".json", ".json.gz")):
         import fsspec
 
-        with fsspec.open(path, "rb", compression="infer") as fh:
-            start = fh.read(4096).removeprefix(UTF8_BOM).lstrip()
+        try:
+            with fsspec.open(path, "rb", compression="infer") as fh:
+                start = fh.read(4096).removeprefix(UTF8_BOM).lstrip()
+        except (OSError, EOFError, zlib.error):  # unreadable: the reader names it (apply sets it aside)
+            return
         if start.startswith(b"["):
             raise DocumentError(f"{path}: a JSON array, not JSON Lines (one object per line); convert it, e.g. with "
                                 f"jq -c '.[]' {path} > {Path(path).stem}.jsonl")
@@ -556,25 +559,29 @@ def read_documents(
 
 
 def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
-                  skip_failed: bool = False, what: str = "DATA", console=None) -> list[dict]:
-    """The labelled rows of `train` and `evaluate`. With `skip_failed`, rows whose LLM annotation failed for good
-    (an answer the server refuses, a document over its context) are left out and counted by reason instead of
-    stopping the run; a row with no label and no such error is still an error (a wrong --label-field)."""
+                  skip_failed: bool = False, what: str = "DATA", console=None) -> tuple[list[dict], dict[str, int]]:
+    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. With `skip_failed`, rows whose LLM
+    annotation failed for good (an answer the server refuses, a document over its context) are left out and
+    counted by reason instead of stopping the run; a row with no label and no such error is still an error (a
+    wrong --label-field), and so is input where every row failed."""
     from collections import Counter
 
     rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
                           limit=limit)
     failed = [r for r in rows if "label" not in r]
     if not failed:
-        return rows
+        return rows, {}
     reasons = Counter(one_line(str(r["error"]), 60) for r in failed)
+    listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3)) + ("; ..." if len(reasons) > 3
+                                                                                       else "")
+    if len(failed) == len(rows):
+        raise DocumentError(f"{what}: the LLM annotation of every row failed ({listed}): nothing to learn from")
     if console is not None:
-        listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3))
         weighted = any(r.get("weight") is not None for r in failed)
         console.print(f"[yellow]{what}: {len(failed)} of {len(rows)} rows left out, their LLM annotation failed "
-                      f"({listed}{'; ...' if len(reasons) > 3 else ''})"
-                      + (": the sample's inclusion weights no longer sum to the pool" if weighted else "") + "[/]")
-    return [r for r in rows if "label" in r]
+                      f"({listed})" + (": the sample's inclusion weights no longer sum to the pool" if weighted
+                                       else "") + "[/]")
+    return [r for r in rows if "label" in r], dict(reasons)
 
 
 def sample_documents(

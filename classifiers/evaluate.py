@@ -53,7 +53,8 @@ def evaluate_model(
         check_writable_output(report, "--report")
     from rich.console import Console
 
-    rows = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA", console=Console(stderr=True))
+    rows, left_out = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA",
+                                   console=Console(stderr=True))
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
     weights = row_weights(rows, weight_field)
@@ -64,6 +65,7 @@ def evaluate_model(
     metrics = compute_metrics(labels, raw, scorer.to_int_score(raw), weights=weights)
     if weights is not None:
         metrics["weights"] = weight_summary(weights, weight_field)
+    metrics["failed_annotations_left_out"] = left_out  # --skip-failed: rows the LLM never labelled, by reason
     metrics["warnings"] = metric_warnings(metrics, labels, scorer.kind, data="the evaluation data")
     weighted = "" if weights is None else f" (weighted by '{weight_field}': estimates for the pool they were drawn from)"
     print_metrics(metrics, title=f"{model} on {len(rows)} documents{weighted}")

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from edu_filter.classifiers.encoders import encoder_identity, resolve_encoder
-from edu_filter.documents import check_named_path
+from edu_filter.documents import check_named_path, one_line
 
 console = Console(stderr=True)
 
@@ -118,8 +118,8 @@ def load_frozen_encoder(
     try:
         tokenizer = AutoTokenizer.from_pretrained(encoder_name)
         model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
-    except OSError as e:  # no such folder or hub repo, or no weights in it
-        raise ValueError(f"cannot load encoder {encoder_name!r}: {e}") from None
+    except (OSError, ValueError) as e:  # no such hub repo, a folder with no weights or no tokenizer in it
+        raise ValueError(f"cannot load encoder {encoder_name!r}: {one_line(str(e))}") from None
     # the tokens an encoder reads: its positions, less what its tokenizer says it cannot use (RoBERTa-family models
     # have 514 positions for 512 tokens: two are offset by the padding index)
     max_positions = getattr(model.config, "max_position_embeddings", max_length)

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -343,7 +344,7 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
         marker = f"running/{rank:05d}"
         with self.logging_dir.open(marker, "wt") as fh:
-            fh.write(str(os.getpid()))
+            fh.write(f"{os.getpid()} {socket.gethostname()}")
         try:
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
         finally:  # ended, finished or raising: only a killed process leaves its file
@@ -483,16 +484,22 @@ def killed_task_message(out: str, stage: str, rank: int) -> str:
             f"{task_log(out, stage, rank)}")
 
 
-def local_tasks(logs: str, stage: str) -> list[tuple[int, bool]]:
+def local_tasks(logs: str, stage: str) -> list[tuple[int, bool | str]]:
     """(rank, process alive) of the tasks of `stage` a local run has started and not ended (their `running/`
-    files; a killed task's stays behind). Process ids are this machine's."""
+    files, "PID HOST"; a killed task's stays behind); for a process of another machine (a run on a node, `status`
+    on the login node) its host name instead: its process ids say nothing here."""
     folder = get_datafolder(f"{logs}/{stage}")
-    tasks = []
+    here = socket.gethostname()
+    tasks: list[tuple[int, bool | str]] = []
     for name in folder.list_files("running"):
         try:
             with folder.open(name, "rt") as fh:
-                pid = int(fh.read().strip())
+                pid, *host = fh.read().split()
+            pid = int(pid)
         except (OSError, ValueError):  # removed meanwhile, or being written
+            continue
+        if host and host[0] != here:
+            tasks.append((int(Path(name).name), host[0]))
             continue
         gone = _process_gone(pid)
         if not gone or folder.exists(name):  # ended meanwhile: its file went first
@@ -503,7 +510,7 @@ def local_tasks(logs: str, stage: str) -> list[tuple[int, bool]]:
 def killed_task(logs: str, stage: str) -> int | None:
     """A task of `stage` whose process ended without finishing or raising (it was killed), if any; killed even
     after writing its completion, the pool waits for it."""
-    return next((rank for rank, alive in local_tasks(logs, stage) if not alive), None)
+    return next((rank for rank, alive in local_tasks(logs, stage) if alive is False), None)
 
 
 def run_here(stages, out: str, executor: str, workers: int | None, console, verbose: bool = False, ray=None) -> dict:
@@ -1159,10 +1166,13 @@ def show_status(out: str, console) -> dict:
         elif (killed := slurm_kill(Path(logs, name), job_ids.get(name, []))) is not None:
             state = f"incomplete: {killed[0]}"
         elif not submitted and (local := local_tasks(logs, name)):
-            alive = sum(a for _, a in local)
+            alive = sum(a is True for _, a in local)
+            hosts = sorted({a for _, a in local if isinstance(a, str)})
+            killed = [r for r, a in local if a is False]
             state = ", ".join(([f"{alive} running"] if alive else [])
-                              + ([f"incomplete: task {next(r for r, a in local if not a)} was killed"]
-                                 if alive < len(local) else []))
+                              + ([f"incomplete: task {killed[0]} was killed"] if killed else [])
+                              + ([f"{len(local) - alive - len(killed)} started on {', '.join(hosts)} (`status` "
+                                  "there tells running from killed)"] if hosts else []))
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:

@@ -59,9 +59,10 @@ def _run_settings(path: str | Path) -> dict:
 
 
 def sweep_inputs(paths: list[str]) -> list[str]:
-    """An `apply` output folder stands for the documents its threshold was applied to: `kept/` and
-    `removed/below_threshold/`, and in the score-first order `removed/duplicate/` too (the threshold came first, so
-    the duplicates of kept documents were scored and passed it; in dedup-first they were never scored).
+    """An `apply` output folder stands for the documents its threshold was applied to: `kept/`,
+    `removed/below_threshold/` and `failed/schema_mismatch/` (kept rows Parquet could not hold), and in the
+    score-first order `removed/duplicate/` too (the threshold came first, so the duplicates of kept documents were
+    scored and passed it; in dedup-first they were never scored).
 
     A run that has not finished (no stats.json yet) is refused: its folders hold part of the documents, and rows of
     a killed attempt that its resume replaces. Its folders named one by one are read as they are."""
@@ -75,7 +76,7 @@ def sweep_inputs(paths: list[str]) -> list[str]:
                                  f"to finish it), or name {Path(p) / 'kept'} and the removed/ folders to read them "
                                  "as they are")
             settings = _run_settings(p)
-            subs = ["kept", "removed/below_threshold"]
+            subs = ["kept", "removed/below_threshold", "failed/schema_mismatch"]
             if settings.get("order") == "score-first" and (settings.get("dedup") or settings.get("exact_dedup")):
                 subs.append("removed/duplicate")
             # a destination with no files (nothing kept at threshold 5, or a kill's leftovers cleared) holds none

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,7 +90,7 @@ def test_a_task_process_killed_alone_fails_the_run_naming_it_and_the_rerun_gives
     while rank is None and time.time() < deadline and proc.poll() is None:
         for marker in running.glob("*") if running.exists() else []:
             with contextlib.suppress(OSError, ValueError):
-                pid = int(marker.read_text())
+                pid = int(marker.read_text().split()[0])  # "PID HOST"
                 if pid != proc.pid and not (completions / marker.name).exists():
                     os.kill(pid, signal.SIGKILL)  # that worker alone, mid-task
                     rank = int(marker.name)
@@ -148,13 +149,16 @@ def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tm
     whole = (out / "stats.json").read_text()
     (out / "stats.json").write_text(whole[: len(whole) // 2])
     shutil.rmtree(out / "logs" / "report" / "completions")
-    # and `status` of a local run, its report task killed (its process gone), then running in a live process
+    # and `status` of a local run, its report task killed (its process gone), running in a live process, and
+    # started on another machine (a shared filesystem: its process id says nothing here)
     ended = subprocess.Popen(["true"])
     ended.wait()
     marker = out / "logs" / "report" / "running" / "00000"
     marker.parent.mkdir(parents=True, exist_ok=True)
-    for pid, state in ((ended.pid, "incomplete: task 0 was killed"), (os.getpid(), "1 running")):
-        marker.write_text(str(pid))
+    for text, state in ((f"{ended.pid} {socket.gethostname()}", "incomplete: task 0 was killed"),
+                        (str(os.getpid()), "1 running"),  # as an older version wrote it
+                        (f"{os.getpid()} node-17", "1 started on node-17")):  # another machine's process
+        marker.write_text(text)
         status = subprocess.run([*CLI, "status", str(out)], capture_output=True, text=True, timeout=300,
                                 env={**ENV, "COLUMNS": "200"})
         assert status.returncode == 0 and "cannot be read (cut short)" in status.stdout, status.stderr[-2000:]

@@ -452,9 +452,10 @@ def test_a_second_demo_into_its_folder_starts_over_and_another_folder_is_refused
         (demo / name / "sub" / "file.json").write_text("{}")
     (demo / "report.md").write_text("# old")
     (demo / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="holds annotation/, models/, eval/, apply/, sweep/, ablation/ not made by"):
+    (demo / "results.json").write_text("{}")  # a common name: not taken for the demo's mark
+    with pytest.raises(InputError, match="holds annotation/, models/, eval/, apply/, sweep/, ablation/ and no "):
         clear_earlier_demo(demo)
     assert all((demo / name).exists() for name in STAGE_FOLDERS)
     (demo / DEMO_MARKER).touch()
     clear_earlier_demo(demo)
-    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER, "notes.txt"]
+    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER, "notes.txt"]  # results.json, report.md: its own

@@ -248,8 +248,8 @@ def test_an_apply_folder_stands_for_the_documents_its_threshold_saw(tmp_path, or
     (the output and its kept/) is read once."""
     rows = scored_rows(300, labels=False)
     out = tmp_path / "out"
-    for sub, part in (("kept", rows[:100]), ("removed/below_threshold", rows[100:250]),
-                      ("removed/duplicate", rows[250:])):
+    for sub, part in (("kept", rows[:90]), ("failed/schema_mismatch", rows[90:100]),
+                      ("removed/below_threshold", rows[100:250]), ("removed/duplicate", rows[250:])):
         (out / sub).mkdir(parents=True)
         write_jsonl(out / sub / "00000.jsonl", part if sub != "removed/duplicate" or order == "score-first"
                     else [{"id": r["id"], "text": r["text"]} for r in part])  # dedup-first: never scored

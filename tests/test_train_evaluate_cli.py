@@ -78,8 +78,13 @@ def test_rows_the_llm_could_not_annotate_are_left_out_with_skip_failed(tmp_path,
         assert result.exit_code == 0, result.output
         assert "3 of 120 rows left out, their LLM annotation failed (3 x http 400: context_length_exceeded)" in \
             " ".join(result.output.split())
-    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["training"]["n_train"] + json.loads(
-        (tmp_path / "m" / "metrics.json").read_text())["n"] == 117
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["training"]["n_train"] + metrics["n"] == 117
+    assert metrics["training"]["failed_annotations_left_out"] == {"http 400: context_length_exceeded": 3}
+    all_failed = write_documents([{"id": "a", "text": "x", "score": None, "error": "unparseable"}] * 2,
+                                 tmp_path / "failed.jsonl")
+    result = runner.invoke(app, ["train", str(all_failed), "-o", str(tmp_path / "m2"), "--skip-failed"])
+    assert result.exit_code == 2 and "the LLM annotation of every row failed (2 x unparseable)" in result.output
     rows[5] = {k: v for k, v in rows[5].items() if k != "score"}  # no label, no failure
     write_documents([{k: v for k, v in r.items() if k != "label"} for r in rows], data)
     result = runner.invoke(app, ["evaluate", str(code_model), str(data), "--skip-failed"])
@@ -147,8 +152,11 @@ def test_bad_training_options_are_clear_errors(tmp_path):
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", kind="prose")
     with pytest.raises(ValueError, match="chunk-max is a scoring-time option"):
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", long_docs="chunk-max")
+    with pytest.raises(ValueError, match="--encoder .*no-encoder: no such file or folder"):  # before data is read
+        train_classifier(["does-not-exist.jsonl"], tmp_path / "m", kind="code", encoder=str(tmp_path / "no-encoder"))
+    (tmp_path / "not-an-encoder").mkdir()
     with pytest.raises(ValueError, match="cannot load encoder"):
-        train_classifier([str(CODE_LABELS)], tmp_path / "m", kind="code", encoder=str(tmp_path / "no-encoder"),
+        train_classifier([str(CODE_LABELS)], tmp_path / "m", kind="code", encoder=str(tmp_path / "not-an-encoder"),
                          limit=30)
     labels = np.array([0, 1, 2, 3, 4, 5, 1, 2, 3, 1, 2, 1, 2, 1], dtype=float)  # too few rows for one of each
     train_idx, val_idx = stratified_split(labels, 0.1, seed=0)

@@ -264,11 +264,12 @@ def train_classifier(
         check_not_empty(val, "--val")
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
-    rows = read_labelled(data, label_field, limit, skip_failed, "DATA", console)
+    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console)
     labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
-        val_rows = read_labelled(val, label_field, limit, skip_failed, "--val", console)
+        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console)
+        left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
         labelled += val_rows
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
         held = {text_hash(r["text"]) for r in val_rows}
@@ -318,6 +319,7 @@ def train_classifier(
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
+        "failed_annotations_left_out": left_out,  # --skip-failed: rows the LLM never labelled, by reason
         "cut_points": cut_points,
         "calibration_examples": int(len(calib_scores)),
         # the metrics' own integer scores come from cut points fitted without the validation labels
