@@ -463,6 +463,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from edu_filter.filters.minhash import FastMinhashSignature
     from edu_filter.filters.report import WriteApplyStats
     from edu_filter.filters.scoring import CountTokens, EduClassifierScorer, ScoreHistogram, ScoreThresholdFilter
+    from edu_filter.filters.sweep import SUMMARY_FOLDER, ScoreSummaryWriter
 
     out = cfg.output
     work, logs, counts = f"{out}/work", f"{out}/logs", f"{out}/logs/counts"
@@ -495,11 +496,12 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         return steps
 
     def scoring(stage: str) -> list:
-        scorer = EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                     long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task)
+        scorer = [EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                      long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task),
+                  ScoreSummaryWriter(f"{out}/{SUMMARY_FOLDER}")]  # what `sweep` reads instead of the documents
         if cfg.keep_top is not None:  # selection waits for every task's scores
-            return [scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
-        return [scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
+            return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
+        return [*scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
 
     def select_stage(then: list) -> Stage:
         return Stage("select", [

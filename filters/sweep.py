@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 
 from edu_filter.classifiers.calibration import ROUND_CUTS, to_int_scores
 from edu_filter.documents import (
@@ -43,8 +45,9 @@ from edu_filter.documents import (
 )
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
-LABEL_FIELDS = ("input_score", "label")
-N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)  # where `apply` keeps an input's own score, and the generic name
+LABEL_FIELDS = ("input_score", "label")  # where `apply` keeps an input's own score, and the generic name
+SUMMARY_FOLDER = "logs/summaries"  # in an apply output: what sweep reads instead of its documents
+N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)
 
 
 def is_apply_output(path: str | Path) -> bool:
@@ -125,6 +128,7 @@ class ScoredSummary:
     score_max: float = -math.inf
     labelled: int = 0
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((len(SCORES), len(SCORES))))
+    summaries_of: list[str] = field(default_factory=list)  # apply outputs read from their summaries
 
     def add(self, score: np.ndarray, ints: np.ndarray, tokens: np.ndarray, label: np.ndarray, weight: np.ndarray):
         ints = np.clip(ints, MIN_SCORE, MAX_SCORE)
@@ -144,6 +148,95 @@ class ScoredSummary:
         if has.any():
             np.add.at(self.confusion, (ints[has], to_int_scores(label[has])), weight[has])
 
+    ARRAYS = ("docs", "tokens", "weighted_docs", "weighted_tokens", "hist_docs", "hist_tokens", "confusion")
+
+    def merge(self, other: "ScoredSummary") -> None:
+        for name in self.ARRAYS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.documents += other.documents
+        self.labelled += other.labelled
+        self.lowest = np.minimum(self.lowest, other.lowest)
+        self.score_min, self.score_max = min(self.score_min, other.score_min), max(self.score_max, other.score_max)
+
+
+SUMMARY_BINS_MERGED = 10  # apply's summaries keep the histogram in 1e-3 bins (plots only): 10x smaller files
+
+
+class ScoreSummaryWriter(PipelineStep):
+    """Right after the scorer: what `sweep` would read back from the output folders about the documents the
+    threshold sees, summed per task into `FOLDER/<rank>.npz` (tens of KB). `sweep` of a finished apply output adds
+    these up instead of reading every kept and removed document (on a crawl, terabytes of removed JSONL). A row
+    `sweep` would refuse (a label off the scale, a bad weight) marks the summary unusable: sweep then reads the
+    documents and names the row."""
+
+    name = "📊 sweep summary"
+    type = "📊 - STATS"
+
+    def __init__(self, folder: str, weight_field: str = "weight"):
+        super().__init__()
+        self.folder = folder
+        self.weight_field = weight_field
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from datatrove.io import get_datafolder
+
+        summary, chunk, refused = ScoredSummary(), [], 0
+        counted, weighted = {True: None, False: None}, {True: None, False: None}
+        rows = {"counted": 0, "uncounted": 0, "weighted": 0, "unweighted": 0}
+        for doc in data or []:
+            if not refused:
+                try:
+                    chunk.append(_summary_values(doc.metadata, "", 0, None, self.weight_field, counted, weighted))
+                    rows["counted" if doc.metadata.get("token_count") is not None else "uncounted"] += 1
+                    rows["weighted" if doc.metadata.get(self.weight_field) is not None else "unweighted"] += 1
+                except (DocumentError, InputError):
+                    refused = 1
+                if len(chunk) == CHUNK_ROWS:
+                    summary.add(*_columns(chunk))
+                    chunk = []
+            yield doc
+        if chunk:
+            summary.add(*_columns(chunk))
+        coarse = {name: getattr(summary, name).reshape(-1, SUMMARY_BINS_MERGED).sum(1)
+                  for name in ("hist_docs", "hist_tokens")}
+        with get_datafolder(self.folder).open(f"{rank:05d}.npz", "wb") as fh:
+            np.savez_compressed(fh, **{name: getattr(summary, name) for name in ScoredSummary.ARRAYS}
+                                | coarse,
+                                lowest=summary.lowest, range=np.array([summary.score_min, summary.score_max]),
+                                counts=np.array([summary.documents, summary.labelled, refused, *rows.values()]))
+
+
+def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
+    """(summary, weighted) of a finished apply output from the summaries its scoring tasks wrote, or None where
+    they cannot stand for its documents: a run made before they were written, a task's missing, or rows sweep would
+    refuse (it then reads the documents and names the row)."""
+    tasks = _run_settings(path).get("tasks")
+    folder = Path(path) / SUMMARY_FOLDER
+    if not tasks or not all((folder / f"{rank:05d}.npz").is_file() for rank in range(tasks)):
+        return None
+    total, rows = ScoredSummary(), np.zeros(5, np.int64)
+    for rank in range(tasks):
+        one = ScoredSummary()
+        try:
+            with np.load(folder / f"{rank:05d}.npz") as saved:
+                for name in ScoredSummary.ARRAYS:
+                    setattr(one, name, saved[name].astype(getattr(one, name).dtype))
+                for name in ("hist_docs", "hist_tokens"):  # the mass of each 1e-3 bin in its first 1e-4 bin
+                    fine = np.zeros(N_BINS)
+                    fine[::SUMMARY_BINS_MERGED] = saved[name]
+                    setattr(one, name, fine)
+                one.lowest = saved["lowest"]
+                one.score_min, one.score_max = (float(v) for v in saved["range"])
+                one.documents, one.labelled, *counts = (int(v) for v in saved["counts"])
+        except (OSError, KeyError, ValueError):
+            return None
+        rows += counts
+        total.merge(one)
+    refused, _, uncounted, weighted, unweighted = rows
+    if refused or uncounted or (weighted and unweighted):
+        return None
+    return total, bool(weighted)
+
 
 def load_scored(paths: list[str], label_field: str | None = None, weight_field: str | None = "weight",
                 show: bool = False) -> ScoredSummary:
@@ -160,7 +253,21 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     fields_seen: set[str] = set()
     counted = {True: None, False: None}  # a row with / without token_count: where first seen
     weighted = {True: None, False: None}
-    files = sweep_files(paths)
+    summarised = {}  # finished apply outputs whose tasks' summaries stand for their documents
+    if label_field is None and weight_field == "weight":
+        for p in paths:
+            inside = [q for q in paths if q != p and Path(p).resolve() in Path(q).resolve().parents]
+            if is_apply_output(p) and (Path(p) / "stats.json").exists() and not inside:
+                found = summary_from_apply(p)
+                if found is not None:
+                    summarised[p] = found
+    files = sweep_files([p for p in paths if p not in summarised])
+    summary.summaries_of = [str(p) for p in summarised]
+    for p, (part, part_weighted) in summarised.items():
+        summary.merge(part)
+        counted[True] = counted[True] or str(p)
+        if part.documents:
+            weighted[part_weighted] = weighted[part_weighted] or str(p)
 
     def choose(parquet) -> list[str]:
         names = parquet.schema_arrow.names
@@ -540,6 +647,8 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
               "weight_field": summary.weight_field, "positive_threshold": positive_threshold,
               "cut_points": cut_points if cut_points is not None else data_cut_points(summary),
               "cut_points_from": f"model {cuts_from}" if cuts_from else "data",
+              # numbers from the per-task summaries apply wrote (the histogram plot in 1e-3 bins), not the documents
+              "read_from_summaries": summary.summaries_of,
               "rows": rows, "plots": [str(p) for p in plots]}
     (output / "sweep.json").write_text(json.dumps(_json_safe(result), indent=2))
 

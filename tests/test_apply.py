@@ -254,7 +254,8 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         return executor.world_size, [type(s).__name__ for s in executor.pipeline]
 
     assert pipeline("score") == (8, ["ClearUnfinishedAttempt", "ApplyInputReader", "InputErrorFilter", "CountTokens",
-                                     "EduClassifierScorer", "ScoreThresholdFilter", "RecordWriter"])
+                                     "EduClassifierScorer", "ScoreSummaryWriter", "ScoreThresholdFilter",
+                                     "RecordWriter"])
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
                                       "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
@@ -479,13 +480,29 @@ def test_no_copy_of_the_corpus_is_left_and_stats_record_the_scratch(stock_classi
 
 
 def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):
+    """... and `sweep` of either output reads the summaries its scoring tasks wrote, with the numbers reading its
+    documents gives (on a crawl those are terabytes of removed JSONL)."""
+    from edu_filter.filters.sweep import run_sweep
+
     planted = planted_input(tmp_path / "in.jsonl", n_unique=60, n_groups=8)
     kept = {}
     for order in ("dedup-first", "score-first"):
-        stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / order), model=stock_classifier, threshold=2,
+        out = tmp_path / order
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
                           tasks=2, order=order, show=False)
         assert stats["adds_up"] and stats["settings"]["order"] == order
-        kept[order] = set(read_kept(tmp_path / order)["id"].to_list())
+        kept[order] = set(read_kept(out)["id"].to_list())
+        summed = run_sweep([str(out)], tmp_path / f"sweep-{order}", show=False)
+        folders = [out / "kept", out / "removed" / "below_threshold"] + (
+            [out / "removed" / "duplicate"] if order == "score-first" else [])
+        read = run_sweep([str(f) for f in folders], tmp_path / f"read-{order}", show=False)
+        assert summed["read_from_summaries"] == [str(out)] and read["read_from_summaries"] == []
+        assert summed["documents"] == read["documents"] == stats["in"]["documents"] - sum(
+            n["documents"] for n in stats["failed"].values()) - (
+            stats["removed"]["duplicate"]["documents"] if order == "dedup-first" else 0)
+        assert summed["labelled"] == read["labelled"] > 0
+        for a, b in zip(summed["rows"], read["rows"]):
+            assert a == pytest.approx(b)
     assert (tmp_path / "score-first" / "logs" / "score").is_dir()  # the threshold ran before dedup
     in_groups = {m for members in planted["groups"].values() for m in members}
     assert kept["dedup-first"] - in_groups == kept["score-first"] - in_groups
