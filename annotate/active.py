@@ -216,10 +216,10 @@ class ActiveSelector:
         if len(labelled) < 2 * self.folds or np.ptp(y) == 0:
             return None
         from edu_filter.classifiers.calibration import fit_cut_points  # imported here: they bring torch
-        from edu_filter.classifiers.head import fit_ridge_head
+        from edu_filter.classifiers.head import RowsOf, fit_ridge_head
 
         w = self.weights()[labelled]
-        head, oof, _, _ = fit_ridge_head(self.x[labelled], y, self.folds, self.seed, weights=w)
+        head, oof, _, _ = fit_ridge_head(RowsOf(self.x, labelled), y, self.folds, self.seed, weights=w)
         cut_points = fit_cut_points(oof, y, min_positives=self.min_positives, weights=w)
         sigma = math.sqrt(np.average((oof - y) ** 2, weights=w))
         return head, cut_points, sigma

@@ -115,15 +115,18 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
                 out = np.empty((len(texts), len(v)), dtype=np.float32)
             out[positions[h]] = v
 
+    from edu_filter.classifiers.scorer import progress_bar
+
     found: set[str] = set()
-    for part in cache.get_parts(setting, sorted(positions)) if cache is not None else ():
-        place(part)
-        found.update(part)
+    with progress_bar(cache is not None and len(positions) > 50 * EMBED_BLOCK) as progress:  # minutes at 1M
+        task = progress.add_task("reading cached embeddings", total=len(positions))
+        for part in cache.get_parts(setting, sorted(positions)) if cache is not None else ():
+            place(part)
+            found.update(part)
+            progress.advance(task, len(part))
     missing = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     if missing:
         from concurrent.futures import ThreadPoolExecutor
-
-        from edu_filter.classifiers.scorer import progress_bar
 
         parts = [missing[start : start + block] for start in range(0, len(missing), block)]
 

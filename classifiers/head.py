@@ -103,7 +103,28 @@ def fold_indices(n: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.nda
     return list(KFold(folds, shuffle=True, random_state=seed).split(np.arange(n)))
 
 
-def fit_ridge_head(x: np.ndarray, y: np.ndarray, folds: int, seed: int, weights=None):
+class RowsOf:
+    """Rows `index` of a matrix, gathered a block at a time as the Gram fit reads them: a subset's fit (the learning
+    curve's, an active round's) without a copy of its rows (0.8x the embeddings at the curve's largest point)."""
+
+    def __init__(self, x: np.ndarray, index: np.ndarray):
+        self.x, self.index = x, np.asarray(index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.index), self.x.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows):
+        return self.x[self.index[rows]]
+
+    def __array__(self, dtype=None, copy=None):  # the direct fit (fewer rows than features) takes a copy anyway
+        return np.asarray(self.x[self.index], dtype=dtype)
+
+
+def fit_ridge_head(x: np.ndarray | RowsOf, y: np.ndarray, folds: int, seed: int, weights=None):
     """Ridge on standardised embeddings; returns ((weight, bias) on raw embeddings, out-of-fold predictions, alpha,
     flattening).
 
@@ -208,7 +229,7 @@ def _ridge_from_sums(part: dict, scale: np.ndarray, alphas) -> tuple[np.ndarray,
 def _fit_ridge_head_by_gram(x, y, folds: int, seed: int, weights):
     """`_fit_ridge_head` (same search, same result) from per-fold sums over blocks of rows, for more rows than
     features: x is read in float32 blocks, never copied whole."""
-    x = np.asarray(x)
+    x = x if isinstance(x, RowsOf) else np.asarray(x)
     y = np.asarray(y, dtype=np.float64)
     w = unit_weights(weights, len(y))
     splits = fold_indices(len(y), folds, seed)

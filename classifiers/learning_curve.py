@@ -36,30 +36,39 @@ def learning_curve(
     fractions=FRACTIONS,
     min_rows: int = 10,
     main_threshold: int = 3,
+    show_progress: bool = False,
 ) -> dict:
     """Metrics per share of the labels (mean and standard deviation over repeats x folds) and a verdict.
 
     A share whose subset would hold fewer than `min_rows` rows is left out. JSON-ready."""
     from edu_filter.classifiers.head import fold_indices
+    from edu_filter.classifiers.scorer import progress_bar
 
     labels = np.asarray(labels, dtype=np.float64)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     n = len(labels)
     per_fraction: dict[float, list[dict]] = {f: [] for f in fractions}
     sizes: dict[float, list[int]] = {f: [] for f in fractions}
-    for repeat in range(repeats):
-        for k, (fit, held) in enumerate(fold_indices(n, folds, seed + repeat)):
-            order = np.random.default_rng([seed, repeat, k]).permutation(fit)
-            for f in fractions:
-                size = int(round(f * len(fit)))
-                if size < min_rows:
-                    continue
-                subset = np.sort(order[:size])
-                raw, cuts = fit_predict(subset, held)
-                m = compute_metrics(labels[held], raw, apply_cut_points(raw, cuts),
-                                    None if w is None else w[held])
-                per_fraction[f].append({key: m[key] for key in CURVE_METRICS})
-                sizes[f].append(size)
+    # repeats x folds x shares fits, about 15x the rows of the model's own fit: hours at FineWeb-Edu's 450k labels
+    # and 4608 dimensions on CPUs (--no-learning-curve skips it), so a bar with the time left
+    fits = sum(int(round(f * len(fit))) >= min_rows for r in range(repeats)
+               for fit, _ in fold_indices(n, folds, seed + r) for f in fractions)
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(f"learning curve: {fits} fits", total=fits)
+        for repeat in range(repeats):
+            for k, (fit, held) in enumerate(fold_indices(n, folds, seed + repeat)):
+                order = np.random.default_rng([seed, repeat, k]).permutation(fit)
+                for f in fractions:
+                    size = int(round(f * len(fit)))
+                    if size < min_rows:
+                        continue
+                    subset = np.sort(order[:size])
+                    raw, cuts = fit_predict(subset, held)
+                    m = compute_metrics(labels[held], raw, apply_cut_points(raw, cuts),
+                                        None if w is None else w[held])
+                    per_fraction[f].append({key: m[key] for key in CURVE_METRICS})
+                    sizes[f].append(size)
+                    bar.advance(task)
     points = []
     for f in fractions:
         if not per_fraction[f]:

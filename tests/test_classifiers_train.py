@@ -585,3 +585,20 @@ def test_a_chunk_mean_models_card_says_the_plain_recipe_reads_the_first_chunk(tm
     mean, first = (" ".join((tmp_path / m / "README.md").read_text().split()) for m in ("mean", "first"))
     assert "reads each document's first 64 tokens only" in mean and "`chunk-mean` scores" in mean
     assert "first 64 tokens only" not in first
+
+
+@pytest.mark.parametrize("rows, dims", [(600, 20), (30, 40)])  # the Gram fit and the direct one
+def test_a_subset_fit_from_row_indices_equals_the_fit_on_a_copy_of_the_rows(rows, dims):
+    """The learning curve and each active round fit a subset of the embeddings: gathered a block at a time instead
+    of copied (0.8x the embeddings at the curve's largest point), with the same head and out-of-fold predictions."""
+    from edu_filter.classifiers.head import RowsOf, fit_ridge_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows * 2, dims)).astype(np.float32)
+    y = np.clip(x[:, 0] * 1.5 + 2 + rng.normal(0, 0.3, rows * 2), 0, 5)
+    subset = np.sort(rng.choice(rows * 2, rows, replace=False))
+    w = rng.lognormal(0, 0.5, rows)
+    for weights in (None, w):
+        (a_w, a_b), a_oof, a_alpha, _ = fit_ridge_head(x[subset], y[subset], 5, 0, weights=weights)
+        (b_w, b_b), b_oof, b_alpha, _ = fit_ridge_head(RowsOf(x, subset), y[subset], 5, 0, weights=weights)
+        assert a_alpha == b_alpha and np.array_equal(a_w, b_w) and a_b == b_b and np.array_equal(a_oof, b_oof)

@@ -432,7 +432,7 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> 
         console.print("learning curve: refitting fastText on 10/25/50/100% of the labels in each CV fold")
         # fastText trains slowly on CPUs: one repeat
         curve = learning_curve(y, curve_fit_predict(cfg, texts, y, w), w, cfg.folds, 1, cfg.seed,
-                               min_rows=2 * cfg.folds, main_threshold=main)
+                               min_rows=2 * cfg.folds, main_threshold=main, show_progress=True)
         return {"model": "fasttext", **curve}
 
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
@@ -441,9 +441,10 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> 
     if cfg.method == "finetune":  # the trained encoder's vectors are not the frozen ones its cache key names
         frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
     fit_predict = curve_fit_predict(cfg, frozen, texts, y, w)
-    console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold")
+    console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold (about 15x "
+                  "the rows of the fit above; --no-learning-curve skips it)")
     curve = learning_curve(y, fit_predict, w, cfg.folds, cfg.curve_repeats, cfg.seed, min_rows=2 * cfg.folds,
-                           main_threshold=main)
+                           main_threshold=main, show_progress=True)
     return {"model": "head" if cfg.method == "head" else "head (linear probe)", **curve}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from edu_filter.classifiers.calibration import fit_cut_points
 from edu_filter.classifiers.frozen_encoder import FrozenEncoder, load_frozen_encoder
-from edu_filter.classifiers.head import fit_ridge_head
+from edu_filter.classifiers.head import RowsOf, fit_ridge_head
 from edu_filter.classifiers.learning_curve import FitPredict
 from edu_filter.train.classifier import TrainedModel, take
 
@@ -26,7 +26,9 @@ def train_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_
                weights=None) -> TrainedModel:
     """The frozen encoder with a ridge head fitted on its embeddings of `texts`."""
     frozen, head, oof, info = fit_head(cfg, texts, y, weights)
-    val_pred = frozen.embed(val_texts).astype(np.float64) @ head[0] + head[1]
+    val_x = frozen.embed(val_texts)  # predicted a block at a time: a float64 copy of 45k x 4608 is 1.7 GB
+    val_pred = np.concatenate([val_x[i:i + 4096].astype(np.float64) @ head[0] for i in range(0, len(val_x), 4096)]
+                              or [np.zeros(0)]) + head[1]
     return TrainedModel(frozen.model, val_pred, oof, info, frozen)
 
 
@@ -56,7 +58,7 @@ def curve_fit_predict(cfg: ClassifierTrainConfig, frozen: FrozenEncoder, texts: 
     #                           the embeddings' memory at the curve's largest point)
 
     def fit_predict(subset, held):
-        (weight, bias), oof, _, _ = fit_ridge_head(x[subset], y[subset], cfg.folds, cfg.seed,
+        (weight, bias), oof, _, _ = fit_ridge_head(RowsOf(x, subset), y[subset], cfg.folds, cfg.seed,
                                                    weights=take(weights, subset))
         cuts = fit_cut_points(oof, y[subset], min_positives=cfg.min_positives, weights=take(weights, subset))
         held = np.asarray(held)
