@@ -189,3 +189,24 @@ def test_fasttext_learning_curve(tmp_path):
     assert [p["labels"] for p in curve["points"]] == [12, 30, 60, 120]
     assert all(p["spearman"] is not None and -1 <= p["spearman"] <= 1 for p in curve["points"])
     assert curve["verdict"]["text"] and (tmp_path / "ft" / "learning_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_the_curve_reuses_the_fits_embeddings(tmp_path, minilm_path, monkeypatch):
+    """The curve's refits read the vectors the model's own fit computed: it embedded (or read from the cache:
+    minutes at 450k labels) every text a second time, and with an unusable cache encoded them all again."""
+    from edu_filter.classifiers.frozen_encoder import FrozenEncoder
+    from edu_filter.train.classifier import train_classifier
+
+    embedded = []
+    real_embed = FrozenEncoder.embed
+
+    def counted(self, texts):  # the real encoder runs; the texts it is given are counted
+        embedded.append(len(texts))
+        return real_embed(self, texts)
+
+    monkeypatch.setattr(FrozenEncoder, "embed", counted)
+    (tmp_path / "not-a-cache").write_text("a file where the cache folder should be: the cache is unusable")
+    train_classifier([str(WEB_TRAIN)], tmp_path / "web", kind="web", encoder=minilm_path, max_length=64, limit=120,
+                     cache_dir=str(tmp_path / "not-a-cache" / "cache"), val_fraction=0.25)
+    assert sum(embedded) == 120  # 90 training, 30 validation texts, once each

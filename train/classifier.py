@@ -121,6 +121,9 @@ class TrainedModel:
     oof_pred: np.ndarray | None  # out-of-fold raw scores of the training documents, for calibration; None: none
     info: dict  # what the method did, recorded in metrics.json under "training"
     frozen: object = None  # head and finetune: the FrozenEncoder (its tokenizer is saved, its vectors feed the curve)
+    # head: the frozen vectors of the training then the validation texts, which the learning curve reuses (read again
+    # from the cache they took minutes at 450k labels, and an unusable cache embedded everything twice)
+    embeddings: tuple | None = None
 
 
 def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
@@ -331,7 +334,7 @@ def train_classifier(
         # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
         curve_rows = train_rows if val else train_rows + val_rows
         curve_w = w_train if val or w_train is None else np.concatenate([w_train, w_val])
-        curve = _learning_curve(cfg, curve_rows, curve_w, trained.frozen)
+        curve = _learning_curve(cfg, curve_rows, curve_w, trained)
         metrics["learning_curve"] = curve
         plot_learning_curve(curve, output / "learning_curve.png", title=f"{cfg.kind} {curve['model']}: learning curve")
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -420,7 +423,7 @@ def _calibration_weights(w_val, w_train, n_val: int, n_train: int, with_train: b
     return np.concatenate([val_part, train_part])
 
 
-def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> dict:
+def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, trained: TrainedModel) -> dict:
     """The learning curve of fastText, or of the frozen-encoder head (for finetune: the linear probe its training
     starts from, as a fine-tune per point would cost hours)."""
     y = np.array([r["label"] for r in rows])
@@ -438,9 +441,14 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, frozen) -> 
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
     from edu_filter.train.head import curve_fit_predict
 
+    frozen = trained.frozen
     if cfg.method == "finetune":  # the trained encoder's vectors are not the frozen ones its cache key names
         frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
-    fit_predict = curve_fit_predict(cfg, frozen, texts, y, w)
+    vectors = None
+    if trained.embeddings is not None:  # the curve's rows are the training rows, then (split off them) validation's
+        x_train, x_val = trained.embeddings
+        vectors = x_train if len(rows) == len(x_train) else np.concatenate([x_train, x_val])
+    fit_predict = curve_fit_predict(cfg, frozen, texts, y, w, vectors)
     console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold (about 15x "
                   "the rows of the fit above; --no-learning-curve skips it)")
     curve = learning_curve(y, fit_predict, w, cfg.folds, cfg.curve_repeats, cfg.seed, min_rows=2 * cfg.folds,

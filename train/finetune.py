@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
                    weights=None) -> TrainedModel:
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
-    frozen, _, _, info = fit_head(cfg, texts, y, weights)
+    frozen, _, _, info, _ = fit_head(cfg, texts, y, weights)
     with torch_threads():
         finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast)
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)

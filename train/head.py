@@ -25,20 +25,21 @@ if TYPE_CHECKING:
 def train_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
                weights=None) -> TrainedModel:
     """The frozen encoder with a ridge head fitted on its embeddings of `texts`."""
-    frozen, head, oof, info = fit_head(cfg, texts, y, weights)
+    frozen, head, oof, info, x = fit_head(cfg, texts, y, weights)
     val_x = frozen.embed(val_texts)  # predicted a block at a time: a float64 copy of 45k x 4608 is 1.7 GB
     val_pred = np.concatenate([val_x[i:i + 4096].astype(np.float64) @ head[0] for i in range(0, len(val_x), 4096)]
                               or [np.zeros(0)]) + head[1]
-    return TrainedModel(frozen.model, val_pred, oof, info, frozen)
+    return TrainedModel(frozen.model, val_pred, oof, info, frozen, embeddings=(x, val_x))
 
 
 def fit_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weights=None):
     """The frozen encoder with the ridge head set in its model; returns (frozen, (weight, bias), out-of-fold
-    predictions, info). Fine-tuning starts from this model (a linear probe first)."""
+    predictions, info, the embeddings of `texts`). Fine-tuning starts from this model (a linear probe first)."""
     import torch
 
     frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
-    head, oof, alpha, flattening = fit_ridge_head(frozen.embed(texts), y, cfg.folds, cfg.seed, weights=weights)
+    x = frozen.embed(texts)
+    head, oof, alpha, flattening = fit_ridge_head(x, y, cfg.folds, cfg.seed, weights=weights)
     model = frozen.model
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(head[0][None, :]))
@@ -47,15 +48,15 @@ def fit_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weight
             "ridge_alpha": alpha, "dtype": frozen.dtype}
     if weights is not None:
         info["weight_flattening"] = flattening  # the power of the weights the fit used (1: fully weighted)
-    return frozen, head, oof, info
+    return frozen, head, oof, info, x
 
 
 def curve_fit_predict(cfg: ClassifierTrainConfig, frozen: FrozenEncoder, texts: list[str], y: np.ndarray,
-                      weights=None) -> FitPredict:
-    """The learning curve's refit: the ridge head on a subset's cached embeddings, cut points from its out-of-fold
-    predictions."""
-    x = frozen.embed(texts)  # float32: the fit reads it in float64 blocks (a float64 copy of every subset took 4.4x
-    #                           the embeddings' memory at the curve's largest point)
+                      weights=None, x: np.ndarray | None = None) -> FitPredict:
+    """The learning curve's refit: the ridge head on a subset's embeddings (`x` when the fit has them, else the
+    cached ones), cut points from its out-of-fold predictions."""
+    if x is None:
+        x = frozen.embed(texts)  # float32: the fit reads it in float64 blocks
 
     def fit_predict(subset, held):
         (weight, bias), oof, _, _ = fit_ridge_head(RowsOf(x, subset), y[subset], cfg.folds, cfg.seed,
