@@ -559,15 +559,21 @@ def read_documents(
 
 
 def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
-                  skip_failed: bool = False, what: str = "DATA", console=None) -> tuple[list[dict], dict[str, int]]:
-    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. With `skip_failed`, rows whose LLM
-    annotation failed for good (an answer the server refuses, a document over its context) are left out and
-    counted by reason instead of stopping the run; a row with no label and no such error is still an error (a
-    wrong --label-field), and so is input where every row failed."""
+                  skip_failed: bool = False, what: str = "DATA", console=None,
+                  fields: Iterable[str | None] = ()) -> tuple[list[dict], dict[str, int]]:
+    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. Rows keep `id`, `text`, `label`
+    and the `fields` asked for (a score output row also holds the LLM's whole answer: 5 KB a row where the text was
+    3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an answer the server
+    refuses, a document over its context) are left out and counted by reason instead of stopping the run; a row
+    with no label and no such error is still an error (a wrong --label-field), and so is input where every row
+    failed."""
     from collections import Counter
 
-    rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
-                          limit=limit)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
+    kept = {"id", "text", "label", "error", *(f for f in fields if f)}
+    rows = [{k: v for k, v in row.items() if k in kept} for row in itertools.islice(iter_documents(
+        paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True), limit)]
     failed = [r for r in rows if "label" not in r]
     if not failed:
         return rows, {}

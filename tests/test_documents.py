@@ -331,3 +331,14 @@ def test_a_json_array_is_refused_before_it_is_read(tmp_path, name):
         assert expand_inputs([str(path)]) == [(str(tmp_path), name)]
         with pytest.raises(DocumentError, match=f"{name}:2: cannot read the file"):  # after a blank line
             read_documents([str(path)])
+
+
+def test_labelled_rows_keep_only_what_training_reads(tmp_path):
+    """A score output row holds the LLM's whole answer beside the text (5 KB a row where the text was 3): train
+    and evaluate keep id, text, label and the fields they name."""
+    from edu_filter.documents import read_labelled
+
+    path = write_documents([{"id": "a", "text": "t", "score": 2, "response": "long answer " * 100, "weight": 1.5,
+                             "model": "llm", "prompt": "fineweb-edu-v1", "url": "u"}], tmp_path / "ann.jsonl")
+    rows, left_out = read_labelled([path], "score", fields=("weight", "model", None))
+    assert rows == [{"id": "a", "text": "t", "label": 2.0, "weight": 1.5, "model": "llm"}] and left_out == {}

@@ -267,11 +267,12 @@ def train_classifier(
         check_not_empty(val, "--val")
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
-    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console)
+    annotation = (cfg.weight_field, "model", "annotator", "prompt")  # what weights and label_source read
+    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, annotation)
     labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
-        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console)
+        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console, annotation)
         left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
         labelled += val_rows
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
