@@ -93,6 +93,7 @@ class EmbeddingCache:
 
 
 EMBED_BLOCK = 1024  # texts embedded, then stored, at a time
+CACHE_REPORT_BYTES = 1 << 30  # after computing vectors, a cache past this size says where it is and how big
 
 
 def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCache | None,
@@ -148,4 +149,9 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
                     cache.put(setting, new)
                 place(new)
                 progress.advance(task, len(part))
+        if cache is not None and cache.unusable is None and cache.path.exists():
+            size = cache.path.stat().st_size  # ~20 KB a text at 4608 dimensions: 20 GB for a 1M-document pool
+            if size > CACHE_REPORT_BYTES:
+                print(f"embedding cache: {size / 2**30:.1f} GB in {cache.path} (delete it to free the space: vectors "
+                      "are computed again when needed)", file=sys.stderr, flush=True)
     return out

@@ -176,8 +176,10 @@ def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(t
         train_classifier([str(CODE_LABELS)], tmp_path / "x", kind="code", method="head", dtype="half")
 
 
-def test_embedding_cache_is_reused(tmp_path, minilm_path):
+def test_embedding_cache_is_reused(tmp_path, minilm_path, monkeypatch, capsys):
     from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers import embeddings
 
     from edu_filter.classifiers.embeddings import EmbeddingCache, cached_embeddings, text_hash
     from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
@@ -187,7 +189,9 @@ def test_embedding_cache_is_reused(tmp_path, minilm_path):
     scorer = EduScorer(model, AutoTokenizer.from_pretrained(minilm_path), max_length=64)
     texts = ["Fractions name parts of a whole.", "Cheap flights!", "Fractions name parts of a whole."]
     cache = EmbeddingCache(tmp_path)
+    monkeypatch.setattr(embeddings, "CACHE_REPORT_BYTES", 1000)  # 20 GB for a 1M pool: said where, and how big
     first = cached_embeddings(scorer, texts, "k1", cache)
+    assert f"GB in {cache.path} (delete it to free the space" in " ".join(capsys.readouterr().err.split())
     np.testing.assert_allclose(first, scorer.embed(texts)[0], atol=1e-5)
     assert np.array_equal(first[0], first[2])
     # everything is cached now: no encoder is needed at all (None would fail if it were called)
