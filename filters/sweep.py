@@ -185,10 +185,13 @@ class ScoreSummaryWriter(PipelineStep):
         rows = {"counted": 0, "uncounted": 0, "weighted": 0, "unweighted": 0}
         for doc in data or []:
             if not refused:
+                row = doc.metadata
+                if isinstance(row.get("metadata"), dict):  # an input's own nesting, merged as sweep reads it back
+                    row = {**row["metadata"], **row}
                 try:
-                    chunk.append(_summary_values(doc.metadata, "", 0, None, self.weight_field, counted, weighted))
-                    rows["counted" if doc.metadata.get("token_count") is not None else "uncounted"] += 1
-                    rows["weighted" if doc.metadata.get(self.weight_field) is not None else "unweighted"] += 1
+                    chunk.append(_summary_values(row, "", 0, None, self.weight_field, counted, weighted))
+                    rows["counted" if row.get("token_count") is not None else "uncounted"] += 1
+                    rows["weighted" if row.get(self.weight_field) is not None else "unweighted"] += 1
                 except (DocumentError, InputError):
                     refused = 1
                 if len(chunk) == CHUNK_ROWS:
@@ -208,9 +211,13 @@ class ScoreSummaryWriter(PipelineStep):
 
 def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
     """(summary, weighted) of a finished apply output from the summaries its scoring tasks wrote, or None where
-    they cannot stand for its documents: a run made before they were written, a task's missing, or rows sweep would
-    refuse (it then reads the documents and names the row)."""
-    tasks = _run_settings(path).get("tasks")
+    they cannot stand for its documents: a run made before they were written, a task's missing or unreadable,
+    rows sweep would refuse (it then reads the documents and names the row), or documents that do not add up to
+    what stats.json says the folders hold."""
+    import zipfile
+
+    settings = _run_settings(path)
+    tasks = settings.get("tasks")
     folder = Path(path) / SUMMARY_FOLDER
     if not tasks or not all((folder / f"{rank:05d}.npz").is_file() for rank in range(tasks)):
         return None
@@ -228,14 +235,26 @@ def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
                 one.lowest = saved["lowest"]
                 one.score_min, one.score_max = (float(v) for v in saved["range"])
                 one.documents, one.labelled, *counts = (int(v) for v in saved["counts"])
-        except (OSError, KeyError, ValueError):
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
             return None
         rows += counts
         total.merge(one)
     refused, _, uncounted, weighted, unweighted = rows
-    if refused or uncounted or (weighted and unweighted):
+    if refused or uncounted or (weighted and unweighted) or total.documents != _threshold_saw(path, settings):
         return None
     return total, bool(weighted)
+
+
+def _threshold_saw(path: str | Path, settings: dict) -> int | None:
+    """The documents stats.json counts in the folders `sweep_inputs` reads."""
+    try:
+        stats = json.loads((Path(path) / "stats.json").read_text())
+        where = [stats["kept"], stats["removed"].get("below_threshold"), stats["failed"].get("schema_mismatch")]
+        if settings.get("order") == "score-first" and (settings.get("dedup") or settings.get("exact_dedup")):
+            where.append(stats["removed"].get("duplicate"))
+        return sum(n["documents"] for n in where if n)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_scored(paths: list[str], label_field: str | None = None, weight_field: str | None = "weight",
@@ -253,20 +272,21 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     fields_seen: set[str] = set()
     counted = {True: None, False: None}  # a row with / without token_count: where first seen
     weighted = {True: None, False: None}
-    summarised = {}  # finished apply outputs whose tasks' summaries stand for their documents
+    summarised = {}  # finished apply outputs whose tasks' summaries stand for their documents, by real path
     if label_field is None and weight_field == "weight":
         for p in paths:
-            inside = [q for q in paths if q != p and Path(p).resolve() in Path(q).resolve().parents]
-            if is_apply_output(p) and (Path(p) / "stats.json").exists() and not inside:
+            real = Path(p).resolve()
+            inside = [q for q in paths if real in Path(q).resolve().parents]
+            if real not in summarised and is_apply_output(p) and (Path(p) / "stats.json").exists() and not inside:
                 found = summary_from_apply(p)
                 if found is not None:
-                    summarised[p] = found
-    files = sweep_files([p for p in paths if p not in summarised])
+                    summarised[real] = found
+    files = sweep_files([p for p in paths if Path(p).resolve() not in summarised])
     summary.summaries_of = [str(p) for p in summarised]
     for p, (part, part_weighted) in summarised.items():
         summary.merge(part)
-        counted[True] = counted[True] or str(p)
         if part.documents:
+            counted[True] = counted[True] or str(p)
             weighted[part_weighted] = weighted[part_weighted] or str(p)
 
     def choose(parquet) -> list[str]:

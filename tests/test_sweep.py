@@ -302,3 +302,52 @@ def test_a_score_that_is_not_a_finite_number_names_its_row(tmp_path):
     pl.DataFrame(rows).write_parquet(path)
     with pytest.raises(DocumentError, match="s.parquet:8: score nan is not a finite number"):
         run_sweep([str(path)], tmp_path / "sw", show=False)
+
+
+def summarised_output(root: Path, rows: list[dict], tasks: int = 2) -> Path:
+    """An apply output as sweep reads it: the rows in kept/ and below_threshold/ by int_score, the summaries its
+    scoring tasks would have written (the real step, run over the same documents), run_config and stats."""
+    from datatrove.data import Document
+
+    from edu_filter.filters.sweep import SUMMARY_FOLDER, ScoreSummaryWriter
+
+    out = root / "out"
+    for k in range(tasks):
+        mine = rows[k::tasks]
+        docs = [Document(text=r["text"], id=r["id"], metadata={k2: v for k2, v in r.items() if k2 not in ("text", "id")})
+                for r in mine]
+        list(ScoreSummaryWriter(str(out / SUMMARY_FOLDER)).run(iter(docs), rank=k, world_size=tasks))
+        for sub, part in (("kept", [r for r in mine if r["int_score"] >= 3]),
+                          ("removed/below_threshold", [r for r in mine if r["int_score"] < 3])):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            write_jsonl(out / sub / f"{k:05d}.jsonl", part)
+    kept = sum(r["int_score"] >= 3 for r in rows)
+    (out / "run_config.json").write_text(json.dumps({"settings": {"tasks": tasks, "order": "dedup-first"}}))
+    (out / "stats.json").write_text(json.dumps({"settings": {}, "kept": {"documents": kept}, "failed": {},
+                                                "removed": {"below_threshold": {"documents": len(rows) - kept}}}))
+    return out
+
+
+def test_summaries_read_an_inputs_own_metadata_and_fall_back_when_they_cannot_stand(tmp_path):
+    """Labels and weights nested in an input's own `metadata` (datatrove's layout) counted when the documents were
+    read and not from the summaries; an output named twice counted twice; a damaged summary crashed sweep."""
+    rng = np.random.default_rng(1)
+    rows = [dict(r, metadata={"label": int(r.pop("input_score")), "weight": float(rng.uniform(0.5, 2)), "lang": "en"})
+            for r in scored_rows(120)]
+    out = summarised_output(tmp_path, rows)
+    read = run_sweep([str(out / "kept"), str(out / "removed" / "below_threshold")], tmp_path / "read", show=False)
+    assert read["labelled"] == 120 and read["weight_field"] == "weight"
+    summed = run_sweep([str(out), str(out) + "/", str(tmp_path / "." / "out")], tmp_path / "sum", show=False)
+    assert summed["read_from_summaries"] == [str(out)] and summed["documents"] == 120
+    for a, b in zip(summed["rows"], read["rows"]):
+        assert a == pytest.approx(b)
+    stats = json.loads((out / "stats.json").read_text())
+    stats["kept"]["documents"] += 1  # folders no longer holding what the summaries counted
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert run_sweep([str(out)], tmp_path / "s2", show=False)["read_from_summaries"] == []
+    stats["kept"]["documents"] -= 1
+    (out / "stats.json").write_text(json.dumps(stats))
+    summary = out / "logs" / "summaries" / "00001.npz"
+    summary.write_bytes(summary.read_bytes()[:100])  # damaged: the documents are read
+    again = run_sweep([str(out)], tmp_path / "s3", show=False)
+    assert again["read_from_summaries"] == [] and again["documents"] == 120

@@ -121,9 +121,9 @@ class TrainedModel:
     oof_pred: np.ndarray | None  # out-of-fold raw scores of the training documents, for calibration; None: none
     info: dict  # what the method did, recorded in metrics.json under "training"
     frozen: object = None  # head and finetune: the FrozenEncoder (its tokenizer is saved, its vectors feed the curve)
-    # head: the frozen vectors of the training then the validation texts, which the learning curve reuses (read again
-    # from the cache they took minutes at 450k labels, and an unusable cache embedded everything twice)
-    embeddings: tuple | None = None
+    # head: the frozen vectors of the training then the validation texts, one array the learning curve reuses (read
+    # again from the cache they took minutes at 450k labels, and an unusable cache embedded everything twice)
+    embeddings: np.ndarray | None = None
 
 
 def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
@@ -445,10 +445,8 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, trained: Tr
     frozen = trained.frozen
     if cfg.method == "finetune":  # the trained encoder's vectors are not the frozen ones its cache key names
         frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
-    vectors = None
-    if trained.embeddings is not None:  # the curve's rows are the training rows, then (split off them) validation's
-        x_train, x_val = trained.embeddings
-        vectors = x_train if len(rows) == len(x_train) else np.concatenate([x_train, x_val])
+    # the curve's rows are the training rows, then validation's where it was split off them: views, not copies
+    vectors = None if trained.embeddings is None else trained.embeddings[:len(rows)]
     fit_predict = curve_fit_predict(cfg, frozen, texts, y, w, vectors)
     console.print("learning curve: refitting the head on 10/25/50/100% of the labels in each CV fold (about 15x "
                   "the rows of the fit above; --no-learning-curve skips it)")

@@ -25,20 +25,23 @@ if TYPE_CHECKING:
 def train_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
                weights=None) -> TrainedModel:
     """The frozen encoder with a ridge head fitted on its embeddings of `texts`."""
-    frozen, head, oof, info, x = fit_head(cfg, texts, y, weights)
-    val_x = frozen.embed(val_texts)  # predicted a block at a time: a float64 copy of 45k x 4608 is 1.7 GB
+    frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
+    x = frozen.embed(texts + val_texts)  # one array: the fit and validation read views of it, the curve all of it
+    frozen, head, oof, info, _ = fit_head(cfg, texts, y, weights, frozen=frozen, x=x[:len(texts)])
+    val_x = x[len(texts):]  # predicted a block at a time: a float64 copy of 45k x 4608 is 1.7 GB
     val_pred = np.concatenate([val_x[i:i + 4096].astype(np.float64) @ head[0] for i in range(0, len(val_x), 4096)]
                               or [np.zeros(0)]) + head[1]
-    return TrainedModel(frozen.model, val_pred, oof, info, frozen, embeddings=(x, val_x))
+    return TrainedModel(frozen.model, val_pred, oof, info, frozen, embeddings=x)
 
 
-def fit_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weights=None):
+def fit_head(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weights=None, frozen=None,
+             x: np.ndarray | None = None):
     """The frozen encoder with the ridge head set in its model; returns (frozen, (weight, bias), out-of-fold
     predictions, info, the embeddings of `texts`). Fine-tuning starts from this model (a linear probe first)."""
     import torch
 
-    frozen = load_frozen_encoder(**cfg.frozen_encoder_options())
-    x = frozen.embed(texts)
+    frozen = frozen or load_frozen_encoder(**cfg.frozen_encoder_options())
+    x = frozen.embed(texts) if x is None else x
     head, oof, alpha, flattening = fit_ridge_head(x, y, cfg.folds, cfg.seed, weights=weights)
     model = frozen.model
     with torch.no_grad():
