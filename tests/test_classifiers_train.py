@@ -606,3 +606,51 @@ def test_a_subset_fit_from_row_indices_equals_the_fit_on_a_copy_of_the_rows(rows
         (a_w, a_b), a_oof, a_alpha, _ = fit_ridge_head(x[subset], y[subset], 5, 0, weights=weights)
         (b_w, b_b), b_oof, b_alpha, _ = fit_ridge_head(RowsOf(x, subset), y[subset], 5, 0, weights=weights)
         assert a_alpha == b_alpha and np.array_equal(a_w, b_w) and a_b == b_b and np.array_equal(a_oof, b_oof)
+
+
+@pytest.mark.slow
+def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, minilm_path):
+    """50k steps at FineWeb-Edu's scale were lost whole to a kill: the same command now goes on from the last of
+    its checkpoints, and ends with the weights the uninterrupted run has (the order of batches, dropout and the
+    optimizer restored)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    cli = str(Path(sys.executable).parent / "edu-filter")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def command(out, cache):
+        return [cli, "train", str(CODE_LABELS), "-o", str(out), "--kind", "code", "--method", "finetune",
+                "--encoder", minilm_path, "--max-length", "32", "--limit", "60", "--epochs", "4",
+                "--no-learning-curve", "--cache-dir", str(cache)]  # 12 steps: a checkpoint at every one
+
+    clean = subprocess.run(command(tmp_path / "clean", tmp_path / "cache-clean"), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    cache = tmp_path / "cache"
+    run = subprocess.Popen(command(tmp_path / "resumed", cache), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, step = time.time() + 500, 0
+    while time.time() < deadline and run.poll() is None and step < 4:
+        for saved in (cache / "finetune").glob("*/step.json"):
+            try:
+                step = json.loads(saved.read_text())["step"]
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert 4 <= step < 12, step
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = subprocess.run(command(tmp_path / "resumed", cache), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fine-tuning: resuming at step" in " ".join(resumed.stdout.split() + resumed.stderr.split())
+    a, b = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((cache / "finetune").iterdir())  # a finished run leaves no checkpoint

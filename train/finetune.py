@@ -4,7 +4,11 @@ fine-tune: the head starts from the ridge, so the encoder is not pulled about by
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +16,7 @@ import numpy as np
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
+from edu_filter.documents import text_hash
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
 
@@ -24,7 +29,9 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
     frozen, _, _, info, _ = fit_head(cfg, texts, y, weights)
     with torch_threads():
-        finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast)
+        checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights)
+        finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is done: the model is saved by the caller
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
@@ -44,12 +51,39 @@ def packed_sequences(scorer, texts: list[str], block: int = 4096) -> tuple[np.nd
     return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), offsets
 
 
+CHECKPOINTS = 20  # saved this many times over a fine-tuning run (50k steps at 450k labels: every 2,500)
+
+
+def checkpoint_folder(cfg: ClassifierTrainConfig, encoder_key: str, texts: list[str], y: np.ndarray,
+                      weights) -> Path:
+    """Where a fine-tuning run keeps its checkpoints: in the embedding cache folder, named by everything that
+    makes the run (its settings, encoder and data), so the same command after a kill finds it and another run
+    does not."""
+    from edu_filter.classifiers.embeddings import DEFAULT_CACHE_DIR
+
+    digest = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in RUN_DEFINING}, sort_keys=True).encode())
+    digest.update(encoder_key.encode())
+    for text in texts:
+        digest.update(text_hash(text).encode())
+    digest.update(np.asarray(y, np.float64).tobytes())
+    digest.update(b"" if weights is None else np.asarray(weights, np.float64).tobytes())
+    return Path(cfg.cache_dir or DEFAULT_CACHE_DIR) / "finetune" / digest.hexdigest()[:20]
+
+
+RUN_DEFINING = ("kind", "max_length", "seed", "pooling", "pool_layers", "long_docs", "dtype", "epochs",
+                "learning_rate", "head_learning_rate", "train_batch_size", "warmup_fraction", "weight_field")
+
+
 def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
-             autocast=contextlib.nullcontext) -> None:
+             autocast=contextlib.nullcontext, checkpoint: Path | None = None) -> None:
     """Train every weight of `scorer.model` with MSE on the sequences it scores in truncate mode (the first
     max_length tokens; AdamW, warmup + linear decay); with inclusion weights, each document's squared error counts
     in proportion to its weight. The forward passes run inside `autocast()` (mixed precision; the weights and the
-    optimizer stay float32; the head computes in float32)."""
+    optimizer stay float32; the head computes in float32).
+
+    With `checkpoint`, the model, optimizer, schedule and random states are saved there CHECKPOINTS times over the
+    run (renamed into place whole), and a run finding one goes on from its step: hours of steps survive a kill,
+    with the weights an uninterrupted run would have reached."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -73,14 +107,20 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     rng = np.random.default_rng(cfg.seed)
     targets = torch.tensor(y, dtype=torch.float32)
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
+    done = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else 0
+    every = max(1, total // CHECKPOINTS)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(), console=console,
     ) as progress:
-        task = progress.add_task("fine-tuning", total=total, loss=float("nan"))
+        task = progress.add_task("fine-tuning", total=total, loss=float("nan"), completed=done)
+        step = 0
         for _ in range(cfg.epochs):
-            order = rng.permutation(len(texts))
+            order = rng.permutation(len(texts))  # drawn for every epoch, a resumed one too: the same order
             for start in range(0, len(order), cfg.train_batch_size):
+                step += 1
+                if step <= done:
+                    continue
                 batch = order[start : start + cfg.train_batch_size]
                 input_ids, attention_mask = pad_batch([ids[offsets[i]:offsets[i + 1]] for i in batch], pad_id)
                 with autocast():
@@ -93,4 +133,55 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=loss.item())
+                if checkpoint is not None and step % every == 0 and step < total:
+                    try:
+                        _save(checkpoint, model, optimizer, schedule, step)
+                    except OSError as e:  # a read-only or full cache folder: train on, without checkpoints
+                        console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
+                                      "going on without (--cache-dir names another folder)[/]")
+                        checkpoint = None
     model.eval()
+
+
+def _save(folder: Path, model, optimizer, schedule, step: int) -> None:
+    """The training state, written beside and renamed into place: a kill mid-save leaves the previous one."""
+    import torch
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, partial / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, partial / "state.pt")
+    (partial / "step.json").write_text(json.dumps({"step": step}))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(folder: Path, model, optimizer, schedule, device) -> int:
+    """The step a checkpoint was saved at, its state loaded into the run; 0 without one (a save killed between its
+    renames leaves the previous one as .old)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not (folder / "step.json").exists() and (folder.with_name(folder.name + ".old") / "step.json").exists():
+        folder.with_name(folder.name + ".old").rename(folder)
+    if not (folder / "step.json").exists():
+        return 0
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    step = json.loads((folder / "step.json").read_text())["step"]
+    console.print(f"fine-tuning: resuming at step {step:,} from {folder}")
+    return step
