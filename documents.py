@@ -559,11 +559,11 @@ def read_documents(
 
 
 def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
-                  skip_failed: bool = False, what: str = "DATA", console=None,
-                  fields: Iterable[str | None] = ()) -> tuple[list[dict], dict[str, int]]:
-    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. Rows keep `id`, `text`, `label`
-    and the `fields` asked for (a score output row also holds the LLM's whole answer: 5 KB a row where the text was
-    3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an answer the server
+                  skip_failed: bool = False, what: str = "DATA", console=None, weight_field: str | None = None,
+                  fields: Iterable[str] = ()) -> tuple[list[dict], dict[str, int]]:
+    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. Rows keep `id`, `text`, `label`,
+    the `weight_field` and the `fields` asked for (a score output row also holds the LLM's whole answer: 5 KB a row
+    where the text was 3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an answer the server
     refuses, a document over its context) are left out and counted by reason instead of stopping the run; a row
     with no label and no such error is still an error (a wrong --label-field), and so is input where every row
     failed."""
@@ -571,7 +571,7 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
 
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
-    kept = {"id", "text", "label", "error", *(f for f in fields if f)}
+    kept = {"id", "text", "label", "error", *fields, *([weight_field] if weight_field else [])}
     rows = [{k: v for k, v in row.items() if k in kept} for row in itertools.islice(iter_documents(
         paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True), limit)]
     failed = [r for r in rows if "label" not in r]
@@ -583,7 +583,7 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
     if len(failed) == len(rows):
         raise DocumentError(f"{what}: the LLM annotation of every row failed ({listed}): nothing to learn from")
     if console is not None:
-        weighted = any(r.get("weight") is not None for r in failed)
+        weighted = weight_field is not None and any(r.get(weight_field) is not None for r in failed)
         console.print(f"[yellow]{what}: {len(failed)} of {len(rows)} rows left out, their LLM annotation failed "
                       f"({listed})" + (": the sample's inclusion weights no longer sum to the pool" if weighted
                                        else "") + "[/]")

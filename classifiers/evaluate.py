@@ -54,7 +54,7 @@ def evaluate_model(
     from rich.console import Console
 
     rows, left_out = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA",
-                                   console=Console(stderr=True), fields=[weight_field])
+                                   console=Console(stderr=True), weight_field=weight_field)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
     weights = row_weights(rows, weight_field)

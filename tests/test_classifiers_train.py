@@ -647,10 +647,27 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
     run.wait()
     assert 4 <= step < 12, step
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept
     resumed = subprocess.run(command(tmp_path / "resumed", cache), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "fine-tuning: resuming at step" in " ".join(resumed.stdout.split() + resumed.stderr.split())
+    said = " ".join(resumed.stdout.split() + resumed.stderr.split())
+    assert "fine-tuning: resuming at step" in said and "1 checkpoint(s) of other fine-tuning runs" in said
     a, b = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not list((cache / "finetune").iterdir())  # a finished run leaves no checkpoint
+    assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
+
+
+def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_path, capsys):
+    """A node crash can leave renamed files that were never written out: every rerun failed on loading them."""
+    from edu_filter.train.finetune import _resume, _save
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    folder = tmp_path / "finetune" / "key"
+    _save(folder, model, optimizer, schedule, 7, torch.device("cpu"))
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == 7
+    (folder / "model.safetensors").write_bytes(b"cut")
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == 0
+    assert "cannot be read" in capsys.readouterr().err and not folder.exists()

@@ -340,5 +340,5 @@ def test_labelled_rows_keep_only_what_training_reads(tmp_path):
 
     path = write_documents([{"id": "a", "text": "t", "score": 2, "response": "long answer " * 100, "weight": 1.5,
                              "model": "llm", "prompt": "fineweb-edu-v1", "url": "u"}], tmp_path / "ann.jsonl")
-    rows, left_out = read_labelled([path], "score", fields=("weight", "model", None))
+    rows, left_out = read_labelled([path], "score", weight_field="weight", fields=("model",))
     assert rows == [{"id": "a", "text": "t", "label": 2.0, "weight": 1.5, "model": "llm"}] and left_out == {}

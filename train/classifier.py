@@ -124,6 +124,7 @@ class TrainedModel:
     # head: the frozen vectors of the training then the validation texts, one array the learning curve reuses (read
     # again from the cache they took minutes at 450k labels, and an unusable cache embedded everything twice)
     embeddings: np.ndarray | None = None
+    checkpoint: Path | None = None  # finetune: its checkpoint folder, removed once the model is saved
 
 
 def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
@@ -267,12 +268,14 @@ def train_classifier(
         check_not_empty(val, "--val")
     if push_to_hub:
         provenance.check_can_push(push_to_hub)
-    annotation = (cfg.weight_field, "model", "annotator", "prompt")  # what weights and label_source read
-    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, annotation)
+    annotation = ("model", "annotator", "prompt")  # what label_source reads
+    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
+                                   annotation)
     labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
     if val:
-        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console, annotation)
+        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
+                                               cfg.weight_field, annotation)
         left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
         labelled += val_rows
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
@@ -307,6 +310,10 @@ def train_classifier(
     if output.exists():
         clear_folder(output)  # empty already, or a model `overwrite` allows replacing
     save_model(trained, output)
+    if trained.checkpoint is not None:
+        from edu_filter.train.finetune import remove_checkpoint
+
+        remove_checkpoint(trained.checkpoint)
 
     metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
                                                                      cfg), weights=w_val)

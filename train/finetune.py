@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from safetensors import SafetensorError
 
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
@@ -31,11 +32,24 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     with torch_threads():
         checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights)
         finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is done: the model is saved by the caller
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
-    return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen)
+    # the checkpoint goes once the caller has saved the model (`remove_checkpoint`): a kill before that resumes at
+    # the last step
+    return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen, checkpoint=checkpoint)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """A finished run's checkpoint, with what a kill mid-save left beside it; other runs' are named, not removed."""
+    for path in (folder, *(folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))):
+        shutil.rmtree(path, ignore_errors=True)
+    others = [p for p in folder.parent.iterdir() if p.is_dir()] if folder.parent.is_dir() else []
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        console.print(f"[yellow]{len(others)} checkpoint(s) of other fine-tuning runs, killed and not resumed with "
+                      f"the same command, hold {size / 2**30:.1f} GB in {folder.parent}: delete what you will not "
+                      "resume[/]")
 
 
 def packed_sequences(scorer, texts: list[str], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +75,8 @@ def checkpoint_folder(cfg: ClassifierTrainConfig, encoder_key: str, texts: list[
     does not."""
     from edu_filter.classifiers.embeddings import DEFAULT_CACHE_DIR
 
-    digest = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in RUN_DEFINING}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"format": CHECKPOINT_FORMAT, **{k: getattr(cfg, k) for k in RUN_DEFINING}},
+                                       sort_keys=True).encode())
     digest.update(encoder_key.encode())
     for text in texts:
         digest.update(text_hash(text).encode())
@@ -71,7 +86,9 @@ def checkpoint_folder(cfg: ClassifierTrainConfig, encoder_key: str, texts: list[
 
 
 RUN_DEFINING = ("kind", "max_length", "seed", "pooling", "pool_layers", "long_docs", "dtype", "epochs",
-                "learning_rate", "head_learning_rate", "train_batch_size", "warmup_fraction", "weight_field")
+                "learning_rate", "head_learning_rate", "train_batch_size", "warmup_fraction", "weight_field",
+                "folds", "min_positives")
+CHECKPOINT_FORMAT = 1  # in the key: a checkpoint of another edu-filter's training loop is not resumed
 
 
 def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
@@ -133,17 +150,18 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=loss.item())
-                if checkpoint is not None and step % every == 0 and step < total:
+                if checkpoint is not None and (step % every == 0 or step == total):
                     try:
-                        _save(checkpoint, model, optimizer, schedule, step)
-                    except OSError as e:  # a read-only or full cache folder: train on, without checkpoints
+                        _save(checkpoint, model, optimizer, schedule, step, device)
+                    except (OSError, RuntimeError, SafetensorError) as e:  # read-only, full, over quota
+                        shutil.rmtree(checkpoint.with_name(checkpoint.name + ".partial"), ignore_errors=True)
                         console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
                                       "going on without (--cache-dir names another folder)[/]")
                         checkpoint = None
     model.eval()
 
 
-def _save(folder: Path, model, optimizer, schedule, step: int) -> None:
+def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
     """The training state, written beside and renamed into place: a kill mid-save leaves the previous one."""
     import torch
 
@@ -155,7 +173,9 @@ def _save(folder: Path, model, optimizer, schedule, step: int) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, partial / "model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, partial / "state.pt")
+                # the device trained on only: a rerun may see fewer GPUs
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
+               partial / "state.pt")
     (partial / "step.json").write_text(json.dumps({"step": step}))
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -175,13 +195,20 @@ def _resume(folder: Path, model, optimizer, schedule, device) -> int:
         folder.with_name(folder.name + ".old").rename(folder)
     if not (folder / "step.json").exists():
         return 0
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        weights = load_file(folder / "model.safetensors", device=str(device))
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        step = json.loads((folder / "step.json").read_text())["step"]
+    except Exception as e:  # noqa: BLE001 - cut short by a node crash: start over rather than fail every rerun
+        console.print(f"[yellow]fine-tuning checkpoint {folder} cannot be read ({type(e).__name__}: {e}); "
+                      "starting over[/]")
+        shutil.rmtree(folder, ignore_errors=True)
+        return 0
+    model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    step = json.loads((folder / "step.json").read_text())["step"]
+    if device.type == "cuda" and state["cuda_rng"].numel():
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     console.print(f"fine-tuning: resuming at step {step:,} from {folder}")
     return step
