@@ -563,10 +563,10 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
                   fields: Iterable[str] = ()) -> tuple[list[dict], dict[str, int]]:
     """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. Rows keep `id`, `text`, `label`,
     the `weight_field` and the `fields` asked for (a score output row also holds the LLM's whole answer: 5 KB a row
-    where the text was 3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an answer the server
-    refuses, a document over its context) are left out and counted by reason instead of stopping the run; a row
-    with no label and no such error is still an error (a wrong --label-field), and so is input where every row
-    failed."""
+    where the text was 3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an
+    answer the server refuses, a document over its context) are left out and counted by reason instead of stopping
+    the run; a row with no label and no such error is still an error (a wrong --label-field), and so is input where
+    every row failed."""
     from collections import Counter
 
     if limit is not None and limit < 0:

@@ -24,12 +24,12 @@ from datatrove.pipeline.base import PipelineStep
 
 from edu_filter.classifiers.calibration import ROUND_CUTS, to_int_scores
 from edu_filter.documents import (
+    FOLDER_SUFFIXES,
     MAX_SCORE,
     MIN_SCORE,
     PARQUET_SUFFIXES,
     SCORE_RANGE,
     SCORES,
-    FOLDER_SUFFIXES,
     DocumentError,
     InputError,
     check_writable_output,
