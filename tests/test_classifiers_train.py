@@ -609,10 +609,11 @@ def test_a_subset_fit_from_row_indices_equals_the_fit_on_a_copy_of_the_rows(rows
 
 
 @pytest.mark.slow
-def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, minilm_path):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, minilm_path, stop):
     """50k steps at FineWeb-Edu's scale were lost whole to a kill: the same command now goes on from the last of
     its checkpoints, and ends with the weights the uninterrupted run has (the order of batches, dropout and the
-    optimizer restored)."""
+    optimizer restored). SIGTERM (a Slurm time limit) saves the step it stopped at and exits 143."""
     import os
     import signal
     import subprocess
@@ -643,8 +644,13 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
             except (OSError, ValueError):
                 pass
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    if stop == "SIGKILL":
+        os.killpg(run.pid, signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL
+    else:
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 128 + signal.SIGTERM
+        step = json.loads(next((cache / "finetune").glob("*/step.json")).read_text())["step"]  # where it stopped
     assert 4 <= step < 12, step
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept

@@ -8,6 +8,8 @@ import hashlib
 import itertools
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,7 +128,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
     done = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else 0
     every = max(1, total // CHECKPOINTS)
-    with Progress(
+    with stop_requested() as stop, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(), console=console,
     ) as progress:
@@ -150,7 +152,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=loss.item())
-                if checkpoint is not None and (step % every == 0 or step == total):
+                if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
                         _save(checkpoint, model, optimizer, schedule, step, device)
                     except (OSError, RuntimeError, SafetensorError) as e:  # read-only, full, over quota
@@ -158,7 +160,27 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                         console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
                                       "going on without (--cache-dir names another folder)[/]")
                         checkpoint = None
+                if stop.is_set():
+                    saved = "; saved there, the same command goes on from it" if checkpoint is not None else ""
+                    console.print(f"fine-tuning: stopped by SIGTERM at step {step:,}{saved}")
+                    raise SystemExit(128 + signal.SIGTERM)
     model.eval()
+
+
+@contextlib.contextmanager
+def stop_requested():
+    """An event SIGTERM sets (a Slurm time limit, a preemption, `kill`): the step loop saves where it is and exits
+    143, instead of Python ending at once and the steps since the last checkpoint redone. The handler before is
+    put back; outside the main thread (no signals there) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
