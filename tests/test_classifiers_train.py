@@ -609,8 +609,7 @@ def test_a_subset_fit_from_row_indices_equals_the_fit_on_a_copy_of_the_rows(rows
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
-def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, minilm_path, stop):
+def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, minilm_path):
     """50k steps at FineWeb-Edu's scale were lost whole to a kill: the same command now goes on from the last of
     its checkpoints, and ends with the weights the uninterrupted run has (the order of batches, dropout and the
     optimizer restored). SIGTERM (a Slurm time limit) saves the step it stopped at and exits 143."""
@@ -633,35 +632,36 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
     clean = subprocess.run(command(tmp_path / "clean", tmp_path / "cache-clean"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    cache = tmp_path / "cache"
-    run = subprocess.Popen(command(tmp_path / "resumed", cache), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, step = time.time() + 500, 0
-    while time.time() < deadline and run.poll() is None and step < 4:
-        for saved in (cache / "finetune").glob("*/step.json"):
-            try:
-                step = json.loads(saved.read_text())["step"]
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.05)
-    if stop == "SIGKILL":
-        os.killpg(run.pid, signal.SIGKILL)
-        assert run.wait() == -signal.SIGKILL
-    else:
-        run.send_signal(signal.SIGTERM)
-        assert run.wait(timeout=120) == 128 + signal.SIGTERM
-        step = json.loads(next((cache / "finetune").glob("*/step.json")).read_text())["step"]  # where it stopped
-    assert 4 <= step < 12, step
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept
-    resumed = subprocess.run(command(tmp_path / "resumed", cache), env=env, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    said = " ".join(resumed.stdout.split() + resumed.stderr.split())
-    assert "fine-tuning: resuming at step" in said and "1 checkpoint(s) of other fine-tuning runs" in said
-    a, b = load_file(tmp_path / "clean" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
+    weights = load_file(tmp_path / "clean" / "model.safetensors")
+    for stop in ("SIGKILL", "SIGTERM"):
+        cache, out = tmp_path / f"cache-{stop}", tmp_path / stop
+        run = subprocess.Popen(command(out, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        deadline, step = time.time() + 500, 0
+        while time.time() < deadline and run.poll() is None and step < 4:
+            for saved in (cache / "finetune").glob("*/step.json"):
+                try:
+                    step = json.loads(saved.read_text())["step"]
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05)
+        if stop == "SIGKILL":
+            os.killpg(run.pid, signal.SIGKILL)
+            assert run.wait() == -signal.SIGKILL
+        else:
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(timeout=120) == 128 + signal.SIGTERM
+            step = json.loads(next((cache / "finetune").glob("*/step.json")).read_text())["step"]  # where it stopped
+        assert 4 <= step < 12, (stop, step)
+        assert not (out / "model.safetensors").exists()
+        (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept
+        resumed = subprocess.run(command(out, cache), env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        said = " ".join(resumed.stdout.split() + resumed.stderr.split())
+        assert "fine-tuning: resuming at step" in said and "1 checkpoint(s) of other fine-tuning runs" in said
+        again = load_file(out / "model.safetensors")
+        assert again.keys() == weights.keys() and all(torch.equal(weights[k], again[k]) for k in weights), stop
+        assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
 
 
 def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_path, capsys):
