@@ -231,8 +231,8 @@ def write_report(out: Path, r: dict) -> Path:
         )
     lines += [
         "",
-        "The code sweep runs on unlabelled files, so it has no F1 (n/a, as where a threshold keeps no document or no "
-        "label reaches it); the notebooks sweep labelled data.",
+        "The code sweep runs on unlabelled files, so it has no F1 (n/a, as where no label reaches the threshold; a "
+        "threshold that keeps nothing while labels reach it has F1 0); the notebooks sweep labelled data.",
         "",
         _image(out, out / "sweep/web/retention_curve.png", "web retention and precision/recall per threshold"),
         _image(out, out / "sweep/web/score_histogram.png", "web score histogram"),
