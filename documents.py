@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -764,6 +765,58 @@ def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) ->
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(partial, path)
+
+
+def synced(folder: Path, files: bool = True) -> None:
+    """fsync the files of `folder` (with `files`) and the folder itself (its entries: renames, new names)."""
+    for path in sorted(folder.iterdir()) if files else ():
+        if path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def side_folders(folder: Path) -> tuple[Path, Path]:
+    """Where `replace_folder` writes a new copy of `folder` (.partial) and moves the old one aside (.old)."""
+    return folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+
+
+def replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """A new version of a checkpoint folder that a kill or a node crash at any instant cannot leave without a
+    complete copy: `write(partial)` fills a side folder (its completion file last), which is synced to disk and
+    swapped in by renames. `recover_folder` finds the newest complete copy after a kill between the renames. A
+    write that fails (a full disk) removes its side folder and raises."""
+    partial, old = side_folders(folder)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        write(partial)
+        synced(partial)  # on disk before the old copy goes: a crash after the renames leaves no empty files
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    synced(folder.parent, files=False)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(folder: Path, complete: str) -> None:
+    """After a `replace_folder` killed between its renames, no `folder` holds `complete` (the file its writer writes
+    last): the newest complete copy takes its place, the new one (.partial) before the old one."""
+    if (folder / complete).exists():
+        return
+    for candidate in side_folders(folder):
+        if (candidate / complete).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            candidate.rename(folder)
+            return
 
 
 def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
-from edu_filter.documents import InputError
+from edu_filter.documents import InputError, recover_folder, replace_folder
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -332,7 +331,7 @@ def pretrain(
     )
     checkpoint = out_dir / "checkpoint"
     if master:
-        recover_checkpoint(checkpoint)
+        recover_folder(checkpoint, "trainer_state.json")
     if world > 1:
         dist.barrier()
     resuming = cfg.resume and (checkpoint / "trainer_state.json").exists()
@@ -373,21 +372,14 @@ def pretrain(
         model = DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda" else None)
 
     def save_checkpoint():
-        """Write checkpoint.tmp (trainer_state.json last), then swap it in by renames: at every instant a complete
-        checkpoint exists under one of the names `recover_checkpoint` looks at."""
+        """The checkpoint swapped in whole (trainer_state.json written last), every rank past it before going on."""
         if master:
-            tmp, old = checkpoint.with_name("checkpoint.tmp"), checkpoint.with_name("checkpoint.old")
-            shutil.rmtree(tmp, ignore_errors=True)
-            raw_model.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
-            synced(tmp)  # on disk before the old one goes: a node crash after the renames leaves no empty files
-            shutil.rmtree(old, ignore_errors=True)
-            if checkpoint.exists():
-                checkpoint.rename(old)
-            tmp.rename(checkpoint)
-            synced(checkpoint.parent, files=False)
-            shutil.rmtree(old, ignore_errors=True)
+            def write(folder: Path):
+                raw_model.save_pretrained(folder)
+                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+                (folder / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
+
+            replace_folder(checkpoint, write)
         if world > 1:
             dist.barrier()
 
@@ -490,31 +482,6 @@ def pretrain(
         tokenizer.save_pretrained(out_dir / "model")
         (out_dir / "run.json").write_text(json.dumps(record, indent=2))
     return record
-
-
-def synced(folder: Path, files: bool = True) -> None:
-    """fsync the files of `folder` (with `files`) and the folder itself (its entries: renames, new names)."""
-    for path in sorted(folder.iterdir()) if files else ():
-        if path.is_file():
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_checkpoint(checkpoint: Path) -> None:
-    """A save killed between its renames leaves no `checkpoint`: take the newest complete copy (trainer_state.json is
-    written last), checkpoint.tmp before checkpoint.old."""
-    if (checkpoint / "trainer_state.json").exists():
-        return
-    for candidate in (checkpoint.with_name("checkpoint.tmp"), checkpoint.with_name("checkpoint.old")):
-        if (candidate / "trainer_state.json").exists():
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            candidate.rename(checkpoint)
-            return
 
 
 def _run_defining(config: dict) -> dict:

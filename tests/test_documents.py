@@ -20,7 +20,10 @@ from edu_filter.documents import (
     expand_paths,
     iter_documents,
     read_documents,
+    recover_folder,
+    replace_folder,
     sample_documents,
+    side_folders,
     write_documents,
 )
 
@@ -342,3 +345,39 @@ def test_labelled_rows_keep_only_what_training_reads(tmp_path):
                              "model": "llm", "prompt": "fineweb-edu-v1", "url": "u"}], tmp_path / "ann.jsonl")
     rows, left_out = read_labelled([path], "score", weight_field="weight", fields=("model",))
     assert rows == [{"id": "a", "text": "t", "label": 2.0, "weight": 1.5, "model": "llm"}] and left_out == {}
+
+
+def test_a_folder_replaced_whole_keeps_a_complete_copy_through_a_failed_write_and_a_kill_between_renames(tmp_path):
+    """Checkpoints of fine-tuning and of the ablation loop are swapped in this way."""
+    folder = tmp_path / "checkpoint"
+
+    def version(n):
+        def write(partial):
+            (partial / "weights").write_text(f"v{n}")
+            (partial / "done.json").write_text("{}")
+        return write
+
+    replace_folder(folder, version(1))
+    replace_folder(folder, version(2))
+    assert (folder / "weights").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+    def full_disk(partial):
+        (partial / "weights").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        replace_folder(folder, full_disk)
+    assert (folder / "weights").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+    partial, old = side_folders(folder)
+    folder.rename(old)  # killed after moving the old copy aside, the new copy incomplete: the old one comes back
+    partial.mkdir()
+    (partial / "weights").write_text("v3")
+    recover_folder(folder, "done.json")
+    assert (folder / "weights").read_text() == "v2"
+    folder.rename(old)  # killed before the new, complete copy was renamed in: the new one is taken
+    version(3)(partial)
+    recover_folder(folder, "done.json")
+    assert (folder / "weights").read_text() == "v3"
+    recover_folder(folder, "done.json")  # complete: left as it is
+    assert (folder / "weights").read_text() == "v3"

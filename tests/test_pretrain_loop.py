@@ -154,9 +154,9 @@ def test_a_save_killed_between_its_renames_resumes_from_the_newest_complete_copy
     out = tmp_path / "r"
     run(corpus, out, time_limit_minutes=1e-9)
     (out / "checkpoint").rename(out / "checkpoint.old")  # killed after moving the old copy aside ...
-    (out / "checkpoint.tmp").mkdir()  # ... with the new one not yet complete: the old one is the newest complete
+    (out / "checkpoint.partial").mkdir()  # ... with the new one not yet complete: the old one is the newest complete
     assert run(corpus, out, time_limit_minutes=1e-9)["steps"] == 2
-    (out / "checkpoint").rename(out / "checkpoint.tmp")  # the new copy complete, not yet renamed into place
+    (out / "checkpoint").rename(out / "checkpoint.partial")  # the new copy complete, not yet renamed into place
     run(corpus, tmp_path / "older", time_limit_minutes=1e-9)
     (tmp_path / "older/checkpoint").rename(out / "checkpoint.old")
     assert run(corpus, out, time_limit_minutes=1e-9)["steps"] == 3

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import text_hash
+from edu_filter.documents import recover_folder, replace_folder, side_folders, text_hash
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
 
@@ -44,7 +44,7 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
 
 def remove_checkpoint(folder: Path) -> None:
     """A finished run's checkpoint, with what a kill mid-save left beside it; other runs' are named, not removed."""
-    for path in (folder, *(folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))):
+    for path in (folder, *side_folders(folder)):
         shutil.rmtree(path, ignore_errors=True)
     others = [p for p in folder.parent.iterdir() if p.is_dir()] if folder.parent.is_dir() else []
     if others:
@@ -156,7 +156,6 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     try:
                         _save(checkpoint, model, optimizer, schedule, step, device)
                     except (OSError, RuntimeError, SafetensorError) as e:  # read-only, full, over quota
-                        shutil.rmtree(checkpoint.with_name(checkpoint.name + ".partial"), ignore_errors=True)
                         console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
                                       "going on without (--cache-dir names another folder)[/]")
                         checkpoint = None
@@ -184,37 +183,30 @@ def stop_requested():
 
 
 def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
-    """The training state, written beside and renamed into place: a kill mid-save leaves the previous one."""
+    """The training state swapped in whole (step.json written last): a kill mid-save leaves the previous one."""
     import torch
-
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, partial / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                # the device trained on only: a rerun may see fewer GPUs
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
-               partial / "state.pt")
-    (partial / "step.json").write_text(json.dumps({"step": step}))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    def write(partial: Path):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  partial / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    # the device trained on only: a rerun may see fewer GPUs
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
+                   partial / "state.pt")
+        (partial / "step.json").write_text(json.dumps({"step": step}))
+
+    replace_folder(folder, write)
 
 
 def _resume(folder: Path, model, optimizer, schedule, device) -> int:
-    """The step a checkpoint was saved at, its state loaded into the run; 0 without one (a save killed between its
-    renames leaves the previous one as .old)."""
+    """The step a checkpoint was saved at, its state loaded into the run; 0 without one (after a save killed between
+    its renames, the newest complete copy beside it)."""
     import torch
     from safetensors.torch import load_file
 
-    if not (folder / "step.json").exists() and (folder.with_name(folder.name + ".old") / "step.json").exists():
-        folder.with_name(folder.name + ".old").rename(folder)
+    recover_folder(folder, "step.json")
     if not (folder / "step.json").exists():
         return 0
     try:
