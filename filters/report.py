@@ -88,12 +88,12 @@ def incomplete_stages(output_folder: str) -> list[str]:
     return missing
 
 
-def write_json_whole(folder, name: str, record: dict) -> None:
+def write_stats_json(folder, record: dict) -> None:
     """stats.json as a kill cannot leave it half-written (an object store's upload is whole already)."""
     if folder.is_local():
-        documents.write_json_whole(folder.resolve_paths(name), record)
+        documents.write_json_whole(folder.resolve_paths("stats.json"), record)
         return
-    with folder.open(name, "wt") as fh:
+    with folder.open("stats.json", "wt") as fh:
         json.dump(record, fh, indent=2)
 
 
@@ -140,7 +140,7 @@ class WriteApplyStats(PipelineStep):
                 with folder.open(name, "rt") as fh:
                     extra.update(json.load(fh))
         stats = build_stats(out.resolve_paths("logs/counts"), self.settings, scratch, extra)
-        write_json_whole(out, "stats.json", stats)
+        write_stats_json(out, stats)
         if not stats["adds_up"]:
             raise RuntimeError(
                 f"document counts do not add up: {stats['in']['documents']} read, but kept + removed + failed "

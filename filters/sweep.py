@@ -181,8 +181,7 @@ class ScoreSummaryWriter(PipelineStep):
         from datatrove.io import get_datafolder
 
         summary, chunk, refused = ScoredSummary(), [], 0
-        counted, weighted = {True: None, False: None}, {True: None, False: None}
-        rows = {"counted": 0, "uncounted": 0, "weighted": 0, "unweighted": 0}
+        counted, weighted = {True: None, False: None}, {True: None, False: None}  # rows with / without them seen
         for doc in data or []:
             if not refused:
                 row = doc.metadata
@@ -190,8 +189,6 @@ class ScoreSummaryWriter(PipelineStep):
                     row = {**row["metadata"], **row}
                 try:
                     chunk.append(_summary_values(row, "", 0, None, self.weight_field, counted, weighted))
-                    rows["counted" if row.get("token_count") is not None else "uncounted"] += 1
-                    rows["weighted" if row.get(self.weight_field) is not None else "unweighted"] += 1
                 except (DocumentError, InputError):
                     refused = 1
                 if len(chunk) == CHUNK_ROWS:
@@ -206,7 +203,10 @@ class ScoreSummaryWriter(PipelineStep):
             np.savez_compressed(fh, **{name: getattr(summary, name) for name in ScoredSummary.ARRAYS}
                                 | coarse,
                                 lowest=summary.lowest, range=np.array([summary.score_min, summary.score_max]),
-                                counts=np.array([summary.documents, summary.labelled, refused, *rows.values()]))
+                                # then whether rows with / without token counts, with / without weights were seen
+                                counts=np.array([summary.documents, summary.labelled, refused,
+                                                 *(seen[has] is not None for seen in (counted, weighted)
+                                                   for has in (True, False))]))
 
 
 def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from edu_filter.documents import DocumentError
+from edu_filter.documents import DocumentError, InputError
 from edu_filter.filters.sweep import run_sweep, threshold_positions
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -351,3 +351,19 @@ def test_summaries_read_an_inputs_own_metadata_and_fall_back_when_they_cannot_st
     summary.write_bytes(summary.read_bytes()[:100])  # damaged: the documents are read
     again = run_sweep([str(out)], tmp_path / "s3", show=False)
     assert again["read_from_summaries"] == [] and again["documents"] == 120
+
+
+def test_summaries_of_rows_with_and_without_weights_or_token_counts_are_not_summed(tmp_path):
+    """Such rows are refused when the documents are read (the error names them): summing the summaries would hide
+    it, in one task or across tasks."""
+    for k, (field, said) in enumerate((("weight", "some rows have inclusion weights"),
+                                       ("token_count", "some rows have a token_count"))):
+        rows = scored_rows(40, labels=False)
+        for i, row in enumerate(rows):
+            if field == "weight" and i % 3 == 0:
+                row["weight"] = 2.0
+            if field == "token_count" and i % 3 == 0:
+                del row["token_count"]
+        out = summarised_output(tmp_path / str(k), rows)
+        with pytest.raises((DocumentError, InputError), match=said):
+            run_sweep([str(out)], tmp_path / f"s{k}", show=False)
