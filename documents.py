@@ -547,8 +547,10 @@ def read_documents(
     label_field: str | None = None,
     require_label: bool | str = False,
     limit: int | None = None,
+    fields: Iterable[str] | None = None,
 ) -> list[dict]:
-    """Rows with `id`, `text` (and the label under `label` when label_field is given).
+    """Rows with `id`, `text` (and the label under `label` when label_field is given), with all their other fields
+    or, given `fields`, only those (what is not read later need not be held).
 
     A missing `text`, a label that is no number on the 0-5 scale, or a missing label when `require_label`, raises
     DocumentError naming the file and line; a row without an id gets `<file>:<line>` so it can still be traced.
@@ -556,7 +558,11 @@ def read_documents(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
-    return list(itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label), limit))
+    rows = itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label), limit)
+    if fields is None:
+        return list(rows)
+    kept = {"id", "text", "label", *fields}
+    return [{k: v for k, v in row.items() if k in kept} for row in rows]
 
 
 def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
@@ -570,11 +576,8 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
     every row failed."""
     from collections import Counter
 
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
-    kept = {"id", "text", "label", "error", *fields, *([weight_field] if weight_field else [])}
-    rows = [{k: v for k, v in row.items() if k in kept} for row in itertools.islice(iter_documents(
-        paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True), limit)]
+    rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
+                          limit=limit, fields=["error", *fields, *([weight_field] if weight_field else [])])
     failed = [r for r in rows if "label" not in r]
     if not failed:
         return rows, {}
