@@ -677,3 +677,33 @@ def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_pat
     (folder / "model.safetensors").write_bytes(b"cut")
     assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == 0
     assert "cannot be read" in capsys.readouterr().err and not folder.exists()
+
+
+def test_a_second_finetuning_run_of_the_same_checkpoint_is_refused_while_the_first_runs(tmp_path):
+    """Two processes writing one checkpoint folder rename each other's copies away; a killed first run's lock is
+    gone with it (the same command then resumes)."""
+    import os
+    import subprocess
+    import sys
+
+    from edu_filter.documents import RunError
+    from edu_filter.train.finetune import only_run_of
+
+    folder = tmp_path / "finetune" / "key"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from edu_filter.train.finetune import only_run_of\n"
+         f"with only_run_of(Path({str(folder)!r})):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=f"process {holder.pid} on .* is fine-tuning the same model"):
+            with only_run_of(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with only_run_of(folder):  # the killed holder's lock went with it
+        with pytest.raises(RunError, match=f"process {os.getpid()} on"):
+            with only_run_of(folder):
+                pass

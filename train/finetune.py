@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import recover_folder, replace_folder, side_folders, text_hash
+from edu_filter.documents import RunError, recover_folder, replace_folder, side_folders, text_hash
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
 
@@ -33,7 +33,8 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     frozen, _, _, info, _ = fit_head(cfg, texts, y, weights)
     with torch_threads():
         checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights)
-        finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
+        with only_run_of(checkpoint):
+            finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
@@ -42,10 +43,37 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen, checkpoint=checkpoint)
 
 
+@contextlib.contextmanager
+def only_run_of(checkpoint: Path):
+    """Held while a run fine-tunes into `checkpoint`: the same command started twice (a job submitted again while
+    the first runs) would write one checkpoint folder from two processes, each renaming the other's copy away. The
+    second is refused, naming the first. A lock the system drops when its process ends, however it ends."""
+    import fcntl
+    import os
+    import socket
+
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    lock = checkpoint.with_name(checkpoint.name + ".lock")
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(f"{holder} is fine-tuning the same model on the same data (its checkpoint: {checkpoint}): "
+                           "wait for it to finish, or stop it and run this again to go on from its checkpoint") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+
+
 def remove_checkpoint(folder: Path) -> None:
     """A finished run's checkpoint, with what a kill mid-save left beside it; other runs' are named, not removed."""
     for path in (folder, *side_folders(folder)):
         shutil.rmtree(path, ignore_errors=True)
+    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
     others = [p for p in folder.parent.iterdir() if p.is_dir()] if folder.parent.is_dir() else []
     if others:
         size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
