@@ -17,7 +17,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -820,6 +822,22 @@ def recover_folder(folder: Path, complete: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
             candidate.rename(folder)
             return
+
+
+@contextlib.contextmanager
+def stop_requested():
+    """An event SIGTERM sets (a Slurm time limit, a preemption, `kill`): a training loop saves where it is and exits
+    143, instead of Python ending at once and the steps since its last checkpoint redone. The handler before is
+    put back; outside the main thread (no signals there) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
-from edu_filter.documents import InputError, recover_folder, replace_folder
+from edu_filter.documents import InputError, recover_folder, replace_folder, stop_requested
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -111,6 +112,8 @@ class PretrainConfig:
     eval_every: int | None = None  # steps between evaluations (default: 4 evaluations per run); always at the end
     eval_tokens: int = 16_384  # at most this many tokens from each evaluation set
     checkpoint_every: int | None = None  # steps between checkpoints (default: at every evaluation); always at the end
+    # and at least this often (a SIGKILL, a node failure lose no more; a SIGTERM saves the step it stopped at)
+    checkpoint_minutes: float | None = 30.0
     time_limit_minutes: float | None = None  # checkpoint and stop once exceeded; rerun to resume (job time limits)
     resume: bool = True  # continue from OUT/checkpoint when it exists
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
@@ -403,52 +406,65 @@ def pretrain(
     # --- the loop ----------------------------------------------------------------------------------------------------
     task = progress.add_task(name or out_dir.name, total=total_steps, completed=state["step"], loss=float("nan")) if (
         progress is not None and master) else None
-    started = time.time()
+    started = last_saved = time.time()
     model.train()
-    while state["step"] < total_steps:
-        step = state["step"]
-        t0 = time.time()
-        lr = learning_rate(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            first_sample = ((step * grad_accum + micro) * world + rank) * B
-            x, y = (t.to(device, non_blocking=True) for t in train_data.batch(first_sample, B))
-            sync = world == 1 or micro == grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                loss = model(x, y) / grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(loss_sum)  # a sum: gloo (CPU) has no AVG
-        step_loss = loss_sum.item() / world  # also waits for the GPU, so the timing below is real
-        dt = time.time() - t0
+    stopping = False  # SIGTERM seen, by every rank's agreement
+    with stop_requested() as stop:
+        while state["step"] < total_steps:
+            step = state["step"]
+            t0 = time.time()
+            lr = learning_rate(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                first_sample = ((step * grad_accum + micro) * world + rank) * B
+                x, y = (t.to(device, non_blocking=True) for t in train_data.batch(first_sample, B))
+                sync = world == 1 or micro == grad_accum - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    loss = model(x, y) / grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(loss_sum)  # a sum: gloo (CPU) has no AVG
+            step_loss = loss_sum.item() / world  # also waits for the GPU, so the timing below is real
+            dt = time.time() - t0
 
-        state["step"] = step + 1
-        state["tokens_seen"] += cfg.batch_tokens
-        state["train_loss"].append(step_loss)
-        state["lr"].append(lr)
-        state["train_seconds"] += dt
-        if step > 0:  # the first step pays for compilation and allocator warmup
-            state["steady_tokens"] += cfg.batch_tokens
-            state["steady_seconds"] += dt
-        if task is not None:
-            progress.update(task, advance=1, loss=step_loss)
-        if state["step"] % eval_every == 0 or state["step"] == total_steps:
-            state["eval_history"].append({"step": state["step"], "tokens": state["tokens_seen"], **evaluate()})
-        timed_out = cfg.time_limit_minutes is not None and (time.time() - started) / 60 > cfg.time_limit_minutes
-        if world > 1 and cfg.time_limit_minutes is not None:  # one decision: ranks that disagree would hang
-            flag = torch.tensor(float(timed_out), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            timed_out = bool(flag.item())
-        if state["step"] % checkpoint_every == 0 or timed_out or state["step"] == total_steps:
-            save_checkpoint()
-        if timed_out:
-            break
+            state["step"] = step + 1
+            state["tokens_seen"] += cfg.batch_tokens
+            state["train_loss"].append(step_loss)
+            state["lr"].append(lr)
+            state["train_seconds"] += dt
+            if step > 0:  # the first step pays for compilation and allocator warmup
+                state["steady_tokens"] += cfg.batch_tokens
+                state["steady_seconds"] += dt
+            if task is not None:
+                progress.update(task, advance=1, loss=step_loss)
+            if state["step"] % eval_every == 0 or state["step"] == total_steps:
+                state["eval_history"].append({"step": state["step"], "tokens": state["tokens_seen"], **evaluate()})
+            now = time.time()
+            timed_out = cfg.time_limit_minutes is not None and (now - started) / 60 > cfg.time_limit_minutes
+            saving_due = cfg.checkpoint_minutes is not None and (now - last_saved) / 60 > cfg.checkpoint_minutes
+            stopping = stop.is_set()
+            if world > 1:  # one decision: ranks that disagree (each its clock, a signal not yet seen) would hang
+                flags = torch.tensor([float(timed_out), float(saving_due), float(stopping)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                timed_out, saving_due, stopping = (bool(v) for v in flags.tolist())
+            if (state["step"] % checkpoint_every == 0 or timed_out or saving_due or stopping
+                    or state["step"] == total_steps):
+                save_checkpoint()
+                last_saved = time.time()
+            if stopping and state["step"] < total_steps:
+                if master:
+                    print(f"{name or out_dir.name}: stopped by SIGTERM at step {state['step']:,}; saved there, the "
+                          "same command goes on from it", flush=True)
+                raise SystemExit(128 + signal.SIGTERM)
+            if timed_out:
+                break
+    signalled = stopping  # in the last step: the run is finished and saved below, then the process ends
 
     finished = state["step"] >= total_steps
     tokens_per_second = (state["steady_tokens"] / state["steady_seconds"] if state["steady_seconds"]
@@ -481,10 +497,13 @@ def pretrain(
         raw_model.save_pretrained(out_dir / "model")
         tokenizer.save_pretrained(out_dir / "model")
         (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    if signalled:
+        raise SystemExit(128 + signal.SIGTERM)
     return record
 
 
 def _run_defining(config: dict) -> dict:
     """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change)."""
     return {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
+                                                         "checkpoint_minutes",
                                                          "eval_every", "compile", "cpu_threads")}

@@ -49,9 +49,10 @@ def run(corpus, out, **overrides):
 
 
 # `run` in a process of its own (argv: config JSON, corpus, output, stall step): prints its record's step count and
-# whether it finished; with a stall step > 0 it touches OUT.stalled there and hangs, to be killed.
+# whether it finished; with a stall step > 0 it touches OUT.stalled there and hangs, to be killed; with a stall step
+# < 0 it touches OUT.stalled at step -N and waits there for a signal, then goes on.
 WORKER = """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
 import torch
 from edu_filter.ablate.pretrain import PretrainConfig, pretrain
@@ -72,6 +73,9 @@ class Stall:
         if self.step == stall_at:
             out.with_suffix(".stalled").touch()
             time.sleep(600)
+        if self.step == -stall_at:
+            out.with_suffix(".stalled").touch()
+            signal.pause()
 
 
 r = pretrain(cfg, root / "web/train.bin", {"web/val": root / "web/val.bin", "ref": root / "ref.bin"}, out,
@@ -129,20 +133,29 @@ def test_interrupted_runs_resume_to_the_same_result(corpus, tmp_path):
 
     # SIGKILL in step 7 of a real process: by default a checkpoint comes with every evaluation (steps 3, 6, 9, 12),
     # so the rerun continues from step 6.
-    worker = start_worker(corpus, tmp_path / "killed", stall_at=7)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed.stalled").exists():
-        assert worker.poll() is None and time.time() < deadline, worker.kill() or worker.communicate()[1][-3000:]
-        time.sleep(0.1)
-    worker.send_signal(signal.SIGKILL)
-    worker.communicate()
-    assert json.loads((tmp_path / "killed/checkpoint/trainer_state.json").read_text())["state"]["step"] == 6
-    killed = run(corpus, tmp_path / "killed")
+    # SIGTERM (a Slurm time limit, a preemption) in step 8: saved there, exit 143. SIGKILL in step 8 with
+    # checkpoints due every minute of the clock (here: every step): the rerun continues from step 7.
+    stopped = {}
+    for folder, stall, signum, saved_at, overrides in (("killed", 7, signal.SIGKILL, 6, {}),
+                                                       ("terminated", -8, signal.SIGTERM, 8, {}),
+                                                       ("clocked", 8, signal.SIGKILL, 7, {"checkpoint_minutes": 1e-9})):
+        worker = start_worker(corpus, tmp_path / folder, stall_at=stall, **overrides)
+        deadline = time.time() + 120
+        while not (tmp_path / f"{folder}.stalled").exists():
+            assert worker.poll() is None and time.time() < deadline, worker.kill() or worker.communicate()[1][-3000:]
+            time.sleep(0.1)
+        worker.send_signal(signum)
+        said = worker.communicate(timeout=120)
+        assert worker.returncode == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signal.SIGTERM), said
+        checkpoint = json.loads((tmp_path / folder / "checkpoint/trainer_state.json").read_text())
+        assert checkpoint["state"]["step"] == saved_at
+        assert (signum == signal.SIGKILL) != ("stopped by SIGTERM at step 8; saved there" in said[0])
+        stopped[folder] = run(corpus, tmp_path / folder)
 
     from transformers import AutoModelForCausalLM
 
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole/model").state_dict()
-    for resumed, folder in ((r, "split"), (killed, "killed")):
+    for resumed, folder in ((r, "split"), *((stopped[f], f) for f in stopped)):
         assert resumed["tokens_seen"] == whole["tokens_seen"]
         assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
         assert resumed["eval"] == pytest.approx(whole["eval"], rel=1e-5)

@@ -9,7 +9,6 @@ import itertools
 import json
 import shutil
 import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,8 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import RunError, recover_folder, replace_folder, side_folders, text_hash
+from edu_filter.documents import (RunError, recover_folder, replace_folder, side_folders, stop_requested,
+                                  text_hash)
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
 
@@ -192,22 +192,6 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     console.print(f"fine-tuning: stopped by SIGTERM at step {step:,}{saved}")
                     raise SystemExit(128 + signal.SIGTERM)
     model.eval()
-
-
-@contextlib.contextmanager
-def stop_requested():
-    """An event SIGTERM sets (a Slurm time limit, a preemption, `kill`): the step loop saves where it is and exits
-    143, instead of Python ending at once and the steps since the last checkpoint redone. The handler before is
-    put back; outside the main thread (no signals there) the event is never set."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
