@@ -183,8 +183,8 @@ def ablate(
 
     for name, seed_records in records.items():
         for record in seed_records:
-            if not record["finished"]:
-                continue
+            if stopped:  # no report comes of this invocation: the benchmarks run when every run has finished
+                break
             if humaneval or cloze_sets:
                 model = _load_final_model(run_folder(out, name, record["config"]["seed"], seeds) / "model")
             if humaneval:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
-from edu_filter.documents import InputError, recover_folder, replace_folder, stop_requested
+from edu_filter.documents import InputError, recover_folder, replace_folder, stop_requested, write_json_whole
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -332,6 +332,12 @@ def pretrain(
         # the context it is trained at, which the evaluations read back: cloze and HumanEval prompts cut to it
         **{**cfg.model, "max_position_embeddings": T},
     )
+    finished_before = _finished_record(out_dir, cfg) if cfg.resume else None
+    if finished_before is not None:  # a resumed ablation's earlier runs: no reload of weights and optimizer, no save
+        if progress is not None and master:
+            progress.add_task(name or out_dir.name, total=finished_before["total_steps"],
+                              completed=finished_before["steps"], loss=finished_before["train_loss"][-1])
+        return finished_before
     checkpoint = out_dir / "checkpoint"
     if master:
         recover_folder(checkpoint, "trainer_state.json")
@@ -496,10 +502,20 @@ def pretrain(
     if finished and master:
         raw_model.save_pretrained(out_dir / "model")
         tokenizer.save_pretrained(out_dir / "model")
-        (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+        write_json_whole(out_dir / "run.json", record)  # last: a kill saving the model leaves no run.json
     if signalled:
         raise SystemExit(128 + signal.SIGTERM)
     return record
+
+
+def _finished_record(out_dir: Path, cfg: PretrainConfig) -> dict | None:
+    """The record of a run this configuration finished in `out_dir` (its model saved), or None."""
+    try:
+        record = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = record.get("finished") and _run_defining(record.get("config", {})) == _run_defining(asdict(cfg))
+    return record if same and (out_dir / "model" / "config.json").exists() else None
 
 
 def _run_defining(config: dict) -> dict:

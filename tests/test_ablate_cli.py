@@ -180,11 +180,16 @@ def test_an_ablation_stopped_by_its_time_limit_resumes_to_the_same_result(inputs
     whole = runner.invoke(app, [*common, "-o", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
     invocations = 0
+    cloze = ["--cloze", f"facts={inputs / 'cloze.jsonl'}"]
     while not (tmp_path / "split/eval_loss.png").exists():
-        result = runner.invoke(app, [*common, "-o", str(tmp_path / "split"), "--override", "time_limit_minutes=1e-9"])
+        result = runner.invoke(app, [*common, *cloze, "-o", str(tmp_path / "split"), "--override",
+                                     "time_limit_minutes=1e-9"])
         assert result.exit_code == 0, result.output
         invocations += 1
         assert invocations <= 8
+        runs = json.loads((tmp_path / "split/report.json").read_text())["runs"]
+        finished = (tmp_path / "split/eval_loss.png").exists()  # benchmarks only then, not for finished runs before
+        assert all(("cloze" in run) == finished for run in runs.values()), invocations
     # One optimizer step per invocation (4 per run), except that the invocation finishing `edu` also starts `all`.
     assert invocations == 7
     a = json.loads((tmp_path / "whole/report.json").read_text())["runs"]
