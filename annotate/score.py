@@ -646,19 +646,24 @@ class ScoreOutput:
         return self
 
     def write(self, rows: list[dict]) -> None:
-        if not self.parquet:
-            self.file.write(b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in rows))
-            return
-        self.buffer += rows
-        if len(self.buffer) >= self.ROW_GROUP:
-            self._flush()
+        """Any number of rows, encoded ROW_GROUP at a time (an active run writes its whole sample at once)."""
+        for start in range(0, len(rows), self.ROW_GROUP):
+            part = rows[start:start + self.ROW_GROUP]
+            if not self.parquet:
+                self.file.write(b"".join(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in part))
+                continue
+            self.buffer += part
+            while len(self.buffer) >= self.ROW_GROUP:
+                self._flush(self.ROW_GROUP)
 
-    def _flush(self) -> None:
+    def _flush(self, rows: int | None = None) -> None:
+        """Writes `rows` buffered rows (None: all) as one row group."""
         import polars as pl
 
         if self.buffer:
-            self.writer.write_table(pl.DataFrame(self.buffer, schema=self.schema).to_arrow())
-            self.buffer = []
+            rows = len(self.buffer) if rows is None else rows
+            part, self.buffer = self.buffer[:rows], self.buffer[rows:]
+            self.writer.write_table(pl.DataFrame(part, schema=self.schema).to_arrow())
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.parquet:

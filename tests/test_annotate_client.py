@@ -478,3 +478,25 @@ def test_servers_of_different_models_are_refused_before_any_document(tmp_path):
     assert (f"the servers do not serve one model ({first.base_url} serves 'model-a'; {second.base_url} serves "
             "'model-b')") in " ".join(result.output.split())
     assert not first.requests and not second.requests and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["out.parquet", "out.jsonl"])
+def test_output_rows_given_at_once_are_written_a_row_group_at_a_time(tmp_path, name):
+    """An active run writes its whole sample in one call: as one Parquet row group (500k rows read whole by every
+    later reader) and, in JSONL, encoded as one bytes object (+6 GB at 500k rows)."""
+    import pyarrow.parquet as pq
+
+    from edu_filter.annotate.score import ScoreOutput
+
+    rows = [{"id": str(i), "text": f"t{i}", "score": i % 6, "round": 0, "weight": 1.0} for i in range(13)]
+    out = ScoreOutput(tmp_path / name, active=True)
+    out.ROW_GROUP = 4
+    with out:
+        out.write(rows[:10])
+        out.write(rows[10:])
+    if name.endswith(".parquet"):
+        meta = pq.ParquetFile(tmp_path / name).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 4, 1]
+        assert pq.read_table(tmp_path / name).column("id").to_pylist() == [r["id"] for r in rows]
+    else:
+        assert [r["id"] for r in read_jsonl(tmp_path / name)] == [r["id"] for r in rows]
