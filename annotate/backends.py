@@ -700,30 +700,57 @@ class TransformersBackend:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout=0.005))
                 except asyncio.TimeoutError:
                     break
-            prompts = [prompt for prompt, _ in batch]
-            self.stats.requests += len(prompts)
-            try:
-                answers = await loop.run_in_executor(None, self._generate, prompts)
-            except Exception as e:  # e.g. out of memory on a long batch: fail these documents, keep going
-                for _, future in batch:
-                    future.set_exception(RequestFailed(f"generation: {type(e).__name__}: {e}"))
-                continue
-            for (_, future), answer in zip(batch, answers):
-                future.set_result(answer)
+            self.stats.requests += len(batch)
+            texts = [self._text(prompt) for prompt, _ in batch]
+            fitting = []
+            for (_, future), text in zip(batch, texts):
+                overflow = self._overflow(text)
+                if overflow is None:
+                    fitting.append((text, future))
+                else:  # as a server says it: `score` cuts the document to fit (--max-chars) and asks again
+                    future.set_exception(RequestFailed(
+                        f"the prompt is {overflow.prompt_tokens} tokens; with max_tokens {self.settings.max_tokens} "
+                        f"it does not fit the model's context of {overflow.context_tokens}", overflow))
+            # one document that fails generation (out of memory on its length, say) no longer fails its batch:
+            # the batch is generated again one prompt at a time, and only what fails alone fails
+            for group in ([fitting] if len(fitting) == 1 else [fitting, *([one] for one in fitting)]):
+                if not group or all(future.done() for _, future in group):
+                    continue
+                try:
+                    answers = await loop.run_in_executor(None, self._generate, [text for text, _ in group])
+                except Exception as e:  # noqa: BLE001 - alone, its document fails; the run goes on
+                    if len(group) == 1 and not group[0][1].done():
+                        group[0][1].set_exception(RequestFailed(f"generation: {type(e).__name__}: {e}"))
+                    continue
+                for (_, future), answer in zip(group, answers):
+                    if not future.done():  # its worker cancelled meanwhile (a stopped run)
+                        future.set_result(answer)
+                if len(group) > 1:
+                    break
 
-    def _generate(self, prompts: list[str]) -> list[Answer]:
+    def _uses_template(self) -> bool:
+        return bool(self.api == "chat" and getattr(self.tokenizer, "chat_template", None))
+
+    def _text(self, prompt: str) -> str:
+        """What the model is given: the prompt in the chat template where the model has one and api is chat."""
+        if not self._uses_template():
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _overflow(self, text: str) -> ContextOverflow | None:
+        """The model's context and the prompt's tokens where the prompt and max_tokens do not fit in it."""
+        context = getattr(self.lm.config, "max_position_embeddings", None)
+        if not context:
+            return None
+        tokens = len(self.tokenizer(text, add_special_tokens=not self._uses_template())["input_ids"])
+        return ContextOverflow(context, tokens) if tokens + self.settings.max_tokens > context else None
+
+    def _generate(self, texts: list[str]) -> list[Answer]:
         import torch
 
         tok = self.tokenizer
-        use_template = self.api == "chat" and getattr(tok, "chat_template", None)
-        if use_template:
-            texts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-        else:
-            texts = prompts
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not use_template)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self._uses_template())
         enc = enc.to(self.lm.device)
         sample = self.settings.temperature > 0
         sampling = {"temperature": self.settings.temperature, "top_p": self.settings.top_p} if sample else {}

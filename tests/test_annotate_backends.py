@@ -300,3 +300,34 @@ def test_vllm_backend_serves_and_scores_a_local_model(tiny_llama, tmp_path):
     rows = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
     assert rows["g"]["score"] == 3 and rows["b"]["score"] is None
     assert summary.requests == 1 + 2
+
+
+def test_transformers_backend_fails_only_the_document_that_fails_and_cuts_one_over_the_context(tmp_path):
+    """One prompt that cannot be generated (here a token past the model's embeddings; with real models, out of
+    memory on its length) failed every document batched with it, and a resume batched them together again; a
+    prompt longer than the model's context failed as such instead of being cut to fit (--max-chars), as it is for
+    servers."""
+    from transformers import AutoTokenizer
+
+    model = build_tiny_llama(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens(["<boom>"])  # an id the model has no embedding for
+    tokenizer.save_pretrained(model)
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [
+        {"id": "g1", "text": "the lesson is good"},
+        {"id": "boom", "text": "<boom> good"},
+        {"id": "g2", "text": "this is good"},
+        {"id": "long", "text": "good " * 150 + "good"},  # 151 words and the prompt's 3: over the context of 128
+    ])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", backend="transformers", model=model,
+                              prompt=str(prompt), max_tokens=6, max_reasks=0, concurrency=4, max_chars=10_000,
+                              show_progress=False)
+    rows = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
+    assert [rows[i]["score"] for i in ("g1", "g2")] == [3, 3], rows
+    assert rows["boom"]["score"] is None and rows["boom"]["error"].startswith("generation: IndexError")
+    long = rows["long"]
+    # cut to fit and asked (what the bigram model answers after a word cut in half does not matter here)
+    assert long["truncated"] and long["prompt_tokens"] + 6 <= 128 and long["attempts"] == 1, long
+    assert summary.refits == 1
