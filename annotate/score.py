@@ -228,11 +228,12 @@ class ScoreSummary:
     score_counts: Counter = field(default_factory=Counter)
     truncated: int = 0
     cached_answers: int = 0  # answers replayed from the cache instead of asked again
+    replayed: int = 0  # documents whose answers all came from the cache: nothing asked for them this run
     requests: int = 0  # requests actually sent this run, retries included
     retries: int = 0
     reasks: int = 0  # extra questions after unparseable, ambiguous or cut-off answers
     refits: int = 0  # documents asked again cut to fit the server's context
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # of the answers received this run (rows also count the ones replayed from the cache)
     completion_tokens: int = 0
     seconds: float = 0.0
     model: str = ""  # the model asked (as the server serves it)
@@ -245,7 +246,8 @@ class ScoreSummary:
 
     @property
     def docs_per_second(self) -> float:
-        return self.documents / self.seconds if self.seconds else 0.0
+        """Documents asked about per second: a resume's replayed ones take no time and would show 10x the rate."""
+        return (self.documents - self.replayed) / self.seconds if self.seconds else 0.0
 
 
 def failure_kind(reason: str) -> str:
@@ -354,11 +356,13 @@ class _Scorer:
         prompt_tokens = completion_tokens = None
         attempts = cut_off = 0
         refits = 0
+        asked = False
         while attempts <= self.max_reasks:
             if attempts < len(stored):
                 answer = stored[attempts][0]
                 s.cached_answers += 1
             else:
+                asked = True
                 prompt_text, _ = self.prompt.render(text, doc_chars)
                 try:
                     answer = await self.backend.complete(prompt_text)
@@ -375,6 +379,8 @@ class _Scorer:
                             continue
                     break
                 self.cache.add(doc["id"], text, attempts, answer, doc_chars)
+                s.prompt_tokens += answer.prompt_tokens or 0
+                s.completion_tokens += answer.completion_tokens or 0
             attempts += 1
             s.reasks += attempts > 1
             response, finish_reason = answer.text, answer.finish_reason
@@ -395,8 +401,7 @@ class _Scorer:
         truncated = doc_chars < len(text)
         s.documents += 1
         s.truncated += truncated
-        s.prompt_tokens += prompt_tokens or 0
-        s.completion_tokens += completion_tokens or 0
+        s.replayed += not asked
         if score is None:
             s.failed[failure_kind(error)] += 1
         else:
@@ -434,7 +439,8 @@ class _Scorer:
         room = asyncio.Condition()
         start = time.perf_counter()
         s = self.summary
-        done_before, scored_before = s.documents, s.scored  # by earlier calls (rounds of select="active")
+        # by earlier calls (rounds of select="active")
+        done_before, scored_before, replayed_before = s.documents, s.scored, s.replayed
 
         async def worker():
             nonlocal read, written
@@ -464,9 +470,12 @@ class _Scorer:
 
         def progress_line() -> str:
             (done, failed), seconds = counts(), time.perf_counter() - start
-            rate = done / seconds if seconds else 0.0
+            replayed = s.replayed - replayed_before
+            rate = (done - replayed) / seconds if seconds else 0.0  # what asking takes, not replaying the cache
             of = f"/{total:,}" if total is not None else ""
-            return f"scoring: {done:,}{of} documents, {failed:,} failed, {_rate(rate)} docs/s, {seconds:,.0f} s"
+            cached = f" ({replayed:,} replayed from the cache)" if replayed else ""
+            return (f"scoring: {done:,}{of} documents{cached}, {failed:,} failed, {_rate(rate)} docs/s, "
+                    f"{seconds:,.0f} s")
 
         async def report(update, every: float):  # a few times a second or every few seconds, never per request
             while True:
@@ -775,15 +784,16 @@ def print_summary(summary: ScoreSummary) -> None:
     table.add_row("truncated (--max-chars)", f"{summary.truncated:,}")
     if summary.refits:
         table.add_row("asked again cut to fit the context", f"{summary.refits:,}")
-    table.add_row("answers reused from cache", f"{summary.cached_answers:,}")
+    table.add_row("answers reused from cache", f"{summary.cached_answers:,}"
+                  + (f" ({summary.replayed:,} documents asked nothing)" if summary.replayed else ""))
     table.add_row("requests sent (retries)", f"{summary.requests:,} ({summary.retries:,})")
     for url, (answers, lost) in summary.servers.items():
         table.add_row(f"answers from {url}", f"{answers:,}" + (f" [yellow]({lost:,} tries unanswered)" if lost else ""))
     if summary.concurrency is not None:
         table.add_row("concurrency after timeouts", f"[yellow]backed off to {summary.concurrency}")
     table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")
-    table.add_row("tokens prompt / completion", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
-    table.add_row("time", f"{summary.seconds:.1f} s ({_rate(summary.docs_per_second)} docs/s)")
+    table.add_row("tokens prompt / completion (sent)", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
+    table.add_row("time", f"{summary.seconds:.1f} s ({_rate(summary.docs_per_second)} docs/s asked)")
     table.add_row("output", summary.output)
     table.add_row("cache", summary.cache)
     Console().print(table)

@@ -134,6 +134,9 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
     rows = read_jsonl(out)
     assert [r["score"] for r in rows] == [0, 1, 2, 3, 4, 5, 4, 2]
     assert rows[6]["attempts"] == 2 and rows[6]["response"].endswith("Educational score: 4")
+    # the rate and the tokens are of what was asked: 7 documents replayed took no time and cost no tokens
+    assert second.replayed == 7 and second.prompt_tokens == rows[7]["prompt_tokens"] > 0
+    assert second.docs_per_second == pytest.approx(1 / second.seconds)
 
     before = sum(server.requests.values())
     score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, **FAST)
@@ -147,6 +150,7 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
     again = score_documents([str(src)], out, base_url=server.base_url, model="m", temperature=0.3, top_p=1.0,
                             **FAST)
     assert again.requests == 0 and again.cached_answers == replayed.cached_answers + len(docs)
+    assert again.replayed == len(docs) and again.prompt_tokens == again.completion_tokens == again.docs_per_second == 0
 
 
 def test_one_input_path_may_be_given_alone(server, tmp_path):
