@@ -14,7 +14,7 @@ import importlib.util
 import random
 import re
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -599,13 +599,45 @@ async def managed_server(config) -> AsyncIterator[str]:
 
     server_class = {"vllm": VLLMServer, "sglang": SGLangServer, "custom": CustomServer}[config.server_type]
     server = server_class(config, rank=0)  # raises ImportError naming the missing package (vllm, sglang)
-    async with server:
-        try:
-            # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
-            await server._server_ready
-        except ServerError as e:
-            raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: {e}")
-        yield server.get_base_url() + "/v1"
+    with _servers_die_with_this_process():
+        async with server:
+            try:
+                # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
+                await server._server_ready
+            except ServerError as e:
+                raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: {e}")
+            yield server.get_base_url() + "/v1"
+
+
+@contextmanager
+def _servers_die_with_this_process():
+    """Servers datatrove starts in the block get SIGTERM when this process dies, however it dies (Linux): a run
+    killed with SIGKILL (the out-of-memory killer) left its vLLM holding the GPU, and the same command's vLLM then
+    could not start. datatrove starts them with asyncio.create_subprocess_exec, given a preexec_fn here."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    pr_set_pdeathsig = 1
+
+    def die_with_parent() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    started_by_asyncio = asyncio.create_subprocess_exec
+
+    async def create_subprocess_exec(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", die_with_parent)
+        return await started_by_asyncio(*args, **kwargs)
+
+    asyncio.create_subprocess_exec = create_subprocess_exec
+    try:
+        yield
+    finally:
+        asyncio.create_subprocess_exec = started_by_asyncio
 
 
 # --------------------------------------------------------------------------------------------------------------------

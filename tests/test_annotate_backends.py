@@ -232,10 +232,12 @@ def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
     assert summary.requests == 1 + 2 + 2 and summary.retries == 1
 
 
-def test_sigterm_stops_the_server_the_run_started(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
     """`kill`, `timeout` and supervisors send SIGTERM to the main process only: Python ended at once and the vLLM
     server it had started went on holding its GPU, its parent gone. Now the server is stopped and the run exits 143;
-    the same command goes on from the cached answers."""
+    the same command goes on from the cached answers. SIGKILL (the out-of-memory killer) gives the run no chance
+    to stop it: the server is told by the system that its parent died."""
     import os
     import signal
     import subprocess
@@ -256,11 +258,19 @@ def test_sigterm_stops_the_server_the_run_started(tmp_path):
         time.sleep(0.5)
     time.sleep(2)  # some answers in
     assert children and run.poll() is None
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(getattr(signal, stop))
     _, stderr = run.communicate(timeout=60)
-    assert run.returncode == 143, stderr[-2000:]
-    time.sleep(1)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert run.returncode == (143 if stop == "SIGTERM" else -signal.SIGKILL), stderr[-2000:]
+
+    def running(pid: int) -> bool:  # a zombie (ended, not yet reaped by its new parent) is not running
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in children if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert alive == [], subprocess.run(["ps", "-o", "pid,ppid,cmd", "-p", ",".join(map(str, alive))],
                                        capture_output=True, text=True).stdout
 
