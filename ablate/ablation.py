@@ -24,6 +24,7 @@ from edu_filter import provenance
 from edu_filter.ablate.cloze import load_cloze, score_cloze
 from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 from edu_filter.ablate.packing import (
+    FILE_ORDER,
     PACKING,
     iter_texts,
     packed_settings,
@@ -381,7 +382,7 @@ def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size:
         return tok
     if (out / "tokenizer" / "tokenizer.json").exists():  # a resumed ablation keeps its vocabulary
         return load_tokenizer(out / "tokenizer")
-    sample = mixed_sample([iter_texts(path, text_field) for path in datasets.values()], sample_chars)
+    sample = mixed_sample([iter_texts(path, text_field, spread=True) for path in datasets.values()], sample_chars)
     return train_tokenizer(sample, vocab_size, out / "tokenizer")
 
 
@@ -398,14 +399,17 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         source = packing_source(path, text_field)
         if option == "--eval":
             file = out / "tokens" / "eval" / f"{name}.bin"
-            made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window}
             sidecar = file.with_suffix(".source.json")
             recorded = _recorded_source(json.loads(sidecar.read_text()) if sidecar.exists() else None, path,
                                         text_field, source)
+            order = _file_order(recorded)
+            made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window,
+                       **({"file_order": order} if order else {})}
             if file.with_suffix(".json").exists() and recorded not in (None, made_of):
                 _refuse_or_repack(out, f"--eval {name}", recorded, made_of, trained)
             if not file.with_suffix(".json").exists() or recorded not in (None, made_of):
-                info = write_tokens(iter_texts(path, text_field), tok, file, cfg.eval_tokens + window)
+                info = write_tokens(iter_texts(path, text_field, spread=order is not None), tok, file,
+                                    cfg.eval_tokens + window)
                 sidecar.write_text(json.dumps(made_of))
                 if info.tokens < window:
                     raise InputError(f"--eval {name}={path}: {info.tokens} tokens, fewer than one sequence of "
@@ -414,8 +418,9 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             continue
         folder = out / "tokens" / name
         packed = read_packed(folder)
-        wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source)
         recorded = _recorded_source(packed_settings(folder), path, text_field, source)
+        order = _file_order(recorded if packed else _checkpoint_settings(folder))
+        wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source, order)
         if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
             _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
             packed = None
@@ -428,7 +433,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         else:
             _adopt_older_checkpoint(folder, path, text_field, source)
             train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
-                                             cfg.eval_tokens + window, text_field, source, show=rank == 0)
+                                             cfg.eval_tokens + window, text_field, source, order, show=rank == 0)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
@@ -509,6 +514,19 @@ def packing_source(path: str, text_field: str, documents: bool = True) -> str:
     return json.dumps({"input": found["fingerprint"] if found else str(path), "text_field": text_field})
 
 
+def _file_order(recorded: dict | None) -> str | None:
+    """The order to read an input's files in: FILE_ORDER, or by name (None) for token files or a packing checkpoint
+    an edu-filter from before recorded (a resumed ablation finishes what it started the way it started)."""
+    return None if recorded and "file_order" not in recorded else FILE_ORDER
+
+
+def _checkpoint_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / PACKING).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _adopt_older_checkpoint(folder: Path, path: str, text_field: str, source: str) -> None:
     """An unfinished packing checkpointed when a folder's fingerprint was of all its files goes on from there (see
     `_recorded_source`) instead of starting again."""
@@ -531,7 +549,7 @@ def _recorded_source(recorded: dict | None, path: str, text_field: str, source: 
 
 
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
-                        val_tokens: int, text_field: str, source: str, show: bool):
+                        val_tokens: int, text_field: str, source: str, file_order: str | None, show: bool):
     """`write_train_val` with a progress bar of the training tokens (10B take hours); a packing killed part-way
     resumes from its last checkpoint while `source` (`packing_source`: the input's fingerprint and text field) is
     unchanged."""
@@ -550,8 +568,9 @@ def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: i
             rate = f"({(train - first) / seconds:,.0f}/s)" if seconds > 1 else ""
             progress.update(task, completed=min(train, train_tokens), rate=rate)  # the last document runs over
 
-        return write_train_val(iter_texts(path, text_field), tok, folder, train_tokens, val_fraction, val_tokens,
-                               source=source, progress=update)
+        return write_train_val(iter_texts(path, text_field, spread=file_order is not None), tok, folder,
+                               train_tokens, val_fraction, val_tokens, source=source, progress=update,
+                               file_order=file_order)
 
 
 def _packed_infos(out: Path, datasets: dict) -> dict:

@@ -32,17 +32,37 @@ PACKED = "packed.json"  # the marker of a finished write_train_val, written last
 PACKING = "packing.json"  # where a write_train_val in progress has got to: its resume point
 CHECKPOINT_SECONDS = 60.0
 VAL_SPLIT = "blake2b-64 of the text modulo round(1 / val_fraction)"  # how it chose the held-out slice
+# the order an input's files are read in (`spread_files`), recorded with what was packed in it
+FILE_ORDER = "blake2b-64 of each file's path below the input"
 
 
-def iter_texts(paths: str | Iterable[str], text_field: str = "text") -> Iterator[str]:
-    """Stream the text of every document; a row without text raises DocumentError naming its file and line."""
-    for path in expand_paths([paths] if isinstance(paths, str) else paths):
+def iter_texts(paths: str | Iterable[str], text_field: str = "text", spread: bool = False) -> Iterator[str]:
+    """Stream the text of every document, its files in name order or, with `spread`, in `spread_files` order; a row
+    without text raises DocumentError naming its file and line."""
+    files = expand_paths([paths] if isinstance(paths, str) else paths)
+    for path in spread_files(files) if spread else files:
         for lineno, row in iter_raw_rows(path):
             text = row.get(text_field)
             if not isinstance(text, str):
                 what = "missing" if text is None else f"not a string ({type(text).__name__})"
                 raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
             yield text
+
+
+def spread_files(files: list[str]) -> list[str]:
+    """The files in an order that looks random and is the same on every read (FILE_ORDER): a budget that stops
+    reading early takes documents from files across the input. In name order it took the first files only: the
+    oldest dumps of a crawl laid out by date, while apply's kept/ files each hold some of every input file, so a
+    filtered arm and its unfiltered baseline differed in crawl period as well as in the filter."""
+    if len(files) < 2:
+        return list(files)
+    prefix = os.path.commonprefix(files)
+    prefix = prefix[: prefix.rfind("/") + 1]  # the folder they share: a moved input keeps its order
+
+    def key(path: str) -> bytes:
+        return hashlib.blake2b(path[len(prefix):].encode(), digest_size=8).digest()
+
+    return sorted(files, key=key)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -130,6 +150,7 @@ def write_train_val(
     source: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    file_order: str | None = None,
 ) -> tuple[TokenFileInfo, TokenFileInfo]:
     """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
 
@@ -146,7 +167,7 @@ def write_train_val(
     out_dir = Path(out_dir)
     (out_dir / PACKED).unlink(missing_ok=True)
     vocab = len(tokenizer)
-    settings = packing_settings(tokenizer, train_tokens, val_fraction, max_val_tokens, source)
+    settings = packing_settings(tokenizer, train_tokens, val_fraction, max_val_tokens, source, file_order)
     resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize) if source is not None else None
     if resume is None:  # another run's checkpoint must not outlive the files it described
         (out_dir / PACKING).unlink(missing_ok=True)
@@ -187,10 +208,12 @@ def write_train_val(
 
 
 def packing_settings(tokenizer, train_tokens: int, val_fraction: float, max_val_tokens: int,
-                     source: str | None) -> dict:
-    """What a packing is made of: a checkpoint resumes, and finished files are reused, only under the same."""
+                     source: str | None, file_order: str | None = None) -> dict:
+    """What a packing is made of: a checkpoint resumes, and finished files are reused, only under the same.
+    `file_order`: how the texts' files were ordered, when not by name (packings from before recorded none)."""
     return {"val_split": VAL_SPLIT, "tokenizer": tokenizer_key(tokenizer), "train_tokens": train_tokens,
-            "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source}
+            "val_fraction": val_fraction, "max_val_tokens": max_val_tokens, "source": source,
+            **({"file_order": file_order} if file_order else {})}
 
 
 def packed_settings(out_dir: str | Path) -> dict | None:

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edu_filter.documents import DocumentError, InputError
+from edu_filter.documents import DocumentError, InputError, write_documents
 from edu_filter.ablate.ablation import _prepare_tokens
 from edu_filter.ablate.packing import (
     PACKED,
@@ -412,3 +414,39 @@ def test_smollm_135m_shape_has_135m_parameters():
         model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, **cfg.model))
     n = sum(p.numel() for p in model.parameters())
     assert math.isclose(n, 134.5e6, rel_tol=0.01)
+
+
+def test_a_budget_read_early_takes_documents_from_across_the_input_files(tokenizer, tmp_path):
+    """A crawl laid out by date, read in name order, gave an arm the oldest dumps only (apply's kept/ files each hold
+    some of every input file, so the filtered arm did not): files are read in a fixed order that looks random. Token
+    files packed by an edu-filter from before (no order recorded) are still taken."""
+    from edu_filter.ablate.packing import FILE_ORDER, spread_files
+
+    texts = [t for t, _ in zip(iter_texts(str(WEB)), range(80))]
+    data = tmp_path / "crawl"
+    for k in range(16):  # 16 dumps, 5 documents each, each document saying which dump it is from
+        (data / f"CC-MAIN-{2013 + k}").mkdir(parents=True)
+        write_documents([{"text": f"dump{k:02d} {t}"} for t in texts[5 * k:5 * (k + 1)]],
+                        data / f"CC-MAIN-{2013 + k}" / "000_00000.jsonl")
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=12_000)
+    out = tmp_path / "ablation"
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
+    tokens = np.fromfile(out / "tokens/web/train.bin", dtype=np.uint16)
+    read = sorted({int(m) for m in re.findall(r"dump(\d\d)", tokenizer.decode(tokens))})
+    assert 2 <= len(read) <= 8 and max(read) >= 8, read  # in name order: dumps 0, 1, 2, ... only
+    files = sorted(str(p) for p in data.rglob("*.jsonl"))
+    order = [int(f.split("CC-MAIN-")[1][:4]) - 2013 for f in spread_files(files)]
+    assert read == sorted(order[:len(read)])
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)  # the same files in another folder: the same order
+    assert [Path(f).parent.name for f in spread_files(sorted(str(p) for p in moved.rglob("*.jsonl")))] == [
+        f"CC-MAIN-{2013 + k}" for k in order]
+
+    record = out / "tokens/web" / PACKED
+    packed = json.loads(record.read_text())
+    assert packed["settings"]["file_order"] == FILE_ORDER
+    del packed["settings"]["file_order"]  # as an edu-filter from before recorded it: in name order, taken as such
+    record.write_text(json.dumps(packed))
+    (out / "runs").mkdir()
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
+    assert json.loads(record.read_text()) == packed
