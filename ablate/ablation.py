@@ -227,7 +227,7 @@ def ablate(
     if report["comparison"]:
         console.print(f"[bold]verdict:[/] {report['comparison']['summary']}", soft_wrap=True)
     for name, r in runs.items():
-        if r["train_epochs"] > 1.05:
+        if r["train_epochs"] > 1.0:
             console.print(f"[yellow]note: '{name}' was repeated {r['train_epochs']:.1f} times to fill the budget; "
                           "repeated data weakens the comparison (give more documents or fewer --tokens)")
     console.print(f"report: {out / 'report.json'}")
@@ -349,6 +349,10 @@ def write_report_md(out: Path, report: dict) -> Path:
         "|---|" + "---|" * len(eval_names),
         *[f"| {name} | " + " | ".join(cell(r, n) for n in eval_names) + " |" for name, r in runs.items()],
         "",
+        "Passes over each run's own training data (above 1: its documents were repeated to fill the budget, which "
+        "favours it less than new documents would): " + ", ".join(f"{name} {r['train_epochs']:.2f}"
+                                                                   for name, r in runs.items()) + ".",
+        "",
     ]
     if comparison:
         lines += [
@@ -438,6 +442,13 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
                                  f"{window}; give more documents")
+        if train.tokens < cfg.tokens + window:  # said now, not when the training of every run has ended
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]warning: --data {name} holds {train.tokens:,} training tokens, fewer than the {cfg.tokens:,} "
+                f"each run trains on: its run repeats them about {cfg.tokens / train.tokens:.2f} times, which "
+                "weakens the comparison (give more documents or fewer --tokens)[/]", soft_wrap=True)
         holds_saved_work(folder)
 
 

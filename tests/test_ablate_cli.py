@@ -77,6 +77,10 @@ def test_report_plots_and_table_are_written(ablation):
     rows = [line for line in output.splitlines() if line.startswith("│")]
     assert any(line.startswith("│ edu ") for line in rows) and any(line.startswith("│ all ") for line in rows)
     assert f"report: {out / 'report.json'}" in output.replace("\n", "")
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    said = re.search(r"Passes over each run's own training data .*: edu ([\d.]+), all ([\d.]+)\.",
+                     (out / "report.md").read_text())
+    assert said and [float(v) for v in said.groups()] == [round(runs[n]["train_epochs"], 2) for n in ("edu", "all")]
 
 
 def test_every_run_uses_the_one_ablation_tokenizer(ablation):

@@ -450,3 +450,15 @@ def test_a_budget_read_early_takes_documents_from_across_the_input_files(tokeniz
     (out / "runs").mkdir()
     _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
     assert json.loads(record.read_text()) == packed
+
+
+def test_an_input_short_of_the_budget_is_said_when_it_is_packed(tokenizer, tmp_path, capsys):
+    """Its run repeats its documents to fill the budget: said days before the report, when nothing can change."""
+    small = tmp_path / "small.jsonl"
+    write_documents([{"text": t} for t, _ in zip(iter_texts(str(WEB)), range(12))], small)
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
+    _prepare_tokens(tmp_path / "out", tokenizer, {"small": str(small), "web": str(WEB)}, {}, cfg, "text", 0.1)
+    said = " ".join(capsys.readouterr().err.split())
+    assert re.search(r"warning: --data small holds [\d,]+ training tokens, fewer than the 20,000 each run trains on: "
+                     r"its run repeats them about [\d.]+ times", said), said
+    assert "--data web" not in said
