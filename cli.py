@@ -360,7 +360,8 @@ def ablate(
     vocab_size: Optional[int] = typer.Option(None, help="Vocabulary of the trained BPE (default: from the preset)."),
     text_field: str = typer.Option("text"),
     val_fraction: float = typer.Option(0.05, help="Share of each dataset's documents held out for its validation "
-                                       "loss (picked by a hash of the text: the same documents in every dataset)."),
+                                       "loss, 1/N: one document in N, picked by a hash of the text (the same "
+                                       "documents in every dataset)."),
     humaneval: bool = typer.Option(False, help="Score HumanEval pass@1 after each run (for code data)."),
     humaneval_limit: Optional[int] = typer.Option(None, help="Only the first N HumanEval problems."),
     cloze: Optional[list[str]] = typer.Option(None, metavar="<name=path>",

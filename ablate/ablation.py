@@ -120,6 +120,11 @@ def ablate(
                          else f"--humaneval-limit must be >= 1, got {humaneval_limit}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    every = round(1 / val_fraction)  # the held-out slice is one document in `every` (`is_held_out`)
+    if abs(1 / val_fraction - every) > 0.01 * every:
+        nearest = [n for n in sorted({math.floor(1 / val_fraction), math.ceil(1 / val_fraction)}) if n >= 2]
+        raise InputError(f"--val-fraction {val_fraction}: the held-out slice is one document in N, so give 1/N "
+                         f"(the nearest: {', '.join(f'{1 / n:.4g} holds out one in {n}' for n in nearest)})")
     compare = comparison_set(datasets, references, compare_on)
     check_writable_output(output, "-o/--output")
     run_seeds = [seed + k for k in range(seeds)]

@@ -320,6 +320,10 @@ def test_ablate_refuses_bad_evaluation_inputs_and_overrides_before_any_work(file
                            ("hidden_size=1.5", "hidden_size takes a whole number"),
                            ("batch_tokens=1000", "is not a multiple of micro_batch_size")):
         refused([*base, "--override", override], said, absent=(out.parent,))
+    # one document in round(1/f) is held out: 0.4 held out half, anything from 0.67 up every document
+    refused([*base, "--val-fraction", "0.4"], "--val-fraction 0.4: the held-out slice is one document in N, so give "
+            "1/N (the nearest: 0.5 holds out one in 2, 0.3333 holds out one in 3)", absent=(out.parent,))
+    refused([*base, "--val-fraction", "0.7"], "(the nearest: 0.5 holds out one in 2)", absent=(out.parent,))
 
 
 def test_score_options_this_run_would_not_read_are_refused(files):
