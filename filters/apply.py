@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edu_filter.documents import (
@@ -436,9 +436,11 @@ class Stage:
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
                  provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
-                 units: list[tuple[int, int | None, int, int]] | None = None) -> list[Stage]:
+                 units: list[tuple[int, int | None, int, int]] | None = None, on_gpu: bool = True) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
-    every pass over them checks `input_fingerprints` (`run_record`'s) first."""
+    every pass over them checks `input_fingerprints` (`run_record`'s) first. Without `on_gpu` the scorer is told to
+    use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not hide them from a task asking
+    none, nor Slurm without device constraints), and would load a model onto a GPU another job holds."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
@@ -497,7 +499,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     def scoring(stage: str) -> list:
         scorer = [EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                      long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task),
+                                      long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task,
+                                      device=None if on_gpu else "cpu"),
                   ScoreSummaryWriter(f"{out}/{SUMMARY_FOLDER}")]  # what `sweep` reads instead of the documents
         if cfg.keep_top is not None:  # selection waits for every task's scores
             return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
@@ -679,6 +682,8 @@ def run_apply(
     if executor == "ray":  # connected before the order is chosen: it depends on whether the cluster has GPUs
         ex.connect_ray(ray, verbose=verbose)
     on_gpu = ex.scoring_on_gpu(executor, slurm, ray)
+    if executor == "ray" and ray.gpus is None:  # decided once: a GPU node idle through a dedup-first MinHash may be
+        ray = replace(ray, gpus=int(on_gpu))     # scaled away before the scoring stage asks again
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
@@ -693,7 +698,8 @@ def run_apply(
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split or None)
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
-                          provenance_inputs=used, input_fingerprints=record["input_files"], units=units)
+                          provenance_inputs=used, input_fingerprints=record["input_files"], units=units,
+                          on_gpu=on_gpu)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = "scoring is cheaper than MinHash here" if cfg.order == "score-first" else "the classifier is the costly step"

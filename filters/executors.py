@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -443,11 +443,21 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         return state
 
 
-def ray_lost_worker(errors: dict[int, BaseException], missing: list[int]) -> str | None:
+def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
+                    logged: Callable[[int], bool] = lambda rank: True) -> str | None:
     """Why Ray lost a task that did not complete, and what to do, when it was Ray's doing (its memory monitor, a lost
-    node), not the task's own exception (whose traceback is in the task log)."""
+    node), or when the task failed before its log (`logged(rank)`) was written: its arguments did not load on the
+    worker (edu-filter or a library missing or of another version on that node), its log could not be opened. A
+    task's own exception otherwise has its traceback in the task log."""
     from ray.exceptions import OutOfMemoryError, RayTaskError
 
+    for rank in missing:
+        error = errors.get(rank)
+        if isinstance(error, RayTaskError) and not logged(rank):
+            last = next((ln.strip() for ln in reversed(str(error).splitlines()) if ln.strip()), type(error).__name__)
+            return (f"task {rank} failed on its Ray worker before its log was written ({last[-300:]}): every node "
+                    "of the cluster needs edu-filter and its libraries installed as on this one, and a writable "
+                    "temporary folder; the full error is in apply.log")
     for rank in missing:
         error = errors.get(rank)
         if error is None or isinstance(error, RayTaskError):
@@ -538,8 +548,13 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                         ex.run()
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks)) from e
-                    if missing := ex.get_incomplete_ranks(skip_completed=True):
-                        lost = ray_lost_worker(ex.task_errors, missing) if isinstance(ex, WatchedRayExecutor) else None
+                    missing = ex.get_incomplete_ranks(skip_completed=True)
+                    if missing and isinstance(ex, WatchedRayExecutor) and not set(missing) & set(ex.task_errors):
+                        # every task returned: completion files written on other nodes may show late here
+                        missing = after_listing_grace(lambda: ex.get_incomplete_ranks(skip_completed=True))
+                    if missing:
+                        lost = ray_lost_worker(ex.task_errors, missing, lambda rank: task_log(
+                            out, stage.name, rank).is_file()) if isinstance(ex, WatchedRayExecutor) else None
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks, lost=lost))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.append(e)
@@ -547,8 +562,12 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
         worker = threading.Thread(target=run_all, name="edu-filter-apply", daemon=True)
         with ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
             worker.start()
+            started, read = time.monotonic(), -math.inf
             while worker.is_alive():
-                display.refresh()
+                # a Ray run's progress files are on a shared filesystem: read as often as a Slurm chain's
+                if executor != "ray" or time.monotonic() - read >= progress_interval(time.monotonic() - started):
+                    display.refresh()
+                    read = time.monotonic()
                 worker.join(POLL_S)
                 if watched and worker.is_alive() and (rank := killed_task(logs, watched[0])) is not None:
                     # a task that raised ends datatrove's pool, which kills the other tasks mid-run: that failure
@@ -1072,6 +1091,18 @@ def ended_job_states(job_ids: list[str]) -> set[str] | None:
             states |= {field.split("=", 1)[1] for line in res.stdout.splitlines() for field in line.split()
                        if field.startswith("JobState=")}
     return states or None
+
+
+def after_listing_grace(missing: Callable[[], list], grace: float = COMPLETED_GRACE_S, every: float = 5.0) -> list:
+    """`missing()` (completion files not seen) asked again until it is empty or `grace` seconds have passed: files
+    another node wrote may be listed late on a shared filesystem (NFS caches listings and failed lookups for up to a
+    minute). Waits only where something is missing."""
+    deadline = time.monotonic() + grace
+    left = missing()
+    while left and time.monotonic() < deadline:
+        time.sleep(every)
+        left = missing()
+    return left
 
 
 def gone_failed(waited: float, ended: set[str] | None) -> bool:

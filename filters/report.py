@@ -118,7 +118,10 @@ class WriteApplyStats(PipelineStep):
         if data:
             yield from data
         out = get_datafolder(self.output_folder)
-        incomplete = incomplete_stages(self.output_folder)
+        from edu_filter.filters.executors import after_listing_grace
+
+        # the last tasks finished on other nodes a moment ago: their completion files may show here late
+        incomplete = after_listing_grace(lambda: incomplete_stages(self.output_folder))
         if incomplete:
             raise RuntimeError(
                 f"stage(s) {', '.join(incomplete)} did not complete, yet the report stage ran (a Slurm array job "

@@ -259,6 +259,14 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
                                       "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
+    assert scorer_of(tmp_path / "out" / "logs" / "score").device is None  # its GPU, or the GPUs Slurm lets it see
+
+
+def scorer_of(stage_logs: Path):
+    import dill
+
+    with open(stage_logs / "executor.pik", "rb") as fh:
+        return next(s for s in dill.load(fh).pipeline if type(s).__name__ == "EduClassifierScorer")
 
 
 def test_a_stage_over_the_array_limit_is_array_jobs_of_one_size(stock_classifier, tmp_path):
@@ -273,6 +281,8 @@ def test_a_stage_over_the_array_limit_is_array_jobs_of_one_size(stock_classifier
               tasks=12, dedup=False, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, max_array_size=5))
     [script] = (tmp_path / "out" / "slurm").glob("*_filter.slurm")
     assert "#SBATCH --array=0-3\n" in script.read_text()
+    # no GPU asked: told to score on CPUs, where a cluster without device constraints shows a task every GPU
+    assert scorer_of(tmp_path / "out" / "logs" / "filter").device == "cpu"
     submit = (tmp_path / "out" / "slurm" / "submit.sh").read_text()
     offsets = [line.split("RUN_OFFSET=")[1].split()[0] for line in submit.splitlines() if "_filter.slurm" in line]
     assert offsets == ["0", "1", "2"]

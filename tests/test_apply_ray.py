@@ -207,3 +207,41 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
                                   for log in logs)  # what the Ray workers really did
     # without --workers no throttle: Ray runs every task the cluster has the resources for
     assert all(e["workers"] == e["tasks"] for e in executors.values())
+
+
+DRIVER_ONLY_STEP = '''
+from datatrove.pipeline.base import PipelineStep
+
+
+class DriverOnlyStep(PipelineStep):
+    name = "driver only"
+
+    def run(self, data=None, rank=0, world_size=1):
+        yield from data or []
+'''
+
+DRIVER = '''
+import sys
+sys.path.insert(0, sys.argv[2])  # the driver's environment only: a module the workers lack
+from rich.console import Console
+from onlyhere_step import DriverOnlyStep
+from edu_filter.filters.apply import RayOptions, Stage
+from edu_filter.filters.executors import connect_ray, run_here
+connect_ray(RayOptions())
+run_here([Stage("filter", [DriverOnlyStep()], 2)], sys.argv[1], "ray", None, Console(stderr=True))
+'''
+
+
+@pytest.mark.slow
+def test_a_ray_task_failing_before_its_log_exists_says_why(tmp_path):
+    """A worker node without edu-filter (or with another version of a library) fails the task as it loads its
+    arguments, before the task log is opened: the stage said only "log: task_00000.log", a file that never existed."""
+    (tmp_path / "driveronly").mkdir()
+    (tmp_path / "driveronly" / "onlyhere_step.py").write_text(DRIVER_ONLY_STEP)
+    run = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "out"), str(tmp_path / "driveronly")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    said = run.stderr.strip().splitlines()[-1]
+    assert re.search(r"stage filter failed \(2/2 tasks did not complete: 0, 1\): task \d failed on its Ray worker "
+                     r"before its log was written \(ModuleNotFoundError: No module named 'onlyhere_step'\): every "
+                     r"node of the cluster needs edu-filter", said), run.stderr[-3000:]

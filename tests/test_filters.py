@@ -395,3 +395,26 @@ def test_a_resume_may_change_the_scoring_batch_size_but_not_what_decides_the_out
     assert _what_changed(record, {**record, "settings": {"batch_size": None, "threshold": 3.0}}) == ""
     assert "threshold (3.0 -> 2.0)" in _what_changed(record, {**record, "settings": {"batch_size": 32,
                                                                                         "threshold": 2.0}})
+
+
+def test_completion_files_listed_late_are_waited_for_and_missing_ones_are_not_waited_for_longer(tmp_path):
+    """A shared filesystem may list another node's completion files up to a minute late: a stage whose tasks all
+    returned was called failed (Ray), and the report stage refused to run (any engine)."""
+    import threading
+    import time
+
+    from edu_filter.filters.executors import after_listing_grace
+
+    done = tmp_path / "completions"
+    done.mkdir()
+
+    def missing():
+        return [r for r in range(3) if not (done / f"{r:05d}").exists()]
+
+    (done / "00000").touch()
+    threading.Timer(0.3, lambda: [(done / f"{r:05d}").touch() for r in (1, 2)]).start()
+    assert after_listing_grace(missing, grace=30, every=0.05) == []
+    (done / "00002").unlink()
+    started = time.monotonic()
+    assert after_listing_grace(missing, grace=0.3, every=0.05) == [2]
+    assert 0.3 <= time.monotonic() - started < 5
