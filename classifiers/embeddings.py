@@ -96,13 +96,52 @@ EMBED_BLOCK = 1024  # texts embedded, then stored, at a time
 CACHE_REPORT_BYTES = 1 << 30  # after computing vectors, a cache past this size says where it is and how big
 
 
+def available_memory() -> int:
+    """Bytes of memory the system says it can give without swapping (MemAvailable), or all of it where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def result_array(rows: int, dims: int, folder: Path, in_memory_bytes: int) -> np.ndarray:
+    """A float32 rows x dims array: in memory up to `in_memory_bytes`, else mapped from a file in `folder` that no
+    name points to (gone when the process ends, however it ends), its space reserved first: a pool of 1M documents
+    at 4608 dimensions is 17 GB of vectors, 10M 172 GB, which the page cache then holds as far as memory allows."""
+    nbytes = rows * dims * 4
+    if nbytes <= in_memory_bytes:
+        return np.empty((rows, dims), dtype=np.float32)
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spill = tempfile.TemporaryFile(dir=folder, prefix="embeddings-")
+    try:
+        os.posix_fallocate(spill.fileno(), 0, nbytes)  # a full disk now, not a SIGBUS when a page is written
+    except OSError as e:
+        spill.close()
+        raise OSError(e.errno, f"{nbytes / 2**30:.1f} GB of embeddings do not fit in memory ({in_memory_bytes / 2**30:.1f} "
+                               f"GB free) nor on the disk of {folder} ({e.strerror}): give a smaller pool, or "
+                               "--cache-dir / EDU_FILTER_CACHE on a larger disk") from None
+    print(f"embeddings: {nbytes / 2**30:.1f} GB, more than half the free memory: mapped from a file on the disk of "
+          f"{folder}, removed when the run ends", file=sys.stderr, flush=True)
+    return np.memmap(spill, dtype=np.float32, mode="w+", shape=(rows, dims))
+
+
 def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCache | None,
-                      block: int = EMBED_BLOCK) -> np.ndarray:
+                      block: int = EMBED_BLOCK, in_memory_bytes: int | None = None) -> np.ndarray:
     """scorer.embed(texts) as float32, reading what the cache has and computing only the rest, `block` texts at a
     time: each block's vectors are stored as soon as they exist, so memory beyond the result stays one block's worth
-    (the tokenizer's ids, the encoder's float64 outputs) and a run killed after hours keeps every finished block."""
+    (the tokenizer's ids, the encoder's float64 outputs) and a run killed after hours keeps every finished block.
+    A result over `in_memory_bytes` (default: half the free memory) is mapped from a file beside the cache."""
     if not texts:
         return scorer.embed([])[0].astype(np.float32)
+    if in_memory_bytes is None:
+        in_memory_bytes = available_memory() // 2
+    spill_folder = cache.path.parent if cache is not None else DEFAULT_CACHE_DIR
     hashes = [text_hash(t) for t in texts]
     positions: dict[str, list[int]] = {}
     for i, h in enumerate(hashes):
@@ -113,7 +152,7 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
         nonlocal out
         for h, v in vectors.items():
             if out is None:
-                out = np.empty((len(texts), len(v)), dtype=np.float32)
+                out = result_array(len(texts), len(v), spill_folder, in_memory_bytes)
             out[positions[h]] = v
 
     from edu_filter.classifiers.scorer import progress_bar

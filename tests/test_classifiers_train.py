@@ -261,6 +261,34 @@ def test_cached_vectors_are_placed_a_part_at_a_time(tmp_path):
     assert peak < 1.3 * out.nbytes, peak / out.nbytes
 
 
+def test_embeddings_past_the_free_memory_are_mapped_from_a_file_that_vanishes_with_the_process(tmp_path, capsys):
+    """A pool of 1M documents held 17 GB of vectors in memory (10M: 172 GB) before `score --select active` chose
+    anything: past half the free memory they are mapped from an unnamed file beside the cache, the same values."""
+    import subprocess
+    import sys
+
+    from edu_filter.classifiers import embeddings
+
+    texts = [f"document {i}" for i in range(3000)]
+    vectors = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
+    cache = embeddings.EmbeddingCache(tmp_path)
+    cache.put("k", {embeddings.text_hash(t): v for t, v in zip(texts, vectors)})
+    mapped = embeddings.cached_embeddings(None, texts, "k", cache, in_memory_bytes=vectors.nbytes - 1)
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, vectors)
+    assert "embeddings: 0.0 GB, more than half the free memory: mapped from a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.sqlite"]  # no name left behind
+    held = embeddings.cached_embeddings(None, texts, "k", cache, in_memory_bytes=vectors.nbytes)
+    assert not isinstance(held, np.memmap) and np.array_equal(held, vectors)
+    with pytest.raises(OSError, match="do not fit in memory .* nor on the disk of"):
+        embeddings.result_array(10**9, 10**6, tmp_path, 0)  # 4 PB
+    # killed with the file mapped: nothing is left on the disk
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, numpy as np; from pathlib import Path; "
+                             "from edu_filter.classifiers.embeddings import result_array; "
+                             f"x = result_array(1000, 384, Path({str(tmp_path / 'spill')!r}), 0); x[:] = 1; "
+                             "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True)
+    assert killed.returncode == -9 and list((tmp_path / "spill").iterdir()) == [], killed.stderr
+
+
 def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_them(minilm_path):
     """Pooling each layer as its block returns gives exactly what pooling the encoder's own hidden states gives
     (embeddings, middle layers, the top; padded rows and an unpadded batch), and leaves no hook behind, even when the
