@@ -596,6 +596,10 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
     return [r for r in rows if "label" in r], dict(reasons)
 
 
+NESTED_SAMPLER = "nested-1"  # `sample_documents`: a larger sample holds every smaller one of the same seed
+LEGACY_SAMPLER = "reservoir-or-random.sample"  # before: a larger sample kept 3% of a smaller one (JSONL)
+
+
 def sample_documents(
     paths: Iterable[str | os.PathLike],
     n: int,
@@ -603,29 +607,57 @@ def sample_documents(
     text_field: str = "text",
     id_field: str = "id",
     show_progress: bool = False,
+    sampler: str = NESTED_SAMPLER,
 ) -> list[tuple[int, dict]]:
     """A uniform random sample of `n` documents as (position in the input, document), in input order.
 
     When every input is Parquet (local files, or a hub dataset stored as Parquet) the row counts come from the
     files' footers and only the row groups holding the chosen rows are read: sampling 100,000 documents from
-    FineWeb reads what holds them, not the whole corpus. Otherwise reservoir sampling over the stream of documents:
-    every row is read and checked, and only the sample is held. The same input and seed give the same sample."""
+    FineWeb reads what holds them, not the whole corpus. Otherwise every row is read and checked, and only the
+    sample is held. The same input and seed give the same sample, and a larger `n` a sample holding it (a budget
+    grown from 100k to 200k annotations reuses the 100k answers): the first `n` distinct positions of a seeded
+    stream of draws (Parquet), the `n` rows of lowest seeded hash of their position (a stream). `sampler`
+    LEGACY_SAMPLER draws as edu-filter did before (reservoir sampling, `random.sample`), for a run it resumes."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
-    paths = path_list(paths)  # read twice: once for the footers, again by the reservoir
+    paths = path_list(paths)  # read twice: once for the footers, again by the stream
     parts = parquet_parts(paths, show_progress)
     if parts is not None:
-        return _sample_parquet(parts, n, seed, text_field, id_field, show_progress)
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, dict]] = []
-    for i, doc in enumerate(iter_documents(paths, text_field, id_field)):
-        if i < n:
-            reservoir.append((i, doc))
-        else:
-            j = rng.randrange(i + 1)
-            if j < n:
-                reservoir[j] = (i, doc)
-    return sorted(reservoir, key=lambda item: item[0])
+        return _sample_parquet(parts, n, seed, text_field, id_field, show_progress, sampler)
+    documents = enumerate(iter_documents(paths, text_field, id_field))
+    if sampler == LEGACY_SAMPLER:
+        rng = random.Random(seed)
+        reservoir: list[tuple[int, dict]] = []
+        for i, doc in documents:
+            if i < n:
+                reservoir.append((i, doc))
+            else:
+                j = rng.randrange(i + 1)
+                if j < n:
+                    reservoir[j] = (i, doc)
+        return sorted(reservoir, key=lambda item: item[0])
+    import heapq
+
+    salt = seed.to_bytes(8, "little", signed=True)
+    lowest: list[tuple[int, int, dict]] = []  # (-key, position, document): the n lowest keys, the highest on top
+    for i, doc in documents:
+        key = int.from_bytes(hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8, key=salt).digest(), "little")
+        if len(lowest) < n:
+            heapq.heappush(lowest, (-key, i, doc))
+        elif n and -key > lowest[0][0]:
+            heapq.heapreplace(lowest, (-key, i, doc))
+    return sorted(((i, doc) for _, i, doc in lowest), key=lambda item: item[0])
+
+
+def nested_positions(total: int, n: int, seed: int) -> list[int]:
+    """`n` distinct positions below `total`, uniformly chosen: the first `n` distinct values of a seeded stream of
+    draws, so a larger `n` continues the same stream and holds every smaller sample. Memory: the sample."""
+    if n >= total:
+        return list(range(total))
+    rng, chosen = random.Random(seed), {}
+    while len(chosen) < n:
+        chosen.setdefault(rng.randrange(total), None)
+    return list(chosen)
 
 
 PARQUET_THREADS = 16  # files are read in parallel: on the hub a footer or a row group is a few HTTP range requests
@@ -701,7 +733,7 @@ def count_documents(paths: Iterable[str | os.PathLike]) -> int | None:
 
 
 def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str, id_field: str,
-                    show_progress: bool) -> list[tuple[int, dict]]:
+                    show_progress: bool, sampler: str = NESTED_SAMPLER) -> list[tuple[int, dict]]:
     """`n` uniform positions among all rows; then each file holding some is opened once and only the row groups
     holding them are read (files in parallel)."""
     import bisect
@@ -709,7 +741,8 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
     sources = list(dict.fromkeys(part.source for part in parts))
     id_names = dict(zip(sources, default_id_names(sources)))
     starts = list(itertools.accumulate((part.rows for part in parts), initial=0))
-    chosen = sorted(random.Random(seed).sample(range(starts[-1]), min(n, starts[-1])))
+    chosen = sorted(random.Random(seed).sample(range(starts[-1]), min(n, starts[-1])) if sampler == LEGACY_SAMPLER
+                    else nested_positions(starts[-1], n, seed))
     wanted: dict[int, list[int]] = {}  # part -> its chosen positions, in order
     for position in chosen:
         wanted.setdefault(bisect.bisect_right(starts, position) - 1, []).append(position)

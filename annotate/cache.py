@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from edu_filter.documents import text_hash
+from edu_filter.documents import LEGACY_SAMPLER, text_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -61,7 +61,12 @@ CREATE TABLE IF NOT EXISTS selection_pools (
     selection_key TEXT PRIMARY KEY,
     pool TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS facts (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+SAMPLER = "sampler"  # fact: how `score --sample` drew the documents whose answers the cache holds
 # Columns added after the first release; caches written before get them on open. Their answers have no text_hash:
 # nothing says which text they were given, so they are never replayed (asked again once rather than risk a wrong score).
 _ADDED_COLUMNS = {"finish_reason": "TEXT", "model": "TEXT", "doc_chars": "INTEGER", "text_hash": "TEXT"}
@@ -133,6 +138,10 @@ class AnswerCache:
             self._db.close()
             self._db = None
 
+    def record_fact(self, name: str, value: str) -> None:
+        """Something about the runs this cache serves that a later run must know (the sampler); the first kept."""
+        self._db.execute("INSERT OR IGNORE INTO facts VALUES (?, ?)", (name, value))
+
     def answers(self, doc_id: str, text: str) -> list[tuple[Answer, int | None]]:
         """Stored (answer, characters of the document in its prompt) of one document for this run, in the order
         they were received; only answers to this very text (another version of the document is asked again)."""
@@ -200,3 +209,26 @@ class AnswerCache:
             [(selection_key, round_index, doc_id, float(p)) for doc_id, p in drawn],
         )
         self.commit()
+
+
+def recorded_sampler(path: str | Path) -> str | None:
+    """How the runs served by the cache at `path` drew their `--sample`: the sampler it records; LEGACY_SAMPLER for
+    a cache holding answers from an edu-filter that recorded none (a resumed run must draw the sample it was
+    answering); None for no cache or one without answers."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "facts" in tables:
+                row = db.execute("SELECT value FROM facts WHERE name = ?", (SAMPLER,)).fetchone()
+                if row:
+                    return row[0]
+            holds = "answers" in tables and db.execute("SELECT 1 FROM answers LIMIT 1").fetchone() is not None
+            return LEGACY_SAMPLER if holds else None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None

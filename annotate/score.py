@@ -46,11 +46,13 @@ from edu_filter.annotate.active import (
     DEFAULT_ROUNDS, ActiveAnnotation, pool_fingerprint, refuse_another_pool, round_sizes, selection_key,
     selection_settings,
 )
-from edu_filter.annotate.cache import AnswerCache, recorded_selection_pool, run_key
+from edu_filter.annotate.cache import SAMPLER, AnswerCache, recorded_sampler, recorded_selection_pool, run_key
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
 from edu_filter.annotate.prompts import BUNDLED, Prompt, load_prompt
 from edu_filter import provenance
 from edu_filter.documents import (
+    LEGACY_SAMPLER,
+    NESTED_SAMPLER,
     DocumentError,
     InputError,
     check_model_name,
@@ -307,7 +309,7 @@ def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict
 
 
 def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int,
-                   show_progress: bool = False) -> list[dict]:
+                   show_progress: bool = False, sampler: str = NESTED_SAMPLER) -> list[dict]:
     """The documents to score, ids checked (`unique_ids`); with `sample`, a reproducible uniform sample
     (`sample_documents`: of Parquet only the row groups holding it are read, other input streams)."""
     if sample is None:
@@ -316,7 +318,7 @@ def load_documents(inputs, text_field: str, id_field: str, sample: int | None, s
         if sample < 1:
             raise ValueError("--sample must be a positive number of documents")
         numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field,
-                                    show_progress=show_progress)
+                                    show_progress=show_progress, sampler=sampler)
     return [doc for _, doc in unique_ids(numbered)]
 
 
@@ -577,6 +579,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
+        if cfg.sample is not None and active is None:  # what a later --sample run on this cache must draw with
+            cache.record_fact(SAMPLER, recorded_sampler(cache_path) or NESTED_SAMPLER)
         holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them
         scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
@@ -721,7 +725,14 @@ def score_documents(
         total = len(docs)
         active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
     elif cfg.sample is not None:
-        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed, cfg.show_progress)
+        # the cache's answers were to a sample drawn the older way: a resumed run draws that sample again
+        sampler = recorded_sampler(cache_path) or NESTED_SAMPLER
+        if sampler == LEGACY_SAMPLER and cfg.show_progress:
+            print(f"note: {cache_path} holds answers from an edu-filter that drew samples another way; this run "
+                  "draws its sample that way too (another --cache draws samples that a larger --sample keeps)",
+                  file=sys.stderr, flush=True)
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed, cfg.show_progress,
+                              sampler=sampler)
         total = len(docs)
     else:
         docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)

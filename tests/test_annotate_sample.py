@@ -178,3 +178,52 @@ def test_score_sample_streams_a_large_input(tmp_path):
     ids = [row["id"] for row in rows]
     assert len(ids) == 1_000 and ids == sorted(set(ids)) and all(row["score"] == 2 for row in rows)
     assert input_mib > 280 and peaks["big"] - peaks["small"] < 100 and peaks["big"] < 500, (input_mib, peaks)
+
+
+def test_a_larger_sample_holds_every_smaller_one_of_the_same_seed(tmp_path):
+    """Growing --sample from 1,000 to 5,000 kept 33 of the first 1,000 documents of a JSONL input (reservoir
+    sampling), and a Parquet input lost some at sizes where Python's random.sample changes its algorithm: answers
+    paid for were left unused. Both samplers now give nested samples."""
+    src = write_rows(tmp_path / "docs.jsonl", 10_000)
+    files = [write_parquet(tmp_path / f"part-{k}.parquet", 20_000 * k, 20_000, 1000) for k in range(3)]
+    for paths, sizes in (([str(src)], (10, 1_000, 5_000)), (files, (300, 20_000, 40_000))):
+        samples = [{p for p, _ in sample_documents(paths, n, seed=3)} for n in sizes]
+        assert [len(s) for s in samples] == list(sizes)
+        assert samples[0] <= samples[1] <= samples[2]
+        assert samples[1] != {p for p, _ in sample_documents(paths, sizes[1], seed=4)}
+
+
+def test_a_run_answering_a_sample_drawn_the_older_way_resumes_with_that_sample(tmp_path):
+    """A cache holding answers of an edu-filter from before (no sampler recorded) was answering a sample drawn by
+    reservoir sampling: a resumed run drawing another sample would ask for documents it never meant to."""
+    import sqlite3
+
+    from edu_filter.annotate.cache import recorded_sampler
+    from edu_filter.annotate.score import score_documents
+    from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER
+
+    src = write_rows(tmp_path / "docs.jsonl", 2_000)
+    server = LLMTestServer().start()
+    try:
+        def run(n, cache):
+            out = tmp_path / f"{cache}-{n}.jsonl"
+            score_documents([str(src)], out, base_url=server.base_url, sample=n, seed=5, cache=str(tmp_path / cache),
+                            show_progress=False)
+            return [r["id"] for r in map(orjson.loads, out.read_bytes().splitlines())]
+
+        first = run(20, "new.sqlite")
+        asked = sum(server.requests.values())
+        grown = run(40, "new.sqlite")
+        assert set(first) < set(grown) and sum(server.requests.values()) - asked == 20  # only the 20 new ones
+        assert recorded_sampler(tmp_path / "new.sqlite") == NESTED_SAMPLER
+
+        older = tmp_path / "old.sqlite"
+        run(20, "old.sqlite")
+        with sqlite3.connect(older) as db:
+            db.execute("DROP TABLE facts")  # as an edu-filter from before left it, answers in it
+        assert recorded_sampler(older) == LEGACY_SAMPLER
+        legacy = [doc["id"] for _, doc in sample_documents([str(src)], 20, seed=5, sampler=LEGACY_SAMPLER)]
+        assert run(20, "old.sqlite") == legacy != first
+        assert recorded_sampler(older) == LEGACY_SAMPLER  # and recorded as such now
+    finally:
+        server.stop()
