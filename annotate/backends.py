@@ -10,6 +10,7 @@ would hit every document raises `BackendError` and stops the run. Found at start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import random
 import re
@@ -606,7 +607,31 @@ async def managed_server(config) -> AsyncIterator[str]:
                 await server._server_ready
             except ServerError as e:
                 raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: {e}")
-            yield server.get_base_url() + "/v1"
+            # a server that exits (a crash, out of GPU memory) stops the run at once: every request would fail
+            # with "connection refused" after its retries, the run stopping only after 10 minutes of failures
+            run, exited = asyncio.current_task(), []
+
+            async def watch(monitor) -> None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor  # datatrove's monitor ends when the server's output does
+                    process = server._server_process
+                    with contextlib.suppress(asyncio.TimeoutError, AttributeError):
+                        await asyncio.wait_for(process.wait(), 10)
+                    exited.append(getattr(process, "returncode", None))
+                    run.cancel()
+
+            watcher = asyncio.create_task(watch(server._server_monitoring_task))
+            try:
+                yield server.get_base_url() + "/v1"
+            except asyncio.CancelledError:
+                if not exited:
+                    raise
+                run.uncancel()
+                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} exited while the "
+                                   f"run was scoring (exit status {exited[0]}); the answers received are cached: run "
+                                   "the same command again to go on") from None
+            finally:
+                watcher.cancel()
 
 
 @contextmanager

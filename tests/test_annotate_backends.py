@@ -275,6 +275,38 @@ def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
                                        capture_output=True, text=True).stdout
 
 
+def test_a_server_that_exits_mid_run_stops_the_run_at_once(tmp_path):
+    """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
+    minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    src = _write(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": f"x {directive(f'd{i}', score=3)}"}
+                                         for i in range(2000)])
+    out = tmp_path / "out.jsonl"
+    run = subprocess.Popen([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--backend",
+                            "script", "--server-script", TEST_SERVER, "--server-arg", "delay=0.05", "--model",
+                            "test-model", "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    children = []
+    while time.monotonic() < deadline and not (children and Path(f"{out}.cache.sqlite").exists()):
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                                        text=True).stdout.split()]
+        time.sleep(0.5)
+    time.sleep(2)  # some answers in
+    assert children and run.poll() is None
+    os.kill(children[0], signal.SIGKILL)  # the server crashes
+    started = time.monotonic()
+    _, stderr = run.communicate(timeout=120)
+    said = " ".join(stderr.split())
+    assert run.returncode == 1 and time.monotonic() - started < 60, said[-2000:]
+    assert "server for test-model exited while the run was scoring (exit status -9)" in said, said[-2000:]
+    assert not out.exists() and Path(f"{out}.cache.sqlite").exists()  # the answers received are kept
+
+
 def test_server_config_builds_the_vllm_command_settings():
     config = server_config("vllm", "meta-llama/Meta-Llama-3-70B-Instruct", api="chat", max_model_len=4096, tp=4,
                            server_args=["gpu-memory-utilization=0.9", "--enforce-eager"])
