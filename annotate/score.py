@@ -310,8 +310,10 @@ def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict
 
 def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int,
                    show_progress: bool = False, sampler: str = NESTED_SAMPLER) -> list[dict]:
-    """The documents to score, ids checked (`unique_ids`); with `sample`, a reproducible uniform sample
-    (`sample_documents`: of Parquet only the row groups holding it are read, other input streams)."""
+    """The documents to score, ids checked (`unique_ids`), each its id and text only (all a row of the output
+    holds; an input's other fields were held for the whole run: a FineWeb row's eight are ~15% of it); with
+    `sample`, a reproducible uniform sample (`sample_documents`: of Parquet only the row groups holding it are read,
+    other input streams)."""
     if sample is None:
         numbered = enumerate(iter_documents(inputs, text_field=text_field, id_field=id_field))
     else:
@@ -319,7 +321,7 @@ def load_documents(inputs, text_field: str, id_field: str, sample: int | None, s
             raise ValueError("--sample must be a positive number of documents")
         numbered = sample_documents(inputs, sample, seed, text_field=text_field, id_field=id_field,
                                     show_progress=show_progress, sampler=sampler)
-    return [doc for _, doc in unique_ids(numbered)]
+    return [{"id": doc["id"], "text": doc["text"]} for _, doc in unique_ids(numbered)]
 
 
 MAX_REFITS = 5  # cuts of one over-long document per run: halving 5 times fits a document 32x too long

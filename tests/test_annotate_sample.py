@@ -227,3 +227,12 @@ def test_a_run_answering_a_sample_drawn_the_older_way_resumes_with_that_sample(t
         assert recorded_sampler(older) == LEGACY_SAMPLER  # and recorded as such now
     finally:
         server.stop()
+
+
+def test_documents_held_for_a_run_keep_only_what_its_rows_hold(tmp_path):
+    """A run holds its sample (or its active pool) to the end: an input's other fields were held with it, though the
+    output rows hold id and text only."""
+    files = [write_parquet(tmp_path / "part.parquet", 0, 50, 10)]
+    for sample in (None, 5):
+        docs = load_documents(files, "text", "id", sample=sample, seed=0)
+        assert docs and all(set(doc) == {"id", "text"} for doc in docs)
