@@ -441,8 +441,13 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
             _adopt_older_checkpoint(folder, path, text_field, source)
+            # every rank says how its packing goes in a log (torchrun, Slurm); on a terminal rank 0 draws bars
+            # alone (bars of several processes would overwrite each other)
+            from rich import get_console
+
             train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
-                                             cfg.eval_tokens + window, text_field, source, order, show=rank == 0)
+                                             cfg.eval_tokens + window, text_field, source, order,
+                                             show=rank == 0 or not get_console().is_terminal)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "

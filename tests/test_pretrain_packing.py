@@ -462,3 +462,14 @@ def test_an_input_short_of_the_budget_is_said_when_it_is_packed(tokenizer, tmp_p
     assert re.search(r"warning: --data small holds [\d,]+ training tokens, fewer than the 20,000 each run trains on: "
                      r"its run repeats them about [\d.]+ times", said), said
     assert "--data web" not in said
+
+
+def test_every_rank_says_how_its_packing_goes_in_a_log(tokenizer, tmp_path, capsys):
+    """Under torchrun the ranks share out the datasets: rank 1 packed for hours saying nothing while rank 0 waited
+    for it, silently, at the barrier."""
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=5_000)
+    _prepare_tokens(tmp_path, tokenizer, {"first": str(WEB), "second": str(WEB)}, {}, cfg, "text", 0.1, rank=1,
+                    world=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.fullmatch(r"packing second: ([\d,]+)/\1", line) for line in lines), lines
+    assert not (tmp_path / "tokens/first").exists()  # rank 0's
