@@ -442,6 +442,21 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         state.pop("task_errors", None)
         return state
 
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        """datatrove's, its task log kept (until copied to the run's logs) in a temporary folder of this run:
+        datatrove's one per node (TMPDIR/ray_logs, opened "w") was shared by every run on the node, so two runs
+        on one cluster overwrote each other's logs, and another user's folder made the task fail before it ran."""
+        import tempfile
+
+        run = hashlib.sha1(self.logging_dir.path.encode()).hexdigest()[:12]
+        folder = os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}")
+        os.makedirs(folder, exist_ok=True)
+        before, tempfile.tempdir = tempfile.tempdir, folder
+        try:
+            return super()._run_for_rank(rank, local_rank, node_rank)
+        finally:
+            tempfile.tempdir = before
+
 
 def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
                     logged: Callable[[int], bool] = lambda rank: True) -> str | None:

@@ -418,3 +418,33 @@ def test_completion_files_listed_late_are_waited_for_and_missing_ones_are_not_wa
     started = time.monotonic()
     assert after_listing_grace(missing, grace=0.3, every=0.05) == [2]
     assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_ray_task_logs_are_kept_in_a_temporary_folder_of_their_run(tmp_path, monkeypatch):
+    """datatrove kept every Ray task's log in TMPDIR/ray_logs (opened "w"), one folder per node for every run on it:
+    two runs on one cluster overwrote each other's task logs, and another user's folder failed the task."""
+    import tempfile
+
+    from datatrove.pipeline.base import PipelineStep
+
+    from edu_filter.filters.executors import WatchedRayExecutor
+
+    class Says(PipelineStep):
+        name = "says"
+
+        def run(self, data=None, rank=0, world_size=1):
+            from loguru import logger
+
+            logger.info(f"hello from rank {rank} of {self.tag}")
+            yield from data or []
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for run in ("a", "b"):
+        step = Says()
+        step.tag = run
+        WatchedRayExecutor([step], tasks=1, logging_dir=str(tmp_path / run / "logs"))._run_for_rank(0)
+        assert f"hello from rank 0 of {run}" in (tmp_path / run / "logs/logs/task_00000.log").read_text()
+    assert tempfile.tempdir == str(tmp_path / "tmp")  # put back
+    folders = sorted(p.name for p in (tmp_path / "tmp").iterdir())
+    assert len(folders) == 2 and all(f.startswith("edu-filter-") for f in folders), folders  # no shared ray_logs
