@@ -121,7 +121,9 @@ def ablate(
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     every = round(1 / val_fraction)  # the held-out slice is one document in `every` (`is_held_out`)
-    if abs(1 / val_fraction - every) > 0.01 * every:
+    started_with = {(packed_settings(folder) or _checkpoint_settings(folder) or {}).get("val_fraction")
+                    for folder in (Path(output) / "tokens").glob("*")}  # an ablation resumed as it began
+    if (every < 2 or abs(1 / val_fraction - every) > 0.01 * every) and val_fraction not in started_with:
         nearest = [n for n in sorted({math.floor(1 / val_fraction), math.ceil(1 / val_fraction)}) if n >= 2]
         raise InputError(f"--val-fraction {val_fraction}: the held-out slice is one document in N, so give 1/N "
                          f"(the nearest: {', '.join(f'{1 / n:.4g} holds out one in {n}' for n in nearest)})")
@@ -411,9 +413,9 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             sidecar = file.with_suffix(".source.json")
             recorded = _recorded_source(json.loads(sidecar.read_text()) if sidecar.exists() else None, path,
                                         text_field, source)
-            order = _file_order(recorded)
-            made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window,
-                       **({"file_order": order} if order else {})}
+            made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window}
+            order = _file_order(recorded, made_of)
+            made_of.update({"file_order": order} if order else {})
             if file.with_suffix(".json").exists() and recorded not in (None, made_of):
                 _refuse_or_repack(out, f"--eval {name}", recorded, made_of, trained)
             if not file.with_suffix(".json").exists() or recorded not in (None, made_of):
@@ -428,7 +430,9 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         folder = out / "tokens" / name
         packed = read_packed(folder)
         recorded = _recorded_source(packed_settings(folder), path, text_field, source)
-        order = _file_order(recorded if packed else _checkpoint_settings(folder))
+        order = _file_order(recorded if packed else _recorded_source(_checkpoint_settings(folder), path, text_field,
+                                                                     source),
+                            packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source))
         wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source, order)
         if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
             _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
@@ -535,10 +539,12 @@ def packing_source(path: str, text_field: str, documents: bool = True) -> str:
     return json.dumps({"input": found["fingerprint"] if found else str(path), "text_field": text_field})
 
 
-def _file_order(recorded: dict | None) -> str | None:
-    """The order to read an input's files in: FILE_ORDER, or by name (None) for token files or a packing checkpoint
-    an edu-filter from before recorded (a resumed ablation finishes what it started the way it started)."""
-    return None if recorded and "file_order" not in recorded else FILE_ORDER
+def _file_order(recorded: dict | None, in_name_order: dict) -> str | None:
+    """The order to read an input's files in: FILE_ORDER, or by name (None) where token files or a packing checkpoint
+    an edu-filter from before recorded are what this invocation asks (`in_name_order`: its settings without an
+    order): a resumed ablation finishes, and keeps, what it started the way it started. Files made otherwise are
+    packed again in FILE_ORDER."""
+    return None if recorded == in_name_order else FILE_ORDER
 
 
 def _checkpoint_settings(folder: Path) -> dict | None:

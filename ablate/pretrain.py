@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
-from edu_filter.documents import InputError, recover_folder, replace_folder, stop_requested, write_json_whole
+from edu_filter.documents import (InputError, recover_folder, replace_folder, side_folders, stop_requested,
+                                  write_json_whole)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -340,6 +342,7 @@ def pretrain(
         return finished_before
     checkpoint = out_dir / "checkpoint"
     if master:
+        _adopt_legacy_side_folder(checkpoint)
         recover_folder(checkpoint, "trainer_state.json")
     if world > 1:
         dist.barrier()
@@ -470,7 +473,12 @@ def pretrain(
                 raise SystemExit(128 + signal.SIGTERM)
             if timed_out:
                 break
-    signalled = stopping  # in the last step: the run is finished and saved below, then the process ends
+        late = stop.is_set()  # during the last save: this run is saved and finished, the next must not start
+        if world > 1:
+            flag = torch.tensor(float(late), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+    signalled = stopping or late  # the run is finished (or stopped at its limit) and saved below, then it ends
 
     finished = state["step"] >= total_steps
     tokens_per_second = (state["steady_tokens"] / state["steady_seconds"] if state["steady_seconds"]
@@ -506,6 +514,17 @@ def pretrain(
     if signalled:
         raise SystemExit(128 + signal.SIGTERM)
     return record
+
+
+def _adopt_legacy_side_folder(checkpoint: Path) -> None:
+    """checkpoint.tmp, where an edu-filter from before wrote a new checkpoint (now checkpoint.partial): a save it had
+    finished but not yet renamed in is taken, an unfinished one removed."""
+    legacy, partial = checkpoint.with_name("checkpoint.tmp"), side_folders(checkpoint)[0]
+    if legacy.is_dir():
+        if (legacy / "trainer_state.json").exists() and not partial.exists():
+            legacy.rename(partial)
+        else:
+            shutil.rmtree(legacy, ignore_errors=True)
 
 
 def _finished_record(out_dir: Path, cfg: PretrainConfig) -> dict | None:

@@ -626,10 +626,12 @@ async def managed_server(config) -> AsyncIterator[str]:
             except asyncio.CancelledError:
                 if not exited:
                     raise
-                run.uncancel()
-                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} exited while the "
-                                   f"run was scoring (exit status {exited[0]}); the answers received are cached: run "
-                                   "the same command again to go on") from None
+                if hasattr(run, "uncancel"):  # Python 3.11+
+                    run.uncancel()
+                how = (f"exited while the run was scoring (exit status {exited[0]})" if exited[0] is not None else
+                       "reported a fatal error while the run was scoring (its log says which)")
+                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} {how}; the "
+                                   "answers received are cached: run the same command again to go on") from None
             finally:
                 watcher.cancel()
 
@@ -758,16 +760,23 @@ class TransformersBackend:
                 except asyncio.TimeoutError:
                     break
             self.stats.requests += len(batch)
-            texts = [self._text(prompt) for prompt, _ in batch]
             fitting = []
-            for (_, future), text in zip(batch, texts):
-                overflow = self._overflow(text)
-                if overflow is None:
-                    fitting.append((text, future))
-                else:  # as a server says it: `score` cuts the document to fit (--max-chars) and asks again
-                    future.set_exception(RequestFailed(
-                        f"the prompt is {overflow.prompt_tokens} tokens; with max_tokens {self.settings.max_tokens} "
-                        f"it does not fit the model's context of {overflow.context_tokens}", overflow))
+            for prompt, future in batch:
+                try:
+                    text = self._text(prompt)
+                    overflow = self._overflow(text)
+                except Exception as e:  # noqa: BLE001 - a template or tokenizer that fails on this prompt alone
+                    failed = RequestFailed(f"generation: {type(e).__name__}: {e}")
+                else:
+                    if overflow is None:
+                        fitting.append((text, future))
+                        continue
+                    # as a server says it: `score` cuts the document to fit (--max-chars) and asks again
+                    failed = RequestFailed(f"the prompt is {overflow.prompt_tokens} tokens; with max_tokens "
+                                           f"{self.settings.max_tokens} it does not fit the model's context of "
+                                           f"{overflow.context_tokens}", overflow)
+                if not future.done():
+                    future.set_exception(failed)
             # one document that fails generation (out of memory on its length, say) no longer fails its batch:
             # the batch is generated again one prompt at a time, and only what fails alone fails
             for group in ([fitting] if len(fitting) == 1 else [fitting, *([one] for one in fitting)]):

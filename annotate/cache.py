@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from edu_filter.documents import LEGACY_SAMPLER, text_hash
+from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER, text_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -128,6 +128,9 @@ class AnswerCache:
             "INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
             (self.run_key, orjson.dumps(self.settings, option=orjson.OPT_SORT_KEYS).decode(), time.time()),
         )
+        if db.execute("SELECT 1 FROM answers LIMIT 1").fetchone() is None:
+            # a cache this edu-filter starts: its samples are nested (answers without the fact: an older cache)
+            db.execute("INSERT OR IGNORE INTO facts VALUES (?, ?)", (SAMPLER, NESTED_SAMPLER))
         self._db = db
         self._fresh = self.count() == 0
         return self
@@ -219,7 +222,7 @@ def recorded_sampler(path: str | Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "facts" in tables:

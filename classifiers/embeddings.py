@@ -96,16 +96,37 @@ EMBED_BLOCK = 1024  # texts embedded, then stored, at a time
 CACHE_REPORT_BYTES = 1 << 30  # after computing vectors, a cache past this size says where it is and how big
 
 
-def available_memory() -> int:
-    """Bytes of memory the system says it can give without swapping (MemAvailable), or all of it where unknown."""
+def available_memory(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> int:
+    """Bytes of memory this process may still take: what the system can give without swapping (MemAvailable), and
+    no more than its control group's limit leaves (a Slurm job's --mem, a container's limit), cgroup v1 or v2."""
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        with open(f"{proc}/meminfo") as fh:
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open(f"{proc}/self/cgroup") as fh:
+            lines = [line.strip().split(":", 2) for line in fh if line.count(":") >= 2]
+    except OSError:
+        return free
+    for _, controllers, path in lines:
+        if controllers == "":  # v2: one hierarchy
+            places, files = [f"{cgroups}{path}", cgroups], ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1: the memory controller's
+            places, files = [f"{cgroups}/memory{path}", f"{cgroups}/memory"], ("memory.limit_in_bytes",
+                                                                                 "memory.usage_in_bytes")
+        else:
+            continue
+        for place in places:  # in a container the group's own path may be its root
+            try:
+                limit, used = (Path(place, name).read_text().strip() for name in files)
+            except OSError:
+                continue
+            if limit.isdigit() and int(limit) < 2**60:  # "max" and v1's 2**63 - 4096: no limit
+                free = min(free, max(0, int(limit) - int(used)))
+            break
+    return free
 
 
 def result_array(rows: int, dims: int, folder: Path, in_memory_bytes: int) -> np.ndarray:

@@ -468,7 +468,8 @@ def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
 
     for rank in missing:
         error = errors.get(rank)
-        if isinstance(error, RayTaskError) and not logged(rank):
+        # a task that ran its pipeline wrote its log (a shared filesystem may list it late): that says why
+        if isinstance(error, RayTaskError) and "_run_for_rank" not in str(error) and not logged(rank):
             last = next((ln.strip() for ln in reversed(str(error).splitlines()) if ln.strip()), type(error).__name__)
             return (f"task {rank} failed on its Ray worker before its log was written ({last[-300:]}): every node "
                     "of the cluster needs edu-filter and its libraries installed as on this one, and a writable "

@@ -225,6 +225,12 @@ def test_a_run_answering_a_sample_drawn_the_older_way_resumes_with_that_sample(t
         legacy = [doc["id"] for _, doc in sample_documents([str(src)], 20, seed=5, sampler=LEGACY_SAMPLER)]
         assert run(20, "old.sqlite") == legacy != first
         assert recorded_sampler(older) == LEGACY_SAMPLER  # and recorded as such now
+
+        # a cache started by a run without --sample (the answers of a whole input) is not taken for an older one
+        whole = tmp_path / "whole?#%.sqlite"  # characters a URI must escape
+        score_documents([str(src)], tmp_path / "whole.jsonl", base_url=server.base_url, cache=str(whole),
+                        show_progress=False)
+        assert recorded_sampler(whole) == NESTED_SAMPLER
     finally:
         server.stop()
 

@@ -289,6 +289,30 @@ def test_embeddings_past_the_free_memory_are_mapped_from_a_file_that_vanishes_wi
     assert killed.returncode == -9 and list((tmp_path / "spill").iterdir()) == [], killed.stderr
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_free_memory_is_what_the_control_group_leaves(tmp_path, version):
+    """A Slurm job given --mem=64G on a node with 1 TB free: the node's MemAvailable said a 172 GB pool fitted, and
+    the job's control group killed it. (A /proc and a cgroup tree laid out as the kernel shows them.)"""
+    from edu_filter.classifiers.embeddings import available_memory
+
+    proc, groups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {2**30} kB\nMemAvailable: {2**30 - 1024} kB\n")  # ~1 TB
+    job = "/system.slice/slurmstepd.scope/job_42"
+    if version == "v2":
+        (proc / "self/cgroup").write_text(f"0::{job}\n")
+        place, files = groups / job.lstrip("/"), ("memory.max", "memory.current")
+    else:
+        (proc / "self/cgroup").write_text(f"5:devices:/\n4:memory:{job}\n0::/\n")
+        place, files = groups / "memory" / job.lstrip("/"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    place.mkdir(parents=True)
+    (place / files[0]).write_text(f"{64 * 2**30}\n")
+    (place / files[1]).write_text(f"{4 * 2**30}\n")
+    assert available_memory(str(proc), str(groups)) == 60 * 2**30
+    (place / files[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")  # no limit
+    assert available_memory(str(proc), str(groups)) == (2**30 - 1024) * 1024
+
+
 def test_pooled_layers_are_the_encoders_hidden_states_pooled_without_keeping_them(minilm_path):
     """Pooling each layer as its block returns gives exactly what pooling the encoder's own hidden states gives
     (embeddings, middle layers, the top; padded rows and an unpadded batch), and leaves no hook behind, even when the
@@ -735,3 +759,21 @@ def test_a_second_finetuning_run_of_the_same_checkpoint_is_refused_while_the_fir
         with pytest.raises(RunError, match=f"process {os.getpid()} on"):
             with only_run_of(folder):
                 pass
+
+
+def test_finetuning_goes_on_unlocked_where_the_filesystem_takes_no_locks(tmp_path, monkeypatch, capsys):
+    """NFS without lockd refuses flock with ENOLCK (Lustre mounted noflock: ENOSYS): a fine-tuning that ran before
+    the lock was added must not fail on it. (The refusal is the kernel's; here it is raised where flock is called.)"""
+    import errno
+    import fcntl
+
+    from edu_filter.train.finetune import only_run_of
+
+    def refused(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    ran = []
+    with only_run_of(tmp_path / "finetune" / "key"):
+        ran.append(True)
+    assert ran and "takes no file locks (No locks available)" in " ".join(capsys.readouterr().err.split())

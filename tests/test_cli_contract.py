@@ -324,6 +324,14 @@ def test_ablate_refuses_bad_evaluation_inputs_and_overrides_before_any_work(file
     refused([*base, "--val-fraction", "0.4"], "--val-fraction 0.4: the held-out slice is one document in N, so give "
             "1/N (the nearest: 0.5 holds out one in 2, 0.3333 holds out one in 3)", absent=(out.parent,))
     refused([*base, "--val-fraction", "0.7"], "(the nearest: 0.5 holds out one in 2)", absent=(out.parent,))
+    refused([*base, "--val-fraction", "0.995"], "(the nearest: 0.5 holds out one in 2)", absent=(out.parent,))
+    # an ablation begun with such a fraction by an edu-filter from before resumes with it (it goes on to the
+    # next check here: a missing --eval file)
+    begun = files["tmp"] / "begun"
+    (begun / "tokens/web").mkdir(parents=True)
+    (begun / "tokens/web/packed.json").write_text(json.dumps({"settings": {"val_fraction": 0.3}}))
+    refused(["ablate", "--data", data, "-o", begun, "--val-fraction", "0.3", "--eval",
+             "ref=" + str(files["tmp"] / "nope.jsonl")], "nope.jsonl: no such file or folder")
 
 
 def test_score_options_this_run_would_not_read_are_refused(files):

@@ -450,6 +450,10 @@ def test_a_budget_read_early_takes_documents_from_across_the_input_files(tokeniz
     (out / "runs").mkdir()
     _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
     assert json.loads(record.read_text()) == packed
+    (out / "runs").rmdir()  # not trained on yet, and another budget asked: packed again, in today's order
+    more = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=14_000)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, more, "text", 0.1)
+    assert json.loads(record.read_text())["settings"]["file_order"] == FILE_ORDER
 
 
 def test_an_input_short_of_the_budget_is_said_when_it_is_packed(tokenizer, tmp_path, capsys):

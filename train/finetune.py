@@ -62,6 +62,11 @@ def only_run_of(checkpoint: Path):
             holder = fh.read().strip() or "another process"
             raise RunError(f"{holder} is fine-tuning the same model on the same data (its checkpoint: {checkpoint}): "
                            "wait for it to finish, or stop it and run this again to go on from its checkpoint") from None
+        except OSError as e:  # no locks on this filesystem (NFS without lockd, Lustre mounted noflock)
+            console.print(f"[yellow]fine-tuning: {lock.parent} takes no file locks ({e.strerror}): nothing stops a "
+                          "second run of this command from using the same checkpoint at once[/]")
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"process {os.getpid()} on {socket.gethostname()}")
