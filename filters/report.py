@@ -105,9 +105,11 @@ class WriteApplyStats(PipelineStep):
     name = "📊 apply stats"
 
     def __init__(self, output_folder: str, settings: dict, keep_work: bool = False, extra_folder: str | None = None,
-                 provenance_inputs: list[dict] | None = None, command: str | None = None):
+                 provenance_inputs: list[dict] | None = None, command: str | None = None,
+                 listing_grace_s: float | None = None):
         super().__init__()
         self.output_folder = output_folder
+        self.listing_grace_s = listing_grace_s  # None: executors.COMPLETED_GRACE_S
         self.settings = settings
         self.keep_work = keep_work
         self.extra_folder = extra_folder  # small JSON files merged into stats.json (e.g. the keep-top cutoff)
@@ -118,10 +120,12 @@ class WriteApplyStats(PipelineStep):
         if data:
             yield from data
         out = get_datafolder(self.output_folder)
-        from edu_filter.filters.executors import after_listing_grace
+        from edu_filter.filters.executors import COMPLETED_GRACE_S, after_listing_grace
 
         # the last tasks finished on other nodes a moment ago: their completion files may show here late
-        incomplete = after_listing_grace(lambda: incomplete_stages(self.output_folder))
+        grace = COMPLETED_GRACE_S if self.listing_grace_s is None else self.listing_grace_s
+        incomplete = after_listing_grace(lambda: incomplete_stages(self.output_folder), grace=grace,
+                                         every=min(5.0, max(grace / 10, 0.01)))
         if incomplete:
             raise RuntimeError(
                 f"stage(s) {', '.join(incomplete)} did not complete, yet the report stage ran (a Slurm array job "
