@@ -696,6 +696,8 @@ def run_apply(
     units = input_units(files, cfg.tasks)
     split = " and ".join(sorted({"row groups" if u[1] is not None else "byte ranges" for u in units or ()}))
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split or None)
+    if executor == "ray":
+        ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], units=units,

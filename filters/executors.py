@@ -292,6 +292,44 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     return warnings
 
 
+def ray_nodes_not_seeing(path: str, timeout_s: float = 120.0) -> list[str]:
+    """The addresses of the live Ray nodes on which `path` does not exist, asked by a task on each node (no CPU
+    asked, so a busy node answers too); a node that does not answer within `timeout_s` is not counted."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(folder: str) -> bool:
+        return os.path.exists(folder)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    asked = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+             for n in nodes]
+    missing = []
+    for node, answer in zip(nodes, asked):
+        try:
+            if not ray.get(answer, timeout=timeout_s):
+                missing.append(node["NodeManagerAddress"])
+        except Exception:  # noqa: BLE001 - a node that cannot answer now (busy, leaving): not counted
+            ray.cancel(answer, force=True)
+    return missing
+
+
+def refuse_unshared_ray_output(output: str) -> None:
+    """On a cluster of several nodes, every node must see the output folder: tasks on a node with its own disk
+    wrote their files there, and the run failed hours later (the first stage's merge) saying only that tasks "did
+    not complete". A folder on an object store (s3://, gs://) is seen through fsspec and not asked about."""
+    import ray
+
+    if "://" in output or sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+        return
+    missing = ray_nodes_not_seeing(os.path.abspath(os.path.join(output, "run_config.json")))
+    if missing:
+        raise InputError(f"-o/--output {output} is not seen from Ray node(s) {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}: every node writes its tasks' files there, so it must "
+                         "be on a filesystem every node mounts at the same path (or an object store, s3://...)")
+
+
 def ray_request_warnings(opts, nodes: list[dict]) -> list[str]:
     """What no live node (`nodes`: their resources, as ray.nodes() gives them) can give a task now: on a fixed
     cluster the tasks would wait forever, while an autoscaling one may still add such a node."""

@@ -245,3 +245,25 @@ def test_a_ray_task_failing_before_its_log_exists_says_why(tmp_path):
     assert re.search(r"stage filter failed \(2/2 tasks did not complete: 0, 1\): task \d failed on its Ray worker "
                      r"before its log was written \(ModuleNotFoundError: No module named 'onlyhere_step'\): every "
                      r"node of the cluster needs edu-filter", said), run.stderr[-3000:]
+
+
+NODES_NOT_SEEING = '''
+import sys
+import ray
+from edu_filter.filters.executors import ray_nodes_not_seeing
+ray.init(num_cpus=1, include_dashboard=False)
+print(len(ray_nodes_not_seeing(sys.argv[1])), len(ray_nodes_not_seeing(sys.argv[2])))
+ray.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_the_nodes_that_do_not_see_the_output_folder_are_found_by_asking_each(tmp_path):
+    """A node with its own disk wrote its tasks' files there and the run failed hours later saying only that tasks
+    "did not complete": a run on several nodes asks each whether it sees the output (one node here: a folder that
+    exists and one that does not stand for a node that mounts it and one that does not)."""
+    (tmp_path / "out").mkdir()
+    run = subprocess.run([sys.executable, "-c", NODES_NOT_SEEING, str(tmp_path / "out"), str(tmp_path / "nowhere")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["0", "1"]
