@@ -369,24 +369,38 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
                                 logging_dir=f"{logs}/{stage.name}")
 
 
+@contextlib.contextmanager
+def running_marker(logging_dir, rank: int):
+    """`running/RANK` holding "PID HOST" while the task runs in this process; ended, finished or raising, the file
+    goes: only a killed process leaves it behind, which `killed_task` and `status` see."""
+    marker = f"running/{rank:05d}"
+    with logging_dir.open(marker, "wt") as fh:
+        fh.write(f"{os.getpid()} {socket.gethostname()}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # a rerun's start cleared it meanwhile
+            logging_dir.rm(marker)
+
+
+def forget_killed(logging_dir) -> None:
+    """Removes the `running/` files a killed earlier run left, before anyone watches this run's."""
+    for name in logging_dir.list_files("running"):
+        with contextlib.suppress(FileNotFoundError):
+            logging_dir.rm(name)
+
+
 class WatchedLocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor, each task leaving its process id in `running/RANK` while it runs. A task whose
     process is killed (the kernel's out-of-memory killer, most often) leaves the file behind, which `killed_task`
     sees; datatrove's process pool alone would wait for that task's result forever, the run hanging silently."""
 
     def forget_killed(self) -> None:
-        """Removes the files a killed earlier run left, before anyone watches this run's."""
-        for name in self.logging_dir.list_files("running"):
-            self.logging_dir.rm(name)
+        forget_killed(self.logging_dir)
 
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
-        marker = f"running/{rank:05d}"
-        with self.logging_dir.open(marker, "wt") as fh:
-            fh.write(f"{os.getpid()} {socket.gethostname()}")
-        try:
+        with running_marker(self.logging_dir, rank):
             return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
-        finally:  # ended, finished or raising: only a killed process leaves its file
-            self.logging_dir.rm(marker)
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         """Runs the task with its worker slot (0 to workers - 1, held by no other running task) in TASK_SLOT_ENV:
@@ -491,9 +505,15 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         os.makedirs(folder, exist_ok=True)
         before, tempfile.tempdir = tempfile.tempdir, folder
         try:
-            return super()._run_for_rank(rank, local_rank, node_rank)
+            # in the process that runs the task (datatrove's pool child on the node): killed for memory, it leaves
+            # its file, and the run (on this machine) or `status` says so; datatrove's pool waited for it forever
+            with running_marker(self.logging_dir, rank):
+                return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             tempfile.tempdir = before
+
+    def forget_killed(self) -> None:
+        forget_killed(self.logging_dir)
 
 
 def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
@@ -541,10 +561,11 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
-def killed_task_message(out: str, stage: str, rank: int) -> str:
+def killed_task_message(out: str, stage: str, rank: int, ray: bool = False) -> str:
+    fewer = ("more --ray-mem-gb (Ray then packs fewer tasks on a node)" if ray else "fewer --workers")
     return (f"stage {stage} failed: the process of task {rank} was killed before the task finished, most often by "
             "the kernel's out-of-memory killer (`dmesg` or `journalctl -k` says): run the same command again with "
-            "fewer --workers (or a smaller --batch-size while scoring); it resumes, finished tasks are kept; log: "
+            f"{fewer} (or a smaller --batch-size while scoring); it resumes, finished tasks are kept; log: "
             f"{task_log(out, stage, rank)}")
 
 
@@ -595,9 +616,8 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
             try:
                 for stage in stages:
                     ex = _executor_here(stage, logs, executor, workers, ray)
-                    if isinstance(ex, WatchedLocalExecutor):
-                        ex.forget_killed()
-                        watched[:] = [stage.name]
+                    ex.forget_killed()
+                    watched[:] = [stage.name]  # (Ray: the tasks on this machine; `status` names the others' hosts)
                     try:
                         ex.run()
                     except Exception as e:  # noqa: BLE001 - a task raised: name the stage and its log instead
@@ -629,7 +649,7 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                     worker.join(KILLED_TASK_GRACE_S)
                     if not worker.is_alive():
                         break
-                    raise StageFailed(killed_task_message(out, watched[0], rank))
+                    raise StageFailed(killed_task_message(out, watched[0], rank, ray=executor == "ray"))
         if failure:
             raise failure[0]
         stats = json.loads((Path(out) / "stats.json").read_text())

@@ -23,7 +23,9 @@ from edu_filter.filters.apply import run_apply
 
 sys.path.insert(0, str(Path(__file__).parent))
 from apply_corpus import (  # noqa: E402
+    CLI,
     ENV,
+    failed_run_stderr,
     fixture_args_into,
     planted_input,
     read_kept,
@@ -267,3 +269,28 @@ def test_the_nodes_that_do_not_see_the_output_folder_are_found_by_asking_each(tm
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-2:] == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_a_ray_task_process_killed_alone_fails_the_run_naming_it(cli_tasks4, tmp_path):
+    """The kernel's out-of-memory killer takes the process running a Ray task (datatrove's pool child on the node):
+    its pool waited for the task forever, the run hanging with nothing said and `status` showing nothing. The task
+    leaves its `running/` file now: the run (on the machine the task ran on) stops naming it and what to change."""
+    out = tmp_path / "out"
+    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray"]
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline, killed = time.time() + 300, None
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for marker in (out / "logs").glob("*/running/*"):  # the first stage's first task seen running
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(marker.read_text().split()[0])  # "PID HOST"
+                if not (marker.parents[1] / "completions" / marker.name).exists():
+                    os.kill(pid, signal.SIGKILL)
+                    killed = marker.parents[1].name
+                    break
+        time.sleep(0.05)
+    assert killed is not None, "no task was seen running"
+    stderr = failed_run_stderr(proc, timeout=180)
+    assert re.search(rf"stage {killed} failed: the process of task \d was killed before the task finished.* more "
+                     r"--ray-mem-gb", " ".join(stderr.split())), stderr[-3000:]
