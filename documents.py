@@ -786,6 +786,66 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
     return sample
 
 
+PLAIN_PROGRESS_EVERY = 30.0  # seconds between the plain progress lines of a run whose output is not a terminal
+
+
+def logged_progress(*columns, **options):
+    """A rich Progress that, where its console is no terminal (a Slurm or torchrun log, nohup), prints a plain line
+    per task every PLAIN_PROGRESS_EVERY seconds and when it completes; rich alone would print nothing until the end.
+    Its time left is estimated over the last hour of updates (rich's 30 s showed none for steps of minutes: a
+    learning-curve fit, a block of embeddings on a CPU)."""
+    import time
+
+    from rich.progress import Progress
+
+    from rich import get_console
+
+    # no terminal: rich draws nothing (it would only print blank lines and the bars at the end); the lines are ours
+    plain = not options.get("disable", False) and not (options.get("console") or get_console()).is_terminal
+    options.setdefault("speed_estimate_period", 3600.0)
+
+    class LoggedProgress(Progress):
+        def __init__(self):
+            super().__init__(*columns, **{**options, "disable": options.get("disable", False) or plain})
+            self._said: dict = {}
+
+        def _plain(self) -> bool:
+            return plain
+
+        def _say(self, task_id, done: bool) -> None:
+            self._said[task_id] = "done" if done else time.monotonic()
+            task = self._tasks[task_id]
+            extra = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{v}" for k, v in task.fields.items()
+                             if v not in ("", None))
+            total = f"/{task.total:,.0f}" if task.total is not None else ""
+            self.console.print(f"{task.description}: {task.completed:,.0f}{total} {extra}".rstrip(),
+                               highlight=False, soft_wrap=True)
+
+        def update(self, task_id, **fields) -> None:
+            super().update(task_id, **fields)
+            said = self._said.get(task_id)
+            if not self._plain() or said == "done":
+                return
+            task = self._tasks[task_id]
+            done = task.total is not None and task.completed >= task.total
+            if done or said is None or time.monotonic() - said >= PLAIN_PROGRESS_EVERY:
+                self._say(task_id, done)
+
+        def advance(self, task_id, advance: float = 1) -> None:
+            self.update(task_id, advance=advance)
+
+        def stop(self) -> None:
+            """The last state of every task not yet said complete: a packing whose input ran out before its
+            budget, a training stopped by its time limit."""
+            if self._plain():
+                for task_id in list(self._tasks):
+                    if self._said.get(task_id) != "done":
+                        self._say(task_id, True)
+            super().stop()
+
+    return LoggedProgress()
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -381,3 +381,27 @@ def test_a_folder_replaced_whole_keeps_a_complete_copy_through_a_failed_write_an
     assert (folder / "weights").read_text() == "v3"
     recover_folder(folder, "done.json")  # complete: left as it is
     assert (folder / "weights").read_text() == "v3"
+
+
+def test_long_steps_show_in_a_log_and_get_a_time_left(capsys):
+    """train's bars (embedding, learning curve, fine-tuning) printed nothing in a Slurm log for hours (rich draws
+    nothing where there is no terminal), and steps minutes apart (a learning-curve fit at 450k labels) never got a
+    time left: rich estimates the speed from the last 30 s of updates."""
+    from rich.progress import TextColumn
+
+    from edu_filter.classifiers.scorer import progress_bar
+    from edu_filter.documents import logged_progress
+
+    with progress_bar(True) as bar:  # stdout is no terminal here, as in a Slurm log
+        task = bar.add_task("learning curve: 3 fits", total=3)
+        for _ in range(3):
+            bar.advance(task)
+    assert "learning curve: 3 fits: 3/3" in capsys.readouterr().out.splitlines()
+
+    clock = [0.0]
+    with logged_progress(TextColumn("{task.description}"), get_time=lambda: clock[0], disable=True) as progress:
+        task = progress.add_task("fits", total=10)
+        for _ in range(3):
+            clock[0] += 150.0  # one fit every 2.5 minutes
+            progress.advance(task)
+        assert progress.tasks[0].time_remaining == pytest.approx(7 * 150.0)

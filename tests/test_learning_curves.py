@@ -176,6 +176,29 @@ def test_train_reports_the_learning_curve(tmp_path, minilm_path, embedding_cache
 
 
 @pytest.mark.slow
+def test_a_run_stopped_during_its_learning_curve_leaves_a_finished_model_with_its_record(tmp_path, minilm_path,
+                                                                                        embedding_cache_dir,
+                                                                                        monkeypatch):
+    """The curve (hours at 450k labels) came before metrics.json, provenance and the card: a job stopped during it
+    left a model folder apply took for finished with no training record, and fine-tuning's checkpoint was gone."""
+    from edu_filter.classifiers.scorer import load_scorer
+    from edu_filter.train import classifier
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as SIGINT or a time limit stops it there
+
+    monkeypatch.setattr(classifier, "_learning_curve", stopped)
+    out = tmp_path / "web"
+    with pytest.raises(KeyboardInterrupt):
+        classifier.train_classifier([str(WEB_TRAIN)], out, kind="web", encoder=minilm_path, max_length=128,
+                                    limit=300, cache_dir=str(embedding_cache_dir), val_fraction=0.2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "learning_curve" not in metrics and metrics["spearman"] > 0 and metrics["training"]["n_train"] == 240
+    assert (out / "provenance.json").exists() and (out / "README.md").exists()
+    assert load_scorer(str(out)).predict(["Photosynthesis turns light into sugar."])[0].shape == (1,)
+
+
+@pytest.mark.slow
 def test_fasttext_learning_curve(tmp_path):
     from edu_filter.classifiers.fasttext_model import FastTextSettings
     from edu_filter.train.classifier import train_classifier

@@ -51,6 +51,7 @@ from edu_filter.documents import (
     row_weights,
     text_hash,
     weight_summary,
+    write_json_whole,
 )
 
 METHODS = ("head", "finetune", "fasttext")
@@ -310,10 +311,6 @@ def train_classifier(
     if output.exists():
         clear_folder(output)  # empty already, or a model `overwrite` allows replacing
     save_model(trained, output)
-    if trained.checkpoint is not None:
-        from edu_filter.train.finetune import remove_checkpoint
-
-        remove_checkpoint(trained.checkpoint)
 
     metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
                                                                      cfg), weights=w_val)
@@ -337,6 +334,21 @@ def train_classifier(
         "metric_cut_points": "out-of-fold training predictions" if oof_pred is not None else "the other half of "
                              "the validation rows",
     }
+
+    def write_record() -> None:
+        """metrics.json, the confusion matrix, provenance and the model card: written before the learning curve
+        (hours at 450k labels) and again with it, so a run killed during the curve leaves a finished model."""
+        write_json_whole(output / "metrics.json", metrics)
+        plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
+        record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
+                                              inputs=inputs)
+        provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
+
+    write_record()
+    if trained.checkpoint is not None:  # the model and its record are saved: nothing left to resume
+        from edu_filter.train.finetune import remove_checkpoint
+
+        remove_checkpoint(trained.checkpoint)
     curve = None
     if cfg.learning_curve:
         # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
@@ -345,11 +357,7 @@ def train_classifier(
         curve = _learning_curve(cfg, curve_rows, curve_w, trained)
         metrics["learning_curve"] = curve
         plot_learning_curve(curve, output / "learning_curve.png", title=f"{cfg.kind} {curve['model']}: learning curve")
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
-    record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
-                                          inputs=inputs)
-    provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
+        write_record()
     print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
     if curve is not None:
         print_learning_curve(curve, title=f"learning curve ({curve['model']}, {curve['repeats']} x {curve['folds']}"

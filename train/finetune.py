@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import (RunError, recover_folder, replace_folder, side_folders, stop_requested,
-                                  text_hash)
+from edu_filter.documents import (RunError, logged_progress, recover_folder, replace_folder, side_folders,
+                                  stop_requested, text_hash)
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
 
@@ -137,7 +137,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     run (renamed into place whole), and a run finding one goes on from its step: hours of steps survive a kill,
     with the weights an uninterrupted run would have reached."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     model, device = scorer.model, scorer.device
     ids, offsets = packed_sequences(scorer, texts)
@@ -161,7 +161,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
     done = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else 0
     every = max(1, total // CHECKPOINTS)
-    with stop_requested() as stop, Progress(
+    with stop_requested() as stop, logged_progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(), console=console,
     ) as progress:
