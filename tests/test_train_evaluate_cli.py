@@ -200,10 +200,13 @@ def test_train_and_evaluate_warn_when_validation_has_few_positives(tmp_path, cap
     model = tmp_path / "model"
     metrics = train_classifier([str(train_file)], model, kind="web", method="fasttext", val=[str(val_file)],
                                learning_curve=False, fasttext=FastTextSettings(epoch=5))
+    # its fits (an hour each at 450k documents) show in a log as they end
+    said = capsys.readouterr()
+    assert "fastText: 5 fold fits and the final one: 6/6" in said.out
     few = "the validation data has 2 documents labelled 3+ (fewer than 10)"
     assert any(w.startswith(few) for w in metrics["warnings"])
     assert json.loads((model / "metrics.json").read_text())["warnings"] == metrics["warnings"]
-    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    printed = [line for line in said.err.splitlines() if line.startswith("warning: ")]
     assert len(printed) == len(metrics["warnings"]) and few in printed[0]
     assert few in (model / "README.md").read_text()  # the model card says it too
 

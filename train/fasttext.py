@@ -24,11 +24,18 @@ def train_fasttext(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     """fastText fitted on `texts`, with out-of-fold predictions from `cfg.folds` fits on the other folds."""
     from sklearn.model_selection import KFold
 
+    from edu_filter.classifiers.scorer import progress_bar
+
     oof = np.zeros(len(texts))
-    for fit_idx, held_idx in KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(texts):
-        fold = fit_fasttext(cfg, [texts[i] for i in fit_idx], y[fit_idx], take(weights, fit_idx))
-        oof[held_idx] = fold.predict([texts[i] for i in held_idx])
-    model = fit_fasttext(cfg, texts, y, weights)
+    # one thread per fit (deterministic): about an hour a fit at 450k documents, folds + 1 of them, so a bar
+    with progress_bar(True) as progress:
+        task = progress.add_task(f"fastText: {cfg.folds} fold fits and the final one", total=cfg.folds + 1)
+        for fit_idx, held_idx in KFold(cfg.folds, shuffle=True, random_state=cfg.seed).split(texts):
+            fold = fit_fasttext(cfg, [texts[i] for i in fit_idx], y[fit_idx], take(weights, fit_idx))
+            oof[held_idx] = fold.predict([texts[i] for i in held_idx])
+            progress.advance(task)
+        model = fit_fasttext(cfg, texts, y, weights)
+        progress.advance(task)
     return TrainedModel(model, model.predict(val_texts), oof, {"method": "fasttext"})
 
 
