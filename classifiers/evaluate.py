@@ -60,7 +60,7 @@ def evaluate_model(
     weights = row_weights(rows, weight_field)
     scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
     with torch_threads(num_threads):
-        raw, _ = scorer.predict([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
+        raw, _ = scorer.predict_many([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
     labels = [r["label"] for r in rows]
     metrics = compute_metrics(labels, raw, scorer.to_int_score(raw), weights=weights)
     if weights is not None:

@@ -37,7 +37,7 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
             finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
-            val_pred, _ = frozen.scorer.predict(val_texts, show_progress=True)
+            val_pred, _ = frozen.scorer.predict_many(val_texts, show_progress=True)
     # the checkpoint goes once the caller has saved the model (`remove_checkpoint`): a kill before that resumes at
     # the last step
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen, checkpoint=checkpoint)
