@@ -138,8 +138,12 @@ def result_array(rows: int, dims: int, folder: Path, in_memory_bytes: int) -> np
         return np.empty((rows, dims), dtype=np.float32)
     import tempfile
 
-    folder.mkdir(parents=True, exist_ok=True)
-    spill = tempfile.TemporaryFile(dir=folder, prefix="embeddings-")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        spill = tempfile.TemporaryFile(dir=folder, prefix="embeddings-")
+    except OSError:  # the cache folder is read-only (its cache skipped): the system's temporary folder
+        folder = Path(tempfile.gettempdir())
+        spill = tempfile.TemporaryFile(dir=folder, prefix="embeddings-")
     try:
         os.posix_fallocate(spill.fileno(), 0, nbytes)  # a full disk now, not a SIGBUS when a page is written
     except OSError as e:

@@ -281,6 +281,9 @@ def test_embeddings_past_the_free_memory_are_mapped_from_a_file_that_vanishes_wi
     assert not isinstance(held, np.memmap) and np.array_equal(held, vectors)
     with pytest.raises(OSError, match="do not fit in memory .* nor on the disk of"):
         embeddings.result_array(10**9, 10**6, tmp_path, 0)  # 4 PB
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a cache folder that cannot be made (as on a read-only disk): the system's temp folder
+    assert embeddings.result_array(10, 4, blocked / "cache", 0).shape == (10, 4)
     # killed with the file mapped: nothing is left on the disk
     killed = subprocess.run([sys.executable, "-c", "import os, signal, numpy as np; from pathlib import Path; "
                              "from edu_filter.classifiers.embeddings import result_array; "
