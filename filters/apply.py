@@ -446,6 +446,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
+        OpenFilesLimit,
         build_decont_index,
         check_hashing,
         decont_config,
@@ -522,14 +523,16 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             stages += [
                 Stage("exact-signatures", source("exact-signatures", False)
                       + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
-                Stage("exact-find", [ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1),
+                Stage("exact-find", [OpenFilesLimit(cfg.tasks),
+                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1),
             ]
         if cfg.dedup:
             skip_exact = [ExactDedupFilter(f"{work}/exact/dups", config=exact)] if cfg.exact_dedup else []
             stages += [
                 Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
                       + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
-                Stage("minhash-buckets", [MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
+                Stage("minhash-buckets", [OpenFilesLimit(cfg.tasks),
+                                          MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
                                                               config=minhash)], minhash.num_buckets),
                 Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
                                                               config=minhash)], 1),
@@ -687,6 +690,10 @@ def run_apply(
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
+    if cfg.dedup or cfg.exact_dedup:
+        from edu_filter.filters.dedup import check_open_files
+
+        check_open_files(cfg.tasks)
     if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
         ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     elif (Path(cfg.output) / "slurm").is_dir() and ex.slurm_answers():
@@ -694,6 +701,11 @@ def run_apply(
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
     units = input_units(files, cfg.tasks)
+    if units is None and len(files) < cfg.tasks:  # said: the cost grows with the tasks, silently
+        console.print(f"[yellow]warning: {len(files)} input files for {cfg.tasks} tasks, and they cannot be split "
+                      "(gzipped JSONL, a Parquet footer that does not read, or fewer row groups than tasks): every "
+                      f"task reads every file and keeps its share of the rows, {cfg.tasks}x the reading of one pass; "
+                      f"give --tasks {len(files)} or fewer where reading dominates[/]", soft_wrap=True)
     split = " and ".join(sorted({"row groups" if u[1] is not None else "byte ranges" for u in units or ()}))
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split or None)
     if executor == "ray":

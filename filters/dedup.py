@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from datatrove.data import Document
 from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.decont.n_grams import NGramsDecontConfig
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig
@@ -33,6 +34,52 @@ def check_hashing() -> None:
             f"xxhash {xxhash.VERSION} is installed; datatrove 0.10's MinHash hashing needs xxhash<4 "
             "(pip install 'xxhash<4')"
         )
+
+
+SPARE_FILES = 64  # open files a task needs beyond the ones it merges (its logs, libraries, sockets)
+
+
+def open_files_needed(tasks: int) -> int:
+    return tasks + SPARE_FILES
+
+
+def check_open_files(tasks: int) -> None:
+    """Refused before any work: the merge stages (MinHash buckets, exact-dedup find) open one file per task of
+    the signature stage at once, and fail with "Too many open files" after the whole signature pass, where the hard
+    limit here is lower (a node's may differ; the soft limit is raised to it by `OpenFilesLimit`)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and open_files_needed(tasks) > hard:
+        raise DocumentError(f"--tasks {tasks}: deduplication merges one file per task at once, and this machine lets a "
+                            f"process open {hard} files (ulimit -Hn): give --tasks {hard - SPARE_FILES} or fewer, or "
+                            "ask for a higher limit")
+
+
+class OpenFilesLimit(PipelineStep):
+    """First step of a merge stage: raises this process's soft limit of open files to what merging `tasks` files
+    needs (the hard limit at most). Jobs inherit the login node's soft limit, often 1024, and failed with "Too many
+    open files" at the first run of more than ~1,000 tasks, after the whole signature pass."""
+
+    name = "📂 open files limit"
+    type = "🔧 - SETUP"
+
+    def __init__(self, tasks: int):
+        super().__init__()
+        self.tasks = tasks
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):  # not a generator: raised before the next step
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = open_files_needed(self.tasks)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            if raised < wanted:
+                raise RuntimeError(f"this stage opens {self.tasks} files at once and this node lets a process open "
+                                   f"{hard} (ulimit -Hn): run again with --tasks {hard - SPARE_FILES} or fewer")
+        return data
 
 
 def fineweb_minhash_config() -> MinhashConfig:

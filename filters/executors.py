@@ -813,8 +813,10 @@ def sbatch_directives(args: dict | Iterable[str]) -> dict:
 
 
 def job_directives(opts) -> dict:
-    """The sbatch options every job gets beyond the stage's own request: --slurm-arg's and the account."""
-    return {**opts.sbatch_args, **({"account": opts.account} if opts.account else {})}
+    """The sbatch options every job gets beyond the stage's own request: --slurm-arg's and the account, and
+    kill-on-invalid-dep: a job whose dependency failed is cancelled by Slurm, and so the jobs waiting on it, down the
+    chain (else only the next one says DependencyNeverSatisfied, and the rest stay queued forever, "Dependency")."""
+    return {"kill-on-invalid-dep": "yes", **opts.sbatch_args, **({"account": opts.account} if opts.account else {})}
 
 
 SHELL_SPECIAL = set(" \t\n'\"$`\\!;&|<>()*?[]{}#~%")  # %: Slurm reads it in --output as a filename pattern
@@ -1213,9 +1215,12 @@ def wait_for_chain(out: str, console) -> dict:
             for (name, tasks), state in zip(stages, states):
                 if state.finished:
                     continue
-                # a job of this stage waiting on one of its own that failed (the earlier stages are finished) never runs
-                mine = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")
-                        and not (j["state"] == "PENDING" and j["reason"] == "DependencyNeverSatisfied")]
+                # a job of this stage waiting on one of its own that failed (the earlier stages are finished) never
+                # runs, nor do the ones waiting on it in turn (Slurm says only "Dependency" of those)
+                stage_jobs = [j for j in jobs if j["name"].startswith(f"edu-filter-{name}-")]
+                broken = any(j["state"] == "PENDING" and j["reason"] == "DependencyNeverSatisfied" for j in stage_jobs)
+                mine = [j for j in stage_jobs if not (j["state"] == "PENDING" and (
+                    j["reason"] == "DependencyNeverSatisfied" or (broken and j["reason"] == "Dependency")))]
                 hopeless = next((j for j in mine if j["state"] == "PENDING" and j["reason"] in HOPELESS_REASONS), None)
                 if hopeless:
                     cancel_chain(out)

@@ -899,3 +899,20 @@ def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_cla
     assert run("out") == (pinned, kept)  # the same command resumes the run with its commit, not refused
     assert run("new") == (f"edu/clf@{second}", set(src["unique"]))
     assert run("explicit", "--model", f"edu/clf@{first}") == (pinned, kept)  # a commit named on the command line
+
+
+def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_per_task(stock_classifier, tmp_path,
+                                                                                         capsys):
+    """One gzipped JSONL file and --tasks 4: every task reads it whole and keeps every 4th row, 4x the reading of
+    one pass, which nothing said (at 25k files for 50k tasks, one unreadable Parquet footer did the same)."""
+    from edu_filter.filters.apply import SlurmOptions
+
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress((tmp_path / "in.jsonl").read_bytes()))
+    run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
+              tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "warning: 1 input files for 4 tasks, and they cannot be split" in said and "--tasks 1 or fewer" in said
+    run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "one"), model=stock_classifier, executor="slurm",
+              tasks=1, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))  # a file per task
+    assert "cannot be split" not in capsys.readouterr().err

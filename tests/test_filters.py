@@ -448,3 +448,36 @@ def test_ray_task_logs_are_kept_in_a_temporary_folder_of_their_run(tmp_path, mon
     assert tempfile.tempdir == str(tmp_path / "tmp")  # put back
     folders = sorted(p.name for p in (tmp_path / "tmp").iterdir())
     assert len(folders) == 2 and all(f.startswith("edu-filter-") for f in folders), folders  # no shared ray_logs
+
+
+OPENS_MANY = """
+import resource, sys, tempfile
+from edu_filter.filters.dedup import OpenFilesLimit
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+if sys.argv[1] == "raised":
+    assert OpenFilesLimit(1000).run(None) is None
+held = [tempfile.TemporaryFile() for _ in range(1000)]
+print(len(held))
+"""
+
+
+def test_a_merge_stage_raises_its_open_files_limit_to_what_merging_every_task_needs():
+    """Jobs inherit the login node's soft limit (often 1024): the MinHash buckets stage, opening one signature file
+    per task at once, failed with "Too many open files" at the first run of more than ~1,000 tasks."""
+    import resource
+    import subprocess
+    import sys
+
+    from edu_filter.documents import DocumentError
+    from edu_filter.filters.dedup import check_open_files
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1100:
+        pytest.skip("this machine's hard limit of open files is too low to show it")
+    stuck = subprocess.run([sys.executable, "-c", OPENS_MANY, "as is"], capture_output=True, text=True)
+    assert stuck.returncode != 0 and "Too many open files" in stuck.stderr
+    raised = subprocess.run([sys.executable, "-c", OPENS_MANY, "raised"], capture_output=True, text=True)
+    assert raised.returncode == 0 and raised.stdout.split() == ["1000"], raised.stderr[-2000:]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        with pytest.raises(DocumentError, match=r"--tasks \d+: deduplication merges one file per task at once"):
+            check_open_files(hard)
