@@ -232,14 +232,10 @@ def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
     assert summary.requests == 1 + 2 + 2 and summary.retries == 1
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
-def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
-    """`kill`, `timeout` and supervisors send SIGTERM to the main process only: Python ended at once and the vLLM
-    server it had started went on holding its GPU, its parent gone. Now the server is stopped and the run exits 143;
-    the same command goes on from the cached answers. SIGKILL (the out-of-memory killer) gives the run no chance
-    to stop it: the server is told by the system that its parent died."""
+def scoring_with_its_server(tmp_path):
+    """`score` with a server it starts (the test server as a script), a few answers in: (its process, the
+    server's process ids, the output path)."""
     import os
-    import signal
     import subprocess
     import time
 
@@ -253,11 +249,25 @@ def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
     deadline = time.monotonic() + 120
     children = []
     while time.monotonic() < deadline and not (children and Path(f"{out}.cache.sqlite").exists()):
-        found = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
-        children = [int(pid) for pid in found]
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
+                                                        text=True).stdout.split()]
         time.sleep(0.5)
     time.sleep(2)  # some answers in
     assert children and run.poll() is None
+    return run, children, out
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
+    """`kill`, `timeout` and supervisors send SIGTERM to the main process only: Python ended at once and the vLLM
+    server it had started went on holding its GPU, its parent gone. Now the server is stopped and the run exits 143;
+    the same command goes on from the cached answers. SIGKILL (the out-of-memory killer) gives the run no chance
+    to stop it: the server is told by the system that its parent died."""
+    import signal
+    import subprocess
+    import time
+
+    run, children, _ = scoring_with_its_server(tmp_path)
     run.send_signal(getattr(signal, stop))
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == (143 if stop == "SIGTERM" else -signal.SIGKILL), stderr[-2000:]
@@ -280,24 +290,9 @@ def test_a_server_that_exits_mid_run_stops_the_run_at_once(tmp_path):
     minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so."""
     import os
     import signal
-    import subprocess
     import time
 
-    src = _write(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": f"x {directive(f'd{i}', score=3)}"}
-                                         for i in range(2000)])
-    out = tmp_path / "out.jsonl"
-    run = subprocess.Popen([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--backend",
-                            "script", "--server-script", TEST_SERVER, "--server-arg", "delay=0.05", "--model",
-                            "test-model", "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    children = []
-    while time.monotonic() < deadline and not (children and Path(f"{out}.cache.sqlite").exists()):
-        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True,
-                                                        text=True).stdout.split()]
-        time.sleep(0.5)
-    time.sleep(2)  # some answers in
-    assert children and run.poll() is None
+    run, children, out = scoring_with_its_server(tmp_path)
     os.kill(children[0], signal.SIGKILL)  # the server crashes
     started = time.monotonic()
     _, stderr = run.communicate(timeout=120)
