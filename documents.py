@@ -712,7 +712,7 @@ def parquet_parts(paths: Iterable[str | os.PathLike], show_progress: bool = Fals
             files.append((occurrence, path, path))
         else:
             return None
-    with _progress(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
+    with progress_bar(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
         task = progress.add_task("reading Parquet footers", total=len(files))
         counts = []
         for rows in pool.map(_row_count, [url for _, _, url in files]):
@@ -778,7 +778,7 @@ def _sample_parquet(parts: list[ParquetPart], n: int, seed: int, text_field: str
                 for p, row in sampled]
 
     sample: list[tuple[int, dict]] = []
-    with _progress(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
+    with progress_bar(show_progress) as progress, ThreadPoolExecutor(PARQUET_THREADS) as pool:
         task = progress.add_task(f"reading the files holding the {len(chosen):,} sampled rows", total=len(wanted))
         for rows in pool.map(read, sorted(wanted)):
             sample.extend(rows)
@@ -846,11 +846,12 @@ def logged_progress(*columns, **options):
     return LoggedProgress()
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def progress_bar(enabled: bool):
+    """A bar with the time left on a terminal, a plain line every 30 s in a log (`logged_progress`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
+    return logged_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
 def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) -> None:

@@ -180,7 +180,7 @@ def cached_embeddings(scorer, texts: list[str], setting: str, cache: EmbeddingCa
                 out = result_array(len(texts), len(v), spill_folder, in_memory_bytes)
             out[positions[h]] = v
 
-    from edu_filter.classifiers.scorer import progress_bar
+    from edu_filter.documents import progress_bar
 
     found: set[str] = set()
     with progress_bar(cache is not None and len(positions) > 50 * EMBED_BLOCK) as progress:  # minutes at 1M

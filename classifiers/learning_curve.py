@@ -42,7 +42,7 @@ def learning_curve(
 
     A share whose subset would hold fewer than `min_rows` rows is left out. JSON-ready."""
     from edu_filter.classifiers.head import fold_indices
-    from edu_filter.classifiers.scorer import progress_bar
+    from edu_filter.documents import progress_bar
 
     labels = np.asarray(labels, dtype=np.float64)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)

@@ -32,7 +32,7 @@ from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
 from edu_filter.classifiers.device import default_device
 from edu_filter.classifiers.encoders import SequenceFramer, pad_batch, prepare_tokenizer
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
-from edu_filter.documents import InputError
+from edu_filter.documents import InputError, progress_bar
 
 LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -557,11 +557,3 @@ class PreparedTexts:
     truncated: np.ndarray
 
 
-def progress_bar(enabled: bool):
-    """A bar with the time left on a terminal, a plain line every 30 s in a log (`logged_progress`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from edu_filter.documents import logged_progress
-
-    return logged_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(), disable=not enabled, transient=True)

@@ -389,7 +389,7 @@ def test_long_steps_show_in_a_log_and_get_a_time_left(capsys):
     time left: rich estimates the speed from the last 30 s of updates."""
     from rich.progress import TextColumn
 
-    from edu_filter.classifiers.scorer import progress_bar
+    from edu_filter.documents import progress_bar
     from edu_filter.documents import logged_progress
 
     with progress_bar(True) as bar:  # stdout is no terminal here, as in a Slurm log

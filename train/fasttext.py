@@ -24,7 +24,7 @@ def train_fasttext(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
     """fastText fitted on `texts`, with out-of-fold predictions from `cfg.folds` fits on the other folds."""
     from sklearn.model_selection import KFold
 
-    from edu_filter.classifiers.scorer import progress_bar
+    from edu_filter.documents import progress_bar
 
     oof = np.zeros(len(texts))
     # one thread per fit (deterministic): about an hour a fit at 450k documents, folds + 1 of them, so a bar
