@@ -620,7 +620,8 @@ async def managed_server(config) -> AsyncIterator[str]:
                     exited.append(getattr(process, "returncode", None))
                     run.cancel()
 
-            watcher = asyncio.create_task(watch(server._server_monitoring_task))
+            monitor = server._server_monitoring_task
+            watcher = asyncio.create_task(watch(monitor)) if monitor is not None else None
             try:
                 yield server.get_base_url() + "/v1"
             except asyncio.CancelledError:
@@ -633,7 +634,8 @@ async def managed_server(config) -> AsyncIterator[str]:
                 raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} {how}; the "
                                    "answers received are cached: run the same command again to go on") from None
             finally:
-                watcher.cancel()
+                if watcher is not None:
+                    watcher.cancel()
 
 
 @contextmanager
