@@ -35,7 +35,7 @@ from edu_filter.documents import (
     check_writable_output,
     expand_paths,
     _has_suffix,
-    _progress,
+    progress_bar,
     in_score_range,
     is_hub_path,
     iter_parquet_batches,
@@ -321,7 +321,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
             weighted[has_weight] = weighted[has_weight] or f"{path}:{first}"
             summary.add(*arrays)
 
-    with _progress(show) as progress:
+    with progress_bar(show) as progress:
         task = progress.add_task("reading scores", total=len(files))
         for path in files:
             if _has_suffix(path, PARQUET_SUFFIXES) and not is_hub_path(path):
