@@ -637,7 +637,7 @@ def run_apply(
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
-    from edu_filter.filters.io import expand_inputs, input_units
+    from edu_filter.filters.io import expand_inputs, input_units, reading_matters
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -701,7 +701,7 @@ def run_apply(
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
     units = input_units(files, cfg.tasks)
-    if units is None and len(files) < cfg.tasks:  # said: the cost grows with the tasks, silently
+    if units is None and len(files) < cfg.tasks and reading_matters(files, cfg.tasks):  # the cost grows with tasks
         console.print(f"[yellow]warning: {len(files)} input files for {cfg.tasks} tasks, and they cannot be split "
                       "(gzipped JSONL, a Parquet footer that does not read, or fewer row groups than tasks): every "
                       f"task reads every file and keeps its share of the rows, {cfg.tasks}x the reading of one pass; "

@@ -500,8 +500,7 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         on one cluster overwrote each other's logs, and another user's folder made the task fail before it ran."""
         import tempfile
 
-        run = hashlib.sha1(self.logging_dir.path.encode()).hexdigest()[:12]
-        folder = os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}")
+        folder = ray_task_log_folder(self.logging_dir.path)
         os.makedirs(folder, exist_ok=True)
         before, tempfile.tempdir = tempfile.tempdir, folder
         try:
@@ -511,9 +510,22 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
                 return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             tempfile.tempdir = before
+            # once datatrove has copied it to the run's logs: it left every task's log on the node (50k files at 50k
+            # tasks); one whose copy failed stays, the only one
+            with contextlib.suppress(OSError):
+                if self.logging_dir.exists(f"logs/task_{rank:05d}.log"):
+                    os.remove(os.path.join(folder, "ray_logs", "logs", f"task_{rank:05d}.log"))
 
     def forget_killed(self) -> None:
         forget_killed(self.logging_dir)
+
+
+def ray_task_log_folder(logging_dir: str) -> str:
+    """The node's temporary folder for the task logs of the stage logging to `logging_dir` (one per stage)."""
+    import tempfile
+
+    run = hashlib.sha1(logging_dir.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}")
 
 
 def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],

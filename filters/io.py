@@ -167,6 +167,16 @@ def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int
     return units if len(units) >= tasks else None
 
 
+def reading_matters(files: list[tuple[str, str]], tasks: int) -> bool:
+    """Whether every task reading every file costs more than a share of the input each would read anyway: inputs
+    under a byte range per task (a small sample) are not worth a warning; a size no filesystem tells is."""
+    try:
+        sizes = [get_datafolder(folder).size(name) for folder, name in files]
+    except Exception:  # noqa: BLE001 - the reader reports the file
+        return True
+    return None in sizes or sum(sizes) >= tasks * JSONL_RANGE_MIN_BYTES
+
+
 def nested_deeper(row: dict, limit: int) -> bool:
     """Whether lists and objects nest more than `limit` levels deep in a field of the row."""
     stack = [(row, 0)]

@@ -166,7 +166,7 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
     tasks at once as the cluster had GPUs)."""
     ray = pytest.importorskip("ray")
     from edu_filter.filters.apply import RayOptions
-    from edu_filter.filters.executors import connect_ray
+    from edu_filter.filters.executors import connect_ray, ray_task_log_folder
 
     planted = planted_input(tmp_path / "in.jsonl", n_unique=30, n_groups=4)
     out = tmp_path / "out"
@@ -209,6 +209,10 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
                                   for log in logs)  # what the Ray workers really did
     # without --workers no throttle: Ray runs every task the cluster has the resources for
     assert all(e["workers"] == e["tasks"] for e in executors.values())
+    # each task's log copied into the run's logs, and gone from the node's temporary folder
+    for stage in out.glob("logs/*/executor.json"):
+        node_logs = Path(ray_task_log_folder(str(stage.parent))) / "ray_logs" / "logs"
+        assert node_logs.parent.parent.exists() and not list(node_logs.glob("*")), stage.parent.name
 
 
 DRIVER_ONLY_STEP = '''
