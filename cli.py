@@ -427,7 +427,7 @@ def apply(
                                                  "--slurm-cpus); they tokenize for its GPU: 16 keep one H200 busy."),
     slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
-    slurm_max_array: int = typer.Option(SLURM.max_array_size, help="Tasks per array job: the cluster's MaxArraySize."),
+    slurm_max_array: Optional[int] = typer.Option(None, help="Tasks per array job (default: the cluster's MaxArraySize; 1001 where none says)."),
     slurm_account: Optional[str] = typer.Option(SLURM.account, help="Account the jobs are charged to (sbatch --account)."),
     slurm_qos: Optional[str] = typer.Option(SLURM.qos, help="Quality of service of the jobs (sbatch --qos)."),
     slurm_arg: list[str] = typer.Option([], metavar="KEY=VALUE", help="Another sbatch option for every job, repeatable: "

@@ -431,10 +431,10 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         folder = out / "tokens" / name
         packed = read_packed(folder)
         recorded = _recorded_source(packed_settings(folder), path, text_field, source)
+        in_name_order = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source)
         order = _file_order(recorded if packed else _recorded_source(_checkpoint_settings(folder), path, text_field,
-                                                                     source),
-                            packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source))
-        wanted = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source, order)
+                                                                     source), in_name_order)
+        wanted = {**in_name_order, **({"file_order": order} if order else {})}  # packing_settings(..., order)
         if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
             _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
             packed = None

@@ -562,7 +562,9 @@ async def _stopped_by_sigterm(run):
 
 
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
-                       active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None):
+                       active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None,
+                       sampler: str | None = None):
+    """`sampler`: how `docs` were drawn (`--sample`), recorded in the cache for later runs to draw the same way."""
     async with AsyncExitStack() as stack:
         if cfg.backend == "transformers":
             backend = await stack.enter_async_context(TransformersBackend(
@@ -581,8 +583,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
-        if cfg.sample is not None and active is None:  # what a later --sample run on this cache must draw with
-            cache.record_fact(SAMPLER, recorded_sampler(cache_path) or NESTED_SAMPLER)
+        if sampler is not None:  # what a later --sample run on this cache must draw with
+            cache.record_fact(SAMPLER, sampler)
         holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them
         scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
 
@@ -720,7 +722,7 @@ def score_documents(
     the_prompt = load_prompt(cfg.prompt)
     cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
                       **cfg.generation().as_dict()}
-    active = None
+    active = sampler = None
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
@@ -751,7 +753,7 @@ def score_documents(
     with ScoreOutput(partial, active is not None) as out:
         rows, summary = asyncio.run(_stopped_by_sigterm(_score_async(
             docs, cfg, cache_path, cache_settings, the_prompt, active, write=out.write if active is None else None,
-            total=total)))
+            total=total, sampler=sampler)))
         if active is not None:
             out.write(rows)
     summary.seconds = time.perf_counter() - start

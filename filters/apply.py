@@ -142,7 +142,9 @@ class SlurmOptions:
     # other sbatch options for every job: {"constraint": "h100", "exclusive": ""}, or ["constraint=h100", "exclusive"]
     sbatch_args: dict | list[str] = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
-    max_array_size: int = 1001  # tasks per array job (the cluster's MaxArraySize); a stage with more spans several
+    # tasks per array job, a stage with more spanning several; None: the cluster's MaxArraySize (Slurm's default,
+    # 1001, where no cluster says)
+    max_array_size: int | None = None
 
     @property
     def scoring_cpus(self) -> int:

@@ -282,7 +282,7 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     if not ray.is_initialized():
         refuse_unreachable_ray()
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = [n["Resources"] for n in live_ray_nodes()]
     warnings = ray_request_warnings(opts, nodes)
     total = {k: sum(int(r.get(k, 0)) for r in nodes) for k in ("CPU", "GPU")}
     print(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} live node"
@@ -290,6 +290,13 @@ def connect_ray(opts, verbose: bool = False) -> list[str]:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return warnings
+
+
+def live_ray_nodes() -> list[dict]:
+    """The nodes of the connected Ray cluster that are up (ray.nodes() lists dead ones too)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def ray_nodes_not_seeing(path: str, timeout_s: float = 120.0) -> list[str]:
@@ -302,7 +309,7 @@ def ray_nodes_not_seeing(path: str, timeout_s: float = 120.0) -> list[str]:
     def sees(folder: str) -> bool:
         return os.path.exists(folder)
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = live_ray_nodes()
     asked = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
              for n in nodes]
     missing = []
@@ -319,9 +326,7 @@ def refuse_unshared_ray_output(output: str) -> None:
     """On a cluster of several nodes, every node must see the output folder: tasks on a node with its own disk
     wrote their files there, and the run failed hours later (the first stage's merge) saying only that tasks "did
     not complete". A folder on an object store (s3://, gs://) is seen through fsspec and not asked about."""
-    import ray
-
-    if "://" in output or sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+    if "://" in output or len(live_ray_nodes()) < 2:
         return
     missing = ray_nodes_not_seeing(os.path.abspath(os.path.join(output, "run_config.json")))
     if missing:
@@ -394,9 +399,6 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor, each task leaving its process id in `running/RANK` while it runs. A task whose
     process is killed (the kernel's out-of-memory killer, most often) leaves the file behind, which `killed_task`
     sees; datatrove's process pool alone would wait for that task's result forever, the run hanging silently."""
-
-    def forget_killed(self) -> None:
-        forget_killed(self.logging_dir)
 
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
         with running_marker(self.logging_dir, rank):
@@ -516,9 +518,6 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
                 if self.logging_dir.exists(f"logs/task_{rank:05d}.log"):
                     os.remove(os.path.join(folder, "ray_logs", "logs", f"task_{rank:05d}.log"))
 
-    def forget_killed(self) -> None:
-        forget_killed(self.logging_dir)
-
 
 def ray_task_log_folder(logging_dir: str) -> str:
     """The node's temporary folder for the task logs of the stage logging to `logging_dir` (one per stage)."""
@@ -628,7 +627,7 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
             try:
                 for stage in stages:
                     ex = _executor_here(stage, logs, executor, workers, ray)
-                    ex.forget_killed()
+                    forget_killed(ex.logging_dir)
                     watched[:] = [stage.name]  # (Ray: the tasks on this machine; `status` names the others' hosts)
                     try:
                         ex.run()
@@ -712,7 +711,7 @@ def check_slurm_request(opts):
             or opts.gpus_per_task < 0
             or (opts.mem_gb is not None and opts.mem_gb < 1)):
         raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
-    if opts.max_array_size < 1:
+    if opts.max_array_size is not None and opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     if opts.venv_path:
         check_script_path(opts.venv_path, "--slurm-venv")
@@ -734,9 +733,15 @@ def check_slurm_request(opts):
         if partition is None:
             raise DocumentError("give --slurm-partition with --dry-run (no cluster answers here to ask for its "
                                 "default)")
+        max_array = opts.max_array_size or (slurm_max_array_size() if shutil.which("scontrol") is not None
+                                            and slurm_answers() else None)
         return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
-                       sbatch_args=directives)
+                       sbatch_args=directives, max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
     parts = slurm_partitions()
+    most = slurm_max_array_size()
+    if opts.max_array_size is not None and most is not None and opts.max_array_size > most:
+        raise DocumentError(f"--slurm-max-array {opts.max_array_size}: the cluster's MaxArraySize is {most}, so "
+                            f"sbatch would refuse the array jobs; give {most} or fewer, or leave it out")
     partition = opts.partition or next((n for n, p in parts.items() if p["default"]), None)
     if partition is None:
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
@@ -757,9 +762,25 @@ def check_slurm_request(opts):
         if gpus > p["gpus"]:
             raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
                                 "(--slurm-gpu-partition)")
-    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb, sbatch_args=directives)
+    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb, sbatch_args=directives,
+                   max_array_size=opts.max_array_size or most or SLURM_MAX_ARRAY_SIZE)
     check_sbatch_accepts(opts)
     return opts
+
+
+SLURM_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize: array tasks 0 to 1000
+
+
+def slurm_max_array_size() -> int | None:
+    """The cluster's MaxArraySize (`scontrol show config`), None where it does not say: array jobs as large as it
+    allows, since a stage's array jobs run one after another (50,000 tasks were 50 of them at the default where the
+    cluster took 10,001)."""
+    try:
+        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", res.stdout, re.MULTILINE)
+    return int(found.group(1)) if res.returncode == 0 and found and int(found.group(1)) >= 1 else None
 
 
 def job_request(opts, scores: bool) -> tuple[str, int, int, int]:

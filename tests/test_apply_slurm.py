@@ -145,6 +145,30 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     assert not subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.strip()
 
 
+def test_array_jobs_are_as_large_as_the_clusters_max_array_size(slurm_partition, tmp_path):
+    """A stage's array jobs run one after another: at Slurm's default of 1,001 tasks each, 50,000 tasks were 50 of
+    them where the cluster takes 10,001. The cluster's MaxArraySize is the default; a larger one given is refused
+    before anything is submitted (sbatch refused each array job)."""
+    import re
+
+    from edu_filter.documents import DocumentError
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions
+
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    most = int(re.search(r"MaxArraySize\s*=\s*(\d+)", config).group(1))
+    assert most != ex.SLURM_MAX_ARRAY_SIZE  # the test cluster's differs from Slurm's default
+    asked = SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1)
+    assert ex.check_slurm_request(asked).max_array_size == most
+    assert ex.check_slurm_request(replace(asked, dry_run=True)).max_array_size == most  # a cluster answers here
+    assert ex.check_slurm_request(replace(asked, max_array_size=5)).max_array_size == 5
+    with pytest.raises(DocumentError, match=rf"--slurm-max-array {most + 1}: the cluster's MaxArraySize is {most}"):
+        ex.check_slurm_request(replace(asked, max_array_size=most + 1))
+    res = cli(["apply", str(tmp_path / "in.jsonl"), "--model", "m", "--executor", "slurm", "--slurm-max-array",
+               str(most + 1), "-o", str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and "MaxArraySize" in res.stderr and not (tmp_path / "out").exists(), res.stderr
+
+
 def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warning(slurm_partition, corpus,
                                                                                    stock_classifier, tmp_path):
     """Every node drained: `sbatch --test-only` says no node could take the jobs, while sbatch itself queues them
