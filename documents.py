@@ -846,12 +846,14 @@ def logged_progress(*columns, **options):
     return LoggedProgress()
 
 
-def progress_bar(enabled: bool):
-    """A bar with the time left on a terminal, a plain line every 30 s in a log (`logged_progress`)."""
+def progress_bar(enabled: bool, console=None):
+    """A bar with the time left on a terminal, a plain line every 30 s in a log (`logged_progress`); on `console`
+    (default: rich's, on stdout)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     return logged_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(), disable=not enabled, transient=True)
+                           TimeRemainingColumn(), disable=not enabled, transient=True,
+                           **({"console": console} if console is not None else {}))
 
 
 def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) -> None:

@@ -167,6 +167,25 @@ def test_large_inputs_are_sampled_and_still_see_edits(tmp_path):
     assert provenance.fingerprint(file, full_hash_max_bytes=limit)["fingerprint"] != first["fingerprint"]
 
 
+def test_a_folder_of_many_files_is_read_several_at_a_time_into_the_same_fingerprint(tmp_path, capsys):
+    """25,000 files were read one after another at every run; read at once, the fingerprint is still each file's
+    in name order, and its progress is said in a log."""
+    import hashlib
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(provenance.FINGERPRINT_BAR_FILES + 7):  # enough for a bar
+        (folder / f"part-{i:05d}.jsonl").write_text(f'{{"id": {i}, "text": "document {i}"}}\n' * (1 + i % 5))
+    outer = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        outer.update(f"{file.name}\0{sha256(file).split(':', 1)[1]}\n".encode())
+    n = provenance.FINGERPRINT_BAR_FILES + 7
+    found = provenance.fingerprint(folder)
+    assert found["fingerprint"] == f"sha256:{outer.hexdigest()}" and found["files"] == n
+    said = capsys.readouterr()
+    assert f"fingerprinting {n:,} input files: {n:,}/{n:,}" in " ".join(said.err.split()) and not said.out
+
+
 def test_remote_inputs_are_named_not_fingerprinted(tmp_path):
     for remote in ("hf://datasets/HuggingFaceFW/fineweb/sample/10BT", "s3://bucket/crawl/",
                    "HuggingFaceFW/fineweb-edu-classifier"):
