@@ -1,7 +1,7 @@
 """Live progress of an `apply` run, in documents, for any executor.
 
 Every reading step of a task writes `OUT/logs/<stage>/progress/<rank>.json` (documents and bytes read so far, and
-whether it finished) every few seconds. The same files serve the local progress bars, `apply --wait` on Slurm and
+whether it finished) every few seconds at first, every 30 s once it has run 10 minutes. The same files serve the local progress bars, `apply --wait` on Slurm and
 `edu-filter status OUT`: no executor has to report anything itself, and a finished run still shows what it did.
 """
 
@@ -14,11 +14,18 @@ from dataclasses import dataclass
 
 from datatrove.io import get_datafolder
 
-WRITE_EVERY_S = 2.0
+WRITE_EVERY_S = 2.0  # a task's first minute: the bars move at once
+# a task running for hours: 2,000 running tasks writing every 2 s were 1,000 files a second on the shared filesystem
+WRITE_MAX_EVERY_S = 30.0
+
+
+def write_interval(running_s: float) -> float:
+    """Seconds between two writes of a task's progress file, `running_s` seconds into the task."""
+    return min(WRITE_MAX_EVERY_S, max(WRITE_EVERY_S, running_s / 20))
 
 
 class TaskProgress:
-    """Documents and bytes one task has read; written to its progress file at most every `WRITE_EVERY_S` seconds."""
+    """Documents and bytes one task has read; written to its progress file at most every `write_interval`."""
 
     def __init__(self, folder: str | None, rank: int, bytes_total: int = 0):
         self.folder = get_datafolder(folder) if folder else None
@@ -28,13 +35,16 @@ class TaskProgress:
         self.bytes_done = 0  # bytes of finished files
         self.bytes_current = 0  # position in the file being read
         self.started = time.time()
+        self._running_since = time.monotonic()
         self._last_write = 0.0
         self._write(done=False)
 
     def document(self) -> None:
         self.documents += 1
-        if self.documents % 256 == 0 and time.monotonic() - self._last_write >= WRITE_EVERY_S:
-            self._write(done=False)
+        if self.documents % 256 == 0:
+            now = time.monotonic()
+            if now - self._last_write >= write_interval(now - self._running_since):
+                self._write(done=False)
 
     def at_bytes(self, position: int) -> None:
         self.bytes_current = position
@@ -88,7 +98,7 @@ class StageProgress:
     @property
     def docs_per_second(self) -> float:
         """Documents over the stage's elapsed time, to the last progress any of its tasks wrote (at most
-        WRITE_EVERY_S behind a running one): reading runs ahead of scoring by at most a window, so this is the
+        WRITE_MAX_EVERY_S behind a running one): reading runs ahead of scoring by at most a window, so this is the
         stage's throughput. A stage that stopped (failed, killed, waiting on a resume) keeps its rate instead of
         decaying towards 0, and a copied run folder (file times reset) keeps it too."""
         if not self.attempt_started:

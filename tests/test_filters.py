@@ -481,3 +481,31 @@ def test_a_merge_stage_raises_its_open_files_limit_to_what_merging_every_task_ne
     if hard != resource.RLIM_INFINITY:
         with pytest.raises(DocumentError, match=r"--tasks \d+: deduplication merges one file per task at once"):
             check_open_files(hard)
+
+
+def test_a_long_task_writes_its_progress_file_less_often(tmp_path, monkeypatch):
+    """Every 2 s for hours, 2,000 running tasks were 1,000 writes a second on the cluster's shared filesystem: a task
+    writes every 2 s at first, every 30 s once it has run 10 minutes."""
+    import json
+
+    from edu_filter.filters import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    task = progress.TaskProgress(str(tmp_path), rank=3)
+    written = lambda: json.loads((tmp_path / "00003.json").read_text())["documents"]  # noqa: E731
+
+    def read(documents: int, after_s: float) -> int:
+        clock[0] += after_s
+        for _ in range(documents):
+            task.document()
+        return written()
+
+    assert read(256, 3) == 256  # the first minute: every 2 s
+    assert read(256, 1) == 256 and read(256, 1.5) == 768
+    clock[0] += 900  # 15 minutes in
+    assert read(256, 10) == 1024  # the last write was 900 s ago
+    assert read(256, 20) == 1024 and read(256, 11) == 1536  # then every 30 s
+    task.close()  # the last count, whenever it comes
+    closed = json.loads((tmp_path / "00003.json").read_text())
+    assert (closed["documents"], closed["done"]) == (1536, True)
