@@ -43,6 +43,41 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     assert metrics["spearman"] > 0.2  # held out: weak but real
 
 
+@pytest.mark.slow
+def test_fasttext_fits_side_by_side_give_the_model_of_fits_one_after_another(tmp_path, monkeypatch, capsys):
+    """The fold fits and the final one ran one after another on one thread (~4 h at 450k documents); side by side,
+    each still on one thread, they give the same models, out-of-fold predictions and cut points. As many run at
+    once as there are CPUs, and as their training files fit in half the free temporary space."""
+    import shutil
+    from collections import namedtuple
+
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train import fasttext as ft
+    from edu_filter.train.classifier import train_classifier
+
+    def train(out: str) -> dict:
+        return train_classifier([str(CODE_LABELS)], tmp_path / out, kind="code", method="fasttext",
+                                fasttext=FastTextSettings(epoch=3, max_chars=2000), learning_curve=False)
+
+    from edu_filter.classifiers.device import default_num_threads
+
+    side_by_side = train("side")
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"5 fold fits and the final one, {min(6, default_num_threads())} at a time" in said, said
+    monkeypatch.setattr(ft, "fits_at_once", lambda *args: 1)
+    alone = train("alone")
+    assert side_by_side["training"]["cut_points"] == alone["training"]["cut_points"]
+    assert {k: v for k, v in side_by_side.items() if isinstance(v, float)} == {
+        k: v for k, v in alone.items() if isinstance(v, float)}
+    texts = [r["text"] for r in read_documents([CODE_LABELS], label_field="score")[:50]]
+    assert np.array_equal(load_scorer(tmp_path / "side").predict(texts)[0],
+                          load_scorer(tmp_path / "alone").predict(texts)[0])
+    monkeypatch.undo()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4000, 4000))
+    assert ft.fits_at_once(["x" * 1000] * 2, 2000, 6) == 1  # two 1 KB files would not fit in half of 4 KB
+
+
 def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsys):
     """Labels with repeated texts (a second annotation pass appended) put copies in training and validation: the
     validation metrics scored documents the model was fitted on. Each text is now one row with its mean label, and
