@@ -214,6 +214,23 @@ def test_fasttext_learning_curve(tmp_path):
     assert curve["verdict"]["text"] and (tmp_path / "ft" / "learning_curve.png").exists()
 
 
+def test_fasttext_curve_fits_side_by_side_make_the_same_curve(capsys):
+    """The curve's 20 fastText fits ran one after another; in threads (fastText lets go of the GIL) the curve is
+    the one they made one after another, point for point."""
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.documents import read_documents
+    from edu_filter.train.classifier import ClassifierTrainConfig
+    from edu_filter.train.fasttext import curve_fit_predict
+
+    rows = read_documents([REPO / "data/code/python_edu_labels.jsonl"], label_field="score")[:150]
+    texts, y = [r["text"] for r in rows], np.array([r["label"] for r in rows])
+    cfg = ClassifierTrainConfig(kind="code", method="fasttext", fasttext=FastTextSettings(epoch=3, max_chars=2000))
+    curves = [learning_curve(y, curve_fit_predict(cfg, texts, y), repeats=1, min_rows=10, show_progress=True,
+                             at_once=at_once) for at_once in (1, 3)]
+    assert curves[0] == curves[1] and len(curves[0]["points"]) == 4
+    assert "learning curve: 20 fits, 3 at a time: 20/20" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.slow
 def test_the_curve_reuses_the_fits_embeddings(tmp_path, minilm_path, monkeypatch):
     """The curve's refits read the vectors the model's own fit computed: it embedded (or read from the cache:

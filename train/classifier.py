@@ -446,12 +446,13 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, trained: Tr
     texts = [r["text"] for r in rows]
     main = MAIN_THRESHOLD[cfg.kind]
     if cfg.method == "fasttext":
-        from edu_filter.train.fasttext import curve_fit_predict
+        from edu_filter.train.fasttext import curve_fit_predict, fits_at_once
 
         console.print("learning curve: refitting fastText on 10/25/50/100% of the labels in each CV fold")
-        # fastText trains slowly on CPUs: one repeat
+        # fastText trains slowly on CPUs: one repeat, its fits side by side
         curve = learning_curve(y, curve_fit_predict(cfg, texts, y, w), w, cfg.folds, 1, cfg.seed,
-                               min_rows=2 * cfg.folds, main_threshold=main, show_progress=True)
+                               min_rows=2 * cfg.folds, main_threshold=main, show_progress=True,
+                               at_once=fits_at_once(texts, cfg.fasttext.max_chars, cfg.folds * 4))
         return {"model": "fasttext", **curve}
 
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
