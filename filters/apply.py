@@ -62,6 +62,8 @@ PRESETS: dict[str, dict] = {
                    "decontaminate": ["humaneval"]},
 }
 EXECUTORS = ("local", "slurm", "ray")
+# the scratch folder's size when the dedup stages' signatures were deleted, before the filter stage wrote its output
+SCRATCH_RECORD = "{logs}/dedup_scratch.json"
 COUNT_TOKENIZER = "gpt2"  # what FineWeb's token_count column counts; used when the classifier has no tokenizer
 
 
@@ -448,6 +450,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
+        DropDedupScratch,
         OpenFilesLimit,
         build_decont_index,
         check_hashing,
@@ -546,6 +549,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         if cfg.dedup:
             final.append(MinhashDedupFilter(f"{work}/minhash/remove", exclusion_writer=removed(
                 "duplicate", "near_${rank}.jsonl.gz", "duplicate-near")))
+        if not cfg.keep_work:
+            final.append(DropDedupScratch(work, [f"{work}/exact/sigs", f"{work}/minhash/sigs",
+                                                 f"{work}/minhash/buckets"], SCRATCH_RECORD.format(logs=logs)))
         stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
         return stages
 
@@ -577,7 +583,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     stages.append(Stage("report", [WriteApplyStats(out, cfg.result_settings(), keep_work=cfg.keep_work,
                                                    extra_folder=f"{logs}/extra", provenance_inputs=provenance_inputs,
-                                                   command=command_line())], 1))
+                                                   command=command_line(),
+                                                   scratch_record=SCRATCH_RECORD.format(logs=logs))], 1))
     for stage in stages:
         stage.gpu = stage.scores and not is_fasttext_model(cfg.model)
         clear = ClearUnfinishedAttempt(stage.pipeline, counts)

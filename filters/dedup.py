@@ -7,6 +7,8 @@ found none of our planted duplicates, so both are refused here rather than left 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,59 @@ class OpenFilesLimit(PipelineStep):
                 raise RuntimeError(f"this stage opens {self.tasks} files at once and this node lets a process open "
                                    f"{hard} (ulimit -Hn): run again with --tasks {hard - SPARE_FILES} or fewer")
         return data
+
+
+class DropDedupScratch(PipelineStep):
+    """In the stage that removes the duplicates (the cluster and find stages complete before it starts, and no later
+    stage reads their inputs): task 0 deletes the signatures and buckets while the stage runs, so the kept dataset
+    is not written beside them (MinHash signatures of FineWeb's 22B documents are ~20 TB). The scratch folder's size
+    is recorded first, in `record`, for stats.json's peak; a rerun finding less keeps the larger figure."""
+
+    name = "🗑 dedup scratch"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, work: str, folders: list[str], record: str):
+        super().__init__()
+        self.work, self.folders, self.record = work, folders, record
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import threading
+
+        dropping = threading.Thread(target=self.drop, name="drop-dedup-scratch", daemon=True) if rank == 0 else None
+        if dropping is not None:
+            dropping.start()  # beside the stage's own work: deleting millions of files takes a while
+        if data:
+            yield from data
+        if dropping is not None:
+            dropping.join()
+
+    def drop(self) -> None:
+        from datatrove.utils.logging import logger
+
+        from edu_filter.documents import write_json_whole
+        from edu_filter.filters.report import folder_bytes
+
+        try:
+            present = [f for f in self.folders if get_datafolder(f).exists("")]
+            if not present:
+                return
+            measured = folder_bytes(self.work)
+            record = Path(self.record)
+            try:
+                recorded = json.loads(record.read_text())["peak_scratch_bytes"]
+            except (OSError, ValueError, KeyError):
+                recorded = 0
+            if measured > recorded and "://" not in self.record:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                write_json_whole(record, {"peak_scratch_bytes": measured})
+            for folder in present:
+                if "://" in folder:
+                    get_datafolder(folder).rm("", recursive=True)
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - the report stage deletes the scratch folder anyway
+            logger.warning(f"the deduplication scratch could not be deleted early ({type(e).__name__}: {e}); the "
+                           "report stage deletes it")
 
 
 def fineweb_minhash_config() -> MinhashConfig:

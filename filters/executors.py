@@ -512,11 +512,12 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
                 return super()._run_for_rank(rank, local_rank, node_rank)
         finally:
             tempfile.tempdir = before
-            # once datatrove has copied it to the run's logs: it left every task's log on the node (50k files at 50k
-            # tasks); one whose copy failed stays, the only one
+            # once datatrove has copied it whole to the run's logs: it left every task's log on the node (50k files
+            # at 50k tasks); one whose copy failed stays (the run's may be an earlier attempt's, or cut short)
             with contextlib.suppress(OSError):
-                if self.logging_dir.exists(f"logs/task_{rank:05d}.log"):
-                    os.remove(os.path.join(folder, "ray_logs", "logs", f"task_{rank:05d}.log"))
+                local = os.path.join(folder, "ray_logs", "logs", f"task_{rank:05d}.log")
+                if self.logging_dir.size(f"logs/task_{rank:05d}.log") == os.path.getsize(local):
+                    os.remove(local)
 
 
 def ray_task_log_folder(logging_dir: str) -> str:
@@ -740,8 +741,9 @@ def check_slurm_request(opts):
     parts = slurm_partitions()
     most = slurm_max_array_size()
     if opts.max_array_size is not None and most is not None and opts.max_array_size > most:
-        raise DocumentError(f"--slurm-max-array {opts.max_array_size}: the cluster's MaxArraySize is {most}, so "
-                            f"sbatch would refuse the array jobs; give {most} or fewer, or leave it out")
+        raise DocumentError(f"--slurm-max-array {opts.max_array_size}: the cluster takes at most {most} tasks per "
+                            f"array job (MaxArraySize, max_array_tasks), so sbatch would refuse the array jobs; give "
+                            f"{most} or fewer, or leave it out")
     partition = opts.partition or next((n for n, p in parts.items() if p["default"]), None)
     if partition is None:
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
@@ -772,15 +774,25 @@ SLURM_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize: array tasks 0 to 10
 
 
 def slurm_max_array_size() -> int | None:
-    """The cluster's MaxArraySize (`scontrol show config`), None where it does not say: array jobs as large as it
-    allows, since a stage's array jobs run one after another (50,000 tasks were 50 of them at the default where the
-    cluster took 10,001)."""
+    """The most tasks one array job may hold on this cluster (`scontrol show config`), None where it does not say:
+    array jobs as large as it allows, since a stage's array jobs run one after another (50,000 tasks were 50 of
+    them at the default where the cluster took 10,001)."""
     try:
         res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    found = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", res.stdout, re.MULTILINE)
-    return int(found.group(1)) if res.returncode == 0 and found and int(found.group(1)) >= 1 else None
+    return array_limit(res.stdout) if res.returncode == 0 else None
+
+
+def array_limit(config: str) -> int | None:
+    """From `scontrol show config`: MaxArraySize (array indices 0 to MaxArraySize - 1), lowered by
+    SchedulerParameters' max_array_tasks (tasks of one array job: a site may allow indices to 100,000 and 1,000
+    tasks)."""
+    size = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", config, re.MULTILINE)
+    scheduler = re.search(r"^SchedulerParameters\s*=(.*)$", config, re.MULTILINE)
+    tasks = re.search(r"(?:^|,)\s*max_array_tasks=(\d+)", scheduler.group(1)) if scheduler else None
+    limits = [int(m.group(1)) for m in (size, tasks) if m and int(m.group(1)) >= 1]
+    return min(limits) if limits else None
 
 
 def job_request(opts, scores: bool) -> tuple[str, int, int, int]:
@@ -1042,6 +1054,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     logs, tag = f"{out}/logs", chain_tag(out)
     env = environment_command(opts)
     executors, previous = [], None
+    most_per_array = opts.max_array_size or SLURM_MAX_ARRAY_SIZE  # resolved by check_slurm_request
     for stage in stages:
         partition, cpus, mem_per_cpu_gb, gpus = job_request(opts, stage.scores)
         previous = cls(
@@ -1050,10 +1063,10 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args=job_directives(opts), slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
-            mail_type="NONE", max_array_size=opts.max_array_size, srun_args=srun_request(cpus),
+            mail_type="NONE", max_array_size=most_per_array, srun_args=srun_request(cpus),
         )
         jobs = math.ceil(len(previous.get_incomplete_ranks()) / previous.tasks_per_job)
-        previous.max_array_size = even_array_size(jobs, opts.max_array_size)
+        previous.max_array_size = even_array_size(jobs, most_per_array)
         executors.append((stage.name, previous))
     return executors
 

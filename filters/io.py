@@ -167,14 +167,17 @@ def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int
     return units if len(units) >= tasks else None
 
 
+EXTRA_READING_WORTH_SAYING = 1 << 30  # bytes read beyond one pass, over all tasks
+
+
 def reading_matters(files: list[tuple[str, str]], tasks: int) -> bool:
-    """Whether every task reading every file costs more than a share of the input each would read anyway: inputs
-    under a byte range per task (a small sample) are not worth a warning; a size no filesystem tells is."""
+    """Whether every task reading every file reads at least EXTRA_READING_WORTH_SAYING more than one pass over the
+    input would (a small sample read by a few tasks is not worth a warning; a size no filesystem tells is)."""
     try:
         sizes = [get_datafolder(folder).size(name) for folder, name in files]
     except Exception:  # noqa: BLE001 - the reader reports the file
         return True
-    return None in sizes or sum(sizes) >= tasks * JSONL_RANGE_MIN_BYTES
+    return None in sizes or sum(sizes) * (tasks - 1) >= EXTRA_READING_WORTH_SAYING
 
 
 def nested_deeper(row: dict, limit: int) -> bool:

@@ -106,8 +106,9 @@ class WriteApplyStats(PipelineStep):
 
     def __init__(self, output_folder: str, settings: dict, keep_work: bool = False, extra_folder: str | None = None,
                  provenance_inputs: list[dict] | None = None, command: str | None = None,
-                 listing_grace_s: float | None = None):
+                 listing_grace_s: float | None = None, scratch_record: str | None = None):
         super().__init__()
+        self.scratch_record = scratch_record  # the size `DropDedupScratch` measured before deleting signatures
         self.output_folder = output_folder
         self.listing_grace_s = listing_grace_s  # None: executors.COMPLETED_GRACE_S
         self.settings = settings
@@ -139,7 +140,7 @@ class WriteApplyStats(PipelineStep):
                     previous = json.load(fh)
             except ValueError:  # cut short by a kill while an older edu-filter wrote it in place: rebuilt below
                 previous = {}
-        scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0))
+        scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0), self._recorded_scratch())
         extra = {}
         if self.extra_folder and get_datafolder(self.extra_folder).exists(""):
             folder = get_datafolder(self.extra_folder)
@@ -164,6 +165,17 @@ class WriteApplyStats(PipelineStep):
                 shutil.rmtree(work, ignore_errors=True)
             else:
                 out.rm("work", recursive=True)
+
+
+    def _recorded_scratch(self) -> int:
+        """What `DropDedupScratch` measured (local outputs only, like `folder_bytes`); 0 without a record."""
+        record = getattr(self, "scratch_record", None)  # a step pickled by an older edu-filter has none
+        if not record or "://" in record:
+            return 0
+        try:
+            return int(json.loads(Path(record).read_text())["peak_scratch_bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
 
 def stats_table(stats: dict):

@@ -257,7 +257,7 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
                                      "EduClassifierScorer", "ScoreSummaryWriter", "ScoreThresholdFilter",
                                      "RecordWriter"])
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
-                                      "KeptParquetWriter"])
+                                      "DropDedupScratch", "KeptParquetWriter"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
     assert scorer_of(tmp_path / "out" / "logs" / "score").device is None  # its GPU, or the GPUs Slurm lets it see
 
@@ -487,6 +487,36 @@ def test_no_copy_of_the_corpus_is_left_and_stats_record_the_scratch(stock_classi
                      threshold=2, tasks=2, keep_work=True, show=False)
     assert (tmp_path / "kept-work" / "work" / "minhash").is_dir() and kept["kept"] == stats["kept"]
     assert len(planted["ids"]) + 4 == stats["in"]["documents"]
+    # the signatures and buckets were deleted as the filter stage began: the peak still counts them
+    signatures = sum(f.stat().st_size for part in ("sigs", "buckets")
+                     for f in (tmp_path / "kept-work" / "work" / "minhash" / part).rglob("*") if f.is_file())
+    assert stats["peak_scratch_bytes"] >= signatures > 0
+
+
+def test_the_dedup_scratch_is_deleted_by_the_first_task_of_the_stage_removing_duplicates(tmp_path):
+    """MinHash signatures of FineWeb's 22B documents are ~20 TB: they were kept until the report, beside the whole
+    kept dataset. Task 0 of the filter stage deletes them (the stages reading them are complete), having recorded
+    the scratch folder's size for the peak; a rerun finding less keeps the larger figure; other tasks delete
+    nothing; the documents pass through."""
+    from edu_filter.filters.dedup import DropDedupScratch
+
+    work = tmp_path / "work"
+    for part in ("minhash/sigs/bucket_000", "minhash/buckets", "minhash/remove"):
+        (work / part).mkdir(parents=True)
+        (work / part / "00000.bin").write_bytes(b"x" * 1000)
+    step = DropDedupScratch(str(work), [str(work / "exact/sigs"), str(work / "minhash/sigs"),
+                                        str(work / "minhash/buckets")], str(tmp_path / "logs/dedup_scratch.json"))
+    assert list(step.run(iter(["a", "b"]), rank=1, world_size=2)) == ["a", "b"]
+    assert (work / "minhash/sigs").exists()
+    assert list(step.run(iter(["c"]), rank=0, world_size=2)) == ["c"]
+    assert not (work / "minhash/sigs").exists() and not (work / "minhash/buckets").exists()
+    assert (work / "minhash/remove/00000.bin").exists()  # what the filter stage reads
+    record = tmp_path / "logs/dedup_scratch.json"
+    assert json.loads(record.read_text()) == {"peak_scratch_bytes": 3000}
+    (work / "minhash/sigs").mkdir()
+    (work / "minhash/sigs/left.bin").write_bytes(b"x")  # a rerun after a kill mid-delete
+    list(step.run(iter([]), rank=0, world_size=2))
+    assert not (work / "minhash/sigs").exists() and json.loads(record.read_text()) == {"peak_scratch_bytes": 3000}
 
 
 def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):
@@ -904,8 +934,8 @@ def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_cla
 def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_per_task(stock_classifier, tmp_path,
                                                                                          capsys, monkeypatch):
     """One gzipped JSONL file and --tasks 4: every task reads it whole and keeps every 4th row, 4x the reading of
-    one pass, which nothing said (at 25k files for 50k tasks, one unreadable Parquet footer did the same). An input
-    under a byte range per task (here a plain JSONL sample) is not worth the warning."""
+    one pass, which nothing said (at 25k files for 50k tasks, one unreadable Parquet footer did the same). A small
+    input whose extra reading is under a GiB (here a plain JSONL sample) is not worth the warning."""
     from edu_filter.filters import io
     from edu_filter.filters.apply import SlurmOptions
 
@@ -914,7 +944,7 @@ def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_pe
               tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
     assert "cannot be split" not in capsys.readouterr().err  # too small to split, and to matter
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress((tmp_path / "in.jsonl").read_bytes()))
-    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 16)  # the sample stands for an input a range per task is less
+    monkeypatch.setattr(io, "EXTRA_READING_WORTH_SAYING", 1000)  # the sample stands for a large input
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
               tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
     said = " ".join(capsys.readouterr().err.split())

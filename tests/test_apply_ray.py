@@ -212,7 +212,7 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
     # each task's log copied into the run's logs, and gone from the node's temporary folder
     for stage in out.glob("logs/*/executor.json"):
         node_logs = Path(ray_task_log_folder(str(stage.parent))) / "ray_logs" / "logs"
-        assert node_logs.parent.parent.exists() and not list(node_logs.glob("*")), stage.parent.name
+        assert node_logs.is_dir() and not list(node_logs.glob("*")), stage.parent.name
 
 
 DRIVER_ONLY_STEP = '''

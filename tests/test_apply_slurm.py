@@ -162,11 +162,15 @@ def test_array_jobs_are_as_large_as_the_clusters_max_array_size(slurm_partition,
     assert ex.check_slurm_request(asked).max_array_size == most
     assert ex.check_slurm_request(replace(asked, dry_run=True)).max_array_size == most  # a cluster answers here
     assert ex.check_slurm_request(replace(asked, max_array_size=5)).max_array_size == 5
-    with pytest.raises(DocumentError, match=rf"--slurm-max-array {most + 1}: the cluster's MaxArraySize is {most}"):
+    with pytest.raises(DocumentError, match=rf"--slurm-max-array {most + 1}: the cluster takes at most {most} tasks"):
         ex.check_slurm_request(replace(asked, max_array_size=most + 1))
     res = cli(["apply", str(tmp_path / "in.jsonl"), "--model", "m", "--executor", "slurm", "--slurm-max-array",
                str(most + 1), "-o", str(tmp_path / "out")], timeout=120)
     assert res.returncode == 2 and "MaxArraySize" in res.stderr and not (tmp_path / "out").exists(), res.stderr
+    # a site allowing indices to 100,000 and 1,000 tasks per array job (slurm.conf's own example)
+    assert ex.array_limit("MaxArraySize            = 100001\nSchedulerParameters     = bf_interval=1,"
+                          "max_array_tasks=1000,sched_interval=1\n") == 1000
+    assert ex.array_limit("MaxArraySize = 1001\nSchedulerParameters = (null)\n") == 1001
 
 
 def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warning(slurm_partition, corpus,

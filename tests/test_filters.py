@@ -501,7 +501,7 @@ def test_a_long_task_writes_its_progress_file_less_often(tmp_path, monkeypatch):
             task.document()
         return written()
 
-    assert read(256, 3) == 256  # the first minute: every 2 s
+    assert read(256, 3) == 256  # the first 40 s: every 2 s
     assert read(256, 1) == 256 and read(256, 1.5) == 768
     clock[0] += 900  # 15 minutes in
     assert read(256, 10) == 1024  # the last write was 900 s ago
