@@ -315,13 +315,21 @@ def _recorded_parts(folder: Path) -> list[dict]:
 
 
 def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -> list[dict]:
-    """Role -> path (or paths) to recorded inputs; None and empty roles are skipped."""
+    """Role -> path (or paths) to recorded inputs; None and empty roles are skipped. Paths are described
+    FINGERPRINT_THREADS at a time (a shell glob gives `apply` 25,000 files, each fingerprinted on its own)."""
+    from rich.console import Console
+
+    from edu_filter.documents import progress_bar
+
+    pairs = [(role, path) for role, paths in inputs.items() if paths is not None
+             for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     entries = []
-    for role, paths in inputs.items():
-        if paths is None:
-            continue
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            entries.append(describe_input(role, path))
+    with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(pairs)))) as pool, \
+            progress_bar(len(pairs) >= FINGERPRINT_BAR_FILES, Console(stderr=True)) as progress:
+        task = progress.add_task(f"fingerprinting {len(pairs):,} inputs", total=len(pairs))
+        for entry in pool.map(lambda pair: describe_input(*pair), pairs):  # in the order given
+            entries.append(entry)
+            progress.advance(task)
     return entries
 
 

@@ -186,6 +186,21 @@ def test_a_folder_of_many_files_is_read_several_at_a_time_into_the_same_fingerpr
     assert f"fingerprinting {n:,} input files: {n:,}/{n:,}" in " ".join(said.err.split()) and not said.out
 
 
+def test_many_input_paths_are_described_several_at_a_time_in_their_order(tmp_path, capsys):
+    """A shell glob gives `apply` thousands of files, each fingerprinted on its own, one after another: they are
+    described several at a time, recorded in the order given, with a bar on stderr."""
+    n = provenance.FINGERPRINT_BAR_FILES + 3
+    files = []
+    for i in reversed(range(n)):  # an order that is not the names'
+        files.append(tmp_path / f"part-{i:05d}.jsonl")
+        files[-1].write_text(f'{{"id": {i}, "text": "document {i}"}}\n')
+    entries = provenance.describe_inputs({"documents": files, "classifier": None})
+    assert [e["path"] for e in entries] == [str(f) for f in files]
+    assert [e["fingerprint"] for e in entries] == [sha256(f) for f in files]
+    said = capsys.readouterr()
+    assert f"fingerprinting {n:,} inputs: {n:,}/{n:,}" in " ".join(said.err.split()) and not said.out
+
+
 def test_remote_inputs_are_named_not_fingerprinted(tmp_path):
     for remote in ("hf://datasets/HuggingFaceFW/fineweb/sample/10BT", "s3://bucket/crawl/",
                    "HuggingFaceFW/fineweb-edu-classifier"):
