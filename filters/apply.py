@@ -452,6 +452,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from edu_filter.filters.dedup import (
         DropDedupScratch,
         OpenFilesLimit,
+        RecordScratchPeak,
         build_decont_index,
         check_hashing,
         decont_config,
@@ -549,9 +550,13 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         if cfg.dedup:
             final.append(MinhashDedupFilter(f"{work}/minhash/remove", exclusion_writer=removed(
                 "duplicate", "near_${rank}.jsonl.gz", "duplicate-near")))
-        if not cfg.keep_work:
-            final.append(DropDedupScratch(work, [f"{work}/exact/sigs", f"{work}/minhash/sigs",
-                                                 f"{work}/minhash/buckets"], SCRATCH_RECORD.format(logs=logs)))
+        if not cfg.keep_work:  # the signatures go once read, the last stage reading them having measured them
+            stages[-1].pipeline.append(RecordScratchPeak(work, SCRATCH_RECORD.format(logs=logs)))
+            readers = [(f"{logs}/{stage.name}", stage.tasks) for stage in stages
+                       if stage.name in ("exact-find", "minhash-buckets", "minhash-cluster")]
+            final.append(DropDedupScratch(
+                (f"{work}/minhash/sigs", f"{work}/minhash/buckets", minhash.num_buckets) if cfg.dedup else None,
+                f"{work}/exact/sigs" if cfg.exact_dedup else None, readers))
         stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
         return stages
 

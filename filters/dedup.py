@@ -7,8 +7,7 @@ found none of our planted duplicates, so both are refused here rather than left 
 
 from __future__ import annotations
 
-import json
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,57 +83,77 @@ class OpenFilesLimit(PipelineStep):
         return data
 
 
+class RecordScratchPeak(PipelineStep):
+    """Last step of the last dedup stage before the filter stage (one task): the scratch folder's size now, when it
+    holds every signature, for stats.json's peak (`DropDedupScratch` deletes them next). A rerun finding less keeps
+    the larger figure."""
+
+    name = "📏 scratch size"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, work: str, record: str):
+        super().__init__()
+        self.work, self.record = work, record
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from edu_filter.documents import write_json_whole
+        from edu_filter.filters.report import folder_bytes, recorded_scratch
+
+        if data:
+            yield from data
+        measured = folder_bytes(self.work)
+        if measured > recorded_scratch(self.record):
+            Path(self.record).parent.mkdir(parents=True, exist_ok=True)
+            write_json_whole(self.record, {"peak_scratch_bytes": measured})
+
+
 class DropDedupScratch(PipelineStep):
-    """In the stage that removes the duplicates (the cluster and find stages complete before it starts, and no later
-    stage reads their inputs): task 0 deletes the signatures and buckets while the stage runs, so the kept dataset
-    is not written beside them (MinHash signatures of FineWeb's 22B documents are ~20 TB). The scratch folder's size
-    is recorded first, in `record`, for stats.json's peak; a rerun finding less keeps the larger figure."""
+    """A step of the stage that removes the duplicates: the signatures and the MinHash buckets are read by no
+    later stage, and were kept beside the whole kept dataset until the report (MinHash signatures of FineWeb's 22B
+    documents are ~20 TB). Task r deletes the signature files rank r wrote, and task r < buckets the r-th bucket's
+    file: a few deletions per task, nothing listed. Only once every stage reading them has all its completion files
+    (a chain whose queued jobs never ran would otherwise lose them): the report stage deletes whatever is left."""
 
     name = "🗑 dedup scratch"
     type = "🫂 - DEDUP"
 
-    def __init__(self, work: str, folders: list[str], record: str):
+    def __init__(self, minhash: tuple[str, str, int] | None, exact_sigs: str | None,
+                 readers: list[tuple[str, int]]):
+        """`minhash`: (signatures folder, buckets folder, buckets); `readers`: (logging folder, tasks) of the stages
+        that read them."""
         super().__init__()
-        self.work, self.folders, self.record = work, folders, record
+        self.minhash, self.exact_sigs, self.readers = minhash, exact_sigs, readers
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        import threading
-
-        dropping = threading.Thread(target=self.drop, name="drop-dedup-scratch", daemon=True) if rank == 0 else None
-        if dropping is not None:
-            dropping.start()  # beside the stage's own work: deleting millions of files takes a while
+        if all(_completed(logs) >= tasks for logs, tasks in self.readers):
+            for path in self.files_of(rank):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
         if data:
             yield from data
-        if dropping is not None:
-            dropping.join()
 
-    def drop(self) -> None:
-        from datatrove.utils.logging import logger
+    def files_of(self, rank: int) -> list[str]:
+        """What rank `rank` wrote in the signature stages (datatrove's file names), and the bucket stage's r-th."""
+        from datatrove.utils.typeshelper import ExtensionHelperSD
 
-        from edu_filter.documents import write_json_whole
-        from edu_filter.filters.report import folder_bytes
+        files = []
+        if self.minhash is not None:
+            sigs, buckets, count = self.minhash
+            files += [f"{sigs}/bucket_{b:03d}/{rank:05d}.minhash.sig" for b in range(count)]
+            if rank < count:  # one task per bucket
+                files.append(f"{buckets}/{rank:05d}_00.dups")
+        if self.exact_sigs is not None:  # one finder task: its hash range 0000
+            files.append(f"{self.exact_sigs}/0000/{rank:05d}{ExtensionHelperSD.stage_1_signature}")
+        return files
 
-        try:
-            present = [f for f in self.folders if get_datafolder(f).exists("")]
-            if not present:
-                return
-            measured = folder_bytes(self.work)
-            record = Path(self.record)
-            try:
-                recorded = json.loads(record.read_text())["peak_scratch_bytes"]
-            except (OSError, ValueError, KeyError):
-                recorded = 0
-            if measured > recorded and "://" not in self.record:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                write_json_whole(record, {"peak_scratch_bytes": measured})
-            for folder in present:
-                if "://" in folder:
-                    get_datafolder(folder).rm("", recursive=True)
-                else:
-                    shutil.rmtree(folder, ignore_errors=True)
-        except Exception as e:  # noqa: BLE001 - the report stage deletes the scratch folder anyway
-            logger.warning(f"the deduplication scratch could not be deleted early ({type(e).__name__}: {e}); the "
-                           "report stage deletes it")
+
+def _completed(logs: str) -> int:
+    try:
+        return len(os.listdir(os.path.join(logs, "completions")))
+    except OSError:
+        return 0
 
 
 def fineweb_minhash_config() -> MinhashConfig:

@@ -47,6 +47,14 @@ def folder_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
+def recorded_scratch(record: str | None) -> int:
+    """The scratch size `RecordScratchPeak` recorded in `record`; 0 without one."""
+    try:
+        return int(json.loads(Path(record).read_text())["peak_scratch_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extra: dict | None = None) -> dict:
     counts = read_counts(counts_folder)
     read = counts.pop("in", [0, 0])[0]
@@ -108,7 +116,7 @@ class WriteApplyStats(PipelineStep):
                  provenance_inputs: list[dict] | None = None, command: str | None = None,
                  listing_grace_s: float | None = None, scratch_record: str | None = None):
         super().__init__()
-        self.scratch_record = scratch_record  # the size `DropDedupScratch` measured before deleting signatures
+        self.scratch_record = scratch_record  # what `RecordScratchPeak` measured before signatures were deleted
         self.output_folder = output_folder
         self.listing_grace_s = listing_grace_s  # None: executors.COMPLETED_GRACE_S
         self.settings = settings
@@ -140,7 +148,9 @@ class WriteApplyStats(PipelineStep):
                     previous = json.load(fh)
             except ValueError:  # cut short by a kill while an older edu-filter wrote it in place: rebuilt below
                 previous = {}
-        scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0), self._recorded_scratch())
+        # a step pickled by an older edu-filter has no scratch_record
+        scratch = max(folder_bytes(work), previous.get("peak_scratch_bytes", 0),
+                      recorded_scratch(getattr(self, "scratch_record", None)))
         extra = {}
         if self.extra_folder and get_datafolder(self.extra_folder).exists(""):
             folder = get_datafolder(self.extra_folder)
@@ -167,15 +177,6 @@ class WriteApplyStats(PipelineStep):
                 out.rm("work", recursive=True)
 
 
-    def _recorded_scratch(self) -> int:
-        """What `DropDedupScratch` measured (local outputs only, like `folder_bytes`); 0 without a record."""
-        record = getattr(self, "scratch_record", None)  # a step pickled by an older edu-filter has none
-        if not record or "://" in record:
-            return 0
-        try:
-            return int(json.loads(Path(record).read_text())["peak_scratch_bytes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
 
 
 def stats_table(stats: dict):

@@ -493,30 +493,54 @@ def test_no_copy_of_the_corpus_is_left_and_stats_record_the_scratch(stock_classi
     assert stats["peak_scratch_bytes"] >= signatures > 0
 
 
-def test_the_dedup_scratch_is_deleted_by_the_first_task_of_the_stage_removing_duplicates(tmp_path):
+def test_each_task_of_the_stage_removing_duplicates_deletes_the_signatures_its_rank_wrote(tmp_path):
     """MinHash signatures of FineWeb's 22B documents are ~20 TB: they were kept until the report, beside the whole
-    kept dataset. Task 0 of the filter stage deletes them (the stages reading them are complete), having recorded
-    the scratch folder's size for the peak; a rerun finding less keeps the larger figure; other tasks delete
-    nothing; the documents pass through."""
-    from edu_filter.filters.dedup import DropDedupScratch
+    kept dataset. Each task of the filter stage deletes the signature files its rank wrote (and task r the r-th
+    bucket's file), by datatrove's file names, once the stages reading them have all their completion files; the
+    last of those stages records the scratch size first; the documents pass through."""
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, ExactFindDedups
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
 
-    work = tmp_path / "work"
-    for part in ("minhash/sigs/bucket_000", "minhash/buckets", "minhash/remove"):
-        (work / part).mkdir(parents=True)
-        (work / part / "00000.bin").write_bytes(b"x" * 1000)
-    step = DropDedupScratch(str(work), [str(work / "exact/sigs"), str(work / "minhash/sigs"),
-                                        str(work / "minhash/buckets")], str(tmp_path / "logs/dedup_scratch.json"))
+    from edu_filter.filters.dedup import (DropDedupScratch, RecordScratchPeak, exact_dedup_config,
+                                          fineweb_minhash_config)
+    from edu_filter.filters.minhash import FastMinhashSignature
+
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    docs = [Document(text=f"document {i} " + "words that repeat in every document " * 5, id=str(i)) for i in range(20)]
+    minhash, exact = fineweb_minhash_config(), exact_dedup_config()
+
+    def run(name: str, pipeline: list, tasks: int) -> None:
+        LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(logs / name)).run()
+
+    run("exact-signatures", [docs, ExactDedupSignature(str(work / "exact/sigs"), config=exact)], 2)
+    run("exact-find", [ExactFindDedups(str(work / "exact/sigs"), str(work / "exact/dups"), config=exact)], 1)
+    run("minhash-signatures", [docs, FastMinhashSignature(str(work / "minhash/sigs"), config=minhash)], 2)
+    run("minhash-buckets", [MinhashDedupBuckets(str(work / "minhash/sigs"), str(work / "minhash/buckets"),
+                                                config=minhash)], minhash.num_buckets)
+    record = logs / "dedup_scratch.json"
+    run("minhash-cluster", [MinhashDedupCluster(str(work / "minhash/buckets"), str(work / "minhash/remove"),
+                                                config=minhash), RecordScratchPeak(str(work), str(record))], 1)
+    scratch = lambda *parts: [f for part in parts for f in (work / part).rglob("*") if f.is_file()]  # noqa: E731
+    signatures = scratch("exact/sigs", "minhash/sigs", "minhash/buckets")
+    assert len(scratch("minhash/sigs")) == 2 * minhash.num_buckets and scratch("exact/sigs")
+    assert json.loads(record.read_text())["peak_scratch_bytes"] >= sum(f.stat().st_size for f in signatures)
+
+    readers = [(str(logs / "exact-find"), 1), (str(logs / "minhash-buckets"), minhash.num_buckets),
+               (str(logs / "minhash-cluster"), 1)]
+    step = DropDedupScratch((str(work / "minhash/sigs"), str(work / "minhash/buckets"), minhash.num_buckets),
+                            str(work / "exact/sigs"), readers + [(str(logs / "never-ran"), 1)])
+    assert list(step.run(iter(["a"]), rank=0, world_size=2)) == ["a"]
+    assert len(scratch("exact/sigs", "minhash/sigs", "minhash/buckets")) == len(signatures)  # a reader incomplete
+    step = DropDedupScratch((str(work / "minhash/sigs"), str(work / "minhash/buckets"), minhash.num_buckets),
+                            str(work / "exact/sigs"), readers)
     assert list(step.run(iter(["a", "b"]), rank=1, world_size=2)) == ["a", "b"]
-    assert (work / "minhash/sigs").exists()
-    assert list(step.run(iter(["c"]), rank=0, world_size=2)) == ["c"]
-    assert not (work / "minhash/sigs").exists() and not (work / "minhash/buckets").exists()
-    assert (work / "minhash/remove/00000.bin").exists()  # what the filter stage reads
-    record = tmp_path / "logs/dedup_scratch.json"
-    assert json.loads(record.read_text()) == {"peak_scratch_bytes": 3000}
-    (work / "minhash/sigs").mkdir()
-    (work / "minhash/sigs/left.bin").write_bytes(b"x")  # a rerun after a kill mid-delete
+    assert len(scratch("minhash/sigs")) == minhash.num_buckets  # rank 0's are left to task 0
     list(step.run(iter([]), rank=0, world_size=2))
-    assert not (work / "minhash/sigs").exists() and json.loads(record.read_text()) == {"peak_scratch_bytes": 3000}
+    list(step.run(iter([]), rank=0, world_size=2))  # a rerun of task 0: nothing left to delete, no error
+    assert not scratch("exact/sigs", "minhash/sigs") and len(scratch("minhash/buckets")) == minhash.num_buckets - 2
+    assert scratch("minhash/remove") and scratch("exact/dups")  # what the filter stage reads
 
 
 def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):

@@ -73,9 +73,17 @@ def test_fasttext_fits_side_by_side_give_the_model_of_fits_one_after_another(tmp
     assert np.array_equal(load_scorer(tmp_path / "side").predict(texts)[0],
                           load_scorer(tmp_path / "alone").predict(texts)[0])
     monkeypatch.undo()
+    monkeypatch.setattr("edu_filter.classifiers.device.default_num_threads", lambda: 8)
+    monkeypatch.setattr("edu_filter.classifiers.embeddings.available_memory", lambda: 64 * 2**30)
+    settings = FastTextSettings(max_chars=2000)
+    assert ft.fits_at_once(["x" * 1000] * 2, settings, 6) == 6
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4000, 4000))
-    assert ft.fits_at_once(["x" * 1000] * 2, 2000, 6) == 1  # two 1 KB files would not fit in half of 4 KB
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 8200, 8200))
+    assert ft.fits_at_once(["x" * 1000] * 2, settings, 6) == 2  # two files of ~2 KB in half of 8.2 KB
+    assert ft.fits_at_once(["é" * 1000] * 2, settings, 6) == 1  # ~4 KB each in UTF-8
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    monkeypatch.setattr("edu_filter.classifiers.embeddings.available_memory", lambda: 2 * 2**30)
+    assert ft.fits_at_once(["x" * 1000] * 2, settings, 6) == 1  # a fit's matrices take ~0.7 GB
 
 
 def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsys):

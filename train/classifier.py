@@ -452,7 +452,7 @@ def _learning_curve(cfg: ClassifierTrainConfig, rows: list[dict], w, trained: Tr
         # fastText trains slowly on CPUs: one repeat, its fits side by side
         curve = learning_curve(y, curve_fit_predict(cfg, texts, y, w), w, cfg.folds, 1, cfg.seed,
                                min_rows=2 * cfg.folds, main_threshold=main, show_progress=True,
-                               at_once=fits_at_once(texts, cfg.fasttext.max_chars, cfg.folds * 4))
+                               at_once=fits_at_once(texts, cfg.fasttext, cfg.folds * 4))
         return {"model": "fasttext", **curve}
 
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder

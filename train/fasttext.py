@@ -37,7 +37,7 @@ def train_fasttext(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
         fold = fit_fasttext(cfg, [texts[i] for i in fit_idx], y[fit_idx], take(weights, fit_idx))
         return fold.predict([texts[i] for i in held_idx])
 
-    at_once = fits_at_once(texts, cfg.fasttext.max_chars, len(folds) + 1)
+    at_once = fits_at_once(texts, cfg.fasttext, len(folds) + 1)
     # about an hour a fit at 450k documents, so a bar
     with progress_bar(True) as progress, ThreadPoolExecutor(at_once) as pool:  # fastText lets go of the GIL
         task = progress.add_task(f"fastText: {cfg.folds} fold fits and the final one, {at_once} at a time",
@@ -50,23 +50,30 @@ def train_fasttext(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
                     oof[held[done]] = done.result()
                 progress.advance(task)
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the fits not started yet: one failed, the run stops
+            pool.shutdown(wait=False, cancel_futures=True)  # the fits not started yet; the running ones end first
             raise
         model = final.result()
     return TrainedModel(model, model.predict(val_texts), oof, {"method": "fasttext"})
 
 
-def fits_at_once(texts: list[str], max_chars: int, fits: int) -> int:
+FIT_WORDS = 2_000_000  # words a fit's dictionary may hold (FineWeb-sized labels), for its memory
+
+
+def fits_at_once(texts: list[str], settings: FastTextSettings, fits: int) -> int:
     """How many fastText fits run side by side: one per CPU this process may use, as long as their training files
-    (each about the texts' size, in the temporary folder) fit in half of its free space."""
+    (each about the texts' UTF-8 size, in the temporary folder) fit in half its free space, and their dictionaries
+    and (words + buckets) x dim matrices in half the memory left."""
     import shutil
     import tempfile
 
     from edu_filter.classifiers.device import default_num_threads
+    from edu_filter.classifiers.embeddings import available_memory
 
-    file_bytes = sum(min(len(t), max_chars) for t in texts) + 16 * len(texts)
+    file_bytes = sum(len(t[:settings.max_chars].encode()) for t in texts) + 16 * len(texts)
     free = shutil.disk_usage(tempfile.gettempdir()).free
-    return max(1, min(fits, default_num_threads(), free // 2 // max(1, file_bytes)))
+    fit_memory = (FIT_WORDS + settings.bucket) * settings.dim * 4 + FIT_WORDS * 64
+    return max(1, min(fits, default_num_threads(), free // 2 // max(1, file_bytes),
+                      available_memory() // 2 // fit_memory))
 
 
 def fit_fasttext(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, weights=None) -> FastTextRegressor:
