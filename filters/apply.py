@@ -552,11 +552,13 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 "duplicate", "near_${rank}.jsonl.gz", "duplicate-near")))
         if not cfg.keep_work:  # the signatures go once read, the last stage reading them having measured them
             stages[-1].pipeline.append(RecordScratchPeak(work, SCRATCH_RECORD.format(logs=logs)))
-            readers = [(f"{logs}/{stage.name}", stage.tasks) for stage in stages
-                       if stage.name in ("exact-find", "minhash-buckets", "minhash-cluster")]
+            writing = ("exact-signatures", "minhash-signatures")
             final.append(DropDedupScratch(
                 (f"{work}/minhash/sigs", f"{work}/minhash/buckets", minhash.num_buckets) if cfg.dedup else None,
-                f"{work}/exact/sigs" if cfg.exact_dedup else None, readers))
+                f"{work}/exact/sigs" if cfg.exact_dedup else None,
+                [f"{logs}/{stage.name}" for stage in stages if stage.name in writing],
+                [(f"{logs}/{stage.name}", stage.tasks) for stage in stages if stage.name not in writing],
+                SCRATCH_RECORD.format(logs=logs)))
         stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
         return stages
 

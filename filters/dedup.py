@@ -96,15 +96,21 @@ class RecordScratchPeak(PipelineStep):
         self.work, self.record = work, record
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from datatrove.utils.logging import logger
+
         from edu_filter.documents import write_json_whole
         from edu_filter.filters.report import folder_bytes, recorded_scratch
 
         if data:
             yield from data
-        measured = folder_bytes(self.work)
-        if measured > recorded_scratch(self.record):
-            Path(self.record).parent.mkdir(parents=True, exist_ok=True)
-            write_json_whole(self.record, {"peak_scratch_bytes": measured})
+        try:
+            measured = folder_bytes(self.work)
+            if measured > recorded_scratch(self.record):
+                Path(self.record).parent.mkdir(parents=True, exist_ok=True)
+                write_json_whole(self.record, {"peak_scratch_bytes": measured})
+        except OSError as e:  # a statistic: the stage's own work is done; without a record nothing is deleted early
+            logger.warning(f"the scratch folder's size could not be recorded ({e}); its signatures stay until the "
+                           "report")
 
 
 class DropDedupScratch(PipelineStep):
@@ -117,20 +123,30 @@ class DropDedupScratch(PipelineStep):
     name = "🗑 dedup scratch"
     type = "🫂 - DEDUP"
 
-    def __init__(self, minhash: tuple[str, str, int] | None, exact_sigs: str | None,
-                 readers: list[tuple[str, int]]):
-        """`minhash`: (signatures folder, buckets folder, buckets); `readers`: (logging folder, tasks) of the stages
-        that read them."""
+    def __init__(self, minhash: tuple[str, str, int] | None, exact_sigs: str | None, writers: list[str],
+                 readers: list[tuple[str, int]], record: str):
+        """`minhash`: (signatures folder, buckets folder, buckets); `writers`: the logging folders of the stages
+        writing the signatures (this rank's completion is looked up, not the folder listed: 50k files);
+        `readers`: (logging folder, tasks) of the stages reading them; `record`: `RecordScratchPeak`'s, without
+        which nothing is deleted (the peak would miss them: a stage completed by a run with --keep-work, or by an
+        older edu-filter, measured none)."""
         super().__init__()
-        self.minhash, self.exact_sigs, self.readers = minhash, exact_sigs, readers
+        self.minhash, self.exact_sigs, self.record = minhash, exact_sigs, record
+        self.writers, self.readers = writers, readers
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        if all(_completed(logs) >= tasks for logs, tasks in self.readers):
+        from datatrove.utils.logging import logger
+
+        if (os.path.exists(self.record) and all(_completed(logs) >= tasks for logs, tasks in self.readers)
+                and all(os.path.exists(f"{logs}/completions/{rank:05d}") for logs in self.writers)):
             for path in self.files_of(rank):
                 try:
                     os.remove(path)
                 except FileNotFoundError:
                     pass
+                except OSError as e:  # the report stage deletes what is left
+                    logger.warning(f"{path} could not be deleted ({e}); the report stage deletes it")
+                    break
         if data:
             yield from data
 

@@ -9,6 +9,7 @@ as a mismatch with the number of rows read. A rerun task rewrites its own counts
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,11 +41,19 @@ def read_counts(counts_folder: str) -> dict[str, list[int]]:
 
 
 def folder_bytes(path: str) -> int:
-    """Bytes under a local folder (0 for remote or missing folders, where scratch size is not measured)."""
-    root = Path(path)
-    if "://" in path or not root.exists():
+    """Bytes under a local folder (0 for remote or missing folders, where scratch size is not measured); one stat a
+    file (hundreds of thousands of signature files on a shared filesystem)."""
+    if "://" in path or not os.path.isdir(path):
         return 0
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    total, folders = 0, [path]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def recorded_scratch(record: str | None) -> int:

@@ -497,7 +497,8 @@ def test_each_task_of_the_stage_removing_duplicates_deletes_the_signatures_its_r
     """MinHash signatures of FineWeb's 22B documents are ~20 TB: they were kept until the report, beside the whole
     kept dataset. Each task of the filter stage deletes the signature files its rank wrote (and task r the r-th
     bucket's file), by datatrove's file names, once the stages reading them have all their completion files; the
-    last of those stages records the scratch size first; the documents pass through."""
+    last of those stages records the scratch size first (without that record nothing is deleted); the documents
+    pass through."""
     from datatrove.data import Document
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, ExactFindDedups
@@ -527,14 +528,19 @@ def test_each_task_of_the_stage_removing_duplicates_deletes_the_signatures_its_r
     assert len(scratch("minhash/sigs")) == 2 * minhash.num_buckets and scratch("exact/sigs")
     assert json.loads(record.read_text())["peak_scratch_bytes"] >= sum(f.stat().st_size for f in signatures)
 
+    writers = [str(logs / "exact-signatures"), str(logs / "minhash-signatures")]
     readers = [(str(logs / "exact-find"), 1), (str(logs / "minhash-buckets"), minhash.num_buckets),
                (str(logs / "minhash-cluster"), 1)]
-    step = DropDedupScratch((str(work / "minhash/sigs"), str(work / "minhash/buckets"), minhash.num_buckets),
-                            str(work / "exact/sigs"), readers + [(str(logs / "never-ran"), 1)])
-    assert list(step.run(iter(["a"]), rank=0, world_size=2)) == ["a"]
-    assert len(scratch("exact/sigs", "minhash/sigs", "minhash/buckets")) == len(signatures)  # a reader incomplete
-    step = DropDedupScratch((str(work / "minhash/sigs"), str(work / "minhash/buckets"), minhash.num_buckets),
-                            str(work / "exact/sigs"), readers)
+
+    def drop(writers=writers, readers=readers, record=record) -> DropDedupScratch:
+        return DropDedupScratch((str(work / "minhash/sigs"), str(work / "minhash/buckets"), minhash.num_buckets),
+                                str(work / "exact/sigs"), writers, readers, str(record))
+
+    for kept in (drop(readers=readers + [(str(logs / "never-ran"), 1)]), drop(writers=writers + [str(logs / "x")]),
+                 drop(record=tmp_path / "none.json")):  # a stage incomplete; the size never recorded
+        assert list(kept.run(iter(["a"]), rank=0, world_size=2)) == ["a"]
+        assert len(scratch("exact/sigs", "minhash/sigs", "minhash/buckets")) == len(signatures)
+    step = drop()
     assert list(step.run(iter(["a", "b"]), rank=1, world_size=2)) == ["a", "b"]
     assert len(scratch("minhash/sigs")) == minhash.num_buckets  # rank 0's are left to task 0
     list(step.run(iter([]), rank=0, world_size=2))
