@@ -321,7 +321,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
             weighted[has_weight] = weighted[has_weight] or f"{path}:{first}"
             summary.add(*arrays)
 
-    with progress_bar(show) as progress:
+    with progress_bar(show and bool(files)) as progress:  # none: all from apply's summaries
         task = progress.add_task("reading scores", total=len(files))
         for path in files:
             if _has_suffix(path, PARQUET_SUFFIXES) and not is_hub_path(path):

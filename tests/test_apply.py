@@ -89,11 +89,12 @@ def test_bad_rows_are_kept_aside_with_file_and_line(planted_run):
     assert row["raw_preview"].startswith("{this is not json")
 
 
-def test_sweep_reads_an_apply_output_folder(planted_run, tmp_path):
+def test_sweep_reads_an_apply_output_folder(planted_run, tmp_path, capsys):
     from edu_filter.filters.sweep import run_sweep
 
     _, stats, out = planted_run
-    result = run_sweep([str(out)], tmp_path / "sweep", show=False)
+    result = run_sweep([str(out)], tmp_path / "sweep", show=True)
+    assert "reading scores" not in capsys.readouterr().out  # its summaries: no file to read ("0/0" was said)
     scored = stats["kept"]["documents"] + stats["removed"]["below_threshold"]["documents"]
     assert result["documents"] == scored and result["labelled"] == scored  # the LLM labels, kept as input_score
     row = next(r for r in result["rows"] if r["threshold"] == 2)
