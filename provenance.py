@@ -153,25 +153,26 @@ def _sampled(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _file_digests(pool: ThreadPoolExecutor, files: list[Path], stats: list, full: bool) -> list[str]:
-    """Each file's digest, in the order of `files`, read FINGERPRINT_THREADS at a time, with a bar (a plain line in a
-    log) where there are many: 25,000 files on a shared filesystem were 25,000 reads of 512 KiB one after another,
-    at every run and resume, with nothing said. On stderr: `lineage --json` prints its record on stdout."""
+def _in_order_with_bar(pool: ThreadPoolExecutor, work, items: list, description: str) -> list:
+    """`work(item)` of every item, run on `pool`, in the order of `items`, with a bar on stderr (a plain line in a
+    log) from FINGERPRINT_BAR_FILES items: 25,000 files on a shared filesystem were 25,000 reads of 512 KiB one after
+    another, at every run and resume, with nothing said. stderr: `lineage --json` prints its record on stdout."""
     from rich.console import Console
 
     from edu_filter.documents import progress_bar
 
-    def one(file_stat) -> str:
-        f, st = file_stat
-        return _sha256(f) if full else _sampled(f, st.st_size, st.st_mtime_ns)
-
-    digests = []
-    with progress_bar(len(files) >= FINGERPRINT_BAR_FILES, Console(stderr=True)) as progress:
-        task = progress.add_task(f"fingerprinting {len(files):,} input files", total=len(files))
-        for digest in pool.map(one, zip(files, stats)):  # map keeps the order
-            digests.append(digest)
+    done = []
+    with progress_bar(len(items) >= FINGERPRINT_BAR_FILES, Console(stderr=True)) as progress:
+        task = progress.add_task(description, total=len(items))
+        for result in pool.map(work, items):  # map keeps the order
+            done.append(result)
             progress.advance(task)
-    return digests
+    return done
+
+
+def _file_digest(file_stat: tuple, full: bool) -> str:
+    f, st = file_stat
+    return _sha256(f) if full else _sampled(f, st.st_size, st.st_mtime_ns)
 
 
 def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MAX_BYTES,
@@ -189,7 +190,8 @@ def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MA
         stats = list(pool.map(os.stat, files))
         total = sum(s.st_size for s in stats)
         full = total <= full_hash_max_bytes
-        digests = _file_digests(pool, files, stats, full)
+        digests = _in_order_with_bar(pool, lambda file_stat: _file_digest(file_stat, full), list(zip(files, stats)),
+                                     f"fingerprinting {len(files):,} input files")
     if path.is_file():
         digest = digests[0]
     else:
@@ -317,20 +319,11 @@ def _recorded_parts(folder: Path) -> list[dict]:
 def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -> list[dict]:
     """Role -> path (or paths) to recorded inputs; None and empty roles are skipped. Paths are described
     FINGERPRINT_THREADS at a time (a shell glob gives `apply` 25,000 files, each fingerprinted on its own)."""
-    from rich.console import Console
-
-    from edu_filter.documents import progress_bar
-
     pairs = [(role, path) for role, paths in inputs.items() if paths is not None
              for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    entries = []
-    with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(pairs)))) as pool, \
-            progress_bar(len(pairs) >= FINGERPRINT_BAR_FILES, Console(stderr=True)) as progress:
-        task = progress.add_task(f"fingerprinting {len(pairs):,} inputs", total=len(pairs))
-        for entry in pool.map(lambda pair: describe_input(*pair), pairs):  # in the order given
-            entries.append(entry)
-            progress.advance(task)
-    return entries
+    with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(pairs)))) as pool:
+        return _in_order_with_bar(pool, lambda pair: describe_input(*pair), pairs,
+                                  f"fingerprinting {len(pairs):,} inputs")
 
 
 def record_provenance(

@@ -58,8 +58,8 @@ def learning_curve(
     for repeat in range(repeats):
         for k, (fit, held) in enumerate(fold_indices(n, folds, seed + repeat)):
             order = np.random.default_rng([seed, repeat, k]).permutation(fit)
-            jobs += [(f, np.sort(order[:int(round(f * len(fit)))]), held) for f in fractions
-                     if int(round(f * len(fit))) >= min_rows]
+            sizes_here = {f: int(round(f * len(fit))) for f in fractions}
+            jobs += [(f, np.sort(order[:size]), held) for f, size in sizes_here.items() if size >= min_rows]
     with progress_bar(show_progress) as bar, ThreadPoolExecutor(max(1, at_once)) as pool:
         task = bar.add_task(f"learning curve: {len(jobs)} fits" + (f", {at_once} at a time" if at_once > 1 else ""),
                             total=len(jobs))

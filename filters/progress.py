@@ -1,8 +1,9 @@
 """Live progress of an `apply` run, in documents, for any executor.
 
 Every reading step of a task writes `OUT/logs/<stage>/progress/<rank>.json` (documents and bytes read so far, and
-whether it finished) every few seconds at first, every 30 s once it has run 10 minutes. The same files serve the local progress bars, `apply --wait` on Slurm and
-`edu-filter status OUT`: no executor has to report anything itself, and a finished run still shows what it did.
+whether it finished) every few seconds at first, every 30 s once it has run 10 minutes. The same files serve the
+local progress bars, `apply --wait` on Slurm and `edu-filter status OUT`: no executor has to report anything itself,
+and a finished run still shows what it did.
 """
 
 from __future__ import annotations

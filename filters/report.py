@@ -186,8 +186,6 @@ class WriteApplyStats(PipelineStep):
                 out.rm("work", recursive=True)
 
 
-
-
 def stats_table(stats: dict):
     """A rich table of stats.json: one row per destination, with shares of the input."""
     from rich.table import Table
