@@ -34,6 +34,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edu_filter.documents import (
     SCORE_RANGE,
@@ -46,6 +47,9 @@ from edu_filter.documents import (
     in_score_range,
     one_line,
 )
+
+if TYPE_CHECKING:
+    from edu_filter.filters.io import InputSplit
 
 DEFAULT_WEB_MODEL = "HuggingFaceFW/fineweb-edu-classifier"
 DEFAULT_CODE_MODEL = "HuggingFaceTB/python-edu-scorer"
@@ -385,10 +389,22 @@ def _what_changed(previous: dict, current: dict) -> str:
     return ""
 
 
+def split_dealt_round_robin(output: str, overwrite: bool) -> bool:
+    """Whether the run in `output` (resumed unless `overwrite`) was planned when a split input was dealt to the tasks
+    round-robin: its finished tasks hold those rows, so the rest must read theirs the same way."""
+    from edu_filter.filters.io import CONTIGUOUS
+
+    try:
+        recorded = json.loads((Path(output) / "run_config.json").read_text()).get("input_split")
+    except (OSError, ValueError, AttributeError):  # no run there (or a record `prepare_output` reports)
+        return False
+    return not overwrite and isinstance(recorded, str) and not recorded.endswith(CONTIGUOUS)
+
+
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
                    input_split: str | None = None) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
-    things, its input split among the tasks the same way (`input_split`: see `input_units`)."""
+    things, its input split among the tasks the same way (`input_split`: see `filters.io.InputSplit`)."""
     out = Path(cfg.output)
     if "://" in cfg.output:
         raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
@@ -440,7 +456,7 @@ class Stage:
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
                  provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
-                 units: list[tuple[int, int | None, int, int]] | None = None, on_gpu: bool = True) -> list[Stage]:
+                 split: InputSplit | None = None, on_gpu: bool = True) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
     every pass over them checks `input_fingerprints` (`run_record`'s) first. Without `on_gpu` the scorer is told to
     use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not hide them from a task asking
@@ -492,7 +508,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         """Reading the input: unreadable and contaminated rows are dropped, and written out only in the final pass."""
         steps = [
             ApplyInputReader(files, text_key=cfg.text_field, id_key=cfg.id_field, progress_folder=progress(stage),
-                             counts_folder=counts if final else None, fingerprints=input_fingerprints, units=units),
+                             counts_folder=counts if final else None, fingerprints=input_fingerprints, split=split),
             InputErrorFilter(exclusion_writer=CountedJsonlWriter(
                 f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/${rank}.jsonl.gz", "failed")
                 if final else None),
@@ -653,7 +669,7 @@ def run_apply(
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
-    from edu_filter.filters.io import expand_inputs, input_units, reading_matters
+    from edu_filter.filters.io import expand_inputs, input_split, reading_matters
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -716,19 +732,18 @@ def run_apply(
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    units = input_units(files, cfg.tasks)
-    if units is None and len(files) < cfg.tasks and reading_matters(files, cfg.tasks):  # the cost grows with tasks
+    split = input_split(files, cfg.tasks, contiguous=not split_dealt_round_robin(cfg.output, overwrite))
+    if split is None and len(files) < cfg.tasks and reading_matters(files, cfg.tasks):  # the cost grows with tasks
         console.print(f"[yellow]warning: {len(files)} input files for {cfg.tasks} tasks, and they cannot be split "
-                      "(gzipped JSONL, a Parquet footer that does not read, or fewer row groups than tasks): every "
-                      f"task reads every file and keeps its share of the rows, {cfg.tasks}x the reading of one pass; "
-                      f"give --tasks {len(files)} or fewer where reading dominates[/]", soft_wrap=True)
-    split = " and ".join(sorted({"row groups" if u[1] is not None else "byte ranges" for u in units or ()}))
-    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split or None)
+                      "(gzipped JSONL, or fewer row groups than tasks): every task reads every file and keeps its "
+                      f"share of the rows, {cfg.tasks}x the reading of one pass; give --tasks {len(files)} or fewer "
+                      "where reading dominates[/]", soft_wrap=True)
+    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None)
     if executor == "ray":
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
-                          provenance_inputs=used, input_fingerprints=record["input_files"], units=units,
+                          provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
                           on_gpu=on_gpu)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:

@@ -20,6 +20,7 @@ import os
 import posixpath
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import orjson
 import pyarrow as pa
@@ -129,42 +130,103 @@ def file_fingerprint(folder: str, name: str) -> tuple[str, list]:
 
 
 JSONL_RANGE_MIN_BYTES = 1 << 20  # a byte range of a JSONL file a task reads on its own: no smaller
+FOOTER_THREADS = 16  # Parquet footers read at once while planning: a shared filesystem answers each with latency
+CONTIGUOUS = " (contiguous)"  # ends the recorded name of a split dealt in runs of parts
 
 
-def input_units(files: list[tuple[str, str]], tasks: int) -> list[tuple[int, int | None, int, int]] | None:
-    """With fewer files than tasks, the parts the tasks can split instead: every Parquet row group (file index, row
-    group, rows before it in the file, its rows) and byte ranges of plain JSONL files (file index, None, first byte,
-    bytes), about four per task. None when an input is compressed JSONL (it cannot be entered midway), the parts are
-    fewer than the tasks, or a footer or size cannot be read: then every task reads all files and keeps every n-th
-    row (`tasks` times the reading)."""
+@dataclass(frozen=True)
+class InputSplit:
+    """How tasks share fewer files than there are tasks (`input_split`): each file cut into parts (a Parquet file
+    into its row groups, a plain JSONL file into byte ranges of `span` bytes, a Parquet file whose footer does not
+    read left whole), the parts of all files in one sequence (Parquet files first, then JSONL, each in file order),
+    and the sequence dealt to the tasks in runs of consecutive parts, so a task opens one or two files.
+
+    Runs planned by edu-filter before this dealt the sequence round-robin (`contiguous=False`; each of 50k tasks then
+    opened hundreds of files) and read every task's whole input by rows where a footer did not read; a resume of such
+    a run keeps that. Held as a few numbers per file, not one per part: FineWeb's 22M row groups as a list were ~300 MB
+    in every stage's pickle, read by each of its tasks."""
+
+    parts: tuple[int, ...]  # per file: how many parts
+    kinds: tuple[str, ...]  # per file: "row groups", "byte ranges" or "whole files"
+    sizes: tuple[int, ...]  # per file: bytes when planned (a JSONL file's last range ends there)
+    span: int  # bytes of a JSONL range
+    contiguous: bool = True
+
+    @property
+    def name(self) -> str:
+        """What run_config.json records: a run resumes only with the same split."""
+        kinds = " and ".join(sorted({k for k, n in zip(self.kinds, self.parts) if n}))
+        return kinds + (CONTIGUOUS if self.contiguous else "")
+
+    def _sequence(self) -> list[int]:
+        return sorted(range(len(self.parts)), key=lambda i: self.kinds[i] == "byte ranges")  # stable: file order
+
+    def share(self, rank: int, world_size: int) -> list[tuple[int, list[int]]]:
+        """The parts task `rank` reads: (file index, part numbers within the file), in sequence order."""
+        import bisect
+
+        order = self._sequence()
+        starts = list(itertools.accumulate((self.parts[i] for i in order), initial=0))
+        total = starts[-1]
+        mine = (range(rank * total // world_size, (rank + 1) * total // world_size) if self.contiguous
+                else range(rank, total, world_size))
+        plan: dict[int, list[int]] = {}
+        for k in mine:
+            j = bisect.bisect_right(starts, k) - 1
+            plan.setdefault(order[j], []).append(k - starts[j])
+        return list(plan.items())
+
+    def ranges(self, i: int, parts: list[int]) -> list[tuple[None, int, int]]:
+        """Byte ranges (None, first byte, bytes) of JSONL file `i`'s parts."""
+        return [(None, k * self.span, min(self.span, self.sizes[i] - k * self.span)) for k in parts]
+
+
+def _row_groups(folder: str, name: str) -> int | None:
+    """A Parquet file's row groups, None where its footer does not read."""
     import pyarrow.parquet as pq
+
+    try:
+        with get_datafolder(folder).open(name, "rb") as fh:
+            return pq.read_metadata(fh).num_row_groups
+    except Exception:  # noqa: BLE001 - the reader reports the file, with its row
+        return None
+
+
+def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
+    """With fewer files than tasks, the parts the tasks can split instead (see `InputSplit`): every Parquet row
+    group and byte ranges of plain JSONL files, about four per task. None when an input is compressed JSONL (it
+    cannot be entered midway), the parts are fewer than the tasks, or a size cannot be read (or, dealt the old way,
+    a footer): then every task reads all files and keeps every n-th row (`tasks` times the reading)."""
+    from concurrent.futures import ThreadPoolExecutor
 
     if len(files) >= tasks:
         return None
     parquet = [name.lower().endswith(PARQUET_SUFFIXES) for _, name in files]
     if any(not p and name.lower().endswith(".gz") for p, (_, name) in zip(parquet, files)):
         return None  # a .jsonl.gz beside them would be one task's whole: every task takes its n-th rows instead
-    units = []
     try:
         sizes = [0 if p else get_datafolder(folder).size(name) for p, (folder, name) in zip(parquet, files)]
-        if None in sizes:  # a filesystem that tells no size
-            return None
-        for i, (folder, name) in enumerate(files):
-            if not parquet[i]:
-                continue
-            with get_datafolder(folder).open(name, "rb") as fh:
-                meta = pq.read_metadata(fh)
-            first = 0
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
-                units.append((i, g, first, rows))
-                first += rows
-    except Exception:  # noqa: BLE001 - the reader reports the file, with its row
+    except Exception:  # noqa: BLE001 - the reader reports the file
+        return None
+    if None in sizes:  # a filesystem that tells no size
+        return None
+    with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, sum(parquet)))) as pool:
+        groups = list(pool.map(lambda f: _row_groups(*f), [f for p, f in zip(parquet, files) if p]))
+    if None in groups and not contiguous:
         return None
     span = max(JSONL_RANGE_MIN_BYTES, sum(sizes) // (4 * tasks))
-    for i, size in enumerate(sizes):
-        units.extend((i, None, start, min(span, size - start)) for start in range(0, size, span))
-    return units if len(units) >= tasks else None
+    groups.reverse()
+    parts, kinds = [], []
+    for p, size in zip(parquet, sizes):
+        if p:
+            count = groups.pop()
+            parts.append(1 if count is None else count)
+            kinds.append("whole files" if count is None else "row groups")
+        else:
+            parts.append(-(-size // span))
+            kinds.append("byte ranges")
+    split = InputSplit(tuple(parts), tuple(kinds), tuple(sizes), span, contiguous)
+    return split if sum(parts) >= tasks else None
 
 
 EXTRA_READING_WORTH_SAYING = 1 << 30  # bytes read beyond one pass, over all tasks
@@ -195,8 +257,8 @@ def nested_deeper(row: dict, limit: int) -> bool:
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
-    With at least as many files as tasks, each task reads whole files. With fewer files, `units` (`input_units`)
-    split Parquet files by row group and plain JSONL files by byte range: each task reads its parts only (a row
+    With at least as many files as tasks, each task reads whole files. With fewer files, `split` (`input_split`)
+    splits Parquet files by row group and plain JSONL files by byte range: each task reads its parts only (a row
     without an id is then named by its byte offset, FILE@BYTE, not its line, FILE:LINE, which a range cannot know).
     Else (one big .jsonl.gz and `--tasks 4`) every task reads all files and keeps the rows whose index falls in its
     shard, so the tasks still split the scoring work (rows not kept are not converted or parsed).
@@ -211,12 +273,12 @@ class ApplyInputReader(BaseReader):
 
     def __init__(self, files: list[tuple[str, str]], text_key: str = "text", id_key: str = "id",
                  progress_folder: str | None = None, counts_folder: str | None = None,
-                 fingerprints: dict | None = None, units: list[tuple[int, int | None, int, int]] | None = None):
+                 fingerprints: dict | None = None, split: InputSplit | None = None):
         super().__init__(text_key=text_key, id_key=id_key)
         self.files = files
         # a file's name in sources and default ids: relative to its input, or longer where two inputs hold one name
         self.labels = distinct_names([posixpath.join(*f) for f in files], [name for _, name in files])
-        self.units = units  # `input_units`' parts when tasks split files
+        self.split = split  # `input_split`'s parts when tasks split files
         self.fingerprints = fingerprints
         self.progress_folder = progress_folder
         self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
@@ -315,16 +377,23 @@ class ApplyInputReader(BaseReader):
                 yield self._document(row, source)
 
     def _read_parquet(self, folder, name: str, label: str, keep, progress: "TaskProgress", after: int = 0,
-                      groups: list[tuple[int, int, int]] | None = None) -> Iterator[Document]:
+                      groups: list[int] | None = None) -> Iterator[Document]:
         """The rows of a Parquet file after row `after` (a second read, after an error, goes on where the first
-        stopped); with `groups` ((row group, rows before it, its rows)) only those row groups. Rows are numbered
-        in the file either way, so a row's source names the same row whichever task reads it."""
+        stopped); with `groups` only those row groups. Rows are numbered in the file either way, so a row's source
+        names the same row whichever task reads it."""
         with folder.open(name, "rb") as fh:
             parquet = open_parquet(fh)
-            total_rows = max(1, parquet.metadata.num_rows)
+            meta = parquet.metadata
+            total_rows = max(1, meta.num_rows)
             size = folder.size(name)
+            if groups is None:
+                spans = [(None, 0, total_rows)]
+            else:  # (row group, rows before it, its rows)
+                firsts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+                                                   initial=0))
+                spans = [(g, firsts[g], firsts[g + 1] - firsts[g]) for g in groups]
             read_rows = 0  # of the groups read, for progress
-            for group, first, rows in groups if groups is not None else [(None, 0, total_rows)]:
+            for group, first, rows in spans:
                 rowno = first
                 if first + rows <= after:
                     read_rows += rows
@@ -363,12 +432,14 @@ class ApplyInputReader(BaseReader):
         if data:
             yield from data
         # what this task reads: (file index, its row groups or byte ranges, or None for the whole file)
-        by_rows = len(self.files) < world_size and self.units is None  # every task reads all, keeps its rows
+        by_rows = len(self.files) < world_size and self.split is None  # every task reads all, keeps its rows
         if len(self.files) >= world_size:
             plan = [(i, None) for i in range(rank, len(self.files), world_size)]
-        elif self.units is not None:
-            mine = self.units[rank::world_size]
-            plan = [(i, [u[1:] for u in mine if u[0] == i]) for i in dict.fromkeys(u[0] for u in mine)]
+        elif self.split is not None:
+            kinds = self.split.kinds
+            plan = [(i, self.split.ranges(i, parts) if kinds[i] == "byte ranges"
+                     else None if kinds[i] == "whole files" else parts)
+                    for i, parts in self.split.share(rank, world_size)]
         else:
             plan = [(i, None) for i in range(len(self.files))]
         counter = 0
@@ -381,15 +452,16 @@ class ApplyInputReader(BaseReader):
         sizes = []
         for k, (i, groups) in enumerate(plan):
             size = self._checked_size(*self.files[i])
-            if groups is not None and groups[0][0] is None:
+            if groups is not None and self.split.kinds[i] == "byte ranges":
                 # a file's last byte range ends at its size as recorded when the run started (the one checked),
                 # not as planned a moment before: a line appended in between is read, once
-                planned = max(u[2] + u[3] for u in self.units if u[0] == i)
+                planned = self.split.sizes[i]
                 groups = [(g, start, max(length, size - start) if start + length == planned else length)
                           for g, start, length in groups]
                 plan[k] = (i, groups)
-            if groups is not None:  # the share of the file's rows (or bytes) this task reads
-                size = size * sum(g[2] for g in groups) // max(1, sum(u[3] for u in self.units if u[0] == i))
+                size = size * sum(g[2] for g in groups) // max(1, planned)  # the share of the file this task reads
+            elif groups is not None:  # of its row groups
+                size = size * len(groups) // self.split.parts[i]
             sizes.append(size)
         progress = TaskProgress(self.progress_folder, rank, bytes_total=sum(sizes))
         for (i, groups), size in zip(plan, sizes):
@@ -430,7 +502,7 @@ class ApplyInputReader(BaseReader):
                     self.stat_update("unreadable_files")
                     progress.document()
                     what = label if groups is None else (
-                        f"{label} (row groups {', '.join(str(g[0]) for g in groups)})" if parquet
+                        f"{label} (row groups {', '.join(map(str, groups))})" if parquet
                         else f"{label} (bytes {', '.join(f'{g[1]}-{g[1] + g[2]}' for g in groups)})")
                     after = "row" if parquet or groups is None else "the line at byte"
                     yield self._failed("unreadable_file", what, f"cannot read the rest of the file, after {after} "

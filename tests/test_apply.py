@@ -6,6 +6,7 @@ but deterministic, which is all the pipeline's accounting, dedup and threshold l
 """
 
 import base64
+import contextlib
 import gzip
 import json
 import subprocess
@@ -651,7 +652,7 @@ def test_more_tasks_than_files_split_the_files(stock_classifier, tmp_path, monke
     stats = run_apply([str(source)], str(out), model=stock_classifier, threshold=0, tasks=4,
                       order="dedup-first", show=False)
     split = json.loads((out / "run_config.json").read_text())["input_split"]
-    assert stats["adds_up"] and split == {"parquet": "row groups", "jsonl": "byte ranges"}[kind]
+    assert stats["adds_up"] and split == {"parquet": "row groups", "jsonl": "byte ranges"}[kind] + " (contiguous)"
     found = read_outputs(out)
     landed = [i for ids in found.values() for i in ids]
     assert sorted(landed) == sorted(r["id"] for r in rows)  # every document once
@@ -675,6 +676,48 @@ def test_more_tasks_than_files_split_the_files(stock_classifier, tmp_path, monke
     with pytest.raises(DocumentError, match="split the input among the tasks another way"):
         run_apply([str(source)], str(out), model=stock_classifier, threshold=0, tasks=4,
                   order="dedup-first", show=False)
+
+
+def test_a_run_whose_split_was_dealt_round_robin_resumes_dealt_round_robin(stock_classifier, tmp_path, monkeypatch):
+    """Runs planned before split files were dealt in runs of parts hold round-robin rows in their finished tasks:
+    a task rerun on resume must read the same rows (read the new way, its rows would land twice or not at all)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import edu_filter.filters.apply as apply_module
+    import edu_filter.filters.io as io
+
+    src = planted_input(tmp_path / "planted.jsonl", n_unique=40, n_groups=6)
+    rows = []
+    for line in open(tmp_path / "planted.jsonl", "rb"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            row = orjson.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("text"), str) and row.get("id") in src["ids"]:
+                rows.append(row)
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), source,
+                   row_group_size=5)
+    out = tmp_path / "out"
+    args = dict(model=stock_classifier, threshold=0, tasks=4, order="dedup-first", show=False)
+    whole = read_outputs(tmp_path / "whole") if run_apply([str(source)], str(tmp_path / "whole"), **args) else None
+    reading = io.ApplyInputReader.run
+
+    def task_1_dies_in_the_final_pass(self, data=None, rank=0, world_size=1):
+        if rank == 1 and self.counts_folder is not None:
+            raise RuntimeError("killed")
+        yield from reading(self, data, rank, world_size)
+
+    with monkeypatch.context() as m:  # as an older edu-filter planned it
+        m.setattr(apply_module, "split_dealt_round_robin", lambda output, overwrite: True)
+        m.setattr(io.ApplyInputReader, "run", task_1_dies_in_the_final_pass)
+        with pytest.raises(Exception, match="filter"):
+            run_apply([str(source)], str(out), **args)
+    assert json.loads((out / "run_config.json").read_text())["input_split"] == "row groups"
+    assert not (out / "logs" / "filter" / "completions" / "00001").exists()
+    stats = run_apply([str(source)], str(out), **args)
+    found = read_outputs(out)
+    assert stats["adds_up"] and sorted(i for ids in found.values() for i in ids) == sorted(r["id"] for r in rows)
+    assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}  # as many duplicates
 
 
 def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_before_it(fasttext_model, tmp_path):

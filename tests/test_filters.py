@@ -72,24 +72,87 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
     for span in range(1, path.stat().st_size + 2):
         monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", span)
         for tasks in (2, 3, 5):
-            units = io.input_units(files, tasks)
+            units = io.input_split(files, tasks)
             if units is None:
                 assert -(-path.stat().st_size // span) < tasks
                 continue
-            read = [d for rank in range(tasks) for d in ApplyInputReader(files, units=units).run(rank=rank, world_size=tasks)]
+            read = [d for rank in range(tasks) for d in ApplyInputReader(files, split=units).run(rank=rank, world_size=tasks)]
             assert sorted(d.id for d in read) == sorted(expected), (span, tasks)
             first = next(d for d in read if d.id == f"big.jsonl@{offsets[0]}")
             assert first.text == "bom first" and FAILURE_KEY not in first.metadata
             assert next(d for d in read if d.id.endswith(f"@{offsets[3]}")).metadata[FAILURE_KEY] == "invalid_json"
     monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 16)
-    units = io.input_units(files, 2)  # planned; then a line appended before the run records the file's size
+    units = io.input_split(files, 2)  # planned; then a line appended before the run records the file's size
     path.write_bytes(path.read_bytes() + b'\n{"id": "late", "text": "appended"}\n')
-    read = [d.id for rank in range(2) for d in ApplyInputReader(files, units=units).run(rank=rank, world_size=2)]
+    read = [d.id for rank in range(2) for d in ApplyInputReader(files, split=units).run(rank=rank, world_size=2)]
     assert read.count("late") == 1 and sorted(set(read) - {"late"}) == sorted(expected)
-    assert io.input_units(expand_inputs([str(path)]), 1) is None  # a file per task: read whole, lines numbered
+    assert io.input_split(expand_inputs([str(path)]), 1) is None  # a file per task: read whole, lines numbered
     gz = tmp_path / "big.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
-    assert io.input_units(expand_inputs([str(gz)]), 2) is None  # cannot be entered midway: row modulo
+    assert io.input_split(expand_inputs([str(gz)]), 2) is None  # cannot be entered midway: row modulo
+
+
+def _parquet(path, first: int, rows: int, per_group: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"{path.stem}-{i}" for i in range(first, first + rows)]
+    pq.write_table(pa.table({"id": ids, "text": [f"text of {i}" for i in ids]}), path, row_group_size=per_group)
+    return ids
+
+
+def test_split_files_are_dealt_to_tasks_in_runs_and_old_runs_keep_round_robin(tmp_path, monkeypatch):
+    """Parts of files fewer than the tasks were dealt round-robin: with FineWeb's ~1000-row row groups and 50k
+    tasks, each task opened hundreds of files (a footer each), and the list of every part (~300 MB) was pickled into
+    each stage and scanned once per file by each task. Tasks now take runs of consecutive parts (one or two files
+    each), held as counts per file; a run planned the old way is still dealt round-robin, part for part."""
+    import pickle
+
+    import edu_filter.filters.io as io
+
+    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 64)
+    ids = _parquet(tmp_path / "a.parquet", 0, 30, 3) + _parquet(tmp_path / "b.parquet", 0, 20, 4)
+    lines = [orjson.dumps({"id": f"j{i}", "text": f"line {i}"}) + b"\n" for i in range(12)]
+    (tmp_path / "j.jsonl").write_bytes(b"".join(lines))
+    ids += [f"j{i}" for i in range(12)]
+    files = expand_inputs([str(tmp_path / n) for n in ("j.jsonl", "a.parquet", "b.parquet")])
+    tasks = 7
+    split = io.input_split(files, tasks)
+    assert split.parts[1:] == (10, 5) and split.name == "byte ranges and row groups (contiguous)"
+    sequence = [(1, g) for g in range(10)] + [(2, g) for g in range(5)] + [(0, k) for k in range(split.parts[0])]
+    shares = [[(i, k) for i, parts in split.share(rank, tasks) for k in parts] for rank in range(tasks)]
+    assert [p for share in shares for p in share] == sequence  # every part once, in runs of the sequence
+    assert max(len({i for i, _ in share}) for share in shares) == 2
+    read = [[d.id for d in ApplyInputReader(files, split=split).run(rank=r, world_size=tasks)] for r in range(tasks)]
+    assert sorted(i for r in read for i in r) == sorted(ids)
+    assert read[0] == [f"a-{i}" for i in range(3 * len(shares[0]))]  # a.parquet's first row groups
+    assert len(pickle.dumps(split)) < 400  # counts per file, not a tuple per part
+
+    old = io.input_split(files, tasks, contiguous=False)  # as planned before: round-robin over the same sequence
+    assert old.name == "byte ranges and row groups"
+    for rank in range(tasks):
+        dealt = [(i, k) for i, parts in old.share(rank, tasks) for k in parts]
+        assert dealt == sequence[rank::tasks]
+    read = [[d.id for d in ApplyInputReader(files, split=old).run(rank=r, world_size=tasks)] for r in range(tasks)]
+    assert sorted(i for r in read for i in r) == sorted(ids) and read[0][:3] == ["a-0", "a-1", "a-2"]
+    assert read[0][3:6] == ["a-21", "a-22", "a-23"]  # a's row group 7
+
+
+def test_a_parquet_file_whose_footer_does_not_read_is_one_task_part_not_every_task_reading_everything(tmp_path):
+    """At 25k files for 50k tasks, one unreadable footer made every task read every file (keeping every n-th
+    row): 50k times the reading. The file is now a part of its own, whose task records it as unreadable once."""
+    import edu_filter.filters.io as io
+
+    ids = _parquet(tmp_path / "a.parquet", 0, 24, 4)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not a parquet file")
+    files = expand_inputs([str(tmp_path / "a.parquet"), str(tmp_path / "bad.parquet")])
+    split = io.input_split(files, 4)
+    assert split.kinds == ("row groups", "whole files") and split.parts == (6, 1)
+    docs = [d for rank in range(4) for d in ApplyInputReader(files, split=split).run(rank=rank, world_size=4)]
+    failed = [d for d in docs if FAILURE_KEY in d.metadata]
+    assert sorted(d.id for d in docs if d not in failed) == sorted(ids)
+    assert [(d.id, d.metadata[FAILURE_KEY]) for d in failed] == [("bad.parquet", "unreadable_file")]
+    assert io.input_split(files, 4, contiguous=False) is None  # the old plan: rows by modulo, as resumed
 
 
 def test_a_byte_order_mark_leaves_the_first_row_readable(tmp_path):
