@@ -1071,9 +1071,17 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     return executors
 
 
+def array_layout(executors) -> str:
+    """arrays.json's content: how each stage's array tasks map to ranks (see `_incomplete_array_tasks`)."""
+    return json.dumps({name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job}
+                       for name, ex in executors})
+
+
 def write_slurm_scripts(executors, out: str) -> Path:
     """What `SlurmPipelineExecutor.launch_job` writes, minus the `sbatch` calls, plus `submit.sh` chaining the stages
-    with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load; every path is absolute."""
+    with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load; every path is absolute.
+    submit.sh records the job ids it got in jobs.json as it goes, as a submission by `apply` does: `status` and
+    `--wait` ask Slurm how those jobs ended (an sbatch failing midway leaves the ones queued before it recorded)."""
     import dill
     from dill import CONTENTS_FMODE
 
@@ -1086,7 +1094,15 @@ def write_slurm_scripts(executors, out: str) -> Path:
              'if [ -n "${SLURM_JOB_ID:-}" ]; then',
              f"  for v in $(compgen -e | grep '^SLURM_' | grep -Ev '^({kept})$' || true); do unset \"$v\"; done",
              "fi",
-             "dep=()"]
+             "dep=()",
+             f'record="{(folder / "jobs.json").resolve()}"',
+             'jobs=""; stage=""; ids=""  # JSON members "stage": ["job id", ...] of the stages submitted so far',
+             'write_record() {',
+             '  local all="$jobs"',
+             '  if [ -n "$ids" ]; then all="${all:+$all, }\\"$stage\\": [$ids]"; fi',
+             '  printf \'{%s}\\n\' "$all" > "$record.tmp" && mv -f "$record.tmp" "$record"',
+             '}',
+             f"printf '%s\\n' '{array_layout(executors)}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\""]
     for i, (name, ex) in enumerate(executors):
         ranks = ex.get_incomplete_ranks()
         if not ranks:
@@ -1104,13 +1120,16 @@ def write_slurm_scripts(executors, out: str) -> Path:
         )
         path = folder / f"{i:02d}_{name}.slurm"
         path.write_text(script)
+        lines.append(f'stage="{name}"; ids=""')
         for offset in range(math.ceil(jobs / per_array)):
             # ${dep[@]+...}: an empty array under `set -u` is an error before bash 4.4 (RHEL/CentOS 7); --parsable
             # prints "jobid;cluster" on multi-cluster sites
             lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET={offset} ${{dep[@]+"${{dep[@]}}"}} '
                          f'"{path.resolve()}")')
             lines.append('jid="${jid%%;*}"')
+            lines.append('ids="${ids:+$ids, }\\"$jid\\""; write_record  # each job as it is queued')
             lines.append('dep=(--dependency=afterok:"$jid")')
+        lines.append('jobs="${jobs:+$jobs, }\\"$stage\\": [$ids]"; ids=""')
         lines.append(f'echo "{name}: job $jid"')
     submit = folder / "submit.sh"
     submit.write_text("\n".join(lines) + "\n")
@@ -1160,8 +1179,7 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
     record = Path(out) / SUBMITTED_JOBS
     record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps(jobs, indent=2))
-    (Path(out) / SUBMITTED_ARRAYS).write_text(json.dumps(
-        {name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job} for name, ex in executors}))
+    (Path(out) / SUBMITTED_ARRAYS).write_text(array_layout(executors))
     submitted = {n: ",".join(ids) for n, ids in jobs.items() if ids}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)

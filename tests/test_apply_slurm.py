@@ -107,6 +107,10 @@ def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpu
                                timeout=120, env={**os.environ, **IN_AN_ALLOCATION})
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert submitted.stdout.count(": job ") >= 4  # a line per stage
+    echoed = dict(line.split(": job ") for line in submitted.stdout.splitlines() if ": job " in line)
+    # recorded as `apply` records its own submission: status, --wait and the next run's checks read them
+    assert {name: ids[-1] for name, ids in ex.submitted_jobs(str(out)).items()} == echoed
+    assert set(json.loads((out / "slurm" / "arrays.json").read_text())) >= set(echoed)
     stats = ex.wait_for_chain(str(out), Console(quiet=True))
     assert stats["adds_up"]
     assert {k: sorted(v) for k, v in read_outputs(out).items()} == {
@@ -466,6 +470,32 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time"):
         ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
     assert ex.queued_jobs(str(out)) == []
+
+
+def test_a_dry_runs_submit_script_stopped_by_sbatch_midway_records_what_it_submitted(slurm_partition, tmp_path):
+    """sbatch refusing the second stage stops submit.sh: the job it queued before is in jobs.json, as `apply`
+    records its own submissions, so that `status` and `--wait` can ask Slurm how it ended (why it was killed, or
+    whether its completion files are still to come)."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    out = tmp_path / "out"
+    stages = [Stage("first", [], 1), Stage("report", [], 1)]
+    ex.save_stage_list(str(out), stages)
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, dry_run=True))
+    ex.run_slurm(stages, str(out), None, opts, wait=False, console=Console(quiet=True))
+    [second] = (out / "slurm").glob("01_report.slurm")
+    second.write_text(second.read_text().replace("#SBATCH --time=", "#SBATCH --time=not-a-time #"))
+    res = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], capture_output=True, text=True, timeout=60)
+    try:
+        assert res.returncode != 0 and "time" in res.stderr
+        recorded = ex.submitted_jobs(str(out))
+        assert list(recorded) == ["first"] and len(recorded["first"]) == 1
+        assert ex.ended_job_states(recorded["first"])  # Slurm knows it by that id
+    finally:
+        ex.cancel_chain(str(out))
 
 
 def test_an_input_replaced_while_the_chain_runs_fails_the_next_pass_naming_it(slurm_partition, corpus,
