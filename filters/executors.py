@@ -796,10 +796,17 @@ def array_limit(config: str) -> int | None:
 
 
 def job_request(opts, scores: bool) -> tuple[str, int, int, int]:
-    """(partition, CPUs, GB per CPU, GPUs) of one task of a stage: the scoring stage's, or any other's."""
+    """(partition, CPUs, MB per CPU, GPUs) of one task of a stage: the scoring stage's, or any other's. Slurm takes
+    whole units: --slurm-mem-gb 16 over 6 CPUs in whole GB was 18 GB, 8 over 16 CPUs 16 GB (more than asked, maybe
+    more than the node has); in MB a task gets what was asked, to a few MB under (a node of exactly that size fits)."""
     cpus = opts.scoring_cpus if scores else opts.cpus_per_task
-    return (opts.gpu_partition if scores else opts.partition, cpus, max(1, math.ceil(opts.mem_gb / cpus)),
+    return (opts.gpu_partition if scores else opts.partition, cpus, max(1, opts.mem_gb * 1024 // cpus),
             opts.gpus_per_task if scores else 0)
+
+
+def memory_directive(mb: int) -> str:
+    """sbatch's size for `mb` megabytes: in GB where it is whole GB (what people write), else in MB."""
+    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
 
 
 # sbatch options edu-filter sets itself, or that would break the chain: through --slurm-arg they would override ours
@@ -882,8 +889,8 @@ def check_sbatch_accepts(opts) -> None:
     queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
     Slurm's words before anything is written, not when the first stage is submitted."""
     requests = {job_request(opts, scores) for scores in (False, True)}
-    for partition, cpus, mem_per_cpu_gb, gpus in sorted(requests):
-        args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": f"{mem_per_cpu_gb}G",
+    for partition, cpus, mem_per_cpu_mb, gpus in sorted(requests):
+        args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": memory_directive(mem_per_cpu_mb),
                 "time": opts.time, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
                 **job_directives(opts)}
         options = [f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()]
@@ -896,7 +903,7 @@ def check_sbatch_accepts(opts) -> None:
             said = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
             reason = said[-1] if said else f"sbatch exit status {res.returncode}"
             if ("node configuration is not available" in reason
-                    and usable_nodes(partition, cpus, cpus * mem_per_cpu_gb * 1024, gpus) == 0):
+                    and usable_nodes(partition, cpus, cpus * mem_per_cpu_mb, gpus) == 0):
                 # every node that could run them drained or down (maintenance): sbatch queues the jobs, --test-only
                 # alone refuses them
                 print(f"warning: no node of partition {partition} that fits these jobs ({cpus} CPU{'s' * (cpus != 1)}"
@@ -1056,13 +1063,14 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     executors, previous = [], None
     most_per_array = opts.max_array_size or SLURM_MAX_ARRAY_SIZE  # resolved by check_slurm_request
     for stage in stages:
-        partition, cpus, mem_per_cpu_gb, gpus = job_request(opts, stage.scores)
+        partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores)
         previous = cls(
             stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
-            time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=mem_per_cpu_gb,
+            time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
-            qos=opts.qos, sbatch_args=job_directives(opts), slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
+            qos=opts.qos, sbatch_args={**job_directives(opts), "mem-per-cpu": memory_directive(mem_per_cpu_mb)},
+            slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
             mail_type="NONE", max_array_size=most_per_array, srun_args=srun_request(cpus),
         )
         jobs = math.ceil(len(previous.get_incomplete_ranks()) / previous.tasks_per_job)

@@ -231,8 +231,9 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         assert "source /opt/venv/bin/activate" in text and "launch_pickled_pipeline" in text
         arrays[p.stem.split("_", 1)[1]] = next(line for line in text.splitlines() if "--array" in line)
         assert ("--partition=gpu-q" in text and "--gpus=1" in text) == p.stem.endswith("score")
-        # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages)
-        cpus, mem = ("6", "3G") if p.stem.endswith("score") else ("4", "4G")
+        # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages),
+        # over 6 CPUs 2730 MB each (in whole GB, 18 GB)
+        cpus, mem = ("6", "2730M") if p.stem.endswith("score") else ("4", "4G")
         assert f"--cpus-per-task={cpus}\n" in text and f"--mem-per-cpu={mem}\n" in text
         # srun says them again: Slurm 22.05-23.02 gave the step one CPU, binding the scoring threads to one core
         assert f"srun --cpus-per-task={cpus} -l -n 1 launch_pickled_pipeline" in text
@@ -305,7 +306,8 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
         text = script.read_text()
         assert "%" not in next(line for line in text.splitlines() if "--array" in line)
         assert f'export PATH="{Path(sys.executable).parent}:$PATH"' in text
-        assert "--cpus-per-task=2" in text and "--mem-per-cpu=2G" in text  # 3 GB over 2 CPUs, rounded up
+        assert "--cpus-per-task=2" in text and "--mem-per-cpu=1536M" in text  # 3 GB over 2 CPUs (not 2 GB each)
+        assert text.count("--mem-per-cpu=") == 1
 
 
 def test_dry_run_and_status_go_on_when_the_slurm_controller_does_not_answer(stock_classifier, tmp_path):
