@@ -426,6 +426,9 @@ def apply(
     slurm_gpu_cpus: Optional[int] = typer.Option(SLURM.gpu_cpus_per_task, help="CPUs per scoring task (default: "
                                                  "--slurm-cpus); they tokenize for its GPU: 16 keep one H200 busy."),
     slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
+    slurm_cluster_mem_gb: Optional[int] = typer.Option(SLURM.cluster_mem_gb, help="Memory in GB of the minhash-cluster "
+                                                       "stage's one task, which holds every near-duplicate pair "
+                                                       "(default: --slurm-mem-gb)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: Optional[int] = typer.Option(None, help="Tasks per array job (default: the cluster's MaxArraySize; 1001 where none says)."),
     slurm_account: Optional[str] = typer.Option(SLURM.account, help="Account the jobs are charged to (sbatch --account)."),
@@ -438,6 +441,9 @@ def apply(
                                                "--ray-cpus): its torch threads, or the tokenizing for its GPU."),
     ray_mem_gb: Optional[int] = typer.Option(RAY.mem_gb, help="Memory per Ray task in GB (default: 2 per CPU it "
                                              "asks); Ray packs a node's tasks by it."),
+    ray_cluster_mem_gb: Optional[int] = typer.Option(RAY.cluster_mem_gb, help="Memory in GB of the minhash-cluster "
+                                                     "stage's one task, which holds every near-duplicate pair "
+                                                     "(default: as --ray-mem-gb)."),
     ray_gpus: Optional[int] = typer.Option(RAY.gpus, help="GPUs per Ray scoring task, 0 or 1 (default: 1 where a live "
                                            "node has GPUs; 1 asks also where none has yet, for an autoscaler)."),
 ):
@@ -449,9 +455,10 @@ def apply(
         exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
-                           mem_gb=slurm_mem_gb, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
+                           mem_gb=slurm_mem_gb, cluster_mem_gb=slurm_cluster_mem_gb, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
                            sbatch_args=slurm_arg, max_array_size=slurm_max_array, dry_run=dry_run),
-        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb, gpus=ray_gpus),
+        ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb,
+                       cluster_mem_gb=ray_cluster_mem_gb, gpus=ray_gpus),
         order=order,
         overwrite=overwrite, wait=wait, verbose=verbose, keep_work=keep_work, push_to_hub=push_to_hub,
         long_docs=long_docs, max_length=max_length, batch_size=batch_size, dtype=dtype, tokenizer=tokenizer,

@@ -138,6 +138,8 @@ class SlurmOptions:
     time: str = "24:00:00"
     cpus_per_task: int = 4
     mem_gb: int | None = None  # per task; None: 4 GB per CPU (of the other stages' tasks)
+    # the minhash-cluster stage's one task, which holds every near-duplicate pair in memory (None: mem_gb)
+    cluster_mem_gb: int | None = None
     gpus_per_task: int = 0  # for the scoring stage
     # CPUs of a scoring task (None: cpus_per_task). On a GPU they tokenize for it: 16 threads tokenize ~5,500 docs/s,
     # one H200 scores ~3,500 at 512 tokens, while the other stages' tasks use one core each.
@@ -166,6 +168,8 @@ class RayOptions:
     gpu_cpus_per_task: int | None = None
     # memory a task asks, in GB (None: 2 per CPU it asks, datatrove's default); Ray packs a node's tasks by it
     mem_gb: int | None = None
+    # the minhash-cluster stage's one task, which holds every near-duplicate pair in memory (None: as mem_gb)
+    cluster_mem_gb: int | None = None
     # GPUs of a scoring task: None, one where a live node has GPUs when the run starts; 1, one even where none has
     # (an autoscaler whose GPU workers are at zero adds one); 0, none (score on CPUs)
     gpus: int | None = None
@@ -174,9 +178,9 @@ class RayOptions:
     def scoring_cpus(self) -> int:
         return self.gpu_cpus_per_task or self.cpus_per_task
 
-    def memory_gb(self, cpus: int) -> int:
-        """What a task asking `cpus` CPUs asks of memory."""
-        return self.mem_gb or 2 * cpus
+    def memory_gb(self, cpus: int, clusters: bool = False) -> int:
+        """What a task asking `cpus` CPUs asks of memory (the minhash-cluster stage's with `clusters`)."""
+        return (self.cluster_mem_gb if clusters else None) or self.mem_gb or 2 * cpus
 
 
 @dataclass
@@ -452,6 +456,7 @@ class Stage:
     tasks: int
     scores: bool = False  # runs the classifier
     gpu: bool = False  # runs a classifier that scores on a GPU (not fastText): asks one where the cluster has some
+    clusters: bool = False  # MinHash's cluster stage: one task holding every near-duplicate pair (its own memory)
 
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
@@ -557,7 +562,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                           MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
                                                               config=minhash)], minhash.num_buckets),
                 Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
-                                                              config=minhash)], 1),
+                                                              config=minhash)], 1, clusters=True),
             ]
         final = source("filter", True)
         if cfg.exact_dedup:
@@ -636,9 +641,9 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-p
                "cpus_per_task": "--slurm-cpus", "mem_gb": "--slurm-mem-gb", "gpus_per_task": "--slurm-gpus",
                "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
                "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
-               "max_array_size": "--slurm-max-array"}
+               "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb"}
 RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
-             "gpus": "--ray-gpus"}
+             "gpus": "--ray-gpus", "cluster_mem_gb": "--ray-cluster-mem-gb"}
 
 
 def refuse_other_executors_options(executor: str, slurm: SlurmOptions | None, ray: RayOptions | None) -> None:

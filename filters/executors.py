@@ -148,8 +148,16 @@ def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
         said = [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
         for marker, meaning in SLURM_KILLS:
             if any(marker in ln for ln in said):
-                return meaning, log
+                return meaning.replace("--slurm-mem-gb", memory_flag(stage_logs.name, "slurm")), log
     return None
+
+
+CLUSTER_STAGE = "minhash-cluster"  # its one task has its own memory option
+
+
+def memory_flag(stage: str, executor: str) -> str:
+    """The option that sizes a task of `stage`'s memory."""
+    return f"--{executor}-{'cluster-' if stage == CLUSTER_STAGE else ''}mem-gb"
 
 
 def task_log(out: str, stage: str, rank: int) -> Path:
@@ -224,8 +232,9 @@ def logs_to_file(path: Path, verbose: bool):
 def check_ray_request(opts) -> None:
     if opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1):
         raise ValueError("--ray-cpus and --ray-gpu-cpus must be >= 1")
-    if opts.mem_gb is not None and opts.mem_gb < 1:
-        raise ValueError("--ray-mem-gb must be >= 1")
+    for value, flag in ((opts.mem_gb, "--ray-mem-gb"), (opts.cluster_mem_gb, "--ray-cluster-mem-gb")):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1")
     if opts.gpus not in (None, 0, 1):  # the scoring step runs one model on one device
         raise InputError(f"--ray-gpus {opts.gpus}: a scoring task scores on one GPU; give 0 or 1 (default: 1 where "
                          "the cluster has GPUs)")
@@ -358,6 +367,10 @@ def ray_request_warnings(opts, nodes: list[dict]) -> list[str]:
                                                   f"memory for tasks now, {wait} --ray-mem-gb)")):
             if short and warning not in warnings:  # the scoring task may ask what the others ask
                 warnings.append(warning)
+    most_gb = max((r.get("memory", 0) / 2**30 for r in nodes), default=0)
+    if opts.cluster_mem_gb and opts.cluster_mem_gb > most_gb:
+        warnings.append(f"--ray-cluster-mem-gb {opts.cluster_mem_gb}: no live Ray node has more than {most_gb:.1f} GB "
+                        f"of memory for tasks now, {wait} --ray-cluster-mem-gb)")
     return warnings
 
 
@@ -367,8 +380,8 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
         gpus = 1 if stage.gpu and scoring_on_gpu("ray", None, ray) else 0  # fastText scores on CPUs
         at_once = min(workers or stage.tasks, stage.tasks)
         cpus = ray.scoring_cpus if stage.scores else ray.cpus_per_task
-        return WatchedRayExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once,
-                                  logging_dir=f"{logs}/{stage.name}", mem_per_cpu_gb=ray.memory_gb(cpus) / cpus,
+        return WatchedRayExecutor(stage.pipeline, tasks=stage.tasks, workers=at_once, logging_dir=f"{logs}/{stage.name}",
+                                  mem_per_cpu_gb=ray.memory_gb(cpus, stage.clusters) / cpus,
                                   gpus_per_task=gpus, cpus_per_task=cpus)
     return WatchedLocalExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
                                 logging_dir=f"{logs}/{stage.name}")
@@ -529,7 +542,7 @@ def ray_task_log_folder(logging_dir: str) -> str:
 
 
 def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
-                    logged: Callable[[int], bool] = lambda rank: True) -> str | None:
+                    logged: Callable[[int], bool] = lambda rank: True, stage: str = "") -> str | None:
     """Why Ray lost a task that did not complete, and what to do, when it was Ray's doing (its memory monitor, a lost
     node), or when the task failed before its log (`logged(rank)`) was written: its arguments did not load on the
     worker (edu-filter or a library missing or of another version on that node), its log could not be opened. A
@@ -552,8 +565,8 @@ def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
         memory = "low on memory" in said or isinstance(error, OutOfMemoryError)
         if len(said) > 240:
             said = said[:240].rsplit(" ", 1)[0] + " ..."
-        why, do = ((", its node low on memory", "give each task more --ray-mem-gb, so that Ray packs fewer tasks on a "
-                    "node, and run") if memory else ("", "run"))
+        why, do = ((", its node low on memory", f"give each task more {memory_flag(stage, 'ray')}, so that Ray packs "
+                    "fewer tasks on a node, and run") if memory else ("", "run"))
         return (f"Ray lost the worker of task {rank}{why} ({type(error).__name__}: {said}): {do} the same command "
                 "again; it resumes, finished tasks are kept")
     return None
@@ -574,7 +587,7 @@ def _process_gone(pid: int) -> bool:
 
 
 def killed_task_message(out: str, stage: str, rank: int, ray: bool = False) -> str:
-    fewer = ("more --ray-mem-gb (Ray then packs fewer tasks on a node)" if ray else "fewer --workers")
+    fewer = (f"more {memory_flag(stage, 'ray')} (Ray then packs fewer tasks on a node)" if ray else "fewer --workers")
     return (f"stage {stage} failed: the process of task {rank} was killed before the task finished, most often by "
             "the kernel's out-of-memory killer (`dmesg` or `journalctl -k` says): run the same command again with "
             f"{fewer} (or a smaller --batch-size while scoring); it resumes, finished tasks are kept; log: "
@@ -640,7 +653,7 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                         missing = after_listing_grace(lambda: ex.get_incomplete_ranks(skip_completed=True))
                     if missing:
                         lost = ray_lost_worker(ex.task_errors, missing, lambda rank: task_log(
-                            out, stage.name, rank).is_file()) if isinstance(ex, WatchedRayExecutor) else None
+                            out, stage.name, rank).is_file(), stage.name) if isinstance(ex, WatchedRayExecutor) else None
                         raise StageFailed(failed_stage_message(out, stage.name, stage.tasks, lost=lost))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 failure.append(e)
@@ -710,8 +723,10 @@ def check_slurm_request(opts):
     """Resolves the default partition and refuses, before anything is submitted, what no node could run."""
     if (opts.cpus_per_task < 1 or (opts.gpu_cpus_per_task is not None and opts.gpu_cpus_per_task < 1)
             or opts.gpus_per_task < 0
-            or (opts.mem_gb is not None and opts.mem_gb < 1)):
-        raise ValueError("--slurm-cpus, --slurm-gpu-cpus and --slurm-mem-gb must be >= 1, --slurm-gpus >= 0")
+            or (opts.mem_gb is not None and opts.mem_gb < 1)
+            or (opts.cluster_mem_gb is not None and opts.cluster_mem_gb < 1)):
+        raise ValueError("--slurm-cpus, --slurm-gpu-cpus, --slurm-mem-gb and --slurm-cluster-mem-gb must be >= 1, "
+                         "--slurm-gpus >= 0")
     if opts.max_array_size is not None and opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
     if opts.venv_path:
@@ -748,19 +763,20 @@ def check_slurm_request(opts):
     if partition is None:
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
     gpu_partition = opts.gpu_partition or partition
-    mem_mb = 1024 * mem_gb
     scoring_option = "--slurm-gpu-cpus" if opts.gpu_cpus_per_task else "--slurm-cpus"
-    for name, cpus, option, gpus in ((partition, opts.cpus_per_task, "--slurm-cpus", 0),
-                                     (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task)):
+    for name, cpus, option, gpus, memory in (
+            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-mem-gb", mem_gb)),
+            (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", mem_gb)),
+            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-cluster-mem-gb", opts.cluster_mem_gb or 0))):
         if name not in parts:
             raise DocumentError(f"Slurm partition {name!r} does not exist (partitions: {', '.join(parts)})")
         p = parts[name]
         if cpus > p["cpus"]:
             raise DocumentError(f"{option} {cpus}: no node of partition {name} has more than "
                                 f"{p['cpus']} CPUs, so the jobs would wait forever")
-        if mem_mb > p["mem_mb"]:
-            raise DocumentError(f"{mem_mb // 1024} GB per task: no node of partition {name} has more than "
-                                f"{p['mem_mb'] // 1024} GB (--slurm-mem-gb)")
+        if 1024 * memory[1] > p["mem_mb"]:
+            raise DocumentError(f"{memory[1]} GB per task: no node of partition {name} has more than "
+                                f"{p['mem_mb'] // 1024} GB ({memory[0]})")
         if gpus > p["gpus"]:
             raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
                                 "(--slurm-gpu-partition)")
@@ -795,12 +811,14 @@ def array_limit(config: str) -> int | None:
     return min(limits) if limits else None
 
 
-def job_request(opts, scores: bool) -> tuple[str, int, int, int]:
-    """(partition, CPUs, MB per CPU, GPUs) of one task of a stage: the scoring stage's, or any other's. Slurm takes
+def job_request(opts, scores: bool, clusters: bool = False) -> tuple[str, int, int, int]:
+    """(partition, CPUs, MB per CPU, GPUs) of one task of a stage: the scoring stage's, the minhash-cluster stage's
+    (`clusters`: --slurm-cluster-mem-gb), or any other's. Slurm takes
     whole units: --slurm-mem-gb 16 over 6 CPUs in whole GB was 18 GB, 8 over 16 CPUs 16 GB (more than asked, maybe
     more than the node has); in MB a task gets what was asked, to a few MB under (a node of exactly that size fits)."""
     cpus = opts.scoring_cpus if scores else opts.cpus_per_task
-    return (opts.gpu_partition if scores else opts.partition, cpus, max(1, opts.mem_gb * 1024 // cpus),
+    mem_gb = (opts.cluster_mem_gb if clusters else None) or opts.mem_gb
+    return (opts.gpu_partition if scores else opts.partition, cpus, max(1, mem_gb * 1024 // cpus),
             opts.gpus_per_task if scores else 0)
 
 
@@ -888,7 +906,7 @@ def check_sbatch_accepts(opts) -> None:
     """Asks the controller whether it would take each kind of job the chain submits (`sbatch --test-only`, nothing
     queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
     Slurm's words before anything is written, not when the first stage is submitted."""
-    requests = {job_request(opts, scores) for scores in (False, True)}
+    requests = {job_request(opts, scores, clusters) for scores, clusters in ((False, False), (True, False), (False, True))}
     for partition, cpus, mem_per_cpu_mb, gpus in sorted(requests):
         args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": memory_directive(mem_per_cpu_mb),
                 "time": opts.time, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
@@ -1063,7 +1081,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     executors, previous = [], None
     most_per_array = opts.max_array_size or SLURM_MAX_ARRAY_SIZE  # resolved by check_slurm_request
     for stage in stages:
-        partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores)
+        partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores, stage.clusters)
         previous = cls(
             stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
             time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),

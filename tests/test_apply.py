@@ -301,12 +301,17 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
 
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
     run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
-              tasks=4, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, cpus_per_task=2, mem_gb=3))
-    for script in (tmp_path / "out" / "slurm").glob("*.slurm"):
+              tasks=4, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, cpus_per_task=2, mem_gb=3,
+                                                      cluster_mem_gb=40))
+    scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
+    assert len(scripts) == 5
+    for script in scripts:
         text = script.read_text()
         assert "%" not in next(line for line in text.splitlines() if "--array" in line)
         assert f'export PATH="{Path(sys.executable).parent}:$PATH"' in text
-        assert "--cpus-per-task=2" in text and "--mem-per-cpu=1536M" in text  # 3 GB over 2 CPUs (not 2 GB each)
+        # 3 GB over 2 CPUs (not 2 GB each); the cluster stage's one task, which holds every pair, 40 GB
+        memory = "20G" if script.stem.endswith("minhash-cluster") else "1536M"
+        assert "--cpus-per-task=2" in text and f"--mem-per-cpu={memory}\n" in text
         assert text.count("--mem-per-cpu=") == 1
 
 

@@ -161,7 +161,7 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
     """On an instance this process already started, declaring one GPU (Ray schedules on what nodes declare; without
     CUDA the task scores on CPU): the run sees the GPU before choosing its order and scores first, the scoring task
     asks the GPU and --ray-gpu-cpus CPUs and scores on that many torch threads, the other tasks ask --ray-cpus; every
-    task asks --ray-mem-gb; a task no live node has the CPUs or the memory for is named in a warning (an autoscaler
+    task asks --ray-mem-gb, the minhash-cluster stage's --ray-cluster-mem-gb; a task no live node has the CPUs or the memory for is named in a warning (an autoscaler
     may still add the node). A fastText model's scoring tasks ask no GPU (each took one and left it idle, as many
     tasks at once as the cluster had GPUs)."""
     ray = pytest.importorskip("ray")
@@ -180,6 +180,9 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
             "until one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-mem-gb)"]
         assert connect_ray(RayOptions(gpu_cpus_per_task=4))[-1].startswith(
             "8 GB for a 4-CPU task (2 per CPU): no live Ray GPU node has more than 6.0 GB")
+        assert connect_ray(RayOptions(cluster_mem_gb=9)) == [
+            "--ray-cluster-mem-gb 9: no live Ray node has more than 6.0 GB of memory for tasks now, so the tasks wait "
+            "until one joins (an autoscaler may add it; on a fixed cluster, stop and lower --ray-cluster-mem-gb)"]
         assert connect_ray(RayOptions(cpus_per_task=3))[0].startswith("--ray-cpus 3: no live Ray node has more than 2")
         assert connect_ray(RayOptions(gpu_cpus_per_task=3)) == ["--ray-gpu-cpus 3: no live Ray GPU node has more "
                                                                 "than 2 CPUs now, so the tasks wait until one joins "
@@ -187,7 +190,8 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
                                                                 "and lower --ray-gpu-cpus)"]
         assert "warning: --ray-gpu-cpus 3: no live Ray GPU node" in capsys.readouterr().err
         stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=stock_classifier, threshold=2,
-                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2, mem_gb=3))
+                          executor="ray", tasks=2, show=False, ray=RayOptions(gpu_cpus_per_task=2, mem_gb=3,
+                                                                              cluster_mem_gb=5))
         assert run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "fasttext"), model=fasttext_model, dedup=False,
                          executor="ray", tasks=2, show=False, ray=RayOptions(mem_gb=3))["adds_up"]
         assert json.loads((tmp_path / "fasttext/logs/filter/executor.json").read_text())["gpus_per_task"] == 0
@@ -203,7 +207,8 @@ def test_ray_executor_on_a_local_ray_instance_with_a_gpu(stock_classifier, fastt
     executors = {p.parent.name: json.loads(p.read_text()) for p in out.glob("logs/*/executor.json")}
     asked = {name: (e["cpus_per_task"], e["gpus_per_task"], e["cpus_per_task"] * e["mem_per_cpu_gb"])
              for name, e in executors.items()}
-    assert asked.pop("score") == (2, 1, 3) and set(asked.values()) == {(1, 0, 3)} and len(asked) == 5
+    assert asked.pop("score") == (2, 1, 3) and asked.pop("minhash-cluster") == (1, 0, 5)
+    assert set(asked.values()) == {(1, 0, 3)} and len(asked) == 4
     logs = sorted((out / "logs" / "score" / "logs").glob("task_*.log"))
     assert len(logs) == 2 and all(re.search(r"scoring on (cpu|cuda:0) with 2 torch threads", log.read_text())
                                   for log in logs)  # what the Ray workers really did

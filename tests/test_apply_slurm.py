@@ -138,6 +138,10 @@ def test_a_request_no_node_can_satisfy_is_refused_before_submitting(slurm_partit
     res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus", "1",
                "--slurm-gpu-cpus", str(cpus), "-o", str(tmp_path / "out")], timeout=120)
     assert res.returncode == 2 and f"--slurm-gpu-cpus {cpus}: no node of partition" in res.stderr
+    res = cli(["apply", str(corpus[0]), "--model", stock_classifier, "--executor", "slurm", "--slurm-cpus", "1",
+               "--slurm-cluster-mem-gb", "100000", "-o", str(tmp_path / "out")], timeout=120)
+    assert res.returncode == 2 and "100000 GB per task: no node of partition" in res.stderr
+    assert "(--slurm-cluster-mem-gb)" in res.stderr
     # what only the controller knows (features, reservations, accounts), asked with sbatch --test-only
     for option, said in (("constraint=no-such-feature", "Invalid feature specification"),
                          ("reservation=no-such-reservation", "reservation is invalid")):
@@ -392,6 +396,9 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     (logs / "78_1.out").write_text("INFO starting\nslurmstepd: error: Detected 1 oom_kill event in StepId=78.batch. "
                                    "Some of the step tasks have been OOM Killed.\n")
     assert "--slurm-mem-gb" in slurm_kill(tmp_path, ["77", "78"])[0]
+    cluster = tmp_path / "minhash-cluster"  # the one task holding every near-duplicate pair: its own option
+    shutil.copytree(logs, cluster / "slurm_logs")
+    assert "more --slurm-cluster-mem-gb" in slurm_kill(cluster, ["77", "78"])[0]
     (logs / "79_0.out").write_text("slurmstepd: error: *** JOB 79 ON n1 CANCELLED AT 2026-12-04T11:00:00 DUE TO TIME "
                                    "LIMIT ***\n")
     assert slurm_kill(tmp_path, ["80"]) is None and slurm_kill(tmp_path, []) is None
