@@ -169,8 +169,8 @@ def test_following_a_chain_asks_squeue_less_often_as_it_goes_on():
 
 def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tmp_path):
     """--wait read every progress and completion file of every stage each second, finished stages included: 4
-    stages of 5,000 tasks were ~20,000 opens a second on the shared filesystem. A finished stage is read once; the
-    running one every second at first, then every 10 s."""
+    stages of 5,000 tasks were ~20,000 opens a second on the shared filesystem. A finished stage is read once, a
+    completed task's progress once; the running one every second at first, then every 10 s."""
     from rich.console import Console
 
     from edu_filter.filters.executors import POLL_S, PROGRESS_MAX_INTERVAL_S, progress_interval
@@ -190,6 +190,16 @@ def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tm
     for stage in ("first", "second"):
         (tmp_path / stage / "progress" / "00000.json").unlink()
     assert [(s.finished, s.documents) for s in display.refresh()] == [(True, 20), (False, 10)]
+    # a completed task's record no longer changes and is not read again (50k opens per read near a stage's end);
+    # a task with no completion file yet (requeued, rerun) is
+    for rank, documents in ((0, 10), (1, 30)):
+        (tmp_path / "second" / "progress" / f"{rank:05d}.json").write_text(json.dumps(
+            {"documents": documents, "bytes": 1, "bytes_total": 1, "started": 0.0, "updated": 1.0, "done": True}))
+    (tmp_path / "second" / "completions" / "00000").unlink()
+    (tmp_path / "second" / "completions" / "00001").write_text("")
+    assert display.refresh()[1].documents == 40
+    (tmp_path / "second" / "progress" / "00001.json").write_text("{not json")
+    assert display.refresh()[1].documents == 40
 
 
 def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):
