@@ -46,6 +46,7 @@ from edu_filter.documents import (
     check_writable_output,
     in_score_range,
     one_line,
+    write_json_whole,
 )
 
 if TYPE_CHECKING:
@@ -390,23 +391,28 @@ def _what_changed(previous: dict, current: dict) -> str:
         return "a decontamination set changed"
     if previous.get("input_split") != current.get("input_split"):  # tasks finished before hold other rows
         return "an older edu-filter split the input among the tasks another way"
+    if previous.get("input_parts") != current.get("input_parts"):
+        return "the input files are cut into other parts than when the run was planned (a Parquet footer that read then"\
+               " and not now, or the other way)"
     return ""
 
 
-def split_dealt_round_robin(output: str, overwrite: bool) -> bool:
+def split_planned_the_old_way(output: str, overwrite: bool) -> bool:
     """Whether the run in `output` (resumed unless `overwrite`) was planned when a split input was dealt to the tasks
-    round-robin: its finished tasks hold those rows, so the rest must read theirs the same way."""
+    round-robin, and an input that could not be split was read by every task: its finished tasks hold those rows,
+    so the rest must read theirs the same way."""
     from edu_filter.filters.io import CONTIGUOUS
 
     try:
-        recorded = json.loads((Path(output) / "run_config.json").read_text()).get("input_split")
-    except (OSError, ValueError, AttributeError):  # no run there (or a record `prepare_output` reports)
+        recorded = json.loads((Path(output) / "run_config.json").read_text())
+    except (OSError, ValueError):  # no run there (or a record `prepare_output` reports)
         return False
-    return not overwrite and isinstance(recorded, str) and not recorded.endswith(CONTIGUOUS)
+    split = recorded.get("input_split") if isinstance(recorded, dict) else None
+    return not overwrite and isinstance(recorded, dict) and not (isinstance(split, str) and split.endswith(CONTIGUOUS))
 
 
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
-                   input_split: str | None = None) -> dict:
+                   input_split: str | None = None, input_parts: str | None = None) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
     things, its input split among the tasks the same way (`input_split`: see `filters.io.InputSplit`)."""
     out = Path(cfg.output)
@@ -425,8 +431,14 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
     current = run_record(cfg, files, used)
     if input_split:
         current["input_split"] = input_split
+    if input_parts:
+        current["input_parts"] = input_parts
     if path.exists():
-        changed = _what_changed(json.loads(path.read_text()), current)
+        try:
+            previous = json.loads(path.read_text())
+            changed = _what_changed(previous, current) if isinstance(previous, dict) else "run_config.json holds no record"
+        except (OSError, ValueError) as e:  # cut short by a kill, or edited: --overwrite still starts over
+            changed = f"run_config.json does not read: {one_line(str(e))}"
         if changed and not overwrite:
             raise DocumentError(f"{out} holds a run made differently ({changed}); add --overwrite to start over, "
                                 "or use another output folder")
@@ -434,7 +446,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
             remove_outputs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2))
+        write_json_whole(path, current)  # a kill mid-write would leave a record no resume reads
     except OSError as e:
         raise DocumentError(f"--output {out}: cannot write there ({e.strerror})") from None
     return current
@@ -737,13 +749,17 @@ def run_apply(
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    split = input_split(files, cfg.tasks, contiguous=not split_dealt_round_robin(cfg.output, overwrite))
-    if split is None and len(files) < cfg.tasks and reading_matters(files, cfg.tasks):  # the cost grows with tasks
-        console.print(f"[yellow]warning: {len(files)} input files for {cfg.tasks} tasks, and they cannot be split "
-                      "(gzipped JSONL, or fewer row groups than tasks): every task reads every file and keeps its "
-                      f"share of the rows, {cfg.tasks}x the reading of one pass; give --tasks {len(files)} or fewer "
+    split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(cfg.output, overwrite))
+    parts = sum(split.parts) if split else len(files)
+    readers = -(-cfg.tasks // parts) if split or len(files) >= cfg.tasks else cfg.tasks  # of each part
+    if readers > 1 and reading_matters(files, readers):  # the cost grows with tasks
+        what = (f"{parts} parts (a row group, a byte range of a plain JSONL file, a gzipped file whole)" if split
+                else f"{len(files)} input files that cannot be split")
+        console.print(f"[yellow]warning: {what} for {cfg.tasks} tasks: up to {readers} tasks read each and keep "
+                      f"their share of its rows, {readers}x the reading of one pass; give --tasks {parts} or fewer "
                       "where reading dominates[/]", soft_wrap=True)
-    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None)
+    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
+                            input_parts=split.digest if split and split.contiguous else None)
     if executor == "ray":
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     local_workers = workers or 1

@@ -137,14 +137,16 @@ CONTIGUOUS = " (contiguous)"  # ends the recorded name of a split dealt in runs 
 @dataclass(frozen=True)
 class InputSplit:
     """How tasks share fewer files than there are tasks (`input_split`): each file cut into parts (a Parquet file
-    into its row groups, a plain JSONL file into byte ranges of `span` bytes, a Parquet file whose footer does not
-    read left whole), the parts of all files in one sequence (Parquet files first, then JSONL, each in file order),
-    and the sequence dealt to the tasks in runs of consecutive parts, so a task opens one or two files.
+    into its row groups, a plain JSONL file into byte ranges of `span` bytes, a compressed JSONL file or a Parquet
+    file whose footer does not read left whole), the parts of all files in one sequence (Parquet and compressed files
+    first, then plain JSONL, each in file order), and the sequence dealt to the tasks in runs of consecutive parts, so
+    a task opens one or two files. With fewer parts than tasks, the tasks dealt one part read it all and keep their
+    share of its rows (10 gzipped files for 100 tasks: each file read by 10 tasks, not all 10 by each).
 
     Runs planned by edu-filter before this dealt the sequence round-robin (`contiguous=False`; each of 50k tasks then
-    opened hundreds of files) and read every task's whole input by rows where a footer did not read; a resume of such
-    a run keeps that. Held as a few numbers per file, not one per part: FineWeb's 22M row groups as a list were ~300 MB
-    in every stage's pickle, read by each of its tasks."""
+    opened hundreds of files) and, where a file could not be cut or the parts were fewer than the tasks, had every
+    task read every file by rows; a resume of such a run keeps that. Held as a few numbers per file, not one per
+    part: FineWeb's 22M row groups as a list were ~300 MB in every stage's pickle, read by each of its tasks."""
 
     parts: tuple[int, ...]  # per file: how many parts
     kinds: tuple[str, ...]  # per file: "row groups", "byte ranges" or "whole files"
@@ -158,23 +160,38 @@ class InputSplit:
         kinds = " and ".join(sorted({k for k, n in zip(self.kinds, self.parts) if n}))
         return kinds + (CONTIGUOUS if self.contiguous else "")
 
+    @property
+    def digest(self) -> str:
+        """The parts of every file, in short: recorded beside the name, since the same kinds can be cut otherwise."""
+        import hashlib
+
+        return hashlib.sha1(orjson.dumps([self.parts, self.kinds, self.span])).hexdigest()[:16]
+
     def _sequence(self) -> list[int]:
         return sorted(range(len(self.parts)), key=lambda i: self.kinds[i] == "byte ranges")  # stable: file order
 
-    def share(self, rank: int, world_size: int) -> list[tuple[int, list[int]]]:
-        """The parts task `rank` reads: (file index, part numbers within the file), in sequence order."""
+    def share(self, rank: int, world_size: int) -> tuple[list[tuple[int, list[int]]], int, int]:
+        """The parts task `rank` reads, (file index, part numbers within the file) in sequence order, and which of
+        their rows it keeps: the k-th of every m (m > 1 where tasks outnumber the parts: m tasks read one part)."""
         import bisect
 
         order = self._sequence()
         starts = list(itertools.accumulate((self.parts[i] for i in order), initial=0))
         total = starts[-1]
-        mine = (range(rank * total // world_size, (rank + 1) * total // world_size) if self.contiguous
-                else range(rank, total, world_size))
+        k, m = 0, 1
+        if not self.contiguous:
+            mine = range(rank, total, world_size)
+        elif total >= world_size:
+            mine = range(rank * total // world_size, (rank + 1) * total // world_size)
+        else:  # the tasks from ceil(p W / N) up to ceil((p + 1) W / N) share part p
+            part = rank * total // world_size
+            first, end = -(-part * world_size // total), -(-(part + 1) * world_size // total)
+            mine, k, m = range(part, part + 1), rank - first, end - first
         plan: dict[int, list[int]] = {}
-        for k in mine:
-            j = bisect.bisect_right(starts, k) - 1
-            plan.setdefault(order[j], []).append(k - starts[j])
-        return list(plan.items())
+        for n in mine:
+            j = bisect.bisect_right(starts, n) - 1
+            plan.setdefault(order[j], []).append(n - starts[j])
+        return list(plan.items()), k, m
 
     def ranges(self, i: int, parts: list[int]) -> list[tuple[None, int, int]]:
         """Byte ranges (None, first byte, bytes) of JSONL file `i`'s parts."""
@@ -182,28 +199,39 @@ class InputSplit:
 
 
 def _row_groups(folder: str, name: str) -> int | None:
-    """A Parquet file's row groups, None where its footer does not read."""
+    """A Parquet file's row groups, None where its footer is not Parquet (pyarrow's ArrowInvalid, or its plain
+    OSError twice: a footer that does not deserialize). Any other error (a lost connection, a timeout) stops the
+    planning: read a moment later, the run would be cut into other parts, and a resume would read other rows."""
     import pyarrow.parquet as pq
 
-    try:
-        with get_datafolder(folder).open(name, "rb") as fh:
-            return pq.read_metadata(fh).num_row_groups
-    except Exception:  # noqa: BLE001 - the reader reports the file, with its row
-        return None
+    for attempt in range(2):
+        try:
+            with get_datafolder(folder).open(name, "rb") as fh:
+                return pq.read_metadata(fh).num_row_groups
+        except pa.ArrowInvalid:
+            return None
+        except OSError as e:
+            if type(e) is not OSError:  # HTTP, fsspec, errno errors: not the file's bytes
+                raise DocumentError(f"cannot read the Parquet footer of {posixpath.join(folder, name)} ({e}); "
+                                    "run the same command again") from e
+            if attempt:
+                return None
+    return None
 
 
 def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
-    """With fewer files than tasks, the parts the tasks can split instead (see `InputSplit`): every Parquet row
-    group and byte ranges of plain JSONL files, about four per task. None when an input is compressed JSONL (it
-    cannot be entered midway), the parts are fewer than the tasks, or a size cannot be read (or, dealt the old way,
-    a footer): then every task reads all files and keeps every n-th row (`tasks` times the reading)."""
+    """With fewer files than tasks, the parts the tasks share instead (see `InputSplit`): every Parquet row group,
+    byte ranges of plain JSONL files (about four per task) and compressed files whole. None when a size cannot be
+    read (or, dealt the old way, when a file cannot be cut or the parts are fewer than the tasks): then every task
+    reads all files and keeps every n-th row (`tasks` times the reading)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(files) >= tasks:
         return None
     parquet = [name.lower().endswith(PARQUET_SUFFIXES) for _, name in files]
-    if any(not p and name.lower().endswith(".gz") for p, (_, name) in zip(parquet, files)):
-        return None  # a .jsonl.gz beside them would be one task's whole: every task takes its n-th rows instead
+    packed = [not p and name.lower().endswith(".gz") for p, (_, name) in zip(parquet, files)]
+    if any(packed) and not contiguous:
+        return None
     try:
         sizes = [0 if p else get_datafolder(folder).size(name) for p, (folder, name) in zip(parquet, files)]
     except Exception:  # noqa: BLE001 - the reader reports the file
@@ -214,19 +242,22 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
         groups = list(pool.map(lambda f: _row_groups(*f), [f for p, f in zip(parquet, files) if p]))
     if None in groups and not contiguous:
         return None
-    span = max(JSONL_RANGE_MIN_BYTES, sum(sizes) // (4 * tasks))
+    span = max(JSONL_RANGE_MIN_BYTES, sum(s for s, z in zip(sizes, packed) if not z) // (4 * tasks))
     groups.reverse()
     parts, kinds = [], []
-    for p, size in zip(parquet, sizes):
+    for p, z, size in zip(parquet, packed, sizes):
         if p:
             count = groups.pop()
             parts.append(1 if count is None else count)
             kinds.append("whole files" if count is None else "row groups")
+        elif z or (contiguous and size <= span):  # cannot be entered midway, or one range: read by line (FILE:LINE)
+            parts.append(1)
+            kinds.append("whole files")
         else:
             parts.append(-(-size // span))
             kinds.append("byte ranges")
     split = InputSplit(tuple(parts), tuple(kinds), tuple(sizes), span, contiguous)
-    return split if sum(parts) >= tasks else None
+    return split if sum(parts) >= (1 if contiguous else tasks) else None
 
 
 EXTRA_READING_WORTH_SAYING = 1 << 30  # bytes read beyond one pass, over all tasks
@@ -260,8 +291,9 @@ class ApplyInputReader(BaseReader):
     With at least as many files as tasks, each task reads whole files. With fewer files, `split` (`input_split`)
     splits Parquet files by row group and plain JSONL files by byte range: each task reads its parts only (a row
     without an id is then named by its byte offset, FILE@BYTE, not its line, FILE:LINE, which a range cannot know).
-    Else (one big .jsonl.gz and `--tasks 4`) every task reads all files and keeps the rows whose index falls in its
-    shard, so the tasks still split the scoring work (rows not kept are not converted or parsed).
+    Tasks dealt the same part (one big .jsonl.gz and `--tasks 4`), and every task of a run planned without a split,
+    read it all and keep the rows whose index falls in their share, so the tasks still split the scoring work (rows
+    not kept are not converted or parsed).
 
     Every pass re-reads the input and the passes are matched by position (which documents MinHash removes, which
     scored above the threshold), so a file replaced or appended to during a run (between two Slurm jobs of its
@@ -321,7 +353,7 @@ class ApplyInputReader(BaseReader):
         )
 
     def _jsonl_lines(self, raw, label: str, keep, progress: "TaskProgress", ranges: list | None):
-        """(source, line) of the non-blank lines to read: all of the file (FILE:LINE, `keep` choosing by line), or
+        """(source, line) of the non-blank lines to read, `keep` choosing among them: all of the file (FILE:LINE), or
         those starting in the byte `ranges` ((None, first byte, bytes)), named FILE@BYTE."""
         if ranges is None:
             fh = gzip.GzipFile(fileobj=raw) if label.lower().endswith(".gz") else raw
@@ -347,7 +379,7 @@ class ApplyInputReader(BaseReader):
                 position += len(line_bytes)
                 if line_start == 0:
                     line_bytes = line_bytes.removeprefix(UTF8_BOM)
-                if line_bytes.strip():
+                if line_bytes.strip() and keep(line_start):
                     yield f"{label}@{line_start}", line_bytes
                 progress.at_bytes(done + min(size, position - start))
             done += size
@@ -431,23 +463,23 @@ class ApplyInputReader(BaseReader):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        # what this task reads: (file index, its row groups or byte ranges, or None for the whole file)
-        by_rows = len(self.files) < world_size and self.split is None  # every task reads all, keeps its rows
+        # what this task reads: (file index, its row groups or byte ranges, or None for the whole file), and of
+        # the rows read the `mine`-th of every `sharing` (tasks reading the same)
         if len(self.files) >= world_size:
-            plan = [(i, None) for i in range(rank, len(self.files), world_size)]
+            plan, mine, sharing = [(i, None) for i in range(rank, len(self.files), world_size)], 0, 1
         elif self.split is not None:
             kinds = self.split.kinds
+            parts_read, mine, sharing = self.split.share(rank, world_size)
             plan = [(i, self.split.ranges(i, parts) if kinds[i] == "byte ranges"
-                     else None if kinds[i] == "whole files" else parts)
-                    for i, parts in self.split.share(rank, world_size)]
-        else:
-            plan = [(i, None) for i in range(len(self.files))]
+                     else None if kinds[i] == "whole files" else parts) for i, parts in parts_read]
+        else:  # every task reads all, keeps its rows
+            plan, mine, sharing = [(i, None) for i in range(len(self.files))], rank, world_size
         counter = 0
 
         def keep(_index: int) -> bool:
             nonlocal counter
             counter += 1
-            return not by_rows or (counter - 1) % world_size == rank
+            return sharing == 1 or (counter - 1) % sharing == mine
 
         sizes = []
         for k, (i, groups) in enumerate(plan):
@@ -498,7 +530,7 @@ class ApplyInputReader(BaseReader):
                 # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
                 # one record says (once, from the task that owns the file or row groups) instead of a crash every
                 # resume repeats
-                if not by_rows or rank == 0:
+                if mine == 0:  # of the tasks reading the file
                     self.stat_update("unreadable_files")
                     progress.document()
                     what = label if groups is None else (

@@ -695,28 +695,41 @@ def test_more_tasks_than_files_split_the_files(stock_classifier, tmp_path, monke
                   order="dedup-first", show=False)
 
 
-def test_a_run_whose_split_was_dealt_round_robin_resumes_dealt_round_robin(stock_classifier, tmp_path, monkeypatch):
-    """Runs planned before split files were dealt in runs of parts hold round-robin rows in their finished tasks:
-    a task rerun on resume must read the same rows (read the new way, its rows would land twice or not at all)."""
+def _planted_rows(path: Path) -> list[dict]:
+    src = planted_input(path, n_unique=40, n_groups=6)
+    rows = []
+    for line in open(path, "rb"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            row = orjson.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("text"), str) and row.get("id") in src["ids"]:
+                rows.append({"id": row["id"], "text": row["text"]})
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["parquet", "gzipped"])
+def test_a_run_planned_the_old_way_resumes_the_old_way(stock_classifier, tmp_path, monkeypatch, kind):
+    """Runs planned before split files were dealt in runs of parts hold round-robin rows in their finished tasks,
+    and runs over gzipped files fewer than the tasks every task's n-th rows of every file: a task rerun on resume
+    must read the same rows (read the new way, its rows would land twice or not at all)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     import edu_filter.filters.apply as apply_module
     import edu_filter.filters.io as io
 
-    src = planted_input(tmp_path / "planted.jsonl", n_unique=40, n_groups=6)
-    rows = []
-    for line in open(tmp_path / "planted.jsonl", "rb"):
-        with contextlib.suppress(orjson.JSONDecodeError):
-            row = orjson.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("text"), str) and row.get("id") in src["ids"]:
-                rows.append(row)
-    source = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), source,
-                   row_group_size=5)
+    rows = _planted_rows(tmp_path / "planted.jsonl")
+    if kind == "parquet":
+        sources = [tmp_path / "in.parquet"]
+        pq.write_table(pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]}), sources[0],
+                       row_group_size=5)
+    else:
+        sources = [tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"]
+        for i, source in enumerate(sources):
+            source.write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows[i::2])))
     out = tmp_path / "out"
     args = dict(model=stock_classifier, threshold=0, tasks=4, order="dedup-first", show=False)
-    whole = read_outputs(tmp_path / "whole") if run_apply([str(source)], str(tmp_path / "whole"), **args) else None
+    inputs = [str(s) for s in sources]
+    whole = read_outputs(tmp_path / "whole") if run_apply(inputs, str(tmp_path / "whole"), **args) else None
     reading = io.ApplyInputReader.run
 
     def task_1_dies_in_the_final_pass(self, data=None, rank=0, world_size=1):
@@ -725,16 +738,79 @@ def test_a_run_whose_split_was_dealt_round_robin_resumes_dealt_round_robin(stock
         yield from reading(self, data, rank, world_size)
 
     with monkeypatch.context() as m:  # as an older edu-filter planned it
-        m.setattr(apply_module, "split_dealt_round_robin", lambda output, overwrite: True)
+        m.setattr(apply_module, "split_planned_the_old_way", lambda output, overwrite: True)
         m.setattr(io.ApplyInputReader, "run", task_1_dies_in_the_final_pass)
         with pytest.raises(Exception, match="filter"):
-            run_apply([str(source)], str(out), **args)
-    assert json.loads((out / "run_config.json").read_text())["input_split"] == "row groups"
+            run_apply(inputs, str(out), **args)
+    recorded = json.loads((out / "run_config.json").read_text()).get("input_split")
+    assert recorded == ("row groups" if kind == "parquet" else None)
     assert not (out / "logs" / "filter" / "completions" / "00001").exists()
-    stats = run_apply([str(source)], str(out), **args)
+    stats = run_apply(inputs, str(out), **args)
     found = read_outputs(out)
     assert stats["adds_up"] and sorted(i for ids in found.values() for i in ids) == sorted(r["id"] for r in rows)
     assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}  # as many duplicates
+
+
+def test_a_run_whose_files_would_be_cut_otherwise_is_not_resumed_and_a_broken_record_is_overwritten(
+        stock_classifier, tmp_path, monkeypatch):
+    """The recorded split names only the kinds of parts: a footer read whole at the start and by row groups on the
+    resume made the same name, and the resumed tasks read other rows than the finished ones wrote. The parts are
+    recorded too. A run_config.json cut short (an older edu-filter wrote it in place) is reported, and --overwrite
+    starts over instead of failing on it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import edu_filter.filters.io as io
+    from edu_filter.documents import DocumentError
+
+    rows = _planted_rows(tmp_path / "planted.jsonl")
+    for name, part in (("a", rows[::2]), ("c", rows[1::2])):
+        pq.write_table(pa.table({"id": [r["id"] for r in part], "text": [r["text"] for r in part]}),
+                       tmp_path / f"{name}.parquet", row_group_size=5)
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not a parquet file")
+    inputs = [str(tmp_path / f"{n}.parquet") for n in "abc"]
+    out = tmp_path / "out"
+    args = dict(model=stock_classifier, threshold=0, tasks=4, dedup=False, show=False)
+    real = io._row_groups
+    with monkeypatch.context() as m:  # a.parquet's footer did not read at the start
+        m.setattr(io, "_row_groups", lambda folder, name: None if name == "a.parquet" else real(folder, name))
+        assert run_apply(inputs, str(out), **args)["adds_up"]
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["input_split"] == "row groups and whole files (contiguous)"
+    (out / "stats.json").unlink()
+    with pytest.raises(DocumentError, match="cut into other parts than when the run was planned"):
+        run_apply(inputs, str(out), **args)
+    (out / "run_config.json").write_text(json.dumps(record)[:50])
+    with pytest.raises(DocumentError, match="run_config.json does not read.*--overwrite"):
+        run_apply(inputs, str(out), **args)
+    stats = run_apply(inputs, str(out), overwrite=True, **args)
+    assert stats["adds_up"] and stats["in"]["documents"] == len(rows) + 1  # b.parquet: one unreadable record
+
+
+def test_gzipped_files_fewer_than_the_tasks_are_each_read_by_a_share_of_the_tasks(stock_classifier, tmp_path):
+    """Two .jsonl.gz files and --tasks 4: every task read both files whole (4x the reading of the input, and the
+    gunzipping). Each file is now read by the two tasks dealt it, each keeping every other row, in both passes of
+    the dedup-first order; every document lands once and MinHash finds the same clusters as one task does."""
+    rows = _planted_rows(tmp_path / "planted.jsonl")
+    sources = [tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"]
+    for i, source in enumerate(sources):
+        source.write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows[i::2])))
+    out = tmp_path / "out"
+    args = dict(model=stock_classifier, threshold=0, order="dedup-first", show=False)
+    stats = run_apply([str(s) for s in sources], str(out), tasks=4, **args)
+    assert stats["adds_up"]
+    assert json.loads((out / "run_config.json").read_text())["input_split"] == "whole files (contiguous)"
+    found = read_outputs(out)
+    assert sorted(i for ids in found.values() for i in ids) == sorted(r["id"] for r in rows)
+    whole = read_outputs(tmp_path / "one") if run_apply([str(s) for s in sources], str(tmp_path / "one"), tasks=1,
+                                                        **args) else None
+    assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}
+    for stage in ("minhash-signatures", "filter"):
+        progress = [json.loads(p.read_text()) for p in sorted((out / "logs" / stage / "progress").glob("*"))]
+        totals = [p["bytes_total"] for p in progress]
+        assert totals == [sources[0].stat().st_size] * 2 + [sources[1].stat().st_size] * 2, (stage, totals)
+        read = [p["documents"] for p in progress]
+        assert sum(read) == len(rows) and max(read) <= len(rows[::2]) // 2 + 1, (stage, read)
 
 
 def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_before_it(fasttext_model, tmp_path):
@@ -1033,13 +1109,14 @@ def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_pe
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
     run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "small"), model=stock_classifier, executor="slurm",
               tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
-    assert "cannot be split" not in capsys.readouterr().err  # too small to split, and to matter
+    assert "the reading of one pass" not in capsys.readouterr().err  # too small to matter
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress((tmp_path / "in.jsonl").read_bytes()))
     monkeypatch.setattr(io, "EXTRA_READING_WORTH_SAYING", 1000)  # the sample stands for a large input
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
               tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
     said = " ".join(capsys.readouterr().err.split())
-    assert "warning: 1 input files for 4 tasks, and they cannot be split" in said and "--tasks 1 or fewer" in said
+    assert "warning: 1 parts (a row group, a byte range of a plain JSONL file, a gzipped file whole) for 4 tasks: up " \
+           "to 4 tasks read each" in said and "4x the reading" in said and "--tasks 1 or fewer" in said
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "one"), model=stock_classifier, executor="slurm",
               tasks=1, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))  # a file per task
-    assert "cannot be split" not in capsys.readouterr().err
+    assert "the reading of one pass" not in capsys.readouterr().err

@@ -482,24 +482,31 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
 def test_a_dry_runs_submit_script_stopped_by_sbatch_midway_records_what_it_submitted(slurm_partition, tmp_path):
     """sbatch refusing the second stage stops submit.sh: the job it queued before is in jobs.json, as `apply`
     records its own submissions, so that `status` and `--wait` can ask Slurm how it ended (why it was killed, or
-    whether its completion files are still to come)."""
+    whether its completion files are still to come). Refusing the first leaves none, not an earlier submission's."""
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
     from edu_filter.filters.apply import SlurmOptions, Stage
 
     out = tmp_path / "out"
-    stages = [Stage("first", [], 1), Stage("report", [], 1)]
+    stages = [Stage("first", [], 3), Stage("report", [], 1)]
     ex.save_stage_list(str(out), stages)
-    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, dry_run=True))
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, dry_run=True,
+                                               max_array_size=1))  # the first stage: 3 array jobs
     ex.run_slurm(stages, str(out), None, opts, wait=False, console=Console(quiet=True))
-    [second] = (out / "slurm").glob("01_report.slurm")
+    (out / "slurm" / "jobs.json").write_text(json.dumps({"first": ["999"]}))  # an earlier submission's
+    first, second = sorted((out / "slurm").glob("0*.slurm"))
+    script = first.read_text()
+    first.write_text(script.replace("#SBATCH --time=", "#SBATCH --time=not-a-time #"))
+    res = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and ex.submitted_jobs(str(out)) == {}  # not read through the new layout
+    first.write_text(script)
     second.write_text(second.read_text().replace("#SBATCH --time=", "#SBATCH --time=not-a-time #"))
     res = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], capture_output=True, text=True, timeout=60)
     try:
         assert res.returncode != 0 and "time" in res.stderr
         recorded = ex.submitted_jobs(str(out))
-        assert list(recorded) == ["first"] and len(recorded["first"]) == 1
+        assert list(recorded) == ["first"] and len(set(recorded["first"])) == 3
         assert ex.ended_job_states(recorded["first"])  # Slurm knows it by that id
     finally:
         ex.cancel_chain(str(out))

@@ -72,15 +72,17 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
     for span in range(1, path.stat().st_size + 2):
         monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", span)
         for tasks in (2, 3, 5):
-            units = io.input_split(files, tasks)
-            if units is None:
-                assert -(-path.stat().st_size // span) < tasks
-                continue
+            units = io.input_split(files, tasks)  # fewer ranges than tasks: tasks share a range by rows
+            ranges = -(-path.stat().st_size // units.span)
+            # one range is the whole file, read by line: rows named FILE:LINE, as one task names them
+            by_line = ranges == 1
+            assert units.kinds == ("whole files" if by_line else "byte ranges",) and units.parts == (ranges,)
+            named = {i: f"big.jsonl:{i + 1}" if by_line else f"big.jsonl@{offsets[i]}" for i in (0, 3, 4, 7)}
             read = [d for rank in range(tasks) for d in ApplyInputReader(files, split=units).run(rank=rank, world_size=tasks)]
-            assert sorted(d.id for d in read) == sorted(expected), (span, tasks)
-            first = next(d for d in read if d.id == f"big.jsonl@{offsets[0]}")
+            assert sorted(d.id for d in read) == sorted({"a", "b", *named.values()}), (span, tasks)
+            first = next(d for d in read if d.id == named[0])
             assert first.text == "bom first" and FAILURE_KEY not in first.metadata
-            assert next(d for d in read if d.id.endswith(f"@{offsets[3]}")).metadata[FAILURE_KEY] == "invalid_json"
+            assert next(d for d in read if d.id == named[3]).metadata[FAILURE_KEY] == "invalid_json"
     monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 16)
     units = io.input_split(files, 2)  # planned; then a line appended before the run records the file's size
     path.write_bytes(path.read_bytes() + b'\n{"id": "late", "text": "appended"}\n')
@@ -89,7 +91,12 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
     assert io.input_split(expand_inputs([str(path)]), 1) is None  # a file per task: read whole, lines numbered
     gz = tmp_path / "big.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
-    assert io.input_split(expand_inputs([str(gz)]), 2) is None  # cannot be entered midway: row modulo
+    split = io.input_split(expand_inputs([str(gz)]), 2)  # cannot be entered midway: both tasks read it by rows
+    assert split.kinds == ("whole files",) and split.share(0, 2) == ([(0, [0])], 0, 2)
+    shares = [[d.id for d in ApplyInputReader(expand_inputs([str(gz)]), split=split).run(rank=rank, world_size=2)]
+              for rank in range(2)]
+    whole = [d.id for d in ApplyInputReader(expand_inputs([str(gz)])).run()]
+    assert sorted(shares[0] + shares[1]) == sorted(whole) and len(whole) == 7 and all(shares)
 
 
 def _parquet(path, first: int, rows: int, per_group: int):
@@ -120,7 +127,7 @@ def test_split_files_are_dealt_to_tasks_in_runs_and_old_runs_keep_round_robin(tm
     split = io.input_split(files, tasks)
     assert split.parts[1:] == (10, 5) and split.name == "byte ranges and row groups (contiguous)"
     sequence = [(1, g) for g in range(10)] + [(2, g) for g in range(5)] + [(0, k) for k in range(split.parts[0])]
-    shares = [[(i, k) for i, parts in split.share(rank, tasks) for k in parts] for rank in range(tasks)]
+    shares = [[(i, k) for i, parts in split.share(rank, tasks)[0] for k in parts] for rank in range(tasks)]
     assert [p for share in shares for p in share] == sequence  # every part once, in runs of the sequence
     assert max(len({i for i, _ in share}) for share in shares) == 2
     read = [[d.id for d in ApplyInputReader(files, split=split).run(rank=r, world_size=tasks)] for r in range(tasks)]
@@ -131,7 +138,7 @@ def test_split_files_are_dealt_to_tasks_in_runs_and_old_runs_keep_round_robin(tm
     old = io.input_split(files, tasks, contiguous=False)  # as planned before: round-robin over the same sequence
     assert old.name == "byte ranges and row groups"
     for rank in range(tasks):
-        dealt = [(i, k) for i, parts in old.share(rank, tasks) for k in parts]
+        dealt = [(i, k) for i, parts in old.share(rank, tasks)[0] for k in parts]
         assert dealt == sequence[rank::tasks]
     read = [[d.id for d in ApplyInputReader(files, split=old).run(rank=r, world_size=tasks)] for r in range(tasks)]
     assert sorted(i for r in read for i in r) == sorted(ids) and read[0][:3] == ["a-0", "a-1", "a-2"]
@@ -153,6 +160,41 @@ def test_a_parquet_file_whose_footer_does_not_read_is_one_task_part_not_every_ta
     assert sorted(d.id for d in docs if d not in failed) == sorted(ids)
     assert [(d.id, d.metadata[FAILURE_KEY]) for d in failed] == [("bad.parquet", "unreadable_file")]
     assert io.input_split(files, 4, contiguous=False) is None  # the old plan: rows by modulo, as resumed
+
+
+def test_a_footer_read_failing_on_the_network_stops_the_planning_instead_of_leaving_the_file_whole(tmp_path,
+                                                                                                monkeypatch):
+    """A footer that is not Parquet makes its file one part; a footer read that fails on the way (a reset
+    connection, a 429) says nothing about the file: read whole this time and by row groups on the resume, the tasks
+    would read other rows than they wrote. The planning stops, saying to run again; a plain OSError (a footer that
+    does not deserialize) is read once more first."""
+    import edu_filter.filters.io as io
+
+    _parquet(tmp_path / "a.parquet", 0, 12, 4)
+    files = expand_inputs([str(tmp_path / "a.parquet")])
+    real = io.get_datafolder
+    failures = []
+
+    class Folder:
+        def __init__(self, folder):
+            self.folder = real(folder)
+
+        def open(self, name, mode="rb"):
+            if failures:
+                raise failures.pop(0)
+            return self.folder.open(name, mode)
+
+        def __getattr__(self, name):
+            return getattr(self.folder, name)
+
+    monkeypatch.setattr(io, "get_datafolder", Folder)
+    failures[:] = [ConnectionResetError("reset by peer")]
+    with pytest.raises(DocumentError, match="cannot read the Parquet footer of .*a.parquet .*reset by peer.*again"):
+        io.input_split(files, 2)
+    failures[:] = [OSError("Couldn't deserialize thrift")]  # once: read again, by row groups
+    assert io.input_split(files, 2).kinds == ("row groups",)
+    failures[:] = [OSError("Couldn't deserialize thrift")] * 2
+    assert io.input_split(files, 2).kinds == ("whole files",)
 
 
 def test_a_byte_order_mark_leaves_the_first_row_readable(tmp_path):
