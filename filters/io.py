@@ -424,11 +424,9 @@ class ApplyInputReader(BaseReader):
                 firsts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
                                                    initial=0))
                 spans = [(g, firsts[g], firsts[g + 1] - firsts[g]) for g in groups]
-            read_rows = 0  # of the groups read, for progress
-            for group, first, rows in spans:
+            for j, (group, first, rows) in enumerate(spans):
                 rowno = first
                 if first + rows <= after:
-                    read_rows += rows
                     continue
                 batches = parquet.iter_batches(batch_size=1024, row_groups=None if group is None else [group])
                 for batch in batches:
@@ -443,8 +441,10 @@ class ApplyInputReader(BaseReader):
                         batch = batch.take(pa.array(wanted, pa.int64()))
                     for number, row in zip(numbers, parquet_rows_or_errors(batch)):
                         yield self._parquet_document(row, f"{label}:{number}")
-                    progress.at_bytes(size * (read_rows + rowno - first) // total_rows)
-                read_rows += rows
+                    # the share of the file read, as the task's total counts it: by rows of a whole file, by row
+                    # groups of its parts (uneven groups would run past or short of the total)
+                    progress.at_bytes(int(size * (rowno - first) / total_rows) if group is None else
+                                      int(size * (j + (rowno - first) / max(1, rows)) / meta.num_row_groups))
 
     def _parquet_document(self, row, source: str) -> Document:
         if isinstance(row, UnicodeDecodeError):

@@ -145,6 +145,33 @@ def test_split_files_are_dealt_to_tasks_in_runs_and_old_runs_keep_round_robin(tm
     assert read[0][3:6] == ["a-21", "a-22", "a-23"]  # a's row group 7
 
 
+def test_a_tasks_progress_over_uneven_row_groups_stays_within_its_total(tmp_path, monkeypatch):
+    """A task's total counts its row groups' share of the file; its reading was counted by rows: over a 1000-row
+    group and three of 10, the first group alone showed the task done."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import edu_filter.filters.io as io
+    from edu_filter.filters.progress import TaskProgress
+
+    path = tmp_path / "uneven.parquet"
+    with pq.ParquetWriter(path, pa.schema([("id", pa.string()), ("text", pa.string())])) as writer:
+        first = 0
+        for rows in (1000, 10, 10, 10):
+            ids = [f"d{i}" for i in range(first, first + rows)]
+            writer.write_table(pa.table({"id": ids, "text": [f"text {i}" for i in ids]}))
+            first += rows
+    files = expand_inputs([str(path)])
+    split = io.input_split(files, 2)
+    assert split.parts == (4,)
+    seen = []
+    monkeypatch.setattr(TaskProgress, "at_bytes", lambda self, position: seen.append((position, self.bytes_total)))
+    assert len(list(ApplyInputReader(files, split=split).run(rank=0, world_size=2))) == 1010
+    total = seen[0][1]
+    assert total == path.stat().st_size * 2 // 4
+    assert seen[0][0] <= 0.6 * total and seen[-1][0] == total  # the first group is half the task's groups, not all
+
+
 def test_a_parquet_file_whose_footer_does_not_read_is_one_task_part_not_every_task_reading_everything(tmp_path):
     """At 25k files for 50k tasks, one unreadable footer made every task read every file (keeping every n-th
     row): 50k times the reading. The file is now a part of its own, whose task records it as unreadable once."""
