@@ -1320,7 +1320,7 @@ def wait_for_chain(out: str, console) -> dict:
                 if not mine:
                     # gone from the queue but not complete: failed, unless the completion files are on their way
                     waited = time.time() - gone_since.setdefault(name, time.time())
-                    if (waited > GONE_GRACE_S and not read_stage_progress(logs, name, tasks).finished
+                    if (waited > GONE_GRACE_S and not read_stage_progress(logs, name, tasks, display.final[name]).finished
                             and gone_failed(waited, ended_job_states(submitted_jobs(out).get(name, [])))):
                         cancelled = cancel_chain(out)
                         raise StageFailed(failed_stage_message(out, name, tasks, slurm=True)

@@ -141,14 +141,15 @@ def read_stage_progress(logs: str, name: str, tasks: int, final: dict[str, dict]
         completed = {posixpath.basename(f) for f in done}
         final = {} if final is None else final
         for fname in folder.list_files(subdirectory="progress", glob_pattern="*.json"):
-            record = final.get(fname)
+            finished = posixpath.basename(fname).removesuffix(".json") in completed
+            record = final.get(fname) if finished else None  # its completion gone: run again (--overwrite, say)
             if record is None:
                 try:
                     with folder.open(fname, "rt") as fh:
                         record = json.load(fh)
                 except (json.JSONDecodeError, OSError):
                     continue  # being rewritten right now
-                if record["done"] and posixpath.basename(fname).removesuffix(".json") in completed:
+                if record["done"] and finished:
                     final[fname] = record
             records.append(record)
             stage.documents += record["documents"]

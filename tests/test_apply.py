@@ -194,12 +194,15 @@ def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tm
     # a task with no completion file yet (requeued, rerun) is
     for rank, documents in ((0, 10), (1, 30)):
         (tmp_path / "second" / "progress" / f"{rank:05d}.json").write_text(json.dumps(
-            {"documents": documents, "bytes": 1, "bytes_total": 1, "started": 0.0, "updated": 1.0, "done": True}))
-    (tmp_path / "second" / "completions" / "00000").unlink()
-    (tmp_path / "second" / "completions" / "00001").write_text("")
+            {"documents": documents, "bytes": 1, "bytes_total": 1, "started": 0.0, "updated": 1.0, "done": rank == 0}))
     assert display.refresh()[1].documents == 40
-    (tmp_path / "second" / "progress" / "00001.json").write_text("{not json")
+    (tmp_path / "second" / "progress" / "00000.json").write_text("{not json")
     assert display.refresh()[1].documents == 40
+    (tmp_path / "second" / "completions" / "00000").unlink()  # task 0 runs again (a run started over, say)
+    (tmp_path / "second" / "progress" / "00000.json").write_text(json.dumps(
+        {"documents": 3, "bytes": 1, "bytes_total": 4, "started": 0.0, "updated": 1.0, "done": False}))
+    second = display.refresh()[1]
+    assert second.documents == 33 and second.running_fraction == 1.25  # task 1 read all of its input, task 0 a quarter
 
 
 def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):
