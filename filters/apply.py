@@ -422,7 +422,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
         raise DocumentError(f"--output {out} is a file")
     path = out / "run_config.json"
     if out.exists() and any(out.iterdir()) and not path.exists():
-        strangers = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+        strangers = sorted(p.name for p in out.iterdir() if not is_output_entry(p.name))
         if strangers or not overwrite:
             what = ", ".join(strangers[:3]) or "a partial apply output"
             raise DocumentError(f"--output {out} is not empty and holds no apply run ({what}); give an empty or new "
@@ -452,12 +452,19 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
     return current
 
 
+def is_output_entry(name: str) -> bool:
+    """Whether `name` in an output folder is apply's: OUTPUT_ENTRIES, and the hidden file one of them is written to
+    before it takes its name (`write_json_whole`), left by a kill."""
+    return name in OUTPUT_ENTRIES or name.removeprefix(".partial-") in OUTPUT_ENTRIES
+
+
 def remove_outputs(out: Path) -> None:
-    for name in OUTPUT_ENTRIES:
-        target = out / name
+    for target in list(out.iterdir()):
+        if not is_output_entry(target.name):
+            continue
         if target.is_dir():
             shutil.rmtree(target)
-        elif target.exists():
+        else:
             target.unlink()
 
 

@@ -1128,8 +1128,8 @@ def write_slurm_scripts(executors, out: str) -> Path:
              '  if [ -n "$ids" ]; then all="${all:+$all, }\\"$stage\\": [$ids]"; fi',
              '  printf \'{%s}\\n\' "$all" > "$record.tmp" && mv -f "$record.tmp" "$record"',
              '}',
-             f"printf '%s\\n' '{array_layout(executors)}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\"",
-             "write_record  # none yet: an earlier submission's ids would be read through this layout"]
+             "write_record  # none yet: an earlier submission's ids would be read through the layout below",
+             f"printf '%s\\n' '{array_layout(executors)}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\""]
     for i, (name, ex) in enumerate(executors):
         ranks = ex.get_incomplete_ranks()
         if not ranks:

@@ -137,11 +137,14 @@ CONTIGUOUS = " (contiguous)"  # ends the recorded name of a split dealt in runs 
 @dataclass(frozen=True)
 class InputSplit:
     """How tasks share fewer files than there are tasks (`input_split`): each file cut into parts (a Parquet file
-    into its row groups, a plain JSONL file into byte ranges of `span` bytes, a compressed JSONL file or a Parquet
-    file whose footer does not read left whole), the parts of all files in one sequence (Parquet and compressed files
-    first, then plain JSONL, each in file order), and the sequence dealt to the tasks in runs of consecutive parts, so
-    a task opens one or two files. With fewer parts than tasks, the tasks dealt one part read it all and keep their
-    share of its rows (10 gzipped files for 100 tasks: each file read by 10 tasks, not all 10 by each).
+    into its row groups, a plain JSONL file into byte ranges of `span` bytes), the parts of all files in one sequence
+    (files read whole first, then plain JSONL cut in ranges, each in file order), and the sequence dealt to the tasks
+    in runs of consecutive parts, so a task opens one or two files. A file that cannot be entered midway (compressed
+    JSONL) has as many parts as a plain file of its estimated size would: part p is its rows numbered p modulo that,
+    so the tasks dealt its parts each read it whole and keep their rows (a gzipped file among plain ones would
+    otherwise be one task's whole). A Parquet file whose footer does not read, and a plain JSONL file of one range,
+    is one part. With fewer parts than tasks, the tasks dealt one part read it all and keep their share of its rows
+    (10 gzipped files for 100 tasks: each file read by 10 tasks, not all 10 by each).
 
     Runs planned by edu-filter before this dealt the sequence round-robin (`contiguous=False`; each of 50k tasks then
     opened hundreds of files) and, where a file could not be cut or the parts were fewer than the tasks, had every
@@ -199,8 +202,9 @@ class InputSplit:
 
 
 def _row_groups(folder: str, name: str) -> int | None:
-    """A Parquet file's row groups, None where its footer is not Parquet (pyarrow's ArrowInvalid, or its plain
-    OSError twice: a footer that does not deserialize). Any other error (a lost connection, a timeout) stops the
+    """A Parquet file's row groups, None where its footer is not Parquet: what pyarrow says of the bytes (an Arrow
+    error, a string that does not decode, or its plain OSError with no errno twice: a footer that does not
+    deserialize). Any other error (a lost connection, a 429, S3's 503 as an OSError with an errno) stops the
     planning: read a moment later, the run would be cut into other parts, and a resume would read other rows."""
     import pyarrow.parquet as pq
 
@@ -208,15 +212,32 @@ def _row_groups(folder: str, name: str) -> int | None:
         try:
             with get_datafolder(folder).open(name, "rb") as fh:
                 return pq.read_metadata(fh).num_row_groups
-        except pa.ArrowInvalid:
+        except (pa.ArrowException, UnicodeDecodeError):
             return None
-        except OSError as e:
-            if type(e) is not OSError:  # HTTP, fsspec, errno errors: not the file's bytes
-                raise DocumentError(f"cannot read the Parquet footer of {posixpath.join(folder, name)} ({e}); "
-                                    "run the same command again") from e
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if type(e) is not OSError or e.errno is not None:  # HTTP, fsspec, errno errors: not the file's bytes
+                raise DocumentError(f"cannot read the Parquet footer of {posixpath.join(folder, name)} "
+                                    f"({type(e).__name__}: {e}); run the same command again") from e
             if attempt:
                 return None
     return None
+
+
+GZIP_SAMPLE_BYTES = 1 << 20  # of a compressed file, read to estimate its size uncompressed
+
+
+def _uncompressed_size(folder: str, name: str, size: int) -> int:
+    """A gzipped file's size uncompressed, estimated from its first GZIP_SAMPLE_BYTES (exact for a smaller file);
+    its size where they do not decompress (the reader reports the file)."""
+    try:
+        with get_datafolder(folder).open(name, "rb") as fh:
+            packed = fh.read(GZIP_SAMPLE_BYTES)
+        unpacker = zlib.decompressobj(wbits=31)
+        plain = len(unpacker.decompress(packed, 64 * GZIP_SAMPLE_BYTES))
+        used = len(packed) - len(unpacker.unconsumed_tail)
+    except (OSError, zlib.error):
+        return size
+    return size if used <= 0 else plain * size // used
 
 
 def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
@@ -238,19 +259,26 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
         return None
     if None in sizes:  # a filesystem that tells no size
         return None
-    with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, sum(parquet)))) as pool:
+    with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, sum(parquet) + sum(packed)))) as pool:
         groups = list(pool.map(lambda f: _row_groups(*f), [f for p, f in zip(parquet, files) if p]))
+        unpacked = list(pool.map(lambda f: _uncompressed_size(*f[0], f[1]),
+                                 [(f, s) for z, f, s in zip(packed, files, sizes) if z]))
     if None in groups and not contiguous:
         return None
-    span = max(JSONL_RANGE_MIN_BYTES, sum(s for s, z in zip(sizes, packed) if not z) // (4 * tasks))
+    unpacked.reverse()
+    plain = [unpacked.pop() if z else size for z, size in zip(packed, sizes)]  # bytes of text
+    span = max(JSONL_RANGE_MIN_BYTES, sum(plain) // (4 * tasks))
     groups.reverse()
     parts, kinds = [], []
-    for p, z, size in zip(parquet, packed, sizes):
+    for p, z, size, unpacked in zip(parquet, packed, sizes, plain):
         if p:
             count = groups.pop()
             parts.append(1 if count is None else count)
             kinds.append("whole files" if count is None else "row groups")
-        elif z or (contiguous and size <= span):  # cannot be entered midway, or one range: read by line (FILE:LINE)
+        elif z:  # cannot be entered midway: as many parts as its text would have, each its rows modulo that
+            parts.append(max(1, -(-unpacked // span)))
+            kinds.append("whole files")
+        elif contiguous and 0 < size <= span:  # one range: read by line, its rows named FILE:LINE
             parts.append(1)
             kinds.append("whole files")
         else:
@@ -465,6 +493,7 @@ class ApplyInputReader(BaseReader):
             yield from data
         # what this task reads: (file index, its row groups or byte ranges, or None for the whole file), and of
         # the rows read the `mine`-th of every `sharing` (tasks reading the same)
+        residues: dict[int, tuple[frozenset, int]] = {}
         if len(self.files) >= world_size:
             plan, mine, sharing = [(i, None) for i in range(rank, len(self.files), world_size)], 0, 1
         elif self.split is not None:
@@ -472,14 +501,21 @@ class ApplyInputReader(BaseReader):
             parts_read, mine, sharing = self.split.share(rank, world_size)
             plan = [(i, self.split.ranges(i, parts) if kinds[i] == "byte ranges"
                      else None if kinds[i] == "whole files" else parts) for i, parts in parts_read]
+            # a whole file's parts are its rows by their number modulo its parts: this task's, where not all
+            residues = {i: (frozenset(parts), self.split.parts[i]) for i, parts in parts_read
+                        if kinds[i] == "whole files" and len(parts) < self.split.parts[i]}
         else:  # every task reads all, keeps its rows
             plan, mine, sharing = [(i, None) for i in range(len(self.files))], rank, world_size
         counter = 0
 
-        def keep(_index: int) -> bool:
-            nonlocal counter
-            counter += 1
-            return sharing == 1 or (counter - 1) % sharing == mine
+        def keeping(residue: tuple[frozenset, int] | None):
+            def keep(index: int) -> bool:
+                nonlocal counter
+                if residue is not None and index % residue[1] not in residue[0]:
+                    return False
+                counter += 1
+                return sharing == 1 or (counter - 1) % sharing == mine
+            return keep
 
         sizes = []
         for k, (i, groups) in enumerate(plan):
@@ -506,6 +542,7 @@ class ApplyInputReader(BaseReader):
             self.stat_update("input_files")
             self._row_reached = 0  # the line or row of the file read last, by any task
             failed_at = None  # the row after which a Parquet read failed with an OSError, once
+            keep = keeping(residues.get(i))
             while True:
                 try:
                     for doc in (read(folder, name, label, keep, progress) if failed_at is None
@@ -530,7 +567,7 @@ class ApplyInputReader(BaseReader):
                 # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
                 # one record says (once, from the task that owns the file or row groups) instead of a crash every
                 # resume repeats
-                if mine == 0:  # of the tasks reading the file
+                if mine == 0 and (i not in residues or 0 in residues[i][0]):  # of the tasks reading the file
                     self.stat_update("unreadable_files")
                     progress.document()
                     what = label if groups is None else (

@@ -698,8 +698,11 @@ def test_more_tasks_than_files_split_the_files(stock_classifier, tmp_path, monke
                   order="dedup-first", show=False)
 
 
-def _planted_rows(path: Path) -> list[dict]:
+def _planted_rows(path: Path, groups: list | None = None) -> list[dict]:
+    """The readable rows of a planted input (id and text); its duplicate groups added to `groups`."""
     src = planted_input(path, n_unique=40, n_groups=6)
+    if groups is not None:
+        groups.extend(src["groups"].values())
     rows = []
     for line in open(path, "rb"):
         with contextlib.suppress(orjson.JSONDecodeError):
@@ -759,7 +762,7 @@ def test_a_run_whose_files_would_be_cut_otherwise_is_not_resumed_and_a_broken_re
     """The recorded split names only the kinds of parts: a footer read whole at the start and by row groups on the
     resume made the same name, and the resumed tasks read other rows than the finished ones wrote. The parts are
     recorded too. A run_config.json cut short (an older edu-filter wrote it in place) is reported, and --overwrite
-    starts over instead of failing on it."""
+    starts over instead of failing on it; so does a folder holding only the hidden file a record is written to."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -788,13 +791,20 @@ def test_a_run_whose_files_would_be_cut_otherwise_is_not_resumed_and_a_broken_re
         run_apply(inputs, str(out), **args)
     stats = run_apply(inputs, str(out), overwrite=True, **args)
     assert stats["adds_up"] and stats["in"]["documents"] == len(rows) + 1  # b.parquet: one unreadable record
+    # a first run killed while it wrote its record leaves only the hidden file: the folder is still its own
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".partial-run_config.json").write_text('{"sett')
+    assert run_apply(inputs, str(fresh), overwrite=True, **args)["adds_up"]
+    assert not (fresh / ".partial-run_config.json").exists()
 
 
 def test_gzipped_files_fewer_than_the_tasks_are_each_read_by_a_share_of_the_tasks(stock_classifier, tmp_path):
     """Two .jsonl.gz files and --tasks 4: every task read both files whole (4x the reading of the input, and the
     gunzipping). Each file is now read by the two tasks dealt it, each keeping every other row, in both passes of
     the dedup-first order; every document lands once and MinHash finds the same clusters as one task does."""
-    rows = _planted_rows(tmp_path / "planted.jsonl")
+    groups = []
+    rows = _planted_rows(tmp_path / "planted.jsonl", groups)
     sources = [tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"]
     for i, source in enumerate(sources):
         source.write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows[i::2])))
@@ -808,6 +818,8 @@ def test_gzipped_files_fewer_than_the_tasks_are_each_read_by_a_share_of_the_task
     whole = read_outputs(tmp_path / "one") if run_apply([str(s) for s in sources], str(tmp_path / "one"), tasks=1,
                                                         **args) else None
     assert {k: len(v) for k, v in found.items()} == {k: len(v) for k, v in whole.items()}
+    for members in groups:  # each cluster keeps as many as with one task (the passes matched row for row)
+        assert sum(m in found["kept"] for m in members) == sum(m in whole["kept"] for m in members) >= 1
     for stage in ("minhash-signatures", "filter"):
         progress = [json.loads(p.read_text()) for p in sorted((out / "logs" / stage / "progress").glob("*"))]
         totals = [p["bytes_total"] for p in progress]

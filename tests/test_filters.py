@@ -1,5 +1,6 @@
 """Pieces of `apply` that need no classifier: input reading and sharding, bad rows, decontamination, keep-top."""
 
+import errno
 import gzip
 import json
 from pathlib import Path
@@ -92,7 +93,10 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
     gz = tmp_path / "big.jsonl.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
     split = io.input_split(expand_inputs([str(gz)]), 2)  # cannot be entered midway: both tasks read it by rows
-    assert split.kinds == ("whole files",) and split.share(0, 2) == ([(0, [0])], 0, 2)
+    n = -(-path.stat().st_size // split.span)  # as many parts as the file uncompressed in ranges (exact under 1 MiB)
+    assert split.kinds == ("whole files",) and split.parts == (n,) and n > 2
+    assert [split.share(rank, 2) for rank in range(2)] == [([(0, list(range(n // 2)))], 0, 1),
+                                                           ([(0, list(range(n // 2, n)))], 0, 1)]
     shares = [[d.id for d in ApplyInputReader(expand_inputs([str(gz)]), split=split).run(rank=rank, world_size=2)]
               for rank in range(2)]
     whole = [d.id for d in ApplyInputReader(expand_inputs([str(gz)])).run()]
@@ -143,6 +147,33 @@ def test_split_files_are_dealt_to_tasks_in_runs_and_old_runs_keep_round_robin(tm
     read = [[d.id for d in ApplyInputReader(files, split=old).run(rank=r, world_size=tasks)] for r in range(tasks)]
     assert sorted(i for r in read for i in r) == sorted(ids) and read[0][:3] == ["a-0", "a-1", "a-2"]
     assert read[0][3:6] == ["a-21", "a-22", "a-23"]  # a's row group 7
+
+
+def test_a_gzipped_file_among_plain_ones_is_parts_of_its_rows_not_one_tasks_whole(tmp_path, monkeypatch):
+    """A .jsonl.gz beside plain JSONL was one part like a 1 MiB range: with 8 tasks one scored all of its 4,000 rows
+    while the others scored ~500 each. It now has as many parts as its text would in ranges, each its rows numbered
+    modulo them: the tasks dealt them read it whole and keep theirs. A file cut short is still one record."""
+    import edu_filter.filters.io as io
+
+    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 1 << 14)
+    lines = [orjson.dumps({"id": f"r{i}", "text": f"row {i} " + "words " * 40}) + b"\n" for i in range(4000)]
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b"".join(lines).replace(b'"r', b'"gz')))
+    cut = gzip.compress(b"".join(lines[:300]).replace(b'"r', b'"cut'))
+    (tmp_path / "c.jsonl.gz").write_bytes(cut[:len(cut) // 2])
+    files = expand_inputs([str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.jsonl.gz")])
+    split = io.input_split(files, 8)
+    assert split.kinds == ("byte ranges", "whole files", "whole files") and split.parts[1] > 4
+    read = [list(ApplyInputReader(files, split=split).run(rank=rank, world_size=8)) for rank in range(8)]
+    counts = [len(docs) for docs in read]
+    assert max(counts) <= 1.5 * sum(counts) / 8, counts  # balanced, not one task holding a file
+    assert sum(any(d.id.startswith("gz") for d in docs) for docs in read) >= 3  # b.jsonl.gz: several tasks' rows
+    ids = [d.id for docs in read for d in docs]
+    failed = [d for docs in read for d in docs if FAILURE_KEY in d.metadata]
+    assert len(ids) == len(set(ids)) and sum(i.startswith(("r", "gz")) for i in ids) == 8000
+    assert [(d.id, d.metadata[FAILURE_KEY]) for d in failed] == [("c.jsonl.gz", "unreadable_file")]
+    readable_c = sum(1 for _ in ApplyInputReader(files[2:]).run()) - 1
+    assert sum(i.startswith("cut") for i in ids) == readable_c > 0
 
 
 def test_a_tasks_progress_over_uneven_row_groups_stays_within_its_total(tmp_path, monkeypatch):
@@ -214,10 +245,16 @@ def test_a_footer_read_failing_on_the_network_stops_the_planning_instead_of_leav
         def __getattr__(self, name):
             return getattr(self.folder, name)
 
+    class ClientResponseError(Exception):  # what fsspec's HTTP filesystem raises for a 429 (aiohttp's, no OSError)
+        pass
+
     monkeypatch.setattr(io, "get_datafolder", Folder)
-    failures[:] = [ConnectionResetError("reset by peer")]
-    with pytest.raises(DocumentError, match="cannot read the Parquet footer of .*a.parquet .*reset by peer.*again"):
-        io.input_split(files, 2)
+    for error in (ConnectionResetError("reset by peer"), ClientResponseError("429, Too Many Requests"),
+                  OSError(errno.EBUSY, "SlowDown")):  # s3fs's 503: a plain OSError, with an errno
+        failures[:] = [error]
+        with pytest.raises(DocumentError, match=f"cannot read the Parquet footer of .*a.parquet .*{type(error).__name__}"
+                                                ".*again"):
+            io.input_split(files, 2)
     failures[:] = [OSError("Couldn't deserialize thrift")]  # once: read again, by row groups
     assert io.input_split(files, 2).kinds == ("row groups",)
     failures[:] = [OSError("Couldn't deserialize thrift")] * 2
