@@ -422,7 +422,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
         raise DocumentError(f"--output {out} is a file")
     path = out / "run_config.json"
     if out.exists() and any(out.iterdir()) and not path.exists():
-        strangers = sorted(p.name for p in out.iterdir() if not is_output_entry(p.name))
+        strangers = sorted(p.name for p in out.iterdir() if not is_output_entry(p))
         if strangers or not overwrite:
             what = ", ".join(strangers[:3]) or "a partial apply output"
             raise DocumentError(f"--output {out} is not empty and holds no apply run ({what}); give an empty or new "
@@ -452,15 +452,19 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
     return current
 
 
-def is_output_entry(name: str) -> bool:
-    """Whether `name` in an output folder is apply's: OUTPUT_ENTRIES, and the hidden file one of them is written to
-    before it takes its name (`write_json_whole`), left by a kill."""
-    return name in OUTPUT_ENTRIES or name.removeprefix(".partial-") in OUTPUT_ENTRIES
+WRITTEN_WHOLE = ("run_config.json", "stats.json", "provenance.json")  # by `write_json_whole`, under a hidden name first
+
+
+def is_output_entry(path: Path) -> bool:
+    """Whether `path` in an output folder is apply's: OUTPUT_ENTRIES, and the hidden file a record is written to
+    before it takes its name, left by a kill."""
+    return path.name in OUTPUT_ENTRIES or (path.name.removeprefix(".partial-") in WRITTEN_WHOLE and path.is_file()
+                                           and path.name.startswith(".partial-"))
 
 
 def remove_outputs(out: Path) -> None:
     for target in list(out.iterdir()):
-        if not is_output_entry(target.name):
+        if not is_output_entry(target):
             continue
         if target.is_dir():
             shutil.rmtree(target)
@@ -693,7 +697,7 @@ def run_apply(
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
-    from edu_filter.filters.io import expand_inputs, input_split, reading_matters
+    from edu_filter.filters.io import expand_inputs, input_split, reading_factor
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -757,14 +761,15 @@ def run_apply(
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
     split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(cfg.output, overwrite))
-    parts = sum(split.parts) if split else len(files)
-    readers = -(-cfg.tasks // parts) if split or len(files) >= cfg.tasks else cfg.tasks  # of each part
-    if readers > 1 and reading_matters(files, readers):  # the cost grows with tasks
-        what = (f"{parts} parts (a row group, a byte range of a plain JSONL file, a gzipped file whole)" if split
-                else f"{len(files)} input files that cannot be split")
-        console.print(f"[yellow]warning: {what} for {cfg.tasks} tasks: up to {readers} tasks read each and keep "
-                      f"their share of its rows, {readers}x the reading of one pass; give --tasks {parts} or fewer "
-                      "where reading dominates[/]", soft_wrap=True)
+    reads = (split.reads(cfg.tasks) if split else [cfg.tasks if len(files) < cfg.tasks else 1] * len(files))
+    factor = reading_factor(files, reads)  # the cost grows with the tasks
+    if factor != 0:
+        how = "an unknown multiple" if factor is None else f"{factor:.1f}x"
+        console.print(f"[yellow]warning: up to {max(reads)} of the {cfg.tasks} tasks read one input file and keep "
+                      "their share of its rows (a gzipped JSONL file cannot be entered midway: every task dealt a "
+                      "part of it reads it whole; so do tasks sharing a part where the parts are fewer than the "
+                      f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
+                      "--tasks, where reading dominates[/]", soft_wrap=True)
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
                             input_parts=split.digest if split and split.contiguous else None)
     if executor == "ray":

@@ -66,7 +66,10 @@ MAX_NESTING = 32
 # fsspec metadata that changes when a file is replaced: local and SFTP, S3, GCS, Azure, the hub (content hash)
 FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "blob_id")
 # a truncated or corrupt file; transient I/O errors (OSError) still fail the task, so a rerun reads the file again
-UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
+# what pyarrow says of bytes that are not Parquet (a footer, a page); its memory errors and OSErrors are not that
+NOT_PARQUET = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError, pa.ArrowIndexError,
+               pa.ArrowSerializationError, UnicodeDecodeError)
+UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, *NOT_PARQUET)
 # what pyarrow raises for values that do not make (or fit) an array of one type
 NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -196,6 +199,31 @@ class InputSplit:
             plan.setdefault(order[j], []).append(n - starts[j])
         return list(plan.items()), k, m
 
+    def reads(self, world_size: int) -> list[int]:
+        """Per file, how many tasks read it (all of it for a file read whole, its parts else), where that is more
+        than once: a gzipped file by every task dealt one of its parts, a part by every task sharing it."""
+        import bisect
+
+        order = self._sequence()
+        starts = list(itertools.accumulate((self.parts[i] for i in order), initial=0))
+        total, reads = starts[-1], [1] * len(self.parts)
+        if not self.contiguous or total == 0:
+            return reads
+        sharing = [1] * total
+        if total < world_size:  # part p: the tasks from ceil(p W / N) up to ceil((p + 1) W / N)
+            sharing = [-(-(p + 1) * world_size // total) - -(-p * world_size // total) for p in range(total)]
+        bounds = [r * total // world_size for r in range(world_size + 1)]  # the first part of each task
+        for j, i in enumerate(order):
+            first, end = starts[j], starts[j + 1]
+            if first == end:
+                continue
+            if self.kinds[i] == "whole files":  # each task dealt a part reads it all
+                dealt = bisect.bisect_right(bounds, end - 1) - bisect.bisect_right(bounds, first) + 1
+                reads[i] = sum(sharing[first:end]) if total < world_size else dealt
+            else:
+                reads[i] = max(sharing[first:end])
+        return reads
+
     def ranges(self, i: int, parts: list[int]) -> list[tuple[None, int, int]]:
         """Byte ranges (None, first byte, bytes) of JSONL file `i`'s parts."""
         return [(None, k * self.span, min(self.span, self.sizes[i] - k * self.span)) for k in parts]
@@ -212,7 +240,7 @@ def _row_groups(folder: str, name: str) -> int | None:
         try:
             with get_datafolder(folder).open(name, "rb") as fh:
                 return pq.read_metadata(fh).num_row_groups
-        except (pa.ArrowException, UnicodeDecodeError):
+        except NOT_PARQUET:
             return None
         except Exception as e:  # noqa: BLE001 - sorted below
             if type(e) is not OSError or e.errno is not None:  # HTTP, fsspec, errno errors: not the file's bytes
@@ -227,17 +255,27 @@ GZIP_SAMPLE_BYTES = 1 << 20  # of a compressed file, read to estimate its size u
 
 
 def _uncompressed_size(folder: str, name: str, size: int) -> int:
-    """A gzipped file's size uncompressed, estimated from its first GZIP_SAMPLE_BYTES (exact for a smaller file);
-    its size where they do not decompress (the reader reports the file)."""
+    """A gzipped file's size uncompressed, estimated from its first GZIP_SAMPLE_BYTES (exact for a smaller file),
+    every gzip stream in them counted (`cat a.gz b.gz`), a MiB of text at a time; its size where they are not gzip
+    (the reader reports the file). An error reading them stops the planning, as in `_row_groups`."""
     try:
         with get_datafolder(folder).open(name, "rb") as fh:
             packed = fh.read(GZIP_SAMPLE_BYTES)
-        unpacker = zlib.decompressobj(wbits=31)
-        plain = len(unpacker.decompress(packed, 64 * GZIP_SAMPLE_BYTES))
-        used = len(packed) - len(unpacker.unconsumed_tail)
-    except (OSError, zlib.error):
-        return size
-    return size if used <= 0 else plain * size // used
+    except Exception as e:  # noqa: BLE001 - a transient error must not change the parts
+        raise DocumentError(f"cannot read the start of {posixpath.join(folder, name)} ({type(e).__name__}: {e}); run "
+                            "the same command again") from e
+    plain, rest = 0, packed
+    try:
+        while rest:
+            unpacker = zlib.decompressobj(wbits=31)
+            while rest and not unpacker.eof:
+                plain += len(unpacker.decompress(rest, 1 << 20))
+                rest = unpacker.unconsumed_tail
+            rest = unpacker.unused_data if unpacker.eof else b""
+    except zlib.error:  # not gzip, or something after the streams
+        if plain == 0:
+            return size
+    return plain if len(packed) == size else plain * size // max(1, len(packed) - len(rest))
 
 
 def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
@@ -291,14 +329,20 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
 EXTRA_READING_WORTH_SAYING = 1 << 30  # bytes read beyond one pass, over all tasks
 
 
-def reading_matters(files: list[tuple[str, str]], tasks: int) -> bool:
-    """Whether every task reading every file reads at least EXTRA_READING_WORTH_SAYING more than one pass over the
-    input would (a small sample read by a few tasks is not worth a warning; a size no filesystem tells is)."""
+def reading_factor(files: list[tuple[str, str]], reads: list[int]) -> float | None:
+    """How many times one pass's bytes the tasks read, file i read by `reads[i]` tasks, where that is at least
+    EXTRA_READING_WORTH_SAYING more than one pass (a small sample read by a few tasks is not worth a warning); 0
+    where it is not; None where a filesystem tells no size."""
+    if max(reads, default=1) <= 1:
+        return 0
     try:
         sizes = [get_datafolder(folder).size(name) for folder, name in files]
     except Exception:  # noqa: BLE001 - the reader reports the file
-        return True
-    return None in sizes or sum(sizes) * (tasks - 1) >= EXTRA_READING_WORTH_SAYING
+        return None
+    if None in sizes:
+        return None
+    read = sum(size * n for size, n in zip(sizes, reads))
+    return read / max(1, sum(sizes)) if read - sum(sizes) >= EXTRA_READING_WORTH_SAYING else 0
 
 
 def nested_deeper(row: dict, limit: int) -> bool:
@@ -551,6 +595,8 @@ class ApplyInputReader(BaseReader):
                         progress.document()
                         yield doc
                     break
+                except UNREADABLE as e:  # before OSError: a .gz that is not gzip is one (BadGzipFile)
+                    error = e
                 except OSError as e:
                     # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
                     # transient read error (gone on a second read): read again from there once to tell them apart
@@ -561,8 +607,6 @@ class ApplyInputReader(BaseReader):
                         failed_at = self._row_reached
                         self.stat_update("parquet_rereads")
                         continue
-                    error = e
-                except UNREADABLE as e:
                     error = e
                 # a truncated or corrupt file: its rows so far are in the stream; the rest cannot be read, which
                 # one record says (once, from the task that owns the file or row groups) instead of a crash every

@@ -797,6 +797,12 @@ def test_a_run_whose_files_would_be_cut_otherwise_is_not_resumed_and_a_broken_re
     (fresh / ".partial-run_config.json").write_text('{"sett')
     assert run_apply(inputs, str(fresh), overwrite=True, **args)["adds_up"]
     assert not (fresh / ".partial-run_config.json").exists()
+    (out / ".partial-kept").mkdir()  # a user's, not a record written whole: kept, and the folder is not apply's
+    (out / ".partial-kept" / "notes.txt").write_text("mine")
+    (out / "run_config.json").unlink()
+    with pytest.raises(DocumentError, match=r"holds no apply run \(.partial-kept\)"):
+        run_apply(inputs, str(out), overwrite=True, **args)
+    assert (out / ".partial-kept" / "notes.txt").read_text() == "mine"
 
 
 def test_gzipped_files_fewer_than_the_tasks_are_each_read_by_a_share_of_the_tasks(stock_classifier, tmp_path):
@@ -1116,8 +1122,9 @@ def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_cla
 def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_per_task(stock_classifier, tmp_path,
                                                                                          capsys, monkeypatch):
     """One gzipped JSONL file and --tasks 4: every task reads it whole and keeps every 4th row, 4x the reading of
-    one pass, which nothing said (at 25k files for 50k tasks, one unreadable Parquet footer did the same). A small
-    input whose extra reading is under a GiB (here a plain JSONL sample) is not worth the warning."""
+    one pass, which nothing said (at 25k files for 50k tasks, one unreadable Parquet footer did the same). So does
+    every task dealt a part of a big gzipped file among plain ones. A small input whose extra reading is under a GiB
+    (here a plain JSONL sample) is not worth the warning."""
     from edu_filter.filters import io
     from edu_filter.filters.apply import SlurmOptions
 
@@ -1130,8 +1137,19 @@ def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_pe
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
               tasks=4, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
     said = " ".join(capsys.readouterr().err.split())
-    assert "warning: 1 parts (a row group, a byte range of a plain JSONL file, a gzipped file whole) for 4 tasks: up " \
-           "to 4 tasks read each" in said and "4x the reading" in said and "--tasks 1 or fewer" in said
+    assert "warning: up to 4 of the 4 tasks read one input file" in said and "4.0x the reading of one pass" in said
+    monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 256)  # in parts: a big gzipped file beside a plain one
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl.gz").write_bytes((tmp_path / "in.jsonl.gz").read_bytes())
+    (tmp_path / "mixed" / "b.jsonl").write_bytes((tmp_path / "in.jsonl").read_bytes())
+    files = io.expand_inputs([str(tmp_path / "mixed")])
+    split = io.input_split(files, 8)
+    reads = split.reads(8)
+    assert split.kinds == ("whole files", "byte ranges") and reads[1] == 1 and 4 <= reads[0] < 8
+    assert reads[0] == sum(any(i == 0 for i, _ in split.share(rank, 8)[0]) for rank in range(8))  # dealt a part
+    run_apply([str(tmp_path / "mixed")], str(tmp_path / "mixed-out"), model=stock_classifier, executor="slurm",
+              tasks=8, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))
+    assert f"up to {reads[0]} of the 8 tasks read one input file" in " ".join(capsys.readouterr().err.split())
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "one"), model=stock_classifier, executor="slurm",
               tasks=1, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))  # a file per task
     assert "the reading of one pass" not in capsys.readouterr().err

@@ -176,6 +176,78 @@ def test_a_gzipped_file_among_plain_ones_is_parts_of_its_rows_not_one_tasks_whol
     assert sum(i.startswith("cut") for i in ids) == readable_c > 0
 
 
+def test_files_whose_bytes_do_not_read_are_one_record_each_not_a_crash(tmp_path):
+    """A Parquet footer pyarrow cannot decode as text (UnicodeDecodeError) was planned as a whole file and then
+    crashed its task on every resume; a .jsonl.gz that is not gzip (BadGzipFile, an OSError) was re-raised as a
+    transient read error. Each is one unreadable_file record."""
+    import io as _io
+    import random
+    import struct
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import edu_filter.filters.io as io
+
+    buf = _io.BytesIO()
+    pq.write_table(pa.table({"id": ["a"] * 50, "text": ["t"] * 50}), buf, row_group_size=10)
+    good = buf.getvalue()
+    footer = len(good) - 8 - struct.unpack("<I", good[-8:-4])[0]
+    for seed in range(5000):  # footer bytes changed until pyarrow's read of it fails decoding a string
+        rng, bad = random.Random(seed), bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(footer, len(good) - 8)] = rng.randrange(256)
+        try:
+            pq.read_metadata(pa.BufferReader(bytes(bad)))
+        except UnicodeDecodeError:
+            break
+        except Exception:  # noqa: BLE001 - another corruption: try the next
+            pass
+    else:
+        pytest.skip("no footer change found that pyarrow fails to decode")
+    (tmp_path / "x.parquet").write_bytes(bytes(bad))
+    (tmp_path / "y.jsonl.gz").write_bytes(b'{"id": "y", "text": "not gzipped"}\n')
+    (tmp_path / "z.jsonl").write_bytes(b"".join(orjson.dumps({"id": f"z{i}", "text": "t"}) + b"\n" for i in range(9)))
+    files = expand_inputs([str(tmp_path / n) for n in ("x.parquet", "y.jsonl.gz", "z.jsonl")])
+    for tasks in (1, 4):
+        split = io.input_split(files, tasks)
+        docs = [d for rank in range(tasks) for d in ApplyInputReader(files, split=split).run(rank=rank, world_size=tasks)]
+        failed = sorted((d.id, d.metadata[FAILURE_KEY]) for d in docs if FAILURE_KEY in d.metadata)
+        assert failed == [("x.parquet", "unreadable_file"), ("y.jsonl.gz", "unreadable_file")], tasks
+        assert sorted(d.id for d in docs if FAILURE_KEY not in d.metadata) == [f"z{i}" for i in range(9)]
+
+
+def test_a_gzipped_files_text_is_estimated_over_all_its_streams_and_a_read_error_stops_the_planning(tmp_path,
+                                                                                                    monkeypatch):
+    """`cat a.gz b.gz` is gzip too: the first stream alone made a 1,000-stream file ~0.2% of its text, one part.
+    The estimate reads a MiB (exact for a smaller file), a MiB of text at a time; a failed read of it stops the
+    planning (a smaller estimate would cut the file otherwise on the resume)."""
+    import os
+
+    import edu_filter.filters.io as io
+
+    text = b"".join(orjson.dumps({"id": i, "text": os.urandom(40).hex()}) + b"\n" for i in range(60_000))
+    (tmp_path / "multi.jsonl.gz").write_bytes(b"".join(gzip.compress(text[i:i + 5000]) for i in range(0, len(text), 5000)))
+    (tmp_path / "small.jsonl.gz").write_bytes(b"".join(gzip.compress(text[i:i + 500]) for i in range(0, 5000, 500)))
+    (tmp_path / "not.jsonl.gz").write_bytes(text[:3000])
+    for name, true in (("multi.jsonl.gz", len(text)), ("small.jsonl.gz", 5000), ("not.jsonl.gz", 3000)):
+        size = (tmp_path / name).stat().st_size
+        assert size > io.GZIP_SAMPLE_BYTES or name != "multi.jsonl.gz"
+        estimate = io._uncompressed_size(str(tmp_path), name, size)
+        assert (estimate == true) if size <= io.GZIP_SAMPLE_BYTES else abs(estimate - true) < 0.05 * true, name
+
+    class Unreachable:
+        def __init__(self, folder):
+            pass
+
+        def open(self, name, mode="rb"):
+            raise ConnectionResetError(104, "reset by peer")
+
+    monkeypatch.setattr(io, "get_datafolder", Unreachable)
+    with pytest.raises(DocumentError, match="cannot read the start of .*multi.jsonl.gz .*reset by peer.*again"):
+        io._uncompressed_size(str(tmp_path), "multi.jsonl.gz", 1 << 21)
+
+
 def test_a_tasks_progress_over_uneven_row_groups_stays_within_its_total(tmp_path, monkeypatch):
     """A task's total counts its row groups' share of the file; its reading was counted by rows: over a 1000-row
     group and three of 10, the first group alone showed the task done."""
