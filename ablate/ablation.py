@@ -546,9 +546,15 @@ def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: i
             rate = f"({(train - first) / seconds:,.0f}/s)" if seconds > 1 else ""
             progress.update(task, completed=min(train, train_tokens), rate=rate)  # the last document runs over
 
+        def skipping(done: int, of: int) -> None:
+            nonlocal started
+            started = time.monotonic()  # the rate counts the packing, not the skip
+            progress.update(task, description=f"packing {name}" if done == of else
+                            f"packing {name}: reading past the {of:,} documents packed before ({done:,})")
+
         return write_train_val(iter_texts(path, text_field, spread=file_order is not None), tok, folder,
                                train_tokens, val_fraction, val_tokens, source=source, progress=update,
-                               file_order=file_order)
+                               file_order=file_order, skipping=skipping)
 
 
 def _packed_infos(out: Path, datasets: dict) -> dict:

@@ -15,7 +15,6 @@ prediction target exactly once per epoch; only the tail shorter than one window 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -151,6 +150,7 @@ def write_train_val(
     progress: Callable[[int, int], None] | None = None,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     file_order: str | None = None,
+    skipping: Callable[[int, int], None] | None = None,
 ) -> tuple[TokenFileInfo, TokenFileInfo]:
     """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
 
@@ -162,7 +162,9 @@ def write_train_val(
     synced and `packing.json` records the documents read and the tokens written. A packing killed part-way and
     called again with the same source, tokenizer and budgets skips the documents read before that checkpoint and
     appends after it, giving the files an unbroken packing gives; with anything else it starts over. `progress(train_tokens,
-    val_tokens)` is called at the start (a resumed packing's counts), a few times a second and at the end.
+    val_tokens)` is called at the start (a resumed packing's counts), a few times a second and at the end;
+    `skipping(documents, of)` while a resumed packing reads past the documents packed before its checkpoint (an hour
+    for 10B tokens: they are read again, not tokenized).
     """
     out_dir = Path(out_dir)
     (out_dir / PACKED).unlink(missing_ok=True)
@@ -179,7 +181,7 @@ def write_train_val(
     saved = shown = time.monotonic()
     if progress is not None:
         progress(train.tokens, val.tokens)  # where a resumed packing starts
-    for text, ids in tokenize_documents(itertools.islice(texts, read, None), tokenizer, tokenizer.eos_token_id):
+    for text, ids in tokenize_documents(_after(texts, read, skipping), tokenizer, tokenizer.eos_token_id):
         read += 1
         if is_held_out(text, val_fraction):
             if val.tokens < val_tokens:
@@ -205,6 +207,22 @@ def write_train_val(
     marker.rename(out_dir / PACKED)
     (out_dir / PACKING).unlink(missing_ok=True)
     return infos
+
+
+SKIPPING_SHOWN_EVERY = 10_000  # documents
+
+
+def _after(texts: Iterable[str], read: int, skipping: Callable[[int, int], None] | None) -> Iterator[str]:
+    """`texts` after the first `read`, `skipping` told how far the skip has got."""
+    texts = iter(texts)
+    for done in range(read):
+        if skipping is not None and done % SKIPPING_SHOWN_EVERY == 0:
+            skipping(done, read)
+        if next(texts, None) is None:
+            return
+    if skipping is not None and read:
+        skipping(read, read)
+    yield from texts
 
 
 def packing_settings(tokenizer, train_tokens: int, val_fraction: float, max_val_tokens: int,

@@ -208,14 +208,18 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
     """10B tokens take hours to pack: a kill (preemption, a node lost) costs the minute since the last checkpoint,
     and the resumed files are byte for byte those of an unbroken packing, the bytes written after the checkpoint
     cut off. Other settings or another input start over."""
+    skipped = []
+
     def pack(folder, source="web"):
         seen = []
+        skipped.clear()
         infos = write_train_val(iter_texts(str(WEB)), tokenizer, folder, train_tokens=10**9, val_fraction=0.1,
-                                max_val_tokens=20_000, source=source, progress=lambda train, val: seen.append(train))
+                                max_val_tokens=20_000, source=source, progress=lambda train, val: seen.append(train),
+                                skipping=lambda done, of: skipped.append((done, of)))
         return infos, seen[0], [(folder / name).read_bytes() for name in ("train.bin", "val.bin")]
 
     clean, started, clean_bytes = pack(tmp_path / "clean")
-    assert started == 0 and clean[0].tokens > 100_000
+    assert started == 0 and clean[0].tokens > 100_000 and skipped == []
     folder = tmp_path / "killed"
     packer = subprocess.Popen([sys.executable, "-c", SLOW_PACKING, str(tokenizer_dir), str(WEB), str(folder)])
     try:
@@ -236,6 +240,8 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
 
     resumed, started, resumed_bytes = pack(folder)
     assert started == checkpoint["train"][0]  # resumed from the checkpoint, not from the start
+    read = checkpoint["documents_read"]
+    assert skipped == [(0, read), (read, read)]  # the reading past them is said, start and end
     assert resumed == clean and resumed_bytes == clean_bytes
     assert read_packed(folder) and not (folder / "packing.json").exists()
 
