@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import pickle
+from collections import Counter
 import tempfile
 import time
 from pathlib import Path
@@ -33,31 +34,35 @@ from rich.table import Table
 from edu_filter.filters import io
 
 
-def write_parquet(folder: Path, files: int, groups: int, rows: int) -> int:
+def write_parquet(folder: Path, files: int, groups: int, rows: int) -> list[str]:
     schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+    every = []
     for f in range(files):
         with pq.ParquetWriter(folder / f"shard-{f:03d}.parquet", schema) as writer:
             for g in range(groups):
                 ids = [f"{f}-{g}-{r}" for r in range(rows)]
                 writer.write_table(pa.table({"id": ids, "text": [f"document {i} " * 20 for i in ids]}))
-    return files * groups * rows
+                every += ids
+    return every
 
 
-def read_all(files, split, tasks: int) -> tuple[float, list[int], int]:
-    """(seconds, files opened per task, rows read) of every task reading its share, one after another."""
-    opened, rows = [], 0
+def read_all(files, split, tasks: int, expected: list[str]) -> tuple[float, list[int]]:
+    """(seconds, files opened per task) of every task reading its share, one after another; every expected id read
+    exactly once, or it fails."""
+    opened, ids = [], []
     started = time.perf_counter()
     for rank in range(tasks):
         reader = io.ApplyInputReader(files, split=split)
-        ids = [d.id for d in reader.run(rank=rank, world_size=tasks)]
-        rows += len(ids)
+        ids += [d.id for d in reader.run(rank=rank, world_size=tasks)]
         opened.append(reader.stats.stats["input_files"].total)  # a file opened, its footer read
-    return time.perf_counter() - started, opened, rows
+    seconds = time.perf_counter() - started
+    assert Counter(ids) == Counter(expected), "a row read twice or not at all"
+    return seconds, opened
 
 
-def old_unit_list(split: io.InputSplit) -> list[tuple]:
-    """The part list runs planned before pickled into every stage: (file, group, rows before it, its rows)."""
-    return [(i, g, 0, 0) for i, n in enumerate(split.parts) for g in range(n)]
+def old_unit_list(split: io.InputSplit, rows: int) -> list[tuple]:
+    """The part list the previous release pickled into every stage: (file, group, rows before it, its rows)."""
+    return [(i, g, g * rows, rows) for i, n in enumerate(split.parts) for g in range(n)]
 
 
 def main() -> None:
@@ -75,18 +80,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "parquet"
         folder.mkdir()
-        total = write_parquet(folder, args.files, args.groups, args.rows)
+        expected = write_parquet(folder, args.files, args.groups, args.rows)
         files = io.expand_inputs([str(folder)])
+        if args.files * args.groups < args.tasks:
+            parser.error("give at least as many row groups in all as tasks: the old way read every file then")
         table = Table(title=f"{args.files} Parquet files x {args.groups} row groups x {args.rows} rows, "
                             f"{args.tasks} tasks")
         for col in ("dealing", "files opened per task (mean / max)", "all tasks' reading (s)", "split pickled (bytes)"):
             table.add_column(col, justify="right" if col != "dealing" else "left")
         results = {}
-        for name, contiguous in (("round-robin (before)", False), ("runs of parts (now)", True)):
+        for name, contiguous in (("round-robin (the previous release)", False), ("runs of parts (now)", True)):
             split = io.input_split(files, args.tasks, contiguous=contiguous)
-            seconds, opened, rows = read_all(files, split, args.tasks)
-            assert rows == total, (name, rows, total)
-            pickled = len(pickle.dumps(old_unit_list(split) if not contiguous else split))
+            seconds, opened = read_all(files, split, args.tasks, expected)
+            pickled = len(pickle.dumps(old_unit_list(split, args.rows) if not contiguous else split))
             results[name] = (seconds, sum(opened) / len(opened), pickled)
             table.add_row(name, f"{sum(opened) / len(opened):.1f} / {max(opened)}", f"{seconds:.2f}", f"{pickled:,}")
         console.print(table)
@@ -96,22 +102,24 @@ def main() -> None:
 
         gz = Path(tmp) / "gz"
         gz.mkdir()
-        per_file = total // args.gz_files
+        per_file = len(expected) // args.gz_files
+        expected = []
         for f in range(args.gz_files):
-            lines = (orjson.dumps({"id": f"gz{f}-{r}", "text": f"document {r} " * 20}) + b"\n" for r in range(per_file))
+            rows = per_file * (f + 1) // 2  # files of different sizes
+            lines = (orjson.dumps({"id": f"gz{f}-{r}", "text": f"document {r} " * 20}) + b"\n" for r in range(rows))
             (gz / f"part-{f}.jsonl.gz").write_bytes(gzip.compress(b"".join(lines), compresslevel=1))
+            expected += [f"gz{f}-{r}" for r in range(rows)]
         files = io.expand_inputs([str(gz)])
-        unpacked = sum(len(gzip.decompress(p.read_bytes())) for p in gz.iterdir())
-        table = Table(title=f"{args.gz_files} gzipped JSONL files, {args.tasks} tasks")
+        unpacked = [len(gzip.decompress(Path(folder, name).read_bytes())) for folder, name in files]
+        table = Table(title=f"{args.gz_files} gzipped JSONL files of {sum(unpacked) / 1e6:.0f} MB of text, {args.tasks} tasks")
         for col in ("reading", "text decompressed over all tasks (MB)", "all tasks' reading (s)"):
             table.add_column(col, justify="right" if col != "reading" else "left")
         results = {}
         for name, split in (("every task every file (before)", None),
                             ("the tasks dealt its parts (now)", io.input_split(files, args.tasks))):
-            seconds, opened, rows = read_all(files, split, args.tasks)
-            assert rows == per_file * args.gz_files, (name, rows)
+            seconds, opened = read_all(files, split, args.tasks, expected)
             reads = split.reads(args.tasks) if split else [args.tasks] * len(files)
-            decompressed = unpacked * sum(reads) / len(reads)
+            decompressed = sum(size * n for size, n in zip(unpacked, reads))  # each reader gunzips all of it
             results[name] = (seconds, decompressed)
             table.add_row(name, f"{decompressed / 1e6:,.0f}", f"{seconds:.2f}")
         console.print(table)

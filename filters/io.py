@@ -141,8 +141,8 @@ CONTIGUOUS = " (contiguous)"  # ends the recorded name of a split dealt in runs 
 class InputSplit:
     """How tasks share fewer files than there are tasks (`input_split`): each file cut into parts (a Parquet file
     into its row groups, a plain JSONL file into byte ranges of `span` bytes), the parts of all files in one sequence
-    (files read whole first, then plain JSONL cut in ranges, each in file order), and the sequence dealt to the tasks
-    in runs of consecutive parts, so a task opens one or two files. A file that cannot be entered midway (compressed
+    (plain JSONL files cut in ranges last, each group in file order), and the sequence dealt to the tasks in runs of
+    consecutive parts, so a task opens few files (one or two where the files have many parts each). A file that cannot be entered midway (compressed
     JSONL) has as many parts as a plain file of its estimated size would: part p is its rows numbered p modulo that,
     so the tasks dealt its parts each read it whole and keep their rows (a gzipped file among plain ones would
     otherwise be one task's whole). A Parquet file whose footer does not read, and a plain JSONL file of one range,
@@ -251,7 +251,7 @@ def _row_groups(folder: str, name: str) -> int | None:
     return None
 
 
-GZIP_SAMPLE_BYTES = 1 << 20  # of a compressed file, read to estimate its size uncompressed
+GZIP_SAMPLE_BYTES = 1 << 16  # of a compressed file, read to estimate its size uncompressed (25k files: 1.6 GB)
 
 
 def _uncompressed_size(folder: str, name: str, size: int) -> int:
@@ -293,8 +293,11 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
         return None
     try:
         sizes = [0 if p else get_datafolder(folder).size(name) for p, (folder, name) in zip(parquet, files)]
-    except Exception:  # noqa: BLE001 - the reader reports the file
+    except FileNotFoundError:  # gone since it was listed: the reader reports it
         return None
+    except Exception as e:  # noqa: BLE001 - a transient error must not change the split (a resume is refused)
+        raise DocumentError(f"cannot read the size of an input file ({type(e).__name__}: {e}); run the same command "
+                            "again") from e
     if None in sizes:  # a filesystem that tells no size
         return None
     with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, sum(parquet) + sum(packed)))) as pool:
@@ -363,7 +366,7 @@ class ApplyInputReader(BaseReader):
     With at least as many files as tasks, each task reads whole files. With fewer files, `split` (`input_split`)
     splits Parquet files by row group and plain JSONL files by byte range: each task reads its parts only (a row
     without an id is then named by its byte offset, FILE@BYTE, not its line, FILE:LINE, which a range cannot know).
-    Tasks dealt the same part (one big .jsonl.gz and `--tasks 4`), and every task of a run planned without a split,
+    Tasks dealt the same part (one small .jsonl.gz and `--tasks 4`), and every task of a run planned without a split,
     read it all and keep the rows whose index falls in their share, so the tasks still split the scoring work (rows
     not kept are not converted or parsed).
 

@@ -142,7 +142,11 @@ def read_stage_progress(logs: str, name: str, tasks: int, final: dict[str, dict]
         final = {} if final is None else final
         for fname in folder.list_files(subdirectory="progress", glob_pattern="*.json"):
             finished = posixpath.basename(fname).removesuffix(".json") in completed
-            record = final.get(fname) if finished else None  # its completion gone: run again (--overwrite, say)
+            if finished:
+                record = final.get(fname)
+            else:  # its completion gone: run again (--overwrite, say), read again until it completes anew
+                final.pop(fname, None)
+                record = None
             if record is None:
                 try:
                     with folder.open(fname, "rt") as fh:

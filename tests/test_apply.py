@@ -203,6 +203,10 @@ def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tm
         {"documents": 3, "bytes": 1, "bytes_total": 4, "started": 0.0, "updated": 1.0, "done": False}))
     second = display.refresh()[1]
     assert second.documents == 33 and second.running_fraction == 1.25  # task 1 read all of its input, task 0 a quarter
+    (tmp_path / "second" / "progress" / "00000.json").write_text(json.dumps(
+        {"documents": 5, "bytes": 4, "bytes_total": 4, "started": 0.0, "updated": 1.0, "done": True}))
+    (tmp_path / "second" / "completions" / "00000").write_text("")  # completed anew: its new record counts
+    assert display.refresh()[1].documents == 35
 
 
 def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):

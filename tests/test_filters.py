@@ -327,6 +327,17 @@ def test_a_footer_read_failing_on_the_network_stops_the_planning_instead_of_leav
         with pytest.raises(DocumentError, match=f"cannot read the Parquet footer of .*a.parquet .*{type(error).__name__}"
                                                 ".*again"):
             io.input_split(files, 2)
+    (tmp_path / "b.jsonl").write_bytes(b'{"id": "b", "text": "t"}\n')
+    both = expand_inputs([str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")])
+
+    class SizeFails(Folder):
+        def size(self, name):
+            raise ConnectionResetError(104, "reset by peer")
+
+    monkeypatch.setattr(io, "get_datafolder", SizeFails)  # every task reading every file would be planned instead
+    with pytest.raises(DocumentError, match="cannot read the size of an input file .*reset by peer.*again"):
+        io.input_split(both, 4)
+    monkeypatch.setattr(io, "get_datafolder", Folder)
     failures[:] = [OSError("Couldn't deserialize thrift")]  # once: read again, by row groups
     assert io.input_split(files, 2).kinds == ("row groups",)
     failures[:] = [OSError("Couldn't deserialize thrift")] * 2
