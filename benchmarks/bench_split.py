@@ -111,7 +111,8 @@ def main() -> None:
             expected += [f"gz{f}-{r}" for r in range(rows)]
         files = io.expand_inputs([str(gz)])
         unpacked = [len(gzip.decompress(Path(folder, name).read_bytes())) for folder, name in files]
-        table = Table(title=f"{args.gz_files} gzipped JSONL files of {sum(unpacked) / 1e6:.0f} MB of text, {args.tasks} tasks")
+        table = Table(title=f"{args.gz_files} gzipped JSONL files of {sum(unpacked) / 1e6:.0f} MB of text, "
+                            f"{args.tasks} tasks")
         for col in ("reading", "text decompressed over all tasks (MB)", "all tasks' reading (s)"):
             table.add_column(col, justify="right" if col != "reading" else "left")
         results = {}

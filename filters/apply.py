@@ -392,8 +392,8 @@ def _what_changed(previous: dict, current: dict) -> str:
     if previous.get("input_split") != current.get("input_split"):  # tasks finished before hold other rows
         return "an older edu-filter split the input among the tasks another way"
     if previous.get("input_parts") != current.get("input_parts"):
-        return "the input files are cut into other parts than when the run was planned (a Parquet footer that read then"\
-               " and not now, or the other way)"
+        return ("the input files are cut into other parts than when the run was planned (a Parquet footer or a gzipped "
+                "file's start that read then and not now, or the other way)")
     return ""
 
 

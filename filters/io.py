@@ -142,12 +142,14 @@ class InputSplit:
     """How tasks share fewer files than there are tasks (`input_split`): each file cut into parts (a Parquet file
     into its row groups, a plain JSONL file into byte ranges of `span` bytes), the parts of all files in one sequence
     (plain JSONL files cut in ranges last, each group in file order), and the sequence dealt to the tasks in runs of
-    consecutive parts, so a task opens few files (one or two where the files have many parts each). A file that cannot be entered midway (compressed
-    JSONL) has as many parts as a plain file of its estimated size would: part p is its rows numbered p modulo that,
-    so the tasks dealt its parts each read it whole and keep their rows (a gzipped file among plain ones would
-    otherwise be one task's whole). A Parquet file whose footer does not read, and a plain JSONL file of one range,
-    is one part. With fewer parts than tasks, the tasks dealt one part read it all and keep their share of its rows
-    (10 gzipped files for 100 tasks: each file read by 10 tasks, not all 10 by each).
+    consecutive parts, so a task opens few files (one or two where the files have many parts each).
+
+    A file that cannot be entered midway (compressed JSONL) has as many parts as a plain file of its estimated size
+    would: part p is its rows numbered p modulo that, so the tasks dealt its parts each read it whole and keep their
+    rows (a gzipped file among plain ones would otherwise be one task's whole). A Parquet file whose footer does not
+    read, and a plain JSONL file of one range, is one part. With fewer parts than tasks, the tasks dealt one part read
+    it all and keep their share of its rows (10 gzipped files for 100 tasks: each file read by 10 tasks, not all 10
+    by each).
 
     Runs planned by edu-filter before this dealt the sequence round-robin (`contiguous=False`; each of 50k tasks then
     opened hundreds of files) and, where a file could not be cut or the parts were fewer than the tasks, had every
@@ -280,9 +282,10 @@ def _uncompressed_size(folder: str, name: str, size: int) -> int:
 
 def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
     """With fewer files than tasks, the parts the tasks share instead (see `InputSplit`): every Parquet row group,
-    byte ranges of plain JSONL files (about four per task) and compressed files whole. None when a size cannot be
-    read (or, dealt the old way, when a file cannot be cut or the parts are fewer than the tasks): then every task
-    reads all files and keeps every n-th row (`tasks` times the reading)."""
+    byte ranges of plain JSONL files (about four per task) and compressed files' rows modulo their parts. None where
+    a filesystem tells no size or there is nothing to read (or, dealt the old way, where a file cannot be cut or the
+    parts are fewer than the tasks): then every task reads all files and keeps every n-th row (`tasks` times the
+    reading). A failed read of a size, a footer or a compressed file's start stops it (DocumentError)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(files) >= tasks:
