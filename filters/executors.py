@@ -1107,7 +1107,8 @@ def write_slurm_scripts(executors, out: str) -> Path:
     """What `SlurmPipelineExecutor.launch_job` writes, minus the `sbatch` calls, plus `submit.sh` chaining the stages
     with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load; every path is absolute.
     submit.sh records the job ids it got in jobs.json as it goes, as a submission by `apply` does: `status` and
-    `--wait` ask Slurm how those jobs ended (an sbatch failing midway leaves the ones queued before it recorded)."""
+    `--wait` ask Slurm how those jobs ended. Where an sbatch fails midway it cancels the jobs queued before it, as
+    `apply` does (they would wait on a stage never queued), and they stay recorded."""
     import dill
     from dill import CONTENTS_FMODE
 
@@ -1129,6 +1130,14 @@ def write_slurm_scripts(executors, out: str) -> Path:
              '  printf \'{%s}\\n\' "$all" > "$record.tmp" && mv -f "$record.tmp" "$record"',
              '}',
              "write_record  # none yet: an earlier submission's ids would be read through the layout below",
+             "queued=()",
+             "cancel_queued() {  # an sbatch refused: the jobs queued before it would wait on a stage never queued",
+             '  if [ "${#queued[@]}" -gt 0 ]; then',
+             '    scancel "${queued[@]}" || true',
+             '    echo "sbatch refused stage $stage: cancelled the ${#queued[@]} jobs queued before it" >&2',
+             "  fi",
+             "}",
+             "trap cancel_queued ERR",
              f"printf '%s\\n' '{array_layout(executors)}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\""]
     for i, (name, ex) in enumerate(executors):
         ranks = ex.get_incomplete_ranks()
@@ -1154,7 +1163,7 @@ def write_slurm_scripts(executors, out: str) -> Path:
             lines.append(f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET={offset} ${{dep[@]+"${{dep[@]}}"}} '
                          f'"{path.resolve()}")')
             lines.append('jid="${jid%%;*}"')
-            lines.append('ids="${ids:+$ids, }\\"$jid\\""; write_record  # each job as it is queued')
+            lines.append('ids="${ids:+$ids, }\\"$jid\\""; queued+=("$jid"); write_record  # each job as it is queued')
             lines.append('dep=(--dependency=afterok:"$jid")')
         lines.append('jobs="${jobs:+$jobs, }\\"$stage\\": [$ids]"; ids=""')
         lines.append(f'echo "{name}: job $jid"')

@@ -480,9 +480,9 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
 
 
 def test_a_dry_runs_submit_script_stopped_by_sbatch_midway_records_what_it_submitted(slurm_partition, tmp_path):
-    """sbatch refusing the second stage stops submit.sh: the job it queued before is in jobs.json, as `apply`
-    records its own submissions, so that `status` and `--wait` can ask Slurm how it ended (why it was killed, or
-    whether its completion files are still to come). Refusing the first leaves none, not an earlier submission's."""
+    """sbatch refusing the second stage stops submit.sh: the jobs it queued before are cancelled, as `apply` does,
+    and are in jobs.json, as `apply` records its own submissions, so that `status` and `--wait` can ask Slurm how
+    they ended. Refusing the first leaves none recorded, not an earlier submission's."""
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
@@ -500,6 +500,7 @@ def test_a_dry_runs_submit_script_stopped_by_sbatch_midway_records_what_it_submi
     first.write_text(script.replace("#SBATCH --time=", "#SBATCH --time=not-a-time #"))
     res = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and ex.submitted_jobs(str(out)) == {}  # not read through the new layout
+    assert "cancelled" not in res.stderr  # nothing was queued
     first.write_text(script)
     second.write_text(second.read_text().replace("#SBATCH --time=", "#SBATCH --time=not-a-time #"))
     res = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], capture_output=True, text=True, timeout=60)
@@ -508,6 +509,12 @@ def test_a_dry_runs_submit_script_stopped_by_sbatch_midway_records_what_it_submi
         recorded = ex.submitted_jobs(str(out))
         assert list(recorded) == ["first"] and len(set(recorded["first"])) == 3
         assert ex.ended_job_states(recorded["first"])  # Slurm knows it by that id
+        # as apply does: the jobs queued before would wait on a stage never queued
+        assert "sbatch refused stage report: cancelled the 3 jobs queued before it" in res.stderr
+        deadline = time.monotonic() + 30
+        while ex.queued_jobs(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ex.queued_jobs(str(out)) == []
     finally:
         ex.cancel_chain(str(out))
 
