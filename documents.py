@@ -856,11 +856,14 @@ def progress_bar(enabled: bool, console=None):
                            **({"console": console} if console is not None else {}))
 
 
+PARTIAL_PREFIX = ".partial-"  # a file written whole is written first under its name with this in front
+
+
 def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) -> None:
     """A JSON file a kill cannot leave half-written (which every later read, a resume's included, would trip on):
     written beside under a hidden name, synced, and renamed over the old one."""
     path = Path(path)
-    partial = path.with_name(f".partial-{path.name}")
+    partial = path.with_name(PARTIAL_PREFIX + path.name)
     with open(partial, "w") as fh:
         json.dump(record, fh, indent=indent)
         fh.flush()

@@ -45,6 +45,7 @@ from edu_filter.documents import (
     check_named_path,
     check_writable_output,
     in_score_range,
+    PARTIAL_PREFIX,
     one_line,
     write_json_whole,
 )
@@ -458,8 +459,9 @@ WRITTEN_WHOLE = ("run_config.json", "stats.json", "provenance.json")  # by `writ
 def is_output_entry(path: Path) -> bool:
     """Whether `path` in an output folder is apply's: OUTPUT_ENTRIES, and the hidden file a record is written to
     before it takes its name, left by a kill."""
-    return path.name in OUTPUT_ENTRIES or (path.name.removeprefix(".partial-") in WRITTEN_WHOLE and path.is_file()
-                                           and path.name.startswith(".partial-"))
+    name = path.name
+    return name in OUTPUT_ENTRIES or (name.startswith(PARTIAL_PREFIX) and name.removeprefix(PARTIAL_PREFIX) in
+                                      WRITTEN_WHOLE and path.is_file())
 
 
 def remove_outputs(out: Path) -> None:

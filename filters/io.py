@@ -175,16 +175,22 @@ class InputSplit:
 
         return hashlib.sha1(orjson.dumps([self.parts, self.kinds, self.span])).hexdigest()[:16]
 
-    def _sequence(self) -> list[int]:
-        return sorted(range(len(self.parts)), key=lambda i: self.kinds[i] == "byte ranges")  # stable: file order
+    def _sequence(self) -> tuple[list[int], list[int]]:
+        """The files in the sequence's order, and where each one's parts start in it (the total last)."""
+        order = sorted(range(len(self.parts)), key=lambda i: self.kinds[i] == "byte ranges")  # stable: file order
+        return order, list(itertools.accumulate((self.parts[i] for i in order), initial=0))
+
+    @staticmethod
+    def _first_sharer(part: int, world_size: int, total: int) -> int:
+        """With fewer parts than tasks, the first task of those sharing `part`: ceil(part W / N)."""
+        return -(-part * world_size // total)
 
     def share(self, rank: int, world_size: int) -> tuple[list[tuple[int, list[int]]], int, int]:
         """The parts task `rank` reads, (file index, part numbers within the file) in sequence order, and which of
         their rows it keeps: the k-th of every m (m > 1 where tasks outnumber the parts: m tasks read one part)."""
         import bisect
 
-        order = self._sequence()
-        starts = list(itertools.accumulate((self.parts[i] for i in order), initial=0))
+        order, starts = self._sequence()
         total = starts[-1]
         k, m = 0, 1
         if not self.contiguous:
@@ -193,7 +199,7 @@ class InputSplit:
             mine = range(rank * total // world_size, (rank + 1) * total // world_size)
         else:  # the tasks from ceil(p W / N) up to ceil((p + 1) W / N) share part p
             part = rank * total // world_size
-            first, end = -(-part * world_size // total), -(-(part + 1) * world_size // total)
+            first, end = (self._first_sharer(p, world_size, total) for p in (part, part + 1))
             mine, k, m = range(part, part + 1), rank - first, end - first
         plan: dict[int, list[int]] = {}
         for n in mine:
@@ -206,14 +212,14 @@ class InputSplit:
         than once: a gzipped file by every task dealt one of its parts, a part by every task sharing it."""
         import bisect
 
-        order = self._sequence()
-        starts = list(itertools.accumulate((self.parts[i] for i in order), initial=0))
+        order, starts = self._sequence()
         total, reads = starts[-1], [1] * len(self.parts)
         if not self.contiguous or total == 0:
             return reads
         sharing = [1] * total
-        if total < world_size:  # part p: the tasks from ceil(p W / N) up to ceil((p + 1) W / N)
-            sharing = [-(-(p + 1) * world_size // total) - -(-p * world_size // total) for p in range(total)]
+        if total < world_size:
+            sharing = [self._first_sharer(p + 1, world_size, total) - self._first_sharer(p, world_size, total)
+                       for p in range(total)]
         bounds = [r * total // world_size for r in range(world_size + 1)]  # the first part of each task
         for j, i in enumerate(order):
             first, end = starts[j], starts[j + 1]
@@ -250,7 +256,6 @@ def _row_groups(folder: str, name: str) -> int | None:
                                     f"({type(e).__name__}: {e}); run the same command again") from e
             if attempt:
                 return None
-    return None
 
 
 GZIP_SAMPLE_BYTES = 1 << 16  # of a compressed file, read to estimate its size uncompressed (25k files: 1.6 GB)
