@@ -431,6 +431,9 @@ def apply(
                                                        "(default: --slurm-mem-gb)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: Optional[int] = typer.Option(None, help="Tasks per array job (default: the cluster's MaxArraySize; 1001 where none says)."),
+    slurm_tasks_per_job: int = typer.Option(SLURM.tasks_per_job, help="Tasks each array task runs one after another "
+                                            "(each array task counts as a job against the cluster's MaxSubmitJobs; "
+                                            "--slurm-time is then for all of them)."),
     slurm_account: Optional[str] = typer.Option(SLURM.account, help="Account the jobs are charged to (sbatch --account)."),
     slurm_qos: Optional[str] = typer.Option(SLURM.qos, help="Quality of service of the jobs (sbatch --qos)."),
     slurm_arg: list[str] = typer.Option([], metavar="KEY=VALUE", help="Another sbatch option for every job, repeatable: "
@@ -456,7 +459,8 @@ def apply(
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, cluster_mem_gb=slurm_cluster_mem_gb, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
-                           sbatch_args=slurm_arg, max_array_size=slurm_max_array, dry_run=dry_run),
+                           sbatch_args=slurm_arg, max_array_size=slurm_max_array,
+                           tasks_per_job=slurm_tasks_per_job, dry_run=dry_run),
         ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb,
                        cluster_mem_gb=ray_cluster_mem_gb, gpus=ray_gpus),
         order=order,

@@ -155,6 +155,9 @@ class SlurmOptions:
     # tasks per array job, a stage with more spanning several; None: the cluster's MaxArraySize (Slurm's default,
     # 1001, where no cluster says)
     max_array_size: int | None = None
+    # tasks each array task runs, one after another: each array task counts as a job against the cluster's
+    # MaxSubmitJobs, so 50k tasks in jobs of 10 are 5k jobs per stage (the time limit is then for 10 tasks)
+    tasks_per_job: int = 1
 
     @property
     def scoring_cpus(self) -> int:
@@ -666,7 +669,8 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-p
                "cpus_per_task": "--slurm-cpus", "mem_gb": "--slurm-mem-gb", "gpus_per_task": "--slurm-gpus",
                "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
                "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
-               "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb"}
+               "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb",
+               "tasks_per_job": "--slurm-tasks-per-job"}
 RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
              "gpus": "--ray-gpus", "cluster_mem_gb": "--ray-cluster-mem-gb"}
 

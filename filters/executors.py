@@ -9,6 +9,7 @@ completion files for every executor, plus `squeue` on Slurm.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import getpass
 import hashlib
@@ -729,6 +730,8 @@ def check_slurm_request(opts):
                          "--slurm-gpus >= 0")
     if opts.max_array_size is not None and opts.max_array_size < 1:
         raise ValueError("--slurm-max-array must be >= 1")
+    if opts.tasks_per_job < 1:
+        raise ValueError("--slurm-tasks-per-job must be >= 1")
     if opts.venv_path:
         check_script_path(opts.venv_path, "--slurm-venv")
         if not opts.dry_run and not os.path.isfile(opts.venv_path):
@@ -1030,6 +1033,27 @@ def _slurm_executor_class():
             if value not in (None, -1):
                 self.__dict__.setdefault("job_ids", []).append(str(value))
 
+        def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+            """With --slurm-tasks-per-job, each task gets fresh steps, and one failing does not stop the job's
+            others: datatrove's loop ran every task of a job on the same steps (the second's stats counted the
+            first's documents) and stopped at the first error, leaving the job's later tasks for a resume."""
+            if self.tasks_per_job == 1:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            steps, self.pipeline = self.pipeline, copy.deepcopy(self.pipeline)
+            try:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            except Exception:  # in the task's log already; the job fails once its other tasks ran
+                self.__dict__.setdefault("failed_ranks", []).append(rank)
+            finally:
+                self.pipeline = steps
+
+        def run(self):
+            super().run()
+            failed = self.__dict__.get("failed_ranks")
+            if failed:
+                raise RunError(f"task{'s' * (len(failed) > 1)} {', '.join(map(str, failed))} of this job failed: "
+                               "their logs say why")
+
         @property
         def dependency(self) -> str:
             """afterok on the previous stage and on this stage's previous array job: datatrove chains the array
@@ -1083,7 +1107,9 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     for stage in stages:
         partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores, stage.clusters)
         previous = cls(
-            stage.pipeline, tasks=stage.tasks, workers=-1 if workers is None else min(workers, stage.tasks),
+            # --workers counts tasks; datatrove's throttle counts array tasks, each running tasks_per_job of them
+            stage.pipeline, tasks=stage.tasks, tasks_per_job=opts.tasks_per_job,
+            workers=-1 if workers is None else max(1, min(workers, stage.tasks) // opts.tasks_per_job),
             time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
@@ -1210,7 +1236,7 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         said = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("sbatch:")]
         raise StageFailed(f"sbatch refused stage {stage}: {said[-1] if said else e}"
                           + (f"; cancelled the {len(cancelled)} jobs submitted before it" if cancelled else "")
-                          ) from None
+                          + submit_limit_hint(said, executors)) from None
     jobs = {name: getattr(ex, "job_ids", []) for name, ex in executors}  # a finished stage is not submitted again
     record = Path(out) / SUBMITTED_JOBS
     record.parent.mkdir(exist_ok=True)
@@ -1222,6 +1248,19 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
     if not wait:
         return None
     return wait_for_chain(out, console)
+
+
+SUBMIT_LIMIT = re.compile(r"MaxSubmitJob|job submit limit", re.IGNORECASE)  # QOS's, the association's
+
+
+def submit_limit_hint(said: list[str], executors) -> str:
+    """What to change where sbatch refused for the number of jobs: every array task counts against MaxSubmitJobs,
+    and the whole chain is queued at once."""
+    if not any(SUBMIT_LIMIT.search(line) for line in said):
+        return ""
+    jobs = sum(math.ceil(len(ex.get_incomplete_ranks()) / ex.tasks_per_job) for _, ex in executors)
+    return (f". The chain queues {jobs:,} array tasks at once and each counts as a job: give --slurm-tasks-per-job "
+            "N to run N tasks in each (and a --slurm-time for N of them)")
 
 
 def cancel_chain(out: str) -> list[str]:

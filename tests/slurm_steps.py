@@ -33,6 +33,7 @@ class WriteMarker(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"{rank}").write_text("ran")
+        self.stat_update("ran")
         yield from data or []
 
 

@@ -302,6 +302,66 @@ def test_a_failed_array_job_stops_the_chain_when_a_stage_spans_several(slurm_par
     assert ex.queued_jobs(str(out)) == []  # the jobs that could never run were cancelled
 
 
+def test_tasks_per_job_runs_each_task_once_on_fresh_steps_and_a_failure_leaves_only_itself(slurm_partition, tmp_path,
+                                                                                           monkeypatch):
+    """--slurm-tasks-per-job 2: five tasks are three array tasks. Each task counts only its own work (datatrove ran
+    a job's tasks on the same steps: the second's stats counted the first's), a failing task does not stop the
+    job's other one, and the same chain resumed runs only the task that failed."""
+    from rich.console import Console
+
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the jobs import the steps below
+    from slurm_steps import FailOnRank, WriteMarker
+
+    out, ran = tmp_path / "out", tmp_path / "ran"
+    opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, tasks_per_job=2,
+                                               time="00:05:00"))
+
+    def chain(failing: int, wait: bool):
+        stages = [Stage("first", [FailOnRank(failing), WriteMarker(str(ran / "first"))], 5),
+                  Stage("report", [WriteMarker(str(ran / "report"))], 1)]
+        ex.save_stage_list(str(out), stages)
+        return ex.run_slurm(stages, str(out), 4, opts, wait=wait, console=Console(quiet=True))
+
+    with pytest.raises(ex.StageFailed, match=r"stage first failed \(1/5 tasks did not complete: 2\)"):
+        chain(failing=2, wait=True)
+    # 3 shares a job with 2 and ran all the same
+    assert sorted(p.name for p in (ran / "first").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in (out / "logs" / "first" / "completions").iterdir()) == [
+        "00000", "00001", "00003", "00004"]
+    script = (out / "logs" / "first" / "launch_script.slurm").read_text()
+    assert "#SBATCH --array=0-2%2" in script  # 4 tasks at once are 2 array tasks at once
+    for rank in (0, 1, 3, 4):
+        stats = json.loads((out / "logs" / "first" / "stats" / f"{rank:05d}.json").read_text())
+        assert [s["stats"]["ran"] for s in stats if s["name"].endswith("marker")] == [1], stats
+    shutil.rmtree(ran / "first")
+    chain(failing=-1, wait=False)  # --wait would look for the stats.json of apply's report stage
+    deadline = time.time() + 240
+    while ex.queued_jobs(str(out)) and time.time() < deadline:
+        time.sleep(1)
+    assert sorted(p.name for p in (ran / "first").iterdir()) == ["2"]  # only the failed task again
+    assert (ran / "report" / "0").exists()
+
+
+def test_a_submit_limit_refusal_says_how_to_queue_fewer_jobs(tmp_path):
+    """Slurm's words for a chain over MaxSubmitJobs (QOS and association limits) get the option that fixes it."""
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import SlurmOptions, Stage
+
+    (tmp_path / "out").mkdir()
+    opts = SlurmOptions(partition="cpu", mem_gb=1, tasks_per_job=1, max_array_size=1001)
+    executors = ex.slurm_executors([Stage("first", [], 3000), Stage("report", [], 1)], str(tmp_path / "out"), None,
+                                   opts)
+    for said in ("sbatch: error: QOSMaxSubmitJobPerUserLimit", "sbatch: error: AssocMaxSubmitJobLimit",
+                 "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, "
+                 "user's size and/or time limits)"):
+        hint = ex.submit_limit_hint(["sbatch: error: something else", said], executors)
+        assert "3,001 array tasks" in hint and "--slurm-tasks-per-job" in hint
+    assert ex.submit_limit_hint(["sbatch: error: invalid partition specified: gpu"], executors) == ""
+
+
 def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_partition, tmp_path, monkeypatch):
     """Slurm's own reason (here the time limit; an OOM kill or a node failure alike), not the task log's last line."""
     from rich.console import Console
