@@ -21,6 +21,15 @@ def to_int_scores(values) -> np.ndarray:
     return np.clip(np.floor(np.asarray(values, dtype=np.float64) + 0.5), MIN_SCORE, MAX_SCORE).astype(np.int64)
 
 
+def round_and_clip(scores) -> np.ndarray:
+    """FineWeb-Edu's own integer scores, `int(round(max(0, min(score, 5))))` (np.int64; NaN maps to 0), for a stock
+    classifier saved without cut points. Python's round sends a half to the even integer (2.5 -> 2), and halves do
+    occur: scored in bfloat16 (FineWeb-Edu's own run), scores between 2 and 4 fall on a 1/64 grid, so every score
+    within 1/128 of 2.5 is 2.5, and the cut points 0.5, ..., 4.5 would keep it at threshold 3."""
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
+    return np.rint(np.clip(scores, MIN_SCORE, MAX_SCORE)).astype(np.int64)
+
+
 def apply_cut_points(scores: np.ndarray, cut_points) -> np.ndarray:
     """Integer scores 0-5 (np.int64) from raw scores; NaN scores map to 0."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -73,11 +73,15 @@ def encoder_identity(name_or_path: str) -> str:
     on in place (every layer's weights change, the first MiB maybe not) does not reuse the old one's vectors."""
     path = Path(name_or_path)
     if not path.is_dir():
-        from edu_filter.classifiers.scorer import resolve_model_dir, split_revision
+        from huggingface_hub import snapshot_download
 
-        try:
-            return f"{split_revision(name_or_path)[0]}@{resolve_model_dir(name_or_path).name}"
-        except ValueError:  # the loading that follows says why it cannot be had
+        from edu_filter.classifiers.scorer import split_revision
+
+        name, revision = split_revision(name_or_path)
+        try:  # the snapshot folder is named by its commit; config.json alone is fetched to learn it (the whole
+            # repository was: ONNX and OpenVINO copies of the weights, GBs the encoder never loads)
+            return f"{name}@{Path(snapshot_download(name, revision=revision, allow_patterns=['config.json'])).name}"
+        except Exception:  # noqa: BLE001 - the loading that follows says why it cannot be had
             return name_or_path
     digest = hashlib.sha1(str(path.resolve()).encode())
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):

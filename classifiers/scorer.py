@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points
+from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points, round_and_clip
 from edu_filter.classifiers.device import default_device
 from edu_filter.classifiers.encoders import SequenceFramer, pad_batch, prepare_tokenizer
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
@@ -252,9 +252,12 @@ class Scorer:
         """`predict`'s result for what `prepare` returned."""
         raise NotImplementedError
 
+    calibrated = True  # False: a model saved without cut points (a stock classifier), rounded as FineWeb-Edu did
+
     def to_int_score(self, scores) -> np.ndarray:
-        """Calibrated integer scores 0-5 (np.int64): the cut points saved with the model, else round-and-clip."""
-        return apply_cut_points(scores, self.cut_points)
+        """Calibrated integer scores 0-5 (np.int64): the cut points saved with the model, else FineWeb-Edu's
+        round-and-clip (a half to the even integer, as its run did)."""
+        return apply_cut_points(scores, self.cut_points) if self.calibrated else round_and_clip(scores)
 
 
 class FastTextScorer(Scorer):
@@ -263,6 +266,7 @@ class FastTextScorer(Scorer):
     def __init__(self, model, source: str = ""):
         self.model = model  # FastTextRegressor
         self.cut_points = list(model.cut_points) if model.cut_points is not None else list(ROUND_CUTS)
+        self.calibrated = model.cut_points is not None
         self.kind = model.config.kind
         self.max_chars = model.config.settings.max_chars
         self.source = source
@@ -313,6 +317,7 @@ class EduScorer(Scorer):
         self.framer = SequenceFramer(self.tokenizer)
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
+        self.calibrated = cut_points is not None
         self.long_docs = check_long_docs(long_docs)
         self.max_chunks = int(max_chunks)
         self.kind = kind

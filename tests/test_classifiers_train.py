@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edu_filter.classifiers import EduScorer, load_scorer
-from edu_filter.documents import read_documents
+from edu_filter.documents import InputError, read_documents
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
@@ -572,6 +572,16 @@ def test_options_the_method_would_ignore_are_refused_before_any_work(tmp_path, o
     with pytest.raises(ValueError, match=rf"^{option} does not apply to method {method} \(only to ") as error:
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", method=method, **{option: value})
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_finetuning_for_chunk_mean_scoring_is_refused_before_any_work(tmp_path):
+    """Fine-tuning reads each document's first max_length tokens; a model saved to score the mean of every chunk
+    would be used on another view of the documents than the one it learned."""
+    from edu_filter.train.classifier import train_classifier
+
+    with pytest.raises(InputError, match="--long-docs chunk-mean with --method finetune: .*--long-docs truncate"):
+        train_classifier([str(WEB_TRAIN)], tmp_path / "m", method="finetune", long_docs="chunk-mean")
     assert not (tmp_path / "m").exists()
 
 

@@ -255,6 +255,11 @@ def train_classifier(
     if cfg.long_docs not in TRAIN_LONG_DOCS:
         raise ValueError(f"train long_docs must be one of {TRAIN_LONG_DOCS}, got {cfg.long_docs!r} "
                          "(chunk-max is a scoring-time option)")
+    if cfg.method == "finetune" and cfg.long_docs == "chunk-mean":
+        # the encoder would learn the first max_length tokens of each document and then score the mean of its chunks
+        raise InputError("--long-docs chunk-mean with --method finetune: fine-tuning trains the encoder on each "
+                         "document's first --max-length tokens, and the saved model would score the mean of every "
+                         "chunk with it; give --long-docs truncate, or --method head for chunk-mean")
     check_train_dtype(cfg.dtype)
     check_options(cfg, has_val=bool(val))
     if limit is not None and limit < 1:
