@@ -117,6 +117,7 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
             context_tokens=error.get("n_ctx")
             or _first_int(r"maximum context length (?:is|of) (\d+)", message)
             or _first_int(r"context length \((\d+) tokens\)", message)
+            or _first_int(r"context size \((\d+) tokens\)", message)
             or _first_int(r"must be <= (\d+)", message)
             or _first_int(r"must have less than (\d+) tokens", message),
             prompt_tokens=error.get("n_prompt_tokens")
@@ -124,7 +125,9 @@ def read_error(raw: bytes) -> tuple[str | None, str, ContextOverflow | None]:
             or _first_int(r"(\d+) (?:input|prompt) tokens", message)
             or _first_int(r"(\d+) tokens from the input", message)
             or _first_int(r"input \((\d+) tokens\)", message)
-            or _first_int(r"Given: (\d+)", message),
+            or _first_int(r"Given: (\d+)", message)
+            or _first_int(r"resulted in (\d+) tokens", message)  # OpenAI's wording for chat requests
+            or _first_int(r"request \((\d+) tokens\)", message),  # llama.cpp's, without its JSON fields
         )
     return code, one_line(message) or "(empty message)", overflow
 
@@ -217,6 +220,9 @@ SILENCE_MIN_S = 600.0
 SILENCE_TIMEOUTS = 5
 SILENCE_MIN_DOCUMENTS = 3
 RATE_LIMITED_TRIES = 20  # 429 answers a document may get on top of its --max-retries: a quota is waited out
+# The run stops when, before any server gave one answer, this many documents in a row (or as many as are in flight,
+# if more) were refused with the same error: a setting the server does not take, not a document it cannot answer
+REFUSED_MIN_DOCUMENTS = 20
 
 
 class OpenAIBackend:
@@ -278,6 +284,7 @@ class OpenAIBackend:
         self.notes: list[str] = []
         self.stats = RequestStats(concurrency=concurrency)
         self.failed_in_a_row = 0  # documents failed for good since a server last gave a usable answer
+        self.refused = ("", 0)  # the reason documents were refused (400, 422...) before any answer, and how many in a row
         self._session = None
 
     async def __aenter__(self) -> OpenAIBackend:
@@ -512,6 +519,7 @@ class OpenAIBackend:
                     reason = f"http {status}{' ' + code if code else ''}: {message}"
                     if status not in (408, 429) and status < 500:
                         # 400, 413, 422...: this document's request is wrong (e.g. longer than the context)
+                        self._refused(reason, overflow)
                         raise RequestFailed(reason, overflow)
                     if status == 429 and rate_limited < RATE_LIMITED_TRIES:  # waited out, not spent from --max-retries
                         rate_limited += 1
@@ -538,6 +546,19 @@ class OpenAIBackend:
             raise BackendError(f"no server gave a usable answer for {silent:.0f} s (last: {reason}); the answers so "
                                "far are in the cache: the same command goes on once the server answers")
         raise RequestFailed(f"{reason} (gave up after {tries} tries)")
+
+    def _refused(self, reason: str, overflow) -> None:
+        """Stops the run where every document so far was refused with the same error and no server has answered
+        one: a hosted model that takes no `temperature`, say. The run sent the whole input, wrote a failed row for
+        each document and exited 0 (10M requests at 10M documents)."""
+        if overflow is not None or any(e.answers for e in self.endpoints):
+            return
+        same = self.refused[1] + 1 if self.refused[0] == reason else 1
+        self.refused = (reason, same)
+        if same >= max(REFUSED_MIN_DOCUMENTS, self.capacity):
+            raise BackendError(f"the server refused {same} documents in a row with the same error and has answered "
+                               f"none ({reason}): a setting it does not take (--model, --max-tokens, --temperature, "
+                               "--api), not the documents")
 
     def answers_per_server(self) -> dict[str, tuple[int, int]]:
         """Per server: answers given, and tries it did not answer."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER, text_hash
+from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER, RunError, text_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -113,6 +113,7 @@ class AnswerCache:
         self._db: sqlite3.Connection | None = None
         self._fresh = False  # nothing stored for this run yet: skip lookups
         self._commit_scheduled = False
+        self._unwritable: RunError | None = None  # set once a write failed: every later `add` raises it
 
     def __enter__(self) -> AnswerCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,11 @@ class AnswerCache:
 
     def __exit__(self, *exc) -> None:
         if self._db is not None:
-            self.commit()
-            self._db.close()
-            self._db = None
+            try:
+                self.commit()
+            finally:
+                self._db.close()
+                self._db = None
 
     def record_fact(self, name: str, value: str) -> None:
         """Something about the runs this cache serves that a later run must know (the sampler); the first kept."""
@@ -159,15 +162,22 @@ class AnswerCache:
 
     def add(self, doc_id: str, text: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
         """Store one answer to the prompt built from `text`; committed on the next turn of the running event loop
-        (or now, without a loop)."""
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN")
-        self._db.execute(
-            "INSERT OR REPLACE INTO answers (run_key, doc_id, attempt, response, prompt_tokens, completion_tokens, "
-            "created, finish_reason, model, doc_chars, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens, time.time(),
-             answer.finish_reason, answer.model, doc_chars, text_hash(text)),
-        )
+        (or now, without a loop). A RunError where the cache cannot be written (disk full, locked by another
+        process), or where the last commit failed: the run stops rather than pay for answers a kill would lose."""
+        if self._unwritable is not None:
+            raise self._unwritable
+        try:
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (run_key, doc_id, attempt, response, prompt_tokens, "
+                "completion_tokens, created, finish_reason, model, doc_chars, text_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.run_key, doc_id, attempt, answer.text, answer.prompt_tokens, answer.completion_tokens,
+                 time.time(), answer.finish_reason, answer.model, doc_chars, text_hash(text)),
+            )
+        except sqlite3.Error as e:
+            raise self._cannot_write(e) from None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -175,12 +185,30 @@ class AnswerCache:
             return
         if not self._commit_scheduled:
             self._commit_scheduled = True
-            loop.call_soon(self.commit)
+            loop.call_soon(self._commit_soon)
+
+    def _commit_soon(self) -> None:
+        """The commit `add` schedules: an error raised in a loop callback is only logged by asyncio, and the run
+        went on paying for answers that piled up uncommitted; it is kept for the next `add` to raise."""
+        try:
+            self.commit()
+        except RunError as e:
+            self._unwritable = e
 
     def commit(self) -> None:
         self._commit_scheduled = False
         if self._db is not None and self._db.in_transaction:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._cannot_write(e) from None
+
+    def _cannot_write(self, error: sqlite3.Error) -> RunError:
+        self._unwritable = RunError(
+            f"the answer cache {self.path} cannot be written ({error}): stopped so that no answer is paid for and "
+            "lost; free disk space, or stop the other run using this cache, then run the same command again (the "
+            "answers committed before are replayed)")
+        return self._unwritable
 
     def count(self) -> int:
         """Number of answers stored for this run."""

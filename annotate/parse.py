@@ -19,17 +19,21 @@ from edu_filter.documents import MAX_SCORE, MIN_SCORE, SCORE_RANGE
 # the next two lines (`below`); the number optionally emphasised, bracketed, negative or fractional so that we can
 # reject it explicitly. No two repeated runs here may match the same characters: backtracking over a degenerate answer
 # (thousands of spaces after the colon) would take quadratic time on the event loop.
+# A bracketed qualifier before the colon ("Educational score (5-point scale): 2", "(0-5)") is skipped: its number
+# read as the score gave 5.
 _STATEMENT = re.compile(
-    r"educational[ \t]+score[ \t*_:：=]*(?P<below>(?:\r?\n[ \t*_]*){1,2})?(?:[\[(][ \t*_]*)?(?P<num>-?\d+(?:\.\d+)?)",
+    r"educational[ \t]+score(?:[ \t*_]*[(\[][^()\[\]\n]{1,60}[)\]](?=[ \t*_]*[:：=]))?"
+    r"[ \t*_:：=]*(?P<below>(?:\r?\n[ \t*_]*){1,2})?(?:[\[(][ \t*_]*)?(?P<num>-?\d+(?:\.\d+)?)",
     re.IGNORECASE,
 )
 _CLOSE = r"[ \t*_\])]*"  # closing emphasis and brackets after the number
 _OUT_OF = r"(?:(?:[(\[][ \t]*)?(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"  # "/5", "out of 5", "(out of 5)"
 _POINTS = r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
 # What may follow the number for it to end the statement: "/5" or "out of 5", "points", then the end of the line or
-# punctuation that does not start a calculation.
+# punctuation that does not start a calculation; a dash only before a space or the end ("1-point (basic info) + ..."
+# is no score of 1).
 _ENDING = re.compile(
-    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(—–-](?![ \t]*\d))", re.IGNORECASE)
+    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(](?![ \t]*\d)|[—–-](?![ \t]*\d|\w))", re.IGNORECASE)
 # A number below "Educational score:" is the score only alone on its line: "Educational score:\n1. The extract..." is a
 # heading over a numbered list, not a score of 1.
 _ALONE = re.compile(_CLOSE + _OUT_OF + _POINTS + r"\.?[ \t]*(?:\r?\n|\Z)", re.IGNORECASE)

@@ -166,6 +166,8 @@ class ScoreConfig:
             raise InputError(f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature} and {self.top_p}")
         if self.sample is not None and self.sample < 1:
             raise InputError("--sample must be a positive number of documents")
+        if not 0 <= self.seed < 2**32:  # what numpy's and sklearn's generators take (--select active)
+            raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.select not in SELECTIONS:
             raise InputError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.select == "active":

@@ -232,6 +232,7 @@ def test_a_score_config_carries_the_settings_and_every_option_is_checked_before_
                          ({"backend": "script"}, "script backend needs server_script"),
                          ({"backend": "transformers", "model": "./nowhere"}, "no such file or folder"),
                          ({"prompt": "no-such-rubric"}, "unknown prompt"), ({"select": "active"}, "needs --sample"),
+                         ({"select": "active", "sample": 10, "seed": -1}, r"--seed must be in \[0, 2\*\*32\)"),
                          ({"backend": "vllm", "base_url": ["http://a/v1", "http://b/v1"]}, "several --base-url")]:
         with pytest.raises(InputError, match=message):
             score_documents([str(unreadable)], tmp_path / "x.jsonl", config, **bad)
@@ -262,6 +263,28 @@ def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
     with pytest.raises(BackendError, match="cannot reach"):
         score_documents([str(src)], tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1", model="m", **FAST)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_server_refusing_every_document_the_same_way_stops_the_run(server, tmp_path):
+    """A setting the server does not take (a hosted model refusing `temperature`) gets every document the same 400:
+    the run sent the whole input, wrote a failed row for each and exited 0. It stops once as many documents in a row
+    as it keeps in flight (20 at least) were refused before any answer; one answered document makes 400s the
+    documents' own."""
+    from edu_filter.annotate.backends import REFUSED_MIN_DOCUMENTS
+
+    refused = [doc(f"r{i:03d}", http400=1) for i in range(300)]
+    src = write_jsonl(tmp_path / "in.jsonl", refused)
+    with pytest.raises(BackendError, match=r"refused 20 documents in a row with the same error and has answered "
+                                           r"none \(http 400: The request was refused \(planned\).*--temperature"):
+        score_documents([str(src)], tmp_path / "o.jsonl", base_url=server.base_url, model="m", concurrency=4, **FAST)
+    assert REFUSED_MIN_DOCUMENTS <= sum(server.requests[d["id"]] for d in refused) <= REFUSED_MIN_DOCUMENTS + 4
+    assert not (tmp_path / "o.jsonl").exists()
+
+    answered = write_jsonl(tmp_path / "in2.jsonl", [doc("ok", score=3)] + [doc(f"s{i:03d}", http400=1)
+                                                                            for i in range(40)])
+    summary = score_documents([str(answered)], tmp_path / "o2.jsonl", base_url=server.base_url, model="m",
+                              concurrency=1, **FAST)
+    assert summary.scored == 1 and summary.documents == 41
 
 
 def test_a_server_without_a_model_list_scores_with_the_model_named(tmp_path):
@@ -327,6 +350,46 @@ def test_sigkill_mid_run_then_same_command_resumes_without_reasking(tmp_path):
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         assert sum(server.requests.values()) == total  # a finished run is answered entirely from the cache
         assert read_jsonl(out) == rows
+    finally:
+        server.stop()
+
+
+def test_a_cache_that_cannot_be_written_mid_run_stops_it_and_the_same_command_resumes(tmp_path):
+    """Another process holding the cache's write lock (a disk full alike): the run went on paying for answers it
+    could not keep (a failed commit is only logged by asyncio). It stops with one line naming the cache, and the
+    same command, once the cache is writable, asks only for what was not stored."""
+    server = LLMTestServer(delay=0.05).start()
+    try:
+        docs = [doc(f"d{i:03d}", score=i % 6) for i in range(80)]
+        src = write_jsonl(tmp_path / "IN.jsonl", docs)
+        out, cache = tmp_path / "OUT.jsonl", tmp_path / "OUT.jsonl.cache.sqlite"
+        cmd = [sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--prompt", "web",
+               "--backend", "openai", "--base-url", server.base_url, "--model", "NAME", "--concurrency", "4"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(server.answered.values()) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        locker = sqlite3.connect(cache, isolation_level=None, timeout=30)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock, held until the run has stopped
+        locked_at = sum(server.answered.values())
+        _, stderr = proc.communicate(timeout=60)
+        asked_while_locked = sum(server.answered.values()) - locked_at
+        locker.execute("ROLLBACK")
+        locker.close()
+        assert proc.returncode == 1, stderr[-2000:]
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert f"the answer cache {cache} cannot be written (database is locked)" in lines[-1]
+        assert "Traceback" not in stderr and not out.exists()
+        assert asked_while_locked <= 8  # the requests in flight, not the rest of the input
+        with sqlite3.connect(cache) as db:
+            stored = {doc_id for (doc_id,) in db.execute("SELECT doc_id FROM answers")}
+        before = server.requests.copy()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        asked_again = server.requests - before
+        assert set(asked_again) == {d["id"] for d in docs} - stored  # stored answers replayed, the rest asked once
+        assert all(n == 1 for n in asked_again.values())
+        assert [r["score"] for r in read_jsonl(out)] == [i % 6 for i in range(80)]
     finally:
         server.stop()
 

@@ -53,6 +53,14 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 2\n\nTo summarise: **Educational score: 2**", 2),  # the same score repeated
         ("**Educational score:**\n**3**", 3),  # alone on the next line
         ("Educational score:\n1. basic information\n2. coherent\n\nEducational score: 2", 2),  # a heading, then 2
+        # a bracketed qualifier before the colon: its number was read as the score (5)
+        ("Educational score (5-point scale): 2", 2),
+        ("**Educational score (5-point additive scale):** 3", 3),
+        ("Educational score [5-point scale]: 1", 1),
+        ("Educational score (0-5): 3", 3),
+        ("Educational score (out of 5): 4", 4),
+        ("Educational score (3)", 3),
+        ("Educational score: 3 - a clear, structured lesson", 3),
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):
@@ -99,6 +107,9 @@ def test_parser_never_guesses(response, reason):
         ("Educational score: 5 ... wait, too generous.\n**Educational score:** 1", "conflicting scores 1, 5"),
         ("Educational score: 3 because it has exercises", "does not end its statement"),
         ("Educational score: 3 out of a possible 5", "does not end its statement"),
+        # the first point of a sum, not the score (it gave 1)
+        ("Educational score: 1-point (basic info) + 1-point (coherence) = 2", "does not end its statement"),
+        ("Educational score (5-point scale)", "does not end its statement"),
     ],
 )
 def test_parser_calls_arithmetic_and_conflicting_scores_ambiguous(response, reason):

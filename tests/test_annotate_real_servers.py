@@ -139,6 +139,15 @@ def test_answer_content_given_as_parts_is_read_from_its_text_parts(server, tmp_p
          None, "Input validation error", ContextOverflow(4096, 5000)),  # TGI
         ({"error": "Input validation error: `inputs` must have less than 4096 tokens. Given: 5000",
           "error_type": "validation"}, None, "Input validation error", ContextOverflow(4096, 5000)),  # TGI
+        # OpenAI's wording for chat requests: the prompt's size was not read, and a document 10% over the context
+        # was halved instead of cut once by the numbers
+        ({"error": {"message": "This model's maximum context length is 8192 tokens. However, your messages "
+                               "resulted in 9000 tokens. Please reduce the length of the messages.",
+                    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+         "context_length_exceeded", "This model's maximum context length is 8192", ContextOverflow(8192, 9000)),
+        ({"error": {"code": 400, "message": "request (9000 tokens) exceeds the available context size (8192 tokens), "
+                                            "try increasing it", "type": "exceed_context_size_error"}},
+         None, "request (9000 tokens)", ContextOverflow(8192, 9000)),  # llama.cpp without n_ctx / n_prompt_tokens
         ({"error": {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}},
          "invalid_api_key", "Invalid API Key", None),
         ({"detail": "Not Found"}, None, "Not Found", None),
