@@ -153,6 +153,8 @@ def ablate(
         inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer)
         tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, text_field, tokenizer_sample_chars)
     wait()
+    if world > 1:  # the processes share the folder: one meeting a bad row must not remove what the others packed
+        holds_saved_work(out / "tokenizer")
     if rank != 0:
         tok = load_tokenizer(out / "tokenizer")
     _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction, rank, world)

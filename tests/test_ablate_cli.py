@@ -174,6 +174,41 @@ def test_ddp_with_two_processes_matches_one_process(inputs, tmp_path):
     assert two["eval"] == pytest.approx(one["eval"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_bad_row_one_rank_meets_keeps_what_the_others_packed(inputs, tmp_path):
+    """Under torchrun the datasets are shared out; the process meeting a bad row removed the whole new output,
+    the tokenizer and the other process's packing with it (which then failed on files gone). The folder stays,
+    the error names the row, and the run with the row mended packs only the dataset that failed."""
+    from edu_filter.ablate.packing import iter_texts
+    from edu_filter.ablate.tokenizer import train_tokenizer
+
+    train_tokenizer(iter_texts(str(WEB_VAL)), 512, tmp_path / "tokenizer")  # given: no data read to train one
+    rows = [json.loads(line) for line in WEB_VAL.read_text().splitlines()[:80]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"id": "x"} if i == 2 else r) + "\n" for i, r in enumerate(rows)))
+    out = tmp_path / "out"
+    micro = [a for a in MICRO if a not in ("--vocab-size", "512")]
+    common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"bad={bad}", "--preset", "tiny",
+              "--tokens", "1024", *micro, "--override", "batch_tokens=512", "--tokenizer", str(tmp_path / "tokenizer"),
+              "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--standalone", "--nproc-per-node",
+                "2", "-m", "edu_filter.cli"]
+    failed = subprocess.run([*torchrun, *common], capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode != 0 and f"{bad}:3" in failed.stderr, failed.stderr[-3000:]
+    assert "No such file or directory" not in failed.stderr  # rank 0 did not lose its files under it
+    assert (out / "tokenizer").is_dir() and (out / "tokens" / "edu").is_dir()
+    edu_packed = (out / "tokens" / "edu" / "train.bin")
+    packed_before = edu_packed.stat().st_mtime_ns if edu_packed.exists() else None
+
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mended = subprocess.run([*torchrun, *common], capture_output=True, text=True, env=env, timeout=300)
+    assert mended.returncode == 0, mended.stderr[-3000:]
+    if packed_before is not None:  # finished before the other rank failed: kept, not packed again
+        assert edu_packed.stat().st_mtime_ns == packed_before
+    assert json.loads((out / "report.json").read_text())["runs"].keys() == {"edu", "bad"}
+
+
 MICRO = MICRO_ABLATION
 
 
