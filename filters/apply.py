@@ -142,6 +142,8 @@ class SlurmOptions:
     mem_gb: int | None = None  # per task; None: 4 GB per CPU (of the other stages' tasks)
     # the minhash-cluster stage's one task, which holds every near-duplicate pair in memory (None: mem_gb)
     cluster_mem_gb: int | None = None
+    # and its time limit (None: time): one task reads every bucket's pairs, for hours where the others take minutes
+    cluster_time: str | None = None
     gpus_per_task: int = 0  # for the scoring stage
     # CPUs of a scoring task (None: cpus_per_task). On a GPU they tokenize for it: 16 threads tokenize ~5,500 docs/s,
     # one H200 scores ~3,500 at 512 tokens, while the other stages' tasks use one core each.
@@ -670,7 +672,7 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-p
                "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
                "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
                "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb",
-               "tasks_per_job": "--slurm-tasks-per-job"}
+               "tasks_per_job": "--slurm-tasks-per-job", "cluster_time": "--slurm-cluster-time"}
 RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
              "gpus": "--ray-gpus", "cluster_mem_gb": "--ray-cluster-mem-gb"}
 

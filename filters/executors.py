@@ -149,11 +149,17 @@ def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
         said = [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
         for marker, meaning in SLURM_KILLS:
             if any(marker in ln for ln in said):
-                return meaning.replace("--slurm-mem-gb", memory_flag(stage_logs.name, "slurm")), log
+                return (meaning.replace("--slurm-mem-gb", memory_flag(stage_logs.name, "slurm"))
+                        .replace("--slurm-time", time_flag(stage_logs.name)), log)
     return None
 
 
-CLUSTER_STAGE = "minhash-cluster"  # its one task has its own memory option
+CLUSTER_STAGE = "minhash-cluster"  # its one task has its own memory and time options
+
+
+def time_flag(stage: str) -> str:
+    """The option that sets a Slurm task of `stage`'s time limit."""
+    return "--slurm-cluster-time" if stage == CLUSTER_STAGE else "--slurm-time"
 
 
 def memory_flag(stage: str, executor: str) -> str:
@@ -825,6 +831,11 @@ def job_request(opts, scores: bool, clusters: bool = False) -> tuple[str, int, i
             opts.gpus_per_task if scores else 0)
 
 
+def job_time(opts, clusters: bool) -> str:
+    """The time limit of a task of the minhash-cluster stage (`clusters`) or of any other."""
+    return (opts.cluster_time if clusters else None) or opts.time
+
+
 def memory_directive(mb: int) -> str:
     """sbatch's size for `mb` megabytes: in GB where it is whole GB (what people write), else in MB."""
     return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
@@ -909,10 +920,11 @@ def check_sbatch_accepts(opts) -> None:
     """Asks the controller whether it would take each kind of job the chain submits (`sbatch --test-only`, nothing
     queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
     Slurm's words before anything is written, not when the first stage is submitted."""
-    requests = {job_request(opts, scores, clusters) for scores, clusters in ((False, False), (True, False), (False, True))}
-    for partition, cpus, mem_per_cpu_mb, gpus in sorted(requests):
+    requests = {(*job_request(opts, scores, clusters), job_time(opts, clusters))
+                for scores, clusters in ((False, False), (True, False), (False, True))}
+    for partition, cpus, mem_per_cpu_mb, gpus, limit in sorted(requests):
         args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": memory_directive(mem_per_cpu_mb),
-                "time": opts.time, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
+                "time": limit, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
                 **job_directives(opts)}
         options = [f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()]
         try:
@@ -1110,7 +1122,8 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             # --workers counts tasks; datatrove's throttle counts array tasks, each running tasks_per_job of them
             stage.pipeline, tasks=stage.tasks, tasks_per_job=opts.tasks_per_job,
             workers=-1 if workers is None else max(1, min(workers, stage.tasks) // opts.tasks_per_job),
-            time=opts.time, partition=partition, cpus_per_task=cpus, mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
+            time=job_time(opts, stage.clusters), partition=partition, cpus_per_task=cpus,
+            mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
             qos=opts.qos, sbatch_args={**job_directives(opts), "mem-per-cpu": memory_directive(mem_per_cpu_mb)},

@@ -319,7 +319,7 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
     run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
               tasks=4, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, cpus_per_task=2, mem_gb=3,
-                                                      cluster_mem_gb=40))
+                                                      cluster_mem_gb=40, time="02:00:00", cluster_time="2-00:00:00"))
     scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
     assert len(scripts) == 5
     for script in scripts:
@@ -330,6 +330,9 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
         memory = "20G" if script.stem.endswith("minhash-cluster") else "1536M"
         assert "--cpus-per-task=2" in text and f"--mem-per-cpu={memory}\n" in text
         assert text.count("--mem-per-cpu=") == 1
+        # and its time limit: it reads every bucket's pairs alone, for hours where each other task takes minutes
+        limit = "2-00:00:00" if script.stem.endswith("minhash-cluster") else "02:00:00"
+        assert f"#SBATCH --time={limit}\n" in text and text.count("--time=") == 1
 
 
 def test_dry_run_and_status_go_on_when_the_slurm_controller_does_not_answer(stock_classifier, tmp_path):

@@ -464,6 +464,8 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     assert slurm_kill(tmp_path, ["80"]) is None and slurm_kill(tmp_path, []) is None
     reason, log = slurm_kill(tmp_path, ["79"])
     assert "--slurm-time" in reason and log.name == "79_0.out"
+    shutil.copy(logs / "79_0.out", cluster / "slurm_logs")
+    assert "a longer --slurm-cluster-time" in slurm_kill(cluster, ["79"])[0]
 
 
 def test_slurm_kill_reasons_come_from_tasks_whose_ranks_did_not_complete(tmp_path):
@@ -531,6 +533,8 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     ex.save_stage_list(str(out), stages)
     with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=not-a-time.*\): .*time"):
         ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, time="not-a-time"))
+    with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=later.*\): .*time"):  # its own
+        ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, cluster_time="later"))
     # what sbatch refuses at submission anyway (the cluster changed since the check): its reason, the stage named
     opts = replace(ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1)),
                    time="not-a-time")
