@@ -758,6 +758,13 @@ def run_apply(
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, **options)
+    given = [flag for flag, value in (("--slurm-cluster-mem-gb", slurm.cluster_mem_gb),
+                                      ("--slurm-cluster-time", slurm.cluster_time),
+                                      ("--ray-cluster-mem-gb", ray.cluster_mem_gb)) if value is not None]
+    if given and not cfg.dedup:  # heard, they would say the run has a stage it has not
+        raise InputError(f"{', '.join(given)}: {'sizes' if len(given) == 1 else 'size'} the minhash-cluster stage, "
+                         "which a run without MinHash dedup does not have; leave "
+                         f"{'it' if len(given) == 1 else 'them'} out, or drop --no-dedup")
     if cfg.dedup or cfg.exact_dedup:
         from edu_filter.filters.dedup import check_open_files
 

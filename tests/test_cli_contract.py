@@ -210,6 +210,10 @@ def test_sweep_takes_comma_separated_thresholds(files):
     (["--executor", "ray", "--ray-gpus", "2"], ("--ray-gpus 2: a scoring task scores on one GPU",)),
     (["--executor", "slurm", "--slurm-partition", "p", "--dry-run", "--ray-mem-gb", "8"],
      ("--ray-mem-gb is an option of --executor ray", "this run uses --executor slurm")),
+    # the minhash-cluster stage's options without MinHash: the run has no such stage
+    (["--executor", "slurm", "--slurm-partition", "p", "--dry-run", "--no-dedup", "--slurm-cluster-time", "2-00:00:00",
+      "--slurm-cluster-mem-gb", "64"], ("--slurm-cluster-mem-gb, --slurm-cluster-time: size the minhash-cluster "
+                                        "stage", "leave them out, or drop --no-dedup")),
 ])
 def test_an_executors_options_are_refused_on_another(options, fragments, files, stock_classifier):
     out = files["new"]
