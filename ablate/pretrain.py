@@ -199,13 +199,15 @@ def learning_rate(step: int, total_steps: int, cfg: PretrainConfig) -> float:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's estimate: 6N + 12 * layers * hidden * seq_len, where N counts the output
-    projection but not the input embedding lookup (which does no matmul)."""
+    """Training FLOPs per token, PaLM's estimate: 6N + 12 * layers * heads * head_dim * seq_len, where N counts the
+    output projection but not the input embedding lookup (which does no matmul). heads * head_dim is the hidden size
+    unless `head_dim` is overridden."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
     if not c.tie_word_embeddings:
         n -= model.get_input_embeddings().weight.numel()
-    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+    attention_width = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    return 6 * n + 12 * c.num_hidden_layers * attention_width * seq_len
 
 
 class NextTokenLoss(torch.nn.Module):

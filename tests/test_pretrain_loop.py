@@ -260,6 +260,24 @@ def test_peak_flops_match_the_whole_gpu_name(name, peak):
     assert peak_bf16_flops(name) == peak
 
 
+def test_flops_count_the_attention_width_the_heads_compute():
+    """PaLM's attention term is 12 * layers * heads * head_dim * seq_len: with head_dim overridden (heads x head_dim
+    no longer the hidden size) it counted the hidden size, and the MFU was off by their ratio."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(**extra):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, **extra))
+
+    def params(m):
+        return sum(p.numel() for p in m.parameters()) - (0 if m.config.tie_word_embeddings
+                                                         else m.get_input_embeddings().weight.numel())
+
+    plain, wide = model(), model(head_dim=16)
+    assert flops_per_token(plain, 128) == 6 * params(plain) + 12 * 2 * 32 * 128
+    assert flops_per_token(wide, 128) == 6 * params(wide) + 12 * 2 * (4 * 16) * 128
+
+
 def test_resume_refuses_a_checkpoint_from_another_configuration(corpus, tmp_path):
     run(corpus, tmp_path / "r", time_limit_minutes=1e-9)
     with pytest.raises(ValueError, match="different configuration"):
