@@ -807,7 +807,7 @@ def print_summary(summary: ScoreSummary) -> None:
     for url, (answers, lost) in summary.servers.items():
         table.add_row(f"answers from {url}", f"{answers:,}" + (f" [yellow]({lost:,} tries unanswered)" if lost else ""))
     if summary.concurrency is not None:
-        table.add_row("concurrency after timeouts", f"[yellow]backed off to {summary.concurrency}")
+        table.add_row("concurrency (server behind, or 429)", f"[yellow]backed off to {summary.concurrency}")
     table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")
     table.add_row("tokens prompt / completion (sent)", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
     table.add_row("time", f"{summary.seconds:.1f} s ({_rate(summary.docs_per_second)} docs/s asked)")
