@@ -17,6 +17,7 @@ _EXPORTS = {
     "CountTokens": "scoring",
     "EduClassifierScorer": "scoring",
     "ScoreThresholdFilter": "scoring",
+    "KeepTopCutoff": "scoring",
     "keep_top_cutoff": "scoring",
     "run_sweep": "sweep",
 }

@@ -13,7 +13,9 @@ Two orders, chosen by what is expensive (`--order`, `auto` by default):
 Exact dedup (python-edu) adds `exact-signatures` and `exact-find` before the MinHash signatures, which skip exact
 duplicates. Every pass over the same rows reads them in the same order, so datatrove's dedup filters, which address a
 document by its position in the stream, need no intermediate copy of the corpus. A fixed threshold is applied in the
-pass that scores; `--keep-top` saves a score histogram per task and selects in an extra `select` stage. The `report`
+pass that scores; `--keep-top` saves a score histogram per task, finds the cutoff once in a one-task
+`keep-top-cutoff` stage and selects in a `select` stage (`--order auto` deduplicates first with `--keep-top`, so the
+fraction is of the deduplicated documents; an explicit score-first takes it of every scored document). The `report`
 stage writes `stats.json` from the writers' own counts and then deletes the scratch folder `work/`
 (`--keep-work` keeps it); stats.json records its peak size.
 
@@ -224,12 +226,16 @@ def is_fasttext_model(model: str) -> bool:
     return (Path(model) / CONFIG_FILE).exists()
 
 
-def resolve_order(order: str, model: str, on_gpu: bool) -> str:
-    """`auto`: score first when scoring is cheaper than MinHash (fastText, or a GPU), dedup first otherwise."""
+def resolve_order(order: str, model: str, on_gpu: bool, keep_top: float | None = None) -> str:
+    """`auto`: score first when scoring is cheaper than MinHash (fastText, or a GPU), dedup first otherwise; with
+    `--keep-top` dedup first always: the fraction is of the deduplicated documents, whichever machine runs it (score
+    first took it of every scored document, duplicates too, and kept less once they went)."""
     if order not in ORDERS:
         raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if order != "auto":
         return order
+    if keep_top is not None:
+        return "dedup-first"
     return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
 
 
@@ -345,7 +351,7 @@ def resolve_config(
     return ApplyConfig(
         inputs=[_local_path(str(i)) for i in inputs], output=_local_path(str(output)).rstrip("/"), model=model,
         threshold=threshold, keep_top=keep_top, dedup=dedup, exact_dedup=exact_dedup, decontaminate=decont,
-        order=resolve_order(order, model, on_gpu) if dedup or exact_dedup else "dedup-first", preset=preset,
+        order=resolve_order(order, model, on_gpu, keep_top) if dedup or exact_dedup else "dedup-first", preset=preset,
         **kwargs,
     )
 
@@ -522,7 +528,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     )
     from edu_filter.filters.minhash import FastMinhashSignature
     from edu_filter.filters.report import WriteApplyStats
-    from edu_filter.filters.scoring import CountTokens, EduClassifierScorer, ScoreHistogram, ScoreThresholdFilter
+    from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, ScoreHistogram,
+                                             ScoreThresholdFilter)
     from edu_filter.filters.sweep import SUMMARY_FOLDER, ScoreSummaryWriter
 
     out = cfg.output
@@ -564,14 +571,16 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
         return [*scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
 
-    def select_stage(then: list) -> Stage:
-        return Stage("select", [
-            RankFileReader(f"{work}/scored", progress_folder=progress("select")),
-            ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",
-                                 cutoff_file=f"{logs}/extra/keep_top.json",
-                                 exclusion_writer=removed("below_threshold")),
-            *then,
-        ], cfg.tasks)
+    def select_stages(then: list) -> list[Stage]:
+        """The cutoff found once over every task's histogram, then each task's scored documents selected by it."""
+        cutoff_file = f"{logs}/extra/keep_top.json"
+        return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file)], 1),
+                Stage("select", [
+                    RankFileReader(f"{work}/scored", progress_folder=progress("select")),
+                    ScoreThresholdFilter(keep_top=cfg.keep_top, cutoff_file=cutoff_file,
+                                         exclusion_writer=removed("below_threshold")),
+                    *then,
+                ], cfg.tasks)]
 
     def dedup_chain(source, tail: list, final_scores: bool) -> list[Stage]:
         """Exact and near dedup over the stream `source(stage, final)`; the last stage removes duplicates, then `tail`."""
@@ -624,7 +633,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         else:
             stages = dedup_chain(input_pass, scoring("filter"), final_scores=True) if deduplicating else [
                 Stage("filter", input_pass("filter", True) + scoring("filter"), cfg.tasks, scores=True)]
-            stages.append(select_stage(kept))
+            stages += select_stages(kept)
     else:  # score-first: only what passes the threshold is deduplicated
         survivors = [RecordWriter(f"{work}/survivors")]
 
@@ -635,7 +644,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             stages = [Stage("score", input_pass("score", True) + scoring("score") + survivors, cfg.tasks, scores=True)]
         else:
             stages = [Stage("score", input_pass("score", True) + scoring("score"), cfg.tasks, scores=True),
-                      select_stage(survivors)]
+                      *select_stages(survivors)]
         stages += dedup_chain(survivors_pass, kept, final_scores=False)
     from edu_filter.provenance import command_line
 

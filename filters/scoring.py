@@ -221,14 +221,22 @@ class ScoreHistogram(PipelineStep):
 
 
 def load_histogram(folder: str) -> dict[int, int]:
+    """Every task's histogram summed, merged 256 files at a time in numpy (a dict loop took ~7 ms per file of 30k
+    bins: 6 minutes at 50k tasks)."""
     folder = get_datafolder(folder)
-    total: dict[int, int] = {}
-    for name in sorted(folder.list_files(glob_pattern="*.npz")):
-        with folder.open(name, "rb") as fh:
-            part = np.load(fh)
-            for b, c in zip(part["bins"].tolist(), part["counts"].tolist()):
-                total[b] = total.get(b, 0) + c
-    return total
+    bins, counts = np.empty(0, np.int64), np.empty(0, np.int64)
+    names = sorted(folder.list_files(glob_pattern="*.npz"))
+    for start in range(0, len(names), 256):
+        parts_bins, parts_counts = [bins], [counts]
+        for name in names[start:start + 256]:
+            with folder.open(name, "rb") as fh:
+                part = np.load(fh)
+                parts_bins.append(part["bins"].astype(np.int64))
+                parts_counts.append(part["counts"].astype(np.int64))
+        bins, where = np.unique(np.concatenate(parts_bins), return_inverse=True)
+        counts = np.zeros(len(bins), np.int64)
+        np.add.at(counts, where, np.concatenate(parts_counts))
+    return dict(zip(bins.tolist(), counts.tolist()))
 
 
 def keep_top_cutoff(histogram: dict[int, int], fraction: float) -> float:
@@ -248,40 +256,53 @@ def keep_top_cutoff(histogram: dict[int, int], fraction: float) -> float:
     return -math.inf
 
 
+class KeepTopCutoff(PipelineStep):
+    """The `--keep-top` cutoff, found once over every task's histogram and saved (`cutoff_file`, also what
+    stats.json reports) for the `select` tasks: each of them used to merge all the histograms, 50k files read by each
+    of 50k tasks."""
+
+    type = "🎓 - SCORER"
+    name = "✂️ keep-top cutoff"
+
+    def __init__(self, histogram_folder: str, fraction: float, cutoff_file: str):
+        super().__init__()
+        self.histogram_folder, self.fraction, self.cutoff_file = histogram_folder, fraction, cutoff_file
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction)
+        folder, name = self.cutoff_file.rsplit("/", 1)
+        with get_datafolder(folder).open(name, "wt") as fh:  # "cutoff" may be inf (nothing scored): JSON's Infinity
+            json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None, "cutoff": cutoff}, fh)
+        yield from data or []
+
+
 class ScoreThresholdFilter(BaseFilter):
     """Keeps documents with `int_score >= threshold` (FineWeb-Edu keeps int_score >= 3).
 
-    With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents; every
-    task reads the same saved score distribution, so all tasks agree on it.
+    With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents, read
+    from the `cutoff_file` that `KeepTopCutoff` wrote, so all tasks agree on it.
     """
 
     name = "🎓 score threshold"
 
-    def __init__(self, threshold: int | None = None, keep_top: float | None = None,
-                 histogram_folder: str | None = None, cutoff_file: str | None = None, exclusion_writer=None):
+    def __init__(self, threshold: int | None = None, keep_top: float | None = None, cutoff_file: str | None = None,
+                 exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer)
         if (threshold is None) == (keep_top is None):
             raise ValueError("give exactly one of threshold and keep_top")
-        if keep_top is not None and histogram_folder is None:
-            raise ValueError("keep_top needs the folder of score histograms")
+        if keep_top is not None and cutoff_file is None:
+            raise ValueError("keep_top needs the file KeepTopCutoff writes")
         self.threshold = threshold
         self.keep_top = keep_top
-        self.histogram_folder = histogram_folder
-        self.cutoff_file = cutoff_file  # where the keep-top cutoff is recorded for stats.json
+        self.cutoff_file = cutoff_file
         self.cutoff: float | None = None
-
-    def _keep_top_cutoff(self) -> float:
-        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.keep_top)
-        if self.cutoff_file:
-            folder, name = self.cutoff_file.rsplit("/", 1)
-            with get_datafolder(folder).open(name, "wt") as fh:
-                json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None}, fh)
-        return cutoff
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self.keep_top is not None:
             if self.cutoff is None:
-                self.cutoff = self._keep_top_cutoff()
+                folder, name = self.cutoff_file.rsplit("/", 1)
+                with get_datafolder(folder).open(name, "rt") as fh:
+                    self.cutoff = float(json.load(fh)["cutoff"])
             keep = doc.metadata["score"] >= self.cutoff
         else:
             keep = doc.metadata["int_score"] >= self.threshold

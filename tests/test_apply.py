@@ -128,6 +128,9 @@ def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     assert kept.height == 15  # a quarter of the 60 readable documents
     assert kept["score"].min() > max(r["score"] for r in below)
     assert stats["adds_up"] and stats["settings"]["keep_top"] == 0.25
+    # the cutoff is found once, by one task reading every histogram; the select tasks read only the cutoff
+    assert [p.name for p in (tmp_path / "out" / "logs" / "keep-top-cutoff" / "completions").iterdir()] == ["00000"]
+    assert len(list((tmp_path / "out" / "logs" / "select" / "completions").iterdir())) == 2
 
 
 def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_classifier, tmp_path):

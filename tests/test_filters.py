@@ -488,6 +488,32 @@ def test_keep_top_cutoff_hits_the_fraction():
         keep_top_cutoff(histogram(scores), 0)
 
 
+def test_the_histograms_of_many_tasks_merge_to_their_sum(tmp_path):
+    """Merged 256 files at a time in numpy: the sum of every task's counts, bins shared or not, over 600 tasks."""
+    from edu_filter.filters.scoring import load_histogram
+
+    rng = np.random.default_rng(0)
+    expected: dict[int, int] = {}
+    for rank in range(600):
+        scores = rng.normal(2.0, 1.0, size=rng.integers(0, 50)).astype(np.float32)
+        part = histogram(scores)
+        for b, c in part.items():
+            expected[b] = expected.get(b, 0) + c
+        np.savez(tmp_path / f"{rank:05d}.npz", bins=np.fromiter(part, np.int64, len(part)),
+                 counts=np.fromiter(part.values(), np.int64, len(part)))
+    assert load_histogram(str(tmp_path)) == expected and sum(expected.values()) > 10_000
+
+
+def test_keep_top_orders_itself_dedup_first_whatever_scores_cheaply():
+    """Score-first took the fraction of every scored document, duplicates too, and kept less once they went: the
+    same command kept another set on a GPU machine (`--order auto` scores first there) than on a CPU one."""
+    from edu_filter.filters.apply import resolve_order
+
+    assert resolve_order("auto", "any-model", on_gpu=True) == "score-first"
+    assert resolve_order("auto", "any-model", on_gpu=True, keep_top=0.1) == "dedup-first"
+    assert resolve_order("score-first", "any-model", on_gpu=False, keep_top=0.1) == "score-first"  # asked for
+
+
 def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):
     from edu_filter.filters.apply import run_apply
 
