@@ -776,6 +776,36 @@ class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
         super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
 
 
+def own_files(folder, pattern: str, numbered: bool) -> list[str]:
+    """The files a task's writer left under `pattern` (its name; `*` as a whole first folder stands for failed/'s
+    reasons; `numbered`: datatrove's 000_NAME, 001_NAME, ... of a writer that rotates files), found by name:
+    a glob listed the whole folder in every task (kept/'s 50k files read by each of 50k tasks), and a rotation's
+    1000th file (1000_NAME) escaped its three digits."""
+    head, base = posixpath.split(pattern)
+    if head == "*":
+        try:
+            heads = [posixpath.basename(entry["name"].rstrip("/")) for entry in folder.ls("", detail=True)
+                     if entry["type"] == "directory"]
+        except FileNotFoundError:  # nothing failed yet
+            heads = []
+    else:
+        heads = [head]
+    found = []
+    for where in heads:
+        found += [name for name in [posixpath.join(where, base)] if folder.exists(name)]
+        missing = 0  # numbers are consecutive from 000; a few missing in a row end them (one deleted by hand)
+        for number in itertools.count() if numbered else ():
+            name = posixpath.join(where, f"{number:03d}_{base}")
+            if folder.exists(name):
+                found.append(name)
+                missing = 0
+            else:
+                missing += 1
+                if missing == 8:
+                    break
+    return found
+
+
 class ClearUnfinishedAttempt(PipelineStep):
     """The first step of a stage: deletes what an unfinished attempt of this task left under its own names (the
     files of the stage's writers, their counts). A task runs only when it has not completed, and its rerun need not
@@ -799,10 +829,7 @@ class ClearUnfinishedAttempt(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for folder, template, numbered in self.targets:
-            pattern = template.safe_substitute(rank=f"{rank:05d}", filter_reason="*")
-            head, base = posixpath.split(pattern)
-            patterns = [pattern] + ([posixpath.join(head, f"[0-9][0-9][0-9]_{base}")] if numbered else [])
-            for name in {f for p in patterns for f in folder.glob(p)}:  # (list_files would match *00003.jsonl.gz)
+            for name in own_files(folder, template.safe_substitute(rank=f"{rank:05d}", filter_reason="*"), numbered):
                 folder.rm(name)
                 self.stat_update("stale_files_removed")
                 if posixpath.dirname(name):  # failed/<reason>/ goes with its last file (rmdir: only if empty)

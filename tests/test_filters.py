@@ -787,3 +787,29 @@ def test_a_long_task_writes_its_progress_file_less_often(tmp_path, monkeypatch):
     task.close()  # the last count, whenever it comes
     closed = json.loads((tmp_path / "00003.json").read_text())
     assert (closed["documents"], closed["done"]) == (1536, True)
+
+
+def test_a_tasks_own_files_are_found_by_name_without_listing_the_folder(tmp_path):
+    """Every task's first step cleared its killed attempt's files by a glob, which lists the whole folder: kept/'s
+    50k files read by each of 50k tasks. Found by name, a rotation's 1000th file (1000_NAME) included, and in
+    failed/ under each reason; another task's files are left alone."""
+    from datatrove.io import get_datafolder
+
+    from edu_filter.filters.io import own_files
+
+    kept, failed = tmp_path / "kept", tmp_path / "failed"
+    kept.mkdir()
+    for number in list(range(1003)) + [1005]:
+        (kept / f"{number:03d}_00003.parquet").write_bytes(b"")
+    (kept / "000_00013.parquet").write_bytes(b"")  # task 13's
+    for reason in ("no_text", "invalid_json"):
+        (failed / reason).mkdir(parents=True)
+        (failed / reason / "00003.jsonl.gz").write_bytes(b"")
+        (failed / reason / "kept_00003.jsonl.gz").write_bytes(b"")
+    (failed / "no_text" / "00004.jsonl.gz").write_bytes(b"")
+    found = own_files(get_datafolder(str(kept)), "00003.parquet", numbered=True)
+    assert len(found) == 1004 and "1000_00003.parquet" in found and "1005_00003.parquet" in found
+    assert "000_00013.parquet" not in found
+    assert sorted(own_files(get_datafolder(str(failed)), "*/00003.jsonl.gz", numbered=False)) == [
+        "invalid_json/00003.jsonl.gz", "no_text/00003.jsonl.gz"]
+    assert own_files(get_datafolder(str(tmp_path / "nothing-failed")), "*/00003.jsonl.gz", numbered=False) == []
