@@ -315,9 +315,16 @@ def resolve_config(
         threshold = base["threshold"]
     if threshold is not None and not in_score_range(threshold):
         raise InputError(f"threshold must be an int_score in {SCORE_RANGE}, got {threshold}")
+    if order not in ORDERS:  # before the token-count tokenizer is loaded (and says so)
+        raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     model = str(model)
     if Path(model).exists():
         model = os.path.abspath(model)
+        from edu_filter.classifiers.fasttext_model import CONFIG_FILE
+
+        if not any((Path(model) / name).is_file() for name in ("config.json", CONFIG_FILE)):
+            # found only by the scoring tasks, after the whole MinHash dedup had run
+            raise InputError(f"--model {model}: not a model folder (no config.json or {CONFIG_FILE})")
     else:
         from edu_filter.classifiers.scorer import split_revision
 

@@ -33,7 +33,7 @@ import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
 
-from edu_filter.documents import DocumentError, InputError, RunError
+from edu_filter.documents import DocumentError, InputError, RunError, write_json_whole
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 from edu_filter.filters.scoring import TASK_SLOT_ENV
 
@@ -56,15 +56,19 @@ class StageFailed(RuntimeError):
 def save_stage_list(out: str, stages) -> None:
     path = Path(out) / "logs" / "stages.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"name": s.name, "tasks": s.tasks} for s in stages], indent=2))
+    write_json_whole(path, [{"name": s.name, "tasks": s.tasks} for s in stages])
 
 
 def load_stage_list(out: str) -> list[tuple[str, int]]:
     folder = get_datafolder(str(out))
     if not folder.exists("logs/stages.json"):
         raise DocumentError(f"{out} holds no apply run (no logs/stages.json)")
-    with folder.open("logs/stages.json", "rt") as fh:
-        return [(s["name"], s["tasks"]) for s in json.load(fh)]
+    try:
+        with folder.open("logs/stages.json", "rt") as fh:
+            return [(s["name"], int(s["tasks"])) for s in json.load(fh)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise DocumentError(f"{out}/logs/stages.json is not the stage list apply writes ({type(e).__name__}: {e}); "
+                            "run the same apply command again to rewrite it") from None
 
 
 def scoring_on_gpu(executor: str, slurm, ray_opts=None) -> bool:

@@ -133,6 +133,9 @@ class EduClassifierScorer(PipelineStep):
         self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
         self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
         for doc, score, int_score in zip(window, scores, int_scores):
+            for key in ("score", "int_score"):  # an input's own (an LLM label, FineWeb-Edu's): kept, as apply keeps it
+                if key in doc.metadata and f"input_{key}" not in doc.metadata:
+                    doc.metadata[f"input_{key}"] = doc.metadata.pop(key)
             doc.metadata["score"] = float(score)
             doc.metadata["int_score"] = int(int_score)
             yield doc

@@ -371,7 +371,8 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
     score, ints = numbers("score"), numbers("int_score")
     counts = numbers("token_count")
     if score is None or ints is None or counts is None or any(
-            not pc.all(pc.is_finite(c)).as_py() for c in (score, ints, counts)):
+            not pc.all(pc.is_finite(c)).as_py() for c in (score, ints, counts)) or (
+            len(ints) and not MIN_SCORE <= pc.min(ints).as_py() <= pc.max(ints).as_py() <= MAX_SCORE):
         return None  # no token counts (words are counted from the text), or a value the row path names
     label = pa.nulls(batch.num_rows, pa.float64())
     for name in [label_field] if label_field else LABEL_FIELDS:
@@ -442,6 +443,8 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
     except (TypeError, ValueError, OverflowError):
         raise DocumentError(f"{where}: int_score {row['int_score']!r} and token_count {row.get('token_count')!r} "
                             "must be whole numbers") from None
+    if not MIN_SCORE <= ints <= MAX_SCORE:  # counted as a 5 (or a 0) before
+        raise DocumentError(f"{where}: int_score {ints} is outside {SCORE_RANGE}")
     field_name = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
     label = row.get(field_name) if field_name else None
     if label is not None:

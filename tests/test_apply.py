@@ -416,7 +416,10 @@ def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
 
     def score(mode):
         step = EduClassifierScorer(stock_classifier, long_docs=mode, window_size=16)
-        docs = list(step.run(iter(Document(text=t, id=str(i)) for i, t in enumerate(texts))))
+        docs = list(step.run(iter(Document(text=t, id=str(i), metadata={"score": i % 6}) for i, t in enumerate(texts))))
+        # in a user's own pipeline (JsonlReader keeps a row's fields), its label was overwritten; apply's reader
+        # renames it as this does
+        assert [d.metadata["input_score"] for d in docs] == [i % 6 for i in range(len(texts))]
         return step, [d.metadata["score"] for d in docs], [d.metadata["int_score"] for d in docs]
 
     step, truncated_scores, ints = score("truncate")
@@ -1163,3 +1166,25 @@ def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_pe
     run_apply([str(tmp_path / "in.jsonl.gz")], str(tmp_path / "one"), model=stock_classifier, executor="slurm",
               tasks=1, dedup=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True))  # a file per task
     assert "the reading of one pass" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_readmes_own_datatrove_pipeline_runs_as_a_script(stock_classifier, tmp_path):
+    """The README's example, as a user copies it into a script: without its `__main__` guard, datatrove's forkserver
+    workers ran the script again each and it never ended. Only the model and the input folder are changed."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### In your own datatrove pipeline", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "HuggingFaceFW/fineweb-edu-classifier" in code and '"crawl/"' in code
+    (tmp_path / "crawl").mkdir()
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:24]
+    (tmp_path / "crawl" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = tmp_path / "pipeline.py"
+    script.write_text(code.replace("HuggingFaceFW/fineweb-edu-classifier", stock_classifier))
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    written = [json.loads(line) for folder in ("kept", "removed/below_threshold")
+               for f in (tmp_path / folder).glob("*.jsonl.gz") for line in gzip.open(f)]
+    assert sorted(r["id"] for r in written) == sorted(r["id"] for r in rows)  # each document in one of the two
+    assert all(r["metadata"]["input_score"] == next(x["score"] for x in rows if x["id"] == r["id"]) for r in written)

@@ -180,6 +180,14 @@ def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
             absent=(out.parent,))
     refused(["score", WEB_VAL, "-o", out / "s.jsonl", "--backend", "transformers", "--model", missing],
             "no-such-model", "no such file or folder", absent=(out.parent,))
+    # a folder holding no model: found by the scoring tasks, after the whole MinHash dedup, and exit 1
+    empty = files["tmp"] / "not-a-model"
+    empty.mkdir(exist_ok=True)
+    (empty / "notes.txt").write_text("weights elsewhere")
+    refused(["apply", WEB_VAL, "-o", out, "--model", empty], "not-a-model: not a model folder (no config.json",
+            absent=(out.parent,))
+    refused(["apply", WEB_VAL, "-o", out, "--model", empty, "--order", "bogus"], "order must be one of",
+            absent=(out.parent,))
 
 
 # --- sweep's label field -----------------------------------------------------------------------------------------
@@ -354,6 +362,11 @@ def test_score_options_this_run_would_not_read_are_refused(files):
 def test_lineage_and_status_of_nothing(files):
     refused(["lineage", files["tmp"] / "nothing"], "no such file or folder")
     refused(["status", files["tmp"] / "nothing"], "nothing")
+    broken = files["tmp"] / "broken-run"
+    (broken / "logs").mkdir(parents=True, exist_ok=True)
+    (broken / "logs" / "stages.json").write_text("{'name': ")  # a kill mid-write, before it was written whole
+    refused(["status", broken], "broken-run/logs/stages.json is not the stage list apply writes",
+            "run the same apply command again")
 
 
 def test_bad_option_values_are_refused_before_work(files, stock_classifier):

@@ -28,3 +28,11 @@ def test_threshold_sweep_notebook_runs(kind, tmp_path, monkeypatch):
     assert (tmp_path / "work" / "scored.jsonl").exists()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+    # a model given, swept on the data it was trained on: said, not read as its quality on new documents
+    monkeypatch.setenv(f"EDU_MODEL_{kind.upper()}", str(tmp_path / "work" / "fasttext_model"))
+    monkeypatch.setenv(f"EDU_SWEEP_DATA_{kind.upper()}", str(tmp_path / "work" / "train.jsonl"))
+    again = nbformat.read(path, as_version=4)
+    NotebookClient(again, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    said = "".join(o.get("text", "") for c in again.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert f"fasttext_model was trained on {tmp_path / 'work' / 'train.jsonl'}" in said

@@ -239,6 +239,13 @@ def test_parquet_read_in_batches_agrees_with_rows_on_odd_columns(tmp_path):
     pq.write_table(pa.table({**base, "int_score": [0.0, float("nan"), 5.0]}), tmp_path / "nan.parquet")
     with pytest.raises(DocumentError, match=r"nan.parquet:2: int_score nan .* must be whole numbers"):
         run_sweep([str(tmp_path / "nan.parquet")], tmp_path / "n", show=False)
+    # off the scale: counted as a 5 before, in both paths
+    pq.write_table(pa.table({**base, "int_score": [0, 9, 5]}), tmp_path / "nine.parquet")
+    with pytest.raises(DocumentError, match=r"nine.parquet:2: int_score 9 is outside 0-5"):
+        run_sweep([str(tmp_path / "nine.parquet")], tmp_path / "9", show=False)
+    with pytest.raises(DocumentError, match=r"nine.jsonl:1: int_score -1 is outside 0-5"):
+        run_sweep([str(write_jsonl(tmp_path / "nine.jsonl", [{**rows[0], "int_score": -1}]))], tmp_path / "j9",
+                  show=False)
 
 
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])
