@@ -90,10 +90,12 @@ def check_count_tokenizer(tokenizer: str) -> None:
         raise InputError(f"--tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {one_line(str(e))})") from None
 
 
-def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
+def token_count_tokenizer(model: str, tokenizer: str | None, output: str | None = None) -> str:
     """The tokenizer `token_count` uses: `tokenizer` if given, else the classifier's own.
 
     A fastText classifier has none: GPT-2's (FineWeb's token_count), or offline the bundled MiniLM one, with a notice.
+    A run resumed into `output` keeps the one it recorded for the same model: GPT-2 cached since would have changed
+    the settings, and the resume was refused (only --overwrite went on, losing every finished stage).
     """
     if tokenizer:
         check_count_tokenizer(tokenizer)
@@ -102,6 +104,13 @@ def token_count_tokenizer(model: str, tokenizer: str | None) -> str:
 
     if not (Path(model) / CONFIG_FILE).exists():
         return model
+    try:
+        recorded = json.loads((Path(output) / "run_config.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}
+    if (isinstance(recorded, dict) and recorded.get("model") == model and isinstance(recorded.get("tokenizer"), str)
+            and Path(recorded["tokenizer"]).is_dir()):
+        return recorded["tokenizer"]
     from transformers import AutoTokenizer
 
     from edu_filter.classifiers.encoders import hub_offline
@@ -351,7 +360,7 @@ def resolve_config(
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")
-    tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"))
+    tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"), output)
     kwargs["tokenizer"] = os.path.abspath(tokenizer) if Path(tokenizer).exists() else tokenizer
     dedup = base["dedup"] if dedup is None else dedup
     exact_dedup = base["exact_dedup"] if exact_dedup is None else exact_dedup

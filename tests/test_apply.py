@@ -474,6 +474,43 @@ def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp
     assert kept["token_count"].min() > 0 and kept["int_score"].is_between(0, 5).all()
 
 
+def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_path):
+    """Offline, a fastText run counts tokens with the bundled MiniLM tokenizer and records it; GPT-2 in the hub
+    cache by the resume changed that setting, and the resume was refused (only --overwrite went on). A new run
+    there counts GPT-2 tokens."""
+    import shutil
+
+    from edu_filter.classifiers.encoders import minilm_path
+    from edu_filter.classifiers.fasttext_model import FastTextSettings
+    from edu_filter.train.classifier import train_classifier
+
+    model = tmp_path / "ft"
+    train_classifier([str(DATA / "code" / "python_edu_labels.jsonl")], model, kind="code", method="fasttext",
+                     fasttext=FastTextSettings(epoch=2))
+    docs = tmp_path / "in.jsonl"
+    docs.write_bytes(b"".join(open(DATA / "code" / "thealgorithms_unlabelled.jsonl", "rb").readlines()[:10]))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    args = ["apply", str(docs), "--model", str(model), "--threshold", "0", "--no-dedup", "-o", str(tmp_path / "out")]
+    first = run_cli(args, env=env)
+    assert first.returncode == 0 and "counting all-MiniLM-L6-v2 tokens" in first.stderr, first.stderr[-2000:]
+    snapshot = tmp_path / "hub" / "models--gpt2" / "snapshots" / ("1" * 40)  # a tokenizer cached as gpt2
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(minilm_path()) / name).exists():
+            shutil.copy(Path(minilm_path()) / name, snapshot / name)
+    (tmp_path / "hub" / "models--gpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--gpt2" / "refs" / "main").write_text("1" * 40)
+    (tmp_path / "out" / "stats.json").unlink()  # the report stage to run again
+    shutil.rmtree(tmp_path / "out" / "logs" / "report" / "completions")
+    again = run_cli(args, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    recorded = json.loads((tmp_path / "out" / "run_config.json").read_text())["settings"]["tokenizer"]
+    assert Path(recorded) == Path(minilm_path()).resolve() or Path(recorded) == Path(minilm_path())
+    fresh = run_cli(args[:-1] + [str(tmp_path / "fresh")], env=env)
+    assert fresh.returncode == 0 and "unavailable" not in fresh.stderr, fresh.stderr[-2000:]
+    assert json.loads((tmp_path / "fresh" / "run_config.json").read_text())["settings"]["tokenizer"] == "gpt2"
+
+
 def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_classifier, tmp_path, monkeypatch):
     import shutil
 
