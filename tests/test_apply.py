@@ -486,7 +486,7 @@ def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_
 
     model = tmp_path / "ft"
     train_classifier([str(DATA / "code" / "python_edu_labels.jsonl")], model, kind="code", method="fasttext",
-                     fasttext=FastTextSettings(epoch=2))
+                     fasttext=FastTextSettings(epoch=2), learning_curve=False)
     docs = tmp_path / "in.jsonl"
     docs.write_bytes(b"".join(open(DATA / "code" / "thealgorithms_unlabelled.jsonl", "rb").readlines()[:10]))
     env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
