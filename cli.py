@@ -412,7 +412,8 @@ def apply(
     executor: str = typer.Option("local", help="local, slurm or ray."),
     tasks: int = typer.Option(APPLY.tasks, help="Number of shards."),
     workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm, Ray: no limit unless given)."),
-    order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU)."),
+    order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU, "
+                       "except with --keep-top; a resumed run keeps its order)."),
     overwrite: bool = typer.Option(False, help="Start over when OUT holds a run made with other settings, model or inputs."),
     keep_work: bool = typer.Option(APPLY.keep_work, help="Keep the scratch folder OUT/work (signatures, intermediates): deleted after success, the dedup signatures once read."),
     wait: bool = typer.Option(False, help="Slurm: follow the submitted chain until it ends (exit 1 if a stage fails)."),

@@ -90,12 +90,22 @@ def check_count_tokenizer(tokenizer: str) -> None:
         raise InputError(f"--tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {one_line(str(e))})") from None
 
 
-def token_count_tokenizer(model: str, tokenizer: str | None, output: str | None = None) -> str:
+def recorded_settings(output: str, overwrite: bool) -> dict:
+    """The settings of the run `output` holds, which a resume keeps where they were chosen for it (`auto`, a
+    fallback); none with `overwrite`, or where no readable record is there."""
+    try:
+        settings = json.loads((Path(output) / "run_config.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) and not overwrite else {}
+
+
+def token_count_tokenizer(model: str, tokenizer: str | None, recorded: dict | None = None) -> str:
     """The tokenizer `token_count` uses: `tokenizer` if given, else the classifier's own.
 
     A fastText classifier has none: GPT-2's (FineWeb's token_count), or offline the bundled MiniLM one, with a notice.
-    A run resumed into `output` keeps the one it recorded for the same model: GPT-2 cached since would have changed
-    the settings, and the resume was refused (only --overwrite went on, losing every finished stage).
+    A resumed run (`recorded`: its settings) keeps the one it recorded for the same model: GPT-2 cached since would
+    have changed the settings, and the resume was refused (only --overwrite went on, losing every finished stage).
     """
     if tokenizer:
         check_count_tokenizer(tokenizer)
@@ -104,11 +114,8 @@ def token_count_tokenizer(model: str, tokenizer: str | None, output: str | None 
 
     if not (Path(model) / CONFIG_FILE).exists():
         return model
-    try:
-        recorded = json.loads((Path(output) / "run_config.json").read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = {}
-    if (isinstance(recorded, dict) and recorded.get("model") == model and isinstance(recorded.get("tokenizer"), str)
+    recorded = recorded or {}
+    if (recorded.get("model") == model and isinstance(recorded.get("tokenizer"), str)
             and Path(recorded["tokenizer"]).is_dir()):
         return recorded["tokenizer"]
     from transformers import AutoTokenizer
@@ -306,9 +313,11 @@ def check_output_apart(inputs: list[str], output: str) -> None:
 def resolve_config(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None, threshold: int | None = None,
     keep_top: float | None = None, dedup: bool | None = None, exact_dedup: bool | None = None,
-    decontaminate: list[str] | None = None, order: str = "auto", on_gpu: bool = False, **kwargs,
+    decontaminate: list[str] | None = None, order: str = "auto", on_gpu: bool = False, overwrite: bool = False,
+    **kwargs,
 ) -> ApplyConfig:
-    """Preset values, overridden by whatever the caller gave explicitly; local paths made absolute."""
+    """Preset values, overridden by whatever the caller gave explicitly; local paths made absolute. A run resumed
+    into `output` (not `overwrite`) keeps what was chosen for it: the order `auto` chose, the count tokenizer."""
     if preset is not None and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS.get(preset, {"threshold": 3, "model": None, "dedup": True, "exact_dedup": False,
@@ -360,14 +369,17 @@ def resolve_config(
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")
-    tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"), output)
+    recorded = recorded_settings(output, overwrite)
+    tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"), recorded)
     kwargs["tokenizer"] = os.path.abspath(tokenizer) if Path(tokenizer).exists() else tokenizer
     dedup = base["dedup"] if dedup is None else dedup
     exact_dedup = base["exact_dedup"] if exact_dedup is None else exact_dedup
     return ApplyConfig(
         inputs=[_local_path(str(i)) for i in inputs], output=_local_path(str(output)).rstrip("/"), model=model,
         threshold=threshold, keep_top=keep_top, dedup=dedup, exact_dedup=exact_dedup, decontaminate=decont,
-        order=resolve_order(order, model, on_gpu, keep_top) if dedup or exact_dedup else "dedup-first", preset=preset,
+        order=(recorded["order"] if order == "auto" and recorded.get("order") in ORDERS[1:]  # a GPU then, or none
+               else resolve_order(order, model, on_gpu, keep_top)) if dedup or exact_dedup else "dedup-first",
+        preset=preset,
         **kwargs,
     )
 
@@ -593,8 +605,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file)], 1),
                 Stage("select", [
                     RankFileReader(f"{work}/scored", progress_folder=progress("select")),
-                    ScoreThresholdFilter(keep_top=cfg.keep_top, cutoff_file=cutoff_file,
-                                         exclusion_writer=removed("below_threshold")),
+                    ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",
+                                         cutoff_file=cutoff_file, exclusion_writer=removed("below_threshold")),
                     *then,
                 ], cfg.tasks)]
 
@@ -782,7 +794,7 @@ def run_apply(
         ray = replace(ray, gpus=int(on_gpu))     # scaled away before the scoring stage asks again
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
-                         on_gpu=on_gpu, tasks=tasks, **options)
+                         on_gpu=on_gpu, tasks=tasks, overwrite=overwrite, **options)
     given = [flag for flag, value in (("--slurm-cluster-mem-gb", slurm.cluster_mem_gb),
                                       ("--slurm-cluster-time", slurm.cluster_time),
                                       ("--ray-cluster-mem-gb", ray.cluster_mem_gb)) if value is not None]
@@ -820,7 +832,9 @@ def run_apply(
                           on_gpu=on_gpu)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
-        why = "scoring is cheaper than MinHash here" if cfg.order == "score-first" else "the classifier is the costly step"
+        why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else
+               "--keep-top: the fraction is of the deduplicated documents" if cfg.keep_top is not None
+               else "the classifier is the costly step")
         console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
 
     if executor == "slurm":

@@ -272,40 +272,58 @@ class KeepTopCutoff(PipelineStep):
         self.histogram_folder, self.fraction, self.cutoff_file = histogram_folder, fraction, cutoff_file
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction)
-        folder, name = self.cutoff_file.rsplit("/", 1)
-        with get_datafolder(folder).open(name, "wt") as fh:  # "cutoff" may be inf (nothing scored): JSON's Infinity
-            json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None, "cutoff": cutoff}, fh)
+        write_cutoff(self.cutoff_file, keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction))
         yield from data or []
+
+
+def write_cutoff(cutoff_file: str, cutoff: float) -> None:
+    """The cutoff as stats.json reports it (None: nothing was scored, so nothing reaches it)."""
+    folder, name = cutoff_file.rsplit("/", 1)
+    with get_datafolder(folder).open(name, "wt") as fh:
+        json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None}, fh)
 
 
 class ScoreThresholdFilter(BaseFilter):
     """Keeps documents with `int_score >= threshold` (FineWeb-Edu keeps int_score >= 3).
 
     With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents, read
-    from the `cutoff_file` that `KeepTopCutoff` wrote, so all tasks agree on it.
+    from the `cutoff_file` that `KeepTopCutoff` wrote (`apply`'s one-task stage before), so all tasks agree on it;
+    where that file is not there (a pipeline of one's own, a chain queued by an older edu-filter) the task finds it
+    from the histograms itself, as every task did before, and writes it.
     """
 
     name = "🎓 score threshold"
 
-    def __init__(self, threshold: int | None = None, keep_top: float | None = None, cutoff_file: str | None = None,
-                 exclusion_writer=None):
+    def __init__(self, threshold: int | None = None, keep_top: float | None = None,
+                 histogram_folder: str | None = None, cutoff_file: str | None = None, exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer)
         if (threshold is None) == (keep_top is None):
             raise ValueError("give exactly one of threshold and keep_top")
-        if keep_top is not None and cutoff_file is None:
-            raise ValueError("keep_top needs the file KeepTopCutoff writes")
+        if keep_top is not None and histogram_folder is None and cutoff_file is None:
+            raise ValueError("keep_top needs the folder of score histograms, or the file KeepTopCutoff writes")
         self.threshold = threshold
         self.keep_top = keep_top
-        self.cutoff_file = cutoff_file
+        self.histogram_folder = histogram_folder
+        self.cutoff_file = cutoff_file  # where the keep-top cutoff is recorded for stats.json
         self.cutoff: float | None = None
+
+    def _keep_top_cutoff(self) -> float:
+        if self.cutoff_file:
+            folder, name = self.cutoff_file.rsplit("/", 1)
+            data = get_datafolder(folder)
+            if data.exists(name) or self.histogram_folder is None:
+                with data.open(name, "rt") as fh:
+                    found = json.load(fh)["keep_top_cutoff"]
+                return math.inf if found is None else float(found)
+        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.keep_top)
+        if self.cutoff_file:
+            write_cutoff(self.cutoff_file, cutoff)
+        return cutoff
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self.keep_top is not None:
             if self.cutoff is None:
-                folder, name = self.cutoff_file.rsplit("/", 1)
-                with get_datafolder(folder).open(name, "rt") as fh:
-                    self.cutoff = float(json.load(fh)["cutoff"])
+                self.cutoff = self._keep_top_cutoff()
             keep = doc.metadata["score"] >= self.cutoff
         else:
             keep = doc.metadata["int_score"] >= self.threshold

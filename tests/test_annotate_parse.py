@@ -61,6 +61,10 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score (out of 5): 4", 4),
         ("Educational score (3)", 3),
         ("Educational score: 3 - a clear, structured lesson", 3),
+        ("Educational score: 3—the extract is useful but basic.", 3),  # a dash joined to a word: a hyphen only
+        ("Educational score: 4–strong", 4),
+        ("Educational score: 3/5—good", 3),
+        ("Educational score: 3 points—good", 3),
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):

@@ -131,6 +131,23 @@ def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     # the cutoff is found once, by one task reading every histogram; the select tasks read only the cutoff
     assert [p.name for p in (tmp_path / "out" / "logs" / "keep-top-cutoff" / "completions").iterdir()] == ["00000"]
     assert len(list((tmp_path / "out" / "logs" / "select" / "completions").iterdir())) == 2
+    assert stats["keep_top_cutoff"] <= kept["score"].min() and "cutoff" not in stats
+
+
+def test_a_keep_top_run_resumed_keeps_the_order_auto_chose_for_it(stock_classifier, tmp_path):
+    """`--order auto` with --keep-top now deduplicates first; a run the previous release ordered score-first (a GPU,
+    a fastText model) was refused on resume, only --overwrite going on. Resumed, it keeps its order; overwritten, it
+    takes today's."""
+    planted_input(tmp_path / "in.jsonl", n_unique=20, n_groups=4)
+    args = dict(model=stock_classifier, keep_top=0.5, tasks=2, show=False)
+    first = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), order="score-first", **args)
+    (tmp_path / "out" / "stats.json").unlink()  # the report stage to run again, as after a kill
+    for done in (tmp_path / "out" / "logs" / "report" / "completions").iterdir():
+        done.unlink()
+    resumed = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), order="auto", **args)
+    assert resumed["kept"] == first["kept"] and resumed["settings"]["order"] == "score-first"
+    fresh = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), order="auto", overwrite=True, **args)
+    assert fresh["settings"]["order"] == "dedup-first" and fresh["adds_up"]
 
 
 def test_cli_threshold_0_without_dedup_keeps_every_readable_document(stock_classifier, tmp_path):
@@ -509,6 +526,9 @@ def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_
     fresh = run_cli(args[:-1] + [str(tmp_path / "fresh")], env=env)
     assert fresh.returncode == 0 and "unavailable" not in fresh.stderr, fresh.stderr[-2000:]
     assert json.loads((tmp_path / "fresh" / "run_config.json").read_text())["settings"]["tokenizer"] == "gpt2"
+    overwritten = run_cli(args + ["--overwrite"], env=env)  # starting over: today's choice, not the record's
+    assert overwritten.returncode == 0, overwritten.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["settings"]["tokenizer"] == "gpt2"
 
 
 def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_classifier, tmp_path, monkeypatch):
