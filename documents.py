@@ -36,7 +36,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjso
 # not .json: folders hold metrics.json & co.; .json.gz is JSON Lines in C4 and Dolma
 FOLDER_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz", ".parquet")
 # data in a compression no reader here takes: in a folder, refused rather than skipped (a run would add up without it)
-UNREADABLE_DATA = re.compile(r"\.(jsonl|json|ndjson|parquet)\.(zst|zstd|bz2|xz|lz4|lzma|br|snappy)$", re.IGNORECASE)
+UNREADABLE_DATA = re.compile(r"\.(jsonl|json|ndjson|parquet)\.(zst|zstd|bz2|xz|lz4|lzma|br|snappy|zip|gzip|7z|tgz|tar)$"
+                             r"|\.(parquet)\.(gz)$", re.IGNORECASE)
 PARQUET_SUFFIXES = (".parquet",)
 UTF8_BOM = b"\xef\xbb\xbf"
 FILE_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -157,11 +158,17 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     input."""
     names = list(names)
     visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
+    if {"run_config.json", "stats.json"} & set(visible) and any(n.startswith("kept/") for n in visible):
+        # read whole, its kept, removed and failed documents together: the "filtered" arm of an ablation unfiltered
+        raise DocumentError(f"{folder}: an apply output (its kept/, removed/ and failed/ documents together); give "
+                            f"{folder.rstrip('/')}/kept for the documents it kept")
     unreadable = sorted(n for n in visible if UNREADABLE_DATA.search(n))
     if unreadable:
+        match = UNREADABLE_DATA.search(unreadable[0])
         raise DocumentError(f"{folder}: {unreadable[0]}{f' and {len(unreadable) - 1} more' if len(unreadable) > 1 else ''}"
-                            f" cannot be read here (compression: {UNREADABLE_DATA.search(unreadable[0]).group(2)}); "
-                            "recompress as .jsonl.gz, or give the other files by name")
+                            f" cannot be read here (compression: {match.group(2) or match.group(4)}); "
+                            "recompress as .jsonl.gz (or Parquet uncompressed outside), or give the other files by "
+                            "name")
     found = sorted(n for n in visible if _has_suffix(n, FOLDER_SUFFIXES))
     if not found:
         data = [n for n in names if _has_suffix(n, FOLDER_SUFFIXES)]
@@ -184,7 +191,14 @@ def local_files_under(folder: str | os.PathLike) -> list[str]:
         entered.add(real)
         relative = os.path.relpath(root, folder)
         prefix = "" if relative == "." else Path(relative).as_posix() + "/"
-        names.extend(prefix + f for f in files if os.path.isfile(os.path.join(root, f)))
+        for f in files:
+            full = os.path.join(root, f)
+            if os.path.isfile(full):
+                names.append(prefix + f)
+            elif os.path.islink(full) and not os.path.exists(full) and not f.startswith("."):
+                # skipped, a run would add up without what it points to (an unmounted dump, a moved file)
+                raise DocumentError(f"{full}: a link to {os.readlink(full)}, which does not exist; mount or restore "
+                                    "it, or remove the link")
     return names
 
 
@@ -493,8 +507,10 @@ def iter_documents(
 
 
 def default_id_names(files: list[str]) -> list[str]:
-    """Each file's name in the ids of its rows that have none: its base name, or its path where base names repeat."""
-    posix = [Path(f).as_posix() if not is_hub_path(f) else f for f in files]
+    """Each file's name in the ids of its rows that have none: its base name, or its path where base names repeat.
+    A name that is not UTF-8 (a Latin-1 `caf\\xe9.jsonl`) has its bytes escaped: an id holds text any writer takes."""
+    posix = [os.fsencode(Path(f).as_posix()).decode("utf-8", "backslashreplace") if not is_hub_path(f) else f
+             for f in files]
     return distinct_names(posix, [p.rstrip("/").rsplit("/", 1)[-1] for p in posix])
 
 
@@ -510,13 +526,16 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
     if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document
         raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is missing")
     doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{name or Path(path).name}:{lineno}")
+    if not doc["id"]:
+        raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is empty")
     if label_field is not None:
         label = row.get(label_field)
         if label is None and require_label and not (require_label == SKIP_FAILED and row.get("error")):
             raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{_why_unlabelled(row)}")
         if label is not None:
-            try:
-                value = float(label)
+            try:  # not a yes/no field (true read as 1), nor other scripts' digits ("٣" read as 3)
+                value = math.nan if isinstance(label, bool) or (isinstance(label, str) and not label.isascii()) \
+                    else float(label)
             except (TypeError, ValueError):
                 value = math.nan
             if not math.isfinite(value):

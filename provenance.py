@@ -197,7 +197,7 @@ def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MA
     else:
         outer = hashlib.sha256()
         for f, one in zip(files, digests):
-            outer.update(f"{f.relative_to(path).as_posix()}\0{one}\n".encode())
+            outer.update(f"{f.relative_to(path).as_posix()}\0{one}\n".encode("utf-8", "surrogateescape"))
         digest = outer.hexdigest()
     method = "sha256" if full else "sampled"
     return {
@@ -229,8 +229,12 @@ def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
             try:
                 record = json.loads(record_file.read_text())
             except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+                if i:  # a folder above the input holds another tool's file of that name: not ours to judge
+                    continue
                 raise ProvenanceError(f"{record_file}: unreadable provenance record ({e})") from None
             if not isinstance(record, dict):
+                if i:
+                    continue
                 raise ProvenanceError(f"{record_file}: not a provenance record (a JSON {type(record).__name__})")
             if record.get("format") == RECORD_FORMAT:
                 return record, candidate
@@ -260,12 +264,16 @@ def _library_versions() -> dict:
     return found
 
 
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+@")  # up to the host's @: a password may hold one
+# a value named as a secret: `?key=` in a URL, `--server-arg api-key=...`, `hf-token=...`, a SAS `sig=` (not
+# `tokenizer=` or `max_tokens=`: the name must end in the word)
+_SECRET_VALUES = re.compile(r"(?i)((?<![\w.-])[\w.-]*(?:key|token|secret|password|passwd|sig|signature)=)[^\s&'\",]+")
 
 
 def _redact(text: str) -> str:
-    """Credentials in URLs (scheme://user:secret@host) never reach a record or a card."""
-    return _URL_CREDENTIALS.sub("***@", text)
+    """Credentials in URLs (scheme://user:secret@host) and values named as secrets (`?key=`, `api-key=`,
+    `hf-token=`) never reach a record or a card."""
+    return _SECRET_VALUES.sub(r"\1***", _URL_CREDENTIALS.sub("***@", text))
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -277,13 +285,16 @@ def command_line(argv: list[str] | None = None) -> str:
     return _redact(shlex.join([program, *argv[1:]]))
 
 
-def describe_input(role: str, path: str | os.PathLike) -> dict:
-    """One input as recorded: role, path (absolute when local), fingerprint, and the input's own provenance record
-    when it is (or lies inside) an artifact."""
+def describe_input(role: str, path: str | os.PathLike, full_hash_max_bytes: int | None = None) -> dict:
+    """One input as recorded: role, path (absolute when local), fingerprint (hashed in full up to
+    `full_hash_max_bytes`, default FULL_HASH_MAX_BYTES), and the input's own provenance record when it is (or lies
+    inside) an artifact."""
     text = str(path)
     local = not is_remote(text)
     entry = {"role": role, "path": str(Path(text).absolute()) if local else _redact(text)}
-    found = fingerprint(text, documents=carries_documents(role))
+    if full_hash_max_bytes is None:
+        full_hash_max_bytes = FULL_HASH_MAX_BYTES
+    found = fingerprint(text, full_hash_max_bytes, documents=carries_documents(role))
     entry.update({"fingerprint": None, "fingerprint_method": "none: remote input"} if found is None else {
         "fingerprint": found["fingerprint"], "fingerprint_method": found["method"], "bytes": found["bytes"],
         "files": found["files"]})
@@ -294,13 +305,14 @@ def describe_input(role: str, path: str | os.PathLike) -> dict:
         if artifact != Path(text).absolute():
             entry["artifact"] = str(artifact)
     elif local and carries_documents(role) and Path(text).is_dir():
-        parts = _recorded_parts(Path(text))
+        # parts hashed as the folder was: each under the limit alone, a sampled folder's were read in full
+        parts = _recorded_parts(Path(text), full_hash_max_bytes if found["fingerprint"].startswith("sha256:") else 0)
         if parts:  # a folder of `score` outputs, each with its sidecar record: the folder's record lists them
             entry["provenance"] = {"format": RECORD_FORMAT, "kind": "folder", "inputs": parts}
     return entry
 
 
-def _recorded_parts(folder: Path) -> list[dict]:
+def _recorded_parts(folder: Path, full_hash_max_bytes: int) -> list[dict]:
     """The data files of a folder that have records of their own, as inputs (role `documents`)."""
     try:
         files = folder_data_files(folder)
@@ -310,7 +322,7 @@ def _recorded_parts(folder: Path) -> list[dict]:
     for file in files:
         if provenance_path(file).is_file():
             try:
-                parts.append(describe_input("documents", file))
+                parts.append(describe_input("documents", file, full_hash_max_bytes))
             except ProvenanceError:  # an unreadable sidecar: that part goes unrecorded, the folder is still read
                 continue
     return parts
@@ -395,10 +407,13 @@ def lineage(path: str | os.PathLike) -> dict:
     return _node(record, path, about, fingerprints, origin=artifact)
 
 
-def _current_fingerprint(path: Path, cache: dict, documents: bool = False) -> str | None:
-    key = (str(path), documents)
+def _current_fingerprint(path: Path, cache: dict, documents: bool = False, recorded: str | None = None) -> str | None:
+    """The fingerprint of `path` now, by the method of the `recorded` one where given (a part of a sampled folder
+    was sampled, though small enough alone to be hashed in full: hashed in full, it read as changed)."""
+    limit = 0 if (recorded or "").startswith("sampled:") else FULL_HASH_MAX_BYTES
+    key = (str(path), documents, limit)
     if key not in cache:
-        found = fingerprint(path, documents=documents) if path.exists() else None
+        found = fingerprint(path, limit, documents=documents) if path.exists() else None
         cache[key] = found["fingerprint"] if found else None
     return cache[key]
 
@@ -410,8 +425,8 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     node = {
         "kind": record["kind"] if record else "file",
         "path": str(path.absolute()) if local else path,
-        "fingerprint": _current_fingerprint(path.absolute(), cache, carries_documents(about.get("role", "")))
-        if local else None,
+        "fingerprint": _current_fingerprint(path.absolute(), cache, carries_documents(about.get("role", "")),
+                                            about.get("used_fingerprint")) if local else None,
         **about,
     }
     if record:
@@ -430,11 +445,12 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
     where = _resolve(entry, consumer)
     missing = not where.exists()
     documents = carries_documents(entry["role"])
-    current = None if missing else _current_fingerprint(where.absolute(), cache, documents)
-    changed = missing or current != entry.get("fingerprint")
+    used = entry.get("fingerprint")
+    current = None if missing else _current_fingerprint(where.absolute(), cache, documents, used)
+    changed = missing or current != used
     if changed and not missing and documents and where.is_dir():
         # recorded before document folders were fingerprinted by their data files alone: every file counted then
-        changed = _current_fingerprint(where.absolute(), cache, False) != entry.get("fingerprint")
+        changed = _current_fingerprint(where.absolute(), cache, False, used) != used
     if record is None and not changed:  # a record written after this input was used still tells its origin
         found = read_provenance(where)  # (not of a replaced input: that record tells the replacement's)
         record = found[0] if found else None
@@ -730,10 +746,11 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, record: dict, rep
 
 def _size_category(n: int) -> str:
     for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+                         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                         (10**10, "1B<n<10B"), (10**11, "10B<n<100B"), (10**12, "100B<n<1T")):  # the hub's names
         if n < limit:
             return label
-    return "n>1B"
+    return "n>1T"
 
 
 def _kept_licenses(folder: Path) -> Counter:
@@ -871,7 +888,6 @@ def write_dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Map
 
 
 # --- hub ------------------------------------------------------------------------------------------------------------
-HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 # What goes up for each kind of folder: a dataset repository gets the kept documents and the records, not the
 # intermediate work/ and logs/ folders or the removed documents.
 PUSH_PATTERNS = {"model": None, "dataset": ["kept/**", "README.md", "stats.json", "provenance.json",
@@ -882,8 +898,13 @@ def check_can_push(repo_id: str) -> None:
     """Fail before any work when an upload cannot happen: bad id, hub offline or unreachable, no or bad token."""
     from huggingface_hub import HfApi, get_token
 
-    if not HUB_REPO_ID.fullmatch(repo_id):
-        raise PushSetupError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME or NAME")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # the hub's own rules (no "--" or "..", at most 96 characters...): a name it refuses, after hours of work
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushSetupError(f"--push-to-hub {repo_id!r}: not a repository id ORG/NAME or NAME the hub takes "
+                             f"({e})") from None
     from edu_filter.classifiers.encoders import hub_offline
 
     if hub_offline():

@@ -405,3 +405,58 @@ def test_long_steps_show_in_a_log_and_get_a_time_left(capsys):
             clock[0] += 150.0  # one fit every 2.5 minutes
             progress.advance(task)
         assert progress.tasks[0].time_remaining == pytest.approx(7 * 150.0)
+
+
+def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
+    """A dangling link (an unmounted dump), compressions no reader takes and an apply output read whole (its removed
+    and failed documents with the kept ones: the "filtered" arm of an ablation unfiltered) were read as a smaller
+    input, or a mixed one, without a word."""
+    from edu_filter.filters.io import expand_inputs
+
+    data = tmp_path / "data"
+    write_documents([{"id": "a", "text": "t"}], data / "a.jsonl")
+    (data / "2024-01").symlink_to(tmp_path / "not-mounted" / "dump")
+    for read in (lambda: read_documents([data]), lambda: expand_inputs([str(data)])):
+        with pytest.raises(DocumentError, match=r"2024-01: a link to .*not-mounted/dump, which does not exist"):
+            read()
+    (data / "2024-01").unlink()
+    for name, compression in (("b.jsonl.zip", "zip"), ("c.parquet.gz", "gz"), ("d.jsonl.gzip", "gzip")):
+        (data / name).write_bytes(b"x")
+        with pytest.raises(DocumentError, match=rf"{name} cannot be read here \(compression: {compression}\)"):
+            read_documents([data])
+        (data / name).unlink()
+    out = tmp_path / "out"  # what apply leaves
+    write_documents([{"id": "k", "text": "kept"}], out / "kept" / "00000.jsonl")
+    write_documents([{"id": "r", "text": "removed"}], out / "removed" / "below_threshold" / "00000.jsonl.gz")
+    (out / "stats.json").write_text("{}")
+    for read in (lambda: read_documents([out]), lambda: expand_inputs([str(out)])):
+        with pytest.raises(DocumentError, match=rf"{out}: an apply output .* give {out}/kept"):
+            read()
+    assert [r["id"] for r in read_documents([out / "kept"])] == ["k"]
+
+
+def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):
+    """A yes/no field named by mistake trained as 0/1 labels; another script's digit read as a number; an empty id
+    was taken as an id."""
+    f = tmp_path / "x.jsonl"
+    for row, message in (({"id": "a", "text": "t", "score": True}, "not a finite number: True"),
+                         ({"id": "a", "text": "t", "score": "٣"}, "not a finite number: '٣'"),
+                         ({"id": "", "text": "t", "score": 3}, "id field 'id' is empty")):
+        write_documents([row], f)
+        with pytest.raises(DocumentError, match=rf"x\.jsonl:1: .*{message}"):
+            read_documents([f], label_field="score")
+
+
+def test_a_file_name_that_is_not_utf8_is_read_fingerprinted_and_named(tmp_path):
+    """A Latin-1 name (caf\\xe9.jsonl): the folder's fingerprint failed with a bare UnicodeEncodeError, and the
+    rows' default ids held text no JSON writer takes."""
+    import orjson
+
+    from edu_filter.provenance import fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (Path(os.fsdecode(bytes(data) + b"/caf\xe9.jsonl"))).write_text('{"text": "t"}\n')
+    [row] = read_documents([data])
+    assert row["id"] == "caf\\xe9.jsonl:1" and orjson.dumps(row)
+    assert fingerprint(data)["files"] == 1 and fingerprint(data, documents=True)["files"] == 1

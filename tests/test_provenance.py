@@ -231,6 +231,19 @@ def test_an_annotation_file_records_how_and_from_what(chain):
         provenance.record_provenance(annotations, kind="model", settings={}, inputs={})
 
 
+def test_secrets_in_commands_and_settings_are_redacted_and_nothing_else():
+    """Only scheme://user:pass@ was redacted: a key in a URL's query, a `--server-arg api-key=...` or `hf-token=`
+    (vLLM's for gated models), and a password holding an @, reached the record, the card and the hub."""
+    line = provenance.command_line(["edu-filter", "score", "in.jsonl", "--base-url", "http://h/v1?key=SECRET1&x=1",
+                                    "--base-url", "http://u:p@ss2@h/v1", "--server-arg", "api-key=sk-SECRET3",
+                                    "--server-arg", "hf-token=hf_SECRET4", "--server-arg", "max_tokens=5",
+                                    "--override", "tokenizer=gpt2", "--data", "hf://datasets/org/name@main"])
+    assert "SECRET" not in line and "ss2" not in line
+    assert "key=***&x=1" in line and "http://***@h/v1" in line and "api-key=***" in line and "hf-token=***" in line
+    # names that merely hold the words, and a hub path's @revision, are left as they are
+    assert "max_tokens=5" in line and "tokenizer=gpt2" in line and "hf://datasets/org/name@main" in line
+
+
 @pytest.mark.slow
 def test_a_classifier_records_its_labels_encoder_and_settings(chain, minilm_path):
     classifier = chain["classifier"]
@@ -413,8 +426,9 @@ def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --push-to-hub me/edu-classifier: the Hugging Face hub is "
                                                    "offline here")
     assert not out.exists()  # nothing was trained
-    with pytest.raises(provenance.PushError, match="expected a repository id"):
-        provenance.check_can_push("not/a/repo/id")
+    for bad in ("not/a/repo/id", "org/a..b", "org/x--y", "org/café", "org/-x", "me/" + "x" * 97):  # the hub's rules
+        with pytest.raises(provenance.PushError, match="not a repository id ORG/NAME or NAME the hub takes"):
+            provenance.check_can_push(bad)
 
 
 def test_push_to_an_unreachable_hub_fails_in_one_line(tmp_path):
@@ -508,6 +522,27 @@ def test_a_document_folder_is_fingerprinted_by_the_files_the_readers_take(tmp_pa
     assert not lineage_json(artifact)["inputs"][0]["stale"]
 
 
+def test_the_parts_of_a_sampled_folder_are_sampled_too_and_their_lineage_is_not_stale(tmp_path, monkeypatch):
+    """A folder of `score` outputs over the full-hash limit was sampled, but each part with a record of its own,
+    under the limit alone, was hashed in full: 1,000 shards of 200 MB read whole at every train, apply and lineage."""
+    monkeypatch.setattr(provenance, "FULL_HASH_MAX_BYTES", 2000)  # what 256 MiB does for real folders
+    folder = tmp_path / "ann"
+    for k in range(3):
+        part = write_documents([{"id": f"d{k}", "text": "x" * 900, "score": 3}], folder / f"part-{k}.jsonl")
+        record_annotations(part, WEB_TRAIN)
+    entry = provenance.describe_input("train", folder)
+    assert entry["fingerprint"].startswith("sampled:")
+    assert [e["fingerprint"].split(":")[0] for e in entry["provenance"]["inputs"]] == ["sampled"] * 3
+    artifact = tmp_path / "model"
+    artifact.mkdir()
+    provenance.record_provenance(artifact, kind="classifier", settings={}, inputs={"train": folder})
+    [node] = lineage_json(artifact)["inputs"]
+    assert not node["stale"] and [n["stale"] for n in node["inputs"]] == [False] * 3
+    write_documents([{"id": "d1", "text": "y" * 900, "score": 3}], folder / "part-1.jsonl")  # then one is rewritten
+    [node] = lineage_json(artifact)["inputs"]
+    assert node["stale"] and [n["stale"] for n in node["inputs"]] == [False, True, False]
+
+
 def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
     """`train ann/` on a folder of `score` outputs, each with its sidecar record: the lineage stopped at the folder
     (no annotator, prompt or source documents), while the same files named one by one showed them."""
@@ -529,3 +564,24 @@ def test_a_folder_of_annotation_files_carries_their_records(tmp_path):
         provenance.provenance_path(folder / "part-1.jsonl").write_bytes(broken)
         assert [e["path"] for e in provenance.describe_input("train", folder)["provenance"]["inputs"]] == [
             str(folder / "part-0.jsonl")], broken
+
+
+def test_another_tools_provenance_json_above_an_input_is_not_ours_to_judge(tmp_path):
+    """A `provenance.json` of another pipeline two folders up (a JSON list, not JSON at all) failed every recording
+    command on every input below it; an input's own unreadable record is still an error."""
+    corpus = tmp_path / "corpus"
+    part = write_documents([{"id": "a", "text": "t"}], corpus / "2024" / "part.jsonl")
+    for other in (b'[{"step": "crawl"}]', b"{not json", b"caf\xe9"):
+        (corpus / "provenance.json").write_bytes(other)
+        entry = provenance.describe_input("train", part)
+        assert "provenance" not in entry and entry["fingerprint"].startswith("sha256:")
+    provenance.provenance_path(part).write_text("[]")
+    with pytest.raises(provenance.ProvenanceError, match="not a provenance record"):
+        provenance.describe_input("train", part)
+
+
+@pytest.mark.parametrize("n, category", [(999, "n<1K"), (1_300_000_000, "1B<n<10B"), (22 * 10**9, "10B<n<100B"),
+                                         (2 * 10**12, "n>1T")])
+def test_dataset_size_categories_are_the_hubs(n, category):
+    """FineWeb-Edu's 1.3B documents were `n>1B`, which is not one of the hub's categories."""
+    assert provenance._size_category(n) == category
