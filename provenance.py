@@ -282,6 +282,8 @@ def command_line(argv: list[str] | None = None) -> str:
     program = Path(argv[0]).name if argv else "python"
     if program in ("edu-filter", "cli.py"):
         program = "edu-filter"
+    if program.startswith("ipykernel"):  # its arguments name the kernel's connection file, not the call
+        return "python (a Jupyter kernel: a notebook's call)"
     return _redact(shlex.join([program, *argv[1:]]))
 
 

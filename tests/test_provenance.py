@@ -240,6 +240,9 @@ def test_secrets_in_commands_and_settings_are_redacted_and_nothing_else():
                                     "--override", "tokenizer=gpt2", "--data", "hf://datasets/org/name@main"])
     assert "SECRET" not in line and "ss2" not in line
     assert "key=***&x=1" in line and "http://***@h/v1" in line and "api-key=***" in line and "hf-token=***" in line
+    kernel = ["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "/tmp/tmpab12.json",
+              "--HistoryManager.hist_file=:memory:"]
+    assert provenance.command_line(kernel) == "python (a Jupyter kernel: a notebook's call)"
     # names that merely hold the words, and a hub path's @revision, are left as they are
     assert "max_tokens=5" in line and "tokenizer=gpt2" in line and "hf://datasets/org/name@main" in line
 
