@@ -158,7 +158,7 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     input."""
     names = list(names)
     visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
-    if {"run_config.json", "stats.json"} & set(visible) and any(n.startswith("kept/") for n in visible):
+    if "run_config.json" in visible and any(n.startswith("kept/") for n in visible):
         # read whole, its kept, removed and failed documents together: the "filtered" arm of an ablation unfiltered
         raise DocumentError(f"{folder}: an apply output (its kept/, removed/ and failed/ documents together); give "
                             f"{folder.rstrip('/')}/kept for the documents it kept")

@@ -428,7 +428,7 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
     out = tmp_path / "out"  # what apply leaves
     write_documents([{"id": "k", "text": "kept"}], out / "kept" / "00000.jsonl")
     write_documents([{"id": "r", "text": "removed"}], out / "removed" / "below_threshold" / "00000.jsonl.gz")
-    (out / "stats.json").write_text("{}")
+    (out / "run_config.json").write_text("{}")
     for read in (lambda: read_documents([out]), lambda: expand_inputs([str(out)])):
         with pytest.raises(DocumentError, match=rf"{out}: an apply output .* give {out}/kept"):
             read()
