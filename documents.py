@@ -149,7 +149,7 @@ def _has_suffix(path: str, suffixes: tuple[str, ...]) -> bool:
     return path.lower().endswith(suffixes)
 
 
-def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
+def data_files_in(folder: str, names: Iterable[str], whole_apply_output: bool = False) -> list[str]:
     """The data files among a folder's file names, sorted (so runs are reproducible); an error when there are none.
 
     Shared by `read_documents` and `apply`'s datatrove reader, so a folder means the same to every command. `names`
@@ -158,8 +158,10 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     input."""
     names = list(names)
     visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
-    if "run_config.json" in visible and any(n.startswith("kept/") for n in visible):
+    if not whole_apply_output and "run_config.json" in visible and any(n.startswith("kept/") for n in visible) and any(
+            n.startswith(("removed/", "failed/")) and _has_suffix(n, FOLDER_SUFFIXES) for n in visible):
         # read whole, its kept, removed and failed documents together: the "filtered" arm of an ablation unfiltered
+        # (a dataset `apply --push-to-hub` uploaded holds kept/ alone, and is read whole)
         raise DocumentError(f"{folder}: an apply output (its kept/, removed/ and failed/ documents together); give "
                             f"{folder.rstrip('/')}/kept for the documents it kept")
     unreadable = sorted(n for n in visible if UNREADABLE_DATA.search(n))
@@ -178,7 +180,7 @@ def data_files_in(folder: str, names: Iterable[str]) -> list[str]:
     return found
 
 
-def local_files_under(folder: str | os.PathLike) -> list[str]:
+def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) -> list[str]:
     """The files under a local folder, as paths relative to it, symlinked folders followed (a folder of links into
     dumps kept elsewhere is a common layout; neither `Path.rglob` nor fsspec's listing enters them), each real
     folder entered once (a link back up does not loop)."""
@@ -195,16 +197,20 @@ def local_files_under(folder: str | os.PathLike) -> list[str]:
             full = os.path.join(root, f)
             if os.path.isfile(full):
                 names.append(prefix + f)
-            elif os.path.islink(full) and not os.path.exists(full) and not f.startswith("."):
-                # skipped, a run would add up without what it points to (an unmounted dump, a moved file)
+            elif (refuse_dangling and os.path.islink(full) and not os.path.exists(full) and not f.startswith(".")
+                  and (_has_suffix(f, FOLDER_SUFFIXES) or UNREADABLE_DATA.search(f) or "." not in f)):
+                # a data file's or a folder's link to nothing (an unmounted dump, a moved file): skipped, a run would
+                # add up without it
                 raise DocumentError(f"{full}: a link to {os.readlink(full)}, which does not exist; mount or restore "
                                     "it, or remove the link")
     return names
 
 
-def folder_data_files(folder: Path) -> list[Path]:
-    """The data files under a local folder, as every reader takes them (`data_files_in`)."""
-    return [folder / name for name in data_files_in(str(folder), local_files_under(folder))]
+def folder_data_files(folder: Path, whole_apply_output: bool = False) -> list[Path]:
+    """The data files under a local folder, as every reader takes them (`data_files_in`); `whole_apply_output`
+    for a fingerprint of what an older edu-filter read of one."""
+    return [folder / name for name in data_files_in(str(folder), local_files_under(folder, refuse_dangling=True),
+                                                    whole_apply_output)]
 
 
 def distinct_names(paths: list[str], names: list[str]) -> list[str]:
@@ -533,11 +539,7 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
         if label is None and require_label and not (require_label == SKIP_FAILED and row.get("error")):
             raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is missing{_why_unlabelled(row)}")
         if label is not None:
-            try:  # not a yes/no field (true read as 1), nor other scripts' digits ("٣" read as 3)
-                value = math.nan if isinstance(label, bool) or (isinstance(label, str) and not label.isascii()) \
-                    else float(label)
-            except (TypeError, ValueError):
-                value = math.nan
+            value = label_value(label)
             if not math.isfinite(value):
                 raise DocumentError(f"{path}:{lineno}: label field '{label_field}' is not a finite number: {label!r}")
             if not in_score_range(value):
@@ -546,6 +548,17 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
                 )
             doc["label"] = value
     return doc
+
+
+def label_value(label) -> float:
+    """A label as a number, NaN where it is none: not a yes/no field (true read as 1), nor another script's digits
+    ("٣" read as 3)."""
+    if isinstance(label, bool) or (isinstance(label, str) and not label.isascii()):
+        return math.nan
+    try:
+        return float(label)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def check_not_empty(paths: Iterable[str | os.PathLike], what: str = "DATA", text_field: str = "text") -> None:

@@ -120,8 +120,8 @@ def _content_files(path: Path, documents: bool = False) -> list[Path]:
     if path.is_file():
         return [path]
     if documents:
-        try:
-            return folder_data_files(path)
+        try:  # an apply output read whole, as an older edu-filter did, keeps its fingerprint
+            return folder_data_files(path, whole_apply_output=True)
         except InputError:  # no data files: what is there is the input
             pass
     files = []
@@ -267,13 +267,23 @@ def _library_versions() -> dict:
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+@")  # up to the host's @: a password may hold one
 # a value named as a secret: `?key=` in a URL, `--server-arg api-key=...`, `hf-token=...`, a SAS `sig=` (not
 # `tokenizer=` or `max_tokens=`: the name must end in the word)
-_SECRET_VALUES = re.compile(r"(?i)((?<![\w.-])[\w.-]*(?:key|token|secret|password|passwd|sig|signature)=)[^\s&'\",]+")
+_SECRET_VALUES = re.compile(r"(?i)((?<![^\s?&'\"=])[\w.-]*(?:key|token|secret|password|passwd|sig|signature)=)"
+                            r"[^\s&]+")  # a name after a space, ?, &, a quote or =: not a path's key=value
 
 
 def _redact(text: str) -> str:
     """Credentials in URLs (scheme://user:secret@host) and values named as secrets (`?key=`, `api-key=`,
     `hf-token=`) never reach a record or a card."""
     return _SECRET_VALUES.sub(r"\1***", _URL_CREDENTIALS.sub("***@", text))
+
+
+def _redacted(value):
+    """`_redact` over every string in a JSON value (on its JSON text, a secret holding a quote broke the JSON)."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return _redact(value) if isinstance(value, str) else value
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -284,7 +294,7 @@ def command_line(argv: list[str] | None = None) -> str:
         program = "edu-filter"
     if program.startswith("ipykernel"):  # its arguments name the kernel's connection file, not the call
         return "python (a Jupyter kernel: a notebook's call)"
-    return _redact(shlex.join([program, *argv[1:]]))
+    return shlex.join([program, *map(_redact, argv[1:])])  # each argument whole: a secret may hold a quote
 
 
 def describe_input(role: str, path: str | os.PathLike, full_hash_max_bytes: int | None = None) -> dict:
@@ -371,7 +381,7 @@ def record_provenance(
         "edu_filter_version": version(),
         "versions": _library_versions(),
         "command": command if command is not None else command_line(),
-        "settings": json.loads(_redact(json.dumps(dict(settings), default=str))),
+        "settings": _redacted(json.loads(json.dumps(dict(settings), default=str))),
         "inputs": entries,
     }
     target = provenance_path(artifact)

@@ -255,18 +255,15 @@ def resolve_order(order: str, model: str, on_gpu: bool, keep_top: float | None =
     return "score-first" if on_gpu or is_fasttext_model(model) else "dedup-first"
 
 
-def pin_hub_model(model: str, output: str) -> str:
+def pin_hub_model(model: str, recorded: dict) -> str:
     """A hub classifier as `ORG/NAME@COMMIT`, the commit its files come from now: the tasks of one run (Slurm jobs
     start hours apart, on other nodes) and its resumes all score with those files while the hub repository moves
-    on. A run resumed into `output` keeps the commit it recorded when given the same unpinned id."""
+    on. A resumed run (`recorded`: its settings) keeps the commit it recorded when given the same unpinned id."""
     from edu_filter.classifiers.scorer import resolve_model_dir, split_revision
 
     name, revision = split_revision(model)
     if revision is None:
-        try:
-            recorded = json.loads((Path(output) / "run_config.json").read_text())["settings"]["model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
+        recorded = recorded.get("model")
         if isinstance(recorded, str) and split_revision(recorded)[0] == name != recorded:  # name@revision
             return recorded
     try:
@@ -348,7 +345,7 @@ def resolve_config(
 
         check_model_name(split_revision(model)[0], "model")
         check_hub_model(model)
-        model = pin_hub_model(model, output)
+        model = pin_hub_model(model, recorded_settings(output, overwrite))
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import (
         check_dtype,
@@ -601,12 +598,14 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     def select_stages(then: list) -> list[Stage]:
         """The cutoff found once over every task's histogram, then each task's scored documents selected by it."""
-        cutoff_file = f"{logs}/extra/keep_top.json"
-        return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file)], 1),
+        cutoff_file, found_file = f"{logs}/extra/keep_top.json", f"{work}/keep_top_cutoff.json"
+        return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file, found_file)],
+                      1),
                 Stage("select", [
                     RankFileReader(f"{work}/scored", progress_folder=progress("select")),
                     ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",
-                                         cutoff_file=cutoff_file, exclusion_writer=removed("below_threshold")),
+                                         cutoff_file=cutoff_file, found_file=found_file,
+                                         exclusion_writer=removed("below_threshold")),
                     *then,
                 ], cfg.tasks)]
 

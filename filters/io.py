@@ -95,7 +95,8 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
                 raise DocumentError(f"{inp}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
         if fs.isdir(path):
             folder = get_datafolder(inp)
-            found = data_files_in(inp, local_files_under(path) if folder.is_local() else folder.list_files(recursive=True))
+            found = data_files_in(inp, local_files_under(path, refuse_dangling=True) if folder.is_local()
+                                  else folder.list_files(recursive=True))
             files.extend((inp, f) for f in found)
         elif fs.isfile(path):
             check_data_file(inp)
@@ -368,6 +369,16 @@ def nested_deeper(row: dict, limit: int) -> bool:
     return False
 
 
+def printable_name(name: str) -> str:
+    """A file name as text any writer takes: a name that is not UTF-8 (a Latin-1 `caf\\xe9.jsonl`, held with
+    surrogates) has its bytes escaped; orjson and Arrow refused the ids and errors naming it, failing the task."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class ApplyInputReader(BaseReader):
     """Reads JSONL/Parquet inputs and turns every row, good or bad, into exactly one document.
 
@@ -399,8 +410,11 @@ class ApplyInputReader(BaseReader):
         self.counts_folder = counts_folder  # set on the pass whose rows end up in kept/removed/failed
 
     def _document(self, row: dict, source: str) -> Document:
+        source = printable_name(source)
         text = row.pop(self.text_key, None)
         doc_id = row.pop(self.id_key, None)
+        if doc_id == "":  # no id: named by its place, as a row without the field (an empty id keys nothing)
+            doc_id = None
         if row.get("token_count", 0) is None:  # FineWeb's column, null here: counted like a row without it
             del row["token_count"]
         # an input's own score (an LLM annotation, say) must survive the classifier's; a `text` column beside
@@ -423,6 +437,7 @@ class ApplyInputReader(BaseReader):
         return doc
 
     def _failed(self, reason: str, source: str, error: str, raw: bytes) -> Document:
+        source = printable_name(source)
         return Document(
             text="",
             id=source,

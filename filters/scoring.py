@@ -260,24 +260,29 @@ def keep_top_cutoff(histogram: dict[int, int], fraction: float) -> float:
 
 
 class KeepTopCutoff(PipelineStep):
-    """The `--keep-top` cutoff, found once over every task's histogram and saved (`cutoff_file`, also what
-    stats.json reports) for the `select` tasks: each of them used to merge all the histograms, 50k files read by each
-    of 50k tasks."""
+    """The `--keep-top` cutoff, found once over every task's histogram and saved for the `select` tasks
+    (`found_file`; each of them used to merge all the histograms, 50k files read by each of 50k tasks), and for
+    stats.json (`cutoff_file`)."""
 
     type = "🎓 - SCORER"
     name = "✂️ keep-top cutoff"
 
-    def __init__(self, histogram_folder: str, fraction: float, cutoff_file: str):
+    def __init__(self, histogram_folder: str, fraction: float, cutoff_file: str, found_file: str):
         super().__init__()
-        self.histogram_folder, self.fraction, self.cutoff_file = histogram_folder, fraction, cutoff_file
+        self.histogram_folder, self.fraction = histogram_folder, fraction
+        self.cutoff_file, self.found_file = cutoff_file, found_file
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        write_cutoff(self.cutoff_file, keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction))
+        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction)
+        write_cutoff(self.cutoff_file, cutoff)
+        folder, name = self.found_file.rsplit("/", 1)
+        with get_datafolder(folder).open(name, "wt") as fh:  # "inf" (nothing scored), "-inf" (every document)
+            json.dump({"cutoff": repr(cutoff), "fraction": self.fraction}, fh)
         yield from data or []
 
 
 def write_cutoff(cutoff_file: str, cutoff: float) -> None:
-    """The cutoff as stats.json reports it (None: nothing was scored, so nothing reaches it)."""
+    """The cutoff as stats.json reports it (None where it is no number: nothing scored, or every document kept)."""
     folder, name = cutoff_file.rsplit("/", 1)
     with get_datafolder(folder).open(name, "wt") as fh:
         json.dump({"keep_top_cutoff": cutoff if math.isfinite(cutoff) else None}, fh)
@@ -286,35 +291,39 @@ def write_cutoff(cutoff_file: str, cutoff: float) -> None:
 class ScoreThresholdFilter(BaseFilter):
     """Keeps documents with `int_score >= threshold` (FineWeb-Edu keeps int_score >= 3).
 
-    With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents, read
-    from the `cutoff_file` that `KeepTopCutoff` wrote (`apply`'s one-task stage before), so all tasks agree on it;
-    where that file is not there (a pipeline of one's own, a chain queued by an older edu-filter) the task finds it
-    from the histograms itself, as every task did before, and writes it.
+    With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents: read
+    from the `found_file` that `KeepTopCutoff` wrote in `apply`'s one-task stage before, so all tasks agree on it;
+    without one (a pipeline of one's own, a step pickled in a chain an older edu-filter queued) each task finds it
+    from the histograms itself and records it in `cutoff_file` for stats.json, as every task did before.
     """
 
     name = "🎓 score threshold"
 
     def __init__(self, threshold: int | None = None, keep_top: float | None = None,
-                 histogram_folder: str | None = None, cutoff_file: str | None = None, exclusion_writer=None):
+                 histogram_folder: str | None = None, cutoff_file: str | None = None, found_file: str | None = None,
+                 exclusion_writer=None):
         super().__init__(exclusion_writer=exclusion_writer)
         if (threshold is None) == (keep_top is None):
             raise ValueError("give exactly one of threshold and keep_top")
-        if keep_top is not None and histogram_folder is None and cutoff_file is None:
+        if keep_top is not None and histogram_folder is None and found_file is None:
             raise ValueError("keep_top needs the folder of score histograms, or the file KeepTopCutoff writes")
         self.threshold = threshold
         self.keep_top = keep_top
         self.histogram_folder = histogram_folder
         self.cutoff_file = cutoff_file  # where the keep-top cutoff is recorded for stats.json
+        self.found_file = found_file
         self.cutoff: float | None = None
 
     def _keep_top_cutoff(self) -> float:
-        if self.cutoff_file:
-            folder, name = self.cutoff_file.rsplit("/", 1)
-            data = get_datafolder(folder)
-            if data.exists(name) or self.histogram_folder is None:
-                with data.open(name, "rt") as fh:
-                    found = json.load(fh)["keep_top_cutoff"]
-                return math.inf if found is None else float(found)
+        found_file = getattr(self, "found_file", None)  # None in a step pickled by an older edu-filter
+        if found_file:
+            folder, name = found_file.rsplit("/", 1)
+            with get_datafolder(folder).open(name, "rt") as fh:
+                found = json.load(fh)
+            if found.get("fraction") == self.keep_top:  # not another run's, left in the folder
+                return float(found["cutoff"])
+            if self.histogram_folder is None:
+                raise ValueError(f"{found_file}: the cutoff of --keep-top {found.get('fraction')}, not {self.keep_top}")
         cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.keep_top)
         if self.cutoff_file:
             write_cutoff(self.cutoff_file, cutoff)

@@ -38,6 +38,7 @@ from edu_filter.documents import (
     progress_bar,
     in_score_range,
     is_hub_path,
+    label_value,
     iter_parquet_batches,
     iter_raw_rows,
     local_files_under,
@@ -448,10 +449,7 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
     field_name = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
     label = row.get(field_name) if field_name else None
     if label is not None:
-        try:
-            label = float(label)
-        except (TypeError, ValueError):
-            label = math.nan
+        label = label_value(label)
         if not in_score_range(label):  # NaN fails too
             raise DocumentError(f"{where}: label field '{field_name}' is {row.get(field_name)!r}, not a number on "
                                 f"the {SCORE_RANGE} scale")

@@ -113,6 +113,7 @@ def test_parser_never_guesses(response, reason):
         ("Educational score: 3 out of a possible 5", "does not end its statement"),
         # the first point of a sum, not the score (it gave 1)
         ("Educational score: 1-point (basic info) + 1-point (coherence) = 2", "does not end its statement"),
+        ("Educational score: 1–point (basic info) + 1–point (coherent) = 2", "does not end its statement"),
         ("Educational score (5-point scale)", "does not end its statement"),
     ],
 )

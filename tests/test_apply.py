@@ -1187,6 +1187,7 @@ def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_cla
     assert run("out") == (pinned, kept)  # the same command resumes the run with its commit, not refused
     assert run("new") == (f"edu/clf@{second}", set(src["unique"]))
     assert run("explicit", "--model", f"edu/clf@{first}") == (pinned, kept)  # a commit named on the command line
+    assert run("out", "--overwrite") == (f"edu/clf@{second}", set(src["unique"]))  # starting over: the hub's now
 
 
 def test_an_input_that_cannot_be_split_among_the_tasks_is_said_to_cost_a_read_per_task(stock_classifier, tmp_path,
@@ -1245,3 +1246,20 @@ def test_the_readmes_own_datatrove_pipeline_runs_as_a_script(stock_classifier, t
                for f in (tmp_path / folder).glob("*.jsonl.gz") for line in gzip.open(f)]
     assert sorted(r["id"] for r in written) == sorted(r["id"] for r in rows)  # each document in one of the two
     assert all(r["metadata"]["input_score"] == next(x["score"] for x in rows if x["id"] == r["id"]) for r in written)
+
+
+def test_a_file_named_in_latin1_and_an_empty_id_are_named_by_their_place(stock_classifier, tmp_path):
+    """apply named the rows of `caf\\xe9.jsonl` (a Latin-1 name) with surrogates, which orjson and Arrow refused:
+    every task reading it failed, on every resume. An empty id (it keys nothing) is named by its place too."""
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in open(DATA / "web" / "fineweb_edu_llama3_val.jsonl")][:3]
+    rows[1]["id"] = ""
+    Path(os.fsdecode(bytes(data) + b"/caf\xe9.jsonl")).write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "id" or r is rows[1]}) + "\n" for r in rows))
+    stats = run_apply([str(data)], str(tmp_path / "out"), model=stock_classifier, threshold=0, dedup=False,
+                      show=False)
+    assert stats["adds_up"] and stats["kept"]["documents"] == 3
+    assert sorted(read_kept(tmp_path / "out")["id"].to_list()) == [f"caf\\xe9.jsonl:{n}" for n in (1, 2, 3)]

@@ -420,6 +420,8 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
         with pytest.raises(DocumentError, match=r"2024-01: a link to .*not-mounted/dump, which does not exist"):
             read()
     (data / "2024-01").unlink()
+    (data / "NOTES.txt").symlink_to(tmp_path / "gone.txt")  # no data: left alone, as the readers leave it
+    assert [r["id"] for r in read_documents([data])] == ["a"]
     for name, compression in (("b.jsonl.zip", "zip"), ("c.parquet.gz", "gz"), ("d.jsonl.gzip", "gzip")):
         (data / name).write_bytes(b"x")
         with pytest.raises(DocumentError, match=rf"{name} cannot be read here \(compression: {compression}\)"):
@@ -433,6 +435,10 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
         with pytest.raises(DocumentError, match=rf"{out}: an apply output .* give {out}/kept"):
             read()
     assert [r["id"] for r in read_documents([out / "kept"])] == ["k"]
+    import shutil  # what `apply --push-to-hub` uploads: kept/ and the records, read whole
+
+    shutil.rmtree(out / "removed")
+    assert [r["id"] for r in read_documents([out])] == ["k"]
 
 
 def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):

@@ -505,13 +505,14 @@ def test_the_histograms_of_many_tasks_merge_to_their_sum(tmp_path):
 
 
 def test_a_select_step_reads_the_cutoff_found_once_or_finds_it_itself(tmp_path):
-    """apply's select tasks read the cutoff its one-task stage wrote; a step of one's own pipeline (or pickled in
-    a chain an older edu-filter queued, with no such stage) finds it from the histograms and writes it, as before."""
+    """apply's select tasks read the cutoff its one-task stage found; a step of one's own pipeline (or pickled in a
+    chain an older edu-filter queued, with no such stage) finds it from the histograms, as before, and never takes a
+    cutoff another run left. A fraction reaching the lowest bin keeps every document (its cutoff is -inf)."""
     from datatrove.data import Document
 
     from edu_filter.filters.scoring import KeepTopCutoff, ScoreThresholdFilter
 
-    scores = np.linspace(0, 5, 100, dtype=np.float32)
+    scores = np.array([-3.0, *np.linspace(0, 5, 99)], dtype=np.float32)
     part = histogram(scores)
     (tmp_path / "h").mkdir()
     np.savez(tmp_path / "h" / "00000.npz", bins=np.fromiter(part, np.int64, len(part)),
@@ -521,16 +522,20 @@ def test_a_select_step_reads_the_cutoff_found_once_or_finds_it_itself(tmp_path):
     def kept(step) -> int:
         return sum(step.filter(d) is True for d in docs)
 
-    own = ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "h"), cutoff_file=str(tmp_path / "c.json"))
-    assert kept(own) == 10 and json.loads((tmp_path / "c.json").read_text())["keep_top_cutoff"] == own.cutoff
-    (tmp_path / "c.json").write_text(json.dumps({"keep_top_cutoff": 4.5}))  # as the one-task stage wrote it
-    assert kept(ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "h"),
-                                     cutoff_file=str(tmp_path / "c.json"))) == 10  # 4.5 and up: read, not found
+    stats, found = str(tmp_path / "keep_top.json"), str(tmp_path / "found.json")
+    for fraction, expected in ((0.1, 10), (1.0, 100)):
+        list(KeepTopCutoff(str(tmp_path / "h"), fraction, stats, found).run())
+        assert kept(ScoreThresholdFilter(keep_top=fraction, found_file=found)) == expected
+        assert kept(ScoreThresholdFilter(keep_top=fraction, histogram_folder=str(tmp_path / "h"))) == expected
+    assert json.loads((tmp_path / "keep_top.json").read_text()) == {"keep_top_cutoff": None}  # -inf: no number
+    # another run's cutoff (--keep-top 1.0) left where this one (0.1) looks: found from the histograms instead
+    own = ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "h"), cutoff_file=stats, found_file=found)
+    assert kept(own) == 10 and json.loads((tmp_path / "keep_top.json").read_text())["keep_top_cutoff"] == own.cutoff
     (tmp_path / "empty").mkdir()  # every row failed: each task's histogram is empty
     np.savez(tmp_path / "empty" / "00000.npz", bins=np.empty(0, np.int64), counts=np.empty(0, np.int64))
-    list(KeepTopCutoff(str(tmp_path / "empty"), 0.1, str(tmp_path / "none.json")).run())
-    assert json.loads((tmp_path / "none.json").read_text()) == {"keep_top_cutoff": None}  # JSON, no Infinity
-    assert kept(ScoreThresholdFilter(keep_top=0.1, cutoff_file=str(tmp_path / "none.json"))) == 0
+    list(KeepTopCutoff(str(tmp_path / "empty"), 0.1, stats, found).run())
+    assert json.loads((tmp_path / "keep_top.json").read_text()) == {"keep_top_cutoff": None}  # JSON, no Infinity
+    assert kept(ScoreThresholdFilter(keep_top=0.1, found_file=found)) == 0
 
 
 def test_keep_top_orders_itself_dedup_first_whatever_scores_cheaply():

@@ -245,6 +245,10 @@ def test_secrets_in_commands_and_settings_are_redacted_and_nothing_else():
     assert provenance.command_line(kernel) == "python (a Jupyter kernel: a notebook's call)"
     # names that merely hold the words, and a hub path's @revision, are left as they are
     assert "max_tokens=5" in line and "tokenizer=gpt2" in line and "hf://datasets/org/name@main" in line
+    assert provenance._redact("s3://b/key=2024/part.parquet") == "s3://b/key=2024/part.parquet"  # a partition
+    # settings are redacted string by string: a secret holding a quote broke the JSON text it was redacted in
+    assert provenance._redacted({"server_args": ['api-key=sk-"q"x'], "n": 3}) == {"server_args": ["api-key=***"],
+                                                                                 "n": 3}
 
 
 @pytest.mark.slow

@@ -243,6 +243,10 @@ def test_parquet_read_in_batches_agrees_with_rows_on_odd_columns(tmp_path):
     pq.write_table(pa.table({**base, "int_score": [0, 9, 5]}), tmp_path / "nine.parquet")
     with pytest.raises(DocumentError, match=r"nine.parquet:2: int_score 9 is outside 0-5"):
         run_sweep([str(tmp_path / "nine.parquet")], tmp_path / "9", show=False)
+    for label in (True, "٣"):  # a yes/no field, another script's digit: counted as 1 and 3 before
+        with pytest.raises(DocumentError, match=r"odd.jsonl:1: label field 'input_score' is .*, not a number"):
+            run_sweep([str(write_jsonl(tmp_path / "odd.jsonl", [{**rows[0], "input_score": label}]))],
+                      tmp_path / "odd", show=False)
     with pytest.raises(DocumentError, match=r"nine.jsonl:1: int_score -1 is outside 0-5"):
         run_sweep([str(write_jsonl(tmp_path / "nine.jsonl", [{**rows[0], "int_score": -1}]))], tmp_path / "j9",
                   show=False)
