@@ -159,9 +159,10 @@ def data_files_in(folder: str, names: Iterable[str], whole_apply_output: bool = 
     names = list(names)
     visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
     if not whole_apply_output and "run_config.json" in visible and any(n.startswith("kept/") for n in visible) and any(
-            n.startswith(("removed/", "failed/")) and _has_suffix(n, FOLDER_SUFFIXES) for n in visible):
-        # read whole, its kept, removed and failed documents together: the "filtered" arm of an ablation unfiltered
-        # (a dataset `apply --push-to-hub` uploaded holds kept/ alone, and is read whole)
+            not n.startswith("kept/") and _has_suffix(n, FOLDER_SUFFIXES) for n in visible):
+        # read whole, its kept, removed and failed documents together (and work/'s copies with --keep-work): the
+        # "filtered" arm of an ablation unfiltered (a dataset `apply --push-to-hub` uploaded holds kept/ alone, and
+        # is read whole)
         raise DocumentError(f"{folder}: an apply output (its kept/, removed/ and failed/ documents together); give "
                             f"{folder.rstrip('/')}/kept for the documents it kept")
     unreadable = sorted(n for n in visible if UNREADABLE_DATA.search(n))
@@ -197,10 +198,9 @@ def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) 
             full = os.path.join(root, f)
             if os.path.isfile(full):
                 names.append(prefix + f)
-            elif (refuse_dangling and os.path.islink(full) and not os.path.exists(full) and not f.startswith(".")
-                  and (_has_suffix(f, FOLDER_SUFFIXES) or UNREADABLE_DATA.search(f) or "." not in f)):
-                # a data file's or a folder's link to nothing (an unmounted dump, a moved file): skipped, a run would
-                # add up without it
+            elif refuse_dangling and os.path.islink(full) and not os.path.exists(full) and not f.startswith("."):
+                # a link to nothing (an unmounted dump, a moved file; a folder's name says nothing of what it held):
+                # skipped, a run would add up without it
                 raise DocumentError(f"{full}: a link to {os.readlink(full)}, which does not exist; mount or restore "
                                     "it, or remove the link")
     return names

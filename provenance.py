@@ -267,8 +267,8 @@ def _library_versions() -> dict:
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s]+@")  # up to the host's @: a password may hold one
 # a value named as a secret: `?key=` in a URL, `--server-arg api-key=...`, `hf-token=...`, a SAS `sig=` (not
 # `tokenizer=` or `max_tokens=`: the name must end in the word)
-_SECRET_VALUES = re.compile(r"(?i)((?<![^\s?&'\"=])[\w.-]*(?:key|token|secret|password|passwd|sig|signature)=)"
-                            r"[^\s&]+")  # a name after a space, ?, &, a quote or =: not a path's key=value
+_SECRET_VALUES = re.compile(r"(?i)((?<![\w./-])[\w.-]*(?:key|token|secret|password|passwd|sig|signature)=)"
+                            r"[^\s&]+")  # a whole name, not after a /: a path's key=value partition is no secret
 
 
 def _redact(text: str) -> str:

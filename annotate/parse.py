@@ -33,7 +33,7 @@ _POINTS = r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
 # punctuation that does not start a calculation; a hyphen not joined to a word, and no dash joined to "point"
 # ("1-point (basic info) + ..." and "1–point ..." are no score of 1; "3—the extract is..." is 3).
 _ENDING = re.compile(
-    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(](?![ \t]*\d)|[—–](?![ \t]*(?:\d|points?\b|pts?\b))"
+    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(](?![ \t]*\d)|[—–](?![ \t]*\d|points?\b|pts?\b)"
     r"|-(?![ \t]*\d|\w))", re.IGNORECASE)
 # A number below "Educational score:" is the score only alone on its line: "Educational score:\n1. The extract..." is a
 # heading over a numbered list, not a score of 1.

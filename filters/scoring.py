@@ -267,7 +267,7 @@ class KeepTopCutoff(PipelineStep):
     type = "🎓 - SCORER"
     name = "✂️ keep-top cutoff"
 
-    def __init__(self, histogram_folder: str, fraction: float, cutoff_file: str, found_file: str):
+    def __init__(self, histogram_folder: str, fraction: float, cutoff_file: str, found_file: str | None = None):
         super().__init__()
         self.histogram_folder, self.fraction = histogram_folder, fraction
         self.cutoff_file, self.found_file = cutoff_file, found_file
@@ -275,9 +275,11 @@ class KeepTopCutoff(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.fraction)
         write_cutoff(self.cutoff_file, cutoff)
-        folder, name = self.found_file.rsplit("/", 1)
-        with get_datafolder(folder).open(name, "wt") as fh:  # "inf" (nothing scored), "-inf" (every document)
-            json.dump({"cutoff": repr(cutoff), "fraction": self.fraction}, fh)
+        found_file = getattr(self, "found_file", None)  # None in a step pickled by the release that had none
+        if found_file:
+            folder, name = found_file.rsplit("/", 1)
+            with get_datafolder(folder).open(name, "wt") as fh:  # "inf" (nothing scored), "-inf" (every document)
+                json.dump({"cutoff": repr(cutoff), "fraction": self.fraction}, fh)
         yield from data or []
 
 
@@ -318,8 +320,11 @@ class ScoreThresholdFilter(BaseFilter):
         found_file = getattr(self, "found_file", None)  # None in a step pickled by an older edu-filter
         if found_file:
             folder, name = found_file.rsplit("/", 1)
-            with get_datafolder(folder).open(name, "rt") as fh:
-                found = json.load(fh)
+            data = get_datafolder(folder)
+            found = {}  # stays so where the file is not there: a cutoff stage of the release before wrote none
+            if data.exists(name) or self.histogram_folder is None:
+                with data.open(name, "rt") as fh:
+                    found = json.load(fh)
             if found.get("fraction") == self.keep_top:  # not another run's, left in the folder
                 return float(found["cutoff"])
             if self.histogram_folder is None:

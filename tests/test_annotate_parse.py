@@ -65,6 +65,7 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 4–strong", 4),
         ("Educational score: 3/5—good", 3),
         ("Educational score: 3 points—good", 3),
+        ("Educational score: 3 — Points awarded: relevance, coherence, exercises.", 3),  # not joined to the dash
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):

@@ -420,8 +420,10 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
         with pytest.raises(DocumentError, match=r"2024-01: a link to .*not-mounted/dump, which does not exist"):
             read()
     (data / "2024-01").unlink()
-    (data / "NOTES.txt").symlink_to(tmp_path / "gone.txt")  # no data: left alone, as the readers leave it
-    assert [r["id"] for r in read_documents([data])] == ["a"]
+    (data / "CC-MAIN-2024.10").symlink_to(tmp_path / "not-mounted" / "CC-MAIN-2024.10")  # a dump's folder
+    with pytest.raises(DocumentError, match=r"CC-MAIN-2024\.10: a link to .*, which does not exist"):
+        read_documents([data])
+    (data / "CC-MAIN-2024.10").unlink()
     for name, compression in (("b.jsonl.zip", "zip"), ("c.parquet.gz", "gz"), ("d.jsonl.gzip", "gzip")):
         (data / name).write_bytes(b"x")
         with pytest.raises(DocumentError, match=rf"{name} cannot be read here \(compression: {compression}\)"):
@@ -439,6 +441,9 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
 
     shutil.rmtree(out / "removed")
     assert [r["id"] for r in read_documents([out])] == ["k"]
+    write_documents([{"id": "k", "text": "kept"}], out / "work" / "scored" / "00000.jsonl.gz")  # --keep-work's copy
+    with pytest.raises(DocumentError, match="an apply output"):
+        read_documents([out])
 
 
 def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):

@@ -536,6 +536,13 @@ def test_a_select_step_reads_the_cutoff_found_once_or_finds_it_itself(tmp_path):
     list(KeepTopCutoff(str(tmp_path / "empty"), 0.1, stats, found).run())
     assert json.loads((tmp_path / "keep_top.json").read_text()) == {"keep_top_cutoff": None}  # JSON, no Infinity
     assert kept(ScoreThresholdFilter(keep_top=0.1, found_file=found)) == 0
+    # a run resumed after the cutoff stage of the release before, which wrote no found file: from the histograms
+    assert kept(ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "h"),
+                                     found_file=str(tmp_path / "never-written.json"))) == 10
+    old_step = KeepTopCutoff(str(tmp_path / "h"), 0.1, stats)  # as that release pickled it: no found file
+    del old_step.__dict__["found_file"]
+    list(old_step.run())
+    assert json.loads((tmp_path / "keep_top.json").read_text())["keep_top_cutoff"] is not None
 
 
 def test_keep_top_orders_itself_dedup_first_whatever_scores_cheaply():

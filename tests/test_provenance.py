@@ -246,6 +246,9 @@ def test_secrets_in_commands_and_settings_are_redacted_and_nothing_else():
     # names that merely hold the words, and a hub path's @revision, are left as they are
     assert "max_tokens=5" in line and "tokenizer=gpt2" in line and "hf://datasets/org/name@main" in line
     assert provenance._redact("s3://b/key=2024/part.parquet") == "s3://b/key=2024/part.parquet"  # a partition
+    for secret in ("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=SECRET5==;X=1", "dtype=auto,api-key=SECRET6",
+                   "(token=SECRET7)", "env:HF_TOKEN=SECRET8"):  # after any character but a path's /
+        assert "SECRET" not in provenance._redact(secret), secret
     # settings are redacted string by string: a secret holding a quote broke the JSON text it was redacted in
     assert provenance._redacted({"server_args": ['api-key=sk-"q"x'], "n": 3}) == {"server_args": ["api-key=***"],
                                                                                  "n": 3}
