@@ -332,6 +332,7 @@ def resolve_config(
         raise InputError(f"threshold must be an int_score in {SCORE_RANGE}, got {threshold}")
     if order not in ORDERS:  # before the token-count tokenizer is loaded (and says so)
         raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    recorded = recorded_settings(output, overwrite)
     model = str(model)
     if Path(model).exists():
         model = os.path.abspath(model)
@@ -345,7 +346,7 @@ def resolve_config(
 
         check_model_name(split_revision(model)[0], "model")
         check_hub_model(model)
-        model = pin_hub_model(model, recorded_settings(output, overwrite))
+        model = pin_hub_model(model, recorded)
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import (
         check_dtype,
@@ -366,7 +367,6 @@ def resolve_config(
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")
-    recorded = recorded_settings(output, overwrite)
     tokenizer = token_count_tokenizer(model, kwargs.get("tokenizer"), recorded)
     kwargs["tokenizer"] = os.path.abspath(tokenizer) if Path(tokenizer).exists() else tokenizer
     dedup = base["dedup"] if dedup is None else dedup
