@@ -198,7 +198,8 @@ def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) 
             full = os.path.join(root, f)
             if os.path.isfile(full):
                 names.append(prefix + f)
-            elif refuse_dangling and os.path.islink(full) and not os.path.exists(full) and not f.startswith("."):
+            elif (refuse_dangling and os.path.islink(full) and not os.path.exists(full)
+                  and not any(part.startswith(".") for part in (prefix + f).split("/"))):  # hidden: never read
                 # a link to nothing (an unmounted dump, a moved file; a folder's name says nothing of what it held):
                 # skipped, a run would add up without it
                 raise DocumentError(f"{full}: a link to {os.readlink(full)}, which does not exist; mount or restore "

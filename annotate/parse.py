@@ -30,10 +30,11 @@ _CLOSE = r"[ \t*_\])]*"  # closing emphasis and brackets after the number
 _OUT_OF = r"(?:(?:[(\[][ \t]*)?(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"  # "/5", "out of 5", "(out of 5)"
 _POINTS = r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
 # What may follow the number for it to end the statement: "/5" or "out of 5", "points", then the end of the line or
-# punctuation that does not start a calculation; a hyphen not joined to a word, and no dash joined to "point"
-# ("1-point (basic info) + ..." and "1–point ..." are no score of 1; "3—the extract is..." is 3).
+# punctuation that does not start a calculation; a hyphen not joined to a word, and no dash before a "point" of a
+# tally ("1-point (basic info) + ...", "1 – point for ..." are no score of 1; "3—the extract is..." and
+# "3 — Points awarded: ..." are 3).
 _ENDING = re.compile(
-    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(](?![ \t]*\d)|[—–](?![ \t]*\d|points?\b|pts?\b)"
+    _CLOSE + _OUT_OF + _POINTS + r"(?:\r?\n|\Z|[.,;:!?\"'”’(](?![ \t]*\d)|[—–](?![ \t]*\d|[ \t]*(?:points?|pts?)\b(?![ \t]*(?::|awarded)))"
     r"|-(?![ \t]*\d|\w))", re.IGNORECASE)
 # A number below "Educational score:" is the score only alone on its line: "Educational score:\n1. The extract..." is a
 # heading over a numbered list, not a score of 1.

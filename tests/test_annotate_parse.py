@@ -115,6 +115,8 @@ def test_parser_never_guesses(response, reason):
         # the first point of a sum, not the score (it gave 1)
         ("Educational score: 1-point (basic info) + 1-point (coherence) = 2", "does not end its statement"),
         ("Educational score: 1–point (basic info) + 1–point (coherent) = 2", "does not end its statement"),
+        ("Educational score: 1 – point for basic info + 1 – point = 2", "does not end its statement"),
+        ("Educational score: 1 — pt for basic + 1 pt = 2", "does not end its statement"),
         ("Educational score (5-point scale)", "does not end its statement"),
     ],
 )

@@ -424,6 +424,9 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
     with pytest.raises(DocumentError, match=r"CC-MAIN-2024\.10: a link to .*, which does not exist"):
         read_documents([data])
     (data / "CC-MAIN-2024.10").unlink()
+    (data / ".cache").mkdir()  # a hub download's lock, in a hidden folder no reader enters
+    (data / ".cache" / "x.lock").symlink_to(tmp_path / "gone.lock")
+    assert [r["id"] for r in read_documents([data])] == ["a"]
     for name, compression in (("b.jsonl.zip", "zip"), ("c.parquet.gz", "gz"), ("d.jsonl.gzip", "gzip")):
         (data / name).write_bytes(b"x")
         with pytest.raises(DocumentError, match=rf"{name} cannot be read here \(compression: {compression}\)"):
