@@ -513,11 +513,20 @@ def iter_documents(
             yield _document(path, lineno, row, text_field, id_field, label_field, require_label, name)
 
 
+def printable_name(name: str) -> str:
+    """A file name as text any writer takes: a name that is not UTF-8 (a Latin-1 `caf\\xe9.jsonl`, held with
+    surrogates) has its bytes escaped; orjson and Arrow refused the ids and errors naming it."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def default_id_names(files: list[str]) -> list[str]:
-    """Each file's name in the ids of its rows that have none: its base name, or its path where base names repeat.
-    A name that is not UTF-8 (a Latin-1 `caf\\xe9.jsonl`) has its bytes escaped: an id holds text any writer takes."""
-    posix = [os.fsencode(Path(f).as_posix()).decode("utf-8", "backslashreplace") if not is_hub_path(f) else f
-             for f in files]
+    """Each file's name in the ids of its rows that have none: its base name, or its path where base names repeat
+    (`printable_name`: an id holds text any writer takes)."""
+    posix = [printable_name(Path(f).as_posix()) if not is_hub_path(f) else f for f in files]
     return distinct_names(posix, [p.rstrip("/").rsplit("/", 1)[-1] for p in posix])
 
 

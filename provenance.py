@@ -228,14 +228,13 @@ def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
         if record_file.is_file():
             try:
                 record = json.loads(record_file.read_text())
+                bad = None if isinstance(record, dict) else f"not a provenance record (a JSON {type(record).__name__})"
             except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+                bad = f"unreadable provenance record ({e})"
+            if bad:
                 if i:  # a folder above the input holds another tool's file of that name: not ours to judge
                     continue
-                raise ProvenanceError(f"{record_file}: unreadable provenance record ({e})") from None
-            if not isinstance(record, dict):
-                if i:
-                    continue
-                raise ProvenanceError(f"{record_file}: not a provenance record (a JSON {type(record).__name__})")
+                raise ProvenanceError(f"{record_file}: {bad}")
             if record.get("format") == RECORD_FORMAT:
                 return record, candidate
     return None

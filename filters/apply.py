@@ -93,11 +93,9 @@ def check_count_tokenizer(tokenizer: str) -> None:
 def recorded_settings(output: str, overwrite: bool) -> dict:
     """The settings of the run `output` holds, which a resume keeps where they were chosen for it (`auto`, a
     fallback); none with `overwrite`, or where no readable record is there."""
-    try:
-        settings = json.loads((Path(output) / "run_config.json").read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return settings if isinstance(settings, dict) and not overwrite else {}
+    from edu_filter.filters.sweep import run_settings
+
+    return {} if overwrite else run_settings(output)
 
 
 def token_count_tokenizer(model: str, tokenizer: str | None, recorded: dict | None = None) -> str:

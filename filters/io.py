@@ -43,6 +43,7 @@ from edu_filter.documents import (
     distinct_names,
     is_hub_path,
     local_files_under,
+    printable_name,
     open_parquet,
     parquet_rows_or_errors,
 )
@@ -367,16 +368,6 @@ def nested_deeper(row: dict, limit: int) -> bool:
         children = value.values() if isinstance(value, dict) else value
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
-
-
-def printable_name(name: str) -> str:
-    """A file name as text any writer takes: a name that is not UTF-8 (a Latin-1 `caf\\xe9.jsonl`, held with
-    surrogates) has its bytes escaped; orjson and Arrow refused the ids and errors naming it, failing the task."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class ApplyInputReader(BaseReader):
@@ -807,7 +798,8 @@ def own_files(folder, pattern: str, numbered: bool) -> list[str]:
         heads = [head]
     found = []
     for where in heads:
-        found += [name for name in [posixpath.join(where, base)] if folder.exists(name)]
+        if folder.exists(posixpath.join(where, base)):
+            found.append(posixpath.join(where, base))
         missing = 0  # numbers are consecutive from 000; a few missing in a row end them (one deleted by hand)
         for number in itertools.count() if numbered else ():
             name = posixpath.join(where, f"{number:03d}_{base}")

@@ -55,11 +55,13 @@ def is_apply_output(path: str | Path) -> bool:
     return (Path(path) / "run_config.json").exists()
 
 
-def _run_settings(path: str | Path) -> dict:
+def run_settings(path: str | Path) -> dict:
+    """The settings an apply output's run_config.json records; none where no readable record is there."""
     try:
-        return json.loads((Path(path) / "run_config.json").read_text()).get("settings", {})
-    except (OSError, ValueError):
+        settings = json.loads((Path(path) / "run_config.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def sweep_inputs(paths: list[str]) -> list[str]:
@@ -79,7 +81,7 @@ def sweep_inputs(paths: list[str]) -> list[str]:
                                  "killed attempt: sweep it when it has finished (run the same apply command again "
                                  f"to finish it), or name {Path(p) / 'kept'} and the removed/ folders to read them "
                                  "as they are")
-            settings = _run_settings(p)
+            settings = run_settings(p)
             subs = ["kept", "removed/below_threshold", "failed/schema_mismatch"]
             if settings.get("order") == "score-first" and (settings.get("dedup") or settings.get("exact_dedup")):
                 subs.append("removed/duplicate")
@@ -217,7 +219,7 @@ def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
     what stats.json says the folders hold."""
     import zipfile
 
-    settings = _run_settings(path)
+    settings = run_settings(path)
     tasks = settings.get("tasks")
     folder = Path(path) / SUMMARY_FOLDER
     if not tasks or not all((folder / f"{rank:05d}.npz").is_file() for rank in range(tasks)):
