@@ -47,6 +47,26 @@ PROGRESS_MAX_INTERVAL_S = 10.0  # --wait reads the running stage's progress file
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
                     "PartitionTimeLimit", "InvalidQOS", "InvalidAccount", "QOSMaxCpuPerJobLimit",
                     "QOSMaxMemoryPerJob", "AssocMaxCpuPerJobLimit")  # not JobHeldAdmin: an admin may release it
+# the states of a job not ended (squeue's default listing)
+QUEUED_STATES = ("PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQUEUED,REQUEUE_FED,REQUEUE_HOLD,"
+                 "RESV_DEL_HOLD,SIGNALING,STAGE_OUT,STOPPED")
+# what to lower when a QOS's or an association's limit on one job is below what the chain's jobs ask
+PER_JOB_LIMITS = {"WallDuration": "--slurm-time (and --slurm-cluster-time)", "Cpu": "--slurm-cpus",
+                  "Mem": "--slurm-mem-gb", "GRES": "--slurm-gpus", "TRES": "--slurm-cpus, --slurm-mem-gb or "
+                  "--slurm-gpus", "Node": "the nodes each job asks (--slurm-arg)"}
+
+
+def never_starts(reason: str) -> str | None:
+    """Why a job pending for `reason` never starts by waiting, and what to change; None where waiting may do. A
+    QOS's or association's limit per job (`QOSMaxWallDurationPerJobLimit`, `AssocMaxGRESPerJob`, `QOSMinCpu...`)
+    leaves a job pending forever where the QOS does not deny it at submission; limits per user or group free up."""
+    if reason in HOPELESS_REASONS:
+        return f"Slurm says {reason}"
+    if re.fullmatch(r"(QOS|Assoc)Max\w*PerJob\w*|QOSMin\w+", reason):
+        lower = next((v for k, v in PER_JOB_LIMITS.items() if k in reason), "the job's request")
+        return (f"Slurm says {reason}, a limit on each job of the QOS or account that the jobs ask "
+                f"{'less' if reason.startswith('QOSMin') else 'more'} than: change {lower}")
+    return None
 
 
 class StageFailed(RuntimeError):
@@ -994,8 +1014,10 @@ def queued_jobs(out: str) -> list[dict]:
     if shutil.which("squeue") is None:
         return []
     for attempt in range(SQUEUE_ATTEMPTS):  # a busy controller times out now and then; an empty answer is not that
-        res = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%j|%T|%r"],
-                             capture_output=True, text=True)  # this user's jobs: another's may carry the same tag
+        # this user's jobs (another's may carry the same tag) not ended: SQUEUE_STATES=all in a user's environment
+        # lists ended ones for minutes, and --wait then took a failed stage for one still queued
+        res = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", QUEUED_STATES, "-o", "%i|%j|%T|%r"],
+                             capture_output=True, text=True)
         if res.returncode == 0:
             break
         time.sleep(SQUEUE_RETRY_S * (attempt + 1))
@@ -1123,9 +1145,10 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     for stage in stages:
         partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores, stage.clusters)
         previous = cls(
-            # --workers counts tasks; datatrove's throttle counts array tasks, each running tasks_per_job of them
+            # --workers counts tasks running at once; an array task runs its tasks_per_job one after another, so
+            # that is as many array tasks at once
             stage.pipeline, tasks=stage.tasks, tasks_per_job=opts.tasks_per_job,
-            workers=-1 if workers is None else max(1, min(workers, stage.tasks) // opts.tasks_per_job),
+            workers=-1 if workers is None else max(1, min(workers, math.ceil(stage.tasks / opts.tasks_per_job))),
             time=job_time(opts, stage.clusters), partition=partition, cpus_per_task=cpus,
             mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
@@ -1377,10 +1400,10 @@ def wait_for_chain(out: str, console) -> dict:
                 broken = any(j["state"] == "PENDING" and j["reason"] == "DependencyNeverSatisfied" for j in stage_jobs)
                 mine = [j for j in stage_jobs if not (j["state"] == "PENDING" and (
                     j["reason"] == "DependencyNeverSatisfied" or (broken and j["reason"] == "Dependency")))]
-                hopeless = next((j for j in mine if j["state"] == "PENDING" and j["reason"] in HOPELESS_REASONS), None)
+                hopeless = next((j for j in mine if j["state"] == "PENDING" and never_starts(j["reason"])), None)
                 if hopeless:
                     cancel_chain(out)
-                    raise StageFailed(f"stage {name} cannot start: Slurm says {hopeless['reason']} (job "
+                    raise StageFailed(f"stage {name} cannot start: {never_starts(hopeless['reason'])} (job "
                                       f"{hopeless['id']}); the chain was cancelled")
                 if not mine:
                     # gone from the queue but not complete: failed, unless the completion files are on their way

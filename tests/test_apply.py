@@ -187,6 +187,22 @@ def test_following_a_chain_asks_squeue_less_often_as_it_goes_on():
     assert calls < 3_100
 
 
+def test_a_job_over_a_per_job_limit_of_its_qos_is_never_waited_for():
+    """A QOS or association capping each job's time, CPUs, memory or GPUs below the request leaves the job pending
+    forever where the QOS does not deny it at submission: --wait stops and names the option to change. Limits per
+    user or group free up as other jobs end, and are waited for."""
+    from edu_filter.filters.executors import never_starts
+
+    assert "--slurm-time" in never_starts("QOSMaxWallDurationPerJobLimit")
+    assert "--slurm-time" in never_starts("AssocMaxWallDurationPerJobLimit")
+    assert "--slurm-gpus" in never_starts("QOSMaxGRESPerJob")
+    assert "--slurm-mem-gb" in never_starts("AssocMaxMemPerJob")
+    assert "less" in never_starts("QOSMinCpuNotSatisfied") and never_starts("PartitionTimeLimit")
+    for waits in ("Priority", "Resources", "Dependency", "QOSMaxJobsPerUserLimit", "AssocGrpCpuLimit",
+                  "QOSMaxCpuPerUserLimit", "AssocMaxJobsLimit", "JobHeldAdmin", "ReqNodeNotAvail"):
+        assert never_starts(waits) is None, waits
+
+
 def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tmp_path):
     """--wait read every progress and completion file of every stage each second, finished stages included: 4
     stages of 5,000 tasks were ~20,000 opens a second on the shared filesystem. A finished stage is read once, a
