@@ -129,7 +129,7 @@ def ablate(
         raise InputError(f"--val-fraction {val_fraction}: the held-out slice is one document in N, so give 1/N "
                          f"(the nearest: {', '.join(f'{1 / n:.4g} holds out one in {n}' for n in nearest)})")
     compare = comparison_set(datasets, references, compare_on)
-    check_writable_output(output, "-o/--output")
+    check_writable_output(output, "-o/--output", folder=True)
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
     extra = {"vocab_size": vocab_size} if vocab_size else {}
@@ -388,16 +388,41 @@ def write_report_md(out: Path, report: dict) -> Path:
     return path
 
 
+TOKENIZER_SETTINGS = "edu_filter_trained_with.json"  # beside the BPE the ablation trained: what it was trained with
+
+
 def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size: int, text_field: str,
                        sample_chars: int):
+    """OUT/tokenizer: `given`, or a BPE trained on the datasets. A resumed ablation keeps its own; one whose runs
+    were trained with another tokenizer than asked is refused before OUT/tokenizer is touched (a mistyped option
+    overwrote it, and the ablation's own command was refused from then on)."""
+    folder = out / "tokenizer"
+    have = (folder / "tokenizer.json").exists()
+    trained = (out / "runs").exists()
+    redo = f"start a new output folder, or remove {out / 'tokens'} and {out / 'runs'}"
     if given:
         tok = load_tokenizer(given)
-        tok.save_pretrained(out / "tokenizer")
+        if have and trained and tokenizer_key(load_tokenizer(folder)) != tokenizer_key(tok):
+            raise InputError(f"--tokenizer {given} is not the tokenizer the runs in {out} were trained with "
+                             f"({folder}): {redo}")
+        tok.save_pretrained(folder)
+        (folder / TOKENIZER_SETTINGS).unlink(missing_ok=True)
         return tok
-    if (out / "tokenizer" / "tokenizer.json").exists():  # a resumed ablation keeps its vocabulary
-        return load_tokenizer(out / "tokenizer")
+    asked = {"vocab_size": vocab_size, "sample_chars": sample_chars}
+    if have:  # a resumed ablation keeps its vocabulary
+        settings = folder / TOKENIZER_SETTINGS
+        recorded = json.loads(settings.read_text()) if settings.exists() else None  # given, or an older release's
+        if recorded in (None, asked):
+            return load_tokenizer(folder)
+        if trained:
+            raise InputError(f"{folder} was trained with a vocabulary of {recorded['vocab_size']:,} from "
+                             f"{recorded['sample_chars']:,} characters and the runs in {out} with it; this invocation "
+                             f"asks {vocab_size:,} from {sample_chars:,} (--vocab-size): {redo}")
+    # no run trained with another: trained as asked (the token files of another are packed again)
     sample = mixed_sample([iter_texts(path, text_field, spread=True) for path in datasets.values()], sample_chars)
-    return train_tokenizer(sample, vocab_size, out / "tokenizer")
+    tok = train_tokenizer(sample, vocab_size, folder)
+    (folder / TOKENIZER_SETTINGS).write_text(json.dumps(asked))
+    return tok
 
 
 def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: PretrainConfig, text_field: str,

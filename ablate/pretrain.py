@@ -32,7 +32,8 @@ from edu_filter.documents import (InputError, recover_folder, replace_folder, si
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
-# on two CPU cores; the others are the SmolLM shapes and the FineWeb ablation model (GPT-2-sized vocab, untied).
+# on two CPU cores; the others are SmolLM's (its shapes and RMSNorm epsilon) and the FineWeb ablation model (GPT-2-sized
+# vocab, untied).
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -45,12 +46,14 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "smollm-135m": {
         "model": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+                      num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5),
         "train": dict(vocab_size=49152, micro_batch_size=32, batch_tokens=2**19, lr=3e-3, eval_tokens=2**20),
     },
     "smollm-360m": {
         "model": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                      num_key_value_heads=5, max_position_embeddings=2048, tie_word_embeddings=True),
+                      num_key_value_heads=5, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5),
         "train": dict(vocab_size=49152, micro_batch_size=16, batch_tokens=2**19, lr=3e-3, eval_tokens=2**20),
     },
     "ablation-1.8b": {
@@ -341,7 +344,15 @@ def pretrain(
         if progress is not None and master:
             progress.add_task(name or out_dir.name, total=finished_before["total_steps"],
                               completed=finished_before["steps"], loss=finished_before["train_loss"][-1])
-        return finished_before
+        missing = {n: PackedTokens(path, T) for n, path in eval_paths.items() if n not in finished_before["eval"]}
+        if missing:  # an evaluation set added since it finished: its final model is scored on it, not trained again
+            model = LlamaForCausalLM.from_pretrained(out_dir / "model", dtype=torch.float32).to(device)
+            finished_before["eval"].update(evaluation_losses(NextTokenLoss(model), missing, cfg.eval_tokens, B,
+                                                             autocast, device, rank, world))
+            if master:
+                write_json_whole(out_dir / "run.json", finished_before)
+        # the sets this invocation asks for, in its order (a set no longer asked stays in run.json)
+        return {**finished_before, "eval": {n: finished_before["eval"][n] for n in eval_paths}}
     checkpoint = out_dir / "checkpoint"
     if master:
         _adopt_legacy_side_folder(checkpoint)
@@ -371,8 +382,9 @@ def pretrain(
              "steady_tokens": 0, "steady_seconds": 0.0}
     if resuming:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        if _run_defining(saved["config"]) != _run_defining(asdict(cfg)):
-            raise ValueError(f"{checkpoint} was written with a different configuration; remove it or use resume=False")
+        if changed := _config_changes(saved["config"], cfg):
+            raise ValueError(f"{checkpoint} was written with another configuration ({changed}); remove it or use "
+                             "resume=False")
         state = saved["state"]
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
 
@@ -397,20 +409,9 @@ def pretrain(
         if world > 1:
             dist.barrier()
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        losses = {}
-        for name, data in eval_data.items():
-            total = torch.zeros(2, device=device)
-            for x, y in data.eval_batches(cfg.eval_tokens, B, rank, world):
-                x, y = x.to(device), y.to(device)
-                with autocast:
-                    total[0] += loss_fn(x, y, reduction="sum")
-                total[1] += y.numel()
-            if world > 1:
-                dist.all_reduce(total)
-            losses[name] = (total[0] / total[1]).item()
+        losses = evaluation_losses(loss_fn, eval_data, cfg.eval_tokens, B, autocast, device, rank, world)
         model.train()
         return losses
 
@@ -513,9 +514,30 @@ def pretrain(
         raw_model.save_pretrained(out_dir / "model")
         tokenizer.save_pretrained(out_dir / "model")
         write_json_whole(out_dir / "run.json", record)  # last: a kill saving the model leaves no run.json
+        # never read again (a finished run is its run.json and model/), and with the optimizer's moments three times
+        # the model's size: 22 GB per run at 1.8B parameters
+        shutil.rmtree(checkpoint, ignore_errors=True)
     if signalled:
         raise SystemExit(128 + signal.SIGTERM)
     return record
+
+
+@torch.no_grad()
+def evaluation_losses(loss_fn, eval_data: dict, eval_tokens: int, batch_size: int, autocast, device, rank: int = 0,
+                      world: int = 1) -> dict[str, float]:
+    """Mean next-token loss (nats/token) on the first `eval_tokens` targets of each packed set, shared across ranks."""
+    losses = {}
+    for name, data in eval_data.items():
+        total = torch.zeros(2, device=device)
+        for x, y in data.eval_batches(eval_tokens, batch_size, rank, world):
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                total[0] += loss_fn(x, y, reduction="sum")
+            total[1] += y.numel()
+        if world > 1:
+            dist.all_reduce(total)
+        losses[name] = (total[0] / total[1]).item()
+    return losses
 
 
 def _adopt_legacy_side_folder(checkpoint: Path) -> None:
@@ -530,13 +552,25 @@ def _adopt_legacy_side_folder(checkpoint: Path) -> None:
 
 
 def _finished_record(out_dir: Path, cfg: PretrainConfig) -> dict | None:
-    """The record of a run this configuration finished in `out_dir` (its model saved), or None."""
+    """The record of a run this configuration finished in `out_dir` (its model saved), or None. A run finished with
+    another configuration is refused: training it again would overwrite it."""
     try:
         record = json.loads((out_dir / "run.json").read_text())
     except (OSError, ValueError):
         return None
-    same = record.get("finished") and _run_defining(record.get("config", {})) == _run_defining(asdict(cfg))
-    return record if same and (out_dir / "model" / "config.json").exists() else None
+    if not record.get("finished") or not (out_dir / "model" / "config.json").exists():
+        return None
+    if changed := _config_changes(record.get("config", {}), cfg):
+        raise ValueError(f"{out_dir} holds a run finished with another configuration ({changed}); use another "
+                         "output folder, or remove it to train again")
+    return record
+
+
+def _config_changes(saved: dict, cfg: PretrainConfig) -> str:
+    """The run-defining fields whose values differ between a saved configuration and `cfg`, with both values."""
+    saved, wanted = _run_defining(saved), _run_defining(asdict(cfg))
+    return ", ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in sorted(set(saved) | set(wanted))
+                     if saved.get(k) != wanted.get(k))
 
 
 def _run_defining(config: dict) -> dict:

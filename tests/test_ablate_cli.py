@@ -98,12 +98,48 @@ def test_every_run_uses_the_one_ablation_tokenizer(ablation):
 def test_rerunning_a_finished_ablation_does_not_train_again(ablation):
     out, _, args = ablation
     before = json.loads((out / "report.json").read_text())
-    mtime = (out / "runs/edu/checkpoint/model.safetensors").stat().st_mtime
+    mtime = (out / "runs/edu/model/model.safetensors").stat().st_mtime
+    # a finished run is its model and run.json: its checkpoint (weights and optimizer moments, 3x the model) is gone
+    assert not any((out / "runs" / run / "checkpoint").exists() for run in ("edu", "all"))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     after = json.loads((out / "report.json").read_text())
     assert after["runs"]["edu"]["train_loss"] == before["runs"]["edu"]["train_loss"]
-    assert (out / "runs/edu/checkpoint/model.safetensors").stat().st_mtime == mtime
+    assert (out / "runs/edu/model/model.safetensors").stat().st_mtime == mtime
+
+
+def test_a_finished_ablation_scores_an_added_set_and_refuses_what_its_runs_were_not_trained_with(ablation, inputs,
+                                                                                                  tmp_path):
+    """An evaluation set added to a finished ablation is scored on its runs' final models, not trained for again
+    (it was left out, or the report crashed on it); another tokenizer, vocabulary or training setting is refused
+    before anything of the ablation is touched."""
+    from edu_filter.ablate.tokenizer import train_tokenizer
+
+    finished, _, args = ablation
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    base = [a for a in args[:args.index("--humaneval")]]
+    base[base.index("-o") + 1] = str(out)
+    before = json.loads((out / "report.json").read_text())["runs"]
+    tokenizer = (out / "tokenizer" / "tokenizer.json").read_bytes()
+    other = train_tokenizer(["another vocabulary, trained on other words " * 50], 300, tmp_path / "other")
+    assert other is not None
+    for extra, said in ((["--tokenizer", str(tmp_path / "other")], "is not the tokenizer the runs"),
+                        (["--vocab-size", "2048"], "--vocab-size"),
+                        (["--override", "lr=0.01"], "lr: 0.003 then, 0.01 now")):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+        assert (out / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer
+    model = (out / "runs/edu/model/model.safetensors").stat().st_mtime
+    result = CliRunner().invoke(app, base[:1] + ["--eval", f"added={WEB_TRAIN}"] + base[1:])  # the verdict's set now
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["comparison"]["eval_set"] == "added"
+    for name, run in report["runs"].items():
+        assert run["train_loss"] == before[name]["train_loss"]
+        assert {k: v for k, v in run["eval"].items() if k != "added"} == before[name]["eval"]
+        assert 3 < run["eval"]["added"] < run["eval"]["reference"] + 1
+    assert (out / "runs/edu/model/model.safetensors").stat().st_mtime == model
 
 
 def test_bad_input_gives_a_clear_error(inputs, tmp_path):

@@ -193,8 +193,10 @@ def test_a_finished_run_is_not_loaded_or_saved_again_by_a_rerun(corpus, tmp_path
     written = weights.stat().st_mtime_ns
     again = run(corpus, tmp_path / "r")
     assert again == json.loads(json.dumps(first)) and weights.stat().st_mtime_ns == written
-    with pytest.raises(ValueError, match="different configuration"):  # another run's settings: not its record
+    # another run's settings: not its record, and not trained over it (its checkpoint is gone once it finished)
+    with pytest.raises(ValueError, match=r"holds a run finished with another configuration \(lr: 0.01 then, 0.02 now"):
         run(corpus, tmp_path / "r", lr=2e-2)
+    assert weights.stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
@@ -280,7 +282,7 @@ def test_flops_count_the_attention_width_the_heads_compute():
 
 def test_resume_refuses_a_checkpoint_from_another_configuration(corpus, tmp_path):
     run(corpus, tmp_path / "r", time_limit_minutes=1e-9)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"written with another configuration \(lr: 0.01 then, 0.005 now\)"):
         run(corpus, tmp_path / "r", lr=5e-3)
 
 

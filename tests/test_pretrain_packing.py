@@ -397,6 +397,8 @@ def test_presets_and_overrides():
     assert (cfg.model["num_attention_heads"], cfg.model["num_key_value_heads"]) == (9, 3)
     assert cfg.model["intermediate_size"] == 1536 and cfg.model["tie_word_embeddings"] and cfg.context == 2048
     assert cfg.vocab_size == 49152
+    # SmolLM's config.json: RMSNorm epsilon 1e-5 (LlamaConfig's default is 1e-6)
+    assert all(PretrainConfig.from_preset(p).model["rms_norm_eps"] == 1e-5 for p in ("smollm-135m", "smollm-360m"))
     assert PretrainConfig.from_preset("ablation-1.8b").model["num_attention_heads"] == 32
     over = PretrainConfig.from_preset(
         "tiny", parse_overrides(["hidden_size=64", "lr=1e-2", "schedule=cosine", "tie_word_embeddings=false"]))
