@@ -494,7 +494,7 @@ def sweep(
     thresholds: str = typer.Option(",".join(map(str, SCORES)), metavar="<t,t,...>",
                                    help=f"Comma-separated int_score thresholds to compare ({SCORE_RANGE})."),
     label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
-    positive_threshold: int = typer.Option(3, help="A label >= this counts as educational for precision/recall."),
+    positive_threshold: int = typer.Option(3, help="A label >= this, rounded half up (2.5 counts at 3), counts as educational for precision/recall."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows "
                                      "carry them (shares and P/R/F1 then estimate the pool); none ignores them."),
 ):

@@ -581,9 +581,11 @@ def server_config(
     server_script: str | None = None,
     server_args: list[str] | None = None,
     ready_timeout: float = 1800.0,
+    log_folder: str | None = None,
 ):
     """datatrove InferenceConfig for `vllm serve MODEL`, SGLang, or `python SCRIPT --port N` (an OpenAI-compatible
-    server script of your own). `server_args` ("key=value" or "flag") become `--key=value` / `--flag` flags."""
+    server script of your own). `server_args` ("key=value" or "flag") become `--key=value` / `--flag` flags. The
+    server's output goes to a file in `log_folder` (datatrove drops what it prints once it is ready)."""
     from datatrove.pipeline.inference.run_inference import InferenceConfig
 
     if server_type not in SERVER_BACKENDS:
@@ -593,6 +595,11 @@ def server_config(
         key, sep, value = arg.lstrip("-").partition("=")
         if not key:
             raise InputError(f"bad server argument {arg!r}: expected KEY=VALUE or KEY")
+        if key.replace("_", "-") in ("port", "api-key"):
+            # the server would listen elsewhere, or refuse the unauthenticated readiness probe: the run waited 30
+            # minutes for it, then failed
+            raise InputError(f"--server-arg {arg}: edu-filter starts its server on a free port of its own and asks it "
+                             "without a key (it listens on this node only for this run); leave it out")
         kwargs[key] = value if sep else True
     if server_type == "script":
         if not server_script:
@@ -609,6 +616,7 @@ def server_config(
         server_ready_delay_sec=delay,
         server_ready_max_attempts=max(1, int(ready_timeout / delay)),
         server_start_max_retries=0,
+        server_log_folder=log_folder,
     )
 
 
@@ -621,13 +629,16 @@ async def managed_server(config) -> AsyncIterator[str]:
 
     server_class = {"vllm": VLLMServer, "sglang": SGLangServer, "custom": CustomServer}[config.server_type]
     server = server_class(config, rank=0)  # raises ImportError naming the missing package (vllm, sglang)
+    log = server._get_log_file_path()
+    output = f" (its output: {log})" if log else ""
     with _servers_die_with_this_process():
         async with server:
             try:
                 # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
                 await server._server_ready
             except ServerError as e:
-                raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: {e}")
+                raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: "
+                                   f"{e}{output}")
             # a server that exits (a crash, out of GPU memory) stops the run at once: every request would fail
             # with "connection refused" after its retries, the run stopping only after 10 minutes of failures
             run, exited = asyncio.current_task(), []
@@ -651,9 +662,9 @@ async def managed_server(config) -> AsyncIterator[str]:
                 if hasattr(run, "uncancel"):  # Python 3.11+
                     run.uncancel()
                 how = (f"exited while the run was scoring (exit status {exited[0]})" if exited[0] is not None else
-                       "reported a fatal error while the run was scoring (its log says which)")
-                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} {how}; the "
-                                   "answers received are cached: run the same command again to go on") from None
+                       "reported a fatal error while the run was scoring")
+                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} {how}{output}; "
+                                   "the answers received are cached: run the same command again to go on") from None
             finally:
                 if watcher is not None:
                     watcher.cancel()
@@ -782,7 +793,6 @@ class TransformersBackend:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout=0.005))
                 except asyncio.TimeoutError:
                     break
-            self.stats.requests += len(batch)
             fitting = []
             for prompt, future in batch:
                 try:
@@ -795,9 +805,9 @@ class TransformersBackend:
                         fitting.append((text, future))
                         continue
                     # as a server says it: `score` cuts the document to fit (--max-chars) and asks again
-                    failed = RequestFailed(f"the prompt is {overflow.prompt_tokens} tokens; with max_tokens "
-                                           f"{self.settings.max_tokens} it does not fit the model's context of "
-                                           f"{overflow.context_tokens}", overflow)
+                    failed = RequestFailed(f"context_length_exceeded: the prompt is {overflow.prompt_tokens} "
+                                           f"tokens; with max_tokens {self.settings.max_tokens} it does not fit the "
+                                           f"model's context of {overflow.context_tokens}", overflow)
                 if not future.done():
                     future.set_exception(failed)
             # one document that fails generation (out of memory on its length, say) no longer fails its batch:
@@ -805,6 +815,7 @@ class TransformersBackend:
             for group in ([fitting] if len(fitting) == 1 else [fitting, *([one] for one in fitting)]):
                 if not group or all(future.done() for _, future in group):
                     continue
+                self.stats.requests += len(group)  # prompts generated (a failed batch's, one by one again)
                 try:
                     answers = await loop.run_in_executor(None, self._generate, [text for text, _ in group])
                 except Exception as e:  # noqa: BLE001 - alone, its document fails; the run goes on

@@ -210,6 +210,13 @@ class AnswerCache:
             "answers committed before are replayed)")
         return self._unwritable
 
+    def other_runs(self) -> list[tuple[dict, int]]:
+        """The settings of the other runs this cache holds answers of, with their numbers of answers, most first."""
+        rows = self._db.execute(
+            "SELECT runs.settings, COUNT(*) FROM answers JOIN runs ON runs.run_key = answers.run_key "
+            "WHERE answers.run_key != ? GROUP BY answers.run_key ORDER BY 2 DESC", (self.run_key,)).fetchall()
+        return [(orjson.loads(settings), n) for settings, n in rows]
+
     def count(self) -> int:
         """Number of answers stored for this run."""
         return self._db.execute("SELECT COUNT(*) FROM answers WHERE run_key = ?", (self.run_key,)).fetchone()[0]

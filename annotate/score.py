@@ -216,10 +216,11 @@ class ScoreConfig:
                              f"this run uses --backend {self.backend} and --select {self.select}: leave "
                              f"{'it' if len(unused) == 1 else 'them'} out")
 
-    def server(self):
+    def server(self, log_folder: str | None = None):
         """The datatrove description of the server to start (vllm, sglang and script backends)."""
         return server_config(self.backend, self.model, api=self.api, max_model_len=self.max_model_len,
-                             tp=self.tensor_parallel, server_script=self.server_script, server_args=self.server_args)
+                             tp=self.tensor_parallel, server_script=self.server_script, server_args=self.server_args,
+                             log_folder=log_folder)
 
 
 @dataclass
@@ -235,7 +236,7 @@ class ScoreSummary:
     replayed: int = 0  # documents whose answers all came from the cache: nothing asked for them this run
     requests: int = 0  # requests actually sent this run, retries included
     retries: int = 0
-    reasks: int = 0  # extra questions after unparseable, ambiguous or cut-off answers
+    reasks: int = 0  # extra questions sent after unparseable, ambiguous or cut-off answers (not replayed)
     refits: int = 0  # documents asked again cut to fit the server's context
     prompt_tokens: int = 0  # of the answers received this run (rows also count the ones replayed from the cache)
     completion_tokens: int = 0
@@ -364,7 +365,8 @@ class _Scorer:
         refits = 0
         asked = False
         while attempts <= self.max_reasks:
-            if attempts < len(stored):
+            replayed = attempts < len(stored)
+            if replayed:
                 answer = stored[attempts][0]
                 s.cached_answers += 1
             else:
@@ -388,7 +390,7 @@ class _Scorer:
                 s.prompt_tokens += answer.prompt_tokens or 0
                 s.completion_tokens += answer.completion_tokens or 0
             attempts += 1
-            s.reasks += attempts > 1
+            s.reasks += attempts > 1 and not replayed  # sent, as "requests sent" beside it
             response, finish_reason = answer.text, answer.finish_reason
             model = answer.model or model
             if answer.prompt_tokens is not None:
@@ -563,6 +565,25 @@ async def _stopped_by_sigterm(run):
             signal.signal(signal.SIGTERM, previous)  # a caller's own handler (a notebook's, a worker's) back
 
 
+def _unreplayed_note(cache: AnswerCache) -> str | None:
+    """What a run that replays nothing should know when its cache holds answers given with other settings: a local
+    model moved to another path (a job's scratch folder) is another model to the cache, and every document is asked
+    again, paid again."""
+    def differing(settings: dict) -> list[str]:
+        return sorted(k for k in set(settings) | set(cache.settings) if settings.get(k) != cache.settings.get(k))
+
+    others = cache.other_runs()
+    if not others:
+        return None
+    settings, answers = min(others, key=lambda run: (len(differing(run[0])), -run[1]))  # the closest, then the most
+    changed = differing(settings)
+    said = ", ".join(f"{k} {settings.get(k)!r} then, {cache.settings.get(k)!r} now" for k in changed[:3])
+    hint = (" A model moved or renamed is another model to it: give it under its old name (a server edu-filter "
+            "starts: --server-arg served-model-name=OLD) to replay them." if "model" in changed else "")
+    return (f"{cache.path} holds {answers:,} answers given with other settings ({said}); none is replayed, every "
+            f"document is asked again.{hint}")
+
+
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
                        active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None,
                        sampler: str | None = None):
@@ -575,7 +596,9 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
         else:
             base_url = cfg.base_urls()
             if cfg.backend in SERVER_BACKENDS:
-                base_url = await stack.enter_async_context(managed_server(cfg.server()))
+                # beside the answer cache: <output>.server-logs/ (the cache is <output>.cache.sqlite by default)
+                logs = cache_path.with_name(cache_path.name.removesuffix(".cache.sqlite") + ".server-logs")
+                base_url = await stack.enter_async_context(managed_server(cfg.server(str(logs))))
             backend = await stack.enter_async_context(OpenAIBackend(
                 base_url, cfg.model, settings=cfg.generation(), api=cfg.api, api_key=os.environ.get(cfg.api_key_env),
                 concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
@@ -585,6 +608,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
+        if cache.count() == 0 and (note := _unreplayed_note(cache)):
+            print(f"note: {note}", file=sys.stderr, flush=True)
         if sampler is not None:  # what a later --sample run on this cache must draw with
             cache.record_fact(SAMPLER, sampler)
         holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them

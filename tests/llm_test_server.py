@@ -40,8 +40,10 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
 import socket
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -254,7 +256,16 @@ def main() -> None:
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--labels", help="JSONL with id, text, score: answer every document with its score")
+    parser.add_argument("--crash-after", type=float, help="seconds after which the server prints a traceback and "
+                        "exits 1, as a vLLM hitting a CUDA error hours in")
     args = parser.parse_args()
+    if args.crash_after is not None:
+        def crash() -> None:
+            print("Traceback (most recent call last):\nRuntimeError: planted crash of the test server", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+
+        threading.Timer(args.crash_after, crash).start()
     labels = None
     if args.labels:
         labels = label_table(orjson.loads(line) for line in Path(args.labels).read_bytes().splitlines() if line)

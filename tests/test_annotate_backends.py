@@ -15,6 +15,7 @@ from llm_test_server import directive  # noqa: E402
 
 from edu_filter.annotate.backends import server_config  # noqa: E402
 from edu_filter.annotate.score import score_documents  # noqa: E402
+from edu_filter.documents import InputError  # noqa: E402
 
 TEST_SERVER = str(Path(__file__).parent / "llm_test_server.py")
 
@@ -232,9 +233,9 @@ def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
     assert summary.requests == 1 + 2 + 2 and summary.retries == 1
 
 
-def scoring_with_its_server(tmp_path):
-    """`score` with a server it starts (the test server as a script), a few answers in: (its process, the
-    server's process ids, the output path)."""
+def scoring_with_its_server(tmp_path, *server_args: str):
+    """`score` with a server it starts (the test server as a script, given `server_args`), a few answers in: (its
+    process, the server's process ids, the output path)."""
     import os
     import subprocess
     import time
@@ -244,7 +245,7 @@ def scoring_with_its_server(tmp_path):
     out = tmp_path / "out.jsonl"
     run = subprocess.Popen([sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--backend",
                             "script", "--server-script", TEST_SERVER, "--server-arg", "delay=0.05", "--model",
-                            "test-model", "--concurrency", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            "test-model", "--concurrency", "2", *server_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
     children = []
@@ -285,21 +286,31 @@ def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
                                        capture_output=True, text=True).stdout
 
 
-def test_a_server_that_exits_mid_run_stops_the_run_at_once(tmp_path):
+def test_a_server_that_exits_mid_run_stops_the_run_at_once_naming_its_output(tmp_path):
     """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
-    minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so."""
-    import os
-    import signal
+    minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so and
+    where the server's output is: datatrove drops what a server prints once it is ready, so why it crashed was
+    nowhere."""
     import time
 
-    run, children, out = scoring_with_its_server(tmp_path)
-    os.kill(children[0], signal.SIGKILL)  # the server crashes
+    run, children, out = scoring_with_its_server(tmp_path, "--server-arg", "crash-after=6")
     started = time.monotonic()
     _, stderr = run.communicate(timeout=120)
     said = " ".join(stderr.split())
     assert run.returncode == 1 and time.monotonic() - started < 60, said[-2000:]
-    assert "server for test-model exited while the run was scoring (exit status -9)" in said, said[-2000:]
+    (log,) = (tmp_path / "out.jsonl.server-logs").iterdir()
+    assert (f"server for test-model exited while the run was scoring (exit status 1) (its output: {log})"
+            in said), said[-2000:]
+    assert "RuntimeError: planted crash of the test server" in log.read_text()
     assert not out.exists() and Path(f"{out}.cache.sqlite").exists()  # the answers received are kept
+
+
+def test_a_server_arg_that_would_hide_the_server_from_the_run_is_refused():
+    """datatrove gives the server a free port: another one, or a key its readiness probe does not send, left the run
+    waiting 30 minutes for a server that would never answer it."""
+    for arg in ("port=18555", "api-key=secret", "api_key=secret", "--port=8000"):
+        with pytest.raises(InputError, match=f"--server-arg {arg}: edu-filter starts its server on a free port"):
+            server_config("script", "test-model", server_script="serve.py", server_args=[arg])
 
 
 def test_server_config_builds_the_vllm_command_settings():
@@ -368,3 +379,8 @@ def test_transformers_backend_fails_only_the_document_that_fails_and_cuts_one_ov
     # cut to fit and asked (what the bigram model answers after a word cut in half does not matter here)
     assert long["truncated"] and long["prompt_tokens"] + 6 <= 128 and long["attempts"] == 1, long
     assert summary.refits == 1
+    # without --max-chars, over-long prompts fail under one reason whatever their lengths, and were never sent
+    src = _write(tmp_path / "long.jsonl", [{"id": f"long{n}", "text": "good " * n} for n in (150, 151, 152)])
+    summary = score_documents([str(src)], tmp_path / "long_out.jsonl", backend="transformers", model=model,
+                              prompt=str(prompt), max_tokens=6, max_reasks=0, show_progress=False)
+    assert summary.failed == {"context_length_exceeded": 3} and summary.requests == 0

@@ -128,7 +128,7 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
     second = score_documents([str(src)], out, base_url=server.base_url, model="m", **FAST)
     # every received answer is replayed; only the document that never got one is asked again (and now succeeds:
     # the server stops failing after 4 requests)
-    assert second.cached_answers == 6 + 2
+    assert second.cached_answers == 6 + 2 and second.reasks == 0  # the re-ask replayed, not sent
     assert server.requests["down"] == 2 + 3 and server.requests["reask"] == 2
     assert all(server.requests[f"d{i}"] == 1 for i in range(6))
     rows = read_jsonl(out)
@@ -151,6 +151,31 @@ def test_rerun_replays_answers_retries_failures_and_keys_on_settings(server, tmp
                             **FAST)
     assert again.requests == 0 and again.cached_answers == replayed.cached_answers + len(docs)
     assert again.replayed == len(docs) and again.prompt_tokens == again.completion_tokens == again.docs_per_second == 0
+
+
+def test_a_run_that_replays_nothing_says_how_the_answers_its_cache_holds_were_asked(tmp_path, capsys):
+    """A local model moved to another path (a job's scratch folder) is another model to the cache: every document
+    was asked, and paid, again without a word."""
+    server = LLMTestServer(models=("/scratch/job1/model", "/scratch/job2/model")).start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc(f"d{i}", score=3) for i in range(4)])
+        out = tmp_path / "out.jsonl"
+        for model, asked, note in (("/scratch/job1/model", 4, ""), ("/scratch/job2/model", 4, "model "
+                                   "'/scratch/job1/model' then, '/scratch/job2/model' now"),
+                                   ("/scratch/job2/model", 0, "")):
+            summary = score_documents([str(src)], out, base_url=server.base_url, model=model, **FAST)
+            said = " ".join(capsys.readouterr().err.split())
+            assert summary.requests == asked, said
+            assert (f"holds 4 answers given with other settings ({note}); none is replayed" in said) == bool(note), said
+            assert ("served-model-name=OLD" in said) == bool(note)
+        # the closest settings are named: the same model at another temperature, no word of models
+        score_documents([str(src)], out, base_url=server.base_url, model="/scratch/job1/model", temperature=0.5,
+                        **FAST)
+        said = " ".join(capsys.readouterr().err.split())
+        assert "holds 4 answers given with other settings (temperature 0.6 then, 0.5 now)" in said, said
+        assert "served-model-name" not in said
+    finally:
+        server.stop()
 
 
 def test_one_input_path_may_be_given_alone(server, tmp_path):
