@@ -95,7 +95,7 @@ def run_demo(output: str | Path = "demo_out") -> Path:
     from edu_filter.ablate.ablation import ablate
     from edu_filter.train.classifier import train_classifier
 
-    check_writable_output(output, "-o/--output")
+    check_writable_output(output, "-o/--output", folder=True)
     out = Path(output)
     clear_earlier_demo(out)
     out.mkdir(parents=True, exist_ok=True)

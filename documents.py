@@ -104,15 +104,18 @@ def check_named_path(value: str | os.PathLike, option: str) -> None:
         raise InputError(f"{option} {value}: no such file or folder")
 
 
-def check_writable_output(path: str | os.PathLike, what: str = "--output") -> None:
+def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False) -> None:
     """Refuse an output path that cannot be created or written, without creating anything.
 
     The nearest existing ancestor must be a folder this process may write into (and the path itself, when it
-    exists, a writable folder or file). Remote paths (s3://, hf://) are left to the writer."""
+    exists, a writable folder, or file unless the output is a `folder`). Remote paths (s3://, hf://) are left to the
+    writer."""
     text = str(path)
     if "://" in text:
         return
     target = Path(text).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise InputError(f"{what} {text}: a file, not a folder; give a folder to write into")
     if target.exists():
         if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
             raise InputError(f"{what} {text}: not writable (permission denied)")
@@ -158,13 +161,8 @@ def data_files_in(folder: str, names: Iterable[str], whole_apply_output: bool = 
     input."""
     names = list(names)
     visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
-    if not whole_apply_output and "run_config.json" in visible and any(n.startswith("kept/") for n in visible) and any(
-            not n.startswith("kept/") and _has_suffix(n, FOLDER_SUFFIXES) for n in visible):
-        # read whole, its kept, removed and failed documents together (and work/'s copies with --keep-work): the
-        # "filtered" arm of an ablation unfiltered (a dataset `apply --push-to-hub` uploaded holds kept/ alone, and
-        # is read whole)
-        raise DocumentError(f"{folder}: an apply output (its kept/, removed/ and failed/ documents together); give "
-                            f"{folder.rstrip('/')}/kept for the documents it kept")
+    if not whole_apply_output:
+        _refuse_apply_outputs(folder, visible)
     unreadable = sorted(n for n in visible if UNREADABLE_DATA.search(n))
     if unreadable:
         match = UNREADABLE_DATA.search(unreadable[0])
@@ -179,6 +177,26 @@ def data_files_in(folder: str, names: Iterable[str], whole_apply_output: bool = 
         raise DocumentError(f"{folder}: folder contains no .jsonl(.gz), .json.gz, .ndjson(.gz) or .parquet files"
                             f"{hidden}")
     return found
+
+
+def _refuse_apply_outputs(folder: str, names: list[str]) -> None:
+    """An apply output read whole, at the folder's top or below it (a folder of per-dump runs), is refused: its kept,
+    removed and failed documents read together (and work/'s copies with --keep-work), the "filtered" arm of an
+    ablation unfiltered. A dataset `apply --push-to-hub` uploaded holds kept/ alone, and is read whole."""
+    runs = {n[:-len("run_config.json")] for n in names if n == "run_config.json" or n.endswith("/run_config.json")}
+    if not runs:
+        return
+    for name in sorted(names):
+        if not _has_suffix(name, FOLDER_SUFFIXES):
+            continue
+        parts = name.split("/")
+        for depth in range(len(parts)):
+            run = "".join(f"{p}/" for p in parts[:depth])
+            if run in runs and (depth == len(parts) - 1 or parts[depth] != "kept"):
+                where = f"{folder.rstrip('/')}/{run}".rstrip("/")
+                several = f"; of {len(runs)} runs, each one's kept/" if len(runs) > 1 else ""
+                raise DocumentError(f"{where}: an apply output (its kept/, removed/ and failed/ documents together, "
+                                    f"here {name}); give {where}/kept for the documents it kept{several}")
 
 
 def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) -> list[str]:

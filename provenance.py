@@ -345,8 +345,26 @@ def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -
     pairs = [(role, path) for role, paths in inputs.items() if paths is not None
              for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(pairs)))) as pool:
-        return _in_order_with_bar(pool, lambda pair: describe_input(*pair), pairs,
+        limits = _role_hash_limits(pairs, pool)
+        return _in_order_with_bar(pool, lambda pair: describe_input(*pair, limits.get(pair[0])), pairs,
                                   f"fingerprinting {len(pairs):,} inputs")
+
+
+def _role_hash_limits(pairs: list[tuple[str, str | os.PathLike]], pool) -> dict[str, int]:
+    """A role given as several local paths (a shell glob of shards) is hashed in full only when all of them together
+    are at most FULL_HASH_MAX_BYTES, as its folder would be: each shard under the limit alone, a terabyte glob was read
+    whole before every run (and `score --sample` read the corpus it samples). {role: 0} for a role sampled."""
+    by_role: dict[str, list[Path]] = {}
+    for role, path in pairs:
+        if not is_remote(path) and Path(path).exists():
+            by_role.setdefault(role, []).append(Path(path))
+    limits = {}
+    for role, paths in by_role.items():
+        if len(paths) > 1:
+            files = [f for path in paths for f in _content_files(path, carries_documents(role))]
+            if sum(pool.map(lambda f: os.stat(f).st_size, files)) > FULL_HASH_MAX_BYTES:
+                limits[role] = 0
+    return limits
 
 
 def record_provenance(
@@ -648,12 +666,14 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
             "finetune": f"`{encoder}` fine-tuned with a regression head",
             "fasttext": "a fastText model over labels 0-5, read as the expected label"}[method]
     cuts = training.get("cut_points") or []
+    code = config["kind"] == "code"
+    rubric, keep, dataset = ("Python-Edu", 4, "Python-Edu") if code else ("FineWeb-Edu", 3, "FineWeb-Edu")
     lines = [
         f"# {name}",
         "",
         f"An educational-value classifier ({config['kind']} documents) trained with edu-filter: {what}. It predicts",
-        "the 0-5 score an LLM gave with the FineWeb-Edu style additive rubric, as a raw `score`, and an `int_score`",
-        "0-5 through the calibration cut points below. Keep `int_score >= 3` for a FineWeb-Edu style filter.",
+        f"the 0-5 score an LLM gave with the {rubric} style additive rubric, as a raw `score`, and an `int_score`",
+        f"0-5 through the calibration cut points below. Keep `int_score >= {keep}` for a {dataset} style filter.",
         "",
         f"## Validation metrics ({metrics['n']} documents, {val_name})",
         "",
@@ -732,7 +752,7 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
         ]
     lines += [
         "",
-        f"or `edu-filter apply CORPUS --model {name} -o OUT --threshold 3`.",
+        f"or `edu-filter apply CORPUS --model {name} -o OUT --threshold {keep}`.",
         "",
         "## Provenance",
         "",

@@ -654,7 +654,7 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
     if not in_score_range(positive_threshold):
         raise InputError(f"--positive-threshold must be in {SCORE_RANGE}, got {positive_threshold}")
     output = Path(output)
-    check_writable_output(output, "-o/--output")
+    check_writable_output(output, "-o/--output", folder=True)
     summary = load_scored(paths, label_field, weight_field, show=show)
     cut_points, cuts_from = model_cut_points(paths)
     rows = retention_table(summary, thresholds, positive_threshold)

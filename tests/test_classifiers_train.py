@@ -31,6 +31,9 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     assert (out / "model.bin").stat().st_size < 100e6  # bounded hashed n-gram table, not fastText's 2M rows
     config = json.loads((out / "fasttext_config.json").read_text())
     assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
+    card = " ".join((out / "README.md").read_text().split())  # a code model's card: its rubric and threshold
+    assert "Python-Edu style additive rubric" in card and "Keep `int_score >= 4`" in card and "--threshold 4" in card
+    assert "FineWeb-Edu" not in card
 
     rows = read_documents([CODE_LABELS], label_field="score")
     scorer = load_scorer(out)  # through the binding: fasttext's own predict breaks under NumPy 2

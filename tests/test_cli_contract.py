@@ -131,6 +131,16 @@ def test_sweep_refuses_labels_and_thresholds_outside_0_5(files):
     refused(["sweep", labelled, "-o", out], "labelled.jsonl:1", "0-5", absent=(out.parent,))
 
 
+def test_a_folder_output_that_is_a_file_is_refused_before_any_work(files):
+    """sweep read its whole input (hours without summaries), then failed with exit 1 and "[Errno 17] File exists"."""
+    taken = files["tmp"] / "taken"
+    taken.write_text("a file already\n")
+    for args in (["sweep", files["scored"]], ["apply", files["scored"], "--no-dedup"], ["demo"],
+                 ["ablate", "--data", f"a={files['scored']}"]):
+        refused(args + ["-o", taken], f"-o/--output {taken}: a file, not a folder")
+        assert taken.read_text() == "a file already\n"
+
+
 # --- empty input -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["score", "train", "apply", "sweep", "evaluate"])
 def test_empty_input_is_refused(command, files, stock_classifier):

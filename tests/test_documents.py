@@ -447,6 +447,21 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
     write_documents([{"id": "k", "text": "kept"}], out / "work" / "scored" / "00000.jsonl.gz")  # --keep-work's copy
     with pytest.raises(DocumentError, match="an apply output"):
         read_documents([out])
+    runs = tmp_path / "runs"  # a folder of per-dump runs, given whole; one of them kept nothing
+    for dump, kept in (("CC-2024-10", True), ("CC-2024-18", False)):
+        if kept:
+            write_documents([{"id": "k", "text": "kept"}], runs / dump / "kept" / "00000.jsonl")
+        write_documents([{"id": "r", "text": "removed"}], runs / dump / "removed" / "below_threshold" / "0.jsonl.gz")
+        (runs / dump / "run_config.json").write_text("{}")
+    for read in (lambda: read_documents([runs]), lambda: expand_inputs([str(runs)])):
+        with pytest.raises(DocumentError, match=rf"{runs}/CC-2024-10: an apply output .* give {runs}/CC-2024-10/kept "
+                                                r"for the documents it kept; of 2 runs, each one's kept/"):
+            read()
+    shutil.rmtree(runs / "CC-2024-10" / "removed")
+    with pytest.raises(DocumentError, match=rf"{runs}/CC-2024-18: an apply output .*here CC-2024-18/removed/"):
+        read_documents([runs])
+    shutil.rmtree(runs / "CC-2024-18" / "removed")
+    assert [r["id"] for r in read_documents([runs])] == ["k"]
 
 
 def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):

@@ -201,6 +201,21 @@ def test_many_input_paths_are_described_several_at_a_time_in_their_order(tmp_pat
     assert f"fingerprinting {n:,} inputs: {n:,}/{n:,}" in " ".join(said.err.split()) and not said.out
 
 
+def test_a_glob_of_shards_is_hashed_in_full_only_when_all_of_them_together_are_small(tmp_path, monkeypatch):
+    """Each shard under the limit alone, a glob of them was read whole before every run (a terabyte of small shards);
+    it is sampled as its folder is, and a later look (lineage) reads it the same way and finds it unchanged."""
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"part-{i}.jsonl")
+        files[-1].write_text(f'{{"id": {i}, "text": "{"document " * 5}"}}\n')
+    one = files[0].stat().st_size
+    monkeypatch.setattr(provenance, "FULL_HASH_MAX_BYTES", 2 * one)  # one shard, or two, would be read in full
+    entries = provenance.describe_inputs({"documents": files, "classifier": str(files[0])})
+    assert [e["fingerprint_method"].split(",")[0] for e in entries] == ["size"] * 3 + ["sha256 of all content"]
+    assert provenance.describe_inputs({"documents": files[:2]})[0]["fingerprint"] == sha256(files[0])
+    assert provenance._current_fingerprint(files[1], {}, True, entries[1]["fingerprint"]) == entries[1]["fingerprint"]
+
+
 def test_remote_inputs_are_named_not_fingerprinted(tmp_path):
     for remote in ("hf://datasets/HuggingFaceFW/fineweb/sample/10BT", "s3://bucket/crawl/",
                    "HuggingFaceFW/fineweb-edu-classifier"):
