@@ -1050,10 +1050,26 @@ def _first_schema(rows: list[dict], field_types: dict[str, pa.DataType] | None =
             inferred = _inferred_array([r.get(name) for r in rows]).type
         except NOT_ARROW_TYPED:
             inferred = pa.null()  # mixed types: stored as JSON text
-        if not _settled(inferred) and field_types and name in field_types and _settled(field_types[name]):
-            inferred = field_types[name]
+        hint = (field_types or {}).get(name)
+        if hint is not None and _settled(hint) and (not _settled(inferred) or _widens_to(inferred, hint)):
+            # the batch's rows fit the input's type: whole numbers in a float field (JS and Go tools write 3.0 as 3)
+            # typed the file int64, its later 3.5s failed, and its files did not load together with the others'
+            inferred = hint
         fields.append(pa.field(name, inferred if _storable(inferred) else pa.string()))  # else JSON text
     return pa.schema(fields)
+
+
+def _widens_to(found: pa.DataType, hint: pa.DataType) -> bool:
+    """Whether values of type `found` fit the wider `hint` as they are (int64 in double, a struct's fields in one
+    with more): Arrow's permissive promotion of the two gives the hint."""
+    if found == hint:
+        return False
+    try:
+        merged = pa.unify_schemas([pa.schema([pa.field("x", found)]), pa.schema([pa.field("x", hint)])],
+                                  promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+    return merged.field("x").type == hint
 
 
 class KeptParquetWriter(TaskFilenames, WrittenCounts, ParquetWriter):

@@ -1139,7 +1139,8 @@ def test_a_uint64_column_is_kept_whole(stock_classifier, tmp_path):
 def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_path):
     """The same for JSONL inputs, typed by the values of the first input's first rows: a field null throughout one
     task's first kept batch became a string column (JSON text) there and int64 in the other task's file; a field
-    absent from it (`license`) was no column there, and its later rows would have gone to failed/schema_mismatch."""
+    absent from it (`license`) was no column there, and its later rows would have gone to failed/schema_mismatch; a
+    float field holding whole numbers only there was int64 there."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1150,7 +1151,8 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     for k, part in enumerate((rows[:8], rows[8:])):
         (data / f"part-{k}.jsonl").write_bytes(b"".join(orjson.dumps(
             {"id": r["id"], "text": r["text"], "stars": None if k else 10 + i,
-             "meta": None if k else {"lang": "en", "year": 2024}, **({} if k else {"license": "mit"})}) + b"\n"
+             "meta": None if k else {"lang": "en", "year": 2024}, **({} if k else {"license": "mit"}),
+             "rating": 4 if k else 3 + i % 2 / 2}) + b"\n"
             for i, r in enumerate(part)))
     out = tmp_path / "out"
     stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, show=False)
@@ -1160,6 +1162,8 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     assert [s.field("stars").type for s in schemas] == [pa.int64()] * 2
     assert [s.field("meta").type for s in schemas] == [pa.struct([("lang", pa.string()), ("year", pa.int64())])] * 2
     assert [s.field("license").type for s in schemas] == [pa.string()] * 2
+    # whole numbers alone in a float field (JS and Go tools write 3.0 as 3): typed int64 there, its 3.5s would fail
+    assert [s.field("rating").type for s in schemas] == [pa.float64()] * 2
     kept = pl.read_parquet(out / "kept" / "*.parquet")
     assert kept.height == 16 and kept["stars"].null_count() == 8 and kept["license"].null_count() == 8
 
