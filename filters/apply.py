@@ -550,6 +550,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         input_field_types,
     )
     from edu_filter.filters.minhash import FastMinhashSignature
+    from edu_filter.filters.progress import TaskProgressTime
     from edu_filter.filters.report import WriteApplyStats
     from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, ScoreHistogram,
                                              ScoreThresholdFilter)
@@ -679,6 +680,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                                    scratch_record=SCRATCH_RECORD.format(logs=logs))], 1))
     for stage in stages:
         stage.gpu = stage.scores and not is_fasttext_model(cfg.model)
+        reader = next((step for step in stage.pipeline if getattr(step, "progress_folder", None)), None)
+        if reader is not None:  # its time moves on while the task's last documents are scored and written
+            stage.pipeline.append(TaskProgressTime(reader.progress_folder))
         clear = ClearUnfinishedAttempt(stage.pipeline, counts)
         if clear.targets or clear.count_names:
             stage.pipeline.insert(0, clear)

@@ -11,6 +11,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -707,6 +708,37 @@ def test_cli_output_is_progress_and_a_table_with_logs_in_out(stock_classifier, t
     assert "Launching pipeline" in (tmp_path / "out" / "logs" / "apply.log").read_text()
     status = run_cli(["status", str(tmp_path / "out")])
     assert status.returncode == 0 and "filter" in status.stdout and "2/2" in status.stdout
+    # a task's progress time runs to its end, its last documents scored and written (it stopped when its reader
+    # did: the stage's docs/s was the reader's speed)
+    for rank in range(2):
+        record = json.loads((tmp_path / "out" / "logs" / "filter" / "progress" / f"{rank:05d}.json").read_text())
+        written = max(f.stat().st_mtime for f in (tmp_path / "out").glob(f"*/**/*{rank:05d}*") if f.is_file()
+                      and "logs" not in f.parts)
+        assert record["done"] and record["updated"] >= written, (record, written)
+
+
+def test_a_task_read_to_its_end_but_still_scoring_counts_in_the_bar_and_the_rate(tmp_path, monkeypatch):
+    """The bar dropped a task's share to 0 once its reader was done, while scoring took its last two windows
+    (minutes on CPUs), and the rate stopped at the reader's end."""
+    import edu_filter.filters.progress as progress
+
+    folder = tmp_path / "stage" / "progress"
+    folder.mkdir(parents=True)
+    record = {"documents": 100, "bytes": 10, "bytes_total": 10, "started": time.time() - 10, "updated":
+              time.time() - 8, "done": True}
+    (folder / "00000.json").write_text(json.dumps(record))
+    stage = progress.read_stage_progress(str(tmp_path), "stage", 2)
+    assert stage.running_fraction == 1.0 and stage.fraction == 0.5
+    monkeypatch.setattr(progress, "write_interval", lambda running_s: 0.0)
+    step = progress.TaskProgressTime(str(folder))
+    assert list(step.run(iter(range(3)), rank=0)) == [0, 1, 2]
+    touched = json.loads((folder / "00000.json").read_text())
+    assert touched["updated"] > record["updated"] + 7 and {k: v for k, v in touched.items() if k != "updated"} == {
+        k: v for k, v in record.items() if k != "updated"}
+    reading = {**record, "done": False}  # while it reads, its reader writes the time
+    (folder / "00000.json").write_text(json.dumps(reading))
+    list(step.run(iter(range(3)), rank=0))
+    assert json.loads((folder / "00000.json").read_text()) == reading
 
 
 def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(tmp_path):
