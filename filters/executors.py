@@ -38,6 +38,7 @@ from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 from edu_filter.filters.scoring import TASK_SLOT_ENV
 
 POLL_S = 1.0
+REMOTE_TASKS_CHECK_S = 60.0  # how often a Ray run asks the other nodes whether their tasks' processes still run
 KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
@@ -648,6 +649,47 @@ def local_tasks(logs: str, stage: str) -> list[tuple[int, bool | str]]:
     return tasks
 
 
+def remote_killed_task(logs: str, stage: str, here: str | None = None, timeout_s: float = 10.0) -> int | None:
+    """A task of `stage` on another node of the Ray cluster whose process is gone while its `running/` file stays
+    (the kernel's out-of-memory killer on that node): its pool there waits for it forever, and nothing else ends
+    the stage. Each such node is asked by a task pinned to it (no CPU asked, so a busy node answers too); a node
+    that does not answer within `timeout_s` is asked again next time."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = here or socket.gethostname()
+    folder = get_datafolder(f"{logs}/{stage}")
+    ranks: dict[str, dict[int, int]] = {}  # host -> pid -> rank
+    for name in folder.list_files("running"):
+        try:
+            with folder.open(name, "rt") as fh:
+                pid, host = fh.read().split()
+            ranks.setdefault(host, {})[int(pid)] = int(Path(name).name)
+        except (OSError, ValueError):  # removed meanwhile, being written, or an older "PID" alone
+            continue
+    ranks.pop(here, None)  # this machine's are `killed_task`'s
+    if not ranks:
+        return None
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def gone(pids: list[int]) -> list[int]:
+        return [pid for pid in pids if _process_gone(pid)]
+
+    nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in live_ray_nodes()}
+    asked = {host: gone.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[host], soft=False)).remote(
+        list(pids)) for host, pids in ranks.items() if host in nodes}  # a lost node: Ray fails its tasks itself
+    for host, answer in asked.items():
+        try:
+            dead = ray.get(answer, timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - busy or leaving: asked again next time
+            continue
+        for pid in dead:
+            rank = ranks[host][pid]
+            if folder.exists(f"running/{rank:05d}"):  # ended meanwhile: its file went first
+                return rank
+    return None
+
+
 def killed_task(logs: str, stage: str) -> int | None:
     """A task of `stage` whose process ended without finishing or raising (it was killed), if any; killed even
     after writing its completion, the pool waits for it."""
@@ -692,14 +734,18 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
         worker = threading.Thread(target=run_all, name="edu-filter-apply", daemon=True)
         with ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
             worker.start()
-            started, read = time.monotonic(), -math.inf
+            started, read, asked = time.monotonic(), -math.inf, time.monotonic()
             while worker.is_alive():
                 # a Ray run's progress files are on a shared filesystem: read as often as a Slurm chain's
                 if executor != "ray" or time.monotonic() - read >= progress_interval(time.monotonic() - started):
                     display.refresh()
                     read = time.monotonic()
                 worker.join(POLL_S)
-                if watched and worker.is_alive() and (rank := killed_task(logs, watched[0])) is not None:
+                rank = killed_task(logs, watched[0]) if watched and worker.is_alive() else None
+                if (rank is None and executor == "ray" and watched and worker.is_alive()
+                        and time.monotonic() - asked >= REMOTE_TASKS_CHECK_S):
+                    rank, asked = remote_killed_task(logs, watched[0]), time.monotonic()
+                if rank is not None:
                     # a task that raised ends datatrove's pool, which kills the other tasks mid-run: that failure
                     # is the one to report, and it arrives at once; a killed task's pool waits forever
                     worker.join(KILLED_TASK_GRACE_S)

@@ -258,26 +258,42 @@ def test_a_ray_task_failing_before_its_log_exists_says_why(tmp_path):
                      r"node of the cluster needs edu-filter", said), run.stderr[-3000:]
 
 
-NODES_NOT_SEEING = '''
+NODES_ASKED = '''
+import socket
+import subprocess
 import sys
+from pathlib import Path
 import ray
-from edu_filter.filters.executors import ray_nodes_not_seeing
+from edu_filter.filters.executors import ray_nodes_not_seeing, remote_killed_task
 ray.init(num_cpus=1, include_dashboard=False)
 print(len(ray_nodes_not_seeing(sys.argv[1])), len(ray_nodes_not_seeing(sys.argv[2])))
+running = Path(sys.argv[3]) / "stage" / "running"
+running.mkdir(parents=True)
+ended = subprocess.Popen(["true"])
+ended.wait()
+alive = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for rank, pid in ((0, alive.pid), (3, ended.pid)):
+    (running / f"{rank:05d}").write_text(f"{pid} {socket.gethostname()}")
+print(remote_killed_task(sys.argv[3], "stage"), remote_killed_task(sys.argv[3], "stage", here="the-driver"))
+(running / "00003").unlink()
+print(remote_killed_task(sys.argv[3], "stage", here="the-driver"))
+alive.kill()
 ray.shutdown()
 '''
 
 
 @pytest.mark.slow
-def test_the_nodes_that_do_not_see_the_output_folder_are_found_by_asking_each(tmp_path):
+def test_the_other_nodes_are_asked_whether_they_see_the_output_and_run_their_tasks(tmp_path):
     """A node with its own disk wrote its tasks' files there and the run failed hours later saying only that tasks
     "did not complete": a run on several nodes asks each whether it sees the output (one node here: a folder that
-    exists and one that does not stand for a node that mounts it and one that does not)."""
+    exists and one that does not stand for a node that mounts it and one that does not). A task's process killed
+    on another node (the kernel's out-of-memory killer) left its pool there waiting forever: each node is asked
+    whether its tasks' processes still run (the one node here, taken for another one by a driver named otherwise)."""
     (tmp_path / "out").mkdir()
-    run = subprocess.run([sys.executable, "-c", NODES_NOT_SEEING, str(tmp_path / "out"), str(tmp_path / "nowhere")],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", NODES_ASKED, str(tmp_path / "out"), str(tmp_path / "nowhere"),
+                          str(tmp_path / "logs")], env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-2:] == ["0", "1"]
+    assert run.stdout.split()[-5:] == ["0", "1", "None", "3", "None"]  # its own tasks are this machine's to check
 
 
 @pytest.mark.slow
