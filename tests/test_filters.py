@@ -428,6 +428,10 @@ def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
     assert docs[2].metadata["input_source"] == "mixed.jsonl:3"
     assert b"caf\xe9" in __import__("base64").b64decode(docs[2].metadata["raw_base64"])  # raw bytes kept
     assert docs[4].metadata["text_original"] == "7"
+    path.write_bytes(b'{"id": 123456789012345678901234567890, "text": "a"}\n'  # past 64 bits: orjson gives floats
+                     b'{"id": 123456789012345678901234567891, "text": "b"}\n{"id": 2.5, "text": "c"}\n')
+    assert [d.id for d in ApplyInputReader(expand_inputs([str(path)])).run()] == [
+        "123456789012345678901234567890", "123456789012345678901234567891", "2.5"]
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
