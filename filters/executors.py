@@ -678,9 +678,12 @@ def remote_killed_task(logs: str, stage: str, here: str | None = None, timeout_s
     nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in live_ray_nodes()}
     asked = {host: gone.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[host], soft=False)).remote(
         list(pids)) for host, pids in ranks.items() if host in nodes}  # a lost node: Ray fails its tasks itself
+    if not asked:
+        return None
+    answered, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout_s)  # all nodes at once
     for host, answer in asked.items():
         try:
-            dead = ray.get(answer, timeout=timeout_s)
+            dead = ray.get(answer) if answer in answered else []
         except Exception:  # noqa: BLE001 - busy or leaving: asked again next time
             continue
         for pid in dead:
