@@ -53,7 +53,13 @@ def resolve_encoder(kind: str, encoder: str | None = None) -> str:
         snapshot_download(name, ignore_patterns=["*.onnx", "*.h5", "*.msgpack", "*.ot", "onnx/*", "openvino/*"],
                           local_files_only=offline)
         return name
-    except Exception as e:  # noqa: BLE001 - any hub failure means: use the offline encoder
+    except Exception as e:  # noqa: BLE001 - sorted below: out of reach, or the hub's answer
+        if not offline and not _hub_out_of_reach(e):
+            # a 429, a 5xx, a gated repository, a full disk: training hours on a weaker encoder than the kind's
+            # because of them would go unnoticed behind one yellow line
+            said = " ".join(str(e).split())[:300]
+            raise ValueError(f"{name} could not be downloaded ({type(e).__name__}: {said}); run again, give --encoder "
+                             "PATH, or set HF_HUB_OFFLINE=1 to train on the offline all-MiniLM-L6-v2") from None
         reason = "HF_HUB_OFFLINE is set and it is not cached" if offline else f"download failed: {type(e).__name__}"
     try:
         fallback = minilm_path()
@@ -61,6 +67,21 @@ def resolve_encoder(kind: str, encoder: str | None = None) -> str:
         raise ValueError(f"{name} unavailable ({reason}); {e}") from None
     console.print(f"[yellow]{name} unavailable ({reason}): using offline all-MiniLM-L6-v2[/]", soft_wrap=True)
     return fallback
+
+
+def _hub_out_of_reach(error: BaseException) -> bool:
+    """Whether a hub call failed because the hub cannot be reached (no network, a refused or timed-out connection),
+    not because it answered (an HTTP error) or the download failed here: only then is the offline encoder a stand-in
+    for the kind's. The chain of causes is read, by class names (httpx's and requests' alike)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        names = {kind.__name__ for kind in type(seen).__mro__}
+        if "HfHubHTTPError" in names:
+            return False
+        if names & {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "OfflineModeIsEnabled"}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 32, 1 << 16  # sampled across each weights file, as well as its first MiB

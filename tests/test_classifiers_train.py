@@ -110,6 +110,7 @@ def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsy
     metrics = train_classifier([str(doubled)], tmp_path / "ft", kind="code", method="fasttext", fasttext=settings,
                                learning_curve=False)
     assert metrics["training"]["n_train"] + metrics["n"] == len(rows)
+    assert metrics["training"]["repeated_texts_merged"] == len(rows)  # every row read accounted for
     assert "561 documents repeat the text of another" in " ".join(capsys.readouterr().err.split())
     val = write_documents([{**r, "score": r["label"]} for r in rows[:100]], tmp_path / "val.jsonl")
     metrics = train_classifier([str(doubled)], tmp_path / "ft-val", kind="code", method="fasttext",
@@ -117,6 +118,10 @@ def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsy
     assert "100 training documents are also in --val: left out of training" in " ".join(
         capsys.readouterr().err.split())
     assert metrics["training"]["n_train"] == len(rows) - 100 and metrics["n"] == 100
+    training = metrics["training"]
+    assert (training["repeated_texts_merged"], training["train_rows_in_val"]) == (len(rows), 100)
+    assert training["n_train"] + training["n_val"] + training["repeated_texts_merged"] + training[
+        "train_rows_in_val"] == 2 * len(rows) + 100  # the rows of DATA and of --val
 
 
 def test_fasttext_predict_matches_label_probabilities(tmp_path):
@@ -454,6 +459,47 @@ def test_default_encoder_falls_back_offline_with_one_line_notice(capsys, monkeyp
         encoders.resolve_encoder("images")
 
 
+HUB_ANSWERS = """
+import http.server, os, subprocess, sys, threading
+class Hub(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(int(sys.argv[1]))
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "planned"}')
+    do_HEAD = do_GET
+    def log_message(self, *args):
+        pass
+hub = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+threading.Thread(target=hub.serve_forever, daemon=True).start()
+port = hub.server_port if sys.argv[1] != "0" else 9  # 0: nothing listens (the discard port)
+env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+       "HF_HOME": sys.argv[2]}
+run = subprocess.run([sys.executable, "-c", "from edu_filter.classifiers.encoders import resolve_encoder; "
+                      "print(resolve_encoder('web'))"], env=env, capture_output=True, text=True, timeout=120)
+print(run.returncode, run.stdout.strip(), " ".join(run.stderr.split())[-600:])
+"""
+
+
+@pytest.mark.parametrize("status", [0, 401, 500])
+def test_the_default_encoder_falls_back_only_where_the_hub_is_out_of_reach(status, tmp_path, minilm_path):
+    """Any hub failure (a 429, a 5xx, a gated repository, a full disk) trained on all-MiniLM-L6-v2 instead of the
+    kind's encoder behind one yellow line. A hub on 127.0.0.1 that answers with an error, and an address nothing
+    listens on, stand for the two."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HUB_ANSWERS, str(status), str(tmp_path / "hf")], capture_output=True,
+                         text=True, timeout=300)
+    code, said = run.stdout.split(" ", 1)
+    if status == 0:
+        assert code == "0" and said.startswith(minilm_path), said
+        assert "Snowflake/snowflake-arctic-embed-m unavailable (download failed" in said
+    else:
+        assert code == "1" and f"{status}" in said and "could not be downloaded" in said, said
+        assert "HF_HUB_OFFLINE=1" in said
+
+
 def test_framing_for_a_tokenizer_without_special_tokens(tmp_path):
     """starencoder-like: a GPT-2 style BPE that adds no special tokens and has no pad token, [CLS]/[SEP] in vocab."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -523,11 +569,16 @@ def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_
     assert str(out) in str(error.value) and "\n" not in str(error.value)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
-    # fastText replaced by a head model: nothing of the fastText model stays
+    # what is not a model's is never removed: --overwrite is refused, naming it, before any work
     (out / "notes-of-the-old-run.txt").write_text("the old model's")
+    with pytest.raises(ValueError, match=r"holds a model and notes-of-the-old-run\.txt, which are not a model's"):
+        quick_head(out, minilm_path, embedding_cache_dir, overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before} == before
+    (out / "notes-of-the-old-run.txt").unlink()
+    # fastText replaced by a head model: nothing of the fastText model stays
     metrics = quick_head(out, minilm_path, embedding_cache_dir, overwrite=True)
     assert metrics["training"]["method"] == "head"
-    assert not any((out / name).exists() for name in (*FASTTEXT_FILES, "notes-of-the-old-run.txt"))
+    assert not any((out / name).exists() for name in FASTTEXT_FILES)
     assert all((out / name).exists() for name in TRANSFORMERS_FILES)
     assert type(load_scorer(out)) is EduScorer
 
@@ -550,6 +601,15 @@ def test_overwrite_never_empties_a_folder_that_holds_no_model(tmp_path):
         with pytest.raises(ValueError, match="is not empty and holds no model .*data.jsonl"):
             train_classifier([str(CODE_LABELS)], folder, kind="code", method="fasttext", overwrite=overwrite)
     assert [p.name for p in folder.iterdir()] == ["data.jsonl"]
+    # a model kept beside the labels it was trained on, retrained into the same folder: the labels, notes and
+    # subfolders were deleted with the old model
+    (folder / "config.json").write_text("{}")
+    (folder / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"data\.jsonl lies inside the output folder"):
+        train_classifier([str(folder / "data.jsonl")], folder, kind="code", method="fasttext", overwrite=True)
+    with pytest.raises(ValueError, match=r"holds a model and data\.jsonl, sub/, which are not a model's"):
+        train_classifier([str(CODE_LABELS)], folder, kind="code", method="fasttext", overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "data.jsonl", "sub"]
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="is a file"):
         train_classifier([str(CODE_LABELS)], tmp_path / "a-file", kind="code", method="fasttext")

@@ -18,8 +18,11 @@ refitted on 10/25/50/100% of the labels in repeated cross-validation) says wheth
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -153,18 +156,32 @@ def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
 
 
-def check_output(output: Path, overwrite: bool) -> None:
+# what a model folder holds (edu-filter's, a transformers one, fastText's): `--overwrite` removes these alone
+MODEL_FILE = re.compile(r"[^/]+\.(json|safetensors|bin|png|model)|README\.md|modeling_\w+\.py|(vocab|merges)\.txt")
+
+
+def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """An absent or empty folder is fine; one holding a model only with `overwrite`, and one holding anything else
-    never (overwrite replaces a model folder, it does not empty any folder it is pointed at)."""
+    never (overwrite replaces a model folder, it does not empty any folder it is pointed at: the labels kept beside
+    the model they trained, notes, a subfolder went with it). No input may lie inside it."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output} is a file, not a model folder")
     if not output.exists() or not any(output.iterdir()):
         return
+    inside = [str(i) for i in inputs if output.resolve() in Path(i).resolve().parents]
+    if inside:
+        raise ValueError(f"{inside[0]} lies inside the output folder {output}, which training replaces; give "
+                         "another folder")
     if not any((output / name).exists() for name in MODEL_MARKERS):
         names = ", ".join(sorted(p.name for p in output.iterdir())[:3])
         raise ValueError(f"{output} is not empty and holds no model ({names}); give an empty or new folder")
     if not overwrite:
         raise ValueError(f"{output} already holds a model; give --overwrite to replace it, or another folder")
+    other = sorted(p.name + "/" * p.is_dir() for p in output.iterdir() if p.is_dir() or not MODEL_FILE.fullmatch(p.name))
+    if other:
+        raise ValueError(f"{output} holds a model and {', '.join(other[:3])}{' ...' * (len(other) > 3)}, which are "
+                         "not a model's: --overwrite replaces a model, it does not empty a folder; move them, or give "
+                         "another folder")
 
 
 def clear_folder(folder: Path) -> None:
@@ -268,7 +285,7 @@ def train_classifier(
         check_named_path(cfg.encoder, "--encoder")
     output = Path(output)
     check_writable_output(output, "-o/--output")
-    check_output(output, overwrite)
+    check_output(output, overwrite, [*data, *(val or [])])
     check_not_empty(data, "DATA")
     if val:
         check_not_empty(val, "--val")
@@ -279,14 +296,18 @@ def train_classifier(
                                    annotation)
     labelled = list(rows)  # every label read, for who labelled them
     rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
+    merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
     if val:
         val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
                                                cfg.weight_field, annotation)
         left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
         labelled += val_rows
+        read_val = len(val_rows)
         val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
+        merged += read_val - len(val_rows)
         held = {text_hash(r["text"]) for r in val_rows}
         kept = [i for i, r in enumerate(rows) if text_hash(r["text"]) not in held]
+        in_val = len(rows) - len(kept)
         if len(kept) < len(rows):
             console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
                           "training, so the validation metrics are of documents the model did not see[/]")
@@ -333,6 +354,8 @@ def train_classifier(
         "n_val": len(val_rows),
         "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
         "failed_annotations_left_out": left_out,  # --skip-failed: rows the LLM never labelled, by reason
+        # with n_train, n_val and the failed left out, every row read: n_train + n_val + these + failed
+        "repeated_texts_merged": merged, "train_rows_in_val": in_val,
         "cut_points": cut_points,
         "calibration_examples": int(len(calib_scores)),
         # the metrics' own integer scores come from cut points fitted without the validation labels
