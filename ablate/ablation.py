@@ -1,8 +1,8 @@
 """`edu-filter ablate`: train the same small model on each dataset at an equal token budget and compare.
 
 One ablation folder holds one tokenizer (trained on a sample mixing every --data input, or given), the packed token
-files, one run folder per dataset (checkpoint, final model, run.json; with --seeds K > 1 one `seed-S` folder per
-seed inside it), `report.json`, `report.md` (the verdict in one sentence), `provenance.json` (inputs and their
+files, one run folder per dataset (its checkpoint while it trains, then its final model and run.json; with
+--seeds K > 1 one `seed-S` folder per seed inside it), `report.json`, `report.md` (the verdict in one sentence), `provenance.json` (inputs and their
 fingerprints, see `edu_filter.provenance`) and two plots: `loss_curves.png` (training and evaluation loss against
 tokens) and `eval_loss.png` (final evaluation losses per run, side by side). Every run is evaluated on every
 dataset's held-out slice and on each --eval reference set.
@@ -415,9 +415,10 @@ def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size:
         if recorded in (None, asked):
             return load_tokenizer(folder)
         if trained:
+            what = "--vocab-size" if recorded.get("vocab_size") != vocab_size else "tokenizer_sample_chars"
             raise InputError(f"{folder} was trained with a vocabulary of {recorded['vocab_size']:,} from "
                              f"{recorded['sample_chars']:,} characters and the runs in {out} with it; this invocation "
-                             f"asks {vocab_size:,} from {sample_chars:,} (--vocab-size): {redo}")
+                             f"asks {vocab_size:,} from {sample_chars:,} ({what}): {redo}")
     # no run trained with another: trained as asked (the token files of another are packed again)
     sample = mixed_sample([iter_texts(path, text_field, spread=True) for path in datasets.values()], sample_chars)
     tok = train_tokenizer(sample, vocab_size, folder)

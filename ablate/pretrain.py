@@ -8,6 +8,7 @@ code runs in fp32, which is how the tiny preset is exercised.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -305,8 +306,8 @@ def pretrain(
 ) -> dict:
     """Train one model on `train_path` (a packed token file) and evaluate it on `eval_paths`; returns the run record.
 
-    Writes OUT/checkpoint (model, optimizer, trainer state; resumable), OUT/model (final weights and tokenizer,
-    loadable with AutoModelForCausalLM) and OUT/run.json. `progress` is an optional rich Progress to report into,
+    Writes OUT/checkpoint (model, optimizer, trainer state; resumable) while it trains, then OUT/model (final weights
+    and tokenizer, loadable with AutoModelForCausalLM) and OUT/run.json, and removes the checkpoint. `progress` is an optional rich Progress to report into,
     under `name` (default: the folder's name). `cfg.seed` sets the initial weights and the order of the data.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -383,8 +384,8 @@ def pretrain(
     if resuming:
         saved = json.loads((checkpoint / "trainer_state.json").read_text())
         if changed := _config_changes(saved["config"], cfg):
-            raise ValueError(f"{checkpoint} was written with another configuration ({changed}); remove it or use "
-                             "resume=False")
+            raise ValueError(f"{checkpoint} was written with another configuration ({changed}); give the values it "
+                             "was written with (a model field: --override KEY=VALUE), or remove it to train again")
         state = saved["state"]
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
 
@@ -561,8 +562,11 @@ def _finished_record(out_dir: Path, cfg: PretrainConfig) -> dict | None:
     if not record.get("finished") or not (out_dir / "model" / "config.json").exists():
         return None
     if changed := _config_changes(record.get("config", {}), cfg):
-        raise ValueError(f"{out_dir} holds a run finished with another configuration ({changed}); use another "
-                         "output folder, or remove it to train again")
+        raise ValueError(f"{out_dir} holds a run finished with another configuration ({changed}); give the values "
+                         "it was trained with (a model field: --override KEY=VALUE), use another output folder, or "
+                         "remove it to train again")
+    # never read again, with the optimizer's moments 3x the model: a run an earlier edu-filter finished kept it
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return record
 
 
@@ -574,7 +578,23 @@ def _config_changes(saved: dict, cfg: PretrainConfig) -> str:
 
 
 def _run_defining(config: dict) -> dict:
-    """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change)."""
-    return {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
-                                                         "checkpoint_minutes",
-                                                         "eval_every", "compile", "cpu_threads")}
+    """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change), the
+    model's fields flat (`model.rms_norm_eps`), each one a config leaves out at LlamaConfig's default: a run saved
+    before a preset set a field resumes when the field is given its value then (`--override`)."""
+    defining = {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
+                                                             "checkpoint_minutes", "eval_every", "compile",
+                                                             "cpu_threads", "model")}
+    model = config.get("model") or {}
+    defining.update({f"model.{k}": model.get(k, _llama_default(k)) for k in sorted({*MODEL_FIELDS, *model})})
+    return defining
+
+
+@functools.cache
+def _llama_defaults() -> dict:
+    from transformers import LlamaConfig
+
+    return LlamaConfig().to_dict()
+
+
+def _llama_default(field: str):
+    return _llama_defaults().get(field)

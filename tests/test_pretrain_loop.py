@@ -197,6 +197,13 @@ def test_a_finished_run_is_not_loaded_or_saved_again_by_a_rerun(corpus, tmp_path
     with pytest.raises(ValueError, match=r"holds a run finished with another configuration \(lr: 0.01 then, 0.02 now"):
         run(corpus, tmp_path / "r", lr=2e-2)
     assert weights.stat().st_mtime_ns == written
+    # a model field its config left out is LlamaConfig's default then: a preset that sets it since (SmolLM's RMSNorm
+    # epsilon) still resumes the run given that value, and names the field otherwise
+    assert "rms_norm_eps" not in first["config"]["model"]
+    assert run(corpus, tmp_path / "r", rms_norm_eps=1e-6)["train_loss"] == first["train_loss"]
+    with pytest.raises(ValueError, match=r"another configuration \(model.rms_norm_eps: 1e-06 then, 1e-05 now\); give "
+                                         r"the values it was trained with \(a model field: --override KEY=VALUE\)"):
+        run(corpus, tmp_path / "r", rms_norm_eps=1e-5)
 
 
 @pytest.mark.slow
