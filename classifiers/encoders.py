@@ -72,16 +72,15 @@ def resolve_encoder(kind: str, encoder: str | None = None) -> str:
 def _hub_out_of_reach(error: BaseException) -> bool:
     """Whether a hub call failed because the hub cannot be reached (no network, a refused or timed-out connection),
     not because it answered (an HTTP error) or the download failed here: only then is the offline encoder a stand-in
-    for the kind's. The chain of causes is read, by class names (httpx's and requests' alike)."""
+    for the kind's. The whole chain of causes is read, by class names (httpx's and requests' alike): huggingface_hub
+    before 1.0 wraps a refused connection in a LocalEntryNotFoundError that is an HfHubHTTPError."""
+    chain: list[BaseException] = []
     seen: BaseException | None = error
-    while seen is not None:
-        names = {kind.__name__ for kind in type(seen).__mro__}
-        if "HfHubHTTPError" in names:
-            return False
-        if names & {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "OfflineModeIsEnabled"}:
-            return True
+    while seen is not None and seen not in chain:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return False
+    unreachable = {"TransportError", "ConnectionError", "Timeout", "TimeoutError", "OfflineModeIsEnabled"}
+    return any(unreachable & {kind.__name__ for kind in type(e).__mro__} for e in chain)
 
 
 IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 32, 1 << 16  # sampled across each weights file, as well as its first MiB

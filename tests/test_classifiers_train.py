@@ -500,6 +500,31 @@ def test_the_default_encoder_falls_back_only_where_the_hub_is_out_of_reach(statu
         assert "HF_HUB_OFFLINE=1" in said
 
 
+def test_a_refused_connection_wrapped_as_an_http_error_is_the_hub_out_of_reach():
+    """huggingface_hub before 1.0 wraps a refused connection in a LocalEntryNotFoundError that is an HfHubHTTPError
+    (its class tree rebuilt here): read as the hub answering, an offline machine's `train` stopped instead of falling
+    back."""
+    from edu_filter.classifiers.encoders import _hub_out_of_reach
+
+    class HfHubHTTPError(OSError):
+        pass
+
+    class LocalEntryNotFoundError(HfHubHTTPError, FileNotFoundError):
+        pass
+
+    def wrapped(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except OSError as e:
+                raise LocalEntryNotFoundError("cannot find the requested files") from e
+        except LocalEntryNotFoundError as e:
+            return e
+
+    assert _hub_out_of_reach(wrapped(ConnectionRefusedError(111, "Connection refused")))
+    assert not _hub_out_of_reach(wrapped(HfHubHTTPError("500 Server Error")))
+
+
 def test_framing_for_a_tokenizer_without_special_tokens(tmp_path):
     """starencoder-like: a GPT-2 style BPE that adds no special tokens and has no pad token, [CLS]/[SEP] in vocab."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
