@@ -186,6 +186,15 @@ def _refuse_apply_outputs(folder: str, names: list[str]) -> None:
     runs = {n[:-len("run_config.json")] for n in names if n == "run_config.json" or n.endswith("/run_config.json")}
     if not runs:
         return
+    # apply's: its run_config.json beside kept/, removed/ or failed/ (another tool's run_config.json is not one)
+    beside = set()
+    for name in names:
+        parts = name.split("/")
+        beside.update("".join(f"{p}/" for p in parts[:depth]) for depth in range(len(parts) - 1)
+                      if parts[depth] in ("kept", "removed", "failed"))
+    runs &= beside
+    if not runs:
+        return
     for name in sorted(names):
         if not _has_suffix(name, FOLDER_SUFFIXES):
             continue

@@ -598,6 +598,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
             if cfg.backend in SERVER_BACKENDS:
                 # beside the answer cache: <output>.server-logs/ (the cache is <output>.cache.sqlite by default)
                 logs = cache_path.with_name(cache_path.name.removesuffix(".cache.sqlite") + ".server-logs")
+                for log in logs.glob("*.log"):  # the crash a rerun goes on after: datatrove writes its log anew
+                    log.replace(log.with_name(log.name + ".previous"))
                 base_url = await stack.enter_async_context(managed_server(cfg.server(str(logs))))
             backend = await stack.enter_async_context(OpenAIBackend(
                 base_url, cfg.model, settings=cfg.generation(), api=cfg.api, api_key=os.environ.get(cfg.api_key_env),

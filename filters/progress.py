@@ -20,6 +20,8 @@ from datatrove.pipeline.base import PipelineStep
 WRITE_EVERY_S = 2.0  # a task's first 40 s: the bars move at once (then a 20th of its time so far, up to 30 s)
 # a task running for hours: 2,000 running tasks writing every 2 s were 1,000 files a second on the shared filesystem
 WRITE_MAX_EVERY_S = 30.0
+# a task read to its end and scoring its last windows moves its progress time on at least once a window (minutes on CPUs)
+SCORING_TAIL_S = 600.0
 
 
 def write_interval(running_s: float) -> float:
@@ -198,7 +200,10 @@ def read_stage_progress(logs: str, name: str, tasks: int, final: dict[str, dict]
             stage.bytes_total += record["bytes_total"]
             stage.started = min(stage.started or record["started"], record["started"])
             stage.updated = max(stage.updated or record["updated"], record["updated"])
-            if not finished and record["bytes_total"]:  # read to its end, it may still be scoring its last windows
+            # read to its end, a task may still be scoring its last windows (its time moves on while it does); one
+            # whose time stopped long ago was killed there, and runs again from its start
+            if not finished and record["bytes_total"] and (
+                    not record["done"] or time.time() - record["updated"] < SCORING_TAIL_S):
                 stage.running_fraction += record["bytes"] / record["bytes_total"]
         stage.attempt_started, stage.attempt_documents = current_attempt(records)
     return stage

@@ -290,18 +290,22 @@ def test_a_server_that_exits_mid_run_stops_the_run_at_once_naming_its_output(tmp
     """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
     minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so and
     where the server's output is: datatrove drops what a server prints once it is ready, so why it crashed was
-    nowhere."""
+    nowhere. The log of the run before (whose crash this one may go on after) is kept."""
     import time
 
+    logs = tmp_path / "out.jsonl.server-logs"
+    logs.mkdir()
+    (logs / "server_rank_00000_node_-1.log").write_text("the crash of the run before\n")
     run, children, out = scoring_with_its_server(tmp_path, "--server-arg", "crash-after=6")
     started = time.monotonic()
     _, stderr = run.communicate(timeout=120)
     said = " ".join(stderr.split())
     assert run.returncode == 1 and time.monotonic() - started < 60, said[-2000:]
-    (log,) = (tmp_path / "out.jsonl.server-logs").iterdir()
+    (log,) = logs.glob("*.log")
     assert (f"server for test-model exited while the run was scoring (exit status 1) (its output: {log})"
             in said), said[-2000:]
     assert "RuntimeError: planted crash of the test server" in log.read_text()
+    assert (logs / f"{log.name}.previous").read_text() == "the crash of the run before\n"
     assert not out.exists() and Path(f"{out}.cache.sqlite").exists()  # the answers received are kept
 
 

@@ -729,6 +729,10 @@ def test_a_task_read_to_its_end_but_still_scoring_counts_in_the_bar_and_the_rate
     (folder / "00000.json").write_text(json.dumps(record))
     stage = progress.read_stage_progress(str(tmp_path), "stage", 2)
     assert stage.running_fraction == 1.0 and stage.fraction == 0.5
+    killed = {**record, "updated": time.time() - 2 * progress.SCORING_TAIL_S}  # its time stopped: killed, not scoring
+    (folder / "00000.json").write_text(json.dumps(killed))
+    assert progress.read_stage_progress(str(tmp_path), "stage", 2).running_fraction == 0.0
+    (folder / "00000.json").write_text(json.dumps(record))
     monkeypatch.setattr(progress, "write_interval", lambda running_s: 0.0)
     step = progress.TaskProgressTime(str(folder))
     assert list(step.run(iter(range(3)), rank=0)) == [0, 1, 2]

@@ -462,6 +462,10 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
         read_documents([runs])
     shutil.rmtree(runs / "CC-2024-18" / "removed")
     assert [r["id"] for r in read_documents([runs])] == ["k"]
+    tool = tmp_path / "tool"  # another tool's run_config.json beside its data: not an apply output
+    write_documents([{"id": "t", "text": "t"}], tool / "data" / "0.jsonl")
+    (tool / "run_config.json").write_text("{}")
+    assert [r["id"] for r in read_documents([tool])] == ["t"]
 
 
 def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):
