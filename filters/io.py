@@ -673,6 +673,7 @@ class RankFileReader(JsonlReader):
     def __init__(self, data_folder: str, progress_folder: str | None = None):
         super().__init__(data_folder, add_file_path=False, adapter=_from_record)
         self.progress_folder = progress_folder
+        self._position = 0  # compressed bytes of the file read so far
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
@@ -684,10 +685,22 @@ class RankFileReader(JsonlReader):
         size = self.data_folder.size(filename)
         progress = TaskProgress(self.progress_folder, rank, bytes_total=size)
         for doc in self.read_files_shard([filename]):
+            progress.at_bytes(self._position)  # the bar moves as it reads, not once the task is done
             progress.document()
             yield doc
         progress.file_done(size)
         progress.close()
+
+    def read_file(self, filepath: str):
+        """datatrove's, keeping the compressed file's position; a row that does not read fails the task (the file
+        is this run's own: datatrove's skipped it with a warning, and a document was lost)."""
+        with self.data_folder.open(filepath, "rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines):
+                self._position = raw.tell()
+                with self.track_time():
+                    document = self.get_document_from_dict(orjson.loads(line), filepath, number)
+                if document:
+                    yield document
 
 
 def _from_record(self, data: dict, path: str, id_in_file: int | str) -> dict:

@@ -275,6 +275,30 @@ def test_a_tasks_progress_over_uneven_row_groups_stays_within_its_total(tmp_path
     assert seen[0][0] <= 0.6 * total and seen[-1][0] == total  # the first group is half the task's groups, not all
 
 
+def test_a_later_stage_reading_its_task_file_counts_its_bytes_as_it_reads(tmp_path, monkeypatch):
+    """A stage reading back what an earlier one wrote (score-first's dedup stages, keep-top's select) moved its bar
+    only when a task was done: a run of a few big tasks showed 0% for hours."""
+    import random
+
+    import edu_filter.filters.progress as progress
+    from edu_filter.filters.io import RankFileReader
+
+    monkeypatch.setattr(progress, "write_interval", lambda running_s: 0.0)
+    words = [f"w{i}" for i in range(5000)]
+    rng = random.Random(0)
+    with gzip.open(tmp_path / "00000.jsonl.gz", "wt") as fh:  # incompressible enough to span many gzip blocks
+        for i in range(4096):
+            fh.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choices(words, k=200))}) + "\n")
+    total = (tmp_path / "00000.jsonl.gz").stat().st_size
+    seen = []
+    for i, doc in enumerate(RankFileReader(str(tmp_path), str(tmp_path / "progress")).run(rank=0), start=1):
+        if i % 1024 == 0:
+            seen.append(json.loads((tmp_path / "progress" / "00000.json").read_text())["bytes"])
+    assert i == 4096 and doc.id == "d4095"
+    assert seen == sorted(seen) and 0 < seen[0] < seen[2] < total, (seen, total)
+    assert json.loads((tmp_path / "progress" / "00000.json").read_text())["bytes"] == total
+
+
 def test_a_parquet_file_whose_footer_does_not_read_is_one_task_part_not_every_task_reading_everything(tmp_path):
     """At 25k files for 50k tasks, one unreadable footer made every task read every file (keeping every n-th
     row): 50k times the reading. The file is now a part of its own, whose task records it as unreadable once."""
