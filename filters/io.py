@@ -624,7 +624,8 @@ class ApplyInputReader(BaseReader):
                     # pyarrow says OSError both for a corrupt page (the same again at the same row) and for a
                     # transient read error (gone on a second read): read again from there once to tell them apart
                     if not parquet or type(e) is not OSError:  # HTTP, fsspec, errno errors: not the file's bytes
-                        e.add_note(f"while reading {label} after row {self._row_reached}")
+                        if hasattr(e, "add_note"):  # Python 3.11+; on 3.10 the error goes up as it came
+                            e.add_note(f"while reading {label} after row {self._row_reached}")
                         raise
                     if failed_at != self._row_reached:
                         failed_at = self._row_reached

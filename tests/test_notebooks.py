@@ -1,5 +1,6 @@
 """Both threshold-sweep notebooks execute top to bottom on the bundled data and save their plots."""
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -37,3 +38,15 @@ def test_threshold_sweep_notebook_runs(kind, tmp_path, monkeypatch):
     NotebookClient(again, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     said = "".join(o.get("text", "") for c in again.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert f"fasttext_model was trained on {tmp_path / 'work' / 'train.jsonl'}" in said
+    if kind == "code":  # labelled code of one's own and no model: swept whole (the bundled file's 4th rows were)
+        rows = [json.loads(line) for line in open(REPO / "data/code/python_edu_labels.jsonl")][:12]
+        own = tmp_path / "mine.jsonl"
+        own.write_text("".join(json.dumps({**r, "id": f"mine-{i}"}) + "\n" for i, r in enumerate(rows)))
+        monkeypatch.delenv("EDU_MODEL_CODE")
+        monkeypatch.setenv("EDU_SWEEP_DATA_CODE", str(own))
+        third = nbformat.read(path, as_version=4)
+        third.cells = third.cells[:4]
+        NotebookClient(third, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+                       ).execute()
+        said = "".join(o.get("text", "") for c in third.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "; 12 labelled documents to sweep" in said, said
