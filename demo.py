@@ -120,7 +120,8 @@ def run_demo(output: str | Path = "demo_out") -> Path:
     results["code_val"] = json.loads((code_model / "metrics.json").read_text())
     timings["train_code"] = time.perf_counter() - t
 
-    t = _stage("4/6 apply: FineWeb-Edu preset on unseen web documents, Python-Edu preset on unlabelled Python files")
+    t = _stage("4/6 apply: FineWeb-Edu preset on the web validation split, Python-Edu preset on unlabelled Python "
+               "files")
     # int8: the CPU fast path a CPU fleet would use (scores within ~0.04 of the exact ones train/evaluate report)
     results["apply_web"] = run_apply([str(WEB_VAL)], str(out / "apply/web"), model=str(web_model),
                                      preset="fineweb-edu", tasks=2, workers=2, dtype=APPLY_DTYPE)
