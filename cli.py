@@ -414,7 +414,7 @@ def apply(
     workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm, Ray: no limit unless given)."),
     order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU, "
                        "except with --keep-top; a resumed run keeps its order)."),
-    overwrite: bool = typer.Option(False, help="Start over when OUT holds a run made with other settings, model or inputs."),
+    overwrite: bool = typer.Option(False, help="Start over, deleting the run OUT holds and its finished tasks (needed where it was made with other settings, model or inputs; without it, the same run resumes)."),
     keep_work: bool = typer.Option(APPLY.keep_work, help="Keep the scratch folder OUT/work (signatures, intermediates): deleted after success, the dedup signatures once read."),
     wait: bool = typer.Option(False, help="Slurm: follow the submitted chain until it ends (exit 1 if a stage fails)."),
     verbose: bool = typer.Option(False, help="Show datatrove's logs in the terminal (always in OUT/logs)."),

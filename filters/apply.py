@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -478,6 +479,10 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
             raise DocumentError(f"{out} holds a run made differently ({changed}); add --overwrite to start over, "
                                 "or use another output folder")
         if changed or overwrite:
+            finished = sum(len(list(d.iterdir())) for d in (out / "logs").glob("*/completions") if d.is_dir())
+            if not changed and finished:  # the same run: it would have resumed
+                print(f"note: --overwrite starts over: the {finished} finished tasks of the run in {out}, made the "
+                      "way this one is, are discarded (without --overwrite it resumes)", file=sys.stderr, flush=True)
             remove_outputs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

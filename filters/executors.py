@@ -16,9 +16,11 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -434,10 +436,64 @@ def running_marker(logging_dir, rank: int):
 
 
 def forget_killed(logging_dir) -> None:
-    """Removes the `running/` files a killed earlier run left, before anyone watches this run's."""
+    """Removes the `running/` files a killed earlier run left, before anyone watches this run's. A task of that run
+    still running on this machine (its run killed alone, its workers left) stops this one: both would write the
+    task's files at once."""
+    here = socket.gethostname()
     for name in logging_dir.list_files("running"):
+        try:
+            with logging_dir.open(name, "rt") as fh:
+                pid, *host = fh.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            pid, host = None, []
+        if pid is not None and (not host or host[0] == here) and _runs_python(pid):
+            stage = posixpath.basename(logging_dir.path.rstrip("/"))
+            raise RunError(f"task {int(posixpath.basename(name))} of stage {stage} is still running in process {pid}, "
+                           "left by an earlier run of this output that was stopped alone: stop it (kill "
+                           f"{pid}) or let it finish, then run the same command again")
         with contextlib.suppress(FileNotFoundError):
             logging_dir.rm(name)
+
+
+def _runs_python(pid: int) -> bool:
+    """Whether process `pid` lives and runs Python (a task's worker, not another program given its id since)."""
+    if _process_gone(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"python" in fh.read().lower()
+    except OSError:
+        return False
+
+
+def stop_local_tasks(logs: str, stage: str) -> None:
+    """Kills the processes running `stage`'s tasks on this machine (their `running/` files say which): the run is
+    stopping, and datatrove's workers would otherwise finish their tasks unwatched, while a rerun ran them again."""
+    for rank, alive in local_tasks(logs, stage):
+        if alive is True:
+            with contextlib.suppress(OSError, ValueError):
+                with get_datafolder(f"{logs}/{stage}").open(f"running/{rank:05d}", "rt") as fh:
+                    os.kill(int(fh.read().split()[0]), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGHUP (`kill`, a batch system, a closed terminal) end a run as Ctrl-C does, through its cleanup:
+    by default they ended the process alone, its workers running on. Only where signals can be set (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class WatchedLocalExecutor(LocalPipelineExecutor):
@@ -735,26 +791,32 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                 failure.append(e)
 
         worker = threading.Thread(target=run_all, name="edu-filter-apply", daemon=True)
-        with ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
+        with stopped_by_signals(), ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
             worker.start()
-            started, read, asked = time.monotonic(), -math.inf, time.monotonic()
-            while worker.is_alive():
-                # a Ray run's progress files are on a shared filesystem: read as often as a Slurm chain's
-                if executor != "ray" or time.monotonic() - read >= progress_interval(time.monotonic() - started):
-                    display.refresh()
-                    read = time.monotonic()
-                worker.join(POLL_S)
-                rank = killed_task(logs, watched[0]) if watched and worker.is_alive() else None
-                if (rank is None and executor == "ray" and watched and worker.is_alive()
-                        and time.monotonic() - asked >= REMOTE_TASKS_CHECK_S):
-                    rank, asked = remote_killed_task(logs, watched[0]), time.monotonic()
-                if rank is not None:
-                    # a task that raised ends datatrove's pool, which kills the other tasks mid-run: that failure
-                    # is the one to report, and it arrives at once; a killed task's pool waits forever
-                    worker.join(KILLED_TASK_GRACE_S)
-                    if not worker.is_alive():
-                        break
-                    raise StageFailed(killed_task_message(out, watched[0], rank, ray=executor == "ray"))
+            try:
+                started, read, asked = time.monotonic(), -math.inf, time.monotonic()
+                while worker.is_alive():
+                    # a Ray run's progress files are on a shared filesystem: read as often as a Slurm chain's
+                    now = time.monotonic()
+                    if executor != "ray" or now - read >= progress_interval(now - started):
+                        display.refresh()
+                        read = time.monotonic()
+                    worker.join(POLL_S)
+                    rank = killed_task(logs, watched[0]) if watched and worker.is_alive() else None
+                    if (rank is None and executor == "ray" and watched and worker.is_alive()
+                            and time.monotonic() - asked >= REMOTE_TASKS_CHECK_S):
+                        rank, asked = remote_killed_task(logs, watched[0]), time.monotonic()
+                    if rank is not None:
+                        # a task that raised ends datatrove's pool, which kills the other tasks mid-run: that failure
+                        # is the one to report, and it arrives at once; a killed task's pool waits forever
+                        worker.join(KILLED_TASK_GRACE_S)
+                        if not worker.is_alive():
+                            break
+                        raise StageFailed(killed_task_message(out, watched[0], rank, ray=executor == "ray"))
+            except BaseException:  # a killed task, SIGTERM, Ctrl-C: the local workers go with the run
+                if executor == "local" and watched:
+                    stop_local_tasks(logs, watched[0])
+                raise
         if failure:
             raise failure[0]
         stats = json.loads((Path(out) / "stats.json").read_text())
@@ -1529,4 +1591,10 @@ def show_status(out: str, console) -> dict:
         else:
             console.print(stats_table(stats))
             summary["stats"] = stats
+            report = next((st for st in summary["stages"] if st["name"] == "report"), None)
+            if report is not None and report["tasks_done"] < report["tasks"]:
+                # stats.json comes first in the report stage: its provenance, card and work/ cleanup did not follow
+                console.print("[yellow]the report stage did not finish (its provenance record and card are not "
+                              "written, work/ is not removed): run the same apply command again to finish it[/]")
+                summary["report_incomplete"] = True
     return summary

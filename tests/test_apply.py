@@ -9,6 +9,7 @@ import base64
 import contextlib
 import gzip
 import json
+import re
 import subprocess
 import sys
 import time
@@ -548,7 +549,8 @@ def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["settings"]["tokenizer"] == "gpt2"
 
 
-def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_classifier, tmp_path, monkeypatch):
+def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_classifier, tmp_path, monkeypatch,
+                                                                         capsys):
     import shutil
 
     from edu_filter.documents import DocumentError
@@ -561,6 +563,13 @@ def test_equivalent_paths_resume_and_a_replaced_model_or_input_is_refused(stock_
     again = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=str(model), threshold=2,
                       dedup=False, show=False)  # the same run: resumes (here: nothing left to do)
     assert again == first
+    capsys.readouterr()
+    # --overwrite kept in a script: the same run started over, its finished tasks discarded, said
+    assert run_apply(["in.jsonl"], "out", model="model", threshold=2, dedup=False, overwrite=True, show=False)[
+        "kept"] == first["kept"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert re.search(r"--overwrite starts over: the \d+ finished tasks of the run in \S*out, made the way this one "
+                     r"is, are discarded", said), said[-2000:]
 
     from safetensors.torch import load_file, save_file
 
@@ -708,6 +717,11 @@ def test_cli_output_is_progress_and_a_table_with_logs_in_out(stock_classifier, t
     assert "Launching pipeline" in (tmp_path / "out" / "logs" / "apply.log").read_text()
     status = run_cli(["status", str(tmp_path / "out")])
     assert status.returncode == 0 and "filter" in status.stdout and "2/2" in status.stdout
+    assert "report stage did not finish" not in status.stdout
+    for done in (tmp_path / "out" / "logs" / "report" / "completions").iterdir():  # killed after writing stats.json
+        done.unlink()
+    status = run_cli(["status", str(tmp_path / "out")])
+    assert "the report stage did not finish" in " ".join(status.stdout.split()), status.stdout
     # a task's progress time runs to its end, its last documents scored and written (it stopped when its reader
     # did: the stage's docs/s was the reader's speed)
     for rank in range(2):

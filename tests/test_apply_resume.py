@@ -27,6 +27,7 @@ from apply_corpus import (  # noqa: E402
     fixture_args_into,
     read_kept,
     rerun_gives_the_clean_result,
+    run_cli,
     sigkill_mid_scoring_then_rerun,
 )
 
@@ -167,3 +168,39 @@ def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tm
     rerun_gives_the_clean_result(cli_tasks4, out, fixture_args_into(cli_tasks4, out))
     assert json.loads((out / "stats.json").read_text())["in"] == json.loads(whole)["in"]
     assert not list(out.glob(".partial-*"))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_refused(cli_tasks4, tmp_path):
+    """`kill PID` (SIGTERM) to the run alone ended the process and left datatrove's workers finishing their tasks
+    unwatched, and a rerun then ran the same tasks beside them, both writing their files. The run now stops through
+    its cleanup, its workers with it; and a task of an earlier run still running here stops a rerun, naming it."""
+    out = tmp_path / "out"
+    args = fixture_args_into(cli_tasks4, out)
+    proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    running = out / "logs" / "filter" / "running"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not (running.exists() and any(running.iterdir())):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)  # the run's own process alone
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    time.sleep(2)
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left.strip(), f"processes of the run left behind:\n{left}"
+
+    # a worker an earlier run left (here: a stand-in process of Python) holding task 1
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (running / "00001").write_text(f"{stand_in.pid} {socket.gethostname()}")
+        res = run_cli(args)
+        assert res.returncode == 1 and (f"task 1 of stage filter is still running in process {stand_in.pid}"
+                                        in " ".join(res.stderr.split())), res.stderr[-3000:]
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    rerun_gives_the_clean_result(cli_tasks4, out, args)
