@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
@@ -435,23 +436,41 @@ def running_marker(logging_dir, rank: int):
             logging_dir.rm(marker)
 
 
+class TaskMarker(NamedTuple):
+    """A `running/` file read: the task `rank` runs in process `pid` of machine `host` (None in an older file, "PID"
+    alone, written on this machine)."""
+    rank: int
+    pid: int
+    host: str | None
+    name: str
+
+
+def task_markers(folder) -> list[TaskMarker]:
+    """The `running/` files of a stage's logging folder, read; a file removed meanwhile or being written is left
+    out."""
+    markers = []
+    for name in folder.list_files("running"):
+        try:
+            with folder.open(name, "rt") as fh:
+                pid, *host = fh.read().split()
+            markers.append(TaskMarker(int(posixpath.basename(name)), int(pid), host[0] if host else None, name))
+        except (OSError, ValueError):
+            continue
+    return markers
+
+
 def forget_killed(logging_dir) -> None:
     """Removes the `running/` files a killed earlier run left, before anyone watches this run's. A task of that run
     still running on this machine (its run killed alone, its workers left) stops this one: both would write the
     task's files at once."""
     here = socket.gethostname()
-    for name in logging_dir.list_files("running"):
-        try:
-            with logging_dir.open(name, "rt") as fh:
-                pid, *host = fh.read().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            pid, host = None, []
-        if pid is not None and (not host or host[0] == here) and _runs_python(pid):
+    for marker in task_markers(logging_dir):
+        if marker.host in (None, here) and _runs_python(marker.pid):
             stage = posixpath.basename(logging_dir.path.rstrip("/"))
-            raise RunError(f"task {int(posixpath.basename(name))} of stage {stage} is still running in process {pid}, "
-                           "left by an earlier run of this output that was stopped alone: stop it (kill "
-                           f"{pid}) or let it finish, then run the same command again")
+            raise RunError(f"task {marker.rank} of stage {stage} is still running in process {marker.pid}, left by "
+                           f"an earlier run of this output that was stopped alone: stop it (kill {marker.pid}) or "
+                           "let it finish, then run the same command again")
+    for name in logging_dir.list_files("running"):
         with contextlib.suppress(FileNotFoundError):
             logging_dir.rm(name)
 
@@ -470,11 +489,11 @@ def _runs_python(pid: int) -> bool:
 def stop_local_tasks(logs: str, stage: str) -> None:
     """Kills the processes running `stage`'s tasks on this machine (their `running/` files say which): the run is
     stopping, and datatrove's workers would otherwise finish their tasks unwatched, while a rerun ran them again."""
-    for rank, alive in local_tasks(logs, stage):
-        if alive is True:
-            with contextlib.suppress(OSError, ValueError):
-                with get_datafolder(f"{logs}/{stage}").open(f"running/{rank:05d}", "rt") as fh:
-                    os.kill(int(fh.read().split()[0]), signal.SIGKILL)
+    here = socket.gethostname()
+    for marker in task_markers(get_datafolder(f"{logs}/{stage}")):
+        if marker.host in (None, here) and _runs_python(marker.pid):
+            with contextlib.suppress(OSError):
+                os.kill(marker.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -689,19 +708,13 @@ def local_tasks(logs: str, stage: str) -> list[tuple[int, bool | str]]:
     folder = get_datafolder(f"{logs}/{stage}")
     here = socket.gethostname()
     tasks: list[tuple[int, bool | str]] = []
-    for name in folder.list_files("running"):
-        try:
-            with folder.open(name, "rt") as fh:
-                pid, *host = fh.read().split()
-            pid = int(pid)
-        except (OSError, ValueError):  # removed meanwhile, or being written
+    for marker in task_markers(folder):
+        if marker.host not in (None, here):
+            tasks.append((marker.rank, marker.host))
             continue
-        if host and host[0] != here:
-            tasks.append((int(Path(name).name), host[0]))
-            continue
-        gone = _process_gone(pid)
-        if not gone or folder.exists(name):  # ended meanwhile: its file went first
-            tasks.append((int(Path(name).name), not gone))
+        gone = _process_gone(marker.pid)
+        if not gone or folder.exists(marker.name):  # ended meanwhile: its file went first
+            tasks.append((marker.rank, not gone))
     return tasks
 
 
@@ -716,13 +729,9 @@ def remote_killed_task(logs: str, stage: str, here: str | None = None, timeout_s
     here = here or socket.gethostname()
     folder = get_datafolder(f"{logs}/{stage}")
     ranks: dict[str, dict[int, int]] = {}  # host -> pid -> rank
-    for name in folder.list_files("running"):
-        try:
-            with folder.open(name, "rt") as fh:
-                pid, host = fh.read().split()
-            ranks.setdefault(host, {})[int(pid)] = int(Path(name).name)
-        except (OSError, ValueError):  # removed meanwhile, being written, or an older "PID" alone
-            continue
+    for marker in task_markers(folder):
+        if marker.host is not None:  # an older "PID" alone was written here
+            ranks.setdefault(marker.host, {})[marker.pid] = marker.rank
     ranks.pop(here, None)  # this machine's are `killed_task`'s
     if not ranks:
         return None
