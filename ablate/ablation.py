@@ -26,6 +26,8 @@ from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 from edu_filter.ablate.packing import (
     FILE_ORDER,
     PACKING,
+    TokenFileInfo,
+    documents_shared,
     iter_texts,
     packed_settings,
     packing_settings,
@@ -162,12 +164,16 @@ def ablate(
     infos = _packed_infos(out, datasets) if rank == 0 else {}
     eval_paths = {f"{name}/val": out / "tokens" / name / "val.bin" for name in datasets}
     eval_paths.update({name: out / "tokens" / "eval" / f"{name}.bin" for name in references})
-
-    # --- every dataset, every seed -----------------------------------------------------------------------------------
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console()
+    shared = eval_texts_in_training(out, datasets, references) if rank == 0 else {}
+    for line in shared_texts_warnings(shared):  # before the training, which it makes unfair
+        console.print(f"[yellow]warning: {line}", soft_wrap=True)
+
+    # --- every dataset, every seed -----------------------------------------------------------------------------------
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     records: dict[str, list[dict]] = {name: [] for name in datasets}
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -216,6 +222,7 @@ def ablate(
                             "made_by": (fingerprints[name].get("provenance") or {}).get("kind", "file"),
                             **infos.get(name, {})} for name, path in datasets.items()},
         "references": references,
+        "eval_in_training": shared,
         "runs": runs,
         "comparison": compare_runs(runs, compare) if complete else None,
     }
@@ -364,6 +371,15 @@ def write_report_md(out: Path, report: dict) -> Path:
                                                                    for name, r in runs.items()) + ".",
         "",
     ]
+    shared = report.get("eval_in_training") or {}
+    if any(shared.values()):
+        def known(n: dict) -> str:
+            return "not checked (older token files)" if n["documents"] is None else f"{n['documents']:,} of {n['of']:,}"
+
+        lines += ["Documents of each evaluation set also in a run's training tokens (exact text; any favours that "
+                  "run, its loss there partly recall): " + "; ".join(
+                      f"{name} {', '.join(f'{ref} {known(n)}' for ref, n in refs.items())}"
+                      for name, refs in shared.items()) + ".", ""]
     if comparison:
         lines += [
             f"## Per seed on {comparison['eval_set']}",
@@ -583,6 +599,28 @@ def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: i
         return write_train_val(iter_texts(path, text_field, spread=file_order is not None), tok, folder,
                                train_tokens, val_fraction, val_tokens, source=source, progress=update,
                                file_order=file_order, skipping=skipping)
+
+
+def eval_texts_in_training(out: Path, datasets: dict, references: dict) -> dict:
+    """{dataset: {--eval set: {"documents": of the set's documents, how many are in the dataset's training tokens
+    (exact text), or None where the token files are an older edu-filter's, which kept no text hashes, "of": how many
+    the set's tokens hold}}}. A set drawn from the corpus an arm trains on favours that arm: its loss there is partly
+    recall. The held-out slices need no check: a document held out in one dataset is held out in all."""
+    counts = {}
+    for name in datasets:
+        counts[name] = {}
+        for ref in references:
+            file = out / "tokens" / "eval" / f"{ref}.bin"
+            of = TokenFileInfo(**json.loads(file.with_suffix(".json").read_text())).documents
+            counts[name][ref] = {"documents": documents_shared(file, out / "tokens" / name / "train.bin"), "of": of}
+    return counts
+
+
+def shared_texts_warnings(shared: dict) -> list[str]:
+    return [f"{n['documents']:,} of the {n['of']:,} documents of --eval {ref} are in --data {name}'s training tokens "
+            f"({n['documents'] / n['of']:.1%}): its loss on {ref} is partly recall, which favours that run; draw "
+            "evaluation sets from documents no --data input holds" for name, refs in shared.items()
+            for ref, n in refs.items() if n["documents"]]
 
 
 def _packed_infos(out: Path, datasets: dict) -> dict:

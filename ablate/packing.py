@@ -7,6 +7,10 @@ version (whose held-out slice could overlap another dataset's training data) and
 `packing.json` records every minute how far the files and the input are in step, so a packing of billions of tokens
 killed part-way resumes there instead of starting over.
 
+Beside a training file and an evaluation set's file, `NAME.hashes` holds a 64-bit hash of each document's text
+(`text_hash`, in file order), so the texts an evaluation set shares with a training set can be counted
+(`documents_shared`) without reading either input again.
+
 Window `k` of length `seq_len` covers tokens `[k*seq_len, (k+1)*seq_len]` (seq_len + 1 ids): inputs are the first
 seq_len, targets the last seq_len. Consecutive windows share one boundary token, so every token after the first is a
 prediction target exactly once per epoch; only the tail shorter than one window is left out of an epoch.
@@ -81,6 +85,11 @@ def tokenize_documents(texts: Iterable[str], tokenizer, eos_id: int,
         yield from _encode_batch(batch, tokenizer, eos_id)
 
 
+def text_hash(text: str) -> int:
+    """A document's 64-bit identity: blake2b-64 of its UTF-8 text (an exact duplicate has the same)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
 def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[tuple[str, np.ndarray]]:
     for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         yield text, np.asarray([*ids, eos_id], dtype=np.int64)
@@ -96,34 +105,52 @@ class TokenFileInfo:
     complete: bool
 
 
+HASH_DTYPE = np.dtype("<u8")
+
+
+def hashes_path(path: str | Path) -> Path:
+    """The `.hashes` file beside token file `path`: `text_hash` of each of its documents."""
+    return Path(path).with_suffix(".hashes")
+
+
 class TokenFileWriter:
-    """Appends token ids to `path` (.bin) and writes the `.json` sidecar on close. `resume_at` (tokens, documents)
-    continues a file from a checkpoint: whatever was written after it is cut off."""
+    """Appends token ids to `path` (.bin) and each document's `text_hash` to `.hashes`, and writes the `.json` sidecar
+    on close. `resume_at` (tokens, documents) continues both from a checkpoint: whatever was written after it is cut
+    off."""
 
     def __init__(self, path: str | Path, vocab_size: int, resume_at: tuple[int, int] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
         self.tokens, self.documents = resume_at or (0, 0)
-        if resume_at is None:
-            self._fh = open(self.path, "wb")
-        else:
-            self._fh = open(self.path, "r+b")
-            self._fh.truncate(self.tokens * self.dtype.itemsize)
-            self._fh.seek(0, os.SEEK_END)
+        self._fh, self._hashes = (self._open(self.path, self.tokens * self.dtype.itemsize, resume_at is not None),
+                                  self._open(hashes_path(self.path), self.documents * HASH_DTYPE.itemsize,
+                                             resume_at is not None))
 
-    def write(self, ids: np.ndarray) -> None:
+    @staticmethod
+    def _open(path: Path, size: int, resume: bool):
+        if not resume:
+            return open(path, "wb")
+        fh = open(path, "r+b")
+        fh.truncate(size)
+        fh.seek(0, os.SEEK_END)
+        return fh
+
+    def write(self, ids: np.ndarray, text: str) -> None:
         self._fh.write(ids.astype(self.dtype).tobytes())
+        self._hashes.write(np.array([text_hash(text)], dtype=HASH_DTYPE).tobytes())
         self.tokens += len(ids)
         self.documents += 1
 
     def sync(self) -> None:
         """Everything written so far is on disk (a checkpoint may point at it)."""
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        for fh in (self._fh, self._hashes):
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def close(self, complete: bool) -> TokenFileInfo:
         self._fh.close()
+        self._hashes.close()
         info = TokenFileInfo(str(self.dtype), self.tokens, self.documents, complete)
         self.path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
         return info
@@ -136,7 +163,7 @@ def is_held_out(text: str, val_fraction: float) -> bool:
     if val_fraction <= 0:
         return False
     every = max(1, round(1 / val_fraction))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % every == 0
+    return text_hash(text) % every == 0
 
 
 def write_train_val(
@@ -185,9 +212,9 @@ def write_train_val(
         read += 1
         if is_held_out(text, val_fraction):
             if val.tokens < val_tokens:
-                val.write(ids)
+                val.write(ids, text)
         elif train.tokens < train_tokens:
-            train.write(ids)
+            train.write(ids, text)
         if train.tokens >= train_tokens and val.tokens >= val_tokens:
             complete = False
             break
@@ -268,6 +295,9 @@ def _packing_checkpoint(out_dir: Path, settings: dict, itemsize: int) -> dict | 
         path = out_dir / f"{name}.bin"
         if not path.exists() or path.stat().st_size < checkpoint[name][0] * itemsize:
             return None
+        hashes = hashes_path(path)  # an older edu-filter's packing wrote none: started over, to count shared texts
+        if not hashes.exists() or hashes.stat().st_size < checkpoint[name][1] * HASH_DTYPE.itemsize:
+            return None
     return checkpoint
 
 
@@ -295,12 +325,27 @@ def write_tokens(texts: Iterable[str], tokenizer, path: str | Path, max_tokens: 
     """Tokenize documents into one token file (e.g. an evaluation set), stopping after `max_tokens`."""
     writer = TokenFileWriter(path, len(tokenizer))
     complete = True
-    for _, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
-        writer.write(ids)
+    for text, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
+        writer.write(ids, text)
         if writer.tokens >= max_tokens:
             complete = False
             break
     return writer.close(complete)
+
+
+def documents_shared(eval_file: str | Path, train_file: str | Path, chunk: int = 8_000_000) -> int | None:
+    """How many documents of an evaluation set's token file are also in a training file, by exact text (their
+    `.hashes`); None where either has none (packed by an older edu-filter). The training hashes are read a chunk at a
+    time: a 100B-token packing holds ~100M documents."""
+    evaluated, trained = hashes_path(eval_file), hashes_path(train_file)
+    if not evaluated.exists() or not trained.exists():
+        return None
+    wanted = np.fromfile(evaluated, dtype=HASH_DTYPE)
+    found = np.zeros(len(wanted), dtype=bool)
+    hashes = np.memmap(trained, dtype=HASH_DTYPE, mode="r") if trained.stat().st_size else np.empty(0, HASH_DTYPE)
+    for start in range(0, len(hashes), chunk):
+        found |= np.isin(wanted, hashes[start:start + chunk])
+    return int(found.sum())
 
 
 class PackedTokens:

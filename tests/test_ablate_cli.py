@@ -135,6 +135,13 @@ def test_a_finished_ablation_scores_an_added_set_and_refuses_what_its_runs_were_
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["comparison"]["eval_set"] == "added"
+    # the added set is drawn from the file 'all' trains on: said before the runs are scored, and in the report
+    shared = report["eval_in_training"]
+    assert shared["all"]["reference"]["documents"] == shared["edu"]["reference"]["documents"] == 0
+    assert 0 < shared["all"]["added"]["documents"] <= shared["all"]["added"]["of"]
+    assert "--eval added are in --data all's training tokens" in " ".join(result.output.split())
+    assert "--data edu's" not in result.output or shared["edu"]["added"]["documents"]
+    assert "Documents of each evaluation set also in a run's training tokens" in (out / "report.md").read_text()
     for name, run in report["runs"].items():
         assert run["train_loss"] == before[name]["train_loss"]
         assert {k: v for k, v in run["eval"].items() if k != "added"} == before[name]["eval"]

@@ -18,6 +18,8 @@ from edu_filter.ablate.packing import (
     PACKED,
     PACKING,
     PackedTokens,
+    documents_shared,
+    hashes_path,
     is_held_out,
     iter_texts,
     read_packed,
@@ -84,6 +86,24 @@ def test_documents_are_separated_by_eos_and_val_is_held_out(tokenizer, tmp_path)
     assert decoded_train == [t for t in texts if t not in held_out]
     assert not set(decoded_val) & set(decoded_train)
     assert train.tokens + val.tokens == sum(len(tokenizer(t).input_ids) + 1 for t in texts)
+
+
+def test_the_documents_an_evaluation_set_shares_with_training_are_counted_from_the_packed_files(tokenizer, tmp_path):
+    """An --eval set drawn from the corpus an arm trains on favours that arm; the packings keep a hash per document, so
+    what they share is counted without reading either input again, exact duplicates included. Token files of an older
+    edu-filter, with no hashes, are not checked (None), not taken as sharing nothing."""
+    texts = [t for t, _ in zip(iter_texts(str(WEB)), range(120))]
+    write_train_val(texts, tokenizer, tmp_path / "data", train_tokens=10**9, val_fraction=0.1)
+    trained = [t for t in texts if not is_held_out(t, 0.1)]
+    held_out = next(t for t in texts if is_held_out(t, 0.1))
+    reference = [trained[3], "A text no dataset holds.", trained[50], held_out, trained[3], "Another new one."]
+    info = write_tokens(reference, tokenizer, tmp_path / "eval.bin", max_tokens=10**9)
+    assert info.documents == 6
+    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin") == 3
+    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin", chunk=7) == 3  # read in chunks
+    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/val.bin") == 1
+    hashes_path(tmp_path / "data/train.bin").unlink()
+    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin") is None
 
 
 def test_a_document_held_out_in_one_dataset_is_held_out_in_every_other(tokenizer, tmp_path):
@@ -216,7 +236,8 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
         infos = write_train_val(iter_texts(str(WEB)), tokenizer, folder, train_tokens=10**9, val_fraction=0.1,
                                 max_val_tokens=20_000, source=source, progress=lambda train, val: seen.append(train),
                                 skipping=lambda done, of: skipped.append((done, of)))
-        return infos, seen[0], [(folder / name).read_bytes() for name in ("train.bin", "val.bin")]
+        return infos, seen[0], [(folder / name).read_bytes() for name in ("train.bin", "val.bin", "train.hashes",
+                                                                            "val.hashes")]
 
     clean, started, clean_bytes = pack(tmp_path / "clean")
     assert started == 0 and clean[0].tokens > 100_000 and skipped == []
