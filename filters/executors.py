@@ -488,10 +488,11 @@ def _runs_python(pid: int) -> bool:
 
 def stop_local_tasks(logs: str, stage: str) -> None:
     """Kills the processes running `stage`'s tasks on this machine (their `running/` files say which): the run is
-    stopping, and datatrove's workers would otherwise finish their tasks unwatched, while a rerun ran them again."""
+    stopping, and datatrove's workers would otherwise finish their tasks unwatched, while a rerun ran them again. A
+    task run in this process (one worker) ends with it, through its cleanup."""
     here = socket.gethostname()
     for marker in task_markers(get_datafolder(f"{logs}/{stage}")):
-        if marker.host in (None, here) and _runs_python(marker.pid):
+        if marker.host in (None, here) and marker.pid != os.getpid() and _runs_python(marker.pid):
             with contextlib.suppress(OSError):
                 os.kill(marker.pid, signal.SIGKILL)
 

@@ -204,3 +204,25 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
         stand_in.kill()
         stand_in.wait()
     assert (running / "00001").exists()  # left for the rerun to see (a resume after a kill is tested above)
+
+
+STOPPING = """
+import os, socket, subprocess, sys, time
+from edu_filter.filters.executors import stop_local_tasks
+running = os.path.join(sys.argv[1], "stage", "running")
+os.makedirs(running)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+here = socket.gethostname()
+for rank, pid in ((0, os.getpid()), (1, worker.pid)):
+    with open(os.path.join(running, f"{rank:05d}"), "w") as fh:
+        fh.write(f"{pid} {here}")
+stop_local_tasks(sys.argv[1], "stage")
+print("still here, worker", worker.wait(timeout=10))
+"""
+
+
+def test_stopping_a_run_kills_its_workers_and_spares_its_own_process(tmp_path):
+    """With one worker datatrove runs the task in the run's own process: stopping the run (Ctrl-C, SIGTERM) sent
+    that process SIGKILL, ending it without its cleanup or a message (exit 137, as an out-of-memory kill reads)."""
+    res = subprocess.run([sys.executable, "-c", STOPPING, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and f"still here, worker {-signal.SIGKILL}" in res.stdout, res.stderr[-2000:]
