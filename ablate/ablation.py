@@ -28,6 +28,7 @@ from edu_filter.ablate.packing import (
     PACKING,
     TokenFileInfo,
     documents_shared,
+    hashes_path,
     iter_texts,
     packed_settings,
     packing_settings,
@@ -170,6 +171,7 @@ def ablate(
     shared = eval_texts_in_training(out, datasets, references) if rank == 0 else {}
     for line in shared_texts_warnings(shared):  # before the training, which it makes unfair
         console.print(f"[yellow]warning: {line}", soft_wrap=True)
+    wait()  # the other ranks' next collective would time out while a 100B-token dataset's hashes are read
 
     # --- every dataset, every seed -----------------------------------------------------------------------------------
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -463,7 +465,9 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             made_of.update({"file_order": order} if order else {})
             if file.with_suffix(".json").exists() and recorded not in (None, made_of):
                 _refuse_or_repack(out, f"--eval {name}", recorded, made_of, trained)
-            if not file.with_suffix(".json").exists() or recorded not in (None, made_of):
+            # packed by an older edu-filter, which kept no text hashes: the same recipe gives the same tokens again
+            if not file.with_suffix(".json").exists() or recorded not in (None, made_of) or \
+                    (recorded == made_of and not hashes_path(file).exists()):
                 info = write_tokens(iter_texts(path, text_field, spread=order is not None), tok, file,
                                     cfg.eval_tokens + window)
                 sidecar.write_text(json.dumps(made_of))
@@ -606,21 +610,26 @@ def eval_texts_in_training(out: Path, datasets: dict, references: dict) -> dict:
     (exact text), or None where the token files are an older edu-filter's, which kept no text hashes, "of": how many
     the set's tokens hold}}}. A set drawn from the corpus an arm trains on favours that arm: its loss there is partly
     recall. The held-out slices need no check: a document held out in one dataset is held out in all."""
+    files = {ref: out / "tokens" / "eval" / f"{ref}.bin" for ref in references}
+    of = {ref: TokenFileInfo(**json.loads(f.with_suffix(".json").read_text())).documents for ref, f in files.items()}
     counts = {}
     for name in datasets:
-        counts[name] = {}
-        for ref in references:
-            file = out / "tokens" / "eval" / f"{ref}.bin"
-            of = TokenFileInfo(**json.loads(file.with_suffix(".json").read_text())).documents
-            counts[name][ref] = {"documents": documents_shared(file, out / "tokens" / name / "train.bin"), "of": of}
+        found = documents_shared(out / "tokens" / name / "train.bin", files)
+        counts[name] = {ref: {"documents": found[ref], "of": of[ref]} for ref in references}
     return counts
 
 
 def shared_texts_warnings(shared: dict) -> list[str]:
-    return [f"{n['documents']:,} of the {n['of']:,} documents of --eval {ref} are in --data {name}'s training tokens "
-            f"({n['documents'] / n['of']:.1%}): its loss on {ref} is partly recall, which favours that run; draw "
-            "evaluation sets from documents no --data input holds" for name, refs in shared.items()
-            for ref, n in refs.items() if n["documents"]]
+    lines = [f"{n['documents']:,} of the {n['of']:,} documents of --eval {ref} are in --data {name}'s training "
+             f"tokens ({n['documents'] / n['of']:.1%}): its loss on {ref} is partly recall, which favours that run; "
+             "draw evaluation sets from documents no --data input holds" for name, refs in shared.items()
+             for ref, n in refs.items() if n["documents"]]
+    unknown = [name for name, refs in shared.items() if any(n["documents"] is None for n in refs.values())]
+    if unknown:
+        lines.append(f"whether the --eval sets share documents with the training tokens of --data "
+                     f"{', '.join(unknown)} is not known: they were packed by an older edu-filter, which kept no text "
+                     "hashes (a new output folder packs them again)")
+    return lines
 
 
 def _packed_infos(out: Path, datasets: dict) -> dict:

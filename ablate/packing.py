@@ -118,14 +118,17 @@ class TokenFileWriter:
     on close. `resume_at` (tokens, documents) continues both from a checkpoint: whatever was written after it is cut
     off."""
 
-    def __init__(self, path: str | Path, vocab_size: int, resume_at: tuple[int, int] | None = None):
+    def __init__(self, path: str | Path, vocab_size: int, resume_at: tuple[int, int] | None = None,
+                 rehash: bool = False):
+        """`rehash`: the resumed file's hashes are written again from the start (`add_hash`), its packing begun by
+        an older edu-filter, which kept none."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
         self.tokens, self.documents = resume_at or (0, 0)
         self._fh, self._hashes = (self._open(self.path, self.tokens * self.dtype.itemsize, resume_at is not None),
                                   self._open(hashes_path(self.path), self.documents * HASH_DTYPE.itemsize,
-                                             resume_at is not None))
+                                             resume_at is not None and not rehash))
 
     @staticmethod
     def _open(path: Path, size: int, resume: bool):
@@ -138,9 +141,12 @@ class TokenFileWriter:
 
     def write(self, ids: np.ndarray, text: str) -> None:
         self._fh.write(ids.astype(self.dtype).tobytes())
-        self._hashes.write(np.array([text_hash(text)], dtype=HASH_DTYPE).tobytes())
+        self.add_hash(text)
         self.tokens += len(ids)
         self.documents += 1
+
+    def add_hash(self, text: str) -> None:
+        self._hashes.write(np.array([text_hash(text)], dtype=HASH_DTYPE).tobytes())
 
     def sync(self) -> None:
         """Everything written so far is on disk (a checkpoint may point at it)."""
@@ -200,15 +206,26 @@ def write_train_val(
     resume = _packing_checkpoint(out_dir, settings, token_dtype(vocab).itemsize) if source is not None else None
     if resume is None:  # another run's checkpoint must not outlive the files it described
         (out_dir / PACKING).unlink(missing_ok=True)
-    train = TokenFileWriter(out_dir / "train.bin", vocab, resume and tuple(resume["train"]))
-    val = TokenFileWriter(out_dir / "val.bin", vocab, resume and tuple(resume["val"]))
+    rehash = resume is not None and _hashes_behind(out_dir, resume)
+    train = TokenFileWriter(out_dir / "train.bin", vocab, resume and tuple(resume["train"]), rehash)
+    val = TokenFileWriter(out_dir / "val.bin", vocab, resume and tuple(resume["val"]), rehash)
     read = resume["documents_read"] if resume else 0
+    unhashed = {"train": train.documents, "val": val.documents} if rehash else {}
+
+    def hash_skipped(text: str) -> None:
+        """Each file took the documents of its kind (held out or not) until full, then none: its documents are the
+        first of that kind read."""
+        kind = "val" if is_held_out(text, val_fraction) else "train"
+        if unhashed.get(kind):
+            (val if kind == "val" else train).add_hash(text)
+            unhashed[kind] -= 1
     val_tokens = max_val_tokens if val_fraction > 0 else 0
     complete = True
     saved = shown = time.monotonic()
     if progress is not None:
         progress(train.tokens, val.tokens)  # where a resumed packing starts
-    for text, ids in tokenize_documents(_after(texts, read, skipping), tokenizer, tokenizer.eos_token_id):
+    skipped = _after(texts, read, skipping, hash_skipped if rehash else None)
+    for text, ids in tokenize_documents(skipped, tokenizer, tokenizer.eos_token_id):
         read += 1
         if is_held_out(text, val_fraction):
             if val.tokens < val_tokens:
@@ -239,14 +256,18 @@ def write_train_val(
 SKIPPING_SHOWN_EVERY = 10_000  # documents
 
 
-def _after(texts: Iterable[str], read: int, skipping: Callable[[int, int], None] | None) -> Iterator[str]:
-    """`texts` after the first `read`, `skipping` told how far the skip has got."""
+def _after(texts: Iterable[str], read: int, skipping: Callable[[int, int], None] | None,
+           each: Callable[[str], None] | None = None) -> Iterator[str]:
+    """`texts` after the first `read`, `skipping` told how far the skip has got and `each` given every text skipped."""
     texts = iter(texts)
     for done in range(read):
         if skipping is not None and done % SKIPPING_SHOWN_EVERY == 0:
             skipping(done, read)
-        if next(texts, None) is None:
+        text = next(texts, None)
+        if text is None:
             return
+        if each is not None:
+            each(text)
     if skipping is not None and read:
         skipping(read, read)
     yield from texts
@@ -295,10 +316,13 @@ def _packing_checkpoint(out_dir: Path, settings: dict, itemsize: int) -> dict | 
         path = out_dir / f"{name}.bin"
         if not path.exists() or path.stat().st_size < checkpoint[name][0] * itemsize:
             return None
-        hashes = hashes_path(path)  # an older edu-filter's packing wrote none: started over, to count shared texts
-        if not hashes.exists() or hashes.stat().st_size < checkpoint[name][1] * HASH_DTYPE.itemsize:
-            return None
     return checkpoint
+
+
+def _hashes_behind(out_dir: Path, checkpoint: dict) -> bool:
+    """Whether a checkpoint's files lack the text hashes of documents it counts (an older edu-filter kept none)."""
+    return any(not hashes_path(out_dir / f"{name}.bin").exists() or hashes_path(out_dir / f"{name}.bin").stat().st_size
+               < checkpoint[name][1] * HASH_DTYPE.itemsize for name in ("train", "val"))
 
 
 def _save_packing_checkpoint(out_dir: Path, settings: dict, read: int, train: TokenFileWriter,
@@ -333,19 +357,27 @@ def write_tokens(texts: Iterable[str], tokenizer, path: str | Path, max_tokens: 
     return writer.close(complete)
 
 
-def documents_shared(eval_file: str | Path, train_file: str | Path, chunk: int = 8_000_000) -> int | None:
-    """How many documents of an evaluation set's token file are also in a training file, by exact text (their
-    `.hashes`); None where either has none (packed by an older edu-filter). The training hashes are read a chunk at a
-    time: a 100B-token packing holds ~100M documents."""
-    evaluated, trained = hashes_path(eval_file), hashes_path(train_file)
-    if not evaluated.exists() or not trained.exists():
-        return None
-    wanted = np.fromfile(evaluated, dtype=HASH_DTYPE)
-    found = np.zeros(len(wanted), dtype=bool)
-    hashes = np.memmap(trained, dtype=HASH_DTYPE, mode="r") if trained.stat().st_size else np.empty(0, HASH_DTYPE)
-    for start in range(0, len(hashes), chunk):
-        found |= np.isin(wanted, hashes[start:start + chunk])
-    return int(found.sum())
+def documents_shared(train_file: str | Path, eval_files: dict[str, str | Path],
+                     chunk: int = 8_000_000) -> dict[str, int | None]:
+    """For each evaluation set's token file, how many of its documents are also in the training file `train_file`, by
+    exact text (their `.hashes`); None where either has none (packed by an older edu-filter). The training hashes
+    (~100M at 100B tokens) are read once for all sets, a chunk at a time, each looked up among the sets' sorted
+    hashes."""
+    trained = hashes_path(train_file)
+    wanted = {name: np.fromfile(hashes_path(f), dtype=HASH_DTYPE) for name, f in eval_files.items()
+              if hashes_path(f).exists()}
+    if not trained.exists() or not wanted:
+        return {name: None for name in eval_files}
+    keys = np.unique(np.concatenate(list(wanted.values())))
+    seen = np.zeros(len(keys), dtype=bool)
+    if keys.size and trained.stat().st_size:
+        hashes = np.memmap(trained, dtype=HASH_DTYPE, mode="r")
+        for start in range(0, len(hashes), chunk):
+            part = np.asarray(hashes[start:start + chunk])
+            at = np.minimum(np.searchsorted(keys, part), len(keys) - 1)
+            seen[at[keys[at] == part]] = True
+    return {name: int(seen[np.searchsorted(keys, wanted[name])].sum()) if name in wanted else None
+            for name in eval_files}
 
 
 class PackedTokens:

@@ -99,11 +99,15 @@ def test_the_documents_an_evaluation_set_shares_with_training_are_counted_from_t
     reference = [trained[3], "A text no dataset holds.", trained[50], held_out, trained[3], "Another new one."]
     info = write_tokens(reference, tokenizer, tmp_path / "eval.bin", max_tokens=10**9)
     assert info.documents == 6
-    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin") == 3
-    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin", chunk=7) == 3  # read in chunks
-    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/val.bin") == 1
+    write_tokens(["A text no dataset holds.", trained[7]], tokenizer, tmp_path / "other.bin", max_tokens=10**9)
+    sets = {"reference": tmp_path / "eval.bin", "other": tmp_path / "other.bin"}
+    assert documents_shared(tmp_path / "data/train.bin", sets) == {"reference": 3, "other": 1}
+    assert documents_shared(tmp_path / "data/train.bin", sets, chunk=7) == {"reference": 3, "other": 1}  # in chunks
+    assert documents_shared(tmp_path / "data/val.bin", sets) == {"reference": 1, "other": 0}
+    hashes_path(tmp_path / "other.bin").unlink()
+    assert documents_shared(tmp_path / "data/train.bin", sets) == {"reference": 3, "other": None}
     hashes_path(tmp_path / "data/train.bin").unlink()
-    assert documents_shared(tmp_path / "eval.bin", tmp_path / "data/train.bin") is None
+    assert documents_shared(tmp_path / "data/train.bin", sets) == {"reference": None, "other": None}
 
 
 def test_a_document_held_out_in_one_dataset_is_held_out_in_every_other(tokenizer, tmp_path):
@@ -265,6 +269,15 @@ def test_a_packing_killed_part_way_resumes_to_the_files_of_an_unbroken_one(token
     assert skipped == [(0, read), (read, read)]  # the reading past them is said, start and end
     assert resumed == clean and resumed_bytes == clean_bytes
     assert read_packed(folder) and not (folder / "packing.json").exists()
+
+    # the checkpoint of an older edu-filter, which kept no text hashes: resumed (hours of packing), the hashes of the
+    # documents packed before it written again from the texts it reads past
+    (folder / "packed.json").unlink()
+    (folder / "packing.json").write_text(json.dumps(checkpoint))
+    for name in ("train.hashes", "val.hashes"):
+        (folder / name).unlink()
+    rehashed, started, rehashed_bytes = pack(folder)
+    assert started == checkpoint["train"][0] and rehashed == clean and rehashed_bytes == clean_bytes
 
     (folder / "packed.json").unlink()  # an unfinished packing of another input: started over, not mixed
     (folder / "packing.json").write_text(json.dumps(checkpoint))
