@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import signal
 import tempfile
 import threading
@@ -104,15 +105,66 @@ def check_named_path(value: str | os.PathLike, option: str) -> None:
         raise InputError(f"{option} {value}: no such file or folder")
 
 
-def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False) -> None:
+REMOTE_LOOKING = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/x once a Path took one slash
+
+
+def refuse_output_among_inputs(inputs: Iterable[str | os.PathLike], outputs: dict[str, str | os.PathLike]) -> None:
+    """An output that is one of the local inputs, or lies in an input folder, is refused: the finished output replaced
+    the input it was made from, and a rerun (the way to resume) read it back as documents."""
+    for option, output in outputs.items():
+        target = Path(output).absolute().resolve()
+        for given in path_list(inputs):
+            if is_hub_path(str(given)) or not Path(given).exists():
+                continue
+            source = Path(given).absolute().resolve()
+            if target == source:
+                raise InputError(f"{option} {output} is the input {given}: the output would replace it; write it "
+                                 "elsewhere")
+            if source.is_dir() and target.is_relative_to(source):
+                raise InputError(f"{option} {output} is inside the input folder {given}: a rerun, which resumes, would "
+                                 "read it as documents; write it elsewhere")
+
+
+@contextlib.contextmanager
+def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
+    """Held while a run writes `output`: a second run of it (a job resubmitted while the first runs) is refused
+    naming the first, instead of both writing the same files. A lock on `.OUTPUT.lock` beside it, released by the
+    kernel when the process ends however it ends; where the file system has no locks, runs are not kept apart."""
+    import fcntl
+
+    lock = output.with_name(f".{output.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(f"{what} {output} is being written by another run ({holder}): wait for it to end, or "
+                           "stop it; the same command then resumes") from None
+        except OSError:  # no locks on this file system
+            pass
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+
+
+def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False,
+                          remote: bool = False) -> None:
     """Refuse an output path that cannot be created or written, without creating anything.
 
     The nearest existing ancestor must be a folder this process may write into (and the path itself, when it
     exists, a writable folder, or file unless the output is a `folder`). Remote paths (s3://, hf://) are left to the
-    writer."""
+    writer where the command writes them (`remote`), else refused: a `Path` made `s3:/bucket/x` of one, and wrote a
+    local folder named `s3:` that a job's node kept."""
     text = str(path)
-    if "://" in text:
-        return
+    if REMOTE_LOOKING.match(text):
+        if remote:
+            return
+        raise InputError(f"{what} {text}: a remote location; this command writes local files (write them on a "
+                         "shared file system, then copy them)")
     target = Path(text).expanduser()
     if folder and target.exists() and not target.is_dir():
         raise InputError(f"{what} {text}: a file, not a folder; give a folder to write into")

@@ -762,7 +762,7 @@ def run_apply(
         raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
     if push_to_hub and executor == "slurm" and not wait:
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
-    check_writable_output(output, "-o/--output", folder=True)
+    check_writable_output(output, "-o/--output", folder=True, remote=True)
     check_output_apart([str(i) for i in inputs], str(output))
     glob_chars = sorted(set(os.path.abspath(output)) & set("*?[]"))
     if glob_chars:  # datatrove and fsspec find a stage's files by glob patterns that start with the output path

@@ -182,6 +182,30 @@ def test_a_cache_named_like_the_output_is_refused(files):
             absent=(out.parent.parent,))
 
 
+def test_an_output_that_is_an_input_inside_one_remote_or_being_written_is_refused(files, tmp_path):
+    """`-o` the input replaced it with the annotated rows; inside an input folder, the rerun that resumes read it as
+    documents; `s3://...` became a local folder `s3:`; a second run of one output (a job resubmitted while the first
+    ran) wrote the same partial file, exit 0 for a mixed output."""
+    from edu_filter.documents import writing_alone
+
+    data = tmp_path / "data"
+    data.mkdir()
+    docs = data / "docs.jsonl"
+    docs.write_bytes(Path(WEB_VAL).read_bytes())
+    for given, out, said in ((docs, docs, "is the input"), (data, data / "scores.jsonl", "is inside the input folder")):
+        refused(["score", given, "-o", out, "--base-url", NO_SERVER], said)
+    refused(["score", docs, "-o", tmp_path / "s.jsonl", "--cache", docs, "--base-url", NO_SERVER], "--cache", "is the input")
+    assert docs.read_bytes() == Path(WEB_VAL).read_bytes()
+    for command in (["score", docs, "-o", "s3://bucket/scores.jsonl", "--base-url", NO_SERVER],
+                    ["train", WEB_VAL, "-o", "s3://bucket/model"]):
+        refused(command, "s3:/", "a remote location", absent=(Path("s3:"),))
+    out = files["new"] / "scores.jsonl"
+    with writing_alone(out):
+        line = refused(["score", docs, "-o", out, "--base-url", NO_SERVER], "is being written by another run",
+                       f"process {os.getpid()}", status=1)
+    assert "-o/--output" in line
+
+
 # --- models ------------------------------------------------------------------------------------------------------
 def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
     out, missing = files["new"], files["tmp"] / "no-such-model"
