@@ -17,6 +17,7 @@ import functools
 import gzip
 import itertools
 import json
+import math
 import os
 import posixpath
 import zlib
@@ -699,7 +700,10 @@ class RankFileReader(JsonlReader):
             for number, line in enumerate(lines):
                 self._position = raw.tell()
                 with self.track_time():
-                    document = self.get_document_from_dict(orjson.loads(line), filepath, number)
+                    record = orjson.loads(line)
+                    if STAGE_TAG_IN_JSON in line:
+                        record = untagged(record)
+                    document = self.get_document_from_dict(record, filepath, number)
                 if document:
                     yield document
 
@@ -795,11 +799,73 @@ class CountedJsonlWriter(TaskFilenames, WrittenCounts, RecordJsonl, JsonlWriter)
         self.count_into(destination, counts_folder, counts_name or destination.split("/")[-1])
 
 
+STAGE_TAG = "\x00edu:"  # a key no input has: {STAGE_TAG + type: value} is a value JSON has no type for
+STAGE_TAG_IN_JSON = "\\u0000edu:"  # how a line of JSON holds it
+
+
+def stage_value(obj):
+    """orjson's `default` for the files between stages: a value JSON has no type for, tagged with its type, for
+    `RankFileReader` to give back as it was. As text (`json_value`) a score-first or --keep-top run kept times, bytes
+    and decimals as strings, and NaN as null, where a dedup-first run kept them typed: kept/ changed with --order."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {STAGE_TAG + "bytes": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, decimal.Decimal):
+        return {STAGE_TAG + "decimal": str(obj)}
+    if isinstance(obj, (datetime.datetime, datetime.timedelta)) and type(obj).__module__.startswith("pandas"):
+        if obj != obj:  # NaT
+            return None
+        if isinstance(obj, datetime.timedelta):  # a Timedelta, to the nanosecond
+            return {STAGE_TAG + "pandas_timedelta": obj.value}
+        return {STAGE_TAG + "pandas_timestamp": [obj.value, str(obj.tz) if obj.tz else None]}
+    if isinstance(obj, datetime.timedelta):
+        return {STAGE_TAG + "timedelta": [obj.days, obj.seconds, obj.microseconds]}
+    for kind in (datetime.datetime, datetime.date, datetime.time):  # datetime first: it is a date too
+        if isinstance(obj, kind):
+            return {STAGE_TAG + kind.__name__: obj.isoformat()}
+    return json_value(obj)
+
+
+def _from_stage_value(kind: str, value):
+    if kind == "bytes":
+        return base64.b64decode(value)
+    if kind == "decimal":
+        return decimal.Decimal(value)
+    if kind == "timedelta":
+        return datetime.timedelta(*value)
+    if kind.startswith("pandas_"):
+        import pandas as pd
+
+        return pd.Timedelta(value) if kind == "pandas_timedelta" else pd.Timestamp(value[0], tz=value[1])
+    if kind == "float":
+        return float(value)
+    return getattr(datetime, kind).fromisoformat(value)
+
+
+def untagged(value):
+    """A value read back from the files between stages, its tagged parts (`stage_value`) as they were."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (key, inner), = value.items()
+            if isinstance(key, str) and key.startswith(STAGE_TAG):
+                return _from_stage_value(key[len(STAGE_TAG):], inner)
+        return {k: untagged(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untagged(v) for v in value]
+    return value
+
+
 class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
-    """Gzipped JSONL of flat records: the intermediate files between stages."""
+    """Gzipped JSONL of flat records: the intermediate files between stages, every value typed as it was read
+    (`stage_value`; a field's NaN or infinity too, which JSON writes as null)."""
 
     def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz"):
         super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+
+    def _write(self, document: dict, file_handler, _filename: str):
+        document = {k: {STAGE_TAG + "float": repr(float(v))} if isinstance(v, float) and not math.isfinite(v) else v
+                    for k, v in document.items()}
+        file_handler.write(orjson.dumps(document, default=stage_value, option=JSON_OPTIONS
+                                        | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME))
 
 
 def own_files(folder, pattern: str, numbered: bool) -> list[str]:
@@ -1046,8 +1112,8 @@ def _plain_names(t: pa.DataType) -> pa.DataType:
 
 
 def _json_safe(t: pa.DataType) -> bool:
-    """Numbers, booleans, strings, and lists and structs of them: the types a value keeps through the JSONL files
-    between stages (times, bytes and decimals come back as text there, and would not fit a hint of their own)."""
+    """Numbers, booleans, strings, and lists and structs of them: the types a hint is given for (a time, bytes or a
+    decimal is typed from its values, in every --order alike: `stage_value`)."""
     if pa.types.is_struct(t):
         return all(_json_safe(t.field(i).type) for i in range(t.num_fields))
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):

@@ -9,6 +9,7 @@ import base64
 import contextlib
 import gzip
 import json
+import math
 import re
 import subprocess
 import sys
@@ -1110,6 +1111,9 @@ def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock
         "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(len(part))], pa.decimal128(10, 2)),
         "took": pa.array([datetime.timedelta(seconds=i) for i in range(len(part))], pa.duration("ns")),
         "tags": pa.array([[(i, "x")] for i in range(len(part))], pa.map_(pa.int64(), pa.string())),
+        "when": pa.array([(1_700_000_000_123_456 + i) * 1000 for i in range(len(part))], pa.timestamp("ns", tz="UTC")),
+        "day": pa.array([datetime.date(2020, 1, 1 + i) for i in range(len(part))], pa.date32()),
+        "ratio": pa.array([[math.nan, math.inf, -math.inf][i % 3] if i < 6 else i / 8 for i in range(len(part))]),
     }), data / "p.parquet")
 
     out = tmp_path / "out"
@@ -1129,6 +1133,17 @@ def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock
     assert sorted(r["input_id"] for r in from_parquet) == [i for i in range(len(part)) if i != 5]
     assert all(isinstance(r["token_count"], int) for r in kept)  # counted where the input's was null
     assert all(r["blob"] and r["price"] is not None and r["took"] is not None and r["tags"] for r in from_parquet)
+    # typed as the input, in either order: score-first's files between stages held them as text (NaN as null)
+    schema = next(s for s in map(pq.read_schema, (out / "kept").glob("*.parquet")) if "blob" in s.names)
+    assert [str(schema.field(f).type) for f in ("blob", "took", "when", "day", "ratio")] == [
+        "binary", "duration[us]", "timestamp[us, tz=UTC]", "date32[day]", "double"]  # the reader's units
+    assert pa.types.is_decimal(schema.field("price").type)  # its precision from the values, in either order
+    by_row = {r["input_id"]: r for r in from_parquet}
+    for i, r in by_row.items():
+        assert r["blob"] == bytes([i, 255]) and r["price"] == decimal.Decimal(f"{i}.25")
+        assert r["when"] == datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(
+            microseconds=1_700_000_000_123_456 + i) and r["day"] == datetime.date(2020, 1, 1 + i)
+        assert repr(r["ratio"]) == repr([math.nan, math.inf, -math.inf][i % 3] if i < 6 else i / 8)
 
 
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])
