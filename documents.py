@@ -126,28 +126,37 @@ def refuse_output_among_inputs(inputs: Iterable[str | os.PathLike], outputs: dic
 
 
 @contextlib.contextmanager
-def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
-    """Held while a run writes `output`: a second run of it (a job resubmitted while the first runs) is refused
-    naming the first, instead of both writing the same files. A lock on `.OUTPUT.lock` beside it, released by the
-    kernel when the process ends however it ends; where the file system has no locks, runs are not kept apart."""
+def held_alone(lock: Path, refusal: Callable[[str], str]) -> Iterator[OSError | None]:
+    """An exclusive lock on file `lock`, held while the block runs, naming this process in it; another holder stops
+    this run with RunError(`refusal(holder)`). The kernel drops it when the process ends, however it ends. Yields
+    the refusal where the file system takes no locks (NFS without lockd, Lustre mounted noflock; nothing then keeps
+    two runs apart), else None."""
     import fcntl
 
-    lock = output.with_name(f".{output.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RunError(f"{what} {output} is being written by another run ({holder}): wait for it to end, or "
-                           "stop it; the same command then resumes") from None
-        except OSError:  # no locks on this file system
-            pass
+            raise RunError(refusal(fh.read().strip() or "another process")) from None
+        except OSError as e:
+            yield e
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"process {os.getpid()} on {socket.gethostname()}")
         fh.flush()
+        yield None
+
+
+@contextlib.contextmanager
+def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
+    """Held while a run writes `output` (a lock on `.OUTPUT.lock` beside it): a second run of it (a job resubmitted
+    while the first runs) is refused naming the first, instead of both writing the same files."""
+    with held_alone(output.with_name(f".{output.name}.lock"), lambda holder: (
+            f"{what} {output} is being written by another run ({holder}): wait for it to end, or stop it; the same "
+            "command then resumes")):
         yield
 
 

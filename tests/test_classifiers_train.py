@@ -935,3 +935,18 @@ def test_finetuning_goes_on_unlocked_where_the_filesystem_takes_no_locks(tmp_pat
     with only_run_of(tmp_path / "finetune" / "key"):
         ran.append(True)
     assert ran and "takes no file locks (No locks available)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_fine_tuning_without_a_usable_checkpoint_folder_goes_on_without_checkpoints(tmp_path, capsys):
+    """A read-only home or a --cache-dir under a file: the embedding cache went on without its cache, but the
+    checkpoint folder failed the run after the whole embedding (hours at 450k labels). Checked first now."""
+    from edu_filter.train.classifier import ClassifierTrainConfig
+    from edu_filter.train.finetune import checkpoints_usable
+
+    (tmp_path / "a_file").write_text("")
+    assert not checkpoints_usable(ClassifierTrainConfig(cache_dir=str(tmp_path / "a_file" / "cache")))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "fine-tuning without checkpoints" in said and "a killed run starts over" in said
+    assert checkpoints_usable(ClassifierTrainConfig(cache_dir=str(tmp_path / "cache")))
+    assert not list((tmp_path / "cache" / "finetune").iterdir())  # its probe gone
+

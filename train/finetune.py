@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import (RunError, logged_progress, recover_folder, replace_folder, side_folders,
+from edu_filter.documents import (held_alone, logged_progress, recover_folder, replace_folder, side_folders,
                                   stop_requested, text_hash)
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
@@ -30,10 +31,11 @@ if TYPE_CHECKING:
 def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
                    weights=None) -> TrainedModel:
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
+    keeps_checkpoints = checkpoints_usable(cfg)
     frozen, _, _, info, _ = fit_head(cfg, texts, y, weights)
     with torch_threads():
-        checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights)
-        with only_run_of(checkpoint):
+        checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights) if keeps_checkpoints else None
+        with only_run_of(checkpoint) if checkpoint is not None else contextlib.nullcontext():
             finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
@@ -47,31 +49,33 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
 def only_run_of(checkpoint: Path):
     """Held while a run fine-tunes into `checkpoint`: the same command started twice (a job submitted again while
     the first runs) would write one checkpoint folder from two processes, each renaming the other's copy away. The
-    second is refused, naming the first. A lock the system drops when its process ends, however it ends."""
-    import fcntl
-    import os
-    import socket
-
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    second is refused, naming the first."""
     lock = checkpoint.with_name(checkpoint.name + ".lock")
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RunError(f"{holder} is fine-tuning the same model on the same data (its checkpoint: {checkpoint}): "
-                           "wait for it to finish, or stop it and run this again to go on from its checkpoint") from None
-        except OSError as e:  # no locks on this filesystem (NFS without lockd, Lustre mounted noflock)
-            console.print(f"[yellow]fine-tuning: {lock.parent} takes no file locks ({e.strerror}): nothing stops a "
-                          "second run of this command from using the same checkpoint at once[/]")
-            yield
-            return
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"process {os.getpid()} on {socket.gethostname()}")
-        fh.flush()
+    with held_alone(lock, lambda holder: (
+            f"{holder} is fine-tuning the same model on the same data (its checkpoint: {checkpoint}): wait for it to "
+            "finish, or stop it and run this again to go on from its checkpoint")) as no_locks:
+        if no_locks:
+            console.print(f"[yellow]fine-tuning: {lock.parent} takes no file locks ({no_locks.strerror}): nothing "
+                          "stops a second run of this command from using the same checkpoint at once[/]")
         yield
+
+
+def checkpoints_usable(cfg: ClassifierTrainConfig) -> bool:
+    """Whether the folder of fine-tuning checkpoints can be made, checked before the embedding: where it cannot (a
+    read-only home, a --cache-dir that is a file), the run goes on without checkpoints, as the embedding cache goes on
+    without its cache, rather than failing after hours of embedding."""
+    from edu_filter.classifiers.embeddings import DEFAULT_CACHE_DIR
+
+    folder = Path(cfg.cache_dir or DEFAULT_CACHE_DIR) / "finetune"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(folder / ".probe", os.O_CREAT | os.O_WRONLY, 0o644))
+        (folder / ".probe").unlink()
+        return True
+    except OSError as e:
+        console.print(f"[yellow]fine-tuning without checkpoints: {folder} cannot be written ({e.strerror or e}); a "
+                      "killed run starts over[/]")
+        return False
 
 
 def remove_checkpoint(folder: Path) -> None:
