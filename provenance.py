@@ -634,9 +634,11 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
     name = repo_id or Path(folder).name
     val_name = "held-out validation split" if not any(e["role"] == "validation" for e in record["inputs"]) else \
         "validation data"
+    code = config["kind"] == "code"
+    rubric, keep, dataset = ("Python-Edu", 4, "Python-Edu") if code else ("FineWeb-Edu", 3, "FineWeb-Edu")
     scored = [("spearmanr", "Spearman", metrics.get("spearman")), ("mse", "MSE", metrics.get("mse")),
               ("accuracy", "accuracy (int_score)", metrics.get("accuracy")),
-              ("f1", "F1 of int_score >= 3", metrics.get("binary_f1_at_3"))]
+              ("f1", f"F1 of int_score >= {keep}", metrics.get(f"binary_f1_at_{keep}"))]
     eval_results = [
         EvalResult(task_type="text-classification", dataset_type=datasets[0] if datasets else "json",
                    dataset_name=val_name, dataset_split="validation", metric_type=kind, metric_name=label,
@@ -667,8 +669,8 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
             "finetune": f"`{encoder}` fine-tuned with a regression head",
             "fasttext": "a fastText model over labels 0-5, read as the expected label"}[method]
     cuts = training.get("cut_points") or []
-    code = config["kind"] == "code"
-    rubric, keep, dataset = ("Python-Edu", 4, "Python-Edu") if code else ("FineWeb-Edu", 3, "FineWeb-Edu")
+    placed_by = "validation predictions" if method == "finetune" else "validation and out-of-fold predictions"
+    weights = training.get("weights")
     lines = [
         f"# {name}",
         "",
@@ -688,12 +690,15 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
         *[f"| F1 of int_score >= {t} (round-and-clip: {_metric(metrics['uncalibrated'].get(f'binary_f1_at_{t}'))}) "
           f"| {_metric(metrics.get(f'binary_f1_at_{t}'))} |" for t in (2, 3, 4) if f"binary_f1_at_{t}" in metrics],
         *([""] + [f"- **Warning:** {w}." for w in metrics["warnings"]] if metrics.get("warnings") else []),
+        *(["", f"The labelled documents were chosen by active selection: the fit, the cut points and these metrics "
+                f"weigh each by its inclusion weight (`{weights['field']}`, {weights['min']:.2f}-{weights['max']:.2f}), "
+                "so the metrics estimate those on the pool it was drawn from (effective size "
+                f"{(metrics.get('weighted') or weights)['effective_n']:.0f})."] if weights else []),
         "",
         "## Calibration",
         "",
         f"`int_score` is t when the raw score is at least the t-th cut point ({training.get('calibration_examples')}",
-        "validation and out-of-fold predictions placed them so that `int_score >= t` is the best binary decision at",
-        "each threshold):",
+        f"{placed_by} placed them so that `int_score >= t` is the best binary decision at each threshold):",
         "",
         "| int_score | 1 | 2 | 3 | 4 | 5 |",
         "|---|---|---|---|---|---|",

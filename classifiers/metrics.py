@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points, to_int_scores
+from edu_filter.classifiers.calibration import round_and_clip, to_int_scores
 from edu_filter.documents import SCORES
 
 CLASSES = list(SCORES)
@@ -77,7 +77,7 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     else:
         spearman = weighted_pearson(weighted_ranks(raw, w), weighted_ranks(labels, w), w)
         pearson = weighted_pearson(raw, labels, w)
-    rounded = apply_cut_points(raw, ROUND_CUTS)
+    rounded = round_and_clip(raw)  # FineWeb-Edu's own int_score (a half to the even integer), which a stock model gets
     metrics = {
         "n": int(len(labels)),
         "mse": float(np.average((raw - labels) ** 2, weights=w)),

@@ -130,3 +130,14 @@ def test_a_cut_between_adjacent_doubles_keeps_only_the_higher(high):
     cut, f1 = best_f1_cut(scores, positive)
     kept = scores >= cut
     assert kept.sum() == 5 and f1 == pytest.approx(f1_score(positive, kept)) == 1.0
+
+
+def test_the_round_and_clip_baseline_is_fineweb_edus_own_rounding():
+    """The baseline column is what a stock model scores with (`round_and_clip`: a half to the even integer, as
+    halves fall in bfloat16); it rounded a half up, so for the official classifier the two columns disagreed."""
+    labels = np.array([1, 2, 3, 3, 1, 2], dtype=float)
+    raw = np.array([1.0, 2.5, 2.5, 3.2, 0.9, 2.0])
+    from edu_filter.classifiers.calibration import round_and_clip
+
+    m = compute_metrics(labels, raw, round_and_clip(raw))
+    assert m["uncalibrated"]["binary_f1_at_3"] == pytest.approx(2 / 3) == m["binary_f1_at_3"]

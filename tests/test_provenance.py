@@ -314,6 +314,29 @@ def test_model_card_loads_with_metadata_metrics_and_calibration(chain):
 
 
 @pytest.mark.slow
+def test_a_model_card_says_the_kinds_threshold_how_its_cut_points_were_placed_and_its_weights(chain):
+    """A code model's hub metrics named F1 at 3 (its decision is 4); a fine-tuned model's card said out-of-fold
+    predictions placed its cut points (it has none: validation alone); weighted metrics were not said to be."""
+    from huggingface_hub import ModelCard
+
+    classifier = chain["classifier"]
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    record = json.loads((classifier / "provenance.json").read_text())
+    metrics["training"]["config"].update(kind="code", method="finetune")
+    metrics["training"]["weights"] = {"field": "weight", "effective_n": 31.5, "min": 0.5, "max": 4.0}
+    metrics["weighted"] = {"effective_n": 12.25}
+    metrics["binary_f1_at_4"] = 0.5  # this web model's validation split may hold no 4+
+    text = provenance.model_card(classifier, metrics, record)
+    card = ModelCard(text)
+    [results] = card.data.to_dict()["model-index"][0]["results"]
+    f1 = next(m for m in results["metrics"] if m["type"] == "f1")
+    assert f1["name"] == "F1 of int_score >= 4" and f1["value"] == pytest.approx(metrics["binary_f1_at_4"], abs=1e-4)
+    said = " ".join(text.split())
+    assert "validation predictions placed them" in said and "out-of-fold" not in said
+    assert "chosen by active selection" in said and "(`weight`, 0.50-4.00)" in said and "effective size 12)" in said
+
+
+@pytest.mark.slow
 def test_dataset_card_loads_with_stats_settings_and_licence(chain):
     from huggingface_hub import DatasetCard
 
