@@ -242,7 +242,8 @@ class ScoreSummary:
     refits: int = 0  # documents asked again cut to fit the server's context
     prompt_tokens: int = 0  # of the answers received this run (rows also count the ones replayed from the cache)
     completion_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # asking (and replaying): what docs_per_second divides by
+    prepared_seconds: float = 0.0  # before: reading the input, drawing a sample, embedding an active pool
     model: str = ""  # the model asked (as the server serves it)
     concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
     notes: list[str] = field(default_factory=list)
@@ -752,6 +753,7 @@ def score_documents(
         raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     refuse_output_among_inputs(inputs, {"-o/--output": output, "--cache": cache_path})
     with writing_alone(output, "-o/--output"):  # two runs wrote one partial file at once, and paid twice
+        began = time.perf_counter()
         the_prompt = load_prompt(cfg.prompt)
         cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
                           **cfg.generation().as_dict()}
@@ -789,7 +791,7 @@ def score_documents(
                 total=total, sampler=sampler)))
             if active is not None:
                 out.write(rows)
-        summary.seconds = time.perf_counter() - start
+        summary.seconds, summary.prepared_seconds = time.perf_counter() - start, start - began
         summary.output, summary.cache = str(output), str(cache_path)
         os.replace(partial, output)
         selection = {"select": cfg.select}
@@ -806,6 +808,7 @@ def score_documents(
             "base_url": urls[0] if len(urls := cfg.base_urls()) == 1 else (urls or None),
             "api": cfg.api, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
             "max_chars": cfg.max_chars, "max_reasks": cfg.max_reasks, "sample": cfg.sample, "seed": cfg.seed,
+            **({"sampler": sampler} if sampler else {}),  # a cache of older answers keeps the older way of drawing
             "text_field": cfg.text_field, "id_field": cfg.id_field, "documents": summary.documents,
             "scored": summary.scored, **selection,
         })
@@ -841,7 +844,9 @@ def print_summary(summary: ScoreSummary) -> None:
         table.add_row("concurrency (server behind, or 429)", f"[yellow]backed off to {summary.concurrency}")
     table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")
     table.add_row("tokens prompt / completion (sent)", f"{summary.prompt_tokens:,} / {summary.completion_tokens:,}")
-    table.add_row("time", f"{summary.seconds:.1f} s ({_rate(summary.docs_per_second)} docs/s asked)")
+    table.add_row("time", f"{summary.prepared_seconds + summary.seconds:.1f} s: {summary.prepared_seconds:.1f} s "
+                  f"reading{' and embedding' if summary.selection else ''}, then {summary.seconds:.1f} s asking "
+                  f"({_rate(summary.docs_per_second)} docs/s)")
     table.add_row("output", summary.output)
     table.add_row("cache", summary.cache)
     Console().print(table)

@@ -173,6 +173,7 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
                        encoder=minilm_path, max_length=MAX_LENGTH, embedding_cache=str(embedding_cache_dir), **FAST)
         summary = score_documents([str(pool_path)], out, **options)
         assert len(server.requests) == 60 and set(server.requests.values()) == {1}  # the budget, each asked once
+        assert summary.prepared_seconds > 0 and summary.seconds > 0  # the pool's embedding is in the time shown
         rows = read_jsonl(out)
         pool_ids = [d["id"] for d in read_jsonl(pool_path)]
         assert [r["id"] for r in rows] == [i for i in pool_ids if i in server.requests]  # pool order

@@ -3,6 +3,7 @@ row groups that hold it."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -225,6 +226,9 @@ def test_a_run_answering_a_sample_drawn_the_older_way_resumes_with_that_sample(t
         legacy = [doc["id"] for _, doc in sample_documents([str(src)], 20, seed=5, sampler=LEGACY_SAMPLER)]
         assert run(20, "old.sqlite") == legacy != first
         assert recorded_sampler(older) == LEGACY_SAMPLER  # and recorded as such now
+        for name, sampler in (("old.sqlite-20", LEGACY_SAMPLER), ("new.sqlite-40", NESTED_SAMPLER)):  # reproducible
+            record = json.loads((tmp_path / f"{name}.jsonl.provenance.json").read_text())
+            assert record["settings"]["sampler"] == sampler
 
         # a cache started by a run without --sample (the answers of a whole input) is not taken for an older one
         whole = tmp_path / "whole?#%.sqlite"  # characters a URI must escape
