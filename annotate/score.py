@@ -753,68 +753,73 @@ def score_documents(
         raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     refuse_output_among_inputs(inputs, {"-o/--output": output, "--cache": cache_path})
     with writing_alone(output, "-o/--output"):  # two runs wrote one partial file at once, and paid twice
-        began = time.perf_counter()
-        the_prompt = load_prompt(cfg.prompt)
-        cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
-                          **cfg.generation().as_dict()}
-        active = sampler = None
-        if cfg.select == "active":
-            kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
-            docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
-            total = len(docs)
-            active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
-        elif cfg.sample is not None:
-            # the cache's answers were to a sample drawn the older way: a resumed run draws that sample again
-            sampler = recorded_sampler(cache_path) or NESTED_SAMPLER
-            if sampler == LEGACY_SAMPLER and cfg.show_progress:
-                print(f"note: {cache_path} holds answers from an edu-filter that drew samples another way; this run "
-                      "draws its sample that way too (another --cache draws samples that a larger --sample keeps)",
-                      file=sys.stderr, flush=True)
-            docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed, cfg.show_progress,
-                                  sampler=sampler)
-            total = len(docs)
-        else:
-            docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)
-            total = docs.total
-        if total == 0 or (total is None and not any(True for _ in iter_documents(inputs, cfg.text_field))):
-            raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
-        used = provenance.describe_inputs({"documents": inputs,
-                                           "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
+        return _score_alone(inputs, output, cfg, cache_path)
 
-        start = time.perf_counter()
-        # Written to a hidden file as scored, then renamed: a killed run leaves no half output, and the same command
-        # writes it again, replaying the answers from the cache.
-        partial = output.with_name(f".partial-{output.name}")
-        with ScoreOutput(partial, active is not None) as out:
-            rows, summary = asyncio.run(_stopped_by_sigterm(_score_async(
-                docs, cfg, cache_path, cache_settings, the_prompt, active, write=out.write if active is None else None,
-                total=total, sampler=sampler)))
-            if active is not None:
-                out.write(rows)
-        summary.seconds, summary.prepared_seconds = time.perf_counter() - start, start - began
-        summary.output, summary.cache = str(output), str(cache_path)
-        os.replace(partial, output)
-        selection = {"select": cfg.select}
+
+def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path) -> ScoreSummary:
+    """`score_documents` once its settings are checked, the only run writing `output`."""
+    began = time.perf_counter()
+    the_prompt = load_prompt(cfg.prompt)
+    cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
+                      **cfg.generation().as_dict()}
+    active = sampler = None
+    if cfg.select == "active":
+        kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
+        total = len(docs)
+        active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
+    elif cfg.sample is not None:
+        # the cache's answers were to a sample drawn the older way: a resumed run draws that sample again
+        sampler = recorded_sampler(cache_path) or NESTED_SAMPLER
+        if sampler == LEGACY_SAMPLER and cfg.show_progress:
+            print(f"note: {cache_path} holds answers from an edu-filter that drew samples another way; this run "
+                  "draws its sample that way too (another --cache draws samples that a larger --sample keeps)",
+                  file=sys.stderr, flush=True)
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, cfg.sample, cfg.seed, cfg.show_progress,
+                              sampler=sampler)
+        total = len(docs)
+    else:
+        docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)
+        total = docs.total
+    if total == 0 or (total is None and not any(True for _ in iter_documents(inputs, cfg.text_field))):
+        raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
+    used = provenance.describe_inputs({"documents": inputs,
+                                       "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
+
+    start = time.perf_counter()
+    # Written to a hidden file as scored, then renamed: a killed run leaves no half output, and the same command
+    # writes it again, replaying the answers from the cache.
+    partial = output.with_name(f".partial-{output.name}")
+    with ScoreOutput(partial, active is not None) as out:
+        rows, summary = asyncio.run(_stopped_by_sigterm(_score_async(
+            docs, cfg, cache_path, cache_settings, the_prompt, active, write=out.write if active is None else None,
+            total=total, sampler=sampler)))
         if active is not None:
-            sizes = active.selector.sizes
-            w = [r["weight"] for r in rows]
-            summary.selection = (f"active from {total:,} documents: {len(sizes)} rounds "
-                                 f"({', '.join(str(n) for n in sizes)}), weights {min(w):.2f}-{max(w):.2f}")
-            selection.update({"rounds": sizes, "pool_size": total, "kind": kind,
-                              "encoder": active.encoder, "max_length": cfg.max_length,
-                              "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
-        provenance.record_provenance(output, kind="annotations", inputs=used, settings={
-            "prompt": the_prompt.version, "model": summary.model, "backend": cfg.backend,
-            "base_url": urls[0] if len(urls := cfg.base_urls()) == 1 else (urls or None),
-            "api": cfg.api, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-            "max_chars": cfg.max_chars, "max_reasks": cfg.max_reasks, "sample": cfg.sample, "seed": cfg.seed,
-            **({"sampler": sampler} if sampler else {}),  # a cache of older answers keeps the older way of drawing
-            "text_field": cfg.text_field, "id_field": cfg.id_field, "documents": summary.documents,
-            "scored": summary.scored, **selection,
-        })
-        if cfg.show_progress:
-            print_summary(summary)
-        return summary
+            out.write(rows)
+    summary.seconds, summary.prepared_seconds = time.perf_counter() - start, start - began
+    summary.output, summary.cache = str(output), str(cache_path)
+    os.replace(partial, output)
+    selection = {"select": cfg.select}
+    if active is not None:
+        sizes = active.selector.sizes
+        w = [r["weight"] for r in rows]
+        summary.selection = (f"active from {total:,} documents: {len(sizes)} rounds "
+                             f"({', '.join(str(n) for n in sizes)}), weights {min(w):.2f}-{max(w):.2f}")
+        selection.update({"rounds": sizes, "pool_size": total, "kind": kind,
+                          "encoder": active.encoder, "max_length": cfg.max_length,
+                          "threshold": active.selector.threshold, "uniform_share": active.selector.uniform_share})
+    provenance.record_provenance(output, kind="annotations", inputs=used, settings={
+        "prompt": the_prompt.version, "model": summary.model, "backend": cfg.backend,
+        "base_url": urls[0] if len(urls := cfg.base_urls()) == 1 else (urls or None),
+        "api": cfg.api, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+        "max_chars": cfg.max_chars, "max_reasks": cfg.max_reasks, "sample": cfg.sample, "seed": cfg.seed,
+        **({"sampler": sampler} if sampler else {}),  # a cache of older answers keeps the older way of drawing
+        "text_field": cfg.text_field, "id_field": cfg.id_field, "documents": summary.documents,
+        "scored": summary.scored, **selection,
+    })
+    if cfg.show_progress:
+        print_summary(summary)
+    return summary
 
 
 def print_summary(summary: ScoreSummary) -> None:
