@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,7 @@ def checkpoints_usable(cfg: ClassifierTrainConfig) -> bool:
     folder = Path(cfg.cache_dir or DEFAULT_CACHE_DIR) / "finetune"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(folder / ".probe", os.O_CREAT | os.O_WRONLY, 0o644))
-        (folder / ".probe").unlink()
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))  # its own name: runs starting at once each probe
         return True
     except OSError as e:
         console.print(f"[yellow]fine-tuning without checkpoints: {folder} cannot be written ({e.strerror or e}); a "
