@@ -367,7 +367,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     return files
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     lineno = 0
     try:
@@ -394,6 +394,11 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                 raise DocumentError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DocumentError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if id_field is not None and type(row.get(id_field)) is float:
+                # orjson reads an integer past 64 bits as a float: ids a digit apart were one (apply reads them exactly)
+                exact = json.loads(raw).get(id_field)
+                if isinstance(exact, int):
+                    row[id_field] = exact
             yield lineno, row
 
 
@@ -566,13 +571,14 @@ def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
         yield i, dict(row)
 
 
-def iter_raw_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """(line or row number, row) pairs of one file, without any field checks."""
+def iter_raw_rows(path: str, id_field: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line or row number, row) pairs of one file, without any field checks; a JSONL integer `id_field` read
+    exactly."""
     if is_hub_path(path):
         return _iter_hub(path)
     if _has_suffix(path, PARQUET_SUFFIXES):
         return _iter_parquet(path)
-    return _iter_jsonl(path)
+    return _iter_jsonl(path, id_field)
 
 
 def _why_unlabelled(row: dict) -> str:
@@ -597,7 +603,7 @@ def iter_documents(
     """`read_documents`, one row at a time: only the current row (and a Parquet record batch) is held."""
     files = expand_paths(paths)
     for path, name in zip(files, default_id_names(files)):
-        for lineno, row in iter_raw_rows(path):
+        for lineno, row in iter_raw_rows(path, id_field):
             yield _document(path, lineno, row, text_field, id_field, label_field, require_label, name)
 
 

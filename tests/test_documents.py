@@ -483,6 +483,15 @@ def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):
             read_documents([f], label_field="score")
 
 
+def test_integer_ids_past_64_bits_are_read_exactly_as_apply_reads_them(tmp_path):
+    """orjson reads an integer past 64 bits as a float: two ids a digit apart were one (score refused the input as a
+    duplicate) and an id was "1.2345678901234568e+23" here while apply wrote "123456789012345678901234"."""
+    f = tmp_path / "ids.jsonl"
+    f.write_text('{"id": 123456789012345678901234, "text": "a"}\n{"id": 123456789012345678901235, "text": "b"}\n'
+                 '{"id": 1.5, "text": "c"}\n')
+    assert [d["id"] for d in read_documents([f])] == ["123456789012345678901234", "123456789012345678901235", "1.5"]
+
+
 def test_a_file_name_that_is_not_utf8_is_read_fingerprinted_and_named(tmp_path):
     """A Latin-1 name (caf\\xe9.jsonl): the folder's fingerprint failed with a bare UnicodeEncodeError, and the
     rows' default ids held text no JSON writer takes."""
