@@ -17,8 +17,9 @@ import os
 import random
 import re
 import shutil
-import socket
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import zlib
@@ -109,8 +110,9 @@ REMOTE_LOOKING = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://b/x, or s3:/b/
 
 
 def refuse_output_among_inputs(inputs: Iterable[str | os.PathLike], outputs: dict[str, str | os.PathLike]) -> None:
-    """An output that is one of the local inputs, or lies in an input folder, is refused: the finished output replaced
-    the input it was made from, and a rerun (the way to resume) read it back as documents."""
+    """An output that is one of the local inputs, or a data file the readers would take from an input folder, is
+    refused: the finished output replaced the input it was made from, or a rerun (the way to resume) read it back as
+    documents."""
     for option, output in outputs.items():
         target = Path(output).absolute().resolve()
         for given in path_list(inputs):
@@ -120,7 +122,9 @@ def refuse_output_among_inputs(inputs: Iterable[str | os.PathLike], outputs: dic
             if target == source:
                 raise InputError(f"{option} {output} is the input {given}: the output would replace it; write it "
                                  "elsewhere")
-            if source.is_dir() and target.is_relative_to(source):
+            inside = source.is_dir() and target.is_relative_to(source)
+            if inside and _has_suffix(target.name, FOLDER_SUFFIXES) and not any(
+                    part.startswith(".") for part in target.relative_to(source).parts):  # what the readers take
                 raise InputError(f"{option} {output} is inside the input folder {given}: a rerun, which resumes, would "
                                  "read it as documents; write it elsewhere")
 
@@ -156,22 +160,22 @@ def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
     while the first runs) is refused naming the first, instead of both writing the same files."""
     with held_alone(output.with_name(f".{output.name}.lock"), lambda holder: (
             f"{what} {output} is being written by another run ({holder}): wait for it to end, or stop it; the same "
-            "command then resumes")):
+            "command then resumes")) as no_locks:
+        if no_locks:
+            print(f"warning: {output.parent} takes no file locks ({no_locks.strerror}): nothing stops a second run of "
+                  "this command from writing the same output at once", file=sys.stderr, flush=True)
         yield
 
 
-def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False,
-                          remote: bool = False) -> None:
+def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False) -> None:
     """Refuse an output path that cannot be created or written, without creating anything.
 
     The nearest existing ancestor must be a folder this process may write into (and the path itself, when it
-    exists, a writable folder, or file unless the output is a `folder`). Remote paths (s3://, hf://) are left to the
-    writer where the command writes them (`remote`), else refused: a `Path` made `s3:/bucket/x` of one, and wrote a
-    local folder named `s3:` that a job's node kept."""
+    exists, a writable folder, or file unless the output is a `folder`). Remote paths (s3://, hf://) are refused: no
+    command writes them, and a `Path` made `s3:/bucket/x` of one, which wrote a local folder named `s3:` that a job's
+    node kept."""
     text = str(path)
     if REMOTE_LOOKING.match(text):
-        if remote:
-            return
         raise InputError(f"{what} {text}: a remote location; this command writes local files (write them on a "
                          "shared file system, then copy them)")
     target = Path(text).expanduser()

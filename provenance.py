@@ -690,10 +690,12 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
         *[f"| F1 of int_score >= {t} (round-and-clip: {_metric(metrics['uncalibrated'].get(f'binary_f1_at_{t}'))}) "
           f"| {_metric(metrics.get(f'binary_f1_at_{t}'))} |" for t in (2, 3, 4) if f"binary_f1_at_{t}" in metrics],
         *([""] + [f"- **Warning:** {w}." for w in metrics["warnings"]] if metrics.get("warnings") else []),
-        *(["", f"The labelled documents were chosen by active selection: the fit, the cut points and these metrics "
-                f"weigh each by its inclusion weight (`{weights['field']}`, {weights['min']:.2f}-{weights['max']:.2f}), "
-                "so the metrics estimate those on the pool it was drawn from (effective size "
-                f"{(metrics.get('weighted') or weights)['effective_n']:.0f})."] if weights else []),
+        *(["", f"The training documents were chosen by active selection: the fit and the cut points weigh each by "
+                f"its inclusion weight (`{weights['field']}`, {weights['min']:.2f}-{weights['max']:.2f}; effective "
+                f"size {weights['effective_n']:.0f})."] if weights else []),
+        *(["", "These metrics weigh the validation documents by their inclusion weights: they estimate those on the "
+                f"pool the documents were drawn from (effective size {metrics['weighted']['effective_n']:.0f})."]
+          if metrics.get("weighted") else []),
         "",
         "## Calibration",
         "",

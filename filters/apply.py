@@ -447,8 +447,22 @@ def split_planned_the_old_way(output: str, overwrite: bool) -> bool:
     return not overwrite and isinstance(recorded, dict) and not (isinstance(split, str) and split.endswith(CONTIGUOUS))
 
 
+def stage_values_of_run(output: str, overwrite: bool) -> str | None:
+    """How the files between stages hold values JSON has no type for: as this edu-filter does (`STAGE_VALUES`), or,
+    for a run begun by an edu-filter from before and resumed (None), as text, the way its finished tasks' files hold
+    them: read into the same kept files, the two ways typed a column as strings in some files and not in others."""
+    from edu_filter.filters.io import STAGE_VALUES
+
+    try:
+        recorded = json.loads((Path(output) / "run_config.json").read_text())
+    except (OSError, ValueError):  # no run there (or a record `prepare_output` reports)
+        return STAGE_VALUES
+    return STAGE_VALUES if overwrite or not isinstance(recorded, dict) else recorded.get("stage_values")
+
+
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
-                   input_split: str | None = None, input_parts: str | None = None) -> dict:
+                   input_split: str | None = None, input_parts: str | None = None,
+                   stage_values: str | None = None) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
     things, its input split among the tasks the same way (`input_split`: see `filters.io.InputSplit`)."""
     out = Path(cfg.output)
@@ -469,6 +483,8 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
         current["input_split"] = input_split
     if input_parts:
         current["input_parts"] = input_parts
+    if stage_values:
+        current["stage_values"] = stage_values
     if path.exists():
         try:
             previous = json.loads(path.read_text())
@@ -525,9 +541,10 @@ class Stage:
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
                  provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
-                 split: InputSplit | None = None, on_gpu: bool = True) -> list[Stage]:
+                 split: InputSplit | None = None, on_gpu: bool = True, tagged: bool = True) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
-    every pass over them checks `input_fingerprints` (`run_record`'s) first. Without `on_gpu` the scorer is told to
+    every pass over them checks `input_fingerprints` (`run_record`'s) first; `tagged`: `RecordWriter`'s. Without
+    `on_gpu` the scorer is told to
     use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not hide them from a task asking
     none, nor Slurm without device constraints), and would load a model onto a GPU another job holds."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
@@ -597,7 +614,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                       device=None if on_gpu else "cpu"),
                   ScoreSummaryWriter(f"{out}/{SUMMARY_FOLDER}")]  # what `sweep` reads instead of the documents
         if cfg.keep_top is not None:  # selection waits for every task's scores
-            return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored")]
+            return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored", tagged=tagged)]
         return [*scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
 
     def select_stages(then: list) -> list[Stage]:
@@ -666,7 +683,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("filter", input_pass("filter", True) + scoring("filter"), cfg.tasks, scores=True)]
             stages += select_stages(kept)
     else:  # score-first: only what passes the threshold is deduplicated
-        survivors = [RecordWriter(f"{work}/survivors")]
+        survivors = [RecordWriter(f"{work}/survivors", tagged=tagged)]
 
         def survivors_pass(stage: str, final: bool) -> list:
             return [RankFileReader(f"{work}/survivors", progress_folder=progress(stage))]
@@ -762,7 +779,7 @@ def run_apply(
         raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
     if push_to_hub and executor == "slurm" and not wait:
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
-    check_writable_output(output, "-o/--output", folder=True, remote=True)
+    check_writable_output(output, "-o/--output", folder=True)
     check_output_apart([str(i) for i in inputs], str(output))
     glob_chars = sorted(set(os.path.abspath(output)) & set("*?[]"))
     if glob_chars:  # datatrove and fsspec find a stage's files by glob patterns that start with the output path
@@ -828,14 +845,15 @@ def run_apply(
                       "part of it reads it whole; so do tasks sharing a part where the parts are fewer than the "
                       f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
                       "--tasks, where reading dominates[/]", soft_wrap=True)
+    stage_values = stage_values_of_run(cfg.output, overwrite)
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
-                            input_parts=split.digest if split and split.contiguous else None)
+                            input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values)
     if executor == "ray":
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
-                          on_gpu=on_gpu)
+                          on_gpu=on_gpu, tagged=stage_values is not None)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else

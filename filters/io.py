@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 import pyarrow as pa
 from datatrove.data import Document, DocumentsPipeline
@@ -819,10 +820,24 @@ def stage_value(obj):
         return {STAGE_TAG + "pandas_timestamp": [obj.value, str(obj.tz) if obj.tz else None]}
     if isinstance(obj, datetime.timedelta):
         return {STAGE_TAG + "timedelta": [obj.days, obj.seconds, obj.microseconds]}
-    for kind in (datetime.datetime, datetime.date, datetime.time):  # datetime first: it is a date too
+    if isinstance(obj, datetime.datetime):  # with its zone's name: an offset alone typed kept/ by the season
+        return {STAGE_TAG + "datetime": [obj.isoformat(), getattr(obj.tzinfo, "key", None)
+                                         or getattr(obj.tzinfo, "zone", None)]}
+    for kind in (datetime.date, datetime.time):
         if isinstance(obj, kind):
             return {STAGE_TAG + kind.__name__: obj.isoformat()}
     return json_value(obj)
+
+
+def _tag_non_finite(value):
+    """NaN and infinities tagged (`stage_value`), at any depth: JSON has no number for them and orjson writes null."""
+    if isinstance(value, (float, np.floating)):
+        return value if math.isfinite(value) else {STAGE_TAG + "float": repr(float(value))}
+    if isinstance(value, dict):
+        return {k: _tag_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_non_finite(v) for v in value]
+    return value
 
 
 def _from_stage_value(kind: str, value):
@@ -838,6 +853,13 @@ def _from_stage_value(kind: str, value):
         return pd.Timedelta(value) if kind == "pandas_timedelta" else pd.Timestamp(value[0], tz=value[1])
     if kind == "float":
         return float(value)
+    if kind == "datetime":
+        when = datetime.datetime.fromisoformat(value[0])
+        if value[1]:
+            import zoneinfo
+
+            when = when.astimezone(zoneinfo.ZoneInfo(value[1]))
+        return when
     return getattr(datetime, kind).fromisoformat(value)
 
 
@@ -854,16 +876,23 @@ def untagged(value):
     return value
 
 
+STAGE_VALUES = "tagged"  # how the files between stages hold values JSON has no type for (a run records it)
+
+
 class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
     """Gzipped JSONL of flat records: the intermediate files between stages, every value typed as it was read
-    (`stage_value`; a field's NaN or infinity too, which JSON writes as null)."""
+    (`stage_value`; NaN and infinities too, which JSON writes as null). `tagged=False` writes them as text, as a run
+    begun by an edu-filter from before did: its finished tasks' files hold them so, and the kept files of its other
+    tasks must type them alike."""
 
-    def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz"):
+    def __init__(self, folder: str, filename: str = "${rank}.jsonl.gz", tagged: bool = True):
         super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+        self.tagged = tagged
 
-    def _write(self, document: dict, file_handler, _filename: str):
-        document = {k: {STAGE_TAG + "float": repr(float(v))} if isinstance(v, float) and not math.isfinite(v) else v
-                    for k, v in document.items()}
+    def _write(self, document: dict, file_handler, filename: str):
+        if not self.tagged:
+            return super()._write(document, file_handler, filename)
+        document = {k: v if isinstance(v, (str, int)) else _tag_non_finite(v) for k, v in document.items()}
         file_handler.write(orjson.dumps(document, default=stage_value, option=JSON_OPTIONS
                                         | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME))
 

@@ -160,8 +160,19 @@ def labelled_pool(tmp_path_factory):
 
 @pytest.mark.slow
 def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_pool, tmp_path, minilm_path,
-                                                                     embedding_cache_dir):
+                                                                     embedding_cache_dir, monkeypatch):
+    import time
+
+    from edu_filter.annotate import score as score_module
     from edu_filter.train.classifier import train_classifier
+
+    embedding = score_module._active_annotation
+
+    def slow_embedding(*args, **kwargs):  # the pool's embedding, made to take a known time
+        time.sleep(1.0)
+        return embedding(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "_active_annotation", slow_embedding)
 
     pool_path, labels = labelled_pool
     server = LLMTestServer(labels=label_table(
@@ -173,7 +184,7 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
                        encoder=minilm_path, max_length=MAX_LENGTH, embedding_cache=str(embedding_cache_dir), **FAST)
         summary = score_documents([str(pool_path)], out, **options)
         assert len(server.requests) == 60 and set(server.requests.values()) == {1}  # the budget, each asked once
-        assert summary.prepared_seconds > 0 and summary.seconds > 0  # the pool's embedding is in the time shown
+        assert summary.prepared_seconds >= 1.0 and summary.seconds > 0  # the pool's embedding is in the time shown
         rows = read_jsonl(out)
         pool_ids = [d["id"] for d in read_jsonl(pool_path)]
         assert [r["id"] for r in rows] == [i for i in pool_ids if i in server.requests]  # pool order

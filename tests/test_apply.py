@@ -1114,6 +1114,8 @@ def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock
         "when": pa.array([(1_700_000_000_123_456 + i) * 1000 for i in range(len(part))], pa.timestamp("ns", tz="UTC")),
         "day": pa.array([datetime.date(2020, 1, 1 + i) for i in range(len(part))], pa.date32()),
         "ratio": pa.array([[math.nan, math.inf, -math.inf][i % 3] if i < 6 else i / 8 for i in range(len(part))]),
+        "ratios": pa.array([[math.nan, i / 8] for i in range(len(part))], pa.list_(pa.float64())),
+        "local": pa.array([1_700_000_000_000_000 + i for i in range(len(part))], pa.timestamp("us", tz="Europe/Paris")),
     }), data / "p.parquet")
 
     out = tmp_path / "out"
@@ -1138,12 +1140,42 @@ def test_typed_parquet_fields_and_columns_named_like_ours_land_once_intact(stock
     assert [str(schema.field(f).type) for f in ("blob", "took", "when", "day", "ratio")] == [
         "binary", "duration[us]", "timestamp[us, tz=UTC]", "date32[day]", "double"]  # the reader's units
     assert pa.types.is_decimal(schema.field("price").type)  # its precision from the values, in either order
+    assert pa.types.is_list(schema.field("ratios").type) and schema.field("ratios").type.value_type == pa.float64()
+    assert str(schema.field("local").type) == "timestamp[us, tz=Europe/Paris]"  # the zone, not an offset of a season
     by_row = {r["input_id"]: r for r in from_parquet}
     for i, r in by_row.items():
         assert r["blob"] == bytes([i, 255]) and r["price"] == decimal.Decimal(f"{i}.25")
         assert r["when"] == datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(
             microseconds=1_700_000_000_123_456 + i) and r["day"] == datetime.date(2020, 1, 1 + i)
         assert repr(r["ratio"]) == repr([math.nan, math.inf, -math.inf][i % 3] if i < 6 else i / 8)
+        assert math.isnan(r["ratios"][0]) and r["ratios"][1] == i / 8
+
+
+def test_a_run_begun_by_an_older_edu_filter_keeps_writing_the_files_between_stages_as_text(tmp_path):
+    """Its finished tasks' files hold times, bytes and NaN as text: the rest, written typed, would make the kept files
+    type a column as strings in some and not in others."""
+    from datatrove.data import Document
+
+    from edu_filter.filters.apply import stage_values_of_run
+    from edu_filter.filters.io import STAGE_VALUES, RecordWriter, untagged
+
+    out = tmp_path / "out"
+    assert stage_values_of_run(str(out), overwrite=False) == STAGE_VALUES  # a new run
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"settings": {}, "input_files": {}}))  # as the older one wrote it
+    assert stage_values_of_run(str(out), overwrite=False) is None
+    assert stage_values_of_run(str(out), overwrite=True) == STAGE_VALUES
+    (out / "run_config.json").write_text(json.dumps({"settings": {}, "stage_values": STAGE_VALUES}))
+    assert stage_values_of_run(str(out), overwrite=False) == STAGE_VALUES
+    doc = Document(text="t", id="a", metadata={"blob": b"\x00\xff", "ratio": math.nan})
+    for tagged, expected in ((False, {"blob": "AP8=", "ratio": None}), (True, {"blob": b"\x00\xff"})):
+        with RecordWriter(str(tmp_path / f"files-{tagged}"), tagged=tagged) as writer:
+            writer.write(doc, rank=0)
+        [line] = gzip.open(tmp_path / f"files-{tagged}" / "00000.jsonl.gz", "rt").read().splitlines()
+        record = untagged(json.loads(line))
+        assert {k: record[k] for k in expected} == expected
+        assert tagged or "\\u0000" not in line
+    assert math.isnan(record["ratio"])
 
 
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])

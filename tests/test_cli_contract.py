@@ -196,8 +196,12 @@ def test_an_output_that_is_an_input_inside_one_remote_or_being_written_is_refuse
         refused(["score", given, "-o", out, "--base-url", NO_SERVER], said)
     refused(["score", docs, "-o", tmp_path / "s.jsonl", "--cache", docs, "--base-url", NO_SERVER], "--cache", "is the input")
     assert docs.read_bytes() == Path(WEB_VAL).read_bytes()
+    # a cache in the input folder is no document: this run stops only at the server that does not answer
+    refused(["score", data, "-o", tmp_path / "s.jsonl", "--cache", data / "answers.sqlite", "--base-url", NO_SERVER],
+            "cannot reach")
     for command in (["score", docs, "-o", "s3://bucket/scores.jsonl", "--base-url", NO_SERVER],
-                    ["train", WEB_VAL, "-o", "s3://bucket/model"]):
+                    ["train", WEB_VAL, "-o", "s3://bucket/model"],
+                    ["apply", docs, "-o", "s3://bucket/edu", "--model", tmp_path / "no-model"]):
         refused(command, "s3:/", "a remote location", absent=(Path("s3:"),))
     out = files["new"] / "scores.jsonl"
     with writing_alone(out):

@@ -228,7 +228,6 @@ def test_check_writable_output_tests_without_creating(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"--report .*file/out\.json: cannot be created, .*file is a file"):
         check_writable_output(tmp_path / "file" / "out.json", "--report")
-    check_writable_output("s3://bucket/prefix", remote=True)  # remote where the command writes it: left to the writer
     for remote in ("s3://bucket/out.jsonl", Path("s3://bucket/out.jsonl"), "hf://datasets/me/x"):  # Path: "s3:/bucket"
         with pytest.raises(InputError, match="a remote location; this command writes local files"):
             check_writable_output(remote, "-o/--output")

@@ -333,7 +333,11 @@ def test_a_model_card_says_the_kinds_threshold_how_its_cut_points_were_placed_an
     assert f1["name"] == "F1 of int_score >= 4" and f1["value"] == pytest.approx(metrics["binary_f1_at_4"], abs=1e-4)
     said = " ".join(text.split())
     assert "validation predictions placed them" in said and "out-of-fold" not in said
-    assert "chosen by active selection" in said and "(`weight`, 0.50-4.00)" in said and "effective size 12)" in said
+    assert "chosen by active selection" in said and "(`weight`, 0.50-4.00; effective size 32)" in said
+    assert "These metrics weigh the validation documents" in said and "(effective size 12)" in said
+    del metrics["weighted"]  # a uniform --val beside an actively chosen DATA: its metrics are not weighted
+    said = " ".join(provenance.model_card(classifier, metrics, record).split())
+    assert "chosen by active selection" in said and "These metrics weigh" not in said
 
 
 @pytest.mark.slow
