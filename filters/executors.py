@@ -42,6 +42,9 @@ from edu_filter.filters.scoring import TASK_SLOT_ENV
 
 POLL_S = 1.0
 REMOTE_TASKS_CHECK_S = 60.0  # how often a Ray run asks the other nodes whether their tasks' processes still run
+# how often a Ray run reads the running/ files for this machine's tasks: they are every node's, on a shared file
+# system (thousands opened each second otherwise); a local run reads its few every POLL_S
+RAY_LOCAL_TASKS_CHECK_S = 10.0
 KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
@@ -804,7 +807,7 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
         with stopped_by_signals(), ProgressDisplay(screen, [(s.name, s.tasks) for s in stages], logs) as display:
             worker.start()
             try:
-                started, read, asked = time.monotonic(), -math.inf, time.monotonic()
+                started, read, asked, checked = time.monotonic(), -math.inf, time.monotonic(), -math.inf
                 while worker.is_alive():
                     # a Ray run's progress files are on a shared filesystem: read as often as a Slurm chain's
                     now = time.monotonic()
@@ -812,7 +815,10 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                         display.refresh()
                         read = time.monotonic()
                     worker.join(POLL_S)
-                    rank = killed_task(logs, watched[0]) if watched and worker.is_alive() else None
+                    rank = None
+                    if watched and worker.is_alive() and (
+                            executor != "ray" or time.monotonic() - checked >= RAY_LOCAL_TASKS_CHECK_S):
+                        rank, checked = killed_task(logs, watched[0]), time.monotonic()
                     if (rank is None and executor == "ray" and watched and worker.is_alive()
                             and time.monotonic() - asked >= REMOTE_TASKS_CHECK_S):
                         rank, asked = remote_killed_task(logs, watched[0]), time.monotonic()
@@ -1116,8 +1122,24 @@ def usable_nodes(partition: str, cpus: int = 1, mem_mb: int = 0, gpus: int = 0) 
 
 
 def chain_tag(out: str) -> str:
-    """Job names end with this tag of the output folder, so the jobs of one run can be found in the queue."""
-    return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
+    """Job names end with this tag of the output folder, so the jobs of one run can be found in the queue: of its real
+    path, the same whichever way it is named (a relative -o and ~/runs/x, /home a link to /gpfs)."""
+    return hashlib.sha1(os.path.realpath(out).encode()).hexdigest()[:8]
+
+
+def chain_tags(out: str) -> set[str]:
+    """The tags a queued chain of `out` may carry: `chain_tag`'s, and that of the path as given (an edu-filter from
+    before tagged its jobs so)."""
+    return {chain_tag(out), hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]}
+
+
+def sbatch_job_id(said: str) -> str:
+    """The job id in sbatch's answer: "Submitted batch job 123", or on a site with several clusters "... 123 on
+    cluster foo", whose last word datatrove took for the id (every dependency then named the cluster)."""
+    found = re.search(r"Submitted batch job (\d+)", said)
+    if found is None:
+        raise RunError(f"sbatch gave no job id: {said.strip()[:300]}")
+    return found.group(1)
 
 
 def slurm_answers() -> bool:
@@ -1145,11 +1167,11 @@ def queued_jobs(out: str) -> list[dict]:
     else:
         raise RunError(f"squeue failed {SQUEUE_ATTEMPTS} times ({res.stderr.strip() or res.returncode}): the state of "
                        f"the jobs is unknown; they were left alone (`edu-filter status {out}` once Slurm answers)")
-    tag = chain_tag(out)
+    tags = chain_tags(out)
     jobs = []
     for line in res.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 4 and parts[1].endswith(tag):
+        if len(parts) == 4 and parts[1].rsplit("-", 1)[-1] in tags:
             jobs.append({"id": parts[0], "name": parts[1], "state": parts[2], "reason": parts[3]})
     return jobs
 
@@ -1277,6 +1299,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             qos=opts.qos, sbatch_args={**job_directives(opts), "mem-per-cpu": memory_directive(mem_per_cpu_mb)},
             slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
             mail_type="NONE", max_array_size=most_per_array, srun_args=srun_request(cpus),
+            job_id_retriever=sbatch_job_id,
         )
         jobs = math.ceil(len(previous.get_incomplete_ranks()) / previous.tasks_per_job)
         previous.max_array_size = even_array_size(jobs, most_per_array)
@@ -1301,12 +1324,19 @@ def write_slurm_scripts(executors, out: str) -> Path:
 
     folder = Path(out) / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    kept = "|".join(SLURM_KEPT_VARIABLES)
+    kept, tags = "|".join(SLURM_KEPT_VARIABLES), "|".join(sorted(chain_tags(out)))
     lines = ["#!/bin/bash", "# Submits the edu-filter apply stages in order, each after the previous one succeeded.",
              "set -euo pipefail",
              "# inside a Slurm allocation its SLURM_* variables would reach every job (--export=ALL) and stop srun",
              'if [ -n "${SLURM_JOB_ID:-}" ]; then',
              f"  for v in $(compgen -e | grep '^SLURM_' | grep -Ev '^({kept})$' || true); do unset \"$v\"; done",
+             "fi",
+             "# run twice, two chains would run every task at once, writing the same files",
+             f"if [ -n \"$(squeue -h -u \"$(id -un)\" -t {QUEUED_STATES} -o %j | grep -E -- '-({tags})$' || true)\" ]; "
+             "then",
+             "  echo 'jobs of this output are still queued or running (squeue --me): wait for them, or scancel "
+             "them; to resume a failed chain, write the scripts again (apply ... --dry-run)' >&2",
+             "  exit 1",
              "fi",
              "dep=()",
              f'record="{(folder / "jobs.json").resolve()}"',

@@ -206,6 +206,22 @@ def test_a_job_over_a_per_job_limit_of_its_qos_is_never_waited_for():
         assert never_starts(waits) is None, waits
 
 
+def test_a_chain_is_named_alike_however_its_output_is_named_and_job_ids_read_on_multi_cluster_sites(tmp_path,
+                                                                                                    monkeypatch):
+    """A relative -o and the same folder through a link (/home a link to /gpfs) tagged their jobs apart: a second
+    submission beside a queued chain was not refused. Where sbatch says "... 123 on cluster foo", datatrove took
+    "foo" for the job id, and every dependency named the cluster."""
+    from edu_filter.filters.executors import chain_tag, chain_tags, sbatch_job_id
+
+    (tmp_path / "real" / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "home").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "real" / "runs")
+    assert chain_tag("x") == chain_tag(str(tmp_path / "home" / "runs" / "x"))
+    assert chain_tag("x") in chain_tags(str(tmp_path / "home" / "runs" / "x"))
+    assert sbatch_job_id("Submitted batch job 123\n") == "123"
+    assert sbatch_job_id("Submitted batch job 4567 on cluster gpu-east\n") == "4567"
+
+
 def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tmp_path):
     """--wait read every progress and completion file of every stage each second, finished stages included: 4
     stages of 5,000 tasks were ~20,000 opens a second on the shared filesystem. A finished stage is read once, a

@@ -107,6 +107,11 @@ def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpu
                                timeout=120, env={**os.environ, **IN_AN_ALLOCATION})
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert submitted.stdout.count(": job ") >= 4  # a line per stage
+    record = (out / "slurm" / "jobs.json").read_text()
+    again = subprocess.run(["bash", str(out / "slurm" / "submit.sh")], cwd="/", capture_output=True, text=True,
+                           timeout=120)  # run twice, two chains would run every task at once
+    assert again.returncode == 1 and "still queued or running" in again.stderr, again.stderr[-3000:]
+    assert (out / "slurm" / "jobs.json").read_text() == record
     echoed = dict(line.split(": job ") for line in submitted.stdout.splitlines() if ": job " in line)
     # recorded as `apply` records its own submission: status, --wait and the next run's checks read them
     assert {name: ids[-1] for name, ids in ex.submitted_jobs(str(out)).items()} == echoed
