@@ -493,7 +493,8 @@ def sweep(
     output: Path = typer.Option(Path("sweep"), "-o", "--output", help="Folder for the table and PNG plots."),
     thresholds: str = typer.Option(",".join(map(str, SCORES)), metavar="<t,t,...>",
                                    help=f"Comma-separated int_score thresholds to compare ({SCORE_RANGE})."),
-    label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default)."),
+    label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default; "
+                                              "none: no labels, e.g. where `label` is a topic)."),
     positive_threshold: int = typer.Option(3, help="A label >= this, rounded half up (2.5 counts at 3), counts as educational for precision/recall."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows "
                                      "carry them (shares and P/R/F1 then estimate the pool); none ignores them."),

@@ -47,6 +47,14 @@ from edu_filter.documents import (
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
 LABEL_FIELDS = ("input_score", "label")  # where `apply` keeps an input's own score, and the generic name
+NO_LABELS = "none"  # --label-field none: sweep without labels (an input's `label` is a topic or class id)
+
+
+def label_fields(label_field: str | None) -> tuple[str, ...]:
+    """The fields labels are read from: LABEL_FIELDS by default, the one named, or none."""
+    if label_field is None:
+        return LABEL_FIELDS
+    return () if label_field.lower() == NO_LABELS else (label_field,)
 SUMMARY_FOLDER = "logs/summaries"  # in an apply output: what sweep reads instead of its documents
 N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)
 
@@ -268,8 +276,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
 
     A `label_field` named explicitly must be present in the data (else DocumentError naming the fields there are);
     labels must lie on the 0-5 scale. Weights (`weight_field`, when any row has it) must be on every row."""
-    wanted = [*SCORE_FIELDS, *([label_field] if label_field else LABEL_FIELDS), *([weight_field] if weight_field
-                                                                                   else [])]
+    wanted = [*SCORE_FIELDS, *label_fields(label_field), *([weight_field] if weight_field else [])]
     summary = ScoredSummary()
     chunk: list[tuple] = []
     fields_seen: set[str] = set()
@@ -306,7 +313,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
                 row = {**row["metadata"], **row}
             if lineno <= FIELD_SAMPLE_ROWS and len(fields_seen) < 200:
                 fields_seen.update(k for k in row if k != "metadata")
-            elif label_field in row:  # labels on a few late rows only
+            elif label_field is not None and label_field in row:  # labels on a few late rows only
                 fields_seen.add(label_field)
             chunk.append(_summary_values(row, path, lineno, label_field, weight_field, counted, weighted))
             if len(chunk) == CHUNK_ROWS:
@@ -336,7 +343,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
         summary.add(*_columns(chunk))
     if not summary.documents:
         raise DocumentError(f"no scored documents in {', '.join(map(str, paths))}")
-    if label_field is not None and label_field not in fields_seen:
+    if label_fields(label_field) == (label_field,) and label_field not in fields_seen:
         raise DocumentError(f"--label-field {label_field!r}: no such field in {', '.join(map(str, paths))} (fields: "
                             f"{', '.join(sorted(fields_seen))})")
     if counted[True] and counted[False]:
@@ -378,7 +385,7 @@ def _batch_values(batch, label_field: str | None, weight_field: str | None) -> t
             len(ints) and not MIN_SCORE <= pc.min(ints).as_py() <= pc.max(ints).as_py() <= MAX_SCORE):
         return None  # no token counts (words are counted from the text), or a value the row path names
     label = pa.nulls(batch.num_rows, pa.float64())
-    for name in [label_field] if label_field else LABEL_FIELDS:
+    for name in label_fields(label_field):
         if name in names and not pa.types.is_null(batch.column(name).type):
             column = numbers(name, nulls=True)
             if column is None or pc.any(pc.is_nan(column)).as_py():
@@ -448,13 +455,15 @@ def _summary_values(row: dict, path: str, lineno: int, label_field: str | None, 
                             "must be whole numbers") from None
     if not MIN_SCORE <= ints <= MAX_SCORE:  # counted as a 5 (or a 0) before
         raise DocumentError(f"{where}: int_score {ints} is outside {SCORE_RANGE}")
-    field_name = label_field or next((f for f in LABEL_FIELDS if row.get(f) is not None), None)
+    field_name = next((f for f in label_fields(label_field) if row.get(f) is not None), None)
     label = row.get(field_name) if field_name else None
     if label is not None:
         label = label_value(label)
         if not in_score_range(label):  # NaN fails too
+            found = "" if label_field else (f" (taken as the label by default: name the field holding 0-5 labels "
+                                            f"with --label-field, or give --label-field {NO_LABELS})")
             raise DocumentError(f"{where}: label field '{field_name}' is {row.get(field_name)!r}, not a number on "
-                                f"the {SCORE_RANGE} scale")
+                                f"the {SCORE_RANGE} scale{found}")
     weight = row.get(weight_field) if weight_field else None
     weighted[weight is not None] = weighted[weight is not None] or where
     if weight is not None:

@@ -378,3 +378,14 @@ def test_summaries_of_rows_with_and_without_weights_or_token_counts_are_not_summ
         out = summarised_output(tmp_path / str(k), rows)
         with pytest.raises((DocumentError, InputError), match=said):
             run_sweep([str(out)], tmp_path / f"s{k}", show=False)
+
+
+def test_a_label_column_that_is_no_edu_score_says_how_to_sweep_without_it(tmp_path):
+    """A corpus's own `label` (a topic, a class id) is read as the reference label by default: off the 0-5 scale,
+    sweep stopped with no way to go on; it names --label-field, and --label-field none sweeps without labels."""
+    rows = [dict(r, label=["news", "sports"][i % 2]) for i, r in enumerate(scored_rows(60, labels=False))]
+    path = str(write_jsonl(tmp_path / "topics.jsonl", rows))
+    with pytest.raises(DocumentError, match="label field 'label' is 'news'.*give --label-field none"):
+        run_sweep([path], tmp_path / "s1", show=False)
+    result = run_sweep([path], tmp_path / "s2", label_field="none", show=False)
+    assert result["documents"] == 60 and result["labelled"] == 0
