@@ -408,14 +408,18 @@ def record_provenance(
 
 
 # --- lineage --------------------------------------------------------------------------------------------------------
-def _resolve(entry: dict, consumer: Path | None) -> Path:
-    """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer."""
+FOLDER_KINDS = ("classifier", "dataset", "ablation")  # artifacts that are folders, also once deleted
+
+
+def _resolve(entry: dict, base: Path | None) -> Path:
+    """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer's
+    folder `base`. Where neither exists, the moved place: a project moved, one of its artifacts deleted, the inputs
+    recorded below that artifact are still found from there (from the recorded place they read as missing too)."""
     recorded = Path(entry["path"])
-    if recorded.exists() or consumer is None or "relative_path" not in entry:
+    if recorded.exists() or base is None or "relative_path" not in entry:
         return recorded
-    base = consumer if consumer.is_dir() else consumer.parent
     moved = (base / entry["relative_path"]).resolve()
-    return moved if moved.exists() else recorded
+    return moved if moved.exists() or moved.parent.exists() else recorded
 
 
 def lineage(path: str | os.PathLike) -> dict:
@@ -463,6 +467,8 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
         node.update(command=record.get("command"), created=record.get("created"),
                     edu_filter_version=record.get("edu_filter_version"))
     consumer = (origin or path) if local else None
+    if consumer is not None and not (consumer.is_dir() or (record or {}).get("kind") in FOLDER_KINDS):
+        consumer = consumer.parent  # inputs are recorded relative to a file's folder
     node["inputs"] = [_input_node(entry, consumer, cache) for entry in (record or {}).get("inputs", [])]
     return node
 

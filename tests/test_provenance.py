@@ -637,3 +637,29 @@ def test_another_tools_provenance_json_above_an_input_is_not_ours_to_judge(tmp_p
 def test_dataset_size_categories_are_the_hubs(n, category):
     """FineWeb-Edu's 1.3B documents were `n>1B`, which is not one of the hub's categories."""
     assert provenance._size_category(n) == category
+
+
+def test_lineage_finds_a_moved_projects_inputs_below_one_of_its_artifacts_that_was_deleted(tmp_path):
+    """A project moved (copied elsewhere, the old place removed) and its classifier folder deleted: its inputs,
+    present in the new place, read as missing and changed, looked for below the classifier's old place (and below
+    that place's parent, a deleted folder not being a folder)."""
+    import shutil
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    labels = write_documents([{"id": "a", "text": "t", "score": 3}], project / "labels.jsonl")
+    provenance.record_provenance(labels, kind="annotations", settings={}, inputs={})
+    (project / "clf").mkdir()
+    (project / "clf" / "config.json").write_text("{}")
+    provenance.record_provenance(project / "clf", kind="classifier", settings={}, inputs={"train": str(labels)})
+    (project / "out").mkdir()
+    provenance.record_provenance(project / "out", kind="dataset", settings={},
+                                 inputs={"classifier": str(project / "clf")})
+    moved = tmp_path / "moved"
+    shutil.copytree(project, moved)
+    shutil.rmtree(project)
+    shutil.rmtree(moved / "clf")
+    [classifier] = provenance.lineage(moved / "out")["inputs"]
+    assert classifier["missing"] and classifier["path"] == str(moved / "clf")
+    [train] = classifier["inputs"]
+    assert train["path"] == str(moved / "labels.jsonl") and not train["missing"] and not train["stale"]
