@@ -433,18 +433,25 @@ def _what_changed(previous: dict, current: dict) -> str:
     return ""
 
 
+def resumed_record(output: str, overwrite: bool) -> dict | None:
+    """The record of the run in `output` this one resumes (not with `overwrite`); None where there is none, or one
+    that does not read (`prepare_output` reports it)."""
+    try:
+        recorded = json.loads((Path(output) / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and not overwrite else None
+
+
 def split_planned_the_old_way(output: str, overwrite: bool) -> bool:
     """Whether the run in `output` (resumed unless `overwrite`) was planned when a split input was dealt to the tasks
     round-robin, and an input that could not be split was read by every task: its finished tasks hold those rows,
     so the rest must read theirs the same way."""
     from edu_filter.filters.io import CONTIGUOUS
 
-    try:
-        recorded = json.loads((Path(output) / "run_config.json").read_text())
-    except (OSError, ValueError):  # no run there (or a record `prepare_output` reports)
-        return False
-    split = recorded.get("input_split") if isinstance(recorded, dict) else None
-    return not overwrite and isinstance(recorded, dict) and not (isinstance(split, str) and split.endswith(CONTIGUOUS))
+    recorded = resumed_record(output, overwrite)
+    split = recorded.get("input_split") if recorded is not None else None
+    return recorded is not None and not (isinstance(split, str) and split.endswith(CONTIGUOUS))
 
 
 def stage_values_of_run(output: str, overwrite: bool) -> str | None:
@@ -453,11 +460,8 @@ def stage_values_of_run(output: str, overwrite: bool) -> str | None:
     them: read into the same kept files, the two ways typed a column as strings in some files and not in others."""
     from edu_filter.filters.io import STAGE_VALUES
 
-    try:
-        recorded = json.loads((Path(output) / "run_config.json").read_text())
-    except (OSError, ValueError):  # no run there (or a record `prepare_output` reports)
-        return STAGE_VALUES
-    return STAGE_VALUES if overwrite or not isinstance(recorded, dict) else recorded.get("stage_values")
+    recorded = resumed_record(output, overwrite)
+    return STAGE_VALUES if recorded is None else recorded.get("stage_values")
 
 
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
@@ -544,9 +548,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                  split: InputSplit | None = None, on_gpu: bool = True, tagged: bool = True) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
     every pass over them checks `input_fingerprints` (`run_record`'s) first; `tagged`: `RecordWriter`'s. Without
-    `on_gpu` the scorer is told to
-    use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not hide them from a task asking
-    none, nor Slurm without device constraints), and would load a model onto a GPU another job holds."""
+    `on_gpu` the scorer is told to use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not
+    hide them from a task asking none, nor Slurm without device constraints), and would load a model onto a GPU
+    another job holds."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
