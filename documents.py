@@ -278,7 +278,16 @@ def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) 
     dumps kept elsewhere is a common layout; neither `Path.rglob` nor fsspec's listing enters them), each real
     folder entered once (a link back up does not loop)."""
     names, entered = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unlisted(error: OSError) -> None:
+        # os.walk leaves out a folder it cannot list (no permission, a stale NFS handle, a storage target down), and
+        # a run would add up without its documents
+        where = Path(os.path.relpath(error.filename, folder)).parts if error.filename else ()
+        if not any(part.startswith(".") for part in where):  # hidden: never read
+            raise DocumentError(f"{error.filename}: cannot list the folder ({error.strerror or error}); its files "
+                                "would be left out")
+
+    for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
         real = os.path.realpath(root)
         if real in entered:
             dirs[:] = []
@@ -321,8 +330,23 @@ def distinct_names(paths: list[str], names: list[str]) -> list[str]:
             while all(len(q) > shared + 1 and q[shared] == parts[0][shared] for q in parts):
                 shared += 1
             prefixes[name] = shared
-    return [name if name not in prefixes else "/".join(path.split("/")[prefixes[name]:])
-            for path, name in zip(paths, names)]
+    chosen = [name if name not in prefixes else "/".join(path.split("/")[prefixes[name]:])
+              for path, name in zip(paths, names)]
+    # a name made longer can be another file's own (`apply cc new/2024-10 new/2024-18`, cc holding
+    # 2024-10/part-0.jsonl), whose rows then had the same default ids: those take one more folder of their path each
+    # until no two are alike
+    while True:
+        holders: dict[str, list[int]] = {}
+        for i, name in enumerate(chosen):
+            holders.setdefault(name, []).append(i)
+        grown = False
+        for alike in (found for found in holders.values() if len(found) > 1):
+            for i in alike:
+                parts, length = paths[i].split("/"), chosen[i].count("/") + 1
+                if length < len(parts):
+                    chosen[i], grown = "/".join(parts[-length - 1:]), True
+        if not grown:
+            return chosen
 
 
 def check_data_file(path: str) -> None:
@@ -384,6 +408,9 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
             try:
                 raw = next(lines)
             except StopIteration:
+                if lineno == 0 and opener is gzip.open and os.path.getsize(path) == 0:
+                    # gzip reads nothing as no rows, but the smallest gzip file is 20 bytes: a copy cut short
+                    raise DocumentError(f"{path}: an empty file, not gzip (a download or copy cut short?)") from None
                 return
             except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
                 raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None

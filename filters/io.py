@@ -456,6 +456,8 @@ class ApplyInputReader(BaseReader):
                 progress.at_bytes(raw.tell())
                 if line_bytes.strip() and keep(lineno):
                     yield f"{label}:{lineno}", line_bytes
+            if fh is not raw and raw.tell() == 0:  # gzip reads nothing as no rows; the smallest gzip is 20 bytes
+                raise EOFError("an empty file, not gzip (a download or copy cut short?)")
             return
         done = 0  # bytes of the ranges read before this one, for progress
         for _, start, size in ranges:

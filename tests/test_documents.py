@@ -504,3 +504,56 @@ def test_a_file_name_that_is_not_utf8_is_read_fingerprinted_and_named(tmp_path):
     [row] = read_documents([data])
     assert row["id"] == "caf\\xe9.jsonl:1" and orjson.dumps(row)
     assert fingerprint(data)["files"] == 1 and fingerprint(data, documents=True)["files"] == 1
+
+
+def test_a_subfolder_that_cannot_be_listed_stops_the_read_not_leaves_out_its_files(tmp_path):
+    """os.walk passed over a folder it could not list (no permission, a stale NFS handle): every command ran without
+    its documents and its counts still added up. Listed by a user the folder shuts out (root reads everything)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())  # pytest's own folders are closed to other users
+    data = base / "data"
+    write_documents([{"id": "a", "text": "one"}], data / "a" / "x.jsonl")
+    write_documents([{"id": "b", "text": "two"}], data / "b" / "y.jsonl")
+    write_documents([{"id": "c", "text": "three"}], data / ".cache" / "z.jsonl")
+    for folder in (base, data, data / "a"):
+        folder.chmod(0o755)
+    (data / "b").chmod(0)
+    (data / ".cache").chmod(0)  # hidden: never read, so never a reason to stop
+    # the listings warmed up (their lazy imports read from a folder that user may not enter), then that user's
+    check = f"""import os, sys
+from edu_filter.documents import DocumentError, expand_paths
+from edu_filter.filters.io import expand_inputs
+expand_paths([sys.argv[2]]), expand_inputs([sys.argv[2]])
+if os.geteuid() == 0:
+    os.setgid(65534), os.setuid(65534)
+for listing in (expand_paths, expand_inputs):
+    try:
+        print(listing([sys.argv[1]]))
+    except DocumentError as e:
+        print("refused:", e)
+"""
+    try:
+        listed = subprocess.run([sys.executable, "-c", check, str(data), str(data / "a")], capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        (data / "b").chmod(0o755)
+        (data / ".cache").chmod(0o755)
+        shutil.rmtree(base)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"refused: {data / 'b'}: cannot list the folder") for line in lines)
+
+
+def test_an_empty_gzip_file_is_a_copy_cut_short_not_a_file_without_rows(tmp_path):
+    """Python's gzip reads a 0-byte file as empty, and a shard whose download died before its first byte was read
+    as holding no documents; the smallest gzip file is 20 bytes. (One of nothing still reads as no rows.)"""
+    (tmp_path / "cut.jsonl.gz").write_bytes(b"")
+    (tmp_path / "none.jsonl.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(DocumentError, match=r"cut\.jsonl\.gz: an empty file, not gzip"):
+        read_documents([tmp_path / "cut.jsonl.gz"])
+    assert read_documents([tmp_path / "none.jsonl.gz"]) == [] and read_documents([tmp_path / "empty.jsonl"]) == []

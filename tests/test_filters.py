@@ -882,3 +882,28 @@ def test_a_tasks_own_files_are_found_by_name_without_listing_the_folder(tmp_path
     assert sorted(own_files(get_datafolder(str(failed)), "*/00003.jsonl.gz", numbered=False)) == [
         "invalid_json/00003.jsonl.gz", "no_text/00003.jsonl.gz"]
     assert own_files(get_datafolder(str(tmp_path / "nothing-failed")), "*/00003.jsonl.gz", numbered=False) == []
+
+
+def test_inputs_whose_files_share_a_lengthened_name_give_their_rows_distinct_ids(tmp_path):
+    """`apply cc new/2024-10 new/2024-18`, cc holding 2024-10/part-0.jsonl: the two new part-0.jsonl were named by
+    their folders, one of them 2024-10/part-0.jsonl like cc's own, and rows without ids of two files had one id."""
+    for folder in ("cc/2024-10", "new/2024-10", "new/2024-18"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "part-0.jsonl").write_bytes(b"".join(orjson.dumps({"text": f"{folder} {i}"}) + b"\n"
+                                                                  for i in range(2)))
+    files = expand_inputs([str(tmp_path / f) for f in ("cc", "new/2024-10", "new/2024-18")])
+    ids = [d.id for d in ApplyInputReader(files).run()]
+    assert len(ids) == 6 and len(set(ids)) == 6, ids
+    assert ids[:2] == ["cc/2024-10/part-0.jsonl:1", "cc/2024-10/part-0.jsonl:2"]  # as long as it needs, no longer
+    assert ids[4:] == ["2024-18/part-0.jsonl:1", "2024-18/part-0.jsonl:2"]
+
+
+def test_an_empty_gzip_file_is_one_unreadable_file_record(tmp_path):
+    """A 0-byte .jsonl.gz (a download that died before its first byte) read as a file of no rows: its documents
+    were in no count at all. It is one failed record, as a gzip cut short anywhere else."""
+    (tmp_path / "cut.jsonl.gz").write_bytes(b"")
+    (tmp_path / "none.jsonl.gz").write_bytes(gzip.compress(b""))
+    files = expand_inputs([str(tmp_path)])
+    docs = list(ApplyInputReader(files).run())
+    assert [(d.id, d.metadata[FAILURE_KEY]) for d in docs] == [("cut.jsonl.gz", "unreadable_file")]
+    assert "an empty file, not gzip" in docs[0].metadata["input_error"]
