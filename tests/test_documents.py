@@ -524,7 +524,7 @@ def test_a_subfolder_that_cannot_be_listed_stops_the_read_not_leaves_out_its_fil
     (data / "b").chmod(0)
     (data / ".cache").chmod(0)  # hidden: never read, so never a reason to stop
     # the listings warmed up (their lazy imports read from a folder that user may not enter), then that user's
-    check = f"""import os, sys
+    check = """import os, sys
 from edu_filter.documents import DocumentError, expand_paths
 from edu_filter.filters.io import expand_inputs
 expand_paths([sys.argv[2]]), expand_inputs([sys.argv[2]])
