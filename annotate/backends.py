@@ -285,12 +285,15 @@ class OpenAIBackend:
         self.stats = RequestStats(concurrency=concurrency)
         self.failed_in_a_row = 0  # documents failed for good since a server last gave a usable answer
         self.refused = ("", 0)  # the reason documents were refused (400, 422...) before any answer, and how many in a row
+        self.answered_earlier = False  # an earlier run's answers with these settings are cached: a 400 is a document's
         self._session = None
 
     async def __aenter__(self) -> OpenAIBackend:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(limit=self.capacity, limit_per_host=self.concurrency, ttl_dns_cache=300)
+        # each server's own limit keeps its places: aiohttp's per-host one would share them between servers behind
+        # one gateway (https://gw/node1/v1, https://gw/node2/v1), queueing requests into --timeout
+        connector = aiohttp.TCPConnector(limit=self.capacity, limit_per_host=0, ttl_dns_cache=300)
         # no total timeout on the session: `_send` decides when a request is abandoned
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         try:
@@ -504,8 +507,11 @@ class OpenAIBackend:
             except aiohttp.ClientError as e:
                 reason = f"connection: {type(e).__name__}: {e}"
             else:
-                answered = True
-                endpoint.lost_in_a_row = 0
+                # a 5xx or 408 from one of several servers is that server's trouble (a gateway before a dead node, an
+                # engine dying): left out like one that does not answer; free at once, it took nearly every try
+                answered = not (status >= 500 or status == 408) or len(self.endpoints) == 1
+                if answered:
+                    endpoint.lost_in_a_row = 0
                 if status == 200:
                     try:
                         return self._answer(raw)
@@ -526,7 +532,7 @@ class OpenAIBackend:
                         self.stats.retries += 1
                         await asyncio.sleep(self._delay(min(rate_limited - 1, 6), retry_after))
                         continue
-            # no answer at all: that server is left out for a while, and another one takes the request at once
+            # no (usable) answer: that server is left out for a while, and another one takes the request at once
             if not answered and self._bench(endpoint, sent) and rerouted < len(self.endpoints) - 1:
                 rerouted += 1
                 self.stats.retries += 1
@@ -551,8 +557,8 @@ class OpenAIBackend:
         """Stops the run where every document so far was refused with the same error and no server has answered
         one: a hosted model that takes no `temperature`, say. The run sent the whole input, wrote a failed row for
         each document and exited 0 (10M requests at 10M documents)."""
-        if overflow is not None or any(e.answers for e in self.endpoints):
-            return
+        if overflow is not None or self.answered_earlier or any(e.answers for e in self.endpoints):
+            return  # a rerun asks only what failed before (a content filter's 400s), its answers replayed
         same = self.refused[1] + 1 if self.refused[0] == reason else 1
         self.refused = (reason, same)
         if same >= max(REFUSED_MIN_DOCUMENTS, self.capacity):

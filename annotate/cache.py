@@ -6,6 +6,8 @@ its prompt held and a hash of the document's text. The run key hashes everything
 version, model and generation settings. Re-running the same command replays stored answers instead of asking again;
 changing the prompt or the settings gives a new run key, so answers are never mixed across settings, and an answer
 is replayed only for the very text it was given (an edited document, or another --text-field, is asked again).
+Another --max-chars alone is the exception: an answer is replayed where its prompt held as much of the document as
+this run's would.
 
 Answers that arrive together are committed together: `add` opens a transaction and the commit runs on the very
 next turn of the event loop, so at most the answers of one loop turn are in flight to disk. WAL with
@@ -133,8 +135,24 @@ class AnswerCache:
             # a cache this edu-filter starts: its samples are nested (answers without the fact: an older cache)
             db.execute("INSERT OR IGNORE INTO facts VALUES (?, ?)", (SAMPLER, NESTED_SAMPLER))
         self._db = db
-        self._fresh = self.count() == 0
+        self.other_max_chars = self._runs_apart_only_in_max_chars()
+        self._fresh = self.count() == 0 and not self.other_max_chars
         return self
+
+    def _runs_apart_only_in_max_chars(self) -> dict[str, int | None]:
+        """Run key -> --max-chars of the runs with answers whose settings are these but for --max-chars. Each answer
+        records how much of its document it was given (`doc_chars`): where that is what this run sends, it is the
+        same answer. A run whose server refused over-long documents is rerun with --max-chars, as the README says,
+        and its other answers are not paid again."""
+        mine = {k: v for k, v in self.settings.items() if k != "max_chars"}
+        found = {}
+        for key, settings in self._db.execute("SELECT run_key, settings FROM runs WHERE run_key != ?",
+                                              (self.run_key,)):
+            theirs = orjson.loads(settings)
+            if ("max_chars" in theirs and {k: v for k, v in theirs.items() if k != "max_chars"} == mine
+                    and self._db.execute("SELECT 1 FROM answers WHERE run_key = ? LIMIT 1", (key,)).fetchone()):
+                found[key] = theirs["max_chars"]
+        return found
 
     def __exit__(self, *exc) -> None:
         if self._db is not None:
@@ -159,6 +177,18 @@ class AnswerCache:
             (self.run_key, doc_id, text_hash(text)),
         ).fetchall()
         return [(Answer(*row[:5]), row[5]) for row in rows]
+
+    def answers_with_other_max_chars(self, doc_id: str, text: str) -> list[tuple[int | None, list]]:
+        """(--max-chars, `answers`) of this text in each run that differs from this one only in --max-chars."""
+        found = []
+        for key, max_chars in self.other_max_chars.items():
+            rows = self._db.execute(
+                "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
+                "WHERE run_key = ? AND doc_id = ? AND text_hash = ? ORDER BY attempt", (key, doc_id, text_hash(text)),
+            ).fetchall()
+            if rows:
+                found.append((max_chars, [(Answer(*row[:5]), row[5]) for row in rows]))
+        return found
 
     def add(self, doc_id: str, text: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
         """Store one answer to the prompt built from `text`; committed on the next turn of the running event loop

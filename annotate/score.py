@@ -247,7 +247,7 @@ class ScoreSummary:
     model: str = ""  # the model asked (as the server serves it)
     concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
     notes: list[str] = field(default_factory=list)
-    servers: dict[str, tuple[int, int]] = field(default_factory=dict)  # several servers: answers, tries unanswered
+    servers: dict[str, tuple[int, int]] = field(default_factory=dict)  # several servers: answers, tries unanswered or answered 5xx
     selection: str = ""  # how the documents were chosen, when not a plain read or uniform sample
     output: str = ""
     cache: str = ""
@@ -353,12 +353,27 @@ class _Scorer:
         self.max_chars, self.max_reasks, self.max_tokens = max_chars, max_reasks, max_tokens
         self.summary = ScoreSummary()
 
+    def _answers_with_other_max_chars(self, doc_id: str, text: str, doc_chars: int) -> list:
+        """The answers of a run apart only in --max-chars that held what this run sends: the same characters, or a
+        cut to fit the server's context, shorter than its --max-chars, that this run's would be cut to again; stored
+        under this run's settings too."""
+        for their_max, answers in self.cache.answers_with_other_max_chars(doc_id, text):
+            given = answers[-1][1]
+            if given is None:
+                continue
+            fitted = given < min(len(text), their_max or len(text))
+            if given == doc_chars or (fitted and self.max_chars is not None and given < doc_chars):
+                for attempt, (answer, _) in enumerate(answers):
+                    self.cache.add(doc_id, text, attempt, answer, given)
+                return answers
+        return []
+
     async def score(self, doc: dict) -> dict:
         s = self.summary
         text = doc["text"]
-        stored = self.cache.answers(doc["id"], text)
         # characters of the document in the prompt: --max-chars, or what an earlier run cut it to so that it fits
         doc_chars = min(len(text), self.max_chars or len(text))
+        stored = self.cache.answers(doc["id"], text) or self._answers_with_other_max_chars(doc["id"], text, doc_chars)
         if stored and stored[-1][1] is not None:
             doc_chars = stored[-1][1]
         score = error = response = finish_reason = None
@@ -569,12 +584,16 @@ async def _stopped_by_sigterm(run):
 
 
 def _unreplayed_note(cache: AnswerCache) -> str | None:
-    """What a run that replays nothing should know when its cache holds answers given with other settings: a local
-    model moved to another path (a job's scratch folder) is another model to the cache, and every document is asked
-    again, paid again."""
+    """What a run that replays nothing of its own should know when its cache holds answers given with other settings:
+    a local model moved to another path (a job's scratch folder) is another model to the cache, and every document is
+    asked again, paid again; answers of another --max-chars are replayed where they fit."""
     def differing(settings: dict) -> list[str]:
         return sorted(k for k in set(settings) | set(cache.settings) if settings.get(k) != cache.settings.get(k))
 
+    if cache.other_max_chars:
+        said = ", ".join(sorted({"none" if m is None else f"{m:,}" for m in cache.other_max_chars.values()}))
+        return (f"{cache.path} holds answers given with --max-chars {said}: each is replayed where this run's prompt "
+                "holds as much of its document")
     others = cache.other_runs()
     if not others:
         return None
@@ -613,8 +632,11 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 print(f"note: {note}", file=sys.stderr, flush=True)
         # keyed by the model the server actually serves, not by a name it ignores
         cache = stack.enter_context(AnswerCache(cache_path, {**cache_settings, "model": backend.model}))
+        answered_earlier = cache.count() > 0 or bool(cache.other_max_chars)
         if cache.count() == 0 and (note := _unreplayed_note(cache)):
             print(f"note: {note}", file=sys.stderr, flush=True)
+        if isinstance(backend, OpenAIBackend):
+            backend.answered_earlier = answered_earlier
         if sampler is not None:  # what a later --sample run on this cache must draw with
             cache.record_fact(SAMPLER, sampler)
         holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them
@@ -844,7 +866,8 @@ def print_summary(summary: ScoreSummary) -> None:
                   + (f" ({summary.replayed:,} documents asked nothing)" if summary.replayed else ""))
     table.add_row("requests sent (retries)", f"{summary.requests:,} ({summary.retries:,})")
     for url, (answers, lost) in summary.servers.items():
-        table.add_row(f"answers from {url}", f"{answers:,}" + (f" [yellow]({lost:,} tries unanswered)" if lost else ""))
+        table.add_row(f"answers from {url}",
+                      f"{answers:,}" + (f" [yellow]({lost:,} tries unanswered or answered 5xx)" if lost else ""))
     if summary.concurrency is not None:
         table.add_row("concurrency (server behind, or 429)", f"[yellow]backed off to {summary.concurrency}")
     table.add_row("re-asks after unusable answers", f"{summary.reasks:,}")

@@ -27,7 +27,8 @@ an unparseable answer. This stands in for an LLM whose answers are known (e.g. t
 
 Server-wide, as real servers do: `models` are the names /v1/models lists (a request naming another gets vLLM's 404);
 `own_name` serves one model under any requested name and names it in every answer (llama.cpp); `api_key` is
-required on every route; `serial` answers one request at a time; `delay` slows every answer.
+required on every route; `serial` answers one request at a time; `delay` slows every answer; `failing` is a
+status every completion request gets at once.
 
 It counts requests and 200 answers per document (`GET /stats`) and keeps the Authorization header of every
 /v1/models and completion request. Run in a thread (`LLMTestServer`) or as a script (`python llm_test_server.py
@@ -108,8 +109,10 @@ def openai_error(message: str, kind: str, code: str | None, status: int) -> web.
 class LLMTestServer:
     def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0, models=("test-model",),
                  own_name: str | None = None, api_key: str | None = None, serial: bool = False,
-                 labels: dict[str, tuple[str, int]] | None = None, model_list: bool = True):
+                 labels: dict[str, tuple[str, int]] | None = None, model_list: bool = True,
+                 failing: int | None = None):
         self.delay, self.host, self.port = delay, host, port
+        self.failing = failing  # a status every completion request gets at once (a gateway before a dead node: 502)
         self.labels = labels
         self.model_list = model_list  # False: /v1/models answers 404, as some gateways do
         self.models = [own_name] if own_name else list(models)
@@ -120,6 +123,7 @@ class LLMTestServer:
         self.authorizations: list[str | None] = []  # Authorization headers of completion requests
         self.model_list_authorizations: list[str | None] = []  # Authorization headers of /v1/models requests
         self._one_at_a_time = asyncio.Lock() if serial else None
+        self.in_flight = self.most_in_flight = 0  # completion requests being answered now, and the most at once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -127,9 +131,10 @@ class LLMTestServer:
     # --- app ---------------------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._require_key])
-        app.router.add_post("/v1/chat/completions", self._complete)
-        app.router.add_post("/v1/completions", self._complete)
-        app.router.add_get("/v1/models", self._models)
+        for root in ("", "/{node}"):  # /NODE/v1 too: servers behind one gateway, told apart by the path
+            app.router.add_post(root + "/v1/chat/completions", self._complete)
+            app.router.add_post(root + "/v1/completions", self._complete)
+            app.router.add_get(root + "/v1/models", self._models)
         app.router.add_get("/stats", self._stats)
         return app
 
@@ -158,8 +163,16 @@ class LLMTestServer:
         if not self.own_name and body.get("model") not in self.models:
             return web.json_response({"object": "error", "message": f"The model `{body.get('model')}` does not "
                                       "exist.", "type": "NotFoundError", "param": None, "code": 404}, status=404)
-        async with self._one_at_a_time or contextlib.nullcontext():
-            return await self._answer(request, body)
+        if self.failing is not None:
+            self.requests["(failed)"] += 1
+            return web.json_response({"error": "upstream unavailable (planned)"}, status=self.failing)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            async with self._one_at_a_time or contextlib.nullcontext():
+                return await self._answer(request, body)
+        finally:
+            self.in_flight -= 1
 
     async def _answer(self, request: web.Request, body: dict) -> web.StreamResponse:
         chat = "messages" in body

@@ -312,6 +312,18 @@ def test_a_server_refusing_every_document_the_same_way_stops_the_run(server, tmp
     assert summary.scored == 1 and summary.documents == 41
 
 
+def test_a_rerun_asking_only_the_documents_refused_before_is_not_taken_for_a_refused_setting(server, tmp_path):
+    """Every 4th document refused with a 400 (a content filter): the rerun that retries them sends only those, the
+    others replayed, and it stopped with "a setting it does not take", blaming settings the cache shows answered."""
+    docs = [doc(f"d{i:03d}", **({"http400": 1} if i % 4 == 0 else {"score": 3})) for i in range(100)]
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    for _ in range(2):
+        summary = score_documents([str(src)], tmp_path / "o.jsonl", base_url=server.base_url, model="m",
+                                  concurrency=1, **FAST)
+        assert summary.scored == 75 and sum(summary.failed.values()) == 25
+    assert summary.replayed == 75 and all(server.requests[f"d{i:03d}"] == 2 for i in range(0, 100, 4))
+
+
 def test_a_server_without_a_model_list_scores_with_the_model_named(tmp_path):
     """Some gateways serve completions but answer 404 to /models: --model is then used as given; without it the
     run stops before any document, naming the option."""
@@ -551,6 +563,39 @@ def test_several_servers_share_the_documents_and_one_killed_mid_run_costs_none(t
     assert kept_answers + lost_answers == 300 and kept_lost == 0
     assert lost_answers >= 40 and lost_tries >= 1  # it answered until it was killed, then nothing
     assert kept_answers == sum(kept.answered.values()) and kept_answers > 150  # both shared, the survivor the rest
+
+
+def test_a_server_answering_5xx_beside_a_healthy_one_costs_no_documents(tmp_path):
+    """A gateway before a dead node answers 502 at once: the server with the most free places, it took nearly every
+    try, and documents failed after their retries while the healthy server idled. A 5xx of one of several servers now
+    leaves it out like one that does not answer, and the request goes to another without using up a retry."""
+    good, bad = LLMTestServer(delay=0.2).start(), LLMTestServer(failing=502).start()
+    try:
+        docs = [doc(f"d{i:03d}", score=i % 6) for i in range(60)]
+        src, out = write_jsonl(tmp_path / "in.jsonl", docs), tmp_path / "out.jsonl"
+        summary = score_documents([str(src)], out, base_url=[good.base_url, bad.base_url], model="test-model",
+                                  concurrency=4, **{**FAST, "max_retries": 1, "retry_backoff": 0.2})
+    finally:
+        good.stop()
+        bad.stop()
+    assert summary.scored == 60 and not summary.failed, summary.failed
+    assert [r["score"] for r in read_jsonl(out)] == [i % 6 for i in range(60)]
+    (good_answers, _), (bad_answers, bad_tries) = summary.servers[good.base_url], summary.servers[bad.base_url]
+    assert good_answers == 60 and bad_answers == 0 and bad_tries == bad.requests["(failed)"] >= 1
+
+
+def test_servers_behind_one_gateway_each_get_their_concurrency(tmp_path):
+    """Two servers told apart by their path on one host and port (https://gw/node1/v1, https://gw/node2/v1):
+    aiohttp's limit per host gave them --concurrency places together, the rest queued into --timeout."""
+    gateway = LLMTestServer(delay=0.3).start()
+    try:
+        root = gateway.base_url.removesuffix("/v1")
+        src = write_jsonl(tmp_path / "in.jsonl", [doc(f"d{i:02d}", score=2) for i in range(32)])
+        summary = score_documents([str(src)], tmp_path / "o.jsonl", base_url=[f"{root}/node1/v1", f"{root}/node2/v1"],
+                                  model="test-model", concurrency=4, **{**FAST, "timeout": 30.0})
+    finally:
+        gateway.stop()
+    assert summary.scored == 32 and gateway.most_in_flight == 8
 
 
 def test_servers_of_different_models_are_refused_before_any_document(tmp_path):

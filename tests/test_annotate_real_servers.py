@@ -85,6 +85,46 @@ def test_context_overflow_counted_by_code_and_cut_to_fit_when_max_chars_allows(s
     assert read_jsonl(tmp_path / "fitted.jsonl")[0]["score"] == 3
 
 
+def test_a_rerun_with_max_chars_asks_again_only_what_its_prompts_change(server, tmp_path):
+    """The README's way past context_length_exceeded is a rerun with --max-chars, which keyed the cache: every
+    document was asked again (500k answers paid twice to mend a few hundred). An answer is replayed where its
+    prompt held what this run's would: the same characters, or a cut to fit the server's context no longer than
+    this run's limit."""
+    template_tokens = len(load_prompt("web").render("")[0]) // 4
+    ctx = template_tokens + 256 + 300  # room for ~1,200 characters of document
+
+    def lead(doc_id: str, text: str, **behaviour) -> dict:  # the directive first: it survives a cut
+        return {"id": doc_id, "text": f"{directive(doc_id, **behaviour)} {text}"}
+
+    docs = ([lead("long", "Fractions name parts of a whole. " * 200, score=3, ctx=ctx)]
+            + [lead(f"s{i}", "A short lesson.", score=i % 6) for i in range(10)]
+            + [lead("medium", "Decimals are fractions of ten. " * 20, score=4)])  # ~650 characters
+    src, out = write_jsonl(tmp_path / "in.jsonl", docs), tmp_path / "out.jsonl"
+    plain = score_documents([str(src)], out, base_url=server.base_url, **FAST)
+    assert plain.failed == Counter({"http 400 context_length_exceeded": 1}) and server.requests["long"] == 1
+
+    fitted = score_documents([str(src)], out, base_url=server.base_url, max_chars=100_000, **FAST)
+    assert fitted.replayed == 11 and fitted.refits == 1 and not fitted.failed
+    assert server.requests["long"] == 1 + 2 and server.requests["medium"] == 1
+    assert all(server.requests[f"s{i}"] == 1 for i in range(10))
+    assert [r["score"] for r in read_jsonl(out)] == [3] + [i % 6 for i in range(10)] + [4]
+
+    cache = sqlite3.connect(tmp_path / "out.jsonl.cache.sqlite")
+    fit = cache.execute("SELECT MAX(doc_chars) FROM answers WHERE doc_id = 'long'").fetchone()[0]
+    cache.close()
+    assert 750 < fit < 1_200  # the server's context, from its numbers; the medium document is shorter
+
+    # a limit above that cut: the server would cut the long document to it again, so its answer is replayed
+    same = score_documents([str(src)], out, base_url=server.base_url, max_chars=fit + 100, **FAST)
+    assert same.replayed == 12 and server.requests["long"] == 3
+    # a limit below it sends less of the long document; one below the medium document sends less of it too
+    shorter = score_documents([str(src)], out, base_url=server.base_url, max_chars=fit - 100, **FAST)
+    assert shorter.replayed == 11 and server.requests["long"] == 4 and server.requests["medium"] == 1
+    shortest = score_documents([str(src)], out, base_url=server.base_url, max_chars=400, **FAST)
+    assert shortest.replayed == 10 and server.requests["long"] == 5 and server.requests["medium"] == 2
+    assert all(server.requests[f"s{i}"] == 1 for i in range(10)) and not shortest.failed
+
+
 def test_overflow_in_sglang_words_or_none_is_still_cut_to_fit(server, tmp_path):
     """SGLang (and newer vLLM) say "maximum context length of N ... P tokens from the input messages", which the
     OpenAI patterns missed: the document was halved once and failed on every run. A server that gives no numbers
