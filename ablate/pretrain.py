@@ -578,12 +578,14 @@ def _config_changes(saved: dict, cfg: PretrainConfig) -> str:
 
 
 def _run_defining(config: dict) -> dict:
-    """The config fields a checkpoint must match to be resumed (stopping and resuming controls may change), the
-    model's fields flat (`model.rms_norm_eps`), each one a config leaves out at LlamaConfig's default: a run saved
-    before a preset set a field resumes when the field is given its value then (`--override`)."""
+    """The config fields a checkpoint must match to be resumed (stopping, resuming and memory controls may change),
+    the model's fields flat (`model.rms_norm_eps`), each one a config leaves out at LlamaConfig's default: a run
+    saved before a preset set a field resumes when the field is given its value then (`--override`)."""
+    # micro_batch_size too: each step reads the same samples however its batch is split (a job requeued on a card
+    # with less memory goes on with a smaller one)
     defining = {k: v for k, v in config.items() if k not in ("time_limit_minutes", "resume", "checkpoint_every",
                                                              "checkpoint_minutes", "eval_every", "compile",
-                                                             "cpu_threads", "model")}
+                                                             "cpu_threads", "micro_batch_size", "model")}
     model = config.get("model") or {}
     defining.update({f"model.{k}": model.get(k, _llama_default(k)) for k in sorted({*MODEL_FIELDS, *model})})
     return defining

@@ -247,7 +247,8 @@ class ScoreSummary:
     model: str = ""  # the model asked (as the server serves it)
     concurrency: int | None = None  # requests in flight at the end, when lower than asked (timeouts backed it off)
     notes: list[str] = field(default_factory=list)
-    servers: dict[str, tuple[int, int]] = field(default_factory=dict)  # several servers: answers, tries unanswered or answered 5xx
+    # several servers: answers, and tries unanswered or answered 5xx
+    servers: dict[str, tuple[int, int]] = field(default_factory=dict)
     selection: str = ""  # how the documents were chosen, when not a plain read or uniform sample
     output: str = ""
     cache: str = ""

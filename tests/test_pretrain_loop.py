@@ -293,6 +293,17 @@ def test_resume_refuses_a_checkpoint_from_another_configuration(corpus, tmp_path
         run(corpus, tmp_path / "r", lr=5e-3)
 
 
+def test_a_run_resumes_with_another_micro_batch_size_to_the_same_result(corpus, tmp_path):
+    """A job requeued on a card with less memory needs a smaller micro-batch (the README's advice for 80 GB): each
+    step reads the same samples however its batch is split, yet the checkpoint, and a finished run, were refused."""
+    whole = run(corpus, tmp_path / "whole")
+    run(corpus, tmp_path / "r", time_limit_minutes=1e-9)
+    resumed = run(corpus, tmp_path / "r", micro_batch_size=2)
+    assert resumed["finished"] and resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+    assert resumed["eval"] == pytest.approx(whole["eval"], rel=1e-4)
+    assert run(corpus, tmp_path / "r", micro_batch_size=1)["train_loss"] == resumed["train_loss"]  # its record
+
+
 def test_bf16_autocast_path_runs_and_learns_on_cpu(corpus, tmp_path):
     r = run(corpus, tmp_path / "bf16", dtype="bf16", schedule="cosine")
     assert r["precision"] == "bf16-autocast"
