@@ -50,6 +50,7 @@ from edu_filter.documents import (InputError, check_writable_output, expand_path
                                   logged_progress)
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
+EXIT_STOPPED = 75  # stopped at --override time_limit_minutes (sysexits' EX_TEMPFAIL): run again to resume
 SIGNIFICANCE_RULE = (
     f"with 2 or more seeds per run a difference is significant when Welch's t-test gives p < {WELCH_ALPHA:g} (with 2 "
     "seeds it has ~2 degrees of freedom: only a gap of ~4 pooled seed standard deviations passes); with 1 seed there "
@@ -226,6 +227,7 @@ def ablate(
         "references": references,
         "eval_in_training": shared,
         "runs": runs,
+        "complete": complete,  # false: stopped at the time limit, some runs unfinished (their `eval` is not final)
         "comparison": compare_runs(runs, compare) if complete else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -238,7 +240,8 @@ def ablate(
     if not complete:
         steps = sum(r["steps"] for recs in records.values() for r in recs)
         console.print(f"[yellow]stopped at the time limit after {steps} steps; run the same command again to resume")
-        return report
+        # not 0: a loop or a job chain keyed on the exit status took a stopped ablation for a finished one
+        raise SystemExit(EXIT_STOPPED)
     plot_losses(runs, out / "loss_curves.png")
     plot_eval_losses(runs, out / "eval_loss.png")
     write_report_md(out, report)
