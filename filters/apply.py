@@ -541,6 +541,10 @@ class Stage:
     scores: bool = False  # runs the classifier
     gpu: bool = False  # runs a classifier that scores on a GPU (not fastText): asks one where the cluster has some
     clusters: bool = False  # MinHash's cluster stage: one task holding every near-duplicate pair (its own memory)
+    # a merge over the whole corpus (MinHash's 14 bucket merges, each hours at terabytes): one task per Slurm array
+    # task whatever --slurm-tasks-per-job, which would run them one after another within one --slurm-time, and
+    # saves a few jobs where it is for the stages of thousands
+    merges: bool = False
 
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
@@ -625,7 +629,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         """The cutoff found once over every task's histogram, then each task's scored documents selected by it."""
         cutoff_file, found_file = f"{logs}/extra/keep_top.json", f"{work}/keep_top_cutoff.json"
         return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file, found_file)],
-                      1),
+                      1, merges=True),
                 Stage("select", [
                     RankFileReader(f"{work}/scored", progress_folder=progress("select")),
                     ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",
@@ -642,7 +646,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("exact-signatures", source("exact-signatures", False)
                       + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
                 Stage("exact-find", [OpenFilesLimit(cfg.tasks),
-                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1),
+                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1,
+                      merges=True),
             ]
         if cfg.dedup:
             skip_exact = [ExactDedupFilter(f"{work}/exact/dups", config=exact)] if cfg.exact_dedup else []
@@ -651,9 +656,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                       + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
                 Stage("minhash-buckets", [OpenFilesLimit(cfg.tasks),
                                           MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
-                                                              config=minhash)], minhash.num_buckets),
+                                                              config=minhash)], minhash.num_buckets, merges=True),
                 Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
-                                                              config=minhash)], 1, clusters=True),
+                                                              config=minhash)], 1, clusters=True, merges=True),
             ]
         final = source("filter", True)
         if cfg.exact_dedup:
@@ -703,7 +708,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     stages.append(Stage("report", [WriteApplyStats(out, cfg.result_settings(), keep_work=cfg.keep_work,
                                                    extra_folder=f"{logs}/extra", provenance_inputs=provenance_inputs,
                                                    command=command_line(),
-                                                   scratch_record=SCRATCH_RECORD.format(logs=logs))], 1))
+                                                   scratch_record=SCRATCH_RECORD.format(logs=logs))], 1, merges=True))
     for stage in stages:
         stage.gpu = stage.scores and not is_fasttext_model(cfg.model)
         reader = next((step for step in stage.pipeline if getattr(step, "progress_folder", None)), None)

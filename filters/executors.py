@@ -1287,11 +1287,12 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     most_per_array = opts.max_array_size or SLURM_MAX_ARRAY_SIZE  # resolved by check_slurm_request
     for stage in stages:
         partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, stage.scores, stage.clusters)
+        per_job = 1 if stage.merges else opts.tasks_per_job
         previous = cls(
             # --workers counts tasks running at once; an array task runs its tasks_per_job one after another, so
             # that is as many array tasks at once
-            stage.pipeline, tasks=stage.tasks, tasks_per_job=opts.tasks_per_job,
-            workers=-1 if workers is None else max(1, min(workers, math.ceil(stage.tasks / opts.tasks_per_job))),
+            stage.pipeline, tasks=stage.tasks, tasks_per_job=per_job,
+            workers=-1 if workers is None else max(1, min(workers, math.ceil(stage.tasks / per_job))),
             time=job_time(opts, stage.clusters), partition=partition, cpus_per_task=cpus,
             mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",

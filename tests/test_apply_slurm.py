@@ -369,6 +369,24 @@ def test_a_submit_limit_refusal_says_how_to_queue_fewer_jobs(tmp_path):
     assert ex.submit_limit_hint(["sbatch: error: invalid partition specified: gpu"], executors) == ""
 
 
+def test_tasks_per_job_packs_the_stages_of_many_tasks_not_the_merges(slurm_partition, corpus, stock_classifier,
+                                                                    tmp_path):
+    """--slurm-tasks-per-job 4 is for the stages of thousands of tasks: it packed MinHash's 14 bucket merges (hours
+    each at terabytes) into 4 array tasks running them one after another within one --slurm-time."""
+    out = tmp_path / "out"
+    args = [a for a in apply_args(corpus[0], stock_classifier, out) if a != "--wait"]
+    args[args.index("--tasks") + 1] = "8"
+    res = cli([*args, "--slurm-tasks-per-job", "4", "--dry-run"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def array(stage: str) -> str:
+        script = next((out / "slurm").glob(f"*_{stage}.slurm")).read_text()
+        return next(line for line in script.splitlines() if line.startswith("#SBATCH --array="))
+
+    assert array("minhash-signatures") == "#SBATCH --array=0-1" and array("filter") == "#SBATCH --array=0-1"
+    assert array("minhash-buckets") == "#SBATCH --array=0-13" and array("minhash-cluster") == "#SBATCH --array=0-0"
+
+
 def test_a_job_slurm_stops_at_its_time_limit_is_named_with_what_to_change(slurm_partition, tmp_path, monkeypatch):
     """Slurm's own reason (here the time limit; an OOM kill or a node failure alike), not the task log's last line."""
     from rich.console import Console
