@@ -874,6 +874,27 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
         assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
 
 
+def test_a_finished_finetune_names_abandoned_checkpoints_not_those_a_running_fine_tune_holds(tmp_path):
+    """A run finishing named every other checkpoint folder as "killed and not resumed ... delete": a run still going
+    in the same cache was among them, and deleted on that advice it started over once killed."""
+    import fcntl
+
+    from edu_filter.train import finetune
+
+    folder = tmp_path / "finetune"
+    for name in ("mine", "live", "live.partial", "dead"):
+        (folder / name).mkdir(parents=True)
+    (folder / "dead" / "step.json").write_bytes(b"x" * 2**20)
+    (folder / "dead.lock").touch()  # its run was killed: the kernel dropped the lock
+    with open(folder / "live.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with finetune.console.capture() as captured:
+            finetune.remove_checkpoint(folder / "mine")
+    said = " ".join(captured.get().split())
+    assert "1 checkpoint(s) of other fine-tuning runs" in said and "0.0 GB" in said, said
+    assert sorted(p.name for p in folder.iterdir()) == ["dead", "dead.lock", "live", "live.lock", "live.partial"]
+
+
 def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_path, capsys):
     """A node crash can leave renamed files that were never written out: every rerun failed on loading them."""
     from edu_filter.train.finetune import _resume, _save

@@ -83,12 +83,29 @@ def remove_checkpoint(folder: Path) -> None:
     for path in (folder, *side_folders(folder)):
         shutil.rmtree(path, ignore_errors=True)
     folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
-    others = [p for p in folder.parent.iterdir() if p.is_dir()] if folder.parent.is_dir() else []
+    others = [p for p in folder.parent.iterdir() if p.is_dir() and not _being_written(p)] if folder.parent.is_dir() \
+        else []
     if others:
         size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
         console.print(f"[yellow]{len(others)} checkpoint(s) of other fine-tuning runs, killed and not resumed with "
                       f"the same command, hold {size / 2**30:.1f} GB in {folder.parent}: delete what you will not "
                       "resume[/]")
+
+
+def _being_written(checkpoint: Path) -> bool:
+    """Whether a run fine-tunes into `checkpoint` (or its side folders) now: its lock is held. Named among the
+    abandoned ones, it was deleted on that advice, and the run started over once killed."""
+    import fcntl
+
+    lock = checkpoint.with_name(checkpoint.name.removesuffix(".partial").removesuffix(".old") + ".lock")
+    try:
+        with open(lock, "rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (a run killed; the kernel dropped its lock), or one the file system cannot lock
+        return False
+    return False
 
 
 def packed_sequences(scorer, texts: list[str], block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
