@@ -283,9 +283,12 @@ def local_files_under(folder: str | os.PathLike, refuse_dangling: bool = False) 
         # os.walk leaves out a folder it cannot list (no permission, a stale NFS handle, a storage target down), and
         # a run would add up without its documents
         where = Path(os.path.relpath(error.filename, folder)).parts if error.filename else ()
-        if not any(part.startswith(".") for part in where):  # hidden: never read
-            raise DocumentError(f"{error.filename}: cannot list the folder ({error.strerror or error}); its files "
-                                "would be left out")
+        if any(part.startswith(".") for part in where):  # hidden: never read
+            return
+        if where and where[-1] == "lost+found" and os.path.ismount(os.path.dirname(error.filename)):
+            return  # fsck's folder at the top of every ext4 volume, root's alone: a dataset on its own volume
+        raise DocumentError(f"{error.filename}: cannot list the folder ({error.strerror or error}); its files "
+                            "would be left out")
 
     for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
         real = os.path.realpath(root)

@@ -15,6 +15,7 @@ compares the two runs with the lowest mean loss on one evaluation set against th
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import asdict, replace
@@ -240,8 +241,12 @@ def ablate(
     if not complete:
         steps = sum(r["steps"] for recs in records.values() for r in recs)
         console.print(f"[yellow]stopped at the time limit after {steps} steps; run the same command again to resume")
-        # not 0: a loop or a job chain keyed on the exit status took a stopped ablation for a finished one
-        raise SystemExit(EXIT_STOPPED)
+        # not 0: a loop or a job chain keyed on the exit status took a stopped ablation for a finished one. Under
+        # torchrun 0 all the same: its agent takes any other status of a rank for a crash, and --max-restarts would
+        # start the ablation again at once with a time limit of its own, past the job's
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise SystemExit(EXIT_STOPPED)
+        return report
     plot_losses(runs, out / "loss_curves.png")
     plot_eval_losses(runs, out / "eval_loss.png")
     write_report_md(out, report)

@@ -4,7 +4,8 @@ LLM vs classifier).
 Rows are joined on their id. Every score must lie on the 0-5 scale (a value outside it, e.g. a 0-10 rating, is refused
 naming its file and row). Kappa and the confusion matrix use scores rounded to integers (so regression outputs can
 be compared too); Spearman and MAE use the values as given. The binary block treats A as the
-reference and asks whether both sides keep the same documents at `threshold` (FineWeb-Edu keeps score >= 3).
+reference and asks whether both sides keep the same documents at `threshold`: at a whole number, as `apply` keeps
+(int_score >= 3 for FineWeb-Edu, so a regression output of 2.6 is kept); at a fractional one, the values as given.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def agreement_metrics(a: list[float], b: list[float], threshold: float = 3) -> d
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     a_int = to_int_scores(a_arr)
     b_int = to_int_scores(b_arr)
-    keep_a, keep_b = a_arr >= threshold, b_arr >= threshold
+    # as apply keeps: the rounded score at a whole threshold (2.6 was dropped here while counted a 3 in the matrix)
+    whole = float(threshold).is_integer()
+    keep_a, keep_b = (a_int >= threshold, b_int >= threshold) if whole else (a_arr >= threshold, b_arr >= threshold)
     with warnings.catch_warnings():  # undefined statistics (constant scores) come back as None, not as warnings
         warnings.simplefilter("ignore")
         rho = spearmanr(a_arr, b_arr).statistic if len(a) > 1 else float("nan")
@@ -122,8 +125,9 @@ def agreement(
     result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
     result.update(
         a=str(a), b=str(b), field_a=field, field_b=field_b or field,
-        # a scored document the other side holds with a null score is counted there, not as missing from it
-        null_a=len(nulls_a), null_b=len(nulls_b),
+        # comparisons lost to a null: a document one side scored that the other holds with a null score (a human
+        # subset checked against an LLM pool: the pool's nulls elsewhere cost none), not as missing from it
+        null_a=len(scores_b.keys() & nulls_a), null_b=len(scores_a.keys() & nulls_b),
         only_in_a=len(scores_a.keys() - scores_b.keys() - nulls_b),
         only_in_b=len(scores_b.keys() - scores_a.keys() - nulls_a),
     )

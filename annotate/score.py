@@ -356,14 +356,14 @@ class _Scorer:
 
     def _answers_with_other_max_chars(self, doc_id: str, text: str, doc_chars: int) -> list:
         """The answers of a run apart only in --max-chars that held what this run sends: the same characters, or a
-        cut to fit the server's context, shorter than its --max-chars, that this run's would be cut to again; stored
-        under this run's settings too."""
+        cut to fit the server's context where this run starts from at least what that run was refused (and would be
+        cut so again); stored under this run's settings too."""
         for their_max, answers in self.cache.answers_with_other_max_chars(doc_id, text):
             given = answers[-1][1]
             if given is None:
                 continue
-            fitted = given < min(len(text), their_max or len(text))
-            if given == doc_chars or (fitted and self.max_chars is not None and given < doc_chars):
+            refused = min(len(text), their_max or len(text))  # what that run sent first, longer than `given` if cut
+            if given == doc_chars or (given < refused <= doc_chars and self.max_chars is not None):
                 for attempt, (answer, _) in enumerate(answers):
                     self.cache.add(doc_id, text, attempt, answer, given)
                 return answers
@@ -594,7 +594,7 @@ def _unreplayed_note(cache: AnswerCache) -> str | None:
     if cache.other_max_chars:
         said = ", ".join(sorted({"none" if m is None else f"{m:,}" for m in cache.other_max_chars.values()}))
         return (f"{cache.path} holds answers given with --max-chars {said}: each is replayed where this run's prompt "
-                "holds as much of its document")
+                "would hold what its prompt held")
     others = cache.other_runs()
     if not others:
         return None

@@ -51,7 +51,7 @@ def test_agreement_joins_on_id_and_counts_what_it_skips(tmp_path):
     b = _write(tmp_path / "b.jsonl", [{"id": str(i), "pred": (i % 6) + (1 if i == 4 else 0)} for i in range(2, 12)])
     report = tmp_path / "report.json"
     r = agreement(str(a), str(b), field="score", field_b="pred", report=report, show=False)
-    assert r["n"] == 8 and r["only_in_a"] == 2 and r["only_in_b"] == 2 and r["null_a"] == 1
+    assert r["n"] == 8 and r["only_in_a"] == 2 and r["only_in_b"] == 2 and r["null_a"] == 0  # "n": not in B
     assert r["exact_agreement"] == pytest.approx(7 / 8)
     assert orjson.loads(report.read_bytes())["n"] == 8
     # a failed annotation (null) in B is counted as null there, not also as missing from B
@@ -61,6 +61,20 @@ def test_agreement_joins_on_id_and_counts_what_it_skips(tmp_path):
                                                 {"id": "3", "score": 2}])
     r = agreement(str(scored), str(failed), show=False)
     assert (r["n"], r["null_b"], r["only_in_a"], r["only_in_b"]) == (2, 1, 0, 0)
+    # a human subset against an LLM pool: the comparisons its nulls cost, not every null of the pool
+    pool = _write(tmp_path / "pool.jsonl", [{"id": str(i), "score": None if i % 10 == 3 else i % 6}
+                                             for i in range(1000)])
+    human = _write(tmp_path / "human.jsonl", [{"id": str(i), "score": i % 6} for i in range(10)])
+    r = agreement(str(human), str(pool), show=False)
+    assert (r["n"], r["null_a"], r["null_b"], r["only_in_a"], r["only_in_b"]) == (9, 0, 1, 0, 891)
+
+
+def test_keep_drop_at_a_whole_threshold_rounds_as_apply_keeps():
+    """The matrix rounds 2.6 to a 3 and apply keeps it at threshold 3 (int_score), but the keep/drop block compared
+    2.6 < 3 and reported a disagreement where every score agreed."""
+    m = agreement_metrics([3, 2, 4, 1], [2.6, 2.4, 3.7, 1.2], threshold=3)
+    assert m["exact_agreement"] == 1.0 and m["keep_agreement"] == 1.0 and (m["kept_a"], m["kept_b"]) == (2, 2)
+    assert agreement_metrics([3, 2, 4, 1], [2.6, 2.4, 3.7, 1.2], threshold=2.7)["kept_b"] == 1  # values as given
 
 
 def test_real_annotations_agree_with_themselves_and_not_with_noise(tmp_path):

@@ -88,8 +88,8 @@ def test_context_overflow_counted_by_code_and_cut_to_fit_when_max_chars_allows(s
 def test_a_rerun_with_max_chars_asks_again_only_what_its_prompts_change(server, tmp_path):
     """The README's way past context_length_exceeded is a rerun with --max-chars, which keyed the cache: every
     document was asked again (500k answers paid twice to mend a few hundred). An answer is replayed where its
-    prompt held what this run's would: the same characters, or a cut to fit the server's context no longer than
-    this run's limit."""
+    prompt held what this run's would: the same characters, or a cut to fit the server's context where this run
+    starts from at least what was refused then."""
     template_tokens = len(load_prompt("web").render("")[0]) // 4
     ctx = template_tokens + 256 + 300  # room for ~1,200 characters of document
 
@@ -114,12 +114,12 @@ def test_a_rerun_with_max_chars_asks_again_only_what_its_prompts_change(server, 
     cache.close()
     assert 750 < fit < 1_200  # the server's context, from its numbers; the medium document is shorter
 
-    # a limit above that cut: the server would cut the long document to it again, so its answer is replayed
-    same = score_documents([str(src)], out, base_url=server.base_url, max_chars=fit + 100, **FAST)
+    # another limit above the whole long document: it is sent whole, refused and cut again, so its answer is replayed
+    same = score_documents([str(src)], out, base_url=server.base_url, max_chars=50_000, **FAST)
     assert same.replayed == 12 and server.requests["long"] == 3
-    # a limit below it sends less of the long document; one below the medium document sends less of it too
-    shorter = score_documents([str(src)], out, base_url=server.base_url, max_chars=fit - 100, **FAST)
-    assert shorter.replayed == 11 and server.requests["long"] == 4 and server.requests["medium"] == 1
+    # a limit between the cut and the document sends that much (it fits): asked; so is less of the medium document
+    between = score_documents([str(src)], out, base_url=server.base_url, max_chars=fit + 100, **FAST)
+    assert between.replayed == 11 and server.requests["long"] == 4 and server.requests["medium"] == 1
     shortest = score_documents([str(src)], out, base_url=server.base_url, max_chars=400, **FAST)
     assert shortest.replayed == 10 and server.requests["long"] == 5 and server.requests["medium"] == 2
     assert all(server.requests[f"s{i}"] == 1 for i in range(10)) and not shortest.failed

@@ -506,25 +506,9 @@ def test_a_file_name_that_is_not_utf8_is_read_fingerprinted_and_named(tmp_path):
     assert fingerprint(data)["files"] == 1 and fingerprint(data, documents=True)["files"] == 1
 
 
-def test_a_subfolder_that_cannot_be_listed_stops_the_read_not_leaves_out_its_files(tmp_path):
-    """os.walk passed over a folder it could not list (no permission, a stale NFS handle): every command ran without
-    its documents and its counts still added up. Listed by a user the folder shuts out (root reads everything)."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
-    base = Path(tempfile.mkdtemp())  # pytest's own folders are closed to other users
-    data = base / "data"
-    write_documents([{"id": "a", "text": "one"}], data / "a" / "x.jsonl")
-    write_documents([{"id": "b", "text": "two"}], data / "b" / "y.jsonl")
-    write_documents([{"id": "c", "text": "three"}], data / ".cache" / "z.jsonl")
-    for folder in (base, data, data / "a"):
-        folder.chmod(0o755)
-    (data / "b").chmod(0)
-    (data / ".cache").chmod(0)  # hidden: never read, so never a reason to stop
-    # the listings warmed up (their lazy imports read from a folder that user may not enter), then that user's
-    check = """import os, sys
+# the listings warmed up (their lazy imports read from a folder that user may not enter), then a user the folders
+# shut out (root reads everything) lists argv[1]
+LISTED_BY_ANOTHER_USER = """import os, sys
 from edu_filter.documents import DocumentError, expand_paths
 from edu_filter.filters.io import expand_inputs
 expand_paths([sys.argv[2]]), expand_inputs([sys.argv[2]])
@@ -536,16 +520,69 @@ for listing in (expand_paths, expand_inputs):
     except DocumentError as e:
         print("refused:", e)
 """
+
+
+def listed_by_another_user(folder: Path, readable: Path) -> list[str]:
+    import subprocess
+    import sys
+
+    listed = subprocess.run([sys.executable, "-c", LISTED_BY_ANOTHER_USER, str(folder), str(readable)],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout.splitlines()
+
+
+def test_a_subfolder_that_cannot_be_listed_stops_the_read_not_leaves_out_its_files():
+    """os.walk passed over a folder it could not list (no permission, a stale NFS handle): every command ran without
+    its documents and its counts still added up."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())  # pytest's own folders are closed to other users
+    data = base / "data"
+    write_documents([{"id": "a", "text": "one"}], data / "a" / "x.jsonl")
+    write_documents([{"id": "b", "text": "two"}], data / "b" / "y.jsonl")
+    write_documents([{"id": "c", "text": "three"}], data / ".cache" / "z.jsonl")
+    for folder in (base, data, data / "a"):
+        folder.chmod(0o755)
+    (data / "b").chmod(0)
+    (data / ".cache").chmod(0)  # hidden: never read, so never a reason to stop
     try:
-        listed = subprocess.run([sys.executable, "-c", check, str(data), str(data / "a")], capture_output=True,
-                                text=True, timeout=120)
+        lines = listed_by_another_user(data, data / "a")
     finally:
         (data / "b").chmod(0o755)
         (data / ".cache").chmod(0o755)
         shutil.rmtree(base)
-    assert listed.returncode == 0, listed.stderr
-    lines = listed.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith(f"refused: {data / 'b'}: cannot list the folder") for line in lines)
+
+
+def test_a_volumes_own_lost_and_found_is_passed_over():
+    """ext4 puts lost+found, root's alone, at the top of every volume: a dataset on a volume of its own was refused
+    as a folder that cannot be listed. (Mounted here as a tmpfs of its own.)"""
+    import shutil
+    import subprocess
+    import tempfile
+
+    base = Path(tempfile.mkdtemp())
+    volume = base / "volume"
+    volume.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(volume)], capture_output=True).returncode != 0:
+        shutil.rmtree(base)
+        pytest.skip("no tmpfs can be mounted here (not root, or in a container without the right)")
+    try:
+        write_documents([{"id": "a", "text": "one"}], volume / "part-0.jsonl")
+        (volume / "lost+found").mkdir(mode=0o700)
+        (volume / "elsewhere").mkdir(mode=0o700)  # any other such folder is still refused
+        for folder in (base, volume):
+            folder.chmod(0o755)
+        lines = listed_by_another_user(volume, volume / "part-0.jsonl")
+        assert len(lines) == 2 and all(f"{volume / 'elsewhere'}: cannot list" in line for line in lines), lines
+        (volume / "elsewhere").rmdir()
+        lines = listed_by_another_user(volume, volume / "part-0.jsonl")
+        assert lines == [repr([str(volume / "part-0.jsonl")]), repr([(str(volume), "part-0.jsonl")])], lines
+    finally:
+        subprocess.run(["umount", str(volume)], capture_output=True)
+        shutil.rmtree(base)
 
 
 def test_an_empty_gzip_file_is_a_copy_cut_short_not_a_file_without_rows(tmp_path):
