@@ -32,9 +32,11 @@ from edu_filter.documents import (
 LABELS = list(SCORES)
 
 
-def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict[str, float], set[str]]:
+def read_scores(paths, field: str = "score", id_field: str = "id",
+                weighted: list | None = None) -> tuple[dict[str, float], set[str]]:
     """{id: value} for rows whose `field` is set, and the ids of the rows that have it null. Bad rows (no id, a
-    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
+    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row. The first
+    row carrying an inclusion `weight` (`score --select active`) is appended to `weighted` as FILE:LINE."""
     scores: dict[str, float] = {}
     where: dict[str, str] = {}
     nulls: set[str] = set()
@@ -47,6 +49,8 @@ def read_scores(paths, field: str = "score", id_field: str = "id") -> tuple[dict
             if doc_id in where:
                 raise DocumentError(f"{path}:{lineno}: duplicate id {doc_id!r} (first at {where[doc_id]})")
             where[doc_id] = f"{path}:{lineno}"
+            if weighted is not None and not weighted and row.get("weight") is not None:
+                weighted.append(where[doc_id])
             value = row.get(field, None)
             if value is None:
                 nulls.add(doc_id)
@@ -119,8 +123,9 @@ def agreement(
         raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
     if report is not None:
         check_writable_output(report, "--report")
-    scores_a, nulls_a = read_scores(a, field, id_field)
-    scores_b, nulls_b = read_scores(b, field_b or field, id_field)
+    weighted: list[str] = []
+    scores_a, nulls_a = read_scores(a, field, id_field, weighted)
+    scores_b, nulls_b = read_scores(b, field_b or field, id_field, weighted)
     common = [doc_id for doc_id in scores_a if doc_id in scores_b]
     result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
     result.update(
@@ -130,6 +135,9 @@ def agreement(
         null_a=len(scores_b.keys() & nulls_a), null_b=len(scores_a.keys() & nulls_b),
         only_in_a=len(scores_a.keys() - scores_b.keys() - nulls_b),
         only_in_b=len(scores_b.keys() - scores_a.keys() - nulls_a),
+        # an actively chosen sample holds the rare high scores many times their share: its agreement is not the pool's
+        warnings=[f"rows carry inclusion weights ({weighted[0]}: a sample drawn by `score --select active`); these "
+                  "figures are of the sample, unweighted, not of the pool it was drawn from"] if weighted else [],
     )
     if report is not None:
         Path(report).parent.mkdir(parents=True, exist_ok=True)
@@ -172,3 +180,5 @@ def print_agreement(r: dict) -> None:
     for label, row in zip(LABELS, r["confusion_matrix"]):
         cm.add_row(str(label), *[f"[bold]{v}[/bold]" if i == label and v else str(v) for i, v in enumerate(row)])
     console.print(cm)
+    for line in r.get("warnings", []):
+        console.print(f"[yellow]warning: {line}", soft_wrap=True)

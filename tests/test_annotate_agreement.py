@@ -118,3 +118,14 @@ def test_agreement_command_prints_tables(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edu_filter.cli", "agreement", str(a), str(tmp_path / "none.jsonl")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_an_actively_chosen_sample_is_said_to_be_unweighted(tmp_path, capsys):
+    """Rows of `score --select active` carry inclusion weights (the rare high scores many times their share): their
+    agreement is the sample's, not the pool's, which nothing said."""
+    a = _write(tmp_path / "a.jsonl", [{"id": str(i), "score": i % 6} for i in range(6)])
+    b = _write(tmp_path / "b.jsonl", [{"id": str(i), "score": i % 6, "weight": 1.0 + i} for i in range(6)])
+    assert agreement(str(a), str(a), show=False)["warnings"] == []
+    r = agreement(str(a), str(b))
+    assert len(r["warnings"]) == 1 and f"{b}:1" in r["warnings"][0]
+    assert "figures are of the sample" in " ".join(capsys.readouterr().out.split())
