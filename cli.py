@@ -411,6 +411,9 @@ def apply(
     id_field: str = typer.Option(APPLY.id_field),
     executor: str = typer.Option("local", help="local, slurm or ray."),
     tasks: int = typer.Option(APPLY.tasks, help="Number of shards."),
+    bucket_workers: Optional[int] = typer.Option(None, help="Tasks sharing each of MinHash's 14 bucket merges (default: "
+                                                 "one per 100 --tasks, 1 to 32; a resumed run keeps its own).",
+                                                 show_default=False),
     workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm, Ray: no limit unless given)."),
     order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU, "
                        "except with --keep-top; a resumed run keeps its order)."),
@@ -459,6 +462,7 @@ def apply(
     run_apply(
         inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top, dedup=dedup,
         exact_dedup=exact_dedup, decontaminate=decontaminate, executor=executor, tasks=tasks, workers=workers,
+        bucket_workers=bucket_workers,
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, cluster_mem_gb=slurm_cluster_mem_gb,

@@ -464,9 +464,25 @@ def stage_values_of_run(output: str, overwrite: bool) -> str | None:
     return STAGE_VALUES if recorded is None else recorded.get("stage_values")
 
 
+def bucket_workers_of_run(cfg: ApplyConfig, overwrite: bool, given: int | None) -> int:
+    """Tasks sharing each MinHash bucket's merge: a resumed run's own (1 where an older edu-filter planned it), whose
+    finished bucket tasks are numbered by it; `given`, or one per 100 tasks (`bucket_workers`), for a new run. Which
+    pairs are found does not depend on it."""
+    from edu_filter.filters.minhash import bucket_workers
+
+    recorded = resumed_record(cfg.output, overwrite)
+    if recorded is None:
+        return given or bucket_workers(cfg.tasks)
+    planned = recorded.get("bucket_workers", 1)
+    if given is not None and given != planned and cfg.dedup:
+        raise InputError(f"--bucket-workers {given}: the run in {cfg.output} was planned with {planned}, by which its "
+                         "finished bucket tasks are numbered; leave it out to resume, or add --overwrite")
+    return planned
+
+
 def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict], overwrite: bool = False,
                    input_split: str | None = None, input_parts: str | None = None,
-                   stage_values: str | None = None) -> dict:
+                   stage_values: str | None = None, bucket_workers: int = 1) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
     things, its input split among the tasks the same way (`input_split`: see `filters.io.InputSplit`)."""
     out = Path(cfg.output)
@@ -489,6 +505,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
         current["input_parts"] = input_parts
     if stage_values:
         current["stage_values"] = stage_values
+    current["bucket_workers"] = bucket_workers
     if path.exists():
         try:
             previous = json.loads(path.read_text())
@@ -549,7 +566,8 @@ class Stage:
 
 def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_task: int = 1,
                  provenance_inputs: list[dict] | None = None, input_fingerprints: dict | None = None,
-                 split: InputSplit | None = None, on_gpu: bool = True, tagged: bool = True) -> list[Stage]:
+                 split: InputSplit | None = None, on_gpu: bool = True, tagged: bool = True,
+                 bucket_workers: int = 1) -> list[Stage]:
     """The stages of one run, in order, over the input `files` from `expand_inputs` (see the module docstring);
     every pass over them checks `input_fingerprints` (`run_record`'s) first; `tagged`: `RecordWriter`'s. Without
     `on_gpu` the scorer is told to use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not
@@ -557,7 +575,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     another job holds."""
     from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
-    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.minhash import MinhashDedupCluster, MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
         DropDedupScratch,
@@ -579,7 +597,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         RecordWriter,
         input_field_types,
     )
-    from edu_filter.filters.minhash import FastMinhashSignature
+    from edu_filter.filters.minhash import FastMinhashSignature, SharedMinhashDedupBuckets
     from edu_filter.filters.progress import TaskProgressTime
     from edu_filter.filters.report import WriteApplyStats
     from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, ScoreHistogram,
@@ -655,8 +673,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
                       + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
                 Stage("minhash-buckets", [OpenFilesLimit(cfg.tasks),
-                                          MinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
-                                                              config=minhash)], minhash.num_buckets, merges=True),
+                                          SharedMinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
+                                                                    config=minhash)],
+                      minhash.num_buckets * bucket_workers, merges=True),
                 Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
                                                               config=minhash)], 1, clusters=True, merges=True),
             ]
@@ -675,7 +694,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 f"{work}/exact/sigs" if cfg.exact_dedup else None,
                 [f"{logs}/{stage.name}" for stage in stages if stage.name in writing],
                 [(f"{logs}/{stage.name}", stage.tasks) for stage in stages if stage.name not in writing],
-                SCRATCH_RECORD.format(logs=logs)))
+                SCRATCH_RECORD.format(logs=logs), bucket_workers=bucket_workers))
         stages.append(Stage("filter", final + tail, cfg.tasks, scores=final_scores))
         return stages
 
@@ -767,10 +786,11 @@ def run_apply(
     exact_dedup: bool | None = None, decontaminate: list[str] | None = None, executor: str = "local",
     tasks: int = 1, workers: int | None = None, slurm: SlurmOptions | None = None, order: str = "auto",
     overwrite: bool = False, wait: bool = False, verbose: bool = False, push_to_hub: str | None = None,
-    show: bool = True, ray: RayOptions | None = None, **options,
+    show: bool = True, ray: RayOptions | None = None, bucket_workers: int | None = None, **options,
 ) -> dict | None:
     """Run (or, for Slurm, submit and with `wait` follow) the whole apply pipeline; returns stats.json's content
-    when the run finished here."""
+    when the run finished here. `bucket_workers`: tasks sharing each MinHash bucket's merge (None: `bucket_workers`
+    of the tasks; a resumed run keeps its own)."""
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
@@ -778,8 +798,8 @@ def run_apply(
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if tasks < 1 or (workers is not None and workers < 1):
-        raise InputError("tasks and workers must be >= 1")
+    if tasks < 1 or (workers is not None and workers < 1) or (bucket_workers is not None and bucket_workers < 1):
+        raise InputError("tasks, workers and bucket workers must be >= 1")
     for name in ("batch_size", "max_length"):
         if options.get(name) is not None and options[name] < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
@@ -855,14 +875,16 @@ def run_apply(
                       f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
                       "--tasks, where reading dominates[/]", soft_wrap=True)
     stage_values = stage_values_of_run(cfg.output, overwrite)
+    bucket_workers = bucket_workers_of_run(cfg, overwrite, bucket_workers)
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
-                            input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values)
+                            input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values,
+                            bucket_workers=bucket_workers)
     if executor == "ray":
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
-                          on_gpu=on_gpu, tagged=stage_values is not None)
+                          on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
     ex.save_stage_list(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else

@@ -124,15 +124,16 @@ class DropDedupScratch(PipelineStep):
     type = "🫂 - DEDUP"
 
     def __init__(self, minhash: tuple[str, str, int] | None, exact_sigs: str | None, writers: list[str],
-                 readers: list[tuple[str, int]], record: str):
-        """`minhash`: (signatures folder, buckets folder, buckets); `writers`: the logging folders of the stages
+                 readers: list[tuple[str, int]], record: str, bucket_workers: int = 1):
+        """`minhash`: (signatures folder, buckets folder, buckets), each bucket merged by `bucket_workers` tasks
+        (`SharedMinhashDedupBuckets`); `writers`: the logging folders of the stages
         writing the signatures (this rank's completion is looked up, not the folder listed: 50k files);
         `readers`: (logging folder, tasks) of the stages reading them; `record`: `RecordScratchPeak`'s, without
         which nothing is deleted (the peak would miss them: a stage completed by a run with --keep-work, or by an
         older edu-filter, measured none)."""
         super().__init__()
         self.minhash, self.exact_sigs, self.record = minhash, exact_sigs, record
-        self.writers, self.readers = writers, readers
+        self.writers, self.readers, self.bucket_workers = writers, readers, bucket_workers
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from datatrove.utils.logging import logger
@@ -151,15 +152,16 @@ class DropDedupScratch(PipelineStep):
             yield from data
 
     def files_of(self, rank: int) -> list[str]:
-        """What rank `rank` wrote in the signature stages (datatrove's file names), and the bucket stage's r-th."""
+        """What rank `rank` wrote in the signature stages (datatrove's file names), and the bucket stage's task r."""
         from datatrove.utils.typeshelper import ExtensionHelperSD
 
         files = []
         if self.minhash is not None:
             sigs, buckets, count = self.minhash
             files += [f"{sigs}/bucket_{b:03d}/{rank:05d}.minhash.sig" for b in range(count)]
-            if rank < count:  # one task per bucket
-                files.append(f"{buckets}/{rank:05d}_00.dups")
+            if rank < count * self.bucket_workers:  # the bucket stage's task `rank`: its bucket, its worker's range
+                bucket, worker = divmod(rank, self.bucket_workers)
+                files.append(f"{buckets}/{bucket:05d}_{worker:02d}.dups")
         if self.exact_sigs is not None:  # one finder task: its hash range 0000
             files.append(f"{self.exact_sigs}/0000/{rank:05d}{ExtensionHelperSD.stage_1_signature}")
         return files

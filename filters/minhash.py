@@ -13,18 +13,25 @@ C-level string operations, shingle hashes are taken on slices of one UTF-8 buffe
 joined strings), and the permutation step reduces modulo the Mersenne prime 2**61-1 with shifts and masks instead of
 a 64-bit division, in blocks so that long documents do not allocate (shingles x 112) matrices at once.
 
-Bucket, cluster and filter stages are datatrove's, unchanged: they read these files as they read the stock ones.
-It hashes bytes, never str, so it does not rely on the str hashing that xxhash 4.x dropped.
+Bucket, cluster and filter stages are datatrove's: they read these files as they read the stock ones. A bucket's
+merge may be shared among several tasks (`SharedMinhashDedupBuckets`: datatrove's hash ranges, cut where the
+signatures are rather than where one task's file says). It hashes bytes, never str, so it does not rely on the str hashing that xxhash 4.x dropped.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 import unicodedata
 
 import numpy as np
 from datatrove.io import DataFolderLike
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature, _mersenne_prime
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupSignature,
+    _mersenne_prime,
+)
 from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import (
     MONTHS_PATTERN,
@@ -36,7 +43,8 @@ from datatrove.utils.text import (
 from datatrove.utils.typeshelper import Languages
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, load_word_tokenizer
 
-__all__ = ["EnglishWordSplitter", "FastMinhashSignature", "min_permuted_hashes", "shingle_hashes", "simplify_text_fast"]
+__all__ = ["EnglishWordSplitter", "FastMinhashSignature", "SharedMinhashDedupBuckets", "min_permuted_hashes",
+           "shingle_hashes", "simplify_text_fast"]
 
 _PUNCTUATION_RE = re.compile("[" + "".join(sorted({re.escape(c) for c in PUNCTUATION})) + "]")
 _ROWS_PER_BLOCK = 1024  # shingles permuted at once: 1024 x 112 uint64 is ~0.9 MB
@@ -274,3 +282,34 @@ class FastMinhashSignature(MinhashDedupSignature):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.word_tokenizer = load_word_tokenizer(self.language)
+
+
+def bucket_workers(tasks: int) -> int:
+    """Tasks sharing each bucket's merge by default: one per 100 of the run's tasks, 1 to 32. One task per bucket
+    merges a signature of every document of the corpus in one Python heap (~100k a second: 12 hours at 15 TB, past a
+    day at FineWeb's size); each of k tasks merges a k-th of the hash range, reading only its part of each file."""
+    return min(32, max(1, tasks // 100))
+
+
+class SharedMinhashDedupBuckets(MinhashDedupBuckets):
+    """datatrove's bucket merge, `world_size // num_buckets` tasks per bucket, each the signatures in one hash range
+    (equal signatures share their first hash, so no pair is split). datatrove cuts the ranges at quantiles of the
+    bucket's first file, rank 0's: in a score-first run that may hold a handful of survivors or none, and an
+    assertion failed every task of the bucket; here they are cut at quantiles of its largest file."""
+
+    def get_worker_hash_range(self, sig_files, rank, world_size):
+        workers = world_size // self.config.num_buckets
+        worker = rank % workers
+        top = _mersenne_prime if self.config.hash_config.precision == 64 else self.config.hash_config.max
+        line = struct.calcsize(f"{self.config.hashes_per_bucket}{self.config.hash_config.struct_format}I")
+        sizes = [self.input_folder.size(name) for name in sig_files]
+        lines = max(sizes, default=0) // line
+        if workers == 1 or lines == 0:
+            return 0, top
+        first_hash = struct.calcsize(self.config.hash_config.struct_format)
+        with self.input_folder.open(sig_files[sizes.index(max(sizes))], mode="rb") as f:
+            def cut(j: int) -> int:  # the first hash of the line at the j-th of `workers` quantiles
+                f.seek(line * (lines * j // workers))
+                return struct.unpack(self.config.hash_config.struct_format, f.read(first_hash))[0]
+
+            return (0 if worker == 0 else cut(worker)), (top if worker + 1 == workers else cut(worker + 1))

@@ -684,6 +684,37 @@ def test_each_task_of_the_stage_removing_duplicates_deletes_the_signatures_its_r
     assert scratch("minhash/remove") and scratch("exact/dups")  # what the filter stage reads
 
 
+def test_bucket_merges_shared_among_tasks_keep_and_remove_the_same_documents(fasttext_model, tmp_path):
+    """Each of MinHash's 14 bucket merges shared by 3 tasks (--bucket-workers; by default one per 100 --tasks): the
+    same duplicates removed, every task's .dups file read and deleted. A resumed run keeps the number it was planned
+    with (its finished bucket tasks are numbered by it; an older edu-filter's, 1)."""
+    from edu_filter.documents import InputError
+    from edu_filter.filters.apply import ApplyConfig, bucket_workers_of_run
+
+    planted_input(tmp_path / "in.jsonl", n_unique=40, n_groups=6)
+    outputs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"shared-{workers}"
+        stats = run_apply([str(tmp_path / "in.jsonl")], str(out), model=str(fasttext_model), threshold=0, tasks=2,
+                          bucket_workers=workers, show=False)
+        assert stats["adds_up"] and not (out / "work").exists()
+        assert len(list((out / "logs" / "minhash-buckets" / "completions").iterdir())) == 14 * workers
+        assert json.loads((out / "run_config.json").read_text())["bucket_workers"] == workers
+        outputs[workers] = {k: sorted(v) for k, v in read_outputs(out).items()}
+    assert outputs[3] == outputs[1] and outputs[1]["removed/duplicate"]
+
+    cfg = ApplyConfig(inputs=[str(tmp_path / "in.jsonl")], output=str(tmp_path / "shared-3"), model="m", tasks=2)
+    assert bucket_workers_of_run(cfg, False, None) == 3 and bucket_workers_of_run(cfg, True, None) == 1
+    with pytest.raises(InputError, match="planned with 3"):
+        bucket_workers_of_run(cfg, False, 2)
+    record = json.loads((tmp_path / "shared-3" / "run_config.json").read_text())
+    del record["bucket_workers"]  # as an older edu-filter wrote it
+    (tmp_path / "shared-3" / "run_config.json").write_text(json.dumps(record))
+    assert bucket_workers_of_run(cfg, False, None) == 1
+    assert bucket_workers_of_run(ApplyConfig(inputs=[], output=str(tmp_path / "new"), model="m", tasks=2_000),
+                                 False, None) == 20
+
+
 def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):
     """... and `sweep` of either output reads the summaries its scoring tasks wrote, with the numbers reading its
     documents gives (on a crawl those are terabytes of removed JSONL)."""

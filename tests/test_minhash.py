@@ -35,6 +35,7 @@ from edu_filter.filters.dedup import fineweb_minhash_config
 from edu_filter.filters.minhash import (
     EnglishWordSplitter,
     FastMinhashSignature,
+    SharedMinhashDedupBuckets,
     min_permuted_hashes,
     simplify_text_fast,
 )
@@ -179,6 +180,36 @@ def test_dedup_collapses_planted_near_copies(planted, both_runs):
     # every document is kept or removed; the short one has no signature and is always kept
     assert len(fast["kept"]) + len(fast["removed"]) == planted["n_docs"]
     assert {"short", "unicode"} <= fast["kept"]
+
+
+@pytest.mark.slow
+def test_a_bucket_shared_among_tasks_finds_the_pairs_of_one_task_though_the_first_file_is_empty(both_runs, tmp_path):
+    """One task per bucket merges a signature of every document of the corpus (half a day at 15 TB); shared by 3,
+    each merges a third of the hash range. datatrove cuts the ranges at quantiles of the bucket's first file, rank
+    0's, which in a score-first run may hold no survivor at all: its assertion failed every task of the bucket."""
+    config = fineweb_minhash_config()
+    sigs = tmp_path / "sigs"
+    for f in both_runs["fast"]["sigs"].rglob("*.minhash.sig"):
+        (sigs / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (sigs / f.parent.name / f"{int(f.name.split('.')[0]) + 1:05d}.minhash.sig").write_bytes(f.read_bytes())
+        (sigs / f.parent.name / "00000.minhash.sig").write_bytes(b"")  # rank 0 kept nothing to deduplicate
+
+    def merged(step_class, workers: int, name: str) -> list:
+        for rank in range(config.num_buckets * workers):
+            step_class(str(sigs), str(tmp_path / name), config=config).run(rank=rank,
+                                                                           world_size=config.num_buckets * workers)
+        files = sorted((tmp_path / name).glob("*.dups"))
+        assert len(files) == config.num_buckets * workers
+        return sorted(tuple(sorted([r[:2], r[2:]])) for f in files for r in struct.iter_unpack("<4I", f.read_bytes()))
+
+    one = merged(MinhashDedupBuckets, 1, "one")
+    assert one and merged(SharedMinhashDedupBuckets, 3, "shared") == one
+    with pytest.raises(AssertionError, match="there are only 0 lines"):
+        merged(MinhashDedupBuckets, 3, "stock")
+    step = SharedMinhashDedupBuckets(str(sigs), str(tmp_path / "x"), config=config)
+    files = step.input_folder.list_files(subdirectory="bucket_000")
+    ranges = [step.get_worker_hash_range(files, rank, 3 * config.num_buckets) for rank in range(3)]
+    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] < ranges[1][1] == ranges[2][0] < ranges[2][1]
 
 
 def test_splitter_reproduces_spacy_words_on_fineweb_and_hard_text():
