@@ -412,7 +412,7 @@ def apply(
     executor: str = typer.Option("local", help="local, slurm or ray."),
     tasks: int = typer.Option(APPLY.tasks, help="Number of shards."),
     bucket_workers: Optional[int] = typer.Option(None, help="Tasks sharing each of MinHash's 14 bucket merges (default: "
-                                                 "one per 100 --tasks, 1 to 32; a resumed run keeps its own).",
+                                                 "one per 100 --tasks, 1 to 32; at most 99; a resumed run keeps its own).",
                                                  show_default=False),
     workers: Optional[int] = typer.Option(None, help="Tasks run at once (local: 1 unless given; Slurm, Ray: no limit unless given)."),
     order: str = typer.Option("auto", help="auto, dedup-first or score-first (auto: score first with fastText or a GPU, "

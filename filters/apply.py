@@ -798,8 +798,12 @@ def run_apply(
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if tasks < 1 or (workers is not None and workers < 1) or (bucket_workers is not None and bucket_workers < 1):
-        raise InputError("tasks, workers and bucket workers must be >= 1")
+    if tasks < 1 or (workers is not None and workers < 1):
+        raise InputError("tasks and workers must be >= 1")
+    if bucket_workers is not None and not 1 <= bucket_workers <= 99:
+        # datatrove numbers a bucket's files with two digits: from the 100th, the cluster stage reads them out of
+        # order, and another copy of a duplicate would be kept than with fewer
+        raise InputError(f"--bucket-workers must be 1 to 99, got {bucket_workers}")
     for name in ("batch_size", "max_length"):
         if options.get(name) is not None and options[name] < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")

@@ -702,6 +702,8 @@ def test_bucket_merges_shared_among_tasks_keep_and_remove_the_same_documents(fas
         assert json.loads((out / "run_config.json").read_text())["bucket_workers"] == workers
         outputs[workers] = {k: sorted(v) for k, v in read_outputs(out).items()}
     assert outputs[3] == outputs[1] and outputs[1]["removed/duplicate"]
+    with pytest.raises(InputError, match="1 to 99"):  # files named with two digits: read out of order past 99
+        run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "x"), model=str(fasttext_model), bucket_workers=100)
 
     cfg = ApplyConfig(inputs=[str(tmp_path / "in.jsonl")], output=str(tmp_path / "shared-3"), model="m", tasks=2)
     assert bucket_workers_of_run(cfg, False, None) == 3 and bucket_workers_of_run(cfg, True, None) == 1
