@@ -15,8 +15,8 @@ compares the two runs with the lowest mean loss on one evaluation set against th
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path

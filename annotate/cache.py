@@ -6,8 +6,8 @@ its prompt held and a hash of the document's text. The run key hashes everything
 version, model and generation settings. Re-running the same command replays stored answers instead of asking again;
 changing the prompt or the settings gives a new run key, so answers are never mixed across settings, and an answer
 is replayed only for the very text it was given (an edited document, or another --text-field, is asked again).
-Another --max-chars alone is the exception: an answer is replayed where its prompt held as much of the document as
-this run's would.
+Another --max-chars alone is the exception: an answer is replayed where its prompt held what this run's would (see
+`_Scorer._answers_with_other_max_chars`).
 
 Answers that arrive together are committed together: `add` opens a transaction and the commit runs on the very
 next turn of the event loop, so at most the answers of one loop turn are in flight to disk. WAL with
