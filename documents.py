@@ -337,13 +337,13 @@ def distinct_names(paths: list[str], names: list[str]) -> list[str]:
               for path, name in zip(paths, names)]
     # a name made longer can be another file's own (`apply cc new/2024-10 new/2024-18`, cc holding
     # 2024-10/part-0.jsonl), whose rows then had the same default ids: those take one more folder of their path each
-    # until no two are alike
+    # until no two files are alike (a file named twice keeps one name)
     while True:
         holders: dict[str, list[int]] = {}
         for i, name in enumerate(chosen):
             holders.setdefault(name, []).append(i)
         grown = False
-        for alike in (found for found in holders.values() if len(found) > 1):
+        for alike in (found for found in holders.values() if len({paths[i] for i in found}) > 1):
             for i in alike:
                 parts, length = paths[i].split("/"), chosen[i].count("/") + 1
                 if length < len(parts):
