@@ -443,34 +443,32 @@ def resumed_record(output: str, overwrite: bool) -> dict | None:
     return recorded if isinstance(recorded, dict) and not overwrite else None
 
 
-def split_planned_the_old_way(output: str, overwrite: bool) -> bool:
-    """Whether the run in `output` (resumed unless `overwrite`) was planned when a split input was dealt to the tasks
+def split_planned_the_old_way(recorded: dict | None) -> bool:
+    """Whether the run resumed (`resumed_record`'s) was planned when a split input was dealt to the tasks
     round-robin, and an input that could not be split was read by every task: its finished tasks hold those rows,
     so the rest must read theirs the same way."""
     from edu_filter.filters.io import CONTIGUOUS
 
-    recorded = resumed_record(output, overwrite)
     split = recorded.get("input_split") if recorded is not None else None
     return recorded is not None and not (isinstance(split, str) and split.endswith(CONTIGUOUS))
 
 
-def stage_values_of_run(output: str, overwrite: bool) -> str | None:
+def stage_values_of_run(recorded: dict | None) -> str | None:
     """How the files between stages hold values JSON has no type for: as this edu-filter does (`STAGE_VALUES`), or,
-    for a run begun by an edu-filter from before and resumed (None), as text, the way its finished tasks' files hold
-    them: read into the same kept files, the two ways typed a column as strings in some files and not in others."""
+    for a run begun by an edu-filter from before and resumed (`recorded`, None), as text, the way its finished tasks'
+    files hold them: read into the same kept files, the two ways typed a column as strings in some files and not in
+    others."""
     from edu_filter.filters.io import STAGE_VALUES
 
-    recorded = resumed_record(output, overwrite)
     return STAGE_VALUES if recorded is None else recorded.get("stage_values")
 
 
-def bucket_workers_of_run(cfg: ApplyConfig, overwrite: bool, given: int | None) -> int:
-    """Tasks sharing each MinHash bucket's merge: a resumed run's own (1 where an older edu-filter planned it), whose
-    finished bucket tasks are numbered by it; `given`, or one per 100 tasks (`bucket_workers`), for a new run. Which
-    pairs are found does not depend on it."""
+def bucket_workers_of_run(cfg: ApplyConfig, recorded: dict | None, given: int | None) -> int:
+    """Tasks sharing each MinHash bucket's merge: a resumed run's own (`recorded`; 1 where an older edu-filter
+    planned it), whose finished bucket tasks are numbered by it; `given`, or one per 100 tasks (`bucket_workers`),
+    for a new run. Which pairs are found does not depend on it."""
     from edu_filter.filters.minhash import bucket_workers
 
-    recorded = resumed_record(cfg.output, overwrite)
     if recorded is None:
         return given or bucket_workers(cfg.tasks)
     planned = recorded.get("bucket_workers", 1)
@@ -868,7 +866,8 @@ def run_apply(
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
                                        "decontamination": cfg.decontaminate})
-    split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(cfg.output, overwrite))
+    recorded = resumed_record(cfg.output, overwrite)  # read once: it lists every input file
+    split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(recorded))
     reads = (split.reads(cfg.tasks) if split else [cfg.tasks if len(files) < cfg.tasks else 1] * len(files))
     factor = reading_factor(files, reads)  # the cost grows with the tasks
     if factor != 0:
@@ -878,8 +877,8 @@ def run_apply(
                       "part of it reads it whole; so do tasks sharing a part where the parts are fewer than the "
                       f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
                       "--tasks, where reading dominates[/]", soft_wrap=True)
-    stage_values = stage_values_of_run(cfg.output, overwrite)
-    bucket_workers = bucket_workers_of_run(cfg, overwrite, bucket_workers)
+    stage_values = stage_values_of_run(recorded)
+    bucket_workers = bucket_workers_of_run(cfg, recorded, bucket_workers)
     record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
                             input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values,
                             bucket_workers=bucket_workers)

@@ -689,7 +689,7 @@ def test_bucket_merges_shared_among_tasks_keep_and_remove_the_same_documents(fas
     same duplicates removed, every task's .dups file read and deleted. A resumed run keeps the number it was planned
     with (its finished bucket tasks are numbered by it; an older edu-filter's, 1)."""
     from edu_filter.documents import InputError
-    from edu_filter.filters.apply import ApplyConfig, bucket_workers_of_run
+    from edu_filter.filters.apply import ApplyConfig, bucket_workers_of_run, resumed_record
 
     planted_input(tmp_path / "in.jsonl", n_unique=40, n_groups=6)
     outputs = {}
@@ -706,15 +706,16 @@ def test_bucket_merges_shared_among_tasks_keep_and_remove_the_same_documents(fas
         run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "x"), model=str(fasttext_model), bucket_workers=100)
 
     cfg = ApplyConfig(inputs=[str(tmp_path / "in.jsonl")], output=str(tmp_path / "shared-3"), model="m", tasks=2)
-    assert bucket_workers_of_run(cfg, False, None) == 3 and bucket_workers_of_run(cfg, True, None) == 1
+    assert bucket_workers_of_run(cfg, resumed_record(cfg.output, False), None) == 3
+    assert bucket_workers_of_run(cfg, resumed_record(cfg.output, True), None) == 1
     with pytest.raises(InputError, match="planned with 3"):
-        bucket_workers_of_run(cfg, False, 2)
+        bucket_workers_of_run(cfg, resumed_record(cfg.output, False), 2)
     record = json.loads((tmp_path / "shared-3" / "run_config.json").read_text())
     del record["bucket_workers"]  # as an older edu-filter wrote it
     (tmp_path / "shared-3" / "run_config.json").write_text(json.dumps(record))
-    assert bucket_workers_of_run(cfg, False, None) == 1
+    assert bucket_workers_of_run(cfg, resumed_record(cfg.output, False), None) == 1
     assert bucket_workers_of_run(ApplyConfig(inputs=[], output=str(tmp_path / "new"), model="m", tasks=2_000),
-                                 False, None) == 20
+                                 resumed_record(str(tmp_path / "new"), False), None) == 20
 
 
 def test_score_first_and_dedup_first_keep_the_same_documents_up_to_cluster_members(stock_classifier, tmp_path):
@@ -930,7 +931,7 @@ def test_a_run_planned_the_old_way_resumes_the_old_way(stock_classifier, tmp_pat
         yield from reading(self, data, rank, world_size)
 
     with monkeypatch.context() as m:  # as an older edu-filter planned it
-        m.setattr(apply_module, "split_planned_the_old_way", lambda output, overwrite: True)
+        m.setattr(apply_module, "split_planned_the_old_way", lambda recorded: True)
         m.setattr(io.ApplyInputReader, "run", task_1_dies_in_the_final_pass)
         with pytest.raises(Exception, match="filter"):
             run_apply(inputs, str(out), **args)
@@ -1205,17 +1206,17 @@ def test_a_run_begun_by_an_older_edu_filter_keeps_writing_the_files_between_stag
     type a column as strings in some and not in others."""
     from datatrove.data import Document
 
-    from edu_filter.filters.apply import stage_values_of_run
+    from edu_filter.filters.apply import resumed_record, stage_values_of_run
     from edu_filter.filters.io import STAGE_VALUES, RecordWriter, untagged
 
     out = tmp_path / "out"
-    assert stage_values_of_run(str(out), overwrite=False) == STAGE_VALUES  # a new run
+    assert stage_values_of_run(resumed_record(str(out), False)) == STAGE_VALUES  # a new run
     out.mkdir()
     (out / "run_config.json").write_text(json.dumps({"settings": {}, "input_files": {}}))  # as the older one wrote it
-    assert stage_values_of_run(str(out), overwrite=False) is None
-    assert stage_values_of_run(str(out), overwrite=True) == STAGE_VALUES
+    assert stage_values_of_run(resumed_record(str(out), False)) is None
+    assert stage_values_of_run(resumed_record(str(out), True)) == STAGE_VALUES
     (out / "run_config.json").write_text(json.dumps({"settings": {}, "stage_values": STAGE_VALUES}))
-    assert stage_values_of_run(str(out), overwrite=False) == STAGE_VALUES
+    assert stage_values_of_run(resumed_record(str(out), False)) == STAGE_VALUES
     doc = Document(text="t", id="a", metadata={"blob": b"\x00\xff", "ratio": math.nan})
     for tagged, expected in ((False, {"blob": "AP8=", "ratio": None}), (True, {"blob": b"\x00\xff"})):
         with RecordWriter(str(tmp_path / f"files-{tagged}"), tagged=tagged) as writer:
