@@ -32,14 +32,15 @@ from edu_filter.documents import (
 LABELS = list(SCORES)
 
 
-def read_scores(paths, field: str = "score", id_field: str = "id",
-                weighted: list | None = None) -> tuple[dict[str, float], set[str]]:
-    """{id: value} for rows whose `field` is set, and the ids of the rows that have it null. Bad rows (no id, a
-    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row. The first
-    row carrying an inclusion `weight` (`score --select active`) is appended to `weighted` as FILE:LINE."""
+def read_scores(paths, field: str = "score",
+                id_field: str = "id") -> tuple[dict[str, float], set[str], str | None]:
+    """{id: value} for rows whose `field` is set, the ids of the rows that have it null, and FILE:LINE of the first
+    row carrying an inclusion `weight` (`score --select active`), if any. Bad rows (no id, a duplicate id, a value
+    that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
     scores: dict[str, float] = {}
     where: dict[str, str] = {}
     nulls: set[str] = set()
+    weighted = None
     for path in expand_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths):
         for lineno, row in iter_raw_rows(path):
             doc_id = row.get(id_field)
@@ -49,8 +50,8 @@ def read_scores(paths, field: str = "score", id_field: str = "id",
             if doc_id in where:
                 raise DocumentError(f"{path}:{lineno}: duplicate id {doc_id!r} (first at {where[doc_id]})")
             where[doc_id] = f"{path}:{lineno}"
-            if weighted is not None and not weighted and row.get("weight") is not None:
-                weighted.append(where[doc_id])
+            if weighted is None and row.get("weight") is not None:
+                weighted = where[doc_id]
             value = row.get(field, None)
             if value is None:
                 nulls.add(doc_id)
@@ -60,7 +61,7 @@ def read_scores(paths, field: str = "score", id_field: str = "id",
             if not in_score_range(value):
                 raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r:.80}, outside the {SCORE_RANGE} scale")
             scores[doc_id] = float(value)
-    return scores, nulls
+    return scores, nulls, weighted
 
 
 def _finite(x) -> float | None:
@@ -123,9 +124,9 @@ def agreement(
         raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
     if report is not None:
         check_writable_output(report, "--report")
-    weighted: list[str] = []
-    scores_a, nulls_a = read_scores(a, field, id_field, weighted)
-    scores_b, nulls_b = read_scores(b, field_b or field, id_field, weighted)
+    scores_a, nulls_a, weighted_a = read_scores(a, field, id_field)
+    scores_b, nulls_b, weighted_b = read_scores(b, field_b or field, id_field)
+    weighted = weighted_a or weighted_b
     common = [doc_id for doc_id in scores_a if doc_id in scores_b]
     result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
     result.update(
@@ -136,7 +137,7 @@ def agreement(
         only_in_a=len(scores_a.keys() - scores_b.keys() - nulls_b),
         only_in_b=len(scores_b.keys() - scores_a.keys() - nulls_a),
         # an actively chosen sample holds the rare high scores many times their share: its agreement is not the pool's
-        warnings=[f"rows carry inclusion weights ({weighted[0]}: a sample drawn by `score --select active`); these "
+        warnings=[f"rows carry inclusion weights ({weighted}: a sample drawn by `score --select active`); these "
                   "figures are of the sample, unweighted, not of the pool it was drawn from"] if weighted else [],
     )
     if report is not None:

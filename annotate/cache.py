@@ -169,26 +169,19 @@ class AnswerCache:
     def answers(self, doc_id: str, text: str) -> list[tuple[Answer, int | None]]:
         """Stored (answer, characters of the document in its prompt) of one document for this run, in the order
         they were received; only answers to this very text (another version of the document is asked again)."""
-        if self._fresh:
-            return []
-        rows = self._db.execute(
-            "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
-            "WHERE run_key = ? AND doc_id = ? AND text_hash = ? ORDER BY attempt",
-            (self.run_key, doc_id, text_hash(text)),
-        ).fetchall()
-        return [(Answer(*row[:5]), row[5]) for row in rows]
+        return [] if self._fresh else self._stored(self.run_key, doc_id, text)
 
     def answers_with_other_max_chars(self, doc_id: str, text: str) -> list[tuple[int | None, list]]:
         """(--max-chars, `answers`) of this text in each run that differs from this one only in --max-chars."""
-        found = []
-        for key, max_chars in self.other_max_chars.items():
-            rows = self._db.execute(
-                "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
-                "WHERE run_key = ? AND doc_id = ? AND text_hash = ? ORDER BY attempt", (key, doc_id, text_hash(text)),
-            ).fetchall()
-            if rows:
-                found.append((max_chars, [(Answer(*row[:5]), row[5]) for row in rows]))
-        return found
+        found = [(max_chars, self._stored(key, doc_id, text)) for key, max_chars in self.other_max_chars.items()]
+        return [(max_chars, answers) for max_chars, answers in found if answers]
+
+    def _stored(self, key: str, doc_id: str, text: str) -> list[tuple[Answer, int | None]]:
+        rows = self._db.execute(
+            "SELECT response, prompt_tokens, completion_tokens, finish_reason, model, doc_chars FROM answers "
+            "WHERE run_key = ? AND doc_id = ? AND text_hash = ? ORDER BY attempt", (key, doc_id, text_hash(text)),
+        ).fetchall()
+        return [(Answer(*row[:5]), row[5]) for row in rows]
 
     def add(self, doc_id: str, text: str, attempt: int, answer: Answer, doc_chars: int | None = None) -> None:
         """Store one answer to the prompt built from `text`; committed on the next turn of the running event loop

@@ -48,6 +48,8 @@ from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_
 
 LABEL_FIELDS = ("input_score", "label")  # where `apply` keeps an input's own score, and the generic name
 NO_LABELS = "none"  # --label-field none: sweep without labels (an input's `label` is a topic or class id)
+SUMMARY_FOLDER = "logs/summaries"  # in an apply output: what sweep reads instead of its documents
+N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)
 
 
 def label_fields(label_field: str | None) -> tuple[str, ...]:
@@ -55,8 +57,6 @@ def label_fields(label_field: str | None) -> tuple[str, ...]:
     if label_field is None:
         return LABEL_FIELDS
     return () if label_field.lower() == NO_LABELS else (label_field,)
-SUMMARY_FOLDER = "logs/summaries"  # in an apply output: what sweep reads instead of its documents
-N_BINS = round((HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BIN)
 
 
 def is_apply_output(path: str | Path) -> bool:
