@@ -607,6 +607,8 @@ def server_config(
             raise InputError(f"--server-arg {arg}: edu-filter starts its server on a free port of its own and asks it "
                              "without a key (it listens on this node only for this run); leave it out")
         kwargs[key] = value if sep else True
+    if server_type == "vllm":  # `vllm serve` listens on every interface unless told: anyone on the network could use it
+        kwargs.setdefault("host", "127.0.0.1")
     if server_type == "script":
         if not server_script:
             raise InputError("the script backend needs server_script (a Python file serving /v1 on --port)")
@@ -635,13 +637,16 @@ async def managed_server(config) -> AsyncIterator[str]:
 
     server_class = {"vllm": VLLMServer, "sglang": SGLangServer, "custom": CustomServer}[config.server_type]
     server = server_class(config, rank=0)  # raises ImportError naming the missing package (vllm, sglang)
+    server.is_ready = _answers_models(server)
     log = server._get_log_file_path()
     output = f" (its output: {log})" if log else ""
     with _servers_die_with_this_process():
         async with server:
             try:
                 # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
-                await server._server_ready
+                # shielded: a run stopped while the server loads cancelled datatrove's own future, and its cleanup
+                # then raised CancelledError before stopping the server (left loading on the GPU until exit)
+                await asyncio.shield(server._server_ready)
             except ServerError as e:
                 raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: "
                                    f"{e}{output}")
@@ -674,6 +679,23 @@ async def managed_server(config) -> AsyncIterator[str]:
             finally:
                 if watcher is not None:
                     watcher.cancel()
+
+
+def _answers_models(server):
+    """datatrove's readiness probe, without the environment's proxy: its httpx client sent the probe of a server on
+    this node through `HTTP_PROXY` (often set on compute nodes for the hub), and the run waited 30 minutes for a
+    server that was up."""
+
+    async def is_ready() -> bool:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(trust_env=False) as session:
+                return (await session.get(f"{server.get_base_url()}/v1/models", timeout=5.0)).status_code == 200
+        except Exception:
+            return False
+
+    return is_ready
 
 
 @contextmanager

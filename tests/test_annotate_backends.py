@@ -217,8 +217,14 @@ def test_gguf_names_are_split_for_transformers(tmp_path):
         pretrained_args(str(tmp_path / "missing.gguf"))
 
 
-def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path):
-    """datatrove's CustomServer starts `python llm_test_server.py --port N`, waits for /v1/models, we drive it."""
+def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path, monkeypatch):
+    """datatrove's CustomServer starts `python llm_test_server.py --port N`, waits for /v1/models, we drive it. A
+    proxy in the environment (compute nodes often set one for the hub) is not asked for the server on this node:
+    datatrove's probe went through it, and the run waited 30 minutes for a server that was up."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
     src = _write(tmp_path / "in.jsonl", [
         {"id": "a", "text": "x " + directive("a", score=4, format="bold")},
         {"id": "b", "text": "x " + directive("b", score=1, fail500=1)},
@@ -286,6 +292,40 @@ def test_a_stopped_or_killed_run_stops_the_server_it_started(tmp_path, stop):
                                        capture_output=True, text=True).stdout
 
 
+def test_a_run_stopped_while_its_server_loads_stops_the_server(tmp_path):
+    """Ctrl-C or a SIGTERM while vLLM loads (minutes: when people stop a run) cancelled datatrove's readiness future,
+    whose cleanup then raised before stopping the server: a caller that goes on (a driver script) left it loading on
+    the GPU until its own exit."""
+    import asyncio
+    import subprocess
+    import time
+
+    from edu_filter.annotate.backends import managed_server
+
+    script = tmp_path / "loading_server.py"
+    script.write_text("import time\ntime.sleep(300)\n")  # never answers /v1/models
+
+    def server_pids() -> list[str]:
+        return subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+
+    async def stopped_while_loading() -> None:
+        async def run() -> None:
+            async with managed_server(server_config("script", "m", server_script=str(script))):
+                raise AssertionError("the server never answers")
+
+        task = asyncio.create_task(run())
+        deadline = time.monotonic() + 60
+        while not server_pids():
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(stopped_while_loading())
+    assert server_pids() == []
+
+
 def test_a_server_that_exits_mid_run_stops_the_run_at_once_naming_its_output(tmp_path):
     """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
     minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so and
@@ -322,7 +362,9 @@ def test_server_config_builds_the_vllm_command_settings():
                            server_args=["gpu-memory-utilization=0.9", "--enforce-eager"])
     assert config.server_type == "vllm" and config.model_name_or_path == "meta-llama/Meta-Llama-3-70B-Instruct"
     assert (config.tp, config.model_max_context, config.use_chat) == (4, 4096, True)
-    assert config.model_kwargs == {"gpu-memory-utilization": "0.9", "enforce-eager": True}
+    # on this node only (vLLM listens on every interface by default), unless told otherwise
+    assert config.model_kwargs == {"gpu-memory-utilization": "0.9", "enforce-eager": True, "host": "127.0.0.1"}
+    assert server_config("vllm", "m", server_args=["host=0.0.0.0"]).model_kwargs == {"host": "0.0.0.0"}
     script = server_config("script", "m", api="completion", server_script="serve.py")
     assert script.server_type == "custom" and script.model_kwargs == {"server_script": "serve.py"}
     assert not script.use_chat
