@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -141,15 +142,76 @@ class EduClassifierScorer(PipelineStep):
             yield doc
 
 
+# A fast tokenizer holds ~80 bytes per character of what it encodes at once (alignments, every token): a 1 GB document
+# (a book, a dump) needed ~75 GB in one task, and the task died the same way on every rerun. Long texts are counted in
+# pieces, and each call to the tokenizer gets at most COUNT_BATCH_CHARS.
+COUNT_PIECE_CHARS = 1 << 20
+COUNT_BATCH_CHARS = 1 << 23
+
+
+# Where every pre-tokenizer (WordPiece, byte-level BPE as GPT-2's and Llama 3's, Metaspace) starts a new token: before
+# a space that a non-space follows (the run of whitespace before it ends a token of its own), else before whitespace
+# that follows a letter or digit (punctuation may take the newlines after it into its token).
+SAFE_CUTS = (re.compile(r" (?=\S)"), re.compile(r"(?<=[^\W_])\s"))
+
+
+def count_pieces(text: str) -> list[str]:
+    """`text` in pieces of at most COUNT_PIECE_CHARS, each cut where a new token starts anyway (SAFE_CUTS), so that
+    the pieces' counts add up to the text's. A stretch with no such place (a base64 blob) is cut where it must, one
+    token off at most."""
+    pieces, start, size = [], 0, COUNT_PIECE_CHARS
+    while len(text) - start > size:
+        cut = start + size
+        for safe in SAFE_CUTS:
+            # the last such place, looked for near the end first: usually within a few hundred characters
+            for tail in (4096, size):
+                low = max(start + 1, start + size - tail)
+                found = None
+                for found in safe.finditer(text, low, start + size):
+                    pass
+                if found is not None:
+                    cut = found.start()
+                    break
+            if cut < start + size:
+                break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
-    """Tokens per text without special tokens; a fast tokenizer's `encode_batch_fast` skips the offsets nobody
-    reads here (about a quarter cheaper, and token counting is a large share of a fastText or GPU run's CPU)."""
+    """Tokens per text without special tokens, long texts counted in pieces (COUNT_PIECE_CHARS). A fast tokenizer's
+    `encode_batch_fast` skips the offsets nobody reads here (about a quarter cheaper, and token counting is a large
+    share of a fastText or GPU run's CPU)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
         backend.no_truncation()  # a saved tokenizer.json may pad or truncate; counting needs neither
         backend.no_padding()
-        return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+        def encode(batch: list[str]) -> list[int]:
+            return [len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+    else:
+        def encode(batch: list[str]) -> list[int]:
+            return [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+
+    counts = [0] * len(texts)
+    batch: list[str] = []
+    owners: list[int] = []
+    chars = 0
+    for i, text in enumerate(texts):
+        for piece in count_pieces(text) if len(text) > COUNT_PIECE_CHARS else (text,):
+            if batch and chars + len(piece) > COUNT_BATCH_CHARS:
+                for owner, n in zip(owners, encode(batch)):
+                    counts[owner] += n
+                batch, owners, chars = [], [], 0
+            batch.append(piece)
+            owners.append(i)
+            chars += len(piece)
+    if batch:
+        for owner, n in zip(owners, encode(batch)):
+            counts[owner] += n
+    return counts
 
 
 class CountTokens(PipelineStep):

@@ -603,14 +603,35 @@ def test_apply_rejects_bad_arguments_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
-def test_count_tokens_matches_the_tokenizer(minilm_path):
+def test_count_tokens_matches_the_tokenizer_also_counting_long_texts_in_pieces(minilm_path, monkeypatch):
+    """A long text is counted in pieces (the tokenizer held ~80 bytes a character: a 1 GB document took ~75 GB), and
+    the pieces add up to the whole text's count, for WordPiece and byte-level BPE alike."""
+    import orjson
     from transformers import AutoTokenizer
 
+    from edu_filter.ablate.tokenizer import train_tokenizer
+    from edu_filter.filters import scoring
     from edu_filter.filters.scoring import count_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    texts = ["An educational text about photosynthesis.", "", "naïve café — 42 tokens?\n\nyes"]
-    assert count_tokens(tokenizer, texts) == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    def whole(tokenizer, texts):
+        return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    real = [orjson.loads(line)["text"] for path in (data / "web/fineweb_edu_llama3_val.jsonl",
+                                                    data / "code/python_edu_labels.jsonl")
+            for line in path.read_bytes().splitlines()[:40]]
+    texts = ["An educational text about photosynthesis.", "", "naïve café — 42 tokens?\n\nyes", *real,
+             "   leading spaces,  double  spaces\n\n\tand tabs " * 40]
+    minilm, bpe = AutoTokenizer.from_pretrained(minilm_path), train_tokenizer(real, vocab_size=600)
+    expected = {name: whole(tokenizer, texts) for name, tokenizer in (("minilm", minilm), ("bpe", bpe))}
+    monkeypatch.setattr(scoring, "COUNT_PIECE_CHARS", 300)
+    monkeypatch.setattr(scoring, "COUNT_BATCH_CHARS", 1000)
+    assert sum(len(scoring.count_pieces(t)) > 1 for t in texts) > 60  # most were cut
+    assert all("".join(scoring.count_pieces(t)) == t for t in texts)
+    assert count_tokens(minilm, texts) == expected["minilm"]
+    assert count_tokens(bpe, texts) == expected["bpe"]
+    blob = "x" * 1000  # no space to cut at: a token split in two at most at each cut
+    assert 0 <= count_tokens(bpe, [blob])[0] - whole(bpe, [blob])[0] <= len(scoring.count_pieces(blob)) - 1
 
 
 def test_kept_parquet_routes_rows_that_do_not_fit_its_schema_to_failed(tmp_path):
