@@ -437,6 +437,9 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
 
 
 PARQUET_BATCH_ROWS = 1024  # rows converted to Python at a time: a FineWeb shard is GBs, a batch a few MB
+# a column chunk read through a buffer of this size, a page at a time: unbuffered, pyarrow read the chunk whole (a row
+# group of a million rows, pandas' and pyarrow's default, is GBs of text)
+PARQUET_BUFFER_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -447,7 +450,7 @@ def _parquet_file(url: str):
     import pyarrow.parquet as pq
 
     if "://" not in url:
-        with pq.ParquetFile(url, pre_buffer=False) as parquet:
+        with pq.ParquetFile(url, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES) as parquet:
             yield parquet
         return
     import fsspec
@@ -461,7 +464,7 @@ def open_parquet(fh):
     holds every row group read until the reader is done (a whole shard, for a full pass)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(fh, pre_buffer=False)
+    return pq.ParquetFile(fh, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
 
 
 def _read_errors(url: str) -> tuple[type[BaseException], ...]:

@@ -102,6 +102,27 @@ def test_a_parquet_sample_reads_only_the_row_groups_holding_it(tmp_path):
     assert full_bytes >= 0.9 * size and sampled_bytes < 0.1 * size, (sampled_bytes, full_bytes, size)
 
 
+def test_a_parquet_row_group_is_read_a_page_at_a_time_not_whole(tmp_path):
+    """pyarrow read a row group's text column chunk whole (a million-row group is GBs): with a read buffer it reads
+    it a page at a time. Peak memory reading an ~80 MB row group stays near that of a one-row file."""
+    import os
+
+    n = 40_000
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n)], "text": [os.urandom(1000).hex() for _ in range(n)]}),
+                   tmp_path / "one-group.parquet", row_group_size=n, compression="none")
+    pq.write_table(pa.table({"id": ["d0"], "text": ["x"]}), tmp_path / "one-row.parquet")
+    read = "import sys\nfrom edu_filter.documents import iter_documents\nsum(1 for _ in iter_documents([sys.argv[1]]))\n"
+    peaks = {}
+    for name in ("one-row", "one-group"):
+        script = tmp_path / "read.py"
+        script.write_text(read)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, sys.executable, str(script),
+                              str(tmp_path / f"{name}.parquet")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[name] = int(run.stdout.split()[-1]) / 1024
+    assert peaks["one-group"] - peaks["one-row"] < 40, peaks  # MB; the column chunk is 80
+
+
 def test_an_input_named_twice_is_sampled_as_reading_it_gives_it(tmp_path):
     """Twice the rows, numbered (and given default ids) as reading gives them: the second copy's ids repeat the
     first's, which `score` refuses as it refuses them unsampled."""
