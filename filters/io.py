@@ -64,6 +64,29 @@ PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count"
 # own text and id in every record written, or that datatrove's writers read as attachments (`media`)
 RECORD_OWNED = ("text", "id", "media")
 RAW_PREVIEW_CHARS = 2000
+# A JSONL line longer is no document (a file without line breaks, a JSON array on one line): it is failed as
+# `line_too_long`, read past in pieces, with only its start kept. Read whole, a 10 GB one took ~70 GB in the task,
+# on every attempt.
+MAX_LINE_BYTES = 64 << 20
+LINE_PIECE_BYTES = 1 << 20
+
+
+def read_line(fh, limit: int | None = None) -> tuple[bytes, int, bool]:
+    """The next line of `fh` (b"" at the end), its length in bytes, and whether it is longer than `limit`
+    (MAX_LINE_BYTES): such a line is given as its first bytes only, the rest read past a piece at a time."""
+    limit = MAX_LINE_BYTES if limit is None else limit
+    line = fh.readline(limit + 1)
+    if len(line) <= limit:
+        return line, len(line), False
+    length, head, ended = len(line), line[:4 * RAW_PREVIEW_CHARS], line.endswith(b"\n")
+    del line
+    while not ended:
+        piece = fh.readline(LINE_PIECE_BYTES)
+        if not piece:
+            break
+        length += len(piece)
+        ended = piece.endswith(b"\n")
+    return head, length, True
 # containers nested in a row at most: orjson writes 254 levels (it reads 1024), and Parquet written with 50 nested
 # lists cannot be read back (pyarrow's limit of 100 schema levels): a deeper row would fail its task on every resume
 MAX_NESTING = 32
@@ -430,32 +453,32 @@ class ApplyInputReader(BaseReader):
                 doc.metadata[self.text_key + "_original"] = repr(text)[:RAW_PREVIEW_CHARS]
         return doc
 
-    def _failed(self, reason: str, source: str, error: str, raw: bytes) -> Document:
+    def _failed(self, reason: str, source: str, error: str, raw: bytes, whole: bool = True) -> Document:
+        """A failed row; `raw`: its bytes, kept in raw_base64 where `whole`."""
         source = printable_name(source)
-        return Document(
-            text="",
-            id=source,
-            metadata={
-                FAILURE_KEY: reason,
-                "input_error": f"{source}: {error}",
-                "input_source": source,
-                "raw_preview": raw[:4 * RAW_PREVIEW_CHARS].decode("utf-8", "replace")[:RAW_PREVIEW_CHARS],
-                "raw_base64": base64.b64encode(raw).decode("ascii"),
-            },
-        )
+        metadata = {FAILURE_KEY: reason, "input_error": f"{source}: {error}", "input_source": source,
+                    "raw_preview": raw[:4 * RAW_PREVIEW_CHARS].decode("utf-8", "replace")[:RAW_PREVIEW_CHARS]}
+        if whole:
+            metadata["raw_base64"] = base64.b64encode(raw).decode("ascii")
+        return Document(text="", id=source, metadata=metadata)
 
     def _jsonl_lines(self, raw, label: str, keep, progress: "TaskProgress", ranges: list | None):
         """(source, line) of the non-blank lines to read, `keep` choosing among them: all of the file (FILE:LINE), or
         those starting in the byte `ranges` ((None, first byte, bytes)), named FILE@BYTE."""
         if ranges is None:
             fh = gzip.GzipFile(fileobj=raw) if label.lower().endswith(".gz") else raw
-            for lineno, line_bytes in enumerate(fh, start=1):
+            lineno = 0
+            while True:
+                line_bytes, length, too_long = read_line(fh)
+                if not length:
+                    break
+                lineno += 1
                 if lineno == 1:  # a file saved by Windows tools starts with a BOM
                     line_bytes = line_bytes.removeprefix(UTF8_BOM)
                 self._row_reached = lineno
                 progress.at_bytes(raw.tell())
-                if line_bytes.strip() and keep(lineno):
-                    yield f"{label}:{lineno}", line_bytes
+                if (too_long or line_bytes.strip()) and keep(lineno):
+                    yield f"{label}:{lineno}", line_bytes, length if too_long else None
             if fh is not raw and raw.tell() == 0:  # gzip reads nothing as no rows; the smallest gzip is 20 bytes
                 raise EOFError("an empty file, not gzip (a download or copy cut short?)")
             return
@@ -463,25 +486,30 @@ class ApplyInputReader(BaseReader):
         for _, start, size in ranges:
             raw.seek(max(0, start - 1))
             if start:  # the rest of the line holding the byte before the range belongs to the range before
-                raw.readline()
+                read_line(raw)
             position = raw.tell()
             while position < start + size:
-                line_bytes = raw.readline()
-                if not line_bytes:
+                line_bytes, length, too_long = read_line(raw)
+                if not length:
                     break
                 self._row_reached, line_start = position, position
-                position += len(line_bytes)
+                position += length
                 if line_start == 0:
                     line_bytes = line_bytes.removeprefix(UTF8_BOM)
-                if line_bytes.strip() and keep(line_start):
-                    yield f"{label}@{line_start}", line_bytes
+                if (too_long or line_bytes.strip()) and keep(line_start):
+                    yield f"{label}@{line_start}", line_bytes, length if too_long else None
                 progress.at_bytes(done + min(size, position - start))
             done += size
 
     def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
         with folder.open(name, "rb") as raw:
-            for source, line_bytes in self._jsonl_lines(raw, label, keep, progress, ranges):
+            for source, line_bytes, too_long in self._jsonl_lines(raw, label, keep, progress, ranges):
+                if too_long:
+                    yield self._failed("line_too_long", source, f"a line of {too_long:,} bytes, over the "
+                                       f"{MAX_LINE_BYTES:,} a document may take (a file without line breaks, or a "
+                                       "JSON array?); its start is in raw_preview", line_bytes, whole=False)
+                    continue
                 try:
                     line = line_bytes.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -1090,11 +1118,16 @@ def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
     objects (latin-1, pretty-printed JSON) is not read to its end."""
     with get_datafolder(folder).open(name, "rb") as raw:
         fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
-        read = 0
-        for lineno, line in enumerate(fh, start=1):
-            if (max_lines is not None and lineno > max_lines) or (max_bytes is not None and read > max_bytes):
+        read, lineno = 0, 0
+        while True:
+            line, length, too_long = read_line(fh)
+            lineno += 1
+            if not length or (max_lines is not None and lineno > max_lines) or (
+                    max_bytes is not None and read > max_bytes):
                 return
-            read += len(line)
+            read += length
+            if too_long:
+                continue
             if lineno == 1:
                 line = line.removeprefix(UTF8_BOM)
             try:

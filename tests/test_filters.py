@@ -39,6 +39,40 @@ def test_the_apply_reader_holds_a_batch_of_a_parquet_shard_not_the_shard(tmp_pat
     assert count == n and peak < 0.15 * shard.stat().st_size, (peak, shard.stat().st_size)
 
 
+def test_a_jsonl_file_without_line_breaks_is_read_past_in_pieces_not_held(tmp_path):
+    """A JSON array on one line (or a file whose newlines were lost) is one line of GBs: it was held several times
+    over (bytes, text, base64 in the failed record), and the task died for memory on every attempt. Peak memory now
+    stays near MAX_LINE_BYTES whatever the line's size; the rows after it are read."""
+    import subprocess
+    import sys
+
+    from edu_filter.filters.io import MAX_LINE_BYTES
+
+    size = int(2.5 * MAX_LINE_BYTES)
+    array = tmp_path / "array.jsonl"
+    with open(array, "wb") as fh:
+        fh.write(b"[")
+        row = b'{"text": "' + b"a document " * 100 + b'"},'
+        for _ in range(size // len(row)):
+            fh.write(row)
+        fh.write(b'{"text": "last"}]\n{"id": "after", "text": "the next line"}\n')
+    script = ("import resource, sys\nfrom edu_filter.filters.io import ApplyInputReader, expand_inputs\n"
+              "docs = [(d.id, d.metadata.get('_input_failure')) for d in "
+              "ApplyInputReader(expand_inputs([sys.argv[1]])).run()]\n"
+              "print(docs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"id": "after", "text": "the next line"}\n')
+    read = {}
+    for path in (small, array):
+        res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        docs, peak_mb = res.stdout.rsplit(" ", 1)
+        read[path.name] = docs, int(peak_mb)
+    assert read["array.jsonl"][0] == "[('array.jsonl:1', 'line_too_long'), ('after', None)]", read
+    # the line alone is 2.5 times MAX_LINE_BYTES, and was held ~6 times over
+    assert read["array.jsonl"][1] - read["small.jsonl"][1] < 2 * MAX_LINE_BYTES / 2**20, read
+
+
 def read_all(files, world_size):
     out = []
     for rank in range(world_size):
@@ -59,8 +93,12 @@ def test_row_sharding_splits_one_file_across_tasks_without_overlap(tmp_path):
 def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_path, monkeypatch):
     """One big JSONL file and `--tasks 64`: every task read the whole file (row modulo), 64 times the reading. Tasks
     now read byte ranges of it; a line belongs to the range it starts in, wherever the cuts fall (mid-line, on a
-    newline, in a blank line), and an id-less row is named by its byte offset."""
+    newline, in a blank line), and an id-less row is named by its byte offset. A line over MAX_LINE_BYTES is failed
+    as line_too_long, read past in pieces wherever the cuts fall in it."""
     import edu_filter.filters.io as io
+
+    monkeypatch.setattr(io, "MAX_LINE_BYTES", 100)  # the long line below is 163 bytes
+    monkeypatch.setattr(io, "LINE_PIECE_BYTES", 7)
 
     lines = [b'\xef\xbb\xbf{"text": "bom first"}\n', b"\n", b'{"id": "a", "text": "x"}\r\n', b"{broken\n",
              b'{"text": "' + b"long " * 30 + b'"}\n', b"   \n", b'{"id": "b", "text": "y"}\n', b'{"text": "no newline"}']
@@ -84,6 +122,10 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
             first = next(d for d in read if d.id == named[0])
             assert first.text == "bom first" and FAILURE_KEY not in first.metadata
             assert next(d for d in read if d.id == named[3]).metadata[FAILURE_KEY] == "invalid_json"
+            too_long = next(d for d in read if d.id == named[4]).metadata
+            assert too_long[FAILURE_KEY] == "line_too_long" and "a line of 163 bytes" in too_long["input_error"]
+            preview = too_long["raw_preview"]
+            assert len(preview) > 100 and lines[4].decode().startswith(preview) and "raw_base64" not in too_long
     monkeypatch.setattr(io, "JSONL_RANGE_MIN_BYTES", 16)
     units = io.input_split(files, 2)  # planned; then a line appended before the run records the file's size
     path.write_bytes(path.read_bytes() + b'\n{"id": "late", "text": "appended"}\n')
