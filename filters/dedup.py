@@ -7,6 +7,7 @@ found none of our planted duplicates, so both are refused here rather than left 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -210,16 +211,31 @@ def _eval_pairs(path: str) -> list[tuple[str | None, str]]:
     pairs = []
     for lineno, row in iter_raw_rows(path):
         if "canonical_solution" in row:
-            pairs.append((row.get("prompt"), row["canonical_solution"]))
+            query, answer = ("prompt", "canonical_solution")
         elif "label" in row and "query" in row:
-            pairs.append((row["query"], row["label"]))
+            query, answer = ("query", "label")
         elif isinstance(row.get("text"), str):
-            pairs.append((None, row["text"]))
+            query, answer = (None, "text")
         else:
             raise DocumentError(
                 f"{path}:{lineno}: eval rows need prompt+canonical_solution, query+label or text; got {sorted(row)}"
             )
+        pairs.append((None if query is None else _eval_text(row.get(query), path, lineno, query),
+                      _eval_text(row[answer], path, lineno, answer)))
     return pairs
+
+
+def _eval_text(value, path: str, lineno: int, field: str) -> str:
+    """An eval field as text: a number or a boolean (a class label: 2, true) as written, a list of strings (the
+    choices, the accepted answers) a line each, null as nothing."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float, bool)):
+        return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    raise DocumentError(f"{path}:{lineno}: field {field!r} is a {type(value).__name__}, not text, a number or a list "
+                        "of strings")
 
 
 def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDecontConfig | None = None) -> dict:

@@ -540,6 +540,23 @@ def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
     assert [d.metadata.get("contaminated_task") for d in flagged[:2]] == ["test", "test-2"]
 
 
+def test_eval_sets_with_class_labels_null_solutions_or_answer_lists_are_indexed(tmp_path):
+    """Integer or boolean labels (classification sets), a null canonical_solution and lists of accepted answers
+    crashed the run with a traceback; the queries are what makes them contaminating. A field of another kind is one
+    clear error naming its line."""
+    web = read_documents([DATA / "web" / "fineweb_edu_llama3_val.jsonl"], limit=4)
+    rows = [{"query": web[0]["text"], "label": 2}, {"query": web[1]["text"], "label": True},
+            {"prompt": web[2]["text"], "canonical_solution": None},
+            {"query": "Which of these?", "label": [web[3]["text"], "B"]}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert build_decont_index([str(tmp_path / "mixed.jsonl")], str(tmp_path / "index"))["mixed"] > 0
+    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    assert all(decont.filter(Document(text=d["text"], id=d["id"])) == (False, "contaminated") for d in web)
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"query": "q", "label": {"a": 1}}) + "\n")
+    with pytest.raises(DocumentError, match=r"odd.jsonl:1: field 'label' is a dict"):
+        build_decont_index([str(tmp_path / "odd.jsonl")], str(tmp_path / "index2"))
+
+
 def histogram(scores) -> dict[int, int]:
     bins, counts = np.unique(score_bins(scores), return_counts=True)
     return dict(zip(bins.tolist(), counts.tolist()))
