@@ -151,25 +151,37 @@ def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
                          f"{'it' if len(named) == 1 else 'them'} out")
 
 
+def readable_tokens(config: dict, tokenizer) -> int:
+    """The most tokens a classifier reads per sequence (its config.json, its tokenizer): its positions, less the two
+    of RoBERTa-family encoders offset by the padding index (514 for 512 tokens, which their tokenizers say); a
+    tokenizer's smaller advice (MiniLM's says 128 of 512) is not a limit."""
+    positions = (config.get("encoder_config") or config).get("max_position_embeddings")
+    limit = positions or tokenizer.model_max_length
+    if positions and tokenizer.model_max_length < positions <= tokenizer.model_max_length + 2:
+        limit = tokenizer.model_max_length
+    return limit
+
+
 def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
-    """`--max-length` against what a local transformer classifier reads, before any work: more tokens than its
-    positions failed every scoring task with a tensor-size error, fewer than its special tokens with another."""
-    if max_length is None or not Path(str(model)).is_dir() or (Path(str(model)) / FASTTEXT_CONFIG).exists():
+    """`--max-length` against what a transformer classifier (a folder, or a hub id through the hub cache) reads,
+    before any work: more tokens than its positions failed every scoring task with a tensor-size error, fewer than
+    its special tokens with another."""
+    if max_length is None:
+        return
+    try:
+        folder = resolve_model_dir(model)
+    except ValueError:  # loading it says why
+        return
+    if (folder / FASTTEXT_CONFIG).exists():
         return
     from transformers import AutoTokenizer
 
-    folder = Path(str(model))
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    positions = (config.get("encoder_config") or config).get("max_position_embeddings")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.get("model_type") == "edu_classifier")
     except Exception as e:  # noqa: BLE001 - loading it says why, with the model
         raise InputError(f"{model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
-    # the positions, less the two RoBERTa-family encoders offset by the padding index (514 for 512 tokens, which
-    # their tokenizers say); a tokenizer's smaller advice (MiniLM's says 128 of 512) is not a limit
-    limit = positions or tokenizer.model_max_length
-    if positions and tokenizer.model_max_length < positions <= tokenizer.model_max_length + 2:
-        limit = tokenizer.model_max_length
+    limit = readable_tokens(config, tokenizer)
     special = SequenceFramer(prepare_tokenizer(tokenizer)).num_special
     if not special < max_length <= limit:
         raise InputError(f"--max-length {max_length}: {model} reads {special + 1} to {limit} tokens per sequence "
@@ -378,6 +390,9 @@ class EduScorer(Scorer):
             saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length)
         if model.config.num_labels != 1:
             raise ValueError(f"{folder}: expected a regression model with one logit, got {model.config.num_labels}")
+        if max_length is not None and max_length > readable_tokens(config, tokenizer):
+            raise ValueError(f"max_length {max_length}: {path_or_hub_id} reads at most "
+                             f"{readable_tokens(config, tokenizer)} tokens per sequence")
         if int8:
             model = quantize_int8(model.eval())
         return cls(
@@ -462,10 +477,10 @@ class EduScorer(Scorer):
 
     def _sequences(self, texts: list[str], chunks_per_doc: int):
         """Framed sequences of up to `chunks_per_doc` consecutive chunks per text, with each sequence's document and
-        content-token count, and which texts were longer than one sequence."""
+        content-token count, and which texts were longer than those chunks (the model read only their start)."""
         content_len = self.max_length - self.framer.num_special
-        token_ids = self._content_ids(texts, content_len * chunks_per_doc)
-        truncated = np.array([len(ids) > content_len for ids in token_ids], dtype=bool)
+        token_ids = self._content_ids(texts, content_len * chunks_per_doc)  # exact past that length: +16 tokens
+        truncated = np.array([len(ids) > content_len * chunks_per_doc for ids in token_ids], dtype=bool)
         sequences, owner, weight = [], [], []
         for doc, ids in enumerate(token_ids):
             starts = range(0, max(len(ids), 1), content_len)

@@ -73,12 +73,44 @@ def test_bfloat16_runs_pool_and_apply_the_head_in_float32(web_model, web_texts):
     torch.testing.assert_close(logits, head)
 
 
-def test_truncated_marks_documents_longer_than_max_length(web_model):
+def test_truncated_marks_documents_longer_than_what_the_model_reads(web_model):
+    """Longer than max_length tokens with --long-docs truncate; with the chunk modes, longer than max_chunks chunks
+    (a document of two chunks is read whole: apply's `truncated` stat counted it)."""
     scorer = load_scorer(web_model)
     short, long = "Photosynthesis converts light into chemical energy.", "The cell divides. " * 400
-    _, truncated = scorer.predict([short, long])
-    assert truncated.tolist() == [False, True]
+    content = scorer.max_length - scorer.framer.num_special
+    two_chunks = "The cell divides. " * (content * 2 // 5)  # ~1.6 chunks of 4 tokens a sentence
+    assert content < len(scorer.tokenizer(two_chunks, add_special_tokens=False)["input_ids"]) <= 2 * content
+    _, truncated = scorer.predict([short, long, two_chunks])
+    assert truncated.tolist() == [False, True, True]
+    scorer.max_chunks = 2
+    for mode in ("chunk-mean", "chunk-max"):
+        assert scorer.predict([short, long, two_chunks], long_docs=mode)[1].tolist() == [False, True, False]
     assert scorer.max_length == json.loads((Path(web_model) / "config.json").read_text())["max_seq_length"]
+
+
+def test_a_max_length_past_the_models_positions_is_refused_at_load_also_for_a_hub_model(tmp_path, minilm_path,
+                                                                                         monkeypatch):
+    """A hub classifier's --max-length was never checked (apply had pinned it to ORG/NAME@COMMIT, never a folder):
+    every scoring task then failed with a bare tensor-size error. The hub cache here is laid out as huggingface_hub
+    lays it out, read offline."""
+    import huggingface_hub
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from edu_filter.classifiers.scorer import check_max_length
+    from edu_filter.documents import InputError
+
+    commit = "3" * 40
+    snapshot = tmp_path / "hub" / "models--edu--stock" / "snapshots" / commit
+    BertForSequenceClassification.from_pretrained(minilm_path, num_labels=1).save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(InputError, match="--max-length 1024: edu/stock@3+ reads 3 to 512 tokens"):
+        check_max_length(f"edu/stock@{commit}", 1024)
+    check_max_length(f"edu/stock@{commit}", 512)
+    with pytest.raises(ValueError, match="max_length 1024: .* reads at most 512 tokens per sequence"):
+        load_scorer(snapshot, max_length=1024)
+    assert load_scorer(snapshot, max_length=256).max_length == 256
 
 
 def test_long_document_strategies(web_model):
