@@ -866,8 +866,10 @@ def dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping |
         f"# {name}",
         "",
         f"{kept['documents']:,} of {stats['in']['documents']:,} documents ({100 * kept['tokens'] / t_in:.1f}% of the "
-        f"tokens) kept by edu-filter, which scored every document with an educational-value classifier and kept "
-        f"{rule}" + (", near-duplicates removed" if settings.get("dedup") else "") + ".",
+        f"tokens) kept by edu-filter: documents scored with an educational-value classifier, {rule} kept"
+        + "".join(f", {step} removed" for step, on in (("exact duplicates", settings.get("exact_dedup")),
+                                                      ("near-duplicates", settings.get("dedup")),
+                                                      ("passages of evaluation sets", decont)) if on) + ".",
         "",
         "## Counts",
         "",

@@ -375,6 +375,9 @@ def test_dataset_card_names_per_document_licences(tmp_path):
     card = DatasetCard.load(out / "README.md")
     assert card.data.license == "other"
     assert "per-document `license` field: mit (2), apache-2.0 (1)" in card.text
+    # what was done, not "scored every document" (duplicates and failed rows of a dedup-first run never are)
+    assert ("kept by edu-filter: documents scored with an educational-value classifier, `int_score >= 4` kept, "
+            "exact duplicates removed, near-duplicates removed.") in " ".join(card.text.split())
     provenance.write_dataset_card(out, stats, source_license="apache-2.0", repo_id="me/code-edu")
     card = DatasetCard.load(out / "README.md")
     assert card.data.license == "apache-2.0" and 'load_dataset("me/code-edu", split="train")' in card.text
