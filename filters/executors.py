@@ -35,6 +35,7 @@ from typing import NamedTuple
 import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
+from rich.markup import escape
 
 from edu_filter.documents import DocumentError, InputError, RunError, write_json_whole
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
@@ -49,6 +50,9 @@ KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone 
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
 SQUEUE_MAX_INTERVAL_S = 30.0  # --wait asks squeue at least this often once it has followed a chain for minutes
+# how long --wait follows a chain by its files alone while Slurm does not answer (a controller restarted, failing over
+# or upgraded): the jobs run on meanwhile, and the files tell when the chain is done
+SLURM_SILENT_MAX_S = 3600.0
 PROGRESS_MAX_INTERVAL_S = 10.0  # --wait reads the running stage's progress files at least this often
 # squeue reasons that never resolve by waiting
 HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstraints", "PartitionNodeLimit",
@@ -61,6 +65,14 @@ QUEUED_STATES = ("PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQU
 PER_JOB_LIMITS = {"WallDuration": "--slurm-time (and --slurm-cluster-time)", "Cpu": "--slurm-cpus",
                   "Mem": "--slurm-mem-gb", "GRES": "--slurm-gpus", "TRES": "--slurm-cpus, --slurm-mem-gb or "
                   "--slurm-gpus", "Node": "the nodes each job asks (--slurm-arg)"}
+
+
+def held(job: dict) -> bool:
+    """A job Slurm holds: it never starts until released (`scontrol release`), and the chain waits on it. A job
+    whose launch failed on a node is requeued held ("launch failed requeued held"); a user or an admin may hold one
+    (JobHeldUser, JobHeldAdmin)."""
+    return job["state"] in ("PENDING", "REQUEUE_HOLD") and (
+        job["state"] == "REQUEUE_HOLD" or "held" in job["reason"].lower())
 
 
 def never_starts(reason: str) -> str | None:
@@ -1419,13 +1431,16 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
         console.print(f"Slurm scripts written; submit with [bold]{submit}[/]")
         return None
     log = Path(out) / "logs" / "apply.log"
+    logged_before = log.stat().st_size if log.exists() else 0  # apply.log holds every earlier run's lines too
     try:
         with logs_to_file(log, verbose=False), outside_the_allocation():
             executors[-1][1].run()  # launches the whole dependency chain through sbatch
     except subprocess.CalledProcessError as e:
         stage = next((name for name, ex in executors if ex.__dict__.get("submitting")), executors[-1][0])
         cancelled = cancel_chain(out)
-        said = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("sbatch:")]
+        with log.open("rb") as fh:
+            fh.seek(logged_before)
+            said = [ln for ln in fh.read().decode(errors="replace").splitlines() if ln.startswith("sbatch:")]
         raise StageFailed(f"sbatch refused stage {stage}: {said[-1] if said else e}"
                           + (f"; cancelled the {len(cancelled)} jobs submitted before it" if cancelled else "")
                           + submit_limit_hint(said, executors)) from None
@@ -1524,12 +1539,15 @@ def gone_failed(waited: float, ended: set[str] | None) -> bool:
 
 
 def wait_for_chain(out: str, console) -> dict:
-    """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed."""
+    """Follows a submitted chain until it ends; a failed or hopeless stage cancels the rest and raises StageFailed.
+    While Slurm does not answer, it follows the chain's files alone, for up to SLURM_SILENT_MAX_S."""
     from edu_filter.filters.report import stats_table
 
     stages = load_stage_list(out)
     logs = f"{out}/logs"
     gone_since: dict[str, float] = {}
+    told_held: set[str] = set()
+    silent_since: float | None = None
     started, asked, read, finished_before = time.monotonic(), -math.inf, -math.inf, -1
     with ProgressDisplay(console, stages, logs) as display:
         while True:
@@ -1542,7 +1560,23 @@ def wait_for_chain(out: str, console) -> dict:
             if now - asked < squeue_interval(now - started) and finished == finished_before:
                 time.sleep(POLL_S)
                 continue
-            jobs, asked, finished_before = queued_jobs(out), now, finished  # at once too when a stage has finished
+            asked, finished_before = now, finished  # squeue at once too when a stage has finished
+            try:
+                jobs = queued_jobs(out)
+            except RunError as e:
+                if silent_since is None:
+                    silent_since = now
+                    console.print(f"[yellow]{escape(str(e))}; following the chain by its files until Slurm answers "
+                                  "again[/]", soft_wrap=True)
+                elif now - silent_since > SLURM_SILENT_MAX_S:
+                    raise RunError(f"Slurm has not answered for {(now - silent_since) / 60:.0f} minutes ({e}); the "
+                                   f"chain's jobs were left alone: `edu-filter status {out}` once Slurm answers, or "
+                                   "the same apply command with --wait to follow them again") from None
+                time.sleep(POLL_S)
+                continue
+            if silent_since is not None:
+                silent_since = None
+                console.print("Slurm answers again")
             for (name, tasks), state in zip(stages, states):
                 if state.finished:
                     continue
@@ -1557,6 +1591,13 @@ def wait_for_chain(out: str, console) -> dict:
                     cancel_chain(out)
                     raise StageFailed(f"stage {name} cannot start: {never_starts(hopeless['reason'])} (job "
                                       f"{hopeless['id']}); the chain was cancelled")
+                holds = [j for j in mine if held(j) and j["id"] not in told_held]
+                if holds:  # said once: the chain waits on them, and --wait with it, until someone releases them
+                    told_held.update(j["id"] for j in holds)
+                    ids = " ".join(j["id"] for j in holds[:20]) + (" ..." if len(holds) > 20 else "")
+                    why = escape(holds[0]["reason"] or holds[0]["state"])
+                    console.print(f"[yellow]stage {name}: Slurm holds {len(holds)} of its jobs ({why}); the chain "
+                                  f"waits until they are released: `scontrol release {ids}`[/]", soft_wrap=True)
                 if not mine:
                     # gone from the queue but not complete: failed, unless the completion files are on their way
                     waited = time.time() - gone_since.setdefault(name, time.time())

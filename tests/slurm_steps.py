@@ -92,3 +92,21 @@ class HoldMemory(PipelineStep):
         time.sleep(self.seconds)  # long enough for Slurm's memory poll (every second on the test cluster)
         del held
         yield from data or []
+
+
+class WriteStats(PipelineStep):
+    """Writes a stats.json as apply's report stage does (what --wait reads once the chain is done)."""
+
+    name = "stats"
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import json
+
+        counts = {"documents": 0, "tokens": 0}
+        (Path(self.out) / "stats.json").write_text(json.dumps(
+            {"in": counts, "kept": counts, "removed": {}, "failed": {}, "adds_up": True}))
+        yield from data or []

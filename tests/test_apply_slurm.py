@@ -322,14 +322,19 @@ def test_tasks_per_job_runs_each_task_once_on_fresh_steps_and_a_failure_leaves_o
                                                                                            monkeypatch):
     """--slurm-tasks-per-job 2: five tasks are three array tasks. Each task counts only its own work (datatrove ran
     a job's tasks on the same steps: the second's stats counted the first's), a failing task does not stop the
-    job's other one, and the same chain resumed runs only the task that failed."""
+    job's other one, and the same chain resumed runs only the task that failed. A job Slurm holds (a launch failed
+    on a node: "launch failed requeued held") stopped the chain with no word: --wait now names it and the command
+    that releases it."""
+    import io
+    import threading
+
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
     from edu_filter.filters.apply import SlurmOptions, Stage
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the jobs import the steps below
-    from slurm_steps import FailOnRank, WriteMarker
+    from slurm_steps import FailOnRank, WriteMarker, WriteStats
 
     out, ran = tmp_path / "out", tmp_path / "ran"
     opts = ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, tasks_per_job=2,
@@ -337,7 +342,7 @@ def test_tasks_per_job_runs_each_task_once_on_fresh_steps_and_a_failure_leaves_o
 
     def chain(failing: int, wait: bool):
         stages = [Stage("first", [FailOnRank(failing), WriteMarker(str(ran / "first"))], 5),
-                  Stage("report", [WriteMarker(str(ran / "report"))], 1)]
+                  Stage("report", [WriteMarker(str(ran / "report")), WriteStats(str(out))], 1)]
         ex.save_stage_list(str(out), stages)
         return ex.run_slurm(stages, str(out), 2, opts, wait=wait, console=Console(quiet=True))
 
@@ -353,10 +358,22 @@ def test_tasks_per_job_runs_each_task_once_on_fresh_steps_and_a_failure_leaves_o
         stats = json.loads((out / "logs" / "first" / "stats" / f"{rank:05d}.json").read_text())
         assert [s["stats"]["ran"] for s in stats if s["name"].endswith("marker")] == [1], stats
     shutil.rmtree(ran / "first")
-    chain(failing=-1, wait=False)  # --wait would look for the stats.json of apply's report stage
+    chain(failing=-1, wait=False)
+    (report_job,) = ex.submitted_jobs(str(out))["report"]
+    subprocess.run(["scontrol", "hold", report_job], check=True, capture_output=True)
+    said, followed = io.StringIO(), {}
+    following = threading.Thread(target=lambda: followed.update(stats=ex.wait_for_chain(
+        str(out), Console(file=said, width=300))), daemon=True)
+    following.start()
     deadline = time.time() + 240
-    while ex.queued_jobs(str(out)) and time.time() < deadline:
-        time.sleep(1)
+    while "Slurm holds" not in said.getvalue():
+        assert time.time() < deadline and following.is_alive(), said.getvalue()
+        time.sleep(0.5)
+    assert "stage report: Slurm holds 1 of its jobs (JobHeldAdmin)" in said.getvalue()
+    assert f"scontrol release {report_job}" in said.getvalue()
+    subprocess.run(["scontrol", "release", report_job], check=True, capture_output=True)
+    following.join(240)
+    assert followed["stats"]["adds_up"]
     assert sorted(p.name for p in (ran / "first").iterdir()) == ["2"]  # only the failed task again
     assert (ran / "report" / "0").exists()
 
@@ -536,6 +553,52 @@ def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
         ex.queued_jobs(str(tmp_path / "out"))
 
 
+def test_wait_follows_the_chain_by_its_files_while_slurm_does_not_answer(tmp_path, monkeypatch):
+    """A controller restarted or failing over for more than squeue's retries ended a day-long --wait (and its
+    --push-to-hub) while the jobs ran on. It now follows the completion files alone, and gives up only after
+    SLURM_SILENT_MAX_S of silence."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from edu_filter.documents import RunError
+    from edu_filter.filters import executors as ex
+    from edu_filter.filters.apply import Stage
+
+    if shutil.which("squeue") is None:
+        pytest.skip("squeue is not installed")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=unreachable\nSlurmctldHost=nowhere(127.0.0.9)\nSlurmctldPort=6999\n"
+                    "MessageTimeout=1\nAuthType=auth/munge\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    monkeypatch.setattr(ex, "SQUEUE_ATTEMPTS", 1)
+    out = tmp_path / "out"
+    ex.save_stage_list(str(out), [Stage("first", [], 1), Stage("report", [], 1)])
+    said = io.StringIO()
+
+    def chain_ends() -> None:  # what the jobs do meanwhile
+        time.sleep(3)
+        for stage in ("first", "report"):
+            (out / "logs" / stage / "completions").mkdir(parents=True)
+            (out / "logs" / stage / "completions" / "00000").write_text("")
+        (out / "stats.json").write_text(json.dumps({"in": {"documents": 2, "tokens": 9}, "kept": {
+            "documents": 2, "tokens": 9}, "removed": {}, "failed": {}, "adds_up": True}))
+
+    jobs = threading.Thread(target=chain_ends)
+    jobs.start()
+    stats = ex.wait_for_chain(str(out), Console(file=said, width=300))
+    jobs.join()
+    assert stats["kept"]["documents"] == 2
+    assert "squeue failed 1 times" in said.getvalue() and "following the chain by its files" in said.getvalue()
+
+    monkeypatch.setattr(ex, "SLURM_SILENT_MAX_S", 2.0)
+    silent = tmp_path / "silent"
+    ex.save_stage_list(str(silent), [Stage("first", [], 1), Stage("report", [], 1)])
+    with pytest.raises(RunError, match=r"Slurm has not answered for 0 minutes .*were left alone: `edu-filter status"):
+        ex.wait_for_chain(str(silent), Console(file=io.StringIO()))
+
+
 def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, tmp_path):
     """sbatch's own reason, not a CalledProcessError traceback with the reason buried in a log file."""
     from rich.console import Console
@@ -547,6 +610,9 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     out = tmp_path / "out"
     stages = [Stage("first", [], 1), Stage("report", [], 1)]
     ex.save_stage_list(str(out), stages)
+    # an earlier run's refusal in the same log: its submit limit has nothing to do with this one's
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / "apply.log").write_text("sbatch: error: QOSMaxSubmitJobPerUserLimit\n")
     with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=not-a-time.*\): .*time"):
         ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, time="not-a-time"))
     with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=later.*\): .*time"):  # its own
@@ -554,8 +620,9 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     # what sbatch refuses at submission anyway (the cluster changed since the check): its reason, the stage named
     opts = replace(ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1)),
                    time="not-a-time")
-    with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time"):
+    with pytest.raises(ex.StageFailed, match=r"sbatch refused stage first: sbatch: error: .*time") as refused:
         ex.run_slurm(stages, str(out), None, opts, wait=True, console=Console(quiet=True))
+    assert "--slurm-tasks-per-job" not in str(refused.value)
     assert ex.queued_jobs(str(out)) == []
 
 
