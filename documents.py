@@ -398,6 +398,32 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     return files
 
 
+# A JSONL line longer is no document (a file without line breaks, a JSON array on one line): apply fails it as
+# `line_too_long`, read past in pieces with only its start kept, and the other commands stop naming it. Read whole, a
+# 10 GB one took ~70 GB, on every attempt.
+MAX_LINE_BYTES = 64 << 20
+LINE_PIECE_BYTES = 1 << 20
+LINE_HEAD_BYTES = 8000  # what is kept of such a line
+
+
+def read_line(fh, limit: int | None = None) -> tuple[bytes, int, bool]:
+    """The next line of `fh` (b"" at the end), its length in bytes, and whether it is longer than `limit`
+    (MAX_LINE_BYTES): such a line is given as its first bytes only, the rest read past a piece at a time."""
+    limit = MAX_LINE_BYTES if limit is None else limit
+    line = fh.readline(limit + 1)
+    if len(line) <= limit:
+        return line, len(line), False
+    length, head, ended = len(line), line[:LINE_HEAD_BYTES], line.endswith(b"\n")
+    del line
+    while not ended:
+        piece = fh.readline(LINE_PIECE_BYTES)
+        if not piece:
+            break
+        length += len(piece)
+        ended = piece.endswith(b"\n")
+    return head, length, True
+
+
 def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     lineno = 0
@@ -406,18 +432,21 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
     except OSError as e:  # permission denied, a folder named like a file
         raise DocumentError(f"{path}: cannot open the file ({e.strerror or e})") from None
     with fh:
-        lines = iter(fh)
         while True:
             try:
-                raw = next(lines)
-            except StopIteration:
+                raw, length, too_long = read_line(fh)
+            except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
+                raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None
+            if not length:
                 if lineno == 0 and opener is gzip.open and os.path.getsize(path) == 0:
                     # gzip reads nothing as no rows, but the smallest gzip file is 20 bytes: a copy cut short
                     raise DocumentError(f"{path}: an empty file, not gzip (a download or copy cut short?)") from None
                 return
-            except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated archive, disk error
-                raise DocumentError(f"{path}:{lineno + 1}: cannot read the file ({type(e).__name__}: {e})") from None
             lineno += 1
+            if too_long:
+                raise DocumentError(f"{path}:{lineno}: a line of {length:,} bytes, over the {MAX_LINE_BYTES:,} a "
+                                    "document may take: a file without line breaks, or a JSON array? (JSON Lines "
+                                    "holds one object per line)")
             if lineno == 1:  # a file saved by Windows tools starts with a BOM
                 raw = raw.removeprefix(UTF8_BOM)
             if not raw.strip():

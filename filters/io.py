@@ -38,6 +38,7 @@ from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.pipeline.writers.parquet import ParquetWriter
 
 from edu_filter.documents import (
+    MAX_LINE_BYTES,
     PARQUET_SUFFIXES,
     UTF8_BOM,
     DocumentError,
@@ -46,9 +47,10 @@ from edu_filter.documents import (
     distinct_names,
     is_hub_path,
     local_files_under,
-    printable_name,
     open_parquet,
     parquet_rows_or_errors,
+    printable_name,
+    read_line,
 )
 from edu_filter.filters.progress import TaskProgress
 from edu_filter.filters.report import write_counts
@@ -64,29 +66,6 @@ PIPELINE_OWNED = (*SCORE_KEYS, "token_count", "filter_reason", "duplicate_count"
 # own text and id in every record written, or that datatrove's writers read as attachments (`media`)
 RECORD_OWNED = ("text", "id", "media")
 RAW_PREVIEW_CHARS = 2000
-# A JSONL line longer is no document (a file without line breaks, a JSON array on one line): it is failed as
-# `line_too_long`, read past in pieces, with only its start kept. Read whole, a 10 GB one took ~70 GB in the task,
-# on every attempt.
-MAX_LINE_BYTES = 64 << 20
-LINE_PIECE_BYTES = 1 << 20
-
-
-def read_line(fh, limit: int | None = None) -> tuple[bytes, int, bool]:
-    """The next line of `fh` (b"" at the end), its length in bytes, and whether it is longer than `limit`
-    (MAX_LINE_BYTES): such a line is given as its first bytes only, the rest read past a piece at a time."""
-    limit = MAX_LINE_BYTES if limit is None else limit
-    line = fh.readline(limit + 1)
-    if len(line) <= limit:
-        return line, len(line), False
-    length, head, ended = len(line), line[:4 * RAW_PREVIEW_CHARS], line.endswith(b"\n")
-    del line
-    while not ended:
-        piece = fh.readline(LINE_PIECE_BYTES)
-        if not piece:
-            break
-        length += len(piece)
-        ended = piece.endswith(b"\n")
-    return head, length, True
 # containers nested in a row at most: orjson writes 254 levels (it reads 1024), and Parquet written with 50 nested
 # lists cannot be read back (pyarrow's limit of 100 schema levels): a deeper row would fail its task on every resume
 MAX_NESTING = 32

@@ -594,3 +594,20 @@ def test_an_empty_gzip_file_is_a_copy_cut_short_not_a_file_without_rows(tmp_path
     with pytest.raises(DocumentError, match=r"cut\.jsonl\.gz: an empty file, not gzip"):
         read_documents([tmp_path / "cut.jsonl.gz"])
     assert read_documents([tmp_path / "none.jsonl.gz"]) == [] and read_documents([tmp_path / "empty.jsonl"]) == []
+
+
+def test_a_line_past_max_line_bytes_stops_the_read_naming_it_without_holding_it(tmp_path, monkeypatch):
+    """A JSON array on one line, or a file whose line breaks were lost, was read into memory whole (GBs) before
+    failing as JSON; the lines before it are read, then the error names the line and its size."""
+    import edu_filter.documents as documents
+
+    monkeypatch.setattr(documents, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(documents, "LINE_PIECE_BYTES", 64)
+    rows = b'{"id": "a", "text": "fine"}\n' + b'[' + b'{"text": "x"},' * 500 + b'{"text": "x"}]'
+    for name, data in (("array.jsonl", rows), ("array.jsonl.gz", gzip.compress(rows))):
+        (tmp_path / name).write_bytes(data)
+        read = iter_documents([tmp_path / name])
+        assert next(read)["id"] == "a"
+        with pytest.raises(DocumentError, match=rf"{name}:2: a line of 7,015 bytes, over the 1,000 a document may "
+                                                r"take: a file without line breaks, or a JSON array\?"):
+            next(read)

@@ -46,7 +46,7 @@ def test_a_jsonl_file_without_line_breaks_is_read_past_in_pieces_not_held(tmp_pa
     import subprocess
     import sys
 
-    from edu_filter.filters.io import MAX_LINE_BYTES
+    from edu_filter.documents import MAX_LINE_BYTES
 
     size = int(2.5 * MAX_LINE_BYTES)
     array = tmp_path / "array.jsonl"
@@ -95,10 +95,11 @@ def test_tasks_split_a_plain_jsonl_file_by_byte_range_each_line_read_once(tmp_pa
     now read byte ranges of it; a line belongs to the range it starts in, wherever the cuts fall (mid-line, on a
     newline, in a blank line), and an id-less row is named by its byte offset. A line over MAX_LINE_BYTES is failed
     as line_too_long, read past in pieces wherever the cuts fall in it."""
+    import edu_filter.documents as documents
     import edu_filter.filters.io as io
 
-    monkeypatch.setattr(io, "MAX_LINE_BYTES", 100)  # the long line below is 163 bytes
-    monkeypatch.setattr(io, "LINE_PIECE_BYTES", 7)
+    monkeypatch.setattr(documents, "MAX_LINE_BYTES", 100)  # the long line below is 163 bytes
+    monkeypatch.setattr(documents, "LINE_PIECE_BYTES", 7)
 
     lines = [b'\xef\xbb\xbf{"text": "bom first"}\n', b"\n", b'{"id": "a", "text": "x"}\r\n', b"{broken\n",
              b'{"text": "' + b"long " * 30 + b'"}\n', b"   \n", b'{"id": "b", "text": "y"}\n', b'{"text": "no newline"}']
