@@ -627,6 +627,17 @@ def _quote(path: str) -> str:
     return f"`{path}`"
 
 
+def _weighted_fit(training: dict) -> str:
+    """How a fit on an actively chosen sample used its inclusion weights: the ridge head's fit takes them to the
+    power cross-validation found best (1, 0.5 or 0: unweighted); the cut points always take them in full."""
+    power = training.get("weight_flattening", 1.0) if training["config"]["method"] == "head" else 1.0
+    if power == 1:  # a fine-tune weighs its loss in full (its linear probe's power aside); fastText resamples
+        return "the fit and the cut points weigh each by its inclusion weight"
+    fit = ("the fit is unweighted" if power == 0 else f"the fit weighs each by its inclusion weight to the power "
+           f"{power:g}")
+    return f"{fit} (cross-validation fit the labels better so), and the cut points weigh each by its inclusion weight"
+
+
 def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: str | None = None) -> str:
     """README.md text of a classifier folder: hub metadata, validation metrics, calibration, labels, how to load."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -696,9 +707,9 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
         *[f"| F1 of int_score >= {t} (round-and-clip: {_metric(metrics['uncalibrated'].get(f'binary_f1_at_{t}'))}) "
           f"| {_metric(metrics.get(f'binary_f1_at_{t}'))} |" for t in (2, 3, 4) if f"binary_f1_at_{t}" in metrics],
         *([""] + [f"- **Warning:** {w}." for w in metrics["warnings"]] if metrics.get("warnings") else []),
-        *(["", f"The training documents were chosen by active selection: the fit and the cut points weigh each by "
-                f"its inclusion weight (`{weights['field']}`, {weights['min']:.2f}-{weights['max']:.2f}; effective "
-                f"size {weights['effective_n']:.0f})."] if weights else []),
+        *(["", f"The training documents were chosen by active selection: {_weighted_fit(training)} (`{weights['field']}`, "
+                f"{weights['min']:.2f}-{weights['max']:.2f}; effective size {weights['effective_n']:.0f})."]
+          if weights else []),
         *(["", "These metrics weigh the validation documents by their inclusion weights: they estimate those on the "
                 f"pool the documents were drawn from (effective size {metrics['weighted']['effective_n']:.0f})."]
           if metrics.get("weighted") else []),

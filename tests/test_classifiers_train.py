@@ -141,11 +141,28 @@ def test_fasttext_predict_matches_label_probabilities(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir):
+def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir, monkeypatch):
+    """... and holds no copy of the linear probe's training embeddings while it trains (8 GB at 450k labels)."""
+    import weakref
+
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    from edu_filter.train import finetune
     from edu_filter.train.classifier import train_classifier
 
+    probe_embeddings, fit_head, train = [], finetune.fit_head, finetune.finetune
+
+    def fit_head_watched(*args, **kwargs):
+        fitted = fit_head(*args, **kwargs)
+        probe_embeddings.append(weakref.ref(fitted[4]))
+        return fitted
+
+    def finetune_watched(*args, **kwargs):
+        assert probe_embeddings and probe_embeddings[0]() is None, "the probe's embeddings are still held"
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "fit_head", fit_head_watched)
+    monkeypatch.setattr(finetune, "finetune", finetune_watched)
     out = tmp_path / "ft"
     metrics = train_classifier(
         [str(CODE_LABELS)], out, kind="code", method="finetune", encoder=minilm_path, max_length=48, limit=50,

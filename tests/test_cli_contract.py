@@ -492,6 +492,9 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
         (["--limit", "0"], "--limit must be >= 1"),
         (["--seed", "-1"], "--seed must be in [0, 2**32)"),
         (["--encoder", "/nonexistent/enc", "--limit", "20"], "--encoder /nonexistent/enc: no such file or folder"),
+        # saving the model empties its folder: the embeddings (hours) and a fine-tune's checkpoints went with it
+        (["--cache-dir", str(out / "cache")], f"the cache folder {out / 'cache'} (--cache-dir, or EDU_FILTER_CACHE) "
+                                              f"lies inside the output folder {out}"),
     ):
         refused(["train", CODE_LABELS, "-o", out, *args], fragment, absent=(out.parent,))
     for args, fragment in ((["--max-length", "2"], "--max-length 2: "), (["--max-length", "9999"], "reads 3 to 512"),

@@ -338,6 +338,17 @@ def test_a_model_card_says_the_kinds_threshold_how_its_cut_points_were_placed_an
     del metrics["weighted"]  # a uniform --val beside an actively chosen DATA: its metrics are not weighted
     said = " ".join(provenance.model_card(classifier, metrics, record).split())
     assert "chosen by active selection" in said and "These metrics weigh" not in said
+    # a fine-tune weighs its loss in full, whatever power its linear probe took
+    metrics["training"]["weight_flattening"] = 0.0
+    assert "the fit and the cut points weigh each by its inclusion weight" in " ".join(
+        provenance.model_card(classifier, metrics, record).split())
+    # the ridge head's fit takes the power cross-validation chose; the card said "weighted" for an unweighted fit
+    metrics["training"]["config"]["method"] = "head"
+    for power, fit in ((0.0, "the fit is unweighted"), (0.5, "the fit weighs each by its inclusion weight to the "
+                                                            "power 0.5"), (1.0, "the fit and the cut points weigh")):
+        metrics["training"]["weight_flattening"] = power
+        said = " ".join(provenance.model_card(classifier, metrics, record).split())
+        assert f"chosen by active selection: {fit}" in said, said
 
 
 @pytest.mark.slow

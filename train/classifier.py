@@ -184,6 +184,21 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLi
                          "another folder")
 
 
+def check_cache_outside(cfg: ClassifierTrainConfig, output: Path) -> None:
+    """The embedding cache and a fine-tune's checkpoints may not lie inside the output folder: saving the model
+    empties it (hours of embeddings gone), and a run killed before then left a folder holding only the cache, which
+    the same command then refused as not a model's."""
+    if cfg.method == "fasttext":
+        return
+    from edu_filter.classifiers.embeddings import DEFAULT_CACHE_DIR
+
+    cache, out = Path(cfg.cache_dir or DEFAULT_CACHE_DIR).resolve(), output.resolve()
+    if cache == out or out in cache.parents:
+        raise InputError(f"the cache folder {cfg.cache_dir or DEFAULT_CACHE_DIR} (--cache-dir, or EDU_FILTER_CACHE) "
+                         f"lies inside the output folder {output}, which saving the model empties: give a cache "
+                         "folder outside it")
+
+
 def clear_folder(folder: Path) -> None:
     """Remove everything in `folder` (a model folder `check_output` let through), so no file of the old model stays."""
     for entry in folder.iterdir():
@@ -286,6 +301,7 @@ def train_classifier(
     output = Path(output)
     check_writable_output(output, "-o/--output")
     check_output(output, overwrite, [*data, *(val or [])])
+    check_cache_outside(cfg, output)
     check_not_empty(data, "DATA")
     if val:
         check_not_empty(val, "--val")

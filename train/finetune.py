@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,8 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
                    weights=None) -> TrainedModel:
     """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
     keeps_checkpoints = checkpoints_usable(cfg)
-    frozen, _, _, info, _ = fit_head(cfg, texts, y, weights)
+    # only the probe and its info: the training embeddings it returns (GBs at 450k labels) are let go at once
+    frozen, info = itemgetter(0, 3)(fit_head(cfg, texts, y, weights))
     with torch_threads():
         checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights) if keeps_checkpoints else None
         with only_run_of(checkpoint) if checkpoint is not None else contextlib.nullcontext():
