@@ -59,6 +59,10 @@ SIGNIFICANCE_RULE = (
 )
 
 
+MIN_VOCAB_SIZE = 257
+EVAL_HISTORY_KEYS = ("step", "tokens")  # beside each evaluation set's loss in a run's eval_history
+
+
 def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
     """NAME=PATH pairs (`--data edu=edu.jsonl`), names unique and usable as folder names."""
     named: dict[str, str] = {}
@@ -68,6 +72,8 @@ def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
             raise ValueError(f"{option} {spec!r}: expected NAME=PATH")
         if "/" in name or name in named:
             raise ValueError(f"{option} {spec!r}: names must be unique and contain no '/'")
+        if option == "--eval" and name in EVAL_HISTORY_KEYS:  # the evaluation history's own fields
+            raise ValueError(f"{option} {spec!r}: {name!r} names a field of the evaluation history; give another name")
         named[name] = path
     return named
 
@@ -121,6 +127,11 @@ def ablate(
         raise ValueError("give at least one --data NAME=PATH")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if not 0 <= seed <= 2**32 - seeds:  # numpy's generators take seeds up to 2**32 - 1
+        raise InputError(f"--seed must be in [0, 2**32 - --seeds], got {seed}")
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        raise InputError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (the 256 bytes and the end-of-document "
+                         f"token), got {vocab_size}")
     if humaneval_limit is not None and (not humaneval or humaneval_limit < 1):
         raise InputError("--humaneval-limit is read with --humaneval only" if not humaneval
                          else f"--humaneval-limit must be >= 1, got {humaneval_limit}")
@@ -137,7 +148,7 @@ def ablate(
     check_writable_output(output, "-o/--output", folder=True)
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
-    extra = {"vocab_size": vocab_size} if vocab_size else {}
+    extra = {"vocab_size": vocab_size} if vocab_size is not None else {}
     parsed_overrides = parse_overrides(overrides)
     for key, option in (("tokens", "--tokens"), ("seed", "--seed"), ("vocab_size", "--vocab-size")):
         if key in parsed_overrides:  # the report, the seeds and the tokenizer read the option, not the override
@@ -303,7 +314,17 @@ def compare_runs(runs: dict, eval_set: str) -> dict | None:
     and whether it is significant (`SIGNIFICANCE_RULE`). None with a single run."""
     if len(runs) < 2:
         return None
-    losses = {name: [s["eval"][eval_set] for s in r["seeds"]] for name, r in runs.items()}
+    every_loss = {name: [s["eval"][eval_set] for s in r["seeds"]] for name, r in runs.items()}
+    # a run whose loss is not finite diverged (a learning rate too high for it): it is named, not ranked (NaN sorted
+    # anywhere, and its verdict read "lower by nan nats/token")
+    diverged = [name for name, v in every_loss.items() if not all(math.isfinite(x) for x in v)]
+    losses = {name: v for name, v in every_loss.items() if name not in diverged}
+    said_diverged = (f"{', '.join(diverged)} diverged (a loss not finite: lower the learning rate, --override lr=...)"
+                     if diverged else "")
+    if len(losses) < 2:
+        return {"eval_set": eval_set, "runs": list(losses), "diverged": diverged, "significant": False,
+                "better": None, "rule": SIGNIFICANCE_RULE,
+                "summary": f"On {eval_set}, {said_diverged}: no comparison."}
     means = {name: _mean(v) for name, v in losses.items()}
     best, second = sorted(means, key=means.get)[:2]
     a, b = losses[best], losses[second]
@@ -332,9 +353,12 @@ def compare_runs(runs: dict, eval_set: str) -> dict | None:
         test = "none: one seed per run gives no estimate of seed noise"
         summary = (f"On {eval_set}, {lower} ({pair}), but with one seed per run there is no estimate of seed noise "
                    "and so no verdict; run with --seeds 2 or more.")
+    if diverged:
+        summary += f" ({said_diverged}.)"
     return {
         "eval_set": eval_set,
         "runs": [best, second],
+        "diverged": diverged,
         "mean_loss": {best: means[best], second: means[second]},
         "seed_losses": {best: a, second: b},
         "difference": difference,

@@ -156,7 +156,16 @@ class PretrainConfig:
         return self.seq_len or self.model["max_position_embeddings"]
 
     def check_batches(self, world: int = 1) -> None:
-        """An optimizer step splits into whole micro-batches on every process, and the run holds at least one."""
+        """An optimizer step splits into whole micro-batches on every process, and the run holds at least one; the
+        sizes and the learning rate are positive (0 raised ZeroDivisionError, a negative value failed only after the
+        tokenizer and the packing)."""
+        for name in ("micro_batch_size", "batch_tokens", "tokens"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.context < 2:
+            raise InputError(f"seq_len must be at least 2 (a token and the one after it), got {self.context}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
         T, B = self.context, self.micro_batch_size
         if self.batch_tokens % (B * T * world):
             raise InputError(f"batch_tokens={self.batch_tokens} is not a multiple of micro_batch_size * seq_len * "

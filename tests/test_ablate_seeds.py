@@ -139,3 +139,21 @@ def test_one_seed_gives_no_verdict_and_one_run_no_comparison():
     one = compare_runs(runs_with({"a": [5.9], "b": [6.0]}), "ref")
     assert one["significant"] is False and one["seed_std"] is None and "no verdict" in one["summary"]
     assert compare_runs(runs_with({"a": [5.9, 6.0]}), "ref") is None
+
+
+def test_a_diverged_run_is_named_not_ranked():
+    """A run whose loss went NaN (a learning rate too high for it) was ranked anywhere by the sort, and the verdict
+    read "lower by nan nats/token"; with two seeds a NaN p-value read as "no seed variance"."""
+    from edu_filter.ablate.ablation import compare_runs
+
+    def runs(**losses):
+        return {name: {"seeds": [{"eval": {"ref": x}} for x in v]} for name, v in losses.items()}
+
+    c = compare_runs(runs(a=[6.0, 6.1], b=[float("nan"), 6.0], c=[6.2, 6.3]), "ref")
+    assert c["runs"] == ["a", "c"] and c["diverged"] == ["b"] and "nan" not in c["summary"]
+    assert c["difference"] == pytest.approx(0.2) and "b diverged (a loss not finite" in c["summary"]
+    alone = compare_runs(runs(a=[6.0, 6.1], b=[float("nan"), float("inf")]), "ref")
+    assert alone["diverged"] == ["b"] and not alone["significant"] and alone["better"] is None
+    assert alone["summary"] == ("On ref, b diverged (a loss not finite: lower the learning rate, --override lr=...): "
+                                "no comparison.")
+    assert compare_runs(runs(a=[6.0, 6.1], b=[6.3, 6.4]), "ref")["diverged"] == []

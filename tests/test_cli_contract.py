@@ -502,6 +502,15 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
         refused(["apply", WEB_VAL, "-o", out, "--model", model, "--no-dedup", *args], fragment, absent=(out.parent,))
     refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, "--humaneval-limit", "3"],
             "--humaneval-limit is read with --humaneval only", absent=(out.parent,))
+    # each failed after the tokenizer and the packing (hours at scale), in a traceback, or not at all (0 read as unset)
+    for args, fragment in ((["--seed", "-1"], "--seed must be in [0, 2**32 - --seeds], got -1"),
+                           (["--vocab-size", "0"], "--vocab-size must be at least 257"),
+                           (["--vocab-size", "-5"], "--vocab-size must be at least 257"),
+                           (["--override", "micro_batch_size=0"], "micro_batch_size must be at least 1, got 0"),
+                           (["--override", "lr=-1"], "lr must be > 0, got -1"),
+                           (["--override", "seq_len=1"], "seq_len must be at least 2"),
+                           (["--eval", f"tokens={WEB_VAL}"], "'tokens' names a field of the evaluation history")):
+        refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, *args], fragment, absent=(out.parent,))
     refused(["score", "--show-prompt", "web", "--prompt", "code"], "without --prompt")
     scored = out / "s.jsonl"
     refused(["score", WEB_VAL, "-o", scored, "--backend", "vllm", "--model", "m", "--base-url", NO_SERVER],
