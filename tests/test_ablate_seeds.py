@@ -93,6 +93,15 @@ def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_se
     assert single["runs"]["edu"]["eval_std"] == {"edu/val": None, "reference": None}
     assert single["comparison"] is None and (tmp_path / "one/runs/edu/model").exists()
     assert "a single run; nothing to compare" in (tmp_path / "one/report.md").read_text()
+    # the same ablation with a second seed trains only that one: its first seed's run was trained again
+    trained = (tmp_path / "one/runs/edu/run.json").stat().st_mtime_ns
+    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", "--seeds", "2", *MICRO,
+               "--tokenizer", str(out / "tokenizer"), "-o", str(tmp_path / "one"))
+    both = json.loads((tmp_path / "one/report.json").read_text())
+    assert (tmp_path / "one/runs/edu/run.json").stat().st_mtime_ns == trained
+    assert not (tmp_path / "one/runs/edu/seed-1").exists() and (tmp_path / "one/runs/edu/seed-2/run.json").exists()
+    assert [s["seed"] for s in both["runs"]["edu"]["seeds"]] == [1, 2]
+    assert both["runs"]["edu"]["seeds"][0]["train_loss"] == single["runs"]["edu"]["train_loss"]
 
 
 def test_bad_seed_options_are_clear_errors(edu_file, tmp_path):
