@@ -565,9 +565,12 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
 def _refuse_or_repack(out: Path, what: str, recorded: dict, wanted: dict, trained: bool) -> None:
     """Token files made of other texts, another tokenizer or another budget than this invocation asks: packed again
     when no run has trained on them yet, else refused (the report would name data the models never saw)."""
+    # each budget is tokens + one context window: a context length changed (seq_len, --preset) changes them too
     names = {"source": "the input's content or text field", "tokenizer": "the tokenizer",
-             "train_tokens": "--tokens", "max_tokens": "the evaluation budget", "max_val_tokens": "the evaluation "
-             "budget", "val_fraction": "--val-fraction", "val_split": "the held-out split"}
+             "train_tokens": "--tokens (or the context length: seq_len, --preset)",
+             "max_tokens": "the evaluation budget (or the context length)",
+             "max_val_tokens": "the evaluation budget (or the context length)", "val_fraction": "--val-fraction",
+             "val_split": "the held-out split"}
     changed = sorted({names.get(k, k) for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)})
     if trained:
         raise InputError(f"{what}: the token files in {out} differ from what this invocation asks in "

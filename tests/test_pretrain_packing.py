@@ -148,8 +148,12 @@ def test_finished_token_files_are_reused_only_for_the_same_texts_tokenizer_and_b
     with pytest.raises(InputError, match="--data web: .* asks in the input's content or text field, and its runs"):
         _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
     bigger = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=40_000)
-    with pytest.raises(InputError, match="asks in --tokens"):
+    with pytest.raises(InputError, match=r"asks in --tokens \(or the context length"):
         _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, bigger, "text", 0.1)
+    # a longer context changes every budget (tokens + a window) with --tokens untouched: it is named as a cause
+    longer = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 128, "eval_tokens": 256}, tokens=20_000)
+    with pytest.raises(InputError, match=r"asks in --tokens \(or the context length: seq_len, --preset\)"):
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, longer, "text", 0.1)
     reference.write_text(other.read_text())
     with pytest.raises(InputError, match="--eval ref: .* asks in the input's content"):
         _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
