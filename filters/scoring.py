@@ -132,7 +132,8 @@ class EduClassifierScorer(PipelineStep):
         elapsed = time.perf_counter() - start
         self.stat_update("scored", value=len(window))
         self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
-        self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9)), unit="window")
+        # not rounded to a whole number: on a slow CPU a window of a few documents scored at 0 or 1 docs/s
+        self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9), 2), unit="window")
         for doc, score, int_score in zip(window, scores, int_scores):
             for key in ("score", "int_score"):  # an input's own (an LLM label, FineWeb-Edu's): kept, as apply keeps it
                 if key in doc.metadata and f"input_{key}" not in doc.metadata:
