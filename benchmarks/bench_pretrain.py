@@ -41,14 +41,20 @@ def bare_tokens_per_second(cfg, tokenizer_size: int, steps: int, compile: bool) 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     micro_batch, seq_len = cfg.micro_batch_size, cfg.context
     grad_accum = cfg.batch_tokens // (micro_batch * seq_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    # the loop's optimizer: its parameter groups and settings
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
     x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]  # views of one window, as the loop's batches come
     elapsed = 0.0
     for step in range(steps + 1):  # step 0 warms up (allocator, compilation)
         t0 = time.time()
         for _ in range(grad_accum):
             with autocast:
-                loss = loss_fn(x[:, :-1], x[:, 1:]) / grad_accum
+                loss = loss_fn(inputs, targets) / grad_accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -47,6 +47,8 @@ REMOTE_TASKS_CHECK_S = 60.0  # how often a Ray run asks the other nodes whether 
 # system (thousands opened each second otherwise); a local run reads its few every POLL_S
 RAY_LOCAL_TASKS_CHECK_S = 10.0
 KILLED_TASK_GRACE_S = 10.0  # how long a local stage whose task process is gone may take to end on its own
+RAY_STOP_POLL_S = 2.0  # how often a Ray stage's waits look whether the run is stopping
+RAY_STOP_S = 60.0  # how long a stopping Ray run waits for its stage to kill its tasks and free their resources
 SQUEUE_ATTEMPTS, SQUEUE_RETRY_S = 5, 2.0
 SQUEUE_TIMEOUT_S = 60  # a controller that takes longer to answer a ping is taken as not answering
 SQUEUE_MAX_INTERVAL_S = 30.0  # --wait asks squeue at least this often once it has followed a chain for minutes
@@ -547,13 +549,27 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
         return super()._run_for_rank(rank, local_rank, node_rank)
 
 
-class WatchedRayTaskManager(datatrove_ray.RayTaskManager):
-    """datatrove's Ray task manager, keeping the last error of each rank's Ray task (`errors`), and failing a task
-    whose start fails (its actor killed by Ray's memory monitor, or its node lost, before the task runs)."""
+class RayRunStopping(RuntimeError):
+    """The run is stopping (Ctrl-C, SIGTERM, a killed task): the stage's tasks are stopped, none is started."""
 
-    def __init__(self, *args, errors: dict[int, BaseException], **kwargs):
+
+class WatchedRayTaskManager(datatrove_ray.RayTaskManager):
+    """datatrove's Ray task manager, keeping the last error of each rank's Ray task (`errors`), failing a task
+    whose start fails (its actor killed by Ray's memory monitor, or its node lost, before the task runs), and
+    stopping the stage once `stopping` is set: datatrove waited for every queued task to get its resources and run
+    before the driver could exit (forever, where no node can take one), the stage running on after Ctrl-C."""
+
+    def __init__(self, *args, errors: dict[int, BaseException], stopping: threading.Event | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.errors = errors
+        self.stopping = stopping or threading.Event()
+
+    def wait(self, tasks, timeout: int = 0, num_returns: int = 1):
+        """datatrove's, at most RAY_STOP_POLL_S at a time; raises RayRunStopping once the run stops (datatrove's
+        clean-up then kills the running tasks' actors and frees their placement groups)."""
+        if self.stopping.is_set():
+            raise RayRunStopping("the run is stopping")
+        return super().wait(tasks, timeout=min(timeout, RAY_STOP_POLL_S), num_returns=num_returns)
 
     def submit_task(self, executor_ref, ranks_to_submit: list[int], remote_options: dict) -> Future:
         """datatrove's, but where starting the task raises, the task's placement group and actors are removed and
@@ -568,7 +584,9 @@ class WatchedRayTaskManager(datatrove_ray.RayTaskManager):
             try:
                 bundle = datatrove_ray.convert_remote_options_to_bundle(remote_options)
                 group = ray.util.placement_group([bundle] * self.nodes_per_task)
-                ray.get(group.ready())
+                while not group.wait(timeout_seconds=RAY_STOP_POLL_S):  # resources for it: until the run stops
+                    if self.stopping.is_set():
+                        raise RayRunStopping("the run is stopping")
                 workers = [ray.remote(datatrove_ray.RankWorker).options(
                     placement_group=group, placement_group_bundle_index=i, **remote_options).remote()
                     for i in range(self.nodes_per_task)]
@@ -621,7 +639,8 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         self.task_errors: dict[int, BaseException] = {}
         made_by_datatrove = datatrove_ray.RayTaskManager
         # datatrove's run() builds its task manager by this module-level name: ours for the length of the run
-        datatrove_ray.RayTaskManager = functools.partial(WatchedRayTaskManager, errors=self.task_errors)
+        datatrove_ray.RayTaskManager = functools.partial(WatchedRayTaskManager, errors=self.task_errors,
+                                                         stopping=getattr(self, "stopping", None))
         try:
             super().run()
         finally:
@@ -630,6 +649,7 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
     def __getstate__(self):  # Ray ships the executor to its workers: without the errors (exceptions, a lock)
         state = self.__dict__.copy()
         state.pop("task_errors", None)
+        state.pop("stopping", None)
         return state
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
@@ -793,11 +813,14 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
         screen = Console(file=terminal, quiet=console.quiet, force_terminal=console.is_terminal)
         failure: list[BaseException] = []
         watched: list = []  # the local stage being run, whose task processes the main thread watches
+        stopping = threading.Event()  # set when the run stops: a Ray stage stops its tasks and starts none
 
         def run_all():
             try:
                 for stage in stages:
                     ex = _executor_here(stage, logs, executor, workers, ray)
+                    if isinstance(ex, WatchedRayExecutor):
+                        ex.stopping = stopping
                     forget_killed(ex.logging_dir)
                     watched[:] = [stage.name]  # (Ray: the tasks on this machine; `status` names the others' hosts)
                     try:
@@ -841,9 +864,12 @@ def run_here(stages, out: str, executor: str, workers: int | None, console, verb
                         if not worker.is_alive():
                             break
                         raise StageFailed(killed_task_message(out, watched[0], rank, ray=executor == "ray"))
-            except BaseException:  # a killed task, SIGTERM, Ctrl-C: the local workers go with the run
+            except BaseException:  # a killed task, SIGTERM, Ctrl-C: the stage's tasks go with the run
                 if executor == "local" and watched:
                     stop_local_tasks(logs, watched[0])
+                if executor == "ray":
+                    stopping.set()
+                    worker.join(RAY_STOP_S)
                 raise
         if failure:
             raise failure[0]

@@ -319,3 +319,29 @@ def test_a_ray_task_process_killed_alone_fails_the_run_naming_it(cli_tasks4, tmp
     stderr = failed_run_stderr(proc, timeout=180)
     assert re.search(rf"stage {killed} failed: the process of task \d was killed before the task finished.* more "
                      r"--ray-mem-gb", " ".join(stderr.split())), stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_ray_run_stopped_while_its_tasks_wait_for_resources_exits(cli_tasks4, tmp_path):
+    """A task no node can take (--ray-cpus above every node's CPUs: the run warns, "on a fixed cluster, stop and
+    lower --ray-cpus") waits for its resources. Ctrl-C then did not end the driver: its threads waited for every
+    queued task to start and run, forever here, the whole stage at scale. It now stops the stage and exits."""
+    out, said = tmp_path / "out", tmp_path / "stderr.txt"
+    args = fixture_args_into(cli_tasks4, out) + ["--executor", "ray", "--ray-cpus", "3"]
+    with open(said, "w") as stderr:
+        proc = subprocess.Popen(CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "no live Ray node has more than" not in said.read_text():
+            assert time.time() < deadline and proc.poll() is None, said.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(5)  # the first stage's tasks submitted, waiting for a node of 3 CPUs
+        stopped = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+        assert time.time() - stopped < 45 and proc.returncode == 130, said.read_text()[-3000:]
+        assert not list((out / "logs").glob("*/completions/*"))  # none ever started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
