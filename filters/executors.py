@@ -373,10 +373,15 @@ def ray_nodes_not_seeing(path: str, timeout_s: float = 120.0) -> list[str]:
     nodes = live_ray_nodes()
     asked = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
              for n in nodes]
+    # one wait for all of them: asked one after another, k nodes that do not answer held the run k x timeout_s
+    answered, _ = ray.wait(asked, num_returns=len(asked), timeout=timeout_s) if asked else ([], [])
+    answered = set(answered)
     missing = []
     for node, answer in zip(nodes, asked):
         try:
-            if not ray.get(answer, timeout=timeout_s):
+            if answer not in answered:
+                raise TimeoutError
+            if not ray.get(answer, timeout=0):
                 missing.append(node["NodeManagerAddress"])
         except Exception:  # noqa: BLE001 - a node that cannot answer now (busy, leaving): not counted
             ray.cancel(answer, force=True)
