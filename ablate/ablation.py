@@ -181,7 +181,6 @@ def ablate(
     wait = preparation_barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer)
         tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, text_field, tokenizer_sample_chars)
     wait()
     if world > 1:  # the processes share the folder: one meeting a bad row must not remove what the others packed
@@ -191,6 +190,7 @@ def ablate(
     _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction, rank, world)
     wait()
     infos = _packed_infos(out, datasets) if rank == 0 else {}
+    inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer) if rank == 0 else []
     eval_paths = {f"{name}/val": out / "tokens" / name / "val.bin" for name in datasets}
     eval_paths.update({name: out / "tokens" / "eval" / f"{name}.bin" for name in references})
     from rich.console import Console
@@ -288,8 +288,9 @@ def ablate(
 
 
 def _inputs_used(out: Path, datasets: dict, references: dict, cloze_sets: dict, tokenizer: str | None) -> list[dict]:
-    """Every input with its fingerprint when it was read. A resumed ablation reuses the token files of its first
-    invocation, so an input recorded then keeps that record."""
+    """Every input with its fingerprint, once its token files are made. An input whose token files an earlier
+    invocation packed keeps the record made then; one packed again (its token files removed, its content changed
+    before any run trained) is described anew: the report named the old content, and `lineage` called it stale."""
     wanted = {f"data:{n}": p for n, p in datasets.items()} | {f"eval:{n}": p for n, p in references.items()} | {
         f"cloze:{n}": p for n, p in cloze_sets.items()} | ({"tokenizer": tokenizer} if tokenizer else {})
     previous = {}
@@ -299,9 +300,24 @@ def _inputs_used(out: Path, datasets: dict, references: dict, cloze_sets: dict, 
     entries = []
     for role, path in wanted.items():
         key = (role, path if provenance.is_remote(path) else str(Path(path).absolute()))
-        tokenized_before = role.startswith(("data:", "eval:")) and key in previous
+        tokenized_before = (role.startswith(("data:", "eval:")) and key in previous
+                            and previous[key].get("fingerprint") == _packed_fingerprint(out, role))
         entries.append(previous[key] if tokenized_before else provenance.describe_input(role, path))
     return entries
+
+
+def _packed_fingerprint(out: Path, role: str) -> str | None:
+    """The fingerprint of the input the token files of a `data:NAME` or `eval:NAME` input were packed from, as
+    recorded with them (`packing_source`); None where none is recorded."""
+    kind, name = role.split(":", 1)
+    try:
+        if kind == "data":
+            recorded = packed_settings(out / "tokens" / name)
+        else:
+            recorded = json.loads((out / "tokens" / "eval" / f"{name}.source.json").read_text())
+        return json.loads(recorded["source"])["input"]
+    except (OSError, TypeError, KeyError, ValueError):
+        return None
 
 
 def combine_seeds(records: list[dict]) -> dict:

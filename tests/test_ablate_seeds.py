@@ -166,3 +166,26 @@ def test_a_diverged_run_is_named_not_ranked():
     assert alone["summary"] == ("On ref, b diverged (a loss not finite: lower the learning rate, --override lr=...): "
                                 "no comparison.")
     assert compare_runs(runs(a=[6.0, 6.1], b=[6.3, 6.4]), "ref")["diverged"] == []
+
+
+def test_an_input_packed_again_is_described_anew_and_one_reused_keeps_its_record(tmp_path):
+    """A resumed ablation keeps the record of the input its token files were packed from. One packed again (its
+    token files removed after a refusal, and the input changed) kept the old record: the report named the old
+    content, and `lineage` called the input stale."""
+    from edu_filter import provenance
+    from edu_filter.ablate.ablation import _inputs_used, packing_source
+    from edu_filter.ablate.packing import PACKED
+
+    data = tmp_path / "edu.jsonl"
+    write_documents([{"id": "a", "text": "the new content"}], data)
+    out = tmp_path / "ablation"
+    old = {**provenance.describe_input("data:edu", str(data)), "fingerprint": "sha256:old-content"}
+    out.mkdir()
+    (out / provenance.PROVENANCE_FILE).write_text(json.dumps({"inputs": [old]}))
+    packed = out / "tokens" / "edu"
+    packed.mkdir(parents=True)
+    for source, expected in ((json.dumps({"input": "sha256:old-content", "text_field": "text"}), "sha256:old-content"),
+                             (packing_source(str(data), "text"), provenance.fingerprint(data)["fingerprint"])):
+        (packed / PACKED).write_text(json.dumps({"settings": {"source": source}}))
+        (entry,) = _inputs_used(out, {"edu": str(data)}, {}, {}, None)
+        assert entry["fingerprint"] == expected
