@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -404,6 +405,14 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
 MAX_LINE_BYTES = 64 << 20
 LINE_PIECE_BYTES = 1 << 20
 LINE_HEAD_BYTES = 8000  # what is kept of such a line
+
+
+def lines_readable(fh):
+    """`fh` where `read_line` can read it: a remote file of fsspec (s3://, hf://, http://) has a `readline` that
+    takes no size, and gets a buffer that does (its position, `tell`, stays the file's)."""
+    from fsspec.spec import AbstractBufferedFile
+
+    return io.BufferedReader(fh, LINE_PIECE_BYTES) if isinstance(fh, AbstractBufferedFile) else fh
 
 
 def read_line(fh, limit: int | None = None) -> tuple[bytes, int, bool]:

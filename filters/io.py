@@ -46,6 +46,7 @@ from edu_filter.documents import (
     data_files_in,
     distinct_names,
     is_hub_path,
+    lines_readable,
     local_files_under,
     open_parquet,
     parquet_rows_or_errors,
@@ -482,7 +483,8 @@ class ApplyInputReader(BaseReader):
 
     def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
-        with folder.open(name, "rb") as raw:
+        with folder.open(name, "rb") as opened:
+            raw = lines_readable(opened)
             for source, line_bytes, too_long in self._jsonl_lines(raw, label, keep, progress, ranges):
                 if too_long:
                     yield self._failed("line_too_long", source, f"a line of {too_long:,} bytes, over the "
@@ -1095,7 +1097,8 @@ def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
     """The object rows of a JSONL file from its start (lines that are not JSON objects are failed/'s to report),
     in its first `max_lines` lines or until `max_bytes` are read, whichever comes first: a file of lines that are no
     objects (latin-1, pretty-printed JSON) is not read to its end."""
-    with get_datafolder(folder).open(name, "rb") as raw:
+    with get_datafolder(folder).open(name, "rb") as opened:
+        raw = lines_readable(opened)
         fh = gzip.GzipFile(fileobj=raw) if name.lower().endswith(".gz") else raw
         read, lineno = 0, 0
         while True:
