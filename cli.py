@@ -376,6 +376,7 @@ def ablate(
 ):
     """Train the same small model on each dataset at equal tokens and compare their losses (verdict in report.md)."""
     from edu_filter.ablate.ablation import ablate as run_ablation
+    from edu_filter.ablate.pretrain import end_torchrun_rank
 
     run_ablation(
         data, output, eval_sets=eval, preset=preset, tokens=tokens, overrides=override, tokenizer=tokenizer,
@@ -383,6 +384,7 @@ def ablate(
         humaneval_limit=humaneval_limit,
         cloze=cloze, seed=seed, seeds=seeds, compare_on=compare_on,
     )
+    end_torchrun_rank()
 
 
 # --- apply / sweep (filters) -------------------------------------------------------------------------------------------

@@ -282,6 +282,23 @@ def init_distributed() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def end_torchrun_rank(status: int = 0) -> None:
+    """Ends a process torchrun started, its work done and written, without Python's finalization. gloo's worker
+    threads outlive `destroy_process_group`: one releasing an all_reduce's tensor while the interpreter finalizes
+    needs the GIL, is made to exit, and the forced unwind through a C++ destructor aborts the process ("terminate
+    called without an active exception", SIGABRT), so torchrun reported a failed rank for a finished ablation. Does
+    nothing outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(status)
+
+
 PREPARATION_TIMEOUT = timedelta(days=3)  # tokenizing tens of billions of tokens takes hours, not the NCCL 10 minutes
 
 
