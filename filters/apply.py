@@ -576,6 +576,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from datatrove.pipeline.dedup.minhash import MinhashDedupCluster, MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
+        EXACT_FIND_FILES_PER_TASK,
         DropDedupScratch,
         OpenFilesLimit,
         RecordScratchPeak,
@@ -661,7 +662,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             stages += [
                 Stage("exact-signatures", source("exact-signatures", False)
                       + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
-                Stage("exact-find", [OpenFilesLimit(cfg.tasks),
+                Stage("exact-find", [OpenFilesLimit(cfg.tasks, EXACT_FIND_FILES_PER_TASK),
                                      ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1,
                       merges=True),
             ]
@@ -674,7 +675,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                           SharedMinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
                                                                     config=minhash)],
                       minhash.num_buckets * bucket_workers, merges=True),
-                Stage("minhash-cluster", [MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
+                Stage("minhash-cluster", [OpenFilesLimit(cfg.tasks),  # a .remove file per task, held to the end
+                                          MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
                                                               config=minhash)], 1, clusters=True, merges=True),
             ]
         final = source("filter", True)
@@ -859,7 +861,7 @@ def run_apply(
     if cfg.dedup or cfg.exact_dedup:
         from edu_filter.filters.dedup import check_open_files
 
-        check_open_files(cfg.tasks)
+        check_open_files(cfg.tasks, exact=cfg.exact_dedup)
     if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
         ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     elif (Path(cfg.output) / "slurm").is_dir() and ex.slurm_answers():

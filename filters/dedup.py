@@ -41,21 +41,28 @@ def check_hashing() -> None:
 SPARE_FILES = 64  # open files a task needs beyond the ones it merges (its logs, libraries, sockets)
 
 
-def open_files_needed(tasks: int) -> int:
-    return tasks + SPARE_FILES
+# files the exact-dedup find holds open per task: every signature file, and a .c4_dup and a .c4_cnt output per task
+# with duplicates (datatrove keeps each output open to the end); the MinHash merges hold one per task
+EXACT_FIND_FILES_PER_TASK = 3
 
 
-def check_open_files(tasks: int) -> None:
-    """Refused before any work: the merge stages (MinHash buckets, exact-dedup find) open one file per task of
-    the signature stage at once, and fail with "Too many open files" after the whole signature pass, where the hard
-    limit here is lower (a node's may differ; the soft limit is raised to it by `OpenFilesLimit`)."""
+def open_files_needed(tasks: int, per_task: int = 1) -> int:
+    return per_task * tasks + SPARE_FILES
+
+
+def check_open_files(tasks: int, exact: bool = False) -> None:
+    """Refused before any work: the merge stages (MinHash buckets and clusters, exact-dedup find) open files per task
+    of the signature stage at once, and fail with "Too many open files" after the whole signature pass, where the
+    hard limit here is lower (a node's may differ; the soft limit is raised to it by `OpenFilesLimit`)."""
     import resource
 
+    per_task = EXACT_FIND_FILES_PER_TASK if exact else 1
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and open_files_needed(tasks) > hard:
-        raise DocumentError(f"--tasks {tasks}: deduplication merges one file per task at once, and this machine lets a "
-                            f"process open {hard} files (ulimit -Hn): give --tasks {hard - SPARE_FILES} or fewer, or "
-                            "ask for a higher limit")
+    if hard != resource.RLIM_INFINITY and open_files_needed(tasks, per_task) > hard:
+        merges = "one file per task" if per_task == 1 else f"{per_task} files per task (exact dedup)"
+        raise DocumentError(f"--tasks {tasks}: deduplication merges {merges} at once, and this machine lets a process "
+                            f"open {hard} files (ulimit -Hn): give --tasks {(hard - SPARE_FILES) // per_task} or "
+                            "fewer, or ask for a higher limit")
 
 
 class OpenFilesLimit(PipelineStep):
@@ -66,21 +73,22 @@ class OpenFilesLimit(PipelineStep):
     name = "📂 open files limit"
     type = "🔧 - SETUP"
 
-    def __init__(self, tasks: int):
+    def __init__(self, tasks: int, per_task: int = 1):
         super().__init__()
-        self.tasks = tasks
+        self.tasks, self.per_task = tasks, per_task
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):  # not a generator: raised before the next step
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = open_files_needed(self.tasks)
+        wanted = open_files_needed(self.tasks, self.per_task)
         if soft != resource.RLIM_INFINITY and soft < wanted:
             raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
             resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
             if raised < wanted:
-                raise RuntimeError(f"this stage opens {self.tasks} files at once and this node lets a process open "
-                                   f"{hard} (ulimit -Hn): run again with --tasks {hard - SPARE_FILES} or fewer")
+                raise RuntimeError(f"this stage opens {self.per_task * self.tasks} files at once and this node lets a "
+                                   f"process open {hard} (ulimit -Hn): run again with --tasks "
+                                   f"{(hard - SPARE_FILES) // self.per_task} or fewer")
         return data
 
 

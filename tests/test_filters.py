@@ -937,6 +937,60 @@ print(len(held))
 """
 
 
+MERGE_STAGES = """
+import json, os, resource, struct, sys
+import numpy as np
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.exact_dedup import get_sig_dtype
+from edu_filter.filters.apply import ApplyConfig, build_stages
+from edu_filter.filters.dedup import exact_dedup_config
+from edu_filter.filters.io import expand_inputs
+
+tmp, tasks = sys.argv[1], 400
+out = f"{tmp}/out"
+with open(f"{tmp}/in.jsonl", "w") as fh:
+    fh.write(json.dumps({"id": "a", "text": "a document"}) + "\\\\n")
+cfg = ApplyConfig(inputs=[f"{tmp}/in.jsonl"], output=out, model="unused", threshold=3, exact_dedup=True, tasks=tasks,
+                  keep_work=True)
+stages = {s.name: s for s in build_stages(cfg, expand_inputs(cfg.inputs), on_gpu=False)}
+# what the signature stages of 400 tasks leave: duplicates shared by neighbouring tasks, pairs in every task
+dt = get_sig_dtype(exact_dedup_config().hash_config)
+os.makedirs(f"{out}/work/exact/sigs/0000")
+for r in range(tasks):
+    sigs = np.array([(r, 1, 0), (r + 1, 1, 1)], dtype=dt)
+    sigs.sort(order=["hash"])
+    sigs.tofile(f"{out}/work/exact/sigs/0000/{r:05d}.c4_sig")
+os.makedirs(f"{out}/work/minhash/buckets")
+for b in range(14):
+    with open(f"{out}/work/minhash/buckets/{b:05d}_00.dups", "wb") as fh:
+        for r in range(tasks):
+            fh.write(struct.pack("<4I", r, 0, r, 1))
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))  # a job's soft limit
+for name in ("exact-find", "minhash-cluster"):
+    LocalPipelineExecutor(stages[name].pipeline, tasks=1, workers=1, logging_dir=f"{out}/logs/{name}").run()
+    assert os.path.exists(f"{out}/logs/{name}/completions/00000"), name
+print(len(os.listdir(f"{out}/work/exact/dups/00000")), len(os.listdir(f"{out}/work/minhash/remove")))
+"""
+
+
+def test_the_exact_find_and_cluster_stages_as_apply_builds_them_open_what_they_need():
+    """exact-find holds every signature file and an output per task and kind (up to 3x the tasks); the MinHash
+    cluster stage a .remove file per task, and raised no limit at all. Both failed with "Too many open files" past
+    ~1,000 tasks (a job's soft limit), after the whole signature pass."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1500:
+        pytest.skip("this machine's hard limit of open files is too low to show it")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([sys.executable, "-c", MERGE_STAGES, tmp], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # a .c4_dup for the 399 tasks dropping a copy, a .c4_cnt for the 399 keeping one; a .remove per task
+    assert run.stdout.split()[-2:] == ["798", "400"]
+
+
 def test_a_merge_stage_raises_its_open_files_limit_to_what_merging_every_task_needs():
     """Jobs inherit the login node's soft limit (often 1024): the MinHash buckets stage, opening one signature file
     per task at once, failed with "Too many open files" at the first run of more than ~1,000 tasks."""
@@ -957,6 +1011,10 @@ def test_a_merge_stage_raises_its_open_files_limit_to_what_merging_every_task_ne
     if hard != resource.RLIM_INFINITY:
         with pytest.raises(DocumentError, match=r"--tasks \d+: deduplication merges one file per task at once"):
             check_open_files(hard)
+        check_open_files(hard // 3 - 30, exact=True)
+        with pytest.raises(DocumentError, match=rf"--tasks {hard // 3}: deduplication merges 3 files per task "
+                                                rf"\(exact dedup\) at once, .* give --tasks {(hard - 64) // 3} or fewer"):
+            check_open_files(hard // 3, exact=True)
 
 
 def test_a_long_task_writes_its_progress_file_less_often(tmp_path, monkeypatch):
