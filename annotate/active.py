@@ -293,16 +293,17 @@ class ActiveAnnotation:
         labels = np.full(len(self.docs), np.nan)
         rows: dict[int, dict] = {}
         for r in range(self.selector.rounds):
-            if r in recorded:
-                drawn = sorted(recorded[r], key=lambda pair: position[pair[0]])
-                choice = RoundChoice(r, np.array([position[d] for d, _ in drawn]), np.array([p for _, p in drawn]))
-            else:
+            replayed = r in recorded
+            if not replayed:
                 choice = self.selector.choose(r, labels)
-                cache.record_selection(key, r, [(self.docs[i]["id"], p)
-                                                for i, p in zip(choice.indices, choice.probabilities)], self.pool)
+                # as stored: another run sharing the cache may have drawn this round first
+                recorded[r] = cache.record_selection(key, r, [(self.docs[i]["id"], p) for i, p in zip(
+                    choice.indices, choice.probabilities)], self.pool)
+            drawn = sorted(recorded[r], key=lambda pair: position[pair[0]])
+            choice = RoundChoice(r, np.array([position[d] for d, _ in drawn]), np.array([p for _, p in drawn]))
             self.selector.record(choice)
             if announce is not None:
-                announce(r, self.selector.rounds, len(choice.indices), r in recorded)
+                announce(r, self.selector.rounds, len(choice.indices), replayed)
             batch = await score([self.docs[i] for i in choice.indices])
             for i, row in zip(choice.indices, batch):
                 rows[int(i)] = row

@@ -260,16 +260,28 @@ class AnswerCache:
         return None if row is None else row[0]
 
     def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]],
-                         pool: str) -> None:
-        """Store one round's draw from `pool` and commit it now, before its documents are sent."""
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN")
-        self._db.execute("INSERT OR IGNORE INTO selection_pools VALUES (?, ?)", (selection_key, pool))
-        self._db.executemany(
-            "INSERT INTO selections (selection_key, round, doc_id, probability) VALUES (?, ?, ?, ?)",
-            [(selection_key, round_index, doc_id, float(p)) for doc_id, p in drawn],
-        )
-        self.commit()
+                         pool: str) -> list[tuple[str, float]]:
+        """Store one round's draw from `pool` and commit it now, before its documents are sent. Returns the round's
+        draw as stored: another run sharing this cache may have drawn the round first, and its draw is the one (two
+        draws would spend the budget twice; the second insert failed with a traceback)."""
+        self.commit()  # answers pending: the round's transaction takes the write lock at once
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            stored = self._db.execute(
+                "SELECT doc_id, probability FROM selections WHERE selection_key = ? AND round = ? ORDER BY doc_id",
+                (selection_key, round_index)).fetchall()
+            if not stored:
+                self._db.execute("INSERT OR IGNORE INTO selection_pools VALUES (?, ?)", (selection_key, pool))
+                self._db.executemany(
+                    "INSERT INTO selections (selection_key, round, doc_id, probability) VALUES (?, ?, ?, ?)",
+                    [(selection_key, round_index, doc_id, float(p)) for doc_id, p in drawn],
+                )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise self._cannot_write(e) from None
+        return [(doc_id, float(p)) for doc_id, p in stored] or [(doc_id, float(p)) for doc_id, p in drawn]
 
 
 def recorded_sampler(path: str | Path) -> str | None:

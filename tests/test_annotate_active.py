@@ -338,3 +338,27 @@ def test_active_run_killed_with_sigkill_resumes_asking_only_for_missing_answers(
             assert row["score"] == labels[row["id"]]
     finally:
         server.stop()
+
+
+def test_a_round_another_run_drew_first_is_the_one_both_use(tmp_path):
+    """Two `--select active` runs into other outputs may share one answer cache: the second to record a round failed
+    with a traceback (a UNIQUE constraint), and two draws would spend the budget twice. The round drawn first is
+    the one both use; a cache that cannot be written is one clear error."""
+    import sqlite3
+
+    from edu_filter.annotate.cache import AnswerCache
+    from edu_filter.documents import RunError
+
+    path = tmp_path / "answers.sqlite"
+    with AnswerCache(path, {"run": "a"}) as first, AnswerCache(path, {"run": "a"}) as second:
+        assert first.selection("k") == second.selection("k") == {}  # both read the draws before either drew
+        mine = first.record_selection("k", 0, [("d1", 0.5), ("d2", 0.25)], "pool")
+        assert second.record_selection("k", 0, [("d3", 0.5)], "pool") == mine == [("d1", 0.5), ("d2", 0.25)]
+        assert second.selection("k") == {0: [("d1", 0.5), ("d2", 0.25)]}
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the wait
+        second._db.execute("PRAGMA busy_timeout=100")
+        with pytest.raises(RunError, match="the answer cache .* cannot be written .*database is locked"):
+            second.record_selection("k", 1, [("d4", 1.0)], "pool")
+        other.execute("ROLLBACK")
+        other.close()
