@@ -135,17 +135,23 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+def model_folder_or_none(model: str | os.PathLike) -> Path | None:
+    """`resolve_model_dir`, or None where it cannot: the checks before any work leave that to loading, which says
+    why."""
+    try:
+        return resolve_model_dir(model)
+    except ValueError:
+        return None
+
+
 def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
     """The scoring options a fastText model has no use for (see `load_scorer`), given for one: refused by name
     rather than ignored (`--dtype int8` would read as a quantised run)."""
     named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
     if not named:
         return
-    try:
-        folder = resolve_model_dir(model)
-    except ValueError:  # loading it says why
-        return
-    if (folder / FASTTEXT_CONFIG).exists():
+    folder = model_folder_or_none(model)
+    if folder is not None and (folder / FASTTEXT_CONFIG).exists():
         raise InputError(f"{', '.join(named)} {'is an option' if len(named) == 1 else 'are options'} of transformer "
                          f"classifiers; {model} is a fastText model, which reads whole documents on a CPU: leave "
                          f"{'it' if len(named) == 1 else 'them'} out")
@@ -166,13 +172,8 @@ def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
     """`--max-length` against what a transformer classifier (a folder, or a hub id through the hub cache) reads,
     before any work: more tokens than its positions failed every scoring task with a tensor-size error, fewer than
     its special tokens with another."""
-    if max_length is None:
-        return
-    try:
-        folder = resolve_model_dir(model)
-    except ValueError:  # loading it says why
-        return
-    if (folder / FASTTEXT_CONFIG).exists():
+    folder = model_folder_or_none(model) if max_length is not None else None
+    if folder is None or (folder / FASTTEXT_CONFIG).exists():
         return
     from transformers import AutoTokenizer
 

@@ -537,17 +537,22 @@ def test_submitted_jobs_reads_lists_and_the_one_id_per_stage_of_older_run_folder
     assert submitted_jobs(tmp_path / "nothing") == {}
 
 
-def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
-    """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
-    from edu_filter.documents import RunError
-    from edu_filter.filters import executors as ex
-
+def unreachable_controller(tmp_path: Path, monkeypatch) -> None:
+    """The Slurm commands of this test talk to a controller that does not answer (real squeue, real failures)."""
     if shutil.which("squeue") is None:
         pytest.skip("squeue is not installed")
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=unreachable\nSlurmctldHost=nowhere(127.0.0.9)\nSlurmctldPort=6999\n"
                     "MessageTimeout=1\nAuthType=auth/munge\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))
+
+
+def test_a_failing_squeue_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
+    """squeue against a controller it cannot reach: following the chain must not mistake that for 'all jobs gone'."""
+    from edu_filter.documents import RunError
+    from edu_filter.filters import executors as ex
+
+    unreachable_controller(tmp_path, monkeypatch)
     monkeypatch.setattr(ex, "SQUEUE_RETRY_S", 0.01)
     with pytest.raises(RunError, match="squeue failed 5 times .*controller"):
         ex.queued_jobs(str(tmp_path / "out"))
@@ -566,12 +571,7 @@ def test_wait_follows_the_chain_by_its_files_while_slurm_does_not_answer(tmp_pat
     from edu_filter.filters import executors as ex
     from edu_filter.filters.apply import Stage
 
-    if shutil.which("squeue") is None:
-        pytest.skip("squeue is not installed")
-    conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=unreachable\nSlurmctldHost=nowhere(127.0.0.9)\nSlurmctldPort=6999\n"
-                    "MessageTimeout=1\nAuthType=auth/munge\n")
-    monkeypatch.setenv("SLURM_CONF", str(conf))
+    unreachable_controller(tmp_path, monkeypatch)
     monkeypatch.setattr(ex, "SQUEUE_ATTEMPTS", 1)
     out = tmp_path / "out"
     ex.save_stage_list(str(out), [Stage("first", [], 1), Stage("report", [], 1)])
