@@ -443,8 +443,9 @@ class ApplyInputReader(BaseReader):
         return Document(text="", id=source, metadata=metadata)
 
     def _jsonl_lines(self, raw, label: str, keep, progress: "TaskProgress", ranges: list | None):
-        """(source, line) of the non-blank lines to read, `keep` choosing among them: all of the file (FILE:LINE), or
-        those starting in the byte `ranges` ((None, first byte, bytes)), named FILE@BYTE."""
+        """(source, line, its length where it is over MAX_LINE_BYTES, else None) of the non-blank lines to read, `keep`
+        choosing among them: all of the file (FILE:LINE), or those starting in the byte `ranges` ((None, first byte,
+        bytes)), named FILE@BYTE. A line over MAX_LINE_BYTES comes as its start only."""
         if ranges is None:
             fh = gzip.GzipFile(fileobj=raw) if label.lower().endswith(".gz") else raw
             lineno = 0
