@@ -281,7 +281,7 @@ class AnswerCache:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise self._cannot_write(e) from None
-        return [(doc_id, float(p)) for doc_id, p in stored] or [(doc_id, float(p)) for doc_id, p in drawn]
+        return [(doc_id, float(p)) for doc_id, p in stored or drawn]
 
 
 def recorded_sampler(path: str | Path) -> str | None:

@@ -391,9 +391,8 @@ class EduScorer(Scorer):
             saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length)
         if model.config.num_labels != 1:
             raise ValueError(f"{folder}: expected a regression model with one logit, got {model.config.num_labels}")
-        if max_length is not None and max_length > readable_tokens(config, tokenizer):
-            raise ValueError(f"max_length {max_length}: {path_or_hub_id} reads at most "
-                             f"{readable_tokens(config, tokenizer)} tokens per sequence")
+        if max_length is not None and max_length > (limit := readable_tokens(config, tokenizer)):
+            raise ValueError(f"max_length {max_length}: {path_or_hub_id} reads at most {limit} tokens per sequence")
         if int8:
             model = quantize_int8(model.eval())
         return cls(

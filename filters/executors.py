@@ -73,8 +73,7 @@ def held(job: dict) -> bool:
     """A job Slurm holds: it never starts until released (`scontrol release`), and the chain waits on it. A job
     whose launch failed on a node is requeued held ("launch failed requeued held"); a user or an admin may hold one
     (JobHeldUser, JobHeldAdmin)."""
-    return job["state"] in ("PENDING", "REQUEUE_HOLD") and (
-        job["state"] == "REQUEUE_HOLD" or "held" in job["reason"].lower())
+    return job["state"] == "REQUEUE_HOLD" or (job["state"] == "PENDING" and "held" in job["reason"].lower())
 
 
 def never_starts(reason: str) -> str | None:

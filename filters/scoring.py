@@ -162,23 +162,24 @@ def count_pieces(text: str) -> list[str]:
     token off at most."""
     pieces, start, size = [], 0, COUNT_PIECE_CHARS
     while len(text) - start > size:
-        cut = start + size
-        for safe in SAFE_CUTS:
-            # the last such place, looked for near the end first: usually within a few hundred characters
-            for tail in (4096, size):
-                low = max(start + 1, start + size - tail)
-                found = None
-                for found in safe.finditer(text, low, start + size):
-                    pass
-                if found is not None:
-                    cut = found.start()
-                    break
-            if cut < start + size:
-                break
+        cut = _last_safe_cut(text, start, start + size) or start + size
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
+
+
+def _last_safe_cut(text: str, start: int, end: int) -> int | None:
+    """The last place in text[start + 1:end] where SAFE_CUTS allow a cut, the first kind before the second; looked
+    for in the last 4096 characters first, where it usually is."""
+    for safe in SAFE_CUTS:
+        for low in (max(start + 1, end - 4096), start + 1):
+            found = None
+            for found in safe.finditer(text, low, end):
+                pass
+            if found is not None:
+                return found.start()
+    return None
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
@@ -197,21 +198,22 @@ def count_tokens(tokenizer, texts: list[str]) -> list[int]:
             return [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
 
     counts = [0] * len(texts)
-    batch: list[str] = []
-    owners: list[int] = []
+
+    def count(batch: list[tuple[int, str]]) -> None:
+        for (owner, _), n in zip(batch, encode([piece for _, piece in batch])):
+            counts[owner] += n
+
+    batch: list[tuple[int, str]] = []  # (text, piece), at most COUNT_BATCH_CHARS of pieces
     chars = 0
     for i, text in enumerate(texts):
-        for piece in count_pieces(text) if len(text) > COUNT_PIECE_CHARS else (text,):
+        for piece in count_pieces(text):
             if batch and chars + len(piece) > COUNT_BATCH_CHARS:
-                for owner, n in zip(owners, encode(batch)):
-                    counts[owner] += n
-                batch, owners, chars = [], [], 0
-            batch.append(piece)
-            owners.append(i)
+                count(batch)
+                batch, chars = [], 0
+            batch.append((i, piece))
             chars += len(piece)
     if batch:
-        for owner, n in zip(owners, encode(batch)):
-            counts[owner] += n
+        count(batch)
     return counts
 
 
