@@ -678,6 +678,11 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
                 local = os.path.join(folder, "ray_logs", "logs", f"task_{rank:05d}.log")
                 if self.logging_dir.size(f"logs/task_{rank:05d}.log") == os.path.getsize(local):
                     os.remove(local)
+            # and its folders once empty (libraries make theirs in the temporary folder too: torch's compile cache),
+            # else every stage of every run left one per node; another task of the stage still running keeps them
+            for parent, _, _ in os.walk(folder, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
 
 
 def ray_task_log_folder(logging_dir: str) -> str:

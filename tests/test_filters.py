@@ -922,8 +922,16 @@ def test_ray_task_logs_are_kept_in_a_temporary_folder_of_their_run(tmp_path, mon
         WatchedRayExecutor([step], tasks=1, logging_dir=str(tmp_path / run / "logs"))._run_for_rank(0)
         assert f"hello from rank 0 of {run}" in (tmp_path / run / "logs/logs/task_00000.log").read_text()
     assert tempfile.tempdir == str(tmp_path / "tmp")  # put back
-    folders = sorted(p.name for p in (tmp_path / "tmp").iterdir())
-    assert len(folders) == 2 and all(f.startswith("edu-filter-") for f in folders), folders  # no shared ray_logs
+    # nothing left on the node once the logs are copied: no shared ray_logs, no empty folder per stage and run
+    assert list((tmp_path / "tmp").iterdir()) == []
+    (tmp_path / "c" / "logs").mkdir(parents=True)
+    (tmp_path / "c" / "logs" / "logs").write_text("a file where the logs folder goes: the copy fails")
+    step = Says()
+    step.tag = "c"
+    with pytest.raises(Exception):
+        WatchedRayExecutor([step], tasks=1, logging_dir=str(tmp_path / "c" / "logs"))._run_for_rank(0)
+    kept = list((tmp_path / "tmp").rglob("task_00000.log"))  # a log not copied stays where it was written
+    assert len(kept) == 1 and "hello from rank 0 of c" in kept[0].read_text()
 
 
 OPENS_MANY = """
