@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from edu_filter.classifiers.device import default_num_threads
 from edu_filter.documents import bundled_data, iter_raw_rows
 
 # Where a function body ends (as in the Codex paper and bigcode-evaluation-harness).
@@ -58,12 +59,19 @@ def check_program(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+# The end of a failed program's stderr kept for its detail; programs write stdout and stderr to nowhere and a file
+# capped at STDERR_CAP_BYTES (a completion that prints in a loop filled the pipes' reader: GBs in this process).
+STDERR_TAIL_BYTES = 4096
+STDERR_CAP_BYTES = 16 * 2**20
+
+
 def _limit_resources(memory_bytes: int):
     def apply():
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (STDERR_CAP_BYTES, STDERR_CAP_BYTES))
 
     return apply if sys.platform.startswith("linux") else None
 
@@ -73,33 +81,36 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> E
     with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
         path = Path(tmp) / "program.py"
         path.write_text(program)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", str(path)],
-            cwd=tmp,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_limit_resources(memory_mb * 2**20),
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-        )
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return ExecutionResult("timeout", f"no result after {timeout:g}s")
-    if proc.returncode == 0:
-        return ExecutionResult("passed")
-    lines = stderr.decode(errors="replace").strip().splitlines()
+        with open(Path(tmp) / "stderr", "w+b") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", str(path)],
+                cwd=tmp,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_limit_resources(memory_mb * 2**20),
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+            )
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return ExecutionResult("timeout", f"no result after {timeout:g}s")
+            if proc.returncode == 0:
+                return ExecutionResult("passed")
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
+            lines = stderr.read().decode(errors="replace").strip().splitlines()
     return ExecutionResult("failed", lines[-1] if lines else f"exit code {proc.returncode}")
 
 
 def execute_completions(
     problems: list[dict], completions: list[str], timeout: float = 10.0, workers: int | None = None
 ) -> list[ExecutionResult]:
-    """Check each completion against its problem's tests, several subprocesses at a time."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    """Check each completion against its problem's tests, several subprocesses at a time (one per CPU this process
+    may use: under a scheduler its allocation, not every core of the node)."""
+    with ThreadPoolExecutor(max_workers=workers or default_num_threads()) as pool:
         return list(pool.map(lambda pc: run_program(check_program(*pc), timeout), zip(problems, completions)))
 
 

@@ -50,6 +50,30 @@ def test_an_infinite_loop_is_killed_at_the_timeout(problems):
     assert time.time() - t0 < 15
 
 
+RUNS_A_CHATTY_PROGRAM = """
+import resource, sys
+from edu_filter.ablate.humaneval import run_program
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+looping = run_program("while True:\\n    print('x' * 1000)\\n", timeout=3)
+noisy = run_program("import sys\\nfor _ in range(10_000):\\n    print('warning ' * 100, file=sys.stderr)\\n"
+                    "raise ValueError('the last line')\\n", timeout=60)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(looping.status, noisy.status, noisy.detail, grown // 1024, sep="|")
+"""
+
+
+def test_a_program_printing_without_end_costs_this_process_no_memory():
+    """A greedy completion looping over a print (indented, so no stop sequence cuts it) had every byte it wrote held
+    by this process until its timeout: GBs per program, one program per CPU at a time."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RUNS_A_CHATTY_PROGRAM], capture_output=True, text=True, timeout=120)
+    looping, noisy, detail, grown_mb = out.stdout.strip().split("|")
+    assert (looping, noisy, detail) == ("timeout", "failed", "ValueError: the last line"), out.stderr
+    assert int(grown_mb) < 100
+
+
 def test_generated_code_cannot_touch_this_process(problems, tmp_path):
     marker = tmp_path / "marker"
     program = f"import os\nos.environ['EDU_FILTER_LEAK'] = '1'\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
