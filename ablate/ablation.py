@@ -72,6 +72,8 @@ def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
             raise ValueError(f"{option} {spec!r}: expected NAME=PATH")
         if "/" in name or name in named:
             raise ValueError(f"{option} {spec!r}: names must be unique and contain no '/'")
+        if name.startswith(".") or (option == "--data" and name == "eval"):  # tokens/eval/ holds the --eval sets
+            raise ValueError(f"{option} {spec!r}: {name!r} is a name the output folder uses; give another name")
         if option == "--eval" and name in EVAL_HISTORY_KEYS:  # the evaluation history's own fields
             raise ValueError(f"{option} {spec!r}: {name!r} names a field of the evaluation history; give another name")
         named[name] = path

@@ -511,6 +511,9 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
                            (["--override", "seq_len=1"], "seq_len must be at least 2"),
                            (["--eval", f"tokens={WEB_VAL}"], "'tokens' names a field of the evaluation history")):
         refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, *args], fragment, absent=(out.parent,))
+    # a dataset named eval had its held-out tokens overwritten by an --eval set's (tokens/eval/NAME.bin)
+    refused(["ablate", "--data", f"eval={WEB_VAL}", "--data", f"b={WEB_VAL}", "-o", out, "--eval", f"val={WEB_VAL}"],
+            "'eval' is a name the output folder uses", absent=(out.parent,))
     refused(["score", "--show-prompt", "web", "--prompt", "code"], "without --prompt")
     scored = out / "s.jsonl"
     refused(["score", WEB_VAL, "-o", scored, "--backend", "vllm", "--model", "m", "--base-url", NO_SERVER],
