@@ -2,7 +2,8 @@
 
 A score counts only where it ends its statement: "Educational score: 3" at the end of a line or before punctuation,
 optionally bold (`**Educational score:** 3`, `Educational Score: **3**`), bracketed, "3/5", "3 out of 5" or
-"3 points". Text on later lines and the same score repeated are fine.
+"3 points". Text on later lines and the same score repeated are fine. A reasoning model's thinking
+(`<think>...</think>`, left in the answer by a server without a reasoning parser) is not read.
 
 Anything else gives score None and a reason, because a wrong score is worse for the classifier than a missing one:
 `unparseable` (no score, not a whole number, outside 0-5, out of 10) or `ambiguous` (arithmetic after the number,
@@ -39,6 +40,8 @@ _ENDING = re.compile(
 # A number below "Educational score:" is the score only alone on its line: "Educational score:\n1. The extract..." is a
 # heading over a numbered list, not a score of 1.
 _ALONE = re.compile(_CLOSE + _OUT_OF + _POINTS + r"\.?[ \t]*(?:\r?\n|\Z)", re.IGNORECASE)
+# The tags around a reasoning model's thinking when the server leaves it in the answer.
+REASONING_START, REASONING_END = "<think>", "</think>"
 _ARITHMETIC = re.compile(_CLOSE + r"(?:=|[-+*×÷][ \t]*\(?[ \t]*\d)")
 
 
@@ -77,6 +80,13 @@ def parse_score(response: str | None) -> tuple[int | None, str | None]:
     Reasons start with their kind (`unparseable: ...` or `ambiguous: ...`), which the run summary counts."""
     if not response or not response.strip():
         return None, "unparseable: empty answer"
+    # a reasoning model served without a reasoning parser (DeepSeek-R1 distills, Qwen3) answers after its thinking,
+    # whose trial scores ("educational score: 2 seems low") made every such answer ambiguous
+    thought_end = response.rfind(REASONING_END)
+    if thought_end >= 0:
+        response = response[thought_end + len(REASONING_END):]
+    elif REASONING_START in response:
+        return None, f"unparseable: the answer ends inside its reasoning ({REASONING_START} without {REASONING_END})"
     statements = [_read_statement(response, m) for m in _STATEMENT.finditer(response)
                   if not m.group("below") or _ALONE.match(response, m.end())]
     if not statements:

@@ -66,6 +66,10 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 3/5—good", 3),
         ("Educational score: 3 points—good", 3),
         ("Educational score: 3 — Points awarded: relevance, coherence, exercises.", 3),  # not joined to the dash
+        # a reasoning model's thinking left in the answer: its trial scores made the answer ambiguous
+        ("<think>\nThe extract is basic: educational score: 2 seems low, it has exercises.\n</think>\n\n"
+         "The extract is a coherent lesson with exercises.\nEducational score: 3", 3),
+        ("It lists facts; maybe Educational score: 1?\n</think>\nEducational score: 2", 2),  # the template opened it
     ],
 )
 def test_parser_accepts_what_models_really_write(response, score):
@@ -91,6 +95,8 @@ def test_parser_accepts_what_models_really_write(response, score):
          "no 'Educational score"),
         ("**Educational score:**\n* 1 point: basic information\n* 1 point: coherent\n\nTotal score: 2",
          "no 'Educational score"),
+        ("<think>\nEducational score: 3 looks right, but let me check the rubric", "ends inside its reasoning"),
+        ("<think>Educational score: 3 maybe</think>\nI cannot evaluate this.", "no 'Educational score"),
     ],
 )
 def test_parser_never_guesses(response, reason):
