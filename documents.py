@@ -589,15 +589,17 @@ def _bad_row(path: str, row: int, error: Exception) -> DocumentError:
 
 
 def iter_parquet_batches(path: str, columns: Callable | None = None,
-                         batch_size: int = PARQUET_BATCH_ROWS) -> Iterator[tuple[int, object]]:
+                         batch_size: int | Callable = PARQUET_BATCH_ROWS) -> Iterator[tuple[int, object]]:
     """(number of its first row, record batch) of a local or remote Parquet file, so memory holds a batch, not the
-    file; with `columns` (the pq.ParquetFile -> the names of the columns to read), only those columns are read. A
-    file that cannot be read is a DocumentError naming it and the rows read."""
+    file; with `columns` (the pq.ParquetFile -> the names of the columns to read), only those columns are read, in
+    batches of `batch_size` rows (or of `batch_size(chosen columns)`). A file that cannot be read is a DocumentError
+    naming it and the rows read."""
     lineno = 0
     try:
         with _parquet_file(path) as parquet:
             chosen = columns(parquet) if columns else None
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=chosen):
+            rows = batch_size(chosen) if callable(batch_size) else batch_size
+            for batch in parquet.iter_batches(batch_size=rows, columns=chosen):
                 yield lineno + 1, batch
                 lineno += batch.num_rows
     except _read_errors(path) as e:

@@ -43,6 +43,7 @@ from edu_filter.documents import (
     iter_raw_rows,
     local_files_under,
     parquet_rows,
+    PARQUET_BATCH_ROWS,
 )
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
@@ -306,6 +307,10 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
         return ([c for c in wanted if c in names and (c != "metadata" or _nests_any(parquet, c, wanted))]
                 + (["text"] if "text" in names and not counted_everywhere else []))
 
+    def batch_rows(chosen: list[str]) -> int:
+        """Numbers only: many rows at a time; with the texts (their words counted): a few MB, not 65k documents."""
+        return PARQUET_BATCH_ROWS if "text" in chosen else CHUNK_ROWS
+
     def add_rows(path: str, numbered_rows) -> None:
         nonlocal chunk
         for lineno, row in numbered_rows:
@@ -321,7 +326,7 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
                 chunk = []
 
     def add_batches(path: str) -> None:
-        for first, batch in iter_parquet_batches(path, columns=choose, batch_size=CHUNK_ROWS):
+        for first, batch in iter_parquet_batches(path, columns=choose, batch_size=batch_rows):
             values = _batch_values(batch, label_field, weight_field)
             if values is None:  # a value to look at: row by row, which names the row
                 add_rows(path, enumerate(parquet_rows(batch), start=first))
