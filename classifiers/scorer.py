@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,12 +39,19 @@ LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Tokenizing a prefix of this many characters per wanted token spares tokenizing megabyte documents in full when only
 # their start is scored. English web text averages ~4.8 characters per BERT token (99th percentile 5.8, max 6.3 on the
-# bundled FineWeb documents), code ~3.4; a text whose prefix comes up short is tokenized again from prefixes
-# CHARS_RETRY_FACTOR times longer each time (at last the whole text), so the result never depends on the bound, only
-# the time does.
+# bundled FineWeb documents), code ~3.4; a text whose prefix comes up short (sparse: whitespace runs, padded tables) is
+# tokenized again in pieces cut where every tokenizer starts a token anyway (SAFE_CUTS: the ids are those of the whole
+# text), each CHARS_RETRY_FACTOR times longer than the last, until it has enough tokens, or SPARSE_SCAN_CHARS of it are
+# read: tokenized whole, a 1 GB document of whitespace needed ~55 GB and 40 minutes, on every rerun of its task. Only
+# such a text's tokens depend on the bound; it counts as truncated.
 CHARS_PER_TOKEN_BOUND = 7
 WORD_BACKOFF_CHARS = 200  # how far a prefix may end before its bound to end at a whitespace
 CHARS_RETRY_FACTOR = 4
+SPARSE_SCAN_CHARS = 1 << 20
+# Where every pre-tokenizer (WordPiece, byte-level BPE as GPT-2's and Llama 3's, Metaspace) starts a new token: before
+# a space that a non-space follows (the run of whitespace before it ends a token of its own), else before whitespace
+# that follows a letter or digit (punctuation may take the newlines after it into its token).
+SAFE_CUTS = (re.compile(r" (?=\S)"), re.compile(r"(?<=[^\W_])\s"))
 # Scoring batches when none is given. A GPU needs big ones: a BERT-base classifier at 512 tokens on one H200 scored
 # 1,276 docs/s in batches of 256 documents and 2,565 in batches of 1,024 (benchmarks/RESULTS.md), so a GPU batch holds
 # this many tokens (1,024 documents at 512, 64 at 8,192). On a CPU the batch size barely matters: 32 documents.
@@ -76,6 +84,36 @@ def text_prefix(text: str, limit: int) -> str:
     cut = text[:limit]
     space = max(cut.rfind(c) for c in " \n\t\r")
     return cut[:space] if space >= limit - WORD_BACKOFF_CHARS else cut
+
+
+def _sparse_ids(text: str, enough: int, first: int, encode: Callable) -> tuple[list[int], bool]:
+    """The ids of a sparse text's start, `encode`d in pieces cut at SAFE_CUTS (a stretch without one, a blob, where
+    it must: one token off at most), CHARS_RETRY_FACTOR times longer each from `first` characters: until more than
+    `enough`, the end, or SPARSE_SCAN_CHARS read; and whether it stopped there."""
+    ids: list[int] = []
+    start, size = 0, first
+    while start < len(text) and len(ids) <= enough:
+        if start >= SPARSE_SCAN_CHARS:
+            return ids, True
+        size = min(size * CHARS_RETRY_FACTOR, SPARSE_SCAN_CHARS - start)
+        end = start + size
+        cut = len(text) if end >= len(text) else (last_safe_cut(text, start, end) or end)
+        ids += encode([text[start:cut]])[0]
+        start = cut
+    return ids, False
+
+
+def last_safe_cut(text: str, start: int, end: int) -> int | None:
+    """The last place in text[start + 1:end] where SAFE_CUTS allow a cut, the first kind before the second; looked
+    for in the last 4096 characters first, where it usually is."""
+    for safe in SAFE_CUTS:
+        for low in (max(start + 1, end - 4096), start + 1):
+            found = None
+            for found in safe.finditer(text, low, end):
+                pass
+            if found is not None:
+                return found.start()
+    return None
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -456,8 +494,9 @@ class EduScorer(Scorer):
         return self._sequences(list(texts), chunks_per_doc=1)[0]
 
     # --- internals ----------------------------------------------------------------------------------------------
-    def _content_ids(self, texts: list[str], wanted_tokens: int) -> list[list[int]]:
-        """Content token ids (no special tokens) of each text, complete at least up to `wanted_tokens` + 16."""
+    def _content_ids(self, texts: list[str], wanted_tokens: int) -> tuple[list[list[int]], list[bool]]:
+        """Content token ids (no special tokens) of each text, complete at least up to `wanted_tokens` + 16, and
+        which sparse texts were read only to SPARSE_SCAN_CHARS (their ids are those of that start)."""
         def encode(batch: list[str]) -> list[list[int]]:
             return self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -466,21 +505,22 @@ class EduScorer(Scorer):
         for start in range(0, len(texts), 256):
             batch = texts[start : start + 256]
             out += encode([text_prefix(t, char_limit) for t in batch])
-        # Sparse text (whitespace runs, long tables): a prefix that did not end its text and gave wanted + 16 tokens
-        # or fewer may have cut some of the first wanted tokens; those texts are tokenized again from longer prefixes.
-        limit = char_limit
-        while short := [i for i, row in enumerate(out) if len(texts[i]) > limit and len(row) <= wanted_tokens + 16]:
-            limit *= CHARS_RETRY_FACTOR
-            for i, row in zip(short, encode([text_prefix(texts[i], limit) for i in short])):
-                out[i] = row
-        return out
+        # a prefix that did not end its text and gave wanted + 16 tokens or fewer may have cut some of the first
+        # wanted tokens
+        enough = wanted_tokens + 16
+        cut_short = [False] * len(texts)
+        for i, text in enumerate(texts):
+            if len(text) > char_limit and len(out[i]) <= enough:
+                out[i], cut_short[i] = _sparse_ids(text, enough, char_limit, encode)
+        return out, cut_short
 
     def _sequences(self, texts: list[str], chunks_per_doc: int):
         """Framed sequences of up to `chunks_per_doc` consecutive chunks per text, with each sequence's document and
         content-token count, and which texts were longer than those chunks (the model read only their start)."""
         content_len = self.max_length - self.framer.num_special
-        token_ids = self._content_ids(texts, content_len * chunks_per_doc)  # exact past that length: +16 tokens
-        truncated = np.array([len(ids) > content_len * chunks_per_doc for ids in token_ids], dtype=bool)
+        token_ids, cut_short = self._content_ids(texts, content_len * chunks_per_doc)  # exact past it: +16 tokens
+        truncated = np.array([len(ids) > content_len * chunks_per_doc or short
+                              for ids, short in zip(token_ids, cut_short)], dtype=bool)
         sequences, owner, weight = [], [], []
         for doc, ids in enumerate(token_ids):
             starts = range(0, max(len(ids), 1), content_len)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 
@@ -150,36 +149,19 @@ COUNT_PIECE_CHARS = 1 << 20
 COUNT_BATCH_CHARS = 1 << 23
 
 
-# Where every pre-tokenizer (WordPiece, byte-level BPE as GPT-2's and Llama 3's, Metaspace) starts a new token: before
-# a space that a non-space follows (the run of whitespace before it ends a token of its own), else before whitespace
-# that follows a letter or digit (punctuation may take the newlines after it into its token).
-SAFE_CUTS = (re.compile(r" (?=\S)"), re.compile(r"(?<=[^\W_])\s"))
-
-
 def count_pieces(text: str) -> list[str]:
     """`text` in pieces of at most COUNT_PIECE_CHARS, each cut where a new token starts anyway (SAFE_CUTS), so that
     the pieces' counts add up to the text's. A stretch with no such place (a base64 blob) is cut where it must, one
     token off at most."""
+    from edu_filter.classifiers.scorer import last_safe_cut
+
     pieces, start, size = [], 0, COUNT_PIECE_CHARS
     while len(text) - start > size:
-        cut = _last_safe_cut(text, start, start + size) or start + size
+        cut = last_safe_cut(text, start, start + size) or start + size
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
-
-
-def _last_safe_cut(text: str, start: int, end: int) -> int | None:
-    """The last place in text[start + 1:end] where SAFE_CUTS allow a cut, the first kind before the second; looked
-    for in the last 4096 characters first, where it usually is."""
-    for safe in SAFE_CUTS:
-        for low in (max(start + 1, end - 4096), start + 1):
-            found = None
-            for found in safe.finditer(text, low, end):
-                pass
-            if found is not None:
-                return found.start()
-    return None
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:

@@ -383,6 +383,32 @@ def test_sparse_text_is_tokenized_from_longer_prefixes_until_it_has_enough_token
     assert scorer.token_sequences(texts) == tokenizer(texts, truncation=True, max_length=scorer.max_length)["input_ids"]
 
 
+SCORES_A_HUGE_SPARSE_TEXT = """
+import resource, sys
+from edu_filter.classifiers import load_scorer
+scorer = load_scorer(sys.argv[1])
+text = "hello world " + " " * 30_000_000 + "the rest of the document"
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens = scorer.token_sequences([text])[0]
+_, truncated = scorer.predict([text])
+print(scorer.tokenizer.decode(tokens), truncated.tolist(), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, sep="|")
+"""
+
+
+def test_a_huge_sparse_text_is_read_only_so_far_and_counts_as_truncated(web_model):
+    """A text whose start holds too few tokens was tokenized again from ever longer prefixes, at last whole: 30M
+    spaces took ~1.6 GB and a minute (a 1 GB one ~55 GB, on every rerun of its task). It is read to
+    SPARSE_SCAN_CHARS, and what was read of it is its start's tokens."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SCORES_A_HUGE_SPARSE_TEXT, str(web_model)], capture_output=True,
+                         text=True, timeout=300)
+    decoded, truncated, grown_mb = out.stdout.strip().split("|")
+    assert (decoded, truncated) == ("[CLS] hello world [SEP]", "[True]"), out.stderr[-2000:]
+    assert int(grown_mb) < 400
+
+
 def test_a_batch_without_padding_scores_the_same_without_an_attention_mask(web_model, web_texts):
     """Unpadded batches go to the encoder with no mask (so SDPA may pick its flash kernel): same vectors as an all-ones
     mask; and the default batch is 32 documents on a CPU, a fixed number of tokens on a GPU."""
