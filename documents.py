@@ -381,7 +381,9 @@ def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
 
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible)."""
+    """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible); each file
+    once, as in `apply` (a link to a file of the folder, the folder and a file in it: its rows twice in a training set
+    fell on both sides of the validation split)."""
     files: list[str] = []
     for p in path_list(paths):
         p = str(p)
@@ -396,7 +398,10 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             files.append(str(path))
         else:
             raise DocumentError(f"{p}: no such file or folder")
-    return files
+    once = {}
+    for f in files:
+        once.setdefault(f if is_hub_path(f) else os.path.realpath(f), f)
+    return list(once.values())
 
 
 # A JSONL line longer is no document (a file without line breaks, a JSON array on one line): apply fails it as
@@ -405,6 +410,34 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
 MAX_LINE_BYTES = 64 << 20
 LINE_PIECE_BYTES = 1 << 20
 LINE_HEAD_BYTES = 8000  # what is kept of such a line
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(line: bytes | str):
+    """A JSON line as orjson reads it, else as Python's json reads it: NaN and Infinity (Python's json.dumps writes
+    them), and lone surrogate escapes ("\\ud83d" of an emoji cut in two by a tool), which orjson refuses, each row
+    otherwise failed or stopped the command; a lone surrogate becomes U+FFFD (no writer takes one). A line neither
+    reads raises orjson's error."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise error from None
+        return _without_lone_surrogates(row)
+
+
+def _without_lone_surrogates(value):
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 def lines_readable(fh):
@@ -461,7 +494,7 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
             if not raw.strip():
                 continue
             try:
-                row = orjson.loads(raw)
+                row = json_line(raw)
             except orjson.JSONDecodeError as e:
                 raise DocumentError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):

@@ -46,6 +46,7 @@ from edu_filter.documents import (
     data_files_in,
     distinct_names,
     is_hub_path,
+    json_line,
     lines_readable,
     local_files_under,
     open_parquet,
@@ -498,7 +499,7 @@ class ApplyInputReader(BaseReader):
                     yield self._failed("invalid_utf8", source, f"not valid UTF-8 ({e})", line_bytes)
                     continue
                 try:
-                    row = orjson.loads(line)
+                    row = json_line(line)
                 except orjson.JSONDecodeError as e:
                     yield self._failed("invalid_json", source, f"not valid JSON ({e})", line_bytes)
                     continue
@@ -1114,7 +1115,7 @@ def _first_jsonl_rows(folder: str, name: str, max_lines: int | None = None,
             if lineno == 1:
                 line = line.removeprefix(UTF8_BOM)
             try:
-                row = orjson.loads(line)
+                row = json_line(line)
             except orjson.JSONDecodeError:
                 continue
             if isinstance(row, dict) and not nested_deeper(row, MAX_NESTING):  # the reader fails those

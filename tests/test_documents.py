@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -178,6 +179,13 @@ def test_folders_skip_hidden_files_in_every_reader_and_in_the_fingerprint(tmp_pa
     before = fingerprint(data)
     write_documents([{"id": "hidden", "text": "changed"}], data / ".partial.jsonl")
     assert fingerprint(data) == before  # what is not read does not count as a change
+    # a link to a file of the folder, or the folder and a file in it: each file once, as apply reads them (a
+    # training set held its rows twice, on both sides of the validation split)
+    (data / "sub").mkdir()
+    (data / "sub" / "link.jsonl").symlink_to(data / "part-0.jsonl")
+    assert [r["id"] for r in read_documents([data, data / "part-0.jsonl"])] == ["a"]
+    assert len(expand_paths([data, data / "sub" / "link.jsonl"])) == len(expand_inputs([str(data)])) == 1
+    shutil.rmtree(data / "sub")
     (data / "part-0.jsonl").write_text('{"id": "a", "text": "edited"}\n')
     assert fingerprint(data) != before
     assert [r["id"] for r in read_documents([data / ".cache"])] == ["lock"]  # a hidden folder named is read
