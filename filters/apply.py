@@ -577,8 +577,10 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     from edu_filter.filters.dedup import (
         EXACT_FIND_FILES_PER_TASK,
+        CheckDedupResults,
         DropDedupScratch,
         OpenFilesLimit,
+        RecordDedupResults,
         RecordScratchPeak,
         build_decont_index,
         check_hashing,
@@ -663,11 +665,14 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("exact-signatures", source("exact-signatures", False)
                       + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
                 Stage("exact-find", [OpenFilesLimit(cfg.tasks, EXACT_FIND_FILES_PER_TASK),
-                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact)], 1,
+                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact),
+                                     RecordDedupResults(f"{work}/exact/dups")], 1,
                       merges=True),
             ]
         if cfg.dedup:
-            skip_exact = [ExactDedupFilter(f"{work}/exact/dups", config=exact)] if cfg.exact_dedup else []
+            skip_exact = ([CheckDedupResults([f"{work}/exact/dups"]), ExactDedupFilter(f"{work}/exact/dups",
+                                                                                        config=exact)]
+                          if cfg.exact_dedup else [])
             stages += [
                 Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
                       + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
@@ -677,9 +682,13 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                       minhash.num_buckets * bucket_workers, merges=True),
                 Stage("minhash-cluster", [OpenFilesLimit(cfg.tasks),  # a .remove file per task, held to the end
                                           MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
-                                                              config=minhash)], 1, clusters=True, merges=True),
+                                                              config=minhash),
+                                          RecordDedupResults(f"{work}/minhash/remove")],
+                      1, clusters=True, merges=True),
             ]
-        final = source("filter", True)
+        final = [CheckDedupResults([f"{work}/{found}" for found, on in (("exact/dups", cfg.exact_dedup),
+                                                                        ("minhash/remove", cfg.dedup)) if on]),
+                 *source("filter", True)]
         if cfg.exact_dedup:
             final.append(ExactDedupFilter(f"{work}/exact/dups", config=exact, exclusion_writer=removed(
                 "duplicate", "exact_${rank}.jsonl.gz", "duplicate-exact")))
@@ -737,6 +746,39 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         if clear.targets or clear.count_names:
             stage.pipeline.insert(0, clear)
     return stages
+
+
+def report_again_without_stats(out: str) -> None:
+    """A finished run whose stats.json is gone or unreadable (deleted, or cut short by an older version) has its
+    report stage run again: skipped as done, it left every rerun failing on the missing file."""
+    done, stats = Path(out) / "logs" / "report" / "completions" / "00000", Path(out) / "stats.json"
+    if not done.exists():
+        return
+    try:
+        json.loads(stats.read_text())
+    except (OSError, ValueError):
+        print(f"note: {stats} is missing or unreadable: the report stage runs again to rebuild it", file=sys.stderr,
+              flush=True)
+        done.unlink()
+
+
+def check_dedup_results_kept(out: str, stages: list) -> None:
+    """Before any work: a resumed run whose duplicates were found, and not yet removed by every task, still has what
+    was found (datatrove's filter reads a missing file as "no duplicates" and keeps them all)."""
+    from edu_filter.filters.dedup import CheckDedupResults, RecordDedupResults, dedup_results_lost, missing_dedup_results
+
+    def completed(stage) -> bool:
+        folder = Path(out) / "logs" / stage.name / "completions"
+        return folder.is_dir() and len(list(folder.iterdir())) >= stage.tasks
+
+    finders = {step.folder: stage for stage in stages for step in stage.pipeline
+               if isinstance(step, RecordDedupResults)}
+    for stage in stages:
+        for check in (step for step in stage.pipeline if isinstance(step, CheckDedupResults)):
+            for folder in check.folders:
+                if completed(finders[folder]) and not completed(stage):
+                    if missing := missing_dedup_results(folder):
+                        raise DocumentError(dedup_results_lost(folder, missing))
 
 
 def check_named_fields(files: list[tuple[str, str]], text_field: str, id_field: str) -> None:
@@ -886,11 +928,13 @@ def run_apply(
                             bucket_workers=bucket_workers)
     if executor == "ray":
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
+    report_again_without_stats(cfg.output)
     local_workers = workers or 1
     stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
                           on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
     ex.save_stage_list(cfg.output, stages)
+    check_dedup_results_kept(cfg.output, stages)
     if cfg.dedup or cfg.exact_dedup:
         why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else
                "--keep-top: the fraction is of the deduplicated documents" if cfg.keep_top is not None

@@ -176,6 +176,73 @@ class DropDedupScratch(PipelineStep):
         return files
 
 
+# Written by the one task that finds the duplicates (exact-find, minhash-cluster), beside its results: the files it
+# wrote. datatrove's filters read a missing results file as "no duplicates in this task": results lost to a scratch
+# cleanup (or work/ deleted) before the filter stage ran kept every duplicate, the counts adding up.
+DEDUP_RESULTS_MANIFEST = "_written.json"
+
+
+class RecordDedupResults(PipelineStep):
+    """Last step of the task finding the duplicates: lists what it wrote in `DEDUP_RESULTS_MANIFEST`."""
+
+    name = "📋 dedup results"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        folder = get_datafolder(self.folder)
+        written = sorted(f for f in folder.list_files(recursive=True) if f != DEDUP_RESULTS_MANIFEST)
+        with folder.open(DEDUP_RESULTS_MANIFEST, "w") as f:
+            json.dump({"files": written}, f)
+
+
+def missing_dedup_results(folder: str, rank: int | None = None) -> list[str]:
+    """What `RecordDedupResults` listed in `folder` and is gone (the list itself, when it is): all of it, or of task
+    `rank` only (a .remove file, or .dups and .counts files, named by the rank)."""
+    data = get_datafolder(folder)
+    try:
+        with data.open(DEDUP_RESULTS_MANIFEST) as f:
+            written = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return [DEDUP_RESULTS_MANIFEST]
+    if rank is not None:
+        mine = (f"{rank:06d}.remove", f"{rank:05d}.dups", f"{rank:05d}.counts")
+        return [f for f in written if f.rsplit("/", 1)[-1] in mine and not data.exists(f)]
+    present = set(data.list_files(recursive=True)) if data.exists("") else set()
+    return [f for f in written if f not in present]
+
+
+def dedup_results_lost(folder: str, missing: list[str]) -> str:
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (f"the duplicates the dedup found are gone from {folder} ({shown} missing: a scratch cleanup, or work/ "
+            "deleted?): the filter stage would keep every duplicate. Run again with --overwrite to start over")
+
+
+class CheckDedupResults(PipelineStep):
+    """First step of a task reading the duplicates found (before datatrove's filter, which would keep them all
+    when their file is gone): fails the task, naming what is missing."""
+
+    name = "🔎 dedup results"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folders: list[str]):
+        super().__init__()
+        self.folders = folders
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        for folder in self.folders:
+            missing = missing_dedup_results(folder, rank)
+            if missing:
+                raise DocumentError(dedup_results_lost(folder, missing))
+        if data:
+            yield from data
+
+
 def _completed(logs: str) -> int:
     try:
         return len(os.listdir(os.path.join(logs, "completions")))

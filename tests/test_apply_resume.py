@@ -47,7 +47,20 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [])
+    """And a rerun after the duplicates found went missing (a scratch cleanup, work/ deleted) is refused, naming
+    them: datatrove's filter read a missing .remove file as no duplicates, and kept them all, the counts adding up."""
+    import shutil
+
+    def lose_the_duplicates_found(out: Path, ranks: list[int]) -> None:
+        found = out / "work" / "minhash" / "remove"
+        shutil.move(found, tmp_path / "found")
+        res = run_cli(fixture_args_into(cli_tasks4, out), timeout=300)
+        assert res.returncode == 2, res.stderr[-3000:]
+        said = " ".join(res.stderr.split())
+        assert f"the duplicates the dedup found are gone from {found}" in said and "--overwrite" in said, said
+        shutil.move(tmp_path / "found", found)  # back: the run resumes
+
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [], between=lose_the_duplicates_found)
 
 
 @pytest.mark.slow
@@ -142,7 +155,7 @@ def test_a_task_that_raises_beside_running_ones_is_the_failure_named_not_a_kill(
 def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tmp_path):
     """stats.json was written in place: a kill mid-write (a time limit in the report stage) left a file every later
     rerun failed on in its report stage, and `status` on. It is written whole now; one cut short by an older
-    version is rebuilt."""
+    version, or deleted, is rebuilt."""
     import shutil
 
     out = tmp_path / "out"
@@ -168,6 +181,11 @@ def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tm
     rerun_gives_the_clean_result(cli_tasks4, out, fixture_args_into(cli_tasks4, out))
     assert json.loads((out / "stats.json").read_text())["in"] == json.loads(whole)["in"]
     assert not list(out.glob(".partial-*"))
+    # deleted from a finished run: the report stage was skipped as done, and every rerun failed on the missing file
+    (out / "stats.json").unlink()
+    stderr = rerun_gives_the_clean_result(cli_tasks4, out, fixture_args_into(cli_tasks4, out))
+    assert "stats.json is missing or unreadable: the report stage runs again" in " ".join(stderr.split())
+    assert json.loads((out / "stats.json").read_text())["in"] == json.loads(whole)["in"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import errno
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -543,6 +544,23 @@ def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
     assert docs[2].metadata["input_source"] == "mixed.jsonl:3"
     assert b"caf\xe9" in __import__("base64").b64decode(docs[2].metadata["raw_base64"])  # raw bytes kept
     assert docs[4].metadata["text_original"] == "7"
+
+
+def test_json_that_python_writes_and_orjson_refuses_is_read(tmp_path):
+    """NaN and Infinity (Python's json.dumps writes them) and a lone surrogate escape (an emoji cut in two by a
+    tool) were refused by orjson: the row went to failed/invalid_json under its line's name, and `score`, `train`
+    and `ablate` stopped at it. Read as Python's json reads them, the lone surrogate as U+FFFD."""
+    path = tmp_path / "python.jsonl"
+    path.write_bytes(b'{"id": "nan", "text": "a page", "ppl": NaN, "p": [Infinity, -Infinity]}\n'
+                     b'{"id": "cut", "text": "an emoji cut \\ud83d in two", "title": "\\udc00"}\n'
+                     b'{"id": "broken", "text": NaN\n')
+    docs = list(ApplyInputReader(expand_inputs([str(path)])).run())
+    assert [(d.id, d.metadata.get(FAILURE_KEY)) for d in docs] == [("nan", None), ("cut", None),
+                                                                    ("python.jsonl:3", "invalid_json")]
+    assert math.isnan(docs[0].metadata["ppl"]) and docs[0].metadata["p"] == [math.inf, -math.inf]
+    assert docs[1].text == "an emoji cut \ufffd in two" and docs[1].metadata["title"] == "\ufffd"
+    path.write_bytes(path.read_bytes().rsplit(b"\n", 2)[0] + b"\n")
+    assert [d["id"] for d in read_documents([str(path)])] == ["nan", "cut"]
     path.write_bytes(b'{"id": 123456789012345678901234567890, "text": "a"}\n'  # past 64 bits: orjson gives floats
                      b'{"id": 123456789012345678901234567891, "text": "b"}\n{"id": 2.5, "text": "c"}\n')
     assert [d.id for d in ApplyInputReader(expand_inputs([str(path)])).run()] == [
@@ -977,7 +995,9 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLI
 for name in ("exact-find", "minhash-cluster"):
     LocalPipelineExecutor(stages[name].pipeline, tasks=1, workers=1, logging_dir=f"{out}/logs/{name}").run()
     assert os.path.exists(f"{out}/logs/{name}/completions/00000"), name
-print(len(os.listdir(f"{out}/work/exact/dups/00000")), len(os.listdir(f"{out}/work/minhash/remove")))
+print(len(os.listdir(f"{out}/work/exact/dups/00000")), len([f for f in os.listdir(f"{out}/work/minhash/remove")
+                                                            if f.endswith(".remove")]),
+      sorted(os.path.exists(f"{out}/work/{found}/_written.json") for found in ("exact/dups", "minhash/remove")))
 """
 
 
@@ -996,7 +1016,7 @@ def test_the_exact_find_and_cluster_stages_as_apply_builds_them_open_what_they_n
         run = subprocess.run([sys.executable, "-c", MERGE_STAGES, tmp], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     # a .c4_dup for the 399 tasks dropping a copy, a .c4_cnt for the 399 keeping one; a .remove per task
-    assert run.stdout.split()[-2:] == ["798", "400"]
+    assert run.stdout.split()[-4:] == ["798", "400", "[True,", "True]"]  # and what each found is listed
 
 
 def test_a_merge_stage_raises_its_open_files_limit_to_what_merging_every_task_needs():
@@ -1102,3 +1122,37 @@ def test_an_empty_gzip_file_is_one_unreadable_file_record(tmp_path):
     docs = list(ApplyInputReader(files).run())
     assert [(d.id, d.metadata[FAILURE_KEY]) for d in docs] == [("cut.jsonl.gz", "unreadable_file")]
     assert "an empty file, not gzip" in docs[0].metadata["input_error"]
+
+
+def test_a_task_reading_the_duplicates_found_fails_when_its_file_is_gone(tmp_path):
+    """datatrove's filters read a missing results file as "no duplicates here" and keep them all: the finder lists
+    what it wrote, and a task whose listed file (or the list) is gone fails, naming it."""
+    from edu_filter.filters.dedup import (
+        DEDUP_RESULTS_MANIFEST,
+        CheckDedupResults,
+        RecordDedupResults,
+        missing_dedup_results,
+    )
+
+    found = tmp_path / "remove"
+    found.mkdir()
+    for rank in (0, 2):  # task 1 had no duplicates: no file
+        (found / f"{rank:06d}.remove").write_bytes(b"\0\0\0\0")
+    assert list(RecordDedupResults(str(found)).run(None)) == []
+    assert json.loads((found / DEDUP_RESULTS_MANIFEST).read_text())["files"] == ["000000.remove", "000002.remove"]
+
+    def check(rank: int) -> list:
+        return list(CheckDedupResults([str(found)]).run(iter(["a document"]), rank=rank))
+
+    assert [check(r) for r in range(3)] == [["a document"]] * 3 and missing_dedup_results(str(found)) == []
+    (found / "000000.remove").unlink()
+    with pytest.raises(DocumentError, match="000000.remove missing"):
+        check(0)
+    assert check(1) == check(2) == ["a document"]
+    assert missing_dedup_results(str(found)) == ["000000.remove"]
+    (found / DEDUP_RESULTS_MANIFEST).unlink()
+    with pytest.raises(DocumentError, match=f"gone from {found} \\({DEDUP_RESULTS_MANIFEST} missing"):
+        check(1)
+    # nothing found at all: the list alone says the finder ran
+    empty = tmp_path / "dups"
+    assert list(RecordDedupResults(str(empty)).run(None)) == [] and missing_dedup_results(str(empty)) == []
