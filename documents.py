@@ -946,7 +946,7 @@ def _row_count(url: str) -> int:
 
 def parquet_parts(paths: Iterable[str | os.PathLike], show_progress: bool = False) -> list[ParquetPart] | None:
     """Every Parquet file of the input with its row count, read from the footers alone; None when any input is not
-    Parquet. An input named twice is two inputs, as reading them gives it."""
+    Parquet. An input named twice is read once, as reading it gives it."""
     files: list[tuple[int, str, str]] = []  # (input occurrence, input, file)
     for occurrence, path in enumerate(expand_paths(paths)):
         if is_hub_path(path):
