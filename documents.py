@@ -924,16 +924,41 @@ class ParquetPart:
 def _hub_data_files(path: str) -> list[str] | None:
     """The files the `datasets` library streams for a hub address, in its order, or None when it is not one list
     of Parquet files (then the dataset is streamed as before)."""
+    files = default_train_files(hub_dataset_args(path), path)
+    if not files or not all(_has_suffix(f, PARQUET_SUFFIXES) for f in files):
+        return None
+    return files
+
+
+def default_train_files(builder_args: dict, named: str) -> list[str] | None:
+    """The data files of a dataset's default configuration's train split, as the `datasets` library reads it
+    (`load_dataset_builder(**builder_args)`: a hub repository, or a local folder in the same layout), or None when
+    it names none; `named`: the address the user gave, for the error."""
     import datasets
 
     try:
-        builder = datasets.load_dataset_builder(**hub_dataset_args(path))
+        builder = datasets.load_dataset_builder(**builder_args)
     except Exception as e:  # offline, missing repo, no such path: one clear line instead of a traceback
-        raise DocumentError(f"{path}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+        raise DocumentError(f"{named}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
     files = (builder.config.data_files or {}).get("train")
-    if not files or not all(_has_suffix(str(f), PARQUET_SUFFIXES) for f in files):
+    return [str(f) for f in files] if files else None
+
+
+# A resolved hub data file: hf://datasets/ORG/NAME@REVISION/PATH_IN_REPO
+_HUB_FILE = re.compile(r"hf://datasets/[^/]+/[^/@]+(?:@[^/]+)?/(?P<inner>.+)")
+
+
+def hub_repository_files(path: str) -> list[str] | None:
+    """For an address naming a whole hub dataset repository (hf://datasets/ORG/NAME), the files `score` reads of it
+    (its default configuration's train split), relative to the repository: listed whole, FineWeb's root also held
+    its sample/ configurations (copies of data/, ~35% more documents) and a repository's test split. None for an
+    address inside the repository (a folder is read whole everywhere), or where the `datasets` library names none."""
+    args = hub_dataset_args(path)
+    if set(args) != {"path"}:
         return None
-    return [str(f) for f in files]
+    files = default_train_files(args, path)
+    inner = [m.group("inner") for f in files or [] if (m := _HUB_FILE.fullmatch(f))]
+    return inner if files and len(inner) == len(files) else None
 
 
 def _row_count(url: str) -> int:

@@ -45,6 +45,7 @@ from edu_filter.documents import (
     check_data_file,
     data_files_in,
     distinct_names,
+    hub_repository_files,
     is_hub_path,
     json_line,
     lines_readable,
@@ -101,7 +102,10 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
                 pass
             except Exception as e:  # noqa: BLE001
                 raise DocumentError(f"{inp}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
-        if fs.isdir(path):
+        repository = hub_repository_files(inp) if is_hub_path(inp) else None
+        if repository is not None:
+            files.extend((inp.rstrip("/"), f) for f in data_files_in(inp, repository))
+        elif fs.isdir(path):
             folder = get_datafolder(inp)
             found = data_files_in(inp, local_files_under(path, refuse_dangling=True) if folder.is_local()
                                   else folder.list_files(recursive=True))

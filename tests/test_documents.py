@@ -206,6 +206,46 @@ def test_hub_addresses_name_a_path_inside_the_repository():
         hub_dataset_args("hf://datasets/justone")
 
 
+FINEWEB_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/*/*
+- config_name: sample-10BT
+  data_files:
+  - split: train
+    path: sample/10BT/*
+---
+# a dataset laid out as FineWeb is
+"""
+
+
+def test_a_whole_hub_repository_means_its_default_configurations_train_files_everywhere(tmp_path):
+    """apply listed every file of hf://datasets/HuggingFaceFW/fineweb: its sample/ configurations too (copies of
+    data/, ~35% more documents, all duplicates) while score read the default configuration; and a test split with
+    the train one. Both now take what the `datasets` library reads (shown on local folders in the hub's layouts)."""
+    from edu_filter.documents import _HUB_FILE, default_train_files
+
+    fineweb = tmp_path / "fineweb"
+    for name in ("data/CC-MAIN-2024-10/000_00000.parquet", "data/CC-MAIN-2024-18/000_00000.parquet",
+                 "sample/10BT/000_00000.parquet"):
+        write_documents([{"id": name, "text": "t"}], fineweb / name)
+    (fineweb / "README.md").write_text(FINEWEB_CARD)
+    found = default_train_files({"path": str(fineweb)}, "hf://datasets/HuggingFaceFW/fineweb")
+    assert sorted(os.path.relpath(f, fineweb) for f in found) == [
+        "data/CC-MAIN-2024-10/000_00000.parquet", "data/CC-MAIN-2024-18/000_00000.parquet"]
+    splits = tmp_path / "splits"  # no card: the file names say the splits
+    for name in ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                 "data/test-00000-of-00001.parquet"):
+        write_documents([{"id": name, "text": "t"}], splits / name)
+    found = default_train_files({"path": str(splits)}, "hf://datasets/org/splits")
+    assert sorted(os.path.basename(f) for f in found) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    # what the library gives for a hub repository, made relative to it for apply's reader
+    resolved = "hf://datasets/HuggingFaceFW/fineweb@9bb295ddab0e05d785b879661af7260fed5140fc/data/CC-MAIN-2024-10/000_00000.parquet"
+    assert _HUB_FILE.fullmatch(resolved).group("inner") == "data/CC-MAIN-2024-10/000_00000.parquet"
+
+
 def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
