@@ -2,10 +2,11 @@
 LLM vs classifier).
 
 Rows are joined on their id. Every score must lie on the 0-5 scale (a value outside it, e.g. a 0-10 rating, is refused
-naming its file and row). Kappa and the confusion matrix use scores rounded to integers (so regression outputs can
-be compared too); Spearman and MAE use the values as given. The binary block treats A as the
+naming its file and row). Kappa and the confusion matrix use integer scores: a classifier's `int_score` where its rows
+carry one beside the `score` compared (`apply`'s, from the model's calibrated cut points), else the scores rounded (so
+regression outputs can be compared too); Spearman and MAE use the values as given. The binary block treats A as the
 reference and asks whether both sides keep the same documents at `threshold`: at a whole number, as `apply` keeps
-(int_score >= 3 for FineWeb-Edu, so a regression output of 2.6 is kept); at a fractional one, the values as given.
+(int_score >= 3 for FineWeb-Edu); at a fractional one, the values as given.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ LABELS = list(SCORES)
 
 
 def read_scores(paths, field: str = "score",
-                id_field: str = "id") -> tuple[dict[str, float], set[str], str | None]:
-    """{id: value} for rows whose `field` is set, the ids of the rows that have it null, and FILE:LINE of the first
-    row carrying an inclusion `weight` (`score --select active`), if any. Bad rows (no id, a duplicate id, a value
-    that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
+                id_field: str = "id") -> tuple[dict[str, float], set[str], str | None, dict[str, int] | None]:
+    """{id: value} for rows whose `field` is set, the ids of the rows that have it null, FILE:LINE of the first row
+    carrying an inclusion `weight` (`score --select active`), if any, and, for `field` score, {id: int_score} when
+    every scored row has a whole `int_score` (a classifier's, from its cut points; else None). Bad rows (no id, a
+    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
     scores: dict[str, float] = {}
+    classes: dict[str, int] | None = {} if field == "score" else None
     where: dict[str, str] = {}
     nulls: set[str] = set()
     weighted = None
@@ -61,7 +64,13 @@ def read_scores(paths, field: str = "score",
             if not in_score_range(value):
                 raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r:.80}, outside the {SCORE_RANGE} scale")
             scores[doc_id] = float(value)
-    return scores, nulls, weighted
+            if classes is not None:
+                whole = row.get("int_score")
+                if isinstance(whole, int) and not isinstance(whole, bool) and whole in SCORES:
+                    classes[doc_id] = whole
+                else:
+                    classes = None
+    return scores, nulls, weighted, classes or None
 
 
 def _finite(x) -> float | None:
@@ -69,9 +78,11 @@ def _finite(x) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
-def agreement_metrics(a: list[float], b: list[float], threshold: float = 3) -> dict:
+def agreement_metrics(a: list[float], b: list[float], threshold: float = 3, a_int: list[int] | None = None,
+                      b_int: list[int] | None = None) -> dict:
     """Cohen's kappa, quadratic-weighted kappa, Spearman, MAE, exact match, confusion matrix and keep/drop
-    agreement at `threshold` for paired scores (A is the reference)."""
+    agreement at `threshold` for paired scores (A is the reference); `a_int`, `b_int`: a side's own integer scores
+    (a classifier's int_score), else its scores rounded."""
     import numpy as np
     from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, precision_score, recall_score
@@ -79,8 +90,8 @@ def agreement_metrics(a: list[float], b: list[float], threshold: float = 3) -> d
     if not a:
         raise ValueError("no document has a score on both sides: check the ids and --field")
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    a_int = to_int_scores(a_arr)
-    b_int = to_int_scores(b_arr)
+    a_int = to_int_scores(a_arr) if a_int is None else np.asarray(a_int)
+    b_int = to_int_scores(b_arr) if b_int is None else np.asarray(b_int)
     # as apply keeps: the rounded score at a whole threshold (2.6 was dropped here while counted a 3 in the matrix)
     whole = float(threshold).is_integer()
     keep_a, keep_b = (a_int >= threshold, b_int >= threshold) if whole else (a_arr >= threshold, b_arr >= threshold)
@@ -124,13 +135,17 @@ def agreement(
         raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
     if report is not None:
         check_writable_output(report, "--report")
-    scores_a, nulls_a, weighted_a = read_scores(a, field, id_field)
-    scores_b, nulls_b, weighted_b = read_scores(b, field_b or field, id_field)
+    scores_a, nulls_a, weighted_a, classes_a = read_scores(a, field, id_field)
+    scores_b, nulls_b, weighted_b, classes_b = read_scores(b, field_b or field, id_field)
     weighted = weighted_a or weighted_b
     common = [doc_id for doc_id in scores_a if doc_id in scores_b]
-    result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold)
+    # a classifier's own int_score (its calibrated cut points), as apply keeps: rounding its score kept what apply drops
+    result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold,
+                               [classes_a[i] for i in common] if classes_a else None,
+                               [classes_b[i] for i in common] if classes_b else None)
     result.update(
         a=str(a), b=str(b), field_a=field, field_b=field_b or field,
+        int_a="int_score" if classes_a else "rounded", int_b="int_score" if classes_b else "rounded",
         # comparisons lost to a null: a document one side scored that the other holds with a null score (a human
         # subset checked against an LLM pool: the pool's nulls elsewhere cost none), not as missing from it
         null_a=len(scores_b.keys() & nulls_a), null_b=len(scores_a.keys() & nulls_b),

@@ -77,6 +77,23 @@ def test_keep_drop_at_a_whole_threshold_rounds_as_apply_keeps():
     assert agreement_metrics([3, 2, 4, 1], [2.6, 2.4, 3.7, 1.2], threshold=2.7)["kept_b"] == 1  # values as given
 
 
+def test_a_classifiers_own_int_score_is_what_it_keeps(tmp_path):
+    """apply's int_score comes from the model's calibrated cut points (here 2.9 for a 3): rounding its raw score
+    counted 2.6, 2.7 and 2.8 as kept where apply dropped them (keep agreement 0.4 for a classifier agreeing fully)."""
+    labels = _write(tmp_path / "llm.jsonl", [{"id": str(i), "score": s} for i, s in enumerate([2, 2, 2, 3, 1])])
+    applied = _write(tmp_path / "apply.jsonl", [{"id": str(i), "score": s, "int_score": c} for i, (s, c) in
+                                                enumerate([(2.6, 2), (2.7, 2), (2.8, 2), (3.0, 3), (1.0, 1)])])
+    r = agreement(str(labels), str(applied), show=False)
+    assert (r["kept_a"], r["kept_b"], r["keep_agreement"], r["exact_agreement"]) == (1, 1, 1.0, 1.0)
+    assert (r["int_a"], r["int_b"]) == ("rounded", "int_score")
+    raw = agreement(str(labels), str(applied), field_b="score", show=False)  # named: still the classifier's rows
+    assert raw["kept_b"] == 1
+    rows = [orjson.loads(line) for line in applied.read_bytes().splitlines()]
+    del rows[2]["int_score"]  # not every row has one: all rounded
+    mixed = agreement(str(labels), str(_write(tmp_path / "mixed.jsonl", rows)), show=False)
+    assert (mixed["int_b"], mixed["kept_b"]) == ("rounded", 4)
+
+
 def test_real_annotations_agree_with_themselves_and_not_with_noise(tmp_path):
     labels = DATA / "code" / "python_edu_labels.jsonl"
     rows = [orjson.loads(line) for line in labels.read_bytes().splitlines()]
