@@ -84,13 +84,14 @@ def _hub_out_of_reach(error: BaseException) -> bool:
 
 
 IDENTITY_BLOCKS, IDENTITY_BLOCK_BYTES = 32, 1 << 16  # sampled across each weights file, as well as its first MiB
+IDENTITY_SMALL_FILE_BYTES = 32 << 20  # other files of the folder up to this size are read whole (tokenizer, config)
 
 
 def encoder_identity(name_or_path: str) -> str:
     """A stable id of an encoder's weights, for the embedding cache: for a hub name, the name and the commit its
     files come from (a repository updated since must not serve the old vectors); for a local folder, each weights
-    file's size, first MiB (the header and embeddings) and 32 blocks spread over the rest, so that an encoder trained
-    on in place (every layer's weights change, the first MiB maybe not) does not reuse the old one's vectors."""
+    file's size, time written, first MiB (the header and embeddings) and 32 blocks spread over the rest, so that an
+    encoder trained on in place does not reuse the old one's vectors, and its other files (tokenizer, config)."""
     path = Path(name_or_path)
     if not path.is_dir():
         from huggingface_hub import snapshot_download
@@ -104,9 +105,17 @@ def encoder_identity(name_or_path: str) -> str:
         except Exception:  # noqa: BLE001 - the loading that follows says why it cannot be had
             return name_or_path
     digest = hashlib.sha1(str(path.resolve()).encode())
-    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
+    weights_files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    # the tokenizer and the config read whole (a vocabulary or lowercasing changed in place changes every vector)
+    for small in sorted(p for p in path.iterdir() if p.is_file() and p not in weights_files
+                        and p.stat().st_size <= IDENTITY_SMALL_FILE_BYTES):
+        digest.update(small.name.encode() + b"\0" + small.read_bytes())
+    for weights in weights_files:
+        stat = weights.stat()
+        size = stat.st_size
+        # and when it was written: a save in place changing a few small tensors (a bias, a LayerNorm, a merged LoRA)
+        # missed every sampled block
+        digest.update(f"{weights.name}:{size}:{stat.st_mtime_ns}".encode())
         with open(weights, "rb") as fh:
             digest.update(fh.read(1 << 20))
             for k in range(1, IDENTITY_BLOCKS + 1):

@@ -744,6 +744,17 @@ def test_an_encoder_trained_in_place_does_not_reuse_the_old_ones_cached_vectors(
         model.encoder.layer[-1].output.dense.weight.add_(0.01)  # continued training, deep layers only
     model.save_pretrained(folder)
     assert encoder_identity(str(folder)) != before
+    # one small tensor changed and saved in place (a bias): the sampled blocks all missed it
+    before = encoder_identity(str(folder))
+    with torch.no_grad():
+        model.encoder.layer[3].attention.output.LayerNorm.bias.add_(0.5)
+    model.save_pretrained(folder)
+    assert encoder_identity(str(folder)) != before
+    before = encoder_identity(str(folder))  # the tokenizer changed: every vector changes
+    cased = (folder / "tokenizer_config.json").read_text().replace('"do_lower_case": true', '"do_lower_case": false')
+    assert '"do_lower_case": false' in cased
+    (folder / "tokenizer_config.json").write_text(cased)
+    assert encoder_identity(str(folder)) != before
 
 
 def test_a_hub_encoder_updated_since_does_not_reuse_the_old_commits_vectors(tmp_path, minilm_path, monkeypatch):
