@@ -870,7 +870,9 @@ def sample_documents(
     parts = parquet_parts(paths, show_progress)
     if parts is not None:
         return _sample_parquet(parts, n, seed, text_field, id_field, show_progress, sampler)
-    documents = enumerate(iter_documents(paths, text_field, id_field))
+    # every row read (hours for a TB of JSONL): said as it goes
+    documents = enumerate(counted(iter_documents(paths, text_field, id_field), "reading the pool to sample",
+                                  show_progress))
     if sampler == LEGACY_SAMPLER:
         rng = random.Random(seed)
         reservoir: list[tuple[int, dict]] = []
@@ -1125,6 +1127,18 @@ def progress_bar(enabled: bool, console=None):
     return logged_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TimeRemainingColumn(), disable=not enabled, transient=True,
                            **({"console": console} if console is not None else {}))
+
+
+def counted(items: Iterable, description: str, enabled: bool) -> Iterator:
+    """`items` passed through, counted on a bar (a plain line every 30 s in a log): a pass over a whole input."""
+    with progress_bar(enabled) as progress:
+        task = progress.add_task(description, total=None)
+        n = 0
+        for n, item in enumerate(items, start=1):
+            if n % 1000 == 0:
+                progress.update(task, completed=n)
+            yield item
+        progress.update(task, completed=n)
 
 
 PARTIAL_PREFIX = ".partial-"  # a file written whole is written first under its name with this in front

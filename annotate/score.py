@@ -58,6 +58,7 @@ from edu_filter.documents import (
     check_model_name,
     check_writable_output,
     count_documents,
+    counted,
     holds_saved_work,
     is_hub_path,
     iter_documents,
@@ -283,15 +284,15 @@ class DocumentStream:
     total) and checks every row and id before any request; a hub dataset is checked as it streams, its total read
     from its Parquet footers (none when it is not Parquet)."""
 
-    def __init__(self, inputs, text_field: str, id_field: str):
+    def __init__(self, inputs, text_field: str, id_field: str, show_progress: bool = False):
         self.inputs, self.text_field, self.id_field = path_list(inputs), text_field, id_field
         if any(is_hub_path(p) for p in self.inputs):
             try:
                 self.total = count_documents(self.inputs)
             except DocumentError:  # a total is a nicety: an unreadable file fails the run when the stream reaches it
                 self.total = None
-        else:
-            self.total = sum(1 for _ in self._checked())
+        else:  # a pass over the whole input before any request (hours for a TB): said as it goes
+            self.total = sum(1 for _ in counted(self._checked(), "counting the documents", show_progress))
 
     def _checked(self) -> Iterator[dict]:
         docs = iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)
@@ -299,6 +300,14 @@ class DocumentStream:
 
     def __iter__(self) -> Iterator[dict]:
         return self._checked()
+
+
+def _duration(seconds: float) -> str:
+    """4 s, 12 min, 3.5 h, 2.1 days: a time left in a log line."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit in ("days", "h") else f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
@@ -501,8 +510,10 @@ class _Scorer:
             rate = (done - replayed) / seconds if seconds else 0.0  # what asking takes, not replaying the cache
             of = f"/{total:,}" if total is not None else ""
             cached = f" ({replayed:,} replayed from the cache)" if replayed else ""
+            left = (f", {_duration((total - done) / rate)} left" if total is not None and rate > 0 and done < total
+                    else "")
             return (f"scoring: {done:,}{of} documents{cached}, {failed:,} failed, {_rate(rate)} docs/s, "
-                    f"{seconds:,.0f} s")
+                    f"{seconds:,.0f} s{left}")
 
         async def report(update, every: float):  # a few times a second or every few seconds, never per request
             while True:
@@ -802,7 +813,7 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
                               sampler=sampler)
         total = len(docs)
     else:
-        docs = DocumentStream(inputs, cfg.text_field, cfg.id_field)
+        docs = DocumentStream(inputs, cfg.text_field, cfg.id_field, cfg.show_progress)
         total = docs.total
     if total == 0 or (total is None and not any(True for _ in iter_documents(inputs, cfg.text_field))):
         raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")

@@ -4,6 +4,7 @@ time."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -378,6 +379,9 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(tmp_path, capsys):
     assert len(lines) >= 3 and "\x1b[" not in out  # several plain lines, no terminal control codes
     assert lines[-1].startswith("scoring: 9/9 documents, 1 failed, ")
     assert "docs/s" in lines[-1] and "score summary" in out
+    # the time left while it runs (log mode said none), and the pass counting the input before any request said
+    assert re.search(r"scoring: [1-8]/9 documents, .* docs/s, \d+ s, \d+ s left$", "\n".join(lines), re.M), lines
+    assert "counting the documents: 9" in out
 
 
 def test_docs_per_second_keeps_digits_on_slow_servers():

@@ -56,6 +56,14 @@ def test_sample_is_reproducible_uniform_and_of_the_right_size(tmp_path):
     assert [doc["id"] for _, doc in sample_documents([str(src)], 20_000)] == [f"d{i:06d}" for i in range(10_000)]
 
 
+def test_a_sample_drawn_by_reading_every_row_says_how_far_it_is(tmp_path, capsys):
+    """Not Parquet, every row is read to draw a sample: hours for a TB of JSONL, and nothing was said meanwhile."""
+    src = write_rows(tmp_path / "docs.jsonl", 2_500)
+    capsys.readouterr()
+    assert len(sample_documents([str(src)], 10, seed=0, show_progress=True)) == 10
+    assert "reading the pool to sample: 2,500" in capsys.readouterr().out
+
+
 def write_parquet(path: Path, first: int, n: int, row_group_size: int, ids: bool = True) -> str:
     """Rows of ~200 incompressible characters, so a file's bytes are spread evenly over its row groups."""
     rng = random.Random(first)
