@@ -738,8 +738,14 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
               require_label: bool | str = False, name: str | None = None) -> dict:
     """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
     text = row.get(text_field)
+    if isinstance(text, (bytes, bytearray)):  # a Parquet string column written without its UTF8 annotation
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DocumentError(f"{path}:{lineno}: field '{text_field}' is not valid UTF-8 ({e})") from None
     if not isinstance(text, str):
-        what = "missing" if text is None else f"not a string ({type(text).__name__})"
+        what = (("null" if text_field in row else "missing") if text is None
+                else f"not a string ({type(text).__name__})")
         raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
     doc = dict(row)
     doc["text"] = text

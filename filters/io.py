@@ -413,7 +413,14 @@ class ApplyInputReader(BaseReader):
 
     def _document(self, row: dict, source: str) -> Document:
         source = printable_name(source)
+        present = self.text_key in row
         text = row.pop(self.text_key, None)
+        undecoded = None
+        if isinstance(text, (bytes, bytearray)):  # a Parquet string column written without its UTF8 annotation
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                text, undecoded = None, e
         doc_id = row.pop(self.id_key, None)
         if doc_id == "":  # no id: named by its place, as a row without the field (an empty id keys nothing)
             doc_id = None
@@ -429,8 +436,13 @@ class ApplyInputReader(BaseReader):
                 row[name] = row.pop(key)
         doc = Document(text=text if isinstance(text, str) else "", id=str(doc_id) if doc_id is not None else source,
                        metadata=row)
-        if not isinstance(text, str) or not text.strip():
-            what = "missing" if text is None else ("empty" if isinstance(text, str) else f"a {type(text).__name__}")
+        if undecoded is not None:
+            doc.metadata[FAILURE_KEY] = "invalid_utf8"
+            doc.metadata["input_error"] = f"{source}: field '{self.text_key}' is not valid UTF-8 ({undecoded})"
+            doc.metadata["input_source"] = source
+        elif not isinstance(text, str) or not text.strip():
+            what = (("null" if present else "missing") if text is None else
+                    ("empty" if isinstance(text, str) else f"a {type(text).__name__}"))
             doc.metadata[FAILURE_KEY] = "no_text"
             doc.metadata["input_error"] = f"{source}: field '{self.text_key}' is {what}"
             doc.metadata["input_source"] = source

@@ -143,7 +143,7 @@ def test_an_input_named_twice_is_sampled_as_reading_it_gives_it(tmp_path):
 def test_a_parquet_sample_checks_its_rows_and_names_a_bad_one(tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one", None, "three"]}), bad)
-    with pytest.raises(DocumentError, match=r"bad\.parquet:2: field 'text' is missing"):
+    with pytest.raises(DocumentError, match=r"bad\.parquet:2: field 'text' is null"):
         sample_documents([str(bad)], 3)
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DocumentError, match=r"junk\.parquet: cannot read as Parquet"):

@@ -546,6 +546,27 @@ def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
     assert docs[4].metadata["text_original"] == "7"
 
 
+def test_parquet_text_stored_as_binary_is_read_and_a_null_one_is_said_null(tmp_path):
+    """Hive, Impala and older Spark write strings as BYTE_ARRAY without the UTF8 annotation (pyarrow reads bytes):
+    every row went to failed/no_text ("is a bytes"), and score stopped at the first. A null text read "missing",
+    sending users after a --text-field typo."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "hive.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": pa.array([b"caf\xc3\xa9 au lait", b"caf\xe9", None],
+                                                                     pa.binary())}), path)
+    docs = list(ApplyInputReader(expand_inputs([str(path)])).run())
+    assert [(d.id, d.text, d.metadata.get(FAILURE_KEY)) for d in docs] == [
+        ("a", "café au lait", None), ("b", "", "invalid_utf8"), ("c", "", "no_text")]
+    assert "field 'text' is not valid UTF-8" in docs[1].metadata["input_error"]
+    assert docs[2].metadata["input_error"].endswith("field 'text' is null")
+    with pytest.raises(DocumentError, match=r"hive.parquet:2: field 'text' is not valid UTF-8"):
+        list(read_documents([str(path)]))
+    pq.write_table(pa.table({"id": ["a"], "text": pa.array([b"caf\xc3\xa9"], pa.binary())}), path)
+    assert [d["text"] for d in read_documents([str(path)])] == ["café"]
+
+
 def test_json_that_python_writes_and_orjson_refuses_is_read(tmp_path):
     """NaN and Infinity (Python's json.dumps writes them) and a lone surrogate escape (an emoji cut in two by a
     tool) were refused by orjson: the row went to failed/invalid_json under its line's name, and `score`, `train`
