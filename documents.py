@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -380,6 +381,30 @@ def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
+GLOB_CHARS = "*?["
+
+
+def glob_matches(pattern: str) -> tuple[str, list[str]] | None:
+    """For an input with glob characters that names no file or folder itself (`'s3://bucket/dump/*.jsonl.gz'`,
+    quoted so the shell left it; `data/**/*.parquet`): the folder before its first wildcard and the files matching,
+    relative to it; None for any other input. A pattern matching nothing is an error naming it."""
+    if not any(c in pattern for c in GLOB_CHARS):
+        return None
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(pattern)
+    if fs.exists(path):
+        return None
+    first = min(i for i in (pattern.find(c) for c in GLOB_CHARS) if i >= 0)
+    root = pattern[: pattern.rfind("/", 0, first) + 1] or "./"
+    root_path = url_to_fs(root)[1].rstrip("/")
+    found = fs.glob(path, detail=True)
+    names = sorted(posixpath.relpath(name, root_path) for name, info in found.items() if info.get("type") == "file")
+    if not names:
+        raise DocumentError(f"{pattern}: no file matches")
+    return root.rstrip("/") or ".", names
+
+
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     """Files given directly, or every JSONL/Parquet file under a folder (sorted, so runs are reproducible); each file
     once, as in `apply` (a link to a file of the folder, the folder and a file in it: its rows twice in a training set
@@ -391,7 +416,11 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             files.append(p)
             continue
         path = Path(p)
-        if path.is_dir():
+        matched = glob_matches(p)
+        if matched is not None:
+            root, names = matched
+            files.extend(os.path.join(root, name) for name in data_files_in(p, names))
+        elif path.is_dir():
             files.extend(str(f) for f in folder_data_files(path))
         elif path.is_file():
             check_data_file(p)

@@ -42,7 +42,9 @@ from edu_filter.documents import (
     InputError,
     RunError,
     bundled_data,
+    data_files_in,
     folder_data_files,
+    glob_matches,
     local_files_under,
     write_json_whole,
 )
@@ -182,10 +184,15 @@ def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MA
     input. Raises ProvenanceError when the path is missing."""
     if is_remote(path):
         return None
-    path = Path(path)
-    if not path.exists():
+    matched = glob_matches(str(path))  # a glob the shell left: the files it matches, named below its folder
+    base = path = Path(path)
+    if matched is not None:
+        base = Path(matched[0])
+        files = [base / name for name in data_files_in(str(path), matched[1])]
+    elif not path.exists():
         raise ProvenanceError(f"{path}: no such file or folder")
-    files = _content_files(path, documents)
+    else:
+        files = _content_files(path, documents)
     with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(files)))) as pool:
         stats = list(pool.map(os.stat, files))
         total = sum(s.st_size for s in stats)
@@ -197,7 +204,7 @@ def fingerprint(path: str | os.PathLike, full_hash_max_bytes: int = FULL_HASH_MA
     else:
         outer = hashlib.sha256()
         for f, one in zip(files, digests):
-            outer.update(f"{f.relative_to(path).as_posix()}\0{one}\n".encode("utf-8", "surrogateescape"))
+            outer.update(f"{f.relative_to(base).as_posix()}\0{one}\n".encode("utf-8", "surrogateescape"))
         digest = outer.hexdigest()
     method = "sha256" if full else "sampled"
     return {

@@ -45,6 +45,7 @@ from edu_filter.documents import (
     check_data_file,
     data_files_in,
     distinct_names,
+    glob_matches,
     hub_repository_files,
     is_hub_path,
     json_line,
@@ -103,7 +104,11 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             except Exception as e:  # noqa: BLE001
                 raise DocumentError(f"{inp}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
         repository = hub_repository_files(inp) if is_hub_path(inp) else None
-        if repository is not None:
+        matched = glob_matches(inp) if repository is None else None
+        if matched is not None:
+            root, names = matched
+            files.extend((root, name) for name in data_files_in(inp, names))
+        elif repository is not None:
             files.extend((inp.rstrip("/"), f) for f in data_files_in(inp, repository))
         elif fs.isdir(path):
             folder = get_datafolder(inp)

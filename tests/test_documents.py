@@ -194,6 +194,24 @@ def test_folders_skip_hidden_files_in_every_reader_and_in_the_fingerprint(tmp_pa
         read_documents([data])
 
 
+def test_a_glob_the_shell_left_names_the_files_it_matches_in_every_reader(tmp_path):
+    """`apply 's3://bucket/dump/*.jsonl.gz'` (quoted, as remote paths are) said "no such file or folder"."""
+    from edu_filter.filters.io import expand_inputs
+
+    dump = tmp_path / "dump"
+    for name, doc_id in (("a.jsonl", "a"), ("b.jsonl", "b"), ("c.parquet", "c"), ("sub/d.jsonl", "d")):
+        write_documents([{"id": doc_id, "text": "t"}], dump / name)
+    assert [r["id"] for r in read_documents([str(dump / "*.jsonl")])] == ["a", "b"]
+    assert [r["id"] for r in read_documents([str(dump / "**" / "*.jsonl")])] == ["a", "b", "d"]
+    assert expand_inputs([str(dump / "*.jsonl")]) == [(str(dump), "a.jsonl"), (str(dump), "b.jsonl")]
+    assert expand_inputs([str(dump / "s*" / "*")]) == [(str(dump), "sub/d.jsonl")]
+    for listing in (expand_paths, lambda p: expand_inputs([str(p[0])])):
+        with pytest.raises(DocumentError, match=r"\*\.jsonl\.gz: no file matches"):
+            listing([dump / "*.jsonl.gz"])
+    (tmp_path / "odd[1].jsonl").write_text('{"id": "odd", "text": "t"}\n')  # a name that is a pattern: the file
+    assert [r["id"] for r in read_documents([str(tmp_path / "odd[1].jsonl")])] == ["odd"]
+
+
 def test_hub_addresses_name_a_path_inside_the_repository():
     from edu_filter.documents import hub_dataset_args
 
