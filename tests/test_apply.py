@@ -331,8 +331,9 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     assert pipeline("score") == (8, ["ClearUnfinishedAttempt", "ApplyInputReader", "InputErrorFilter", "CountTokens",
                                      "EduClassifierScorer", "ScoreSummaryWriter", "ScoreThresholdFilter",
                                      "RecordWriter", "TaskProgressTime"])
-    assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "RankFileReader", "MinhashDedupFilter",
-                                      "DropDedupScratch", "KeptParquetWriter", "TaskProgressTime"])
+    assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "CheckDedupResults", "RankFileReader",
+                                      "MinhashDedupFilter", "DropDedupScratch", "KeptParquetWriter",
+                                      "TaskProgressTime"])
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
     assert scorer_of(tmp_path / "out" / "logs" / "score").device is None  # its GPU, or the GPUs Slurm lets it see
 
