@@ -904,8 +904,13 @@ def run_apply(
         from edu_filter.filters.dedup import check_open_files
 
         check_open_files(cfg.tasks, exact=cfg.exact_dedup)
-    if executor == "slurm":  # a dry run too: it rewrites the ranks the queued jobs would run
-        ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
+    # the same command with --wait while its chain runs (the login node's process was killed, a closed SSH session):
+    # follows that chain instead of refusing; its settings must be the run's (prepare_output), nothing is submitted
+    following = (executor == "slurm" and wait and not slurm.dry_run and not overwrite and ex.slurm_answers()
+                 and bool(ex.queued_jobs(cfg.output)))
+    if executor == "slurm":
+        if not following:  # a dry run too: it rewrites the ranks the queued jobs would run
+            ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     elif (Path(cfg.output) / "slurm").is_dir() and ex.slurm_answers():
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
     used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
@@ -942,7 +947,11 @@ def run_apply(
         console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
 
     if executor == "slurm":
-        stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
+        if following:
+            console.print(f"the chain of {cfg.output} is queued or running: following it", soft_wrap=True)
+            stats = ex.wait_for_chain(cfg.output, console)
+        else:
+            stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
     else:
         # tasks at once: locally 1 unless given; on Ray no limit unless given (Ray packs them by their resources)
         at_once = workers if executor == "ray" else local_workers

@@ -322,7 +322,7 @@ def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDe
     config = config or decont_config()
     tokenizer = load_word_tokenizer(Languages.english)
     hash_func = create_hash_func(config.hash_config)
-    folder = get_datafolder(index_folder)
+    folder = Path(index_folder)  # under the run's output, which is local
     n = config.n_grams
     counts = {}
     for path in eval_sets:
@@ -346,7 +346,14 @@ def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDe
             if task not in counts:
                 break
             task = f"{stem}-{k}"
-        with folder.open(f"{task}.index.hashes", "wb") as fh:
-            fh.write(np.array(sorted(hashes), dtype=config.hash_config.np_descr).tobytes())
+        index = np.array(sorted(hashes), dtype=config.hash_config.np_descr).tobytes()
+        target = folder / f"{task}.index.hashes"
+        # written whole, and only when it changed: a rerun following its queued chain must not cut short an index
+        # that the chain's running tasks load
+        if not (target.is_file() and target.read_bytes() == index):
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder.parent / f".partial-{folder.name}-{target.name}"  # outside: every file there is loaded
+            partial.write_bytes(index)
+            os.replace(partial, target)
         counts[task] = len(hashes)
     return counts

@@ -1230,7 +1230,8 @@ def refuse_if_queued(out: str, dry_run: bool = False) -> None:
     if jobs:
         ids = sorted({j["id"].split("_")[0] for j in jobs})
         raise DocumentError(f"jobs of an earlier submission for {out} are still queued or running ({', '.join(ids)}); "
-                            f"follow them with `edu-filter status {out}` or cancel them with `scancel {' '.join(ids)}`")
+                            f"follow them with `edu-filter status {out}`, or the same apply command with --wait, or "
+                            f"cancel them with `scancel {' '.join(ids)}`")
 
 
 def _slurm_executor_class():

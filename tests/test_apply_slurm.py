@@ -94,8 +94,6 @@ def test_slurm_wait_runs_the_chain_and_every_document_lands_once(clean_run, corp
 def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpus, stock_classifier, tmp_path):
     """The scripts a dry run writes are the chain: submit.sh, run from anywhere, queues the stages in order, and
     the chain gives what `--wait` gave (the same documents kept and removed), its tasks two to an array task."""
-    from rich.console import Console
-
     from edu_filter.filters import executors as ex
 
     out = tmp_path / "out"
@@ -125,7 +123,14 @@ def test_a_dry_runs_submit_script_runs_the_chain_on_the_cluster(clean_run, corpu
     # recorded as `apply` records its own submission: status, --wait and the next run's checks read them
     assert {name: ids[-1] for name, ids in ex.submitted_jobs(str(out)).items()} == echoed
     assert set(json.loads((out / "slurm" / "arrays.json").read_text())) >= set(echoed)
-    stats = ex.wait_for_chain(str(out), Console(quiet=True))
+    # the same command with --wait while the chain runs (a login node's apply killed, a closed session) follows it
+    # to the end: it was refused as "still queued", and the advice after an hour of Slurm silence was that command
+    followed = cli([*apply_args(corpus[0], stock_classifier, out), "--slurm-tasks-per-job", "2"], timeout=600)
+    assert followed.returncode == 0, followed.stderr[-3000:]
+    said = " ".join((followed.stdout + followed.stderr).split())
+    assert "is queued or running: following it" in said and "Submitted" not in said, said[-3000:]
+    assert (out / "slurm" / "jobs.json").read_text() == record
+    stats = json.loads((out / "stats.json").read_text())
     assert stats["adds_up"]
     assert {k: sorted(v) for k, v in read_outputs(out).items()} == {
         k: sorted(v) for k, v in read_outputs(clean_run[0]).items()}

@@ -600,6 +600,12 @@ def test_missing_input_is_a_clear_error(tmp_path):
 def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     counts = build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
     assert counts["HumanEval"] > 5000
+    # built again (a rerun following its queued chain): the file tasks may be loading is not rewritten in place
+    index = tmp_path / "index" / "HumanEval.index.hashes"
+    written = index.stat().st_ino, index.stat().st_mtime_ns
+    assert build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index")) == counts
+    assert (index.stat().st_ino, index.stat().st_mtime_ns) == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # nothing left beside it
     decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
     problem = json.loads(gzip.open(DATA / "code" / "HumanEval.jsonl.gz").readline())
     planted = Document(
