@@ -955,8 +955,8 @@ def write_dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Map
 # --- hub ------------------------------------------------------------------------------------------------------------
 # What goes up for each kind of folder: a dataset repository gets the kept documents and the records, not the
 # intermediate work/ and logs/ folders or the removed documents.
-PUSH_PATTERNS = {"model": None, "dataset": ["kept/**", "README.md", "stats.json", "provenance.json",
-                                            "run_config.json"]}
+# (run_config.json is the run's resume record: every input file's local path, size and time, of no use to a reader.)
+PUSH_PATTERNS = {"model": None, "dataset": ["kept/**", "README.md", "stats.json", "provenance.json"]}
 
 
 def check_can_push(repo_id: str) -> None:
@@ -1007,7 +1007,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, repo_type: str = "model
                           allow_patterns=PUSH_PATTERNS[repo_type],
                           commit_message=f"Upload {Path(folder).name} with edu-filter {version()}")
     except Exception as e:  # noqa: BLE001 - network, permissions, quota: one line, the folder stays as it is
+        # a dataset folder holds removed/, failed/, logs/ and maybe work/ too: `hf upload` of it would publish the
+        # documents the filter removed; the finished run, run again, only uploads
+        later = ("run the same apply command again (the finished run only uploads)" if repo_type == "dataset"
+                 else f"upload it later with `hf upload {repo_id} {folder}`")
         raise PushError(f"cannot push {folder} to {repo_id} ({type(e).__name__}: {_first_line(e)}); the folder is "
-                        f"complete, upload it later with `hf upload {repo_id} {folder}"
-                        + (" --repo-type dataset`" if repo_type == "dataset" else "`")) from None
+                        f"complete: {later}") from None
     return str(url)

@@ -513,6 +513,56 @@ def test_push_to_an_unreachable_hub_fails_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("--push-to-hub me/edu: cannot reach the Hugging Face hub")
 
 
+HUB_REFUSING_UPLOADS = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Hub(BaseHTTPRequestHandler):
+    def answer(self):
+        ok = self.path.startswith("/api/whoami")
+        body = json.dumps({"name": "me", "type": "user", "auth": {"type": "access_token"}} if ok
+                          else {"error": "quota exceeded"}).encode()
+        self.send_response(200 if ok else 500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = answer
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Hub).serve_forever()
+"""
+
+
+def test_a_failed_dataset_upload_says_to_run_the_command_again_not_to_upload_the_folder(chain, tmp_path):
+    """The advice was `hf upload REPO OUT`: every file of the apply output, removed/ (the documents the filter
+    dropped), failed/, logs/ and work/ with it. And run_config.json, a resume record of every input's local path,
+    went up with the dataset."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    dataset = chain["dataset"]
+    listed = [p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()]
+    assert any(f.startswith("removed/") for f in listed)
+    listed += ["run_config.json", "logs/apply.log", "work/minhash/remove/000000.remove"]  # a run's others
+    pushed = set(filter_repo_objects(listed, allow_patterns=provenance.PUSH_PATTERNS["dataset"]))
+    assert pushed == {f for f in listed if f.startswith("kept/")} | {"README.md", "stats.json", "provenance.json"}
+    port = free_port()
+    hub = subprocess.Popen([sys.executable, "-c", HUB_REFUSING_UPLOADS, str(port)])
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token",
+               "HF_ENDPOINT": f"http://127.0.0.1:{port}", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        code = ("import sys\nfrom edu_filter.provenance import PushError, push_to_hub\n"
+                f"try:\n    push_to_hub({str(dataset)!r}, 'me/edu', repo_type='dataset')\n"
+                "except PushError as e:\n    print(e)\n    sys.exit(1)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        hub.kill()
+    said = proc.stdout.strip()
+    assert proc.returncode == 1 and said.startswith(f"cannot push {dataset} to me/edu"), (said, proc.stderr[-2000:])
+    assert said.endswith("run the same apply command again (the finished run only uploads)") and "hf upload" not in said
+
+
 # --- the ablation's own record --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_ablation_records_its_inputs_and_report_names_them(chain):
