@@ -418,15 +418,25 @@ def record_provenance(
 FOLDER_KINDS = ("classifier", "dataset", "ablation")  # artifacts that are folders, also once deleted
 
 
+def _present(path: Path) -> bool:
+    """A file or folder there, or a glob (an input given as a quoted pattern) matching files."""
+    if path.exists():
+        return True
+    try:
+        return glob_matches(str(path)) is not None
+    except (InputError, OSError):
+        return False
+
+
 def _resolve(entry: dict, base: Path | None) -> Path:
     """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer's
     folder `base`. Where neither exists, the moved place: a project moved, one of its artifacts deleted, the inputs
     recorded below that artifact are still found from there (from the recorded place they read as missing too)."""
     recorded = Path(entry["path"])
-    if recorded.exists() or base is None or "relative_path" not in entry:
+    if _present(recorded) or base is None or "relative_path" not in entry:
         return recorded
     moved = (base / entry["relative_path"]).resolve()
-    return moved if moved.exists() or moved.parent.exists() else recorded
+    return moved if _present(moved) or moved.parent.exists() else recorded
 
 
 def lineage(path: str | os.PathLike) -> dict:
@@ -454,7 +464,7 @@ def _current_fingerprint(path: Path, cache: dict, documents: bool = False, recor
     limit = 0 if (recorded or "").startswith("sampled:") else FULL_HASH_MAX_BYTES
     key = (str(path), documents, limit)
     if key not in cache:
-        found = fingerprint(path, limit, documents=documents) if path.exists() else None
+        found = fingerprint(path, limit, documents=documents) if _present(path) else None
         cache[key] = found["fingerprint"] if found else None
     return cache[key]
 
@@ -486,7 +496,7 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
     if is_remote(entry["path"]):
         return _node(record, entry["path"], {**about, "stale": False, "missing": False, "remote": True}, cache)
     where = _resolve(entry, consumer)
-    missing = not where.exists()
+    missing = not _present(where)
     documents = carries_documents(entry["role"])
     used = entry.get("fingerprint")
     current = None if missing else _current_fingerprint(where.absolute(), cache, documents, used)

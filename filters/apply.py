@@ -854,6 +854,10 @@ def run_apply(
         raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
     if push_to_hub and executor == "slurm" and not wait:
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
+    if slurm is not None and slurm.dry_run and wait:  # exited 0 having followed and uploaded nothing
+        raise InputError("--dry-run writes the scripts and submits nothing: --wait (and --push-to-hub) have no chain "
+                         "to follow; run the same command without --dry-run, or submit.sh and then the command "
+                         "with --wait")
     check_writable_output(output, "-o/--output", folder=True)
     check_output_apart([str(i) for i in inputs], str(output))
     glob_chars = sorted(set(os.path.abspath(output)) & set("*?[]"))

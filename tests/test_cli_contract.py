@@ -500,6 +500,9 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
     for args, fragment in ((["--max-length", "2"], "--max-length 2: "), (["--max-length", "9999"], "reads 3 to 512"),
                            (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such file or folder")):
         refused(["apply", WEB_VAL, "-o", out, "--model", model, "--no-dedup", *args], fragment, absent=(out.parent,))
+    # exited 0, having followed nothing and uploaded nothing
+    refused(["apply", WEB_VAL, "-o", out, "--model", model, "--executor", "slurm", "--slurm-partition", "cpu",
+             "--dry-run", "--wait"], "--dry-run writes the scripts and submits nothing", absent=(out.parent,))
     refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, "--humaneval-limit", "3"],
             "--humaneval-limit is read with --humaneval only", absent=(out.parent,))
     # each failed after the tokenizer and the packing (hours at scale), in a traceback, or not at all (0 read as unset)

@@ -465,6 +465,24 @@ def test_a_record_found_beside_an_input_later_is_shown_only_while_the_input_is_u
     assert node["stale"] and node.get("command") is None and node["kind"] == "file"
 
 
+def test_an_input_given_as_a_glob_is_followed_and_its_changes_seen(tmp_path):
+    """A quoted glob (`train 'ann/*.jsonl'`) was recorded as given, and lineage called it MISSING and changed."""
+    for part, text in (("a", "one"), ("b", "two")):
+        write_documents([{"id": part, "text": text, "score": 2}], tmp_path / "ann" / f"{part}.jsonl")
+    (tmp_path / "model").mkdir()
+    provenance.record_provenance(tmp_path / "model", kind="classifier", settings={},
+                                 inputs={"train": str(tmp_path / "ann" / "*.jsonl")}, command="edu-filter train ...")
+    [node] = provenance.lineage(tmp_path / "model")["inputs"]
+    assert not node["missing"] and not node["stale"] and node["fingerprint"] == node["used_fingerprint"]
+    write_documents([{"id": "b", "text": "edited", "score": 2}], tmp_path / "ann" / "b.jsonl")
+    [node] = provenance.lineage(tmp_path / "model")["inputs"]
+    assert node["stale"] and not node["missing"]
+    for part in ("a", "b"):
+        (tmp_path / "ann" / f"{part}.jsonl").unlink()
+    [node] = provenance.lineage(tmp_path / "model")["inputs"]
+    assert node["stale"] and node["missing"]
+
+
 def test_a_moved_project_keeps_its_lineage(tmp_path):
     project = tmp_path / "project"
     documents = write_documents([{"id": "a", "text": "some text"}], project / "raw" / "docs.jsonl")
