@@ -577,6 +577,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     from edu_filter.filters.dedup import (
         EXACT_FIND_FILES_PER_TASK,
+        AwaitStageFiles,
         CheckDedupResults,
         DropDedupScratch,
         OpenFilesLimit,
@@ -665,6 +666,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("exact-signatures", source("exact-signatures", False)
                       + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
                 Stage("exact-find", [OpenFilesLimit(cfg.tasks, EXACT_FIND_FILES_PER_TASK),
+                                     AwaitStageFiles(f"{work}/exact/sigs", "exact-signatures", cfg.tasks),
                                      ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact),
                                      RecordDedupResults(f"{work}/exact/dups")], 1,
                       merges=True),
@@ -677,10 +679,14 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
                       + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
                 Stage("minhash-buckets", [OpenFilesLimit(cfg.tasks),
+                                          AwaitStageFiles(f"{work}/minhash/sigs", "minhash-signatures", cfg.tasks,
+                                                          bucket_workers=bucket_workers),
                                           SharedMinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
                                                                     config=minhash)],
                       minhash.num_buckets * bucket_workers, merges=True),
                 Stage("minhash-cluster", [OpenFilesLimit(cfg.tasks),  # a .remove file per task, held to the end
+                                          AwaitStageFiles(f"{work}/minhash/buckets", "minhash-buckets",
+                                                          buckets=minhash.num_buckets, bucket_workers=bucket_workers),
                                           MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
                                                               config=minhash),
                                           RecordDedupResults(f"{work}/minhash/remove")],

@@ -92,6 +92,56 @@ class OpenFilesLimit(PipelineStep):
         return data
 
 
+class AwaitStageFiles(PipelineStep):
+    """Step of a dedup merge stage before datatrove's, which lists the folder the tasks before wrote and reads what it
+    finds: a file a shared filesystem lists late (NFS caches a folder's listing for up to a minute, and the next
+    stage starts seconds after the last task ends) was left out, its duplicates kept, the counts adding up. Every
+    task before always writes its files (`kind`: its signatures per bucket, a bucket task's .dups, the exact
+    signatures): waits until the listing holds this task's, then fails naming any still missing."""
+
+    name = "⏳ stage files"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folder: str, kind: str, tasks: int = 1, buckets: int = 1, bucket_workers: int = 1,
+                 grace: float | None = None):
+        super().__init__()
+        self.folder, self.kind, self.tasks = folder, kind, tasks
+        self.buckets, self.bucket_workers, self.grace = buckets, bucket_workers, grace
+
+    def expected(self, rank: int) -> tuple[str, set[str]]:
+        """(the subfolder listed, the files this task reads there, relative to `folder`)."""
+        from datatrove.utils.typeshelper import ExtensionHelperSD
+
+        if self.kind == "minhash-signatures":
+            bucket = f"bucket_{rank // self.bucket_workers:03d}"
+            return bucket, {f"{bucket}/{r:05d}.minhash.sig" for r in range(self.tasks)}
+        if self.kind == "minhash-buckets":
+            return "", {f"{b:05d}_{w:02d}.dups" for b in range(self.buckets) for w in range(self.bucket_workers)}
+        if self.kind == "exact-signatures":  # one finder: hash range 0000
+            return "0000", {f"0000/{r:05d}{ExtensionHelperSD.stage_1_signature}" for r in range(self.tasks)}
+        raise ValueError(f"unknown stage files {self.kind!r}")
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):  # not a generator: checked before the next step
+        from edu_filter.filters.executors import COMPLETED_GRACE_S, after_listing_grace
+
+        subfolder, wanted = self.expected(rank)
+        folder = get_datafolder(self.folder)
+
+        def missing() -> list[str]:
+            folder.invalidate_cache()
+            listed = folder.list_files(subdirectory=subfolder) if folder.exists(subfolder) else []
+            return sorted(wanted - set(listed))
+
+        grace = COMPLETED_GRACE_S if self.grace is None else self.grace
+        left = after_listing_grace(missing, grace, every=min(5.0, grace / 10))
+        if left:
+            shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+            raise DocumentError(f"{self.folder}: {shown} not there, though the stage writing them completed (a "
+                                "scratch cleanup, or a filesystem listing them late?): merging without them would "
+                                "keep their duplicates. Run again with --overwrite to start over")
+        return data
+
+
 class RecordScratchPeak(PipelineStep):
     """Last step of the last dedup stage before the filter stage (one task): the scratch folder's size now, when it
     holds every signature, for stats.json's peak (`DropDedupScratch` deletes them next). A rerun finding less keeps

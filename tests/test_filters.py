@@ -1183,3 +1183,35 @@ def test_a_task_reading_the_duplicates_found_fails_when_its_file_is_gone(tmp_pat
     # nothing found at all: the list alone says the finder ran
     empty = tmp_path / "dups"
     assert list(RecordDedupResults(str(empty)).run(None)) == [] and missing_dedup_results(str(empty)) == []
+
+
+def test_a_merge_stage_waits_for_every_file_the_stage_before_wrote_and_fails_naming_one_never_listed(tmp_path):
+    """datatrove's merges list the folder and read what they find: a signature file a shared filesystem listed late
+    was left out, and its duplicates kept, the counts adding up."""
+    import threading
+    import time
+
+    from edu_filter.filters.dedup import AwaitStageFiles
+
+    sigs = tmp_path / "sigs"
+    for bucket in range(2):
+        (sigs / f"bucket_{bucket:03d}").mkdir(parents=True)
+        for rank in range(3):
+            if (bucket, rank) != (1, 2):
+                (sigs / f"bucket_{bucket:03d}" / f"{rank:05d}.minhash.sig").write_bytes(b"")
+    step = AwaitStageFiles(str(sigs), "minhash-signatures", tasks=3, bucket_workers=2, grace=0.5)
+    assert step.run("data", rank=1) == "data"  # bucket 0's worker 1: all three there
+    with pytest.raises(DocumentError, match=r"bucket_001/00002.minhash.sig not there, though the stage writing"):
+        step.run(None, rank=2)
+    late = sigs / "bucket_001" / "00002.minhash.sig"
+    threading.Timer(0.5, late.write_bytes, [b""]).start()  # listed a moment later: waited for
+    started = time.monotonic()
+    assert AwaitStageFiles(str(sigs), "minhash-signatures", tasks=3, bucket_workers=2, grace=30).run(None, rank=3) is None
+    assert time.monotonic() - started < 10
+    dups = tmp_path / "buckets"
+    dups.mkdir()
+    for bucket in range(2):
+        (dups / f"{bucket:05d}_00.dups").write_bytes(b"")
+    assert AwaitStageFiles(str(dups), "minhash-buckets", buckets=2).run(None) is None
+    with pytest.raises(DocumentError, match=r"00001_01.dups not there"):
+        AwaitStageFiles(str(dups), "minhash-buckets", buckets=2, bucket_workers=2, grace=0.2).run(None)
