@@ -903,6 +903,12 @@ def run_apply(
     cfg = resolve_config(inputs, output, model=model, preset=preset, threshold=threshold, keep_top=keep_top,
                          dedup=dedup, exact_dedup=exact_dedup, decontaminate=decontaminate, order=order,
                          on_gpu=on_gpu, tasks=tasks, overwrite=overwrite, **options)
+    # options of a deduplication the run does not do: accepted and ignored, --order was recorded as dedup-first
+    if not (cfg.dedup or cfg.exact_dedup) and order != "auto":
+        raise InputError(f"--order {order} orders scoring and deduplication, and this run does not deduplicate "
+                         "(--no-dedup)")
+    if not cfg.dedup and bucket_workers is not None:
+        raise InputError("--bucket-workers shares MinHash's bucket merges, and this run does no MinHash dedup")
     given = [flag for flag, value in (("--slurm-cluster-mem-gb", slurm.cluster_mem_gb),
                                       ("--slurm-cluster-time", slurm.cluster_time),
                                       ("--ray-cluster-mem-gb", ray.cluster_mem_gb)) if value is not None]

@@ -500,6 +500,10 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
     for args, fragment in ((["--max-length", "2"], "--max-length 2: "), (["--max-length", "9999"], "reads 3 to 512"),
                            (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such file or folder")):
         refused(["apply", WEB_VAL, "-o", out, "--model", model, "--no-dedup", *args], fragment, absent=(out.parent,))
+    # accepted and ignored: the order recorded as dedup-first in a run that deduplicates nothing
+    for args, fragment in ((["--order", "score-first"], "--order score-first orders scoring and deduplication"),
+                           (["--bucket-workers", "2"], "--bucket-workers shares MinHash's bucket merges")):
+        refused(["apply", WEB_VAL, "-o", out, "--model", model, "--no-dedup", *args], fragment, absent=(out.parent,))
     # exited 0, having followed nothing and uploaded nothing
     refused(["apply", WEB_VAL, "-o", out, "--model", model, "--executor", "slurm", "--slurm-partition", "cpu",
              "--dry-run", "--wait"], "--dry-run writes the scripts and submits nothing", absent=(out.parent,))
