@@ -254,14 +254,19 @@ class RecordDedupResults(PipelineStep):
 def missing_dedup_results(folder: str, rank: int | None = None) -> list[str]:
     """What `RecordDedupResults` listed in `folder` and is gone (the list itself, when it is): all of it, or of task
     `rank` only (a .remove file, or .dups and .counts files, named by the rank)."""
+    from datatrove.utils.typeshelper import ExtensionHelperSD
+
     data = get_datafolder(folder)
     try:
         with data.open(DEDUP_RESULTS_MANIFEST) as f:
             written = json.load(f)["files"]
     except (OSError, ValueError, KeyError):
-        return [DEDUP_RESULTS_MANIFEST]
-    if rank is not None:
-        mine = (f"{rank:06d}.remove", f"{rank:05d}.dups", f"{rank:05d}.counts")
+        # found by an edu-filter that listed nothing (a run it began, resumed by this one): its files there stand
+        older = data.exists("") and any(f != DEDUP_RESULTS_MANIFEST for f in data.list_files(recursive=True))
+        return [] if older else [DEDUP_RESULTS_MANIFEST]
+    if rank is not None:  # MinHash's .remove; exact dedup's duplicates and counts
+        mine = (f"{rank:06d}.remove", f"{rank:05d}{ExtensionHelperSD.stage_2_duplicates}",
+                f"{rank:05d}{ExtensionHelperSD.stage_2_counts}")
         return [f for f in written if f.rsplit("/", 1)[-1] in mine and not data.exists(f)]
     present = set(data.list_files(recursive=True)) if data.exists("") else set()
     return [f for f in written if f not in present]

@@ -208,6 +208,13 @@ def test_a_glob_the_shell_left_names_the_files_it_matches_in_every_reader(tmp_pa
     for listing in (expand_paths, lambda p: expand_inputs([str(p[0])])):
         with pytest.raises(DocumentError, match=r"\*\.jsonl\.gz: no file matches"):
             listing([dump / "*.jsonl.gz"])
+    # an apply output where the pattern reaches: the next run would read it as input
+    from edu_filter.filters.apply import check_output_apart
+
+    for pattern in (dump / "**" / "*.parquet", dump / "*" / "*" / "*.parquet"):
+        with pytest.raises(InputError, match="is where the input .* matches"):
+            check_output_apart([str(pattern)], str(dump / "filtered"))
+    check_output_apart([str(dump / "*.jsonl")], str(dump / "filtered"))  # one level: never reaches its files
     (tmp_path / "odd[1].jsonl").write_text('{"id": "odd", "text": "t"}\n')  # a name that is a pattern: the file
     assert [r["id"] for r in read_documents([str(tmp_path / "odd[1].jsonl")])] == ["odd"]
 

@@ -1177,12 +1177,25 @@ def test_a_task_reading_the_duplicates_found_fails_when_its_file_is_gone(tmp_pat
         check(0)
     assert check(1) == check(2) == ["a document"]
     assert missing_dedup_results(str(found)) == ["000000.remove"]
-    (found / DEDUP_RESULTS_MANIFEST).unlink()
+    (found / DEDUP_RESULTS_MANIFEST).unlink()  # found by an older edu-filter, which listed nothing: its files stand
+    assert check(2) == ["a document"] and missing_dedup_results(str(found)) == []
+    (found / "000002.remove").unlink()  # and all gone with the list (work/ purged): refused
     with pytest.raises(DocumentError, match=f"gone from {found} \\({DEDUP_RESULTS_MANIFEST} missing"):
         check(1)
     # nothing found at all: the list alone says the finder ran
     empty = tmp_path / "dups"
     assert list(RecordDedupResults(str(empty)).run(None)) == [] and missing_dedup_results(str(empty)) == []
+    # exact dedup's files, by datatrove's names: a task's duplicates gone
+    exact = tmp_path / "exact"
+    (exact / "00000").mkdir(parents=True)
+    for rank in (1, 3):
+        for ext in (".c4_dup", ".c4_counts"):
+            (exact / "00000" / f"{rank:05d}{ext}").write_bytes(b"")
+    assert list(RecordDedupResults(str(exact)).run(None)) == []
+    (exact / "00000" / "00003.c4_dup").unlink()
+    assert list(CheckDedupResults([str(exact)]).run(iter(["doc"]), rank=1)) == ["doc"]
+    with pytest.raises(DocumentError, match="00000/00003.c4_dup missing"):
+        list(CheckDedupResults([str(exact)]).run(iter(["doc"]), rank=3))
 
 
 def test_a_merge_stage_waits_for_every_file_the_stage_before_wrote_and_fails_naming_one_never_listed(tmp_path):
