@@ -991,7 +991,7 @@ def hub_repository_files(path: str) -> list[str] | None:
     its sample/ configurations (copies of data/, ~35% more documents) and a repository's test split. None for an
     address inside the repository (a folder is read whole everywhere), or where the `datasets` library names none."""
     args = hub_dataset_args(path)
-    if set(args) != {"path"}:
+    if set(args) != {"path"} or "@" in args["path"]:  # a revision named: the repository's files at it, listed
         return None
     files = default_train_files(args, path)
     inner = [m.group("inner") for f in files or [] if (m := _HUB_FILE.fullmatch(f))]

@@ -252,8 +252,8 @@ class RecordDedupResults(PipelineStep):
 
 
 def missing_dedup_results(folder: str, rank: int | None = None) -> list[str]:
-    """What `RecordDedupResults` listed in `folder` and is gone (the list itself, when it is): all of it, or of task
-    `rank` only (a .remove file, or .dups and .counts files, named by the rank)."""
+    """What `RecordDedupResults` listed in `folder` and is gone (the list itself, when it is and nothing else is
+    there): all of it, or of task `rank` only (its .remove file, or its .c4_dup and .c4_counts files)."""
     from datatrove.utils.typeshelper import ExtensionHelperSD
 
     data = get_datafolder(folder)

@@ -250,7 +250,7 @@ def test_a_whole_hub_repository_means_its_default_configurations_train_files_eve
     """apply listed every file of hf://datasets/HuggingFaceFW/fineweb: its sample/ configurations too (copies of
     data/, ~35% more documents, all duplicates) while score read the default configuration; and a test split with
     the train one. Both now take what the `datasets` library reads (shown on local folders in the hub's layouts)."""
-    from edu_filter.documents import _HUB_FILE, default_train_files
+    from edu_filter.documents import _HUB_FILE, default_train_files, hub_repository_files
 
     fineweb = tmp_path / "fineweb"
     for name in ("data/CC-MAIN-2024-10/000_00000.parquet", "data/CC-MAIN-2024-18/000_00000.parquet",
@@ -269,6 +269,9 @@ def test_a_whole_hub_repository_means_its_default_configurations_train_files_eve
     # what the library gives for a hub repository, made relative to it for apply's reader
     resolved = "hf://datasets/HuggingFaceFW/fineweb@9bb295ddab0e05d785b879661af7260fed5140fc/data/CC-MAIN-2024-10/000_00000.parquet"
     assert _HUB_FILE.fullmatch(resolved).group("inner") == "data/CC-MAIN-2024-10/000_00000.parquet"
+    # a path inside the repository, or a revision named, is listed as given (nothing asked of the hub here)
+    assert hub_repository_files("hf://datasets/HuggingFaceFW/fineweb/sample/10BT") is None
+    assert hub_repository_files("hf://datasets/HuggingFaceFW/fineweb@main") is None
 
 
 def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
