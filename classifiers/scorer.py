@@ -22,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,24 +86,20 @@ def text_prefix(text: str, limit: int) -> str:
     return cut[:space] if space >= limit - WORD_BACKOFF_CHARS else cut
 
 
-def _sparse_ids(text: str, enough: int, first: int, encode: Callable) -> tuple[list[int], bool]:
-    """The ids of a sparse text's start, `encode`d in pieces cut at SAFE_CUTS (a stretch without one, a blob, where
-    it must: one token off at most), CHARS_RETRY_FACTOR times longer each from `first` characters: until more than
-    `enough`, the end, or SPARSE_SCAN_CHARS read; and whether it stopped there."""
-    ids: list[int] = []
-    start, size = 0, first
-    while start < len(text) and len(ids) <= enough:
-        if start >= SPARSE_SCAN_CHARS:
-            return ids, True
-        size = min(size * CHARS_RETRY_FACTOR, SPARSE_SCAN_CHARS - start)
-        end = start + size
-        cut = len(text) if end >= len(text) else (last_safe_cut(text, start, end) or end)
-        ids += encode([text[start:cut]])[0]
-        start = cut
-    return ids, False
+def safe_pieces(text: str, size: int, growth: int = 1, stop: int | None = None) -> Iterator[str]:
+    """`text` (its first `stop` characters) in pieces of `size` characters at most, each next one `growth` times
+    longer, cut where a new token starts anyway (SAFE_CUTS), so that the pieces' tokens are the text's. A stretch
+    with no such place (a base64 blob) is cut where it must, one token off at most."""
+    limit = len(text) if stop is None else min(stop, len(text))
+    start = 0
+    while start < limit:
+        end = min(start + size, limit)
+        cut = end if end == len(text) else (_last_safe_cut(text, start, end) or end)
+        yield text[start:cut]
+        start, size = cut, size * growth
 
 
-def last_safe_cut(text: str, start: int, end: int) -> int | None:
+def _last_safe_cut(text: str, start: int, end: int) -> int | None:
     """The last place in text[start + 1:end] where SAFE_CUTS allow a cut, the first kind before the second; looked
     for in the last 4096 characters first, where it usually is."""
     for safe in SAFE_CUTS:
@@ -114,6 +110,19 @@ def last_safe_cut(text: str, start: int, end: int) -> int | None:
             if found is not None:
                 return found.start()
     return None
+
+
+def _sparse_ids(text: str, enough: int, first: int, encode: Callable) -> tuple[list[int], bool]:
+    """The ids of a sparse text's start, `encode`d in `safe_pieces` CHARS_RETRY_FACTOR times longer each from
+    `first` characters: until more than `enough`, the end, or SPARSE_SCAN_CHARS read; and whether it stopped there."""
+    ids: list[int] = []
+    read = 0
+    for piece in safe_pieces(text, first * CHARS_RETRY_FACTOR, CHARS_RETRY_FACTOR, SPARSE_SCAN_CHARS):
+        ids += encode([piece])[0]
+        read += len(piece)
+        if len(ids) > enough:
+            return ids, False
+    return ids, read < len(text)
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:

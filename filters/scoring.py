@@ -150,18 +150,10 @@ COUNT_BATCH_CHARS = 1 << 23
 
 
 def count_pieces(text: str) -> list[str]:
-    """`text` in pieces of at most COUNT_PIECE_CHARS, each cut where a new token starts anyway (SAFE_CUTS), so that
-    the pieces' counts add up to the text's. A stretch with no such place (a base64 blob) is cut where it must, one
-    token off at most."""
-    from edu_filter.classifiers.scorer import last_safe_cut
+    """`text` in `safe_pieces` of at most COUNT_PIECE_CHARS, so that the pieces' counts add up to the text's."""
+    from edu_filter.classifiers.scorer import safe_pieces
 
-    pieces, start, size = [], 0, COUNT_PIECE_CHARS
-    while len(text) - start > size:
-        cut = last_safe_cut(text, start, start + size) or start + size
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+    return list(safe_pieces(text, COUNT_PIECE_CHARS))
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
