@@ -384,19 +384,28 @@ def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
 GLOB_CHARS = "*?["
 
 
+def glob_split(pattern: str) -> tuple[str, str] | None:
+    """(the folder before a pattern's first wildcard, with its slash; the pattern below it), None without one."""
+    first = min((i for i in map(pattern.find, GLOB_CHARS) if i >= 0), default=-1)
+    if first < 0:
+        return None
+    slash = pattern.rfind("/", 0, first) + 1
+    return pattern[:slash], pattern[slash:]
+
+
 def glob_matches(pattern: str) -> tuple[str, list[str]] | None:
     """For an input with glob characters that names no file or folder itself (`'s3://bucket/dump/*.jsonl.gz'`,
     quoted so the shell left it; `data/**/*.parquet`): the folder before its first wildcard and the files matching,
     relative to it; None for any other input. A pattern matching nothing is an error naming it."""
-    if not any(c in pattern for c in GLOB_CHARS):
+    split = glob_split(pattern)
+    if split is None:
         return None
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(pattern)
     if fs.exists(path):
         return None
-    first = min(i for i in (pattern.find(c) for c in GLOB_CHARS) if i >= 0)
-    root = pattern[: pattern.rfind("/", 0, first) + 1] or "./"
+    root = split[0] or "./"
     root_path = url_to_fs(root)[1].rstrip("/")
     found = fs.glob(path, detail=True)
     names = sorted(posixpath.relpath(name, root_path) for name, info in found.items() if info.get("type") == "file")
@@ -429,8 +438,14 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
             raise DocumentError(f"{p}: no such file or folder")
     once = {}
     for f in files:
-        once.setdefault(f if is_hub_path(f) else os.path.realpath(f), f)
+        once.setdefault(file_key(f), f)
     return list(once.values())
+
+
+def file_key(path: str) -> str:
+    """What a path reads, for reading each file once: a local one's real path (links, `d/./f`), a remote one as
+    given."""
+    return path if "://" in path else os.path.realpath(path)
 
 
 # A JSONL line longer is no document (a file without line breaks, a JSON array on one line): apply fails it as

@@ -294,18 +294,17 @@ def check_output_apart(inputs: list[str], output: str) -> None:
     an input inside the output (`--overwrite` would delete it)."""
     if "://" in str(output):
         return
-    from edu_filter.documents import GLOB_CHARS
+    from edu_filter.documents import glob_split
 
     out = os.path.realpath(output)
     for inp in inputs:
         if "://" in str(inp):
             continue
         where = os.path.realpath(inp)
-        if any(c in str(inp) for c in GLOB_CHARS) and not os.path.exists(inp):
+        split = glob_split(str(inp)) if not os.path.exists(inp) else None
+        if split is not None:
             # a glob the shell left: its folder before the first wildcard, where the pattern reaches the output's depth
-            first = min(i for i in (str(inp).find(c) for c in GLOB_CHARS) if i >= 0)
-            root = os.path.realpath(str(inp)[: str(inp).rfind("/", 0, first) + 1] or ".")
-            below = str(inp)[str(inp).rfind("/", 0, first) + 1:].split("/")
+            root, below = os.path.realpath(split[0] or "."), split[1].split("/")
             inside = out == root or out.startswith(root.rstrip(os.sep) + os.sep)
             depth = len(os.path.relpath(out, root).split(os.sep)) if inside else 0
             if inside and ("**" in below or len(below) > depth):

@@ -45,6 +45,7 @@ from edu_filter.documents import (
     check_data_file,
     data_files_in,
     distinct_names,
+    file_key,
     glob_matches,
     hub_repository_files,
     is_hub_path,
@@ -129,8 +130,7 @@ def _first_of_each(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     twice, its rows would be counted twice and kept twice (or removed as duplicates of themselves)."""
     seen, unique = set(), []
     for folder, name in files:
-        where = posixpath.join(folder, name)
-        key = where if "://" in folder else os.path.realpath(where)
+        key = file_key(posixpath.join(folder, name))
         if key not in seen:
             seen.add(key)
             unique.append((folder, name))
