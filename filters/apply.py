@@ -672,53 +672,51 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
 
     def dedup_chain(source, tail: list, final_scores: bool) -> list[Stage]:
         """Exact and near dedup over the stream `source(stage, final)`; the last stage removes duplicates, then `tail`."""
+        exact_sigs, exact_dups = f"{work}/exact/sigs", f"{work}/exact/dups"
+        near_sigs, near_buckets = f"{work}/minhash/sigs", f"{work}/minhash/buckets"
+        near_remove = f"{work}/minhash/remove"
         stages = []
         if cfg.exact_dedup:
             stages += [
                 Stage("exact-signatures", source("exact-signatures", False)
-                      + [ExactDedupSignature(f"{work}/exact/sigs", config=exact)], cfg.tasks),
+                      + [ExactDedupSignature(exact_sigs, config=exact)], cfg.tasks),
                 Stage("exact-find", [OpenFilesLimit(cfg.tasks, EXACT_FIND_FILES_PER_TASK),
-                                     AwaitStageFiles(f"{work}/exact/sigs", "exact-signatures", cfg.tasks),
-                                     ExactFindDedups(f"{work}/exact/sigs", f"{work}/exact/dups", config=exact),
-                                     RecordDedupResults(f"{work}/exact/dups")], 1,
-                      merges=True),
+                                     AwaitStageFiles(exact_sigs, "exact-signatures", cfg.tasks),
+                                     ExactFindDedups(exact_sigs, exact_dups, config=exact),
+                                     RecordDedupResults(exact_dups)], 1, merges=True),
             ]
         if cfg.dedup:
-            skip_exact = ([CheckDedupResults([f"{work}/exact/dups"]), ExactDedupFilter(f"{work}/exact/dups",
-                                                                                        config=exact)]
-                          if cfg.exact_dedup else [])
+            skip_exact = [CheckDedupResults([exact_dups]), ExactDedupFilter(exact_dups, config=exact)] if (
+                cfg.exact_dedup) else []
             stages += [
                 Stage("minhash-signatures", source("minhash-signatures", False) + skip_exact
-                      + [FastMinhashSignature(f"{work}/minhash/sigs", config=minhash)], cfg.tasks),
+                      + [FastMinhashSignature(near_sigs, config=minhash)], cfg.tasks),
                 Stage("minhash-buckets", [OpenFilesLimit(cfg.tasks),
-                                          AwaitStageFiles(f"{work}/minhash/sigs", "minhash-signatures", cfg.tasks,
+                                          AwaitStageFiles(near_sigs, "minhash-signatures", cfg.tasks,
                                                           bucket_workers=bucket_workers),
-                                          SharedMinhashDedupBuckets(f"{work}/minhash/sigs", f"{work}/minhash/buckets",
-                                                                    config=minhash)],
+                                          SharedMinhashDedupBuckets(near_sigs, near_buckets, config=minhash)],
                       minhash.num_buckets * bucket_workers, merges=True),
                 Stage("minhash-cluster", [OpenFilesLimit(cfg.tasks),  # a .remove file per task, held to the end
-                                          AwaitStageFiles(f"{work}/minhash/buckets", "minhash-buckets",
+                                          AwaitStageFiles(near_buckets, "minhash-buckets",
                                                           buckets=minhash.num_buckets, bucket_workers=bucket_workers),
-                                          MinhashDedupCluster(f"{work}/minhash/buckets", f"{work}/minhash/remove",
-                                                              config=minhash),
-                                          RecordDedupResults(f"{work}/minhash/remove")],
+                                          MinhashDedupCluster(near_buckets, near_remove, config=minhash),
+                                          RecordDedupResults(near_remove)],
                       1, clusters=True, merges=True),
             ]
-        final = [CheckDedupResults([f"{work}/{found}" for found, on in (("exact/dups", cfg.exact_dedup),
-                                                                        ("minhash/remove", cfg.dedup)) if on]),
-                 *source("filter", True)]
+        found = [folder for folder, on in ((exact_dups, cfg.exact_dedup), (near_remove, cfg.dedup)) if on]
+        final = [CheckDedupResults(found), *source("filter", True)]
         if cfg.exact_dedup:
-            final.append(ExactDedupFilter(f"{work}/exact/dups", config=exact, exclusion_writer=removed(
+            final.append(ExactDedupFilter(exact_dups, config=exact, exclusion_writer=removed(
                 "duplicate", "exact_${rank}.jsonl.gz", "duplicate-exact")))
         if cfg.dedup:
-            final.append(MinhashDedupFilter(f"{work}/minhash/remove", exclusion_writer=removed(
+            final.append(MinhashDedupFilter(near_remove, exclusion_writer=removed(
                 "duplicate", "near_${rank}.jsonl.gz", "duplicate-near")))
         if not cfg.keep_work:  # the signatures go once read, the last stage reading them having measured them
             stages[-1].pipeline.append(RecordScratchPeak(work, SCRATCH_RECORD.format(logs=logs)))
             writing = ("exact-signatures", "minhash-signatures")
             final.append(DropDedupScratch(
-                (f"{work}/minhash/sigs", f"{work}/minhash/buckets", minhash.num_buckets) if cfg.dedup else None,
-                f"{work}/exact/sigs" if cfg.exact_dedup else None,
+                (near_sigs, near_buckets, minhash.num_buckets) if cfg.dedup else None,
+                exact_sigs if cfg.exact_dedup else None,
                 [f"{logs}/{stage.name}" for stage in stages if stage.name in writing],
                 [(f"{logs}/{stage.name}", stage.tasks) for stage in stages if stage.name not in writing],
                 SCRATCH_RECORD.format(logs=logs), bucket_workers=bucket_workers))
@@ -783,11 +781,16 @@ def report_again_without_stats(out: str) -> None:
 def check_dedup_results_kept(out: str, stages: list) -> None:
     """Before any work: a resumed run whose duplicates were found, and not yet removed by every task, still has what
     was found (datatrove's filter reads a missing file as "no duplicates" and keeps them all)."""
-    from edu_filter.filters.dedup import CheckDedupResults, RecordDedupResults, dedup_results_lost, missing_dedup_results
+    from edu_filter.filters.dedup import (
+        CheckDedupResults,
+        RecordDedupResults,
+        completed_tasks,
+        dedup_results_lost,
+        missing_dedup_results,
+    )
 
     def completed(stage) -> bool:
-        folder = Path(out) / "logs" / stage.name / "completions"
-        return folder.is_dir() and len(list(folder.iterdir())) >= stage.tasks
+        return completed_tasks(f"{out}/logs/{stage.name}") >= stage.tasks
 
     finders = {step.folder: stage for stage in stages for step in stage.pipeline
                if isinstance(step, RecordDedupResults)}

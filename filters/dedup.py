@@ -197,7 +197,7 @@ class DropDedupScratch(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from datatrove.utils.logging import logger
 
-        if (os.path.exists(self.record) and all(_completed(logs) >= tasks for logs, tasks in self.readers)
+        if (os.path.exists(self.record) and all(completed_tasks(logs) >= tasks for logs, tasks in self.readers)
                 and all(os.path.exists(f"{logs}/completions/{rank:05d}") for logs in self.writers)):
             for path in self.files_of(rank):
                 try:
@@ -298,7 +298,8 @@ class CheckDedupResults(PipelineStep):
             yield from data
 
 
-def _completed(logs: str) -> int:
+def completed_tasks(logs: str) -> int:
+    """How many tasks of the stage logging to `logs` completed."""
     try:
         return len(os.listdir(os.path.join(logs, "completions")))
     except OSError:
