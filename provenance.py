@@ -418,25 +418,29 @@ def record_provenance(
 FOLDER_KINDS = ("classifier", "dataset", "ablation")  # artifacts that are folders, also once deleted
 
 
-def _present(path: Path) -> bool:
-    """A file or folder there, or a glob (an input given as a quoted pattern) matching files."""
+def _present(path: Path, cache: dict) -> bool:
+    """A file or folder there, or a glob (an input given as a quoted pattern) matching files: globbed once per
+    lineage (`cache`), however often its node asks."""
     if path.exists():
         return True
-    try:
-        return glob_matches(str(path)) is not None
-    except (InputError, OSError):
-        return False
+    key = ("present", str(path))
+    if key not in cache:
+        try:
+            cache[key] = glob_matches(str(path)) is not None
+        except (InputError, OSError):
+            cache[key] = False
+    return cache[key]
 
 
-def _resolve(entry: dict, base: Path | None) -> Path:
+def _resolve(entry: dict, base: Path | None, cache: dict) -> Path:
     """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer's
     folder `base`. Where neither exists, the moved place: a project moved, one of its artifacts deleted, the inputs
     recorded below that artifact are still found from there (from the recorded place they read as missing too)."""
     recorded = Path(entry["path"])
-    if _present(recorded) or base is None or "relative_path" not in entry:
+    if _present(recorded, cache) or base is None or "relative_path" not in entry:
         return recorded
     moved = (base / entry["relative_path"]).resolve()
-    return moved if _present(moved) or moved.parent.exists() else recorded
+    return moved if _present(moved, cache) or moved.parent.exists() else recorded
 
 
 def lineage(path: str | os.PathLike) -> dict:
@@ -449,7 +453,7 @@ def lineage(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise ProvenanceError(f"{path}: no such file or folder")
-    fingerprints: dict[str, str | None] = {}
+    fingerprints: dict = {}  # for this lineage, by path: current fingerprints, and whether a glob matches
     found = read_provenance(path)
     record, artifact = found if found else (None, None)
     about = {"stale": False}
@@ -464,7 +468,7 @@ def _current_fingerprint(path: Path, cache: dict, documents: bool = False, recor
     limit = 0 if (recorded or "").startswith("sampled:") else FULL_HASH_MAX_BYTES
     key = (str(path), documents, limit)
     if key not in cache:
-        found = fingerprint(path, limit, documents=documents) if _present(path) else None
+        found = fingerprint(path, limit, documents=documents) if _present(path, cache) else None
         cache[key] = found["fingerprint"] if found else None
     return cache[key]
 
@@ -495,8 +499,8 @@ def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
     about = {"role": entry["role"], "used_fingerprint": entry.get("fingerprint")}
     if is_remote(entry["path"]):
         return _node(record, entry["path"], {**about, "stale": False, "missing": False, "remote": True}, cache)
-    where = _resolve(entry, consumer)
-    missing = not _present(where)
+    where = _resolve(entry, consumer, cache)
+    missing = not _present(where, cache)
     documents = carries_documents(entry["role"])
     used = entry.get("fingerprint")
     current = None if missing else _current_fingerprint(where.absolute(), cache, documents, used)
