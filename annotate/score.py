@@ -135,6 +135,11 @@ class ScoreConfig:
     def generation(self) -> GenerationSettings:
         return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
 
+    def reasks(self) -> int:
+        """Re-asks worth sending: at temperature 0 a server answers the identical request the same (greedy), so a
+        re-ask would pay for the same unusable answer again."""
+        return 0 if self.temperature == 0 else self.max_reasks
+
     def base_urls(self) -> list[str]:
         """The servers to ask (openai backend), each once."""
         urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
@@ -652,7 +657,7 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
         if sampler is not None:  # what a later --sample run on this cache must draw with
             cache.record_fact(SAMPLER, sampler)
         holds_saved_work(cache_path)  # LLM answers from here on: a bad input found later must not remove them
-        scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.max_reasks, cfg.max_tokens)
+        scorer = _Scorer(backend, cache, prompt, cfg.max_chars, cfg.reasks(), cfg.max_tokens)
 
         workers = getattr(backend, "capacity", cfg.concurrency)  # every server's places filled
 
@@ -894,4 +899,5 @@ def print_summary(summary: ScoreSummary) -> None:
     if summary.selection and failed:
         print(f"warning: {failed:,} documents of the active sample have no score, and train refuses rows without "
               "one: run the same command again to ask again only for those (answers that were unusable need a "
-              "larger --max-reasks); dropping them would skew the sample's weights", file=sys.stderr, flush=True)
+              "larger --max-reasks, re-asked above --temperature 0); dropping them would skew the sample's weights",
+              file=sys.stderr, flush=True)

@@ -83,6 +83,17 @@ def test_misbehaving_server_every_document_once_with_right_scores(server, tmp_pa
     assert summary.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in rows)
 
 
+def test_temperature_zero_sends_no_reask(server, tmp_path):
+    """A greedy server answers the identical request the same: re-asks at temperature 0 paid for nothing."""
+    src = write_jsonl(tmp_path / "in.jsonl", [doc("garbage", format="garbage"), doc("ok", score=3)])
+    summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, model="test-model",
+                              temperature=0.0, max_reasks=2, **FAST)
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert server.requests["garbage"] == 1 and rows["garbage"]["attempts"] == 1
+    assert rows["garbage"]["error"].startswith("unparseable") and rows["ok"]["score"] == 3
+    assert summary.reasks == 0
+
+
 def test_payload_follows_fineweb_edu_settings_chat_and_completion(tmp_path, monkeypatch):
     server = LLMTestServer(models=("m0", "m1")).start()
     try:
