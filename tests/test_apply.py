@@ -1353,7 +1353,11 @@ def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_cla
     pinned, kept = run("out")
     assert pinned == f"edu/clf@{first}" and 0 < len(kept) < len(src["unique"])
     publish(second, 9.0)  # the hub moves on: every document would score 5
-    assert run("out") == (pinned, kept)  # the same command resumes the run with its commit, not refused
+    for stage in ("filter", "report"):  # the scoring and report to run again, as after a kill
+        for done in (tmp_path / "out" / "logs" / stage / "completions").iterdir():
+            done.unlink()
+    (tmp_path / "out" / "stats.json").unlink()
+    assert run("out") == (pinned, kept)  # the same command resumes the run with its commit's weights, not refused
     assert run("new") == (f"edu/clf@{second}", set(src["unique"]))
     assert run("explicit", "--model", f"edu/clf@{first}") == (pinned, kept)  # a commit named on the command line
     assert run("out", "--overwrite") == (f"edu/clf@{second}", set(src["unique"]))  # starting over: the hub's now
