@@ -47,11 +47,21 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
-    """And a rerun after the duplicates found went missing (a scratch cleanup, work/ deleted) is refused, naming
-    them: datatrove's filter read a missing .remove file as no duplicates, and kept them all, the counts adding up."""
+    """One killed run, checked for two things before its rerun (each kill-and-rerun costs a minute):
+
+    A rerun after the duplicates found went missing (a scratch cleanup, work/ deleted) is refused, naming them:
+    datatrove's filter read a missing .remove file as no duplicates, and kept them all, the counts adding up.
+
+    A rerun task need not write to every destination its killed attempt did (a score flipped at the cut on other
+    hardware; a first kept batch typed otherwise): those files would keep documents that now end elsewhere, their
+    counts would be added in, and a Parquet file torn by the kill breaks loading kept/. Here each killed task's
+    attempt also left a torn second kept file, a schema-mismatch record and its counts; the rerun clears them."""
+    import gzip
     import shutil
 
-    def lose_the_duplicates_found(out: Path, ranks: list[int]) -> None:
+    import orjson
+
+    def lose_the_duplicates_found(out: Path) -> None:
         found = out / "work" / "minhash" / "remove"
         shutil.move(found, tmp_path / "found")
         res = run_cli(fixture_args_into(cli_tasks4, out), timeout=300)
@@ -60,20 +70,7 @@ def test_sigkill_then_rerun_gives_the_clean_result(cli_tasks4, tmp_path):
         assert f"the duplicates the dedup found are gone from {found}" in said and "--overwrite" in said, said
         shutil.move(tmp_path / "found", found)  # back: the run resumes
 
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [], between=lose_the_duplicates_found)
-
-
-@pytest.mark.slow
-def test_a_rerun_task_clears_what_its_killed_attempt_wrote_where_the_rerun_writes_nothing(cli_tasks4, tmp_path):
-    """A rerun task need not write to every destination its killed attempt did (a score flipped at the cut on other
-    hardware; a first kept batch typed otherwise): those files would keep documents that now end elsewhere, their
-    counts would be added in, and a Parquet file torn by the kill breaks loading kept/. Here each killed task's
-    attempt also left a torn second kept file, a schema-mismatch record and its counts; the rerun clears them."""
-    import gzip
-
-    import orjson
-
-    def leftovers(out: Path, ranks: list[int]) -> None:
+    def leave_leftovers(out: Path, ranks: list[int]) -> None:
         assert ranks
         for r in ranks:
             (out / "kept").mkdir(exist_ok=True)
@@ -86,7 +83,11 @@ def test_a_rerun_task_clears_what_its_killed_attempt_wrote_where_the_rerun_write
             counts.mkdir(parents=True, exist_ok=True)
             (counts / f"{r:05d}.json").write_text(json.dumps({"failed/schema_mismatch": [1, 1]}))
 
-    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [], between=leftovers)
+    def between(out: Path, ranks: list[int]) -> None:
+        lose_the_duplicates_found(out)
+        leave_leftovers(out, ranks)
+
+    sigkill_mid_scoring_then_rerun(cli_tasks4, tmp_path / "out", [], between=between)
 
 
 @pytest.mark.slow
