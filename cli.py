@@ -402,7 +402,8 @@ def apply(
     exact_dedup: Optional[bool] = typer.Option(None, "--exact-dedup/--no-exact-dedup", show_default=False,
                                                help="Exact dedup (on with the python-edu preset)."),
     decontaminate: Optional[list[str]] = typer.Option(
-        None, metavar="<path>", help="Eval set JSONL to decontaminate against, or 'humaneval' (repeatable)."),
+        None, metavar="<path>", help="Eval set JSONL to decontaminate against, or 'humaneval' (repeatable; adds to the "
+                                "preset's sets, 'none' drops them)."),
     long_docs: Optional[str] = typer.Option(APPLY.long_docs, help="truncate, chunk-mean or chunk-max (default: the model's)."),
     max_length: Optional[int] = typer.Option(APPLY.max_length, help="Tokens per document/chunk (the model's when unset)."),
     batch_size: Optional[int] = typer.Option(APPLY.batch_size, help="Documents per scoring batch (default 32 on CPU; "

@@ -371,10 +371,14 @@ def resolve_config(
     check_dtype(kwargs.get("dtype"))
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])
-    decont = [
-        str(bundled_data("code/HumanEval.jsonl.gz")) if d.lower() == "humaneval" else _local_path(d)
-        for d in (decontaminate if decontaminate is not None else base["decontaminate"])
-    ]
+    given = list(decontaminate or [])
+    if "none" in (d.lower() for d in given) and len(given) > 1:
+        raise InputError("--decontaminate none drops the preset's sets; give it alone")
+    # a set given adds to the preset's (python-edu: HumanEval): replacing them let MBPP in and HumanEval back
+    chosen = [] if [d.lower() for d in given] == ["none"] else [*base["decontaminate"], *given]
+    decont = list(dict.fromkeys(
+        str(bundled_data("code/HumanEval.jsonl.gz")) if d.lower() == "humaneval" else _local_path(d) for d in chosen
+    ))
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")

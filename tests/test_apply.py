@@ -459,6 +459,28 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
     assert again["kept"] == stats["kept"] and not (tmp_path / "out" / "work").exists()
 
 
+def test_an_eval_set_given_with_the_python_edu_preset_adds_to_humaneval(stock_classifier, tmp_path):
+    """`--preset python-edu --decontaminate mbpp.jsonl` replaced the preset's HumanEval: a dataset contaminated with
+    the benchmark its ablation then reports. A set given adds to the preset's; `none` alone drops them."""
+    from edu_filter.documents import InputError
+    from edu_filter.filters.apply import resolve_config
+
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text('{"text": "def add(a, b): return a + b"}\n')
+
+    def sets(*given):
+        return resolve_config([str(mbpp)], str(tmp_path / "out"), model=stock_classifier, preset="python-edu",
+                              decontaminate=list(given) or None).decontaminate
+
+    humaneval = sets()
+    assert len(humaneval) == 1 and humaneval[0].endswith("HumanEval.jsonl.gz")
+    assert sets(str(mbpp)) == [*humaneval, str(mbpp)]
+    assert sets("humaneval", str(mbpp)) == [*humaneval, str(mbpp)]  # named twice, read once
+    assert sets("none") == []
+    with pytest.raises(InputError, match="--decontaminate none drops"):
+        sets("none", str(mbpp))
+
+
 def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
     """chunk-max takes the max over all 128-token chunks, so it can only raise a long document's truncated score."""
     from datatrove.data import Document
