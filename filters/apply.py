@@ -587,7 +587,6 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     `on_gpu` the scorer is told to use the CPU: a task the scheduler gave no GPU still sees the node's (Ray does not
     hide them from a task asking none, nor Slurm without device constraints), and would load a model onto a GPU
     another job holds."""
-    from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupCluster, MinhashDedupFilter
 
@@ -596,6 +595,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         AwaitStageFiles,
         CheckDedupResults,
         DropDedupScratch,
+        FastNGramsDecontFilter,
         OpenFilesLimit,
         RecordDedupResults,
         RecordScratchPeak,
@@ -648,7 +648,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         if final:
             steps.append(CountTokens(cfg.tokenizer or cfg.model))
         if cfg.decontaminate:
-            steps.append(NGramsDecontFilter(f"{work}/decont_index", config=decont_config(),
+            steps.append(FastNGramsDecontFilter(f"{work}/decont_index", config=decont_config(),
                                             exclusion_writer=removed("contaminated") if final else None))
         return steps
 

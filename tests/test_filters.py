@@ -14,7 +14,7 @@ from datatrove.data import Document
 from datatrove.pipeline.decont.n_grams import NGramsDecontFilter
 
 from edu_filter.documents import DocumentError, read_documents
-from edu_filter.filters.dedup import build_decont_index, decont_config
+from edu_filter.filters.dedup import FastNGramsDecontFilter, build_decont_index, decont_config
 from edu_filter.filters.io import FAILURE_KEY, ApplyInputReader, expand_inputs
 from edu_filter.filters.scoring import keep_top_cutoff, score_bins
 
@@ -606,7 +606,7 @@ def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     assert build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index")) == counts
     assert (index.stat().st_ino, index.stat().st_mtime_ns) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # nothing left beside it
-    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    decont = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
     problem = json.loads(gzip.open(DATA / "code" / "HumanEval.jsonl.gz").readline())
     planted = Document(
         text="# my utilities\nimport math\n\n" + problem["prompt"] + problem["canonical_solution"] + "\nprint('done')\n",
@@ -619,6 +619,26 @@ def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     assert len(flagged) <= 2, flagged
 
 
+def test_fast_decontamination_gives_datatrove_s_verdicts_and_metadata(tmp_path):
+    """The fast filter splits words without spaCy's Doc; its verdicts, the n-gram and the task it names are
+    datatrove's own on code, prose, and HumanEval problems planted in files (whole, cut, reformatted)."""
+    build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
+    stock = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    fast = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    problems = [json.loads(line) for line in gzip.open(DATA / "code" / "HumanEval.jsonl.gz")][:40]
+    texts = [d["text"] for d in read_documents([DATA / "code" / "thealgorithms_unlabelled.jsonl"], limit=150)]
+    texts += [d["text"] for d in read_documents([DATA / "web" / "fineweb_edu_llama3_val.jsonl"], limit=100)]
+    texts += [f"# helpers\nimport os\n\n{p['prompt']}{p['canonical_solution']}\n" for p in problems[:20]]
+    texts += [p["prompt"][: len(p["prompt"]) // 2].upper().replace("    ", "\t") for p in problems[20:]]
+    texts += ["", "x", "dont  stop 1st 2nd café naïve Ärger ﬁle 你好世界 " * 4]
+    verdicts = []
+    for i, text in enumerate(texts):
+        a, b = Document(text=text, id=str(i)), Document(text=text, id=str(i))
+        verdicts.append(stock.filter(a))
+        assert fast.filter(b) == verdicts[-1] and b.metadata == a.metadata, i
+    assert 20 <= verdicts.count((False, "contaminated")) < len(texts) - 200  # both kinds were met
+
+
 def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
     """Eval sets are often all `test.jsonl`: the second index overwrote the first, whose passages went unflagged."""
     web = read_documents([DATA / "web" / "fineweb_edu_llama3_val.jsonl"], limit=3)
@@ -628,7 +648,7 @@ def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
     counts = build_decont_index([str(tmp_path / "e1" / "test.jsonl"), str(tmp_path / "e2" / "test.jsonl")],
                                 str(tmp_path / "index"))
     assert sorted(counts) == ["test", "test-2"] and all(n > 0 for n in counts.values())
-    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    decont = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
     flagged = [Document(text=d["text"], id=d["id"]) for d in web]
     assert [decont.filter(d) for d in flagged] == [(False, "contaminated"), (False, "contaminated"), True]
     assert [d.metadata.get("contaminated_task") for d in flagged[:2]] == ["test", "test-2"]
@@ -644,7 +664,7 @@ def test_eval_sets_with_class_labels_null_solutions_or_answer_lists_are_indexed(
             {"query": "Which of these?", "label": [web[3]["text"], "B"]}]
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert build_decont_index([str(tmp_path / "mixed.jsonl")], str(tmp_path / "index"))["mixed"] > 0
-    decont = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    decont = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
     assert all(decont.filter(Document(text=d["text"], id=d["id"])) == (False, "contaminated") for d in web)
     (tmp_path / "odd.jsonl").write_text(json.dumps({"query": "q", "label": {"a": 1}}) + "\n")
     with pytest.raises(DocumentError, match=r"odd.jsonl:1: field 'label' is a dict"):
