@@ -395,7 +395,7 @@ def apply(
     output: str = typer.Option(..., "-o", "--output", help="Output folder: kept/, removed/<reason>/, failed/, stats.json."),
     model: Optional[str] = typer.Option(None, help="Classifier folder from `train`, or a hub id (preset default)."),
     preset: Optional[str] = typer.Option(None, help="fineweb-edu (>=3), fineweb-edu-score-2 (>=2) or python-edu (>=4)."),
-    threshold: Optional[int] = typer.Option(APPLY.threshold, help="Keep int_score >= THRESHOLD (default 3, or the preset's)."),
+    threshold: Optional[int] = typer.Option(APPLY.threshold, help="Keep int_score >= THRESHOLD (default: the preset's, else 4 for a code classifier, 3 otherwise)."),
     keep_top: Optional[float] = typer.Option(APPLY.keep_top, help="Keep this fraction of documents instead (e.g. 0.1)."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="MinHash near-dedup (on by default).",
                                          show_default=False),

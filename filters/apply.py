@@ -31,6 +31,7 @@ starts over).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -318,6 +319,20 @@ def check_output_apart(inputs: list[str], output: str) -> None:
             raise InputError(f"the input {inp} is inside -o/--output {output}: write the output elsewhere")
 
 
+def model_kind(model: str | os.PathLike) -> str | None:
+    """What a local classifier folder was trained on (`train --kind`: web or code), from its config; None for a
+    hub id or a classifier trained elsewhere (the official ones record none)."""
+    from edu_filter.classifiers.fasttext_model import CONFIG_FILE
+
+    for name in ("config.json", CONFIG_FILE):
+        path = Path(model) / name
+        if path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                found = json.loads(path.read_text())
+                return found.get("kind") if isinstance(found, dict) else None
+    return None
+
+
 def resolve_config(
     inputs: list[str], output: str, model: str | None = None, preset: str | None = None, threshold: int | None = None,
     keep_top: float | None = None, dedup: bool | None = None, exact_dedup: bool | None = None,
@@ -338,7 +353,9 @@ def resolve_config(
     if keep_top is not None and not 0 < keep_top <= 1:
         raise InputError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
     if keep_top is None and threshold is None:
-        threshold = base["threshold"]
+        # a code classifier of ours with no preset: Python-Edu's cut, not FineWeb-Edu's
+        threshold = PRESETS["python-edu"]["threshold"] if preset is None and model_kind(model) == "code" \
+            else base["threshold"]
     if threshold is not None and not in_score_range(threshold):
         raise InputError(f"threshold must be an int_score in {SCORE_RANGE}, got {threshold}")
     if order not in ORDERS:  # before the token-count tokenizer is loaded (and says so)

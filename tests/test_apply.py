@@ -481,6 +481,20 @@ def test_an_eval_set_given_with_the_python_edu_preset_adds_to_humaneval(stock_cl
         sets("none", str(mbpp))
 
 
+def test_a_code_classifier_without_a_threshold_keeps_python_edu_s_cut(code_model, stock_classifier, tmp_path):
+    """`apply stack/ --model code-classifier` kept int_score >= 3 (FineWeb-Edu's cut) where Python-Edu keeps 4."""
+    from edu_filter.filters.apply import resolve_config
+
+    (tmp_path / "in.jsonl").write_text('{"text": "def f(): pass"}\n')
+
+    def threshold(model, **given):
+        return resolve_config([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=str(model), **given).threshold
+
+    assert threshold(code_model) == 4
+    assert threshold(code_model, threshold=3) == 3 and threshold(code_model, preset="fineweb-edu") == 3
+    assert threshold(stock_classifier) == 3  # a classifier recording no kind (the official ones): FineWeb-Edu's
+
+
 def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
     """chunk-max takes the max over all 128-token chunks, so it can only raise a long document's truncated score."""
     from datatrove.data import Document
