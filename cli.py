@@ -358,7 +358,8 @@ def ablate(
                                                  help="A model or training field (repeatable), e.g. lr=1e-3."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or hub name (default: train a BPE)."),
     vocab_size: Optional[int] = typer.Option(None, help="Vocabulary of the trained BPE (default: from the preset)."),
-    text_field: str = typer.Option("text"),
+    text_field: list[str] = typer.Option(["text"], metavar="<field or name=field>",
+                                         help="The text field of every set, or NAME=FIELD for one (repeatable)."),
     val_fraction: float = typer.Option(0.05, help="Share of each dataset's documents held out for its validation "
                                        "loss, 1/N: one document in N, picked by a hash of the text (the same "
                                        "documents in every dataset)."),

@@ -80,6 +80,24 @@ def parse_named(specs: list[str] | None, option: str) -> dict[str, str]:
     return named
 
 
+def text_fields(specs: str | list[str] | None, names: list[str]) -> dict[str, str]:
+    """The text field of each --data/--eval set: FIELD for every set, NAME=FIELD for the sets named NAME (apply's
+    kept/ holds `text`, the raw Stack dump it came from `content`)."""
+    default, per_set = "text", {}
+    for spec in [specs] if isinstance(specs, str) else specs or []:
+        name, sep, field = spec.partition("=")
+        if not sep:
+            default = spec
+        elif name not in names or not field:
+            raise InputError(f"--text-field {spec!r}: expected FIELD, or NAME=FIELD for a set named by --data or "
+                             f"--eval ({', '.join(names)})")
+        else:
+            per_set[name] = field
+    if not default:
+        raise InputError("--text-field: give a field name")
+    return {name: per_set.get(name, default) for name in names}
+
+
 def comparison_set(datasets: dict, references: dict, compare_on: str | None) -> str:
     """The evaluation set the verdict is read on: --compare-on, else the first --eval reference, else the held-out
     slice of the last --data (usually the unfiltered baseline, i.e. the distribution being filtered)."""
@@ -121,7 +139,7 @@ def ablate(
     overrides: list[str] | None = None,
     tokenizer: str | None = None,
     vocab_size: int | None = None,
-    text_field: str = "text",
+    text_field: str | list[str] = "text",
     val_fraction: float = 0.05,
     tokenizer_sample_chars: int = 4_000_000,
     humaneval: bool = False,
@@ -162,6 +180,7 @@ def ablate(
         raise InputError(f"--val-fraction {val_fraction}: the held-out slice is one document in N, so give 1/N "
                          f"(the nearest: {', '.join(f'{1 / n:.4g} holds out one in {n}' for n in nearest)})")
     compare = comparison_set(datasets, references, compare_on)
+    fields = text_fields(text_field, [*datasets, *references])
     check_writable_output(output, "-o/--output", folder=True)
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
@@ -183,13 +202,13 @@ def ablate(
     wait = preparation_barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, text_field, tokenizer_sample_chars)
+        tok = _prepare_tokenizer(out, datasets, tokenizer, cfg.vocab_size, fields, tokenizer_sample_chars)
     wait()
     if world > 1:  # the processes share the folder: one meeting a bad row must not remove what the others packed
         holds_saved_work(out / "tokenizer")
     if rank != 0:
         tok = load_tokenizer(out / "tokenizer")
-    _prepare_tokens(out, tok, datasets, references, cfg, text_field, val_fraction, rank, world)
+    _prepare_tokens(out, tok, datasets, references, cfg, fields, val_fraction, rank, world)
     wait()
     infos = _packed_infos(out, datasets) if rank == 0 else {}
     inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer) if rank == 0 else []
@@ -261,7 +280,7 @@ def ablate(
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     settings = {"preset": preset, "tokens": tokens, "overrides": parsed_overrides, "vocab_size": vocab_size,
-                "text_field": text_field, "val_fraction": val_fraction,
+                "text_field": fields, "val_fraction": val_fraction,
                 "tokenizer_sample_chars": tokenizer_sample_chars, "humaneval": humaneval,
                 "humaneval_limit": humaneval_limit, "seed": seed, "seeds": seeds, "compare_on": compare,
                 "config": asdict(cfg), "complete": complete}
@@ -474,7 +493,7 @@ def write_report_md(out: Path, report: dict) -> Path:
 TOKENIZER_SETTINGS = "edu_filter_trained_with.json"  # beside the BPE the ablation trained: what it was trained with
 
 
-def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size: int, text_field: str,
+def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size: int, fields: dict[str, str],
                        sample_chars: int):
     """OUT/tokenizer: `given`, or a BPE trained on the datasets. A resumed ablation keeps its own; one whose runs
     were trained with another tokenizer than asked is refused before OUT/tokenizer is touched (a mistyped option
@@ -503,13 +522,14 @@ def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size:
                              f"{recorded['sample_chars']:,} characters and the runs in {out} with it; this invocation "
                              f"asks {vocab_size:,} from {sample_chars:,} ({what}): {redo}")
     # no run trained with another: trained as asked (the token files of another are packed again)
-    sample = mixed_sample([iter_texts(path, text_field, spread=True) for path in datasets.values()], sample_chars)
+    sample = mixed_sample([iter_texts(path, fields[name], spread=True) for name, path in datasets.items()],
+                          sample_chars)
     tok = train_tokenizer(sample, vocab_size, folder)
     (folder / TOKENIZER_SETTINGS).write_text(json.dumps(asked))
     return tok
 
 
-def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: PretrainConfig, text_field: str,
+def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: PretrainConfig, fields: dict[str, str],
                     val_fraction: float, rank: int = 0, world: int = 1) -> None:
     """Pack each dataset (train + held-out val) and each reference set not packed yet, reading only what the budget
     needs. Under torchrun the sets are shared out, `rank` packing every `world`-th one, so two datasets take the time
@@ -519,6 +539,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
         ("--eval", name, path) for name, path in references.items()]
     trained = (out / "runs").exists()
     for option, name, path in sets[rank::world]:
+        text_field = fields[name]
         source = packing_source(path, text_field)
         if option == "--eval":
             file = out / "tokens" / "eval" / f"{name}.bin"

@@ -160,6 +160,14 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
     bad.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
     result = runner.invoke(app, ["ablate", "--data", f"bad={bad}", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "bad.jsonl:2: field 'text' is missing" in result.output
+    # a text field per set (apply's kept/ holds `text`, the raw dump beside it `content`): the default for the
+    # others, NAME=FIELD for one; each set is read with its own
+    for fields, said in ((["body", "a=text"], "bad.jsonl:1: field 'body' is missing"),
+                         (["a=body"], f"{WEB_TRAIN}:1: field 'body' is missing"),
+                         (["nope=body"], "--text-field 'nope=body': expected FIELD, or NAME=FIELD for a set named")):
+        result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--data", f"bad={bad}",
+                                     *[f"--text-field={f}" for f in fields], "-o", str(tmp_path / "f")])
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", "depth=3", "-o", str(tmp_path / "c")])
     assert result.exit_code == 2 and "unknown override 'depth'" in result.output
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--val-fraction", "1.5", "-o",
