@@ -164,6 +164,9 @@ def ablate(
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if not 0 <= seed <= 2**32 - seeds:  # numpy's generators take seeds up to 2**32 - 1
         raise InputError(f"--seed must be in [0, 2**32 - --seeds], got {seed}")
+    if vocab_size is not None and tokenizer is not None:  # the model takes the given tokenizer's vocabulary
+        raise InputError("--vocab-size sizes the BPE trained here; --tokenizer brings its own vocabulary: leave "
+                         "--vocab-size out")
     if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
         raise InputError(f"--vocab-size must be at least {MIN_VOCAB_SIZE} (the 256 bytes and the end-of-document "
                          f"token), got {vocab_size}")

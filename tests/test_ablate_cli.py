@@ -16,7 +16,7 @@ from edu_filter.cli import app
 from edu_filter.documents import read_documents, write_documents
 
 sys.path.insert(0, str(Path(__file__).parent))
-from micro_ablation import MICRO_ABLATION  # noqa: E402
+from micro_ablation import MICRO_ABLATION, MICRO_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -168,6 +168,9 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
         result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--data", f"bad={bad}",
                                      *[f"--text-field={f}" for f in fields], "-o", str(tmp_path / "f")])
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--tokenizer", str(tmp_path), "--vocab-size",
+                                 "512", "-o", str(tmp_path / "c")])  # was ignored, and recorded as the vocabulary
+    assert result.exit_code == 2 and "--tokenizer brings its own vocabulary" in " ".join(result.output.split())
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--override", "depth=3", "-o", str(tmp_path / "c")])
     assert result.exit_code == 2 and "unknown override 'depth'" in result.output
     result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--val-fraction", "1.5", "-o",
@@ -189,7 +192,7 @@ def test_a_bad_row_met_while_packing_leaves_the_packed_tokens(ablation, inputs, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine words here"}\n' * 3 + '{"body": "no text here"}\n')
     args = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"bad={bad}", "--tokenizer",
-            str(out / "tokenizer"), "--tokens", "1024", *MICRO, "-o", str(tmp_path / "new" / "ablation")]
+            str(out / "tokenizer"), "--tokens", "1024", *MICRO_MODEL, "-o", str(tmp_path / "new" / "ablation")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "bad.jsonl:4: field 'text' is missing" in result.output, result.output
     assert (tmp_path / "new/ablation/tokens/edu/train.bin").stat().st_size > 0
@@ -250,9 +253,8 @@ def test_a_bad_row_one_rank_meets_keeps_what_the_others_packed(inputs, tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"id": "x"} if i == 2 else r) + "\n" for i, r in enumerate(rows)))
     out = tmp_path / "out"
-    micro = [a for a in MICRO if a not in ("--vocab-size", "512")]
     common = ["ablate", "--data", f"edu={inputs / 'edu.jsonl'}", "--data", f"bad={bad}", "--preset", "tiny",
-              "--tokens", "1024", *micro, "--override", "batch_tokens=512", "--tokenizer", str(tmp_path / "tokenizer"),
+              "--tokens", "1024", *MICRO_MODEL, "--override", "batch_tokens=512", "--tokenizer", str(tmp_path / "tokenizer"),
               "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)), "--standalone", "--nproc-per-node",

@@ -16,12 +16,13 @@ from edu_filter.documents import read_documents, write_documents
 from edu_filter.ablate.ablation import SIGNIFICANCE_RULE, compare_runs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from micro_ablation import MICRO_ABLATION  # noqa: E402
+from micro_ablation import MICRO_ABLATION, MICRO_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
 MICRO = ["--tokens", "1024", *MICRO_ABLATION]
+MICRO_GIVEN_TOKENIZER = ["--tokens", "1024", *MICRO_MODEL]
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
@@ -86,7 +87,7 @@ def test_the_comparison_holds_a_verdict_against_seed_noise(two_seeds):
 
 def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_seeds, edu_file, tmp_path):
     out, report, _ = two_seeds
-    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", *MICRO,
+    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", *MICRO_GIVEN_TOKENIZER,
                "--tokenizer", str(out / "tokenizer"), "-o", str(tmp_path / "one"))
     single = json.loads((tmp_path / "one/report.json").read_text())
     assert single["runs"]["edu"]["train_loss"] == pytest.approx(report["runs"]["edu"]["seeds"][1]["train_loss"])
@@ -95,7 +96,7 @@ def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_se
     assert "a single run; nothing to compare" in (tmp_path / "one/report.md").read_text()
     # the same ablation with a second seed trains only that one: its first seed's run was trained again
     trained = (tmp_path / "one/runs/edu/run.json").stat().st_mtime_ns
-    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", "--seeds", "2", *MICRO,
+    run_ablate("--data", f"edu={edu_file}", "--eval", f"reference={WEB_VAL}", "--seed", "1", "--seeds", "2", *MICRO_GIVEN_TOKENIZER,
                "--tokenizer", str(out / "tokenizer"), "-o", str(tmp_path / "one"))
     both = json.loads((tmp_path / "one/report.json").read_text())
     assert (tmp_path / "one/runs/edu/run.json").stat().st_mtime_ns == trained
