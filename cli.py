@@ -175,7 +175,7 @@ def train(
                                             help="Validation data (repeatable); split off from DATA when absent."),
     label_field: str = typer.Option(TRAIN.label_field, help=f"Field holding the {SCORE_RANGE} label."),
     max_length: int = typer.Option(TRAIN.max_length, help="Tokens per sequence (saved with the model)."),
-    long_docs: str = typer.Option(TRAIN.long_docs, help="truncate or chunk-mean (saved as the model's default)."),
+    long_docs: str = typer.Option(TRAIN.long_docs, help="truncate, or chunk-mean for a head (saved as the model's default; chunk-max: choose it when scoring)."),
     pool_layers: Optional[str] = typer.Option(
         None, metavar="<n,n,...>",
         help="Comma-separated hidden layers to pool and concatenate (default: six evenly spaced, up to the top).",
@@ -262,7 +262,7 @@ def score(
         SCORE.timeout, help="Seconds without any answer from the server before a request is retried (queued requests "
         "back off concurrency instead)."
     ),
-    max_retries: int = typer.Option(SCORE.max_retries, help="Retries on 429, 5xx, timeouts and connection errors."),
+    max_retries: int = typer.Option(SCORE.max_retries, help="Retries on 5xx, timeouts and connection errors (429s are waited out apart, up to 20 more)."),
     retry_backoff: float = typer.Option(SCORE.retry_backoff, help="First retry delay in seconds (doubles each retry, jittered)."),
     max_reasks: int = typer.Option(SCORE.max_reasks, help="Extra questions when an answer is unparseable, ambiguous or cut off."),
     temperature: float = typer.Option(SCORE.temperature),
