@@ -19,11 +19,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP)
 
-# torch is installed first with an exact pin so pip takes the CPU build on disk instead of a CUDA download.
+# torch is installed first with an exact pin so pip takes a CPU build its configuration offers (wheels on disk)
+# instead of a CUDA download; where it offers none, name PyTorch's CPU index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test,offline]"
 	touch $(STAMP)
 
