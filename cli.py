@@ -37,6 +37,7 @@ from edu_filter.documents import (  # noqa: E402
     SCORES,
     InputError,
     RunError,
+    one_line,
     saved_work_under,
 )
 from edu_filter.filters.apply import ApplyConfig, RayOptions, SlurmOptions  # noqa: E402
@@ -82,9 +83,9 @@ def exit_status(error: BaseException) -> int | None:
     return EXIT_FAILED if isinstance(error, failures) else None
 
 
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines) or type(error).__name__
+def error_line(error: BaseException) -> str:
+    """The error's message on one line, whole (documents.one_line cuts it), or its type where it says nothing."""
+    return one_line(str(error), limit=sys.maxsize) or type(error).__name__
 
 
 OUTPUT_OPTIONS = ("output", "report")  # the parameters naming what a command writes
@@ -135,7 +136,7 @@ def command(*args, **kwargs):
                 elif status == EXIT_BAD_INPUT:  # a bad value found by a library, maybe after work: folders only
                     remove_created([path for path in new if path.is_dir() and not any(
                         files for _, _, files in os.walk(path))])  # where nothing was written yet
-                typer.secho(f"error: {one_line(e)}", fg=typer.colors.RED, err=True)
+                typer.secho(f"error: {error_line(e)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(status) from None
 
         return app.command(*args, cls=Command, **kwargs)(run)

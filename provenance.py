@@ -841,14 +841,14 @@ def _kept_licenses(folder: Path) -> Counter:
     return counts
 
 
-def dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping | None = None,
-                 source_license: str | None = None, repo_id: str | None = None) -> str:
+def dataset_card(out_folder: str | os.PathLike, stats: dict, source_license: str | None = None,
+                 repo_id: str | None = None) -> str:
     """README.md text of an apply output: hub metadata, the stats table, threshold, classifier, dedup and
     decontamination settings, and the source licence where known."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     out = Path(out_folder)
-    settings = dict(settings if settings is not None else stats.get("settings", {}))
+    settings = stats.get("settings", {})
     name = repo_id or out.name
     inputs = [str(p) for p in settings.get("inputs", [])]
     recorded = read_provenance(out)
@@ -957,12 +957,12 @@ def dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping |
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def write_dataset_card(out_folder: str | os.PathLike, stats: dict, settings: Mapping | None = None,
-                       source_license: str | None = None, repo_id: str | None = None) -> Path:
-    """Write `OUT/README.md`, the dataset card of an apply output (settings default to stats["settings"]). Call it
+def write_dataset_card(out_folder: str | os.PathLike, stats: dict, source_license: str | None = None,
+                       repo_id: str | None = None) -> Path:
+    """Write `OUT/README.md`, the dataset card of an apply output (its settings: stats["settings"]). Call it
     after `record_provenance(OUT, kind="dataset", ...)` so the card can name the classifier's own origin."""
     path = Path(out_folder) / CARD_FILE
-    path.write_text(dataset_card(out_folder, stats, settings, source_license, repo_id))
+    path.write_text(dataset_card(out_folder, stats, source_license, repo_id))
     return path
 
 

@@ -669,7 +669,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                             exclusion_writer=removed("contaminated") if final else None))
         return steps
 
-    def scoring(stage: str) -> list:
+    def scoring() -> list:
         scorer = [EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                       long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task,
                                       device=None if on_gpu else "cpu"),
@@ -750,11 +750,11 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     deduplicating = cfg.dedup or cfg.exact_dedup
     if not deduplicating or cfg.order == "dedup-first":
         if cfg.keep_top is None:
-            stages = dedup_chain(input_pass, scoring("filter") + kept, final_scores=True) if deduplicating else [
-                Stage("filter", input_pass("filter", True) + scoring("filter") + kept, cfg.tasks, scores=True)]
+            stages = dedup_chain(input_pass, scoring() + kept, final_scores=True) if deduplicating else [
+                Stage("filter", input_pass("filter", True) + scoring() + kept, cfg.tasks, scores=True)]
         else:
-            stages = dedup_chain(input_pass, scoring("filter"), final_scores=True) if deduplicating else [
-                Stage("filter", input_pass("filter", True) + scoring("filter"), cfg.tasks, scores=True)]
+            stages = dedup_chain(input_pass, scoring(), final_scores=True) if deduplicating else [
+                Stage("filter", input_pass("filter", True) + scoring(), cfg.tasks, scores=True)]
             stages += select_stages(kept)
     else:  # score-first: only what passes the threshold is deduplicated
         survivors = [RecordWriter(f"{work}/survivors", tagged=tagged)]
@@ -763,9 +763,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             return [RankFileReader(f"{work}/survivors", progress_folder=progress(stage))]
 
         if cfg.keep_top is None:
-            stages = [Stage("score", input_pass("score", True) + scoring("score") + survivors, cfg.tasks, scores=True)]
+            stages = [Stage("score", input_pass("score", True) + scoring() + survivors, cfg.tasks, scores=True)]
         else:
-            stages = [Stage("score", input_pass("score", True) + scoring("score"), cfg.tasks, scores=True),
+            stages = [Stage("score", input_pass("score", True) + scoring(), cfg.tasks, scores=True),
                       *select_stages(survivors)]
         stages += dedup_chain(survivors_pass, kept, final_scores=False)
     from edu_filter.provenance import command_line

@@ -1528,9 +1528,6 @@ def progress_interval(following_for: float) -> float:
     return min(PROGRESS_MAX_INTERVAL_S, max(POLL_S, following_for / 60))
 
 
-# what `scontrol show job` says of a job that ended without doing its work
-FAILED_JOB_STATES = frozenset({"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED",
-                               "BOOT_FAIL", "DEADLINE"})
 GONE_GRACE_S = 5.0  # a stage gone from the queue whose jobs' end Slurm no longer tells: its completion files' wait
 COMPLETED_GRACE_S = 90.0  # jobs Slurm says completed: how long their completion files may take to be listed
 
