@@ -10,8 +10,10 @@ One error contract for every command (`command` below registers a command with i
   OSError (a full disk).
 
 Anything else is a bug and keeps its traceback. Options are checked, and output paths tested for writing, before
-any work, so a bad invocation leaves no half-made output behind. Defaults come from the library's config dataclasses
-(`ScoreConfig`, `ApplyConfig`, `SlurmOptions`, `RayOptions`, `ClassifierTrainConfig`), so they are written once.
+any work, so a bad invocation leaves no half-made output behind. The defaults of score, train and apply come from the
+library's config dataclasses (`ScoreConfig`, `ApplyConfig`, `SlurmOptions`, `RayOptions`, `ClassifierTrainConfig`),
+so they are written once; ablate, evaluate, agreement and sweep repeat their library functions' (reading them would
+import torch here), and a test holds the two the same.
 """
 
 from __future__ import annotations

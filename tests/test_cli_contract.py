@@ -548,3 +548,33 @@ def test_a_second_demo_into_its_folder_starts_over_and_another_folder_is_refused
     (demo / DEMO_MARKER).touch()
     clear_earlier_demo(demo)
     assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER, "notes.txt"]  # results.json, report.md: its own
+
+
+@pytest.mark.parametrize("command, library", [
+    ("ablate", "edu_filter.ablate.ablation:ablate"),
+    ("evaluate", "edu_filter.classifiers.evaluate:evaluate_model"),
+    ("agreement", "edu_filter.annotate.agreement:agreement"),
+    ("sweep", "edu_filter.filters.sweep:run_sweep"),
+])
+def test_a_command_s_defaults_are_its_library_function_s(command, library):
+    """These commands repeat their library function's defaults (reading them would import torch into cli.py): one
+    changed on one side only would make the command line and the Python API disagree without a word."""
+    import importlib
+    import inspect
+
+    from edu_filter import cli
+
+    module, name = library.split(":")
+    library_params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    parsed = {"thresholds"}  # a string the command parses; the library takes the list (None: every score)
+    compared = 0
+    for param, given in inspect.signature(getattr(cli, command)).parameters.items():
+        lib = library_params.get(param)
+        if lib is None or lib.default is inspect.Parameter.empty or param in parsed:
+            continue
+        default = getattr(given.default, "default", given.default)  # typer's OptionInfo
+        if isinstance(default, list) and len(default) == 1 and isinstance(lib.default, str):
+            default = default[0]  # a repeatable option's single default
+        assert default == lib.default, (command, param, default, lib.default)
+        compared += 1
+    assert compared >= 3
