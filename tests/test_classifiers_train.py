@@ -871,12 +871,13 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
                            text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
     weights = load_file(tmp_path / "clean" / "model.safetensors")
-    for stop in ("SIGKILL", "SIGTERM"):
-        cache, out = tmp_path / f"cache-{stop}", tmp_path / stop
+    cache, out = tmp_path / "cache-stopped", tmp_path / "stopped"
+    last = 0
+    for stop in ("SIGTERM", "SIGKILL"):  # stopped by a time limit, then killed once resumed
         run = subprocess.Popen(command(out, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-        deadline, step = time.time() + 500, 0
-        while time.time() < deadline and run.poll() is None and step < 4:
+        deadline, step = time.time() + 500, last
+        while time.time() < deadline and run.poll() is None and step < last + 4:
             for saved in (cache / "finetune").glob("*/step.json"):
                 try:
                     step = json.loads(saved.read_text())["step"]
@@ -890,16 +891,17 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
             run.send_signal(signal.SIGTERM)
             assert run.wait(timeout=120) == 128 + signal.SIGTERM
             step = json.loads(next((cache / "finetune").glob("*/step.json")).read_text())["step"]  # where it stopped
-        assert 4 <= step < 28, (stop, step)
+        assert last + 4 <= step < 28, (stop, step)
         assert not (out / "model.safetensors").exists()
-        (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept
-        resumed = subprocess.run(command(out, cache), env=env, capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        said = " ".join(resumed.stdout.split() + resumed.stderr.split())
-        assert "fine-tuning: resuming at step" in said and "1 checkpoint(s) of other fine-tuning runs" in said
-        again = load_file(out / "model.safetensors")
-        assert again.keys() == weights.keys() and all(torch.equal(weights[k], again[k]) for k in weights), stop
-        assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
+        last = step
+    (cache / "finetune" / "0123abandoned").mkdir()  # another run's, never resumed: named at the end, kept
+    resumed = subprocess.run(command(out, cache), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = " ".join(resumed.stdout.split() + resumed.stderr.split())
+    assert "fine-tuning: resuming at step" in said and "1 checkpoint(s) of other fine-tuning runs" in said
+    again = load_file(out / "model.safetensors")
+    assert again.keys() == weights.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
 
 
 def test_a_finished_finetune_names_abandoned_checkpoints_not_those_a_running_fine_tune_holds(tmp_path):
