@@ -169,11 +169,13 @@ def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
         yield
 
 
-def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False) -> None:
+def check_writable_output(path: str | os.PathLike, what: str = "--output", folder: bool = False,
+                          file: bool = False) -> None:
     """Refuse an output path that cannot be created or written, without creating anything.
 
     The nearest existing ancestor must be a folder this process may write into (and the path itself, when it
-    exists, a writable folder, or file unless the output is a `folder`). Remote paths (s3://, hf://) are refused: no
+    exists, a writable folder, or file unless the output is a `folder`; a `file` output is no folder: `score -o X`
+    found it one only at the end, every answer paid for). Remote paths (s3://, hf://) are refused: no
     command writes them, and a `Path` made `s3:/bucket/x` of one, which wrote a local folder named `s3:` that a job's
     node kept."""
     text = str(path)
@@ -183,6 +185,8 @@ def check_writable_output(path: str | os.PathLike, what: str = "--output", folde
     target = Path(text).expanduser()
     if folder and target.exists() and not target.is_dir():
         raise InputError(f"{what} {text}: a file, not a folder; give a folder to write into")
+    if file and target.is_dir():
+        raise InputError(f"{what} {text}: a folder, not a file; give the file to write")
     if target.exists():
         if not os.access(target, os.W_OK) or (target.is_dir() and not os.access(target, os.X_OK)):
             raise InputError(f"{what} {text}: not writable (permission denied)")

@@ -134,7 +134,7 @@ def agreement(
     if not in_score_range(threshold):
         raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
     if report is not None:
-        check_writable_output(report, "--report")
+        check_writable_output(report, "--report", file=True)
     scores_a, nulls_a, weighted_a, classes_a = read_scores(a, field, id_field)
     scores_b, nulls_b, weighted_b, classes_b = read_scores(b, field_b or field, id_field)
     weighted = weighted_a or weighted_b

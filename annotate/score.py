@@ -786,8 +786,8 @@ def score_documents(
     output = Path(output)
     _check_output(output)
     cache_path = Path(cfg.cache) if cfg.cache is not None else output.with_name(output.name + ".cache.sqlite")
-    check_writable_output(output, "-o/--output")
-    check_writable_output(cache_path, "--cache")
+    check_writable_output(output, "-o/--output", file=True)
+    check_writable_output(cache_path, "--cache", file=True)
     if cache_path.resolve() == output.resolve():  # the finished output would replace the answers it was made from
         raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     refuse_output_among_inputs(inputs, {"-o/--output": output, "--cache": cache_path})

@@ -50,7 +50,7 @@ def evaluate_model(
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     refuse_transformer_options(model, dtype=dtype, long_docs=long_docs, batch_size=batch_size)
     if report is not None:
-        check_writable_output(report, "--report")
+        check_writable_output(report, "--report", file=True)
     from rich.console import Console
 
     rows, left_out = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA",

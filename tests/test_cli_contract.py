@@ -141,6 +141,19 @@ def test_a_folder_output_that_is_a_file_is_refused_before_any_work(files):
         assert taken.read_text() == "a file already\n"
 
 
+def test_a_file_output_that_is_a_folder_is_refused_before_any_work(files, stock_classifier):
+    """score sent every document to the LLM (paid) and failed renaming its output onto the folder, leaving a
+    full-size partial copy; evaluate and agreement did all their work first too."""
+    taken = files["tmp"] / "taken.jsonl"
+    taken.mkdir()
+    for args, what in ((["score", WEB_VAL, "-o", taken, "--base-url", NO_SERVER], "-o/--output"),
+                       (["score", WEB_VAL, "-o", files["tmp"] / "new.jsonl", "--cache", taken, "--base-url", NO_SERVER], "--cache"),
+                       (["evaluate", stock_classifier, CODE_LABELS, "--report", taken], "--report"),
+                       (["agreement", files["scored"], files["scored"], "--report", taken], "--report")):
+        refused(args, f"{what} {taken}: a folder, not a file")
+        assert taken.is_dir() and not any(taken.iterdir())
+
+
 # --- empty input -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["score", "train", "apply", "sweep", "evaluate"])
 def test_empty_input_is_refused(command, files, stock_classifier):

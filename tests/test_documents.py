@@ -304,6 +304,10 @@ def test_check_writable_output_tests_without_creating(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"--report .*file/out\.json: cannot be created, .*file is a file"):
         check_writable_output(tmp_path / "file" / "out.json", "--report")
+    (tmp_path / "a-folder.jsonl").mkdir()  # found a folder only when the output was renamed into place, at the end
+    with pytest.raises(InputError, match=r"-o/--output .*a-folder\.jsonl: a folder, not a file"):
+        check_writable_output(tmp_path / "a-folder.jsonl", "-o/--output", file=True)
+    check_writable_output(tmp_path / "a-folder.jsonl", "-o/--output")  # a folder output may exist
     for remote in ("s3://bucket/out.jsonl", Path("s3://bucket/out.jsonl"), "hf://datasets/me/x"):  # Path: "s3:/bucket"
         with pytest.raises(InputError, match="a remote location; this command writes local files"):
             check_writable_output(remote, "-o/--output")
