@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER, RunError, text_hash
+from edu_filter.documents import LEGACY_SAMPLER, NESTED_SAMPLER, InputError, RunError, text_hash
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -103,6 +103,20 @@ def recorded_selection_pool(path: str | Path, selection_key: str) -> str | None:
     finally:
         db.close()
     return None if row is None else row[0]
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_answer_cache(path: str | Path) -> None:
+    """An existing --cache must be an SQLite file (an empty one is a new cache): another file named there (an input,
+    a JSONL) stopped the run in a traceback after the server was started."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as fh:
+            if fh.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise InputError(f"--cache {path}: not an edu-filter answer cache (not an SQLite file); give another "
+                                 "path")
 
 
 class AnswerCache:

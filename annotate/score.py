@@ -46,7 +46,8 @@ from edu_filter.annotate.active import (
     DEFAULT_ROUNDS, ActiveAnnotation, pool_fingerprint, refuse_another_pool, round_sizes, selection_key,
     selection_settings,
 )
-from edu_filter.annotate.cache import SAMPLER, AnswerCache, recorded_sampler, recorded_selection_pool, run_key
+from edu_filter.annotate.cache import (SAMPLER, AnswerCache, check_answer_cache, recorded_sampler,
+                                       recorded_selection_pool, run_key)
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
 from edu_filter.annotate.prompts import BUNDLED, Prompt, load_prompt
 from edu_filter import provenance
@@ -791,6 +792,7 @@ def score_documents(
     if cache_path.resolve() == output.resolve():  # the finished output would replace the answers it was made from
         raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     refuse_output_among_inputs(inputs, {"-o/--output": output, "--cache": cache_path})
+    check_answer_cache(cache_path)
     with writing_alone(output, "-o/--output"):  # two runs wrote one partial file at once, and paid twice
         return _score_alone(inputs, output, cfg, cache_path)
 

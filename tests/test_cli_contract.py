@@ -152,6 +152,11 @@ def test_a_file_output_that_is_a_folder_is_refused_before_any_work(files, stock_
                        (["agreement", files["scored"], files["scored"], "--report", taken], "--report")):
         refused(args, f"{what} {taken}: a folder, not a file")
         assert taken.is_dir() and not any(taken.iterdir())
+    other = files["scored"]  # a --cache naming another file (another input): a traceback before
+    before = other.read_bytes()
+    refused(["score", WEB_VAL, "-o", files["tmp"] / "new.jsonl", "--cache", other, "--base-url", NO_SERVER],
+            f"--cache {other}: not an edu-filter answer cache")
+    assert other.read_bytes() == before
 
 
 # --- empty input -------------------------------------------------------------------------------------------------
