@@ -146,6 +146,24 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         ) from None
 
 
+def load_classifier_tokenizer(name: str | os.PathLike, revision: str | None = None):
+    """A classifier's tokenizer (a folder or hub id), running no code from it. edu-filter's own classifiers name
+    their modeling file in an `auto_map`: registering that class here lets transformers read their config without
+    trusting the folder; `trust_remote_code=True` ran whatever Python a hub repository (or a folder) carried, in
+    every task of every node, with the user's credentials."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import (
+        EduClassifierConfig,
+        EduClassifierForSequenceClassification,
+    )
+
+    AutoConfig.register(EduClassifierConfig.model_type, EduClassifierConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(EduClassifierConfig, EduClassifierForSequenceClassification,
+                                                exist_ok=True)
+    return AutoTokenizer.from_pretrained(name, revision=revision)
+
+
 def check_long_docs(long_docs: str) -> str:
     if long_docs not in LONG_DOC_MODES:
         raise ValueError(f"long_docs must be one of {', '.join(LONG_DOC_MODES)}, got {long_docs!r}")
@@ -222,11 +240,9 @@ def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
     folder = model_folder_or_none(model) if max_length is not None else None
     if folder is None or (folder / FASTTEXT_CONFIG).exists():
         return
-    from transformers import AutoTokenizer
-
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.get("model_type") == "edu_classifier")
+        tokenizer = load_classifier_tokenizer(folder)
     except Exception as e:  # noqa: BLE001 - loading it says why, with the model
         raise InputError(f"{model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     limit = readable_tokens(config, tokenizer)
@@ -424,8 +440,7 @@ class EduScorer(Scorer):
             from edu_filter.classifiers.modeling_edu_classifier import EduClassifierForSequenceClassification
 
             model = EduClassifierForSequenceClassification.from_pretrained(folder, dtype=dtype)
-            # our own modeling file sits in the folder; trusting it lets AutoTokenizer read the folder silently
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+            tokenizer = load_classifier_tokenizer(folder)
             saved_length = config.get("max_seq_length", 512)
         else:
             try:

@@ -80,14 +80,12 @@ COUNT_TOKENIZER = "gpt2"  # what FineWeb's token_count column counts; used when 
 def check_count_tokenizer(tokenizer: str) -> None:
     """A --tokenizer loads here as the token counting loads it, before any work: a typo used to fail the final
     stage, after the whole dedup."""
-    from transformers import AutoTokenizer
-
-    from edu_filter.classifiers.scorer import split_revision
+    from edu_filter.classifiers.scorer import load_classifier_tokenizer, split_revision
 
     name, revision = split_revision(tokenizer)
     check_named_path(name, "--tokenizer")
     try:
-        AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
+        load_classifier_tokenizer(name, revision)
     except Exception as e:  # noqa: BLE001 - no such repo, offline, not a tokenizer
         raise InputError(f"--tokenizer {tokenizer}: cannot load it ({type(e).__name__}: {one_line(str(e))})") from None
 

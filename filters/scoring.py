@@ -203,19 +203,15 @@ class CountTokens(PipelineStep):
         self.batch_size = batch_size
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from transformers import AutoTokenizer
-
         tokenizer = None
         for batch in batched(data, self.batch_size):
             todo = [doc for doc in batch if doc.text and not isinstance(doc.metadata.get("token_count"), int)]
             if todo:
                 if tokenizer is None:
-                    # the classifier folder carries its own modeling file (the model `apply` already runs); trusting it
-                    # keeps AutoTokenizer from stopping to ask in a non-interactive pipeline
-                    from edu_filter.classifiers.scorer import split_revision
+                    from edu_filter.classifiers.scorer import load_classifier_tokenizer, split_revision
 
                     name, revision = split_revision(self.tokenizer)  # a pinned hub classifier: ORG/NAME@COMMIT
-                    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=True)
+                    tokenizer = load_classifier_tokenizer(name, revision)
                     tokenizer.model_max_length = int(1e30)  # counting, not truncating: no over-length warning
                 with self.track_time(unit="batch"):
                     encoded = count_tokens(tokenizer, [doc.text for doc in todo])

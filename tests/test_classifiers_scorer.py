@@ -156,6 +156,40 @@ def test_saved_folder_loads_with_automodel(web_model, web_texts):
     np.testing.assert_allclose(logits[:, 0].numpy(), scores, atol=1e-4)
 
 
+def test_loading_a_classifier_runs_no_code_its_folder_carries(web_model, stock_classifier, web_texts, tmp_path):
+    """Tokenizers were loaded with trust_remote_code=True: the Python a hub repository (or a folder) carried ran in
+    every scoring and token-counting task, on every node, with the user's credentials. Here an edu-filter
+    classifier's modeling file and a stock classifier's tokenizer module are replaced by code that leaves a mark."""
+    import shutil
+
+    from datatrove.data import Document
+
+    from edu_filter.classifiers.scorer import check_max_length, load_classifier_tokenizer
+    from edu_filter.filters.apply import check_count_tokenizer
+    from edu_filter.filters.scoring import CountTokens
+
+    mark = tmp_path / "code-ran"
+    hostile = f"open({str(mark)!r}, 'a').write(__name__ + '\\n')\n"
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    shutil.copytree(web_model, ours)
+    (ours / "modeling_edu_classifier.py").write_text(hostile)
+    shutil.copytree(stock_classifier, theirs)
+    config = json.loads((theirs / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (theirs / "tokenizer_config.json").write_text(json.dumps(config))
+    (theirs / "tokenization_evil.py").write_text(hostile)
+
+    scores, _ = load_scorer(ours).predict(web_texts[:2])
+    assert np.isfinite(scores).all()
+    for folder in (ours, theirs):
+        assert load_classifier_tokenizer(folder)("a test").input_ids
+        check_max_length(folder, 64)
+        check_count_tokenizer(str(folder))
+        counted = list(CountTokens(str(folder)).run(iter([Document(text="a few words here", id="x")])))
+        assert counted[0].metadata["token_count"] > 0
+    assert not mark.exists(), mark.read_text()
+
+
 def test_an_encoder_whose_tokenizer_adds_no_special_tokens_saves_one_that_frames_as_the_scorer(
         tmp_path, minilm_path, embedding_cache_dir, web_texts):
     """starencoder's tokenizer adds no [CLS]/[SEP]; the scorer adds them by hand. The saved tokenizer did not, so
