@@ -640,7 +640,7 @@ async def managed_server(config) -> AsyncIterator[str]:
     server.is_ready = _answers_models(server)
     log = server._get_log_file_path()
     output = f" (its output: {log})" if log else ""
-    with _servers_die_with_this_process():
+    with _guarded_server_processes(trust_remote_code=bool((config.model_kwargs or {}).get("trust-remote-code"))):
         async with server:
             try:
                 # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
@@ -699,27 +699,33 @@ def _answers_models(server):
 
 
 @contextmanager
-def _servers_die_with_this_process():
+def _guarded_server_processes(trust_remote_code: bool = False):
     """Servers datatrove starts in the block get SIGTERM when this process dies, however it dies (Linux): a run
     killed with SIGKILL (the out-of-memory killer) left its vLLM holding the GPU, and the same command's vLLM then
-    could not start. datatrove starts them with asyncio.create_subprocess_exec, given a preexec_fn here."""
+    could not start. datatrove starts them with asyncio.create_subprocess_exec, given a preexec_fn here.
+
+    datatrove also starts `vllm serve` with `--trust-remote-code` always: the Python a hub repository carries ran on
+    the GPU node for any `--model ORG/NAME`. It is dropped unless asked for (`--server-arg trust-remote-code`)."""
     import ctypes
     import signal
     import sys
 
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
-    pr_set_pdeathsig = 1
-
-    def die_with_parent() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
     started_by_asyncio = asyncio.create_subprocess_exec
+    preexec_fn = None
+    if sys.platform.startswith("linux"):
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+        pr_set_pdeathsig = 1
+
+        def die_with_parent() -> None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+        preexec_fn = die_with_parent
 
     async def create_subprocess_exec(*args, **kwargs):
-        kwargs.setdefault("preexec_fn", die_with_parent)
+        if args and args[0] == "vllm" and not trust_remote_code:
+            args = tuple(a for a in args if a != "--trust-remote-code")
+        if preexec_fn is not None:
+            kwargs.setdefault("preexec_fn", preexec_fn)
         return await started_by_asyncio(*args, **kwargs)
 
     asyncio.create_subprocess_exec = create_subprocess_exec

@@ -357,6 +357,33 @@ def test_a_server_arg_that_would_hide_the_server_from_the_run_is_refused():
             server_config("script", "test-model", server_script="serve.py", server_args=[arg])
 
 
+def test_vllm_is_started_without_trust_remote_code_unless_asked(tmp_path, monkeypatch):
+    """datatrove starts `vllm serve` with --trust-remote-code always: the Python of any hub repository named by
+    --model ran on the GPU node. A `vllm` on PATH that prints its arguments stands in for the real one."""
+    import asyncio
+    import os
+
+    from edu_filter.annotate.backends import _guarded_server_processes
+
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+
+    async def started(trust: bool) -> list[str]:
+        # the command datatrove's VLLMServer builds, started the way it starts it
+        with _guarded_server_processes(trust_remote_code=trust):
+            proc = await asyncio.create_subprocess_exec("vllm", "serve", "org/model", "--port", "1",
+                                                        "--trust-remote-code", stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+        return out.decode().split()
+
+    assert asyncio.run(started(False)) == ["serve", "org/model", "--port", "1"]
+    assert "--trust-remote-code" in asyncio.run(started(True))
+    assert server_config("vllm", "m", server_args=["trust-remote-code"]).model_kwargs["trust-remote-code"] is True
+
+
 def test_server_config_builds_the_vllm_command_settings():
     config = server_config("vllm", "meta-llama/Meta-Llama-3-70B-Instruct", api="chat", max_model_len=4096, tp=4,
                            server_args=["gpu-memory-utilization=0.9", "--enforce-eager"])
