@@ -7,11 +7,13 @@ It is still untrusted code running as your user; run ablations on machines you a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,23 @@ def _limit_resources(memory_bytes: int):
     return apply if sys.platform.startswith("linux") else None
 
 
+def _exited(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether the child exited within `timeout` seconds, without reaping it (WNOWAIT) where the system can."""
+    if not hasattr(os, "waitid"):  # macOS: reaped here
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> ExecutionResult:
     """Run a Python program in a subprocess; passed means it exited 0 within the timeout."""
     with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
@@ -92,11 +111,13 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> E
                 preexec_fn=_limit_resources(memory_mb * 2**20),
                 env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
             )
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            ended = _exited(proc, timeout)
+            # the whole session goes, however the program ended: a child it forked (passed or failed) ran on from a
+            # deleted folder for as long as it liked. The program is not reaped yet, so its group id is still its own.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+            if not ended:
                 return ExecutionResult("timeout", f"no result after {timeout:g}s")
             if proc.returncode == 0:
                 return ExecutionResult("passed")

@@ -82,6 +82,21 @@ def test_generated_code_cannot_touch_this_process(problems, tmp_path):
     assert int(marker.read_text()) != os.getpid()
 
 
+def test_a_child_the_program_forked_is_stopped_with_it(tmp_path):
+    """A program that forks and exits (passing or failing) left its child running, with the user's rights, for as
+    long as it liked; only a timeout killed the group."""
+    marker = tmp_path / "child-alive"
+    program = ("import os, time\n"
+               "if os.fork() == 0:\n"
+               "    time.sleep(1.0)\n"
+               f"    open({str(marker)!r}, 'w').write('still running')\n"
+               "    os._exit(0)\n")
+    for ending in ("", "raise SystemExit(1)\n"):
+        assert run_program(program + ending, timeout=20).status == ("passed" if not ending else "failed")
+    time.sleep(2.0)
+    assert not marker.exists()
+
+
 def test_completions_are_cut_at_stop_sequences():
     body = "    return x + 1\n"
     assert truncate_at_stop(body + "\ndef other():\n    pass\n") == body
