@@ -283,12 +283,12 @@ def _redact(text: str) -> str:
     return _SECRET_VALUES.sub(r"\1***", _URL_CREDENTIALS.sub("***@", text))
 
 
-def _redacted(value):
+def redacted(value):
     """`_redact` over every string in a JSON value (on its JSON text, a secret holding a quote broke the JSON)."""
     if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
+        return {k: redacted(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redacted(v) for v in value]
+        return [redacted(v) for v in value]
     return _redact(value) if isinstance(value, str) else value
 
 
@@ -406,7 +406,7 @@ def record_provenance(
         "edu_filter_version": version(),
         "versions": _library_versions(),
         "command": command if command is not None else command_line(),
-        "settings": _redacted(json.loads(json.dumps(dict(settings), default=str))),
+        "settings": redacted(json.loads(json.dumps(dict(settings), default=str))),
         "inputs": entries,
     }
     target = provenance_path(artifact)
@@ -930,7 +930,7 @@ def dataset_card(out_folder: str | os.PathLike, stats: dict, source_license: str
         "",
         "## Source data and licence",
         "",
-        *[f"- {_quote(p)}" for p in inputs],
+        *[f"- {_quote(_redact(p))}" for p in inputs],
         *([f"- on the hub: {', '.join(sources)}"] if sources else []),
         f"- licence: {', '.join(licences) if licences else 'unknown: check the licence of the source data'}",
         *(["- per-document `license` field: " + ", ".join(f"{k} ({v})" for k, v in per_doc.most_common())]

@@ -65,6 +65,8 @@ def recorded_scratch(record: str | None) -> int:
 
 
 def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extra: dict | None = None) -> dict:
+    from edu_filter.provenance import redacted
+
     counts = read_counts(counts_folder)
     read = counts.pop("in", [0, 0])[0]
     result = {"kept": {"documents": 0, "tokens": 0}, "removed": {}, "failed": {}}
@@ -86,7 +88,8 @@ def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extr
         "adds_up": read == out_docs,
         "peak_scratch_bytes": scratch_bytes,
         **(extra or {}),
-        "settings": settings,
+        # an input URL's credentials (user:pass@, a presigned signature) stay out: stats.json goes up with the dataset
+        "settings": redacted(settings),
     }
 
 

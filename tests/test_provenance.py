@@ -265,7 +265,7 @@ def test_secrets_in_commands_and_settings_are_redacted_and_nothing_else():
                    "(token=SECRET7)", "env:HF_TOKEN=SECRET8"):  # after any character but a path's /
         assert "SECRET" not in provenance._redact(secret), secret
     # settings are redacted string by string: a secret holding a quote broke the JSON text it was redacted in
-    assert provenance._redacted({"server_args": ['api-key=sk-"q"x'], "n": 3}) == {"server_args": ["api-key=***"],
+    assert provenance.redacted({"server_args": ['api-key=sk-"q"x'], "n": 3}) == {"server_args": ["api-key=***"],
                                                                                  "n": 3}
 
 
@@ -392,6 +392,22 @@ def test_dataset_card_names_per_document_licences(tmp_path):
     provenance.write_dataset_card(out, stats, source_license="apache-2.0", repo_id="me/code-edu")
     card = DatasetCard.load(out / "README.md")
     assert card.data.license == "apache-2.0" and 'load_dataset("me/code-edu", split="train")' in card.text
+
+
+def test_credentials_in_input_urls_stay_out_of_stats_and_the_dataset_card(tmp_path):
+    """stats.json and README.md go up with a pushed dataset; an input URL's password or presigned signature went
+    with them (provenance.json and the command line were redacted, these two were not)."""
+    from edu_filter.filters.report import build_stats
+
+    inputs = ["https://alice:hunter2@data.example.org/dump/", "s3://b/part.jsonl?X-Amz-Signature=deadbeef&x=1"]
+    (tmp_path / "counts").mkdir()
+    stats = build_stats(str(tmp_path / "counts"), {"inputs": inputs, "model": "m", "threshold": 3})
+    out = tmp_path / "edu"
+    (out / "kept").mkdir(parents=True)
+    provenance.write_dataset_card(out, {**stats, "settings": {**stats["settings"], "inputs": inputs}})  # as given
+    for text in (json.dumps(stats), (out / "README.md").read_text()):
+        assert "hunter2" not in text and "deadbeef" not in text
+        assert "data.example.org/dump/" in text and "s3://b/part.jsonl" in text  # the inputs are still named
 
 
 # --- lineage --------------------------------------------------------------------------------------------------------
