@@ -151,7 +151,15 @@ def load_classifier_tokenizer(name: str | os.PathLike, revision: str | None = No
     their modeling file in an `auto_map`: registering that class here lets transformers read their config without
     trusting the folder; `trust_remote_code=True` ran whatever Python a hub repository (or a folder) carried, in
     every task of every node, with the user's credentials."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    _register_edu_classifier()
+    return AutoTokenizer.from_pretrained(name, revision=revision)
+
+
+def _register_edu_classifier() -> None:
+    """transformers reads edu-filter's classifier configs with this package's class, not the folder's copy."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from edu_filter.classifiers.modeling_edu_classifier import (
         EduClassifierConfig,
@@ -161,7 +169,6 @@ def load_classifier_tokenizer(name: str | os.PathLike, revision: str | None = No
     AutoConfig.register(EduClassifierConfig.model_type, EduClassifierConfig, exist_ok=True)
     AutoModelForSequenceClassification.register(EduClassifierConfig, EduClassifierForSequenceClassification,
                                                 exist_ok=True)
-    return AutoTokenizer.from_pretrained(name, revision=revision)
 
 
 def check_long_docs(long_docs: str) -> str:
@@ -220,6 +227,37 @@ def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
         raise InputError(f"{', '.join(named)} {'is an option' if len(named) == 1 else 'are options'} of transformer "
                          f"classifiers; {model} is a fastText model, which reads whole documents on a CPU: leave "
                          f"{'it' if len(named) == 1 else 'them'} out")
+
+
+FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")  # the first bytes of every fastText .bin model
+
+
+def check_classifier_folder(folder: str | os.PathLike, what: str = "--model") -> None:
+    """A local --model folder holds a classifier, before any work: an encoder or base model (a config.json with two
+    labels), or a fastText model.bin that is not one, failed every scoring task after the whole MinHash dedup, and
+    the rerun with the right folder was refused as a changed classifier."""
+    from edu_filter.classifiers.fasttext_model import MODEL_FILE
+
+    folder = Path(folder)
+    if (folder / FASTTEXT_CONFIG).is_file():
+        model = folder / MODEL_FILE
+        with contextlib.suppress(OSError):
+            with model.open("rb") as fh:
+                if fh.read(len(FASTTEXT_MAGIC)) == FASTTEXT_MAGIC:
+                    return
+        raise InputError(f"{what} {folder}: {model} is missing or not a fastText model")
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{what} {folder}: not a model folder (no config.json or {FASTTEXT_CONFIG})")
+    from transformers import AutoConfig
+
+    _register_edu_classifier()
+    try:
+        labels = AutoConfig.from_pretrained(folder).num_labels
+    except Exception as e:  # noqa: BLE001 - an unknown model type, a broken file: one line
+        raise InputError(f"{what} {folder}: cannot read its config.json ({type(e).__name__}: {e})") from None
+    if labels != 1:
+        raise InputError(f"{what} {folder}: a model with {labels} outputs, not a classifier's one regression logit "
+                         "(an encoder or a base model? give the folder `edu-filter train` wrote)")
 
 
 def readable_tokens(config: dict, tokenizer) -> int:

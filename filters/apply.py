@@ -361,12 +361,10 @@ def resolve_config(
     recorded = recorded_settings(output, overwrite)
     model = str(model)
     if Path(model).exists():
-        model = os.path.abspath(model)
-        from edu_filter.classifiers.fasttext_model import CONFIG_FILE
+        from edu_filter.classifiers.scorer import check_classifier_folder
 
-        if not any((Path(model) / name).is_file() for name in ("config.json", CONFIG_FILE)):
-            # found only by the scoring tasks, after the whole MinHash dedup had run
-            raise InputError(f"--model {model}: not a model folder (no config.json or {CONFIG_FILE})")
+        model = os.path.abspath(model)
+        check_classifier_folder(model)  # found only by the scoring tasks, after the whole MinHash dedup had run
     else:
         from edu_filter.classifiers.scorer import split_revision
 

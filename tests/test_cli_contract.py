@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_an_output_that_is_an_input_inside_one_remote_or_being_written_is_refuse
 
 
 # --- models ------------------------------------------------------------------------------------------------------
-def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
+def test_missing_model_is_refused_by_evaluate_apply_and_score(files, minilm_path, fasttext_model):
     out, missing = files["new"], files["tmp"] / "no-such-model"
     refused(["evaluate", missing, CODE_LABELS], "no-such-model", "no such file or folder")
     refused(["apply", WEB_VAL, "-o", out, "--model", missing], "no-such-model", "no such file or folder",
@@ -243,6 +244,14 @@ def test_missing_model_is_refused_by_evaluate_apply_and_score(files):
     refused(["apply", WEB_VAL, "-o", out, "--model", empty], "not-a-model: not a model folder (no config.json",
             absent=(out.parent,))
     refused(["apply", WEB_VAL, "-o", out, "--model", empty, "--order", "bogus"], "order must be one of",
+            absent=(out.parent,))
+    # an encoder given for the classifier, and a fastText folder whose model.bin is not one: the same, refused now
+    refused(["apply", WEB_VAL, "-o", out, "--model", minilm_path], "a model with 2 outputs, not a classifier's one",
+            absent=(out.parent,))
+    broken = files["tmp"] / "broken-fasttext"
+    shutil.copytree(fasttext_model, broken)
+    (broken / "model.bin").write_bytes(b"not a model")
+    refused(["apply", WEB_VAL, "-o", out, "--model", broken], "model.bin is missing or not a fastText model",
             absent=(out.parent,))
 
 
