@@ -9,6 +9,7 @@ and a finished run still shows what it did.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import time
@@ -215,29 +216,39 @@ def stage_description(stage: StageProgress) -> str:
     return f"{stage.name}: {stage.documents:,} docs, {stage.docs_per_second:,.1f} docs/s"
 
 
+PLAIN_LINE_EVERY_S = 30.0  # output that is not a terminal (a batch job's log): a line per running stage this often
+
+
 class ProgressDisplay:
     """One rich progress bar per stage: documents read so far and docs/s; the bar follows tasks done plus the share
-    of their input the running tasks have read."""
+    of their input the running tasks have read. Where the console is no terminal (a Slurm job's output file,
+    nohup, tee) a live bar shows nothing until it ends: a plain line per running stage every PLAIN_LINE_EVERY_S
+    seconds instead, and one when a stage finishes."""
 
     def __init__(self, console, stages: list[tuple[str, int]], logs: str):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.logs = logs
         self.stages = stages
+        self.console = console
+        self.plain = not console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tasks]}"),
                                  TimeElapsedColumn(), console=console, transient=False)
         self.bars = {name: self.progress.add_task(name, total=1.0, tasks=f"0/{tasks} tasks", start=False)
                      for name, tasks in stages}
         self.finished: dict[str, StageProgress] = {}  # read once finished: its files no longer change
         self.final: dict[str, dict[str, dict]] = {name: {} for name, _ in stages}  # of completed tasks
+        self.said_at: float = -math.inf  # the last plain lines (monotonic)
+        self.said_finished: set[str] = set()
 
     def __enter__(self):
-        self.progress.__enter__()
+        if not self.plain:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.refresh()
-        return self.progress.__exit__(*exc)
+        return None if self.plain else self.progress.__exit__(*exc)
 
     def refresh(self) -> list[StageProgress]:
         states = []
@@ -251,4 +262,27 @@ class ProgressDisplay:
                 self.progress.start_task(bar)
             self.progress.update(bar, completed=stage.fraction, description=stage_description(stage),
                                  tasks=f"{stage.tasks_done}/{tasks} tasks")
+        if self.plain:
+            self._say(states)
         return states
+
+    def _say(self, states: list[StageProgress]) -> None:
+        """The plain lines: finished stages once, running ones every PLAIN_LINE_EVERY_S seconds."""
+        due = time.monotonic() - self.said_at >= PLAIN_LINE_EVERY_S
+        for stage in states:
+            running = not stage.finished and (stage.started or stage.tasks_done)
+            if (stage.finished and stage.name not in self.said_finished) or (running and due):
+                elapsed = self.progress.tasks[self.bars[stage.name]].elapsed or 0.0
+                self.console.print(f"{stage_description(stage)}, {stage.tasks_done}/{stage.tasks} tasks"
+                                   f"{', done' if stage.finished else ''} ({_clock(elapsed)})",
+                                   soft_wrap=True, highlight=False)
+                if stage.finished:
+                    self.said_finished.add(stage.name)
+        if due:
+            self.said_at = time.monotonic()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

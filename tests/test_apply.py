@@ -264,6 +264,45 @@ def test_following_a_chain_reads_progress_less_often_and_finished_stages_once(tm
     assert display.refresh()[1].documents == 35
 
 
+def test_progress_written_to_a_file_is_a_plain_line_per_running_stage_now_and_then(tmp_path):
+    """A batch job's output (Slurm's slurm-%j.out, nohup, tee) got nothing from the live bars until the run ended:
+    hours in which stuck and working looked the same. Not a terminal: a line per running stage every 30 s, and one
+    when a stage finishes."""
+    import io
+
+    from rich.console import Console
+
+    from edu_filter.filters.progress import PLAIN_LINE_EVERY_S, ProgressDisplay
+
+    for stage in ("first", "second"):
+        (tmp_path / stage / "completions").mkdir(parents=True)
+        (tmp_path / stage / "progress").mkdir()
+    (tmp_path / "first" / "progress" / "00000.json").write_text(json.dumps(
+        {"documents": 7, "bytes": 1, "bytes_total": 2, "started": time.time(), "updated": time.time(), "done": False}))
+    log = io.StringIO()
+    with ProgressDisplay(Console(file=log, width=80), [("first", 1), ("second", 1)], str(tmp_path)) as display:
+        display.refresh()
+        said = log.getvalue().splitlines()
+        assert len(said) == 1 and said[0].startswith("first: 7 docs") and "0/1 tasks" in said[0], said
+        display.refresh()  # within the 30 s: nothing new
+        assert len(log.getvalue().splitlines()) == 1
+        (tmp_path / "first" / "completions" / "00000").write_text("")
+        display.refresh()  # a stage finished: said at once, once
+        display.refresh()
+        lines = log.getvalue().splitlines()
+        assert len(lines) == 2 and "1/1 tasks, done" in lines[1], lines
+        (tmp_path / "second" / "progress" / "00000.json").write_text(json.dumps(
+            {"documents": 3, "bytes": 1, "bytes_total": 4, "started": time.time(), "updated": time.time(),
+             "done": False}))
+        display.refresh()  # started within the 30 s: said with the next lines
+        assert len(log.getvalue().splitlines()) == 2
+        display.said_at -= PLAIN_LINE_EVERY_S  # 30 s later: the running stage
+        display.refresh()
+        lines = log.getvalue().splitlines()
+        assert len(lines) == 3 and lines[2].startswith("second: 3 docs"), lines
+    assert "\x1b" not in log.getvalue() and "\r" not in log.getvalue()  # no bar drawn into the file
+
+
 def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):
     """On a machine with several GPUs a task took GPU rank % n: the pool hands ranks out as workers free up, so
     tasks 0 and 2 ran together on GPU 0 while GPU 1 idled (two models and their batches on one card). Each running
