@@ -265,6 +265,47 @@ def test_simplify_text_fast_matches_datatrove_for_every_norm_config():
             assert simplify_text_fast(text, config) == simplify_text(text, config), (combo, text)
 
 
+def test_a_long_document_is_simplified_and_hashed_in_pieces_with_the_same_values(monkeypatch):
+    """Long texts go through the regexes in pieces cut after whitespace, their shingles hashed in blocks: the cuts
+    (here every few dozen characters) change no value."""
+    from edu_filter.filters import minhash
+
+    monkeypatch.setattr(minhash, "_SIMPLIFY_PIECE_CHARS", 40)
+    monkeypatch.setattr(minhash, "_SHINGLES_PER_BLOCK", 7)
+    texts = [t for t in odd_texts(40, seed=3) + fineweb_texts()[:5] if len(t) > 40]
+    texts += ["Monday  3.14\n\n\t January" * 30, "x" * 200 + " 12.5 " + "ΣΟΔ " * 20, "   lead and trail   " * 9]
+    fields = ["lowercase", "norm_whitespace", "remove_punctuation", "norm_numbers", "norm_weekdays", "norm_monthnames"]
+    for combo in itertools.product([False, True], repeat=len(fields)):
+        config = TextNormConfig(**dict(zip(fields, combo)))
+        for text in texts:
+            assert simplify_text_fast(text, config) == simplify_text(text, config), (combo, text[:80])
+    config = fineweb_minhash_config()
+    stock, fast = MinhashDedupSignature("memory://a", config=config), FastMinhashSignature("memory://b", config=config)
+    for text in texts:
+        assert np.array_equal(fast.get_shingles(text), stock.get_shingles(text))
+
+
+def test_a_long_document_costs_a_few_bytes_per_character():
+    """A 50 MB document took ~2.9 GB in the signature stage (every word listed by str.split and re.sub, every
+    shingle's offsets and hash as Python ints at once): a 1 GB Parquet document was killed for memory on every
+    rerun. Now ~9 bytes per character (its copies, the words' offsets and the hashes as arrays)."""
+    import random
+    import tracemalloc
+
+    words = "the quick brown fox, jumps over a lazy dog; reading 12 books about science (and history).".split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(1_000_000))
+    step = FastMinhashSignature("memory://a", config=fineweb_minhash_config())
+    step.get_shingles("warm up the splitter: its cache and spaCy")
+    tracemalloc.start()
+    try:
+        step.get_shingles(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * len(text), peak / len(text)
+
+
 @pytest.mark.parametrize("text,n_shingles", [
     ("", 0),
     ("   \n\t ", 0),
