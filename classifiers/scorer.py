@@ -138,6 +138,9 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         raise ValueError(f"{name}: no such model folder")
     from huggingface_hub import snapshot_download
 
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # a commit (apply pins one): its snapshot
+        with contextlib.suppress(Exception):  # in the cache is the model, asked of the hub by no task on any node
+            return Path(snapshot_download(name, revision=revision, local_files_only=True))
     try:
         return Path(snapshot_download(name, revision=revision))
     except Exception as e:  # noqa: BLE001 - bad id, offline, gated: one clear line
@@ -154,7 +157,10 @@ def load_classifier_tokenizer(name: str | os.PathLike, revision: str | None = No
     from transformers import AutoTokenizer
 
     _register_edu_classifier()
-    return AutoTokenizer.from_pretrained(name, revision=revision)
+    try:  # the hub cache first: each task on a node without internet asked the hub, ~95 s of retries per task
+        return AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached here: from the hub
+        return AutoTokenizer.from_pretrained(name, revision=revision)
 
 
 def _register_edu_classifier() -> None:

@@ -113,6 +113,66 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load_also_for_a_hu
     assert load_scorer(snapshot, max_length=256).max_length == 256
 
 
+ASKS_THE_HUB = """
+import sys
+from datatrove.data import Document
+from edu_filter.classifiers.scorer import load_scorer
+from edu_filter.filters.scoring import CountTokens
+counted = list(CountTokens("gpt2").run(iter([Document(text="a few words", id="x")])))
+scores, _ = load_scorer("edu/stock@" + sys.argv[1]).predict(["a test"])
+print(counted[0].metadata["token_count"], len(scores))
+"""
+
+
+def test_a_task_loads_a_cached_tokenizer_and_pinned_classifier_without_asking_the_hub(tmp_path, minilm_path):
+    """Every apply task loaded the count tokenizer (gpt2, for a fastText model) and a pinned hub classifier by asking
+    the hub first: on compute nodes without internet, ~95 s of retries per task (130 task-hours at 5,000 tasks).
+    The hub here is a local server that records what it is asked; the cache holds both, laid out as huggingface_hub
+    lays it out."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from transformers import AutoConfig, AutoTokenizer, BertForSequenceClassification
+
+    commit = "4" * 40
+    for repo in ("models--gpt2", "models--edu--stock"):  # a tokenizer and its config.json, as the hub's gpt2 has
+        snapshot = tmp_path / "hub" / repo / "snapshots" / commit
+        AutoTokenizer.from_pretrained(minilm_path).save_pretrained(snapshot)
+        AutoConfig.from_pretrained(minilm_path).save_pretrained(snapshot)
+        (tmp_path / "hub" / repo / "refs").mkdir()
+        (tmp_path / "hub" / repo / "refs" / "main").write_text(commit)
+    BertForSequenceClassification.from_pretrained(minilm_path, num_labels=1).save_pretrained(
+        tmp_path / "hub" / "models--edu--stock" / "snapshots" / commit)
+    asked = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_error(503)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+               HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    try:
+        run = subprocess.run([sys.executable, "-c", ASKS_THE_HUB, commit], env=env, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens, scored = run.stdout.split()
+    assert int(tokens) > 0 and scored == "1"
+    assert [path for path in asked if "gpt2" in path or "edu/stock" in path] == [], asked  # nothing about them
+
+
 def test_long_document_strategies(web_model):
     scorer = load_scorer(web_model)
     lesson = "Photosynthesis is the process by which plants convert light energy into chemical energy. " * 12
