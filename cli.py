@@ -58,9 +58,21 @@ def plain_types(params: list) -> list:
     return params
 
 
+RICH_HELP_MIN_WIDTH = 90  # narrower, rich's option table cut the longest names (`--slurm-gpu-parti…`)
+
+
 class Command(TyperCommand):
     def get_params(self, ctx):
         return plain_types(super().get_params(ctx))
+
+    def format_help(self, ctx, formatter):
+        """rich's help on a terminal wide enough; click's plain help (which wraps, cutting nothing) on a narrow one
+        or a pipe (`--help | less`, a job's log: 80 columns)."""
+        from rich.console import Console
+
+        if Console().width < RICH_HELP_MIN_WIDTH:
+            return super(TyperCommand, self).format_help(ctx, formatter)  # click's own
+        return super().format_help(ctx, formatter)
 
 
 class Group(TyperGroup):

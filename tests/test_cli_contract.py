@@ -505,6 +505,21 @@ def test_help_shows_plain_types():
     assert "<key[=value]>" in runner.invoke(app, ["score", "--help"], env={"COLUMNS": "200"}).stdout
 
 
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_help_names_every_option_whole_on_a_narrow_terminal_or_a_pipe(columns):
+    """rich's option table cut the longest names at 80 columns (what a pipe or a job's log gets): the Slurm options
+    a user must type read `--slurm-gpu-parti…`."""
+    import typer
+
+    command = typer.main.get_command(app).commands["apply"]
+    help_text = runner.invoke(app, ["apply", "--help"], env={"COLUMNS": columns}).stdout
+    names = [name for param in command.params if param.param_type_name == "option"
+             for name in param.opts if name.startswith("--")]
+    assert len(names) > 40
+    missing = [name for name in names if name not in help_text]
+    assert not missing and "…" not in help_text, missing
+
+
 def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, stock_classifier):
     """Each was accepted and then ignored, used as nonsense (0 epochs saved the starting model as trained, a
     negative learning rate trained away from the labels), or failed late: a bad --tokenizer or --max-length for
