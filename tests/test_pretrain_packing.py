@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from edu_filter.ablate.packing import (
 )
 from edu_filter.ablate.pretrain import PretrainConfig, learning_rate, parse_overrides
 from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
+
+TEXT = defaultdict(lambda: "text")  # the text field of every set (`_prepare_tokens` takes one per set name)
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
@@ -138,25 +141,25 @@ def test_finished_token_files_are_reused_only_for_the_same_texts_tokenizer_and_b
     reference = tmp_path / "ref.jsonl"
     shutil.copy(WEB, reference)
     out = tmp_path / "ablation"
-    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
     first = (out / "tokens/web/train.bin").read_bytes()
-    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
     assert (out / "tokens/web/train.bin").read_bytes() == first  # the same: reused
-    _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
     assert (out / "tokens/web/train.bin").read_bytes() != first  # other texts, nothing trained yet: packed again
     (out / "runs").mkdir()
     with pytest.raises(InputError, match="--data web: .* asks in the input's content or text field, and its runs"):
-        _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, "text", 0.1)
+        _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
     bigger = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=40_000)
     with pytest.raises(InputError, match=r"asks in --tokens \(or the context length"):
-        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, bigger, "text", 0.1)
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, bigger, TEXT, 0.1)
     # a longer context changes every budget (tokens + a window) with --tokens untouched: it is named as a cause
     longer = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 128, "eval_tokens": 256}, tokens=20_000)
     with pytest.raises(InputError, match=r"asks in --tokens \(or the context length: seq_len, --preset\)"):
-        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, longer, "text", 0.1)
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, longer, TEXT, 0.1)
     reference.write_text(other.read_text())
     with pytest.raises(InputError, match="--eval ref: .* asks in the input's content"):
-        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, "text", 0.1)
+        _prepare_tokens(out, tokenizer, {"web": str(other)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
 
 
 def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tmp_path):
@@ -173,11 +176,11 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
     shutil.copy(WEB, data / "part-0.jsonl")
     shutil.copy(WEB, ref / "part-0.jsonl")
     out = tmp_path / "ablation"
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, TEXT, 0.1)
     (out / "runs").mkdir()
     for folder in (data, ref):
         (folder / "notes.txt").write_text("labelled by hand in March\n")
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)  # not refused
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, TEXT, 0.1)  # not refused
     legacy = packing_source(str(data), "text", documents=False)
     assert legacy != packing_source(str(data), "text")
     record = out / "tokens/web" / PACKED
@@ -185,7 +188,7 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
     assert settings["settings"]["source"] == packing_source(str(data), "text"), settings
     settings["settings"]["source"] = legacy  # as an older edu-filter recorded it
     record.write_text(json.dumps(settings))
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, TEXT, 0.1)
     unfinished = tmp_path / "unfinished"  # a packing checkpointed by an older edu-filter goes on from there
     unfinished.mkdir()
     (unfinished / PACKING).write_text(json.dumps({"settings": {"source": legacy, "train_tokens": 5}}))
@@ -194,7 +197,7 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
         "source": packing_source(str(data), "text"), "train_tokens": 5}
     (data / "part-0.jsonl").write_text((data / "part-0.jsonl").read_text().upper())
     with pytest.raises(InputError, match="--data web: .* asks in the input's content"):
-        _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, "text", 0.1)
+        _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, TEXT, 0.1)
 
 
 def test_only_finished_packing_is_reused(tokenizer, tmp_path):
@@ -202,17 +205,17 @@ def test_only_finished_packing_is_reused(tokenizer, tmp_path):
     from an older version whose slices could leak, refused once runs were trained on them."""
     cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
     folder = tmp_path / "tokens/web"
-    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, TEXT, 0.1)
     assert read_packed(folder)
     (folder / "packed.json").unlink()
     (folder / "val.json").unlink()  # killed between the two sidecars
     assert read_packed(folder) is None
-    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+    _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, TEXT, 0.1)
     assert read_packed(folder) and (folder / "val.json").exists()
     (folder / "packed.json").unlink()  # as an older version left it
     (tmp_path / "runs").mkdir()
     with pytest.raises(InputError, match="packed by an older edu-filter"):
-        _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, "text", 0.1)
+        _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, TEXT, 0.1)
 
 
 # Packs the bundled web documents slowly (5 ms each), with a checkpoint every 50 ms, until it is killed.
@@ -336,6 +339,13 @@ def test_plain_progress_says_where_a_task_ended_short_of_its_total():
         progress.update(full, completed=10)
     lines = log.getvalue().splitlines()  # nothing else: no blank lines, no bars drawn at the end
     assert lines == ["packing web: 1,000/1,000,000", "packing code: 10/10", "packing web: 400,000/1,000,000"]
+    log = io.StringIO()  # a count without total whose last line said its final number: not said again at the end
+    with logged_progress(TextColumn("{task.description}"), console=Console(file=log, force_terminal=False),
+                         transient=True) as progress:
+        counting = progress.add_task("counting the documents", total=None)
+        progress.update(counting, completed=1_000)
+        progress.update(counting, completed=1_000)
+    assert log.getvalue().splitlines() == ["counting the documents: 1,000"]
 
 
 def test_the_tokenizer_key_names_the_encoding_not_the_settings_of_a_call(tokenizer_dir):
@@ -476,7 +486,7 @@ def test_a_budget_read_early_takes_documents_from_across_the_input_files(tokeniz
                         data / f"CC-MAIN-{2013 + k}" / "000_00000.jsonl")
     cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=12_000)
     out = tmp_path / "ablation"
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, TEXT, 0.1)
     tokens = np.fromfile(out / "tokens/web/train.bin", dtype=np.uint16)
     read = sorted({int(m) for m in re.findall(r"dump(\d\d)", tokenizer.decode(tokens))})
     assert 2 <= len(read) <= 8 and max(read) >= 8, read  # in name order: dumps 0, 1, 2, ... only
@@ -494,11 +504,11 @@ def test_a_budget_read_early_takes_documents_from_across_the_input_files(tokeniz
     del packed["settings"]["file_order"]  # as an edu-filter from before recorded it: in name order, taken as such
     record.write_text(json.dumps(packed))
     (out / "runs").mkdir()
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, cfg, TEXT, 0.1)
     assert json.loads(record.read_text()) == packed
     (out / "runs").rmdir()  # not trained on yet, and another budget asked: packed again, in today's order
     more = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=14_000)
-    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, more, "text", 0.1)
+    _prepare_tokens(out, tokenizer, {"web": str(data)}, {}, more, TEXT, 0.1)
     assert json.loads(record.read_text())["settings"]["file_order"] == FILE_ORDER
 
 
@@ -507,7 +517,7 @@ def test_an_input_short_of_the_budget_is_said_when_it_is_packed(tokenizer, tmp_p
     small = tmp_path / "small.jsonl"
     write_documents([{"text": t} for t, _ in zip(iter_texts(str(WEB)), range(12))], small)
     cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
-    _prepare_tokens(tmp_path / "out", tokenizer, {"small": str(small), "web": str(WEB)}, {}, cfg, "text", 0.1)
+    _prepare_tokens(tmp_path / "out", tokenizer, {"small": str(small), "web": str(WEB)}, {}, cfg, TEXT, 0.1)
     said = " ".join(capsys.readouterr().err.split())
     assert re.search(r"warning: --data small holds [\d,]+ training tokens, fewer than the 20,000 each run trains on: "
                      r"its run repeats them about [\d.]+ times", said), said
@@ -518,7 +528,7 @@ def test_every_rank_says_how_its_packing_goes_in_a_log(tokenizer, tmp_path, caps
     """Under torchrun the ranks share out the datasets: rank 1 packed for hours saying nothing while rank 0 waited
     for it, silently, at the barrier."""
     cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=5_000)
-    _prepare_tokens(tmp_path, tokenizer, {"first": str(WEB), "second": str(WEB)}, {}, cfg, "text", 0.1, rank=1,
+    _prepare_tokens(tmp_path, tokenizer, {"first": str(WEB), "second": str(WEB)}, {}, cfg, TEXT, 0.1, rank=1,
                     world=2)
     lines = capsys.readouterr().out.splitlines()
     # with its rate where packing took over a second (a loaded machine)
