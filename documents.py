@@ -1135,6 +1135,7 @@ def logged_progress(*columns, **options):
         def __init__(self):
             super().__init__(*columns, **{**options, "disable": options.get("disable", False) or plain})
             self._said: dict = {}
+            self._said_completed: dict = {}  # what the last line said: the end repeats no line
 
         def _plain(self) -> bool:
             return plain
@@ -1142,6 +1143,7 @@ def logged_progress(*columns, **options):
         def _say(self, task_id, done: bool) -> None:
             self._said[task_id] = "done" if done else time.monotonic()
             task = self._tasks[task_id]
+            self._said_completed[task_id] = task.completed
             extra = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{v}" for k, v in task.fields.items()
                              if v not in ("", None))
             total = f"/{task.total:,.0f}" if task.total is not None else ""
@@ -1166,7 +1168,8 @@ def logged_progress(*columns, **options):
             budget, a training stopped by its time limit."""
             if self._plain():
                 for task_id in list(self._tasks):
-                    if self._said.get(task_id) != "done":
+                    if self._said.get(task_id) != "done" and (
+                            self._said_completed.get(task_id) != self._tasks[task_id].completed):
                         self._say(task_id, True)
             super().stop()
 

@@ -54,6 +54,7 @@ from edu_filter import provenance
 from edu_filter.documents import (
     LEGACY_SAMPLER,
     NESTED_SAMPLER,
+    PLAIN_PROGRESS_EVERY,
     DocumentError,
     InputError,
     check_model_name,
@@ -131,7 +132,7 @@ class ScoreConfig:
     device: str | None = None  # transformers: cpu, cuda... (None: the best available)
     # display
     show_progress: bool = True
-    progress_every: float = 5.0  # seconds between plain progress lines when output is not a terminal
+    progress_every: float = PLAIN_PROGRESS_EVERY  # seconds between plain progress lines when output is no terminal
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)

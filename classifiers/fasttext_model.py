@@ -109,4 +109,6 @@ class FastTextRegressor:
         folder = Path(folder)
         raw = json.loads((folder / CONFIG_FILE).read_text())
         raw["settings"] = FastTextSettings(**raw.get("settings", {}))
+        # its warning that load_model returns no WordVectorModel (nothing asked one): a line per apply task
+        fasttext.FastText.eprint = lambda *args, **kwargs: None
         return cls(fasttext.load_model(str(folder / MODEL_FILE)), FastTextConfig(**raw))

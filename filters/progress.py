@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 
+from edu_filter.documents import PLAIN_PROGRESS_EVERY
+
 WRITE_EVERY_S = 2.0  # a task's first 40 s: the bars move at once (then a 20th of its time so far, up to 30 s)
 # a task running for hours: 2,000 running tasks writing every 2 s were 1,000 files a second on the shared filesystem
 WRITE_MAX_EVERY_S = 30.0
@@ -216,13 +218,10 @@ def stage_description(stage: StageProgress) -> str:
     return f"{stage.name}: {stage.documents:,} docs, {stage.docs_per_second:,.1f} docs/s"
 
 
-PLAIN_LINE_EVERY_S = 30.0  # output that is not a terminal (a batch job's log): a line per running stage this often
-
-
 class ProgressDisplay:
     """One rich progress bar per stage: documents read so far and docs/s; the bar follows tasks done plus the share
     of their input the running tasks have read. Where the console is no terminal (a Slurm job's output file,
-    nohup, tee) a live bar shows nothing until it ends: a plain line per running stage every PLAIN_LINE_EVERY_S
+    nohup, tee) a live bar shows nothing until it ends: a plain line per running stage every PLAIN_PROGRESS_EVERY
     seconds instead, and one when a stage finishes."""
 
     def __init__(self, console, stages: list[tuple[str, int]], logs: str):
@@ -267,8 +266,8 @@ class ProgressDisplay:
         return states
 
     def _say(self, states: list[StageProgress]) -> None:
-        """The plain lines: finished stages once, running ones every PLAIN_LINE_EVERY_S seconds."""
-        due = time.monotonic() - self.said_at >= PLAIN_LINE_EVERY_S
+        """The plain lines: finished stages once, running ones every PLAIN_PROGRESS_EVERY seconds."""
+        due = time.monotonic() - self.said_at >= PLAIN_PROGRESS_EVERY
         for stage in states:
             running = not stage.finished and (stage.started or stage.tasks_done)
             if (stage.finished and stage.name not in self.said_finished) or (running and due):

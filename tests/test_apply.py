@@ -272,7 +272,8 @@ def test_progress_written_to_a_file_is_a_plain_line_per_running_stage_now_and_th
 
     from rich.console import Console
 
-    from edu_filter.filters.progress import PLAIN_LINE_EVERY_S, ProgressDisplay
+    from edu_filter.documents import PLAIN_PROGRESS_EVERY
+    from edu_filter.filters.progress import ProgressDisplay
 
     for stage in ("first", "second"):
         (tmp_path / stage / "completions").mkdir(parents=True)
@@ -296,7 +297,7 @@ def test_progress_written_to_a_file_is_a_plain_line_per_running_stage_now_and_th
              "done": False}))
         display.refresh()  # started within the 30 s: said with the next lines
         assert len(log.getvalue().splitlines()) == 2
-        display.said_at -= PLAIN_LINE_EVERY_S  # 30 s later: the running stage
+        display.said_at -= PLAIN_PROGRESS_EVERY  # 30 s later: the running stage
         display.refresh()
         lines = log.getvalue().splitlines()
         assert len(lines) == 3 and lines[2].startswith("second: 3 docs"), lines
