@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -153,6 +154,10 @@ class ScoreConfig:
             raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "openai" and not self.base_urls():
             raise InputError("the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        for url in self.base_urls():  # "localhost:8000/v1" was retried as a server down: 6 tries, 25 s, then exit 2
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise InputError(f"--base-url {url}: expected http://HOST:PORT/v1 or https://... (a scheme and a host)")
         if self.backend != "openai" and len(self.base_urls()) > 1:
             raise InputError(f"several --base-url are for the openai backend; the {self.backend} backend asks the "
                              "one server it starts")

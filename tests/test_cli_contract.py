@@ -181,6 +181,9 @@ def test_unknown_prompt_name_is_one_line_for_score_and_show_prompt(files):
     refused(["score", WEB_VAL, "-o", out, "--prompt", "no-such-rubric", "--base-url", NO_SERVER],
             "unknown prompt 'no-such-rubric'", absent=(out.parent.parent,))
     refused(["score", "--show-prompt", "no-such-rubric"], "unknown prompt 'no-such-rubric'")
+    for url in ("localhost:8000/v1", "127.0.0.1:8000", "ftp://host/v1"):  # retried as a server down before
+        refused(["score", WEB_VAL, "-o", out, "--base-url", url], f"--base-url {url}: expected http://HOST:PORT/v1",
+                absent=(out.parent.parent,))
 
 
 def test_show_prompt_with_data_is_refused_rather_than_ignoring_the_data(files):
