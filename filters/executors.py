@@ -245,13 +245,31 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, l
         slurm_logs = sorted((logs / "slurm_logs").glob("*.out"), key=lambda p: p.stat().st_mtime)
         log = next((p for p in reversed(slurm_logs) if "error" in p.read_text(errors="replace").lower()),
                    slurm_logs[-1] if slurm_logs else logs / "slurm_logs")
-    detail = ""
-    if log.is_file():
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "Traceback" in ln]
-        if errors or lines:
-            detail = ": " + (errors[-1] if errors else lines[-1])[-300:]
+    error = last_error_line(log) if log.is_file() else ""
+    detail = f": {error}" if error else ""
     return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}); log: {log}{detail}"
+
+
+def last_error_line(log: Path) -> str:
+    """The last line of a task's log naming an error (else its last line), cut to 300 characters."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "Traceback" in ln]
+    return (errors[-1] if errors else lines[-1])[-300:] if lines else ""
+
+
+FAILED_TASK_LOGS_READ = 64  # `status` looks for an error in the logs of this many unfinished tasks at most
+
+
+def failed_task(out: str, name: str, tasks: int) -> str | None:
+    """`status`'s reason for a stage nothing runs any more: the first unfinished task whose log holds an error, with
+    that error and the log (a run that failed read "incomplete", as one merely stopped)."""
+    done = {p.name for p in (Path(out) / "logs" / name / "completions").glob("*")}
+    missing = [r for r in range(tasks) if f"{r:05d}" not in done][:FAILED_TASK_LOGS_READ]
+    failing = next((r for r in missing if _log_has_error(task_log(out, name, r))), None)
+    if failing is None:
+        return None
+    log = task_log(out, name, failing)
+    return f"failed: task {failing}: {last_error_line(log)} (log: {log})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1688,6 +1706,8 @@ def show_status(out: str, console) -> dict:
                               + ([f"incomplete: task {killed[0]} was killed"] if killed else [])
                               + ([f"{len(local) - alive - len(killed)} started on {', '.join(hosts)} (`status` "
                                   "there tells running from killed)"] if hosts else []))
+        elif failure := failed_task(out, name, tasks):
+            state = failure
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:

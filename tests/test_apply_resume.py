@@ -179,6 +179,14 @@ def test_a_stats_file_cut_short_by_a_kill_is_rebuilt_by_the_rerun(cli_tasks4, tm
         assert status.returncode == 0 and "cannot be read (cut short)" in status.stdout, status.stderr[-2000:]
         assert re.search(rf"report .* 0/1 .* {state}", status.stdout), status.stdout
     marker.unlink()
+    # ... and the task ended with an error (its log says which): "incomplete" said nothing of it
+    log = out / "logs" / "report" / "logs" / "task_00000.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("Traceback (most recent call last):\n  File ...\nOSError: [Errno 28] No space left on device\n")
+    status = subprocess.run([*CLI, "status", str(out)], capture_output=True, text=True, timeout=300,
+                            env={**ENV, "COLUMNS": "200"})
+    said = " ".join(status.stdout.split())
+    assert "failed: task 0: OSError: [Errno 28] No space left on device" in said and "task_00000.log" in said, said
     rerun_gives_the_clean_result(cli_tasks4, out, fixture_args_into(cli_tasks4, out))
     assert json.loads((out / "stats.json").read_text())["in"] == json.loads(whole)["in"]
     assert not list(out.glob(".partial-*"))
