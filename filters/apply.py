@@ -350,10 +350,10 @@ def resolve_config(
         raise InputError("give a threshold or keep_top, not both")
     if keep_top is not None and not 0 < keep_top <= 1:
         raise InputError(f"--keep-top must be a fraction in (0, 1], got {keep_top}")
+    by_kind = keep_top is None and threshold is None and preset is None and model_kind(model) == "code"
     if keep_top is None and threshold is None:
         # a code classifier of ours with no preset: Python-Edu's cut, not FineWeb-Edu's
-        threshold = PRESETS["python-edu"]["threshold"] if preset is None and model_kind(model) == "code" \
-            else base["threshold"]
+        threshold = PRESETS["python-edu"]["threshold"] if by_kind else base["threshold"]
     if threshold is not None and not in_score_range(threshold):
         raise InputError(f"threshold must be an int_score in {SCORE_RANGE}, got {threshold}")
     if order not in ORDERS:  # before the token-count tokenizer is loaded (and says so)
@@ -371,6 +371,9 @@ def resolve_config(
         check_model_name(split_revision(model)[0], "model")
         check_hub_model(model)
         model = pin_hub_model(model, recorded)
+    if by_kind and recorded.get("model") == model and recorded.get("keep_top") is None and \
+            recorded.get("threshold") == base["threshold"]:
+        threshold = base["threshold"]  # a run begun when a code classifier's default cut was 3 resumes as it began
     # scoring options are checked here, before check_resume records them in OUT/run_config.json
     from edu_filter.classifiers.scorer import (
         check_dtype,
@@ -384,14 +387,19 @@ def resolve_config(
     check_dtype(kwargs.get("dtype"))
     if kwargs.get("long_docs") is not None:
         check_long_docs(kwargs["long_docs"])
-    given = list(decontaminate or [])
-    if "none" in (d.lower() for d in given) and len(given) > 1:
-        raise InputError("--decontaminate none drops the preset's sets; give it alone")
-    # a set given adds to the preset's (python-edu: HumanEval): replacing them let MBPP in and HumanEval back
-    chosen = [] if [d.lower() for d in given] == ["none"] else [*base["decontaminate"], *given]
-    decont = list(dict.fromkeys(
-        str(bundled_data("code/HumanEval.jsonl.gz")) if d.lower() == "humaneval" else _local_path(d) for d in chosen
-    ))
+    given = [d for d in decontaminate or [] if d.lower() != "none"]
+    # a set given adds to the preset's (python-edu: HumanEval): replacing them let MBPP in and HumanEval back out;
+    # `none` drops the preset's
+    dropped = len(given) < len(decontaminate or [])
+
+    def eval_sets(names: list[str]) -> list[str]:
+        return list(dict.fromkeys(
+            str(bundled_data("code/HumanEval.jsonl.gz")) if d.lower() == "humaneval" else _local_path(d) for d in names))
+
+    decont = eval_sets(given if dropped else [*base["decontaminate"], *given])
+    if (given and not dropped and recorded.get("preset") == preset and recorded.get("model") == model
+            and recorded.get("decontaminate") == eval_sets(given)):
+        decont = eval_sets(given)  # a run begun when a set given replaced the preset's resumes as it began
     for d in decont:
         if not Path(d).exists():
             raise DocumentError(f"decontamination set {d} not found (give a JSONL path with --decontaminate)")

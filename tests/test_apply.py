@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -501,8 +502,7 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
 
 def test_an_eval_set_given_with_the_python_edu_preset_adds_to_humaneval(stock_classifier, tmp_path):
     """`--preset python-edu --decontaminate mbpp.jsonl` replaced the preset's HumanEval: a dataset contaminated with
-    the benchmark its ablation then reports. A set given adds to the preset's; `none` alone drops them."""
-    from edu_filter.documents import InputError
+    the benchmark its ablation then reports. A set given adds to the preset's; `none` drops the preset's."""
     from edu_filter.filters.apply import resolve_config
 
     mbpp = tmp_path / "mbpp.jsonl"
@@ -516,9 +516,13 @@ def test_an_eval_set_given_with_the_python_edu_preset_adds_to_humaneval(stock_cl
     assert len(humaneval) == 1 and humaneval[0].endswith("HumanEval.jsonl.gz")
     assert sets(str(mbpp)) == [*humaneval, str(mbpp)]
     assert sets("humaneval", str(mbpp)) == [*humaneval, str(mbpp)]  # named twice, read once
-    assert sets("none") == []
-    with pytest.raises(InputError, match="--decontaminate none drops"):
-        sets("none", str(mbpp))
+    assert sets("none") == [] and sets("none", str(mbpp)) == [str(mbpp)]
+    # a run begun when a set given replaced the preset's resumes as it began (else refused, --overwrite its only way)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run_config.json").write_text(json.dumps({"settings": {
+        "preset": "python-edu", "model": os.path.abspath(stock_classifier), "decontaminate": [str(mbpp)]}}))
+    assert sets(str(mbpp)) == [str(mbpp)]
+    assert sets() == humaneval  # the same run without the set: as the preset has it (refused by the resume check)
 
 
 def test_a_code_classifier_without_a_threshold_keeps_python_edu_s_cut(code_model, stock_classifier, tmp_path):
@@ -533,6 +537,11 @@ def test_a_code_classifier_without_a_threshold_keeps_python_edu_s_cut(code_model
     assert threshold(code_model) == 4
     assert threshold(code_model, threshold=3) == 3 and threshold(code_model, preset="fineweb-edu") == 3
     assert threshold(stock_classifier) == 3  # a classifier recording no kind (the official ones): FineWeb-Edu's
+    # a run begun when the default was 3 for every classifier resumes as it began (else refused: --overwrite only)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run_config.json").write_text(json.dumps({"settings": {
+        "model": os.path.abspath(code_model), "threshold": 3, "keep_top": None}}))
+    assert threshold(code_model) == 3 and threshold(code_model, overwrite=True) == 4
 
 
 def test_scorer_step_chunk_max_scores_whole_documents(stock_classifier):
