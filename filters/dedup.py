@@ -351,7 +351,12 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
         self._splitter = None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        from edu_filter.filters.minhash import EnglishWordSplitter, shingle_hashes, simplify_text_fast
+        from edu_filter.filters.minhash import (
+            SHINGLES_PER_BLOCK,
+            EnglishWordSplitter,
+            shingle_hashes,
+            simplify_text_fast,
+        )
 
         if not self._fast_split:
             return super().filter(doc)
@@ -361,14 +366,25 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
             self._splitter = EnglishWordSplitter()
         joined = self._splitter.joined(simplify_text_fast(doc.text, self.config.norm_config))
         n = self.config.n_grams
-        for i, hashed in enumerate(shingle_hashes(joined, n, self._hash_bytes).ravel().tolist()):
-            task = self._index_hashes.get(hashed)
-            if task is not None:
-                doc.metadata["contaminated_ngram"] = " ".join(joined.split(" ")[i : i + n])
-                doc.metadata["contaminated_task"] = task
-                self.stat_update(f"contaminated_{task}")
-                return False, "contaminated"
+        hashes = shingle_hashes(joined, n, self._hash_bytes).ravel()
+        for first in range(0, len(hashes), SHINGLES_PER_BLOCK):  # Python ints a block at a time: a long document
+            for i, hashed in enumerate(hashes[first : first + SHINGLES_PER_BLOCK].tolist(), first):
+                task = self._index_hashes.get(hashed)
+                if task is not None:
+                    doc.metadata["contaminated_ngram"] = _ngram_at(joined, i, n)
+                    doc.metadata["contaminated_task"] = task
+                    self.stat_update(f"contaminated_{task}")
+                    return False, "contaminated"
         return True
+
+
+def _ngram_at(joined: str, i: int, n: int) -> str:
+    """Words i .. i + n - 1 of space-joined words, found by their offsets (no list of every word)."""
+    data = joined.encode("utf-8")
+    spaces = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 32)
+    start = 0 if i == 0 else int(spaces[i - 1]) + 1
+    end = int(spaces[i + n - 1]) if i + n - 1 < len(spaces) else len(data)
+    return data[start:end].decode("utf-8")
 
 
 def _distinctive(gram) -> bool:

@@ -49,7 +49,7 @@ __all__ = ["EnglishWordSplitter", "FastMinhashSignature", "SharedMinhashDedupBuc
 
 _PUNCTUATION_RE = re.compile("[" + "".join(sorted({re.escape(c) for c in PUNCTUATION})) + "]")
 _WHITESPACE_RE = re.compile(r"\s+")  # the whitespace str.split() splits on (both use Py_UNICODE_ISSPACE)
-_SHINGLES_PER_BLOCK = 1 << 18  # shingles hashed at once: their offsets as Python ints are ~18 MB
+SHINGLES_PER_BLOCK = 1 << 18  # shingles hashed at once: their offsets as Python ints are ~18 MB
 _ROWS_PER_BLOCK = 1024  # shingles permuted at once: 1024 x 112 uint64 is ~0.9 MB
 _MASK_61 = np.uint64(_mersenne_prime)
 _SHIFT_61 = np.uint64(61)
@@ -191,10 +191,15 @@ class EnglishWordSplitter:
         return " " + words if words else ""
 
     def joined(self, simplified: str) -> str:
-        """The words joined by single spaces ("" for no words): what shingles are cut from."""
+        """The words joined by single spaces ("" for no words): what shingles are cut from. A long text is split a
+        piece at a time (re.sub holds every piece of its output at once: a document of digits and symbols)."""
         if "  " in simplified:  # removing diacritics can leave two spaces around a lone combining mark
-            simplified = " ".join(simplified.split())
-        return self._unusual_chunk.sub(self._replace, " " + simplified)[1:]
+            simplified = _WHITESPACE_RE.sub(" ", simplified).strip(" ")
+        if len(simplified) <= _SIMPLIFY_PIECE_CHARS:
+            return self._unusual_chunk.sub(self._replace, " " + simplified)[1:]
+        words = (self._unusual_chunk.sub(self._replace, " " + piece.rstrip(" "))[1:]
+                 for piece in _pieces_after_whitespace(simplified))
+        return " ".join(piece for piece in words if piece)  # a piece whose chunks all split into nothing
 
     def split(self, simplified: str) -> list[str]:
         text = self.joined(simplified)
@@ -214,14 +219,17 @@ def shingle_hashes(joined: str, n_grams: int, hash_bytes) -> np.ndarray:
     n_shingles = len(spaces) + 1 - n_grams + 1
     if n_shingles <= 0:
         return np.empty((0, 1), dtype=np.uint64)
-    starts = np.concatenate(([0], spaces + 1))[:n_shingles]
-    ends = np.concatenate((spaces, [len(data)]))[n_grams - 1 :]
     hashes = np.empty(n_shingles, dtype=np.uint64)
-    for first in range(0, n_shingles, _SHINGLES_PER_BLOCK):  # in blocks: memory bounded by the document's bytes
-        last = min(first + _SHINGLES_PER_BLOCK, n_shingles)
-        hashes[first:last] = np.fromiter(
-            (hash_bytes(data[a:b]) for a, b in zip(starts[first:last].tolist(), ends[first:last].tolist())),
-            dtype=np.uint64, count=last - first)
+    # word w starts after space w - 1 (the first at 0) and ends at space w (the last at the end): a block's offsets
+    # are read off `spaces`, as Python ints a block at a time (a long document's at once were ~27 bytes a character)
+    for first in range(0, n_shingles, SHINGLES_PER_BLOCK):
+        last = min(first + SHINGLES_PER_BLOCK, n_shingles)
+        starts = ([0] if first == 0 else []) + (spaces[max(first - 1, 0) : last - 1] + 1).tolist()
+        ends = spaces[first + n_grams - 1 : last + n_grams - 1].tolist()
+        if last + n_grams - 1 > len(spaces):  # the block holding the last word
+            ends.append(len(data))
+        hashes[first:last] = np.fromiter((hash_bytes(data[a:b]) for a, b in zip(starts, ends)), dtype=np.uint64,
+                                         count=last - first)
     return hashes.reshape((-1, 1))
 
 

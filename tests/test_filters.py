@@ -619,9 +619,13 @@ def test_humaneval_decontamination_flags_eval_code_not_ordinary_code(tmp_path):
     assert len(flagged) <= 2, flagged
 
 
-def test_fast_decontamination_gives_datatrove_s_verdicts_and_metadata(tmp_path):
+def test_fast_decontamination_gives_datatrove_s_verdicts_and_metadata(tmp_path, monkeypatch):
     """The fast filter splits words without spaCy's Doc; its verdicts, the n-gram and the task it names are
-    datatrove's own on code, prose, and HumanEval problems planted in files (whole, cut, reformatted)."""
+    datatrove's own on code, prose, and HumanEval problems planted in files (whole, cut, reformatted). Its hashes are
+    looked up a block at a time (here blocks of 7: a long document's are not all Python ints at once)."""
+    from edu_filter.filters import minhash
+
+    monkeypatch.setattr(minhash, "SHINGLES_PER_BLOCK", 7)
     build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
     stock = NGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
     fast = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())

@@ -271,7 +271,7 @@ def test_a_long_document_is_simplified_and_hashed_in_pieces_with_the_same_values
     from edu_filter.filters import minhash
 
     monkeypatch.setattr(minhash, "_SIMPLIFY_PIECE_CHARS", 40)
-    monkeypatch.setattr(minhash, "_SHINGLES_PER_BLOCK", 7)
+    monkeypatch.setattr(minhash, "SHINGLES_PER_BLOCK", 7)
     texts = [t for t in odd_texts(40, seed=3) + fineweb_texts()[:5] if len(t) > 40]
     texts += ["Monday  3.14\n\n\t January" * 30, "x" * 200 + " 12.5 " + "ΣΟΔ " * 20, "   lead and trail   " * 9]
     fields = ["lowercase", "norm_whitespace", "remove_punctuation", "norm_numbers", "norm_weekdays", "norm_monthnames"]
@@ -285,25 +285,39 @@ def test_a_long_document_is_simplified_and_hashed_in_pieces_with_the_same_values
         assert np.array_equal(fast.get_shingles(text), stock.get_shingles(text))
 
 
-def test_a_long_document_costs_a_few_bytes_per_character():
+def test_a_long_document_costs_a_few_bytes_per_character(monkeypatch):
     """A 50 MB document took ~2.9 GB in the signature stage (every word listed by str.split and re.sub, every
     shingle's offsets and hash as Python ints at once): a 1 GB Parquet document was killed for memory on every
-    rerun. Now ~9 bytes per character (its copies, the words' offsets and the hashes as arrays)."""
-    import random
+    rerun. Now ~5 bytes per character (its copies, the words' offsets and the hashes as arrays), and as little in
+    the decontamination filter."""
+    import tempfile
     import tracemalloc
 
+    from edu_filter.filters import minhash
+
+    monkeypatch.setattr(minhash, "SHINGLES_PER_BLOCK", 1 << 14)  # the blocks' own cost, fixed, out of the measure
     words = "the quick brown fox, jumps over a lazy dog; reading 12 books about science (and history).".split()
     rng = random.Random(0)
     text = " ".join(rng.choice(words) for _ in range(1_000_000))
     step = FastMinhashSignature("memory://a", config=fineweb_minhash_config())
     step.get_shingles("warm up the splitter: its cache and spaCy")
-    tracemalloc.start()
-    try:
-        step.get_shingles(text)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 12 * len(text), peak / len(text)
+    # and the decontamination filter, which keeps the digits (a chunk spaCy splits) and looks its hashes up
+    from datatrove.data import Document
+
+    from edu_filter.filters.dedup import FastNGramsDecontFilter, build_decont_index, decont_config
+
+    index = tempfile.mkdtemp()
+    build_decont_index([str(Path(__file__).parents[1] / "data" / "code" / "HumanEval.jsonl.gz")], index)
+    decont = FastNGramsDecontFilter(index, config=decont_config())
+    decont.filter(Document(text="warm up", id="0"))
+    for run in (lambda: step.get_shingles(text), lambda: decont.filter(Document(text=text, id="1"))):
+        tracemalloc.start()
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * len(text), peak / len(text)
 
 
 @pytest.mark.parametrize("text,n_shingles", [
