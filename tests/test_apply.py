@@ -904,7 +904,7 @@ def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "bert"}')  # a config, but no weights
+    (broken / "config.json").write_text('{"model_type": "bert", "num_labels": 1}')  # a config, but no weights
     res = run_cli(["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", str(broken),
                    "--no-dedup"])
     assert res.returncode == 1 and "Traceback" not in res.stderr

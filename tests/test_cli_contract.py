@@ -479,7 +479,7 @@ def test_a_stage_failing_while_running_exits_1_in_one_line(tmp_path):
     """A real process: apply sends datatrove's logs to OUT/logs through the process's stderr descriptor."""
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "bert"}')  # a config, but no weights: fails inside the stage
+    (broken / "config.json").write_text('{"model_type": "bert", "num_labels": 1}')  # no weights: fails in the stage
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "some text to score"}])
     proc = subprocess.run([CLI, "apply", str(source), "-o", str(tmp_path / "out"), "--model", str(broken),
                            "--no-dedup"], capture_output=True, text=True, env=ENV, timeout=300)
