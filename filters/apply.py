@@ -670,7 +670,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             steps.append(CountTokens(cfg.tokenizer or cfg.model))
         if cfg.decontaminate:
             steps.append(FastNGramsDecontFilter(f"{work}/decont_index", config=decont_config(),
-                                            exclusion_writer=removed("contaminated") if final else None))
+                                                exclusion_writer=removed("contaminated") if final else None))
         return steps
 
     def scoring() -> list:

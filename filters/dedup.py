@@ -341,13 +341,13 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
     name = "💥 N-grams decontaminate (fast)"
 
     def __init__(self, *args, **kwargs):
-        from edu_filter.filters.minhash import _bytes_hash_func
+        from edu_filter.filters.minhash import bytes_hash_func
 
         super().__init__(*args, **kwargs)
         norm = self.config.norm_config
         self._fast_split = (self.language == Languages.english and norm.lowercase and norm.remove_punctuation
                             and norm.norm_whitespace)
-        self._hash_bytes = _bytes_hash_func(self.config.hash_config)
+        self._hash_bytes = bytes_hash_func(self.config.hash_config)
         self._splitter = None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

@@ -50,6 +50,7 @@ __all__ = ["EnglishWordSplitter", "FastMinhashSignature", "SharedMinhashDedupBuc
 _PUNCTUATION_RE = re.compile("[" + "".join(sorted({re.escape(c) for c in PUNCTUATION})) + "]")
 _WHITESPACE_RE = re.compile(r"\s+")  # the whitespace str.split() splits on (both use Py_UNICODE_ISSPACE)
 SHINGLES_PER_BLOCK = 1 << 18  # shingles hashed at once: their offsets as Python ints are ~18 MB
+_SIMPLIFY_PIECE_CHARS = 1 << 20  # a longer text is normalised and split into words a piece at a time
 _ROWS_PER_BLOCK = 1024  # shingles permuted at once: 1024 x 112 uint64 is ~0.9 MB
 _MASK_61 = np.uint64(_mersenne_prime)
 _SHIFT_61 = np.uint64(61)
@@ -94,9 +95,6 @@ def simplify_text_fast(text: str, config: TextNormConfig | None = None) -> str:
     if config.norm_unicode_diacritics:
         text = _strip_diacritics(text)
     return text.strip()
-
-
-_SIMPLIFY_PIECE_CHARS = 1 << 20
 
 
 def _pieces_after_whitespace(text: str) -> Iterator[str]:
@@ -233,7 +231,7 @@ def shingle_hashes(joined: str, n_grams: int, hash_bytes) -> np.ndarray:
     return hashes.reshape((-1, 1))
 
 
-def _bytes_hash_func(config: HashConfig):
+def bytes_hash_func(config: HashConfig):
     """xxhash called directly (datatrove wraps it in a Python function), always on bytes."""
     if config.hash_fc == "xxhash":
         import xxhash
@@ -292,7 +290,7 @@ class FastMinhashSignature(MinhashDedupSignature):
             isinstance(tokenizer, SpaCyTokenizer) and tokenizer.language == "en" and tokenizer.config is None
             and norm.lowercase and norm.remove_punctuation and norm.norm_whitespace
         )
-        self._hash_bytes = _bytes_hash_func(self.config.hash_config)
+        self._hash_bytes = bytes_hash_func(self.config.hash_config)
         self._splitter: EnglishWordSplitter | None = None
 
     @property
