@@ -94,6 +94,9 @@ def exit_status(error: BaseException) -> int | None:
     executors = sys.modules.get("edu_filter.filters.executors")  # a StageFailed can only come from a loaded module
     if executors is not None:
         failures += (executors.StageFailed,)
+    safetensors = sys.modules.get("safetensors")  # its error for a failed write (a full disk), not an OSError
+    if safetensors is not None:
+        failures += (safetensors.SafetensorError,)
     return EXIT_FAILED if isinstance(error, failures) else None
 
 

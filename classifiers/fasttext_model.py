@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from edu_filter.classifiers.calibration import to_int_scores
-from edu_filter.documents import SCORES
+from edu_filter.documents import SCORES, write_json_whole
 
 MODEL_FILE = "model.bin"
 CONFIG_FILE = "fasttext_config.json"
 _WHITESPACE = re.compile(r"\s+")
 LABEL_PREFIX = "__label__"
+PROBE_TEXT = "def mean(values): return sum(values) / len(values)  # the average of a list of numbers"
 
 
 def fasttext_line(text: str) -> str:
@@ -96,19 +97,33 @@ class FastTextRegressor:
         return values
 
     def save_pretrained(self, folder: str | Path) -> Path:
+        """Saved and read back: fastText's save reports no failed write, and a model.bin a full disk cut short
+        loaded without error and scored every document NaN (apply then removed them all as below the threshold)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_model(str(folder / MODEL_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        probe = [PROBE_TEXT]
+        try:
+            intact = np.array_equal(FastTextRegressor(_load_quietly(folder / MODEL_FILE), self.config).predict(probe),
+                                    self.predict(probe))
+        except (ValueError, RuntimeError, MemoryError):  # fastText's words for a file it cannot read whole
+            intact = False
+        if not intact:
+            raise OSError(f"{folder / MODEL_FILE} was not written whole (a full disk, a quota?)")
+        write_json_whole(folder / CONFIG_FILE, asdict(self.config))
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "FastTextRegressor":
-        import fasttext
-
         folder = Path(folder)
         raw = json.loads((folder / CONFIG_FILE).read_text())
         raw["settings"] = FastTextSettings(**raw.get("settings", {}))
-        # its warning that load_model returns no WordVectorModel (nothing asked one): a line per apply task
-        fasttext.FastText.eprint = lambda *args, **kwargs: None
-        return cls(fasttext.load_model(str(folder / MODEL_FILE)), FastTextConfig(**raw))
+        return cls(_load_quietly(folder / MODEL_FILE), FastTextConfig(**raw))
+
+
+def _load_quietly(path: Path):
+    import fasttext
+
+    # its warning that load_model returns no WordVectorModel (nothing asked one): a line per apply task
+    fasttext.FastText.eprint = lambda *args, **kwargs: None
+    return fasttext.load_model(str(path))

@@ -33,7 +33,7 @@ from edu_filter.classifiers.calibration import ROUND_CUTS, apply_cut_points, rou
 from edu_filter.classifiers.device import default_device
 from edu_filter.classifiers.encoders import SequenceFramer, pad_batch, prepare_tokenizer
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
-from edu_filter.documents import InputError, progress_bar
+from edu_filter.documents import InputError, one_line, progress_bar
 
 LONG_DOC_MODES = ("truncate", "chunk-max", "chunk-mean")
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -235,13 +235,18 @@ def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
                          f"{'it' if len(named) == 1 else 'them'} out")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")  # a vocabulary, in one of the formats transformers' tokenizers read
 FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")  # the first bytes of every fastText .bin model
 
 
 def check_classifier_folder(folder: str | os.PathLike, what: str = "--model") -> None:
     """A local --model folder holds a classifier, before any work: an encoder or base model (a config.json with two
-    labels), or a fastText model.bin that is not one, failed every scoring task after the whole MinHash dedup, and
-    the rerun with the right folder was refused as a changed classifier."""
+    labels), a folder without weights or a tokenizer (a save a full disk cut short), or a fastText model.bin that is
+    not one, failed every scoring task after the whole MinHash dedup, and the rerun with the right folder was refused
+    as a changed classifier."""
     from edu_filter.classifiers.fasttext_model import MODEL_FILE
 
     folder = Path(folder)
@@ -264,6 +269,16 @@ def check_classifier_folder(folder: str | os.PathLike, what: str = "--model") ->
     if labels != 1:
         raise InputError(f"{what} {folder}: a model with {labels} outputs, not a classifier's one regression logit "
                          "(an encoder or a base model? give the folder `edu-filter train` wrote)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise InputError(f"{what} {folder}: no weights ({', '.join(WEIGHT_FILES[:2])}): a copy or a save cut short?")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # transformers then builds one with no words
+        raise InputError(f"{what} {folder}: no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): a copy or a save cut "
+                         "short?")
+    try:
+        load_classifier_tokenizer(folder)
+    except Exception as e:  # noqa: BLE001 - no tokenizer files, broken ones: one line
+        raise InputError(f"{what} {folder}: cannot load its tokenizer ({type(e).__name__}: {one_line(str(e))})") \
+            from None
 
 
 def readable_tokens(config: dict, tokenizer) -> int:

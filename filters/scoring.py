@@ -127,6 +127,10 @@ class EduClassifierScorer(PipelineStep):
         start = time.perf_counter()
         with self.track_time(unit="window"):
             scores, truncated = scorer.score_prepared(prepared())
+            if not np.isfinite(scores).all():  # a damaged model: NaN fails every threshold, and all were removed
+                at = int(np.flatnonzero(~np.isfinite(scores))[0])
+                raise RuntimeError(f"the classifier scored document {window[at].id!r} {scores[at]}: its weights are "
+                                   "damaged, or it overflows in this dtype (NaN fails every threshold: all removed)")
             int_scores = scorer.to_int_score(scores)
         elapsed = time.perf_counter() - start
         self.stat_update("scored", value=len(window))

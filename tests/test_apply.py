@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -612,6 +613,18 @@ def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp
     kept = read_kept(tmp_path / "out")
     assert kept["token_count"].min() > 0 and kept["int_score"].is_between(0, 5).all()
 
+    # its model.bin cut short (a full disk, a partial copy) loads and scores NaN, which fails every threshold: every
+    # document was removed as below it. The scoring task fails instead, naming a document
+    from datatrove.data import Document
+
+    from edu_filter.filters.scoring import EduClassifierScorer
+
+    weights = model / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    step = EduClassifierScorer(str(model), window_size=4)
+    with pytest.raises(RuntimeError, match=r"scored document '0' nan: its weights are damaged"):
+        list(step.run(iter([Document(text="def f(): return 1", id=str(i)) for i in range(3)])))
+
 
 def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_path):
     """Offline, a fastText run counts tokens with the bundled MiniLM tokenizer and records it; GPT-2 in the hub
@@ -897,18 +910,32 @@ def test_a_task_read_to_its_end_but_still_scoring_counts_in_the_bar_and_the_rate
     assert json.loads((folder / "00000.json").read_text()) == reading
 
 
-def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(tmp_path):
+def test_cli_unknown_hub_model_is_refused_up_front_and_a_failing_stage_is_named(tmp_path, stock_classifier):
+    """A folder a full disk cut short while saving: without weights or a tokenizer it is refused before any work
+    (it failed every scoring task after the whole dedup); with weights cut short, the failing stage is named."""
     (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "some text to score"}\n')
     res = run_cli(["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", "org/no-such-model"])
     assert res.returncode == 2 and "model org/no-such-model: not a local folder" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
     broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "bert", "num_labels": 1}')  # a config, but no weights
-    res = run_cli(["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", str(broken),
-                   "--no-dedup"])
+    shutil.copytree(stock_classifier, broken)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").unlink()
+    tokenizer = {f.name: f.read_bytes() for f in broken.glob("*") if f.name.startswith(("tokenizer", "vocab"))}
+    for name in tokenizer:
+        (broken / name).unlink()
+    args = ["apply", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out"), "--model", str(broken), "--no-dedup"]
+    res = run_cli(args)
+    assert res.returncode == 2 and "no weights (model.safetensors" in res.stderr, res.stderr
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    res = run_cli(args)
+    assert res.returncode == 2 and "no tokenizer (tokenizer.json" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+    for name, content in tokenizer.items():
+        (broken / name).write_bytes(content)
+    res = run_cli(args)
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr and "model.safetensors" in res.stderr
+    assert "stage filter failed" in res.stderr and "task_00000.log" in res.stderr
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl"])

@@ -4,6 +4,10 @@ and sequence framing."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CODE_LABELS = REPO / "data/code/python_edu_labels.jsonl"
 WEB_TRAIN = REPO / "data/web/fineweb_edu_llama3_train.jsonl"
 WEB_VAL = REPO / "data/web/fineweb_edu_llama3_val.jsonl"
+CLI = str(Path(sys.executable).parent / "edu-filter")
 
 
 @pytest.mark.slow
@@ -631,6 +636,26 @@ def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md"])
     assert json.loads((out / "metrics.json").read_text())["training"]["method"] == "fasttext"
+
+    # a disk that fills while the model is saved (a file-size limit stands in): one error line, and the model
+    # there stays whole. The save was written in place: a head's folder was left with config.json alone (apply
+    # ran the whole dedup before failing), the old model deleted first; fastText reported no failed write, and its
+    # cut-short model.bin scored every document NaN (apply removed them all, train exited 0)
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for args in (["--encoder", minilm_path, "--max-length", "32", "--cache-dir", str(embedding_cache_dir),
+                  "--overwrite"], ["--method", "fasttext"]):
+        target = out if "--overwrite" in args else tmp_path / "new-model"
+        proc = subprocess.run([CLI, "train", str(CODE_LABELS), "-o", str(target), "--kind", "code", "--limit", "60",
+                               "--no-learning-curve", *args], capture_output=True, text=True, preexec_fn=full_disk,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-3000:]
+        assert not target.with_name(target.name + ".partial").exists()
+    assert "not written whole" in proc.stderr and not target.exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_overwrite_never_empties_a_folder_that_holds_no_model(tmp_path):

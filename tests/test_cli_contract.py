@@ -475,11 +475,12 @@ def test_exit_status_sorts_errors_into_bad_input_and_failures():
 
 
 @pytest.mark.slow
-def test_a_stage_failing_while_running_exits_1_in_one_line(tmp_path):
+def test_a_stage_failing_while_running_exits_1_in_one_line(tmp_path, stock_classifier):
     """A real process: apply sends datatrove's logs to OUT/logs through the process's stderr descriptor."""
     broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "bert", "num_labels": 1}')  # no weights: fails in the stage
+    shutil.copytree(stock_classifier, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])  # cut short: fails in the stage
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "some text to score"}])
     proc = subprocess.run([CLI, "apply", str(source), "-o", str(tmp_path / "out"), "--model", str(broken),
                            "--no-dedup"], capture_output=True, text=True, env=ENV, timeout=300)

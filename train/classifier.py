@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -51,6 +50,7 @@ from edu_filter.documents import (
     check_not_empty,
     check_writable_output,
     read_labelled,
+    replace_folder,
     row_weights,
     text_hash,
     weight_summary,
@@ -199,15 +199,6 @@ def check_cache_outside(cfg: ClassifierTrainConfig, output: Path) -> None:
                          "folder outside it")
 
 
-def clear_folder(folder: Path) -> None:
-    """Remove everything in `folder` (a model folder `check_output` let through), so no file of the old model stays."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
 def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None,
                          what: str) -> tuple[list[dict], np.ndarray | None]:
     """One row per distinct text, its label the (weighted) mean of the rows that repeat it, its inclusion weight their
@@ -350,9 +341,9 @@ def train_classifier(
     calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
     cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
     trained.model.config.cut_points = cut_points
-    if output.exists():
-        clear_folder(output)  # empty already, or a model `overwrite` allows replacing
-    save_model(trained, output)
+    # written beside it and swapped in whole: a full disk mid-save left a folder of config.json alone (apply ran the
+    # whole dedup before its first scoring task failed) and, with --overwrite, no old model either
+    replace_folder(output.resolve(), lambda folder: save_model(trained, folder))  # a link: beside its target
 
     metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
                                                                      cfg), weights=w_val)
