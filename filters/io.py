@@ -1004,7 +1004,7 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
     """`values` as an Arrow array of `target`, or an error: never a silent change (pyarrow alone would truncate 1.5
     into an int64 column and drop a struct's unknown keys). A string column stores other values as their JSON text,
     which keeps them whole: it is the type a field gets when its first values are missing or of mixed types."""
-    if pa.types.is_string(target):
+    if pa.types.is_string(target) or pa.types.is_large_string(target):
         return pa.array([v if v is None or isinstance(v, str) else orjson.dumps(v, default=json_value,
                                                                                    option=JSON_OPTIONS).decode()
                          for v in values], target)
@@ -1020,6 +1020,8 @@ def _as_column(values: list, target: pa.DataType) -> pa.Array:
     numbers = (pa.types.is_integer, pa.types.is_floating)
     if any(f(inferred.type) for f in numbers) and any(f(target) for f in numbers):
         return inferred.cast(target, safe=True)  # 2.0 into int64 fits, 1.5 does not
+    if _widens_to(inferred.type, target):  # a struct without an optional key, 1.25 in a decimal(10, 2): as they are
+        return pa.array(values, target)
     raise pa.ArrowInvalid(f"{inferred.type} values")
 
 
@@ -1169,26 +1171,28 @@ def _jsonl_field_types(folder: str, name: str, skip: tuple[str, ...]) -> dict[st
 
 
 def _plain_names(t: pa.DataType) -> pa.DataType:
-    """The type with its lists as pyarrow infers them from values (items named `item`, where Parquet files say
-    `element`; variable size), so values inferred later compare equal to it."""
+    """The type as pyarrow infers it from values: lists with items named `item` (Parquet files say `element`) of
+    variable size, strings and lists not large (polars writes every string large: the values inferred as string
+    did not fit, and every row of a polars-written file went to failed/schema_mismatch)."""
     if pa.types.is_struct(t):
         return pa.struct([t.field(i).with_type(_plain_names(t.field(i).type)) for i in range(t.num_fields)])
-    if pa.types.is_large_list(t):
-        return pa.large_list(_plain_names(t.value_type))
-    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t):  # values are inferred as variable-size lists
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return pa.list_(_plain_names(t.value_type))
+    if pa.types.is_large_string(t):
+        return pa.string()
     return t
 
 
 def _json_safe(t: pa.DataType) -> bool:
-    """Numbers, booleans, strings, and lists and structs of them: the types a hint is given for (a time, bytes or a
-    decimal is typed from its values, in every --order alike: `stage_value`)."""
+    """Numbers, decimals, booleans, strings, and lists and structs of them: the types a hint is given for (a time or
+    bytes is typed from its values, in every --order alike: `stage_value`). A decimal typed from its first values
+    (decimal(3, 2) for 1.25) refused a later 123.45: typed as the input's column instead."""
     if pa.types.is_struct(t):
         return all(_json_safe(t.field(i).type) for i in range(t.num_fields))
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return _json_safe(t.value_type)
     return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
-            or pa.types.is_large_string(t))
+            or pa.types.is_large_string(t) or pa.types.is_decimal(t))
 
 
 def _first_schema(rows: list[dict], field_types: dict[str, pa.DataType] | None = None) -> pa.Schema:

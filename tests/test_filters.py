@@ -839,6 +839,42 @@ def test_kept_parquet_routes_rows_that_do_not_fit_its_schema_to_failed(tmp_path)
     assert read_counts(counts) == {"kept": [3, 30], "failed/schema_mismatch": [3, 30]}
 
 
+def test_kept_parquet_takes_rows_that_fit_the_inputs_types_in_any_batch(tmp_path):
+    """Rows of the input's own types went to failed/schema_mismatch: all of a polars-written Parquet file (polars
+    writes strings large, the values are inferred as string), a struct without its optional key in a batch where
+    no row had it, a decimal wider than the first batch's (typed from those values)."""
+    import decimal
+
+    import pyarrow as pa
+
+    from edu_filter.filters.io import CountedJsonlWriter, KeptParquetWriter, input_field_types
+
+    meta = [{"src": "x", **({"lang": "en"} if i % 4 == 3 else {})} for i in range(8)]
+    prices = [decimal.Decimal(f"{10 ** (i % 4)}.25") for i in range(8)]
+    data = tmp_path / "in"
+    data.mkdir()
+    pl.from_arrow(pa.table({  # polars' own inference keeps the first row's struct fields alone
+        "id": [f"d{i}" for i in range(8)], "text": [f"text {i}" for i in range(8)],
+        "url": [f"https://example.org/{i}" for i in range(8)], "tags": [["a", str(i)] for i in range(8)],
+        "meta": meta, "price": prices})).write_parquet(data / "polars.parquet")
+    field_types = input_field_types([(str(data), "polars.parquet")], "text", "id")
+    assert field_types["url"] == pa.string() and pa.types.is_decimal(field_types["price"])
+    counts = str(tmp_path / "counts")
+    misfits = CountedJsonlWriter(str(tmp_path / "failed"), "failed/${filter_reason}", counts,
+                                 "${filter_reason}/kept_${rank}.jsonl.gz", "failed-kept")
+    writer = KeptParquetWriter(str(tmp_path / "kept"), counts_folder=counts, batch_size=2, misfits=misfits,
+                               field_types=field_types)
+    for i in range(8):
+        writer.write(Document(text=f"text {i}", id=f"d{i}", metadata={
+            "url": f"https://example.org/{i}", "tags": ["a", str(i)], "meta": meta[i], "price": prices[i],
+            "token_count": 2}), rank=0)
+    writer.close()
+    assert not (tmp_path / "failed").exists()
+    kept = pl.read_parquet(tmp_path / "kept" / "000_00000.parquet")
+    assert kept["id"].to_list() == [f"d{i}" for i in range(8)] and kept["price"].to_list() == prices
+    assert kept["meta"].to_list() == [{"src": "x", "lang": m.get("lang")} for m in meta]
+
+
 def test_report_refuses_to_write_stats_while_a_stage_is_incomplete(tmp_path):
     """A task that never ran never read anything, so the counts still add up: the completions must be checked."""
     from edu_filter.filters.report import WriteApplyStats
