@@ -799,9 +799,10 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
     doc["text"] = text
     if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document
         raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is missing")
-    doc["id"] = str(row.get(id_field) if row.get(id_field) is not None else f"{name or Path(path).name}:{lineno}")
-    if not doc["id"]:
-        raise DocumentError(f"{path}:{lineno}: id field '{id_field}' is empty")
+    given = row.get(id_field)
+    # an empty id keys nothing: named by its place, as a row without one, as apply names it (score and train
+    # stopped at a corpus apply took)
+    doc["id"] = str(given) if given is not None and given != "" else f"{name or Path(path).name}:{lineno}"
     if label_field is not None:
         label = row.get(label_field)
         if label is None and require_label and not (require_label == SKIP_FAILED and row.get("error")):

@@ -551,15 +551,16 @@ def test_a_folder_refuses_what_would_shrink_it_unseen(tmp_path):
 
 
 def test_labels_and_ids_that_only_look_right_are_refused(tmp_path):
-    """A yes/no field named by mistake trained as 0/1 labels; another script's digit read as a number; an empty id
-    was taken as an id."""
+    """A yes/no field named by mistake trained as 0/1 labels; another script's digit read as a number. An empty id
+    is no id: the row is named by its place, as apply names it (score and train stopped at it)."""
     f = tmp_path / "x.jsonl"
     for row, message in (({"id": "a", "text": "t", "score": True}, "not a finite number: True"),
-                         ({"id": "a", "text": "t", "score": "٣"}, "not a finite number: '٣'"),
-                         ({"id": "", "text": "t", "score": 3}, "id field 'id' is empty")):
+                         ({"id": "a", "text": "t", "score": "٣"}, "not a finite number: '٣'")):
         write_documents([row], f)
         with pytest.raises(DocumentError, match=rf"x\.jsonl:1: .*{message}"):
             read_documents([f], label_field="score")
+    write_documents([{"id": "", "text": "t", "score": 3}, {"id": "", "text": "u", "score": 2}], f)
+    assert [r["id"] for r in read_documents([f], label_field="score")] == ["x.jsonl:1", "x.jsonl:2"]
 
 
 def test_integer_ids_past_64_bits_are_read_exactly_as_apply_reads_them(tmp_path):
