@@ -112,20 +112,21 @@ def available_memory(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> in
         return free
     for _, controllers, path in lines:
         if controllers == "":  # v2: one hierarchy
-            places, files = [f"{cgroups}{path}", cgroups], ("memory.max", "memory.current")
+            root, files = cgroups, ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):  # v1: the memory controller's
-            places, files = [f"{cgroups}/memory{path}", f"{cgroups}/memory"], ("memory.limit_in_bytes",
-                                                                                 "memory.usage_in_bytes")
+            root, files = f"{cgroups}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
         else:
             continue
-        for place in places:  # in a container the group's own path may be its root
+        parts = [part for part in path.split("/") if part]
+        # the group, then every group above it: Slurm puts a task in job_N/step_0/user/task_0, which says "max",
+        # and sets --mem on job_N (in a container, the group's own path may not exist below its root)
+        for depth in range(len(parts), -1, -1):
             try:
-                limit, used = (Path(place, name).read_text().strip() for name in files)
+                limit, used = (Path(root, *parts[:depth], name).read_text().strip() for name in files)
             except OSError:
                 continue
             if limit.isdigit() and int(limit) < 2**60:  # "max" and v1's 2**63 - 4096: no limit
                 free = min(free, max(0, int(limit) - int(used)))
-            break
     return free
 
 

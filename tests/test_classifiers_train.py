@@ -368,24 +368,33 @@ def test_embeddings_past_the_free_memory_are_mapped_from_a_file_that_vanishes_wi
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_free_memory_is_what_the_control_group_leaves(tmp_path, version):
     """A Slurm job given --mem=64G on a node with 1 TB free: the node's MemAvailable said a 172 GB pool fitted, and
-    the job's control group killed it. (A /proc and a cgroup tree laid out as the kernel shows them.)"""
+    the job's control group killed it. Slurm sets the limit on the job's group and runs the task in one below it
+    that says "max": only the task's own group was read. (A /proc and a cgroup tree laid out as the kernel shows
+    them.)"""
     from edu_filter.classifiers.embeddings import available_memory
 
     proc, groups = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text(f"MemTotal: {2**30} kB\nMemAvailable: {2**30 - 1024} kB\n")  # ~1 TB
-    job = "/system.slice/slurmstepd.scope/job_42"
+    job, task = "/system.slice/slurmstepd.scope/job_42", "/step_0/user/task_0"
+    no_limit = "max\n" if version == "v2" else "9223372036854771712\n"
     if version == "v2":
-        (proc / "self/cgroup").write_text(f"0::{job}\n")
+        (proc / "self/cgroup").write_text(f"0::{job}{task}\n")
         place, files = groups / job.lstrip("/"), ("memory.max", "memory.current")
     else:
-        (proc / "self/cgroup").write_text(f"5:devices:/\n4:memory:{job}\n0::/\n")
+        (proc / "self/cgroup").write_text(f"5:devices:/\n4:memory:{job}{task}\n0::/\n")
         place, files = groups / "memory" / job.lstrip("/"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
-    place.mkdir(parents=True)
+    (place / task.lstrip("/")).mkdir(parents=True)
+    for below in (place / "step_0", place / "step_0/user", place / task.lstrip("/")):
+        (below / files[0]).write_text(no_limit)
+        (below / files[1]).write_text(f"{2**30}\n")
     (place / files[0]).write_text(f"{64 * 2**30}\n")
     (place / files[1]).write_text(f"{4 * 2**30}\n")
     assert available_memory(str(proc), str(groups)) == 60 * 2**30
-    (place / files[0]).write_text("max\n" if version == "v2" else "9223372036854771712\n")  # no limit
+    (place / task.lstrip("/") / files[0]).write_text(f"{8 * 2**30}\n")  # the tightest of them
+    assert available_memory(str(proc), str(groups)) == 7 * 2**30
+    (place / task.lstrip("/") / files[0]).write_text(no_limit)
+    (place / files[0]).write_text(no_limit)  # no limit
     assert available_memory(str(proc), str(groups)) == (2**30 - 1024) * 1024
 
 
