@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import orjson
 
 from edu_filter.annotate.backends import (
@@ -299,19 +301,26 @@ class DocumentStream:
     def __init__(self, inputs, text_field: str, id_field: str, show_progress: bool = False):
         self.inputs, self.text_field, self.id_field = path_list(inputs), text_field, id_field
         if any(is_hub_path(p) for p in self.inputs):
+            self.ids_checked = False  # as it streams (`unique_ids`)
             try:
                 self.total = count_documents(self.inputs)
             except DocumentError:  # a total is a nicety: an unreadable file fails the run when the stream reaches it
                 self.total = None
         else:  # a pass over the whole input before any request (hours for a TB): said as it goes
-            self.total = sum(1 for _ in counted(self._checked(), "counting the documents", show_progress))
+            hashes = array("q")  # of every id, 8 bytes a document
+            for doc in counted(self._documents(), "counting the documents", show_progress):
+                hashes.append(hash(doc["id"]))
+            self.total = len(hashes)
+            check_unique_ids(hashes, self._documents)
+            self.ids_checked = True
 
-    def _checked(self) -> Iterator[dict]:
-        docs = iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)
-        return (doc for _, doc in unique_ids(enumerate(docs)))
+    def _documents(self) -> Iterator[dict]:
+        return iter_documents(self.inputs, text_field=self.text_field, id_field=self.id_field)
 
     def __iter__(self) -> Iterator[dict]:
-        return self._checked()
+        if self.ids_checked:  # by the counting pass
+            return self._documents()
+        return (doc for _, doc in unique_ids(enumerate(self._documents())))
 
 
 def _duration(seconds: float) -> str:
@@ -324,16 +333,36 @@ def _duration(seconds: float) -> str:
 
 def unique_ids(numbered: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
     """(position in the input, document) pairs passed through; an id seen before is an error naming both positions.
-    Ids key the resume cache and the output, so they must be unique among the documents scored."""
+    Ids key the resume cache and the output, so they must be unique among the documents scored. Holds every id:
+    for a sample, or a stream with no counting pass (`check_unique_ids` is the whole input's)."""
     seen: dict[str, int] = {}
     for position, doc in numbered:
         if doc["id"] in seen:
-            raise DocumentError(
-                f"duplicate document id {doc['id']!r} (documents #{seen[doc['id']] + 1} and #{position + 1}): ids "
-                "key the resume cache and the output, so they must be unique (use --id-field to pick another field)"
-            )
+            raise _duplicate_id(doc["id"], seen[doc["id"]], position)
         seen[doc["id"]] = position
         yield position, doc
+
+
+def check_unique_ids(hashes: array, documents: Callable[[], Iterable[dict]]) -> None:
+    """Ids unique in the whole input, from the counting pass's 8-byte hashes (sorted here, in place): a set of the
+    ids themselves took ~150 bytes a document, 15 GB for 100M, in the counting pass and again while scoring. A hash
+    that repeats is looked at again in a pass over `documents()` holding only those ids, which names the two."""
+    values = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, dtype=np.int64)
+    values.sort()
+    repeated = set(values[1:][values[1:] == values[:-1]].tolist())
+    if not repeated:
+        return
+    first: dict[str, int] = {}
+    for position, doc in enumerate(documents()):
+        if hash(doc["id"]) in repeated:
+            if doc["id"] in first:
+                raise _duplicate_id(doc["id"], first[doc["id"]], position)
+            first[doc["id"]] = position
+
+
+def _duplicate_id(doc_id: str, first: int, second: int) -> DocumentError:
+    return DocumentError(f"duplicate document id {doc_id!r} (documents #{first + 1} and #{second + 1}): ids key the "
+                         "resume cache and the output, so they must be unique (use --id-field to pick another field)")
 
 
 def load_documents(inputs, text_field: str, id_field: str, sample: int | None, seed: int,

@@ -182,6 +182,32 @@ def test_sample_checks_every_row_and_ids_within_the_sample(tmp_path):
         load_documents([str(src)], "text", "id", sample=0, seed=0)
 
 
+def test_the_counting_pass_checks_ids_in_8_bytes_a_document(tmp_path):
+    """Without --sample, every id read was held in a dict for the whole pass (~150 bytes a document: 15 GB for
+    100M documents, in the counting pass and again while scoring). Now 8-byte hashes, a repeat confirmed by id."""
+    import tracemalloc
+
+    from edu_filter.annotate.score import DocumentStream
+
+    src = tmp_path / "docs.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"id": f"<urn:uuid:{i:032x}>", "text": "t"}) + b"\n"
+                             for i in range(100_000)))
+    tracemalloc.start()
+    try:
+        stream = DocumentStream([str(src)], "text", "id")
+        _, counting = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert sum(1 for _ in stream) == stream.total == 100_000
+        _, scoring = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counting < 6 * 2**20 and scoring < 6 * 2**20, (counting, scoring)  # with a dict of the ids: 18 MB
+    with open(src, "ab") as fh:
+        fh.write(b'{"id": "<urn:uuid:%032x>", "text": "again"}\n' % 7)
+    with pytest.raises(DocumentError, match=r"duplicate document id '<urn:uuid:0+7>' \(documents #8 and #100001\)"):
+        DocumentStream([str(src)], "text", "id")
+
+
 @pytest.mark.slow
 def test_score_sample_streams_a_large_input(tmp_path):
     """`score --sample 1000` over 200,000 rows (~300 MB) holds the sample, not the rows: its peak memory exceeds that
