@@ -119,7 +119,7 @@ def metric_warnings(metrics: dict, labels, kind: str | None, data: str = "the va
         warnings.append(f"{data} has {positives} documents labelled {threshold}+ (fewer than {MIN_POSITIVES_TO_TRUST}):"
                         f" F1@{threshold} and the cut point for {threshold} rest on too few; use more labelled data")
     spearman = metrics.get("spearman")
-    if spearman is None:
+    if spearman is None or not np.isfinite(spearman):  # NaN: a prediction that is not a number
         warnings.append(f"Spearman on {data} is undefined (constant scores or labels): the model ranks nothing")
     elif spearman <= 0:
         warnings.append(f"Spearman on {data} is {spearman:.3f}: the model ranks documents no better than chance")

@@ -249,6 +249,36 @@ def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(t
         train_classifier([str(CODE_LABELS)], tmp_path / "x", kind="code", method="head", dtype="half")
 
 
+def test_a_diverged_training_stops_and_saves_nothing(tmp_path, minilm_path, embedding_cache_dir, monkeypatch):
+    """A fine-tune whose loss went NaN trained on for hours; its NaN predictions made NaN cut points, apply then
+    removed every document, and metrics.json said Spearman NaN with no warning."""
+    from edu_filter.classifiers.metrics import metric_warnings
+    from edu_filter.documents import RunError
+    from edu_filter.train import classifier
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "m"
+    options = dict(kind="code", encoder=minilm_path, max_length=16, limit=24, val_fraction=0.2, learning_curve=False,
+                   cache_dir=str(embedding_cache_dir))
+    with pytest.raises(RunError, match=r"fine-tuning diverged at step \d: the loss is nan"):
+        train_classifier([str(CODE_LABELS)], out, method="finetune", epochs=3, train_batch_size=4,
+                         learning_rate=1e9, **options)
+    assert not out.exists()
+    # a model whose validation predictions are not numbers (a head or fine-tune that overflows in its dtype)
+    method = classifier.train_method
+
+    def overflowing(*args, **kwargs):
+        trained = method(*args, **kwargs)
+        trained.val_pred[1] = np.nan
+        return trained
+
+    monkeypatch.setattr(classifier, "train_method", overflowing)
+    with pytest.raises(RunError, match="gives 1 of 5 validation documents a score that is not a number"):
+        train_classifier([str(CODE_LABELS)], out, **options)
+    assert not out.exists()
+    assert "undefined" in metric_warnings({"spearman": float("nan")}, np.arange(6).repeat(10), "code")[0]
+
+
 def test_embedding_cache_is_reused(tmp_path, minilm_path, monkeypatch, capsys):
     from transformers import AutoModel, AutoTokenizer
 

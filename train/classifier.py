@@ -46,6 +46,7 @@ from edu_filter.classifiers.metrics import (
 )
 from edu_filter.documents import (
     InputError,
+    RunError,
     check_named_path,
     check_not_empty,
     check_writable_output,
@@ -336,6 +337,11 @@ def train_classifier(
 
     trained = train_method(cfg, train_texts, y_train, val_texts, w_train)
     val_pred, oof_pred, info = trained.val_pred, trained.oof_pred, trained.info
+    for what, predictions in (("validation", val_pred), ("out-of-fold training", oof_pred)):
+        if predictions is not None and not np.isfinite(predictions).all():  # NaN cut points: apply removes all
+            raise RunError(f"the trained model gives {np.count_nonzero(~np.isfinite(predictions)):,} of "
+                           f"{len(predictions):,} {what} documents a score that is not a number: training diverged "
+                           "(a lower --learning-rate, or --dtype float32); nothing was saved")
     calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
     calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
     calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from edu_filter.classifiers.device import torch_threads
 from edu_filter.classifiers.encoders import pad_batch
 from edu_filter.classifiers.head import unit_weights
-from edu_filter.documents import (held_alone, logged_progress, recover_folder, replace_folder, side_folders,
+from edu_filter.documents import (RunError, held_alone, logged_progress, recover_folder, replace_folder, side_folders,
                                   stop_requested, text_hash)
 from edu_filter.train.classifier import TrainedModel, console
 from edu_filter.train.head import fit_head
@@ -202,12 +202,16 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
                     errors = (out.logits[:, 0].float() - targets[batch].to(device)) ** 2
                     loss = (row_weights[batch].to(device) * errors).mean()
+                value = loss.item()
+                if not np.isfinite(value):  # every later step NaN too: hours on, and a model that scores all NaN
+                    raise RunError(f"fine-tuning diverged at step {step:,}: the loss is {value} (a lower "
+                                   "--learning-rate, or --dtype float32)")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress.update(task, advance=1, loss=loss.item())
+                progress.update(task, advance=1, loss=value)
                 if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
                         _save(checkpoint, model, optimizer, schedule, step, device)
