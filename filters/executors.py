@@ -152,7 +152,10 @@ SUBMITTED_ARRAYS = "slurm/arrays.json"  # how the submission's array tasks map t
 def submitted_jobs(out: str) -> dict[str, list[str]]:
     """Array job ids per stage; a run folder written before jobs.json held lists gives its one id per stage."""
     path = Path(out) / SUBMITTED_JOBS
-    jobs = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        jobs = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:  # written whole since; an empty one (a full disk) was a bare JSON error
+        raise RunError(f"{path} cannot be read ({e}): its jobs are not known here; `squeue --me` lists them") from None
     return {name: [str(j) for j in (ids if isinstance(ids, list) else [ids]) if j not in (None, -1)]
             for name, ids in jobs.items()}
 
@@ -1499,10 +1502,15 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
                           + (f"; cancelled the {len(cancelled)} jobs submitted before it" if cancelled else "")
                           + submit_limit_hint(said, executors)) from None
     jobs = {name: getattr(ex, "job_ids", []) for name, ex in executors}  # a finished stage is not submitted again
-    record = Path(out) / SUBMITTED_JOBS
-    record.parent.mkdir(exist_ok=True)
-    record.write_text(json.dumps(jobs, indent=2))
-    (Path(out) / SUBMITTED_ARRAYS).write_text(array_layout(executors))
+    try:  # written whole: a full disk left an empty jobs.json, and `status` and --wait then failed on it
+        (Path(out) / SUBMITTED_JOBS).parent.mkdir(exist_ok=True)
+        write_json_whole(Path(out) / SUBMITTED_JOBS, jobs)
+        write_json_whole(Path(out) / SUBMITTED_ARRAYS, json.loads(array_layout(executors)), indent=None)
+    except OSError as e:  # the chain runs, but nothing could follow or resume it: taken back
+        cancelled = cancel_chain(out)
+        raise RunError(f"cannot record the submitted jobs in {Path(out) / SUBMITTED_JOBS} ({e.strerror or e}); "
+                       f"cancelled the {len(cancelled)} jobs submitted: free space and run the same command again") \
+            from None
     submitted = {n: ",".join(ids) for n, ids in jobs.items() if ids}
     console.print(f"Submitted {len(submitted)} Slurm stages ({', '.join(f'{n}: {j}' for n, j in submitted.items())})"
                   + ("" if wait else f"; follow with `edu-filter status {out}`"), soft_wrap=True)

@@ -435,6 +435,10 @@ def test_lineage_and_status_of_nothing(files):
     (broken / "logs" / "stages.json").write_text("{'name': ")  # a kill mid-write, before it was written whole
     refused(["status", broken], "broken-run/logs/stages.json is not the stage list apply writes",
             "run the same apply command again")
+    (broken / "logs" / "stages.json").write_text('[{"name": "score", "tasks": 1}]')
+    (broken / "slurm").mkdir(exist_ok=True)
+    (broken / "slurm" / "jobs.json").write_text("")  # a full disk, before it was written whole
+    refused(["status", broken], "slurm/jobs.json cannot be read", "squeue --me", status=1)
 
 
 def test_bad_option_values_are_refused_before_work(files, stock_classifier):
