@@ -1227,11 +1227,15 @@ def queued_jobs(out: str) -> list[dict]:
     for attempt in range(SQUEUE_ATTEMPTS):  # a busy controller times out now and then; an empty answer is not that
         # this user's jobs (another's may carry the same tag) not ended: SQUEUE_STATES=all in a user's environment
         # lists ended ones for minutes, and --wait then took a failed stage for one still queued
-        res = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", QUEUED_STATES, "-o", "%i|%j|%T|%r"],
-                             capture_output=True, text=True)
+        try:
+            res = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", QUEUED_STATES, "-o",
+                                  "%i|%j|%T|%r"], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            res = subprocess.CompletedProcess([], -1, "", f"no answer in {SQUEUE_TIMEOUT_S} s")
         if res.returncode == 0:
             break
-        time.sleep(SQUEUE_RETRY_S * (attempt + 1))
+        if attempt + 1 < SQUEUE_ATTEMPTS:
+            time.sleep(SQUEUE_RETRY_S * (attempt + 1))
     else:
         raise RunError(f"squeue failed {SQUEUE_ATTEMPTS} times ({res.stderr.strip() or res.returncode}): the state of "
                        f"the jobs is unknown; they were left alone (`edu-filter status {out}` once Slurm answers)")
@@ -1621,6 +1625,10 @@ def wait_for_chain(out: str, console) -> dict:
                 continue
             asked, finished_before = now, finished  # squeue at once too when a stage has finished
             try:
+                # while it is silent, a ping first: each squeue against a controller that is down took ~30 s, five
+                # times, and the progress shown froze for minutes at a time
+                if silent_since is not None and not slurm_answers():
+                    raise RunError("the Slurm controller does not answer")
                 jobs = queued_jobs(out)
             except RunError as e:
                 if silent_since is None:

@@ -583,18 +583,20 @@ def test_wait_follows_the_chain_by_its_files_while_slurm_does_not_answer(tmp_pat
     said = io.StringIO()
 
     def chain_ends() -> None:  # what the jobs do meanwhile
-        time.sleep(3)
+        time.sleep(6)
         for stage in ("first", "report"):
             (out / "logs" / stage / "completions").mkdir(parents=True)
             (out / "logs" / stage / "completions" / "00000").write_text("")
         (out / "stats.json").write_text(json.dumps({"in": {"documents": 2, "tokens": 9}, "kept": {
             "documents": 2, "tokens": 9}, "removed": {}, "failed": {}, "adds_up": True}))
 
+    asked = []  # squeue calls: while Slurm is silent, only a ping (each squeue took ~30 s against a down one)
+    monkeypatch.setattr(ex, "queued_jobs", lambda out, queued_jobs=ex.queued_jobs: asked.append(1) or queued_jobs(out))
     jobs = threading.Thread(target=chain_ends)
     jobs.start()
     stats = ex.wait_for_chain(str(out), Console(file=said, width=300))
     jobs.join()
-    assert stats["kept"]["documents"] == 2
+    assert stats["kept"]["documents"] == 2 and len(asked) == 1
     assert "squeue failed 1 times" in said.getvalue() and "following the chain by its files" in said.getvalue()
 
     monkeypatch.setattr(ex, "SLURM_SILENT_MAX_S", 2.0)
