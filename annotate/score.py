@@ -18,6 +18,7 @@ inclusion `weight` that `train` uses to undo the choice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import math
 import os
@@ -659,6 +660,19 @@ def _unreplayed_note(cache: AnswerCache) -> str | None:
             f"document is asked again.{hint}")
 
 
+def _openai_backend(cfg: ScoreConfig, base_url) -> OpenAIBackend:
+    return OpenAIBackend(base_url, cfg.model, settings=cfg.generation(), api=cfg.api,
+                         api_key=os.environ.get(cfg.api_key_env), concurrency=cfg.concurrency, timeout=cfg.timeout,
+                         max_retries=cfg.max_retries, retry_backoff=cfg.retry_backoff)
+
+
+async def _check_endpoint(cfg: ScoreConfig) -> None:
+    """The servers answer, take the key and serve the model: a wrong URL, key or --model was said only after the
+    whole input was read (hours for a TB, the pool's embeddings for --select active)."""
+    async with _openai_backend(cfg, cfg.base_urls()):
+        pass
+
+
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
                        active=None, write: Callable[[list[dict]], None] | None = None, total: int | None = None,
                        sampler: str | None = None):
@@ -676,10 +690,7 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
                 for log in logs.glob("*.log"):  # the crash a rerun goes on after: datatrove writes its log anew
                     log.replace(log.with_name(log.name + ".previous"))
                 base_url = await stack.enter_async_context(managed_server(cfg.server(str(logs))))
-            backend = await stack.enter_async_context(OpenAIBackend(
-                base_url, cfg.model, settings=cfg.generation(), api=cfg.api, api_key=os.environ.get(cfg.api_key_env),
-                concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                retry_backoff=cfg.retry_backoff))
+            backend = await stack.enter_async_context(_openai_backend(cfg, base_url))
         if cfg.show_progress:
             for note in backend.notes:
                 print(f"note: {note}", file=sys.stderr, flush=True)
@@ -839,6 +850,11 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
     cache_settings = {"prompt": the_prompt.version, "api": cfg.api, "max_chars": cfg.max_chars,
                       **cfg.generation().as_dict()}
     active = sampler = None
+    with contextlib.closing(iter_documents(inputs, cfg.text_field, cfg.id_field)) as documents:
+        if next(documents, None) is None:  # an empty input, a first row without the fields: said at once
+            raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
+    if cfg.backend not in (*SERVER_BACKENDS, "transformers"):  # those are started later, by this run
+        asyncio.run(_check_endpoint(cfg))
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
@@ -857,8 +873,6 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
     else:
         docs = DocumentStream(inputs, cfg.text_field, cfg.id_field, cfg.show_progress)
         total = docs.total
-    if total == 0 or (total is None and not any(True for _ in iter_documents(inputs, cfg.text_field))):
-        raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
     used = provenance.describe_inputs({"documents": inputs,
                                        "prompt": cfg.prompt if Path(cfg.prompt).is_file() else None})
 

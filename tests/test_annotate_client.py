@@ -239,6 +239,18 @@ def test_sample_truncation_and_parquet_output(server, tmp_path):
     assert not any("x" * 201 in p for p in sent)
 
 
+def test_a_server_that_cannot_be_used_is_named_before_the_input_is_read(tmp_path):
+    """A wrong URL, key or --model was said only after the whole input was read (hours for a TB): here the input's
+    broken last line would have been found first."""
+    from edu_filter.annotate.backends import BackendSetupError
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(orjson.dumps(doc("a")) + b"\n{not json\n")
+    with pytest.raises(BackendSetupError, match="cannot reach http://127.0.0.1:9/v1"):
+        score_documents([str(broken)], tmp_path / "o.jsonl", base_url="http://127.0.0.1:9/v1", model="m", **FAST)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_bad_input_fails_before_any_request(server, tmp_path):
     dup = write_jsonl(tmp_path / "dup.jsonl", [doc("a"), doc("b"), doc("a")])
     with pytest.raises(DocumentError, match="duplicate document id 'a'"):
