@@ -449,6 +449,7 @@ def pretrain(
     model.train()
     stopping = False  # SIGTERM seen, by every rank's agreement
     with stop_requested() as stop:
+        resumed_at = state["step"]
         while state["step"] < total_steps:
             step = state["step"]
             t0 = time.time()
@@ -477,8 +478,8 @@ def pretrain(
             state["train_loss"].append(step_loss)
             state["lr"].append(lr)
             state["train_seconds"] += dt
-            if step > 0:  # the first step pays for compilation and allocator warmup
-                state["steady_tokens"] += cfg.batch_tokens
+            if step > resumed_at:  # this process's first step pays for compilation and allocator warmup (each
+                state["steady_tokens"] += cfg.batch_tokens  # resume's too: a run over many jobs read slow)
                 state["steady_seconds"] += dt
             if task is not None:
                 progress.update(task, advance=1, loss=step_loss)

@@ -132,6 +132,10 @@ def test_interrupted_runs_resume_to_the_same_result(corpus, tmp_path):
         parts.append(r["steps"])
         if r["finished"]:
             break
+        # each one step, its process's first, which pays for the warmup: none in the tokens/s and MFU (a run over
+        # many time-limited jobs read slower than one straight through)
+        assert json.loads((tmp_path / "split/checkpoint/trainer_state.json").read_text())["state"][
+            "steady_tokens"] == 0
     assert parts == list(range(1, 13))
 
     # SIGKILL in step 7 of a real process: by default a checkpoint comes with every evaluation (steps 3, 6, 9, 12),
