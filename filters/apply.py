@@ -991,7 +991,8 @@ def run_apply(
         ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
     report_again_without_stats(cfg.output)
     local_workers = workers or 1
-    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, local_workers, slurm, ray),
+    scoring_at_once = min(local_workers, cfg.tasks)  # --workers 64 over --tasks 1 scored on one of 64 cores
+    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, scoring_at_once, slurm, ray),
                           provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
                           on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
     ex.save_stage_list(cfg.output, stages)

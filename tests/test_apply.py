@@ -626,6 +626,17 @@ def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp
         list(step.run(iter([Document(text="def f(): return 1", id=str(i)) for i in range(3)])))
 
 
+def test_a_scoring_task_running_alone_takes_every_core(stock_classifier, tmp_path):
+    """--workers above --tasks: each task's threads were the cores over --workers, a task alone on part of them."""
+    from edu_filter.classifiers.device import default_num_threads
+
+    planted_input(tmp_path / "in.jsonl", n_unique=4, n_groups=0)
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, dedup=False, workers=4,
+              show=False)
+    said = " ".join(log.read_text() for log in (tmp_path / "out" / "logs").glob("*/logs/task_*.log"))
+    assert f"scoring on cpu with {default_num_threads()} torch threads" in said, said[-2000:]
+
+
 def test_a_fasttext_run_keeps_its_count_tokenizer_when_gpt2_is_cached_since(tmp_path):
     """Offline, a fastText run counts tokens with the bundled MiniLM tokenizer and records it; GPT-2 in the hub
     cache by the resume changed that setting, and the resume was refused (only --overwrite went on). A new run
