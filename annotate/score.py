@@ -839,7 +839,9 @@ def score_documents(
         raise InputError(f"--cache {cache_path} is the -o/--output file: give the cache another name")
     refuse_output_among_inputs(inputs, {"-o/--output": output, "--cache": cache_path})
     check_answer_cache(cache_path)
-    with writing_alone(output, "-o/--output"):  # two runs wrote one partial file at once, and paid twice
+    # two runs wrote one partial file at once, and paid twice; two outputs of one cache paid twice too, the later
+    # answer replacing the earlier one the first output holds
+    with writing_alone(output, "-o/--output"), writing_alone(cache_path, "--cache"):
         return _score_alone(inputs, output, cfg, cache_path)
 
 

@@ -230,6 +230,9 @@ def test_an_output_that_is_an_input_inside_one_remote_or_being_written_is_refuse
         line = refused(["score", docs, "-o", out, "--base-url", NO_SERVER], "is being written by another run",
                        f"process {os.getpid()}", status=1)
     assert "-o/--output" in line
+    with writing_alone(tmp_path / "shared.sqlite", "--cache"):  # another output of the same answers
+        refused(["score", docs, "-o", tmp_path / "other.parquet", "--cache", tmp_path / "shared.sqlite", "--base-url",
+                 NO_SERVER], "--cache", "shared.sqlite is being written by another run", status=1)
 
 
 # --- models ------------------------------------------------------------------------------------------------------
