@@ -466,6 +466,9 @@ def apply(
     slurm_qos: Optional[str] = typer.Option(SLURM.qos, help="Quality of service of the jobs (sbatch --qos)."),
     slurm_arg: list[str] = typer.Option([], metavar="KEY=VALUE", help="Another sbatch option for every job, repeatable: "
                                         "constraint=h100, reservation=NAME, a flag such as exclusive."),
+    slurm_gpu_arg: list[str] = typer.Option([], metavar="KEY=VALUE", help="An sbatch option for the scoring stage's "
+                                            "jobs alone, over --slurm-arg, --slurm-qos and --slurm-account, "
+                                            "repeatable: qos=gpu, account=NAME, constraint=h100."),
     dry_run: bool = typer.Option(SLURM.dry_run, help="Slurm: write sbatch scripts and submit.sh, submit nothing."),
     ray_cpus: int = typer.Option(RAY.cpus_per_task, help="CPUs per Ray task (the cluster is RAY_ADDRESS's, or local)."),
     ray_gpu_cpus: Optional[int] = typer.Option(RAY.gpu_cpus_per_task, help="CPUs per Ray scoring task (default: "
@@ -489,7 +492,7 @@ def apply(
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, cluster_mem_gb=slurm_cluster_mem_gb,
                            cluster_time=slurm_cluster_time, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
-                           sbatch_args=slurm_arg, max_array_size=slurm_max_array,
+                           sbatch_args=slurm_arg, gpu_sbatch_args=slurm_gpu_arg, max_array_size=slurm_max_array,
                            tasks_per_job=slurm_tasks_per_job, dry_run=dry_run),
         ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb,
                        cluster_mem_gb=ray_cluster_mem_gb, gpus=ray_gpus),

@@ -169,6 +169,9 @@ class SlurmOptions:
     account: str | None = None
     # other sbatch options for every job: {"constraint": "h100", "exclusive": ""}, or ["constraint=h100", "exclusive"]
     sbatch_args: dict | list[str] = field(default_factory=dict)
+    # sbatch options of the scoring stage's jobs alone, over those above: a GPU partition's own QOS, account or
+    # constraint (constraint=h100 in --slurm-arg sent the CPU stages to GPU nodes, a GPU QOS got them refused)
+    gpu_sbatch_args: dict | list[str] = field(default_factory=dict)
     dry_run: bool = False  # write the sbatch scripts and submit.sh, submit nothing
     # tasks per array job, a stage with more spanning several; None: the cluster's MaxArraySize (Slurm's default,
     # 1001, where no cluster says)
@@ -846,7 +849,8 @@ def check_named_fields(files: list[tuple[str, str]], text_field: str, id_field: 
 SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-partition", "time": "--slurm-time",
                "cpus_per_task": "--slurm-cpus", "mem_gb": "--slurm-mem-gb", "gpus_per_task": "--slurm-gpus",
                "gpu_cpus_per_task": "--slurm-gpu-cpus", "venv_path": "--slurm-venv", "qos": "--slurm-qos",
-               "account": "--slurm-account", "sbatch_args": "--slurm-arg", "dry_run": "--dry-run",
+               "account": "--slurm-account", "sbatch_args": "--slurm-arg", "gpu_sbatch_args": "--slurm-gpu-arg",
+               "dry_run": "--dry-run",
                "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb",
                "tasks_per_job": "--slurm-tasks-per-job", "cluster_time": "--slurm-cluster-time"}
 RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
@@ -861,7 +865,8 @@ def refuse_other_executors_options(executor: str, slurm: SlurmOptions | None, ra
         if executor == name or opts is None:
             continue
         given = [flag for key, flag in flags.items()
-                 if getattr(opts, key) != getattr(defaults, key) and (key != "sbatch_args" or opts.sbatch_args)]
+                 if getattr(opts, key) != getattr(defaults, key)
+                 and (key not in ("sbatch_args", "gpu_sbatch_args") or getattr(opts, key))]
         if given:
             raise InputError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of "
                              f"--executor {name}, and this run uses --executor {executor}: give --executor {name}, "

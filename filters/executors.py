@@ -970,6 +970,10 @@ def check_slurm_request(opts):
         if value is not None and (not value or any(c.isspace() for c in value)):
             raise InputError(f"{name} {value!r}: must be one word")
     directives = sbatch_directives(opts.sbatch_args)
+    gpu_directives = sbatch_directives(opts.gpu_sbatch_args, "--slurm-gpu-arg", allowed=("qos", "account"))
+    if any(not v or any(c.isspace() for c in v) for k, v in gpu_directives.items() if k in ("qos", "account")):
+        raise InputError("--slurm-gpu-arg qos=NAME, account=NAME: give one word")
+    opts = replace(opts, sbatch_args=directives, gpu_sbatch_args=gpu_directives)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
         if partition is None and shutil.which("sinfo") is not None and slurm_answers():
@@ -980,7 +984,7 @@ def check_slurm_request(opts):
         max_array = opts.max_array_size or (slurm_max_array_size() if shutil.which("scontrol") is not None
                                             and slurm_answers() else None)
         return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
-                       sbatch_args=directives, max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
+                       max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
     parts = slurm_partitions()
     most = slurm_max_array_size()
     if opts.max_array_size is not None and most is not None and opts.max_array_size > most:
@@ -1008,7 +1012,7 @@ def check_slurm_request(opts):
         if gpus > p["gpus"]:
             raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
                                 "(--slurm-gpu-partition)")
-    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb, sbatch_args=directives,
+    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb,
                    max_array_size=opts.max_array_size or most or SLURM_MAX_ARRAY_SIZE)
     check_sbatch_accepts(opts)
     return opts
@@ -1079,10 +1083,10 @@ OWN_SBATCH_OPTIONS = {
 }
 
 
-def sbatch_directives(args: dict | Iterable[str]) -> dict:
-    """Extra sbatch options for every job, from a dict or `KEY=VALUE` / `FLAG` strings (`--slurm-arg`), checked:
-    sbatch's long option names, each once, one word each (sbatch splits #SBATCH lines at spaces), none that
-    edu-filter sets itself nor an abbreviation of one (sbatch takes any unambiguous prefix), naming ours."""
+def sbatch_directives(args: dict | Iterable[str], option: str = "--slurm-arg", allowed: tuple[str, ...] = ()) -> dict:
+    """Extra sbatch options, from a dict or `KEY=VALUE` / `FLAG` strings (`option`), checked: sbatch's long option
+    names, each once, one word each (sbatch splits #SBATCH lines at spaces), none that edu-filter sets itself nor an
+    abbreviation of one (sbatch takes any unambiguous prefix), naming ours; but the `allowed` ones."""
     if isinstance(args, dict):
         items = [(str(k), "" if v is None else str(v)) for k, v in args.items()]
     else:
@@ -1090,36 +1094,43 @@ def sbatch_directives(args: dict | Iterable[str]) -> dict:
         for arg in args:
             key, given, value = str(arg).partition("=")
             if given and not value:
-                raise InputError(f"--slurm-arg {arg}: give a value, or the flag alone")
+                raise InputError(f"{option} {arg}: give a value, or the flag alone")
             items.append((key, value))
     directives = {}
     for key, value in items:
         key = key.strip().lstrip("-")
         if len(key) < 2 or not all(c.isalnum() or c == "-" for c in key):
-            raise InputError(f"--slurm-arg {key or '(empty)'}: give sbatch's long option name as KEY=VALUE or FLAG, "
+            raise InputError(f"{option} {key or '(empty)'}: give sbatch's long option name as KEY=VALUE or FLAG, "
                              "e.g. constraint=h100 or exclusive")
         if any(c.isspace() for c in value):
-            raise InputError(f"--slurm-arg {key}: the value must be one word ({value!r}): sbatch splits #SBATCH "
+            raise InputError(f"{option} {key}: the value must be one word ({value!r}): sbatch splits #SBATCH "
                              "lines at spaces")
-        owned = next((own for own in OWN_SBATCH_OPTIONS if own.startswith(key)), None)
+        owned = next((own for own in OWN_SBATCH_OPTIONS if own.startswith(key) and own not in allowed), None)
         if owned is None and key.startswith(("gres", "tres")) and "gpu" in value:
             owned = "gpus"
         if owned is not None:
             why = OWN_SBATCH_OPTIONS[owned]
             how = f"give {why}" if why.startswith("--") else f"edu-filter sets it ({why})"
             what = key if owned == key or owned == "gpus" else f"{key} (sbatch reads it as --{owned})"
-            raise InputError(f"--slurm-arg {what}: {how}")
+            raise InputError(f"{option} {what}: {how}")
         if key in directives:
-            raise InputError(f"--slurm-arg {key} is given twice")
+            raise InputError(f"{option} {key} is given twice")
         directives[key] = value
     return directives
 
 
-def job_directives(opts) -> dict:
-    """The sbatch options every job gets beyond the stage's own request: --slurm-arg's and the account, and
-    kill-on-invalid-dep: a job whose dependency failed is cancelled by Slurm, and so the jobs waiting on it, down the
-    chain (else only the next one says DependencyNeverSatisfied, and the rest stay queued forever, "Dependency")."""
-    return {"kill-on-invalid-dep": "yes", **opts.sbatch_args, **({"account": opts.account} if opts.account else {})}
+def job_directives(opts, scores: bool = False) -> dict:
+    """The sbatch options a job gets beyond the stage's own request and its QOS (`job_qos`): --slurm-arg's and the
+    account, a scoring job's --slurm-gpu-arg over them, and kill-on-invalid-dep: a job whose dependency failed is
+    cancelled by Slurm, and so the jobs waiting on it, down the chain (else only the next one says
+    DependencyNeverSatisfied, and the rest stay queued forever, "Dependency")."""
+    gpu_args = {k: v for k, v in opts.gpu_sbatch_args.items() if k != "qos"} if scores else {}
+    return {"kill-on-invalid-dep": "yes", **opts.sbatch_args, **({"account": opts.account} if opts.account else {}),
+            **gpu_args}
+
+
+def job_qos(opts, scores: bool = False) -> str | None:
+    return opts.gpu_sbatch_args.get("qos", opts.qos) if scores else opts.qos
 
 
 SHELL_SPECIAL = set(" \t\n'\"$`\\!;&|<>()*?[]{}#~%")  # %: Slurm reads it in --output as a filename pattern
@@ -1139,13 +1150,16 @@ def check_sbatch_accepts(opts) -> None:
     """Asks the controller whether it would take each kind of job the chain submits (`sbatch --test-only`, nothing
     queued), so an unknown account, QOS, constraint or reservation, or a malformed --slurm-time, is refused in
     Slurm's words before anything is written, not when the first stage is submitted."""
-    requests = {(*job_request(opts, scores, clusters), job_time(opts, clusters))
-                for scores, clusters in ((False, False), (True, False), (False, True))}
-    for partition, cpus, mem_per_cpu_mb, gpus, limit in sorted(requests):
+    requests = {}
+    for scores, clusters in ((False, False), (True, False), (False, True)):
+        partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, scores, clusters)
+        qos = job_qos(opts, scores)
         args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": memory_directive(mem_per_cpu_mb),
-                "time": limit, **({"gpus": gpus} if gpus else {}), **({"qos": opts.qos} if opts.qos else {}),
-                **job_directives(opts)}
-        options = [f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items()]
+                "time": job_time(opts, clusters), **({"gpus": gpus} if gpus else {}), **({"qos": qos} if qos else {}),
+                **job_directives(opts, scores)}
+        requests[tuple(f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items())] = (partition, cpus,
+                                                                                         mem_per_cpu_mb, gpus)
+    for options, (partition, cpus, mem_per_cpu_mb, gpus) in requests.items():
         try:
             res = subprocess.run(["sbatch", "--test-only", "--wrap", "true", *options], capture_output=True,
                                  text=True, timeout=120)
@@ -1370,7 +1384,8 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,
-            qos=opts.qos, sbatch_args={**job_directives(opts), "mem-per-cpu": memory_directive(mem_per_cpu_mb)},
+            qos=job_qos(opts, stage.scores),
+            sbatch_args={**job_directives(opts, stage.scores), "mem-per-cpu": memory_directive(mem_per_cpu_mb)},
             slurm_logs_folder=f"{logs}/{stage.name}/slurm_logs",
             mail_type="NONE", max_array_size=most_per_array, srun_args=srun_request(cpus),
             job_id_retriever=sbatch_job_id,

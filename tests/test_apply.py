@@ -410,6 +410,36 @@ def test_a_stage_over_the_array_limit_is_array_jobs_of_one_size(stock_classifier
         assert dill.load(fh).max_array_size == 4  # each array task's rank: index + 4 x RUN_OFFSET, 0 to 11
 
 
+def test_the_scoring_stage_takes_its_own_sbatch_options(stock_classifier, tmp_path):
+    """A GPU partition with its own QOS, account or GPU feature: --slurm-arg and --slurm-qos reached every stage
+    (constraint=h100 on the CPU stages' jobs, a GPU QOS the CPU partition refuses), and --slurm-arg qos=... was
+    refused. --slurm-gpu-arg is the scoring stage's alone."""
+    from edu_filter.documents import InputError
+    from edu_filter.filters.apply import SlurmOptions
+
+    planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
+    slurm = SlurmOptions(partition="cpu-q", gpu_partition="gpu-q", gpus_per_task=1, dry_run=True, qos="cpu",
+                         account="lab", sbatch_args=["exclusive"],
+                         gpu_sbatch_args=["qos=gpu", "account=lab-gpu", "constraint=h100"])
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm", tasks=2,
+              show=False, slurm=slurm)
+    scripts = {p.stem.split("_", 1)[1]: p.read_text() for p in (tmp_path / "out" / "slurm").glob("*.slurm")}
+    [scoring] = [name for name, text in scripts.items() if "#SBATCH --gpus" in text]
+    assert len(scripts) > 3 and "--partition=gpu-q" in scripts[scoring]
+    for name, text in scripts.items():
+        directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        mine = name == scoring
+        assert ("#SBATCH --qos=gpu" if mine else "#SBATCH --qos=cpu") in directives, (name, directives)
+        assert ("#SBATCH --account=lab-gpu" if mine else "#SBATCH --account=lab") in directives, (name, directives)
+        assert ("#SBATCH --constraint=h100" in directives) == mine and "#SBATCH --exclusive" in directives
+        assert sum(d.startswith(("#SBATCH --qos", "#SBATCH --account")) for d in directives) == 2, directives
+    for given, said in ((["gpus=2"], "--slurm-gpu-arg gpus: give --slurm-gpus"), (["qos"], "give one word")):
+        with pytest.raises(InputError, match=said):
+            run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "other"), model=stock_classifier,
+                      executor="slurm", show=False, slurm=SlurmOptions(partition="p", dry_run=True,
+                                                                       gpu_sbatch_args=given))
+
+
 def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stock_classifier, tmp_path):
     """Without --workers no `%N` throttle; without --slurm-venv the jobs find this environment's executables."""
     from edu_filter.filters.apply import SlurmOptions
