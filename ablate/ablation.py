@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from edu_filter.ablate.humaneval import evaluate_humaneval, load_problems
 from edu_filter.ablate.packing import (
     FILE_ORDER,
     PACKING,
+    PackingStopped,
     TokenFileInfo,
     documents_shared,
     hashes_path,
@@ -48,7 +51,7 @@ from edu_filter.ablate.pretrain import (
 )
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import (InputError, check_writable_output, expand_paths, holds_saved_work,
-                                  logged_progress)
+                                  logged_progress, stop_requested)
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
 EXIT_STOPPED = 75  # stopped at --override time_limit_minutes (sysexits' EX_TEMPFAIL): run again to resume
@@ -211,7 +214,19 @@ def ablate(
         holds_saved_work(out / "tokenizer")
     if rank != 0:
         tok = load_tokenizer(out / "tokenizer")
-    _prepare_tokens(out, tok, datasets, references, cfg, fields, val_fraction, rank, world)
+    # the time limit and SIGTERM stop a packing too (hours at 10B tokens: the job was killed mid-packing, and its
+    # chain, keyed on exit status 75, ended); under torchrun each process packs its own sets and they meet after
+    with stop_requested() as terminated:
+        deadline = None if cfg.time_limit_minutes is None else started + 60 * cfg.time_limit_minutes
+        try:
+            _prepare_tokens(out, tok, datasets, references, cfg, fields, val_fraction, rank, world,
+                            stop=terminated.is_set if world == 1 else None, deadline=deadline if world == 1 else None)
+        except PackingStopped as e:
+            from rich.console import Console
+
+            why = "by SIGTERM" if terminated.is_set() else "at the time limit"
+            Console(stderr=True).print(f"[yellow]packing stopped {why} ({e}); run the same command again to resume[/]")
+            raise SystemExit(128 + signal.SIGTERM if terminated.is_set() else EXIT_STOPPED) from None
     wait()
     infos = _packed_infos(out, datasets) if rank == 0 else {}
     inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer) if rank == 0 else []
@@ -533,7 +548,8 @@ def _prepare_tokenizer(out: Path, datasets: dict, given: str | None, vocab_size:
 
 
 def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: PretrainConfig, fields: dict[str, str],
-                    val_fraction: float, rank: int = 0, world: int = 1) -> None:
+                    val_fraction: float, rank: int = 0, world: int = 1,
+                    stop: Callable[[], bool] | None = None, deadline: float | None = None) -> None:
     """Pack each dataset (train + held-out val) and each reference set not packed yet, reading only what the budget
     needs. Under torchrun the sets are shared out, `rank` packing every `world`-th one, so two datasets take the time
     of one; each set is packed by one process, the same as by a single one."""
@@ -589,7 +605,8 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
 
             train, val = _pack_with_progress(name, path, tok, folder, cfg.tokens + window, val_fraction,
                                              cfg.eval_tokens + window, text_field, source, order,
-                                             show=rank == 0 or not get_console().is_terminal)
+                                             show=rank == 0 or not get_console().is_terminal, stop=stop,
+                                             deadline=deadline)
         for part, info in (("training", train), ("validation", val)):
             if info.tokens < window:
                 raise InputError(f"--data {name}={path}: {info.tokens} {part} tokens, fewer than one sequence of "
@@ -667,7 +684,8 @@ def _recorded_source(recorded: dict | None, path: str, text_field: str, source: 
 
 
 def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: int, val_fraction: float,
-                        val_tokens: int, text_field: str, source: str, file_order: str | None, show: bool):
+                        val_tokens: int, text_field: str, source: str, file_order: str | None, show: bool,
+                        stop: Callable[[], bool] | None = None, deadline: float | None = None):
     """`write_train_val` with a progress bar of the training tokens (10B take hours); a packing killed part-way
     resumes from its last checkpoint while `source` (`packing_source`: the input's fingerprint and text field) is
     unchanged."""
@@ -694,7 +712,7 @@ def _pack_with_progress(name: str, path: str, tok, folder: Path, train_tokens: i
 
         return write_train_val(iter_texts(path, text_field, spread=file_order is not None), tok, folder,
                                train_tokens, val_fraction, val_tokens, source=source, progress=update,
-                               file_order=file_order, skipping=skipping)
+                               file_order=file_order, skipping=skipping, stop=stop, deadline=deadline)
 
 
 def eval_texts_in_training(out: Path, datasets: dict, references: dict) -> dict:

@@ -172,6 +172,10 @@ def is_held_out(text: str, val_fraction: float) -> bool:
     return text_hash(text) % every == 0
 
 
+class PackingStopped(Exception):
+    """A packing stopped by its `stop()` after a checkpoint: calling it again goes on from there."""
+
+
 def write_train_val(
     texts: Iterable[str],
     tokenizer,
@@ -184,6 +188,8 @@ def write_train_val(
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     file_order: str | None = None,
     skipping: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    deadline: float | None = None,
 ) -> tuple[TokenFileInfo, TokenFileInfo]:
     """Tokenize a dataset into `train.bin` and a held-out `val.bin` slice, reading only as far as the budget needs.
 
@@ -197,7 +203,10 @@ def write_train_val(
     appends after it, giving the files an unbroken packing gives; with anything else it starts over. `progress(train_tokens,
     val_tokens)` is called at the start (a resumed packing's counts), a few times a second and at the end;
     `skipping(documents, of)` while a resumed packing reads past the documents packed before its checkpoint (an hour
-    for 10B tokens: they are read again, not tokenized).
+    for 10B tokens: they are read again, not tokenized). A packing with a `source` stops once `stop()` says so
+    (SIGTERM: asked after each document) or at the first checkpoint past `deadline` (time.time(): a job's time limit,
+    so that each call packs a checkpoint's worth at least): it checkpoints where it is and raises PackingStopped,
+    and the same call goes on from there.
     """
     out_dir = Path(out_dir)
     (out_dir / PACKED).unlink(missing_ok=True)
@@ -239,6 +248,11 @@ def write_train_val(
         if source is not None and now - saved >= checkpoint_seconds:
             _save_packing_checkpoint(out_dir, settings, read, train, val)
             saved = now
+            if deadline is not None and time.time() > deadline:
+                raise PackingStopped(f"{read:,} documents read, {train.tokens:,} training tokens packed")
+        if source is not None and stop is not None and stop():
+            _save_packing_checkpoint(out_dir, settings, read, train, val)
+            raise PackingStopped(f"{read:,} documents read, {train.tokens:,} training tokens packed")
         if progress is not None and now - shown >= 0.25:
             progress(train.tokens, val.tokens)
             shown = now

@@ -218,6 +218,29 @@ def test_only_finished_packing_is_reused(tokenizer, tmp_path):
         _prepare_tokens(tmp_path, tokenizer, {"web": str(WEB)}, {}, cfg, TEXT, 0.1)
 
 
+def test_a_packing_stops_at_sigterm_or_its_deadline_and_goes_on_to_the_same_files(tokenizer, tmp_path):
+    """The time limit and SIGTERM stopped training only: a job whose limit came while it packed (hours at 10B
+    tokens) was killed, its chain keyed on exit status 75 ended. A packing stops at either, checkpointed, and the
+    next call goes on to the files of an unbroken one."""
+    from edu_filter.ablate.packing import PackingStopped
+
+    def pack(folder, **kwargs):
+        infos = write_train_val(iter_texts(str(WEB)), tokenizer, folder, train_tokens=200_000, val_fraction=0.1,
+                                max_val_tokens=20_000, source="web", **kwargs)
+        return infos, [(folder / name).read_bytes() for name in ("train.bin", "val.bin")]
+
+    clean = pack(tmp_path / "clean")
+    calls = []
+    with pytest.raises(PackingStopped, match="100 documents read"):  # SIGTERM: asked after each document
+        pack(tmp_path / "stopped", stop=lambda: calls.append(1) or len(calls) >= 100)
+    assert json.loads((tmp_path / "stopped" / "packing.json").read_text())["documents_read"] == 100
+    with pytest.raises(PackingStopped):  # a deadline passed: at the next checkpoint, a checkpoint's worth packed
+        pack(tmp_path / "stopped", deadline=time.time() - 1, checkpoint_seconds=0)
+    assert json.loads((tmp_path / "stopped" / "packing.json").read_text())["documents_read"] == 101
+    assert pack(tmp_path / "stopped", deadline=time.time() + 3600) == clean
+    assert not (tmp_path / "stopped" / "packing.json").exists()
+
+
 # Packs the bundled web documents slowly (5 ms each), with a checkpoint every 50 ms, until it is killed.
 SLOW_PACKING = """
 import sys, time
