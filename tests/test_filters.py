@@ -643,6 +643,34 @@ def test_fast_decontamination_gives_datatrove_s_verdicts_and_metadata(tmp_path, 
     assert 20 <= verdicts.count((False, "contaminated")) < len(texts) - 200  # both kinds were met
 
 
+def test_the_decontamination_index_takes_about_ten_bytes_a_hash(tmp_path):
+    """datatrove's index, a dict of Python ints, took ~150 bytes a hash in every task of every pass (1.5 GB a task
+    for eval sets of 10M n-grams). A hash two sets hold names the later file's set, as datatrove's dict does."""
+    import tracemalloc
+
+    build_decont_index([str(DATA / "code" / "HumanEval.jsonl.gz")], str(tmp_path / "index"))
+    problem = json.loads(gzip.open(DATA / "code" / "HumanEval.jsonl.gz").readline())
+    text = problem["prompt"] + problem["canonical_solution"]
+    config = decont_config()
+    dtype = np.dtype(config.hash_config.np_descr)
+    humaneval = next((tmp_path / "index").glob("*.index.hashes"))
+    rng = np.random.default_rng(0)
+    rng.integers(0, np.iinfo(dtype).max, 1_000_000, dtype=dtype).tofile(tmp_path / "index" / "a-big.index.hashes")
+    (tmp_path / "index" / "z-copy.index.hashes").write_bytes(humaneval.read_bytes())  # listed after HumanEval's
+    tracemalloc.start()
+    try:
+        decont = FastNGramsDecontFilter(str(tmp_path / "index"), config=config)
+        doc = Document(text=text, id="x")
+        assert decont.filter(doc) == (False, "contaminated") and doc.metadata["contaminated_task"] == "z-copy"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, peak  # the dict: ~108 MB
+    stock = NGramsDecontFilter(str(tmp_path / "index"), config=config)
+    expected = Document(text=text, id="x")
+    assert stock.filter(expected) == (False, "contaminated") and expected.metadata == doc.metadata
+
+
 def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
     """Eval sets are often all `test.jsonl`: the second index overwrote the first, whose passages went unflagged."""
     web = read_documents([DATA / "web" / "fineweb_edu_llama3_val.jsonl"], limit=3)
