@@ -114,9 +114,11 @@ def agreement_metrics(a: list[float], b: list[float], threshold: float = 3, a_in
         "kept_a": int(keep_a.sum()),
         "kept_b": int(keep_b.sum()),
         "keep_agreement": float((keep_a == keep_b).mean()),
-        "keep_precision": float(precision_score(keep_a, keep_b, zero_division=0)),
-        "keep_recall": float(recall_score(keep_a, keep_b, zero_division=0)),
-        "keep_f1": float(f1_score(keep_a, keep_b, zero_division=0)),
+        # undefined where nothing is kept on the side it divides by: None ("n/a"), as `compute_metrics` and the
+        # sweep say it; 0.0 read as "B misses every keep"
+        "keep_precision": float(precision_score(keep_a, keep_b)) if keep_b.any() else None,
+        "keep_recall": float(recall_score(keep_a, keep_b)) if keep_a.any() else None,
+        "keep_f1": float(f1_score(keep_a, keep_b)) if keep_a.any() or keep_b.any() else None,
     }
 
 
@@ -186,7 +188,7 @@ def print_agreement(r: dict) -> None:
     t.add_row(f"kept at >= {r['threshold']:g}: A / B", f"{r['kept_a']:,} / {r['kept_b']:,}")
     t.add_row("keep/drop agreement", fmt(r["keep_agreement"]))
     t.add_row("keep precision / recall / F1 (B vs A)",
-              f"{r['keep_precision']:.3f} / {r['keep_recall']:.3f} / {r['keep_f1']:.3f}")
+              " / ".join(fmt(r[k]) for k in ("keep_precision", "keep_recall", "keep_f1")))
     console.print(t)
 
     cm = Table(title="confusion matrix (rows: A, columns: B)")

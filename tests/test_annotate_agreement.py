@@ -31,6 +31,11 @@ def test_metrics_match_hand_computed_values():
     assert m["spearman"] == pytest.approx(0.9486832980505138)
     assert m["confusion_matrix"][2] == [0, 0, 0, 1, 0, 0] and m["confusion_matrix"][3][3] == 1
     assert (m["kept_a"], m["kept_b"], m["keep_precision"], m["keep_recall"]) == (1, 2, 0.5, 1.0)
+    # nothing kept by A: B's recall of A's keeps is undefined, not 0.0 ("B misses every keep")
+    none_kept = agreement_metrics([1, 2, 2, 1], [3, 4, 1, 2], threshold=3)
+    assert (none_kept["kept_a"], none_kept["keep_recall"], none_kept["keep_precision"], none_kept["keep_f1"]) == (
+        0, None, 0.0, 0.0)
+    assert agreement_metrics([1, 2], [1, 2], threshold=3)["keep_f1"] is None
     # quadratic weights punish a 0-vs-5 disagreement far more than 2-vs-3
     near = agreement_metrics([0, 2, 5, 1], [0, 3, 5, 1])["quadratic_kappa"]
     far = agreement_metrics([0, 2, 5, 1], [5, 2, 5, 1])["quadratic_kappa"]
