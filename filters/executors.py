@@ -35,6 +35,7 @@ from typing import NamedTuple
 import datatrove.executor.ray as datatrove_ray
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.io import get_datafolder
+from datatrove.utils.logging import logger
 from rich.markup import escape
 
 from edu_filter.documents import DocumentError, InputError, RunError, write_json_whole
@@ -69,6 +70,27 @@ PER_JOB_LIMITS = {"WallDuration": "--slurm-time (and --slurm-cluster-time)", "Cp
                   "--slurm-gpus", "Node": "the nodes each job asks (--slurm-arg)"}
 
 
+PARTITION_LIMITS = {"PartitionTimeLimit": "lower --slurm-time (and --slurm-cluster-time) to its MaxTime",
+                    "PartitionNodeLimit": "its nodes per job (MaxNodes, MinNodes) do not allow one node"}
+
+
+def slurm_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); None for no limit (infinite,
+    UNLIMITED) or what is not one (sbatch says what it makes of it)."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or (days and not days.isdigit()) or len(parts) > 3:
+        return None
+    numbers = [int(p) for p in parts]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = (numbers + [0, 0])[:3]
+    elif len(numbers) == 3:  # HH:MM:SS
+        hours, minutes, seconds = numbers
+    else:  # MM, MM:SS
+        hours, minutes, seconds = 0, numbers[0], (numbers + [0])[1]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def held(job: dict) -> bool:
     """A job Slurm holds: it never starts until released (`scontrol release`), and the chain waits on it. A job
     whose launch failed on a node is requeued held ("launch failed requeued held"); a user or an admin may hold one
@@ -80,6 +102,8 @@ def never_starts(reason: str) -> str | None:
     """Why a job pending for `reason` never starts by waiting, and what to change; None where waiting may do. A
     QOS's or association's limit per job (`QOSMaxWallDurationPerJobLimit`, `AssocMaxGRESPerJob`, `QOSMinCpu...`)
     leaves a job pending forever where the QOS does not deny it at submission; limits per user or group free up."""
+    if reason in PARTITION_LIMITS:
+        return f"Slurm says {reason}, a limit of the partition on each job: {PARTITION_LIMITS[reason]}"
     if reason in HOPELESS_REASONS:
         return f"Slurm says {reason}"
     if re.fullmatch(r"(QOS|Assoc)Max\w*PerJob\w*|QOSMin\w+", reason):
@@ -558,14 +582,29 @@ def stopped_by_signals():
             signal.signal(sig, handler)
 
 
+_process_slot: tuple[int, int] | None = None  # (process id, worker slot) of this pool process
+
+
 class WatchedLocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor, each task leaving its process id in `running/RANK` while it runs. A task whose
     process is killed (the kernel's out-of-memory killer, most often) leaves the file behind, which `killed_task`
     sees; datatrove's process pool alone would wait for that task's result forever, the run hanging silently."""
 
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
+        """datatrove's, but a process takes a worker slot with its first task and keeps it: handed back after each
+        task, slots moved between processes that finished at once, and a process's CUDA context and cached memory
+        stayed on a GPU that another process then scored on."""
+        global _process_slot
         with running_marker(self.logging_dir, rank):
-            return super()._launch_run_for_rank(rank, ranks_q, completed, completed_lock)
+            if _process_slot is None or _process_slot[0] != os.getpid():  # a forked process inherits the global
+                _process_slot = (os.getpid(), ranks_q.get())
+            try:
+                return self._run_for_rank(rank, _process_slot[1])
+            finally:
+                if completed and completed_lock:
+                    with completed_lock:
+                        completed.value += 1
+                        logger.info(f"{completed.value}/{self.world_size} tasks completed.")
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         """Runs the task with its worker slot (0 to workers - 1, held by no other running task) in TASK_SLOT_ENV:
@@ -925,20 +964,22 @@ def node_gpus(gres: str) -> int:
 
 
 def slurm_partitions() -> dict[str, dict]:
-    """{partition: {"default", "cpus", "mem_mb", "gpus", "up"}} with the largest node of each partition."""
+    """{partition: {"default", "cpus", "mem_mb", "gpus", "up", "max_time", "max_seconds"}} with the largest node of
+    each partition, and its MaxTime (max_seconds None: no limit)."""
     _require("sinfo")
-    res = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%a"], capture_output=True, text=True)
+    res = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%a|%l"], capture_output=True, text=True)
     if res.returncode != 0:
         raise DocumentError(f"sinfo failed: {res.stderr.strip() or res.returncode}")
     parts: dict[str, dict] = {}
     for line in res.stdout.split("\n"):
         if not line.strip():
             continue
-        name, cpus, mem, gres, avail = line.strip().split("|")
+        name, cpus, mem, gres, avail, limit = line.strip().split("|")
         default = name.endswith("*")
         name = name.rstrip("*")
         gpus = node_gpus(gres)
-        p = parts.setdefault(name, {"default": default, "cpus": 0, "mem_mb": 0, "gpus": 0, "up": avail == "up"})
+        p = parts.setdefault(name, {"default": default, "cpus": 0, "mem_mb": 0, "gpus": 0, "up": avail == "up",
+                                    "max_time": limit, "max_seconds": slurm_seconds(limit)})
         p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
         p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
         p["gpus"] = max(p["gpus"], gpus)
@@ -996,10 +1037,13 @@ def check_slurm_request(opts):
         raise DocumentError(f"the cluster has no default partition: give --slurm-partition ({', '.join(parts)})")
     gpu_partition = opts.gpu_partition or partition
     scoring_option = "--slurm-gpu-cpus" if opts.gpu_cpus_per_task else "--slurm-cpus"
-    for name, cpus, option, gpus, memory in (
-            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-mem-gb", mem_gb)),
-            (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", mem_gb)),
-            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-cluster-mem-gb", opts.cluster_mem_gb or 0))):
+    cluster_time = ("--slurm-cluster-time", opts.cluster_time) if opts.cluster_time else ("--slurm-time", opts.time)
+    for name, cpus, option, gpus, memory, limit in (
+            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-mem-gb", mem_gb), ("--slurm-time", opts.time)),
+            (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", mem_gb),
+             ("--slurm-time", opts.time)),
+            (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-cluster-mem-gb", opts.cluster_mem_gb or 0),
+             cluster_time)):
         if name not in parts:
             raise DocumentError(f"Slurm partition {name!r} does not exist (partitions: {', '.join(parts)})")
         p = parts[name]
@@ -1012,6 +1056,11 @@ def check_slurm_request(opts):
         if gpus > p["gpus"]:
             raise DocumentError(f"--slurm-gpus {gpus}: no node of partition {name} has {gpus} GPUs "
                                 "(--slurm-gpu-partition)")
+        # unless the cluster enforces partition limits at submission, such a job is queued and never starts
+        asked = slurm_seconds(limit[1] or "")
+        if asked is not None and p["max_seconds"] is not None and asked > p["max_seconds"]:
+            raise DocumentError(f"{limit[0]} {limit[1]}: partition {name} runs a job for at most {p['max_time']} "
+                                "(its MaxTime), so the jobs would wait forever; give that or less")
     opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb,
                    max_array_size=opts.max_array_size or most or SLURM_MAX_ARRAY_SIZE)
     check_sbatch_accepts(opts)

@@ -48,6 +48,7 @@ class RecordGpu(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         import json
+        import os
         import time
 
         from edu_filter.filters.scoring import gpu_for_task
@@ -56,7 +57,8 @@ class RecordGpu(PipelineStep):
         time.sleep(self.seconds if rank == self.slow_rank else self.seconds / 6)
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"{rank}").write_text(json.dumps(
-            {"rank": rank, "gpu": gpu_for_task(rank, self.gpus), "start": start, "end": time.time()}))
+            {"rank": rank, "gpu": gpu_for_task(rank, self.gpus), "start": start, "end": time.time(),
+             "pid": os.getpid()}))
         yield from data or []
 
 

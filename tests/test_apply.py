@@ -323,6 +323,15 @@ def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypat
     together = [(a, b) for a, b in itertools.combinations(records, 2) if a["start"] < b["end"] and b["start"] < a["end"]]
     assert any(a["rank"] % 2 == b["rank"] % 2 for a, b in together), together  # where rank % 2 would have clashed
     assert all(a["gpu"] != b["gpu"] for a, b in together), together
+    # a process keeps its slot: returned after each task, slots moved between processes that finished at once, and
+    # a process's CUDA context and cached memory stayed on a GPU another process then scored on
+    WatchedLocalExecutor([RecordGpu(str(tmp_path / "many"), gpus=2, slow_rank=-1, seconds=0)], tasks=120, workers=2,
+                         logging_dir=str(tmp_path / "many-logs")).run()
+    gpus_of = {}
+    for p in (tmp_path / "many").iterdir():
+        record = json.loads(p.read_text())
+        gpus_of.setdefault(record["pid"], set()).add(record["gpu"])
+    assert len(gpus_of) == 2 and all(len(gpus) == 1 for gpus in gpus_of.values()), gpus_of
 
 
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):

@@ -610,7 +610,7 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
     """sbatch's own reason, not a CalledProcessError traceback with the reason buried in a log file."""
     from rich.console import Console
 
-    from edu_filter.documents import InputError
+    from edu_filter.documents import DocumentError, InputError
     from edu_filter.filters import executors as ex
     from edu_filter.filters.apply import SlurmOptions, Stage
 
@@ -624,6 +624,18 @@ def test_sbatch_refusing_a_stage_is_one_clear_error_naming_it(slurm_partition, t
         ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, time="not-a-time"))
     with pytest.raises(InputError, match=r"Slurm would refuse the jobs \(.*--time=later.*\): .*time"):  # its own
         ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1, cluster_time="later"))
+    # above a partition's MaxTime (24 h by default on a GPU partition that allows 4): Slurm queued the jobs, which
+    # then waited forever (PartitionTimeLimit), unless the cluster enforces partition limits at submission
+    short = f"{slurm_partition}-short"  # MaxTime=01:00:00
+    for options, said in (({"gpu_partition": short}, r"--slurm-time 24:00:00: partition \S+-short runs a job for "
+                           r"at most 1:00:00 \(its MaxTime\)"),
+                          ({"partition": short, "time": "1:00:00", "cluster_time": "1-00:00:00"},
+                           "--slurm-cluster-time 1-00:00:00: partition")):
+        with pytest.raises(DocumentError, match=said):
+            ex.check_slurm_request(SlurmOptions(**{"partition": slurm_partition, **options}, cpus_per_task=1,
+                                                mem_gb=1))
+    ex.check_slurm_request(SlurmOptions(partition=short, time="59:00", cpus_per_task=1, mem_gb=1))
+    assert "lower --slurm-time" in ex.never_starts("PartitionTimeLimit")
     # what sbatch refuses at submission anyway (the cluster changed since the check): its reason, the stage named
     opts = replace(ex.check_slurm_request(SlurmOptions(partition=slurm_partition, cpus_per_task=1, mem_gb=1)),
                    time="not-a-time")

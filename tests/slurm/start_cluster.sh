@@ -52,6 +52,7 @@ JobAcctGatherParams=OverMemoryKill
 MessageTimeout=30
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION-short Nodes=$host MaxTime=01:00:00 State=UP
 CONF
 )
 changed=1
