@@ -26,12 +26,13 @@ def write_counts(counts_folder: str, rank: int, counts: dict[str, list[int]], na
         json.dump(counts, fh)
 
 
-def read_counts(counts_folder: str) -> dict[str, list[int]]:
+def read_counts(counts_folder: str, counter: str | None = None) -> dict[str, list[int]]:
+    """{destination: [documents, tokens]} over every task's count files, or those of one `counter` (a writer's)."""
     folder = get_datafolder(counts_folder)
     totals: dict[str, list[int]] = {}
-    if not folder.exists(""):
+    if not folder.exists(counter or ""):
         return totals
-    for name in folder.list_files(recursive=True, glob_pattern="**/*.json"):
+    for name in folder.list_files(subdirectory=counter or "", recursive=True, glob_pattern="**/*.json"):
         with folder.open(name, "rt") as fh:
             for destination, (docs, tokens) in json.load(fh).items():
                 entry = totals.setdefault(destination, [0, 0])
@@ -76,6 +77,11 @@ def build_stats(counts_folder: str, settings: dict, scratch_bytes: int = 0, extr
         else:
             kind, reason = destination.split("/", 1)
             result[kind][reason] = {"documents": docs, "tokens": tokens}
+    if "duplicate" in result["removed"]:  # exact (python-edu) and near duplicates apart: one writer counts each
+        kinds = {kind: read_counts(counts_folder, f"duplicate-{kind}").get("removed/duplicate")
+                 for kind in ("exact", "near")}
+        result["removed"]["duplicate"]["by_kind"] = {kind: {"documents": n[0], "tokens": n[1]}
+                                                     for kind, n in kinds.items() if n}
     out_docs = result["kept"]["documents"] + sum(
         v["documents"] for kind in ("removed", "failed") for v in result[kind].values()
     )
@@ -208,5 +214,7 @@ def stats_table(stats: dict):
     for kind in ("removed", "failed"):
         for reason, v in stats[kind].items():
             row(f"{kind}/{reason}", v, style="red" if kind == "failed" else None)
+            for sub, n in v.get("by_kind", {}).items() if len(v.get("by_kind", {})) > 1 else ():
+                row(f"  {sub}", n, style="dim")
     table.caption = "counts add up" if stats["adds_up"] else "COUNTS DO NOT ADD UP"
     return table

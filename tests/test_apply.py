@@ -529,6 +529,10 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
     exact_dups = [json.loads(line)["id"] for f in (tmp_path / "out" / "removed" / "duplicate").glob("exact_*.gz")
                   for line in gzip.open(f)]
     assert len(set(exact_dups) & {algorithms[0]["id"], "planted-exact-copy"}) == 1
+    near_dups = [line for f in (tmp_path / "out" / "removed" / "duplicate").glob("near_*.gz") for line in gzip.open(f)]
+    by_kind = stats["removed"]["duplicate"]["by_kind"]  # the two kinds apart, adding up to the folder's count
+    assert by_kind["exact"]["documents"] == len(exact_dups) and by_kind.get("near", {}).get("documents", 0) == len(
+        near_dups) and len(exact_dups) + len(near_dups) == stats["removed"]["duplicate"]["documents"]
     kept = read_kept(tmp_path / "out") if found["kept"] else None
     assert kept is None or kept["int_score"].min() >= 4
     below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
