@@ -178,8 +178,9 @@ class ScoreSummaryWriter(PipelineStep):
     """Right after the scorer: what `sweep` would read back from the output folders about the documents the
     threshold sees, summed per task into `FOLDER/<rank>.npz` (tens of KB). `sweep` of a finished apply output adds
     these up instead of reading every kept and removed document (on a crawl, terabytes of removed JSONL). A row
-    `sweep` would refuse (a label off the scale, a bad weight) marks the summary unusable: sweep then reads the
-    documents and names the row."""
+    `sweep` would refuse (a bad weight, a label off the scale) marks the summary unusable: sweep then reads the
+    documents and names the row. A label off the scale (a topic id) is counted apart: `sweep --label-field none`,
+    which reads no labels, still adds the summaries up (it read every document, the one way out of that refusal)."""
 
     name = "📊 sweep summary"
     type = "📊 - STATS"
@@ -192,7 +193,7 @@ class ScoreSummaryWriter(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from datatrove.io import get_datafolder
 
-        summary, chunk, refused = ScoredSummary(), [], 0
+        summary, chunk, refused, label_refused = ScoredSummary(), [], 0, 0
         counted, weighted = {True: None, False: None}, {True: None, False: None}  # rows with / without them seen
         for doc in data or []:
             if not refused:
@@ -202,7 +203,11 @@ class ScoreSummaryWriter(PipelineStep):
                 try:
                     chunk.append(_summary_values(row, "", 0, None, self.weight_field, counted, weighted))
                 except (DocumentError, InputError):
-                    refused = 1
+                    try:  # read without its label, as --label-field none reads it
+                        chunk.append(_summary_values(row, "", 0, NO_LABELS, self.weight_field, counted, weighted))
+                        label_refused = 1
+                    except (DocumentError, InputError):
+                        refused = 1
                 if len(chunk) == CHUNK_ROWS:
                     summary.add(*_columns(chunk))
                     chunk = []
@@ -218,14 +223,15 @@ class ScoreSummaryWriter(PipelineStep):
                                 # then whether rows with / without token counts, with / without weights were seen
                                 counts=np.array([summary.documents, summary.labelled, refused,
                                                  *(seen[has] is not None for seen in (counted, weighted)
-                                                   for has in (True, False))]))
+                                                   for has in (True, False)), label_refused]))
 
 
-def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
+def summary_from_apply(path: str | Path, labels: bool = True) -> tuple[ScoredSummary, bool] | None:
     """(summary, weighted) of a finished apply output from the summaries its scoring tasks wrote, or None where
     they cannot stand for its documents: a run made before they were written, a task's missing or unreadable,
     rows sweep would refuse (it then reads the documents and names the row), or documents that do not add up to
-    what stats.json says the folders hold."""
+    what stats.json says the folders hold. Without `labels` (--label-field none), labels off the scale do not
+    matter and none are counted."""
     import zipfile
 
     settings = run_settings(path)
@@ -233,7 +239,7 @@ def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
     folder = Path(path) / SUMMARY_FOLDER
     if not tasks or not all((folder / f"{rank:05d}.npz").is_file() for rank in range(tasks)):
         return None
-    total, rows = ScoredSummary(), np.zeros(5, np.int64)
+    total, rows = ScoredSummary(), np.zeros(6, np.int64)
     for rank in range(tasks):
         one = ScoredSummary()
         try:
@@ -249,11 +255,15 @@ def summary_from_apply(path: str | Path) -> tuple[ScoredSummary, bool] | None:
                 one.documents, one.labelled, *counts = (int(v) for v in saved["counts"])
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
             return None
-        rows += counts
+        rows += counts if len(counts) == 6 else [*counts, counts[0]]  # older ones: any refusal, maybe a label's
         total.merge(one)
-    refused, _, uncounted, weighted, unweighted = rows
-    if refused or uncounted or (weighted and unweighted) or total.documents != _threshold_saw(path, settings):
+    refused, _, uncounted, weighted, unweighted, label_refused = rows
+    if (refused or (labels and label_refused) or uncounted or (weighted and unweighted)
+            or total.documents != _threshold_saw(path, settings)):
         return None
+    if not labels:
+        total.confusion[:] = 0
+        total.labelled = 0
     return total, bool(weighted)
 
 
@@ -284,13 +294,16 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
     counted = {True: None, False: None}  # a row with / without token_count: where first seen
     weighted = {True: None, False: None}
     summarised = {}  # finished apply outputs whose tasks' summaries stand for their documents, by real path
-    if label_field is None and weight_field == "weight":
+    # the summaries hold the default label fields and weights (histograms weighted): --label-field none and, for
+    # an unweighted output, --weight-field none read the same from them
+    no_labels = label_field is not None and label_field.lower() == NO_LABELS
+    if (label_field is None or no_labels) and weight_field in ("weight", None):
         for p in paths:
             real = Path(p).resolve()
             inside = [q for q in paths if real in Path(q).resolve().parents]
             if real not in summarised and is_apply_output(p) and (Path(p) / "stats.json").exists() and not inside:
-                found = summary_from_apply(p)
-                if found is not None:
+                found = summary_from_apply(p, labels=not no_labels)
+                if found is not None and not (weight_field is None and found[1]):
                     summarised[real] = found
     files = sweep_files([p for p in paths if Path(p).resolve() not in summarised])
     summary.summaries_of = [str(p) for p in summarised]

@@ -418,3 +418,14 @@ def test_a_label_column_that_is_no_edu_score_says_how_to_sweep_without_it(tmp_pa
         run_sweep([path], tmp_path / "s1", show=False)
     result = run_sweep([path], tmp_path / "s2", label_field="none", show=False)
     assert result["documents"] == 60 and result["labelled"] == 0
+    # an apply output of it: the summaries stand for its documents without labels (--label-field none read every
+    # kept and removed document, terabytes on a crawl), and --weight-field none of an unweighted output too
+    out = summarised_output(tmp_path / "apply", rows)
+    with pytest.raises(DocumentError, match="label field 'label' is 'news'"):  # the documents read, the row named
+        run_sweep([str(out)], tmp_path / "s3", show=False)
+    for options in ({"label_field": "none"}, {"label_field": "none", "weight_field": None}):
+        summed = run_sweep([str(out)], tmp_path / "s4", label_field="none", show=False, **{
+            k: v for k, v in options.items() if k != "label_field"})
+        assert summed["read_from_summaries"] == [str(out)] and summed["labelled"] == 0
+        for a, b in zip(summed["rows"], result["rows"]):
+            assert a == pytest.approx(b)
