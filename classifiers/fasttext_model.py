@@ -12,7 +12,9 @@ fasttext-wheel 0.9.2's Python `predict` fails under NumPy 2 (`np.array(..., copy
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,11 +105,8 @@ class FastTextRegressor:
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_model(str(folder / MODEL_FILE))
         probe = [PROBE_TEXT]
-        try:
-            intact = np.array_equal(FastTextRegressor(_load_quietly(folder / MODEL_FILE), self.config).predict(probe),
-                                    self.predict(probe))
-        except (ValueError, RuntimeError, MemoryError):  # fastText's words for a file it cannot read whole
-            intact = False
+        intact = model_file_whole(folder / MODEL_FILE) and np.array_equal(
+            FastTextRegressor(_load_quietly(folder / MODEL_FILE), self.config).predict(probe), self.predict(probe))
         if not intact:
             raise OSError(f"{folder / MODEL_FILE} was not written whole (a full disk, a quota?)")
         write_json_whole(folder / CONFIG_FILE, asdict(self.config))
@@ -118,7 +117,36 @@ class FastTextRegressor:
         folder = Path(folder)
         raw = json.loads((folder / CONFIG_FILE).read_text())
         raw["settings"] = FastTextSettings(**raw.get("settings", {}))
+        if not model_file_whole(folder / MODEL_FILE):
+            raise OSError(f"{folder / MODEL_FILE} is not a whole fastText model (cut short?)")
         return cls(_load_quietly(folder / MODEL_FILE), FastTextConfig(**raw))
+
+
+FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")  # the first bytes of every fastText .bin model
+HEADER_BYTES = 92  # magic, version, the 12 int32 and 1 double arguments, the dictionary's counts
+
+
+def model_file_whole(path: str | Path) -> bool:
+    """Whether a (not quantized) fastText model.bin is whole, read from its header and the headers of its two
+    matrices, which end it: fastText loads a file cut in its dictionary by allocating without end (a node's
+    memory, before the job is killed), and one cut in a matrix as NaN weights."""
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or head[:4] != FASTTEXT_MAGIC:
+            return False
+        dim, bucket = struct.unpack_from("<i", head, 8)[0], struct.unpack_from("<i", head, 40)[0]
+        words, labels = struct.unpack_from("<ii", head, 68)
+        size = os.fstat(fh.fileno()).st_size
+        output_at = size - 16 - 4 * labels * dim  # each matrix: rows, columns (int64), then float32 values
+        input_at = output_at - 1 - 16 - 4 * (words + bucket) * dim  # a quantization flag byte between them
+        if input_at < HEADER_BYTES:
+            return False
+        for at, shape in ((input_at, (words + bucket, dim)), (output_at, (labels, dim))):
+            fh.seek(at)
+            if struct.unpack("<qq", fh.read(16)) != shape:
+                return False
+    return True
+
 
 
 def _load_quietly(path: Path):

@@ -239,24 +239,20 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model")  # a vocabulary, in one of the formats transformers' tokenizers read
-FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")  # the first bytes of every fastText .bin model
-
-
 def check_classifier_folder(folder: str | os.PathLike, what: str = "--model") -> None:
     """A local --model folder holds a classifier, before any work: an encoder or base model (a config.json with two
     labels), a folder without weights or a tokenizer (a save a full disk cut short), or a fastText model.bin that is
     not one, failed every scoring task after the whole MinHash dedup, and the rerun with the right folder was refused
     as a changed classifier."""
-    from edu_filter.classifiers.fasttext_model import MODEL_FILE
+    from edu_filter.classifiers.fasttext_model import MODEL_FILE, model_file_whole
 
     folder = Path(folder)
     if (folder / FASTTEXT_CONFIG).is_file():
         model = folder / MODEL_FILE
         with contextlib.suppress(OSError):
-            with model.open("rb") as fh:
-                if fh.read(len(FASTTEXT_MAGIC)) == FASTTEXT_MAGIC:
-                    return
-        raise InputError(f"{what} {folder}: {model} is missing or not a fastText model")
+            if model_file_whole(model):
+                return
+        raise InputError(f"{what} {folder}: {model} is missing, not a fastText model, or cut short")
     if not (folder / "config.json").is_file():
         raise InputError(f"{what} {folder}: not a model folder (no config.json or {FASTTEXT_CONFIG})")
     from transformers import AutoConfig

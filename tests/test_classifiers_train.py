@@ -34,6 +34,14 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     metrics = train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", fasttext=settings)
     assert (out / "model.bin").exists() and not (out / "config.json").exists()
     assert (out / "model.bin").stat().st_size < 100e6  # bounded hashed n-gram table, not fastText's 2M rows
+    # whole, read from its headers; cut anywhere (in its dictionary fastText's loader allocated without end): not
+    from edu_filter.classifiers.fasttext_model import model_file_whole
+
+    whole = (out / "model.bin").read_bytes()
+    assert model_file_whole(out / "model.bin")
+    for cut in (0, 50, 4096, len(whole) // 2, len(whole) - 1):
+        (tmp_path / "cut.bin").write_bytes(whole[:cut])
+        assert not model_file_whole(tmp_path / "cut.bin"), cut
     config = json.loads((out / "fasttext_config.json").read_text())
     assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
     card = " ".join((out / "README.md").read_text().split())  # a code model's card: its rubric and threshold
@@ -698,6 +706,16 @@ def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_
         assert not target.with_name(target.name + ".partial").exists()
     assert "not written whole" in proc.stderr and not target.exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the output may be the working directory (or a mount point), which cannot be renamed: saved inside it; what a
+    # save cut short left there is no file of the user's
+    here = tmp_path / "here"
+    (here / ".saving").mkdir(parents=True)
+    proc = subprocess.run([CLI, "train", str(CODE_LABELS), "-o", ".", "--kind", "code", "--limit", "60",
+                           "--no-learning-curve", "--method", "fasttext"], capture_output=True, text=True, cwd=here,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in here.iterdir()) == sorted(
+        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md"])
 
 
 def test_overwrite_never_empties_a_folder_that_holds_no_model(tmp_path):

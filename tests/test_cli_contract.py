@@ -257,8 +257,13 @@ def test_missing_model_is_refused_by_evaluate_apply_and_score(files, minilm_path
     broken = files["tmp"] / "broken-fasttext"
     shutil.copytree(fasttext_model, broken)
     (broken / "model.bin").write_bytes(b"not a model")
-    refused(["apply", WEB_VAL, "-o", out, "--model", broken], "model.bin is missing or not a fastText model",
+    refused(["apply", WEB_VAL, "-o", out, "--model", broken], "model.bin is missing, not a fastText model",
             absent=(out.parent,))
+    # cut short in its dictionary (a full disk, a partial copy): fastText's loader allocated without end
+    whole = (fasttext_model / "model.bin").read_bytes()
+    (broken / "model.bin").write_bytes(whole[:4096])
+    refused(["apply", WEB_VAL, "-o", out, "--model", broken], "model.bin is missing, not a fastText model, or cut "
+            "short", absent=(out.parent,))
 
 
 # --- sweep's label field -----------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -52,8 +53,8 @@ from edu_filter.documents import (
     check_not_empty,
     check_writable_output,
     read_labelled,
-    replace_folder,
     row_weights,
+    synced,
     text_hash,
     weight_summary,
     write_json_whole,
@@ -162,24 +163,53 @@ def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
 MODEL_FILE = re.compile(r"[^/]+\.(json|safetensors|bin|png|model)|README\.md|modeling_\w+\.py|(vocab|merges)\.txt")
 
 
+SAVING = ".saving"  # inside the output folder: the new model, written whole before the old one goes
+
+
+def save_whole(output: Path, write: Callable[[Path], None]) -> None:
+    """`write(folder)` of the new model into OUTPUT/.saving, synced, then the old model's files removed and the new
+    ones moved in: a full disk mid-save left a folder of config.json alone (apply ran the whole dedup before its
+    first scoring task failed) and, with --overwrite, no old model either. Inside the folder, not beside it: the
+    output may be the working directory or a mount point, which cannot be renamed."""
+    partial, created = output / SAVING, not output.exists()
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        write(partial)
+        synced(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    for entry in output.iterdir():  # only a model's files: `check_output`
+        if entry != partial:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in partial.iterdir():
+        entry.rename(output / entry.name)
+    partial.rmdir()
+    synced(output, files=False)
+
+
 def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """An absent or empty folder is fine; one holding a model only with `overwrite`, and one holding anything else
     never (overwrite replaces a model folder, it does not empty any folder it is pointed at: the labels kept beside
     the model they trained, notes, a subfolder went with it). No input may lie inside it."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output} is a file, not a model folder")
-    if not output.exists() or not any(output.iterdir()):
+    entries = [p for p in output.iterdir() if p.name != SAVING] if output.exists() else []  # a save cut short's
+    if not entries:
         return
     inside = [str(i) for i in inputs if output.resolve() in Path(i).resolve().parents]
     if inside:
         raise ValueError(f"{inside[0]} lies inside the output folder {output}, which training replaces; give "
                          "another folder")
     if not any((output / name).exists() for name in MODEL_MARKERS):
-        names = ", ".join(sorted(p.name for p in output.iterdir())[:3])
+        names = ", ".join(sorted(p.name for p in entries)[:3])
         raise ValueError(f"{output} is not empty and holds no model ({names}); give an empty or new folder")
     if not overwrite:
         raise ValueError(f"{output} already holds a model; give --overwrite to replace it, or another folder")
-    other = sorted(p.name + "/" * p.is_dir() for p in output.iterdir() if p.is_dir() or not MODEL_FILE.fullmatch(p.name))
+    other = sorted(p.name + "/" * p.is_dir() for p in entries if p.is_dir() or not MODEL_FILE.fullmatch(p.name))
     if other:
         raise ValueError(f"{output} holds a model and {', '.join(other[:3])}{' ...' * (len(other) > 3)}, which are "
                          "not a model's: --overwrite replaces a model, it does not empty a folder; move them, or give "
@@ -355,9 +385,7 @@ def train_classifier(
     calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
     cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
     trained.model.config.cut_points = cut_points
-    # written beside it and swapped in whole: a full disk mid-save left a folder of config.json alone (apply ran the
-    # whole dedup before its first scoring task failed) and, with --overwrite, no old model either
-    replace_folder(output.resolve(), lambda folder: save_model(trained, folder))  # a link: beside its target
+    save_whole(output, lambda folder: save_model(trained, folder))
 
     metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
                                                                      cfg), weights=w_val)
