@@ -642,8 +642,8 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     from edu_filter.filters.minhash import FastMinhashSignature, SharedMinhashDedupBuckets
     from edu_filter.filters.progress import TaskProgressTime
     from edu_filter.filters.report import WriteApplyStats
-    from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, ScoreHistogram,
-                                             ScoreThresholdFilter)
+    from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, NonFiniteScoreFilter,
+                                             ScoreHistogram, ScoreThresholdFilter)
     from edu_filter.filters.sweep import SUMMARY_FOLDER, ScoreSummaryWriter
 
     out = cfg.output
@@ -680,6 +680,9 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         scorer = [EduClassifierScorer(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                       long_docs=cfg.long_docs, dtype=cfg.dtype, num_threads=threads_per_task,
                                       device=None if on_gpu else "cpu"),
+                  NonFiniteScoreFilter(exclusion_writer=CountedJsonlWriter(
+                      f"{out}/failed", "failed/${filter_reason}", counts, "${filter_reason}/scored_${rank}.jsonl.gz",
+                      "failed-scored")),
                   ScoreSummaryWriter(f"{out}/{SUMMARY_FOLDER}")]  # what `sweep` reads instead of the documents
         if cfg.keep_top is not None:  # selection waits for every task's scores
             return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored", tagged=tagged)]

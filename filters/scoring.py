@@ -127,11 +127,12 @@ class EduClassifierScorer(PipelineStep):
         start = time.perf_counter()
         with self.track_time(unit="window"):
             scores, truncated = scorer.score_prepared(prepared())
-            if not np.isfinite(scores).all():  # a damaged model: NaN fails every threshold, and all were removed
-                at = int(np.flatnonzero(~np.isfinite(scores))[0])
-                raise RuntimeError(f"the classifier scored document {window[at].id!r} {scores[at]}: its weights are "
-                                   "damaged, or it overflows in this dtype (NaN fails every threshold: all removed)")
-            int_scores = scorer.to_int_score(scores)
+            finite = np.isfinite(scores)
+            if not finite.any():  # a damaged model: NaN fails every threshold, and every document was removed
+                raise RuntimeError(f"the classifier scored every document of a window not a number (the first, "
+                                   f"{window[0].id!r}: {scores[0]}): its weights are damaged")
+            # one overflowing in its dtype (float16) goes to failed/non_finite_score (`NonFiniteScoreFilter`)
+            int_scores = scorer.to_int_score(np.where(finite, scores, 0.0))
         elapsed = time.perf_counter() - start
         self.stat_update("scored", value=len(window))
         self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
@@ -224,6 +225,20 @@ class CountTokens(PipelineStep):
             for doc in batch:
                 self.stat_update("tokens", value=doc.metadata.get("token_count", 0) or 0)
                 yield doc
+
+
+class NonFiniteScoreFilter(BaseFilter):
+    """Right after the scorer: a document it scored not a number (one that overflows in float16) is failed, named,
+    not removed as below every threshold nor a task failed on every rerun."""
+
+    name = "🚑 non-finite scores"
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if math.isfinite(doc.metadata["score"]):
+            return True
+        doc.metadata["input_error"] = (f"the classifier scored it {doc.metadata['score']} (an overflow in its dtype: "
+                                       "float32 or bfloat16 score it)")
+        return False, "non_finite_score"
 
 
 HISTOGRAM_LOW, HISTOGRAM_HIGH, HISTOGRAM_BIN = -2.0, 8.0, 1e-4  # scores outside land in the end bins

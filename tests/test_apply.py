@@ -656,17 +656,46 @@ def test_apply_with_a_fasttext_model_counts_tokens_without_its_own_tokenizer(tmp
     kept = read_kept(tmp_path / "out")
     assert kept["token_count"].min() > 0 and kept["int_score"].is_between(0, 5).all()
 
-    # its model.bin cut short (a full disk, a partial copy) loads and scores NaN, which fails every threshold: every
-    # document was removed as below it. The scoring task fails instead, naming a document
+
+def test_a_document_scored_not_a_number_fails_alone(stock_classifier, tmp_path):
+    """One document overflowing (float16) failed its task on every rerun, and a resume in another --dtype was
+    refused as changed: it goes to failed/non_finite_score, named, the counts adding up. (Here the weights of one
+    word are NaN.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(stock_classifier, model)
+    weights = load_file(model / "model.safetensors")
+    word = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("zebra")
+    name = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[name][word] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    rows = [{"id": f"d{i}", "text": f"A lesson on fractions and decimals, part {i}."} for i in range(9)]
+    rows.append({"id": "zebra", "text": "The zebra is a striped animal of the savanna."})
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=str(model), dedup=False,
+                      threshold=0, show=False)
+    assert stats["adds_up"] and stats["failed"]["non_finite_score"]["documents"] == 1 and stats["kept"][
+        "documents"] == 9
+    [failed] = [json.loads(line) for f in (tmp_path / "out" / "failed" / "non_finite_score").glob("*.gz")
+                for line in gzip.open(f)]
+    assert failed["id"] == "zebra" and "scored it nan" in failed["input_error"]
+    # every document of a window not a number: damaged weights, the task fails (NaN fails every threshold: all
+    # would have been removed)
     from datatrove.data import Document
 
     from edu_filter.filters.scoring import EduClassifierScorer
 
-    weights = model / "model.bin"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    name = next(k for k in weights if k.startswith("classifier.") and k.endswith("bias"))
+    weights[name][:] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     step = EduClassifierScorer(str(model), window_size=4)
-    with pytest.raises(RuntimeError, match=r"scored document '0' nan: its weights are damaged"):
-        list(step.run(iter([Document(text="def f(): return 1", id=str(i)) for i in range(3)])))
+    with pytest.raises(RuntimeError, match=r"scored every document of a window not a number \(the first, 'd0': "
+                                           r"nan\): its weights are damaged"):
+        list(step.run(iter([Document(text=r["text"], id=r["id"]) for r in rows[:3]])))
 
 
 def test_a_scoring_task_running_alone_takes_every_core(stock_classifier, tmp_path):
