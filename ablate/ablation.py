@@ -227,6 +227,8 @@ def ablate(
             why = "by SIGTERM" if terminated.is_set() else "at the time limit"
             Console(stderr=True).print(f"[yellow]packing stopped {why} ({e}); run the same command again to resume[/]")
             raise SystemExit(128 + signal.SIGTERM if terminated.is_set() else EXIT_STOPPED) from None
+    if terminated.is_set():  # met where packing does not stop (an --eval set, a fingerprint): ended here, as asked
+        raise SystemExit(128 + signal.SIGTERM)
     wait()
     infos = _packed_infos(out, datasets) if rank == 0 else {}
     inputs = _inputs_used(out, datasets, references, cloze_sets, tokenizer) if rank == 0 else []

@@ -233,9 +233,12 @@ def write_train_val(
     saved = shown = time.monotonic()
     if progress is not None:
         progress(train.tokens, val.tokens)  # where a resumed packing starts
-    skipped = _after(texts, read, skipping, hash_skipped if rehash else None)
+    skipped = _after(texts, read, skipping, hash_skipped if rehash else None, stop if source is not None else None)
+    resumed_at = read
     for text, ids in tokenize_documents(skipped, tokenizer, tokenizer.eos_token_id):
         read += 1
+        if read == resumed_at + 1:  # past what a resumed packing reads again: a checkpoint's worth from here
+            saved = time.monotonic()
         if is_held_out(text, val_fraction):
             if val.tokens < val_tokens:
                 val.write(ids, text)
@@ -271,12 +274,16 @@ SKIPPING_SHOWN_EVERY = 10_000  # documents
 
 
 def _after(texts: Iterable[str], read: int, skipping: Callable[[int, int], None] | None,
-           each: Callable[[str], None] | None = None) -> Iterator[str]:
-    """`texts` after the first `read`, `skipping` told how far the skip has got and `each` given every text skipped."""
+           each: Callable[[str], None] | None = None, stop: Callable[[], bool] | None = None) -> Iterator[str]:
+    """`texts` after the first `read`, `skipping` told how far the skip has got and `each` given every text skipped;
+    PackingStopped once `stop()` says so (the checkpoint it resumes stays as it was)."""
     texts = iter(texts)
     for done in range(read):
-        if skipping is not None and done % SKIPPING_SHOWN_EVERY == 0:
-            skipping(done, read)
+        if done % SKIPPING_SHOWN_EVERY == 0:
+            if skipping is not None:
+                skipping(done, read)
+            if stop is not None and stop():
+                raise PackingStopped(f"reading past the {read:,} documents packed before ({done:,})")
         text = next(texts, None)
         if text is None:
             return

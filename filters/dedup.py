@@ -382,7 +382,7 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
 
         if not self._fast_split:
             return super().filter(doc)
-        if self._index is None:
+        if getattr(self, "_index", None) is None:  # a step pickled in a chain an older edu-filter queued has none
             self._index = self._load_index()
         if self._splitter is None:  # built in the worker: spaCy objects need not be pickled with the step
             self._splitter = EnglishWordSplitter()

@@ -237,6 +237,9 @@ def test_a_packing_stops_at_sigterm_or_its_deadline_and_goes_on_to_the_same_file
     with pytest.raises(PackingStopped):  # a deadline passed: at the next checkpoint, a checkpoint's worth packed
         pack(tmp_path / "stopped", deadline=time.time() - 1, checkpoint_seconds=0)
     assert json.loads((tmp_path / "stopped" / "packing.json").read_text())["documents_read"] == 101
+    with pytest.raises(PackingStopped, match="reading past the 101 documents"):  # SIGTERM while reading past them
+        pack(tmp_path / "stopped", stop=lambda: True)
+    assert json.loads((tmp_path / "stopped" / "packing.json").read_text())["documents_read"] == 101
     assert pack(tmp_path / "stopped", deadline=time.time() + 3600) == clean
     assert not (tmp_path / "stopped" / "packing.json").exists()
 
