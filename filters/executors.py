@@ -1154,6 +1154,7 @@ def sbatch_directives(args: dict | Iterable[str], option: str = "--slurm-arg", a
         if any(c.isspace() for c in value):
             raise InputError(f"{option} {key}: the value must be one word ({value!r}): sbatch splits #SBATCH "
                              "lines at spaces")
+        key = next((name for name in allowed if name.startswith(key)), key)  # an allowed one's prefix: its name
         owned = next((own for own in OWN_SBATCH_OPTIONS if own.startswith(key) and own not in allowed), None)
         if owned is None and key.startswith(("gres", "tres")) and "gpu" in value:
             owned = "gpus"

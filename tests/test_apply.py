@@ -442,7 +442,8 @@ def test_the_scoring_stage_takes_its_own_sbatch_options(stock_classifier, tmp_pa
         assert ("#SBATCH --account=lab-gpu" if mine else "#SBATCH --account=lab") in directives, (name, directives)
         assert ("#SBATCH --constraint=h100" in directives) == mine and "#SBATCH --exclusive" in directives
         assert sum(d.startswith(("#SBATCH --qos", "#SBATCH --account")) for d in directives) == 2, directives
-    for given, said in ((["gpus=2"], "--slurm-gpu-arg gpus: give --slurm-gpus"), (["qos"], "give one word")):
+    for given, said in ((["gpus=2"], "--slurm-gpu-arg gpus: give --slurm-gpus"), (["qos"], "give one word"),
+                        (["qos=a", "qo=b"], "--slurm-gpu-arg qos is given twice")):  # sbatch reads qo as qos
         with pytest.raises(InputError, match=said):
             run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "other"), model=stock_classifier,
                       executor="slurm", show=False, slurm=SlurmOptions(partition="p", dry_run=True,
