@@ -2,7 +2,7 @@
 on the chosen sample estimates training on the whole pool.
 
 Rounds. The pool's frozen-encoder embeddings are computed once (through the embedding cache, keyed as `train` keys
-them). Round 0 draws a seed batch uniformly. Every later round refits the ridge head on the labels so far (weighted,
+them), when a round is first drawn rather than replayed. Round 0 draws a seed batch uniformly. Every later round refits the ridge head on the labels so far (weighted,
 as `train` fits it), places the cut points on its out-of-fold predictions, and draws the next batch from the
 documents not yet chosen with probabilities that favour what the next labels teach most:
 
@@ -36,6 +36,7 @@ over the pool, which is what `train` needs to fit and calibrate as if it had see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,13 +158,14 @@ class ActiveSelector:
     Pure (no LLM): `choose(round, labels)` returns the round's draw, `record` replays a draw made earlier (a resumed
     run), `weights()` gives the inclusion weights of everything chosen so far."""
 
-    def __init__(self, embeddings: np.ndarray, budget: int, rounds: int = DEFAULT_ROUNDS,
+    def __init__(self, embeddings: np.ndarray | Callable[[], np.ndarray], budget: int, rounds: int = DEFAULT_ROUNDS,
                  seed_size: int | None = None, seed: int = 0, threshold: int = 3,
-                 uniform_share: float = UNIFORM_SHARE, folds: int = 5, min_positives: int = 5):
-        # a pool of 100k documents at 4608 dimensions (the default encoders): 1.8 GB, past half the free memory a
-        # file mapping (`cached_embeddings`)
-        self.x = np.asarray(embeddings, dtype=np.float32)
-        n = len(self.x)
+                 uniform_share: float = UNIFORM_SHARE, folds: int = 5, min_positives: int = 5,
+                 pool_size: int | None = None):
+        # `embeddings()` (with `pool_size`): computed at the first round drawn, not for a rerun replaying every round
+        # (a pool of millions re-embedded, hours on a CPU, for answers all in the cache)
+        self._embeddings, self._x, self._clusters = embeddings, None, None
+        n = len(embeddings) if pool_size is None else pool_size
         self.budget = min(budget, n)
         # a budget that covers the pool labels all of it at once, every weight 1
         self.sizes = round_sizes(self.budget, rounds, seed_size) if budget < n else [n]
@@ -171,7 +173,21 @@ class ActiveSelector:
         self.folds, self.min_positives = folds, min_positives
         self.chosen_round = np.full(n, -1, dtype=np.int64)
         self.probability = np.full(n, np.nan)
-        self.clusters = cluster_labels(self.x, seed)
+
+    @property
+    def x(self) -> np.ndarray:
+        # a pool of 100k documents at 4608 dimensions (the default encoders): 1.8 GB, past half the free memory a
+        # file mapping (`cached_embeddings`)
+        if self._x is None:
+            given = self._embeddings() if callable(self._embeddings) else self._embeddings
+            self._x = np.asarray(given, dtype=np.float32)
+        return self._x
+
+    @property
+    def clusters(self) -> np.ndarray:
+        if self._clusters is None:
+            self._clusters = cluster_labels(self.x, self.seed)
+        return self._clusters
 
     @property
     def rounds(self) -> int:
@@ -273,11 +289,11 @@ class ActiveAnnotation:
     `score(batch_docs)` is the plain `score` path (prompt, backend, retries, answer cache); only drawn documents
     ever reach it, so the LLM sees at most the budget."""
 
-    def __init__(self, docs: list[dict], embeddings: np.ndarray, budget: int, rounds: int = DEFAULT_ROUNDS,
-                 seed_size: int | None = None, seed: int = 0, threshold: int = 3, embedding_key: str = "",
-                 encoder: str = "", pool: str | None = None):
+    def __init__(self, docs: list[dict], embeddings: np.ndarray | Callable[[], np.ndarray], budget: int,
+                 rounds: int = DEFAULT_ROUNDS, seed_size: int | None = None, seed: int = 0, threshold: int = 3,
+                 embedding_key: str = "", encoder: str = "", pool: str | None = None):
         self.docs, self.encoder = docs, encoder
-        self.selector = ActiveSelector(embeddings, budget, rounds, seed_size, seed, threshold)
+        self.selector = ActiveSelector(embeddings, budget, rounds, seed_size, seed, threshold, pool_size=len(docs))
         self.pool = pool or pool_fingerprint(docs)  # `pool`: the docs' fingerprint, when the caller has it already
         self.settings = selection_settings(budget, rounds, seed_size, seed, threshold, embedding_key)
 

@@ -726,7 +726,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
 
 
 def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cache_settings: dict):
-    """The pool's frozen-encoder embeddings (computed once, through `train`'s embedding cache) and the rounds.
+    """The rounds over the pool, with its frozen-encoder embeddings (through `train`'s embedding cache) computed at
+    the first round that is drawn, not replayed.
 
     A pool changed since its draws were recorded is refused here already, before the embeddings and the server (a
     vLLM launch takes minutes), when the model's name fixes the answer run's key; `ActiveAnnotation.run` checks
@@ -735,18 +736,27 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
     from edu_filter.classifiers.metrics import MAIN_THRESHOLD
 
     threshold = MAIN_THRESHOLD[kind]
-    # float32 on any device: the recorded draws are keyed by the embeddings' settings, so a run started on a GPU
-    # resumes on a CPU (and runs from before bfloat16 training resume) without drawing again
-    frozen = load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache,
-                                 dtype="float32")
+
+    def encoder():
+        # float32 on any device: the recorded draws are keyed by the embeddings' settings, so a run started on a GPU
+        # resumes on a CPU (and runs from before bfloat16 training resume) without drawing again
+        return load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache,
+                                   dtype="float32")
+
+    frozen = encoder()
+    embedding_key, encoder_name = frozen.key, frozen.model.config.encoder_name
+    del frozen  # not held through the run (a GPU's memory, while a vLLM server starts there)
     pool = pool_fingerprint(docs)
     if cfg.model is not None:
-        settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, frozen.key)
+        settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, embedding_key)
         key = selection_key(settings, run_key({**cache_settings, "model": cfg.model}))
         refuse_another_pool(recorded_selection_pool(cache_path, key), pool, cache_path)
-    embeddings = frozen.embed([doc["text"] for doc in docs])
+
+    def embeddings():  # at the first round drawn: a rerun replaying every round from the cache embeds nothing
+        return encoder().embed([doc["text"] for doc in docs])
+
     return ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
-                            embedding_key=frozen.key, encoder=frozen.model.config.encoder_name, pool=pool)
+                            embedding_key=embedding_key, encoder=encoder_name, pool=pool)
 
 
 def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> None:

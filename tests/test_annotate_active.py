@@ -199,9 +199,15 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
         record = json.loads(out.with_name(out.name + ".provenance.json").read_text())
         assert record["settings"]["select"] == "active" and record["settings"]["rounds"] == [20, 20, 20]
 
-        # the same call again: every round replayed from the cache, nothing asked, the same output
+        # the same call again: every round replayed from the cache, nothing asked, nothing embedded (the pool was
+        # embedded again, hours for millions of documents, for answers all in the cache), the same output
+        from edu_filter.classifiers.frozen_encoder import FrozenEncoder
+
+        embedded, embed = [], FrozenEncoder.embed
+        monkeypatch.setattr(FrozenEncoder, "embed", lambda self, texts: embedded.append(len(texts)) or embed(
+            self, texts))
         score_documents([str(pool_path)], out, **options)
-        assert sum(server.requests.values()) == 60 and read_jsonl(out) == rows
+        assert sum(server.requests.values()) == 60 and read_jsonl(out) == rows and embedded == []
     finally:
         server.stop()
 
