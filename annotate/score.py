@@ -372,8 +372,9 @@ def load_documents(inputs, text_field: str, id_field: str, sample: int | None, s
     holds; an input's other fields were held for the whole run: a FineWeb row's eight are ~15% of it); with
     `sample`, a reproducible uniform sample (`sample_documents`: of Parquet only the row groups holding it are read,
     other input streams)."""
-    if sample is None:
-        numbered = enumerate(iter_documents(inputs, text_field=text_field, id_field=id_field))
+    if sample is None:  # the whole input (an active pool of millions): counted as it is read
+        numbered = enumerate(counted(iter_documents(inputs, text_field=text_field, id_field=id_field),
+                                     "reading the documents", show_progress))
     else:
         if sample < 1:
             raise ValueError("--sample must be a positive number of documents")
@@ -869,7 +870,7 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
         asyncio.run(_check_endpoint(cfg))
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
-        docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed)  # the whole pool
+        docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed, cfg.show_progress)  # the pool
         total = len(docs)
         active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
     elif cfg.sample is not None:
