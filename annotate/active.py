@@ -297,14 +297,20 @@ class ActiveAnnotation:
         self.pool = pool or pool_fingerprint(docs)  # `pool`: the docs' fingerprint, when the caller has it already
         self.settings = selection_settings(budget, rounds, seed_size, seed, threshold, embedding_key)
 
-    async def run(self, score, cache, announce=None) -> list[dict]:
+    async def run(self, score, cache, announce=None, note=None) -> list[dict]:
         """Output rows of every drawn document, in pool order, with `round` and `weight`.
 
         Refused (InputError), before anything is asked, when the cache holds draws of this selection from another
-        pool: their probabilities do not hold for this one, and drawing anew would spend the budget again."""
+        pool: their probabilities do not hold for this one, and drawing anew would spend the budget again. `note`
+        is told when the cache holds draws of this pool by another selection, which this one does not replay."""
         key = selection_key(self.settings, cache.run_key)
         refuse_another_pool(cache.selection_pool(key), self.pool, cache.path)
         recorded = cache.selection(key)
+        if not recorded and note is not None and (others := cache.drawn_by_other_selections(self.pool, key)):
+            note(f"{cache.path} holds {others:,} documents this pool's earlier selections drew, with other settings "
+                 "(--sample, --rounds, --seed-size, --seed, the encoder or its --max-length): this selection draws "
+                 "anew, and their answers are used only where it draws the same documents (the same settings "
+                 "replay those draws)")
         position = {doc["id"]: i for i, doc in enumerate(self.docs)}
         labels = np.full(len(self.docs), np.nan)
         rows: dict[int, dict] = {}

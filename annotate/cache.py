@@ -273,6 +273,12 @@ class AnswerCache:
         row = self._db.execute("SELECT pool FROM selection_pools WHERE selection_key = ?", (selection_key,)).fetchone()
         return None if row is None else row[0]
 
+    def drawn_by_other_selections(self, pool: str, selection_key: str) -> int:
+        """Documents drawn from `pool` by selections other than this one (other --sample, --rounds, --seed...)."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM selections JOIN selection_pools USING (selection_key) "
+            "WHERE pool = ? AND selection_key != ?", (pool, selection_key)).fetchone()[0]
+
     def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]],
                          pool: str) -> list[tuple[str, float]]:
         """Store one round's draw from `pool` and commit it now, before its documents are sent. Returns the round's

@@ -715,7 +715,8 @@ async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings:
         if active is None:
             rows = await score(docs, write=write, total=total)
         else:
-            rows = await active.run(score, cache, _announce_round if cfg.show_progress else None)
+            rows = await active.run(score, cache, _announce_round if cfg.show_progress else None,
+                                    note=lambda said: print(f"note: {said}", file=sys.stderr, flush=True))
     s = scorer.summary
     s.requests, s.retries = backend.stats.requests, backend.stats.retries
     s.model, s.notes = backend.model, backend.notes

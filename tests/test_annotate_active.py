@@ -295,7 +295,13 @@ def test_failed_documents_of_an_active_sample_are_flagged_for_a_rerun(server, tm
     before = server.requests.copy()
     score_documents([str(src)], out, **options)
     assert set(server.requests - before) == set(failed)  # the server stops failing after 2 requests
-    assert all(r["score"] is not None for r in read_jsonl(out)) and "warning" not in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert all(r["score"] is not None for r in read_jsonl(out)) and "warning" not in said
+    assert "earlier selections drew" not in said  # the same selection: replayed
+    # a larger budget is another selection: said, not silently drawn anew over the answers paid for
+    score_documents([str(src)], tmp_path / "more.jsonl", cache=str(out) + ".cache.sqlite", **{**options, "sample": 30})
+    assert "holds 20 documents this pool's earlier selections drew, with other settings" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_active_progress_counts_each_round_on_its_own(server, tmp_path, real_encoder, capsys):
