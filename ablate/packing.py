@@ -39,17 +39,48 @@ VAL_SPLIT = "blake2b-64 of the text modulo round(1 / val_fraction)"  # how it ch
 FILE_ORDER = "blake2b-64 of each file's path below the input"
 
 
-def iter_texts(paths: str | Iterable[str], text_field: str = "text", spread: bool = False) -> Iterator[str]:
-    """Stream the text of every document, its files in name order or, with `spread`, in `spread_files` order; a row
-    without text raises DocumentError naming its file and line."""
-    files = expand_paths([paths] if isinstance(paths, str) else paths)
-    for path in spread_files(files) if spread else files:
-        for lineno, row in iter_raw_rows(path):
-            text = row.get(text_field)
-            if not isinstance(text, str):
-                what = "missing" if text is None else f"not a string ({type(text).__name__})"
-                raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
-            yield text
+class TextStream:
+    """The text of every document, its files in name order or, with `spread`, in `spread_files` order; a row without
+    text raises DocumentError naming its file and line. It counts the texts of each file read to its end
+    (`files_within`), and a resumed packing starts it at the first file it had not finished (`start_at`): reading
+    again every document packed before the checkpoint took as long as packing them had (an hour for 10B tokens), in
+    every job of a packing that spans many."""
+
+    def __init__(self, paths: str | Iterable[str], text_field: str = "text", spread: bool = False):
+        files = expand_paths([paths] if isinstance(paths, str) else paths)
+        self.files, self.text_field = spread_files(files) if spread else files, text_field
+        self.first_file, self.texts_per_file = 0, []  # of each file read to its end, from `first_file`
+
+    def start_at(self, first_file: int) -> "TextStream":
+        self.first_file = first_file
+        return self
+
+    def __iter__(self) -> Iterator[str]:
+        self.texts_per_file = []
+        for path in self.files[self.first_file:]:
+            n = 0
+            for lineno, row in iter_raw_rows(path):
+                text = row.get(self.text_field)
+                if not isinstance(text, str):
+                    what = "missing" if text is None else f"not a string ({type(text).__name__})"
+                    raise DocumentError(f"{path}:{lineno}: field '{self.text_field}' is {what}")
+                n += 1
+                yield text
+            self.texts_per_file.append(n)
+
+    def files_within(self, texts: int) -> tuple[int, int]:
+        """(files, their texts): the files, from the first, whose texts all lie within the first `texts` read."""
+        files, within = self.first_file, 0
+        for n in self.texts_per_file:
+            if within + n > texts:
+                break
+            files, within = files + 1, within + n
+        return files, within
+
+
+def iter_texts(paths: str | Iterable[str], text_field: str = "text", spread: bool = False) -> TextStream:
+    """Every document's text (`TextStream`)."""
+    return TextStream(paths, text_field, spread)
 
 
 def spread_files(files: list[str]) -> list[str]:
@@ -220,6 +251,18 @@ def write_train_val(
     val = TokenFileWriter(out_dir / "val.bin", vocab, resume and tuple(resume["val"]), rehash)
     read = resume["documents_read"] if resume else 0
     unhashed = {"train": train.documents, "val": val.documents} if rehash else {}
+    # a resumed packing of files (`TextStream`) opens the first it had not finished; rehashing reads every text
+    stream = texts if isinstance(texts, TextStream) else None
+    first_file, before = (resume.get("files_read") or (0, 0)) if resume and stream and not rehash else (0, 0)
+    if stream is not None:
+        texts = stream.start_at(first_file)
+
+    def files_read() -> list[int] | None:
+        """(files, their documents) wholly read within the `read` documents: where a resume starts reading."""
+        if stream is None:
+            return None
+        files, within = stream.files_within(read - before)
+        return [files, before + within]
 
     def hash_skipped(text: str) -> None:
         """Each file took the documents of its kind (held out or not) until full, then none: its documents are the
@@ -233,7 +276,8 @@ def write_train_val(
     saved = shown = time.monotonic()
     if progress is not None:
         progress(train.tokens, val.tokens)  # where a resumed packing starts
-    skipped = _after(texts, read, skipping, hash_skipped if rehash else None, stop if source is not None else None)
+    skipped = _after(texts, read - before, skipping, hash_skipped if rehash else None,
+                     stop if source is not None else None)
     resumed_at = read
     for text, ids in tokenize_documents(skipped, tokenizer, tokenizer.eos_token_id):
         read += 1
@@ -249,12 +293,12 @@ def write_train_val(
             break
         now = time.monotonic()
         if source is not None and now - saved >= checkpoint_seconds:
-            _save_packing_checkpoint(out_dir, settings, read, train, val)
+            _save_packing_checkpoint(out_dir, settings, read, train, val, files_read())
             saved = now
             if deadline is not None and time.time() > deadline:
                 raise PackingStopped(f"{read:,} documents read, {train.tokens:,} training tokens packed")
         if source is not None and stop is not None and stop():
-            _save_packing_checkpoint(out_dir, settings, read, train, val)
+            _save_packing_checkpoint(out_dir, settings, read, train, val, files_read())
             raise PackingStopped(f"{read:,} documents read, {train.tokens:,} training tokens packed")
         if progress is not None and now - shown >= 0.25:
             progress(train.tokens, val.tokens)
@@ -347,10 +391,10 @@ def _hashes_behind(out_dir: Path, checkpoint: dict) -> bool:
 
 
 def _save_packing_checkpoint(out_dir: Path, settings: dict, read: int, train: TokenFileWriter,
-                             val: TokenFileWriter) -> None:
+                             val: TokenFileWriter, files_read: list[int] | None = None) -> None:
     train.sync()
     val.sync()
-    write_json_whole(out_dir / PACKING, {"settings": settings, "documents_read": read,
+    write_json_whole(out_dir / PACKING, {"settings": settings, "documents_read": read, "files_read": files_read,
                                          "train": [train.tokens, train.documents], "val": [val.tokens, val.documents]},
                      indent=None)
 

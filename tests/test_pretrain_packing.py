@@ -244,6 +244,38 @@ def test_a_packing_stops_at_sigterm_or_its_deadline_and_goes_on_to_the_same_file
     assert not (tmp_path / "stopped" / "packing.json").exists()
 
 
+def test_a_resumed_packing_opens_the_file_it_stopped_in_not_those_before(tokenizer, tmp_path, monkeypatch):
+    """A resumed packing read every document packed before its checkpoint again (an hour for 10B tokens, in every
+    job of a packing spanning many: each could end re-reading). It starts at the first file it had not finished,
+    to the same files as an unbroken packing."""
+    from edu_filter.ablate import packing
+    from edu_filter.ablate.packing import PackingStopped
+
+    rows = [json.loads(line) for line in WEB.read_text().splitlines()]
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(5):
+        (data / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k::5]))
+
+    def pack(folder, **kwargs):
+        infos = write_train_val(iter_texts(str(data), spread=True), tokenizer, folder, train_tokens=10**9,
+                                val_fraction=0.1, max_val_tokens=20_000, source="web", file_order="spread", **kwargs)
+        return infos, [(folder / name).read_bytes() for name in ("train.bin", "val.bin", "train.hashes",
+                                                                 "val.hashes")]
+
+    clean = pack(tmp_path / "clean")
+    calls = []
+    with pytest.raises(PackingStopped):
+        pack(tmp_path / "resumed", stop=lambda: calls.append(1) or len(calls) >= 500)
+    checkpoint = json.loads((tmp_path / "resumed" / "packing.json").read_text())
+    assert checkpoint["documents_read"] == 500 and checkpoint["files_read"] == [2, 400]  # 200 a file
+    opened, rows_of = [], packing.iter_raw_rows
+    monkeypatch.setattr(packing, "iter_raw_rows", lambda path: opened.append(Path(path).name) or rows_of(path))
+    assert pack(tmp_path / "resumed") == clean
+    order = [Path(p).name for p in packing.spread_files(sorted(str(p) for p in data.iterdir()))]
+    assert opened == order[2:]  # the two files read whole before the checkpoint: not opened again
+
+
 # Packs the bundled web documents slowly (5 ms each), with a checkpoint every 50 ms, until it is killed.
 SLOW_PACKING = """
 import sys, time
