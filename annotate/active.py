@@ -189,6 +189,10 @@ class ActiveSelector:
             self._clusters = cluster_labels(self.x, self.seed)
         return self._clusters
 
+    def prepare(self) -> None:
+        """The pool embedded and clustered now, rather than at the first round drawn."""
+        self.clusters  # noqa: B018 - computed on first use
+
     @property
     def rounds(self) -> int:
         return len(self.sizes)

@@ -93,16 +93,27 @@ def run_key(settings: dict) -> str:
 def recorded_selection_pool(path: str | Path, selection_key: str) -> str | None:
     """`AnswerCache.selection_pool` read without opening the cache for a run (nothing created or written): for
     checks made before a server is started."""
+    row = _read_only(path, "SELECT pool FROM selection_pools WHERE selection_key = ?", (selection_key,))
+    return None if row is None else row[0]
+
+
+def recorded_selection_rounds(path: str | Path, selection_key: str) -> int:
+    """How many rounds of this selection the cache holds, read as `recorded_selection_pool` is."""
+    row = _read_only(path, "SELECT COUNT(DISTINCT round) FROM selections WHERE selection_key = ?", (selection_key,))
+    return 0 if row is None else row[0]
+
+
+def _read_only(path: str | Path, query: str, args: tuple) -> tuple | None:
+    """The first row of `query` on the cache at `path` opened read-only; None where there is no such cache."""
     if not Path(path).is_file():
         return None
     db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT pool FROM selection_pools WHERE selection_key = ?", (selection_key,)).fetchone()
+        return db.execute(query, args).fetchone()
     except sqlite3.OperationalError:  # a cache written before selections were recorded
         return None
     finally:
         db.close()
-    return None if row is None else row[0]
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"

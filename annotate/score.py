@@ -51,7 +51,7 @@ from edu_filter.annotate.active import (
     selection_settings,
 )
 from edu_filter.annotate.cache import (SAMPLER, AnswerCache, check_answer_cache, recorded_sampler,
-                                       recorded_selection_pool, run_key)
+                                       recorded_selection_pool, recorded_selection_rounds, run_key)
 from edu_filter.annotate.parse import MAX_SCORE, parse_score
 from edu_filter.annotate.prompts import BUNDLED, Prompt, load_prompt
 from edu_filter import provenance
@@ -667,11 +667,12 @@ def _openai_backend(cfg: ScoreConfig, base_url) -> OpenAIBackend:
                          max_retries=cfg.max_retries, retry_backoff=cfg.retry_backoff)
 
 
-async def _check_endpoint(cfg: ScoreConfig) -> None:
+async def _check_endpoint(cfg: ScoreConfig) -> str:
     """The servers answer, take the key and serve the model: a wrong URL, key or --model was said only after the
-    whole input was read (hours for a TB, the pool's embeddings for --select active)."""
-    async with _openai_backend(cfg, cfg.base_urls()):
-        pass
+    whole input was read (hours for a TB, the pool's embeddings for --select active). Returns the model's name as
+    they serve it (the answer cache's key)."""
+    async with _openai_backend(cfg, cfg.base_urls()) as backend:
+        return backend.model
 
 
 async def _score_async(docs, cfg: ScoreConfig, cache_path: Path, cache_settings: dict, prompt: Prompt,
@@ -732,8 +733,9 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
     the first round that is drawn, not replayed.
 
     A pool changed since its draws were recorded is refused here already, before the embeddings and the server (a
-    vLLM launch takes minutes), when the model's name fixes the answer run's key; `ActiveAnnotation.run` checks
-    again with the name the server gives."""
+    vLLM launch takes minutes), when the model's name (`cache_settings`' model: the one a server answered under,
+    else --model) fixes the answer run's key; `ActiveAnnotation.run` checks again with the name the server gives."""
+    from edu_filter.classifiers.device import release_device_memory
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
     from edu_filter.classifiers.metrics import MAIN_THRESHOLD
 
@@ -747,18 +749,28 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
 
     frozen = encoder()
     embedding_key, encoder_name = frozen.key, frozen.model.config.encoder_name
-    del frozen  # not held through the run (a GPU's memory, while a vLLM server starts there)
+    del frozen
+    release_device_memory()  # not held through the run: a GPU's memory, where a vLLM server starts next
     pool = pool_fingerprint(docs)
-    if cfg.model is not None:
+    recorded = 0
+    if cache_settings.get("model") is not None:
         settings = selection_settings(cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold, embedding_key)
-        key = selection_key(settings, run_key({**cache_settings, "model": cfg.model}))
+        key = selection_key(settings, run_key(cache_settings))
         refuse_another_pool(recorded_selection_pool(cache_path, key), pool, cache_path)
+        recorded = recorded_selection_rounds(cache_path, key)
 
-    def embeddings():  # at the first round drawn: a rerun replaying every round from the cache embeds nothing
-        return encoder().embed([doc["text"] for doc in docs])
+    def embeddings():
+        vectors = encoder().embed([doc["text"] for doc in docs])
+        release_device_memory()
+        return vectors
 
-    return ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
-                            embedding_key=embedding_key, encoder=encoder_name, pool=pool)
+    active = ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
+                              embedding_key=embedding_key, encoder=encoder_name, pool=pool)
+    # a round to draw: the pool embedded and clustered now, before the server takes the GPU (and the time counted as
+    # preparing); a rerun replaying every round from the cache embeds nothing (hours for millions of documents)
+    if recorded < active.selector.rounds:
+        active.selector.prepare()
+    return active
 
 
 def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> None:
@@ -867,13 +879,15 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
     with contextlib.closing(iter_documents(inputs, cfg.text_field, cfg.id_field)) as documents:
         if next(documents, None) is None:  # an empty input, a first row without the fields: said at once
             raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
+    served = cfg.model  # the name a server this run starts (or the transformers backend) answers under
     if cfg.backend not in (*SERVER_BACKENDS, "transformers"):  # those are started later, by this run
-        asyncio.run(_check_endpoint(cfg))
+        served = asyncio.run(_check_endpoint(cfg))
     if cfg.select == "active":
         kind = cfg.kind or ("code" if the_prompt.version == BUNDLED["code"] else "web")
         docs = load_documents(inputs, cfg.text_field, cfg.id_field, None, cfg.seed, cfg.show_progress)  # the pool
         total = len(docs)
-        active = _active_annotation(docs, cfg, kind, cache_path, cache_settings) if docs else None
+        active = _active_annotation(docs, cfg, kind, cache_path, {**cache_settings, "model": served}) if docs \
+            else None
     elif cfg.sample is not None:
         # the cache's answers were to a sample drawn the older way: a resumed run draws that sample again
         sampler = recorded_sampler(cache_path) or NESTED_SAMPLER

@@ -46,3 +46,15 @@ def torch_threads(num_threads: int | None = None) -> Iterator[int]:
         yield wanted
     finally:
         torch.set_num_threads(before)
+
+
+def release_device_memory() -> None:
+    """What PyTorch's allocator keeps reserved on the GPU for this process, given back once a model is dropped: the
+    GPU's next user (a vLLM server, the next task's model in a process that moved to another GPU) gets it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

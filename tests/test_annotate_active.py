@@ -164,15 +164,19 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
     import time
 
     from edu_filter.annotate import score as score_module
+    from edu_filter.classifiers.frozen_encoder import FrozenEncoder
     from edu_filter.train.classifier import train_classifier
 
-    embedding = score_module._active_annotation
+    embedded, embed, asking, score_async = [], FrozenEncoder.embed, [], score_module._score_async
 
-    def slow_embedding(*args, **kwargs):  # the pool's embedding, made to take a known time
+    def slow_embedding(self, texts):  # the pool's embedding, made to take a known time
+        embedded.append((len(texts), bool(asking)))  # whether the backend (a vLLM server on the GPU) was started
         time.sleep(1.0)
-        return embedding(*args, **kwargs)
+        return embed(self, texts)
 
-    monkeypatch.setattr(score_module, "_active_annotation", slow_embedding)
+    monkeypatch.setattr(FrozenEncoder, "embed", slow_embedding)
+    monkeypatch.setattr(score_module, "_score_async", lambda *args, **kwargs: asking.append(1) or score_async(
+        *args, **kwargs))
 
     pool_path, labels = labelled_pool
     server = LLMTestServer(labels=label_table(
@@ -184,7 +188,8 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
                        encoder=minilm_path, max_length=MAX_LENGTH, embedding_cache=str(embedding_cache_dir), **FAST)
         summary = score_documents([str(pool_path)], out, **options)
         assert len(server.requests) == 60 and set(server.requests.values()) == {1}  # the budget, each asked once
-        assert summary.prepared_seconds >= 1.0 and summary.seconds > 0  # the pool's embedding is in the time shown
+        # the pool embedded before any request (before a vLLM server takes the GPU), in the time shown as preparing
+        assert embedded == [(240, False)] and summary.prepared_seconds >= 1.0 and summary.seconds > 0
         rows = read_jsonl(out)
         pool_ids = [d["id"] for d in read_jsonl(pool_path)]
         assert [r["id"] for r in rows] == [i for i in pool_ids if i in server.requests]  # pool order
@@ -201,11 +206,7 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
 
         # the same call again: every round replayed from the cache, nothing asked, nothing embedded (the pool was
         # embedded again, hours for millions of documents, for answers all in the cache), the same output
-        from edu_filter.classifiers.frozen_encoder import FrozenEncoder
-
-        embedded, embed = [], FrozenEncoder.embed
-        monkeypatch.setattr(FrozenEncoder, "embed", lambda self, texts: embedded.append(len(texts)) or embed(
-            self, texts))
+        embedded.clear()
         score_documents([str(pool_path)], out, **options)
         assert sum(server.requests.values()) == 60 and read_jsonl(out) == rows and embedded == []
     finally:
