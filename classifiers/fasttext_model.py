@@ -136,6 +136,8 @@ def model_file_whole(path: str | Path) -> bool:
             return False
         dim, bucket = struct.unpack_from("<i", head, 8)[0], struct.unpack_from("<i", head, 40)[0]
         words, labels = struct.unpack_from("<ii", head, 68)
+        if min(dim, words, labels) < 1 or bucket < 0:  # a damaged header
+            return False
         size = os.fstat(fh.fileno()).st_size
         output_at = size - 16 - 4 * labels * dim  # each matrix: rows, columns (int64), then float32 values
         input_at = output_at - 1 - 16 - 4 * (words + bucket) * dim  # a quantization flag byte between them
@@ -143,7 +145,8 @@ def model_file_whole(path: str | Path) -> bool:
             return False
         for at, shape in ((input_at, (words + bucket, dim)), (output_at, (labels, dim))):
             fh.seek(at)
-            if struct.unpack("<qq", fh.read(16)) != shape:
+            header = fh.read(16)
+            if len(header) < 16 or struct.unpack("<qq", header) != shape:
                 return False
     return True
 

@@ -97,8 +97,15 @@ class EduClassifierScorer(PipelineStep):
         torch.set_num_threads(threads)
         logger.info(f"scoring on {device} with {threads} torch threads and {os.environ.get('RAYON_NUM_THREADS')} "
                     "tokenizer threads")  # what the scheduler's CPUs became
-        return load_scorer(self.model, device=device, dtype=self.dtype, max_length=self.max_length,
-                           batch_size=self.batch_size)
+        scorer = load_scorer(self.model, device=device, dtype=self.dtype, max_length=self.max_length,
+                             batch_size=self.batch_size)
+        # damaged weights score everything NaN, which fails every threshold: every document was removed. Found on a
+        # probe, not on a window all NaN (a task's last window may hold one document overflowing in float16)
+        probe, _ = scorer.score_prepared(scorer.prepare([DAMAGE_PROBE], self.long_docs))
+        if not np.isfinite(probe).all():
+            raise RuntimeError(f"the classifier {self.model} scores a plain sentence {probe[0]}: its weights are "
+                               "damaged")
+        return scorer
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         """Scores window by window. With the model on a GPU, a thread tokenizes the next window while the GPU scores
@@ -121,18 +128,19 @@ class EduClassifierScorer(PipelineStep):
                 pending = (window, prepared.result)
             if pending is not None:
                 yield from self._score(scorer, *pending)
+        if scorer is not None:  # a pool process runs the next task, maybe on another GPU: this one's memory freed
+            from edu_filter.classifiers.device import release_device_memory
+
+            del scorer
+            release_device_memory()
 
     def _score(self, scorer, window: list[Document], prepared: Callable) -> DocumentsPipeline:
         """Scores one window; `prepared()` gives its prepared texts (tokenizing now, or waiting for the thread)."""
         start = time.perf_counter()
         with self.track_time(unit="window"):
             scores, truncated = scorer.score_prepared(prepared())
-            finite = np.isfinite(scores)
-            if not finite.any():  # a damaged model: NaN fails every threshold, and every document was removed
-                raise RuntimeError(f"the classifier scored every document of a window not a number (the first, "
-                                   f"{window[0].id!r}: {scores[0]}): its weights are damaged")
             # one overflowing in its dtype (float16) goes to failed/non_finite_score (`NonFiniteScoreFilter`)
-            int_scores = scorer.to_int_score(np.where(finite, scores, 0.0))
+            int_scores = scorer.to_int_score(np.where(np.isfinite(scores), scores, 0.0))
         elapsed = time.perf_counter() - start
         self.stat_update("scored", value=len(window))
         self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
@@ -225,6 +233,9 @@ class CountTokens(PipelineStep):
             for doc in batch:
                 self.stat_update("tokens", value=doc.metadata.get("token_count", 0) or 0)
                 yield doc
+
+
+DAMAGE_PROBE = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen."
 
 
 class NonFiniteScoreFilter(BaseFilter):

@@ -684,8 +684,8 @@ def test_a_document_scored_not_a_number_fails_alone(stock_classifier, tmp_path):
     [failed] = [json.loads(line) for f in (tmp_path / "out" / "failed" / "non_finite_score").glob("*.gz")
                 for line in gzip.open(f)]
     assert failed["id"] == "zebra" and "scored it nan" in failed["input_error"]
-    # every document of a window not a number: damaged weights, the task fails (NaN fails every threshold: all
-    # would have been removed)
+    # damaged weights, every document not a number: the task fails at once, found on a probe sentence (NaN fails
+    # every threshold: all would have been removed)
     from datatrove.data import Document
 
     from edu_filter.filters.scoring import EduClassifierScorer
@@ -694,8 +694,7 @@ def test_a_document_scored_not_a_number_fails_alone(stock_classifier, tmp_path):
     weights[name][:] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     step = EduClassifierScorer(str(model), window_size=4)
-    with pytest.raises(RuntimeError, match=r"scored every document of a window not a number \(the first, 'd0': "
-                                           r"nan\): its weights are damaged"):
+    with pytest.raises(RuntimeError, match=r"scores a plain sentence nan: its weights are damaged"):
         list(step.run(iter([Document(text=r["text"], id=r["id"]) for r in rows[:3]])))
 
 

@@ -42,6 +42,10 @@ def test_fasttext_trains_saves_and_predicts(tmp_path):
     for cut in (0, 50, 4096, len(whole) // 2, len(whole) - 1):
         (tmp_path / "cut.bin").write_bytes(whole[:cut])
         assert not model_file_whole(tmp_path / "cut.bin"), cut
+    damaged = bytearray(whole)
+    damaged[72:76] = (-1_000_000).to_bytes(4, "little", signed=True)  # its label count
+    (tmp_path / "cut.bin").write_bytes(bytes(damaged))
+    assert not model_file_whole(tmp_path / "cut.bin")
     config = json.loads((out / "fasttext_config.json").read_text())
     assert config["method"] == "fasttext" and config["cut_points"] == metrics["training"]["cut_points"]
     card = " ".join((out / "README.md").read_text().split())  # a code model's card: its rubric and threshold
