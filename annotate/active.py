@@ -312,9 +312,9 @@ class ActiveAnnotation:
         recorded = cache.selection(key)
         if not recorded and note is not None and (others := cache.drawn_by_other_selections(self.pool, key)):
             note(f"{cache.path} holds {others:,} documents this pool's earlier selections drew, with other settings "
-                 "(--sample, --rounds, --seed-size, --seed, the encoder or its --max-length): this selection draws "
-                 "anew, and their answers are used only where it draws the same documents (the same settings "
-                 "replay those draws)")
+                 "(--sample, --rounds, --seed-size, --seed, the encoder or its --max-length, or the answers' model, "
+                 "prompt or generation settings): this selection draws anew; answers of the same model and settings "
+                 "are used where it draws the same documents (the same settings replay those draws)")
         position = {doc["id"]: i for i, doc in enumerate(self.docs)}
         labels = np.full(len(self.docs), np.nan)
         rows: dict[int, dict] = {}

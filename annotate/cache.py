@@ -287,7 +287,7 @@ class AnswerCache:
     def drawn_by_other_selections(self, pool: str, selection_key: str) -> int:
         """Documents drawn from `pool` by selections other than this one (other --sample, --rounds, --seed...)."""
         return self._db.execute(
-            "SELECT COUNT(*) FROM selections JOIN selection_pools USING (selection_key) "
+            "SELECT COUNT(DISTINCT doc_id) FROM selections JOIN selection_pools USING (selection_key) "
             "WHERE pool = ? AND selection_key != ?", (pool, selection_key)).fetchone()[0]
 
     def record_selection(self, selection_key: str, round_index: int, drawn: list[tuple[str, float]],

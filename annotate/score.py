@@ -234,6 +234,15 @@ class ScoreConfig:
                              f"this run uses --backend {self.backend} and --select {self.select}: leave "
                              f"{'it' if len(unused) == 1 else 'them'} out")
 
+    def served_model_name(self) -> str | None:
+        """The name a server this run starts answers under: --server-arg served-model-name=NAME where given (a model
+        moved, served under its old name to replay its answers), else --model."""
+        for arg in self.server_args or []:
+            key, _, value = arg.lstrip("-").partition("=")
+            if key.replace("_", "-") == "served-model-name" and value:
+                return value.split(",")[0].split()[0]
+        return self.model
+
     def server(self, log_folder: str | None = None):
         """The datatrove description of the server to start (vllm, sglang and script backends)."""
         return server_config(self.backend, self.model, api=self.api, max_model_len=self.max_model_len,
@@ -879,7 +888,7 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
     with contextlib.closing(iter_documents(inputs, cfg.text_field, cfg.id_field)) as documents:
         if next(documents, None) is None:  # an empty input, a first row without the fields: said at once
             raise DocumentError(f"no documents to score in {', '.join(map(str, inputs))}")
-    served = cfg.model  # the name a server this run starts (or the transformers backend) answers under
+    served = cfg.served_model_name()  # the name a server this run starts (or the transformers backend) answers under
     if cfg.backend not in (*SERVER_BACKENDS, "transformers"):  # those are started later, by this run
         served = asyncio.run(_check_endpoint(cfg))
     if cfg.select == "active":

@@ -353,6 +353,16 @@ def test_active_run_killed_with_sigkill_resumes_asking_only_for_missing_answers(
         server.stop()
 
 
+def test_a_server_this_run_starts_is_known_by_the_name_it_serves_under():
+    """A model moved and served under its old name (the way to replay its answers): the recorded rounds and a
+    changed pool were looked up under the new path, so a full replay embedded the whole pool before the server."""
+    from edu_filter.annotate.score import ScoreConfig
+
+    moved = ScoreConfig(backend="vllm", model="/models/new-path", server_args=["served-model-name=OLD", "tp=2"])
+    assert moved.served_model_name() == "OLD"
+    assert ScoreConfig(backend="vllm", model="/models/m").served_model_name() == "/models/m"
+
+
 def test_a_round_another_run_drew_first_is_the_one_both_use(tmp_path):
     """Two `--select active` runs into other outputs may share one answer cache: the second to record a round failed
     with a traceback (a UNIQUE constraint), and two draws would spend the budget twice. The round drawn first is
