@@ -215,7 +215,8 @@ def test_api_key_goes_to_every_route(tmp_path, monkeypatch):
         monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
         score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, **FAST)
         assert read_jsonl(tmp_path / "out.jsonl")[0]["score"] == 3
-        assert server.model_list_authorizations == [None, "Bearer sk-wrong", "Bearer sk-secret"]
+        # asked before the input is read, and by the run: the key each time
+        assert server.model_list_authorizations == [None, "Bearer sk-wrong", "Bearer sk-secret", "Bearer sk-secret"]
         assert server.authorizations == ["Bearer sk-secret"]
     finally:
         server.stop()

@@ -380,8 +380,8 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         return executor.world_size, [type(s).__name__ for s in executor.pipeline]
 
     assert pipeline("score") == (8, ["ClearUnfinishedAttempt", "ApplyInputReader", "InputErrorFilter", "CountTokens",
-                                     "EduClassifierScorer", "ScoreSummaryWriter", "ScoreThresholdFilter",
-                                     "RecordWriter", "TaskProgressTime"])
+                                     "EduClassifierScorer", "NonFiniteScoreFilter", "ScoreSummaryWriter",
+                                     "ScoreThresholdFilter", "RecordWriter", "TaskProgressTime"])
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "CheckDedupResults", "RankFileReader",
                                       "MinhashDedupFilter", "DropDedupScratch", "KeptParquetWriter",
                                       "TaskProgressTime"])
