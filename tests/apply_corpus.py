@@ -111,12 +111,15 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     a scoring task has completed and before all have, calls `between(out, incomplete ranks)`, reruns it, and checks
     it ends with what the fixture's clean run wrote."""
     args = fixture_args_into(cli_tasks4, out) + extra
-    proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # with Ray, an instance it starts shares the group
+    said = out.with_name(out.name + "-first-run.log")  # why, should it end before it is killed
+    with open(said, "wb") as log:
+        proc = subprocess.Popen(CLI + args, env={**ENV, **(env or {})}, stdout=log, stderr=log,
+                                start_new_session=True)  # with Ray, an instance it starts shares the group
     completions = out / "logs" / "filter" / "completions"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not (completions.exists() and any(completions.iterdir())):
         time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended ({proc.returncode}) before it could be killed: {said.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
