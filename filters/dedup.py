@@ -24,6 +24,13 @@ from datatrove.utils.typeshelper import Languages
 from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from edu_filter.documents import DocumentError, iter_raw_rows
+from edu_filter.filters.minhash import (
+    SHINGLES_PER_BLOCK,
+    LazyWordSplitter,
+    bytes_hash_func,
+    shingle_hashes,
+    simplify_text_fast,
+)
 
 
 def check_hashing() -> None:
@@ -332,7 +339,7 @@ def decont_config(n_grams: int = 12) -> NGramsDecontConfig:
                               norm_config=TextNormConfig(norm_numbers=False))
 
 
-class FastNGramsDecontFilter(NGramsDecontFilter):
+class FastNGramsDecontFilter(LazyWordSplitter, NGramsDecontFilter):
     """datatrove's n-gram decontamination, the same verdicts and metadata, its words split as `FastMinhashSignature`
     splits them: spaCy's Doc per document ran at ~0.3 MB/s per core (in every pass over the input that decontaminates,
     and ~50x a big file's size in memory), ~10x slower than the rest of a pass. Other norm configs or languages keep
@@ -341,14 +348,11 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
     name = "💥 N-grams decontaminate (fast)"
 
     def __init__(self, *args, **kwargs):
-        from edu_filter.filters.minhash import bytes_hash_func
-
         super().__init__(*args, **kwargs)
         norm = self.config.norm_config
         self._fast_split = (self.language == Languages.english and norm.lowercase and norm.remove_punctuation
                             and norm.norm_whitespace)
         self._hash_bytes = bytes_hash_func(self.config.hash_config)
-        self._splitter = None
         self._index = None  # (sorted hashes, the set of each, the sets' names): see `_load_index`
 
     def _load_index(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -373,25 +377,16 @@ class FastNGramsDecontFilter(NGramsDecontFilter):
         return hashes[last], sets[last], [name.removesuffix(".index.hashes") for name in files]
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        from edu_filter.filters.minhash import (
-            SHINGLES_PER_BLOCK,
-            EnglishWordSplitter,
-            shingle_hashes,
-            simplify_text_fast,
-        )
-
         if not self._fast_split:
             return super().filter(doc)
         if getattr(self, "_index", None) is None:  # a step pickled in a chain an older edu-filter queued has none
             self._index = self._load_index()
-        if self._splitter is None:  # built in the worker: spaCy objects need not be pickled with the step
-            self._splitter = EnglishWordSplitter()
         keys, sets, names = self._index
-        joined = self._splitter.joined(simplify_text_fast(doc.text, self.config.norm_config))
-        n = self.config.n_grams
-        hashes = shingle_hashes(joined, n, self._hash_bytes).ravel()
         if not len(keys):
             return True
+        joined = self.splitter.joined(simplify_text_fast(doc.text, self.config.norm_config))
+        n = self.config.n_grams
+        hashes = shingle_hashes(joined, n, self._hash_bytes).ravel()
         for first in range(0, len(hashes), SHINGLES_PER_BLOCK):  # a block at a time: a long document's positions
             block = hashes[first : first + SHINGLES_PER_BLOCK]
             at = np.minimum(np.searchsorted(keys, block), len(keys) - 1)

@@ -265,7 +265,25 @@ def min_permuted_hashes(shingles: np.ndarray, a: np.ndarray, b: np.ndarray, prec
     return out
 
 
-class FastMinhashSignature(MinhashDedupSignature):
+class LazyWordSplitter:
+    """A step's `EnglishWordSplitter`, built in the worker on first use: spaCy objects are left out of the pickle the
+    executor sends (and a step pickled by a release without the attribute still works)."""
+
+    _splitter: EnglishWordSplitter | None = None
+
+    @property
+    def splitter(self) -> EnglishWordSplitter:
+        if self._splitter is None:
+            self._splitter = EnglishWordSplitter()
+        return self._splitter
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_splitter", None)
+        return state
+
+
+class FastMinhashSignature(LazyWordSplitter, MinhashDedupSignature):
     """datatrove's MinHash stage 1 with the same output files (bucket files, sort order, document indices).
 
     Only `get_shingles` and `get_signature` are replaced; `run` (writing, sorting, verifying the bucket files) is
@@ -291,13 +309,6 @@ class FastMinhashSignature(MinhashDedupSignature):
             and norm.lowercase and norm.remove_punctuation and norm.norm_whitespace
         )
         self._hash_bytes = bytes_hash_func(self.config.hash_config)
-        self._splitter: EnglishWordSplitter | None = None
-
-    @property
-    def splitter(self) -> EnglishWordSplitter:
-        if self._splitter is None:  # built in the worker: spaCy objects need not be pickled with the step
-            self._splitter = EnglishWordSplitter()
-        return self._splitter
 
     def words_joined(self, text: str) -> str:
         """The document's words (datatrove's: simplified text, spaCy English split) joined by single spaces."""
@@ -324,8 +335,7 @@ class FastMinhashSignature(MinhashDedupSignature):
 
     def __getstate__(self):
         """Executors pickle the step: leave spaCy objects out, the worker rebuilds them on first use."""
-        state = self.__dict__.copy()
-        state["_splitter"] = None
+        state = super().__getstate__()
         state["word_tokenizer"] = None
         return state
 

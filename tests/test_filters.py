@@ -4,6 +4,7 @@ import errno
 import gzip
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -687,6 +688,11 @@ def test_eval_sets_named_alike_in_two_folders_both_decontaminate(tmp_path):
     flagged = [Document(text=d["text"], id=d["id"]) for d in web]
     assert [decont.filter(d) for d in flagged] == [(False, "contaminated"), (False, "contaminated"), True]
     assert [d.metadata.get("contaminated_task") for d in flagged[:2]] == ["test", "test-2"]
+    sent = pickle.loads(pickle.dumps(decont))  # as an executor sends a step: its spaCy splitter is rebuilt there
+    assert "_splitter" not in sent.__dict__ and sent.filter(Document(text=web[1]["text"], id="again")) is not True
+    (tmp_path / "none").mkdir()  # no eval set indexed: every document passes, none is split
+    empty = FastNGramsDecontFilter(str(tmp_path / "none"), config=decont_config())
+    assert empty.filter(Document(text=web[0]["text"], id="0")) is True and empty._splitter is None
 
 
 def test_eval_sets_with_class_labels_null_solutions_or_answer_lists_are_indexed(tmp_path):
