@@ -2,9 +2,10 @@
 on the chosen sample estimates training on the whole pool.
 
 Rounds. The pool's frozen-encoder embeddings are computed once (through the embedding cache, keyed as `train` keys
-them), when a round is first drawn rather than replayed. Round 0 draws a seed batch uniformly. Every later round refits the ridge head on the labels so far (weighted,
-as `train` fits it), places the cut points on its out-of-fold predictions, and draws the next batch from the
-documents not yet chosen with probabilities that favour what the next labels teach most:
+them), when a round is first drawn rather than replayed. Round 0 draws a seed batch uniformly. Every later round
+refits the ridge head on the labels so far (weighted, as `train` fits it), places the cut points on its out-of-fold
+predictions, and draws the next batch from the documents not yet chosen with probabilities that favour what the next
+labels teach most:
 
 - the rare high scores and the cut that separates them: p = P(label >= T) under the head's prediction, the
   calibrated cut point of threshold T (3 web, 4 code: the presets' decisions) and the head's out-of-fold error; the

@@ -756,10 +756,8 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
         return load_frozen_encoder(kind, cfg.encoder, max_length=cfg.max_length, cache_dir=cfg.embedding_cache,
                                    dtype="float32")
 
-    frozen = encoder()
-    embedding_key, encoder_name = frozen.key, frozen.model.config.encoder_name
-    del frozen
-    release_device_memory()  # not held through the run: a GPU's memory, where a vLLM server starts next
+    loaded = [encoder()]  # kept for the embedding if a round is drawn now; else let go before the server starts
+    embedding_key, encoder_name = loaded[0].key, loaded[0].model.config.encoder_name
     pool = pool_fingerprint(docs)
     recorded = 0
     if cache_settings.get("model") is not None:
@@ -769,8 +767,10 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
         recorded = recorded_selection_rounds(cache_path, key)
 
     def embeddings():
-        vectors = encoder().embed([doc["text"] for doc in docs])
-        release_device_memory()
+        frozen = loaded.pop() if loaded else encoder()
+        vectors = frozen.embed([doc["text"] for doc in docs])
+        del frozen
+        release_device_memory()  # not held through the run: a GPU's memory, where a vLLM server starts next
         return vectors
 
     active = ActiveAnnotation(docs, embeddings, cfg.sample, cfg.rounds, cfg.seed_size, cfg.seed, threshold=threshold,
@@ -779,6 +779,8 @@ def _active_annotation(docs, cfg: ScoreConfig, kind: str, cache_path: Path, cach
     # preparing); a rerun replaying every round from the cache embeds nothing (hours for millions of documents)
     if recorded < active.selector.rounds:
         active.selector.prepare()
+    loaded.clear()
+    release_device_memory()
     return active
 
 

@@ -1446,10 +1446,9 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
     return executors
 
 
-def array_layout(executors) -> str:
+def array_layout(executors) -> dict:
     """arrays.json's content: how each stage's array tasks map to ranks (see `_incomplete_array_tasks`)."""
-    return json.dumps({name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job}
-                       for name, ex in executors})
+    return {name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job} for name, ex in executors}
 
 
 def write_slurm_scripts(executors, out: str) -> Path:
@@ -1494,7 +1493,7 @@ def write_slurm_scripts(executors, out: str) -> Path:
              "  fi",
              "}",
              "trap cancel_queued ERR",
-             f"printf '%s\\n' '{array_layout(executors)}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\""]
+             f"printf '%s\\n' '{json.dumps(array_layout(executors))}' > \"{(Path(out) / SUBMITTED_ARRAYS).resolve()}\""]
     for i, (name, ex) in enumerate(executors):
         ranks = ex.get_incomplete_ranks()
         if not ranks:
@@ -1574,7 +1573,7 @@ def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) 
     try:  # written whole: a full disk left an empty jobs.json, and `status` and --wait then failed on it
         (Path(out) / SUBMITTED_JOBS).parent.mkdir(exist_ok=True)
         write_json_whole(Path(out) / SUBMITTED_JOBS, jobs)
-        write_json_whole(Path(out) / SUBMITTED_ARRAYS, json.loads(array_layout(executors)), indent=None)
+        write_json_whole(Path(out) / SUBMITTED_ARRAYS, array_layout(executors), indent=None)
     except OSError as e:  # the chain runs, but nothing could follow or resume it: taken back
         cancelled = cancel_chain(out)
         raise RunError(f"cannot record the submitted jobs in {Path(out) / SUBMITTED_JOBS} ({e.strerror or e}); "

@@ -15,7 +15,8 @@ a 64-bit division, in blocks so that long documents do not allocate (shingles x 
 
 Bucket, cluster and filter stages are datatrove's: they read these files as they read the stock ones. A bucket's
 merge may be shared among several tasks (`SharedMinhashDedupBuckets`: datatrove's hash ranges, cut where the
-signatures are rather than where one task's file says). It hashes bytes, never str, so it does not rely on the str hashing that xxhash 4.x dropped.
+signatures are rather than where one task's file says). It hashes bytes, never str, so it does not rely on the str
+hashing that xxhash 4.x dropped.
 """
 
 from __future__ import annotations

@@ -164,10 +164,13 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
     import time
 
     from edu_filter.annotate import score as score_module
+    from edu_filter.classifiers import frozen_encoder
     from edu_filter.classifiers.frozen_encoder import FrozenEncoder
     from edu_filter.train.classifier import train_classifier
 
     embedded, embed, asking, score_async = [], FrozenEncoder.embed, [], score_module._score_async
+    loads, load = [], frozen_encoder.load_frozen_encoder
+    monkeypatch.setattr(frozen_encoder, "load_frozen_encoder", lambda *a, **k: loads.append(1) or load(*a, **k))
 
     def slow_embedding(self, texts):  # the pool's embedding, made to take a known time
         embedded.append((len(texts), bool(asking)))  # whether the backend (a vLLM server on the GPU) was started
@@ -190,6 +193,7 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
         assert len(server.requests) == 60 and set(server.requests.values()) == {1}  # the budget, each asked once
         # the pool embedded before any request (before a vLLM server takes the GPU), in the time shown as preparing
         assert embedded == [(240, False)] and summary.prepared_seconds >= 1.0 and summary.seconds > 0
+        assert len(loads) == 1  # the encoder that gave the embeddings' key embedded the pool (it was loaded twice)
         rows = read_jsonl(out)
         pool_ids = [d["id"] for d in read_jsonl(pool_path)]
         assert [r["id"] for r in rows] == [i for i in pool_ids if i in server.requests]  # pool order
@@ -207,8 +211,9 @@ def test_active_score_spends_the_budget_in_rounds_and_writes_weights(labelled_po
         # the same call again: every round replayed from the cache, nothing asked, nothing embedded (the pool was
         # embedded again, hours for millions of documents, for answers all in the cache), the same output
         embedded.clear()
+        loads.clear()
         score_documents([str(pool_path)], out, **options)
-        assert sum(server.requests.values()) == 60 and read_jsonl(out) == rows and embedded == []
+        assert sum(server.requests.values()) == 60 and read_jsonl(out) == rows and embedded == [] and len(loads) == 1
     finally:
         server.stop()
 
