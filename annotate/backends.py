@@ -654,17 +654,15 @@ async def managed_server(config) -> AsyncIterator[str]:
             # with "connection refused" after its retries, the run stopping only after 10 minutes of failures
             run, exited = asyncio.current_task(), []
 
-            async def watch(monitor) -> None:
+            async def watch(monitor, process) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await monitor  # datatrove's monitor ends when the server's output does
-                    process = server._server_process
-                    with contextlib.suppress(asyncio.TimeoutError, AttributeError):
-                        await asyncio.wait_for(process.wait(), 10)
-                    exited.append(getattr(process, "returncode", None))
+                    await monitor  # datatrove's monitor ends when the server's output does, or on a line it misreads
+                    await _read_output_until_exit(process, server.server_logger())
+                    exited.append(process.returncode)
                     run.cancel()
 
-            monitor = server._server_monitoring_task
-            watcher = asyncio.create_task(watch(monitor)) if monitor is not None else None
+            monitor, process = server._server_monitoring_task, server._server_process
+            watcher = asyncio.create_task(watch(monitor, process)) if monitor and process else None
             try:
                 yield server.get_base_url() + "/v1"
             except asyncio.CancelledError:
@@ -672,13 +670,32 @@ async def managed_server(config) -> AsyncIterator[str]:
                     raise
                 if hasattr(run, "uncancel"):  # Python 3.11+
                     run.uncancel()
-                how = (f"exited while the run was scoring (exit status {exited[0]})" if exited[0] is not None else
-                       "reported a fatal error while the run was scoring")
-                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} {how}{output}; "
-                                   "the answers received are cached: run the same command again to go on") from None
+                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} exited while "
+                                   f"the run was scoring (exit status {exited[0]}){output}; the answers received "
+                                   "are cached: run the same command again to go on") from None
             finally:
                 if watcher is not None:
                     watcher.cancel()
+
+
+async def _read_output_until_exit(process, log) -> None:
+    """The server's output read into its log until the server exits. datatrove's monitor also ends while the server
+    runs: its vLLM monitor on any line naming both "RuntimeError" and "CUDA" (vLLM before 0.10.1 logs every prompt:
+    a Python file raising one), every monitor on a line over its stream's limit. The run was stopped then, as if the
+    server had failed, and nothing read its output any more (a server writing on blocks once the pipe is full)."""
+
+    async def read(stream) -> None:
+        while chunk := await stream.read(1 << 16):
+            if log is not None:
+                log.info(chunk.decode("utf-8", "replace").rstrip("\n"))
+
+    readers = [asyncio.create_task(read(stream)) for stream in (process.stdout, process.stderr) if stream is not None]
+    try:
+        await process.wait()
+        await asyncio.wait(readers, timeout=5)  # the rest of its output (its children may hold the pipes open)
+    finally:
+        for reader in readers:
+            reader.cancel()
 
 
 def _answers_models(server):
@@ -696,6 +713,11 @@ def _answers_models(server):
             return False
 
     return is_ready
+
+
+# the longest line of a started server's output its monitor reads (asyncio's default, 64 KiB, is a prompt of ~7k
+# tokens in vLLM's old request log, and a hub download's progress bar, one line of carriage returns)
+SERVER_LINE_LIMIT = 16 * 2**20
 
 
 @contextmanager
@@ -726,6 +748,7 @@ def _guarded_server_processes(trust_remote_code: bool = False):
             args = tuple(a for a in args if a != "--trust-remote-code")
         if preexec_fn is not None:
             kwargs.setdefault("preexec_fn", preexec_fn)
+        kwargs.setdefault("limit", SERVER_LINE_LIMIT)
         return await started_by_asyncio(*args, **kwargs)
 
     asyncio.create_subprocess_exec = create_subprocess_exec

@@ -28,7 +28,7 @@ an unparseable answer. This stands in for an LLM whose answers are known (e.g. t
 Server-wide, as real servers do: `models` are the names /v1/models lists (a request naming another gets vLLM's 404);
 `own_name` serves one model under any requested name and names it in every answer (llama.cpp); `api_key` is
 required on every route; `serial` answers one request at a time; `delay` slows every answer; `failing` is a
-status every completion request gets at once.
+status every completion request gets at once; `log_prompts` prints each prompt on one line (vLLM's old request log).
 
 It counts requests and 200 answers per document (`GET /stats`) and keeps the Authorization header of every
 /v1/models and completion request. Run in a thread (`LLMTestServer`) or as a script (`python llm_test_server.py
@@ -110,8 +110,9 @@ class LLMTestServer:
     def __init__(self, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0, models=("test-model",),
                  own_name: str | None = None, api_key: str | None = None, serial: bool = False,
                  labels: dict[str, tuple[str, int]] | None = None, model_list: bool = True,
-                 failing: int | None = None):
+                 failing: int | None = None, log_prompts: bool = False):
         self.delay, self.host, self.port = delay, host, port
+        self.log_prompts = log_prompts  # each prompt printed on one line, as vLLM before 0.10.1 logged requests
         self.failing = failing  # a status every completion request gets at once (a gateway before a dead node: 502)
         self.labels = labels
         self.model_list = model_list  # False: /v1/models answers 404, as some gateways do
@@ -187,6 +188,8 @@ class LLMTestServer:
             opts = dict(kv.split("=", 1) for kv in match.group(2).split(";")[1:]) if match else {}
         self.requests[doc_id] += 1
         n = self.requests[doc_id]
+        if self.log_prompts:
+            print(f"INFO Received request {doc_id}: prompt: {prompt!r}", flush=True)
         if self.delay:
             await asyncio.sleep(self.delay)
         if n <= int(opts.get("drop", 0)):
@@ -271,6 +274,8 @@ def main() -> None:
     parser.add_argument("--labels", help="JSONL with id, text, score: answer every document with its score")
     parser.add_argument("--crash-after", type=float, help="seconds after which the server prints a traceback and "
                         "exits 1, as a vLLM hitting a CUDA error hours in")
+    parser.add_argument("--log-prompts", action="store_true", help="print each prompt on one line, as vLLM's "
+                        "request log did by default before 0.10.1")
     args = parser.parse_args()
     if args.crash_after is not None:
         def crash() -> None:
@@ -282,7 +287,7 @@ def main() -> None:
     labels = None
     if args.labels:
         labels = label_table(orjson.loads(line) for line in Path(args.labels).read_bytes().splitlines() if line)
-    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port, labels=labels)
+    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port, labels=labels, log_prompts=args.log_prompts)
     print(f"test LLM server listening on {args.host}:{args.port}", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, access_log=None, print=None)
 

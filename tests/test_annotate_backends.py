@@ -239,6 +239,21 @@ def test_script_backend_runs_through_datatrove_server_lifecycle(tmp_path, monkey
     assert summary.requests == 1 + 2 + 2 and summary.retries == 1
 
 
+def test_a_server_logging_a_long_prompt_or_one_naming_a_cuda_error_goes_on_serving_the_run(tmp_path):
+    """vLLM before 0.10.1 logs every prompt on one line. datatrove's monitor of the server's output ended on a line
+    over 64 KiB (a prompt of ~7k tokens: any monitor) or naming "RuntimeError" and "CUDA" (its vLLM monitor): the
+    run was stopped as if the server had failed, and nothing read the server's output after it."""
+    docs = [{"id": "long", "text": "word " * 30_000 + directive("long", score=3)},
+            {"id": "cuda", "text": 'raise RuntimeError("CUDA is required") ' + directive("cuda", score=2)}]
+    docs += [{"id": f"d{i}", "text": f"x {directive(f'd{i}', score=1)}"} for i in range(4)]
+    src, out = _write(tmp_path / "in.jsonl", docs), tmp_path / "out.jsonl"
+    summary = score_documents([str(src)], out, backend="script", server_script=TEST_SERVER, model="test-model",
+                              server_args=["log-prompts"], concurrency=1, show_progress=False)
+    assert summary.documents == 6 and [r["score"] for r in _read(out)] == [3, 2, 1, 1, 1, 1]
+    logged = "".join(p.read_text() for p in (tmp_path / "out.jsonl.server-logs").rglob("*") if p.is_file())
+    assert all(f"Received request {d['id']}:" in logged for d in docs)  # read to the end, after the long line
+
+
 def scoring_with_its_server(tmp_path, *server_args: str):
     """`score` with a server it starts (the test server as a script, given `server_args`), a few answers in: (its
     process, the server's process ids, the output path)."""
