@@ -157,14 +157,15 @@ def held_alone(lock: Path, refusal: Callable[[str], str]) -> Iterator[OSError | 
 
 
 @contextlib.contextmanager
-def writing_alone(output: Path, what: str = "-o/--output") -> Iterator[None]:
-    """Held while a run writes `output` (a lock on `.OUTPUT.lock` beside it): a second run of it (a job resubmitted
-    while the first runs) is refused naming the first, instead of both writing the same files."""
-    with held_alone(output.with_name(f".{output.name}.lock"), lambda holder: (
+def writing_alone(output: Path, what: str = "-o/--output", lock: Path | None = None) -> Iterator[None]:
+    """Held while a run writes `output` (a lock on `lock`, by default `.OUTPUT.lock` beside it): a second run of it (a
+    job resubmitted while the first runs) is refused naming the first, instead of both writing the same files."""
+    lock = lock or output.with_name(f".{output.name}.lock")
+    with held_alone(lock, lambda holder: (
             f"{what} {output} is being written by another run ({holder}): wait for it to end, or stop it; the same "
             "command then resumes")) as no_locks:
         if no_locks:
-            print(f"warning: {output.parent} takes no file locks ({no_locks.strerror}): nothing stops a second run of "
+            print(f"warning: {lock.parent} takes no file locks ({no_locks.strerror}): nothing stops a second run of "
                   "this command from writing the same output at once", file=sys.stderr, flush=True)
         yield
 

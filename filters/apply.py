@@ -52,6 +52,7 @@ from edu_filter.documents import (
     PARTIAL_PREFIX,
     one_line,
     write_json_whole,
+    writing_alone,
 )
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ ORDERS = ("auto", "dedup-first", "score-first")
 # files and folders an apply output holds; --overwrite deletes exactly these
 OUTPUT_ENTRIES = ("kept", "removed", "failed", "work", "logs", "slurm", "stats.json", "run_config.json", "README.md",
                   "provenance.json")
+APPLY_LOCK = ".apply.lock"  # held by the run writing the output (`writing_alone`), kept when outputs are removed
 
 
 @dataclass
@@ -529,7 +531,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
     if out.exists() and not out.is_dir():
         raise DocumentError(f"--output {out} is a file")
     path = out / "run_config.json"
-    if out.exists() and any(out.iterdir()) and not path.exists():
+    if out.exists() and any(p.name != APPLY_LOCK for p in out.iterdir()) and not path.exists():
         strangers = sorted(p.name for p in out.iterdir() if not is_output_entry(p))
         if strangers or not overwrite:
             what = ", ".join(strangers[:3]) or "a partial apply output"
@@ -571,16 +573,16 @@ WRITTEN_WHOLE = ("run_config.json", "stats.json", "provenance.json")  # by `writ
 
 
 def is_output_entry(path: Path) -> bool:
-    """Whether `path` in an output folder is apply's: OUTPUT_ENTRIES, and the hidden file a record is written to
-    before it takes its name, left by a kill."""
+    """Whether `path` in an output folder is apply's: OUTPUT_ENTRIES, its lock, and the hidden file a record is
+    written to before it takes its name, left by a kill."""
     name = path.name
-    return name in OUTPUT_ENTRIES or (name.startswith(PARTIAL_PREFIX) and name.removeprefix(PARTIAL_PREFIX) in
+    return name in (*OUTPUT_ENTRIES, APPLY_LOCK) or (name.startswith(PARTIAL_PREFIX) and name.removeprefix(PARTIAL_PREFIX) in
                                       WRITTEN_WHOLE and path.is_file())
 
 
 def remove_outputs(out: Path) -> None:
     for target in list(out.iterdir()):
-        if not is_output_entry(target):
+        if not is_output_entry(target) or target.name == APPLY_LOCK:
             continue
         if target.is_dir():
             shutil.rmtree(target)
@@ -977,52 +979,55 @@ def run_apply(
             ex.refuse_if_queued(cfg.output, dry_run=slurm.dry_run)
     elif (Path(cfg.output) / "slurm").is_dir() and ex.slurm_answers():
         ex.refuse_if_queued(cfg.output)  # a local or Ray run would rewrite the files the queued jobs use
-    used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
-                                       "decontamination": cfg.decontaminate})
-    recorded = resumed_record(cfg.output, overwrite)  # read once: it lists every input file
-    split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(recorded))
-    reads = (split.reads(cfg.tasks) if split else [cfg.tasks if len(files) < cfg.tasks else 1] * len(files))
-    factor = reading_factor(files, reads)  # the cost grows with the tasks
-    if factor != 0:
-        how = "an unknown multiple" if factor is None else f"{factor:.1f}x"
-        console.print(f"[yellow]warning: up to {max(reads)} of the {cfg.tasks} tasks read one input file and keep "
-                      "their share of its rows (a gzipped JSONL file cannot be entered midway: every task dealt a "
-                      "part of it reads it whole; so do tasks sharing a part where the parts are fewer than the "
-                      f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
-                      "--tasks, where reading dominates[/]", soft_wrap=True)
-    stage_values = stage_values_of_run(recorded)
-    bucket_workers = bucket_workers_of_run(cfg, recorded, bucket_workers)
-    record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
-                            input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values,
-                            bucket_workers=bucket_workers)
-    if executor == "ray":
-        ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
-    report_again_without_stats(cfg.output)
-    local_workers = workers or 1
-    scoring_at_once = min(local_workers, cfg.tasks)  # --workers 64 over --tasks 1 scored on one of 64 cores
-    stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, scoring_at_once, slurm, ray),
-                          provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
-                          on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
-    ex.save_stage_list(cfg.output, stages)
-    check_dedup_results_kept(cfg.output, stages)
-    if cfg.dedup or cfg.exact_dedup:
-        why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else
-               "--keep-top: the fraction is of the deduplicated documents" if cfg.keep_top is not None
-               else "the classifier is the costly step")
-        console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
+    # one run of an output at a time: a second one (--overwrite, another node of a shared file system) removed the
+    # first's files as it wrote them, its kept documents lost or made under two thresholds
+    with writing_alone(Path(cfg.output), "-o/--output", lock=Path(cfg.output) / APPLY_LOCK):
+        used = provenance.describe_inputs({"documents": cfg.inputs, "classifier": cfg.model,
+                                           "decontamination": cfg.decontaminate})
+        recorded = resumed_record(cfg.output, overwrite)  # read once: it lists every input file
+        split = input_split(files, cfg.tasks, contiguous=not split_planned_the_old_way(recorded))
+        reads = (split.reads(cfg.tasks) if split else [cfg.tasks if len(files) < cfg.tasks else 1] * len(files))
+        factor = reading_factor(files, reads)  # the cost grows with the tasks
+        if factor != 0:
+            how = "an unknown multiple" if factor is None else f"{factor:.1f}x"
+            console.print(f"[yellow]warning: up to {max(reads)} of the {cfg.tasks} tasks read one input file and keep "
+                          "their share of its rows (a gzipped JSONL file cannot be entered midway: every task dealt a "
+                          "part of it reads it whole; so do tasks sharing a part where the parts are fewer than the "
+                          f"tasks): {how} the reading of one pass; give more files (plain JSONL, Parquet), or fewer "
+                          "--tasks, where reading dominates[/]", soft_wrap=True)
+        stage_values = stage_values_of_run(recorded)
+        bucket_workers = bucket_workers_of_run(cfg, recorded, bucket_workers)
+        record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
+                                input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values,
+                                bucket_workers=bucket_workers)
+        if executor == "ray":
+            ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
+        report_again_without_stats(cfg.output)
+        local_workers = workers or 1
+        scoring_at_once = min(local_workers, cfg.tasks)  # --workers 64 over --tasks 1 scored on one of 64 cores
+        stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, scoring_at_once, slurm, ray),
+                              provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
+                              on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
+        ex.save_stage_list(cfg.output, stages)
+        check_dedup_results_kept(cfg.output, stages)
+        if cfg.dedup or cfg.exact_dedup:
+            why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else
+                   "--keep-top: the fraction is of the deduplicated documents" if cfg.keep_top is not None
+                   else "the classifier is the costly step")
+            console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
 
-    if executor == "slurm":
-        if following:
-            console.print(f"the chain of {cfg.output} is queued or running: following it", soft_wrap=True)
-            stats = ex.wait_for_chain(cfg.output, console)
+        if executor == "slurm":
+            if following:
+                console.print(f"the chain of {cfg.output} is queued or running: following it", soft_wrap=True)
+                stats = ex.wait_for_chain(cfg.output, console)
+            else:
+                stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
         else:
-            stats = ex.run_slurm(stages, cfg.output, workers, slurm, wait=wait, console=console)
-    else:
-        # tasks at once: locally 1 unless given; on Ray no limit unless given (Ray packs them by their resources)
-        at_once = workers if executor == "ray" else local_workers
-        stats = ex.run_here(stages, cfg.output, executor, at_once, console=console, verbose=verbose, ray=ray)
-    if push_to_hub and stats is not None:
-        provenance.write_dataset_card(cfg.output, stats, repo_id=push_to_hub)  # loads from the hub, named after it
-        url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
-        console.print(f"uploaded to {url}")
-    return stats
+            # tasks at once: locally 1 unless given; on Ray no limit unless given (Ray packs them by their resources)
+            at_once = workers if executor == "ray" else local_workers
+            stats = ex.run_here(stages, cfg.output, executor, at_once, console=console, verbose=verbose, ray=ray)
+        if push_to_hub and stats is not None:
+            provenance.write_dataset_card(cfg.output, stats, repo_id=push_to_hub)  # loads from the hub, named after it
+            url = provenance.push_to_hub(cfg.output, push_to_hub, repo_type="dataset")
+            console.print(f"uploaded to {url}")
+        return stats

@@ -490,11 +490,11 @@ def _executor_here(stage, logs: str, executor: str, workers: int | None, ray=Non
 
 @contextlib.contextmanager
 def running_marker(logging_dir, rank: int):
-    """`running/RANK` holding "PID HOST" while the task runs in this process; ended, finished or raising, the file
-    goes: only a killed process leaves it behind, which `killed_task` and `status` see."""
+    """`running/RANK` holding "PID HOST START" while the task runs in this process; ended, finished or raising, the
+    file goes: only a killed process leaves it behind, which `killed_task` and `status` see."""
     marker = f"running/{rank:05d}"
     with logging_dir.open(marker, "wt") as fh:
-        fh.write(f"{os.getpid()} {socket.gethostname()}")
+        fh.write(f"{os.getpid()} {socket.gethostname()} {process_start(os.getpid()) or ''}".rstrip())
     try:
         yield
     finally:
@@ -503,12 +503,13 @@ def running_marker(logging_dir, rank: int):
 
 
 class TaskMarker(NamedTuple):
-    """A `running/` file read: the task `rank` runs in process `pid` of machine `host` (None in an older file, "PID"
-    alone, written on this machine)."""
+    """A `running/` file read: the task `rank` runs in process `pid` of machine `host`, started at `started`
+    (`process_start`'s; None in an older file: "PID HOST", or "PID" alone, written on this machine)."""
     rank: int
     pid: int
     host: str | None
     name: str
+    started: str | None = None
 
 
 def task_markers(folder) -> list[TaskMarker]:
@@ -518,8 +519,9 @@ def task_markers(folder) -> list[TaskMarker]:
     for name in folder.list_files("running"):
         try:
             with folder.open(name, "rt") as fh:
-                pid, *host = fh.read().split()
-            markers.append(TaskMarker(int(posixpath.basename(name)), int(pid), host[0] if host else None, name))
+                pid, *rest = fh.read().split()
+            markers.append(TaskMarker(int(posixpath.basename(name)), int(pid), rest[0] if rest else None, name,
+                                      rest[1] if len(rest) > 1 else None))
         except (OSError, ValueError):
             continue
     return markers
@@ -531,7 +533,7 @@ def forget_killed(logging_dir) -> None:
     task's files at once."""
     here = socket.gethostname()
     for marker in task_markers(logging_dir):
-        if marker.host in (None, here) and _runs_python(marker.pid):
+        if marker.host in (None, here) and _runs_python(marker.pid, marker.started):
             stage = posixpath.basename(logging_dir.path.rstrip("/"))
             raise RunError(f"task {marker.rank} of stage {stage} is still running in process {marker.pid}, left by "
                            f"an earlier run of this output that was stopped alone: stop it (kill {marker.pid}) or "
@@ -541,9 +543,10 @@ def forget_killed(logging_dir) -> None:
             logging_dir.rm(name)
 
 
-def _runs_python(pid: int) -> bool:
-    """Whether process `pid` lives and runs Python (a task's worker, not another program given its id since)."""
-    if _process_gone(pid):
+def _runs_python(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` (started at `started`, where known) lives and runs Python (a task's worker, not another
+    program given its id since)."""
+    if _process_gone(pid, started):
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -558,7 +561,7 @@ def stop_local_tasks(logs: str, stage: str) -> None:
     task run in this process (one worker) ends with it, through its cleanup."""
     here = socket.gethostname()
     for marker in task_markers(get_datafolder(f"{logs}/{stage}")):
-        if marker.host in (None, here) and marker.pid != os.getpid() and _runs_python(marker.pid):
+        if marker.host in (None, here) and marker.pid != os.getpid() and _runs_python(marker.pid, marker.started):
             with contextlib.suppress(OSError):
                 os.kill(marker.pid, signal.SIGKILL)
 
@@ -784,18 +787,31 @@ def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
     return None
 
 
-def _process_gone(pid: int) -> bool:
+def _process_gone(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` has ended; with `started` (`process_start`'s), also where another process has its id now
+    (in a container every run is process 1: a killed run's task seemed to run on in the next run itself)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    try:  # a zombie: dead, not reaped yet
+    try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+            fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return False
+    return fields[0] == "Z" or (started is not None and fields[19] != started)  # a zombie: dead, not reaped yet
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (/proc's clock ticks since boot): with its id, names one process, not a later one
+    given the same id."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def killed_task_message(out: str, stage: str, rank: int, ray: bool = False) -> str:
@@ -817,7 +833,7 @@ def local_tasks(logs: str, stage: str) -> list[tuple[int, bool | str]]:
         if marker.host not in (None, here):
             tasks.append((marker.rank, marker.host))
             continue
-        gone = _process_gone(marker.pid)
+        gone = _process_gone(marker.pid, marker.started)
         if not gone or folder.exists(marker.name):  # ended meanwhile: its file went first
             tasks.append((marker.rank, not gone))
     return tasks
@@ -833,21 +849,21 @@ def remote_killed_task(logs: str, stage: str, here: str | None = None, timeout_s
 
     here = here or socket.gethostname()
     folder = get_datafolder(f"{logs}/{stage}")
-    ranks: dict[str, dict[int, int]] = {}  # host -> pid -> rank
+    ranks: dict[str, dict[tuple[int, str | None], int]] = {}  # host -> (pid, started) -> rank
     for marker in task_markers(folder):
         if marker.host is not None:  # an older "PID" alone was written here
-            ranks.setdefault(marker.host, {})[marker.pid] = marker.rank
+            ranks.setdefault(marker.host, {})[marker.pid, marker.started] = marker.rank
     ranks.pop(here, None)  # this machine's are `killed_task`'s
     if not ranks:
         return None
 
     @ray.remote(num_cpus=0, max_retries=0)
-    def gone(pids: list[int]) -> list[int]:
-        return [pid for pid in pids if _process_gone(pid)]
+    def gone(processes: list[tuple[int, str | None]]) -> list[tuple[int, str | None]]:
+        return [(pid, started) for pid, started in processes if _process_gone(pid, started)]
 
     nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in live_ray_nodes()}
     asked = {host: gone.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[host], soft=False)).remote(
-        list(pids)) for host, pids in ranks.items() if host in nodes}  # a lost node: Ray fails its tasks itself
+        list(processes)) for host, processes in ranks.items() if host in nodes}  # a lost node: Ray fails its tasks itself
     if not asked:
         return None
     answered, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout_s)  # all nodes at once
@@ -856,8 +872,8 @@ def remote_killed_task(logs: str, stage: str, here: str | None = None, timeout_s
             dead = ray.get(answer) if answer in answered else []
         except Exception:  # noqa: BLE001 - busy or leaving: asked again next time
             continue
-        for pid in dead:
-            rank = ranks[host][pid]
+        for pid, started in dead:
+            rank = ranks[host][pid, started]
             if folder.exists(f"running/{rank:05d}"):  # ended meanwhile: its file went first
                 return rank
     return None

@@ -218,6 +218,12 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
     while time.time() < deadline and proc.poll() is None and not (running.exists() and any(running.iterdir())):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    # a second run of the output meanwhile (--overwrite, or on another node): it removed the first's files as they
+    # were written (kept documents lost, or made under two thresholds); refused, naming the run writing it
+    second = run_cli(args + ["--threshold", "4", "--overwrite"])
+    assert second.returncode == 1 and (f"-o/--output {out} is being written by another run (process {proc.pid} on "
+                                       in " ".join(second.stderr.split())), second.stderr[-3000:]
+    assert any(running.iterdir()) and proc.poll() is None
     proc.send_signal(signal.SIGTERM)  # the run's own process alone
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -227,10 +233,12 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
         os.killpg(proc.pid, signal.SIGKILL)
     assert not left.strip(), f"processes of the run left behind:\n{left}"
 
-    # a worker an earlier run left (here: a stand-in process of Python) holding task 1
+    # a worker an earlier run left (here: a stand-in process of Python) holding task 1; task 0's process id is now
+    # another Python process's (a container's runs are all process 1: the rerun was refused for its own id)
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (running / "00001").write_text(f"{stand_in.pid} {socket.gethostname()}")
+        (running / "00000").write_text(f"{os.getpid()} {socket.gethostname()} 1")
+        (running / "00001").write_text(f"{stand_in.pid} {socket.gethostname()}")  # as the previous release wrote it
         res = run_cli(args)
         assert res.returncode == 1 and (f"task 1 of stage filter is still running in process {stand_in.pid}"
                                         in " ".join(res.stderr.split())), res.stderr[-3000:]
