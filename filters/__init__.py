@@ -17,6 +17,8 @@ _EXPORTS = {
     "CountTokens": "scoring",
     "EduClassifierScorer": "scoring",
     "ScoreThresholdFilter": "scoring",
+    "ScoreHistogram": "scoring",
+    "NonFiniteScoreFilter": "scoring",
     "KeepTopCutoff": "scoring",
     "keep_top_cutoff": "scoring",
     "run_sweep": "sweep",

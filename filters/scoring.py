@@ -20,11 +20,42 @@ TASK_SLOT_ENV = "EDU_FILTER_TASK_SLOT"  # set by the local executor: the running
 
 
 def gpu_for_task(rank: int, gpus: int) -> str:
-    """The GPU of a task on a machine with several: its worker slot's (the local executor gives each running task a
-    slot no other running task holds), else `rank % gpus`. By rank alone two running tasks shared a GPU while another
-    idled: the local pool hands ranks out as workers free up."""
+    """The GPU of a task on a machine with several: its worker slot's (apply's local executor gives each running task
+    a slot no other running task holds), else one no other process holds (`claim_gpu`: datatrove's own executors in a
+    pipeline of one's own), else `rank % gpus`. By rank alone two running tasks shared a GPU while another idled: the
+    local pool hands ranks out as workers free up."""
     slot = os.environ.get(TASK_SLOT_ENV)
+    if slot is None and gpus > 1:
+        slot = claim_gpu(gpus)
     return f"cuda:{(int(slot) if slot is not None else rank) % gpus}"
+
+
+_CLAIMED_GPU: dict[int, tuple[int, object]] = {}  # gpus seen -> (the GPU this process holds, its open lock file)
+
+
+def claim_gpu(gpus: int) -> int | None:
+    """The first of the `gpus` visible GPUs that no other process of this user on this machine holds, held until
+    this process ends (a lock file per physical GPU in the temporary folder; the kernel drops it however the process
+    ends); None when every one is held."""
+    import fcntl
+    import tempfile
+
+    if gpus in _CLAIMED_GPU:
+        return _CLAIMED_GPU[gpus][0]
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    for index in range(gpus):
+        physical = visible[index] if index < len(visible) else str(index)
+        lock = open(os.path.join(folder, f"{physical}.lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _CLAIMED_GPU[gpus] = (index, lock)
+        return index
+    return None
 
 
 class EduClassifierScorer(PipelineStep):
@@ -361,7 +392,9 @@ class ScoreThresholdFilter(BaseFilter):
     With `keep_top`, the cutoff is instead the float score that keeps that fraction of all scored documents: read
     from the `found_file` that `KeepTopCutoff` wrote in `apply`'s one-task stage before, so all tasks agree on it;
     without one (a pipeline of one's own, a step pickled in a chain an older edu-filter queued) each task finds it
-    from the histograms itself and records it in `cutoff_file` for stats.json, as every task did before.
+    from the histograms itself and records it in `cutoff_file` for stats.json, as every task did before. Either way
+    the histograms come from `ScoreHistogram` in an earlier stage, finished: in the same stage a task would see only
+    the tasks before it. A score that is not a number is removed as `non_finite_score`.
     """
 
     name = "🎓 score threshold"
@@ -394,12 +427,19 @@ class ScoreThresholdFilter(BaseFilter):
                 return float(found["cutoff"])
             if self.histogram_folder is None:
                 raise ValueError(f"{found_file}: the cutoff of --keep-top {found.get('fraction')}, not {self.keep_top}")
-        cutoff = keep_top_cutoff(load_histogram(self.histogram_folder), self.keep_top)
+        histogram = load_histogram(self.histogram_folder)
+        if not sum(histogram.values()):  # this task scored a document: no histogram holds it (a pipeline of one's own
+            # with ScoreHistogram in this same stage, or none at all), and every document was removed
+            raise ValueError(f"--keep-top: no scores in the histograms of {self.histogram_folder}: they are written by "
+                             "ScoreHistogram in an earlier stage of the run, which must have finished")
+        cutoff = keep_top_cutoff(histogram, self.keep_top)
         if self.cutoff_file:
             write_cutoff(self.cutoff_file, cutoff)
         return cutoff
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if not math.isfinite(doc.metadata["score"]):  # apply fails it before (NonFiniteScoreFilter); one's own
+            return False, "non_finite_score"          # pipeline: not removed as scoring 0
         if self.keep_top is not None:
             if self.cutoff is None:
                 self.cutoff = self._keep_top_cutoff()

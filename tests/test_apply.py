@@ -309,20 +309,26 @@ def test_progress_written_to_a_file_is_a_plain_line_per_running_stage_now_and_th
 def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypatch):
     """On a machine with several GPUs a task took GPU rank % n: the pool hands ranks out as workers free up, so
     tasks 0 and 2 ran together on GPU 0 while GPU 1 idled (two models and their batches on one card). Each running
-    task now holds a worker slot of its own, and the slot picks the GPU."""
+    task now holds a worker slot of its own, and the slot picks the GPU; under datatrove's own executor (a pipeline
+    of one's own) each process holds a GPU no other process holds (a lock file per GPU)."""
     import itertools
+
+    from datatrove.executor import LocalPipelineExecutor
 
     from edu_filter.filters.executors import WatchedLocalExecutor
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import the step
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the GPUs' lock files: this test's own
     from slurm_steps import RecordGpu
 
-    WatchedLocalExecutor([RecordGpu(str(tmp_path / "gpus"), gpus=2, slow_rank=0, seconds=3)], tasks=4, workers=2,
-                         logging_dir=str(tmp_path / "logs")).run()
-    records = [json.loads(p.read_text()) for p in (tmp_path / "gpus").iterdir()]
-    together = [(a, b) for a, b in itertools.combinations(records, 2) if a["start"] < b["end"] and b["start"] < a["end"]]
-    assert any(a["rank"] % 2 == b["rank"] % 2 for a, b in together), together  # where rank % 2 would have clashed
-    assert all(a["gpu"] != b["gpu"] for a, b in together), together
+    for executor, name in ((WatchedLocalExecutor, "gpus"), (LocalPipelineExecutor, "stock")):
+        executor([RecordGpu(str(tmp_path / name), gpus=2, slow_rank=0, seconds=3)], tasks=4, workers=2,
+                 logging_dir=str(tmp_path / f"{name}-logs")).run()
+        records = [json.loads(p.read_text()) for p in (tmp_path / name).iterdir()]
+        together = [(a, b) for a, b in itertools.combinations(records, 2)
+                    if a["start"] < b["end"] and b["start"] < a["end"]]
+        assert any(a["rank"] % 2 == b["rank"] % 2 for a, b in together), together  # where rank % 2 would clash
+        assert all(a["gpu"] != b["gpu"] for a, b in together), (name, together)
     # a process keeps its slot: returned after each task, slots moved between processes that finished at once, and
     # a process's CUDA context and cached memory stayed on a GPU another process then scored on
     WatchedLocalExecutor([RecordGpu(str(tmp_path / "many"), gpus=2, slow_rank=-1, seconds=0)], tasks=120, workers=2,

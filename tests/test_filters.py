@@ -781,6 +781,13 @@ def test_a_select_step_reads_the_cutoff_found_once_or_finds_it_itself(tmp_path):
     # a run resumed after the cutoff stage of the release before, which wrote no found file: from the histograms
     assert kept(ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "h"),
                                      found_file=str(tmp_path / "never-written.json"))) == 10
+    # one's own pipeline with no histogram written yet (ScoreHistogram in the same stage): every document was
+    # removed, the run a success; a score that is not a number was removed as below the threshold
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="no scores in the histograms of .*none: they are written by ScoreHistogram"):
+        kept(ScoreThresholdFilter(keep_top=0.1, histogram_folder=str(tmp_path / "none")))
+    nan = Document(text="x", id="nan", metadata={"score": float("nan"), "int_score": 0})
+    assert ScoreThresholdFilter(threshold=0).filter(nan) == (False, "non_finite_score")
     old_step = KeepTopCutoff(str(tmp_path / "h"), 0.1, stats)  # as that release pickled it: no found file
     del old_step.__dict__["found_file"]
     list(old_step.run())
