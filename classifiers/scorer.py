@@ -281,11 +281,20 @@ def readable_tokens(config: dict, tokenizer) -> int:
     """The most tokens a classifier reads per sequence (its config.json, its tokenizer): its positions, less the two
     of RoBERTa-family encoders offset by the padding index (514 for 512 tokens, which their tokenizers say); a
     tokenizer's smaller advice (MiniLM's says 128 of 512) is not a limit."""
-    positions = (config.get("encoder_config") or config).get("max_position_embeddings")
+    encoder = config.get("encoder_config") or config
+    positions = encoder.get("max_position_embeddings")
+    if positions and encoder.get("model_type") in OFFSET_POSITIONS:  # whatever its tokenizer says (trained at 256
+        pad = encoder.get("pad_token_id")                          # tokens, it says 256, and 514 was let through)
+        return positions - (1 if pad is None else pad) - 1
     limit = positions or tokenizer.model_max_length
     if positions and tokenizer.model_max_length < positions <= tokenizer.model_max_length + 2:
         limit = tokenizer.model_max_length
     return limit
+
+
+# encoders whose position ids start after the padding index (514 positions read 512 tokens)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "roberta-prelayernorm",
+                    "mpnet", "ibert")
 
 
 def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
@@ -445,6 +454,14 @@ class EduScorer(Scorer):
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.pad_id = self.tokenizer.pad_token_id  # read once: scoring never touches the tokenizer a thread may use
+        if getattr(model.config, "model_type", None) != "edu_classifier":
+            # a ready-made decoder classifier (Llama, Qwen) finds each sequence's last token by its config's pad id:
+            # with none, a padded batch raised; with another than the one padded with, it read a pad's position
+            # (scores depending on the batch). RoBERTa counts positions from it too.
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.pad_id
+            else:
+                self.pad_id = model.config.pad_token_id
         self.framer = SequenceFramer(self.tokenizer)
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)

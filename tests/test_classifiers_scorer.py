@@ -111,6 +111,14 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load_also_for_a_hu
     with pytest.raises(ValueError, match="max_length 1024: .* reads at most 512 tokens per sequence"):
         load_scorer(snapshot, max_length=1024)
     assert load_scorer(snapshot, max_length=256).max_length == 256
+    # a RoBERTa-family encoder's positions start after its padding index: 514 read 512 tokens, whatever its tokenizer
+    # says (trained at 256 tokens it says 256: 513 and 514 were let through, and every scoring task failed)
+    from edu_filter.classifiers.scorer import readable_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path, model_max_length=256)
+    roberta = {"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}
+    assert readable_tokens(roberta, tokenizer) == readable_tokens({"encoder_config": roberta}, tokenizer) == 512
+    assert readable_tokens({"model_type": "bert", "max_position_embeddings": 512}, tokenizer) == 512
 
 
 ASKS_THE_HUB = """
@@ -313,6 +321,33 @@ def test_official_fineweb_edu_layout(tmp_path, minilm_path, web_texts):
     # half goes to the even integer there (2.5 kept at threshold 3 would keep documents FineWeb-Edu dropped)
     halves = np.array([0.5, 1.5, 2.5, 3.5, 4.5, 2.5 + 1 / 64, 2.5 - 1 / 64, -1.0, 7.0, np.nan], dtype=np.float32)
     assert scorer.to_int_score(halves).tolist() == [0, 2, 2, 4, 4, 3, 2, 0, 5, 0]
+
+
+@pytest.mark.parametrize("config_pad", [None, 0])
+def test_a_ready_made_decoder_classifier_scores_each_text_as_alone_whatever_its_batch(tmp_path, config_pad):
+    """A Llama-style classifier reads each sequence's last token, found by its config's pad id: with none a padded
+    batch raised (every scoring task failed on its first window), with another than the one padded with (here its
+    end token) a score depended on the texts batched with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat on the mat and learned photosynthesis"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", model_max_length=512)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=config_pad, bos_token_id=0,
+        eos_token_id=1))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["the cat", "the cat sat on the mat and learned photosynthesis " * 3, "mat"]
+    alone = np.concatenate([load_scorer(tmp_path, device="cpu", batch_size=1).predict([t])[0] for t in texts])
+    together, _ = load_scorer(tmp_path, device="cpu", batch_size=3).predict(texts)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
 def test_int8_quantizes_the_encoder_and_keeps_scores_close(web_model, web_texts):
