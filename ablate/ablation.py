@@ -116,21 +116,28 @@ def comparison_set(datasets: dict, references: dict, compare_on: str | None) -> 
 def run_folder(out: Path, name: str, seed: int, seeds: int) -> Path:
     """runs/NAME with one seed; runs/NAME/seed-S for each seed otherwise. A run of this seed finished in the other
     layout (the same ablation run before with one seed, or with several) is used where it is: seed 0 of a `--seeds 3`
-    rerun of a one-seed ablation was trained again, the whole run's cost."""
+    rerun of a one-seed ablation was trained again, the whole run's cost. So is one stopped midway there (its
+    checkpoint), where this layout has neither: it started over, its checkpoint left on disk."""
     single, per_seed = out / "runs" / name, out / "runs" / name / f"seed-{seed}"
     here, other = (single, per_seed) if seeds == 1 else (per_seed, single)
-    if not (here / "run.json").exists() and _finished_seed(other) == seed:
+    if _run_seed(here) is None and _run_seed(other) == seed:
         return other
     return here
 
 
-def _finished_seed(folder: Path) -> int | None:
-    """The seed of the run finished in `folder`, or None."""
-    try:
-        record = json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return record.get("config", {}).get("seed") if record.get("finished") else None
+def _run_seed(folder: Path) -> int | None:
+    """The seed of the run finished in `folder` (its run.json), else of the one stopped there (its checkpoint's
+    trainer_state.json), else None."""
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    record = read(folder / "run.json")
+    if not record.get("finished"):
+        record = read(folder / "checkpoint" / "trainer_state.json")
+    return record.get("config", {}).get("seed")
 
 
 def ablate(

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,8 +34,9 @@ from edu_filter.documents import (InputError, recover_folder, replace_folder, si
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
-# on two CPU cores; the others are SmolLM's (its shapes and RMSNorm epsilon) and the FineWeb ablation model (GPT-2-sized
-# vocab, untied).
+# on two CPU cores; the others are SmolLM's (its shapes and RMSNorm epsilon) and the FineWeb ablation model
+# (HuggingFaceFW/ablation-model-*: tied embeddings, RMSNorm epsilon 1e-5; 1.71B parameters with its GPT-2 vocabulary,
+# the "1.82B" said of it counting the embedding twice).
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -59,7 +61,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "ablation-1.8b": {
         "model": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                      num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False),
+                      num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5),
         "train": dict(vocab_size=49152, micro_batch_size=4, batch_tokens=2**21, lr=3e-4, eval_tokens=2**20),
     },
 }
@@ -107,14 +110,14 @@ class PretrainConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one device
     batch_tokens: int = 1024  # tokens per optimizer step, all devices and accumulation steps together
     lr: float = 3e-3
-    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the schedule decays toward lr * min_lr_ratio (reached after the last step)
     schedule: str = "wsd"  # "wsd": warmup, constant, linear cooldown; or "cosine"
     warmup_fraction: float = 0.05
     cooldown_fraction: float = 0.2  # wsd: the last 20% of steps decay linearly
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradient norm's limit; 0: none
     eval_every: int | None = None  # steps between evaluations (default: 4 evaluations per run); always at the end
     eval_tokens: int = 16_384  # at most this many tokens from each evaluation set
     checkpoint_every: int | None = None  # steps between checkpoints (default: at every evaluation); always at the end
@@ -166,6 +169,13 @@ class PretrainConfig:
             raise InputError(f"seq_len must be at least 2 (a token and the one after it), got {self.context}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        # AdamW refused these only once built, after the tokenizer and the packing; a negative grad_clip climbed
+        ranges = {"beta1": "[0, 1)", "beta2": "[0, 1)", "weight_decay": ">= 0", "grad_clip": ">= 0",
+                  "warmup_fraction": "[0, 1]", "cooldown_fraction": "[0, 1]", "min_lr_ratio": "[0, 1]"}
+        for name, bound in ranges.items():
+            value = getattr(self, name)
+            if not (value >= 0 and (bound == ">= 0" or value < 1 or (value == 1 and bound.endswith("]")))):
+                raise InputError(f"{name} must be {'in ' if bound[0] == '[' else ''}{bound}, got {value}")
         T, B = self.context, self.micro_batch_size
         if self.batch_tokens % (B * T * world):
             raise InputError(f"batch_tokens={self.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
@@ -302,11 +312,12 @@ def end_torchrun_rank(status: int = 0) -> None:
 PREPARATION_TIMEOUT = timedelta(days=3)  # tokenizing tens of billions of tokens takes hours, not the NCCL 10 minutes
 
 
-def preparation_barrier() -> Callable[[], None]:
-    """A barrier for ranks that wait while others tokenize the datasets. A barrier of the training process group
-    would end them after its timeout (NCCL's default: 10 minutes), long before a 10B-token dataset is packed; this one
-    waits on keys of the store the ranks met through when the group started (already connected, so it opens no new
-    connection that a multi-node network could block), without that timeout. Every rank must call it."""
+def preparation_barrier(name: str = "prepared") -> Callable[[], None]:
+    """A barrier for ranks that wait while others tokenize the datasets (or rank 0 writes a checkpoint: 22 GB at
+    1.8B). A barrier of the training process group would end them after its timeout (NCCL's default: 10 minutes),
+    long before a 10B-token dataset is packed; this one waits on keys of the store the ranks met through when the
+    group started (already connected, so it opens no new connection that a multi-node network could block), without
+    that timeout. Every rank must call it; `name` keeps its keys apart from another barrier's."""
     if not dist.is_initialized():
         return lambda: None
     store = dist.distributed_c10d._get_default_store()
@@ -314,8 +325,8 @@ def preparation_barrier() -> Callable[[], None]:
 
     def wait() -> None:
         barrier = next(passed)
-        store.set(f"edu-filter/prepared/{barrier}/{rank}", "1")
-        store.wait([f"edu-filter/prepared/{barrier}/{r}" for r in range(world)], PREPARATION_TIMEOUT)
+        store.set(f"edu-filter/{name}/{barrier}/{rank}", "1")
+        store.wait([f"edu-filter/{name}/{barrier}/{r}" for r in range(world)], PREPARATION_TIMEOUT)
 
     return wait
 
@@ -338,6 +349,7 @@ def pretrain(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    entered = time.time()  # the time limit counts loading the checkpoint too (22 GB at 1.8B: the job's margin)
     out_dir = Path(out_dir)
     rank, local_rank, world = init_distributed()
     master = rank == 0
@@ -424,6 +436,8 @@ def pretrain(
 
         model = DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda" else None)
 
+    saved_everywhere = preparation_barrier(f"saved/{out_dir.resolve()}")
+
     def save_checkpoint():
         """The checkpoint swapped in whole (trainer_state.json written last), every rank past it before going on."""
         if master:
@@ -433,8 +447,7 @@ def pretrain(
                 (folder / "trainer_state.json").write_text(json.dumps({"config": asdict(cfg), "state": state}))
 
             replace_folder(checkpoint, write)
-        if world > 1:
-            dist.barrier()
+        saved_everywhere()
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -445,7 +458,7 @@ def pretrain(
     # --- the loop ----------------------------------------------------------------------------------------------------
     task = progress.add_task(name or out_dir.name, total=total_steps, completed=state["step"], loss=float("nan")) if (
         progress is not None and master) else None
-    started = last_saved = time.time()
+    last_saved = time.time()
     model.train()
     stopping = False  # SIGTERM seen, by every rank's agreement
     with stop_requested() as stop:
@@ -453,6 +466,9 @@ def pretrain(
         while state["step"] < total_steps:
             step = state["step"]
             t0 = time.time()
+            # each step's randomness (dropout, where overridden) from its number: a resumed run repeated the first
+            # steps' masks, reseeded with cfg.seed
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
             lr = learning_rate(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -465,7 +481,8 @@ def pretrain(
                     loss = model(x, y) / grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip:  # 0: no clipping (clipping to 0 zeroed every gradient: the run learned nothing)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
@@ -486,7 +503,7 @@ def pretrain(
             if state["step"] % eval_every == 0 or state["step"] == total_steps:
                 state["eval_history"].append({"step": state["step"], "tokens": state["tokens_seen"], **evaluate()})
             now = time.time()
-            timed_out = cfg.time_limit_minutes is not None and (now - started) / 60 > cfg.time_limit_minutes
+            timed_out = cfg.time_limit_minutes is not None and (now - entered) / 60 > cfg.time_limit_minutes
             saving_due = cfg.checkpoint_minutes is not None and (now - last_saved) / 60 > cfg.checkpoint_minutes
             stopping = stop.is_set()
             if world > 1:  # one decision: ranks that disagree (each its clock, a signal not yet seen) would hang

@@ -105,6 +105,24 @@ def test_seed_k_of_a_multi_seed_ablation_is_the_single_run_with_that_seed(two_se
     assert both["runs"]["edu"]["seeds"][0]["train_loss"] == single["runs"]["edu"]["train_loss"]
 
 
+def test_a_run_stopped_midway_in_the_other_layout_goes_on_where_it_is(tmp_path):
+    """A one-seed ablation stopped at its time limit, rerun with --seeds 2: its seed started over in seed-0/ and the
+    checkpoint (22 GB at 1.8B) stayed on disk unread. Either way round."""
+    from edu_filter.ablate.ablation import run_folder
+
+    def stopped_in(folder: Path, seed: int) -> None:
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "checkpoint" / "trainer_state.json").write_text(json.dumps({"config": {"seed": seed}, "state": {}}))
+
+    runs = tmp_path / "runs"
+    stopped_in(runs / "edu", 0)
+    assert run_folder(tmp_path, "edu", 0, 2) == runs / "edu" and run_folder(tmp_path, "edu", 1, 2) == runs / "edu/seed-1"
+    stopped_in(runs / "web" / "seed-3", 3)
+    assert run_folder(tmp_path, "web", 3, 1) == runs / "web/seed-3" and run_folder(tmp_path, "web", 0, 1) == runs / "web"
+    stopped_in(runs / "web", 3)  # its own layout's run is the one it goes on with
+    assert run_folder(tmp_path, "web", 3, 1) == runs / "web"
+
+
 def test_bad_seed_options_are_clear_errors(edu_file, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["ablate", "--data", f"edu={edu_file}", "--seeds", "0", "-o", str(tmp_path / "a")])

@@ -573,6 +573,8 @@ def test_values_and_options_a_run_cannot_use_are_refused_before_any_work(files, 
                            (["--vocab-size", "-5"], "--vocab-size must be at least 257"),
                            (["--override", "micro_batch_size=0"], "micro_batch_size must be at least 1, got 0"),
                            (["--override", "lr=-1"], "lr must be > 0, got -1"),
+                           (["--override", "grad_clip=-1"], "grad_clip must be >= 0, got -1"),
+                           (["--override", "beta2=1.0"], "beta2 must be in [0, 1), got 1.0"),
                            (["--override", "seq_len=1"], "seq_len must be at least 2"),
                            (["--eval", f"tokens={WEB_VAL}"], "'tokens' names a field of the evaluation history")):
         refused(["ablate", "--data", f"a={WEB_VAL}", "-o", out, *args], fragment, absent=(out.parent,))

@@ -117,11 +117,22 @@ def test_loss_falls_and_the_run_record_is_complete(corpus, tmp_path):
 
 def test_the_saved_model_states_the_context_it_was_trained_at(corpus, tmp_path):
     """Evaluations cut prompts to the saved context: a model trained on 32-token sequences of a 64-position preset
-    must not be asked about 64 tokens."""
-    run(corpus, tmp_path / "run", seq_len=32)
+    must not be asked about 64 tokens. grad_clip=0 is no clipping, as in nanoGPT (clipping to a norm of 0 zeroed
+    every gradient: the run finished having learned nothing)."""
+    unclipped = run(corpus, tmp_path / "run", seq_len=32, grad_clip=0)
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "run/model").max_position_embeddings == 32
+    assert unclipped["train_loss"][-1] < unclipped["train_loss"][0] - 0.5
+
+
+def test_a_run_with_dropout_resumes_to_the_same_losses(corpus, tmp_path):
+    """Every resume reseeded torch with the run's seed: the dropout masks after it repeated the first steps'."""
+    whole = run(corpus, tmp_path / "whole", attention_dropout=0.2, tokens=512 * 4)
+    while not (split := run(corpus, tmp_path / "split", attention_dropout=0.2, tokens=512 * 4,
+                            time_limit_minutes=1e-9))["finished"]:
+        pass
+    assert split["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
 
 
 def test_interrupted_runs_resume_to_the_same_result(corpus, tmp_path):

@@ -506,6 +506,9 @@ def test_presets_and_overrides():
     # SmolLM's config.json: RMSNorm epsilon 1e-5 (LlamaConfig's default is 1e-6)
     assert all(PretrainConfig.from_preset(p).model["rms_norm_eps"] == 1e-5 for p in ("smollm-135m", "smollm-360m"))
     assert PretrainConfig.from_preset("ablation-1.8b").model["num_attention_heads"] == 32
+    # HuggingFaceFW/ablation-model-*'s config.json: tied (its 3.43 GB of float16 weights), epsilon 1e-5
+    fineweb = PretrainConfig.from_preset("ablation-1.8b").model
+    assert fineweb["tie_word_embeddings"] and fineweb["rms_norm_eps"] == 1e-5
     over = PretrainConfig.from_preset(
         "tiny", parse_overrides(["hidden_size=64", "lr=1e-2", "schedule=cosine", "tie_word_embeddings=false"]))
     assert over.model["hidden_size"] == 64 and over.lr == 1e-2 and over.schedule == "cosine"
