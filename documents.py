@@ -1300,8 +1300,12 @@ def write_documents(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None:
-    """The rows' inclusion weights, or None when no row has the field (a uniform sample needs none).
+WEIGHT_FIELD = "weight"  # where `score --select active` writes inclusion weights
+
+
+def row_weights(rows: list[dict], weight_field: str | None, required: bool = False) -> np.ndarray | None:
+    """The rows' inclusion weights, or None when no row has the field (a uniform sample needs none), unless
+    `required` (a field named on the command line: a typo went unweighted, an active sample's bias kept).
 
     Some rows with and some without is an error: mixing a chosen sample with other rows has no correct weights."""
     if not weight_field:
@@ -1311,6 +1315,9 @@ def row_weights(rows: list[dict], weight_field: str | None) -> np.ndarray | None
     values = [r.get(weight_field) for r in rows]
     missing = sum(v is None for v in values)
     if missing == len(values):
+        if required and rows:
+            raise InputError(f"--weight-field {weight_field!r}: no row has it (fields: "
+                             f"{', '.join(sorted({k for r in rows[:1000] for k in r}))})")
         return None
     if missing:
         raise InputError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "

@@ -17,6 +17,7 @@ from edu_filter.documents import (
     check_model_name,
     check_writable_output,
     read_labelled,
+    WEIGHT_FIELD,
     row_weights,
     weight_summary,
 )
@@ -43,9 +44,11 @@ def evaluate_model(
     metrics then estimate the model's quality on the pool the sample was drawn from, not on the sample, which holds
     several times the pool's share of high scores."""
     from edu_filter.classifiers.device import torch_threads
-    from edu_filter.classifiers.scorer import load_scorer, refuse_transformer_options
+    from edu_filter.classifiers.scorer import check_classifier_folder, load_scorer, refuse_transformer_options
 
     check_model_name(model, "MODEL")
+    if Path(model).is_dir():  # before the data is read (a held-out set of millions), with apply's words and status
+        check_classifier_folder(model, "MODEL")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     refuse_transformer_options(model, dtype=dtype, long_docs=long_docs, batch_size=batch_size)
@@ -57,7 +60,7 @@ def evaluate_model(
                                    console=Console(stderr=True), weight_field=weight_field)
     if not rows:
         raise ValueError(f"no documents in {', '.join(map(str, data))}")
-    weights = row_weights(rows, weight_field)
+    weights = row_weights(rows, weight_field, weight_field != WEIGHT_FIELD)
     scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
     with torch_threads(num_threads):
         raw, _ = scorer.predict_many([r["text"] for r in rows], long_docs=long_docs, show_progress=True)

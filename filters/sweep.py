@@ -32,6 +32,7 @@ from edu_filter.documents import (
     SCORES,
     DocumentError,
     InputError,
+    WEIGHT_FIELD,
     check_writable_output,
     expand_paths,
     _has_suffix,
@@ -371,6 +372,8 @@ def load_scored(paths: list[str], label_field: str | None = None, weight_field: 
         raise InputError(f"some rows have inclusion weights in '{weight_field}' ({weighted[True]}) and some do not "
                          f"({weighted[False]}): weights must be on every row or none (--weight-field none ignores "
                          "them)")
+    if weight_field not in (None, WEIGHT_FIELD) and not weighted[True]:  # a typo swept unweighted
+        raise InputError(f"--weight-field {weight_field!r}: no such field in {', '.join(map(str, paths))}")
     summary.token_unit = "words" if counted[False] else "tokens"
     summary.weight_field = weight_field if weighted[True] else None
     return summary
@@ -680,6 +683,9 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
         raise InputError(f"thresholds must be int_scores in {SCORE_RANGE}, got {thresholds}")
     if not in_score_range(positive_threshold):
         raise InputError(f"--positive-threshold must be in {SCORE_RANGE}, got {positive_threshold}")
+    if label_field in SCORE_FIELDS[:2]:  # the classifier's own: precision and recall of it against itself
+        raise InputError(f"--label-field {label_field}: the classifier's own score in what sweep reads; labels are "
+                         "another field (an input's own score is kept as input_score by apply, the default)")
     output = Path(output)
     check_writable_output(output, "-o/--output", folder=True)
     summary = load_scored(paths, label_field, weight_field, show=show)

@@ -264,6 +264,12 @@ def test_missing_model_is_refused_by_evaluate_apply_and_score(files, minilm_path
     (broken / "model.bin").write_bytes(whole[:4096])
     refused(["apply", WEB_VAL, "-o", out, "--model", broken], "model.bin is missing, not a fastText model, or cut "
             "short", absent=(out.parent,))
+    # evaluate read the whole data set first, then failed with exit 1 (transformers' notes on an encoder's new head)
+    for folder, said in ((empty, "not a model folder"), (minilm_path, "a model with 2 outputs"),
+                         (broken, "not a fastText model, or cut short")):
+        refused(["evaluate", folder, CODE_LABELS], f"MODEL {folder}", said)
+    # a named weight field no row has: evaluated unweighted, an active sample's bias kept
+    refused(["evaluate", fasttext_model, CODE_LABELS, "--weight-field", "wt"], "--weight-field 'wt': no row has it")
 
 
 # --- sweep's label field -----------------------------------------------------------------------------------------
@@ -271,6 +277,11 @@ def test_sweep_label_field_absent_from_the_data_is_named_with_the_fields_present
     out = files["new"]
     refused(["sweep", files["scored"], "-o", out, "--label-field", "human_score"],
             "'human_score'", "fields: id, int_score, score, text", absent=(out.parent,))
+    # the classifier's own score as the label: precision 0 or 1 everywhere, said as a result
+    refused(["sweep", files["scored"], "-o", out, "--label-field", "score"], "--label-field score: the classifier's "
+            "own score", absent=(out.parent,))
+    refused(["sweep", files["scored"], "-o", out, "--weight-field", "wt"], "--weight-field 'wt': no such field",
+            absent=(out.parent,))
 
 
 def test_sweep_takes_comma_separated_thresholds(files):

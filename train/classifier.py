@@ -53,6 +53,7 @@ from edu_filter.documents import (
     check_not_empty,
     check_writable_output,
     read_labelled,
+    WEIGHT_FIELD,
     row_weights,
     synced,
     text_hash,
@@ -341,7 +342,8 @@ def train_classifier(
     rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
                                    annotation)
     labelled = list(rows)  # every label read, for who labelled them
-    rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field), "DATA")
+    rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field, cfg.weight_field != WEIGHT_FIELD),
+                                         "DATA")
     merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
     if val:
         val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
