@@ -87,9 +87,12 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def exit_status(error: BaseException) -> int | None:
-    """2 for bad usage or input, 1 for a failure while running, None for anything else (a bug: re-raised)."""
+    """2 for bad usage or input, 1 for a failure while running, None for anything else (a bug: re-raised), and for
+    a write to a standard output whose reader has gone (`| head`): click ends that quietly, as it does one at exit."""
     if isinstance(error, (ValueError, ImportError)):  # InputError and the library's option checks
         return EXIT_BAD_INPUT
+    if isinstance(error, BrokenPipeError) and stdout_reader_gone():
+        return None
     failures: tuple[type[BaseException], ...] = (RunError, OSError)
     executors = sys.modules.get("edu_filter.filters.executors")  # a StageFailed can only come from a loaded module
     if executors is not None:
@@ -98,6 +101,18 @@ def exit_status(error: BaseException) -> int | None:
     if safetensors is not None:
         failures += (safetensors.SafetensorError,)
     return EXIT_FAILED if isinstance(error, failures) else None
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (its poll reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def error_line(error: BaseException) -> str:

@@ -1,8 +1,8 @@
 """Read the 0-5 score out of an LLM answer, the way models really write it.
 
 A score counts only where it ends its statement: "Educational score: 3" at the end of a line or before punctuation,
-optionally bold (`**Educational score:** 3`, `Educational Score: **3**`), bracketed, "3/5", "3 out of 5" or
-"3 points". Text on later lines and the same score repeated are fine. A reasoning model's thinking
+optionally bold (`**Educational score:** 3`, `Educational Score: **3**`), bracketed (also `<3>`, the prompt's
+`<total points>` kept, or quoted), "3/5", "3 out of 5" or "3 points". Text on later lines and the same score repeated are fine. A reasoning model's thinking
 (`<think>...</think>`, left in the answer by a server without a reasoning parser) is not read.
 
 Anything else gives score None and a reason, because a wrong score is worse for the classifier than a missing one:
@@ -24,10 +24,10 @@ from edu_filter.documents import MAX_SCORE, MIN_SCORE, SCORE_RANGE
 # read as the score gave 5.
 _STATEMENT = re.compile(
     r"educational[ \t]+score(?:[ \t*_]*[(\[][^()\[\]\n]{1,60}[)\]](?=[ \t*_]*[:：=]))?"
-    r"[ \t*_:：=]*(?P<below>(?:\r?\n[ \t*_]*){1,2})?(?:[\[(][ \t*_]*)?(?P<num>-?\d+(?:\.\d+)?)",
+    r"[ \t\u00a0*_:：=]*(?P<below>(?:\r?\n[ \t*_]*){1,2})?(?:[\[(<`\"][ \t*_]*)?(?P<num>-?\d+(?:\.\d+)?)",
     re.IGNORECASE,
 )
-_CLOSE = r"[ \t*_\])]*"  # closing emphasis and brackets after the number
+_CLOSE = r"[ \t*_\])>`\"]*"  # closing emphasis and brackets after the number (`<3>`: the prompt's placeholder kept)
 _OUT_OF = r"(?:(?:[(\[][ \t]*)?(?:/|out[ \t]+of)[ \t]*(?P<den>\d+)" + _CLOSE + r")?"  # "/5", "out of 5", "(out of 5)"
 _POINTS = r"(?:(?:points?|pts)\b" + _CLOSE + r")?"
 # What may follow the number for it to end the statement: "/5" or "out of 5", "points", then the end of the line or

@@ -43,6 +43,12 @@ def test_parser_recovers_every_real_llama_score(path, expected_rows):
         ("Educational score: 1 out of 5", 1),
         ("Educational score: **0**", 0),
         ("Educational score: [2]", 2),
+        # the prompt's "<total points>" placeholder kept by a small model, a quoted or code-formatted score, a
+        # non-breaking space: re-asked (paid again), or lost at temperature 0
+        ("Educational score: <3>", 3),
+        ("Educational score: `3`", 3),
+        ('Educational score: "3"', 3),
+        ("Educational score:\u00a03", 3),
         ("Educational score:\n\n4.", 4),
         ("Educational score: 4.0", 4),
         ("Educational score: 3\n\nI hope this helps! Let me know if you have questions.", 3),

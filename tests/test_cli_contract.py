@@ -495,6 +495,16 @@ def test_exit_status_sorts_errors_into_bad_input_and_failures():
     for error in (RunError("x"), BackendError("x"), StageFailed("x"), OSError("x"), PushError("x")):
         assert exit_status(error) == 1, error
     assert exit_status(KeyError("x")) is None  # a bug keeps its traceback
+    # a write to a closed `| head`: left to click, which ends it quietly (it printed "error: [Errno 32] Broken pipe");
+    # a broken pipe elsewhere (a server's socket) is a failure still
+    assert exit_status(BrokenPipeError(32, "Broken pipe")) == 1
+    reader, writer = os.pipe()
+    os.close(reader)
+    asked = subprocess.run([sys.executable, "-c", "import sys; from edu_filter.cli import exit_status; "
+                            "print(exit_status(BrokenPipeError(32, 'Broken pipe')), file=sys.stderr)"],
+                           stdout=writer, stderr=subprocess.PIPE, text=True)
+    os.close(writer)
+    assert asked.stderr.strip() == "None", asked.stderr
 
 
 @pytest.mark.slow
