@@ -614,7 +614,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     hide them from a task asking none, nor Slurm without device constraints), and would load a model onto a GPU
     another job holds."""
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
-    from datatrove.pipeline.dedup.minhash import MinhashDedupCluster, MinhashDedupFilter
+    from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
 
     from edu_filter.filters.dedup import (
         EXACT_FIND_FILES_PER_TASK,
@@ -641,7 +641,11 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         RecordWriter,
         input_field_types,
     )
-    from edu_filter.filters.minhash import FastMinhashSignature, SharedMinhashDedupBuckets
+    from edu_filter.filters.minhash import (
+        ArrayMinhashDedupCluster,
+        FastMinhashSignature,
+        SharedMinhashDedupBuckets,
+    )
     from edu_filter.filters.progress import TaskProgressTime
     from edu_filter.filters.report import WriteApplyStats
     from edu_filter.filters.scoring import (CountTokens, EduClassifierScorer, KeepTopCutoff, NonFiniteScoreFilter,
@@ -732,7 +736,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                 Stage("minhash-cluster", [OpenFilesLimit(cfg.tasks),  # a .remove file per task, held to the end
                                           AwaitStageFiles(near_buckets, "minhash-buckets",
                                                           buckets=minhash.num_buckets, bucket_workers=bucket_workers),
-                                          MinhashDedupCluster(near_buckets, near_remove, config=minhash),
+                                          ArrayMinhashDedupCluster(near_buckets, near_remove, config=minhash),
                                           RecordDedupResults(near_remove)],
                       1, clusters=True, merges=True),
             ]

@@ -21,16 +21,20 @@ hashing that xxhash 4.x dropped.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import struct
 import unicodedata
 from collections.abc import Iterator
 
 import numpy as np
+from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike
 from datatrove.pipeline.dedup.minhash import (
+    SENTINEL,
     MinhashConfig,
     MinhashDedupBuckets,
+    MinhashDedupCluster,
     MinhashDedupSignature,
     _mersenne_prime,
 )
@@ -374,3 +378,86 @@ class SharedMinhashDedupBuckets(MinhashDedupBuckets):
                 return struct.unpack(self.config.hash_config.struct_format, f.read(first_hash))[0]
 
             return (0 if worker == 0 else cut(worker)), (top if worker + 1 == workers else cut(worker + 1))
+
+
+class ArrayMinhashDedupCluster(MinhashDedupCluster):
+    """datatrove's cluster stage (its `.remove` files and stats) in numpy arrays: datatrove's union-find held a dict
+    of tuples, ~170 bytes per document with a near duplicate (~85 GB in its one task for a crawl of 2B documents, a
+    quarter of them in clusters); here a sorted array of the documents' 64-bit keys and their components, ~50 bytes
+    at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time (scipy's connected components over the
+    components so far), and each keeps its first document in input order (file, then position), where datatrove
+    kept the root its union by size happened to leave. Runs with an index (pairs naming SENTINEL) or writing
+    cluster ids or sizes take datatrove's own path."""
+
+    name = "🎯 MinHash stage 3 (arrays)"
+
+    def run(self, data: DocumentsPipeline = None, _: int = 0, world_size: int = 1) -> None:
+        from datatrove.utils.stats import MetricStats
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        if self.save_cluster_id or self.save_cluster_size or self.ignore_index_matches:
+            return super().run(data, _, world_size)
+        dup_files = self.input_folder.list_files(glob_pattern="*.dups")
+        assert len(dup_files) % self.config.num_buckets == 0, "Number of .dups files should be divisible by number of buckets"
+        assert world_size == 1, "World size must be 1 for clustering"
+        buckets: dict[str, list[str]] = {}  # datatrove's names: BUCKET_WORKER.dups
+        for name in sorted(dup_files):
+            buckets.setdefault(posixpath.basename(name).split("_")[0], []).append(name)
+        with self.track_time():
+            keys = np.zeros(0, np.uint64)  # every document in a pair, sorted: file << 32 | position
+            for names in buckets.values():
+                a, b = self._pair_keys(names)
+                found = np.unique(np.concatenate([a, b]))
+                del a, b
+                keys = np.union1d(keys, found)
+                del found
+            if len(keys) and keys[-1] == np.uint64(SENTINEL_KEY):  # a match with an index: datatrove's semantics
+                return super().run(data, _, world_size)
+            component = np.arange(len(keys), dtype=np.int64 if len(keys) >= 2**31 else np.int32)
+            for names in buckets.values():
+                a, b = self._pair_keys(names)
+                edges = (component[np.searchsorted(keys, a)], component[np.searchsorted(keys, b)])
+                del a, b
+                graph = coo_matrix((np.ones(len(edges[0]), np.int8), edges), shape=(len(keys), len(keys)))
+                del edges
+                _, joined = connected_components(graph, directed=False)
+                del graph
+                component = joined[component]
+            # keys are sorted: a component's first key is its document read first, kept; the others removed
+            first = np.full(int(component.max(initial=-1)) + 1, len(keys), dtype=component.dtype)
+            np.minimum.at(first, component, np.arange(len(keys), dtype=component.dtype))
+            sizes = np.bincount(component)
+            del component
+            remove = np.ones(len(keys), bool)
+            remove[first[sizes > 0]] = False
+            sizes = sizes[sizes > 0]
+            del first
+            removed = keys[remove]
+            del remove
+            files = np.unique(removed >> np.uint64(32))
+            bounds = np.searchsorted(removed, np.r_[files << np.uint64(32), np.uint64(2**64 - 1)])
+            for file, start, end in zip(files.tolist(), bounds[:-1], bounds[1:]):
+                with self.output_folder.open(f"{file:06d}.remove", mode="wb") as out:
+                    out.write((removed[start:end] & np.uint64(0xFFFFFFFF)).astype("<u4").tobytes())
+            for stat, value in (("duplicates", len(keys)), ("to_remove", len(removed))):
+                if value:  # as datatrove's stat_update per document adds up
+                    self.stats[stat] += MetricStats(total=value, n=value, mean=1.0, min=1, max=1)
+            if len(sizes):
+                self.stats["cluster_size"] += MetricStats(
+                    total=int(sizes.sum()), n=len(sizes), mean=float(sizes.mean()), min=int(sizes.min()),
+                    max=int(sizes.max()), _running_variance=float(((sizes - sizes.mean()) ** 2).sum()), unit="cluster")
+
+    def _pair_keys(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs of a bucket's .dups files (4 little-endian uint32 a pair: file, position, file, position) as
+        two arrays of 64-bit keys."""
+        chunks = []
+        for name in names:
+            with self.input_folder.open(name, "rb") as fh:
+                chunks.append(np.frombuffer(fh.read(), dtype="<u4").reshape(-1, 4))
+        pairs = np.concatenate(chunks) if chunks else np.zeros((0, 4), "<u4")
+        del chunks
+        return tuple((pairs[:, i].astype(np.uint64) << np.uint64(32)) | pairs[:, i + 1] for i in (0, 2))
+
+
+SENTINEL_KEY = (SENTINEL << 32) | SENTINEL  # datatrove's index document, as a key

@@ -7,6 +7,7 @@ cluster and filter stages find the same near-duplicate pairs from them.
 from __future__ import annotations
 
 import gzip
+import importlib
 import itertools
 import json
 import pickle
@@ -33,6 +34,7 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 
 from edu_filter.filters.dedup import fineweb_minhash_config
 from edu_filter.filters.minhash import (
+    ArrayMinhashDedupCluster,
     EnglishWordSplitter,
     FastMinhashSignature,
     SharedMinhashDedupBuckets,
@@ -210,6 +212,85 @@ def test_a_bucket_shared_among_tasks_finds_the_pairs_of_one_task_though_the_firs
     files = step.input_folder.list_files(subdirectory="bucket_000")
     ranges = [step.get_worker_hash_range(files, rank, 3 * config.num_buckets) for rank in range(3)]
     assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] < ranges[1][1] == ranges[2][0] < ranges[2][1]
+
+
+def _clusters(buckets: Path) -> list[list[tuple[int, int]]]:
+    """The clusters the pairs in `buckets` make, each sorted (a plain union-find)."""
+    parent: dict = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for path in sorted(buckets.glob("*.dups")):
+        for f1, d1, f2, d2 in struct.iter_unpack("<4I", path.read_bytes()):
+            a, b = root((f1, d1)), root((f2, d2))
+            parent[max(a, b)] = min(a, b)
+    found: dict = {}
+    for x in parent:
+        found.setdefault(root(x), []).append(x)
+    return [sorted(c) for c in found.values()]
+
+
+def _removed(folder: Path) -> set[tuple[int, int]]:
+    out = set()
+    for path in folder.glob("*.remove"):
+        positions = np.frombuffer(path.read_bytes(), "<u4")
+        assert (np.diff(positions.astype(np.int64)) > 0).all()  # ascending, as datatrove's filter reads them
+        out |= {(int(path.stem), int(p)) for p in positions}
+    return out
+
+
+@pytest.mark.slow
+def test_the_array_cluster_stage_keeps_one_document_of_each_cluster_as_datatrove_does(both_runs, tmp_path):
+    """Its clusters, counts and stats are datatrove's; the copy kept is each cluster's first read (file, then
+    position), where datatrove's is the root its union by size happened to leave."""
+    buckets = both_runs["fast"]["sigs"].parent / "buckets"
+    config = fineweb_minhash_config()
+    stock = MinhashDedupCluster(str(buckets), str(tmp_path / "stock"), config=config)
+    arrays = ArrayMinhashDedupCluster(str(buckets), str(tmp_path / "arrays"), config=config)
+    stock.run()
+    arrays.run()
+    clusters, removed = _clusters(buckets), _removed(tmp_path / "arrays")
+    assert len(clusters) > 20 and len(removed) == len(_removed(tmp_path / "stock"))
+    for cluster in clusters:
+        assert [x for x in cluster if x not in removed] == cluster[:1]
+    for name in ("duplicates", "to_remove", "cluster_size"):
+        a, b = stock.stats[name], arrays.stats[name]
+        assert (a.total, a.n, a.min, a.max, a.unit) == (b.total, b.n, b.min, b.max, b.unit), name
+        assert a.variance == pytest.approx(b.variance), name
+
+
+def test_the_array_cluster_stage_holds_about_fifty_bytes_a_document(tmp_path):
+    """datatrove's union-find, a dict of tuples, took ~170 bytes per document with a near duplicate (~340 GB in
+    its one task for 2B such documents); a bucket's pairs at a time, as its bucket stage writes them."""
+    import tracemalloc
+
+    importlib.import_module("scipy.sparse.csgraph")  # its modules loaded before the measure
+
+    rng = np.random.default_rng(0)
+    docs, files = 200_000, 16
+    sizes = np.minimum(rng.geometric(0.6, size=docs) + 1, 20)
+    sizes = sizes[np.cumsum(sizes) <= docs]
+    members = rng.permutation(docs)[: sizes.sum()]
+    keys = np.stack([members % files, members // files], axis=1).astype("<u4")
+    starts = np.cumsum(sizes) - sizes
+    (tmp_path / "b").mkdir()
+    for bucket in range(14):
+        found = rng.random(len(sizes)) < 0.8
+        first = np.concatenate([np.arange(s, s + n - 1) for s, n in zip(starts[found], sizes[found])])
+        np.concatenate([keys[first], keys[first + 1]], axis=1).tofile(tmp_path / "b" / f"{bucket:05d}_00.dups")
+    step = ArrayMinhashDedupCluster(str(tmp_path / "b"), str(tmp_path / "remove"), config=fineweb_minhash_config())
+    tracemalloc.start()
+    try:
+        step.run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert step.stats["duplicates"].total == sizes.sum() and step.stats["cluster_size"].n == len(sizes)
+    assert len(_removed(tmp_path / "remove")) == sizes.sum() - len(sizes)
+    assert peak < 80 * sizes.sum(), peak / sizes.sum()
 
 
 def test_splitter_reproduces_spacy_words_on_fineweb_and_hard_text():
