@@ -691,8 +691,9 @@ async def _read_output_until_exit(process, log) -> None:
 
     readers = [asyncio.create_task(read(stream)) for stream in (process.stdout, process.stderr) if stream is not None]
     try:
-        await process.wait()
-        await asyncio.wait(readers, timeout=5)  # the rest of its output (its children may hold the pipes open)
+        while process.returncode is None:  # set at its exit: wait() also waits for its pipes, which the server's
+            await asyncio.sleep(0.5)       # children (vLLM's engine) may hold open after it crashed
+        await asyncio.wait(readers, timeout=5)  # the rest of its output
     finally:
         for reader in readers:
             reader.cancel()

@@ -530,10 +530,11 @@ def task_markers(folder) -> list[TaskMarker]:
 def forget_killed(logging_dir) -> None:
     """Removes the `running/` files a killed earlier run left, before anyone watches this run's. A task of that run
     still running on this machine (its run killed alone, its workers left) stops this one: both would write the
-    task's files at once."""
+    task's files at once. One naming this process is an earlier run's (no task of this one has started): in a
+    container each run is process 1, and a file of the previous release names no start time."""
     here = socket.gethostname()
     for marker in task_markers(logging_dir):
-        if marker.host in (None, here) and _runs_python(marker.pid, marker.started):
+        if marker.host in (None, here) and marker.pid != os.getpid() and _runs_python(marker.pid, marker.started):
             stage = posixpath.basename(logging_dir.path.rstrip("/"))
             raise RunError(f"task {marker.rank} of stage {stage} is still running in process {marker.pid}, left by "
                            f"an earlier run of this output that was stopped alone: stop it (kill {marker.pid}) or "

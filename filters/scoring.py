@@ -34,16 +34,19 @@ _CLAIMED_GPU: dict[int, tuple[int, object]] = {}  # gpus seen -> (the GPU this p
 
 
 def claim_gpu(gpus: int) -> int | None:
-    """The first of the `gpus` visible GPUs that no other process of this user on this machine holds, held until
-    this process ends (a lock file per physical GPU in the temporary folder; the kernel drops it however the process
-    ends); None when every one is held."""
+    """The first of the `gpus` visible GPUs that no other process of this user and job on this machine holds, held
+    until this process ends (a lock file per visible GPU in the temporary folder; the kernel drops it however the
+    process ends); None when every one is held. The job and the machine name the folder: Slurm numbers each job's
+    GPUs from 0, and a temporary folder may be shared by jobs or nodes."""
     import fcntl
+    import socket
     import tempfile
 
     if gpus in _CLAIMED_GPU:
         return _CLAIMED_GPU[gpus][0]
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}")
+    job = os.environ.get("SLURM_JOB_ID", "")
+    folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}-{socket.gethostname()}-{job}")
     os.makedirs(folder, exist_ok=True)
     for index in range(gpus):
         physical = visible[index] if index < len(visible) else str(index)

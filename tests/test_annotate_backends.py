@@ -254,6 +254,39 @@ def test_a_server_logging_a_long_prompt_or_one_naming_a_cuda_error_goes_on_servi
     assert all(f"Received request {d['id']}:" in logged for d in docs)  # read to the end, after the long line
 
 
+def test_a_started_servers_output_is_read_until_it_exits_though_its_children_hold_its_pipes(tmp_path):
+    """Once datatrove's monitor has ended early, the server's output is read into its log until the server exits,
+    and that exit is seen when it comes: a vLLM crashing while its engine process held the pipes was taken for
+    running until the engine ended too."""
+    import asyncio
+    import logging
+    import os
+    import signal
+    import time
+
+    from edu_filter.annotate.backends import _read_output_until_exit
+
+    log = logging.getLogger("server-output-test")
+    log.propagate, handler = False, logging.FileHandler(tmp_path / "server.log")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    async def run() -> tuple[int, float]:
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-c", "for i in 1 2 3; do echo line $i; done; sleep 30 & exit 3",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        started = time.monotonic()
+        await _read_output_until_exit(process, log)
+        seconds = time.monotonic() - started
+        os.killpg(process.pid, signal.SIGKILL)  # its child, holding the pipes
+        await process.wait()
+        return process.returncode, seconds
+
+    status, seconds = asyncio.run(run())
+    handler.close()
+    assert status == 3 and seconds < 10 and "line 3" in (tmp_path / "server.log").read_text()
+
+
 def scoring_with_its_server(tmp_path, *server_args: str):
     """`score` with a server it starts (the test server as a script, given `server_args`), a few answers in: (its
     process, the server's process ids, the output path)."""

@@ -340,6 +340,24 @@ def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypat
     assert len(gpus_of) == 2 and all(len(gpus) == 1 for gpus in gpus_of.values()), gpus_of
 
 
+def test_two_jobs_numbering_their_gpus_alike_claim_theirs_apart(tmp_path):
+    """Slurm numbers each job's GPUs from 0, and jobs share a node's temporary folder: one job's claims took the
+    other's, whose tasks then fell back to `rank % gpus`, two on one GPU while another idled."""
+    import subprocess
+    import sys
+
+    claim = ("import sys, time; from edu_filter.filters.scoring import claim_gpu; print(claim_gpu(2), flush=True); "
+             "time.sleep(4)")
+    runs = [subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True, env={
+        **os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": job})
+        for job in ("101", "101", "102", "102")]
+    claimed = [run.stdout.readline().strip() for run in runs]
+    for run in runs:
+        run.kill()
+        run.wait()
+    assert sorted(claimed[:2]) == sorted(claimed[2:]) == ["0", "1"], claimed
+
+
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
     from edu_filter.filters.apply import SlurmOptions
 

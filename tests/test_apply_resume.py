@@ -268,3 +268,16 @@ def test_stopping_a_run_kills_its_workers_and_spares_its_own_process(tmp_path):
     that process SIGKILL, ending it without its cleanup or a message (exit 137, as an out-of-memory kill reads)."""
     res = subprocess.run([sys.executable, "-c", STOPPING, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and f"still here, worker {-signal.SIGKILL}" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_marker_naming_this_process_is_an_earlier_runs(tmp_path):
+    """In a container every run is process 1: a task file the previous release wrote ("PID HOST", no start time)
+    named the rerun itself, which was refused on every attempt and told to kill itself."""
+    from datatrove.io import get_datafolder
+
+    from edu_filter.filters.executors import forget_killed
+
+    (tmp_path / "running").mkdir()
+    (tmp_path / "running" / "00000").write_text(f"{os.getpid()} {socket.gethostname()}")
+    forget_killed(get_datafolder(str(tmp_path)))
+    assert not list((tmp_path / "running").iterdir())
