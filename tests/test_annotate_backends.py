@@ -280,6 +280,7 @@ def test_a_started_servers_output_is_read_until_it_exits_though_its_children_hol
         seconds = time.monotonic() - started
         os.killpg(process.pid, signal.SIGKILL)  # its child, holding the pipes
         await process.wait()
+        await asyncio.sleep(0.1)  # the transport's end, scheduled by the pipes' closing
         return process.returncode, seconds
 
     status, seconds = asyncio.run(run())
