@@ -45,7 +45,7 @@ def read_scores(paths, field: str = "score",
     nulls: set[str] = set()
     weighted = None
     for path in expand_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        for lineno, row in iter_raw_rows(path):
+        for lineno, row in iter_raw_rows(path, id_field):  # integer ids wider than 64 bits read exactly
             doc_id = row.get(id_field)
             if doc_id is None:
                 raise DocumentError(f"{path}:{lineno}: field '{id_field}' is missing (needed to join A and B)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from edu_filter.classifiers.metrics import (
     compute_metrics,
     metric_warnings,
@@ -14,6 +16,7 @@ from edu_filter.classifiers.metrics import (
 )
 from edu_filter.documents import (
     InputError,
+    RunError,
     check_model_name,
     check_writable_output,
     read_labelled,
@@ -64,6 +67,11 @@ def evaluate_model(
     scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
     with torch_threads(num_threads):
         raw, _ = scorer.predict_many([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
+    if not np.isfinite(raw).all():  # taken for int_score 0 (NaN) or 5 (inf) in the F1s, unwarned
+        bad = np.flatnonzero(~np.isfinite(raw))
+        raise RunError(f"the classifier scores {len(bad):,} of {len(raw):,} documents with no finite number (first: "
+                       f"{rows[bad[0]].get('id', f'row {bad[0]}')}, {raw[bad[0]]}): an overflow in --dtype float16? "
+                       "float32 or bfloat16 score them; apply fails such documents as non_finite_score")
     labels = [r["label"] for r in rows]
     metrics = compute_metrics(labels, raw, scorer.to_int_score(raw), weights=weights)
     if weights is not None:

@@ -72,6 +72,12 @@ def test_agreement_joins_on_id_and_counts_what_it_skips(tmp_path):
     human = _write(tmp_path / "human.jsonl", [{"id": str(i), "score": i % 6} for i in range(10)])
     r = agreement(str(human), str(pool), show=False)
     assert (r["n"], r["null_a"], r["null_b"], r["only_in_a"], r["only_in_b"]) == (9, 0, 1, 0, 891)
+    # integer ids wider than 64 bits: two a digit apart were one float, a duplicate id (or a wrong join)
+    wide = 123456789012345678901234
+    big = (tmp_path / "big.jsonl")
+    big.write_text("".join(f'{{"id": {wide + k}, "score": {k}}}\n' for k in range(3)))
+    r = agreement(str(big), str(big), show=False)
+    assert r["n"] == 3 and r["exact_agreement"] == 1.0
 
 
 def test_keep_drop_at_a_whole_threshold_rounds_as_apply_keeps():

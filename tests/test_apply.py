@@ -708,6 +708,13 @@ def test_a_document_scored_not_a_number_fails_alone(stock_classifier, tmp_path):
     [failed] = [json.loads(line) for f in (tmp_path / "out" / "failed" / "non_finite_score").glob("*.gz")
                 for line in gzip.open(f)]
     assert failed["id"] == "zebra" and "scored it nan" in failed["input_error"]
+    # evaluate took its NaN for an int_score of 0 in every F1, warning only of "constant scores or labels"
+    from edu_filter.classifiers.evaluate import evaluate_model
+    from edu_filter.documents import RunError
+
+    (tmp_path / "labelled.jsonl").write_text("".join(json.dumps({**r, "score": 2}) + "\n" for r in rows))
+    with pytest.raises(RunError, match="scores 1 of 10 documents with no finite number .first: zebra, nan"):
+        evaluate_model(str(model), [str(tmp_path / "labelled.jsonl")])
     # damaged weights, every document not a number: the task fails at once, found on a probe sentence (NaN fails
     # every threshold: all would have been removed)
     from datatrove.data import Document
