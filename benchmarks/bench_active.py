@@ -24,8 +24,10 @@ Scores on the evaluation set come from the cached frozen embeddings with the sav
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -158,6 +160,8 @@ def main() -> None:
     chosen = protocols(set(args.only) if args.only else None, [int(b) for b in args.budgets.split(",")], args.seeds,
                        args.cv_seeds)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-active-"))
+    if not args.out:  # kept only where asked for
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for protocol in chosen:
@@ -186,18 +190,23 @@ def summarise(results: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["protocol"], r["budget"], r["select"]), []).append(r)
-    print(f"{'protocol':10} {'labels':>6} {'select':>7} {'F1@3':>13} {'F1@4':>6} {'Spearman':>14} {'keep@3':>7} "
-          f"{'true':>5} {'3+ found':>9}")
+    # mean over draws ± its standard error (as RESULTS.md reports them); keep@3 with its standard deviation
+    print(f"{'protocol':10} {'labels':>6} {'select':>7} {'F1@3 ± s.e.':>13} {'F1@4':>6} {'Spearman ± s.e.':>15} "
+          f"{'keep@3 (sd)':>14} {'true':>5} {'3+ found':>9}")
     for (protocol, budget, select), rs in sorted(groups.items()):
-        def stat(key, spread=True):
+        def stat(key, spread="se"):
             values = np.array([r[key] for r in rs if r[key] is not None])  # None: no 3+ labelled or scored
             if not len(values):
                 return "n/a"
-            return f"{values.mean():.3f}" + (f" ±{values.std(ddof=1):.3f}" if spread and len(values) > 1 else "")
+            if not spread or len(values) < 2:
+                return f"{values.mean():.3f}"
+            sd = values.std(ddof=1)
+            return (f"{values.mean():.3f} ±{sd / np.sqrt(len(values)):.3f}" if spread == "se" else
+                    f"{values.mean():.3f} ({sd:.3f})")
         found = f"{np.mean([r['high_in_sample'] for r in rs]):.1f}/{rs[0]['high_in_pool']}"
-        print(f"{protocol:10} {budget:>6} {select:>7} {stat('f1_3'):>13} {stat('f1_4', spread=False):>6} "
-              f"{stat('spearman'):>14} {np.mean([r['retention_3'] for r in rs]):>7.3f} "
-              f"{rs[0]['true_share_3']:>5.3f} {found:>9}")
+        print(f"{protocol:10} {budget:>6} {select:>7} {stat('f1_3'):>13} {stat('f1_4', spread=None):>6} "
+              f"{stat('spearman'):>15} {stat('retention_3', spread='sd'):>14} {rs[0]['true_share_3']:>5.3f} "
+              f"{found:>9}")
 
 
 if __name__ == "__main__":

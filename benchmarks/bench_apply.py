@@ -22,9 +22,11 @@ the weights' values, so `--random-init` measures the speed of a model whose weig
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +52,7 @@ def classifier_folder(model: str | None, max_length: int, random_init: bool = Fa
             from transformers import BertConfig
 
             model, random_init = tempfile.mkdtemp(prefix="bench_bert_base_"), True
+            atexit.register(shutil.rmtree, model, ignore_errors=True)  # a BERT-base in fp32: ~440 MB a run
             BertConfig(num_labels=1).save_pretrained(model)
             AutoTokenizer.from_pretrained(minilm).save_pretrained(model)
         else:
@@ -62,6 +65,7 @@ def classifier_folder(model: str | None, max_length: int, random_init: bool = Fa
     tok = AutoTokenizer.from_pretrained(model)
     tok.model_max_length = max_length
     folder = tempfile.mkdtemp(prefix="bench_apply_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     clf.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

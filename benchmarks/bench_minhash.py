@@ -19,8 +19,10 @@ verdict agrees.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import random
+import shutil
 import struct
 import tempfile
 import time
@@ -109,6 +111,7 @@ def main():
     load_word_tokenizer(Languages.english).word_tokenize("warm up")
     config = fineweb_minhash_config()
     tmp = Path(tempfile.mkdtemp(prefix="bench_minhash_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     n_docs, n_bytes = make_corpus(tmp / "in", args.mb)
     mb = n_bytes / 1e6
     print(f"{n_docs} documents, {mb:.1f} MB of text, {config}")
