@@ -123,9 +123,15 @@ def sigkill_mid_scoring_then_rerun(cli_tasks4, out: Path, extra: list[str], env:
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(list(completions.iterdir())) < 4  # killed in the middle of scoring
+    done = [r for r in range(4) if (completions / f"{r:05d}").exists()]
+    written = {p: p.stat().st_mtime_ns for kind in ("kept", "removed", "failed") for p in (out / kind).rglob("*")
+               if p.is_file() and any(f"{r:05d}" in p.name for r in done)}
+    assert written, "the finished tasks wrote nothing: nothing shows whether the rerun runs them again"
     if between is not None:
-        between(out, [r for r in range(4) if not (completions / f"{r:05d}").exists()])
+        between(out, [r for r in range(4) if r not in done])
     stderr = rerun_gives_the_clean_result(cli_tasks4, out, args, env)
+    # the tasks finished before the kill were not run again (their files untouched), only the others
+    assert {p: p.stat().st_mtime_ns for p in written} == written
     if env and "RAY_ADDRESS" in env:  # the run used that cluster, not an instance of its own
         assert f"Ray cluster at {env['RAY_ADDRESS']}: 1 live node, 2 CPUs" in stderr, stderr[-3000:]
 

@@ -48,8 +48,8 @@ def test_cli_tasks_and_workers_with_default_dedup(cli_tasks4):
     assert stats["adds_up"] and stats["settings"]["tasks"] == 4
     assert stats["removed"]["duplicate"]["documents"] >= 15  # 8 groups of 3 leave 16 duplicates
     assert len(list((tmp / "out" / "logs" / "filter" / "completions").iterdir())) == 4
-    kept = read_kept(tmp / "out")
-    assert kept.height == 0 or kept["int_score"].min() >= 3
+    kept = read_kept(tmp / "out")  # what the resume tests compare: about half the documents, from every task
+    assert kept.height >= 20 and kept["int_score"].min() >= 2 and len(list((tmp / "out" / "kept").iterdir())) == 4
 
 
 @pytest.mark.slow
