@@ -223,15 +223,18 @@ def provenance_path(artifact: str | os.PathLike) -> Path:
     return artifact / PROVENANCE_FILE if artifact.is_dir() else artifact.with_name(artifact.name + SIDECAR_SUFFIX)
 
 
-def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
+def read_provenance(path: str | os.PathLike, parsed: dict | None = None) -> tuple[dict, Path] | None:
     """(record, artifact path) of the artifact at `path` or of the folder artifact enclosing it (`OUT/kept` belongs
-    to the apply output OUT); None when there is none."""
+    to the apply output OUT); None when there is none. `parsed`: records read before, by file (one read and held
+    for the many files of one artifact)."""
     if is_remote(path):
         return None
     path = Path(path).absolute()
     candidates = [path] + list(path.parents)[:ENCLOSING_LEVELS]
     for i, candidate in enumerate(candidates):
         record_file = provenance_path(candidate) if i == 0 else candidate / PROVENANCE_FILE
+        if parsed is not None and str(record_file) in parsed:
+            return parsed[str(record_file)], candidate
         if record_file.is_file():
             try:
                 record = json.loads(record_file.read_text())
@@ -243,6 +246,8 @@ def read_provenance(path: str | os.PathLike) -> tuple[dict, Path] | None:
                     continue
                 raise ProvenanceError(f"{record_file}: {bad}")
             if record.get("format") == RECORD_FORMAT:
+                if parsed is not None:
+                    parsed[str(record_file)] = record
                 return record, candidate
     return None
 
@@ -303,7 +308,8 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join([program, *map(_redact, argv[1:])])  # each argument whole: a secret may hold a quote
 
 
-def describe_input(role: str, path: str | os.PathLike, full_hash_max_bytes: int | None = None) -> dict:
+def describe_input(role: str, path: str | os.PathLike, full_hash_max_bytes: int | None = None,
+                   parsed: dict | None = None) -> dict:
     """One input as recorded: role, path (absolute when local), fingerprint (hashed in full up to
     `full_hash_max_bytes`, default FULL_HASH_MAX_BYTES), and the input's own provenance record when it is (or lies
     inside) an artifact."""
@@ -316,7 +322,7 @@ def describe_input(role: str, path: str | os.PathLike, full_hash_max_bytes: int 
     entry.update({"fingerprint": None, "fingerprint_method": "none: remote input"} if found is None else {
         "fingerprint": found["fingerprint"], "fingerprint_method": found["method"], "bytes": found["bytes"],
         "files": found["files"]})
-    enclosing = read_provenance(text) if local else None
+    enclosing = read_provenance(text, parsed) if local else None
     if enclosing is not None:
         record, artifact = enclosing
         entry["provenance"] = record
@@ -353,8 +359,19 @@ def describe_inputs(inputs: Mapping[str, str | os.PathLike | Iterable | None]) -
              for path in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     with ThreadPoolExecutor(max(1, min(FINGERPRINT_THREADS, len(pairs)))) as pool:
         limits = _role_hash_limits(pairs, pool)
-        return _in_order_with_bar(pool, lambda pair: describe_input(*pair, limits.get(pair[0])), pairs,
-                                  f"fingerprinting {len(pairs):,} inputs")
+        parsed: dict = {}
+        entries = _in_order_with_bar(pool, lambda pair: describe_input(*pair, limits.get(pair[0]), parsed), pairs,
+                                     f"fingerprinting {len(pairs):,} inputs")
+    # an artifact's record once, with the first of its files given: a copy with each (UP/kept/*.parquet, 1,000
+    # files) made a record of files x its size, copied again by everything made from it (10 GB at 25k files)
+    recorded: set[str] = set()
+    for entry in entries:
+        if "artifact" in entry and "provenance" in entry:
+            if entry["artifact"] in recorded:
+                del entry["provenance"]
+            recorded.add(entry["artifact"])
+    return entries
+
 
 
 def _role_hash_limits(pairs: list[tuple[str, str | os.PathLike]], pool) -> dict[str, int]:
@@ -490,12 +507,15 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     consumer = (origin or path) if local else None
     if consumer is not None and not (consumer.is_dir() or (record or {}).get("kind") in FOLDER_KINDS):
         consumer = consumer.parent  # inputs are recorded relative to a file's folder
-    node["inputs"] = [_input_node(entry, consumer, cache) for entry in (record or {}).get("inputs", [])]
+    inputs = (record or {}).get("inputs", [])
+    # an artifact's record is kept with the first of its files given (`describe_inputs`)
+    shared = {e["artifact"]: e["provenance"] for e in inputs if e.get("artifact") and e.get("provenance")}
+    node["inputs"] = [_input_node(entry, consumer, cache, entry.get("provenance") or shared.get(entry.get("artifact")))
+                      for entry in inputs]
     return node
 
 
-def _input_node(entry: dict, consumer: Path | None, cache: dict) -> dict:
-    record = entry.get("provenance")
+def _input_node(entry: dict, consumer: Path | None, cache: dict, record: dict | None) -> dict:
     about = {"role": entry["role"], "used_fingerprint": entry.get("fingerprint")}
     if is_remote(entry["path"]):
         return _node(record, entry["path"], {**about, "stale": False, "missing": False, "remote": True}, cache)
