@@ -101,7 +101,10 @@ def rerun_gives_the_clean_result(cli_tasks4, out: Path, args: list[str], env: di
     clean, resumed = read_outputs(cli_tasks4[0] / "out"), read_outputs(out)
     assert len(resumed["kept"]) == len(set(resumed["kept"]))
     assert {k: sorted(v) for k, v in resumed.items()} == {k: sorted(v) for k, v in clean.items()}
-    assert json.loads((out / "stats.json").read_text())["adds_up"]
+    stats, clean_stats = (json.loads((folder / "stats.json").read_text()) for folder in (out, cli_tasks4[0] / "out"))
+    assert stats["adds_up"]
+    assert {k: stats[k] for k in ("in", "kept", "removed", "failed")} == {
+        k: clean_stats[k] for k in ("in", "kept", "removed", "failed")}  # counted once each, tokens too
     return res.stderr
 
 

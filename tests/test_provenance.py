@@ -199,6 +199,15 @@ def test_many_input_paths_are_described_several_at_a_time_in_their_order(tmp_pat
     assert [e["fingerprint"] for e in entries] == [sha256(f) for f in files]
     said = capsys.readouterr()
     assert f"fingerprinting {n:,} inputs: {n:,}/{n:,}" in " ".join(said.err.split()) and not said.out
+    # their lineage reads them again, several at a time too (one after another: tens of silent minutes at 100k)
+    (tmp_path / "out").mkdir()
+    provenance.record_provenance(tmp_path / "out", kind="dataset", settings={}, inputs={"documents": files})
+    capsys.readouterr()
+    tree = provenance.lineage(tmp_path / "out")
+    assert [n["fingerprint"] for n in tree["inputs"]] == [sha256(f) for f in files]
+    assert not any(n["stale"] for n in tree["inputs"])
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"fingerprinting the {n:,} inputs of {tmp_path / 'out'}: {n:,}/{n:,}" in said
 
 
 def test_a_glob_of_shards_is_hashed_in_full_only_when_all_of_them_together_are_small(tmp_path, monkeypatch):
@@ -461,6 +470,8 @@ def test_a_deleted_input_is_missing_and_stale(tmp_path):
     [node] = provenance.lineage(annotations)["inputs"]
     assert node["missing"] and node["stale"] and node["fingerprint"] is None
     assert node["used_fingerprint"].startswith("sha256:")
+    said = CliRunner().invoke(app, ["lineage", str(annotations)])  # said missing, not changed
+    assert "1 input(s) missing" in said.output and "changed since" not in said.output, said.output
 
 
 def test_a_record_found_beside_an_input_later_is_shown_only_while_the_input_is_unchanged(tmp_path):
