@@ -74,7 +74,8 @@ def test_slurm_wait_runs_the_chain_and_every_document_lands_once(clean_run, corp
     collapsed = 0
     for original, near, copy in planted["groups"].values():
         survivors = {original, near, copy} - set(found.get("removed/duplicate", []))
-        assert len(survivors & {original, copy}) == 1  # exact copies always collapse
+        # exact copies always collapse; one of the group survives (the near copy, where it is read first)
+        assert len(survivors & {original, copy}) <= 1 and survivors and (len(survivors) == 1 or near in survivors)
         collapsed += len(survivors) == 1  # near copies (~0.78 Jaccard) are caught with probability ~0.87
     assert collapsed >= 6
     stats = json.loads((out / "stats.json").read_text())
