@@ -2,8 +2,9 @@
 
 A score counts only where it ends its statement: "Educational score: 3" at the end of a line or before punctuation,
 optionally bold (`**Educational score:** 3`, `Educational Score: **3**`), bracketed (also `<3>`, the prompt's
-`<total points>` kept, or quoted), "3/5", "3 out of 5" or "3 points". Text on later lines and the same score repeated are fine. A reasoning model's thinking
-(`<think>...</think>`, left in the answer by a server without a reasoning parser) is not read.
+`<total points>` kept, or quoted), "3/5", "3 out of 5" or "3 points". Text on later lines and the same score repeated
+are fine. A reasoning model's thinking (`<think>...</think>`, left in the answer by a server without a reasoning
+parser) is not read.
 
 Anything else gives score None and a reason, because a wrong score is worse for the classifier than a missing one:
 `unparseable` (no score, not a whole number, outside 0-5, out of 10) or `ambiguous` (arithmetic after the number,

@@ -77,7 +77,8 @@ def main() -> None:
             peak, seconds = measure(step)
             results[name] = (peak, seconds, removed(f"{root}/{name}"), step.stats["duplicates"].total,
                              step.stats["cluster_size"].n)
-        (stock_peak, stock_s, stock_removed, dups, clusters), (peak, s, ours_removed, dups2, clusters2) = results.values()
+        stock, ours = results.values()
+    (stock_peak, stock_s, stock_removed, dups, clusters), (peak, s, ours_removed, dups2, clusters2) = stock, ours
     print(f"{dups:,} documents with a near duplicate in {clusters:,} clusters")
     for name, (peak, seconds, gone, *_) in results.items():
         print(f"  {name:10s}  peak {peak / 2**20:8.1f} MiB  {peak / dups:6.1f} bytes a document   "

@@ -293,8 +293,8 @@ def readable_tokens(config: dict, tokenizer) -> int:
 
 
 # encoders whose position ids start after the padding index (514 positions read 512 tokens)
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "roberta-prelayernorm",
-                    "mpnet", "ibert")
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod",
+                    "roberta-prelayernorm", "mpnet", "ibert")
 
 
 def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:

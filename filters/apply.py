@@ -576,8 +576,8 @@ def is_output_entry(path: Path) -> bool:
     """Whether `path` in an output folder is apply's: OUTPUT_ENTRIES, its lock, and the hidden file a record is
     written to before it takes its name, left by a kill."""
     name = path.name
-    return name in (*OUTPUT_ENTRIES, APPLY_LOCK) or (name.startswith(PARTIAL_PREFIX) and name.removeprefix(PARTIAL_PREFIX) in
-                                      WRITTEN_WHOLE and path.is_file())
+    return name in (*OUTPUT_ENTRIES, APPLY_LOCK) or (
+        name.startswith(PARTIAL_PREFIX) and name.removeprefix(PARTIAL_PREFIX) in WRITTEN_WHOLE and path.is_file())
 
 
 def remove_outputs(out: Path) -> None:
@@ -1002,23 +1002,25 @@ def run_apply(
         stage_values = stage_values_of_run(recorded)
         bucket_workers = bucket_workers_of_run(cfg, recorded, bucket_workers)
         record = prepare_output(cfg, files, used, overwrite=overwrite, input_split=split.name if split else None,
-                                input_parts=split.digest if split and split.contiguous else None, stage_values=stage_values,
-                                bucket_workers=bucket_workers)
+                                input_parts=split.digest if split and split.contiguous else None,
+                                stage_values=stage_values, bucket_workers=bucket_workers)
         if executor == "ray":
             ex.refuse_unshared_ray_output(cfg.output)  # run_config.json is written: asked from every node
         report_again_without_stats(cfg.output)
         local_workers = workers or 1
         scoring_at_once = min(local_workers, cfg.tasks)  # --workers 64 over --tasks 1 scored on one of 64 cores
-        stages = build_stages(cfg, files, threads_per_task=ex.cpu_threads_per_task(executor, scoring_at_once, slurm, ray),
-                              provenance_inputs=used, input_fingerprints=record["input_files"], split=split,
-                              on_gpu=on_gpu, tagged=stage_values is not None, bucket_workers=bucket_workers)
+        threads = ex.cpu_threads_per_task(executor, scoring_at_once, slurm, ray)
+        stages = build_stages(cfg, files, threads_per_task=threads, provenance_inputs=used,
+                              input_fingerprints=record["input_files"], split=split, on_gpu=on_gpu,
+                              tagged=stage_values is not None, bucket_workers=bucket_workers)
         ex.save_stage_list(cfg.output, stages)
         check_dedup_results_kept(cfg.output, stages)
         if cfg.dedup or cfg.exact_dedup:
             why = ("scoring is cheaper than MinHash here" if cfg.order == "score-first" else
                    "--keep-top: the fraction is of the deduplicated documents" if cfg.keep_top is not None
                    else "the classifier is the costly step")
-            console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs", soft_wrap=True)
+            console.print(f"apply: {cfg.order} ({why}); {len(stages)} stages; logs in {cfg.output}/logs",
+                          soft_wrap=True)
 
         if executor == "slurm":
             if following:

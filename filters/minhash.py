@@ -384,10 +384,10 @@ class ArrayMinhashDedupCluster(MinhashDedupCluster):
     """datatrove's cluster stage (its `.remove` files and stats) in numpy arrays: datatrove's union-find held a dict
     of tuples, ~170 bytes per document with a near duplicate (~85 GB in its one task for a crawl of 2B documents, a
     quarter of them in clusters); here a sorted array of the documents' 64-bit keys and their components, ~50 bytes
-    at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time (scipy's connected components over the
-    components so far), and each keeps its first document in input order (file, then position), where datatrove
-    kept the root its union by size happened to leave. Runs with an index (pairs naming SENTINEL) or writing
-    cluster ids or sizes take datatrove's own path."""
+    at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time
+    (scipy's connected components over the components so far), and each keeps its first document in input order
+    (file, then position), where datatrove kept the root its union by size happened to leave. Runs with an index
+    (pairs naming SENTINEL) or writing cluster ids or sizes take datatrove's own path."""
 
     name = "🎯 MinHash stage 3 (arrays)"
 
@@ -399,7 +399,7 @@ class ArrayMinhashDedupCluster(MinhashDedupCluster):
         if self.save_cluster_id or self.save_cluster_size or self.ignore_index_matches:
             return super().run(data, _, world_size)
         dup_files = self.input_folder.list_files(glob_pattern="*.dups")
-        assert len(dup_files) % self.config.num_buckets == 0, "Number of .dups files should be divisible by number of buckets"
+        assert len(dup_files) % self.config.num_buckets == 0, "the .dups files are not a multiple of the buckets"
         assert world_size == 1, "World size must be 1 for clustering"
         buckets: dict[str, list[str]] = {}  # datatrove's names: BUCKET_WORKER.dups
         for name in sorted(dup_files):

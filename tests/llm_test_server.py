@@ -287,7 +287,8 @@ def main() -> None:
     labels = None
     if args.labels:
         labels = label_table(orjson.loads(line) for line in Path(args.labels).read_bytes().splitlines() if line)
-    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port, labels=labels, log_prompts=args.log_prompts)
+    server = LLMTestServer(delay=args.delay, host=args.host, port=args.port, labels=labels,
+                           log_prompts=args.log_prompts)
     print(f"test LLM server listening on {args.host}:{args.port}", flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, access_log=None, print=None)
 

@@ -116,9 +116,11 @@ def test_a_run_stopped_midway_in_the_other_layout_goes_on_where_it_is(tmp_path):
 
     runs = tmp_path / "runs"
     stopped_in(runs / "edu", 0)
-    assert run_folder(tmp_path, "edu", 0, 2) == runs / "edu" and run_folder(tmp_path, "edu", 1, 2) == runs / "edu/seed-1"
+    assert run_folder(tmp_path, "edu", 0, 2) == runs / "edu"
+    assert run_folder(tmp_path, "edu", 1, 2) == runs / "edu/seed-1"
     stopped_in(runs / "web" / "seed-3", 3)
-    assert run_folder(tmp_path, "web", 3, 1) == runs / "web/seed-3" and run_folder(tmp_path, "web", 0, 1) == runs / "web"
+    assert run_folder(tmp_path, "web", 3, 1) == runs / "web/seed-3"
+    assert run_folder(tmp_path, "web", 0, 1) == runs / "web"
     stopped_in(runs / "web", 3)  # its own layout's run is the one it goes on with
     assert run_folder(tmp_path, "web", 3, 1) == runs / "web"
 
