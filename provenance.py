@@ -479,13 +479,17 @@ def lineage(path: str | os.PathLike) -> dict:
     return _node(record, path, about, fingerprints, origin=artifact)
 
 
+def _fingerprint_key(path: Path, documents: bool, recorded: str | None) -> tuple[str, bool, int]:
+    """`_current_fingerprint`'s cache key: the path, whether it holds documents, the full-hash limit of the method."""
+    return str(path), documents, 0 if (recorded or "").startswith("sampled:") else FULL_HASH_MAX_BYTES
+
+
 def _current_fingerprint(path: Path, cache: dict, documents: bool = False, recorded: str | None = None) -> str | None:
     """The fingerprint of `path` now, by the method of the `recorded` one where given (a part of a sampled folder
     was sampled, though small enough alone to be hashed in full: hashed in full, it read as changed)."""
-    limit = 0 if (recorded or "").startswith("sampled:") else FULL_HASH_MAX_BYTES
-    key = (str(path), documents, limit)
+    key = _fingerprint_key(path, documents, recorded)
     if key not in cache:
-        found = fingerprint(path, limit, documents=documents) if _present(path, cache) else None
+        found = fingerprint(path, key[2], documents=documents) if _present(path, cache) else None
         cache[key] = found["fingerprint"] if found else None
     return cache[key]
 
@@ -520,12 +524,17 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
 def _prefetch_fingerprints(entries: list[dict], consumer: Path, cache: dict, path: str) -> None:
     """The current fingerprints of a node's recorded inputs into `cache`, FINGERPRINT_THREADS at a time: one after
     another, an apply record of 100k files was tens of silent minutes of reads on a shared file system."""
-    def current(entry: dict) -> None:
-        _current_fingerprint(_resolve(entry, consumer, cache).absolute(), cache, carries_documents(entry["role"]),
-                             entry.get("fingerprint"))
+    def args(entry: dict) -> tuple:
+        return _resolve(entry, consumer, cache).absolute(), carries_documents(entry["role"]), entry.get("fingerprint")
 
-    with ThreadPoolExecutor(FINGERPRINT_THREADS) as pool:
-        _in_order_with_bar(pool, current, entries, f"fingerprinting the {len(entries):,} inputs of {path}")
+    def current(entry: dict) -> None:
+        path, documents, recorded = args(entry)
+        _current_fingerprint(path, cache, documents, recorded)
+
+    todo = [e for e in entries if _fingerprint_key(*args(e)) not in cache]  # an upstream record shared by many files: read once
+    if todo:
+        with ThreadPoolExecutor(FINGERPRINT_THREADS) as pool:
+            _in_order_with_bar(pool, current, todo, f"fingerprinting the {len(todo):,} inputs of {path}")
 
 
 def _input_node(entry: dict, consumer: Path | None, cache: dict, record: dict | None) -> dict:

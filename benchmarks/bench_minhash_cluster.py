@@ -4,8 +4,9 @@
 The pairs are shaped as datatrove's bucket stage writes them: `--docs` documents with a near duplicate, spread over
 `--files` input files, in clusters of 2 to 20 (most of 2-3); each of the 14 buckets finds a cluster with probability
 0.8 and writes its members' consecutive pairs, over 2 files per bucket (bucket workers). Both stages run in this one
-process on the same files. Printed: each stage's peak Python memory (tracemalloc, which sees numpy's arrays) per
-document with a near duplicate, its CPU seconds, their ratios, and whether both keep exactly one document of every
+process on the same files, and again each alone in a fresh process for its resident memory. Printed: each stage's
+peak resident memory added (what a job's limit sees) and peak traced memory (tracemalloc: numpy's arrays, not its
+sorts' scratch) per document with a near duplicate, its CPU seconds, their ratios, and whether both keep exactly one document of every
 cluster and remove as many (the copy kept may differ: datatrove keeps the root its union by size leaves, edu-filter
 the first read).
 
@@ -56,6 +57,31 @@ def measure(step) -> tuple[int, float]:
     return peak, seconds
 
 
+def resident_growth(name: str, buckets: str, out: str) -> int:
+    """The peak resident memory a stage adds, run alone in a fresh process (what a job's memory limit sees:
+    tracemalloc misses the scratch numpy's sorts take)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import importlib
+importlib.import_module("scipy.sparse.csgraph")
+from datatrove.pipeline.dedup.minhash import MinhashDedupCluster
+from edu_filter.filters.dedup import fineweb_minhash_config
+from edu_filter.filters.minhash import ArrayMinhashDedupCluster
+cls = {{"datatrove": MinhashDedupCluster, "edu-filter": ArrayMinhashDedupCluster}}[{name!r}]
+step = cls({buckets!r}, {out!r}, config=fineweb_minhash_config())
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident size starts again from now
+before = status("VmRSS")
+step.run(None)
+print((status("VmHWM") - before) * 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
 def main() -> None:
     importlib.import_module("scipy.sparse.csgraph")  # before the measures: its modules are no document's memory
     from datatrove.pipeline.dedup.minhash import MinhashDedupCluster
@@ -76,14 +102,16 @@ def main() -> None:
             step = cls(f"{root}/buckets", f"{root}/{name}", config=config)
             peak, seconds = measure(step)
             results[name] = (peak, seconds, removed(f"{root}/{name}"), step.stats["duplicates"].total,
-                             step.stats["cluster_size"].n)
+                             step.stats["cluster_size"].n,
+                             resident_growth(name, f"{root}/buckets", f"{root}/{name}-resident"))
         stock, ours = results.values()
-    (stock_peak, stock_s, stock_removed, dups, clusters), (peak, s, ours_removed, dups2, clusters2) = stock, ours
+    (stock_peak, stock_s, stock_removed, dups, clusters, _), (peak, s, ours_removed, dups2, clusters2, _) = stock, ours
     print(f"{dups:,} documents with a near duplicate in {clusters:,} clusters")
-    for name, (peak, seconds, gone, *_) in results.items():
-        print(f"  {name:10s}  peak {peak / 2**20:8.1f} MiB  {peak / dups:6.1f} bytes a document   "
-              f"{seconds:6.2f} CPU s   {gone:,} removed")
-    print(f"  memory {stock_peak / peak:.1f}x less, time {stock_s / s:.1f}x; same clusters and removals: "
+    for name, (peak, seconds, gone, _, _, resident) in results.items():
+        print(f"  {name:10s}  resident peak +{resident / 2**20:7.1f} MiB ({resident / dups:5.1f} bytes a document), "
+              f"traced {peak / dups:5.1f} bytes a document   {seconds:6.2f} CPU s   {gone:,} removed")
+    print(f"  resident memory {stock[-1] / ours[-1]:.1f}x less, traced {stock_peak / peak:.1f}x, time "
+          f"{stock_s / s:.1f}x; same clusters and removals: "
           f"{'yes' if (dups, clusters, stock_removed) == (dups2, clusters2, ours_removed) else 'NO'}")
 
 

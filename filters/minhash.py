@@ -382,9 +382,9 @@ class SharedMinhashDedupBuckets(MinhashDedupBuckets):
 
 class ArrayMinhashDedupCluster(MinhashDedupCluster):
     """datatrove's cluster stage (its `.remove` files and stats) in numpy arrays: datatrove's union-find held a dict
-    of tuples, ~170 bytes per document with a near duplicate (~85 GB in its one task for a crawl of 2B documents, a
-    quarter of them in clusters); here a sorted array of the documents' 64-bit keys and their components, ~50 bytes
-    at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time
+    of tuples, ~190 bytes of resident memory per document with a near duplicate (~95 GB in its one task for a crawl
+    of 2B documents, a quarter of them in clusters); here a sorted array of the documents' 64-bit keys and their
+    components, ~45 bytes at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time
     (scipy's connected components over the components so far), and each keeps its first document in input order
     (file, then position), where datatrove kept the root its union by size happened to leave. Runs with an index
     (pairs naming SENTINEL) or writing cluster ids or sizes take datatrove's own path."""
@@ -408,13 +408,16 @@ class ArrayMinhashDedupCluster(MinhashDedupCluster):
             keys = np.zeros(0, np.uint64)  # every document in a pair, sorted: file << 32 | position
             for names in buckets.values():
                 a, b = self._pair_keys(names)
-                found = np.unique(np.concatenate([a, b]))
-                del a, b
-                keys = np.union1d(keys, found)
+                found = np.concatenate([keys, a, b])
+                del a, b, keys
+                found.sort()  # in place: np.unique and np.union1d sort copies of copies (their peak, ~1.8x)
+                keys = found[np.r_[True, found[1:] != found[:-1]]] if len(found) else found
                 del found
-            if len(keys) and keys[-1] == np.uint64(SENTINEL_KEY):  # a match with an index: datatrove's semantics
+            # a match with an index: datatrove's semantics; 2**31 documents or more: scipy's labels are int32
+            if (len(keys) and keys[-1] == np.uint64(SENTINEL_KEY)) or len(keys) >= 2**31:
+                del keys
                 return super().run(data, _, world_size)
-            component = np.arange(len(keys), dtype=np.int64 if len(keys) >= 2**31 else np.int32)
+            component = np.arange(len(keys), dtype=np.int32)
             for names in buckets.values():
                 a, b = self._pair_keys(names)
                 edges = (component[np.searchsorted(keys, a)], component[np.searchsorted(keys, b)])

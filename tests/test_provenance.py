@@ -644,22 +644,27 @@ def test_a_dataset_filtered_from_another_names_only_where_its_documents_came_fro
         assert card.data.license == "mit" and not card.data.source_datasets, out.name
 
 
-def test_the_files_of_one_artifact_carry_its_record_once_and_lineage_finds_it_for_each(tmp_path):
+def test_the_files_of_one_artifact_carry_its_record_once_and_lineage_finds_it_for_each(tmp_path, monkeypatch):
     """A glob of an apply output's kept files (1,000 of them) copied the output's whole record into each file's
     entry: a record of files x its size, copied again downstream (10 GB of JSON at 25k upstream files)."""
     rows = [{"id": "a", "text": "t", "score": 3.0, "int_score": 3}]
     upstream = tmp_path / "A"
     files = [write_documents(rows, upstream / "kept" / f"{i:05d}.parquet") for i in range(3)]
     provenance.record_provenance(upstream, kind="dataset", settings={"threshold": 3},
-                                 inputs={"documents": [REPO / "data/code/thealgorithms_unlabelled.jsonl"]})
+                                 inputs={"documents": [REPO / "data/code/thealgorithms_unlabelled.jsonl",
+                                                       REPO / "data/code/HumanEval.jsonl.gz"]})
     entries = provenance.describe_inputs({"documents": files})
     assert [e.get("artifact") for e in entries] == [str(upstream)] * 3
     assert ["provenance" in e for e in entries] == [True, False, False]
     out = tmp_path / "B"
     out.mkdir()
     provenance.record_provenance(out, kind="dataset", settings={}, inputs={"documents": files})
+    read, fingerprint = [], provenance.fingerprint
+    monkeypatch.setattr(provenance, "fingerprint", lambda path, *a, **k: read.append(str(path)) or fingerprint(
+        path, *a, **k))
     nodes = provenance.lineage(out)["inputs"]
     assert [n["kind"] for n in nodes] == ["dataset"] * 3 and all(n["inputs"] for n in nodes)
+    assert len(read) == len(set(read))  # the upstream's inputs read once, not again under each of its files
 
 
 def test_a_card_licence_is_one_the_hub_takes(tmp_path):
