@@ -612,9 +612,17 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
         """Runs the task with its worker slot (0 to workers - 1, held by no other running task) in TASK_SLOT_ENV:
-        the scorer's GPU on a machine with several."""
+        the scorer's GPU on a machine with several. Restored after it: with one worker the task runs in the run's own
+        process, whose later pipelines (and the processes they start) took the slot for theirs."""
+        before = os.environ.get(TASK_SLOT_ENV)
         os.environ[TASK_SLOT_ENV] = str(local_rank)
-        return super()._run_for_rank(rank, local_rank, node_rank)
+        try:
+            return super()._run_for_rank(rank, local_rank, node_rank)
+        finally:
+            if before is None:
+                os.environ.pop(TASK_SLOT_ENV, None)
+            else:
+                os.environ[TASK_SLOT_ENV] = before
 
 
 class RayRunStopping(RuntimeError):

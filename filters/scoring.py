@@ -47,10 +47,13 @@ def claim_gpu(gpus: int) -> int | None:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     job = os.environ.get("SLURM_JOB_ID", "")
     folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}-{socket.gethostname()}-{job}")
-    os.makedirs(folder, exist_ok=True)
     for index in range(gpus):
         physical = visible[index] if index < len(visible) else str(index)
-        lock = open(os.path.join(folder, f"{physical}.lock"), "a")
+        try:  # a temporary folder that cannot be written: no claim (rank % gpus), not a failed task
+            os.makedirs(folder, exist_ok=True)
+            lock = open(os.path.join(folder, f"{physical}.lock"), "a")
+        except OSError:
+            return None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

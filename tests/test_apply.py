@@ -320,6 +320,15 @@ def test_local_tasks_running_at_once_score_on_different_gpus(tmp_path, monkeypat
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the GPUs' lock files: this test's own
     from slurm_steps import RecordGpu
 
+    from edu_filter.filters.scoring import TASK_SLOT_ENV
+
+    # one worker runs its task in this process: its slot stayed in this process's environment, and every later
+    # pipeline's workers (inheriting it) scored on that one GPU
+    monkeypatch.delenv(TASK_SLOT_ENV, raising=False)
+    WatchedLocalExecutor([RecordGpu(str(tmp_path / "alone"), gpus=2, slow_rank=-1, seconds=0)], tasks=1, workers=1,
+                         logging_dir=str(tmp_path / "alone-logs")).run()
+    assert TASK_SLOT_ENV not in os.environ
+
     for executor, name in ((WatchedLocalExecutor, "gpus"), (LocalPipelineExecutor, "stock")):
         executor([RecordGpu(str(tmp_path / name), gpus=2, slow_rank=0, seconds=3)], tasks=4, workers=2,
                  logging_dir=str(tmp_path / f"{name}-logs")).run()
