@@ -218,12 +218,6 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
     while time.time() < deadline and proc.poll() is None and not (running.exists() and any(running.iterdir())):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    # a second run of the output meanwhile (--overwrite, or on another node): it removed the first's files as they
-    # were written (kept documents lost, or made under two thresholds); refused, naming the run writing it
-    second = run_cli(args + ["--threshold", "4", "--overwrite"])
-    assert second.returncode == 1 and (f"-o/--output {out} is being written by another run (process {proc.pid} on "
-                                       in " ".join(second.stderr.split())), second.stderr[-3000:]
-    assert any(running.iterdir()) and proc.poll() is None
     proc.send_signal(signal.SIGTERM)  # the run's own process alone
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -268,6 +262,22 @@ def test_stopping_a_run_kills_its_workers_and_spares_its_own_process(tmp_path):
     that process SIGKILL, ending it without its cleanup or a message (exit 137, as an out-of-memory kill reads)."""
     res = subprocess.run([sys.executable, "-c", STOPPING, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and f"still here, worker {-signal.SIGKILL}" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_second_run_of_an_output_is_refused_while_another_writes_it(cli_tasks4, tmp_path):
+    """A second run of an output while one writes it (--overwrite, or the same command on another node) removed the
+    first's files as they were written: kept documents lost, or made under two thresholds. It is refused, naming
+    the run holding the output's lock (here this process, as a run holds it), and writes nothing."""
+    from edu_filter.documents import writing_alone
+    from edu_filter.filters.apply import APPLY_LOCK
+
+    out = tmp_path / "out"
+    with writing_alone(out, "-o/--output", lock=out / APPLY_LOCK):
+        second = run_cli(fixture_args_into(cli_tasks4, out) + ["--threshold", "4", "--overwrite"])
+    assert second.returncode == 1 and (f"-o/--output {out} is being written by another run (process {os.getpid()} "
+                                       "on " in " ".join(second.stderr.split())), second.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == [APPLY_LOCK]
 
 
 def test_a_marker_naming_this_process_is_an_earlier_runs(tmp_path):
