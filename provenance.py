@@ -466,6 +466,8 @@ def lineage(path: str | os.PathLike) -> dict:
     {"kind", "path", "fingerprint" (current), "stale", "inputs": [nodes], ...}. An input node also has its "role",
     "used_fingerprint" (what its consumer recorded), "missing" and "remote"; `stale` is true when its current
     content no longer matches what was used (or it is gone). Below a stale node the tree shows what was used then.
+    The inputs of an artifact are shown once, under its first file met; its other files' nodes name that one
+    ("inputs_as") with no inputs of their own: the tree grows with the artifacts, not files x upstream inputs.
     """
     path = Path(path)
     if not path.exists():
@@ -512,6 +514,13 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     if consumer is not None and not (consumer.is_dir() or (record or {}).get("kind") in FOLDER_KINDS):
         consumer = consumer.parent  # inputs are recorded relative to a file's folder
     inputs = (record or {}).get("inputs", [])
+    if record and inputs:  # the files of one artifact (1,000 kept files of an apply over 100k): its inputs once
+        artifact = str(origin or path)  # a file of the artifact `origin`, or an artifact of its own
+        first = cache.setdefault(("inputs of", artifact, record.get("created"), record.get("command")),
+                                 node["path"])
+        if first != node["path"]:
+            node.update(inputs=[], inputs_as=first)
+            return node
     if consumer is not None and len(inputs) > 1:  # each input's fingerprint now, several at a time, with a bar
         _prefetch_fingerprints([e for e in inputs if not is_remote(e["path"])], consumer, cache, node["path"])
     # an artifact's record is kept with the first of its files given (`describe_inputs`)
@@ -588,6 +597,8 @@ def lineage_tree(node: dict):
             parts.append("[bold red]MISSING[/]")
         elif n.get("stale"):
             parts.append(f"[bold red]CHANGED since used[/] [dim](was {(n.get('used_fingerprint') or '?')[:23]})[/]")
+        if n.get("inputs_as"):
+            parts.append(f"[dim]inputs as {escape(n['inputs_as'])}[/]")
         if n.get("command"):
             command = n["command"] if len(n["command"]) <= 100 else n["command"][:99] + "…"
             parts.append(f"\n[dim]{escape(command)}  {n.get('created') or ''}[/]")

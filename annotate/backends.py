@@ -219,6 +219,7 @@ BENCH_MAX_S = 60.0  # the longest a server that stopped answering is left out be
 SILENCE_MIN_S = 600.0
 SILENCE_TIMEOUTS = 5
 SILENCE_MIN_DOCUMENTS = 3
+RETRY_AFTER_MAX_S = 3600.0  # a server's Retry-After is honoured up to this (a minute's quota, "back in N minutes")
 RATE_LIMITED_TRIES = 20  # 429 answers a document may get on top of its --max-retries: a quota is waited out
 # The run stops when, before any server gave one answer, this many documents in a row (or as many as are in flight,
 # if more) were refused with the same error: a setting the server does not take, not a document it cannot answer
@@ -403,11 +404,11 @@ class OpenAIBackend:
                       choice.get("finish_reason"), data.get("model") or self.model)
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:  # a little later than asked, each request its own: not every worker at the same instant
-                return min(self.max_backoff, max(0.0, float(retry_after))) * random.uniform(1.0, 1.25)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
+        """Our own backoff (doubling up to `max_backoff`), or the server's Retry-After (seconds or an HTTP date,
+        up to RETRY_AFTER_MAX_S: a gateway asking for 5 minutes was probed again every minute)."""
+        asked = _retry_after_seconds(retry_after) if retry_after else None
+        if asked is not None:  # a little later than asked, each request its own: not every worker at the same instant
+            return min(RETRY_AFTER_MAX_S, asked) * random.uniform(1.0, 1.25)
         return min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
 
     @staticmethod
@@ -574,6 +575,21 @@ class OpenAIBackend:
 # --------------------------------------------------------------------------------------------------------------------
 # Servers we start ourselves: datatrove's inference server classes handle start-up, readiness and shutdown
 # --------------------------------------------------------------------------------------------------------------------
+def _retry_after_seconds(value: str) -> float | None:
+    """A Retry-After header's wait in seconds: delay-seconds or an HTTP date (RFC 9110); None when unreadable."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+
+
 SERVER_BACKENDS = ("vllm", "sglang", "script")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import os
 import signal
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import LLMTestServer, directive, free_port, read_jsonl, write_jsonl  # noqa: E402
 
-from edu_filter.annotate.backends import BackendError, OpenAIBackend  # noqa: E402
+from edu_filter.annotate.backends import RETRY_AFTER_MAX_S, BackendError, OpenAIBackend  # noqa: E402
 from edu_filter.annotate.score import ScoreConfig, score_documents  # noqa: E402
 from edu_filter.documents import DocumentError, InputError  # noqa: E402
 
@@ -300,8 +301,13 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after():
     # Retry-After, each request a little later than asked: not every worker at the same instant
     honoured = [client._delay(0, "3") for _ in range(50)]
     assert all(3.0 <= d <= 3.75 for d in honoured) and len(set(honoured)) > 1
-    assert 10.0 <= client._delay(0, "600") <= 12.5  # capped, then spread
-    assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.0  # HTTP date: our own backoff
+    # a server's wait is not cut to our own backoff's cap (a gateway's "back in 5 minutes" was probed every minute)
+    assert 600.0 <= client._delay(0, "600") <= 750.0
+    assert RETRY_AFTER_MAX_S <= client._delay(0, "86400") <= RETRY_AFTER_MAX_S * 1.25  # up to an hour
+    in_two_minutes = email.utils.formatdate(time.time() + 120, usegmt=True)  # the HTTP-date form, as RFC 9110 allows
+    assert 110.0 <= client._delay(0, in_two_minutes) <= 151.0
+    assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date gone by: now
+    assert client._delay(0, "soon") <= 1.0  # unreadable: our own backoff
 
 
 def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):
