@@ -401,7 +401,9 @@ def glob_split(pattern: str) -> tuple[str, str] | None:
 def glob_matches(pattern: str) -> tuple[str, list[str]] | None:
     """For an input with glob characters that names no file or folder itself (`'s3://bucket/dump/*.jsonl.gz'`,
     quoted so the shell left it; `data/**/*.parquet`): the folder before its first wildcard and the files matching,
-    relative to it; None for any other input. A pattern matching nothing is an error naming it."""
+    relative to it, with the files under the folders matching (`'s3://bucket/dump/*'` over loose shards and per-crawl
+    folders left the folders out, as the shell's expansion does not); None for any other input. A pattern matching
+    nothing is an error naming it."""
     split = glob_split(pattern)
     if split is None:
         return None
@@ -413,7 +415,12 @@ def glob_matches(pattern: str) -> tuple[str, list[str]] | None:
     root = split[0] or "./"
     root_path = url_to_fs(root)[1].rstrip("/")
     found = fs.glob(path, detail=True)
-    names = sorted(posixpath.relpath(name, root_path) for name, info in found.items() if info.get("type") == "file")
+    names = {posixpath.relpath(name, root_path) for name, info in found.items() if info.get("type") == "file"}
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    for folder in (name for name, info in found.items() if info.get("type") == "directory"):
+        inside = (posixpath.join(folder, f) for f in local_files_under(folder)) if local else fs.find(folder)
+        names.update(posixpath.relpath(f, root_path) for f in inside)
+    names = sorted(names)
     if not names:
         raise DocumentError(f"{pattern}: no file matches")
     return root.rstrip("/") or ".", names
@@ -713,11 +720,33 @@ def hub_dataset_args(path: str) -> dict:
     return args
 
 
+def hub_load_args(path: str) -> dict:
+    """`hub_dataset_args` with a folder inside the repository given as its data files, listed as `apply` lists
+    them (`data_files_in`): as `data_dir` the `datasets` library kept only the files its names put in the train
+    split (a shard named test-*.parquet, validation-*, dev-* was left out of score and train, read by apply)."""
+    return folder_as_data_files(hub_dataset_args(path), path)
+
+
+def folder_as_data_files(args: dict, folder: str) -> dict:
+    """`load_dataset` arguments naming a `data_dir` (the address `folder`) as the data files in it, all in train."""
+    if "data_dir" not in args:
+        return args
+    from datatrove.io import get_datafolder
+
+    try:
+        names = get_datafolder(folder).list_files(recursive=True)
+    except Exception as e:  # offline, missing repo, no such folder: one clear line instead of a traceback
+        raise DocumentError(f"{folder}: cannot load from the Hugging Face hub ({type(e).__name__}: {e})") from None
+    inner = args["data_dir"]
+    return {"path": args["path"], "data_files": {"train": [posixpath.join(inner, n)
+                                                           for n in data_files_in(folder, names)]}}
+
+
 def _iter_hub(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     """A hub dataset through the `datasets` library (streaming, so huge sets are fine)."""
     import datasets
 
-    args = hub_dataset_args(path)
+    args = hub_load_args(path)
     try:
         rows = iter(datasets.load_dataset(**args, split=split, streaming=True))
         first = next(rows, None)
@@ -982,7 +1011,7 @@ class ParquetPart:
 def _hub_data_files(path: str) -> list[str] | None:
     """The files the `datasets` library streams for a hub address, in its order, or None when it is not one list
     of Parquet files (then the dataset is streamed as before)."""
-    files = default_train_files(hub_dataset_args(path), path)
+    files = default_train_files(hub_load_args(path), path)
     if not files or not all(_has_suffix(f, PARQUET_SUFFIXES) for f in files):
         return None
     return files

@@ -205,6 +205,11 @@ def test_a_glob_the_shell_left_names_the_files_it_matches_in_every_reader(tmp_pa
     assert [r["id"] for r in read_documents([str(dump / "**" / "*.jsonl")])] == ["a", "b", "d"]
     assert expand_inputs([str(dump / "*.jsonl")]) == [(str(dump), "a.jsonl"), (str(dump), "b.jsonl")]
     assert expand_inputs([str(dump / "s*" / "*")]) == [(str(dump), "sub/d.jsonl")]
+    # a folder the pattern matches is read whole, as the shell's expansion gives it (the folder was left out)
+    write_documents([{"id": "e", "text": "t"}], dump / "sub" / "deeper" / "e.jsonl")
+    assert [r["id"] for r in read_documents([str(dump / "*")])] == ["a", "b", "c", "d", "e"]
+    assert expand_inputs([str(dump / "s*")]) == [(str(dump), "sub/d.jsonl"), (str(dump), "sub/deeper/e.jsonl")]
+    assert [r["id"] for r in read_documents([str(dump / "**")])] == ["a", "b", "c", "d", "e"]  # each file once
     for listing in (expand_paths, lambda p: expand_inputs([str(p[0])])):
         with pytest.raises(DocumentError, match=r"\*\.jsonl\.gz: no file matches"):
             listing([dump / "*.jsonl.gz"])
@@ -215,6 +220,10 @@ def test_a_glob_the_shell_left_names_the_files_it_matches_in_every_reader(tmp_pa
         with pytest.raises(InputError, match="is where the input .* matches"):
             check_output_apart([str(pattern)], str(dump / "filtered"))
     check_output_apart([str(dump / "*.jsonl")], str(dump / "filtered"))  # one level: never reaches its files
+    check_output_apart([str(dump / "x*" / "*.jsonl")], str(dump / "filtered"))  # nor a folder it cannot match
+    for pattern in (dump / "*", dump / "f*", dump / "*" / "part-*.jsonl"):  # the output folder, or files in it
+        with pytest.raises(InputError, match="is where the input .* matches"):
+            check_output_apart([str(pattern)], str(dump / "filtered"))
     (tmp_path / "odd[1].jsonl").write_text('{"id": "odd", "text": "t"}\n')  # a name that is a pattern: the file
     assert [r["id"] for r in read_documents([str(tmp_path / "odd[1].jsonl")])] == ["odd"]
 
@@ -272,6 +281,28 @@ def test_a_whole_hub_repository_means_its_default_configurations_train_files_eve
     # a path inside the repository, or a revision named, is listed as given (nothing asked of the hub here)
     assert hub_repository_files("hf://datasets/HuggingFaceFW/fineweb/sample/10BT") is None
     assert hub_repository_files("hf://datasets/HuggingFaceFW/fineweb@main") is None
+
+
+def test_a_folder_inside_a_hub_repository_is_read_whole_as_apply_reads_it(tmp_path):
+    """As `data_dir` the `datasets` library sorted a folder's files into splits by their names: score and train read
+    its train-* shards, apply every file (shown on a local folder in the hub's layout, read by the same library)."""
+    import datasets
+
+    from edu_filter.documents import folder_as_data_files
+
+    repo = tmp_path / "repo"
+    for name in ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet", "dev-00000-of-00001.parquet",
+                 "crawl/validation.parquet", ".cache/old.parquet"):
+        write_documents([{"id": name, "text": "t"}], repo / "data" / name)
+    (repo / "data" / "notes.txt").write_text("not data")
+    args = folder_as_data_files({"path": str(repo), "data_dir": "data"}, str(repo / "data"))
+    assert args == {"path": str(repo), "data_files": {"train": [
+        "data/crawl/validation.parquet", "data/dev-00000-of-00001.parquet", "data/test-00000-of-00001.parquet",
+        "data/train-00000-of-00001.parquet"]}}
+    read = sorted(row["id"] for row in datasets.load_dataset(**args, split="train", streaming=True))
+    assert read == sorted(row["id"] for row in read_documents([str(repo / "data")]))  # what a local copy gives
+    assert len(read) == 4
+    assert folder_as_data_files({"path": "org/name"}, "hf://datasets/org/name") == {"path": "org/name"}
 
 
 def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
