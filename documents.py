@@ -724,7 +724,10 @@ def hub_load_args(path: str) -> dict:
     """`hub_dataset_args` with a folder inside the repository given as its data files, listed as `apply` lists
     them (`data_files_in`): as `data_dir` the `datasets` library kept only the files its names put in the train
     split (a shard named test-*.parquet, validation-*, dev-* was left out of score and train, read by apply)."""
-    return folder_as_data_files(hub_dataset_args(path), path)
+    args = hub_dataset_args(path)
+    if "data_dir" in args and os.path.isdir(args["path"]):  # a local folder named as the repository: what `datasets`
+        return folder_as_data_files(args, os.path.join(args["path"], args["data_dir"]))  # reads, as it looks first
+    return folder_as_data_files(args, path)
 
 
 def folder_as_data_files(args: dict, folder: str) -> dict:
@@ -927,7 +930,8 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
     return [r for r in rows if "label" in r], dict(reasons)
 
 
-NESTED_SAMPLER = "nested-1"  # `sample_documents`: a larger sample holds every smaller one of the same seed
+NESTED_SAMPLER = "nested-2"  # `sample_documents`: a larger sample holds every smaller one of the same seed
+POSITION_SAMPLER = "nested-1"  # before: a stream's rows drawn by position (a row removed redrew most of the sample)
 LEGACY_SAMPLER = "reservoir-or-random.sample"  # before: a larger sample kept 3% of a smaller one (JSONL)
 
 
@@ -947,8 +951,10 @@ def sample_documents(
     FineWeb reads what holds them, not the whole corpus. Otherwise every row is read and checked, and only the
     sample is held. The same input and seed give the same sample, and a larger `n` a sample holding it (a budget
     grown from 100k to 200k annotations reuses the 100k answers): the first `n` distinct positions of a seeded
-    stream of draws (Parquet), the `n` rows of lowest seeded hash of their position (a stream). `sampler`
-    LEGACY_SAMPLER draws as edu-filter did before (reservoir sampling, `random.sample`), for a run it resumes."""
+    stream of draws (Parquet), the `n` rows of lowest seeded hash of their id (a stream: a few rows removed or added
+    anywhere keep the rest of the sample, where a hash of positions redrew ~97% of it). `sampler` POSITION_SAMPLER
+    or LEGACY_SAMPLER draws as edu-filter did before (by position; reservoir sampling, `random.sample`), for a run
+    it resumes."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
     paths = path_list(paths)  # read twice: once for the footers, again by the stream
@@ -974,7 +980,8 @@ def sample_documents(
     salt = seed.to_bytes(8, "little", signed=True)
     lowest: list[tuple[int, int, dict]] = []  # (-key, position, document): the n lowest keys, the highest on top
     for i, doc in documents:
-        key = int.from_bytes(hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8, key=salt).digest(), "little")
+        drawn = i.to_bytes(8, "little") if sampler == POSITION_SAMPLER else str(doc["id"]).encode("utf-8", "surrogatepass")
+        key = int.from_bytes(hashlib.blake2b(drawn, digest_size=8, key=salt).digest(), "little")
         if len(lowest) < n:
             heapq.heappush(lowest, (-key, i, doc))
         elif n and -key > lowest[0][0]:

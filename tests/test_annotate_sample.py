@@ -247,6 +247,33 @@ def test_a_larger_sample_holds_every_smaller_one_of_the_same_seed(tmp_path):
         assert samples[1] != {p for p, _ in sample_documents(paths, sizes[1], seed=4)}
 
 
+def test_a_sample_of_a_stream_keeps_its_documents_when_rows_are_removed_or_added(tmp_path):
+    """A JSONL pool's sample was drawn by position: three bad rows removed near the start of a 3,000-row input
+    redrew ~95% of a 200-document sample, all of it paid again. Drawn by id, the documents still there stay drawn;
+    a cache answering a sample drawn by position (`nested-1`) still draws that way."""
+    import sqlite3
+
+    from edu_filter.annotate.cache import recorded_sampler
+    from edu_filter.documents import NESTED_SAMPLER, POSITION_SAMPLER
+
+    src = write_rows(tmp_path / "docs.jsonl", 3_000)
+    lines = src.read_text().splitlines(keepends=True)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(lines[:5] + lines[8:1500] + ['{"id": "new", "text": "an added document"}\n']
+                              + lines[1500:]))
+    ids = {sampler: [{doc["id"] for _, doc in sample_documents([str(path)], 200, seed=0, sampler=sampler)}
+                     for path in (src, edited)] for sampler in (NESTED_SAMPLER, POSITION_SAMPLER)}
+    before, after = ids[NESTED_SAMPLER]
+    removed = {orjson.loads(line)["id"] for line in lines[5:8]}
+    assert before - removed <= after and len(after - before) == len(before & removed)
+    before, after = ids[POSITION_SAMPLER]
+    assert len(before & after) < 100  # as it was: most of the sample drawn again
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:  # a cache of that edu-filter
+        db.execute("CREATE TABLE facts (name TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO facts VALUES ('sampler', 'nested-1')")
+    assert recorded_sampler(tmp_path / "c.sqlite") == POSITION_SAMPLER
+
+
 def test_a_run_answering_a_sample_drawn_the_older_way_resumes_with_that_sample(tmp_path):
     """A cache holding answers of an edu-filter from before (no sampler recorded) was answering a sample drawn by
     reservoir sampling: a resumed run drawing another sample would ask for documents it never meant to."""
