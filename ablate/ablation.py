@@ -493,6 +493,7 @@ def write_report_md(out: Path, report: dict) -> Path:
                   "run, its loss there partly recall): " + "; ".join(
                       f"{name} {', '.join(f'{ref} {known(n)}' for ref, n in refs.items())}"
                       for name, refs in shared.items()) + ".", ""]
+    lines += _benchmark_table(runs)
     if comparison:
         lines += [
             f"## Per seed on {comparison['eval_set']}",
@@ -515,6 +516,33 @@ def write_report_md(out: Path, report: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _benchmark_table(runs: dict) -> list[str]:
+    """report.md's HumanEval pass@1 and cloze accuracies per run, mean ± std over seeds (a code ablation's main
+    result was in the terminal and report.json only)."""
+    cloze_names = sorted({c for r in runs.values() for c in r.get("cloze", {})})
+    with_humaneval = any("humaneval" in r for r in runs.values())
+    if not cloze_names and not with_humaneval:
+        return []
+
+    def cell(r: dict, values) -> str:
+        xs = list(values(r))
+        std = _std(xs)
+        return f"{_mean(xs):.3f}" + (f" ± {std:.3f}" if std is not None else "") if xs else "-"
+
+    columns = ([("HumanEval pass@1", lambda r: [s["humaneval"]["pass@1"] for s in r["seeds"] if "humaneval" in s])]
+               if with_humaneval else [])
+    for c in cloze_names:
+        columns += [(f"{c} {m}", lambda r, c=c, m=m: [s["cloze"][c][m] for s in r["seeds"] if c in s.get("cloze", {})])
+                    for m in ("acc", "acc_norm")]
+    first = next(iter(runs.values()))
+    sizes = ([f"{first['humaneval']['problems']} HumanEval problems"] if "humaneval" in first else []) + [
+        f"{first['cloze'][c]['questions']} {c} questions" for c in cloze_names if c in first.get("cloze", {})]
+    return ["## Benchmarks (higher is better; mean ± standard deviation over seeds)", "",
+            "| run | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns),
+            *[f"| {name} | " + " | ".join(cell(r, values) for _, values in columns) + " |" for name, r in runs.items()],
+            "", f"Greedy pass@1 and log-likelihood accuracies over {', '.join(sizes)}.", ""]
 
 
 TOKENIZER_SETTINGS = "edu_filter_trained_with.json"  # beside the BPE the ablation trained: what it was trained with

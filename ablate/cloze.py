@@ -4,7 +4,8 @@ Benchmark files are JSONL, one question a line:
 
     {"context": "The Sun is a", "choices": [" star", " planet", " moon"], "gold": 0}
 
-Each choice is scored by the summed log-probability of its tokens after the context. `acc` picks the choice with
+Each choice is scored by the summed log-probability of its tokens after the context, the pair split into tokens
+as lm-evaluation-harness splits it (`encode_pair`). `acc` picks the choice with
 the highest sum; `acc_norm` divides each sum by the choice's length in characters first, so long answers are not
 penalised for having more tokens.
 """
@@ -37,15 +38,28 @@ def load_cloze(path: str | Path) -> list[dict]:
     return questions
 
 
+def encode_pair(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+    """The context's tokens and the choice's, as lm-evaluation-harness's `_encode_pair` makes them: the context's
+    trailing whitespace moved to the choice, the choice's tokens those of context + choice after the context's.
+    Tokenized apart, "Answer: " + "a" became [..., ':', ' ', 'a'], a split a byte-level BPE never trains on (it
+    joins the space to the word), and the space was never scored. An empty context is the end-of-text token."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, choice = context[:-spaces], context[-spaces:] + choice
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    if not ctx:
+        return [tokenizer.eos_token_id], tokenizer(choice, add_special_tokens=False).input_ids
+    return ctx, tokenizer(context + choice, add_special_tokens=False).input_ids[len(ctx):]
+
+
 @torch.no_grad()
 def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
     """Summed log-probability of each choice's tokens given the context (left-truncated to the model's context)."""
     max_len = model.config.max_position_embeddings
     device = next(model.parameters()).device
-    ctx = tokenizer(context, add_special_tokens=False).input_ids or [tokenizer.eos_token_id]
     rows, n_choice = [], []
     for choice in choices:
-        cont = tokenizer(choice, add_special_tokens=False).input_ids
+        ctx, cont = encode_pair(tokenizer, context, choice)
         seq = (ctx + cont)[-(max_len + 1):]
         rows.append(seq)
         n_choice.append(min(len(cont), len(seq) - 1))

@@ -56,9 +56,15 @@ def truncate_at_stop(completion: str, stop_sequences: list[str] = STOP_SEQUENCES
     return completion[:cut]
 
 
+CHECKED_SUFFIX = ".checked"  # a file the program leaves beside itself once its tests have run to their end
+
+
 def check_program(problem: dict, completion: str) -> str:
-    """The program that passes iff the completion is correct: prompt + completion + tests + check(entry_point)."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    """The program that passes iff the completion is correct: prompt + completion + tests + check(entry_point),
+    then a mark that the check returned (run with `checked=True`: a completion calling exit() or sys.exit(0) ended
+    the program before the asserts, exit status 0, counted as passed; the reference harnesses fail SystemExit)."""
+    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+            f"open(__file__ + {CHECKED_SUFFIX!r}, 'w').close()\n")
 
 
 # The end of a failed program's stderr kept for its detail; programs write stdout and stderr to nowhere and a file
@@ -95,8 +101,9 @@ def _exited(proc: subprocess.Popen, timeout: float) -> bool:
         time.sleep(0.005)
 
 
-def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> ExecutionResult:
-    """Run a Python program in a subprocess; passed means it exited 0 within the timeout."""
+def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048, checked: bool = False) -> ExecutionResult:
+    """Run a Python program in a subprocess; passed means it exited 0 within the timeout (and, `checked`, left the
+    mark `check_program` ends with)."""
     with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
         path = Path(tmp) / "program.py"
         path.write_text(program)
@@ -119,6 +126,8 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048) -> E
             proc.wait()
             if not ended:
                 return ExecutionResult("timeout", f"no result after {timeout:g}s")
+            if proc.returncode == 0 and checked and not path.with_name(path.name + CHECKED_SUFFIX).exists():
+                return ExecutionResult("failed", "exited before its tests ended (exit status 0)")
             if proc.returncode == 0:
                 return ExecutionResult("passed")
             stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
@@ -132,7 +141,8 @@ def execute_completions(
     """Check each completion against its problem's tests, several subprocesses at a time (one per CPU this process
     may use: under a scheduler its allocation, not every core of the node)."""
     with ThreadPoolExecutor(max_workers=workers or default_num_threads()) as pool:
-        return list(pool.map(lambda pc: run_program(check_program(*pc), timeout), zip(problems, completions)))
+        return list(pool.map(lambda pc: run_program(check_program(*pc), timeout, checked=True),
+                             zip(problems, completions)))
 
 
 def generate_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = 256) -> tuple[list[str], int]:

@@ -61,6 +61,21 @@ def test_loglikelihood_is_the_sum_over_the_choice_tokens(trained):
         assert score == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_context_ending_in_a_space_is_split_as_lm_evaluation_harness_splits_it(trained):
+    """ "the cat sat on the " + "mat": tokenized apart the space was a token of its own (a split the BPE never
+    trains on) and never scored; its trailing whitespace goes to the choice, tokenized with the context."""
+    from edu_filter.ablate.cloze import encode_pair
+
+    model, tok = trained
+    ctx, cont = encode_pair(tok, "the cat sat on the ", "mat")
+    assert (ctx, cont) == (tok("the cat sat on the").input_ids, tok(" mat").input_ids)
+    assert choice_loglikelihoods(model, tok, "the cat sat on the ", ["mat", "lake"]) == pytest.approx(
+        choice_loglikelihoods(model, tok, "the cat sat on the", [" mat", " lake"]))
+    assert encode_pair(tok, "", " mat") == ([tok.eos_token_id], tok(" mat").input_ids)
+    whole = tok("the cat sat on the mat").input_ids  # no space between: the choice's tokens after the context's
+    assert encode_pair(tok, "the cat sat on the m", "at")[1] == whole[len(tok("the cat sat on the m").input_ids):]
+
+
 def test_a_model_that_learned_the_facts_answers_them(trained, tmp_path):
     model, tok = trained
     path = tmp_path / "facts.jsonl"

@@ -43,6 +43,17 @@ def test_wrong_and_crashing_solutions_fail(problems):
     assert "SyntaxError" in results[2].detail
 
 
+def test_a_completion_that_exits_before_the_tests_end_fails(problems):
+    """exit(), sys.exit(0) or os._exit(0) in a completion ended the program before its asserts with status 0: a
+    wrong completion counted as passed (the reference harnesses fail SystemExit)."""
+    exits = ["    exit()\n", "    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
+             "    return 0\nexit(0)\n"]
+    results = execute_completions([problems[2]] * len(exits), exits, timeout=20)
+    assert [r.status for r in results] == ["failed"] * len(exits)
+    assert results[0].detail == "exited before its tests ended (exit status 0)"
+    assert execute_completions([problems[2]], [problems[2]["canonical_solution"]], timeout=20)[0].passed
+
+
 def test_an_infinite_loop_is_killed_at_the_timeout(problems):
     t0 = time.time()
     result = run_program(check_program(problems[2], "    while True:\n        pass\n"), timeout=2)
