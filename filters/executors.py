@@ -805,22 +805,27 @@ def _process_gone(pid: int, started: str | None = None) -> bool:
         return True
     except PermissionError:
         return False
+    fields = _proc_stat_fields(pid)
+    if fields is None:
+        return False
+    return fields[0] == "Z" or (started is not None and fields[19] != started)  # a zombie: dead, not reaped yet
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first, start time 20th); None where unreadable."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] == "Z" or (started is not None and fields[19] != started)  # a zombie: dead, not reaped yet
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def process_start(pid: int) -> str | None:
     """When process `pid` started (/proc's clock ticks since boot): with its id, names one process, not a later one
     given the same id."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def killed_task_message(out: str, stage: str, rank: int, ray: bool = False) -> str:
