@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -33,44 +34,69 @@ from edu_filter.documents import (
 LABELS = list(SCORES)
 
 
-def read_scores(paths, field: str = "score",
-                id_field: str = "id") -> tuple[dict[str, float], set[str], str | None, dict[str, int] | None]:
-    """{id: value} for rows whose `field` is set, the ids of the rows that have it null, FILE:LINE of the first row
-    carrying an inclusion `weight` (`score --select active`), if any, and, for `field` score, {id: int_score} when
-    every scored row has a whole `int_score` (a classifier's, from its cut points; else None). Bad rows (no id, a
-    duplicate id, a value that is no number on the 0-5 scale) raise DocumentError naming the file and row."""
-    scores: dict[str, float] = {}
-    classes: dict[str, int] | None = {} if field == "score" else None
+@dataclass
+class Scores:
+    """One side's rows: {id: value} of its scored rows, the ids of its null ones, FILE:LINE of its first row
+    carrying an inclusion `weight` (`score --select active`), {id: int_score} when every scored row has a whole
+    `int_score` (a classifier's, from its cut points; else None), and, read against the other side's ids, how many
+    scored rows it has that the other side lacks (counted, not held)."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    nulls: set[str] = field(default_factory=set)
+    weighted: str | None = None
+    classes: dict[str, int] | None = None
+    scored_elsewhere: int = 0
+
+
+def read_scores(paths, field_name: str = "score", id_field: str = "id", only: set[str] | None = None) -> Scores:
+    """A side's scores (`Scores`). With `only` (the other side's ids), rows of other ids are checked and counted
+    but not held: an apply output of 100M rows against a few thousand LLM labels held ~280 bytes a row. Bad rows
+    (no id, a value that is no number on the 0-5 scale, a duplicate id among those held) raise DocumentError naming
+    the file and row."""
+    side = Scores(classes={} if field_name == "score" else None)
     where: dict[str, str] = {}
-    nulls: set[str] = set()
-    weighted = None
+    whole_classes = side.classes is not None
     for path in expand_paths([paths] if isinstance(paths, (str, os.PathLike)) else paths):
         for lineno, row in iter_raw_rows(path, id_field):  # integer ids wider than 64 bits read exactly
             doc_id = row.get(id_field)
             if doc_id is None:
                 raise DocumentError(f"{path}:{lineno}: field '{id_field}' is missing (needed to join A and B)")
             doc_id = str(doc_id)
+            if side.weighted is None and row.get("weight") is not None:
+                side.weighted = f"{path}:{lineno}"
+            value = row.get(field_name, None)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is not a number: {value!r:.80}")
+                if not in_score_range(value):
+                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is {value!r:.80}, outside the "
+                                        f"{SCORE_RANGE} scale")
+                whole = row.get("int_score")
+                if whole_classes and not (isinstance(whole, int) and not isinstance(whole, bool) and whole in SCORES):
+                    whole_classes = False
+            if only is not None and doc_id not in only:
+                side.scored_elsewhere += value is not None
+                continue
             if doc_id in where:
                 raise DocumentError(f"{path}:{lineno}: duplicate id {doc_id!r} (first at {where[doc_id]})")
             where[doc_id] = f"{path}:{lineno}"
-            if weighted is None and row.get("weight") is not None:
-                weighted = where[doc_id]
-            value = row.get(field, None)
             if value is None:
-                nulls.add(doc_id)
+                side.nulls.add(doc_id)
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise DocumentError(f"{path}:{lineno}: field '{field}' is not a number: {value!r:.80}")
-            if not in_score_range(value):
-                raise DocumentError(f"{path}:{lineno}: field '{field}' is {value!r:.80}, outside the {SCORE_RANGE} scale")
-            scores[doc_id] = float(value)
-            if classes is not None:
-                whole = row.get("int_score")
-                if isinstance(whole, int) and not isinstance(whole, bool) and whole in SCORES:
-                    classes[doc_id] = whole
-                else:
-                    classes = None
-    return scores, nulls, weighted, classes or None
+            side.scores[doc_id] = float(value)
+            if whole_classes:
+                side.classes[doc_id] = row["int_score"]
+    side.classes = side.classes if whole_classes and side.classes else None
+    return side
+
+
+def _size(paths) -> float:
+    """The bytes of a side's files (infinite where one is not a local file: a hub dataset is never the small side)."""
+    try:
+        return sum(os.path.getsize(p) for p in expand_paths([paths] if isinstance(paths, (str, os.PathLike))
+                                                            else paths))
+    except OSError:
+        return math.inf
 
 
 def _finite(x) -> float | None:
@@ -137,9 +163,15 @@ def agreement(
         raise InputError(f"--threshold must be on the {SCORE_RANGE} scale, got {threshold:g}")
     if report is not None:
         check_writable_output(report, "--report", file=True)
-    scores_a, nulls_a, weighted_a, classes_a = read_scores(a, field, id_field)
-    scores_b, nulls_b, weighted_b, classes_b = read_scores(b, field_b or field, id_field)
-    weighted = weighted_a or weighted_b
+    # the smaller side is held whole, the other read against its ids (memory: the smaller side)
+    if _size(a) <= _size(b):
+        side_a = read_scores(a, field, id_field)
+        side_b = read_scores(b, field_b or field, id_field, only=side_a.scores.keys() | side_a.nulls)
+    else:
+        side_b = read_scores(b, field_b or field, id_field)
+        side_a = read_scores(a, field, id_field, only=side_b.scores.keys() | side_b.nulls)
+    scores_a, scores_b, nulls_a, nulls_b = side_a.scores, side_b.scores, side_a.nulls, side_b.nulls
+    weighted, classes_a, classes_b = side_a.weighted or side_b.weighted, side_a.classes, side_b.classes
     common = [doc_id for doc_id in scores_a if doc_id in scores_b]
     # a classifier's own int_score (its calibrated cut points), as apply keeps: rounding its score kept what apply drops
     result = agreement_metrics([scores_a[i] for i in common], [scores_b[i] for i in common], threshold,
@@ -151,8 +183,8 @@ def agreement(
         # comparisons lost to a null: a document one side scored that the other holds with a null score (a human
         # subset checked against an LLM pool: the pool's nulls elsewhere cost none), not as missing from it
         null_a=len(scores_b.keys() & nulls_a), null_b=len(scores_a.keys() & nulls_b),
-        only_in_a=len(scores_a.keys() - scores_b.keys() - nulls_b),
-        only_in_b=len(scores_b.keys() - scores_a.keys() - nulls_a),
+        only_in_a=side_a.scored_elsewhere + len(scores_a.keys() - scores_b.keys() - nulls_b),
+        only_in_b=side_b.scored_elsewhere + len(scores_b.keys() - scores_a.keys() - nulls_a),
         # an actively chosen sample holds the rare high scores many times their share: its agreement is not the pool's
         warnings=[f"rows carry inclusion weights ({weighted}: a sample drawn by `score --select active`); these "
                   "figures are of the sample, unweighted, not of the pool it was drawn from"] if weighted else [],

@@ -115,6 +115,29 @@ def test_real_annotations_agree_with_themselves_and_not_with_noise(tmp_path):
     assert other["cohen_kappa"] < 0.1 and other["exact_agreement"] == 0.0
 
 
+def test_a_pool_against_a_few_labels_holds_only_the_labelled_rows(tmp_path):
+    """An apply output of 100M rows against a few thousand LLM labels held every row of both (~280 bytes a row):
+    the smaller side is held, the other read against its ids, either way round, and its other rows counted."""
+    import tracemalloc
+
+    pool = tmp_path / "pool.jsonl"
+    with pool.open("w") as fh:
+        for i in range(200_000):
+            fh.write(f'{{"id": "doc-{i:07d}", "score": {(i % 50) / 10}, "int_score": {i % 6}}}\n')
+    labels = _write(tmp_path / "labels.jsonl", [{"id": f"doc-{i:07d}", "score": i % 6} for i in range(0, 2000, 2)]
+                    + [{"id": "doc-9999999", "score": 3}, {"id": "doc-0000001", "score": None}])
+    agreement(str(labels), str(labels), show=False)  # the statistics libraries imported before memory is traced
+    for a, b in ((labels, pool), (pool, labels)):
+        tracemalloc.start()
+        r = agreement(str(a), str(b), show=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert r["n"] == 1000 and peak < 8 * 2**20, peak  # every row held: ~60 MB
+        pool_side, label_side = ("b", "a") if a == labels else ("a", "b")
+        assert r[f"only_in_{pool_side}"] == 199_000 - 1 and r[f"only_in_{label_side}"] == 1
+        assert r[f"null_{label_side}"] == 1 and r[f"int_{pool_side}"] == "int_score"
+
+
 def test_bad_rows_name_file_and_line(tmp_path):
     good = _write(tmp_path / "good.jsonl", [{"id": "a", "score": 1}])
     bad = _write(tmp_path / "bad.jsonl", [{"id": "a", "score": 1}, {"id": "b", "score": "high"}])
