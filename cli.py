@@ -539,7 +539,7 @@ def sweep(
                                    help=f"Comma-separated int_score thresholds to compare ({SCORE_RANGE})."),
     label_field: Optional[str] = typer.Option(None, help="Reference label field (input_score or label by default; "
                                               "none: no labels, e.g. where `label` is a topic)."),
-    positive_threshold: int = typer.Option(3, help="A label >= this, rounded half up (2.5 counts at 3), counts as educational for precision/recall."),
+    positive_threshold: Optional[int] = typer.Option(None, help="A label >= this, rounded half up (2.5 counts at 3), counts as educational for precision/recall. Default: 4 for apply outputs made for code (--preset python-edu or a code model), else 3."),
     weight_field: str = typer.Option("weight", help="Inclusion weights of an actively chosen sample, used when rows "
                                      "carry them (shares and P/R/F1 then estimate the pool); none ignores them."),
 ):

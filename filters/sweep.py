@@ -74,6 +74,17 @@ def run_settings(path: str | Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
+def kind_positive_threshold(paths: list[str]) -> int:
+    """The label that counts as educational by default: 4 where every input is an apply output made for code
+    (`--preset python-edu`, or a `train --kind code` model: Python-Edu's threshold), else 3 (FineWeb-Edu's). A
+    Python-Edu output was scored against label >= 3 unless told, its t=4 row not evaluate's F1 at 4."""
+    from edu_filter.filters.apply import PRESETS, model_kind
+
+    code = [s.get("preset") == "python-edu" or (isinstance(s.get("model"), str) and model_kind(s["model"]) == "code")
+            for s in map(run_settings, paths)]
+    return PRESETS["python-edu"]["threshold"] if code and all(code) else 3
+
+
 def sweep_inputs(paths: list[str]) -> list[str]:
     """An `apply` output folder stands for the documents its threshold was applied to: `kept/`,
     `removed/below_threshold/` and `failed/schema_mismatch/` (kept rows Parquet could not hold), and in the
@@ -669,11 +680,12 @@ def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_
 
 
 def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None = None,
-              label_field: str | None = None, positive_threshold: int = 3, weight_field: str | None = "weight",
-              show: bool = True) -> dict:
+              label_field: str | None = None, positive_threshold: int | None = None,
+              weight_field: str | None = "weight", show: bool = True) -> dict:
     """Writes `sweep.json`, `retention.csv`, `score_histogram.png` and `retention_curve.png` into `output`.
 
-    Options and the output folder are checked, and the data read, before the folder is created."""
+    Options and the output folder are checked, and the data read, before the folder is created.
+    `positive_threshold` None: the kind's (`kind_positive_threshold`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -681,6 +693,8 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
     bad = [t for t in thresholds if not in_score_range(t)]
     if bad or not thresholds:
         raise InputError(f"thresholds must be int_scores in {SCORE_RANGE}, got {thresholds}")
+    if positive_threshold is None:
+        positive_threshold = kind_positive_threshold(paths)
     if not in_score_range(positive_threshold):
         raise InputError(f"--positive-threshold must be in {SCORE_RANGE}, got {positive_threshold}")
     if label_field in SCORE_FIELDS[:2]:  # the classifier's own: precision and recall of it against itself

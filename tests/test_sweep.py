@@ -318,6 +318,27 @@ def test_an_unfinished_apply_run_is_refused_but_its_folders_can_be_named(tmp_pat
     assert run_sweep([str(out)], tmp_path / "sw2", show=False)["documents"] == len(rows)
 
 
+def test_a_code_runs_output_counts_label_4_as_educational_by_default(tmp_path):
+    """A Python-Edu output (threshold 4) was scored against label >= 3 unless told: its t=4 row was not evaluate's
+    F1 at 4. A code run's positive class is label >= 4 now, a web run's 3; --positive-threshold still decides."""
+    rows = scored_rows(300)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"kind": "code"}))
+    out = fake_apply_output(tmp_path, rows, model)
+    code = run_sweep([str(out)], tmp_path / "code", show=False)
+    told = run_sweep([str(out)], tmp_path / "told", positive_threshold=3, show=False)
+    assert code["positive_threshold"] == 4 and told["positive_threshold"] == 3
+    at4 = code["rows"][4]
+    tp = sum(r["int_score"] >= 4 and r["input_score"] >= 4 for r in rows)
+    assert at4["precision"] == pytest.approx(tp / sum(r["int_score"] >= 4 for r in rows), abs=1e-4)
+    assert at4["recall"] == pytest.approx(tp / sum(r["input_score"] >= 4 for r in rows), abs=1e-4)
+    (model / "config.json").write_text(json.dumps({"kind": "web"}))
+    assert run_sweep([str(out)], tmp_path / "web", show=False)["positive_threshold"] == 3
+    (out / "run_config.json").write_text(json.dumps({"settings": {"model": "hub/id", "preset": "python-edu"}}))
+    assert run_sweep([str(out)], tmp_path / "preset", show=False)["positive_threshold"] == 4
+
+
 def test_cut_points_of_a_model_retrained_since_the_run_are_not_used(tmp_path):
     from edu_filter.provenance import describe_inputs
 
