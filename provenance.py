@@ -426,6 +426,8 @@ def record_provenance(
         "settings": redacted(json.loads(json.dumps(dict(settings), default=str))),
         "inputs": entries,
     }
+    if artifact.is_file():  # what the record describes: rows appended or edited later are told apart (lineage)
+        record["artifact_fingerprint"] = fingerprint(artifact)["fingerprint"]
     target = provenance_path(artifact)
     write_json_whole(target, record)
     return target
@@ -466,7 +468,8 @@ def lineage(path: str | os.PathLike) -> dict:
     {"kind", "path", "fingerprint" (current), "stale", "inputs": [nodes], ...}. An input node also has its "role",
     "used_fingerprint" (what its consumer recorded), "missing" and "remote"; `stale` is true when its current
     content no longer matches what was used (or it is gone). Below a stale node the tree shows what was used then.
-    The inputs of an artifact are shown once, under its first file met; its other files' nodes name that one
+    "record_outdated": a file whose content (as used, or now) is not what its record was written for. The inputs
+    of an artifact are shown once, under its first file met; its other files' nodes name that one
     ("inputs_as") with no inputs of their own: the tree grows with the artifacts, not files x upstream inputs.
     """
     path = Path(path)
@@ -510,6 +513,9 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     if record:
         node.update(command=record.get("command"), created=record.get("created"),
                     edu_filter_version=record.get("edu_filter_version"))
+        content = about.get("used_fingerprint", node["fingerprint"]) if "artifact" not in about else None
+        if _differs_from_record(record, content):
+            node["record_outdated"] = True
     consumer = (origin or path) if local else None
     if consumer is not None and not (consumer.is_dir() or (record or {}).get("kind") in FOLDER_KINDS):
         consumer = consumer.parent  # inputs are recorded relative to a file's folder
@@ -528,6 +534,16 @@ def _node(record: dict | None, path: Path | str, about: dict, cache: dict, origi
     node["inputs"] = [_input_node(entry, consumer, cache, entry.get("provenance") or shared.get(entry.get("artifact")))
                       for entry in inputs]
     return node
+
+
+def _differs_from_record(record: dict, content: str | None) -> bool:
+    """Whether a file artifact's content (as used, or now) is not what its record describes: rows appended to an
+    annotation file after `score` (`cat more.jsonl >> annotations.jsonl`) kept the history of its first rows alone.
+    Fingerprints taken by different methods (sampled, hashed) are not compared."""
+    described = record.get("artifact_fingerprint")
+    if not (isinstance(described, str) and isinstance(content, str)):
+        return False
+    return described.split(":", 1)[0] == content.split(":", 1)[0] and described != content
 
 
 def _prefetch_fingerprints(entries: list[dict], consumer: Path, cache: dict, path: str) -> None:
@@ -597,6 +613,9 @@ def lineage_tree(node: dict):
             parts.append("[bold red]MISSING[/]")
         elif n.get("stale"):
             parts.append(f"[bold red]CHANGED since used[/] [dim](was {(n.get('used_fingerprint') or '?')[:23]})[/]")
+        if n.get("record_outdated"):
+            parts.append("[bold yellow]changed after its record was written[/] [dim](the history below is of its "
+                         "content then)[/]")
         if n.get("inputs_as"):
             parts.append(f"[dim]inputs as {escape(n['inputs_as'])}[/]")
         if n.get("command"):

@@ -462,6 +462,29 @@ def test_an_edited_annotation_file_is_stale_in_the_lineage_of_the_dataset(chain)
     assert provenance.stale_nodes(provenance.lineage(chain["dataset"])) == []
 
 
+def test_rows_added_to_an_annotation_file_after_its_record_are_told(tmp_path):
+    """`cat more.jsonl >> annotations.jsonl` after `score`: the file kept its record, and lineage showed that run's
+    history for rows it never wrote."""
+    annotations = write_documents([{"id": "a", "text": "t", "score": 3}], tmp_path / "ann.jsonl")
+    record_annotations(annotations, WEB_TRAIN)
+    model = tmp_path / "model"
+    model.mkdir()
+    provenance.record_provenance(model, kind="classifier", settings={}, inputs={"train": annotations})
+    assert not child(lineage_json(model), "train").get("record_outdated")
+    assert not lineage_json(annotations).get("record_outdated")
+    with annotations.open("a") as fh:
+        fh.write('{"id": "b", "text": "from elsewhere", "score": 5}\n')
+    assert lineage_json(annotations)["record_outdated"]
+    later = tmp_path / "later"
+    later.mkdir()
+    provenance.record_provenance(later, kind="classifier", settings={}, inputs={"train": annotations})
+    used = child(lineage_json(later), "train")
+    assert used["record_outdated"] and not used["stale"] and used["inputs"]  # its history, said to be of before
+    assert not child(lineage_json(model), "train").get("record_outdated")  # the first model used what was described
+    result = CliRunner().invoke(app, ["lineage", str(later)], env={"COLUMNS": "300"})
+    assert "changed after its record was written" in result.output
+
+
 def test_a_deleted_input_is_missing_and_stale(tmp_path):
     documents = write_documents([{"id": "a", "text": "some text"}], tmp_path / "docs.jsonl")
     annotations = write_documents([{"id": "a", "text": "some text", "score": 2}], tmp_path / "ann.jsonl")
