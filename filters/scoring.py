@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,11 +34,16 @@ def gpu_for_task(rank: int, gpus: int) -> str:
 _CLAIMED_GPU: dict[int, tuple[int, object]] = {}  # gpus seen -> (the GPU this process holds, its open lock file)
 
 
+CLAIM_SHARES = 64  # processes a GPU is claimed by at most (then rank % gpus)
+
+
 def claim_gpu(gpus: int) -> int | None:
     """The first of the `gpus` visible GPUs that no other process of this user and job on this machine holds, held
     until this process ends (a lock file per visible GPU in the temporary folder; the kernel drops it however the
-    process ends); None when every one is held. The job and the machine name the folder: Slurm numbers each job's
-    GPUs from 0, and a temporary folder may be shared by jobs or nodes."""
+    process ends); where every one is held, the first held by the fewest (a lock file per share: 8 workers on 4
+    GPUs are 2 a GPU, where falling back to rank % gpus put 3 on one); None when none can be claimed. The job and the
+    machine name the folder: Slurm numbers each job's GPUs from 0, and a temporary folder may be shared by jobs or
+    nodes."""
     import fcntl
     import socket
     import tempfile
@@ -47,11 +53,11 @@ def claim_gpu(gpus: int) -> int | None:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     job = os.environ.get("SLURM_JOB_ID", "")
     folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}-{socket.gethostname()}-{job}")
-    for index in range(gpus):
+    for share, index in itertools.product(range(CLAIM_SHARES), range(gpus)):
         physical = visible[index] if index < len(visible) else str(index)
         try:  # a temporary folder that cannot be written: no claim (rank % gpus), not a failed task
             os.makedirs(folder, exist_ok=True)
-            lock = open(os.path.join(folder, f"{physical}.lock"), "a")
+            lock = open(os.path.join(folder, f"{physical}.lock" if not share else f"{physical}.{share}.lock"), "a")
         except OSError:
             return None
         try:

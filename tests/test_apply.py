@@ -355,15 +355,22 @@ def test_two_jobs_numbering_their_gpus_alike_claim_theirs_apart(tmp_path):
     import sys
 
     claim = ("import sys, time; from edu_filter.filters.scoring import claim_gpu; print(claim_gpu(2), flush=True); "
-             "time.sleep(4)")
-    runs = [subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True, env={
-        **os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": job})
-        for job in ("101", "101", "102", "102")]
+             "time.sleep(8)")
+    def start(jobs):
+        return [subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True, env={
+            **os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": job})
+            for job in jobs]
+
+    runs = start(("101", "101", "102", "102"))
     claimed = [run.stdout.readline().strip() for run in runs]
+    runs += start(("101", "101", "101"))  # once the first ones hold theirs
+    claimed += [run.stdout.readline().strip() for run in runs[4:]]
     for run in runs:
         run.kill()
         run.wait()
-    assert sorted(claimed[:2]) == sorted(claimed[2:]) == ["0", "1"], claimed
+    assert sorted(claimed[:2]) == sorted(claimed[2:4]) == ["0", "1"], claimed
+    # more processes than GPUs: shared evenly (every GPU held, they fell back to rank % gpus whatever the load)
+    assert sorted(claimed[:2] + claimed[4:]) == ["0", "0", "0", "1", "1"], claimed
 
 
 def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_path, monkeypatch):
