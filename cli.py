@@ -466,7 +466,7 @@ def apply(
     slurm_cpus: int = typer.Option(SLURM.cpus_per_task, help="CPUs per task."),
     slurm_gpu_cpus: Optional[int] = typer.Option(SLURM.gpu_cpus_per_task, help="CPUs per scoring task (default: "
                                                  "--slurm-cpus); they tokenize for its GPU: 16 keep one H200 busy."),
-    slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU)."),
+    slurm_mem_gb: Optional[int] = typer.Option(SLURM.mem_gb, help="Memory per task in GB (default: 4 per CPU the task asks: --slurm-cpus, or --slurm-gpu-cpus for scoring)."),
     slurm_cluster_mem_gb: Optional[int] = typer.Option(SLURM.cluster_mem_gb, help="Memory in GB of the minhash-cluster "
                                                        "stage's one task, which holds every near-duplicate pair "
                                                        "(default: --slurm-mem-gb)."),

@@ -231,8 +231,8 @@ def refuse_transformer_options(model: str | os.PathLike, **given) -> None:
     folder = model_folder_or_none(model)
     if folder is not None and (folder / FASTTEXT_CONFIG).exists():
         raise InputError(f"{', '.join(named)} {'is an option' if len(named) == 1 else 'are options'} of transformer "
-                         f"classifiers; {model} is a fastText model, which reads whole documents on a CPU: leave "
-                         f"{'it' if len(named) == 1 else 'them'} out")
+                         f"classifiers; {model} is a fastText model, which reads the first max_chars characters of a "
+                         f"document (its {FASTTEXT_CONFIG}) on a CPU: leave {'it' if len(named) == 1 else 'them'} out")
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",

@@ -12,7 +12,9 @@ Two orders, chosen by what is expensive (`--order`, `auto` by default):
 
 Exact dedup (python-edu) adds `exact-signatures` and `exact-find` before the MinHash signatures, which skip exact
 duplicates. Every pass over the same rows reads them in the same order, so datatrove's dedup filters, which address a
-document by its position in the stream, need no intermediate copy of the corpus. A fixed threshold is applied in the
+document by its position in the stream, need no intermediate copy of the corpus (score-first's survivors and
+`--keep-top`'s scored documents are one: a task's file is deleted once the task reading it last is complete, by the
+executor, so no rerun reads it again). A fixed threshold is applied in the
 pass that scores; `--keep-top` saves a score histogram per task, finds the cutoff once in a one-task
 `keep-top-cutoff` stage and selects in a `select` stage (`--order auto` deduplicates first with `--keep-top`, so the
 fraction is of the deduplicated documents; an explicit score-first takes it of every scored document). The `report`
@@ -158,7 +160,7 @@ class SlurmOptions:
     gpu_partition: str | None = None  # for the scoring stage; the CPU partition when unset
     time: str = "24:00:00"
     cpus_per_task: int = 4
-    mem_gb: int | None = None  # per task; None: 4 GB per CPU (of the other stages' tasks)
+    mem_gb: int | None = None  # per task; None: 4 GB per CPU (a scoring task's CPUs for its tasks, others' for theirs)
     # the minhash-cluster stage's one task, which holds every near-duplicate pair in memory (None: mem_gb)
     cluster_mem_gb: int | None = None
     # and its time limit (None: time): one task reads every bucket's pairs, for hours where the others take minutes
@@ -182,6 +184,9 @@ class SlurmOptions:
     # tasks each array task runs, one after another: each array task counts as a job against the cluster's
     # MaxSubmitJobs, so 50k tasks in jobs of 10 are 5k jobs per stage (the time limit is then for 10 tasks)
     tasks_per_job: int = 1
+    # resolved by the checks: a scoring task's memory (mem_gb where given; else 4 GB per scoring CPU: 4 GB over
+    # --slurm-gpu-cpus 16 was 256 MB a CPU for 16 tokenizer threads, a window of documents and the CUDA context)
+    scoring_mem_gb: int | None = None
 
     @property
     def scoring_cpus(self) -> int:
@@ -643,6 +648,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         ApplyInputReader,
         ClearUnfinishedAttempt,
         CountedJsonlWriter,
+        DropTaskScratch,
         InputErrorFilter,
         KeptParquetWriter,
         RankFileReader,
@@ -702,6 +708,10 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
             return [*scorer, ScoreHistogram(f"{work}/histograms"), RecordWriter(f"{work}/scored", tagged=tagged)]
         return [*scorer, ScoreThresholdFilter(threshold=cfg.threshold, exclusion_writer=removed("below_threshold"))]
 
+    def dropped(folder: str) -> list:
+        """The step dropping a task's file of `folder` once the task that reads it last is complete."""
+        return [] if cfg.keep_work else [DropTaskScratch([folder])]
+
     def select_stages(then: list) -> list[Stage]:
         """The cutoff found once over every task's histogram, then each task's scored documents selected by it."""
         cutoff_file, found_file = f"{logs}/extra/keep_top.json", f"{work}/keep_top_cutoff.json"
@@ -713,6 +723,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
                                          cutoff_file=cutoff_file, found_file=found_file,
                                          exclusion_writer=removed("below_threshold")),
                     *then,
+                    *dropped(f"{work}/scored"),
                 ], cfg.tasks)]
 
     def dedup_chain(source, tail: list, final_scores: bool) -> list[Stage]:
@@ -791,7 +802,7 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
         else:
             stages = [Stage("score", input_pass("score", True) + scoring(), cfg.tasks, scores=True),
                       *select_stages(survivors)]
-        stages += dedup_chain(survivors_pass, kept, final_scores=False)
+        stages += dedup_chain(survivors_pass, kept + dropped(f"{work}/survivors"), final_scores=False)
     from edu_filter.provenance import command_line
 
     stages.append(Stage("report", [WriteApplyStats(out, cfg.result_settings(), keep_work=cfg.keep_work,

@@ -39,6 +39,7 @@ from datatrove.utils.logging import logger
 from rich.markup import escape
 
 from edu_filter.documents import DocumentError, InputError, RunError, write_json_whole
+from edu_filter.filters.io import drop_finished_task_scratch
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 from edu_filter.filters.scoring import TASK_SLOT_ENV
 
@@ -589,10 +590,49 @@ def stopped_by_signals():
 _process_slot: tuple[int, int] | None = None  # (process id, worker slot) of this pool process
 
 
+def _end_with_parent(parent: int) -> None:
+    """In a manager process: end when the thread that started it ends (Linux's parent-death signal), its parent
+    killed included; where the parent is gone already, now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+class _ManagersEndingWithTheRun:
+    """`multiprocess` for datatrove's local executor, whose `Manager()` server process ends with the run: with the
+    run killed (`kill -9`, the out-of-memory killer) it stayed, ~230 MB a killed run, until killed by hand."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def Manager(self):  # noqa: N802 - multiprocess's name
+        from multiprocess.managers import SyncManager
+
+        manager = SyncManager(ctx=self._module.get_context())
+        manager.start(_end_with_parent, (os.getpid(),))
+        return manager
+
+
 class WatchedLocalExecutor(LocalPipelineExecutor):
     """datatrove's local executor, each task leaving its process id in `running/RANK` while it runs. A task whose
     process is killed (the kernel's out-of-memory killer, most often) leaves the file behind, which `killed_task`
     sees; datatrove's process pool alone would wait for that task's result forever, the run hanging silently."""
+
+    def run(self):
+        import datatrove.executor.local as datatrove_local
+
+        made_by_datatrove = datatrove_local.multiprocess
+        datatrove_local.multiprocess = _ManagersEndingWithTheRun(made_by_datatrove)
+        try:
+            return super().run()
+        finally:
+            datatrove_local.multiprocess = made_by_datatrove
 
     def _launch_run_for_rank(self, rank: int, ranks_q, completed=None, completed_lock=None):
         """datatrove's, but a process takes a worker slot with its first task and keeps it: handed back after each
@@ -617,7 +657,9 @@ class WatchedLocalExecutor(LocalPipelineExecutor):
         before = os.environ.get(TASK_SLOT_ENV)
         os.environ[TASK_SLOT_ENV] = str(local_rank)
         try:
-            return super()._run_for_rank(rank, local_rank, node_rank)
+            stats = super()._run_for_rank(rank, local_rank, node_rank)
+            drop_finished_task_scratch(self, rank)
+            return stats
         finally:
             if before is None:
                 os.environ.pop(TASK_SLOT_ENV, None)
@@ -741,7 +783,9 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
             # in the process that runs the task (datatrove's pool child on the node): killed for memory, it leaves
             # its file, and the run (on this machine) or `status` says so; datatrove's pool waited for it forever
             with running_marker(self.logging_dir, rank):
-                return super()._run_for_rank(rank, local_rank, node_rank)
+                stats = super()._run_for_rank(rank, local_rank, node_rank)
+                drop_finished_task_scratch(self, rank)
+                return stats
         finally:
             tempfile.tempdir = before
             # once datatrove has copied it whole to the run's logs: it left every task's log on the node (50k files
@@ -1037,6 +1081,7 @@ def check_slurm_request(opts):
         raise InputError(f"--slurm-gpus {opts.gpus_per_task}: a scoring task scores on one GPU, so the others would "
                          "sit idle; give --slurm-gpus 1 and a task per GPU (--tasks)")
     mem_gb = opts.mem_gb if opts.mem_gb is not None else 4 * opts.cpus_per_task
+    scoring_mem_gb = opts.scoring_mem_gb or (opts.mem_gb if opts.mem_gb is not None else 4 * opts.scoring_cpus)
     for name, value in (("--slurm-account", opts.account), ("--slurm-qos", opts.qos)):
         if value is not None and (not value or any(c.isspace() for c in value)):
             raise InputError(f"{name} {value!r}: must be one word")
@@ -1045,6 +1090,8 @@ def check_slurm_request(opts):
     if any(not v or any(c.isspace() for c in v) for k, v in gpu_directives.items() if k in ("qos", "account")):
         raise InputError("--slurm-gpu-arg qos=NAME, account=NAME: give one word")
     opts = replace(opts, sbatch_args=directives, gpu_sbatch_args=gpu_directives)
+    if not opts.dry_run:  # a dry run's submit.sh checks the environment it runs in
+        check_sbatch_environment(opts)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
         if partition is None and shutil.which("sinfo") is not None and slurm_answers():
@@ -1055,7 +1102,7 @@ def check_slurm_request(opts):
         max_array = opts.max_array_size or (slurm_max_array_size() if shutil.which("scontrol") is not None
                                             and slurm_answers() else None)
         return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
-                       max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
+                       scoring_mem_gb=scoring_mem_gb, max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
     parts = slurm_partitions()
     most = slurm_max_array_size()
     if opts.max_array_size is not None and most is not None and opts.max_array_size > most:
@@ -1070,7 +1117,7 @@ def check_slurm_request(opts):
     cluster_time = ("--slurm-cluster-time", opts.cluster_time) if opts.cluster_time else ("--slurm-time", opts.time)
     for name, cpus, option, gpus, memory, limit in (
             (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-mem-gb", mem_gb), ("--slurm-time", opts.time)),
-            (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", mem_gb),
+            (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", scoring_mem_gb),
              ("--slurm-time", opts.time)),
             (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-cluster-mem-gb", opts.cluster_mem_gb or 0),
              cluster_time)):
@@ -1091,7 +1138,7 @@ def check_slurm_request(opts):
         if asked is not None and p["max_seconds"] is not None and asked > p["max_seconds"]:
             raise DocumentError(f"{limit[0]} {limit[1]}: partition {name} runs a job for at most {p['max_time']} "
                                 "(its MaxTime), so the jobs would wait forever; give that or less")
-    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb,
+    opts = replace(opts, partition=partition, gpu_partition=gpu_partition, mem_gb=mem_gb, scoring_mem_gb=scoring_mem_gb,
                    max_array_size=opts.max_array_size or most or SLURM_MAX_ARRAY_SIZE)
     check_sbatch_accepts(opts)
     return opts
@@ -1128,7 +1175,7 @@ def job_request(opts, scores: bool, clusters: bool = False) -> tuple[str, int, i
     whole units: --slurm-mem-gb 16 over 6 CPUs in whole GB was 18 GB, 8 over 16 CPUs 16 GB (more than asked, maybe
     more than the node has); in MB a task gets what was asked, to a few MB under (a node of exactly that size fits)."""
     cpus = opts.scoring_cpus if scores else opts.cpus_per_task
-    mem_gb = (opts.cluster_mem_gb if clusters else None) or opts.mem_gb
+    mem_gb = (opts.scoring_mem_gb if scores else opts.cluster_mem_gb if clusters else None) or opts.mem_gb
     return (opts.gpu_partition if scores else opts.partition, cpus, max(1, mem_gb * 1024 // cpus),
             opts.gpus_per_task if scores else 0)
 
@@ -1224,6 +1271,33 @@ def check_script_path(path: str, what: str) -> None:
         shown = " ".join(repr(c) for c in bad)
         raise InputError(f"{what} {os.path.abspath(path)}: Slurm job scripts name it unquoted, and it holds {shown}; "
                          "use a path of letters, digits and . _ - / only")
+
+
+# sbatch's input environment variables for options every script of the chain sets: sbatch lets the environment
+# override #SBATCH lines ("environment variables will override any options set in a batch script"), so an
+# SBATCH_PARTITION in a login shell sent the scoring jobs, --gpus and all, to a CPU partition, unseen
+SCRIPT_SBATCH_VARIABLES = ("SBATCH_PARTITION", "SBATCH_TIMELIMIT", "SBATCH_MEM_PER_CPU", "SBATCH_MEM_PER_NODE",
+                           "SBATCH_MEM_PER_GPU", "SBATCH_GPUS", "SBATCH_GPUS_PER_TASK", "SBATCH_GPUS_PER_NODE",
+                           "SBATCH_CPUS_PER_GPU", "SBATCH_ARRAY_INX", "SBATCH_JOB_NAME", "SBATCH_OUTPUT",
+                           "SBATCH_ERROR")
+
+
+def overriding_sbatch_variables(opts) -> list[str]:
+    """The sbatch environment variables that would override what the chain's scripts ask: those of the options
+    every script sets, and of the account, QOS and other options given."""
+    given = {**opts.sbatch_args, **opts.gpu_sbatch_args, **({"account": ""} if opts.account else {}),
+             **({"qos": ""} if opts.qos else {})} if isinstance(opts.sbatch_args, dict) else {}
+    return [*SCRIPT_SBATCH_VARIABLES, *(f"SBATCH_{name.upper().replace('-', '_')}" for name in given)]
+
+
+def check_sbatch_environment(opts, environ=os.environ) -> None:
+    """Refuses, before anything is queued, sbatch variables set in the environment that would override the jobs'
+    own options."""
+    found = [f"{name}={environ[name]}" for name in overriding_sbatch_variables(opts) if name in environ]
+    if found:
+        raise InputError(f"{', '.join(found)} in the environment would override what the jobs ask (sbatch takes its "
+                         "environment over a script's #SBATCH lines): unset it, and give what it says through "
+                         "edu-filter's own options (--slurm-partition, --slurm-time, --slurm-mem-gb, --slurm-arg)")
 
 
 def check_sbatch_accepts(opts) -> None:
@@ -1386,10 +1460,14 @@ def _slurm_executor_class():
             others: datatrove's loop ran every task of a job on the same steps (the second's stats counted the
             first's documents) and stopped at the first error, leaving the job's later tasks for a resume."""
             if self.tasks_per_job == 1:
-                return super()._run_for_rank(rank, local_rank, node_rank)
+                stats = super()._run_for_rank(rank, local_rank, node_rank)
+                drop_finished_task_scratch(self, rank)
+                return stats
             steps, self.pipeline = self.pipeline, copy.deepcopy(self.pipeline)
             try:
-                return super()._run_for_rank(rank, local_rank, node_rank)
+                stats = super()._run_for_rank(rank, local_rank, node_rank)
+                drop_finished_task_scratch(self, rank)
+                return stats
             except Exception:  # in the task's log already; the job fails once its other tasks ran
                 self.__dict__.setdefault("failed_ranks", []).append(rank)
             finally:
@@ -1481,7 +1559,7 @@ def array_layout(executors) -> dict:
     return {name: {"max_array_size": ex.max_array_size, "tasks_per_job": ex.tasks_per_job} for name, ex in executors}
 
 
-def write_slurm_scripts(executors, out: str) -> Path:
+def write_slurm_scripts(executors, out: str, opts) -> Path:
     """What `SlurmPipelineExecutor.launch_job` writes, minus the `sbatch` calls, plus `submit.sh` chaining the stages
     with `afterok` dependencies. Each stage's `executor.pik` is the one its array tasks load; every path is absolute.
     submit.sh records the job ids it got in jobs.json as it goes, as a submission by `apply` does: `status` and
@@ -1499,6 +1577,14 @@ def write_slurm_scripts(executors, out: str) -> Path:
              'if [ -n "${SLURM_JOB_ID:-}" ]; then',
              f"  for v in $(compgen -e | grep '^SLURM_' | grep -Ev '^({kept})$' || true); do unset \"$v\"; done",
              "fi",
+             "# sbatch takes these over the scripts' own #SBATCH lines",
+             f"for v in {' '.join(overriding_sbatch_variables(opts))}; do",
+             '  if [ -n "${!v+set}" ]; then',
+             '    echo "$v=${!v} in the environment would override what the jobs ask (sbatch takes its environment '
+             "over a script's #SBATCH lines): unset it\" >&2",
+             "    exit 1",
+             "  fi",
+             "done",
              "# run twice, two chains would run every task at once, writing the same files",
              f"if [ -n \"$(squeue -h -u \"$(id -un)\" -t {QUEUED_STATES} -o %j | grep -E -- '-({tags})$' || true)\" ]; "
              "then",
@@ -1579,12 +1665,37 @@ def outside_the_allocation():
         os.environ.update(saved)
 
 
+def chain_array_tasks(executors) -> int:
+    """The array tasks the chain queues at once, each a job to Slurm's limits."""
+    return sum(math.ceil(len(ex.get_incomplete_ranks()) / ex.tasks_per_job) for _, ex in executors)
+
+
+def max_job_count(config: str) -> int | None:
+    """From `scontrol show config`: MaxJobCount, the jobs (array tasks each) the whole cluster holds at once."""
+    found = re.search(r"^MaxJobCount\s*=\s*(\d+)\s*$", config, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def check_job_count(jobs: int, limit: int | None) -> None:
+    """Refuses a chain of more array tasks than the cluster holds (MaxJobCount, 10,000 by default: 10,000 --tasks
+    queue ~30,000): sbatch retried "temporarily unable to accept job" or refused midway, naming no option."""
+    if limit is not None and jobs > limit:
+        raise InputError(f"the chain queues {jobs:,} array tasks at once and the cluster holds at most {limit:,} jobs "
+                         "(MaxJobCount; each array task counts as one): give --slurm-tasks-per-job N to run N tasks in "
+                         f"each (N >= {math.ceil(jobs / limit)}, with a --slurm-time for N of them), or fewer --tasks")
+
+
 def run_slurm(stages, out: str, workers: int | None, opts, wait: bool, console) -> dict | None:
     executors = slurm_executors(stages, out, workers, opts)
     if opts.dry_run:
-        submit = write_slurm_scripts(executors, out)
+        submit = write_slurm_scripts(executors, out, opts)
         console.print(f"Slurm scripts written; submit with [bold]{submit}[/]")
         return None
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                                timeout=SQUEUE_TIMEOUT_S)
+        check_job_count(chain_array_tasks(executors), max_job_count(config.stdout) if config.returncode == 0
+                        else None)
     log = Path(out) / "logs" / "apply.log"
     logged_before = log.stat().st_size if log.exists() else 0  # apply.log holds every earlier run's lines too
     try:
@@ -1625,7 +1736,7 @@ def submit_limit_hint(said: list[str], executors) -> str:
     and the whole chain is queued at once."""
     if not any(SUBMIT_LIMIT.search(line) for line in said):
         return ""
-    jobs = sum(math.ceil(len(ex.get_incomplete_ranks()) / ex.tasks_per_job) for _, ex in executors)
+    jobs = chain_array_tasks(executors)
     return (f". The chain queues {jobs:,} array tasks at once and each counts as a job: give --slurm-tasks-per-job "
             "N to run N tasks in each (and a --slurm-time for N of them)")
 

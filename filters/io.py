@@ -931,6 +931,44 @@ class RecordWriter(TaskFilenames, RecordJsonl, JsonlWriter):
                                         | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME))
 
 
+class DropTaskScratch(PipelineStep):
+    """In the stage that reads a task's scratch file (`RecordWriter`'s `{rank:05d}.jsonl.gz`) for the last time:
+    the executor calls `drop` once the task is complete (`drop_finished_task_scratch`), so no rerun of it reads the
+    file again (`RankFileReader` reads a missing one as "no documents"). Before, the scored documents of `--keep-top`
+    and score-first's survivors stayed to the report stage beside kept/ and removed/: the corpus twice on disk."""
+
+    name = "🗑 task scratch"
+    type = "🗑 - SCRATCH"
+
+    def __init__(self, folders: list[str]):
+        super().__init__()
+        self.folders = folders
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+
+    def drop(self, rank: int) -> None:
+        from datatrove.utils.logging import logger
+
+        for folder in self.folders:
+            path = f"{folder}/{rank:05d}.jsonl.gz"
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # the report stage deletes what is left
+                logger.warning(f"{path} could not be deleted ({e}); the report stage deletes it")
+
+
+def drop_finished_task_scratch(executor, rank: int) -> None:
+    """After a task ran: its stage's `DropTaskScratch` steps drop its scratch files, once its completion is written."""
+    steps = [step for step in executor.pipeline if isinstance(step, DropTaskScratch)]
+    if steps and executor.is_rank_completed(rank):
+        for step in steps:
+            step.drop(rank)
+
+
 def own_files(folder, pattern: str, numbered: bool) -> list[str]:
     """The files a task's writer left under `pattern` (its name; `*` as a whole first folder stands for failed/'s
     reasons; `numbered`: datatrove's 000_NAME, 001_NAME, ... of a writer that rotates files), found by name:

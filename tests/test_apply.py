@@ -393,9 +393,9 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
         assert "source /opt/venv/bin/activate" in text and "launch_pickled_pipeline" in text
         arrays[p.stem.split("_", 1)[1]] = next(line for line in text.splitlines() if "--array" in line)
         assert ("--partition=gpu-q" in text and "--gpus=1" in text) == p.stem.endswith("score")
-        # the scoring task's own CPUs (they tokenize for its GPU); 16 GB per task (4 per CPU of the other stages),
-        # over 6 CPUs 2730 MB each (in whole GB, 18 GB)
-        cpus, mem = ("6", "2730M") if p.stem.endswith("score") else ("4", "4G")
+        # the scoring task's own CPUs (they tokenize for its GPU), 4 GB each as every task's (it was 16 GB, 4 per CPU
+        # of the other stages, over its 6 CPUs)
+        cpus, mem = ("6", "4G") if p.stem.endswith("score") else ("4", "4G")
         assert f"--cpus-per-task={cpus}\n" in text and f"--mem-per-cpu={mem}\n" in text
         # srun says them again: Slurm 22.05-23.02 gave the step one CPU, binding the scoring threads to one core
         assert f"srun --cpus-per-task={cpus} -l -n 1 launch_pickled_pipeline" in text
@@ -409,7 +409,7 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
     submit = (tmp_path / "out" / "slurm" / "submit.sh").read_text()
     assert subprocess.run(["bash", "-n", str(tmp_path / "out" / "slurm" / "submit.sh")]).returncode == 0
     assert submit.count("sbatch --parsable") == 6 and submit.count("--dependency=afterok") == 6
-    assert submit.index("dep=()") < submit.index("sbatch")  # the first stage depends on nothing, the others chain
+    assert submit.index("dep=()") < submit.index("sbatch --parsable")  # the first stage depends on nothing, the others chain
     assert f'"{tmp_path}/out/slurm/00_score.slurm"' in submit  # runs from any folder
     import dill
 
@@ -423,7 +423,21 @@ def test_slurm_dry_run_writes_checkable_sbatch_scripts(stock_classifier, tmp_pat
                                      "ScoreThresholdFilter", "RecordWriter", "TaskProgressTime"])
     assert pipeline("filter") == (8, ["ClearUnfinishedAttempt", "CheckDedupResults", "RankFileReader",
                                       "MinhashDedupFilter", "DropDedupScratch", "KeptParquetWriter",
-                                      "TaskProgressTime"])
+                                      "DropTaskScratch", "TaskProgressTime"])
+    # sbatch takes SBATCH_* variables over the scripts' #SBATCH lines: the scoring jobs went to a login shell's
+    # SBATCH_PARTITION, --gpus and all; a variable of an option given (the account, a constraint) too, others pass
+    for variable, refused in (("SBATCH_PARTITION", True), ("SBATCH_CONSTRAINT", True), ("SBATCH_ACCOUNT", True),
+                              ("SBATCH_MEM_PER_NODE", True), ("SBATCH_RESERVATION", False)):
+        ran = subprocess.run([shutil.which("bash"), str(tmp_path / "out" / "slurm" / "submit.sh")], capture_output=True,
+                             text=True, env={"PATH": "/nonexistent", variable: "x"})  # no squeue: nothing is queued
+        assert (f"{variable}=x in the environment would override" in ran.stderr) == refused, ran.stderr
+        assert ran.returncode != 0
+    from edu_filter.documents import InputError
+    from edu_filter.filters.executors import check_sbatch_environment
+
+    check_sbatch_environment(SlurmOptions(sbatch_args={}), {"SBATCH_ACCOUNT": "proj", "SBATCH_EXPORT": "NONE"})
+    with pytest.raises(InputError, match="SBATCH_TIMELIMIT=1:00:00 in the environment would override"):
+        check_sbatch_environment(SlurmOptions(sbatch_args={}), {"SBATCH_TIMELIMIT": "1:00:00"})
     assert not (tmp_path / "out" / "kept").exists()  # nothing ran
     assert scorer_of(tmp_path / "out" / "logs" / "score").device is None  # its GPU, or the GPUs Slurm lets it see
 

@@ -242,6 +242,30 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
     assert (running / "00001").exists()  # left for the rerun to see (a resume after a kill is tested above)
 
 
+def test_a_run_killed_alone_leaves_no_process_behind(cli_tasks4, tmp_path):
+    """`kill -9` to the run alone (a batch system's, the kernel's): datatrove's manager process (~230 MB) stayed
+    until killed by hand, one per killed run; its workers end once their task is done."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(CLI + fixture_args_into(cli_tasks4, out), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    running = out / "logs" / "minhash-signatures" / "running"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and not (running.exists() and any(running.iterdir())):
+            time.sleep(0.05)
+        assert proc.poll() is None
+        proc.kill()  # the run's own process alone
+        proc.wait()
+        deadline, left = time.time() + 90, "?"
+        while time.time() < deadline and left:
+            time.sleep(1)
+            left = processes_left(proc.pid).strip()
+        assert not left, f"processes of the run left behind:\n{left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 STOPPING = """
 import os, socket, subprocess, sys, time
 from edu_filter.filters.executors import stop_local_tasks

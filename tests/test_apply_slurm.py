@@ -199,6 +199,15 @@ def test_array_jobs_are_as_large_as_the_clusters_max_array_size(slurm_partition,
     assert ex.array_limit("MaxArraySize            = 100001\nSchedulerParameters     = bf_interval=1,"
                           "max_array_tasks=1000,sched_interval=1\n") == 1000
     assert ex.array_limit("MaxArraySize = 1001\nSchedulerParameters = (null)\n") == 1001
+    # the jobs the whole cluster holds (MaxJobCount, 10,000 by default): a chain of 10,000 --tasks queues ~30,000
+    from edu_filter.documents import InputError
+
+    limit = ex.max_job_count(config)
+    assert limit == int(re.search(r"MaxJobCount\s*=\s*(\d+)", config).group(1))
+    ex.check_job_count(limit, limit)
+    with pytest.raises(InputError, match=rf"queues {3 * limit + 450:,} array tasks .* at most {limit:,} jobs "
+                                         r"\(MaxJobCount.*--slurm-tasks-per-job N .*N >= 4"):
+        ex.check_job_count(3 * limit + 450, limit)
 
 
 def test_a_partition_drained_for_maintenance_gets_the_chain_queued_with_a_warning(slurm_partition, corpus,

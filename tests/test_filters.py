@@ -3,9 +3,9 @@
 import errno
 import gzip
 import json
-import time
 import math
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1039,6 +1039,47 @@ def test_the_inputs_are_fingerprinted_several_at_a_time_in_their_order(tmp_path,
     recorded = fingerprint_inputs(files)
     assert recorded == serial and list(recorded) == list(serial)
     assert most[0] > 1
+
+
+def test_a_tasks_scratch_file_goes_once_the_task_reading_it_last_is_complete(tmp_path):
+    """Score-first's survivors and --keep-top's scored documents stayed in work/ to the report stage beside kept/
+    and removed/ (the corpus twice on disk for hours). A task's file goes once that task is complete, and not
+    before: a rerun reads a missing file as "no documents"."""
+    from datatrove.pipeline.base import PipelineStep
+
+    from edu_filter.filters.apply import ApplyConfig, build_stages
+    from edu_filter.filters.executors import WatchedLocalExecutor
+    from edu_filter.filters.io import DropTaskScratch, RankFileReader, RecordWriter
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "text": "a document"}) + "\n")
+    for keep_work, order in ((False, "score-first"), (True, "score-first"), (False, "dedup-first")):
+        cfg = ApplyConfig(inputs=[str(inp)], output=str(tmp_path / "out"), model="unused", keep_top=0.5, tasks=2,
+                          order=order, keep_work=keep_work)
+        dropping = {s.name: [f for step in s.pipeline if isinstance(step, DropTaskScratch) for f in step.folders]
+                    for s in build_stages(cfg, expand_inputs(cfg.inputs), on_gpu=False)}
+        work = f"{cfg.output}/work"
+        expected = {} if keep_work else {"select": [f"{work}/scored"]} | (
+            {"filter": [f"{work}/survivors"]} if order == "score-first" else {})
+        assert {name: folders for name, folders in dropping.items() if folders} == expected, (keep_work, order)
+
+    scratch = tmp_path / "scratch"
+    for rank in range(3):
+        list(RecordWriter(str(scratch)).run(iter([Document(text=f"doc {rank}", id=str(rank))]), rank=rank))
+
+    class FailsTask1(PipelineStep):
+        name = "fails task 1"
+
+        def run(self, data, rank=0, world_size=1):
+            for doc in data:
+                if rank == 1:
+                    raise RuntimeError("task 1 fails")
+                yield doc
+
+    with pytest.raises(Exception):
+        WatchedLocalExecutor([RankFileReader(str(scratch)), FailsTask1(), DropTaskScratch([str(scratch)])], tasks=3,
+                             workers=1, logging_dir=str(tmp_path / "logs")).run()
+    assert sorted(p.name for p in scratch.iterdir()) == ["00001.jsonl.gz", "00002.jsonl.gz"]  # 0 complete, 1 failed
 
 
 def test_a_resume_may_change_the_scoring_batch_size_but_not_what_decides_the_output():
