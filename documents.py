@@ -815,11 +815,11 @@ def default_id_names(files: list[str]) -> list[str]:
     return distinct_names(posix, [p.rstrip("/").rsplit("/", 1)[-1] for p in posix])
 
 
-def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
-              require_label: bool | str = False, name: str | None = None) -> dict:
-    """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
+def row_text(path: str, lineno: int, row: dict, text_field: str) -> str:
+    """A row's text, a binary one decoded (a Parquet string column written without its UTF8 annotation, as Hive and
+    older Spark wrote them), or an error naming file and line."""
     text = row.get(text_field)
-    if isinstance(text, (bytes, bytearray)):  # a Parquet string column written without its UTF8 annotation
+    if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as e:
@@ -828,6 +828,13 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
         what = (("null" if text_field in row else "missing") if text is None
                 else f"not a string ({type(text).__name__})")
         raise DocumentError(f"{path}:{lineno}: field '{text_field}' is {what}")
+    return text
+
+
+def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
+              require_label: bool | str = False, name: str | None = None) -> dict:
+    """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
+    text = row_text(path, lineno, row, text_field)
     doc = dict(row)
     doc["text"] = text
     if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows, write_json_whole
+from edu_filter.documents import DocumentError, expand_paths, iter_raw_rows, row_text, write_json_whole
 
 PACKED = "packed.json"  # the marker of a finished write_train_val, written last
 PACKING = "packing.json"  # where a write_train_val in progress has got to: its resume point
@@ -60,12 +60,8 @@ class TextStream:
         for path in self.files[self.first_file:]:
             n = 0
             for lineno, row in iter_raw_rows(path):
-                text = row.get(self.text_field)
-                if not isinstance(text, str):
-                    what = "missing" if text is None else f"not a string ({type(text).__name__})"
-                    raise DocumentError(f"{path}:{lineno}: field '{self.text_field}' is {what}")
-                n += 1
-                yield text
+                n += 1  # a binary text column decoded, as every other command reads it (the raw dump apply filtered)
+                yield row_text(path, lineno, row, self.text_field)
             self.texts_per_file.append(n)
 
     def files_within(self, texts: int) -> tuple[int, int]:
@@ -411,7 +407,9 @@ def read_packed(out_dir: str | Path) -> tuple[TokenFileInfo, TokenFileInfo] | No
 
 
 def write_tokens(texts: Iterable[str], tokenizer, path: str | Path, max_tokens: int) -> TokenFileInfo:
-    """Tokenize documents into one token file (e.g. an evaluation set), stopping after `max_tokens`."""
+    """Tokenize documents into one token file (e.g. an evaluation set), stopping after `max_tokens`. Its sidecar goes
+    first: the old one beside a file being rewritten, a kill midway left an empty file taken for the packed set."""
+    Path(path).with_suffix(".json").unlink(missing_ok=True)
     writer = TokenFileWriter(path, len(tokenizer))
     complete = True
     for text, ids in tokenize_documents(texts, tokenizer, tokenizer.eos_token_id):
@@ -464,6 +462,11 @@ class PackedTokens:
                 f"{self.path}: {info.tokens} tokens, fewer than one window of {seq_len + 1}; give more data "
                 "or a shorter sequence length"
             )
+        size, expected = self.path.stat().st_size, info.tokens * np.dtype(info.dtype).itemsize
+        if size != expected:  # a copy in progress, a full disk: numpy's mmap error named no file, a longer one passed
+            raise DocumentError(f"{self.path}: {size:,} bytes where its {self.path.with_suffix('.json').name} says "
+                                f"{info.tokens:,} tokens of {info.dtype} ({expected:,} bytes): cut short or not the "
+                                "file packed with it; delete it with its sidecars and pack again")
         self.tokens = np.memmap(self.path, dtype=np.dtype(info.dtype), mode="r", shape=(info.tokens,))
         self._perm_epoch = -1
         self._perm = np.arange(self.num_windows)

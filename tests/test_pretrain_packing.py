@@ -467,6 +467,40 @@ def test_too_little_data_and_bad_rows_give_clear_errors(tokenizer, tmp_path):
     bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
     with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'text' is missing"):
         list(iter_texts(str(bad)))
+    # a binary text column (Hive, older Spark), which every other command reads: refused here, the raw dump apply
+    # filtered could not be the unfiltered arm
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([b"hello world", "caf\u00e9".encode()], type=pa.binary())}),
+                   tmp_path / "binary.parquet")
+    assert list(iter_texts(str(tmp_path / "binary.parquet"))) == ["hello world", "caf\u00e9"]
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"caf\xe9"], type=pa.binary())}), tmp_path / "latin1.parquet")
+    with pytest.raises(DocumentError, match=r"latin1\.parquet:2: field 'text' is not valid UTF-8"):
+        list(iter_texts(str(tmp_path / "latin1.parquet")))
+    # a token file cut short (a copy in progress, a full disk) or longer than its sidecar says: named, not numpy's
+    # unnamed mmap error, nor read as if whole
+    write_tokens(["a longer text " * 50], tokenizer, tmp_path / "whole.bin", max_tokens=10**6)
+    PackedTokens(tmp_path / "whole.bin", seq_len=64)
+    data = (tmp_path / "whole.bin").read_bytes()
+    for changed in (data[:-10], data + data):
+        (tmp_path / "whole.bin").write_bytes(changed)
+        with pytest.raises(DocumentError, match=r"whole\.bin: [\d,]+ bytes where its whole\.json says"):
+            PackedTokens(tmp_path / "whole.bin", seq_len=64)
+
+
+def test_a_token_file_being_rewritten_is_not_taken_for_packed(tokenizer, tmp_path):
+    """Packing an evaluation set again emptied its token file while the old sidecar stayed: killed midway, the next
+    run took the empty file for the packed set (0 documents shared with training, then numpy's mmap error)."""
+    write_tokens(["an evaluation document " * 20] * 3, tokenizer, tmp_path / "ref.bin", max_tokens=10**6)
+
+    def killed_midway():
+        yield "an evaluation document " * 20
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_tokens(killed_midway(), tokenizer, tmp_path / "ref.bin", max_tokens=10**6)
+    assert not (tmp_path / "ref.json").exists()
 
 
 def test_wsd_schedule_warms_up_holds_then_cools_down_over_the_last_20_percent():
