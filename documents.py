@@ -958,8 +958,9 @@ def sample_documents(
     FineWeb reads what holds them, not the whole corpus. Otherwise every row is read and checked, and only the
     sample is held. The same input and seed give the same sample, and a larger `n` a sample holding it (a budget
     grown from 100k to 200k annotations reuses the 100k answers): the first `n` distinct positions of a seeded
-    stream of draws (Parquet), the `n` rows of lowest seeded hash of their id (a stream: a few rows removed or added
-    anywhere keep the rest of the sample, where a hash of positions redrew ~97% of it). `sampler` POSITION_SAMPLER
+    stream of draws (Parquet), the `n` rows of lowest seeded hash of their id, or of their text where they have none
+    (a stream: a few rows removed or added anywhere keep the rest of the sample, where a hash of positions redrew
+    ~97% of it). `sampler` POSITION_SAMPLER
     or LEGACY_SAMPLER draws as edu-filter did before (by position; reservoir sampling, `random.sample`), for a run
     it resumes."""
     if n < 0:
@@ -969,12 +970,12 @@ def sample_documents(
     if parts is not None:
         return _sample_parquet(parts, n, seed, text_field, id_field, show_progress, sampler)
     # every row read (hours for a TB of JSONL): said as it goes
-    documents = enumerate(counted(iter_documents(paths, text_field, id_field), "reading the pool to sample",
+    documents = enumerate(counted(documents_and_draw_keys(paths, text_field, id_field), "reading the pool to sample",
                                   show_progress))
     if sampler == LEGACY_SAMPLER:
         rng = random.Random(seed)
         reservoir: list[tuple[int, dict]] = []
-        for i, doc in documents:
+        for i, (doc, _) in documents:
             if i < n:
                 reservoir.append((i, doc))
             else:
@@ -986,14 +987,25 @@ def sample_documents(
 
     salt = seed.to_bytes(8, "little", signed=True)
     lowest: list[tuple[int, int, dict]] = []  # (-key, position, document): the n lowest keys, the highest on top
-    for i, doc in documents:
-        drawn = i.to_bytes(8, "little") if sampler == POSITION_SAMPLER else str(doc["id"]).encode("utf-8", "surrogatepass")
+    for i, (doc, own) in documents:
+        drawn = i.to_bytes(8, "little") if sampler == POSITION_SAMPLER else own.encode("utf-8", "surrogatepass")
         key = int.from_bytes(hashlib.blake2b(drawn, digest_size=8, key=salt).digest(), "little")
         if len(lowest) < n:
             heapq.heappush(lowest, (-key, i, doc))
         elif n and -key > lowest[0][0]:
             heapq.heapreplace(lowest, (-key, i, doc))
     return sorted(((i, doc) for _, i, doc in lowest), key=lambda item: item[0])
+
+
+def documents_and_draw_keys(paths: list[str], text_field: str, id_field: str) -> Iterator[tuple[dict, str]]:
+    """(document, what draws it in a sample) of every row: its own id, else its text (a row without an id is named
+    by its line, which moves when rows before it are removed)."""
+    files = expand_paths(paths)
+    for path, name in zip(files, default_id_names(files)):
+        for lineno, row in iter_raw_rows(path, id_field):
+            doc = _document(path, lineno, row, text_field, id_field, name=name)
+            given = row.get(id_field)
+            yield doc, str(given) if given is not None and given != "" else "\0" + doc["text"]
 
 
 def nested_positions(total: int, n: int, seed: int) -> list[int]:

@@ -49,7 +49,13 @@ def encode_pair(tokenizer, context: str, choice: str) -> tuple[list[int], list[i
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     if not ctx:
         return [tokenizer.eos_token_id], tokenizer(choice, add_special_tokens=False).input_ids
-    return ctx, tokenizer(context + choice, add_special_tokens=False).input_ids[len(ctx):]
+    whole = tokenizer(context + choice, add_special_tokens=False).input_ids
+    if len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    # the choice merged into the context's last token ("the m" + "at": [..., ' mat']): nothing after the context's
+    # tokens to score; the context is cut back to where both tokenizations agree and the rest scored as the choice
+    agree = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), min(len(ctx), len(whole)))
+    return whole[:agree] or [tokenizer.eos_token_id], whole[agree:]
 
 
 @torch.no_grad()

@@ -405,11 +405,19 @@ class OpenAIBackend:
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
         """Our own backoff (doubling up to `max_backoff`), or the server's Retry-After (seconds or an HTTP date,
-        up to RETRY_AFTER_MAX_S: a gateway asking for 5 minutes was probed again every minute)."""
-        asked = _retry_after_seconds(retry_after) if retry_after else None
-        if asked is not None:  # a little later than asked, each request its own: not every worker at the same instant
-            return min(RETRY_AFTER_MAX_S, asked) * random.uniform(1.0, 1.25)
-        return min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
+        up to RETRY_AFTER_MAX_S: a gateway asking for 5 minutes was probed again every minute). A date is to the
+        second, often this one: no sooner than our own backoff then (0 s on every retry hammered the server)."""
+        own = min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
+        if not retry_after:
+            return own
+        try:
+            asked = max(0.0, float(retry_after))
+        except ValueError:
+            until = _http_date_seconds(retry_after)
+            if until is None:  # unreadable
+                return own
+            asked = max(until, own)
+        return min(RETRY_AFTER_MAX_S, asked) * random.uniform(1.0, 1.25)  # each its own: not all at one instant
 
     @staticmethod
     def _ready(endpoint: Endpoint, now: float) -> bool:
@@ -575,12 +583,8 @@ class OpenAIBackend:
 # --------------------------------------------------------------------------------------------------------------------
 # Servers we start ourselves: datatrove's inference server classes handle start-up, readiness and shutdown
 # --------------------------------------------------------------------------------------------------------------------
-def _retry_after_seconds(value: str) -> float | None:
-    """A Retry-After header's wait in seconds: delay-seconds or an HTTP date (RFC 9110); None when unreadable."""
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+def _http_date_seconds(value: str) -> float | None:
+    """Seconds until a Retry-After given as an HTTP date (RFC 9110), 0 for one gone by; None when unreadable."""
     from email.utils import parsedate_to_datetime
 
     try:

@@ -715,8 +715,10 @@ def build_stages(cfg: ApplyConfig, files: list[tuple[str, str]], threads_per_tas
     def select_stages(then: list) -> list[Stage]:
         """The cutoff found once over every task's histogram, then each task's scored documents selected by it."""
         cutoff_file, found_file = f"{logs}/extra/keep_top.json", f"{work}/keep_top_cutoff.json"
-        return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file, found_file)],
-                      1, merges=True),
+        # the scored documents are all in work/ now, before the select tasks drop theirs: stats.json's peak counts them
+        measured = [] if cfg.keep_work else [RecordScratchPeak(work, SCRATCH_RECORD.format(logs=logs))]
+        return [Stage("keep-top-cutoff", [KeepTopCutoff(f"{work}/histograms", cfg.keep_top, cutoff_file, found_file),
+                                          *measured], 1, merges=True),
                 Stage("select", [
                     RankFileReader(f"{work}/scored", progress_folder=progress("select")),
                     ScoreThresholdFilter(keep_top=cfg.keep_top, histogram_folder=f"{work}/histograms",

@@ -590,14 +590,15 @@ def stopped_by_signals():
 _process_slot: tuple[int, int] | None = None  # (process id, worker slot) of this pool process
 
 
-def _end_with_parent(parent: int) -> None:
+def _end_with_parent(parent: int | None) -> None:
     """In a manager process: end when the thread that started it ends (Linux's parent-death signal), its parent
-    killed included; where the parent is gone already, now."""
+    killed included; where the parent is gone already, now. `parent`: the process that forked or spawned it; None
+    for a fork server's child (the server ends with the run, and the manager with it)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
+    if parent is not None and os.getppid() != parent:
         os._exit(0)
 
 
@@ -614,8 +615,9 @@ class _ManagersEndingWithTheRun:
     def Manager(self):  # noqa: N802 - multiprocess's name
         from multiprocess.managers import SyncManager
 
-        manager = SyncManager(ctx=self._module.get_context())
-        manager.start(_end_with_parent, (os.getpid(),))
+        context = self._module.get_context()
+        manager = SyncManager(ctx=context)
+        manager.start(_end_with_parent, (None if context.get_start_method() == "forkserver" else os.getpid(),))
         return manager
 
 

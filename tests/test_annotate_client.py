@@ -306,7 +306,9 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after():
     assert RETRY_AFTER_MAX_S <= client._delay(0, "86400") <= RETRY_AFTER_MAX_S * 1.25  # up to an hour
     in_two_minutes = email.utils.formatdate(time.time() + 120, usegmt=True)  # the HTTP-date form, as RFC 9110 allows
     assert 110.0 <= client._delay(0, in_two_minutes) <= 151.0
-    assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date gone by: now
+    for retry, upper in ((0, 1.0), (3, 8.0)):  # a date of this second or gone by: no sooner than our own backoff
+        for date in ("Wed, 21 Oct 2015 07:28:00 GMT", email.utils.formatdate(time.time(), usegmt=True)):
+            assert upper / 2 <= client._delay(retry, date) <= upper * 1.25
     assert client._delay(0, "soon") <= 1.0  # unreadable: our own backoff
 
 

@@ -250,7 +250,8 @@ def test_a_larger_sample_holds_every_smaller_one_of_the_same_seed(tmp_path):
 def test_a_sample_of_a_stream_keeps_its_documents_when_rows_are_removed_or_added(tmp_path):
     """A JSONL pool's sample was drawn by position: three bad rows removed near the start of a 3,000-row input
     redrew ~95% of a 200-document sample, all of it paid again. Drawn by id, the documents still there stay drawn;
-    a cache answering a sample drawn by position (`nested-1`) still draws that way."""
+    rows without ids (named by their line, which moves) by their text; a cache answering a sample drawn by position
+    (`nested-1`) still draws that way."""
     import sqlite3
 
     from edu_filter.annotate.cache import recorded_sampler
@@ -268,6 +269,13 @@ def test_a_sample_of_a_stream_keeps_its_documents_when_rows_are_removed_or_added
     assert before - removed <= after and len(after - before) == len(before & removed)
     before, after = ids[POSITION_SAMPLER]
     assert len(before & after) < 100  # as it was: most of the sample drawn again
+    no_ids = [line.replace('"id":"', '"was":"').replace('"text":"x', '"text":"' + str(k)) for k, line in
+              enumerate(lines)]  # the same rows, named by their line (texts told apart)
+    (tmp_path / "no_ids.jsonl").write_text("".join(no_ids))
+    (tmp_path / "no_ids_edited.jsonl").write_text("".join(no_ids[:5] + no_ids[8:]))
+    drawn = [{doc["was"] for _, doc in sample_documents([str(path)], 200, seed=0)}
+             for path in (tmp_path / "no_ids.jsonl", tmp_path / "no_ids_edited.jsonl")]
+    assert drawn[0] - removed <= drawn[1]
     with sqlite3.connect(tmp_path / "c.sqlite") as db:  # a cache of that edu-filter
         db.execute("CREATE TABLE facts (name TEXT PRIMARY KEY, value TEXT)")
         db.execute("INSERT INTO facts VALUES ('sampler', 'nested-1')")

@@ -136,6 +136,12 @@ def test_keep_top_keeps_the_best_scored_fraction(stock_classifier, tmp_path):
     assert [p.name for p in (tmp_path / "out" / "logs" / "keep-top-cutoff" / "completions").iterdir()] == ["00000"]
     assert len(list((tmp_path / "out" / "logs" / "select" / "completions").iterdir())) == 2
     assert stats["keep_top_cutoff"] <= kept["score"].min() and "cutoff" not in stats
+    # each select task drops its scored documents once complete (they stayed to the report, the corpus twice on
+    # disk): stats.json's peak still counts them
+    run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "kept-work"), model=stock_classifier, keep_top=0.25,
+              dedup=False, tasks=2, keep_work=True, show=False)
+    scored = sum(f.stat().st_size for f in (tmp_path / "kept-work" / "work" / "scored").iterdir())
+    assert stats["peak_scratch_bytes"] >= scored > 0 and not (tmp_path / "out" / "work").exists()
 
 
 def test_a_keep_top_run_resumed_keeps_the_order_auto_chose_for_it(stock_classifier, tmp_path):

@@ -266,6 +266,29 @@ def test_a_run_killed_alone_leaves_no_process_behind(cli_tasks4, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+MANAGERS = """
+import multiprocess
+from edu_filter.filters.executors import _ManagersEndingWithTheRun
+if __name__ == "__main__":
+    for method in ("fork", "spawn", "forkserver"):
+        multiprocess.set_start_method(method, force=True)
+        manager = _ManagersEndingWithTheRun(multiprocess).Manager()
+        queue = manager.Queue()
+        queue.put(method)
+        print(queue.get(), end=" ")
+        manager.shutdown()
+"""
+
+
+def test_the_manager_starts_under_every_start_method(tmp_path):
+    """A fork server's child has the server for its parent: the manager took its parent for gone and exited before
+    it answered, every local run failing (forkserver is Python 3.14's default on Linux)."""
+    script = tmp_path / "managers.py"
+    script.write_text(MANAGERS)
+    ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.split() == ["fork", "spawn", "forkserver"], ran.stderr[-2000:]
+
+
 STOPPING = """
 import os, socket, subprocess, sys, time
 from edu_filter.filters.executors import stop_local_tasks

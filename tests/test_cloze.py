@@ -72,8 +72,14 @@ def test_a_context_ending_in_a_space_is_split_as_lm_evaluation_harness_splits_it
     assert choice_loglikelihoods(model, tok, "the cat sat on the ", ["mat", "lake"]) == pytest.approx(
         choice_loglikelihoods(model, tok, "the cat sat on the", [" mat", " lake"]))
     assert encode_pair(tok, "", " mat") == ([tok.eos_token_id], tok(" mat").input_ids)
-    whole = tok("the cat sat on the mat").input_ids  # no space between: the choice's tokens after the context's
-    assert encode_pair(tok, "the cat sat on the m", "at")[1] == whole[len(tok("the cat sat on the m").input_ids):]
+    # no space between, the choice merged into the context's last token: nothing after the context's tokens to score,
+    # and the evaluation crashed after the training; the context is cut back to where the tokenizations agree
+    whole, ctx = tok("the cat sat on the mat").input_ids, tok("the cat sat on the m").input_ids
+    assert len(whole) <= len(ctx)
+    short, cont = encode_pair(tok, "the cat sat on the m", "at")
+    assert cont and short + cont == whole and short == ctx[:len(short)]
+    scores = choice_loglikelihoods(model, tok, "the cat sat on the m", ["at", "ouse"])
+    assert len(scores) == 2 and all(s < 0 for s in scores)
 
 
 def test_a_model_that_learned_the_facts_answers_them(trained, tmp_path):
