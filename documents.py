@@ -725,8 +725,8 @@ def hub_load_args(path: str) -> dict:
     them (`data_files_in`): as `data_dir` the `datasets` library kept only the files its names put in the train
     split (a shard named test-*.parquet, validation-*, dev-* was left out of score and train, read by apply)."""
     args = hub_dataset_args(path)
-    if "data_dir" in args and os.path.isdir(args["path"]):  # a local folder named as the repository: what `datasets`
-        return folder_as_data_files(args, os.path.join(args["path"], args["data_dir"]))  # reads, as it looks first
+    if "data_dir" in args and os.path.isdir(args["path"]):  # a local folder named as the repository, which the
+        return folder_as_data_files(args, os.path.join(args["path"], args["data_dir"]))  # library reads first
     return folder_as_data_files(args, path)
 
 
@@ -960,9 +960,8 @@ def sample_documents(
     grown from 100k to 200k annotations reuses the 100k answers): the first `n` distinct positions of a seeded
     stream of draws (Parquet), the `n` rows of lowest seeded hash of their id, or of their text where they have none
     (a stream: a few rows removed or added anywhere keep the rest of the sample, where a hash of positions redrew
-    ~97% of it). `sampler` POSITION_SAMPLER
-    or LEGACY_SAMPLER draws as edu-filter did before (by position; reservoir sampling, `random.sample`), for a run
-    it resumes."""
+    ~97% of it). `sampler` POSITION_SAMPLER or LEGACY_SAMPLER draws as edu-filter did before (by position;
+    reservoir sampling, `random.sample`), for a run it resumes."""
     if n < 0:
         raise ValueError(f"sample size must be >= 0, got {n}")
     paths = path_list(paths)  # read twice: once for the footers, again by the stream
@@ -987,8 +986,8 @@ def sample_documents(
 
     salt = seed.to_bytes(8, "little", signed=True)
     lowest: list[tuple[int, int, dict]] = []  # (-key, position, document): the n lowest keys, the highest on top
-    for i, (doc, own) in documents:
-        drawn = i.to_bytes(8, "little") if sampler == POSITION_SAMPLER else own.encode("utf-8", "surrogatepass")
+    for i, (doc, drawn_by) in documents:
+        drawn = i.to_bytes(8, "little") if sampler == POSITION_SAMPLER else drawn_by.encode("utf-8", "surrogatepass")
         key = int.from_bytes(hashlib.blake2b(drawn, digest_size=8, key=salt).digest(), "little")
         if len(lowest) < n:
             heapq.heappush(lowest, (-key, i, doc))
