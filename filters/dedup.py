@@ -202,18 +202,11 @@ class DropDedupScratch(PipelineStep):
         self.writers, self.readers, self.bucket_workers = writers, readers, bucket_workers
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from datatrove.utils.logging import logger
+        from edu_filter.filters.io import remove_scratch_files
 
         if (os.path.exists(self.record) and all(completed_tasks(logs) >= tasks for logs, tasks in self.readers)
                 and all(os.path.exists(f"{logs}/completions/{rank:05d}") for logs in self.writers)):
-            for path in self.files_of(rank):
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:  # the report stage deletes what is left
-                    logger.warning(f"{path} could not be deleted ({e}); the report stage deletes it")
-                    break
+            remove_scratch_files(self.files_of(rank))
         if data:
             yield from data
 

@@ -949,16 +949,21 @@ class DropTaskScratch(PipelineStep):
             yield from data
 
     def drop(self, rank: int) -> None:
-        from datatrove.utils.logging import logger
+        remove_scratch_files([f"{folder}/{rank:05d}.jsonl.gz" for folder in self.folders])
 
-        for folder in self.folders:
-            path = f"{folder}/{rank:05d}.jsonl.gz"
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:  # the report stage deletes what is left
-                logger.warning(f"{path} could not be deleted ({e}); the report stage deletes it")
+
+def remove_scratch_files(paths: list[str]) -> None:
+    """Deletes scratch files a later stage no longer reads; one already gone is fine, one that cannot be deleted is
+    left for the report stage, which deletes the scratch folder."""
+    from datatrove.utils.logging import logger
+
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning(f"{path} could not be deleted ({e}); the report stage deletes it")
 
 
 def drop_finished_task_scratch(executor, rank: int) -> None:
