@@ -360,8 +360,11 @@ def test_two_jobs_numbering_their_gpus_alike_claim_theirs_apart(tmp_path):
     import subprocess
     import sys
 
+    # each holds its claim until killed, once every claim is read (a slow start of the later ones under load found
+    # the first ones' claims released)
     claim = ("import sys, time; from edu_filter.filters.scoring import claim_gpu; print(claim_gpu(2), flush=True); "
-             "time.sleep(8)")
+             "time.sleep(300)")
+
     def start(jobs):
         return [subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True, env={
             **os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": job})
