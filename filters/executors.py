@@ -778,7 +778,7 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         on one cluster overwrote each other's logs, and another user's folder made the task fail before it ran."""
         import tempfile
 
-        folder = ray_task_log_folder(self.logging_dir.path)
+        folder = ray_task_log_folder(self.logging_dir.path, rank)
         os.makedirs(folder, exist_ok=True)
         before, tempfile.tempdir = tempfile.tempdir, folder
         try:
@@ -797,18 +797,20 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
                 if self.logging_dir.size(f"logs/task_{rank:05d}.log") == os.path.getsize(local):
                     os.remove(local)
             # and its folders once empty (libraries make theirs in the temporary folder too: torch's compile cache),
-            # else every stage of every run left one per node; another task of the stage still running keeps them
+            # else every task of every run left one per node
             for parent, _, _ in os.walk(folder, topdown=False):
                 with contextlib.suppress(OSError):
                     os.rmdir(parent)
 
 
-def ray_task_log_folder(logging_dir: str) -> str:
-    """The node's temporary folder for the task logs of the stage logging to `logging_dir` (one per stage)."""
+def ray_task_log_folder(logging_dir: str, rank: int) -> str:
+    """The node's temporary folder for the log of task `rank` of the stage logging to `logging_dir`: one per task,
+    as each task removes its own once its log is copied (one folder per stage, a task ending removed it as empty
+    while another task of the stage, starting, was about to write its log in it: the task failed, unlogged)."""
     import tempfile
 
     run = hashlib.sha1(logging_dir.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}")
+    return os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}-{rank:05d}")
 
 
 def ray_lost_worker(errors: dict[int, BaseException], missing: list[int],
