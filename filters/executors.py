@@ -1094,8 +1094,6 @@ def check_slurm_request(opts):
     if any(not v or any(c.isspace() for c in v) for k, v in gpu_directives.items() if k in ("qos", "account")):
         raise InputError("--slurm-gpu-arg qos=NAME, account=NAME: give one word")
     opts = replace(opts, sbatch_args=directives, gpu_sbatch_args=gpu_directives)
-    if not opts.dry_run:  # a dry run's submit.sh checks the environment it runs in
-        check_sbatch_environment(opts)
     if opts.dry_run:  # the scripts may be meant for another cluster: nothing to check against here
         partition = opts.partition
         if partition is None and shutil.which("sinfo") is not None and slurm_answers():
@@ -1107,6 +1105,7 @@ def check_slurm_request(opts):
                                             and slurm_answers() else None)
         return replace(opts, partition=partition, gpu_partition=opts.gpu_partition or partition, mem_gb=mem_gb,
                        scoring_mem_gb=scoring_mem_gb, max_array_size=max_array or SLURM_MAX_ARRAY_SIZE)
+    check_sbatch_environment(opts)  # a dry run's submit.sh checks the environment it runs in
     parts = slurm_partitions()
     most = slurm_max_array_size()
     if opts.max_array_size is not None and most is not None and opts.max_array_size > most:
@@ -1463,19 +1462,20 @@ def _slurm_executor_class():
             """With --slurm-tasks-per-job, each task gets fresh steps, and one failing does not stop the job's
             others: datatrove's loop ran every task of a job on the same steps (the second's stats counted the
             first's documents) and stopped at the first error, leaving the job's later tasks for a resume."""
-            if self.tasks_per_job == 1:
-                stats = super()._run_for_rank(rank, local_rank, node_rank)
-                drop_finished_task_scratch(self, rank)
-                return stats
-            steps, self.pipeline = self.pipeline, copy.deepcopy(self.pipeline)
+            steps = self.pipeline
+            if self.tasks_per_job > 1:
+                self.pipeline = copy.deepcopy(steps)
             try:
                 stats = super()._run_for_rank(rank, local_rank, node_rank)
-                drop_finished_task_scratch(self, rank)
-                return stats
             except Exception:  # in the task's log already; the job fails once its other tasks ran
+                if self.tasks_per_job == 1:
+                    raise
                 self.__dict__.setdefault("failed_ranks", []).append(rank)
+                return None
             finally:
                 self.pipeline = steps
+            drop_finished_task_scratch(self, rank)
+            return stats
 
         def run(self):
             super().run()

@@ -53,10 +53,13 @@ def claim_gpu(gpus: int) -> int | None:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     job = os.environ.get("SLURM_JOB_ID", "")
     folder = os.path.join(tempfile.gettempdir(), f"edu-filter-gpus-{os.getuid()}-{socket.gethostname()}-{job}")
+    try:  # a temporary folder that cannot be written: no claim (rank % gpus), not a failed task
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
     for share, index in itertools.product(range(CLAIM_SHARES), range(gpus)):
         physical = visible[index] if index < len(visible) else str(index)
-        try:  # a temporary folder that cannot be written: no claim (rank % gpus), not a failed task
-            os.makedirs(folder, exist_ok=True)
+        try:
             lock = open(os.path.join(folder, f"{physical}.lock" if not share else f"{physical}.{share}.lock"), "a")
         except OSError:
             return None

@@ -189,6 +189,10 @@ def test_finetune_trains_the_encoder(tmp_path, minilm_path, embedding_cache_dir,
         epochs=1, train_batch_size=8, val_fraction=0.2, cache_dir=str(embedding_cache_dir),
     )
     assert metrics["training"]["method"] == "finetune" and np.isfinite(metrics["mse"])
+    # the validation split scored at each fifth of the run (5 steps), the last point the final metrics' own
+    monitored = metrics["training"]["validation_during_training"]
+    assert [p["step"] for p in monitored] == [1, 2, 3, 4, 5] and monitored[-1]["mse"] == metrics["mse"]
+    assert len({p["mse"] for p in monitored}) == 5  # the encoder moved between them
     # it starts from the ridge head, whose raw weights on MiniLM's degenerate dimensions (std ~1e-9) were ~1e6: the
     # first step moved their LayerNorm weights and the loss went from 0.5 to thousands (validation MSE 5,000)
     assert metrics["mse"] < 3, metrics["mse"]
@@ -991,6 +995,10 @@ def test_finetuning_killed_midway_resumes_to_the_weights_of_an_uninterrupted_run
     again = load_file(out / "model.safetensors")
     assert again.keys() == weights.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     assert [p.name for p in (cache / "finetune").iterdir()] == ["0123abandoned"]  # its own is gone
+    # the validation points measured before each stop came back with the checkpoint: the same as the clean run's
+    monitored = [json.loads((o / "metrics.json").read_text())["training"]["validation_during_training"]
+                 for o in (tmp_path / "clean", out)]
+    assert [p["step"] for p in monitored[0]] == [6, 12, 19, 25, 32] and monitored[1] == monitored[0]
 
 
 def test_a_finished_finetune_names_abandoned_checkpoints_not_those_a_running_fine_tune_holds(tmp_path):
@@ -1022,10 +1030,11 @@ def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_pat
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     folder = tmp_path / "finetune" / "key"
-    _save(folder, model, optimizer, schedule, 7, torch.device("cpu"))
-    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == 7
+    point = {"step": 5, "mse": 0.5, "spearman": 0.6}
+    _save(folder, model, optimizer, schedule, 7, torch.device("cpu"), [point])
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == (7, [point])
     (folder / "model.safetensors").write_bytes(b"cut")
-    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == 0
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == (0, [])
     assert "cannot be read" in capsys.readouterr().err and not folder.exists()
 
 

@@ -375,7 +375,7 @@ def train_classifier(
     console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on "
                   f"{len(val_rows)}{weighted}")
 
-    trained = train_method(cfg, train_texts, y_train, val_texts, w_train)
+    trained = train_method(cfg, train_texts, y_train, val_texts, w_train, y_val, w_val)
     val_pred, oof_pred, info = trained.val_pred, trained.oof_pred, trained.info
     for what, predictions in (("validation", val_pred), ("out-of-fold training", oof_pred)):
         if predictions is not None and not np.isfinite(predictions).all():  # NaN cut points: apply removes all
@@ -448,12 +448,15 @@ def train_classifier(
 
 
 def train_method(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
-                 weights=None) -> TrainedModel:
-    """The model of `cfg.method` trained on (texts, y), with its predictions on `val_texts`."""
+                 weights=None, y_val: np.ndarray | None = None, w_val=None) -> TrainedModel:
+    """The model of `cfg.method` trained on (texts, y), with its predictions on `val_texts` (fine-tuning also
+    measures them against `y_val` as it goes)."""
     if cfg.method == "fasttext":
         from edu_filter.train.fasttext import train_fasttext as train
     elif cfg.method == "finetune":
-        from edu_filter.train.finetune import train_finetune as train
+        from edu_filter.train.finetune import train_finetune
+
+        return train_finetune(cfg, texts, y, val_texts, weights, y_val, w_val)
     else:
         from edu_filter.train.head import train_head as train
     return train(cfg, texts, y, val_texts, weights)

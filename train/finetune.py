@@ -31,21 +31,40 @@ if TYPE_CHECKING:
 
 
 def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
-                   weights=None) -> TrainedModel:
-    """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone)."""
+                   weights=None, y_val: np.ndarray | None = None, w_val=None) -> TrainedModel:
+    """The head model fine-tuned on `texts`; no out-of-fold predictions (calibration uses validation alone). With
+    `y_val`, the validation MSE and Spearman are measured EVALUATIONS times over the run (`validation_point`): a
+    long run says how it goes, not only its training loss, and whether it went past its best."""
     keeps_checkpoints = checkpoints_usable(cfg)
     # only the probe and its info: the training embeddings it returns (GBs at 450k labels) are let go at once
     frozen, info = itemgetter(0, 3)(fit_head(cfg, texts, y, weights))
     with torch_threads():
         checkpoint = checkpoint_folder(cfg, frozen.key, texts, y, weights) if keeps_checkpoints else None
         with only_run_of(checkpoint) if checkpoint is not None else contextlib.nullcontext():
-            finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint)
+            history = finetune(frozen.scorer, texts, y, cfg, weights, autocast=frozen.autocast, checkpoint=checkpoint,
+                               validation=(val_texts, y_val, w_val) if y_val is not None else None)
         info["dtype"] = frozen.dtype  # what the encoder computed in (the head computes in float32)
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict_many(val_texts, show_progress=True)
+    if y_val is not None:
+        steps = (len(texts) + cfg.train_batch_size - 1) // cfg.train_batch_size * cfg.epochs
+        history.append(validation_point(steps, val_pred, y_val, w_val))
+        info["validation_during_training"] = history
+        warn_past_best(history, steps)
     # the checkpoint goes once the caller has saved the model (`remove_checkpoint`): a kill before that resumes at
     # the last step
     return TrainedModel(frozen.model, val_pred.astype(np.float64), None, info, frozen, checkpoint=checkpoint)
+
+
+def warn_past_best(history: list[dict], steps: int) -> None:
+    """Said when the validation MSE ended well above its lowest: the saved weights are the last, not the best (the
+    validation split also places the cut points and gives the metrics, so choosing weights on it would flatter
+    them)."""
+    best = min(history, key=lambda point: point["mse"])
+    if best["mse"] < 0.95 * history[-1]["mse"]:
+        console.print(f"[yellow]fine-tuning: the validation MSE was lowest at step {best['step']:,} of {steps:,} "
+                      f"({best['mse']:.3f}) and is {history[-1]['mse']:.3f} at the end, whose weights are saved: "
+                      "fewer --epochs or a lower --learning-rate may do better[/]")
 
 
 @contextlib.contextmanager
@@ -149,8 +168,22 @@ RUN_DEFINING = ("kind", "max_length", "seed", "pooling", "pool_layers", "long_do
 CHECKPOINT_FORMAT = 1  # in the key: a checkpoint of another edu-filter's training loop is not resumed
 
 
+def validation_point(step: int, predictions: np.ndarray, y_val: np.ndarray, w_val=None) -> dict:
+    """The validation MSE and Spearman of the model at `step` (weighted by the inclusion weights, as the final
+    metrics are); monitored only: the saved weights stay the last, and the metrics come from them."""
+    from edu_filter.classifiers.metrics import compute_metrics
+
+    clipped = np.clip(np.round(predictions), 0, 5).astype(int)
+    metrics = compute_metrics(y_val, predictions, clipped, weights=w_val)
+    return {"step": step, "mse": metrics["mse"], "spearman": metrics["spearman"]}
+
+
+EVALUATIONS = 5  # times the validation split is scored over a fine-tuning run (the last: the final metrics' own)
+
+
 def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig, weights=None,
-             autocast=contextlib.nullcontext, checkpoint: Path | None = None) -> None:
+             autocast=contextlib.nullcontext, checkpoint: Path | None = None,
+             validation: tuple | None = None) -> list[dict]:
     """Train every weight of `scorer.model` with MSE on the sequences it scores in truncate mode (the first
     max_length tokens; AdamW, warmup + linear decay); with inclusion weights, each document's squared error counts
     in proportion to its weight. The forward passes run inside `autocast()` (mixed precision; the weights and the
@@ -158,7 +191,10 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
 
     With `checkpoint`, the model, optimizer, schedule and random states are saved there CHECKPOINTS times over the
     run (renamed into place whole), and a run finding one goes on from its step: hours of steps survive a kill,
-    with the weights an uninterrupted run would have reached."""
+    with the weights an uninterrupted run would have reached.
+
+    With `validation` (texts, labels, weights), the model scores them at each of the first EVALUATIONS - 1 fifths
+    of the run (printed, on the bar); returned as `validation_point`s, kept in the checkpoint across a resume."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -182,13 +218,15 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     rng = np.random.default_rng(cfg.seed)
     targets = torch.tensor(y, dtype=torch.float32)
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
-    done = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else 0
+    done, history = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else (0, [])
     every = max(1, total // CHECKPOINTS)
+    evaluated_at = {total * k // EVALUATIONS for k in range(1, EVALUATIONS)} - {0, total} if validation else set()
     with stop_requested() as stop, logged_progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeRemainingColumn(), console=console,
+        TextColumn("{task.fields[validation]}"), TimeRemainingColumn(), console=console,
     ) as progress:
-        task = progress.add_task("fine-tuning", total=total, loss=float("nan"), completed=done)
+        task = progress.add_task("fine-tuning", total=total, loss=float("nan"), completed=done,
+                                 validation=_shown(history[-1]) if history else "")
         step = 0
         for _ in range(cfg.epochs):
             order = rng.permutation(len(texts))  # drawn for every epoch, a resumed one too: the same order
@@ -212,9 +250,18 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=value)
+                if step in evaluated_at:
+                    val_texts, y_val, w_val = validation
+                    model.eval()
+                    with autocast():
+                        predictions, _ = scorer.predict_many(val_texts)
+                    model.train()
+                    history.append(validation_point(step, predictions, y_val, w_val))
+                    progress.update(task, validation=_shown(history[-1]))
+                    console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
                 if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
-                        _save(checkpoint, model, optimizer, schedule, step, device)
+                        _save(checkpoint, model, optimizer, schedule, step, device, history)
                     except (OSError, RuntimeError, SafetensorError) as e:  # read-only, full, over quota
                         console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
                                       "going on without (--cache-dir names another folder)[/]")
@@ -224,9 +271,15 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     console.print(f"fine-tuning: stopped by SIGTERM at step {step:,}{saved}")
                     raise SystemExit(128 + signal.SIGTERM)
     model.eval()
+    return history
 
 
-def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
+def _shown(point: dict) -> str:
+    spearman = "n/a" if point["spearman"] is None else f"{point['spearman']:.3f}"
+    return f"validation MSE {point['mse']:.3f}, Spearman {spearman}"
+
+
+def _save(folder: Path, model, optimizer, schedule, step: int, device, history: list[dict] = ()) -> None:
     """The training state swapped in whole (step.json written last): a kill mid-save leaves the previous one."""
     import torch
     from safetensors.torch import save_file
@@ -239,29 +292,30 @@ def _save(folder: Path, model, optimizer, schedule, step: int, device) -> None:
                     # the device trained on only: a rerun may see fewer GPUs
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
                    partial / "state.pt")
-        (partial / "step.json").write_text(json.dumps({"step": step}))
+        (partial / "step.json").write_text(json.dumps({"step": step, "validation": list(history)}))
 
     replace_folder(folder, write)
 
 
-def _resume(folder: Path, model, optimizer, schedule, device) -> int:
-    """The step a checkpoint was saved at, its state loaded into the run; 0 without one (after a save killed between
-    its renames, the newest complete copy beside it)."""
+def _resume(folder: Path, model, optimizer, schedule, device) -> tuple[int, list[dict]]:
+    """The step a checkpoint was saved at and its validation points, its state loaded into the run; (0, []) without
+    one (after a save killed between its renames, the newest complete copy beside it)."""
     import torch
     from safetensors.torch import load_file
 
     recover_folder(folder, "step.json")
     if not (folder / "step.json").exists():
-        return 0
+        return 0, []
     try:
         weights = load_file(folder / "model.safetensors", device=str(device))
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        step = json.loads((folder / "step.json").read_text())["step"]
+        saved = json.loads((folder / "step.json").read_text())
+        step, history = saved["step"], saved.get("validation", [])
     except Exception as e:  # noqa: BLE001 - cut short by a node crash: start over rather than fail every rerun
         console.print(f"[yellow]fine-tuning checkpoint {folder} cannot be read ({type(e).__name__}: {e}); "
                       "starting over[/]")
         shutil.rmtree(folder, ignore_errors=True)
-        return 0
+        return 0, []
     model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -269,4 +323,4 @@ def _resume(folder: Path, model, optimizer, schedule, device) -> int:
     if device.type == "cuda" and state["cuda_rng"].numel():
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     console.print(f"fine-tuning: resuming at step {step:,} from {folder}")
-    return step
+    return step, history
