@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gzip
 import math
 import os
@@ -530,17 +531,28 @@ class _Scorer:
         # by earlier calls (rounds of select="active")
         done_before, scored_before, replayed_before = s.documents, s.scored, s.replayed
 
+        in_flight = _IN_FLIGHT.get()
+
         async def worker():
             nonlocal read, written
             while True:
                 async with room:
                     await room.wait_for(lambda: read - written < ahead)
-                    item = next(numbered, None)
-                    if item is None:
+                    stopping = in_flight is not None and in_flight.stopping.is_set()
+                    item = None if stopping else next(numbered, None)
+                    if item is None and not stopping:
                         return
-                    read += 1
+                    read += not stopping
+                if stopping:  # SIGTERM: no new document; the run is cancelled once the answers in flight are in
+                    await asyncio.Future()
                 i, doc = item
-                row = await self.score(doc)
+                if in_flight is not None:
+                    in_flight.started()
+                try:
+                    row = await self.score(doc)
+                finally:
+                    if in_flight is not None:
+                        in_flight.ended()
                 async with room:
                     finished[i] = row
                     block = []
@@ -620,15 +632,57 @@ class _Scorer:
         return progress, update
 
 
-async def _stopped_by_sigterm(run):
-    """Awaits `run`, which SIGTERM cancels: its servers are stopped on the way out (Python's default ends the process
-    at once, leaving a launched vLLM running on its GPU), then the process exits 143. Answers received are cached."""
-    loop, task = asyncio.get_running_loop(), asyncio.current_task()
-    terminated = []
+SIGTERM_GRACE_S = 20.0  # answers in flight awaited after SIGTERM (Slurm's SIGKILL follows 30 s after, by default)
 
-    def stop() -> None:
+
+class _InFlight:
+    """The requests being answered, and whether SIGTERM asked the run to stop: workers then take no new document."""
+
+    def __init__(self):
+        self.count = 0
+        self.stopping = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def started(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def ended(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self.idle.set()
+
+
+_IN_FLIGHT: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar("in_flight", default=None)
+
+
+async def _stopped_by_sigterm(run):
+    """Awaits `run`, which SIGTERM stops: no new document is sent, the answers in flight are awaited for up to
+    SIGTERM_GRACE_S (a server mid-way through `--concurrency` long answers has computed them: cached, they are not
+    paid again; a second SIGTERM stops at once), then `run` is cancelled and its servers are stopped on the way out
+    (Python's default ends the process at once, leaving a launched vLLM running on its GPU), and the process exits
+    143. Answers received are cached."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    terminated, waiting, in_flight = [], [], _InFlight()
+    _IN_FLIGHT.set(in_flight)  # the scoring workers, created inside `run`, see it
+
+    def cancel() -> None:
         terminated.append(True)
         task.cancel()
+
+    async def cancel_once_answered() -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(in_flight.idle.wait(), SIGTERM_GRACE_S)
+        cancel()
+
+    def stop() -> None:
+        if in_flight.stopping.is_set() or not in_flight.count:
+            return cancel()
+        in_flight.stopping.set()
+        print(f"SIGTERM: sending no new document; waiting up to {SIGTERM_GRACE_S:.0f} s for the {in_flight.count} "
+              "answers in flight, which are cached (SIGTERM again stops at once)", file=sys.stderr, flush=True)
+        waiting.append(loop.create_task(cancel_once_answered()))  # held: a task only the loop refers to may go
 
     previous = signal.getsignal(signal.SIGTERM)
     try:

@@ -462,6 +462,40 @@ def test_a_cache_that_cannot_be_written_mid_run_stops_it_and_the_same_command_re
         server.stop()
 
 
+def test_sigterm_waits_for_the_answers_in_flight_and_the_same_command_asks_only_for_the_rest(tmp_path):
+    """SIGTERM (a Slurm time limit, a preemption) cancelled the requests in flight: up to --concurrency answers the
+    server had computed were lost and paid again by the resumed run. No new document is sent after SIGTERM, the
+    answers in flight are awaited and cached, and the run exits 143."""
+    import signal
+
+    server = LLMTestServer(delay=3).start()
+    try:
+        docs = [doc(f"d{i:02d}", score=i % 6) for i in range(12)]
+        src = write_jsonl(tmp_path / "IN.jsonl", docs)
+        out = tmp_path / "OUT.jsonl"
+        cmd = [sys.executable, "-m", "edu_filter.cli", "score", str(src), "-o", str(out), "--prompt", "web",
+               "--backend", "openai", "--base-url", server.base_url, "--model", "NAME", "--concurrency", "4"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.in_flight < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.in_flight == 4 and not server.answered
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 143, stderr[-2000:]
+        assert "waiting up to 20 s for the 4 answers in flight" in stderr and not out.exists()
+        assert sum(server.requests.values()) == 4 and sum(server.answered.values()) == 4  # nothing sent after
+        first = set(server.answered)
+        server.delay = 0
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        assert all(n == 1 for n in server.requests.values()) and set(server.requests) == {d["id"] for d in docs}
+        assert first <= set(server.requests)
+        assert [r["score"] for r in read_jsonl(out)] == [i % 6 for i in range(12)]
+    finally:
+        server.stop()
+
+
 def test_cache_from_before_the_added_columns_still_opens_and_asks_again_what_has_no_text_hash(tmp_path):
     from edu_filter.annotate.cache import Answer, AnswerCache, run_key
 
