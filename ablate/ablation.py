@@ -57,8 +57,9 @@ WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p
 EXIT_STOPPED = 75  # stopped at --override time_limit_minutes (sysexits' EX_TEMPFAIL): run again to resume
 SIGNIFICANCE_RULE = (
     f"with 2 or more seeds per run a difference is significant when Welch's t-test gives p < {WELCH_ALPHA:g} (with 2 "
-    "seeds it has ~2 degrees of freedom: only a gap of ~4 pooled seed standard deviations passes); with 1 seed there "
-    "is no estimate of seed noise, hence no verdict"
+    "seeds it has at most 2 degrees of freedom: a gap of at least ~4.3 pooled seed standard deviations passes where "
+    "the two runs' seeds vary alike, up to ~12.7 as their variances part and the degrees of freedom fall to 1); with "
+    "1 seed there is no estimate of seed noise, hence no verdict"
 )
 
 

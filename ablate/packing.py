@@ -118,7 +118,10 @@ def text_hash(text: str) -> int:
 
 
 def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[tuple[str, np.ndarray]]:
-    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    # a document's own "<|endoftext|>" (tokenizer code, ML tutorials) is text, not the separator: encoded as one,
+    # it ended the document mid-way for the model
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for text, ids in zip(texts, encoded):
         yield text, np.asarray([*ids, eos_id], dtype=np.int64)
 
 
@@ -361,7 +364,8 @@ def tokenizer_key(tokenizer) -> str:
         spec.pop("padding", None)
     except Exception:  # noqa: BLE001 - no fast backend, or one with custom Python parts: the vocabulary alone
         spec = sorted(tokenizer.get_vocab().items())
-    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer)}
+    # special-token text in documents encoded as text (before: as the token; such packings are made again)
+    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer), "special_tokens_in_text": "split"}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -367,12 +367,11 @@ def test_a_long_document_is_simplified_and_hashed_in_pieces_with_the_same_values
         assert np.array_equal(fast.get_shingles(text), stock.get_shingles(text))
 
 
-def test_a_long_document_costs_a_few_bytes_per_character(monkeypatch):
+def test_a_long_document_costs_a_few_bytes_per_character(monkeypatch, tmp_path):
     """A 50 MB document took ~2.9 GB in the signature stage (every word listed by str.split and re.sub, every
     shingle's offsets and hash as Python ints at once): a 1 GB Parquet document was killed for memory on every
     rerun. Now ~5 bytes per character (its copies, the words' offsets and the hashes as arrays), and as little in
     the decontamination filter."""
-    import tempfile
     import tracemalloc
 
     from edu_filter.filters import minhash
@@ -388,7 +387,7 @@ def test_a_long_document_costs_a_few_bytes_per_character(monkeypatch):
 
     from edu_filter.filters.dedup import FastNGramsDecontFilter, build_decont_index, decont_config
 
-    index = tempfile.mkdtemp()
+    index = str(tmp_path / "decont")
     build_decont_index([str(Path(__file__).parents[1] / "data" / "code" / "HumanEval.jsonl.gz")], index)
     decont = FastNGramsDecontFilter(index, config=decont_config())
     decont.filter(Document(text="warm up", id="0"))

@@ -91,6 +91,15 @@ def test_documents_are_separated_by_eos_and_val_is_held_out(tokenizer, tmp_path)
     assert train.tokens + val.tokens == sum(len(tokenizer(t).input_ids) + 1 for t in texts)
 
 
+def test_a_documents_own_separator_text_is_text_not_a_document_boundary(tokenizer, tmp_path):
+    """Tokenizer code and ML tutorials write "<|endoftext|>": encoded as the EOS token, it cut the document in two
+    for the model (one such file in the bundled Python labels)."""
+    texts = ['SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>"]\n', "plain text"] * 20
+    write_train_val(texts, tokenizer, tmp_path, train_tokens=10**9, val_fraction=0.01)
+    docs = split_on_eos(np.fromfile(tmp_path / "train.bin", dtype=np.uint16), tokenizer.eos_token_id)
+    assert [tokenizer.decode(d) for d in docs] == [t for t in texts if not is_held_out(t, 0.01)]
+
+
 def test_the_documents_an_evaluation_set_shares_with_training_are_counted_from_the_packed_files(tokenizer, tmp_path):
     """An --eval set drawn from the corpus an arm trains on favours that arm; the packings keep a hash per document, so
     what they share is counted without reading either input again, exact duplicates included. Token files of an older
