@@ -472,6 +472,8 @@ def apply(
                                                        "(default: --slurm-mem-gb)."),
     slurm_cluster_time: Optional[str] = typer.Option(SLURM.cluster_time, help="Time limit of the minhash-cluster "
                                                      "stage's one task (default: --slurm-time)."),
+    slurm_gpu_time: Optional[str] = typer.Option(SLURM.gpu_time, help="Time limit of a scoring task (default: "
+                                                 "--slurm-time, which then sizes the CPU stages' short tasks)."),
     slurm_venv: Optional[str] = typer.Option(SLURM.venv_path, help="activate script sourced by every job (default: this Python environment)."),
     slurm_max_array: Optional[int] = typer.Option(None, help="Tasks per array job (default: the cluster's MaxArraySize; 1001 where none says)."),
     slurm_tasks_per_job: int = typer.Option(SLURM.tasks_per_job, help="Tasks each array task runs one after another "
@@ -506,7 +508,7 @@ def apply(
         slurm=SlurmOptions(partition=slurm_partition, gpu_partition=slurm_gpu_partition, gpus_per_task=slurm_gpus,
                            time=slurm_time, cpus_per_task=slurm_cpus, gpu_cpus_per_task=slurm_gpu_cpus,
                            mem_gb=slurm_mem_gb, cluster_mem_gb=slurm_cluster_mem_gb,
-                           cluster_time=slurm_cluster_time, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
+                           cluster_time=slurm_cluster_time, gpu_time=slurm_gpu_time, venv_path=slurm_venv, account=slurm_account, qos=slurm_qos,
                            sbatch_args=slurm_arg, gpu_sbatch_args=slurm_gpu_arg, max_array_size=slurm_max_array,
                            tasks_per_job=slurm_tasks_per_job, dry_run=dry_run),
         ray=RayOptions(cpus_per_task=ray_cpus, gpu_cpus_per_task=ray_gpu_cpus, mem_gb=ray_mem_gb,

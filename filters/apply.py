@@ -165,6 +165,9 @@ class SlurmOptions:
     cluster_mem_gb: int | None = None
     # and its time limit (None: time): one task reads every bucket's pairs, for hours where the others take minutes
     cluster_time: str | None = None
+    # a scoring task's time limit (None: time): scoring takes hours where a MinHash or filter task takes minutes, and
+    # a shorter limit gets the many CPU tasks scheduled sooner (backfill, QOS limits on time x CPUs)
+    gpu_time: str | None = None
     gpus_per_task: int = 0  # for the scoring stage
     # CPUs of a scoring task (None: cpus_per_task). On a GPU they tokenize for it: 16 threads tokenize ~5,500 docs/s,
     # one H200 scores ~3,500 at 512 tokens, while the other stages' tasks use one core each.
@@ -882,7 +885,8 @@ SLURM_FLAGS = {"partition": "--slurm-partition", "gpu_partition": "--slurm-gpu-p
                "account": "--slurm-account", "sbatch_args": "--slurm-arg", "gpu_sbatch_args": "--slurm-gpu-arg",
                "dry_run": "--dry-run",
                "max_array_size": "--slurm-max-array", "cluster_mem_gb": "--slurm-cluster-mem-gb",
-               "tasks_per_job": "--slurm-tasks-per-job", "cluster_time": "--slurm-cluster-time"}
+               "tasks_per_job": "--slurm-tasks-per-job", "cluster_time": "--slurm-cluster-time",
+               "gpu_time": "--slurm-gpu-time"}
 RAY_FLAGS = {"cpus_per_task": "--ray-cpus", "gpu_cpus_per_task": "--ray-gpu-cpus", "mem_gb": "--ray-mem-gb",
              "gpus": "--ray-gpus", "cluster_mem_gb": "--ray-cluster-mem-gb"}
 

@@ -66,12 +66,13 @@ HOPELESS_REASONS = ("PartitionConfig", "DependencyNeverSatisfied", "BadConstrain
 QUEUED_STATES = ("PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,RESIZING,REQUEUED,REQUEUE_FED,REQUEUE_HOLD,"
                  "RESV_DEL_HOLD,SIGNALING,STAGE_OUT,STOPPED")
 # what to lower when a QOS's or an association's limit on one job is below what the chain's jobs ask
-PER_JOB_LIMITS = {"WallDuration": "--slurm-time (and --slurm-cluster-time)", "Cpu": "--slurm-cpus",
+PER_JOB_LIMITS = {"WallDuration": "--slurm-time (and --slurm-gpu-time, --slurm-cluster-time)", "Cpu": "--slurm-cpus",
                   "Mem": "--slurm-mem-gb", "GRES": "--slurm-gpus", "TRES": "--slurm-cpus, --slurm-mem-gb or "
                   "--slurm-gpus", "Node": "the nodes each job asks (--slurm-arg)"}
 
 
-PARTITION_LIMITS = {"PartitionTimeLimit": "lower --slurm-time (and --slurm-cluster-time) to its MaxTime",
+PARTITION_LIMITS = {"PartitionTimeLimit": "lower --slurm-time (and --slurm-gpu-time, --slurm-cluster-time) to its "
+                                          "MaxTime",
                     "PartitionNodeLimit": "its nodes per job (MaxNodes, MinNodes) do not allow one node"}
 
 
@@ -121,7 +122,7 @@ class StageFailed(RuntimeError):
 def save_stage_list(out: str, stages) -> None:
     path = Path(out) / "logs" / "stages.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_whole(path, [{"name": s.name, "tasks": s.tasks} for s in stages])
+    write_json_whole(path, [{"name": s.name, "tasks": s.tasks, "scores": s.scores} for s in stages])
 
 
 def load_stage_list(out: str) -> list[tuple[str, int]]:
@@ -222,16 +223,23 @@ def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
         for marker, meaning in SLURM_KILLS:
             if any(marker in ln for ln in said):
                 return (meaning.replace("--slurm-mem-gb", memory_flag(stage_logs.name, "slurm"))
-                        .replace("--slurm-time", time_flag(stage_logs.name)), log)
+                        .replace("--slurm-time", time_flag(stage_logs)), log)
     return None
 
 
 CLUSTER_STAGE = "minhash-cluster"  # its one task has its own memory and time options
 
 
-def time_flag(stage: str) -> str:
-    """The option that sets a Slurm task of `stage`'s time limit."""
-    return "--slurm-cluster-time" if stage == CLUSTER_STAGE else "--slurm-time"
+def time_flag(stage_logs: Path) -> str:
+    """The option that sets the time limit of a Slurm task of the stage logging in `stage_logs`."""
+    if stage_logs.name == CLUSTER_STAGE:
+        return "--slurm-cluster-time"
+    try:  # the stage list beside the stages' logs says which score (from before it did: none)
+        stages = json.loads((stage_logs.parent / "stages.json").read_text())
+    except (OSError, ValueError):
+        stages = []
+    scores = any(s.get("name") == stage_logs.name and s.get("scores") for s in stages if isinstance(s, dict))
+    return "--slurm-gpu-time" if scores else "--slurm-time"
 
 
 def memory_flag(stage: str, executor: str) -> str:
@@ -1118,10 +1126,11 @@ def check_slurm_request(opts):
     gpu_partition = opts.gpu_partition or partition
     scoring_option = "--slurm-gpu-cpus" if opts.gpu_cpus_per_task else "--slurm-cpus"
     cluster_time = ("--slurm-cluster-time", opts.cluster_time) if opts.cluster_time else ("--slurm-time", opts.time)
+    gpu_time = ("--slurm-gpu-time", opts.gpu_time) if opts.gpu_time else ("--slurm-time", opts.time)
     for name, cpus, option, gpus, memory, limit in (
             (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-mem-gb", mem_gb), ("--slurm-time", opts.time)),
             (gpu_partition, opts.scoring_cpus, scoring_option, opts.gpus_per_task, ("--slurm-mem-gb", scoring_mem_gb),
-             ("--slurm-time", opts.time)),
+             gpu_time),
             (partition, opts.cpus_per_task, "--slurm-cpus", 0, ("--slurm-cluster-mem-gb", opts.cluster_mem_gb or 0),
              cluster_time)):
         if name not in parts:
@@ -1183,9 +1192,10 @@ def job_request(opts, scores: bool, clusters: bool = False) -> tuple[str, int, i
             opts.gpus_per_task if scores else 0)
 
 
-def job_time(opts, clusters: bool) -> str:
-    """The time limit of a task of the minhash-cluster stage (`clusters`) or of any other."""
-    return (opts.cluster_time if clusters else None) or opts.time
+def job_time(opts, scores: bool, clusters: bool = False) -> str:
+    """The time limit of a task of the scoring stage (`scores`), the minhash-cluster stage (`clusters`) or any
+    other."""
+    return (opts.gpu_time if scores else opts.cluster_time if clusters else None) or opts.time
 
 
 def memory_directive(mb: int) -> str:
@@ -1312,7 +1322,8 @@ def check_sbatch_accepts(opts) -> None:
         partition, cpus, mem_per_cpu_mb, gpus = job_request(opts, scores, clusters)
         qos = job_qos(opts, scores)
         args = {"partition": partition, "cpus-per-task": cpus, "mem-per-cpu": memory_directive(mem_per_cpu_mb),
-                "time": job_time(opts, clusters), **({"gpus": gpus} if gpus else {}), **({"qos": qos} if qos else {}),
+                "time": job_time(opts, scores, clusters), **({"gpus": gpus} if gpus else {}),
+                **({"qos": qos} if qos else {}),
                 **job_directives(opts, scores)}
         requests[tuple(f"--{k}={v}" if v != "" else f"--{k}" for k, v in args.items())] = (partition, cpus,
                                                                                          mem_per_cpu_mb, gpus)
@@ -1542,7 +1553,7 @@ def slurm_executors(stages, out: str, workers: int | None, opts):
             # that is as many array tasks at once
             stage.pipeline, tasks=stage.tasks, tasks_per_job=per_job,
             workers=-1 if workers is None else max(1, min(workers, math.ceil(stage.tasks / per_job))),
-            time=job_time(opts, stage.clusters), partition=partition, cpus_per_task=cpus,
+            time=job_time(opts, stage.scores, stage.clusters), partition=partition, cpus_per_task=cpus,
             mem_per_cpu_gb=math.ceil(mem_per_cpu_mb / 1024),
             gpus_per_task=gpus, job_name=f"edu-filter-{stage.name}-{tag}",
             logging_dir=f"{logs}/{stage.name}", depends=None if opts.dry_run else previous, env_command=env,

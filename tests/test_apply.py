@@ -519,9 +519,13 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
     planted_input(tmp_path / "in.jsonl", n_unique=10, n_groups=0)
     run_apply([str(tmp_path / "in.jsonl")], str(tmp_path / "out"), model=stock_classifier, executor="slurm",
               tasks=4, show=False, slurm=SlurmOptions(partition="cpu-q", dry_run=True, cpus_per_task=2, mem_gb=3,
-                                                      cluster_mem_gb=40, time="02:00:00", cluster_time="2-00:00:00"))
+                                                      cluster_mem_gb=40, time="02:00:00", cluster_time="2-00:00:00",
+                                                      gpu_time="1-00:00:00"))
     scripts = sorted((tmp_path / "out" / "slurm").glob("*.slurm"))
     assert len(scripts) == 5
+    stages = json.loads((tmp_path / "out" / "logs" / "stages.json").read_text())
+    scoring = [s["name"] for s in stages if s["scores"]]
+    assert len(scoring) == 1
     for script in scripts:
         text = script.read_text()
         assert "%" not in next(line for line in text.splitlines() if "--array" in line)
@@ -531,7 +535,8 @@ def test_slurm_scripts_run_in_the_submitting_environment_without_a_throttle(stoc
         assert "--cpus-per-task=2" in text and f"--mem-per-cpu={memory}\n" in text
         assert text.count("--mem-per-cpu=") == 1
         # and its time limit: it reads every bucket's pairs alone, for hours where each other task takes minutes
-        limit = "2-00:00:00" if script.stem.endswith("minhash-cluster") else "02:00:00"
+        limit = ("2-00:00:00" if script.stem.endswith("minhash-cluster") else "1-00:00:00"
+                 if script.stem.endswith(scoring[0]) else "02:00:00")
         assert f"#SBATCH --time={limit}\n" in text and text.count("--time=") == 1
 
 

@@ -514,6 +514,12 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     assert "--slurm-time" in reason and log.name == "79_0.out"
     shutil.copy(logs / "79_0.out", cluster / "slurm_logs")
     assert "a longer --slurm-cluster-time" in slurm_kill(cluster, ["79"])[0]
+    scoring = tmp_path / "score"  # a scoring stage (the stage list says which) has its own time option too
+    shutil.copytree(logs, scoring / "slurm_logs")
+    (tmp_path / "stages.json").write_text(json.dumps([{"name": "score", "tasks": 2, "scores": True},
+                                                      {"name": "slurm_logs", "tasks": 1, "scores": False}]))
+    assert "a longer --slurm-gpu-time" in slurm_kill(scoring, ["79"])[0]
+    assert "a longer --slurm-time" in slurm_kill(tmp_path, ["79"])[0]
 
 
 def test_slurm_kill_reasons_come_from_tasks_whose_ranks_did_not_complete(tmp_path):
