@@ -475,13 +475,14 @@ def json_line(line: bytes | str):
     """A JSON line as orjson reads it, else as Python's json reads it: NaN and Infinity (Python's json.dumps writes
     them), and lone surrogate escapes ("\\ud83d" of an emoji cut in two by a tool), which orjson refuses, each row
     otherwise failed or stopped the command; a lone surrogate becomes U+FFFD (no writer takes one). A line neither
-    reads raises orjson's error."""
+    reads raises orjson's error, as do bytes that are not strict UTF-8 (Python's json let UTF-8-encoded surrogates,
+    CESU-8, through, which apply's reader fails as invalid UTF-8)."""
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError as error:
         try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
+            row = json.loads(bytes(line).decode("utf-8") if isinstance(line, (bytes, bytearray, memoryview)) else line)
+        except (ValueError, RecursionError):  # UnicodeDecodeError among them
             raise error from None
         return _without_lone_surrogates(row)
 
@@ -831,10 +832,24 @@ def row_text(path: str, lineno: int, row: dict, text_field: str) -> str:
     return text
 
 
+def id_text(value) -> str:
+    """A row's id as text: a binary one decoded (a Parquet string column written without its UTF8 annotation, as
+    Hive and older Spark wrote them: `str` made `"b'doc-1'"` of it, an id the source never had), its bytes escaped
+    where they are not UTF-8."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
               require_label: bool | str = False, name: str | None = None) -> dict:
-    """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line."""
+    """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line. A
+    text that is empty or only whitespace is an error, as apply fails it (no_text): score paid for an answer on
+    it, train and evaluate counted a document apply never scores."""
     text = row_text(path, lineno, row, text_field)
+    if not text.strip():
+        raise DocumentError(f"{path}:{lineno}: field '{text_field}' is empty" if not text else
+                            f"{path}:{lineno}: field '{text_field}' holds only whitespace")
     doc = dict(row)
     doc["text"] = text
     if row.get(id_field) is None and id_field != "id":  # named on purpose: a typo would rename every document
@@ -842,7 +857,7 @@ def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str,
     given = row.get(id_field)
     # an empty id keys nothing: named by its place, as a row without one, as apply names it (score and train
     # stopped at a corpus apply took)
-    doc["id"] = str(given) if given is not None and given != "" else f"{name or Path(path).name}:{lineno}"
+    doc["id"] = id_text(given) if given not in (None, "", b"") else f"{name or Path(path).name}:{lineno}"
     if label_field is not None:
         label = row.get(label_field)
         if label is None and require_label and not (require_label == SKIP_FAILED and row.get("error")):
@@ -1004,7 +1019,7 @@ def documents_and_draw_keys(paths: list[str], text_field: str, id_field: str) ->
         for lineno, row in iter_raw_rows(path, id_field):
             doc = _document(path, lineno, row, text_field, id_field, name=name)
             given = row.get(id_field)
-            yield doc, str(given) if given is not None and given != "" else "\0" + doc["text"]
+            yield doc, id_text(given) if given not in (None, "", b"") else "\0" + doc["text"]
 
 
 def nested_positions(total: int, n: int, seed: int) -> list[int]:

@@ -27,8 +27,10 @@ from edu_filter.documents import (
     InputError,
     check_writable_output,
     expand_paths,
+    id_text,
     in_score_range,
     iter_raw_rows,
+    label_value,
 )
 
 LABELS = list(SCORES)
@@ -61,15 +63,16 @@ def read_scores(paths, field_name: str = "score", id_field: str = "id", only: se
             doc_id = row.get(id_field)
             if doc_id is None:
                 raise DocumentError(f"{path}:{lineno}: field '{id_field}' is missing (needed to join A and B)")
-            doc_id = str(doc_id)
+            doc_id = id_text(doc_id)
             if side.weighted is None and row.get("weight") is not None:
                 side.weighted = f"{path}:{lineno}"
-            value = row.get(field_name, None)
+            given = row.get(field_name, None)
+            value = None if given is None else label_value(given)  # "3" as train and evaluate read it
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is not a number: {value!r:.80}")
+                if math.isnan(value):
+                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is not a number: {given!r:.80}")
                 if not in_score_range(value):
-                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is {value!r:.80}, outside the "
+                    raise DocumentError(f"{path}:{lineno}: field '{field_name}' is {given!r:.80}, outside the "
                                         f"{SCORE_RANGE} scale")
                 whole = row.get("int_score")
                 if whole_classes and not (isinstance(whole, int) and not isinstance(whole, bool) and whole in SCORES):

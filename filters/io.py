@@ -48,6 +48,7 @@ from edu_filter.documents import (
     file_key,
     glob_matches,
     hub_repository_files,
+    id_text,
     is_hub_path,
     json_line,
     lines_readable,
@@ -427,7 +428,7 @@ class ApplyInputReader(BaseReader):
             except UnicodeDecodeError as e:
                 text, undecoded = None, e
         doc_id = row.pop(self.id_key, None)
-        if doc_id == "":  # no id: named by its place, as a row without the field (an empty id keys nothing)
+        if doc_id in ("", b""):  # no id: named by its place, as a row without the field (an empty id keys nothing)
             doc_id = None
         if row.get("token_count", 0) is None:  # FineWeb's column, null here: counted like a row without it
             del row["token_count"]
@@ -439,7 +440,7 @@ class ApplyInputReader(BaseReader):
                 while name in row:
                     name = f"input_{name}"
                 row[name] = row.pop(key)
-        doc = Document(text=text if isinstance(text, str) else "", id=str(doc_id) if doc_id is not None else source,
+        doc = Document(text=text if isinstance(text, str) else "", id=id_text(doc_id) if doc_id is not None else source,
                        metadata=row)
         if undecoded is not None:
             doc.metadata[FAILURE_KEY] = "invalid_utf8"

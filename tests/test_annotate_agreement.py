@@ -159,6 +159,19 @@ def test_bad_rows_name_file_and_line(tmp_path):
         agreement(str(good), str(good), threshold=7, show=False)
 
 
+def test_labels_written_as_strings_and_binary_ids_are_read_as_train_reads_them(tmp_path):
+    """Labels exported as strings ("3", a spreadsheet's) train and evaluate but were refused here; a Parquet id
+    column stored as binary was joined as "b'a'"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    strings = _write(tmp_path / "strings.jsonl", [{"id": "a", "score": "3"}, {"id": "b", "score": "4.5"}])
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"id": pa.array([b"a", b"b"], pa.binary()), "score": [3, 4]}), binary)
+    result = agreement(str(strings), str(binary), show=False)
+    assert result["n"] == 2 and result["mean_a"] == 3.75 and result["only_in_a"] == 0
+
+
 @pytest.mark.slow
 def test_agreement_command_prints_tables(tmp_path):
     a = _write(tmp_path / "a.jsonl", [{"id": str(i), "score": i % 6} for i in range(12)])

@@ -546,6 +546,12 @@ def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
     assert docs[2].metadata["input_source"] == "mixed.jsonl:3"
     assert b"caf\xe9" in __import__("base64").b64decode(docs[2].metadata["raw_base64"])  # raw bytes kept
     assert docs[4].metadata["text_original"] == "7"
+    # what apply fails as no_text, the other commands stop at (score paid for answers on blank pages)
+    for text, said in (("", "is empty"), (" \n\t", "holds only whitespace")):
+        (tmp_path / "blank.jsonl").write_text(json.dumps({"id": "x", "text": "a page"}) + "\n"
+                                             + json.dumps({"id": "y", "text": text}) + "\n")
+        with pytest.raises(DocumentError, match=f"blank.jsonl:2: field 'text' {said}"):
+            read_documents([str(tmp_path / "blank.jsonl")])
 
 
 def test_parquet_text_stored_as_binary_is_read_and_a_null_one_is_said_null(tmp_path):
@@ -565,6 +571,10 @@ def test_parquet_text_stored_as_binary_is_read_and_a_null_one_is_said_null(tmp_p
     assert docs[2].metadata["input_error"].endswith("field 'text' is null")
     with pytest.raises(DocumentError, match=r"hive.parquet:2: field 'text' is not valid UTF-8"):
         list(read_documents([str(path)]))
+    # its id column too: str() made "b'a'" of it, an id the source never had
+    pq.write_table(pa.table({"id": pa.array([b"a", b""], pa.binary()), "text": ["one", "two"]}), path)
+    assert [d.id for d in ApplyInputReader(expand_inputs([str(path)])).run()] == ["a", "hive.parquet:2"]
+    assert [d["id"] for d in read_documents([str(path)])] == ["a", "hive.parquet:2"]
     pq.write_table(pa.table({"id": ["a"], "text": pa.array([b"caf\xc3\xa9"], pa.binary())}), path)
     assert [d["text"] for d in read_documents([str(path)])] == ["café"]
 
@@ -584,6 +594,14 @@ def test_json_that_python_writes_and_orjson_refuses_is_read(tmp_path):
     assert docs[1].text == "an emoji cut \ufffd in two" and docs[1].metadata["title"] == "\ufffd"
     path.write_bytes(path.read_bytes().rsplit(b"\n", 2)[0] + b"\n")
     assert [d["id"] for d in read_documents([str(path)])] == ["nan", "cut"]
+    # an emoji's surrogates UTF-8-encoded (CESU-8, a Java writer's) are not UTF-8: apply fails the row, and the
+    # other commands, which took it as U+FFFD, stop at it
+    cesu = tmp_path / "cesu.jsonl"
+    cesu.write_bytes(b'{"id": "ok", "text": "fine"}\n{"id": "c1", "text": "emoji \xed\xa0\xbd\xed\xb8\x80"}\n')
+    assert [d.metadata.get(FAILURE_KEY) for d in ApplyInputReader(expand_inputs([str(cesu)])).run()] == [
+        None, "invalid_utf8"]
+    with pytest.raises(DocumentError, match=r"cesu.jsonl:2: not valid JSON \(str is not valid UTF-8"):
+        read_documents([str(cesu)])
     path.write_bytes(b'{"id": 123456789012345678901234567890, "text": "a"}\n'  # past 64 bits: orjson gives floats
                      b'{"id": 123456789012345678901234567891, "text": "b"}\n{"id": 2.5, "text": "c"}\n')
     assert [d.id for d in ApplyInputReader(expand_inputs([str(path)])).run()] == [
