@@ -1024,15 +1024,21 @@ def test_a_finished_finetune_names_abandoned_checkpoints_not_those_a_running_fin
 
 def test_a_finetuning_checkpoint_cut_short_is_started_over_not_failed_on(tmp_path, capsys):
     """A node crash can leave renamed files that were never written out: every rerun failed on loading them."""
-    from edu_filter.train.finetune import _resume, _save
+    from edu_filter.train.finetune import _resume, _save, validation_key
 
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     folder = tmp_path / "finetune" / "key"
     point = {"step": 5, "mse": 0.5, "spearman": 0.6}
-    _save(folder, model, optimizer, schedule, 7, torch.device("cpu"), [point])
-    assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == (7, [point])
+    validation = validation_key(["a page", "another"], [1.0, 3.0])
+    _save(folder, model, optimizer, schedule, 7, torch.device("cpu"), [point], validation)
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu"), validation) == (7, [point])
+    # a --val file replaced before the resume: the points measured on the old one are not the new one's
+    replaced = validation_key(["a page", "another"], [1.0, 4.0])
+    assert _resume(folder, model, optimizer, schedule, torch.device("cpu"), replaced) == (7, [])
+    assert "the validation data changed since step 7: its 1 earlier validation point(s) are left out" in " ".join(
+        capsys.readouterr().err.split())
     (folder / "model.safetensors").write_bytes(b"cut")
     assert _resume(folder, model, optimizer, schedule, torch.device("cpu")) == (0, [])
     assert "cannot be read" in capsys.readouterr().err and not folder.exists()

@@ -218,7 +218,9 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
     rng = np.random.default_rng(cfg.seed)
     targets = torch.tensor(y, dtype=torch.float32)
     row_weights = torch.tensor(unit_weights(weights, len(y)), dtype=torch.float32)
-    done, history = _resume(checkpoint, model, optimizer, schedule, device) if checkpoint is not None else (0, [])
+    measured_on = validation_key(*validation) if validation else None
+    done, history = (_resume(checkpoint, model, optimizer, schedule, device, measured_on) if checkpoint is not None
+                     else (0, []))
     every = max(1, total // CHECKPOINTS)
     evaluated_at = {total * k // EVALUATIONS for k in range(1, EVALUATIONS)} - {0, total} if validation else set()
     with stop_requested() as stop, logged_progress(
@@ -261,7 +263,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
                 if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
-                        _save(checkpoint, model, optimizer, schedule, step, device, history)
+                        _save(checkpoint, model, optimizer, schedule, step, device, history, measured_on)
                     except (OSError, RuntimeError, SafetensorError) as e:  # read-only, full, over quota
                         console.print(f"[yellow]fine-tuning checkpoints cannot be saved in {checkpoint} ({e}); "
                                       "going on without (--cache-dir names another folder)[/]")
@@ -279,7 +281,19 @@ def _shown(point: dict) -> str:
     return f"validation MSE {point['mse']:.3f}, Spearman {spearman}"
 
 
-def _save(folder: Path, model, optimizer, schedule, step: int, device, history: list[dict] = ()) -> None:
+def validation_key(texts: list[str], labels, weights=None) -> str:
+    """What the validation points were measured on: the checkpoint's name leaves the validation data out (the
+    weights do not depend on it), so a `--val` replaced before a resume must not mix its points with the old's."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text_hash(text).encode())
+    digest.update(np.asarray(labels, np.float64).tobytes())
+    digest.update(b"" if weights is None else np.asarray(weights, np.float64).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _save(folder: Path, model, optimizer, schedule, step: int, device, history: list[dict] = (),
+          measured_on: str | None = None) -> None:
     """The training state swapped in whole (step.json written last): a kill mid-save leaves the previous one."""
     import torch
     from safetensors.torch import save_file
@@ -292,14 +306,16 @@ def _save(folder: Path, model, optimizer, schedule, step: int, device, history: 
                     # the device trained on only: a rerun may see fewer GPUs
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
                    partial / "state.pt")
-        (partial / "step.json").write_text(json.dumps({"step": step, "validation": list(history)}))
+        (partial / "step.json").write_text(json.dumps({"step": step, "validation": list(history),
+                                                        "validation_data": measured_on}))
 
     replace_folder(folder, write)
 
 
-def _resume(folder: Path, model, optimizer, schedule, device) -> tuple[int, list[dict]]:
-    """The step a checkpoint was saved at and its validation points, its state loaded into the run; (0, []) without
-    one (after a save killed between its renames, the newest complete copy beside it)."""
+def _resume(folder: Path, model, optimizer, schedule, device, measured_on: str | None = None) -> tuple[int, list[dict]]:
+    """The step a checkpoint was saved at and its validation points (those measured on the validation data
+    `measured_on` names, else none), its state loaded into the run; (0, []) without one (after a save killed
+    between its renames, the newest complete copy beside it)."""
     import torch
     from safetensors.torch import load_file
 
@@ -311,6 +327,10 @@ def _resume(folder: Path, model, optimizer, schedule, device) -> tuple[int, list
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         saved = json.loads((folder / "step.json").read_text())
         step, history = saved["step"], saved.get("validation", [])
+        if history and saved.get("validation_data") != measured_on:
+            console.print(f"fine-tuning: the validation data changed since step {step:,}: its {len(history)} "
+                          "earlier validation point(s) are left out")
+            history = []
     except Exception as e:  # noqa: BLE001 - cut short by a node crash: start over rather than fail every rerun
         console.print(f"[yellow]fine-tuning checkpoint {folder} cannot be read ({type(e).__name__}: {e}); "
                       "starting over[/]")
