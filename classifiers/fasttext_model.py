@@ -11,6 +11,7 @@ fasttext-wheel 0.9.2's Python `predict` fails under NumPy 2 (`np.array(..., copy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,22 @@ class FastTextConfig:
     settings: FastTextSettings = field(default_factory=FastTextSettings)
 
 
+@contextlib.contextmanager
+def training_file():
+    """(a text file open for writing, the path fastText reads it by): on Linux a file with no name in the temporary
+    folder, read through /proc/self/fd, so a fit killed (SIGKILL, a Slurm time limit) leaves nothing behind (a
+    named copy of the training texts, ~2 GB at 450k web documents, stayed per fit per kill); elsewhere a named
+    file in a folder removed after the fit."""
+    if os.path.isdir("/proc/self/fd"):
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as fh:
+            yield fh, f"/proc/self/fd/{fh.fileno()}"
+        return
+    with tempfile.TemporaryDirectory(prefix="edu-filter-fasttext-") as folder:
+        path = os.path.join(folder, "train.txt")
+        with open(path, "w", encoding="utf-8") as fh:
+            yield fh, path
+
+
 class FastTextRegressor:
     def __init__(self, model, config: FastTextConfig):
         self.model = model
@@ -74,13 +91,12 @@ class FastTextRegressor:
         import fasttext
 
         int_labels = to_int_scores(labels)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "train.txt"
-            with open(path, "w", encoding="utf-8") as fh:
-                for text, label in zip(texts, int_labels):
-                    fh.write(f"{LABEL_PREFIX}{label} {fasttext_line(text[: settings.max_chars])}\n")
+        with training_file() as (fh, path):
+            for text, label in zip(texts, int_labels):
+                fh.write(f"{LABEL_PREFIX}{label} {fasttext_line(text[: settings.max_chars])}\n")
+            fh.flush()
             model = fasttext.train_supervised(
-                input=str(path), epoch=settings.epoch, lr=settings.lr, wordNgrams=settings.word_ngrams,
+                input=path, epoch=settings.epoch, lr=settings.lr, wordNgrams=settings.word_ngrams,
                 dim=settings.dim, bucket=settings.bucket, minCount=settings.min_count, seed=settings.seed, thread=1,
                 verbose=0,
             )

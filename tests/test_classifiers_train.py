@@ -144,6 +144,41 @@ def test_a_text_labelled_twice_is_never_on_both_sides_of_a_split(tmp_path, capsy
         "train_rows_in_val"] == 2 * len(rows) + 100  # the rows of DATA and of --val
 
 
+def test_a_fasttext_fit_killed_midway_leaves_no_training_file_behind(tmp_path):
+    """Each fit wrote a named copy of its training texts in the temporary folder (~2 GB at 450k web documents, up to
+    six fits at once): a kill (SIGKILL, a Slurm time limit) left them all there. The file has no name now."""
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    fit = ("import sys, numpy as np\n"
+           "from edu_filter.classifiers.fasttext_model import FastTextRegressor, FastTextSettings\n"
+           "from edu_filter.documents import read_documents\n"
+           "rows = read_documents([sys.argv[1]], label_field='score') * 10\n"
+           "FastTextRegressor.train([r['text'] for r in rows], np.array([r['label'] for r in rows]), "
+           "FastTextSettings())\n")
+    run = subprocess.Popen([sys.executable, "-c", fit, str(WEB_TRAIN)], env={**os.environ, "TMPDIR": str(tmp)})
+
+    def files_open_in_tmp() -> list[str]:
+        links = []
+        for fd in Path(f"/proc/{run.pid}/fd").glob("*"):
+            try:
+                links.append(os.readlink(fd))
+            except OSError:
+                pass
+        return [link for link in links if link.startswith(str(tmp))]
+
+    deadline = time.monotonic() + 120
+    while run.poll() is None and not files_open_in_tmp() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # written some
+    assert run.poll() is None and files_open_in_tmp(), "the fit ended, or never opened its training file"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert list(tmp.rglob("*")) == []
+
+
 def test_fasttext_predict_matches_label_probabilities(tmp_path):
     """The expected value equals sum(p_k * k) from fastText's own probabilities."""
     from edu_filter.classifiers.fasttext_model import FastTextRegressor, FastTextSettings, fasttext_line
