@@ -522,7 +522,10 @@ class EduScorer(Scorer):
             except ValueError:  # an architecture without SDPA support
                 model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length)
+            # what its positions read (a RoBERTa-family 514 reads 512: with a tokenizer that names no length, 514
+            # was taken, and every long document failed its task)
+            saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length,
+                               readable_tokens(config, tokenizer))
         if model.config.num_labels != 1:
             raise ValueError(f"{folder}: expected a regression model with one logit, got {model.config.num_labels}")
         if max_length is not None and max_length > (limit := readable_tokens(config, tokenizer)):

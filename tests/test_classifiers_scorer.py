@@ -121,6 +121,24 @@ def test_a_max_length_past_the_models_positions_is_refused_at_load_also_for_a_hu
     assert readable_tokens({"model_type": "bert", "max_position_embeddings": 512}, tokenizer) == 512
 
 
+def test_a_stock_roberta_classifier_whose_tokenizer_names_no_length_reads_what_its_positions_allow(tmp_path,
+                                                                                                   minilm_path):
+    """A one-logit RoBERTa from the hub whose tokenizer names no model_max_length: 514 tokens were read, past its
+    position table, and every document longer than 512 tokens failed its scoring task."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer.model_max_length = int(1e30)  # what transformers gives a tokenizer that names none
+    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=514, pad_token_id=1, num_labels=1)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    scorer = load_scorer(tmp_path / "roberta")
+    assert scorer.max_length == 512
+    scores, truncated = scorer.predict(["word " * 2000, "short"])
+    assert np.isfinite(scores).all() and truncated.tolist() == [True, False]
+
+
 ASKS_THE_HUB = """
 import sys
 from datatrove.data import Document
