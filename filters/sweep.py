@@ -540,7 +540,11 @@ def model_cut_points(paths: list[str]) -> tuple[list[float] | None, str | None]:
                     cuts = json.loads(config.read_text()).get("cut_points")
                 except (OSError, ValueError):
                     continue
-                return (list(map(float, cuts)) if cuts else list(ROUND_CUTS)), str(model)
+                if cuts:
+                    return list(map(float, cuts)), str(model)
+                # apply scored it with FineWeb-Edu's round(): a half goes to the even integer (2.5 is a 2, 3.5 a 4),
+                # which the cut points 0.5 ... 4.5 alone would misstate
+                return list(ROUND_CUTS), f"{model} (saved without cut points: its score rounded, a half to even)"
     return None, None
 
 

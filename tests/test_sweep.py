@@ -118,6 +118,8 @@ def test_a_model_saved_without_cut_points_is_round_and_clip(tmp_path):
     (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
     result = run_sweep([str(fake_apply_output(tmp_path, scored_rows(50), model))], tmp_path / "sw", show=False)
     assert result["cut_points"] == [0.5, 1.5, 2.5, 3.5, 4.5]
+    # apply scored it with round(): 2.5 is a 2 there, which the cut points alone (score >= 2.5 is 3) misstate
+    assert result["cut_points_from"] == f"model {model} (saved without cut points: its score rounded, a half to even)"
 
 
 def test_without_a_model_the_cut_points_come_from_the_data(tmp_path):
