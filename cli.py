@@ -336,20 +336,10 @@ def score(
     device: Optional[str] = typer.Option(SCORE.device, help="transformers: cpu, cuda... (default: cuda when available)."),
 ):
     """Annotate documents 0-5 with an LLM and the FineWeb-Edu / Python-Edu rubric (resumable)."""
-    if show_prompt is not None:
-        given = [name for name in ctx.params if name != "show_prompt"
-                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-        if given:
-            raise InputError("--show-prompt prints a prompt and exits: give it alone, without "
-                             + ", ".join("DATA" if name == "data" else "--" + name.replace("_", "-") for name in given))
-        from edu_filter.annotate.prompts import show_prompt as print_prompt
+    from edu_filter.annotate.score import score_command
 
-        print_prompt(show_prompt)
-        return
-    if not data or output is None:
-        raise InputError("give input DATA and -o OUTPUT (or --show-prompt NAME)")
-    from edu_filter.annotate.score import score_documents
-
+    given = [name for name in ctx.params if name != "show_prompt"
+             and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
     config = ScoreConfig(
         prompt=prompt, backend=backend, model=model, base_url=base_url, api=api, api_key_env=api_key_env,
         concurrency=concurrency, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
@@ -359,7 +349,7 @@ def score(
         max_model_len=max_model_len, tensor_parallel=tensor_parallel, server_script=server_script,
         server_args=server_arg, device=device,
     )
-    score_documents(data, output, config)
+    score_command(data, output, config, show_prompt=show_prompt, given=given)
 
 
 @command()

@@ -1385,8 +1385,9 @@ def row_weights(rows: list[dict], weight_field: str | None, required: bool = Fal
     missing = sum(v is None for v in values)
     if missing == len(values):
         if required and rows:
-            raise InputError(f"--weight-field {weight_field!r}: no row has it (fields: "
-                             f"{', '.join(sorted({k for r in rows[:1000] for k in r}))})")
+            # the rows hold only what the command reads (the label under `label`): their fields would mislead
+            raise InputError(f"--weight-field {weight_field!r}: no row has it (`score --select active` writes "
+                             f"inclusion weights as '{WEIGHT_FIELD}'; --weight-field none reads none)")
         return None
     if missing:
         raise InputError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "

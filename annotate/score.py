@@ -211,6 +211,9 @@ class ScoreConfig:
         default = ScoreConfig()
         uses = (
             ("rounds", "--rounds", self.select == "active", "--select active"),
+            # drawing a sample, choosing one, a local model's sampling: an API server is sent no seed
+            ("seed", "--seed", self.sample is not None or self.backend == "transformers",
+             "--sample or --backend transformers"),
             ("seed_size", "--seed-size", self.select == "active", "--select active"),
             ("kind", "--kind", self.select == "active", "--select active"),
             ("encoder", "--encoder", self.select == "active", "--select active"),
@@ -898,6 +901,24 @@ class ScoreOutput:
             self.file.close()
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
+
+
+def score_command(inputs: list[str] | None, output: str | os.PathLike | None, config: ScoreConfig,
+                  show_prompt: str | None = None, given: Iterable[str] = ()) -> ScoreSummary | None:
+    """`edu-filter score`: prints the prompt `show_prompt` names, which is given alone (`given`: the other options
+    given, by parameter name), or scores `inputs` into `output` (`score_documents`)."""
+    if show_prompt is not None:
+        given = list(given)
+        if given:
+            raise InputError("--show-prompt prints a prompt and exits: give it alone, without "
+                             + ", ".join("DATA" if name == "data" else "--" + name.replace("_", "-") for name in given))
+        from edu_filter.annotate.prompts import show_prompt as print_prompt
+
+        print_prompt(show_prompt)
+        return None
+    if not inputs or output is None:
+        raise InputError("give input DATA and -o OUTPUT (or --show-prompt NAME)")
+    return score_documents(inputs, output, config)
 
 
 def score_documents(

@@ -937,6 +937,9 @@ def run_apply(
     refuse_other_executors_options(executor, slurm, ray)
     if executor != "slurm" and wait:
         raise InputError("--wait follows a Slurm chain; local and Ray runs always wait")
+    if executor == "slurm" and verbose:  # heard nowhere: the jobs log on the cluster's nodes
+        raise InputError("--verbose shows a local or Ray run's datatrove logs as it goes; a Slurm chain's tasks log "
+                         "in OUT/logs on the nodes (`edu-filter status OUT` says how it goes)")
     if push_to_hub and executor == "slurm" and not wait:
         raise InputError("--push-to-hub uploads the finished dataset: with Slurm it needs --wait")
     if slurm is not None and slurm.dry_run and wait:  # exited 0 having followed and uploaded nothing

@@ -269,7 +269,8 @@ def test_missing_model_is_refused_by_evaluate_apply_and_score(files, minilm_path
                          (broken, "not a fastText model, or cut short")):
         refused(["evaluate", folder, CODE_LABELS], f"MODEL {folder}", said)
     # a named weight field no row has: evaluated unweighted, an active sample's bias kept
-    refused(["evaluate", fasttext_model, CODE_LABELS, "--weight-field", "wt"], "--weight-field 'wt': no row has it")
+    refused(["evaluate", fasttext_model, CODE_LABELS, "--weight-field", "wt"], "--weight-field 'wt': no row has it "
+            "(`score --select active` writes inclusion weights as 'weight'")
 
 
 # --- sweep's label field -----------------------------------------------------------------------------------------
@@ -295,6 +296,9 @@ def test_sweep_takes_comma_separated_thresholds(files):
 @pytest.mark.parametrize("options, fragments", [
     (["--dry-run"], ("--dry-run is an option of --executor slurm", "this run uses --executor local")),
     (["--wait"], ("--wait", "Slurm")),
+    # the jobs log on the cluster's nodes: heard nowhere
+    (["--executor", "slurm", "--slurm-partition", "p", "--dry-run", "--verbose"],
+     ("--verbose shows a local or Ray run's datatrove logs", "edu-filter status OUT")),
     # a run meant for the cluster's GPUs would otherwise score on this machine's CPUs, the options ignored unseen
     (["--slurm-gpus", "1", "--slurm-partition", "gpu"], ("--slurm-partition, --slurm-gpus are options of --executor "
                                                          "slurm", "leave them out")),
@@ -443,6 +447,9 @@ def test_score_options_this_run_would_not_read_are_refused(files):
     refused([*base, "--tensor-parallel", "4", "--device", "cuda"], "--tensor-parallel, --device are only read with "
             "--backend transformers or --backend vllm or sglang", absent=(out.parent,))
     refused([*base, "--server-arg", "x=1"], "--server-arg is only read with --backend vllm, sglang or script",
+            absent=(out.parent,))
+    # an API server is sent no seed: recorded in provenance, it claimed reproducible answers it never asked for
+    refused([*base[:-2], "--seed", "7"], "--seed is only read with --sample or --backend transformers",
             absent=(out.parent,))
 
 
