@@ -692,6 +692,24 @@ def quick_head(out: Path, encoder: str, cache_dir: Path, **kwargs) -> dict:
                             learning_curve=False, cache_dir=str(cache_dir), val_fraction=0.2, **kwargs)
 
 
+def test_a_model_whose_learning_curve_was_cut_short_is_said_to_be_finished(tmp_path):
+    """A run stopped during its learning curve (hours at 450k labels) leaves a saved, usable model: the same command
+    was refused as for any model, which read as if the training had been lost."""
+    from edu_filter.train.classifier import check_output
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    metrics = {"mse": 0.5, "training": {"config": {"learning_curve": True}}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="holds a finished model whose learning curve was cut short .* usable"):
+        check_output(out, overwrite=False)
+    (out / "metrics.json").write_text(json.dumps({**metrics, "learning_curve": {"points": []}}))
+    with pytest.raises(ValueError, match="already holds a model; give --overwrite"):
+        check_output(out, overwrite=False)
+    check_output(out, overwrite=True)
+
+
 @pytest.mark.slow
 def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_old_file(
     tmp_path, minilm_path, embedding_cache_dir

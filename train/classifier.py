@@ -192,6 +192,17 @@ def save_whole(output: Path, write: Callable[[Path], None]) -> None:
     synced(output, files=False)
 
 
+def _curve_cut_short(output: Path) -> bool:
+    """Whether `output`'s model was saved by a run asked for a learning curve that it never wrote (stopped during
+    the curve: hours at 450k labels, after the model and its metrics)."""
+    try:
+        metrics = json.loads((output / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    asked = metrics.get("training", {}).get("config", {}).get("learning_curve")
+    return bool(asked) and "learning_curve" not in metrics
+
+
 def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """An absent or empty folder is fine; one holding a model only with `overwrite`, and one holding anything else
     never (overwrite replaces a model folder, it does not empty any folder it is pointed at: the labels kept beside
@@ -209,6 +220,10 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLi
         names = ", ".join(sorted(p.name for p in entries)[:3])
         raise ValueError(f"{output} is not empty and holds no model ({names}); give an empty or new folder")
     if not overwrite:
+        if _curve_cut_short(output):
+            raise ValueError(f"{output} holds a finished model whose learning curve was cut short (the run stopped "
+                             "after saving the model: it is usable as it is); --overwrite trains it again, curve "
+                             "included, or give another folder")
         raise ValueError(f"{output} already holds a model; give --overwrite to replace it, or another folder")
     other = sorted(p.name + "/" * p.is_dir() for p in entries if p.is_dir() or not MODEL_FILE.fullmatch(p.name))
     if other:
