@@ -119,7 +119,8 @@ def text_hash(text: str) -> int:
 
 def _encode_batch(texts: list[str], tokenizer, eos_id: int) -> Iterator[tuple[str, np.ndarray]]:
     # a document's own "<|endoftext|>" (tokenizer code, ML tutorials) is text, not the separator: encoded as one,
-    # it ended the document mid-way for the model
+    # it ended the document mid-way for the model. Not in the tokenizer key: packings made before are reused as
+    # they are (an ablation resumed across the change keeps its runs; only such rare documents differ)
     encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for text, ids in zip(texts, encoded):
         yield text, np.asarray([*ids, eos_id], dtype=np.int64)
@@ -364,8 +365,7 @@ def tokenizer_key(tokenizer) -> str:
         spec.pop("padding", None)
     except Exception:  # noqa: BLE001 - no fast backend, or one with custom Python parts: the vocabulary alone
         spec = sorted(tokenizer.get_vocab().items())
-    # special-token text in documents encoded as text (before: as the token; such packings are made again)
-    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer), "special_tokens_in_text": "split"}
+    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
