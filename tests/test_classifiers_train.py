@@ -272,6 +272,36 @@ def test_fine_tuning_holds_token_ids_packed(minilm_path):
     assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == scorer.token_sequences(texts)
 
 
+def test_a_sigterm_during_a_validation_pass_stops_it_within_a_window(minilm_path, monkeypatch):
+    """The validation pass inside the fine-tuning loop ran whole before the loop looked at SIGTERM: minutes on a
+    large split, past the 30 s Slurm grants before SIGKILL, and the checkpoint of the step was never saved."""
+    import threading
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
+    from edu_filter.classifiers.scorer import EduScorer
+    from edu_filter.train import finetune
+
+    encoder = AutoModel.from_pretrained(minilm_path)
+    model = EduClassifierForSequenceClassification(EduClassifierConfig(encoder_config=encoder.config.to_dict()), encoder)
+    scorer = EduScorer(model.eval(), AutoTokenizer.from_pretrained(minilm_path), max_length=16)
+    texts = [f"document number {i}" for i in range(10)]
+    monkeypatch.setattr(finetune, "VALIDATION_WINDOW", 4)
+    stop, windows = threading.Event(), []
+    score = scorer.predict_many
+
+    def scored_then_stopped(batch, *args, **kwargs):  # a SIGTERM arriving while the first window is scored
+        windows.append(len(batch))
+        stop.set()
+        return score(batch, *args, **kwargs)
+
+    whole = finetune._scores_unless_stopped(scorer, texts, threading.Event())
+    assert np.allclose(whole, score(texts)[0], atol=1e-5)
+    monkeypatch.setattr(scorer, "predict_many", scored_then_stopped)
+    assert finetune._scores_unless_stopped(scorer, texts, stop) is None and windows == [4]
+
+
 def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(tmp_path, minilm_path):
     """On a GPU the encoder computes in bfloat16 while training (as apply scores there); on a CPU it may be asked
     for. Its vectors are close to float32's but cached apart, fine-tuning trains under autocast, and the saved

@@ -252,15 +252,16 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=value)
-                if step in evaluated_at:
+                if step in evaluated_at and not stop.is_set():
                     val_texts, y_val, w_val = validation
                     model.eval()
                     with autocast():
-                        predictions, _ = scorer.predict_many(val_texts)
+                        predictions = _scores_unless_stopped(scorer, val_texts, stop)
                     model.train()
-                    history.append(validation_point(step, predictions, y_val, w_val))
-                    progress.update(task, validation=_shown(history[-1]))
-                    console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
+                    if predictions is not None:  # SIGTERM came: the checkpoint first (Slurm's SIGKILL follows)
+                        history.append(validation_point(step, predictions, y_val, w_val))
+                        progress.update(task, validation=_shown(history[-1]))
+                        console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
                 if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
                         _save(checkpoint, model, optimizer, schedule, step, device, history, measured_on)
@@ -274,6 +275,20 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                     raise SystemExit(128 + signal.SIGTERM)
     model.eval()
     return history
+
+
+VALIDATION_WINDOW = 1024  # validation documents scored between two looks for a SIGTERM
+
+
+def _scores_unless_stopped(scorer, texts: list[str], stop) -> np.ndarray | None:
+    """The model's scores of `texts`, a window at a time; None once `stop` is set (a validation split of 45k documents
+    takes minutes, past the 30 s a Slurm job has between SIGTERM and SIGKILL to save its checkpoint)."""
+    parts = []
+    for start in range(0, len(texts), VALIDATION_WINDOW):
+        if stop.is_set():
+            return None
+        parts.append(scorer.predict_many(texts[start:start + VALIDATION_WINDOW])[0])
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _shown(point: dict) -> str:
