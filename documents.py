@@ -791,12 +791,13 @@ def iter_documents(
     id_field: str = "id",
     label_field: str | None = None,
     require_label: bool | str = False,
+    blank_ok: bool = False,
 ) -> Iterator[dict]:
     """`read_documents`, one row at a time: only the current row (and a Parquet record batch) is held."""
     files = expand_paths(paths)
     for path, name in zip(files, default_id_names(files)):
         for lineno, row in iter_raw_rows(path, id_field):
-            yield _document(path, lineno, row, text_field, id_field, label_field, require_label, name)
+            yield _document(path, lineno, row, text_field, id_field, label_field, require_label, name, blank_ok)
 
 
 def printable_name(name: str) -> str:
@@ -842,12 +843,12 @@ def id_text(value) -> str:
 
 
 def _document(path: str, lineno: int, row: dict, text_field: str, id_field: str, label_field: str | None = None,
-              require_label: bool | str = False, name: str | None = None) -> dict:
+              require_label: bool | str = False, name: str | None = None, blank_ok: bool = False) -> dict:
     """One input row as a document (`id`, `text`, the label under `label`), or an error naming file and line. A
-    text that is empty or only whitespace is an error, as apply fails it (no_text): score paid for an answer on
-    it, train and evaluate counted a document apply never scores."""
+    text that is empty or only whitespace is an error unless `blank_ok`, as apply fails it (no_text): score paid for
+    an answer on it (`read_labelled` leaves such rows out, counted)."""
     text = row_text(path, lineno, row, text_field)
-    if not text.strip():
+    if not blank_ok and not text.strip():
         raise DocumentError(f"{path}:{lineno}: field '{text_field}' is empty" if not text else
                             f"{path}:{lineno}: field '{text_field}' holds only whitespace")
     doc = dict(row)
@@ -906,6 +907,7 @@ def read_documents(
     require_label: bool | str = False,
     limit: int | None = None,
     fields: Iterable[str] | None = None,
+    blank_ok: bool = False,
 ) -> list[dict]:
     """Rows with `id`, `text` (and the label under `label` when label_field is given), with all their other fields
     or, given `fields`, only those (what is not read later need not be held).
@@ -916,7 +918,7 @@ def read_documents(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
-    rows = itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label), limit)
+    rows = itertools.islice(iter_documents(paths, text_field, id_field, label_field, require_label, blank_ok), limit)
     if fields is None:
         return list(rows)
     kept = {"id", "text", "label", *fields}
@@ -935,15 +937,27 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
     from collections import Counter
 
     rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
-                          limit=limit, fields=["error", *fields, *([weight_field] if weight_field else [])])
+                          limit=limit, fields=["error", *fields, *([weight_field] if weight_field else [])],
+                          blank_ok=True)
+    # an empty text (in annotations written before `score` refused it) teaches nothing apply will see: it fails them
+    blank = sum(not r["text"].strip() for r in rows)
+    if blank:
+        if blank == len(rows):
+            raise DocumentError(f"{what}: every row's text is empty: nothing to learn from")
+        rows = [r for r in rows if r["text"].strip()]
+        if console is not None:
+            console.print(f"[yellow]{what}: {blank} rows with an empty text left out (apply fails such documents as "
+                          "no_text)[/]")
+    left = {EMPTY_TEXT: blank} if blank else {}
     failed = [r for r in rows if "label" not in r]
     if not failed:
-        return rows, {}
+        return rows, left
     reasons = Counter(one_line(str(r["error"]), 60) for r in failed)
     listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3)) + ("; ..." if len(reasons) > 3
                                                                                        else "")
     if len(failed) == len(rows):
         raise DocumentError(f"{what}: the LLM annotation of every row failed ({listed}): nothing to learn from")
+    reasons.update(left)
     if console is not None:
         weighted = weight_field is not None and any(r.get(weight_field) is not None for r in failed)
         console.print(f"[yellow]{what}: {len(failed)} of {len(rows)} rows left out, their LLM annotation failed "
@@ -951,6 +965,8 @@ def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: i
                                        else "") + "[/]")
     return [r for r in rows if "label" in r], dict(reasons)
 
+
+EMPTY_TEXT = "empty text"  # a reason `read_labelled` leaves a row out for
 
 NESTED_SAMPLER = "nested-2"  # `sample_documents`: a larger sample holds every smaller one of the same seed
 POSITION_SAMPLER = "nested-1"  # before: a stream's rows drawn by position (a row removed redrew most of the sample)

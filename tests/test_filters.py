@@ -552,6 +552,13 @@ def test_bad_rows_become_marked_documents_naming_file_and_line(tmp_path):
                                              + json.dumps({"id": "y", "text": text}) + "\n")
         with pytest.raises(DocumentError, match=f"blank.jsonl:2: field 'text' {said}"):
             read_documents([str(tmp_path / "blank.jsonl")])
+    # annotations written before score refused them: train and evaluate leave them out, counted, not stopped at
+    from edu_filter.documents import read_labelled
+
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "a", "text": "a page about cells", "score": 3}, {"id": "b", "text": " ", "score": 0})))
+    rows, left_out = read_labelled([str(tmp_path / "labels.jsonl")], "score")
+    assert [r["id"] for r in rows] == ["a"] and left_out == {"empty text": 1}
 
 
 def test_parquet_text_stored_as_binary_is_read_and_a_null_one_is_said_null(tmp_path):
