@@ -135,6 +135,11 @@ def first_missing(path) -> Path | None:
     return missing
 
 
+def run_lock(name: str) -> bool:
+    """A lock file a run held while writing its output (`documents.writing_alone`, `.OUTPUT.lock`): not its work."""
+    return name.startswith(".") and name.endswith(".lock")
+
+
 def remove_created(paths: list[Path]) -> None:
     """Remove what a command refused for bad input created anyway: only paths that did not exist when it began."""
     import shutil
@@ -166,8 +171,8 @@ def command(*args, **kwargs):
                 if isinstance(e, InputError):  # found before any work, or after work saved for a rerun
                     remove_created([path for path in new if not saved_work_under(path)])
                 elif status == EXIT_BAD_INPUT:  # a bad value found by a library, maybe after work: folders only
-                    remove_created([path for path in new if path.is_dir() and not any(
-                        files for _, _, files in os.walk(path))])  # where nothing was written yet
+                    remove_created([path for path in new if path.is_dir() and not any(  # nothing written yet
+                        name for _, _, files in os.walk(path) for name in files if not run_lock(name))])
                 typer.secho(f"error: {error_line(e)}", fg=typer.colors.RED, err=True)
                 raise typer.Exit(status) from None
 

@@ -50,7 +50,7 @@ from edu_filter.ablate.pretrain import (
     pretrain,
 )
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
-from edu_filter.documents import (InputError, check_writable_output, expand_paths, holds_saved_work,
+from edu_filter.documents import (InputError, check_writable_output, expand_paths, holds_saved_work, writing_alone,
                                   logged_progress, stop_requested)
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
@@ -141,6 +141,28 @@ def _run_seed(folder: Path) -> int | None:
     return record.get("config", {}).get("seed")
 
 
+def written_alone(run: Callable) -> Callable:
+    """`run(data, output, ...)` with its output folder held by its first process (`RANK` 0, or no torchrun) for the
+    whole run: a second ablation into it (a job resubmitted while the first runs) rewrote token files the first had
+    mapped, which died of SIGBUS with no word, or both trained the same runs. The second is refused naming the first."""
+    import functools
+
+    @functools.wraps(run)
+    def alone(data, output, *args, **kwargs):
+        if os.environ.get("RANK", "0") != "0":
+            return run(data, output, *args, **kwargs)
+        out = Path(output)
+        check_writable_output(out, "-o/--output", folder=True)
+        with writing_alone(out, lock=out / ABLATION_LOCK):
+            return run(data, output, *args, **kwargs)
+
+    return alone
+
+
+ABLATION_LOCK = ".ablate.lock"
+
+
+@written_alone
 def ablate(
     data: list[str],
     output: str | Path,

@@ -189,6 +189,21 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
         assert not (tmp_path / "d").exists()
 
 
+def test_a_second_ablation_into_a_folder_being_written_is_refused_naming_the_first(tmp_path):
+    """Two ablations into one folder (a job resubmitted while the first runs) both packed and trained: the second
+    rewrote token files the first had mapped, and the first died of SIGBUS with no word."""
+    from edu_filter.ablate.ablation import ABLATION_LOCK, ablate
+    from edu_filter.documents import RunError, writing_alone
+
+    out = tmp_path / "abl"
+    out.mkdir()
+    with writing_alone(out, lock=out / ABLATION_LOCK):  # the first run, holding it
+        with pytest.raises(RunError, match=re.escape(f"-o/--output {out} is being written by another run (process "
+                                                     f"{os.getpid()}")):
+            ablate([f"a={WEB_TRAIN}"], out, preset="tiny", tokens=1000)
+    assert [p.name for p in out.iterdir()] == [ABLATION_LOCK]  # nothing of the second's
+
+
 def test_a_bad_row_met_while_packing_leaves_the_packed_tokens(ablation, inputs, tmp_path):
     """A bad row found hours into packing is bad input (exit 2), but the output then holds real work: it was removed
     as a half-made output, the tokens of every dataset packed before it with it. A bad row before any dataset is

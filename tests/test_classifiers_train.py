@@ -722,6 +722,22 @@ def quick_head(out: Path, encoder: str, cache_dir: Path, **kwargs) -> dict:
                             learning_curve=False, cache_dir=str(cache_dir), val_fraction=0.2, **kwargs)
 
 
+def test_a_second_train_into_a_folder_being_written_is_refused_naming_the_first(tmp_path):
+    """Two runs into one -o (a job resubmitted while the first runs): the second replaced the first's model, and the
+    first, ending its learning curve, wrote its metrics, card and provenance beside the other's weights."""
+    import re
+
+    from edu_filter.documents import RunError, writing_alone
+    from edu_filter.train.classifier import train_classifier
+
+    out = tmp_path / "model"
+    with writing_alone(out):  # the first run, holding it
+        with pytest.raises(RunError, match=re.escape(f"-o/--output {out} is being written by another run (process "
+                                                     f"{os.getpid()}")):
+            train_classifier([str(CODE_LABELS)], out, kind="code", method="fasttext", limit=40)
+    assert not out.exists()
+
+
 def test_a_model_whose_learning_curve_was_cut_short_is_said_to_be_finished(tmp_path):
     """A run stopped during its learning curve (hours at 450k labels) leaves a saved, usable model: the same command
     was refused as for any model, which read as if the training had been lost."""

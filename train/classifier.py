@@ -59,6 +59,7 @@ from edu_filter.documents import (
     text_hash,
     weight_summary,
     write_json_whole,
+    writing_alone,
 )
 
 METHODS = ("head", "finetune", "fasttext")
@@ -346,120 +347,125 @@ def train_classifier(
         check_named_path(cfg.encoder, "--encoder")
     output = Path(output)
     check_writable_output(output, "-o/--output")
-    check_output(output, overwrite, [*data, *(val or [])])
-    check_cache_outside(cfg, output)
-    check_not_empty(data, "DATA")
-    if val:
-        check_not_empty(val, "--val")
-    if push_to_hub:
-        provenance.check_can_push(push_to_hub)
-    annotation = ("model", "annotator", "prompt")  # what label_source reads
-    rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
-                                   annotation)
-    labelled = list(rows)  # every label read, for who labelled them
-    rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field, cfg.weight_field != WEIGHT_FIELD),
-                                         "DATA")
-    merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
-    if val:
-        val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
-                                               cfg.weight_field, annotation)
-        left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
-        labelled += val_rows
-        read_val = len(val_rows)
-        val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
-        merged += read_val - len(val_rows)
-        held = {repeat_key(r["text"]) for r in val_rows}
-        kept = [i for i, r in enumerate(rows) if repeat_key(r["text"]) not in held]
-        in_val = len(rows) - len(kept)
-        if len(kept) < len(rows):
-            console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
-                          "training, so the validation metrics are of documents the model did not see[/]")
-        train_rows, w_train = [rows[i] for i in kept], None if weights is None else weights[kept]
-    else:
-        labels = np.array([r["label"] for r in rows])
-        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
-        train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
-        w_train, w_val = (None, None) if weights is None else (weights[train_idx], weights[val_idx])
-    inputs = provenance.describe_inputs({"train": data, "validation": val})  # the content just read
-    if len(train_rows) < 2 * cfg.folds or not val_rows:
-        raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
-                         f"{len(train_rows)} and {len(val_rows)}")
-    train_texts, y_train = [r["text"] for r in train_rows], np.array([r["label"] for r in train_rows])
-    val_texts, y_val = [r["text"] for r in val_rows], np.array([r["label"] for r in val_rows])
-    weighted = " (weighted by the sample's inclusion weights)" if w_train is not None else ""
-    console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on "
-                  f"{len(val_rows)}{weighted}")
+    # held to the end: a second run into the same folder (a job resubmitted while the first runs) replaced the
+    # first's model while the first, in its learning curve, then wrote its metrics and card beside the other's
+    with writing_alone(output):
+        check_output(output, overwrite, [*data, *(val or [])])
+        check_cache_outside(cfg, output)
+        check_not_empty(data, "DATA")
+        if val:
+            check_not_empty(val, "--val")
+        if push_to_hub:
+            provenance.check_can_push(push_to_hub)
+        annotation = ("model", "annotator", "prompt")  # what label_source reads
+        rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
+                                       annotation)
+        labelled = list(rows)  # every label read, for who labelled them
+        required = cfg.weight_field != WEIGHT_FIELD
+        rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field, required), "DATA")
+        merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
+        if val:
+            val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
+                                                   cfg.weight_field, annotation)
+            left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
+            labelled += val_rows
+            read_val = len(val_rows)
+            val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
+            merged += read_val - len(val_rows)
+            held = {repeat_key(r["text"]) for r in val_rows}
+            kept = [i for i, r in enumerate(rows) if repeat_key(r["text"]) not in held]
+            in_val = len(rows) - len(kept)
+            if len(kept) < len(rows):
+                console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
+                              "training, so the validation metrics are of documents the model did not see[/]")
+            train_rows, w_train = [rows[i] for i in kept], None if weights is None else weights[kept]
+        else:
+            labels = np.array([r["label"] for r in rows])
+            train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
+            train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+            w_train, w_val = (None, None) if weights is None else (weights[train_idx], weights[val_idx])
+        inputs = provenance.describe_inputs({"train": data, "validation": val})  # the content just read
+        if len(train_rows) < 2 * cfg.folds or not val_rows:
+            raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
+                             f"{len(train_rows)} and {len(val_rows)}")
+        train_texts, y_train = [r["text"] for r in train_rows], np.array([r["label"] for r in train_rows])
+        val_texts, y_val = [r["text"] for r in val_rows], np.array([r["label"] for r in val_rows])
+        weighted = " (weighted by the sample's inclusion weights)" if w_train is not None else ""
+        console.print(f"training {cfg.method} ({cfg.kind}) on {len(train_rows)} documents, validating on "
+                      f"{len(val_rows)}{weighted}")
 
-    trained = train_method(cfg, train_texts, y_train, val_texts, w_train, y_val, w_val)
-    val_pred, oof_pred, info = trained.val_pred, trained.oof_pred, trained.info
-    for what, predictions in (("validation", val_pred), ("out-of-fold training", oof_pred)):
-        if predictions is not None and not np.isfinite(predictions).all():  # NaN cut points: apply removes all
-            raise RunError(f"the trained model gives {np.count_nonzero(~np.isfinite(predictions)):,} of "
-                           f"{len(predictions):,} {what} documents a score that is not a number: training diverged "
-                           "(a lower --learning-rate, or --dtype float32); nothing was saved")
-    calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
-    calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
-    calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
-    cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
-    trained.model.config.cut_points = cut_points
-    save_whole(output, lambda folder: save_model(trained, folder))
+        trained = train_method(cfg, train_texts, y_train, val_texts, w_train, y_val, w_val)
+        val_pred, oof_pred, info = trained.val_pred, trained.oof_pred, trained.info
+        for what, predictions in (("validation", val_pred), ("out-of-fold training", oof_pred)):
+            if predictions is not None and not np.isfinite(predictions).all():  # NaN cut points: apply removes all
+                raise RunError(f"the trained model gives {np.count_nonzero(~np.isfinite(predictions)):,} of "
+                               f"{len(predictions):,} {what} documents a score that is not a number: training diverged "
+                               "(a lower --learning-rate, or --dtype float32); nothing was saved")
+        calib_scores = val_pred if oof_pred is None else np.concatenate([val_pred, oof_pred])
+        calib_labels = y_val if oof_pred is None else np.concatenate([y_val, y_train])
+        calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
+        cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
+        trained.model.config.cut_points = cut_points
+        save_whole(output, lambda folder: save_model(trained, folder))
 
-    metrics = compute_metrics(y_val, val_pred, _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train,
-                                                                     cfg), weights=w_val)
-    metrics["warnings"] = metric_warnings(metrics, y_val, cfg.kind)
-    if "encoder" in info:
-        inputs.append(provenance.describe_input("encoder", info["encoder"]))
-    config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
-    metrics["training"] = {
-        **info,
-        "base_model": encoder_hub_id(info["encoder"]) if "encoder" in info else None,
-        "config": config,
-        "data": [{k: e.get(k) for k in ("role", "path", "fingerprint")} for e in inputs],
-        "labels": label_source(labelled, label_field),
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
-        "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
-        "failed_annotations_left_out": left_out,  # --skip-failed: rows the LLM never labelled, by reason
-        # with n_train, n_val and the failed left out, every row read: n_train + n_val + these + failed
-        "repeated_texts_merged": merged, "train_rows_in_val": in_val,
-        "cut_points": cut_points,
-        "calibration_examples": int(len(calib_scores)),
-        # the metrics' own integer scores come from cut points fitted without the validation labels
-        "metric_cut_points": "out-of-fold training predictions" if oof_pred is not None else "the other half of "
-                             "the validation rows",
-    }
+        held_out = _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg)
+        metrics = compute_metrics(y_val, val_pred, held_out, weights=w_val)
+        metrics["warnings"] = metric_warnings(metrics, y_val, cfg.kind)
+        if "encoder" in info:
+            inputs.append(provenance.describe_input("encoder", info["encoder"]))
+        config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
+        metrics["training"] = {
+            **info,
+            "base_model": encoder_hub_id(info["encoder"]) if "encoder" in info else None,
+            "config": config,
+            "data": [{k: e.get(k) for k in ("role", "path", "fingerprint")} for e in inputs],
+            "labels": label_source(labelled, label_field),
+            "n_train": len(train_rows),
+            "n_val": len(val_rows),
+            "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
+            "failed_annotations_left_out": left_out,  # --skip-failed: rows the LLM never labelled, by reason
+            # with n_train, n_val and the failed left out, every row read: n_train + n_val + these + failed
+            "repeated_texts_merged": merged, "train_rows_in_val": in_val,
+            "cut_points": cut_points,
+            "calibration_examples": int(len(calib_scores)),
+            # the metrics' own integer scores come from cut points fitted without the validation labels
+            "metric_cut_points": "out-of-fold training predictions" if oof_pred is not None else "the other half of "
+                                 "the validation rows",
+        }
 
-    def write_record() -> None:
-        """metrics.json, the confusion matrix, provenance and the model card: written before the learning curve
-        (hours at 450k labels) and again with it, so a run killed during the curve leaves a finished model."""
-        write_json_whole(output / "metrics.json", metrics)
-        plot_confusion_matrix(metrics, output / "confusion_matrix.png", title=f"{cfg.kind} {cfg.method}: validation")
-        record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
-                                              inputs=inputs)
-        provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
+        def write_record() -> None:
+            """metrics.json, the confusion matrix, provenance and the model card: written before the learning curve
+            (hours at 450k labels) and again with it, so a run killed during the curve leaves a finished model."""
+            write_json_whole(output / "metrics.json", metrics)
+            plot_confusion_matrix(metrics, output / "confusion_matrix.png",
+                                  title=f"{cfg.kind} {cfg.method}: validation")
+            record = provenance.record_provenance(output, kind="classifier", settings={**config, "limit": limit},
+                                                  inputs=inputs)
+            provenance.write_model_card(output, metrics, json.loads(record.read_text()), repo_id=push_to_hub)
 
-    write_record()
-    if trained.checkpoint is not None:  # the model and its record are saved: nothing left to resume
-        from edu_filter.train.finetune import remove_checkpoint
-
-        remove_checkpoint(trained.checkpoint)
-    curve = None
-    if cfg.learning_curve:
-        # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
-        curve_rows = train_rows if val else train_rows + val_rows
-        curve_w = w_train if val or w_train is None else np.concatenate([w_train, w_val])
-        curve = _learning_curve(cfg, curve_rows, curve_w, trained)
-        metrics["learning_curve"] = curve
-        plot_learning_curve(curve, output / "learning_curve.png", title=f"{cfg.kind} {curve['model']}: learning curve")
         write_record()
-    print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
-    if curve is not None:
-        print_learning_curve(curve, title=f"learning curve ({curve['model']}, {curve['repeats']} x {curve['folds']}"
-                             f"-fold CV over {curve['total_labels']:,} labels)")
-    print_warnings(metrics["warnings"])
-    if push_to_hub:
-        console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
-    return metrics
+        if trained.checkpoint is not None:  # the model and its record are saved: nothing left to resume
+            from edu_filter.train.finetune import remove_checkpoint
+
+            remove_checkpoint(trained.checkpoint)
+        curve = None
+        if cfg.learning_curve:
+            # every label paid for: the training rows, plus the validation rows split off them (not a separate --val)
+            curve_rows = train_rows if val else train_rows + val_rows
+            curve_w = w_train if val or w_train is None else np.concatenate([w_train, w_val])
+            curve = _learning_curve(cfg, curve_rows, curve_w, trained)
+            metrics["learning_curve"] = curve
+            plot_learning_curve(curve, output / "learning_curve.png",
+                                title=f"{cfg.kind} {curve['model']}: learning curve")
+            write_record()
+        print_metrics(metrics, title=f"{output} — validation ({len(val_rows)} documents)")
+        if curve is not None:
+            print_learning_curve(curve, title=f"learning curve ({curve['model']}, {curve['repeats']} x {curve['folds']}"
+                                 f"-fold CV over {curve['total_labels']:,} labels)")
+        print_warnings(metrics["warnings"])
+        if push_to_hub:
+            console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
+        return metrics
 
 
 def train_method(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],
