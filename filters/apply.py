@@ -541,6 +541,8 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
                    stage_values: str | None = None, bucket_workers: int = 1) -> dict:
     """Record what this run is made of (and return it); a restart into the same folder must be made of the same
     things, its input split among the tasks the same way (`input_split`: see `filters.io.InputSplit`)."""
+    from edu_filter.filters.executors import refuse_tasks_left_running
+
     out = Path(cfg.output)
     if "://" in cfg.output:
         raise DocumentError(f"--output {cfg.output}: apply writes to a local or shared filesystem path")
@@ -553,6 +555,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
             what = ", ".join(strangers[:3]) or "a partial apply output"
             raise DocumentError(f"--output {out} is not empty and holds no apply run ({what}); give an empty or new "
                                 "folder" + ("" if strangers else ", or --overwrite"))
+        refuse_tasks_left_running(out)
         remove_outputs(out)
     current = run_record(cfg, files, used)
     if input_split:
@@ -576,6 +579,7 @@ def prepare_output(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[di
             if not changed and finished:  # the same run: it would have resumed
                 print(f"note: --overwrite starts over: the {finished} finished tasks of the run in {out}, made the "
                       "way this one is, are discarded (without --overwrite it resumes)", file=sys.stderr, flush=True)
+            refuse_tasks_left_running(out)
             remove_outputs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -537,10 +537,25 @@ def task_markers(folder) -> list[TaskMarker]:
 
 
 def forget_killed(logging_dir) -> None:
-    """Removes the `running/` files a killed earlier run left, before anyone watches this run's. A task of that run
-    still running on this machine (its run killed alone, its workers left) stops this one: both would write the
-    task's files at once. One naming this process is an earlier run's (no task of this one has started): in a
-    container each run is process 1, and a file of the previous release names no start time."""
+    """Removes the `running/` files a killed earlier run left, before anyone watches this run's (`refuse_live_tasks`
+    first)."""
+    refuse_live_tasks(logging_dir)
+    for name in logging_dir.list_files("running"):
+        with contextlib.suppress(FileNotFoundError):
+            logging_dir.rm(name)
+
+
+def refuse_tasks_left_running(out: Path) -> None:
+    """`refuse_live_tasks` of every stage of the run in `out`, before `--overwrite` removes its logs: the markers
+    went with them, and the workers a run killed alone left went on writing into the new run's output."""
+    for running in sorted((Path(out) / "logs").glob("*/running")):
+        refuse_live_tasks(get_datafolder(str(running.parent)))
+
+
+def refuse_live_tasks(logging_dir) -> None:
+    """A task of an earlier run still running on this machine (its run killed alone, its workers left) stops this
+    one: both would write the task's files at once. One naming this process is an earlier run's (no task of this one
+    has started): in a container each run is process 1, and a file of the previous release names no start time."""
     here = socket.gethostname()
     for marker in task_markers(logging_dir):
         if marker.host in (None, here) and marker.pid != os.getpid() and _runs_python(marker.pid, marker.started):
@@ -548,9 +563,6 @@ def forget_killed(logging_dir) -> None:
             raise RunError(f"task {marker.rank} of stage {stage} is still running in process {marker.pid}, left by "
                            f"an earlier run of this output that was stopped alone: stop it (kill {marker.pid}) or "
                            "let it finish, then run the same command again")
-    for name in logging_dir.list_files("running"):
-        with contextlib.suppress(FileNotFoundError):
-            logging_dir.rm(name)
 
 
 def _runs_python(pid: int, started: str | None = None) -> bool:

@@ -236,6 +236,10 @@ def test_a_run_stopped_alone_takes_its_workers_and_a_rerun_beside_left_ones_is_r
         res = run_cli(args)
         assert res.returncode == 1 and (f"task 1 of stage filter is still running in process {stand_in.pid}"
                                         in " ".join(res.stderr.split())), res.stderr[-3000:]
+        # --overwrite, the flag reached for after a crash, removed the logs (the markers with them) unlooked at
+        res = run_cli([*args, "--overwrite"])
+        assert res.returncode == 1 and (f"task 1 of stage filter is still running in process {stand_in.pid}"
+                                        in " ".join(res.stderr.split())), res.stderr[-3000:]
     finally:
         stand_in.kill()
         stand_in.wait()
