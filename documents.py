@@ -160,7 +160,9 @@ def held_alone(lock: Path, refusal: Callable[[str], str]) -> Iterator[OSError | 
 def writing_alone(output: Path, what: str = "-o/--output", lock: Path | None = None) -> Iterator[None]:
     """Held while a run writes `output` (a lock on `lock`, by default `.OUTPUT.lock` beside it): a second run of it (a
     job resubmitted while the first runs) is refused naming the first, instead of both writing the same files."""
-    lock = lock or output.with_name(f".{output.name}.lock")
+    if lock is None:  # beside it, named after it: `-o .` is named after the working directory
+        whole = Path(os.path.abspath(output))
+        lock = whole.with_name(f".{whole.name}.lock")
     with held_alone(lock, lambda holder: (
             f"{what} {output} is being written by another run ({holder}): wait for it to end, or stop it; the same "
             "command then resumes")) as no_locks:

@@ -282,7 +282,8 @@ def refuse_another_pool(recorded_pool: str | None, pool: str, cache_path) -> Non
     if recorded_pool not in (None, pool):
         raise InputError(
             f"{cache_path} holds this selection's draws from another pool: documents were added, removed or "
-            "edited since they were drawn, so their weights no longer hold and new draws would spend the "
+            "edited since they were drawn (or, for rows without ids, named by file and line, reordered, or their "
+            "file renamed or moved), so their weights no longer hold and new draws would spend the "
             "budget again. Score the documents they were drawn from, or start a new selection with a new "
             "--cache (by default <output>.cache.sqlite: a new -o)"
         )

@@ -967,6 +967,13 @@ def test_a_hub_encoder_updated_since_does_not_reuse_the_old_commits_vectors(tmp_
         (repo / "refs" / "main").write_text(commit)
         assert encoder_identity("edu/encoder") == f"edu/encoder@{commit}"
     assert encoder_identity("edu/not-cached") == "edu/not-cached"
+    # and the classifier trained on it records that commit: by the name alone, an update was invisible to lineage
+    from edu_filter.train.classifier import train_classifier
+
+    train_classifier([str(CODE_LABELS)], tmp_path / "model", kind="code", encoder="edu/encoder", max_length=32,
+                     limit=40, learning_curve=False, cache_dir=str(tmp_path / "cache"))
+    recorded = json.loads((tmp_path / "model" / "provenance.json").read_text())["inputs"]
+    assert [e["path"] for e in recorded if e["role"] == "encoder"] == [f"edu/encoder@{'2' * 40}"]
 
 
 def test_validation_metrics_take_no_cut_point_from_the_validation_labels(tmp_path, minilm_path, embedding_cache_dir):

@@ -32,7 +32,7 @@ from rich.console import Console
 
 from edu_filter import provenance
 from edu_filter.classifiers.calibration import apply_cut_points, fit_cut_points, to_int_scores
-from edu_filter.classifiers.encoders import KINDS, SequenceFramer, encoder_hub_id
+from edu_filter.classifiers.encoders import KINDS, SequenceFramer, encoder_hub_id, encoder_identity
 from edu_filter.classifiers.fasttext_model import CONFIG_FILE as FASTTEXT_CONFIG
 from edu_filter.classifiers.fasttext_model import MODEL_FILE as FASTTEXT_MODEL
 from edu_filter.classifiers.fasttext_model import FastTextSettings
@@ -411,8 +411,9 @@ def train_classifier(
         held_out = _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg)
         metrics = compute_metrics(y_val, val_pred, held_out, weights=w_val)
         metrics["warnings"] = metric_warnings(metrics, y_val, cfg.kind)
-        if "encoder" in info:
-            inputs.append(provenance.describe_input("encoder", info["encoder"]))
+        if "encoder" in info:  # a hub name with the commit its weights came from, as the embedding cache keys it
+            encoder = info["encoder"] if Path(info["encoder"]).is_dir() else encoder_identity(info["encoder"])
+            inputs.append(provenance.describe_input("encoder", encoder))
         config = {k: v for k, v in asdict(cfg).items() if k != "fasttext" or cfg.method == "fasttext"}
         metrics["training"] = {
             **info,
