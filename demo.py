@@ -67,7 +67,8 @@ def annotation_stage(out: Path) -> dict:
     from edu_filter.annotate.prompts import load_prompt
     from edu_filter.documents import read_documents, write_documents
 
-    rows = read_documents([WEB_LLAMA33], label_field="score") + read_documents([CODE_LABELLED], label_field="score")
+    web = read_documents([WEB_LLAMA33], label_field="score")
+    rows = web + read_documents([CODE_LABELLED], label_field="score")
     parsed = [parse_score(r["response"]) for r in rows]
     agree = sum(score == r["label"] for (score, _), r in zip(parsed, rows))
     failed = sum(score is None for score, _ in parsed)
@@ -75,9 +76,8 @@ def annotation_stage(out: Path) -> dict:
         [{"id": r["id"], "score": s, "error": e, "label": r["label"]} for r, (s, e) in zip(rows, parsed)],
         out / "parsed_responses.jsonl",
     )
-    prompt = load_prompt("web")
-    result = {"responses": len(rows), "parsed_equal_to_label": agree, "unparseable": failed,
-              "prompt_version": prompt.version}
+    result = {"responses": len(rows), "parsed_equal_to_label": agree, "unparseable": failed, "web_responses": len(web),
+              "prompt_versions": {kind: load_prompt(kind).version for kind in ("web", "code")}}
     console.print(f"parsed {len(rows)} real LLM answers: {agree} match their recorded score, {failed} unparseable")
     return result
 
@@ -88,7 +88,9 @@ def _cell(value: float | None, spec: str = ".3f") -> str:
 
 
 def run_demo(output: str | Path = "demo_out") -> Path:
-    """Run every stage and write OUTPUT/report.md; returns its path."""
+    """Run every stage and write OUTPUT/report.md; returns its path. From a script of your own, call it under
+    `if __name__ == "__main__":`: apply's worker processes import the script again, and each would start the demo
+    over, clearing the run under way."""
     from edu_filter.classifiers.evaluate import evaluate_model
     from edu_filter.filters.apply import run_apply
     from edu_filter.filters.sweep import run_sweep
@@ -168,7 +170,7 @@ def _image(out: Path, path: Path, caption: str) -> str:
 
 def write_report(out: Path, r: dict) -> Path:
     """OUT/report.md: the numbers of every stage and the PNG plots, linked relatively so the folder can be shared."""
-    runs = r["ablation"]["runs"]
+    runs, prompts, annotation = r["ablation"]["runs"], r["annotation"]["prompt_versions"], r["annotation"]
     eval_names = sorted({name for run in runs.values() for name in run.get("eval", {})})
     lines = [
         "# edu-filter demo report",
@@ -179,9 +181,12 @@ def write_report(out: Path, r: dict) -> Path:
         "",
         "## 1. score (annotation)",
         "",
-        f"The annotation stage asks an LLM for the additive rubric (prompt `{r['annotation']['prompt_version']}`) and parses",
-        f"\"Educational score: N\". Replayed on {r['annotation']['responses']} real answers bundled with the data",
-        f"(Llama-3.3-70B web answers and Python-Edu code answers): {r['annotation']['parsed_equal_to_label']} parse to",
+        f"The annotation stage asks an LLM for the additive rubric (prompts `{prompts['web']}` for web pages,",
+        f"`{prompts['code']}` for Python files) and parses",
+        f"\"Educational score: N\". Replayed on {annotation['responses']} real answers bundled with the data",
+        f"({annotation['web_responses']} Llama-3.3-70B web answers, "
+        f"{annotation['responses'] - annotation['web_responses']} Python-Edu code answers): "
+        f"{annotation['parsed_equal_to_label']} parse to",
         f"the recorded score, {r['annotation']['unparseable']} are unparseable. No LLM is run in the demo; to annotate",
         "your own sample against a real endpoint (vLLM, TGI, llama.cpp or a hosted API):",
         "",
@@ -214,7 +219,8 @@ def write_report(out: Path, r: dict) -> Path:
         _stats_line("fineweb-edu (threshold 3) on the web val split", r["apply_web"]),
         _stats_line("python-edu (threshold 4) on unlabelled Python files", r["apply_code"]),
         "",
-        "Every input document is in exactly one of `apply/*/kept/`, `apply/*/removed/<reason>/` or `failed/`; the counts",
+        "Every input document is in exactly one of `apply/*/kept/`, `apply/*/removed/<reason>/` or",
+        "`apply/*/failed/<reason>/`; the counts",
         f"in `stats.json` add up. Scoring ran with `--dtype {APPLY_DTYPE}`, the CPU fast path: its scores are within a few",
         "hundredths of the exact fp32 scores that the metrics above come from (see `benchmarks/RESULTS.md`).",
         "",

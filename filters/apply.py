@@ -921,7 +921,8 @@ def run_apply(
 ) -> dict | None:
     """Run (or, for Slurm, submit and with `wait` follow) the whole apply pipeline; returns stats.json's content
     when the run finished here. `bucket_workers`: tasks sharing each MinHash bucket's merge (None: `bucket_workers`
-    of the tasks; a resumed run keeps its own)."""
+    of the tasks; a resumed run keeps its own). From a script of your own, call it under
+    `if __name__ == "__main__":`: datatrove's worker processes import the script again (forkserver, spawn)."""
     from rich.console import Console
 
     from edu_filter.filters import executors as ex
