@@ -452,17 +452,14 @@ def _present(path: Path, cache: dict) -> bool:
 
 
 def _resolve(entry: dict, base: Path | None, cache: dict) -> Path:
-    """Where a recorded input is now: the same place relative to its consumer's folder `base` (the consumer moved or
-    copied: a copied project's lineage described the original's inputs, its own edits unseen), else its recorded
-    path. Where neither exists, the moved place: a project moved, one of its artifacts deleted, the inputs recorded
-    below that artifact are still found from there (from the recorded place they read as missing too)."""
+    """Where a recorded input is now: its recorded path, else the same place relative to its (moved) consumer's
+    folder `base`. Where neither exists, the moved place: a project moved, one of its artifacts deleted, the inputs
+    recorded below that artifact are still found from there (from the recorded place they read as missing too)."""
     recorded = Path(entry["path"])
-    if base is None or "relative_path" not in entry:
+    if _present(recorded, cache) or base is None or "relative_path" not in entry:
         return recorded
     moved = (base / entry["relative_path"]).resolve()
-    if _present(moved, cache):
-        return moved
-    return recorded if _present(recorded, cache) or not moved.parent.exists() else moved
+    return moved if _present(moved, cache) or moved.parent.exists() else recorded
 
 
 def lineage(path: str | os.PathLike) -> dict:
