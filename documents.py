@@ -8,6 +8,7 @@ and `text`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -139,8 +140,13 @@ def held_alone(lock: Path, refusal: Callable[[str], str]) -> Iterator[OSError | 
     two runs apart), else None."""
     import fcntl
 
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as fh:
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        opened = open(lock, "a+")
+    except OSError as e:  # a folder this user cannot write (an output handed out inside a read-only project tree)
+        yield e
+        return
+    with opened as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -167,8 +173,11 @@ def writing_alone(output: Path, what: str = "-o/--output", lock: Path | None = N
             f"{what} {output} is being written by another run ({holder}): wait for it to end, or stop it; the same "
             "command then resumes")) as no_locks:
         if no_locks:
-            print(f"warning: {lock.parent} takes no file locks ({no_locks.strerror}): nothing stops a second run of "
-                  "this command from writing the same output at once", file=sys.stderr, flush=True)
+            where = (f"no lock can be made in {lock.parent}" if no_locks.errno in (errno.EACCES, errno.EPERM,
+                                                                                  errno.EROFS)
+                     else f"{lock.parent} takes no file locks")
+            print(f"warning: {where} ({no_locks.strerror}): nothing stops a second run of this command from writing "
+                  "the same output at once", file=sys.stderr, flush=True)
         yield
 
 

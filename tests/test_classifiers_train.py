@@ -302,6 +302,32 @@ def test_a_sigterm_during_a_validation_pass_stops_it_within_a_window(minilm_path
     assert finetune._scores_unless_stopped(scorer, texts, stop) is None and windows == [4]
 
 
+def test_a_validation_point_a_sigterm_cut_short_is_measured_when_the_run_resumes(tmp_path, minilm_path):
+    """A SIGTERM during the pass at step 2 saved the checkpoint at step 2 without its point; the resumed run skipped
+    every step up to 2, and the point was never measured."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from edu_filter.classifiers.modeling_edu_classifier import EduClassifierConfig, EduClassifierForSequenceClassification
+    from edu_filter.classifiers.scorer import EduScorer
+    from edu_filter.train.classifier import ClassifierTrainConfig
+    from edu_filter.train.finetune import _save, finetune, validation_key
+
+    encoder = AutoModel.from_pretrained(minilm_path)
+    model = EduClassifierForSequenceClassification(EduClassifierConfig(encoder_config=encoder.config.to_dict()), encoder)
+    scorer = EduScorer(model, AutoTokenizer.from_pretrained(minilm_path), max_length=16)
+    texts, y = [f"training document {i}" for i in range(20)], np.arange(20) % 6
+    validation = ([f"held-out document {i}" for i in range(6)], np.arange(6) % 6, None)
+    cfg = ClassifierTrainConfig(kind="code", epochs=1, train_batch_size=4)  # 5 steps: points at 1, 2, 3 and 4
+    optimizer = torch.optim.AdamW([{"params": list(model.encoder.parameters())},
+                                   {"params": list(model.classifier.parameters())}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint = tmp_path / "checkpoint"
+    _save(checkpoint, model, optimizer, schedule, 2, torch.device("cpu"), [{"step": 1, "mse": 1.0, "spearman": 0.1}],
+          validation_key(*validation))  # stopped during the pass at step 2
+    history = finetune(scorer, texts, y, cfg, checkpoint=checkpoint, validation=validation)
+    assert [point["step"] for point in history] == [1, 2, 3, 4]
+
+
 def test_bfloat16_training_computes_in_bfloat16_caches_apart_and_saves_float32(tmp_path, minilm_path):
     """On a GPU the encoder computes in bfloat16 while training (as apply scores there); on a CPU it may be asked
     for. Its vectors are close to float32's but cached apart, fine-tuning trains under autocast, and the saved
@@ -720,6 +746,20 @@ def quick_head(out: Path, encoder: str, cache_dir: Path, **kwargs) -> dict:
 
     return train_classifier([str(CODE_LABELS)], out, kind="code", encoder=encoder, max_length=32, limit=60,
                             learning_curve=False, cache_dir=str(cache_dir), val_fraction=0.2, **kwargs)
+
+
+def test_a_lock_that_cannot_be_made_is_said_and_the_run_goes_on(tmp_path, capsys):
+    """An output handed out inside a folder this user cannot write: making the lock beside it failed the run, after
+    the output itself had been found writable."""
+    from edu_filter.documents import held_alone, writing_alone
+
+    (tmp_path / "a-file").write_text("")
+    with held_alone(tmp_path / "a-file" / ".out.lock", str) as no_lock:
+        assert isinstance(no_lock, OSError)
+    ran = []
+    with writing_alone(tmp_path / "out", lock=tmp_path / "a-file" / ".out.lock"):
+        ran.append(True)
+    assert ran and "nothing stops a second run" in capsys.readouterr().err
 
 
 def test_a_second_train_into_a_folder_being_written_is_refused_naming_the_first(tmp_path):

@@ -223,12 +223,27 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                      else (0, []))
     every = max(1, total // CHECKPOINTS)
     evaluated_at = {total * k // EVALUATIONS for k in range(1, EVALUATIONS)} - {0, total} if validation else set()
+
+    def measure(step: int, stop) -> None:
+        """The validation point of `step`, unless SIGTERM comes during it (the checkpoint first: SIGKILL follows)."""
+        val_texts, y_val, w_val = validation
+        model.eval()
+        with autocast():
+            predictions = _scores_unless_stopped(scorer, val_texts, stop)
+        model.train()
+        if predictions is not None:
+            history.append(validation_point(step, predictions, y_val, w_val))
+            progress.update(task, validation=_shown(history[-1]))
+            console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
+
     with stop_requested() as stop, logged_progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
         TextColumn("{task.fields[validation]}"), TimeRemainingColumn(), console=console,
     ) as progress:
         task = progress.add_task("fine-tuning", total=total, loss=float("nan"), completed=done,
                                  validation=_shown(history[-1]) if history else "")
+        if done in evaluated_at and all(point["step"] != done for point in history):
+            measure(done, stop)  # stopped by a SIGTERM during that pass: measured now, not lost to the resume
         step = 0
         for _ in range(cfg.epochs):
             order = rng.permutation(len(texts))  # drawn for every epoch, a resumed one too: the same order
@@ -253,15 +268,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(task, advance=1, loss=value)
                 if step in evaluated_at and not stop.is_set():
-                    val_texts, y_val, w_val = validation
-                    model.eval()
-                    with autocast():
-                        predictions = _scores_unless_stopped(scorer, val_texts, stop)
-                    model.train()
-                    if predictions is not None:  # SIGTERM came: the checkpoint first (Slurm's SIGKILL follows)
-                        history.append(validation_point(step, predictions, y_val, w_val))
-                        progress.update(task, validation=_shown(history[-1]))
-                        console.print(f"fine-tuning: step {step:,} of {total:,}, {_shown(history[-1])}")
+                    measure(step, stop)
                 if checkpoint is not None and (step % every == 0 or step == total or stop.is_set()):
                     try:
                         _save(checkpoint, model, optimizer, schedule, step, device, history, measured_on)
