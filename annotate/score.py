@@ -534,28 +534,27 @@ class _Scorer:
         # by earlier calls (rounds of select="active")
         done_before, scored_before, replayed_before = s.documents, s.scored, s.replayed
 
-        in_flight = _IN_FLIGHT.get()
+        in_flight = _IN_FLIGHT.get() or _InFlight()  # outside `_stopped_by_sigterm`: one no SIGTERM stops
 
         async def worker():
             nonlocal read, written
             while True:
                 async with room:
                     await room.wait_for(lambda: read - written < ahead)
-                    stopping = in_flight is not None and in_flight.stopping.is_set()
-                    item = None if stopping else next(numbered, None)
-                    if item is None and not stopping:
-                        return
-                    read += not stopping
+                    stopping = in_flight.stopping.is_set()
+                    if not stopping:
+                        item = next(numbered, None)
+                        if item is None:
+                            return
+                        read += 1
                 if stopping:  # SIGTERM: no new document; the run is cancelled once the answers in flight are in
                     await asyncio.Future()
                 i, doc = item
-                if in_flight is not None:
-                    in_flight.started()
+                in_flight.started()
                 try:
                     row = await self.score(doc)
                 finally:
-                    if in_flight is not None:
-                        in_flight.ended()
+                    in_flight.ended()
                 async with room:
                     finished[i] = row
                     block = []
