@@ -7,7 +7,8 @@ Benchmark files are JSONL, one question a line:
 Each choice is scored by the summed log-probability of its tokens after the context, the pair split into tokens
 as lm-evaluation-harness splits it (`encode_pair`). `acc` picks the choice with
 the highest sum; `acc_norm` divides each sum by the choice's length in characters first, so long answers are not
-penalised for having more tokens.
+penalised for having more tokens: its length without the space before it, as lm-evaluation-harness counts it
+(which keeps that delimiter apart from the choice), so " star" after "a" and "star" after "a " score the same.
 """
 
 from __future__ import annotations
@@ -82,13 +83,19 @@ def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) ->
     return scores
 
 
+def choice_length(choice: str) -> int:
+    """The characters `acc_norm` divides by: the choice without the whitespace that separates it from the context
+    (counted, one character more for every choice, it favoured short answers against the harness's figures)."""
+    return max(1, len(choice.lstrip()))
+
+
 def score_cloze(model, tokenizer, questions: list[dict]) -> dict:
     """acc and acc_norm over the questions."""
     model.eval()
     correct = correct_norm = 0
     for q in questions:
         lls = choice_loglikelihoods(model, tokenizer, q["context"], q["choices"])
-        normed = [ll / len(c) for ll, c in zip(lls, q["choices"])]
+        normed = [ll / choice_length(c) for ll, c in zip(lls, q["choices"])]
         correct += max(range(len(lls)), key=lls.__getitem__) == q["gold"]
         correct_norm += max(range(len(normed)), key=normed.__getitem__) == q["gold"]
     return {"acc": correct / len(questions), "acc_norm": correct_norm / len(questions), "questions": len(questions)}

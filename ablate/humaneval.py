@@ -145,9 +145,18 @@ def execute_completions(
                              zip(problems, completions)))
 
 
+def prompt_ids(tokenizer, prompt: str):
+    """The prompt's tokens as the model continues it: without its trailing whitespace (bigcode-evaluation-harness's
+    strip_prompt). Every HumanEval prompt ends in a line break, which a byte-level BPE splits from the indentation
+    that follows it in all training code: a lone "\n" token comes before text at column 0 (`def`, `if`, `#`), and a
+    small model continued every prompt with blank lines, pass@1 0 whatever its data."""
+    return tokenizer(prompt.rstrip(), return_tensors="pt", add_special_tokens=False).input_ids
+
+
 def generate_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = 256) -> tuple[list[str], int]:
     """Greedy completions cut at the stop sequences, and how many prompts had to be cut (from the left) to fit the
-    model's context."""
+    model's context. A completion continues the prompt without its trailing whitespace (`prompt_ids`): it starts
+    with the line break, which the prompt's own one before it leaves a blank line (`check_program`)."""
     import torch
 
     context = model.config.max_position_embeddings
@@ -156,7 +165,7 @@ def generate_completions(model, tokenizer, problems: list[dict], max_new_tokens:
     completions, truncated = [], 0
     model.eval()
     for problem in problems:
-        ids = tokenizer(problem["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        ids = prompt_ids(tokenizer, problem["prompt"])
         if ids.shape[1] > context - max_new_tokens:
             ids = ids[:, -(context - max_new_tokens):]
             truncated += 1

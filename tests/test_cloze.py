@@ -98,7 +98,23 @@ def test_acc_norm_divides_by_choice_length(trained):
     lls = choice_loglikelihoods(model, tok, q["context"], q["choices"])
     result = score_cloze(model, tok, [q])
     assert result["acc"] == float(lls[1] > lls[0])
-    assert result["acc_norm"] == float(lls[1] / len(q["choices"][1]) > lls[0] / len(q["choices"][0]))
+    assert result["acc_norm"] == float(lls[1] / len(q["choices"][1].lstrip()) > lls[0] / len(q["choices"][0].lstrip()))
+
+
+def test_acc_norm_counts_a_choice_without_the_space_before_it(trained):
+    """lm-evaluation-harness divides by the choice's length without its delimiter: the same question written with
+    the space in the choice or at the end of the context scores the same (counted, short answers gained)."""
+    model, tok = trained
+    words = ["mat", "lake", "tree", "park", "mat.", "lake by the tree", "the park", "in"]
+    questions = [{"context": f"the {subject} in the", "choices": [f" {a}", f" {b}"], "gold": 0}
+                 for subject in ("cat sat", "dog ran", "fish swam") for a in words for b in words if a != b]
+    spaced = [{**q, "context": q["context"] + " ", "choices": [c.lstrip() for c in q["choices"]]} for q in questions]
+    expected = 0
+    for q in questions:
+        lls = choice_loglikelihoods(model, tok, q["context"], q["choices"])
+        expected += lls[0] / len(q["choices"][0].lstrip()) > lls[1] / len(q["choices"][1].lstrip())
+    assert score_cloze(model, tok, questions)["acc_norm"] == expected / len(questions)
+    assert score_cloze(model, tok, spaced)["acc_norm"] == expected / len(questions)
 
 
 def test_contexts_longer_than_the_model_are_cut_from_the_left(trained):

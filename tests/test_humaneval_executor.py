@@ -11,6 +11,7 @@ from edu_filter.ablate.humaneval import (
     execute_completions,
     generate_completions,
     load_problems,
+    prompt_ids,
     run_program,
     truncate_at_stop,
 )
@@ -114,6 +115,27 @@ def test_completions_are_cut_at_stop_sequences():
     assert truncate_at_stop(body + "\nif __name__ == '__main__':\n    main()\n") == body
     assert truncate_at_stop(body + "\n# tests\n") == body
     assert truncate_at_stop(body) == body
+
+
+def test_the_model_continues_each_prompt_where_training_code_has_a_token_boundary():
+    """A prompt's trailing line break, tokenized alone, is a token ("\n") that training code has only before column-0
+    text: the model continued every prompt with blank lines. Without it, the prompt's tokens begin those of the
+    prompt with its solution, as in the code the model learnt from."""
+    from edu_filter.ablate.packing import iter_texts
+    from edu_filter.ablate.tokenizer import mixed_sample, train_tokenizer
+
+    code = os.path.join(os.path.dirname(__file__), "..", "data", "code", "thealgorithms_unlabelled.jsonl")
+    tok = train_tokenizer(mixed_sample([iter_texts(code)], 200_000), 320)
+    for problem in load_problems():
+        ids = prompt_ids(tok, problem["prompt"])[0].tolist()
+        whole = tok(problem["prompt"] + problem["canonical_solution"], add_special_tokens=False).input_ids
+        assert whole[:len(ids)] == ids, problem["task_id"]
+
+
+def test_a_completion_of_the_stripped_prompt_runs_after_the_whole_prompt(problems):
+    """Completions start with the line break the model was not given: the program has a blank line there."""
+    completions = ["\n" + p["canonical_solution"] for p in problems]
+    assert [r.status for r in execute_completions(problems, completions, timeout=20)] == ["passed"] * len(problems)
 
 
 def test_greedy_generation_with_a_small_llama(problems, tmp_path):
