@@ -357,33 +357,8 @@ def train_classifier(
             check_not_empty(val, "--val")
         if push_to_hub:
             provenance.check_can_push(push_to_hub)
-        annotation = ("model", "annotator", "prompt")  # what label_source reads
-        rows, left_out = read_labelled(data, label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
-                                       annotation)
-        labelled = list(rows)  # every label read, for who labelled them
-        required = cfg.weight_field != WEIGHT_FIELD
-        rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field, required), "DATA")
-        merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
-        if val:
-            val_rows, val_left_out = read_labelled(val, label_field, limit, skip_failed, "--val", console,
-                                                   cfg.weight_field, annotation)
-            left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
-            labelled += val_rows
-            read_val = len(val_rows)
-            val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
-            merged += read_val - len(val_rows)
-            held = {repeat_key(r["text"]) for r in val_rows}
-            kept = [i for i, r in enumerate(rows) if repeat_key(r["text"]) not in held]
-            in_val = len(rows) - len(kept)
-            if len(kept) < len(rows):
-                console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
-                              "training, so the validation metrics are of documents the model did not see[/]")
-            train_rows, w_train = [rows[i] for i in kept], None if weights is None else weights[kept]
-        else:
-            labels = np.array([r["label"] for r in rows])
-            train_idx, val_idx = stratified_split(labels, cfg.val_fraction, seed)
-            train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
-            w_train, w_val = (None, None) if weights is None else (weights[train_idx], weights[val_idx])
+        splits = read_splits(cfg, data, val, limit, skip_failed)
+        train_rows, w_train, val_rows, w_val = splits.train_rows, splits.w_train, splits.val_rows, splits.w_val
         inputs = provenance.describe_inputs({"train": data, "validation": val})  # the content just read
         if len(train_rows) < 2 * cfg.folds or not val_rows:
             raise ValueError(f"need at least {2 * cfg.folds} training and 1 validation documents, got "
@@ -420,13 +395,13 @@ def train_classifier(
             "base_model": encoder_hub_id(info["encoder"]) if "encoder" in info else None,
             "config": config,
             "data": [{k: e.get(k) for k in ("role", "path", "fingerprint")} for e in inputs],
-            "labels": label_source(labelled, label_field),
+            "labels": label_source(splits.labelled, label_field),
             "n_train": len(train_rows),
             "n_val": len(val_rows),
             "weights": None if w_train is None else weight_summary(w_train, cfg.weight_field),
-            "failed_annotations_left_out": left_out,  # --skip-failed: rows the LLM never labelled, by reason
+            "failed_annotations_left_out": splits.left_out,  # --skip-failed: rows the LLM never labelled, by reason
             # with n_train, n_val and the failed left out, every row read: n_train + n_val + these + failed
-            "repeated_texts_merged": merged, "train_rows_in_val": in_val,
+            "repeated_texts_merged": splits.merged, "train_rows_in_val": splits.in_val,
             "cut_points": cut_points,
             "calibration_examples": int(len(calib_scores)),
             # the metrics' own integer scores come from cut points fitted without the validation labels
@@ -467,6 +442,55 @@ def train_classifier(
         if push_to_hub:
             console.print(f"uploaded to {provenance.push_to_hub(output, push_to_hub, repo_type='model')}")
         return metrics
+
+
+@dataclass
+class LabelledSplits:
+    """The rows a run trains and validates on, with their inclusion weights (None: unweighted) and what reading
+    them left out or merged (recorded in metrics.json so that every row read is accounted for)."""
+
+    train_rows: list[dict]
+    w_train: np.ndarray | None
+    val_rows: list[dict]
+    w_val: np.ndarray | None
+    labelled: list[dict]  # every label read, for who labelled them
+    left_out: dict[str, int]  # rows the LLM never labelled (--skip-failed), by reason
+    merged: int  # rows that are another's text
+    in_val: int  # training rows also in --val, left out of training
+
+
+def read_splits(cfg: ClassifierTrainConfig, data: list[str], val: list[str] | None, limit: int | None,
+                skip_failed: bool) -> LabelledSplits:
+    """The training and validation rows of DATA (and --val): repeated texts merged, training rows that are also in
+    --val left out, or without --val a stratified split of DATA."""
+    annotation = ("model", "annotator", "prompt")  # what label_source reads
+    rows, left_out = read_labelled(data, cfg.label_field, limit, skip_failed, "DATA", console, cfg.weight_field,
+                                   annotation)
+    labelled = list(rows)  # every label read, for who labelled them
+    required = cfg.weight_field != WEIGHT_FIELD
+    rows, weights = merge_repeated_texts(rows, row_weights(rows, cfg.weight_field, required), "DATA")
+    merged, in_val = len(labelled) - len(rows), 0  # rows that are another's text, training rows also in --val
+    if val:
+        val_rows, val_left_out = read_labelled(val, cfg.label_field, limit, skip_failed, "--val", console,
+                                               cfg.weight_field, annotation)
+        left_out = {k: left_out.get(k, 0) + val_left_out.get(k, 0) for k in {*left_out, *val_left_out}}
+        labelled += val_rows
+        read_val = len(val_rows)
+        val_rows, w_val = merge_repeated_texts(val_rows, row_weights(val_rows, cfg.weight_field), "--val")
+        merged += read_val - len(val_rows)
+        held = {repeat_key(r["text"]) for r in val_rows}
+        kept = [i for i, r in enumerate(rows) if repeat_key(r["text"]) not in held]
+        in_val = len(rows) - len(kept)
+        if len(kept) < len(rows):
+            console.print(f"[yellow]{len(rows) - len(kept)} training documents are also in --val: left out of "
+                          "training, so the validation metrics are of documents the model did not see[/]")
+        train_rows, w_train = [rows[i] for i in kept], None if weights is None else weights[kept]
+    else:
+        labels = np.array([r["label"] for r in rows])
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
+        train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
+        w_train, w_val = (None, None) if weights is None else (weights[train_idx], weights[val_idx])
+    return LabelledSplits(train_rows, w_train, val_rows, w_val, labelled, left_out, merged, in_val)
 
 
 def train_method(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, val_texts: list[str],

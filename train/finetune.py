@@ -47,7 +47,7 @@ def train_finetune(cfg: ClassifierTrainConfig, texts: list[str], y: np.ndarray, 
         with frozen.autocast():
             val_pred, _ = frozen.scorer.predict_many(val_texts, show_progress=True)
     if y_val is not None:
-        steps = (len(texts) + cfg.train_batch_size - 1) // cfg.train_batch_size * cfg.epochs
+        steps = finetune_steps(len(texts), cfg)
         history.append(validation_point(steps, val_pred, y_val, w_val))
         info["validation_during_training"] = history
         warn_past_best(history, steps)
@@ -178,6 +178,11 @@ def validation_point(step: int, predictions: np.ndarray, y_val: np.ndarray, w_va
     return {"step": step, "mse": metrics["mse"], "spearman": metrics["spearman"]}
 
 
+def finetune_steps(documents: int, cfg: ClassifierTrainConfig) -> int:
+    """Optimizer steps of a fine-tuning run over `documents` (the last batch of an epoch may be short)."""
+    return (documents + cfg.train_batch_size - 1) // cfg.train_batch_size * cfg.epochs
+
+
 EVALUATIONS = 5  # times the validation split is scored over a fine-tuning run (the last: the final metrics' own)
 
 
@@ -209,8 +214,7 @@ def finetune(scorer, texts: list[str], y: np.ndarray, cfg: ClassifierTrainConfig
         ],
         weight_decay=0.01,
     )
-    steps_per_epoch = (len(texts) + cfg.train_batch_size - 1) // cfg.train_batch_size
-    total = steps_per_epoch * cfg.epochs
+    total = finetune_steps(len(texts), cfg)
     warmup = max(1, int(cfg.warmup_fraction * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
