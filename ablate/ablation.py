@@ -149,10 +149,10 @@ def written_alone(run: Callable) -> Callable:
 
     @functools.wraps(run)
     def alone(data, output, *args, **kwargs):
+        out = Path(output)
+        check_writable_output(out, "-o/--output", folder=True)  # every rank: none goes on to wait for the others
         if os.environ.get("RANK", "0") != "0":
             return run(data, output, *args, **kwargs)
-        out = Path(output)
-        check_writable_output(out, "-o/--output", folder=True)
         with writing_alone(out, lock=out / ABLATION_LOCK):
             return run(data, output, *args, **kwargs)
 
@@ -217,7 +217,6 @@ def ablate(
                          f"(the nearest: {', '.join(f'{1 / n:.4g} holds out one in {n}' for n in nearest)})")
     compare = comparison_set(datasets, references, compare_on)
     fields = text_fields(text_field, [*datasets, *references])
-    check_writable_output(output, "-o/--output", folder=True)
     run_seeds = [seed + k for k in range(seeds)]
     out = Path(output)
     extra = {"vocab_size": vocab_size} if vocab_size is not None else {}
@@ -818,7 +817,7 @@ def _load_final_model(path: Path):
 
     from edu_filter.classifiers.device import default_device
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     return model.to(default_device())
 
 

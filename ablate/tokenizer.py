@@ -56,7 +56,7 @@ def load_tokenizer(name_or_path: str | Path):
     """A saved tokenizer folder or hub name; it must define an EOS token (the document separator)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{name_or_path}: tokenizer has no EOS token; documents need a separator")
     if tokenizer.pad_token_id is None:

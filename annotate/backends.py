@@ -839,9 +839,9 @@ class TransformersBackend:
 
         name, extra = pretrained_args(self.model)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name, **extra)
-            self.lm = AutoModelForCausalLM.from_pretrained(name, **extra)
-        except OSError as e:
+            self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, **extra)
+            self.lm = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, **extra)
+        except (OSError, ValueError) as e:  # ValueError: a model whose code its folder carries (never run here)
             raise BackendSetupError(f"cannot load transformers model {self.model!r}: {e}") from e
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

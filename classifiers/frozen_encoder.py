@@ -110,19 +110,21 @@ def load_frozen_encoder(
         EduClassifierConfig,
         EduClassifierForSequenceClassification,
     )
-    from edu_filter.classifiers.scorer import EduScorer
+    from edu_filter.classifiers.scorer import OFFSET_POSITIONS, EduScorer, readable_tokens
 
     torch.manual_seed(seed)
     encoder_name = resolve_encoder(kind, encoder)
     check_named_path(encoder_name, "--encoder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(encoder_name)
-        model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(encoder_name, trust_remote_code=False)
+        model = AutoModel.from_pretrained(encoder_name, dtype=torch.float32, trust_remote_code=False)
     except (OSError, ValueError) as e:  # no such hub repo, a folder with no weights or no tokenizer in it
         raise ValueError(f"cannot load encoder {encoder_name!r}: {one_line(str(e))}") from None
     # the tokens an encoder reads: its positions, less what its tokenizer says it cannot use (RoBERTa-family models
     # have 514 positions for 512 tokens: two are offset by the padding index)
     max_positions = getattr(model.config, "max_position_embeddings", max_length)
+    if model.config.model_type in OFFSET_POSITIONS:  # whatever its tokenizer says: 513 tokens failed in the encoder
+        max_positions = readable_tokens(model.config.to_dict(), tokenizer)
     if 0 < getattr(tokenizer, "model_max_length", 0) < max_positions:
         max_positions = tokenizer.model_max_length
     wanted_length, max_length = max_length, min(max_length, max_positions)

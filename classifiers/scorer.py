@@ -158,9 +158,9 @@ def load_classifier_tokenizer(name: str | os.PathLike, revision: str | None = No
 
     _register_edu_classifier()
     try:  # the hub cache first: each task on a node without internet asked the hub, ~95 s of retries per task
-        return AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - not cached here: from the hub
-        return AutoTokenizer.from_pretrained(name, revision=revision)
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
 
 
 def _register_edu_classifier() -> None:
@@ -259,7 +259,7 @@ def check_classifier_folder(folder: str | os.PathLike, what: str = "--model") ->
 
     _register_edu_classifier()
     try:
-        labels = AutoConfig.from_pretrained(folder).num_labels
+        labels = AutoConfig.from_pretrained(folder, trust_remote_code=False).num_labels
     except Exception as e:  # noqa: BLE001 - an unknown model type, a broken file: one line
         raise InputError(f"{what} {folder}: cannot read its config.json ({type(e).__name__}: {e})") from None
     if labels != 1:
@@ -517,11 +517,11 @@ class EduScorer(Scorer):
         else:
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    folder, dtype=dtype, attn_implementation="sdpa"
+                    folder, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
                 )
             except ValueError:  # an architecture without SDPA support
-                model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+                model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             # what its positions read (a RoBERTa-family 514 reads 512: with a tokenizer that names no length, 514
             # was taken, and every long document failed its task)
             saved_length = min(config.get("max_position_embeddings", 512), tokenizer.model_max_length,

@@ -129,7 +129,7 @@ def token_count_tokenizer(model: str, tokenizer: str | None, recorded: dict | No
         if not local_only and hub_offline():
             break
         try:
-            AutoTokenizer.from_pretrained(COUNT_TOKENIZER, local_files_only=local_only)
+            AutoTokenizer.from_pretrained(COUNT_TOKENIZER, local_files_only=local_only, trust_remote_code=False)
             return COUNT_TOKENIZER
         except Exception as e:  # noqa: BLE001 - not cached, offline or no such repo: fall back below
             reason = type(e).__name__
@@ -292,7 +292,7 @@ def check_hub_model(model: str) -> None:
 
     try:
         name, revision = split_revision(model)
-        AutoConfig.from_pretrained(name, revision=revision)
+        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any reason: not found, offline and not cached, gated, bad config
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DocumentError(f"model {model}: not a local folder, and it cannot be loaded from the hub ({reason})") from None

@@ -661,3 +661,38 @@ def test_the_scoring_step_sizes_the_tokenizers_thread_pool_to_its_cpus(stock_cla
     chosen = os.cpu_count() + 3
     # the same process but for the pool: one thread (the task's CPU) against the `chosen` the user asked for
     assert threads_gained(RAYON_NUM_THREADS=str(chosen)) - threads_gained() == chosen - 1
+
+
+CHECKS_A_FOLDER = """
+import sys
+from edu_filter.classifiers.scorer import check_classifier_folder
+from edu_filter.documents import InputError
+try:
+    check_classifier_folder(sys.argv[1])
+except InputError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_model_folder_carrying_its_own_code_is_refused_without_running_it(tmp_path, minilm_path):
+    """A config of a model type transformers does not know, with an `auto_map` to the folder's Python: transformers
+    asked "Do you wish to run the custom code? [y/N]" mid-run, and a "y" on stdin ran the folder's code."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "custom"
+    shutil.copytree(minilm_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="x_bert", num_labels=1, auto_map={"AutoConfig": "modeling_x.XConfig",
+                                                               "AutoModelForSequenceClassification": "modeling_x.X"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "code-ran"
+    (folder / "modeling_x.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                          "from transformers import BertConfig as XConfig\n"
+                                          "from transformers import BertForSequenceClassification as X\n")
+    out = subprocess.run([sys.executable, "-c", CHECKS_A_FOLDER, str(folder)], input="y\ny\n", text=True,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not ran.exists()
+    assert out.stdout.startswith("refused:") and "cannot read its config.json" in out.stdout

@@ -938,17 +938,20 @@ def test_defaults_given_explicitly_are_not_refused(tmp_path):
         train_classifier(["does-not-exist.jsonl"], tmp_path / "m", learning_curve=False, curve_repeats=3)
 
 
-def test_a_roberta_encoder_reads_the_512_tokens_its_514_positions_allow(tmp_path, minilm_path):
+@pytest.mark.parametrize("names_a_length", [True, False])
+def test_a_roberta_encoder_reads_the_512_tokens_its_514_positions_allow(tmp_path, minilm_path, names_a_length):
     """RoBERTa-family encoders have 2 more positions than tokens (offset by the padding index): capped at the
-    positions, 514 tokens ran past the table and every long document failed."""
+    positions, 514 tokens ran past the table and every long document failed. A tokenizer that names no length
+    (transformers gives it 1e30) let 514 through to the encoder: training died in its embeddings."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
     from edu_filter.classifiers.frozen_encoder import load_frozen_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    tokenizer.model_max_length = 512
+    tokenizer.model_max_length = 512 if names_a_length else int(1e30)
     config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+                           intermediate_size=64, max_position_embeddings=514,
+                           pad_token_id=tokenizer.pad_token_id if names_a_length else 1)
     RobertaModel(config).save_pretrained(tmp_path / "roberta")
     tokenizer.save_pretrained(tmp_path / "roberta")
     frozen = load_frozen_encoder("web", str(tmp_path / "roberta"), max_length=1024, cache_dir=str(tmp_path / "c"))
