@@ -156,17 +156,19 @@ class SequenceFramer:
 
     The framing is read off the tokenizer itself (BERT-style: [CLS] ... [SEP]). starencoder's GPT-2 style tokenizer
     adds nothing, yet the model was trained on [CLS] ... [SEP] sequences from its vocabulary, so for a tokenizer
-    that adds no special tokens but has those in its vocabulary they are added by hand.
+    that adds no special tokens but has those in its vocabulary they are added by hand (`by_hand`: an encoder this
+    project trains on; a ready-made classifier is read as its own tokenizer frames it, as it was fine-tuned and as
+    its model card scores).
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, by_hand: bool = True):
         probe = tokenizer("a", add_special_tokens=False)["input_ids"]
         framed = tokenizer("a", add_special_tokens=True)["input_ids"]
         at = next((i for i in range(len(framed) - len(probe) + 1) if framed[i : i + len(probe)] == probe), None)
         if at is None:
             raise ValueError(f"cannot tell how {type(tokenizer).__name__} frames a sequence")
         self.prefix, self.suffix = framed[:at], framed[at + len(probe) :]
-        if not self.prefix and not self.suffix:
+        if not self.prefix and not self.suffix and by_hand:
             vocab = tokenizer.get_vocab()
             if "[CLS]" in vocab and "[SEP]" in vocab:
                 self.prefix, self.suffix = [vocab["[CLS]"]], [vocab["[SEP]"]]

@@ -310,7 +310,8 @@ def check_max_length(model: str | os.PathLike, max_length: int | None) -> None:
     except Exception as e:  # noqa: BLE001 - loading it says why, with the model
         raise InputError(f"{model}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
     limit = readable_tokens(config, tokenizer)
-    special = SequenceFramer(prepare_tokenizer(tokenizer)).num_special
+    ours = config.get("model_type") == "edu_classifier"
+    special = SequenceFramer(prepare_tokenizer(tokenizer), by_hand=ours).num_special
     if not special < max_length <= limit:
         raise InputError(f"--max-length {max_length}: {model} reads {special + 1} to {limit} tokens per sequence "
                          f"({special} of them special)")
@@ -454,7 +455,8 @@ class EduScorer(Scorer):
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.pad_id = self.tokenizer.pad_token_id  # read once: scoring never touches the tokenizer a thread may use
-        if getattr(model.config, "model_type", None) != "edu_classifier":
+        ours = getattr(model.config, "model_type", None) == "edu_classifier"
+        if not ours:
             # a ready-made decoder classifier (Llama, Qwen) finds each sequence's last token by its config's pad id:
             # with none, a padded batch raised; with another than the one padded with, it read a pad's position
             # (scores depending on the batch). RoBERTa counts positions from it too.
@@ -462,7 +464,8 @@ class EduScorer(Scorer):
                 model.config.pad_token_id = self.pad_id
             else:
                 self.pad_id = model.config.pad_token_id
-        self.framer = SequenceFramer(self.tokenizer)
+        # a ready-made classifier reads what its tokenizer frames (a starencoder-based one is fine-tuned unframed)
+        self.framer = SequenceFramer(self.tokenizer, by_hand=ours)
         self.max_length = int(max_length)
         self.cut_points = list(cut_points) if cut_points is not None else list(ROUND_CUTS)
         self.calibrated = cut_points is not None

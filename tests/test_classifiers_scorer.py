@@ -696,3 +696,26 @@ def test_a_model_folder_carrying_its_own_code_is_refused_without_running_it(tmp_
     assert out.returncode == 0, out.stderr
     assert not ran.exists()
     assert out.stdout.startswith("refused:") and "cannot read its config.json" in out.stdout
+
+
+def test_a_ready_made_classifier_whose_tokenizer_adds_no_special_tokens_reads_what_it_was_fine_tuned_on(
+        tmp_path, minilm_path, web_texts):
+    """A stock classifier on a starencoder-like tokenizer (adding nothing, [CLS]/[SEP] in its vocabulary), as
+    the Stack-Edu ones: its fine-tuning and its model card tokenize without framing; [CLS] ... [SEP] added by hand
+    moved every score."""
+    from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    backend = AutoTokenizer.from_pretrained(minilm_path).backend_tokenizer
+    backend.post_processor = None
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertForSequenceClassification.from_pretrained(minilm_path, num_labels=1).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    texts = web_texts[:4]
+    batch = tokenizer(texts, truncation=True, max_length=512, padding=True, return_tensors="pt")
+    assert tokenizer.convert_tokens_to_ids("[CLS]") not in batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        expected = model(**batch).logits[:, 0].numpy()
+    scores, _ = load_scorer(tmp_path, batch_size=4).predict(texts)
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
