@@ -1304,11 +1304,15 @@ def write_json_whole(path: str | os.PathLike, record, indent: int | None = 2) ->
     written beside under a hidden name, synced, and renamed over the old one."""
     path = Path(path)
     partial = path.with_name(PARTIAL_PREFIX + path.name)
-    with open(partial, "w") as fh:
-        json.dump(record, fh, indent=indent)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "w") as fh:
+            json.dump(record, fh, indent=indent)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+    except BaseException:  # a full disk: the hidden partial stayed beside the output
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def synced(folder: Path, files: bool = True) -> None:

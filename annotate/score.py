@@ -62,6 +62,7 @@ from edu_filter.documents import (
     PLAIN_PROGRESS_EVERY,
     DocumentError,
     InputError,
+    RunError,
     check_model_name,
     check_writable_output,
     count_documents,
@@ -847,13 +848,14 @@ def _announce_round(round_index: int, rounds: int, n: int, replayed: bool) -> No
 
 
 class ScoreOutput:
-    """The output, written as rows arrive: JSONL (.gz) line by line, Parquet a row group at a time with the fixed
-    OUTPUT_SCHEMA types (and the active columns). A run that raises leaves no file behind."""
+    """The output, written as rows arrive to `path` (a hidden name, renamed to `shown` at the end): JSONL (.gz) line
+    by line, Parquet a row group at a time with the fixed OUTPUT_SCHEMA types (and the active columns). A run that
+    raises leaves no file behind; one that cannot write (a full disk) says so, naming the output."""
 
     ROW_GROUP = 10_000
 
-    def __init__(self, path: Path, active: bool = False):
-        self.path, self.active = Path(path), active
+    def __init__(self, path: Path, active: bool = False, shown: Path | None = None):
+        self.path, self.active, self.shown = Path(path), active, shown or Path(path)
         self.parquet = self.path.name.lower().endswith(".parquet")
 
     def __enter__(self) -> ScoreOutput:
@@ -873,6 +875,17 @@ class ScoreOutput:
 
     def write(self, rows: list[dict]) -> None:
         """Any number of rows, encoded ROW_GROUP at a time (an active run writes its whole sample at once)."""
+        try:
+            self._write(rows)
+        except OSError as e:
+            raise self._cannot_write(e) from None
+
+    def _cannot_write(self, error: OSError) -> RunError:
+        return RunError(f"the output {self.shown} cannot be written ({error.strerror or error}): the answers received "
+                        "are in the cache; free disk space, then run the same command again (it asks for no answer "
+                        "it has)")
+
+    def _write(self, rows: list[dict]) -> None:
         for start in range(0, len(rows), self.ROW_GROUP):
             part = rows[start:start + self.ROW_GROUP]
             if not self.parquet:
@@ -892,12 +905,19 @@ class ScoreOutput:
             self.writer.write_table(pl.DataFrame(part, schema=self.schema).to_arrow())
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.parquet:
-            if exc_type is None:
-                self._flush()
-            self.writer.close()
-        else:
-            self.file.close()
+        try:  # closing writes what is buffered: a full disk raises here too, and the partial file went on filling it
+            if self.parquet:
+                if exc_type is None:
+                    self._flush()
+                self.writer.close()
+            else:
+                self.file.close()
+        except OSError as e:
+            self.path.unlink(missing_ok=True)
+            raise self._cannot_write(e) from None
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
         if exc_type is not None:
             self.path.unlink(missing_ok=True)
 
@@ -993,7 +1013,7 @@ def _score_alone(inputs: list, output: Path, cfg: ScoreConfig, cache_path: Path)
     # Written to a hidden file as scored, then renamed: a killed run leaves no half output, and the same command
     # writes it again, replaying the answers from the cache.
     partial = output.with_name(f".partial-{output.name}")
-    with ScoreOutput(partial, active is not None) as out:
+    with ScoreOutput(partial, active is not None, shown=output) as out:
         rows, summary = asyncio.run(_stopped_by_sigterm(_score_async(
             docs, cfg, cache_path, cache_settings, the_prompt, active, write=out.write if active is None else None,
             total=total, sampler=sampler)))

@@ -37,6 +37,10 @@ def weighted_pearson(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> float
     return float((w @ (da * db)) / np.sqrt((w @ da**2) * (w @ db**2)))
 
 
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
 def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     """Regression, 6-class and thresholded (`int_score >= t` vs `label >= t`, the label rounded to its integer score
     as everywhere) metrics, JSON-ready.
@@ -58,8 +62,10 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     true = to_int_scores(labels)
     constant = np.ptp(raw) == 0 or np.ptp(labels) == 0
+    # a class nothing is labelled (or predicted) as has no recall (precision): None, not 0.0 (FineWeb has no 5s, and
+    # every metrics.json said its model missed every one)
     precision, recall, f1, _ = precision_recall_fscore_support(
-        true, pred, labels=CLASSES, zero_division=0, sample_weight=w
+        true, pred, labels=CLASSES, zero_division=np.nan, sample_weight=w
     )
     support = np.bincount(true, minlength=len(CLASSES))
 
@@ -91,9 +97,9 @@ def compute_metrics(labels, raw_scores, int_scores, weights=None) -> dict:
         "confusion_matrix": confusion_matrix(true, pred, labels=CLASSES).tolist(),
         "per_class": {
             str(c): {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
+                "precision": _defined(precision[i]),
+                "recall": _defined(recall[i]),
+                "f1": _defined(f1[i]),
                 "support": int(support[i]),
             }
             for i, c in enumerate(CLASSES)

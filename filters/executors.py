@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -283,7 +284,29 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, l
                    slurm_logs[-1] if slurm_logs else logs / "slurm_logs")
     error = last_error_line(log) if log.is_file() else ""
     detail = f": {error}" if error else ""
-    return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}); log: {log}{detail}"
+    return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}); log: {log}{detail}"
+            f"{low_space_note([out, tempfile.gettempdir()])}")
+
+
+LOW_SPACE_BYTES = 64 * 2**20  # free space below which a failed stage says its disk may be why
+
+
+def low_space_note(folders: Iterable[str | os.PathLike]) -> str:
+    """"; FOLDER's filesystem has N bytes free ..." for each of `folders` on a disk all but full: a full disk fails
+    every task, and their logs, on the same disk, end mid-traceback, naming no error ("Traceback (most recent call
+    last):" was all a failed stage said)."""
+    notes, seen = [], set()
+    for folder in folders:
+        try:
+            device, usage = os.stat(folder).st_dev, shutil.disk_usage(folder)
+        except OSError:
+            continue
+        if device not in seen and usage.free < LOW_SPACE_BYTES:
+            notes.append(f"{folder}'s filesystem has {usage.free:,} bytes free")
+        seen.add(device)
+    if not notes:
+        return ""
+    return f"; {' and '.join(notes)}: a full disk fails every task (free space, then run the same command again)"
 
 
 def last_error_line(log: Path) -> str:
@@ -796,8 +819,6 @@ class WatchedRayExecutor(datatrove_ray.RayPipelineExecutor):
         """datatrove's, its task log kept (until copied to the run's logs) in a temporary folder of this run:
         datatrove's one per node (TMPDIR/ray_logs, opened "w") was shared by every run on the node, so two runs
         on one cluster overwrote each other's logs, and another user's folder made the task fail before it ran."""
-        import tempfile
-
         folder = ray_task_log_folder(self.logging_dir.path, rank)
         os.makedirs(folder, exist_ok=True)
         before, tempfile.tempdir = tempfile.tempdir, folder
@@ -827,8 +848,6 @@ def ray_task_log_folder(logging_dir: str, rank: int) -> str:
     """The node's temporary folder for the log of task `rank` of the stage logging to `logging_dir`: one per task,
     as each task removes its own once its log is copied (one folder per stage, a task ending removed it as empty
     while another task of the stage, starting, was about to write its log in it: the task failed, unlogged)."""
-    import tempfile
-
     run = hashlib.sha1(logging_dir.encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"edu-filter-{os.getuid()}-{run}-{rank:05d}")
 

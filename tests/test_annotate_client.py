@@ -702,3 +702,25 @@ def test_output_rows_given_at_once_are_written_a_row_group_at_a_time(tmp_path, n
         assert pq.read_table(tmp_path / name).column("id").to_pylist() == [r["id"] for r in rows]
     else:
         assert [r["id"] for r in read_jsonl(tmp_path / name)] == [r["id"] for r in rows]
+
+
+@pytest.mark.parametrize("rows", [3, 3000])  # flushed when closing / while scoring
+def test_a_full_disk_under_the_output_is_named_and_leaves_no_partial_file(server, tmp_path, rows):
+    """The hidden output filling a disk: closing it raised ENOSPC before the unlink meant to follow, leaving a
+    partial as large as the output on the full disk, behind an error ("[Errno 28] ...") naming no file. /dev/full
+    stands in for the disk (every write to it fails with ENOSPC)."""
+    ids = [f"full{rows}-{i}" for i in range(rows)]
+    src = write_jsonl(tmp_path / "in.jsonl", [doc(i, score=3, text="A lesson. " * 20) for i in ids])
+    out = tmp_path / "out.jsonl"
+    partial = tmp_path / ".partial-out.jsonl"
+    partial.symlink_to("/dev/full")
+    with pytest.raises(RuntimeError, match=f"the output {out} cannot be written \\(No space left on device\\): the "
+                                           "answers received are in the cache"):
+        score_documents([str(src)], out, base_url=server.base_url, model="m", concurrency=8, **FAST)
+    assert not partial.is_symlink() and not partial.exists() and not out.exists()
+    received = sum(server.requests[i] for i in ids)
+    assert 0 < received <= rows
+    again = score_documents([str(src)], out, base_url=server.base_url, model="m", concurrency=8, **FAST)
+    assert 0 < again.cached_answers <= received and [r["id"] for r in read_jsonl(out)] == ids
+    # asked again: only those whose answers were in flight when the run stopped
+    assert sum(server.requests[i] for i in ids) == rows + received - again.cached_answers

@@ -197,6 +197,21 @@ def test_following_a_chain_asks_squeue_less_often_as_it_goes_on():
     assert calls < 3_100
 
 
+def test_a_stage_failed_on_a_full_disk_says_so(tmp_path):
+    """A full disk under OUT fails every task, and their logs, on that disk, end mid-traceback: "Traceback (most
+    recent call last):" was all a failed stage said. A filesystem with no free byte (procfs) stands in for it."""
+    from edu_filter.filters.executors import failed_stage_message, low_space_note
+
+    note = low_space_note(["/proc", str(tmp_path), "/proc/self"])
+    assert note == ("; /proc's filesystem has 0 bytes free: a full disk fails every task (free space, then run the "
+                    "same command again)")  # one filesystem named once; one with room not named
+    log = tmp_path / "logs" / "filter" / "logs" / "task_00001.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-12-07 | ERROR | a task\nTraceback (most recent call last):\n  File \"x.py\", line 1, in ru")
+    message = failed_stage_message(str(tmp_path), "filter", 2)
+    assert message.startswith("stage filter failed (2/2 tasks did not complete: 0, 1); log: ")
+    assert "bytes free" not in message  # tmp_path has room
+
 def test_a_job_over_a_per_job_limit_of_its_qos_is_never_waited_for():
     """A QOS or association capping each job's time, CPUs, memory or GPUs below the request leaves the job pending
     forever where the QOS does not deny it at submission: --wait stops and names the option to change. Limits per

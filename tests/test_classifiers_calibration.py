@@ -80,6 +80,17 @@ def test_compute_metrics_keys_and_values():
     assert m["uncalibrated"]["binary_f1_at_3"] == m["binary_f1_at_3"]  # same cuts here
 
 
+def test_a_class_no_document_is_labelled_or_predicted_as_has_no_recall_or_precision():
+    """FineWeb validation sets hold no 5: its recall is 0/0, which metrics.json gave as 0.0, a model that missed
+    every 5, pulling down any mean over models or folds."""
+    labels = np.array([0, 1, 2, 3, 4, 3], dtype=float)
+    ints = np.array([0, 1, 2, 3, 3, 3])
+    per_class = compute_metrics(labels, ints + 0.1, ints)["per_class"]
+    assert per_class["5"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert per_class["4"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}  # never predicted: missed
+    assert per_class["3"]["precision"] == pytest.approx(2 / 3) and per_class["3"]["recall"] == 1.0
+
+
 def test_macro_f1_counts_a_class_predicted_that_no_label_has():
     """As scikit-learn and FineWeb-Edu's classification_report average it: the classes of the labels only (no 5 in
     many validation sets) left out a predicted 5's F1 of 0, and read 0.79 where they read 0.53."""

@@ -785,7 +785,8 @@ def test_a_model_whose_learning_curve_was_cut_short_is_said_to_be_finished(tmp_p
 
     out = tmp_path / "model"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    for name in ("config.json", "provenance.json", "README.md"):
+        (out / name).write_text("{}")
     metrics = {"mse": 0.5, "training": {"config": {"learning_curve": True}}}
     (out / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ValueError, match="holds a finished model whose learning curve was cut short .* usable"):
@@ -793,6 +794,25 @@ def test_a_model_whose_learning_curve_was_cut_short_is_said_to_be_finished(tmp_p
     (out / "metrics.json").write_text(json.dumps({**metrics, "learning_curve": {"points": []}}))
     with pytest.raises(ValueError, match="already holds a model; give --overwrite"):
         check_output(out, overwrite=False)
+    check_output(out, overwrite=True)
+
+
+def test_a_model_saved_without_its_record_is_not_taken_for_a_finished_one(tmp_path):
+    """A run killed (or out of disk) between saving the model and writing metrics.json, provenance.json and the
+    card left a loadable model that the same command refused as finished: applied or pushed with no metrics, no
+    lineage and no card."""
+    from edu_filter.train.classifier import check_output
+
+    out = tmp_path / "model"
+    quick_fasttext(out)
+    check_output(out, overwrite=True)
+    with pytest.raises(ValueError, match="already holds a model; give --overwrite"):
+        check_output(out, overwrite=False)
+    for name in ("README.md", "provenance.json", "metrics.json"):  # the card is written last
+        (out / name).unlink()
+        with pytest.raises(ValueError, match=f"a model whose run stopped before writing its record .*{name}.* "
+                                             "--overwrite trains it again"):
+            check_output(out, overwrite=False)
     check_output(out, overwrite=True)
 
 

@@ -1,6 +1,7 @@
 """Document I/O: every supported format reads the same rows, and bad input names its file and line."""
 
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -723,3 +724,17 @@ def test_a_line_past_max_line_bytes_stops_the_read_naming_it_without_holding_it(
         with pytest.raises(DocumentError, match=rf"{name}:2: a line of 7,015 bytes, over the 1,000 a document may "
                                                 r"take: a file without line breaks, or a JSON array\?"):
             next(read)
+
+
+def test_a_json_record_that_cannot_be_written_leaves_no_hidden_partial(tmp_path):
+    """A full disk (/dev/full: every write fails with ENOSPC) while writing metrics.json or stats.json: the old
+    file stays, and no hidden `.partial-` file is left beside it."""
+    from edu_filter.documents import PARTIAL_PREFIX, write_json_whole
+
+    path = tmp_path / "metrics.json"
+    write_json_whole(path, {"old": 1})
+    (tmp_path / (PARTIAL_PREFIX + path.name)).symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space left on device"):
+        write_json_whole(path, {"new": "x" * 100_000})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert json.loads(path.read_text()) == {"old": 1}

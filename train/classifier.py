@@ -193,6 +193,9 @@ def save_whole(output: Path, write: Callable[[Path], None]) -> None:
     synced(output, files=False)
 
 
+RECORD_FILES = ("metrics.json", provenance.PROVENANCE_FILE, provenance.CARD_FILE)  # `write_record`'s, the card last
+
+
 def _curve_cut_short(output: Path) -> bool:
     """Whether `output`'s model was saved by a run asked for a learning curve that it never wrote (stopped during
     the curve: hours at 450k labels, after the model and its metrics)."""
@@ -221,6 +224,11 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[str | os.PathLi
         names = ", ".join(sorted(p.name for p in entries)[:3])
         raise ValueError(f"{output} is not empty and holds no model ({names}); give an empty or new folder")
     if not overwrite:
+        unrecorded = [name for name in RECORD_FILES if not (output / name).is_file()]
+        if unrecorded:  # killed, or a full disk, between the model's save and its record: it read as finished
+            raise ValueError(f"{output} holds a model whose run stopped before writing its record "
+                             f"({', '.join(unrecorded)} missing: no metrics, lineage or card); --overwrite trains it "
+                             "again, or give another folder")
         if _curve_cut_short(output):
             raise ValueError(f"{output} holds a finished model whose learning curve was cut short (the run stopped "
                              "after saving the model: it is usable as it is); --overwrite trains it again, curve "
