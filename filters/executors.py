@@ -171,7 +171,10 @@ SLURM_KILLS = (
                      "exceeded step memory limit", "exceeded virtual memory limit")),
     ("due to node failure", "its node failed: run the same command again"),
     ("due to preemption", "it was preempted: run the same command again"),
+    # last: Slurm's own kills above say "CANCELLED AT ... DUE TO ..." too
+    ("cancelled at", "it was cancelled (scancel, by you or an administrator): run the same command again to resume"),
 )
+CANCELLED = "its jobs were cancelled (scancel, by you or an administrator): run the same command again to resume"
 SUBMITTED_JOBS = "slurm/jobs.json"  # every array job id of the current submission, per stage
 SUBMITTED_ARRAYS = "slurm/arrays.json"  # how the submission's array tasks map to ranks (datatrove's max_array_size)
 
@@ -215,17 +218,33 @@ def slurm_kill(stage_logs: Path, job_ids: list[str]) -> tuple[str, Path] | None:
     folder = stage_logs / "slurm_logs"
     if not job_ids or not folder.is_dir():
         return None
-    incomplete = _incomplete_array_tasks(stage_logs, job_ids)
-    for log in sorted(folder.glob("*.out")):
-        job, _, index = log.stem.partition("_")
-        if job not in job_ids or (incomplete is not None and (job, index) not in incomplete):
-            continue
-        said = [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
-        for marker, meaning in SLURM_KILLS:
-            if any(marker in ln for ln in said):
+    said = {log: [ln.lower() for ln in log.read_text(errors="replace").splitlines() if "slurmstepd" in ln]
+            for log in _incomplete_task_logs(stage_logs, job_ids)}
+    for marker, meaning in SLURM_KILLS:  # in their order: a time limit in one log before a cancel in another
+        for log, lines in said.items():
+            if any(marker in ln for ln in lines):
                 return (meaning.replace("--slurm-mem-gb", memory_flag(stage_logs.name, "slurm"))
                         .replace("--slurm-time", time_flag(stage_logs)), log)
     return None
+
+
+def _incomplete_task_logs(stage_logs: Path, job_ids: list[str]) -> list[Path]:
+    """Slurm's logs (`%A_%a.out`) of the given array jobs' tasks whose ranks did not complete (all of the given
+    jobs' logs where the run folder does not say which), in name order."""
+    incomplete = _incomplete_array_tasks(stage_logs, job_ids)
+    logs = []
+    for log in sorted((stage_logs / "slurm_logs").glob("*.out")):
+        job, _, index = log.stem.partition("_")
+        if job in job_ids and (incomplete is None or (job, index) in incomplete):
+            logs.append(log)
+    return logs
+
+
+def cancelled_by_slurm_state(job_ids: list[str]) -> bool:
+    """Whether Slurm still holds a CANCELLED state for one of these jobs: tasks cancelled before they started leave no
+    log to say so. Asked only where no task's log says why it failed: Slurm also cancels the jobs waiting on one
+    that failed (kill_invalid_depend)."""
+    return bool(job_ids) and "CANCELLED" in (ended_job_states(job_ids) or ())
 
 
 CLUSTER_STAGE = "minhash-cluster"  # its one task has its own memory and time options
@@ -268,18 +287,25 @@ def failed_stage_message(out: str, name: str, tasks: int, slurm: bool = False, l
     done = {p.name for p in (logs / "completions").glob("*")} if (logs / "completions").exists() else set()
     missing = [r for r in range(tasks) if f"{r:05d}" not in done]
     shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-    killed = slurm_kill(logs, submitted_jobs(out).get(name, [])) if slurm and missing else None
+    jobs = submitted_jobs(out).get(name, []) if slurm else []
+    killed = slurm_kill(logs, jobs) if slurm and missing else None
     if killed is not None:
         return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {killed[0]} (it "
                 f"resumes: finished tasks are kept); log: {killed[1]}")
     if lost is not None:
         return f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {lost}; logs: {logs}"
     # the first missing task whose log holds an error: a task that raised stops the others, which leave logs too
-    failing = next((r for r in missing if _log_has_error(task_log(out, name, r))), missing[0] if missing else None)
+    failing = next((r for r in missing if _log_has_error(task_log(out, name, r))), None)
+    if failing is None and slurm and missing and cancelled_by_slurm_state(jobs):
+        return (f"stage {name} failed ({len(missing)}/{tasks} tasks did not complete: {shown}): {CANCELLED} (finished "
+                f"tasks are kept); logs: {logs / 'slurm_logs'}")
+    failing = failing if failing is not None else (missing[0] if missing else None)
     log = task_log(out, name, failing) if failing is not None else logs
     if missing and not log.is_file() and (logs / "slurm_logs").is_dir():
-        # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of the job says why
-        slurm_logs = sorted((logs / "slurm_logs").glob("*.out"), key=lambda p: p.stat().st_mtime)
+        # the task never started its own log (Slurm killed it, or it never ran): Slurm's log of its job says why (a
+        # log of a task that completed said a progress line)
+        slurm_logs = sorted(_incomplete_task_logs(logs, jobs) if jobs else (logs / "slurm_logs").glob("*.out"),
+                            key=lambda p: p.stat().st_mtime)
         log = next((p for p in reversed(slurm_logs) if "error" in p.read_text(errors="replace").lower()),
                    slurm_logs[-1] if slurm_logs else logs / "slurm_logs")
     error = last_error_line(log) if log.is_file() else ""
@@ -1975,6 +2001,8 @@ def show_status(out: str, console) -> dict:
                                   "there tells running from killed)"] if hosts else []))
         elif failure := failed_task(out, name, tasks):
             state = failure
+        elif submitted and jobs is not None and cancelled_by_slurm_state(job_ids.get(name, [])):
+            state = f"incomplete: {CANCELLED}"
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:

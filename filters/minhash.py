@@ -385,8 +385,10 @@ class ArrayMinhashDedupCluster(MinhashDedupCluster):
     of tuples, ~190 bytes of resident memory per document with a near duplicate (~95 GB in its one task for a crawl
     of 2B documents, a quarter of them in clusters); here a sorted array of the documents' 64-bit keys and their
     components, ~45 bytes at the peak (`benchmarks/bench_minhash_cluster.py`). The components are found a bucket's pairs at a time
-    (scipy's connected components over the components so far), and each keeps its first document in input order
-    (file, then position), where datatrove kept the root its union by size happened to leave. Runs with an index
+    (scipy's connected components over the components so far), and each keeps its first document by signature key
+    (the task that read it, then its position in that task's stream: input order with one task; files are dealt
+    to tasks in turn, so with more the copy kept may change with --tasks), where datatrove kept the root its union by
+    size happened to leave. Runs with an index
     (pairs naming SENTINEL) or writing cluster ids or sizes take datatrove's own path."""
 
     name = "🎯 MinHash stage 3 (arrays)"

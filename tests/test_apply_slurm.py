@@ -291,6 +291,9 @@ def test_a_requeued_task_then_scancel_mid_chain_then_rerun_give_the_clean_result
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]
     assert "stage filter failed" in stderr and "log:" in stderr  # names the stage and where to look
+    # and that it was cancelled (its tasks' logs, or Slurm's states of those that never started), not a log of a task
+    # that completed and its progress line
+    assert "cancelled (scancel, by you or an administrator)" in stderr, stderr[-3000:]
     assert not (out / "stats.json").exists()
 
     res = cli(args, timeout=900)  # the same command resumes: only the missing tasks are submitted again
@@ -500,10 +503,10 @@ def test_slurm_kill_reasons_are_read_from_the_current_jobs_logs_only(tmp_path):
     logs = tmp_path / "slurm_logs"
     logs.mkdir()
     (logs / "77_0.out").write_text("slurmstepd: error: *** JOB 77 ON gpu-room2 CANCELLED AT 2026-12-04T10:00:00 ***\n")
-    assert slurm_kill(tmp_path, ["77"]) is None  # an ordinary scancel
+    assert slurm_kill(tmp_path, ["77"])[0].startswith("it was cancelled (scancel, by you or an administrator)")
     (logs / "78_1.out").write_text("INFO starting\nslurmstepd: error: Detected 1 oom_kill event in StepId=78.batch. "
                                    "Some of the step tasks have been OOM Killed.\n")
-    assert "--slurm-mem-gb" in slurm_kill(tmp_path, ["77", "78"])[0]
+    assert "--slurm-mem-gb" in slurm_kill(tmp_path, ["77", "78"])[0]  # Slurm's own kill before a cancel, in any log
     cluster = tmp_path / "minhash-cluster"  # the one task holding every near-duplicate pair: its own option
     shutil.copytree(logs, cluster / "slurm_logs")
     assert "more --slurm-cluster-mem-gb" in slurm_kill(cluster, ["77", "78"])[0]
@@ -546,6 +549,25 @@ def test_slurm_kill_reasons_come_from_tasks_whose_ranks_did_not_complete(tmp_pat
         "slurmstepd: error: Detected 1 oom_kill event in StepId=92.batch.\n")
     reason, log = slurm_kill(stage, ["90", "91"])
     assert "--slurm-mem-gb" in reason and log.name == "91_0.out"
+
+
+def test_a_failed_stage_whose_failed_task_left_no_log_names_no_log_of_a_task_that_completed(tmp_path):
+    """Tasks cancelled before they started leave no log: the newest Slurm log of the stage holding "error" was taken,
+    a completed task's, and its last line (a progress line) given as the failure."""
+    from edu_filter.filters.executors import SUBMITTED_ARRAYS, SUBMITTED_JOBS, failed_stage_message
+
+    stage = tmp_path / "logs" / "filter"
+    (stage / "slurm_logs").mkdir(parents=True)
+    (stage / "completions").mkdir()
+    (stage / "ranks_to_run.json").write_text(json.dumps([0, 1]))
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / SUBMITTED_ARRAYS).write_text(json.dumps({"filter": {"max_array_size": 1000, "tasks_per_job": 1}}))
+    (tmp_path / SUBMITTED_JOBS).write_text(json.dumps({"filter": ["999999001"]}))  # a job Slurm never knew
+    (stage / "completions" / "00000").touch()
+    (stage / "slurm_logs" / "999999001_0.out").write_text("2026-12-07 | INFO | ERROR-free\n0: ⏱ progress time\n")
+    message = failed_stage_message(str(tmp_path), "filter", 2, slurm=True)
+    assert message.startswith("stage filter failed (1/2 tasks did not complete: 1); log: ")
+    assert "999999001_0.out" not in message and "progress time" not in message
 
 
 def test_submitted_jobs_reads_lists_and_the_one_id_per_stage_of_older_run_folders(tmp_path):
