@@ -456,6 +456,8 @@ def run_record(cfg: ApplyConfig, files: list[tuple[str, str]], used: list[dict])
         "input_files": fingerprint_inputs(files),
         "model_fingerprint": next(iter(fingerprints["classifier"].values())),
         "decontaminate_files": fingerprints["decontamination"],
+        # what `sweep` counts as educational by default (label >= 4 for code), where the model folder may be gone
+        "model_kind": model_kind(cfg.model),
     }
 
 

@@ -65,23 +65,40 @@ def is_apply_output(path: str | Path) -> bool:
     return (Path(path) / "run_config.json").exists()
 
 
+def run_record(path: str | Path) -> dict:
+    """An apply output's run_config.json; empty where no readable record is there."""
+    try:
+        record = json.loads((Path(path) / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def run_settings(path: str | Path) -> dict:
     """The settings an apply output's run_config.json records; none where no readable record is there."""
-    try:
-        settings = json.loads((Path(path) / "run_config.json").read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    settings = run_record(path).get("settings")
     return settings if isinstance(settings, dict) else {}
+
+
+def recorded_model_kind(path: str | Path) -> str | None:
+    """The kind (web, code) of the model an apply output was scored with, as its run recorded it; from the model
+    folder for a run recorded before that (None where the folder is gone: moved, a cluster's scratch cleared)."""
+    from edu_filter.filters.apply import model_kind
+
+    record = run_record(path)
+    if "model_kind" in record:
+        return record["model_kind"]
+    model = run_settings(path).get("model")
+    return model_kind(model) if isinstance(model, str) else None
 
 
 def kind_positive_threshold(paths: list[str]) -> int:
     """The label that counts as educational by default: 4 where every input is an apply output made for code
     (`--preset python-edu`, or a `train --kind code` model: Python-Edu's threshold), else 3 (FineWeb-Edu's). A
     Python-Edu output was scored against label >= 3 unless told, its t=4 row not evaluate's F1 at 4."""
-    from edu_filter.filters.apply import PRESETS, model_kind
+    from edu_filter.filters.apply import PRESETS
 
-    code = [s.get("preset") == "python-edu" or (isinstance(s.get("model"), str) and model_kind(s["model"]) == "code")
-            for s in map(run_settings, paths)]
+    code = [run_settings(p).get("preset") == "python-edu" or recorded_model_kind(p) == "code" for p in paths]
     return PRESETS["python-edu"]["threshold"] if code and all(code) else 3
 
 
@@ -623,8 +640,22 @@ def threshold_positions(rows: list[dict], cuts: list[float], low: float) -> list
 
 def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_threshold: int = 3,
                cut_points: list[float] | None = None, cuts_from: str | None = None) -> list[Path]:
+    """`score_histogram.png` and `retention_curve.png` (`sweep_figures`) in `output`, each with its whole legend."""
+    paths = []
+    for name, fig in sweep_figures(summary, rows, positive_threshold, cut_points, cuts_from):
+        paths.append(output / name)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")  # the legend below the axes included
+    return paths
+
+
+def sweep_figures(summary: ScoredSummary, rows: list[dict], positive_threshold: int = 3,
+                  cut_points: list[float] | None = None, cuts_from: str | None = None) -> list[tuple[str, object]]:
     """Score histogram with the cut points, and retention against the score cutoff with every threshold drawn at its
-    cut point; `cut_points` are the model's (from `cuts_from`), else the boundaries the data shows."""
+    cut point; `cut_points` are the model's (from `cuts_from`), else the boundaries the data shows. The legends sit
+    below the axes: inside, a model's name (and "saved without cut points: ...") hid the thresholds' numbers and ran
+    past the figure's edge."""
+    import textwrap
+
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     cuts = list(cut_points) if cut_points is not None else data_cut_points(summary)
@@ -632,7 +663,13 @@ def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_
     weighted = f", weighted by '{summary.weight_field}'" if summary.weight_field else ""
     filled = np.flatnonzero(summary.hist_docs)  # the 1e-4 bins holding documents, low to high
     edges = np.array([max(bin_low_edge(b), summary.score_min) for b in filled])
-    paths = []
+
+    def legend_below(ax) -> None:
+        for handle in ax.get_legend_handles_labels()[0]:
+            handle.set_label(textwrap.fill(handle.get_label(), 90))
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+    figures = []
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     low = min(summary.score_min, MIN_SCORE - 0.5)
@@ -648,10 +685,8 @@ def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_
     ax.set_ylabel("documents")
     ax.set_title(f"Score distribution ({summary.documents:,} documents{weighted})")
     if any(math.isfinite(c) for c in cuts):
-        ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    paths.append(output / "score_histogram.png")
-    fig.savefig(paths[-1], dpi=120)
+        legend_below(ax)
+    figures.append(("score_histogram.png", fig))
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -675,12 +710,10 @@ def plot_sweep(summary: ScoredSummary, rows: list[dict], output: Path, positive_
     ax.set_ylabel("% kept")
     ax.set_ylim(0, 102)
     ax.set_title(f"Retention vs score cutoff{weighted}")
-    ax.legend(fontsize=8)
+    legend_below(ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(output / "retention_curve.png")
-    fig.savefig(paths[-1], dpi=120)
-    return paths
+    figures.append(("retention_curve.png", fig))
+    return figures
 
 
 def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None = None,

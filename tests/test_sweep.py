@@ -122,6 +122,32 @@ def test_a_model_saved_without_cut_points_is_round_and_clip(tmp_path):
     assert result["cut_points_from"] == f"model {model} (saved without cut points: its score rounded, a half to even)"
 
 
+def test_the_legends_cover_no_threshold_and_fit_in_the_picture(tmp_path):
+    """A model saved without cut points (the official fineweb-edu-classifier's layout) named itself and how it
+    rounds in the legend, which sat inside the axes: it hid every threshold's number in the histogram and ran past
+    the retention curve's right edge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from edu_filter.filters.sweep import load_scored, model_cut_points, retention_table, sweep_figures
+
+    model = tmp_path / "HuggingFaceFW-fineweb-edu-classifier"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    out = fake_apply_output(tmp_path, scored_rows(200), model)
+    summary = load_scored([str(out)], None, "weight", show=False)
+    cuts, cuts_from = model_cut_points([str(out)])
+    figures = sweep_figures(summary, retention_table(summary, list(range(6)), 3), 3, cuts, cuts_from)
+    for name, fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        ax = fig.axes[0]
+        legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not legend.overlaps(axes), name
+        texts = [t for t in ax.texts if t.get_text()]
+        assert texts and not any(t.get_window_extent(renderer).overlaps(legend) for t in texts), name
+        # saved with its whole legend (`plot_sweep` saves the tight box of every artist): none wider than 3 figures
+        assert fig.get_tightbbox(renderer).width < 3 * fig.get_figwidth(), name
+
+
 def test_without_a_model_the_cut_points_come_from_the_data(tmp_path):
     rows = scored_rows(300)
     result = run_sweep([str(write_jsonl(tmp_path / "s.jsonl", rows))], tmp_path / "sw", show=False)
@@ -339,6 +365,29 @@ def test_a_code_runs_output_counts_label_4_as_educational_by_default(tmp_path):
     assert run_sweep([str(out)], tmp_path / "web", show=False)["positive_threshold"] == 3
     (out / "run_config.json").write_text(json.dumps({"settings": {"model": "hub/id", "preset": "python-edu"}}))
     assert run_sweep([str(out)], tmp_path / "preset", show=False)["positive_threshold"] == 4
+
+
+@pytest.mark.slow
+def test_a_code_runs_kind_is_recorded_by_apply_and_outlives_its_model_folder(tmp_path, stock_classifier):
+    """The kind was read from the model folder at sweep time: swept elsewhere, or once a cluster's scratch was
+    cleared, a code run's output was scored against label >= 3 with no word."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(stock_classifier, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "kind": "code"}))
+    rows = [{"id": f"c{i}", "text": f"def f{i}(x):\n    return x + {i}\n", "score": i % 6} for i in range(12)]
+    out = tmp_path / "out"
+    cli = str(Path(sys.executable).parent / "edu-filter")
+    res = subprocess.run([cli, "apply", str(write_jsonl(tmp_path / "code.jsonl", rows)), "-o", str(out), "--model",
+                          str(model), "--threshold", "0", "--no-dedup", "--tasks", "1", "--workers", "1"],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["model_kind"] == "code"
+    shutil.rmtree(model)
+    result = run_sweep([str(out)], tmp_path / "sw", show=False)
+    assert result["positive_threshold"] == 4 and result["documents"] == 12
 
 
 def test_cut_points_of_a_model_retrained_since_the_run_are_not_used(tmp_path):
