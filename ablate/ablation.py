@@ -623,7 +623,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             file = out / "tokens" / "eval" / f"{name}.bin"
             sidecar = file.with_suffix(".source.json")
             recorded = _recorded_source(json.loads(sidecar.read_text()) if sidecar.exists() else None, path,
-                                        text_field, source)
+                                        text_field, source, tok)
             made_of = {"source": source, "tokenizer": tokenizer_key(tok), "max_tokens": cfg.eval_tokens + window}
             order = _file_order(recorded, made_of)
             made_of.update({"file_order": order} if order else {})
@@ -642,10 +642,10 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
             continue
         folder = out / "tokens" / name
         packed = read_packed(folder)
-        recorded = _recorded_source(packed_settings(folder), path, text_field, source)
+        recorded = _recorded_source(packed_settings(folder), path, text_field, source, tok)
         in_name_order = packing_settings(tok, cfg.tokens + window, val_fraction, cfg.eval_tokens + window, source)
         order = _file_order(recorded if packed else _recorded_source(_checkpoint_settings(folder), path, text_field,
-                                                                     source), in_name_order)
+                                                                     source, tok), in_name_order)
         wanted = {**in_name_order, **({"file_order": order} if order else {})}  # packing_settings(..., order)
         if packed and recorded not in (None, wanted):  # None: packed by an older edu-filter, which recorded none
             _refuse_or_repack(out, f"--data {name}", recorded, wanted, trained)
@@ -657,7 +657,7 @@ def _prepare_tokens(out: Path, tok, datasets: dict, references: dict, cfg: Pretr
                              f"dataset's training data, and {out / 'runs'} was trained on it: start a new output "
                              f"folder, or remove {out / 'tokens'} and {out / 'runs'}")
         else:
-            _adopt_older_checkpoint(folder, path, text_field, source)
+            _adopt_older_checkpoint(folder, path, text_field, source, tok)
             # every rank says how its packing goes in a log (torchrun, Slurm); on a terminal rank 0 draws bars
             # alone (bars of several processes would overwrite each other)
             from rich import get_console
@@ -721,24 +721,28 @@ def _checkpoint_settings(folder: Path) -> dict | None:
         return None
 
 
-def _adopt_older_checkpoint(folder: Path, path: str, text_field: str, source: str) -> None:
-    """An unfinished packing checkpointed when a folder's fingerprint was of all its files goes on from there (see
-    `_recorded_source`) instead of starting again."""
+def _adopt_older_checkpoint(folder: Path, path: str, text_field: str, source: str, tok) -> None:
+    """An unfinished packing checkpointed when a folder's fingerprint was of all its files, or by a release keying
+    its tokenizer another way, goes on from there (see `_recorded_source`) instead of starting again."""
     try:
         checkpoint = json.loads((folder / PACKING).read_text())
     except (OSError, ValueError):
         return
-    settings = _recorded_source(checkpoint.get("settings"), path, text_field, source)
+    settings = _recorded_source(checkpoint.get("settings"), path, text_field, source, tok)
     if settings is not checkpoint.get("settings"):
         (folder / PACKING).write_text(json.dumps({**checkpoint, "settings": settings}))
 
 
-def _recorded_source(recorded: dict | None, path: str, text_field: str, source: str) -> dict | None:
-    """The settings recorded with token files, the source as this edu-filter names it: a folder's fingerprint was
-    once of all its files, which still names the same texts while it matches."""
+def _recorded_source(recorded: dict | None, path: str, text_field: str, source: str, tok) -> dict | None:
+    """The settings recorded with token files, the source and tokenizer as this edu-filter names them: a folder's
+    fingerprint was once of all its files, which still names the same texts while it matches; a few releases keyed
+    the same tokenizer and packing another way (`tokenizer_key`), and an ablation they began was refused as if its
+    tokenizer had changed, its trained runs to be thrown away."""
     if recorded and recorded.get("source") not in (None, source) and Path(path).is_dir() and \
             recorded["source"] == packing_source(path, text_field, documents=False):
-        return {**recorded, "source": source}
+        recorded = {**recorded, "source": source}
+    if recorded and recorded.get("tokenizer") == tokenizer_key(tok, releases_of_split_text=True):
+        recorded = {**recorded, "tokenizer": tokenizer_key(tok)}
     return recorded
 
 

@@ -355,9 +355,12 @@ def packed_settings(out_dir: str | Path) -> dict | None:
         return None
 
 
-def tokenizer_key(tokenizer) -> str:
+def tokenizer_key(tokenizer, releases_of_split_text: bool = False) -> str:
     """What identifies a tokenizer's encoding: its vocabulary, merges and rules (not the truncation and padding
-    settings, which transformers changes on first use) and its EOS id, the document separator."""
+    settings, which transformers changes on first use) and its EOS id, the document separator.
+
+    `releases_of_split_text`: the key as a few releases recorded it, with the way a document's own special-token text
+    is packed (as text, as now) in it; their token files are what this release packs (`recorded_as_now`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     try:
         spec = json.loads(backend.to_str())
@@ -365,7 +368,8 @@ def tokenizer_key(tokenizer) -> str:
         spec.pop("padding", None)
     except Exception:  # noqa: BLE001 - no fast backend, or one with custom Python parts: the vocabulary alone
         spec = sorted(tokenizer.get_vocab().items())
-    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer)}
+    spec = {"encoding": spec, "eos": tokenizer.eos_token_id, "size": len(tokenizer),
+            **({"special_tokens_in_text": "split"} if releases_of_split_text else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 

@@ -201,12 +201,42 @@ def test_a_note_beside_a_data_folder_leaves_its_token_files_in_use(tokenizer, tm
     unfinished = tmp_path / "unfinished"  # a packing checkpointed by an older edu-filter goes on from there
     unfinished.mkdir()
     (unfinished / PACKING).write_text(json.dumps({"settings": {"source": legacy, "train_tokens": 5}}))
-    _adopt_older_checkpoint(unfinished, str(data), "text", packing_source(str(data), "text"))
+    _adopt_older_checkpoint(unfinished, str(data), "text", packing_source(str(data), "text"), tokenizer)
     assert json.loads((unfinished / PACKING).read_text())["settings"] == {
         "source": packing_source(str(data), "text"), "train_tokens": 5}
     (data / "part-0.jsonl").write_text((data / "part-0.jsonl").read_text().upper())
     with pytest.raises(InputError, match="--data web: .* asks in the input's content"):
         _prepare_tokens(out, tokenizer, {"web": str(data)}, {"ref": str(ref)}, cfg, TEXT, 0.1)
+
+
+def test_token_files_of_the_releases_that_keyed_split_special_text_are_taken_as_they_are(tokenizer, tmp_path):
+    """A few releases put how a document's own special-token text is packed (as text, as now) in the tokenizer key;
+    the key went back to what it was before them, and an ablation they began, its runs trained, was refused as made
+    with another tokenizer: start over, or remove the trained runs."""
+    from edu_filter.ablate.packing import tokenizer_key
+
+    cfg = PretrainConfig.from_preset("tiny", {"max_position_embeddings": 64, "eval_tokens": 256}, tokens=20_000)
+    reference = tmp_path / "ref.jsonl"
+    shutil.copy(WEB, reference)
+    out = tmp_path / "ablation"
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
+    first = (out / "tokens/web/train.bin").read_bytes()
+    then = tokenizer_key(tokenizer, releases_of_split_text=True)
+    assert then != tokenizer_key(tokenizer)
+    record = out / "tokens/web" / PACKED  # as those releases recorded them
+    packed = json.loads(record.read_text())
+    record.write_text(json.dumps({**packed, "settings": {**packed["settings"], "tokenizer": then}}))
+    sidecar = out / "tokens/eval/ref.source.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tokenizer": then}))
+    (out / "runs").mkdir()
+    _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)  # not refused
+    assert (out / "tokens/web/train.bin").read_bytes() == first
+    other = train_tokenizer(["another vocabulary, trained on other words " * 50], 300, tmp_path / "other")
+    packed = json.loads(record.read_text())
+    record.write_text(json.dumps({**packed, "settings": {**packed["settings"],
+                                                         "tokenizer": tokenizer_key(other, releases_of_split_text=True)}}))
+    with pytest.raises(InputError, match="--data web: .* asks in the tokenizer, and its runs"):
+        _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
 
 
 def test_only_finished_packing_is_reused(tokenizer, tmp_path):
