@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import random
 import re
+import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -802,6 +803,18 @@ def pretrained_args(model: str) -> tuple[str, dict]:
     return "/".join(parts[:2]), {"gguf_file": "/".join(parts[2:])}
 
 
+class StopWhenSet:
+    """A transformers stopping criterion: every sequence is done once `event` is set (checked at each new token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class TransformersBackend:
     """Generate with a local or hub causal LM (a folder, hub id or .gguf file) in this process, batching concurrent
     requests.
@@ -830,6 +843,9 @@ class TransformersBackend:
         self.stats = RequestStats()
         self._queue: asyncio.Queue | None = None
         self._batcher: asyncio.Task | None = None
+        # set when the run stops: generate() checks it at every token. A batch ran to max_new_tokens in its thread
+        # (minutes) past SIGTERM's 20 s and a second SIGTERM, which asyncio.run waited for, and Slurm's SIGKILL cut
+        self._stopping = threading.Event()
 
     async def __aenter__(self) -> TransformersBackend:
         import torch
@@ -854,6 +870,7 @@ class TransformersBackend:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self._stopping.set()
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
 
@@ -926,20 +943,26 @@ class TransformersBackend:
 
     def _generate(self, texts: list[str]) -> list[Answer]:
         import torch
+        from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self._uses_template())
         enc = enc.to(self.lm.device)
         sample = self.settings.temperature > 0
-        sampling = {"temperature": self.settings.temperature, "top_p": self.settings.top_p} if sample else {}
+        # top_k 0: temperature and top_p alone, as a server samples them (transformers adds a top_k of 50 unasked)
+        sampling = ({"temperature": self.settings.temperature, "top_p": self.settings.top_p, "top_k": 0} if sample
+                    else {})
         with torch.no_grad():
             out = self.lm.generate(
                 **enc,
                 do_sample=sample,
                 max_new_tokens=self.settings.max_tokens,
                 pad_token_id=tok.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([StopWhenSet(self._stopping)]),
                 **sampling,
             )
+        if self._stopping.is_set():  # cut short: no answer is taken from it
+            raise RequestFailed("generation stopped: the run is stopping")
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         # where an answer ends: the tokenizer's EOS or any EOS id of the generation config (chat models end their turn
         # on their own token: Gemma's <end_of_turn>, Phi-3's <|end|>, Llama-3-Instruct's <|eot_id|>)

@@ -27,10 +27,10 @@ WORDS = ["<pad>", "<eos>", "<unk>", "Rate", "this", "extract:", "the", "lesson",
 NEXT = {"good": "Educational", "Educational": "score:", "score:": "3", "3": "<eos>"}
 
 
-def build_tiny_llama(path: Path, turn_end: str = "<eos>") -> str:
+def build_tiny_llama(path: Path, turn_end: str = "<eos>", context: int = 128) -> str:
     """The bigram Llama, saved. `turn_end="<end_of_turn>"`: it ends its answer on a token its generation config
     lists among the EOS ids while the tokenizer's eos_token is another, as Gemma-it (<end_of_turn>), Phi-3 (<|end|>)
-    and Llama-3-Instruct (<|eot_id|>) do."""
+    and Llama-3-Instruct (<|eot_id|>) do. `context`: its positions."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -43,7 +43,7 @@ def build_tiny_llama(path: Path, turn_end: str = "<eos>") -> str:
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     hidden = 16
     config = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
                          tie_word_embeddings=False, eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"])
     model = LlamaForCausalLM(config)
     following = {**NEXT, "3": turn_end}
@@ -168,6 +168,34 @@ def test_transformers_backend_with_a_real_tiny_model(tiny_llama, tmp_path):
     again = score_documents([str(src)], out, backend="transformers", model=tiny_llama, prompt=str(prompt),
                             max_tokens=6, max_reasks=2, show_progress=False)
     assert again.requests == 0 and again.cached_answers == 4  # resumed from the cache, model not asked again
+
+
+def test_a_stopped_run_stops_the_transformers_backends_generation(tmp_path):
+    """generate() ran in its thread to max_new_tokens (minutes) past SIGTERM's grace and past a second SIGTERM,
+    asyncio.run waiting for it, and Slurm's SIGKILL then cut the job. It stops at its next token now."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    model = build_tiny_llama(tmp_path / "model", context=200_000)
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [{"id": "b1", "text": "the lesson is bad"}])  # "bad" for ever
+    cli = str(Path(sys.executable).parent / "edu-filter")
+    run = subprocess.Popen([cli, "score", str(src), "-o", str(tmp_path / "out.jsonl"), "--backend", "transformers",
+                            "--model", model, "--prompt", str(prompt), "--max-tokens", "150000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    time.sleep(15)  # loaded, generating
+    assert run.poll() is None, run.communicate()[1][-2000:]
+    run.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    run.send_signal(signal.SIGTERM)  # "SIGTERM again stops at once"
+    stopped = time.monotonic()
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 143, stderr[-2000:]
+    assert time.monotonic() - stopped < 10, stderr[-2000:]
 
 
 def test_transformers_backend_stops_at_any_end_of_turn_token_of_the_model(tmp_path):
