@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,18 +409,22 @@ def _distinctive(gram) -> bool:
 
 
 def _eval_pairs(path: str) -> list[tuple[str | None, str]]:
-    """(query, answer) pairs of an eval set: HumanEval-style (prompt, canonical_solution), (query, label) or text."""
+    """(query, answer) pairs of an eval set: HumanEval-style (prompt, canonical_solution), MBPP-style (text or prompt,
+    code), (query, label) or text."""
     pairs = []
     for lineno, row in iter_raw_rows(path):
         if "canonical_solution" in row:
             query, answer = ("prompt", "canonical_solution")
+        elif "code" in row and ("text" in row or "prompt" in row):  # MBPP: its description was indexed, not its code
+            query, answer = ("text" if "text" in row else "prompt", "code")
         elif "label" in row and "query" in row:
             query, answer = ("query", "label")
         elif isinstance(row.get("text"), str):
             query, answer = (None, "text")
         else:
             raise DocumentError(
-                f"{path}:{lineno}: eval rows need prompt+canonical_solution, query+label or text; got {sorted(row)}"
+                f"{path}:{lineno}: eval rows need prompt+canonical_solution, text+code, query+label or text; got "
+                f"{sorted(row)}"
             )
         pairs.append((None if query is None else _eval_text(row.get(query), path, lineno, query),
                       _eval_text(row[answer], path, lineno, answer)))
@@ -453,7 +458,9 @@ def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDe
     counts = {}
     for path in eval_sets:
         hashes: set[int] = set()
-        for query, answer in _eval_pairs(path):
+        pairs = _eval_pairs(path)
+        unmatched = 0  # items shorter than n words: no document can match them
+        for query, answer in pairs:
             answer_tokens = tokenizer.word_tokenize(simplify_text(answer, config.norm_config))
             grams = list(ngrams(answer_tokens, n))
             if query:
@@ -467,6 +474,11 @@ def build_decont_index(eval_sets: list[str], index_folder: str, config: NGramsDe
                         if len(query_tokens) >= n - 1 - i and len(answer_tokens) >= i + 1
                     )
             hashes.update(hash_func(" ".join(g)) for g in grams if _distinctive(g))
+            unmatched += not any(_distinctive(g) for g in grams)
+        if unmatched:  # said, not silent: a set of short items (labels, one-line tasks) removed nothing
+            effect = "it removes nothing" if not hashes else "no document can match those"
+            print(f"warning: --decontaminate {path}: {unmatched:,} of its {len(pairs):,} items have fewer than {n} "
+                  f"words (after normalisation), the n-grams matched: {effect}", file=sys.stderr, flush=True)
         task = stem = Path(path).name.split(".")[0].replace(" ", "_")
         for k in range(2, len(eval_sets) + 2):  # e1/test.jsonl and e2/test.jsonl: two indexes, not one overwritten
             if task not in counts:

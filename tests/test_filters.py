@@ -1429,3 +1429,26 @@ def test_a_merge_stage_waits_for_every_file_the_stage_before_wrote_and_fails_nam
     assert AwaitStageFiles(str(dups), "minhash-buckets", buckets=2).run(None) is None
     with pytest.raises(DocumentError, match=r"00001_01.dups not there"):
         AwaitStageFiles(str(dups), "minhash-buckets", buckets=2, bucket_workers=2, grace=0.2).run(None)
+
+
+def test_an_mbpp_set_is_indexed_by_its_code_and_short_items_are_said(tmp_path, capsys):
+    """MBPP rows (text: a one-line task, code: its solution) were indexed by their text alone: every copy of an MBPP
+    solution was kept. Items shorter than the n-grams matched nothing, without a word."""
+    code = ("def remove_Occ(s,ch): \n    for i in range(len(s)): \n        if (s[i] == ch): \n"
+            "            s = s[0 : i] + s[i + 1:] \n            break\n    for i in range(len(s) - 1,-1,-1):  \n"
+            "        if (s[i] == ch): \n            s = s[0 : i] + s[i + 1:] \n            break\n    return s ")
+    rows = [{"task_id": 11, "text": "Write a python function to remove first and last occurrence of a given character "
+                                    "from the string.", "code": code, "test_list": []},
+            {"task_id": 3, "text": "Write a python function to identify non-prime numbers.", "code": "x = 1",
+             "test_list": []}]
+    (tmp_path / "mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert build_decont_index([str(tmp_path / "mbpp.jsonl")], str(tmp_path / "index"))["mbpp"] > 0
+    decont = FastNGramsDecontFilter(str(tmp_path / "index"), config=decont_config())
+    copied = Document(text=f"# utilities\nimport os\n\n{code}\n\nprint(remove_Occ('hello', 'l'))\n", id="copy")
+    assert decont.filter(copied) == (False, "contaminated")
+    assert "1 of its 2 items have fewer than 12 words" in capsys.readouterr().err
+    (tmp_path / "short.jsonl").write_text(json.dumps({"query": "What is the capital of France?", "label": "Paris"})
+                                          + "\n")
+    assert build_decont_index([str(tmp_path / "short.jsonl")], str(tmp_path / "index2"))["short"] == 0
+    assert "1 of its 1 items have fewer than 12 words (after normalisation), the n-grams matched: it removes " \
+           "nothing" in capsys.readouterr().err
