@@ -8,6 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
@@ -361,7 +362,8 @@ def keep_top_cutoff(histogram: dict[int, int], fraction: float) -> float:
     n = sum(histogram.values())
     if n == 0:
         return math.inf
-    k = max(1, math.ceil(fraction * n))
+    # in exact arithmetic: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling kept an eighth document
+    k = max(1, math.ceil(Fraction(str(fraction)) * n))
     seen = 0
     for b in sorted(histogram, reverse=True):
         seen += histogram[b]

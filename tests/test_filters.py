@@ -754,6 +754,8 @@ def test_keep_top_cutoff_hits_the_fraction():
     assert (outliers >= keep_top_cutoff(histogram(outliers), 1.0)).sum() == 3
     with pytest.raises(ValueError):
         keep_top_cutoff(histogram(scores), 0)
+    hundred = np.linspace(0, 5, 100, dtype=np.float32)  # 0.07 * 100 is 7.000000000000001 in floats: 8 were kept
+    assert [(hundred >= keep_top_cutoff(histogram(hundred), f)).sum() for f in (0.07, 0.29, 0.57)] == [7, 29, 57]
 
 
 def test_the_histograms_of_many_tasks_merge_to_their_sum(tmp_path):
