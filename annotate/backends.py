@@ -803,6 +803,9 @@ def pretrained_args(model: str) -> tuple[str, dict]:
     return "/".join(parts[:2]), {"gguf_file": "/".join(parts[2:])}
 
 
+STOP_WAIT_S = 60.0  # the longest a stopping run waits for the generation batcher (it stops at its next token)
+
+
 class StopWhenSet:
     """A transformers stopping criterion: every sequence is done once `event` is set (checked at each new token)."""
 
@@ -871,8 +874,12 @@ class TransformersBackend:
 
     async def __aexit__(self, *exc) -> None:
         self._stopping.set()
+        # the batcher also sees the stop when it next takes from the queue: Python 3.11's wait_for swallows a cancel
+        # that comes as its get() completes, and the batcher waited on the empty queue for ever (a run that raised,
+        # its output disk full, hung instead of exiting)
+        self._queue.put_nowait(None)
         self._batcher.cancel()
-        await asyncio.gather(self._batcher, return_exceptions=True)
+        await asyncio.wait({self._batcher}, timeout=STOP_WAIT_S)
 
     async def complete(self, prompt: str) -> Answer:
         future = asyncio.get_running_loop().create_future()
@@ -881,13 +888,15 @@ class TransformersBackend:
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping.is_set():
             batch = [await self._queue.get()]
             while len(batch) < self.batch_size:  # give the other workers a moment to queue their prompts
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout=0.005))
                 except asyncio.TimeoutError:
                     break
+            if None in batch:  # the run is stopping (`__aexit__`)
+                return
             fitting = []
             for prompt, future in batch:
                 try:

@@ -1976,6 +1976,7 @@ def show_status(out: str, console) -> dict:
     for col in ("stage", "tasks", "documents", "docs/s", "state"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
     summary = {"stages": []}
+    unfinished = None  # the first stage not finished: the later ones wait on it
     for name, tasks in stages:
         s = read_stage_progress(logs, name, tasks)
         mine = [j for j in jobs or [] if j["name"].startswith(f"edu-filter-{name}-")]
@@ -2002,11 +2003,13 @@ def show_status(out: str, console) -> dict:
         elif failure := failed_task(out, name, tasks):
             state = failure
         elif submitted and jobs is not None and cancelled_by_slurm_state(job_ids.get(name, [])):
-            state = f"incomplete: {CANCELLED}"
+            # jobs waiting on a stage that failed are cancelled by --wait and by Slurm (kill_invalid_depend)
+            state = f"not run: stage {unfinished} did not complete" if unfinished else f"incomplete: {CANCELLED}"
         elif s.tasks_done or s.started:
             state = "incomplete"
         else:
             state = "not started"
+        unfinished = unfinished or (None if s.finished else name)
         table.add_row(name, f"{s.tasks_done}/{tasks}", f"{s.documents:,}" if s.reading else "",
                       f"{s.docs_per_second:,.1f}" if s.reading else "", state)
         summary["stages"].append({"name": name, "tasks": tasks, "tasks_done": s.tasks_done,

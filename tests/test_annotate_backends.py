@@ -4,6 +4,7 @@ server classes (our script; vLLM where it is installed)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -173,7 +174,6 @@ def test_transformers_backend_with_a_real_tiny_model(tiny_llama, tmp_path):
 def test_a_stopped_run_stops_the_transformers_backends_generation(tmp_path):
     """generate() ran in its thread to max_new_tokens (minutes) past SIGTERM's grace and past a second SIGTERM,
     asyncio.run waiting for it, and Slurm's SIGKILL then cut the job. It stops at its next token now."""
-    import os
     import signal
     import subprocess
     import time
@@ -187,15 +187,39 @@ def test_a_stopped_run_stops_the_transformers_backends_generation(tmp_path):
                             "--model", model, "--prompt", str(prompt), "--max-tokens", "150000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    time.sleep(15)  # loaded, generating
-    assert run.poll() is None, run.communicate()[1][-2000:]
-    run.send_signal(signal.SIGTERM)
-    time.sleep(1)
-    run.send_signal(signal.SIGTERM)  # "SIGTERM again stops at once"
-    stopped = time.monotonic()
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 143, stderr[-2000:]
-    assert time.monotonic() - stopped < 10, stderr[-2000:]
+    try:
+        time.sleep(15)  # loaded, generating
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        run.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        run.send_signal(signal.SIGTERM)  # "SIGTERM again stops at once"
+        stopped = time.monotonic()
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 143, stderr[-2000:]
+        assert time.monotonic() - stopped < 10, stderr[-2000:]
+    finally:
+        run.kill()  # a failure leaves no run generating for minutes behind it
+
+
+def test_a_transformers_run_whose_output_disk_is_full_exits_naming_it(tmp_path):
+    """A worker's write failing (a full disk) unwound the run while the batcher took prompts the cancelled workers
+    had left queued: Python 3.11's wait_for swallowed its cancel, and it waited on the empty queue for ever, the
+    process alive and its partial output on the full disk. /dev/full stands in for the disk."""
+    import subprocess
+
+    model = build_tiny_llama(tmp_path / "model")
+    prompt = tmp_path / "rate.txt"
+    prompt.write_text("Rate this extract: {extract}")
+    src = _write(tmp_path / "in.jsonl", [{"id": f"g{i}", "text": "the lesson is good " * 3} for i in range(150)])
+    partial = tmp_path / ".partial-out.jsonl"
+    partial.symlink_to("/dev/full")
+    cli = str(Path(sys.executable).parent / "edu-filter")
+    run = subprocess.run([cli, "score", str(src), "-o", str(tmp_path / "out.jsonl"), "--backend", "transformers",
+                          "--model", model, "--prompt", str(prompt), "--max-tokens", "6", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "cannot be written (No space left on device)" in run.stderr
+    assert not partial.is_symlink() and not partial.exists()
 
 
 def test_transformers_backend_stops_at_any_end_of_turn_token_of_the_model(tmp_path):

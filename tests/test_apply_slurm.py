@@ -334,6 +334,9 @@ def test_a_failed_array_job_stops_the_chain_when_a_stage_spans_several(slurm_par
     assert time.time() - started < 240
     assert not (ran / "second").exists() and not (ran / "report").exists()
     assert ex.queued_jobs(str(out)) == []  # the jobs that could never run were cancelled
+    # `status` says why the later stages never ran, not that someone cancelled them
+    states = {st["name"]: st["state"] for st in ex.show_status(str(out), Console(quiet=True))["stages"]}
+    assert states["second"] == states["report"] == "not run: stage first did not complete", states
 
 
 def test_tasks_per_job_runs_each_task_once_on_fresh_steps_and_a_failure_leaves_only_itself(slurm_partition, tmp_path,
