@@ -360,7 +360,8 @@ def tokenizer_key(tokenizer, releases_of_split_text: bool = False) -> str:
     settings, which transformers changes on first use) and its EOS id, the document separator.
 
     `releases_of_split_text`: the key as a few releases recorded it, with the way a document's own special-token text
-    is packed (as text, as now) in it; their token files are what this release packs (`recorded_as_now`)."""
+    is packed (as text, as now) in it; their token files are what this release packs (read as such by
+    `ablation._recorded_source`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     try:
         spec = json.loads(backend.to_str())

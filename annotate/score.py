@@ -905,6 +905,7 @@ class ScoreOutput:
             self.writer.write_table(pl.DataFrame(part, schema=self.schema).to_arrow())
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        closed = False
         try:  # closing writes what is buffered: a full disk raises here too, and the partial file went on filling it
             if self.parquet:
                 if exc_type is None:
@@ -912,14 +913,12 @@ class ScoreOutput:
                 self.writer.close()
             else:
                 self.file.close()
+            closed = True
         except OSError as e:
-            self.path.unlink(missing_ok=True)
             raise self._cannot_write(e) from None
-        except BaseException:
-            self.path.unlink(missing_ok=True)
-            raise
-        if exc_type is not None:
-            self.path.unlink(missing_ok=True)
+        finally:
+            if exc_type is not None or not closed:
+                self.path.unlink(missing_ok=True)
 
 
 def score_command(inputs: list[str] | None, output: str | os.PathLike | None, config: ScoreConfig,

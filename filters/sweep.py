@@ -65,7 +65,7 @@ def is_apply_output(path: str | Path) -> bool:
     return (Path(path) / "run_config.json").exists()
 
 
-def run_record(path: str | Path) -> dict:
+def read_run_config(path: str | Path) -> dict:
     """An apply output's run_config.json; empty where no readable record is there."""
     try:
         record = json.loads((Path(path) / "run_config.json").read_text())
@@ -74,21 +74,26 @@ def run_record(path: str | Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def run_settings(path: str | Path) -> dict:
-    """The settings an apply output's run_config.json records; none where no readable record is there."""
-    settings = run_record(path).get("settings")
+def recorded_settings(record: dict) -> dict:
+    """The settings a run_config.json record (`read_run_config`) holds; none where it holds none."""
+    settings = record.get("settings")
     return settings if isinstance(settings, dict) else {}
 
 
-def recorded_model_kind(path: str | Path) -> str | None:
-    """The kind (web, code) of the model an apply output was scored with, as its run recorded it; from the model
-    folder for a run recorded before that (None where the folder is gone: moved, a cluster's scratch cleared)."""
+def run_settings(path: str | Path) -> dict:
+    """The settings an apply output's run_config.json records; none where no readable record is there."""
+    return recorded_settings(read_run_config(path))
+
+
+def recorded_model_kind(record: dict) -> str | None:
+    """The kind (web, code) of the model an apply output was scored with, as its run_config.json record says; from
+    the model folder for a run recorded before it said (None where the folder is gone: moved, a cluster's scratch
+    cleared)."""
     from edu_filter.filters.apply import model_kind
 
-    record = run_record(path)
     if "model_kind" in record:
         return record["model_kind"]
-    model = run_settings(path).get("model")
+    model = recorded_settings(record).get("model")
     return model_kind(model) if isinstance(model, str) else None
 
 
@@ -98,7 +103,8 @@ def kind_positive_threshold(paths: list[str]) -> int:
     Python-Edu output was scored against label >= 3 unless told, its t=4 row not evaluate's F1 at 4."""
     from edu_filter.filters.apply import PRESETS
 
-    code = [run_settings(p).get("preset") == "python-edu" or recorded_model_kind(p) == "code" for p in paths]
+    records = [read_run_config(p) for p in paths]  # read once each: it lists every input file of the run
+    code = [recorded_settings(r).get("preset") == "python-edu" or recorded_model_kind(r) == "code" for r in records]
     return PRESETS["python-edu"]["threshold"] if code and all(code) else 3
 
 

@@ -232,9 +232,8 @@ def test_token_files_of_the_releases_that_keyed_split_special_text_are_taken_as_
     _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)  # not refused
     assert (out / "tokens/web/train.bin").read_bytes() == first
     other = train_tokenizer(["another vocabulary, trained on other words " * 50], 300, tmp_path / "other")
-    packed = json.loads(record.read_text())
-    record.write_text(json.dumps({**packed, "settings": {**packed["settings"],
-                                                         "tokenizer": tokenizer_key(other, releases_of_split_text=True)}}))
+    packed, other_then = json.loads(record.read_text()), tokenizer_key(other, releases_of_split_text=True)
+    record.write_text(json.dumps({**packed, "settings": {**packed["settings"], "tokenizer": other_then}}))
     with pytest.raises(InputError, match="--data web: .* asks in the tokenizer, and its runs"):
         _prepare_tokens(out, tokenizer, {"web": str(WEB)}, {"ref": str(reference)}, cfg, TEXT, 0.1)
 
