@@ -405,20 +405,20 @@ class OpenAIBackend:
                       choice.get("finish_reason"), data.get("model") or self.model)
 
     def _delay(self, retry: int, retry_after: str | None) -> float:
-        """Our own backoff (doubling up to `max_backoff`), or the server's Retry-After (seconds or an HTTP date,
-        up to RETRY_AFTER_MAX_S: a gateway asking for 5 minutes was probed again every minute). A date is to the
-        second, often this one: no sooner than our own backoff then (0 s on every retry hammered the server)."""
+        """Our own backoff (doubling up to `max_backoff`), or the server's Retry-After (seconds or an HTTP date) where
+        it asks for longer, up to RETRY_AFTER_MAX_S (a gateway asking for 5 minutes was probed again every minute).
+        Never sooner than our own backoff: a date is to the second, often this one, and a rate limiter near its
+        refill says 0 s or 20 ms; taken as said, a document's ~26 tries went in a second and it failed."""
         own = min(self.max_backoff, self.retry_backoff * 2**retry) * random.uniform(0.5, 1.0)
         if not retry_after:
             return own
         try:
             asked = max(0.0, float(retry_after))
         except ValueError:
-            until = _http_date_seconds(retry_after)
-            if until is None:  # unreadable
+            asked = _http_date_seconds(retry_after)
+            if asked is None:  # unreadable
                 return own
-            asked = max(until, own)
-        return min(RETRY_AFTER_MAX_S, asked) * random.uniform(1.0, 1.25)  # each its own: not all at one instant
+        return max(own, min(RETRY_AFTER_MAX_S, asked) * random.uniform(1.0, 1.25))  # each its own: not all at once
 
     @staticmethod
     def _ready(endpoint: Endpoint, now: float) -> bool:
@@ -448,19 +448,19 @@ class OpenAIBackend:
     async def _post(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
         async with self._session.post(endpoint.base_url + self.path, data=body, headers=self.headers) as resp:
             raw = await resp.read()
-            now = time.monotonic()
             if resp.status == 200:
-                endpoint.last_answer = now
-                endpoint.answers += 1
-            if resp.status not in (408, 429) and resp.status < 500:
-                endpoint.last_useful = now
-                self.failed_in_a_row = 0
-            milliseconds = resp.headers.get("retry-after-ms")  # OpenAI's, finer than Retry-After
-            try:
-                retry_after = str(float(milliseconds) / 1000) if milliseconds else resp.headers.get("Retry-After")
-            except ValueError:
-                retry_after = resp.headers.get("Retry-After")
-            return resp.status, raw, retry_after
+                endpoint.last_answer = time.monotonic()
+            elif resp.status not in (408, 429) and resp.status < 500:  # a 200 is usable once it reads (`_usable`)
+                self._usable(endpoint)
+            return resp.status, raw, _retry_after(resp.headers)
+
+    def _usable(self, endpoint: Endpoint, answer: bool = False) -> None:
+        """A server answered: alive, whatever the run's documents get. Not for a 200 that does not read as an answer
+        (`{"error": ...}` from a gateway whose backend is gone, `choices: []`): counted so, the stop for a dead server
+        or a used-up quota never came, and every document failed after its retries, exit 0."""
+        endpoint.last_useful = time.monotonic()
+        self.failed_in_a_row = 0
+        endpoint.answers += answer
 
     async def _send(self, endpoint: Endpoint, body: bytes) -> tuple[int, bytes, str | None]:
         """POST within the server's in-flight limit; raises asyncio.TimeoutError when the server has answered nothing
@@ -524,10 +524,12 @@ class OpenAIBackend:
                     endpoint.lost_in_a_row = 0
                 if status == 200:
                     try:
-                        return self._answer(raw)
+                        answer = self._answer(raw)
                     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-                        body_text = one_line(raw.decode("utf-8", "replace"))
-                        reason = f"bad response: {type(e).__name__} reading {body_text!r}"
+                        reason = _unreadable_answer(raw, e)
+                    else:
+                        self._usable(endpoint, answer=True)
+                        return answer
                 elif status in _FATAL_STATUSES:
                     raise self._fatal(endpoint.base_url + self.path, status, raw)
                 else:
@@ -584,6 +586,35 @@ class OpenAIBackend:
 # --------------------------------------------------------------------------------------------------------------------
 # Servers we start ourselves: datatrove's inference server classes handle start-up, readiness and shutdown
 # --------------------------------------------------------------------------------------------------------------------
+def _retry_after(headers) -> str | None:
+    """The longer of a 429's Retry-After and OpenAI's finer retry-after-ms, as seconds (or Retry-After's HTTP date)."""
+    milliseconds, header = headers.get("retry-after-ms"), headers.get("Retry-After")
+    try:
+        asked = float(milliseconds) / 1000 if milliseconds else None
+    except ValueError:
+        asked = None
+    if asked is None or not header:
+        return header if asked is None else str(asked)
+    try:
+        return str(max(asked, float(header)))
+    except ValueError:
+        until = _http_date_seconds(header)
+        return str(asked if until is None else max(asked, until))
+
+
+def _unreadable_answer(raw: bytes, error: Exception) -> str:
+    """A failed try's reason for a 200 whose body is no answer: a gateway's or vLLM's error body said as the error
+    it is, anything else as the body that did not read."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and ("error" in data or data.get("object") == "error"):
+        code, message, _ = read_error(raw)
+        return f"http 200{' ' + code if code else ''}: {message}"
+    return f"bad response: {type(error).__name__} reading {one_line(raw.decode('utf-8', 'replace'))!r}"
+
+
 def _http_date_seconds(value: str) -> float | None:
     """Seconds until a Retry-After given as an HTTP date (RFC 9110), 0 for one gone by; None when unreadable."""
     from email.utils import parsedate_to_datetime

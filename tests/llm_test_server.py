@@ -10,6 +10,7 @@ finds it in the prompt and answers accordingly:
     cut=N          the first N answers stop mid-sentence at max_tokens (finish_reason "length")
     fail500=N      the first N requests get HTTP 500
     fail429=N      the first N requests get HTTP 429 with Retry-After: 0
+    error200=N     the first N requests get HTTP 200 with an OpenAI-style error body (a gateway whose backend is gone)
     drop=N         the first N requests have their connection closed without an answer
     slow=S         the first request sleeps S seconds before answering (client timeouts)
     http400=1      every request gets HTTP 400 with an OpenAI-style error without a code
@@ -199,6 +200,8 @@ class LLMTestServer:
             return web.json_response({"error": "internal error (planned)"}, status=500)
         if n <= int(opts.get("fail429", 0)):
             return web.json_response({"error": "rate limited (planned)"}, status=429, headers={"Retry-After": "0"})
+        if n <= int(opts.get("error200", 0)):
+            return openai_error("The upstream model is overloaded (planned)", "server_error", "overloaded", 200)
         if opts.get("http400"):
             return openai_error("The request was refused (planned) because this test document asks for it, and the "
                                 "server explains why at length, as some servers do, in one long sentence that goes "

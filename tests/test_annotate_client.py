@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_test_server import LLMTestServer, directive, free_port, read_jsonl, write_jsonl  # noqa: E402
 
-from edu_filter.annotate.backends import RETRY_AFTER_MAX_S, BackendError, OpenAIBackend  # noqa: E402
+from edu_filter.annotate.backends import RETRY_AFTER_MAX_S, BackendError, OpenAIBackend, _retry_after  # noqa: E402
 from edu_filter.annotate.score import ScoreConfig, score_documents  # noqa: E402
 from edu_filter.documents import DocumentError, InputError  # noqa: E402
 
@@ -311,6 +311,14 @@ def test_backoff_doubles_with_jitter_and_honours_retry_after():
         for date in ("Wed, 21 Oct 2015 07:28:00 GMT", email.utils.formatdate(time.time(), usegmt=True)):
             assert upper / 2 <= client._delay(retry, date) <= upper * 1.25
     assert client._delay(0, "soon") <= 1.0  # unreadable: our own backoff
+    # a rate limiter near its refill asks for 0 s or 20 ms: no sooner than our own backoff (26 tries went in a second)
+    for retry, upper in ((0, 1.0), (3, 8.0)):
+        assert all(upper / 2 <= client._delay(retry, asked) <= upper for asked in ("0", "0.02") for _ in range(20))
+    # OpenAI sends both a Retry-After and a finer retry-after-ms: the longer wins
+    assert float(_retry_after({"retry-after-ms": "20", "Retry-After": "7"})) == 7.0
+    assert float(_retry_after({"retry-after-ms": "2500", "Retry-After": "1"})) == 2.5
+    assert _retry_after({"Retry-After": "3"}) == "3" and float(_retry_after({"retry-after-ms": "40"})) == 0.04
+    assert _retry_after({}) is None
 
 
 def test_wrong_url_stops_the_run_with_a_clear_error(server, tmp_path):

@@ -345,6 +345,29 @@ def test_a_server_gone_for_good_stops_the_run(tmp_path, monkeypatch):
     assert cached[0] >= 30
 
 
+def test_a_gateway_answering_200_with_error_bodies_stops_the_run_as_a_dead_server(tmp_path, monkeypatch):
+    """A gateway whose backend is gone, or whose quota is used up, may say so in 200s with an error body. Each 200
+    counted as a usable answer: the stop for a dead server never came, and every document failed after its retries,
+    saying only "bad response: KeyError", exit 0. A document whose first tries get such a body is still scored."""
+    import edu_filter.annotate.backends as backends
+
+    monkeypatch.setattr(backends, "SILENCE_MIN_S", 1.0)
+    monkeypatch.setattr(backends, "SILENCE_TIMEOUTS", 0)
+    server = LLMTestServer(delay=0.01).start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", [doc("brief", score=4, error200=2), doc("ok", score=3)])
+        summary = score_documents([str(src)], tmp_path / "out.jsonl", base_url=server.base_url, concurrency=1,
+                                  **FAST)
+        assert summary.scored == 2 and server.requests["brief"] == 3
+        src = write_jsonl(tmp_path / "gone.jsonl", [doc(f"d{i:03d}", error200=99) for i in range(300)])
+        with pytest.raises(BackendError, match=r"no server gave a usable answer .*http 200 overloaded: The upstream"):
+            score_documents([str(src)], tmp_path / "gone-out.jsonl", base_url=server.base_url, concurrency=2,
+                            **{**FAST, "max_retries": 1})
+        assert sum(server.requests[f"d{i:03d}"] for i in range(300)) < 2 * 300  # stopped before the end
+    finally:
+        server.stop()
+
+
 def test_one_document_the_server_cannot_answer_fails_alone_however_long_its_retries(tmp_path, monkeypatch):
     """The run stops for a silent server only once documents fail for good one after another: a single document
     whose retries outlast the silence limit (six tries of two minutes) stopped a healthy run, and every rerun."""
