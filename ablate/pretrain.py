@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from edu_filter.ablate.packing import PackedTokens
-from edu_filter.documents import (InputError, recover_folder, replace_folder, side_folders, stop_requested,
-                                  write_json_whole)
+from edu_filter.documents import (InputError, one_line, recover_folder, replace_folder, side_folders,
+                                  stop_requested, write_json_whole)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Presets: LlamaConfig fields ("model") and training defaults ("train"). `tiny` trains 300k tokens in about a minute
@@ -182,6 +182,25 @@ class PretrainConfig:
                              f"world_size = {B} * {T} * {world}")
         if self.tokens // self.batch_tokens < 1:
             raise InputError(f"tokens={self.tokens} is less than one optimizer step of {self.batch_tokens} tokens")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """The model's shape builds and runs: one transformers refuses (hidden_size not a multiple of the heads) or
+        takes but cannot run (heads not a multiple of the key-value heads: a shape error in attention's first call)
+        failed after the tokenizer and the packing, hours in, in a traceback naming no override."""
+        from transformers import LlamaConfig
+
+        try:
+            config = LlamaConfig(vocab_size=64, **{**self.model, "max_position_embeddings": self.context})
+        except Exception as e:  # transformers' validation errors have no common type
+            raise InputError(f"model {self.preset} with these overrides does not build: {one_line(str(e), 300)}") from None
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if not (heads >= 1 and kv_heads >= 1 and heads % kv_heads == 0):
+            raise InputError(f"model {self.preset}: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={kv_heads} (each key-value head serves a whole group of heads)")
+        if config.head_dim % 2:
+            raise InputError(f"model {self.preset}: head_dim={config.head_dim} is odd (rotary embeddings turn pairs "
+                             "of dimensions): change hidden_size, num_attention_heads or head_dim")
 
     def compiles_on(self, device: torch.device) -> bool:
         """Whether training on `device` is compiled: `compile`, or when unset, on a GPU."""
@@ -204,7 +223,8 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------------
 def learning_rate(step: int, total_steps: int, cfg: PretrainConfig) -> float:
-    """Linear warmup, then constant with a linear cooldown over the last `cooldown_fraction` (wsd), or cosine."""
+    """Linear warmup, then constant with a linear cooldown over the last `cooldown_fraction` (wsd; from the end of
+    warmup where the two overlap: `cooldown_fraction=1` is warmup then linear decay), or cosine."""
     warmup = int(cfg.warmup_fraction * total_steps)
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < warmup:
@@ -215,6 +235,7 @@ def learning_rate(step: int, total_steps: int, cfg: PretrainConfig) -> float:
     if cfg.schedule != "wsd":
         raise ValueError(f"unknown schedule {cfg.schedule!r}; use wsd or cosine")
     cooldown_start = total_steps - max(1, round(cfg.cooldown_fraction * total_steps)) if cfg.cooldown_fraction else total_steps
+    cooldown_start = max(warmup, cooldown_start)  # a cooldown longer than what warmup leaves starts where it ends
     if step < cooldown_start:
         return cfg.lr
     progress = (step - cooldown_start) / (total_steps - cooldown_start)

@@ -187,6 +187,13 @@ def test_bad_input_gives_a_clear_error(inputs, tmp_path):
                                      str(tmp_path / "d")])
         assert result.exit_code == 2 and f"--override {override}: give {option} instead" in result.output
         assert not (tmp_path / "d").exists()
+    # a model shape that cannot build or run failed after the tokenizer and the packing, in a traceback
+    for override, said in (("num_key_value_heads=3", "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+                           ("hidden_size=130", "does not build: .*hidden size \\(130\\) is not a multiple")):
+        result = runner.invoke(app, ["ablate", "--data", f"a={WEB_TRAIN}", "--preset", "tiny", "--override", override,
+                                     "-o", str(tmp_path / "g")])
+        assert result.exit_code == 2 and re.search(said, " ".join(result.output.split())), result.output
+        assert not (tmp_path / "g").exists()
 
 
 def test_a_second_ablation_into_a_folder_being_written_is_refused_naming_the_first(tmp_path):

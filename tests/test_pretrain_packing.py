@@ -557,6 +557,18 @@ def test_wsd_schedule_warms_up_holds_then_cools_down_over_the_last_20_percent():
     assert learning_rate(total, total, cfg) == pytest.approx(1e-4)
 
 
+def test_a_cooldown_overlapping_the_warmup_decays_from_the_warmups_end():
+    """`cooldown_fraction=1` (warmup, then a linear decay) warmed up to the full rate, then fell at once onto the
+    cooldown's line (1.0 to 0.95 of it in a step; 1.0 to 0.625 with warmup 0.5, cooldown 0.8)."""
+    for warmup, cooldown in ((0.05, 1.0), (0.5, 0.8)):
+        cfg = PretrainConfig(lr=1e-3, warmup_fraction=warmup, cooldown_fraction=cooldown, schedule="wsd")
+        lrs = [learning_rate(s, 100, cfg) for s in range(100)]
+        end = int(warmup * 100)
+        assert lrs[end - 1] == pytest.approx(1e-3) and lrs[end] == pytest.approx(1e-3)
+        decay = np.diff(lrs[end:])
+        assert np.all(decay < 0) and np.allclose(decay, decay[0])  # one straight line down from there
+
+
 def test_cosine_schedule_option():
     cfg = PretrainConfig(lr=1e-3, warmup_fraction=0.1, schedule="cosine", min_lr_ratio=0.1)
     lrs = [learning_rate(s, 100, cfg) for s in range(101)]
