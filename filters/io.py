@@ -541,42 +541,76 @@ class ApplyInputReader(BaseReader):
                 yield self._document(row, source)
 
     def _read_parquet(self, folder, name: str, label: str, keep, progress: "TaskProgress", after: int = 0,
-                      groups: list[int] | None = None) -> Iterator[Document]:
-        """The rows of a Parquet file after row `after` (a second read, after an error, goes on where the first
-        stopped); with `groups` only those row groups. Rows are numbered in the file either way, so a row's source
-        names the same row whichever task reads it."""
+                      groups: list[int] | None = None, reports: bool = True) -> Iterator[Document]:
+        """The rows of a Parquet file after row `after` (a second read, after an error opening it, goes on where the
+        first stopped); with `groups` only those row groups. Rows are numbered in the file either way, so a row's
+        source names the same row whichever task reads it.
+
+        Read a row group at a time: a row group that stops reading (a corrupt page: pyarrow's plain OSError, or a
+        value that does not decode) is read again once from there, which a transient error survives; failing again,
+        its rows from there are one unreadable_file record naming them (from the task that `reports` it, of those
+        reading the file), and the next row group is read. One bad page cost the rest of the file (a 1 GB shard's
+        ~1M good rows), and the counts added up without them."""
         with folder.open(name, "rb") as fh:
             parquet = open_parquet(fh)
             meta = parquet.metadata
             total_rows = max(1, meta.num_rows)
             size = folder.size(name)
-            if groups is None:
-                spans = [(None, 0, total_rows)]
-            else:  # (row group, rows before it, its rows)
-                firsts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
-                                                   initial=0))
-                spans = [(g, firsts[g], firsts[g + 1] - firsts[g]) for g in groups]
-            for j, (group, first, rows) in enumerate(spans):
-                rowno = first
+            firsts = list(itertools.accumulate((meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+                                               initial=0))
+            for j, group in enumerate(range(meta.num_row_groups) if groups is None else groups):
+                first, rows = firsts[group], firsts[group + 1] - firsts[group]
                 if first + rows <= after:
                     continue
-                batches = parquet.iter_batches(batch_size=1024, row_groups=None if group is None else [group])
-                for batch in batches:
-                    if rowno + batch.num_rows <= after:
-                        rowno += batch.num_rows
-                        continue
-                    wanted = [i for i in range(batch.num_rows) if rowno + i + 1 > after and keep(rowno + i + 1)]
-                    numbers = [rowno + i + 1 for i in wanted]
-                    rowno += batch.num_rows
-                    self._row_reached = rowno
-                    if len(wanted) < batch.num_rows:  # rows of other tasks are not converted to Python
-                        batch = batch.take(pa.array(wanted, pa.int64()))
-                    for number, row in zip(numbers, parquet_rows_or_errors(batch)):
-                        yield self._parquet_document(row, f"{label}:{number}")
+
+                def at_row(rowno: int, j=j, first=first, rows=rows) -> None:
                     # the share of the file read, as the task's total counts it: by rows of a whole file, by row
                     # groups of its parts (uneven groups would run past or short of the total)
-                    progress.at_bytes(int(size * (rowno - first) / total_rows) if group is None else
+                    progress.at_bytes(int(size * rowno / total_rows) if groups is None else
                                       int(size * (j + (rowno - first) / max(1, rows)) / meta.num_row_groups))
+
+                resumed_at = None  # the row after which a read of this group failed, once
+                while True:
+                    try:
+                        yield from self._parquet_group(parquet, group, first, max(after, resumed_at or 0), keep,
+                                                       label, at_row)
+                        break
+                    except (*UNREADABLE, OSError) as e:
+                        if isinstance(e, OSError) and type(e) is not OSError and not isinstance(e, UNREADABLE):
+                            raise  # HTTP, fsspec, errno errors: not the file's bytes (a rerun reads it again)
+                        if resumed_at != self._row_reached:
+                            resumed_at = self._row_reached
+                            self.stat_update("parquet_rereads")
+                            continue
+                        if reports:
+                            self.stat_update("unreadable_row_groups")
+                            yield self._failed(
+                                "unreadable_file", f"{label} (row group {group})",
+                                f"cannot read rows {self._row_reached + 1}-{first + rows} of row group {group} "
+                                f"({first + rows - self._row_reached:,} rows; {type(e).__name__}: {e}); the file's "
+                                "other row groups are read", b"")
+                        break
+                at_row(first + rows)
+
+    def _parquet_group(self, parquet, group: int, first: int, after: int, keep, label: str,
+                       at_row) -> Iterator[Document]:
+        """Row group `group`'s rows (the first numbered `first` + 1) after row `after`, those `keep` takes; `at_row`
+        is told each batch's last row."""
+        rowno = first
+        self._row_reached = max(first, after)
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
+            if rowno + batch.num_rows <= after:
+                rowno += batch.num_rows
+                continue
+            wanted = [i for i in range(batch.num_rows) if rowno + i + 1 > after and keep(rowno + i + 1)]
+            numbers = [rowno + i + 1 for i in wanted]
+            rowno += batch.num_rows
+            if len(wanted) < batch.num_rows:  # rows of other tasks are not converted to Python
+                batch = batch.take(pa.array(wanted, pa.int64()))
+            for number, row in zip(numbers, parquet_rows_or_errors(batch)):
+                yield self._parquet_document(row, f"{label}:{number}")
+            self._row_reached = rowno
+            at_row(rowno)
 
     def _parquet_document(self, row, source: str) -> Document:
         if isinstance(row, UnicodeDecodeError):
@@ -641,8 +675,8 @@ class ApplyInputReader(BaseReader):
             label = self.labels[i]
             folder = get_datafolder(folder_path)
             parquet = name.lower().endswith(PARQUET_SUFFIXES)
-            read = functools.partial(self._read_parquet if parquet else self._read_jsonl,
-                                     **{"groups" if parquet else "ranges": groups})
+            read = (functools.partial(self._read_parquet, groups=groups, reports=mine == 0) if parquet else
+                    functools.partial(self._read_jsonl, ranges=groups))
             self.stat_update("input_files")
             self._row_reached = 0  # the line or row of the file read last, by any task
             failed_at = None  # the row after which a Parquet read failed with an OSError, once

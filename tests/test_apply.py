@@ -1307,10 +1307,13 @@ def test_gzipped_files_fewer_than_the_tasks_are_each_read_by_a_share_of_the_task
         assert sum(read) == len(rows) and max(read) <= len(rows[::2]) // 2 + 1, (stage, read)
 
 
-def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_before_it(fasttext_model, tmp_path):
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_a_corrupt_parquet_page_is_one_unreadable_record_and_the_other_row_groups_are_read(fasttext_model, tmp_path,
+                                                                                            tasks):
     """pyarrow reports a corrupt page as a plain OSError, like a transient read error: the task failed, and every
-    resume failed again at the same page. A second read from that row tells them apart. (Rows are read 1024 at a
-    time: row groups of 1024.)"""
+    resume failed again at the same page. A second read from that row tells them apart. Read whole, the row groups
+    after the bad one were lost too (and the counts added up without them); with a task per row group they were
+    read: the kept set changed with --tasks. (Rows are read 1024 at a time: row groups of 1024.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1326,10 +1329,13 @@ def test_a_corrupt_parquet_page_is_one_unreadable_file_record_after_the_rows_bef
     with pytest.raises(OSError):
         pq.read_table(path)
     out = tmp_path / "out"
-    stats = run_apply([str(path)], str(out), model=str(fasttext_model), threshold=0, dedup=False, show=False)
+    stats = run_apply([str(path)], str(out), model=str(fasttext_model), threshold=0, dedup=False, show=False,
+                      tasks=tasks)
     found = read_outputs(out)
-    assert stats["adds_up"] and found["failed/unreadable_file"] == ["c.parquet"]
-    assert sorted(found["kept"]) == sorted(r["id"] for r in rows[:1024])  # the first row group, once
+    assert stats["adds_up"] and found["failed/unreadable_file"] == ["c.parquet (row group 1)"]
+    failed = json.loads(gzip.open(next((out / "failed" / "unreadable_file").glob("*.gz"))).readline())
+    assert "cannot read rows 1025-2048 of row group 1 (1,024 rows" in failed["input_error"]
+    assert sorted(found["kept"]) == sorted(r["id"] for r in rows[:1024] + rows[2048:])  # the other groups, once
 
 
 @pytest.mark.parametrize("order", ["score-first", "dedup-first"])
