@@ -939,45 +939,68 @@ def read_documents(
 def read_labelled(paths: Iterable[str | os.PathLike], label_field: str, limit: int | None = None,
                   skip_failed: bool = False, what: str = "DATA", console=None, weight_field: str | None = None,
                   fields: Iterable[str] = ()) -> tuple[list[dict], dict[str, int]]:
-    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out. Rows keep `id`, `text`, `label`,
-    the `weight_field` and the `fields` asked for (a score output row also holds the LLM's whole answer: 5 KB a row
-    where the text was 3, 0.9 GB at 450k labels). With `skip_failed`, rows whose LLM annotation failed for good (an
-    answer the server refuses, a document over its context) are left out and counted by reason instead of stopping
-    the run; a row with no label and no such error is still an error (a wrong --label-field), and so is input where
-    every row failed."""
-    from collections import Counter
+    """The labelled rows of `train` and `evaluate`, and {reason: rows} left out (`iter_labelled`, held)."""
+    left: dict[str, int] = {}
+    rows = list(iter_labelled(paths, label_field, left, limit, skip_failed, weight_field, fields))
+    say_left_out(left, len(rows), what, console)
+    return rows, left
 
-    rows = read_documents(paths, label_field=label_field, require_label=SKIP_FAILED if skip_failed else True,
-                          limit=limit, fields=["error", *fields, *([weight_field] if weight_field else [])],
-                          blank_ok=True)
-    # an empty text (in annotations written before `score` refused it) teaches nothing apply will see: it fails them
-    blank = sum(not r["text"].strip() for r in rows)
-    if blank:
-        if blank == len(rows):
-            raise DocumentError(f"{what}: every row's text is empty: nothing to learn from")
-        rows = [r for r in rows if r["text"].strip()]
-        if console is not None:
-            console.print(f"[yellow]{what}: {blank} rows with an empty text left out (apply fails such documents as "
-                          "no_text)[/]")
-    left = {EMPTY_TEXT: blank} if blank else {}
-    failed = [r for r in rows if "label" not in r]
-    if not failed:
-        return rows, left
-    reasons = Counter(one_line(str(r["error"]), 60) for r in failed)
-    listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(3)) + ("; ..." if len(reasons) > 3
-                                                                                       else "")
-    if len(failed) == len(rows):
+
+def iter_labelled(paths: Iterable[str | os.PathLike], label_field: str, left: dict[str, int],
+                  limit: int | None = None, skip_failed: bool = False, weight_field: str | None = None,
+                  fields: Iterable[str] = ()) -> Iterator[dict]:
+    """The labelled rows of `train` and `evaluate` as they are read, the rows left out counted in `left` by reason
+    (`say_left_out` then says them). Rows keep `id`, `text`, `label`, the `weight_field` and the `fields` asked for
+    (a score output row also holds the LLM's whole answer: 5 KB a row where the text was 3, 0.9 GB at 450k labels).
+    With `skip_failed`, rows whose LLM annotation failed for good (an answer the server refuses, a document over its
+    context) are left out and counted by reason instead of stopping the run; a row with no label and no such error
+    is still an error (a wrong --label-field). An empty text (in annotations written before `score` refused it)
+    teaches nothing apply will see: left out, counted under EMPTY_TEXT."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be a number of documents >= 0, got {limit}")
+    kept = {"id", "text", "label", "error", *fields, *([weight_field] if weight_field else [])}
+    rows = itertools.islice(iter_documents(paths, "text", "id", label_field,
+                                           SKIP_FAILED if skip_failed else True, True), limit)
+    for row in rows:
+        if not row["text"].strip():
+            left[EMPTY_TEXT] = left.get(EMPTY_TEXT, 0) + 1
+        elif "label" not in row:
+            reason = FAILED_ANNOTATION + one_line(str(row.get("error")), 60)
+            left[reason] = left.get(reason, 0) + 1
+            if weight_field and row.get(weight_field) is not None:
+                left[WEIGHTED_FAILED] = left.get(WEIGHTED_FAILED, 0) + 1
+        else:
+            yield {k: v for k, v in row.items() if k in kept}
+
+
+def say_left_out(left: dict[str, int], labelled: int, what: str, console=None) -> None:
+    """Stops where no row is left to learn from or score (every text empty, every annotation failed); else says, on
+    `console`, what `iter_labelled` left out, and turns the reasons of failed annotations into the reasons as `score`
+    wrote them."""
+    blank, weighted = left.get(EMPTY_TEXT, 0), left.pop(WEIGHTED_FAILED, 0) > 0
+    failed = {k.removeprefix(FAILED_ANNOTATION): n for k, n in left.items() if k.startswith(FAILED_ANNOTATION)}
+    if blank and not labelled and not failed:
+        raise DocumentError(f"{what}: every row's text is empty: nothing to learn from")
+    reasons = sorted(failed.items(), key=lambda kv: -kv[1])
+    listed = "; ".join(f"{n} x {reason}" for reason, n in reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+    if failed and not labelled:
         raise DocumentError(f"{what}: the LLM annotation of every row failed ({listed}): nothing to learn from")
-    reasons.update(left)
-    if console is not None:
-        weighted = weight_field is not None and any(r.get(weight_field) is not None for r in failed)
-        console.print(f"[yellow]{what}: {len(failed)} of {len(rows)} rows left out, their LLM annotation failed "
-                      f"({listed})" + (": the sample's inclusion weights no longer sum to the pool" if weighted
-                                       else "") + "[/]")
-    return [r for r in rows if "label" in r], dict(reasons)
+    for key in [k for k in left if k.startswith(FAILED_ANNOTATION)]:
+        left[key.removeprefix(FAILED_ANNOTATION)] = left.pop(key)
+    if console is None:
+        return
+    if blank:
+        console.print(f"[yellow]{what}: {blank} rows with an empty text left out (apply fails such documents as "
+                      "no_text)[/]")
+    if failed:
+        console.print(f"[yellow]{what}: {sum(failed.values())} of {labelled + sum(failed.values())} rows left out, "
+                      f"their LLM annotation failed ({listed})" + (": the sample's inclusion weights no longer sum "
+                                                                  "to the pool" if weighted else "") + "[/]")
 
 
 EMPTY_TEXT = "empty text"  # a reason `read_labelled` leaves a row out for
+FAILED_ANNOTATION = "\x00failed: "  # `iter_labelled`'s count of a failed annotation's reason, until said
+WEIGHTED_FAILED = "\x00weighted"  # `iter_labelled`'s count of failed rows that carry an inclusion weight
 
 NESTED_SAMPLER = "nested-2"  # `sample_documents`: a larger sample holds every smaller one of the same seed
 POSITION_SAMPLER = "nested-1"  # before: a stream's rows drawn by position (a row removed redrew most of the sample)
@@ -1410,12 +1433,26 @@ def row_weights(rows: list[dict], weight_field: str | None, required: bool = Fal
     Some rows with and some without is an error: mixing a chosen sample with other rows has no correct weights."""
     if not weight_field:
         return None
+    return inclusion_weights(weight_values(rows, weight_field), weight_field, required)
+
+
+def weight_values(rows: Iterable[dict], weight_field: str) -> np.ndarray:
+    """The rows' `weight_field` as float64, NaN where a row has none (`inclusion_weights` checks them)."""
     import numpy as np
 
-    values = [r.get(weight_field) for r in rows]
-    missing = sum(v is None for v in values)
+    try:
+        return np.array([np.nan if (v := r.get(weight_field)) is None else v for r in rows], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"field '{weight_field}' must hold numbers (inclusion weights)") from None
+
+
+def inclusion_weights(values: np.ndarray, weight_field: str, required: bool = False) -> np.ndarray | None:
+    """`row_weights` of the rows' `weight_values`."""
+    import numpy as np
+
+    missing = int(np.isnan(values).sum())
     if missing == len(values):
-        if required and rows:
+        if required and len(values):
             # the rows hold only what the command reads (the label under `label`): their fields would mislead
             raise InputError(f"--weight-field {weight_field!r}: no row has it (`score --select active` writes "
                              f"inclusion weights as '{WEIGHT_FIELD}'; --weight-field none reads none)")
@@ -1423,13 +1460,9 @@ def row_weights(rows: list[dict], weight_field: str | None, required: bool = Fal
     if missing:
         raise InputError(f"{missing} of {len(values)} rows have no '{weight_field}': inclusion weights (written by "
                          f"`score --select active`) must be on every row or none (--weight-field none ignores them)")
-    try:
-        w = np.array(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"field '{weight_field}' must hold numbers (inclusion weights)") from None
-    if not np.isfinite(w).all() or (w <= 0).any():
+    if not np.isfinite(values).all() or (values <= 0).any():
         raise InputError(f"field '{weight_field}' must hold positive finite inclusion weights")
-    return w
+    return values
 
 
 def weight_summary(w: np.ndarray, weight_field: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -19,11 +20,16 @@ from edu_filter.documents import (
     RunError,
     check_model_name,
     check_writable_output,
-    read_labelled,
     WEIGHT_FIELD,
-    row_weights,
+    inclusion_weights,
+    iter_labelled,
+    progress_bar,
+    say_left_out,
+    weight_values,
     weight_summary,
 )
+
+EVALUATE_CHUNK = 65_536  # documents read, then scored, at a time: what is held of a held-out set of millions
 
 
 def evaluate_model(
@@ -59,27 +65,42 @@ def evaluate_model(
         check_writable_output(report, "--report", file=True)
     from rich.console import Console
 
-    rows, left_out = read_labelled(data, label_field, skip_failed=skip_failed, what="DATA",
-                                   console=Console(stderr=True), weight_field=weight_field)
-    if not rows:
-        raise ValueError(f"no documents in {', '.join(map(str, data))}")
-    weights = row_weights(rows, weight_field, weight_field != WEIGHT_FIELD)
     scorer = load_scorer(model, batch_size=batch_size, dtype=dtype)
-    with torch_threads(num_threads):
-        raw, _ = scorer.predict_many([r["text"] for r in rows], long_docs=long_docs, show_progress=True)
-    if not np.isfinite(raw).all():  # taken for int_score 0 (NaN) or 5 (inf) in the F1s, unwarned
-        bad = np.flatnonzero(~np.isfinite(raw))
-        raise RunError(f"the classifier scores {len(bad):,} of {len(raw):,} documents with no finite number (first: "
-                       f"{rows[bad[0]].get('id', f'row {bad[0]}')}, {raw[bad[0]]}): an overflow in --dtype float16? "
-                       "float32 or bfloat16 score them; apply fails such documents as non_finite_score")
-    labels = [r["label"] for r in rows]
+    left_out: dict[str, int] = {}
+    rows = iter_labelled(data, label_field, left_out, skip_failed=skip_failed, weight_field=weight_field)
+    required = weight_field != WEIGHT_FIELD  # a field named on the command line
+    labels, weighed, raws = [], [], []  # each document's label, weight and score: its text is not held
+    with torch_threads(num_threads), progress_bar(True) as progress:
+        task = progress.add_task("scoring", total=None)
+        while chunk := list(itertools.islice(rows, EVALUATE_CHUNK)):
+            raw, _ = scorer.predict_many([r["text"] for r in chunk], long_docs=long_docs)
+            if not np.isfinite(raw).all():  # taken for int_score 0 (NaN) or 5 (inf) in the F1s, unwarned
+                bad = np.flatnonzero(~np.isfinite(raw))
+                seen, first = sum(map(len, labels)) + len(chunk), int(bad[0])
+                raise RunError(f"the classifier scores {len(bad):,} of {seen:,} documents read so far with no finite "
+                               f"number (first: {chunk[first].get('id', f'row {seen - len(chunk) + first}')}, "
+                               f"{raw[first]}): an overflow in --dtype float16? float32 or bfloat16 score them; apply "
+                               "fails such documents as non_finite_score")
+            labels.append(np.array([r["label"] for r in chunk], dtype=np.float64))
+            if weight_field:  # checked as they come: a bad weight stops the run before hours of scoring
+                weighed.append(weight_values(chunk, weight_field))
+                if (inclusion_weights(weighed[-1], weight_field, required) is None) != (
+                        inclusion_weights(weighed[0], weight_field, required) is None):
+                    inclusion_weights(np.concatenate(weighed), weight_field)  # says how many have none
+            raws.append(raw)
+            progress.advance(task, len(chunk))
+    say_left_out(left_out, sum(map(len, labels)), "DATA", Console(stderr=True))
+    if not labels:
+        raise ValueError(f"no documents in {', '.join(map(str, data))}")
+    weights = inclusion_weights(np.concatenate(weighed), weight_field, required) if weight_field else None
+    raw, labels = np.concatenate(raws), np.concatenate(labels)
     metrics = compute_metrics(labels, raw, scorer.to_int_score(raw), weights=weights)
     if weights is not None:
         metrics["weights"] = weight_summary(weights, weight_field)
     metrics["failed_annotations_left_out"] = left_out  # --skip-failed: rows the LLM never labelled, by reason
     metrics["warnings"] = metric_warnings(metrics, labels, scorer.kind, data="the evaluation data")
     weighted = "" if weights is None else f" (weighted by '{weight_field}': estimates for the pool they were drawn from)"
-    print_metrics(metrics, title=f"{model} on {len(rows)} documents{weighted}")
+    print_metrics(metrics, title=f"{model} on {len(labels)} documents{weighted}")
     print_warnings(metrics["warnings"])
     if report is not None:
         report = Path(report)

@@ -771,7 +771,7 @@ def test_a_document_scored_not_a_number_fails_alone(stock_classifier, tmp_path):
     from edu_filter.documents import RunError
 
     (tmp_path / "labelled.jsonl").write_text("".join(json.dumps({**r, "score": 2}) + "\n" for r in rows))
-    with pytest.raises(RunError, match="scores 1 of 10 documents with no finite number .first: zebra, nan"):
+    with pytest.raises(RunError, match="scores 1 of 10 documents read so far with no finite number .first: zebra, nan"):
         evaluate_model(str(model), [str(tmp_path / "labelled.jsonl")])
     # damaged weights, every document not a number: the task fails at once, found on a probe sentence (NaN fails
     # every threshold: all would have been removed)

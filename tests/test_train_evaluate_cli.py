@@ -238,3 +238,22 @@ def test_evaluate_with_inclusion_weights_estimates_the_pool(tmp_path, code_model
     # F1@4 on the sample is a ratio of sums, each of which the weights make an unbiased estimate of the pool's
     pool_f1, weighted_f1, unweighted_f1 = (figures[k]["binary_f1_at_4"] for k in ("pool", "weighted", "unweighted"))
     assert abs(weighted_f1 - pool_f1) < 0.08 and abs(weighted_f1 - pool_f1) < abs(unweighted_f1 - pool_f1) / 2
+
+
+def test_evaluate_reads_and_scores_its_data_a_chunk_at_a_time(tmp_path, fasttext_model, monkeypatch):
+    """evaluate held every row and its text, then a second list of the texts, all at once: a held-out set of
+    millions took its size in memory and more. It scores a chunk at a time and keeps three numbers a row; the
+    metrics are those of one chunk holding everything, and a weight missing from some rows is still refused, in the
+    chunk where that shows (before the rest is scored)."""
+    from edu_filter.classifiers import evaluate as ev
+    from edu_filter.documents import InputError
+
+    rows = read_documents([CODE_LABELS], label_field="score")[:90]
+    data = write_documents(rows + [{"id": "blank", "text": " ", "score": 2}], tmp_path / "held.jsonl")
+    whole = ev.evaluate_model(str(fasttext_model), [str(data)])
+    monkeypatch.setattr(ev, "EVALUATE_CHUNK", 7)
+    chunked = ev.evaluate_model(str(fasttext_model), [str(data)])
+    assert chunked == whole and chunked["n"] == 90
+    mixed = write_documents([{**r, "weight": 2.0} for r in rows[:7]] + rows[7:], tmp_path / "mixed.jsonl")
+    with pytest.raises(InputError, match="7 of 14 rows have no 'weight'"):  # the second chunk's
+        ev.evaluate_model(str(fasttext_model), [str(mixed)])
