@@ -1312,11 +1312,21 @@ def counted(items: Iterable, description: str, enabled: bool) -> Iterator:
     with progress_bar(enabled) as progress:
         task = progress.add_task(description, total=None)
         n = 0
-        for n, item in enumerate(items, start=1):
-            if n % 1000 == 0:
-                progress.update(task, completed=n)
-            yield item
-        progress.update(task, completed=n)
+        try:
+            for n, item in enumerate(items, start=1):
+                if n % 1000 == 0:
+                    progress.update(task, completed=n)
+                yield item
+        finally:  # a bad row stops the pass: its last line says the rows read before it, not the last thousand
+            progress.update(task, completed=n)
+
+
+def unclipped(table):
+    """`table` with no cell cut to "…": a column too narrow for the console (80 columns in a Slurm log) folds its
+    text onto the next line instead. A count's last digits, a removal reason and the cache's path were cut off."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
 
 
 PARTIAL_PREFIX = ".partial-"  # a file written whole is written first under its name with this in front

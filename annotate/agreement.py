@@ -31,6 +31,7 @@ from edu_filter.documents import (
     in_score_range,
     iter_raw_rows,
     label_value,
+    unclipped,
 )
 
 LABELS = list(SCORES)
@@ -224,7 +225,7 @@ def print_agreement(r: dict) -> None:
     t.add_row("keep/drop agreement", fmt(r["keep_agreement"]))
     t.add_row("keep precision / recall / F1 (B vs A)",
               " / ".join(fmt(r[k]) for k in ("keep_precision", "keep_recall", "keep_f1")))
-    console.print(t)
+    console.print(unclipped(t))
 
     cm = Table(title="confusion matrix (rows: A, columns: B)")
     cm.add_column("A \\ B", style="bold")
@@ -232,6 +233,6 @@ def print_agreement(r: dict) -> None:
         cm.add_column(str(label), justify="right")
     for label, row in zip(LABELS, r["confusion_matrix"]):
         cm.add_row(str(label), *[f"[bold]{v}[/bold]" if i == label and v else str(v) for i, v in enumerate(row)])
-    console.print(cm)
+    console.print(unclipped(cm))
     for line in r.get("warnings", []):
         console.print(f"[yellow]warning: {line}", soft_wrap=True)

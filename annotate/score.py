@@ -74,6 +74,7 @@ from edu_filter.documents import (
     refuse_output_among_inputs,
     sample_documents,
     writing_alone,
+    unclipped,
 )
 
 BACKENDS = ("openai", *SERVER_BACKENDS, "transformers")
@@ -1077,7 +1078,7 @@ def print_summary(summary: ScoreSummary) -> None:
                   f"({_rate(summary.docs_per_second)} docs/s)")
     table.add_row("output", summary.output)
     table.add_row("cache", summary.cache)
-    Console().print(table)
+    Console().print(unclipped(table))
     failed = summary.documents - summary.scored
     if summary.selection and failed:
         print(f"warning: {failed:,} documents of the active sample have no score, and train refuses rows without "

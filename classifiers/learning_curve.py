@@ -18,6 +18,7 @@ import numpy as np
 
 from edu_filter.classifiers.calibration import apply_cut_points
 from edu_filter.classifiers.metrics import compute_metrics
+from edu_filter.documents import unclipped
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 CURVE_METRICS = ("spearman", "binary_f1_at_2", "binary_f1_at_3", "binary_f1_at_4", "mse")
@@ -128,12 +129,12 @@ def print_learning_curve(curve: dict, title: str) -> None:
         value, spread = point[key], point[f"{key}_std"]
         if value is None:
             return "n/a"
-        return f"{value:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+        return f"{value:.3f}" + (f"±{spread:.3f}" if spread is not None else "")  # one word: wrapped whole
 
     for p in curve["points"]:
         table.add_row(f"{p['labels']:,}", f"{p['share']:.0%}", *(cell(p, key) for key in CURVE_METRICS))
     console = Console()
-    console.print(table)
+    console.print(unclipped(table))
     console.print(curve["verdict"]["text"])
 
 

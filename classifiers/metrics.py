@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edu_filter.classifiers.calibration import round_and_clip, to_int_scores
-from edu_filter.documents import SCORES
+from edu_filter.documents import SCORES, unclipped
 
 CLASSES = list(SCORES)
 BINARY_THRESHOLDS = (2, 3, 4)
@@ -146,7 +146,7 @@ def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table()
     table.add_column("metric")
     table.add_column("calibrated", justify="right")
     table.add_column("round-and-clip", justify="right")
@@ -163,8 +163,9 @@ def print_metrics(metrics: dict, title: str) -> None:
     for c, row in zip(CLASSES, metrics["confusion_matrix"]):
         cm.add_row(str(c), *(str(v) for v in row))
     console = Console()
-    console.print(table)
-    console.print(cm)
+    console.print(title, soft_wrap=True, highlight=False, style="italic")  # whole: it names the model's folder
+    console.print(unclipped(table))
+    console.print(unclipped(cm))
 
 
 def plot_confusion_matrix(metrics: dict, path: str | Path, title: str) -> Path:

@@ -39,7 +39,7 @@ from datatrove.io import get_datafolder
 from datatrove.utils.logging import logger
 from rich.markup import escape
 
-from edu_filter.documents import DocumentError, InputError, RunError, write_json_whole
+from edu_filter.documents import DocumentError, InputError, RunError, unclipped, write_json_whole
 from edu_filter.filters.io import drop_finished_task_scratch
 from edu_filter.filters.progress import ProgressDisplay, read_stage_progress
 from edu_filter.filters.scoring import TASK_SLOT_ENV
@@ -1972,7 +1972,8 @@ def show_status(out: str, console) -> dict:
     jobs = queued_jobs(out) if submitted and slurm_answers() else None  # None: a Slurm run, its queue unknown now
     if submitted and jobs is None:
         console.print("[yellow]the Slurm controller does not answer: job states are unknown[/yellow]")
-    table = Table(title=f"edu-filter apply: {out}")
+    console.print(f"edu-filter apply: {out}", soft_wrap=True, highlight=False)  # whole: a path to copy
+    table = Table(title="stages")
     for col in ("stage", "tasks", "documents", "docs/s", "state"):
         table.add_column(col, justify="left" if col in ("stage", "state") else "right")
     summary = {"stages": []}
@@ -2014,7 +2015,7 @@ def show_status(out: str, console) -> dict:
                       f"{s.docs_per_second:,.1f}" if s.reading else "", state)
         summary["stages"].append({"name": name, "tasks": tasks, "tasks_done": s.tasks_done,
                                   "documents": s.documents, "state": state})
-    console.print(table)
+    console.print(unclipped(table))
     stats_path = Path(out) / "stats.json"
     if stats_path.exists():
         try:

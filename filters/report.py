@@ -217,4 +217,4 @@ def stats_table(stats: dict):
             for sub, n in v.get("by_kind", {}).items() if len(v.get("by_kind", {})) > 1 else ():
                 row(f"  {sub}", n, style="dim")
     table.caption = "counts add up" if stats["adds_up"] else "COUNTS DO NOT ADD UP"
-    return table
+    return documents.unclipped(table)

@@ -45,6 +45,7 @@ from edu_filter.documents import (
     local_files_under,
     parquet_rows,
     PARQUET_BATCH_ROWS,
+    unclipped,
 )
 from edu_filter.filters.scoring import HISTOGRAM_BIN, HISTOGRAM_HIGH, HISTOGRAM_LOW, bin_low_edge, score_bins
 
@@ -778,7 +779,7 @@ def run_sweep(paths: list[str], output: str | Path, thresholds: list[int] | None
         if "f1" in r:
             cells += ["n/a" if r[k] is None else f"{r[k]:.3f}" for k in ("precision", "recall", "f1")]
         table.add_row(*cells)
-    Console(quiet=not show).print(table)
+    Console(quiet=not show).print(unclipped(table))
     return result
 
 

@@ -666,3 +666,35 @@ def test_a_command_s_defaults_are_its_library_function_s(command, library):
         assert default == lib.default, (command, param, default, lib.default)
         compared += 1
     assert compared >= 3
+
+
+@pytest.mark.parametrize("columns", [60, 80])
+def test_result_tables_cut_nothing_in_a_narrow_console_or_a_log(columns, monkeypatch, capsys):
+    """Rich cut any cell wider than its column to "…": at a Slurm log's 80 columns every removal reason, at 60 the
+    counts' last digits, and the score summary's output and cache paths, which a resume needs. Cells fold onto the
+    next line instead; the model's folder is said whole above its metrics."""
+    from edu_filter.annotate.score import ScoreSummary, print_summary
+    from edu_filter.classifiers.metrics import compute_metrics, print_metrics
+    from edu_filter.filters.report import stats_table
+    from rich.console import Console
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    big = {"documents": 1_234_567_890, "tokens": 1_234_567_890_123}
+    stats = {"in": big, "kept": big, "adds_up": True, "failed": {"text_not_a_string_in_any_form": big},
+             "removed": {"score_below_the_threshold_of_the_run": big}}
+    Console().print(stats_table(stats))
+    cache = "/scratch/project/edu_filter/annotations/cc-main-2024-10/fineweb_sample_100k.jsonl.cache.sqlite"
+    print_summary(ScoreSummary(documents=3, scored=3, output=cache.removesuffix(".cache.sqlite"), cache=cache))
+    model = "/scratch/project/edu_filter/models/web_head_classifier_run_2024_arctic_embed_m"
+    print_metrics(compute_metrics([0, 3, 5, 2], [0.2, 2.9, 4.4, 2.2], [0, 3, 4, 2]), title=f"{model} on 4 documents")
+    out = capsys.readouterr().out
+    assert "…" not in out
+    counts = [line.split("│") for line in out.splitlines() if line.count("│") == 6]  # the counts table's rows
+
+    def column(k: int) -> str:  # a folded cell's text runs on down its column
+        return "".join(cells[k].strip() for cells in counts)
+
+    assert "1,234,567,890,123" in column(4) and "1,234,567,890" in column(2)
+    assert "removed/score_below_the_threshold_of_the_run" in column(1) and "text_not_a_string_in_any_form" in column(1)
+    assert cache in "".join(out.split()).replace("│", "")
+    assert model in out  # whole on its line, to copy
