@@ -17,6 +17,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.batching import batched
 
+from edu_filter.filters.progress import holding
+
 
 TASK_SLOT_ENV = "EDU_FILTER_TASK_SLOT"  # set by the local executor: the running task's worker slot
 
@@ -162,7 +164,7 @@ class EduClassifierScorer(PipelineStep):
         self.size_tokenizer_pool()  # before pulling the first window: the steps upstream run as it is pulled
         scorer, pending = None, None  # pending: the previous window and the future of its preparation
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edu-tokenize") as pool:
-            for window in batched(data, self.window_size):
+            for window in batched(_taken_in(data), self.window_size):
                 if scorer is None:
                     scorer = self.load_scorer(rank)
                 texts = [doc.text for doc in window]
@@ -193,6 +195,7 @@ class EduClassifierScorer(PipelineStep):
         self.stat_update("truncated", value=int(np.count_nonzero(truncated)))
         # not rounded to a whole number: on a slow CPU a window of a few documents scored at 0 or 1 docs/s
         self.stat_update("docs_per_second", value=round(len(window) / max(elapsed, 1e-9), 2), unit="window")
+        holding(-len(window))
         for doc, score, int_score in zip(window, scores, int_scores):
             for key in ("score", "int_score"):  # an input's own (an LLM label, FineWeb-Edu's): kept, as apply keeps it
                 if key in doc.metadata and f"input_{key}" not in doc.metadata:
@@ -200,6 +203,13 @@ class EduClassifierScorer(PipelineStep):
             doc.metadata["score"] = float(score)
             doc.metadata["int_score"] = int(int_score)
             yield doc
+
+
+def _taken_in(data: DocumentsPipeline) -> DocumentsPipeline:
+    """`data`, each document counted in the task's progress as held by the scorer (`holding`) once taken in."""
+    for doc in data:
+        holding(1)
+        yield doc
 
 
 # A fast tokenizer holds ~80 bytes per character of what it encodes at once (alignments, every token): a 1 GB document

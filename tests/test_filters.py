@@ -1454,3 +1454,30 @@ def test_an_mbpp_set_is_indexed_by_its_code_and_short_items_are_said(tmp_path, c
     assert build_decont_index([str(tmp_path / "short.jsonl")], str(tmp_path / "index2"))["short"] == 0
     assert "1 of its 1 items have fewer than 12 words (after normalisation), the n-grams matched: it removes " \
            "nothing" in capsys.readouterr().err
+
+
+def test_a_scoring_stages_rate_counts_the_documents_scored_not_those_read_ahead(tmp_path, monkeypatch,
+                                                                              fasttext_model):
+    """The reader runs up to two windows ahead of the scorer: until a task's first window was scored, its stage's
+    docs/s was the reader's (1,589 docs/s in a log where the stage then ran at 3.3), and all along for tasks a window
+    or two long. Documents the scorer holds are not counted as done until scored."""
+    from edu_filter.filters import progress
+    from edu_filter.filters.scoring import EduClassifierScorer
+
+    monkeypatch.setattr(progress, "WRITE_EVERY_S", 0.0)  # the reader writes its record every 256 documents
+    rows = [{"id": f"d{i}", "text": f"def f{i}(x):\n    return x + {i}\n"} for i in range(600)]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    folder = tmp_path / "logs" / "filter" / "progress"
+    reader = ApplyInputReader(expand_inputs([str(tmp_path / "in.jsonl")]), progress_folder=str(folder))
+    stage = EduClassifierScorer(str(fasttext_model), window_size=512, device="cpu").run(reader.run())
+
+    def finished() -> int:
+        return progress.read_stage_progress(str(tmp_path / "logs"), "filter", 1).attempt_documents
+
+    next(stage)  # the first window scored; the reader wrote its record at 512 documents (as it read the 512th,
+    # just before the scorer took it in), the others held then
+    assert json.loads((folder / "00000.json").read_text())["documents"] == 512 and finished() <= 1
+    rest = list(stage)
+    tail = progress.TaskProgressTime(str(folder))
+    list(tail.run(iter(()), rank=0))  # the task's last step: its record's time, and what is held now
+    assert len(rest) == 599 and finished() == 600
