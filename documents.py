@@ -480,6 +480,7 @@ LINE_HEAD_BYTES = 8000  # what is kept of such a line
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONG_DIGITS, _LONG_DIGITS_BYTES = re.compile(r"\d{20}"), re.compile(rb"\d{20}")  # integers past 64 bits (a float)
 
 
 def json_line(line: bytes | str):
@@ -487,15 +488,24 @@ def json_line(line: bytes | str):
     them), and lone surrogate escapes ("\\ud83d" of an emoji cut in two by a tool), which orjson refuses, each row
     otherwise failed or stopped the command; a lone surrogate becomes U+FFFD (no writer takes one). A line neither
     reads raises orjson's error, as do bytes that are not strict UTF-8 (Python's json let UTF-8-encoded surrogates,
-    CESU-8, through, which apply's reader fails as invalid UTF-8)."""
+    CESU-8, through, which apply's reader fails as invalid UTF-8).
+
+    orjson reads an integer past 64 bits as a float: 2**64 + 1, a 128-bit hash in any field, was written out as
+    another number (ids a digit apart were one). A line with a run of 20 digits is read by Python's json, exactly."""
     try:
-        return orjson.loads(line)
+        row = orjson.loads(line)
     except orjson.JSONDecodeError as error:
         try:
             row = json.loads(bytes(line).decode("utf-8") if isinstance(line, (bytes, bytearray, memoryview)) else line)
         except (ValueError, RecursionError):  # UnicodeDecodeError among them
             raise error from None
         return _without_lone_surrogates(row)
+    if (_LONG_DIGITS if isinstance(line, str) else _LONG_DIGITS_BYTES).search(line) is None:
+        return row
+    try:
+        return json.loads(line if isinstance(line, str) else bytes(line).decode("utf-8"))
+    except (ValueError, RecursionError):  # nested deeper than Python's json reads: orjson's reading
+        return row
 
 
 def _without_lone_surrogates(value):
@@ -567,11 +577,6 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
                 raise DocumentError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DocumentError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if id_field is not None and type(row.get(id_field)) is float:
-                # orjson reads an integer past 64 bits as a float: ids a digit apart were one (apply reads them exactly)
-                exact = json.loads(raw).get(id_field)
-                if isinstance(exact, int):
-                    row[id_field] = exact
             yield lineno, row
 
 

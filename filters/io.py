@@ -16,7 +16,6 @@ import decimal
 import functools
 import gzip
 import itertools
-import json
 import math
 import os
 import posixpath
@@ -529,11 +528,6 @@ class ApplyInputReader(BaseReader):
                     yield self._failed("not_an_object", source, f"expected a JSON object, got {type(row).__name__}",
                                        line_bytes)
                     continue
-                if type(row.get(self.id_key)) is float:
-                    # orjson reads an integer past 64 bits as a float, and ids a digit apart were one: read exactly
-                    exact = json.loads(line).get(self.id_key)
-                    if isinstance(exact, int):
-                        row[self.id_key] = str(exact)
                 if line_bytes.count(b"[") + line_bytes.count(b"{") > MAX_NESTING and nested_deeper(row, MAX_NESTING):
                     yield self._failed("too_deeply_nested", source, f"a field nests more than {MAX_NESTING} lists or "
                                        "objects, more than the Parquet and JSON writers take", line_bytes)

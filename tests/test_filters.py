@@ -613,6 +613,10 @@ def test_json_that_python_writes_and_orjson_refuses_is_read(tmp_path):
                      b'{"id": 123456789012345678901234567891, "text": "b"}\n{"id": 2.5, "text": "c"}\n')
     assert [d.id for d in ApplyInputReader(expand_inputs([str(path)])).run()] == [
         "123456789012345678901234567890", "123456789012345678901234567891", "2.5"]
+    # in any field: a 128-bit hash was written out as another number (18446744073709551617 as 1.8446744073709552e+19)
+    path.write_bytes(b'{"id": "h1", "text": "a", "h": 18446744073709551617, "n": [2.5, 340282366920938463463374607431768211455]}\n')
+    [doc] = ApplyInputReader(expand_inputs([str(path)])).run()
+    assert doc.metadata == {"h": 2**64 + 1, "n": [2.5, 2**128 - 1]}
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
