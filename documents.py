@@ -544,6 +544,29 @@ def read_line(fh, limit: int | None = None) -> tuple[bytes, int, bool]:
     return head, length, True
 
 
+# what a file named as plain JSONL may hold instead, by its first bytes, and what to do about it
+PACKED_FORMATS = ((b"\x1f\x8b", "gzip-compressed", "give it the .gz suffix (.jsonl.gz)"),
+                  (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (zstd -d), or recompress it with gzip"),
+                  (b"BZh", "bzip2-compressed", "decompress it (bunzip2), or recompress it with gzip"),
+                  (b"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz), or recompress it with gzip"),
+                  (b"PAR1", "Parquet", "give it the .parquet suffix"))
+
+
+class PackedAsPlainText(ValueError):
+    """A file named as plain JSONL holds compressed or Parquet bytes: read as text, it was thousands of failed
+    rows of binary (failed/ twice the input's size), and the run exited 0."""
+
+
+def refuse_packed(fh, name: str) -> None:
+    """Raises PackedAsPlainText where the seekable binary file `fh`, named as plain JSONL, starts like a compressed
+    or Parquet file; leaves `fh` at its start."""
+    head = fh.read(6)
+    fh.seek(0)
+    for magic, what, fix in PACKED_FORMATS:
+        if head.startswith(magic):
+            raise PackedAsPlainText(f"{name} holds {what} data, not plain JSONL: {fix}")
+
+
 def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.lower().endswith(".gz") else open
     lineno = 0
@@ -552,6 +575,11 @@ def _iter_jsonl(path: str, id_field: str | None = None) -> Iterator[tuple[int, d
     except OSError as e:  # permission denied, a folder named like a file
         raise DocumentError(f"{path}: cannot open the file ({e.strerror or e})") from None
     with fh:
+        if opener is open:
+            try:
+                refuse_packed(fh, path)
+            except PackedAsPlainText as e:
+                raise DocumentError(str(e)) from None
         while True:
             try:
                 raw, length, too_long = read_line(fh)

@@ -41,6 +41,7 @@ from edu_filter.documents import (
     PARQUET_SUFFIXES,
     UTF8_BOM,
     DocumentError,
+    PackedAsPlainText,
     check_data_file,
     data_files_in,
     distinct_names,
@@ -56,6 +57,7 @@ from edu_filter.documents import (
     parquet_rows_or_errors,
     printable_name,
     read_line,
+    refuse_packed,
 )
 from edu_filter.filters.progress import TaskProgress
 from edu_filter.filters.report import write_counts
@@ -80,7 +82,7 @@ FILE_VERSION_KEYS = ("mtime", "LastModified", "updated", "last_modified", "ETag"
 # what pyarrow says of bytes that are not Parquet (a footer, a page); its memory errors and OSErrors are not that
 NOT_PARQUET = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError, pa.ArrowIndexError,
                pa.ArrowSerializationError, UnicodeDecodeError)
-UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, *NOT_PARQUET)
+UNREADABLE = (EOFError, gzip.BadGzipFile, zlib.error, PackedAsPlainText, *NOT_PARQUET)
 # what pyarrow raises for values that do not make (or fit) an array of one type
 NOT_ARROW_TYPED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
@@ -507,6 +509,8 @@ class ApplyInputReader(BaseReader):
     def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
         with folder.open(name, "rb") as opened:
+            if not label.lower().endswith(".gz"):
+                refuse_packed(opened, label)  # raises UNREADABLE: one unreadable_file record (of each range)
             raw = lines_readable(opened)
             for source, line_bytes, too_long in self._jsonl_lines(raw, label, keep, progress, ranges):
                 if too_long:

@@ -1485,3 +1485,31 @@ def test_a_scoring_stages_rate_counts_the_documents_scored_not_those_read_ahead(
     tail = progress.TaskProgressTime(str(folder))
     list(tail.run(iter(()), rank=0))  # the task's last step: its record's time, and what is held now
     assert len(rest) == 599 and finished() == 600
+
+
+@pytest.mark.parametrize("tasks", [1, 8])
+def test_a_compressed_or_parquet_file_named_as_plain_jsonl_is_one_unreadable_record_not_rows_of_binary(tmp_path,
+                                                                                                      tasks):
+    """gzip data named data.jsonl (a downloader that drops suffixes) was read as text: 2,308 failed rows of binary
+    (failed/ twice the input's size), exit 0. It is one unreadable_file record naming what the bytes are (one per
+    byte range where tasks split the file); score, train and ablate stop at it, saying so."""
+    rows = [{"id": f"d{i}", "text": f"text {i} " * 30} for i in range(2000)]
+    packed = gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    (tmp_path / "data.jsonl").write_bytes(packed)
+    (tmp_path / "zst.jsonl").write_bytes(b"\x28\xb5\x2f\xfd" + packed[4:])
+    (tmp_path / "ok.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows[:5]))
+    files = expand_inputs([str(tmp_path)])
+    from edu_filter.filters.io import input_split
+
+    split = input_split(files, tasks)  # with 8 tasks, the files are cut in byte ranges
+    assert (split is not None) == (tasks > 1)
+    docs = [d for rank in range(tasks) for d in ApplyInputReader(files, split=split).run(rank=rank,
+                                                                                         world_size=tasks)]
+    failed = [d for d in docs if FAILURE_KEY in d.metadata]
+    assert len(docs) - len(failed) == 5 and {d.metadata[FAILURE_KEY] for d in failed} == {"unreadable_file"}
+    said = " ".join(d.metadata["input_error"] for d in failed)
+    assert "data.jsonl holds gzip-compressed data, not plain JSONL: give it the .gz suffix" in said
+    assert "zst.jsonl holds zstd-compressed data" in said
+    assert len(failed) == 2 if tasks == 1 else 2 <= len(failed) <= 2 * tasks
+    with pytest.raises(DocumentError, match="data.jsonl holds gzip-compressed data, not plain JSONL"):
+        read_documents([str(tmp_path / "data.jsonl")])
