@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from edu_filter.classifiers.calibration import apply_cut_points
-from edu_filter.classifiers.metrics import compute_metrics
+from edu_filter.classifiers.calibration import apply_cut_points, to_int_scores
+from edu_filter.classifiers.metrics import MIN_POSITIVES_TO_TRUST, compute_metrics
 from edu_filter.documents import unclipped
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
@@ -85,14 +85,22 @@ def learning_curve(
         "folds": folds, "repeats": repeats, "total_labels": n, "weighted": w is not None,
         "main_threshold": main_threshold, "points": points,
     }
-    curve["verdict"] = verdict(per_fraction, fractions, main_threshold)
+    positives = int(np.count_nonzero(to_int_scores(labels) >= main_threshold))
+    curve["verdict"] = verdict(per_fraction, fractions, main_threshold, positives)
     return curve
 
 
-def verdict(per_fraction: dict, fractions, main_threshold: int) -> dict:
+def verdict(per_fraction: dict, fractions, main_threshold: int, positives: int | None = None) -> dict:
     """Do more labels still help? The paired gain from half the labels to all of them, fold by fold.
 
-    Still helping when the mean gain in Spearman or in F1 at the main threshold exceeds twice its standard error."""
+    Still helping when the mean gain in Spearman or in F1 at the main threshold exceeds twice its standard error.
+    With fewer than MIN_POSITIVES_TO_TRUST `positives` (labels at the main threshold) no verdict: F1 there is 0 in
+    every fold (its cut point never fitted), a gain of 0 ± 0 that read "the curve has flattened" (stop labelling)
+    when the data could say nothing about the threshold that matters."""
+    if positives is not None and positives < MIN_POSITIVES_TO_TRUST:
+        return {"still_helping": None, "text": f"inconclusive: only {positives} labels at {main_threshold}+ (fewer "
+                f"than {MIN_POSITIVES_TO_TRUST}): the curve cannot say whether more labels help at the threshold "
+                "that matters; label more documents likely to score high"}
     half, full = 0.5, max(fractions)
     if half not in per_fraction or not per_fraction[half] or len(per_fraction[half]) != len(per_fraction[full]):
         return {"still_helping": None, "text": "too few labels for a curve"}

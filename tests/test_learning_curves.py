@@ -146,6 +146,13 @@ def test_learning_curve_tells_a_rising_curve_from_a_flat_one():
     assert flat["verdict"]["still_helping"] is False and "flattened" in flat["verdict"]["text"]
     assert abs(flat["points"][-1]["spearman"] - flat["points"][-2]["spearman"]) < 0.02
 
+    # the same flat data with 3 labels at the main threshold: F1@3 is 0 in every fold, which read "flattened"
+    few = np.minimum(y1, 2)
+    few[np.flatnonzero(y1 >= 3)[:3]] = 3
+    inconclusive = learning_curve(few, ridge_fit_predict(x1, few), repeats=1)
+    assert inconclusive["verdict"]["still_helping"] is None
+    assert inconclusive["verdict"]["text"].startswith("inconclusive: only 3 labels at 3+")
+
 
 @pytest.mark.slow
 def test_train_reports_the_learning_curve(tmp_path, minilm_path, embedding_cache_dir, capsys):

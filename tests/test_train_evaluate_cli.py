@@ -110,6 +110,10 @@ def test_validation_split_is_stratified():
     for score in (1, 2, 3, 4):
         share = np.mean(labels[val_idx] == score)
         assert abs(share - np.mean(labels == score)) < 0.05
+    # a validation share leaving training fewer rows than classes: a plain random split (scikit-learn refused it)
+    few = np.array([0, 1, 2, 3, 4] * 4 + [2], dtype=float)
+    train_idx, val_idx = stratified_split(few, 0.8, seed=0)
+    assert (len(train_idx), len(val_idx)) == (4, 17)
 
 
 @pytest.mark.parametrize("counts", [{0: 30, 1: 40, 2: 20, 3: 9, 5: 1}, {0: 1, 1: 40, 2: 30, 3: 29}])

@@ -302,8 +302,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         strata[strata == values[k]] = values[k - 1] if k > 0 else values[1]
     classes = set(strata.tolist())
     n_val = max(1, int(np.ceil(val_fraction * len(labels))))
-    # every class needs two rows, and the validation split room for one of each; otherwise a plain random split
-    enough = all((strata == v).sum() >= 2 for v in classes) and n_val >= len(classes)
+    # every class needs two rows, and each side room for one of each; otherwise a plain random split
+    enough = all((strata == v).sum() >= 2 for v in classes) and min(n_val, len(labels) - n_val) >= len(classes)
     stratify = strata if enough else None
     return train_test_split(np.arange(len(labels)), test_size=n_val, random_state=seed, stratify=stratify)
 
