@@ -24,6 +24,7 @@ from typing import AsyncIterator, Sequence
 import orjson
 
 from edu_filter.annotate.cache import Answer
+from edu_filter.annotate.parse import REASONING_START
 from edu_filter.documents import InputError, RunError, one_line
 
 
@@ -400,6 +401,11 @@ class OpenAIBackend:
             text = "".join(part["text"] for part in text if isinstance(part, dict) and part.get("type") == "text")
         if text is not None and not isinstance(text, str):
             raise TypeError(f"the answer's text is a {type(text).__name__}, not a string")
+        reasoning = choice.get("message", {}).get("reasoning_content") if self.api == "chat" else None
+        if not (text or "").strip() and isinstance(reasoning, str) and reasoning.strip():
+            # a reasoning parser (vLLM's, SGLang's) put the whole answer in reasoning_content: the model stopped
+            # inside its thinking. Kept as such, it fails as an answer that ends inside its reasoning ("empty answer")
+            text = f"{REASONING_START}{reasoning}"
         usage = data.get("usage") or {}
         return Answer(text or "", usage.get("prompt_tokens"), usage.get("completion_tokens"),
                       choice.get("finish_reason"), data.get("model") or self.model)

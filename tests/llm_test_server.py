@@ -19,6 +19,8 @@ finds it in the prompt and answers accordingly:
     ctxsay=S       how that refusal is worded: openai (the default, above), sglang (vLLM's top-level error with
                    "maximum context length of N tokens ... P tokens from the input messages") or bare (no numbers)
     parts=1        the chat answer's content as a list of parts (a reasoning part, then the text), as Mistral's API
+    reasoning=1    the chat answer's content null and its text in reasoning_content (vLLM's reasoning parser on a
+                   model that stopped inside its thinking)
     usage=0        leave `usage` out of the answer
 
 Answering from a table of labels instead (`labels`, from `label_table(rows)`): the server finds the document
@@ -233,6 +235,8 @@ class LLMTestServer:
         content = [{"type": "thinking", "thinking": "Educational score: 0? No."}, {"type": "text", "text": text}] if opts.get(
             "parts") else text
         choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": text})
+        if chat and opts.get("reasoning"):
+            choice["message"].update(content=None, reasoning_content=f"Let me see. {text}")
         answer = {"id": f"cmpl-{doc_id}-{n}", "model": self.own_name or body.get("model"), "choices": [choice]}
         if opts.get("usage", "1") != "0":
             answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,

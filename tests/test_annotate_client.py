@@ -49,6 +49,8 @@ CASES = [
     (doc("refused", http400=1), None, "http 400: The request was refused (planned)", 1, 0),
     (doc("down", fail500=99), None, "http 500", 4, 0),
     (doc("nousage", score=1, usage=0), 1, None, 1, 1),
+    # a reasoning parser's answer that stopped inside its thinking: all of it in reasoning_content, content null
+    (doc("thinking", reasoning=1), None, "unparseable: the answer ends inside its reasoning", 3, 3),
 ]
 
 
@@ -77,7 +79,8 @@ def test_misbehaving_server_every_document_once_with_right_scores(server, tmp_pa
     assert by_id["reask"]["completion_tokens"] > by_id["plain"]["completion_tokens"]  # summed over both answers
 
     assert summary.documents == len(CASES) and summary.scored == 12
-    assert summary.failed == Counter({"unparseable": 1, "ambiguous": 2, "cut off at max_tokens": 1, "http 400": 1,
+    assert by_id["thinking"]["response"].startswith("<think>Let me see.")  # the server's reasoning, kept
+    assert summary.failed == Counter({"unparseable": 2, "ambiguous": 2, "cut off at max_tokens": 1, "http 400": 1,
                                       "http 500": 1})
     assert summary.requests == sum(c[3] for c in CASES)
     assert summary.reasks == sum(c[4] - 1 for c in CASES if c[4] > 1)
