@@ -25,11 +25,23 @@ from edu_filter.documents import (
     iter_labelled,
     progress_bar,
     say_left_out,
+    text_keys,
+    TRAINED_TEXTS,
     weight_values,
     weight_summary,
 )
 
 EVALUATE_CHUNK = 65_536  # documents read, then scored, at a time: what is held of a held-out set of millions
+
+
+def trained_texts(model: str) -> np.ndarray | None:
+    """The sorted keys of the texts a model `train` saved was fitted on (TRAINED_TEXTS); None for a model without
+    them (a hub classifier, or one trained by an edu-filter from before)."""
+    path = Path(model) / TRAINED_TEXTS
+    try:
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+    except (OSError, ValueError):  # cut short: no warning rather than no evaluation
+        return None
 
 
 def evaluate_model(
@@ -69,6 +81,8 @@ def evaluate_model(
     left_out: dict[str, int] = {}
     rows = iter_labelled(data, label_field, left_out, skip_failed=skip_failed, weight_field=weight_field)
     required = weight_field != WEIGHT_FIELD  # a field named on the command line
+    trained_on = trained_texts(model)
+    seen_in_training = 0
     labels, weighed, raws = [], [], []  # each document's label, weight and score: its text is not held
     with torch_threads(num_threads), progress_bar(True) as progress:
         task = progress.add_task("scoring", total=None)
@@ -81,6 +95,10 @@ def evaluate_model(
                                f"number (first: {chunk[first].get('id', f'row {seen - len(chunk) + first}')}, "
                                f"{raw[first]}): an overflow in --dtype float16? float32 or bfloat16 score them; apply "
                                "fails such documents as non_finite_score")
+            if trained_on is not None:
+                keys = text_keys(r["text"] for r in chunk)
+                at = np.minimum(np.searchsorted(trained_on, keys), max(0, len(trained_on) - 1))
+                seen_in_training += int(np.count_nonzero(trained_on[at] == keys)) if len(trained_on) else 0
             labels.append(np.array([r["label"] for r in chunk], dtype=np.float64))
             if weight_field:  # checked as they come: a bad weight stops the run before hours of scoring
                 weighed.append(weight_values(chunk, weight_field))
@@ -99,6 +117,13 @@ def evaluate_model(
         metrics["weights"] = weight_summary(weights, weight_field)
     metrics["failed_annotations_left_out"] = left_out  # --skip-failed: rows the LLM never labelled, by reason
     metrics["warnings"] = metric_warnings(metrics, labels, scorer.kind, data="the evaluation data")
+    if trained_on is not None:
+        metrics["trained_on"] = seen_in_training  # documents whose text the model was fitted on
+        if seen_in_training:
+            metrics["warnings"].append(
+                f"{seen_in_training:,} of {len(labels):,} documents evaluated ({seen_in_training / len(labels):.0%}) "
+                "are texts the model was trained on: these metrics overstate its quality on documents it has not seen "
+                "(evaluate on held-out labels: train's --val, or rows no training file holds)")
     weighted = "" if weights is None else f" (weighted by '{weight_field}': estimates for the pool they were drawn from)"
     print_metrics(metrics, title=f"{model} on {len(labels)} documents{weighted}")
     print_warnings(metrics["warnings"])

@@ -261,3 +261,24 @@ def test_evaluate_reads_and_scores_its_data_a_chunk_at_a_time(tmp_path, fasttext
     mixed = write_documents([{**r, "weight": 2.0} for r in rows[:7]] + rows[7:], tmp_path / "mixed.jsonl")
     with pytest.raises(InputError, match="7 of 14 rows have no 'weight'"):  # the second chunk's
         ev.evaluate_model(str(fasttext_model), [str(mixed)])
+
+
+def test_evaluate_warns_when_the_data_holds_texts_the_model_was_trained_on(tmp_path, fasttext_model):
+    """evaluate of a model on its own training labels (the same annotation dump, or a resample of the pool) gave
+    Spearman 0.90 and F1@3 0.99 on random labels, saying nothing. train records the keys of the texts it fitted
+    (8 bytes each, no text); evaluate counts the documents among them and warns."""
+    from edu_filter.classifiers.evaluate import evaluate_model
+    from edu_filter.documents import TRAINED_TEXTS
+
+    rows = read_documents([CODE_LABELS], label_field="score")
+    trained = np.load(fasttext_model / TRAINED_TEXTS)
+    assert trained.dtype == np.uint64 and 400 < len(trained) < len(rows)  # the training split, not validation
+    spaced = [{**r, "text": "  " + r["text"].replace("\n", "\r\n")} for r in rows]  # the same texts, as train sees
+    metrics = evaluate_model(str(fasttext_model), [str(write_documents(spaced, tmp_path / "all.jsonl"))])
+    assert metrics["trained_on"] == len(trained)
+    assert any(f"{len(trained):,} of {len(rows):,} documents evaluated" in w and "trained on" in w
+               for w in metrics["warnings"])
+    held_out = REPO / "data/code/thealgorithms_unlabelled.jsonl"
+    unseen = [{"id": f"u{i}", "text": r["text"], "score": 2} for i, r in enumerate(read_documents([held_out])[:40])]
+    metrics = evaluate_model(str(fasttext_model), [str(write_documents(unseen, tmp_path / "unseen.jsonl"))])
+    assert metrics["trained_on"] == 0 and not any("trained on" in w for w in metrics["warnings"])

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -53,10 +52,12 @@ from edu_filter.documents import (
     check_not_empty,
     check_writable_output,
     read_labelled,
+    repeat_key,
+    TRAINED_TEXTS,
     WEIGHT_FIELD,
     row_weights,
     synced,
-    text_hash,
+    text_keys,
     weight_summary,
     write_json_whole,
     writing_alone,
@@ -256,13 +257,6 @@ def check_cache_outside(cfg: ClassifierTrainConfig, output: Path) -> None:
                          "folder outside it")
 
 
-def repeat_key(text: str) -> str:
-    """Which labelled rows are one document: the text in Unicode NFKC with whitespace ignored. The same page crawled
-    twice differs in a trailing newline or its line ends; byte-exact keys put such copies on both sides of the
-    split (on random labels, a validation Spearman of 0.88)."""
-    return text_hash(" ".join(unicodedata.normalize("NFKC", text).split()))
-
-
 def merge_repeated_texts(rows: list[dict], weights: np.ndarray | None,
                          what: str) -> tuple[list[dict], np.ndarray | None]:
     """One row per distinct text, its label the (weighted) mean of the rows that repeat it, its inclusion weight their
@@ -390,6 +384,7 @@ def train_classifier(
         cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
         trained.model.config.cut_points = cut_points
         save_whole(output, lambda folder: save_model(trained, folder))
+        np.save(output / TRAINED_TEXTS, np.unique(text_keys(train_texts)))  # `evaluate` warns of data the model was fitted on
 
         held_out = _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg)
         metrics = compute_metrics(y_val, val_pred, held_out, weights=w_val)
