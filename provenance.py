@@ -852,6 +852,8 @@ def model_card(folder: str | os.PathLike, metrics: dict, record: dict, repo_id: 
             'inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)',
             "with torch.no_grad():",
             "    scores = model(**inputs).logits.squeeze(-1)  # raw educational score",
+            "# int_score: the calibrated cut points it reaches (FineWeb-Edu's round-and-clip would move the threshold)",
+            "int_scores = (scores[:, None] >= torch.tensor(model.config.cut_points)).sum(-1)",
             "```",
             "",
             *([f"This reads each document's first {config.get('max_length')} tokens only. The model was trained and "

@@ -793,6 +793,15 @@ def _record_adapter(self, document: Document) -> dict:
     return flat_record(document)
 
 
+def _removed_adapter(self, document: Document) -> dict:
+    """A removed document's record: its `filter_reason` always (datatrove's dedup filters set none: every duplicate
+    read null where the threshold's and decontamination's said theirs), without datatrove's `duplicate_count`
+    (exact dedup's count of a kept copy's others, 0 on a removed copy: kept/ leaves it out too)."""
+    record = flat_record(document, drop=frozenset({"duplicate_count"}))
+    record.setdefault("filter_reason", self.destination.removeprefix("removed/"))
+    return record
+
+
 def _kept_adapter(self, document: Document) -> dict:
     return flat_record(document, drop=PIPELINE_KEYS)
 
@@ -863,7 +872,9 @@ class CountedJsonlWriter(TaskFilenames, WrittenCounts, RecordJsonl, JsonlWriter)
 
     def __init__(self, folder: str, destination: str, counts_folder: str, filename: str = "${rank}.jsonl.gz",
                  counts_name: str | None = None):
-        super().__init__(folder, output_filename=filename, compression="gzip", adapter=_record_adapter)
+        removed = destination.startswith("removed/") and "$" not in destination
+        super().__init__(folder, output_filename=filename, compression="gzip",
+                         adapter=_removed_adapter if removed else _record_adapter)
         self.count_into(destination, counts_folder, counts_name or destination.split("/")[-1])
 
 

@@ -621,6 +621,10 @@ def test_python_edu_preset_end_to_end_with_a_trained_code_model(code_model, tmp_
     below = [json.loads(line) for f in (tmp_path / "out" / "removed" / "below_threshold").glob("*.gz")
              for line in gzip.open(f)]
     assert max(r["int_score"] for r in below) < 4 and {"path", "repo", "license"} <= set(below[0])
+    # every removed record says why (the duplicates' said null), and none carries datatrove's duplicate_count
+    removed_records = [json.loads(line) for f in (tmp_path / "out" / "removed").glob("*/*.gz") for line in gzip.open(f)]
+    assert {r["filter_reason"] for r in removed_records} == {"below_threshold", "contaminated", "duplicate"}
+    assert not any("duplicate_count" in r for r in removed_records)
     # the same command on the finished run: the same result, and no scratch (the decontamination index) left behind
     again = run_apply([str(tmp_path / "code")], str(tmp_path / "out"), model=str(code_model), preset="python-edu",
                       tasks=2, show=False)

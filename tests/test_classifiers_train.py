@@ -851,7 +851,7 @@ def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_
     assert metrics["training"]["method"] == "fasttext"
     assert not any((out / name).exists() for name in TRANSFORMERS_FILES + ("tokenizer.json", "vocab.txt"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md"])
+        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md", "trained_texts.npy"])
     assert json.loads((out / "metrics.json").read_text())["training"]["method"] == "fasttext"
 
     # a disk that fills while the model is saved (a file-size limit stands in): one error line, and the model
@@ -882,7 +882,7 @@ def test_an_occupied_output_is_refused_unless_overwrite_and_overwrite_leaves_no_
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in here.iterdir()) == sorted(
-        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md"])
+        [*FASTTEXT_FILES, "metrics.json", "confusion_matrix.png", "provenance.json", "README.md", "trained_texts.npy"])
 
 
 def test_overwrite_never_empties_a_folder_that_holds_no_model(tmp_path):

@@ -163,7 +163,8 @@ def check_options(cfg: ClassifierTrainConfig, has_val: bool) -> None:
 
 
 # what a model folder holds (edu-filter's, a transformers one, fastText's): `--overwrite` removes these alone
-MODEL_FILE = re.compile(r"[^/]+\.(json|safetensors|bin|png|model)|README\.md|modeling_\w+\.py|(vocab|merges)\.txt")
+MODEL_FILE = re.compile(r"[^/]+\.(json|safetensors|bin|png|model)|README\.md|modeling_\w+\.py|(vocab|merges)\.txt|"
+                        + re.escape(TRAINED_TEXTS))
 
 
 SAVING = ".saving"  # inside the output folder: the new model, written whole before the old one goes
@@ -383,8 +384,8 @@ def train_classifier(
         calib_weights = _calibration_weights(w_val, w_train, len(y_val), len(y_train), oof_pred is not None)
         cut_points = fit_cut_points(calib_scores, calib_labels, min_positives=cfg.min_positives, weights=calib_weights)
         trained.model.config.cut_points = cut_points
-        save_whole(output, lambda folder: save_model(trained, folder))
-        np.save(output / TRAINED_TEXTS, np.unique(text_keys(train_texts)))  # `evaluate` warns of data the model was fitted on
+        trained_on = np.unique(text_keys(train_texts))  # `evaluate` warns of data the model was fitted on
+        save_whole(output, lambda folder: (save_model(trained, folder), np.save(folder / TRAINED_TEXTS, trained_on)))
 
         held_out = _held_out_int_scores(val_pred, y_val, w_val, oof_pred, y_train, w_train, cfg)
         metrics = compute_metrics(y_val, val_pred, held_out, weights=w_val)
