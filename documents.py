@@ -499,7 +499,6 @@ LINE_HEAD_BYTES = 8000  # what is kept of such a line
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_LONG_DIGITS, _LONG_DIGITS_BYTES = re.compile(r"\d{20}"), re.compile(rb"\d{20}")  # integers past 64 bits (a float)
 
 
 def json_line(line: bytes | str):
@@ -510,7 +509,8 @@ def json_line(line: bytes | str):
     CESU-8, through, which apply's reader fails as invalid UTF-8).
 
     orjson reads an integer past 64 bits as a float: 2**64 + 1, a 128-bit hash in any field, was written out as
-    another number (ids a digit apart were one). A line with a run of 20 digits is read by Python's json, exactly."""
+    another number (ids a digit apart were one). A line where orjson gives a float that large is read by Python's
+    json, exactly, and such integers are kept as their digits (text): no JSON or Parquet writer takes them."""
     try:
         row = orjson.loads(line)
     except orjson.JSONDecodeError as error:
@@ -519,12 +519,36 @@ def json_line(line: bytes | str):
         except (ValueError, RecursionError):  # UnicodeDecodeError among them
             raise error from None
         return _without_lone_surrogates(row)
-    if (_LONG_DIGITS if isinstance(line, str) else _LONG_DIGITS_BYTES).search(line) is None:
+    if not _holds_huge_float(row):
         return row
     try:
-        return json.loads(line if isinstance(line, str) else bytes(line).decode("utf-8"))
+        exact = json.loads(line if isinstance(line, str) else bytes(line).decode("utf-8"))
     except (ValueError, RecursionError):  # nested deeper than Python's json reads: orjson's reading
         return row
+    return _huge_ints_as_text(exact)
+
+
+def _holds_huge_float(value) -> bool:
+    """Whether a parsed JSON value holds a float of 2**63 or more in size: where orjson may have read an integer
+    past 64 bits (a walk of the parsed row: a regex over every line cost 8x the parse)."""
+    if type(value) is float:
+        return abs(value) >= 2.0**63
+    if type(value) is dict:
+        return any(_holds_huge_float(v) for v in value.values())
+    if type(value) is list:
+        return any(_holds_huge_float(v) for v in value)
+    return False
+
+
+def _huge_ints_as_text(value):
+    """Integers outside [-2**63, 2**64) as their digits: orjson writes none of them (it raised mid-task)."""
+    if type(value) is int:
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, dict):
+        return {k: _huge_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_huge_ints_as_text(v) for v in value]
+    return value
 
 
 def _without_lone_surrogates(value):

@@ -41,6 +41,7 @@ from edu_filter.documents import (
     PARQUET_SUFFIXES,
     UTF8_BOM,
     DocumentError,
+    PACKED_FORMATS,
     PackedAsPlainText,
     check_data_file,
     data_files_in,
@@ -305,6 +306,17 @@ def _uncompressed_size(folder: str, name: str, size: int) -> int:
     return plain if len(packed) == size else plain * size // max(1, len(packed) - len(rest))
 
 
+def _packed_as_text(folder: str, name: str) -> bool:
+    """Whether a file named as plain JSONL starts like a compressed or Parquet file (`refuse_packed`); an error
+    reading its first bytes stops the planning, as in `_row_groups`."""
+    try:
+        head = get_datafolder(folder).cat_file(name, start=0, end=8)  # those bytes alone, not a readahead block
+    except Exception as e:  # noqa: BLE001 - a transient error must not change the parts
+        raise DocumentError(f"cannot read the start of {posixpath.join(folder, name)} ({type(e).__name__}: {e}); run "
+                            "the same command again") from e
+    return any(head.startswith(magic) for magic, _, _ in PACKED_FORMATS)
+
+
 def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = True) -> InputSplit | None:
     """With fewer files than tasks, the parts the tasks share instead (see `InputSplit`): every Parquet row group,
     byte ranges of plain JSONL files (about four per task) and compressed files' rows modulo their parts. None where
@@ -328,16 +340,19 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
                             "again") from e
     if None in sizes:  # a filesystem that tells no size
         return None
-    with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, sum(parquet) + sum(packed)))) as pool:
+    bare = [not p and not z for p, z in zip(parquet, packed)]  # plain JSONL by their names
+    with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(files)))) as pool:
         groups = list(pool.map(lambda f: _row_groups(*f), [f for p, f in zip(parquet, files) if p]))
         unpacked = list(pool.map(lambda f: _uncompressed_size(*f[0], f[1]),
                                  [(f, s) for z, f, s in zip(packed, files, sizes) if z]))
+        packed_as_text = list(pool.map(lambda f: _packed_as_text(*f), [f for b, f in zip(bare, files) if b]))
     if None in groups and not contiguous:
         return None
     unpacked.reverse()
     plain = [unpacked.pop() if z else size for z, size in zip(packed, sizes)]  # bytes of text
     span = max(JSONL_RANGE_MIN_BYTES, sum(plain) // (4 * tasks))
     groups.reverse()
+    packed_as_text.reverse()
     parts, kinds = [], []
     for p, z, size, unpacked in zip(parquet, packed, sizes, plain):
         if p:
@@ -347,7 +362,9 @@ def input_split(files: list[tuple[str, str]], tasks: int, contiguous: bool = Tru
         elif z:  # cannot be entered midway: as many parts as its text would have, each its rows modulo that
             parts.append(max(1, -(-unpacked // span)))
             kinds.append("whole files")
-        elif contiguous and 0 < size <= span:  # one range: read by line, its rows named FILE:LINE
+        elif (packed_as_text.pop() or 0 < size <= span) and contiguous:
+            # one range, read by line, its rows named FILE:LINE; or compressed or Parquet bytes named as plain
+            # JSONL, read by one task, which records it (`refuse_packed`), not by each task of a range
             parts.append(1)
             kinds.append("whole files")
         else:
@@ -509,8 +526,10 @@ class ApplyInputReader(BaseReader):
     def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
         with folder.open(name, "rb") as opened:
-            if not label.lower().endswith(".gz"):
-                refuse_packed(opened, label)  # raises UNREADABLE: one unreadable_file record (of each range)
+            if not label.lower().endswith(".gz") and (ranges is None or ranges[0][1] == 0):
+                # where the read starts at the file's start (no extra fetch of a remote file's first block); a split
+                # never cuts such a file in ranges (`input_split`): one unreadable_file record
+                refuse_packed(opened, label)
             raw = lines_readable(opened)
             for source, line_bytes, too_long in self._jsonl_lines(raw, label, keep, progress, ranges):
                 if too_long:

@@ -1583,7 +1583,9 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     """The same for JSONL inputs, typed by the values of the first input's first rows: a field null throughout one
     task's first kept batch became a string column (JSON text) there and int64 in the other task's file; a field
     absent from it (`license`) was no column there, and its later rows would have gone to failed/schema_mismatch; a
-    float field holding whole numbers only there was int64 there."""
+    float field holding whole numbers only there was int64 there. An integer past 64 bits (a 128-bit hash) is its
+    digits, as text: read as a float it was written as another number; read exactly, no writer took it and its task
+    failed on every rerun."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1592,10 +1594,10 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     data = tmp_path / "data"
     data.mkdir()
     for k, part in enumerate((rows[:8], rows[8:])):
-        (data / f"part-{k}.jsonl").write_bytes(b"".join(orjson.dumps(
+        (data / f"part-{k}.jsonl").write_text("".join(json.dumps(
             {"id": r["id"], "text": r["text"], "stars": None if k else 10 + i,
              "meta": None if k else {"lang": "en", "year": 2024}, **({} if k else {"license": "mit"}),
-             "rating": 4 if k else 3 + i % 2 / 2}) + b"\n"
+             "rating": 4 if k else 3 + i % 2 / 2, "hash": 2**127 + i}) + "\n"
             for i, r in enumerate(part)))
     out = tmp_path / "out"
     stats = run_apply([str(data)], str(out), model=stock_classifier, threshold=0, tasks=2, show=False)
@@ -1609,6 +1611,7 @@ def test_kept_files_of_a_jsonl_corpus_type_a_field_alike(stock_classifier, tmp_p
     assert [s.field("rating").type for s in schemas] == [pa.float64()] * 2
     kept = pl.read_parquet(out / "kept" / "*.parquet")
     assert kept.height == 16 and kept["stars"].null_count() == 8 and kept["license"].null_count() == 8
+    assert sorted(kept["hash"].to_list()) == sorted([str(2**127 + i) for i in range(8)] * 2)
 
 
 def test_a_hub_classifier_is_pinned_to_the_commit_the_run_started_with(stock_classifier, tmp_path):
