@@ -698,16 +698,22 @@ async def managed_server(config) -> AsyncIterator[str]:
     server.is_ready = _answers_models(server)
     log = server._get_log_file_path()
     output = f" (its output: {log})" if log else ""
+    named = "script" if config.server_type == "custom" else config.server_type  # as the user asked for it
+    # datatrove counts the wait in probes, each waiting up to 5 s for an answer: a server whose port is open but
+    # answers nothing (stuck, or loading with its port bound) was waited on 6x ready_timeout (3 hours, not 30 min)
+    ready_within = config.server_ready_max_attempts * config.server_ready_delay_sec
     with _guarded_server_processes(trust_remote_code=bool((config.model_kwargs or {}).get("trust-remote-code"))):
         async with server:
             try:
                 # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
                 # shielded: a run stopped while the server loads cancelled datatrove's own future, and its cleanup
                 # then raised CancelledError before stopping the server (left loading on the GPU until exit)
-                await asyncio.shield(server._server_ready)
+                await asyncio.wait_for(asyncio.shield(server._server_ready), ready_within)
             except ServerError as e:
-                raise BackendError(f"{config.server_type} server for {config.model_name_or_path} did not start: "
-                                   f"{e}{output}")
+                raise BackendError(f"{named} server for {config.model_name_or_path} did not start: {e}{output}")
+            except asyncio.TimeoutError:
+                raise BackendError(f"the {named} server for {config.model_name_or_path} did not answer /v1/models "
+                                   f"within {ready_within:,.0f} s: still loading, or stuck{output}") from None
             # a server that exits (a crash, out of GPU memory) stops the run at once: every request would fail
             # with "connection refused" after its retries, the run stopping only after 10 minutes of failures
             run, exited = asyncio.current_task(), []
@@ -728,7 +734,7 @@ async def managed_server(config) -> AsyncIterator[str]:
                     raise
                 if hasattr(run, "uncancel"):  # Python 3.11+
                     run.uncancel()
-                raise BackendError(f"the {config.server_type} server for {config.model_name_or_path} exited while "
+                raise BackendError(f"the {named} server for {config.model_name_or_path} exited while "
                                    f"the run was scoring (exit status {exited[0]}){output}; the answers received "
                                    "are cached: run the same command again to go on") from None
             finally:

@@ -427,6 +427,31 @@ def test_a_run_stopped_while_its_server_loads_stops_the_server(tmp_path):
     assert server_pids() == []
 
 
+def test_a_server_whose_port_is_open_but_answers_nothing_is_waited_on_for_its_timeout_and_named(tmp_path):
+    """datatrove counts the wait for a server in probes, each waiting 5 s for an answer: a server listening but never
+    answering (stuck, or loading with its port bound) was waited on 6x the timeout (3 hours for 30 minutes), then
+    said "Failed to start CustomServer server after 0 retries"."""
+    import asyncio
+    import time
+
+    from edu_filter.annotate.backends import BackendError, managed_server
+
+    script = tmp_path / "stuck_server.py"
+    script.write_text("import socket, sys, time\n"
+                      "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+                      "s = socket.socket()\ns.bind(('127.0.0.1', port))\ns.listen(64)\ntime.sleep(300)\n")
+
+    async def wait_for_it() -> None:
+        async with managed_server(server_config("script", "m", server_script=str(script), ready_timeout=4.0)):
+            raise AssertionError("the server never answers")
+
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=r"the script server for m did not answer /v1/models within 4 s: still "
+                                           r"loading, or stuck"):
+        asyncio.run(wait_for_it())
+    assert time.monotonic() - started < 15  # 4 s, and the server's start and stop
+
+
 def test_a_server_that_exits_mid_run_stops_the_run_at_once_naming_its_output(tmp_path):
     """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
     minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so and
