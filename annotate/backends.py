@@ -695,12 +695,14 @@ async def managed_server(config) -> AsyncIterator[str]:
 
     server_class = {"vllm": VLLMServer, "sglang": SGLangServer, "custom": CustomServer}[config.server_type]
     server = server_class(config, rank=0)  # raises ImportError naming the missing package (vllm, sglang)
-    server.is_ready = _answers_models(server)
+    first_probe: list[float] = []  # when datatrove first asked it: the server launched (vLLM may wait on a lock first)
+    server.is_ready = _answers_models(server, first_probe)
     log = server._get_log_file_path()
     output = f" (its output: {log})" if log else ""
     named = "script" if config.server_type == "custom" else config.server_type  # as the user asked for it
     # datatrove counts the wait in probes, each waiting up to 5 s for an answer: a server whose port is open but
-    # answers nothing (stuck, or loading with its port bound) was waited on 6x ready_timeout (3 hours, not 30 min)
+    # answers nothing (stuck, or loading with its port bound) was waited on 6x ready_timeout (3 hours, not 30 min).
+    # Counted from the first probe: vLLM's start waits first on a compile lock another job's server may hold
     ready_within = config.server_ready_max_attempts * config.server_ready_delay_sec
     with _guarded_server_processes(trust_remote_code=bool((config.model_kwargs or {}).get("trust-remote-code"))):
         async with server:
@@ -708,7 +710,15 @@ async def managed_server(config) -> AsyncIterator[str]:
                 # datatrove resolves this future once /v1/models answers (or sets the start-up error on it).
                 # shielded: a run stopped while the server loads cancelled datatrove's own future, and its cleanup
                 # then raised CancelledError before stopping the server (left loading on the GPU until exit)
-                await asyncio.wait_for(asyncio.shield(server._server_ready), ready_within)
+                ready = asyncio.shield(server._server_ready)
+                try:
+                    while not (await asyncio.wait({ready}, timeout=1.0))[0]:
+                        if first_probe and time.monotonic() - first_probe[0] > ready_within:
+                            raise asyncio.TimeoutError
+                finally:
+                    if not ready.done():
+                        ready.cancel()  # this wait's, not datatrove's own future
+                ready.result()
             except ServerError as e:
                 raise BackendError(f"{named} server for {config.model_name_or_path} did not start: {e}{output}")
             except asyncio.TimeoutError:
@@ -763,14 +773,16 @@ async def _read_output_until_exit(process, log) -> None:
             reader.cancel()
 
 
-def _answers_models(server):
+def _answers_models(server, first_probe: list[float]):
     """datatrove's readiness probe, without the environment's proxy: its httpx client sent the probe of a server on
     this node through `HTTP_PROXY` (often set on compute nodes for the hub), and the run waited 30 minutes for a
-    server that was up."""
+    server that was up. The time of its first call goes into `first_probe`."""
 
     async def is_ready() -> bool:
         import httpx
 
+        if not first_probe:
+            first_probe.append(time.monotonic())
         try:
             async with httpx.AsyncClient(trust_env=False) as session:
                 return (await session.get(f"{server.get_base_url()}/v1/models", timeout=5.0)).status_code == 200

@@ -526,9 +526,11 @@ class ApplyInputReader(BaseReader):
     def _read_jsonl(self, folder, name: str, label: str, keep, progress: "TaskProgress",
                     ranges: list | None = None) -> Iterator[Document]:
         with folder.open(name, "rb") as opened:
-            if not label.lower().endswith(".gz") and (ranges is None or ranges[0][1] == 0):
-                # where the read starts at the file's start (no extra fetch of a remote file's first block); a split
-                # never cuts such a file in ranges (`input_split`): one unreadable_file record
+            if not label.lower().endswith(".gz") and (ranges is None or ranges[0][1] == 0
+                                                      or not self.split.contiguous):
+                # where the read starts at the file's start (no extra fetch of a remote file's first block): a split
+                # never cuts such a file in ranges (`input_split`), one unreadable_file record; a split planned by
+                # an older release did (each range records it)
                 refuse_packed(opened, label)
             raw = lines_readable(opened)
             for source, line_bytes, too_long in self._jsonl_lines(raw, label, keep, progress, ranges):

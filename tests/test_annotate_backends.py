@@ -452,6 +452,32 @@ def test_a_server_whose_port_is_open_but_answers_nothing_is_waited_on_for_its_ti
     assert time.monotonic() - started < 15  # 4 s, and the server's start and stop
 
 
+def test_a_servers_ready_timeout_counts_from_its_launch_not_from_a_wait_before_it(tmp_path, monkeypatch):
+    """vLLM's start first waits on a compile lock another job's server may hold (minutes): counted from before the
+    launch, a second job's healthy server was called stuck. The clock starts at the first readiness probe; a wait
+    before the launch (5 s here, for the lock) is not the server's."""
+    import asyncio
+
+    from datatrove.pipeline.inference.servers.custom_server import CustomServer
+
+    from edu_filter.annotate.backends import managed_server
+
+    launch = CustomServer.start_server
+
+    async def after_a_lock(self):
+        await asyncio.sleep(5)
+        return await launch(self)
+
+    monkeypatch.setattr(CustomServer, "start_server", after_a_lock)
+    script = Path(__file__).parent / "llm_test_server.py"
+
+    async def serve() -> str:
+        async with managed_server(server_config("script", "m", server_script=str(script), ready_timeout=4.0)) as url:
+            return url
+
+    assert asyncio.run(serve()).endswith("/v1")
+
+
 def test_a_server_that_exits_mid_run_stops_the_run_at_once_naming_its_output(tmp_path):
     """Every request then failed with "connection refused" after its retries, and the run stopped only after 10
     minutes of failures (hundreds of documents marked failed). Now it stops when the server does, saying so and

@@ -4,6 +4,7 @@ import errno
 import gzip
 import json
 import math
+import os
 import pickle
 import time
 from pathlib import Path
@@ -617,6 +618,13 @@ def test_json_that_python_writes_and_orjson_refuses_is_read(tmp_path):
     path.write_bytes(b'{"id": "h1", "text": "a", "h": 18446744073709551617, "n": [2.5, 340282366920938463463374607431768211455]}\n')
     [doc] = ApplyInputReader(expand_inputs([str(path)])).run()
     assert doc.metadata == {"h": str(2**64 + 1), "n": [2.5, str(2**128 - 1)]}  # no writer takes such integers
+    # on a line only Python's json reads (NaN) too; and a row nested 400 deep is failed as such, not a crash of the
+    # walk looking for those integers (RecursionError at 332 levels failed the task on every rerun)
+    path.write_bytes(b'{"id": "h2", "text": "a", "h": 18446744073709551617, "s": NaN}\n'
+                     b'{"id": "deep", "text": "b", "m": ' + b"[" * 400 + b"1.5e30" + b"]" * 400 + b"}\n")
+    nan_row, deep = ApplyInputReader(expand_inputs([str(path)])).run()
+    assert nan_row.metadata["h"] == str(2**64 + 1) and math.isnan(nan_row.metadata["s"])
+    assert deep.metadata[FAILURE_KEY] == "too_deeply_nested"
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
@@ -1511,5 +1519,14 @@ def test_a_compressed_or_parquet_file_named_as_plain_jsonl_is_one_unreadable_rec
     assert "data.jsonl holds gzip-compressed data, not plain JSONL: give it the .gz suffix" in said
     assert "zst.jsonl holds zstd-compressed data" in said
     assert len(failed) == 2  # one each, whatever the tasks: a split reads such a file whole, in one task
+    if tasks > 1:  # a split planned by an older release cut it in ranges: each records it, none reads it as text
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "big.jsonl").write_bytes(gzip.compress(os.urandom(9 << 20), compresslevel=1))
+        files = expand_inputs([str(tmp_path / "old")])
+        old = input_split(files, tasks, contiguous=False)
+        assert old is not None and old.kinds == ("byte ranges",)
+        docs = [d for rank in range(tasks) for d in ApplyInputReader(files, split=old).run(rank=rank,
+                                                                                       world_size=tasks)]
+        assert {d.metadata.get(FAILURE_KEY) for d in docs} == {"unreadable_file"}
     with pytest.raises(DocumentError, match="data.jsonl holds gzip-compressed data, not plain JSONL"):
         read_documents([str(tmp_path / "data.jsonl")])
