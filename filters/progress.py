@@ -40,6 +40,7 @@ class TaskProgress:
     def __init__(self, folder: str | None, rank: int, bytes_total: int = 0):
         global _running
         _running = self
+        self.folder_path = folder
         self.folder = get_datafolder(folder) if folder else None
         self.rank = rank
         self.documents = 0
@@ -123,8 +124,8 @@ class TaskProgressTime(PipelineStep):
             return
         if record.get("done"):  # while it reads, the reader writes its own time
             record["updated"] = time.time()
-            if _running is not None and _running.rank == rank:
-                record["held"] = _running.held
+            if _running is not None and (_running.folder_path, _running.rank) == (self.progress_folder, rank):
+                record["held"] = _running.held  # this task's (a task run before in this process left its own)
             with folder.open(name, "wt") as fh:
                 json.dump(record, fh)
 

@@ -1075,6 +1075,7 @@ def test_a_task_read_to_its_end_but_still_scoring_counts_in_the_bar_and_the_rate
     assert progress.read_stage_progress(str(tmp_path), "stage", 2).running_fraction == 0.0
     (folder / "00000.json").write_text(json.dumps(record))
     monkeypatch.setattr(progress, "write_interval", lambda running_s: 0.0)
+    progress.TaskProgress(str(tmp_path / "another-stage"), rank=0)  # a task run before in this process: not this one
     step = progress.TaskProgressTime(str(folder))
     assert list(step.run(iter(range(3)), rank=0)) == [0, 1, 2]
     touched = json.loads((folder / "00000.json").read_text())
