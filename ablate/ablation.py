@@ -51,7 +51,7 @@ from edu_filter.ablate.pretrain import (
 )
 from edu_filter.ablate.tokenizer import load_tokenizer, mixed_sample, train_tokenizer
 from edu_filter.documents import (InputError, check_writable_output, expand_paths, holds_saved_work, writing_alone,
-                                  logged_progress, stop_requested)
+                                  logged_progress, stop_requested, unclipped)
 
 WELCH_ALPHA = 0.05  # two or more seeds: significant when Welch's t-test gives p below this
 EXIT_STOPPED = 75  # stopped at --override time_limit_minutes (sysexits' EX_TEMPFAIL): run again to resume
@@ -855,7 +855,7 @@ def comparison_table(runs: dict, preset: str, seeds: int = 1):
         if with_humaneval:
             cells.append(f"{r['humaneval']['pass@1']:.3f}" if "humaneval" in r else "-")
         table.add_row(*cells)
-    return table
+    return unclipped(table)
 
 
 def _mean(xs: list[float]) -> float:

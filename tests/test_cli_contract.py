@@ -687,6 +687,13 @@ def test_result_tables_cut_nothing_in_a_narrow_console_or_a_log(columns, monkeyp
     print_summary(ScoreSummary(documents=3, scored=3, output=cache.removesuffix(".cache.sqlite"), cache=cache))
     model = "/scratch/project/edu_filter/models/web_head_classifier_run_2024_arctic_embed_m"
     print_metrics(compute_metrics([0, 3, 5, 2], [0.2, 2.9, 4.4, 2.2], [0, 3, 4, 2]), title=f"{model} on 4 documents")
+    from edu_filter.ablate.ablation import comparison_table
+
+    run = {"params": 4.2e6, "tokens_seen": 100_257, "train_epochs": 0.98, "train_loss": [8.13, 6.88],
+           "eval": {"fineweb-edu": 6.753, "cosmopedia-held-out": 6.872, "all-held-out": 6.796},
+           "eval_std": {"fineweb-edu": 0.104, "cosmopedia-held-out": 0.061, "all-held-out": 0.097},
+           "tokens_per_second": 5745.0, "mfu": None}
+    Console().print(comparison_table({"edu": run, "all": run}, "tiny", seeds=2))  # the demo cut its ± to "0.1…"
     out = capsys.readouterr().out
     assert "…" not in out
     counts = [line.split("│") for line in out.splitlines() if line.count("│") == 6]  # the counts table's rows
